@@ -1,0 +1,185 @@
+// CUDA backend ("cuda:N"): device memory and pinned host memory through the CUDA runtime, loaded
+// with dlopen at first use so the library has no link-time CUDA dependency and imports on machines
+// without a GPU. Only the few runtime entry points below are used; their C signatures are stable.
+#include <dlfcn.h>
+
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "device/backends.hpp"
+#include "sagellm_kv/error.hpp"
+
+namespace sagellm::kv::detail {
+namespace {
+
+using cuda_error_t = int;  // cudaError_t is a C enum; 0 is cudaSuccess
+constexpr cuda_error_t kCudaSuccess = 0;
+// cudaMemcpyKind values of the runtime API.
+constexpr int kMemcpyHostToHost = 0;
+constexpr int kMemcpyHostToDevice = 1;
+constexpr int kMemcpyDeviceToHost = 2;
+constexpr int kMemcpyDeviceToDevice = 3;
+
+struct CudaRuntime {
+  void* library = nullptr;
+  std::string load_error;
+  cuda_error_t (*get_device_count)(int*) = nullptr;
+  cuda_error_t (*set_device)(int) = nullptr;
+  cuda_error_t (*malloc)(void**, std::size_t) = nullptr;
+  cuda_error_t (*free)(void*) = nullptr;
+  cuda_error_t (*malloc_host)(void**, std::size_t) = nullptr;
+  cuda_error_t (*free_host)(void*) = nullptr;
+  cuda_error_t (*memcpy)(void*, const void*, std::size_t, int) = nullptr;
+  cuda_error_t (*memset)(void*, int, std::size_t) = nullptr;
+  cuda_error_t (*device_synchronize)() = nullptr;
+  const char* (*get_error_string)(cuda_error_t) = nullptr;
+
+  [[nodiscard]] std::string describe(cuda_error_t err) const {
+    return get_error_string != nullptr ? get_error_string(err) : "cuda error " + std::to_string(err);
+  }
+};
+
+template <typename Fn>
+bool bind(void* library, const char* name, Fn*& fn, std::string& error) {
+  fn = reinterpret_cast<Fn*>(::dlsym(library, name));
+  if (fn == nullptr) error = std::string("symbol ") + name + " missing from the CUDA runtime";
+  return fn != nullptr;
+}
+
+const CudaRuntime& runtime() {
+  static CudaRuntime rt;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    for (const char* name : {"libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"}) {
+      rt.library = ::dlopen(name, RTLD_NOW | RTLD_LOCAL);
+      if (rt.library != nullptr) break;
+    }
+    if (rt.library == nullptr) {
+      const char* why = ::dlerror();
+      rt.load_error = std::string("the CUDA runtime (libcudart.so) could not be loaded: ") +
+                      (why != nullptr ? why : "not found");
+      return;
+    }
+    std::string& e = rt.load_error;
+    const bool ok = bind(rt.library, "cudaGetDeviceCount", rt.get_device_count, e) &&
+                    bind(rt.library, "cudaSetDevice", rt.set_device, e) &&
+                    bind(rt.library, "cudaMalloc", rt.malloc, e) &&
+                    bind(rt.library, "cudaFree", rt.free, e) &&
+                    bind(rt.library, "cudaMallocHost", rt.malloc_host, e) &&
+                    bind(rt.library, "cudaFreeHost", rt.free_host, e) &&
+                    bind(rt.library, "cudaMemcpy", rt.memcpy, e) &&
+                    bind(rt.library, "cudaMemset", rt.memset, e) &&
+                    bind(rt.library, "cudaDeviceSynchronize", rt.device_synchronize, e) &&
+                    bind(rt.library, "cudaGetErrorString", rt.get_error_string, e);
+    if (!ok) {
+      ::dlclose(rt.library);
+      rt.library = nullptr;
+    }
+  });
+  return rt;
+}
+
+int to_memcpy_kind(CopyKind kind) {
+  switch (kind) {
+    case CopyKind::kHostToHost: return kMemcpyHostToHost;
+    case CopyKind::kHostToDevice: return kMemcpyHostToDevice;
+    case CopyKind::kDeviceToHost: return kMemcpyDeviceToHost;
+    case CopyKind::kDeviceToDevice: return kMemcpyDeviceToDevice;
+  }
+  return kMemcpyDeviceToDevice;
+}
+
+class CudaAllocator final : public DeviceAllocator {
+ public:
+  CudaAllocator(DeviceId id, const CudaRuntime& rt) : id_(std::move(id)), rt_(rt) {}
+
+  const DeviceId& device() const noexcept override { return id_; }
+
+  void copy(void* dst, const void* src, std::size_t bytes, CopyKind kind) override {
+    if (bytes == 0) return;
+    select();
+    check(rt_.memcpy(dst, src, bytes, to_memcpy_kind(kind)), "cudaMemcpy");
+  }
+
+  void zero(void* dst, std::size_t bytes, MemoryKind kind) override {
+    if (bytes == 0) return;
+    if (kind == MemoryKind::kDevice) {
+      select();
+      check(rt_.memset(dst, 0, bytes), "cudaMemset");
+      check(rt_.device_synchronize(), "cudaDeviceSynchronize");
+    } else {
+      std::memset(dst, 0, bytes);
+    }
+  }
+
+ protected:
+  void* do_allocate(const AllocationRequest& request) override {
+    select();
+    void* data = nullptr;
+    cuda_error_t err = kCudaSuccess;
+    if (request.kind == MemoryKind::kDevice) {
+      err = rt_.malloc(&data, request.size);  // 256-byte aligned by the runtime
+    } else {
+      err = rt_.malloc_host(&data, request.size);  // page-locked, page aligned
+    }
+    if (err != kCudaSuccess || data == nullptr) {
+      throw Error(ErrorCode::kMemoryExhausted, "cannot allocate " + std::to_string(request.size) +
+                                                   " bytes on " + id_.str() + ": " + rt_.describe(err));
+    }
+    if (request.zero_fill) {
+      try {
+        zero(data, request.size, request.kind);
+      } catch (...) {
+        do_deallocate(data, request.size, request.kind);
+        throw;
+      }
+    }
+    return data;
+  }
+
+  void do_deallocate(void* data, std::size_t /*size*/, MemoryKind kind) noexcept override {
+    (void)rt_.set_device(id_.index);
+    if (kind == MemoryKind::kDevice) {
+      (void)rt_.free(data);
+    } else {
+      (void)rt_.free_host(data);
+    }
+  }
+
+ private:
+  void select() { check(rt_.set_device(id_.index), "cudaSetDevice"); }
+
+  void check(cuda_error_t err, const char* what) const {
+    if (err != kCudaSuccess) {
+      throw Error(ErrorCode::kBackendUnavailable,
+                  std::string(what) + " failed on " + id_.str() + ": " + rt_.describe(err));
+    }
+  }
+
+  DeviceId id_;
+  const CudaRuntime& rt_;
+};
+
+}  // namespace
+
+std::shared_ptr<DeviceAllocator> make_cuda_allocator(const DeviceId& id) {
+  const CudaRuntime& rt = runtime();
+  if (rt.library == nullptr) {
+    throw Error(ErrorCode::kBackendUnavailable,
+                "device '" + id.str() + "' is unavailable: " + rt.load_error);
+  }
+  int count = 0;
+  const cuda_error_t err = rt.get_device_count(&count);
+  if (err != kCudaSuccess) {
+    throw Error(ErrorCode::kBackendUnavailable,
+                "device '" + id.str() + "' is unavailable: cudaGetDeviceCount failed: " + rt.describe(err));
+  }
+  if (id.index >= count) {
+    throw Error(ErrorCode::kBackendUnavailable, "device '" + id.str() + "' does not exist: " +
+                                                    std::to_string(count) + " CUDA device(s) visible");
+  }
+  return std::make_shared<CudaAllocator>(id, rt);
+}
+
+}  // namespace sagellm::kv::detail

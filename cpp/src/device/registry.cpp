@@ -1,0 +1,147 @@
+// Device string parsing, the Allocation handle, and the backend registry.
+#include <algorithm>
+#include <charconv>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "device/backends.hpp"
+#include "sagellm_kv/device.hpp"
+#include "sagellm_kv/error.hpp"
+
+namespace sagellm::kv {
+
+std::string DeviceId::str() const {
+  return type == "cpu" && index == 0 ? type : type + ":" + std::to_string(index);
+}
+
+DeviceId DeviceId::parse(std::string_view text) {
+  const auto bad = [&](const char* why) {
+    return Error(ErrorCode::kUnknownDevice,
+                 "invalid device string '" + std::string(text) + "': " + why);
+  };
+  const auto colon = text.find(':');
+  DeviceId id;
+  id.type = std::string(text.substr(0, colon));
+  if (id.type.empty()) throw bad("empty device type");
+  if (!std::all_of(id.type.begin(), id.type.end(),
+                   [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'; })) {
+    throw bad("device type must be lower-case letters, digits or '_'");
+  }
+  if (colon != std::string_view::npos) {
+    const std::string_view digits = text.substr(colon + 1);
+    const auto* end = digits.data() + digits.size();
+    const auto [ptr, ec] = std::from_chars(digits.data(), end, id.index);
+    if (digits.empty() || ec != std::errc() || ptr != end || id.index < 0) {
+      throw bad("device index must be a non-negative integer");
+    }
+  }
+  return id;
+}
+
+Allocation::Allocation(void* data, std::size_t size, MemoryKind kind,
+                       std::shared_ptr<DeviceAllocator> owner)
+    : data_(data), size_(size), kind_(kind), owner_(std::move(owner)) {}
+
+Allocation::Allocation(Allocation&& other) noexcept
+    : data_(other.data_), size_(other.size_), kind_(other.kind_), owner_(std::move(other.owner_)) {
+  other.data_ = nullptr;
+  other.size_ = 0;
+}
+
+Allocation& Allocation::operator=(Allocation&& other) noexcept {
+  if (this != &other) {
+    reset();
+    data_ = other.data_;
+    size_ = other.size_;
+    kind_ = other.kind_;
+    owner_ = std::move(other.owner_);
+    other.data_ = nullptr;
+    other.size_ = 0;
+  }
+  return *this;
+}
+
+Allocation::~Allocation() { reset(); }
+
+void Allocation::reset() noexcept {
+  if (data_ != nullptr && owner_) owner_->do_deallocate(data_, size_, kind_);
+  data_ = nullptr;
+  size_ = 0;
+  owner_.reset();
+}
+
+Allocation DeviceAllocator::allocate(const AllocationRequest& request) {
+  if (request.size == 0) {
+    throw Error(ErrorCode::kInvalidArgument, "allocation size must be > 0 on " + device().str());
+  }
+  if (request.alignment == 0 || (request.alignment & (request.alignment - 1)) != 0) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "alignment must be a power of two, got " + std::to_string(request.alignment));
+  }
+  void* data = do_allocate(request);
+  return Allocation(data, request.size, request.kind, shared_from_this());
+}
+
+namespace {
+
+struct Registry {
+  std::mutex mutex;
+  std::map<std::string, BackendFactory> factories;
+  std::map<std::string, std::shared_ptr<DeviceAllocator>> allocators;  // keyed by DeviceId::str()
+};
+
+Registry& registry() {
+  static Registry* instance = [] {
+    auto* r = new Registry();  // leaked on purpose: allocators may outlive static destruction
+    r->factories["cpu"] = detail::make_cpu_allocator;
+    r->factories["cuda"] = detail::make_cuda_allocator;
+    return r;
+  }();
+  return *instance;
+}
+
+std::string join_names(const std::map<std::string, BackendFactory>& factories) {
+  std::string out;
+  for (const auto& [name, _] : factories) {
+    if (!out.empty()) out += ", ";
+    out += name;
+  }
+  return out;
+}
+
+}  // namespace
+
+void register_backend(const std::string& type, BackendFactory factory) {
+  Registry& r = registry();
+  std::lock_guard lock(r.mutex);
+  r.factories[type] = std::move(factory);
+  std::erase_if(r.allocators, [&](const auto& kv) { return kv.first.rfind(type, 0) == 0; });
+}
+
+std::vector<std::string> registered_backends() {
+  Registry& r = registry();
+  std::lock_guard lock(r.mutex);
+  std::vector<std::string> names;
+  for (const auto& [name, _] : r.factories) names.push_back(name);
+  return names;
+}
+
+std::shared_ptr<DeviceAllocator> allocator_for(std::string_view device) {
+  const DeviceId id = DeviceId::parse(device);
+  Registry& r = registry();
+  std::lock_guard lock(r.mutex);
+  const auto found = r.factories.find(id.type);
+  if (found == r.factories.end()) {
+    throw Error(ErrorCode::kUnknownDevice, "unknown device '" + std::string(device) +
+                                               "'; known device types: " +
+                                               join_names(r.factories));
+  }
+  const std::string key = id.str();
+  if (const auto cached = r.allocators.find(key); cached != r.allocators.end()) return cached->second;
+  auto made = found->second(id);  // may throw: then nothing was registered
+  r.allocators.emplace(key, made);
+  return made;
+}
+
+}  // namespace sagellm::kv

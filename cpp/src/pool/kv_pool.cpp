@@ -1,0 +1,205 @@
+#include "sagellm_kv/kv_pool.hpp"
+
+#include <array>
+#include <limits>
+#include <string>
+
+#include "sagellm_kv/error.hpp"
+
+namespace sagellm::kv {
+namespace {
+
+struct DTypeInfo {
+  DType dtype;
+  std::size_t size;
+  std::string_view name;
+  std::array<std::string_view, 2> aliases;
+};
+
+constexpr std::array<DTypeInfo, 5> kDTypes = {{
+    {DType::kFloat32, 4, "fp32", {"float32", "float"}},
+    {DType::kFloat16, 2, "fp16", {"float16", "half"}},
+    {DType::kBFloat16, 2, "bf16", {"bfloat16", ""}},
+    {DType::kFloat8E4M3, 1, "fp8", {"float8_e4m3fn", "fp8_e4m3"}},
+    {DType::kInt8, 1, "int8", {"", ""}},
+}};
+
+const DTypeInfo& info(DType dtype) noexcept { return kDTypes[static_cast<std::size_t>(dtype)]; }
+
+}  // namespace
+
+std::size_t dtype_size(DType dtype) noexcept { return info(dtype).size; }
+std::string_view dtype_name(DType dtype) noexcept { return info(dtype).name; }
+
+DType parse_dtype(std::string_view name) {
+  for (const auto& d : kDTypes) {
+    if (name == d.name || (!name.empty() && (name == d.aliases[0] || name == d.aliases[1]))) return d.dtype;
+  }
+  throw Error(ErrorCode::kInvalidArgument,
+              "unknown dtype '" + std::string(name) + "'; expected one of fp32, fp16, bf16, fp8, int8");
+}
+
+void KVCacheSpec::validate() const {
+  const auto positive = [](std::uint32_t v, const char* field) {
+    if (v == 0) throw Error(ErrorCode::kInvalidArgument, std::string(field) + " must be > 0, got 0");
+  };
+  positive(num_layers, "num_layers");
+  positive(num_kv_heads, "num_kv_heads");
+  positive(head_dim, "head_dim");
+  positive(block_size, "block_size");
+  if (static_cast<std::size_t>(dtype) >= kDTypes.size()) {
+    throw Error(ErrorCode::kInvalidArgument, "dtype value " + std::to_string(static_cast<int>(dtype)) + " is unknown");
+  }
+  // 2^40 bytes per block would already be absurd; this keeps every product below from overflowing.
+  const long double bytes = static_cast<long double>(num_layers) * 2 * block_size * num_kv_heads *
+                            head_dim * static_cast<long double>(dtype_size(dtype));
+  if (bytes > static_cast<long double>(std::size_t{1} << 40)) {
+    throw Error(ErrorCode::kInvalidArgument, "spec describes blocks of more than 1 TiB each");
+  }
+}
+
+std::size_t KVCacheSpec::layer_block_bytes() const noexcept {
+  return std::size_t{block_size} * num_kv_heads * head_dim * dtype_size(dtype);
+}
+
+std::size_t KVCacheSpec::block_bytes() const noexcept {
+  return layer_block_bytes() * 2 * num_layers;
+}
+
+PagedKVPool::PagedKVPool(const KVCacheSpec& spec, std::uint32_t num_blocks, const PoolOptions& options)
+    : spec_((spec.validate(), spec)),
+      device_(DeviceId::parse(options.device)),
+      device_allocator_(allocator_for(options.device)),
+      allocator_(num_blocks) {
+  const long double total = static_cast<long double>(spec_.block_bytes()) * num_blocks;
+  if (total > static_cast<long double>(std::numeric_limits<std::size_t>::max() / 2)) {
+    throw Error(ErrorCode::kInvalidArgument, "pool of " + std::to_string(num_blocks) +
+                                                 " blocks does not fit in the address space");
+  }
+  AllocationRequest request;
+  request.size = spec_.block_bytes() * num_blocks;
+  request.alignment = 256;
+  request.kind = MemoryKind::kDevice;
+  request.zero_fill = options.zero_fill;
+  request.huge_pages = options.huge_pages;
+  request.lock = options.lock_memory;
+  arena_ = device_allocator_->allocate(request);
+}
+
+std::byte* PagedKVPool::layer_data(std::uint32_t layer, bool value) const {
+  if (layer >= spec_.num_layers) {
+    throw Error(ErrorCode::kInvalidArgument, "layer " + std::to_string(layer) + " out of range [0, " +
+                                                 std::to_string(spec_.num_layers) + ")");
+  }
+  const std::size_t plane = spec_.layer_block_bytes() * num_blocks();
+  return static_cast<std::byte*>(arena_.data()) + (std::size_t{layer} * 2 + (value ? 1 : 0)) * plane;
+}
+
+std::byte* PagedKVPool::block_data(std::uint32_t layer, bool value, BlockId id) const {
+  const std::size_t plane = spec_.layer_block_bytes() * num_blocks();
+  return static_cast<std::byte*>(arena_.data()) + (std::size_t{layer} * 2 + (value ? 1 : 0)) * plane +
+         static_cast<std::size_t>(id) * spec_.layer_block_bytes();
+}
+
+void PagedKVPool::check_ids(std::span<const BlockId> ids, bool must_be_allocated, const char* what) const {
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    const BlockId id = ids[i];
+    if (id < 0 || static_cast<std::uint32_t>(id) >= num_blocks()) {
+      throw Error(ErrorCode::kInvalidBlock, std::string(what) + ": block id " + std::to_string(id) +
+                                                " at position " + std::to_string(i) +
+                                                " is out of range [0, " + std::to_string(num_blocks()) + ")");
+    }
+    if (must_be_allocated && !allocator_.is_allocated(id)) {
+      throw Error(ErrorCode::kInvalidBlock, std::string(what) + ": block id " + std::to_string(id) +
+                                                " at position " + std::to_string(i) + " is not allocated");
+    }
+  }
+}
+
+void PagedKVPool::copy_blocks(std::span<const BlockId> src, std::span<const BlockId> dst) {
+  if (src.size() != dst.size()) {
+    throw Error(ErrorCode::kInvalidArgument, "copy_blocks: " + std::to_string(src.size()) +
+                                                 " source ids but " + std::to_string(dst.size()) +
+                                                 " destination ids");
+  }
+  check_ids(src, true, "copy_blocks source");
+  check_ids(dst, true, "copy_blocks destination");
+  const std::size_t bytes = spec_.layer_block_bytes();
+  const CopyKind kind = memory_kind() == MemoryKind::kDevice && device_.type != "cpu"
+                            ? CopyKind::kDeviceToDevice
+                            : CopyKind::kHostToHost;
+  for (std::size_t i = 0; i < src.size(); ++i) {
+    if (src[i] == dst[i]) continue;
+    for (std::uint32_t layer = 0; layer < spec_.num_layers; ++layer) {
+      for (bool value : {false, true}) {
+        device_allocator_->copy(block_data(layer, value, dst[i]), block_data(layer, value, src[i]), bytes, kind);
+      }
+    }
+  }
+}
+
+void PagedKVPool::move_block(std::byte* staging, BlockId id, bool to_staging, bool staging_on_device) const {
+  const std::size_t bytes = spec_.layer_block_bytes();
+  const bool pool_on_device = memory_kind() == MemoryKind::kDevice && device_.type != "cpu";
+  CopyKind kind = CopyKind::kHostToHost;
+  if (pool_on_device && staging_on_device) {
+    kind = CopyKind::kDeviceToDevice;
+  } else if (pool_on_device) {
+    kind = to_staging ? CopyKind::kDeviceToHost : CopyKind::kHostToDevice;
+  } else if (staging_on_device) {
+    kind = to_staging ? CopyKind::kHostToDevice : CopyKind::kDeviceToHost;
+  }
+  for (std::uint32_t layer = 0; layer < spec_.num_layers; ++layer) {
+    for (bool value : {false, true}) {
+      std::byte* block = block_data(layer, value, id);
+      if (to_staging) {
+        device_allocator_->copy(staging, block, bytes, kind);
+      } else {
+        device_allocator_->copy(block, staging, bytes, kind);
+      }
+      staging += bytes;
+    }
+  }
+}
+
+void PagedKVPool::gather(std::span<const BlockId> ids, std::span<std::byte> out, bool out_on_device) const {
+  check_ids(ids, false, "gather");
+  if (out.size() != ids.size() * block_bytes()) {
+    throw Error(ErrorCode::kInvalidArgument, "gather: staging buffer holds " + std::to_string(out.size()) +
+                                                 " bytes, " + std::to_string(ids.size()) + " blocks need " +
+                                                 std::to_string(ids.size() * block_bytes()));
+  }
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    move_block(out.data() + i * block_bytes(), ids[i], true, out_on_device);
+  }
+}
+
+void PagedKVPool::scatter(std::span<const std::byte> in, std::span<const BlockId> ids, bool in_on_device) {
+  check_ids(ids, false, "scatter");
+  if (in.size() != ids.size() * block_bytes()) {
+    throw Error(ErrorCode::kInvalidArgument, "scatter: staging buffer holds " + std::to_string(in.size()) +
+                                                 " bytes, " + std::to_string(ids.size()) + " blocks need " +
+                                                 std::to_string(ids.size() * block_bytes()));
+  }
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    // move_block only reads through the pointer in this direction.
+    move_block(const_cast<std::byte*>(in.data() + i * block_bytes()), ids[i], false, in_on_device);
+  }
+}
+
+void PagedKVPool::set_budget_bytes(std::size_t bytes) {
+  const std::size_t blocks = bytes / block_bytes();
+  if (blocks > num_blocks()) {
+    throw Error(ErrorCode::kInvalidArgument, "budget of " + std::to_string(bytes) + " bytes (" +
+                                                 std::to_string(blocks) + " blocks) exceeds the pool's " +
+                                                 std::to_string(num_blocks()) + " blocks");
+  }
+  allocator_.set_limit(static_cast<std::uint32_t>(blocks));
+}
+
+bool PagedKVPool::can_admit_tokens(std::size_t num_tokens) const noexcept {
+  const std::size_t blocks = (num_tokens + spec_.block_size - 1) / spec_.block_size;
+  return blocks <= allocator_.num_available();
+}
+
+}  // namespace sagellm::kv
