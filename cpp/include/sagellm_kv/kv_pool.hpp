@@ -79,6 +79,17 @@ class PagedKVPool {
   [[nodiscard]] std::size_t block_bytes() const noexcept { return spec_.block_bytes(); }
   [[nodiscard]] std::size_t total_bytes() const noexcept { return arena_.size(); }
 
+  /// Allocates `out.size()` blocks (reference count 1). Throws Error(kPoolFull) naming the shortfall
+  /// when not enough are free within the budget; then nothing was taken.
+  void allocate(std::span<BlockId> out);
+  /// Drops one reference per id (see BlockAllocator::free). Throws Error(kInvalidBlock) or
+  /// Error(kDoubleFree) naming the id and its position; then no count changed.
+  void free(std::span<const BlockId> ids);
+  /// Adds one reference per id. Throws Error(kInvalidBlock) naming the id; then no count changed.
+  void incref(std::span<const BlockId> ids);
+  /// Blocks that can be allocated now (free and within the budget).
+  [[nodiscard]] std::uint32_t num_free_blocks() const noexcept { return allocator_.num_available(); }
+
   [[nodiscard]] BlockAllocator& allocator() noexcept { return allocator_; }
   [[nodiscard]] const BlockAllocator& allocator() const noexcept { return allocator_; }
 

@@ -187,6 +187,36 @@ void PagedKVPool::scatter(std::span<const std::byte> in, std::span<const BlockId
   }
 }
 
+void PagedKVPool::allocate(std::span<BlockId> out) {
+  if (!allocator_.allocate(out).ok()) {
+    throw Error(ErrorCode::kPoolFull, "cannot allocate " + std::to_string(out.size()) + " blocks: " +
+                                          std::to_string(allocator_.num_available()) + " of " +
+                                          std::to_string(num_blocks()) + " are free within the budget of " +
+                                          std::to_string(allocator_.limit()));
+  }
+}
+
+void PagedKVPool::free(std::span<const BlockId> ids) {
+  const BatchStatus status = allocator_.free(ids);
+  if (status.ok()) return;
+  const auto pos = static_cast<std::size_t>(status.index);
+  const std::string which = "block id " + std::to_string(ids[pos]) + " at position " + std::to_string(pos);
+  if (status.code == ErrorCode::kDoubleFree) {
+    throw Error(ErrorCode::kDoubleFree, "free: " + which + " is not allocated (double free); nothing was freed");
+  }
+  throw Error(status.code, "free: " + which + " is out of range [0, " + std::to_string(num_blocks()) +
+                               "); nothing was freed");
+}
+
+void PagedKVPool::incref(std::span<const BlockId> ids) {
+  const BatchStatus status = allocator_.incref(ids);
+  if (status.ok()) return;
+  const auto pos = static_cast<std::size_t>(status.index);
+  throw Error(ErrorCode::kInvalidBlock, "incref: block id " + std::to_string(ids[pos]) + " at position " +
+                                            std::to_string(pos) + " is not allocated or out of range [0, " +
+                                            std::to_string(num_blocks()) + "); no count changed");
+}
+
 void PagedKVPool::set_budget_bytes(std::size_t bytes) {
   const std::size_t blocks = bytes / block_bytes();
   if (blocks > num_blocks()) {

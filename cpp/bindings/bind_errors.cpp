@@ -1,0 +1,80 @@
+// One translator: every sagellm::kv::Error becomes the matching KV*Error of the package, built by
+// sagellm_kv_cache.errors._from_core_error(code, message).
+#include <string>
+
+#include "bindings.hpp"
+#include "sagellm_kv/error.hpp"
+
+namespace sagellm::kv::bindings {
+
+BlockIds::BlockIds(const py::handle& obj, const char* what) {
+  py::array arr;
+  if (py::isinstance<py::array>(obj)) {
+    arr = py::reinterpret_borrow<py::array>(obj);
+  } else {
+    try {
+      arr = py::array::ensure(obj);
+    } catch (const py::error_already_set&) {
+      arr = py::array();
+    }
+    if (!arr) throw py::type_error(std::string(what) + " must be a sequence of integers");
+  }
+  const char kind = arr.dtype().kind();
+  if (arr.size() == 0) {
+    owner_ = py::array_t<std::int32_t>(0);
+    data_ = owner_.data();
+    return;
+  }
+  if (kind != 'i' && kind != 'u') {
+    throw py::type_error(std::string(what) + " must hold integers, got dtype " +
+                         std::string(py::str(arr.dtype())));
+  }
+  if (arr.ndim() != 1) {
+    throw py::value_error(std::string(what) + " must be 1-D, got " + std::to_string(arr.ndim()) + " dimensions");
+  }
+  if (arr.dtype().is(py::dtype::of<std::int32_t>()) && (arr.flags() & py::array::c_style) != 0) {
+    owner_ = py::reinterpret_borrow<py::array_t<std::int32_t>>(arr);
+  } else {
+    // Range-check before narrowing: an id beyond int32 must not wrap into a valid one.
+    auto wide = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+    if (!wide) throw py::type_error(std::string(what) + " could not be read as integers");
+    const auto* src = wide.data();
+    owner_ = py::array_t<std::int32_t>(wide.size());
+    auto* dst = owner_.mutable_data();
+    for (py::ssize_t i = 0; i < wide.size(); ++i) {
+      if (src[i] < INT32_MIN || src[i] > INT32_MAX) {
+        throw py::value_error(std::string(what) + ": id " + std::to_string(src[i]) + " at position " +
+                              std::to_string(i) + " is out of the int32 range");
+      }
+      dst[i] = static_cast<std::int32_t>(src[i]);
+    }
+  }
+  data_ = owner_.data();
+  size_ = static_cast<std::size_t>(owner_.size());
+}
+
+std::uint32_t checked_count(std::int64_t n, const char* what, bool allow_zero) {
+  if (n < 0 || (n == 0 && !allow_zero) || n > static_cast<std::int64_t>(BlockAllocator::kMaxBlocks)) {
+    throw py::value_error(std::string(what) + " must be " + (allow_zero ? "in [0, " : "in [1, ") +
+                          std::to_string(BlockAllocator::kMaxBlocks) + "], got " + std::to_string(n));
+  }
+  return static_cast<std::uint32_t>(n);
+}
+
+void bind_errors(py::module_& m) {
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      py::object factory = py::module_::import("sagellm_kv_cache.errors").attr("_from_core_error");
+      py::object exc = factory(static_cast<int>(e.code()), e.what());
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+    }
+  });
+  m.def("error_code_name", [](int code) { return std::string(error_code_name(static_cast<ErrorCode>(code))); });
+  m.def("_raise_core_error", [](int code, const std::string& message) {
+    throw Error(static_cast<ErrorCode>(code), message);
+  }, "Test hook: raises a core error so the translation can be checked from Python.");
+}
+
+}  // namespace sagellm::kv::bindings

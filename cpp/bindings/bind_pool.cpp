@@ -1,0 +1,293 @@
+// Bindings of the device registry, the block allocator and the paged KV pool.
+#include <pybind11/stl.h>
+
+#include <array>
+#include <memory>
+#include <string>
+
+#include "bindings.hpp"
+#include "dlpack_abi.hpp"
+#include "sagellm_kv/block_allocator.hpp"
+#include "sagellm_kv/device.hpp"
+#include "sagellm_kv/kv_pool.hpp"
+
+namespace sagellm::kv::bindings {
+namespace {
+
+using PoolPtr = std::shared_ptr<PagedKVPool>;
+
+py::array_t<BlockId> allocate_ids(PagedKVPool& pool, std::int64_t n) {
+  const std::uint32_t count = checked_count(n, "num_blocks", /*allow_zero=*/true);
+  py::array_t<BlockId> out(count);
+  std::span<BlockId> span(out.mutable_data(), count);
+  {
+    py::gil_scoped_release release;
+    pool.allocate(span);
+  }
+  return out;
+}
+
+// Shape and element type of one layer's K or V cache: (num_blocks, block_size, heads, head_dim).
+struct LayerLayout {
+  std::array<std::int64_t, 4> shape;
+  dlpack::DataType dl_dtype;
+};
+
+LayerLayout layer_layout(const PagedKVPool& pool) {
+  const KVCacheSpec& s = pool.spec();
+  LayerLayout l{{pool.num_blocks(), s.block_size, s.num_kv_heads, s.head_dim}, {}};
+  switch (s.dtype) {
+    case DType::kFloat32: l.dl_dtype = {dlpack::kFloat, 32, 1}; break;
+    case DType::kFloat16: l.dl_dtype = {dlpack::kFloat, 16, 1}; break;
+    case DType::kBFloat16: l.dl_dtype = {dlpack::kBfloat, 16, 1}; break;
+    case DType::kFloat8E4M3: l.dl_dtype = {dlpack::kUInt, 8, 1}; break;  // raw bytes: no portable fp8 code
+    case DType::kInt8: l.dl_dtype = {dlpack::kInt, 8, 1}; break;
+  }
+  return l;
+}
+
+// numpy has no bf16 or fp8: those come out as their raw bit patterns (uint16 / uint8).
+py::dtype numpy_dtype(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return py::dtype("float32");
+    case DType::kFloat16: return py::dtype("float16");
+    case DType::kBFloat16: return py::dtype("uint16");
+    case DType::kFloat8E4M3: return py::dtype("uint8");
+    case DType::kInt8: return py::dtype("int8");
+  }
+  return py::dtype("uint8");
+}
+
+bool on_host(const PagedKVPool& pool) { return pool.device().type == "cpu"; }
+
+// A zero-copy numpy view of host pool memory; the array's base owns a reference to the pool, so
+// the memory outlives the Python pool object as long as any view exists.
+py::array host_view(const PoolPtr& pool, std::uint32_t layer, bool value) {
+  if (!on_host(*pool)) {
+    throw py::type_error("pool on " + pool->device().str() + " is not host memory; use the __dlpack__ view");
+  }
+  const LayerLayout l = layer_layout(*pool);
+  std::byte* data = pool->layer_data(layer, value);
+  auto* keep = new PoolPtr(pool);
+  py::capsule base(keep, [](void* p) { delete static_cast<PoolPtr*>(p); });
+  const py::dtype dt = numpy_dtype(pool->spec().dtype);
+  const auto item = static_cast<py::ssize_t>(dt.itemsize());
+  std::vector<py::ssize_t> shape(l.shape.begin(), l.shape.end());
+  std::vector<py::ssize_t> strides(4);
+  strides[3] = item;
+  for (int i = 2; i >= 0; --i) strides[static_cast<std::size_t>(i)] = strides[static_cast<std::size_t>(i) + 1] * shape[static_cast<std::size_t>(i) + 1];
+  return py::array(dt, shape, strides, data, base);
+}
+
+// DLPack export: the managed tensor's context holds the shape and a reference to the pool; the
+// deleter may run on any thread without the GIL, which is fine because it touches no Python.
+struct DLContext {
+  PoolPtr pool;
+  std::array<std::int64_t, 4> shape;
+  dlpack::ManagedTensor managed;
+};
+
+py::capsule dlpack_capsule(const PoolPtr& pool, std::uint32_t layer, bool value) {
+  const LayerLayout l = layer_layout(*pool);
+  auto* ctx = new DLContext{pool, l.shape, {}};
+  dlpack::Tensor& t = ctx->managed.dl_tensor;
+  t.data = pool->layer_data(layer, value);
+  t.device = on_host(*pool) ? dlpack::Device{dlpack::kCPU, 0}
+                            : dlpack::Device{dlpack::kCUDA, pool->device().index};
+  t.ndim = 4;
+  t.dtype = l.dl_dtype;
+  t.shape = ctx->shape.data();
+  t.strides = nullptr;
+  t.byte_offset = 0;
+  ctx->managed.manager_ctx = ctx;
+  ctx->managed.deleter = [](dlpack::ManagedTensor* self) { delete static_cast<DLContext*>(self->manager_ctx); };
+  // A capsule that was never consumed still owns the tensor; a consumer renames it and takes over.
+  PyObject* cap = PyCapsule_New(&ctx->managed, dlpack::kCapsuleName, [](PyObject* capsule) {
+    if (PyCapsule_IsValid(capsule, dlpack::kCapsuleName) != 0) {
+      auto* m = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, dlpack::kCapsuleName));
+      if (m != nullptr && m->deleter != nullptr) m->deleter(m);
+    }
+  });
+  if (cap == nullptr) {
+    delete ctx;
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::capsule>(cap);
+}
+
+std::uint32_t checked_layer(const PagedKVPool& pool, std::int64_t layer) {
+  if (layer < 0 || layer >= static_cast<std::int64_t>(pool.spec().num_layers)) {
+    throw py::index_error("layer " + std::to_string(layer) + " out of range [0, " +
+                          std::to_string(pool.spec().num_layers) + ")");
+  }
+  return static_cast<std::uint32_t>(layer);
+}
+
+// A writable contiguous byte buffer (numpy array, bytearray, memoryview) of the exact size.
+py::buffer_info byte_buffer(const py::buffer& buf, std::size_t expected, bool writable, const char* what) {
+  py::buffer_info info = buf.request(writable);
+  const auto nbytes = static_cast<std::size_t>(info.size * info.itemsize);
+  bool contiguous = true;
+  py::ssize_t stride = info.itemsize;
+  for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+    if (info.strides[static_cast<std::size_t>(d)] != stride) contiguous = false;
+    stride *= info.shape[static_cast<std::size_t>(d)];
+  }
+  if (!contiguous) throw py::value_error(std::string(what) + " must be C-contiguous");
+  if (nbytes != expected) {
+    throw py::value_error(std::string(what) + " holds " + std::to_string(nbytes) + " bytes, expected " +
+                          std::to_string(expected));
+  }
+  return info;
+}
+
+}  // namespace
+
+void bind_pool(py::module_& m) {
+  m.def("registered_backends", &registered_backends, "Names of the registered device backends.");
+  m.def("check_device", [](const std::string& device) { return allocator_for(device)->device().str(); },
+        py::arg("device"), "Canonical name of a usable device; raises when it cannot be used here.");
+  m.def("dtype_size", [](const std::string& name) { return dtype_size(parse_dtype(name)); }, py::arg("dtype"));
+  m.def("dtype_name", [](const std::string& name) { return std::string(dtype_name(parse_dtype(name))); },
+        py::arg("dtype"));
+
+  py::class_<BlockAllocator>(m, "BlockAllocator")
+      .def(py::init([](std::int64_t n) { return std::make_unique<BlockAllocator>(checked_count(n, "num_blocks")); }),
+           py::arg("num_blocks"))
+      .def("allocate", [](BlockAllocator& a, std::int64_t n) {
+             const std::uint32_t count = checked_count(n, "num_blocks", true);
+             py::array_t<BlockId> out(count);
+             BatchStatus st;
+             {
+               py::gil_scoped_release release;
+               st = a.allocate(std::span<BlockId>(out.mutable_data(), count));
+             }
+             if (!st.ok()) {
+               throw Error(st.code, "cannot allocate " + std::to_string(count) + " blocks: " +
+                                        std::to_string(a.num_available()) + " available");
+             }
+             return out;
+           }, py::arg("num_blocks"))
+      .def("free", [](BlockAllocator& a, const py::handle& ids) {
+             BlockIds b(ids, "block_ids");
+             BatchStatus st;
+             {
+               py::gil_scoped_release release;
+               st = a.free(b.span());
+             }
+             if (!st.ok()) {
+               throw Error(st.code, "free: block id " + std::to_string(b.span()[static_cast<std::size_t>(st.index)]) +
+                                        (st.code == ErrorCode::kDoubleFree ? " is not allocated (double free)"
+                                                                           : " is out of range"));
+             }
+           }, py::arg("block_ids"))
+      .def("ref_count", &BlockAllocator::ref_count, py::arg("block_id"))
+      .def_property_readonly("num_blocks", &BlockAllocator::num_blocks)
+      .def_property_readonly("num_available", &BlockAllocator::num_available)
+      .def_property_readonly("num_allocated", &BlockAllocator::num_allocated)
+      .def_property_readonly_static("metadata_bytes_per_block",
+                                    [](const py::object&) { return BlockAllocator::metadata_bytes_per_block(); });
+
+  py::class_<PagedKVPool, PoolPtr>(m, "PagedKVPool")
+      .def(py::init([](std::int64_t num_layers, std::int64_t num_kv_heads, std::int64_t head_dim,
+                       const std::string& dtype, std::int64_t block_size, std::int64_t num_blocks,
+                       const std::string& device, bool zero_fill, bool huge_pages, bool lock_memory) {
+             KVCacheSpec spec;
+             spec.num_layers = checked_count(num_layers, "num_layers");
+             spec.num_kv_heads = checked_count(num_kv_heads, "num_kv_heads");
+             spec.head_dim = checked_count(head_dim, "head_dim");
+             spec.block_size = checked_count(block_size, "block_size");
+             spec.dtype = parse_dtype(dtype);
+             PoolOptions options{device, zero_fill, huge_pages, lock_memory};
+             const std::uint32_t blocks = checked_count(num_blocks, "num_blocks");
+             py::gil_scoped_release release;  // zero-filling a large arena takes a while
+             return std::make_shared<PagedKVPool>(spec, blocks, options);
+           }),
+           py::arg("num_layers"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("dtype"),
+           py::arg("block_size"), py::arg("num_blocks"), py::arg("device") = "cpu", py::arg("zero_fill") = true,
+           py::arg("huge_pages") = false, py::arg("lock_memory") = false)
+      .def("allocate", &allocate_ids, py::arg("num_blocks"))
+      .def("free", [](PagedKVPool& p, const py::handle& ids) {
+             BlockIds b(ids, "block_ids");
+             py::gil_scoped_release release;
+             p.free(b.span());
+           }, py::arg("block_ids"))
+      .def("incref", [](PagedKVPool& p, const py::handle& ids) {
+             BlockIds b(ids, "block_ids");
+             py::gil_scoped_release release;
+             p.incref(b.span());
+           }, py::arg("block_ids"))
+      .def("ref_count", [](const PagedKVPool& p, std::int64_t id) {
+             if (id < INT32_MIN || id > INT32_MAX) throw py::value_error("block id " + std::to_string(id) + " out of range");
+             return p.allocator().ref_count(static_cast<BlockId>(id));
+           }, py::arg("block_id"))
+      .def("is_allocated", [](const PagedKVPool& p, std::int64_t id) {
+             return id >= INT32_MIN && id <= INT32_MAX && p.allocator().is_allocated(static_cast<BlockId>(id));
+           }, py::arg("block_id"))
+      .def("copy_blocks", [](PagedKVPool& p, const py::handle& src, const py::handle& dst) {
+             BlockIds s(src, "src"), d(dst, "dst");
+             py::gil_scoped_release release;
+             p.copy_blocks(s.span(), d.span());
+           }, py::arg("src"), py::arg("dst"))
+      .def("gather", [](const PagedKVPool& p, const py::handle& ids) {
+             BlockIds b(ids, "block_ids");
+             py::array_t<std::uint8_t> out(static_cast<py::ssize_t>(b.span().size() * p.block_bytes()));
+             std::span<std::byte> dst(reinterpret_cast<std::byte*>(out.mutable_data()), static_cast<std::size_t>(out.size()));
+             py::gil_scoped_release release;
+             p.gather(b.span(), dst);
+             return out;
+           }, py::arg("block_ids"))
+      .def("gather_into", [](const PagedKVPool& p, const py::handle& ids, const py::buffer& out) {
+             BlockIds b(ids, "block_ids");
+             py::buffer_info info = byte_buffer(out, b.span().size() * p.block_bytes(), true, "out");
+             std::span<std::byte> dst(static_cast<std::byte*>(info.ptr), b.span().size() * p.block_bytes());
+             py::gil_scoped_release release;
+             p.gather(b.span(), dst);
+           }, py::arg("block_ids"), py::arg("out"))
+      .def("scatter", [](PagedKVPool& p, const py::buffer& in, const py::handle& ids) {
+             BlockIds b(ids, "block_ids");
+             py::buffer_info info = byte_buffer(in, b.span().size() * p.block_bytes(), false, "data");
+             std::span<const std::byte> src(static_cast<const std::byte*>(info.ptr), b.span().size() * p.block_bytes());
+             py::gil_scoped_release release;
+             p.scatter(src, b.span());
+           }, py::arg("data"), py::arg("block_ids"))
+      .def("host_view", [](const PoolPtr& p, std::int64_t layer, bool value) {
+             return host_view(p, checked_layer(*p, layer), value);
+           }, py::arg("layer"), py::arg("value"))
+      .def("dlpack_capsule", [](const PoolPtr& p, std::int64_t layer, bool value) {
+             return dlpack_capsule(p, checked_layer(*p, layer), value);
+           }, py::arg("layer"), py::arg("value"))
+      .def("layer_address", [](const PagedKVPool& p, std::int64_t layer, bool value) {
+             return reinterpret_cast<std::uintptr_t>(p.layer_data(checked_layer(p, layer), value));
+           }, py::arg("layer"), py::arg("value"))
+      .def("dlpack_device", [](const PagedKVPool& p) {
+             return on_host(p) ? std::make_pair(static_cast<int>(dlpack::kCPU), 0)
+                               : std::make_pair(static_cast<int>(dlpack::kCUDA), p.device().index);
+           })
+      .def("set_budget_blocks", [](PagedKVPool& p, std::int64_t n) {
+             p.set_budget_blocks(checked_count(n, "budget_blocks", true));
+           }, py::arg("blocks"))
+      .def("set_budget_bytes", [](PagedKVPool& p, std::int64_t n) {
+             if (n < 0) throw py::value_error("budget_bytes must be >= 0, got " + std::to_string(n));
+             p.set_budget_bytes(static_cast<std::size_t>(n));
+           }, py::arg("nbytes"))
+      .def("can_admit_tokens", [](const PagedKVPool& p, std::int64_t n) {
+             if (n < 0) throw py::value_error("num_tokens must be >= 0, got " + std::to_string(n));
+             return p.can_admit_tokens(static_cast<std::size_t>(n));
+           }, py::arg("num_tokens"))
+      .def_property_readonly("budget_blocks", &PagedKVPool::budget_blocks)
+      .def_property_readonly("num_blocks", &PagedKVPool::num_blocks)
+      .def_property_readonly("num_free_blocks", &PagedKVPool::num_free_blocks)
+      .def_property_readonly("num_used_blocks", [](const PagedKVPool& p) { return p.allocator().num_allocated(); })
+      .def_property_readonly("block_nbytes", &PagedKVPool::block_bytes)
+      .def_property_readonly("layer_block_nbytes", [](const PagedKVPool& p) { return p.spec().layer_block_bytes(); })
+      .def_property_readonly("total_nbytes", &PagedKVPool::total_bytes)
+      .def_property_readonly("device", [](const PagedKVPool& p) { return p.device().str(); })
+      .def_property_readonly("dtype", [](const PagedKVPool& p) { return std::string(dtype_name(p.spec().dtype)); })
+      .def_property_readonly("num_layers", [](const PagedKVPool& p) { return p.spec().num_layers; })
+      .def_property_readonly("num_kv_heads", [](const PagedKVPool& p) { return p.spec().num_kv_heads; })
+      .def_property_readonly("head_dim", [](const PagedKVPool& p) { return p.spec().head_dim; })
+      .def_property_readonly("block_size", [](const PagedKVPool& p) { return p.spec().block_size; });
+}
+
+}  // namespace sagellm::kv::bindings

@@ -1,0 +1,38 @@
+// Private to the binding module: one registration function per area, and argument converters.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "sagellm_kv/block_allocator.hpp"
+
+namespace sagellm::kv::bindings {
+
+namespace py = pybind11;
+
+void bind_errors(py::module_& m);
+void bind_pool(py::module_& m);
+
+/// A 1-D int32 array of block ids taken from any Python integer sequence: contiguous int32 arrays
+/// are borrowed without a copy; other integer arrays and lists are converted with a range check.
+/// Raises TypeError for non-integer input and ValueError for the wrong rank, naming `what`.
+class BlockIds {
+ public:
+  BlockIds(const py::handle& obj, const char* what);
+  [[nodiscard]] std::span<const BlockId> span() const noexcept { return {data_, size_}; }
+
+ private:
+  py::array_t<std::int32_t> owner_;
+  const BlockId* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+/// Checks that `n` is a positive count that fits the core's 32-bit ids; raises ValueError naming it.
+std::uint32_t checked_count(std::int64_t n, const char* what, bool allow_zero = false);
+
+}  // namespace sagellm::kv::bindings

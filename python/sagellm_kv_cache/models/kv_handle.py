@@ -1,0 +1,142 @@
+"""``KVHandle``: the seed's reference to an allocation of KV cache.
+
+It is the ecosystem's :class:`sagellm_protocol.kv.KVHandle` (same fields, same wire form) plus the
+seed's behaviour (pinning, reference counts, access tracking) and the ids of the pool blocks that
+back it, which stay out of ``to_dict`` so the wire form is unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from pydantic import ConfigDict, Field, PrivateAttr
+from sagellm_protocol.kv import DType, KVBlockState, Layout, MemoryTier
+from sagellm_protocol.kv import KVHandle as _ProtocolKVHandle
+
+from sagellm_kv_cache.errors import KVRefCountUnderflowError
+
+__all__ = ["KVHandle"]
+
+_DTYPE_BYTES = {
+    DType.FP32: 4.0,
+    DType.FP16: 2.0,
+    DType.BF16: 2.0,
+    DType.FP8: 1.0,
+    DType.INT8: 1.0,
+    DType.INT4: 0.5,
+}
+
+
+def _tier_of(device: str) -> MemoryTier:
+    return MemoryTier.CPU if device.split(":", 1)[0] == "cpu" else MemoryTier.GPU
+
+
+class KVHandle(_ProtocolKVHandle):
+    """A reference to KV cache owned by a pool; mutable bookkeeping, validated on assignment."""
+
+    model_config = ConfigDict(validate_assignment=True)
+
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    _block_ids: np.ndarray = PrivateAttr(default_factory=lambda: np.empty(0, dtype=np.int32))
+
+    @classmethod
+    def create(
+        cls,
+        num_tokens: int,
+        *,
+        dtype: DType = DType.FP16,
+        layout: Layout = Layout.CONTIGUOUS,
+        device: str = "cpu",
+        request_id: str | None = None,
+        session_id: str | None = None,
+        node_rank: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> KVHandle:
+        """A fresh handle for ``num_tokens`` tokens, created and last accessed now."""
+        now = time.time()
+        return cls(
+            handle_id=uuid.uuid4(),
+            request_id=request_id,
+            session_id=session_id,
+            num_tokens=num_tokens,
+            token_start=0,
+            token_end=num_tokens,
+            dtype=dtype,
+            layout=layout,
+            device=device,
+            memory_tier=_tier_of(device),
+            rank=node_rank,
+            created_at=now,
+            last_access=now,
+            metadata=dict(metadata or {}),
+        )
+
+    # --- placement ---------------------------------------------------------------------------
+
+    @property
+    def node_rank(self) -> int | None:
+        return self.rank
+
+    def is_local(self, current_rank: int = 0) -> bool:
+        """True when the handle has no rank (single node) or lives on ``current_rank``."""
+        return self.rank is None or self.rank == current_rank
+
+    @property
+    def block_ids(self) -> np.ndarray:
+        """Ids of the pool blocks backing this handle (read-only int32 array)."""
+        view = self._block_ids.view()
+        view.flags.writeable = False
+        return view
+
+    # --- serialisation -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KVHandle:
+        return cls.model_validate(data)
+
+    # --- access and lifetime -----------------------------------------------------------------
+
+    def touch(self) -> None:
+        self.last_access = time.time()
+        self.access_count += 1
+
+    def is_evictable(self) -> bool:
+        """Evictable when nothing pins it and no transfer is moving it."""
+        return self.pin_count == 0 and not self.is_transferring and self.state != KVBlockState.PINNED
+
+    def incr_ref(self) -> int:
+        self.ref_count += 1
+        return self.ref_count
+
+    def decr_ref(self) -> int:
+        if self.ref_count == 0:
+            raise KVRefCountUnderflowError(self.handle_id, current_count=0)
+        self.ref_count -= 1
+        return self.ref_count
+
+    def pin(self) -> int:
+        self.pin_count += 1
+        self.state = KVBlockState.PINNED
+        return self.pin_count
+
+    def unpin(self) -> int:
+        if self.pin_count == 0:
+            raise KVRefCountUnderflowError(self.handle_id, current_count=0, context={"counter": "pin_count"})
+        self.pin_count -= 1
+        if self.pin_count == 0:
+            self.state = KVBlockState.ALLOCATED
+        return self.pin_count
+
+    @property
+    def is_pinned(self) -> bool:
+        return self.pin_count > 0
+
+    def estimate_size_bytes(self, head_dim: int = 128, num_heads: int = 32) -> int:
+        """Bytes of K and V for this handle's tokens in one layer of a model with that shape."""
+        return int(self.num_tokens * num_heads * head_dim * 2 * _DTYPE_BYTES[DType(self.dtype)])
