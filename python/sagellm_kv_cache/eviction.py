@@ -1,0 +1,278 @@
+"""Eviction policies over :class:`~sagellm_kv_cache.models.kv_handle.KVHandle` (the seed's API).
+
+A strategy orders the evictable handles coldest first and takes them until the requested number of
+tokens is covered. Selection is one validating pass over the candidates plus one sort, so choosing
+victims among many handles stays ``O(n log n)``; the prefix cache has its own native eviction.
+
+Rules shared by every strategy:
+
+* pinned or in-flight handles (``not handle.is_evictable()``) are never chosen;
+* a need of ``0`` tokens selects nothing;
+* when every candidate is pinned, :class:`~sagellm_kv_cache.errors.KVAllPinnedError` is raised;
+* when all evictable handles together hold fewer tokens than needed,
+  :class:`~sagellm_kv_cache.errors.KVNoVictimError` is raised (its ``bytes_needed`` field carries the
+  tokens needed, with ``unit="tokens"`` in its context);
+* ``max_victims`` caps one round: the result may then cover fewer tokens than needed, and the caller
+  evicts those and asks again;
+* a handle listed twice (same ``handle_id``) counts once.
+
+Nothing is mutated: the caller frees the victims it gets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import ClassVar
+
+from sagellm_protocol.kv import EvictionPolicy
+
+from sagellm_kv_cache.errors import KVAllPinnedError, KVNoVictimError
+from sagellm_kv_cache.models.kv_handle import KVHandle
+
+__all__ = [
+    "EvictionManager",
+    "EvictionStrategy",
+    "FIFOEviction",
+    "LFUEviction",
+    "LRUEviction",
+    "PriorityEviction",
+    "TTLEviction",
+]
+
+# A sort key: tuples of numbers, the input position last so equal keys keep the caller's order.
+_SortKey = tuple[float, ...]
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+class EvictionStrategy:
+    """Base class: validates the candidates, orders them with :meth:`_sort_key`, takes the coldest."""
+
+    policy: ClassVar[EvictionPolicy] = EvictionPolicy.LRU
+
+    def select_victim(
+        self,
+        candidates: Sequence[KVHandle],
+        num_tokens_needed: int,
+        max_victims: int | None = None,
+    ) -> list[KVHandle]:
+        """Victims, coldest first, whose tokens add up to at least ``num_tokens_needed``.
+
+        Raises ``TypeError`` for a non-``KVHandle`` candidate (naming its index), ``ValueError`` for a
+        negative need or a ``max_victims`` below 1, ``KVAllPinnedError`` when everything is pinned and
+        ``KVNoVictimError`` when the evictable handles cannot cover the need.
+        """
+        needed = _check_int("num_tokens_needed", num_tokens_needed)
+        if needed < 0:
+            raise ValueError(f"num_tokens_needed must be >= 0, got {needed}")
+        if max_victims is not None and _check_int("max_victims", max_victims) < 1:
+            raise ValueError(f"max_victims must be >= 1 or None, got {max_victims}")
+        if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
+            raise TypeError(f"candidates must be a sequence of KVHandle, got {type(candidates).__name__}")
+
+        now = time.time()
+        keyed: list[tuple[_SortKey, KVHandle]] = []
+        seen: set[object] = set()
+        pinned = 0
+        evictable_tokens = 0
+        for index, handle in enumerate(candidates):
+            if not isinstance(handle, KVHandle):
+                raise TypeError(f"candidates[{index}] is a {type(handle).__name__}, not a KVHandle")
+            if handle.handle_id in seen:
+                continue
+            seen.add(handle.handle_id)
+            if not handle.is_evictable():
+                pinned += 1
+                continue
+            keyed.append(((*self._sort_key(handle, now, index), float(index)), handle))
+            evictable_tokens += handle.num_tokens
+
+        total = len(seen)
+        if needed == 0:
+            return []
+        if total > 0 and pinned == total:
+            raise KVAllPinnedError(total, context={"tokens_needed": needed})
+        if evictable_tokens < needed:
+            raise KVNoVictimError(
+                needed,
+                pinned_count=pinned,
+                total_count=total,
+                context={"unit": "tokens", "evictable_tokens": evictable_tokens},
+            )
+
+        keyed.sort(key=lambda pair: pair[0])
+        limit = len(keyed) if max_victims is None else max_victims
+        victims: list[KVHandle] = []
+        covered = 0
+        for _, handle in keyed:
+            if covered >= needed or len(victims) >= limit:
+                break
+            victims.append(handle)
+            covered += handle.num_tokens
+        return victims
+
+    def get_policy_name(self) -> EvictionPolicy:
+        """The protocol's name of this policy (what schedulers put in their configs)."""
+        return self.policy
+
+    def _sort_key(self, handle: KVHandle, now: float, index: int) -> _SortKey:
+        """Smaller keys are evicted first; ``index`` is the position in the candidate list."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LRUEviction(EvictionStrategy):
+    """Least recently used first: a handle nobody touched for longest is least likely to be reused."""
+
+    policy = EvictionPolicy.LRU
+
+    def _sort_key(self, handle: KVHandle, now: float, index: int) -> _SortKey:
+        return (handle.last_access, handle.created_at)
+
+
+class FIFOEviction(EvictionStrategy):
+    """Oldest allocation first, whatever its use: cheap and predictable for streaming workloads."""
+
+    policy = EvictionPolicy.FIFO
+
+    def _sort_key(self, handle: KVHandle, now: float, index: int) -> _SortKey:
+        return (handle.created_at,)
+
+
+class LFUEviction(EvictionStrategy):
+    """Least frequently used first (``access_count``), least recently used among equals."""
+
+    policy = EvictionPolicy.LFU
+
+    def _sort_key(self, handle: KVHandle, now: float, index: int) -> _SortKey:
+        return (float(handle.access_count), handle.last_access, handle.created_at)
+
+
+class TTLEviction(EvictionStrategy):
+    """Handles older than ``ttl_seconds`` (since ``created_at``) go first, oldest first; then LRU.
+
+    Expiry bounds how long stale KV (e.g. of an abandoned session) can occupy memory, while the LRU
+    fallback still frees space when nothing has expired yet.
+    """
+
+    policy = EvictionPolicy.TTL
+
+    def __init__(self, ttl_seconds: float = 300.0) -> None:
+        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
+            raise TypeError(f"ttl_seconds must be a number, got {type(ttl_seconds).__name__}")
+        if not ttl_seconds > 0:
+            raise ValueError(f"ttl_seconds must be > 0, got {ttl_seconds}")
+        self.ttl_seconds = float(ttl_seconds)
+
+    def is_expired(self, handle: KVHandle, now: float | None = None) -> bool:
+        """True when the handle has lived at least ``ttl_seconds``."""
+        current = time.time() if now is None else now
+        return current - handle.created_at >= self.ttl_seconds
+
+    def _sort_key(self, handle: KVHandle, now: float, index: int) -> _SortKey:
+        if self.is_expired(handle, now):
+            return (0.0, handle.created_at, 0.0)
+        return (1.0, handle.last_access, handle.created_at)
+
+    def __repr__(self) -> str:
+        return f"TTLEviction(ttl_seconds={self.ttl_seconds})"
+
+
+class PriorityEviction(EvictionStrategy):
+    """Lowest ``metadata["priority"]`` first (``default_priority`` when absent), LRU among equals.
+
+    Lets a scheduler protect, say, interactive sessions' KV over batch jobs' without pinning it.
+    """
+
+    policy = EvictionPolicy.PRIORITY
+
+    def __init__(self, default_priority: int = 0) -> None:
+        self.default_priority = _check_int("default_priority", default_priority)
+
+    def priority_of(self, handle: KVHandle) -> float:
+        """The handle's priority; a non-numeric value is a ``TypeError`` naming the handle."""
+        value = handle.metadata.get("priority", self.default_priority)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"metadata['priority'] of handle {handle.handle_id} must be a number, got {type(value).__name__}"
+            )
+        return float(value)
+
+    def _sort_key(self, handle: KVHandle, now: float, index: int) -> _SortKey:
+        return (self.priority_of(handle), handle.last_access, handle.created_at)
+
+    def __repr__(self) -> str:
+        return f"PriorityEviction(default_priority={self.default_priority})"
+
+
+_SUPPORTED = (EvictionPolicy.LRU, EvictionPolicy.LFU, EvictionPolicy.FIFO, EvictionPolicy.TTL, EvictionPolicy.PRIORITY)
+
+
+class EvictionManager:
+    """Holds the active strategy so a pool or scheduler can switch policy at run time."""
+
+    def __init__(
+        self,
+        policy: EvictionPolicy = EvictionPolicy.LRU,
+        ttl_seconds: float = 300.0,
+        default_priority: int = 0,
+    ) -> None:
+        # Validate the parameters up front, so a bad TTL fails here rather than on a later set_policy.
+        self._ttl = TTLEviction(ttl_seconds)
+        self._priority = PriorityEviction(default_priority)
+        self.ttl_seconds = self._ttl.ttl_seconds
+        self.default_priority = self._priority.default_priority
+        self._strategy: EvictionStrategy = self._make(policy)
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        return self._strategy.get_policy_name()
+
+    @property
+    def strategy(self) -> EvictionStrategy:
+        return self._strategy
+
+    def select_victims(
+        self,
+        handles: Sequence[KVHandle],
+        num_tokens_needed: int,
+        max_victims: int | None = None,
+    ) -> list[KVHandle]:
+        """Victims chosen by the active strategy; see :meth:`EvictionStrategy.select_victim`."""
+        return self._strategy.select_victim(handles, num_tokens_needed, max_victims)
+
+    def set_policy(self, policy: EvictionPolicy) -> None:
+        """Switches strategy; an unknown or unsupported policy is a ``ValueError`` and changes nothing."""
+        self._strategy = self._make(policy)
+
+    def _make(self, policy: EvictionPolicy | str) -> EvictionStrategy:
+        try:
+            resolved = EvictionPolicy(policy)
+        except ValueError:
+            raise ValueError(
+                f"unknown eviction policy {policy!r}; supported: {', '.join(p.value for p in _SUPPORTED)}"
+            ) from None
+        if resolved == EvictionPolicy.LRU:
+            return LRUEviction()
+        if resolved == EvictionPolicy.LFU:
+            return LFUEviction()
+        if resolved == EvictionPolicy.FIFO:
+            return FIFOEviction()
+        if resolved == EvictionPolicy.TTL:
+            return self._ttl
+        if resolved == EvictionPolicy.PRIORITY:
+            return self._priority
+        raise ValueError(
+            f"eviction policy {resolved.value!r} is not supported by EvictionManager; "
+            f"supported: {', '.join(p.value for p in _SUPPORTED)}"
+        )
+
+    def __repr__(self) -> str:
+        return f"EvictionManager(policy={self.policy.value!r}, strategy={self._strategy!r})"

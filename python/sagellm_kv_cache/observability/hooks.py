@@ -1,0 +1,106 @@
+"""Hooks that turn pool, prefix-cache and transfer events into :class:`MetricsCollector` numbers.
+
+The call sites pass what they know as keyword arguments; unknown keywords are ignored (so a call
+site may pass extra context such as ``handle=``), known ones are checked before anything is counted,
+so a bad call changes nothing.
+
+==============  ==========================================  ===============================================
+hook            keywords read                               counters (gauges)
+==============  ==========================================  ===============================================
+``on_alloc``    ``num_tokens``, ``num_blocks``              ``alloc_count``, ``allocated_tokens``,
+                                                            ``allocated_blocks``
+``on_free``     ``num_tokens``, ``num_blocks``              ``free_count``, ``freed_tokens``, ``freed_blocks``
+``on_hit``      ``num_tokens``, ``num_blocks``              ``prefix_hits``, ``hit_tokens``, ``hit_blocks``
+                                                            (``prefix_hit_ratio``)
+``on_miss``     ``num_tokens``, ``num_blocks``              ``prefix_misses``, ``miss_tokens``,
+                                                            ``miss_blocks`` (``prefix_hit_ratio``)
+``on_evict``    ``num_victims`` (default 1), ``num_tokens``,  ``evict_count``, ``evicted_handles``,
+                ``num_blocks``                              ``evicted_tokens``, ``evicted_blocks``
+``on_transfer`` ``num_bytes``, ``latency_ms``,              ``transfer_count``, ``transfer_bytes``,
+                ``success`` (default True)                  ``transfer_failures``
+                                                            (``last_transfer_latency_ms``)
+==============  ==========================================  ===============================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sagellm_kv_cache.observability.metrics import MetricsCollector
+
+__all__ = ["MetricsHook"]
+
+
+def _count(kwargs: dict[str, Any], key: str, default: int = 0) -> int:
+    value = kwargs.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{key} must be >= 0, got {value}")
+    return value
+
+
+class MetricsHook:
+    """Stateless: every number lives in the collector passed to each call."""
+
+    def on_alloc(self, collector: MetricsCollector, **kwargs: Any) -> None:
+        tokens, blocks = _count(kwargs, "num_tokens"), _count(kwargs, "num_blocks")
+        collector.inc("alloc_count")
+        collector.inc("allocated_tokens", tokens)
+        collector.inc("allocated_blocks", blocks)
+
+    def on_free(self, collector: MetricsCollector, **kwargs: Any) -> None:
+        tokens, blocks = _count(kwargs, "num_tokens"), _count(kwargs, "num_blocks")
+        collector.inc("free_count")
+        collector.inc("freed_tokens", tokens)
+        collector.inc("freed_blocks", blocks)
+
+    def on_hit(self, collector: MetricsCollector, **kwargs: Any) -> None:
+        tokens, blocks = _count(kwargs, "num_tokens"), _count(kwargs, "num_blocks")
+        collector.inc("prefix_hits")
+        collector.inc("hit_tokens", tokens)
+        collector.inc("hit_blocks", blocks)
+        self._update_hit_ratio(collector)
+
+    def on_miss(self, collector: MetricsCollector, **kwargs: Any) -> None:
+        tokens, blocks = _count(kwargs, "num_tokens"), _count(kwargs, "num_blocks")
+        collector.inc("prefix_misses")
+        collector.inc("miss_tokens", tokens)
+        collector.inc("miss_blocks", blocks)
+        self._update_hit_ratio(collector)
+
+    def on_evict(self, collector: MetricsCollector, **kwargs: Any) -> None:
+        victims = _count(kwargs, "num_victims", 1)
+        tokens, blocks = _count(kwargs, "num_tokens"), _count(kwargs, "num_blocks")
+        collector.inc("evict_count")
+        collector.inc("evicted_handles", victims)
+        collector.inc("evicted_tokens", tokens)
+        collector.inc("evicted_blocks", blocks)
+
+    def on_transfer(self, collector: MetricsCollector, **kwargs: Any) -> None:
+        nbytes = _count(kwargs, "num_bytes")
+        latency = kwargs.get("latency_ms")
+        if latency is not None and (
+            isinstance(latency, bool) or not isinstance(latency, (int, float)) or not math.isfinite(latency)
+        ):
+            raise TypeError(f"latency_ms must be a finite number, got {latency!r}")
+        if latency is not None and latency < 0:
+            raise ValueError(f"latency_ms must be >= 0, got {latency}")
+        success = kwargs.get("success", True)
+        if not isinstance(success, bool):
+            raise TypeError(f"success must be a bool, got {type(success).__name__}")
+        collector.inc("transfer_count")
+        if success:
+            collector.inc("transfer_bytes", nbytes)
+        else:
+            collector.inc("transfer_failures")
+        if latency is not None:
+            collector.set_gauge("last_transfer_latency_ms", float(latency))
+
+    @staticmethod
+    def _update_hit_ratio(collector: MetricsCollector) -> None:
+        # Token-weighted: a hit on a long prefix saves more prefill work than a hit on a short one.
+        hit, miss = collector.get_counter("hit_tokens"), collector.get_counter("miss_tokens")
+        if hit + miss > 0:
+            collector.set_gauge("prefix_hit_ratio", hit / (hit + miss))

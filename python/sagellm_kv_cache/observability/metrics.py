@@ -1,0 +1,106 @@
+"""Per-request counters, gauges and event timestamps (the seed's ``MetricsCollector``).
+
+One collector follows one request through one engine (the ids tie its numbers to traces); hooks
+update it from pool, cache and transfer code that may run on several threads, hence the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from typing import Any
+
+__all__ = ["MetricsCollector"]
+
+
+def _check_name(kind: str, name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{kind} name must be a str, got {type(name).__name__}")
+    if not name:
+        raise ValueError(f"{kind} name must not be empty")
+    return name
+
+
+class MetricsCollector:
+    """Thread-safe counters (ints, only grow), gauges (floats) and named timestamps."""
+
+    def __init__(self, trace_id: str, request_id: str, engine_id: str) -> None:
+        self.trace_id = trace_id
+        self.request_id = request_id
+        self.engine_id = engine_id
+        self._lock = threading.Lock()
+        self._timestamps: dict[str, float] = {}
+        self._counters: dict[str, int] = {}
+        self._gauges: dict[str, float] = {}
+
+    def mark(self, event: str) -> None:
+        """Records the wall-clock time (``time.time()``) of ``event``; a later mark overwrites it."""
+        _check_name("event", event)
+        now = time.time()
+        with self._lock:
+            self._timestamps[event] = now
+
+    def inc(self, counter: str, value: int = 1) -> None:
+        """Adds ``value`` (an int >= 0: counters never go down) to ``counter``."""
+        _check_name("counter", counter)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"counter increment must be an int, got {type(value).__name__}")
+        if value < 0:
+            raise ValueError(f"counter {counter!r} cannot decrease (increment {value})")
+        with self._lock:
+            self._counters[counter] = self._counters.get(counter, 0) + value
+
+    def set_gauge(self, gauge: str, value: float) -> None:
+        """Sets ``gauge`` to a finite number."""
+        _check_name("gauge", gauge)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"gauge value must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"gauge {gauge!r} must be finite, got {value}")
+        with self._lock:
+            self._gauges[gauge] = float(value)
+
+    def get_counter(self, counter: str) -> int:
+        """The counter's value; 0 for a counter never incremented."""
+        with self._lock:
+            return self._counters.get(counter, 0)
+
+    def get_gauge(self, gauge: str) -> float:
+        """The gauge's value; 0.0 for a gauge never set."""
+        with self._lock:
+            return self._gauges.get(gauge, 0.0)
+
+    def get_timestamp(self, event: str) -> float | None:
+        """When ``event`` was last marked, or None."""
+        with self._lock:
+            return self._timestamps.get(event)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A consistent snapshot (copies, taken under the lock)."""
+        with self._lock:
+            return {
+                "trace_id": self.trace_id,
+                "request_id": self.request_id,
+                "engine_id": self.engine_id,
+                "timestamps": dict(self._timestamps),
+                "counters": dict(self._counters),
+                "gauges": dict(self._gauges),
+            }
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    def reset(self) -> None:
+        """Forgets every counter, gauge and timestamp; the ids stay."""
+        with self._lock:
+            self._timestamps.clear()
+            self._counters.clear()
+            self._gauges.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"MetricsCollector(trace_id={self.trace_id!r}, request_id={self.request_id!r}, "
+            f"engine_id={self.engine_id!r})"
+        )

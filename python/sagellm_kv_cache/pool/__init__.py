@@ -1,0 +1,5 @@
+"""Seed-compatible pool API (``from sagellm_kv_cache.pool import KVPool``)."""
+
+from sagellm_kv_cache.pool.kv_pool import KVPool
+
+__all__ = ["KVPool"]

@@ -1,0 +1,332 @@
+"""Plots of an exported access-statistics file (:meth:`AccessStatsCollector.export_stats`).
+
+Four plot types:
+
+* ``heatmap``: the hottest blocks (rows, hottest on top) against time buckets (columns), colour =
+  accesses per bucket; shows whether reuse is steady or comes in bursts and phases;
+* ``frequency``: horizontal bars of the hottest blocks' access counts, sorted; shows the skew;
+* ``interval``: histogram of the times between consecutive accesses of the same block, on a log
+  axis when they span more than two decades; tells how long a block must survive to be reused;
+* ``all``: one figure with the three above (heatmap on top, the other two below) and the summary
+  numbers in its title, written to a single PNG.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global
+state), so plotting works headless and from threads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "PLOT_TYPES",
+    "StatsFileError",
+    "format_summary",
+    "load_stats",
+    "plot_all",
+    "plot_frequency",
+    "plot_heatmap",
+    "plot_interval",
+    "visualize",
+]
+
+PLOT_TYPES: tuple[str, ...] = ("heatmap", "frequency", "interval", "all")
+
+_SUMMARY_KEYS: dict[str, tuple[type, ...]] = {
+    "total_accesses": (int,),
+    "unique_blocks": (int,),
+    "hit_rate": (int, float),
+    "cache_hits": (int,),
+    "cache_misses": (int,),
+    "average_access_interval": (int, float),
+    "duration_seconds": (int, float),
+    "top_10_blocks": (list,),
+    "access_intervals": (list,),
+    "block_details": (dict,),
+}
+
+_DPI = 120
+
+
+class StatsFileError(ValueError):
+    """An access-statistics file that is not valid JSON or not in the exported shape."""
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "plotting access statistics needs matplotlib: pip install isagellm-kv-cache[visualization]"
+        ) from err
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
+    """Checks the exported shape; returns the dict or raises :class:`StatsFileError` naming the field."""
+    if not isinstance(stats, dict):
+        raise StatsFileError(f"{source}: top level must be a JSON object, got {type(stats).__name__}")
+    for key, types in _SUMMARY_KEYS.items():
+        if key not in stats:
+            raise StatsFileError(f"{source}: missing key {key!r}")
+        value = stats[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise StatsFileError(f"{source}: {key!r} has type {type(value).__name__}")
+    for block_id, detail in stats["block_details"].items():
+        where = f"{source}: block_details[{block_id!r}]"
+        if not isinstance(detail, dict):
+            raise StatsFileError(f"{where} must be an object")
+        count = detail.get("access_count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise StatsFileError(f"{where}.access_count must be an int >= 1, got {count!r}")
+        for key in ("first_access", "last_access"):
+            if not _is_number(detail.get(key)):
+                raise StatsFileError(f"{where}.{key} must be a number, got {detail.get(key)!r}")
+        intervals = detail.get("intervals")
+        if not isinstance(intervals, list) or not all(_is_number(gap) for gap in intervals):
+            raise StatsFileError(f"{where}.intervals must be a list of numbers")
+        if len(intervals) != count - 1:
+            raise StatsFileError(f"{where} has {len(intervals)} intervals for {count} accesses")
+    if not all(_is_number(gap) for gap in stats["access_intervals"]):
+        raise StatsFileError(f"{source}: 'access_intervals' must be a list of numbers")
+    return stats
+
+
+def load_stats(path: str | Path) -> dict[str, Any]:
+    """Reads and validates an exported file (``FileNotFoundError`` / :class:`StatsFileError`)."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise StatsFileError(f"{file}: not a UTF-8 text file") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StatsFileError(f"{file}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    return validate_stats(data, str(file))
+
+
+# --- derived data ------------------------------------------------------------------------------
+
+
+def _ranked_blocks(stats: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    details: dict[str, dict[str, Any]] = stats["block_details"]
+    return sorted(details.items(), key=lambda item: (-item[1]["access_count"], item[1]["first_access"], item[0]))
+
+
+def _access_times(detail: Mapping[str, Any]) -> list[float]:
+    times = [float(detail["first_access"])]
+    for gap in detail["intervals"]:
+        times.append(times[-1] + float(gap))
+    return times
+
+
+def _time_unit(span: float) -> tuple[str, float]:
+    """A unit that keeps tick labels short for a span in seconds."""
+    if span >= 1.0:
+        return "s", 1.0
+    if span >= 1e-3:
+        return "ms", 1e3
+    return "µs", 1e6
+
+
+def _short(block_id: str, width: int = 18) -> str:
+    return block_id if len(block_id) <= width else block_id[: width - 1] + "…"
+
+
+def _format_seconds(seconds: float) -> str:
+    unit, scale = _time_unit(seconds)
+    return f"{seconds * scale:.3g} {unit}"
+
+
+def format_summary(stats: Mapping[str, Any], top: int = 10) -> str:
+    """A few aligned lines of the headline numbers, for a terminal."""
+    total = stats["total_accesses"]
+    lines = [
+        f"  total accesses        {total}",
+        f"  unique blocks         {stats['unique_blocks']}",
+        f"  hit rate              {stats['hit_rate']:.2%} ({stats['cache_hits']} hits, {stats['cache_misses']} misses)",
+        f"  avg re-access gap     {_format_seconds(stats['average_access_interval'])}",
+        f"  recorded over         {_format_seconds(stats['duration_seconds'])}",
+    ]
+    ranked = _ranked_blocks(stats)[:top]
+    if ranked:
+        lines.append(f"  hottest blocks (of {len(stats['block_details'])}):")
+        width = max(len(block_id) for block_id, _ in ranked)
+        for rank, (block_id, detail) in enumerate(ranked, start=1):
+            share = detail["access_count"] / total if total else 0.0
+            lines.append(f"    {rank:>2}. {block_id:<{width}}  {detail['access_count']:>6}  ({share:.1%})")
+    return "\n".join(lines)
+
+
+# --- drawing -----------------------------------------------------------------------------------
+
+
+def _empty(ax: Axes, title: str, message: str) -> None:
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _draw_heatmap(fig: Figure, ax: Axes, stats: Mapping[str, Any], top_n: int, num_buckets: int) -> None:
+    import numpy as np
+
+    ranked = _ranked_blocks(stats)[:top_n]
+    title = f"Block access heatmap (top {len(ranked)} of {len(stats['block_details'])} blocks)"
+    if not ranked:
+        _empty(ax, title, "no accesses recorded")
+        return
+    rows = [_access_times(detail) for _, detail in ranked]
+    t_end = max(max(times) for times in rows)
+    span = t_end if t_end > 0 else 1e-6
+    unit, scale = _time_unit(span)
+    edges = np.linspace(0.0, span, num_buckets + 1)
+    counts = np.vstack([np.histogram(np.asarray(times), bins=edges)[0] for times in rows])
+    image = ax.imshow(
+        counts,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="magma_r",
+        extent=(0.0, span * scale, len(rows), 0.0),
+        vmin=0,
+    )
+    ax.set_yticks(np.arange(len(rows)) + 0.5)
+    ax.set_yticklabels([_short(block_id) for block_id, _ in ranked], fontsize=7 if len(rows) > 20 else 9)
+    ax.set_xlabel(f"time since start ({unit}), {num_buckets} buckets of {_format_seconds(span / num_buckets)}")
+    ax.set_ylabel("block (hottest on top)")
+    ax.set_title(title)
+    colorbar = fig.colorbar(image, ax=ax, pad=0.01)
+    colorbar.set_label("accesses per bucket")
+
+
+def _draw_frequency(ax: Axes, stats: Mapping[str, Any], top_n: int) -> None:
+    ranked = _ranked_blocks(stats)[:top_n]
+    total = stats["total_accesses"]
+    title = f"Access frequency (top {len(ranked)} of {len(stats['block_details'])} blocks)"
+    if not ranked:
+        _empty(ax, title, "no accesses recorded")
+        return
+    counts = [detail["access_count"] for _, detail in ranked]
+    positions = list(range(len(ranked)))
+    bars = ax.barh(positions, counts, color="tab:blue", height=0.75)
+    ax.invert_yaxis()  # hottest on top
+    ax.set_yticks(positions)
+    ax.set_yticklabels([_short(block_id) for block_id, _ in ranked], fontsize=7 if len(ranked) > 20 else 9)
+    ax.bar_label(bars, labels=[str(count) for count in counts], padding=2, fontsize=7)
+    ax.set_xlim(0, max(counts) * 1.12)
+    ax.set_xlabel("accesses")
+    ax.set_ylabel("block")
+    shown = sum(counts)
+    share = shown / total if total else 0.0
+    ax.set_title(f"{title}\nthese blocks take {share:.1%} of {total} accesses", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _draw_interval(ax: Axes, stats: Mapping[str, Any], bins: int) -> None:
+    import numpy as np
+
+    gaps = np.asarray([float(gap) for gap in stats["access_intervals"]], dtype=float)
+    title = "Re-access intervals (same block)"
+    if gaps.size == 0:
+        _empty(ax, title, "no block was accessed twice")
+        return
+    unit, scale = _time_unit(float(gaps.max()) if gaps.max() > 0 else 1e-6)
+    scaled = gaps * scale
+    positive = scaled[scaled > 0]
+    wide = positive.size > 0 and positive.max() / positive.min() > 100.0
+    if wide:
+        edges = np.logspace(np.log10(positive.min()), np.log10(positive.max()), bins + 1)
+        ax.hist(positive, bins=edges, color="tab:green", edgecolor="white", linewidth=0.4)
+        ax.set_xscale("log")
+    else:
+        ax.hist(scaled, bins=bins, color="tab:green", edgecolor="white", linewidth=0.4)
+    median, mean = float(np.median(scaled)), float(scaled.mean())
+    ax.axvline(max(median, positive.min() if wide else median), color="tab:red", linestyle="--",
+               label=f"median {median:.3g} {unit}")  # fmt: skip
+    ax.axvline(mean, color="black", linestyle=":", label=f"mean {mean:.3g} {unit}")
+    ax.legend(fontsize=8)
+    ax.set_xlabel(f"interval ({unit}{', log scale' if wide else ''})")
+    ax.set_ylabel("number of re-accesses")
+    ax.set_title(f"{title}: {gaps.size} intervals", fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def _summary_line(stats: Mapping[str, Any]) -> str:
+    return (
+        f"{stats['total_accesses']} accesses to {stats['unique_blocks']} blocks, "
+        f"hit rate {stats['hit_rate']:.1%}, recorded over {_format_seconds(stats['duration_seconds'])}"
+    )
+
+
+def _save(fig: Figure, output_path: str | Path) -> Path:
+    path = Path(output_path)
+    fig.savefig(path, dpi=_DPI, format="png")
+    return path
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    _require_matplotlib()
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_heatmap(stats: Mapping[str, Any], output_path: str | Path, top_n: int = 30, num_buckets: int = 60) -> Path:
+    """Writes the heatmap PNG and returns its path."""
+    fig = _new_figure(12, max(4.5, 0.22 * min(top_n, len(stats["block_details"])) + 2))
+    _draw_heatmap(fig, fig.add_subplot(), stats, top_n, num_buckets)
+    fig.suptitle(_summary_line(stats), fontsize=9, color="0.3")
+    return _save(fig, output_path)
+
+
+def plot_frequency(stats: Mapping[str, Any], output_path: str | Path, top_n: int = 30) -> Path:
+    """Writes the access-frequency bar chart PNG and returns its path."""
+    fig = _new_figure(10, max(4.5, 0.25 * min(top_n, len(stats["block_details"])) + 2))
+    _draw_frequency(fig.add_subplot(), stats, top_n)
+    return _save(fig, output_path)
+
+
+def plot_interval(stats: Mapping[str, Any], output_path: str | Path, bins: int = 50) -> Path:
+    """Writes the interval histogram PNG and returns its path."""
+    fig = _new_figure(10, 6)
+    _draw_interval(fig.add_subplot(), stats, bins)
+    return _save(fig, output_path)
+
+
+def plot_all(stats: Mapping[str, Any], output_path: str | Path, top_n: int = 30) -> Path:
+    """Writes one PNG with the heatmap on top and the frequency and interval plots below."""
+    fig = _new_figure(16, 13)
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.15, 1.0])
+    _draw_heatmap(fig, fig.add_subplot(grid[0, :]), stats, top_n, 60)
+    _draw_frequency(fig.add_subplot(grid[1, 0]), stats, min(top_n, 20))
+    _draw_interval(fig.add_subplot(grid[1, 1]), stats, 50)
+    fig.suptitle(f"KV cache access pattern: {_summary_line(stats)}", fontsize=13)
+    return _save(fig, output_path)
+
+
+def visualize(stats: Mapping[str, Any], output_path: str | Path, plot_type: str = "heatmap") -> Path:
+    """Dispatches on ``plot_type`` (one of :data:`PLOT_TYPES`); an unknown type is a ``ValueError``."""
+    if plot_type == "heatmap":
+        return plot_heatmap(stats, output_path)
+    if plot_type == "frequency":
+        return plot_frequency(stats, output_path)
+    if plot_type == "interval":
+        return plot_interval(stats, output_path)
+    if plot_type == "all":
+        return plot_all(stats, output_path)
+    raise ValueError(f"unknown plot type {plot_type!r}; choose one of {', '.join(PLOT_TYPES)}")
