@@ -75,7 +75,12 @@ class KVCacheError(Exception):
     @classmethod
     def _from_core(cls, message: str, context: dict[str, Any] | None = None) -> KVCacheError:
         """Builds the error from a C++ core message without going through the seed constructor."""
-        err = cls.__new__(cls)
+        # Builtin bases disagree on which __new__ may build a subclass (MemoryError keeps a freelist,
+        # OSError maps errno): use whichever accepts the class.
+        try:
+            err = cls.__new__(cls)
+        except TypeError:
+            err = Exception.__new__(cls)
         KVCacheError.__init__(err, cls._core_code, message, context)
         return err
 

@@ -91,6 +91,14 @@ class KVHandle(_ProtocolKVHandle):
         view.flags.writeable = False
         return view
 
+    def __eq__(self, other: object) -> bool:
+        # Field equality, as for the protocol model; the block ids are bookkeeping of the pool.
+        if not isinstance(other, _ProtocolKVHandle):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every non-frozen pydantic model
+
     # --- serialisation -----------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

@@ -139,6 +139,7 @@ class AccessStatsCollector:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(data, handle, indent=2)
+            os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only; a stats file is meant to be shared
             os.replace(tmp_name, path)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)

@@ -35,6 +35,7 @@ __all__ = [
     "plot_frequency",
     "plot_heatmap",
     "plot_interval",
+    "validate_stats",
     "visualize",
 ]
 
@@ -197,21 +198,30 @@ def _draw_heatmap(fig: Figure, ax: Axes, stats: Mapping[str, Any], top_n: int, n
     unit, scale = _time_unit(span)
     edges = np.linspace(0.0, span, num_buckets + 1)
     counts = np.vstack([np.histogram(np.asarray(times), bins=edges)[0] for times in rows])
+    import matplotlib
+
+    # Empty buckets white, so the eye goes to where accesses are.
+    cmap = matplotlib.colormaps["magma_r"].with_extremes(under="white")
     image = ax.imshow(
         counts,
         aspect="auto",
         interpolation="nearest",
-        cmap="magma_r",
+        cmap=cmap,
         extent=(0.0, span * scale, len(rows), 0.0),
-        vmin=0,
+        vmin=0.5,
+        vmax=max(1.0, float(counts.max())),
     )
     ax.set_yticks(np.arange(len(rows)) + 0.5)
     ax.set_yticklabels([_short(block_id) for block_id, _ in ranked], fontsize=7 if len(rows) > 20 else 9)
     ax.set_xlabel(f"time since start ({unit}), {num_buckets} buckets of {_format_seconds(span / num_buckets)}")
     ax.set_ylabel("block (hottest on top)")
     ax.set_title(title)
-    colorbar = fig.colorbar(image, ax=ax, pad=0.01)
-    colorbar.set_label("accesses per bucket")
+    colorbar = fig.colorbar(image, ax=ax, pad=0.01, extend="min")
+    colorbar.set_label("accesses per bucket (white: none)")
+    from matplotlib.ticker import MaxNLocator
+
+    colorbar.locator = MaxNLocator(integer=True)
+    colorbar.update_ticks()
 
 
 def _draw_frequency(ax: Axes, stats: Mapping[str, Any], top_n: int) -> None:
@@ -262,7 +272,7 @@ def _draw_interval(ax: Axes, stats: Mapping[str, Any], bins: int) -> None:
     ax.legend(fontsize=8)
     ax.set_xlabel(f"interval ({unit}{', log scale' if wide else ''})")
     ax.set_ylabel("number of re-accesses")
-    ax.set_title(f"{title}: {gaps.size} intervals", fontsize=10)
+    ax.set_title(f"{title}: {gaps.size} intervals")
     ax.grid(alpha=0.3)
 
 

@@ -1,0 +1,277 @@
+"""PagedKVPool: real memory, zero-copy views, gather/scatter, budgets, bad input."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+
+from sagellm_kv_cache import (
+    KVBackendUnavailableError,
+    KVCacheSpec,
+    KVConfigInvalidError,
+    KVDoubleFreeError,
+    KVInvalidBlockError,
+    KVPoolFullError,
+    PagedKVPool,
+)
+
+
+@pytest.fixture
+def spec() -> KVCacheSpec:
+    return KVCacheSpec(num_layers=2, num_kv_heads=4, head_dim=64, dtype="fp16", block_size=16)
+
+
+@pytest.fixture
+def pool(spec: KVCacheSpec) -> PagedKVPool:
+    return PagedKVPool(spec, num_blocks=1024, device="cpu")
+
+
+def test_issue_example(pool: PagedKVPool) -> None:
+    ids = pool.allocate(8)
+    assert ids.dtype == np.int32 and ids.tolist() == list(range(8))
+    k0 = pool.key_cache(0)
+    assert k0.shape == (1024, 16, 4, 64) and k0.dtype == np.float16
+    assert pool.num_free_blocks == 1016
+    assert pool.num_blocks == 1024
+    assert pool.block_nbytes == 2 * 2 * 16 * 4 * 64 * 2
+    pool.free(ids)
+    assert pool.num_free_blocks == 1024
+
+
+def test_views_are_zero_copy_and_writable(pool: PagedKVPool) -> None:
+    ids = pool.allocate(2)
+    k1 = pool.key_cache(1)
+    v1 = pool.value_cache(1)
+    k1[ids[0]] = 1.5
+    assert pool.key_cache(1)[ids[0]].min() == 1.5  # a second view sees the write
+    assert v1[ids[0]].max() == 0  # V is separate memory
+    staged = pool.gather(ids[:1]).view(np.float16)
+    per_layer = 16 * 4 * 64
+    # staging layout [layer][K|V]: layer 1's K follows layer 0's K and V
+    assert (staged[2 * per_layer : 3 * per_layer] == 1.5).all()
+
+
+def test_view_keeps_pool_memory_alive(spec: KVCacheSpec) -> None:
+    pool = PagedKVPool(spec, num_blocks=16)
+    view = pool.key_cache(0)
+    view[3] = 7.0
+    del pool
+    gc.collect()
+    # Fresh allocations would reuse the freed arena if the view did not own a reference.
+    churn = [np.full(view.nbytes // 2, 3, dtype=np.float16) for _ in range(4)]
+    assert (view[3] == 7.0).all() and view[2].max() == 0
+    view[5] = 2.0
+    assert churn[0][0] == 3
+
+
+def test_dlpack_view_into_numpy(pool: PagedKVPool) -> None:
+    view = pool.dlpack_view(0, value=True)
+    assert view.__dlpack_device__() == (1, 0)
+    arr = np.from_dlpack(view)
+    assert arr.shape == (1024, 16, 4, 64) and arr.dtype == np.float16
+    pool.value_cache(0)[0, 0, 0, 0] = 4.0
+    assert arr[0, 0, 0, 0] == 4.0  # same memory (numpy marks legacy DLPack imports read-only)
+
+
+def test_torch_from_dlpack_shares_memory(spec: KVCacheSpec) -> None:
+    torch = pytest.importorskip("torch")
+    for dtype, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        pool = PagedKVPool(KVCacheSpec(2, 4, 64, dtype, 16), num_blocks=8)
+        t = torch.from_dlpack(pool.dlpack_view(1))
+        assert t.dtype == torch_dtype and tuple(t.shape) == (8, 16, 4, 64)
+        t[2].fill_(1.0)
+        del pool
+        gc.collect()
+        assert float(t[2].float().sum()) == 16 * 4 * 64
+
+
+def test_gather_scatter_round_trip_is_byte_exact(spec: KVCacheSpec) -> None:
+    pool = PagedKVPool(KVCacheSpec(3, 2, 32, "bf16", 16), num_blocks=64)
+    src = pool.allocate(10)
+    dst = pool.allocate(10)
+    rng = np.random.default_rng(0)
+    for layer in range(3):
+        for cache in (pool.key_cache(layer), pool.value_cache(layer)):
+            cache[src] = rng.integers(0, 2**16, size=cache[src].shape, dtype=np.uint16)
+    data = pool.gather(src)
+    assert data.nbytes == 10 * pool.block_nbytes
+    pool.scatter(data, dst)
+    for layer in range(3):
+        np.testing.assert_array_equal(pool.key_cache(layer)[dst], pool.key_cache(layer)[src])
+        np.testing.assert_array_equal(pool.value_cache(layer)[dst], pool.value_cache(layer)[src])
+    out = bytearray(10 * pool.block_nbytes)
+    pool.gather_into(src, out)
+    assert bytes(out) == data.tobytes()
+
+
+def test_copy_blocks(pool: PagedKVPool) -> None:
+    a, b = pool.allocate(2)
+    pool.key_cache(0)[a] = 3.0
+    pool.value_cache(1)[a] = -1.0
+    pool.copy_blocks([a], [b])
+    assert (pool.key_cache(0)[b] == 3.0).all() and (pool.value_cache(1)[b] == -1.0).all()
+
+
+def test_refcount_sharing(pool: PagedKVPool) -> None:
+    ids = pool.allocate(3)
+    pool.incref(ids[:1])
+    assert pool.ref_count(int(ids[0])) == 2
+    pool.free(ids)
+    assert pool.is_allocated(int(ids[0])) and not pool.is_allocated(int(ids[1]))
+    assert pool.num_free_blocks == 1023
+    pool.free(ids[:1])
+    assert pool.num_free_blocks == 1024
+
+
+def test_budget(pool: PagedKVPool) -> None:
+    pool.set_budget_blocks(10)
+    assert pool.can_admit(160) and not pool.can_admit(161)
+    with pytest.raises(KVPoolFullError):
+        pool.allocate(11)
+    assert pool.num_free_blocks == 10
+    pool.set_budget_bytes(pool.block_nbytes * 4)
+    assert pool.budget_blocks == 4
+    with pytest.raises(KVConfigInvalidError, match="exceeds"):
+        pool.set_budget_bytes(pool.block_nbytes * 2000)
+    assert pool.budget_blocks == 4
+
+
+# --- bad input: typed error, message names the value, state unchanged ---------------------------
+
+
+def test_pool_full_takes_nothing(pool: PagedKVPool) -> None:
+    held = pool.allocate(1000)
+    with pytest.raises(KVPoolFullError, match="cannot allocate 25 blocks: 24 of 1024"):
+        pool.allocate(25)
+    assert pool.num_free_blocks == 24
+    assert isinstance(KVPoolFullError._from_core("x"), MemoryError)
+    pool.free(held)
+
+
+@pytest.mark.parametrize("n", [-1, 2**40])
+def test_bad_counts(pool: PagedKVPool, n: int) -> None:
+    with pytest.raises(ValueError, match=str(n)):
+        pool.allocate(n)
+    assert pool.num_free_blocks == 1024
+
+
+def test_zero_blocks_is_empty(pool: PagedKVPool) -> None:
+    assert pool.allocate(0).size == 0
+
+
+def test_double_free_and_foreign_ids(pool: PagedKVPool) -> None:
+    ids = pool.allocate(4)
+    pool.free(ids[:2])
+    with pytest.raises(KVDoubleFreeError, match="block id 0"):
+        pool.free(ids)  # 2 and 3 must not be freed either
+    assert pool.num_free_blocks == 1022 and pool.is_allocated(int(ids[3]))
+    with pytest.raises(KVInvalidBlockError, match="5000"):
+        pool.free([int(ids[2]), 5000])
+    assert pool.is_allocated(int(ids[2]))
+    with pytest.raises(ValueError, match="int32"):
+        pool.free(np.array([2**40], dtype=np.int64))
+    with pytest.raises(KVInvalidBlockError, match="not allocated"):
+        pool.incref([int(ids[2]), 999])
+    assert pool.ref_count(int(ids[2])) == 1
+
+
+@pytest.mark.parametrize(
+    ("ids", "error", "match"),
+    [
+        (np.array([1.0, 2.0]), TypeError, "float64"),
+        (np.array([[1, 2]], dtype=np.int32), ValueError, "1-D"),
+        ("abc", TypeError, "integers"),
+    ],
+)
+def test_bad_id_arrays(pool: PagedKVPool, ids: object, error: type[Exception], match: str) -> None:
+    pool.allocate(3)
+    with pytest.raises(error, match=match):
+        pool.free(ids)
+    assert pool.num_free_blocks == 1021
+
+
+def test_int64_and_list_ids_are_accepted(pool: PagedKVPool) -> None:
+    ids = pool.allocate(3)
+    pool.free(ids.astype(np.int64)[:1])
+    pool.free([int(i) for i in ids[1:]])
+    assert pool.num_free_blocks == 1024
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_layers": 0}, ValueError, "num_layers"),
+        ({"head_dim": -3}, ValueError, "head_dim"),
+        ({"dtype": "fp64"}, KVConfigInvalidError, "fp64"),
+        ({"block_size": 1.5}, TypeError, "block_size"),
+    ],
+)
+def test_bad_specs(kwargs: dict, error: type[Exception], match: str) -> None:
+    base = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "fp16", "block_size": 16}
+    with pytest.raises(error, match=match):
+        KVCacheSpec(**{**base, **kwargs})
+
+
+def test_unknown_and_unavailable_devices(spec: KVCacheSpec) -> None:
+    with pytest.raises(KVConfigInvalidError, match=r"tpu:0.*known device types: cpu, cuda"):
+        PagedKVPool(spec, 4, device="tpu:0")
+    with pytest.raises(KVConfigInvalidError, match="cpu:3"):
+        PagedKVPool(spec, 4, device="cpu:3")
+
+
+def test_cuda_without_gpu_is_a_clear_error(spec: KVCacheSpec) -> None:
+    from conftest import cuda_available
+
+    if cuda_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(KVBackendUnavailableError, match="cuda:0"):
+        PagedKVPool(spec, 4, device="cuda:0")
+
+
+def test_bad_layer_and_buffers(pool: PagedKVPool) -> None:
+    with pytest.raises(IndexError, match="layer 2"):
+        pool.key_cache(2)
+    ids = pool.allocate(2)
+    with pytest.raises(ValueError, match="expected"):
+        pool.scatter(bytearray(10), ids)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        pool.gather_into(ids, np.zeros((pool.block_nbytes, 4), dtype=np.uint8)[:, ::2])
+    with pytest.raises(KVConfigInvalidError, match="2 source ids but 1"):
+        pool.copy_blocks(ids, ids[:1])
+
+
+@pytest.mark.cuda
+def test_cuda_pool_round_trip(spec: KVCacheSpec) -> None:
+    pool = PagedKVPool(spec, num_blocks=64, device="cuda:0")
+    ids = pool.allocate(4)
+    data = np.random.default_rng(1).integers(0, 255, size=4 * pool.block_nbytes, dtype=np.uint8)
+    pool.scatter(data, ids)
+    np.testing.assert_array_equal(pool.gather(ids), data)
+    assert pool.dlpack_view(0).__dlpack_device__() == (2, 0)
+
+
+def test_threads_never_share_a_block(spec: KVCacheSpec) -> None:
+    pool = PagedKVPool(spec, num_blocks=512)
+    seen: list[np.ndarray] = []
+    lock = threading.Lock()
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(300):
+            try:
+                ids = pool.allocate(int(rng.integers(1, 16)))
+            except MemoryError:
+                continue
+            with lock:
+                seen.append(ids)
+            pool.free(ids)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pool.num_free_blocks == 512 and len(seen) > 0

@@ -1,0 +1,186 @@
+"""Seed-compatible KVPool, KVHandle and the KV*Error hierarchy."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sagellm_protocol.kv import DType, KVBlockState, KVErrorCode, Layout
+
+import sagellm_kv_cache
+from sagellm_kv_cache import (
+    KVBudgetExceededError,
+    KVCacheError,
+    KVConfigInvalidError,
+    KVDoubleFreeError,
+    KVHandle,
+    KVHandleNotFoundError,
+    KVHandlePinnedError,
+    KVPoolFullError,
+    KVRefCountUnderflowError,
+)
+from sagellm_kv_cache.pool import KVPool
+
+SEED_STATS_KEYS = ["allocated_tokens", "available_tokens", "max_tokens", "num_handles", "pinned_tokens",
+                   "unpinned_tokens", "used_tokens"]
+SEED_HANDLE_KEYS = ["access_count", "compression_type", "created_at", "device", "dtype", "handle_id",
+                    "is_compressed", "is_transferring", "last_access", "layout", "memory_tier", "metadata",
+                    "num_tokens", "pin_count", "placement", "prefix_hash", "rank", "ref_count", "request_id",
+                    "session_id", "source_rank", "state", "token_end", "token_start", "transfer_id"]
+
+
+def test_seed_readme_pool_example(capsys: pytest.CaptureFixture[str]) -> None:
+    pool = KVPool(max_tokens=1024)
+    handle = pool.alloc(num_tokens=128, device="cpu")
+    print(f"Allocated handle: {handle.handle_id}, Tokens: {handle.num_tokens}")
+    pool.free(handle)
+    assert "Tokens: 128" in capsys.readouterr().out
+    assert pool.get_allocated_tokens() == 0
+
+
+def test_handle_knows_its_blocks() -> None:
+    pool = KVPool(max_tokens=1024, block_size=128)
+    a = pool.alloc(300, DType.FP16, Layout.CONTIGUOUS, "cpu")
+    b = pool.alloc(1, "bf16", "paged", "cuda:0")  # a label: the seed pool is metadata-only
+    assert a.block_ids.tolist() == [0, 1, 2] and b.block_ids.tolist() == [3]
+    assert b.dtype == DType.BF16 and b.device == "cuda:0"
+    assert pool.get_block_stats()["used_blocks"] == 4
+    pool.free(a)
+    assert pool.get_block_stats()["free_blocks"] == 7
+
+
+def test_budget_accounting_and_callback() -> None:
+    calls: list[tuple[int, int, int]] = []
+    pool = KVPool(max_tokens=256, block_size=16, on_budget_exceeded=lambda *a: calls.append(a))
+    h = pool.alloc(200)
+    # 56 tokens remain in the budget but only 3 of 16 blocks: can_admit counts both
+    assert pool.can_admit(48) and not pool.can_admit(49)
+    with pytest.raises(KVBudgetExceededError) as info:
+        pool.alloc(100)
+    assert calls == [(100, 56, 256)]
+    assert info.value.requested == 100 and info.value.available == 56
+    assert pool.get_stats() == {
+        "allocated_tokens": 200, "available_tokens": 56, "max_tokens": 256, "num_handles": 1,
+        "pinned_tokens": 0, "unpinned_tokens": 200, "used_tokens": 200,
+    }
+    assert sorted(pool.get_stats()) == SEED_STATS_KEYS
+    pool.free(h)
+
+
+def test_block_rounding_can_fill_the_pool_first() -> None:
+    pool = KVPool(max_tokens=256, block_size=128)  # 2 blocks
+    pool.alloc(1)
+    pool.alloc(1)
+    with pytest.raises(KVPoolFullError):
+        pool.alloc(1)
+    assert pool.get_allocated_tokens() == 2 and len(pool) == 2
+
+
+def test_pin_unpin_and_free_rules() -> None:
+    pool = KVPool(max_tokens=1024)
+    h = pool.alloc(64)
+    pool.pin(h)
+    assert h.is_pinned and pool.get_stats()["pinned_tokens"] == 64
+    with pytest.raises(KVHandlePinnedError):
+        pool.free(h)
+    assert pool.get_allocated_tokens() == 64
+    pool.unpin(h)
+    with pytest.raises(KVRefCountUnderflowError):
+        pool.unpin(h)
+    pool.free(h)
+    assert h.state == KVBlockState.FREE
+    with pytest.raises(KVDoubleFreeError):
+        pool.free(h)
+    with pytest.raises(KVHandleNotFoundError):
+        pool.free(KVHandle.create(4))
+    with pytest.raises(TypeError, match="KVHandle"):
+        pool.free("not a handle")  # type: ignore[arg-type]
+    assert pool.get_stats()["num_handles"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [({"num_tokens": 0}, ValueError, "num_tokens"), ({"num_tokens": -5}, ValueError, "-5"),
+     ({"num_tokens": 8, "device": "tpu"}, KVConfigInvalidError, "tpu"),
+     ({"num_tokens": 8, "dtype": "fp64"}, ValueError, "fp64")],
+)
+def test_bad_alloc_changes_nothing(kwargs: dict, error: type[Exception], match: str) -> None:
+    pool = KVPool(max_tokens=512)
+    with pytest.raises(error, match=match):
+        pool.alloc(**kwargs)
+    assert pool.get_stats()["num_handles"] == 0 and pool.get_block_stats()["used_blocks"] == 0
+
+
+def test_bad_constructor_args() -> None:
+    with pytest.raises(ValueError, match="max_tokens"):
+        KVPool(max_tokens=0)
+    with pytest.raises(ValueError, match="block_size"):
+        KVPool(max_tokens=10, block_size=-1)
+
+
+def test_reset() -> None:
+    pool = KVPool(max_tokens=512)
+    h = pool.alloc(100)
+    pool.pin(h)
+    pool.reset()
+    assert pool.get_allocated_tokens() == 0 and pool.get_block_stats()["free_blocks"] == 4
+
+
+def test_kvhandle_seed_behaviour() -> None:
+    h = KVHandle.create(16, request_id="r1", node_rank=2, metadata={"a": 1})
+    assert sorted(h.to_dict()) == SEED_HANDLE_KEYS
+    assert KVHandle.from_dict(h.to_dict()) == h
+    assert h.node_rank == 2 and not h.is_local(0) and h.is_local(2)
+    before = h.access_count
+    h.touch()
+    assert h.access_count == before + 1
+    assert h.incr_ref() == 2 and h.decr_ref() == 1 and h.decr_ref() == 0
+    with pytest.raises(KVRefCountUnderflowError):
+        h.decr_ref()
+    assert h.is_evictable()
+    h.pin()
+    assert not h.is_evictable() and h.state == KVBlockState.PINNED
+    assert h.unpin() == 0 and h.state == KVBlockState.ALLOCATED
+    assert h.estimate_size_bytes(head_dim=128, num_heads=32) == 16 * 32 * 128 * 2 * 2
+    with pytest.raises(ValueError):
+        h.num_tokens = -1
+
+
+def test_error_hierarchy_and_codes() -> None:
+    names = [n for n in sagellm_kv_cache.__all__ if n.startswith("KV") and n.endswith("Error")]
+    assert len(names) >= 21
+    for name in names:
+        assert issubclass(getattr(sagellm_kv_cache, name), KVCacheError)
+    err = KVPoolFullError(10)
+    assert err.code == KVErrorCode.POOL_FULL and isinstance(err, MemoryError)
+    assert err.to_dict()["code"] == "KV_POOL_FULL"
+    assert KVBudgetExceededError(5, 3).is_retryable() in (True, False)
+    assert KVCacheError(KVErrorCode.NOT_FOUND, "m", cause=ValueError("x")).__cause__ is not None
+
+
+def test_core_errors_translate_to_typed_classes() -> None:
+    from sagellm_kv_cache import _core
+
+    expected = {2: "KVPoolFullError", 5: "KVDoubleFreeError", 6: "KVInvalidBlockError", 7: "KVConfigInvalidError",
+                8: "KVBackendUnavailableError", 11: "KVChecksumMismatchError", 14: "KVNotImplementedError"}
+    for code, name in expected.items():
+        with pytest.raises(getattr(sagellm_kv_cache, name), match="boom"):
+            _core._raise_core_error(code, "boom")
+
+
+def test_version_matches_cmake() -> None:
+    import re
+    from pathlib import Path
+
+    cmake = Path(__file__).resolve().parents[2] / "CMakeLists.txt"
+    if not cmake.exists():
+        pytest.skip("not running from a source checkout")
+    found = re.search(r"project\(sagellm_kv VERSION ([0-9.]+)", cmake.read_text())
+    assert found and found.group(1) == sagellm_kv_cache.__version__
+    assert sagellm_kv_cache._core.__version__ == sagellm_kv_cache.__version__
+
+
+def test_handle_ids_are_unique() -> None:
+    pool = KVPool(max_tokens=4096, block_size=16)
+    ids = {pool.alloc(16).handle_id for _ in range(100)}
+    assert len(ids) == 100 and all(isinstance(i, uuid.UUID) for i in ids)
