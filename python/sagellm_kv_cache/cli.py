@@ -107,9 +107,7 @@ def run_demo_workload(
     fresh ids), as an engine does once prefill has computed them.
     """
     rng = random.Random(seed)
-    prompts = [
-        [rng.randrange(vocab_size) for _ in range(block_size * rng.randint(2, 6))] for _ in range(num_prompts)
-    ]
+    prompts = [[rng.randrange(vocab_size) for _ in range(block_size * rng.randint(2, 6))] for _ in range(num_prompts)]
     sampler = _ZipfSampler(num_prompts, zipf_s, rng)
     # Popularity drifts: each phase ranks the prompts differently, as traffic mixes change over a day.
     phase_rankings = [list(range(num_prompts))]
@@ -183,7 +181,8 @@ def demo_command(args: argparse.Namespace) -> int:
     print(f"Replayed {counts['requests']} requests ({counts['block_lookups']} block lookups) through PrefixCache")
     cache_stats = cache.get_stats() if hasattr(cache, "get_stats") else {}
     if isinstance(cache_stats, dict) and "evict_count" in cache_stats:
-        print(f"  prefix cache: {cache_stats.get('num_blocks', '?')} blocks cached, {cache_stats['evict_count']} evicted")
+        cached = cache_stats.get("num_blocks", "?")
+        print(f"  prefix cache: {cached} blocks cached, {cache_stats['evict_count']} evicted")
     print(format_summary(collector.to_dict(), top=5))
     print(f"Statistics written to {output}")
     return EXIT_OK

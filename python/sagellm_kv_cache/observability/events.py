@@ -61,9 +61,7 @@ class KVEventDecodeError(ValueError):
 
 def _require_deps() -> None:
     if _IMPORT_ERROR is not None:
-        raise ImportError(
-            "KV events need pyzmq and msgpack: pip install isagellm-kv-cache[events]"
-        ) from _IMPORT_ERROR
+        raise ImportError("KV events need pyzmq and msgpack: pip install isagellm-kv-cache[events]") from _IMPORT_ERROR
 
 
 # --- dict <-> wire ---------------------------------------------------------------------------------
@@ -149,7 +147,9 @@ def _from_wire(index: int, item: object) -> dict[str, Any]:
     raise KVEventDecodeError(f"event {index} has unknown tag {tag!r}")
 
 
-def encode_batch(events: Iterable[Mapping[str, Any]], timestamp: float | None = None, medium: str | None = None) -> bytes:
+def encode_batch(
+    events: Iterable[Mapping[str, Any]], timestamp: float | None = None, medium: str | None = None
+) -> bytes:
     """The msgpack payload of one batch; validates every event first (``TypeError``/``ValueError``)."""
     _require_deps()
     wire = [_to_wire(i, event, medium) for i, event in enumerate(events)]

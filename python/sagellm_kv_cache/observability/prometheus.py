@@ -125,9 +125,9 @@ class _SourceCollector:
             families["exporter_source_errors"].add_metric([kind, name], count)
         yield from families.values()
 
-    def _families(self) -> dict[str, Metric]:
+    def _families(self) -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         ns = self._exporter.namespace
-        fams: dict[str, Metric] = {}
+        fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for key in ("total", "free", "used"):
             fams[f"pool_{key}_blocks"] = GaugeMetricFamily(
                 f"{ns}_pool_{key}_blocks", f"KV pool blocks ({key})", labels=["pool"]

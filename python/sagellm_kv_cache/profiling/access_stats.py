@@ -9,6 +9,7 @@ measured with a monotonic clock so they never go backwards.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -29,7 +30,7 @@ class _BlockRecord:
 
 
 def _intervals(times: list[float]) -> list[float]:
-    return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
 
 
 class AccessStatsCollector:

@@ -261,7 +261,7 @@ def _draw_interval(ax: Axes, stats: Mapping[str, Any], bins: int) -> None:
     wide = positive.size > 0 and positive.max() / positive.min() > 100.0
     if wide:
         edges = np.logspace(np.log10(positive.min()), np.log10(positive.max()), bins + 1)
-        ax.hist(positive, bins=edges, color="tab:green", edgecolor="white", linewidth=0.4)
+        ax.hist(positive, bins=edges.tolist(), color="tab:green", edgecolor="white", linewidth=0.4)
         ax.set_xscale("log")
     else:
         ax.hist(scaled, bins=bins, color="tab:green", edgecolor="white", linewidth=0.4)

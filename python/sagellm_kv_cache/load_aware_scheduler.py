@@ -1,0 +1,203 @@
+"""Load-aware placement of requests on devices (the seed's ``LoadAwareScheduler``).
+
+Given candidate devices and the KV tokens a request will need, pick the device to run it on from
+the numbers a :class:`~sagellm_kv_cache.load_metrics.LoadMetricsCollector` holds. Devices are
+considered in tiers: first those with room for the request and below the overload thresholds, then
+those with room, then (a *fallback*, counted in the stats) every candidate; the strategy ranks the
+devices of the first non-empty tier. A device whose KV capacity is unknown (0) counts as having room.
+
+Selecting does not reserve anything: the engine reports the new usage to the collector.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from enum import StrEnum
+
+from sagellm_protocol.kv import SchedulerRequest
+
+from sagellm_kv_cache.load_metrics import DeviceLoadMetrics, LoadMetricsCollector
+
+__all__ = ["LoadAwareScheduler", "PlacementStrategy"]
+
+
+class PlacementStrategy(StrEnum):
+    """How to rank the devices that can take a request."""
+
+    LOWEST_KV = "lowest_kv"
+    """Lowest KV-cache utilization after placing the request; spreads memory pressure."""
+    LEAST_REQUESTS = "least_requests"
+    """Fewest running + queued requests; evens out queueing delay."""
+    ROUND_ROBIN = "round_robin"
+    """Rotate through the devices that can take the request; ignores load beyond fitting."""
+    BALANCED = "balanced"
+    """Weighted mix of KV utilization (0.5), relative request count (0.3) and memory utilization (0.2)."""
+
+
+def _device_list(name: str, devices: object) -> list[str]:
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
+        raise TypeError(f"{name} must be a list of device names, got {type(devices).__name__}")
+    unique: dict[str, None] = {}
+    for index, device in enumerate(devices):
+        if not isinstance(device, str) or not device:
+            raise TypeError(f"{name}[{index}] must be a non-empty str, got {device!r}")
+        unique.setdefault(device, None)
+    if not unique:
+        raise ValueError(f"{name} must not be empty")
+    return list(unique)
+
+
+class LoadAwareScheduler:
+    """Chooses a device per request; thread-safe."""
+
+    def __init__(
+        self,
+        collector: LoadMetricsCollector,
+        strategy: PlacementStrategy = PlacementStrategy.LOWEST_KV,
+        enable_load_awareness: bool = True,
+        *,
+        kv_threshold: float = 0.9,
+        memory_threshold: float = 0.9,
+    ) -> None:
+        if not isinstance(collector, LoadMetricsCollector):
+            raise TypeError(f"collector must be a LoadMetricsCollector, got {type(collector).__name__}")
+        try:
+            self.strategy = PlacementStrategy(strategy)
+        except ValueError:
+            choices = ", ".join(s.value for s in PlacementStrategy)
+            raise ValueError(f"unknown placement strategy {strategy!r}; choose one of {choices}") from None
+        for name, threshold in (("kv_threshold", kv_threshold), ("memory_threshold", memory_threshold)):
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {threshold!r}")
+        self.collector = collector
+        self.kv_threshold = float(kv_threshold)
+        self.memory_threshold = float(memory_threshold)
+        self._enabled = bool(enable_load_awareness)
+        self._lock = threading.Lock()
+        self._round_robin = 0
+        self._total = 0
+        self._fallbacks = 0
+        self._device_counts: dict[str, int] = {}
+
+    def is_enabled(self) -> bool:
+        """Whether placement reads load; when not, the first candidate is always chosen."""
+        return self._enabled
+
+    def select_device(
+        self,
+        candidate_devices: list[str],
+        kv_tokens_required: int = 0,
+        request_id: str | None = None,
+    ) -> str:
+        """The device to place a request needing ``kv_tokens_required`` KV tokens on.
+
+        ``ValueError`` for no candidates or a negative requirement, ``TypeError`` for malformed
+        candidates, ``KeyError`` (load awareness on) for a candidate the collector does not know.
+        ``request_id`` is only used in error messages.
+        """
+        candidates = _device_list("candidate_devices", candidate_devices)
+        if isinstance(kv_tokens_required, bool) or not isinstance(kv_tokens_required, int):
+            raise TypeError(f"kv_tokens_required must be an int, got {type(kv_tokens_required).__name__}")
+        if kv_tokens_required < 0:
+            raise ValueError(f"kv_tokens_required must be >= 0, got {kv_tokens_required}")
+
+        if not self._enabled:
+            with self._lock:
+                return self._record(candidates[0], fallback=False)
+
+        snapshot = self.collector.get_all_metrics()
+        unknown = [device for device in candidates if device not in snapshot]
+        if unknown:
+            suffix = f" (request {request_id})" if request_id else ""
+            raise KeyError(f"candidate devices not registered with the collector{suffix}: {', '.join(unknown)}")
+        metrics = [snapshot[device] for device in candidates]
+
+        fits = [m for m in metrics if m.kv_tokens_capacity == 0 or m.available_kv_tokens() >= kv_tokens_required]
+        healthy = [m for m in fits if not m.is_overloaded(self.kv_threshold, self.memory_threshold)]
+        tier = healthy or fits or metrics
+        with self._lock:
+            choice = self._rank(tier, kv_tokens_required)
+            return self._record(choice, fallback=not fits)
+
+    def select_device_for_request(
+        self,
+        request: SchedulerRequest,
+        candidate_devices: list[str] | None = None,
+    ) -> str:
+        """Places a scheduler request: needs ``kv_tokens_required`` tokens, or prompt + max new tokens
+        when that is 0. The request's ``device_affinity`` wins when it is a candidate with room.
+        Without candidates, every registered device is one."""
+        if not isinstance(request, SchedulerRequest):
+            raise TypeError(f"request must be a SchedulerRequest, got {type(request).__name__}")
+        candidates = self.collector.list_devices() if candidate_devices is None else candidate_devices
+        if not candidates:
+            raise ValueError(f"no candidate devices for request {request.request_id} (none registered)")
+        needed = request.kv_tokens_required or request.prompt_len + request.max_new_tokens
+        affinity = request.device_affinity
+        if affinity and affinity in candidates and self._has_room(affinity, needed):
+            with self._lock:
+                return self._record(affinity, fallback=False)
+        return self.select_device(list(candidates), needed, request.request_id)
+
+    def get_placement_stats(self) -> dict[str, int | dict[str, int]]:
+        """Placements so far: total, fallbacks (no candidate had room) and per device."""
+        with self._lock:
+            return {
+                "total_placements": self._total,
+                "fallback_placements": self._fallbacks,
+                "device_counts": dict(self._device_counts),
+            }
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._total = 0
+            self._fallbacks = 0
+            self._device_counts.clear()
+            self._round_robin = 0
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _has_room(self, device: str, needed: int) -> bool:
+        if not self._enabled:
+            return True
+        try:
+            metrics = self.collector.get_metrics(device)
+        except KeyError:
+            return False
+        return metrics.kv_tokens_capacity == 0 or metrics.available_kv_tokens() >= needed
+
+    def _rank(self, tier: list[DeviceLoadMetrics], needed: int) -> str:
+        def kv_after(m: DeviceLoadMetrics) -> float:
+            return (m.kv_tokens_used + needed) / m.kv_tokens_capacity if m.kv_tokens_capacity else 0.0
+
+        if self.strategy == PlacementStrategy.ROUND_ROBIN:
+            choice = tier[self._round_robin % len(tier)].device
+            self._round_robin += 1
+            return choice
+        order = range(len(tier))
+        if self.strategy == PlacementStrategy.LOWEST_KV:
+            best = min(order, key=lambda i: (kv_after(tier[i]), tier[i].total_requests(), i))
+        elif self.strategy == PlacementStrategy.LEAST_REQUESTS:
+            best = min(order, key=lambda i: (tier[i].total_requests(), kv_after(tier[i]), i))
+        else:  # BALANCED
+            busiest = max(m.total_requests() for m in tier) or 1
+            best = min(
+                order,
+                key=lambda i: (
+                    0.5 * kv_after(tier[i])
+                    + 0.3 * tier[i].total_requests() / busiest
+                    + 0.2 * tier[i].memory_utilization(),
+                    i,
+                ),
+            )
+        return tier[best].device
+
+    def _record(self, device: str, *, fallback: bool) -> str:
+        self._total += 1
+        self._fallbacks += fallback
+        self._device_counts[device] = self._device_counts.get(device, 0) + 1
+        return device
+
+    def __repr__(self) -> str:
+        return f"LoadAwareScheduler(strategy={self.strategy.value!r}, enabled={self._enabled})"
