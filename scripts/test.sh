@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runs every test: lint, C++ (plain, ASan+UBSan, TSan stress), the native consumer example,
+# pytest against the installed package, and a smoke test of the wheel in a clean venv.
+# Usage: bash scripts/test.sh            (from the repository root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+JOBS=${JOBS:-$(nproc)}
+export CMAKE_BUILD_PARALLEL_LEVEL=$JOBS
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "bootstrap"
+SAGELLM_KV_NEED_GTEST=1 bash scripts/bootstrap.sh
+
+step "install the package with its dev extra"
+"$PYTHON" -m pip install -q --disable-pip-version-check ".[dev]"
+
+step "lint: ruff + mypy"
+"$PYTHON" -m ruff check .
+"$PYTHON" -m mypy
+
+PYBIND11_DIR=$("$PYTHON" -m pybind11 --cmakedir)
+for preset in dev asan tsan; do
+  step "C++ build + ctest: $preset"
+  cmake --preset "$preset" -Dpybind11_DIR="$PYBIND11_DIR" >/dev/null
+  cmake --build --preset "$preset"
+  ctest --preset "$preset"
+done
+
+step "native consumer: install the core, find_package it, run the example"
+prefix=$(mktemp -d)
+cmake --install build/dev --prefix "$prefix" --component dev >/dev/null
+cmake -S examples/native -B build/native-example -G Ninja -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+cmake --build build/native-example
+./build/native-example/native_example
+rm -rf "$prefix"
+
+step "pytest"
+"$PYTHON" -m pytest tests/python -q -p no:cacheprovider
+
+step "examples"
+for example in examples/*.py; do
+  case "$example" in *tiny_llm*) continue ;; esac
+  echo "--- $example"
+  "$PYTHON" "$example" >/dev/null
+done
+
+step "wheel smoke test in a clean venv"
+wheeldir=$(mktemp -d)
+"$PYTHON" -m pip wheel -q --no-deps -w "$wheeldir" .
+venv=$(mktemp -d)
+"$PYTHON" -m venv "$venv"
+"$venv/bin/pip" install -q --disable-pip-version-check "$wheeldir"/*.whl
+(cd "$venv" && "$venv/bin/python" - <<'PY'
+import sagellm_kv_cache as kv
+spec = kv.KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, dtype="fp16", block_size=16)
+pool = kv.PagedKVPool(spec, num_blocks=64)
+ids = pool.allocate(4)
+pool.key_cache(0)[ids] = 1.0
+assert pool.gather(ids).nbytes == 4 * pool.block_nbytes
+pool.free(ids)
+print("wheel ok:", kv.__version__, pool)
+PY
+)
+unzip -l "$wheeldir"/*.whl | grep -E '\.(a|hpp)$' && { echo "wheel ships headers or static libraries"; exit 1; }
+rm -rf "$wheeldir" "$venv"
+
+step "all tests passed"
