@@ -8,6 +8,16 @@
 namespace sagellm::kv::bindings {
 
 BlockIds::BlockIds(const py::handle& obj, const char* what) {
+  // Hot path: a C-contiguous 1-D int32 array (what allocate() returns) is borrowed as is.
+  if (py::array_t<std::int32_t, py::array::c_style>::check_(obj)) {
+    auto arr = py::reinterpret_borrow<py::array_t<std::int32_t>>(obj);
+    if (arr.ndim() == 1) {
+      owner_ = std::move(arr);
+      data_ = owner_.data();
+      size_ = static_cast<std::size_t>(owner_.shape(0));
+      return;
+    }
+  }
   py::array arr;
   if (py::isinstance<py::array>(obj)) {
     arr = py::reinterpret_borrow<py::array>(obj);

@@ -21,7 +21,7 @@ py::array_t<BlockId> allocate_ids(PagedKVPool& pool, std::int64_t n) {
   py::array_t<BlockId> out(count);
   std::span<BlockId> span(out.mutable_data(), count);
   {
-    py::gil_scoped_release release;
+    MaybeReleaseGil release(count >= kGilReleaseMinBlocks);
     pool.allocate(span);
   }
   return out;
@@ -159,7 +159,7 @@ void bind_pool(py::module_& m) {
              py::array_t<BlockId> out(count);
              BatchStatus st;
              {
-               py::gil_scoped_release release;
+               MaybeReleaseGil release(count >= kGilReleaseMinBlocks);
                st = a.allocate(std::span<BlockId>(out.mutable_data(), count));
              }
              if (!st.ok()) {
@@ -172,7 +172,7 @@ void bind_pool(py::module_& m) {
              BlockIds b(ids, "block_ids");
              BatchStatus st;
              {
-               py::gil_scoped_release release;
+               MaybeReleaseGil release(b.span().size() >= kGilReleaseMinBlocks);
                st = a.free(b.span());
              }
              if (!st.ok()) {
@@ -209,12 +209,12 @@ void bind_pool(py::module_& m) {
       .def("allocate", &allocate_ids, py::arg("num_blocks"))
       .def("free", [](PagedKVPool& p, const py::handle& ids) {
              BlockIds b(ids, "block_ids");
-             py::gil_scoped_release release;
+             MaybeReleaseGil release(b.span().size() >= kGilReleaseMinBlocks);
              p.free(b.span());
            }, py::arg("block_ids"))
       .def("incref", [](PagedKVPool& p, const py::handle& ids) {
              BlockIds b(ids, "block_ids");
-             py::gil_scoped_release release;
+             MaybeReleaseGil release(b.span().size() >= kGilReleaseMinBlocks);
              p.incref(b.span());
            }, py::arg("block_ids"))
       .def("ref_count", [](const PagedKVPool& p, std::int64_t id) {

@@ -32,6 +32,24 @@ class BlockIds {
   std::size_t size_ = 0;
 };
 
+/// Below this many blocks an allocator call costs less than releasing and re-taking the GIL, so
+/// the bindings keep it; larger batches (and all memory movement) release it.
+inline constexpr std::size_t kGilReleaseMinBlocks = 512;
+
+/// Releases the GIL for its lifetime when `release` is true.
+class MaybeReleaseGil {
+ public:
+  explicit MaybeReleaseGil(bool release) : state_(release ? PyEval_SaveThread() : nullptr) {}
+  ~MaybeReleaseGil() {
+    if (state_ != nullptr) PyEval_RestoreThread(state_);
+  }
+  MaybeReleaseGil(const MaybeReleaseGil&) = delete;
+  MaybeReleaseGil& operator=(const MaybeReleaseGil&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
 /// Checks that `n` is a positive count that fits the core's 32-bit ids; raises ValueError naming it.
 std::uint32_t checked_count(std::int64_t n, const char* what, bool allow_zero = false);
 
