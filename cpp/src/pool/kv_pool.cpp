@@ -4,6 +4,7 @@
 #include <limits>
 #include <string>
 
+#include "common/copy.hpp"
 #include "sagellm_kv/error.hpp"
 
 namespace sagellm::kv {
@@ -152,7 +153,14 @@ void PagedKVPool::move_block(std::byte* staging, BlockId id, bool to_staging, bo
   for (std::uint32_t layer = 0; layer < spec_.num_layers; ++layer) {
     for (bool value : {false, true}) {
       std::byte* block = block_data(layer, value, id);
-      if (to_staging) {
+      if (kind == CopyKind::kHostToHost) {
+        // Host memory on both sides: skip the virtual call and stream the stores.
+        if (to_staging) {
+          detail::stream_copy(staging, block, bytes);
+        } else {
+          detail::stream_copy(block, staging, bytes);
+        }
+      } else if (to_staging) {
         device_allocator_->copy(staging, block, bytes, kind);
       } else {
         device_allocator_->copy(block, staging, bytes, kind);
@@ -172,6 +180,7 @@ void PagedKVPool::gather(std::span<const BlockId> ids, std::span<std::byte> out,
   for (std::size_t i = 0; i < ids.size(); ++i) {
     move_block(out.data() + i * block_bytes(), ids[i], true, out_on_device);
   }
+  detail::stream_fence();
 }
 
 void PagedKVPool::scatter(std::span<const std::byte> in, std::span<const BlockId> ids, bool in_on_device) {
@@ -185,6 +194,7 @@ void PagedKVPool::scatter(std::span<const std::byte> in, std::span<const BlockId
     // move_block only reads through the pointer in this direction.
     move_block(const_cast<std::byte*>(in.data() + i * block_bytes()), ids[i], false, in_on_device);
   }
+  detail::stream_fence();
 }
 
 void PagedKVPool::allocate(std::span<BlockId> out) {
