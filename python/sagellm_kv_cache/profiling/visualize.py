@@ -208,8 +208,8 @@ def _draw_heatmap(fig: Figure, ax: Axes, stats: Mapping[str, Any], top_n: int, n
         interpolation="nearest",
         cmap=cmap,
         extent=(0.0, span * scale, len(rows), 0.0),
-        vmin=0.5,
-        vmax=max(1.0, float(counts.max())),
+        vmin=0.5,  # counts are integers: each one gets a band centred on its tick
+        vmax=float(counts.max()) + 0.5,
     )
     ax.set_yticks(np.arange(len(rows)) + 0.5)
     ax.set_yticklabels([_short(block_id) for block_id, _ in ranked], fontsize=7 if len(rows) > 20 else 9)
@@ -220,7 +220,7 @@ def _draw_heatmap(fig: Figure, ax: Axes, stats: Mapping[str, Any], top_n: int, n
     colorbar.set_label("accesses per bucket (white: none)")
     from matplotlib.ticker import MaxNLocator
 
-    colorbar.locator = MaxNLocator(integer=True)
+    colorbar.locator = MaxNLocator(integer=True, min_n_ticks=1)
     colorbar.update_ticks()
 
 
@@ -239,6 +239,9 @@ def _draw_frequency(ax: Axes, stats: Mapping[str, Any], top_n: int) -> None:
     ax.set_yticklabels([_short(block_id) for block_id, _ in ranked], fontsize=7 if len(ranked) > 20 else 9)
     ax.bar_label(bars, labels=[str(count) for count in counts], padding=2, fontsize=7)
     ax.set_xlim(0, max(counts) * 1.12)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("accesses")
     ax.set_ylabel("block")
     shown = sum(counts)

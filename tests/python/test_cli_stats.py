@@ -1,0 +1,274 @@
+"""The ``sage-kv-stats`` CLI and its thin wrappers, run as real subprocesses."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import types
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sagellm_kv_cache import cli
+from sagellm_kv_cache.profiling import AccessStatsCollector, load_stats
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def real_prefix_cache_available() -> bool:
+    try:
+        from sagellm_kv_cache.prefix_cache import PrefixCache  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_prefix_cache = pytest.mark.skipif(
+    not real_prefix_cache_available(), reason="sagellm_kv_cache.prefix_cache is not built yet"
+)
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in sys.path if p)
+    env["MPLBACKEND"] = "Agg"
+    return env
+
+
+def run(args: Sequence[str], cwd: Path, script: Path | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(script)] if script else [sys.executable, "-m", "sagellm_kv_cache.cli"]
+    return subprocess.run(
+        [*command, *args], cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sage-kv-stats: error:"), lines[0]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def stats_file(tmp_path: Path) -> Path:
+    collector = AccessStatsCollector()
+    for i in range(400):
+        collector.record_access(f"block_{(i * i) % 37:03d}", is_hit=i % 3 != 0)
+    path = tmp_path / "stats.json"
+    collector.export_stats(path)
+    return path
+
+
+# --- a stand-in prefix cache, only to test the demo's logic in-process ---------------------------
+
+
+class StandInPrefixCache:
+    """Seed-API prefix cache in a few lines: chained SHA-256 block hashes and an LRU dict."""
+
+    def __init__(self, block_size: int = 16, max_cached_blocks: int | None = None, enable_lru: bool = True) -> None:
+        self.block_size = block_size
+        self.capacity = max_cached_blocks
+        self.blocks: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+        self.evictions = 0
+
+    def compute_block_hashes(self, tokens: Sequence[int]) -> list[bytes]:
+        hashes, parent = [], b""
+        for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
+            parent = hashlib.sha256(parent + repr(list(tokens[start : start + self.block_size])).encode()).digest()
+            hashes.append(parent)
+        return hashes
+
+    def lookup(self, hashes: Sequence[bytes]) -> tuple[list[dict[str, Any]], int]:
+        found = []
+        for h in hashes:
+            if h not in self.blocks:
+                break
+            self.blocks.move_to_end(h)
+            found.append(self.blocks[h])
+        return found, len(found) * self.block_size
+
+    def insert(self, hashes: Sequence[bytes], blocks: Sequence[dict[str, Any]]) -> None:
+        assert len(hashes) == len(blocks)
+        for h, block in zip(hashes, blocks, strict=True):
+            self.blocks[h] = block
+            self.blocks.move_to_end(h)
+        while self.capacity is not None and len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+            self.evictions += 1
+
+    def get_stats(self) -> dict[str, Any]:
+        return {"num_blocks": len(self.blocks), "evict_count": self.evictions}
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("sagellm_kv_cache.prefix_cache")
+    module.PrefixCache = StandInPrefixCache  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sagellm_kv_cache.prefix_cache", module)
+
+
+def test_demo_workload_is_skewed_and_repeatable() -> None:
+    runs = []
+    for _ in range(2):
+        collector = AccessStatsCollector()
+        counts = cli.run_demo_workload(StandInPrefixCache(16, 160), collector, 2000, seed=3)
+        assert counts["block_lookups"] == 2000
+        runs.append((counts, collector.get_top_blocks(20)))
+    assert runs[0] == runs[1]  # same seed, same workload
+    counts, _ = runs[0]
+    summary = collector.get_stats_summary()
+    assert 0.2 < summary["hit_rate"] < 0.95  # shared prefixes hit, fresh user turns miss
+    assert summary["unique_blocks"] < 2000
+    counts_sorted = sorted((c for _, c in collector.get_top_blocks(10_000)), reverse=True)
+    assert counts_sorted[0] >= 10 * counts_sorted[len(counts_sorted) // 2]  # Zipf skew
+
+
+def test_demo_command_in_process_with_stand_in(stand_in: None, tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "demo.json"
+    assert cli.main(["demo", "-n", "300", "-o", str(out)]) == 0
+    stats = load_stats(out)
+    assert stats["total_accesses"] == 300
+    assert "Statistics written to" in capsys.readouterr().out
+
+
+def test_demo_command_accepts_a_namespace(stand_in: None, tmp_path: Path) -> None:
+    args = argparse.Namespace(num_accesses=50, output=str(tmp_path / "ns.json"), seed=1)
+    assert cli.demo_command(args) == 0
+    assert load_stats(tmp_path / "ns.json")["total_accesses"] == 50
+
+
+# --- the real thing, as subprocesses -----------------------------------------------------------
+
+
+@needs_prefix_cache
+def test_demo_runs_the_real_prefix_cache(tmp_path: Path) -> None:
+    result = run(["demo", "--num-accesses", "800", "--output", "demo.json"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "PrefixCache" in result.stdout
+    stats = load_stats(tmp_path / "demo.json")
+    assert stats["total_accesses"] == 800
+    assert 0.0 < stats["hit_rate"] < 1.0
+    assert stats["unique_blocks"] < 800
+
+
+@needs_prefix_cache
+def test_demo_defaults_and_example_wrapper(tmp_path: Path) -> None:
+    result = run(["demo"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert load_stats(tmp_path / "demo_stats.json")["total_accesses"] == 500
+    result = run(
+        ["--num-accesses", "200", "--output", "stats.json"], tmp_path, REPO / "examples" / "kv_profiling_demo.py"
+    )
+    assert result.returncode == 0, result.stderr
+    assert load_stats(tmp_path / "stats.json")["total_accesses"] == 200
+
+
+@pytest.mark.parametrize("plot_type", ["heatmap", "frequency", "interval", "all"])
+def test_visualize_each_type(stats_file: Path, tmp_path: Path, plot_type: str) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / f"{plot_type}.png"
+    result = run(["visualize", "--input", str(stats_file), "--output", str(out), "--type", plot_type], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    width, height = png_size(out)
+    assert 800 <= width <= 4000 and 400 <= height <= 4000
+
+
+def test_visualize_default_output_alias_and_summary(stats_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    result = run(["viz", "-i", str(stats_file), "-s"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "total accesses        400" in result.stdout
+    assert "hit rate" in result.stdout
+    png_size(stats_file.with_name("stats_heatmap.png"))
+
+
+def test_visualize_script_wrapper(stats_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    script = REPO / "scripts" / "visualize_access_pattern.py"
+    result = run(["--input", str(stats_file), "--type", "all", "--summary"], tmp_path, script)
+    assert result.returncode == 0, result.stderr
+    assert "unique blocks" in result.stdout
+    png_size(stats_file.with_name("stats_all.png"))
+
+
+# --- bad input: one line on stderr, exit status 2, nothing written --------------------------------
+
+
+def test_missing_input_file(tmp_path: Path) -> None:
+    assert_one_line_error(run(["visualize", "-i", "nope.json", "-o", "x.png"], tmp_path), "nope.json", "not found")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_malformed_json(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"total_accesses": 3,\n  oops')
+    assert_one_line_error(run(["visualize", "-i", str(bad)], tmp_path), "malformed JSON", "line 2")
+    assert not (tmp_path / "bad_heatmap.png").exists()
+
+
+def test_wrong_shape_json(tmp_path: Path) -> None:
+    bad = tmp_path / "shape.json"
+    bad.write_text(json.dumps({"total_accesses": 3}))
+    assert_one_line_error(run(["visualize", "-i", str(bad)], tmp_path), "missing key")
+
+
+def test_unknown_plot_type(stats_file: Path, tmp_path: Path) -> None:
+    assert_one_line_error(run(["visualize", "-i", str(stats_file), "-t", "pie"], tmp_path), "pie")
+
+
+def test_input_is_a_directory(tmp_path: Path) -> None:
+    assert_one_line_error(run(["visualize", "-i", str(tmp_path)], tmp_path), "directory")
+
+
+def test_output_directory_missing(stats_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    result = run(["visualize", "-i", str(stats_file), "-o", str(tmp_path / "no" / "x.png")], tmp_path)
+    assert_one_line_error(result, "cannot write")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["visualize"],
+        ["frobnicate"],
+        ["demo", "-n", "0"],
+        ["demo", "-n", "many"],
+        ["demo", "--output"],
+    ],
+)
+def test_usage_errors(args: list[str], tmp_path: Path) -> None:
+    assert_one_line_error(run(args, tmp_path))
+
+
+def test_demo_output_directory_missing(tmp_path: Path) -> None:
+    assert_one_line_error(run(["demo", "-o", str(tmp_path / "missing" / "d.json")], tmp_path), "does not exist")
+
+
+def test_help_exits_zero(capsys: Any) -> None:
+    assert cli.main(["--help"]) == 0
+    assert "visualize" in capsys.readouterr().out
+
+
+def test_visualize_command_rejects_unknown_type_programmatically(stats_file: Path, capsys: Any) -> None:
+    args = argparse.Namespace(input=str(stats_file), output=None, type="pie", summary=False)
+    assert cli.visualize_command(args) == 2
+    assert capsys.readouterr().err.count("\n") == 1

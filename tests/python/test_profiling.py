@@ -1,0 +1,243 @@
+"""AccessStatsCollector and the plotting functions."""
+
+from __future__ import annotations
+
+import json
+import stat
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sagellm_kv_cache.profiling import AccessStatsCollector
+from sagellm_kv_cache.profiling.visualize import (
+    PLOT_TYPES,
+    StatsFileError,
+    format_summary,
+    load_stats,
+    validate_stats,
+    visualize,
+)
+
+SUMMARY_KEYS = {
+    "average_access_interval",
+    "cache_hits",
+    "cache_misses",
+    "duration_seconds",
+    "hit_rate",
+    "top_10_blocks",
+    "total_accesses",
+    "unique_blocks",
+}
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def filled() -> AccessStatsCollector:
+    c = AccessStatsCollector()
+    for block, hit in [("a", False), ("b", False), ("a", True), ("c", False), ("a", True), ("b", True)]:
+        c.record_access(block, is_hit=hit)
+        time.sleep(0.001)
+    return c
+
+
+# --- collector ---------------------------------------------------------------------------------
+
+
+def test_empty_collector() -> None:
+    c = AccessStatsCollector()
+    assert c.get_hit_rate() == 0.0
+    assert c.get_top_blocks() == []
+    assert c.get_all_intervals() == []
+    assert c.get_access_intervals("x") == []
+    summary = c.get_stats_summary()
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["total_accesses"] == 0 and summary["duration_seconds"] == 0.0
+
+
+def test_counts_hit_rate_and_top_blocks() -> None:
+    c = filled()
+    assert c.get_hit_rate() == pytest.approx(3 / 6)
+    assert c.get_top_blocks(2) == [("a", 3), ("b", 2)]
+    assert c.get_top_blocks(0) == []
+    assert len(c) == 3
+    summary = c.get_stats_summary()
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["total_accesses"] == 6
+    assert summary["unique_blocks"] == 3
+    assert (summary["cache_hits"], summary["cache_misses"]) == (3, 3)
+    assert summary["top_10_blocks"] == [
+        {"block_id": "a", "access_count": 3},
+        {"block_id": "b", "access_count": 2},
+        {"block_id": "c", "access_count": 1},
+    ]
+    assert summary["duration_seconds"] >= 0.005
+
+
+def test_ties_go_to_first_seen_block() -> None:
+    c = AccessStatsCollector()
+    for block in ["z", "y", "x"]:
+        c.record_access(block)
+    assert [block for block, _ in c.get_top_blocks()] == ["z", "y", "x"]
+
+
+def test_intervals_are_positive_and_consistent() -> None:
+    c = filled()
+    a = c.get_access_intervals("a")
+    assert len(a) == 2 and all(gap > 0 for gap in a)
+    assert len(c.get_access_intervals("c")) == 0
+    everything = c.get_all_intervals()
+    assert len(everything) == 3  # 2 for a, 1 for b
+    assert c.get_stats_summary()["average_access_interval"] == pytest.approx(sum(everything) / 3)
+
+
+def test_export_shape(tmp_path: Path) -> None:
+    c = filled()
+    out = tmp_path / "stats.json"
+    c.export_stats(out)
+    data = json.loads(out.read_text())
+    assert set(data) == SUMMARY_KEYS | {"access_intervals", "block_details"}
+    detail = data["block_details"]["a"]
+    assert set(detail) == {"access_count", "first_access", "last_access", "intervals"}
+    assert detail["access_count"] == 3 and len(detail["intervals"]) == 2
+    assert 0 <= detail["first_access"] <= detail["last_access"] <= data["duration_seconds"]
+    assert detail["last_access"] - detail["first_access"] == pytest.approx(sum(detail["intervals"]))
+    assert validate_stats(data) is data
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]  # no temporary left behind
+
+
+def test_export_to_missing_directory_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        filled().export_stats(tmp_path / "missing" / "stats.json")
+
+
+def test_reset() -> None:
+    c = filled()
+    c.reset()
+    assert c.get_stats_summary()["total_accesses"] == 0 and len(c) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [((3,), TypeError), (("",), ValueError), (("a", 1), TypeError), ((None,), TypeError)],
+)
+def test_bad_record_is_typed_and_changes_nothing(args: tuple[Any, ...], error: type[Exception]) -> None:
+    c = filled()
+    before = c.get_stats_summary()
+    with pytest.raises(error):
+        c.record_access(*args)
+    assert c.get_stats_summary() == before
+
+
+@pytest.mark.parametrize(("n", "error"), [(-1, ValueError), (2.0, TypeError)])
+def test_bad_top_n(n: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        filled().get_top_blocks(n)
+
+
+def test_thread_safe_recording() -> None:
+    c = AccessStatsCollector()
+
+    def work(worker: int) -> None:
+        for i in range(2000):
+            c.record_access(f"block_{(worker * 7 + i) % 50}", is_hit=i % 3 != 0)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    summary = c.get_stats_summary()
+    assert summary["total_accesses"] == 16_000
+    assert summary["cache_hits"] + summary["cache_misses"] == 16_000
+    assert sum(count for _, count in c.get_top_blocks(50)) == 16_000
+    assert len(c.get_all_intervals()) == 16_000 - 50
+
+
+# --- loading and plotting ----------------------------------------------------------------------
+
+
+def test_load_stats_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_stats(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(StatsFileError, match="malformed JSON at line 1"):
+        load_stats(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(StatsFileError, match="JSON object"):
+        load_stats(bad)
+    good = tmp_path / "good.json"
+    filled().export_stats(good)
+    data = json.loads(good.read_text())
+    del data["block_details"]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(StatsFileError, match="block_details"):
+        load_stats(bad)
+    data = json.loads(good.read_text())
+    data["block_details"]["a"]["intervals"] = [0.1]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(StatsFileError, match="1 intervals for 3 accesses"):
+        load_stats(bad)
+    bad.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(StatsFileError, match="UTF-8"):
+        load_stats(bad)
+
+
+def test_format_summary_mentions_the_numbers() -> None:
+    text = format_summary(filled().to_dict())
+    assert "total accesses        6" in text
+    assert "50.00%" in text
+    assert "1. a" in text
+
+
+def skewed_stats(tmp_path: Path) -> dict[str, Any]:
+    c = AccessStatsCollector()
+    for i in range(600):
+        block = f"block_{int(40 * (i * 0.6180339887 % 1) ** 3):03d}"
+        c.record_access(block, is_hit=i % 4 != 0)
+    path = tmp_path / "skewed.json"
+    c.export_stats(path)
+    return load_stats(path)
+
+
+@pytest.mark.parametrize("plot_type", PLOT_TYPES)
+def test_every_plot_type_writes_a_png(tmp_path: Path, plot_type: str) -> None:
+    pytest.importorskip("matplotlib")
+    stats = skewed_stats(tmp_path)
+    out = visualize(stats, tmp_path / f"{plot_type}.png", plot_type)
+    width, height = png_size(out)
+    assert 800 <= width <= 4000 and 400 <= height <= 4000
+
+
+@pytest.mark.parametrize("plot_type", PLOT_TYPES)
+def test_plots_of_empty_stats(tmp_path: Path, plot_type: str) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "empty.json"
+    AccessStatsCollector().export_stats(path)
+    out = visualize(load_stats(path), tmp_path / "empty.png", plot_type)
+    assert png_size(out)[0] > 0
+
+
+def test_unknown_plot_type(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown plot type 'pie'"):
+        visualize(skewed_stats(tmp_path), tmp_path / "x.png", "pie")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    stats = skewed_stats(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"isagellm-kv-cache\[visualization\]"):
+        visualize(stats, tmp_path / "x.png", "heatmap")
