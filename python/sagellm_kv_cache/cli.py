@@ -69,6 +69,9 @@ def _block_label(block_hash: Any, index: int) -> str:
         return "blk_" + bytes(block_hash).hex()[:12]
     if isinstance(block_hash, int):
         return f"blk_{block_hash & (2**48 - 1):012x}"
+    to_bytes = getattr(block_hash, "tobytes", None)  # a row of a numpy digest array
+    if callable(to_bytes):
+        return "blk_" + bytes(to_bytes()).hex()[:12]
     hex_method = getattr(block_hash, "hex", None)
     if callable(hex_method):
         return "blk_" + str(hex_method())[:12]

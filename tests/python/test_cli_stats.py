@@ -140,6 +140,15 @@ def test_demo_workload_is_skewed_and_repeatable() -> None:
     assert counts_sorted[0] >= 10 * counts_sorted[len(counts_sorted) // 2]  # Zipf skew
 
 
+def test_block_labels_for_every_hash_form() -> None:
+    np = pytest.importorskip("numpy")
+    digest = bytes(range(32))
+    assert cli._block_label(digest, 0) == "blk_000102030405"
+    assert cli._block_label(np.frombuffer(digest, dtype=np.uint8), 0) == "blk_000102030405"
+    assert cli._block_label(0xABC, 0) == "blk_000000000abc"
+    assert cli._block_label(object(), 7) == "block_7"
+
+
 def test_demo_command_in_process_with_stand_in(stand_in: None, tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "demo.json"
     assert cli.main(["demo", "-n", "300", "-o", str(out)]) == 0
