@@ -102,8 +102,12 @@ class BlockAllocator {
   // lowered limit may push it below zero.
   alignas(64) std::atomic<std::int64_t> available_;
   std::atomic<std::uint32_t> limit_;
-  std::unique_ptr<std::atomic<std::uint32_t>[]> next_;
-  std::unique_ptr<std::atomic<std::uint32_t>[]> refs_;
+  // A block's link and count share one 8-byte slot, so touching a block costs one cache line.
+  struct Slot {
+    std::atomic<std::uint32_t> next;  // next free id while on the stack
+    std::atomic<std::uint32_t> refs;  // 0 while free
+  };
+  std::unique_ptr<Slot[]> slots_;
 };
 
 }  // namespace sagellm::kv

@@ -22,12 +22,11 @@ BlockAllocator::BlockAllocator(std::uint32_t num_blocks)
                 "num_blocks must be in [1, " + std::to_string(kMaxBlocks) + "], got " +
                     std::to_string(num_blocks));
   }
-  next_ = std::make_unique<std::atomic<std::uint32_t>[]>(num_blocks);
-  refs_ = std::make_unique<std::atomic<std::uint32_t>[]>(num_blocks);
+  slots_ = std::make_unique<Slot[]>(num_blocks);
   // Ids come off the stack in ascending order on a fresh allocator: easy to read in tests and logs.
   for (std::uint32_t i = 0; i < num_blocks; ++i) {
-    next_[i].store(i + 1 < num_blocks ? i + 1 : kNil, std::memory_order_relaxed);
-    refs_[i].store(0, std::memory_order_relaxed);
+    slots_[i].next.store(i + 1 < num_blocks ? i + 1 : kNil, std::memory_order_relaxed);
+    slots_[i].refs.store(0, std::memory_order_relaxed);
   }
   head_.store(pack(0, 0), std::memory_order_relaxed);
   // The constructor publishes to other threads through whatever hands them the object.
@@ -50,7 +49,7 @@ BatchStatus BlockAllocator::allocate(std::span<BlockId> out) noexcept {
                                              std::memory_order_acquire));
   pop_chain(out);
   // We own these ids now; nobody else reads their count until we hand the ids out.
-  for (BlockId id : out) refs_[static_cast<std::uint32_t>(id)].store(1, std::memory_order_relaxed);
+  for (BlockId id : out) slots_[static_cast<std::uint32_t>(id)].refs.store(1, std::memory_order_relaxed);
   return {};
 }
 
@@ -75,7 +74,7 @@ void BlockAllocator::pop_chain(std::span<BlockId> out) noexcept {
     for (; taken < out.size(); ++taken) {
       if (cur >= num_blocks_) break;  // kNil or a torn stale read: the snapshot is stale
       out[taken] = static_cast<BlockId>(cur);
-      cur = next_[cur].load(std::memory_order_relaxed);
+      cur = slots_[cur].next.load(std::memory_order_relaxed);
     }
     if (taken == out.size()) {
       const std::uint64_t desired = pack(cur, version_of(old) + 1);
@@ -92,13 +91,13 @@ void BlockAllocator::pop_chain(std::span<BlockId> out) noexcept {
 void BlockAllocator::push_chain(std::uint32_t first, std::uint32_t last,
                                 std::uint32_t count) noexcept {
   // CAS loop invariant: the chain first..last is private to this thread (every node has count 0
-  // and is not on the stack), so only next_[last] needs re-pointing on each retry. The version bump
+  // and is not on the stack), so only slots_[last].next needs re-pointing on each retry. The version bump
   // defends against ABA exactly as in pop_chain.
   // release publishes the chain's next_ links (and the callers' writes to the blocks' memory) to
   // the thread that pops them with acquire.
   std::uint64_t old = head_.load(std::memory_order_relaxed);
   do {
-    next_[last].store(low_index(old), std::memory_order_relaxed);
+    slots_[last].next.store(low_index(old), std::memory_order_relaxed);
   } while (!head_.compare_exchange_weak(old, pack(first, version_of(old) + 1),
                                         std::memory_order_release, std::memory_order_relaxed));
   // Only after the nodes are on the stack may they be reserved (see allocate).
@@ -120,17 +119,17 @@ BatchStatus BlockAllocator::free(std::span<const BlockId> ids) noexcept {
     // no reference left is detected instead of wrapping around. acq_rel: the release half orders
     // this holder's writes to the block before the block can be reused; the acquire half lets the
     // last holder (which pushes the block) see every other holder's writes.
-    std::uint32_t c = refs_[id].load(std::memory_order_relaxed);
+    std::uint32_t c = slots_[id].refs.load(std::memory_order_relaxed);
     do {
       if (c == 0) {
         rollback_free(ids, i);
         return {ErrorCode::kDoubleFree, static_cast<std::int64_t>(i)};
       }
-    } while (!refs_[id].compare_exchange_weak(c, c - 1, std::memory_order_acq_rel,
+    } while (!slots_[id].refs.compare_exchange_weak(c, c - 1, std::memory_order_acq_rel,
                                               std::memory_order_relaxed));
     if (c == 1) {
       // Last reference: link into the private chain that goes onto the stack at the end.
-      next_[id].store(first, std::memory_order_relaxed);
+      slots_[id].next.store(first, std::memory_order_relaxed);
       first = id;
       if (last == kNil) last = id;
       ++count;
@@ -145,7 +144,7 @@ void BlockAllocator::rollback_free(std::span<const BlockId> ids, std::size_t app
   // pushed yet, so no other thread can have taken them; incref refuses a count of zero, so no
   // legitimate holder raced with us either.
   for (std::size_t i = 0; i < applied; ++i) {
-    refs_[static_cast<std::uint32_t>(ids[i])].fetch_add(1, std::memory_order_relaxed);
+    slots_[static_cast<std::uint32_t>(ids[i])].refs.fetch_add(1, std::memory_order_relaxed);
   }
 }
 
@@ -159,7 +158,7 @@ BatchStatus BlockAllocator::incref(std::span<const BlockId> ids) noexcept {
     const auto id = static_cast<std::uint32_t>(ids[i]);
     // CAS loop invariant: a reference can only be added to a block that has one (c > 0); a free
     // block stays free. Relaxed: the caller already holds a reference, which orders its accesses.
-    std::uint32_t c = refs_[id].load(std::memory_order_relaxed);
+    std::uint32_t c = slots_[id].refs.load(std::memory_order_relaxed);
     do {
       if (c == 0 || c == 0xFFFFFFFFu) {
         // Undo what we added; those blocks keep at least the reference the caller holds, so this
@@ -168,7 +167,7 @@ BatchStatus BlockAllocator::incref(std::span<const BlockId> ids) noexcept {
         assert(undo.ok());
         return {ErrorCode::kInvalidBlock, static_cast<std::int64_t>(i)};
       }
-    } while (!refs_[id].compare_exchange_weak(c, c + 1, std::memory_order_relaxed,
+    } while (!slots_[id].refs.compare_exchange_weak(c, c + 1, std::memory_order_relaxed,
                                               std::memory_order_relaxed));
   }
   return {};
@@ -180,12 +179,12 @@ std::uint32_t BlockAllocator::ref_count(BlockId id) const {
                                               " is out of range [0, " +
                                               std::to_string(num_blocks_) + ")");
   }
-  return refs_[static_cast<std::uint32_t>(id)].load(std::memory_order_relaxed);
+  return slots_[static_cast<std::uint32_t>(id)].refs.load(std::memory_order_relaxed);
 }
 
 bool BlockAllocator::is_allocated(BlockId id) const noexcept {
   return id >= 0 && static_cast<std::uint32_t>(id) < num_blocks_ &&
-         refs_[static_cast<std::uint32_t>(id)].load(std::memory_order_relaxed) > 0;
+         slots_[static_cast<std::uint32_t>(id)].refs.load(std::memory_order_relaxed) > 0;
 }
 
 std::uint32_t BlockAllocator::num_available() const noexcept {
