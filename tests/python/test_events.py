@@ -117,6 +117,11 @@ def test_bad_events_are_rejected_before_sending(event: Any, error: type[Exceptio
             publisher.publish({"type": "cleared"})  # type: ignore[arg-type]
 
 
+def test_str_extra_key_round_trips() -> None:
+    _, decoded = decode_batch(encode_batch([{**STORED, "extra_key": "tenant-a"}]))
+    assert decoded[0]["extra_key"] == "tenant-a"
+
+
 def test_numpy_token_ids_are_accepted() -> None:
     np = pytest.importorskip("numpy")
     _, decoded = decode_batch(encode_batch([{**STORED, "token_ids": np.arange(32, dtype=np.int32)}]))

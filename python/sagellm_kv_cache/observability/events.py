@@ -13,13 +13,13 @@ Wire format (what vLLM's ``ZmqEventPublisher`` sends with its array-like msgpack
 * an event is a tagged array:
   ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, extra_key, medium]``,
   ``["BlockRemoved", block_hashes, medium]`` or ``["AllBlocksCleared"]``. Where vLLM carries a LoRA id
-  our ``extra_key`` (LoRA id, multimodal hash or tenant salt, as bytes) goes; ``token_ids`` are the
-  stored blocks' tokens, concatenated.
+  our ``extra_key`` (LoRA id, multimodal hash or tenant salt: bytes, str or int, sent as is) goes;
+  ``token_ids`` are the stored blocks' tokens, concatenated.
 
 In Python the events are plain dicts, the shape the C++ prefix cache drains::
 
     {"type": "stored", "digests": [bytes, ...], "parent": bytes | None, "token_ids": [int, ...],
-     "block_size": int, "extra_key": bytes | None}
+     "block_size": int, "extra_key": bytes | str | int | None}
     {"type": "removed", "digests": [bytes, ...]}
     {"type": "cleared"}
 
@@ -102,8 +102,8 @@ def _to_wire(index: int, event: object, medium: str | None) -> list[Any]:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"events[{index}]['block_size'] must be an int > 0, got {block_size!r}")
         extra = event.get("extra_key")
-        if extra is not None and (isinstance(extra, bool) or not isinstance(extra, (bytes, int))):
-            raise TypeError(f"events[{index}]['extra_key'] must be bytes, int or None, got {type(extra).__name__}")
+        if extra is not None and (isinstance(extra, bool) or not isinstance(extra, (bytes, str, int))):
+            raise TypeError(f"events[{index}]['extra_key'] must be bytes, str, int or None, got {type(extra).__name__}")
         return [_STORED, digests, parent, tokens, block_size, extra, medium]
     if kind == "removed":
         return [_REMOVED, _digest_list(index, event.get("digests")), medium]
