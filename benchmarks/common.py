@@ -43,11 +43,13 @@ def best_of(repeats: int, fn: Callable[[], Any]) -> float:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = f"{'workload':<34} {'metric':<16} {'ours':>12} {'reference':>12} {'ratio':>8}  reference is"
+    header = (f"{'workload':<34} {'metric':<16} {'ours':>12} {'reference':>12} {'ratio':>8}"
+              "  reference is")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.workload:<34} {r.metric:<16} {r.ours:>12.3f} {r.reference:>12.3f} {r.ratio:>7.2f}x  {r.reference_name}")
+        print(f"{r.workload:<34} {r.metric:<16} {r.ours:>12.3f} {r.reference:>12.3f} {r.ratio:>7.2f}x"
+              f"  {r.reference_name}")
 
 
 def write_json(rows: list[Row], path: str) -> None:

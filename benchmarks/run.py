@@ -18,7 +18,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, print_table, write_json  # noqa: E402
+from common import Row, print_table, write_json
 
 WORKLOADS = {
     "W1": "w1_alloc",
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     for r in rows:
         for key, value in r.extra.items():
-            print(f"  {r.workload}: {key} = {value:.4g}" if isinstance(value, float) else f"  {r.workload}: {key} = {value}")
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            print(f"  {r.workload}: {key} = {shown}")
     if args.json:
         write_json(rows, args.json)
     return 0

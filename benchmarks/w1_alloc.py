@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 
 from common import Row, best_of
-
 from sagellm_kv_cache import _core
 
 NUM_BLOCKS = 65_536
@@ -95,8 +94,10 @@ def run(quick: bool = False) -> list[Row]:
     ref = best_of(repeats, lambda: _churn(ref_pool.allocate, ref_pool.free, sizes, live_limit))
     loop = best_of(repeats, lambda: _churn(lambda n: n, lambda x: None, sizes, live_limit))
     per_block = lambda t: t / blocks * 1e9  # noqa: E731
-    return [
-        Row("W1 alloc/free churn (Python API)", "ns/block", per_block(ours), per_block(ref),
-            "vLLM-style Python pool", extra={"blocks": blocks, "loop_ns_per_block": per_block(loop),
-                                             "metadata_bytes_per_block": _core.BlockAllocator.metadata_bytes_per_block}),
-    ]
+    extra = {
+        "blocks": blocks,
+        "loop_ns_per_block": per_block(loop),
+        "metadata_bytes_per_block": _core.BlockAllocator.metadata_bytes_per_block,
+    }
+    return [Row("W1 alloc/free churn (Python API)", "ns/block", per_block(ours), per_block(ref),
+                "vLLM-style Python pool", extra=extra)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from common import Row, best_of
-
 from sagellm_kv_cache import KVCacheSpec, PagedKVPool
 
 

@@ -59,6 +59,7 @@ _LAZY: dict[str, str] = {
     "EvictionManager": "eviction",
     "EvictionStrategy": "eviction",
     "LRUEviction": "eviction",
+    "LFUEviction": "eviction",
     "FIFOEviction": "eviction",
     "TTLEviction": "eviction",
     "PriorityEviction": "eviction",
@@ -70,6 +71,9 @@ _LAZY: dict[str, str] = {
     "KVTransferEngine": "transfer",
     "MetricsCollector": "observability.metrics",
     "MetricsHook": "observability.hooks",
+    "PrometheusExporter": "observability.prometheus",
+    "KVEventPublisher": "observability.events",
+    "KVEventSubscriber": "observability.events",
     "AccessStatsCollector": "profiling.access_stats",
 }
 

@@ -268,7 +268,9 @@ class KVNoVictimError(KVCacheError):
 class KVEvictionFailedError(KVCacheError):
     _core_code = KVErrorCode.EVICTION_FAILED
 
-    def __init__(self, handle_id: UUID | str, *, reason: str = "unknown", context: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, handle_id: UUID | str, *, reason: str = "unknown", context: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(
             KVErrorCode.EVICTION_FAILED,
             f"eviction of {handle_id} failed: {reason}",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from sagellm_kv_cache import _core
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sagellm_kv_cache import KVCacheSpec, KVDoubleFreeError, KVInvalidBlockError, KVPoolFullError, PagedKVPool
 
 NUM_BLOCKS = 32

@@ -5,8 +5,6 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sagellm_protocol.kv import DType, KVBlockState, KVErrorCode, Layout
-
 import sagellm_kv_cache
 from sagellm_kv_cache import (
     KVBudgetExceededError,
@@ -20,6 +18,7 @@ from sagellm_kv_cache import (
     KVRefCountUnderflowError,
 )
 from sagellm_kv_cache.pool import KVPool
+from sagellm_protocol.kv import DType, KVBlockState, KVErrorCode, Layout
 
 SEED_STATS_KEYS = ["allocated_tokens", "available_tokens", "max_tokens", "num_handles", "pinned_tokens",
                    "unpinned_tokens", "used_tokens"]
