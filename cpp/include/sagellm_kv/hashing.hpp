@@ -1,0 +1,150 @@
+// Chained block hashing: the keys of the prefix cache.
+//
+// A prompt is cut into full blocks of `block_size` tokens (a trailing partial block is never
+// hashed: its KV is not shareable yet). Block i's digest covers its parent's digest, so equal
+// digests mean equal whole prefixes, not just equal blocks:
+//
+//   digest(i) = H(digest(i-1) || key section || token ids of block i),   digest(-1) = root
+//
+// The root is 32 zero bytes (`kRootBlockHash`), the same for every algorithm, so a chain can be
+// reproduced from this description alone.
+//
+// Message of one block, byte for byte (all integers little-endian):
+//
+//   parent digest   32 bytes (an xxh3_128 parent too: its 16 bytes plus 16 zero bytes)
+//   salt length     u32, then the salt bytes       (only in a block whose parent is the root,
+//                                                   otherwise length 0 and no bytes)
+//   extra length    u32, then the extra bytes      (in every block)
+//   token count     u32 (= block_size)
+//   token ids       block_size x int32
+//
+// Every variable field is length-prefixed, so no two different (salt, extra, tokens) triples
+// produce the same message. Token ids are serialised as int32 whatever their input width: int64
+// input is converted, and a value outside the int32 range is refused.
+//
+// Salt versus extra (the `BlockHashKey`): the salt is a per-tenant secret mixed into the first
+// block only (as vLLM's cache_salt); because everything chains from block 0, tenants with
+// different salts never share a single block. The extra key (LoRA adapter id, multimodal input
+// hash) is mixed into every block, so a block computed under one adapter never matches another's.
+//
+// Algorithms: SHA-256 through OpenSSL (default; collision-resistant, required when tenants do not
+// trust each other) and XXH3-128 from libxxhash (about 10x faster, but an attacker can construct
+// collisions: for a single trusted tenant only). An xxh3_128 digest fills the first 16 bytes of
+// `BlockHash` in XXH128 canonical (big-endian) order; the rest are zero.
+#pragma once
+
+#include <array>
+#include <compare>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace sagellm::kv {
+
+/// Bytes in a block digest (the size of a SHA-256 digest).
+inline constexpr std::size_t kBlockHashBytes = 32;
+
+/// One block's digest. A plain 32-byte value: arrays of them are laid out like an (n, 32) uint8
+/// array, which is how the Python binding passes them without copies.
+struct BlockHash {
+  std::array<std::uint8_t, kBlockHashBytes> bytes{};
+
+  /// Lower-case hex of all 32 bytes, for messages and logs.
+  [[nodiscard]] std::string hex() const;
+
+  bool operator==(const BlockHash&) const = default;
+  auto operator<=>(const BlockHash&) const = default;
+};
+static_assert(sizeof(BlockHash) == kBlockHashBytes && alignof(BlockHash) == 1);
+
+/// The parent of every chain's first block: 32 zero bytes.
+inline constexpr BlockHash kRootBlockHash{};
+
+/// Hash function of the chain.
+enum class HashAlgorithm : std::uint8_t {
+  kSha256 = 0,   ///< OpenSSL SHA-256; collision-resistant; the default
+  kXxh3_128 = 1, ///< libxxhash XXH3-128; fast, not collision-resistant: trusted single tenant only
+};
+
+/// Canonical name: "sha256" or "xxh3_128".
+[[nodiscard]] std::string_view hash_algorithm_name(HashAlgorithm algorithm) noexcept;
+
+/// Parses an algorithm name ("sha256"; "xxh3_128", also "xxh128"). Throws Error(kInvalidArgument)
+/// naming the value and the known names. Does not check availability in this build.
+[[nodiscard]] HashAlgorithm parse_hash_algorithm(std::string_view name);
+
+/// True when this build can compute `algorithm` (xxh3_128 needs libxxhash at build time).
+[[nodiscard]] bool hash_algorithm_available(HashAlgorithm algorithm) noexcept;
+
+/// Names of the algorithms this build can compute, default first.
+[[nodiscard]] std::vector<std::string> available_hash_algorithms();
+
+/// What, besides the tokens, distinguishes one chain from another (see the file comment). Both are
+/// views that must outlive the call they are passed to; an empty view means "none".
+struct BlockHashKey {
+  std::string_view salt;   ///< per-tenant salt; mixed into the block whose parent is the root only
+  std::string_view extra;  ///< LoRA / multimodal key; mixed into every block
+};
+
+/// Number of full blocks in `num_tokens` tokens (0 when block_size is 0).
+[[nodiscard]] constexpr std::size_t num_full_blocks(std::size_t num_tokens, std::uint32_t block_size) noexcept {
+  return block_size == 0 ? 0 : num_tokens / block_size;
+}
+
+/// Computes block digests with one reusable hashing context, so hashing a prompt costs no
+/// allocation and no digest lookup per block.
+///
+/// Thread safety: one hasher must not be used by two threads at once; use one per thread (the free
+/// `hash_blocks` functions below keep one per thread for you).
+class BlockHasher {
+ public:
+  /// Throws Error(kInvalidArgument) naming the available algorithms when `algorithm` is not
+  /// available in this build, Error(kBackendUnavailable) when OpenSSL cannot provide SHA-256.
+  explicit BlockHasher(HashAlgorithm algorithm = HashAlgorithm::kSha256);
+  ~BlockHasher();
+  BlockHasher(BlockHasher&&) noexcept;
+  BlockHasher& operator=(BlockHasher&&) noexcept;
+  BlockHasher(const BlockHasher&) = delete;
+  BlockHasher& operator=(const BlockHasher&) = delete;
+
+  [[nodiscard]] HashAlgorithm algorithm() const noexcept;
+
+  /// Writes the digests of the num_full_blocks(tokens.size(), block_size) full blocks of `tokens`
+  /// to the front of `out` and returns their number. `parent` is the digest the first block chains
+  /// from (kRootBlockHash for a prompt's start; then `key.salt` applies to that first block).
+  /// Throws Error(kInvalidArgument) when block_size is 0, `out` is too short, or a salt / extra key
+  /// is longer than 2^32-1 bytes; then nothing was written.
+  [[nodiscard]] std::size_t hash_blocks(std::span<const std::int32_t> tokens, std::uint32_t block_size,
+                                                      const BlockHash& parent, const BlockHashKey& key, std::span<BlockHash> out);
+
+  /// As above for int64 token ids. Throws Error(kInvalidArgument) naming the first value outside
+  /// the int32 range and its position (only full blocks are checked); then nothing was written.
+  [[nodiscard]] std::size_t hash_blocks(std::span<const std::int64_t> tokens, std::uint32_t block_size,
+                                        const BlockHash& parent, const BlockHashKey& key, std::span<BlockHash> out);
+
+  /// Convenience: returns the digests as a new vector.
+  [[nodiscard]] std::vector<BlockHash> hash_blocks(std::span<const std::int32_t> tokens, std::uint32_t block_size,
+                                                   const BlockHash& parent = kRootBlockHash,
+                                                   const BlockHashKey& key = {});
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+/// `BlockHasher::hash_blocks` through a hasher kept per thread and algorithm (created on first use).
+/// Thread-safe: every thread uses its own hasher.
+[[nodiscard]] std::size_t hash_blocks(HashAlgorithm algorithm, std::span<const std::int32_t> tokens,
+                                      std::uint32_t block_size, const BlockHash& parent, const BlockHashKey& key,
+                                      std::span<BlockHash> out);
+
+/// int64 variant of the above; same range check.
+[[nodiscard]] std::size_t hash_blocks(HashAlgorithm algorithm, std::span<const std::int64_t> tokens,
+                                      std::uint32_t block_size, const BlockHash& parent, const BlockHashKey& key,
+                                      std::span<BlockHash> out);
+
+}  // namespace sagellm::kv

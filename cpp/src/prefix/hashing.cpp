@@ -1,0 +1,296 @@
+#include "sagellm_kv/hashing.hpp"
+
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#include "sagellm_kv/error.hpp"
+
+#if defined(SAGELLM_KV_HAVE_XXHASH)
+// Header-only use of the system libxxhash: every function is inlined here, so neither the core
+// library nor its consumers link libxxhash.
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+#endif
+
+namespace sagellm::kv {
+namespace {
+
+constexpr std::size_t kTokenBytes = 4;
+
+// OpenSSL 3 resolves "SHA2-256" through its provider table on every implicit fetch; fetching the
+// EVP_MD once keeps that lookup (and its lock) off the per-block path.
+class Sha256Md {
+ public:
+  Sha256Md() : md_(EVP_MD_fetch(nullptr, "SHA2-256", nullptr)) {}
+  ~Sha256Md() { EVP_MD_free(md_); }
+  Sha256Md(const Sha256Md&) = delete;
+  Sha256Md& operator=(const Sha256Md&) = delete;
+  [[nodiscard]] const EVP_MD* get() const noexcept { return md_; }
+
+ private:
+  EVP_MD* md_;
+};
+
+const EVP_MD* sha256_md() {
+  static const Sha256Md md;  // thread-safe initialisation (C++11 magic statics)
+  if (md.get() == nullptr) {
+    throw Error(ErrorCode::kBackendUnavailable, "OpenSSL cannot provide SHA2-256 (EVP_MD_fetch failed)");
+  }
+  return md.get();
+}
+
+void store_le32(unsigned char* dst, std::uint32_t v) noexcept {
+  if constexpr (std::endian::native == std::endian::little) {
+    std::memcpy(dst, &v, sizeof v);
+  } else {
+    dst[0] = static_cast<unsigned char>(v);
+    dst[1] = static_cast<unsigned char>(v >> 8);
+    dst[2] = static_cast<unsigned char>(v >> 16);
+    dst[3] = static_cast<unsigned char>(v >> 24);
+  }
+}
+
+void store_tokens(unsigned char* dst, const std::int32_t* tokens, std::size_t n) noexcept {
+  if constexpr (std::endian::native == std::endian::little) {
+    std::memcpy(dst, tokens, n * kTokenBytes);
+  } else {
+    for (std::size_t i = 0; i < n; ++i) store_le32(dst + i * kTokenBytes, static_cast<std::uint32_t>(tokens[i]));
+  }
+}
+
+// Callers have range-checked every value.
+void store_tokens(unsigned char* dst, const std::int64_t* tokens, std::size_t n) noexcept {
+  for (std::size_t i = 0; i < n; ++i) {
+    store_le32(dst + i * kTokenBytes, static_cast<std::uint32_t>(static_cast<std::int32_t>(tokens[i])));
+  }
+}
+
+std::uint32_t field_length(std::string_view field, const char* what) {
+  if (field.size() > std::numeric_limits<std::uint32_t>::max()) {
+    throw Error(ErrorCode::kInvalidArgument, std::string(what) + " is " + std::to_string(field.size()) +
+                                                 " bytes; at most 4294967295 are supported");
+  }
+  return static_cast<std::uint32_t>(field.size());
+}
+
+std::string join_available() {
+  std::string names;
+  for (const auto& n : available_hash_algorithms()) names += (names.empty() ? "" : ", ") + n;
+  return names;
+}
+
+void check_algorithm(HashAlgorithm algorithm) {
+  if (algorithm != HashAlgorithm::kSha256 && algorithm != HashAlgorithm::kXxh3_128) {
+    throw Error(ErrorCode::kInvalidArgument, "hash algorithm value " + std::to_string(static_cast<int>(algorithm)) +
+                                                 " is unknown; available: " + join_available());
+  }
+  if (!hash_algorithm_available(algorithm)) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "hash algorithm '" + std::string(hash_algorithm_name(algorithm)) +
+                    "' is not available in this build (sagellm_kv was built without libxxhash); available: " +
+                    join_available());
+  }
+}
+
+}  // namespace
+
+std::string BlockHash::hex() const {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string s(2 * bytes.size(), '0');
+  for (std::size_t i = 0; i < bytes.size(); ++i) {
+    s[2 * i] = kDigits[bytes[i] >> 4];
+    s[2 * i + 1] = kDigits[bytes[i] & 0xF];
+  }
+  return s;
+}
+
+std::string_view hash_algorithm_name(HashAlgorithm algorithm) noexcept {
+  switch (algorithm) {
+    case HashAlgorithm::kSha256: return "sha256";
+    case HashAlgorithm::kXxh3_128: return "xxh3_128";
+  }
+  return "unknown";
+}
+
+HashAlgorithm parse_hash_algorithm(std::string_view name) {
+  if (name == "sha256") return HashAlgorithm::kSha256;
+  if (name == "xxh3_128" || name == "xxh128") return HashAlgorithm::kXxh3_128;
+  throw Error(ErrorCode::kInvalidArgument, "unknown hash algorithm '" + std::string(name) +
+                                               "'; known: sha256, xxh3_128 (available in this build: " +
+                                               join_available() + ")");
+}
+
+bool hash_algorithm_available(HashAlgorithm algorithm) noexcept {
+  switch (algorithm) {
+    case HashAlgorithm::kSha256: return true;
+    case HashAlgorithm::kXxh3_128:
+#if defined(SAGELLM_KV_HAVE_XXHASH)
+      return true;
+#else
+      return false;
+#endif
+  }
+  return false;
+}
+
+std::vector<std::string> available_hash_algorithms() {
+  std::vector<std::string> names{"sha256"};
+  if (hash_algorithm_available(HashAlgorithm::kXxh3_128)) names.emplace_back("xxh3_128");
+  return names;
+}
+
+struct BlockHasher::State {
+  HashAlgorithm algorithm = HashAlgorithm::kSha256;
+  const EVP_MD* md = nullptr;
+  EVP_MD_CTX* ctx = nullptr;
+  // One block's message, rebuilt in place: the parent digest and the token ids change per block,
+  // the key section between them only once (after the salted first block).
+  std::vector<unsigned char> message;
+
+  State() = default;
+  State(const State&) = delete;
+  State& operator=(const State&) = delete;
+  ~State() { EVP_MD_CTX_free(ctx); }
+
+  // Writes parent, key section and token count; returns the offset of the token ids.
+  std::size_t layout(const BlockHash& parent, std::string_view salt, std::string_view extra,
+                     std::uint32_t block_size) {
+    const std::size_t tokens_at = kBlockHashBytes + 4 + salt.size() + 4 + extra.size() + 4;
+    message.resize(tokens_at + std::size_t{block_size} * kTokenBytes);
+    unsigned char* p = message.data();
+    std::memcpy(p, parent.bytes.data(), kBlockHashBytes);
+    p += kBlockHashBytes;
+    store_le32(p, static_cast<std::uint32_t>(salt.size()));
+    p += 4;
+    if (!salt.empty()) std::memcpy(p, salt.data(), salt.size());
+    p += salt.size();
+    store_le32(p, static_cast<std::uint32_t>(extra.size()));
+    p += 4;
+    if (!extra.empty()) std::memcpy(p, extra.data(), extra.size());
+    p += extra.size();
+    store_le32(p, block_size);
+    return tokens_at;
+  }
+
+  void digest(BlockHash& out) {
+    if (algorithm == HashAlgorithm::kSha256) {
+      unsigned int len = 0;
+      // Re-initialising with the same EVP_MD keeps the provider context: no allocation per block.
+      if (EVP_DigestInit_ex2(ctx, md, nullptr) != 1 || EVP_DigestUpdate(ctx, message.data(), message.size()) != 1 ||
+          EVP_DigestFinal_ex(ctx, out.bytes.data(), &len) != 1 || len != kBlockHashBytes) {
+        throw Error(ErrorCode::kInternal, "OpenSSL SHA-256 digest failed");
+      }
+      return;
+    }
+#if defined(SAGELLM_KV_HAVE_XXHASH)
+    const XXH128_hash_t h = XXH3_128bits(message.data(), message.size());
+    XXH128_canonical_t canonical;
+    XXH128_canonicalFromHash(&canonical, h);
+    static_assert(sizeof(canonical.digest) == 16);
+    std::memcpy(out.bytes.data(), canonical.digest, sizeof(canonical.digest));
+    std::fill(out.bytes.begin() + sizeof(canonical.digest), out.bytes.end(), std::uint8_t{0});
+#else
+    (void)out;
+#endif
+  }
+
+  template <class Token>
+  std::size_t run(std::span<const Token> tokens, std::uint32_t block_size, const BlockHash& parent,
+                  const BlockHashKey& key, std::span<BlockHash> out) {
+    if (block_size == 0) throw Error(ErrorCode::kInvalidArgument, "block_size must be > 0, got 0");
+    const std::size_t n = num_full_blocks(tokens.size(), block_size);
+    if (out.size() < n) {
+      throw Error(ErrorCode::kInvalidArgument, "output holds " + std::to_string(out.size()) + " digests but " +
+                                                   std::to_string(tokens.size()) + " tokens make " +
+                                                   std::to_string(n) + " full blocks");
+    }
+    field_length(key.salt, "salt");
+    field_length(key.extra, "extra key");
+    if constexpr (sizeof(Token) > sizeof(std::int32_t)) {
+      const std::size_t used = n * block_size;
+      for (std::size_t i = 0; i < used; ++i) {
+        if (tokens[i] < std::numeric_limits<std::int32_t>::min() || tokens[i] > std::numeric_limits<std::int32_t>::max()) {
+          throw Error(ErrorCode::kInvalidArgument, "token id " + std::to_string(tokens[i]) + " at position " +
+                                                       std::to_string(i) + " is outside the int32 range");
+        }
+      }
+    }
+    if (n == 0) return 0;
+    const bool salted = !key.salt.empty() && parent == kRootBlockHash;
+    std::size_t tokens_at = layout(parent, salted ? key.salt : std::string_view{}, key.extra, block_size);
+    for (std::size_t b = 0; b < n; ++b) {
+      if (b == 1 && salted) {
+        tokens_at = layout(out[0], {}, key.extra, block_size);
+      } else if (b > 0) {
+        std::memcpy(message.data(), out[b - 1].bytes.data(), kBlockHashBytes);
+      }
+      store_tokens(message.data() + tokens_at, tokens.data() + b * block_size, block_size);
+      digest(out[b]);
+    }
+    return n;
+  }
+};
+
+BlockHasher::BlockHasher(HashAlgorithm algorithm) : state_(std::make_unique<State>()) {
+  check_algorithm(algorithm);
+  state_->algorithm = algorithm;
+  if (algorithm == HashAlgorithm::kSha256) {
+    state_->md = sha256_md();
+    state_->ctx = EVP_MD_CTX_new();
+    if (state_->ctx == nullptr) throw Error(ErrorCode::kMemoryExhausted, "EVP_MD_CTX_new failed");
+  }
+}
+
+BlockHasher::~BlockHasher() = default;
+BlockHasher::BlockHasher(BlockHasher&&) noexcept = default;
+BlockHasher& BlockHasher::operator=(BlockHasher&&) noexcept = default;
+
+HashAlgorithm BlockHasher::algorithm() const noexcept { return state_->algorithm; }
+
+std::size_t BlockHasher::hash_blocks(std::span<const std::int32_t> tokens, std::uint32_t block_size,
+                                     const BlockHash& parent, const BlockHashKey& key, std::span<BlockHash> out) {
+  return state_->run(tokens, block_size, parent, key, out);
+}
+
+std::size_t BlockHasher::hash_blocks(std::span<const std::int64_t> tokens, std::uint32_t block_size,
+                                     const BlockHash& parent, const BlockHashKey& key, std::span<BlockHash> out) {
+  return state_->run(tokens, block_size, parent, key, out);
+}
+
+std::vector<BlockHash> BlockHasher::hash_blocks(std::span<const std::int32_t> tokens, std::uint32_t block_size,
+                                                const BlockHash& parent, const BlockHashKey& key) {
+  std::vector<BlockHash> out(num_full_blocks(tokens.size(), block_size));
+  const std::size_t n = state_->run(tokens, block_size, parent, key, out);
+  out.resize(n);
+  return out;
+}
+
+namespace {
+
+BlockHasher& thread_hasher(HashAlgorithm algorithm) {
+  check_algorithm(algorithm);
+  thread_local std::array<std::unique_ptr<BlockHasher>, 2> hashers;
+  auto& h = hashers[static_cast<std::size_t>(algorithm)];
+  if (!h) h = std::make_unique<BlockHasher>(algorithm);
+  return *h;
+}
+
+}  // namespace
+
+std::size_t hash_blocks(HashAlgorithm algorithm, std::span<const std::int32_t> tokens, std::uint32_t block_size,
+                        const BlockHash& parent, const BlockHashKey& key, std::span<BlockHash> out) {
+  return thread_hasher(algorithm).hash_blocks(tokens, block_size, parent, key, out);
+}
+
+std::size_t hash_blocks(HashAlgorithm algorithm, std::span<const std::int64_t> tokens, std::uint32_t block_size,
+                        const BlockHash& parent, const BlockHashKey& key, std::span<BlockHash> out) {
+  return thread_hasher(algorithm).hash_blocks(tokens, block_size, parent, key, out);
+}
+
+}  // namespace sagellm::kv

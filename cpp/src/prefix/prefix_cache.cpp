@@ -1,0 +1,811 @@
+#include "sagellm_kv/prefix_cache.hpp"
+
+#include <algorithm>
+#include <cassert>
+#include <chrono>
+#include <cmath>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <random>
+#include <string>
+#include <unordered_map>
+
+#include "prefix/digest_index.hpp"
+#include "prefix/eviction_heap.hpp"
+#include "sagellm_kv/error.hpp"
+
+namespace sagellm::kv {
+namespace {
+
+constexpr std::uint32_t kNone = detail::DigestIndex::kNone;
+
+// One cached block. 88 bytes, digest included; free records are chained through `parent`.
+struct Node {
+  BlockHash digest;
+  std::uint64_t owner = 0;
+  std::uint64_t last_access = 0;  // logical clock: deterministic LRU order
+  std::uint64_t insert_tick = 0;  // logical clock: FIFO order
+  std::int64_t inserted_ns = 0;   // clock_ns at insertion: TTL expiry
+  BlockId block = -1;
+  std::uint32_t parent = kNone;
+  std::uint32_t children = 0;
+  std::uint32_t users = 0;
+  std::int32_t priority = 0;
+  bool live = false;
+};
+
+std::uint64_t random_key() {
+  std::random_device rd;
+  return (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+}
+
+std::string position_text(std::size_t pos) { return " at position " + std::to_string(pos); }
+
+}  // namespace
+
+std::string_view eviction_policy_name(EvictionPolicy policy) noexcept {
+  switch (policy) {
+    case EvictionPolicy::kLru: return "lru";
+    case EvictionPolicy::kFifo: return "fifo";
+    case EvictionPolicy::kPriority: return "priority";
+    case EvictionPolicy::kTtl: return "ttl";
+  }
+  return "unknown";
+}
+
+EvictionPolicy parse_eviction_policy(std::string_view name) {
+  for (auto p : {EvictionPolicy::kLru, EvictionPolicy::kFifo, EvictionPolicy::kPriority, EvictionPolicy::kTtl}) {
+    if (name == eviction_policy_name(p)) return p;
+  }
+  throw Error(ErrorCode::kInvalidArgument,
+              "unknown eviction policy '" + std::string(name) + "'; expected one of lru, fifo, priority, ttl");
+}
+
+void PrefixCacheOptions::validate() const {
+  if (block_size == 0) throw Error(ErrorCode::kInvalidArgument, "block_size must be > 0, got 0");
+  if (capacity_blocks && *capacity_blocks == 0) {
+    throw Error(ErrorCode::kInvalidArgument, "capacity_blocks must be > 0 (or unset for no limit), got 0");
+  }
+  if (policy != EvictionPolicy::kLru && policy != EvictionPolicy::kFifo && policy != EvictionPolicy::kPriority &&
+      policy != EvictionPolicy::kTtl) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "eviction policy value " + std::to_string(static_cast<int>(policy)) + " is unknown");
+  }
+  // 9.2e9 s keeps ttl in nanoseconds within int64.
+  if (std::isnan(ttl_seconds) ||
+      (policy == EvictionPolicy::kTtl && !(ttl_seconds > 0.0 && ttl_seconds < 9.0e9))) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "ttl_seconds must be > 0 and finite for the ttl policy, got " + std::to_string(ttl_seconds));
+  }
+}
+
+struct PrefixCache::Impl {
+  Impl(const PrefixCacheOptions& options, BlockAllocator* alloc)
+      : allocator(alloc),
+        policy(options.policy),
+        block_size(options.block_size),
+        capacity(options.capacity_blocks),
+        ttl_ns(static_cast<std::int64_t>(std::llround(options.ttl_seconds * 1e9))),
+        event_capacity(options.event_queue_capacity),
+        clock_fn(options.clock_ns),
+        index(random_key()) {
+    if (capacity) {
+      // A bounded cache knows its size: reserve the records now (untouched pages cost no memory
+      // until used) so growth never copies the table or leaves doubling slack behind.
+      nodes.reserve(std::min<std::uint32_t>(*capacity, kReserveLimit));
+      heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
+      if (two_heaps()) lru_heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
+    }
+  }
+
+  static constexpr std::uint32_t kReserveLimit = 1u << 22;
+
+  // --- configuration -------------------------------------------------------------------------
+  BlockAllocator* allocator;
+  EvictionPolicy policy;
+  std::uint32_t block_size;
+  std::optional<std::uint32_t> capacity;
+  std::int64_t ttl_ns;
+  std::size_t event_capacity;
+  std::function<std::int64_t()> clock_fn;
+
+  // --- state, guarded by `mutex` ---------------------------------------------------------------
+  mutable std::mutex mutex;
+  std::vector<Node> nodes;
+  std::uint32_t free_head = kNone;
+  std::uint32_t live_count = 0;
+  std::uint32_t in_use_count = 0;
+  detail::DigestIndex index;
+  detail::EvictionHeap heap;      // the policy's order (TTL: insertion order)
+  detail::EvictionHeap lru_heap;  // TTL only: the LRU fallback among unexpired nodes
+  std::vector<std::uint32_t> block_node;                    // with an allocator: block id -> node
+  std::unordered_map<BlockId, std::uint32_t> block_node_map;  // metadata-only: ids are arbitrary
+  std::uint64_t tick = 0;
+  std::deque<PrefixCacheEvent> events;
+  PrefixCacheStats counters;
+
+  // Scratch reused across calls, so steady-state calls do not allocate.
+  std::vector<std::uint32_t> scratch_nodes;
+  std::vector<std::uint32_t> scratch_positions;
+  std::vector<BlockId> freed_blocks;
+  std::vector<std::uint8_t> marks;
+  std::vector<std::uint32_t> path;
+
+  // --- helpers (all called with `mutex` held) ---------------------------------------------------
+
+  [[nodiscard]] std::uint32_t find(const BlockHash& digest) const noexcept {
+    return index.find(digest, [this](std::uint32_t n) -> const BlockHash& { return nodes[n].digest; });
+  }
+
+  [[nodiscard]] std::int64_t now_ns() const {
+    if (clock_fn) return clock_fn();
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+
+  [[nodiscard]] bool events_on() const noexcept { return event_capacity != 0; }
+
+  void emit(PrefixCacheEvent&& event) {
+    if (!events_on()) return;
+    if (events.size() >= event_capacity) {
+      events.pop_front();
+      ++counters.events_dropped;
+    }
+    events.push_back(std::move(event));
+  }
+
+  [[nodiscard]] detail::HeapKey policy_key(const Node& n) const noexcept {
+    switch (policy) {
+      case EvictionPolicy::kLru: return {0, n.last_access};
+      case EvictionPolicy::kFifo:
+      case EvictionPolicy::kTtl: return {0, n.insert_tick};
+      case EvictionPolicy::kPriority: return {n.priority, n.last_access};
+    }
+    return {0, n.last_access};
+  }
+  [[nodiscard]] static detail::HeapKey lru_key(const Node& n) noexcept { return {0, n.last_access}; }
+  [[nodiscard]] bool two_heaps() const noexcept { return policy == EvictionPolicy::kTtl; }
+
+  void make_evictable(std::uint32_t idx) {
+    heap.push(idx, policy_key(nodes[idx]));
+    if (two_heaps()) lru_heap.push(idx, lru_key(nodes[idx]));
+  }
+  void unmake_evictable(std::uint32_t idx) noexcept {
+    heap.erase(idx);
+    if (two_heaps()) lru_heap.erase(idx);
+  }
+  // Marks a node used now; re-keys it when it is evictable.
+  void touch(std::uint32_t idx) noexcept {
+    Node& n = nodes[idx];
+    n.last_access = ++tick;
+    if (heap.contains(idx)) {
+      heap.update(idx, policy_key(n));
+      if (two_heaps()) lru_heap.update(idx, lru_key(n));
+    }
+  }
+  void acquire(std::uint32_t idx) noexcept {
+    Node& n = nodes[idx];
+    if (n.users == 0) {
+      ++in_use_count;
+      if (n.children == 0) unmake_evictable(idx);
+    }
+    ++n.users;
+  }
+  // Drops one use; the node must have one.
+  void drop_use(std::uint32_t idx) {
+    Node& n = nodes[idx];
+    assert(n.users > 0);
+    if (--n.users == 0) {
+      --in_use_count;
+      if (n.children == 0 && !heap.contains(idx)) make_evictable(idx);
+    }
+  }
+
+  [[nodiscard]] std::uint32_t block_owner(BlockId b) const {
+    if (allocator != nullptr) {
+      const auto u = static_cast<std::uint32_t>(b);
+      return u < block_node.size() ? block_node[u] : kNone;
+    }
+    const auto it = block_node_map.find(b);
+    return it == block_node_map.end() ? kNone : it->second;
+  }
+  void set_block_owner(BlockId b, std::uint32_t idx) {
+    if (allocator != nullptr) {
+      const auto u = static_cast<std::uint32_t>(b);
+      if (u >= block_node.size()) {
+        // Grow geometrically but never past the allocator's size.
+        const std::size_t want = std::max<std::size_t>(std::size_t{u} + 1, block_node.size() * 2);
+        block_node.resize(std::min<std::size_t>(want, allocator->num_blocks()), kNone);
+      }
+      block_node[u] = idx;
+    } else {
+      block_node_map[b] = idx;
+    }
+  }
+  void clear_block_owner(BlockId b) {
+    if (allocator != nullptr) {
+      block_node[static_cast<std::uint32_t>(b)] = kNone;
+    } else {
+      block_node_map.erase(b);
+    }
+  }
+
+  std::uint32_t alloc_node() {
+    std::uint32_t idx = free_head;
+    if (idx != kNone) {
+      free_head = nodes[idx].parent;
+      nodes[idx] = Node{};
+    } else {
+      if (nodes.size() >= kNone) throw Error(ErrorCode::kInternal, "prefix cache node table is full");
+      idx = static_cast<std::uint32_t>(nodes.size());
+      nodes.emplace_back();
+      heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
+      if (two_heaps()) lru_heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
+    }
+    nodes[idx].live = true;
+    ++live_count;
+    return idx;
+  }
+  void free_node(std::uint32_t idx) noexcept {
+    Node& n = nodes[idx];
+    n.live = false;
+    n.parent = free_head;
+    free_head = idx;
+    --live_count;
+  }
+
+  // Returns the cache's references on the blocks of removed nodes. A refusal means someone freed a
+  // reference the cache held, breaking the ownership protocol; the valid ids still go back.
+  void return_blocks() noexcept {
+    if (allocator != nullptr && !freed_blocks.empty()) {
+      if (!allocator->free(freed_blocks).ok()) {
+        for (BlockId b : freed_blocks) {
+          [[maybe_unused]] const BatchStatus st = allocator->free(std::span<const BlockId>(&b, 1));
+        }
+        assert(!"a block held by the prefix cache was freed outside it");
+      }
+    }
+    freed_blocks.clear();
+  }
+
+  // Takes a node out of the index, the heaps and the block map, collecting its block and digest;
+  // the caller fixes the parent's child count and frees the record.
+  void unlink(std::uint32_t idx, std::vector<BlockHash>* removed) {
+    unmake_evictable(idx);
+    Node& n = nodes[idx];
+    index.erase(n.digest, idx);
+    clear_block_owner(n.block);
+    if (allocator != nullptr) freed_blocks.push_back(n.block);
+    if (removed != nullptr) removed->push_back(n.digest);
+  }
+
+  [[nodiscard]] std::uint32_t pick_victim(std::int64_t now) const noexcept {
+    if (heap.empty()) return kNone;
+    if (two_heaps()) {
+      const std::uint32_t oldest = heap.top();
+      if (now - nodes[oldest].inserted_ns >= ttl_ns) return oldest;
+      return lru_heap.top();
+    }
+    return heap.top();
+  }
+
+  // Evicts up to n evictable leaves in policy order; parents left childless join the candidates.
+  std::uint32_t evict_locked(std::uint32_t n, std::vector<BlockHash>* removed) {
+    if (n == 0 || heap.empty()) return 0;
+    const std::int64_t now = two_heaps() ? now_ns() : 0;
+    std::uint32_t done = 0;
+    while (done < n) {
+      const std::uint32_t victim = pick_victim(now);
+      if (victim == kNone) break;
+      unlink(victim, removed);
+      const std::uint32_t parent = nodes[victim].parent;
+      if (parent != kNone) {
+        Node& p = nodes[parent];
+        if (--p.children == 0 && p.users == 0) make_evictable(parent);
+      }
+      free_node(victim);
+      ++done;
+    }
+    counters.evictions += done;
+    return done;
+  }
+
+  // Removes every live node for which `doomed(node)` holds (a node is doomed when `selects` holds
+  // for it or an ancestor) unless it or a descendant is in use.
+  template <class Selects>
+  std::uint32_t remove_subtrees(const Selects& selects, std::vector<BlockHash>* removed) {
+    constexpr std::uint8_t kBusy = 1, kKnown = 2, kDoomed = 4;
+    const auto count = static_cast<std::uint32_t>(nodes.size());
+    marks.assign(count, 0);
+    for (std::uint32_t i = 0; i < count; ++i) {
+      if (!nodes[i].live || nodes[i].users == 0) continue;
+      for (std::uint32_t j = i; j != kNone && (marks[j] & kBusy) == 0; j = nodes[j].parent) marks[j] |= kBusy;
+    }
+    for (std::uint32_t i = 0; i < count; ++i) {
+      if (!nodes[i].live || (marks[i] & kKnown) != 0) continue;
+      path.clear();
+      std::uint32_t j = i;
+      while (j != kNone && (marks[j] & kKnown) == 0) {
+        path.push_back(j);
+        j = nodes[j].parent;
+      }
+      bool doomed = j != kNone && (marks[j] & kDoomed) != 0;
+      for (auto it = path.rbegin(); it != path.rend(); ++it) {
+        doomed = doomed || selects(nodes[*it]);
+        marks[*it] |= static_cast<std::uint8_t>(kKnown | (doomed ? kDoomed : 0));
+      }
+    }
+    const auto goes = [&](std::uint32_t i) {
+      return nodes[i].live && (marks[i] & (kDoomed | kBusy)) == kDoomed;
+    };
+    std::uint32_t done = 0;
+    for (std::uint32_t i = 0; i < count; ++i) {
+      if (goes(i)) {
+        unlink(i, removed);
+        ++done;
+      }
+    }
+    if (done == 0) return 0;
+    // The removed set is closed under descendants, so only surviving parents need their counts.
+    for (std::uint32_t i = 0; i < count; ++i) {
+      if (!goes(i)) continue;
+      const std::uint32_t p = nodes[i].parent;
+      if (p != kNone && !goes(p)) {
+        Node& pn = nodes[p];
+        if (--pn.children == 0 && pn.users == 0) make_evictable(p);
+      }
+    }
+    for (std::uint32_t i = 0; i < count; ++i) {
+      if (goes(i)) free_node(i);
+    }
+    counters.removals += done;
+    return done;
+  }
+
+  [[nodiscard]] std::uint32_t walk(std::span<const BlockHash> digests, std::span<BlockId> out,
+                                   bool take) noexcept {
+    std::uint32_t parent = kNone;
+    std::uint32_t m = 0;
+    for (const BlockHash& d : digests) {
+      const std::uint32_t idx = find(d);
+      if (idx == kNone) break;
+      Node& n = nodes[idx];
+      if (n.parent != parent) break;  // cached, but not as the continuation of this prefix
+      if (take) {
+        if (n.users == std::numeric_limits<std::uint32_t>::max()) break;
+        acquire(idx);
+        n.last_access = ++tick;
+      }
+      if (!out.empty()) out[m] = n.block;
+      ++m;
+      parent = idx;
+    }
+    return m;
+  }
+};
+
+PrefixCache::PrefixCache(const PrefixCacheOptions& options, BlockAllocator* allocator)
+    : options_(options), allocator_(allocator) {
+  options_.validate();
+  impl_ = std::make_unique<Impl>(options_, allocator_);
+}
+
+PrefixCache::~PrefixCache() {
+  if (allocator_ == nullptr) return;
+  for (const Node& n : impl_->nodes) {
+    if (n.live) impl_->freed_blocks.push_back(n.block);
+  }
+  impl_->return_blocks();
+}
+
+std::uint32_t PrefixCache::match(std::span<const BlockHash> digests, std::span<BlockId> out) {
+  if (out.size() < digests.size()) {
+    throw Error(ErrorCode::kInvalidArgument, "match: output holds " + std::to_string(out.size()) +
+                                                 " ids for " + std::to_string(digests.size()) + " digests");
+  }
+  const std::lock_guard lock(impl_->mutex);
+  const std::uint32_t m = impl_->walk(digests, out, true);
+  PrefixCacheStats& c = impl_->counters;
+  ++c.lookups;
+  c.queried_blocks += digests.size();
+  c.hit_blocks += m;
+  c.queried_tokens += digests.size() * std::uint64_t{impl_->block_size};
+  c.hit_tokens += std::uint64_t{m} * impl_->block_size;
+  return m;
+}
+
+MatchResult PrefixCache::match(std::span<const BlockHash> digests) {
+  MatchResult r;
+  r.block_ids.resize(digests.size());
+  r.num_matched = match(digests, std::span<BlockId>(r.block_ids));
+  r.block_ids.resize(r.num_matched);
+  return r;
+}
+
+std::uint32_t PrefixCache::peek(std::span<const BlockHash> digests, std::span<BlockId> out) const {
+  if (!out.empty() && out.size() < digests.size()) {
+    throw Error(ErrorCode::kInvalidArgument, "peek: output holds " + std::to_string(out.size()) +
+                                                 " ids for " + std::to_string(digests.size()) + " digests");
+  }
+  const std::lock_guard lock(impl_->mutex);
+  return impl_->walk(digests, out, false);
+}
+
+void PrefixCache::release(std::span<const BlockHash> digests) {
+  Impl& s = *impl_;
+  const std::lock_guard lock(s.mutex);
+  s.scratch_nodes.clear();
+  std::uint32_t now_unused = 0;
+  for (std::size_t i = 0; i < digests.size(); ++i) {
+    const std::uint32_t idx = s.find(digests[i]);
+    if (idx == kNone || s.nodes[idx].users == 0) {
+      for (std::uint32_t done : s.scratch_nodes) ++s.nodes[done].users;  // undo: nothing changed
+      throw Error(ErrorCode::kRefCountUnderflow,
+                  "release: digest " + digests[i].hex() + position_text(i) +
+                      (idx == kNone ? " is not cached" : " has no use left to release"));
+    }
+    // Tentative: only the counts change until every digest is known good (a digest may appear
+    // several times, one use per appearance).
+    if (--s.nodes[idx].users == 0) ++now_unused;
+    s.scratch_nodes.push_back(idx);
+  }
+  s.in_use_count -= now_unused;
+  for (std::uint32_t idx : s.scratch_nodes) {
+    s.touch(idx);
+    const Node& n = s.nodes[idx];
+    if (n.users == 0 && n.children == 0 && !s.heap.contains(idx)) s.make_evictable(idx);
+  }
+}
+
+InsertResult PrefixCache::insert(std::span<const BlockHash> digests, std::span<const BlockId> block_ids,
+                                 const InsertOptions& options) {
+  Impl& s = *impl_;
+  const std::size_t n = digests.size();
+  if (block_ids.size() != n) {
+    throw Error(ErrorCode::kInvalidArgument, "insert: " + std::to_string(block_ids.size()) + " block ids for " +
+                                                 std::to_string(n) + " digests");
+  }
+  if (!options.token_ids.empty() && options.token_ids.size() != n * s.block_size) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "insert: " + std::to_string(options.token_ids.size()) + " token ids for " + std::to_string(n) +
+                    " blocks of " + std::to_string(s.block_size) + " tokens (expected " +
+                    std::to_string(n * s.block_size) + " or none)");
+  }
+  if (n >= kNone) throw Error(ErrorCode::kInvalidArgument, "insert: too many digests: " + std::to_string(n));
+
+  const std::lock_guard lock(s.mutex);
+
+  // --- checks: nothing changes until all pass -----------------------------------------------------
+  std::uint32_t attach = kNone;
+  if (options.parent) {
+    attach = s.find(*options.parent);
+    if (attach == kNone) {
+      throw Error(ErrorCode::kCacheMiss,
+                  "insert: parent digest " + options.parent->hex() + " is not cached; nothing was inserted");
+    }
+  }
+  std::vector<std::uint32_t>& reused = s.scratch_nodes;
+  reused.clear();
+  std::uint32_t cur = attach;
+  std::size_t k = 0;
+  for (; k < n; ++k) {
+    const std::uint32_t idx = s.find(digests[k]);
+    if (idx == kNone) break;
+    if (s.nodes[idx].parent != cur) {
+      throw Error(ErrorCode::kInvalidArgument, "insert: digest " + digests[k].hex() + position_text(k) +
+                                                   " is cached under a different parent than the one before it");
+    }
+    reused.push_back(idx);
+    cur = idx;
+  }
+  for (std::size_t j = k + 1; j < n; ++j) {
+    if (s.find(digests[j]) != kNone) {
+      throw Error(ErrorCode::kInvalidArgument, "insert: digest " + digests[j].hex() + position_text(j) +
+                                                   " is cached under a different parent than the one before it");
+    }
+  }
+  const auto num_new = static_cast<std::uint32_t>(n - k);
+  std::vector<std::uint32_t>& order = s.scratch_positions;
+  if (num_new > 1) {
+    order.resize(num_new);
+    for (std::uint32_t j = 0; j < num_new; ++j) order[j] = static_cast<std::uint32_t>(k + j);
+    std::sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) {
+      return digests[a] != digests[b] ? digests[a] < digests[b] : a < b;
+    });
+    for (std::uint32_t j = 1; j < num_new; ++j) {
+      if (digests[order[j]] == digests[order[j - 1]]) {
+        throw Error(ErrorCode::kInvalidArgument, "insert: digest " + digests[order[j]].hex() + " appears at positions " +
+                                                     std::to_string(order[j - 1]) + " and " +
+                                                     std::to_string(order[j]));
+      }
+    }
+  }
+  for (std::size_t j = k; j < n; ++j) {
+    const BlockId b = block_ids[j];
+    if (s.allocator != nullptr && !s.allocator->is_allocated(b)) {
+      throw Error(ErrorCode::kInvalidBlock, "insert: block id " + std::to_string(b) + position_text(j) +
+                                                " is not allocated (pool of " +
+                                                std::to_string(s.allocator->num_blocks()) + " blocks)");
+    }
+    const std::uint32_t owner = s.block_owner(b);
+    if (owner != kNone) {
+      throw Error(ErrorCode::kInvalidArgument, "insert: block id " + std::to_string(b) + position_text(j) +
+                                                   " already caches digest " + s.nodes[owner].digest.hex());
+    }
+  }
+  if (num_new > 1) {
+    for (std::uint32_t j = 0; j < num_new; ++j) order[j] = static_cast<std::uint32_t>(k + j);
+    std::sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) {
+      return block_ids[a] != block_ids[b] ? block_ids[a] < block_ids[b] : a < b;
+    });
+    for (std::uint32_t j = 1; j < num_new; ++j) {
+      if (block_ids[order[j]] == block_ids[order[j - 1]]) {
+        throw Error(ErrorCode::kInvalidArgument, "insert: block id " + std::to_string(block_ids[order[j]]) +
+                                                     " appears at positions " + std::to_string(order[j - 1]) +
+                                                     " and " + std::to_string(order[j]));
+      }
+    }
+  }
+  const std::span<const BlockId> new_ids = block_ids.subspan(k);
+  if (s.allocator != nullptr && num_new != 0) {
+    // The cache's reference on every new block, taken up front so a refusal changes nothing. It can
+    // only fail if the caller frees a block concurrently, which the protocol forbids.
+    const BatchStatus st = s.allocator->incref(new_ids);
+    if (!st.ok()) {
+      throw Error(ErrorCode::kInvalidBlock, "insert: block id " +
+                                                std::to_string(new_ids[static_cast<std::size_t>(st.index)]) +
+                                                position_text(k + static_cast<std::size_t>(st.index)) +
+                                                " is not allocated");
+    }
+  }
+
+  // --- changes --------------------------------------------------------------------------------
+  for (std::uint32_t idx : reused) {
+    Node& node = s.nodes[idx];
+    node.priority = std::max(node.priority, options.priority);
+    s.touch(idx);
+  }
+  std::vector<BlockHash> removed_digests;
+  std::uint32_t fit = num_new;
+  if (s.capacity && num_new != 0 && std::uint64_t{s.live_count} + num_new > *s.capacity) {
+    // The attachment point may be an unused leaf: keep it while making room below it.
+    if (cur != kNone) s.acquire(cur);
+    const std::uint64_t excess = std::uint64_t{s.live_count} + num_new - *s.capacity;
+    s.evict_locked(static_cast<std::uint32_t>(std::min<std::uint64_t>(excess, kNone - 1)),
+                   s.events_on() ? &removed_digests : nullptr);
+    if (cur != kNone) s.drop_use(cur);
+    fit = s.live_count >= *s.capacity ? 0 : std::min(num_new, *s.capacity - s.live_count);
+    if (s.allocator != nullptr && fit < num_new) {
+      // Give back the references taken on blocks that do not fit; the caller still holds its own,
+      // so none of them reaches zero.
+      [[maybe_unused]] const BatchStatus st = s.allocator->free(new_ids.subspan(fit));
+      assert(st.ok());
+    }
+  }
+  s.return_blocks();
+  if (!removed_digests.empty()) {
+    PrefixCacheEvent ev;
+    ev.type = PrefixCacheEvent::Type::kRemoved;
+    ev.digests = std::move(removed_digests);
+    s.emit(std::move(ev));
+  }
+
+  const std::uint32_t event_parent = cur;
+  const std::int64_t now = fit != 0 ? s.now_ns() : 0;
+  for (std::uint32_t j = 0; j < fit; ++j) {
+    const std::size_t pos = k + j;
+    const std::uint32_t idx = s.alloc_node();  // may grow `nodes`: no references held across it
+    Node& node = s.nodes[idx];
+    node.digest = digests[pos];
+    node.block = block_ids[pos];
+    node.parent = cur;
+    node.owner = options.owner;
+    node.priority = options.priority;
+    node.insert_tick = ++s.tick;
+    node.last_access = node.insert_tick;
+    node.inserted_ns = now;
+    s.index.insert(node.digest, idx);
+    s.set_block_owner(node.block, idx);
+    if (cur != kNone) {
+      Node& p = s.nodes[cur];
+      if (p.children == 0 && p.users == 0) s.unmake_evictable(cur);
+      ++p.children;
+    }
+    cur = idx;
+  }
+  if (fit != 0) {
+    s.make_evictable(cur);
+    s.counters.inserts += fit;
+    if (s.events_on()) {
+      PrefixCacheEvent ev;
+      ev.type = PrefixCacheEvent::Type::kStored;
+      ev.digests.assign(digests.begin() + static_cast<std::ptrdiff_t>(k),
+                        digests.begin() + static_cast<std::ptrdiff_t>(k + fit));
+      if (event_parent != kNone) ev.parent = s.nodes[event_parent].digest;
+      if (!options.token_ids.empty()) {
+        const std::size_t bs = s.block_size;
+        ev.token_ids.assign(options.token_ids.begin() + static_cast<std::ptrdiff_t>(k * bs),
+                            options.token_ids.begin() + static_cast<std::ptrdiff_t>((k + fit) * bs));
+      }
+      ev.block_size = s.block_size;
+      if (options.extra_key) ev.extra_key = std::string(*options.extra_key);
+      s.emit(std::move(ev));
+    }
+  }
+  return {static_cast<std::uint32_t>(k), fit};
+}
+
+std::uint32_t PrefixCache::evict(std::uint32_t n) {
+  Impl& s = *impl_;
+  const std::lock_guard lock(s.mutex);
+  std::vector<BlockHash> removed;
+  const std::uint32_t done = s.evict_locked(n, s.events_on() ? &removed : nullptr);
+  s.return_blocks();
+  if (!removed.empty()) {
+    PrefixCacheEvent ev;
+    ev.type = PrefixCacheEvent::Type::kRemoved;
+    ev.digests = std::move(removed);
+    s.emit(std::move(ev));
+  }
+  return done;
+}
+
+std::uint32_t PrefixCache::invalidate(std::uint64_t owner) {
+  Impl& s = *impl_;
+  const std::lock_guard lock(s.mutex);
+  std::vector<BlockHash> removed;
+  const std::uint32_t done =
+      s.remove_subtrees([owner](const Node& n) { return n.owner == owner; }, s.events_on() ? &removed : nullptr);
+  s.return_blocks();
+  if (!removed.empty()) {
+    PrefixCacheEvent ev;
+    ev.type = PrefixCacheEvent::Type::kRemoved;
+    ev.digests = std::move(removed);
+    s.emit(std::move(ev));
+  }
+  return done;
+}
+
+std::uint32_t PrefixCache::clear() {
+  Impl& s = *impl_;
+  const std::lock_guard lock(s.mutex);
+  std::vector<BlockHash> removed;
+  const std::uint32_t done = s.remove_subtrees([](const Node&) { return true; }, s.events_on() ? &removed : nullptr);
+  s.return_blocks();
+  if (s.live_count == 0) {
+    // Nothing left: start from compact tables (a cache that once held a burst keeps no large arrays).
+    s.nodes.clear();
+    s.nodes.shrink_to_fit();
+    s.free_head = kNone;
+    s.index.clear();
+    s.heap = detail::EvictionHeap{};
+    s.lru_heap = detail::EvictionHeap{};
+    PrefixCacheEvent ev;
+    ev.type = PrefixCacheEvent::Type::kCleared;
+    s.emit(std::move(ev));
+  } else if (!removed.empty()) {
+    PrefixCacheEvent ev;
+    ev.type = PrefixCacheEvent::Type::kRemoved;
+    ev.digests = std::move(removed);
+    s.emit(std::move(ev));
+  }
+  return done;
+}
+
+std::vector<PrefixCacheEvent> PrefixCache::drain_events() {
+  const std::lock_guard lock(impl_->mutex);
+  std::vector<PrefixCacheEvent> out(std::make_move_iterator(impl_->events.begin()),
+                                    std::make_move_iterator(impl_->events.end()));
+  impl_->events.clear();
+  return out;
+}
+
+PrefixCacheStats PrefixCache::stats() const {
+  const std::lock_guard lock(impl_->mutex);
+  PrefixCacheStats st = impl_->counters;
+  st.cached_blocks = impl_->live_count;
+  st.evictable_blocks = impl_->heap.size();
+  st.in_use_blocks = impl_->in_use_count;
+  return st;
+}
+
+std::uint32_t PrefixCache::size() const {
+  const std::lock_guard lock(impl_->mutex);
+  return impl_->live_count;
+}
+
+bool PrefixCache::contains(const BlockHash& digest) const {
+  const std::lock_guard lock(impl_->mutex);
+  return impl_->find(digest) != kNone;
+}
+
+std::optional<PrefixNodeInfo> PrefixCache::lookup(const BlockHash& digest) const {
+  const std::lock_guard lock(impl_->mutex);
+  const std::uint32_t idx = impl_->find(digest);
+  if (idx == kNone) return std::nullopt;
+  const Node& n = impl_->nodes[idx];
+  PrefixNodeInfo info;
+  info.block_id = n.block;
+  if (n.parent != kNone) info.parent = impl_->nodes[n.parent].digest;
+  info.num_children = n.children;
+  info.users = n.users;
+  info.owner = n.owner;
+  info.priority = n.priority;
+  return info;
+}
+
+std::vector<BlockId> PrefixCache::cached_block_ids() const {
+  const std::lock_guard lock(impl_->mutex);
+  std::vector<BlockId> ids;
+  ids.reserve(impl_->live_count);
+  for (const Node& n : impl_->nodes) {
+    if (n.live) ids.push_back(n.block);
+  }
+  return ids;
+}
+
+std::size_t PrefixCache::node_bytes() noexcept { return sizeof(Node); }
+
+std::size_t PrefixCache::metadata_bytes() const {
+  const std::lock_guard lock(impl_->mutex);
+  const Impl& s = *impl_;
+  // unordered_map: one heap node (key, value, next pointer, cached hash) per entry + the buckets.
+  const std::size_t map_bytes = s.block_node_map.size() * (sizeof(void*) * 2 + sizeof(BlockId) + sizeof(std::uint32_t)) +
+                                s.block_node_map.bucket_count() * sizeof(void*);
+  return s.nodes.capacity() * sizeof(Node) + s.index.memory_bytes() + s.heap.memory_bytes() +
+         s.lru_heap.memory_bytes() + s.block_node.capacity() * sizeof(std::uint32_t) + map_bytes;
+}
+
+void PrefixCache::check_invariants() const {
+  const std::lock_guard lock(impl_->mutex);
+  const Impl& s = *impl_;
+  const auto fail = [](const std::string& what) { throw Error(ErrorCode::kInternal, "prefix cache invariant: " + what); };
+  const auto count = static_cast<std::uint32_t>(s.nodes.size());
+  std::vector<std::uint32_t> children(count, 0);
+  std::uint32_t live = 0, in_use = 0, evictable = 0;
+  for (std::uint32_t i = 0; i < count; ++i) {
+    const Node& n = s.nodes[i];
+    if (!n.live) continue;
+    ++live;
+    if (n.users > 0) ++in_use;
+    if (s.find(n.digest) != i) fail("node " + std::to_string(i) + " is not found under its digest");
+    if (n.parent != kNone) {
+      if (n.parent >= count || !s.nodes[n.parent].live) fail("node " + std::to_string(i) + " has a dead parent");
+      ++children[n.parent];
+    }
+    if (s.block_owner(n.block) != i) fail("block " + std::to_string(n.block) + " does not map to its node");
+    if (s.allocator != nullptr && !s.allocator->is_allocated(n.block)) {
+      fail("cached block " + std::to_string(n.block) + " is not allocated");
+    }
+  }
+  for (std::uint32_t i = 0; i < count; ++i) {
+    const Node& n = s.nodes[i];
+    if (!n.live) {
+      if (s.heap.contains(i) || s.lru_heap.contains(i)) fail("free record " + std::to_string(i) + " is in a heap");
+      continue;
+    }
+    if (children[i] != n.children) {
+      fail("node " + std::to_string(i) + " counts " + std::to_string(n.children) + " children, has " +
+           std::to_string(children[i]));
+    }
+    const bool should = n.users == 0 && n.children == 0;
+    if (should) ++evictable;
+    if (s.heap.contains(i) != should) fail("node " + std::to_string(i) + " heap membership is wrong");
+    if (s.two_heaps() && s.lru_heap.contains(i) != should) fail("node " + std::to_string(i) + " LRU heap membership");
+  }
+  if (live != s.live_count) fail("live count " + std::to_string(s.live_count) + " != " + std::to_string(live));
+  if (in_use != s.in_use_count) fail("in-use count " + std::to_string(s.in_use_count) + " != " + std::to_string(in_use));
+  if (s.index.size() != live) fail("index holds " + std::to_string(s.index.size()) + " entries for " + std::to_string(live));
+  if (s.heap.size() != evictable) fail("heap size");
+  if (!s.heap.valid() || !s.lru_heap.valid()) fail("heap order");
+  std::size_t mapped = 0;
+  if (s.allocator != nullptr) {
+    for (std::uint32_t v : s.block_node) mapped += v != kNone ? 1 : 0;
+  } else {
+    mapped = s.block_node_map.size();
+  }
+  if (mapped != live) fail("block map holds " + std::to_string(mapped) + " entries for " + std::to_string(live));
+}
+
+}  // namespace sagellm::kv

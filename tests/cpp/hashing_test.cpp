@@ -1,0 +1,277 @@
+#include "sagellm_kv/hashing.hpp"
+
+#include <gtest/gtest.h>
+#include <openssl/sha.h>
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "sagellm_kv/error.hpp"
+
+namespace sagellm::kv {
+namespace {
+
+// The message of one block, built independently of the library from the layout in hashing.hpp.
+std::vector<unsigned char> block_message(const BlockHash& parent, const std::string& salt, const std::string& extra,
+                                         const std::vector<std::int32_t>& tokens) {
+  std::vector<unsigned char> m(parent.bytes.begin(), parent.bytes.end());
+  const auto put32 = [&m](std::uint32_t v) {
+    for (int i = 0; i < 4; ++i) m.push_back(static_cast<unsigned char>(v >> (8 * i)));
+  };
+  put32(static_cast<std::uint32_t>(salt.size()));
+  m.insert(m.end(), salt.begin(), salt.end());
+  put32(static_cast<std::uint32_t>(extra.size()));
+  m.insert(m.end(), extra.begin(), extra.end());
+  put32(static_cast<std::uint32_t>(tokens.size()));
+  for (std::int32_t t : tokens) put32(static_cast<std::uint32_t>(t));
+  return m;
+}
+
+BlockHash sha256_of(const std::vector<unsigned char>& m) {
+  BlockHash h;
+  SHA256(m.data(), m.size(), h.bytes.data());  // OpenSSL's one-shot: a path independent of EVP reuse
+  return h;
+}
+
+BlockHash from_hex(const std::string& hex) {
+  BlockHash h;
+  for (std::size_t i = 0; i < hex.size() / 2; ++i) {
+    h.bytes[i] = static_cast<std::uint8_t>(std::stoul(hex.substr(2 * i, 2), nullptr, 16));
+  }
+  return h;
+}
+
+std::vector<std::int32_t> iota_tokens(std::size_t n, std::int32_t start = 0) {
+  std::vector<std::int32_t> v(n);
+  std::iota(v.begin(), v.end(), start);
+  return v;
+}
+
+ErrorCode code_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.code();
+  }
+  return ErrorCode::kOk;
+}
+
+TEST(Hashing, RootIsThirtyTwoZeroBytes) {
+  for (std::uint8_t b : kRootBlockHash.bytes) EXPECT_EQ(b, 0);
+  EXPECT_EQ(kRootBlockHash.hex(), std::string(64, '0'));
+}
+
+TEST(Hashing, FirstBlockMatchesKnownVector) {
+  BlockHasher hasher;
+  const auto tokens = iota_tokens(16);
+  const auto digests = hasher.hash_blocks(tokens, 16);
+  ASSERT_EQ(digests.size(), 1u);
+  // Computed with Python's hashlib from the documented layout.
+  EXPECT_EQ(digests[0].hex(), "f4ef49428c6e70c92eef2cc8c1f3094a3f071a4a0dcd21b2531d913c044cf9d1");
+  EXPECT_EQ(digests[0], sha256_of(block_message(kRootBlockHash, "", "", tokens)));
+}
+
+TEST(Hashing, BlocksChainFromTheirParent) {
+  BlockHasher hasher;
+  const auto tokens = iota_tokens(40);  // two full blocks and a partial one, which is not hashed
+  const auto digests = hasher.hash_blocks(tokens, 16);
+  ASSERT_EQ(digests.size(), 2u);
+  EXPECT_EQ(digests[1].hex(), "6b27b962a2b13fabc105c71491526819fb5f7d01abc5fd3d9435ad171990ff7f");
+  EXPECT_EQ(digests[1], sha256_of(block_message(digests[0], "", "", iota_tokens(16, 16))));
+
+  // Hashing the continuation from the first digest gives the same second digest.
+  const std::vector<std::int32_t> tail(tokens.begin() + 16, tokens.end());
+  const auto cont = hasher.hash_blocks(tail, 16, digests[0]);
+  ASSERT_EQ(cont.size(), 1u);
+  EXPECT_EQ(cont[0], digests[1]);
+
+  // The same block under a different prefix gets a different digest.
+  auto other = tokens;
+  other[0] = 999;
+  const auto changed = hasher.hash_blocks(other, 16);
+  EXPECT_NE(changed[0], digests[0]);
+  EXPECT_NE(changed[1], digests[1]);
+}
+
+TEST(Hashing, NegativeAndExtremeTokenIdsAreLittleEndianInt32) {
+  BlockHasher hasher;
+  const std::vector<std::int32_t> tokens{-1, 2147483647, -2147483647 - 1, 0};
+  const auto d = hasher.hash_blocks(tokens, 4);
+  ASSERT_EQ(d.size(), 1u);
+  EXPECT_EQ(d[0].hex(), "9c994386e77ca2019fab4744da0f4a38d785904c99bf3b67767887e37180c15b");
+}
+
+TEST(Hashing, SaltAppliesToTheFirstBlockOnlyAndSeparatesTenants) {
+  BlockHasher hasher;
+  const auto tokens = iota_tokens(32);
+  const auto d = hasher.hash_blocks(tokens, 16, kRootBlockHash, {"tenant-a", "lora-7"});
+  ASSERT_EQ(d.size(), 2u);
+  EXPECT_EQ(d[0].hex(), "c2a0d397cdc5edc6e624ca532c09bfa0b76b2eb53ad74b7138db5691c44525cb");
+  EXPECT_EQ(d[1].hex(), "19372dfed58e15688bae9b1be1bf5c10bc031506664e3402177678332aeadf32");
+  EXPECT_EQ(d[0], sha256_of(block_message(kRootBlockHash, "tenant-a", "lora-7", iota_tokens(16))));
+  EXPECT_EQ(d[1], sha256_of(block_message(d[0], "", "lora-7", iota_tokens(16, 16))));
+
+  const auto b = hasher.hash_blocks(tokens, 16, kRootBlockHash, {"tenant-b", "lora-7"});
+  const auto none = hasher.hash_blocks(tokens, 16, kRootBlockHash, {"", "lora-7"});
+  for (std::size_t i = 0; i < 2; ++i) {
+    EXPECT_NE(d[i], b[i]) << i;
+    EXPECT_NE(d[i], none[i]) << i;
+  }
+  // A continuation from a non-root parent already carries the salt: passing it again is a no-op.
+  std::vector<BlockHash> out(1);
+  const std::vector<std::int32_t> tail(tokens.begin() + 16, tokens.end());
+  ASSERT_EQ(hasher.hash_blocks(std::span<const std::int32_t>(tail), 16, d[0], {"tenant-a", "lora-7"},
+                               std::span<BlockHash>(out)),
+            1u);
+  EXPECT_EQ(out[0], d[1]);
+}
+
+TEST(Hashing, ExtraKeyAppliesToEveryBlock) {
+  BlockHasher hasher;
+  const auto tokens = iota_tokens(16);
+  const BlockHash parent = from_hex("11");
+  std::vector<BlockHash> plain(1), lora(1);
+  ASSERT_EQ(hasher.hash_blocks(std::span<const std::int32_t>(tokens), 16, parent, {}, std::span<BlockHash>(plain)), 1u);
+  ASSERT_EQ(hasher.hash_blocks(std::span<const std::int32_t>(tokens), 16, parent, {"", "adapter"},
+                               std::span<BlockHash>(lora)),
+            1u);
+  EXPECT_NE(plain[0], lora[0]);
+  EXPECT_EQ(lora[0], sha256_of(block_message(parent, "", "adapter", tokens)));
+}
+
+TEST(Hashing, LengthPrefixesKeepFieldsApart) {
+  BlockHasher hasher;
+  const auto tokens = iota_tokens(16);
+  const auto ab = hasher.hash_blocks(tokens, 16, kRootBlockHash, {"ab", "c"});
+  const auto a_bc = hasher.hash_blocks(tokens, 16, kRootBlockHash, {"a", "bc"});
+  EXPECT_NE(ab[0], a_bc[0]);
+}
+
+TEST(Hashing, Int64InputHashesLikeInt32) {
+  BlockHasher hasher;
+  const auto t32 = iota_tokens(48, -5);
+  std::vector<std::int64_t> t64(t32.begin(), t32.end());
+  std::vector<BlockHash> a(3), b(3);
+  ASSERT_EQ(hasher.hash_blocks(std::span<const std::int32_t>(t32), 16, kRootBlockHash, {"s", "x"},
+                               std::span<BlockHash>(a)),
+            3u);
+  ASSERT_EQ(hasher.hash_blocks(std::span<const std::int64_t>(t64), 16, kRootBlockHash, {"s", "x"},
+                               std::span<BlockHash>(b)),
+            3u);
+  EXPECT_EQ(a, b);
+}
+
+TEST(Hashing, Int64OutOfRangeNamesValueAndPosition) {
+  BlockHasher hasher;
+  std::vector<std::int64_t> t(32, 1);
+  t[20] = std::int64_t{1} << 40;
+  std::vector<BlockHash> out(2, from_hex("ee"));
+  try {
+    (void)hasher.hash_blocks(std::span<const std::int64_t>(t), 16, kRootBlockHash, {}, std::span<BlockHash>(out));
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("1099511627776"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("position 20"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(out[0], from_hex("ee"));  // nothing written
+  // A value in the partial trailing block is never hashed, so it is not checked either.
+  std::vector<std::int64_t> tail_bad(20, 1);
+  tail_bad[18] = -(std::int64_t{1} << 40);
+  EXPECT_EQ(hasher.hash_blocks(std::span<const std::int64_t>(tail_bad), 16, kRootBlockHash, {},
+                               std::span<BlockHash>(out)),
+            1u);
+}
+
+TEST(Hashing, BadArgumentsAreInvalidArgument) {
+  BlockHasher hasher;
+  const auto tokens = iota_tokens(32);
+  std::vector<BlockHash> out(1);
+  EXPECT_EQ(code_of([&] {
+              (void)hasher.hash_blocks(std::span<const std::int32_t>(tokens), 0, kRootBlockHash, {},
+                                       std::span<BlockHash>(out));
+            }),
+            ErrorCode::kInvalidArgument);
+  EXPECT_EQ(code_of([&] {
+              (void)hasher.hash_blocks(std::span<const std::int32_t>(tokens), 16, kRootBlockHash, {},
+                                       std::span<BlockHash>(out));
+            }),
+            ErrorCode::kInvalidArgument);  // two blocks, room for one
+  EXPECT_TRUE(hasher.hash_blocks(iota_tokens(15), 16).empty());
+  EXPECT_TRUE(hasher.hash_blocks(std::vector<std::int32_t>{}, 16).empty());
+}
+
+TEST(Hashing, AlgorithmNames) {
+  EXPECT_EQ(parse_hash_algorithm("sha256"), HashAlgorithm::kSha256);
+  EXPECT_EQ(parse_hash_algorithm("xxh3_128"), HashAlgorithm::kXxh3_128);
+  EXPECT_EQ(hash_algorithm_name(HashAlgorithm::kXxh3_128), "xxh3_128");
+  try {
+    (void)parse_hash_algorithm("md5");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    const std::string what = e.what();
+    EXPECT_NE(what.find("md5"), std::string::npos);
+    EXPECT_NE(what.find("sha256"), std::string::npos);
+    EXPECT_NE(what.find("xxh3_128"), std::string::npos);
+  }
+  const auto names = available_hash_algorithms();
+  ASSERT_FALSE(names.empty());
+  EXPECT_EQ(names.front(), "sha256");
+}
+
+TEST(Hashing, Xxh3OptionOrClearError) {
+  if (!hash_algorithm_available(HashAlgorithm::kXxh3_128)) {
+    try {
+      BlockHasher h(HashAlgorithm::kXxh3_128);
+      FAIL() << "xxh3_128 is reported unavailable but constructed";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+      EXPECT_NE(std::string(e.what()).find("available: sha256"), std::string::npos) << e.what();
+    }
+    GTEST_SKIP() << "built without libxxhash";
+  }
+  BlockHasher hasher(HashAlgorithm::kXxh3_128);
+  EXPECT_EQ(hasher.algorithm(), HashAlgorithm::kXxh3_128);
+  const auto tokens = iota_tokens(32);
+  const auto d = hasher.hash_blocks(tokens, 16);
+  ASSERT_EQ(d.size(), 2u);
+  // XXH3_128bits of the first block's message, canonical (big-endian) bytes, computed by a separate
+  // program against libxxhash 0.8.1; then 16 zero bytes.
+  EXPECT_EQ(d[0].hex(), "b4c184c143500eace8600eee8661bb9e" + std::string(32, '0'));
+  for (std::size_t i = 16; i < 32; ++i) EXPECT_EQ(d[1].bytes[i], 0) << i;
+  EXPECT_NE(d[0], BlockHasher().hash_blocks(tokens, 16)[0]);
+  // Chaining and salting behave as with SHA-256.
+  const std::vector<std::int32_t> tail(tokens.begin() + 16, tokens.end());
+  EXPECT_EQ(hasher.hash_blocks(tail, 16, d[0])[0], d[1]);
+  EXPECT_NE(hasher.hash_blocks(tokens, 16, kRootBlockHash, {"salt", ""})[1], d[1]);
+}
+
+TEST(Hashing, ThreadLocalHashersAgreeAcrossThreads) {
+  const auto tokens = iota_tokens(16 * 80 + 7);
+  std::vector<BlockHash> expected(80);
+  ASSERT_EQ(hash_blocks(HashAlgorithm::kSha256, tokens, 16, kRootBlockHash, {"t", ""}, expected), 80u);
+  std::vector<std::thread> threads;
+  std::vector<int> ok(4, 0);
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::vector<BlockHash> out(80);
+      bool all = true;
+      for (int i = 0; i < 50; ++i) {
+        all = all && hash_blocks(HashAlgorithm::kSha256, tokens, 16, kRootBlockHash, {"t", ""}, out) == 80u &&
+              out == expected;
+      }
+      ok[static_cast<std::size_t>(t)] = all ? 1 : 0;
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int v : ok) EXPECT_EQ(v, 1);
+}
+
+}  // namespace
+}  // namespace sagellm::kv

@@ -1,0 +1,211 @@
+// Several threads run the scheduler's cycle against one prefix cache and one block allocator:
+// hash a prompt, match (acquire), allocate and "compute" the missing blocks, insert, free their own
+// references, release; plus on-demand eviction, invalidation, peeks and invariant checks. Fixed
+// seeds and thread counts. Meant to run under TSan and ASan+UBSan as well.
+//
+// Each block's "KV content" is a plain (non-atomic) word written by the thread that allocated the
+// block and read by every thread that matches it. If the cache ever let a held or cached block go
+// back to the allocator, another thread would reallocate and overwrite it: the content check fails,
+// and TSan reports the unsynchronised write.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "sagellm_kv/block_allocator.hpp"
+#include "sagellm_kv/error.hpp"
+#include "sagellm_kv/hashing.hpp"
+#include "sagellm_kv/prefix_cache.hpp"
+
+namespace sagellm::kv {
+namespace {
+
+constexpr std::uint32_t kBlockSize = 4;
+constexpr std::uint32_t kPoolBlocks = 2048;
+constexpr std::uint32_t kCapacity = 384;
+constexpr int kThreads = 4;
+constexpr int kIterations = 4000;
+constexpr int kSharedPrefixes = 6;
+
+std::uint64_t tag_of(const BlockHash& d) {
+  std::uint64_t t = 0;
+  std::memcpy(&t, d.bytes.data(), sizeof t);
+  return t | 1;  // never 0, which marks "no content"
+}
+
+struct Request {
+  std::vector<BlockHash> digests;
+  std::uint32_t matched = 0;
+};
+
+struct Shared {
+  BlockAllocator alloc{kPoolBlocks};
+  std::unique_ptr<PrefixCache> cache;
+  std::vector<std::uint64_t> content = std::vector<std::uint64_t>(kPoolBlocks, 0);
+  std::atomic<int> failures{0};
+};
+
+void fail(Shared& s, const std::string& what) {
+  if (s.failures.fetch_add(1, std::memory_order_relaxed) < 5) ADD_FAILURE() << what;
+}
+
+void worker(Shared& s, int thread_index) {
+  std::mt19937 rng(0xC0FFEEu + static_cast<std::uint32_t>(thread_index));
+  const auto next = [&rng] { return static_cast<std::uint32_t>(rng()); };
+  const std::uint64_t owner = static_cast<std::uint64_t>(thread_index) + 1;
+  std::deque<Request> held;  // up to two requests in flight per thread
+  std::vector<std::int32_t> tokens;
+  std::vector<BlockId> ids;
+  std::vector<BlockId> fresh;
+  for (int it = 0; it < kIterations && s.failures.load(std::memory_order_relaxed) == 0; ++it) {
+    // Prompt: one of a few shared prefixes (0-8 blocks) + a tail that is private or popular.
+    const auto prefix = static_cast<std::int32_t>(next() % kSharedPrefixes);
+    const std::uint32_t shared_blocks = next() % 9;
+    const std::uint32_t tail_blocks = 1 + next() % 4;
+    const bool popular_tail = next() % 3 == 0;
+    tokens.clear();
+    for (std::uint32_t i = 0; i < shared_blocks * kBlockSize; ++i) tokens.push_back(prefix * 1000 + static_cast<std::int32_t>(i));
+    for (std::uint32_t i = 0; i < tail_blocks * kBlockSize; ++i) {
+      tokens.push_back(popular_tail ? static_cast<std::int32_t>(i) : static_cast<std::int32_t>(next() % 50000));
+    }
+    tokens.push_back(7);  // a partial block, never hashed
+    Request req;
+    req.digests.resize(num_full_blocks(tokens.size(), kBlockSize));
+    const std::string salt = prefix % 2 == 0 ? "" : "tenant-odd";
+    if (hash_blocks(HashAlgorithm::kSha256, tokens, kBlockSize, kRootBlockHash, {salt, ""}, req.digests) !=
+        req.digests.size()) {
+      fail(s, "hash count");
+      return;
+    }
+
+    // Match: every matched block must still hold the content its digest was computed into.
+    ids.assign(req.digests.size(), -1);
+    req.matched = s.cache->match(req.digests, ids);
+    for (std::uint32_t i = 0; i < req.matched; ++i) {
+      const auto b = static_cast<std::uint32_t>(ids[i]);
+      if (!s.alloc.is_allocated(ids[i])) fail(s, "matched block " + std::to_string(ids[i]) + " is free");
+      if (s.content[b] != tag_of(req.digests[i])) fail(s, "matched block " + std::to_string(ids[i]) + " was overwritten");
+    }
+
+    // Allocate and "compute" the rest; make room in the cache when the pool is short.
+    const std::size_t missing = req.digests.size() - req.matched;
+    fresh.assign(missing, -1);
+    bool got = s.alloc.allocate(fresh).ok();
+    if (!got) {
+      (void)s.cache->evict(static_cast<std::uint32_t>(missing) + 8);
+      got = s.alloc.allocate(fresh).ok();
+    }
+    if (got) {
+      for (std::size_t j = 0; j < missing; ++j) {
+        s.content[static_cast<std::uint32_t>(fresh[j])] = tag_of(req.digests[req.matched + j]);
+        ids[req.matched + j] = fresh[j];
+      }
+      InsertOptions io;
+      io.owner = owner;
+      io.priority = static_cast<std::int32_t>(next() % 4);
+      io.token_ids = std::span<const std::int32_t>(tokens).first(req.digests.size() * kBlockSize);
+      try {
+        const InsertResult r = s.cache->insert(req.digests, ids, io);
+        if (r.num_redundant < req.matched) fail(s, "insert did not see the matched prefix as cached");
+      } catch (const Error& e) {
+        fail(s, std::string("insert: ") + e.what());
+      }
+      // The request is done computing: drop its own references (cached blocks keep the cache's).
+      if (!s.alloc.free(fresh).ok()) fail(s, "free of own blocks refused");
+    }
+    held.push_back(std::move(req));
+
+    if (held.size() > 2 || next() % 2 == 0) {
+      Request done = std::move(held.front());
+      held.pop_front();
+      try {
+        s.cache->release(std::span<const BlockHash>(done.digests).first(done.matched));
+      } catch (const Error& e) {
+        fail(s, std::string("release: ") + e.what());
+      }
+    }
+
+    switch (next() % 16) {
+      case 0: (void)s.cache->evict(1 + next() % 16); break;
+      case 1:
+        if (next() % 8 == 0) (void)s.cache->invalidate(owner);
+        break;
+      case 2: {
+        std::vector<BlockHash> probe(1);
+        const std::int32_t t[kBlockSize] = {prefix * 1000, prefix * 1000 + 1, prefix * 1000 + 2, prefix * 1000 + 3};
+        if (hash_blocks(HashAlgorithm::kSha256, t, kBlockSize, kRootBlockHash, {salt, ""}, probe) == 1) {
+          (void)s.cache->peek(probe);
+        }
+        break;
+      }
+      case 3:
+        try {
+          s.cache->check_invariants();
+        } catch (const Error& e) {
+          fail(s, e.what());
+        }
+        break;
+      case 4: (void)s.cache->drain_events(); break;
+      case 5: (void)s.cache->stats(); break;
+      default: break;
+    }
+  }
+  for (const Request& r : held) s.cache->release(std::span<const BlockHash>(r.digests).first(r.matched));
+}
+
+class PrefixCacheStress : public ::testing::TestWithParam<EvictionPolicy> {};
+
+TEST_P(PrefixCacheStress, ConcurrentMatchInsertReleaseEvictKeepsReferencesExact) {
+  Shared s;
+  PrefixCacheOptions o;
+  o.block_size = kBlockSize;
+  o.capacity_blocks = kCapacity;
+  o.policy = GetParam();
+  o.ttl_seconds = 0.002;
+  o.event_queue_capacity = 128;
+  s.cache = std::make_unique<PrefixCache>(o, &s.alloc);
+
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) threads.emplace_back(worker, std::ref(s), t);
+  for (auto& th : threads) th.join();
+  ASSERT_EQ(s.failures.load(), 0);
+
+  // Quiescent: nothing is held, so every allocated block is exactly a cache holding.
+  s.cache->check_invariants();
+  const PrefixCacheStats st = s.cache->stats();
+  EXPECT_EQ(st.in_use_blocks, 0u);
+  EXPECT_LE(st.cached_blocks, kCapacity);
+  EXPECT_GT(st.hit_blocks, 0u);
+  EXPECT_GT(st.evictions, 0u);
+  std::map<BlockId, std::uint32_t> holdings;
+  for (BlockId b : s.cache->cached_block_ids()) ++holdings[b];
+  for (const auto& [b, n] : holdings) EXPECT_EQ(n, 1u) << "block " << b << " cached twice";
+  for (BlockId b = 0; b < static_cast<BlockId>(kPoolBlocks); ++b) {
+    const auto it = holdings.find(b);
+    const std::uint32_t expected = it == holdings.end() ? 0 : it->second;
+    ASSERT_EQ(s.alloc.ref_count(b), expected) << "block " << b;
+  }
+  EXPECT_EQ(s.alloc.num_allocated(), holdings.size());
+
+  EXPECT_EQ(s.cache->clear(), holdings.size());
+  EXPECT_EQ(s.alloc.num_allocated(), 0u);
+  s.cache.reset();
+  EXPECT_EQ(s.alloc.num_allocated(), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, PrefixCacheStress,
+                         ::testing::Values(EvictionPolicy::kLru, EvictionPolicy::kPriority, EvictionPolicy::kTtl),
+                         [](const ::testing::TestParamInfo<EvictionPolicy>& param_info) {
+                           return std::string(eviction_policy_name(param_info.param));
+                         });
+
+}  // namespace
+}  // namespace sagellm::kv
