@@ -1,0 +1,348 @@
+"""Prefix caching: the native fast path (:class:`RadixPrefixCache`) and the seed's :class:`PrefixCache`.
+
+Block ``i`` of a prompt is identified by a chained digest: ``H(digest(i-1), key, tokens of block i)``
+with SHA-256 (OpenSSL) by default. A per-tenant ``salt`` enters the first block only, so tenants with
+different salts never share a block; an ``extra`` key (LoRA id, multimodal hash) enters every block.
+The trie lives in C++: longest-prefix match takes a reference on every matched block (``release``
+drops it), only unreferenced leaves are evicted, and evicted blocks go back to the pool.
+
+Scheduler flow with a pool::
+
+    cache = RadixPrefixCache(block_size=16, capacity_blocks=8192, pool=pool)
+    digests = cache.hash_tokens(prompt)                  # one C++ call for the whole prompt
+    hit, ids = cache.match(digests)                      # reuse ids[:hit]; they are referenced
+    new = pool.allocate(len(digests) - hit)              # only the missing blocks
+    ... prefill writes K/V into `new` ...
+    cache.insert(digests[hit:], new, parent=digests[hit - 1] if hit else None)
+    pool.free(new); cache.release(digests[:hit])         # at request end; the cache keeps its own refs
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from sagellm_kv_cache import _core
+from sagellm_kv_cache.paged import PagedKVPool
+
+__all__ = ["BlockHash", "PrefixCache", "RadixPrefixCache", "hash_algorithms"]
+
+BlockHash = bytes
+Digests = npt.NDArray[np.uint8]
+POLICIES = ("lru", "fifo", "priority", "ttl")
+
+
+def hash_algorithms() -> list[str]:
+    """Hash algorithms this build offers ("sha256" always; "xxh3_128" when built with xxHash)."""
+    return list(_core.available_hash_algorithms())
+
+
+class RadixPrefixCache:
+    """Hash-trie prefix cache over a :class:`PagedKVPool` (or metadata-only without one).
+
+    ``policy`` is one of ``lru`` (default), ``fifo``, ``priority`` (lowest first, LRU tie-break)
+    or ``ttl`` (entries older than ``ttl_seconds`` first, then LRU). ``capacity_blocks`` bounds the
+    cached blocks; inserting beyond it evicts first. Thread-safe.
+
+    ``hash_algorithm="xxh3_128"`` is a fast non-cryptographic option: collisions can be forced by
+    an adversary, so use it only for trusted single-tenant traffic.
+    """
+
+    def __init__(
+        self,
+        block_size: int = 16,
+        capacity_blocks: int | None = None,
+        policy: str = "lru",
+        *,
+        pool: PagedKVPool | None = None,
+        ttl_seconds: float = 300.0,
+        event_queue_capacity: int = 0,
+        hash_algorithm: str = "sha256",
+    ) -> None:
+        if pool is not None and not isinstance(pool, PagedKVPool):
+            raise TypeError(f"pool must be a PagedKVPool or None, got {type(pool).__name__}")
+        self.pool = pool
+        self._native = _core.PrefixCache(
+            block_size=block_size,
+            capacity_blocks=capacity_blocks,
+            policy=policy,
+            ttl_seconds=ttl_seconds,
+            allocator=None if pool is None else pool._native,
+            event_queue_capacity=event_queue_capacity,
+            hash_algorithm=hash_algorithm,
+        )
+        self.block_size = int(block_size)
+        self.hash_algorithm = hash_algorithm
+
+    # --- hashing ----------------------------------------------------------------------------
+
+    def hash_tokens(
+        self,
+        tokens: Any,
+        *,
+        parent: bytes | None = None,
+        salt: bytes | None = None,
+        extra: bytes | None = None,
+        block_size: int | None = None,
+    ) -> Digests:
+        """Chained digests of the full blocks of ``tokens`` (int32/int64 array), shape (n, 32)."""
+        return _core.hash_blocks(tokens, self.block_size if block_size is None else block_size,
+                                 parent=parent, salt=salt, extra=extra, algorithm=self.hash_algorithm)
+
+    # --- the trie ---------------------------------------------------------------------------
+
+    def match(self, digests: Any) -> tuple[int, npt.NDArray[np.int32]]:
+        """Longest cached prefix: (number matched, their block ids). Takes a reference on each."""
+        n, ids = self._native.match(digests)
+        return int(n), ids
+
+    def match_tokens(self, tokens: Any, *, salt: bytes | None = None,
+                     extra: bytes | None = None) -> tuple[int, npt.NDArray[np.int32], Digests]:
+        """Hash + match in one call: (number matched, block ids, digests of all full blocks)."""
+        n, ids, digests = self._native.match_tokens(tokens, salt=salt, extra=extra)
+        return int(n), ids, digests
+
+    def peek(self, digests: Any) -> int:
+        """Length of the cached prefix, without taking references or touching recency."""
+        return int(self._native.peek(digests))
+
+    def release(self, digests: Any) -> None:
+        """Drops the references ``match`` took. All or nothing."""
+        self._native.release(digests)
+
+    def insert(
+        self,
+        digests: Any,
+        block_ids: Any,
+        *,
+        parent: Any = None,
+        token_ids: Any = None,
+        owner: int = 0,
+        priority: int = 0,
+        extra_key: bytes | None = None,
+    ) -> tuple[int, npt.NDArray[np.int32]]:
+        """Publishes full blocks; returns (newly inserted, positions whose block was redundant).
+
+        A digest already cached keeps its block: the caller should free its own copy at the
+        returned positions. The cache takes one reference on every block it keeps.
+        """
+        n, redundant = self._native.insert(digests, block_ids, parent=parent, token_ids=token_ids, owner=owner,
+                                           priority=priority, extra_key=extra_key)
+        return int(n), redundant
+
+    def insert_tokens(self, tokens: Any, block_ids: Any, *, salt: bytes | None = None, extra: bytes | None = None,
+                      owner: int = 0, priority: int = 0) -> tuple[int, npt.NDArray[np.int32]]:
+        """Hash + insert of the first ``len(block_ids)`` full blocks of ``tokens`` in one call."""
+        n, redundant = self._native.insert_tokens(tokens, block_ids, salt=salt, extra=extra, owner=owner,
+                                                  priority=priority)
+        return int(n), redundant
+
+    def evict(self, num_blocks: int) -> int:
+        """Evicts up to ``num_blocks`` unreferenced leaves by the policy; returns how many went."""
+        return int(self._native.evict(num_blocks))
+
+    def invalidate(self, owner: int) -> int:
+        """Removes the unreferenced nodes inserted with ``owner``; returns how many."""
+        return int(self._native.invalidate(owner))
+
+    def clear(self) -> int:
+        return int(self._native.clear())
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        """Stored / removed / cleared events since the last drain (vLLM KV-event shapes)."""
+        return list(self._native.drain_events())
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._native.stats())
+
+    def contains(self, digest: Any) -> bool:
+        return bool(self._native.contains(digest))
+
+    def cached_block_ids(self) -> npt.NDArray[np.int32]:
+        return self._native.cached_block_ids()
+
+    @property
+    def capacity_blocks(self) -> int | None:
+        cap = self._native.capacity
+        return None if cap is None else int(cap)
+
+    @property
+    def policy(self) -> str:
+        return str(self._native.policy)
+
+    def __len__(self) -> int:
+        return len(self._native)
+
+    def __repr__(self) -> str:
+        return (f"RadixPrefixCache(block_size={self.block_size}, capacity_blocks={self.capacity_blocks}, "
+                f"policy={self.policy!r}, cached={len(self)})")
+
+
+def _key_digest(key: Any) -> bytes:
+    """The seed accepts any bytes as a block key; the trie wants 32-byte digests."""
+    if isinstance(key, bytes | bytearray | memoryview):
+        raw = bytes(key)
+        return raw if len(raw) == 32 else hashlib.sha256(b"sagellm-kv seed key\0" + raw).digest()
+    if isinstance(key, np.ndarray) and key.dtype == np.uint8 and key.size == 32:
+        return key.tobytes()
+    if isinstance(key, str):
+        return hashlib.sha256(b"sagellm-kv seed str\0" + key.encode()).digest()
+    raise TypeError(f"block hash must be bytes, got {type(key).__name__}")
+
+
+class PrefixCache:
+    """The seed's block-hash prefix cache, backed by the C++ trie.
+
+    Blocks are the caller's dicts (``{"block_id": ..., "handle_id": ...}``) and come back from
+    ``lookup`` as the same objects. Hit and miss counts are per block. With ``enable_lru=False`` a
+    full cache evicts in insertion order and ``evict_by_count`` is refused, as in the seed.
+    """
+
+    def __init__(self, block_size: int = 16, max_cached_blocks: int | None = None, enable_lru: bool = True) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if max_cached_blocks is not None and (
+            isinstance(max_cached_blocks, bool) or not isinstance(max_cached_blocks, int) or max_cached_blocks <= 0
+        ):
+            raise ValueError(f"max_cached_blocks must be a positive int or None, got {max_cached_blocks!r}")
+        self.block_size = block_size
+        self.max_cached_blocks = max_cached_blocks
+        self.enable_lru = bool(enable_lru)
+        self._cache = RadixPrefixCache(block_size, max_cached_blocks, "lru" if self.enable_lru else "fifo")
+        self._lock = threading.Lock()
+        self._blocks: dict[int, dict] = {}
+        self._ids = itertools.count()
+        self._owners: dict[Any, int] = {}
+
+    # --- hashing ----------------------------------------------------------------------------
+
+    def _tokens(self, tokens: Sequence[int]) -> npt.NDArray[np.int64]:
+        arr = np.asarray(tokens)
+        if arr.size == 0:
+            return np.empty(0, dtype=np.int64)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise TypeError(f"tokens must be a flat sequence of ints, got {arr.dtype} with shape {arr.shape}")
+        return arr.astype(np.int64, copy=False)
+
+    def compute_block_hash(self, tokens: Sequence[int], block_size: int | None = None) -> BlockHash:
+        """Digest of one full block (chained from the root)."""
+        size = self.block_size if block_size is None else block_size
+        arr = self._tokens(tokens)
+        if len(arr) != size:
+            raise ValueError(f"a block must hold exactly block_size={size} tokens, got {len(arr)}")
+        return bytes(self._cache.hash_tokens(arr, block_size=size)[0].tobytes())
+
+    def compute_block_hashes(self, tokens: Sequence[int], block_size: int | None = None) -> list[BlockHash]:
+        """Chained digests of the full blocks of ``tokens`` (a trailing partial block is skipped)."""
+        size = self.block_size if block_size is None else block_size
+        digests = self._cache.hash_tokens(self._tokens(tokens), block_size=size)
+        return [row.tobytes() for row in digests]
+
+    # --- lookup / insert --------------------------------------------------------------------
+
+    def lookup(self, block_hashes: Sequence[BlockHash]) -> tuple[list[dict], int]:
+        """Longest cached prefix: (its block dicts, number of tokens they cover)."""
+        digests = [_key_digest(h) for h in block_hashes]
+        if not digests:
+            return [], 0
+        with self._lock:
+            n, ids = self._cache.match(digests)
+            self._cache.release(digests[:n])
+            blocks = [self._blocks[int(i)] for i in ids]
+        return blocks, n * self.block_size
+
+    def insert(self, block_hashes: Sequence[BlockHash], blocks: Sequence[dict]) -> None:
+        """Caches ``blocks`` under the chained ``block_hashes`` (same length; a chain from the root)."""
+        if len(block_hashes) != len(blocks):
+            raise ValueError(f"{len(block_hashes)} block hashes but {len(blocks)} blocks")
+        for i, block in enumerate(blocks):
+            if not isinstance(block, dict):
+                raise TypeError(f"blocks[{i}] must be a dict, got {type(block).__name__}")
+        digests = [_key_digest(h) for h in block_hashes]
+        if not digests:
+            return
+        with self._lock:
+            start = 0
+            while start < len(digests):
+                # The trie records one owner per insert call: cut the chain where the owner changes.
+                owner_key = blocks[start].get("handle_id")
+                end = start + 1
+                while end < len(digests) and blocks[end].get("handle_id") == owner_key:
+                    end += 1
+                owner = 0 if owner_key is None else self._owners.setdefault(owner_key, len(self._owners) + 1)
+                ids = np.fromiter((next(self._ids) for _ in range(end - start)), dtype=np.int32, count=end - start)
+                _, redundant = self._cache.insert(digests[start:end], ids, parent=digests[start - 1] if start else None,
+                                                  owner=owner)
+                kept = np.ones(end - start, dtype=bool)
+                kept[redundant] = False
+                for j in np.flatnonzero(kept):
+                    self._blocks[int(ids[j])] = blocks[start + int(j)]
+                start = end
+            self._forget_evicted()
+
+    def _forget_evicted(self) -> None:
+        # Evictions happen inside C++; drop the dicts of evicted blocks once they dominate the table.
+        if len(self._blocks) > 2 * len(self._cache) + 64:
+            live = set(self._cache.cached_block_ids().tolist())
+            self._blocks = {k: v for k, v in self._blocks.items() if k in live}
+
+    # --- eviction / invalidation ------------------------------------------------------------
+
+    def evict_by_count(self, num_blocks: int) -> int:
+        if not self.enable_lru:
+            raise RuntimeError("evict_by_count needs LRU eviction; this cache was created with enable_lru=False")
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
+            raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
+        with self._lock:
+            evicted = self._cache.evict(num_blocks)
+            self._forget_evicted()
+        return evicted
+
+    def invalidate(self, handle_id: uuid.UUID) -> int:
+        """Removes every cached block inserted with this ``handle_id``; returns how many."""
+        with self._lock:
+            owner = self._owners.get(handle_id)
+            if owner is None:
+                return 0
+            removed = self._cache.invalidate(owner)
+            self._forget_evicted()
+        return removed
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._blocks.clear()
+            self._owners.clear()
+
+    # --- stats ------------------------------------------------------------------------------
+
+    def get_stats(self) -> dict:
+        s = self._cache.stats()
+        hits = int(s["hit_blocks"])
+        misses = int(s["queried_blocks"]) - hits
+        return {
+            "block_size": self.block_size,
+            "enable_lru": self.enable_lru,
+            "evict_count": int(s["evictions"]),
+            "hit_count": hits,
+            "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "insert_count": int(s["inserts"]),
+            "max_cached_blocks": self.max_cached_blocks,
+            "miss_count": misses,
+            "num_blocks": int(s["cached_blocks"]),
+            "num_entries": len(self._cache),
+        }
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __repr__(self) -> str:
+        return (f"PrefixCache(block_size={self.block_size}, max_cached_blocks={self.max_cached_blocks}, "
+                f"enable_lru={self.enable_lru}, cached={len(self)})")
