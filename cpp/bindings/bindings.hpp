@@ -17,6 +17,7 @@ namespace py = pybind11;
 
 void bind_errors(py::module_& m);
 void bind_pool(py::module_& m);
+void bind_prefix(py::module_& m);
 
 /// A 1-D int32 array of block ids taken from any Python integer sequence: contiguous int32 arrays
 /// are borrowed without a copy; other integer arrays and lists are converted with a range check.

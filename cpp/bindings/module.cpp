@@ -7,4 +7,5 @@ PYBIND11_MODULE(_core, m) {
   m.attr("__version__") = SAGELLM_KV_VERSION;
   sagellm::kv::bindings::bind_errors(m);
   sagellm::kv::bindings::bind_pool(m);
+  sagellm::kv::bindings::bind_prefix(m);
 }

@@ -19,7 +19,7 @@
 // must be paired with a release of the same digests.
 //
 // Insert chain rule: the chain must stay connected. The first digest's parent is the root
-// (options.parent empty) or a digest that is cached now (else Error(kCacheMiss), nothing
+// (options.parent empty or kRootBlockHash) or a digest that is cached now (else Error(kCacheMiss), nothing
 // inserted); each following digest's parent is the one before it. Leading digests that are
 // already cached (under the same parent) are reused, not duplicated; after the first digest that
 // is not cached, all must be new.
@@ -92,7 +92,7 @@ struct MatchResult {
 
 /// Arguments of `PrefixCache::insert` besides the digests and block ids.
 struct InsertOptions {
-  std::optional<BlockHash> parent;            ///< digest the first one chains from; empty: the root
+  std::optional<BlockHash> parent;            ///< digest the first one chains from; empty or kRootBlockHash: the root
   std::span<const std::int32_t> token_ids;    ///< empty, or block_size ids per digest (events only)
   std::optional<std::string_view> extra_key;  ///< recorded in the stored event only
   std::uint64_t owner = 0;                    ///< handle for `invalidate`; new nodes only

@@ -363,6 +363,27 @@ struct PrefixCache::Impl {
     return done;
   }
 
+  // Fast path of release for what match hands out: a run of digests, each the parent of the next.
+  // One index lookup for the last, then parent links (no repeat is possible along a chain). Returns
+  // false, having changed nothing, when the digests are not such a chain of held nodes.
+  bool release_chain(std::span<const BlockHash> digests) {
+    if (digests.empty()) return true;
+    std::uint32_t idx = find(digests.back());
+    for (std::size_t i = digests.size(); i-- > 0; idx = nodes[idx].parent) {
+      if (idx == kNone || nodes[idx].users == 0 || !(nodes[idx].digest == digests[i])) {
+        scratch_nodes.clear();
+        return false;
+      }
+      scratch_nodes.push_back(idx);
+    }
+    // Root first, so a leaf is marked used after its ancestors (as match does).
+    for (auto it = scratch_nodes.rbegin(); it != scratch_nodes.rend(); ++it) {
+      touch(*it);
+      drop_use(*it);
+    }
+    return true;
+  }
+
   [[nodiscard]] std::uint32_t walk(std::span<const BlockHash> digests, std::span<BlockId> out,
                                    bool take) noexcept {
     std::uint32_t parent = kNone;
@@ -436,6 +457,7 @@ void PrefixCache::release(std::span<const BlockHash> digests) {
   Impl& s = *impl_;
   const std::lock_guard lock(s.mutex);
   s.scratch_nodes.clear();
+  if (s.release_chain(digests)) return;
   std::uint32_t now_unused = 0;
   for (std::size_t i = 0; i < digests.size(); ++i) {
     const std::uint32_t idx = s.find(digests[i]);
@@ -478,7 +500,7 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests, std::span<c
 
   // --- checks: nothing changes until all pass -----------------------------------------------------
   std::uint32_t attach = kNone;
-  if (options.parent) {
+  if (options.parent && *options.parent != kRootBlockHash) {
     attach = s.find(*options.parent);
     if (attach == kNone) {
       throw Error(ErrorCode::kCacheMiss,

@@ -1,0 +1,539 @@
+// Bindings of block hashing and the prefix cache. Digests cross as (n, 32) uint8 arrays (a list of
+// 32-byte bytes objects is accepted too), token ids as 1-D int32/int64 arrays, block ids as int32
+// arrays. Arguments are converted with the GIL held, then the GIL is released around the C++ work.
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bindings.hpp"
+#include "sagellm_kv/error.hpp"
+#include "sagellm_kv/hashing.hpp"
+#include "sagellm_kv/kv_pool.hpp"
+#include "sagellm_kv/prefix_cache.hpp"
+
+namespace sagellm::kv::bindings {
+namespace {
+
+constexpr py::ssize_t kDigestBytes = static_cast<py::ssize_t>(kBlockHashBytes);
+
+std::string type_name(const py::handle& obj) { return std::string(py::str(py::type::handle_of(obj).attr("__name__"))); }
+
+std::string shape_text(const py::array& arr) {
+  std::string s = "(";
+  for (py::ssize_t d = 0; d < arr.ndim(); ++d) {
+    s += std::to_string(arr.shape(d));
+    s += (arr.ndim() == 1 ? "," : (d + 1 < arr.ndim() ? ", " : ""));
+  }
+  return s + ")";
+}
+
+// Token ids: a 1-D int32 or int64 array, borrowed when C-contiguous; a list is converted first.
+class Tokens {
+ public:
+  Tokens(const py::handle& obj, const char* what) {
+    py::array arr;
+    if (py::isinstance<py::array>(obj)) {
+      arr = py::reinterpret_borrow<py::array>(obj);
+    } else {
+      try {
+        arr = py::array::ensure(obj);
+      } catch (const py::error_already_set&) {
+        arr = py::array();
+      }
+      if (!arr) throw py::type_error(std::string(what) + " must be a 1-D int32 or int64 array, got " + type_name(obj));
+    }
+    if (arr.ndim() == 1 && arr.size() == 0) return;  // an empty list has dtype float64: nothing to read
+    wide_ = arr.dtype().is(py::dtype::of<std::int64_t>());
+    if (!wide_ && !arr.dtype().is(py::dtype::of<std::int32_t>())) {
+      throw py::type_error(std::string(what) + " must have dtype int32 or int64, got dtype " +
+                           std::string(py::str(arr.dtype())));
+    }
+    if (arr.ndim() != 1) {
+      throw py::value_error(std::string(what) + " must be 1-D, got shape " + shape_text(arr));
+    }
+    if ((arr.flags() & py::array::c_style) == 0) {
+      arr = py::array::ensure(arr, py::array::c_style);  // a strided view: one contiguous copy
+    }
+    owner_ = arr;
+    data_ = arr.data();
+    size_ = static_cast<std::size_t>(arr.size());
+  }
+
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] bool wide() const noexcept { return wide_; }
+  [[nodiscard]] std::span<const std::int32_t> narrow_span() const noexcept {
+    return {static_cast<const std::int32_t*>(data_), wide_ ? 0 : size_};
+  }
+  [[nodiscard]] std::span<const std::int64_t> wide_span() const noexcept {
+    return {static_cast<const std::int64_t*>(data_), wide_ ? size_ : 0};
+  }
+
+  // Hashes the full blocks into `out` (GIL must be released by the caller if wanted).
+  std::size_t hash(HashAlgorithm algorithm, std::uint32_t block_size, const BlockHash& parent, const BlockHashKey& key,
+                   std::span<BlockHash> out) const {
+    return wide_ ? hash_blocks(algorithm, wide_span(), block_size, parent, key, out)
+                 : hash_blocks(algorithm, narrow_span(), block_size, parent, key, out);
+  }
+
+  // The first `n` ids as int32 (for events): borrowed when already int32, else range-checked copy.
+  std::span<const std::int32_t> first_int32(std::size_t n, std::vector<std::int32_t>& storage, const char* what) const {
+    if (!wide_) return narrow_span().first(n);
+    storage.resize(n);
+    const auto src = wide_span();
+    for (std::size_t i = 0; i < n; ++i) {
+      if (src[i] < std::numeric_limits<std::int32_t>::min() || src[i] > std::numeric_limits<std::int32_t>::max()) {
+        throw py::value_error(std::string(what) + ": token id " + std::to_string(src[i]) + " at position " +
+                              std::to_string(i) + " is outside the int32 range");
+      }
+      storage[i] = static_cast<std::int32_t>(src[i]);
+    }
+    return storage;
+  }
+
+ private:
+  py::array owner_;
+  const void* data_ = nullptr;
+  std::size_t size_ = 0;
+  bool wide_ = false;
+};
+
+// Copies one 32-byte digest out of any contiguous buffer (bytes, bytearray, memoryview, a uint8 row).
+BlockHash digest_from_buffer(const py::handle& obj, const std::string& what) {
+  if (PyObject_CheckBuffer(obj.ptr()) == 0) {
+    throw py::type_error(what + " must be a 32-byte digest (bytes or a uint8 array), got " + type_name(obj));
+  }
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) {
+    PyErr_Clear();
+    throw py::value_error(what + " must be a C-contiguous buffer");
+  }
+  const py::ssize_t len = view.len;
+  BlockHash h;
+  if (len == kDigestBytes) std::memcpy(h.bytes.data(), view.buf, kBlockHashBytes);
+  PyBuffer_Release(&view);
+  if (len != kDigestBytes) {
+    throw py::value_error(what + " must be 32 bytes, got " + std::to_string(len));
+  }
+  return h;
+}
+
+std::optional<BlockHash> optional_digest(const py::object& obj, const char* what) {
+  if (obj.is_none()) return std::nullopt;
+  return digest_from_buffer(obj, what);
+}
+
+// A run of digests: an (n, 32) uint8 array (borrowed when C-contiguous) or a sequence of 32-byte
+// digests (copied).
+class Digests {
+ public:
+  Digests(const py::handle& obj, const char* what) {
+    if (py::isinstance<py::array>(obj)) {
+      auto arr = py::reinterpret_borrow<py::array>(obj);
+      if (arr.size() == 0 && arr.ndim() == 1) return;  // np.array([]) and friends: no digests
+      if (!arr.dtype().is(py::dtype::of<std::uint8_t>())) {
+        throw py::type_error(std::string(what) + " must have dtype uint8, got dtype " + std::string(py::str(arr.dtype())));
+      }
+      if (arr.ndim() != 2 || arr.shape(1) != kDigestBytes) {
+        throw py::value_error(std::string(what) + " must have shape (n, 32), got shape " + shape_text(arr));
+      }
+      if ((arr.flags() & py::array::c_style) == 0) arr = py::array::ensure(arr, py::array::c_style);
+      owner_ = arr;
+      // BlockHash is 32 unsigned bytes with alignment 1: rows of a C-contiguous uint8 array are one.
+      data_ = reinterpret_cast<const BlockHash*>(arr.data());
+      size_ = static_cast<std::size_t>(arr.shape(0));
+      return;
+    }
+    if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
+      const auto seq = py::reinterpret_borrow<py::sequence>(obj);
+      copy_.reserve(seq.size());
+      for (std::size_t i = 0; i < seq.size(); ++i) {
+        copy_.push_back(digest_from_buffer(seq[i], std::string(what) + "[" + std::to_string(i) + "]"));
+      }
+      data_ = copy_.data();
+      size_ = copy_.size();
+      return;
+    }
+    throw py::type_error(std::string(what) + " must be an (n, 32) uint8 array or a list of 32-byte digests, got " +
+                         type_name(obj));
+  }
+
+  [[nodiscard]] std::span<const BlockHash> span() const noexcept { return {data_, size_}; }
+
+ private:
+  py::array owner_;
+  std::vector<BlockHash> copy_;
+  const BlockHash* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+py::array_t<std::uint8_t> digest_array(std::size_t n) {
+  return py::array_t<std::uint8_t>({static_cast<py::ssize_t>(n), kDigestBytes});
+}
+std::span<BlockHash> digest_span(py::array_t<std::uint8_t>& arr) {
+  return {reinterpret_cast<BlockHash*>(arr.mutable_data()), static_cast<std::size_t>(arr.shape(0))};
+}
+
+py::array_t<BlockId> id_array(std::span<const BlockId> ids) {
+  py::array_t<BlockId> out(static_cast<py::ssize_t>(ids.size()));
+  if (!ids.empty()) std::memcpy(out.mutable_data(), ids.data(), ids.size_bytes());
+  return out;
+}
+
+py::array_t<std::int32_t> position_array(std::uint32_t n) {
+  py::array_t<std::int32_t> out(static_cast<py::ssize_t>(n));
+  auto* p = out.mutable_data();
+  for (std::uint32_t i = 0; i < n; ++i) p[i] = static_cast<std::int32_t>(i);
+  return out;
+}
+
+std::uint64_t owner_value(const py::int_& owner) {
+  const unsigned long long v = PyLong_AsUnsignedLongLong(owner.ptr());
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred() != nullptr) {
+    PyErr_Clear();
+    throw py::value_error("owner must be an integer in [0, 2**64), got " + std::string(py::str(owner)));
+  }
+  return static_cast<std::uint64_t>(v);
+}
+
+std::int32_t priority_value(std::int64_t priority) {
+  if (priority < std::numeric_limits<std::int32_t>::min() || priority > std::numeric_limits<std::int32_t>::max()) {
+    throw py::value_error("priority must fit int32, got " + std::to_string(priority));
+  }
+  return static_cast<std::int32_t>(priority);
+}
+
+std::uint32_t block_size_value(std::int64_t block_size) { return checked_count(block_size, "block_size"); }
+
+// Per-thread scratch for block ids coming out of a match: the result array is made at its exact
+// size after the GIL is back.
+std::vector<BlockId>& id_scratch(std::size_t n) {
+  thread_local std::vector<BlockId> scratch;
+  scratch.resize(n);
+  return scratch;
+}
+
+// The Python object: the C++ cache plus whatever keeps its allocator alive.
+struct BoundPrefixCache {
+  std::shared_ptr<PagedKVPool> pool;  // declared before `cache`: destroyed after it
+  py::object allocator_owner;         // a bound BlockAllocator, kept alive the same way
+  HashAlgorithm algorithm = HashAlgorithm::kSha256;
+  std::unique_ptr<PrefixCache> cache;
+};
+
+py::tuple do_match(BoundPrefixCache& self, std::span<const BlockHash> digests, bool take) {
+  std::vector<BlockId>& ids = id_scratch(digests.size());
+  std::uint32_t m = 0;
+  {
+    py::gil_scoped_release release;
+    m = take ? self.cache->match(digests, ids) : self.cache->peek(digests, ids);
+  }
+  return py::make_tuple(m, id_array(std::span<const BlockId>(ids).first(m)));
+}
+
+py::tuple do_insert(BoundPrefixCache& self, std::span<const BlockHash> digests, const BlockIds& ids,
+                    const InsertOptions& options) {
+  InsertResult r;
+  {
+    py::gil_scoped_release release;
+    r = self.cache->insert(digests, ids.span(), options);
+  }
+  return py::make_tuple(r.num_inserted, position_array(r.num_redundant));
+}
+
+py::object bytes_or_none(const std::optional<BlockHash>& d) {
+  if (!d) return py::none();
+  return py::bytes(reinterpret_cast<const char*>(d->bytes.data()), kBlockHashBytes);
+}
+
+py::dict event_dict(const PrefixCacheEvent& e) {
+  py::dict d;
+  switch (e.type) {
+    case PrefixCacheEvent::Type::kStored: d["type"] = "stored"; break;
+    case PrefixCacheEvent::Type::kRemoved: d["type"] = "removed"; break;
+    case PrefixCacheEvent::Type::kCleared: d["type"] = "cleared"; break;
+  }
+  py::list digests;
+  for (const BlockHash& h : e.digests) digests.append(bytes_or_none(h));
+  d["digests"] = digests;
+  d["parent"] = bytes_or_none(e.parent);
+  py::list tokens;
+  for (std::int32_t t : e.token_ids) tokens.append(t);
+  d["token_ids"] = tokens;
+  d["block_size"] = e.block_size;
+  d["extra_key"] = e.extra_key ? py::object(py::bytes(*e.extra_key)) : py::object(py::none());
+  return d;
+}
+
+py::dict stats_dict(const PrefixCacheStats& s) {
+  py::dict d;
+  d["lookups"] = s.lookups;
+  d["queried_blocks"] = s.queried_blocks;
+  d["hit_blocks"] = s.hit_blocks;
+  d["queried_tokens"] = s.queried_tokens;
+  d["hit_tokens"] = s.hit_tokens;
+  d["inserts"] = s.inserts;
+  d["evictions"] = s.evictions;
+  d["removals"] = s.removals;
+  d["events_dropped"] = s.events_dropped;
+  d["cached_blocks"] = s.cached_blocks;
+  d["evictable_blocks"] = s.evictable_blocks;
+  d["in_use_blocks"] = s.in_use_blocks;
+  return d;
+}
+
+std::unique_ptr<BoundPrefixCache> make_cache(std::int64_t block_size, std::optional<std::int64_t> capacity_blocks,
+                                             const std::string& policy, double ttl_seconds, const py::object& allocator,
+                                             std::int64_t event_queue_capacity, const std::string& hash_algorithm) {
+  auto self = std::make_unique<BoundPrefixCache>();
+  PrefixCacheOptions o;
+  o.block_size = block_size_value(block_size);
+  if (capacity_blocks) o.capacity_blocks = checked_count(*capacity_blocks, "capacity_blocks");
+  o.policy = parse_eviction_policy(policy);
+  o.ttl_seconds = ttl_seconds;
+  if (event_queue_capacity < 0) {
+    throw py::value_error("event_queue_capacity must be >= 0, got " + std::to_string(event_queue_capacity));
+  }
+  o.event_queue_capacity = static_cast<std::size_t>(event_queue_capacity);
+  self->algorithm = parse_hash_algorithm(hash_algorithm);
+  (void)BlockHasher(self->algorithm);  // raises, naming the available ones, when not built in
+
+  BlockAllocator* alloc = nullptr;
+  if (allocator.is_none()) {
+    // metadata-only cache
+  } else if (py::isinstance<PagedKVPool>(allocator)) {
+    self->pool = allocator.cast<std::shared_ptr<PagedKVPool>>();
+    if (self->pool->spec().block_size != o.block_size) {
+      throw Error(ErrorCode::kMetadataMismatch, "prefix cache block_size " + std::to_string(o.block_size) +
+                                                    " differs from the pool's block_size " +
+                                                    std::to_string(self->pool->spec().block_size));
+    }
+    alloc = &self->pool->allocator();
+  } else if (py::isinstance<BlockAllocator>(allocator)) {
+    self->allocator_owner = allocator;
+    alloc = allocator.cast<BlockAllocator*>();
+  } else {
+    throw py::type_error("allocator must be a PagedKVPool, a BlockAllocator or None, got " + type_name(allocator));
+  }
+  self->cache = std::make_unique<PrefixCache>(o, alloc);
+  return self;
+}
+
+}  // namespace
+
+void bind_prefix(py::module_& m) {
+  m.def("available_hash_algorithms", &available_hash_algorithms,
+        "Block hash algorithms built into this module, default first.");
+
+  m.def("hash_blocks", [](const py::handle& tokens, std::int64_t block_size, const py::object& parent,
+                          const std::optional<std::string>& salt, const std::optional<std::string>& extra,
+                          const std::string& algorithm) {
+          const HashAlgorithm alg = parse_hash_algorithm(algorithm);
+          const std::uint32_t bs = block_size_value(block_size);
+          const Tokens t(tokens, "tokens");
+          const BlockHash p = optional_digest(parent, "parent").value_or(kRootBlockHash);
+          auto out = digest_array(num_full_blocks(t.size(), bs));
+          auto span = digest_span(out);
+          {
+            py::gil_scoped_release release;
+            const BlockHashKey key{salt ? std::string_view(*salt) : std::string_view{},
+                                   extra ? std::string_view(*extra) : std::string_view{}};
+            (void)t.hash(alg, bs, p, key, span);
+          }
+          return out;
+        },
+        py::arg("tokens"), py::arg("block_size"), py::arg("parent") = py::none(), py::arg("salt") = py::none(),
+        py::arg("extra") = py::none(), py::arg("algorithm") = "sha256",
+        "Chained digests of the full blocks of `tokens`: an (n_full_blocks, 32) uint8 array.");
+
+  py::class_<BoundPrefixCache>(m, "PrefixCache")
+      .def(py::init(&make_cache), py::arg("block_size") = 16, py::arg("capacity_blocks") = py::none(),
+           py::arg("policy") = "lru", py::arg("ttl_seconds") = 300.0, py::arg("allocator") = py::none(),
+           py::arg("event_queue_capacity") = 0, py::arg("hash_algorithm") = "sha256")
+      .def("match", [](BoundPrefixCache& self, const py::handle& digests) {
+             const Digests d(digests, "digests");
+             return do_match(self, d.span(), true);
+           }, py::arg("digests"),
+           "Longest cached prefix: (num_matched, block_ids int32). Acquires the matched nodes; release them.")
+      .def("peek", [](BoundPrefixCache& self, const py::handle& digests) {
+             const Digests d(digests, "digests");
+             return do_match(self, d.span(), false);
+           }, py::arg("digests"), "Like match, without acquiring, touching or counting anything.")
+      .def("release", [](BoundPrefixCache& self, const py::handle& digests) {
+             const Digests d(digests, "digests");
+             py::gil_scoped_release release;
+             self.cache->release(d.span());
+           }, py::arg("digests"))
+      .def("insert", [](BoundPrefixCache& self, const py::handle& digests, const py::handle& block_ids,
+                        const py::object& parent, const py::object& token_ids, const py::int_& owner,
+                        std::int64_t priority, const std::optional<std::string>& extra_key) {
+             const Digests d(digests, "digests");
+             const BlockIds ids(block_ids, "block_ids");
+             InsertOptions o;
+             o.parent = optional_digest(parent, "parent");
+             o.owner = owner_value(owner);
+             o.priority = priority_value(priority);
+             if (extra_key) o.extra_key = std::string_view(*extra_key);
+             std::vector<std::int32_t> narrowed;
+             std::optional<Tokens> toks;
+             if (!token_ids.is_none()) {
+               toks.emplace(token_ids, "token_ids");
+               o.token_ids = toks->first_int32(toks->size(), narrowed, "token_ids");
+             }
+             return do_insert(self, d.span(), ids, o);
+           }, py::arg("digests"), py::arg("block_ids"), py::arg("parent") = py::none(),
+           py::arg("token_ids") = py::none(), py::arg("owner") = 0, py::arg("priority") = 0,
+           py::arg("extra_key") = py::none(),
+           "Caches digests[i] -> block_ids[i]: (num_inserted, redundant_positions int32).")
+      .def("match_tokens", [](BoundPrefixCache& self, const py::handle& tokens, const std::optional<std::string>& salt,
+                              const std::optional<std::string>& extra) {
+             const Tokens t(tokens, "tokens");
+             auto digests = digest_array(num_full_blocks(t.size(), self.cache->block_size()));
+             auto span = digest_span(digests);
+             std::vector<BlockId>& ids = id_scratch(span.size());
+             std::uint32_t matched = 0;
+             {
+               py::gil_scoped_release release;
+               const BlockHashKey key{salt ? std::string_view(*salt) : std::string_view{},
+                                      extra ? std::string_view(*extra) : std::string_view{}};
+               (void)t.hash(self.algorithm, self.cache->block_size(), kRootBlockHash, key, span);
+               matched = self.cache->match(span, ids);
+             }
+             return py::make_tuple(matched, id_array(std::span<const BlockId>(ids).first(matched)), digests);
+           }, py::arg("tokens"), py::arg("salt") = py::none(), py::arg("extra") = py::none(),
+           "Hashes the full blocks of a prompt and matches them: (num_matched, block_ids int32, digests (n, 32)).")
+      .def("insert_tokens", [](BoundPrefixCache& self, const py::handle& tokens, const py::handle& block_ids,
+                               const std::optional<std::string>& salt, const std::optional<std::string>& extra,
+                               const py::int_& owner, std::int64_t priority) {
+             const Tokens t(tokens, "tokens");
+             const BlockIds ids(block_ids, "block_ids");
+             const std::uint32_t bs = self.cache->block_size();
+             const std::size_t n = num_full_blocks(t.size(), bs);
+             if (ids.span().size() != n) {
+               throw py::value_error("block_ids holds " + std::to_string(ids.span().size()) + " ids but " +
+                                     std::to_string(t.size()) + " tokens make " + std::to_string(n) +
+                                     " full blocks of " + std::to_string(bs));
+             }
+             InsertOptions o;
+             o.owner = owner_value(owner);
+             o.priority = priority_value(priority);
+             if (extra) o.extra_key = std::string_view(*extra);
+             std::vector<std::int32_t> narrowed;
+             if (self.cache->options().event_queue_capacity != 0) {
+               o.token_ids = t.first_int32(n * bs, narrowed, "tokens");  // recorded in the stored event
+             }
+             auto digests = digest_array(n);
+             auto span = digest_span(digests);
+             InsertResult r;
+             {
+               py::gil_scoped_release release;
+               const BlockHashKey key{salt ? std::string_view(*salt) : std::string_view{},
+                                      extra ? std::string_view(*extra) : std::string_view{}};
+               (void)t.hash(self.algorithm, bs, kRootBlockHash, key, span);
+               r = self.cache->insert(span, ids.span(), o);
+             }
+             return py::make_tuple(r.num_inserted, position_array(r.num_redundant), digests);
+           }, py::arg("tokens"), py::arg("block_ids"), py::arg("salt") = py::none(), py::arg("extra") = py::none(),
+           py::arg("owner") = 0, py::arg("priority") = 0,
+           "Hashes the full blocks of a prompt and caches them: (num_inserted, redundant_positions, digests).")
+      .def("evict", [](BoundPrefixCache& self, std::int64_t n) {
+             const std::uint32_t count = checked_count(n, "num_blocks", /*allow_zero=*/true);
+             py::gil_scoped_release release;
+             return self.cache->evict(count);
+           }, py::arg("num_blocks"), "Evicts up to num_blocks unreferenced leaves; returns how many went.")
+      .def("invalidate", [](BoundPrefixCache& self, const py::int_& owner) {
+             const std::uint64_t o = owner_value(owner);
+             py::gil_scoped_release release;
+             return self.cache->invalidate(o);
+           }, py::arg("owner"))
+      .def("clear", [](BoundPrefixCache& self) {
+             py::gil_scoped_release release;
+             return self.cache->clear();
+           })
+      .def("drain_events", [](BoundPrefixCache& self) {
+             std::vector<PrefixCacheEvent> events;
+             {
+               py::gil_scoped_release release;
+               events = self.cache->drain_events();
+             }
+             py::list out;
+             for (const auto& e : events) out.append(event_dict(e));
+             return out;
+           })
+      .def("stats", [](const BoundPrefixCache& self) {
+             PrefixCacheStats s;
+             {
+               py::gil_scoped_release release;
+               s = self.cache->stats();
+             }
+             return stats_dict(s);
+           })
+      .def("contains", [](const BoundPrefixCache& self, const py::object& digest) {
+             const BlockHash d = digest_from_buffer(digest, "digest");
+             py::gil_scoped_release release;
+             return self.cache->contains(d);
+           }, py::arg("digest"))
+      .def("__contains__", [](const BoundPrefixCache& self, const py::object& digest) {
+             const BlockHash d = digest_from_buffer(digest, "digest");
+             py::gil_scoped_release release;
+             return self.cache->contains(d);
+           })
+      .def("lookup", [](const BoundPrefixCache& self, const py::object& digest) -> py::object {
+             const BlockHash d = digest_from_buffer(digest, "digest");
+             std::optional<PrefixNodeInfo> info;
+             {
+               py::gil_scoped_release release;
+               info = self.cache->lookup(d);
+             }
+             if (!info) return py::none();
+             py::dict r;
+             r["block_id"] = info->block_id;
+             r["parent"] = bytes_or_none(info->parent);
+             r["num_children"] = info->num_children;
+             r["users"] = info->users;
+             r["owner"] = info->owner;
+             r["priority"] = info->priority;
+             return r;
+           }, py::arg("digest"), "Snapshot of one node as a dict, or None.")
+      .def("cached_block_ids", [](const BoundPrefixCache& self) {
+             std::vector<BlockId> ids;
+             {
+               py::gil_scoped_release release;
+               ids = self.cache->cached_block_ids();
+             }
+             return id_array(ids);
+           })
+      .def("check_invariants", [](const BoundPrefixCache& self) {
+             py::gil_scoped_release release;
+             self.cache->check_invariants();
+           })
+      .def("__len__", [](const BoundPrefixCache& self) {
+             py::gil_scoped_release release;
+             return self.cache->size();
+           })
+      .def_property_readonly("block_size", [](const BoundPrefixCache& self) { return self.cache->block_size(); })
+      .def_property_readonly("capacity", [](const BoundPrefixCache& self) -> py::object {
+             const auto c = self.cache->capacity();
+             return c ? py::object(py::int_(*c)) : py::object(py::none());
+           })
+      .def_property_readonly("policy", [](const BoundPrefixCache& self) {
+             return std::string(eviction_policy_name(self.cache->policy()));
+           })
+      .def_property_readonly("ttl_seconds", [](const BoundPrefixCache& self) { return self.cache->options().ttl_seconds; })
+      .def_property_readonly("event_queue_capacity",
+                             [](const BoundPrefixCache& self) { return self.cache->options().event_queue_capacity; })
+      .def_property_readonly("hash_algorithm", [](const BoundPrefixCache& self) {
+             return std::string(hash_algorithm_name(self.algorithm));
+           })
+      .def_property_readonly("metadata_bytes", [](const BoundPrefixCache& self) {
+             py::gil_scoped_release release;
+             return self.cache->metadata_bytes();
+           })
+      .def_property_readonly_static("node_bytes", [](const py::object&) { return PrefixCache::node_bytes(); });
+}
+
+}  // namespace sagellm::kv::bindings
