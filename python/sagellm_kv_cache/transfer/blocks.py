@@ -1,0 +1,649 @@
+"""Moving KV blocks from one :class:`PagedKVPool` to another across processes.
+
+The source gathers blocks in C++ into host staging buffers (numpy arrays seen by torch through
+``torch.from_numpy``, no copy) and streams them in chunks; the destination checks the header
+against its own spec before it reserves anything, verifies each chunk's checksum before scattering
+it into blocks only it knows about, and hands the block ids to the caller (and their digests to a
+prefix cache) only when every chunk has arrived intact. The exchange is in :mod:`.wire`.
+
+Pipelining: with ``pipeline_depth`` staging buffers per side, gloo's I/O thread moves chunk k while
+Python gathers chunk k+1 (source) or checks and scatters chunk k-1 (destination); the C++ gather and
+scatter and the numpy checksum release the GIL.
+
+Failure rules: a transfer either completes on both sides or leaves the destination pool exactly as
+it was (everything reserved is freed). A refusal (spec mismatch, pool full, bad checksum) keeps
+both sides in step, so the pair stays usable. A timeout or a dead peer breaks the pair (gloo
+closes it on a timeout); later transfers with that peer fail at once with ``KVTransferFailedError``
+instead of hanging, until a new process group is made.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from sagellm_kv_cache.errors import (
+    KVCacheError,
+    KVChecksumMismatchError,
+    KVMetadataMismatchError,
+    KVPoolFullError,
+    KVTransferFailedError,
+    KVTransferTimeoutError,
+)
+from sagellm_kv_cache.paged import PagedKVPool
+from sagellm_kv_cache.transfer import wire
+from sagellm_kv_cache.transfer.transport import Pending, Transport, TransportError, TransportTimeout, make_transport
+
+__all__ = ["BlockTransfer", "DigestSink", "Publisher", "ReceivedBlocks"]
+
+DigestArray = npt.NDArray[np.uint8]
+BlockIdArray = npt.NDArray[np.int32]
+
+_DATA = 0  # channel of header, digests and chunks (source -> destination)
+_REPLY = 1  # channel of replies (destination -> source)
+
+
+@runtime_checkable
+class DigestSink(Protocol):
+    """A prefix cache (or anything) that takes ownership of received blocks under their digests."""
+
+    def insert(self, digests: DigestArray, block_ids: BlockIdArray) -> object: ...
+
+
+#: Where the destination publishes the received blocks: ``publish(digests (n, 32) uint8, block_ids)``
+#: or an object with such an ``insert`` method. It runs once the data is in place, never before.
+Publisher = Callable[[DigestArray, BlockIdArray], object] | DigestSink
+
+
+@dataclass(frozen=True)
+class ReceivedBlocks:
+    """What :meth:`BlockTransfer.receive` got: fresh block ids (ref count 1, owned by the caller)."""
+
+    transfer_id: uuid.UUID
+    block_ids: BlockIdArray
+    digests: DigestArray | None
+    nbytes: int
+    checksum: str
+    seconds: float
+
+
+class _Staging:
+    """A host buffer and its torch view (same memory): numpy for the pool, torch for the wire."""
+
+    __slots__ = ("array", "tensor")
+
+    def __init__(self, nbytes: int) -> None:
+        self.array: npt.NDArray[np.uint8] = np.empty(nbytes, dtype=np.uint8)
+        self.tensor = torch.from_numpy(self.array)
+
+
+class _StagingCache:
+    """Reuses staging buffers between transfers: a fresh 4 MiB buffer costs ~1000 page faults."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._free: dict[int, list[_Staging]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int, count: int) -> list[_Staging]:
+        with self._lock:
+            cached = self._free.get(nbytes, [])
+            out = [cached.pop() for _ in range(min(count, len(cached)))]
+            self._bytes -= nbytes * len(out)
+        return out + [_Staging(nbytes) for _ in range(count - len(out))]
+
+    def give(self, buffers: list[_Staging]) -> None:
+        """Only for buffers no transport operation can still touch."""
+        with self._lock:
+            for b in buffers:
+                if self._bytes + b.array.nbytes <= self._max_bytes:
+                    self._free.setdefault(b.array.nbytes, []).append(b)
+                    self._bytes += b.array.nbytes
+
+
+class _Deadline:
+    __slots__ = ("end", "start", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.start = time.monotonic()
+        self.end = self.start + timeout
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+class _Refused(Exception):
+    """The destination refused or failed; carries the error both sides raise."""
+
+    def __init__(self, reply: wire.Reply, error: KVCacheError) -> None:
+        super().__init__(str(error))
+        self.reply = reply
+        self.error = error
+
+
+def _as_block_ids(block_ids: Any, pool: PagedKVPool) -> BlockIdArray:
+    ids = np.ascontiguousarray(np.asarray(block_ids).reshape(-1) if np.ndim(block_ids) else [block_ids])
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"block_ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= pool.num_blocks):
+        bad = int(ids[(ids < 0) | (ids >= pool.num_blocks)][0])
+        raise ValueError(f"block id {bad} is out of range [0, {pool.num_blocks})")
+    return ids.astype(np.int32, copy=False)
+
+
+def _as_digests(digests: Any, n: int) -> DigestArray | None:
+    if digests is None:
+        return None
+    arr = np.ascontiguousarray(np.asarray(digests, dtype=np.uint8))
+    if arr.shape != (n, wire.DIGEST_NBYTES):
+        raise ValueError(f"digests must have shape ({n}, {wire.DIGEST_NBYTES}) (one per block), got {arr.shape}")
+    return arr
+
+
+def _publish(publish: Publisher, digests: DigestArray, block_ids: BlockIdArray) -> None:
+    if isinstance(publish, DigestSink):
+        publish.insert(digests, block_ids)
+    else:
+        publish(digests, block_ids)
+
+
+class BlockTransfer:
+    """Sends pool blocks to, and receives them from, other ranks of a comm backend.
+
+    ``chunk_bytes`` is the payload of one message (rounded down to whole blocks, at least one);
+    ``pipeline_depth`` staging buffers of that size are in flight per transfer; ``timeout``
+    (seconds, ``math.inf`` for none) bounds each whole call unless the call gives its own;
+    ``checksum`` is ``"segsum64"`` (fast, default) or ``"crc32"``; ``transport`` is ``"auto"``
+    (torch.distributed for ``GlooBackend``), ``"torch"`` or ``"backend"`` (the backend's own
+    blocking calls on a thread; any backend).
+    """
+
+    def __init__(
+        self,
+        comm_backend: Any,
+        *,
+        chunk_bytes: int = 4 << 20,
+        pipeline_depth: int = 4,
+        timeout: float = 60.0,
+        checksum: str = "segsum64",
+        transport: str = "auto",
+    ) -> None:
+        if comm_backend is None:
+            raise ValueError("comm_backend is required (e.g. an initialised sagellm_comm.GlooBackend)")
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+        if pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth must be >= 1, got {pipeline_depth}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if checksum not in wire.CHECKSUM_ALGORITHMS:
+            raise ValueError(f"checksum must be one of {', '.join(wire.CHECKSUM_ALGORITHMS)}, got {checksum!r}")
+        # The transport itself is made on first use: the backend may be initialised after us.
+        if transport not in ("auto", "torch", "backend"):
+            raise ValueError(f"transport must be 'auto', 'torch' or 'backend', got {transport!r}")
+        self._backend = comm_backend
+        self._transport_kind = transport
+        self._transport: Transport | None = None
+        self._chunk_bytes = int(chunk_bytes)
+        self._depth = int(pipeline_depth)
+        self._timeout = float(timeout)
+        self._checksum_id = wire.CHECKSUM_ALGORITHMS[checksum]
+        self._staging = _StagingCache(max_bytes=4 * self._depth * (self._chunk_bytes + wire.FOOTER_NBYTES))
+        self._lock = threading.Lock()
+        self._peer_locks: dict[tuple[int, int], threading.Lock] = {}
+        self._broken: dict[int, str] = {}
+        #: Tests only: called on the source with (chunk index, payload view) after the chunk's checksum
+        #: is taken and before it is sent, to damage the wire copy, stall, or kill the process.
+        self._chunk_hook: Callable[[int, npt.NDArray[np.uint8]], None] | None = None
+
+    # --- public API ---------------------------------------------------------------------------
+
+    def send_blocks(
+        self,
+        pool: PagedKVPool,
+        block_ids: Any,
+        dst_rank: int,
+        *,
+        digests: Any = None,
+        timeout: float | None = None,
+        transfer_id: uuid.UUID | None = None,
+    ) -> uuid.UUID:
+        """Sends the contents of ``block_ids`` (and their digests, if given) to ``dst_rank``.
+
+        Returns once the destination confirmed every byte; the source blocks are untouched. Raises
+        what the destination raised when it refuses (``KVMetadataMismatchError``,
+        ``KVChecksumMismatchError``; ``KVTransferFailedError`` when its pool is full),
+        ``KVTransferTimeoutError`` past the deadline, ``KVTransferFailedError`` on a dead link.
+        """
+        ids = _as_block_ids(block_ids, pool)
+        digest_array = _as_digests(digests, ids.size)
+        transport = self._get_transport()
+        me, world = transport.rank(), transport.world_size()
+        _check_peer(dst_rank, me, world, "dst_rank")
+        tid = transfer_id or uuid.uuid4()
+        spec = pool.spec
+        header = wire.TransferHeader(
+            transfer_id=tid, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+            block_size=spec.block_size, dtype=spec.dtype, num_blocks=int(ids.size), block_nbytes=pool.block_nbytes,
+            chunk_blocks=max(1, self._chunk_bytes // pool.block_nbytes), checksum_algorithm=self._checksum_id,
+            has_digests=digest_array is not None,
+            digests_checksum=wire.digests_checksum(digest_array) if digest_array is not None else 0,
+            src_rank=me, dst_rank=dst_rank,
+        )
+        deadline = _Deadline(self._timeout if timeout is None else timeout)
+        with self._peer(dst_rank, _DATA, tid, me, dst_rank):
+            state = {"phase": "header"}
+            try:
+                self._send(transport, pool, ids, digest_array, header, deadline, state)
+            except _Refused as r:
+                raise r.error from None
+            except TransportTimeout as e:
+                self._mark_broken(dst_rank, f"timeout during {state['phase']} of transfer {tid}")
+                raise KVTransferTimeoutError(
+                    tid, timeout_seconds=deadline.timeout, elapsed_seconds=deadline.elapsed(),
+                    context={"side": "source", "phase": state["phase"], "src_rank": me, "dst_rank": dst_rank},
+                ) from e
+            except (TransportError, wire.WireFormatError) as e:
+                self._mark_broken(dst_rank, f"{type(e).__name__} during {state['phase']} of transfer {tid}")
+                raise KVTransferFailedError(
+                    tid, source=f"rank {me}", target=f"rank {dst_rank}", reason=f"{state['phase']}: {e}",
+                    context={"side": "source", "phase": state["phase"]},
+                ) from e
+        return tid
+
+    def recv_blocks(
+        self,
+        pool: PagedKVPool,
+        src_rank: int,
+        *,
+        publish: Publisher | None = None,
+        timeout: float | None = None,
+    ) -> BlockIdArray:
+        """Receives one transfer from ``src_rank`` into fresh blocks of ``pool`` and returns their ids.
+
+        The ids come in the source's order, each with ref count 1, owned by the caller (or by the
+        prefix cache ``publish`` handed them to). On any error nothing stays reserved.
+        """
+        return self.receive(pool, src_rank, publish=publish, timeout=timeout).block_ids
+
+    def receive(
+        self,
+        pool: PagedKVPool,
+        src_rank: int,
+        *,
+        publish: Publisher | None = None,
+        timeout: float | None = None,
+    ) -> ReceivedBlocks:
+        """:meth:`recv_blocks` with the transfer's id, digests and size."""
+        transport = self._get_transport()
+        me, world = transport.rank(), transport.world_size()
+        _check_peer(src_rank, me, world, "src_rank")
+        deadline = _Deadline(self._timeout if timeout is None else timeout)
+        state: dict[str, Any] = {"phase": "header", "transfer_id": "unknown"}
+        with self._peer(src_rank, _REPLY, "(not started)", src_rank, me):
+            reserved: BlockIdArray | None = None
+            try:
+                reserved, result = self._receive(transport, pool, src_rank, me, deadline, state)
+                if publish is not None and result.digests is not None:
+                    state["phase"] = "publish"
+                    _publish(publish, result.digests, result.block_ids)
+                reserved = None  # the caller (or the cache) owns them now
+                return result
+            except _Refused as r:
+                raise r.error from None
+            except TransportTimeout as e:
+                self._mark_broken(src_rank, f"timeout during {state['phase']}")
+                raise KVTransferTimeoutError(
+                    state["transfer_id"], timeout_seconds=deadline.timeout, elapsed_seconds=deadline.elapsed(),
+                    context={"side": "destination", "phase": state["phase"], "src_rank": src_rank, "dst_rank": me},
+                ) from e
+            except TransportError as e:
+                self._mark_broken(src_rank, f"{type(e).__name__} during {state['phase']}")
+                raise KVTransferFailedError(
+                    state["transfer_id"], source=f"rank {src_rank}", target=f"rank {me}",
+                    reason=f"{state['phase']}: {e}", context={"side": "destination", "phase": state["phase"]},
+                ) from e
+            finally:
+                if reserved is not None:
+                    pool.free(reserved)
+
+    # --- source -------------------------------------------------------------------------------
+
+    def _send(
+        self,
+        transport: Transport,
+        pool: PagedKVPool,
+        ids: BlockIdArray,
+        digests: DigestArray | None,
+        header: wire.TransferHeader,
+        deadline: _Deadline,
+        state: dict[str, str],
+    ) -> None:
+        dst = header.dst_rank
+        frame = _Staging(wire.HEADER_NBYTES)
+        header.pack(frame.array)
+        transport.isend(frame.tensor, dst, _DATA).wait(deadline.remaining())
+        reply = self._recv_reply(transport, dst, deadline, wire.PHASE_HEADER)
+        if reply.status != wire.ReplyStatus.OK:
+            raise _Refused(reply, self._refusal_error(reply, header, {}))
+
+        pending: deque[Pending] = deque()
+        if digests is not None and digests.size:
+            state["phase"] = "digests"
+            pending.append(transport.isend(torch.from_numpy(digests.reshape(-1)), dst, _DATA))
+
+        block_nbytes, algorithm, depth = header.block_nbytes, header.checksum_algorithm, self._depth
+        num_chunks = header.num_chunks
+        payload_max = min(header.chunk_blocks, header.num_blocks) * block_nbytes
+        slots = self._staging.take(payload_max + wire.FOOTER_NBYTES, min(depth, num_chunks))
+        sent_checksums: dict[int, int] = {}
+        aborted: BaseException | None = None
+        for k in range(num_chunks):
+            state["phase"] = f"chunk {k} of {num_chunks}"
+            if len(pending) >= depth:
+                pending.popleft().wait(deadline.remaining())  # frees the slot chunk k reuses
+            start, stop = header.chunk_range(k)
+            nbytes = (stop - start) * block_nbytes
+            slot = slots[k % len(slots)].array
+            payload = slot[:nbytes]
+            value, flags = 0, 0
+            if aborted is None:
+                try:
+                    pool.gather_into(ids[start:stop], payload)
+                    value = wire.checksum(payload, algorithm)
+                except Exception as e:  # the destination must still get every frame it expects
+                    aborted = e
+            if aborted is not None:
+                flags = wire.FOOTER_ABORT
+            sent_checksums[k] = value
+            wire.ChunkFooter(k, flags, nbytes, value).pack(slot[nbytes : nbytes + wire.FOOTER_NBYTES])
+            if self._chunk_hook is not None:
+                self._chunk_hook(k, payload)
+            pending.append(transport.isend(slots[k % len(slots)].tensor[: nbytes + wire.FOOTER_NBYTES], dst, _DATA))
+        state["phase"] = "drain"
+        while pending:
+            pending.popleft().wait(deadline.remaining())
+        self._staging.give(slots)  # every send on them has completed
+
+        state["phase"] = "final reply"
+        reply = self._recv_reply(transport, dst, deadline, wire.PHASE_FINAL)
+        if aborted is not None:
+            raise _Refused(reply, KVTransferFailedError(
+                header.transfer_id, source=f"rank {header.src_rank}", target=f"rank {dst}",
+                reason=f"the source failed while gathering: {aborted!r}", context={"side": "source"},
+            )) from aborted
+        if reply.status != wire.ReplyStatus.OK:
+            raise _Refused(reply, self._refusal_error(reply, header, sent_checksums))
+
+    def _recv_reply(self, transport: Transport, peer: int, deadline: _Deadline, phase: int) -> wire.Reply:
+        frame = _Staging(wire.REPLY_NBYTES)
+        transport.irecv(frame.tensor, peer, _REPLY).wait(deadline.remaining())
+        reply = wire.Reply.unpack(frame.array)
+        if reply.phase != phase:
+            raise wire.WireFormatError("reply", f"reply for phase {reply.phase} while waiting for phase {phase}")
+        return reply
+
+    def _refusal_error(
+        self, reply: wire.Reply, header: wire.TransferHeader, sent_checksums: dict[int, int]
+    ) -> KVCacheError:
+        tid, src, dst = header.transfer_id, f"rank {header.src_rank}", f"rank {header.dst_rank}"
+        context = {"side": "source", "remote_status": reply.status.name, "dst_rank": header.dst_rank}
+        if reply.status == wire.ReplyStatus.SPEC_MISMATCH:
+            field = wire.SPEC_FIELDS[reply.a] if 0 <= reply.a < len(wire.SPEC_FIELDS) else f"field #{reply.a}"
+            ours = header.spec_values().get(field, header.src_rank if field == "src_rank" else None)
+            theirs: object = wire.dtype_from_code(reply.b) if field == "dtype" else reply.b
+            return KVMetadataMismatchError(field, theirs, ours, context=context)
+        if reply.status == wire.ReplyStatus.POOL_FULL:
+            return KVTransferFailedError(
+                tid, source=src, target=dst,
+                reason=f"the destination pool is full: {reply.a} blocks needed, {reply.b} free",
+                context={**context, "needed_blocks": reply.a, "free_blocks": reply.b},
+            )
+        if reply.status == wire.ReplyStatus.CHECKSUM_MISMATCH:
+            what = "digests" if reply.a < 0 else f"chunk {reply.a}"
+            expected = header.digests_checksum if reply.a < 0 else sent_checksums.get(reply.a, 0)
+            return KVChecksumMismatchError(
+                f"{expected:016x}", f"{reply.b:016x}", transfer_id=tid, context={**context, "where": what},
+            )
+        return KVTransferFailedError(tid, source=src, target=dst, reason=f"the destination replied {reply.status.name}",
+                                     context=context)
+
+    # --- destination --------------------------------------------------------------------------
+
+    def _receive(
+        self,
+        transport: Transport,
+        pool: PagedKVPool,
+        src: int,
+        me: int,
+        deadline: _Deadline,
+        state: dict[str, Any],
+    ) -> tuple[BlockIdArray, ReceivedBlocks]:
+        frame = _Staging(wire.HEADER_NBYTES)
+        transport.irecv(frame.tensor, src, _DATA).wait(deadline.remaining())
+        try:
+            header = wire.TransferHeader.unpack(frame.array)
+        except wire.WireFormatError as e:
+            self._reply(transport, src, deadline, wire.Reply(
+                wire.ReplyStatus.SPEC_MISMATCH, wire.PHASE_HEADER, wire.SPEC_FIELDS.index(e.field)))
+            raise _Refused(wire.Reply(wire.ReplyStatus.SPEC_MISMATCH, wire.PHASE_HEADER), KVMetadataMismatchError(
+                e.field, e.expected, e.actual, context={"side": "destination", "src_rank": src, "detail": str(e)},
+            )) from e
+        tid = header.transfer_id
+        state["transfer_id"] = tid
+        mismatch = _spec_mismatch(header, pool, src, me)
+        if mismatch is not None:
+            field, expected, actual = mismatch
+            wire_expected = wire.dtype_code(str(expected)) if field == "dtype" else int(expected)
+            self._reply(transport, src, deadline, wire.Reply(
+                wire.ReplyStatus.SPEC_MISMATCH, wire.PHASE_HEADER, wire.SPEC_FIELDS.index(field), wire_expected))
+            raise _Refused(wire.Reply(wire.ReplyStatus.SPEC_MISMATCH, wire.PHASE_HEADER), KVMetadataMismatchError(
+                field, expected, actual, context={"side": "destination", "transfer_id": str(tid), "src_rank": src},
+            ))
+
+        n = header.num_blocks
+        try:
+            reserved = pool.allocate(n) if n else np.empty(0, dtype=np.int32)
+        except KVPoolFullError as e:
+            self._reply(transport, src, deadline, wire.Reply(
+                wire.ReplyStatus.POOL_FULL, wire.PHASE_HEADER, n, pool.num_free_blocks))
+            e.context.update({"transfer_id": str(tid), "needed_blocks": n, "src_rank": src})
+            raise
+        try:
+            self._reply(transport, src, deadline, wire.Reply(wire.ReplyStatus.OK, wire.PHASE_HEADER))
+            result = self._receive_payload(transport, pool, src, header, reserved, deadline, state)
+        except BaseException:
+            pool.free(reserved)
+            raise
+        return reserved, result
+
+    def _receive_payload(
+        self,
+        transport: Transport,
+        pool: PagedKVPool,
+        src: int,
+        header: wire.TransferHeader,
+        reserved: BlockIdArray,
+        deadline: _Deadline,
+        state: dict[str, Any],
+    ) -> ReceivedBlocks:
+        tid = header.transfer_id
+        digests: DigestArray | None = None
+        digest_work: Pending | None = None
+        if header.has_digests:
+            digests = np.empty((header.num_blocks, wire.DIGEST_NBYTES), dtype=np.uint8)
+            if digests.size:
+                digest_work = transport.irecv(torch.from_numpy(digests.reshape(-1)), src, _DATA)
+
+        block_nbytes, algorithm, depth = header.block_nbytes, header.checksum_algorithm, self._depth
+        num_chunks = header.num_chunks
+        payload_max = min(header.chunk_blocks, header.num_blocks) * block_nbytes
+        slots = self._staging.take(payload_max + wire.FOOTER_NBYTES, min(depth, num_chunks))
+        posted: deque[Pending] = deque()
+
+        def post(k: int) -> None:
+            start, stop = header.chunk_range(k)
+            size = (stop - start) * block_nbytes + wire.FOOTER_NBYTES
+            posted.append(transport.irecv(slots[k % len(slots)].tensor[:size], src, _DATA))
+
+        for k in range(min(len(slots), num_chunks)):
+            post(k)
+        failure: wire.Reply | None = None
+        error: KVCacheError | None = None
+        if digest_work is not None and digests is not None:
+            state["phase"] = "digests"
+            digest_work.wait(deadline.remaining())
+            got = wire.digests_checksum(digests)
+            if got != header.digests_checksum:
+                failure = wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, -1, got)
+                error = KVChecksumMismatchError(f"{header.digests_checksum:016x}", f"{got:016x}", transfer_id=tid,
+                                                context={"side": "destination", "where": "digests"})
+        running = 0
+        for k in range(num_chunks):
+            state["phase"] = f"chunk {k} of {num_chunks}"
+            posted.popleft().wait(deadline.remaining())
+            start, stop = header.chunk_range(k)
+            nbytes = (stop - start) * block_nbytes
+            slot = slots[k % len(slots)].array
+            if failure is None:
+                failure, error = self._check_chunk(slot, k, nbytes, header)
+            if failure is None:
+                payload = slot[:nbytes]
+                value = wire.checksum(payload, algorithm)
+                expected = wire.ChunkFooter.unpack(slot[nbytes : nbytes + wire.FOOTER_NBYTES]).checksum
+                if value != expected:
+                    failure = wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, k, value)
+                    error = KVChecksumMismatchError(
+                        f"{expected:016x}", f"{value:016x}", transfer_id=tid,
+                        context={"side": "destination", "where": f"chunk {k}", "blocks": (start, stop)},
+                    )
+                else:
+                    # Into blocks only this call knows about: nobody sees them before the last check.
+                    pool.scatter(payload, reserved[start:stop])
+                    running = (running * 0x100000001B3 + value) & 0xFFFFFFFFFFFFFFFF
+            if k + len(slots) < num_chunks:
+                post(k + len(slots))
+        self._staging.give(slots)  # every receive into them has completed
+
+        state["phase"] = "final reply"
+        if failure is not None and error is not None:
+            self._reply(transport, src, deadline, failure)
+            raise _Refused(failure, error)
+        self._reply(transport, src, deadline, wire.Reply(wire.ReplyStatus.OK, wire.PHASE_FINAL))
+        return ReceivedBlocks(
+            transfer_id=tid, block_ids=reserved, digests=digests, nbytes=header.num_blocks * block_nbytes,
+            checksum=f"{_algorithm_name(algorithm)}:{running:016x}", seconds=deadline.elapsed(),
+        )
+
+    @staticmethod
+    def _check_chunk(
+        slot: npt.NDArray[np.uint8], k: int, nbytes: int, header: wire.TransferHeader
+    ) -> tuple[wire.Reply | None, KVCacheError | None]:
+        tid = header.transfer_id
+        try:
+            footer = wire.ChunkFooter.unpack(slot[nbytes : nbytes + wire.FOOTER_NBYTES])
+        except wire.WireFormatError as e:
+            return (wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, k, 0),
+                    KVChecksumMismatchError("valid chunk footer", "damaged footer", transfer_id=tid,
+                                            context={"side": "destination", "where": f"chunk {k}", "detail": str(e)}))
+        if footer.flags & wire.FOOTER_ABORT:
+            return (wire.Reply(wire.ReplyStatus.SOURCE_ABORTED, wire.PHASE_FINAL, k),
+                    KVTransferFailedError(tid, source=f"rank {header.src_rank}", target=f"rank {header.dst_rank}",
+                                          reason=f"the source aborted at chunk {k}", context={"side": "destination"}))
+        if footer.index != k or footer.payload_nbytes != nbytes:
+            return (wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, k, 0),
+                    KVChecksumMismatchError(f"chunk {k} of {nbytes} B", f"chunk {footer.index} of "
+                                            f"{footer.payload_nbytes} B", transfer_id=tid,
+                                            context={"side": "destination", "where": f"chunk {k}"}))
+        return None, None
+
+    def _reply(self, transport: Transport, peer: int, deadline: _Deadline, reply: wire.Reply) -> None:
+        frame = _Staging(wire.REPLY_NBYTES)
+        reply.pack(frame.array)
+        transport.isend(frame.tensor, peer, _REPLY).wait(deadline.remaining())
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _get_transport(self) -> Transport:
+        with self._lock:
+            if self._transport is None:
+                try:
+                    self._transport = make_transport(self._backend, self._transport_kind)
+                except TransportError as e:
+                    raise KVTransferFailedError("none", reason=f"no usable transport: {e}") from e
+            return self._transport
+
+    @contextmanager
+    def _peer(self, peer: int, channel: int, tid: object, src: int, dst: int) -> Iterator[None]:
+        """One transfer per (peer, direction) at a time; none at all once the link broke."""
+        with self._lock:
+            broken = self._broken.get(peer)
+            lock = self._peer_locks.setdefault((peer, channel), threading.Lock())
+        if broken is not None:
+            raise KVTransferFailedError(
+                str(tid), source=f"rank {src}", target=f"rank {dst}",
+                reason=f"the link to rank {peer} is unusable after an earlier failure ({broken}); "
+                       "re-create the process group",
+            )
+        with lock:
+            yield
+
+    def _mark_broken(self, peer: int, why: str) -> None:
+        with self._lock:
+            self._broken.setdefault(peer, why)
+
+    def is_broken(self, peer: int) -> bool:
+        """True once a timeout or a transport error made the link to ``peer`` unusable."""
+        with self._lock:
+            return peer in self._broken
+
+
+def _algorithm_name(algorithm: int) -> str:
+    return next((name for name, code in wire.CHECKSUM_ALGORITHMS.items() if code == algorithm), str(algorithm))
+
+
+def _check_peer(peer: Any, me: int, world: int, name: str) -> None:
+    if isinstance(peer, bool) or not isinstance(peer, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(peer).__name__}")
+    if not 0 <= peer < world:
+        raise ValueError(f"invalid {name} {peer}: must be in [0, {world}) (world size {world})")
+    if peer == me:
+        raise ValueError(f"{name} {peer} is this process's own rank; a transfer needs two ranks")
+
+
+def _spec_mismatch(header: wire.TransferHeader, pool: PagedKVPool, src: int, me: int) -> tuple[str, Any, Any] | None:
+    spec = pool.spec
+    ours: dict[str, Any] = {
+        "num_layers": spec.num_layers,
+        "num_kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "dtype": spec.dtype,
+        "block_size": spec.block_size,
+        "block_nbytes": pool.block_nbytes,
+        "dst_rank": me,
+    }
+    theirs = header.spec_values()
+    for field in wire.SPEC_FIELDS:
+        if field in ours and theirs[field] != ours[field]:
+            return field, ours[field], theirs[field]
+    if header.checksum_algorithm not in wire.CHECKSUM_ALGORITHMS.values():
+        return "checksum_algorithm", sorted(wire.CHECKSUM_ALGORITHMS.values())[0], header.checksum_algorithm
+    if header.src_rank != src:
+        return "src_rank", src, header.src_rank
+    return None
+

@@ -1,0 +1,390 @@
+"""Block and handle transfers between real processes over gloo on 127.0.0.1.
+
+Each session starts its ranks once (spawn; importing torch dominates the cost) and runs a fixed
+sequence of scenarios in lockstep; the tests below assert on what each rank reported. Data checks
+compare SHA-256 of the gathered bytes on both sides, so a test proves byte-exact arrival without
+shipping the payload back to pytest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sagellm_comm")
+
+pytestmark = pytest.mark.multiprocess
+
+SPEC = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8, "dtype": "fp16", "block_size": 16}  # 512 B blocks
+CHUNK_BYTES = 64 << 10  # small chunks: the 10,000-block transfer runs through 80 of them
+TIMEOUT = 15.0
+
+
+# --- harness ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(target: Callable[..., Any], rank: int, world: int, port: int, results: Any) -> None:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    try:
+        from sagellm_comm import GlooBackend
+
+        backend = GlooBackend()
+        backend.init(rank, world, "127.0.0.1", port)
+        results.put((rank, "ok", target(rank, backend)))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        results.close()
+        results.join_thread()
+        os._exit(0)  # skip process-group teardown: a peer may be gone on purpose
+
+
+def _run(target: Callable[..., Any], world: int, timeout: float = 90.0, expect_missing: int = 0) -> dict[int, Any]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(target, r, world, port, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    end = time.monotonic() + timeout
+    try:
+        while len(out) < world - expect_missing and time.monotonic() < end:
+            try:
+                rank, status, value = results.get(timeout=0.5)
+            except queue.Empty:
+                if all(not p.is_alive() for p in procs) and results.empty():
+                    break
+                continue
+            if status == "error":
+                pytest.fail(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    assert len(out) >= world - expect_missing, f"only ranks {sorted(out)} reported within {timeout}s"
+    return out
+
+
+def _fill(pool: Any, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for layer in range(pool.spec.num_layers):
+        for view in (pool.key_cache(layer), pool.value_cache(layer)):
+            bits = view.view(np.uint16)
+            bits[...] = rng.integers(0, 1 << 16, size=bits.shape, dtype=np.uint16)
+
+
+def _sha(pool: Any, ids: Any) -> str:
+    return hashlib.sha256(pool.gather(np.asarray(ids, dtype=np.int32)).tobytes()).hexdigest()
+
+
+def _digests(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32), dtype=np.uint8)
+
+
+def _outcome(fn: Callable[[], Any]) -> tuple[str, Any, float]:
+    """(error class name or "ok", value or error details, seconds)."""
+    start = time.monotonic()
+    try:
+        value = fn()
+        return "ok", value, time.monotonic() - start
+    except Exception as e:
+        details = {"message": str(e), "field": getattr(e, "field", None), "context": getattr(e, "context", None)}
+        return type(e).__name__, details, time.monotonic() - start
+
+
+# --- two ranks: 0 sends, 1 receives ----------------------------------------------------------
+
+
+def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
+    from sagellm_kv_cache import KVCacheSpec, KVHandle, KVTransferEngine, PagedKVPool
+    from sagellm_kv_cache.transfer import BlockTransfer
+
+    spec = KVCacheSpec(**SPEC)
+    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+    r: dict[str, Any] = {}
+    if rank == 0:
+        pool = PagedKVPool(spec, 12_000)
+        _fill(pool, seed=7)
+        for n in (1, 100, 10_000):
+            ids = pool.allocate(n)[::-1].copy()  # any order: the destination keeps it
+            r[f"sha{n}"] = _sha(pool, ids)
+            digests = _digests(n, seed=n) if n == 100 else None
+            r[f"send{n}"] = _outcome(lambda ids=ids, d=digests: bt.send_blocks(pool, ids, 1, digests=d))
+        few = pool.allocate(10)
+        r["mismatch"] = _outcome(lambda: bt.send_blocks(pool, few, 1))
+
+        def flip(k: int, payload: np.ndarray) -> None:
+            if k == 1:
+                payload[123] ^= 0x40
+
+        bt._chunk_hook = flip
+        r["corrupt"] = _outcome(lambda: bt.send_blocks(pool, pool.allocate(1000), 1))
+        bt._chunk_hook = None
+        r["full"] = _outcome(lambda: bt.send_blocks(pool, few, 1))
+        generic = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, transport="backend")
+        r["sha_generic"] = _sha(pool, few)
+        r["generic"] = _outcome(lambda: generic.send_blocks(pool, few, 1))
+
+        engine = KVTransferEngine(backend)
+        handle = KVHandle.create(16)
+        data = torch.arange(2 * 16 * 8, dtype=torch.float16).reshape(2, 16, 8)
+        tid = engine.transfer_kv_handle(handle, 0, 1, data)
+        r["seed"] = (str(engine.get_transfer_status(tid).value), engine.get_completed_count(),
+                     engine.get_pending_count(), engine.get_transfer_metadata(tid).total_bytes)
+
+        # Both directions at once between the same pair: separate tags keep them apart.
+        import threading
+
+        back = PagedKVPool(spec, 64)
+        got: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: got.update(ids=bt.recv_blocks(back, 1)))
+        t.start()
+        r["both_send"] = _outcome(lambda: bt.send_blocks(pool, few, 1))
+        t.join()
+        r["both_sha_recv"] = _sha(back, got["ids"])
+        r["sha_few"] = _sha(pool, few)
+
+        backend.barrier()
+        bt._chunk_hook = lambda k, payload: time.sleep(3.0) if k == 0 else None  # the stall
+        r["stall"] = _outcome(lambda: bt.send_blocks(pool, pool.allocate(200), 1))
+        return r
+
+    pool = PagedKVPool(spec, 12_000)
+    published: dict[bytes, int] = {}
+    seen_at_publish: dict[str, str] = {}
+
+    def publish(digests: np.ndarray, ids: np.ndarray) -> None:
+        seen_at_publish["sha"] = _sha(pool, ids)  # the data must already be in place
+        for d, i in zip(digests, ids, strict=True):
+            published[d.tobytes()] = int(i)
+
+    for n in (1, 100, 10_000):
+        free_before = pool.num_free_blocks
+        kind, ids, _ = _outcome(lambda: bt.recv_blocks(pool, 0, publish=publish))
+        r[f"recv{n}"] = kind
+        r[f"sha{n}"] = _sha(pool, ids) if kind == "ok" else None
+        r[f"taken{n}"] = free_before - pool.num_free_blocks
+        if n == 100:
+            expected = {d.tobytes(): int(i) for d, i in zip(_digests(100, seed=100), ids, strict=True)}
+            r["published_matches"] = published == expected
+            r["sha_at_publish"] = seen_at_publish.get("sha")
+    r["published_only_with_digests"] = len(published) == 100
+
+    other = PagedKVPool(KVCacheSpec(**{**SPEC, "head_dim": 16}), 64)
+    before = other.num_free_blocks
+    r["mismatch"] = _outcome(lambda: bt.recv_blocks(other, 0))
+    r["mismatch_free_same"] = other.num_free_blocks == before
+
+    before = pool.num_free_blocks
+    calls_before = len(published)
+    r["corrupt"] = _outcome(lambda: bt.recv_blocks(pool, 0, publish=publish))
+    r["corrupt_free_same"] = pool.num_free_blocks == before
+    r["corrupt_not_published"] = len(published) == calls_before
+
+    tiny = PagedKVPool(spec, 8)
+    tiny.allocate(3)
+    before = tiny.num_free_blocks
+    r["full"] = _outcome(lambda: bt.recv_blocks(tiny, 0))
+    r["full_free_same"] = tiny.num_free_blocks == before
+
+    generic = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, transport="backend")
+    kind, ids, _ = _outcome(lambda: generic.recv_blocks(pool, 0))
+    r["generic"] = kind
+    r["sha_generic"] = _sha(pool, ids) if kind == "ok" else None
+
+    engine = KVTransferEngine(backend)
+    handle = KVHandle.create(16)
+    into = torch.zeros(2, 16, 8, dtype=torch.float16)
+    tid = engine.transfer_kv_handle(handle, 0, 1, into)
+    r["seed"] = (str(engine.get_transfer_status(tid).value), engine.get_completed_count(),
+                 engine.get_pending_count(), engine.get_transfer_metadata(tid).total_bytes)
+    r["seed_exact"] = bool(torch.equal(into, torch.arange(2 * 16 * 8, dtype=torch.float16).reshape(2, 16, 8)))
+    r["seed_handle"] = (handle.source_rank, handle.rank, handle.is_transferring, handle.transfer_id == tid)
+
+    import threading
+
+    sent: dict[str, Any] = {}
+    mine = pool.allocate(10)
+    _fill_ids(pool, mine)
+    t = threading.Thread(target=lambda: sent.update(outcome=_outcome(lambda: bt.send_blocks(pool, mine, 0))))
+    t.start()
+    kind, ids, _ = _outcome(lambda: bt.recv_blocks(pool, 0))
+    t.join()
+    r["both_recv"] = kind
+    r["both_sha_recv"] = _sha(pool, ids) if kind == "ok" else None
+    r["both_send"] = sent["outcome"]
+    r["both_sha_sent"] = _sha(pool, mine)
+
+    backend.barrier()
+    before = pool.num_free_blocks
+    r["stall"] = _outcome(lambda: bt.recv_blocks(pool, 0, timeout=1.0))
+    r["stall_free_same"] = pool.num_free_blocks == before
+    r["broken_after"] = _outcome(lambda: bt.recv_blocks(pool, 0, timeout=1.0))
+    return r
+
+
+def _fill_ids(pool: Any, ids: np.ndarray) -> None:
+    rng = np.random.default_rng(99)
+    pool.scatter(rng.integers(0, 256, size=len(ids) * pool.block_nbytes, dtype=np.uint8), ids)
+
+
+@pytest.fixture(scope="module")
+def pair() -> dict[int, Any]:
+    return _run(_pair_session, world=2)
+
+
+def test_one_hundred_and_ten_thousand_blocks_arrive_byte_exact(pair: dict[int, Any]) -> None:
+    src, dst = pair[0], pair[1]
+    for n in (1, 100, 10_000):
+        assert src[f"send{n}"][0] == "ok", src[f"send{n}"]
+        assert dst[f"recv{n}"] == "ok"
+        assert dst[f"sha{n}"] == src[f"sha{n}"]
+        assert dst[f"taken{n}"] == n
+
+
+def test_publish_sees_digests_after_the_data_is_in_place(pair: dict[int, Any]) -> None:
+    assert pair[1]["published_matches"]
+    assert pair[1]["sha_at_publish"] == pair[0]["sha100"]
+    assert pair[1]["published_only_with_digests"]  # transfers without digests publish nothing
+
+
+def test_spec_mismatch_is_refused_before_anything_is_reserved(pair: dict[int, Any]) -> None:
+    kind, details, _ = pair[1]["mismatch"]
+    assert kind == "KVMetadataMismatchError" and details["field"] == "head_dim"
+    assert pair[1]["mismatch_free_same"]
+    kind, details, _ = pair[0]["mismatch"]
+    assert kind == "KVMetadataMismatchError" and details["field"] == "head_dim"
+
+
+def test_corrupted_payload_is_detected_and_nothing_stays_reserved(pair: dict[int, Any]) -> None:
+    kind, details, _ = pair[1]["corrupt"]
+    assert kind == "KVChecksumMismatchError", details
+    assert details["context"]["where"] == "chunk 1"
+    assert pair[1]["corrupt_free_same"] and pair[1]["corrupt_not_published"]
+    assert pair[0]["corrupt"][0] == "KVChecksumMismatchError"
+
+
+def test_full_destination_pool_refuses_and_the_source_learns_it(pair: dict[int, Any]) -> None:
+    kind, _, _ = pair[1]["full"]
+    assert kind == "KVPoolFullError"
+    assert pair[1]["full_free_same"]
+    kind, details, _ = pair[0]["full"]
+    assert kind == "KVTransferFailedError" and details["context"]["remote_status"] == "POOL_FULL"
+
+
+def test_generic_backend_transport_is_byte_exact(pair: dict[int, Any]) -> None:
+    assert pair[0]["generic"][0] == "ok" and pair[1]["generic"] == "ok"
+    assert pair[1]["sha_generic"] == pair[0]["sha_generic"]
+
+
+def test_seed_transfer_kv_handle_between_processes(pair: dict[int, Any]) -> None:
+    assert pair[0]["seed"] == ("completed", 1, 0, 2 * 16 * 8 * 2)
+    assert pair[1]["seed"] == ("completed", 1, 0, 2 * 16 * 8 * 2)
+    assert pair[1]["seed_exact"]
+    assert pair[1]["seed_handle"] == (0, 1, False, True)
+
+
+def test_transfers_both_ways_at_once(pair: dict[int, Any]) -> None:
+    assert pair[0]["both_send"][0] == "ok" and pair[1]["both_recv"] == "ok"
+    assert pair[1]["both_sha_recv"] == pair[0]["sha_few"]
+    assert pair[1]["both_send"][0] == "ok"
+    assert pair[0]["both_sha_recv"] == pair[1]["both_sha_sent"]
+
+
+def test_stalled_source_times_out_and_breaks_the_link(pair: dict[int, Any]) -> None:
+    kind, _, seconds = pair[1]["stall"]
+    assert kind == "KVTransferTimeoutError"
+    assert seconds < 2.5
+    assert pair[1]["stall_free_same"]
+    kind, details, seconds = pair[1]["broken_after"]
+    assert kind == "KVTransferFailedError" and "unusable" in details["message"] and seconds < 0.5
+    assert pair[0]["stall"][0] in ("KVTransferFailedError", "KVTransferTimeoutError")
+
+
+# --- a source that dies mid-transfer ---------------------------------------------------------
+
+
+def _kill_session(rank: int, backend: Any) -> dict[str, Any]:
+    from sagellm_kv_cache import KVCacheSpec, PagedKVPool
+    from sagellm_kv_cache.transfer import BlockTransfer
+
+    pool = PagedKVPool(KVCacheSpec(**SPEC), 12_000)
+    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+    if rank == 0:
+        bt._chunk_hook = lambda k, payload: os._exit(1) if k == 5 else None
+        bt.send_blocks(pool, pool.allocate(10_000), 1)
+        return {}
+    before = pool.num_free_blocks
+    outcome = _outcome(lambda: bt.recv_blocks(pool, 0))
+    return {"outcome": outcome, "free_same": pool.num_free_blocks == before}
+
+
+def test_peer_killed_mid_transfer_frees_what_was_reserved() -> None:
+    dst = _run(_kill_session, world=2, expect_missing=1)[1]
+    kind, details, seconds = dst["outcome"]
+    assert kind in ("KVTransferFailedError", "KVTransferTimeoutError"), details
+    assert seconds < TIMEOUT + 1
+    assert dst["free_same"]
+
+
+# --- three ranks: 0 and 1 send to 2 at the same time -----------------------------------------
+
+
+def _fan_in_session(rank: int, backend: Any) -> dict[str, Any]:
+    import threading
+
+    from sagellm_kv_cache import KVCacheSpec, PagedKVPool
+    from sagellm_kv_cache.transfer import BlockTransfer
+
+    pool = PagedKVPool(KVCacheSpec(**SPEC), 4096)
+    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+    if rank < 2:
+        _fill(pool, seed=rank)
+        ids = pool.allocate(1000 + rank)
+        digests = _digests(len(ids), seed=10 + rank)
+        return {"outcome": _outcome(lambda: bt.send_blocks(pool, ids, 2, digests=digests))[0], "sha": _sha(pool, ids)}
+    published: dict[bytes, int] = {}
+    lock = threading.Lock()
+
+    def publish(digests: np.ndarray, ids: np.ndarray) -> None:
+        with lock:
+            published.update({d.tobytes(): int(i) for d, i in zip(digests, ids, strict=True)})
+
+    got: dict[int, Any] = {}
+    threads = [threading.Thread(target=lambda s=s: got.update({s: bt.recv_blocks(pool, s, publish=publish)}))
+               for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = {d.tobytes() for s in (0, 1) for d in _digests(1000 + s, seed=10 + s)}
+    return {"sha": {s: _sha(pool, got[s]) for s in got}, "published": set(published) == expected,
+            "used": pool.num_used_blocks}
+
+
+def test_three_processes_fan_in() -> None:
+    out = _run(_fan_in_session, world=3)
+    assert out[0]["outcome"] == "ok" and out[1]["outcome"] == "ok"
+    assert out[2]["sha"] == {0: out[0]["sha"], 1: out[1]["sha"]}
+    assert out[2]["published"]
+    assert out[2]["used"] == 2001
