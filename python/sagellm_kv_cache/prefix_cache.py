@@ -37,6 +37,7 @@ __all__ = ["BlockHash", "PrefixCache", "RadixPrefixCache", "hash_algorithms"]
 BlockHash = bytes
 Digests = npt.NDArray[np.uint8]
 POLICIES = ("lru", "fifo", "priority", "ttl")
+_MAX_ID = 2**31 - 1
 
 
 def hash_algorithms() -> list[str]:
@@ -109,9 +110,10 @@ class RadixPrefixCache:
         n, ids, digests = self._native.match_tokens(tokens, salt=salt, extra=extra)
         return int(n), ids, digests
 
-    def peek(self, digests: Any) -> int:
-        """Length of the cached prefix, without taking references or touching recency."""
-        return int(self._native.peek(digests))
+    def peek(self, digests: Any) -> tuple[int, npt.NDArray[np.int32]]:
+        """Like :meth:`match` without taking references, touching recency or counting stats."""
+        n, ids = self._native.peek(digests)
+        return int(n), ids
 
     def release(self, digests: Any) -> None:
         """Drops the references ``match`` took. All or nothing."""
@@ -197,6 +199,13 @@ def _key_digest(key: Any) -> bytes:
     raise TypeError(f"block hash must be bytes, got {type(key).__name__}")
 
 
+def _digest_array(keys: Sequence[Any]) -> Digests:
+    """Seed keys as an (n, 32) digest array; one join when they already are 32-byte bytes."""
+    if keys and set(map(type, keys)) == {bytes} and set(map(len, keys)) == {32}:
+        return np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
+    return np.frombuffer(b"".join(map(_key_digest, keys)), dtype=np.uint8).reshape(len(keys), 32)
+
+
 class PrefixCache:
     """The seed's block-hash prefix cache, backed by the C++ trie.
 
@@ -218,7 +227,8 @@ class PrefixCache:
         self._cache = RadixPrefixCache(block_size, max_cached_blocks, "lru" if self.enable_lru else "fifo")
         self._lock = threading.Lock()
         self._blocks: dict[int, dict] = {}
-        self._ids = itertools.count()
+        self._next_id = 0  # synthetic block ids, the keys of self._blocks (see _take_ids)
+        self._wrapped = False
         self._owners: dict[Any, int] = {}
 
     # --- hashing ----------------------------------------------------------------------------
@@ -242,54 +252,72 @@ class PrefixCache:
     def compute_block_hashes(self, tokens: Sequence[int], block_size: int | None = None) -> list[BlockHash]:
         """Chained digests of the full blocks of ``tokens`` (a trailing partial block is skipped)."""
         size = self.block_size if block_size is None else block_size
-        digests = self._cache.hash_tokens(self._tokens(tokens), block_size=size)
-        return [row.tobytes() for row in digests]
+        raw = self._cache.hash_tokens(self._tokens(tokens), block_size=size).tobytes()
+        return [raw[i : i + 32] for i in range(0, len(raw), 32)]
 
     # --- lookup / insert --------------------------------------------------------------------
 
     def lookup(self, block_hashes: Sequence[BlockHash]) -> tuple[list[dict], int]:
         """Longest cached prefix: (its block dicts, number of tokens they cover)."""
-        digests = [_key_digest(h) for h in block_hashes]
-        if not digests:
+        if not block_hashes:
             return [], 0
+        digests = _digest_array(block_hashes)
         with self._lock:
             n, ids = self._cache.match(digests)
             self._cache.release(digests[:n])
-            blocks = [self._blocks[int(i)] for i in ids]
+            blocks = list(map(self._blocks.__getitem__, ids.tolist()))
         return blocks, n * self.block_size
 
     def insert(self, block_hashes: Sequence[BlockHash], blocks: Sequence[dict]) -> None:
         """Caches ``blocks`` under the chained ``block_hashes`` (same length; a chain from the root)."""
         if len(block_hashes) != len(blocks):
             raise ValueError(f"{len(block_hashes)} block hashes but {len(blocks)} blocks")
-        for i, block in enumerate(blocks):
-            if not isinstance(block, dict):
-                raise TypeError(f"blocks[{i}] must be a dict, got {type(block).__name__}")
-        digests = [_key_digest(h) for h in block_hashes]
-        if not digests:
+        if set(map(type, blocks)) - {dict}:
+            bad = next(i for i, b in enumerate(blocks) if not isinstance(b, dict))
+            raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}")
+        if not blocks:
             return
+        digests = _digest_array(block_hashes)
+        owner_keys = [b.get("handle_id") for b in blocks]
         with self._lock:
             start = 0
-            while start < len(digests):
+            while start < len(blocks):
                 # The trie records one owner per insert call: cut the chain where the owner changes.
-                owner_key = blocks[start].get("handle_id")
+                owner_key = owner_keys[start]
                 end = start + 1
-                while end < len(digests) and blocks[end].get("handle_id") == owner_key:
+                if owner_key is None and owner_keys.count(None) == len(owner_keys):
+                    end = len(blocks)
+                while end < len(blocks) and owner_keys[end] == owner_key:
                     end += 1
                 owner = 0 if owner_key is None else self._owners.setdefault(owner_key, len(self._owners) + 1)
-                ids = np.fromiter((next(self._ids) for _ in range(end - start)), dtype=np.int32, count=end - start)
+                ids = self._take_ids(end - start)
                 _, redundant = self._cache.insert(digests[start:end], ids, parent=digests[start - 1] if start else None,
                                                   owner=owner)
                 kept = np.ones(end - start, dtype=bool)
                 kept[redundant] = False
-                for j in np.flatnonzero(kept):
-                    self._blocks[int(ids[j])] = blocks[start + int(j)]
+                self._blocks.update(zip(ids[kept].tolist(), itertools.compress(blocks[start:end], kept.tolist())))
                 start = end
             self._forget_evicted()
 
-    def _forget_evicted(self) -> None:
+    def _take_ids(self, n: int) -> npt.NDArray[np.int32]:
+        """Fresh synthetic block ids; after 2^31 of them, cycle and skip the ones still cached."""
+        if not self._wrapped and self._next_id + n <= _MAX_ID:
+            ids = np.arange(self._next_id, self._next_id + n, dtype=np.int32)
+            self._next_id += n
+            return ids
+        self._wrapped = True
+        self._forget_evicted(force=True)
+        out: list[int] = []
+        while len(out) < n:
+            candidate = self._next_id % _MAX_ID
+            self._next_id = candidate + 1
+            if candidate not in self._blocks:
+                out.append(candidate)
+        return np.asarray(out, dtype=np.int32)
+
+    def _forget_evicted(self, force: bool = False) -> None:
         # Evictions happen inside C++; drop the dicts of evicted blocks once they dominate the table.
-        if len(self._blocks) > 2 * len(self._cache) + 64:
+        if force or len(self._blocks) > 2 * len(self._cache) + 64:
             live = set(self._cache.cached_block_ids().tolist())
             self._blocks = {k: v for k, v in self._blocks.items() if k in live}
 
