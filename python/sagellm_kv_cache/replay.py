@@ -22,7 +22,7 @@ import numpy as np
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 from sagellm_kv_cache.prefix_cache import RadixPrefixCache
 
-__all__ = ["TraceError", "ReplayResult", "load_trace", "replay", "sample_trace_path", "TRACE_BLOCK_TOKENS"]
+__all__ = ["TRACE_BLOCK_TOKENS", "ReplayResult", "TraceError", "load_trace", "replay", "sample_trace_path"]
 
 TRACE_BLOCK_TOKENS = 512  # tokens per hash id in the Mooncake traces
 

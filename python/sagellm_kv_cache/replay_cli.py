@@ -11,8 +11,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sagellm_kv_cache.errors import KVCacheError
+
+if TYPE_CHECKING:
+    from sagellm_kv_cache.replay import ReplayResult
 
 POLICIES = ("lru", "fifo", "priority", "ttl")
 
@@ -47,32 +51,35 @@ def _print_table(rows: Sequence[dict[str, object]]) -> None:
               f"{r['hit_ratio']:>9.3f} {r['evictions']:>9} {r['requests_per_s']:>9.0f}")
 
 
-def _plot(rows: Sequence[dict[str, object]], path: str) -> None:
+def _plot(results: Sequence[ReplayResult], path: str) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("sagellm-kv: --plot needs matplotlib: pip install 'isagellm-kv-cache[visualization]'") from None
-    bounded = [int(r["capacity_blocks"]) for r in rows if r["capacity_blocks"] is not None]  # type: ignore[call-overload]
-    inf_x = max(bounded) * 4 if bounded else 1
+        raise RuntimeError("--plot needs matplotlib: pip install 'isagellm-kv-cache[visualization]'") from None
+    bounded = sorted({r.capacity_blocks for r in results if r.capacity_blocks is not None})
+    # "unbounded" is drawn one step beyond the largest capacity on the log axis.
+    inf_x = bounded[-1] * 4 if bounded else 1
+
+    def x_of(r: ReplayResult) -> int:
+        return inf_x if r.capacity_blocks is None else r.capacity_blocks
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for trace in dict.fromkeys(str(r["trace"]) for r in rows):
-        mine = sorted((r for r in rows if r["trace"] == trace),
-                      key=lambda r: inf_x if r["capacity_blocks"] is None else r["capacity_blocks"])  # type: ignore[return-value,arg-type]
-        xs = [inf_x if r["capacity_blocks"] is None else r["capacity_blocks"] for r in mine]
-        ax.plot(xs, [r["hit_ratio"] for r in mine], marker="o", label=trace)
+    for trace in dict.fromkeys(r.trace for r in results):
+        mine = sorted((r for r in results if r.trace == trace), key=x_of)
+        ax.plot([x_of(r) for r in mine], [r.hit_ratio for r in mine], marker="o", label=trace)
     ax.set_xscale("log")
-    ticks = sorted({*bounded, inf_x}) if bounded else [inf_x]
+    ticks = [*bounded, inf_x]
     ax.set_xticks(ticks)
     ax.set_xticklabels(["unbounded" if t == inf_x else f"{t:,}" for t in ticks], rotation=30)
+    ax.minorticks_off()
     ax.set_xlabel("prefix-cache capacity (512-token blocks)")
     ax.set_ylabel("hit ratio (blocks hit / blocks requested)")
     ax.set_ylim(0, 1)
     ax.grid(True, alpha=0.3)
-    policy = rows[0]["policy"] if rows else ""
-    ax.set_title(f"Prefix-cache hit ratio vs capacity ({policy})")
+    ax.set_title(f"Prefix-cache hit ratio vs capacity ({results[0].policy if results else ''})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -98,8 +105,8 @@ def _replay_command(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         if args.plot:
-            _plot(rows, args.plot)
-    except OSError as exc:
+            _plot(results, args.plot)
+    except (OSError, RuntimeError) as exc:
         print(f"sagellm-kv: cannot write output: {exc}", file=sys.stderr)
         return 2
     return 0
