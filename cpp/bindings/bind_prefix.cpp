@@ -272,6 +272,7 @@ py::dict event_dict(const PrefixCacheEvent& e) {
 py::dict stats_dict(const PrefixCacheStats& s) {
   py::dict d;
   d["lookups"] = s.lookups;
+  d["hit_lookups"] = s.hit_lookups;
   d["queried_blocks"] = s.queried_blocks;
   d["hit_blocks"] = s.hit_blocks;
   d["queried_tokens"] = s.queried_tokens;

@@ -192,6 +192,32 @@ TEST(PrefixCache, ReleaseIsAllOrNothing) {
   c.check_invariants();
 }
 
+TEST(PrefixCache, ReleaseOfAnyRunOfTheChain) {
+  PrefixCache c(opts());
+  const auto a = chain(100, 4);
+  (void)insert(c, a, ids({0, 1, 2, 3}));
+  ASSERT_EQ(c.match(a).num_matched, 4u);
+  ASSERT_EQ(c.match(a).num_matched, 4u);
+  // A middle run, then the rest in another order than the chain's: both are accepted.
+  c.release(std::span<const BlockHash>(a).subspan(1, 2));
+  c.release(std::vector<BlockHash>{a[3], a[0]});
+  for (const auto& d : a) EXPECT_EQ(c.lookup(d)->users, 1u);
+  c.release(a);
+  EXPECT_EQ(c.stats().in_use_blocks, 0u);
+  EXPECT_EQ(c.stats().evictable_blocks, 1u);
+  c.release(std::span<const BlockHash>{});  // nothing to do
+  c.check_invariants();
+}
+
+TEST(PrefixCache, ExplicitRootParentMeansTheRoot) {
+  PrefixCache c(opts());
+  InsertOptions o;
+  o.parent = kRootBlockHash;
+  EXPECT_EQ(insert(c, chain(100, 2), ids({0, 1}), o).num_inserted, 2u);
+  EXPECT_FALSE(c.lookup(D(100))->parent.has_value());
+  EXPECT_EQ(c.peek(chain(100, 2)), 2u);
+}
+
 TEST(PrefixCache, InsertReusesCachedPrefixAndReportsRedundantPositions) {
   PrefixCache c(opts());
   const auto a = chain(100, 4);
@@ -606,6 +632,7 @@ TEST(PrefixCache, StatsCountBlocksAndTokens) {
   (void)c.match(chain(500, 3));  // 0 of 3
   const auto st = c.stats();
   EXPECT_EQ(st.lookups, 2u);
+  EXPECT_EQ(st.hit_lookups, 1u);
   EXPECT_EQ(st.queried_blocks, 7u);
   EXPECT_EQ(st.hit_blocks, 2u);
   EXPECT_EQ(st.queried_tokens, 28u);

@@ -31,6 +31,9 @@
 // trust each other) and XXH3-128 from libxxhash (about 10x faster, but an attacker can construct
 // collisions: for a single trusted tenant only). An xxh3_128 digest fills the first 16 bytes of
 // `BlockHash` in XXH128 canonical (big-endian) order; the rest are zero.
+//
+// Thread safety: every free function here is thread-safe; a `BlockHasher` object is not (use one
+// per thread, or the free `hash_blocks`, which keeps one per thread).
 #pragma once
 
 #include <array>

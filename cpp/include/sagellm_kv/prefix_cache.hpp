@@ -127,6 +127,7 @@ struct PrefixCacheEvent {
 /// Counters since construction plus current sizes. A consistent snapshot.
 struct PrefixCacheStats {
   std::uint64_t lookups = 0;         ///< match calls
+  std::uint64_t hit_lookups = 0;     ///< match calls that matched at least one block
   std::uint64_t queried_blocks = 0;  ///< digests passed to match
   std::uint64_t hit_blocks = 0;      ///< digests matched
   std::uint64_t queried_tokens = 0;  ///< queried_blocks * block_size
@@ -151,6 +152,10 @@ struct PrefixNodeInfo {
 };
 
 /// The prefix cache (see the file comment for the protocol).
+///
+/// Thread safety: every member function may be called from any number of threads at once (one
+/// internal mutex); `options()`, `block_size()`, `capacity()`, `policy()` and `allocator()` read
+/// immutable configuration without it.
 class PrefixCache {
  public:
   /// Creates an empty cache. `allocator` (may be null for a metadata-only cache, where block ids are

@@ -429,6 +429,7 @@ std::uint32_t PrefixCache::match(std::span<const BlockHash> digests, std::span<B
   const std::uint32_t m = impl_->walk(digests, out, true);
   PrefixCacheStats& c = impl_->counters;
   ++c.lookups;
+  if (m != 0) ++c.hit_lookups;
   c.queried_blocks += digests.size();
   c.hit_blocks += m;
   c.queried_tokens += digests.size() * std::uint64_t{impl_->block_size};
