@@ -697,13 +697,16 @@ std::uint32_t PrefixCache::clear() {
   const std::uint32_t done = s.remove_subtrees([](const Node&) { return true; }, s.events_on() ? &removed : nullptr);
   s.return_blocks();
   if (s.live_count == 0) {
-    // Nothing left: start from compact tables (a cache that once held a burst keeps no large arrays).
+    // Nothing left: start from compact tables, so an unbounded cache that once held a burst keeps
+    // no large arrays (a bounded one keeps its reserved records).
     s.nodes.clear();
-    s.nodes.shrink_to_fit();
+    if (!s.capacity) {
+      s.nodes.shrink_to_fit();
+      s.heap = detail::EvictionHeap{};
+      s.lru_heap = detail::EvictionHeap{};
+    }
     s.free_head = kNone;
     s.index.clear();
-    s.heap = detail::EvictionHeap{};
-    s.lru_heap = detail::EvictionHeap{};
     PrefixCacheEvent ev;
     ev.type = PrefixCacheEvent::Type::kCleared;
     s.emit(std::move(ev));
