@@ -24,13 +24,19 @@ import itertools
 import threading
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
 from sagellm_kv_cache.paged import PagedKVPool
+
+if TYPE_CHECKING:
+    from sagellm_kv_cache.observability.hooks import MetricsHook
+    from sagellm_kv_cache.observability.metrics import MetricsCollector
+    from sagellm_kv_cache.observability.wiring import PrefixCacheObserver
+    from sagellm_kv_cache.profiling.access_stats import AccessStatsCollector
 
 __all__ = ["BlockHash", "PrefixCache", "RadixPrefixCache", "hash_algorithms"]
 
@@ -54,6 +60,11 @@ class RadixPrefixCache:
 
     ``hash_algorithm="xxh3_128"`` is a fast non-cryptographic option: collisions can be forced by
     an adversary, so use it only for trusted single-tenant traffic.
+
+    Observability (all optional, off by default): ``metrics_collector`` (with ``metrics_hook``,
+    default :class:`MetricsHook`) counts each ``match`` as hit / missed tokens and blocks and each
+    eviction; ``access_stats`` records every queried block as a hit or a miss, labelled by the first
+    16 hex digits of its digest. Without them no per-block Python work is done.
     """
 
     def __init__(
@@ -66,6 +77,9 @@ class RadixPrefixCache:
         ttl_seconds: float = 300.0,
         event_queue_capacity: int = 0,
         hash_algorithm: str = "sha256",
+        metrics_collector: MetricsCollector | None = None,
+        metrics_hook: MetricsHook | None = None,
+        access_stats: AccessStatsCollector | None = None,
     ) -> None:
         if pool is not None and not isinstance(pool, PagedKVPool):
             raise TypeError(f"pool must be a PagedKVPool or None, got {type(pool).__name__}")
@@ -81,6 +95,11 @@ class RadixPrefixCache:
         )
         self.block_size = int(block_size)
         self.hash_algorithm = hash_algorithm
+        self._observer: PrefixCacheObserver | None = None
+        if metrics_collector is not None or metrics_hook is not None or access_stats is not None:
+            from sagellm_kv_cache.observability.wiring import PrefixCacheObserver
+
+            self._observer = PrefixCacheObserver(self.block_size, metrics_collector, metrics_hook, access_stats)
 
     # --- hashing ----------------------------------------------------------------------------
 
@@ -102,12 +121,16 @@ class RadixPrefixCache:
     def match(self, digests: Any) -> tuple[int, npt.NDArray[np.int32]]:
         """Longest cached prefix: (number matched, their block ids). Takes a reference on each."""
         n, ids = self._native.match(digests)
+        if self._observer is not None:
+            self._observer.matched(digests, int(n))
         return int(n), ids
 
     def match_tokens(self, tokens: Any, *, salt: bytes | None = None,
                      extra: bytes | None = None) -> tuple[int, npt.NDArray[np.int32], Digests]:
         """Hash + match in one call: (number matched, block ids, digests of all full blocks)."""
         n, ids, digests = self._native.match_tokens(tokens, salt=salt, extra=extra)
+        if self._observer is not None:
+            self._observer.matched(digests, int(n))
         return int(n), ids, digests
 
     def peek(self, digests: Any) -> tuple[int, npt.NDArray[np.int32]]:
@@ -135,20 +158,35 @@ class RadixPrefixCache:
         A digest already cached keeps its block: the caller should free its own copy at the
         returned positions. The cache takes one reference on every block it keeps.
         """
+        evictions = self._evictions_so_far()
         n, redundant = self._native.insert(digests, block_ids, parent=parent, token_ids=token_ids, owner=owner,
                                            priority=priority, extra_key=extra_key)
+        self._observe_evictions(evictions)
         return int(n), redundant
 
     def insert_tokens(self, tokens: Any, block_ids: Any, *, salt: bytes | None = None, extra: bytes | None = None,
                       owner: int = 0, priority: int = 0) -> tuple[int, npt.NDArray[np.int32]]:
         """Hash + insert of the first ``len(block_ids)`` full blocks of ``tokens`` in one call."""
+        evictions = self._evictions_so_far()
         n, redundant = self._native.insert_tokens(tokens, block_ids, salt=salt, extra=extra, owner=owner,
                                                   priority=priority)
+        self._observe_evictions(evictions)
         return int(n), redundant
 
     def evict(self, num_blocks: int) -> int:
         """Evicts up to ``num_blocks`` unreferenced leaves by the policy; returns how many went."""
-        return int(self._native.evict(num_blocks))
+        evicted = int(self._native.evict(num_blocks))
+        if self._observer is not None:
+            self._observer.evicted(evicted)
+        return evicted
+
+    def _evictions_so_far(self) -> int:
+        # Capacity evictions happen inside insert; with an observer, count them by the stats delta.
+        return 0 if self._observer is None else int(self._native.stats()["evictions"])
+
+    def _observe_evictions(self, before: int) -> None:
+        if self._observer is not None:
+            self._observer.evicted(int(self._native.stats()["evictions"]) - before)
 
     def invalidate(self, owner: int) -> int:
         """Removes the unreferenced nodes inserted with ``owner``; returns how many."""

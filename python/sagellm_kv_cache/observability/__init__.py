@@ -16,13 +16,30 @@ from sagellm_kv_cache.observability.metrics import MetricsCollector
 if TYPE_CHECKING:
     from sagellm_kv_cache.observability.events import KVEventPublisher, KVEventSubscriber
     from sagellm_kv_cache.observability.prometheus import PrometheusExporter
+    from sagellm_kv_cache.observability.wiring import (
+        PrefixCacheObserver,
+        publish_prefix_events,
+        register_prometheus_sources,
+    )
 
-__all__ = ["KVEventPublisher", "KVEventSubscriber", "MetricsCollector", "MetricsHook", "PrometheusExporter"]
+__all__ = [
+    "KVEventPublisher",
+    "KVEventSubscriber",
+    "MetricsCollector",
+    "MetricsHook",
+    "PrefixCacheObserver",
+    "PrometheusExporter",
+    "publish_prefix_events",
+    "register_prometheus_sources",
+]
 
 _LAZY = {
     "PrometheusExporter": "sagellm_kv_cache.observability.prometheus",
     "KVEventPublisher": "sagellm_kv_cache.observability.events",
     "KVEventSubscriber": "sagellm_kv_cache.observability.events",
+    "PrefixCacheObserver": "sagellm_kv_cache.observability.wiring",
+    "register_prometheus_sources": "sagellm_kv_cache.observability.wiring",
+    "publish_prefix_events": "sagellm_kv_cache.observability.wiring",
 }
 
 

@@ -1,0 +1,398 @@
+"""``SchedulerBridge``: turns a scheduler's queue into a KV-feasible batch (the seed's bridge).
+
+The bridge sits between a scheduler that speaks the protocol's :class:`SchedulerRequest` /
+:class:`SchedulerPlan` and the KV memory, built on a
+:class:`~sagellm_kv_cache.kv_cache_manager.KVCacheManager` (one token budget, ``max_tokens``, with
+eviction of cold unpinned handles) and, for placement, a
+:class:`~sagellm_kv_cache.load_aware_scheduler.LoadAwareScheduler` over a
+:class:`~sagellm_kv_cache.load_metrics.LoadMetricsCollector`.
+
+:meth:`SchedulerBridge.plan` admits requests in priority order (higher ``priority`` first, then
+earlier ``queued_at``, then input order) and *reserves* their KV: an admitted request holds pinned
+handles until :meth:`SchedulerBridge.free_request`. A request whose KV does not fit is deferred
+(left out of the plan, listed in :attr:`SchedulerBridge.last_deferred`); later, smaller requests
+may still be admitted. A request is never half-allocated: when its second handle fails, the first
+is returned before the request is deferred.
+
+Prefix reuse (``enable_prefix_cache``): a request's ``prefix_fingerprint`` names its shared prefix
+and ``prefix_hit_len`` (when > 0) its length in tokens (default: the whole prompt; always at least
+one token is left to the request itself). The first admitted request with a fingerprint allocates
+the prefix as a separate handle, which stays cached after the request ends (unpinned, so the
+manager evicts it under pressure, coldest first); later requests with the same fingerprint reuse it
+on its device and allocate only the rest. In the plan, ``prefix_hit_len`` is then the number of
+tokens actually reused (0 for the request that computed the prefix) and ``kv_tokens_required`` the
+request's whole need.
+
+Placement: ``devices`` (default ``["cuda:0"]``) share the one budget, as in the seed's single pool;
+each is registered in the collector with capacity ``max_tokens`` and its usage is updated after
+every admission and free, so with ``enable_load_awareness`` the scheduler's strategy
+(``LOWEST_KV`` by default) spreads requests by the KV each device holds. A request's
+``device_affinity`` wins when it is one of the devices. Without load awareness everything goes to
+the affinity device or the first device.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sagellm_protocol.kv import EvictionPolicy, SchedulerPlan, SchedulerRequest, SchedulerState
+
+from sagellm_kv_cache.errors import (
+    KVBudgetExceededError,
+    KVConfigInvalidError,
+    KVHandleNotFoundError,
+    KVPoolFullError,
+)
+from sagellm_kv_cache.kv_cache_manager import KVCacheManager
+from sagellm_kv_cache.load_aware_scheduler import LoadAwareScheduler, PlacementStrategy
+from sagellm_kv_cache.load_metrics import LoadMetricsCollector
+from sagellm_kv_cache.models.kv_handle import KVHandle
+from sagellm_kv_cache.pool.kv_pool import parse_device
+
+__all__ = ["KVRequestNotFoundError", "SchedulerBridge"]
+
+_DEFAULT_DEVICES = ("cuda:0",)
+
+
+class KVRequestNotFoundError(KVHandleNotFoundError):
+    """A request id the bridge holds no KV for (never allocated, or already freed)."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(request_id, context={"request_id": request_id})
+        self.message = f"no KV is allocated for request {request_id!r}"
+        self.args = (self.message,)
+        self.request_id = request_id
+
+
+@dataclass
+class _Reservation:
+    """What one admitted request holds."""
+
+    request_id: str
+    handle: KVHandle  # the request's own tokens (pinned)
+    prefix: KVHandle | None  # a shared prefix handle it reuses or computed (pinned while in use)
+    device: str
+    reused_tokens: int
+
+
+def _request_id(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"request_id must be a str, got {type(value).__name__}")
+    if not value:
+        raise KVConfigInvalidError("request_id", value, reason="must not be empty")
+    return value
+
+
+class SchedulerBridge:
+    """Plans batches under the KV budget, reuses cached prefixes and places requests on devices.
+
+    Thread-safe: one lock serialises planning, allocation and freeing.
+    """
+
+    def __init__(
+        self,
+        max_tokens: int,
+        block_size: int = 16,
+        enable_prefix_cache: bool = True,
+        eviction_policy: EvictionPolicy = EvictionPolicy.LRU,
+        enable_load_awareness: bool = False,
+        placement_strategy: PlacementStrategy = PlacementStrategy.LOWEST_KV,
+        devices: list[str] | None = None,
+    ) -> None:
+        if devices is None:
+            devices = list(_DEFAULT_DEVICES)
+        if isinstance(devices, str | bytes) or not isinstance(devices, Sequence):
+            raise TypeError(f"devices must be a list of device names, got {type(devices).__name__}")
+        if not devices:
+            raise KVConfigInvalidError("devices", devices, reason="must name at least one device")
+        canonical = [parse_device(device) for device in devices]
+        if len(set(canonical)) != len(canonical):
+            raise KVConfigInvalidError("devices", devices, reason="lists a device twice")
+        self._manager = KVCacheManager(max_tokens, block_size, eviction_policy=eviction_policy)
+        self.max_tokens = self._manager.max_tokens
+        self.block_size = self._manager.block_size
+        self.enable_prefix_cache = bool(enable_prefix_cache)
+        self.enable_load_awareness = bool(enable_load_awareness)
+        self.devices: list[str] = canonical
+        self._collector = LoadMetricsCollector()
+        for device in canonical:
+            self._collector.register_device(device, kv_tokens_capacity=self.max_tokens)
+        self._scheduler = LoadAwareScheduler(self._collector, placement_strategy, self.enable_load_awareness)
+        self._lock = threading.RLock()
+        self._requests: dict[str, _Reservation] = {}
+        self._active: dict[str, int] = dict.fromkeys(canonical, 0)  # reservations per device
+        self._prefixes: dict[str, KVHandle] = {}  # fingerprint -> prefix handle
+        self._last_deferred: list[str] = []
+
+    # --- planning -------------------------------------------------------------------------------
+
+    def plan(self, requests: Sequence[SchedulerRequest]) -> SchedulerPlan:
+        """Admits what fits, reserving its KV; returns the plan (see the module docstring).
+
+        Bad input (not a list of ``SchedulerRequest``, an id twice in the batch, an id that already
+        holds KV) raises before anything is reserved.
+        """
+        if isinstance(requests, str | bytes) or not isinstance(requests, Sequence):
+            raise TypeError(f"requests must be a sequence of SchedulerRequest, got {type(requests).__name__}")
+        seen: set[str] = set()
+        for index, request in enumerate(requests):
+            if not isinstance(request, SchedulerRequest):
+                raise TypeError(f"requests[{index}] is a {type(request).__name__}, not a SchedulerRequest")
+            if request.request_id in seen:
+                raise KVConfigInvalidError("request_id", request.request_id, reason="appears twice in the batch")
+            seen.add(request.request_id)
+        order = sorted(range(len(requests)),
+                       key=lambda i: (-requests[i].priority, requests[i].queued_at, i))
+        now = time.time()
+        with self._lock:
+            taken = [rid for rid in seen if rid in self._requests]
+            if taken:
+                raise KVConfigInvalidError("request_id", taken[0], reason="already has KV allocated; free it first")
+            admitted: list[SchedulerRequest] = []
+            placement: dict[str, str] = {}
+            deferred: list[str] = []
+            new_tokens = 0
+            memory_mb = 0.0
+            for index in order:
+                request = requests[index]
+                reservation = self._admit(request)
+                if reservation is None:
+                    deferred.append(request.request_id)
+                    continue
+                needed = self._tokens_needed(request)
+                admitted.append(request.model_copy(update={
+                    "state": SchedulerState.SCHEDULED,
+                    "scheduled_at": now,
+                    "prefix_hit_len": reservation.reused_tokens,
+                    "kv_tokens_required": needed,
+                }))
+                placement[request.request_id] = reservation.device
+                new_tokens += needed - reservation.reused_tokens
+                memory_mb += request.memory_required_mb
+                self._sync_load()  # the next placement sees this admission's usage
+            self._last_deferred = deferred
+            self._sync_load()  # admissions may have evicted cold prefixes anywhere
+            self._prune_prefixes()
+        return SchedulerPlan(
+            plan_id=uuid.uuid4(),
+            requests=admitted,
+            batch_size=len(admitted),
+            total_kv_tokens=new_tokens,
+            total_memory_mb=memory_mb,
+            placement=placement,
+            created_at=now,
+        )
+
+    @property
+    def last_deferred(self) -> list[str]:
+        """Ids of the requests the last :meth:`plan` could not admit, in the order it tried them."""
+        with self._lock:
+            return list(self._last_deferred)
+
+    # --- direct allocation ----------------------------------------------------------------------
+
+    def allocate_request(
+        self,
+        request_id: str,
+        num_tokens: int,
+        device: str = "cuda:0",
+        session_id: str | None = None,
+    ) -> KVHandle:
+        """Reserves ``num_tokens`` for ``request_id`` on ``device`` (one of the bridge's devices).
+
+        Cold cached prefixes are evicted when needed; ``KVBudgetExceededError`` when that cannot
+        make room. The handle stays pinned (never evicted) until :meth:`free_request`.
+        """
+        request_id = _request_id(request_id)
+        device = parse_device(device)
+        if device not in self.devices:
+            raise KVConfigInvalidError("device", device, reason=f"not one of this bridge's devices: "
+                                                               f"{', '.join(self.devices)}")
+        if session_id is not None and not isinstance(session_id, str):
+            raise TypeError(f"session_id must be a str or None, got {type(session_id).__name__}")
+        with self._lock:
+            if request_id in self._requests:
+                raise KVConfigInvalidError("request_id", request_id, reason="already has KV allocated; free it first")
+            handle = self._reserve(num_tokens, device, request_id, session_id)
+            self._record(_Reservation(request_id, handle, None, device, 0))
+            self._sync_load()
+        return handle
+
+    def free_request(self, request_id: str) -> None:
+        """Returns the request's own KV; a prefix it used stays cached (evictable once unused)."""
+        request_id = _request_id(request_id)
+        with self._lock:
+            reservation = self._requests.pop(request_id, None)
+            if reservation is None:
+                raise KVRequestNotFoundError(request_id)
+            self._manager.unpin(reservation.handle)
+            self._manager.free(reservation.handle)
+            if reservation.prefix is not None:
+                self._manager.unpin(reservation.prefix)
+            self._active[reservation.device] -= 1
+            self._sync_load()
+
+    def get_request_handle(self, request_id: str) -> KVHandle:
+        """The handle holding ``request_id``'s own tokens (not a shared prefix)."""
+        request_id = _request_id(request_id)
+        with self._lock:
+            reservation = self._requests.get(request_id)
+            if reservation is None:
+                raise KVRequestNotFoundError(request_id)
+            return reservation.handle
+
+    # --- introspection --------------------------------------------------------------------------
+
+    def get_stats(self) -> dict:
+        """``load_metrics`` (per device), ``num_requests``, ``placement`` and ``pool`` (the manager's)."""
+        with self._lock:
+            return {
+                "load_metrics": {device: m.to_dict() for device, m in self._collector.get_all_metrics().items()},
+                "num_requests": len(self._requests),
+                "placement": self._scheduler.get_placement_stats(),
+                "pool": self._manager.get_stats(),
+            }
+
+    def reset(self) -> None:
+        """Frees every reservation and cached prefix and zeroes the load and placement numbers."""
+        with self._lock:
+            self._manager.reset()
+            self._requests.clear()
+            self._active = dict.fromkeys(self.devices, 0)
+            self._prefixes.clear()
+            self._last_deferred = []
+            self._scheduler.reset_stats()
+            self._collector.reset()
+
+    @property
+    def manager(self) -> KVCacheManager:
+        """The KV manager underneath (token-level ``register_prefix`` / ``query_prefix`` live there)."""
+        return self._manager
+
+    @property
+    def load_collector(self) -> LoadMetricsCollector:
+        return self._collector
+
+    @property
+    def scheduler(self) -> LoadAwareScheduler:
+        return self._scheduler
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __repr__(self) -> str:
+        return (f"SchedulerBridge(max_tokens={self.max_tokens}, block_size={self.block_size}, "
+                f"devices={self.devices}, requests={len(self._requests)})")
+
+    # --- internals (the lock is held) ------------------------------------------------------------
+
+    @staticmethod
+    def _tokens_needed(request: SchedulerRequest) -> int:
+        return request.kv_tokens_required or request.prompt_len + request.max_new_tokens
+
+    def _admit(self, request: SchedulerRequest) -> _Reservation | None:
+        """Reserves the request's KV, or returns None (with nothing reserved) when it does not fit."""
+        needed = self._tokens_needed(request)
+        if needed > self.max_tokens:
+            return None
+        fingerprint = request.prefix_fingerprint if self.enable_prefix_cache else None
+        prefix_len = 0
+        if fingerprint:
+            declared = request.prefix_hit_len or request.prompt_len
+            prefix_len = max(0, min(declared, request.prompt_len, needed - 1))
+        if prefix_len == 0:
+            fingerprint = None
+
+        cached = self._cached_prefix(fingerprint) if fingerprint else None
+        if cached is not None:
+            reused = min(cached.num_tokens, prefix_len)
+            own = needed - reused
+            self._manager.pin(cached)  # so that making room for `own` cannot evict it
+            if not self._manager.can_admit(own):
+                self._manager.unpin(cached)
+                return None
+            device = self._scheduler.select_device([cached.device], own, request.request_id)
+            try:
+                handle = self._reserve(own, device, request.request_id, request.session_id)
+            except (KVBudgetExceededError, KVPoolFullError):
+                self._manager.unpin(cached)
+                return None
+            cached.touch()
+            reservation = _Reservation(request.request_id, handle, cached, device, reused)
+        elif fingerprint:
+            own = needed - prefix_len
+            blocks = self._blocks(prefix_len) + self._blocks(own)
+            if not self._manager.can_admit(needed, num_blocks=blocks):
+                return None
+            device = self._scheduler.select_device_for_request(request, list(self.devices))
+            try:
+                prefix = self._reserve(prefix_len, device, None, None, fingerprint=fingerprint)
+            except (KVBudgetExceededError, KVPoolFullError):
+                return None
+            try:
+                handle = self._reserve(own, device, request.request_id, request.session_id)
+            except (KVBudgetExceededError, KVPoolFullError):
+                self._manager.unpin(prefix)
+                self._manager.free(prefix)
+                return None
+            self._prefixes[fingerprint] = prefix
+            reservation = _Reservation(request.request_id, handle, prefix, device, 0)
+        else:
+            if not self._manager.can_admit(needed):
+                return None
+            device = self._scheduler.select_device_for_request(request, list(self.devices))
+            try:
+                handle = self._reserve(needed, device, request.request_id, request.session_id)
+            except (KVBudgetExceededError, KVPoolFullError):
+                return None
+            reservation = _Reservation(request.request_id, handle, None, device, 0)
+        self._record(reservation)
+        return reservation
+
+    def _record(self, reservation: _Reservation) -> None:
+        self._requests[reservation.request_id] = reservation
+        self._active[reservation.device] += 1
+
+    def _reserve(self, num_tokens: int, device: str, request_id: str | None, session_id: str | None,
+                 *, fingerprint: str | None = None) -> KVHandle:
+        metadata: dict[str, Any] = {"role": "prefix" if fingerprint else "request"}
+        if fingerprint:
+            metadata["prefix_fingerprint"] = fingerprint
+        if request_id is not None:
+            metadata["request_id"] = request_id
+        handle = self._manager.alloc(num_tokens, device=device, metadata=metadata)
+        self._manager.pin(handle)
+        handle.request_id = request_id
+        handle.session_id = session_id
+        handle.placement = device
+        return handle
+
+    def _cached_prefix(self, fingerprint: str) -> KVHandle | None:
+        handle = self._prefixes.get(fingerprint)
+        if handle is None:
+            return None
+        try:
+            return self._manager.get_handle(handle.handle_id)
+        except KVHandleNotFoundError:  # evicted by the manager to make room
+            del self._prefixes[fingerprint]
+            return None
+
+    def _prune_prefixes(self) -> None:
+        # Evicted prefixes are noticed lazily; sweep when stale entries could dominate the table.
+        if len(self._prefixes) > 2 * len(self._manager) + 64:
+            live = {h.handle_id for h in self._manager.handles()}
+            self._prefixes = {f: h for f, h in self._prefixes.items() if h.handle_id in live}
+
+    def _blocks(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _sync_load(self) -> None:
+        usage = self._manager.tokens_by_device()
+        for device in self.devices:
+            self._collector.update_kv_usage(device, usage.get(device, 0))
+            self._collector.update_request_count(device, self._active[device], 0)
