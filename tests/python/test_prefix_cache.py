@@ -1,0 +1,488 @@
+"""Prefix caching: the seed PrefixCache and the native fast path (RadixPrefixCache over a PagedKVPool)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sagellm_kv_cache import (
+    KVCacheMissError,
+    KVCacheSpec,
+    KVConfigInvalidError,
+    KVInvalidBlockError,
+    KVMetadataMismatchError,
+    KVRefCountUnderflowError,
+    PagedKVPool,
+    PrefixCache,
+    RadixPrefixCache,
+)
+from sagellm_kv_cache.prefix_cache import hash_algorithms
+
+SEED_STATS_KEYS = ["block_size", "enable_lru", "evict_count", "hit_count", "hit_rate", "insert_count",
+                   "max_cached_blocks", "miss_count", "num_blocks", "num_entries"]
+
+
+def make_pool(num_blocks: int = 64, block_size: int = 4) -> PagedKVPool:
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=4, dtype="fp16", block_size=block_size)
+    return PagedKVPool(spec, num_blocks)
+
+
+def prompt(*values: int, block_size: int = 4) -> np.ndarray:
+    """One block per value: block j holds [v, v + 1000, ...] (so equal leading values share blocks)."""
+    return np.array([v + 1000 * k for v in values for k in range(block_size)], dtype=np.int64)
+
+
+# --- the seed PrefixCache --------------------------------------------------------------------------
+
+
+def test_seed_readme_example(capsys: pytest.CaptureFixture[str]) -> None:
+    # The seed README's "Prefix Cache (Task 2.1)" example, exactly as written.
+    cache = PrefixCache(block_size=16, max_cached_blocks=100, enable_lru=True)
+
+    # Insert prefix blocks
+    tokens = list(range(48))  # 3 blocks
+    hashes = cache.compute_block_hashes(tokens)
+    blocks = [{"block_id": i} for i in range(len(hashes))]
+    cache.insert(hashes, blocks)
+
+    # Lookup with prefix overlap
+    hit_blocks, num_tokens = cache.lookup(hashes)
+    print(f"Reused {num_tokens} tokens from cache!")
+
+    # Check hit rate
+    stats = cache.get_stats()
+    print(f"Hit rate: {stats['hit_rate']:.1%}")
+
+    out = capsys.readouterr().out
+    assert out == "Reused 48 tokens from cache!\nHit rate: 100.0%\n"
+    assert hit_blocks == blocks and all(a is b for a, b in zip(hit_blocks, blocks, strict=True))
+
+
+def test_seed_stats_keys_and_counts() -> None:
+    cache = PrefixCache(block_size=4)
+    assert sorted(cache.get_stats()) == SEED_STATS_KEYS
+    hashes = cache.compute_block_hashes(list(range(12)))
+    cache.insert(hashes[:2], [{"block_id": 0}, {"block_id": 1}])
+    found, n = cache.lookup(hashes)  # 2 of 3 blocks cached
+    assert [b["block_id"] for b in found] == [0, 1] and n == 8
+    assert cache.lookup(cache.compute_block_hashes([9, 9, 9, 9])) == ([], 0)
+    stats = cache.get_stats()
+    assert stats == {
+        "block_size": 4, "enable_lru": True, "evict_count": 0, "hit_count": 2, "hit_rate": 0.5,
+        "insert_count": 2, "max_cached_blocks": None, "miss_count": 2, "num_blocks": 2, "num_entries": 2,
+    }
+    assert len(cache) == 2
+
+
+def test_seed_hashes_are_chained_and_block_sized() -> None:
+    cache = PrefixCache(block_size=4)
+    a = cache.compute_block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9])  # the partial third block is skipped
+    b = cache.compute_block_hashes([0, 2, 3, 4, 5, 6, 7, 8])
+    assert len(a) == 2 and all(isinstance(h, bytes) and len(h) == 32 for h in a)
+    assert a[1] != b[1]  # same tokens in block 2, different prefix
+    assert cache.compute_block_hash([1, 2, 3, 4]) == a[0]
+    assert cache.compute_block_hash([1, 2], block_size=2) == cache.compute_block_hashes([1, 2], block_size=2)[0]
+    with pytest.raises(ValueError, match="block_size=4"):
+        cache.compute_block_hash([1, 2, 3])
+    with pytest.raises(ValueError, match="block_size=8"):
+        cache.compute_block_hash([1, 2, 3, 4], block_size=8)
+    with pytest.raises(TypeError):
+        cache.compute_block_hashes([1.5, 2.5, 3.5, 4.5])
+
+
+def test_seed_evict_invalidate_clear() -> None:
+    cache = PrefixCache(block_size=4)
+    owner_a, owner_b = uuid.uuid4(), uuid.uuid4()
+    ha = cache.compute_block_hashes(list(range(16)))
+    hb = cache.compute_block_hashes(list(range(100, 108)))
+    cache.insert(ha, [{"block_id": i, "handle_id": owner_a} for i in range(4)])
+    cache.insert(hb, [{"block_id": 10 + i, "handle_id": owner_b} for i in range(2)])
+    assert len(cache) == 6
+    assert cache.invalidate(owner_b) == 2 and cache.invalidate(owner_b) == 0
+    assert cache.invalidate(uuid.uuid4()) == 0
+    assert cache.evict_by_count(3) == 3  # leaves first: the tail of chain A
+    assert cache.lookup(ha)[1] == 4 and cache.get_stats()["evict_count"] == 3
+    with pytest.raises(ValueError, match="num_blocks"):
+        cache.evict_by_count(-1)
+    cache.clear()
+    assert len(cache) == 0 and cache.lookup(ha) == ([], 0)
+
+
+def test_seed_evict_by_count_needs_lru() -> None:
+    cache = PrefixCache(block_size=4, enable_lru=False)
+    hashes = cache.compute_block_hashes(list(range(8)))
+    cache.insert(hashes, [{"block_id": 0}, {"block_id": 1}])
+    with pytest.raises(RuntimeError, match="enable_lru=False"):
+        cache.evict_by_count(1)
+    assert len(cache) == 2
+
+
+def test_seed_capacity_bounds_the_cache() -> None:
+    cache = PrefixCache(block_size=2, max_cached_blocks=3)
+    for start in range(0, 40, 4):
+        hashes = cache.compute_block_hashes(list(range(start, start + 4)))
+        cache.insert(hashes, [{"block_id": start}, {"block_id": start + 1}])
+        assert len(cache) <= 3
+    assert cache.get_stats()["evict_count"] > 0 and cache.get_stats()["max_cached_blocks"] == 3
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda c, h: c.insert(h, [{"block_id": 0}]), ValueError),
+        (lambda c, h: c.insert(h, [{"block_id": 0}, "block"]), TypeError),
+        (lambda c, h: c.lookup([1.5]), TypeError),
+    ],
+)
+def test_seed_bad_input_changes_nothing(call: Any, error: type[Exception]) -> None:
+    cache = PrefixCache(block_size=4)
+    hashes = cache.compute_block_hashes(list(range(8)))
+    cache.insert(hashes[:1], [{"block_id": 0}])
+    before = cache.get_stats()
+    with pytest.raises(error):
+        call(cache, hashes)
+    assert cache.get_stats() == before
+
+
+@pytest.mark.parametrize("kwargs", [{"block_size": 0}, {"block_size": True}, {"max_cached_blocks": 0},
+                                    {"max_cached_blocks": -3}])
+def test_seed_bad_configuration(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        PrefixCache(**kwargs)
+
+
+# --- the fast path ------------------------------------------------------------------------------
+
+
+def test_scheduler_flow_with_a_pool() -> None:
+    pool = make_pool(16)
+    cache = RadixPrefixCache(block_size=4, pool=pool)
+    first = prompt(1, 2, 3)
+    digests = cache.hash_tokens(first)
+    assert digests.shape == (3, 32) and digests.dtype == np.uint8
+    hit, ids = cache.match(digests)
+    assert hit == 0 and ids.size == 0
+    new = pool.allocate(3)
+    inserted, redundant = cache.insert(digests, new)
+    assert inserted == 3 and redundant.size == 0
+    pool.free(new)  # request 1 ends; the cache keeps its own reference
+    assert pool.num_used_blocks == 3 and all(pool.ref_count(int(b)) == 1 for b in new)
+
+    second = prompt(1, 2, 7, 8)
+    d2 = cache.hash_tokens(second)
+    hit, ids = cache.match(d2)
+    assert hit == 2 and ids.tolist() == new[:2].tolist()
+    fresh = pool.allocate(len(d2) - hit)  # only the missing blocks
+    inserted, _ = cache.insert(d2[hit:], fresh, parent=d2[hit - 1])
+    assert inserted == 2 and len(cache) == 5
+    pool.free(fresh)
+    # Matched blocks are protected until released: nothing of the shared prefix can go.
+    assert cache.evict(10) == 3  # 3, then 8 and its parent 7; never the matched (in-use) 1 and 2
+    assert cache.contains(d2[0]) and cache.contains(d2[1])
+    cache.release(d2[:hit])
+    assert cache.evict(10) == 2
+    assert len(cache) == 0 and pool.num_free_blocks == 16  # every block went back to the pool
+
+
+def test_match_tokens_is_hash_plus_match_in_one_call() -> None:
+    pool = make_pool(16)
+    cache = RadixPrefixCache(block_size=4, pool=pool)
+    tokens = prompt(5, 6, 7)
+    ids = pool.allocate(3)
+    cache.insert(cache.hash_tokens(tokens), ids)
+    pool.free(ids)
+    n, got, digests = cache.match_tokens(np.concatenate([tokens, [1, 2]]))  # a partial block is ignored
+    assert n == 3 and got.tolist() == ids.tolist() and digests.tolist() == cache.hash_tokens(tokens).tolist()
+    peeked, peeked_ids = cache.peek(digests)
+    assert peeked == 3 and peeked_ids.tolist() == got.tolist()
+    cache.release(digests)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="RadixPrefixCache.insert_tokens unpacks two of the three values _core returns")
+def test_insert_tokens_is_hash_plus_insert_in_one_call() -> None:
+    pool = make_pool(16)
+    cache = RadixPrefixCache(block_size=4, pool=pool)
+    tokens = prompt(5, 6, 7)
+    ids = pool.allocate(3)
+    try:
+        inserted, redundant = cache.insert_tokens(tokens, ids)
+    finally:
+        pool.free(ids)
+    assert inserted == 3 and redundant.size == 0
+    assert cache.peek(cache.hash_tokens(tokens))[0] == 3
+    spare = pool.allocate(2)
+    with pytest.raises(ValueError, match="block_ids holds 2 ids"):
+        cache.insert_tokens(tokens, spare)
+    pool.free(spare)
+
+
+def test_capacity_evicts_lru_leaves_and_caller_keeps_the_rest() -> None:
+    pool = make_pool(32)
+    cache = RadixPrefixCache(block_size=4, capacity_blocks=4, pool=pool)
+    for value in (1, 2, 3, 4):
+        ids = pool.allocate(1)
+        cache.insert(cache.hash_tokens(prompt(value)), ids)
+        pool.free(ids)
+    one = cache.hash_tokens(prompt(1))
+    hit, _ = cache.match(one)  # 1 becomes the most recently used
+    cache.release(one[:hit])
+    ids = pool.allocate(1)
+    cache.insert(cache.hash_tokens(prompt(5)), ids)  # evicts the least recently used: 2
+    pool.free(ids)
+    present = [cache.contains(cache.hash_tokens(prompt(v))[0]) for v in (1, 2, 3, 4, 5)]
+    assert present == [True, False, True, True, True]
+    assert pool.num_used_blocks == 4
+
+    # A chain longer than the capacity: the cache keeps what fits, the caller frees the rest.
+    ids = pool.allocate(6)
+    inserted, _ = cache.insert(cache.hash_tokens(prompt(9, 9, 9, 9, 9, 9)), ids)
+    assert inserted == 4 and len(cache) == 4
+    pool.free(ids)
+    assert pool.num_used_blocks == 4
+    assert cache.stats()["evictions"] == 5
+
+
+def test_policies_fifo_priority() -> None:
+    fifo = RadixPrefixCache(block_size=4, capacity_blocks=2, policy="fifo")
+    fifo.insert(fifo.hash_tokens(prompt(1)), [0])
+    fifo.insert(fifo.hash_tokens(prompt(2)), [1])
+    one = fifo.hash_tokens(prompt(1))
+    hit, _ = fifo.match(one)
+    fifo.release(one[:hit])
+    fifo.insert(fifo.hash_tokens(prompt(3)), [2])  # FIFO ignores the recent use of 1
+    assert not fifo.contains(fifo.hash_tokens(prompt(1))[0])
+
+    prio = RadixPrefixCache(block_size=4, policy="priority")
+    prio.insert(prio.hash_tokens(prompt(1)), [0], priority=5)
+    prio.insert(prio.hash_tokens(prompt(2)), [1], priority=1)
+    prio.insert(prio.hash_tokens(prompt(3)), [2], priority=9)
+    assert prio.evict(1) == 1 and not prio.contains(prio.hash_tokens(prompt(2))[0])
+    assert RadixPrefixCache(block_size=4, policy="ttl", ttl_seconds=1.0).policy == "ttl"
+
+
+def test_salts_keep_tenants_apart() -> None:
+    cache = RadixPrefixCache(block_size=4)
+    tokens = prompt(1, 2)
+    a = cache.hash_tokens(tokens, salt=b"tenant-a")
+    b = cache.hash_tokens(tokens, salt=b"tenant-b")
+    plain = cache.hash_tokens(tokens)
+    assert not (a == b).all(axis=1).any() and not (a == plain).all(axis=1).any()
+    cache.insert(a, [0, 1])
+    assert cache.peek(b)[0] == 0 and cache.peek(plain)[0] == 0 and cache.peek(a)[0] == 2
+    n, _, _ = cache.match_tokens(tokens, salt=b"tenant-b")
+    assert n == 0
+    n, _, digests = cache.match_tokens(tokens, salt=b"tenant-a")
+    assert n == 2
+    cache.release(digests)
+    lora = cache.hash_tokens(tokens, salt=b"tenant-a", extra=b"lora-7")
+    assert not (lora == a).all(axis=1).any()
+
+
+def test_events_drained_in_order() -> None:
+    cache = RadixPrefixCache(block_size=4, event_queue_capacity=16)
+    digests = cache.hash_tokens(prompt(1, 2))
+    cache.insert(digests, [3, 4], token_ids=prompt(1, 2).astype(np.int32), extra_key=b"salt")
+    cache.evict(1)
+    cache.clear()
+    events = cache.drain_events()
+    assert [e["type"] for e in events] == ["stored", "removed", "cleared"]
+    stored = events[0]
+    assert stored["digests"] == [d.tobytes() for d in digests] and stored["parent"] is None
+    assert stored["token_ids"] == prompt(1, 2).tolist() and stored["block_size"] == 4
+    assert stored["extra_key"] == b"salt"
+    assert events[1]["digests"] == [digests[1].tobytes()]
+    assert cache.drain_events() == []
+
+
+def test_invalidate_by_owner() -> None:
+    cache = RadixPrefixCache(block_size=4)
+    cache.insert(cache.hash_tokens(prompt(1, 2)), [0, 1], owner=7)
+    cache.insert(cache.hash_tokens(prompt(3)), [2], owner=8)
+    assert cache.invalidate(7) == 2 and len(cache) == 1 and cache.invalidate(7) == 0
+
+
+@pytest.mark.skipif("xxh3_128" not in hash_algorithms(), reason="built without xxHash")
+def test_xxh3_option_differs_from_sha256() -> None:
+    fast = RadixPrefixCache(block_size=4, hash_algorithm="xxh3_128")
+    safe = RadixPrefixCache(block_size=4)
+    tokens = prompt(1, 2)
+    assert fast.hash_tokens(tokens).shape == (2, 32)
+    assert not (fast.hash_tokens(tokens) == safe.hash_tokens(tokens)).all()
+
+
+# --- bad input on the fast path: typed errors, nothing changed -----------------------------------
+
+
+@pytest.fixture
+def loaded() -> tuple[RadixPrefixCache, PagedKVPool, np.ndarray]:
+    pool = make_pool(16)
+    cache = RadixPrefixCache(block_size=4, pool=pool)
+    ids = pool.allocate(2)
+    digests = cache.hash_tokens(prompt(1, 2))
+    cache.insert(digests, ids)
+    pool.free(ids)
+    return cache, pool, digests
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda c, p, d: c.hash_tokens(np.zeros(8, dtype=np.float32)), TypeError, "dtype int32 or int64"),
+        (lambda c, p, d: c.hash_tokens(np.zeros(8, dtype=np.int16)), TypeError, "int16"),
+        (lambda c, p, d: c.hash_tokens(np.zeros((2, 4), dtype=np.int64)), ValueError, "1-D"),
+        (lambda c, p, d: c.match_tokens(np.zeros((2, 4), dtype=np.int32)), ValueError, "1-D"),
+        (lambda c, p, d: c.match(np.zeros((2, 31), dtype=np.uint8)), ValueError, r"shape \(n, 32\)"),
+        (lambda c, p, d: c.match([b"x" * 31]), ValueError, "32 bytes"),
+        (lambda c, p, d: c.match(np.zeros((2, 32), dtype=np.int8)), TypeError, "uint8"),
+        (lambda c, p, d: c.insert(c.hash_tokens(prompt(5)), np.array([3, 4], dtype=np.int32)),
+         KVConfigInvalidError, "2 block ids for 1 digests"),
+        (lambda c, p, d: c.insert(c.hash_tokens(prompt(5)), np.array([15], dtype=np.int32)),
+         KVInvalidBlockError, "not allocated"),
+        (lambda c, p, d: c.insert(c.hash_tokens(prompt(5)), np.array([99], dtype=np.int32)),
+         KVInvalidBlockError, "99"),
+        (lambda c, p, d: c.insert(c.hash_tokens(prompt(5)), [0], parent=b"\x01" * 32), KVCacheMissError,
+         "parent digest 0101.* is not cached"),
+        (lambda c, p, d: c.insert(c.hash_tokens(prompt(5)), [0]), KVConfigInvalidError, "block id 0 .*already caches"),
+        (lambda c, p, d: c.insert(d[::-1].copy(), [0, 1]), KVConfigInvalidError, "different parent"),
+        (lambda c, p, d: c.release(c.hash_tokens(prompt(5))), KVRefCountUnderflowError, "not cached"),
+        (lambda c, p, d: c.release(d), KVRefCountUnderflowError, "no use left"),
+        (lambda c, p, d: c.evict(-1), ValueError, "num_blocks"),
+    ],
+)
+def test_fast_path_bad_input(loaded: Any, call: Any, error: type[Exception], match: str) -> None:
+    cache, pool, digests = loaded
+    before = (len(cache), pool.num_free_blocks, cache.stats()["inserts"])
+    with pytest.raises(error, match=match):
+        call(cache, pool, digests)
+    assert (len(cache), pool.num_free_blocks, cache.stats()["inserts"]) == before
+    cache._native.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"policy": "mru"}, KVConfigInvalidError, "mru"),
+        ({"hash_algorithm": "md5"}, KVConfigInvalidError, "md5"),
+        ({"capacity_blocks": -1}, ValueError, "capacity_blocks"),
+        ({"capacity_blocks": 0}, ValueError, "capacity_blocks"),
+        ({"block_size": 0}, ValueError, "block_size"),
+        ({"event_queue_capacity": -2}, ValueError, "event_queue_capacity"),
+        ({"pool": "pool"}, TypeError, "PagedKVPool"),
+        ({"block_size": 8, "pool": make_pool(4, block_size=4)}, KVMetadataMismatchError, "block_size"),
+    ],
+)
+def test_fast_path_bad_configuration(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    kwargs = {"block_size": 4, **kwargs}
+    with pytest.raises(error, match=match):
+        RadixPrefixCache(**kwargs)
+
+
+# --- property test against a plain-Python model of the trie -----------------------------------------
+
+CAPACITY = 6
+_prompt = st.lists(st.integers(0, 2), min_size=1, max_size=4)
+_op = st.one_of(
+    st.tuples(st.just("match"), _prompt),
+    st.tuples(st.just("release"), st.integers(0, 10)),
+    st.tuples(st.just("insert"), _prompt),
+    st.tuples(st.just("evict"), st.integers(0, 4)),
+)
+
+
+class TrieModel:
+    """Nodes keyed by digest: parent digest, block id, users (outstanding matches)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[bytes, dict[str, Any]] = {}
+
+    def prefix(self, digests: np.ndarray) -> int:
+        n = 0
+        while n < len(digests) and digests[n].tobytes() in self.nodes:
+            n += 1
+        return n
+
+    def children(self, key: bytes) -> list[bytes]:
+        return [k for k, v in self.nodes.items() if v["parent"] == key]
+
+    def busy(self, key: bytes) -> bool:
+        """In use, or some descendant is: such a node may not be evicted."""
+        return self.nodes[key]["users"] > 0 or any(self.busy(c) for c in self.children(key))
+
+    def removable(self) -> set[bytes]:
+        return {k for k in self.nodes if not self.busy(k)}
+
+
+def check_removed(model: TrieModel, cache: RadixPrefixCache) -> set[bytes]:
+    """Syncs the model with evictions the cache made; checks only idle subtrees went."""
+    removed = {k for k in model.nodes if not cache.contains(k)}
+    for key in removed:
+        assert not model.busy(key), "an in-use node (or the parent of one) was evicted"
+        assert all(c in removed for c in model.children(key)), "a node went but its child stayed"
+    for key in removed:
+        del model.nodes[key]
+    return removed
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_op, max_size=40))
+def test_trie_against_model(ops: list[tuple[Any, ...]]) -> None:
+    pool = make_pool(CAPACITY + 8)
+    cache = RadixPrefixCache(block_size=4, capacity_blocks=CAPACITY, pool=pool)
+    model = TrieModel()
+    outstanding: list[np.ndarray] = []
+    for op in ops:
+        if op[0] == "match":
+            digests = cache.hash_tokens(prompt(*op[1]))
+            expected = model.prefix(digests)
+            n, ids = cache.match(digests)
+            assert n == expected
+            assert ids.tolist() == [model.nodes[d.tobytes()]["block"] for d in digests[:n]]
+            for d in digests[:n]:
+                model.nodes[d.tobytes()]["users"] += 1
+            if n:
+                outstanding.append(digests[:n])
+        elif op[0] == "release":
+            if not outstanding:
+                continue
+            digests = outstanding.pop(op[1] % len(outstanding))
+            cache.release(digests)
+            for d in digests:
+                model.nodes[d.tobytes()]["users"] -= 1
+        elif op[0] == "insert":
+            digests = cache.hash_tokens(prompt(*op[1]))
+            cached = model.prefix(digests)
+            evictions = cache.stats()["evictions"]
+            ids = pool.allocate(len(digests))
+            inserted, redundant = cache.insert(digests, ids)
+            assert redundant.tolist() == list(range(cached))
+            removed = check_removed(model, cache)
+            assert cache.stats()["evictions"] - evictions == len(removed)
+            assert not any(d.tobytes() in removed for d in digests[:cached]), "insert evicted its own prefix"
+            for i in range(cached, cached + inserted):
+                parent = digests[i - 1].tobytes() if i else None
+                model.nodes[digests[i].tobytes()] = {"parent": parent, "block": int(ids[i]), "users": 0}
+            assert all(cache.contains(d) for d in digests[: cached + inserted])
+            if cached + inserted < len(digests):
+                assert not cache.contains(digests[cached + inserted])
+            pool.free(ids)  # the caller's references; the cache holds its own on what it kept
+        else:
+            removable = len(model.removable())
+            evicted = cache.evict(op[1])
+            removed = check_removed(model, cache)
+            assert evicted == len(removed) == min(op[1], removable)
+
+        assert len(cache) == len(model.nodes) <= CAPACITY
+        assert pool.num_used_blocks == len(model.nodes)
+        assert all(pool.ref_count(v["block"]) == 1 for v in model.nodes.values())
+        assert sorted(cache.cached_block_ids().tolist()) == sorted(v["block"] for v in model.nodes.values())
+        cache._native.check_invariants()
+
+    for digests in outstanding:
+        cache.release(digests)
+    cache.clear()
+    assert len(cache) == 0 and pool.num_free_blocks == pool.num_blocks
