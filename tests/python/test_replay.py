@@ -1,0 +1,127 @@
+"""Mooncake trace replay: reference hit ratios and the ``sagellm-kv replay`` command line."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from sagellm_kv_cache.replay import load_trace, replay
+from sagellm_kv_cache.replay_cli import POLICIES
+
+SYNTHETIC = Path("/work/shared/data/synthetic_trace.jsonl")
+JSON_KEYS = ["blocks", "capacity_blocks", "evictions", "hit_ratio", "hits", "policy", "requests", "requests_per_s",
+             "trace"]
+
+# Block-level LRU, longest-prefix match, capacity in 512-token blocks (the data README's reference table).
+REFERENCE = [(1000, 0.083), (10000, 0.424), (30000, 0.624), (50000, 0.640), (None, 0.640)]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sagellm_kv_cache.replay_cli", "replay", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> list:
+    if not SYNTHETIC.exists():
+        pytest.skip(f"{SYNTHETIC} is not available")
+    return load_trace(SYNTHETIC)
+
+
+@pytest.mark.parametrize(("capacity", "expected"), REFERENCE, ids=[str(c) for c, _ in REFERENCE])
+def test_synthetic_trace_reproduces_reference_hit_ratios(synthetic: list, capacity: int | None,
+                                                         expected: float) -> None:
+    result = replay(synthetic, capacity, "lru", trace_name=SYNTHETIC.name)
+    assert result.requests == 3993 and result.blocks == 121877
+    assert result.hit_ratio == pytest.approx(expected, abs=0.005)
+    assert (result.evictions == 0) == (capacity is None or capacity >= 50000)
+
+
+def test_cli_default_sample(tmp_path: Path) -> None:
+    proc = run_cli(cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["trace", "capacity", "policy"]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[1] for r in rows] == ["1000", "10000", "inf"]
+    assert all(r[0] == "mooncake_synthetic_sample.jsonl" and r[2] == "lru" for r in rows)
+    assert all(0.0 <= float(r[6]) <= 1.0 for r in rows)
+
+
+def test_cli_json_keys_exactly(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    proc = run_cli("--capacity-blocks", "50,inf", "--json", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2
+    for row in rows:
+        assert sorted(row) == JSON_KEYS
+        assert isinstance(row["requests"], int) and isinstance(row["hit_ratio"], float)
+        assert row["hits"] <= row["blocks"] and row["policy"] == "lru"
+    assert rows[0]["capacity_blocks"] == 50 and rows[1]["capacity_blocks"] is None
+    assert rows[0]["evictions"] > 0 and rows[1]["evictions"] == 0
+    assert rows[0]["hit_ratio"] <= rows[1]["hit_ratio"]
+
+
+def test_cli_plot_writes_a_valid_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "curve.png"
+    proc = run_cli("--capacity-blocks", "100,1000,inf", "--plot", str(png), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    # Walk the chunks: lengths and CRCs must check out up to IEND.
+    offset, kinds = 8, []
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        kind = data[offset + 4 : offset + 8]
+        body = data[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
+        assert zlib.crc32(kind + body) == crc
+        kinds.append(kind)
+        offset += 12 + length
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 100 and height > 100
+
+
+def test_cli_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    proc = run_cli(str(missing), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_malformed_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"hash_ids": [1, 2, 3]}\n{"hash_ids": [1, 2}\n')
+    proc = run_cli(str(bad), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{bad}:2" in lines[0] and "Traceback" not in proc.stderr
+
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"hash_ids": [1, 2, 3]}\n\n{"hash_ids": "1,2"}\n')
+    proc = run_cli(str(wrong), cwd=tmp_path)
+    assert proc.returncode == 2 and f"{wrong}:3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cli_every_policy_runs(tmp_path: Path, policy: str) -> None:
+    out = tmp_path / "rows.json"
+    proc = run_cli("--policy", policy, "--capacity-blocks", "200", "--json", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["policy"] == policy and 0.0 < row["hit_ratio"] < 1.0 and row["evictions"] > 0
+
+
+def test_cli_rejects_unknown_policy(tmp_path: Path) -> None:
+    proc = run_cli("--policy", "mru", cwd=tmp_path)
+    assert proc.returncode == 2 and "mru" in proc.stderr and "Traceback" not in proc.stderr
