@@ -20,10 +20,9 @@ step "lint: ruff + mypy"
 "$PYTHON" -m ruff check .
 "$PYTHON" -m mypy
 
-PYBIND11_DIR=$("$PYTHON" -m pybind11 --cmakedir)
 for preset in dev asan tsan; do
   step "C++ build + ctest: $preset"
-  cmake --preset "$preset" -Dpybind11_DIR="$PYBIND11_DIR" >/dev/null
+  cmake --preset "$preset" >/dev/null
   cmake --build --preset "$preset"
   ctest --preset "$preset"
 done

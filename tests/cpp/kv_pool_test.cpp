@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -139,6 +141,40 @@ TEST(PagedKVPool, RejectsBadConstruction) {
   PoolOptions opts;
   opts.device = "nonsense";
   EXPECT_THROW(PagedKVPool(small_spec(), 4, opts), Error);
+}
+
+}  // namespace
+}  // namespace sagellm::kv
+
+namespace sagellm::kv {
+namespace {
+
+TEST(PagedKVPoolCuda, DevicePoolRoundTripsThroughHostStaging) {
+  PoolOptions opts;
+  opts.device = "cuda:0";
+  std::unique_ptr<PagedKVPool> pool;
+  try {
+    pool = std::make_unique<PagedKVPool>(small_spec(DType::kBFloat16), 64, opts);
+  } catch (const Error& e) {
+    ASSERT_EQ(e.code(), ErrorCode::kBackendUnavailable) << e.what();
+    GTEST_SKIP() << "no usable CUDA device: " << e.what();
+  }
+  std::vector<BlockId> ids(6);
+  pool->allocate(ids);
+  std::vector<std::byte> in(ids.size() * pool->block_bytes());
+  for (std::size_t i = 0; i < in.size(); ++i) in[i] = static_cast<std::byte>((i * 131 + 7) % 251);
+  pool->scatter(in, ids);
+  std::vector<std::byte> out(in.size());
+  pool->gather(ids, out);
+  EXPECT_EQ(in, out);
+  // copy_blocks on the device, then read the copy back.
+  const std::vector<BlockId> src{ids[0]}, dst{ids[5]};
+  pool->copy_blocks(src, dst);
+  std::vector<std::byte> one(pool->block_bytes());
+  pool->gather(dst, one);
+  EXPECT_TRUE(std::equal(one.begin(), one.end(), in.begin()));
+  pool->free(ids);
+  EXPECT_EQ(pool->num_free_blocks(), 64u);
 }
 
 }  // namespace

@@ -250,6 +250,27 @@ def test_cuda_pool_round_trip(spec: KVCacheSpec) -> None:
     pool.scatter(data, ids)
     np.testing.assert_array_equal(pool.gather(ids), data)
     assert pool.dlpack_view(0).__dlpack_device__() == (2, 0)
+    assert isinstance(pool.key_cache(0), type(pool.dlpack_view(0)))  # no numpy view of device memory
+    pool.free(ids)
+    assert pool.num_free_blocks == 64
+
+
+@pytest.mark.cuda
+def test_cuda_pool_is_a_torch_cuda_tensor(spec: KVCacheSpec) -> None:
+    torch = pytest.importorskip("torch")
+    pool = PagedKVPool(KVCacheSpec(2, 4, 64, "bf16", 16), num_blocks=32, device="cuda:0")
+    t = torch.from_dlpack(pool.dlpack_view(1, value=True))
+    assert t.is_cuda and t.dtype == torch.bfloat16 and tuple(t.shape) == (32, 16, 4, 64)
+    ids = pool.allocate(2)
+    t[int(ids[1])].fill_(2.0)
+    torch.cuda.synchronize()
+    staged = pool.gather(ids).view(np.uint16)  # bf16 bits, staging layout [block][layer][K|V]
+    per = 16 * 4 * 64
+    block1_layer1_v = staged[staged.size // 2 + 3 * per : staged.size // 2 + 4 * per]
+    assert (block1_layer1_v == 0x4000).all()  # 2.0 in bf16
+    del pool
+    t.add_(1.0)  # the view keeps the device memory alive
+    torch.cuda.synchronize()
 
 
 def test_threads_never_share_a_block(spec: KVCacheSpec) -> None:
