@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +25,7 @@ from sagellm_kv_cache import (
 )
 from sagellm_kv_cache.prefix_cache import hash_algorithms
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "prefix_cache_example.py"
 SEED_STATS_KEYS = ["block_size", "enable_lru", "evict_count", "hit_count", "hit_rate", "insert_count",
                    "max_cached_blocks", "miss_count", "num_blocks", "num_entries"]
 
@@ -486,3 +490,9 @@ def test_trie_against_model(ops: list[tuple[Any, ...]]) -> None:
         cache.release(digests)
     cache.clear()
     assert len(cache) == 0 and pool.num_free_blocks == pool.num_blocks
+
+
+def test_example_runs_from_any_directory(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Reused 48 tokens from cache!" in proc.stdout and "all prefix-cache steps done" in proc.stdout
