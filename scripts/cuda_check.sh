@@ -9,6 +9,13 @@ OUT=${OUT:-/tmp/cuda-check}
 mkdir -p "$OUT"
 D=$PWD/.devdeps
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# The CUDA runtime is dlopen'ed: make sure the loader can find one (toolkit or pip wheel).
+if ! ldconfig -p | grep -q 'libcudart.so'; then
+  cudart=$(ls /usr/local/cuda*/lib64/libcudart.so* /usr/local/cuda*/targets/*/lib/libcudart.so* 2>/dev/null | head -1)
+  [ -n "$cudart" ] || cudart=$(python3 -c "import glob, nvidia, os; print((glob.glob(os.path.join(list(nvidia.__path__)[0], '**', 'libcudart.so*'), recursive=True) or [''])[0])" 2>/dev/null)
+  [ -n "$cudart" ] && export SAGELLM_KV_CUDART=$cudart
+fi
+echo "cuda runtime: ${SAGELLM_KV_CUDART:-from the loader path}"
 
 extra=()
 if [ ! -f /usr/include/openssl/evp.h ] && [ -d "$D/include/openssl" ]; then

@@ -3,6 +3,7 @@
 // without a GPU. Only the few runtime entry points below are used; their C signatures are stable.
 #include <dlfcn.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -51,9 +52,14 @@ const CudaRuntime& runtime() {
   static CudaRuntime rt;
   static std::once_flag once;
   std::call_once(once, [] {
+    // SAGELLM_KV_CUDART names the runtime explicitly (e.g. the one inside a pip-installed CUDA);
+    // otherwise the loader's search path decides, newest major version first.
+    if (const char* path = std::getenv("SAGELLM_KV_CUDART"); path != nullptr && *path != '\0') {
+      rt.library = ::dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    }
     for (const char* name : {"libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"}) {
-      rt.library = ::dlopen(name, RTLD_NOW | RTLD_LOCAL);
       if (rt.library != nullptr) break;
+      rt.library = ::dlopen(name, RTLD_NOW | RTLD_LOCAL);
     }
     if (rt.library == nullptr) {
       const char* why = ::dlerror();
