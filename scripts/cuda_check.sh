@@ -35,7 +35,7 @@ ctest --test-dir /tmp/b --output-on-failure 2>&1 | tail -15
 
 echo "=== pytest -m cuda"
 if [ -d "$D/whl" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$D"/whl/*.whl && export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --ignore-requires-python --target /tmp/site "$D"/whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r python/sagellm_kv_cache /tmp/pkg/ && cp /tmp/b/cpp/bindings/_core*.so /tmp/pkg/sagellm_kv_cache/
 export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-}
