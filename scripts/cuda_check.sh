@@ -41,16 +41,56 @@ rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r python/sagellm_kv_cache /tmp/pkg/ 
 export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-}
 python3 -m pytest tests/python/test_paged_pool.py -q -p no:cacheprovider -o filterwarnings= -m cuda -rA 2>&1 | tail -8
 
-echo "=== CUDA pool gather/scatter timing (1,000 blocks of 256 KiB, device -> pageable host)"
-python3 - <<'PY'
+echo "=== binding-level CUDA checks (also where isagellm-protocol cannot import: it ships 3.11 bytecode)"
+PYTHONPATH=/tmp/pkg/sagellm_kv_cache python3 - <<'PY'
 import time, numpy as np
-from sagellm_kv_cache import KVCacheSpec, PagedKVPool
-spec = KVCacheSpec(num_layers=4, num_kv_heads=8, head_dim=128, dtype="fp16", block_size=16)
-pool = PagedKVPool(spec, num_blocks=2048, device="cuda:0")
+import _core  # the binding module alone
+try:
+    import torch
+except ImportError:
+    torch = None
+
+class View:  # the package's LayerView, reduced to the DLPack protocol
+    def __init__(self, pool, layer, value):
+        self.pool, self.layer, self.value = pool, layer, value
+    def __dlpack__(self, **_):
+        return self.pool.dlpack_capsule(self.layer, self.value)
+    def __dlpack_device__(self):
+        return self.pool.dlpack_device()
+
+pool = _core.PagedKVPool(2, 4, 64, "bf16", 16, 32, "cuda:0")
+ids = pool.allocate(2)
+if torch is not None:
+    t = torch.from_dlpack(View(pool, 1, True))
+    assert t.is_cuda and t.dtype == torch.bfloat16 and tuple(t.shape) == (32, 16, 4, 64), (t.device, t.dtype, t.shape)
+    t[int(ids[1])].fill_(2.0)
+    torch.cuda.synchronize()
+    staged = pool.gather(ids).view(np.uint16)
+    per = 16 * 4 * 64
+    assert (staged[staged.size // 2 + 3 * per: staged.size // 2 + 4 * per] == 0x4000).all()
+    del pool
+    t.add_(1.0); torch.cuda.synchronize()
+    assert float(t[int(ids[1])].float().mean()) == 3.0
+    print("torch.from_dlpack on a cuda:0 bf16 pool: ok (writes visible to gather; view outlives the pool)")
+
+pool = _core.PagedKVPool(4, 8, 128, "fp16", 16, 2048, "cuda:0")
 ids = np.random.default_rng(0).permutation(2048)[:1000].astype(np.int32)
 buf = np.empty(1000 * pool.block_nbytes, dtype=np.uint8)
-pool.gather_into(ids, buf)
-for name, fn in (("gather", lambda: pool.gather_into(ids, buf)), ("scatter", lambda: pool.scatter(buf, ids))):
-    best = min((lambda t0: (fn(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(5))
-    print(f"cuda {name}: {buf.nbytes / best / 1e9:.2f} GB/s ({best * 1e3:.1f} ms for {buf.nbytes >> 20} MiB)")
+buf[:] = np.random.default_rng(1).integers(0, 255, buf.size, dtype=np.uint8)
+pool.scatter(buf, ids)
+back = np.empty_like(buf)
+pool.gather_into(ids, back)
+assert np.array_equal(buf, back), "cuda gather/scatter round trip differs"
+print("cuda gather/scatter round trip of", buf.nbytes >> 20, "MiB: byte-exact")
+src = np.ones_like(buf)
+for name, fn in (("gather", lambda: pool.gather_into(ids, back)), ("scatter", lambda: pool.scatter(buf, ids)),
+                 ("host memcpy", lambda: np.copyto(back, src))):
+    best = 1e9
+    for _ in range(5):
+        t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
+    print(f"{name}: {buf.nbytes / best / 1e9:.2f} GB/s ({best * 1e3:.1f} ms)")
+try:
+    _core.PagedKVPool(1, 1, 8, "fp16", 16, 4, "cuda:7")
+except Exception as e:
+    print("cuda:7 ->", type(e).__name__, e)
 PY
