@@ -685,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     model = TinyLM()
     cfg = model.config
     prompts = make_prompts(cfg, args.block_size, args.reuse_blocks, args.new_tokens)
+    dense_generate(model, prompts["A"][:8], 1, args.dtype)  # warm-up: torch's first calls are slow
     num_blocks = pool_blocks_for(max(map(len, prompts.values())) + args.max_new_tokens, args.block_size)
     rep = run_prefix_scenario(args.dtype, args.block_size, max_new_tokens=args.max_new_tokens,
                               num_blocks=num_blocks, model=model, prompts=prompts)
