@@ -165,13 +165,16 @@ class RadixPrefixCache:
         return int(n), redundant
 
     def insert_tokens(self, tokens: Any, block_ids: Any, *, salt: bytes | None = None, extra: bytes | None = None,
-                      owner: int = 0, priority: int = 0) -> tuple[int, npt.NDArray[np.int32]]:
-        """Hash + insert of the first ``len(block_ids)`` full blocks of ``tokens`` in one call."""
+                      owner: int = 0, priority: int = 0) -> tuple[int, npt.NDArray[np.int32], Digests]:
+        """Hash + insert of the first ``len(block_ids)`` full blocks of ``tokens`` in one call.
+
+        Returns (newly inserted, redundant positions, the digests of those blocks).
+        """
         evictions = self._evictions_so_far()
-        n, redundant = self._native.insert_tokens(tokens, block_ids, salt=salt, extra=extra, owner=owner,
-                                                  priority=priority)
+        n, redundant, digests = self._native.insert_tokens(tokens, block_ids, salt=salt, extra=extra, owner=owner,
+                                                           priority=priority)
         self._observe_evictions(evictions)
-        return int(n), redundant
+        return int(n), redundant, digests
 
     def evict(self, num_blocks: int) -> int:
         """Evicts up to ``num_blocks`` unreferenced leaves by the policy; returns how many went."""
@@ -333,7 +336,8 @@ class PrefixCache:
                                                   owner=owner)
                 kept = np.ones(end - start, dtype=bool)
                 kept[redundant] = False
-                self._blocks.update(zip(ids[kept].tolist(), itertools.compress(blocks[start:end], kept.tolist())))
+                fresh_blocks = itertools.compress(blocks[start:end], kept.tolist())
+                self._blocks.update(zip(ids[kept].tolist(), fresh_blocks, strict=True))
                 start = end
             self._forget_evicted()
 

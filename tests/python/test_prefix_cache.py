@@ -206,18 +206,17 @@ def test_match_tokens_is_hash_plus_match_in_one_call() -> None:
     cache.release(digests)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="RadixPrefixCache.insert_tokens unpacks two of the three values _core returns")
 def test_insert_tokens_is_hash_plus_insert_in_one_call() -> None:
     pool = make_pool(16)
     cache = RadixPrefixCache(block_size=4, pool=pool)
     tokens = prompt(5, 6, 7)
     ids = pool.allocate(3)
     try:
-        inserted, redundant = cache.insert_tokens(tokens, ids)
+        inserted, redundant, digests = cache.insert_tokens(tokens, ids)
     finally:
         pool.free(ids)
     assert inserted == 3 and redundant.size == 0
+    np.testing.assert_array_equal(digests, cache.hash_tokens(tokens))
     assert cache.peek(cache.hash_tokens(tokens))[0] == 3
     spare = pool.allocate(2)
     with pytest.raises(ValueError, match="block_ids holds 2 ids"):
