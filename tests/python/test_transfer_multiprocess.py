@@ -8,6 +8,7 @@ shipping the payload back to pytest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing as mp
 import os
@@ -129,7 +130,7 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
             ids = pool.allocate(n)[::-1].copy()  # any order: the destination keeps it
             r[f"sha{n}"] = _sha(pool, ids)
             digests = _digests(n, seed=n) if n == 100 else None
-            r[f"send{n}"] = _outcome(lambda ids=ids, d=digests: bt.send_blocks(pool, ids, 1, digests=d))
+            r[f"send{n}"] = _outcome(functools.partial(bt.send_blocks, pool, ids, 1, digests=digests))
         few = pool.allocate(10)
         r["mismatch"] = _outcome(lambda: bt.send_blocks(pool, few, 1))
 

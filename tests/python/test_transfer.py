@@ -1,0 +1,297 @@
+"""Transfer without processes: the seed engine's validation and records, the wire format, the
+transport adapter's deadlines, and argument checks that must fail before anything is sent.
+
+Real transfers between processes are in ``test_transfer_multiprocess.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+from sagellm_kv_cache import KVCacheSpec, KVHandle, KVTransferEngine, KVTransferFailedError, PagedKVPool
+from sagellm_kv_cache.transfer import wire
+from sagellm_kv_cache.transfer.transport import BackendThreadTransport, TransportError, TransportTimeout
+from sagellm_protocol.kv import TransferDirection, TransferStatus
+
+
+class RankedBackend:
+    """Knows its rank and world size and records calls; carries no data anywhere."""
+
+    def __init__(self, rank: int | None, world: int | None, fail: Exception | None = None) -> None:
+        self.rank, self.world, self.fail = rank, world, fail
+        self.calls: list[tuple[str, int]] = []
+
+    def get_rank(self) -> int | None:
+        return self.rank
+
+    def get_world_size(self) -> int | None:
+        return self.world
+
+    def send(self, tensor: Any, dst: int) -> None:
+        self.calls.append(("send", dst))
+        if self.fail:
+            raise self.fail
+
+    def recv(self, tensor: Any, src: int) -> None:
+        self.calls.append(("recv", src))
+        if self.fail:
+            raise self.fail
+
+
+# --- seed engine -----------------------------------------------------------------------------
+
+
+def test_engine_needs_a_backend() -> None:
+    with pytest.raises(ValueError, match="comm_backend"):
+        KVTransferEngine(None)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "message"),
+    [(-1, 1, "invalid src_rank -1"), (0, 4, "invalid dst_rank 4"), (4, 0, "invalid src_rank 4"),
+     (1, 1, "must differ"), (2, 3, "neither the source"), ("0", 1, "src_rank must be an int")],
+)
+def test_transfer_kv_handle_rejects_bad_ranks(src: Any, dst: int, message: str) -> None:
+    backend = RankedBackend(rank=1, world=4)
+    engine = KVTransferEngine(backend)
+    with pytest.raises(ValueError, match=message):
+        engine.transfer_kv_handle(KVHandle.create(16), src, dst, np.zeros(4))
+    assert backend.calls == [] and engine.get_pending_count() == 0
+
+
+def test_transfer_kv_handle_needs_a_tensor_on_either_side() -> None:
+    handle = KVHandle.create(16)
+    with pytest.raises(ValueError, match="required on the source"):
+        KVTransferEngine(RankedBackend(0, 2)).transfer_kv_handle(handle, 0, 1)
+    with pytest.raises(ValueError, match="required on the destination"):
+        KVTransferEngine(RankedBackend(1, 2)).transfer_kv_handle(handle, 0, 1, None)
+
+
+def test_transfer_kv_handle_needs_an_initialised_backend_and_a_handle() -> None:
+    with pytest.raises(ValueError, match="not initialised"):
+        KVTransferEngine(RankedBackend(None, None)).transfer_kv_handle(KVHandle.create(16), 0, 1, np.zeros(2))
+    with pytest.raises(ValueError, match="KVHandle"):
+        KVTransferEngine(RankedBackend(0, 2)).transfer_kv_handle(None, 0, 1, np.zeros(2))
+
+
+def test_backend_failure_is_a_transfer_failed_error_recorded_as_failed() -> None:
+    engine = KVTransferEngine(RankedBackend(0, 2, fail=RuntimeError("Send failed: connection reset")))
+    handle = KVHandle.create(16)
+    with pytest.raises(KVTransferFailedError, match="connection reset") as info:
+        engine.transfer_kv_handle(handle, 0, 1, np.zeros(8, dtype=np.float16))
+    tid = info.value.transfer_id
+    assert isinstance(tid, uuid.UUID)
+    assert engine.get_transfer_status(tid) == TransferStatus.FAILED
+    assert engine.get_completed_count() == 0 and engine.get_pending_count() == 0
+    assert handle.is_transferring is False
+
+
+def test_records_of_completed_transfers() -> None:
+    backend = RankedBackend(1, 2)
+    engine = KVTransferEngine(backend)
+    handle = KVHandle.create(32, request_id="req-1", metadata={"num_layers": 4})
+    buffer = np.zeros((32, 2, 64), dtype=np.float16)
+    tid = engine.transfer_kv_handle(handle, 0, 1, buffer)
+    assert backend.calls == [("recv", 0)]
+    meta = engine.get_transfer_metadata(tid)
+    assert meta.status == TransferStatus.COMPLETED
+    assert (meta.request_id, meta.layer_end, meta.num_heads, meta.head_dim) == ("req-1", 4, 2, 64)
+    assert (meta.total_bytes, meta.direction) == (buffer.nbytes, TransferDirection.RECV)
+    assert (meta.source_device, meta.target_device) == ("rank:0", "rank:1")
+    assert meta.started_at is not None and meta.completed_at is not None and meta.completed_at >= meta.started_at
+    assert (handle.transfer_id, handle.source_rank, handle.rank) == (tid, 0, 1)
+    assert engine.get_completed_count() == 1
+    engine.clear_completed()
+    assert engine.get_completed_count() == 0
+    with pytest.raises(KeyError, match="unknown transfer"):
+        engine.get_transfer_status(tid)
+
+
+# --- wire format -----------------------------------------------------------------------------
+
+
+def _header(**changes: Any) -> wire.TransferHeader:
+    fields: dict[str, Any] = {
+        "transfer_id": uuid.uuid4(), "num_layers": 2, "num_kv_heads": 4, "head_dim": 64, "block_size": 16,
+        "dtype": "bf16", "num_blocks": 1000, "block_nbytes": 32768, "chunk_blocks": 128, "checksum_algorithm": 1,
+        "has_digests": True, "digests_checksum": 2**64 - 1, "src_rank": 3, "dst_rank": 0,
+    }
+    return wire.TransferHeader(**{**fields, **changes})
+
+
+def test_header_round_trip_and_chunking() -> None:
+    header = _header()
+    frame = np.zeros(wire.HEADER_NBYTES, dtype=np.uint8)
+    header.pack(frame)
+    assert wire.TransferHeader.unpack(frame) == header
+    assert header.num_chunks == 8 and header.chunk_range(7) == (896, 1000)
+    assert _header(num_blocks=0).num_chunks == 0
+
+
+@pytest.mark.parametrize(("offset", "field"), [(0, "magic"), (4, "header_checksum"), (60, "header_checksum"),
+                                               (124, "header_checksum")])
+def test_a_damaged_header_names_what_is_wrong(offset: int, field: str) -> None:
+    frame = np.zeros(wire.HEADER_NBYTES, dtype=np.uint8)
+    _header().pack(frame)
+    frame[offset] ^= 1
+    with pytest.raises(wire.WireFormatError) as info:
+        wire.TransferHeader.unpack(frame)
+    assert info.value.field == field and field in wire.SPEC_FIELDS
+
+
+def test_a_newer_wire_version_is_refused() -> None:
+    frame = np.zeros(wire.HEADER_NBYTES, dtype=np.uint8)
+    _header(version=2).pack(frame)
+    with pytest.raises(wire.WireFormatError, match="version 2") as info:
+        wire.TransferHeader.unpack(frame)
+    assert (info.value.expected, info.value.actual) == (wire.WIRE_VERSION, 2)
+
+
+def test_reply_and_footer_round_trip() -> None:
+    frame = np.zeros(32, dtype=np.uint8)
+    reply = wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, -1, 2**64 - 5)
+    reply.pack(frame)
+    assert wire.Reply.unpack(frame) == reply
+    frame[9] ^= 0x10
+    with pytest.raises(wire.WireFormatError):
+        wire.Reply.unpack(frame)
+    footer = wire.ChunkFooter(7, wire.FOOTER_ABORT, 4096, 12345)
+    footer.pack(frame)
+    assert wire.ChunkFooter.unpack(frame) == footer
+
+
+@pytest.mark.parametrize("algorithm", sorted(wire.CHECKSUM_ALGORITHMS.values()))
+def test_checksum_catches_every_single_byte_flip(algorithm: int) -> None:
+    data = np.random.default_rng(0).integers(0, 256, size=3 * 4096 + 100, dtype=np.uint8)
+    base = wire.checksum(data, algorithm)
+    for i in range(0, data.size, 37):
+        data[i] ^= 0x80
+        assert wire.checksum(data, algorithm) != base, i
+        data[i] ^= 0x80
+    assert wire.checksum(data, algorithm) == base
+    assert wire.checksum(data[:-1], algorithm) != base
+
+
+def test_segsum64_depends_on_segment_order() -> None:
+    data = np.random.default_rng(1).integers(0, 256, size=4 * 4096, dtype=np.uint8)
+    swapped = np.concatenate([data[4096:8192], data[:4096], data[8192:]])
+    assert wire.checksum(data, 1) != wire.checksum(swapped, 1)
+
+
+def test_unknown_dtype_and_algorithm() -> None:
+    with pytest.raises(ValueError, match="no wire code"):
+        wire.dtype_code("int4")
+    with pytest.raises(ValueError, match="unknown checksum algorithm"):
+        wire.checksum(np.zeros(8, dtype=np.uint8), 99)
+
+
+# --- transport deadlines ---------------------------------------------------------------------
+
+
+class BlockingBackend(RankedBackend):
+    def __init__(self, release: threading.Event, error: Exception | None = None) -> None:
+        super().__init__(0, 2)
+        self.release, self.error = release, error
+
+    def recv(self, tensor: Any, src: int) -> None:
+        self.release.wait(5)
+        if self.error:
+            raise self.error
+
+
+def test_thread_transport_waits_with_a_deadline() -> None:
+    release = threading.Event()
+    transport = BackendThreadTransport(BlockingBackend(release))
+    op = transport.irecv(None, 1, 0)
+    start = time.monotonic()
+    with pytest.raises(TransportTimeout):
+        op.wait(0.2)
+    assert time.monotonic() - start < 1.0
+    release.set()
+    op.wait(2.0)
+
+
+@pytest.mark.parametrize(("message", "kind"), [("Recv failed: Connection closed by peer", TransportError),
+                                               ("Timed out waiting 1000ms for recv", TransportTimeout)])
+def test_thread_transport_reports_backend_errors(message: str, kind: type[Exception]) -> None:
+    release = threading.Event()
+    release.set()
+    op = BackendThreadTransport(BlockingBackend(release, RuntimeError(message))).irecv(None, 1, 0)
+    with pytest.raises(kind, match=message.split(":")[0]):
+        op.wait(2.0)
+
+
+# --- block transfer arguments ----------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+
+def _pool() -> PagedKVPool:
+    return PagedKVPool(KVCacheSpec(1, 1, 8, "fp16", 16), 32)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"chunk_bytes": 0}, "chunk_bytes"), ({"pipeline_depth": 0}, "pipeline_depth"), ({"timeout": 0}, "timeout"),
+     ({"checksum": "md5"}, "checksum"), ({"transport": "tcp"}, "transport")],
+)
+def test_block_transfer_options_are_checked(options: dict[str, Any], message: str) -> None:
+    from sagellm_kv_cache.transfer import BlockTransfer
+
+    with pytest.raises(ValueError, match=message):
+        BlockTransfer(RankedBackend(0, 2), **options)
+    with pytest.raises(ValueError, match="comm_backend"):
+        BlockTransfer(None)
+
+
+@pytest.mark.parametrize(
+    ("ids", "dst", "digests", "error", "message"),
+    [([0, 32], 1, None, ValueError, "block id 32 is out of range"), ([-1], 1, None, ValueError, "out of range"),
+     ([0.5], 1, None, TypeError, "integers"), ([0, 1], 0, None, ValueError, "own rank"),
+     ([0, 1], 2, None, ValueError, "invalid dst_rank 2"), ([0, 1], 1, np.zeros((1, 32)), ValueError, r"\(2, 32\)")],
+)
+def test_send_blocks_checks_arguments_before_sending(ids: Any, dst: int, digests: Any, error: type[Exception],
+                                                     message: str) -> None:
+    from sagellm_kv_cache.transfer import BlockTransfer
+
+    backend = RankedBackend(0, 2)
+    with pytest.raises(error, match=message):
+        BlockTransfer(backend, transport="backend").send_blocks(_pool(), ids, dst, digests=digests)
+    assert backend.calls == []
+
+
+def test_recv_blocks_checks_the_source_rank_and_reserves_nothing() -> None:
+    from sagellm_kv_cache.transfer import BlockTransfer
+
+    pool = _pool()
+    bt = BlockTransfer(RankedBackend(1, 2), transport="backend")
+    for src, message in ((1, "own rank"), (5, "invalid src_rank 5"), (True, "must be an int")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            bt.recv_blocks(pool, src)
+    assert pool.num_free_blocks == 32
+
+
+def test_publish_accepts_a_callable_or_a_cache_with_insert() -> None:
+    from sagellm_kv_cache.transfer.blocks import DigestSink, _publish
+
+    class Cache:
+        def __init__(self) -> None:
+            self.entries: dict[bytes, int] = {}
+
+        def insert(self, digests: np.ndarray, block_ids: np.ndarray) -> None:
+            self.entries.update({d.tobytes(): int(b) for d, b in zip(digests, block_ids, strict=True)})
+
+    digests = np.arange(64, dtype=np.uint8).reshape(2, 32)
+    ids = np.array([5, 9], dtype=np.int32)
+    cache = Cache()
+    assert isinstance(cache, DigestSink)
+    _publish(cache, digests, ids)
+    assert cache.entries == {digests[0].tobytes(): 5, digests[1].tobytes(): 9}
+    seen: list[tuple[bytes, list[int]]] = []
+    _publish(lambda d, b: seen.append((d.tobytes(), b.tolist())), digests, ids)
+    assert seen == [(digests.tobytes(), [5, 9])]
