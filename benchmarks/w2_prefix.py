@@ -37,10 +37,13 @@ def run_seed_api(requests: list, capacity_blocks: int | None) -> tuple[float, fl
     cache = PrefixCache(block_size=16, max_cached_blocks=capacity_blocks)
     hits = queried = 0
     start = time.perf_counter()
-    for i, tokens in enumerate(requests):
+    next_block = 0
+    for tokens in requests:
         hashes = cache.compute_block_hashes(tokens)
         found, _ = cache.lookup(hashes)
-        cache.insert(hashes, found + [{"block_id": (i, j)} for j in range(len(found), len(hashes))])
+        fresh = [{"block_id": next_block + j} for j in range(len(hashes) - len(found))]
+        next_block += len(fresh)
+        cache.insert(hashes, found + fresh)
         hits += len(found)
         queried += len(hashes)
     elapsed = time.perf_counter() - start

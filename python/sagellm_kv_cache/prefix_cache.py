@@ -319,9 +319,10 @@ class PrefixCache:
         if not blocks:
             return
         digests = _digest_array(block_hashes)
-        owner_keys = [b.get("handle_id") for b in blocks]
+        owner_keys = list(map(dict.get, blocks, itertools.repeat("handle_id")))
         with self._lock:
-            start = 0
+            # The leading blocks already cached keep their dicts; only the rest get ids and entries.
+            start, _ = self._cache.peek(digests)
             while start < len(blocks):
                 # The trie records one owner per insert call: cut the chain where the owner changes.
                 owner_key = owner_keys[start]
@@ -332,12 +333,12 @@ class PrefixCache:
                     end += 1
                 owner = 0 if owner_key is None else self._owners.setdefault(owner_key, len(self._owners) + 1)
                 ids = self._take_ids(end - start)
-                _, redundant = self._cache.insert(digests[start:end], ids, parent=digests[start - 1] if start else None,
-                                                  owner=owner)
-                kept = np.ones(end - start, dtype=bool)
-                kept[redundant] = False
-                fresh_blocks = itertools.compress(blocks[start:end], kept.tolist())
-                self._blocks.update(zip(ids[kept].tolist(), fresh_blocks, strict=True))
+                inserted, _ = self._cache.insert(digests[start:end], ids, parent=digests[start - 1] if start else None,
+                                                 owner=owner)
+                # A full cache may take only the leading blocks that fit.
+                self._blocks.update(zip(ids[:inserted].tolist(), blocks[start : start + inserted], strict=True))
+                if inserted < end - start:
+                    break
                 start = end
             self._forget_evicted()
 
@@ -360,8 +361,10 @@ class PrefixCache:
     def _forget_evicted(self, force: bool = False) -> None:
         # Evictions happen inside C++; drop the dicts of evicted blocks once they dominate the table.
         if force or len(self._blocks) > 2 * len(self._cache) + 64:
-            live = set(self._cache.cached_block_ids().tolist())
-            self._blocks = {k: v for k, v in self._blocks.items() if k in live}
+            known = np.fromiter(self._blocks, dtype=np.int64, count=len(self._blocks))
+            dead = np.setdiff1d(known, self._cache.cached_block_ids(), assume_unique=True)
+            for key in dead.tolist():
+                del self._blocks[key]
 
     # --- eviction / invalidation ------------------------------------------------------------
 
