@@ -19,6 +19,7 @@ instead of hanging, until a new process group is made.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import uuid
@@ -134,6 +135,89 @@ class _Refused(Exception):
         super().__init__(str(error))
         self.reply = reply
         self.error = error
+
+
+class _ChunkProducer:
+    """Gathers and checksums chunks on its own thread, so the C++ gather of chunk k+1 runs while
+    the sending thread is inside gloo's send of chunk k (gloo writes to the socket from the
+    calling thread, so a single thread would serialise the two).
+
+    Slot ``k % len(slots)`` carries chunk ``k``; before reusing a slot the producer waits for the
+    send of the chunk that used it last, which the sending thread hands over through :meth:`sent`.
+    """
+
+    def __init__(
+        self,
+        pool: PagedKVPool,
+        ids: BlockIdArray,
+        header: wire.TransferHeader,
+        slots: list[_Staging],
+        deadline: _Deadline,
+        hook: Callable[[int, npt.NDArray[np.uint8]], None] | None,
+    ) -> None:
+        self._pool, self._ids, self._header, self._slots = pool, ids, header, slots
+        self._deadline, self._hook = deadline, hook
+        self._ready: queue.SimpleQueue[tuple[int, int] | BaseException] = queue.SimpleQueue()
+        self._sent: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self.checksums: dict[int, int] = {}
+        self.aborted: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kv-transfer-gather", daemon=True)
+        if header.num_chunks:
+            self._thread.start()
+
+    def _run(self) -> None:
+        header, nslots = self._header, len(self._slots)
+        try:
+            for k in range(header.num_chunks):
+                if k >= nslots:
+                    previous = self._sent.get()  # the send of chunk k - nslots, same slot
+                    if previous is None or self._stopping.is_set():
+                        return
+                    previous.wait(self._deadline.remaining())
+                start, stop = header.chunk_range(k)
+                nbytes = (stop - start) * header.block_nbytes
+                frame = self._slots[k % nslots].array
+                payload = frame[:nbytes]
+                value, flags = 0, 0
+                if self.aborted is None:
+                    try:
+                        self._pool.gather_into(self._ids[start:stop], payload)
+                        value = wire.checksum(payload, header.checksum_algorithm)
+                    except Exception as e:  # the destination must still get every frame it expects
+                        self.aborted = e
+                if self.aborted is not None:
+                    flags = wire.FOOTER_ABORT
+                self.checksums[k] = value
+                wire.ChunkFooter(k, flags, nbytes, value).pack(frame[nbytes : nbytes + wire.FOOTER_NBYTES])
+                if self._hook is not None:
+                    self._hook(k, payload)
+                self._ready.put((k % nslots, nbytes))
+        except BaseException as e:  # a failed wait (dead link, deadline): the sending thread reports it
+            self._ready.put(e)
+
+    def next_chunk(self, k: int) -> tuple[int, int]:
+        """(slot, payload bytes) of chunk ``k`` once it is ready to send."""
+        try:
+            item = self._ready.get(timeout=max(self._deadline.remaining(), 0.0))
+        except queue.Empty:
+            raise TransportTimeout(f"chunk {k} was not ready before the deadline (the source stalled)") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def sent(self, work: Pending) -> None:
+        self._sent.put(work)
+
+    def join(self, timeout: float) -> bool:
+        """True once the thread has finished (it never started for an empty transfer)."""
+        if self._thread.ident is not None:
+            self._thread.join(timeout=max(timeout, 0.0))
+        return not self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._sent.put(None)
 
 
 def _as_block_ids(block_ids: Any, pool: PagedKVPool) -> BlockIdArray:
@@ -347,38 +431,32 @@ class BlockTransfer:
             state["phase"] = "digests"
             pending.append(transport.isend(torch.from_numpy(digests.reshape(-1)), dst, _DATA))
 
-        block_nbytes, algorithm, depth = header.block_nbytes, header.checksum_algorithm, self._depth
         num_chunks = header.num_chunks
-        payload_max = min(header.chunk_blocks, header.num_blocks) * block_nbytes
-        slots = self._staging.take(payload_max + wire.FOOTER_NBYTES, min(depth, num_chunks))
-        sent_checksums: dict[int, int] = {}
-        aborted: BaseException | None = None
-        for k in range(num_chunks):
-            state["phase"] = f"chunk {k} of {num_chunks}"
-            if len(pending) >= depth:
-                pending.popleft().wait(deadline.remaining())  # frees the slot chunk k reuses
-            start, stop = header.chunk_range(k)
-            nbytes = (stop - start) * block_nbytes
-            slot = slots[k % len(slots)].array
-            payload = slot[:nbytes]
-            value, flags = 0, 0
-            if aborted is None:
-                try:
-                    pool.gather_into(ids[start:stop], payload)
-                    value = wire.checksum(payload, algorithm)
-                except Exception as e:  # the destination must still get every frame it expects
-                    aborted = e
-            if aborted is not None:
-                flags = wire.FOOTER_ABORT
-            sent_checksums[k] = value
-            wire.ChunkFooter(k, flags, nbytes, value).pack(slot[nbytes : nbytes + wire.FOOTER_NBYTES])
-            if self._chunk_hook is not None:
-                self._chunk_hook(k, payload)
-            pending.append(transport.isend(slots[k % len(slots)].tensor[: nbytes + wire.FOOTER_NBYTES], dst, _DATA))
-        state["phase"] = "drain"
-        while pending:
-            pending.popleft().wait(deadline.remaining())
-        self._staging.give(slots)  # every send on them has completed
+        payload_max = min(header.chunk_blocks, header.num_blocks) * header.block_nbytes
+        slots = self._staging.take(payload_max + wire.FOOTER_NBYTES, min(self._depth, num_chunks))
+        producer = _ChunkProducer(pool, ids, header, slots, deadline, self._chunk_hook)
+        sent: list[Pending] = []
+        clean = False
+        try:
+            for k in range(num_chunks):
+                state["phase"] = f"chunk {k} of {num_chunks}"
+                slot, nbytes = producer.next_chunk(k)
+                work = transport.isend(slots[slot].tensor[: nbytes + wire.FOOTER_NBYTES], dst, _DATA)
+                sent.append(work)
+                producer.sent(work)
+            state["phase"] = "drain"
+            # gloo counts completions per buffer: each send is waited for exactly once. The producer
+            # has waited for all but the last send on each slot; it must finish before we wait.
+            if not producer.join(deadline.remaining()):
+                raise TransportTimeout("the gather thread did not finish before the deadline")
+            for work in (*pending, *sent[max(0, num_chunks - len(slots)):]):
+                work.wait(deadline.remaining())
+            clean = True
+        finally:
+            producer.stop()
+        if clean:
+            self._staging.give(slots)  # every send on them has completed and the producer is gone
+        sent_checksums, aborted = producer.checksums, producer.aborted
 
         state["phase"] = "final reply"
         reply = self._recv_reply(transport, dst, deadline, wire.PHASE_FINAL)

@@ -73,12 +73,18 @@ class Transport(Protocol):
 
 
 class _TorchWork:
-    __slots__ = ("_work",)
+    """One gloo operation. gloo counts completions per buffer, so a second ``wait`` on the same
+    work would block for a completion that never comes: only the first one waits."""
+
+    __slots__ = ("_done", "_work")
 
     def __init__(self, work: Any) -> None:
         self._work = work
+        self._done = False
 
     def wait(self, timeout: float) -> None:
+        if self._done:
+            return
         try:
             # gloo closes the pair when this deadline passes: nothing can land in the buffer later.
             deadline = None if math.isinf(timeout) else timedelta(seconds=max(timeout, 0.001))
@@ -89,6 +95,7 @@ class _TorchWork:
             raise TransportError(str(e)) from e
         if done is False:
             raise TransportTimeout(f"operation did not complete within {timeout:.3f}s")
+        self._done = True
 
 
 class TorchDistTransport:
