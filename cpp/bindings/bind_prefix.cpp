@@ -36,17 +36,7 @@ std::string shape_text(const py::array& arr) {
 class Tokens {
  public:
   Tokens(const py::handle& obj, const char* what) {
-    py::array arr;
-    if (py::isinstance<py::array>(obj)) {
-      arr = py::reinterpret_borrow<py::array>(obj);
-    } else {
-      try {
-        arr = py::array::ensure(obj);
-      } catch (const py::error_already_set&) {
-        arr = py::array();
-      }
-      if (!arr) throw py::type_error(std::string(what) + " must be a 1-D int32 or int64 array, got " + type_name(obj));
-    }
+    py::array arr = as_array(obj, what, "a 1-D int32 or int64 array");
     if (arr.ndim() == 1 && arr.size() == 0) return;  // an empty list has dtype float64: nothing to read
     wide_ = arr.dtype().is(py::dtype::of<std::int64_t>());
     if (!wide_ && !arr.dtype().is(py::dtype::of<std::int32_t>())) {

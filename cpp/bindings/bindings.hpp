@@ -19,6 +19,10 @@ void bind_errors(py::module_& m);
 void bind_pool(py::module_& m);
 void bind_prefix(py::module_& m);
 
+/// `obj` as a numpy array (borrowed when it is one, converted otherwise); raises TypeError
+/// "<what> must be <expected>, got <type>" when it cannot be read as an array.
+py::array as_array(const py::handle& obj, const char* what, const char* expected);
+
 /// A 1-D int32 array of block ids taken from any Python integer sequence: contiguous int32 arrays
 /// are borrowed without a copy; other integer arrays and lists are converted with a range check.
 /// Raises TypeError for non-integer input and ValueError for the wrong rank, naming `what`.
