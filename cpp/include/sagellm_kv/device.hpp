@@ -93,6 +93,12 @@ class DeviceAllocator : public std::enable_shared_from_this<DeviceAllocator> {
   /// Copies `bytes` between two ranges this allocator can reach. Synchronous.
   virtual void copy(void* dst, const void* src, std::size_t bytes, CopyKind kind) = 0;
 
+  /// Copies `rows` rows of `row_bytes` each, from `src` (rows `src_pitch` bytes apart) to `dst`
+  /// (rows `dst_pitch` bytes apart). Synchronous. The default loops over `copy`; backends with a
+  /// strided copy engine override it (one call instead of one per row).
+  virtual void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
+                       std::size_t row_bytes, std::size_t rows, CopyKind kind);
+
   /// Sets `bytes` at `dst` to zero. Synchronous.
   virtual void zero(void* dst, std::size_t bytes, MemoryKind kind) = 0;
 

@@ -83,6 +83,13 @@ Allocation DeviceAllocator::allocate(const AllocationRequest& request) {
   return Allocation(data, request.size, request.kind, shared_from_this());
 }
 
+void DeviceAllocator::copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
+                              std::size_t row_bytes, std::size_t rows, CopyKind kind) {
+  auto* d = static_cast<std::byte*>(dst);
+  const auto* s = static_cast<const std::byte*>(src);
+  for (std::size_t r = 0; r < rows; ++r) copy(d + r * dst_pitch, s + r * src_pitch, row_bytes, kind);
+}
+
 namespace {
 
 struct Registry {

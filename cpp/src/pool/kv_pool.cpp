@@ -129,13 +129,12 @@ void PagedKVPool::copy_blocks(std::span<const BlockId> src, std::span<const Bloc
   const CopyKind kind = memory_kind() == MemoryKind::kDevice && device_.type != "cpu"
                             ? CopyKind::kDeviceToDevice
                             : CopyKind::kHostToHost;
+  const std::size_t plane = bytes * num_blocks();
   for (std::size_t i = 0; i < src.size(); ++i) {
     if (src[i] == dst[i]) continue;
-    for (std::uint32_t layer = 0; layer < spec_.num_layers; ++layer) {
-      for (bool value : {false, true}) {
-        device_allocator_->copy(block_data(layer, value, dst[i]), block_data(layer, value, src[i]), bytes, kind);
-      }
-    }
+    // Every layer's K and V of a block, one plane apart on both sides.
+    device_allocator_->copy_2d(block_data(0, false, dst[i]), plane, block_data(0, false, src[i]), plane, bytes,
+                               std::size_t{2} * spec_.num_layers, kind);
   }
 }
 
@@ -150,23 +149,29 @@ void PagedKVPool::move_block(std::byte* staging, BlockId id, bool to_staging, bo
   } else if (staging_on_device) {
     kind = to_staging ? CopyKind::kHostToDevice : CopyKind::kDeviceToHost;
   }
-  for (std::uint32_t layer = 0; layer < spec_.num_layers; ++layer) {
-    for (bool value : {false, true}) {
-      std::byte* block = block_data(layer, value, id);
-      if (kind == CopyKind::kHostToHost) {
-        // Host memory on both sides: skip the virtual call and stream the stores.
+  if (kind == CopyKind::kHostToHost) {
+    // Host memory on both sides: skip the virtual call and stream the stores.
+    for (std::uint32_t layer = 0; layer < spec_.num_layers; ++layer) {
+      for (bool value : {false, true}) {
+        std::byte* block = block_data(layer, value, id);
         if (to_staging) {
           detail::stream_copy(staging, block, bytes);
         } else {
           detail::stream_copy(block, staging, bytes);
         }
-      } else if (to_staging) {
-        device_allocator_->copy(staging, block, bytes, kind);
-      } else {
-        device_allocator_->copy(block, staging, bytes, kind);
+        staging += bytes;
       }
-      staging += bytes;
     }
+    return;
+  }
+  // A block's 2 * num_layers pieces sit one K/V plane apart in the arena and back to back in the
+  // staging buffer: one strided copy moves them all.
+  const std::size_t plane = bytes * num_blocks();
+  std::byte* first = block_data(0, false, id);
+  if (to_staging) {
+    device_allocator_->copy_2d(staging, bytes, first, plane, bytes, std::size_t{2} * spec_.num_layers, kind);
+  } else {
+    device_allocator_->copy_2d(first, plane, staging, bytes, bytes, std::size_t{2} * spec_.num_layers, kind);
   }
 }
 

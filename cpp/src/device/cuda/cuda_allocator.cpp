@@ -32,6 +32,7 @@ struct CudaRuntime {
   cuda_error_t (*malloc_host)(void**, std::size_t) = nullptr;
   cuda_error_t (*free_host)(void*) = nullptr;
   cuda_error_t (*memcpy)(void*, const void*, std::size_t, int) = nullptr;
+  cuda_error_t (*memcpy_2d)(void*, std::size_t, const void*, std::size_t, std::size_t, std::size_t, int) = nullptr;
   cuda_error_t (*memset)(void*, int, std::size_t) = nullptr;
   cuda_error_t (*device_synchronize)() = nullptr;
   const char* (*get_error_string)(cuda_error_t) = nullptr;
@@ -75,6 +76,7 @@ const CudaRuntime& runtime() {
                     bind(rt.library, "cudaMallocHost", rt.malloc_host, e) &&
                     bind(rt.library, "cudaFreeHost", rt.free_host, e) &&
                     bind(rt.library, "cudaMemcpy", rt.memcpy, e) &&
+                    bind(rt.library, "cudaMemcpy2D", rt.memcpy_2d, e) &&
                     bind(rt.library, "cudaMemset", rt.memset, e) &&
                     bind(rt.library, "cudaDeviceSynchronize", rt.device_synchronize, e) &&
                     bind(rt.library, "cudaGetErrorString", rt.get_error_string, e);
@@ -106,6 +108,13 @@ class CudaAllocator final : public DeviceAllocator {
     if (bytes == 0) return;
     select();
     check(rt_.memcpy(dst, src, bytes, to_memcpy_kind(kind)), "cudaMemcpy");
+  }
+
+  void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t row_bytes,
+               std::size_t rows, CopyKind kind) override {
+    if (row_bytes == 0 || rows == 0) return;
+    select();
+    check(rt_.memcpy_2d(dst, dst_pitch, src, src_pitch, row_bytes, rows, to_memcpy_kind(kind)), "cudaMemcpy2D");
   }
 
   void zero(void* dst, std::size_t bytes, MemoryKind kind) override {
