@@ -146,11 +146,14 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
         r["sha_generic"] = _sha(pool, few)
         r["generic"] = _outcome(lambda: generic.send_blocks(pool, few, 1))
 
-        engine = KVTransferEngine(backend)
+        engine = KVTransferEngine(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+        tid = engine.send_blocks(pool, few, 1, request_id="req-7")
+        r["engine_blocks"] = (str(engine.get_transfer_status(tid).value), engine.get_transfer_metadata(tid).total_bytes)
+        r["zero"] = _outcome(lambda: bt.send_blocks(pool, [], 1))
         handle = KVHandle.create(16)
         data = torch.arange(2 * 16 * 8, dtype=torch.float16).reshape(2, 16, 8)
         tid = engine.transfer_kv_handle(handle, 0, 1, data)
-        r["seed"] = (str(engine.get_transfer_status(tid).value), engine.get_completed_count(),
+        r["seed"] = (str(engine.get_transfer_status(tid).value), engine.get_completed_count() - 1,
                      engine.get_pending_count(), engine.get_transfer_metadata(tid).total_bytes)
 
         # Both directions at once between the same pair: separate tags keep them apart.
@@ -213,11 +216,17 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
     r["generic"] = kind
     r["sha_generic"] = _sha(pool, ids) if kind == "ok" else None
 
-    engine = KVTransferEngine(backend)
+    engine = KVTransferEngine(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+    ids = engine.recv_blocks(pool, 0)
+    meta = engine.get_transfer_metadata(next(iter(engine._records)))
+    r["engine_blocks"] = (str(meta.status.value), meta.total_bytes, len(ids), engine.get_completed_count())
+    before = pool.num_free_blocks
+    zero = bt.recv_blocks(pool, 0)
+    r["zero"] = (zero.dtype.name, zero.size, pool.num_free_blocks == before)
     handle = KVHandle.create(16)
     into = torch.zeros(2, 16, 8, dtype=torch.float16)
     tid = engine.transfer_kv_handle(handle, 0, 1, into)
-    r["seed"] = (str(engine.get_transfer_status(tid).value), engine.get_completed_count(),
+    r["seed"] = (str(engine.get_transfer_status(tid).value), engine.get_completed_count() - 1,
                  engine.get_pending_count(), engine.get_transfer_metadata(tid).total_bytes)
     r["seed_exact"] = bool(torch.equal(into, torch.arange(2 * 16 * 8, dtype=torch.float16).reshape(2, 16, 8)))
     r["seed_handle"] = (handle.source_rank, handle.rank, handle.is_transferring, handle.transfer_id == tid)
@@ -303,6 +312,13 @@ def test_seed_transfer_kv_handle_between_processes(pair: dict[int, Any]) -> None
     assert pair[1]["seed"] == ("completed", 1, 0, 2 * 16 * 8 * 2)
     assert pair[1]["seed_exact"]
     assert pair[1]["seed_handle"] == (0, 1, False, True)
+
+
+def test_engine_records_block_transfers_and_empty_transfers_work(pair: dict[int, Any]) -> None:
+    assert pair[0]["engine_blocks"] == ("completed", 10 * 512)
+    assert pair[1]["engine_blocks"] == ("completed", 10 * 512, 10, 1)
+    assert pair[0]["zero"][0] == "ok"
+    assert pair[1]["zero"] == ("int32", 0, True)
 
 
 def test_transfers_both_ways_at_once(pair: dict[int, Any]) -> None:

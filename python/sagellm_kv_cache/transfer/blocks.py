@@ -163,41 +163,50 @@ class _ChunkProducer:
         self.checksums: dict[int, int] = {}
         self.aborted: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kv-transfer-gather", daemon=True)
-        if header.num_chunks:
+        # One chunk has nothing to overlap with: gather it inline and skip the thread's start-up.
+        self._inline = header.num_chunks <= 1
+        if not self._inline:
             self._thread.start()
 
     def _run(self) -> None:
-        header, nslots = self._header, len(self._slots)
+        nslots = len(self._slots)
         try:
-            for k in range(header.num_chunks):
+            for k in range(self._header.num_chunks):
                 if k >= nslots:
                     previous = self._sent.get()  # the send of chunk k - nslots, same slot
                     if previous is None or self._stopping.is_set():
                         return
                     previous.wait(self._deadline.remaining())
-                start, stop = header.chunk_range(k)
-                nbytes = (stop - start) * header.block_nbytes
-                frame = self._slots[k % nslots].array
-                payload = frame[:nbytes]
-                value, flags = 0, 0
-                if self.aborted is None:
-                    try:
-                        self._pool.gather_into(self._ids[start:stop], payload)
-                        value = wire.checksum(payload, header.checksum_algorithm)
-                    except Exception as e:  # the destination must still get every frame it expects
-                        self.aborted = e
-                if self.aborted is not None:
-                    flags = wire.FOOTER_ABORT
-                self.checksums[k] = value
-                wire.ChunkFooter(k, flags, nbytes, value).pack(frame[nbytes : nbytes + wire.FOOTER_NBYTES])
-                if self._hook is not None:
-                    self._hook(k, payload)
-                self._ready.put((k % nslots, nbytes))
+                self._ready.put(self._produce(k))
         except BaseException as e:  # a failed wait (dead link, deadline): the sending thread reports it
             self._ready.put(e)
 
+    def _produce(self, k: int) -> tuple[int, int]:
+        header = self._header
+        start, stop = header.chunk_range(k)
+        nbytes = (stop - start) * header.block_nbytes
+        slot = k % len(self._slots)
+        frame = self._slots[slot].array
+        payload = frame[:nbytes]
+        value, flags = 0, 0
+        if self.aborted is None:
+            try:
+                self._pool.gather_into(self._ids[start:stop], payload)
+                value = wire.checksum(payload, header.checksum_algorithm)
+            except Exception as e:  # the destination must still get every frame it expects
+                self.aborted = e
+        if self.aborted is not None:
+            flags = wire.FOOTER_ABORT
+        self.checksums[k] = value
+        wire.ChunkFooter(k, flags, nbytes, value).pack(frame[nbytes : nbytes + wire.FOOTER_NBYTES])
+        if self._hook is not None:
+            self._hook(k, payload)
+        return slot, nbytes
+
     def next_chunk(self, k: int) -> tuple[int, int]:
         """(slot, payload bytes) of chunk ``k`` once it is ready to send."""
+        if self._inline:
+            return self._produce(k)
         try:
             item = self._ready.get(timeout=max(self._deadline.remaining(), 0.0))
         except queue.Empty:
@@ -210,7 +219,7 @@ class _ChunkProducer:
         self._sent.put(work)
 
     def join(self, timeout: float) -> bool:
-        """True once the thread has finished (it never started for an empty transfer)."""
+        """True once the thread has finished (it never starts for a transfer of one chunk or none)."""
         if self._thread.ident is not None:
             self._thread.join(timeout=max(timeout, 0.0))
         return not self._thread.is_alive()
