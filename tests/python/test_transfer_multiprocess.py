@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -130,7 +131,9 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
             ids = pool.allocate(n)[::-1].copy()  # any order: the destination keeps it
             r[f"sha{n}"] = _sha(pool, ids)
             digests = _digests(n, seed=n) if n == 100 else None
-            r[f"send{n}"] = _outcome(functools.partial(bt.send_blocks, pool, ids, 1, digests=digests))
+            # The largest one without a deadline (math.inf): the paths that block must accept it.
+            timeout = math.inf if n == 10_000 else None
+            r[f"send{n}"] = _outcome(functools.partial(bt.send_blocks, pool, ids, 1, digests=digests, timeout=timeout))
         few = pool.allocate(10)
         r["mismatch"] = _outcome(lambda: bt.send_blocks(pool, few, 1))
 
@@ -184,7 +187,8 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
 
     for n in (1, 100, 10_000):
         free_before = pool.num_free_blocks
-        kind, ids, _ = _outcome(lambda: bt.recv_blocks(pool, 0, publish=publish))
+        timeout = math.inf if n == 10_000 else None
+        kind, ids, _ = _outcome(functools.partial(bt.recv_blocks, pool, 0, publish=publish, timeout=timeout))
         r[f"recv{n}"] = kind
         r[f"sha{n}"] = _sha(pool, ids) if kind == "ok" else None
         r[f"taken{n}"] = free_before - pool.num_free_blocks

@@ -19,6 +19,7 @@ instead of hanging, until a new process group is made.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -128,6 +129,11 @@ class _Deadline:
         return time.monotonic() - self.start
 
 
+def _blocking_timeout(seconds: float) -> float | None:
+    """``math.inf`` (no deadline) as Python's blocking calls spell it; never negative."""
+    return None if math.isinf(seconds) else max(seconds, 0.0)
+
+
 class _Refused(Exception):
     """The destination refused or failed; carries the error both sides raise."""
 
@@ -208,7 +214,7 @@ class _ChunkProducer:
         if self._inline:
             return self._produce(k)
         try:
-            item = self._ready.get(timeout=max(self._deadline.remaining(), 0.0))
+            item = self._ready.get(timeout=_blocking_timeout(self._deadline.remaining()))
         except queue.Empty:
             raise TransportTimeout(f"chunk {k} was not ready before the deadline (the source stalled)") from None
         if isinstance(item, BaseException):
@@ -221,7 +227,7 @@ class _ChunkProducer:
     def join(self, timeout: float) -> bool:
         """True once the thread has finished (it never starts for a transfer of one chunk or none)."""
         if self._thread.ident is not None:
-            self._thread.join(timeout=max(timeout, 0.0))
+            self._thread.join(timeout=_blocking_timeout(timeout))
         return not self._thread.is_alive()
 
     def stop(self) -> None:
@@ -298,7 +304,7 @@ class BlockTransfer:
         self._checksum_id = wire.CHECKSUM_ALGORITHMS[checksum]
         self._staging = _StagingCache(max_bytes=4 * self._depth * (self._chunk_bytes + wire.FOOTER_NBYTES))
         self._lock = threading.Lock()
-        self._peer_locks: dict[tuple[int, int], threading.Lock] = {}
+        self._peer_locks: dict[tuple[int, str], threading.Lock] = {}
         self._broken: dict[int, str] = {}
         #: Tests only: called on the source with (chunk index, payload view) after the chunk's checksum
         #: is taken and before it is sent, to damage the wire copy, stall, or kill the process.
@@ -339,7 +345,7 @@ class BlockTransfer:
             src_rank=me, dst_rank=dst_rank,
         )
         deadline = _Deadline(self._timeout if timeout is None else timeout)
-        with self._peer(dst_rank, _DATA, tid, me, dst_rank):
+        with self._peer(dst_rank, "send", tid, me, dst_rank):
             state = {"phase": "header"}
             try:
                 self._send(transport, pool, ids, digest_array, header, deadline, state)
@@ -388,7 +394,7 @@ class BlockTransfer:
         _check_peer(src_rank, me, world, "src_rank")
         deadline = _Deadline(self._timeout if timeout is None else timeout)
         state: dict[str, Any] = {"phase": "header", "transfer_id": "unknown"}
-        with self._peer(src_rank, _REPLY, "(not started)", src_rank, me):
+        with self._peer(src_rank, "recv", "(not started)", src_rank, me):
             reserved: BlockIdArray | None = None
             try:
                 reserved, result = self._receive(transport, pool, src_rank, me, deadline, state)
@@ -676,11 +682,11 @@ class BlockTransfer:
             return self._transport
 
     @contextmanager
-    def _peer(self, peer: int, channel: int, tid: object, src: int, dst: int) -> Iterator[None]:
+    def _peer(self, peer: int, direction: str, tid: object, src: int, dst: int) -> Iterator[None]:
         """One transfer per (peer, direction) at a time; none at all once the link broke."""
         with self._lock:
             broken = self._broken.get(peer)
-            lock = self._peer_locks.setdefault((peer, channel), threading.Lock())
+            lock = self._peer_locks.setdefault((peer, direction), threading.Lock())
         if broken is not None:
             raise KVTransferFailedError(
                 str(tid), source=f"rank {src}", target=f"rank {dst}",
