@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-mib", type=float, default=4.0)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--checksum", default="segsum64")
+    parser.add_argument("--gather-thread", choices=("auto", "on", "off"), default="auto")
     args = parser.parse_args(argv)
-    options = {"chunk_bytes": int(args.chunk_mib * MIB), "pipeline_depth": args.depth, "checksum": args.checksum}
+    options = {"chunk_bytes": int(args.chunk_mib * MIB), "pipeline_depth": args.depth, "checksum": args.checksum,
+               "gather_thread": {"auto": None, "on": True, "off": False}[args.gather_thread]}
     rows = []
     for size, t in measure([int(s) for s in args.sizes.split(",")], args.repeats, options).items():
         rows.append(Row(f"W5 transfer {size} MiB", "GB/s", t["bytes"] / t["ours"] / 1e9, t["bytes"] / t["raw"] / 1e9,

@@ -122,10 +122,11 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
     from sagellm_kv_cache.transfer import BlockTransfer
 
     spec = KVCacheSpec(**SPEC)
-    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+    # The gather thread on, whatever the machine (its default depends on the CPU count).
+    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, gather_thread=True)
     r: dict[str, Any] = {}
     if rank == 0:
-        pool = PagedKVPool(spec, 12_000)
+        pool = PagedKVPool(spec, 13_000)
         _fill(pool, seed=7)
         for n in (1, 100, 10_000):
             ids = pool.allocate(n)[::-1].copy()  # any order: the destination keeps it
@@ -145,9 +146,12 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
         r["corrupt"] = _outcome(lambda: bt.send_blocks(pool, pool.allocate(1000), 1))
         bt._chunk_hook = None
         r["full"] = _outcome(lambda: bt.send_blocks(pool, few, 1))
-        generic = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, transport="backend")
-        r["sha_generic"] = _sha(pool, few)
-        r["generic"] = _outcome(lambda: generic.send_blocks(pool, few, 1))
+        # The backend's own blocking calls, gathering inline: 2 slots reused across 7 chunks.
+        generic = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, transport="backend",
+                                pipeline_depth=2, gather_thread=False)
+        many = pool.allocate(800)
+        r["sha_generic"] = _sha(pool, many)
+        r["generic"] = _outcome(lambda: generic.send_blocks(pool, many, 1))
 
         engine = KVTransferEngine(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
         tid = engine.send_blocks(pool, few, 1, request_id="req-7")
@@ -215,7 +219,7 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
     r["full"] = _outcome(lambda: bt.recv_blocks(tiny, 0))
     r["full_free_same"] = tiny.num_free_blocks == before
 
-    generic = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, transport="backend")
+    generic = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, transport="backend", pipeline_depth=2)
     kind, ids, _ = _outcome(lambda: generic.recv_blocks(pool, 0))
     r["generic"] = kind
     r["sha_generic"] = _sha(pool, ids) if kind == "ok" else None
@@ -306,7 +310,7 @@ def test_full_destination_pool_refuses_and_the_source_learns_it(pair: dict[int, 
     assert kind == "KVTransferFailedError" and details["context"]["remote_status"] == "POOL_FULL"
 
 
-def test_generic_backend_transport_is_byte_exact(pair: dict[int, Any]) -> None:
+def test_generic_backend_transport_with_inline_gather_is_byte_exact(pair: dict[int, Any]) -> None:
     assert pair[0]["generic"][0] == "ok" and pair[1]["generic"] == "ok"
     assert pair[1]["sha_generic"] == pair[0]["sha_generic"]
 
@@ -333,8 +337,8 @@ def test_transfers_both_ways_at_once(pair: dict[int, Any]) -> None:
 
 
 def test_stalled_source_times_out_and_breaks_the_link(pair: dict[int, Any]) -> None:
-    kind, _, seconds = pair[1]["stall"]
-    assert kind == "KVTransferTimeoutError"
+    kind, details, seconds = pair[1]["stall"]
+    assert kind == "KVTransferTimeoutError", details
     assert seconds < 2.5
     assert pair[1]["stall_free_same"]
     kind, details, seconds = pair[1]["broken_after"]
@@ -350,7 +354,7 @@ def _kill_session(rank: int, backend: Any) -> dict[str, Any]:
     from sagellm_kv_cache.transfer import BlockTransfer
 
     pool = PagedKVPool(KVCacheSpec(**SPEC), 12_000)
-    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, gather_thread=True)
     if rank == 0:
         bt._chunk_hook = lambda k, payload: os._exit(1) if k == 5 else None
         bt.send_blocks(pool, pool.allocate(10_000), 1)

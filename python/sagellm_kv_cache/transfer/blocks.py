@@ -20,6 +20,7 @@ instead of hanging, until a new process group is made.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
@@ -160,6 +161,7 @@ class _ChunkProducer:
         slots: list[_Staging],
         deadline: _Deadline,
         hook: Callable[[int, npt.NDArray[np.uint8]], None] | None,
+        threaded: bool,
     ) -> None:
         self._pool, self._ids, self._header, self._slots = pool, ids, header, slots
         self._deadline, self._hook = deadline, hook
@@ -170,22 +172,28 @@ class _ChunkProducer:
         self.aborted: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kv-transfer-gather", daemon=True)
         # One chunk has nothing to overlap with: gather it inline and skip the thread's start-up.
-        self._inline = header.num_chunks <= 1
+        self._inline = not threaded or header.num_chunks <= 1
         if not self._inline:
             self._thread.start()
 
     def _run(self) -> None:
-        nslots = len(self._slots)
         try:
             for k in range(self._header.num_chunks):
-                if k >= nslots:
-                    previous = self._sent.get()  # the send of chunk k - nslots, same slot
-                    if previous is None or self._stopping.is_set():
-                        return
-                    previous.wait(self._deadline.remaining())
+                if not self._slot_free(k):
+                    return
                 self._ready.put(self._produce(k))
         except BaseException as e:  # a failed wait (dead link, deadline): the sending thread reports it
             self._ready.put(e)
+
+    def _slot_free(self, k: int) -> bool:
+        """Waits for the send of chunk ``k - len(slots)``, the last one on chunk k's slot."""
+        if k < len(self._slots):
+            return True
+        previous = self._sent.get()
+        if previous is None or self._stopping.is_set():
+            return False
+        previous.wait(self._deadline.remaining())
+        return True
 
     def _produce(self, k: int) -> tuple[int, int]:
         header = self._header
@@ -212,6 +220,7 @@ class _ChunkProducer:
     def next_chunk(self, k: int) -> tuple[int, int]:
         """(slot, payload bytes) of chunk ``k`` once it is ready to send."""
         if self._inline:
+            self._slot_free(k)
             return self._produce(k)
         try:
             item = self._ready.get(timeout=_blocking_timeout(self._deadline.remaining()))
@@ -269,7 +278,8 @@ class BlockTransfer:
     (seconds, ``math.inf`` for none) bounds each whole call unless the call gives its own;
     ``checksum`` is ``"segsum64"`` (fast, default) or ``"crc32"``; ``transport`` is ``"auto"``
     (torch.distributed for ``GlooBackend``), ``"torch"`` or ``"backend"`` (the backend's own
-    blocking calls on a thread; any backend).
+    blocking calls on a thread; any backend); ``gather_thread`` gathers on the source on a thread
+    of its own while the sending thread is inside gloo (default: when the machine has 4+ CPUs).
     """
 
     def __init__(
@@ -281,6 +291,7 @@ class BlockTransfer:
         timeout: float = 60.0,
         checksum: str = "segsum64",
         transport: str = "auto",
+        gather_thread: bool | None = None,
     ) -> None:
         if comm_backend is None:
             raise ValueError("comm_backend is required (e.g. an initialised sagellm_comm.GlooBackend)")
@@ -302,6 +313,9 @@ class BlockTransfer:
         self._depth = int(pipeline_depth)
         self._timeout = float(timeout)
         self._checksum_id = wire.CHECKSUM_ALGORITHMS[checksum]
+        # A gather thread pays off when it gets a core of its own; on a box of two or three cores
+        # it only competes with gloo's I/O for them.
+        self._gather_thread = (os.cpu_count() or 1) >= 4 if gather_thread is None else bool(gather_thread)
         self._staging = _StagingCache(max_bytes=4 * self._depth * (self._chunk_bytes + wire.FOOTER_NBYTES))
         self._lock = threading.Lock()
         self._peer_locks: dict[tuple[int, str], threading.Lock] = {}
@@ -449,7 +463,7 @@ class BlockTransfer:
         num_chunks = header.num_chunks
         payload_max = min(header.chunk_blocks, header.num_blocks) * header.block_nbytes
         slots = self._staging.take(payload_max + wire.FOOTER_NBYTES, min(self._depth, num_chunks))
-        producer = _ChunkProducer(pool, ids, header, slots, deadline, self._chunk_hook)
+        producer = _ChunkProducer(pool, ids, header, slots, deadline, self._chunk_hook, self._gather_thread)
         sent: list[Pending] = []
         clean = False
         try:
