@@ -6,9 +6,11 @@ against its own spec before it reserves anything, verifies each chunk's checksum
 it into blocks only it knows about, and hands the block ids to the caller (and their digests to a
 prefix cache) only when every chunk has arrived intact. The exchange is in :mod:`.wire`.
 
-Pipelining: with ``pipeline_depth`` staging buffers per side, gloo's I/O thread moves chunk k while
-Python gathers chunk k+1 (source) or checks and scatters chunk k-1 (destination); the C++ gather and
-scatter and the numpy checksum release the GIL.
+Pipelining: ``pipeline_depth`` staging buffers per side. On the source a gather thread fills chunk
+k+1 while the sending thread is inside gloo's send of chunk k (gloo writes the socket from the
+thread that calls send); on the destination gloo's I/O thread reads chunk k+1 while the caller's
+thread checks and scatters chunk k. The C++ gather and scatter and the numpy checksum release the
+GIL.
 
 Failure rules: a transfer either completes on both sides or leaves the destination pool exactly as
 it was (everything reserved is freed). A refusal (spec mismatch, pool full, bad checksum) keeps
