@@ -122,7 +122,7 @@ class PagedKVPool {
 
  private:
   void check_ids(std::span<const BlockId> ids, bool must_be_allocated, const char* what) const;
-  void move_block(std::byte* staging, BlockId id, bool to_staging, bool staging_on_device) const;
+  void move_block(std::byte* staging, BlockId id, bool to_staging, bool staging_on_device, bool stream) const;
 
   KVCacheSpec spec_;
   DeviceId device_;

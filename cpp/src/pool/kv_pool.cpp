@@ -1,6 +1,7 @@
 #include "sagellm_kv/kv_pool.hpp"
 
 #include <array>
+#include <cstring>
 #include <limits>
 #include <string>
 
@@ -24,6 +25,10 @@ constexpr std::array<DTypeInfo, 5> kDTypes = {{
     {DType::kFloat8E4M3, 1, "fp8", {"float8_e4m3fn", "fp8_e4m3"}},
     {DType::kInt8, 1, "int8", {"", ""}},
 }};
+
+// Moves up to this size likely stay in cache for their consumer (a transfer chunk is checksummed and
+// sent right after its gather): plain stores. Larger moves bypass the cache with streaming stores.
+constexpr std::size_t kStreamMinTotalBytes = std::size_t{8} << 20;
 
 const DTypeInfo& info(DType dtype) noexcept { return kDTypes[static_cast<std::size_t>(dtype)]; }
 
@@ -138,7 +143,8 @@ void PagedKVPool::copy_blocks(std::span<const BlockId> src, std::span<const Bloc
   }
 }
 
-void PagedKVPool::move_block(std::byte* staging, BlockId id, bool to_staging, bool staging_on_device) const {
+void PagedKVPool::move_block(std::byte* staging, BlockId id, bool to_staging, bool staging_on_device,
+                             bool stream) const {
   const std::size_t bytes = spec_.layer_block_bytes();
   const bool pool_on_device = memory_kind() == MemoryKind::kDevice && device_.type != "cpu";
   CopyKind kind = CopyKind::kHostToHost;
@@ -150,14 +156,16 @@ void PagedKVPool::move_block(std::byte* staging, BlockId id, bool to_staging, bo
     kind = to_staging ? CopyKind::kHostToDevice : CopyKind::kDeviceToHost;
   }
   if (kind == CopyKind::kHostToHost) {
-    // Host memory on both sides: skip the virtual call and stream the stores.
+    // Host memory on both sides: skip the virtual call; stream the stores of large moves.
     for (std::uint32_t layer = 0; layer < spec_.num_layers; ++layer) {
       for (bool value : {false, true}) {
         std::byte* block = block_data(layer, value, id);
-        if (to_staging) {
-          detail::stream_copy(staging, block, bytes);
+        std::byte* dst = to_staging ? staging : block;
+        const std::byte* src = to_staging ? block : staging;
+        if (stream) {
+          detail::stream_copy(dst, src, bytes);
         } else {
-          detail::stream_copy(block, staging, bytes);
+          std::memcpy(dst, src, bytes);
         }
         staging += bytes;
       }
@@ -183,7 +191,7 @@ void PagedKVPool::gather(std::span<const BlockId> ids, std::span<std::byte> out,
                                                  std::to_string(ids.size() * block_bytes()));
   }
   for (std::size_t i = 0; i < ids.size(); ++i) {
-    move_block(out.data() + i * block_bytes(), ids[i], true, out_on_device);
+    move_block(out.data() + i * block_bytes(), ids[i], true, out_on_device, out.size() > kStreamMinTotalBytes);
   }
   detail::stream_fence();
 }
@@ -197,7 +205,8 @@ void PagedKVPool::scatter(std::span<const std::byte> in, std::span<const BlockId
   }
   for (std::size_t i = 0; i < ids.size(); ++i) {
     // move_block only reads through the pointer in this direction.
-    move_block(const_cast<std::byte*>(in.data() + i * block_bytes()), ids[i], false, in_on_device);
+    move_block(const_cast<std::byte*>(in.data() + i * block_bytes()), ids[i], false, in_on_device,
+               in.size() > kStreamMinTotalBytes);
   }
   detail::stream_fence();
 }
