@@ -155,6 +155,15 @@ struct PrefixCache::Impl {
     events.push_back(std::move(event));
   }
 
+  // One "removed" event for a batch of digests; nothing when the batch is empty.
+  void emit_removed(std::vector<BlockHash>&& digests) {
+    if (digests.empty()) return;
+    PrefixCacheEvent ev;
+    ev.type = PrefixCacheEvent::Type::kRemoved;
+    ev.digests = std::move(digests);
+    emit(std::move(ev));
+  }
+
   [[nodiscard]] detail::HeapKey policy_key(const Node& n) const noexcept {
     switch (policy) {
       case EvictionPolicy::kLru: return {0, n.last_access};
@@ -607,12 +616,7 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests, std::span<c
     }
   }
   s.return_blocks();
-  if (!removed_digests.empty()) {
-    PrefixCacheEvent ev;
-    ev.type = PrefixCacheEvent::Type::kRemoved;
-    ev.digests = std::move(removed_digests);
-    s.emit(std::move(ev));
-  }
+  s.emit_removed(std::move(removed_digests));
 
   const std::uint32_t event_parent = cur;
   const std::int64_t now = fit != 0 ? s.now_ns() : 0;
@@ -665,12 +669,7 @@ std::uint32_t PrefixCache::evict(std::uint32_t n) {
   std::vector<BlockHash> removed;
   const std::uint32_t done = s.evict_locked(n, s.events_on() ? &removed : nullptr);
   s.return_blocks();
-  if (!removed.empty()) {
-    PrefixCacheEvent ev;
-    ev.type = PrefixCacheEvent::Type::kRemoved;
-    ev.digests = std::move(removed);
-    s.emit(std::move(ev));
-  }
+  s.emit_removed(std::move(removed));
   return done;
 }
 
@@ -681,12 +680,7 @@ std::uint32_t PrefixCache::invalidate(std::uint64_t owner) {
   const std::uint32_t done =
       s.remove_subtrees([owner](const Node& n) { return n.owner == owner; }, s.events_on() ? &removed : nullptr);
   s.return_blocks();
-  if (!removed.empty()) {
-    PrefixCacheEvent ev;
-    ev.type = PrefixCacheEvent::Type::kRemoved;
-    ev.digests = std::move(removed);
-    s.emit(std::move(ev));
-  }
+  s.emit_removed(std::move(removed));
   return done;
 }
 
@@ -710,11 +704,8 @@ std::uint32_t PrefixCache::clear() {
     PrefixCacheEvent ev;
     ev.type = PrefixCacheEvent::Type::kCleared;
     s.emit(std::move(ev));
-  } else if (!removed.empty()) {
-    PrefixCacheEvent ev;
-    ev.type = PrefixCacheEvent::Type::kRemoved;
-    ev.digests = std::move(removed);
-    s.emit(std::move(ev));
+  } else {
+    s.emit_removed(std::move(removed));
   }
   return done;
 }
