@@ -35,6 +35,7 @@ __all__ = [
     "KVPrefixTooLongError",
     "KVRefCountUnderflowError",
     "KVTransferFailedError",
+    "KVTransferOutcomeUnknownError",
     "KVTransferTimeoutError",
 ]
 
@@ -437,6 +438,44 @@ class KVBackendUnavailableError(KVCacheError, RuntimeError):
         )
         self.device = device
         self.reason = reason
+
+
+class KVTransferOutcomeUnknownError(KVCacheError):
+    """The source sent every byte of a transfer but never learnt what the destination did with it.
+
+    The destination publishes a transfer as soon as it has verified every chunk and only then
+    sends its final reply, so a reply lost to a deadline or a broken link leaves the source unable
+    to tell whether the blocks were published. This is not a failure: the destination may hold
+    them. :meth:`~sagellm_kv_cache.transfer.BlockTransfer.outcome` tells the outcome once a later
+    exchange with the same rank has settled it. Not retryable as such: a blind retry may publish
+    the same blocks twice.
+    """
+
+    _core_code = KVErrorCode.TRANSFER_TIMEOUT
+
+    def __init__(
+        self,
+        transfer_id: UUID | str,
+        *,
+        source: str = "unknown",
+        target: str = "unknown",
+        reason: str = "unknown",
+        context: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            KVErrorCode.TRANSFER_TIMEOUT,
+            f"transfer {transfer_id} from {source} to {target}: outcome unknown, the destination may hold the "
+            f"blocks ({reason})",
+            {"transfer_id": str(transfer_id), "source": source, "target": target, "reason": reason,
+             "outcome": "unknown", **(context or {})},
+        )
+        self.transfer_id = transfer_id
+        self.source = source
+        self.target = target
+        self.reason = reason
+
+    def is_retryable(self) -> bool:
+        return False
 
 
 # --- the C++ core's codes ------------------------------------------------------------------------

@@ -12,11 +12,28 @@ thread that calls send); on the destination gloo's I/O thread reads chunk k+1 wh
 thread checks and scatters chunk k. The C++ gather and scatter and the numpy checksum release the
 GIL.
 
-Failure rules: a transfer either completes on both sides or leaves the destination pool exactly as
-it was (everything reserved is freed). A refusal (spec mismatch, pool full, bad checksum) keeps
-both sides in step, so the pair stays usable. A timeout or a dead peer breaks the pair (gloo
-closes it on a timeout); later transfers with that peer fail at once with ``KVTransferFailedError``
-instead of hanging, until a new process group is made.
+Failure rules. The destination's commit point is the moment it has verified every chunk: it then
+publishes the blocks (or hands them to the caller) and only afterwards sends its final OK. Before
+that point any failure frees everything it reserved, so the destination pool is exactly as it
+was. What the source reports:
+
+* success: the destination committed;
+* ``KVTransferFailedError`` / ``KVChecksumMismatchError`` / ``KVMetadataMismatchError`` /
+  ``KVTransferTimeoutError``: the destination did not commit and kept nothing. A timeout is
+  reported this way only while some chunk had not yet been handed to the transport (the
+  destination cannot have all the data);
+* ``KVTransferOutcomeUnknownError``: every chunk was sent but the final reply did not arrive (a
+  deadline, a dead link, a damaged reply). The destination may or may not have committed. The
+  source remembers the transfer id (process-wide) and asks about it in the header of its next
+  transfer to the same rank, e.g. an empty one, also over a new process group; the destination
+  answers from its own process-wide record. :meth:`BlockTransfer.outcome` then says "completed"
+  or "failed" instead of "unknown".
+
+The destination commits even if its final reply cannot be sent (``ReceivedBlocks.reply_sent`` is
+False then): the source reports "unknown" in that case, never "failed". A refusal (spec mismatch,
+pool full, bad checksum) keeps both sides in step, so the pair stays usable. A timeout or a dead
+peer breaks the pair (gloo closes it on a timeout); later transfers with that peer fail at once
+with ``KVTransferFailedError`` instead of hanging, until a new process group is made.
 """
 
 from __future__ import annotations
@@ -27,11 +44,11 @@ import queue
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -43,13 +60,14 @@ from sagellm_kv_cache.errors import (
     KVMetadataMismatchError,
     KVPoolFullError,
     KVTransferFailedError,
+    KVTransferOutcomeUnknownError,
     KVTransferTimeoutError,
 )
 from sagellm_kv_cache.paged import PagedKVPool
 from sagellm_kv_cache.transfer import wire
 from sagellm_kv_cache.transfer.transport import Pending, Transport, TransportError, TransportTimeout, make_transport
 
-__all__ = ["BlockTransfer", "DigestSink", "Publisher", "ReceivedBlocks"]
+__all__ = ["BlockTransfer", "DigestSink", "Outcome", "Publisher", "ReceivedBlocks"]
 
 DigestArray = npt.NDArray[np.uint8]
 BlockIdArray = npt.NDArray[np.int32]
@@ -80,6 +98,83 @@ class ReceivedBlocks:
     nbytes: int
     checksum: str
     seconds: float
+    #: False when the final OK could not be sent (the blocks are committed all the same; the
+    #: source then reports the outcome as unknown until a later exchange settles it).
+    reply_sent: bool = True
+
+
+#: What a source knows of one of its transfers.
+Outcome = Literal["completed", "failed", "unknown"]
+
+_PENDING, _PUBLISHED, _NOT_PUBLISHED = 0, 1, 2
+
+
+class _Ledger:
+    """Process-wide memory of transfer outcomes, so that a transfer whose final reply was lost can
+    be settled by a later exchange between the same two ranks, over a new process group included.
+
+    Destination side: transfer id -> pending / published / not published, for transfers whose
+    header it accepted. Source side: ids in doubt per destination rank, and settled outcomes.
+    Both are bounded (oldest first out); an id that fell out is answered "unknown".
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._received: OrderedDict[uuid.UUID, int] = OrderedDict()
+        self._doubtful: dict[int, OrderedDict[uuid.UUID, None]] = {}
+        self._settled: OrderedDict[uuid.UUID, bool] = OrderedDict()
+
+    def _put(self, table: OrderedDict[uuid.UUID, Any], key: uuid.UUID, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self._capacity:
+            table.popitem(last=False)
+
+    # destination
+    def begin(self, tid: uuid.UUID) -> None:
+        with self._lock:
+            self._put(self._received, tid, _PENDING)
+
+    def finish(self, tid: uuid.UUID, published: bool) -> None:
+        with self._lock:
+            self._put(self._received, tid, _PUBLISHED if published else _NOT_PUBLISHED)
+
+    def answer(self, tid: uuid.UUID | None) -> int:
+        if tid is None:
+            return wire.ANSWER_NONE
+        with self._lock:
+            state = self._received.get(tid, _PENDING)
+        return {_PUBLISHED: wire.ANSWER_PUBLISHED, _NOT_PUBLISHED: wire.ANSWER_NOT_PUBLISHED}.get(
+            state, wire.ANSWER_UNKNOWN)
+
+    # source
+    def doubt(self, dst: int, tid: uuid.UUID) -> None:
+        with self._lock:
+            self._put(self._doubtful.setdefault(dst, OrderedDict()), tid, None)
+
+    def next_question(self, dst: int) -> uuid.UUID | None:
+        with self._lock:
+            doubts = self._doubtful.get(dst)
+            return next(iter(doubts)) if doubts else None
+
+    def settle(self, dst: int, tid: uuid.UUID, answer: int) -> None:
+        if answer not in (wire.ANSWER_PUBLISHED, wire.ANSWER_NOT_PUBLISHED):
+            return  # still unknown: ask again next time
+        with self._lock:
+            self._doubtful.get(dst, OrderedDict()).pop(tid, None)
+            self._put(self._settled, tid, answer == wire.ANSWER_PUBLISHED)
+
+    def outcome(self, tid: uuid.UUID) -> Outcome | None:
+        with self._lock:
+            if tid in self._settled:
+                return "completed" if self._settled[tid] else "failed"
+            if any(tid in doubts for doubts in self._doubtful.values()):
+                return "unknown"
+        return None
+
+
+_LEDGER = _Ledger()
 
 
 class _Staging:
@@ -325,6 +420,8 @@ class BlockTransfer:
         #: Tests only: called on the source with (chunk index, payload view) after the chunk's checksum
         #: is taken and before it is sent, to damage the wire copy, stall, or kill the process.
         self._chunk_hook: Callable[[int, npt.NDArray[np.uint8]], None] | None = None
+        #: Tests only: called on the destination after it committed, before its final OK is sent.
+        self._before_final_reply: Callable[[], None] | None = None
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -358,28 +455,54 @@ class BlockTransfer:
             chunk_blocks=max(1, self._chunk_bytes // pool.block_nbytes), checksum_algorithm=self._checksum_id,
             has_digests=digest_array is not None,
             digests_checksum=wire.digests_checksum(digest_array) if digest_array is not None else 0,
-            src_rank=me, dst_rank=dst_rank,
+            src_rank=me, dst_rank=dst_rank, query_id=_LEDGER.next_question(dst_rank),
         )
         deadline = _Deadline(self._timeout if timeout is None else timeout)
         with self._peer(dst_rank, "send", tid, me, dst_rank):
-            state = {"phase": "header"}
+            state: dict[str, Any] = {"phase": "header"}
             try:
                 self._send(transport, pool, ids, digest_array, header, deadline, state)
             except _Refused as r:
                 raise r.error from None
-            except TransportTimeout as e:
-                self._mark_broken(dst_rank, f"timeout during {state['phase']} of transfer {tid}")
-                raise KVTransferTimeoutError(
-                    tid, timeout_seconds=deadline.timeout, elapsed_seconds=deadline.elapsed(),
-                    context={"side": "source", "phase": state["phase"], "src_rank": me, "dst_rank": dst_rank},
-                ) from e
             except (TransportError, wire.WireFormatError) as e:
-                self._mark_broken(dst_rank, f"{type(e).__name__} during {state['phase']} of transfer {tid}")
-                raise KVTransferFailedError(
-                    tid, source=f"rank {me}", target=f"rank {dst_rank}", reason=f"{state['phase']}: {e}",
-                    context={"side": "source", "phase": state["phase"]},
-                ) from e
+                if state.get("all_sent") and not state.get("source_aborted"):
+                    # The destination may have committed: say so, and ask on the next exchange.
+                    self._mark_broken(dst_rank, f"{type(e).__name__} during {state['phase']} of transfer {tid}")
+                    _LEDGER.doubt(dst_rank, tid)
+                    raise KVTransferOutcomeUnknownError(
+                        tid, source=f"rank {me}", target=f"rank {dst_rank}",
+                        reason=f"no final reply after {deadline.elapsed():.3f}s (timeout {deadline.timeout:.3f}s): {e}",
+                        context={"side": "source", "phase": state["phase"], "src_rank": me, "dst_rank": dst_rank},
+                    ) from e
+                self._raise_send_failure(e, tid, me, dst_rank, deadline, state)
         return tid
+
+    def _raise_send_failure(
+        self, e: Exception, tid: uuid.UUID, me: int, dst_rank: int, deadline: _Deadline, state: dict[str, Any]
+    ) -> None:
+        """The destination cannot have committed (it never had every chunk): a plain failure."""
+        if isinstance(e, TransportTimeout):
+            self._mark_broken(dst_rank, f"timeout during {state['phase']} of transfer {tid}")
+            raise KVTransferTimeoutError(
+                tid, timeout_seconds=deadline.timeout, elapsed_seconds=deadline.elapsed(),
+                context={"side": "source", "phase": state["phase"], "src_rank": me, "dst_rank": dst_rank},
+            ) from e
+        self._mark_broken(dst_rank, f"{type(e).__name__} during {state['phase']} of transfer {tid}")
+        raise KVTransferFailedError(
+            tid, source=f"rank {me}", target=f"rank {dst_rank}", reason=f"{state['phase']}: {e}",
+            context={"side": "source", "phase": state["phase"]},
+        ) from e
+
+    @staticmethod
+    def outcome(transfer_id: uuid.UUID) -> Outcome | None:
+        """What this process knows of a transfer it sent whose outcome was in doubt.
+
+        "unknown" after a ``KVTransferOutcomeUnknownError`` until a later transfer to the same rank
+        (an empty one will do, over this or a new process group) settles it; then "completed" (the
+        destination committed) or "failed" (it kept nothing). None for an id that was never in doubt:
+        the call that sent it returned or raised the outcome.
+        """
+        return _LEDGER.outcome(transfer_id)
 
     def recv_blocks(
         self,
@@ -414,11 +537,9 @@ class BlockTransfer:
             reserved: BlockIdArray | None = None
             try:
                 reserved, result = self._receive(transport, pool, src_rank, me, deadline, state)
-                if publish is not None and result.digests is not None:
-                    state["phase"] = "publish"
-                    _publish(publish, result.digests, result.block_ids)
+                self._commit(transport, src_rank, publish, result, deadline, state)
                 reserved = None  # the caller (or the cache) owns them now
-                return result
+                return self._final_ok(transport, src_rank, result, deadline, state)
             except _Refused as r:
                 raise r.error from None
             except TransportTimeout as e:
@@ -436,6 +557,45 @@ class BlockTransfer:
             finally:
                 if reserved is not None:
                     pool.free(reserved)
+                    if isinstance(state["transfer_id"], uuid.UUID):
+                        _LEDGER.finish(state["transfer_id"], published=False)
+
+    def _commit(
+        self,
+        transport: Transport,
+        src: int,
+        publish: Publisher | None,
+        result: ReceivedBlocks,
+        deadline: _Deadline,
+        state: dict[str, Any],
+    ) -> None:
+        """The commit point: every chunk is verified; publish, then record the transfer as published."""
+        if publish is not None and result.digests is not None:
+            state["phase"] = "publish"
+            try:
+                _publish(publish, result.digests, result.block_ids)
+            except Exception as e:
+                refusal = wire.Reply(wire.ReplyStatus.PUBLISH_FAILED, wire.PHASE_FINAL)
+                self._reply(transport, src, deadline, refusal)
+                raise _Refused(refusal, KVTransferFailedError(
+                    result.transfer_id, source=f"rank {src}", target="this rank",
+                    reason=f"publishing the received blocks failed: {e!r}", context={"side": "destination"},
+                )) from e
+        _LEDGER.finish(result.transfer_id, published=True)
+
+    def _final_ok(
+        self, transport: Transport, src: int, result: ReceivedBlocks, deadline: _Deadline, state: dict[str, Any]
+    ) -> ReceivedBlocks:
+        """Tells the source; the blocks stay committed whether or not the reply gets through."""
+        state["phase"] = "final reply"
+        if self._before_final_reply is not None:
+            self._before_final_reply()
+        try:
+            self._reply(transport, src, deadline, wire.Reply(wire.ReplyStatus.OK, wire.PHASE_FINAL))
+        except TransportError as e:  # the source will report "unknown" and can settle it later
+            self._mark_broken(src, f"{type(e).__name__} during the final reply of transfer {result.transfer_id}")
+            return replace(result, reply_sent=False, seconds=deadline.elapsed())
+        return result
 
     # --- source -------------------------------------------------------------------------------
 
@@ -447,7 +607,7 @@ class BlockTransfer:
         digests: DigestArray | None,
         header: wire.TransferHeader,
         deadline: _Deadline,
-        state: dict[str, str],
+        state: dict[str, Any],
     ) -> None:
         dst = header.dst_rank
         frame = _Staging(wire.HEADER_NBYTES)
@@ -456,6 +616,8 @@ class BlockTransfer:
         reply = self._recv_reply(transport, dst, deadline, wire.PHASE_HEADER)
         if reply.status != wire.ReplyStatus.OK:
             raise _Refused(reply, self._refusal_error(reply, header, {}))
+        if header.query_id is not None:
+            _LEDGER.settle(dst, header.query_id, reply.a)
 
         pending: deque[Pending] = deque()
         if digests is not None and digests.size:
@@ -475,6 +637,7 @@ class BlockTransfer:
                 work = transport.isend(slots[slot].tensor[: nbytes + wire.FOOTER_NBYTES], dst, _DATA)
                 sent.append(work)
                 producer.sent(work)
+            state["all_sent"] = True  # from here on the destination may hold every chunk
             state["phase"] = "drain"
             # gloo counts completions per buffer: each send is waited for exactly once. The producer
             # has waited for all but the last send on each slot; it must finish before we wait.
@@ -485,6 +648,7 @@ class BlockTransfer:
             clean = True
         finally:
             producer.stop()
+            state["source_aborted"] = producer.aborted is not None
         if clean:
             self._staging.give(slots)  # every send on them has completed and the producer is gone
         sent_checksums, aborted = producer.checksums, producer.aborted
@@ -523,6 +687,16 @@ class BlockTransfer:
                 reason=f"the destination pool is full: {reply.a} blocks needed, {reply.b} free",
                 context={**context, "needed_blocks": reply.a, "free_blocks": reply.b},
             )
+        if reply.status == wire.ReplyStatus.FOOTER_DAMAGED:
+            return KVChecksumMismatchError(
+                f"{sent_checksums.get(reply.a, 0):016x}", f"{reply.b:016x}", transfer_id=tid,
+                context={**context, "where": f"chunk {reply.a} footer",
+                         "detail": "the chunk's footer arrived damaged; checksums are of the payload on each side"},
+            )
+        if reply.status == wire.ReplyStatus.PUBLISH_FAILED:
+            return KVTransferFailedError(tid, source=src, target=dst, context=context,
+                                         reason="the destination verified every chunk but its publish callback "
+                                                "raised; it released the blocks it had reserved")
         if reply.status == wire.ReplyStatus.CHECKSUM_MISMATCH:
             what = "digests" if reply.a < 0 else f"chunk {reply.a}"
             expected = header.digests_checksum if reply.a < 0 else sent_checksums.get(reply.a, 0)
@@ -573,11 +747,14 @@ class BlockTransfer:
                 wire.ReplyStatus.POOL_FULL, wire.PHASE_HEADER, n, pool.num_free_blocks))
             e.context.update({"transfer_id": str(tid), "needed_blocks": n, "src_rank": src})
             raise
+        _LEDGER.begin(tid)
         try:
-            self._reply(transport, src, deadline, wire.Reply(wire.ReplyStatus.OK, wire.PHASE_HEADER))
+            answer = _LEDGER.answer(header.query_id)  # about an earlier transfer the source is unsure of
+            self._reply(transport, src, deadline, wire.Reply(wire.ReplyStatus.OK, wire.PHASE_HEADER, answer))
             result = self._receive_payload(transport, pool, src, header, reserved, deadline, state)
         except BaseException:
             pool.free(reserved)
+            _LEDGER.finish(tid, published=False)
             raise
         return reserved, result
 
@@ -649,11 +826,10 @@ class BlockTransfer:
                 post(k + len(slots))
         self._staging.give(slots)  # every receive into them has completed
 
-        state["phase"] = "final reply"
         if failure is not None and error is not None:
+            state["phase"] = "final reply"
             self._reply(transport, src, deadline, failure)
             raise _Refused(failure, error)
-        self._reply(transport, src, deadline, wire.Reply(wire.ReplyStatus.OK, wire.PHASE_FINAL))
         return ReceivedBlocks(
             transfer_id=tid, block_ids=reserved, digests=digests, nbytes=header.num_blocks * block_nbytes,
             checksum=f"{_algorithm_name(algorithm)}:{running:016x}", seconds=deadline.elapsed(),
@@ -667,15 +843,19 @@ class BlockTransfer:
         try:
             footer = wire.ChunkFooter.unpack(slot[nbytes : nbytes + wire.FOOTER_NBYTES])
         except wire.WireFormatError as e:
-            return (wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, k, 0),
+            # The source's checksum is in the damaged footer; send ours so its message shows both.
+            ours = wire.checksum(slot[:nbytes], header.checksum_algorithm)
+            return (wire.Reply(wire.ReplyStatus.FOOTER_DAMAGED, wire.PHASE_FINAL, k, ours),
                     KVChecksumMismatchError("valid chunk footer", "damaged footer", transfer_id=tid,
-                                            context={"side": "destination", "where": f"chunk {k}", "detail": str(e)}))
+                                            context={"side": "destination", "where": f"chunk {k} footer",
+                                                     "payload_checksum": f"{ours:016x}", "detail": str(e)}))
         if footer.flags & wire.FOOTER_ABORT:
             return (wire.Reply(wire.ReplyStatus.SOURCE_ABORTED, wire.PHASE_FINAL, k),
                     KVTransferFailedError(tid, source=f"rank {header.src_rank}", target=f"rank {header.dst_rank}",
                                           reason=f"the source aborted at chunk {k}", context={"side": "destination"}))
         if footer.index != k or footer.payload_nbytes != nbytes:
-            return (wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, k, 0),
+            ours = wire.checksum(slot[:nbytes], header.checksum_algorithm)
+            return (wire.Reply(wire.ReplyStatus.FOOTER_DAMAGED, wire.PHASE_FINAL, k, ours),
                     KVChecksumMismatchError(f"chunk {k} of {nbytes} B", f"chunk {footer.index} of "
                                             f"{footer.payload_nbytes} B", transfer_id=tid,
                                             context={"side": "destination", "where": f"chunk {k}"}))

@@ -3,7 +3,10 @@ block transfers between pools (:mod:`.blocks`) recorded the same way.
 
 Every transfer this engine runs gets a :class:`~sagellm_protocol.kv.KVTransferMetadata` record
 (the ecosystem's type) whose status goes PENDING -> IN_PROGRESS -> COMPLETED or FAILED; a failed
-backend call surfaces as ``KVTransferFailedError`` and stays recorded as FAILED.
+backend call surfaces as ``KVTransferFailedError`` and stays recorded as FAILED. A block send whose
+outcome is unknown (``KVTransferOutcomeUnknownError``: every byte went out, the final reply did
+not come back) is never recorded as FAILED: it stays IN_PROGRESS, :meth:`get_transfer_outcome`
+says "unknown", and both turn into the real outcome once a later transfer to that rank settled it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sagellm_protocol.kv import DType, KVTransferMetadata, Layout, TransferDirection, TransferStatus
 
-from sagellm_kv_cache.errors import KVCacheError, KVTransferFailedError
+from sagellm_kv_cache.errors import KVCacheError, KVTransferFailedError, KVTransferOutcomeUnknownError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,6 +48,7 @@ class KVTransferEngine:
         self._block_options = block_options
         self._blocks: BlockTransfer | None = None
         self._records: dict[uuid.UUID, KVTransferMetadata] = {}
+        self._in_doubt: set[uuid.UUID] = set()  # block sends with an unknown outcome, not yet settled
         self._lock = threading.Lock()
 
     # --- the seed's tensor transfer ---------------------------------------------------------
@@ -125,6 +129,10 @@ class KVTransferEngine:
         self._set_status(transfer_id, TransferStatus.IN_PROGRESS, started_at=time.time())
         try:
             blocks.send_blocks(pool, block_ids, dst_rank, digests=digests, timeout=timeout, transfer_id=transfer_id)
+        except KVTransferOutcomeUnknownError:
+            with self._lock:
+                self._in_doubt.add(transfer_id)  # stays IN_PROGRESS: the destination may hold the blocks
+            raise
         except BaseException:
             self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
             raise
@@ -165,8 +173,15 @@ class KVTransferEngine:
     def get_transfer_status(self, transfer_id: uuid.UUID) -> TransferStatus:
         return self.get_transfer_metadata(transfer_id).status
 
+    def get_transfer_outcome(self, transfer_id: uuid.UUID) -> str:
+        """The record's status value, or "unknown" for a block send still in doubt (see the module doc)."""
+        status = self.get_transfer_status(transfer_id)
+        with self._lock:
+            return "unknown" if transfer_id in self._in_doubt else status.value
+
     def get_transfer_metadata(self, transfer_id: uuid.UUID) -> KVTransferMetadata:
         """The record of ``transfer_id``; ``KeyError`` for an id this engine never ran (or cleared)."""
+        self._settle_doubts()
         with self._lock:
             try:
                 return self._records[transfer_id]
@@ -175,11 +190,13 @@ class KVTransferEngine:
 
     def get_pending_count(self) -> int:
         """Transfers not finished yet (PENDING or IN_PROGRESS)."""
+        self._settle_doubts()
         with self._lock:
             return sum(1 for m in self._records.values() if m.status not in _TERMINAL)
 
     def get_completed_count(self) -> int:
         """Transfers that completed successfully (FAILED ones are not counted)."""
+        self._settle_doubts()
         with self._lock:
             return sum(1 for m in self._records.values() if m.status == TransferStatus.COMPLETED)
 
@@ -198,6 +215,22 @@ class KVTransferEngine:
         if rank is None or world is None:
             raise ValueError("the comm backend is not initialised (no rank / world size); call init() first")
         return int(rank), int(world)
+
+    def _settle_doubts(self) -> None:
+        """Turns sends whose outcome a later exchange settled into COMPLETED or FAILED records."""
+        with self._lock:
+            doubts = list(self._in_doubt)
+        if not doubts:
+            return
+        from sagellm_kv_cache.transfer.blocks import BlockTransfer
+
+        for tid in doubts:
+            outcome = BlockTransfer.outcome(tid)
+            if outcome in ("completed", "failed"):
+                status = TransferStatus.COMPLETED if outcome == "completed" else TransferStatus.FAILED
+                with self._lock:
+                    self._in_doubt.discard(tid)
+                self._set_status(tid, status, completed_at=time.time())
 
     def _put(self, meta: KVTransferMetadata) -> None:
         with self._lock:

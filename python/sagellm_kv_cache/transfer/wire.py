@@ -8,13 +8,16 @@ One transfer is this exchange over one (source, destination) pair, all integers 
     DIGESTS (n x 32 B, if flagged) ---------->
     CHUNK 0 (payload + 32 B footer) --------->  checks the chunk's checksum, scatters it
     ...                                         into blocks nobody else can see yet
-    CHUNK k-1 ------------------------------->
-            <-------------------------  REPLY  (32 B): OK (then publish), or why it failed
+    CHUNK k-1 ------------------------------->  publishes (the commit point), then
+            <-------------------------  REPLY  (32 B): OK, or why it failed (nothing kept)
 
 The payload checksum travels in each chunk's footer rather than in the header: the source gathers
 chunk k+1 while chunk k is on the wire, so the whole payload's checksum is not known when the
 header leaves. The destination verifies every chunk before it scatters it, and nothing it received
-is visible to anyone until the last reply has gone out.
+is visible to anyone until every chunk has been verified; it publishes, and then sends the final
+OK. A source that loses the final reply therefore cannot tell whether the destination committed:
+its next header to that rank may carry the id of such a transfer (``FLAG_QUERY``, 16 bytes after
+the fixed fields), and the destination answers in the header reply (``a``, one of ``ANSWER_*``).
 
 Every frame ends with a CRC-32 of its own bytes, so a damaged frame is told apart from a spec
 mismatch. Checksum algorithm ``segsum64`` (id 1) is built for speed on a busy host: the payload is
@@ -39,8 +42,13 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "ANSWER_NONE",
+    "ANSWER_NOT_PUBLISHED",
+    "ANSWER_PUBLISHED",
+    "ANSWER_UNKNOWN",
     "CHECKSUM_ALGORITHMS",
     "DIGEST_NBYTES",
+    "FLAG_QUERY",
     "FOOTER_NBYTES",
     "HEADER_NBYTES",
     "REPLY_NBYTES",
@@ -68,6 +76,14 @@ _REPLY_MAGIC = b"SKVA"
 _FOOTER_MAGIC = b"SKVC"
 
 FLAG_DIGESTS = 1
+#: Header flag: ``query_id`` names an earlier transfer whose outcome the source does not know.
+FLAG_QUERY = 2
+
+#: Answers to a query, in ``a`` of the header's OK reply.
+ANSWER_NONE = 0  # nothing was asked
+ANSWER_PUBLISHED = 1  # the destination committed that transfer (its blocks were published / handed over)
+ANSWER_NOT_PUBLISHED = 2  # the destination refused or failed it: it kept nothing
+ANSWER_UNKNOWN = 3  # no record (another process, or the record was dropped) or still running
 
 #: Footer flag: the source failed locally; this chunk's bytes are meaningless and the transfer is off.
 FOOTER_ABORT = 1
@@ -77,12 +93,14 @@ FOOTER_ABORT = 1
 # then reserved bytes up to the CRC-32 of everything before it.
 _HEADER = struct.Struct("<4sHHI16sIIIIIQQIIQii")
 _HEADER_CRC = struct.Struct("<I")
+# the transfer id a FLAG_QUERY header asks about, right after the fixed fields (reserved bytes before)
+_HEADER_QUERY = struct.Struct("<16s")
 # magic, status, detail a, detail b, phase, CRC-32
 _REPLY = struct.Struct("<4sIqQI")
 # magic, chunk index, flags, payload bytes, checksum, CRC-32
 _FOOTER = struct.Struct("<4sIIQQ")
 
-assert _HEADER.size + _HEADER_CRC.size <= HEADER_NBYTES
+assert _HEADER.size + _HEADER_QUERY.size + _HEADER_CRC.size <= HEADER_NBYTES
 assert _REPLY.size + 4 == REPLY_NBYTES
 assert _FOOTER.size + 4 == FOOTER_NBYTES
 
@@ -154,6 +172,7 @@ class TransferHeader:
     src_rank: int
     dst_rank: int
     version: int = WIRE_VERSION
+    query_id: uuid.UUID | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -179,12 +198,15 @@ class TransferHeader:
 
     def pack(self, out: npt.NDArray[np.uint8]) -> None:
         """Writes the 128-byte frame into ``out`` (a uint8 array of at least that size)."""
+        flags = (FLAG_DIGESTS if self.has_digests else 0) | (FLAG_QUERY if self.query_id is not None else 0)
         body = _HEADER.pack(
-            _HEADER_MAGIC, self.version, HEADER_NBYTES, FLAG_DIGESTS if self.has_digests else 0,
+            _HEADER_MAGIC, self.version, HEADER_NBYTES, flags,
             self.transfer_id.bytes, self.num_layers, self.num_kv_heads, self.head_dim, self.block_size,
             dtype_code(self.dtype), self.num_blocks, self.block_nbytes, self.chunk_blocks,
             self.checksum_algorithm, self.digests_checksum, self.src_rank, self.dst_rank,
         )
+        if self.query_id is not None:
+            body += _HEADER_QUERY.pack(self.query_id.bytes)
         frame = body.ljust(HEADER_NBYTES - _HEADER_CRC.size, b"\0")
         frame += _HEADER_CRC.pack(_crc(frame))
         out[:HEADER_NBYTES] = np.frombuffer(frame, dtype=np.uint8)
@@ -207,11 +229,12 @@ class TransferHeader:
                                              f"this side speaks version {WIRE_VERSION}", WIRE_VERSION, version)
         if num_blocks and chunk_blocks <= 0:
             raise WireFormatError("chunk_blocks", f"chunk_blocks must be > 0, got {chunk_blocks}", "> 0", chunk_blocks)
+        query_id = uuid.UUID(bytes=_HEADER_QUERY.unpack_from(raw, _HEADER.size)[0]) if flags & FLAG_QUERY else None
         return cls(
             transfer_id=uuid.UUID(bytes=tid), num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
             block_size=block_size, dtype=dtype_from_code(dtype), num_blocks=num_blocks, block_nbytes=block_nbytes,
             chunk_blocks=chunk_blocks, checksum_algorithm=algorithm, has_digests=bool(flags & FLAG_DIGESTS),
-            digests_checksum=digests_checksum, src_rank=src, dst_rank=dst, version=version,
+            digests_checksum=digests_checksum, src_rank=src, dst_rank=dst, version=version, query_id=query_id,
         )
 
 
@@ -224,6 +247,8 @@ class ReplyStatus(IntEnum):
     CHECKSUM_MISMATCH = 3  # a = chunk index (-1: the digests), b = the checksum the destination computed
     SOURCE_ABORTED = 4
     FAILED = 5  # the destination failed for a local reason
+    FOOTER_DAMAGED = 6  # a = chunk index, b = the payload checksum the destination computed
+    PUBLISH_FAILED = 7  # the destination's publish callback raised; it kept nothing
 
 
 PHASE_HEADER = 1
