@@ -572,3 +572,68 @@ def test_subscriber_in_another_process_rebuilds_digest_set(tmp_path: Path) -> No
     assert result["last_seq"] == last_seq
     assert result["digests"] == sorted(low64(d) for d in model.blocks)
     assert len(result["digests"]) > 0
+
+
+# --- the tenant salt leaves the prefix cache with its stored events -------------------------------------
+
+
+def test_prefix_cache_stored_events_carry_the_salt() -> None:
+    np = pytest.importorskip("numpy")
+    from sagellm_kv_cache import RadixPrefixCache
+
+    cache = RadixPrefixCache(block_size=4, event_queue_capacity=64)
+    prompt = np.arange(12, dtype=np.int64)
+    cache.insert_tokens(prompt, [0, 1, 2], salt=b"tenant-a")
+    cache.insert_tokens(prompt, [3, 4, 5], salt=b"tenant-b")
+    cache.insert_tokens(prompt, [6, 7, 8])
+    longer = np.arange(16, dtype=np.int64)
+    cache.insert_tokens(longer, [9, 10, 11, 12], salt=b"tenant-a")  # 3 blocks redundant, 1 new with a parent
+    digests = cache.hash_tokens(np.arange(20, dtype=np.int64), salt=b"tenant-b")
+    cache.insert(digests[3:], [13, 14], parent=digests[2], token_ids=list(range(12, 20)), cache_salt=b"tenant-b")
+    stored = [e for e in cache.drain_events() if e["type"] == "stored"]
+    assert [e.get("cache_salt") for e in stored] == [b"tenant-a", b"tenant-b", None, b"tenant-a", b"tenant-b"]
+    assert stored[3]["parent"] is not None and len(stored[3]["digests"]) == 1
+    assert not cache._event_salts  # every note left with its event
+    raw = msgpack.unpackb(encode_batch(stored), raw=False)
+    assert [e.get("cache_salt") for e in raw[1]] == ["tenant-a", "tenant-b", None, "tenant-a", "tenant-b"]
+    assert raw[1][0]["extra_keys"] == [["tenant-a"], None, None]  # the salt enters the first block only
+    quiet = RadixPrefixCache(block_size=4)  # events off: nothing is noted
+    quiet.insert_tokens(prompt, [0, 1, 2], salt=b"tenant-a")
+    assert not quiet._event_salts and quiet.drain_events() == []
+
+
+def test_salt_notes_survive_concurrent_drains() -> None:
+    np = pytest.importorskip("numpy")
+    from sagellm_kv_cache import RadixPrefixCache
+
+    cache = RadixPrefixCache(block_size=4, event_queue_capacity=100_000)
+    tenants = [f"tenant-{i}".encode() for i in range(4)]
+    drained: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def drainer() -> None:
+        while not done.is_set():
+            drained.extend(cache.drain_events())
+
+    def inserter(salt: bytes) -> None:
+        ids = iter(range(tenants.index(salt) * 10_000, (tenants.index(salt) + 1) * 10_000))
+        for n in range(200):
+            prompt = np.arange(n * 8, n * 8 + 8, dtype=np.int64)
+            cache.insert_tokens(prompt, [next(ids), next(ids)], salt=salt)
+
+    thread = threading.Thread(target=drainer)
+    thread.start()
+    workers = [threading.Thread(target=inserter, args=(salt,)) for salt in tenants]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    done.set()
+    thread.join()
+    drained.extend(cache.drain_events())
+    owner = {bytes(d): salt for salt in tenants for n in range(200)
+             for d in cache.hash_tokens(np.arange(n * 8, n * 8 + 8, dtype=np.int64), salt=salt)}
+    stored = [e for e in drained if e["type"] == "stored"]
+    assert len(stored) == 800
+    assert all(e["cache_salt"] == owner[e["digests"][0]] for e in stored)
+    assert not cache._event_salts
