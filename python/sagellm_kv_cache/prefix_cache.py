@@ -99,7 +99,7 @@ class RadixPrefixCache:
         # Tenant salts of stored events not drained yet, keyed by the event's first digest: the
         # native event has no salt, and a router needs it (see drain_events). Only with events on.
         self._event_capacity = int(event_queue_capacity)
-        self._event_salts: dict[bytes, bytes] = {}
+        self._event_salts: dict[bytes, bytes | str] = {}
         self._event_lock = threading.Lock()
         self._observer: PrefixCacheObserver | None = None
         if metrics_collector is not None or metrics_hook is not None or access_stats is not None:
@@ -194,14 +194,14 @@ class RadixPrefixCache:
         # cannot send the stored event without its salt.
         return self._event_lock if salt is not None and self._event_capacity > 0 else contextlib.nullcontext()
 
-    def _remember_salt(self, salt: bytes | None, digests: Any, inserted: int, first: int) -> None:
+    def _remember_salt(self, salt: bytes | str | None, digests: Any, inserted: int, first: int) -> None:
         if salt is None or self._event_capacity <= 0 or inserted <= 0:
             return
         row = digests[first]  # the stored event covers the inserted positions, from `first` on
         key = row.tobytes() if isinstance(row, np.ndarray) else bytes(row)
         if len(self._event_salts) >= self._event_capacity:  # events dropped undrained: forget the oldest
             del self._event_salts[next(iter(self._event_salts))]
-        self._event_salts[key] = bytes(salt)
+        self._event_salts[key] = salt if isinstance(salt, str) else bytes(salt)
 
     def evict(self, num_blocks: int) -> int:
         """Evicts up to ``num_blocks`` unreferenced leaves by the policy; returns how many went."""
