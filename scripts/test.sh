@@ -38,6 +38,21 @@ rm -rf "$prefix"
 step "pytest"
 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
 
+# --- KV events against NVIDIA Dynamo's standalone KV indexer -----------------------------------------
+# ai-dynamo-runtime (a 75 MB wheel, ~40 s to install) pins pydantic<=2.13.5, so it gets its own venv
+# instead of the test environment; the test starts `python -m dynamo.indexer` from there.
+step "KV events: NVIDIA Dynamo's indexer reproduces the prefix cache's matches"
+dynamo_venv=build/dynamo-venv
+if ! "$dynamo_venv/bin/python" -c 'import importlib.metadata as m, dynamo.indexer
+assert m.version("ai-dynamo-runtime") == "1.6.1"' 2>/dev/null; then
+  rm -rf "$dynamo_venv"
+  "$PYTHON" -m venv "$dynamo_venv"
+  "$dynamo_venv/bin/pip" install -q --disable-pip-version-check ai-dynamo-runtime==1.6.1
+fi
+SAGELLM_KV_DYNAMO_PYTHON="$PWD/$dynamo_venv/bin/python" SAGELLM_KV_REQUIRE_DYNAMO=1 \
+  "$PYTHON" -m pytest tests/python/test_kv_events_routers.py -q -p no:cacheprovider -k dynamo
+# --- end of the Dynamo block ------------------------------------------------------------------------
+
 step "examples (run from a scratch directory, as a user would)"
 scratch=$(mktemp -d)
 for example in "$PWD"/examples/*.py; do

@@ -1,4 +1,4 @@
-"""KV events: wire format, validation, and a subscriber in another process rebuilding the digest set."""
+"""KV events: vLLM 0.33 wire format, validation, replay, a subscriber in another process rebuilding the block set."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
 
 from sagellm_kv_cache.observability import events as events_module  # noqa: E402
+from sagellm_kv_cache.observability import kv_wire  # noqa: E402
 from sagellm_kv_cache.observability.events import (  # noqa: E402
     DigestSetTracker,
     KVEventDecodeError,
@@ -29,11 +30,17 @@ from sagellm_kv_cache.observability.events import (  # noqa: E402
     decode_batch,
     encode_batch,
     rebuild_digests,
+    wire_block_id,
 )
 
 
 def digest(n: int) -> bytes:
     return hashlib.sha256(n.to_bytes(8, "little")).digest()
+
+
+def low64(d: bytes) -> int:
+    """vLLM's rule for integer block hashes, written out independently of the module under test."""
+    return int.from_bytes(d, "big") & (2**64 - 1)
 
 
 STORED = {
@@ -49,31 +56,88 @@ STORED = {
 # --- wire format -------------------------------------------------------------------------------
 
 
-def test_batch_is_vllm_array_format() -> None:
+def test_batch_is_vllm_tagged_map_format() -> None:
     payload = encode_batch([STORED, {"type": "removed", "digests": [digest(1)]}, {"type": "cleared"}], timestamp=12.5)
     raw = msgpack.unpackb(payload, raw=False)
-    assert raw[0] == 12.5
-    assert raw[1] == [
-        ["BlockStored", [digest(1), digest(2)], digest(0), list(range(32)), 16, b"lora-7", None],
-        ["BlockRemoved", [digest(1)], None],
-        ["AllBlocksCleared"],
+    assert raw[0] == 12.5 and raw[2] == 0  # [ts, events, data_parallel_rank]
+    stored = raw[1][0]
+    assert list(stored) == ["type", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
+                            "medium", "lora_name", "extra_keys"]  # vLLM's field order; no salt, so no cache_salt
+    assert stored == {
+        "type": "BlockStored",
+        "block_hashes": [low64(digest(1)), low64(digest(2))],
+        "parent_block_hash": low64(digest(0)),
+        "token_ids": list(range(32)),
+        "block_size": 16,
+        "lora_id": None,
+        "medium": "GPU",
+        "lora_name": "lora-7",
+        "extra_keys": [["lora-7"], ["lora-7"]],
+    }
+    assert raw[1][1:] == [
+        {"type": "BlockRemoved", "block_hashes": [low64(digest(1))], "medium": "GPU"},
+        {"type": "AllBlocksCleared"},
     ]
+
+
+def test_ids_are_derived_in_one_place_for_stores_parents_and_removals() -> None:
+    assert wire_block_id(digest(5)) == low64(digest(5)) < 2**64
+    # An xxh3_128 digest: 16 hash bytes and 16 zero bytes. Its id comes from the hash bytes.
+    xxh = bytes(range(1, 17)) + bytes(16)
+    assert wire_block_id(xxh) == int.from_bytes(bytes(range(9, 17)), "big") != 0
+    child = {**STORED, "digests": [digest(3)], "parent": xxh, "token_ids": list(range(16)), "extra_key": None}
+    raw = msgpack.unpackb(encode_batch([child, {"type": "removed", "digests": [xxh, digest(3)]}]), raw=False)
+    assert raw[1][0]["parent_block_hash"] == wire_block_id(xxh)
+    assert raw[1][1]["block_hashes"] == [wire_block_id(xxh), low64(digest(3))]
+    with pytest.raises(ValueError, match="32 bytes"):
+        wire_block_id(b"short")
+    with pytest.raises(TypeError):
+        wire_block_id("text")  # type: ignore[arg-type]
+
+
+def test_salt_and_lora_travel_as_text() -> None:
+    root = {**STORED, "parent": None, "cache_salt": b"tenant-a"}
+    raw = msgpack.unpackb(encode_batch([root, {**STORED, "extra_key": None, "cache_salt": b"\xff\x00"}]), raw=False)
+    first, second = raw[1]
+    assert first["cache_salt"] == "tenant-a" and first["lora_name"] == "lora-7" and first["lora_id"] is None
+    # vLLM's per-block order: the LoRA name, then the salt in a sequence's first block only.
+    assert first["extra_keys"] == [["lora-7", "tenant-a"], ["lora-7"]]
+    # A continuation (it has a parent) names the salt at the top level only; bytes that are not UTF-8 go as hex.
+    assert second["cache_salt"] == "0xff00" and second["lora_name"] is None and second["extra_keys"] == [None, None]
+    assert kv_wire.wire_text(7) == "7" and kv_wire.wire_text("x") == "x"
 
 
 def test_round_trip_through_decode() -> None:
     ts, decoded = decode_batch(encode_batch([STORED, {"type": "cleared"}], timestamp=1.0))
     assert ts == 1.0
-    assert decoded == [STORED, {"type": "cleared"}]
+    assert decoded == [
+        {
+            "type": "stored",
+            "block_hashes": [low64(digest(1)), low64(digest(2))],
+            "parent_block_hash": low64(digest(0)),
+            "token_ids": list(range(32)),
+            "block_size": 16,
+            "lora_name": "lora-7",
+            "medium": "GPU",
+            "cache_salt": None,
+            "extra_keys": [["lora-7"], ["lora-7"]],
+        },
+        {"type": "cleared"},
+    ]
 
 
 def test_decoder_accepts_vllm_batches_with_extra_fields() -> None:
-    # What vLLM's publisher sends: integer hashes, a LoRA id, a medium, a data-parallel rank.
+    # What vLLM 0.33 sends by default: bytes hashes, fields we do not use, no rank when it is None.
     payload = msgpack.packb(
-        [3.0, [["BlockStored", [11, 12], None, [1, 2], 1, None, "GPU", None], ["BlockRemoved", [11], "GPU"]], 0]
+        [3.0, [{"type": "BlockStored", "block_hashes": [b"\x01" * 32], "parent_block_hash": None,
+                "token_ids": [1, 2], "block_size": 2, "lora_id": None, "medium": "GPU", "lora_name": None,
+                "group_idx": 0, "kv_cache_spec_kind": "full"},
+               {"type": "BlockRemoved", "block_hashes": [11], "medium": None}]],
+        use_bin_type=True,
     )
     _, decoded = decode_batch(payload)
-    assert decoded[0]["digests"] == [11, 12] and decoded[0]["medium"] == "GPU"
-    assert decoded[1] == {"type": "removed", "digests": [11], "medium": "GPU"}
+    assert decoded[0]["block_hashes"] == [b"\x01" * 32] and decoded[0]["medium"] == "GPU"
+    assert decoded[1] == {"type": "removed", "block_hashes": [11], "medium": None}
 
 
 @pytest.mark.parametrize(
@@ -83,10 +147,14 @@ def test_decoder_accepts_vllm_batches_with_extra_fields() -> None:
         msgpack.packb({"ts": 1}),
         msgpack.packb([1.0]),
         msgpack.packb(["x", []]),
-        msgpack.packb([1.0, [["Nope"]]]),
-        msgpack.packb([1.0, [["BlockStored", []]]]),
-        msgpack.packb([1.0, [[]]]),
-        msgpack.packb([1.0, [["BlockRemoved"]]]),
+        msgpack.packb([1.0, [], "rank"]),
+        msgpack.packb([1.0, [{"type": "Nope"}]]),
+        msgpack.packb([1.0, [{"type": "BlockStored", "block_hashes": []}]]),
+        msgpack.packb([1.0, [{"type": "BlockStored", "block_hashes": ["x"], "parent_block_hash": None,
+                              "token_ids": [], "block_size": 4}]]),
+        msgpack.packb([1.0, [{}]]),
+        msgpack.packb([1.0, [{"type": "BlockRemoved"}]]),
+        msgpack.packb([1.0, [["AllBlocksCleared"]], 0]),  # the old array-like events
     ],
 )
 def test_malformed_payloads_raise_decode_error(payload: bytes) -> None:
@@ -99,11 +167,16 @@ def test_malformed_payloads_raise_decode_error(payload: bytes) -> None:
     [
         ({"type": "nope"}, ValueError, "unknown type 'nope'"),
         ({"type": "stored", "digests": "abc", "block_size": 16}, TypeError, "digests"),
-        ({"type": "stored", "digests": [b"a", 3], "block_size": 16}, TypeError, r"digests'\]\[1\]"),
+        ({"type": "stored", "digests": [digest(1), 3], "block_size": 16}, TypeError, r"digests'\]\[1\]"),
+        ({"type": "stored", "digests": [b"short"], "block_size": 16}, ValueError, "32-byte"),
         ({**STORED, "parent": "str"}, TypeError, "parent"),
         ({**STORED, "block_size": 0}, ValueError, "block_size"),
         ({**STORED, "token_ids": [1, "2"]}, TypeError, "token_ids"),
+        ({**STORED, "token_ids": [-1] * 32}, ValueError, "u32"),
+        ({**STORED, "token_ids": list(range(16))}, ValueError, "16 token ids for 2 blocks"),
         ({**STORED, "extra_key": 1.5}, TypeError, "extra_key"),
+        ({**STORED, "cache_salt": ["x"]}, TypeError, "cache_salt"),
+        ({**STORED, "medium": "HBM"}, ValueError, "medium"),
         ({"type": "removed"}, TypeError, "digests"),
         ("cleared", TypeError, "must be a dict"),
     ],
@@ -117,9 +190,23 @@ def test_bad_events_are_rejected_before_sending(event: Any, error: type[Exceptio
             publisher.publish({"type": "cleared"})  # type: ignore[arg-type]
 
 
-def test_str_extra_key_round_trips() -> None:
-    _, decoded = decode_batch(encode_batch([{**STORED, "extra_key": "tenant-a"}]))
-    assert decoded[0]["extra_key"] == "tenant-a"
+def test_media_and_rank() -> None:
+    for medium in ("GPU", "CPU_PINNED", "CPU", "DISK", None):
+        raw = msgpack.unpackb(encode_batch([STORED], medium=medium, data_parallel_rank=3), raw=False)
+        assert raw[1][0]["medium"] == medium and raw[2] == 3
+    raw = msgpack.unpackb(encode_batch([{**STORED, "medium": "DISK"}], medium="GPU"), raw=False)
+    assert raw[1][0]["medium"] == "DISK"  # an event may name its own tier
+    with pytest.raises(ValueError, match="medium"):
+        encode_batch([], medium="gpu")
+    with pytest.raises(ValueError, match="data_parallel_rank"):
+        encode_batch([], data_parallel_rank=-1)
+    with pytest.raises(ValueError, match="medium"):
+        KVEventPublisher("tcp://127.0.0.1:*", medium="SSD")
+    with pytest.raises(ValueError, match="data_parallel_rank"):
+        KVEventPublisher("tcp://127.0.0.1:*", data_parallel_rank=True)
+    with pytest.raises(ValueError, match="replay_buffer_steps"):
+        KVEventPublisher("tcp://127.0.0.1:*", replay_buffer_steps=0)
+    assert KVEventPublisher.wire_schema == kv_wire.VLLM_WIRE_SCHEMA == "0.33.0"
 
 
 def test_numpy_token_ids_are_accepted() -> None:
@@ -130,21 +217,23 @@ def test_numpy_token_ids_are_accepted() -> None:
 
 def test_tracker_applies_events_and_detects_gaps() -> None:
     tracker = DigestSetTracker()
-    tracker.apply(0, [STORED])
-    assert tracker.digests == {digest(1), digest(2)}
-    tracker.apply(1, [{"type": "removed", "digests": [digest(1)]}])
-    assert tracker.digests == {digest(2)} and tracker.consistent
+    tracker.apply(0, [STORED])  # our internal events: digests map to the wire ids
+    assert tracker.digests == {low64(digest(1)), low64(digest(2))}
+    _, wire_events = decode_batch(encode_batch([{"type": "removed", "digests": [digest(1)]}]))
+    tracker.apply(1, wire_events)  # decoded wire events
+    assert tracker.block_hashes == {low64(digest(2))} and tracker.consistent
     tracker.apply(1, [{"type": "cleared"}])  # duplicate seq: ignored
-    assert tracker.digests == {digest(2)}
+    assert tracker.block_hashes == {low64(digest(2))}
     tracker.apply(4, [])
     assert tracker.missed_batches == 2 and not tracker.consistent
     tracker.apply(5, [{"type": "cleared"}])
-    assert tracker.digests == set() and tracker.consistent
-    assert rebuild_digests([(0, [STORED]), (1, [{"type": "removed", "digests": [digest(2)]}])]) == {digest(1)}
+    assert tracker.block_hashes == set() and tracker.consistent
+    assert rebuild_digests([(0, [STORED]), (1, [{"type": "removed", "digests": [digest(2)]}])]) == {low64(digest(1))}
 
 
 def test_missing_dependencies_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(events_module, "_IMPORT_ERROR", ImportError("No module named 'zmq'"))
+    monkeypatch.setattr(kv_wire, "_IMPORT_ERROR", ImportError("No module named 'msgpack'"))
     with pytest.raises(ImportError, match=r"isagellm-kv-cache\[events\]"):
         KVEventPublisher("tcp://127.0.0.1:*")
     with pytest.raises(ImportError, match=r"isagellm-kv-cache\[events\]"):
@@ -152,13 +241,15 @@ def test_missing_dependencies_name_the_extra(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_publisher_closed_and_bad_endpoint() -> None:
-    publisher = KVEventPublisher("tcp://127.0.0.1:*")
+    publisher = KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*")
     publisher.close()
     publisher.close()
     with pytest.raises(RuntimeError, match="closed"):
         publisher.publish([])
     with pytest.raises(Exception, match=r"(?i)invalid|protocol|argument"):
         KVEventPublisher("not-an-endpoint")
+    with pytest.raises(Exception, match=r"(?i)invalid|protocol|argument"):
+        KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="not-an-endpoint")
 
 
 # --- in-process pub/sub ------------------------------------------------------------------------
@@ -182,7 +273,7 @@ def sync(publisher: KVEventPublisher, subscriber: KVEventSubscriber) -> int:
 def test_in_process_stream_and_topic_filter() -> None:
     with (
         KVEventPublisher("tcp://127.0.0.1:*", topic="kv-events-2") as other,
-        KVEventPublisher("tcp://127.0.0.1:*", topic="kv-events") as publisher,
+        KVEventPublisher("tcp://127.0.0.1:*", topic="kv-events", data_parallel_rank=2) as publisher,
         KVEventSubscriber(publisher.endpoint, topic="kv-events") as subscriber,
     ):
         subscriber._socket.connect(other.endpoint)  # same prefix, different topic: must be skipped
@@ -191,8 +282,9 @@ def test_in_process_stream_and_topic_filter() -> None:
             other.publish([STORED])
         seq = publisher.publish([STORED])
         assert seq == last + 1
-        assert subscriber.receive(2000) == (seq, [STORED])
+        assert subscriber.receive(2000) == (seq, decode_batch(encode_batch([STORED]))[1])
         assert subscriber.last_timestamp is not None and abs(subscriber.last_timestamp - time.time()) < 60
+        assert subscriber.last_data_parallel_rank == 2
         assert subscriber.receive(100) is None
 
 
@@ -206,20 +298,138 @@ def test_subscriber_rejects_malformed_frames() -> None:
         with KVEventSubscriber(f"tcp://127.0.0.1:{port}") as subscriber:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                pub.send_multipart([b"kv-events", b"\x00" * 8, encode_batch([])])
+                pub.send_multipart([b"", b"\x00" * 8, encode_batch([])])
                 if subscriber.receive(50) is not None:
                     break
             while subscriber.receive(50) is not None:
                 pass
-            pub.send_multipart([b"kv-events", b"\x01", b"x"])
+            pub.send_multipart([b"", b"\x01", b"x"])
             with pytest.raises(KVEventDecodeError, match="frames"):
                 subscriber.receive(2000)
-            pub.send_multipart([b"kv-events", b"\x00" * 8, b"\xc1"])
+            pub.send_multipart([b"", b"\x00" * 8, b"\xc1"])
             with pytest.raises(KVEventDecodeError, match="msgpack"):
                 subscriber.receive(2000)
     finally:
         pub.close(linger=0)
         ctx.term()
+
+
+# --- replay ------------------------------------------------------------------------------------
+
+
+def stored(n: int) -> dict[str, Any]:
+    return {"type": "stored", "digests": [digest(n)], "parent": None, "token_ids": [n] * 4, "block_size": 4,
+            "extra_key": None}
+
+
+def test_replay_protocol_is_vllms() -> None:
+    import zmq
+
+    with KVEventPublisher("tcp://127.0.0.1:*", topic="t", replay_endpoint="tcp://127.0.0.1:*",
+                          replay_buffer_steps=3) as publisher:
+        payloads = [encode_batch([stored(i)], timestamp=float(i)) for i in range(5)]
+        for i in range(5):
+            publisher.publish([stored(i)])
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        try:
+            assert publisher.replay_endpoint is not None
+            dealer.connect(publisher.replay_endpoint)
+            dealer.send_multipart([b"", b"not a seq"])  # malformed: ignored, the next request is answered
+            dealer.send_multipart([b"", (3).to_bytes(8, "big")])
+            frames = [dealer.recv_multipart() for _ in range(3)]
+        finally:
+            dealer.close(linger=0)
+            ctx.term()
+    # Only seqs 3 and 4 from the bounded buffer (2, 3, 4); frames as vLLM's ROUTER sends them.
+    assert [f[:3] for f in frames[:2]] == [[b"", b"t", (3).to_bytes(8, "big")], [b"", b"t", (4).to_bytes(8, "big")]]
+    decoded = [decode_batch(f[3])[1] for f in frames[:2]]
+    assert decoded == [decode_batch(payloads[3])[1], decode_batch(payloads[4])[1]]
+    assert frames[2] == [b"", b"", (-1).to_bytes(8, "big", signed=True), b""]
+    assert publisher.replays_served == 1
+
+
+def drain_after_resubscribe(publisher: KVEventPublisher, subscriber: KVEventSubscriber) -> list[int]:
+    """Receives everything; sends empty batches until one arrives (the new subscription may take a
+    moment to reach the publisher) and returns the sequence numbers seen."""
+    seen: list[int] = []
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        seen += [seq for seq, _ in subscriber.iter_batches(300)]
+        if not seen:
+            publisher.publish([])
+    seen += [seq for seq, _ in subscriber.iter_batches(300)]
+    return seen
+
+
+def test_subscriber_recovers_missed_batches_through_replay() -> None:
+    import zmq
+
+    with (
+        KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*") as publisher,
+        KVEventSubscriber(publisher.endpoint, replay_endpoint=publisher.replay_endpoint) as subscriber,
+    ):
+        tracker = DigestSetTracker()
+        tracker.apply(sync(publisher, subscriber), [])
+        subscriber._socket.setsockopt(zmq.UNSUBSCRIBE, b"")  # the router goes deaf for a while
+        time.sleep(0.1)
+        missed = [publisher.publish([stored(i)]) for i in range(6)]
+        subscriber._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        time.sleep(0.1)
+        publisher.publish([stored(6)])
+        batches: dict[int, list[dict[str, Any]]] = {}
+        original_receive = subscriber.receive
+
+        def recording_receive(timeout_ms: int = 1000) -> tuple[int, list[dict[str, Any]]] | None:
+            got = original_receive(timeout_ms)
+            if got is not None:
+                batches[got[0]] = got[1]
+                tracker.apply(*got)
+            return got
+
+        subscriber.receive = recording_receive  # type: ignore[method-assign]
+        seen = drain_after_resubscribe(publisher, subscriber)
+        assert seen == list(range(missed[0], publisher.next_seq))  # in order, nothing lost, nothing twice
+        assert subscriber.replayed_batches >= len(missed) and subscriber.missed_batches == 0
+        assert tracker.consistent and tracker.missed_batches == 0
+        assert tracker.block_hashes == {low64(digest(i)) for i in range(7)}
+        # A router that starts late bootstraps from the buffer.
+        assert [seq for seq, _ in subscriber.replay(missed[0])] == seen
+        with pytest.raises(ValueError):
+            subscriber.replay(-1)
+
+
+def test_gap_beyond_the_buffer_is_counted_as_missed() -> None:
+    import zmq
+
+    with (
+        KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", replay_buffer_steps=2) as publisher,
+        KVEventSubscriber(publisher.endpoint, replay_endpoint=publisher.replay_endpoint) as subscriber,
+    ):
+        last = sync(publisher, subscriber)
+        subscriber._socket.setsockopt(zmq.UNSUBSCRIBE, b"")
+        time.sleep(0.1)
+        for i in range(5):
+            publisher.publish([stored(i)])
+        subscriber._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        seen = drain_after_resubscribe(publisher, subscriber)
+        assert seen == list(range(seen[0], publisher.next_seq))
+        assert seen[0] >= publisher.next_seq - 2  # nothing older than the 2-batch buffer could come back
+        assert subscriber.missed_batches + len(seen) == publisher.next_seq - 1 - last
+
+
+def test_replay_without_endpoint_or_answer() -> None:
+    with (
+        KVEventPublisher("tcp://127.0.0.1:*") as publisher,
+        KVEventSubscriber(publisher.endpoint) as subscriber,
+        pytest.raises(RuntimeError, match="replay_endpoint"),
+    ):
+        subscriber.replay(0)
+    with (
+        KVEventSubscriber("tcp://127.0.0.1:9", replay_endpoint="tcp://127.0.0.1:9", replay_timeout_ms=100) as lonely,
+        pytest.raises(TimeoutError),
+    ):
+        lonely.replay(0)
 
 
 # --- another process ---------------------------------------------------------------------------
@@ -246,7 +456,7 @@ CHILD = textwrap.dedent(
             seq = got[0]
             tracker.apply(*got)
     print(json.dumps({
-        "digests": sorted(d.hex() for d in tracker.digests),
+        "digests": sorted(tracker.block_hashes),
         "missed": tracker.missed_batches,
         "last_seq": tracker.last_seq,
     }), flush=True)
@@ -360,5 +570,70 @@ def test_subscriber_in_another_process_rebuilds_digest_set(tmp_path: Path) -> No
     result = json.loads(out.strip().splitlines()[-1])
     assert result["missed"] == 0
     assert result["last_seq"] == last_seq
-    assert result["digests"] == sorted(d.hex() for d in model.blocks)
+    assert result["digests"] == sorted(low64(d) for d in model.blocks)
     assert len(result["digests"]) > 0
+
+
+# --- the tenant salt leaves the prefix cache with its stored events -------------------------------------
+
+
+def test_prefix_cache_stored_events_carry_the_salt() -> None:
+    np = pytest.importorskip("numpy")
+    from sagellm_kv_cache import RadixPrefixCache
+
+    cache = RadixPrefixCache(block_size=4, event_queue_capacity=64)
+    prompt = np.arange(12, dtype=np.int64)
+    cache.insert_tokens(prompt, [0, 1, 2], salt=b"tenant-a")
+    cache.insert_tokens(prompt, [3, 4, 5], salt=b"tenant-b")
+    cache.insert_tokens(prompt, [6, 7, 8])
+    longer = np.arange(16, dtype=np.int64)
+    cache.insert_tokens(longer, [9, 10, 11, 12], salt=b"tenant-a")  # 3 blocks redundant, 1 new with a parent
+    digests = cache.hash_tokens(np.arange(20, dtype=np.int64), salt=b"tenant-b")
+    cache.insert(digests[3:], [13, 14], parent=digests[2], token_ids=list(range(12, 20)), cache_salt=b"tenant-b")
+    stored = [e for e in cache.drain_events() if e["type"] == "stored"]
+    assert [e.get("cache_salt") for e in stored] == [b"tenant-a", b"tenant-b", None, b"tenant-a", b"tenant-b"]
+    assert stored[3]["parent"] is not None and len(stored[3]["digests"]) == 1
+    assert not cache._event_salts  # every note left with its event
+    raw = msgpack.unpackb(encode_batch(stored), raw=False)
+    assert [e.get("cache_salt") for e in raw[1]] == ["tenant-a", "tenant-b", None, "tenant-a", "tenant-b"]
+    assert raw[1][0]["extra_keys"] == [["tenant-a"], None, None]  # the salt enters the first block only
+    quiet = RadixPrefixCache(block_size=4)  # events off: nothing is noted
+    quiet.insert_tokens(prompt, [0, 1, 2], salt=b"tenant-a")
+    assert not quiet._event_salts and quiet.drain_events() == []
+
+
+def test_salt_notes_survive_concurrent_drains() -> None:
+    np = pytest.importorskip("numpy")
+    from sagellm_kv_cache import RadixPrefixCache
+
+    cache = RadixPrefixCache(block_size=4, event_queue_capacity=100_000)
+    tenants = [f"tenant-{i}".encode() for i in range(4)]
+    drained: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def drainer() -> None:
+        while not done.is_set():
+            drained.extend(cache.drain_events())
+
+    def inserter(salt: bytes) -> None:
+        ids = iter(range(tenants.index(salt) * 10_000, (tenants.index(salt) + 1) * 10_000))
+        for n in range(200):
+            prompt = np.arange(n * 8, n * 8 + 8, dtype=np.int64)
+            cache.insert_tokens(prompt, [next(ids), next(ids)], salt=salt)
+
+    thread = threading.Thread(target=drainer)
+    thread.start()
+    workers = [threading.Thread(target=inserter, args=(salt,)) for salt in tenants]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    done.set()
+    thread.join()
+    drained.extend(cache.drain_events())
+    owner = {bytes(d): salt for salt in tenants for n in range(200)
+             for d in cache.hash_tokens(np.arange(n * 8, n * 8 + 8, dtype=np.int64), salt=salt)}
+    stored = [e for e in drained if e["type"] == "stored"]
+    assert len(stored) == 800
+    assert all(e["cache_salt"] == owner[e["digests"][0]] for e in stored)
+    assert not cache._event_salts

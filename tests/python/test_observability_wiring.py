@@ -39,12 +39,14 @@ def prompt(*values: int) -> np.ndarray:
 
 def fill(cache: RadixPrefixCache, pool: PagedKVPool | None, *values: int) -> np.ndarray:
     """Caches the prompt's blocks the way a scheduler does (allocate, insert, drop the caller's refs)."""
-    digests = cache.hash_tokens(prompt(*values))
+    tokens = prompt(*values)
+    digests = cache.hash_tokens(tokens)
     hit, _ = cache.peek(digests)
     if hit < len(digests):
         ids = pool.allocate(len(digests) - hit) if pool is not None else np.arange(
             100 * values[0] + hit, 100 * values[0] + len(digests), dtype=np.int32)
-        cache.insert(digests[hit:], ids, parent=digests[hit - 1] if hit else None)
+        # Routers re-hash the tokens of a stored block, so the events carry them.
+        cache.insert(digests[hit:], ids, parent=digests[hit - 1] if hit else None, token_ids=tokens[4 * hit :])
         if pool is not None:
             pool.free(ids)
     return digests
@@ -248,7 +250,7 @@ SUBSCRIBER = textwrap.dedent(
             if batch is None:
                 break
             tracker.apply(*batch)
-    print(json.dumps({"digests": sorted(d.hex() for d in tracker.digests), "missed": tracker.missed_batches,
+    print(json.dumps({"digests": sorted(tracker.block_hashes), "missed": tracker.missed_batches,
                       "consistent": tracker.consistent}), flush=True)
     """
 )
@@ -270,6 +272,7 @@ def test_nothing_is_published_without_events() -> None:
 def test_events_reach_a_subscriber_in_another_process(tmp_path: Path) -> None:
     pytest.importorskip("zmq")
     from sagellm_kv_cache import KVEventPublisher
+    from sagellm_kv_cache.observability.events import wire_block_id
 
     script = tmp_path / "subscriber.py"
     script.write_text(SUBSCRIBER)
@@ -311,6 +314,6 @@ def test_events_reach_a_subscriber_in_another_process(tmp_path: Path) -> None:
                 child.communicate()
     assert child.returncode == 0, err
     result = json.loads(out.strip().splitlines()[-1])
-    expected = sorted({d.tobytes().hex() for digests in seen for d in digests if cache.contains(d)})
+    expected = sorted({wire_block_id(d.tobytes()) for digests in seen for d in digests if cache.contains(d)})
     assert result == {"digests": expected, "missed": 0, "consistent": True}
     assert len(expected) == len(cache) > 0

@@ -1,41 +1,45 @@
-"""KV-cache events over ZeroMQ, in the wire format vLLM's KV-aware routers already consume.
+"""KV-cache events over ZeroMQ in the wire format KV-aware routers consume (vLLM 0.33.0's schema).
 
-A KV-aware router keeps, per engine, the set of block digests that engine holds, and sends each
+A KV-aware router (NVIDIA Dynamo's KV router or standalone indexer, or anything that reads vLLM's
+or SGLang's KV events) keeps, per engine, an index of the blocks that engine holds and sends each
 request where most of its prefix is cached. The prefix cache emits *stored*, *removed* and
-*cleared* events; this module publishes them so such a router can follow along.
+*cleared* events; :class:`KVEventPublisher` sends them so such a router can follow along.
 
-Wire format (what vLLM's ``ZmqEventPublisher`` sends with its array-like msgpack structs):
+Transport, as vLLM's ``ZmqEventPublisher`` does it:
 
-* every message is three ZMQ frames: ``[topic, seq, payload]``; ``seq`` is an 8-byte big-endian
-  counter starting at 0, so a subscriber detects lost messages by a gap;
-* ``payload`` is a msgpack batch ``[timestamp, [event, ...]]`` (a third element, a data-parallel
-  rank, may follow; it is accepted and ignored);
-* an event is a tagged array:
-  ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, extra_key, medium]``,
-  ``["BlockRemoved", block_hashes, medium]`` or ``["AllBlocksCleared"]``. Where vLLM carries a LoRA id
-  our ``extra_key`` (LoRA id, multimodal hash or tenant salt: bytes, str or int, sent as is) goes;
-  ``token_ids`` are the stored blocks' tokens, concatenated.
-
-In Python the events are plain dicts, the shape the C++ prefix cache drains::
-
-    {"type": "stored", "digests": [bytes, ...], "parent": bytes | None, "token_ids": [int, ...],
-     "block_size": int, "extra_key": bytes | str | int | None}
-    {"type": "removed", "digests": [bytes, ...]}
-    {"type": "cleared"}
-
-There is no replay channel: a subscriber that sees a sequence gap should treat its view as stale
-until the next ``cleared`` event (see :class:`DigestSetTracker`).
+* every message is three ZMQ frames ``[topic, seq, payload]`` on a PUB socket; ``seq`` is an
+  8-byte big-endian counter from 0, so a subscriber detects lost messages by a gap; the default
+  topic is vLLM's, the empty string;
+* the payload is one msgpack batch; :mod:`~sagellm_kv_cache.observability.kv_wire` holds the
+  schema (tagged-map events, 64-bit block ids derived from our 32-byte digests, ``lora_name``,
+  ``medium``, ``cache_salt``, token ids);
+* replay: with ``replay_endpoint`` the publisher also binds a ROUTER socket and keeps the last
+  ``replay_buffer_steps`` batches. A client (a DEALER) sends ``[b"", start_seq]`` (8 bytes,
+  big-endian) and gets back ``[b"", topic, seq, payload]`` for every buffered batch from
+  ``start_seq`` on, then ``[b"", b"", -1 (8 bytes, signed), b""]``. A router that saw a gap asks
+  for the missing batches there instead of staying stale (Dynamo's indexer does, given the
+  endpoint on ``/register``; :class:`KVEventSubscriber` does, given ``replay_endpoint``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from sagellm_kv_cache.observability.kv_wire import (
+    MEDIA,
+    VLLM_WIRE_SCHEMA,
+    KVEventDecodeError,
+    decode_batch,
+    decode_batch_with_rank,
+    encode_batch,
+    wire_block_id,
+)
+
 try:
-    import msgpack
     import zmq
 except ImportError as exc:  # pragma: no cover - exercised by monkeypatching _IMPORT_ERROR
     _IMPORT_ERROR: ImportError | None = exc
@@ -43,6 +47,7 @@ else:
     _IMPORT_ERROR = None
 
 __all__ = [
+    "VLLM_WIRE_SCHEMA",
     "DigestSetTracker",
     "KVEventDecodeError",
     "KVEventPublisher",
@@ -50,13 +55,13 @@ __all__ = [
     "decode_batch",
     "encode_batch",
     "rebuild_digests",
+    "wire_block_id",
 ]
 
-_STORED, _REMOVED, _CLEARED = "BlockStored", "BlockRemoved", "AllBlocksCleared"
+END_SEQ = -1
+"""The sequence number that ends a replay answer."""
 
-
-class KVEventDecodeError(ValueError):
-    """A message on the wire that is not a well-formed KV event batch."""
+_POLL_MS = 50  # how often the replay thread looks at its closed flag
 
 
 def _require_deps() -> None:
@@ -64,157 +69,92 @@ def _require_deps() -> None:
         raise ImportError("KV events need pyzmq and msgpack: pip install isagellm-kv-cache[events]") from _IMPORT_ERROR
 
 
-# --- dict <-> wire ---------------------------------------------------------------------------------
+def _seq_bytes(seq: int) -> bytes:
+    return seq.to_bytes(8, "big", signed=True)
 
 
-def _digest_list(event_index: int, value: object) -> list[bytes]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"events[{event_index}]['digests'] must be a list of bytes, got {type(value).__name__}")
-    digests: list[bytes] = []
-    for i, digest in enumerate(value):
-        if not isinstance(digest, bytes):
-            raise TypeError(f"events[{event_index}]['digests'][{i}] must be bytes, got {type(digest).__name__}")
-        digests.append(digest)
-    return digests
-
-
-def _to_wire(index: int, event: object, medium: str | None) -> list[Any]:
-    """Validates one event dict and converts it to vLLM's tagged array."""
-    if not isinstance(event, Mapping):
-        raise TypeError(f"events[{index}] must be a dict, got {type(event).__name__}")
-    kind = event.get("type")
-    if kind == "stored":
-        digests = _digest_list(index, event.get("digests"))
-        parent = event.get("parent")
-        if parent is not None and not isinstance(parent, bytes):
-            raise TypeError(f"events[{index}]['parent'] must be bytes or None, got {type(parent).__name__}")
-        raw_tokens = event.get("token_ids", [])
-        if hasattr(raw_tokens, "tolist"):  # numpy arrays from the native fast path
-            raw_tokens = raw_tokens.tolist()
-        if isinstance(raw_tokens, (str, bytes)) or not isinstance(raw_tokens, Sequence):
-            raise TypeError(f"events[{index}]['token_ids'] must be a list of int, got {type(raw_tokens).__name__}")
-        tokens: list[int] = []
-        for token in raw_tokens:
-            if isinstance(token, bool) or not isinstance(token, int):
-                raise TypeError(f"events[{index}]['token_ids'] must hold ints, found {type(token).__name__}")
-            tokens.append(token)
-        block_size = event.get("block_size")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"events[{index}]['block_size'] must be an int > 0, got {block_size!r}")
-        extra = event.get("extra_key")
-        if extra is not None and (isinstance(extra, bool) or not isinstance(extra, (bytes, str, int))):
-            raise TypeError(f"events[{index}]['extra_key'] must be bytes, str, int or None, got {type(extra).__name__}")
-        return [_STORED, digests, parent, tokens, block_size, extra, medium]
-    if kind == "removed":
-        return [_REMOVED, _digest_list(index, event.get("digests")), medium]
-    if kind == "cleared":
-        return [_CLEARED]
-    raise ValueError(f"events[{index}] has unknown type {kind!r} (expected 'stored', 'removed' or 'cleared')")
-
-
-def _from_wire(index: int, item: object) -> dict[str, Any]:
-    if not isinstance(item, list) or not item or not isinstance(item[0], str):
-        raise KVEventDecodeError(f"event {index} is not a tagged array: {item!r:.80}")
-    tag, fields = item[0], item[1:]
-    try:
-        if tag == _STORED:
-            if len(fields) < 4:
-                raise KVEventDecodeError(f"event {index}: BlockStored has {len(fields)} fields, needs at least 4")
-            event: dict[str, Any] = {
-                "type": "stored",
-                "digests": list(fields[0]),
-                "parent": fields[1],
-                "token_ids": list(fields[2]),
-                "block_size": int(fields[3]),
-                "extra_key": fields[4] if len(fields) > 4 else None,
-            }
-            if len(fields) > 5 and fields[5] is not None:
-                event["medium"] = fields[5]
-            return event
-        if tag == _REMOVED:
-            if len(fields) < 1:
-                raise KVEventDecodeError(f"event {index}: BlockRemoved has no block hashes")
-            event = {"type": "removed", "digests": list(fields[0])}
-            if len(fields) > 1 and fields[1] is not None:
-                event["medium"] = fields[1]
-            return event
-        if tag == _CLEARED:
-            return {"type": "cleared"}
-    except (TypeError, ValueError) as err:
-        if isinstance(err, KVEventDecodeError):
-            raise
-        raise KVEventDecodeError(f"event {index} ({tag}) is malformed: {err}") from err
-    raise KVEventDecodeError(f"event {index} has unknown tag {tag!r}")
-
-
-def encode_batch(
-    events: Iterable[Mapping[str, Any]], timestamp: float | None = None, medium: str | None = None
-) -> bytes:
-    """The msgpack payload of one batch; validates every event first (``TypeError``/``ValueError``)."""
-    _require_deps()
-    wire = [_to_wire(i, event, medium) for i, event in enumerate(events)]
-    return msgpack.packb([time.time() if timestamp is None else float(timestamp), wire], use_bin_type=True)
-
-
-def decode_batch(payload: bytes) -> tuple[float, list[dict[str, Any]]]:
-    """``(timestamp, events)`` from a payload; anything malformed is a :class:`KVEventDecodeError`."""
-    _require_deps()
-    try:
-        batch = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as err:
-        raise KVEventDecodeError(f"payload is not msgpack: {err}") from err
-    if not isinstance(batch, list) or len(batch) not in (2, 3):
-        raise KVEventDecodeError("payload is not a [timestamp, events] batch")
-    timestamp, items = batch[0], batch[1]
-    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or not isinstance(items, list):
-        raise KVEventDecodeError("payload is not a [timestamp, events] batch")
-    return float(timestamp), [_from_wire(i, item) for i, item in enumerate(items)]
-
-
-# --- publisher / subscriber ------------------------------------------------------------------------
+# --- publisher ------------------------------------------------------------------------------------
 
 
 class KVEventPublisher:
-    """Binds a ZMQ PUB socket and sends numbered event batches.
+    """Binds a ZMQ PUB socket (and optionally a replay ROUTER socket) and sends numbered batches.
 
     The publisher binds (the engine is the stable end; routers come and go). An endpoint with port
-    ``*`` binds a free port; :attr:`endpoint` then tells the real one. ``publish`` is thread-safe.
+    ``*`` binds a free port; :attr:`endpoint` / :attr:`replay_endpoint` then tell the real ones.
+    ``medium`` is where the published blocks live (``"GPU"`` for device memory, ``"CPU_PINNED"`` or
+    ``"CPU"`` for host memory, ``"DISK"``); ``data_parallel_rank`` goes into every batch.
+    ``publish`` and ``close`` are thread-safe; replay requests are answered by a background thread.
     """
+
+    wire_schema = VLLM_WIRE_SCHEMA
+    """The vLLM release whose KV-event schema the payloads follow."""
 
     def __init__(
         self,
         endpoint: str = "tcp://127.0.0.1:5557",
-        topic: str = "kv-events",
+        topic: str = "",
         *,
-        medium: str | None = None,
+        medium: str | None = "GPU",
+        data_parallel_rank: int = 0,
+        replay_endpoint: str | None = None,
+        replay_buffer_steps: int = 10_000,
         hwm: int = 100_000,
         linger_ms: int = 1000,
     ) -> None:
         _require_deps()
         if not isinstance(topic, str):
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
+        if medium not in MEDIA:
+            raise ValueError(f"medium is {medium!r}; routers understand {MEDIA}")
+        if isinstance(data_parallel_rank, bool) or not isinstance(data_parallel_rank, int) or data_parallel_rank < 0:
+            raise ValueError(f"data_parallel_rank must be an int >= 0, got {data_parallel_rank!r}")
+        if isinstance(replay_buffer_steps, bool) or not isinstance(replay_buffer_steps, int) or replay_buffer_steps < 1:
+            raise ValueError(f"replay_buffer_steps must be an int >= 1, got {replay_buffer_steps!r}")
         self.topic = topic
         self.medium = medium
+        self.data_parallel_rank = data_parallel_rank
         self._topic_bytes = topic.encode("utf-8")
         self._linger_ms = linger_ms
         self._lock = threading.Lock()
         self._seq = 0
+        self._buffer: deque[tuple[int, bytes]] | None = None
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.PUB)
+        self._replay: zmq.Socket[bytes] | None = None
+        self.replay_endpoint: str | None = None
         try:
             self._socket.setsockopt(zmq.SNDHWM, hwm)
             self._socket.bind(endpoint)
             self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            if replay_endpoint is not None:
+                self._replay = self._ctx.socket(zmq.ROUTER)
+                # A whole answer plus its end marker must fit, or ROUTER drops the tail silently.
+                self._replay.setsockopt(zmq.SNDHWM, 2 * (replay_buffer_steps + 1))
+                self._replay.bind(replay_endpoint)
+                self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+                self._buffer = deque(maxlen=replay_buffer_steps)
         except Exception:
             self._socket.close(linger=0)
+            if self._replay is not None:
+                self._replay.close(linger=0)
             self._ctx.term()
             raise
         self._closed = False
+        self._replays_served = 0
+        self._replay_thread: threading.Thread | None = None
+        if self._replay is not None:
+            self._replay_thread = threading.Thread(target=self._serve_replays, name="kv-event-replay", daemon=True)
+            self._replay_thread.start()
 
     @property
     def next_seq(self) -> int:
         """The sequence number the next batch will carry."""
         return self._seq
+
+    @property
+    def replays_served(self) -> int:
+        """Replay requests answered so far."""
+        return self._replays_served
 
     def publish(self, events: Sequence[Mapping[str, Any]]) -> int:
         """Sends one batch (possibly empty) and returns its sequence number.
@@ -224,23 +164,53 @@ class KVEventPublisher:
         """
         if isinstance(events, Mapping) or not isinstance(events, Sequence):
             raise TypeError(f"events must be a list of dicts, got {type(events).__name__}")
-        payload = encode_batch(events, medium=self.medium)
+        payload = encode_batch(events, medium=self.medium, data_parallel_rank=self.data_parallel_rank)
         with self._lock:
             if self._closed:
                 raise RuntimeError("KVEventPublisher is closed")
             seq = self._seq
-            self._socket.send_multipart([self._topic_bytes, seq.to_bytes(8, "big"), payload])
+            self._socket.send_multipart([self._topic_bytes, _seq_bytes(seq), payload])
+            if self._buffer is not None:
+                self._buffer.append((seq, payload))
             self._seq += 1
             return seq
 
+    def _serve_replays(self) -> None:
+        replay = self._replay
+        assert replay is not None
+        while not self._closed:
+            try:
+                if not replay.poll(_POLL_MS, zmq.POLLIN):
+                    continue
+                frames = replay.recv_multipart()
+            except zmq.ZMQError:
+                return  # the socket was closed under us: we are shutting down
+            # [client identity, empty delimiter, start seq]; anything else is not a replay request.
+            if len(frames) != 3 or frames[1] or len(frames[2]) != 8:
+                continue
+            client, start = frames[0], int.from_bytes(frames[2], "big")
+            with self._lock:
+                answer = [] if self._buffer is None else [item for item in self._buffer if item[0] >= start]
+            try:
+                for seq, payload in answer:
+                    replay.send_multipart([client, b"", self._topic_bytes, _seq_bytes(seq), payload])
+                replay.send_multipart([client, b"", b"", _seq_bytes(END_SEQ), b""])
+            except zmq.ZMQError:
+                return
+            self._replays_served += 1
+
     def close(self) -> None:
-        """Flushes (up to ``linger_ms``) and closes the socket; idempotent."""
+        """Stops answering replays, flushes (up to ``linger_ms``) and closes the sockets; idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._socket.close(linger=self._linger_ms)
-            self._ctx.term()
+        if self._replay_thread is not None:
+            self._replay_thread.join()
+        if self._replay is not None:
+            self._replay.close(linger=0)
+        self._socket.close(linger=self._linger_ms)
+        self._ctx.term()
 
     def __enter__(self) -> KVEventPublisher:
         return self
@@ -249,17 +219,39 @@ class KVEventPublisher:
         self.close()
 
 
-class KVEventSubscriber:
-    """Connects a ZMQ SUB socket to a publisher and decodes its batches."""
+# --- subscriber -----------------------------------------------------------------------------------
 
-    def __init__(self, endpoint: str, topic: str = "kv-events") -> None:
+
+class KVEventSubscriber:
+    """Connects a ZMQ SUB socket to a publisher and decodes its batches.
+
+    With ``replay_endpoint`` a sequence gap is repaired before :meth:`receive` returns: the
+    missing batches are fetched from the publisher's replay buffer and handed out in order.
+    Gaps the buffer no longer covers are counted in :attr:`missed_batches`. Not thread-safe.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        topic: str = "",
+        *,
+        replay_endpoint: str | None = None,
+        replay_timeout_ms: int = 2000,
+    ) -> None:
         _require_deps()
         if not isinstance(topic, str):
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         self.endpoint = endpoint
         self.topic = topic
+        self.replay_endpoint = replay_endpoint
+        self.replay_timeout_ms = replay_timeout_ms
         self._topic_bytes = topic.encode("utf-8")
         self.last_timestamp: float | None = None
+        self.last_data_parallel_rank: int | None = None
+        self.last_seq: int | None = None
+        self.missed_batches = 0
+        self.replayed_batches = 0
+        self._pending: deque[tuple[int, list[dict[str, Any]]]] = deque()
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.SUB)
         try:
@@ -271,6 +263,60 @@ class KVEventSubscriber:
             raise
         self._closed = False
 
+    def _decode(self, seq_frame: bytes, payload: bytes) -> tuple[int, list[dict[str, Any]]]:
+        if len(seq_frame) != 8:
+            raise KVEventDecodeError(f"sequence frame has {len(seq_frame)} bytes, expected 8")
+        self.last_timestamp, events, self.last_data_parallel_rank = decode_batch_with_rank(payload)
+        return int.from_bytes(seq_frame, "big"), events
+
+    def replay(self, start_seq: int) -> list[tuple[int, list[dict[str, Any]]]]:
+        """The publisher's buffered batches from ``start_seq`` on, as ``(seq, events)``, oldest first.
+
+        Raises ``TimeoutError`` when no complete answer arrives within ``replay_timeout_ms`` and
+        ``RuntimeError`` without a ``replay_endpoint``.
+        """
+        if self.replay_endpoint is None:
+            raise RuntimeError("this subscriber has no replay_endpoint")
+        if isinstance(start_seq, bool) or not isinstance(start_seq, int) or start_seq < 0:
+            raise ValueError(f"start_seq must be an int >= 0, got {start_seq!r}")
+        dealer = self._ctx.socket(zmq.DEALER)
+        try:
+            dealer.connect(self.replay_endpoint)
+            dealer.send_multipart([b"", start_seq.to_bytes(8, "big")])
+            out: list[tuple[int, list[dict[str, Any]]]] = []
+            deadline = time.monotonic() + self.replay_timeout_ms / 1000.0
+            while True:
+                remaining_ms = int((deadline - time.monotonic()) * 1000)
+                if remaining_ms <= 0 or not dealer.poll(remaining_ms, zmq.POLLIN):
+                    raise TimeoutError(f"no complete replay answer from {self.replay_endpoint} "
+                                       f"within {self.replay_timeout_ms} ms")
+                frames = dealer.recv_multipart()
+                # [b"", topic, seq, payload] (vLLM >= 0.11) or [b"", seq, payload] (older publishers).
+                body = frames[1:] if frames and frames[0] == b"" else frames
+                if len(body) == 3:
+                    body = body[1:]
+                if len(body) != 2 or len(body[0]) != 8:
+                    raise KVEventDecodeError(f"malformed replay frame: {len(frames)} frames")
+                if int.from_bytes(body[0], "big", signed=True) == END_SEQ:
+                    return out
+                out.append(self._decode(body[0], body[1]))
+        finally:
+            dealer.close(linger=0)
+
+    def _repair_gap(self, seq: int, events: list[dict[str, Any]]) -> None:
+        """Queues the missing batches before ``seq`` (as far as the replay buffer has them), then ``seq``."""
+        assert self.last_seq is not None
+        expected = self.last_seq + 1
+        try:
+            replayed = self.replay(expected)
+        except (TimeoutError, KVEventDecodeError):
+            replayed = []
+        got = {s: evs for s, evs in replayed if expected <= s < seq}
+        self.replayed_batches += len(got)
+        self.missed_batches += (seq - expected) - len(got)
+        self._pending.extend(sorted(got.items()))
+        self._pending.append((seq, events))
+
     def receive(self, timeout_ms: int = 1000) -> tuple[int, list[dict[str, Any]]] | None:
         """The next batch as ``(seq, events)``, or None when nothing arrives within ``timeout_ms``.
 
@@ -279,6 +325,20 @@ class KVEventSubscriber:
         """
         if self._closed:
             raise RuntimeError("KVEventSubscriber is closed")
+        if not self._pending:
+            got = self._receive_live(timeout_ms)
+            if got is None:
+                return None
+            seq, events = got
+            if self.replay_endpoint is not None and self.last_seq is not None and seq > self.last_seq + 1:
+                self._repair_gap(seq, events)
+            else:
+                self._pending.append((seq, events))
+        seq, events = self._pending.popleft()
+        self.last_seq = seq
+        return seq, events
+
+    def _receive_live(self, timeout_ms: int) -> tuple[int, list[dict[str, Any]]] | None:
         deadline = time.monotonic() + max(timeout_ms, 0) / 1000.0
         while True:
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
@@ -290,9 +350,7 @@ class KVEventSubscriber:
                 continue
             if len(frames) != 3 or len(frames[1]) != 8:
                 raise KVEventDecodeError(f"expected [topic, seq(8 bytes), payload] frames, got {len(frames)} frames")
-            seq = int.from_bytes(frames[1], "big")
-            self.last_timestamp, events = decode_batch(frames[2])
-            return seq, events
+            return self._decode(frames[1], frames[2])
 
     def iter_batches(self, idle_timeout_ms: int = 1000) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         """Yields batches until none arrives for ``idle_timeout_ms``."""
@@ -313,21 +371,34 @@ class KVEventSubscriber:
         self.close()
 
 
-# --- rebuilding the cached-digest view --------------------------------------------------------------
+# --- rebuilding a router's view ---------------------------------------------------------------------
+
+
+def _event_ids(event: Mapping[str, Any]) -> list[int | bytes]:
+    """Block ids of a decoded wire event, or of one of our internal events (digests -> wire ids)."""
+    if "block_hashes" in event:
+        return list(event["block_hashes"])
+    return [wire_block_id(d) for d in event.get("digests", ())]
 
 
 class DigestSetTracker:
-    """A router's view of one engine's cache: the digests it holds, rebuilt from the event stream.
+    """A router's view of one engine's cache: the block ids it holds, rebuilt from the event stream.
 
-    ``consistent`` turns False when a sequence gap shows lost batches, and True again after a
-    ``cleared`` event (from then on the view is complete again).
+    Takes decoded wire events (64-bit ``block_hashes``) or our internal events (32-byte
+    ``digests``, mapped to the same ids). ``consistent`` turns False when a sequence gap shows
+    lost batches, and True again after a ``cleared`` event (from then on the view is complete).
     """
 
     def __init__(self) -> None:
-        self.digests: set[bytes] = set()
+        self.block_hashes: set[int | bytes] = set()
         self.last_seq: int | None = None
         self.missed_batches = 0
         self.consistent = True
+
+    @property
+    def digests(self) -> set[int | bytes]:
+        """The block ids held (the name from before ids were 64-bit)."""
+        return self.block_hashes
 
     def apply(self, seq: int, events: Iterable[Mapping[str, Any]]) -> None:
         """Applies one batch; a batch at or below the last seen sequence (a duplicate) is ignored."""
@@ -341,17 +412,17 @@ class DigestSetTracker:
         for event in events:
             kind = event.get("type")
             if kind == "stored":
-                self.digests.update(event["digests"])
+                self.block_hashes.update(_event_ids(event))
             elif kind == "removed":
-                self.digests.difference_update(event["digests"])
+                self.block_hashes.difference_update(_event_ids(event))
             elif kind == "cleared":
-                self.digests.clear()
+                self.block_hashes.clear()
                 self.consistent = True
 
 
-def rebuild_digests(batches: Iterable[tuple[int, Iterable[Mapping[str, Any]]]]) -> set[bytes]:
-    """The digest set a stream of ``(seq, events)`` batches leaves behind."""
+def rebuild_digests(batches: Iterable[tuple[int, Iterable[Mapping[str, Any]]]]) -> set[int | bytes]:
+    """The block-id set a stream of ``(seq, events)`` batches leaves behind."""
     tracker = DigestSetTracker()
     for seq, events in batches:
         tracker.apply(seq, events)
-    return tracker.digests
+    return tracker.block_hashes
