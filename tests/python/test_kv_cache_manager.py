@@ -482,3 +482,10 @@ def test_model_accounting_and_prefix_answers(ops: list[tuple[Any, ...]]) -> None
         ids = np.concatenate([h.block_ids for h in held]) if held else np.empty(0, dtype=np.int32)
         assert len(np.unique(ids)) == len(ids) == stats["used_blocks"]
         assert not any(h.state == KVBlockState.FREE and h.is_pinned for h in live)
+
+
+def test_original_attribute_names_and_truthiness() -> None:
+    manager = KVCacheManager(256, 16)
+    assert bool(manager) and len(manager) == 0
+    assert manager.kv_pool is manager.pool and bool(manager.kv_pool)
+    assert manager.eviction_manager.policy == manager.eviction_policy

@@ -202,3 +202,14 @@ def test_handle_ids_are_unique() -> None:
     pool = KVPool(max_tokens=4096, block_size=16)
     ids = {pool.alloc(16).handle_id for _ in range(100)}
     assert len(ids) == 100 and all(isinstance(i, uuid.UUID) for i in ids)
+
+
+def test_models_reexport_the_protocol_types() -> None:
+    import sagellm_kv_cache.models as models
+    import sagellm_protocol.kv as protocol
+
+    shared = ["DType", "Layout", "EvictionPolicy", "RequestType", "MemoryTier", "KVBlockState", "KVBlock",
+              "KVPoolStats", "KVTransferMetadata", "PrefixCacheEntry", "EvictionCandidate", "SchedulerRequest",
+              "SchedulerPlan", "LifetimePrediction"]
+    assert all(getattr(models, name) is getattr(protocol, name) for name in shared)
+    assert set(shared) | {"KVHandle", "KVBlockRef"} == set(models.__all__)
