@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_harness import ENGINE, KVTrace, build_tiny_llama
+
+from .engine_harness import ENGINE, KVTrace, build_tiny_llama
 
 if importlib.util.find_spec(ENGINE) is None and os.environ.get("SAGELLM_KV_REQUIRE_ENGINE") == "1":
     raise pytest.UsageError("isagellm-core is not installed but SAGELLM_KV_REQUIRE_ENGINE=1 "

@@ -12,10 +12,11 @@ import pytest
 
 pytest.importorskip("sagellm_core")
 
-from engine_harness import KVTrace, prompt, run_engine
 from packaging.requirements import Requirement
 from packaging.version import Version
 from sagellm_protocol.sampling import DecodingStrategy, SamplingParams
+
+from .engine_harness import KVTrace, prompt, run_engine
 
 NEWEST_ORIGINAL = "0.5.4.15"
 # Measured with the original package (isagellm-kv-cache 0.5.4.15) on this workload: the engine's
@@ -76,9 +77,12 @@ def _assert_real_block_tables(trace: KVTrace) -> None:
         assert len(set(table)) == len(table)
 
 
-def test_generate_stream_and_concurrency_match_the_engine_without_kv_cache(tiny_model: Path,
-                                                                          kv_trace: KVTrace) -> None:
+def test_generate_stream_and_concurrency_match_the_engine_without_kv_cache(
+        tiny_model: Path, kv_trace: KVTrace, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="sagellm_core")
     with_cache = run_engine(tiny_model, _workload)
+    # No "did not provide a block table", no decode-slot KeyError, no leaked handle on the way.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     _assert_real_block_tables(kv_trace)
     _assert_everything_freed(kv_trace)
     assert with_cache["errors"] == [] and with_cache["stream_deltas"] > 0
