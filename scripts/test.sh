@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: lint, C++ (plain, ASan+UBSan, TSan stress), the native consumer example,
-# pytest against the installed package, and a smoke test of the wheel in a clean venv.
+# pytest against the installed package, the sageLLM engine end to end on it (tests/integration),
+# and a smoke test of the wheel in a clean venv.
 # Usage: bash scripts/test.sh            (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,22 @@ rm -rf "$prefix"
 
 step "pytest"
 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
+
+step "engine integration: the sageLLM engine (isagellm-core, pinned) on this package"
+# Our version (0.5.5.x) satisfies the engine's isagellm-kv-cache>=0.5.4.1,<0.6, so pip keeps the
+# build installed above; torch is already the pinned CPU build, so no CUDA wheels are pulled.
+"$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+"$PYTHON" -m pip install -q --disable-pip-version-check "isagellm-core==0.5.4.26"
+"$PYTHON" - <<'PY'
+from importlib import metadata
+import sagellm_kv_cache
+from sagellm_kv_cache import _core  # the C++ build, not the pure-Python original
+assert metadata.version("isagellm-kv-cache") == sagellm_kv_cache.__version__ == _core.__version__
+nvidia = sorted(d.metadata["Name"] for d in metadata.distributions() if d.metadata["Name"].lower().startswith("nvidia-"))
+assert not nvidia, f"CUDA packages were pulled in: {nvidia}"
+print("engine", metadata.version("isagellm-core"), "on isagellm-kv-cache", sagellm_kv_cache.__version__)
+PY
+SAGELLM_KV_REQUIRE_ENGINE=1 "$PYTHON" -m pytest tests/integration -q -p no:cacheprovider
 
 # --- KV events against NVIDIA Dynamo's standalone KV indexer -----------------------------------------
 # ai-dynamo-runtime (a 75 MB wheel, ~40 s to install) pins pydantic<=2.13.5, so it gets its own venv

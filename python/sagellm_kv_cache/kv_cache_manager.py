@@ -202,7 +202,7 @@ class KVCacheManager:
             raise KVBudgetExceededError(num_tokens, self.max_tokens,
                                         context={"max_tokens": self.max_tokens, "reason": "larger than the budget"})
         with self._lock:
-            victims = self._plan_eviction(num_tokens, self._blocks_for(num_tokens))
+            victims = self._plan_eviction(num_tokens)
             if victims:
                 self._evict(victims, reason=f"alloc of {num_tokens} tokens")
             handle = self._pool.alloc(num_tokens, dtype, layout, device, metadata)
@@ -210,6 +210,7 @@ class KVCacheManager:
             self._next_owner += 1
             self._owner_of[handle.handle_id] = owner
             self._handles[owner] = handle
+            self._grow_block_owner(handle.block_ids)
             self._block_owner[handle.block_ids] = owner
             self._device_tokens[device] = self._device_tokens.get(device, 0) + num_tokens
         if self._hook is not None and self.metrics_collector is not None:
@@ -261,18 +262,19 @@ class KVCacheManager:
                 handle.pin_count, handle.state = live.pin_count, live.state
 
     def can_admit(self, num_tokens: int, *, num_blocks: int | None = None, allow_eviction: bool = True) -> bool:
-        """Whether ``num_tokens`` tokens (in ``num_blocks`` blocks, default the rounding of one
-        handle) could be allocated now, counting what one eviction round may free."""
+        """Whether ``num_tokens`` tokens could be allocated now, counting what one eviction round
+        may free. The token budget is the only limit (the pool never runs out of block ids for
+        what the budget admits); ``num_blocks`` is validated and otherwise not needed."""
         num_tokens = _check_int("num_tokens", num_tokens, minimum=0)
-        blocks = self._blocks_for(num_tokens) if num_blocks is None else _check_int("num_blocks", num_blocks,
-                                                                                    minimum=0)
+        if num_blocks is not None:
+            _check_int("num_blocks", num_blocks, minimum=0)
         if num_tokens > self.max_tokens:
             return False
         with self._lock:
             if not allow_eviction:
-                return self._fits(num_tokens, blocks, 0, 0)
+                return self._fits(num_tokens, 0)
             try:
-                self._plan_eviction(num_tokens, blocks)
+                self._plan_eviction(num_tokens)
             except KVBudgetExceededError:
                 return False
             return True
@@ -406,6 +408,16 @@ class KVCacheManager:
         return self._pool
 
     @property
+    def kv_pool(self) -> KVPool:
+        """The underlying seed pool under the original package's attribute name."""
+        return self._pool
+
+    @property
+    def eviction_manager(self) -> EvictionManager:
+        """The strategy that orders unpinned handles for eviction (original attribute name)."""
+        return self._eviction
+
+    @property
     def prefix_cache(self) -> RadixPrefixCache:
         """The underlying trie (metadata-only; block ids are the pool's)."""
         return self._prefix
@@ -432,6 +444,11 @@ class KVCacheManager:
     def __len__(self) -> int:
         return len(self._handles)
 
+    def __bool__(self) -> bool:
+        # A manager is a resource, not a container: truthy while empty (`if manager:` must not
+        # depend on how many handles it holds; the original class had no __len__).
+        return True
+
     def __repr__(self) -> str:
         return (f"KVCacheManager(max_tokens={self.max_tokens}, block_size={self.block_size}, "
                 f"handles={len(self._handles)}, used_tokens={self._pool.get_allocated_tokens()}, "
@@ -451,20 +468,25 @@ class KVCacheManager:
             self._reuse_tokens += n * self.block_size
         return n, ids
 
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+    def _fits(self, tokens: int, extra_tokens: int) -> bool:
+        return tokens <= self._pool.get_available_tokens() + extra_tokens
 
-    def _fits(self, tokens: int, blocks: int, extra_tokens: int, extra_blocks: int) -> bool:
-        free_blocks = self._pool.get_block_stats()["free_blocks"]
-        return (tokens <= self._pool.get_available_tokens() + extra_tokens
-                and blocks <= free_blocks + extra_blocks)
+    def _grow_block_owner(self, ids: npt.NDArray[np.int32]) -> None:
+        # The pool's id space grows when partly filled blocks need more ids than the budget's
+        # full blocks; the owner table follows (doubling, so growth is amortised).
+        top = int(ids.max()) + 1 if len(ids) else 0
+        if top > len(self._block_owner):
+            size = min(max(top, 2 * len(self._block_owner)), self._pool.max_block_ids)
+            grown = np.zeros(size, dtype=np.int64)
+            grown[: len(self._block_owner)] = self._block_owner
+            self._block_owner = grown
 
-    def _plan_eviction(self, tokens: int, blocks: int) -> list[KVHandle]:
-        """The victims of one round that make room for ``tokens`` in ``blocks``; [] when it fits.
+    def _plan_eviction(self, tokens: int) -> list[KVHandle]:
+        """The victims of one round that make room for ``tokens``; [] when it fits.
 
         Raises ``KVBudgetExceededError`` (and changes nothing) when no permitted round makes room.
         """
-        if self._fits(tokens, blocks, 0, 0):
+        if self._fits(tokens, 0):
             return []
         candidates = [h for h in self._handles.values() if h.is_evictable()]
         available = self._pool.get_available_tokens()
@@ -477,20 +499,16 @@ class KVCacheManager:
         if candidates:
             # Asking for every evictable token returns all candidates, coldest first.
             ordered = self._eviction.select_victims(candidates, sum(h.num_tokens for h in candidates))
-            freed_tokens = freed_blocks = 0
+            freed_tokens = 0
             victims: list[KVHandle] = []
             for victim in ordered:
                 if self.max_evict_handles_per_round is not None and len(victims) >= self.max_evict_handles_per_round:
                     break
                 victims.append(victim)
                 freed_tokens += victim.num_tokens
-                freed_blocks += len(victim.block_ids)
-                if self._fits(tokens, blocks, freed_tokens, freed_blocks):
+                if self._fits(tokens, freed_tokens):
                     return victims
-        if tokens > available + sum(h.num_tokens for h in candidates):
-            raise KVBudgetExceededError(tokens, available, context=context)
-        free_blocks = self._pool.get_block_stats()["free_blocks"]
-        raise KVBudgetExceededError(blocks, free_blocks, unit="blocks", context=context)
+        raise KVBudgetExceededError(tokens, available, context=context)
 
     def _evict(self, victims: list[KVHandle], *, reason: str) -> None:
         tokens = sum(v.num_tokens for v in victims)

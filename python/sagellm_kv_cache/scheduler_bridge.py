@@ -23,6 +23,9 @@ on its device and allocate only the rest. In the plan, ``prefix_hit_len`` is the
 tokens actually reused (0 for the request that computed the prefix) and ``kv_tokens_required`` the
 request's whole need.
 
+Memory figures (``SchedulerPlan.total_memory_mb``, the devices' ``memory_*_mb``) are the KV tokens
+times ``bytes_per_token`` (default 4, the figure the original package reports) in MiB.
+
 Placement: ``devices`` (default ``["cuda:0"]``) share the one budget, as in the seed's single pool;
 each is registered in the collector with capacity ``max_tokens`` and its usage is updated after
 every admission and free, so with ``enable_load_awareness`` the scheduler's strategy
@@ -48,15 +51,17 @@ from sagellm_kv_cache.errors import (
     KVHandleNotFoundError,
     KVPoolFullError,
 )
+from sagellm_kv_cache.eviction import EvictionManager
 from sagellm_kv_cache.kv_cache_manager import KVCacheManager
 from sagellm_kv_cache.load_aware_scheduler import LoadAwareScheduler, PlacementStrategy
 from sagellm_kv_cache.load_metrics import LoadMetricsCollector
 from sagellm_kv_cache.models.kv_handle import KVHandle
-from sagellm_kv_cache.pool.kv_pool import parse_device
+from sagellm_kv_cache.pool.kv_pool import KVPool, parse_device
 
 __all__ = ["KVRequestNotFoundError", "SchedulerBridge"]
 
 _DEFAULT_DEVICES = ("cuda:0",)
+_MIB = float(1 << 20)
 
 
 class KVRequestNotFoundError(KVHandleNotFoundError):
@@ -103,6 +108,8 @@ class SchedulerBridge:
         enable_load_awareness: bool = False,
         placement_strategy: PlacementStrategy = PlacementStrategy.LOWEST_KV,
         devices: list[str] | None = None,
+        *,
+        bytes_per_token: int = 4,
     ) -> None:
         if devices is None:
             devices = list(_DEFAULT_DEVICES)
@@ -113,7 +120,9 @@ class SchedulerBridge:
         canonical = [parse_device(device) for device in devices]
         if len(set(canonical)) != len(canonical):
             raise KVConfigInvalidError("devices", devices, reason="lists a device twice")
-        self._manager = KVCacheManager(max_tokens, block_size, eviction_policy=eviction_policy)
+        self._manager = KVCacheManager(max_tokens, block_size, eviction_policy=eviction_policy,
+                                       bytes_per_token=bytes_per_token)
+        self.bytes_per_token = self._manager.bytes_per_token
         self.max_tokens = self._manager.max_tokens
         self.block_size = self._manager.block_size
         self.enable_prefix_cache = bool(enable_prefix_cache)
@@ -121,7 +130,8 @@ class SchedulerBridge:
         self.devices: list[str] = canonical
         self._collector = LoadMetricsCollector()
         for device in canonical:
-            self._collector.register_device(device, kv_tokens_capacity=self.max_tokens)
+            self._collector.register_device(device, kv_tokens_capacity=self.max_tokens,
+                                            memory_capacity_mb=self._mib(self.max_tokens))
         self._scheduler = LoadAwareScheduler(self._collector, placement_strategy, self.enable_load_awareness)
         self._lock = threading.RLock()
         self._requests: dict[str, _Reservation] = {}
@@ -157,7 +167,6 @@ class SchedulerBridge:
             placement: dict[str, str] = {}
             deferred: list[str] = []
             new_tokens = 0
-            memory_mb = 0.0
             for index in order:
                 request = requests[index]
                 reservation = self._admit(request)
@@ -173,7 +182,6 @@ class SchedulerBridge:
                 }))
                 placement[request.request_id] = reservation.device
                 new_tokens += needed - reservation.reused_tokens
-                memory_mb += request.memory_required_mb
                 self._sync_load()  # the next placement sees this admission's usage
             self._last_deferred = deferred
             self._sync_load()  # admissions may have evicted cold prefixes anywhere
@@ -183,7 +191,7 @@ class SchedulerBridge:
             requests=admitted,
             batch_size=len(admitted),
             total_kv_tokens=new_tokens,
-            total_memory_mb=memory_mb,
+            total_memory_mb=self._mib(new_tokens),
             placement=placement,
             created_at=now,
         )
@@ -282,8 +290,34 @@ class SchedulerBridge:
     def scheduler(self) -> LoadAwareScheduler:
         return self._scheduler
 
+    @property
+    def kv_pool(self) -> KVPool:
+        """The token-budget pool underneath (original attribute name)."""
+        return self._manager.kv_pool
+
+    @property
+    def eviction_manager(self) -> EvictionManager:
+        return self._manager.eviction_manager
+
+    @property
+    def _request_handles(self) -> dict[str, KVHandle]:
+        """Request id -> the handle holding that request's own tokens (a fresh dict).
+
+        Part of the contract although private: the sageLLM engine's scheduler (``isagellm-core``
+        0.5.4.x, ``ContinuousBatchingScheduler.schedule`` with ``use_scheduler_bridge=True``) reads
+        ``bridge._request_handles[request_id]._blocks`` to build prefill block tables. A shared
+        prefix a request reuses is a separate handle and not part of this entry.
+        """
+        with self._lock:
+            return {rid: reservation.handle for rid, reservation in self._requests.items()}
+
     def __len__(self) -> int:
         return len(self._requests)
+
+    def __bool__(self) -> bool:
+        # Truthy while empty: the engine enables the bridge path with `if self._advanced_scheduler_bridge:`
+        # (the original class had no __len__, so it was always true).
+        return True
 
     def __repr__(self) -> str:
         return (f"SchedulerBridge(max_tokens={self.max_tokens}, block_size={self.block_size}, "
@@ -388,6 +422,9 @@ class SchedulerBridge:
             live = {h.handle_id for h in self._manager.handles()}
             self._prefixes = {f: h for f, h in self._prefixes.items() if h.handle_id in live}
 
+    def _mib(self, tokens: int) -> float:
+        return tokens * self.bytes_per_token / _MIB
+
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
@@ -395,4 +432,5 @@ class SchedulerBridge:
         usage = self._manager.tokens_by_device()
         for device in self.devices:
             self._collector.update_kv_usage(device, usage.get(device, 0))
+            self._collector.update_memory_usage(device, self._mib(usage.get(device, 0)))
             self._collector.update_request_count(device, self._active[device], 0)

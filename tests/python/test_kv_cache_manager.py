@@ -333,15 +333,23 @@ def test_eviction_round_cap() -> None:
     assert not manager.can_admit(64, allow_eviction=False)
 
 
-def test_block_rounding_pressure_evicts_by_blocks() -> None:
-    manager = KVCacheManager(256, 128)  # two blocks of 128 tokens
-    first, second = manager.alloc(1), manager.alloc(1)
-    assert manager.get_stats()["available_tokens"] == 254 and manager.get_stats()["free_blocks"] == 0
-    third = manager.alloc(1)  # tokens are plentiful, blocks are not: the oldest handle goes
-    assert first.state == KVBlockState.FREE and third.block_ids.tolist() == first.block_ids.tolist()
-    manager.pin(second)
-    manager.pin(third)
-    with pytest.raises(KVBudgetExceededError, match="blocks"):
+def test_admission_is_by_tokens_not_blocks() -> None:
+    # As in the original package: partly filled blocks never refuse (or evict for) what the
+    # token budget admits; the pool finds more block ids instead.
+    manager = KVCacheManager(256, 128)  # the budget is two full blocks of 128 tokens
+    handles = [manager.alloc(1) for _ in range(3)]
+    assert all(h.state == KVBlockState.ALLOCATED for h in handles)
+    assert len({h.block_ids[0] for h in handles}) == 3
+    stats = manager.get_stats()
+    assert stats["evicted_handles"] == 0 and stats["available_tokens"] == 253 and stats["used_blocks"] == 3
+    manager.register_prefix([7], handles[2])  # ids beyond the budget's blocks work everywhere
+    big = manager.alloc(253)
+    assert manager.get_stats()["available_tokens"] == 0 and manager.get_stats()["evicted_handles"] == 0
+    manager.pin(big)
+    extra = manager.alloc(3)  # the three 1-token handles make room, oldest first
+    assert [h.state for h in handles] == [KVBlockState.FREE] * 3 and extra.num_tokens == 3
+    manager.pin(extra)
+    with pytest.raises(KVBudgetExceededError, match="tokens"):
         manager.alloc(1)
 
 
@@ -474,3 +482,10 @@ def test_model_accounting_and_prefix_answers(ops: list[tuple[Any, ...]]) -> None
         ids = np.concatenate([h.block_ids for h in held]) if held else np.empty(0, dtype=np.int32)
         assert len(np.unique(ids)) == len(ids) == stats["used_blocks"]
         assert not any(h.state == KVBlockState.FREE and h.is_pinned for h in live)
+
+
+def test_original_attribute_names_and_truthiness() -> None:
+    manager = KVCacheManager(256, 16)
+    assert bool(manager) and len(manager) == 0
+    assert manager.kv_pool is manager.pool and bool(manager.kv_pool)
+    assert manager.eviction_manager.policy == manager.eviction_policy

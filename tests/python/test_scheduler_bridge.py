@@ -330,3 +330,25 @@ def test_random_plans_and_frees_keep_budget_and_books(steps: list[Any]) -> None:
         load = stats["load_metrics"]
         assert sum(m["kv_tokens_used"] for m in load.values()) == pool["used_tokens"]
         assert sum(m["active_requests"] for m in load.values()) == len(active)
+
+
+def test_engine_contract_truthy_request_handles_and_plan_memory() -> None:
+    # What the sageLLM engine's scheduler reads (isagellm-core 0.5.4.x): `if bridge:` on an empty
+    # bridge, `bridge._request_handles[rid]._blocks`, `plan.total_memory_mb` and `plan.placement`.
+    bridge = SchedulerBridge(max_tokens=192, block_size=16)
+    assert bool(bridge) and len(bridge) == 0 and bridge.kv_pool is bridge.manager.pool
+    plan = bridge.plan([req("a", prompt=6, new=100), req("b", prompt=39, new=100)])
+    assert list(plan.placement) == ["a"] and bridge.last_deferred == ["b"]
+    assert plan.total_kv_tokens == 106 and plan.total_memory_mb == pytest.approx(106 * 4 / 2**20)
+    handles = bridge._request_handles
+    assert list(handles) == ["a"] and handles["a"] is bridge.get_request_handle("a")
+    table = [b.block_id for b in handles["a"]._blocks]
+    assert table == handles["a"].block_ids.tolist() and len(table) == 7
+    assert all(isinstance(b, int) for b in table)
+    metrics = bridge.get_stats()["load_metrics"]["cuda:0"]
+    assert metrics["memory_capacity_mb"] == pytest.approx(192 * 4 / 2**20)
+    assert metrics["memory_used_mb"] == pytest.approx(106 * 4 / 2**20)
+    bridge.free_request("a")
+    assert bridge._request_handles == {} and bool(bridge)
+    assert SchedulerBridge(max_tokens=64, bytes_per_token=32).plan([req("c", 10, 6)]).total_memory_mb == (
+        pytest.approx(16 * 32 / 2**20))

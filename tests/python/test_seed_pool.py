@@ -52,8 +52,8 @@ def test_budget_accounting_and_callback() -> None:
     calls: list[tuple[int, int, int]] = []
     pool = KVPool(max_tokens=256, block_size=16, on_budget_exceeded=lambda *a: calls.append(a))
     h = pool.alloc(200)
-    # 56 tokens remain in the budget but only 3 of 16 blocks: can_admit counts both
-    assert pool.can_admit(48) and not pool.can_admit(49)
+    # 56 tokens remain in the budget (and only 3 of 16 full blocks): the budget decides, as in the seed
+    assert pool.can_admit(56) and not pool.can_admit(57)
     with pytest.raises(KVBudgetExceededError) as info:
         pool.alloc(100)
     assert calls == [(100, 56, 256)]
@@ -66,13 +66,32 @@ def test_budget_accounting_and_callback() -> None:
     pool.free(h)
 
 
-def test_block_rounding_can_fill_the_pool_first() -> None:
-    pool = KVPool(max_tokens=256, block_size=128)  # 2 blocks
-    pool.alloc(1)
-    pool.alloc(1)
-    with pytest.raises(KVPoolFullError):
+def test_block_rounding_never_refuses_what_the_budget_admits() -> None:
+    pool = KVPool(max_tokens=256, block_size=128)  # 2 full blocks
+    handles = [pool.alloc(1) for _ in range(256)]  # 256 partly filled blocks
+    ids = [int(h.block_ids[0]) for h in handles]
+    assert len(set(ids)) == 256 and max(ids) < pool.max_block_ids
+    assert [b.block_id for b in handles[-1]._blocks] == handles[-1].block_ids.tolist()
+    assert pool.get_block_stats()["used_blocks"] == 256 and pool.get_block_stats()["free_blocks"] == 0
+    with pytest.raises(KVBudgetExceededError):
         pool.alloc(1)
-    assert pool.get_allocated_tokens() == 2 and len(pool) == 2
+    for h in handles:
+        pool.free(h)
+    assert pool.get_block_stats()["block_id_capacity"] == 2 and pool.get_block_stats()["free_blocks"] == 2
+    assert sorted(pool.alloc(256).block_ids.tolist()) == [0, 1]
+
+
+def test_seed_admission_example_from_the_engine() -> None:
+    # A 192-token pool holding 7 + 40 + 20 + 60 tokens admits 53 more (4 blocks) although only 2
+    # of its 12 full blocks are free; the original package does the same.
+    pool = KVPool(max_tokens=192, block_size=16)
+    for n in (7, 40, 20, 60):
+        pool.alloc(n)
+    assert pool.can_admit(65) and not pool.can_admit(66)
+    handle = pool.alloc(53)
+    assert len(handle._blocks) == 4 and pool.get_available_tokens() == 12
+    all_ids = [b.block_id for h in pool._handles.values() for b in h._blocks]
+    assert len(all_ids) == len(set(all_ids)) == 14
 
 
 def test_pin_unpin_and_free_rules() -> None:
@@ -183,3 +202,14 @@ def test_handle_ids_are_unique() -> None:
     pool = KVPool(max_tokens=4096, block_size=16)
     ids = {pool.alloc(16).handle_id for _ in range(100)}
     assert len(ids) == 100 and all(isinstance(i, uuid.UUID) for i in ids)
+
+
+def test_models_reexport_the_protocol_types() -> None:
+    import sagellm_kv_cache.models as models
+    import sagellm_protocol.kv as protocol
+
+    shared = ["DType", "Layout", "EvictionPolicy", "RequestType", "MemoryTier", "KVBlockState", "KVBlock",
+              "KVPoolStats", "KVTransferMetadata", "PrefixCacheEntry", "EvictionCandidate", "SchedulerRequest",
+              "SchedulerPlan", "LifetimePrediction"]
+    assert all(getattr(models, name) is getattr(protocol, name) for name in shared)
+    assert set(shared) | {"KVHandle", "KVBlockRef"} == set(models.__all__)

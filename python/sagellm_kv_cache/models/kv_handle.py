@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from sagellm_protocol.kv import KVHandle as _ProtocolKVHandle
 
 from sagellm_kv_cache.errors import KVRefCountUnderflowError
 
-__all__ = ["KVHandle"]
+__all__ = ["KVBlockRef", "KVHandle"]
 
 _DTYPE_BYTES = {
     DType.FP32: 4.0,
@@ -32,6 +33,14 @@ _DTYPE_BYTES = {
 
 def _tier_of(device: str) -> MemoryTier:
     return MemoryTier.CPU if device.split(":", 1)[0] == "cpu" else MemoryTier.GPU
+
+
+@dataclass(frozen=True, slots=True)
+class KVBlockRef:
+    """One pool block backing a handle, as the engine reads it: ``block_id`` is the integer id the
+    native allocator handed out (the original package used a UUID per block here)."""
+
+    block_id: int
 
 
 class KVHandle(_ProtocolKVHandle):
@@ -90,6 +99,16 @@ class KVHandle(_ProtocolKVHandle):
         view = self._block_ids.view()
         view.flags.writeable = False
         return view
+
+    @property
+    def _blocks(self) -> list[KVBlockRef]:
+        """The backing blocks, one :class:`KVBlockRef` per id in :attr:`block_ids`, in order.
+
+        Part of the contract although private: the sageLLM engine (``isagellm-core`` 0.5.4.x,
+        ``engine_core.kv_cache_manager``, ``scheduler_kv_bridge`` and ``scheduler``) builds every block
+        table as ``[b.block_id for b in getattr(handle, "_blocks", [])]``. Keep it working.
+        """
+        return [KVBlockRef(block_id) for block_id in self._block_ids.tolist()]
 
     def __eq__(self, other: object) -> bool:
         # Field equality, as for the protocol model; the block ids are bookkeeping of the pool.

@@ -4,6 +4,12 @@ The seed accounts in tokens (``max_tokens``) and hands out :class:`KVHandle` obj
 handle also owns ``ceil(num_tokens / block_size)`` real block ids from the native allocator, which
 is what an engine needs to build a block table. The pool is metadata-only (no KV bytes behind it,
 like the seed); use :class:`sagellm_kv_cache.PagedKVPool` for real memory.
+
+Admission is by the token budget alone, as in the original package: whatever fits in
+``max_tokens`` is admitted, however the handles round up to blocks. Handles whose last block is
+partly filled can need more block ids than ``ceil(max_tokens / block_size)`` (at most one per
+token), so the id space grows on demand in segments of that size, each a lock-free allocator of its
+own (see :class:`_BlockIdSpace`); with full blocks only the first segment is ever used.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from sagellm_kv_cache.errors import (
     KVDoubleFreeError,
     KVHandleNotFoundError,
     KVHandlePinnedError,
+    KVInvalidBlockError,
+    KVPoolFullError,
 )
 from sagellm_kv_cache.models.kv_handle import KVHandle
 
@@ -57,6 +65,79 @@ def parse_device(device: Any) -> str:
     return kind if kind == "cpu" else f"{kind}:{int(index or 0)}"
 
 
+_INT32_IDS = 2**31 - 1
+
+
+class _BlockIdSpace:
+    """Block ids for a token budget of ``max_tokens`` in blocks of ``block_size`` tokens.
+
+    Segment ``k`` hands out ids ``[k * S, (k + 1) * S)`` (``S = ceil(max_tokens / block_size)``)
+    from its own :class:`_core.BlockAllocator`. Segment 0 always exists; more are added when an
+    allocation does not fit in the free ids, up to ``ceil(max_tokens / S)`` segments, which covers
+    the worst case (every handle one token, one block each). Trailing segments that become empty
+    are dropped again.
+
+    Not thread-safe on its own: the owning pool calls it under its lock, which is also what makes
+    an allocation spread over several segments all-or-nothing.
+    """
+
+    def __init__(self, max_tokens: int, block_size: int) -> None:
+        self.segment_blocks = -(-max_tokens // block_size)
+        self.max_segments = -(-max_tokens // self.segment_blocks)
+        if self.segment_blocks * self.max_segments > _INT32_IDS:
+            raise KVConfigInvalidError("max_tokens", max_tokens, reason="needs more block ids than int32 holds")
+        self._segments = [_core.BlockAllocator(self.segment_blocks)]
+
+    def allocate(self, count: int) -> np.ndarray:
+        """``count`` ids (int32), from the lowest segments first; ``KVPoolFullError`` takes nothing."""
+        taken: list[np.ndarray] = []
+        remaining = count
+        index = 0
+        try:
+            while remaining > 0:
+                if index == len(self._segments):
+                    if index == self.max_segments:
+                        raise KVPoolFullError(self.segment_blocks * self.max_segments,
+                                              context={"requested_blocks": count})
+                    self._segments.append(_core.BlockAllocator(self.segment_blocks))
+                segment = self._segments[index]
+                n = min(remaining, int(segment.num_available))
+                if n:
+                    taken.append(segment.allocate(n) + np.int32(index * self.segment_blocks))
+                    remaining -= n
+                index += 1
+        except BaseException:
+            for ids in taken:
+                self.free(ids)
+            raise
+        if len(taken) == 1:
+            return taken[0]
+        return np.concatenate(taken) if taken else np.empty(0, dtype=np.int32)
+
+    def free(self, ids: np.ndarray) -> None:
+        """Returns ids handed out by :meth:`allocate` (the allocators reject anything else)."""
+        segment_of = ids // self.segment_blocks
+        if len(self._segments) == 1 or not segment_of.any():
+            self._segments[0].free(ids)
+        else:
+            for index in np.unique(segment_of).tolist():
+                if not 0 <= index < len(self._segments):
+                    bad = int(ids[segment_of == index][0])
+                    raise KVInvalidBlockError(str(bad), reason=f"block id out of range [0, {self.capacity})")
+                part = ids[segment_of == index] - np.int32(index * self.segment_blocks)
+                self._segments[index].free(part)
+        while len(self._segments) > 1 and int(self._segments[-1].num_allocated) == 0:
+            self._segments.pop()
+
+    @property
+    def capacity(self) -> int:
+        return self.segment_blocks * len(self._segments)
+
+    @property
+    def num_allocated(self) -> int:
+        return sum(int(segment.num_allocated) for segment in self._segments)
+
+
 class KVPool:
     """Token-budgeted pool of KV handles (seed API).
 
@@ -82,7 +163,7 @@ class KVPool:
         self.node_rank = node_rank
         self.num_blocks = -(-self.max_tokens // self.block_size)
         self._lock = threading.Lock()
-        self._allocator = _core.BlockAllocator(self.num_blocks)
+        self._ids = _BlockIdSpace(self.max_tokens, self.block_size)
         self._handles: dict[uuid.UUID, KVHandle] = {}
         self._allocated_tokens = 0
         self._pinned_tokens = 0
@@ -100,8 +181,8 @@ class KVPool:
         """Reserves ``num_tokens`` tokens and their blocks; returns the handle that owns them.
 
         Raises ``KVBudgetExceededError`` (after calling ``on_budget_exceeded(requested, available,
-        max_tokens)``) when the token budget is short, ``KVPoolFullError`` when block rounding leaves
-        too few blocks. Nothing is taken on failure.
+        max_tokens)``) when the token budget is short; block rounding never refuses what the budget
+        admits. Nothing is taken on failure.
         """
         num_tokens = _positive_int("num_tokens", num_tokens)
         dtype = DType(getattr(dtype, "value", dtype))
@@ -113,7 +194,7 @@ class KVPool:
                 if self.on_budget_exceeded is not None:
                     self.on_budget_exceeded(num_tokens, available, self.max_tokens)
                 raise KVBudgetExceededError(num_tokens, available, context={"max_tokens": self.max_tokens})
-            blocks = self._allocator.allocate(-(-num_tokens // self.block_size))
+            blocks = self._ids.allocate(-(-num_tokens // self.block_size))
             handle = KVHandle.create(
                 num_tokens, dtype=dtype, layout=layout, device=device, node_rank=self.node_rank, metadata=metadata
             )
@@ -133,7 +214,7 @@ class KVPool:
                 raise KVHandleNotFoundError(handle.handle_id, context={"reason": "not allocated by this pool"})
             if live.pin_count > 0:
                 raise KVHandlePinnedError(handle.handle_id, operation="free", pin_count=live.pin_count)
-            self._allocator.free(live._block_ids)
+            self._ids.free(live._block_ids)
             del self._handles[handle.handle_id]
             self._allocated_tokens -= live.num_tokens
             for h in {id(live): live, id(handle): handle}.values():
@@ -162,11 +243,10 @@ class KVPool:
     # --- budget -----------------------------------------------------------------------------
 
     def can_admit(self, num_tokens: int) -> bool:
+        """Whether ``num_tokens`` more tokens fit in the budget (the only limit, as in the seed)."""
         num_tokens = _positive_int("num_tokens", num_tokens, allow_zero=True)
         with self._lock:
-            blocks = -(-num_tokens // self.block_size)
-            return (num_tokens <= self.max_tokens - self._allocated_tokens
-                    and blocks <= self._allocator.num_available)
+            return num_tokens <= self.max_tokens - self._allocated_tokens
 
     def get_allocated_tokens(self) -> int:
         return self._allocated_tokens
@@ -194,16 +274,26 @@ class KVPool:
             }
 
     def get_block_stats(self) -> dict[str, int]:
-        """Block-level view (not in the seed): total, free and used blocks and bytes."""
-        used = int(self._allocator.num_allocated)
+        """Block-level view (not in the seed): blocks the budget holds when they are full
+        (``total_blocks``), blocks in use (partly filled last blocks count whole, so this can exceed
+        ``total_blocks``), the budget's blocks still free, the id space now in use, and bytes."""
+        with self._lock:
+            used = self._ids.num_allocated
+            capacity = self._ids.capacity
         return {
             "block_size": self.block_size,
             "total_blocks": self.num_blocks,
-            "free_blocks": int(self._allocator.num_available),
+            "free_blocks": max(0, self.num_blocks - used),
             "used_blocks": used,
+            "block_id_capacity": capacity,
             "used_bytes": used * self.block_size * self.bytes_per_token,
             "total_bytes": self.num_blocks * self.block_size * self.bytes_per_token,
         }
+
+    @property
+    def max_block_ids(self) -> int:
+        """Upper bound (exclusive) of any block id this pool can hand out."""
+        return self._ids.segment_blocks * self._ids.max_segments
 
     def reset(self) -> None:
         """Drops every handle (pinned ones included) and returns all blocks."""
@@ -213,7 +303,7 @@ class KVPool:
                 handle.ref_count = 0
                 handle.pin_count = 0
             self._handles.clear()
-            self._allocator = _core.BlockAllocator(self.num_blocks)
+            self._ids = _BlockIdSpace(self.max_tokens, self.block_size)
             self._allocated_tokens = 0
             self._pinned_tokens = 0
 
@@ -233,6 +323,12 @@ class KVPool:
 
     def __len__(self) -> int:
         return len(self._handles)
+
+    def __bool__(self) -> bool:
+        # A pool is a resource, not a container: it must stay truthy while empty. The sageLLM
+        # engine's scheduler tests `elif kv_pool:` to take the pool's max_tokens (the original
+        # KVPool had no __len__, so it was always true).
+        return True
 
     def __repr__(self) -> str:
         return (f"KVPool(max_tokens={self.max_tokens}, block_size={self.block_size}, "
