@@ -285,8 +285,37 @@ def _digest_array(keys: Sequence[Any]) -> Digests:
     return np.frombuffer(b"".join(map(_key_digest, keys)), dtype=np.uint8).reshape(len(keys), 32)
 
 
+def _chained(keys: Sequence[Any]) -> Digests:
+    """Trie digests of a sequence of seed block keys, position 0 first: key 0 as is, then
+    ``SHA-256(chained[i-1] || key[i])``, so a block is found only under the prefix it was cached with."""
+    flat = _digest_array(keys)
+    out = np.empty_like(flat)
+    if len(flat):
+        out[0] = flat[0]
+        previous = flat[0].tobytes()
+        for i in range(1, len(flat)):
+            previous = hashlib.sha256(previous + flat[i].tobytes()).digest()
+            out[i] = np.frombuffer(previous, dtype=np.uint8)
+    return out
+
+
+def _big_endian_u32(tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
+    """Token ids as the seed hashes them; ids outside [0, 2**32) have no such form."""
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > 0xFFFFFFFF):
+        bad = int(tokens[(tokens < 0) | (tokens > 0xFFFFFFFF)][0])
+        raise ValueError(f"token id {bad} is out of range [0, 2**32)")
+    return tokens.astype(">u4")
+
+
 class PrefixCache:
     """The seed's block-hash prefix cache, backed by the C++ trie.
+
+    Block keys are the seed's: ``compute_block_hash`` is SHA-256 of one block's token ids as 4-byte
+    big-endian integers, which is also what the sageLLM engine computes by itself for its lookups,
+    so keys from either side meet. Such keys do not depend on the blocks before them; ``insert`` and
+    ``lookup`` chain them (position 0 first) before they reach the trie, so a block is served only
+    under the prefix it was cached with (the original served it under any prefix). Both take the
+    keys of a prompt from its first block on.
 
     Blocks are the caller's dicts (``{"block_id": ..., "handle_id": ...}``) and come back from
     ``lookup`` as the same objects. Hit and miss counts are per block. With ``enable_lru=False`` a
@@ -321,18 +350,22 @@ class PrefixCache:
         return arr.astype(np.int64, copy=False)
 
     def compute_block_hash(self, tokens: Sequence[int], block_size: int | None = None) -> BlockHash:
-        """Digest of one full block (chained from the root)."""
+        """Key of one full block: SHA-256 of its token ids as 4-byte big-endian unsigned integers."""
         size = self.block_size if block_size is None else block_size
         arr = self._tokens(tokens)
         if len(arr) != size:
             raise ValueError(f"a block must hold exactly block_size={size} tokens, got {len(arr)}")
-        return bytes(self._cache.hash_tokens(arr, block_size=size)[0].tobytes())
+        return hashlib.sha256(_big_endian_u32(arr).tobytes()).digest()
 
     def compute_block_hashes(self, tokens: Sequence[int], block_size: int | None = None) -> list[BlockHash]:
-        """Chained digests of the full blocks of ``tokens`` (a trailing partial block is skipped)."""
+        """Keys of the full blocks of ``tokens`` (a trailing partial block is skipped)."""
         size = self.block_size if block_size is None else block_size
-        raw = self._cache.hash_tokens(self._tokens(tokens), block_size=size).tobytes()
-        return [raw[i : i + 32] for i in range(0, len(raw), 32)]
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {size!r}")
+        arr = self._tokens(tokens)
+        raw = _big_endian_u32(arr[: len(arr) - len(arr) % size]).tobytes()
+        step = 4 * size
+        return [hashlib.sha256(raw[i : i + step]).digest() for i in range(0, len(raw), step)]
 
     # --- lookup / insert --------------------------------------------------------------------
 
@@ -340,7 +373,7 @@ class PrefixCache:
         """Longest cached prefix: (its block dicts, number of tokens they cover)."""
         if not block_hashes:
             return [], 0
-        digests = _digest_array(block_hashes)
+        digests = _chained(block_hashes)
         with self._lock:
             n, ids = self._cache.match(digests)
             self._cache.release(digests[:n])
@@ -356,7 +389,7 @@ class PrefixCache:
             raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}")
         if not blocks:
             return
-        digests = _digest_array(block_hashes)
+        digests = _chained(block_hashes)
         owner_keys = list(map(dict.get, blocks, itertools.repeat("handle_id")))
         with self._lock:
             # The leading blocks already cached keep their dicts; only the rest get ids and entries.

@@ -132,10 +132,6 @@ def test_prefix_cache_gets_the_request_blocks(tiny_model: Path, kv_trace: KVTrac
     _assert_everything_freed(kv_trace)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PrefixCache.compute_block_hashes must return the original's per-block digests "
-    "(sha256 over each token as 4-byte big-endian, not chained): the engine inserts with those and "
-    "looks up with its own KVCacheManager.compute_block_hashes, which computes exactly that"))
 def test_repeated_long_prompt_hits_the_prefix_cache(tiny_model: Path, kv_trace: KVTrace) -> None:
     results = run_engine(tiny_model, _same_prompt_three_times)
     # The original: no hit for the first prompt, then all four full blocks (64 of 64 cacheable tokens).

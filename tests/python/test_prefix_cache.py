@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import subprocess
 import sys
 import uuid
@@ -82,14 +84,23 @@ def test_seed_stats_keys_and_counts() -> None:
     assert len(cache) == 2
 
 
-def test_seed_hashes_are_chained_and_block_sized() -> None:
+def test_seed_block_keys_are_per_block_and_served_only_under_their_prefix() -> None:
     cache = PrefixCache(block_size=4)
     a = cache.compute_block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9])  # the partial third block is skipped
     b = cache.compute_block_hashes([0, 2, 3, 4, 5, 6, 7, 8])
     assert len(a) == 2 and all(isinstance(h, bytes) and len(h) == 32 for h in a)
-    assert a[1] != b[1]  # same tokens in block 2, different prefix
+    # The seed's (and the sageLLM engine's) key: SHA-256 of the block's ids as 4-byte big-endian.
+    assert a[0] == hashlib.sha256(struct.pack(">4I", 1, 2, 3, 4)).digest()
+    assert a[1] == b[1]  # same tokens, same key, whatever comes before
     assert cache.compute_block_hash([1, 2, 3, 4]) == a[0]
     assert cache.compute_block_hash([1, 2], block_size=2) == cache.compute_block_hashes([1, 2], block_size=2)[0]
+    # ...but the cache chains the keys of a prompt: block 2 is served only after block 1.
+    cache.insert(a, [{"block_id": 1}, {"block_id": 2}])
+    assert cache.lookup(a) == ([{"block_id": 1}, {"block_id": 2}], 8)
+    assert cache.lookup(b) == ([], 0)
+    assert cache.lookup(a[1:]) == ([], 0)
+    with pytest.raises(ValueError, match="out of range"):
+        cache.compute_block_hashes([1, 2, 3, -4])
     with pytest.raises(ValueError, match="block_size=4"):
         cache.compute_block_hash([1, 2, 3])
     with pytest.raises(ValueError, match="block_size=8"):
