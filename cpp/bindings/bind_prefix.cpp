@@ -207,14 +207,6 @@ std::vector<BlockId>& id_scratch(std::size_t n) {
   return scratch;
 }
 
-// The Python object: the C++ cache plus whatever keeps its allocator alive.
-struct BoundPrefixCache {
-  std::shared_ptr<PagedKVPool> pool;  // declared before `cache`: destroyed after it
-  py::object allocator_owner;         // a bound BlockAllocator, kept alive the same way
-  HashAlgorithm algorithm = HashAlgorithm::kSha256;
-  std::unique_ptr<PrefixCache> cache;
-};
-
 py::tuple do_match(BoundPrefixCache& self, std::span<const BlockHash> digests, bool take) {
   std::vector<BlockId>& ids = id_scratch(digests.size());
   std::uint32_t m = 0;
