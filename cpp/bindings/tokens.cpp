@@ -52,19 +52,36 @@ long long slow_int(PyObject* item, const char* what, std::size_t pos) {
   return v;
 }
 
-void append_sequence(PyObject* seq, bool is_list, std::vector<std::int32_t>& out, const char* what) {
-  // Re-read the size every step: __index__ of an odd item could shrink the list.
-  for (Py_ssize_t i = 0;; ++i) {
+// The careful loop: the item is held while its __index__ runs, the size re-read every step.
+void append_slow(PyObject* seq, bool is_list, Py_ssize_t start, std::vector<std::int32_t>& out, std::size_t base,
+                 const char* what) {
+  out.resize(base + static_cast<std::size_t>(start));
+  for (Py_ssize_t i = start;; ++i) {
     const Py_ssize_t n = is_list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq);
     if (i >= n) break;
-    PyObject* item = is_list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i);
+    py::object item = py::reinterpret_borrow<py::object>(is_list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i));
     long long v = 0;
-    if (!small_int(item, v)) {
-      py::object hold = py::reinterpret_borrow<py::object>(item);
-      v = slow_int(item, what, static_cast<std::size_t>(i));
-    }
+    if (!small_int(item.ptr(), v)) v = slow_int(item.ptr(), what, static_cast<std::size_t>(i));
     if (v < kMin || v > kMax) out_of_range(what, std::to_string(v), static_cast<std::size_t>(i));
     out.push_back(static_cast<std::int32_t>(v));
+  }
+}
+
+void append_sequence(PyObject* seq, bool is_list, std::vector<std::int32_t>& out, const char* what) {
+  const std::size_t base = out.size();
+  const Py_ssize_t n = is_list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq);
+  out.resize(base + static_cast<std::size_t>(n));
+  PyObject** items = is_list ? reinterpret_cast<PyListObject*>(seq)->ob_item : reinterpret_cast<PyTupleObject*>(seq)->ob_item;
+  std::int32_t* dst = out.data() + base;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    long long v = 0;
+    if (!small_int(items[i], v)) {
+      // __index__ of an odd item may run Python code that changes the list: from here on, re-read
+      // the list item by item.
+      return append_slow(seq, is_list, i, out, base, what);
+    }
+    if (v < kMin || v > kMax) out_of_range(what, std::to_string(v), static_cast<std::size_t>(i));
+    dst[i] = static_cast<std::int32_t>(v);
   }
 }
 
