@@ -245,8 +245,9 @@ def test_random_operations_keep_accounting(ops: list[tuple[int, int, int]]) -> N
                 rm.admit(rid, tokens)
                 model[rid] = n
             elif op == 1 and rid in model:
-                rm.append(rid, tokens[: 1 + n % 5])
-                model[rid] += 1 + n % 5
+                run = tokens[: 1 + n % 5]
+                rm.append(rid, run)
+                model[rid] += len(run)
             elif op == 2 and rid in model:
                 rm.finish(rid)
                 del model[rid]
