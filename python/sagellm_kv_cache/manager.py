@@ -108,7 +108,7 @@ class RequestManager:
     def admit(self, request_id: int, tokens: Any, *, salt: bytes | str | None = None,
               extra: bytes | str | None = None) -> tuple[int, Int32Array]:
         """Admits one request: ``(num_cached_tokens, block_table)``. ``KVPoolFullError`` when short."""
-        return self._native.admit(request_id, tokens, salt, extra)  # type: ignore[no-any-return]
+        return self._native.admit(request_id, tokens, salt, extra)
 
     def admit_batch(self, request_ids: Any, tokens: Any, *, salt: bytes | str | None = None,
                     extra: bytes | str | None = None) -> tuple[Int32Array, Int32Array, npt.NDArray[np.int64]]:
@@ -118,17 +118,17 @@ class RequestManager:
         ``block_tables[offsets[i]:offsets[i + 1]]``. Requests of one batch do not share the blocks
         they introduce (the next batch does).
         """
-        return self._native.admit_batch(request_ids, tokens, salt, extra)  # type: ignore[no-any-return]
+        return self._native.admit_batch(request_ids, tokens, salt, extra)
 
     # --- running requests -------------------------------------------------------------------
 
     def append(self, request_id: int, tokens: Any) -> Int32Array:
         """Adds tokens to a running request; returns the ids of the blocks it gained."""
-        return self._native.append(request_id, tokens)  # type: ignore[no-any-return]
+        return self._native.append(request_id, tokens)
 
     def append_batch(self, request_ids: Any, tokens: Any) -> tuple[Int32Array, Int32Array]:
         """Adds ``tokens[i]`` to ``request_ids[i]``, all or nothing: ``(new_block_counts, new_block_ids)``."""
-        return self._native.append_batch(request_ids, tokens)  # type: ignore[no-any-return]
+        return self._native.append_batch(request_ids, tokens)
 
     def append_decode(self, request_ids: Any, tokens: Any, out: Int32Array | None = None) -> Int32Array:
         """A decode step: one token per request, all or nothing.
@@ -136,7 +136,7 @@ class RequestManager:
         Returns, per request, the block it gained or -1; pass ``out`` (int32, one per request) to
         reuse a buffer.
         """
-        return self._native.append_decode(request_ids, tokens, out)  # type: ignore[no-any-return]
+        return self._native.append_decode(request_ids, tokens, out)
 
     # --- ending -----------------------------------------------------------------------------
 
@@ -155,11 +155,11 @@ class RequestManager:
     # --- queries ----------------------------------------------------------------------------
 
     def block_table(self, request_id: int) -> Int32Array:
-        return self._native.block_table(request_id)  # type: ignore[no-any-return]
+        return self._native.block_table(request_id)
 
     def block_tables(self, request_ids: Any, out: Int32Array | None = None, width: int | None = None) -> Int32Array:
         """Block tables as rows of a 2-D int32 array padded with -1 (into ``out`` when given)."""
-        return self._native.block_tables(request_ids, out, width)  # type: ignore[no-any-return]
+        return self._native.block_tables(request_ids, out, width)
 
     def num_tokens(self, request_id: int) -> int:
         return int(self._native.num_tokens(request_id))
@@ -171,7 +171,7 @@ class RequestManager:
         return bool(self._native.__contains__(request_id))
 
     def __len__(self) -> int:
-        return int(len(self._native))
+        return len(self._native)
 
     @property
     def num_free_blocks(self) -> int:

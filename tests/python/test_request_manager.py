@@ -27,7 +27,7 @@ def test_admit_share_finish_keeps_published_blocks() -> None:
     pool, rm = make()
     cached, table = rm.admit(1, list(range(40)))
     assert cached == 0 and table.dtype == np.int32 and len(table) == 3
-    cached2, table2 = rm.admit(2, list(range(32)) + [7, 8])
+    cached2, table2 = rm.admit(2, [*range(32), 7, 8])
     assert cached2 == 32 and list(table2[:2]) == list(table[:2]) and table2[2] != table[2]
     rm.finish([1, 2])
     assert len(rm) == 0
@@ -37,9 +37,11 @@ def test_admit_share_finish_keeps_published_blocks() -> None:
 
 
 @pytest.mark.parametrize("convert", [
-    list, tuple, lambda t: array.array("q", t), lambda t: array.array("i", t), lambda t: array.array("H", t),
+    list, tuple,
+    lambda t: array.array("q", t), lambda t: array.array("i", t), lambda t: array.array("H", t),
     lambda t: np.asarray(t, dtype=np.int32), lambda t: np.asarray(t, dtype=np.int64),
-    lambda t: np.asarray(t, dtype=np.int64)[::-1][::-1].copy(), lambda t: np.repeat(np.asarray(t, dtype=np.int64), 2)[::2],
+    lambda t: np.asarray(t, dtype=np.int64)[::-1][::-1].copy(),
+    lambda t: np.repeat(np.asarray(t, dtype=np.int64), 2)[::2],
     lambda t: memoryview(array.array("l", t)), lambda t: [np.int64(x) for x in t],
 ])
 def test_token_sources_give_identical_digests(convert: object) -> None:
@@ -114,7 +116,7 @@ def test_admit_batch_all_or_nothing_names_the_request() -> None:
 
 
 def test_decode_steps_allocate_and_publish() -> None:
-    pool, rm = make()
+    _, rm = make()
     rm.admit_batch([1, 2], [list(range(15)), list(range(100, 116))])
     out = np.empty(2, dtype=np.int32)
     got = rm.append_decode([1, 2], [15, 116], out=out)
@@ -219,7 +221,7 @@ def test_threads_admit_and_finish_concurrently() -> None:
                 rm.admit(rid, list(range(i % 7 * 16, i % 7 * 16 + 40)))
                 rm.append_decode([rid], [1])
                 rm.finish(rid)
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(k * 1000,)) for k in range(4)]
