@@ -16,6 +16,16 @@
 namespace sagellm::kv::bindings {
 namespace {
 
+// Below these sizes a manager call costs less than releasing and re-taking the GIL, so the binding
+// keeps it (the core never needs the GIL, so holding it while waiting for the manager's mutex
+// cannot deadlock).
+constexpr std::size_t kGilReleaseMinTokens = 512;
+constexpr std::size_t kGilReleaseMinRequests = 32;
+
+bool worth_releasing(std::size_t requests, std::size_t tokens) {
+  return requests >= kGilReleaseMinRequests || tokens >= kGilReleaseMinTokens;
+}
+
 struct BoundRequestManager {
   std::shared_ptr<PagedKVPool> pool;  // members destroyed in reverse: the manager goes first
   py::object allocator_owner;
@@ -181,7 +191,7 @@ py::tuple admit_one(BoundRequestManager& self, const py::handle& request_id, con
   std::uint32_t cached = 0;
   BatchStatus st;
   {
-    py::gil_scoped_release release;
+    const MaybeReleaseGil release(worth_releasing(1, s->tokens.size()));
     st = self.manager->admit(std::span<const AdmitRequest>(&r, 1), std::span<std::uint32_t>(&cached, 1), &s->blocks);
   }
   if (!st.ok()) refused("admit", st, s->ids, self.manager->allocator());
@@ -204,7 +214,7 @@ py::tuple admit_batch(BoundRequestManager& self, const py::handle& request_ids, 
   auto cached_span = std::span<std::uint32_t>(reinterpret_cast<std::uint32_t*>(cached.mutable_data()), n);
   BatchStatus st;
   {
-    py::gil_scoped_release release;
+    const MaybeReleaseGil release(worth_releasing(n, s->tokens.size()));
     st = self.manager->admit(s->admits, cached_span, &s->blocks);
   }
   if (!st.ok()) refused("admit_batch", st, s->ids, self.manager->allocator());
@@ -224,7 +234,7 @@ void do_append(BoundRequestManager& self, Scratch& s, const char* call) {
   s.counts.resize(s.ids.size());
   BatchStatus st;
   {
-    py::gil_scoped_release release;
+    const MaybeReleaseGil release(worth_releasing(s.ids.size(), s.tokens.size()));
     st = self.manager->append(s.ids, s.tokens, s.offsets, s.counts, &s.blocks);
   }
   if (!st.ok()) refused(call, st, s.ids, self.manager->allocator());
@@ -288,7 +298,7 @@ py::object block_tables(const BoundRequestManager& self, const py::handle& reque
   }
   const auto span = std::span<BlockId>(table.mutable_data(), n * stride);
   {
-    py::gil_scoped_release release;
+    const MaybeReleaseGil release(worth_releasing(n, 0));
     (void)self.manager->block_tables(s->ids, span, stride, -1);
   }
   return std::move(table);
@@ -345,19 +355,19 @@ void bind_manager(py::module_& m) {
       .def("finish", [](BoundRequestManager& self, const py::handle& ids) {
              ScratchLease s;
              read_ids(ids, s->ids, "request_ids");
-             py::gil_scoped_release release;
+             const MaybeReleaseGil release(worth_releasing(s->ids.size(), 0));
              self.manager->finish(s->ids);
            }, py::arg("request_ids"))
       .def("abort", [](BoundRequestManager& self, const py::handle& ids) {
              ScratchLease s;
              read_ids(ids, s->ids, "request_ids");
-             py::gil_scoped_release release;
+             const MaybeReleaseGil release(worth_releasing(s->ids.size(), 0));
              self.manager->abort(s->ids);
            }, py::arg("request_ids"))
       .def("preempt", [](BoundRequestManager& self, const py::handle& ids) {
              ScratchLease s;
              read_ids(ids, s->ids, "request_ids");
-             py::gil_scoped_release release;
+             const MaybeReleaseGil release(worth_releasing(s->ids.size(), 0));
              return self.manager->preempt(s->ids);
            }, py::arg("request_ids"), "Releases the requests (resume by admitting all their tokens); total tokens.")
       .def("block_table", [](const BoundRequestManager& self, const py::handle& id) {
@@ -371,7 +381,18 @@ void bind_manager(py::module_& m) {
            }, py::arg("request_id"))
       .def("__contains__", [](const BoundRequestManager& self, const py::handle& id) {
              if (!PyIndex_Check(id.ptr()) || PyFloat_Check(id.ptr())) return false;
-             return self.manager->contains(request_id_value(id.ptr(), "request_id"));
+             const auto value = py::reinterpret_steal<py::object>(PyNumber_Index(id.ptr()));
+             if (!value) throw py::error_already_set();
+             int overflow = 0;
+             const long long v = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
+             if (overflow == 0) return v >= 0 && self.manager->contains(static_cast<RequestId>(v));
+             if (overflow < 0) return false;  // negative: never a request id
+             const unsigned long long u = PyLong_AsUnsignedLongLong(value.ptr());
+             if (u == static_cast<unsigned long long>(-1) && PyErr_Occurred() != nullptr) {
+               PyErr_Clear();  // 2**64 or more: never a request id
+               return false;
+             }
+             return self.manager->contains(static_cast<RequestId>(u));
            })
       .def("__len__", [](const BoundRequestManager& self) { return self.manager->stats().running; })
       .def("running", [](const BoundRequestManager& self) { return self.manager->running(); })

@@ -275,3 +275,11 @@ def test_core_binding_rejects_foreign_cache() -> None:
     cache = _core.PrefixCache(block_size=BS, allocator=other._native)
     with pytest.raises(KVConfigInvalidError):
         _core.RequestManager(pool._native, cache)
+
+
+def test_membership_never_raises() -> None:
+    _, rm = make()
+    rm.admit(3, [1])
+    rm.admit(2**64 - 1, [1])
+    assert 3 in rm and 2**64 - 1 in rm
+    assert -1 not in rm and 2**70 not in rm and "x" not in rm and 3.0 not in rm and 4 not in rm
