@@ -332,6 +332,18 @@ void bind_manager(py::module_& m) {
       .def("admit_batch", &admit_batch, py::arg("request_ids"), py::arg("tokens"), py::arg("salt") = py::none(),
            py::arg("extra") = py::none(),
            "Admits all or none: (num_cached_tokens int32[n], block_tables int32[total], offsets int64[n+1]).")
+      .def("reserve", [](BoundRequestManager& self, const py::handle& request_id, std::int64_t num_tokens) {
+             if (num_tokens <= 0) throw py::value_error("num_tokens must be > 0, got " + std::to_string(num_tokens));
+             ScratchLease s;
+             s->ids.push_back(request_id_value(request_id.ptr(), "request_id"));
+             AdmitRequest r{s->ids[0], {}, {}, static_cast<std::uint64_t>(num_tokens)};
+             std::uint32_t cached = 0;
+             const BatchStatus st =
+                 self.manager->admit(std::span<const AdmitRequest>(&r, 1), std::span<std::uint32_t>(&cached, 1), &s->blocks);
+             if (!st.ok()) refused("reserve", st, s->ids, self.manager->allocator());
+             return int32_array(s->blocks.data(), s->blocks.size());
+           }, py::arg("request_id"), py::arg("num_tokens"),
+           "Reserves blocks for num_tokens tokens whose ids are unknown (never hashed or shared): the block table.")
       .def("append", [](BoundRequestManager& self, const py::handle& request_id, const py::handle& tokens) {
              ScratchLease s;
              s->ids.push_back(request_id_value(request_id.ptr(), "request_id"));

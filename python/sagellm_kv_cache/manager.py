@@ -120,6 +120,13 @@ class RequestManager:
         """
         return self._native.admit_batch(request_ids, tokens, salt, extra)
 
+    def reserve(self, request_id: int, num_tokens: int) -> Int32Array:
+        """Admits a request by token count only (ids unknown: nothing is hashed, matched or shared).
+
+        The handle-style allocation of the seed ``KVPool.alloc``; returns the block table.
+        """
+        return self._native.reserve(request_id, num_tokens)
+
     # --- running requests -------------------------------------------------------------------
 
     def append(self, request_id: int, tokens: Any) -> Int32Array:

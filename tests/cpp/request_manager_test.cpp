@@ -311,5 +311,27 @@ TEST(RequestManager, DestructorReleasesRunningRequests) {
   EXPECT_EQ(a.num_allocated(), 0u);
 }
 
+TEST(RequestManager, OpaqueReservationCountsTokensOnly) {
+  Fixture f(8);
+  AdmitRequest r{5, {}, {}, 20};
+  std::uint32_t cached = 7;
+  std::vector<BlockId> table;
+  ASSERT_TRUE(f.manager->admit(std::span<const AdmitRequest>(&r, 1), std::span<std::uint32_t>(&cached, 1), &table).ok());
+  EXPECT_EQ(cached, 0u);
+  EXPECT_EQ(table.size(), 5u);
+  ASSERT_TRUE(f.append({5}, {seq(0, 4)}).ok());
+  EXPECT_EQ(f.manager->num_tokens(5), 24u);
+  EXPECT_EQ(f.cache->size(), 0u);  // nothing hashed or published
+  f.manager->check_invariants();
+  AdmitRequest huge{6, {}, {}, 1000};
+  const BatchStatus st = f.manager->admit(std::span<const AdmitRequest>(&huge, 1), std::span<std::uint32_t>(&cached, 1));
+  EXPECT_EQ(st.code, ErrorCode::kPoolFull);
+  AdmitRequest none{7, {}, {}, 0};
+  EXPECT_EQ(code_of([&] { (void)f.manager->admit(std::span<const AdmitRequest>(&none, 1), std::span<std::uint32_t>(&cached, 1)); }),
+            ErrorCode::kInvalidArgument);
+  f.finish(5);
+  EXPECT_EQ(f.alloc.num_allocated(), 0u);
+}
+
 }  // namespace
 }  // namespace sagellm::kv

@@ -283,3 +283,18 @@ def test_membership_never_raises() -> None:
     rm.admit(2**64 - 1, [1])
     assert 3 in rm and 2**64 - 1 in rm
     assert -1 not in rm and 2**70 not in rm and "x" not in rm and 3.0 not in rm and 4 not in rm
+
+
+def test_reserve_by_count() -> None:
+    pool, rm = make(num_blocks=8)
+    table = rm.reserve(1, 40)
+    assert len(table) == 3 and rm.num_tokens(1) == 40
+    rm.append(1, [1] * 9)
+    assert len(rm.block_table(1)) == 4 and rm.stats()["cache"]["cached_blocks"] == 0
+    with pytest.raises(KVPoolFullError):
+        rm.reserve(2, 10_000)
+    with pytest.raises(ValueError):
+        rm.reserve(2, 0)
+    assert 2 not in rm
+    rm.finish(1)
+    assert pool.num_used_blocks == 0

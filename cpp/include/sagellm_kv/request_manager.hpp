@@ -32,8 +32,8 @@
 // By default a prompt's match stops one token short of its end (`match_last_token = false`), so at
 // least one token is always left to compute and its logits exist, as in vLLM.
 //
-// Errors: bad input (an unknown or repeated request id, an id already admitted, an empty token
-// sequence) throws Error(kInvalidArgument) naming it, before anything changes. Not enough blocks is
+// Errors: bad input (an unknown or repeated request id, an id already admitted, a request with no
+// tokens) throws Error(kInvalidArgument) naming it, before anything changes. Not enough blocks is
 // an expected outcome: the batch call returns BatchStatus{kPoolFull, index of the request that did
 // not fit} and nothing changed, except that unused cached blocks may have been evicted trying and
 // match statistics/recency counted (cache content, not request state).
@@ -74,8 +74,12 @@ struct RequestManagerOptions {
 /// One request of an `admit` batch. The views must stay valid during the call.
 struct AdmitRequest {
   RequestId id = 0;
-  std::span<const std::int32_t> tokens;  ///< the prompt (or all tokens of a resumed request); not empty
+  std::span<const std::int32_t> tokens;  ///< the prompt (or all tokens of a resumed request)
   BlockHashKey key;                      ///< salt / extra key of the chain (hashing.hpp)
+  /// Used when `tokens` is empty: reserve this many tokens whose ids are not known (a handle-style
+  /// allocation, as the seed KVPool's). Such a request is never hashed, matched or published; its
+  /// appends only count tokens.
+  std::uint64_t num_opaque_tokens = 0;
 };
 
 /// Counters since construction plus current sizes. A consistent snapshot.

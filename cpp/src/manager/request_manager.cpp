@@ -28,6 +28,7 @@ struct Request {
   std::uint32_t num_shared = 0;       // leading blocks matched from the cache: no allocator ref of ours
   std::uint32_t num_held = 0;         // leading digests we hold a cache use on (>= num_shared)
   std::uint64_t visit = 0;            // last batch call that named it: finds repeated ids in O(1)
+  bool opaque = false;                // admitted by count: token ids unknown, never hashed
 
   [[nodiscard]] BlockHashKey key() const noexcept { return {salt, extra}; }
   [[nodiscard]] std::span<const BlockId> own_blocks() const noexcept {
@@ -197,9 +198,16 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
                                                  std::to_string(n) + " requests");
   }
   const std::uint32_t bs = options_.block_size;
+  const auto count_of = [&](std::size_t i) -> std::uint64_t {
+    return requests[i].tokens.empty() ? requests[i].num_opaque_tokens : requests[i].tokens.size();
+  };
   for (std::size_t i = 0; i < n; ++i) {
-    if (requests[i].tokens.empty()) {
+    if (count_of(i) == 0) {
       throw Error(ErrorCode::kInvalidArgument, "admit: " + id_text(requests[i].id) + " has no tokens");
+    }
+    if (count_of(i) > (std::uint64_t{BlockAllocator::kMaxBlocks} * bs)) {
+      throw Error(ErrorCode::kInvalidArgument, "admit: " + id_text(requests[i].id) + " has " +
+                                                   std::to_string(count_of(i)) + " tokens, more than any pool holds");
     }
   }
   // Hash every prompt before taking the mutex: the expensive part runs in parallel across threads.
@@ -241,13 +249,19 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
   s.matched.assign(n, 0);
   s.need.assign(n + 1, 0);
   std::size_t total_blocks = 0;
-  for (std::size_t i = 0; i < n; ++i) total_blocks += blocks_for(requests[i].tokens.size(), bs);
+  for (std::size_t i = 0; i < n; ++i) {
+    total_blocks += blocks_for(count_of(i), bs);
+    if (total_blocks > allocator_.num_blocks()) {  // can never fit: refuse before reserving anything
+      ++s.counters.refused;
+      return {ErrorCode::kPoolFull, static_cast<std::int64_t>(i)};
+    }
+  }
   s.ids.resize(total_blocks);
   std::size_t at = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    const std::size_t blocks = blocks_for(requests[i].tokens.size(), bs);
+    const std::size_t blocks = blocks_for(count_of(i), bs);
     std::uint32_t m = 0;
-    if (cache_ != nullptr) {
+    if (cache_ != nullptr && !requests[i].tokens.empty()) {
       const std::size_t limit =
           s.match_last_token ? digests_of(i).size() : num_full_blocks(requests[i].tokens.size() - 1, bs);
       m = cache_->match(digests_of(i).first(limit), std::span<BlockId>(s.ids).subspan(at, blocks));
@@ -257,7 +271,7 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
       // Undo requests 0..i-1 (and request i's match) in reverse order.
       for (std::size_t j = i + 1; j-- > 0;) {
         const std::size_t start = s.need[j];
-        const std::size_t len = blocks_for(requests[j].tokens.size(), bs);
+        const std::size_t len = blocks_for(count_of(j), bs);
         if (cache_ != nullptr && s.matched[j] != 0) cache_->release(digests_of(j).first(s.matched[j]));
         if (j < i) {
           [[maybe_unused]] const BatchStatus st =
@@ -277,9 +291,10 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
     Request r;
     r.blocks.assign(s.ids.begin() + static_cast<std::ptrdiff_t>(s.need[i]),
                     s.ids.begin() + static_cast<std::ptrdiff_t>(s.need[i + 1]));
-    r.num_tokens = in.tokens.size();
+    r.num_tokens = count_of(i);
+    r.opaque = in.tokens.empty();
     r.num_shared = r.num_held = s.matched[i];
-    if (cache_ != nullptr) {
+    if (cache_ != nullptr && !r.opaque) {
       const auto d = digests_of(i);
       r.digests.assign(d.begin(), d.end());
       r.tail.reserve(bs);
@@ -360,7 +375,7 @@ BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<con
     at += new_blocks[i];
     const auto run = tokens.subspan(offsets[i], offsets[i + 1] - offsets[i]);
     r.num_tokens += run.size();
-    if (cache_ == nullptr) continue;
+    if (cache_ == nullptr || r.opaque) continue;
     r.tail.insert(r.tail.end(), run.begin(), run.end());
     if (r.tail.size() < bs) continue;
     const std::size_t full = r.tail.size() / bs;
@@ -455,7 +470,7 @@ void RequestManager::check_invariants() const {
   for (const auto& [id, r] : s.requests) {
     if (r.blocks.size() != blocks_for(r.num_tokens, bs)) fail(id, "block table does not cover its tokens");
     if (r.num_held < r.num_shared) fail(id, "holds fewer cached blocks than it matched");
-    if (cache_ != nullptr) {
+    if (cache_ != nullptr && !r.opaque) {
       if (r.digests.size() != r.num_tokens / bs) fail(id, "digest count differs from its full blocks");
       if (r.tail.size() != r.num_tokens % bs) fail(id, "partial block tokens differ from its token count");
       if (r.num_held > r.digests.size()) fail(id, "holds more cached blocks than it has digests");
