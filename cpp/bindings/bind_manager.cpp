@@ -82,7 +82,9 @@ void read_ids(const py::handle& obj, std::vector<RequestId>& out, const char* wh
     const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
     out.reserve(static_cast<std::size_t>(n));
     for (Py_ssize_t i = 0; i < (list ? PyList_GET_SIZE(p) : n); ++i) {
-      out.push_back(request_id_value(list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i), what));
+      // Held: an odd item's __index__ may run code that drops it from the list.
+      const auto item = py::reinterpret_borrow<py::object>(list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i));
+      out.push_back(request_id_value(item.ptr(), what));
     }
     return;
   }

@@ -123,7 +123,7 @@ bool append_buffer(PyObject* obj, std::vector<std::int32_t>& out, const char* wh
     Py_buffer* v;
     ~Release() { PyBuffer_Release(v); }
   } release{&view};
-  if (view.ndim > 1) {
+  if (view.ndim != 1) {
     throw py::value_error(std::string(what) + " must be 1-D, got " + std::to_string(view.ndim) + " dimensions");
   }
   const char* fmt = view.format != nullptr ? view.format : "B";

@@ -36,6 +36,12 @@ struct Request {
   }
 };
 
+// Makes room for `n` elements, growing geometrically (appends come one block at a time).
+template <class T>
+void grow(std::vector<T>& v, std::size_t n) {
+  if (v.capacity() < n) v.reserve(std::max(n, 2 * v.capacity()));
+}
+
 // Per-thread scratch for hashing prompts outside the manager's mutex.
 struct AdmitScratch {
   std::vector<BlockHash> digests;
@@ -344,7 +350,14 @@ BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<con
     }
     s.targets[i] = &r;
     const std::size_t have = r.blocks.size();
-    const std::size_t want = blocks_for(r.num_tokens + (offsets[i + 1] - offsets[i]), bs);
+    const std::size_t run = offsets[i + 1] - offsets[i];
+    const std::size_t want = blocks_for(r.num_tokens + run, bs);
+    // Room for the commit phase now, so it cannot fail after blocks are taken.
+    grow(r.blocks, want);
+    if (cache_ != nullptr && !r.opaque) {
+      grow(r.tail, r.tail.size() + run);
+      grow(r.digests, static_cast<std::size_t>((r.num_tokens + run) / bs));
+    }
     new_blocks[i] = static_cast<std::uint32_t>(want - have);
     total += want - have;
   }
