@@ -81,6 +81,8 @@ class RequestManager:
         else:
             self._allocator = pool._native
             bs = pool.spec.block_size if block_size is None else block_size
+            if bs != pool.spec.block_size:
+                raise ValueError(f"block_size {bs} differs from the pool's block_size {pool.spec.block_size}")
         self.pool = pool
         native_cache = None
         if cache is not None:

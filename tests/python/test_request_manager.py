@@ -298,3 +298,11 @@ def test_reserve_by_count() -> None:
     assert 2 not in rm
     rm.finish(1)
     assert pool.num_used_blocks == 0
+
+
+def test_block_size_must_match_the_pool() -> None:
+    pool, _ = make()
+    with pytest.raises(ValueError, match="block_size 8 differs"):
+        RequestManager(pool, block_size=8)
+    with pytest.raises(ValueError):
+        RequestManager()
