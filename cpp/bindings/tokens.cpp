@@ -73,7 +73,9 @@ void append_sequence(PyObject* seq, bool is_list, std::vector<std::int32_t>& out
   out.resize(base + static_cast<std::size_t>(n));
   PyObject** items = is_list ? reinterpret_cast<PyListObject*>(seq)->ob_item : reinterpret_cast<PyTupleObject*>(seq)->ob_item;
   std::int32_t* dst = out.data() + base;
+  constexpr Py_ssize_t kAhead = 16;  // the int objects are scattered: fetch them ahead of use
   for (Py_ssize_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) __builtin_prefetch(items[i + kAhead]);
     long long v = 0;
     if (!small_int(items[i], v)) {
       // __index__ of an odd item may run Python code that changes the list: from here on, re-read
