@@ -26,6 +26,7 @@ WORKLOADS = {
     "W3": "w3_prefix_lru",
     "W4": "w4_gather",
     "W5": "w5_transfer",
+    "STEP": "w6_step",
 }
 
 

@@ -32,10 +32,17 @@ std::string shape_text(const py::array& arr) {
   return s + ")";
 }
 
-// Token ids: a 1-D int32 or int64 array, borrowed when C-contiguous; a list is converted first.
+// Token ids: a 1-D int32 or int64 array, borrowed when C-contiguous; a list or tuple is read
+// straight into int32 (no intermediate numpy array).
 class Tokens {
  public:
   Tokens(const py::handle& obj, const char* what) {
+    if (PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr())) {
+      append_tokens(obj, copied_, what);
+      data_ = copied_.data();
+      size_ = copied_.size();
+      return;
+    }
     py::array arr = as_array(obj, what, "a 1-D int32 or int64 array");
     if (arr.ndim() == 1 && arr.size() == 0) return;  // an empty list has dtype float64: nothing to read
     wide_ = arr.dtype().is(py::dtype::of<std::int64_t>());
@@ -87,6 +94,7 @@ class Tokens {
 
  private:
   py::array owner_;
+  std::vector<std::int32_t> copied_;
   const void* data_ = nullptr;
   std::size_t size_ = 0;
   bool wide_ = false;
@@ -206,14 +214,6 @@ std::vector<BlockId>& id_scratch(std::size_t n) {
   scratch.resize(n);
   return scratch;
 }
-
-// The Python object: the C++ cache plus whatever keeps its allocator alive.
-struct BoundPrefixCache {
-  std::shared_ptr<PagedKVPool> pool;  // declared before `cache`: destroyed after it
-  py::object allocator_owner;         // a bound BlockAllocator, kept alive the same way
-  HashAlgorithm algorithm = HashAlgorithm::kSha256;
-  std::unique_ptr<PrefixCache> cache;
-};
 
 py::tuple do_match(BoundPrefixCache& self, std::span<const BlockHash> digests, bool take) {
   std::vector<BlockId>& ids = id_scratch(digests.size());

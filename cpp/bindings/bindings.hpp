@@ -5,11 +5,15 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "sagellm_kv/block_allocator.hpp"
+#include "sagellm_kv/hashing.hpp"
+#include "sagellm_kv/kv_pool.hpp"
+#include "sagellm_kv/prefix_cache.hpp"
 
 namespace sagellm::kv::bindings {
 
@@ -18,6 +22,27 @@ namespace py = pybind11;
 void bind_errors(py::module_& m);
 void bind_pool(py::module_& m);
 void bind_prefix(py::module_& m);
+void bind_manager(py::module_& m);
+
+/// The bound PrefixCache: the C++ cache plus whatever keeps its allocator alive (shared with the
+/// request manager's binding, which composes it).
+struct BoundPrefixCache {
+  std::shared_ptr<PagedKVPool> pool;  // declared before `cache`: destroyed after it
+  py::object allocator_owner;         // a bound BlockAllocator, kept alive the same way
+  HashAlgorithm algorithm = HashAlgorithm::kSha256;
+  std::unique_ptr<PrefixCache> cache;
+};
+
+/// Token ids read straight from what a caller holds, appended as int32 to `out`: a list or tuple
+/// of Python ints (read with the C API, no intermediate array), any 1-D buffer of integers
+/// (array.array, numpy, memoryview; strided allowed), or an object numpy can view without a copy
+/// (a torch CPU tensor). Raises TypeError for non-integer input (naming the position for
+/// sequences), ValueError for a value outside int32 or an array that is not 1-D. On an error `out`
+/// is restored to its size before the call. Needs the GIL.
+void append_tokens(const py::handle& obj, std::vector<std::int32_t>& out, const char* what);
+
+/// A non-negative Python int below 2**64 (a request id); TypeError / ValueError naming `what`.
+std::uint64_t request_id_value(PyObject* obj, const char* what);
 
 /// `obj` as a numpy array (borrowed when it is one, converted otherwise); raises TypeError
 /// "<what> must be <expected>, got <type>" when it cannot be read as an array.

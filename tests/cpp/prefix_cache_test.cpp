@@ -719,5 +719,30 @@ TEST(PrefixCache, NodeMetadataSize) {
   }
 }
 
+TEST(PrefixCache, InsertWithAcquireHoldsEveryCachedPosition) {
+  BlockAllocator a(16);
+  PrefixCache c(opts(EvictionPolicy::kLru, 3), &a);
+  const auto d = chain(600, 4);
+  std::vector<BlockId> b(4);
+  ASSERT_TRUE(a.allocate(b).ok());
+  ASSERT_EQ(insert(c, {d[0]}, {b[0]}).num_inserted, 1u);  // reused below
+  InsertOptions o;
+  o.acquire = true;
+  const InsertResult r = c.insert(d, b, o);
+  EXPECT_EQ(r.num_redundant, 1u);
+  EXPECT_EQ(r.num_inserted, 2u);  // capacity 3
+  for (std::size_t i = 0; i < 3; ++i) EXPECT_EQ(c.lookup(d[i])->users, 1u) << i;
+  EXPECT_EQ(c.stats().in_use_blocks, 3u);
+  EXPECT_EQ(c.stats().evictable_blocks, 0u);
+  EXPECT_EQ(c.evict(3), 0u);  // held: nothing goes
+  c.check_invariants();
+  c.release(std::vector<BlockHash>(d.begin(), d.begin() + 3));
+  EXPECT_EQ(c.stats().evictable_blocks, 1u);
+  ASSERT_TRUE(a.free(b).ok());
+  EXPECT_EQ(c.evict(3), 3u);
+  EXPECT_EQ(a.num_allocated(), 0u);
+  c.check_invariants();
+}
+
 }  // namespace
 }  // namespace sagellm::kv

@@ -97,6 +97,9 @@ struct InsertOptions {
   std::optional<std::string_view> extra_key;  ///< recorded in the stored event only
   std::uint64_t owner = 0;                    ///< handle for `invalidate`; new nodes only
   std::int32_t priority = 0;                  ///< PRIORITY policy key; a reused node keeps the max
+  /// Also acquire every position now cached (reused or inserted; users + 1, as `match` does), so
+  /// the caller's blocks stay cached while it uses them; release those digests later.
+  bool acquire = false;
 };
 
 /// Outcome of `PrefixCache::insert`. Positions [0, num_redundant) were already cached (the caller's

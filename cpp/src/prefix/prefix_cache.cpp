@@ -597,6 +597,7 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests, std::span<c
     Node& node = s.nodes[idx];
     node.priority = std::max(node.priority, options.priority);
     s.touch(idx);
+    if (options.acquire) s.acquire(idx);
   }
   std::vector<BlockHash> removed_digests;
   std::uint32_t fit = num_new;
@@ -634,6 +635,10 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests, std::span<c
     node.inserted_ns = now;
     s.index.insert(node.digest, idx);
     s.set_block_owner(node.block, idx);
+    if (options.acquire) {
+      node.users = 1;
+      ++s.in_use_count;
+    }
     if (cur != kNone) {
       Node& p = s.nodes[cur];
       if (p.children == 0 && p.users == 0) s.unmake_evictable(cur);
@@ -642,7 +647,7 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests, std::span<c
     cur = idx;
   }
   if (fit != 0) {
-    s.make_evictable(cur);
+    if (!options.acquire) s.make_evictable(cur);
     s.counters.inserts += fit;
     if (s.events_on()) {
       PrefixCacheEvent ev;

@@ -1,0 +1,507 @@
+#include "sagellm_kv/request_manager.hpp"
+
+#include <algorithm>
+#include <cassert>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "sagellm_kv/error.hpp"
+
+namespace sagellm::kv {
+namespace {
+
+std::string id_text(RequestId id) { return "request " + std::to_string(id); }
+
+std::size_t blocks_for(std::uint64_t tokens, std::uint32_t block_size) {
+  return static_cast<std::size_t>((tokens + block_size - 1) / block_size);
+}
+
+// One running request.
+struct Request {
+  std::vector<BlockId> blocks;        // block table
+  std::vector<BlockHash> digests;     // digests of the full blocks (cache present only)
+  std::vector<std::int32_t> tail;     // tokens of the trailing partial block (cache present only)
+  std::string salt;                   // chain key, kept for blocks that fill later
+  std::string extra;
+  std::uint64_t num_tokens = 0;
+  std::uint32_t num_shared = 0;       // leading blocks matched from the cache: no allocator ref of ours
+  std::uint32_t num_held = 0;         // leading digests we hold a cache use on (>= num_shared)
+  std::uint64_t visit = 0;            // last batch call that named it: finds repeated ids in O(1)
+  bool opaque = false;                // admitted by count: token ids unknown, never hashed
+
+  [[nodiscard]] BlockHashKey key() const noexcept { return {salt, extra}; }
+  [[nodiscard]] std::span<const BlockId> own_blocks() const noexcept {
+    return std::span<const BlockId>(blocks).subspan(num_shared);
+  }
+};
+
+// Makes room for `n` elements, growing geometrically (appends come one block at a time).
+template <class T>
+void grow(std::vector<T>& v, std::size_t n) {
+  if (v.capacity() < n) v.reserve(std::max(n, 2 * v.capacity()));
+}
+
+// Per-thread scratch for hashing prompts outside the manager's mutex.
+struct AdmitScratch {
+  std::vector<BlockHash> digests;
+  std::vector<std::size_t> digest_offsets;
+};
+
+}  // namespace
+
+void RequestManagerOptions::validate() const {
+  if (block_size == 0) throw Error(ErrorCode::kInvalidArgument, "block_size must be > 0, got 0");
+  if (!hash_algorithm_available(hash_algorithm)) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "hash algorithm " + std::string(hash_algorithm_name(hash_algorithm)) + " is not built in");
+  }
+}
+
+struct RequestManager::Impl {
+  BlockAllocator& allocator;
+  PrefixCache* cache;
+  std::uint32_t block_size;
+  bool match_last_token;
+
+  mutable std::mutex mutex;
+  std::unordered_map<RequestId, Request> requests;
+  RequestManagerStats counters;
+  std::uint64_t owned_blocks = 0;
+  // Scratch reused across calls (guarded by `mutex`).
+  std::vector<BlockId> ids;
+  std::vector<std::uint32_t> matched;
+  std::vector<std::size_t> need;
+  std::vector<Request*> targets;
+  std::uint64_t visit = 0;
+
+  explicit Impl(RequestManager& s)
+      : allocator(s.allocator_),
+        cache(s.cache_),
+        block_size(s.options_.block_size),
+        match_last_token(s.options_.match_last_token) {}
+
+  Request& find(RequestId id) {
+    const auto it = requests.find(id);
+    if (it == requests.end()) throw Error(ErrorCode::kInvalidArgument, id_text(id) + " is not running");
+    return it->second;
+  }
+  const Request& find(RequestId id) const {
+    const auto it = requests.find(id);
+    if (it == requests.end()) throw Error(ErrorCode::kInvalidArgument, id_text(id) + " is not running");
+    return it->second;
+  }
+
+  // Takes n blocks into out, evicting unused cached blocks when the allocator is short.
+  bool allocate(std::span<BlockId> out) {
+    if (allocator.allocate(out).ok()) return true;
+    if (cache == nullptr) return false;
+    for (;;) {
+      const std::uint32_t available = allocator.num_available();
+      const auto want = static_cast<std::uint32_t>(out.size());
+      const std::uint32_t evicted = cache->evict(want > available ? want - available : 1);
+      counters.evicted_for_room += evicted;
+      if (allocator.allocate(out).ok()) return true;
+      if (evicted == 0) return false;
+    }
+  }
+
+  // Marks `r` as named by the current batch call; false when it already was (a repeated id).
+  bool visit_once(Request& r) noexcept {
+    if (r.visit == visit) return false;
+    r.visit = visit;
+    return true;
+  }
+
+  // Publishes the request's full blocks from its first unpublished one. Best effort: the cache
+  // refuses only on a broken protocol (someone else released our digests), and then the blocks
+  // simply stay private.
+  void publish(Request& r) noexcept {
+    try {
+      publish_or_throw(r);
+    } catch (const Error&) {
+      assert(!"publishing a request's blocks was refused");
+    }
+  }
+  void publish_or_throw(Request& r) {
+    const auto full = static_cast<std::uint32_t>(r.digests.size());
+    if (cache == nullptr || r.num_held >= full) return;
+    InsertOptions o;
+    o.acquire = true;
+    if (r.num_held != 0) o.parent = r.digests[r.num_held - 1];
+    const std::span<const BlockHash> digests = std::span<const BlockHash>(r.digests).subspan(r.num_held);
+    const std::span<const BlockId> blocks = std::span<const BlockId>(r.blocks).subspan(r.num_held, digests.size());
+    const InsertResult res = cache->insert(digests, blocks, o);
+    r.num_held += res.num_cached();
+    counters.published_blocks += res.num_inserted;
+  }
+
+  // Returns a request's cache uses and blocks. Its uses form a chain from the root, and its own
+  // blocks are allocated by construction, so neither call can be refused.
+  void release(Request& r) noexcept {
+    if (cache != nullptr && r.num_held != 0) {
+      try {
+        cache->release(std::span<const BlockHash>(r.digests).first(r.num_held));
+      } catch (const Error&) {
+        assert(!"a digest held by the request manager was released outside it");
+      }
+    }
+    const auto own = r.own_blocks();
+    if (!own.empty()) {
+      [[maybe_unused]] const BatchStatus st = allocator.free(own);
+      assert(st.ok());
+      owned_blocks -= own.size();
+    }
+  }
+
+  std::uint64_t end_requests(std::span<const RequestId> ids_in, std::uint64_t& counter) {
+    const std::lock_guard lock(mutex);
+    targets.clear();
+    ++visit;
+    for (RequestId id : ids_in) {
+      Request& r = find(id);
+      if (!visit_once(r)) throw Error(ErrorCode::kInvalidArgument, id_text(id) + " appears twice in one call");
+      targets.push_back(&r);
+    }
+    std::uint64_t tokens = 0;
+    for (std::size_t i = 0; i < ids_in.size(); ++i) {
+      tokens += targets[i]->num_tokens;
+      release(*targets[i]);
+      requests.erase(ids_in[i]);
+    }
+    counter += ids_in.size();
+    return tokens;
+  }
+};
+
+RequestManager::RequestManager(BlockAllocator& allocator, PrefixCache* cache, const RequestManagerOptions& options)
+    : options_(options), allocator_(allocator), cache_(cache) {
+  options_.validate();
+  if (cache != nullptr) {
+    if (cache->block_size() != options_.block_size) {
+      throw Error(ErrorCode::kInvalidArgument, "prefix cache block_size " + std::to_string(cache->block_size()) +
+                                                   " differs from the manager's " +
+                                                   std::to_string(options_.block_size));
+    }
+    if (cache->allocator() != &allocator) {
+      throw Error(ErrorCode::kInvalidArgument, "the prefix cache must use the manager's block allocator");
+    }
+    (void)BlockHasher(options_.hash_algorithm);  // fails now, not on the first admit
+  }
+  impl_ = std::make_unique<Impl>(*this);
+}
+
+RequestManager::~RequestManager() {
+  for (auto& [id, r] : impl_->requests) impl_->release(r);
+}
+
+BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::span<std::uint32_t> num_cached_tokens,
+                                  std::vector<BlockId>* block_tables) {
+  const std::size_t n = requests.size();
+  if (num_cached_tokens.size() < n) {
+    throw Error(ErrorCode::kInvalidArgument, "admit: num_cached_tokens holds " +
+                                                 std::to_string(num_cached_tokens.size()) + " entries for " +
+                                                 std::to_string(n) + " requests");
+  }
+  const std::uint32_t bs = options_.block_size;
+  const auto count_of = [&](std::size_t i) -> std::uint64_t {
+    return requests[i].tokens.empty() ? requests[i].num_opaque_tokens : requests[i].tokens.size();
+  };
+  for (std::size_t i = 0; i < n; ++i) {
+    if (count_of(i) == 0) {
+      throw Error(ErrorCode::kInvalidArgument, "admit: " + id_text(requests[i].id) + " has no tokens");
+    }
+    if (count_of(i) > (std::uint64_t{BlockAllocator::kMaxBlocks} * bs)) {
+      throw Error(ErrorCode::kInvalidArgument, "admit: " + id_text(requests[i].id) + " has " +
+                                                   std::to_string(count_of(i)) + " tokens, more than any pool holds");
+    }
+  }
+  // Hash every prompt before taking the mutex: the expensive part runs in parallel across threads.
+  thread_local AdmitScratch scratch;
+  scratch.digest_offsets.assign(1, 0);
+  if (cache_ != nullptr) {
+    std::size_t total = 0;
+    for (const AdmitRequest& r : requests) total += num_full_blocks(r.tokens.size(), bs);
+    scratch.digests.resize(total);
+    std::size_t at = 0;
+    for (const AdmitRequest& r : requests) {
+      at += hash_blocks(options_.hash_algorithm, r.tokens, bs, kRootBlockHash, r.key,
+                        std::span<BlockHash>(scratch.digests).subspan(at));
+      scratch.digest_offsets.push_back(at);
+    }
+  }
+  const auto digests_of = [&](std::size_t i) {
+    if (cache_ == nullptr) return std::span<const BlockHash>{};
+    return std::span<const BlockHash>(scratch.digests)
+        .subspan(scratch.digest_offsets[i], scratch.digest_offsets[i + 1] - scratch.digest_offsets[i]);
+  };
+
+  Impl& s = *impl_;
+  const std::lock_guard lock(s.mutex);
+  // --- checks ------------------------------------------------------------------------------------
+  for (std::size_t i = 0; i < n; ++i) {
+    const RequestId id = requests[i].id;
+    if (s.requests.contains(id)) throw Error(ErrorCode::kInvalidArgument, "admit: " + id_text(id) + " is already running");
+  }
+  if (n > 1) {
+    std::vector<RequestId> sorted(n);
+    for (std::size_t i = 0; i < n; ++i) sorted[i] = requests[i].id;
+    std::sort(sorted.begin(), sorted.end());
+    if (const auto dup = std::adjacent_find(sorted.begin(), sorted.end()); dup != sorted.end()) {
+      throw Error(ErrorCode::kInvalidArgument, "admit: " + id_text(*dup) + " appears twice in one call");
+    }
+  }
+  // --- reserve: match and allocate request by request; undo everything on a refusal ---------------
+  s.matched.assign(n, 0);
+  s.need.assign(n + 1, 0);
+  std::size_t total_blocks = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    total_blocks += blocks_for(count_of(i), bs);
+    if (total_blocks > allocator_.num_blocks()) {  // can never fit: refuse before reserving anything
+      ++s.counters.refused;
+      return {ErrorCode::kPoolFull, static_cast<std::int64_t>(i)};
+    }
+  }
+  s.ids.resize(total_blocks);
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t blocks = blocks_for(count_of(i), bs);
+    std::uint32_t m = 0;
+    if (cache_ != nullptr && !requests[i].tokens.empty()) {
+      const std::size_t limit =
+          s.match_last_token ? digests_of(i).size() : num_full_blocks(requests[i].tokens.size() - 1, bs);
+      m = cache_->match(digests_of(i).first(limit), std::span<BlockId>(s.ids).subspan(at, blocks));
+    }
+    s.matched[i] = m;
+    if (!s.allocate(std::span<BlockId>(s.ids).subspan(at + m, blocks - m))) {
+      // Undo requests 0..i-1 (and request i's match) in reverse order.
+      for (std::size_t j = i + 1; j-- > 0;) {
+        const std::size_t start = s.need[j];
+        const std::size_t len = blocks_for(count_of(j), bs);
+        if (cache_ != nullptr && s.matched[j] != 0) cache_->release(digests_of(j).first(s.matched[j]));
+        if (j < i) {
+          [[maybe_unused]] const BatchStatus st =
+              allocator_.free(std::span<const BlockId>(s.ids).subspan(start + s.matched[j], len - s.matched[j]));
+          assert(st.ok());
+        }
+      }
+      ++s.counters.refused;
+      return {ErrorCode::kPoolFull, static_cast<std::int64_t>(i)};
+    }
+    at += blocks;
+    s.need[i + 1] = at;
+  }
+  // --- commit ------------------------------------------------------------------------------------
+  for (std::size_t i = 0; i < n; ++i) {
+    const AdmitRequest& in = requests[i];
+    Request r;
+    r.blocks.assign(s.ids.begin() + static_cast<std::ptrdiff_t>(s.need[i]),
+                    s.ids.begin() + static_cast<std::ptrdiff_t>(s.need[i + 1]));
+    r.num_tokens = count_of(i);
+    r.opaque = in.tokens.empty();
+    r.num_shared = r.num_held = s.matched[i];
+    if (cache_ != nullptr && !r.opaque) {
+      const auto d = digests_of(i);
+      r.digests.assign(d.begin(), d.end());
+      r.tail.reserve(bs);
+      r.tail.assign(in.tokens.begin() + static_cast<std::ptrdiff_t>(d.size() * bs), in.tokens.end());
+      r.salt = in.key.salt;
+      r.extra = in.key.extra;
+      s.counters.queried_blocks += d.size();
+      s.counters.hit_blocks += r.num_shared;
+    }
+    s.owned_blocks += r.blocks.size() - r.num_shared;
+    num_cached_tokens[i] = r.num_shared * bs;
+    if (block_tables != nullptr) block_tables->insert(block_tables->end(), r.blocks.begin(), r.blocks.end());
+    Request& stored = s.requests.emplace(in.id, std::move(r)).first->second;
+    s.publish(stored);
+  }
+  s.counters.admitted += n;
+  return {};
+}
+
+BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<const std::int32_t> tokens,
+                                   std::span<const std::size_t> offsets, std::span<std::uint32_t> new_blocks,
+                                   std::vector<BlockId>* new_block_ids) {
+  const std::size_t n = ids.size();
+  if (offsets.size() != n + 1 || offsets[0] != 0 || offsets[n] > tokens.size()) {
+    throw Error(ErrorCode::kInvalidArgument, "append: offsets must be " + std::to_string(n + 1) +
+                                                 " values from 0 to at most " + std::to_string(tokens.size()));
+  }
+  if (new_blocks.size() < n) {
+    throw Error(ErrorCode::kInvalidArgument, "append: new_blocks holds " + std::to_string(new_blocks.size()) +
+                                                 " entries for " + std::to_string(n) + " requests");
+  }
+  const std::uint32_t bs = options_.block_size;
+  Impl& s = *impl_;
+  const std::lock_guard lock(s.mutex);
+  // --- checks ------------------------------------------------------------------------------------
+  s.targets.resize(n);
+  ++s.visit;
+  std::size_t total = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (offsets[i + 1] <= offsets[i]) {
+      throw Error(ErrorCode::kInvalidArgument, "append: " + id_text(ids[i]) + " at position " + std::to_string(i) +
+                                                   (offsets[i + 1] == offsets[i] ? " has no tokens" : ": offsets decrease"));
+    }
+    Request& r = s.find(ids[i]);
+    if (!s.visit_once(r)) {
+      throw Error(ErrorCode::kInvalidArgument, "append: " + id_text(ids[i]) + " appears twice in one call");
+    }
+    s.targets[i] = &r;
+    const std::size_t have = r.blocks.size();
+    const std::size_t run = offsets[i + 1] - offsets[i];
+    const std::size_t want = blocks_for(r.num_tokens + run, bs);
+    // Room for the commit phase now, so it cannot fail after blocks are taken.
+    grow(r.blocks, want);
+    if (cache_ != nullptr && !r.opaque) {
+      grow(r.tail, r.tail.size() + run);
+      grow(r.digests, static_cast<std::size_t>((r.num_tokens + run) / bs));
+    }
+    new_blocks[i] = static_cast<std::uint32_t>(want - have);
+    total += want - have;
+  }
+  // --- reserve -----------------------------------------------------------------------------------
+  s.ids.resize(total);
+  if (total != 0 && !s.allocate(s.ids)) {
+    // Name the first request whose cumulative need does not fit what is available now.
+    const std::uint32_t available = allocator_.num_available();
+    std::size_t cumulative = 0;
+    std::size_t index = n - 1;
+    for (std::size_t i = 0; i < n; ++i) {
+      cumulative += new_blocks[i];
+      if (cumulative > available) {
+        index = i;
+        break;
+      }
+    }
+    return {ErrorCode::kPoolFull, static_cast<std::int64_t>(index)};
+  }
+  // --- commit ------------------------------------------------------------------------------------
+  if (new_block_ids != nullptr) new_block_ids->insert(new_block_ids->end(), s.ids.begin(), s.ids.end());
+  s.owned_blocks += total;
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    Request& r = *s.targets[i];
+    r.blocks.insert(r.blocks.end(), s.ids.begin() + static_cast<std::ptrdiff_t>(at),
+                    s.ids.begin() + static_cast<std::ptrdiff_t>(at + new_blocks[i]));
+    at += new_blocks[i];
+    const auto run = tokens.subspan(offsets[i], offsets[i + 1] - offsets[i]);
+    r.num_tokens += run.size();
+    if (cache_ == nullptr || r.opaque) continue;
+    r.tail.insert(r.tail.end(), run.begin(), run.end());
+    if (r.tail.size() < bs) continue;
+    const std::size_t full = r.tail.size() / bs;
+    const BlockHash parent = r.digests.empty() ? kRootBlockHash : r.digests.back();
+    const std::size_t old = r.digests.size();
+    r.digests.resize(old + full);
+    // The salt belongs to the chain's first block only; the hasher applies it when parent is the root.
+    const BlockHashKey key{old == 0 ? std::string_view(r.salt) : std::string_view{}, r.extra};
+    (void)hash_blocks(options_.hash_algorithm, std::span<const std::int32_t>(r.tail).first(full * bs), bs, parent,
+                      key, std::span<BlockHash>(r.digests).subspan(old));
+    r.tail.erase(r.tail.begin(), r.tail.begin() + static_cast<std::ptrdiff_t>(full * bs));
+    s.publish(r);
+  }
+  return {};
+}
+
+void RequestManager::finish(std::span<const RequestId> ids) { (void)impl_->end_requests(ids, impl_->counters.finished); }
+
+void RequestManager::abort(std::span<const RequestId> ids) { (void)impl_->end_requests(ids, impl_->counters.aborted); }
+
+std::uint64_t RequestManager::preempt(std::span<const RequestId> ids) {
+  return impl_->end_requests(ids, impl_->counters.preempted);
+}
+
+bool RequestManager::contains(RequestId id) const {
+  const std::lock_guard lock(impl_->mutex);
+  return impl_->requests.contains(id);
+}
+
+std::uint64_t RequestManager::num_tokens(RequestId id) const {
+  const std::lock_guard lock(impl_->mutex);
+  return impl_->find(id).num_tokens;
+}
+
+std::vector<BlockId> RequestManager::block_table(RequestId id) const {
+  const std::lock_guard lock(impl_->mutex);
+  return impl_->find(id).blocks;
+}
+
+std::uint32_t RequestManager::block_tables(std::span<const RequestId> ids, std::span<BlockId> out,
+                                           std::size_t row_stride, BlockId pad) const {
+  if (out.size() / std::max<std::size_t>(row_stride, 1) < ids.size() || (row_stride == 0 && !ids.empty())) {
+    throw Error(ErrorCode::kInvalidArgument, "block_tables: output of " + std::to_string(out.size()) +
+                                                 " ids cannot hold " + std::to_string(ids.size()) + " rows of " +
+                                                 std::to_string(row_stride));
+  }
+  const Impl& s = *impl_;
+  const std::lock_guard lock(s.mutex);
+  std::uint32_t longest = 0;
+  for (RequestId id : ids) {
+    const Request& r = s.find(id);
+    if (r.blocks.size() > row_stride) {
+      throw Error(ErrorCode::kInvalidArgument, "block_tables: " + id_text(id) + " has " +
+                                                   std::to_string(r.blocks.size()) + " blocks, more than the row of " +
+                                                   std::to_string(row_stride));
+    }
+    longest = std::max(longest, static_cast<std::uint32_t>(r.blocks.size()));
+  }
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    const Request& r = s.requests.find(ids[i])->second;
+    BlockId* row = out.data() + i * row_stride;
+    std::copy(r.blocks.begin(), r.blocks.end(), row);
+    std::fill(row + r.blocks.size(), row + row_stride, pad);
+  }
+  return longest;
+}
+
+RequestManagerStats RequestManager::stats() const {
+  const std::lock_guard lock(impl_->mutex);
+  RequestManagerStats st = impl_->counters;
+  st.running = static_cast<std::uint32_t>(impl_->requests.size());
+  st.owned_blocks = impl_->owned_blocks;
+  return st;
+}
+
+std::vector<RequestId> RequestManager::running() const {
+  const std::lock_guard lock(impl_->mutex);
+  std::vector<RequestId> out;
+  out.reserve(impl_->requests.size());
+  for (const auto& [id, r] : impl_->requests) out.push_back(id);
+  return out;
+}
+
+void RequestManager::check_invariants() const {
+  const Impl& s = *impl_;
+  const std::lock_guard lock(s.mutex);
+  const std::uint32_t bs = options_.block_size;
+  std::uint64_t owned = 0;
+  const auto fail = [](RequestId id, const std::string& what) {
+    throw Error(ErrorCode::kInternal, "request manager: " + id_text(id) + ": " + what);
+  };
+  for (const auto& [id, r] : s.requests) {
+    if (r.blocks.size() != blocks_for(r.num_tokens, bs)) fail(id, "block table does not cover its tokens");
+    if (r.num_held < r.num_shared) fail(id, "holds fewer cached blocks than it matched");
+    if (cache_ != nullptr && !r.opaque) {
+      if (r.digests.size() != r.num_tokens / bs) fail(id, "digest count differs from its full blocks");
+      if (r.tail.size() != r.num_tokens % bs) fail(id, "partial block tokens differ from its token count");
+      if (r.num_held > r.digests.size()) fail(id, "holds more cached blocks than it has digests");
+      for (std::uint32_t j = 0; j < r.num_held; ++j) {
+        const auto info = cache_->lookup(r.digests[j]);
+        if (!info || info->users == 0) fail(id, "a held digest is not cached in use at block " + std::to_string(j));
+        if (j < r.num_shared && info->block_id != r.blocks[j]) fail(id, "a shared block differs from the cache's");
+      }
+    }
+    for (BlockId b : r.blocks) {
+      if (!allocator_.is_allocated(b)) fail(id, "block " + std::to_string(b) + " is not allocated");
+    }
+    owned += r.own_blocks().size();
+  }
+  if (owned != s.owned_blocks) {
+    throw Error(ErrorCode::kInternal, "request manager: owned block count " + std::to_string(s.owned_blocks) +
+                                          " differs from the tables' " + std::to_string(owned));
+  }
+}
+
+}  // namespace sagellm::kv

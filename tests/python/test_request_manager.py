@@ -1,0 +1,308 @@
+"""RequestManager: the native per-request KV manager, from Python."""
+
+from __future__ import annotations
+
+import array
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sagellm_kv_cache import KVCacheSpec, PagedKVPool, _core
+from sagellm_kv_cache.errors import KVConfigInvalidError, KVPoolFullError
+from sagellm_kv_cache.manager import RequestManager
+from sagellm_kv_cache.prefix_cache import RadixPrefixCache
+
+BS = 16
+
+
+def make(num_blocks: int = 256, **kw: object) -> tuple[PagedKVPool, RequestManager]:
+    pool = PagedKVPool(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype="int8", block_size=BS),
+                       num_blocks, zero_fill=False)
+    return pool, RequestManager(pool, **kw)  # type: ignore[arg-type]
+
+
+def test_admit_share_finish_keeps_published_blocks() -> None:
+    pool, rm = make()
+    cached, table = rm.admit(1, list(range(40)))
+    assert cached == 0 and table.dtype == np.int32 and len(table) == 3
+    cached2, table2 = rm.admit(2, [*range(32), 7, 8])
+    assert cached2 == 32 and list(table2[:2]) == list(table[:2]) and table2[2] != table[2]
+    rm.finish([1, 2])
+    assert len(rm) == 0
+    assert pool.num_used_blocks == 2  # the two published full blocks stay cached
+    assert rm.stats()["cache"]["cached_blocks"] == 2
+    rm.check_invariants()
+
+
+@pytest.mark.parametrize("convert", [
+    list, tuple,
+    lambda t: array.array("q", t), lambda t: array.array("i", t), lambda t: array.array("H", t),
+    lambda t: np.asarray(t, dtype=np.int32), lambda t: np.asarray(t, dtype=np.int64),
+    lambda t: np.asarray(t, dtype=np.int64)[::-1][::-1].copy(),
+    lambda t: np.repeat(np.asarray(t, dtype=np.int64), 2)[::2],
+    lambda t: memoryview(array.array("l", t)), lambda t: [np.int64(x) for x in t],
+])
+def test_token_sources_give_identical_digests(convert: object) -> None:
+    tokens = list(range(100, 150))
+    _, rm = make()
+    rm.admit(1, tokens)
+    rm.admit(2, convert(tokens))  # type: ignore[operator]
+    assert rm.num_tokens(2) == 50
+    assert list(rm.block_table(2)[:3]) == list(rm.block_table(1)[:3])
+
+
+def test_torch_cpu_tensor_tokens() -> None:
+    torch = pytest.importorskip("torch")
+    _, rm = make()
+    rm.admit(1, list(range(40)))
+    cached, _ = rm.admit(2, torch.arange(40, dtype=torch.int64))
+    assert cached == 32
+
+
+@pytest.mark.parametrize("bad, exc", [
+    ([1, 2.5], TypeError), (["a"], TypeError), ([1, 2**31], ValueError), ([-(2**31) - 1], ValueError),
+    (np.zeros((2, 2), dtype=np.int32), ValueError), (np.zeros(3, dtype=np.float32), TypeError), ("abc", TypeError),
+    (5, TypeError), ([], KVConfigInvalidError), (np.array([2**40]), ValueError),
+])
+def test_bad_tokens_change_nothing(bad: object, exc: type[Exception]) -> None:
+    pool, rm = make()
+    rm.admit(1, list(range(20)))
+    before = (pool.num_used_blocks, rm.stats())
+    with pytest.raises(exc):
+        rm.admit(2, bad)
+    with pytest.raises(exc if exc is not KVConfigInvalidError else KVConfigInvalidError):
+        rm.append(1, bad)
+    assert (pool.num_used_blocks, rm.stats()) == before
+    assert 2 not in rm and rm.num_tokens(1) == 20
+    rm.check_invariants()
+
+
+def test_bad_ids_change_nothing() -> None:
+    pool, rm = make()
+    rm.admit(1, list(range(20)))
+    used = pool.num_used_blocks
+    with pytest.raises(KVConfigInvalidError, match="request 9 is not running"):
+        rm.append(9, [1])
+    with pytest.raises(KVConfigInvalidError):
+        rm.admit(1, [1, 2])  # already running
+    with pytest.raises(KVConfigInvalidError):
+        rm.admit_batch([5, 5], [[1], [2]])
+    with pytest.raises(KVConfigInvalidError):
+        rm.finish([1, 1])
+    with pytest.raises(KVConfigInvalidError):
+        rm.finish([1, 9])
+    with pytest.raises(ValueError):
+        rm.admit(-1, [1])
+    with pytest.raises(TypeError):
+        rm.admit(1.5, [1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        rm.admit_batch([3, 4], [[1]])
+    with pytest.raises(ValueError):
+        rm.append_decode([1], [1, 2])
+    assert pool.num_used_blocks == used and len(rm) == 1 and rm.num_tokens(1) == 20
+    rm.check_invariants()
+
+
+def test_admit_batch_all_or_nothing_names_the_request() -> None:
+    pool, rm = make(num_blocks=5)
+    with pytest.raises(KVPoolFullError, match=r"request 12 \(position 2\)"):
+        rm.admit_batch([10, 11, 12], [list(range(32)), list(range(100, 132)), list(range(200, 232))])
+    assert len(rm) == 0 and pool.num_used_blocks == 0
+    cached, tables, offsets = rm.admit_batch([10, 11], [list(range(32)), list(range(100, 132))])
+    assert list(cached) == [0, 0] and list(offsets) == [0, 2, 4] and len(set(tables.tolist())) == 4
+    rm.check_invariants()
+
+
+def test_decode_steps_allocate_and_publish() -> None:
+    _, rm = make()
+    rm.admit_batch([1, 2], [list(range(15)), list(range(100, 116))])
+    out = np.empty(2, dtype=np.int32)
+    got = rm.append_decode([1, 2], [15, 116], out=out)
+    assert got is out
+    assert out[0] == -1 and out[1] >= 0  # request 2 crossed into a new block
+    assert rm.stats()["cache"]["cached_blocks"] == 2  # request 1's first block became full
+    tables = rm.block_tables([1, 2])
+    assert tables.shape == (2, 2) and tables[0, 1] == -1 and tables[1, 1] == out[1]
+    buf = np.zeros((4, 8), dtype=np.int32)
+    assert rm.block_tables([2, 1], out=buf) is buf and buf[0, 1] == out[1] and buf[1, 1] == -1
+    counts, new = rm.append_batch([1, 2], [list(range(16, 40)), [1]])
+    assert list(counts) == [2, 0] and len(new) == 2
+    rm.check_invariants()
+
+
+def test_append_refusal_changes_nothing() -> None:
+    pool, rm = make(num_blocks=3)
+    rm.admit(1, list(range(16)))
+    rm.admit(2, list(range(100, 116)))
+    with pytest.raises(KVPoolFullError):
+        rm.append_batch([1, 2], [list(range(16, 33)), [5]])
+    assert rm.num_tokens(1) == 16 and rm.num_tokens(2) == 16 and pool.num_used_blocks == 2
+    rm.check_invariants()
+
+
+def test_preempt_and_resume_matches_back() -> None:
+    _, rm = make()
+    rm.admit(7, list(range(20)))
+    rm.append(7, list(range(20, 40)))
+    assert rm.preempt(7) == 40 and 7 not in rm
+    cached, _ = rm.admit(7, list(range(40)))
+    assert cached == 32
+    assert rm.stats()["preempted"] == 1
+
+
+def test_match_last_token_option() -> None:
+    _, rm = make()
+    rm.admit(1, list(range(32)))
+    rm.finish(1)
+    assert rm.admit(2, list(range(32)))[0] == 16
+    _, rm2 = make(match_last_token=True)
+    rm2.admit(1, list(range(32)))
+    rm2.finish(1)
+    assert rm2.admit(2, list(range(32)))[0] == 32
+
+
+def test_shares_a_radix_prefix_cache() -> None:
+    pool = PagedKVPool(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype="int8", block_size=BS), 64,
+                       zero_fill=False)
+    cache = RadixPrefixCache(block_size=BS, pool=pool)
+    ids = pool.allocate(2)
+    cache.insert_tokens(np.arange(32, dtype=np.int32), ids)
+    pool.free(ids)
+    rm = RequestManager(pool, cache=cache)
+    assert rm.admit(1, list(range(33)))[0] == 32
+    with pytest.raises(TypeError):
+        RequestManager(pool, cache=object())
+
+
+def test_no_caching_metadata_only() -> None:
+    rm = RequestManager(num_blocks=8, enable_caching=False)
+    _, table = rm.admit(1, list(range(40)))
+    assert len(table) == 3 and rm.num_free_blocks == 5
+    rm.finish(1)
+    assert rm.num_free_blocks == 8
+
+
+def test_w2_hit_ratio_equals_fast_path() -> None:
+    rng = np.random.default_rng(1)
+    prompts = rng.integers(0, 32000, size=(20, 128), dtype=np.int32)
+    reqs = [np.concatenate([prompts[c], rng.integers(0, 32000, 32, dtype=np.int32)])
+            for c in rng.integers(0, 20, 300)]
+    for capacity in (None, 64):
+        spec = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype="int8", block_size=BS)
+        pool = PagedKVPool(spec, 3000, zero_fill=False)
+        fast = RadixPrefixCache(block_size=BS, capacity_blocks=capacity, pool=pool)
+        hits = 0
+        for tokens in reqs:
+            matched, _, digests = fast.match_tokens(tokens)
+            fresh = pool.allocate(len(digests) - matched)
+            fast.insert(digests[matched:], fresh, parent=digests[matched - 1] if matched else None)
+            pool.free(fresh)
+            fast.release(digests[:matched])
+            hits += matched
+        pool2 = PagedKVPool(spec, 3000, zero_fill=False)
+        rm = RequestManager(pool2, capacity_blocks=capacity, match_last_token=True)
+        for i, tokens in enumerate(reqs):
+            rm.admit(i, tokens.tolist())
+            rm.finish(i)
+        assert rm.stats()["hit_blocks"] == hits
+        assert rm.stats()["cache"]["cached_blocks"] == fast.stats()["cached_blocks"]
+
+
+def test_threads_admit_and_finish_concurrently() -> None:
+    pool, rm = make(num_blocks=4096)
+    errors: list[BaseException] = []
+
+    def work(base: int) -> None:
+        try:
+            for i in range(200):
+                rid = base + i
+                rm.admit(rid, list(range(i % 7 * 16, i % 7 * 16 + 40)))
+                rm.append_decode([rid], [1])
+                rm.finish(rid)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k * 1000,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(rm) == 0
+    assert pool.num_used_blocks == rm.stats()["cache"]["cached_blocks"]
+    rm.check_invariants()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(1, 40)), max_size=40))
+def test_random_operations_keep_accounting(ops: list[tuple[int, int, int]]) -> None:
+    pool, rm = make(num_blocks=24, capacity_blocks=12)
+    model: dict[int, int] = {}  # request id -> tokens
+    for op, rid, n in ops:
+        tokens = [(rid * 7 + k) % 50 for k in range(n)]
+        try:
+            if op == 0 and rid not in model:
+                rm.admit(rid, tokens)
+                model[rid] = n
+            elif op == 1 and rid in model:
+                run = tokens[: 1 + n % 5]
+                rm.append(rid, run)
+                model[rid] += len(run)
+            elif op == 2 and rid in model:
+                rm.finish(rid)
+                del model[rid]
+            elif op == 3 and rid in model:
+                assert rm.preempt(rid) == model.pop(rid)
+        except KVPoolFullError:
+            pass
+        assert sorted(rm.running()) == sorted(model)
+        for r, count in model.items():
+            assert rm.num_tokens(r) == count
+            assert len(rm.block_table(r)) == (count + BS - 1) // BS
+        rm.check_invariants()
+        # A published block a request still owns counts once in the pool, in both figures here.
+        owned, cached = rm.stats()["owned_blocks"], rm.stats()["cache"]["cached_blocks"]
+        assert max(owned, cached) <= pool.num_used_blocks <= owned + cached
+    rm.finish(list(model))
+    assert pool.num_used_blocks == rm.stats()["cache"]["cached_blocks"]
+
+
+def test_core_binding_rejects_foreign_cache() -> None:
+    pool, _ = make()
+    other = PagedKVPool(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype="int8", block_size=BS), 8)
+    cache = _core.PrefixCache(block_size=BS, allocator=other._native)
+    with pytest.raises(KVConfigInvalidError):
+        _core.RequestManager(pool._native, cache)
+
+
+def test_membership_never_raises() -> None:
+    _, rm = make()
+    rm.admit(3, [1])
+    rm.admit(2**64 - 1, [1])
+    assert 3 in rm and 2**64 - 1 in rm
+    assert -1 not in rm and 2**70 not in rm and "x" not in rm and 3.0 not in rm and 4 not in rm
+
+
+def test_reserve_by_count() -> None:
+    pool, rm = make(num_blocks=8)
+    table = rm.reserve(1, 40)
+    assert len(table) == 3 and rm.num_tokens(1) == 40
+    rm.append(1, [1] * 9)
+    assert len(rm.block_table(1)) == 4 and rm.stats()["cache"]["cached_blocks"] == 0
+    with pytest.raises(KVPoolFullError):
+        rm.reserve(2, 10_000)
+    with pytest.raises(ValueError):
+        rm.reserve(2, 0)
+    assert 2 not in rm
+    rm.finish(1)
+    assert pool.num_used_blocks == 0
+
+
+def test_block_size_must_match_the_pool() -> None:
+    pool, _ = make()
+    with pytest.raises(ValueError, match="block_size 8 differs"):
+        RequestManager(pool, block_size=8)
+    with pytest.raises(ValueError):
+        RequestManager()
