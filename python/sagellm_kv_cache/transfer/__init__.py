@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from sagellm_kv_cache.errors import KVTransferFailedError as KVTransferError  # the seed's name here
 from sagellm_kv_cache.transfer.engine import KVTransferEngine
 
-__all__ = ["BlockTransfer", "KVTransferEngine", "ReceivedBlocks"]
+__all__ = ["BlockTransfer", "KVTransferEngine", "KVTransferError", "ReceivedBlocks"]
 
 
 def __getattr__(name: str) -> Any:
