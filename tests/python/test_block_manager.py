@@ -44,7 +44,7 @@ def test_reference_counts() -> None:
     block = manager.alloc_block()
     manager.incr_ref(block)
     manager.incr_ref(block)
-    with pytest.raises(ValueError, match="Cannot free block .* with ref_count=2"):
+    with pytest.raises(ValueError, match=r"Cannot free block .* with ref_count=2"):
         manager.free_block(block)
     manager.decr_ref(block)
     manager.decr_ref(block)
