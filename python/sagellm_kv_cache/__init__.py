@@ -84,6 +84,9 @@ _LAZY: dict[str, str] = {
     "GlobalKVPoolManager": "distributed",
     "NodeContribution": "distributed",
     "RemoteKVAccessor": "distributed",
+    "KVTransferPipeline": "transfer",
+    "CommTransferBackendAdapter": "transfer",
+    "SocketTransferBackend": "transfer",
 }
 
 _PROTOCOL = {
