@@ -33,6 +33,10 @@ class PlacementStrategy(StrEnum):
     """Rotate through the devices that can take the request; ignores load beyond fitting."""
     BALANCED = "balanced"
     """Weighted mix of KV utilization (0.5), relative request count (0.3) and memory utilization (0.2)."""
+    SHORTEST_QUEUE = "shortest_queue"
+    """The seed's name: fewest queued requests, then fewest running, then lowest KV utilization."""
+    BEST_FIT = "best_fit"
+    """The seed's name: the device whose resources suit the request best, scored as ``BALANCED``."""
 
 
 def _device_list(name: str, devices: object) -> list[str]:
@@ -180,7 +184,9 @@ class LoadAwareScheduler:
             best = min(order, key=lambda i: (kv_after(tier[i]), tier[i].total_requests(), i))
         elif self.strategy == PlacementStrategy.LEAST_REQUESTS:
             best = min(order, key=lambda i: (tier[i].total_requests(), kv_after(tier[i]), i))
-        else:  # BALANCED
+        elif self.strategy == PlacementStrategy.SHORTEST_QUEUE:
+            best = min(order, key=lambda i: (tier[i].queue_length, tier[i].active_requests, kv_after(tier[i]), i))
+        else:  # BALANCED, BEST_FIT
             busiest = max(m.total_requests() for m in tier) or 1
             best = min(
                 order,

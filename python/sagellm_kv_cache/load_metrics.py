@@ -101,6 +101,10 @@ class DeviceLoadMetrics(BaseModel):
     def available_kv_tokens(self) -> int:
         return max(0, self.kv_tokens_capacity - self.kv_tokens_used)
 
+    def __repr__(self) -> str:
+        return (f"DeviceLoadMetrics(device={self.device}, active={self.active_requests}, "
+                f"queued={self.queue_length}, kv_util={self.kv_utilization():.2f})")
+
     def to_dict(self) -> dict[str, Any]:
         """The fields plus the derived numbers, for logs and stats endpoints."""
         data = self.model_dump()
@@ -191,3 +195,9 @@ class LoadMetricsCollector:
     def __len__(self) -> int:
         with self._lock:
             return len(self._devices)
+
+    def __bool__(self) -> bool:
+        return True  # a collector with no devices yet is still a collector (``if collector:``), as in the seed
+
+    def __repr__(self) -> str:
+        return f"LoadMetricsCollector(devices={len(self)})"

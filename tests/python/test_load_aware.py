@@ -168,7 +168,21 @@ DEVICES = ["cuda:0", "cuda:1", "cuda:2"]
 
 def test_strategy_values() -> None:
     assert PlacementStrategy.LOWEST_KV.value == "lowest_kv"
-    assert {s.value for s in PlacementStrategy} == {"lowest_kv", "least_requests", "round_robin", "balanced"}
+    assert {s.value for s in PlacementStrategy} == {"lowest_kv", "least_requests", "round_robin", "balanced",
+                                                    "shortest_queue", "best_fit"}
+    assert {"ROUND_ROBIN", "LOWEST_KV", "SHORTEST_QUEUE", "BEST_FIT"} <= set(PlacementStrategy.__members__)  # seed
+
+
+def test_seed_strategies_shortest_queue_and_best_fit() -> None:
+    c = LoadMetricsCollector()
+    for device in ("a", "b"):
+        c.register_device(device, kv_tokens_capacity=1000)
+    c.update_request_count("a", 5, 2)
+    c.update_request_count("b", 1, 2)  # same queue, fewer running
+    assert LoadAwareScheduler(c, PlacementStrategy.SHORTEST_QUEUE).select_device(["a", "b"]) == "b"
+    assert LoadAwareScheduler(c, PlacementStrategy.BEST_FIT).select_device(["a", "b"]) == "b"
+    c.update_request_count("a", 9, 0)
+    assert LoadAwareScheduler(c, PlacementStrategy.SHORTEST_QUEUE).select_device(["a", "b"]) == "a"
 
 
 def test_lowest_kv() -> None:
@@ -295,3 +309,13 @@ def test_bad_constructor_arguments() -> None:
     with pytest.raises(ValueError, match="kv_threshold"):
         LoadAwareScheduler(LoadMetricsCollector(), kv_threshold=0.0)
     assert LoadAwareScheduler(LoadMetricsCollector(), "balanced").strategy is PlacementStrategy.BALANCED  # type: ignore[arg-type]
+
+
+def test_seed_reprs() -> None:
+    c = LoadMetricsCollector()
+    assert repr(c) == "LoadMetricsCollector(devices=0)" and bool(c)
+    c.register_device("cuda:0", kv_tokens_capacity=1000)
+    c.update_kv_usage("cuda:0", 250)
+    c.update_request_count("cuda:0", 3, 2)
+    assert repr(c) == "LoadMetricsCollector(devices=1)"
+    assert repr(c.get_metrics("cuda:0")) == "DeviceLoadMetrics(device=cuda:0, active=3, queued=2, kv_util=0.25)"
