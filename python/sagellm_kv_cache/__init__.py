@@ -87,6 +87,7 @@ _LAZY: dict[str, str] = {
     "KVTransferPipeline": "transfer",
     "CommTransferBackendAdapter": "transfer",
     "SocketTransferBackend": "transfer",
+    "KVOffloadManager": "offload",
 }
 
 _PROTOCOL = {
