@@ -61,3 +61,30 @@ def test_composite_propagates_errors_and_checks_hooks() -> None:
     assert c.get_counter("alloc_count") == 0
     with pytest.raises(TypeError, match="lacks on_alloc"):
         CompositeHook([object()])  # type: ignore[list-item]
+
+
+def test_seed_counter_names_timestamps_and_kv_metrics() -> None:
+    hook = MetricsHook()
+    c = collector()
+    hook.on_alloc(c, num_tokens=128)
+    hook.on_free(c, num_tokens=64)
+    hook.on_hit(c, hit_len=512, reuse_bytes=2048)
+    hook.on_miss(c)
+    hook.on_evict(c)
+    hook.on_transfer(c, num_bytes=4096, latency_ms=2.5)
+    data = c.to_dict()
+    assert list(data) == ["trace_id", "request_id", "engine_id", "timestamps", "kv_metrics", "counters", "gauges"]
+    assert set(data["timestamps"]) == {"alloc_at", "free_at", "cache_hit_at", "cache_miss_at", "eviction_at",
+                                       "transfer_complete_at"}
+    counters = data["counters"]
+    assert (counters["total_allocated_tokens"], counters["total_freed_tokens"], counters["hit_count"],
+            counters["total_reuse_bytes"], counters["miss_count"], counters["transfer_count"]) == \
+        (128, 64, 1, 2048, 1, 1)
+    assert counters["hit_tokens"] == 512  # hit_len counts as the hit's tokens
+    assert data["kv_metrics"] == {"hit_len": 512.0, "reuse_bytes": 2048.0, "transfer_latency": 2.5, "hit_count": 1,
+                                  "miss_count": 1, "evict_count": 1}
+    assert c.marks.keys() == {"alloc", "free", "cache_hit", "cache_miss", "eviction", "transfer_complete"}
+    assert c.counters == counters and c.gauges == data["gauges"]
+    with pytest.raises(ValueError, match="hit_len"):
+        hook.on_hit(c, hit_len=-1)
+    assert c.get_counter("hit_count") == 1

@@ -50,18 +50,32 @@ class MetricsHook:
         collector.inc("alloc_count")
         collector.inc("allocated_tokens", tokens)
         collector.inc("allocated_blocks", blocks)
+        collector.inc("total_allocated_tokens", tokens)  # the seed's name
+        collector.mark("alloc")
 
     def on_free(self, collector: MetricsCollector, **kwargs: Any) -> None:
         tokens, blocks = _count(kwargs, "num_tokens"), _count(kwargs, "num_blocks")
         collector.inc("free_count")
         collector.inc("freed_tokens", tokens)
         collector.inc("freed_blocks", blocks)
+        collector.inc("total_freed_tokens", tokens)  # the seed's name
+        collector.mark("free")
 
     def on_hit(self, collector: MetricsCollector, **kwargs: Any) -> None:
-        tokens, blocks = _count(kwargs, "num_tokens"), _count(kwargs, "num_blocks")
+        hit_len = _count(kwargs, "hit_len") if "hit_len" in kwargs else None
+        # The seed's call sites pass hit_len (tokens reused) rather than num_tokens.
+        tokens, blocks = _count(kwargs, "num_tokens", hit_len or 0), _count(kwargs, "num_blocks")
+        reuse = _count(kwargs, "reuse_bytes") if "reuse_bytes" in kwargs else None
         collector.inc("prefix_hits")
         collector.inc("hit_tokens", tokens)
         collector.inc("hit_blocks", blocks)
+        collector.inc("hit_count")  # the seed's counters and gauges
+        if hit_len is not None:
+            collector.set_gauge("hit_len", hit_len)
+        if reuse is not None:
+            collector.inc("total_reuse_bytes", reuse)
+            collector.set_gauge("reuse_bytes", reuse)
+        collector.mark("cache_hit")
         self._update_hit_ratio(collector)
 
     def on_miss(self, collector: MetricsCollector, **kwargs: Any) -> None:
@@ -69,6 +83,8 @@ class MetricsHook:
         collector.inc("prefix_misses")
         collector.inc("miss_tokens", tokens)
         collector.inc("miss_blocks", blocks)
+        collector.inc("miss_count")  # the seed's name
+        collector.mark("cache_miss")
         self._update_hit_ratio(collector)
 
     def on_evict(self, collector: MetricsCollector, **kwargs: Any) -> None:
@@ -78,6 +94,7 @@ class MetricsHook:
         collector.inc("evicted_handles", victims)
         collector.inc("evicted_tokens", tokens)
         collector.inc("evicted_blocks", blocks)
+        collector.mark("eviction")
 
     def on_transfer(self, collector: MetricsCollector, **kwargs: Any) -> None:
         nbytes = _count(kwargs, "num_bytes")
@@ -98,6 +115,8 @@ class MetricsHook:
             collector.inc("transfer_failures")
         if latency is not None:
             collector.set_gauge("last_transfer_latency_ms", float(latency))
+            collector.set_gauge("transfer_latency", float(latency))  # the seed's name
+        collector.mark("transfer_complete")
 
     @staticmethod
     def _update_hit_ratio(collector: MetricsCollector) -> None:
