@@ -206,4 +206,4 @@ class LoadAwareScheduler:
         return device
 
     def __repr__(self) -> str:
-        return f"LoadAwareScheduler(strategy={self.strategy.value!r}, enabled={self._enabled})"
+        return f"LoadAwareScheduler(strategy={self.strategy.value}, enabled={self._enabled}, placements={self._total})"

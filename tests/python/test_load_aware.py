@@ -319,3 +319,12 @@ def test_seed_reprs() -> None:
     c.update_request_count("cuda:0", 3, 2)
     assert repr(c) == "LoadMetricsCollector(devices=1)"
     assert repr(c.get_metrics("cuda:0")) == "DeviceLoadMetrics(device=cuda:0, active=3, queued=2, kv_util=0.25)"
+
+
+def test_seed_scheduler_repr() -> None:
+    c = LoadMetricsCollector()
+    c.register_device("cuda:0", kv_tokens_capacity=1000)
+    s = LoadAwareScheduler(c)
+    assert repr(s) == "LoadAwareScheduler(strategy=lowest_kv, enabled=True, placements=0)"
+    s.select_device(["cuda:0"])
+    assert repr(s) == "LoadAwareScheduler(strategy=lowest_kv, enabled=True, placements=1)"

@@ -319,3 +319,10 @@ def test_missing_prometheus_client_names_the_extra(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(prom_module, "_IMPORT_ERROR", ImportError("No module named 'prometheus_client'"))
     with pytest.raises(ImportError, match=r"isagellm-kv-cache\[metrics\]"):
         PrometheusExporter()
+
+
+def test_seed_repr() -> None:
+    c = MetricsCollector("t", "r", "e")
+    c.inc("a")
+    c.mark("b")
+    assert repr(c) == "MetricsCollector(trace_id='t', request_id='r', engine_id='e', marks=1, counters=1, gauges=0)"

@@ -130,7 +130,9 @@ class MetricsCollector:
             self._gauges.clear()
 
     def __repr__(self) -> str:
+        with self._lock:
+            sizes = len(self._timestamps), len(self._counters), len(self._gauges)
         return (
             f"MetricsCollector(trace_id={self.trace_id!r}, request_id={self.request_id!r}, "
-            f"engine_id={self.engine_id!r})"
+            f"engine_id={self.engine_id!r}, marks={sizes[0]}, counters={sizes[1]}, gauges={sizes[2]})"
         )
