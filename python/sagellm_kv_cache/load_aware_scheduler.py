@@ -11,6 +11,7 @@ Selecting does not reserve anything: the engine reports the new usage to the col
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from enum import StrEnum
@@ -18,6 +19,8 @@ from enum import StrEnum
 from sagellm_protocol.kv import SchedulerRequest
 
 from sagellm_kv_cache.load_metrics import DeviceLoadMetrics, LoadMetricsCollector
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LoadAwareScheduler", "PlacementStrategy"]
 
@@ -48,7 +51,7 @@ def _device_list(name: str, devices: object) -> list[str]:
             raise TypeError(f"{name}[{index}] must be a non-empty str, got {device!r}")
         unique.setdefault(device, None)
     if not unique:
-        raise ValueError(f"{name} must not be empty")
+        raise ValueError(f"No candidate devices provided ({name} must not be empty)")
     return list(unique)
 
 
@@ -97,8 +100,9 @@ class LoadAwareScheduler:
         """The device to place a request needing ``kv_tokens_required`` KV tokens on.
 
         ``ValueError`` for no candidates or a negative requirement, ``TypeError`` for malformed
-        candidates, ``KeyError`` (load awareness on) for a candidate the collector does not know.
-        ``request_id`` is only used in error messages.
+        candidates. As in the seed, candidates the collector does not know are skipped (logged) and
+        ``RuntimeError`` says so when none is left. Without load awareness the first candidate is
+        chosen and not counted. ``request_id`` is only used in messages.
         """
         candidates = _device_list("candidate_devices", candidate_devices)
         if isinstance(kv_tokens_required, bool) or not isinstance(kv_tokens_required, int):
@@ -107,15 +111,17 @@ class LoadAwareScheduler:
             raise ValueError(f"kv_tokens_required must be >= 0, got {kv_tokens_required}")
 
         if not self._enabled:
-            with self._lock:
-                return self._record(candidates[0], fallback=False)
+            return candidates[0]
 
         snapshot = self.collector.get_all_metrics()
         unknown = [device for device in candidates if device not in snapshot]
+        suffix = f" (request {request_id})" if request_id else ""
         if unknown:
-            suffix = f" (request {request_id})" if request_id else ""
-            raise KeyError(f"candidate devices not registered with the collector{suffix}: {', '.join(unknown)}")
-        metrics = [snapshot[device] for device in candidates]
+            logger.warning("Device(s) %s not registered in collector%s; skipping", ", ".join(unknown), suffix)
+        metrics = [snapshot[device] for device in candidates if device in snapshot]
+        if not metrics:
+            raise RuntimeError(f"No suitable device found among {candidates}{suffix}: none is registered with the "
+                               "collector")
 
         fits = [m for m in metrics if m.kv_tokens_capacity == 0 or m.available_kv_tokens() >= kv_tokens_required]
         healthy = [m for m in fits if not m.is_overloaded(self.kv_threshold, self.memory_threshold)]
@@ -140,17 +146,20 @@ class LoadAwareScheduler:
         needed = request.kv_tokens_required or request.prompt_len + request.max_new_tokens
         affinity = request.device_affinity
         if affinity and affinity in candidates and self._has_room(affinity, needed):
+            if not self._enabled:
+                return affinity
             with self._lock:
                 return self._record(affinity, fallback=False)
         return self.select_device(list(candidates), needed, request.request_id)
 
     def get_placement_stats(self) -> dict[str, int | dict[str, int]]:
-        """Placements so far: total, fallbacks (no candidate had room) and per device."""
+        """Placements so far (the seed's ``total_placements`` and ``per_device``) and how many were
+        fallbacks (no candidate had room)."""
         with self._lock:
             return {
                 "total_placements": self._total,
+                "per_device": dict(self._device_counts),
                 "fallback_placements": self._fallbacks,
-                "device_counts": dict(self._device_counts),
             }
 
     def reset_stats(self) -> None:

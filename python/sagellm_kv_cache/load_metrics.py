@@ -139,9 +139,9 @@ class LoadMetricsCollector:
                 current.updated_at = fresh.updated_at
 
     def unregister_device(self, device: str) -> None:
+        """Forgets ``device``; an unknown device is ignored, as in the seed."""
         with self._lock:
-            self._lookup(device)
-            del self._devices[device]
+            self._devices.pop(device, None)
 
     def get_metrics(self, device: str) -> DeviceLoadMetrics:
         """A copy of the device's metrics; ``KeyError`` naming the device when it is unknown."""
@@ -185,7 +185,7 @@ class LoadMetricsCollector:
         metrics = self._devices.get(device)
         if metrics is None:
             known = ", ".join(self._devices) or "none"
-            raise KeyError(f"device {device!r} is not registered (registered: {known})")
+            raise KeyError(f"Device {device} not registered (registered: {known})")
         return metrics
 
     def __contains__(self, device: object) -> bool:

@@ -33,7 +33,7 @@ def test_stats_keys_exactly() -> None:
     stats = bridge.get_stats()
     assert sorted(stats) == ["load_metrics", "num_requests", "placement", "pool"]
     assert list(stats["load_metrics"]) == ["cuda:0"] and stats["num_requests"] == 0
-    assert stats["placement"] == {"total_placements": 0, "fallback_placements": 0, "device_counts": {}}
+    assert stats["placement"] == {"total_placements": 0, "per_device": {}, "fallback_placements": 0}
     assert stats["pool"]["max_tokens"] == 1024 and stats["pool"]["block_size"] == 16
 
 
