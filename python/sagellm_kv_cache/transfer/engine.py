@@ -323,9 +323,12 @@ class KVTransferEngine:
             return sum(1 for m in self._records.values() if m.status not in _TERMINAL)
 
     def get_completed_count(self) -> int:
-        """Transfers that completed successfully (FAILED ones are not counted)."""
+        """Finished transfers (COMPLETED, FAILED or CANCELLED; as in the seed, a failure is finished too).
+
+        ``get_transfer_status`` tells them apart.
+        """
         with self._lock:
-            return sum(1 for m in self._records.values() if m.status == TransferStatus.COMPLETED)
+            return sum(1 for m in self._records.values() if m.status in _TERMINAL)
 
     def clear_completed(self) -> None:
         """Forgets every finished record (COMPLETED, FAILED, CANCELLED); running ones stay."""
