@@ -7,6 +7,7 @@ builtin, a class also inherits it (``KVPoolFullError`` is a ``MemoryError``, inv
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 from uuid import UUID
 
@@ -82,6 +83,11 @@ class KVCacheError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={_code_text(self.code)!r}, message={self.message!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception pickling would call cls(*args) with the rendered message; rebuild from the state
+        # instead, so errors cross process boundaries (multiprocessing, transfer workers) intact.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
     @classmethod
     def _from_core(cls, message: str, context: dict[str, Any] | None = None) -> KVCacheError:
         """Builds the error from a C++ core message without going through the seed constructor."""
@@ -92,9 +98,25 @@ class KVCacheError(Exception):
         except TypeError:
             err = Exception.__new__(cls)
         KVCacheError.__init__(err, cls._core_code, message, context)
+        # The seed constructor's arguments are attributes (``total_blocks``, ``handle_id``, ...); the
+        # core does not know them, so they read as None rather than raising AttributeError.
+        if cls.__init__ is not KVCacheError.__init__:
+            for name in inspect.signature(cls.__init__).parameters:
+                if name not in ("self", "context") and not hasattr(err, name):
+                    setattr(err, name, None)
         return err
 
     _core_code: KVErrorCode = KVErrorCode.ALLOCATION_FAILED
+
+
+def _rebuild(cls: type[KVCacheError], args: tuple[Any, ...], state: dict[str, Any]) -> KVCacheError:
+    try:
+        err = cls.__new__(cls)
+    except TypeError:
+        err = Exception.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 def _code_text(code: Any) -> str:
