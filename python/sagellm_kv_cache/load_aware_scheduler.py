@@ -87,6 +87,11 @@ class LoadAwareScheduler:
         self._fallbacks = 0
         self._device_counts: dict[str, int] = {}
 
+    @property
+    def enable_load_awareness(self) -> bool:
+        """The constructor's flag (the seed's attribute); :meth:`is_enabled` reads the same."""
+        return self._enabled
+
     def is_enabled(self) -> bool:
         """Whether placement reads load; when not, the first candidate is always chosen."""
         return self._enabled

@@ -335,3 +335,8 @@ def test_seed_scheduler_repr() -> None:
     assert repr(s) == "LoadAwareScheduler(strategy=lowest_kv, enabled=True, placements=0)"
     s.select_device(["cuda:0"])
     assert repr(s) == "LoadAwareScheduler(strategy=lowest_kv, enabled=True, placements=1)"
+
+
+def test_seed_enable_load_awareness_attribute() -> None:
+    assert LoadAwareScheduler(LoadMetricsCollector(), enable_load_awareness=False).enable_load_awareness is False
+    assert LoadAwareScheduler(LoadMetricsCollector()).enable_load_awareness is True

@@ -136,3 +136,12 @@ def test_the_interface_is_abstract() -> None:
             return "constant-1"
 
     assert Constant().predict_batch([features()])[0].reuse_prob == 1.0
+
+
+def test_seed_attributes() -> None:
+    predictor = HistoricalPredictor()
+    predictor.update(features("s"), 10.0)
+    predictor.update(features("s"), 20.0)
+    assert predictor.session_stats == {"s": {"avg_lifetime": 15.0, "avg_reuse_prob": 1.0, "sample_count": 2}}
+    assert (predictor.global_avg_lifetime, predictor.global_avg_reuse_prob, predictor.global_sample_count) == \
+        (15.0, 1.0, 2)

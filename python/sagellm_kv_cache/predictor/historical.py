@@ -124,6 +124,27 @@ class HistoricalPredictor(LifetimePredictor):
     def get_model_version(self) -> str:
         return self.VERSION
 
+    # --- the seed's public attributes (read-only snapshots) ---------------------------------
+
+    @property
+    def session_stats(self) -> dict[str, dict[str, float]]:
+        """Per session: ``avg_lifetime``, ``avg_reuse_prob``, ``sample_count`` (a copy)."""
+        stats = self.get_statistics()
+        stats.pop(_GLOBAL)
+        return stats
+
+    @property
+    def global_avg_lifetime(self) -> float:
+        return self._stats[_GLOBAL].lifetime
+
+    @property
+    def global_avg_reuse_prob(self) -> float:
+        return self._stats[_GLOBAL].reuse_prob
+
+    @property
+    def global_sample_count(self) -> int:
+        return self._stats[_GLOBAL].samples
+
     def get_statistics(self) -> dict[str, dict[str, float]]:
         """Per key (``"global"`` and each session): average lifetime, reuse probability, samples."""
         with self._lock:
