@@ -75,6 +75,19 @@ _LAZY: dict[str, str] = {
     "KVEventPublisher": "observability.events",
     "KVEventSubscriber": "observability.events",
     "AccessStatsCollector": "profiling.access_stats",
+    # The seed's 0.5.4 additions (prefix index, lifetime predictors, distributed pooling).
+    "PrefixIndex": "prefix.index",
+    "LifetimePredictor": "predictor.base",
+    "PredictorFeatures": "predictor.features",
+    "FeatureExtractor": "predictor.features",
+    "HistoricalPredictor": "predictor.historical",
+    "GlobalKVPoolManager": "distributed",
+    "NodeContribution": "distributed",
+    "RemoteKVAccessor": "distributed",
+    "KVTransferPipeline": "transfer",
+    "CommTransferBackendAdapter": "transfer",
+    "SocketTransferBackend": "transfer",
+    "KVOffloadManager": "offload",
 }
 
 _PROTOCOL = {

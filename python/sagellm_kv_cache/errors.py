@@ -7,6 +7,7 @@ builtin, a class also inherits it (``KVPoolFullError`` is a ``MemoryError``, inv
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 from uuid import UUID
 
@@ -41,7 +42,13 @@ __all__ = [
 
 
 class KVCacheError(Exception):
-    """Base of every error this package raises on purpose."""
+    """Base of every error this package raises on purpose.
+
+    Renders as the seed does: ``str(e)`` is ``"[<code>] <message>"`` (also ``e.args[0]``),
+    ``repr(e)`` is ``ClassName(code='<code>', message='<message>')`` and :meth:`to_dict` has the keys
+    ``error_type``, ``code``, ``message``, ``context`` and ``retryable``. Subclasses put their
+    arguments into ``context`` first; a caller's ``context`` is merged over them.
+    """
 
     def __init__(
         self,
@@ -50,28 +57,37 @@ class KVCacheError(Exception):
         context: dict[str, Any] | None = None,
         cause: Exception | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(f"[{_code_text(code)}] {message}")
         self.code = code
         self.message = message
         self.context: dict[str, Any] = dict(context or {})
         self.cause = cause
         if cause is not None:
-            self.__cause__ = cause
+            self.__cause__ = cause  # the seed leaves __cause__ unset; chaining only adds to tracebacks
 
     def is_retryable(self) -> bool:
         return bool(is_retryable(self.code))
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "code": self.code.value,
+            "error_type": type(self).__name__,
+            "code": _code_text(self.code),
             "message": self.message,
             "context": dict(self.context),
-            "cause": repr(self.cause) if self.cause is not None else None,
             "retryable": self.is_retryable(),
         }
 
     def __str__(self) -> str:
-        return self.message
+        # Exception's rendering, also for the subclasses whose builtin base renders otherwise (KeyError quotes).
+        return Exception.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={_code_text(self.code)!r}, message={self.message!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception pickling would call cls(*args) with the rendered message; rebuild from the state
+        # instead, so errors cross process boundaries (multiprocessing, transfer workers) intact.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
     @classmethod
     def _from_core(cls, message: str, context: dict[str, Any] | None = None) -> KVCacheError:
@@ -83,9 +99,33 @@ class KVCacheError(Exception):
         except TypeError:
             err = Exception.__new__(cls)
         KVCacheError.__init__(err, cls._core_code, message, context)
+        # The seed constructor's arguments are attributes (``total_blocks``, ``handle_id``, ...); the
+        # core does not know them, so they read as None rather than raising AttributeError.
+        if cls.__init__ is not KVCacheError.__init__:
+            for name in inspect.signature(cls.__init__).parameters:
+                if name not in ("self", "context") and not hasattr(err, name):
+                    setattr(err, name, None)
         return err
 
     _core_code: KVErrorCode = KVErrorCode.ALLOCATION_FAILED
+
+
+def _rebuild(cls: type[KVCacheError], args: tuple[Any, ...], state: dict[str, Any]) -> KVCacheError:
+    try:
+        err = cls.__new__(cls)
+    except TypeError:
+        err = Exception.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
+
+
+def _code_text(code: Any) -> str:
+    return str(getattr(code, "value", code))
+
+
+def _merged(own: dict[str, Any], context: dict[str, Any] | None) -> dict[str, Any]:
+    return {**own, **(context or {})}
 
 
 # --- memory and budget ---------------------------------------------------------------------------
@@ -97,39 +137,40 @@ class KVBudgetExceededError(KVCacheError):
     def __init__(
         self, requested: int, available: int, *, unit: str = "tokens", context: dict[str, Any] | None = None
     ) -> None:
-        super().__init__(
-            KVErrorCode.BUDGET_EXCEEDED,
-            f"KV budget exceeded: requested {requested} {unit}, only {available} {unit} available",
-            {"requested": requested, "available": available, "unit": unit, **(context or {})},
-        )
         self.requested = requested
         self.available = available
         self.unit = unit
+        self.max_tokens: Any = (context or {}).get("max_tokens")
+        super().__init__(
+            KVErrorCode.BUDGET_EXCEEDED,
+            f"Budget exceeded: requested {requested} {unit}, only {available} {unit} available",
+            _merged({"requested": requested, "available": available, "unit": unit}, context),
+        )
 
 
 class KVMemoryExhaustedError(KVCacheError, MemoryError):
     _core_code = KVErrorCode.MEMORY_EXHAUSTED
 
     def __init__(self, required_bytes: int, *, device: str = "unknown", context: dict[str, Any] | None = None) -> None:
-        super().__init__(
-            KVErrorCode.MEMORY_EXHAUSTED,
-            f"cannot allocate {required_bytes} bytes on device {device}",
-            {"required_bytes": required_bytes, "device": device, **(context or {})},
-        )
         self.required_bytes = required_bytes
         self.device = device
+        super().__init__(
+            KVErrorCode.MEMORY_EXHAUSTED,
+            f"Memory exhausted on device '{device}': cannot allocate {required_bytes} bytes",
+            _merged({"required_bytes": required_bytes, "device": device}, context),
+        )
 
 
 class KVPoolFullError(KVCacheError, MemoryError):
     _core_code = KVErrorCode.POOL_FULL
 
     def __init__(self, total_blocks: int, *, context: dict[str, Any] | None = None) -> None:
+        self.total_blocks = total_blocks
         super().__init__(
             KVErrorCode.POOL_FULL,
-            f"KV pool is full ({total_blocks} blocks in total)",
-            {"total_blocks": total_blocks, **(context or {})},
+            f"KV pool is full: all {total_blocks} blocks are allocated",
+            _merged({"total_blocks": total_blocks}, context),
         )
-        self.total_blocks = total_blocks
 
 
 # --- handles and blocks --------------------------------------------------------------------------
@@ -145,13 +186,13 @@ class KVInvalidHandleError(KVCacheError, ValueError):
         reason: str = "handle does not exist or has been invalidated",
         context: dict[str, Any] | None = None,
     ) -> None:
+        self.handle_id = str(handle_id)
+        self.reason = reason
         super().__init__(
             KVErrorCode.INVALID_HANDLE,
-            f"invalid handle {handle_id}: {reason}",
-            {"handle_id": str(handle_id), "reason": reason, **(context or {})},
+            f"Invalid handle '{handle_id}': {reason}",
+            _merged({"handle_id": str(handle_id), "reason": reason}, context),
         )
-        self.handle_id = handle_id
-        self.reason = reason
 
 
 class KVInvalidBlockError(KVInvalidHandleError):
@@ -162,12 +203,12 @@ class KVDoubleFreeError(KVCacheError):
     _core_code = KVErrorCode.DOUBLE_FREE
 
     def __init__(self, handle_id: UUID | str, *, context: dict[str, Any] | None = None) -> None:
+        self.handle_id = str(handle_id)
         super().__init__(
             KVErrorCode.DOUBLE_FREE,
-            f"double free of {handle_id}",
-            {"handle_id": str(handle_id), **(context or {})},
+            f"Double free detected: handle '{handle_id}' has already been freed",
+            _merged({"handle_id": str(handle_id)}, context),
         )
-        self.handle_id = handle_id
 
 
 class KVHandlePinnedError(KVCacheError):
@@ -181,41 +222,39 @@ class KVHandlePinnedError(KVCacheError):
         pin_count: int = 0,
         context: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(
-            KVErrorCode.HANDLE_PINNED,
-            f"cannot {operation} handle {handle_id}: it is pinned (pin_count={pin_count})",
-            {"handle_id": str(handle_id), "operation": operation, "pin_count": pin_count, **(context or {})},
-        )
-        self.handle_id = handle_id
+        self.handle_id = str(handle_id)
         self.operation = operation
         self.pin_count = pin_count
+        super().__init__(
+            KVErrorCode.HANDLE_PINNED,
+            f"Cannot {operation} handle '{handle_id}': handle is pinned (pin_count={pin_count})",
+            _merged({"handle_id": str(handle_id), "operation": operation, "pin_count": pin_count}, context),
+        )
 
 
 class KVHandleNotFoundError(KVCacheError, KeyError):
     _core_code = KVErrorCode.HANDLE_NOT_FOUND
 
     def __init__(self, handle_id: UUID | str, *, context: dict[str, Any] | None = None) -> None:
+        self.handle_id = str(handle_id)
         super().__init__(
             KVErrorCode.HANDLE_NOT_FOUND,
-            f"handle {handle_id} not found",
-            {"handle_id": str(handle_id), **(context or {})},
+            f"Handle not found: '{handle_id}'",
+            _merged({"handle_id": str(handle_id)}, context),
         )
-        self.handle_id = handle_id
-
-    __str__ = KVCacheError.__str__  # KeyError would quote the message
 
 
 class KVRefCountUnderflowError(KVCacheError):
     _core_code = KVErrorCode.REF_COUNT_UNDERFLOW
 
     def __init__(self, handle_id: UUID | str, *, current_count: int = 0, context: dict[str, Any] | None = None) -> None:
+        self.handle_id = str(handle_id)
+        self.current_count = current_count
         super().__init__(
             KVErrorCode.REF_COUNT_UNDERFLOW,
-            f"reference count of {handle_id} would drop below zero (current {current_count})",
-            {"handle_id": str(handle_id), "current_count": current_count, **(context or {})},
+            f"Reference count underflow on handle '{handle_id}': cannot decrement from {current_count}",
+            _merged({"handle_id": str(handle_id), "current_count": current_count}, context),
         )
-        self.handle_id = handle_id
-        self.current_count = current_count
 
 
 # --- prefix cache --------------------------------------------------------------------------------
@@ -225,26 +264,26 @@ class KVCacheMissError(KVCacheError):
     _core_code = KVErrorCode.CACHE_MISS
 
     def __init__(self, prefix_hash: str, *, prefix_len: int = 0, context: dict[str, Any] | None = None) -> None:
-        super().__init__(
-            KVErrorCode.CACHE_MISS,
-            f"prefix {prefix_hash} (length {prefix_len}) is not cached",
-            {"prefix_hash": prefix_hash, "prefix_len": prefix_len, **(context or {})},
-        )
         self.prefix_hash = prefix_hash
         self.prefix_len = prefix_len
+        super().__init__(
+            KVErrorCode.CACHE_MISS,
+            f"Cache miss for prefix '{prefix_hash}' (length={prefix_len})",
+            _merged({"prefix_hash": prefix_hash, "prefix_len": prefix_len}, context),
+        )
 
 
 class KVPrefixTooLongError(KVCacheError, ValueError):
     _core_code = KVErrorCode.PREFIX_TOO_LONG
 
     def __init__(self, prefix_len: int, max_len: int, *, context: dict[str, Any] | None = None) -> None:
-        super().__init__(
-            KVErrorCode.PREFIX_TOO_LONG,
-            f"prefix of {prefix_len} tokens exceeds the maximum of {max_len}",
-            {"prefix_len": prefix_len, "max_len": max_len, **(context or {})},
-        )
         self.prefix_len = prefix_len
         self.max_len = max_len
+        super().__init__(
+            KVErrorCode.PREFIX_TOO_LONG,
+            f"Prefix too long: {prefix_len} tokens exceeds maximum {max_len}",
+            _merged({"prefix_len": prefix_len, "max_len": max_len}, context),
+        )
 
 
 # --- eviction ------------------------------------------------------------------------------------
@@ -256,14 +295,15 @@ class KVNoVictimError(KVCacheError):
     def __init__(
         self, bytes_needed: int, *, pinned_count: int = 0, total_count: int = 0, context: dict[str, Any] | None = None
     ) -> None:
-        super().__init__(
-            KVErrorCode.NO_VICTIM,
-            f"no eviction victim frees {bytes_needed}: {pinned_count} of {total_count} candidates are pinned",
-            {"bytes_needed": bytes_needed, "pinned_count": pinned_count, "total_count": total_count, **(context or {})},
-        )
         self.bytes_needed = bytes_needed
         self.pinned_count = pinned_count
         self.total_count = total_count
+        super().__init__(
+            KVErrorCode.NO_VICTIM,
+            f"No eviction victim available: need {bytes_needed} bytes, but {pinned_count}/{total_count} objects "
+            "are pinned",
+            _merged({"bytes_needed": bytes_needed, "pinned_count": pinned_count, "total_count": total_count}, context),
+        )
 
 
 class KVEvictionFailedError(KVCacheError):
@@ -272,25 +312,25 @@ class KVEvictionFailedError(KVCacheError):
     def __init__(
         self, handle_id: UUID | str, *, reason: str = "unknown", context: dict[str, Any] | None = None
     ) -> None:
+        self.handle_id = str(handle_id)
+        self.reason = reason
         super().__init__(
             KVErrorCode.EVICTION_FAILED,
-            f"eviction of {handle_id} failed: {reason}",
-            {"handle_id": str(handle_id), "reason": reason, **(context or {})},
+            f"Eviction failed for handle '{handle_id}': {reason}",
+            _merged({"handle_id": str(handle_id), "reason": reason}, context),
         )
-        self.handle_id = handle_id
-        self.reason = reason
 
 
 class KVAllPinnedError(KVCacheError):
     _core_code = KVErrorCode.ALL_PINNED
 
     def __init__(self, candidate_count: int, *, context: dict[str, Any] | None = None) -> None:
+        self.candidate_count = candidate_count
         super().__init__(
             KVErrorCode.ALL_PINNED,
-            f"all {candidate_count} eviction candidates are pinned",
-            {"candidate_count": candidate_count, **(context or {})},
+            f"All {candidate_count} eviction candidates are pinned",
+            _merged({"candidate_count": candidate_count}, context),
         )
-        self.candidate_count = candidate_count
 
 
 # --- transfer ------------------------------------------------------------------------------------
@@ -308,15 +348,15 @@ class KVTransferFailedError(KVCacheError):
         reason: str = "unknown",
         context: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(
-            KVErrorCode.TRANSFER_FAILED,
-            f"transfer {transfer_id} from {source} to {target} failed: {reason}",
-            {"transfer_id": str(transfer_id), "source": source, "target": target, "reason": reason, **(context or {})},
-        )
-        self.transfer_id = transfer_id
+        self.transfer_id = str(transfer_id)
         self.source = source
         self.target = target
         self.reason = reason
+        super().__init__(
+            KVErrorCode.TRANSFER_FAILED,
+            f"KV transfer '{transfer_id}' failed: {source} -> {target}, reason: {reason}",
+            _merged({"transfer_id": str(transfer_id), "source": source, "target": target, "reason": reason}, context),
+        )
 
 
 class KVTransferTimeoutError(KVCacheError, TimeoutError):
@@ -330,19 +370,21 @@ class KVTransferTimeoutError(KVCacheError, TimeoutError):
         elapsed_seconds: float,
         context: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(
-            KVErrorCode.TRANSFER_TIMEOUT,
-            f"transfer {transfer_id} timed out after {elapsed_seconds:.3f}s (timeout {timeout_seconds:.3f}s)",
-            {
-                "transfer_id": str(transfer_id),
-                "timeout_seconds": timeout_seconds,
-                "elapsed_seconds": elapsed_seconds,
-                **(context or {}),
-            },
-        )
-        self.transfer_id = transfer_id
+        self.transfer_id = str(transfer_id)
         self.timeout_seconds = timeout_seconds
         self.elapsed_seconds = elapsed_seconds
+        super().__init__(
+            KVErrorCode.TRANSFER_TIMEOUT,
+            f"KV transfer '{transfer_id}' timed out: elapsed {elapsed_seconds:.2f}s > timeout {timeout_seconds:.2f}s",
+            _merged(
+                {
+                    "transfer_id": str(transfer_id),
+                    "timeout_seconds": timeout_seconds,
+                    "elapsed_seconds": elapsed_seconds,
+                },
+                context,
+            ),
+        )
 
 
 class KVChecksumMismatchError(KVCacheError):
@@ -356,30 +398,29 @@ class KVChecksumMismatchError(KVCacheError):
         transfer_id: UUID | str | None = None,
         context: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(
-            KVErrorCode.CHECKSUM_MISMATCH,
-            f"checksum mismatch{f' in transfer {transfer_id}' if transfer_id else ''}: "
-            f"expected {expected}, got {actual}",
-            {"expected": expected, "actual": actual, "transfer_id": str(transfer_id) if transfer_id else None,
-             **(context or {})},
-        )
         self.expected = expected
         self.actual = actual
-        self.transfer_id = transfer_id
+        self.transfer_id = str(transfer_id) if transfer_id else None
+        own: dict[str, Any] = {"expected": expected, "actual": actual}
+        message = f"Checksum mismatch: expected '{expected}', got '{actual}'"
+        if transfer_id:
+            own["transfer_id"] = str(transfer_id)
+            message += f" (transfer_id={transfer_id})"
+        super().__init__(KVErrorCode.CHECKSUM_MISMATCH, message, _merged(own, context))
 
 
 class KVMetadataMismatchError(KVCacheError, ValueError):
     _core_code = KVErrorCode.METADATA_MISMATCH
 
     def __init__(self, field: str, expected: Any, actual: Any, *, context: dict[str, Any] | None = None) -> None:
-        super().__init__(
-            KVErrorCode.METADATA_MISMATCH,
-            f"metadata mismatch on {field}: expected {expected!r}, got {actual!r}",
-            {"field": field, "expected": expected, "actual": actual, **(context or {})},
-        )
         self.field = field
         self.expected = expected
         self.actual = actual
+        super().__init__(
+            KVErrorCode.METADATA_MISMATCH,
+            f"Metadata mismatch on field '{field}': expected {expected!r}, got {actual!r}",
+            _merged({"field": field, "expected": expected, "actual": actual}, context),
+        )
 
 
 # --- configuration and backends ------------------------------------------------------------------
@@ -389,12 +430,12 @@ class KVConfigMissingError(KVCacheError, ValueError):
     _core_code = KVErrorCode.CONFIG_MISSING
 
     def __init__(self, config_key: str, *, context: dict[str, Any] | None = None) -> None:
+        self.config_key = config_key
         super().__init__(
             KVErrorCode.CONFIG_MISSING,
-            f"missing configuration: {config_key}",
-            {"config_key": config_key, **(context or {})},
+            f"Required configuration missing: '{config_key}'",
+            _merged({"config_key": config_key}, context),
         )
-        self.config_key = config_key
 
 
 class KVConfigInvalidError(KVCacheError, ValueError):
@@ -403,41 +444,41 @@ class KVConfigInvalidError(KVCacheError, ValueError):
     def __init__(
         self, config_key: str, value: Any, *, reason: str = "invalid value", context: dict[str, Any] | None = None
     ) -> None:
-        super().__init__(
-            KVErrorCode.CONFIG_INVALID,
-            f"invalid {config_key}={value!r}: {reason}",
-            {"config_key": config_key, "value": value, "reason": reason, **(context or {})},
-        )
         self.config_key = config_key
         self.value = value
         self.reason = reason
+        super().__init__(
+            KVErrorCode.CONFIG_INVALID,
+            f"Invalid configuration '{config_key}': {value!r} - {reason}",
+            _merged({"config_key": config_key, "value": value, "reason": reason}, context),
+        )
 
 
 class KVNotImplementedError(KVCacheError, NotImplementedError):
     _core_code = KVErrorCode.NOT_IMPLEMENTED
 
     def __init__(self, feature: str, *, context: dict[str, Any] | None = None) -> None:
+        self.feature = feature
         super().__init__(
             KVErrorCode.NOT_IMPLEMENTED,
-            f"not implemented: {feature}",
-            {"feature": feature, **(context or {})},
+            f"Feature not implemented: '{feature}' (Fail-Fast)",
+            _merged({"feature": feature}, context),
         )
-        self.feature = feature
 
 
 class KVBackendUnavailableError(KVCacheError, RuntimeError):
-    """A device backend that exists but cannot run here (no driver, no such device)."""
+    """A device backend that exists but cannot run here (no driver, no such device). Not in the seed."""
 
     _core_code = KVErrorCode.BACKEND_UNAVAILABLE
 
     def __init__(self, device: str, *, reason: str = "unavailable", context: dict[str, Any] | None = None) -> None:
-        super().__init__(
-            KVErrorCode.BACKEND_UNAVAILABLE,
-            f"device {device} is unavailable: {reason}",
-            {"device": device, "reason": reason, **(context or {})},
-        )
         self.device = device
         self.reason = reason
+        super().__init__(
+            KVErrorCode.BACKEND_UNAVAILABLE,
+            f"Backend unavailable for device '{device}': {reason}",
+            _merged({"device": device, "reason": reason}, context),
+        )
 
 
 class KVTransferOutcomeUnknownError(KVCacheError):

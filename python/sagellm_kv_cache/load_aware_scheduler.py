@@ -11,6 +11,7 @@ Selecting does not reserve anything: the engine reports the new usage to the col
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from enum import StrEnum
@@ -18,6 +19,8 @@ from enum import StrEnum
 from sagellm_protocol.kv import SchedulerRequest
 
 from sagellm_kv_cache.load_metrics import DeviceLoadMetrics, LoadMetricsCollector
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LoadAwareScheduler", "PlacementStrategy"]
 
@@ -33,6 +36,10 @@ class PlacementStrategy(StrEnum):
     """Rotate through the devices that can take the request; ignores load beyond fitting."""
     BALANCED = "balanced"
     """Weighted mix of KV utilization (0.5), relative request count (0.3) and memory utilization (0.2)."""
+    SHORTEST_QUEUE = "shortest_queue"
+    """The seed's name: fewest queued requests, then fewest running, then lowest KV utilization."""
+    BEST_FIT = "best_fit"
+    """The seed's name: the device whose resources suit the request best, scored as ``BALANCED``."""
 
 
 def _device_list(name: str, devices: object) -> list[str]:
@@ -44,7 +51,7 @@ def _device_list(name: str, devices: object) -> list[str]:
             raise TypeError(f"{name}[{index}] must be a non-empty str, got {device!r}")
         unique.setdefault(device, None)
     if not unique:
-        raise ValueError(f"{name} must not be empty")
+        raise ValueError(f"No candidate devices provided ({name} must not be empty)")
     return list(unique)
 
 
@@ -80,6 +87,11 @@ class LoadAwareScheduler:
         self._fallbacks = 0
         self._device_counts: dict[str, int] = {}
 
+    @property
+    def enable_load_awareness(self) -> bool:
+        """The constructor's flag (the seed's attribute); :meth:`is_enabled` reads the same."""
+        return self._enabled
+
     def is_enabled(self) -> bool:
         """Whether placement reads load; when not, the first candidate is always chosen."""
         return self._enabled
@@ -93,8 +105,9 @@ class LoadAwareScheduler:
         """The device to place a request needing ``kv_tokens_required`` KV tokens on.
 
         ``ValueError`` for no candidates or a negative requirement, ``TypeError`` for malformed
-        candidates, ``KeyError`` (load awareness on) for a candidate the collector does not know.
-        ``request_id`` is only used in error messages.
+        candidates. As in the seed, candidates the collector does not know are skipped (logged) and
+        ``RuntimeError`` says so when none is left. Without load awareness the first candidate is
+        chosen and not counted. ``request_id`` is only used in messages.
         """
         candidates = _device_list("candidate_devices", candidate_devices)
         if isinstance(kv_tokens_required, bool) or not isinstance(kv_tokens_required, int):
@@ -103,15 +116,17 @@ class LoadAwareScheduler:
             raise ValueError(f"kv_tokens_required must be >= 0, got {kv_tokens_required}")
 
         if not self._enabled:
-            with self._lock:
-                return self._record(candidates[0], fallback=False)
+            return candidates[0]
 
         snapshot = self.collector.get_all_metrics()
         unknown = [device for device in candidates if device not in snapshot]
+        suffix = f" (request {request_id})" if request_id else ""
         if unknown:
-            suffix = f" (request {request_id})" if request_id else ""
-            raise KeyError(f"candidate devices not registered with the collector{suffix}: {', '.join(unknown)}")
-        metrics = [snapshot[device] for device in candidates]
+            logger.warning("Device(s) %s not registered in collector%s; skipping", ", ".join(unknown), suffix)
+        metrics = [snapshot[device] for device in candidates if device in snapshot]
+        if not metrics:
+            raise RuntimeError(f"No suitable device found among {candidates}{suffix}: none is registered with the "
+                               "collector")
 
         fits = [m for m in metrics if m.kv_tokens_capacity == 0 or m.available_kv_tokens() >= kv_tokens_required]
         healthy = [m for m in fits if not m.is_overloaded(self.kv_threshold, self.memory_threshold)]
@@ -136,17 +151,20 @@ class LoadAwareScheduler:
         needed = request.kv_tokens_required or request.prompt_len + request.max_new_tokens
         affinity = request.device_affinity
         if affinity and affinity in candidates and self._has_room(affinity, needed):
+            if not self._enabled:
+                return affinity
             with self._lock:
                 return self._record(affinity, fallback=False)
         return self.select_device(list(candidates), needed, request.request_id)
 
     def get_placement_stats(self) -> dict[str, int | dict[str, int]]:
-        """Placements so far: total, fallbacks (no candidate had room) and per device."""
+        """Placements so far (the seed's ``total_placements`` and ``per_device``) and how many were
+        fallbacks (no candidate had room)."""
         with self._lock:
             return {
                 "total_placements": self._total,
+                "per_device": dict(self._device_counts),
                 "fallback_placements": self._fallbacks,
-                "device_counts": dict(self._device_counts),
             }
 
     def reset_stats(self) -> None:
@@ -180,7 +198,9 @@ class LoadAwareScheduler:
             best = min(order, key=lambda i: (kv_after(tier[i]), tier[i].total_requests(), i))
         elif self.strategy == PlacementStrategy.LEAST_REQUESTS:
             best = min(order, key=lambda i: (tier[i].total_requests(), kv_after(tier[i]), i))
-        else:  # BALANCED
+        elif self.strategy == PlacementStrategy.SHORTEST_QUEUE:
+            best = min(order, key=lambda i: (tier[i].queue_length, tier[i].active_requests, kv_after(tier[i]), i))
+        else:  # BALANCED, BEST_FIT
             busiest = max(m.total_requests() for m in tier) or 1
             best = min(
                 order,
@@ -200,4 +220,4 @@ class LoadAwareScheduler:
         return device
 
     def __repr__(self) -> str:
-        return f"LoadAwareScheduler(strategy={self.strategy.value!r}, enabled={self._enabled})"
+        return f"LoadAwareScheduler(strategy={self.strategy.value}, enabled={self._enabled}, placements={self._total})"

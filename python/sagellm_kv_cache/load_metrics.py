@@ -101,6 +101,10 @@ class DeviceLoadMetrics(BaseModel):
     def available_kv_tokens(self) -> int:
         return max(0, self.kv_tokens_capacity - self.kv_tokens_used)
 
+    def __repr__(self) -> str:
+        return (f"DeviceLoadMetrics(device={self.device}, active={self.active_requests}, "
+                f"queued={self.queue_length}, kv_util={self.kv_utilization():.2f})")
+
     def to_dict(self) -> dict[str, Any]:
         """The fields plus the derived numbers, for logs and stats endpoints."""
         data = self.model_dump()
@@ -135,9 +139,9 @@ class LoadMetricsCollector:
                 current.updated_at = fresh.updated_at
 
     def unregister_device(self, device: str) -> None:
+        """Forgets ``device``; an unknown device is ignored, as in the seed."""
         with self._lock:
-            self._lookup(device)
-            del self._devices[device]
+            self._devices.pop(device, None)
 
     def get_metrics(self, device: str) -> DeviceLoadMetrics:
         """A copy of the device's metrics; ``KeyError`` naming the device when it is unknown."""
@@ -181,7 +185,7 @@ class LoadMetricsCollector:
         metrics = self._devices.get(device)
         if metrics is None:
             known = ", ".join(self._devices) or "none"
-            raise KeyError(f"device {device!r} is not registered (registered: {known})")
+            raise KeyError(f"Device {device} not registered (registered: {known})")
         return metrics
 
     def __contains__(self, device: object) -> bool:
@@ -191,3 +195,9 @@ class LoadMetricsCollector:
     def __len__(self) -> int:
         with self._lock:
             return len(self._devices)
+
+    def __bool__(self) -> bool:
+        return True  # a collector with no devices yet is still a collector (``if collector:``), as in the seed
+
+    def __repr__(self) -> str:
+        return f"LoadMetricsCollector(devices={len(self)})"

@@ -324,7 +324,7 @@ class PrefixCache:
 
     def __init__(self, block_size: int = 16, max_cached_blocks: int | None = None, enable_lru: bool = True) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+            raise ValueError(f"block_size must be positive, got {block_size!r}")
         if max_cached_blocks is not None and (
             isinstance(max_cached_blocks, bool) or not isinstance(max_cached_blocks, int) or max_cached_blocks <= 0
         ):
@@ -338,6 +338,7 @@ class PrefixCache:
         self._next_id = 0  # synthetic block ids, the keys of self._blocks (see _take_ids)
         self._wrapped = False
         self._owners: dict[Any, int] = {}
+        self._empty_lookups = 0  # the seed counts a lookup of no blocks as a miss; the trie never sees it
 
     # --- hashing ----------------------------------------------------------------------------
 
@@ -354,7 +355,7 @@ class PrefixCache:
         size = self.block_size if block_size is None else block_size
         arr = self._tokens(tokens)
         if len(arr) != size:
-            raise ValueError(f"a block must hold exactly block_size={size} tokens, got {len(arr)}")
+            raise ValueError(f"Token count {len(arr)} doesn't match block_size {size}")
         return hashlib.sha256(_big_endian_u32(arr).tobytes()).digest()
 
     def compute_block_hashes(self, tokens: Sequence[int], block_size: int | None = None) -> list[BlockHash]:
@@ -372,6 +373,8 @@ class PrefixCache:
     def lookup(self, block_hashes: Sequence[BlockHash]) -> tuple[list[dict], int]:
         """Longest cached prefix: (its block dicts, number of tokens they cover)."""
         if not block_hashes:
+            with self._lock:
+                self._empty_lookups += 1
             return [], 0
         digests = _chained(block_hashes)
         with self._lock:
@@ -383,7 +386,7 @@ class PrefixCache:
     def insert(self, block_hashes: Sequence[BlockHash], blocks: Sequence[dict]) -> None:
         """Caches ``blocks`` under the chained ``block_hashes`` (same length; a chain from the root)."""
         if len(block_hashes) != len(blocks):
-            raise ValueError(f"{len(block_hashes)} block hashes but {len(blocks)} blocks")
+            raise ValueError(f"block_hashes length {len(block_hashes)} != blocks length {len(blocks)}")
         if set(map(type, blocks)) - {dict}:
             bad = next(i for i, b in enumerate(blocks) if not isinstance(b, dict))
             raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}")
@@ -441,7 +444,7 @@ class PrefixCache:
 
     def evict_by_count(self, num_blocks: int) -> int:
         if not self.enable_lru:
-            raise RuntimeError("evict_by_count needs LRU eviction; this cache was created with enable_lru=False")
+            raise RuntimeError("LRU eviction not enabled (this cache was created with enable_lru=False)")
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
             raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
         with self._lock:
@@ -468,25 +471,36 @@ class PrefixCache:
     # --- stats ------------------------------------------------------------------------------
 
     def get_stats(self) -> dict:
+        """The seed's counters: hits and misses per ``lookup`` call, inserted and evicted blocks.
+
+        Counters survive :meth:`clear`, as in the seed.
+        """
         s = self._cache.stats()
-        hits = int(s["hit_blocks"])
-        misses = int(s["queried_blocks"]) - hits
+        hits = int(s["hit_lookups"])
+        misses = int(s["lookups"]) - hits + self._empty_lookups
         return {
-            "block_size": self.block_size,
-            "enable_lru": self.enable_lru,
-            "evict_count": int(s["evictions"]),
+            "num_entries": len(self._cache),
+            "num_blocks": int(s["cached_blocks"]),
             "hit_count": hits,
+            "miss_count": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
             "insert_count": int(s["inserts"]),
+            "evict_count": int(s["evictions"]),
+            "block_size": self.block_size,
             "max_cached_blocks": self.max_cached_blocks,
-            "miss_count": misses,
-            "num_blocks": int(s["cached_blocks"]),
-            "num_entries": len(self._cache),
+            "enable_lru": self.enable_lru,
         }
 
     def __len__(self) -> int:
         return len(self._cache)
 
     def __repr__(self) -> str:
-        return (f"PrefixCache(block_size={self.block_size}, max_cached_blocks={self.max_cached_blocks}, "
-                f"enable_lru={self.enable_lru}, cached={len(self)})")
+        stats = self.get_stats()
+        parts = [f"block_size={self.block_size}"]
+        if self.max_cached_blocks is not None:
+            parts.append(f"max={self.max_cached_blocks}")
+        if self.enable_lru:
+            parts.append("lru=True")
+        parts += [f"entries={stats['num_entries']}", f"blocks={stats['num_blocks']}",
+                  f"hit_rate={stats['hit_rate']:.2%}"]
+        return f"PrefixCache({', '.join(parts)})"

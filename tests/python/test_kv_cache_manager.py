@@ -80,12 +80,12 @@ def test_alloc_accepts_strings_and_metadata() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"num_tokens": 0}, KVConfigInvalidError, "num_tokens=0"),
-        ({"num_tokens": -5}, KVConfigInvalidError, "num_tokens=-5"),
+        ({"num_tokens": 0}, KVConfigInvalidError, "'num_tokens': 0"),
+        ({"num_tokens": -5}, KVConfigInvalidError, "'num_tokens': -5"),
         ({"num_tokens": "8"}, TypeError, "num_tokens must be an int"),
         ({"num_tokens": True}, TypeError, "num_tokens must be an int"),
-        ({"num_tokens": 8, "dtype": "fp64"}, KVConfigInvalidError, "dtype='fp64'"),
-        ({"num_tokens": 8, "layout": "ragged"}, KVConfigInvalidError, "layout='ragged'"),
+        ({"num_tokens": 8, "dtype": "fp64"}, KVConfigInvalidError, "'dtype': 'fp64'"),
+        ({"num_tokens": 8, "layout": "ragged"}, KVConfigInvalidError, "'layout': 'ragged'"),
         ({"num_tokens": 8, "device": "tpu:0"}, KVConfigInvalidError, "tpu:0"),
         ({"num_tokens": 8, "metadata": [1]}, TypeError, "metadata"),
         ({"num_tokens": 5000}, KVBudgetExceededError, "requested 5000 tokens"),
@@ -104,10 +104,10 @@ def test_bad_alloc_is_typed_and_changes_nothing(kwargs: dict[str, Any], error: t
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"max_tokens": 0}, KVConfigInvalidError, "max_tokens=0"),
+        ({"max_tokens": 0}, KVConfigInvalidError, "'max_tokens': 0"),
         ({"max_tokens": 1.5}, TypeError, "max_tokens"),
-        ({"max_tokens": 64, "block_size": 0}, KVConfigInvalidError, "block_size=0"),
-        ({"max_tokens": 64, "bytes_per_token": -1}, KVConfigInvalidError, "bytes_per_token=-1"),
+        ({"max_tokens": 64, "block_size": 0}, KVConfigInvalidError, "'block_size': 0"),
+        ({"max_tokens": 64, "bytes_per_token": -1}, KVConfigInvalidError, "'bytes_per_token': -1"),
         ({"max_tokens": 64, "max_evict_handles_per_round": 0}, KVConfigInvalidError, "max_evict_handles_per_round"),
         ({"max_tokens": 64, "eviction_policy": EvictionPolicy.LIFETIME_AWARE}, KVConfigInvalidError,
          "eviction_policy"),
@@ -243,7 +243,7 @@ def test_short_prefix_registers_nothing() -> None:
 @pytest.mark.parametrize(
     ("prefix", "error", "match"),
     [
-        (tokens(65), KVPrefixTooLongError, "65 tokens exceeds the maximum of 64"),
+        (tokens(65), KVPrefixTooLongError, "65 tokens exceeds maximum 64"),
         ([1.0] * 16, TypeError, "integer token ids"),
         (np.zeros((2, 16), dtype=np.int64), ValueError, "1-D"),
         ("abcdefghijklmnop", TypeError, "sequence of token ids"),

@@ -109,10 +109,17 @@ def test_unknown_device_is_key_error_naming_it() -> None:
     for call in (
         lambda: c.get_metrics("cuda:9"),
         lambda: c.update_kv_usage("cuda:9", 1),
-        lambda: c.unregister_device("cuda:9"),
     ):
-        with pytest.raises(KeyError, match="cuda:9"):
+        with pytest.raises(KeyError, match="Device cuda:9 not registered"):
             call()
+    c.unregister_device("cuda:9")  # unknown: ignored, as in the seed
+    assert c.list_devices() == ["cuda:0"]
+
+
+def test_unregistered_candidates_are_skipped() -> None:
+    s = LoadAwareScheduler(loaded_cluster())
+    assert s.select_device(["cuda:7", "cuda:2"]) == "cuda:2"
+    assert s.get_placement_stats()["per_device"] == {"cuda:2": 1}
 
 
 def test_unregister_and_reset() -> None:
@@ -168,7 +175,21 @@ DEVICES = ["cuda:0", "cuda:1", "cuda:2"]
 
 def test_strategy_values() -> None:
     assert PlacementStrategy.LOWEST_KV.value == "lowest_kv"
-    assert {s.value for s in PlacementStrategy} == {"lowest_kv", "least_requests", "round_robin", "balanced"}
+    assert {s.value for s in PlacementStrategy} == {"lowest_kv", "least_requests", "round_robin", "balanced",
+                                                    "shortest_queue", "best_fit"}
+    assert {"ROUND_ROBIN", "LOWEST_KV", "SHORTEST_QUEUE", "BEST_FIT"} <= set(PlacementStrategy.__members__)  # seed
+
+
+def test_seed_strategies_shortest_queue_and_best_fit() -> None:
+    c = LoadMetricsCollector()
+    for device in ("a", "b"):
+        c.register_device(device, kv_tokens_capacity=1000)
+    c.update_request_count("a", 5, 2)
+    c.update_request_count("b", 1, 2)  # same queue, fewer running
+    assert LoadAwareScheduler(c, PlacementStrategy.SHORTEST_QUEUE).select_device(["a", "b"]) == "b"
+    assert LoadAwareScheduler(c, PlacementStrategy.BEST_FIT).select_device(["a", "b"]) == "b"
+    c.update_request_count("a", 9, 0)
+    assert LoadAwareScheduler(c, PlacementStrategy.SHORTEST_QUEUE).select_device(["a", "b"]) == "a"
 
 
 def test_lowest_kv() -> None:
@@ -227,11 +248,11 @@ def test_placement_stats_and_reset() -> None:
     s.select_device(["cuda:2"])
     assert s.get_placement_stats() == {
         "total_placements": 4,
+        "per_device": {"cuda:1": 3, "cuda:2": 1},
         "fallback_placements": 0,
-        "device_counts": {"cuda:1": 3, "cuda:2": 1},
     }
     s.reset_stats()
-    assert s.get_placement_stats() == {"total_placements": 0, "fallback_placements": 0, "device_counts": {}}
+    assert s.get_placement_stats() == {"total_placements": 0, "per_device": {}, "fallback_placements": 0}
 
 
 def request(**overrides: Any) -> SchedulerRequest:
@@ -272,12 +293,12 @@ def test_select_for_request_without_devices() -> None:
 @pytest.mark.parametrize(
     ("args", "error", "match"),
     [
-        (([],), ValueError, "must not be empty"),
+        (([],), ValueError, "No candidate devices provided"),
         (("cuda:0",), TypeError, "list of device names"),
         ((["cuda:0", 3],), TypeError, r"candidate_devices\[1\]"),
         ((["cuda:0"], -1), ValueError, "kv_tokens_required"),
         ((["cuda:0"], 1.5), TypeError, "kv_tokens_required"),
-        ((["cuda:0", "cuda:7"],), KeyError, "cuda:7"),
+        ((["cuda:7", "cuda:8"],), RuntimeError, r"No suitable device found among \['cuda:7', 'cuda:8'\]"),
     ],
 )
 def test_bad_selection_input_changes_no_stats(args: tuple[Any, ...], error: type[Exception], match: str) -> None:
@@ -295,3 +316,27 @@ def test_bad_constructor_arguments() -> None:
     with pytest.raises(ValueError, match="kv_threshold"):
         LoadAwareScheduler(LoadMetricsCollector(), kv_threshold=0.0)
     assert LoadAwareScheduler(LoadMetricsCollector(), "balanced").strategy is PlacementStrategy.BALANCED  # type: ignore[arg-type]
+
+
+def test_seed_reprs() -> None:
+    c = LoadMetricsCollector()
+    assert repr(c) == "LoadMetricsCollector(devices=0)" and bool(c)
+    c.register_device("cuda:0", kv_tokens_capacity=1000)
+    c.update_kv_usage("cuda:0", 250)
+    c.update_request_count("cuda:0", 3, 2)
+    assert repr(c) == "LoadMetricsCollector(devices=1)"
+    assert repr(c.get_metrics("cuda:0")) == "DeviceLoadMetrics(device=cuda:0, active=3, queued=2, kv_util=0.25)"
+
+
+def test_seed_scheduler_repr() -> None:
+    c = LoadMetricsCollector()
+    c.register_device("cuda:0", kv_tokens_capacity=1000)
+    s = LoadAwareScheduler(c)
+    assert repr(s) == "LoadAwareScheduler(strategy=lowest_kv, enabled=True, placements=0)"
+    s.select_device(["cuda:0"])
+    assert repr(s) == "LoadAwareScheduler(strategy=lowest_kv, enabled=True, placements=1)"
+
+
+def test_seed_enable_load_awareness_attribute() -> None:
+    assert LoadAwareScheduler(LoadMetricsCollector(), enable_load_awareness=False).enable_load_awareness is False
+    assert LoadAwareScheduler(LoadMetricsCollector()).enable_load_awareness is True

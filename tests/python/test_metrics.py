@@ -52,7 +52,7 @@ def test_to_dict_and_json_round_trip() -> None:
     assert data["trace_id"] == "t-1" and data["request_id"] == "r-1" and data["engine_id"] == "e-1"
     assert data["counters"] == {"alloc_count": 2}
     assert data["gauges"] == {"util": 0.75}
-    assert set(data["timestamps"]) == {"done"}
+    assert set(data["timestamps"]) == {"done_at"}  # the seed names events <event>_at
     assert json.loads(c.to_json()) == data
     assert c.to_json(indent=4).startswith("{\n    ")
     data["counters"]["alloc_count"] = 99  # a snapshot, not a view
@@ -70,6 +70,7 @@ def test_reset_keeps_ids() -> None:
         "request_id": "r-1",
         "engine_id": "e-1",
         "timestamps": {},
+        "kv_metrics": {},
         "counters": {},
         "gauges": {},
     }
@@ -130,15 +131,19 @@ def test_hooks_update_counters() -> None:
         "alloc_count": 2,
         "allocated_tokens": 160,
         "allocated_blocks": 10,
+        "total_allocated_tokens": 160,
         "free_count": 1,
         "freed_tokens": 32,
         "freed_blocks": 2,
+        "total_freed_tokens": 32,
         "prefix_hits": 1,
         "hit_tokens": 48,
         "hit_blocks": 3,
+        "hit_count": 1,
         "prefix_misses": 1,
         "miss_tokens": 16,
         "miss_blocks": 1,
+        "miss_count": 1,
         "evict_count": 1,
         "evicted_handles": 2,
         "evicted_tokens": 64,
@@ -314,3 +319,10 @@ def test_missing_prometheus_client_names_the_extra(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(prom_module, "_IMPORT_ERROR", ImportError("No module named 'prometheus_client'"))
     with pytest.raises(ImportError, match=r"isagellm-kv-cache\[metrics\]"):
         PrometheusExporter()
+
+
+def test_seed_repr() -> None:
+    c = MetricsCollector("t", "r", "e")
+    c.inc("a")
+    c.mark("b")
+    assert repr(c) == "MetricsCollector(trace_id='t', request_id='r', engine_id='e', marks=1, counters=1, gauges=0)"

@@ -28,8 +28,9 @@ from sagellm_kv_cache import (
 from sagellm_kv_cache.prefix_cache import hash_algorithms
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "prefix_cache_example.py"
-SEED_STATS_KEYS = ["block_size", "enable_lru", "evict_count", "hit_count", "hit_rate", "insert_count",
-                   "max_cached_blocks", "miss_count", "num_blocks", "num_entries"]
+# In the seed's order.
+SEED_STATS_KEYS = ["num_entries", "num_blocks", "hit_count", "miss_count", "hit_rate", "insert_count", "evict_count",
+                   "block_size", "max_cached_blocks", "enable_lru"]
 
 
 def make_pool(num_blocks: int = 64, block_size: int = 4) -> PagedKVPool:
@@ -70,18 +71,30 @@ def test_seed_readme_example(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_seed_stats_keys_and_counts() -> None:
     cache = PrefixCache(block_size=4)
-    assert sorted(cache.get_stats()) == SEED_STATS_KEYS
+    assert list(cache.get_stats()) == SEED_STATS_KEYS
     hashes = cache.compute_block_hashes(list(range(12)))
     cache.insert(hashes[:2], [{"block_id": 0}, {"block_id": 1}])
     found, n = cache.lookup(hashes)  # 2 of 3 blocks cached
     assert [b["block_id"] for b in found] == [0, 1] and n == 8
     assert cache.lookup(cache.compute_block_hashes([9, 9, 9, 9])) == ([], 0)
     stats = cache.get_stats()
+    # As in the seed, hits and misses count lookups (a partial match is a hit), not blocks.
     assert stats == {
-        "block_size": 4, "enable_lru": True, "evict_count": 0, "hit_count": 2, "hit_rate": 0.5,
-        "insert_count": 2, "max_cached_blocks": None, "miss_count": 2, "num_blocks": 2, "num_entries": 2,
+        "block_size": 4, "enable_lru": True, "evict_count": 0, "hit_count": 1, "hit_rate": 0.5,
+        "insert_count": 2, "max_cached_blocks": None, "miss_count": 1, "num_blocks": 2, "num_entries": 2,
     }
     assert len(cache) == 2
+    assert repr(cache) == "PrefixCache(block_size=4, lru=True, entries=2, blocks=2, hit_rate=50.00%)"
+    assert cache.lookup([]) == ([], 0) and cache.get_stats()["miss_count"] == 2  # the seed counts it too
+    cache.clear()
+    assert cache.get_stats()["hit_count"] == 1  # counters survive clear, as in the seed
+
+
+def test_seed_repr() -> None:
+    assert repr(PrefixCache()) == "PrefixCache(block_size=16, lru=True, entries=0, blocks=0, hit_rate=0.00%)"
+    assert repr(PrefixCache(4, 3, enable_lru=False)) == \
+        "PrefixCache(block_size=4, max=3, entries=0, blocks=0, hit_rate=0.00%)"
+    assert str(PrefixCache(4, 3)) == "PrefixCache(block_size=4, max=3, lru=True, entries=0, blocks=0, hit_rate=0.00%)"
 
 
 def test_seed_block_keys_are_per_block_and_served_only_under_their_prefix() -> None:
@@ -101,9 +114,9 @@ def test_seed_block_keys_are_per_block_and_served_only_under_their_prefix() -> N
     assert cache.lookup(a[1:]) == ([], 0)
     with pytest.raises(ValueError, match="out of range"):
         cache.compute_block_hashes([1, 2, 3, -4])
-    with pytest.raises(ValueError, match="block_size=4"):
+    with pytest.raises(ValueError, match="Token count 3 doesn't match block_size 4"):
         cache.compute_block_hash([1, 2, 3])
-    with pytest.raises(ValueError, match="block_size=8"):
+    with pytest.raises(ValueError, match="block_size 8"):
         cache.compute_block_hash([1, 2, 3, 4], block_size=8)
     with pytest.raises(TypeError):
         cache.compute_block_hashes([1.5, 2.5, 3.5, 4.5])
@@ -131,7 +144,7 @@ def test_seed_evict_by_count_needs_lru() -> None:
     cache = PrefixCache(block_size=4, enable_lru=False)
     hashes = cache.compute_block_hashes(list(range(8)))
     cache.insert(hashes, [{"block_id": 0}, {"block_id": 1}])
-    with pytest.raises(RuntimeError, match="enable_lru=False"):
+    with pytest.raises(RuntimeError, match="LRU eviction not enabled"):
         cache.evict_by_count(1)
     assert len(cache) == 2
 

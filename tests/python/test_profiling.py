@@ -26,7 +26,9 @@ SUMMARY_KEYS = {
     "cache_hits",
     "cache_misses",
     "duration_seconds",
+    "frequency_histogram",
     "hit_rate",
+    "lifecycle_distribution",
     "top_10_blocks",
     "total_accesses",
     "unique_blocks",
@@ -104,7 +106,7 @@ def test_export_shape(tmp_path: Path) -> None:
     out = tmp_path / "stats.json"
     c.export_stats(out)
     data = json.loads(out.read_text())
-    assert set(data) == SUMMARY_KEYS | {"access_intervals", "block_details"}
+    assert set(data) == SUMMARY_KEYS | {"access_intervals", "block_details", "window_stats", "cold_blocks", "heatmap"}
     detail = data["block_details"]["a"]
     assert set(detail) == {"access_count", "first_access", "last_access", "intervals"}
     assert detail["access_count"] == 3 and len(detail["intervals"]) == 2

@@ -33,7 +33,7 @@ def test_stats_keys_exactly() -> None:
     stats = bridge.get_stats()
     assert sorted(stats) == ["load_metrics", "num_requests", "placement", "pool"]
     assert list(stats["load_metrics"]) == ["cuda:0"] and stats["num_requests"] == 0
-    assert stats["placement"] == {"total_placements": 0, "fallback_placements": 0, "device_counts": {}}
+    assert stats["placement"] == {"total_placements": 0, "per_device": {}, "fallback_placements": 0}
     assert stats["pool"]["max_tokens"] == 1024 and stats["pool"]["block_size"] == 16
 
 
@@ -68,7 +68,7 @@ def test_request_errors_are_typed_and_change_nothing() -> None:
         bridge.allocate_request("r2", 10, device="tpu:0")
     with pytest.raises(KVBudgetExceededError, match="requested 200"):
         bridge.allocate_request("r2", 200)  # r1 is pinned: nothing to evict
-    with pytest.raises(KVConfigInvalidError, match="num_tokens=0"):
+    with pytest.raises(KVConfigInvalidError, match="'num_tokens': 0"):
         bridge.allocate_request("r2", 0)
     with pytest.raises(TypeError, match="request_id"):
         bridge.allocate_request(7, 10)  # type: ignore[arg-type]
@@ -87,7 +87,7 @@ def test_request_errors_are_typed_and_change_nothing() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"max_tokens": 0}, KVConfigInvalidError, "max_tokens=0"),
+        ({"max_tokens": 0}, KVConfigInvalidError, "'max_tokens': 0"),
         ({"max_tokens": 64, "devices": []}, KVConfigInvalidError, "devices"),
         ({"max_tokens": 64, "devices": "cuda:0"}, TypeError, "devices"),
         ({"max_tokens": 64, "devices": ["cuda:0", "cuda"]}, KVConfigInvalidError, "twice"),

@@ -184,6 +184,12 @@ def test_core_errors_translate_to_typed_classes() -> None:
     for code, name in expected.items():
         with pytest.raises(getattr(sagellm_kv_cache, name), match="boom"):
             _core._raise_core_error(code, "boom")
+    with pytest.raises(KVPoolFullError) as info:
+        _core._raise_core_error(2, "no free block")
+    err = info.value
+    assert str(err) == "[KV_POOL_FULL] no free block" and isinstance(err, MemoryError)
+    assert repr(err) == "KVPoolFullError(code='KV_POOL_FULL', message='no free block')"
+    assert err.total_blocks is None and err.to_dict()["context"] == {"core_code": 2}
 
 
 def test_version_matches_cmake() -> None:

@@ -65,11 +65,16 @@ def test_transfer_kv_handle_rejects_bad_ranks(src: Any, dst: int, message: str) 
 
 
 def test_transfer_kv_handle_needs_a_tensor_on_either_side() -> None:
+    # As in the seed: a missing tensor is a failed transfer (recorded), not a ValueError.
     handle = KVHandle.create(16)
-    with pytest.raises(ValueError, match="required on the source"):
-        KVTransferEngine(RankedBackend(0, 2)).transfer_kv_handle(handle, 0, 1)
-    with pytest.raises(ValueError, match="required on the destination"):
+    backend = RankedBackend(0, 2)
+    engine = KVTransferEngine(backend)
+    with pytest.raises(KVTransferFailedError, match="tensor is required for sender") as info:
+        engine.transfer_kv_handle(handle, 0, 1)
+    assert engine.get_transfer_status(uuid.UUID(info.value.transfer_id)) == TransferStatus.FAILED
+    with pytest.raises(KVTransferFailedError, match="tensor is required for receiver"):
         KVTransferEngine(RankedBackend(1, 2)).transfer_kv_handle(handle, 0, 1, None)
+    assert backend.calls == [] and handle.is_transferring is False
 
 
 def test_transfer_kv_handle_needs_an_initialised_backend_and_a_handle() -> None:
@@ -84,10 +89,10 @@ def test_backend_failure_is_a_transfer_failed_error_recorded_as_failed() -> None
     handle = KVHandle.create(16)
     with pytest.raises(KVTransferFailedError, match="connection reset") as info:
         engine.transfer_kv_handle(handle, 0, 1, np.zeros(8, dtype=np.float16))
-    tid = info.value.transfer_id
-    assert isinstance(tid, uuid.UUID)
+    tid = uuid.UUID(info.value.transfer_id)  # the seed keeps ids in errors as strings
+    assert info.value.source == "rank_0:cpu" and info.value.target == "rank_1:cpu"
     assert engine.get_transfer_status(tid) == TransferStatus.FAILED
-    assert engine.get_completed_count() == 0 and engine.get_pending_count() == 0
+    assert engine.get_completed_count() == 1 and engine.get_pending_count() == 0  # finished, as in the seed
     assert handle.is_transferring is False
 
 
@@ -102,13 +107,13 @@ def test_records_of_completed_transfers() -> None:
     assert meta.status == TransferStatus.COMPLETED
     assert (meta.request_id, meta.layer_end, meta.num_heads, meta.head_dim) == ("req-1", 4, 2, 64)
     assert (meta.total_bytes, meta.direction) == (buffer.nbytes, TransferDirection.RECV)
-    assert (meta.source_device, meta.target_device) == ("rank:0", "rank:1")
+    assert (meta.source_device, meta.target_device) == ("rank_0:cpu", "rank_1:cpu")
     assert meta.started_at is not None and meta.completed_at is not None and meta.completed_at >= meta.started_at
     assert (handle.transfer_id, handle.source_rank, handle.rank) == (tid, 0, 1)
     assert engine.get_completed_count() == 1
     engine.clear_completed()
     assert engine.get_completed_count() == 0
-    with pytest.raises(KeyError, match="unknown transfer"):
+    with pytest.raises(KeyError, match="not found"):
         engine.get_transfer_status(tid)
 
 

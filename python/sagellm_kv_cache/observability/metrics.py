@@ -12,7 +12,13 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["MetricsCollector"]
+__all__ = ["KV_METRIC_NAMES", "MetricsCollector"]
+
+#: Gauges and counters that ``to_dict`` also reports under ``kv_metrics`` (the seed's selection).
+KV_METRIC_NAMES = frozenset(
+    {"hit_rate", "prefix_hit_rate", "hit_len", "reuse_bytes", "transfer_latency", "evict_count", "hit_count",
+     "miss_count"}
+)
 
 
 def _check_name(kind: str, name: object) -> str:
@@ -77,14 +83,38 @@ class MetricsCollector:
         with self._lock:
             return self._timestamps.get(event)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A consistent snapshot (copies, taken under the lock)."""
+    @property
+    def marks(self) -> dict[str, float]:
+        """Event -> wall-clock time of its last ``mark`` (a copy)."""
         with self._lock:
+            return dict(self._timestamps)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counters)
+
+    @property
+    def gauges(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._gauges)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A consistent snapshot (copies, taken under the lock), in the seed's shape.
+
+        ``timestamps`` names each event ``<event>_at``; ``kv_metrics`` picks the seed's KV metrics
+        (hit rate and length, reused bytes, transfer latency, eviction/hit/miss counts) out of the
+        gauges and counters.
+        """
+        with self._lock:
+            kv = {k: v for k, v in self._gauges.items() if k in KV_METRIC_NAMES}
+            kv.update({k: v for k, v in self._counters.items() if k in KV_METRIC_NAMES})
             return {
                 "trace_id": self.trace_id,
                 "request_id": self.request_id,
                 "engine_id": self.engine_id,
-                "timestamps": dict(self._timestamps),
+                "timestamps": {(e if e.endswith("_at") else f"{e}_at"): t for e, t in self._timestamps.items()},
+                "kv_metrics": kv,
                 "counters": dict(self._counters),
                 "gauges": dict(self._gauges),
             }
@@ -100,7 +130,9 @@ class MetricsCollector:
             self._gauges.clear()
 
     def __repr__(self) -> str:
+        with self._lock:
+            sizes = len(self._timestamps), len(self._counters), len(self._gauges)
         return (
             f"MetricsCollector(trace_id={self.trace_id!r}, request_id={self.request_id!r}, "
-            f"engine_id={self.engine_id!r})"
+            f"engine_id={self.engine_id!r}, marks={sizes[0]}, counters={sizes[1]}, gauges={sizes[2]})"
         )

@@ -5,10 +5,17 @@ numbers an operator tunes capacity and eviction with: hit rate, the hottest bloc
 distribution of re-access intervals (short intervals mean LRU keeps the block; long ones mean a
 cache must be large to benefit). Times are seconds since the collector started (or was reset),
 measured with a monotonic clock so they never go backwards.
+
+Since the seed's 0.5.4 line it also records block lifetimes (``record_alloc`` / ``record_free``)
+and derives sliding-window counts (``TIME_WINDOWS``), cold blocks, an access-frequency histogram
+and a time x block heatmap. The seed's public attributes (``total_accesses``, ``access_times``,
+...) are read-only views here; absolute times are wall-clock seconds (``start_time`` plus the
+monotonic offset).
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import os
@@ -18,7 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AccessStatsCollector"]
+__all__ = ["TIME_WINDOWS", "AccessStatsCollector"]
+
+#: The sliding windows of :meth:`AccessStatsCollector.get_all_window_stats`, name -> seconds.
+TIME_WINDOWS: dict[str, float] = {"1min": 60.0, "5min": 300.0, "1h": 3600.0}
+
+
+def _check_block_id(block_id: Any) -> None:
+    if not isinstance(block_id, str):
+        raise TypeError(f"block_id must be a str, got {type(block_id).__name__}")
+    if not block_id:
+        raise ValueError("block_id must not be empty")
 
 
 class _BlockRecord:
@@ -33,27 +50,94 @@ def _intervals(times: list[float]) -> list[float]:
     return [later - earlier for earlier, later in itertools.pairwise(times)]
 
 
+def _histogram(values: list[float], bins: int) -> list[dict[str, Any]]:
+    """Equal-width bins from min to max (width 1 when all values are equal); the last bin is closed."""
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    width = (high - low) / bins if high > low else 1.0
+    counts = [0] * bins
+    for value in values:
+        counts[min(int((value - low) / width), bins - 1)] += 1
+    return [{"range_low": low + i * width, "range_high": low + (i + 1) * width, "count": counts[i]}
+            for i in range(bins)]
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _check_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
 class AccessStatsCollector:
     """Thread-safe recorder of block accesses; see the module docstring for what it derives."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._start = time.perf_counter()
+        self._start_wall = time.time()
         self._blocks: dict[str, _BlockRecord] = {}
         self._hits = 0
         self._misses = 0
         self._last_time = 0.0
+        self._alloc_at: dict[str, float] = {}  # block -> start of its current lifetime
+        self._lifetimes: list[float] = []  # seconds from alloc to free, one per finished lifetime
+
+    # --- the seed's public attributes (read-only snapshots) ---------------------------------
+
+    @property
+    def start_time(self) -> float:
+        """Wall-clock time (``time.time()``) when the collector started or was last reset."""
+        return self._start_wall
+
+    @property
+    def total_accesses(self) -> int:
+        with self._lock:
+            return self._hits + self._misses
+
+    @property
+    def cache_hits(self) -> int:
+        return self._hits
+
+    @property
+    def cache_misses(self) -> int:
+        return self._misses
+
+    @property
+    def access_count(self) -> dict[str, int]:
+        """Block id -> number of accesses (a copy)."""
+        with self._lock:
+            return {block_id: len(record.times) for block_id, record in self._blocks.items()}
+
+    @property
+    def access_times(self) -> dict[str, list[float]]:
+        """Block id -> wall-clock times of its accesses, oldest first (a copy)."""
+        with self._lock:
+            base = self._start_wall
+            return {block_id: [base + t for t in record.times] for block_id, record in self._blocks.items()}
+
+    def _now(self) -> float:
+        return time.perf_counter() - self._start
+
+    # --- recording --------------------------------------------------------------------------
 
     def record_access(self, block_id: str, is_hit: bool = True) -> None:
         """Records one access to ``block_id`` now; a bad argument raises and records nothing."""
-        if not isinstance(block_id, str):
-            raise TypeError(f"block_id must be a str, got {type(block_id).__name__}")
-        if not block_id:
-            raise ValueError("block_id must not be empty")
+        _check_block_id(block_id)
         if not isinstance(is_hit, bool):
             raise TypeError(f"is_hit must be a bool, got {type(is_hit).__name__}")
         with self._lock:
-            now = time.perf_counter() - self._start
+            now = self._now()
             record = self._blocks.get(block_id)
             if record is None:
                 record = self._blocks[block_id] = _BlockRecord(len(self._blocks))
@@ -63,6 +147,22 @@ class AccessStatsCollector:
                 self._hits += 1
             else:
                 self._misses += 1
+
+    def record_alloc(self, block_id: str) -> None:
+        """Starts a lifetime of ``block_id`` now (a second alloc restarts it)."""
+        _check_block_id(block_id)
+        with self._lock:
+            self._alloc_at[block_id] = self._now()
+
+    def record_free(self, block_id: str) -> None:
+        """Ends the lifetime of ``block_id`` now; a free without an alloc is ignored."""
+        _check_block_id(block_id)
+        with self._lock:
+            started = self._alloc_at.pop(block_id, None)
+            if started is not None:
+                self._lifetimes.append(self._now() - started)
+
+    # --- derived numbers --------------------------------------------------------------------
 
     def get_access_intervals(self, block_id: str) -> list[float]:
         """Seconds between consecutive accesses of ``block_id`` ([] when accessed at most once)."""
@@ -94,6 +194,83 @@ class AccessStatsCollector:
         ranked = sorted(self._blocks.items(), key=lambda item: (-len(item[1].times), item[1].order))
         return [(block_id, len(record.times)) for block_id, record in ranked[:n]]
 
+    def get_window_stats(self, window_s: float) -> dict[str, Any]:
+        """Accesses in the last ``window_s`` seconds: total, distinct blocks, the 10 hottest."""
+        window = _check_seconds("window_s", window_s)
+        with self._lock:
+            return self._window_locked(window_s, window)
+
+    def _window_locked(self, label: float, window: float) -> dict[str, Any]:
+        since = self._now() - window
+        counts: list[tuple[int, int, str]] = []
+        for block_id, record in self._blocks.items():
+            n = len(record.times) - bisect.bisect_left(record.times, since)
+            if n:
+                counts.append((-n, record.order, block_id))
+        counts.sort()
+        return {
+            "window_s": label,
+            "total_accesses": -sum(c[0] for c in counts),
+            "unique_blocks": len(counts),
+            "top_blocks": [{"block_id": block_id, "access_count": -n} for n, _, block_id in counts[:10]],
+        }
+
+    def get_all_window_stats(self) -> dict[str, dict[str, Any]]:
+        """:meth:`get_window_stats` for each of ``TIME_WINDOWS``."""
+        with self._lock:
+            return {name: self._window_locked(seconds, seconds) for name, seconds in TIME_WINDOWS.items()}
+
+    def get_cold_blocks(self, idle_threshold_s: float = 60.0) -> list[tuple[str, float]]:
+        """Blocks idle for more than ``idle_threshold_s`` seconds as ``(block_id, idle_s)``, idlest first."""
+        threshold = _check_seconds("idle_threshold_s", idle_threshold_s)
+        with self._lock:
+            return self._cold_locked(threshold)
+
+    def _cold_locked(self, threshold: float) -> list[tuple[str, float]]:
+        now = self._now()
+        idle = [(block_id, now - record.times[-1]) for block_id, record in self._blocks.items()]
+        return sorted(((b, s) for b, s in idle if s > threshold), key=lambda item: -item[1])
+
+    def get_frequency_histogram(self, bins: int = 10) -> list[dict[str, Any]]:
+        """How many blocks were accessed how often: ``bins`` equal ranges of per-block access counts."""
+        n = _check_count("bins", bins)
+        with self._lock:
+            return _histogram([float(len(r.times)) for r in self._blocks.values()], n)
+
+    def get_heatmap_data(self, time_slots: int = 20) -> dict[str, Any]:
+        """Per block, accesses in each of ``time_slots`` equal slots from the first to the last access.
+
+        ``time_bins`` are the slots' wall-clock start times; ``block_heatmap`` maps block id -> counts.
+        """
+        n = _check_count("time_slots", time_slots)
+        with self._lock:
+            return self._heatmap_locked(n)
+
+    def _heatmap_locked(self, slots: int) -> dict[str, Any]:
+        if not self._blocks:
+            return {"time_bins": [], "block_heatmap": {}}
+        first = min(r.times[0] for r in self._blocks.values())
+        last = max(r.times[-1] for r in self._blocks.values())
+        width = (last - first) / slots if last > first else 1.0
+        heat: dict[str, list[int]] = {}
+        for block_id, record in self._blocks.items():
+            row = heat[block_id] = [0] * slots
+            for t in record.times:
+                row[min(int((t - first) / width), slots - 1)] += 1
+        return {"time_bins": [self._start_wall + first + i * width for i in range(slots)], "block_heatmap": heat}
+
+    def get_lifecycle_distribution(self) -> dict[str, Any]:
+        """Alloc-to-free lifetimes: count, min/max/mean seconds (None when none) and a 10-bin histogram."""
+        with self._lock:
+            return self._lifecycle_locked()
+
+    def _lifecycle_locked(self) -> dict[str, Any]:
+        spans = list(self._lifetimes)
+        if not spans:
+            return {"count": 0, "min_s": None, "max_s": None, "mean_s": None, "histogram": []}
+        return {"count": len(spans), "min_s": min(spans), "max_s": max(spans), "mean_s": sum(spans) / len(spans),
+                "histogram": _histogram(spans, 10)}
+
     def get_stats_summary(self) -> dict[str, Any]:
         """Aggregate numbers (the seed's keys); ``duration_seconds`` runs from start to the last access."""
         with self._lock:
@@ -113,6 +290,8 @@ class AccessStatsCollector:
             "top_10_blocks": [
                 {"block_id": block_id, "access_count": count} for block_id, count in self._top_locked(10)
             ],
+            "frequency_histogram": _histogram([float(len(r.times)) for r in self._blocks.values()], 10),
+            "lifecycle_distribution": self._lifecycle_locked(),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +308,9 @@ class AccessStatsCollector:
                 }
                 for block_id, record in self._blocks.items()
             }
+            data["window_stats"] = {name: self._window_locked(sec, sec) for name, sec in TIME_WINDOWS.items()}
+            data["cold_blocks"] = [list(item) for item in self._cold_locked(60.0)]
+            data["heatmap"] = self._heatmap_locked(20)
             return data
 
     def export_stats(self, output_path: str | Path) -> None:
@@ -150,10 +332,13 @@ class AccessStatsCollector:
         """Forgets every access and restarts the clock."""
         with self._lock:
             self._start = time.perf_counter()
+            self._start_wall = time.time()
             self._blocks.clear()
             self._hits = 0
             self._misses = 0
             self._last_time = 0.0
+            self._alloc_at.clear()
+            self._lifetimes.clear()
 
     def __len__(self) -> int:
         """Number of distinct blocks seen."""

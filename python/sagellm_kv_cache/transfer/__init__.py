@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from sagellm_kv_cache.errors import KVTransferFailedError as KVTransferError  # the seed's name here
 from sagellm_kv_cache.transfer.engine import KVTransferEngine
+from sagellm_kv_cache.transfer.pipeline import CommTransferBackendAdapter, KVTransferPipeline
+from sagellm_kv_cache.transfer.socket_backend import SocketTransferBackend
 
-__all__ = ["BlockTransfer", "KVTransferEngine", "ReceivedBlocks"]
+__all__ = [
+    "BlockTransfer",
+    "CommTransferBackendAdapter",
+    "KVTransferEngine",
+    "KVTransferError",
+    "KVTransferPipeline",
+    "ReceivedBlocks",
+    "SocketTransferBackend",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,13 @@ backend call surfaces as ``KVTransferFailedError`` and stays recorded as FAILED.
 outcome is unknown (``KVTransferOutcomeUnknownError``: every byte went out, the final reply did
 not come back) is never recorded as FAILED: it stays IN_PROGRESS, :meth:`get_transfer_outcome`
 says "unknown", and both turn into the real outcome once a later transfer to that rank settled it.
+
+Tensor transfers take the seed's options: ``max_retries`` re-runs a failed backend call with
+exponential backoff starting at ``retry_backoff_ms``; with ``enable_compression`` (zlib at
+``compression_level``) or ``enable_checksum`` (CRC-32 of the raw bytes) the tensor travels framed:
+a 5 x int64 header (magic, flags, payload bytes, raw bytes, CRC-32) and then the payload as uint8,
+and the receiver checks the size, inflates and verifies the checksum before it writes into its
+tensor. Both ends must use the same framing options (the plain path sends the tensor as is).
 """
 
 from __future__ import annotations
@@ -14,11 +21,18 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import zlib
 from typing import TYPE_CHECKING, Any
 
 from sagellm_protocol.kv import DType, KVTransferMetadata, Layout, TransferDirection, TransferStatus
 
-from sagellm_kv_cache.errors import KVCacheError, KVTransferFailedError, KVTransferOutcomeUnknownError
+from sagellm_kv_cache.errors import (
+    KVCacheError,
+    KVChecksumMismatchError,
+    KVMetadataMismatchError,
+    KVTransferFailedError,
+    KVTransferOutcomeUnknownError,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,14 +55,38 @@ class KVTransferEngine:
     blocks with header checks, checksums and timeouts (see :class:`~.blocks.BlockTransfer`).
     """
 
-    def __init__(self, comm_backend: Any, **block_options: Any) -> None:
+    def __init__(
+        self,
+        comm_backend: Any,
+        *,
+        enable_compression: bool = False,
+        compression_level: int = 6,
+        enable_checksum: bool = False,
+        max_retries: int = 0,
+        retry_backoff_ms: float = 50.0,
+        **block_options: Any,
+    ) -> None:
         if comm_backend is None:
-            raise ValueError("comm_backend is required (e.g. an initialised sagellm_comm.GlooBackend)")
+            raise ValueError("comm_backend cannot be None (Fail-Fast): pass an initialised sagellm_comm backend")
+        if isinstance(compression_level, bool) or not isinstance(compression_level, int) or \
+                not 0 <= compression_level <= 9:
+            raise ValueError(f"compression_level must be an int in [0, 9], got {compression_level!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be a non-negative int, got {max_retries!r}")
+        if isinstance(retry_backoff_ms, bool) or not isinstance(retry_backoff_ms, int | float) or \
+                not retry_backoff_ms >= 0:
+            raise ValueError(f"retry_backoff_ms must be a non-negative number, got {retry_backoff_ms!r}")
         self.comm_backend = comm_backend
+        self.enable_compression = bool(enable_compression)
+        self.compression_level = compression_level
+        self.enable_checksum = bool(enable_checksum)
+        self.max_retries = max_retries
+        self.retry_backoff_ms = float(retry_backoff_ms)
         self._block_options = block_options
         self._blocks: BlockTransfer | None = None
         self._records: dict[uuid.UUID, KVTransferMetadata] = {}
         self._in_doubt: set[uuid.UUID] = set()  # block sends with an unknown outcome, not yet settled
+        self._retries: dict[uuid.UUID, int] = {}
         self._lock = threading.Lock()
 
     # --- the seed's tensor transfer ---------------------------------------------------------
@@ -57,8 +95,11 @@ class KVTransferEngine:
         """Sends (on ``src_rank``) or receives (on ``dst_rank``) the KV tensor of ``handle``.
 
         Returns the transfer id; the record is COMPLETED when the backend call returned. Raises
-        ``ValueError`` for bad ranks or a missing tensor (nothing is recorded then) and
-        ``KVTransferFailedError`` when the backend fails (recorded as FAILED).
+        ``ValueError`` for bad ranks (nothing is recorded then), ``KVTransferFailedError`` for a
+        missing tensor or when the backend still fails after ``max_retries`` retries (recorded as
+        FAILED), and on a framed receive ``KVChecksumMismatchError`` / ``KVMetadataMismatchError``
+        when the payload is corrupt or does not fit ``tensor`` (recorded as FAILED, ``tensor``
+        left unchanged).
         """
         if handle is None or not hasattr(handle, "handle_id"):
             raise ValueError(f"handle must be a KVHandle, got {type(handle).__name__}")
@@ -66,37 +107,117 @@ class KVTransferEngine:
         _check_rank(src_rank, world, "src_rank")
         _check_rank(dst_rank, world, "dst_rank")
         if src_rank == dst_rank:
-            raise ValueError(f"src_rank and dst_rank must differ, both are {src_rank}")
+            raise ValueError(f"src_rank and dst_rank cannot be the same (both are {src_rank}); they must differ")
         if rank not in (src_rank, dst_rank):
             raise ValueError(f"this process is rank {rank}, neither the source ({src_rank}) nor the destination "
                              f"({dst_rank}) of the transfer; call transfer_kv_handle on those two ranks only")
         sending = rank == src_rank
-        if tensor is None:
-            raise ValueError("tensor is required on the source: it holds the KV data to send" if sending else
-                             "tensor is required on the destination: the buffer to receive the KV data into")
+        source, target = _endpoint(src_rank, handle), _endpoint(dst_rank, handle)
 
         transfer_id = uuid.uuid4()
-        meta = _handle_metadata(transfer_id, handle, tensor, src_rank, dst_rank, sending)
+        meta = _handle_metadata(transfer_id, handle, tensor, source, target, sending)
         self._put(meta)
         self._set_status(transfer_id, TransferStatus.IN_PROGRESS, started_at=time.time())
+        if tensor is None:
+            self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
+            raise KVTransferFailedError(
+                transfer_id, source=source, target=target,
+                reason="tensor is required for sender: it holds the KV data to send" if sending else
+                "tensor is required for receiver: the buffer to receive the KV data into",
+            )
         _set_handle(handle, transfer_id=transfer_id, is_transferring=True)
         try:
-            if sending:
-                self.comm_backend.send(tensor, dst_rank)
-            else:
-                self.comm_backend.recv(tensor, src_rank)
+            update = self._run_with_retries(transfer_id, tensor, src_rank, dst_rank, sending)
+        except (KVChecksumMismatchError, KVMetadataMismatchError):
+            self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
+            _set_handle(handle, is_transferring=False)
+            raise
         except Exception as e:
             self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
             _set_handle(handle, is_transferring=False)
+            reason = str(e) or type(e).__name__
             raise KVTransferFailedError(
-                transfer_id, source=f"rank {src_rank}", target=f"rank {dst_rank}", reason=str(e) or type(e).__name__,
-                context={"handle_id": str(handle.handle_id), "direction": "send" if sending else "recv"},
+                transfer_id, source=source, target=target, reason=reason,
+                context={"handle_id": str(handle.handle_id), "direction": "send" if sending else "recv",
+                         "error": reason, "retries": self.get_retry_count(transfer_id)},
             ) from e
-        self._set_status(transfer_id, TransferStatus.COMPLETED, completed_at=time.time())
+        self._set_status(transfer_id, TransferStatus.COMPLETED, completed_at=time.time(), **update)
         _set_handle(handle, is_transferring=False)
         if not sending:
             _set_handle(handle, source_rank=src_rank, rank=dst_rank)
         return transfer_id
+
+    def _run_with_retries(
+        self, transfer_id: uuid.UUID, tensor: Any, src_rank: int, dst_rank: int, sending: bool
+    ) -> dict[str, Any]:
+        """One send or receive, re-run after a backend failure up to ``max_retries`` times.
+
+        Our own verdicts on the data (checksum, size) are final: the peer has already sent.
+        """
+        framed = self.enable_compression or self.enable_checksum
+        attempt = 0
+        while True:
+            try:
+                if not framed:
+                    if sending:
+                        self.comm_backend.send(tensor, dst_rank)
+                    else:
+                        self.comm_backend.recv(tensor, src_rank)
+                    return {}
+                if sending:
+                    return self._send_framed(tensor, dst_rank)
+                return self._recv_framed(transfer_id, tensor, src_rank)
+            except (KVChecksumMismatchError, KVMetadataMismatchError):
+                raise
+            except Exception:
+                if attempt >= self.max_retries:
+                    raise
+                time.sleep(self.retry_backoff_ms * (2**attempt) / 1000.0)
+                attempt += 1
+                with self._lock:
+                    self._retries[transfer_id] = attempt
+
+    def _send_framed(self, tensor: Any, dst_rank: int) -> dict[str, Any]:
+        import torch
+
+        raw = _tensor_bytes(tensor)
+        payload = zlib.compress(raw, self.compression_level) if self.enable_compression else raw
+        crc = zlib.crc32(raw) if self.enable_checksum else 0
+        flags = (_FLAG_ZLIB if self.enable_compression else 0) | (_FLAG_CRC32 if self.enable_checksum else 0)
+        header = torch.tensor([_FRAME_MAGIC, flags, len(payload), len(raw), crc], dtype=torch.int64)
+        self.comm_backend.send(header, dst_rank)
+        self.comm_backend.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst_rank)
+        return _frame_fields(self.enable_compression, len(payload), len(raw), crc if self.enable_checksum else None)
+
+    def _recv_framed(self, transfer_id: uuid.UUID, tensor: Any, src_rank: int) -> dict[str, Any]:
+        import torch
+
+        header = torch.zeros(5, dtype=torch.int64)
+        self.comm_backend.recv(header, src_rank)
+        magic, flags, payload_nbytes, raw_nbytes, crc = (int(v) for v in header.tolist())
+        expected = _nbytes(tensor)
+        if magic != _FRAME_MAGIC:
+            raise KVMetadataMismatchError("frame_magic", hex(_FRAME_MAGIC), hex(magic & (2**64 - 1)),
+                                          context={"transfer_id": str(transfer_id)})
+        if raw_nbytes != expected or not 0 <= payload_nbytes <= max(2 * raw_nbytes + 64, 1 << 20):
+            raise KVMetadataMismatchError("total_bytes", expected, raw_nbytes,
+                                          context={"transfer_id": str(transfer_id), "payload_bytes": payload_nbytes})
+        payload = torch.empty(payload_nbytes, dtype=torch.uint8)
+        self.comm_backend.recv(payload, src_rank)
+        data = payload.numpy().tobytes()
+        if flags & _FLAG_ZLIB:
+            try:
+                data = zlib.decompress(data)
+            except zlib.error as e:
+                raise KVChecksumMismatchError("valid zlib stream", f"corrupt payload ({e})",
+                                              transfer_id=transfer_id) from None
+        if len(data) != expected:
+            raise KVMetadataMismatchError("total_bytes", expected, len(data), context={"transfer_id": str(transfer_id)})
+        actual = zlib.crc32(data) if flags & _FLAG_CRC32 else None
+        if actual is not None and actual != crc:
+            raise KVChecksumMismatchError(f"{crc:08x}", f"{actual:08x}", transfer_id=transfer_id)
+        _write_bytes(tensor, data)
+        return _frame_fields(bool(flags & _FLAG_ZLIB), payload_nbytes, raw_nbytes, actual)
 
     # --- block transfer between pools -------------------------------------------------------
 
@@ -186,7 +307,31 @@ class KVTransferEngine:
             try:
                 return self._records[transfer_id]
             except KeyError:
-                raise KeyError(f"unknown transfer id {transfer_id}") from None
+                raise KeyError(f"Transfer ID {transfer_id} not found") from None
+
+    def get_retry_count(self, transfer_id: uuid.UUID) -> int:
+        """How many times the backend call of ``transfer_id`` was retried (0 when it worked first)."""
+        self.get_transfer_metadata(transfer_id)
+        with self._lock:
+            return self._retries.get(transfer_id, 0)
+
+    def get_transfer_metrics(self, transfer_id: uuid.UUID) -> dict[str, float | int | str]:
+        """Bytes on the wire, latency, bandwidth, compression ratio, retries, checksum and status."""
+        meta = self.get_transfer_metadata(transfer_id)
+        latency_s = 0.0
+        if meta.started_at is not None:
+            latency_s = max((meta.completed_at or time.time()) - meta.started_at, 0.0)
+        raw = meta.original_size if meta.is_compressed and meta.original_size else meta.total_bytes
+        return {
+            "bytes": meta.total_bytes,
+            "latency_ms": latency_s * 1000.0,
+            "bandwidth_gbps": meta.total_bytes / latency_s / 1e9 if latency_s > 0 else 0.0,
+            "shards": meta.shard_count,
+            "compression_ratio": raw / meta.total_bytes if meta.total_bytes else 1.0,
+            "retries": self.get_retry_count(transfer_id),
+            "checksum": meta.checksum or "",
+            "status": meta.status.value,
+        }
 
     def get_pending_count(self) -> int:
         """Transfers not finished yet (PENDING or IN_PROGRESS)."""
@@ -195,15 +340,19 @@ class KVTransferEngine:
             return sum(1 for m in self._records.values() if m.status not in _TERMINAL)
 
     def get_completed_count(self) -> int:
-        """Transfers that completed successfully (FAILED ones are not counted)."""
+        """Finished transfers (COMPLETED, FAILED or CANCELLED; as in the seed, a failure is finished too).
+
+        ``get_transfer_status`` tells them apart.
+        """
         self._settle_doubts()
         with self._lock:
-            return sum(1 for m in self._records.values() if m.status == TransferStatus.COMPLETED)
+            return sum(1 for m in self._records.values() if m.status in _TERMINAL)
 
     def clear_completed(self) -> None:
         """Forgets every finished record (COMPLETED, FAILED, CANCELLED); running ones stay."""
         with self._lock:
             self._records = {k: m for k, m in self._records.items() if m.status not in _TERMINAL}
+            self._retries = {k: n for k, n in self._retries.items() if k in self._records}
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -236,18 +385,65 @@ class KVTransferEngine:
         with self._lock:
             self._records[meta.transfer_id] = meta
 
-    def _set_status(self, transfer_id: uuid.UUID, status: TransferStatus, **times: float) -> None:
+    def _set_status(self, transfer_id: uuid.UUID, status: TransferStatus, **fields: Any) -> None:
         with self._lock:
             meta = self._records.get(transfer_id)
             if meta is not None:
-                self._records[transfer_id] = meta.model_copy(update={"status": status, **times})
+                self._records[transfer_id] = meta.model_copy(update={"status": status, **fields})
+
+
+_FRAME_MAGIC = 0x53_4B_56_46_52_4D_31  # "SKVFRM1"
+_FLAG_ZLIB = 1
+_FLAG_CRC32 = 2
 
 
 def _check_rank(rank: Any, world: int, name: str) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise ValueError(f"{name} must be an int, got {type(rank).__name__}")
-    if not 0 <= rank < world:
-        raise ValueError(f"invalid {name} {rank}: must be in [0, {world}) for world size {world}")
+    if rank < 0:
+        raise ValueError(f"Invalid {name}: {rank} (invalid {name} {rank}: must be in [0, {world}))")
+    if rank >= world:
+        raise ValueError(f"Rank out of bounds: {name}={rank}, world_size={world} "
+                         f"(invalid {name} {rank}: must be in [0, {world}))")
+
+
+def _endpoint(rank: int, handle: Any) -> str:
+    return f"rank_{rank}:{getattr(handle, 'device', None) or 'cpu'}"
+
+
+def _tensor_bytes(tensor: Any) -> bytes:
+    """The raw bytes of a torch tensor or numpy array (copied to host, C order)."""
+    if hasattr(tensor, "detach"):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        import torch
+
+        return bytes(t.view(torch.uint8).numpy().tobytes())
+    import numpy as np
+
+    return bytes(np.ascontiguousarray(tensor).tobytes())
+
+
+def _write_bytes(tensor: Any, data: bytes) -> None:
+    """Fills ``tensor`` (torch or numpy, same byte size) with ``data`` in place."""
+    if hasattr(tensor, "detach"):
+        import torch
+
+        src = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(tensor.dtype).reshape(tensor.shape)
+        with torch.no_grad():
+            tensor.copy_(src.to(tensor.device))
+        return
+    import numpy as np
+
+    view = np.frombuffer(data, dtype=tensor.dtype).reshape(tensor.shape)
+    np.copyto(tensor, view)
+
+
+def _frame_fields(compressed: bool, payload: int, raw: int, crc: int | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"total_bytes": payload, "checksum": None if crc is None else f"{crc:08x}"}
+    if compressed:
+        # The protocol's CompressionType has no zlib member; original_size tells the ratio.
+        fields.update(is_compressed=True, original_size=raw)
+    return fields
 
 
 def _as_uuid(value: Any) -> uuid.UUID:
@@ -279,14 +475,14 @@ def _dim(tensor: Any, axis: int) -> int:
 
 
 def _handle_metadata(
-    transfer_id: uuid.UUID, handle: Any, tensor: Any, src: int, dst: int, sending: bool
+    transfer_id: uuid.UUID, handle: Any, tensor: Any, src: str, dst: str, sending: bool
 ) -> KVTransferMetadata:
     extra: dict[str, Any] = dict(getattr(handle, "metadata", None) or {})
     layers = int(extra.get("num_layers", 1))
     return KVTransferMetadata(
         transfer_id=transfer_id,
-        request_id=str(getattr(handle, "request_id", None) or handle.handle_id),
-        trace_id=str(extra.get("trace_id", transfer_id)),
+        request_id=str(getattr(handle, "request_id", None) or "unknown"),
+        trace_id=str(extra.get("trace_id", "unknown")),
         layer_start=0,
         layer_end=layers,
         token_start=int(getattr(handle, "token_start", 0)),
@@ -297,8 +493,8 @@ def _handle_metadata(
         layout=getattr(handle, "layout", Layout.CONTIGUOUS),
         total_bytes=_nbytes(tensor),
         direction=TransferDirection.SEND if sending else TransferDirection.RECV,
-        source_device=f"rank:{src}",
-        target_device=f"rank:{dst}",
+        source_device=src,
+        target_device=dst,
         status=TransferStatus.PENDING,
         created_at=time.time(),
     )

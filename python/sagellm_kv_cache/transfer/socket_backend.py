@@ -1,0 +1,216 @@
+"""A TCP point-to-point backend with the ``send``/``recv`` interface of a ``sagellm_comm`` backend.
+
+For setups without torch.distributed: every rank listens on its own ``endpoints[rank]`` and
+connects to a peer on first send. A message is a 24-byte header (magic ``SKVS``, version, source
+rank, payload length) followed by the tensor's raw bytes; the receiver files it under the source
+rank and ``recv`` takes the oldest message from that rank, checking that it has exactly the
+buffer's size before writing. Nothing from the network is trusted: a bad magic, version or rank,
+or a length over ``max_message_bytes``, closes that connection. ``recv`` waits at most
+``recv_timeout_s`` (``KVTransferTimeoutError``). Thread-safe; one connection per peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from sagellm_kv_cache.errors import KVMetadataMismatchError, KVTransferFailedError, KVTransferTimeoutError
+from sagellm_kv_cache.transfer.engine import _nbytes, _tensor_bytes, _write_bytes
+
+__all__ = ["SocketTransferBackend"]
+
+_HEADER = struct.Struct("<4sHHIQ")  # magic, version, reserved, source rank, payload bytes
+_MAGIC = b"SKVS"
+_VERSION = 1
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
+class SocketTransferBackend:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        endpoints: dict[int, tuple[str, int]],
+        recv_timeout_s: float = 5.0,
+        max_message_bytes: int = 1 << 34,
+    ) -> None:
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+        missing = [r for r in range(world_size) if r not in endpoints]
+        if missing:
+            raise ValueError(f"endpoints has no (host, port) for ranks {missing}")
+        if not recv_timeout_s > 0:
+            raise ValueError(f"recv_timeout_s must be > 0, got {recv_timeout_s!r}")
+        self._rank = rank
+        self._world_size = world_size
+        self._endpoints = {r: (str(endpoints[r][0]), int(endpoints[r][1])) for r in range(world_size)}
+        self._recv_timeout_s = float(recv_timeout_s)
+        self._max_message_bytes = int(max_message_bytes)
+        self._server: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._accepted: list[socket.socket] = []
+        self._peers: dict[int, socket.socket] = {}
+        self._peer_locks = {r: threading.Lock() for r in range(world_size)}
+        self._inboxes: dict[int, deque[bytes]] = {r: deque() for r in range(world_size)}
+        self._cond = threading.Condition()
+        self._running = False
+
+    def get_rank(self) -> int:
+        return self._rank
+
+    def get_world_size(self) -> int:
+        return self._world_size
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listens on this rank's endpoint (idempotent)."""
+        with self._cond:
+            if self._running:
+                return
+            server = socket.create_server(self._endpoints[self._rank], reuse_port=False)
+            server.settimeout(0.2)
+            self._server = server
+            self._running = True
+        thread = threading.Thread(target=self._accept_loop, name=f"kv-socket-accept-{self._rank}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def close(self) -> None:
+        """Stops listening and closes every connection; pending messages are dropped."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        sockets = [s for s in (self._server, *self._accepted, *self._peers.values()) if s is not None]
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        self._threads.clear()
+        self._accepted.clear()
+        self._peers.clear()
+        self._server = None
+
+    def _accept_loop(self) -> None:
+        while self._running and self._server is not None:
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            self._accepted.append(conn)
+            reader = threading.Thread(target=self._read_loop, args=(conn,), daemon=True,
+                                      name=f"kv-socket-read-{self._rank}")
+            reader.start()
+            self._threads.append(reader)
+
+    def _read_loop(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while self._running:
+                header = _recv_exactly(conn, _HEADER.size)
+                if header is None:
+                    return
+                magic, version, _, src, nbytes = _HEADER.unpack(header)
+                if magic != _MAGIC or version != _VERSION or not 0 <= src < self._world_size or \
+                        nbytes > self._max_message_bytes:
+                    return  # not our protocol, or a hostile length: drop the connection
+                payload = _recv_exactly(conn, nbytes)
+                if payload is None:
+                    return
+                with self._cond:
+                    self._inboxes[src].append(payload)
+                    self._cond.notify_all()
+        with contextlib.suppress(OSError):
+            conn.close()
+
+    # --- data -------------------------------------------------------------------------------
+
+    def _check_peer(self, name: str, peer: Any) -> int:
+        if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < self._world_size:
+            raise ValueError(f"invalid {name} {peer!r}: must be in [0, {self._world_size})")
+        if peer == self._rank:
+            raise ValueError(f"{name} {peer} is this rank; a transfer needs two ranks")
+        return peer
+
+    def _connection(self, dst: int) -> socket.socket:
+        sock = self._peers.get(dst)
+        if sock is not None:
+            return sock
+        deadline = time.monotonic() + self._recv_timeout_s
+        while True:  # the peer may not be listening yet
+            try:
+                sock = socket.create_connection(self._endpoints[dst], timeout=self._recv_timeout_s)
+                break
+            except OSError as e:
+                if time.monotonic() >= deadline:
+                    raise KVTransferFailedError(f"socket:{self._rank}->{dst}", source=f"rank_{self._rank}",
+                                                target=f"rank_{dst}", reason=f"cannot connect: {e}") from e
+                time.sleep(0.05)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        self._peers[dst] = sock
+        return sock
+
+    def send(self, tensor: Any, dst_rank: int) -> None:
+        """Sends ``tensor``'s bytes to ``dst_rank`` (connecting on first use)."""
+        dst = self._check_peer("dst_rank", dst_rank)
+        data = _tensor_bytes(tensor)
+        with self._peer_locks[dst]:
+            sock = self._connection(dst)
+            try:
+                sock.sendall(_HEADER.pack(_MAGIC, _VERSION, 0, self._rank, len(data)))
+                sock.sendall(data)
+            except OSError as e:
+                self._peers.pop(dst, None)
+                with contextlib.suppress(OSError):
+                    sock.close()
+                raise KVTransferFailedError(f"socket:{self._rank}->{dst}", source=f"rank_{self._rank}",
+                                            target=f"rank_{dst}", reason=f"send failed: {e}") from e
+
+    def recv(self, tensor: Any, src_rank: int) -> None:
+        """Fills ``tensor`` with the oldest message from ``src_rank`` (same byte size), waiting for it."""
+        src = self._check_peer("src_rank", src_rank)
+        expected = _nbytes(tensor)
+        start = time.monotonic()
+        with self._cond:
+            if not self._running:
+                raise RuntimeError("SocketTransferBackend is not started; call start() first")
+            inbox = self._inboxes[src]
+            while not inbox:
+                left = self._recv_timeout_s - (time.monotonic() - start)
+                if left <= 0 or not self._running:
+                    raise KVTransferTimeoutError(f"socket:{src}->{self._rank}", timeout_seconds=self._recv_timeout_s,
+                                                 elapsed_seconds=time.monotonic() - start)
+                self._cond.wait(left)
+            data = inbox[0]
+            if len(data) != expected:
+                inbox.popleft()  # a message of the wrong size is consumed, never half-applied
+                raise KVMetadataMismatchError("nbytes", expected, len(data), context={"src_rank": src})
+            inbox.popleft()
+        _write_bytes(tensor, data)

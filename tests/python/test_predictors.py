@@ -1,0 +1,147 @@
+"""Lifetime predictors: features from handles, and a HistoricalPredictor that learns from outcomes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import pytest
+from pydantic import ValidationError
+from sagellm_kv_cache import KVHandle
+from sagellm_kv_cache.predictor import FeatureExtractor, HistoricalPredictor, LifetimePredictor, PredictorFeatures
+from sagellm_protocol.kv import LifetimePrediction
+
+
+def features(session: str | None = "s1", *, tokens: int = 100, accesses: int = 0, idle: float = 0.0,
+             hit_len: int = 0) -> PredictorFeatures:
+    handle = KVHandle.create(tokens, request_id="r1", session_id=session)
+    for _ in range(accesses):
+        handle.touch()
+    handle.last_access = time.time() - idle
+    return PredictorFeatures.from_handle(handle, hit_len=hit_len)
+
+
+def test_features_from_handle_round_trip() -> None:
+    handle = KVHandle.create(64, session_id="s")
+    handle.touch()
+    handle.pin()
+    f = PredictorFeatures.from_handle(handle, hit_len=16, extracted_at=5.0)
+    assert (f.request_id, f.session_id, f.num_tokens, f.access_count, f.hit_len, f.is_pinned, f.extracted_at) == \
+        ("unknown", "s", 64, 1, 16, True, 5.0)
+    data = f.to_dict()
+    assert data["handle_id"] == str(handle.handle_id)
+    assert PredictorFeatures.from_dict(data) == f
+    with pytest.raises(ValidationError):
+        PredictorFeatures(handle_id=handle.handle_id, request_id="x", num_tokens=-1, last_access=0, access_count=0,
+                          created_at=0)
+
+
+def test_extractor() -> None:
+    handles = [KVHandle.create(8), KVHandle.create(16)]
+    batch = FeatureExtractor().extract_batch(handles, [1, 2])
+    assert [f.hit_len for f in batch] == [1, 2] and batch[0].extracted_at == batch[1].extracted_at
+    assert FeatureExtractor().extract_batch([]) == []
+    with pytest.raises(ValueError, match=r"hit_lens length \(2\) must match handles length \(1\)"):
+        FeatureExtractor().extract_batch(handles[:1], [1, 2])
+
+
+def test_defaults_before_any_history() -> None:
+    predictor = HistoricalPredictor()
+    assert predictor.get_model_version() == "historical-v0.1.0"
+    assert predictor.get_statistics() == {"global": {"avg_lifetime": 1000.0, "avg_reuse_prob": 0.5,
+                                                     "sample_count": 0}}
+    (p,) = predictor.predict_batch([features()])
+    assert isinstance(p, LifetimePrediction)
+    assert p.reuse_prob == pytest.approx(0.5, abs=1e-3) and p.remaining_lifetime == pytest.approx(1000.0, abs=0.1)
+    assert p.confidence == 0.5
+    assert set(p.features_summary) == {"num_tokens", "access_count", "session_id", "time_since_access", "sample_count"}
+    with pytest.raises(ValueError, match="must not be empty"):
+        predictor.predict_batch([])
+
+
+def test_learns_lifetimes_per_session() -> None:
+    predictor = HistoricalPredictor(alpha=0.5)
+    for lifetime in (100.0, 200.0, 300.0, 400.0):
+        predictor.update(features("chat"), lifetime)
+    for _ in range(4):
+        predictor.update(features("batch"), 0.0)  # never reused
+    stats = predictor.get_statistics()
+    assert stats["chat"] == {"avg_lifetime": 312.5, "avg_reuse_prob": 1.0, "sample_count": 4}
+    assert stats["batch"] == {"avg_lifetime": 0.0, "avg_reuse_prob": 0.0, "sample_count": 4}
+    assert stats["global"]["sample_count"] == 8
+    chat, batch, unknown = predictor.predict_batch([features("chat"), features("batch"), features("new")])
+    assert chat.remaining_lifetime == pytest.approx(312.5, abs=0.1) and chat.reuse_prob > 0.99
+    assert batch.reuse_prob == 0.0 and batch.remaining_lifetime == 0.0
+    assert batch.evict_score > chat.evict_score  # the never-reused session is the better victim
+    assert unknown.features_summary["sample_count"] == 8  # falls back to the global averages
+    assert chat.confidence == pytest.approx(0.5 + 0.5 * 4 / 100)
+
+
+def test_running_mean_then_ema() -> None:
+    predictor = HistoricalPredictor(alpha=0.1)
+    for lifetime in (10.0, 20.0, 30.0):
+        predictor.update(features(), lifetime)
+    assert predictor.get_statistics()["s1"]["avg_lifetime"] == pytest.approx(20.0)  # 1/n > alpha: the mean
+    for _ in range(200):
+        predictor.update(features(), 50.0)
+    assert predictor.get_statistics()["s1"]["avg_lifetime"] == pytest.approx(50.0, abs=0.01)  # follows drift
+
+
+def test_recency_accesses_and_pins_shape_the_prediction() -> None:
+    predictor = HistoricalPredictor(default_reuse_prob=0.4, default_lifetime=10.0)
+    fresh, idle, busy = predictor.predict_batch([features(), features(idle=20.0), features(accesses=3)])
+    assert idle.reuse_prob < fresh.reuse_prob < busy.reuse_prob
+    assert idle.remaining_lifetime == 0.0 and idle.evict_score > fresh.evict_score
+    handle = KVHandle.create(8)
+    handle.pin()
+    (pinned,) = predictor.predict_batch([PredictorFeatures.from_handle(handle)])
+    assert pinned.evict_score == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"window_size": 0}, "window_size"), ({"alpha": 0}, "alpha"), ({"alpha": 1.5}, "alpha"),
+     ({"default_reuse_prob": 2}, "default_reuse_prob"), ({"default_lifetime": -1}, "default_lifetime"),
+     ({"alpha": float("nan")}, "alpha")],
+)
+def test_bad_configuration(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        HistoricalPredictor(**kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_updates_change_nothing() -> None:
+    predictor = HistoricalPredictor()
+    before = predictor.get_statistics()
+    for bad in (-5.0, float("inf"), float("nan"), "3"):
+        with pytest.raises(ValueError, match="actual_lifetime"):
+            predictor.update(features(), bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        predictor.update({"session_id": "s"}, 1.0)  # type: ignore[arg-type]
+    assert predictor.get_statistics() == before
+
+
+def test_the_interface_is_abstract() -> None:
+    with pytest.raises(TypeError):
+        LifetimePredictor()  # type: ignore[abstract]
+
+    class Constant(LifetimePredictor):
+        def predict_batch(self, features: Sequence[PredictorFeatures]) -> list[LifetimePrediction]:
+            return [LifetimePrediction(handle_id=f.handle_id, request_id=f.request_id, reuse_prob=1.0,
+                                       remaining_lifetime=1.0, evict_score=0.0) for f in features]
+
+        def update(self, features: PredictorFeatures, actual_lifetime: float) -> None:
+            return None
+
+        def get_model_version(self) -> str:
+            return "constant-1"
+
+    assert Constant().predict_batch([features()])[0].reuse_prob == 1.0
+
+
+def test_seed_attributes() -> None:
+    predictor = HistoricalPredictor()
+    predictor.update(features("s"), 10.0)
+    predictor.update(features("s"), 20.0)
+    assert predictor.session_stats == {"s": {"avg_lifetime": 15.0, "avg_reuse_prob": 1.0, "sample_count": 2}}
+    assert (predictor.global_avg_lifetime, predictor.global_avg_reuse_prob, predictor.global_sample_count) == \
+        (15.0, 1.0, 2)

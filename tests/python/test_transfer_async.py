@@ -1,0 +1,160 @@
+"""KVTransferPipeline (concurrent transfers with futures), CommTransferBackendAdapter, and the TCP
+SocketTransferBackend between two ranks in one process (real sockets on localhost)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from sagellm_kv_cache import KVHandle, KVMetadataMismatchError, KVTransferTimeoutError
+from sagellm_kv_cache.transfer import (
+    CommTransferBackendAdapter,
+    KVTransferEngine,
+    KVTransferPipeline,
+    SocketTransferBackend,
+)
+
+torch = pytest.importorskip("torch")
+
+
+class SlowBackend:
+    def __init__(self, rank: int = 0) -> None:
+        self.rank, self.sent = rank, 0
+        self.lock = threading.Lock()
+
+    def get_rank(self) -> int:
+        return self.rank
+
+    def get_world_size(self) -> int:
+        return 2
+
+    def send(self, tensor: Any, dst: int) -> None:
+        time.sleep(0.05)
+        with self.lock:
+            self.sent += 1
+
+    def recv(self, tensor: Any, src: int) -> None:
+        tensor.fill_(3)
+
+
+def test_pipeline_runs_transfers_concurrently() -> None:
+    backend = SlowBackend()
+    pipeline = KVTransferPipeline(KVTransferEngine(backend), max_workers=4)
+    assert pipeline.get_stats() == {"submitted": 0, "completed": 0, "failed": 0, "in_flight": 0}
+    done: list[tuple[bool, Exception | None]] = []
+    started = time.monotonic()
+    futures = [pipeline.submit(KVHandle.create(8), 0, 1, torch.ones(4),
+                               on_done=lambda tid, err: done.append((tid is not None, err))) for _ in range(8)]
+    ids = pipeline.wait_all(timeout=10)
+    assert time.monotonic() - started < 8 * 0.05  # overlapped, not one after another
+    assert sorted(ids) == sorted(f.result() for f in futures) and all(isinstance(i, uuid.UUID) for i in ids)
+    assert backend.sent == 8 and done == [(True, None)] * 8
+    assert pipeline.get_stats() == {"submitted": 8, "completed": 8, "failed": 0, "in_flight": 0}
+    bad = pipeline.submit(KVHandle.create(8), 0, 0, torch.ones(4))
+    with pytest.raises(ValueError, match="cannot be the same"):
+        bad.result()
+    assert pipeline.wait_all() == [] and pipeline.get_stats()["failed"] == 1 and pipeline.pending_count() == 0
+    pipeline.shutdown()
+    with pytest.raises(RuntimeError, match="already shut down"):
+        pipeline.submit(KVHandle.create(8), 0, 1, torch.ones(4))
+    with pytest.raises(ValueError, match="max_workers must be >= 1, got 0"):
+        KVTransferPipeline(KVTransferEngine(backend), max_workers=0)
+
+
+def test_adapter_delegates_and_names_the_link() -> None:
+    inner = SlowBackend(rank=1)
+    adapter = CommTransferBackendAdapter(inner, interconnect="nvlink")
+    assert (adapter.interconnect, adapter.get_rank(), adapter.get_world_size()) == ("nvlink", 1, 2)
+    out = torch.zeros(4)
+    KVTransferEngine(adapter).transfer_kv_handle(KVHandle.create(4), 0, 1, out)
+    assert torch.equal(out, torch.full((4,), 3.0))
+    with pytest.raises(ValueError, match="comm_backend cannot be None"):
+        CommTransferBackendAdapter(None)
+    with pytest.raises(TypeError, match="send"):
+        CommTransferBackendAdapter(object())
+    with pytest.raises(ValueError, match="interconnect"):
+        CommTransferBackendAdapter(inner, interconnect="")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[SocketTransferBackend, SocketTransferBackend]]:
+    endpoints = {0: ("127.0.0.1", _free_port()), 1: ("127.0.0.1", _free_port())}
+    a = SocketTransferBackend(rank=0, world_size=2, endpoints=endpoints, recv_timeout_s=0.5)
+    b = SocketTransferBackend(rank=1, world_size=2, endpoints=endpoints, recv_timeout_s=0.5)
+    a.start()
+    b.start()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_socket_backend_moves_tensors_and_arrays(pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:
+    a, b = pair
+    data = torch.arange(64, dtype=torch.bfloat16).reshape(8, 8)
+    a.send(data, 1)
+    out = torch.zeros_like(data)
+    b.recv(out, 0)
+    assert torch.equal(out, data)
+    b.send(np.arange(5, dtype=np.int64), 0)
+    got = np.zeros(5, dtype=np.int64)
+    a.recv(got, 1)
+    np.testing.assert_array_equal(got, np.arange(5))
+
+
+def test_socket_backend_under_the_engine_with_checksums(
+        pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:
+    a, b = pair
+    sender, receiver = KVTransferEngine(a, enable_checksum=True), KVTransferEngine(b, enable_checksum=True)
+    handle = KVHandle.create(16)
+    data = torch.randn(16, 4)
+    out = torch.zeros(16, 4)
+    thread = threading.Thread(target=sender.transfer_kv_handle, args=(handle.model_copy(), 0, 1, data))
+    thread.start()
+    tid = receiver.transfer_kv_handle(handle, 0, 1, out)
+    thread.join()
+    assert torch.equal(out, data) and receiver.get_transfer_metrics(tid)["checksum"] != ""
+
+
+def test_socket_backend_errors(pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:
+    a, b = pair
+    started = time.monotonic()
+    with pytest.raises(KVTransferTimeoutError, match="timed out"):
+        b.recv(torch.zeros(2), 0)
+    assert time.monotonic() - started >= 0.45
+    a.send(torch.ones(3), 1)
+    out = torch.zeros(8)
+    with pytest.raises(KVMetadataMismatchError, match="nbytes"):
+        b.recv(out, 0)
+    assert torch.equal(out, torch.zeros(8))
+    for bad in (5, 0, -1):
+        with pytest.raises(ValueError):
+            a.send(torch.ones(1), bad)
+    with pytest.raises(ValueError, match="endpoints has no"):
+        SocketTransferBackend(rank=0, world_size=2, endpoints={0: ("127.0.0.1", 1)})
+    with pytest.raises(ValueError, match="rank must be in"):
+        SocketTransferBackend(rank=2, world_size=2, endpoints={0: ("h", 1), 1: ("h", 2)})
+    idle = SocketTransferBackend(rank=0, world_size=2, endpoints={0: ("127.0.0.1", 1), 1: ("127.0.0.1", 2)})
+    with pytest.raises(RuntimeError, match="start"):
+        idle.recv(torch.zeros(1), 1)
+
+
+def test_socket_backend_drops_foreign_traffic(pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:
+    a, b = pair
+    with socket.create_connection(b._endpoints[1]) as rogue:
+        rogue.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"x" * 64)
+    a.send(torch.ones(2), 1)
+    out = torch.zeros(2)
+    b.recv(out, 0)  # the real message still arrives; the rogue bytes were never filed
+    assert torch.equal(out, torch.ones(2))

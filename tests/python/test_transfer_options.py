@@ -1,0 +1,164 @@
+"""The seed's KVTransferEngine options: compression, checksum, retries, and the per-transfer metrics.
+
+Two engines (rank 0 and rank 1) talk through an in-memory pipe that behaves like a point-to-point
+backend: ``recv`` needs a buffer of exactly the size that was sent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from typing import Any
+
+import numpy as np
+import pytest
+from sagellm_kv_cache import KVChecksumMismatchError, KVHandle, KVMetadataMismatchError, KVTransferFailedError
+from sagellm_kv_cache.transfer import KVTransferEngine, KVTransferError
+from sagellm_protocol.kv import TransferStatus
+
+torch = pytest.importorskip("torch")
+
+
+class Pipe:
+    """The wire between two ranks: each ``send`` queues a copy, each ``recv`` takes the oldest."""
+
+    def __init__(self) -> None:
+        self.frames: deque[Any] = deque()
+
+
+class PipeBackend:
+    def __init__(self, rank: int, pipe: Pipe, *, failures: int = 0) -> None:
+        self.rank, self.pipe, self.failures = rank, pipe, failures
+        self.calls = 0
+
+    def get_rank(self) -> int:
+        return self.rank
+
+    def get_world_size(self) -> int:
+        return 2
+
+    def send(self, tensor: Any, dst: int) -> None:
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("connection reset by peer")
+        self.pipe.frames.append(tensor.clone() if hasattr(tensor, "clone") else np.array(tensor, copy=True))
+
+    def recv(self, tensor: Any, src: int) -> None:
+        frame = self.pipe.frames.popleft()
+        if tuple(frame.shape) != tuple(tensor.shape):
+            raise RuntimeError(f"size mismatch: sent {tuple(frame.shape)}, receiving {tuple(tensor.shape)}")
+        tensor[...] = frame
+
+
+def _pair(**options: Any) -> tuple[KVTransferEngine, KVTransferEngine, Pipe]:
+    pipe = Pipe()
+    return KVTransferEngine(PipeBackend(0, pipe), **options), KVTransferEngine(PipeBackend(1, pipe), **options), pipe
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"enable_checksum": True}, {"enable_compression": True}, {"enable_compression": True, "compression_level": 1,
+                                                                   "enable_checksum": True}],
+)
+def test_round_trip_with_each_option(options: dict[str, Any]) -> None:
+    sender, receiver, _ = _pair(**options)
+    data = torch.arange(4 * 64, dtype=torch.bfloat16).reshape(4, 64) % 7  # compressible
+    out = torch.zeros_like(data)
+    handle = KVHandle.create(64, request_id="req-9")
+    sent = sender.transfer_kv_handle(handle, 0, 1, data)
+    got = receiver.transfer_kv_handle(handle, 0, 1, out)
+    assert torch.equal(out, data)
+    for engine, tid in ((sender, sent), (receiver, got)):
+        metrics = engine.get_transfer_metrics(tid)
+        assert set(metrics) == {"bytes", "latency_ms", "bandwidth_gbps", "shards", "compression_ratio", "retries",
+                                "checksum", "status"}
+        assert metrics["status"] == "completed" and metrics["retries"] == 0 and metrics["shards"] == 1
+        meta = engine.get_transfer_metadata(tid)
+        if options.get("enable_compression"):
+            assert meta.is_compressed and meta.original_size == data.nbytes
+            assert metrics["bytes"] < data.nbytes and metrics["compression_ratio"] > 1.0
+        else:
+            assert metrics["bytes"] == data.nbytes and metrics["compression_ratio"] == 1.0
+        assert metrics["checksum"] == (f"{_crc(data):08x}" if options.get("enable_checksum") else "")
+
+
+def _crc(tensor: Any) -> int:
+    import zlib
+
+    return zlib.crc32(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def test_numpy_arrays_travel_framed_too() -> None:
+    sender, receiver, _ = _pair(enable_compression=True, enable_checksum=True)
+    data = np.tile(np.arange(32, dtype=np.float32), 8)
+    out = np.zeros_like(data)
+    handle = KVHandle.create(8)
+    sender.transfer_kv_handle(handle, 0, 1, data)
+    receiver.transfer_kv_handle(handle, 0, 1, out)
+    np.testing.assert_array_equal(out, data)
+
+
+def test_corrupted_payload_is_a_checksum_error_and_leaves_the_buffer_alone() -> None:
+    sender, receiver, pipe = _pair(enable_checksum=True)
+    data = torch.ones(128, dtype=torch.float16)
+    handle = KVHandle.create(16)
+    sender.transfer_kv_handle(handle, 0, 1, data)
+    pipe.frames[1][5] ^= 0xFF  # flip one payload byte on the wire
+    out = torch.full((128,), 3.0, dtype=torch.float16)
+    with pytest.raises(KVChecksumMismatchError, match="Checksum mismatch: expected") as info:
+        receiver.transfer_kv_handle(handle, 0, 1, out)
+    assert torch.equal(out, torch.full((128,), 3.0, dtype=torch.float16))
+    tid = uuid.UUID(info.value.transfer_id)
+    assert receiver.get_transfer_status(tid) == TransferStatus.FAILED
+    assert handle.is_transferring is False
+
+
+def test_a_payload_of_the_wrong_size_is_refused() -> None:
+    sender, receiver, _ = _pair(enable_compression=True)
+    handle = KVHandle.create(16)
+    sender.transfer_kv_handle(handle, 0, 1, torch.zeros(64))
+    out = torch.zeros(32)
+    with pytest.raises(KVMetadataMismatchError, match="total_bytes"):
+        receiver.transfer_kv_handle(handle, 0, 1, out)
+    assert torch.equal(out, torch.zeros(32))
+
+
+def test_retries_with_backoff_then_success() -> None:
+    pipe = Pipe()
+    backend = PipeBackend(0, pipe, failures=2)
+    engine = KVTransferEngine(backend, max_retries=3, retry_backoff_ms=1.0)
+    tid = engine.transfer_kv_handle(KVHandle.create(16), 0, 1, torch.ones(8))
+    assert backend.calls == 3 and len(pipe.frames) == 1
+    assert engine.get_retry_count(tid) == 2 and engine.get_transfer_metrics(tid)["retries"] == 2
+    assert engine.get_transfer_status(tid) == TransferStatus.COMPLETED
+
+
+def test_retries_exhausted_is_a_transfer_failed_error() -> None:
+    backend = PipeBackend(0, Pipe(), failures=10)
+    engine = KVTransferEngine(backend, max_retries=2, retry_backoff_ms=0)
+    with pytest.raises(KVTransferError, match=r"failed: rank_0:cpu -> rank_1:cpu, reason: connection reset") as info:
+        engine.transfer_kv_handle(KVHandle.create(16), 0, 1, torch.ones(8))
+    assert isinstance(info.value, KVTransferFailedError) and KVTransferError is KVTransferFailedError
+    assert info.value.context["error"] == "connection reset by peer" and info.value.context["retries"] == 2
+    tid = uuid.UUID(info.value.transfer_id)
+    assert backend.calls == 3 and engine.get_retry_count(tid) == 2
+    assert engine.get_transfer_metrics(tid)["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"compression_level": 10}, "compression_level"), ({"compression_level": "6"}, "compression_level"),
+     ({"max_retries": -1}, "max_retries"), ({"retry_backoff_ms": -1.0}, "retry_backoff_ms"),
+     ({"retry_backoff_ms": float("nan")}, "retry_backoff_ms")],
+)
+def test_bad_options_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KVTransferEngine(PipeBackend(0, Pipe()), **options)
+
+
+def test_unknown_ids_are_key_errors() -> None:
+    engine = KVTransferEngine(PipeBackend(0, Pipe()))
+    for method in (engine.get_retry_count, engine.get_transfer_metrics, engine.get_transfer_status):
+        with pytest.raises(KeyError, match="not found"):
+            method(uuid.uuid4())
