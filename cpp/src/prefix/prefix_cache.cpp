@@ -777,7 +777,12 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::spa
   plan.k = static_cast<std::uint32_t>(k);
   plan.num_new = num_new;
   plan.attach = cur;
-  s.prepare_insert(digests, new_ids, options, plan);
+  try {
+    s.prepare_insert(digests, new_ids, options, plan);
+  } catch (...) {
+    s.abandon_insert(new_ids, plan);
+    throw;
+  }
 
   if (s.allocator != nullptr && num_new != 0) {
     // The cache's reference on every new block, taken last so a refusal changes nothing. It can
