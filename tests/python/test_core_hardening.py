@@ -178,7 +178,7 @@ def test_unpickled_arrays_are_accepted() -> None:
         ids = pickle.loads(pickle.dumps(pool.allocate(8)))
         n_inserted, _redundant, _digests = cache.insert_tokens(unpickled, ids)
         assert n_inserted in (0, 8)
-        matched, got, _ = cache.match_tokens(pickle.loads(pickle.dumps(tokens)))
+        matched, _got, _ = cache.match_tokens(pickle.loads(pickle.dumps(tokens)))
         assert matched == 8
         cache.release(pickle.loads(pickle.dumps(digests)))
         pool.free(ids)
