@@ -88,7 +88,9 @@ class PagedKVPool {
   /// when not enough are free within the budget; then nothing was taken.
   void allocate(std::span<BlockId> out);
   /// Drops one reference per id (see BlockAllocator::free). Throws Error(kInvalidBlock) or
-  /// Error(kDoubleFree) naming the id and its position; then no count changed.
+  /// Error(kDoubleFree) naming the id and its position; then no count changed, except when a double
+  /// free raced the last legitimate free of the same block (the message then says the other ids
+  /// were freed; see the batch contract in block_allocator.hpp).
   void free(std::span<const BlockId> ids);
   /// Adds one reference per id. Throws Error(kInvalidBlock) naming the id; then no count changed.
   void incref(std::span<const BlockId> ids);

@@ -609,10 +609,13 @@ PrefixCache::PrefixCache(const PrefixCacheOptions& options, BlockAllocator* allo
 
 PrefixCache::~PrefixCache() {
   if (allocator_ == nullptr) return;
+  // Block by block: a destructor must not allocate (a batch would need a vector of ids).
   for (const Node& n : impl_->nodes) {
-    if (n.live) impl_->freed_blocks.push_back(n.block);
+    if (n.live) {
+      [[maybe_unused]] const BatchStatus st = allocator_->free(std::span<const BlockId>(&n.block, 1));
+      assert(st.ok());
+    }
   }
-  impl_->return_blocks();
 }
 
 std::uint32_t PrefixCache::match(std::span<const BlockHash> digests, std::span<BlockId> out) {
