@@ -39,6 +39,8 @@ class IdCopy {
 // Up to this many ids first_overdrawn finds repeats with a bit filter on the stack; longer batches
 // sort a copy.
 constexpr std::size_t kFilterMaxIds = 256;
+// Up to this many ids pop_chain keeps its walk on the stack.
+constexpr std::size_t kWalkInline = 256;
 constexpr std::uint32_t kFilterBits = 4096;
 
 }  // namespace
@@ -82,8 +84,6 @@ BatchStatus BlockAllocator::allocate(std::span<BlockId> out) noexcept {
   } while (!available_.compare_exchange_weak(avail, avail - n, std::memory_order_acquire,
                                              std::memory_order_acquire));
   pop_chain(out);
-  // We own these ids now; nobody else reads their count until we hand the ids out.
-  for (BlockId id : out) slots_[static_cast<std::uint32_t>(id)].refs.store(1, std::memory_order_relaxed);
   return {};
 }
 
@@ -101,19 +101,36 @@ void BlockAllocator::pop_chain(std::span<BlockId> out) noexcept {
   // rewritten; they are atomics and the failed CAS discards them.
   // acquire on the head load pairs with the release CAS in push_chain: the next_ links of every
   // node on the stack (written before their push) are visible to the walk.
+  std::array<std::uint32_t, kWalkInline> walk;  // short batches: the walk's ids, read back on success
+  const bool keep = out.size() <= kWalkInline;
   std::uint64_t old = head_.load(std::memory_order_acquire);
   for (;;) {
     std::uint32_t cur = head_index(old);
     std::size_t taken = 0;
     for (; taken < out.size(); ++taken) {
       if (cur >= num_blocks_) break;  // nil_, or a link rewritten under a stale snapshot
-      out[taken] = static_cast<BlockId>(cur);
+      if (keep) walk[taken] = cur;
       cur = slots_[cur].next.load(std::memory_order_relaxed);
     }
     if (taken == out.size()) {
       const std::uint64_t desired = next_head(old, cur);
       if (head_.compare_exchange_weak(old, desired, std::memory_order_acquire,
                                       std::memory_order_acquire)) {
+        // The chain is ours now: give each block its first reference. Ids come from our own
+        // copy of the walk, or for long batches from the chain itself (its links no longer
+        // change); never from `out`, which the caller owns.
+        if (out.size() <= kWalkInline) {
+          for (std::size_t k = 0; k < out.size(); ++k) {
+            slots_[walk[k]].refs.store(1, std::memory_order_relaxed);
+            out[k] = static_cast<BlockId>(walk[k]);
+          }
+        } else {
+          for (std::uint32_t id = head_index(old), k = 0; k < out.size(); ++k) {
+            slots_[id].refs.store(1, std::memory_order_relaxed);
+            out[k] = static_cast<BlockId>(id);
+            id = slots_[id].next.load(std::memory_order_relaxed);
+          }
+        }
         return;
       }
     } else {
