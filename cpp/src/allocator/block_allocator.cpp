@@ -95,9 +95,9 @@ BlockId BlockAllocator::allocate_one() noexcept {
 
 void BlockAllocator::pop_chain(std::span<BlockId> out) noexcept {
   // CAS loop invariant: `old` is a snapshot of the head; we walk out.size() nodes from it and swing
-  // the head past them in one CAS. The version in the high half changes on every successful update,
-  // so if any other thread popped or pushed since our snapshot (even restoring the same top index),
-  // the CAS fails and we walk again. Reads of next_ from a stale snapshot may see values being
+  // the head past them in one CAS. The version tag above the index bits changes on every successful
+  // update, so if any other thread popped or pushed since our snapshot (even restoring the same top
+  // index), the CAS fails and we walk again (see the header for the wrap-around bound). Reads of next_ from a stale snapshot may see values being
   // rewritten; they are atomics and the failed CAS discards them.
   // acquire on the head load pairs with the release CAS in push_chain: the next_ links of every
   // node on the stack (written before their push) are visible to the walk.
