@@ -176,9 +176,18 @@ void bind_pool(py::module_& m) {
                st = a.free(b.span());
              }
              if (!st.ok()) {
-               throw Error(st.code, "free: block id " + std::to_string(b.span()[static_cast<std::size_t>(st.index)]) +
-                                        (st.code == ErrorCode::kDoubleFree ? " is not allocated (double free)"
-                                                                           : " is out of range"));
+               const std::string which = "free: block id " + std::to_string(st.id) + " at position " +
+                                         std::to_string(st.index);
+               switch (st.code) {
+                 case ErrorCode::kDoubleFree:
+                   throw Error(st.code, which + " is not allocated (double free); " +
+                                            (st.partial ? "it raced a concurrent free; every other id was freed"
+                                                        : "nothing was freed"));
+                 case ErrorCode::kInvalidBlock:
+                   throw Error(st.code, which + " is out of range; nothing was freed");
+                 default:
+                   throw Error(st.code, "free: no scratch memory for the batch; nothing was freed");
+               }
              }
            }, py::arg("block_ids"))
       .def("ref_count", &BlockAllocator::ref_count, py::arg("block_id"))

@@ -32,43 +32,39 @@ std::string shape_text(const py::array& arr) {
   return s + ")";
 }
 
-// Token ids: a 1-D int32 or int64 array, borrowed when C-contiguous; a list or tuple is read
-// straight into int32 (no intermediate numpy array).
+// Token ids: a list or tuple of ints (read straight into int32, no intermediate numpy array) or a
+// 1-D int32 or int64 array (any byte order, compared by value), copied while the GIL is held:
+// hashing runs without the GIL, and a thread changing or resizing the caller's array meanwhile
+// must not change what is hashed, or free it under the reader.
 class Tokens {
  public:
   Tokens(const py::handle& obj, const char* what) {
     if (PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr())) {
-      append_tokens(obj, copied_, what);
-      data_ = copied_.data();
-      size_ = copied_.size();
+      append_tokens(obj, narrow_copy_, what);
       return;
     }
     py::array arr = as_array(obj, what, "a 1-D int32 or int64 array");
     if (arr.ndim() == 1 && arr.size() == 0) return;  // an empty list has dtype float64: nothing to read
-    wide_ = arr.dtype().is(py::dtype::of<std::int64_t>());
-    if (!wide_ && !arr.dtype().is(py::dtype::of<std::int32_t>())) {
+    const py::dtype dt = arr.dtype();
+    if (dt.kind() != 'i' || (dt.itemsize() != 4 && dt.itemsize() != 8)) {
       throw py::type_error(std::string(what) + " must have dtype int32 or int64, got dtype " +
-                           std::string(py::str(arr.dtype())));
+                           std::string(py::str(dt)));
     }
     if (arr.ndim() != 1) {
       throw py::value_error(std::string(what) + " must be 1-D, got shape " + shape_text(arr));
     }
-    if ((arr.flags() & py::array::c_style) == 0) {
-      arr = py::array::ensure(arr, py::array::c_style);  // a strided view: one contiguous copy
+    wide_ = dt.itemsize() == 8;
+    if (wide_) {
+      copy_into(arr, wide_copy_);
+    } else {
+      copy_into(arr, narrow_copy_);
     }
-    owner_ = arr;
-    data_ = arr.data();
-    size_ = static_cast<std::size_t>(arr.size());
   }
 
-  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] std::size_t size() const noexcept { return wide_ ? wide_copy_.size() : narrow_copy_.size(); }
   [[nodiscard]] bool wide() const noexcept { return wide_; }
-  [[nodiscard]] std::span<const std::int32_t> narrow_span() const noexcept {
-    return {static_cast<const std::int32_t*>(data_), wide_ ? 0 : size_};
-  }
-  [[nodiscard]] std::span<const std::int64_t> wide_span() const noexcept {
-    return {static_cast<const std::int64_t*>(data_), wide_ ? size_ : 0};
-  }
+  [[nodiscard]] std::span<const std::int32_t> narrow_span() const noexcept { return narrow_copy_; }
+  [[nodiscard]] std::span<const std::int64_t> wide_span() const noexcept { return wide_copy_; }
 
   // Hashes the full blocks into `out` (GIL must be released by the caller if wanted).
   std::size_t hash(HashAlgorithm algorithm, std::uint32_t block_size, const BlockHash& parent, const BlockHashKey& key,
@@ -77,7 +73,7 @@ class Tokens {
                  : hash_blocks(algorithm, narrow_span(), block_size, parent, key, out);
   }
 
-  // The first `n` ids as int32 (for events): borrowed when already int32, else range-checked copy.
+  // The first `n` ids as int32 (for events): the copy itself when already int32, else range-checked.
   std::span<const std::int32_t> first_int32(std::size_t n, std::vector<std::int32_t>& storage, const char* what) const {
     if (!wide_) return narrow_span().first(n);
     storage.resize(n);
@@ -93,10 +89,18 @@ class Tokens {
   }
 
  private:
-  py::array owner_;
-  std::vector<std::int32_t> copied_;
-  const void* data_ = nullptr;
-  std::size_t size_ = 0;
+  // One read of the caller's buffer: native byte order, contiguous (a strided or byte-swapped array
+  // is converted first, still under the GIL).
+  template <class T>
+  static void copy_into(const py::array& arr, std::vector<T>& out) {
+    const auto native = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(arr);
+    if (!native) throw py::type_error("token ids could not be read as integers");
+    out.resize(static_cast<std::size_t>(native.size()));
+    if (!out.empty()) std::memcpy(out.data(), native.data(), out.size() * sizeof(T));
+  }
+
+  std::vector<std::int32_t> narrow_copy_;
+  std::vector<std::int64_t> wide_copy_;
   bool wide_ = false;
 };
 
@@ -125,25 +129,25 @@ std::optional<BlockHash> optional_digest(const py::object& obj, const char* what
   return digest_from_buffer(obj, what);
 }
 
-// A run of digests: an (n, 32) uint8 array (borrowed when C-contiguous) or a sequence of 32-byte
-// digests (copied).
+// A run of digests, copied while the GIL is held: an (n, 32) uint8 array or a sequence of 32-byte
+// digests. The core reads the copy only (see Tokens for why).
 class Digests {
  public:
   Digests(const py::handle& obj, const char* what) {
     if (py::isinstance<py::array>(obj)) {
       auto arr = py::reinterpret_borrow<py::array>(obj);
       if (arr.size() == 0 && arr.ndim() == 1) return;  // np.array([]) and friends: no digests
-      if (!arr.dtype().is(py::dtype::of<std::uint8_t>())) {
-        throw py::type_error(std::string(what) + " must have dtype uint8, got dtype " + std::string(py::str(arr.dtype())));
+      const py::dtype dt = arr.dtype();
+      if (dt.kind() != 'u' || dt.itemsize() != 1) {  // by value: a pickled dtype is another object
+        throw py::type_error(std::string(what) + " must have dtype uint8, got dtype " + std::string(py::str(dt)));
       }
       if (arr.ndim() != 2 || arr.shape(1) != kDigestBytes) {
         throw py::value_error(std::string(what) + " must have shape (n, 32), got shape " + shape_text(arr));
       }
-      if ((arr.flags() & py::array::c_style) == 0) arr = py::array::ensure(arr, py::array::c_style);
-      owner_ = arr;
-      // BlockHash is 32 unsigned bytes with alignment 1: rows of a C-contiguous uint8 array are one.
-      data_ = reinterpret_cast<const BlockHash*>(arr.data());
-      size_ = static_cast<std::size_t>(arr.shape(0));
+      const auto rows = py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+      if (!rows) throw py::type_error(std::string(what) + " could not be read as bytes");
+      copy_.resize(static_cast<std::size_t>(rows.shape(0)));
+      if (!copy_.empty()) std::memcpy(copy_.data(), rows.data(), copy_.size() * kBlockHashBytes);
       return;
     }
     if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
@@ -152,21 +156,16 @@ class Digests {
       for (std::size_t i = 0; i < seq.size(); ++i) {
         copy_.push_back(digest_from_buffer(seq[i], std::string(what) + "[" + std::to_string(i) + "]"));
       }
-      data_ = copy_.data();
-      size_ = copy_.size();
       return;
     }
     throw py::type_error(std::string(what) + " must be an (n, 32) uint8 array or a list of 32-byte digests, got " +
                          type_name(obj));
   }
 
-  [[nodiscard]] std::span<const BlockHash> span() const noexcept { return {data_, size_}; }
+  [[nodiscard]] std::span<const BlockHash> span() const noexcept { return copy_; }
 
  private:
-  py::array owner_;
   std::vector<BlockHash> copy_;
-  const BlockHash* data_ = nullptr;
-  std::size_t size_ = 0;
 };
 
 py::array_t<std::uint8_t> digest_array(std::size_t n) {

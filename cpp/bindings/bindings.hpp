@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -48,17 +49,30 @@ std::uint64_t request_id_value(PyObject* obj, const char* what);
 /// "<what> must be <expected>, got <type>" when it cannot be read as an array.
 py::array as_array(const py::handle& obj, const char* what, const char* expected);
 
-/// A 1-D int32 array of block ids taken from any Python integer sequence: contiguous int32 arrays
-/// are borrowed without a copy; other integer arrays and lists are converted with a range check.
-/// Raises TypeError for non-integer input and ValueError for the wrong rank, naming `what`.
+/// True when `dt` is a signed integer type of `bytes` bytes in native byte order (compared by value:
+/// a dtype that went through pickle is not the same object as numpy's singleton).
+bool is_native_int(const py::dtype& dt, py::ssize_t bytes);
+
+/// A private copy of 1-D int32 block ids taken from any Python integer sequence (numpy arrays of
+/// any integer dtype, lists, tuples, array.array, ...), made while the GIL is held. The core reads
+/// only this copy, so another Python thread changing (or resizing) the caller's array while the
+/// GIL is released cannot make it act on ids it did not check. Ids outside int32 are refused
+/// (ValueError) before narrowing, so none wraps into a valid one. Raises TypeError for non-integer
+/// input and ValueError for the wrong rank, naming `what`. Not copyable: span() points inside.
 class BlockIds {
  public:
   BlockIds(const py::handle& obj, const char* what);
+  BlockIds(const BlockIds&) = delete;
+  BlockIds& operator=(const BlockIds&) = delete;
   [[nodiscard]] std::span<const BlockId> span() const noexcept { return {data_, size_}; }
 
  private:
-  py::array_t<std::int32_t> owner_;
-  const BlockId* data_ = nullptr;
+  BlockId* reserve(std::size_t n);
+
+  static constexpr std::size_t kInline = 64;
+  std::array<BlockId, kInline> inline_{};
+  std::vector<BlockId> heap_;
+  BlockId* data_ = nullptr;
   std::size_t size_ = 0;
 };
 

@@ -1,4 +1,6 @@
 // Argument converters shared by the bindings: Python objects in, spans of the core's types out.
+#include <bit>
+#include <cstring>
 #include <string>
 
 #include "bindings.hpp"
@@ -20,24 +22,41 @@ py::array as_array(const py::handle& obj, const char* what, const char* expected
   return arr;
 }
 
+bool is_native_int(const py::dtype& dt, py::ssize_t bytes) {
+  if (dt.kind() != 'i' || dt.itemsize() != bytes) return false;
+  const char order = dt.byteorder();
+  constexpr char kNative = std::endian::native == std::endian::little ? '<' : '>';
+  return order == '=' || order == '|' || order == kNative;
+}
+
+BlockId* BlockIds::reserve(std::size_t n) {
+  size_ = n;
+  if (n <= kInline) {
+    data_ = inline_.data();
+  } else {
+    heap_.resize(n);
+    data_ = heap_.data();
+  }
+  return data_;
+}
+
 BlockIds::BlockIds(const py::handle& obj, const char* what) {
-  // Hot path: a C-contiguous 1-D int32 array (what allocate() returns) is borrowed as is.
-  if (py::array_t<std::int32_t, py::array::c_style>::check_(obj)) {
-    auto arr = py::reinterpret_borrow<py::array_t<std::int32_t>>(obj);
-    if (arr.ndim() == 1) {
-      owner_ = std::move(arr);
-      data_ = owner_.data();
-      size_ = static_cast<std::size_t>(owner_.shape(0));
+  // Hot path: a C-contiguous 1-D native int32 array (what allocate() returns): one memcpy.
+  if (py::isinstance<py::array>(obj)) {
+    const auto arr = py::reinterpret_borrow<py::array>(obj);
+    if (arr.ndim() == 1 && is_native_int(arr.dtype(), 4) && (arr.flags() & py::array::c_style) != 0) {
+      const auto n = static_cast<std::size_t>(arr.shape(0));
+      if (n != 0) std::memcpy(reserve(n), arr.data(), n * sizeof(BlockId));
+      else reserve(0);
       return;
     }
   }
   py::array arr = as_array(obj, what, "a sequence of integers");
-  const char kind = arr.dtype().kind();
   if (arr.size() == 0) {
-    owner_ = py::array_t<std::int32_t>(0);
-    data_ = owner_.data();
+    reserve(0);
     return;
   }
+  const char kind = arr.dtype().kind();
   if (kind != 'i' && kind != 'u') {
     throw py::type_error(std::string(what) + " must hold integers, got dtype " +
                          std::string(py::str(arr.dtype())));
@@ -45,25 +64,30 @@ BlockIds::BlockIds(const py::handle& obj, const char* what) {
   if (arr.ndim() != 1) {
     throw py::value_error(std::string(what) + " must be 1-D, got " + std::to_string(arr.ndim()) + " dimensions");
   }
-  if (arr.dtype().is(py::dtype::of<std::int32_t>()) && (arr.flags() & py::array::c_style) != 0) {
-    owner_ = py::reinterpret_borrow<py::array_t<std::int32_t>>(arr);
-  } else {
-    // Range-check before narrowing: an id beyond int32 must not wrap into a valid one.
-    auto wide = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
-    if (!wide) throw py::type_error(std::string(what) + " could not be read as integers");
-    const auto* src = wide.data();
-    owner_ = py::array_t<std::int32_t>(wide.size());
-    auto* dst = owner_.mutable_data();
-    for (py::ssize_t i = 0; i < wide.size(); ++i) {
-      if (src[i] < INT32_MIN || src[i] > INT32_MAX) {
+  // Range-check before narrowing: an id beyond int32 must not wrap into a valid one. uint64 ids
+  // above int64 are refused as such rather than wrapped by the cast.
+  if (kind == 'u' && arr.dtype().itemsize() == 8) {
+    auto u = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+    if (!u) throw py::type_error(std::string(what) + " could not be read as integers");
+    const auto* src = u.data();
+    for (py::ssize_t i = 0; i < u.size(); ++i) {
+      if (src[i] > static_cast<std::uint64_t>(INT32_MAX)) {
         throw py::value_error(std::string(what) + ": id " + std::to_string(src[i]) + " at position " +
                               std::to_string(i) + " is out of the int32 range");
       }
-      dst[i] = static_cast<std::int32_t>(src[i]);
     }
   }
-  data_ = owner_.data();
-  size_ = static_cast<std::size_t>(owner_.size());
+  auto wide = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+  if (!wide) throw py::type_error(std::string(what) + " could not be read as integers");
+  const auto* src = wide.data();
+  BlockId* dst = reserve(static_cast<std::size_t>(wide.size()));
+  for (py::ssize_t i = 0; i < wide.size(); ++i) {
+    if (src[i] < INT32_MIN || src[i] > INT32_MAX) {
+      throw py::value_error(std::string(what) + ": id " + std::to_string(src[i]) + " at position " +
+                            std::to_string(i) + " is out of the int32 range");
+    }
+    dst[i] = static_cast<std::int32_t>(src[i]);
+  }
 }
 
 std::uint32_t checked_count(std::int64_t n, const char* what, bool allow_zero) {

@@ -147,3 +147,82 @@ TEST(BlockAllocator, MetadataIsAtMostSixteenBytesPerBlock) {
 
 }  // namespace
 }  // namespace sagellm::kv
+
+namespace sagellm::kv {
+namespace {
+
+TEST(BlockAllocatorBatch, RefusalNamesThePositionAndTheIdAsRead) {
+  BlockAllocator a(8);
+  std::vector<BlockId> ids(3);
+  ASSERT_TRUE(a.allocate(ids).ok());
+  const std::vector<BlockId> bad{ids[0], ids[1], ids[1], ids[2]};
+  const BatchStatus st = a.free(bad);
+  EXPECT_EQ(st.code, ErrorCode::kDoubleFree);
+  EXPECT_EQ(st.index, 2);
+  EXPECT_EQ(st.id, ids[1]);
+  EXPECT_FALSE(st.partial);
+  for (BlockId id : ids) EXPECT_EQ(a.ref_count(id), 1u);  // nothing changed
+  EXPECT_EQ(a.num_available(), 5u);
+}
+
+TEST(BlockAllocatorBatch, LongBatchesCheckRepeatsExactly) {
+  // Above the filter's size the check sorts a copy: still exact, still all or nothing.
+  constexpr std::uint32_t kN = 1000;
+  BlockAllocator a(kN);
+  std::vector<BlockId> ids(600);
+  ASSERT_TRUE(a.allocate(ids).ok());
+  ASSERT_TRUE(a.incref(std::span<const BlockId>(ids).first(10)).ok());  // 10 blocks with 2 refs
+  std::vector<BlockId> batch(ids);
+  batch.insert(batch.end(), ids.begin(), ids.begin() + 10);  // each second appearance is covered
+  batch.push_back(ids[500]);                                  // this one is not
+  const BatchStatus st = a.free(batch);
+  EXPECT_EQ(st.code, ErrorCode::kDoubleFree);
+  EXPECT_EQ(st.index, 610);
+  EXPECT_EQ(st.id, ids[500]);
+  EXPECT_EQ(a.ref_count(ids[0]), 2u);
+  EXPECT_EQ(a.num_available(), kN - 600);
+  batch.pop_back();
+  ASSERT_TRUE(a.free(batch).ok());
+  EXPECT_EQ(a.num_available(), kN);
+}
+
+TEST(BlockAllocatorBatch, FilterCollisionsAreCountedExactly) {
+  // Ids 4096 apart share a filter bit: the exact count must tell them apart.
+  BlockAllocator a(3 * 4096);
+  std::vector<BlockId> all(3 * 4096);
+  ASSERT_TRUE(a.allocate(all).ok());
+  const std::vector<BlockId> distinct{5, 4096 + 5, 2 * 4096 + 5};
+  ASSERT_TRUE(a.free(distinct).ok());
+  EXPECT_EQ(a.num_available(), 3u);
+  const std::vector<BlockId> repeat{7, 4096 + 7, 7};
+  EXPECT_EQ(a.free(repeat).code, ErrorCode::kDoubleFree);
+  EXPECT_EQ(a.ref_count(7), 1u);
+}
+
+TEST(BlockAllocatorBatch, IncrefRefusalDropsOnlyWhatItAdded) {
+  BlockAllocator a(8);
+  std::vector<BlockId> ids(2);
+  ASSERT_TRUE(a.allocate(ids).ok());
+  const std::vector<BlockId> batch{ids[0], ids[0], ids[1], 7};  // 7 is free
+  const BatchStatus st = a.incref(batch);
+  EXPECT_EQ(st.code, ErrorCode::kInvalidBlock);
+  EXPECT_EQ(st.index, 3);
+  EXPECT_EQ(st.id, 7);
+  EXPECT_EQ(a.ref_count(ids[0]), 1u);
+  EXPECT_EQ(a.ref_count(ids[1]), 1u);
+  EXPECT_EQ(a.num_available(), 6u);
+}
+
+TEST(BlockAllocatorBatch, LimitIsConsistentAfterManyChanges) {
+  BlockAllocator a(16);
+  std::vector<BlockId> ids(4);
+  ASSERT_TRUE(a.allocate(ids).ok());
+  for (std::uint32_t l : {0u, 16u, 3u, 10u}) a.set_limit(l);
+  EXPECT_EQ(a.limit(), 10u);
+  EXPECT_EQ(a.num_available(), 6u);
+  EXPECT_EQ(a.num_allocated(), 4u);
+  EXPECT_THROW(a.set_limit(17), Error);
+}
+
+}  // namespace
+}  // namespace sagellm::kv

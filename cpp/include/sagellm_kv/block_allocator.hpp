@@ -1,19 +1,46 @@
 // Lock-free allocator of fixed-size block ids with per-block reference counts.
 //
 // The allocator hands out 32-bit block ids in [0, num_blocks) and knows nothing about the memory
-// behind them (the paged pool maps ids to addresses). Free ids live on a Treiber stack of indices
-// whose head carries a 32-bit version tag against ABA; a separate counter of available blocks makes
-// batch allocation all-or-nothing: a batch first reserves its count, then pops exactly that many.
+// behind them (the paged pool maps ids to addresses). Free ids live on a Treiber stack of indices;
+// a separate counter of available blocks makes batch allocation all-or-nothing: a batch first
+// reserves its count, then pops exactly that many.
+//
+// ABA defence: the 64-bit stack head packs the top index in its low bit_width(num_blocks) bits and
+// a version tag, bumped on every successful update, in the remaining 64 - bit_width(num_blocks)
+// bits (at least 33; 47 for a 65,536-block pool). A CAS from a stale head can only succeed after
+// exactly a multiple of 2^(tag bits) updates with the same index on top while the stale thread
+// was stalled between its load and its CAS: at 10^8 updates a second that is more than 85 s for
+// the largest pool and 16 days for a 65,536-block pool.
 //
 // Metadata: 8 bytes per block (a 32-bit next index and a 32-bit reference count).
 //
+// Batch contract (free, incref):
+//   * Ids are read exactly once, into a private copy, before anything is checked; a caller that
+//     changes its array during the call cannot make the allocator act on ids it did not check.
+//   * Everything that can be checked is checked before any count changes: range, and for free
+//     that every distinct id has at least as many references as it appears in the batch (a
+//     snapshot). A refusal then changes nothing.
+//   * No count is ever lowered below zero (each decrement is a CAS from c > 0), and no count is
+//     ever raised on a block that may have reached zero (no blind rollback): a block on the free
+//     list always has count 0, so it is never handed out twice.
+//   * The one race the snapshot cannot see: a free of a reference the caller does not hold (a
+//     double free) racing the legitimate last free of the same block by its holder. Then the block
+//     is freed once (by the holder), the offending id is skipped, every other id of the batch is
+//     applied, and the call returns kDoubleFree with `partial` set. Restoring the other ids instead
+//     would re-add references that their other holders may already have dropped to zero.
+//   * A double free that another holder's reference hides (A and B share x, A frees x twice) is
+//     indistinguishable from a legitimate free by counts alone; it drops B's reference.
+//
 // Thread safety: every member function may be called from any number of threads at once.
+// allocate, allocate_one, free and incref are lock-free; set_limit takes a mutex (a cold path)
+// so that concurrent limit changes apply their deltas in order.
 #pragma once
 
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 
 #include "sagellm_kv/error.hpp"
@@ -23,10 +50,13 @@ namespace sagellm::kv {
 using BlockId = std::int32_t;
 
 /// Result of a batch operation that may be refused. `ok()` when `code == ErrorCode::kOk`; on a
-/// refusal `index` names the offending position in the input (or -1) and nothing was changed.
+/// refusal `index` names the offending position in the input (or -1) and `id` the id read there,
+/// and nothing was changed unless `partial` is set (see the batch contract in the file comment).
 struct [[nodiscard]] BatchStatus {
   ErrorCode code = ErrorCode::kOk;
   std::int64_t index = -1;
+  BlockId id = -1;
+  bool partial = false;  ///< kDoubleFree raced a concurrent free: every other id was applied
 
   [[nodiscard]] bool ok() const noexcept { return code == ErrorCode::kOk; }
 };
@@ -52,12 +82,17 @@ class BlockAllocator {
   [[nodiscard]] BlockId allocate_one() noexcept;
 
   /// Drops one reference from each id; a block whose count reaches 0 returns to the free list.
-  /// An id may appear several times (one reference per appearance). All or nothing: an id out of
-  /// range gives kInvalidBlock, one with no reference left gives kDoubleFree; then no count changed.
+  /// An id may appear several times (one reference per appearance). Checked first, then applied
+  /// (see the batch contract): an id out of range gives kInvalidBlock, an id appearing more often
+  /// than it has references gives kDoubleFree, and then no count changed. Only a double free racing
+  /// the last legitimate free of the same block returns kDoubleFree with `partial` set.
+  /// kMemoryExhausted (nothing changed) when a batch above 256 ids cannot get scratch memory.
   BatchStatus free(std::span<const BlockId> ids) noexcept;
 
-  /// Adds one reference to each id (sharing). All or nothing: every id must be allocated
-  /// (kInvalidBlock when out of range or free).
+  /// Adds one reference to each id (sharing); the caller must hold a reference to each. All or
+  /// nothing: an id out of range, free, or at the maximum count gives kInvalidBlock, and every
+  /// reference this call added is dropped again (dropping a reference the call itself added is
+  /// always safe; it frees the block when its other holders let go meanwhile).
   BatchStatus incref(std::span<const BlockId> ids) noexcept;
 
   /// Current reference count of `id` (0 when free). Throws Error(kInvalidBlock) when out of range.
@@ -76,7 +111,8 @@ class BlockAllocator {
 
   /// Caps how many blocks may be allocated at once (a budget below num_blocks). Lowering it below
   /// the number in use is allowed: allocation is refused until enough are freed. Throws
-  /// Error(kInvalidArgument) when `limit` exceeds num_blocks.
+  /// Error(kInvalidArgument) when `limit` exceeds num_blocks. Safe from any thread: an internal
+  /// mutex orders concurrent calls, so the available count never exceeds what the stack holds.
   void set_limit(std::uint32_t limit);
   [[nodiscard]] std::uint32_t limit() const noexcept { return limit_.load(std::memory_order_relaxed); }
 
@@ -84,19 +120,25 @@ class BlockAllocator {
   [[nodiscard]] static constexpr std::size_t metadata_bytes_per_block() noexcept { return 8; }
 
  private:
-  static constexpr std::uint32_t kNil = 0xFFFFFFFFu;
-
-  // Head of the free stack: low 32 bits the top index (kNil when empty), high 32 bits a version
-  // bumped on every successful update, so a stale head never compares equal (ABA defence).
-  static constexpr std::uint64_t pack(std::uint32_t index, std::uint32_t version) noexcept {
-    return (static_cast<std::uint64_t>(version) << 32) | index;
+  // Head of the free stack: low `index_bits_` bits the top index (nil_ == num_blocks when empty),
+  // the bits above a version tag bumped on every successful update (see the file comment).
+  [[nodiscard]] std::uint32_t head_index(std::uint64_t head) const noexcept {
+    return static_cast<std::uint32_t>(head & index_mask_);
+  }
+  [[nodiscard]] std::uint64_t next_head(std::uint64_t old, std::uint32_t index) const noexcept {
+    return (((old >> index_bits_) + 1) << index_bits_) | index;
   }
 
   void push_chain(std::uint32_t first, std::uint32_t last, std::uint32_t count) noexcept;
   void pop_chain(std::span<BlockId> out) noexcept;
-  void rollback_free(std::span<const BlockId> ids, std::size_t applied) noexcept;
+  [[nodiscard]] std::int64_t first_overdrawn(std::span<const BlockId> ids) const noexcept;
+  BatchStatus apply_free(std::span<const BlockId> ids) noexcept;
 
   std::uint32_t num_blocks_;
+  std::uint32_t nil_;          // == num_blocks_: marks the end of a chain and the empty stack
+  std::uint32_t index_bits_;   // bit_width(num_blocks_)
+  std::uint64_t index_mask_;
+  std::mutex limit_mutex_;     // orders set_limit calls
   alignas(64) std::atomic<std::uint64_t> head_;
   // Blocks that may still be reserved: free blocks minus those withheld by the limit. Signed: a
   // lowered limit may push it below zero.

@@ -17,6 +17,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "sagellm_kv/block_allocator.hpp"
 #include "sagellm_kv/device.hpp"
@@ -62,9 +63,12 @@ struct PoolOptions {
 
 /// Blocks of KV memory plus the allocator of their ids.
 ///
-/// Thread safety: allocation, free and ref counting are lock-free and safe from any thread. Data
-/// movement (copy/gather/scatter) is safe concurrently as long as callers do not write the same
-/// blocks at once; the pool does not lock block contents.
+/// Thread safety: allocation, free and ref counting are lock-free and safe from any thread (see
+/// BlockAllocator for the batch contract). Data movement (copy/gather/scatter) is safe
+/// concurrently as long as callers do not write the same blocks at once; the pool does not lock
+/// block contents. Every call that takes a list of ids reads it exactly once, into a private copy,
+/// before checking it: a caller changing its array meanwhile cannot make the pool touch memory
+/// outside the ids it checked.
 class PagedKVPool {
  public:
   /// Allocates `num_blocks` blocks of memory on `options.device`. Throws Error(kInvalidArgument)
@@ -74,6 +78,7 @@ class PagedKVPool {
 
   [[nodiscard]] const KVCacheSpec& spec() const noexcept { return spec_; }
   [[nodiscard]] const DeviceId& device() const noexcept { return device_; }
+  /// kHost for a "cpu" pool, kDevice for an accelerator's.
   [[nodiscard]] MemoryKind memory_kind() const noexcept { return arena_.kind(); }
   [[nodiscard]] std::uint32_t num_blocks() const noexcept { return allocator_.num_blocks(); }
   [[nodiscard]] std::size_t block_bytes() const noexcept { return spec_.block_bytes(); }
@@ -83,7 +88,9 @@ class PagedKVPool {
   /// when not enough are free within the budget; then nothing was taken.
   void allocate(std::span<BlockId> out);
   /// Drops one reference per id (see BlockAllocator::free). Throws Error(kInvalidBlock) or
-  /// Error(kDoubleFree) naming the id and its position; then no count changed.
+  /// Error(kDoubleFree) naming the id and its position; then no count changed, except when a double
+  /// free raced the last legitimate free of the same block (the message then says the other ids
+  /// were freed; see the batch contract in block_allocator.hpp).
   void free(std::span<const BlockId> ids);
   /// Adds one reference per id. Throws Error(kInvalidBlock) naming the id; then no count changed.
   void incref(std::span<const BlockId> ids);
@@ -100,7 +107,10 @@ class PagedKVPool {
   [[nodiscard]] std::byte* block_data(std::uint32_t layer, bool value, BlockId id) const;
 
   /// Copies block contents src[i] -> dst[i] for all layers, K and V (copy-on-write). Ids must be in
-  /// range and allocated, and the lists of equal length; throws Error before copying anything.
+  /// range and allocated, and the lists of equal length. The pairs must not depend on each other's
+  /// order: a destination may appear only once, and never as the source of another pair (a pair
+  /// with src[i] == dst[i] is a no-op). So the result equals copying from a snapshot taken before
+  /// the call. Throws Error(kInvalidBlock/kInvalidArgument) naming the id before copying anything.
   void copy_blocks(std::span<const BlockId> src, std::span<const BlockId> dst);
 
   /// Writes the blocks `ids` into `out` in staging layout. `out` must hold
@@ -109,7 +119,9 @@ class PagedKVPool {
   /// before publishing). Throws Error(kInvalidArgument/kInvalidBlock) before touching `out`.
   void gather(std::span<const BlockId> ids, std::span<std::byte> out, bool out_on_device = false) const;
 
-  /// Inverse of gather: writes `in` (staging layout) into the blocks `ids`.
+  /// Inverse of gather: writes `in` (staging layout) into the blocks `ids`. An id may appear only
+  /// once (Error(kInvalidArgument) naming both positions, before anything is written), so the
+  /// result does not depend on the order of the writes.
   void scatter(std::span<const std::byte> in, std::span<const BlockId> ids, bool in_on_device = false);
 
   /// Budget in blocks (at most num_blocks); allocation beyond it is refused with kPoolFull.
@@ -121,11 +133,13 @@ class PagedKVPool {
   [[nodiscard]] bool can_admit_tokens(std::size_t num_tokens) const noexcept;
 
  private:
-  void check_ids(std::span<const BlockId> ids, bool must_be_allocated, const char* what) const;
+  [[nodiscard]] std::vector<BlockId> checked_ids(std::span<const BlockId> ids, bool must_be_allocated,
+                                                 const char* what) const;
   void move_block(std::byte* staging, BlockId id, bool to_staging, bool staging_on_device, bool stream) const;
 
   KVCacheSpec spec_;
   DeviceId device_;
+  bool on_device_;  // the arena is accelerator memory (decided once, not per block)
   std::shared_ptr<DeviceAllocator> device_allocator_;
   Allocation arena_;
   BlockAllocator allocator_;

@@ -200,6 +200,10 @@ class PrefixCache {
   /// list, a digest cached under a different parent, a block id repeated or already cached for
   /// another digest; kCacheMiss when options.parent is not cached; kInvalidBlock for a block id the
   /// allocator does not have allocated (only positions the cache would take are checked).
+  /// Strong exception guarantee: whatever throws (these errors, std::bad_alloc, a throwing
+  /// options.clock_ns), the cache and the allocator's counts are as before the call. Everything
+  /// that can fail runs before the cache takes its references; what follows cannot fail. The
+  /// arguments are copied once, under the lock, and only the copies are read.
   [[nodiscard]] InsertResult insert(std::span<const BlockHash> digests, std::span<const BlockId> block_ids,
                                     const InsertOptions& options = {});
 

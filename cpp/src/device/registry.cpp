@@ -123,7 +123,12 @@ void register_backend(const std::string& type, BackendFactory factory) {
   Registry& r = registry();
   std::lock_guard lock(r.mutex);
   r.factories[type] = std::move(factory);
-  std::erase_if(r.allocators, [&](const auto& kv) { return kv.first.rfind(type, 0) == 0; });
+  // Drop the cached allocators of exactly this type: "cuda" and "cuda:N", never "cudax" or "cpu"
+  // for "c".
+  std::erase_if(r.allocators, [&](const auto& kv) {
+    const std::string& key = kv.first;
+    return key == type || (key.size() > type.size() && key.compare(0, type.size(), type) == 0 && key[type.size()] == ':');
+  });
 }
 
 std::vector<std::string> registered_backends() {

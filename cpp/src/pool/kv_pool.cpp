@@ -1,5 +1,6 @@
 #include "sagellm_kv/kv_pool.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <limits>
@@ -75,6 +76,7 @@ std::size_t KVCacheSpec::block_bytes() const noexcept {
 PagedKVPool::PagedKVPool(const KVCacheSpec& spec, std::uint32_t num_blocks, const PoolOptions& options)
     : spec_((spec.validate(), spec)),
       device_(DeviceId::parse(options.device)),
+      on_device_(device_.type != "cpu"),
       device_allocator_(allocator_for(options.device)),
       allocator_(num_blocks) {
   const long double total = static_cast<long double>(spec_.block_bytes()) * num_blocks;
@@ -85,7 +87,7 @@ PagedKVPool::PagedKVPool(const KVCacheSpec& spec, std::uint32_t num_blocks, cons
   AllocationRequest request;
   request.size = spec_.block_bytes() * num_blocks;
   request.alignment = 256;
-  request.kind = MemoryKind::kDevice;
+  request.kind = on_device_ ? MemoryKind::kDevice : MemoryKind::kHost;
   request.zero_fill = options.zero_fill;
   request.huge_pages = options.huge_pages;
   request.lock = options.lock_memory;
@@ -107,9 +109,11 @@ std::byte* PagedKVPool::block_data(std::uint32_t layer, bool value, BlockId id) 
          static_cast<std::size_t>(id) * spec_.layer_block_bytes();
 }
 
-void PagedKVPool::check_ids(std::span<const BlockId> ids, bool must_be_allocated, const char* what) const {
-  for (std::size_t i = 0; i < ids.size(); ++i) {
-    const BlockId id = ids[i];
+std::vector<BlockId> PagedKVPool::checked_ids(std::span<const BlockId> ids, bool must_be_allocated,
+                                              const char* what) const {
+  std::vector<BlockId> own(ids.begin(), ids.end());  // the one read of the caller's ids
+  for (std::size_t i = 0; i < own.size(); ++i) {
+    const BlockId id = own[i];
     if (id < 0 || static_cast<std::uint32_t>(id) >= num_blocks()) {
       throw Error(ErrorCode::kInvalidBlock, std::string(what) + ": block id " + std::to_string(id) +
                                                 " at position " + std::to_string(i) +
@@ -120,7 +124,33 @@ void PagedKVPool::check_ids(std::span<const BlockId> ids, bool must_be_allocated
                                                 " at position " + std::to_string(i) + " is not allocated");
     }
   }
+  return own;
 }
+
+namespace {
+
+// (id, position) pairs sorted by id, then position: equal ids end up adjacent, earliest first.
+std::vector<std::pair<BlockId, std::size_t>> sorted_positions(const std::vector<BlockId>& ids) {
+  std::vector<std::pair<BlockId, std::size_t>> out(ids.size());
+  for (std::size_t i = 0; i < ids.size(); ++i) out[i] = {ids[i], i};
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void reject_repeats(const std::vector<BlockId>& ids, const char* what) {
+  if (ids.size() < 2) return;
+  const auto sorted = sorted_positions(ids);
+  for (std::size_t j = 1; j < sorted.size(); ++j) {
+    if (sorted[j].first == sorted[j - 1].first) {
+      throw Error(ErrorCode::kInvalidArgument, std::string(what) + ": block id " + std::to_string(sorted[j].first) +
+                                                   " appears at positions " + std::to_string(sorted[j - 1].second) +
+                                                   " and " + std::to_string(sorted[j].second) +
+                                                   "; each block may be written once per call");
+    }
+  }
+}
+
+}  // namespace
 
 void PagedKVPool::copy_blocks(std::span<const BlockId> src, std::span<const BlockId> dst) {
   if (src.size() != dst.size()) {
@@ -128,17 +158,33 @@ void PagedKVPool::copy_blocks(std::span<const BlockId> src, std::span<const Bloc
                                                  " source ids but " + std::to_string(dst.size()) +
                                                  " destination ids");
   }
-  check_ids(src, true, "copy_blocks source");
-  check_ids(dst, true, "copy_blocks destination");
+  const std::vector<BlockId> s = checked_ids(src, true, "copy_blocks source");
+  const std::vector<BlockId> d = checked_ids(dst, true, "copy_blocks destination");
+  // Order independence: no destination written twice, none read by another pair. Self pairs
+  // (s[i] == d[i]) are no-ops and take no part in either rule.
+  std::vector<BlockId> written;
+  std::vector<BlockId> read;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == d[i]) continue;
+    written.push_back(d[i]);
+    read.push_back(s[i]);
+  }
+  reject_repeats(written, "copy_blocks destination");
+  std::sort(read.begin(), read.end());
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] != d[i] && std::binary_search(read.begin(), read.end(), d[i])) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "copy_blocks: destination block id " + std::to_string(d[i]) + " at position " + std::to_string(i) +
+                      " is also a source of another pair; the result would depend on the copy order");
+    }
+  }
   const std::size_t bytes = spec_.layer_block_bytes();
-  const CopyKind kind = memory_kind() == MemoryKind::kDevice && device_.type != "cpu"
-                            ? CopyKind::kDeviceToDevice
-                            : CopyKind::kHostToHost;
+  const CopyKind kind = on_device_ ? CopyKind::kDeviceToDevice : CopyKind::kHostToHost;
   const std::size_t plane = bytes * num_blocks();
-  for (std::size_t i = 0; i < src.size(); ++i) {
-    if (src[i] == dst[i]) continue;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == d[i]) continue;
     // Every layer's K and V of a block, one plane apart on both sides.
-    device_allocator_->copy_2d(block_data(0, false, dst[i]), plane, block_data(0, false, src[i]), plane, bytes,
+    device_allocator_->copy_2d(block_data(0, false, d[i]), plane, block_data(0, false, s[i]), plane, bytes,
                                std::size_t{2} * spec_.num_layers, kind);
   }
 }
@@ -146,7 +192,7 @@ void PagedKVPool::copy_blocks(std::span<const BlockId> src, std::span<const Bloc
 void PagedKVPool::move_block(std::byte* staging, BlockId id, bool to_staging, bool staging_on_device,
                              bool stream) const {
   const std::size_t bytes = spec_.layer_block_bytes();
-  const bool pool_on_device = memory_kind() == MemoryKind::kDevice && device_.type != "cpu";
+  const bool pool_on_device = on_device_;
   CopyKind kind = CopyKind::kHostToHost;
   if (pool_on_device && staging_on_device) {
     kind = CopyKind::kDeviceToDevice;
@@ -183,8 +229,8 @@ void PagedKVPool::move_block(std::byte* staging, BlockId id, bool to_staging, bo
   }
 }
 
-void PagedKVPool::gather(std::span<const BlockId> ids, std::span<std::byte> out, bool out_on_device) const {
-  check_ids(ids, false, "gather");
+void PagedKVPool::gather(std::span<const BlockId> ids_in, std::span<std::byte> out, bool out_on_device) const {
+  const std::vector<BlockId> ids = checked_ids(ids_in, false, "gather");
   if (out.size() != ids.size() * block_bytes()) {
     throw Error(ErrorCode::kInvalidArgument, "gather: staging buffer holds " + std::to_string(out.size()) +
                                                  " bytes, " + std::to_string(ids.size()) + " blocks need " +
@@ -196,13 +242,14 @@ void PagedKVPool::gather(std::span<const BlockId> ids, std::span<std::byte> out,
   detail::stream_fence();
 }
 
-void PagedKVPool::scatter(std::span<const std::byte> in, std::span<const BlockId> ids, bool in_on_device) {
-  check_ids(ids, false, "scatter");
+void PagedKVPool::scatter(std::span<const std::byte> in, std::span<const BlockId> ids_in, bool in_on_device) {
+  const std::vector<BlockId> ids = checked_ids(ids_in, false, "scatter");
   if (in.size() != ids.size() * block_bytes()) {
     throw Error(ErrorCode::kInvalidArgument, "scatter: staging buffer holds " + std::to_string(in.size()) +
                                                  " bytes, " + std::to_string(ids.size()) + " blocks need " +
                                                  std::to_string(ids.size() * block_bytes()));
   }
+  reject_repeats(ids, "scatter");
   for (std::size_t i = 0; i < ids.size(); ++i) {
     // move_block only reads through the pointer in this direction.
     move_block(const_cast<std::byte*>(in.data() + i * block_bytes()), ids[i], false, in_on_device,
@@ -223,21 +270,29 @@ void PagedKVPool::allocate(std::span<BlockId> out) {
 void PagedKVPool::free(std::span<const BlockId> ids) {
   const BatchStatus status = allocator_.free(ids);
   if (status.ok()) return;
-  const auto pos = static_cast<std::size_t>(status.index);
-  const std::string which = "block id " + std::to_string(ids[pos]) + " at position " + std::to_string(pos);
-  if (status.code == ErrorCode::kDoubleFree) {
-    throw Error(ErrorCode::kDoubleFree, "free: " + which + " is not allocated (double free); nothing was freed");
+  const std::string which = "block id " + std::to_string(status.id) + " at position " + std::to_string(status.index);
+  switch (status.code) {
+    case ErrorCode::kDoubleFree:
+      throw Error(ErrorCode::kDoubleFree,
+                  "free: " + which + " is not allocated (double free); " +
+                      (status.partial ? "it raced a concurrent free of the same block, and every other id was freed"
+                                      : "nothing was freed"));
+    case ErrorCode::kInvalidBlock:
+      throw Error(status.code, "free: " + which + " is out of range [0, " + std::to_string(num_blocks()) +
+                                   "); nothing was freed");
+    default:
+      throw Error(status.code, "free of " + std::to_string(ids.size()) + " ids: no scratch memory; nothing was freed");
   }
-  throw Error(status.code, "free: " + which + " is out of range [0, " + std::to_string(num_blocks()) +
-                               "); nothing was freed");
 }
 
 void PagedKVPool::incref(std::span<const BlockId> ids) {
   const BatchStatus status = allocator_.incref(ids);
   if (status.ok()) return;
-  const auto pos = static_cast<std::size_t>(status.index);
-  throw Error(ErrorCode::kInvalidBlock, "incref: block id " + std::to_string(ids[pos]) + " at position " +
-                                            std::to_string(pos) + " is not allocated or out of range [0, " +
+  if (status.code != ErrorCode::kInvalidBlock) {
+    throw Error(status.code, "incref of " + std::to_string(ids.size()) + " ids: no scratch memory; no count changed");
+  }
+  throw Error(ErrorCode::kInvalidBlock, "incref: block id " + std::to_string(status.id) + " at position " +
+                                            std::to_string(status.index) + " is not allocated or out of range [0, " +
                                             std::to_string(num_blocks()) + "); no count changed");
 }
 

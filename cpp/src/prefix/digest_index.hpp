@@ -45,11 +45,22 @@ class DigestIndex {
     ++size_;
   }
 
-  /// Removes `digest`, which must be present as `node`.
-  void erase(const BlockHash& digest, std::uint32_t node) noexcept {
+  /// Grows the table now so that inserts up to `n` entries in all do not rehash (or allocate).
+  void reserve(std::uint32_t n) {
+    std::uint32_t bits = bits_;
+    while (std::uint64_t{n} * 2 > (std::uint64_t{1} << bits)) ++bits;
+    if (bits != bits_) rehash(bits);
+  }
+
+  /// Removes `digest`, which must be present as `node`. Returns false, changing nothing, when it is
+  /// not (a broken invariant: the probe stops at the run's end instead of looping).
+  bool erase(const BlockHash& digest, std::uint32_t node) noexcept {
     std::uint32_t i = home(tag_of(digest));
     while (slots_[i].node != node) {
-      assert(slots_[i].node != kNone);
+      if (slots_[i].node == kNone) {
+        assert(!"DigestIndex::erase of an entry that is not there");
+        return false;
+      }
       i = (i + 1) & mask_;
     }
     // Backward shift: pull every later entry of the run whose home is not in (i, j] into the hole,
@@ -65,6 +76,7 @@ class DigestIndex {
     }
     slots_[hole] = Slot{};
     --size_;
+    return true;
   }
 
   /// Removes everything and returns to the minimal table.

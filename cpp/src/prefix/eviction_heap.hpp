@@ -31,6 +31,9 @@ class EvictionHeap {
     if (pos_.size() < n) pos_.resize(n, kAbsent);
   }
 
+  /// Makes room for `n` entries, so pushes up to that size do not allocate.
+  void reserve_entries(std::size_t n) { heap_.reserve(n); }
+
   [[nodiscard]] bool empty() const noexcept { return heap_.empty(); }
   [[nodiscard]] std::uint32_t size() const noexcept { return static_cast<std::uint32_t>(heap_.size()); }
   [[nodiscard]] bool contains(std::uint32_t node) const noexcept {

@@ -1,6 +1,7 @@
 #include "sagellm_kv/prefix_cache.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cassert>
 #include <chrono>
 #include <cmath>
@@ -13,6 +14,7 @@
 
 #include "prefix/digest_index.hpp"
 #include "prefix/eviction_heap.hpp"
+#include "prefix/fault_injection.hpp"
 #include "sagellm_kv/error.hpp"
 
 namespace sagellm::kv {
@@ -43,6 +45,18 @@ std::uint64_t random_key() {
 std::string position_text(std::size_t pos) { return " at position " + std::to_string(pos); }
 
 }  // namespace
+
+namespace detail {
+namespace {
+std::atomic<PrefixFaultHook> g_fault_hook{nullptr};
+}  // namespace
+
+void set_prefix_fault_hook(PrefixFaultHook hook) noexcept { g_fault_hook.store(hook, std::memory_order_release); }
+
+void prefix_fault_point(const char* site) {
+  if (const PrefixFaultHook hook = g_fault_hook.load(std::memory_order_acquire); hook != nullptr) hook(site);
+}
+}  // namespace detail
 
 std::string_view eviction_policy_name(EvictionPolicy policy) noexcept {
   switch (policy) {
@@ -131,6 +145,8 @@ struct PrefixCache::Impl {
   std::vector<BlockId> freed_blocks;
   std::vector<std::uint8_t> marks;
   std::vector<std::uint32_t> path;
+  std::vector<BlockHash> input_digests;  // insert's private copy of its arguments
+  std::vector<BlockId> input_ids;
 
   // --- helpers (all called with `mutex` held) ---------------------------------------------------
 
@@ -146,21 +162,30 @@ struct PrefixCache::Impl {
 
   [[nodiscard]] bool events_on() const noexcept { return event_capacity != 0; }
 
-  void emit(PrefixCacheEvent&& event) {
+  static void fault_point(const char* site) { detail::prefix_fault_point(site); }
+
+  // Queues an event. Never throws, so the commit phases that call it stay noexcept: an event the
+  // queue cannot take (no memory) counts as dropped, as one pushed out of a full queue does.
+  void emit(PrefixCacheEvent&& event) noexcept {
     if (!events_on()) return;
     if (events.size() >= event_capacity) {
       events.pop_front();
       ++counters.events_dropped;
     }
-    events.push_back(std::move(event));
+    try {
+      fault_point("emit");
+      events.push_back(std::move(event));
+    } catch (...) {
+      ++counters.events_dropped;
+    }
   }
 
   // One "removed" event for a batch of digests; nothing when the batch is empty.
-  void emit_removed(std::vector<BlockHash>&& digests) {
+  void emit_removed(std::vector<BlockHash>&& digests) noexcept {
     if (digests.empty()) return;
     PrefixCacheEvent ev;
     ev.type = PrefixCacheEvent::Type::kRemoved;
-    ev.digests = std::move(digests);
+    ev.digests = std::move(digests);  // a move: no allocation
     emit(std::move(ev));
   }
 
@@ -280,7 +305,8 @@ struct PrefixCache::Impl {
 
   // Takes a node out of the index, the heaps and the block map, collecting its block and digest;
   // the caller fixes the parent's child count and frees the record.
-  void unlink(std::uint32_t idx, std::vector<BlockHash>* removed) {
+  // Callers reserve freed_blocks and `removed` first (reserve_removal), so the pushes cannot throw.
+  void unlink(std::uint32_t idx, std::vector<BlockHash>* removed) noexcept {
     unmake_evictable(idx);
     Node& n = nodes[idx];
     index.erase(n.digest, idx);
@@ -299,10 +325,25 @@ struct PrefixCache::Impl {
     return heap.top();
   }
 
+  // Room for the bookkeeping of removing up to n nodes (freed blocks, removed digests, heap pushes
+  // of parents), so the removal itself cannot fail half way.
+  void reserve_removal(std::uint32_t n, std::vector<BlockHash>* removed) {
+    const std::size_t k = std::min<std::size_t>(n, live_count);
+    if (allocator != nullptr) freed_blocks.reserve(freed_blocks.size() + k);
+    if (removed != nullptr) removed->reserve(removed->size() + k);
+  }
+
   // Evicts up to n evictable leaves in policy order; parents left childless join the candidates.
   std::uint32_t evict_locked(std::uint32_t n, std::vector<BlockHash>* removed) {
     if (n == 0 || heap.empty()) return 0;
-    const std::int64_t now = two_heaps() ? now_ns() : 0;
+    reserve_removal(n, removed);
+    return evict_reserved(n, removed, two_heaps() ? now_ns() : 0);
+  }
+
+  // evict_locked after reserve_removal(n, removed), with the time already read: cannot fail. A
+  // victim's parent goes into the heap slot the victim left, so the heap never grows.
+  std::uint32_t evict_reserved(std::uint32_t n, std::vector<BlockHash>* removed, std::int64_t now) noexcept {
+    if (n == 0 || heap.empty()) return 0;
     std::uint32_t done = 0;
     while (done < n) {
       const std::uint32_t victim = pick_victim(now);
@@ -348,6 +389,7 @@ struct PrefixCache::Impl {
     const auto goes = [&](std::uint32_t i) {
       return nodes[i].live && (marks[i] & (kDoomed | kBusy)) == kDoomed;
     };
+    reserve_removal(live_count, removed);  // the last step that can throw: nothing changed yet
     std::uint32_t done = 0;
     for (std::uint32_t i = 0; i < count; ++i) {
       if (goes(i)) {
@@ -393,6 +435,155 @@ struct PrefixCache::Impl {
     return true;
   }
 
+  // --- insert, in phases: prepare (may throw, changes nothing the cache shows), commit (noexcept) --
+
+  struct InsertPlan {
+    std::uint32_t k = 0;        // leading digests already cached
+    std::uint32_t num_new = 0;  // digests to add after them
+    std::uint32_t attach = kNone;
+    std::int64_t now = 0;
+    std::vector<BlockHash> removed;  // digests the capacity eviction removes (events on)
+    std::optional<PrefixCacheEvent> stored;
+  };
+
+  // Reserves room for everything commit_insert adds (node records, index slots, heap slots, block
+  // map entries, eviction bookkeeping) and builds the stored event, so commit allocates nothing.
+  void prepare_insert(std::span<const BlockHash> digests, std::span<const BlockId> new_ids,
+                      const InsertOptions& options, InsertPlan& plan) {
+    const std::uint32_t num_new = plan.num_new;
+    fault_point("clock");
+    plan.now = num_new != 0 ? now_ns() : 0;
+    if (num_new == 0) return;
+    fault_point("reserve");
+    if (std::uint64_t{nodes.size()} + num_new >= kNone) {
+      throw Error(ErrorCode::kInternal, "prefix cache node table is full");
+    }
+    if (nodes.capacity() < nodes.size() + num_new) {
+      nodes.reserve(std::max<std::size_t>(nodes.capacity() * 2, nodes.size() + num_new));
+    }
+    heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
+    heap.reserve_entries(heap.size() + 2);  // the new leaf, and the attachment point given back
+    if (two_heaps()) {
+      lru_heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
+      lru_heap.reserve_entries(lru_heap.size() + 2);
+    }
+    index.reserve(index.size() + num_new);
+    if (capacity) reserve_removal(num_new, events_on() ? &plan.removed : nullptr);
+    if (allocator != nullptr) {
+      const BlockId top = *std::max_element(new_ids.begin(), new_ids.end());
+      const auto u = static_cast<std::size_t>(top);
+      if (u >= block_node.size()) {
+        const std::size_t want = std::max<std::size_t>(u + 1, block_node.size() * 2);
+        block_node.resize(std::min<std::size_t>(want, allocator->num_blocks()), kNone);
+      }
+    } else {
+      // An unordered_map allocates per entry: make the entries now (no owner yet), so commit only
+      // assigns; abandon_insert or commit_insert erases those that end up unused.
+      block_node_map.reserve(block_node_map.size() + num_new);
+      for (std::size_t j = 0; j < new_ids.size(); ++j) {
+        try {
+          block_node_map.try_emplace(new_ids[j], kNone);
+        } catch (...) {
+          for (std::size_t i = 0; i < j; ++i) block_node_map.erase(new_ids[i]);
+          throw;
+        }
+      }
+    }
+    if (events_on()) {
+      fault_point("event");
+      PrefixCacheEvent& ev = plan.stored.emplace();
+      ev.type = PrefixCacheEvent::Type::kStored;
+      ev.digests.assign(digests.begin() + static_cast<std::ptrdiff_t>(plan.k), digests.end());
+      if (plan.attach != kNone) ev.parent = nodes[plan.attach].digest;
+      if (!options.token_ids.empty()) {
+        const std::size_t bs = block_size;
+        ev.token_ids.assign(options.token_ids.begin() + static_cast<std::ptrdiff_t>(plan.k * bs),
+                            options.token_ids.end());
+      }
+      ev.block_size = block_size;
+      if (options.extra_key) ev.extra_key = std::string(*options.extra_key);
+    }
+    fault_point("prepared");
+  }
+
+  // Undoes prepare_insert's visible traces (the placeholder map entries); reservations stay.
+  void abandon_insert(std::span<const BlockId> new_ids, const InsertPlan& plan) noexcept {
+    if (allocator == nullptr && plan.num_new != 0) {
+      for (BlockId b : new_ids) {
+        const auto it = block_node_map.find(b);
+        if (it != block_node_map.end() && it->second == kNone) block_node_map.erase(it);
+      }
+    }
+  }
+
+  InsertResult commit_insert(std::span<const BlockHash> digests, std::span<const BlockId> new_ids,
+                             const InsertOptions& options, InsertPlan plan) noexcept {
+    for (std::uint32_t idx : scratch_nodes) {  // the reused leading nodes, from the checks
+      Node& node = nodes[idx];
+      node.priority = std::max(node.priority, options.priority);
+      touch(idx);
+      if (options.acquire) acquire(idx);
+    }
+    std::uint32_t cur = plan.attach;
+    std::uint32_t fit = plan.num_new;
+    if (capacity && fit != 0 && std::uint64_t{live_count} + fit > *capacity) {
+      // The attachment point may be an unused leaf: keep it while making room below it.
+      if (cur != kNone) acquire(cur);
+      const std::uint64_t excess = std::uint64_t{live_count} + fit - *capacity;
+      evict_reserved(static_cast<std::uint32_t>(std::min<std::uint64_t>(excess, plan.num_new)),
+                     events_on() ? &plan.removed : nullptr, plan.now);
+      if (cur != kNone) drop_use(cur);
+      fit = live_count >= *capacity ? 0 : std::min(plan.num_new, *capacity - live_count);
+      if (allocator != nullptr && fit < plan.num_new) {
+        // Give back the references taken on blocks that do not fit; the caller still holds its
+        // own, so none of them reaches zero.
+        [[maybe_unused]] const BatchStatus st = allocator->free(new_ids.subspan(fit));
+        assert(st.ok());
+      }
+    }
+    return_blocks();
+    emit_removed(std::move(plan.removed));
+    if (allocator == nullptr) {
+      for (std::size_t j = fit; j < new_ids.size(); ++j) block_node_map.erase(new_ids[j]);
+    }
+    for (std::uint32_t j = 0; j < fit; ++j) {
+      const std::size_t pos = plan.k + j;
+      const std::uint32_t idx = alloc_node();  // within the reserved capacity
+      Node& node = nodes[idx];
+      node.digest = digests[pos];
+      node.block = new_ids[j];
+      node.parent = cur;
+      node.owner = options.owner;
+      node.priority = options.priority;
+      node.insert_tick = ++tick;
+      node.last_access = node.insert_tick;
+      node.inserted_ns = plan.now;
+      index.insert(node.digest, idx);  // reserved: no rehash
+      set_block_owner(node.block, idx);  // reserved: no growth
+      if (options.acquire) {
+        node.users = 1;
+        ++in_use_count;
+      }
+      if (cur != kNone) {
+        Node& p = nodes[cur];
+        if (p.children == 0 && p.users == 0) unmake_evictable(cur);
+        ++p.children;
+      }
+      cur = idx;
+    }
+    if (fit != 0) {
+      if (!options.acquire) make_evictable(cur);
+      counters.inserts += fit;
+      if (plan.stored) {
+        PrefixCacheEvent& ev = *plan.stored;
+        ev.digests.resize(fit);  // shrinking: no allocation
+        if (!ev.token_ids.empty()) ev.token_ids.resize(std::size_t{fit} * block_size);
+        emit(std::move(ev));
+      }
+    }
+    return {plan.k, fit};
+  }
+
   [[nodiscard]] std::uint32_t walk(std::span<const BlockHash> digests, std::span<BlockId> out,
                                    bool take) noexcept {
     std::uint32_t parent = kNone;
@@ -423,10 +614,13 @@ PrefixCache::PrefixCache(const PrefixCacheOptions& options, BlockAllocator* allo
 
 PrefixCache::~PrefixCache() {
   if (allocator_ == nullptr) return;
+  // Block by block: a destructor must not allocate (a batch would need a vector of ids).
   for (const Node& n : impl_->nodes) {
-    if (n.live) impl_->freed_blocks.push_back(n.block);
+    if (n.live) {
+      [[maybe_unused]] const BatchStatus st = allocator_->free(std::span<const BlockId>(&n.block, 1));
+      assert(st.ok());
+    }
   }
-  impl_->return_blocks();
 }
 
 std::uint32_t PrefixCache::match(std::span<const BlockHash> digests, std::span<BlockId> out) {
@@ -490,12 +684,12 @@ void PrefixCache::release(std::span<const BlockHash> digests) {
   }
 }
 
-InsertResult PrefixCache::insert(std::span<const BlockHash> digests, std::span<const BlockId> block_ids,
+InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::span<const BlockId> block_ids_in,
                                  const InsertOptions& options) {
   Impl& s = *impl_;
-  const std::size_t n = digests.size();
-  if (block_ids.size() != n) {
-    throw Error(ErrorCode::kInvalidArgument, "insert: " + std::to_string(block_ids.size()) + " block ids for " +
+  const std::size_t n = digests_in.size();
+  if (block_ids_in.size() != n) {
+    throw Error(ErrorCode::kInvalidArgument, "insert: " + std::to_string(block_ids_in.size()) + " block ids for " +
                                                  std::to_string(n) + " digests");
   }
   if (!options.token_ids.empty() && options.token_ids.size() != n * s.block_size) {
@@ -507,6 +701,11 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests, std::span<c
   if (n >= kNone) throw Error(ErrorCode::kInvalidArgument, "insert: too many digests: " + std::to_string(n));
 
   const std::lock_guard lock(s.mutex);
+  // The one read of the caller's arrays: everything below checks and uses these copies.
+  s.input_digests.assign(digests_in.begin(), digests_in.end());
+  s.input_ids.assign(block_ids_in.begin(), block_ids_in.end());
+  const std::span<const BlockHash> digests = s.input_digests;
+  const std::span<const BlockId> block_ids = s.input_ids;
 
   // --- checks: nothing changes until all pass -----------------------------------------------------
   std::uint32_t attach = kNone;
@@ -580,92 +779,33 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests, std::span<c
     }
   }
   const std::span<const BlockId> new_ids = block_ids.subspan(k);
+
+  // --- prepare: every allocation and every call that may throw, before any change ---------------
+  Impl::InsertPlan plan;
+  plan.k = static_cast<std::uint32_t>(k);
+  plan.num_new = num_new;
+  plan.attach = cur;
+  try {
+    s.prepare_insert(digests, new_ids, options, plan);
+  } catch (...) {
+    s.abandon_insert(new_ids, plan);
+    throw;
+  }
+
   if (s.allocator != nullptr && num_new != 0) {
-    // The cache's reference on every new block, taken up front so a refusal changes nothing. It can
+    // The cache's reference on every new block, taken last so a refusal changes nothing. It can
     // only fail if the caller frees a block concurrently, which the protocol forbids.
     const BatchStatus st = s.allocator->incref(new_ids);
     if (!st.ok()) {
-      throw Error(ErrorCode::kInvalidBlock, "insert: block id " +
-                                                std::to_string(new_ids[static_cast<std::size_t>(st.index)]) +
+      s.abandon_insert(new_ids, plan);
+      throw Error(ErrorCode::kInvalidBlock, "insert: block id " + std::to_string(st.id) +
                                                 position_text(k + static_cast<std::size_t>(st.index)) +
                                                 " is not allocated");
     }
   }
 
-  // --- changes --------------------------------------------------------------------------------
-  for (std::uint32_t idx : reused) {
-    Node& node = s.nodes[idx];
-    node.priority = std::max(node.priority, options.priority);
-    s.touch(idx);
-    if (options.acquire) s.acquire(idx);
-  }
-  std::vector<BlockHash> removed_digests;
-  std::uint32_t fit = num_new;
-  if (s.capacity && num_new != 0 && std::uint64_t{s.live_count} + num_new > *s.capacity) {
-    // The attachment point may be an unused leaf: keep it while making room below it.
-    if (cur != kNone) s.acquire(cur);
-    const std::uint64_t excess = std::uint64_t{s.live_count} + num_new - *s.capacity;
-    s.evict_locked(static_cast<std::uint32_t>(std::min<std::uint64_t>(excess, kNone - 1)),
-                   s.events_on() ? &removed_digests : nullptr);
-    if (cur != kNone) s.drop_use(cur);
-    fit = s.live_count >= *s.capacity ? 0 : std::min(num_new, *s.capacity - s.live_count);
-    if (s.allocator != nullptr && fit < num_new) {
-      // Give back the references taken on blocks that do not fit; the caller still holds its own,
-      // so none of them reaches zero.
-      [[maybe_unused]] const BatchStatus st = s.allocator->free(new_ids.subspan(fit));
-      assert(st.ok());
-    }
-  }
-  s.return_blocks();
-  s.emit_removed(std::move(removed_digests));
-
-  const std::uint32_t event_parent = cur;
-  const std::int64_t now = fit != 0 ? s.now_ns() : 0;
-  for (std::uint32_t j = 0; j < fit; ++j) {
-    const std::size_t pos = k + j;
-    const std::uint32_t idx = s.alloc_node();  // may grow `nodes`: no references held across it
-    Node& node = s.nodes[idx];
-    node.digest = digests[pos];
-    node.block = block_ids[pos];
-    node.parent = cur;
-    node.owner = options.owner;
-    node.priority = options.priority;
-    node.insert_tick = ++s.tick;
-    node.last_access = node.insert_tick;
-    node.inserted_ns = now;
-    s.index.insert(node.digest, idx);
-    s.set_block_owner(node.block, idx);
-    if (options.acquire) {
-      node.users = 1;
-      ++s.in_use_count;
-    }
-    if (cur != kNone) {
-      Node& p = s.nodes[cur];
-      if (p.children == 0 && p.users == 0) s.unmake_evictable(cur);
-      ++p.children;
-    }
-    cur = idx;
-  }
-  if (fit != 0) {
-    if (!options.acquire) s.make_evictable(cur);
-    s.counters.inserts += fit;
-    if (s.events_on()) {
-      PrefixCacheEvent ev;
-      ev.type = PrefixCacheEvent::Type::kStored;
-      ev.digests.assign(digests.begin() + static_cast<std::ptrdiff_t>(k),
-                        digests.begin() + static_cast<std::ptrdiff_t>(k + fit));
-      if (event_parent != kNone) ev.parent = s.nodes[event_parent].digest;
-      if (!options.token_ids.empty()) {
-        const std::size_t bs = s.block_size;
-        ev.token_ids.assign(options.token_ids.begin() + static_cast<std::ptrdiff_t>(k * bs),
-                            options.token_ids.begin() + static_cast<std::ptrdiff_t>((k + fit) * bs));
-      }
-      ev.block_size = s.block_size;
-      if (options.extra_key) ev.extra_key = std::string(*options.extra_key);
-      s.emit(std::move(ev));
-    }
-  }
-  return {static_cast<std::uint32_t>(k), fit};
+  // --- commit: cannot fail ------------------------------------------------------------------------
+  return s.commit_insert(digests, new_ids, options, std::move(plan));
 }
 
 std::uint32_t PrefixCache::evict(std::uint32_t n) {

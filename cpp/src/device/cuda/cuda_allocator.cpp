@@ -1,11 +1,17 @@
 // CUDA backend ("cuda:N"): device memory and pinned host memory through the CUDA runtime, loaded
 // with dlopen at first use so the library has no link-time CUDA dependency and imports on machines
 // without a GPU. Only the few runtime entry points below are used; their C signatures are stable.
+//
+// Every call that needs a device selects it through DeviceGuard, which restores the calling
+// thread's previous current device afterwards: the library never changes a caller's CUDA state.
+// Strided copies whose pitch exceeds the device's cudaDevAttrMaxPitch (2^31 - 1 on current GPUs;
+// a 4 GiB layer plane exceeds it) fall back to one cudaMemcpy per row.
 #include <dlfcn.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <string>
 
 #include "device/backends.hpp"
@@ -21,12 +27,17 @@ constexpr int kMemcpyHostToHost = 0;
 constexpr int kMemcpyHostToDevice = 1;
 constexpr int kMemcpyDeviceToHost = 2;
 constexpr int kMemcpyDeviceToDevice = 3;
+// cudaDeviceAttr value of cudaDevAttrMaxPitch; the limit assumed when the query fails.
+constexpr int kDevAttrMaxPitch = 11;
+constexpr std::size_t kDefaultMaxPitch = 2147483647;
 
 struct CudaRuntime {
   void* library = nullptr;
   std::string load_error;
   cuda_error_t (*get_device_count)(int*) = nullptr;
   cuda_error_t (*set_device)(int) = nullptr;
+  cuda_error_t (*get_device)(int*) = nullptr;
+  cuda_error_t (*device_get_attribute)(int*, int, int) = nullptr;
   cuda_error_t (*malloc)(void**, std::size_t) = nullptr;
   cuda_error_t (*free)(void*) = nullptr;
   cuda_error_t (*malloc_host)(void**, std::size_t) = nullptr;
@@ -55,8 +66,16 @@ const CudaRuntime& runtime() {
   std::call_once(once, [] {
     // SAGELLM_KV_CUDART names the runtime explicitly (e.g. the one inside a pip-installed CUDA);
     // otherwise the loader's search path decides, newest major version first.
+    // An explicit path that does not load is an error naming it, not a silent fallback to another
+    // runtime.
     if (const char* path = std::getenv("SAGELLM_KV_CUDART"); path != nullptr && *path != '\0') {
       rt.library = ::dlopen(path, RTLD_NOW | RTLD_LOCAL);
+      if (rt.library == nullptr) {
+        const char* why = ::dlerror();
+        rt.load_error = std::string("SAGELLM_KV_CUDART=") + path + " could not be loaded: " +
+                        (why != nullptr ? why : "unknown error");
+        return;
+      }
     }
     for (const char* name : {"libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"}) {
       if (rt.library != nullptr) break;
@@ -71,6 +90,8 @@ const CudaRuntime& runtime() {
     std::string& e = rt.load_error;
     const bool ok = bind(rt.library, "cudaGetDeviceCount", rt.get_device_count, e) &&
                     bind(rt.library, "cudaSetDevice", rt.set_device, e) &&
+                    bind(rt.library, "cudaGetDevice", rt.get_device, e) &&
+                    bind(rt.library, "cudaDeviceGetAttribute", rt.device_get_attribute, e) &&
                     bind(rt.library, "cudaMalloc", rt.malloc, e) &&
                     bind(rt.library, "cudaFree", rt.free, e) &&
                     bind(rt.library, "cudaMallocHost", rt.malloc_host, e) &&
@@ -98,45 +119,101 @@ int to_memcpy_kind(CopyKind kind) {
   return kMemcpyDeviceToDevice;
 }
 
+void check(const CudaRuntime& rt, cuda_error_t err, const char* what, const DeviceId& id) {
+  if (err != kCudaSuccess) {
+    throw Error(ErrorCode::kBackendUnavailable, std::string(what) + " failed on " + id.str() + ": " + rt.describe(err));
+  }
+}
+
+// Makes `id` the calling thread's current device for the guard's lifetime, then restores the one
+// that was current before (only when they differ: cudaSetDevice is not free).
+class DeviceGuard {
+ public:
+  DeviceGuard(const CudaRuntime& rt, const DeviceId& id) : rt_(rt) {
+    check(rt, rt.get_device(&previous_), "cudaGetDevice", id);
+    if (previous_ != id.index) {
+      check(rt, rt.set_device(id.index), "cudaSetDevice", id);
+      restore_ = true;
+    }
+  }
+  /// No-throw form for cleanup paths: selection errors are ignored (the call that follows fails).
+  DeviceGuard(const CudaRuntime& rt, int device, std::nothrow_t) noexcept : rt_(rt) {
+    if (rt.get_device(&previous_) == kCudaSuccess && previous_ != device) {
+      restore_ = rt.set_device(device) == kCudaSuccess;
+    }
+  }
+  ~DeviceGuard() {
+    if (restore_) (void)rt_.set_device(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  const CudaRuntime& rt_;
+  int previous_ = 0;
+  bool restore_ = false;
+};
+
 class CudaAllocator final : public DeviceAllocator {
  public:
-  CudaAllocator(DeviceId id, const CudaRuntime& rt) : id_(std::move(id)), rt_(rt) {}
+  CudaAllocator(DeviceId id, const CudaRuntime& rt) : id_(std::move(id)), rt_(rt) {
+    const DeviceGuard guard(rt_, id_);
+    int pitch = 0;
+    if (rt_.device_get_attribute(&pitch, kDevAttrMaxPitch, id_.index) == kCudaSuccess && pitch > 0) {
+      max_pitch_ = static_cast<std::size_t>(pitch);
+    }
+  }
 
   const DeviceId& device() const noexcept override { return id_; }
 
   void copy(void* dst, const void* src, std::size_t bytes, CopyKind kind) override {
     if (bytes == 0) return;
-    select();
-    check(rt_.memcpy(dst, src, bytes, to_memcpy_kind(kind)), "cudaMemcpy");
+    const DeviceGuard guard(rt_, id_);
+    check(rt_, rt_.memcpy(dst, src, bytes, to_memcpy_kind(kind)), "cudaMemcpy", id_);
   }
 
   void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t row_bytes,
                std::size_t rows, CopyKind kind) override {
     if (row_bytes == 0 || rows == 0) return;
-    select();
-    check(rt_.memcpy_2d(dst, dst_pitch, src, src_pitch, row_bytes, rows, to_memcpy_kind(kind)), "cudaMemcpy2D");
+    const DeviceGuard guard(rt_, id_);
+    const int memcpy_kind = to_memcpy_kind(kind);
+    if (dst_pitch <= max_pitch_ && src_pitch <= max_pitch_) {
+      check(rt_, rt_.memcpy_2d(dst, dst_pitch, src, src_pitch, row_bytes, rows, memcpy_kind), "cudaMemcpy2D", id_);
+      return;
+    }
+    // The runtime rejects pitches above the device limit: one copy per row instead.
+    auto* d = static_cast<std::byte*>(dst);
+    const auto* s = static_cast<const std::byte*>(src);
+    for (std::size_t r = 0; r < rows; ++r) {
+      check(rt_, rt_.memcpy(d + r * dst_pitch, s + r * src_pitch, row_bytes, memcpy_kind), "cudaMemcpy", id_);
+    }
   }
 
   void zero(void* dst, std::size_t bytes, MemoryKind kind) override {
     if (bytes == 0) return;
     if (kind == MemoryKind::kDevice) {
-      select();
-      check(rt_.memset(dst, 0, bytes), "cudaMemset");
-      check(rt_.device_synchronize(), "cudaDeviceSynchronize");
+      const DeviceGuard guard(rt_, id_);
+      check(rt_, rt_.memset(dst, 0, bytes), "cudaMemset", id_);
+      check(rt_, rt_.device_synchronize(), "cudaDeviceSynchronize", id_);
     } else {
       std::memset(dst, 0, bytes);
     }
   }
 
+  /// Largest pitch cudaMemcpy2D accepts on this device.
+  [[nodiscard]] std::size_t max_pitch() const noexcept { return max_pitch_; }
+
  protected:
   void* do_allocate(const AllocationRequest& request) override {
-    select();
     void* data = nullptr;
     cuda_error_t err = kCudaSuccess;
-    if (request.kind == MemoryKind::kDevice) {
-      err = rt_.malloc(&data, request.size);  // 256-byte aligned by the runtime
-    } else {
-      err = rt_.malloc_host(&data, request.size);  // page-locked, page aligned
+    {
+      const DeviceGuard guard(rt_, id_);
+      if (request.kind == MemoryKind::kDevice) {
+        err = rt_.malloc(&data, request.size);  // 256-byte aligned by the runtime
+      } else {
+        err = rt_.malloc_host(&data, request.size);  // page-locked, page aligned
+      }
     }
     if (err != kCudaSuccess || data == nullptr) {
       throw Error(ErrorCode::kMemoryExhausted, "cannot allocate " + std::to_string(request.size) +
@@ -154,7 +231,7 @@ class CudaAllocator final : public DeviceAllocator {
   }
 
   void do_deallocate(void* data, std::size_t /*size*/, MemoryKind kind) noexcept override {
-    (void)rt_.set_device(id_.index);
+    const DeviceGuard guard(rt_, id_.index, std::nothrow);
     if (kind == MemoryKind::kDevice) {
       (void)rt_.free(data);
     } else {
@@ -163,17 +240,9 @@ class CudaAllocator final : public DeviceAllocator {
   }
 
  private:
-  void select() { check(rt_.set_device(id_.index), "cudaSetDevice"); }
-
-  void check(cuda_error_t err, const char* what) const {
-    if (err != kCudaSuccess) {
-      throw Error(ErrorCode::kBackendUnavailable,
-                  std::string(what) + " failed on " + id_.str() + ": " + rt_.describe(err));
-    }
-  }
-
   DeviceId id_;
   const CudaRuntime& rt_;
+  std::size_t max_pitch_ = kDefaultMaxPitch;
 };
 
 }  // namespace

@@ -1,0 +1,253 @@
+// Failing paths of the block allocator racing legitimate calls: refused batches against frees of
+// shared blocks, concurrent limit changes against allocation, and a long mixed stress that counts
+// every block handed out while some holder still had it. Runs under TSan in CI (label stress).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdio>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "sagellm_kv/block_allocator.hpp"
+
+namespace sagellm::kv {
+namespace {
+
+#if defined(__SANITIZE_THREAD__)
+constexpr bool kUnderTsan = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+constexpr bool kUnderTsan = true;
+#else
+constexpr bool kUnderTsan = false;
+#endif
+#else
+constexpr bool kUnderTsan = false;
+#endif
+
+// The scenario, widened: blocks x[0..k) held by A and B (ref 2 each); A frees {x..., d}
+// with d already free (a double free), while B frees each x[i] on its own. A's batch must be
+// refused without touching any x, so each keeps A's reference and stays off the free list; no
+// later allocation may return one. (The old rollback re-added A's references with a blind
+// fetch_add after B had already sent a block to the free list.)
+TEST(BlockAllocatorRace, RefusedFreeRacingALegitimateFreeNeverFreesTheSharedBlock) {
+  constexpr std::size_t kShared = 32;
+  const int trials = kUnderTsan ? 4000 : 50000;
+  // Two long-lived threads, released together for each trial by a generation counter they spin on.
+  BlockAllocator a(kShared + 8);
+  std::atomic<int> go{0};
+  std::atomic<int> done{0};
+  std::vector<BlockId> batch_a(kShared + 1);  // x..., d
+  BatchStatus sa;
+  bool b_ok = true;
+  constexpr int kStop = -1;
+  const auto wait_for = [&go](int t) {
+    // Spin briefly (the release is usually imminent), then yield: on a machine with few cores a
+    // pure spin would starve the thread that prepares the next trial.
+    for (int spins = 0;; ++spins) {
+      const int g = go.load(std::memory_order_acquire);
+      if (g == t) return true;
+      if (g == kStop) return false;
+      if (spins > 2000) std::this_thread::yield();
+    }
+  };
+  std::thread ta([&] {
+    for (int t = 1; wait_for(t); ++t) {
+      sa = a.free(batch_a);
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  });
+  std::thread tb([&] {
+    for (int t = 1; wait_for(t); ++t) {
+      for (std::size_t i = kShared; i-- > 0;) {
+        b_ok = a.free(std::span<const BlockId>(&batch_a[i], 1)).ok() && b_ok;
+      }
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  });
+  std::uint64_t handed_out_twice = 0;
+  for (int t = 1; t <= trials && handed_out_twice == 0; ++t) {
+    ASSERT_TRUE(a.allocate(batch_a).ok());
+    const std::span<const BlockId> xs = std::span<const BlockId>(batch_a).first(kShared);
+    ASSERT_TRUE(a.incref(xs).ok());                                           // A and B hold each x
+    ASSERT_TRUE(a.free(std::span<const BlockId>(&batch_a[kShared], 1)).ok());  // d is free
+    go.store(t, std::memory_order_release);
+    while (done.load(std::memory_order_acquire) != 2 * t) std::this_thread::yield();
+    ASSERT_EQ(sa.code, ErrorCode::kDoubleFree);
+    EXPECT_FALSE(sa.partial);
+    EXPECT_EQ(sa.index, static_cast<std::int64_t>(kShared));
+    ASSERT_TRUE(b_ok);
+    // A's references survived the refusal; nothing allocatable now may be one of its blocks.
+    for (BlockId x : xs) handed_out_twice += a.ref_count(x) != 1 ? 1u : 0u;
+    std::vector<BlockId> rest(a.num_available());
+    ASSERT_TRUE(a.allocate(rest).ok());
+    for (BlockId id : rest) handed_out_twice += std::count(xs.begin(), xs.end(), id) != 0 ? 1u : 0u;
+    ASSERT_TRUE(a.free(rest).ok());
+    if (handed_out_twice == 0) {
+      ASSERT_TRUE(a.free(xs).ok());  // A lets go
+    }
+  }
+  go.store(kStop, std::memory_order_release);
+  ta.join();
+  tb.join();
+  EXPECT_EQ(handed_out_twice, 0u) << "of " << trials << " trials";
+}
+
+// Two threads flip the limit between 0 and N while a third allocates: the available count must
+// never exceed N (it once did when two deltas applied out of order, and allocate(N + 1) then
+// reserved and spun forever).
+TEST(BlockAllocatorRace, ConcurrentLimitChangesNeverOvercommit) {
+  constexpr std::uint32_t kBlocks = 64;
+  const int rounds = kUnderTsan ? 20000 : 200000;
+  BlockAllocator a(kBlocks);
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> overcommits{0};
+  std::atomic<std::uint64_t> oversize_successes{0};
+  std::thread low([&] {
+    for (int i = 0; i < rounds; ++i) a.set_limit(i % 2 == 0 ? 0 : kBlocks);
+  });
+  std::thread high([&] {
+    for (int i = 0; i < rounds; ++i) a.set_limit(i % 2 == 0 ? kBlocks : 0);
+  });
+  std::thread monitor([&] {
+    std::vector<BlockId> too_many(kBlocks + 1);
+    std::vector<BlockId> some(8);
+    while (!stop.load(std::memory_order_acquire)) {
+      if (a.num_available() > kBlocks) overcommits.fetch_add(1);
+      if (a.allocate(too_many).ok()) oversize_successes.fetch_add(1);  // would spin on the old code
+      if (a.allocate(some).ok()) {
+        ASSERT_TRUE(a.free(some).ok());
+      }
+    }
+  });
+  low.join();
+  high.join();
+  stop.store(true, std::memory_order_release);
+  monitor.join();
+  EXPECT_EQ(overcommits.load(), 0u);
+  EXPECT_EQ(oversize_successes.load(), 0u);
+  a.set_limit(kBlocks);
+  EXPECT_EQ(a.num_available(), kBlocks);
+  EXPECT_EQ(a.num_allocated(), 0u);
+}
+
+// The mixed stress: threads allocate, share references with each other through an exchange,
+// free, and submit refused batches (a double free of an exclusively held block after shared ids,
+// an out-of-range id, an incref naming an id out of range) while others free the same shared
+// blocks. `holders[id]` counts the references the test believes exist; an allocation that finds
+// it non-zero is a block handed out while still owned.
+TEST(BlockAllocatorRace, MixedStressNeverHandsOutAnOwnedBlock) {
+  constexpr std::uint32_t kBlocks = 2048;
+  constexpr int kThreads = 4;
+  constexpr int rounds = 250000;  // allocator calls per thread: 10^6 in all, under TSan too
+  constexpr std::size_t kExchangeSlots = 64;
+  BlockAllocator a(kBlocks);
+  std::vector<std::atomic<std::uint32_t>> holders(kBlocks);
+  for (auto& h : holders) h.store(0);
+  std::array<std::atomic<BlockId>, kExchangeSlots> exchange;
+  for (auto& e : exchange) e.store(-1);
+  std::atomic<std::uint64_t> owned_twice{0}, ops{0}, refused{0}, blocks_allocated{0};
+
+  auto worker = [&](int tid) {
+    std::mt19937 rng(static_cast<std::uint32_t>(77 + tid));
+    std::vector<BlockId> shared;     // references possibly shared with other threads
+    std::vector<BlockId> exclusive;  // blocks only this thread holds (count 1)
+    std::vector<BlockId> batch;
+    const auto release = [&](std::span<const BlockId> ids) {
+      for (BlockId id : ids) holders[static_cast<std::size_t>(id)].fetch_sub(1);
+      ASSERT_TRUE(a.free(ids).ok());
+    };
+    int calls = 0;  // allocator calls made (a round whose precondition fails makes none)
+    while (calls < rounds) {
+      const unsigned action = rng() % 8;
+      ++calls;
+      if ((action <= 1 && exclusive.size() < 64) || exclusive.size() + shared.size() < 4) {
+        std::vector<BlockId> ids(1 + rng() % 16);
+        if (!a.allocate(ids).ok()) continue;
+        blocks_allocated.fetch_add(ids.size(), std::memory_order_relaxed);
+        for (BlockId id : ids) {
+          if (holders[static_cast<std::size_t>(id)].fetch_add(1) != 0) owned_twice.fetch_add(1);
+          exclusive.push_back(id);
+        }
+      } else if (action == 2 && !exclusive.empty()) {
+        // Share: one more reference, handed to whoever takes the exchange slot next.
+        const BlockId id = exclusive.back();
+        exclusive.pop_back();
+        holders[static_cast<std::size_t>(id)].fetch_add(1);
+        ASSERT_TRUE(a.incref(std::span<const BlockId>(&id, 1)).ok());
+        shared.push_back(id);
+        const BlockId got = exchange[rng() % kExchangeSlots].exchange(id);
+        if (got >= 0) shared.push_back(got);
+      } else if (action == 3 && !shared.empty()) {
+        batch.assign(shared.begin(), shared.begin() + static_cast<std::ptrdiff_t>(std::min<std::size_t>(shared.size(), 4)));
+        shared.erase(shared.begin(), shared.begin() + static_cast<std::ptrdiff_t>(batch.size()));
+        release(batch);
+      } else if (action == 4 && !exclusive.empty()) {
+        batch.assign(exclusive.end() - static_cast<std::ptrdiff_t>(std::min<std::size_t>(exclusive.size(), 8)),
+                     exclusive.end());
+        exclusive.resize(exclusive.size() - batch.size());
+        release(batch);
+      } else if (action == 5 && !exclusive.empty()) {
+        // Refused free: shared ids first (the old rollback re-added them), then a double free.
+        batch.assign(shared.begin(), shared.begin() + static_cast<std::ptrdiff_t>(std::min<std::size_t>(shared.size(), 3)));
+        batch.push_back(exclusive.back());
+        batch.push_back(exclusive.back());
+        const BatchStatus st = a.free(batch);
+        ASSERT_EQ(st.code, ErrorCode::kDoubleFree);
+        ASSERT_FALSE(st.partial);
+        refused.fetch_add(1, std::memory_order_relaxed);
+      } else if (action == 6) {
+        // Refused free and incref with an id out of range after valid ones.
+        batch.assign(shared.begin(), shared.begin() + static_cast<std::ptrdiff_t>(std::min<std::size_t>(shared.size(), 3)));
+        batch.push_back(static_cast<BlockId>(kBlocks + rng() % 4));
+        ASSERT_EQ(a.free(batch).code, ErrorCode::kInvalidBlock);
+        ASSERT_EQ(a.incref(batch).code, ErrorCode::kInvalidBlock);
+        refused.fetch_add(2, std::memory_order_relaxed);
+        ++calls;
+      } else {
+        // Take a shared reference from the exchange (racing its other holders' frees) and drop it.
+        const BlockId got = exchange[rng() % kExchangeSlots].exchange(-1);
+        if (got >= 0) {
+          release(std::span<const BlockId>(&got, 1));
+        } else {
+          --calls;
+        }
+      }
+    }
+    ops.fetch_add(static_cast<std::uint64_t>(calls), std::memory_order_relaxed);
+    release(shared);
+    release(exclusive);
+  };
+
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) threads.emplace_back(worker, t);
+  for (auto& th : threads) th.join();
+  for (auto& e : exchange) {
+    const BlockId got = e.exchange(-1);
+    if (got >= 0) {
+      holders[static_cast<std::size_t>(got)].fetch_sub(1);
+      ASSERT_TRUE(a.free(std::span<const BlockId>(&got, 1)).ok());
+    }
+  }
+  std::printf("[stress] %d threads, %llu operations (%llu refused batches, %llu blocks allocated): "
+              "%llu blocks handed out while owned\n",
+              kThreads, static_cast<unsigned long long>(ops.load()), static_cast<unsigned long long>(refused.load()),
+              static_cast<unsigned long long>(blocks_allocated.load()),
+              static_cast<unsigned long long>(owned_twice.load()));
+  RecordProperty("operations", std::to_string(ops.load()));
+  RecordProperty("owned_twice", std::to_string(owned_twice.load()));
+  EXPECT_EQ(owned_twice.load(), 0u);
+  EXPECT_GT(refused.load(), 0u);
+  EXPECT_EQ(a.num_available(), kBlocks);
+  for (std::uint32_t i = 0; i < kBlocks; ++i) ASSERT_EQ(holders[i].load(), 0u) << "block " << i;
+  std::vector<BlockId> all(kBlocks);
+  ASSERT_TRUE(a.allocate(all).ok());
+  std::sort(all.begin(), all.end());
+  EXPECT_EQ(std::adjacent_find(all.begin(), all.end()), all.end()) << "an id is on the free list twice";
+}
+
+}  // namespace
+}  // namespace sagellm::kv
