@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import mmap
 import os
 import secrets
@@ -52,7 +53,20 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MappedRing", "ShmOffer", "SourceRing", "accept_offer", "available", "boot_id", "drop_mappings"]
+from sagellm_kv_cache.transfer.transport import TransportError, TransportTimeout
+
+__all__ = [
+    "Channel",
+    "HandoverRefused",
+    "MappedRing",
+    "ShmOffer",
+    "SourceRing",
+    "accept_offer",
+    "available",
+    "boot_id",
+    "drop_mappings",
+    "mapped_rings",
+]
 
 _HELLO = struct.Struct("<4s16sQ")  # magic, transfer id, ring id the destination holds (0: none)
 _ANSWER = struct.Struct("<4s16sQQI")  # magic, transfer id, ring id, slot bytes, slots
@@ -149,14 +163,16 @@ RingProvider = Callable[[int, int], tuple[SourceRing, bool]]
 class ShmOffer:
     """The source's side of one handover: a listener and a thread that serves one valid peer.
 
-    ``handed`` is the ring given to the destination (set before the answer goes out). Read it only
-    after :meth:`close`, which joins the thread.
+    ``handed`` is the ring given to the destination (set before the answer goes out) and
+    ``channel`` the connection it came through. Read them only after :meth:`close`, which joins
+    the thread; the caller owns ``channel`` then.
     """
 
     def __init__(self, transfer_id: uuid.UUID, provider: RingProvider) -> None:
         self.transfer_id = transfer_id
         self.name = socket_name(os.getpid(), transfer_id)
         self.handed: SourceRing | None = None
+        self.channel: Channel | None = None
         self.refused: list[str] = []
         self._provider = provider
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -177,9 +193,10 @@ class ShmOffer:
                 if self._wake_r in ready:
                     return
                 conn, _ = self._listener.accept()
-                with conn:
-                    if self._serve_one(conn):
-                        return
+                if self._serve_one(conn):
+                    self.channel = Channel(conn)  # the transfer's per-chunk footers and acks
+                    return
+                conn.close()
         except OSError as e:  # the listener failed: the destination falls back to gloo
             self.refused.append(f"listener: {e}")
         finally:
@@ -223,6 +240,45 @@ class ShmOffer:
             os.close(self._wake_w)
             os.close(self._wake_r)
             self._wake_w = self._wake_r = -1
+
+
+class Channel:
+    """The connected pair of one same-host transfer: fixed-size frames (footers one way, acks the
+    other) straight between the two processes, with a deadline per call. A dead peer reads as
+    end of file at once."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn = conn
+
+    def send(self, frame: bytes, timeout: float) -> None:
+        try:
+            self._conn.settimeout(_socket_timeout(timeout))
+            self._conn.sendall(frame)
+        except TimeoutError as e:
+            raise TransportTimeout(f"same-host channel: send did not complete within {timeout:.3f}s") from e
+        except OSError as e:
+            raise TransportError(f"same-host channel: {e}") from e
+
+    def recv(self, nbytes: int, timeout: float) -> bytes:
+        try:
+            self._conn.settimeout(_socket_timeout(timeout))
+            frame = self._conn.recv(nbytes + 1)
+        except TimeoutError as e:
+            raise TransportTimeout(f"same-host channel: nothing arrived within {timeout:.3f}s") from e
+        except OSError as e:
+            raise TransportError(f"same-host channel: {e}") from e
+        if not frame:
+            raise TransportError("same-host channel: the peer closed the connection (it exited or gave up)")
+        if len(frame) != nbytes:
+            raise TransportError(f"same-host channel: a frame of {len(frame)} B where {nbytes} B were due")
+        return frame
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _socket_timeout(seconds: float) -> float | None:
+    return None if math.isinf(seconds) else max(seconds, 0.0005)
 
 
 # --- destination side ----------------------------------------------------------------------------
@@ -270,13 +326,17 @@ class HandoverRefused(Exception):
     """The handover did not happen; the transfer runs over gloo. The message says why."""
 
 
-def accept_offer(src_pid: int, transfer_id: uuid.UUID, min_slot_nbytes: int, timeout: float) -> MappedRing:
+def accept_offer(
+    src_pid: int, transfer_id: uuid.UUID, min_slot_nbytes: int, timeout: float
+) -> tuple[MappedRing, Channel]:
     """The destination's side: connects to the source's listener and maps its ring.
 
-    Raises :class:`HandoverRefused` (nothing mapped, no descriptor kept) when anything is off.
+    Returns the ring and the connection (the caller closes it). Raises :class:`HandoverRefused`
+    (nothing mapped, no descriptor kept, connection closed) when anything is off.
     """
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     fds: list[int] = []
+    ok = False
     try:
         conn.settimeout(max(0.001, min(timeout, HANDOVER_TIMEOUT)))
         try:
@@ -298,21 +358,24 @@ def accept_offer(src_pid: int, transfer_id: uuid.UUID, min_slot_nbytes: int, tim
             raise HandoverRefused(f"ring geometry {slots} x {slot_nbytes} B is out of bounds "
                                   f"(need slots of >= {min_slot_nbytes} B)")
         if not fds:
-            return _reuse(src_pid, ring_id, slots, slot_nbytes)
-        if len(fds) != 1:
+            ring = _reuse(src_pid, ring_id, slots, slot_nbytes)
+        elif len(fds) != 1:
             raise HandoverRefused(f"{len(fds)} descriptors instead of one")
-        ring = _map(fds[0], src_pid, ring_id, slots, slot_nbytes)
-        with _MAPPED_LOCK:
-            _MAPPED[(src_pid, ring_id)] = ring
-            while len(_MAPPED) > MAX_MAPPED:
-                _MAPPED.popitem(last=False)
-        return ring
+        else:
+            ring = _map(fds[0], src_pid, ring_id, slots, slot_nbytes)
+            with _MAPPED_LOCK:
+                _MAPPED[(src_pid, ring_id)] = ring
+                while len(_MAPPED) > MAX_MAPPED:
+                    _MAPPED.popitem(last=False)
+        ok = True
+        return ring, Channel(conn)
     except OSError as e:
         raise HandoverRefused(f"handover failed: {e}") from e
     finally:
         for fd in fds:
             os.close(fd)
-        conn.close()
+        if not ok:
+            conn.close()
 
 
 def _reuse(src_pid: int, ring_id: int, slots: int, slot_nbytes: int) -> MappedRing:
