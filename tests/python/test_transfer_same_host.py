@@ -10,6 +10,7 @@ they were.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import mmap
@@ -30,17 +31,15 @@ def _fds() -> dict[int, str]:
     """Open descriptors and what they are (not counting the one that lists them)."""
     out = {}
     for name in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor, closed by now
             out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except FileNotFoundError:  # the listing's own descriptor, closed by now
-            pass
     return out
 
 
 def _offer_ring(slots: int = 2, slot_nbytes: int = 1 << 16) -> tuple[shm.ShmOffer, shm.SourceRing, uuid.UUID]:
     ring = shm.SourceRing(slots, slot_nbytes)
     tid = uuid.uuid4()
-    return shm.ShmOffer(tid, lambda pid, held: (ring, held != ring.ring_id)), ring, tid
+    return shm.ShmOffer(tid, lambda pid, held, r=ring: (r, held != r.ring_id)), ring, tid
 
 
 # --- the handover, in one process ------------------------------------------------------------
@@ -66,7 +65,7 @@ def test_handover_maps_the_sealed_ring_read_only_and_reuses_it() -> None:
         mapped.slot(0)[0] = 1
     # A second transfer: the destination says it holds the ring, so no descriptor travels.
     tid2 = uuid.uuid4()
-    offer2 = shm.ShmOffer(tid2, lambda pid, held: (ring, held != ring.ring_id))
+    offer2 = shm.ShmOffer(tid2, lambda pid, held, r=ring: (r, held != r.ring_id))
     again, channel2 = shm.accept_offer(os.getpid(), tid2, 1024, timeout=5.0)
     offer2.close()
     channel2.close()
