@@ -29,6 +29,16 @@ was. What the source reports:
   answers from its own process-wide record. :meth:`BlockTransfer.outcome` then says "completed"
   or "failed" instead of "unknown".
 
+Same host (:mod:`.shm`): when both ends run on one host and both allow it (``same_host``), the
+payload does not travel through the transport at all. The header offers it (boot id and pid); the
+destination takes the source's staging ring over a Unix socket before its header reply and says in
+that reply which path the payload takes, so the two sides never disagree. Chunks are then gathered
+into ring slots and checked and scattered by the destination from its mapping of the ring; footers
+and slot acknowledgements go over that socket. Every rule above holds on this path too: nothing
+is reserved before the header is accepted, every chunk's checksum is verified before it is
+scattered, publish and the final OK go over the transport as before, and a source that dies
+mid-transfer is seen at once (end of file on the socket), as is a destination that dies.
+
 The destination commits even if its final reply cannot be sent (``ReceivedBlocks.reply_sent`` is
 False then): the source reports "unknown" in that case, never "failed". A refusal (spec mismatch,
 pool full, bad checksum) keeps both sides in step, so the pair stays usable. A timeout or a dead

@@ -3,8 +3,13 @@
 When both ends of a transfer run on one host, the source gathers chunks into a ring of staging
 slots that lives in an anonymous shared-memory file (``memfd_create``) and the destination checks
 and scatters each chunk straight out of its own read-only mapping of that file: one copy into the
-ring, one copy out, no socket in between. gloo stays the control channel (header, per-chunk
-footers and acknowledgements, final reply) and the cross-host data path.
+ring, one copy out, no payload on any socket. gloo stays the control channel of the transfer
+(header, header reply, digests, final reply: the commit protocol of :mod:`.blocks` unchanged) and
+the cross-host data path. Per chunk, the 32-byte footer (source to destination) and the
+acknowledgement that frees its slot (destination to source) go over the Unix socket of the
+handover, straight between the two threads: a gloo message costs two extra thread hops through
+gloo's I/O thread, which under load cost more than the copy of a chunk; and a dead peer reads as
+end of file on that socket at once.
 
 Handing the ring over. The source listens on an abstract Unix socket named after its pid and the
 transfer id (``sagellm-kv/<pid>/<transfer id>``) while its header travels over gloo; the header
@@ -24,7 +29,8 @@ Security:
 * the source hands a descriptor only to a process of its own user that presents the transfer id;
 * a ring carries only transfers addressed to the one process it was handed to (a ring is never
   handed to a second process; a new peer process gets a new ring); never the pool arena;
-* the destination maps the ring read-only, only after checking that it is a regular file whose
+* the destination maps the ring read-only (Python's mmap keeps its own duplicate of the descriptor
+  while mapped), only after checking that it is a regular file whose
   size is exactly the announced geometry and that it is sealed against shrinking (so a page can
   never vanish under the mapping and raise SIGBUS), and every chunk's size and offset are checked
   against that geometry before any read. Checksums catch damage, as on the wire; like there, they
@@ -154,6 +160,9 @@ class SourceRing:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 #: Picks the ring to hand to a connecting process: (peer pid, ring id it holds) -> (ring, send fd?).

@@ -19,6 +19,12 @@ OK. A source that loses the final reply therefore cannot tell whether the destin
 its next header to that rank may carry the id of such a transfer (``FLAG_QUERY``, 16 bytes after
 the fixed fields), and the destination answers in the header reply (``a``, one of ``ANSWER_*``).
 
+With ``FLAG_SHM`` the header also carries the source's boot id and pid (after the query id's
+place): an offer of the same-host path (:mod:`.shm`). The header's OK reply says in ``b`` which
+path the payload takes (``PATH_GLOO``: chunk frames as above; ``PATH_SHM``: the chunks are in the
+source's shared ring and only their footers and acknowledgements, ``PHASE_ACK`` replies, travel,
+over the handover's Unix socket); digests and the final reply stay on this transport.
+
 Every frame ends with a CRC-32 of its own bytes, so a damaged frame is told apart from a spec
 mismatch. Checksum algorithm ``segsum64`` (id 1) is built for speed on a busy host: the payload is
 cut into 4 KiB segments, each segment's 512 little-endian 64-bit words are summed (mod 2**64, one
