@@ -245,6 +245,26 @@ def test_a_process_of_another_user_cannot_attach() -> None:
     ring.close()
 
 
+@pytest.mark.parametrize("query", [False, True])
+def test_wire_header_carries_the_same_host_offer(query: bool) -> None:
+    from sagellm_kv_cache.transfer import wire
+
+    boot = shm.boot_id()
+    assert boot is not None
+    header = wire.TransferHeader(
+        transfer_id=uuid.uuid4(), num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="bf16",
+        num_blocks=9, block_nbytes=32768, chunk_blocks=4, checksum_algorithm=1, has_digests=False,
+        digests_checksum=0, src_rank=3, dst_rank=1, query_id=uuid.uuid4() if query else None,
+        boot_id=boot, pid=os.getpid(),
+    )
+    frame = np.zeros(wire.HEADER_NBYTES, dtype=np.uint8)
+    header.pack(frame)
+    assert wire.TransferHeader.unpack(frame) == header
+    plain = wire.TransferHeader(**{**header.__dict__, "boot_id": None, "pid": 0})
+    plain.pack(frame)
+    assert wire.TransferHeader.unpack(frame) == plain  # no offer: neither boot id nor pid
+
+
 def test_ring_is_not_in_any_file_system() -> None:
     ring = shm.SourceRing(1, mmap.PAGESIZE)
     target = os.readlink(f"/proc/self/fd/{ring.fd}")
