@@ -127,11 +127,11 @@ def measure(sizes_mib: list[int], repeats: int, options: dict[str, Any], concurr
 def _rows(size: int, t: dict[str, float], concurrency: int, options: dict[str, Any]) -> list[Row]:
     label = f"{size} MiB" if size < 1024 else f"{size // 1024} GiB"
     gbps = {k: t["bytes"] / t[k] / 1e9 for k in KINDS}
-    extra = {"bytes": int(t["bytes"]), "cpus": os.cpu_count(), "concurrent": concurrency,
-             "shm_path_used": bool(t["shm_path_used"]), **options}
+    extra = {"bytes": int(t["bytes"]), "cpus": os.cpu_count(), "concurrent": concurrency, **options}
     return [
         Row(f"W5 same-host {label} x{concurrency}", "GB/s", gbps["shm"], gbps["memcpy"],
-            "1-thread memcpy, same bytes", higher_is_better=True, extra=extra),
+            "1-thread memcpy, same bytes", higher_is_better=True,
+            extra={**extra, "shm_path_used": bool(t["shm_path_used"])}),
         Row(f"W5 gloo {label} x{concurrency}", "GB/s", gbps["gloo"], gbps["raw"],
             "raw gloo send/recv, same bytes", higher_is_better=True, extra=extra),
     ]
