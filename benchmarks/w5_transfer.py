@@ -1,15 +1,22 @@
-"""W5: pool-to-pool block transfer between two processes over gloo against a raw gloo send.
+"""W5: pool-to-pool block transfer between processes, on each path, against its raw reference.
 
-Ours: ``BlockTransfer.send_blocks`` on rank 0 / ``recv_blocks`` on rank 1 — C++ gather into staging
-buffers, header and replies, per-chunk checksum, scatter into freshly allocated blocks — timed on
-the destination from a common barrier until the blocks are in its pool. Reference: the same number
-of bytes as one contiguous torch tensor through ``GlooBackend.send``/``recv`` (no gather, no
-checksum, no scatter), timed the same way. Each repetition runs both, alternating, so they share
-the machine's noise; the best of the repetitions is reported. Block ids are a random permutation,
-as in a pool that has been in use.
+Two comparisons, each with its own reference measured in the same processes, alternating with ours
+so both share the machine's noise (best of the repetitions is reported):
+
+* same-host path (``BlockTransfer(same_host=True)``: C++ gather into the source's memfd staging
+  ring, footers and acks over gloo, checksum and scatter out of the destination's mapping) against a
+  single-thread ``memcpy`` of the same number of bytes between two buffers of one process;
+* gloo path (``same_host=False``: gather into staging buffers, gloo send of payload + footer,
+  checksum and scatter) against a raw ``GlooBackend.send``/``recv`` of the same bytes as one
+  contiguous tensor (no gather, no checksum, no scatter).
+
+Transfers are timed on the destination from a common barrier until the blocks are in its pool.
+Block ids are a random permutation, as in a pool that has been in use. With ``--concurrency c``,
+``2c`` processes run ``c`` transfers at once (rank i sends to rank i + c); each reference runs
+``c``-fold at once too (memcpy on every destination), and the slowest destination's time counts.
 
     python benchmarks/run.py --only W5 [--quick]
-    python benchmarks/w5_transfer.py --sizes 64,1024 --chunk-mib 4 --depth 4
+    python benchmarks/w5_transfer.py --sizes 64,1024 --concurrency 1,2,4
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from common import Row, print_table
 # 32 layers x 8 KV heads x 128 dims x fp16 x 16 tokens (a Llama-3-8B shard): 2 MiB per block.
 SPEC = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "fp16", "block_size": 16}
 MIB = 1 << 20
+KINDS = ("shm", "memcpy", "gloo", "raw")
 
 
 def _free_port() -> int:
@@ -35,7 +43,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, port: int, sizes_mib: list[int], repeats: int, options: dict[str, Any], results: Any) -> None:
+def _worker(rank: int, world: int, port: int, sizes_mib: list[int], repeats: int, options: dict[str, Any],
+            results: Any) -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import numpy as np
     import torch
@@ -44,53 +53,88 @@ def _worker(rank: int, port: int, sizes_mib: list[int], repeats: int, options: d
     from sagellm_kv_cache.transfer import BlockTransfer
 
     backend = GlooBackend()
-    backend.init(rank, 2, "127.0.0.1", port)
+    backend.init(rank, world, "127.0.0.1", port)
+    pairs = world // 2
+    sender = rank < pairs
+    peer = rank + pairs if sender else rank - pairs
     spec = KVCacheSpec(**SPEC)
-    bt = BlockTransfer(backend, **options)
+    shm_chunk = options.pop("shm_chunk_bytes", None)
+    paths = {"shm": BlockTransfer(backend, same_host=True, **options),
+             "gloo": BlockTransfer(backend, same_host=False, **options)}
+    if shm_chunk:
+        paths["shm"]._shm_chunk_bytes = shm_chunk  # a sweep of the ring's slot size
     out: dict[int, dict[str, float]] = {}
     for size in sizes_mib:
         n = size * MIB // spec.block_nbytes
         pool = PagedKVPool(spec, n + 8)
         raw = torch.from_numpy(np.ones(n * spec.block_nbytes, dtype=np.uint8))
-        if rank == 0:
+        copy_to = None if sender else np.ones(n * spec.block_nbytes, dtype=np.uint8)
+        if sender:
             ids = np.random.default_rng(size).permutation(n + 8)[:n].astype(np.int32)
             pool.allocate(n + 8)  # every block in use; we send a scattered subset
-        best = {"ours": float("inf"), "raw": float("inf")}
-        for rep in range(repeats + 1):  # the first round warms pages, sockets and staging buffers
-            for kind in ("raw", "ours") if rep % 2 else ("ours", "raw"):
+        best = dict.fromkeys(KINDS, float("inf"))
+        seen_path = ""
+        for rep in range(repeats + 1):  # the first round warms pages, sockets, rings and staging buffers
+            for kind in KINDS if rep % 2 else KINDS[::-1]:
                 backend.barrier()
                 start = time.perf_counter()
                 if kind == "raw":
-                    backend.send(raw, 1) if rank == 0 else backend.recv(raw, 0)
-                elif rank == 0:
-                    bt.send_blocks(pool, ids, 1)
+                    backend.send(raw, peer) if sender else backend.recv(raw, peer)
+                elif kind == "memcpy":
+                    if copy_to is not None:
+                        np.copyto(copy_to, raw.numpy())
+                elif sender:
+                    paths[kind].send_blocks(pool, ids, peer)
                 else:
-                    got = bt.recv_blocks(pool, 0)
+                    got = paths[kind].receive(pool, peer)
+                    if kind == "shm":
+                        seen_path = got.path
                 elapsed = time.perf_counter() - start
-                if rank == 1 and kind == "ours":
-                    pool.free(got)
+                if not sender and kind in ("shm", "gloo"):
+                    pool.free(got.block_ids)
                 if rep:
                     best[kind] = min(best[kind], elapsed)
-        out[size] = {"bytes": float(n * spec.block_nbytes), **best}
-        del pool, raw
+        out[size] = {"bytes": float(n * spec.block_nbytes), **best, "shm_path_used": float(seen_path == "shm")}
+        del pool, raw, copy_to
     results.put((rank, out))
     results.close()
     results.join_thread()
     os._exit(0)
 
 
-def measure(sizes_mib: list[int], repeats: int, options: dict[str, Any]) -> dict[int, dict[str, float]]:
-    """Runs both ranks; returns the destination's best times per size."""
+def measure(sizes_mib: list[int], repeats: int, options: dict[str, Any], concurrency: int = 1
+            ) -> dict[int, dict[str, float]]:
+    """Runs 2 x ``concurrency`` ranks; per size, the slowest destination's best time of each kind."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, sizes_mib, repeats, options, results)) for r in range(2)]
+    world = 2 * concurrency
+    procs = [ctx.Process(target=_worker, args=(r, world, port, sizes_mib, repeats, options, results))
+             for r in range(world)]
     for p in procs:
         p.start()
-    got = dict(results.get(timeout=900) for _ in range(2))
+    got = dict(results.get(timeout=1800) for _ in range(world))
     for p in procs:
         p.join(timeout=30)
-    return got[1]
+    merged: dict[int, dict[str, float]] = {}
+    for size in sizes_mib:
+        dests = [got[r][size] for r in range(concurrency, world)]
+        merged[size] = {k: max(d[k] for d in dests) for k in (*KINDS, "bytes")}
+        merged[size]["shm_path_used"] = min(d["shm_path_used"] for d in dests)
+    return merged
+
+
+def _rows(size: int, t: dict[str, float], concurrency: int, options: dict[str, Any]) -> list[Row]:
+    label = f"{size} MiB" if size < 1024 else f"{size // 1024} GiB"
+    gbps = {k: t["bytes"] / t[k] / 1e9 for k in KINDS}
+    extra = {"bytes": int(t["bytes"]), "cpus": os.cpu_count(), "concurrent": concurrency, **options}
+    return [
+        Row(f"W5 same-host {label} x{concurrency}", "GB/s", gbps["shm"], gbps["memcpy"],
+            "1-thread memcpy, same bytes", higher_is_better=True,
+            extra={**extra, "shm_path_used": bool(t["shm_path_used"])}),
+        Row(f"W5 gloo {label} x{concurrency}", "GB/s", gbps["gloo"], gbps["raw"],
+            "raw gloo send/recv, same bytes", higher_is_better=True, extra=extra),
+    ]
 
 
 def run(quick: bool = False) -> list[Row]:
@@ -99,29 +143,29 @@ def run(quick: bool = False) -> list[Row]:
     options = {"chunk_bytes": 4 * MIB, "pipeline_depth": 4}
     rows = []
     for size, t in measure(sizes, repeats, options).items():
-        label = f"{size} MiB" if size < 1024 else f"{size // 1024} GiB"
-        ours, raw = t["bytes"] / t["ours"] / 1e9, t["bytes"] / t["raw"] / 1e9
-        rows.append(Row(f"W5 transfer {label} (2 procs)", "GB/s", ours, raw,
-                        "raw gloo send/recv, same bytes", higher_is_better=True,
-                        extra={"bytes": int(t["bytes"]), "cpus": os.cpu_count(), **options}))
+        rows += _rows(size, t, 1, options)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="64,256", help="MiB per transfer, comma-separated")
+    parser.add_argument("--concurrency", default="1", help="concurrent transfers, comma-separated (e.g. 1,2,4)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-mib", type=float, default=4.0)
     parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--shm-chunk-mib", type=float, default=0.0, help="ring slot size (default: the library's)")
     parser.add_argument("--checksum", default="segsum64")
     parser.add_argument("--gather-thread", choices=("auto", "on", "off"), default="auto")
     args = parser.parse_args(argv)
     options = {"chunk_bytes": int(args.chunk_mib * MIB), "pipeline_depth": args.depth, "checksum": args.checksum,
                "gather_thread": {"auto": None, "on": True, "off": False}[args.gather_thread]}
+    if args.shm_chunk_mib:
+        options["shm_chunk_bytes"] = int(args.shm_chunk_mib * MIB)
     rows = []
-    for size, t in measure([int(s) for s in args.sizes.split(",")], args.repeats, options).items():
-        rows.append(Row(f"W5 transfer {size} MiB", "GB/s", t["bytes"] / t["ours"] / 1e9, t["bytes"] / t["raw"] / 1e9,
-                        "raw gloo send/recv", higher_is_better=True))
+    for c in (int(x) for x in args.concurrency.split(",")):
+        for size, t in measure([int(s) for s in args.sizes.split(",")], args.repeats, options, c).items():
+            rows += _rows(size, t, c, options)
     print_table(rows)
     return 0
 

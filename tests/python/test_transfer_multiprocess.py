@@ -117,13 +117,13 @@ def _outcome(fn: Callable[[], Any]) -> tuple[str, Any, float]:
 # --- two ranks: 0 sends, 1 receives ----------------------------------------------------------
 
 
-def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
+def _pair_session(rank: int, backend: Any, same_host: bool = True) -> dict[str, Any]:
     from sagellm_kv_cache import KVCacheSpec, KVHandle, KVTransferEngine, PagedKVPool
     from sagellm_kv_cache.transfer import BlockTransfer
 
     spec = KVCacheSpec(**SPEC)
     # The gather thread on, whatever the machine (its default depends on the CPU count).
-    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, gather_thread=True)
+    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, gather_thread=True, same_host=same_host)
     r: dict[str, Any] = {}
     if rank == 0:
         pool = PagedKVPool(spec, 13_000)
@@ -153,7 +153,7 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
         r["sha_generic"] = _sha(pool, many)
         r["generic"] = _outcome(lambda: generic.send_blocks(pool, many, 1))
 
-        engine = KVTransferEngine(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+        engine = KVTransferEngine(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, same_host=same_host)
         tid = engine.send_blocks(pool, few, 1, request_id="req-7")
         r["engine_blocks"] = (str(engine.get_transfer_status(tid).value), engine.get_transfer_metadata(tid).total_bytes)
         r["zero"] = _outcome(lambda: bt.send_blocks(pool, [], 1))
@@ -224,7 +224,7 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
     r["generic"] = kind
     r["sha_generic"] = _sha(pool, ids) if kind == "ok" else None
 
-    engine = KVTransferEngine(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+    engine = KVTransferEngine(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, same_host=same_host)
     ids = engine.recv_blocks(pool, 0)
     meta = engine.get_transfer_metadata(next(iter(engine._records)))
     r["engine_blocks"] = (str(meta.status.value), meta.total_bytes, len(ids), engine.get_completed_count())
@@ -266,9 +266,11 @@ def _fill_ids(pool: Any, ids: np.ndarray) -> None:
     pool.scatter(rng.integers(0, 256, size=len(ids) * pool.block_nbytes, dtype=np.uint8), ids)
 
 
-@pytest.fixture(scope="module")
-def pair() -> dict[int, Any]:
-    return _run(_pair_session, world=2)
+@pytest.fixture(scope="module", params=["shm", "gloo"])
+def pair(request: pytest.FixtureRequest) -> dict[int, Any]:
+    """Every scenario on both payload paths: the same-host ring (the default between two processes
+    of one host) and the transport (``same_host=False``, as between hosts)."""
+    return _run(functools.partial(_pair_session, same_host=request.param == "shm"), world=2)
 
 
 def test_one_hundred_and_ten_thousand_blocks_arrive_byte_exact(pair: dict[int, Any]) -> None:

@@ -193,7 +193,8 @@ def _footer_session(rank: int, backend: Any) -> dict[str, Any]:
     from sagellm_kv_cache.transfer import BlockTransfer
 
     pool = PagedKVPool(KVCacheSpec(**SPEC), 32)
-    bt = BlockTransfer(backend, timeout=20.0)
+    # The gloo path, where a chunk's footer travels in the same frame, right after its payload.
+    bt = BlockTransfer(backend, timeout=20.0, same_host=False)
     if rank == 0:
         _fill(pool, seed=3)
 

@@ -29,6 +29,16 @@ was. What the source reports:
   answers from its own process-wide record. :meth:`BlockTransfer.outcome` then says "completed"
   or "failed" instead of "unknown".
 
+Same host (:mod:`.shm`): when both ends run on one host and both allow it (``same_host``), the
+payload does not travel through the transport at all. The header offers it (boot id and pid); the
+destination takes the source's staging ring over a Unix socket before its header reply and says in
+that reply which path the payload takes, so the two sides never disagree. Chunks are then gathered
+into ring slots and checked and scattered by the destination from its mapping of the ring; footers
+and slot acknowledgements go over that socket. Every rule above holds on this path too: nothing
+is reserved before the header is accepted, every chunk's checksum is verified before it is
+scattered, publish and the final OK go over the transport as before, and a source that dies
+mid-transfer is seen at once (end of file on the socket), as is a destination that dies.
+
 The destination commits even if its final reply cannot be sent (``ReceivedBlocks.reply_sent`` is
 False then): the source reports "unknown" in that case, never "failed". A refusal (spec mismatch,
 pool full, bad checksum) keeps both sides in step, so the pair stays usable. A timeout or a dead
@@ -64,8 +74,15 @@ from sagellm_kv_cache.errors import (
     KVTransferTimeoutError,
 )
 from sagellm_kv_cache.paged import PagedKVPool
-from sagellm_kv_cache.transfer import wire
-from sagellm_kv_cache.transfer.transport import Pending, Transport, TransportError, TransportTimeout, make_transport
+from sagellm_kv_cache.transfer import shm, wire
+from sagellm_kv_cache.transfer.transport import (
+    Pending,
+    TorchDistTransport,
+    Transport,
+    TransportError,
+    TransportTimeout,
+    make_transport,
+)
 
 __all__ = ["BlockTransfer", "DigestSink", "Outcome", "Publisher", "ReceivedBlocks"]
 
@@ -101,6 +118,8 @@ class ReceivedBlocks:
     #: False when the final OK could not be sent (the blocks are committed all the same; the
     #: source then reports the outcome as unknown until a later exchange settles it).
     reply_sent: bool = True
+    #: How the payload came: "shm" (the source's shared-memory ring, same host) or "gloo".
+    path: Literal["gloo", "shm"] = "gloo"
 
 
 #: What a source knows of one of its transfers.
@@ -376,7 +395,10 @@ class BlockTransfer:
     ``checksum`` is ``"segsum64"`` (fast, default) or ``"crc32"``; ``transport`` is ``"auto"``
     (torch.distributed for ``GlooBackend``), ``"torch"`` or ``"backend"`` (the backend's own
     blocking calls on a thread; any backend); ``gather_thread`` gathers on the source on a thread
-    of its own while the sending thread is inside gloo (default: when the machine has 4+ CPUs).
+    of its own while the sending thread is inside gloo (default: when the machine has 4+ CPUs);
+    ``same_host`` lets a transfer whose two ends share a host move its payload through a
+    shared-memory ring (:mod:`.shm`) instead of the transport; both ends must allow it, and it falls
+    back to the transport by itself when they are not on one host.
     """
 
     def __init__(
@@ -389,6 +411,7 @@ class BlockTransfer:
         checksum: str = "segsum64",
         transport: str = "auto",
         gather_thread: bool | None = None,
+        same_host: bool = True,
     ) -> None:
         if comm_backend is None:
             raise ValueError("comm_backend is required (e.g. an initialised sagellm_comm.GlooBackend)")
@@ -417,6 +440,12 @@ class BlockTransfer:
         self._lock = threading.Lock()
         self._peer_locks: dict[tuple[int, str], threading.Lock] = {}
         self._broken: dict[int, str] = {}
+        self._same_host = bool(same_host) and shm.available()
+        #: Payload per ring slot on the same-host path (at most ``chunk_bytes``): 4 MiB measured best
+        #: here against 2 and 8 MiB; each slot costs one footer and one ack between the processes.
+        self._shm_chunk_bytes = 4 << 20
+        #: Same-host staging ring per destination rank (each handed to one destination process).
+        self._rings: dict[int, shm.SourceRing] = {}
         #: Tests only: called on the source with (chunk index, payload view) after the chunk's checksum
         #: is taken and before it is sent, to damage the wire copy, stall, or kill the process.
         self._chunk_hook: Callable[[int, npt.NDArray[np.uint8]], None] | None = None
@@ -456,6 +485,7 @@ class BlockTransfer:
             has_digests=digest_array is not None,
             digests_checksum=wire.digests_checksum(digest_array) if digest_array is not None else 0,
             src_rank=me, dst_rank=dst_rank, query_id=_LEDGER.next_question(dst_rank),
+            boot_id=shm.boot_id() if self._shm_usable(transport) and ids.size else None, pid=os.getpid(),
         )
         deadline = _Deadline(self._timeout if timeout is None else timeout)
         with self._peer(dst_rank, "send", tid, me, dst_rank):
@@ -610,20 +640,65 @@ class BlockTransfer:
         state: dict[str, Any],
     ) -> None:
         dst = header.dst_rank
-        frame = _Staging(wire.HEADER_NBYTES)
-        header.pack(frame.array)
-        transport.isend(frame.tensor, dst, _DATA).wait(deadline.remaining())
-        reply = self._recv_reply(transport, dst, deadline, wire.PHASE_HEADER)
+        offer = self._offer(header)
+        if offer is None and header.boot_id is not None:
+            header = replace(header, boot_id=None, pid=0)
+        try:
+            frame = _Staging(wire.HEADER_NBYTES)
+            header.pack(frame.array)
+            transport.isend(frame.tensor, dst, _DATA).wait(deadline.remaining())
+            reply = self._recv_reply(transport, dst, deadline, wire.PHASE_HEADER)
+        finally:
+            if offer is not None:
+                offer.close()  # joins its thread: what it handed over is settled now
         if reply.status != wire.ReplyStatus.OK:
             raise _Refused(reply, self._refusal_error(reply, header, {}))
         if header.query_id is not None:
             _LEDGER.settle(dst, header.query_id, reply.a)
+        ring = offer.handed if offer is not None and reply.b == wire.PATH_SHM else None
+        channel = offer.channel if offer is not None else None
+        if ring is None and channel is not None:
+            channel.close()  # the destination did not take the ring after all
+            channel = None
+        if reply.b == wire.PATH_SHM and (ring is None or channel is None):
+            raise wire.WireFormatError("reply", "the destination took the same-host path but no ring was handed over")
+        state["path"] = "shm" if ring is not None else "gloo"
 
         pending: deque[Pending] = deque()
         if digests is not None and digests.size:
             state["phase"] = "digests"
             pending.append(transport.isend(torch.from_numpy(digests.reshape(-1)), dst, _DATA))
+        if ring is not None and channel is not None:
+            try:
+                sent_checksums, aborted = self._send_chunks_shm(
+                    channel, pool, ids, _shm_chunking(header, ring.slot_nbytes), ring, pending, deadline, state)
+            finally:
+                channel.close()
+        else:
+            sent_checksums, aborted = self._send_chunks(transport, pool, ids, header, pending, deadline, state)
 
+        state["phase"] = "final reply"
+        reply = self._recv_reply(transport, dst, deadline, wire.PHASE_FINAL)
+        if aborted is not None:
+            raise _Refused(reply, KVTransferFailedError(
+                header.transfer_id, source=f"rank {header.src_rank}", target=f"rank {dst}",
+                reason=f"the source failed while gathering: {aborted!r}", context={"side": "source"},
+            )) from aborted
+        if reply.status != wire.ReplyStatus.OK:
+            raise _Refused(reply, self._refusal_error(reply, header, sent_checksums))
+
+    def _send_chunks(
+        self,
+        transport: Transport,
+        pool: PagedKVPool,
+        ids: BlockIdArray,
+        header: wire.TransferHeader,
+        pending: deque[Pending],
+        deadline: _Deadline,
+        state: dict[str, Any],
+    ) -> tuple[dict[int, int], BaseException | None]:
+        """gloo path: every chunk's payload and footer in one message."""
+        dst = header.dst_rank
         num_chunks = header.num_chunks
         payload_max = min(header.chunk_blocks, header.num_blocks) * header.block_nbytes
         slots = self._staging.take(payload_max + wire.FOOTER_NBYTES, min(self._depth, num_chunks))
@@ -651,17 +726,83 @@ class BlockTransfer:
             state["source_aborted"] = producer.aborted is not None
         if clean:
             self._staging.give(slots)  # every send on them has completed and the producer is gone
-        sent_checksums, aborted = producer.checksums, producer.aborted
+        return producer.checksums, producer.aborted
 
-        state["phase"] = "final reply"
-        reply = self._recv_reply(transport, dst, deadline, wire.PHASE_FINAL)
-        if aborted is not None:
-            raise _Refused(reply, KVTransferFailedError(
-                header.transfer_id, source=f"rank {header.src_rank}", target=f"rank {dst}",
-                reason=f"the source failed while gathering: {aborted!r}", context={"side": "source"},
-            )) from aborted
-        if reply.status != wire.ReplyStatus.OK:
-            raise _Refused(reply, self._refusal_error(reply, header, sent_checksums))
+    def _send_chunks_shm(
+        self,
+        channel: shm.Channel,
+        pool: PagedKVPool,
+        ids: BlockIdArray,
+        header: wire.TransferHeader,
+        ring: shm.SourceRing,
+        pending: deque[Pending],
+        deadline: _Deadline,
+        state: dict[str, Any],
+    ) -> tuple[dict[int, int], BaseException | None]:
+        """Same-host path: chunk k is gathered into ring slot k % slots; its footer goes through the
+        transfer's channel.
+
+        The slot is refilled only after the destination acknowledged the chunk that used it last
+        (it acknowledges chunk j when j + slots < num_chunks, once it is done reading it).
+        """
+        num_chunks, slots = header.num_chunks, ring.slots
+        checksums: dict[int, int] = {}
+        aborted: BaseException | None = None
+        footer = np.empty(wire.FOOTER_NBYTES, dtype=np.uint8)
+        for k in range(num_chunks):
+            state["phase"] = f"chunk {k} of {num_chunks}"
+            if k >= slots:
+                ack = wire.Reply.unpack(np.frombuffer(channel.recv(wire.REPLY_NBYTES, deadline.remaining()),
+                                                      dtype=np.uint8))
+                if ack.phase != wire.PHASE_ACK or ack.a != k - slots:
+                    raise wire.WireFormatError("reply", f"expected the ack of chunk {k - slots}, got phase "
+                                                        f"{ack.phase} a={ack.a}")
+            start, stop = header.chunk_range(k)
+            nbytes = (stop - start) * header.block_nbytes
+            payload = ring.slot(k)[:nbytes]
+            value, flags = 0, 0
+            if aborted is None:
+                try:
+                    pool.gather_into(ids[start:stop], payload)
+                    value = wire.checksum(payload, header.checksum_algorithm)
+                except Exception as e:  # the destination must still get every footer it expects
+                    aborted = e
+            if aborted is not None:
+                flags = wire.FOOTER_ABORT
+            checksums[k] = value
+            wire.ChunkFooter(k, flags, nbytes, value).pack(footer)
+            if self._chunk_hook is not None:
+                self._chunk_hook(k, payload)
+            channel.send(footer.tobytes(), deadline.remaining())
+        state["all_sent"] = True  # from here on the destination may hold every chunk
+        state["source_aborted"] = aborted is not None
+        state["phase"] = "drain"
+        for work in pending:
+            work.wait(deadline.remaining())
+        return checksums, aborted
+
+    def _offer(self, header: wire.TransferHeader) -> shm.ShmOffer | None:
+        """Listens for the destination's handover, when this transfer offers the same-host path."""
+        if header.boot_id is None:
+            return None
+        dst = header.dst_rank
+        capacity = max(1, min(header.chunk_blocks * header.block_nbytes, self._shm_chunk_bytes)
+                       // header.block_nbytes) * header.block_nbytes
+
+        def provide(pid: int, held: int) -> tuple[shm.SourceRing, bool]:
+            ring = self._rings.get(dst)
+            fits = ring is not None and ring.slots == self._depth and ring.slot_nbytes == capacity
+            if ring is not None and fits and ring.handed_to in (None, pid):
+                return ring, not (ring.handed_to == pid and held == ring.ring_id)
+            if ring is not None:  # another process (or another shape) had it: a new ring, never a shared one
+                ring.close()
+            ring = self._rings[dst] = shm.SourceRing(self._depth, capacity)
+            return ring, True
+
+        try:
+            return shm.ShmOffer(header.transfer_id, provide)
+        except OSError:
+            return None
 
     def _recv_reply(self, transport: Transport, peer: int, deadline: _Deadline, phase: int) -> wire.Reply:
         frame = _Staging(wire.REPLY_NBYTES)
@@ -748,15 +889,50 @@ class BlockTransfer:
             e.context.update({"transfer_id": str(tid), "needed_blocks": n, "src_rank": src})
             raise
         _LEDGER.begin(tid)
+        ring: shm.MappedRing | None = None
+        channel: shm.Channel | None = None
         try:
+            ring, channel = self._take_ring(transport, header, deadline, state)
             answer = _LEDGER.answer(header.query_id)  # about an earlier transfer the source is unsure of
-            self._reply(transport, src, deadline, wire.Reply(wire.ReplyStatus.OK, wire.PHASE_HEADER, answer))
-            result = self._receive_payload(transport, pool, src, header, reserved, deadline, state)
+            path = wire.PATH_SHM if ring is not None else wire.PATH_GLOO
+            self._reply(transport, src, deadline, wire.Reply(wire.ReplyStatus.OK, wire.PHASE_HEADER, answer, path))
+            if ring is not None and channel is not None:
+                result = self._receive_payload_shm(transport, channel, pool, src,
+                                                   _shm_chunking(header, ring.slot_nbytes), reserved, ring, deadline,
+                                                   state)
+            else:
+                result = self._receive_payload(transport, pool, src, header, reserved, deadline, state)
         except BaseException:
             pool.free(reserved)
             _LEDGER.finish(tid, published=False)
+            if ring is not None:  # the source may be gone: map its ring afresh next time
+                shm.drop_mappings(ring.src_pid)
             raise
+        finally:
+            if channel is not None:
+                channel.close()
         return reserved, result
+
+    def _shm_usable(self, transport: Transport) -> bool:
+        """The same-host path needs tagged, non-blocking control messages (acks run against footers)."""
+        return self._same_host and transport.name == TorchDistTransport.name
+
+    def _take_ring(
+        self, transport: Transport, header: wire.TransferHeader, deadline: _Deadline, state: dict[str, Any]
+    ) -> tuple[shm.MappedRing | None, shm.Channel | None]:
+        """The source's ring and channel when it offered them and both ends are on this host; else
+        (None, None): the payload comes over the transport."""
+        if header.boot_id is None or not self._shm_usable(transport) or header.num_blocks == 0:
+            return None, None
+        if header.boot_id != shm.boot_id():
+            state["shm"] = "another host"
+            return None, None
+        state["phase"] = "same-host handover"
+        try:  # a slot must hold at least one block: chunks on this path are as many blocks as fit a slot
+            return shm.accept_offer(header.pid, header.transfer_id, header.block_nbytes, deadline.remaining())
+        except shm.HandoverRefused as e:
+            state["shm"] = str(e)
+            return None, None
 
     def _receive_payload(
         self,
@@ -807,7 +983,8 @@ class BlockTransfer:
             nbytes = (stop - start) * block_nbytes
             slot = slots[k % len(slots)].array
             if failure is None:
-                failure, error = self._check_chunk(slot, k, nbytes, header)
+                failure, error = self._check_chunk(slot[:nbytes], slot[nbytes : nbytes + wire.FOOTER_NBYTES], k,
+                                                   header)
             if failure is None:
                 payload = slot[:nbytes]
                 value = wire.checksum(payload, algorithm)
@@ -835,16 +1012,87 @@ class BlockTransfer:
             checksum=f"{_algorithm_name(algorithm)}:{running:016x}", seconds=deadline.elapsed(),
         )
 
+    def _receive_payload_shm(
+        self,
+        transport: Transport,
+        channel: shm.Channel,
+        pool: PagedKVPool,
+        src: int,
+        header: wire.TransferHeader,
+        reserved: BlockIdArray,
+        ring: shm.MappedRing,
+        deadline: _Deadline,
+        state: dict[str, Any],
+    ) -> ReceivedBlocks:
+        """Same-host path: footers over gloo, each chunk checked and scattered from the source's ring.
+
+        The ring's geometry was checked at the handover (its slots hold a whole chunk of this
+        transfer); a footer must name exactly the chunk and size expected before its slot is used.
+        """
+        tid, num_chunks, slots = header.transfer_id, header.num_chunks, ring.slots
+        block_nbytes, algorithm = header.block_nbytes, header.checksum_algorithm
+        digests: DigestArray | None = None
+        digest_work: Pending | None = None
+        if header.has_digests:
+            digests = np.empty((header.num_blocks, wire.DIGEST_NBYTES), dtype=np.uint8)
+            if digests.size:
+                digest_work = transport.irecv(torch.from_numpy(digests.reshape(-1)), src, _DATA)
+        failure: wire.Reply | None = None
+        error: KVCacheError | None = None
+        if digest_work is not None and digests is not None:
+            state["phase"] = "digests"
+            digest_work.wait(deadline.remaining())
+            got = wire.digests_checksum(digests)
+            if got != header.digests_checksum:
+                failure = wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, -1, got)
+                error = KVChecksumMismatchError(f"{header.digests_checksum:016x}", f"{got:016x}", transfer_id=tid,
+                                                context={"side": "destination", "where": "digests"})
+        running = 0
+        ack = np.empty(wire.REPLY_NBYTES, dtype=np.uint8)
+        for k in range(num_chunks):
+            state["phase"] = f"chunk {k} of {num_chunks}"
+            footer = np.frombuffer(channel.recv(wire.FOOTER_NBYTES, deadline.remaining()), dtype=np.uint8)
+            start, stop = header.chunk_range(k)
+            nbytes = (stop - start) * block_nbytes
+            payload = ring.slot(k)[:nbytes]
+            if failure is None:
+                failure, error = self._check_chunk(payload, footer, k, header)
+            if failure is None:
+                value = wire.checksum(payload, algorithm)
+                expected = wire.ChunkFooter.unpack(footer).checksum
+                if value != expected:
+                    failure = wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, k, value)
+                    error = KVChecksumMismatchError(
+                        f"{expected:016x}", f"{value:016x}", transfer_id=tid,
+                        context={"side": "destination", "where": f"chunk {k}", "blocks": (start, stop),
+                                 "path": "shm"},
+                    )
+                else:
+                    pool.scatter(payload, reserved[start:stop])
+                    running = (running * 0x100000001B3 + value) & 0xFFFFFFFFFFFFFFFF
+            if k + slots < num_chunks:  # done with its slot: the source may refill it
+                wire.Reply(wire.ReplyStatus.OK, wire.PHASE_ACK, k).pack(ack)
+                channel.send(ack.tobytes(), deadline.remaining())
+        if failure is not None and error is not None:
+            state["phase"] = "final reply"
+            self._reply(transport, src, deadline, failure)
+            raise _Refused(failure, error)
+        return ReceivedBlocks(
+            transfer_id=tid, block_ids=reserved, digests=digests, nbytes=header.num_blocks * block_nbytes,
+            checksum=f"{_algorithm_name(algorithm)}:{running:016x}", seconds=deadline.elapsed(), path="shm",
+        )
+
     @staticmethod
     def _check_chunk(
-        slot: npt.NDArray[np.uint8], k: int, nbytes: int, header: wire.TransferHeader
+        payload: npt.NDArray[np.uint8], footer_frame: npt.NDArray[np.uint8], k: int, header: wire.TransferHeader
     ) -> tuple[wire.Reply | None, KVCacheError | None]:
-        tid = header.transfer_id
+        tid, nbytes = header.transfer_id, int(payload.size)
         try:
-            footer = wire.ChunkFooter.unpack(slot[nbytes : nbytes + wire.FOOTER_NBYTES])
+            footer = wire.ChunkFooter.unpack(footer_frame)
+
         except wire.WireFormatError as e:
             # The source's checksum is in the damaged footer; send ours so its message shows both.
-            ours = wire.checksum(slot[:nbytes], header.checksum_algorithm)
+            ours = wire.checksum(payload, header.checksum_algorithm)
             return (wire.Reply(wire.ReplyStatus.FOOTER_DAMAGED, wire.PHASE_FINAL, k, ours),
                     KVChecksumMismatchError("valid chunk footer", "damaged footer", transfer_id=tid,
                                             context={"side": "destination", "where": f"chunk {k} footer",
@@ -854,7 +1102,7 @@ class BlockTransfer:
                     KVTransferFailedError(tid, source=f"rank {header.src_rank}", target=f"rank {header.dst_rank}",
                                           reason=f"the source aborted at chunk {k}", context={"side": "destination"}))
         if footer.index != k or footer.payload_nbytes != nbytes:
-            ours = wire.checksum(slot[:nbytes], header.checksum_algorithm)
+            ours = wire.checksum(payload, header.checksum_algorithm)
             return (wire.Reply(wire.ReplyStatus.FOOTER_DAMAGED, wire.PHASE_FINAL, k, ours),
                     KVChecksumMismatchError(f"chunk {k} of {nbytes} B", f"chunk {footer.index} of "
                                             f"{footer.payload_nbytes} B", transfer_id=tid,
@@ -900,6 +1148,13 @@ class BlockTransfer:
         """True once a timeout or a transport error made the link to ``peer`` unusable."""
         with self._lock:
             return peer in self._broken
+
+
+def _shm_chunking(header: wire.TransferHeader, slot_nbytes: int) -> wire.TransferHeader:
+    """The header as the same-host path cuts it: chunks of as many whole blocks as one ring slot holds
+    (a few MiB, so what the source gathers is still in cache when it checksums it), never more than
+    the header's own chunks. Both sides derive it from the ring's checked geometry."""
+    return replace(header, chunk_blocks=max(1, min(header.chunk_blocks, slot_nbytes // header.block_nbytes)))
 
 
 def _algorithm_name(algorithm: int) -> str:

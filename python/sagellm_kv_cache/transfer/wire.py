@@ -19,6 +19,12 @@ OK. A source that loses the final reply therefore cannot tell whether the destin
 its next header to that rank may carry the id of such a transfer (``FLAG_QUERY``, 16 bytes after
 the fixed fields), and the destination answers in the header reply (``a``, one of ``ANSWER_*``).
 
+With ``FLAG_SHM`` the header also carries the source's boot id and pid (after the query id's
+place): an offer of the same-host path (:mod:`.shm`). The header's OK reply says in ``b`` which
+path the payload takes (``PATH_GLOO``: chunk frames as above; ``PATH_SHM``: the chunks are in the
+source's shared ring and only their footers and acknowledgements, ``PHASE_ACK`` replies, travel,
+over the handover's Unix socket); digests and the final reply stay on this transport.
+
 Every frame ends with a CRC-32 of its own bytes, so a damaged frame is told apart from a spec
 mismatch. Checksum algorithm ``segsum64`` (id 1) is built for speed on a busy host: the payload is
 cut into 4 KiB segments, each segment's 512 little-endian 64-bit words are summed (mod 2**64, one
@@ -49,6 +55,7 @@ __all__ = [
     "CHECKSUM_ALGORITHMS",
     "DIGEST_NBYTES",
     "FLAG_QUERY",
+    "FLAG_SHM",
     "FOOTER_NBYTES",
     "HEADER_NBYTES",
     "REPLY_NBYTES",
@@ -79,6 +86,9 @@ FLAG_DIGESTS = 1
 #: Header flag: ``query_id`` names an earlier transfer whose outcome the source does not know.
 FLAG_QUERY = 2
 
+#: Header flag: the source offers the same-host path (boot id and pid follow the query id's place).
+FLAG_SHM = 4
+
 #: Answers to a query, in ``a`` of the header's OK reply.
 ANSWER_NONE = 0  # nothing was asked
 ANSWER_PUBLISHED = 1  # the destination committed that transfer (its blocks were published / handed over)
@@ -95,12 +105,14 @@ _HEADER = struct.Struct("<4sHHI16sIIIIIQQIIQii")
 _HEADER_CRC = struct.Struct("<I")
 # the transfer id a FLAG_QUERY header asks about, right after the fixed fields (reserved bytes before)
 _HEADER_QUERY = struct.Struct("<16s")
+# FLAG_SHM: the source's boot id and pid, right after the query id's place
+_HEADER_SHM = struct.Struct("<16sI")
 # magic, status, detail a, detail b, phase, CRC-32
 _REPLY = struct.Struct("<4sIqQI")
 # magic, chunk index, flags, payload bytes, checksum, CRC-32
 _FOOTER = struct.Struct("<4sIIQQ")
 
-assert _HEADER.size + _HEADER_QUERY.size + _HEADER_CRC.size <= HEADER_NBYTES
+assert _HEADER.size + _HEADER_QUERY.size + _HEADER_SHM.size + _HEADER_CRC.size <= HEADER_NBYTES
 assert _REPLY.size + 4 == REPLY_NBYTES
 assert _FOOTER.size + 4 == FOOTER_NBYTES
 
@@ -173,6 +185,9 @@ class TransferHeader:
     dst_rank: int
     version: int = WIRE_VERSION
     query_id: uuid.UUID | None = None
+    #: Same-host offer: the source's boot id (16 bytes) and pid; None when it offers none.
+    boot_id: bytes | None = None
+    pid: int = 0
 
     @property
     def num_chunks(self) -> int:
@@ -198,15 +213,17 @@ class TransferHeader:
 
     def pack(self, out: npt.NDArray[np.uint8]) -> None:
         """Writes the 128-byte frame into ``out`` (a uint8 array of at least that size)."""
-        flags = (FLAG_DIGESTS if self.has_digests else 0) | (FLAG_QUERY if self.query_id is not None else 0)
+        flags = ((FLAG_DIGESTS if self.has_digests else 0) | (FLAG_QUERY if self.query_id is not None else 0)
+                 | (FLAG_SHM if self.boot_id is not None else 0))
         body = _HEADER.pack(
             _HEADER_MAGIC, self.version, HEADER_NBYTES, flags,
             self.transfer_id.bytes, self.num_layers, self.num_kv_heads, self.head_dim, self.block_size,
             dtype_code(self.dtype), self.num_blocks, self.block_nbytes, self.chunk_blocks,
             self.checksum_algorithm, self.digests_checksum, self.src_rank, self.dst_rank,
         )
-        if self.query_id is not None:
-            body += _HEADER_QUERY.pack(self.query_id.bytes)
+        body += _HEADER_QUERY.pack(self.query_id.bytes if self.query_id is not None else bytes(16))
+        if self.boot_id is not None:
+            body += _HEADER_SHM.pack(self.boot_id, self.pid)
         frame = body.ljust(HEADER_NBYTES - _HEADER_CRC.size, b"\0")
         frame += _HEADER_CRC.pack(_crc(frame))
         out[:HEADER_NBYTES] = np.frombuffer(frame, dtype=np.uint8)
@@ -230,11 +247,14 @@ class TransferHeader:
         if num_blocks and chunk_blocks <= 0:
             raise WireFormatError("chunk_blocks", f"chunk_blocks must be > 0, got {chunk_blocks}", "> 0", chunk_blocks)
         query_id = uuid.UUID(bytes=_HEADER_QUERY.unpack_from(raw, _HEADER.size)[0]) if flags & FLAG_QUERY else None
+        boot, pid = (_HEADER_SHM.unpack_from(raw, _HEADER.size + _HEADER_QUERY.size) if flags & FLAG_SHM
+                     else (None, 0))
         return cls(
             transfer_id=uuid.UUID(bytes=tid), num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
             block_size=block_size, dtype=dtype_from_code(dtype), num_blocks=num_blocks, block_nbytes=block_nbytes,
             chunk_blocks=chunk_blocks, checksum_algorithm=algorithm, has_digests=bool(flags & FLAG_DIGESTS),
             digests_checksum=digests_checksum, src_rank=src, dst_rank=dst, version=version, query_id=query_id,
+            boot_id=boot, pid=pid,
         )
 
 
@@ -253,6 +273,11 @@ class ReplyStatus(IntEnum):
 
 PHASE_HEADER = 1
 PHASE_FINAL = 2
+#: Same-host path: the destination is done with chunk ``a``'s ring slot (the source may refill it).
+PHASE_ACK = 3
+
+#: In the header's OK reply (``b``): the payload comes through the source's shared-memory ring.
+PATH_GLOO, PATH_SHM = 0, 1
 
 
 @dataclass(frozen=True)
