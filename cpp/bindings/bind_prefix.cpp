@@ -435,6 +435,21 @@ void bind_prefix(py::module_& m) {
              py::gil_scoped_release release;
              return self.cache->evict(count);
            }, py::arg("num_blocks"), "Evicts up to num_blocks unreferenced leaves; returns how many went.")
+      .def("evict_detached", [](BoundPrefixCache& self, std::int64_t n) {
+             const std::uint32_t count = checked_count(n, "num_blocks", /*allow_zero=*/true);
+             std::vector<BlockHash> digests;
+             std::vector<BlockId> ids;
+             {
+               py::gil_scoped_release release;
+               (void)self.cache->evict_detached(count, digests, ids);
+             }
+             auto out = digest_array(digests.size());
+             auto span = digest_span(out);
+             std::copy(digests.begin(), digests.end(), span.begin());
+             return py::make_tuple(out, id_array(ids));
+           }, py::arg("num_blocks"),
+           "Evicts up to num_blocks leaves by the policy and hands their blocks to the caller, still "
+           "allocated: (digests (n, 32) uint8, block_ids int32). Free the ids once their bytes are copied.")
       .def("invalidate", [](BoundPrefixCache& self, const py::int_& owner) {
              const std::uint64_t o = owner_value(owner);
              py::gil_scoped_release release;
