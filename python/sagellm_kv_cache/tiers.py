@@ -163,8 +163,10 @@ class DiskTier:
         except OSError:
             os.close(self._fd)
             raise ValueError(f"disk tier directory {str(directory)!r} is in use by another process") from None
-        if os.fstat(self._fd).st_size < self.num_blocks * self.slot_nbytes:
+        old_size = os.fstat(self._fd).st_size
+        if old_size < self.num_blocks * self.slot_nbytes:
             os.ftruncate(self._fd, self.num_blocks * self.slot_nbytes)
+        written_slots = min(self.num_blocks, old_size // self.slot_nbytes)  # beyond: never written
         self.direct_io = False
         self._direct_fd: int | None = None
         if direct_io and hasattr(os, "O_DIRECT"):
@@ -178,7 +180,7 @@ class DiskTier:
         self.index: OrderedDict[bytes, _DiskSlot] = OrderedDict()
         self.generation = 0
         self.dropped_on_open = 0
-        self._rebuild(verify_on_open)
+        self._rebuild(written_slots, verify_on_open)
 
     # --- metadata ------------------------------------------------------------------------------
 
@@ -223,9 +225,6 @@ class DiskTier:
     def _aligned(self, buf: npt.NDArray[np.uint8]) -> bool:
         return buf.ctypes.data % _PAGE == 0 and buf.nbytes % _PAGE == 0
 
-    def _fd_for(self, buf: npt.NDArray[np.uint8]) -> int:
-        return self._direct_fd if self._direct_fd is not None and self._aligned(buf) else self._fd
-
     # --- slot I/O ------------------------------------------------------------------------------
 
     def _encode_header(self, digest: bytes, generation: int, checksum: int) -> npt.NDArray[np.uint8]:
@@ -251,9 +250,9 @@ class DiskTier:
         """Writes one slot: payload (``payload_stride`` bytes, only ``block_nbytes`` checked) then header."""
         checksum = _core.block_checksum(payload[: self.block_nbytes])
         hdr = self._encode_header(digest, generation, checksum)
-        off = slot * self.slot_nbytes
-        self._pwrite(payload, off + _PAGE)
-        self._pwrite(hdr, off)
+        # One positional write of header + payload: a crash may land any part of it, which the
+        # header and payload checksums catch on the next read or reopen.
+        self._io([hdr, payload], slot * self.slot_nbytes, write=True)
         if self.fsync:
             os.fdatasync(self._fd)
 
@@ -261,37 +260,30 @@ class DiskTier:
         """Reads a slot into ``out`` (``payload_stride`` bytes); False when the slot does not hold
         ``digest`` intact (wrong digest, torn header or payload)."""
         hdr = self._header_buffer()
-        off = slot * self.slot_nbytes
-        self._pread(hdr, off)
-        self._pread(out, off + _PAGE)
+        self._io([hdr, out], slot * self.slot_nbytes, write=False)
         decoded = self._decode_header(hdr)
         if decoded is None or decoded[0] != digest:
             return False
         return decoded[2] == _core.block_checksum(out[: self.block_nbytes])
 
-    def _pwrite(self, buf: npt.NDArray[np.uint8], off: int) -> None:
-        fd = self._fd_for(buf)
+    def _io(self, bufs: list[npt.NDArray[np.uint8]], off: int, *, write: bool) -> None:
+        """pwritev / preadv of ``bufs`` at ``off``, through O_DIRECT when every buffer is aligned."""
+        use_direct = self._direct_fd is not None and all(self._aligned(b) for b in bufs)
+        fd = self._direct_fd if use_direct and self._direct_fd is not None else self._fd
+        op = os.pwritev if write else os.preadv
         try:
-            n = os.pwrite(fd, buf, off)
+            n = op(fd, bufs, off)
         except OSError as exc:
             if exc.errno != errno.EINVAL or fd == self._fd:
                 raise
             self._disable_direct()
-            n = os.pwrite(self._fd, buf, off)
-        if n != buf.nbytes:
-            raise OSError(errno.EIO, f"short write to the disk tier ({n} of {buf.nbytes} bytes)")
+            n = op(self._fd, bufs, off)
+        want = sum(b.nbytes for b in bufs)
+        if n != want:
+            raise OSError(errno.EIO, f"short {'write' if write else 'read'} on the disk tier ({n} of {want} bytes)")
 
     def _pread(self, buf: npt.NDArray[np.uint8], off: int) -> None:
-        fd = self._fd_for(buf)
-        try:
-            n = os.preadv(fd, [buf], off)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL or fd == self._fd:
-                raise
-            self._disable_direct()
-            n = os.preadv(self._fd, [buf], off)
-        if n != buf.nbytes:
-            raise OSError(errno.EIO, f"short read from the disk tier ({n} of {buf.nbytes} bytes)")
+        self._io([buf], off, write=False)
 
     def _disable_direct(self) -> None:
         # The filesystem opened with O_DIRECT but refuses the I/O: fall back to buffered I/O.
@@ -302,11 +294,11 @@ class DiskTier:
 
     # --- index ---------------------------------------------------------------------------------
 
-    def _rebuild(self, verify: bool) -> None:
+    def _rebuild(self, written_slots: int, verify: bool) -> None:
         found: dict[bytes, _DiskSlot] = {}
         bounce = self.bounce_buffer()
         hdr = self._header_buffer()
-        for slot in range(self.num_blocks):
+        for slot in range(written_slots):
             off = slot * self.slot_nbytes
             self._pread(hdr, off)
             if not hdr[:8].any():
