@@ -82,11 +82,10 @@ void bind_tier(py::module_& m) {
              check_fits(*slab, pool);
              BlockIds ids(block_ids, "block_ids");
              const std::vector<std::uint32_t> s = checked_slots(*slab, slots, ids.span().size());
-             const std::size_t nb = pool.block_bytes();
+             std::vector<std::byte*> outs(s.size());
+             for (std::size_t i = 0; i < s.size(); ++i) outs[i] = slab->slot(s[i]);
              py::gil_scoped_release release;
-             for (std::size_t i = 0; i < s.size(); ++i) {
-               pool.gather(ids.span().subspan(i, 1), std::span<std::byte>(slab->slot(s[i]), nb));
-             }
+             pool.gather_each(ids.span(), outs);
            }, py::arg("pool"), py::arg("block_ids"), py::arg("slots"),
            "Copies pool blocks block_ids[i] into slots[i] (staging layout), GIL released.")
       .def("copy_to_pool", [](const SlabPtr& slab, PagedKVPool& pool, const py::handle& slots,
@@ -94,11 +93,10 @@ void bind_tier(py::module_& m) {
              check_fits(*slab, pool);
              BlockIds ids(block_ids, "block_ids");
              const std::vector<std::uint32_t> s = checked_slots(*slab, slots, ids.span().size());
-             const std::size_t nb = pool.block_bytes();
+             std::vector<const std::byte*> ins(s.size());
+             for (std::size_t i = 0; i < s.size(); ++i) ins[i] = slab->slot(s[i]);
              py::gil_scoped_release release;
-             for (std::size_t i = 0; i < s.size(); ++i) {
-               pool.scatter(std::span<const std::byte>(slab->slot(s[i]), nb), ids.span().subspan(i, 1));
-             }
+             pool.scatter_each(ins, ids.span());
            }, py::arg("pool"), py::arg("slots"), py::arg("block_ids"),
            "Copies slots[i] into pool blocks block_ids[i], GIL released.")
       .def_property_readonly("num_slots", &HostSlab::num_slots)

@@ -12,6 +12,7 @@
 #include "sagellm_kv/block_allocator.hpp"
 #include "sagellm_kv/error.hpp"
 #include "sagellm_kv/hashing.hpp"
+#include "sagellm_kv/kv_pool.hpp"
 #include "sagellm_kv/prefix_cache.hpp"
 
 namespace sagellm::kv {
@@ -137,6 +138,38 @@ TEST(HostSlab, BadSizesAndDevicesAreTypedErrors) {
   EXPECT_EQ(code_of([] { HostSlab s(1, 0); }), ErrorCode::kInvalidArgument);
   EXPECT_EQ(code_of([] { HostSlab s(4'000'000'000u, std::size_t{1} << 20); }), ErrorCode::kInvalidArgument);
   EXPECT_EQ(code_of([] { HostSlab s(1, 16, "tpu:0"); }), ErrorCode::kUnknownDevice);
+}
+
+TEST(PoolToSlots, GatherEachAndScatterEachRoundTripThroughScatteredSlots) {
+  PagedKVPool pool(KVCacheSpec{2, 4, 8, DType::kFloat16, 16}, 8);
+  std::vector<BlockId> ids(3);
+  pool.allocate(ids);
+  const std::size_t nb = pool.block_bytes();
+  std::vector<std::byte> data(3 * nb);
+  for (std::size_t i = 0; i < data.size(); ++i) data[i] = static_cast<std::byte>(i * 7 + 3);
+  pool.scatter(data, ids);
+  HostSlab slab(4, nb);
+  std::vector<std::byte*> outs = {slab.slot(3), slab.slot(0), slab.slot(2)};
+  pool.gather_each(ids, outs);
+  for (std::size_t i = 0; i < 3; ++i) EXPECT_EQ(std::memcmp(outs[i], data.data() + i * nb, nb), 0) << i;
+  std::vector<BlockId> back(3);
+  pool.allocate(back);
+  std::vector<const std::byte*> ins(outs.begin(), outs.end());
+  pool.scatter_each(ins, back);
+  std::vector<std::byte> round(3 * nb);
+  pool.gather(back, round);
+  EXPECT_EQ(round, data);
+  // Bad input changes nothing: lengths, null buffers, ids out of range, repeated destinations.
+  EXPECT_EQ(code_of([&] { pool.gather_each(ids, std::span<std::byte* const>(outs).first(2)); }),
+            ErrorCode::kInvalidArgument);
+  std::vector<std::byte*> with_null = {slab.slot(1), nullptr, slab.slot(2)};
+  EXPECT_EQ(code_of([&] { pool.gather_each(ids, with_null); }), ErrorCode::kInvalidArgument);
+  const std::vector<BlockId> out_of_range = {0, 99, 1};
+  EXPECT_EQ(code_of([&] { pool.gather_each(out_of_range, outs); }), ErrorCode::kInvalidBlock);
+  const std::vector<BlockId> repeated = {back[0], back[0], back[1]};
+  EXPECT_EQ(code_of([&] { pool.scatter_each(ins, repeated); }), ErrorCode::kInvalidArgument);
+  pool.gather(back, round);
+  EXPECT_EQ(round, data);
 }
 
 }  // namespace
