@@ -40,6 +40,7 @@ indexes and slot allocators, the device trie has its own; copies run outside the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -51,7 +52,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -102,7 +103,8 @@ class HostTier:
     def __init__(self, num_blocks: int, block_nbytes: int, device: str = "cpu") -> None:
         self.num_blocks = _positive_int("host_blocks", num_blocks)
         self.block_nbytes = _positive_int("block_nbytes", block_nbytes)
-        self.slab = _core.HostSlab(self.num_blocks, self.block_nbytes, device)
+        # Zero-filled: the pages are faulted in now, not on the first demotion.
+        self.slab = _core.HostSlab(self.num_blocks, self.block_nbytes, device, True)
         self.view = self.slab.view()
         self.slots = _core.BlockAllocator(self.num_blocks)
         self.index: OrderedDict[bytes, int] = OrderedDict()
@@ -211,7 +213,7 @@ class DiskTier:
             slab = _core.HostSlab(1, _PAGE)
             buf = slab.view()[0]
             self._local.header = buf
-        return buf  # type: ignore[no-any-return]
+        return buf
 
     def bounce_buffer(self) -> npt.NDArray[np.uint8]:
         """A page-aligned per-thread buffer of one payload stride (for O_DIRECT reads and writes)."""
@@ -220,7 +222,7 @@ class DiskTier:
             slab = _core.HostSlab(1, self.payload_stride)
             buf = slab.view()[0]
             self._local.bounce = buf
-        return buf  # type: ignore[no-any-return]
+        return buf
 
     def _aligned(self, buf: npt.NDArray[np.uint8]) -> bool:
         return buf.ctypes.data % _PAGE == 0 and buf.nbytes % _PAGE == 0
@@ -272,12 +274,12 @@ class DiskTier:
         fd = self._direct_fd if use_direct and self._direct_fd is not None else self._fd
         op = os.pwritev if write else os.preadv
         try:
-            n = op(fd, bufs, off)
+            n = op(fd, cast(list[Any], bufs), off)
         except OSError as exc:
             if exc.errno != errno.EINVAL or fd == self._fd:
                 raise
             self._disable_direct()
-            n = op(self._fd, bufs, off)
+            n = op(self._fd, cast(list[Any], bufs), off)
         want = sum(b.nbytes for b in bufs)
         if n != want:
             raise OSError(errno.EIO, f"short {'write' if write else 'read'} on the disk tier ({n} of {want} bytes)")
@@ -334,10 +336,8 @@ class DiskTier:
     def close(self) -> None:
         for fd in (self._direct_fd, self._fd):
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         self._direct_fd = None
         self._fd = -1
 
@@ -365,6 +365,9 @@ class TierMatch:
         return int(np.count_nonzero(self.tiers == tier))
 
 
+_PATHS = ("device_to_host", "host_to_device", "host_to_disk", "disk_to_device", "device_to_disk")
+
+
 @dataclass
 class _Stats:
     lookups: int = 0
@@ -379,8 +382,6 @@ class _Stats:
     bytes_moved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0))
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0.0))
 
-
-_PATHS = ("device_to_host", "host_to_device", "host_to_disk", "disk_to_device", "device_to_disk")
 
 
 class TieredPrefixCache:
@@ -498,7 +499,7 @@ class TieredPrefixCache:
             try:
                 fn(*args)
                 fut.set_result(None)
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            except BaseException as exc:  # handed to the waiter
                 fut.set_exception(exc)
             return fut
         return self._executor.submit(fn, *args)
@@ -550,6 +551,14 @@ class TieredPrefixCache:
             self.pool.free(ids)
 
     def _demote_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+        host = self.host
+        assert host is not None
+        # Oldest first, at most a host tier's worth at a time: later chunks push earlier ones to disk.
+        step = host.num_blocks
+        for start in range(0, len(keys), step):
+            self._demote_chunk_to_host(keys[start: start + step], ids[start: start + step])
+
+    def _demote_chunk_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
         host = self.host
         assert host is not None
         slots = self._host_slots(len(keys))
@@ -658,7 +667,7 @@ class TieredPrefixCache:
                     return None
             try:
                 pending.result()  # visible only once landed: wait for the in-flight demotion
-            except Exception:  # noqa: BLE001 - a failed demotion is a miss here
+            except Exception:  # a failed demotion is a miss here
                 return None
 
     def _promote(self, digests: npt.NDArray[np.uint8], n0: int, run: list[tuple[bytes, int, int]]) -> np.ndarray:

@@ -104,6 +104,23 @@ def test_a_lower_tier_hit_continues_a_device_prefix(tmp_path: Path) -> None:
         tc.release(base)
 
 
+def test_a_demotion_larger_than_the_host_tier_spills_through_it(tmp_path: Path, background: bool) -> None:
+    pool = PagedKVPool(SPEC, 16)
+    with TieredPrefixCache(pool, device_blocks=12, host_blocks=2, disk_dir=tmp_path, disk_blocks=32,
+                           background=background) as tc:
+        digests = [fill(tc, prompt(i)) for i in range(4)]
+        for fut in tc._demote(12):
+            fut.result()
+        assert tc.stats()["blocks"] == {"device": 0, "host": 2, "disk": 10}
+        for d in digests:
+            m = tc.match(d)
+            assert m.num_matched == 3
+            got = pool.gather(m.block_ids).reshape(3, -1)
+            for row, dg in zip(got, d, strict=True):
+                np.testing.assert_array_equal(row, content(dg.tobytes(), pool.block_nbytes))
+            tc.release(d)
+
+
 def test_without_lower_tiers_eviction_drops(tmp_path: Path) -> None:
     pool = PagedKVPool(SPEC, 8)
     with TieredPrefixCache(pool, device_blocks=3) as tc:
