@@ -43,17 +43,20 @@ def _interleaved_best(repeats: int, fns: list[Callable[[], object]]) -> list[flo
 
 def _disk_rows(n: int, tmp: Path) -> list[Row]:
     pool_bytes = SPEC.block_nbytes
-    slab = _core.HostSlab(n, pool_bytes)
+    disk = DiskTier(tmp / "tier", n, pool_bytes)
+    # Host-tier slots as the tier uses them: the block, then room for the slot header page.
+    slab = _core.HostSlab(n, disk.slot_nbytes)
     view = slab.view()
     view[:] = np.random.default_rng(0).integers(0, 256, view.shape, dtype=np.uint8)
     bufs = [view[i] for i in range(n)]
-    disk = DiskTier(tmp / "tier", n, pool_bytes)
     digests = [i.to_bytes(32, "little") for i in range(n)]
     direct = disk.direct_io
-    # The reference: a plain file, the same open flags, one sequential pwrite / pread per block.
+    # The reference: a plain file, the same open flags, one sequential pwrite / pread of each
+    # block's bytes (no header, no checksum).
+    size = disk.payload_stride
+    raw_bufs = [b[:size] for b in bufs]
     raw_fd = os.open(tmp / "raw.bin", os.O_RDWR | os.O_CREAT | (os.O_DIRECT if direct else 0), 0o644)
-    os.ftruncate(raw_fd, n * view.shape[1])
-    size = view.shape[1]
+    os.ftruncate(raw_fd, n * size)
 
     def write() -> None:
         for i in range(n):
@@ -66,11 +69,11 @@ def _disk_rows(n: int, tmp: Path) -> list[Row]:
 
     def raw_write() -> None:
         for i in range(n):
-            os.pwrite(raw_fd, bufs[i], i * size)
+            os.pwrite(raw_fd, raw_bufs[i], i * size)
 
     def raw_read() -> None:
         for i in range(n):
-            os.preadv(raw_fd, [bufs[i]], i * size)
+            os.preadv(raw_fd, [raw_bufs[i]], i * size)
 
     try:
         write()

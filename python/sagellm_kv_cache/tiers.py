@@ -8,8 +8,8 @@ Tiers (each with its own capacity and its own allocator of slots):
   allocator when the device pool is on a GPU, page-aligned host memory otherwise), an LRU index
   digest -> slot.
 * **disk**: a :class:`DiskTier`, one preallocated file of fixed slots in a directory. Each slot is a
-  4 KiB header page (magic, format version, digest, generation, payload size, payload checksum and a
-  checksum of the header itself) followed by the payload padded to 4 KiB. ``O_DIRECT`` is used where
+  payload padded to 4 KiB followed by a 4 KiB header page (magic, format version, digest, generation,
+  payload size, payload checksum and a checksum of the header itself), written with one request. ``O_DIRECT`` is used where
   the filesystem takes it (else buffered I/O; ``direct_io`` says which). Reopening the directory
   rebuilds the index from the headers, keeping the slots whose header and payload check out and
   dropping the rest, so the disk tier is a persistent prefix cache.
@@ -70,7 +70,7 @@ TIER_NAMES = ("device", "host", "disk")
 
 _PAGE = 4096
 _MAGIC = b"SGKVSLT1"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 # magic, version, reserved, generation, digest, payload bytes, payload checksum; then a checksum of those.
 _HEADER = struct.Struct("<8sIIQ32sQQ")
 _HEADER_CHECK = struct.Struct("<Q")
@@ -103,8 +103,9 @@ class HostTier:
     def __init__(self, num_blocks: int, block_nbytes: int, device: str = "cpu") -> None:
         self.num_blocks = _positive_int("host_blocks", num_blocks)
         self.block_nbytes = _positive_int("block_nbytes", block_nbytes)
-        # Zero-filled: the pages are faulted in now, not on the first demotion.
-        self.slab = _core.HostSlab(self.num_blocks, self.block_nbytes, device, True)
+        # Each slot has room for a disk slot's header page after the block, so a demotion to disk
+        # is one contiguous write. Zero-filled: the pages are faulted in now, not on first use.
+        self.slab = _core.HostSlab(self.num_blocks, _round_up(self.block_nbytes, _PAGE) + _PAGE, device, True)
         self.view = self.slab.view()
         self.slots = _core.BlockAllocator(self.num_blocks)
         self.index: OrderedDict[bytes, int] = OrderedDict()
@@ -148,7 +149,7 @@ class DiskTier:
         self.num_blocks = _positive_int("disk_blocks", num_blocks)
         self.block_nbytes = _positive_int("block_nbytes", block_nbytes)
         self.payload_stride = _round_up(self.block_nbytes, _PAGE)
-        self.slot_nbytes = _PAGE + self.payload_stride
+        self.slot_nbytes = self.payload_stride + _PAGE  # payload, then its header page
         self.fsync = bool(fsync)
         self.directory = Path(directory)
         try:
@@ -188,7 +189,8 @@ class DiskTier:
 
     def _check_meta(self) -> None:
         meta = {"format": _FORMAT_VERSION, "block_nbytes": self.block_nbytes,
-                "checksum": _core.block_checksum_algorithm(), "header_bytes": _PAGE}
+                "checksum": _core.block_checksum_algorithm(), "header_bytes": _PAGE,
+                "layout": "payload-then-header"}
         path = self.directory / _META_FILE
         if path.exists():
             try:
@@ -219,7 +221,7 @@ class DiskTier:
         """A page-aligned per-thread buffer of one payload stride (for O_DIRECT reads and writes)."""
         buf = getattr(self._local, "bounce", None)
         if buf is None:
-            slab = _core.HostSlab(1, self.payload_stride)
+            slab = _core.HostSlab(1, self.slot_nbytes)
             buf = slab.view()[0]
             self._local.bounce = buf
         return buf
@@ -229,13 +231,11 @@ class DiskTier:
 
     # --- slot I/O ------------------------------------------------------------------------------
 
-    def _encode_header(self, digest: bytes, generation: int, checksum: int) -> npt.NDArray[np.uint8]:
-        hdr = self._header_buffer()
+    def _encode_header(self, hdr: npt.NDArray[np.uint8], digest: bytes, generation: int, checksum: int) -> None:
         body = _HEADER.pack(_MAGIC, _FORMAT_VERSION, 0, generation, digest, self.block_nbytes, checksum)
         hdr[: _HEADER.size] = np.frombuffer(body, dtype=np.uint8)
         hdr[_HEADER.size: _HEADER.size + 8] = np.frombuffer(
             _HEADER_CHECK.pack(_core.block_checksum(hdr[: _HEADER.size])), dtype=np.uint8)
-        return hdr
 
     def _decode_header(self, hdr: npt.NDArray[np.uint8]) -> tuple[bytes, int, int] | None:
         """(digest, generation, payload checksum), or None for an empty, torn or foreign header."""
@@ -248,22 +248,34 @@ class DiskTier:
             return None
         return bytes(digest), int(generation), int(checksum)
 
-    def write(self, slot: int, digest: bytes, payload: npt.NDArray[np.uint8], generation: int) -> None:
-        """Writes one slot: payload (``payload_stride`` bytes, only ``block_nbytes`` checked) then header."""
-        checksum = _core.block_checksum(payload[: self.block_nbytes])
-        hdr = self._encode_header(digest, generation, checksum)
-        # One positional write of header + payload: a crash may land any part of it, which the
+    def _split(self, buf: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.uint8]]:
+        """The I/O vector of a slot for ``buf``: ``buf`` alone when it holds a whole slot (payload
+        stride + header page: one contiguous request), else ``buf`` and a header buffer."""
+        if buf.nbytes == self.slot_nbytes:
+            return [buf]
+        if buf.nbytes != self.payload_stride:
+            raise ValueError(f"a disk slot buffer holds {self.payload_stride} or {self.slot_nbytes} bytes, "
+                             f"got {buf.nbytes}")
+        return [buf, self._header_buffer()]
+
+    def write(self, slot: int, digest: bytes, buf: npt.NDArray[np.uint8], generation: int) -> None:
+        """Writes one slot from ``buf`` (its first ``block_nbytes`` are the block; a whole-slot
+        buffer also carries the header page, which this fills in)."""
+        iov = self._split(buf)
+        checksum = _core.block_checksum(buf[: self.block_nbytes])
+        self._encode_header(iov[-1][-_PAGE:], digest, generation, checksum)
+        # One positional write of payload + header: a crash may land any part of it, which the
         # header and payload checksums catch on the next read or reopen.
-        self._io([hdr, payload], slot * self.slot_nbytes, write=True)
+        self._io(iov, slot * self.slot_nbytes, write=True)
         if self.fsync:
             os.fdatasync(self._fd)
 
     def read(self, slot: int, digest: bytes, out: npt.NDArray[np.uint8]) -> bool:
-        """Reads a slot into ``out`` (``payload_stride`` bytes); False when the slot does not hold
-        ``digest`` intact (wrong digest, torn header or payload)."""
-        hdr = self._header_buffer()
-        self._io([hdr, out], slot * self.slot_nbytes, write=False)
-        decoded = self._decode_header(hdr)
+        """Reads a slot into ``out`` (as for ``write``); False when the slot does not hold ``digest``
+        intact (wrong digest, torn header or payload): then ``out`` must not be used."""
+        iov = self._split(out)
+        self._io(iov, slot * self.slot_nbytes, write=False)
+        decoded = self._decode_header(iov[-1][-_PAGE:])
         if decoded is None or decoded[0] != digest:
             return False
         return decoded[2] == _core.block_checksum(out[: self.block_nbytes])
@@ -302,14 +314,14 @@ class DiskTier:
         hdr = self._header_buffer()
         for slot in range(written_slots):
             off = slot * self.slot_nbytes
-            self._pread(hdr, off)
+            self._pread(hdr, off + self.payload_stride)
             if not hdr[:8].any():
                 continue  # never written
             decoded = self._decode_header(hdr)
             ok = decoded is not None
             if ok and verify:
                 assert decoded is not None
-                self._pread(bounce, off + _PAGE)
+                self._pread(bounce[: self.payload_stride], off)
                 ok = decoded[2] == _core.block_checksum(bounce[: self.block_nbytes])
             if not ok or decoded is None:
                 self.dropped_on_open += 1

@@ -168,9 +168,9 @@ def test_a_torn_slot_is_dropped_on_open_and_never_served(tmp_path: Path) -> None
         victim = disk.index[digests[0][1].tobytes()].slot
         stride = disk.slot_nbytes
     with open(tmp_path / "slots.bin", "r+b") as f:  # flip one payload byte of one slot
-        f.seek(victim * stride + 4096 + 5)
+        f.seek(victim * stride + 5)
         b = f.read(1)
-        f.seek(victim * stride + 4096 + 5)
+        f.seek(victim * stride + 5)
         f.write(bytes([b[0] ^ 0xFF]))
     reopened = DiskTier(tmp_path, 32, pool.block_nbytes)
     assert reopened.dropped_on_open == 1 and len(reopened) == 5
