@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sagellm_kv_cache import _core
+from sagellm_kv_cache import KVHandle, KVOffloadManager, _core
 from sagellm_kv_cache.errors import KVInvalidBlockError, KVMetadataMismatchError
+from sagellm_kv_cache.offload import OffloadStorage
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 from sagellm_kv_cache.tiers import TIER_DEVICE, TIER_DISK, TIER_HOST, DiskTier, TieredPrefixCache
 
@@ -300,3 +301,102 @@ def test_host_tier_is_pinned_for_a_cuda_pool(tmp_path: Path) -> None:
         m = tc.match(digests[0])
         assert m.num_matched == 3 and m.tiers.tolist() == [TIER_DISK] * 3
         tc.release(digests[0])
+
+
+# --- KVOffloadManager with real movement ---------------------------------------------------------
+
+
+def _handle_with_bytes(pool: PagedKVPool, blocks: int, seed: int) -> tuple[KVHandle, np.ndarray]:
+    handle = KVHandle.create(blocks * SPEC.block_size, device="cuda:0")
+    ids = pool.allocate(blocks)
+    data = np.random.default_rng(seed).integers(0, 256, blocks * pool.block_nbytes, dtype=np.uint8)
+    pool.scatter(data, ids)
+    handle._block_ids = ids
+    return handle, data
+
+
+def test_offload_manager_moves_real_bytes_through_every_tier(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 8)
+    storage = OffloadStorage(pool, host_blocks=4, disk_dir=tmp_path, disk_blocks=8)
+    manager = KVOffloadManager(storage=storage)
+    handle, data = _handle_with_bytes(pool, 3, seed=1)
+    hid = str(handle.handle_id)
+    manager.register(handle, device="cuda:0")
+
+    spec = manager.offload(hid)
+    assert spec.dst_device == "cpu" and manager.is_offloaded(hid)
+    assert pool.num_used_blocks == 0 and handle.block_ids.size == 0  # device blocks given back
+    where, slots = storage.placement(hid) or ("", [])
+    assert where == "host" and len(slots) == 3
+    np.testing.assert_array_equal(np.concatenate([storage.host.payload(s) for s in slots]), data)
+
+    manager.offload_to_nvme(hid)
+    assert storage.placement(hid) is not None and storage.placement(hid)[0] == "disk"  # type: ignore[index]
+    assert storage.host.slots.num_available == 4
+    manager.restore_from_nvme(hid)
+    manager.restore(hid)
+    assert manager.current_device(hid) == "cuda:0" and handle.block_ids.size == 3
+    np.testing.assert_array_equal(pool.gather(handle.block_ids), data)
+
+    # Straight from NVMe to the device, too.
+    manager.offload(hid)
+    manager.offload_to_nvme(hid)
+    manager.restore(hid)
+    np.testing.assert_array_equal(pool.gather(handle.block_ids), data)
+    stats = manager.get_stats()
+    assert (stats.offloads_triggered, stats.restores_triggered, stats.nvme_offloads_triggered,
+            stats.nvme_restores_triggered) == (2, 1, 2, 2)  # a restore from NVMe counts as an NVMe restore
+    assert storage.bytes_moved["disk_to_device"] == 3 * pool.block_nbytes
+    storage.close()
+
+
+def test_offload_that_cannot_complete_changes_nothing(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 8)
+    storage = OffloadStorage(pool, host_blocks=2, disk_dir=tmp_path, disk_blocks=8)
+    manager = KVOffloadManager(storage=storage)
+    handle, data = _handle_with_bytes(pool, 3, seed=2)
+    hid = str(handle.handle_id)
+    manager.register(handle, device="cuda:0")
+    manager.offload(hid)  # 3 blocks, 2 host slots: refused
+    assert manager.current_device(hid) == "cuda:0" and manager.get_stats().offload_failures == 1
+    np.testing.assert_array_equal(pool.gather(handle.block_ids), data)
+    assert storage.host.slots.num_available == 2
+
+    small, small_data = _handle_with_bytes(pool, 2, seed=3)
+    sid = str(small.handle_id)
+    manager.register(small, device="cuda:0")
+    manager.offload(sid)
+    manager.offload_to_nvme(sid)
+    where, disk_slots = storage.placement(sid) or ("", [])
+    assert where == "disk"
+    disk = storage.disk
+    assert disk is not None
+    with open(tmp_path / "slots.bin", "r+b") as f:  # tear one slot
+        f.seek(disk_slots[1] * disk.slot_nbytes)
+        f.write(b"\0" * 16)
+    manager.restore(sid)  # the checksum refuses it: the handle stays on NVMe
+    assert manager.current_device(sid) == "nvme" and manager.get_stats().nvme_restore_failures == 1
+    assert pool.num_used_blocks == 3
+    manager.unregister(sid)
+    assert disk.slots.num_available == 8
+    del small_data
+    storage.close()
+
+
+def test_offload_storage_bad_configuration(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 4)
+    storage = OffloadStorage(pool, host_blocks=2)
+    with pytest.raises(ValueError, match="not both"):
+        KVOffloadManager(storage=storage, transfer_fn=lambda s: True)
+    with pytest.raises(TypeError):
+        KVOffloadManager(storage="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        OffloadStorage("pool", host_blocks=2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="disk_dir"):
+        OffloadStorage(pool, host_blocks=2, disk_blocks=2)
+    manager = KVOffloadManager(storage=storage)
+    foreign = KVHandle.create(16, device="cuda:0")
+    foreign._block_ids = np.array([3], dtype=np.int32)  # not allocated in the pool
+    with pytest.raises(ValueError, match="allocated"):
+        manager.register(foreign, device="cuda:0")
+    assert manager.registered_count() == 0
