@@ -57,11 +57,20 @@ class ReplayResult:
     verified_blocks: int | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """All fields; a single-tier replay leaves out the tiered ones (its rows keep their shape)."""
+        d = asdict(self)
+        if not self.tiered:
+            for name in _TIER_FIELDS:
+                d.pop(name)
+        return d
 
     @property
     def tiered(self) -> bool:
         return self.hits_by_tier is not None
+
+
+_TIER_FIELDS = ("host_blocks", "disk_blocks", "block_bytes", "hits_by_tier", "hit_ratio_by_tier",
+                "tokens_saved_by_tier", "bytes_moved", "copy_seconds", "bandwidth_bytes_per_s", "disk_direct_io", "verified_blocks")
 
 
 def sample_trace_path() -> Path:

@@ -10,8 +10,8 @@ Tiers (each with its own capacity and its own allocator of slots):
 * **disk**: a :class:`DiskTier`, one preallocated file of fixed slots in a directory. Each slot is a
   payload padded to 4 KiB followed by a 4 KiB header page (magic, format version, digest, generation,
   payload size, payload checksum and a checksum of the header itself), written with one request.
-  ``O_DIRECT`` is used where the filesystem takes it (else buffered I/O; ``direct_io`` says which). Reopening the directory
-  rebuilds the index from the headers, keeping the slots whose header and payload check out and
+  ``O_DIRECT`` is used where the filesystem takes it (else buffered I/O; ``direct_io`` says which).
+  Reopening the directory rebuilds the index from the headers, keeping the slots whose header and payload check out and
   dropping the rest, so the disk tier is a persistent prefix cache.
 
 Movement. Evicting a cached block from the device tier *demotes* it: the native
