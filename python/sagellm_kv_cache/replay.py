@@ -70,7 +70,8 @@ class ReplayResult:
 
 
 _TIER_FIELDS = ("host_blocks", "disk_blocks", "block_bytes", "hits_by_tier", "hit_ratio_by_tier",
-                "tokens_saved_by_tier", "bytes_moved", "copy_seconds", "bandwidth_bytes_per_s", "disk_direct_io", "verified_blocks")
+                "tokens_saved_by_tier", "bytes_moved", "copy_seconds", "bandwidth_bytes_per_s", "disk_direct_io",
+                "verified_blocks")
 
 
 def sample_trace_path() -> Path:
