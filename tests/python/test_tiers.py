@@ -400,3 +400,53 @@ def test_offload_storage_bad_configuration(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="allocated"):
         manager.register(foreign, device="cuda:0")
     assert manager.registered_count() == 0
+
+
+# --- tiered replay -------------------------------------------------------------------------------
+
+
+def test_tiered_replay_reports_hits_per_tier_and_verifies_promoted_bytes() -> None:
+    from sagellm_kv_cache.replay import load_trace, replay, sample_trace_path
+
+    reqs = load_trace(sample_trace_path())
+    from sagellm_kv_cache.replay import replay_tiered
+
+    tiered = replay_tiered(reqs, 100, 200, 1000, direct_io=False)
+    hits = tiered.hits_by_tier
+    assert hits is not None and sum(hits.values()) == tiered.hits
+    assert hits["host"] > 0 and hits["disk"] > 0
+    assert tiered.verified_blocks == hits["host"] + hits["disk"]  # every promoted block checked
+    assert tiered.hit_ratio > replay(reqs, 100).hit_ratio  # the lower tiers keep reuse the device drops
+    moved = tiered.bytes_moved
+    assert moved is not None and moved["device_to_host"] > 0 and moved["host_to_disk"] > 0
+    assert tiered.tokens_saved_by_tier == {t: h * 512 for t, h in hits.items()}
+    # Device -> disk without a host tier behaves as one LRU cache of both capacities.
+    direct = replay_tiered(reqs, 200, 0, 800, direct_io=False)
+    assert abs(direct.hit_ratio - replay(reqs, 1000).hit_ratio) < 0.002
+    with pytest.raises(ValueError, match="block_bytes"):
+        replay_tiered(reqs, 100, 10, 0, block_bytes=1000)
+
+
+def test_replay_cli_takes_tier_capacities(tmp_path: Path) -> None:
+    import json
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sagellm_kv_cache.replay_cli", "replay", *args],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    out = tmp_path / "rows.json"
+    proc = cli("--capacity-blocks", "100", "--host-blocks", "200", "--disk-blocks", "1000", "--buffered-io",
+               "--disk-dir", str(tmp_path / "disk"), "--json", str(out), "--plot", str(tmp_path / "tiers.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert "prefill tokens saved" in proc.stdout and "host_to_disk" in proc.stdout
+    (row,) = json.loads(out.read_text())
+    assert row["host_blocks"] == 200 and row["disk_blocks"] == 1000
+    assert set(row["hits_by_tier"]) == {"device", "host", "disk"}
+    assert (tmp_path / "tiers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "disk" / "slots.bin").exists()  # the disk tier persists in --disk-dir
+    bad = cli("--capacity-blocks", "inf", "--host-blocks", "10")
+    assert bad.returncode == 2 and "bounded" in bad.stderr
+    bad = cli("--capacity-blocks", "10", "--host-blocks", "10", "--block-bytes", "1000")
+    assert bad.returncode == 2 and "block_bytes" in bad.stderr
+    bad = cli("--capacity-blocks", "10", "--disk-blocks", "-1")
+    assert bad.returncode == 2
