@@ -56,7 +56,9 @@ TEST(EvictDetachedStress, VictimsAreHandedOverOnceWhileOthersInsertAndMatch) {
       victims.clear();
       (void)cache.evict_detached(3, digests, victims);
       for (BlockId v : victims) {
-        EXPECT_EQ(alloc.ref_count(v), 1u) << "a detached victim is the caller's alone";
+        // Still allocated: the cache's reference is now ours (an inserting writer may still hold its own).
+        EXPECT_GE(alloc.ref_count(v), 1u);
+        EXPECT_EQ(seen[static_cast<std::size_t>(v)], 0) << "block " << v << " handed over twice";
         ++seen[static_cast<std::size_t>(v)];
       }
       handed.fetch_add(victims.size(), std::memory_order_relaxed);
