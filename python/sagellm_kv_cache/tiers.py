@@ -90,6 +90,21 @@ def _round_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+def _digest_rows(digests: Any) -> npt.NDArray[np.uint8]:
+    """Digests as an (n, 32) uint8 array: from such an array or a sequence of 32-byte buffers."""
+    if isinstance(digests, np.ndarray):
+        if digests.dtype != np.uint8 or digests.ndim != 2 or digests.shape[1] != 32:
+            raise ValueError(f"digests must be an (n, 32) uint8 array, got {digests.dtype} {digests.shape}")
+        return np.ascontiguousarray(digests)
+    rows = []
+    for i, d in enumerate(digests):
+        b = bytes(d) if isinstance(d, bytes | bytearray | memoryview) else None
+        if b is None or len(b) != 32:
+            raise TypeError(f"digest {i} must be 32 bytes, got {type(d).__name__}")
+        rows.append(b)
+    return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, 32)
+
+
 # --- host tier ---------------------------------------------------------------------------------
 
 
@@ -453,7 +468,7 @@ class TieredPrefixCache:
 
         Release ``digests[:num_matched]`` when the request ends (as with ``RadixPrefixCache``).
         """
-        digests = np.ascontiguousarray(digests, dtype=np.uint8).reshape(-1, 32)
+        digests = _digest_rows(digests)
         n0, ids0 = self.device.match(digests)
         tiers = [TIER_DEVICE] * n0
         run: list[tuple[bytes, int, int]] = []  # (digest, tier, slot) claimed from a lower tier

@@ -253,6 +253,13 @@ def test_bad_input_is_refused_with_typed_errors(tmp_path: Path) -> None:
         TieredPrefixCache(pool, disk_dir=tmp_path, disk_blocks=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="disk_dir"):
         TieredPrefixCache(pool, disk_blocks=4)
+    with TieredPrefixCache(pool, device_blocks=4) as tc:
+        with pytest.raises(ValueError, match="digests"):
+            tc.match(np.zeros((2, 16), dtype=np.uint8))
+        with pytest.raises(TypeError, match="digest 1"):
+            tc.match([b"\0" * 32, b"short"])
+        assert tc.match([b"\1" * 32]).num_matched == 0
+        assert tc.stats()["lookups"] == 1
     DiskTier(tmp_path / "a", 4, pool.block_nbytes).close()
     with pytest.raises(KVMetadataMismatchError, match="block_nbytes"):
         DiskTier(tmp_path / "a", 4, pool.block_nbytes * 2)
