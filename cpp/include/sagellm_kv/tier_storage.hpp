@@ -45,8 +45,10 @@ class HostSlab {
   [[nodiscard]] std::size_t slot_bytes() const noexcept { return slot_bytes_; }
   [[nodiscard]] std::size_t slot_stride() const noexcept { return stride_; }
   [[nodiscard]] bool pinned() const noexcept { return memory_.kind() == MemoryKind::kPinnedHost; }
-  [[nodiscard]] std::byte* data() const noexcept { return static_cast<std::byte*>(memory_.data()); }
-  [[nodiscard]] std::size_t size() const noexcept { return memory_.size(); }
+  /// First slot (kSlotAlignment-aligned whatever alignment the backend gives).
+  [[nodiscard]] std::byte* data() const noexcept { return base_; }
+  /// Bytes of the slots: num_slots() * slot_stride().
+  [[nodiscard]] std::size_t size() const noexcept { return stride_ * num_slots_; }
 
   /// Start of slot `i`. Throws Error(kInvalidBlock) naming `i` when it is out of range.
   [[nodiscard]] std::byte* slot(std::uint32_t i) const;
@@ -56,6 +58,7 @@ class HostSlab {
   std::size_t slot_bytes_;
   std::size_t stride_;
   Allocation memory_;
+  std::byte* base_ = nullptr;
 };
 
 }  // namespace sagellm::kv

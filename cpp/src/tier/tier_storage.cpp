@@ -85,11 +85,15 @@ HostSlab::HostSlab(std::uint32_t num_slots, std::size_t slot_bytes, std::string_
   }
   const bool host_device = DeviceId::parse(device).type == "cpu";
   AllocationRequest request;
-  request.size = stride_ * num_slots;
+  // One alignment unit more than the slots need: a backend that does not honour the alignment
+  // (pinned memory comes from the CUDA runtime's own allocator) still yields aligned slots.
+  request.size = stride_ * num_slots + kSlotAlignment;
   request.alignment = kSlotAlignment;
   request.kind = host_device ? MemoryKind::kHost : MemoryKind::kPinnedHost;
   request.zero_fill = zero_fill;
   memory_ = allocator_for(host_device ? std::string_view("cpu") : device)->allocate(request);
+  const auto addr = reinterpret_cast<std::uintptr_t>(memory_.data());
+  base_ = static_cast<std::byte*>(memory_.data()) + (kSlotAlignment - addr % kSlotAlignment) % kSlotAlignment;
 }
 
 std::byte* HostSlab::slot(std::uint32_t i) const {
