@@ -132,7 +132,7 @@ def _end_to_end_rows(n: int) -> list[Row]:
     for _ in range(5):
         t_memcpy = min(t_memcpy, best_of(1, lambda: np.copyto(dst, src)))
         t0 = time.perf_counter()
-        for fut in tc._demote(n):
+        for fut in tc.demote(n):
             fut.result()
         best_down = min(best_down, time.perf_counter() - t0)
         t0 = time.perf_counter()
@@ -176,7 +176,7 @@ def _overlap_rows(n: int, tmp: Path) -> list[Row]:
         tc, _ = cached_cache(tmp / f"o{next(runs)}")
         try:
             t0 = time.perf_counter()
-            futures = tc._demote(n) if with_copies else []  # returns at once; the tier thread copies
+            futures = tc.demote(n) if with_copies else []  # returns at once; the tier thread copies
             if with_compute:
                 compute()
             for fut in futures:

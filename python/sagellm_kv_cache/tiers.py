@@ -531,7 +531,14 @@ class TieredPrefixCache:
             return fut
         return self._executor.submit(fn, *args)
 
+    def demote(self, num_blocks: int) -> list[Future[None]]:
+        """Demotes up to ``num_blocks`` least recently used unreferenced device blocks now (e.g. ahead
+        of a large batch). Returns the futures of the copies; they land in the background."""
+        return self._demote(_positive_int("num_blocks", num_blocks, allow_zero=True))
+
     def _demote(self, n: int) -> list[Future[None]]:
+        if n == 0:
+            return []
         digests, ids = self.device._native.evict_detached(n)
         if len(ids) == 0:
             return []

@@ -110,7 +110,7 @@ def test_a_demotion_larger_than_the_host_tier_spills_through_it(tmp_path: Path, 
     with TieredPrefixCache(pool, device_blocks=12, host_blocks=2, disk_dir=tmp_path, disk_blocks=32,
                            background=background) as tc:
         digests = [fill(tc, prompt(i)) for i in range(4)]
-        for fut in tc._demote(12):
+        for fut in tc.demote(12):
             fut.result()
         assert tc.stats()["blocks"] == {"device": 0, "host": 2, "disk": 10}
         for d in digests:
@@ -254,6 +254,9 @@ def test_bad_input_is_refused_with_typed_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="disk_dir"):
         TieredPrefixCache(pool, disk_blocks=4)
     with TieredPrefixCache(pool, device_blocks=4) as tc:
+        with pytest.raises(ValueError, match="num_blocks"):
+            tc.demote(-1)
+        assert tc.demote(0) == []
         with pytest.raises(ValueError, match="digests"):
             tc.match(np.zeros((2, 16), dtype=np.uint8))
         with pytest.raises(TypeError, match="digest 1"):
