@@ -27,6 +27,7 @@ WORKLOADS = {
     "W4": "w4_gather",
     "W5": "w5_transfer",
     "STEP": "w6_step",
+    "W7": "w7_tiers",
 }
 
 

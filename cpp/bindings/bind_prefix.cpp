@@ -360,10 +360,11 @@ void bind_prefix(py::module_& m) {
            }, py::arg("digests"))
       .def("insert", [](BoundPrefixCache& self, const py::handle& digests, const py::handle& block_ids,
                         const py::object& parent, const py::object& token_ids, const py::int_& owner,
-                        std::int64_t priority, const std::optional<std::string>& extra_key) {
+                        std::int64_t priority, const std::optional<std::string>& extra_key, bool acquire) {
              const Digests d(digests, "digests");
              const BlockIds ids(block_ids, "block_ids");
              InsertOptions o;
+             o.acquire = acquire;
              o.parent = optional_digest(parent, "parent");
              o.owner = owner_value(owner);
              o.priority = priority_value(priority);
@@ -377,8 +378,9 @@ void bind_prefix(py::module_& m) {
              return do_insert(self, d.span(), ids, o);
            }, py::arg("digests"), py::arg("block_ids"), py::arg("parent") = py::none(),
            py::arg("token_ids") = py::none(), py::arg("owner") = 0, py::arg("priority") = 0,
-           py::arg("extra_key") = py::none(),
-           "Caches digests[i] -> block_ids[i]: (num_inserted, redundant_positions int32).")
+           py::arg("extra_key") = py::none(), py::arg("acquire") = false,
+           "Caches digests[i] -> block_ids[i]: (num_inserted, redundant_positions int32). acquire: also "
+           "take a use of every position now cached (release those digests later).")
       .def("match_tokens", [](BoundPrefixCache& self, const py::handle& tokens, const std::optional<std::string>& salt,
                               const std::optional<std::string>& extra) {
              const Tokens t(tokens, "tokens");
@@ -435,6 +437,21 @@ void bind_prefix(py::module_& m) {
              py::gil_scoped_release release;
              return self.cache->evict(count);
            }, py::arg("num_blocks"), "Evicts up to num_blocks unreferenced leaves; returns how many went.")
+      .def("evict_detached", [](BoundPrefixCache& self, std::int64_t n) {
+             const std::uint32_t count = checked_count(n, "num_blocks", /*allow_zero=*/true);
+             std::vector<BlockHash> digests;
+             std::vector<BlockId> ids;
+             {
+               py::gil_scoped_release release;
+               (void)self.cache->evict_detached(count, digests, ids);
+             }
+             auto out = digest_array(digests.size());
+             auto span = digest_span(out);
+             std::copy(digests.begin(), digests.end(), span.begin());
+             return py::make_tuple(out, id_array(ids));
+           }, py::arg("num_blocks"),
+           "Evicts up to num_blocks leaves by the policy and hands their blocks to the caller, still "
+           "allocated: (digests (n, 32) uint8, block_ids int32). Free the ids once their bytes are copied.")
       .def("invalidate", [](BoundPrefixCache& self, const py::int_& owner) {
              const std::uint64_t o = owner_value(owner);
              py::gil_scoped_release release;

@@ -9,6 +9,12 @@ the caller's ``transfer_fn(spec) -> bool`` (accelerator <-> host) and ``nvme_tra
 <-> NVMe); without one the move is bookkeeping only (dry run). A move whose function returns False
 or raises leaves the handle where it was and counts as a failure.
 
+With ``storage=OffloadStorage(pool, host_blocks=..., disk_dir=..., disk_blocks=...)`` the manager
+moves the bytes itself (see :class:`OffloadStorage`): a registered handle's ``block_ids`` are blocks
+of that :class:`~sagellm_kv_cache.paged.PagedKVPool`; offloading copies them into host slots (pinned
+memory on a GPU) and frees the device blocks, ``offload_to_nvme`` writes them to checked disk slots,
+and a restore allocates fresh device blocks, copies the bytes back and gives the handle the new ids.
+
 Pressure-driven offload (``maybe_offload``, ``maybe_cascade_to_nvme``) estimates the utilisation
 after each move from the handles registered on the source device (each holds its share of the
 reported utilisation, by tokens) and stops once the estimate is at or below the threshold.
@@ -17,19 +23,25 @@ Thread-safe.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from sagellm_protocol.heterogeneous_types import KVOffloadSpec, KVOffloadStats, KVOffloadTrigger, KVRestoreTrigger
 
 from sagellm_kv_cache.errors import KVInvalidHandleError
 from sagellm_kv_cache.models.kv_handle import KVHandle
+from sagellm_kv_cache.paged import PagedKVPool
 
-__all__ = ["KVOffloadManager", "KVOffloadSpec", "KVOffloadStats", "KVOffloadTrigger", "KVRestoreTrigger"]
+__all__ = ["KVOffloadManager", "KVOffloadSpec", "KVOffloadStats", "KVOffloadTrigger", "KVRestoreTrigger",
+           "OffloadStorage"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +80,170 @@ def _fraction(name: str, value: Any) -> float:
     return float(value)
 
 
+@dataclass
+class _Placement:
+    where: str  # "device", "host" or "disk"
+    ids: list[int]  # device block ids, host slots or disk slots, in the handle's block order
+
+
+class OffloadStorage:
+    """Where offloaded handles' bytes go: host slots and disk slots under a device pool.
+
+    Moves are synchronous and all or nothing: a move that cannot complete (no free host or disk
+    slot, no free device block, a disk slot failing its check) raises and leaves the handle's
+    bytes where they were. Thread-safe (one lock; the manager also serialises its moves).
+    """
+
+    def __init__(self, pool: PagedKVPool, *, host_blocks: int, disk_dir: str | os.PathLike[str] | None = None,
+                 disk_blocks: int = 0, direct_io: bool = True, fsync: bool = False) -> None:
+        from sagellm_kv_cache.tiers import DiskTier, HostTier
+
+        if not isinstance(pool, PagedKVPool):
+            raise TypeError(f"pool must be a PagedKVPool, got {type(pool).__name__}")
+        if disk_blocks and disk_dir is None:
+            raise ValueError("disk_blocks > 0 needs disk_dir")
+        self.pool = pool
+        self.host = HostTier(host_blocks, pool.block_nbytes, pool.device)
+        self.disk = (DiskTier(disk_dir, disk_blocks, pool.block_nbytes, direct_io=direct_io, fsync=fsync)
+                     if disk_blocks and disk_dir is not None else None)
+        self._placements: dict[str, _Placement] = {}
+        self._lock = threading.Lock()
+        self.bytes_moved: dict[str, int] = {"device_to_host": 0, "host_to_device": 0, "host_to_disk": 0,
+                                            "disk_to_host": 0, "disk_to_device": 0}
+
+    def _key(self, handle_id: str, i: int) -> bytes:
+        return hashlib.sha256(f"{handle_id}/{i}".encode()).digest()
+
+    def _take(self, allocator: Any, n: int, what: str) -> npt.NDArray[np.int32]:
+        if allocator.num_available < n:
+            raise MemoryError(f"{what}: {n} slots needed, {allocator.num_available} free")
+        return allocator.allocate(n)
+
+    def placement(self, handle_id: str) -> tuple[str, list[int]] | None:
+        with self._lock:
+            p = self._placements.get(str(handle_id))
+            return None if p is None else (p.where, list(p.ids))
+
+    def move(self, handle: KVHandle, src: str, dst: str) -> None:
+        """Moves the handle's bytes from tier ``src`` to ``dst`` ("device", "host", "disk")."""
+        key = str(handle.handle_id)
+        with self._lock:
+            p = self._placements.get(key) or _Placement("device", [int(b) for b in handle.block_ids])
+            if p.where != src:
+                raise ValueError(f"handle {key} has its bytes on {p.where}, not {src}")
+            n = len(p.ids)
+            getattr(self, f"_{src}_to_{dst}")(key, p, n)
+            if dst == "device":
+                handle._block_ids = np.asarray(p.ids, dtype=np.int32)
+                self._placements.pop(key, None)
+            else:
+                if src == "device":
+                    handle._block_ids = np.empty(0, dtype=np.int32)  # no device blocks while offloaded
+                self._placements[key] = p
+
+    def forget(self, handle_id: str) -> None:
+        """Releases the host or disk slots of a handle that is unregistered while offloaded."""
+        with self._lock:
+            p = self._placements.pop(str(handle_id), None)
+            if p is not None and p.ids:
+                ids = np.asarray(p.ids, np.int32)
+                if p.where == "host":
+                    self.host.slots.free(ids)
+                elif p.where == "disk" and self.disk is not None:
+                    self.disk.slots.free(ids)
+
+    # --- the moves (under the lock; each checks first, then moves, then releases the source) ---
+
+    def _device_to_host(self, key: str, p: _Placement, n: int) -> None:
+        slots = self._take(self.host.slots, n, "host tier")
+        try:
+            if n:
+                self.host.slab.copy_from_pool(self.pool._native, np.asarray(p.ids, np.int32), slots)
+        except BaseException:
+            self.host.slots.free(slots)
+            raise
+        if n:
+            self.pool.free(np.asarray(p.ids, np.int32))
+        p.where, p.ids = "host", slots.tolist()
+        self.bytes_moved["device_to_host"] += n * self.pool.block_nbytes
+
+    def _host_to_device(self, key: str, p: _Placement, n: int) -> None:
+        ids = self.pool.allocate(n) if n else np.empty(0, np.int32)
+        try:
+            if n:
+                self.host.slab.copy_to_pool(self.pool._native, np.asarray(p.ids, np.int32), ids)
+        except BaseException:
+            self.pool.free(ids)
+            raise
+        if n:
+            self.host.slots.free(np.asarray(p.ids, np.int32))
+        p.where, p.ids = "device", ids.tolist()
+        self.bytes_moved["host_to_device"] += n * self.pool.block_nbytes
+
+    def _disk(self) -> Any:
+        if self.disk is None:
+            raise ValueError("this OffloadStorage has no disk tier (disk_blocks=0)")
+        return self.disk
+
+    def _host_to_disk(self, key: str, p: _Placement, n: int) -> None:
+        disk = self._disk()
+        slots = self._take(disk.slots, n, "disk tier")
+        try:
+            for i, (host_slot, disk_slot) in enumerate(zip(p.ids, slots.tolist(), strict=True)):
+                disk.write(disk_slot, self._key(key, i), self.host.view[host_slot], disk.next_generation())
+        except BaseException:
+            disk.slots.free(slots)
+            raise
+        if n:
+            self.host.slots.free(np.asarray(p.ids, np.int32))
+        p.where, p.ids = "disk", slots.tolist()
+        self.bytes_moved["host_to_disk"] += n * self.pool.block_nbytes
+
+    def _read_disk(self, key: str, p: _Placement, out: Any, i: int) -> None:
+        from sagellm_kv_cache.errors import KVChecksumMismatchError
+
+        if not self._disk().read(p.ids[i], self._key(key, i), out):
+            raise KVChecksumMismatchError("an intact disk slot", f"slot {p.ids[i]} torn or stale",
+                                          context={"handle_id": key, "block": i})
+
+    def _disk_to_host(self, key: str, p: _Placement, n: int) -> None:
+        slots = self._take(self.host.slots, n, "host tier")
+        try:
+            for i, slot in enumerate(slots.tolist()):
+                self._read_disk(key, p, self.host.view[slot], i)
+        except BaseException:
+            self.host.slots.free(slots)
+            raise
+        if n:
+            self._disk().slots.free(np.asarray(p.ids, np.int32))
+        p.where, p.ids = "host", slots.tolist()
+        self.bytes_moved["disk_to_host"] += n * self.pool.block_nbytes
+
+    def _disk_to_device(self, key: str, p: _Placement, n: int) -> None:
+        disk = self._disk()
+        ids = self.pool.allocate(n) if n else np.empty(0, np.int32)
+        bounce = disk.bounce_buffer()
+        try:
+            for i, block in enumerate(ids.tolist()):
+                self._read_disk(key, p, bounce, i)
+                self.pool.scatter(bounce[: self.pool.block_nbytes], [block])
+        except BaseException:
+            self.pool.free(ids)
+            raise
+        if n:
+            disk.slots.free(np.asarray(p.ids, np.int32))
+        p.where, p.ids = "device", ids.tolist()
+        self.bytes_moved["disk_to_device"] += n * self.pool.block_nbytes
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+
+def _tier(device: str) -> str:
+    return "disk" if _is_nvme(device) else "host" if _is_cpu(device) else "device"
+
+
 class KVOffloadManager:
     """See the module docstring."""
 
@@ -79,6 +255,8 @@ class KVOffloadManager:
         max_offloaded_handles: int | None = None,
         nvme_offload_threshold: float = 0.9,
         nvme_transfer_fn: TransferFn | None = None,
+        *,
+        storage: OffloadStorage | None = None,
     ) -> None:
         self.offload_threshold = _fraction("offload_threshold", offload_threshold)
         self.nvme_offload_threshold = _fraction("nvme_offload_threshold", nvme_offload_threshold)
@@ -92,6 +270,11 @@ class KVOffloadManager:
         for name, fn in (("transfer_fn", transfer_fn), ("nvme_transfer_fn", nvme_transfer_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable(spec) -> bool")
+        if storage is not None and not isinstance(storage, OffloadStorage):
+            raise TypeError(f"storage must be an OffloadStorage or None, got {type(storage).__name__}")
+        if storage is not None and (transfer_fn is not None or nvme_transfer_fn is not None):
+            raise ValueError("pass either storage (the manager moves the bytes) or transfer functions, not both")
+        self.storage = storage
         self.idle_offload_secs = idle_offload_secs
         self.max_offloaded_handles = max_offloaded_handles
         self._transfer_fn = transfer_fn
@@ -113,12 +296,17 @@ class KVOffloadManager:
             if key in self._records:
                 logger.warning("handle %s already registered; skipping", key)
                 return
+            if self.storage is not None and _accelerator(device):
+                ids = handle.block_ids
+                if any(not self.storage.pool.is_allocated(int(b)) for b in ids):
+                    raise ValueError(f"handle {key}: its block_ids must be allocated blocks of the storage's pool")
             self._records[key] = _Record(handle, device, device)
 
     def unregister(self, handle_id: str) -> None:
         """Stops tracking a handle (after it was freed); unknown ids are ignored."""
         with self._lock:
-            self._records.pop(str(handle_id), None)
+            if self._records.pop(str(handle_id), None) is not None and self.storage is not None:
+                self.storage.forget(str(handle_id))
 
     def _record(self, handle_id: str) -> _Record:
         record = self._records.get(str(handle_id))
@@ -232,7 +420,14 @@ class KVOffloadManager:
         # between host and NVMe only in the statistics.
         fn = self._nvme_transfer_fn if nvme else self._transfer_fn
         ok = True
-        if fn is not None:
+        if self.storage is not None:
+            try:
+                self.storage.move(r.handle, _tier(spec.src_device), _tier(spec.dst_device))
+            except Exception:
+                logger.exception("storage move failed for %s (%s -> %s)", spec.handle_id, spec.src_device,
+                                 spec.dst_device)
+                ok = False
+        elif fn is not None:
             try:
                 ok = bool(fn(spec))
             except Exception:

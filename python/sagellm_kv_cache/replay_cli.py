@@ -2,6 +2,7 @@
 
     sagellm-kv replay                                   # the sample trace shipped in the package
     sagellm-kv replay trace.jsonl --capacity-blocks 1000,10000,inf --json out.json --plot out.png
+    sagellm-kv replay trace.jsonl --capacity-blocks 1000 --host-blocks 10000 --disk-blocks 100000 --plot tiers.png
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def _capacities(text: str) -> list[int | None]:
     if not out:
         raise argparse.ArgumentTypeError("no capacity given")
     return out
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _print_table(rows: Sequence[dict[str, object]]) -> None:
@@ -86,13 +97,81 @@ def _plot(results: Sequence[ReplayResult], path: str) -> None:
     plt.close(fig)
 
 
+def _mb(n: object) -> str:
+    return f"{int(n) / 1e6:.1f}" if isinstance(n, int) else "-"
+
+
+def _print_tiered_table(rows: Sequence[dict[str, object]]) -> None:
+    header = (f"{'trace':<28} {'device':>7} {'host':>7} {'disk':>7} {'blocks':>8} {'hit ratio':>9} "
+              f"{'dev hit':>7} {'host hit':>8} {'disk hit':>8} {'req/s':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        by = r["hit_ratio_by_tier"]
+        assert isinstance(by, dict)
+        print(f"{r['trace']!s:<28} {r['capacity_blocks']!s:>7} {r['host_blocks']!s:>7} {r['disk_blocks']!s:>7} "
+              f"{r['blocks']:>8} {r['hit_ratio']:>9.3f} {by['device']:>7.3f} {by['host']:>8.3f} {by['disk']:>8.3f} "
+              f"{r['requests_per_s']:>7.0f}")
+    for r in rows:
+        moved, secs, bw, saved = (r["bytes_moved"], r["copy_seconds"], r["bandwidth_bytes_per_s"],
+                                  r["tokens_saved_by_tier"])
+        assert isinstance(moved, dict) and isinstance(secs, dict) and isinstance(bw, dict) and isinstance(saved, dict)
+        print(f"\n{r['trace']} device={r['capacity_blocks']} host={r['host_blocks']} disk={r['disk_blocks']} "
+              f"({r['block_bytes']} B blocks, disk direct I/O: {r['disk_direct_io']}, "
+              f"blocks verified after promotion: {r['verified_blocks']})")
+        print(f"  prefill tokens saved: device {saved['device']:,}  host {saved['host']:,}  disk {saved['disk']:,}")
+        print(f"  {'path':<16} {'MB moved':>10} {'seconds':>9} {'MB/s':>9}")
+        for path, nbytes in moved.items():
+            rate = bw.get(path)
+            print(f"  {path:<16} {_mb(nbytes):>10} {float(secs[path]):>9.3f} "
+                  f"{(f'{rate / 1e6:.0f}' if isinstance(rate, float) else '-'):>9}")
+
+
+def _plot_tiered(results: Sequence[ReplayResult], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'isagellm-kv-cache[visualization]'") from None
+    labels = [f"{Path(r.trace).stem[:18]}\n{r.capacity_blocks:,}/{r.host_blocks:,}/{r.disk_blocks:,}" for r in results]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(results) + 2), 4.5))
+    bottom = [0.0] * len(results)
+    for tier, colour in (("device", "#1f77b4"), ("host", "#ff7f0e"), ("disk", "#2ca02c")):
+        values = [(r.hit_ratio_by_tier or {}).get(tier, 0.0) for r in results]
+        ax.bar(labels, values, bottom=bottom, label=f"{tier} tier", color=colour)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    top = min(1.0, max([*bottom, 0.1]) * 1.25)
+    for x, total in enumerate(bottom):
+        ax.text(x, total + 0.02 * top, f"{total:.3f}", ha="center")
+    ax.set_ylabel("hit ratio (blocks hit / blocks requested)")
+    ax.set_xlabel("trace, device/host/disk capacity (512-token blocks)")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_ylim(0, top)
+    ax.set_title(f"Tiered prefix-cache hits by tier ({results[0].policy if results else ''})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _replay_command(args: argparse.Namespace) -> int:
-    from sagellm_kv_cache.replay import TraceError, load_trace, replay_many, sample_trace_path
+    from sagellm_kv_cache.replay import TraceError, load_trace, replay_many, replay_tiered, sample_trace_path
 
     paths = [Path(p) for p in args.traces] or [sample_trace_path()]
+    tiered = bool(args.host_blocks or args.disk_blocks)
     try:
         traces = [(p.name, load_trace(p)) for p in paths]
-        results = replay_many(traces, args.capacity_blocks, args.policy)
+        if tiered:
+            if any(c is None for c in args.capacity_blocks):
+                raise ValueError("a tiered replay needs bounded device capacities (--capacity-blocks N[,M...])")
+            results = [replay_tiered(reqs, int(cap or 0), args.host_blocks, args.disk_blocks, policy=args.policy,
+                                     block_bytes=args.block_bytes, disk_dir=args.disk_dir,
+                                     direct_io=not args.buffered_io, trace_name=name)
+                       for name, reqs in traces for cap in args.capacity_blocks]
+        else:
+            results = replay_many(traces, args.capacity_blocks, args.policy)
     except TraceError as exc:
         print(f"sagellm-kv: {exc}", file=sys.stderr)
         return 2
@@ -100,12 +179,15 @@ def _replay_command(args: argparse.Namespace) -> int:
         print(f"sagellm-kv: {exc}", file=sys.stderr)
         return 2
     rows = [r.to_dict() for r in results]
-    _print_table(rows)
+    if tiered:
+        _print_tiered_table(rows)
+    else:
+        _print_table(rows)
     try:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         if args.plot:
-            _plot(results, args.plot)
+            (_plot_tiered if tiered else _plot)(results, args.plot)
     except (OSError, RuntimeError) as exc:
         print(f"sagellm-kv: cannot write output: {exc}", file=sys.stderr)
         return 2
@@ -120,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--capacity-blocks", type=_capacities, default=_capacities("1000,10000,inf"),
                     help="comma-separated capacities in 512-token blocks; 'inf' for unbounded (default 1000,10000,inf)")
     rp.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy (default lru)")
+    rp.add_argument("--host-blocks", type=_count, default=0,
+                    help="host tier capacity in blocks: enables the tiered replay (--capacity-blocks is then "
+                         "the device tier)")
+    rp.add_argument("--disk-blocks", type=_count, default=0, help="disk tier capacity in blocks (tiered replay)")
+    rp.add_argument("--disk-dir", metavar="DIR", help="disk tier directory (default: a temporary one, removed)")
+    rp.add_argument("--block-bytes", type=_count, default=4096,
+                    help="real bytes per block moved between tiers, a multiple of 1024 (default 4096)")
+    rp.add_argument("--buffered-io", action="store_true", help="disk tier without O_DIRECT")
     rp.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     rp.add_argument("--plot", metavar="PATH", help="also draw hit ratio against capacity into a PNG")
     rp.set_defaults(func=_replay_command)

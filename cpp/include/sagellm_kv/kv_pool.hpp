@@ -124,6 +124,14 @@ class PagedKVPool {
   /// result does not depend on the order of the writes.
   void scatter(std::span<const std::byte> in, std::span<const BlockId> ids, bool in_on_device = false);
 
+  /// Like gather, but block `ids[i]` goes to its own buffer `outs[i]` of block_bytes() (e.g. the
+  /// slots of a host tier), host memory unless `out_on_device`. Same checks as gather, before any
+  /// byte moves; also Error(kInvalidArgument) when the lengths differ or a buffer is null.
+  void gather_each(std::span<const BlockId> ids, std::span<std::byte* const> outs, bool out_on_device = false) const;
+
+  /// Inverse of gather_each: block `ids[i]` receives `ins[i]`. Same checks as scatter.
+  void scatter_each(std::span<const std::byte* const> ins, std::span<const BlockId> ids, bool in_on_device = false);
+
   /// Budget in blocks (at most num_blocks); allocation beyond it is refused with kPoolFull.
   void set_budget_blocks(std::uint32_t blocks) { allocator_.set_limit(blocks); }
   [[nodiscard]] std::uint32_t budget_blocks() const noexcept { return allocator_.limit(); }

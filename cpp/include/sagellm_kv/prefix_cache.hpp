@@ -212,6 +212,16 @@ class PrefixCache {
   /// enough are evictable: not an error.
   [[nodiscard]] std::uint32_t evict(std::uint32_t n);
 
+  /// Evicts like `evict(n)` but hands each victim's allocator reference to the caller instead of
+  /// returning it: the victims leave the trie (a removed event is queued as for `evict`), their
+  /// digests and block ids are appended to `digests` and `block_ids` in eviction order, and each
+  /// block stays allocated until the caller frees it. A tiered store uses this to copy a victim's
+  /// bytes to a lower tier before its memory can be reused (demotion). Returns how many went.
+  /// Without an allocator the ids are the opaque numbers that were cached. Strong guarantee: on
+  /// std::bad_alloc (growing the outputs) nothing was evicted.
+  [[nodiscard]] std::uint32_t evict_detached(std::uint32_t n, std::vector<BlockHash>& digests,
+                                             std::vector<BlockId>& block_ids);
+
   /// Removes the nodes inserted with `owner`, together with their descendants (whose chains would
   /// be unreachable without them), except every node that is in use or has a descendant in use:
   /// those stay so the holders' chains remain intact. Returns how many were removed. O(cached nodes).

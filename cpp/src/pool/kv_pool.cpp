@@ -258,6 +258,43 @@ void PagedKVPool::scatter(std::span<const std::byte> in, std::span<const BlockId
   detail::stream_fence();
 }
 
+namespace {
+template <class Ptr>
+void check_each(std::size_t num_ids, std::span<Ptr const> bufs, const char* what) {
+  if (bufs.size() != num_ids) {
+    throw Error(ErrorCode::kInvalidArgument, std::string(what) + ": " + std::to_string(bufs.size()) +
+                                                 " buffers for " + std::to_string(num_ids) + " blocks");
+  }
+  for (std::size_t i = 0; i < bufs.size(); ++i) {
+    if (bufs[i] == nullptr) {
+      throw Error(ErrorCode::kInvalidArgument, std::string(what) + ": buffer " + std::to_string(i) + " is null");
+    }
+  }
+}
+}  // namespace
+
+void PagedKVPool::gather_each(std::span<const BlockId> ids_in, std::span<std::byte* const> outs,
+                              bool out_on_device) const {
+  const std::vector<BlockId> ids = checked_ids(ids_in, false, "gather_each");
+  check_each(ids.size(), outs, "gather_each");
+  const bool stream = ids.size() * block_bytes() > kStreamMinTotalBytes;
+  for (std::size_t i = 0; i < ids.size(); ++i) move_block(outs[i], ids[i], true, out_on_device, stream);
+  detail::stream_fence();
+}
+
+void PagedKVPool::scatter_each(std::span<const std::byte* const> ins, std::span<const BlockId> ids_in,
+                               bool in_on_device) {
+  const std::vector<BlockId> ids = checked_ids(ids_in, false, "scatter_each");
+  check_each(ids.size(), ins, "scatter_each");
+  reject_repeats(ids, "scatter_each");
+  const bool stream = ids.size() * block_bytes() > kStreamMinTotalBytes;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    // move_block only reads through the pointer in this direction.
+    move_block(const_cast<std::byte*>(ins[i]), ids[i], false, in_on_device, stream);
+  }
+  detail::stream_fence();
+}
+
 void PagedKVPool::allocate(std::span<BlockId> out) {
   if (!allocator_.allocate(out).ok()) {
     throw Error(ErrorCode::kPoolFull, "cannot allocate " + std::to_string(out.size()) + " blocks: " +

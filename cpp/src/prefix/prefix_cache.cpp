@@ -143,6 +143,7 @@ struct PrefixCache::Impl {
   std::vector<std::uint32_t> scratch_nodes;
   std::vector<std::uint32_t> scratch_positions;
   std::vector<BlockId> freed_blocks;
+  bool detaching = false;  // evict_detached: collect victims' blocks even without an allocator
   std::vector<std::uint8_t> marks;
   std::vector<std::uint32_t> path;
   std::vector<BlockHash> input_digests;  // insert's private copy of its arguments
@@ -311,7 +312,7 @@ struct PrefixCache::Impl {
     Node& n = nodes[idx];
     index.erase(n.digest, idx);
     clear_block_owner(n.block);
-    if (allocator != nullptr) freed_blocks.push_back(n.block);
+    if (allocator != nullptr || detaching) freed_blocks.push_back(n.block);
     if (removed != nullptr) removed->push_back(n.digest);
   }
 
@@ -815,6 +816,38 @@ std::uint32_t PrefixCache::evict(std::uint32_t n) {
   const std::uint32_t done = s.evict_locked(n, s.events_on() ? &removed : nullptr);
   s.return_blocks();
   s.emit_removed(std::move(removed));
+  return done;
+}
+
+std::uint32_t PrefixCache::evict_detached(std::uint32_t n, std::vector<BlockHash>& digests,
+                                          std::vector<BlockId>& block_ids) {
+  Impl& s = *impl_;
+  const std::lock_guard lock(s.mutex);
+  if (n == 0 || s.heap.empty()) return 0;
+  const std::size_t k = std::min<std::size_t>(n, s.live_count);
+  // Everything that can throw happens before the first victim leaves.
+  std::vector<BlockHash> removed;
+  removed.reserve(k);
+  digests.reserve(digests.size() + k);
+  block_ids.reserve(block_ids.size() + k);
+  s.freed_blocks.reserve(s.freed_blocks.size() + k);
+  std::vector<BlockHash> events;
+  if (s.events_on()) events.reserve(k);
+  const std::int64_t now = s.two_heaps() ? s.now_ns() : 0;
+  // --- commit: cannot fail ---
+  const std::size_t first_block = s.freed_blocks.size();
+  s.detaching = true;
+  const std::uint32_t done = s.evict_reserved(n, &removed, now);
+  s.detaching = false;
+  // The victims' blocks were queued for return: take them (and their references) out instead.
+  block_ids.insert(block_ids.end(), s.freed_blocks.begin() + static_cast<std::ptrdiff_t>(first_block),
+                   s.freed_blocks.end());
+  s.freed_blocks.resize(first_block);
+  digests.insert(digests.end(), removed.begin(), removed.end());
+  if (s.events_on()) {
+    events.insert(events.end(), removed.begin(), removed.end());
+    s.emit_removed(std::move(events));
+  }
   return done;
 }
 

@@ -1,0 +1,851 @@
+"""Tiered KV storage under the prefix cache: device pool -> host slab -> disk slots, moving real bytes.
+
+Tiers (each with its own capacity and its own allocator of slots):
+
+* **device**: a :class:`~sagellm_kv_cache.paged.PagedKVPool` (CPU or CUDA) under the native
+  :class:`~sagellm_kv_cache.prefix_cache.RadixPrefixCache`; its capacity is ``device_blocks``.
+* **host**: a :class:`HostTier`, fixed slots of one native ``HostSlab`` (page-locked through the CUDA
+  allocator when the device pool is on a GPU, page-aligned host memory otherwise), an LRU index
+  digest -> slot.
+* **disk**: a :class:`DiskTier`, one preallocated file of fixed slots in a directory. Each slot is a
+  payload padded to 4 KiB followed by a 4 KiB header page (magic, format version, digest, generation,
+  payload size, payload checksum and a checksum of the header itself), written with one request.
+  ``O_DIRECT`` is used where the filesystem takes it (else buffered I/O; ``direct_io`` says which).
+  Reopening the directory rebuilds the index from the headers, keeping the slots whose header and payload check out and
+  dropping the rest, so the disk tier is a persistent prefix cache.
+
+Movement. Evicting a cached block from the device tier *demotes* it: the native
+``evict_detached`` takes it out of the trie while its block stays allocated, a background thread
+copies its bytes into a host slot and only then frees the device block and publishes the digest in
+the host index. A full host tier demotes its least recently stored block to disk the same way
+(written, then published). The disk tier drops its least recently stored block when full. A lower
+tier hit is *promoted* (copied into a fresh device block and inserted into the trie) before
+:meth:`TieredPrefixCache.match` returns; the lower copy is then released (tiers are exclusive, so the
+capacities add up). A block is visible in a tier only once its bytes landed there; a lookup of a
+digest whose demotion is in flight waits for it. Every disk read is checked against the slot's
+header (digest and payload checksum): a torn or stale slot is dropped and reported as a miss, never
+served.
+
+Durability: ``fsync=False`` (default) leaves written slots to the page cache, which survives a killed
+process (``kill -9``) but not a power loss; ``fsync=True`` makes every slot durable before it is
+published. Either way the checksums keep a torn slot from being served after a crash.
+
+Digests are chained (a digest covers its whole prefix), so the lower tiers are flat maps keyed by
+digest; the bytes of a digest are a function of the prefix and the model, so a slot of an old
+generation holding the same digest holds the same bytes.
+
+Thread safety: every public method may be called from any thread; one lock guards the lower tiers'
+indexes and slot allocators, the device trie has its own; copies run outside the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from sagellm_kv_cache import _core
+from sagellm_kv_cache.errors import KVMetadataMismatchError, KVPoolFullError
+from sagellm_kv_cache.paged import PagedKVPool
+from sagellm_kv_cache.prefix_cache import RadixPrefixCache
+
+__all__ = ["TIER_DEVICE", "TIER_DISK", "TIER_HOST", "TIER_NAMES", "DiskTier", "HostTier", "TierMatch",
+           "TieredPrefixCache"]
+
+TIER_DEVICE, TIER_HOST, TIER_DISK = 0, 1, 2
+TIER_NAMES = ("device", "host", "disk")
+
+_PAGE = 4096
+_MAGIC = b"SGKVSLT1"
+_FORMAT_VERSION = 2
+# magic, version, reserved, generation, digest, payload bytes, payload checksum; then a checksum of those.
+_HEADER = struct.Struct("<8sIIQ32sQQ")
+_HEADER_CHECK = struct.Struct("<Q")
+_META_FILE = "tier.json"
+_SLOTS_FILE = "slots.bin"
+
+
+def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return int(value)
+
+
+def _round_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def _digest_rows(digests: Any) -> npt.NDArray[np.uint8]:
+    """Digests as an (n, 32) uint8 array: from such an array or a sequence of 32-byte buffers."""
+    if isinstance(digests, np.ndarray):
+        if digests.dtype != np.uint8 or digests.ndim != 2 or digests.shape[1] != 32:
+            raise ValueError(f"digests must be an (n, 32) uint8 array, got {digests.dtype} {digests.shape}")
+        return np.ascontiguousarray(digests)
+    rows = []
+    for i, d in enumerate(digests):
+        b = bytes(d) if isinstance(d, bytes | bytearray | memoryview) else None
+        if b is None or len(b) != 32:
+            raise TypeError(f"digest {i} must be 32 bytes, got {type(d).__name__}")
+        rows.append(b)
+    return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, 32)
+
+
+# --- host tier ---------------------------------------------------------------------------------
+
+
+class HostTier:
+    """``num_blocks`` host slots of ``block_nbytes`` each (pinned when ``device`` is an accelerator).
+
+    Holds the index digest -> slot in LRU order of storing; the owner (``TieredPrefixCache``) does
+    all locking. Slot ids come from a native lock-free allocator.
+    """
+
+    def __init__(self, num_blocks: int, block_nbytes: int, device: str = "cpu") -> None:
+        self.num_blocks = _positive_int("host_blocks", num_blocks)
+        self.block_nbytes = _positive_int("block_nbytes", block_nbytes)
+        # Each slot has room for a disk slot's header page after the block, so a demotion to disk
+        # is one contiguous write. Zero-filled: the pages are faulted in now, not on first use.
+        self.slab = _core.HostSlab(self.num_blocks, _round_up(self.block_nbytes, _PAGE) + _PAGE, device, True)
+        self.view = self.slab.view()
+        self.slots = _core.BlockAllocator(self.num_blocks)
+        self.index: OrderedDict[bytes, int] = OrderedDict()
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.slab.pinned)
+
+    def payload(self, slot: int) -> npt.NDArray[np.uint8]:
+        return self.view[slot, : self.block_nbytes]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+# --- disk tier ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _DiskSlot:
+    slot: int
+    generation: int
+
+
+class DiskTier:
+    """A directory holding one preallocated file of fixed block slots, with a persistent index.
+
+    Opening a directory that holds a tier of the same ``block_nbytes`` and checksum algorithm
+    reuses it (growing the file if ``num_blocks`` is larger; a smaller ``num_blocks`` keeps only the
+    slots below it) and rebuilds the index from the slot headers: a slot counts only if its header
+    checksum, magic, version and size are right and (``verify_on_open``, default) its payload
+    matches the recorded checksum; duplicates of a digest keep the newest generation. A directory
+    holding another block size or checksum raises :class:`~sagellm_kv_cache.errors.KVMetadataMismatchError`.
+
+    The owner does the locking of the index and the slot allocator; reads and writes of distinct
+    slots may run concurrently (positional I/O, thread-local header buffers).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], num_blocks: int, block_nbytes: int, *,
+                 direct_io: bool = True, fsync: bool = False, verify_on_open: bool = True) -> None:
+        self.num_blocks = _positive_int("disk_blocks", num_blocks)
+        self.block_nbytes = _positive_int("block_nbytes", block_nbytes)
+        self.payload_stride = _round_up(self.block_nbytes, _PAGE)
+        self.slot_nbytes = self.payload_stride + _PAGE  # payload, then its header page
+        self.fsync = bool(fsync)
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"disk tier directory {str(directory)!r} cannot be created: {exc.strerror}") from None
+        self._check_meta()
+        path = self.directory / _SLOTS_FILE
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            raise ValueError(f"disk tier directory {str(directory)!r} is in use by another process") from None
+        old_size = os.fstat(self._fd).st_size
+        if old_size < self.num_blocks * self.slot_nbytes:
+            os.ftruncate(self._fd, self.num_blocks * self.slot_nbytes)
+        written_slots = min(self.num_blocks, old_size // self.slot_nbytes)  # beyond: never written
+        self.direct_io = False
+        self._direct_fd: int | None = None
+        if direct_io and hasattr(os, "O_DIRECT"):
+            try:
+                self._direct_fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+                self.direct_io = True
+            except OSError:
+                self._direct_fd = None
+        self._local = threading.local()
+        self.slots = _core.BlockAllocator(self.num_blocks)
+        self.index: OrderedDict[bytes, _DiskSlot] = OrderedDict()
+        self.generation = 0
+        self.dropped_on_open = 0
+        self._rebuild(written_slots, verify_on_open)
+
+    # --- metadata ------------------------------------------------------------------------------
+
+    def _check_meta(self) -> None:
+        meta = {"format": _FORMAT_VERSION, "block_nbytes": self.block_nbytes,
+                "checksum": _core.block_checksum_algorithm(), "header_bytes": _PAGE,
+                "layout": "payload-then-header"}
+        path = self.directory / _META_FILE
+        if path.exists():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise KVMetadataMismatchError("tier.json", "a readable tier description", str(exc)) from None
+            for key, want in meta.items():
+                if not isinstance(old, dict) or old.get(key) != want:
+                    got = old.get(key) if isinstance(old, dict) else old
+                    raise KVMetadataMismatchError(key, want, got,
+                                                  context={"directory": str(self.directory)})
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    # --- buffers -------------------------------------------------------------------------------
+
+    def _header_buffer(self) -> npt.NDArray[np.uint8]:
+        buf = getattr(self._local, "header", None)
+        if buf is None:
+            slab = _core.HostSlab(1, _PAGE)
+            buf = slab.view()[0]
+            self._local.header = buf
+        return buf
+
+    def bounce_buffer(self) -> npt.NDArray[np.uint8]:
+        """A page-aligned per-thread buffer of one payload stride (for O_DIRECT reads and writes)."""
+        buf = getattr(self._local, "bounce", None)
+        if buf is None:
+            slab = _core.HostSlab(1, self.slot_nbytes)
+            buf = slab.view()[0]
+            self._local.bounce = buf
+        return buf
+
+    def _aligned(self, buf: npt.NDArray[np.uint8]) -> bool:
+        return buf.ctypes.data % _PAGE == 0 and buf.nbytes % _PAGE == 0
+
+    # --- slot I/O ------------------------------------------------------------------------------
+
+    def _encode_header(self, hdr: npt.NDArray[np.uint8], digest: bytes, generation: int, checksum: int) -> None:
+        body = _HEADER.pack(_MAGIC, _FORMAT_VERSION, 0, generation, digest, self.block_nbytes, checksum)
+        hdr[: _HEADER.size] = np.frombuffer(body, dtype=np.uint8)
+        hdr[_HEADER.size: _HEADER.size + 8] = np.frombuffer(
+            _HEADER_CHECK.pack(_core.block_checksum(hdr[: _HEADER.size])), dtype=np.uint8)
+
+    def _decode_header(self, hdr: npt.NDArray[np.uint8]) -> tuple[bytes, int, int] | None:
+        """(digest, generation, payload checksum), or None for an empty, torn or foreign header."""
+        body = hdr[: _HEADER.size]
+        (check,) = _HEADER_CHECK.unpack(hdr[_HEADER.size: _HEADER.size + 8].tobytes())
+        if check != _core.block_checksum(body):
+            return None
+        magic, version, _, generation, digest, nbytes, checksum = _HEADER.unpack(body.tobytes())
+        if magic != _MAGIC or version != _FORMAT_VERSION or nbytes != self.block_nbytes:
+            return None
+        return bytes(digest), int(generation), int(checksum)
+
+    def _split(self, buf: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.uint8]]:
+        """The I/O vector of a slot for ``buf``: ``buf`` alone when it holds a whole slot (payload
+        stride + header page: one contiguous request), else ``buf`` and a header buffer."""
+        if buf.nbytes == self.slot_nbytes:
+            return [buf]
+        if buf.nbytes != self.payload_stride:
+            raise ValueError(f"a disk slot buffer holds {self.payload_stride} or {self.slot_nbytes} bytes, "
+                             f"got {buf.nbytes}")
+        return [buf, self._header_buffer()]
+
+    def write(self, slot: int, digest: bytes, buf: npt.NDArray[np.uint8], generation: int) -> None:
+        """Writes one slot from ``buf`` (its first ``block_nbytes`` are the block; a whole-slot
+        buffer also carries the header page, which this fills in)."""
+        iov = self._split(buf)
+        checksum = _core.block_checksum(buf[: self.block_nbytes])
+        self._encode_header(iov[-1][-_PAGE:], digest, generation, checksum)
+        # One positional write of payload + header: a crash may land any part of it, which the
+        # header and payload checksums catch on the next read or reopen.
+        self._io(iov, slot * self.slot_nbytes, write=True)
+        if self.fsync:
+            os.fdatasync(self._fd)
+
+    def read(self, slot: int, digest: bytes, out: npt.NDArray[np.uint8]) -> bool:
+        """Reads a slot into ``out`` (as for ``write``); False when the slot does not hold ``digest``
+        intact (wrong digest, torn header or payload): then ``out`` must not be used."""
+        iov = self._split(out)
+        self._io(iov, slot * self.slot_nbytes, write=False)
+        decoded = self._decode_header(iov[-1][-_PAGE:])
+        if decoded is None or decoded[0] != digest:
+            return False
+        return decoded[2] == _core.block_checksum(out[: self.block_nbytes])
+
+    def _io(self, bufs: list[npt.NDArray[np.uint8]], off: int, *, write: bool) -> None:
+        """pwritev / preadv of ``bufs`` at ``off``, through O_DIRECT when every buffer is aligned."""
+        use_direct = self._direct_fd is not None and all(self._aligned(b) for b in bufs)
+        fd = self._direct_fd if use_direct and self._direct_fd is not None else self._fd
+        op = os.pwritev if write else os.preadv
+        try:
+            n = op(fd, cast(list[Any], bufs), off)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or fd == self._fd:
+                raise
+            self._disable_direct()
+            n = op(self._fd, cast(list[Any], bufs), off)
+        want = sum(b.nbytes for b in bufs)
+        if n != want:
+            raise OSError(errno.EIO, f"short {'write' if write else 'read'} on the disk tier ({n} of {want} bytes)")
+
+    def _pread(self, buf: npt.NDArray[np.uint8], off: int) -> None:
+        self._io([buf], off, write=False)
+
+    def _disable_direct(self) -> None:
+        # The filesystem opened with O_DIRECT but refuses the I/O: fall back to buffered I/O.
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+        self.direct_io = False
+
+    # --- index ---------------------------------------------------------------------------------
+
+    def _rebuild(self, written_slots: int, verify: bool) -> None:
+        found: dict[bytes, _DiskSlot] = {}
+        bounce = self.bounce_buffer()
+        hdr = self._header_buffer()
+        for slot in range(written_slots):
+            off = slot * self.slot_nbytes
+            self._pread(hdr, off + self.payload_stride)
+            if not hdr[:8].any():
+                continue  # never written
+            decoded = self._decode_header(hdr)
+            ok = decoded is not None
+            if ok and verify:
+                assert decoded is not None
+                self._pread(bounce[: self.payload_stride], off)
+                ok = decoded[2] == _core.block_checksum(bounce[: self.block_nbytes])
+            if not ok or decoded is None:
+                self.dropped_on_open += 1
+                continue
+            digest, generation, _ = decoded
+            old = found.get(digest)
+            if old is None or generation > old.generation:
+                found[digest] = _DiskSlot(slot, generation)
+            self.generation = max(self.generation, generation)
+        taken = {s.slot for s in found.values()}
+        # Claim the slots in use from the fresh allocator: take all, give back the free ones.
+        if taken:
+            ids = self.slots.allocate(self.num_blocks)
+            free = np.array(sorted(set(ids.tolist()) - taken), dtype=np.int32)
+            if free.size:
+                self.slots.free(free)
+        for digest, entry in sorted(found.items(), key=lambda kv: kv[1].generation):
+            self.index[digest] = entry
+
+    def next_generation(self) -> int:
+        self.generation += 1
+        return self.generation
+
+    def close(self) -> None:
+        for fd in (self._direct_fd, self._fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._direct_fd = None
+        self._fd = -1
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(list(self.index))
+
+
+# --- the tiered prefix cache -------------------------------------------------------------------
+
+
+@dataclass
+class TierMatch:
+    """Outcome of :meth:`TieredPrefixCache.match`: the first ``num_matched`` digests are now device
+    blocks ``block_ids`` (acquired: release them with the digests); ``tiers[i]`` is where block i was
+    found (0 device, 1 host, 2 disk) before promotion."""
+
+    num_matched: int
+    block_ids: npt.NDArray[np.int32]
+    tiers: npt.NDArray[np.int8]
+
+    def hits(self, tier: int) -> int:
+        return int(np.count_nonzero(self.tiers == tier))
+
+
+_PATHS = ("device_to_host", "host_to_device", "host_to_disk", "disk_to_device", "device_to_disk")
+
+
+@dataclass
+class _Stats:
+    lookups: int = 0
+    queried_blocks: int = 0
+    hits: list[int] = field(default_factory=lambda: [0, 0, 0])
+    demoted_to_host: int = 0
+    demoted_to_disk: int = 0
+    promoted_from_host: int = 0
+    promoted_from_disk: int = 0
+    dropped: list[int] = field(default_factory=lambda: [0, 0, 0])  # blocks that fell off each tier
+    corrupt_reads: int = 0
+    bytes_moved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0))
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0.0))
+
+
+
+class TieredPrefixCache:
+    """A prefix cache over a device pool, a host tier and a disk tier (see the module docstring).
+
+    >>> # pool = PagedKVPool(spec, 1024); tc = TieredPrefixCache(pool, device_blocks=1000, host_blocks=10_000,
+    >>> #                                                      disk_dir="/var/kv", disk_blocks=100_000)
+    >>> # m = tc.match(digests)            # promotes lower-tier hits; then allocate, insert, release
+    """
+
+    def __init__(
+        self,
+        pool: PagedKVPool,
+        *,
+        device_blocks: int | None = None,
+        host_blocks: int = 0,
+        disk_dir: str | os.PathLike[str] | None = None,
+        disk_blocks: int = 0,
+        policy: str = "lru",
+        hash_algorithm: str = "sha256",
+        direct_io: bool = True,
+        fsync: bool = False,
+        verify_on_open: bool = True,
+        background: bool = True,
+    ) -> None:
+        if not isinstance(pool, PagedKVPool):
+            raise TypeError(f"pool must be a PagedKVPool, got {type(pool).__name__}")
+        self.pool = pool
+        self.block_nbytes = pool.block_nbytes
+        self.device_blocks = pool.num_blocks if device_blocks is None else _positive_int("device_blocks",
+                                                                                         device_blocks)
+        if self.device_blocks > pool.num_blocks:
+            raise ValueError(f"device_blocks ({self.device_blocks}) exceeds the pool's {pool.num_blocks} blocks")
+        host_blocks = _positive_int("host_blocks", host_blocks, allow_zero=True)
+        disk_blocks = _positive_int("disk_blocks", disk_blocks, allow_zero=True)
+        if disk_blocks and disk_dir is None:
+            raise ValueError("disk_blocks > 0 needs disk_dir")
+        self.device = RadixPrefixCache(block_size=pool.spec.block_size, pool=pool, policy=policy,
+                                       hash_algorithm=hash_algorithm)
+        self.host = HostTier(host_blocks, self.block_nbytes, pool.device) if host_blocks else None
+        self.disk = (DiskTier(disk_dir, disk_blocks, self.block_nbytes, direct_io=direct_io, fsync=fsync,
+                              verify_on_open=verify_on_open)
+                     if disk_blocks and disk_dir is not None else None)
+        self._lock = threading.RLock()
+        self._pending: dict[bytes, Future[None]] = {}
+        self._stats = _Stats()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-tiers") if background else None
+        self._closed = False
+
+    # --- hashing and the request protocol ----------------------------------------------------
+
+    def hash_tokens(self, tokens: Any, **kwargs: Any) -> npt.NDArray[np.uint8]:
+        return self.device.hash_tokens(tokens, **kwargs)
+
+    def match(self, digests: Any) -> TierMatch:
+        """Longest prefix cached in any tier, promoted to the device and acquired there.
+
+        Release ``digests[:num_matched]`` when the request ends (as with ``RadixPrefixCache``).
+        """
+        digests = _digest_rows(digests)
+        n0, ids0 = self.device.match(digests)
+        tiers = [TIER_DEVICE] * n0
+        run: list[tuple[bytes, int, int]] = []  # (digest, tier, slot) claimed from a lower tier
+        for row in digests[n0:]:
+            digest = row.tobytes()
+            claimed = self._claim(digest)
+            if claimed is None:
+                break
+            run.append((digest, *claimed))
+        promoted = self._promote(digests, n0, run) if run else np.empty(0, np.int32)
+        tiers.extend(t for _, t, _ in run[: len(promoted)])
+        with self._lock:
+            s = self._stats
+            s.lookups += 1
+            s.queried_blocks += len(digests)
+            for t in tiers:
+                s.hits[t] += 1
+        ids = np.concatenate([ids0[:n0], promoted]).astype(np.int32, copy=False)
+        return TierMatch(len(ids), ids, np.asarray(tiers, dtype=np.int8))
+
+    def release(self, digests: Any) -> None:
+        """Drops the uses ``match`` took; device blocks beyond ``device_blocks`` are then demoted."""
+        self.device.release(digests)
+        self._trim()
+
+    def _trim(self) -> None:
+        excess = len(self.device) - self.device_blocks
+        if excess > 0:
+            self._demote(excess)
+
+    def insert(self, digests: Any, block_ids: Any, *, parent: Any = None) -> int:
+        """Publishes freshly computed device blocks (as ``RadixPrefixCache.insert``), then demotes the
+        least recently used device blocks beyond ``device_blocks``. Returns how many were inserted."""
+        n, _ = self.device.insert(digests, block_ids, parent=parent)
+        self._trim()
+        return n
+
+    def allocate(self, num_blocks: int) -> npt.NDArray[np.int32]:
+        """Device blocks for a request, demoting cached blocks first when the pool is short."""
+        self.make_room(num_blocks)
+        return self.pool.allocate(num_blocks)
+
+    def make_room(self, num_blocks: int) -> None:
+        """Demotes cached device blocks until ``num_blocks`` are free in the pool (or none is evictable)."""
+        short = num_blocks - self.pool.num_free_blocks
+        if short > 0:
+            for fut in self._demote(short):
+                fut.result()
+
+    # --- demotion ------------------------------------------------------------------------------
+
+    def _submit(self, fn: Any, *args: Any) -> Future[None]:
+        if self._executor is None:
+            fut: Future[None] = Future()
+            try:
+                fn(*args)
+                fut.set_result(None)
+            except BaseException as exc:  # handed to the waiter
+                fut.set_exception(exc)
+            return fut
+        return self._executor.submit(fn, *args)
+
+    def demote(self, num_blocks: int) -> list[Future[None]]:
+        """Demotes up to ``num_blocks`` least recently used unreferenced device blocks now (e.g. ahead
+        of a large batch). Returns the futures of the copies; they land in the background."""
+        return self._demote(_positive_int("num_blocks", num_blocks, allow_zero=True))
+
+    def _demote(self, n: int) -> list[Future[None]]:
+        if n == 0:
+            return []
+        digests, ids = self.device._native.evict_detached(n)
+        if len(ids) == 0:
+            return []
+        keys = [row.tobytes() for row in digests]
+        if self.host is None and self.disk is None:
+            self.pool.free(ids)
+            with self._lock:
+                self._stats.dropped[TIER_DEVICE] += len(ids)
+            return []
+        futures: list[Future[None]] = []
+        with self._lock:
+            fut = self._submit_locked(keys, ids)
+            futures.append(fut)
+        return futures
+
+    def _submit_locked(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> Future[None]:
+        # Registered as pending before the job can run, so a lookup of these digests waits for it.
+        fut: Future[None] = Future()
+        for k in keys:
+            self._pending[k] = fut
+        inner = self._submit(self._demote_job, keys, ids)
+
+        def done(f: Future[None]) -> None:
+            exc = f.exception()
+            with self._lock:
+                for k in keys:
+                    if self._pending.get(k) is fut:
+                        del self._pending[k]
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(None)
+
+        inner.add_done_callback(done)
+        return fut
+
+    def _demote_job(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+        try:
+            if self.host is not None:
+                self._demote_to_host(keys, ids)
+            else:
+                self._demote_to_disk_from_device(keys, ids)
+        finally:
+            self.pool.free(ids)
+
+    def _demote_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+        host = self.host
+        assert host is not None
+        # Oldest first, at most a host tier's worth at a time: later chunks push earlier ones to disk.
+        step = host.num_blocks
+        for start in range(0, len(keys), step):
+            self._demote_chunk_to_host(keys[start: start + step], ids[start: start + step])
+
+    def _demote_chunk_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+        host = self.host
+        assert host is not None
+        slots = self._host_slots(len(keys))
+        t0 = time.perf_counter()
+        host.slab.copy_from_pool(self.pool._native, ids, slots)
+        dt = time.perf_counter() - t0
+        with self._lock:
+            for k, slot in zip(keys, slots.tolist(), strict=True):
+                old = host.index.pop(k, None)
+                if old is not None:  # stored again meanwhile (same bytes): keep one copy
+                    host.slots.free(np.array([old], np.int32))
+                host.index[k] = slot
+            self._account("device_to_host", len(keys), dt)
+            self._stats.demoted_to_host += len(keys)
+
+    def _host_slots(self, n: int) -> npt.NDArray[np.int32]:
+        """n free host slots, demoting the host tier's oldest blocks to disk (or dropping them) first."""
+        host = self.host
+        assert host is not None
+        out: list[int] = []
+        while len(out) < n:
+            with self._lock:
+                free = min(host.slots.num_available, n - len(out))
+                if free:
+                    out.extend(host.slots.allocate(free).tolist())
+                    continue
+                if not host.index:
+                    raise RuntimeError("host tier has no free slot and nothing to demote")
+                victims = [host.index.popitem(last=False) for _ in range(min(n - len(out), len(host.index)))]
+                spill: Future[None] = Future()
+                for key, _ in victims:  # in flight to disk: a lookup waits for it
+                    self._pending.setdefault(key, spill)
+            try:
+                out.extend(self._spill_host(victims))
+            finally:
+                with self._lock:
+                    for key, _ in victims:
+                        if self._pending.get(key) is spill:
+                            del self._pending[key]
+                spill.set_result(None)
+        return np.asarray(out, dtype=np.int32)
+
+    def _spill_host(self, victims: list[tuple[bytes, int]]) -> list[int]:
+        """Moves host victims (already out of the index) to disk; returns their slots, now reusable."""
+        host = self.host
+        assert host is not None
+        if self.disk is None:
+            with self._lock:
+                self._stats.dropped[TIER_HOST] += len(victims)
+            return [slot for _, slot in victims]
+        t0 = time.perf_counter()
+        for key, slot in victims:
+            self._write_disk(key, host.view[slot])
+        with self._lock:
+            self._account("host_to_disk", len(victims), time.perf_counter() - t0)
+        return [slot for _, slot in victims]
+
+    def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+        disk = self.disk
+        assert disk is not None
+        bounce = disk.bounce_buffer()
+        t0 = time.perf_counter()
+        for k, block in zip(keys, ids.tolist(), strict=True):
+            self.pool.gather_into([block], bounce[: self.block_nbytes])
+            self._write_disk(k, bounce)
+        with self._lock:
+            self._account("device_to_disk", len(keys), time.perf_counter() - t0)
+
+    def _write_disk(self, key: bytes, payload: npt.NDArray[np.uint8]) -> None:
+        """Writes one block to a disk slot and publishes it; evicts the disk tier's oldest when full."""
+        disk = self.disk
+        assert disk is not None
+        with self._lock:
+            old = disk.index.pop(key, None)
+            if old is not None:
+                slot = old.slot  # same digest, same bytes: rewrite in place
+            elif disk.slots.num_available:
+                slot = int(disk.slots.allocate(1)[0])
+            else:
+                _, victim = disk.index.popitem(last=False)
+                slot = victim.slot
+                self._stats.dropped[TIER_DISK] += 1
+            generation = disk.next_generation()
+        try:
+            disk.write(slot, key, payload, generation)
+        except BaseException:
+            with self._lock:
+                disk.slots.free(np.array([slot], np.int32))
+            raise
+        with self._lock:
+            disk.index[key] = _DiskSlot(slot, generation)
+            self._stats.demoted_to_disk += 1
+
+    # --- promotion -----------------------------------------------------------------------------
+
+    def _claim(self, digest: bytes) -> tuple[int, int] | None:
+        """Takes ``digest`` out of the host or disk index (so nobody evicts it meanwhile): (tier, slot)."""
+        while True:
+            with self._lock:
+                pending = self._pending.get(digest)
+                if pending is None:
+                    if self.host is not None and digest in self.host.index:
+                        return TIER_HOST, self.host.index.pop(digest)
+                    if self.disk is not None and digest in self.disk.index:
+                        return TIER_DISK, self.disk.index.pop(digest).slot
+                    return None
+            try:
+                pending.result()  # visible only once landed: wait for the in-flight demotion
+            except Exception:  # a failed demotion is a miss here
+                return None
+
+    def _promote(self, digests: npt.NDArray[np.uint8], n0: int, run: list[tuple[bytes, int, int]]) -> np.ndarray:
+        """Copies the claimed lower-tier blocks into fresh device blocks and inserts them acquired.
+
+        Returns the device block ids of the promoted prefix (shorter than ``run`` when a disk slot
+        fails its check or the device has no room; the claims past it go back to their tiers)."""
+        try:
+            self.make_room(len(run))
+            ids = self.pool.allocate(len(run))
+        except KVPoolFullError:
+            self._unclaim(run)
+            return np.empty(0, np.int32)
+        good = len(run)
+        bad: set[int] = set()
+        host_pos = [i for i, (_, t, _) in enumerate(run) if t == TIER_HOST]
+        if host_pos and self.host is not None:
+            t0 = time.perf_counter()
+            self.host.slab.copy_to_pool(self.pool._native, [run[i][2] for i in host_pos], ids[host_pos])
+            with self._lock:
+                self._account("host_to_device", len(host_pos), time.perf_counter() - t0)
+                self._stats.promoted_from_host += len(host_pos)
+        disk_pos = [i for i, (_, t, _) in enumerate(run) if t == TIER_DISK]
+        if disk_pos and self.disk is not None:
+            bounce = self.disk.bounce_buffer()
+            t0 = time.perf_counter()
+            moved = 0
+            for i in disk_pos:
+                key, _, slot = run[i]
+                if not self.disk.read(slot, key, bounce):
+                    bad.add(i)  # torn or stale: never served, the slot is dropped
+                    good = min(good, i)
+                    continue
+                self.pool.scatter(bounce[: self.block_nbytes], [int(ids[i])])
+                moved += 1
+            with self._lock:
+                self._account("disk_to_device", moved, time.perf_counter() - t0)
+                self._stats.promoted_from_disk += moved
+                self._stats.corrupt_reads += len(bad)
+        # Promoted (and corrupt) lower copies are released; the rest of the run goes back.
+        self._free_lower([r for i, r in enumerate(run) if i < good or i in bad])
+        self._unclaim([r for i, r in enumerate(run) if i >= good and i not in bad])
+        out = np.empty(0, np.int32)
+        if good:
+            parent = digests[n0 - 1] if n0 else None
+            self.device._native.insert(digests[n0: n0 + good], ids[:good], parent=parent, acquire=True)
+            # A concurrent request may have cached some of these meanwhile: serve the cached blocks.
+            _, cached = self.device.peek(digests[: n0 + good])
+            out = np.asarray(cached[n0: n0 + good], dtype=np.int32)
+        self.pool.free(ids)  # the trie holds its own references on what it kept
+        return out
+
+    def _unclaim(self, run: list[tuple[bytes, int, int]]) -> None:
+        with self._lock:
+            for key, tier, slot in run:
+                if tier == TIER_HOST and self.host is not None:
+                    self.host.index[key] = slot
+                elif tier == TIER_DISK and self.disk is not None:
+                    self.disk.index[key] = _DiskSlot(slot, self.disk.next_generation())
+
+    def _free_lower(self, run: list[tuple[bytes, int, int]]) -> None:
+        with self._lock:
+            for _, tier, slot in run:
+                if tier == TIER_HOST and self.host is not None:
+                    self.host.slots.free(np.array([slot], np.int32))
+                elif tier == TIER_DISK and self.disk is not None:
+                    self.disk.slots.free(np.array([slot], np.int32))
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def _account(self, path: str, blocks: int, seconds: float) -> None:
+        self._stats.bytes_moved[path] += blocks * self.block_nbytes
+        self._stats.seconds[path] += seconds
+
+    def flush(self) -> None:
+        """Waits until every demotion submitted so far has landed."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+        with self._lock:
+            pending = list(self._pending.values())
+        for fut in pending:
+            fut.exception()
+
+    def location(self, digest: bytes) -> str | None:
+        """Tier that holds ``digest`` now ("device", "host", "disk"), or None."""
+        digest = bytes(digest)
+        if self.device.contains(digest):
+            return "device"
+        with self._lock:
+            if self.host is not None and digest in self.host.index:
+                return "host"
+            if self.disk is not None and digest in self.disk.index:
+                return "disk"
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            s = self._stats
+            hits_total = sum(s.hits)
+            bandwidth = {p: (s.bytes_moved[p] / s.seconds[p] if s.seconds[p] > 0 else None) for p in _PATHS}
+            return {
+                "lookups": s.lookups,
+                "queried_blocks": s.queried_blocks,
+                "hits": dict(zip(TIER_NAMES, s.hits, strict=True)),
+                "hit_blocks": hits_total,
+                "hit_ratio": hits_total / s.queried_blocks if s.queried_blocks else 0.0,
+                "hit_ratio_by_tier": {t: (h / s.queried_blocks if s.queried_blocks else 0.0)
+                                      for t, h in zip(TIER_NAMES, s.hits, strict=True)},
+                "demoted_to_host": s.demoted_to_host,
+                "demoted_to_disk": s.demoted_to_disk,
+                "promoted_from_host": s.promoted_from_host,
+                "promoted_from_disk": s.promoted_from_disk,
+                "dropped": dict(zip(TIER_NAMES, s.dropped, strict=True)),
+                "corrupt_reads": s.corrupt_reads,
+                "bytes_moved": dict(s.bytes_moved),
+                "copy_seconds": dict(s.seconds),
+                "bandwidth_bytes_per_s": bandwidth,
+                "blocks": {"device": len(self.device), "host": len(self.host) if self.host else 0,
+                           "disk": len(self.disk) if self.disk else 0},
+                "capacity": {"device": self.device_blocks,
+                             "host": self.host.num_blocks if self.host else 0,
+                             "disk": self.disk.num_blocks if self.disk else 0},
+                "disk_direct_io": bool(self.disk.direct_io) if self.disk else None,
+                "host_pinned": bool(self.host.pinned) if self.host else None,
+            }
+
+    def close(self) -> None:
+        """Waits for copies in flight, then closes the disk tier (its slots stay for a reopen)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        if self.disk is not None:
+            self.disk.close()
+
+    def __enter__(self) -> TieredPrefixCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.stats()["blocks"]
+        return (f"TieredPrefixCache(device={s['device']}/{self.device_blocks}, host={s['host']}, "
+                f"disk={s['disk']})")
+

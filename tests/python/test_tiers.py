@@ -1,0 +1,462 @@
+"""Tiered KV storage (device pool -> host slab -> disk slots): byte-exact demotion and promotion, hits
+reported per tier, restart from the disk directory, kill -9 during a demotion storm, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sagellm_kv_cache import KVHandle, KVOffloadManager, _core
+from sagellm_kv_cache.errors import KVInvalidBlockError, KVMetadataMismatchError
+from sagellm_kv_cache.offload import OffloadStorage
+from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
+from sagellm_kv_cache.tiers import TIER_DEVICE, TIER_DISK, TIER_HOST, DiskTier, TieredPrefixCache
+
+SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="fp16", block_size=4)
+
+
+def content(digest: bytes, nbytes: int) -> np.ndarray:
+    """The bytes a block with this digest holds in these tests (a function of the digest)."""
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return rng.integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def fill(tc: TieredPrefixCache, tokens: np.ndarray) -> np.ndarray:
+    """One request: match, compute (write content) what missed, insert, release. Returns digests."""
+    pool = tc.pool
+    digests = tc.hash_tokens(tokens)
+    m = tc.match(digests)
+    for i in range(m.num_matched):
+        np.testing.assert_array_equal(pool.gather([int(m.block_ids[i])]), content(digests[i].tobytes(),
+                                                                                  pool.block_nbytes))
+    if m.num_matched < len(digests):
+        fresh = tc.allocate(len(digests) - m.num_matched)
+        for j, b in enumerate(fresh):
+            pool.scatter(content(digests[m.num_matched + j].tobytes(), pool.block_nbytes), [int(b)])
+        tc.insert(digests[m.num_matched:], fresh, parent=digests[m.num_matched - 1] if m.num_matched else None)
+        pool.free(fresh)
+    tc.release(digests[: m.num_matched])
+    return digests
+
+
+def prompt(i: int, blocks: int = 3) -> np.ndarray:
+    return np.arange(i * 1000, i * 1000 + blocks * SPEC.block_size, dtype=np.int32)
+
+
+@pytest.fixture(params=[True, False], ids=["background", "inline"])
+def background(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def test_demote_and_promote_are_byte_exact_and_hits_are_reported_per_tier(tmp_path: Path, background: bool) -> None:
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=3, host_blocks=3, disk_dir=tmp_path, disk_blocks=32,
+                           background=background) as tc:
+        digests = [fill(tc, prompt(i)) for i in range(4)]  # 12 blocks: 3 device, 3 host, 6 disk
+        tc.flush()
+        where = [[tc.location(r.tobytes()) for r in d] for d in digests]
+        assert where[3] == ["device"] * 3
+        assert where[2] == ["host"] * 3
+        assert where[0] == where[1] == ["disk"] * 3
+        st = tc.stats()
+        assert st["blocks"] == {"device": 3, "host": 3, "disk": 6}
+        assert st["demoted_to_host"] == 9 and st["demoted_to_disk"] == 6
+
+        for i, expect in ((3, TIER_DEVICE), (2, TIER_HOST), (0, TIER_DISK)):
+            m = tc.match(digests[i])
+            assert m.num_matched == 3
+            assert m.tiers.tolist() == [expect] * 3
+            got = pool.gather(m.block_ids).reshape(3, -1)
+            for row, d in zip(got, digests[i], strict=True):
+                np.testing.assert_array_equal(row, content(d.tobytes(), pool.block_nbytes))
+            tc.release(digests[i])
+        st = tc.stats()
+        assert st["hits"] == {"device": 3, "host": 3, "disk": 3}
+        assert st["promoted_from_host"] == 3 and st["promoted_from_disk"] == 3
+        assert st["bytes_moved"]["host_to_device"] == 3 * pool.block_nbytes
+        assert st["bytes_moved"]["disk_to_device"] == 3 * pool.block_nbytes
+        assert st["corrupt_reads"] == 0
+        tc.flush()
+        assert len(tc.device) <= 3
+
+
+def test_a_lower_tier_hit_continues_a_device_prefix(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 12)
+    with TieredPrefixCache(pool, device_blocks=4, host_blocks=16) as tc:
+        base = fill(tc, prompt(0, blocks=4))
+        for i in range(1, 4):
+            fill(tc, prompt(i, blocks=1))  # pushes the base's leaves down to the host tier
+        tc.flush()
+        locations = [tc.location(r.tobytes()) for r in base]
+        assert "host" in locations
+        m = tc.match(base)
+        assert m.num_matched == 4
+        assert set(m.tiers.tolist()) <= {TIER_DEVICE, TIER_HOST} and TIER_HOST in m.tiers.tolist()
+        got = pool.gather(m.block_ids).reshape(4, -1)
+        for row, d in zip(got, base, strict=True):
+            np.testing.assert_array_equal(row, content(d.tobytes(), pool.block_nbytes))
+        tc.release(base)
+
+
+def test_a_demotion_larger_than_the_host_tier_spills_through_it(tmp_path: Path, background: bool) -> None:
+    pool = PagedKVPool(SPEC, 16)
+    with TieredPrefixCache(pool, device_blocks=12, host_blocks=2, disk_dir=tmp_path, disk_blocks=32,
+                           background=background) as tc:
+        digests = [fill(tc, prompt(i)) for i in range(4)]
+        for fut in tc.demote(12):
+            fut.result()
+        assert tc.stats()["blocks"] == {"device": 0, "host": 2, "disk": 10}
+        for d in digests:
+            m = tc.match(d)
+            assert m.num_matched == 3
+            got = pool.gather(m.block_ids).reshape(3, -1)
+            for row, dg in zip(got, d, strict=True):
+                np.testing.assert_array_equal(row, content(dg.tobytes(), pool.block_nbytes))
+            tc.release(d)
+
+
+def test_without_lower_tiers_eviction_drops(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=3) as tc:
+        for i in range(3):
+            fill(tc, prompt(i))
+        assert tc.stats()["dropped"]["device"] == 6
+        assert pool.num_used_blocks == 3
+
+
+def test_a_full_disk_tier_drops_its_oldest(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=3, host_blocks=3, disk_dir=tmp_path, disk_blocks=3) as tc:
+        digests = [fill(tc, prompt(i)) for i in range(4)]
+        tc.flush()
+        assert [tc.location(r.tobytes()) for r in digests[0]] == [None] * 3
+        assert [tc.location(r.tobytes()) for r in digests[1]] == ["disk"] * 3
+        assert tc.stats()["dropped"]["disk"] == 3
+
+
+def test_restart_serves_the_disk_tier_from_the_directory(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=3, host_blocks=3, disk_dir=tmp_path, disk_blocks=32) as tc:
+        digests = [fill(tc, prompt(i)) for i in range(4)]
+    # A new process (here: a new cache and pool) reopens the directory.
+    pool2 = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool2, device_blocks=3, host_blocks=3, disk_dir=tmp_path, disk_blocks=32) as tc2:
+        assert len(tc2.disk or ()) == 6
+        for i in (0, 1):
+            m = tc2.match(digests[i])
+            assert m.num_matched == 3 and m.tiers.tolist() == [TIER_DISK] * 3
+            got = pool2.gather(m.block_ids).reshape(3, -1)
+            for row, d in zip(got, digests[i], strict=True):
+                np.testing.assert_array_equal(row, content(d.tobytes(), pool2.block_nbytes))
+            tc2.release(digests[i])
+        assert tc2.match(digests[3]).num_matched == 0  # device and host tiers do not persist
+
+
+def test_a_torn_slot_is_dropped_on_open_and_never_served(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=3, host_blocks=3, disk_dir=tmp_path, disk_blocks=32) as tc:
+        digests = [fill(tc, prompt(i)) for i in range(4)]
+        tc.flush()
+        disk = tc.disk
+        assert disk is not None
+        victim = disk.index[digests[0][1].tobytes()].slot
+        stride = disk.slot_nbytes
+    with open(tmp_path / "slots.bin", "r+b") as f:  # flip one payload byte of one slot
+        f.seek(victim * stride + 5)
+        b = f.read(1)
+        f.seek(victim * stride + 5)
+        f.write(bytes([b[0] ^ 0xFF]))
+    reopened = DiskTier(tmp_path, 32, pool.block_nbytes)
+    assert reopened.dropped_on_open == 1 and len(reopened) == 5
+    reopened.close()
+    # Without the scan on open, the read check catches it: the chain stops before the bad block.
+    pool2 = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool2, device_blocks=3, host_blocks=3, disk_dir=tmp_path, disk_blocks=32,
+                           verify_on_open=False) as tc2:
+        m = tc2.match(digests[0])
+        assert m.num_matched == 1
+        assert tc2.stats()["corrupt_reads"] == 1
+        np.testing.assert_array_equal(pool2.gather(m.block_ids), content(digests[0][0].tobytes(), pool2.block_nbytes))
+        tc2.release(digests[0][:1])
+
+
+_STORM = textwrap.dedent("""
+    import sys, numpy as np
+    from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
+    from sagellm_kv_cache.tiers import TieredPrefixCache
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, dtype="fp16", block_size=4)
+    pool = PagedKVPool(spec, 16)
+    tc = TieredPrefixCache(pool, device_blocks=4, host_blocks=4, disk_dir=sys.argv[1], disk_blocks=64)
+    i = 0
+    while True:
+        toks = np.arange(i * 100, i * 100 + 12, dtype=np.int32)
+        d = tc.hash_tokens(toks)
+        m = tc.match(d)
+        fresh = tc.allocate(len(d) - m.num_matched)
+        for j, b in enumerate(fresh):
+            key = d[m.num_matched + j].tobytes()
+            rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+            pool.scatter(rng.integers(0, 256, pool.block_nbytes, dtype=np.uint8), [int(b)])
+        tc.insert(d[m.num_matched:], fresh, parent=d[m.num_matched - 1] if m.num_matched else None)
+        pool.free(fresh)
+        tc.release(d[:m.num_matched])
+        i += 1
+        if i == 40:
+            print("storming", flush=True)
+""")
+
+
+def test_kill_9_during_a_demotion_storm_leaves_only_intact_blocks(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _STORM, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "storming"
+        time.sleep(0.3)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, dtype="fp16", block_size=4)
+    nbytes = spec.block_nbytes
+    disk = DiskTier(tmp_path, 64, nbytes)
+    try:
+        assert len(disk) > 0, "no complete block survived"
+        buf = disk.bounce_buffer()
+        for digest in disk:
+            entry = disk.index[digest]
+            assert disk.read(entry.slot, digest, buf)  # every indexed slot has its bytes
+            np.testing.assert_array_equal(buf[:nbytes], content(digest, nbytes))
+        print(f"survived: {len(disk)} complete blocks, dropped {disk.dropped_on_open}")
+    finally:
+        disk.close()
+
+
+def test_bad_input_is_refused_with_typed_errors(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 8)
+    with pytest.raises(TypeError):
+        TieredPrefixCache("pool")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="device_blocks"):
+        TieredPrefixCache(pool, device_blocks=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        TieredPrefixCache(pool, device_blocks=9)
+    with pytest.raises(ValueError, match="host_blocks"):
+        TieredPrefixCache(pool, host_blocks=-1)
+    with pytest.raises(TypeError, match="disk_blocks"):
+        TieredPrefixCache(pool, disk_dir=tmp_path, disk_blocks=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="disk_dir"):
+        TieredPrefixCache(pool, disk_blocks=4)
+    with TieredPrefixCache(pool, device_blocks=4) as tc:
+        with pytest.raises(ValueError, match="num_blocks"):
+            tc.demote(-1)
+        assert tc.demote(0) == []
+        with pytest.raises(ValueError, match="digests"):
+            tc.match(np.zeros((2, 16), dtype=np.uint8))
+        with pytest.raises(TypeError, match="digest 1"):
+            tc.match([b"\0" * 32, b"short"])
+        assert tc.match([b"\1" * 32]).num_matched == 0
+        assert tc.stats()["lookups"] == 1
+    DiskTier(tmp_path / "a", 4, pool.block_nbytes).close()
+    with pytest.raises(KVMetadataMismatchError, match="block_nbytes"):
+        DiskTier(tmp_path / "a", 4, pool.block_nbytes * 2)
+    held = DiskTier(tmp_path / "b", 4, pool.block_nbytes)
+    try:
+        with pytest.raises(ValueError, match="in use"):
+            DiskTier(tmp_path / "b", 4, pool.block_nbytes)
+    finally:
+        held.close()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot be created"):
+        DiskTier(tmp_path / "file" / "sub", 4, pool.block_nbytes)
+
+
+def test_host_slab_bindings_check_slots_and_sizes() -> None:
+    pool = PagedKVPool(SPEC, 4)
+    slab = _core.HostSlab(2, pool.block_nbytes)
+    ids = pool.allocate(2)
+    data = np.arange(2 * pool.block_nbytes, dtype=np.uint64).astype(np.uint8)
+    pool.scatter(data, ids)
+    slab.copy_from_pool(pool._native, ids, [1, 0])
+    view = slab.view()
+    np.testing.assert_array_equal(view[1, : pool.block_nbytes], data[: pool.block_nbytes])
+    with pytest.raises(KVInvalidBlockError):
+        slab.copy_from_pool(pool._native, ids, [0, 2])
+    with pytest.raises(ValueError, match="entries"):
+        slab.copy_to_pool(pool._native, [0], ids)
+    small = _core.HostSlab(1, 16)
+    with pytest.raises(KVMetadataMismatchError):
+        small.copy_from_pool(pool._native, ids[:1], [0])
+    with pytest.raises(ValueError):
+        _core.HostSlab(0, 16)
+    with pytest.raises(ValueError):
+        _core.HostSlab(1, 0)
+    del slab
+    assert view.sum() >= 0  # the view keeps the slab alive
+    pool.free(ids)
+
+
+@pytest.mark.cuda
+def test_host_tier_is_pinned_for_a_cuda_pool(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 8, device="cuda:0")
+    with TieredPrefixCache(pool, device_blocks=3, host_blocks=3, disk_dir=tmp_path, disk_blocks=32) as tc:
+        assert tc.stats()["host_pinned"] is True
+        digests = [fill(tc, prompt(i)) for i in range(4)]
+        m = tc.match(digests[0])
+        assert m.num_matched == 3 and m.tiers.tolist() == [TIER_DISK] * 3
+        tc.release(digests[0])
+
+
+# --- KVOffloadManager with real movement ---------------------------------------------------------
+
+
+def _handle_with_bytes(pool: PagedKVPool, blocks: int, seed: int) -> tuple[KVHandle, np.ndarray]:
+    handle = KVHandle.create(blocks * SPEC.block_size, device="cuda:0")
+    ids = pool.allocate(blocks)
+    data = np.random.default_rng(seed).integers(0, 256, blocks * pool.block_nbytes, dtype=np.uint8)
+    pool.scatter(data, ids)
+    handle._block_ids = ids
+    return handle, data
+
+
+def test_offload_manager_moves_real_bytes_through_every_tier(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 8)
+    storage = OffloadStorage(pool, host_blocks=4, disk_dir=tmp_path, disk_blocks=8)
+    manager = KVOffloadManager(storage=storage)
+    handle, data = _handle_with_bytes(pool, 3, seed=1)
+    hid = str(handle.handle_id)
+    manager.register(handle, device="cuda:0")
+
+    spec = manager.offload(hid)
+    assert spec.dst_device == "cpu" and manager.is_offloaded(hid)
+    assert pool.num_used_blocks == 0 and handle.block_ids.size == 0  # device blocks given back
+    where, slots = storage.placement(hid) or ("", [])
+    assert where == "host" and len(slots) == 3
+    np.testing.assert_array_equal(np.concatenate([storage.host.payload(s) for s in slots]), data)
+
+    manager.offload_to_nvme(hid)
+    assert storage.placement(hid) is not None and storage.placement(hid)[0] == "disk"  # type: ignore[index]
+    assert storage.host.slots.num_available == 4
+    manager.restore_from_nvme(hid)
+    manager.restore(hid)
+    assert manager.current_device(hid) == "cuda:0" and handle.block_ids.size == 3
+    np.testing.assert_array_equal(pool.gather(handle.block_ids), data)
+
+    # Straight from NVMe to the device, too.
+    manager.offload(hid)
+    manager.offload_to_nvme(hid)
+    manager.restore(hid)
+    np.testing.assert_array_equal(pool.gather(handle.block_ids), data)
+    stats = manager.get_stats()
+    assert (stats.offloads_triggered, stats.restores_triggered, stats.nvme_offloads_triggered,
+            stats.nvme_restores_triggered) == (2, 1, 2, 2)  # a restore from NVMe counts as an NVMe restore
+    assert storage.bytes_moved["disk_to_device"] == 3 * pool.block_nbytes
+    storage.close()
+
+
+def test_offload_that_cannot_complete_changes_nothing(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 8)
+    storage = OffloadStorage(pool, host_blocks=2, disk_dir=tmp_path, disk_blocks=8)
+    manager = KVOffloadManager(storage=storage)
+    handle, data = _handle_with_bytes(pool, 3, seed=2)
+    hid = str(handle.handle_id)
+    manager.register(handle, device="cuda:0")
+    manager.offload(hid)  # 3 blocks, 2 host slots: refused
+    assert manager.current_device(hid) == "cuda:0" and manager.get_stats().offload_failures == 1
+    np.testing.assert_array_equal(pool.gather(handle.block_ids), data)
+    assert storage.host.slots.num_available == 2
+
+    small, small_data = _handle_with_bytes(pool, 2, seed=3)
+    sid = str(small.handle_id)
+    manager.register(small, device="cuda:0")
+    manager.offload(sid)
+    manager.offload_to_nvme(sid)
+    where, disk_slots = storage.placement(sid) or ("", [])
+    assert where == "disk"
+    disk = storage.disk
+    assert disk is not None
+    with open(tmp_path / "slots.bin", "r+b") as f:  # tear one slot
+        f.seek(disk_slots[1] * disk.slot_nbytes)
+        f.write(b"\0" * 16)
+    manager.restore(sid)  # the checksum refuses it: the handle stays on NVMe
+    assert manager.current_device(sid) == "nvme" and manager.get_stats().nvme_restore_failures == 1
+    assert pool.num_used_blocks == 3
+    manager.unregister(sid)
+    assert disk.slots.num_available == 8
+    del small_data
+    storage.close()
+
+
+def test_offload_storage_bad_configuration(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 4)
+    storage = OffloadStorage(pool, host_blocks=2)
+    with pytest.raises(ValueError, match="not both"):
+        KVOffloadManager(storage=storage, transfer_fn=lambda s: True)
+    with pytest.raises(TypeError):
+        KVOffloadManager(storage="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        OffloadStorage("pool", host_blocks=2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="disk_dir"):
+        OffloadStorage(pool, host_blocks=2, disk_blocks=2)
+    manager = KVOffloadManager(storage=storage)
+    foreign = KVHandle.create(16, device="cuda:0")
+    foreign._block_ids = np.array([3], dtype=np.int32)  # not allocated in the pool
+    with pytest.raises(ValueError, match="allocated"):
+        manager.register(foreign, device="cuda:0")
+    assert manager.registered_count() == 0
+
+
+# --- tiered replay -------------------------------------------------------------------------------
+
+
+def test_tiered_replay_reports_hits_per_tier_and_verifies_promoted_bytes() -> None:
+    from sagellm_kv_cache.replay import load_trace, replay, sample_trace_path
+
+    reqs = load_trace(sample_trace_path())
+    from sagellm_kv_cache.replay import replay_tiered
+
+    tiered = replay_tiered(reqs, 100, 200, 1000, direct_io=False)
+    hits = tiered.hits_by_tier
+    assert hits is not None and sum(hits.values()) == tiered.hits
+    assert hits["host"] > 0 and hits["disk"] > 0
+    assert tiered.verified_blocks == hits["host"] + hits["disk"]  # every promoted block checked
+    assert tiered.hit_ratio > replay(reqs, 100).hit_ratio  # the lower tiers keep reuse the device drops
+    moved = tiered.bytes_moved
+    assert moved is not None and moved["device_to_host"] > 0 and moved["host_to_disk"] > 0
+    assert tiered.tokens_saved_by_tier == {t: h * 512 for t, h in hits.items()}
+    # Device -> disk without a host tier behaves as one LRU cache of both capacities.
+    direct = replay_tiered(reqs, 200, 0, 800, direct_io=False)
+    assert abs(direct.hit_ratio - replay(reqs, 1000).hit_ratio) < 0.002
+    with pytest.raises(ValueError, match="block_bytes"):
+        replay_tiered(reqs, 100, 10, 0, block_bytes=1000)
+
+
+def test_replay_cli_takes_tier_capacities(tmp_path: Path) -> None:
+    import json
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sagellm_kv_cache.replay_cli", "replay", *args],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    out = tmp_path / "rows.json"
+    proc = cli("--capacity-blocks", "100", "--host-blocks", "200", "--disk-blocks", "1000", "--buffered-io",
+               "--disk-dir", str(tmp_path / "disk"), "--json", str(out), "--plot", str(tmp_path / "tiers.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert "prefill tokens saved" in proc.stdout and "host_to_disk" in proc.stdout
+    (row,) = json.loads(out.read_text())
+    assert row["host_blocks"] == 200 and row["disk_blocks"] == 1000
+    assert set(row["hits_by_tier"]) == {"device", "host", "disk"}
+    assert (tmp_path / "tiers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "disk" / "slots.bin").exists()  # the disk tier persists in --disk-dir
+    bad = cli("--capacity-blocks", "inf", "--host-blocks", "10")
+    assert bad.returncode == 2 and "bounded" in bad.stderr
+    bad = cli("--capacity-blocks", "10", "--host-blocks", "10", "--block-bytes", "1000")
+    assert bad.returncode == 2 and "block_bytes" in bad.stderr
+    bad = cli("--capacity-blocks", "10", "--disk-blocks", "-1")
+    assert bad.returncode == 2
