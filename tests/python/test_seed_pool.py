@@ -90,7 +90,7 @@ def test_seed_admission_example_from_the_engine() -> None:
     assert pool.can_admit(65) and not pool.can_admit(66)
     handle = pool.alloc(53)
     assert len(handle._blocks) == 4 and pool.get_available_tokens() == 12
-    all_ids = [b.block_id for h in pool._handles.values() for b in h._blocks]
+    all_ids = [b.block_id for h in pool.handles.values() for b in h._blocks]
     assert len(all_ids) == len(set(all_ids)) == 14
 
 
