@@ -19,9 +19,11 @@ Scheduler flow with a pool::
 
 from __future__ import annotations
 
+import array
 import contextlib
 import hashlib
 import itertools
+import sys
 import threading
 import uuid
 from collections.abc import Sequence
@@ -278,25 +280,31 @@ def _key_digest(key: Any) -> bytes:
     raise TypeError(f"block hash must be bytes, got {type(key).__name__}")
 
 
-def _digest_array(keys: Sequence[Any]) -> Digests:
-    """Seed keys as an (n, 32) digest array; one join when they already are 32-byte bytes."""
-    if keys and set(map(type, keys)) == {bytes} and set(map(len, keys)) == {32}:
-        return np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
-    return np.frombuffer(b"".join(map(_key_digest, keys)), dtype=np.uint8).reshape(len(keys), 32)
+def _joined_keys(keys: Sequence[Any]) -> bytes:
+    """Seed keys as concatenated 32-byte digests; one join when they are 32-byte bytes already
+    (as ``compute_block_hashes`` makes them)."""
+    joined = b"".join(keys) if set(map(type, keys)) == {bytes} else b""
+    if len(joined) != 32 * len(keys):
+        joined = b"".join(map(_key_digest, keys))
+    return joined
 
 
-def _chained(keys: Sequence[Any]) -> Digests:
-    """Trie digests of a sequence of seed block keys, position 0 first: key 0 as is, then
-    ``SHA-256(chained[i-1] || key[i])``, so a block is found only under the prefix it was cached with."""
-    flat = _digest_array(keys)
-    out = np.empty_like(flat)
-    if len(flat):
-        out[0] = flat[0]
-        previous = flat[0].tobytes()
-        for i in range(1, len(flat)):
-            previous = hashlib.sha256(previous + flat[i].tobytes()).digest()
-            out[i] = np.frombuffer(previous, dtype=np.uint8)
-    return out
+_U32 = next(code for code in "IL" if array.array(code).itemsize == 4)
+
+
+def _big_endian_bytes(tokens: Sequence[int]) -> bytes:
+    """A list of token ids as the seed hashes them (4-byte big-endian each), without numpy."""
+    try:
+        packed = array.array(_U32, tokens)
+    except OverflowError:
+        bad = next((t for t in tokens if not 0 <= t <= 0xFFFFFFFF), None)
+        raise ValueError(f"token id {bad} is out of range [0, 2**32)") from None
+    except TypeError:
+        bad = next((t for t in tokens if not isinstance(t, int | np.integer)), None)
+        raise TypeError(f"tokens must be ints, got {type(bad).__name__} {bad!r}") from None
+    if sys.byteorder == "little":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def _big_endian_u32(tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
@@ -333,12 +341,15 @@ class PrefixCache:
         self.max_cached_blocks = max_cached_blocks
         self.enable_lru = bool(enable_lru)
         self._cache = RadixPrefixCache(block_size, max_cached_blocks, "lru" if self.enable_lru else "fifo")
+        # The trie itself, for the hot paths: this cache has no observer, so the wrapper adds nothing.
+        self._trie = self._cache._native
         self._lock = threading.Lock()
         self._blocks: dict[int, dict] = {}
         self._next_id = 0  # synthetic block ids, the keys of self._blocks (see _take_ids)
         self._wrapped = False
         self._owners: dict[Any, int] = {}
         self._empty_lookups = 0  # the seed counts a lookup of no blocks as a miss; the trie never sees it
+        self._last_chain: tuple[bytes, Digests] | None = None  # see _chain
 
     # --- hashing ----------------------------------------------------------------------------
 
@@ -363,12 +374,28 @@ class PrefixCache:
         size = self.block_size if block_size is None else block_size
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"block_size must be a positive int, got {size!r}")
-        arr = self._tokens(tokens)
-        raw = _big_endian_u32(arr[: len(arr) - len(arr) % size]).tobytes()
-        step = 4 * size
-        return [hashlib.sha256(raw[i : i + step]).digest() for i in range(0, len(raw), step)]
+        if tokens.__class__ is list or tokens.__class__ is tuple:
+            partial = len(tokens) % size
+            raw = _big_endian_bytes(tokens[: len(tokens) - partial] if partial else tokens)  # type: ignore[index]
+        else:
+            arr = self._tokens(tokens)
+            raw = _big_endian_u32(arr[: len(arr) - len(arr) % size]).tobytes()
+        return _core.sha256_chunks(raw, 4 * size)
 
     # --- lookup / insert --------------------------------------------------------------------
+
+    def _chain(self, block_hashes: Sequence[BlockHash]) -> Digests:
+        """The trie digests of a prompt's seed keys, position 0 first: key 0 as is, then
+        ``SHA-256(digest[i-1] || key[i])`` (one C++ call), so a block is found only under the prefix
+        it was cached with. The last result is kept: a caller's insert usually follows its lookup of
+        the same keys."""
+        joined = _joined_keys(block_hashes)
+        last = self._last_chain
+        if last is not None and last[0] == joined:
+            return last[1]
+        digests = np.frombuffer(_core.sha256_chain(joined), dtype=np.uint8).reshape(len(block_hashes), 32)
+        self._last_chain = (joined, digests)  # one tuple store: threads see the old or the new pair
+        return digests
 
     def lookup(self, block_hashes: Sequence[BlockHash]) -> tuple[list[dict], int]:
         """Longest cached prefix: (its block dicts, number of tokens they cover)."""
@@ -376,10 +403,11 @@ class PrefixCache:
             with self._lock:
                 self._empty_lookups += 1
             return [], 0
-        digests = _chained(block_hashes)
+        digests = self._chain(block_hashes)
         with self._lock:
-            n, ids = self._cache.match(digests)
-            self._cache.release(digests[:n])
+            n, ids = self._trie.match(digests)
+            if n:
+                self._trie.release(digests[:n])
             blocks = list(map(self._blocks.__getitem__, ids.tolist()))
         return blocks, n * self.block_size
 
@@ -392,11 +420,11 @@ class PrefixCache:
             raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}")
         if not blocks:
             return
-        digests = _chained(block_hashes)
+        digests = self._chain(block_hashes)
         owner_keys = list(map(dict.get, blocks, itertools.repeat("handle_id")))
         with self._lock:
             # The leading blocks already cached keep their dicts; only the rest get ids and entries.
-            start, _ = self._cache.peek(digests)
+            start, _ = self._trie.peek(digests)
             while start < len(blocks):
                 # The trie records one owner per insert call: cut the chain where the owner changes.
                 owner_key = owner_keys[start]
@@ -407,8 +435,8 @@ class PrefixCache:
                     end += 1
                 owner = 0 if owner_key is None else self._owners.setdefault(owner_key, len(self._owners) + 1)
                 ids = self._take_ids(end - start)
-                inserted, _ = self._cache.insert(digests[start:end], ids, parent=digests[start - 1] if start else None,
-                                                 owner=owner)
+                inserted, _ = self._trie.insert(digests[start:end], ids, parent=digests[start - 1] if start else None,
+                                                owner=owner)
                 # A full cache may take only the leading blocks that fit.
                 self._blocks.update(zip(ids[:inserted].tolist(), blocks[start : start + inserted], strict=True))
                 if inserted < end - start:
@@ -434,7 +462,7 @@ class PrefixCache:
 
     def _forget_evicted(self, force: bool = False) -> None:
         # Evictions happen inside C++; drop the dicts of evicted blocks once they dominate the table.
-        if force or len(self._blocks) > 2 * len(self._cache) + 64:
+        if force or len(self._blocks) > 2 * len(self._trie) + 64:
             known = np.fromiter(self._blocks, dtype=np.int64, count=len(self._blocks))
             dead = np.setdiff1d(known, self._cache.cached_block_ids(), assume_unique=True)
             for key in dead.tolist():
