@@ -140,6 +140,34 @@ std::vector<std::uint8_t> bytes_of(const py::handle& obj, const char* what) {
   return copy;
 }
 
+// A list or tuple of token ids in [0, 2**32) as the original package hashed them: 4-byte
+// big-endian each. TypeError / ValueError name the first bad item and its position.
+std::vector<std::uint8_t> big_endian_u32(const py::handle& seq, const char* what) {
+  PyObject* p = seq.ptr();
+  const bool list = PyList_Check(p);
+  const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(n) * 4);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i);
+    if (!PyLong_Check(item)) {
+      throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be an int, got " + type_name(item));
+    }
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow != 0 || v < 0 || v > 0xFFFFFFFFLL) {
+      throw py::value_error("token id " + std::string(py::str(item)) + " at position " + std::to_string(i) +
+                            " is out of range [0, 2**32)");
+    }
+    const auto u = static_cast<std::uint32_t>(v);
+    std::uint8_t* d = out.data() + 4 * i;
+    d[0] = static_cast<std::uint8_t>(u >> 24);
+    d[1] = static_cast<std::uint8_t>(u >> 16);
+    d[2] = static_cast<std::uint8_t>(u >> 8);
+    d[3] = static_cast<std::uint8_t>(u);
+  }
+  return out;
+}
+
 std::optional<BlockHash> optional_digest(const py::object& obj, const char* what) {
   if (obj.is_none()) return std::nullopt;
   return digest_from_buffer(obj, what);
@@ -360,7 +388,9 @@ void bind_prefix(py::module_& m) {
   // block, hashlib costs a Python call and two objects, ~10x the digest itself.
   m.def("sha256_chunks", [](const py::handle& data, std::int64_t chunk_bytes) {
           if (chunk_bytes <= 0) throw py::value_error("chunk_bytes must be > 0, got " + std::to_string(chunk_bytes));
-          const std::vector<std::uint8_t> copy = bytes_of(data, "data");  // read once, with the GIL
+          // Read once, with the GIL: token ids packed as 4-byte big-endian, or the caller's bytes.
+          const bool tokens = PyList_Check(data.ptr()) || PyTuple_Check(data.ptr());
+          const std::vector<std::uint8_t> copy = tokens ? big_endian_u32(data, "data") : bytes_of(data, "data");
           const auto size = static_cast<std::size_t>(chunk_bytes);
           if (copy.size() % size != 0) {
             throw py::value_error(std::to_string(copy.size()) + " bytes are not a whole number of " +
@@ -378,7 +408,8 @@ void bind_prefix(py::module_& m) {
           return out;
         },
         py::arg("data"), py::arg("chunk_bytes"),
-        "SHA-256 of each chunk_bytes-byte chunk of a bytes-like object: a list of 32-byte bytes.");
+        "SHA-256 of each chunk_bytes-byte chunk of a bytes-like object, or of a list/tuple of ints in "
+        "[0, 2**32) packed as 4-byte big-endian: a list of 32-byte bytes.");
 
   m.def("sha256_chain", [](const py::handle& keys) {
           const std::vector<std::uint8_t> copy = bytes_of(keys, "keys");

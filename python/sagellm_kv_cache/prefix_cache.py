@@ -19,11 +19,9 @@ Scheduler flow with a pool::
 
 from __future__ import annotations
 
-import array
 import contextlib
 import hashlib
 import itertools
-import sys
 import threading
 import uuid
 from collections.abc import Sequence
@@ -289,24 +287,6 @@ def _joined_keys(keys: Sequence[Any]) -> bytes:
     return joined
 
 
-_U32 = next(code for code in "IL" if array.array(code).itemsize == 4)
-
-
-def _big_endian_bytes(tokens: Sequence[int]) -> bytes:
-    """A list of token ids as the seed hashes them (4-byte big-endian each), without numpy."""
-    try:
-        packed = array.array(_U32, tokens)
-    except OverflowError:
-        bad = next((t for t in tokens if not 0 <= t <= 0xFFFFFFFF), None)
-        raise ValueError(f"token id {bad} is out of range [0, 2**32)") from None
-    except TypeError:
-        bad = next((t for t in tokens if not isinstance(t, int | np.integer)), None)
-        raise TypeError(f"tokens must be ints, got {type(bad).__name__} {bad!r}") from None
-    if sys.byteorder == "little":
-        packed.byteswap()
-    return packed.tobytes()
-
-
 def _big_endian_u32(tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
     """Token ids as the seed hashes them; ids outside [0, 2**32) have no such form."""
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > 0xFFFFFFFF):
@@ -340,12 +320,18 @@ class PrefixCache:
         self.block_size = block_size
         self.max_cached_blocks = max_cached_blocks
         self.enable_lru = bool(enable_lru)
-        self._cache = RadixPrefixCache(block_size, max_cached_blocks, "lru" if self.enable_lru else "fifo")
-        # The trie itself, for the hot paths: this cache has no observer, so the wrapper adds nothing.
-        self._trie = self._cache._native
+        # Block ids are synthetic keys of self._blocks. A bounded cache takes them from an id
+        # allocator of twice its capacity that the trie references: an evicted block's id returns
+        # there and is reused, overwriting the stale dict, so no sweep is ever needed; one insert
+        # still finds free ids for up to `capacity` new blocks (the trie evicts to make room).
+        self._ids: _core.BlockAllocator | None = None
+        if max_cached_blocks is not None:
+            self._ids = _core.BlockAllocator(min(2 * max_cached_blocks, _MAX_ID))
+        self._trie = _core.PrefixCache(block_size=block_size, capacity_blocks=max_cached_blocks,
+                                       policy="lru" if self.enable_lru else "fifo", allocator=self._ids)
         self._lock = threading.Lock()
         self._blocks: dict[int, dict] = {}
-        self._next_id = 0  # synthetic block ids, the keys of self._blocks (see _take_ids)
+        self._next_id = 0  # the next synthetic block id of an unbounded cache (see _take_ids)
         self._wrapped = False
         self._owners: dict[Any, int] = {}
         self._empty_lookups = 0  # the seed counts a lookup of no blocks as a miss; the trie never sees it
@@ -375,12 +361,12 @@ class PrefixCache:
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"block_size must be a positive int, got {size!r}")
         if tokens.__class__ is list or tokens.__class__ is tuple:
+            # Packed as 4-byte big-endian (and range-checked) inside the one C++ call.
             partial = len(tokens) % size
-            raw = _big_endian_bytes(tokens[: len(tokens) - partial] if partial else tokens)  # type: ignore[index]
-        else:
-            arr = self._tokens(tokens)
-            raw = _big_endian_u32(arr[: len(arr) - len(arr) % size]).tobytes()
-        return _core.sha256_chunks(raw, 4 * size)
+            return _core.sha256_chunks(tokens[: len(tokens) - partial] if partial else tokens,  # type: ignore[index]
+                                       4 * size)
+        arr = self._tokens(tokens)
+        return _core.sha256_chunks(_big_endian_u32(arr[: len(arr) - len(arr) % size]).tobytes(), 4 * size)
 
     # --- lookup / insert --------------------------------------------------------------------
 
@@ -435,8 +421,12 @@ class PrefixCache:
                     end += 1
                 owner = 0 if owner_key is None else self._owners.setdefault(owner_key, len(self._owners) + 1)
                 ids = self._take_ids(end - start)
-                inserted, _ = self._trie.insert(digests[start:end], ids, parent=digests[start - 1] if start else None,
-                                                owner=owner)
+                try:
+                    inserted, _ = self._trie.insert(digests[start : start + len(ids)], ids,
+                                                    parent=digests[start - 1] if start else None, owner=owner)
+                finally:
+                    if self._ids is not None:
+                        self._ids.free(ids)  # the trie holds its own reference on the blocks it kept
                 # A full cache may take only the leading blocks that fit.
                 self._blocks.update(zip(ids[:inserted].tolist(), blocks[start : start + inserted], strict=True))
                 if inserted < end - start:
@@ -445,7 +435,12 @@ class PrefixCache:
             self._forget_evicted()
 
     def _take_ids(self, n: int) -> npt.NDArray[np.int32]:
-        """Fresh synthetic block ids; after 2^31 of them, cycle and skip the ones still cached."""
+        """Fresh synthetic block ids (fewer than ``n`` only when a bounded cache has no more).
+
+        Unbounded: counting up; after 2^31 of them, cycle and skip the ones still cached.
+        """
+        if self._ids is not None:
+            return self._ids.allocate(min(n, int(self._ids.num_available)))
         if not self._wrapped and self._next_id + n <= _MAX_ID:
             ids = np.arange(self._next_id, self._next_id + n, dtype=np.int32)
             self._next_id += n
@@ -461,10 +456,11 @@ class PrefixCache:
         return np.asarray(out, dtype=np.int32)
 
     def _forget_evicted(self, force: bool = False) -> None:
-        # Evictions happen inside C++; drop the dicts of evicted blocks once they dominate the table.
-        if force or len(self._blocks) > 2 * len(self._trie) + 64:
+        # Evictions happen inside C++; drop the dicts of evicted blocks once they dominate the table
+        # (a bounded cache reuses their ids instead: its table never outgrows the id allocator).
+        if self._ids is None and (force or len(self._blocks) > 2 * len(self._trie) + 64):
             known = np.fromiter(self._blocks, dtype=np.int64, count=len(self._blocks))
-            dead = np.setdiff1d(known, self._cache.cached_block_ids(), assume_unique=True)
+            dead = np.setdiff1d(known, self._trie.cached_block_ids(), assume_unique=True)
             for key in dead.tolist():
                 del self._blocks[key]
 
@@ -476,7 +472,7 @@ class PrefixCache:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
             raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
         with self._lock:
-            evicted = self._cache.evict(num_blocks)
+            evicted = int(self._trie.evict(num_blocks))
             self._forget_evicted()
         return evicted
 
@@ -486,13 +482,13 @@ class PrefixCache:
             owner = self._owners.get(handle_id)
             if owner is None:
                 return 0
-            removed = self._cache.invalidate(owner)
+            removed = int(self._trie.invalidate(owner))
             self._forget_evicted()
         return removed
 
     def clear(self) -> None:
         with self._lock:
-            self._cache.clear()
+            self._trie.clear()
             self._blocks.clear()
             self._owners.clear()
 
@@ -503,11 +499,11 @@ class PrefixCache:
 
         Counters survive :meth:`clear`, as in the seed.
         """
-        s = self._cache.stats()
+        s = self._trie.stats()
         hits = int(s["hit_lookups"])
         misses = int(s["lookups"]) - hits + self._empty_lookups
         return {
-            "num_entries": len(self._cache),
+            "num_entries": len(self._trie),
             "num_blocks": int(s["cached_blocks"]),
             "hit_count": hits,
             "miss_count": misses,
@@ -520,7 +516,7 @@ class PrefixCache:
         }
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self._trie)
 
     def __repr__(self) -> str:
         stats = self.get_stats()

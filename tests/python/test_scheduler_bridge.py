@@ -133,7 +133,7 @@ def test_plan_order_priority_then_arrival_and_skips_what_does_not_fit() -> None:
         req("early-low", 40, 24, queued_at=1.0),
         req("urgent", 40, 24, priority=5, queued_at=7.0),
     ]
-    plan = bridge.plan(batch)
+    bridge.plan(batch)
     assert [r.request_id for r in bridge.last_scheduled] == ["urgent", "early-low", "late-low"]
     assert bridge.last_deferred == ["big"]
     assert used(bridge) == 192
@@ -291,7 +291,7 @@ def test_reset() -> None:
     assert stats["num_requests"] == 0 and stats["pool"]["used_tokens"] == 0
     assert stats["placement"]["total_placements"] == 0
     assert all(m["kv_tokens_used"] == 0 for m in stats["load_metrics"].values())
-    plan = bridge.plan([req("a", prefix_fingerprint="p", prefix_hit_len=32)])
+    bridge.plan([req("a", prefix_fingerprint="p", prefix_hit_len=32)])
     assert bridge.last_scheduled[0].prefix_hit_len == 0
 
 
@@ -323,6 +323,7 @@ def test_random_plans_and_frees_keep_budget_and_books(steps: list[Any]) -> None:
         unique = {r.request_id: r for r in step if r.request_id not in active}
         plan = bridge.plan(list(unique.values()))
         admitted = {r.request_id for r in bridge.last_scheduled}
+        assert set(plan.placement) == admitted and plan.batch_size == len(unique)
         assert admitted | set(bridge.last_deferred) == set(unique) and not admitted & set(bridge.last_deferred)
         active |= admitted
         stats = bridge.get_stats()
