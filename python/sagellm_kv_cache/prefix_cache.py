@@ -363,7 +363,7 @@ class PrefixCache:
         if tokens.__class__ is list or tokens.__class__ is tuple:
             # Packed as 4-byte big-endian (and range-checked) inside the one C++ call.
             partial = len(tokens) % size
-            return _core.sha256_chunks(tokens[: len(tokens) - partial] if partial else tokens,  # type: ignore[index]
+            return _core.sha256_chunks(tokens[: len(tokens) - partial] if partial else tokens,
                                        4 * size)
         arr = self._tokens(tokens)
         return _core.sha256_chunks(_big_endian_u32(arr[: len(arr) - len(arr) % size]).tobytes(), 4 * size)

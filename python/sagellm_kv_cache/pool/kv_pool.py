@@ -194,7 +194,7 @@ class _PoolBlockManager(BlockManager):
         self._own_bytes = 0
         super().__init__(pool.block_size * pool.bytes_per_token)
 
-    @property  # type: ignore[override]
+    @property
     def total_allocated_bytes(self) -> int:
         return self._own_bytes + self._pool._blocks_peak * self.block_size
 
@@ -329,7 +329,7 @@ class KVPool:
                 raise KVHandleNotFoundError(handle_id, context={"reason": "not allocated by this pool"})
             if live.pin_count > 0:
                 raise KVHandlePinnedError(handle_id, operation="free", pin_count=live.pin_count)
-            blocks = live.__pydantic_private__["_block_ids"]  # type: ignore[index]  # not live._block_ids: slow
+            blocks = live.__pydantic_private__["_block_ids"]  # not live._block_ids: slow
             segments = self._ids._segments
             if len(segments) == 1:
                 segments[0].free(blocks)
