@@ -140,6 +140,27 @@ std::vector<std::uint8_t> bytes_of(const py::handle& obj, const char* what) {
   return copy;
 }
 
+// A list or tuple of 32-byte bytes objects, concatenated (TypeError / ValueError name the first
+// item that is not one).
+std::vector<std::uint8_t> joined_digests(const py::handle& seq, const char* what) {
+  PyObject* p = seq.ptr();
+  const bool list = PyList_Check(p);
+  const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(n) * kBlockHashBytes);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i);
+    if (!PyBytes_Check(item)) {
+      throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be bytes, got " + type_name(item));
+    }
+    if (PyBytes_GET_SIZE(item) != kDigestBytes) {
+      throw py::value_error(std::string(what) + "[" + std::to_string(i) + "] must be 32 bytes, got " +
+                            std::to_string(PyBytes_GET_SIZE(item)));
+    }
+    std::memcpy(out.data() + static_cast<std::size_t>(i) * kBlockHashBytes, PyBytes_AS_STRING(item), kBlockHashBytes);
+  }
+  return out;
+}
+
 // A list or tuple of token ids in [0, 2**32) as the original package hashed them: 4-byte
 // big-endian each. TypeError / ValueError name the first bad item and its position.
 std::vector<std::uint8_t> big_endian_u32(const py::handle& seq, const char* what) {
@@ -412,7 +433,8 @@ void bind_prefix(py::module_& m) {
         "[0, 2**32) packed as 4-byte big-endian: a list of 32-byte bytes.");
 
   m.def("sha256_chain", [](const py::handle& keys) {
-          const std::vector<std::uint8_t> copy = bytes_of(keys, "keys");
+          const bool listed = PyList_Check(keys.ptr()) || PyTuple_Check(keys.ptr());
+          const std::vector<std::uint8_t> copy = listed ? joined_digests(keys, "keys") : bytes_of(keys, "keys");
           if (copy.size() % kBlockHashBytes != 0) {
             throw py::value_error("keys must be a whole number of 32-byte keys, got " + std::to_string(copy.size()) +
                                   " bytes");
@@ -431,7 +453,8 @@ void bind_prefix(py::module_& m) {
           return out;
         },
         py::arg("keys"),
-        "Chains concatenated 32-byte keys: key 0 as is, then SHA-256(previous || key i); returns bytes.");
+        "Chains 32-byte keys (a list/tuple of 32-byte bytes, or them concatenated): key 0 as is, then "
+        "SHA-256(previous || key i); returns the digests concatenated, as bytes.");
 
   py::class_<BoundPrefixCache>(m, "PrefixCache")
       .def(py::init(&make_cache), py::arg("block_size") = 16, py::arg("capacity_blocks") = py::none(),

@@ -278,15 +278,6 @@ def _key_digest(key: Any) -> bytes:
     raise TypeError(f"block hash must be bytes, got {type(key).__name__}")
 
 
-def _joined_keys(keys: Sequence[Any]) -> bytes:
-    """Seed keys as concatenated 32-byte digests; one join when they are 32-byte bytes already
-    (as ``compute_block_hashes`` makes them)."""
-    joined = b"".join(keys) if set(map(type, keys)) == {bytes} else b""
-    if len(joined) != 32 * len(keys):
-        joined = b"".join(map(_key_digest, keys))
-    return joined
-
-
 def _big_endian_u32(tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
     """Token ids as the seed hashes them; ids outside [0, 2**32) have no such form."""
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > 0xFFFFFFFF):
@@ -335,7 +326,12 @@ class PrefixCache:
         self._wrapped = False
         self._owners: dict[Any, int] = {}
         self._empty_lookups = 0  # the seed counts a lookup of no blocks as a miss; the trie never sees it
-        self._last_chain: tuple[bytes, Digests] | None = None  # see _chain
+        self._last_chain: tuple[tuple[Any, ...], Digests] | None = None  # see _chain
+        # The last lookup's digests, match length and the trie generation it saw: an insert of the
+        # same digests right after it (no change to the trie since) knows its cached prefix without
+        # walking the trie again. Every change of the trie's contents bumps the generation.
+        self._generation = 0
+        self._last_match: tuple[Digests, int, int] | None = None
 
     # --- hashing ----------------------------------------------------------------------------
 
@@ -374,13 +370,21 @@ class PrefixCache:
         """The trie digests of a prompt's seed keys, position 0 first: key 0 as is, then
         ``SHA-256(digest[i-1] || key[i])`` (one C++ call), so a block is found only under the prefix
         it was cached with. The last result is kept: a caller's insert usually follows its lookup of
-        the same keys."""
-        joined = _joined_keys(block_hashes)
+        the same keys (the same bytes objects, so the comparison is by identity)."""
+        keys = tuple(block_hashes)
         last = self._last_chain
-        if last is not None and last[0] == joined:
-            return last[1]
-        digests = np.frombuffer(_core.sha256_chain(joined), dtype=np.uint8).reshape(len(block_hashes), 32)
-        self._last_chain = (joined, digests)  # one tuple store: threads see the old or the new pair
+        if last is not None:
+            try:
+                if last[0] == keys:
+                    return last[1]
+            except (TypeError, ValueError):  # keys numpy cannot compare to bytes: not the last ones
+                pass
+        try:
+            chained = _core.sha256_chain(keys)  # 32-byte bytes objects, as compute_block_hashes makes them
+        except (TypeError, ValueError):
+            chained = _core.sha256_chain(b"".join(map(_key_digest, keys)))  # other keys; may raise TypeError
+        digests = np.frombuffer(chained, dtype=np.uint8).reshape(len(keys), 32)
+        self._last_chain = (keys, digests)  # one tuple store: threads see the old or the new pair
         return digests
 
     def lookup(self, block_hashes: Sequence[BlockHash]) -> tuple[list[dict], int]:
@@ -394,6 +398,7 @@ class PrefixCache:
             n, ids = self._trie.match(digests)
             if n:
                 self._trie.release(digests[:n])
+            self._last_match = (digests, n, self._generation)
             blocks = list(map(self._blocks.__getitem__, ids.tolist()))
         return blocks, n * self.block_size
 
@@ -401,16 +406,22 @@ class PrefixCache:
         """Caches ``blocks`` under the chained ``block_hashes`` (same length; a chain from the root)."""
         if len(block_hashes) != len(blocks):
             raise ValueError(f"block_hashes length {len(block_hashes)} != blocks length {len(blocks)}")
-        if set(map(type, blocks)) - {dict}:
+        try:  # dict.get refuses anything but a dict: the type check comes with the owner keys
+            owner_keys = list(map(dict.get, blocks, itertools.repeat("handle_id")))
+        except TypeError:
             bad = next(i for i, b in enumerate(blocks) if not isinstance(b, dict))
-            raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}")
+            raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}") from None
         if not blocks:
             return
         digests = self._chain(block_hashes)
-        owner_keys = list(map(dict.get, blocks, itertools.repeat("handle_id")))
         with self._lock:
             # The leading blocks already cached keep their dicts; only the rest get ids and entries.
-            start, _ = self._trie.peek(digests)
+            last = self._last_match
+            if last is not None and last[0] is digests and last[2] == self._generation:
+                start = last[1]
+            else:
+                start, _ = self._trie.peek(digests)
+            self._generation += 1
             while start < len(blocks):
                 # The trie records one owner per insert call: cut the chain where the owner changes.
                 owner_key = owner_keys[start]
@@ -473,6 +484,7 @@ class PrefixCache:
             raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
         with self._lock:
             evicted = int(self._trie.evict(num_blocks))
+            self._generation += 1
             self._forget_evicted()
         return evicted
 
@@ -483,12 +495,14 @@ class PrefixCache:
             if owner is None:
                 return 0
             removed = int(self._trie.invalidate(owner))
+            self._generation += 1
             self._forget_evicted()
         return removed
 
     def clear(self) -> None:
         with self._lock:
             self._trie.clear()
+            self._generation += 1
             self._blocks.clear()
             self._owners.clear()
 

@@ -178,6 +178,22 @@ def test_seed_bounded_cache_serves_the_right_blocks_while_ids_are_reused() -> No
     assert cache.get_stats()["evict_count"] > 0
 
 
+def test_seed_insert_after_lookup_sees_changes_made_in_between() -> None:
+    # An insert right after a lookup of the same keys reuses the lookup's match length; anything
+    # that changed the cache in between must make it look again.
+    cache = PrefixCache(block_size=2)
+    a = cache.compute_block_hashes([1, 2, 3, 4, 5, 6])
+    assert cache.lookup(a) == ([], 0)
+    cache.insert(a[:2], [{"block_id": "x0"}, {"block_id": "x1"}])  # changes the cache after the lookup
+    cache.insert(a, [{"block_id": "a0"}, {"block_id": "a1"}, {"block_id": "a2"}])
+    assert cache.lookup(a) == ([{"block_id": "x0"}, {"block_id": "x1"}, {"block_id": "a2"}], 6)
+    assert cache.get_stats()["insert_count"] == 3  # x0, x1, a2: the first two were not inserted twice
+    found, _ = cache.lookup(a)
+    assert cache.evict_by_count(1) == 1  # a2, the only leaf
+    cache.insert(a, found)
+    assert cache.lookup(a)[1] == 6 and cache.get_stats()["insert_count"] == 4
+
+
 def test_seed_block_keys_from_lists_tuples_and_arrays_agree() -> None:
     cache = PrefixCache(block_size=4)
     tokens = [0, 1, 2**31, 2**32 - 1, 7, 8, 9, 10, 11]
