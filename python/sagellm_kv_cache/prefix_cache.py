@@ -382,7 +382,9 @@ class PrefixCache:
         try:
             chained = _core.sha256_chain(keys)  # 32-byte bytes objects, as compute_block_hashes makes them
         except (TypeError, ValueError):
-            chained = _core.sha256_chain(b"".join(map(_key_digest, keys)))  # other keys; may raise TypeError
+            # Other keys (may raise TypeError). Not kept: a mutable key (bytearray) could change.
+            chained = _core.sha256_chain(b"".join(map(_key_digest, keys)))
+            return np.frombuffer(chained, dtype=np.uint8).reshape(len(keys), 32)
         digests = np.frombuffer(chained, dtype=np.uint8).reshape(len(keys), 32)
         self._last_chain = (keys, digests)  # one tuple store: threads see the old or the new pair
         return digests

@@ -188,6 +188,10 @@ def test_seed_insert_after_lookup_sees_changes_made_in_between() -> None:
     cache.insert(a, [{"block_id": "a0"}, {"block_id": "a1"}, {"block_id": "a2"}])
     assert cache.lookup(a) == ([{"block_id": "x0"}, {"block_id": "x1"}, {"block_id": "a2"}], 6)
     assert cache.get_stats()["insert_count"] == 3  # x0, x1, a2: the first two were not inserted twice
+    mutable = [bytearray(key) for key in a]  # other key types work too, and are never served stale
+    assert cache.lookup(mutable)[1] == 6
+    mutable[2][0] ^= 1
+    assert cache.lookup(mutable)[1] == 4
     found, _ = cache.lookup(a)
     assert cache.evict_by_count(1) == 1  # a2, the only leaf
     cache.insert(a, found)
