@@ -1,8 +1,9 @@
 """W1: alloc/free churn of 1..64-block requests on a 65,536-block pool.
 
-Ours: ``PagedKVPool.allocate(n)`` / ``free(ids)`` (one C++ call each, numpy arrays) and the seed's
-``BlockAllocator`` binding. Reference: a pure-Python pool built like vLLM's BlockPool (block objects
-with ref counts in a doubly linked free queue), driven by the same request sequence.
+Ours: ``PagedKVPool.allocate(n)`` / ``free(ids)`` (one C++ call each, numpy arrays), and the seed API's
+``KVPool.alloc(n * 16 tokens)`` / ``free(handle)`` (a ``KVHandle`` per request). Reference: a pure-Python
+pool built like vLLM's BlockPool (block objects with ref counts in a doubly linked free queue), driven
+by the same request sequence.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import random
 
 from common import Row, best_of
 from sagellm_kv_cache import _core
+from sagellm_kv_cache.pool import KVPool
 
 NUM_BLOCKS = 65_536
+SEED_BLOCK_TOKENS = 16
 
 
 class _PyBlock:
@@ -100,4 +103,22 @@ def run(quick: bool = False) -> list[Row]:
         "metadata_bytes_per_block": _core.BlockAllocator.metadata_bytes_per_block,
     }
     return [Row("W1 alloc/free churn (Python API)", "ns/block", per_block(ours), per_block(ref),
-                "vLLM-style Python pool", extra=extra)]
+                "vLLM-style Python pool", extra=extra),
+            _seed_row(sizes[: len(sizes) // 5], live_limit, repeats)]
+
+
+def _seed_row(sizes: list[int], live_limit: int, repeats: int) -> Row:
+    """The seed API: one ``KVHandle`` per request, in microseconds per alloc + free pair."""
+    pool = KVPool(NUM_BLOCKS * SEED_BLOCK_TOKENS, block_size=SEED_BLOCK_TOKENS)
+    alloc, free = pool.alloc, pool.free
+
+    def allocate(n: int) -> object:
+        return alloc(n * SEED_BLOCK_TOKENS)
+
+    _churn(allocate, free, sizes, live_limit)
+    ours = best_of(repeats, lambda: _churn(allocate, free, sizes, live_limit))
+    ref_pool = PyBlockPool(NUM_BLOCKS)
+    ref = best_of(repeats, lambda: _churn(ref_pool.allocate, ref_pool.free, sizes, live_limit))
+    per_op = lambda t: t / len(sizes) * 1e6  # noqa: E731
+    return Row("W1 alloc/free churn (seed KVPool)", "us/op", per_op(ours), per_op(ref), "vLLM-style Python pool",
+               extra={"ops": len(sizes)})

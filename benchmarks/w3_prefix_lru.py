@@ -17,7 +17,7 @@ def run(quick: bool = False) -> list[Row]:
     manager, manager_ratio = run_manager(token_lists, CAPACITY, CAPACITY + MAX_REQUEST_BLOCKS)
     manager_xxh, _ = run_manager(token_lists, CAPACITY, CAPACITY + MAX_REQUEST_BLOCKS, "xxh3_128")
     ours, ours_ratio, stats = run_fast_path(requests, CAPACITY, CAPACITY + MAX_REQUEST_BLOCKS)
-    seed, seed_ratio = run_seed_api(requests, CAPACITY)
+    seed, seed_ratio = run_seed_api(token_lists, CAPACITY)
     ref = PyPrefixCacheReference(CAPACITY + MAX_REQUEST_BLOCKS)
     import time
 

@@ -124,6 +124,71 @@ BlockHash digest_from_buffer(const py::handle& obj, const std::string& what) {
   return h;
 }
 
+// A private copy of a C-contiguous bytes-like object, taken with the GIL held.
+std::vector<std::uint8_t> bytes_of(const py::handle& obj, const char* what) {
+  if (PyObject_CheckBuffer(obj.ptr()) == 0) {
+    throw py::type_error(std::string(what) + " must be a bytes-like object, got " + type_name(obj));
+  }
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) {
+    PyErr_Clear();
+    throw py::value_error(std::string(what) + " must be a C-contiguous buffer");
+  }
+  const auto* begin = static_cast<const std::uint8_t*>(view.buf);
+  std::vector<std::uint8_t> copy(begin, begin + view.len);
+  PyBuffer_Release(&view);
+  return copy;
+}
+
+// A list or tuple of 32-byte bytes objects, concatenated (TypeError / ValueError name the first
+// item that is not one).
+std::vector<std::uint8_t> joined_digests(const py::handle& seq, const char* what) {
+  PyObject* p = seq.ptr();
+  const bool list = PyList_Check(p);
+  const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(n) * kBlockHashBytes);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i);
+    if (!PyBytes_Check(item)) {
+      throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be bytes, got " + type_name(item));
+    }
+    if (PyBytes_GET_SIZE(item) != kDigestBytes) {
+      throw py::value_error(std::string(what) + "[" + std::to_string(i) + "] must be 32 bytes, got " +
+                            std::to_string(PyBytes_GET_SIZE(item)));
+    }
+    std::memcpy(out.data() + static_cast<std::size_t>(i) * kBlockHashBytes, PyBytes_AS_STRING(item), kBlockHashBytes);
+  }
+  return out;
+}
+
+// A list or tuple of token ids in [0, 2**32) as the original package hashed them: 4-byte
+// big-endian each. TypeError / ValueError name the first bad item and its position.
+std::vector<std::uint8_t> big_endian_u32(const py::handle& seq, const char* what) {
+  PyObject* p = seq.ptr();
+  const bool list = PyList_Check(p);
+  const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(n) * 4);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i);
+    if (!PyLong_Check(item)) {
+      throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be an int, got " + type_name(item));
+    }
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow != 0 || v < 0 || v > 0xFFFFFFFFLL) {
+      throw py::value_error("token id " + std::string(py::str(item)) + " at position " + std::to_string(i) +
+                            " is out of range [0, 2**32)");
+    }
+    const auto u = static_cast<std::uint32_t>(v);
+    std::uint8_t* d = out.data() + 4 * i;
+    d[0] = static_cast<std::uint8_t>(u >> 24);
+    d[1] = static_cast<std::uint8_t>(u >> 16);
+    d[2] = static_cast<std::uint8_t>(u >> 8);
+    d[3] = static_cast<std::uint8_t>(u);
+  }
+  return out;
+}
+
 std::optional<BlockHash> optional_digest(const py::object& obj, const char* what) {
   if (obj.is_none()) return std::nullopt;
   return digest_from_buffer(obj, what);
@@ -339,6 +404,57 @@ void bind_prefix(py::module_& m) {
         py::arg("tokens"), py::arg("block_size"), py::arg("parent") = py::none(), py::arg("salt") = py::none(),
         py::arg("extra") = py::none(), py::arg("algorithm") = "sha256",
         "Chained digests of the full blocks of `tokens`: an (n_full_blocks, 32) uint8 array.");
+
+  // The seed PrefixCache's block keys (plain SHA-256 per block) and their chaining, in C++: per
+  // block, hashlib costs a Python call and two objects, ~10x the digest itself.
+  m.def("sha256_chunks", [](const py::handle& data, std::int64_t chunk_bytes) {
+          if (chunk_bytes <= 0) throw py::value_error("chunk_bytes must be > 0, got " + std::to_string(chunk_bytes));
+          // Read once, with the GIL: token ids packed as 4-byte big-endian, or the caller's bytes.
+          const bool tokens = PyList_Check(data.ptr()) || PyTuple_Check(data.ptr());
+          const std::vector<std::uint8_t> copy = tokens ? big_endian_u32(data, "data") : bytes_of(data, "data");
+          const auto size = static_cast<std::size_t>(chunk_bytes);
+          if (copy.size() % size != 0) {
+            throw py::value_error(std::to_string(copy.size()) + " bytes are not a whole number of " +
+                                  std::to_string(size) + "-byte chunks");
+          }
+          std::vector<BlockHash> digests(copy.size() / size);
+          {
+            py::gil_scoped_release release;
+            (void)sha256_chunks(copy, size, digests);
+          }
+          py::list out(digests.size());
+          for (std::size_t i = 0; i < digests.size(); ++i) {
+            out[i] = py::bytes(reinterpret_cast<const char*>(digests[i].bytes.data()), kBlockHashBytes);
+          }
+          return out;
+        },
+        py::arg("data"), py::arg("chunk_bytes"),
+        "SHA-256 of each chunk_bytes-byte chunk of a bytes-like object, or of a list/tuple of ints in "
+        "[0, 2**32) packed as 4-byte big-endian: a list of 32-byte bytes.");
+
+  m.def("sha256_chain", [](const py::handle& keys) {
+          const bool listed = PyList_Check(keys.ptr()) || PyTuple_Check(keys.ptr());
+          const std::vector<std::uint8_t> copy = listed ? joined_digests(keys, "keys") : bytes_of(keys, "keys");
+          if (copy.size() % kBlockHashBytes != 0) {
+            throw py::value_error("keys must be a whole number of 32-byte keys, got " + std::to_string(copy.size()) +
+                                  " bytes");
+          }
+          const std::span<const BlockHash> in(reinterpret_cast<const BlockHash*>(copy.data()),
+                                              copy.size() / kBlockHashBytes);
+          auto out = py::reinterpret_steal<py::bytes>(
+              PyBytes_FromStringAndSize(nullptr, static_cast<py::ssize_t>(copy.size())));
+          if (!out) throw py::error_already_set();
+          // A fresh bytes object nobody else references yet: filled without the GIL.
+          const std::span<BlockHash> dst(reinterpret_cast<BlockHash*>(PyBytes_AS_STRING(out.ptr())), in.size());
+          {
+            py::gil_scoped_release release;
+            sha256_chain(in, dst);
+          }
+          return out;
+        },
+        py::arg("keys"),
+        "Chains 32-byte keys (a list/tuple of 32-byte bytes, or them concatenated): key 0 as is, then "
+        "SHA-256(previous || key i); returns the digests concatenated, as bytes.");
 
   py::class_<BoundPrefixCache>(m, "PrefixCache")
       .def(py::init(&make_cache), py::arg("block_size") = 16, py::arg("capacity_blocks") = py::none(),

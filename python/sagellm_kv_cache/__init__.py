@@ -88,6 +88,8 @@ _LAZY: dict[str, str] = {
     "CommTransferBackendAdapter": "transfer",
     "SocketTransferBackend": "transfer",
     "KVOffloadManager": "offload",
+    # The native per-request manager (one C++ call per scheduler step).
+    "RequestManager": "manager",
 }
 
 _PROTOCOL = {

@@ -275,4 +275,4 @@ class EvictionManager:
         )
 
     def __repr__(self) -> str:
-        return f"EvictionManager(policy={self.policy.value!r}, strategy={self._strategy!r})"
+        return f"EvictionManager(policy={self.policy.value})"

@@ -51,6 +51,7 @@ from sagellm_kv_cache.models.kv_handle import KVHandle
 from sagellm_kv_cache.observability.hooks import MetricsHook
 from sagellm_kv_cache.observability.metrics import MetricsCollector
 from sagellm_kv_cache.pool.kv_pool import KVPool, parse_device
+from sagellm_kv_cache.prefix.index import PrefixIndex
 from sagellm_kv_cache.prefix_cache import RadixPrefixCache
 
 if TYPE_CHECKING:
@@ -114,6 +115,11 @@ class KVCacheManager:
     token and block counts. ``access_stats`` (optional) records every queried block as a hit or a
     miss (block id = the first 16 hex digits of its digest). ``logger`` gets one debug line per
     state change.
+
+    ``prefix_index`` (the original's attribute) is a token-level
+    :class:`~sagellm_kv_cache.prefix.index.PrefixIndex`: every registered prefix, exactly as given
+    (partial blocks too), maps to ``str(handle_id)`` of its handle until that handle is freed or
+    evicted. Matching itself goes through the block trie.
     """
 
     def __init__(
@@ -166,6 +172,8 @@ class KVCacheManager:
         self._handles: dict[int, KVHandle] = {}  # owner number -> live handle
         self._next_owner = 1  # 0 means "no owner" in the trie
         self._registered: set[int] = set()  # owners with nodes in the trie
+        self.prefix_index: PrefixIndex[str] = PrefixIndex()
+        self._index_keys: dict[int, list[tuple[int, ...]]] = {}  # owner -> its keys in prefix_index
         # block id -> owner number (0 = none); one vectorised store per alloc/free, no per-block loop.
         self._block_owner = np.zeros(self._pool.num_blocks, dtype=np.int64)
         self._device_tokens: dict[str, int] = {}
@@ -298,22 +306,24 @@ class KVCacheManager:
                 raise KVPrefixTooLongError(len(tokens), live.num_tokens, context={"handle_id": str(live.handle_id)})
             digests = self._prefix.hash_tokens(tokens)
             n = len(digests)
-            if n == 0:
-                self._debug("register_prefix: %d tokens make no full block of %d; nothing registered",
-                            len(tokens), self.block_size)
-                return
-            ids = live.block_ids[:n]
-            try:
-                self._prefix.insert(digests, ids, owner=owner)
-            except KVConfigInvalidError:
-                # The only way our own chained digests can be refused: these blocks are cached under
-                # other digests, i.e. the handle was registered with different tokens before.
-                if owner not in self._registered:
-                    raise
-                self._prefix.invalidate(owner)
-                self._prefix.insert(digests, ids, owner=owner)
-            self._registered.add(owner)
-            live.prefix_hash = digests[n - 1].tobytes().hex()
+            if n:
+                ids = live.block_ids[:n]
+                try:
+                    self._prefix.insert(digests, ids, owner=owner)
+                except KVConfigInvalidError:
+                    # The only way our own chained digests can be refused: these blocks are cached under
+                    # other digests, i.e. the handle was registered with different tokens before.
+                    if owner not in self._registered:
+                        raise
+                    self._prefix.invalidate(owner)
+                    self._prefix.insert(digests, ids, owner=owner)
+                self._registered.add(owner)
+                live.prefix_hash = digests[n - 1].tobytes().hex()
+            self._index(owner, live, tokens)
+        if n == 0:
+            self._debug("register_prefix: %d tokens make no full block of %d; nothing registered",
+                        len(tokens), self.block_size)
+            return
         self._debug("register_prefix: handle %s holds %d prefix blocks", live.handle_id, n)
 
     def query_prefix(self, tokens: Sequence[int]) -> tuple[KVHandle | None, int]:
@@ -430,6 +440,8 @@ class KVCacheManager:
         """Drops every handle (pinned ones too), every prefix and every counter."""
         with self._lock:
             self._prefix.clear()
+            for owner, handle in self._handles.items():
+                self._unindex(owner, handle)
             self._pool.reset()
             self._owner_of.clear()
             self._handles.clear()
@@ -528,11 +540,27 @@ class KVCacheManager:
             self._debug("evicted %d handles (%d tokens, policy %s) for %s: %s", len(victims), tokens,
                         self._eviction.policy.value, reason, ", ".join(str(v.handle_id) for v in victims))
 
+    def _index(self, owner: int, handle: KVHandle, tokens: npt.NDArray[np.int64]) -> None:
+        """Records a registered prefix in ``prefix_index`` (caller holds the lock)."""
+        if len(tokens):
+            key = tuple(tokens.tolist())
+            self.prefix_index.insert(key, str(handle.handle_id))
+            self._index_keys.setdefault(owner, []).append(key)
+
+    def _unindex(self, owner: int, handle: KVHandle) -> None:
+        """Removes the handle's prefixes from ``prefix_index``, unless a later handle took the key."""
+        value = str(handle.handle_id)
+        for key in self._index_keys.pop(owner, ()):
+            if self.prefix_index.get(key) == value:
+                self.prefix_index.remove(key)
+
     def _drop(self, owner: int, handle: KVHandle) -> None:
         """Forgets the handle's prefixes, then returns its blocks (caller holds the lock)."""
         if owner in self._registered:
             self._prefix.invalidate(owner)
             self._registered.discard(owner)
+        if owner in self._index_keys:
+            self._unindex(owner, handle)
         self._block_owner[handle.block_ids] = 0
         self._pool.free(handle)
         del self._owner_of[handle.handle_id]

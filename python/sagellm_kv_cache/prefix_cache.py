@@ -278,27 +278,6 @@ def _key_digest(key: Any) -> bytes:
     raise TypeError(f"block hash must be bytes, got {type(key).__name__}")
 
 
-def _digest_array(keys: Sequence[Any]) -> Digests:
-    """Seed keys as an (n, 32) digest array; one join when they already are 32-byte bytes."""
-    if keys and set(map(type, keys)) == {bytes} and set(map(len, keys)) == {32}:
-        return np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
-    return np.frombuffer(b"".join(map(_key_digest, keys)), dtype=np.uint8).reshape(len(keys), 32)
-
-
-def _chained(keys: Sequence[Any]) -> Digests:
-    """Trie digests of a sequence of seed block keys, position 0 first: key 0 as is, then
-    ``SHA-256(chained[i-1] || key[i])``, so a block is found only under the prefix it was cached with."""
-    flat = _digest_array(keys)
-    out = np.empty_like(flat)
-    if len(flat):
-        out[0] = flat[0]
-        previous = flat[0].tobytes()
-        for i in range(1, len(flat)):
-            previous = hashlib.sha256(previous + flat[i].tobytes()).digest()
-            out[i] = np.frombuffer(previous, dtype=np.uint8)
-    return out
-
-
 def _big_endian_u32(tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
     """Token ids as the seed hashes them; ids outside [0, 2**32) have no such form."""
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > 0xFFFFFFFF):
@@ -332,13 +311,27 @@ class PrefixCache:
         self.block_size = block_size
         self.max_cached_blocks = max_cached_blocks
         self.enable_lru = bool(enable_lru)
-        self._cache = RadixPrefixCache(block_size, max_cached_blocks, "lru" if self.enable_lru else "fifo")
+        # Block ids are synthetic keys of self._blocks. A bounded cache takes them from an id
+        # allocator of twice its capacity that the trie references: an evicted block's id returns
+        # there and is reused, overwriting the stale dict, so no sweep is ever needed; one insert
+        # still finds free ids for up to `capacity` new blocks (the trie evicts to make room).
+        self._ids: _core.BlockAllocator | None = None
+        if max_cached_blocks is not None:
+            self._ids = _core.BlockAllocator(min(2 * max_cached_blocks, _MAX_ID))
+        self._trie = _core.PrefixCache(block_size=block_size, capacity_blocks=max_cached_blocks,
+                                       policy="lru" if self.enable_lru else "fifo", allocator=self._ids)
         self._lock = threading.Lock()
         self._blocks: dict[int, dict] = {}
-        self._next_id = 0  # synthetic block ids, the keys of self._blocks (see _take_ids)
+        self._next_id = 0  # the next synthetic block id of an unbounded cache (see _take_ids)
         self._wrapped = False
         self._owners: dict[Any, int] = {}
         self._empty_lookups = 0  # the seed counts a lookup of no blocks as a miss; the trie never sees it
+        self._last_chain: tuple[tuple[Any, ...], Digests] | None = None  # see _chain
+        # The last lookup's digests, match length and the trie generation it saw: an insert of the
+        # same digests right after it (no change to the trie since) knows its cached prefix without
+        # walking the trie again. Every change of the trie's contents bumps the generation.
+        self._generation = 0
+        self._last_match: tuple[Digests, int, int] | None = None
 
     # --- hashing ----------------------------------------------------------------------------
 
@@ -363,12 +356,38 @@ class PrefixCache:
         size = self.block_size if block_size is None else block_size
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"block_size must be a positive int, got {size!r}")
+        if tokens.__class__ is list or tokens.__class__ is tuple:
+            # Packed as 4-byte big-endian (and range-checked) inside the one C++ call.
+            partial = len(tokens) % size
+            return _core.sha256_chunks(tokens[: len(tokens) - partial] if partial else tokens,
+                                       4 * size)
         arr = self._tokens(tokens)
-        raw = _big_endian_u32(arr[: len(arr) - len(arr) % size]).tobytes()
-        step = 4 * size
-        return [hashlib.sha256(raw[i : i + step]).digest() for i in range(0, len(raw), step)]
+        return _core.sha256_chunks(_big_endian_u32(arr[: len(arr) - len(arr) % size]).tobytes(), 4 * size)
 
     # --- lookup / insert --------------------------------------------------------------------
+
+    def _chain(self, block_hashes: Sequence[BlockHash]) -> Digests:
+        """The trie digests of a prompt's seed keys, position 0 first: key 0 as is, then
+        ``SHA-256(digest[i-1] || key[i])`` (one C++ call), so a block is found only under the prefix
+        it was cached with. The last result is kept: a caller's insert usually follows its lookup of
+        the same keys (the same bytes objects, so the comparison is by identity)."""
+        keys = tuple(block_hashes)
+        last = self._last_chain
+        if last is not None:
+            try:
+                if last[0] == keys:
+                    return last[1]
+            except (TypeError, ValueError):  # keys numpy cannot compare to bytes: not the last ones
+                pass
+        try:
+            chained = _core.sha256_chain(keys)  # 32-byte bytes objects, as compute_block_hashes makes them
+        except (TypeError, ValueError):
+            # Other keys (may raise TypeError). Not kept: a mutable key (bytearray) could change.
+            chained = _core.sha256_chain(b"".join(map(_key_digest, keys)))
+            return np.frombuffer(chained, dtype=np.uint8).reshape(len(keys), 32)
+        digests = np.frombuffer(chained, dtype=np.uint8).reshape(len(keys), 32)
+        self._last_chain = (keys, digests)  # one tuple store: threads see the old or the new pair
+        return digests
 
     def lookup(self, block_hashes: Sequence[BlockHash]) -> tuple[list[dict], int]:
         """Longest cached prefix: (its block dicts, number of tokens they cover)."""
@@ -376,10 +395,12 @@ class PrefixCache:
             with self._lock:
                 self._empty_lookups += 1
             return [], 0
-        digests = _chained(block_hashes)
+        digests = self._chain(block_hashes)
         with self._lock:
-            n, ids = self._cache.match(digests)
-            self._cache.release(digests[:n])
+            n, ids = self._trie.match(digests)
+            if n:
+                self._trie.release(digests[:n])
+            self._last_match = (digests, n, self._generation)
             blocks = list(map(self._blocks.__getitem__, ids.tolist()))
         return blocks, n * self.block_size
 
@@ -387,16 +408,22 @@ class PrefixCache:
         """Caches ``blocks`` under the chained ``block_hashes`` (same length; a chain from the root)."""
         if len(block_hashes) != len(blocks):
             raise ValueError(f"block_hashes length {len(block_hashes)} != blocks length {len(blocks)}")
-        if set(map(type, blocks)) - {dict}:
+        try:  # dict.get refuses anything but a dict: the type check comes with the owner keys
+            owner_keys = list(map(dict.get, blocks, itertools.repeat("handle_id")))
+        except TypeError:
             bad = next(i for i, b in enumerate(blocks) if not isinstance(b, dict))
-            raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}")
+            raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}") from None
         if not blocks:
             return
-        digests = _chained(block_hashes)
-        owner_keys = list(map(dict.get, blocks, itertools.repeat("handle_id")))
+        digests = self._chain(block_hashes)
         with self._lock:
             # The leading blocks already cached keep their dicts; only the rest get ids and entries.
-            start, _ = self._cache.peek(digests)
+            last = self._last_match
+            if last is not None and last[0] is digests and last[2] == self._generation:
+                start = last[1]
+            else:
+                start, _ = self._trie.peek(digests)
+            self._generation += 1
             while start < len(blocks):
                 # The trie records one owner per insert call: cut the chain where the owner changes.
                 owner_key = owner_keys[start]
@@ -407,8 +434,12 @@ class PrefixCache:
                     end += 1
                 owner = 0 if owner_key is None else self._owners.setdefault(owner_key, len(self._owners) + 1)
                 ids = self._take_ids(end - start)
-                inserted, _ = self._cache.insert(digests[start:end], ids, parent=digests[start - 1] if start else None,
-                                                 owner=owner)
+                try:
+                    inserted, _ = self._trie.insert(digests[start : start + len(ids)], ids,
+                                                    parent=digests[start - 1] if start else None, owner=owner)
+                finally:
+                    if self._ids is not None:
+                        self._ids.free(ids)  # the trie holds its own reference on the blocks it kept
                 # A full cache may take only the leading blocks that fit.
                 self._blocks.update(zip(ids[:inserted].tolist(), blocks[start : start + inserted], strict=True))
                 if inserted < end - start:
@@ -417,7 +448,12 @@ class PrefixCache:
             self._forget_evicted()
 
     def _take_ids(self, n: int) -> npt.NDArray[np.int32]:
-        """Fresh synthetic block ids; after 2^31 of them, cycle and skip the ones still cached."""
+        """Fresh synthetic block ids (fewer than ``n`` only when a bounded cache has no more).
+
+        Unbounded: counting up; after 2^31 of them, cycle and skip the ones still cached.
+        """
+        if self._ids is not None:
+            return self._ids.allocate(min(n, int(self._ids.num_available)))
         if not self._wrapped and self._next_id + n <= _MAX_ID:
             ids = np.arange(self._next_id, self._next_id + n, dtype=np.int32)
             self._next_id += n
@@ -433,10 +469,11 @@ class PrefixCache:
         return np.asarray(out, dtype=np.int32)
 
     def _forget_evicted(self, force: bool = False) -> None:
-        # Evictions happen inside C++; drop the dicts of evicted blocks once they dominate the table.
-        if force or len(self._blocks) > 2 * len(self._cache) + 64:
+        # Evictions happen inside C++; drop the dicts of evicted blocks once they dominate the table
+        # (a bounded cache reuses their ids instead: its table never outgrows the id allocator).
+        if self._ids is None and (force or len(self._blocks) > 2 * len(self._trie) + 64):
             known = np.fromiter(self._blocks, dtype=np.int64, count=len(self._blocks))
-            dead = np.setdiff1d(known, self._cache.cached_block_ids(), assume_unique=True)
+            dead = np.setdiff1d(known, self._trie.cached_block_ids(), assume_unique=True)
             for key in dead.tolist():
                 del self._blocks[key]
 
@@ -448,7 +485,8 @@ class PrefixCache:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
             raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
         with self._lock:
-            evicted = self._cache.evict(num_blocks)
+            evicted = int(self._trie.evict(num_blocks))
+            self._generation += 1
             self._forget_evicted()
         return evicted
 
@@ -458,13 +496,15 @@ class PrefixCache:
             owner = self._owners.get(handle_id)
             if owner is None:
                 return 0
-            removed = self._cache.invalidate(owner)
+            removed = int(self._trie.invalidate(owner))
+            self._generation += 1
             self._forget_evicted()
         return removed
 
     def clear(self) -> None:
         with self._lock:
-            self._cache.clear()
+            self._trie.clear()
+            self._generation += 1
             self._blocks.clear()
             self._owners.clear()
 
@@ -475,11 +515,11 @@ class PrefixCache:
 
         Counters survive :meth:`clear`, as in the seed.
         """
-        s = self._cache.stats()
+        s = self._trie.stats()
         hits = int(s["hit_lookups"])
         misses = int(s["lookups"]) - hits + self._empty_lookups
         return {
-            "num_entries": len(self._cache),
+            "num_entries": len(self._trie),
             "num_blocks": int(s["cached_blocks"]),
             "hit_count": hits,
             "miss_count": misses,
@@ -492,7 +532,7 @@ class PrefixCache:
         }
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self._trie)
 
     def __repr__(self) -> str:
         stats = self.get_stats()

@@ -10,18 +10,25 @@ eviction of cold unpinned handles) and, for placement, a
 :meth:`SchedulerBridge.plan` admits requests in priority order (higher ``priority`` first, then
 earlier ``queued_at``, then input order) and *reserves* their KV: an admitted request holds pinned
 handles until :meth:`SchedulerBridge.free_request`. A request whose KV does not fit is deferred
-(left out of the plan, listed in :attr:`SchedulerBridge.last_deferred`); later, smaller requests
-may still be admitted. A request is never half-allocated: when its second handle fails, the first
-is returned before the request is deferred.
+(listed in :attr:`SchedulerBridge.last_deferred`); later, smaller requests may still be admitted.
+A request is never half-allocated: when its second handle fails, the first is returned before the
+request is deferred.
+
+The plan has the original package's shape: ``requests`` is the input list itself (the same
+objects, unchanged, in input order) and ``batch_size`` its length; what was admitted is
+``placement`` (request id -> device, admitted requests only, in admission order), and
+``total_kv_tokens`` / ``total_memory_mb`` count the KV newly reserved for them. The sageLLM engine
+reads ``placement`` to know which requests got KV. :attr:`SchedulerBridge.last_scheduled` holds
+the admitted requests as copies in state ``SCHEDULED`` with the prefix figures below.
 
 Prefix reuse (``enable_prefix_cache``): a request's ``prefix_fingerprint`` names its shared prefix
 and ``prefix_hit_len`` (when > 0) its length in tokens (default: the whole prompt; always at least
 one token is left to the request itself). The first admitted request with a fingerprint allocates
 the prefix as a separate handle, which stays cached after the request ends (unpinned, so the
 manager evicts it under pressure, coldest first); later requests with the same fingerprint reuse it
-on its device and allocate only the rest. In the plan, ``prefix_hit_len`` is then the number of
-tokens actually reused (0 for the request that computed the prefix) and ``kv_tokens_required`` the
-request's whole need.
+on its device and allocate only the rest. In :attr:`SchedulerBridge.last_scheduled`,
+``prefix_hit_len`` is then the number of tokens actually reused (0 for the request that computed
+the prefix) and ``kv_tokens_required`` the request's whole need.
 
 Memory figures (``SchedulerPlan.total_memory_mb``, the devices' ``memory_*_mb``) are the KV tokens
 times ``bytes_per_token`` (default 4, the figure the original package reports) in MiB.
@@ -57,6 +64,7 @@ from sagellm_kv_cache.load_aware_scheduler import LoadAwareScheduler, PlacementS
 from sagellm_kv_cache.load_metrics import LoadMetricsCollector
 from sagellm_kv_cache.models.kv_handle import KVHandle
 from sagellm_kv_cache.pool.kv_pool import KVPool, parse_device
+from sagellm_kv_cache.prefix_cache import PrefixCache
 
 __all__ = ["KVRequestNotFoundError", "SchedulerBridge"]
 
@@ -96,6 +104,13 @@ def _request_id(value: object) -> str:
 class SchedulerBridge:
     """Plans batches under the KV budget, reuses cached prefixes and places requests on devices.
 
+    The original's public attributes: ``kv_pool`` and ``eviction_manager`` (of the manager
+    underneath), ``load_metrics_collector`` and ``load_aware_scheduler`` (placement), and
+    ``prefix_cache``: a block-hash :class:`~sagellm_kv_cache.prefix_cache.PrefixCache` of the
+    bridge's block size for the caller's token-level prefix lookups (None without
+    ``enable_prefix_cache``); the bridge's own prefix reuse goes by fingerprint (see the module
+    docstring) and does not fill it.
+
     Thread-safe: one lock serialises planning, allocation and freeing.
     """
 
@@ -133,16 +148,21 @@ class SchedulerBridge:
             self._collector.register_device(device, kv_tokens_capacity=self.max_tokens,
                                             memory_capacity_mb=self._mib(self.max_tokens))
         self._scheduler = LoadAwareScheduler(self._collector, placement_strategy, self.enable_load_awareness)
+        self.load_metrics_collector = self._collector
+        self.load_aware_scheduler = self._scheduler
+        self.prefix_cache: PrefixCache | None = PrefixCache(self.block_size) if self.enable_prefix_cache else None
         self._lock = threading.RLock()
         self._requests: dict[str, _Reservation] = {}
         self._active: dict[str, int] = dict.fromkeys(canonical, 0)  # reservations per device
         self._prefixes: dict[str, KVHandle] = {}  # fingerprint -> prefix handle
         self._last_deferred: list[str] = []
+        self._last_scheduled: list[SchedulerRequest] = []
 
     # --- planning -------------------------------------------------------------------------------
 
     def plan(self, requests: Sequence[SchedulerRequest]) -> SchedulerPlan:
-        """Admits what fits, reserving its KV; returns the plan (see the module docstring).
+        """Admits what fits, reserving its KV; returns the plan (the original's shape: every input
+        request, ``placement`` for the admitted ones; see the module docstring).
 
         Bad input (not a list of ``SchedulerRequest``, an id twice in the batch, an id that already
         holds KV) raises before anything is reserved.
@@ -184,17 +204,26 @@ class SchedulerBridge:
                 new_tokens += needed - reservation.reused_tokens
                 self._sync_load()  # the next placement sees this admission's usage
             self._last_deferred = deferred
+            self._last_scheduled = admitted
             self._sync_load()  # admissions may have evicted cold prefixes anywhere
             self._prune_prefixes()
         return SchedulerPlan(
             plan_id=uuid.uuid4(),
-            requests=admitted,
-            batch_size=len(admitted),
+            requests=list(requests),
+            batch_size=len(requests),
             total_kv_tokens=new_tokens,
             total_memory_mb=self._mib(new_tokens),
             placement=placement,
             created_at=now,
         )
+
+    @property
+    def last_scheduled(self) -> list[SchedulerRequest]:
+        """The requests the last :meth:`plan` admitted, in admission order: copies in state
+        ``SCHEDULED`` with ``scheduled_at``, ``kv_tokens_required`` (the whole need) and
+        ``prefix_hit_len`` (tokens reused from a cached prefix)."""
+        with self._lock:
+            return list(self._last_scheduled)
 
     @property
     def last_deferred(self) -> list[str]:
@@ -274,6 +303,9 @@ class SchedulerBridge:
             self._active = dict.fromkeys(self.devices, 0)
             self._prefixes.clear()
             self._last_deferred = []
+            self._last_scheduled = []
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
             self._scheduler.reset_stats()
             self._collector.reset()
 
@@ -320,8 +352,7 @@ class SchedulerBridge:
         return True
 
     def __repr__(self) -> str:
-        return (f"SchedulerBridge(max_tokens={self.max_tokens}, block_size={self.block_size}, "
-                f"devices={self.devices}, requests={len(self._requests)})")
+        return f"SchedulerBridge(max_tokens={self.max_tokens}, block_size={self.block_size}, num_requests={len(self)})"
 
     # --- internals (the lock is held) ------------------------------------------------------------
 

@@ -273,5 +273,42 @@ TEST(Hashing, ThreadLocalHashersAgreeAcrossThreads) {
   for (int v : ok) EXPECT_EQ(v, 1);
 }
 
+TEST(Hashing, Sha256ChunksArePlainDigestsOfEachChunk) {
+  // SHA-256("abc"), the FIPS 180-2 test vector, twice: one per 3-byte chunk.
+  const std::vector<std::uint8_t> data{'a', 'b', 'c', 'a', 'b', 'c'};
+  std::vector<BlockHash> out(2);
+  ASSERT_EQ(sha256_chunks(data, 3, out), 2u);
+  const BlockHash abc = from_hex("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(out[0], abc);
+  EXPECT_EQ(out[1], abc);
+  EXPECT_EQ(sha256_chunks({}, 3, out), 0u);
+  EXPECT_EQ(code_of([&] { (void)sha256_chunks(data, 4, out); }), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(code_of([&] { (void)sha256_chunks(data, 0, out); }), ErrorCode::kInvalidArgument);
+  std::vector<BlockHash> short_out(1);
+  EXPECT_EQ(code_of([&] { (void)sha256_chunks(data, 3, short_out); }), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(short_out[0], BlockHash{});  // nothing written on a refusal
+}
+
+TEST(Hashing, Sha256ChainHashesEachKeyOntoThePreviousDigest) {
+  std::vector<BlockHash> keys(3);
+  for (std::size_t i = 0; i < keys.size(); ++i) keys[i].bytes.fill(static_cast<std::uint8_t>(i + 1));
+  std::vector<BlockHash> out(3);
+  sha256_chain(keys, out);
+  EXPECT_EQ(out[0], keys[0]);
+  const auto joined = [](const BlockHash& a, const BlockHash& b) {
+    std::vector<unsigned char> m(a.bytes.begin(), a.bytes.end());
+    m.insert(m.end(), b.bytes.begin(), b.bytes.end());
+    return m;
+  };
+  EXPECT_EQ(out[1], sha256_of(joined(out[0], keys[1])));
+  EXPECT_EQ(out[2], sha256_of(joined(out[1], keys[2])));
+  std::vector<BlockHash> in_place = keys;  // out may alias keys
+  sha256_chain(in_place, in_place);
+  EXPECT_EQ(in_place, out);
+  std::vector<BlockHash> short_out(2);
+  EXPECT_EQ(code_of([&] { sha256_chain(keys, short_out); }), ErrorCode::kInvalidArgument);
+  sha256_chain({}, short_out);  // no keys, nothing to do
+}
+
 }  // namespace
 }  // namespace sagellm::kv

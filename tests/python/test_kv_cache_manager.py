@@ -26,6 +26,7 @@ from sagellm_kv_cache import (
     MetricsCollector,
 )
 from sagellm_kv_cache.kv_cache_manager import Block
+from sagellm_kv_cache.prefix.index import PrefixIndex
 from sagellm_protocol.kv import DType, EvictionPolicy, KVBlockState, Layout
 
 PREFIX_METRIC_KEYS = ["prefix_hit_rate", "prefix_hits", "prefix_lookups", "prefix_reuse_tokens"]
@@ -173,6 +174,26 @@ def test_register_and_query_full_blocks() -> None:
     metrics = manager.get_prefix_metrics()
     assert sorted(metrics) == PREFIX_METRIC_KEYS
     assert metrics == {"prefix_hits": 3, "prefix_lookups": 6, "prefix_hit_rate": 0.5, "prefix_reuse_tokens": 160}
+
+
+def test_prefix_index_mirrors_registrations_until_free_or_eviction() -> None:
+    manager = KVCacheManager(256, 16)
+    assert isinstance(manager.prefix_index, PrefixIndex) and len(manager.prefix_index) == 0
+    a, b = manager.alloc(100), manager.alloc(100)
+    manager.register_prefix(tokens(5), a)  # the index keeps any length; the trie only full blocks
+    manager.register_prefix(tokens(40), a)
+    assert manager.prefix_index.longest_prefix_match(tokens(50)) == (str(a.handle_id), 40)
+    assert manager.prefix_index.get(tokens(5)) == str(a.handle_id)
+    manager.register_prefix(tokens(5), b)  # a later registration of the same tokens takes the key
+    assert manager.prefix_index.get(tokens(5)) == str(b.handle_id)
+    manager.free(a)
+    assert len(manager.prefix_index) == 1 and manager.prefix_index.get(tokens(5)) == str(b.handle_id)
+    manager.alloc(200)  # evicts b (the only unpinned handle) to make room
+    assert len(manager.prefix_index) == 0 and manager.prefix_index.longest_prefix_match(tokens(5)) == (None, 0)
+    c = manager.alloc(50)
+    manager.register_prefix(tokens(20), c)
+    manager.reset()
+    assert len(manager.prefix_index) == 0
 
 
 def test_query_touches_the_reused_handle() -> None:

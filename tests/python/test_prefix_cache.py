@@ -24,6 +24,7 @@ from sagellm_kv_cache import (
     PagedKVPool,
     PrefixCache,
     RadixPrefixCache,
+    _core,
 )
 from sagellm_kv_cache.prefix_cache import hash_algorithms
 
@@ -156,6 +157,78 @@ def test_seed_capacity_bounds_the_cache() -> None:
         cache.insert(hashes, [{"block_id": start}, {"block_id": start + 1}])
         assert len(cache) <= 3
     assert cache.get_stats()["evict_count"] > 0 and cache.get_stats()["max_cached_blocks"] == 3
+
+
+def test_seed_bounded_cache_serves_the_right_blocks_while_ids_are_reused() -> None:
+    # A bounded cache recycles its internal block ids as the trie evicts; every lookup must still
+    # return the dicts inserted under those keys, and its table stays bounded.
+    cache = PrefixCache(block_size=2, max_cached_blocks=6)
+    prompts = [[p, p + 1, 100, 101, p + 7, p + 8] for p in range(0, 400, 10)]
+    for step, prompt in enumerate(prompts):
+        hashes = cache.compute_block_hashes(prompt)
+        found, _ = cache.lookup(hashes)
+        fresh = [{"block_id": (step, i)} for i in range(len(found), len(hashes))]
+        cache.insert(hashes, found + fresh)
+        again, tokens = cache.lookup(hashes)
+        assert tokens == 6 and again == found + fresh
+        assert len(cache) <= 6 and len(cache._blocks) <= 12
+        if step >= 2:  # an older prompt is either gone or served with its own blocks
+            old, _ = cache.lookup(cache.compute_block_hashes(prompts[step - 2]))
+            assert all(block["block_id"][0] == step - 2 for block in old)
+    assert cache.get_stats()["evict_count"] > 0
+
+
+def test_seed_insert_after_lookup_sees_changes_made_in_between() -> None:
+    # An insert right after a lookup of the same keys reuses the lookup's match length; anything
+    # that changed the cache in between must make it look again.
+    cache = PrefixCache(block_size=2)
+    a = cache.compute_block_hashes([1, 2, 3, 4, 5, 6])
+    assert cache.lookup(a) == ([], 0)
+    cache.insert(a[:2], [{"block_id": "x0"}, {"block_id": "x1"}])  # changes the cache after the lookup
+    cache.insert(a, [{"block_id": "a0"}, {"block_id": "a1"}, {"block_id": "a2"}])
+    assert cache.lookup(a) == ([{"block_id": "x0"}, {"block_id": "x1"}, {"block_id": "a2"}], 6)
+    assert cache.get_stats()["insert_count"] == 3  # x0, x1, a2: the first two were not inserted twice
+    mutable = [bytearray(key) for key in a]  # other key types work too, and are never served stale
+    assert cache.lookup(mutable)[1] == 6
+    mutable[2][0] ^= 1
+    assert cache.lookup(mutable)[1] == 4
+    found, _ = cache.lookup(a)
+    assert cache.evict_by_count(1) == 1  # a2, the only leaf
+    cache.insert(a, found)
+    assert cache.lookup(a)[1] == 6 and cache.get_stats()["insert_count"] == 4
+
+
+def test_seed_block_keys_from_lists_tuples_and_arrays_agree() -> None:
+    cache = PrefixCache(block_size=4)
+    tokens = [0, 1, 2**31, 2**32 - 1, 7, 8, 9, 10, 11]
+    expected = [hashlib.sha256(struct.pack(">4I", *tokens[i : i + 4])).digest() for i in (0, 4)]
+    assert cache.compute_block_hashes(tokens) == expected
+    assert cache.compute_block_hashes(tuple(tokens)) == expected
+    assert cache.compute_block_hashes(np.array(tokens, dtype=np.int64)) == expected
+    assert cache.compute_block_hashes([]) == [] and cache.compute_block_hashes([1, 2, 3]) == []
+    with pytest.raises(ValueError, match=r"token id 4294967296 at position 2 is out of range"):
+        cache.compute_block_hashes([1, 2, 2**32, 4])
+    with pytest.raises(TypeError, match=r"\[1\] must be an int, got str"):
+        cache.compute_block_hashes([1, "2", 3, 4])
+
+
+def test_core_sha256_helpers_match_hashlib() -> None:
+    data = bytes(range(256)) * 2
+    assert _core.sha256_chunks(data, 64) == [hashlib.sha256(data[i : i + 64]).digest() for i in range(0, 512, 64)]
+    keys = [hashlib.sha256(bytes([i])).digest() for i in range(4)]
+    chained = [keys[0]]
+    for key in keys[1:]:
+        chained.append(hashlib.sha256(chained[-1] + key).digest())
+    assert _core.sha256_chain(b"".join(keys)) == b"".join(chained)
+    assert _core.sha256_chain(b"") == b"" and _core.sha256_chunks(b"", 4) == []
+    with pytest.raises(ValueError, match="whole number of 3-byte chunks"):
+        _core.sha256_chunks(b"abcd", 3)
+    with pytest.raises(ValueError, match="chunk_bytes must be > 0"):
+        _core.sha256_chunks(b"abcd", 0)
+    with pytest.raises(ValueError, match="whole number of 32-byte keys"):
+        _core.sha256_chain(b"x" * 33)
+    with pytest.raises(TypeError, match="bytes-like"):
+        _core.sha256_chain("text")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -106,19 +106,23 @@ def test_bad_configuration(kwargs: dict[str, Any], error: type[Exception], match
 
 def test_plan_admits_under_budget_and_defers_the_rest() -> None:
     bridge = SchedulerBridge(512)
-    plan = bridge.plan([req("a", 100, 28), req("b", 200, 56), req("c", 100, 28), req("d", 50, 14)])
+    batch = [req("a", 100, 28), req("b", 200, 56), req("c", 100, 28), req("d", 50, 14)]
+    plan = bridge.plan(batch)
     assert isinstance(plan, SchedulerPlan)
     # a (128) + b (256) = 384; c (128) would make 512, d (64) then no longer fits
-    assert [r.request_id for r in plan.requests] == ["a", "b", "c"]
+    assert [r.request_id for r in bridge.last_scheduled] == ["a", "b", "c"]
     assert bridge.last_deferred == ["d"]
-    assert plan.batch_size == 3 and plan.total_kv_tokens == 512
+    # The original's plan: every input request, unchanged, and batch_size their number.
+    assert plan.requests == batch and all(p is r for p, r in zip(plan.requests, batch, strict=True))
+    assert all(r.state == SchedulerState.QUEUED for r in plan.requests)
+    assert plan.batch_size == 4 and plan.total_kv_tokens == 512
     assert plan.placement == {"a": "cuda:0", "b": "cuda:0", "c": "cuda:0"}
-    assert all(r.state == SchedulerState.SCHEDULED and r.scheduled_at == plan.created_at for r in plan.requests)
-    assert [r.kv_tokens_required for r in plan.requests] == [128, 256, 128]
+    assert all(r.state == SchedulerState.SCHEDULED and r.scheduled_at == plan.created_at for r in bridge.last_scheduled)
+    assert [r.kv_tokens_required for r in bridge.last_scheduled] == [128, 256, 128]
     assert used(bridge) == 512 and len(bridge) == 3
     bridge.free_request("b")
     again = bridge.plan([req("d", 50, 14)])
-    assert again.batch_size == 1 and bridge.last_deferred == []
+    assert list(again.placement) == ["d"] and bridge.last_deferred == []
 
 
 def test_plan_order_priority_then_arrival_and_skips_what_does_not_fit() -> None:
@@ -129,8 +133,8 @@ def test_plan_order_priority_then_arrival_and_skips_what_does_not_fit() -> None:
         req("early-low", 40, 24, queued_at=1.0),
         req("urgent", 40, 24, priority=5, queued_at=7.0),
     ]
-    plan = bridge.plan(batch)
-    assert [r.request_id for r in plan.requests] == ["urgent", "early-low", "late-low"]
+    bridge.plan(batch)
+    assert [r.request_id for r in bridge.last_scheduled] == ["urgent", "early-low", "late-low"]
     assert bridge.last_deferred == ["big"]
     assert used(bridge) == 192
 
@@ -138,7 +142,7 @@ def test_plan_order_priority_then_arrival_and_skips_what_does_not_fit() -> None:
 def test_kv_tokens_required_wins_and_oversized_requests_are_deferred() -> None:
     bridge = SchedulerBridge(256)
     plan = bridge.plan([req("sized", 10, 5, kv_tokens_required=64), req("huge", 10, 5, kv_tokens_required=1000)])
-    assert [r.request_id for r in plan.requests] == ["sized"] and plan.total_kv_tokens == 64
+    assert [r.request_id for r in bridge.last_scheduled] == ["sized"] and plan.total_kv_tokens == 64
     assert bridge.last_deferred == ["huge"] and used(bridge) == 64
 
 
@@ -162,10 +166,10 @@ def test_plan_bad_input_reserves_nothing() -> None:
 def test_prefix_reuse_by_fingerprint() -> None:
     bridge = SchedulerBridge(2048)
     first = bridge.plan([req("a", 300, 20, prefix_fingerprint="sys", prefix_hit_len=256)])
-    assert first.requests[0].prefix_hit_len == 0 and first.total_kv_tokens == 320
+    assert bridge.last_scheduled[0].prefix_hit_len == 0 and first.total_kv_tokens == 320
     second = bridge.plan([req("b", 300, 20, prefix_fingerprint="sys", prefix_hit_len=256),
                           req("c", 280, 20, prefix_fingerprint="sys", prefix_hit_len=256)])
-    assert [r.prefix_hit_len for r in second.requests] == [256, 256]
+    assert [r.prefix_hit_len for r in bridge.last_scheduled] == [256, 256]
     assert second.total_kv_tokens == 64 + 44
     assert used(bridge) == 320 + 64 + 44
     stats = bridge.get_stats()["pool"]
@@ -175,7 +179,7 @@ def test_prefix_reuse_by_fingerprint() -> None:
     # The prefix stays cached (unpinned) after its users finish; a later request reuses it.
     assert used(bridge) == 256 and bridge.get_stats()["pool"]["pinned_tokens"] == 0
     later = bridge.plan([req("d", 300, 20, prefix_fingerprint="sys", prefix_hit_len=256)])
-    assert later.requests[0].prefix_hit_len == 256 and later.total_kv_tokens == 64
+    assert bridge.last_scheduled[0].prefix_hit_len == 256 and later.total_kv_tokens == 64
 
 
 def test_fingerprint_without_hit_len_covers_the_prompt_but_leaves_one_token() -> None:
@@ -183,7 +187,7 @@ def test_fingerprint_without_hit_len_covers_the_prompt_but_leaves_one_token() ->
     bridge.plan([req("a", 64, 16, prefix_fingerprint="doc")])
     plan = bridge.plan([req("b", 64, 16, prefix_fingerprint="doc"),
                         req("c", 64, 1, kv_tokens_required=64, prefix_fingerprint="doc")])
-    assert [r.prefix_hit_len for r in plan.requests] == [64, 63]
+    assert [r.prefix_hit_len for r in bridge.last_scheduled] == [64, 63]
     assert plan.total_kv_tokens == 16 + 1
 
 
@@ -191,7 +195,7 @@ def test_prefix_cache_disabled() -> None:
     bridge = SchedulerBridge(2048, enable_prefix_cache=False)
     bridge.plan([req("a", 300, 20, prefix_fingerprint="sys", prefix_hit_len=256)])
     plan = bridge.plan([req("b", 300, 20, prefix_fingerprint="sys", prefix_hit_len=256)])
-    assert plan.requests[0].prefix_hit_len == 0 and plan.total_kv_tokens == 320
+    assert bridge.last_scheduled[0].prefix_hit_len == 0 and plan.total_kv_tokens == 320
     assert bridge.get_stats()["pool"]["num_handles"] == 2
 
 
@@ -201,20 +205,20 @@ def test_cold_prefixes_are_evicted_under_pressure() -> None:
     bridge.free_request("a")
     assert used(bridge) == 256  # the cached prefix
     plan = bridge.plan([req("b", 400, 112)])  # needs the whole budget: the cold prefix must go
-    assert plan.batch_size == 1 and used(bridge) == 512
+    assert list(plan.placement) == ["b"] and used(bridge) == 512
     assert bridge.get_stats()["pool"]["evicted_handles"] == 1
     bridge.free_request("b")
     recomputed = bridge.plan([req("c", 256, 64, prefix_fingerprint="old", prefix_hit_len=256)])
-    assert recomputed.requests[0].prefix_hit_len == 0 and recomputed.total_kv_tokens == 320
+    assert bridge.last_scheduled[0].prefix_hit_len == 0 and recomputed.total_kv_tokens == 320
 
 
 def test_prefix_in_use_is_not_evicted_and_request_is_deferred() -> None:
     bridge = SchedulerBridge(512)
     bridge.plan([req("a", 256, 64, prefix_fingerprint="hot", prefix_hit_len=256)])
     plan = bridge.plan([req("b", 150, 42)])
-    assert plan.batch_size == 1  # 320 + 192 = 512
+    assert list(plan.placement) == ["b"]  # 320 + 192 = 512
     deferred = bridge.plan([req("c", 256, 64, prefix_fingerprint="hot", prefix_hit_len=256)])
-    assert deferred.batch_size == 0 and bridge.last_deferred == ["c"]
+    assert deferred.placement == {} and bridge.last_scheduled == [] and bridge.last_deferred == ["c"]
     assert bridge.get_stats()["pool"]["evicted_handles"] == 0 and used(bridge) == 512
 
 
@@ -232,11 +236,11 @@ def test_never_half_allocated_when_the_second_handle_fails(monkeypatch: pytest.M
 
     monkeypatch.setattr(manager, "alloc", flaky_alloc)
     plan = bridge.plan([req("a", 300, 20, prefix_fingerprint="sys", prefix_hit_len=256)])
-    assert plan.batch_size == 0 and bridge.last_deferred == ["a"]
+    assert plan.placement == {} and bridge.last_deferred == ["a"]
     assert used(bridge) == 0 and len(manager) == 0 and len(bridge) == 0
     monkeypatch.setattr(manager, "alloc", real_alloc)
     retry = bridge.plan([req("a", 300, 20, prefix_fingerprint="sys", prefix_hit_len=256)])
-    assert retry.batch_size == 1 and retry.requests[0].prefix_hit_len == 0
+    assert list(retry.placement) == ["a"] and bridge.last_scheduled[0].prefix_hit_len == 0
 
 
 # --- placement -----------------------------------------------------------------------------------
@@ -287,8 +291,8 @@ def test_reset() -> None:
     assert stats["num_requests"] == 0 and stats["pool"]["used_tokens"] == 0
     assert stats["placement"]["total_placements"] == 0
     assert all(m["kv_tokens_used"] == 0 for m in stats["load_metrics"].values())
-    plan = bridge.plan([req("a", prefix_fingerprint="p", prefix_hit_len=32)])
-    assert plan.requests[0].prefix_hit_len == 0
+    bridge.plan([req("a", prefix_fingerprint="p", prefix_hit_len=32)])
+    assert bridge.last_scheduled[0].prefix_hit_len == 0
 
 
 # --- property: random plan/free sequences keep the books straight -----------------------------------
@@ -318,7 +322,8 @@ def test_random_plans_and_frees_keep_budget_and_books(steps: list[Any]) -> None:
             continue
         unique = {r.request_id: r for r in step if r.request_id not in active}
         plan = bridge.plan(list(unique.values()))
-        admitted = {r.request_id for r in plan.requests}
+        admitted = {r.request_id for r in bridge.last_scheduled}
+        assert set(plan.placement) == admitted and plan.batch_size == len(unique)
         assert admitted | set(bridge.last_deferred) == set(unique) and not admitted & set(bridge.last_deferred)
         active |= admitted
         stats = bridge.get_stats()

@@ -29,10 +29,6 @@ SURFACE_FILE = Path(__file__).with_name("seed_api_surface.json")
 # Names the original exports that we do not (yet) have, with the reason.
 ALLOWED_MISSING: dict[str, str] = {}
 
-# The engine-dropin branch adds these (models re-exports, KVHandle repr); until it is merged they may be missing.
-PENDING_PREFIXES = ("sagellm_kv_cache.models.", "sagellm_kv_cache.models.kv_handle.")
-PENDING_NAMES = {"sagellm_kv_cache.KVHandle.__repr__"}
-
 # Deliberate differences in parameters, with the reason.
 ALLOWED_PARAM_DIFFERENCES: dict[str, str] = {}
 
@@ -181,9 +177,9 @@ def differences(expected: dict[str, dict[str, Any]], actual: dict[str, dict[str,
 
 
 def _allowed(path: str) -> bool:
-    if path in ALLOWED_MISSING or path in ALLOWED_PARAM_DIFFERENCES or path in PENDING_NAMES:
+    if path in ALLOWED_MISSING or path in ALLOWED_PARAM_DIFFERENCES:
         return True
-    return path.startswith(PENDING_PREFIXES) or any(path.startswith(p + ".") for p in ALLOWED_MISSING)
+    return any(path.startswith(p + ".") for p in ALLOWED_MISSING)
 
 
 def test_surface_matches_the_original() -> None:

@@ -17,7 +17,7 @@ from sagellm_kv_cache import (
     KVPoolFullError,
     KVRefCountUnderflowError,
 )
-from sagellm_kv_cache.pool import KVPool
+from sagellm_kv_cache.pool import BlockManager, KVPool
 from sagellm_protocol.kv import DType, KVBlockState, KVErrorCode, Layout
 
 SEED_STATS_KEYS = ["allocated_tokens", "available_tokens", "max_tokens", "num_handles", "pinned_tokens",
@@ -90,7 +90,7 @@ def test_seed_admission_example_from_the_engine() -> None:
     assert pool.can_admit(65) and not pool.can_admit(66)
     handle = pool.alloc(53)
     assert len(handle._blocks) == 4 and pool.get_available_tokens() == 12
-    all_ids = [b.block_id for h in pool._handles.values() for b in h._blocks]
+    all_ids = [b.block_id for h in pool.handles.values() for b in h._blocks]
     assert len(all_ids) == len(set(all_ids)) == 14
 
 
@@ -219,3 +219,57 @@ def test_models_reexport_the_protocol_types() -> None:
               "SchedulerPlan", "LifetimePrediction"]
     assert all(getattr(models, name) is getattr(protocol, name) for name in shared)
     assert set(shared) | {"KVHandle", "KVBlockRef"} == set(models.__all__)
+
+
+def test_original_reprs_and_public_attributes() -> None:
+    pool = KVPool(max_tokens=1024)
+    assert repr(pool) == "KVPool(max_tokens=1024, allocated=0, num_handles=0, num_pinned=0)"
+    h = pool.alloc(16)
+    assert repr(h) == f"KVHandle(id={str(h.handle_id)[:8]}..., tokens=16, device=cpu, state=allocated, pin=0, ref=1)"
+    pool.pin(h)
+    assert repr(h).endswith("state=pinned, pin=1, ref=1)")
+    g = pool.alloc(300, device="cuda:1")
+    assert repr(pool) == "KVPool(max_tokens=1024, allocated=316, num_handles=2, num_pinned=1)"
+    assert pool.handles == {h.handle_id: h, g.handle_id: g} and pool.pinned_handles == {h.handle_id}
+    # block_manager: blocks of block_size tokens x bytes_per_token bytes, ceil(tokens / block_size) per handle.
+    manager = pool.block_manager
+    assert isinstance(manager, BlockManager) and manager.block_size == 128 * 32
+    assert manager.get_stats()["used_blocks"] == 1 + 3 and manager.get_used_bytes() == 4 * 4096
+    pool.unpin(h)
+    pool.free(h)
+    assert pool.pinned_handles == set() and list(pool.handles) == [g.handle_id]
+    stats = manager.get_stats()
+    assert (stats["total_blocks"], stats["used_blocks"], stats["free_blocks"]) == (4, 3, 1)
+    assert stats["total_allocated_bytes"] == manager.total_allocated_bytes == manager.get_allocated_bytes() == 4 * 4096
+    assert repr(manager) == "BlockManager(block_size=4096, total_blocks=4, used_blocks=3, free_blocks=1)"
+    own = manager.alloc_block()  # a caller's own block counts on top of the pool's
+    assert manager.get_stats()["used_blocks"] == 4 and manager.total_allocated_bytes == 5 * 4096
+    manager.free_block(own)
+    pool.reset()
+    assert manager.get_stats() == {"total_blocks": 0, "free_blocks": 0, "used_blocks": 0, "total_allocated_bytes": 0,
+                                   "used_bytes": 0, "free_bytes": 0}
+    assert pool.handles == {} and repr(pool).endswith("allocated=0, num_handles=0, num_pinned=0)")
+
+
+def test_pool_handles_equal_validated_ones() -> None:
+    # The pool builds handles without re-validating them; they must be indistinguishable from
+    # KVHandle.create's (fields, their order, model_fields_set, serialisation).
+    pool = KVPool(max_tokens=4096, block_size=16, node_rank=3)
+    h = pool.alloc(40, dtype="bf16", layout=Layout.PAGED, device="cuda:2", metadata={"k": "v"})
+    ref = KVHandle.create(40, dtype=DType.BF16, layout=Layout.PAGED, device="cuda:2", node_rank=3,
+                          metadata={"k": "v"})
+    ours, theirs = h.model_dump(), ref.model_dump()
+    for key in ("handle_id", "created_at", "last_access"):
+        ours.pop(key), theirs.pop(key)
+    assert ours == theirs and list(h.__dict__) == list(ref.__dict__)
+    assert h.model_fields_set == ref.model_fields_set
+    assert h.handle_id.version == 4 and h.created_at == h.last_access
+    assert KVHandle.from_dict(h.to_dict()) == h
+    assert len(h.block_ids) == 3 and [b.block_id for b in h._blocks] == h.block_ids.tolist()
+    with pytest.raises(ValueError):
+        h.num_tokens = -1  # still validated on assignment
+    with pytest.raises(TypeError, match="metadata keys must be str"):
+        pool.alloc(8, metadata={1: "x"})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="metadata must be a dict"):
+        pool.alloc(8, metadata=["x"])  # type: ignore[arg-type]
+    assert len(pool) == 1

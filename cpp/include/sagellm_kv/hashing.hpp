@@ -159,4 +159,18 @@ class BlockHasher {
                                       std::uint32_t block_size, const BlockHash& parent, const BlockHashKey& key,
                                       std::span<BlockHash> out);
 
+/// Plain (unchained, unkeyed) SHA-256 of each `chunk_bytes`-byte chunk of `data`, in order, written
+/// to `out[0..n)` with n = data.size() / chunk_bytes; returns n. This is how the original Python
+/// package keyed a block (SHA-256 of its token ids as 4-byte big-endian integers; the caller lays
+/// them out). Throws Error(kInvalidArgument) when chunk_bytes is 0, data.size() is not a multiple
+/// of it, or `out` is too short; then nothing was written. Thread-safe (no shared state).
+[[nodiscard]] std::size_t sha256_chunks(std::span<const std::uint8_t> data, std::size_t chunk_bytes,
+                                        std::span<BlockHash> out);
+
+/// Chains independent 32-byte keys into prefix digests: out[0] = keys[0] and
+/// out[i] = SHA-256(out[i-1] || keys[i]), so equal keys at equal positions give equal digests only
+/// under equal prefixes. `out` may alias `keys` exactly. Throws Error(kInvalidArgument) when `out`
+/// is shorter than `keys` (nothing written). Thread-safe (no shared state).
+void sha256_chain(std::span<const BlockHash> keys, std::span<BlockHash> out);
+
 }  // namespace sagellm::kv

@@ -306,4 +306,51 @@ std::size_t hash_blocks(HashAlgorithm algorithm, std::span<const std::int64_t> t
   return thread_hasher(algorithm).hash_blocks(tokens, block_size, parent, key, out);
 }
 
+namespace {
+
+void sha256_once(const std::uint8_t* data, std::size_t size, BlockHash& out) {
+#if !defined(OPENSSL_NO_DEPRECATED_3_0)
+  SHA256_CTX c;  // see State::digest: the low-level calls skip EVP's per-message provider work
+  if (SHA256_Init(&c) == 1 && SHA256_Update(&c, data, size) == 1 && SHA256_Final(out.bytes.data(), &c) == 1) return;
+#else
+  unsigned int len = 0;
+  if (EVP_Digest(data, size, out.bytes.data(), &len, sha256_md(), nullptr) == 1 && len == kBlockHashBytes) return;
+#endif
+  throw Error(ErrorCode::kInternal, "OpenSSL SHA-256 digest failed");
+}
+
+}  // namespace
+
+std::size_t sha256_chunks(std::span<const std::uint8_t> data, std::size_t chunk_bytes, std::span<BlockHash> out) {
+  if (chunk_bytes == 0) throw Error(ErrorCode::kInvalidArgument, "chunk_bytes must be > 0, got 0");
+  if (data.size() % chunk_bytes != 0) {
+    throw Error(ErrorCode::kInvalidArgument, std::to_string(data.size()) + " bytes are not a whole number of " +
+                                                 std::to_string(chunk_bytes) + "-byte chunks");
+  }
+  const std::size_t n = data.size() / chunk_bytes;
+  if (out.size() < n) {
+    throw Error(ErrorCode::kInvalidArgument, "output holds " + std::to_string(out.size()) + " digests, " +
+                                                 std::to_string(n) + " chunks need them");
+  }
+  for (std::size_t i = 0; i < n; ++i) sha256_once(data.data() + i * chunk_bytes, chunk_bytes, out[i]);
+  return n;
+}
+
+void sha256_chain(std::span<const BlockHash> keys, std::span<BlockHash> out) {
+  if (out.size() < keys.size()) {
+    throw Error(ErrorCode::kInvalidArgument, "output holds " + std::to_string(out.size()) + " digests, " +
+                                                 std::to_string(keys.size()) + " keys need them");
+  }
+  if (keys.empty()) return;
+  std::array<std::uint8_t, 2 * kBlockHashBytes> message{};
+  std::memcpy(message.data(), keys[0].bytes.data(), kBlockHashBytes);
+  out[0] = keys[0];
+  for (std::size_t i = 1; i < keys.size(); ++i) {
+    // message = out[i-1] || keys[i]; keys[i] is read before out[i] is written, so out may alias keys.
+    std::memcpy(message.data() + kBlockHashBytes, keys[i].bytes.data(), kBlockHashBytes);
+    sha256_once(message.data(), message.size(), out[i]);
+    std::memcpy(message.data(), out[i].bytes.data(), kBlockHashBytes);
+  }
+}
+
 }  // namespace sagellm::kv

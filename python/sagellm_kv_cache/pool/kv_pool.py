@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from sagellm_protocol.kv import DType, KVBlockState, Layout
+from sagellm_protocol.kv import DType, KVBlockState, Layout, MemoryTier
 
 from sagellm_kv_cache import _core
 from sagellm_kv_cache.errors import (
@@ -33,6 +33,7 @@ from sagellm_kv_cache.errors import (
     KVPoolFullError,
 )
 from sagellm_kv_cache.models.kv_handle import KVHandle
+from sagellm_kv_cache.pool.block_manager import BlockManager
 
 __all__ = ["KVPool", "parse_device"]
 
@@ -65,6 +66,37 @@ def parse_device(device: Any) -> str:
     return kind if kind == "cpu" else f"{kind}:{int(index or 0)}"
 
 
+# Argument lookups of the allocation hot path: enum members and their values map to the member
+# (a str enum hashes by name, so both spellings need an entry); device labels that parsed once map
+# to (canonical label, memory tier). Anything not found takes the validating path.
+_DTYPES: dict[Any, DType] = {**{m: m for m in DType}, **{m.value: m for m in DType}}
+_LAYOUTS: dict[Any, Layout] = {**{m: m for m in Layout}, **{m.value: m for m in Layout}}
+_DEVICES: dict[str, tuple[str, MemoryTier]] = {}
+_MAX_CACHED_DEVICES = 256
+_FREED_FIELDS = ("state", "ref_count")
+_FREE = KVBlockState.FREE
+
+
+def _metadata(metadata: Any) -> dict[str, Any]:
+    """A handle's own copy of ``metadata`` (a mapping with str keys, as the model requires)."""
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+    copy = dict(metadata)
+    for key in copy:
+        if not isinstance(key, str):
+            raise TypeError(f"metadata keys must be str, got {key!r} ({type(key).__name__})")
+    return copy
+
+
+def _device_of(device: Any) -> tuple[str, MemoryTier]:
+    """``parse_device`` plus the memory tier, remembered for the next allocation on that device."""
+    canonical = parse_device(device)
+    entry = (canonical, MemoryTier.CPU if canonical == "cpu" else MemoryTier.GPU)
+    if len(_DEVICES) < _MAX_CACHED_DEVICES:
+        _DEVICES[device] = entry
+    return entry
+
+
 _INT32_IDS = 2**31 - 1
 
 
@@ -90,6 +122,10 @@ class _BlockIdSpace:
 
     def allocate(self, count: int) -> np.ndarray:
         """``count`` ids (int32), from the lowest segments first; ``KVPoolFullError`` takes nothing."""
+        if len(self._segments) == 1:
+            first = self._segments[0]
+            if count <= first.num_available:
+                return first.allocate(count)
         taken: list[np.ndarray] = []
         remaining = count
         index = 0
@@ -116,6 +152,9 @@ class _BlockIdSpace:
 
     def free(self, ids: np.ndarray) -> None:
         """Returns ids handed out by :meth:`allocate` (the allocators reject anything else)."""
+        if len(self._segments) == 1:
+            self._segments[0].free(ids)
+            return
         segment_of = ids // self.segment_blocks
         if len(self._segments) == 1 or not segment_of.any():
             self._segments[0].free(ids)
@@ -138,8 +177,61 @@ class _BlockIdSpace:
         return sum(int(segment.num_allocated) for segment in self._segments)
 
 
+class _PoolBlockManager(BlockManager):
+    """The pool's blocks through the seed's :class:`BlockManager` API (``KVPool.block_manager``).
+
+    As in the original package, a pool block is ``block_size`` tokens of ``bytes_per_token`` bytes,
+    a handle holds ``ceil(num_tokens / block_size)`` of them, and the figures are those of a manager
+    that reuses freed blocks: ``total_blocks`` is the most blocks ever in use at once (since the
+    last reset), ``used_blocks`` those the live handles hold now. The pool's blocks are ids in the
+    native allocator, not :class:`Block` objects, so they are counted here rather than listed in
+    ``blocks``; blocks a caller takes directly with :meth:`alloc_block` are ordinary ``Block``
+    objects and count on top. Thread-safe.
+    """
+
+    def __init__(self, pool: KVPool) -> None:
+        self._pool = pool
+        self._own_bytes = 0
+        super().__init__(pool.block_size * pool.bytes_per_token)
+
+    @property
+    def total_allocated_bytes(self) -> int:
+        return self._own_bytes + self._pool._blocks_peak * self.block_size
+
+    @total_allocated_bytes.setter
+    def total_allocated_bytes(self, value: int) -> None:
+        self._own_bytes = value - self._pool._blocks_peak * self.block_size
+
+    def get_used_bytes(self) -> int:
+        return super().get_used_bytes() + self._pool._blocks_in_use * self.block_size
+
+    def get_stats(self) -> dict[str, int]:
+        own = super().get_stats()
+        in_use, peak = self._pool._blocks_in_use, self._pool._blocks_peak
+        total, used = own["total_blocks"] + peak, own["used_blocks"] + in_use
+        return {
+            "total_blocks": total,
+            "free_blocks": total - used,
+            "used_blocks": used,
+            "total_allocated_bytes": total * self.block_size,
+            "used_bytes": used * self.block_size,
+            "free_bytes": (total - used) * self.block_size,
+        }
+
+    def reset(self) -> None:
+        """Forgets the caller's own blocks; the pool's count restarts from the blocks in use now."""
+        super().reset()
+        self._pool._blocks_peak = self._pool._blocks_in_use
+        self._own_bytes = 0
+
+
 class KVPool:
     """Token-budgeted pool of KV handles (seed API).
+
+    The original's public attributes: ``handles`` (handle id -> live handle; a snapshot taken on
+    each read), ``pinned_handles`` (the set of pinned handle ids; read it, change it only through
+    :meth:`pin` / :meth:`unpin`) and ``block_manager`` (the pool's blocks, see
+    :class:`_PoolBlockManager`).
 
     Thread-safe: one lock guards the handle table; block ids come from the lock-free allocator.
     """
@@ -164,9 +256,15 @@ class KVPool:
         self.num_blocks = -(-self.max_tokens // self.block_size)
         self._lock = threading.Lock()
         self._ids = _BlockIdSpace(self.max_tokens, self.block_size)
-        self._handles: dict[uuid.UUID, KVHandle] = {}
+        # Live handles keyed by handle_id.int: an int hashes in C, a UUID through a Python __hash__
+        # (three hashes per alloc + free are a tenth of the seed pool's cost).
+        self._live_handles: dict[int, KVHandle] = {}
+        self.pinned_handles: set[uuid.UUID] = set()
         self._allocated_tokens = 0
         self._pinned_tokens = 0
+        self._blocks_in_use = 0
+        self._blocks_peak = 0
+        self.block_manager: BlockManager = _PoolBlockManager(self)
 
     # --- allocation -------------------------------------------------------------------------
 
@@ -184,42 +282,69 @@ class KVPool:
         max_tokens)``) when the token budget is short; block rounding never refuses what the budget
         admits. Nothing is taken on failure.
         """
-        num_tokens = _positive_int("num_tokens", num_tokens)
-        dtype = DType(getattr(dtype, "value", dtype))
-        layout = Layout(getattr(layout, "value", layout))
-        device = parse_device(device)
+        # The hot path: every argument is looked up in a table of known-good values and the handle
+        # is built without re-validation; anything unusual goes through the checking helpers.
+        if num_tokens.__class__ is not int or num_tokens <= 0:
+            num_tokens = _positive_int("num_tokens", num_tokens)
+        try:
+            dtype_member = _DTYPES[dtype]
+            layout_member = _LAYOUTS[layout]
+            canonical, tier = _DEVICES[device]
+        except (KeyError, TypeError):
+            dtype_member = DType(getattr(dtype, "value", dtype))
+            layout_member = Layout(getattr(layout, "value", layout))
+            canonical, tier = _device_of(device)
+        metadata = {} if metadata is None else _metadata(metadata)
+        num_blocks = -(-num_tokens // self.block_size)
         with self._lock:
             available = self.max_tokens - self._allocated_tokens
             if num_tokens > available:
                 if self.on_budget_exceeded is not None:
                     self.on_budget_exceeded(num_tokens, available, self.max_tokens)
                 raise KVBudgetExceededError(num_tokens, available, context={"max_tokens": self.max_tokens})
-            blocks = self._ids.allocate(-(-num_tokens // self.block_size))
-            handle = KVHandle.create(
-                num_tokens, dtype=dtype, layout=layout, device=device, node_rank=self.node_rank, metadata=metadata
-            )
-            handle._block_ids = blocks
-            self._handles[handle.handle_id] = handle
+            segments = self._ids._segments
+            if len(segments) == 1 and num_blocks <= segments[0].num_available:
+                blocks = segments[0].allocate(num_blocks)
+            else:
+                blocks = self._ids.allocate(num_blocks)
+            handle = KVHandle._trusted(num_tokens, dtype_member, layout_member, canonical, tier, self.node_rank,
+                                       metadata, blocks)
+            self._live_handles[handle.handle_id.int] = handle
             self._allocated_tokens += num_tokens
+            self._blocks_in_use += num_blocks
+            if self._blocks_in_use > self._blocks_peak:
+                self._blocks_peak = self._blocks_in_use
         return handle
 
     def free(self, handle: KVHandle) -> None:
         """Returns the handle's tokens and blocks. Double free and foreign handles raise; pinned too."""
-        self._check_handle(handle)
+        if handle.__class__ is not KVHandle:
+            self._check_handle(handle)
+        handle_id = handle.handle_id
         with self._lock:
-            live = self._handles.get(handle.handle_id)
+            live = self._live_handles.get(handle_id.int)
             if live is None:
                 if handle.state == KVBlockState.FREE:
-                    raise KVDoubleFreeError(handle.handle_id)
-                raise KVHandleNotFoundError(handle.handle_id, context={"reason": "not allocated by this pool"})
+                    raise KVDoubleFreeError(handle_id)
+                raise KVHandleNotFoundError(handle_id, context={"reason": "not allocated by this pool"})
             if live.pin_count > 0:
-                raise KVHandlePinnedError(handle.handle_id, operation="free", pin_count=live.pin_count)
-            self._ids.free(live._block_ids)
-            del self._handles[handle.handle_id]
+                raise KVHandlePinnedError(handle_id, operation="free", pin_count=live.pin_count)
+            blocks = live.__pydantic_private__["_block_ids"]  # not live._block_ids: slow
+            segments = self._ids._segments
+            if len(segments) == 1:
+                segments[0].free(blocks)
+            else:
+                self._ids.free(blocks)
+            del self._live_handles[handle_id.int]
             self._allocated_tokens -= live.num_tokens
-            for h in {id(live): live, id(handle): handle}.values():
-                h.state = KVBlockState.FREE
-                h.ref_count = 0
+            self._blocks_in_use -= len(blocks)
+            # What `live.state = FREE; live.ref_count = 0` does, without re-validating the model.
+            fields = live.__dict__
+            fields["state"] = _FREE
+            fields["ref_count"] = 0
+            live.__pydantic_fields_set__.update(_FREED_FIELDS)
+            if handle is not live:
+                self._mark_freed(handle)
 
     def pin(self, handle: KVHandle) -> None:
         """Protects the handle from eviction and from ``free`` until unpinned."""
@@ -227,6 +352,7 @@ class KVPool:
             live = self._live(handle)
             if live.pin_count == 0:
                 self._pinned_tokens += live.num_tokens
+                self.pinned_handles.add(live.handle_id)
             live.pin()
             if handle is not live:
                 handle.pin_count, handle.state = live.pin_count, live.state
@@ -237,6 +363,7 @@ class KVPool:
             live.unpin()  # raises KVRefCountUnderflowError when not pinned
             if live.pin_count == 0:
                 self._pinned_tokens -= live.num_tokens
+                self.pinned_handles.discard(live.handle_id)
             if handle is not live:
                 handle.pin_count, handle.state = live.pin_count, live.state
 
@@ -254,9 +381,15 @@ class KVPool:
     def get_available_tokens(self) -> int:
         return self.max_tokens - self._allocated_tokens
 
+    @property
+    def handles(self) -> dict[uuid.UUID, KVHandle]:
+        """Handle id -> live handle, oldest allocation first (a new dict on each read)."""
+        with self._lock:
+            return {handle.handle_id: handle for handle in self._live_handles.values()}
+
     def get_handle(self, handle_id: uuid.UUID) -> KVHandle:
         with self._lock:
-            handle = self._handles.get(handle_id)
+            handle = self._live_handles.get(handle_id.int) if isinstance(handle_id, uuid.UUID) else None
         if handle is None:
             raise KVHandleNotFoundError(handle_id)
         return handle
@@ -267,7 +400,7 @@ class KVPool:
                 "allocated_tokens": self._allocated_tokens,
                 "available_tokens": self.max_tokens - self._allocated_tokens,
                 "max_tokens": self.max_tokens,
-                "num_handles": len(self._handles),
+                "num_handles": len(self._live_handles),
                 "pinned_tokens": self._pinned_tokens,
                 "unpinned_tokens": self._allocated_tokens - self._pinned_tokens,
                 "used_tokens": self._allocated_tokens,
@@ -298,16 +431,28 @@ class KVPool:
     def reset(self) -> None:
         """Drops every handle (pinned ones included) and returns all blocks."""
         with self._lock:
-            for handle in self._handles.values():
+            for handle in self._live_handles.values():
                 handle.state = KVBlockState.FREE
                 handle.ref_count = 0
                 handle.pin_count = 0
-            self._handles.clear()
+            self._live_handles.clear()
+            self.pinned_handles.clear()
             self._ids = _BlockIdSpace(self.max_tokens, self.block_size)
             self._allocated_tokens = 0
             self._pinned_tokens = 0
+            self._blocks_in_use = 0
+        self.block_manager.reset()
 
     # --- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _mark_freed(handle: KVHandle) -> None:
+        # What `handle.state = FREE; handle.ref_count = 0` does, without re-validating the model:
+        # both values are valid by construction.
+        fields = handle.__dict__
+        fields["state"] = _FREE
+        fields["ref_count"] = 0
+        handle.__pydantic_fields_set__.update(_FREED_FIELDS)
 
     @staticmethod
     def _check_handle(handle: Any) -> None:
@@ -316,13 +461,13 @@ class KVPool:
 
     def _live(self, handle: KVHandle) -> KVHandle:
         self._check_handle(handle)
-        live = self._handles.get(handle.handle_id)
+        live = self._live_handles.get(handle.handle_id.int)
         if live is None:
             raise KVHandleNotFoundError(handle.handle_id)
         return live
 
     def __len__(self) -> int:
-        return len(self._handles)
+        return len(self._live_handles)
 
     def __bool__(self) -> bool:
         # A pool is a resource, not a container: it must stay truthy while empty. The sageLLM
@@ -331,5 +476,5 @@ class KVPool:
         return True
 
     def __repr__(self) -> str:
-        return (f"KVPool(max_tokens={self.max_tokens}, block_size={self.block_size}, "
-                f"allocated={self._allocated_tokens}, handles={len(self._handles)})")
+        return (f"KVPool(max_tokens={self.max_tokens}, allocated={self._allocated_tokens}, "
+                f"num_handles={len(self._live_handles)}, num_pinned={len(self.pinned_handles)})")
