@@ -88,6 +88,9 @@ _LAZY: dict[str, str] = {
     "CommTransferBackendAdapter": "transfer",
     "SocketTransferBackend": "transfer",
     "KVOffloadManager": "offload",
+    "OffloadStorage": "offload",
+    # Device -> host -> disk tiers under the prefix cache.
+    "TieredPrefixCache": "tiers",
     # The native per-request manager (one C++ call per scheduler step).
     "RequestManager": "manager",
 }
