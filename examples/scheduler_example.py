@@ -24,20 +24,22 @@ def bridge_demo() -> None:
     queue = [request(f"chat-{i}", 600, 200, prefix_fingerprint="system-v1", prefix_hit_len=512) for i in range(4)]
     queue += [request("batch-job", 2000, 500, priority=-1), request("urgent", 300, 100, priority=10)]
     plan = bridge.plan(queue)
-    print(f"plan {plan.plan_id}: admitted {plan.batch_size}, new KV tokens {plan.total_kv_tokens}, "
-          f"deferred {bridge.last_deferred}")
-    for r in plan.requests:
+    # As in the original, the plan lists every input request; `placement` names the admitted ones and
+    # `last_scheduled` holds them with their prefix reuse.
+    print(f"plan {plan.plan_id}: {plan.batch_size} requests, admitted {len(plan.placement)}, "
+          f"new KV tokens {plan.total_kv_tokens}, deferred {bridge.last_deferred}")
+    for r in bridge.last_scheduled:
         print(f"  {r.request_id:<10} on {plan.placement[r.request_id]}  needs {r.kv_tokens_required:>4} tokens, "
               f"{r.prefix_hit_len:>3} reused from the cached prefix")
     for device, load in bridge.get_stats()["load_metrics"].items():
         print(f"  {device}: {load['kv_tokens_used']} tokens, {load['active_requests']} running")
 
-    for r in plan.requests:
-        bridge.free_request(r.request_id)
+    for request_id in plan.placement:
+        bridge.free_request(request_id)
     pool = bridge.get_stats()["pool"]
     print(f"after the batch: {pool['used_tokens']} tokens still held (the cached system prompt, evictable)")
     retry = bridge.plan([request("batch-job", 2000, 500)])
-    print(f"the deferred job now fits: admitted {retry.batch_size} on {retry.placement}")
+    print(f"the deferred job now fits: admitted {len(retry.placement)} on {retry.placement}")
 
 
 def manager_demo() -> None:
