@@ -1,0 +1,365 @@
+"""vLLM 0.33 KV offloading tier on our native prefix trie and host pool (an ``OffloadingSpec``).
+
+vLLM's ``OffloadingConnector`` loads an out-of-tree spec by name and module path::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"spec_name": "SageOffloadingSpec",
+        "spec_module_path": "sagellm_kv_cache.integrations.vllm_offload", "cpu_bytes_to_use": 8000000000}}'
+
+Two halves, in two processes:
+
+* :class:`SageOffloadingManager` (scheduler process): the index of offloaded chunks. Resident chunks live
+  in our native hash trie (``_core.PrefixCache``, one flat node per vLLM key) over a native block
+  allocator whose ids are the host-pool chunk slots; the trie's policy (LRU by default) picks victims,
+  and its references pin chunks being loaded. Chunks being stored sit outside the trie until
+  ``complete_store`` (not readable before), so they can never be evicted or loaded half-written.
+* :class:`SageOffloadingWorker` (each worker process): a :class:`~sagellm_kv_cache.PagedKVPool` of
+  ``num_chunks`` slots, filled from / copied back into vLLM's canonical int8 KV views with the pool's
+  ``scatter`` / ``gather_into``.
+
+vLLM keys (``OffloadKey``: the chained block hash + a 4-byte group index) map to the trie's 32-byte
+digests without re-hashing: keys of at most 32 bytes are zero-padded; longer keys keep the first 28
+bytes of the hash and the 4 group bytes (224 bits of a cryptographic hash).
+
+Not supported: hybrid models (more than one KV-cache group: the spec refuses them at construction);
+tensor/pipeline parallel > 1 is untested (each rank keeps its own shard in its own pool under the same
+chunk ids, which is how vLLM's CPU tier works without its shared region). Transfers are synchronous
+copies done inside ``submit_*``; ``get_finished`` reports them on the next poll.
+
+This module imports vLLM; the rest of the package never imports it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterable
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from vllm.v1.kv_offload.base import (
+    BlockIDsLoadStoreSpec,
+    CanonicalKVCaches,
+    GPULoadStoreSpec,
+    LoadStoreSpec,
+    LookupResult,
+    Medium,
+    OffloadingEvent,
+    OffloadingManager,
+    OffloadingSpec,
+    OffloadingWorker,
+    OffloadKey,
+    PrepareStoreOutput,
+    ReqContext,
+    RequestOffloadingContext,
+    TransferResult,
+)
+from vllm.v1.kv_offload.config import OffloadingConfig
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from sagellm_kv_cache import _core
+from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
+
+__all__ = [
+    "SageLoadStoreSpec",
+    "SageOffloadingManager",
+    "SageOffloadingSpec",
+    "SageOffloadingWorker",
+    "key_digest",
+]
+
+_DIGEST = 32
+_GROUP = 4
+
+
+def key_digest(key: bytes) -> bytes:
+    """The trie digest of a vLLM ``OffloadKey`` (deterministic, no hashing)."""
+    if len(key) <= _DIGEST:
+        return key.ljust(_DIGEST, b"\0")
+    return key[: _DIGEST - _GROUP] + key[-_GROUP:]
+
+
+def _digest_row(key: bytes) -> npt.NDArray[np.uint8]:
+    return np.frombuffer(key_digest(key), dtype=np.uint8).reshape(1, _DIGEST)
+
+
+class SageLoadStoreSpec(BlockIDsLoadStoreSpec):
+    """Host-pool chunk slots, in the order of the keys they were prepared for."""
+
+
+class SageOffloadingManager(OffloadingManager):
+    """vLLM ``OffloadingManager`` over our native trie + block allocator (scheduler side).
+
+    Single-threaded like vLLM's own manager (the connector serializes calls); the native parts are
+    thread-safe anyway. ``policy`` is one of the trie's policies (``lru``, ``fifo``, ``priority``, ``ttl``).
+    """
+
+    def __init__(self, num_chunks: int, *, policy: str = "lru", enable_events: bool = False) -> None:
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks <= 0:
+            raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+        self.medium = Medium.CPU
+        self.num_chunks = num_chunks
+        self._alloc = _core.BlockAllocator(num_chunks)
+        # Events are drained right before each eviction, so the queue only ever needs to hold the
+        # removals of one evict() call (at most num_chunks digests, one event).
+        self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=policy, allocator=self._alloc,
+                                       event_queue_capacity=num_chunks + 16)
+        self._pending: dict[bytes, int] = {}  # key -> chunk slot, stored but not complete_store'd yet
+        self._resident: dict[bytes, bytes] = {}  # digest -> key, for keys in the trie
+        self._events: list[OffloadingEvent] | None = [] if enable_events else None
+
+    # --- lookups and loads ------------------------------------------------------------------
+
+    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        if key in self._pending:
+            return LookupResult.HIT_PENDING
+        return LookupResult.HIT if self._trie.contains(key_digest(key)) else LookupResult.MISS
+
+    def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
+        return CacheHitSource.HOST
+
+    def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
+        """Pins each key (a trie reference) until :meth:`complete_load`; all keys must be HITs."""
+        slots: list[int] = []
+        pinned: list[bytes] = []
+        for key in keys:
+            row = _digest_row(key)
+            n, ids = self._trie.match(row)
+            if n != 1:
+                for done in pinned:  # all or nothing
+                    self._trie.release(_digest_row(done))
+                raise KeyError(f"prepare_load: key {bytes(key).hex()} is not offloaded and ready")
+            pinned.append(key)
+            slots.append(int(ids[0]))
+        return SageLoadStoreSpec(slots)
+
+    def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        for key in keys:
+            row = _digest_row(key)
+            if self._trie.match(row)[0] == 1:
+                self._trie.release(row)
+
+    def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        for key in keys:
+            self._trie.release(_digest_row(key))
+
+    # --- stores -----------------------------------------------------------------------------
+
+    def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
+        keys = list(keys)
+        trie = self._trie
+        to_store = [k for k in keys if k not in self._pending and not trie.contains(key_digest(k))]
+        if not to_store:
+            return PrepareStoreOutput(keys_to_store=[], store_spec=SageLoadStoreSpec([]), evicted_keys=[])
+        if len(set(to_store)) != len(to_store):
+            raise ValueError("prepare_store: duplicate keys in one call")
+        evicted: list[OffloadKey] = []
+        need = len(to_store) - self._alloc.num_available
+        if need > 0:
+            # Pin the keys of this call that are already resident so that eviction cannot take them.
+            protect = [k for k in keys if k not in self._pending and trie.contains(key_digest(k))]
+            for k in protect:
+                trie.match(_digest_row(k))
+            try:
+                if int(trie.stats()["evictable_blocks"]) < need:
+                    return None
+                trie.drain_events()
+                trie.evict(need)
+                for event in trie.drain_events():
+                    if event["type"] == "removed":
+                        for digest in event["digests"]:
+                            key = self._resident.pop(bytes(digest), None)
+                            if key is not None:
+                                evicted.append(OffloadKey(key))
+            finally:
+                for k in protect:
+                    trie.release(_digest_row(k))
+            if self._alloc.num_available < len(to_store):  # cannot happen: evictable counted above
+                return None
+            if evicted and self._events is not None:
+                self._events.append(OffloadingEvent(keys=evicted, medium=self.medium, removed=True))
+        slots = self._alloc.allocate(len(to_store))
+        for key, slot in zip(to_store, slots.tolist()):
+            self._pending[key] = slot
+        return PrepareStoreOutput(keys_to_store=to_store, store_spec=SageLoadStoreSpec(slots.tolist()),
+                                  evicted_keys=evicted)
+
+    def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
+        stored: list[OffloadKey] = []
+        for key in keys:
+            slot = self._pending.pop(key, None)
+            if slot is None:
+                continue
+            ids = np.array([slot], dtype=np.int32)
+            if success:
+                digest = key_digest(key)
+                self._trie.insert(np.frombuffer(digest, dtype=np.uint8).reshape(1, _DIGEST), ids)
+                self._resident[digest] = key
+                stored.append(key)
+            self._alloc.free(ids)  # the trie keeps its own reference on a stored chunk
+        if stored and self._events is not None:
+            self._events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
+
+    # --- request lifecycle and bookkeeping ------------------------------------------------------
+
+    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    def on_request_finished(self, req_context: ReqContext) -> None:
+        return None
+
+    def take_events(self) -> Iterable[OffloadingEvent]:
+        if self._events is None:
+            return []
+        events, self._events = self._events, []
+        return events
+
+    def reset_cache(self) -> None:
+        """Drops every resident chunk that is not pinned by a load (pending stores stay)."""
+        self._trie.drain_events()
+        self._trie.clear()
+        removed = []
+        for event in self._trie.drain_events():
+            if event["type"] == "removed":
+                removed.extend(bytes(d) for d in event["digests"])
+        for digest in removed:
+            self._resident.pop(digest, None)
+        if not removed:  # a clear event may carry no digests: rebuild from the trie
+            self._resident = {d: k for d, k in self._resident.items() if self._trie.contains(d)}
+
+    def stats(self) -> dict[str, int]:
+        """Resident / pending / free chunk counts plus the trie's counters."""
+        out = {k: int(v) for k, v in self._trie.stats().items()}
+        out.update(resident_chunks=len(self._resident), pending_chunks=len(self._pending),
+                   free_chunks=int(self._alloc.num_available), num_chunks=self.num_chunks)
+        return out
+
+
+class SageOffloadingWorker(OffloadingWorker):
+    """Moves chunks between vLLM's canonical KV views and a :class:`PagedKVPool` (worker side).
+
+    A chunk is ``blocks_per_chunk`` vLLM blocks; its pool slot holds, for each KV tensor of the
+    (single) group in order, ``blocks_per_chunk`` pages of that tensor's row size.
+    """
+
+    def __init__(self, kv_caches: CanonicalKVCaches, num_chunks: int, blocks_per_chunk: int) -> None:
+        if len(kv_caches.group_data_refs) != 1:
+            raise ValueError(f"only one KV-cache group is supported, got {len(kv_caches.group_data_refs)}")
+        if blocks_per_chunk <= 0:
+            raise ValueError(f"blocks_per_chunk must be positive, got {blocks_per_chunk}")
+        seen: list[int] = []
+        for ref in kv_caches.group_data_refs[0]:
+            if ref.tensor_idx not in seen:
+                seen.append(ref.tensor_idx)
+        self._tensors: list[torch.Tensor] = [kv_caches.tensors[i].tensor for i in seen]
+        self._rows = [int(t.shape[1]) * t.element_size() for t in self._tensors]
+        self.blocks_per_chunk = blocks_per_chunk
+        self.chunk_bytes = blocks_per_chunk * sum(self._rows)
+        if self.chunk_bytes % 2:
+            raise ValueError(f"chunk size {self.chunk_bytes} bytes must be even")
+        self.pool = PagedKVPool(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=self.chunk_bytes // 2,
+                                            dtype="int8", block_size=1), num_chunks, "cpu", zero_fill=False)
+        self._finished: list[TransferResult] = []
+
+    def _staging(self, n_chunks: int) -> tuple[npt.NDArray[np.uint8], list[torch.Tensor]]:
+        buf = np.empty((n_chunks, self.chunk_bytes), dtype=np.uint8)
+        whole = torch.from_numpy(buf)
+        views, offset = [], 0
+        for t, row in zip(self._tensors, self._rows):
+            span = self.blocks_per_chunk * row
+            part = whole[:, offset:offset + span].view(torch.int8).reshape(n_chunks * self.blocks_per_chunk, row)
+            views.append(part)
+            offset += span
+        return buf, views
+
+    def _plan(self, gpu: GPULoadStoreSpec, slots: npt.NDArray[np.int32]) -> tuple[int, int, bool]:
+        if len(gpu.group_sizes) != 1:
+            raise ValueError(f"only one KV-cache group is supported, got {len(gpu.group_sizes)}")
+        n = int(gpu.group_sizes[0])
+        skip = int(gpu.block_indices[0]) % self.blocks_per_chunk
+        n_chunks = -(-(n + skip) // self.blocks_per_chunk)
+        if n_chunks != len(slots):
+            raise ValueError(f"{n} blocks from offset {skip} need {n_chunks} chunks, got {len(slots)}")
+        partial = skip != 0 or (n + skip) % self.blocks_per_chunk != 0
+        return n, skip, partial
+
+    def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec, dst_spec: LoadStoreSpec) -> bool:
+        assert isinstance(dst_spec, BlockIDsLoadStoreSpec)
+        start = time.perf_counter()
+        slots = dst_spec.block_ids
+        n, skip, partial = self._plan(src_spec, slots)
+        buf, views = self._staging(len(slots))
+        if partial and len(slots):
+            self.pool.gather_into(slots, buf)
+        gpu_ids = torch.from_numpy(np.ascontiguousarray(src_spec.block_ids, dtype=np.int64))
+        for t, view in zip(self._tensors, views):
+            ids = gpu_ids.to(t.device)
+            view[skip:skip + n].copy_(t.index_select(0, ids).view(torch.int8).to("cpu"))
+        if len(slots):
+            self.pool.scatter(buf, slots)
+        self._finished.append(TransferResult(job_id, True, n * sum(self._rows), time.perf_counter() - start))
+        return True
+
+    def submit_load(self, job_id: int, src_spec: LoadStoreSpec, dst_spec: GPULoadStoreSpec,
+                    expedited: bool = False) -> bool:
+        assert isinstance(src_spec, BlockIDsLoadStoreSpec)
+        start = time.perf_counter()
+        slots = src_spec.block_ids
+        n, skip, _ = self._plan(dst_spec, slots)
+        buf, views = self._staging(len(slots))
+        if len(slots):
+            self.pool.gather_into(slots, buf)
+        gpu_ids = torch.from_numpy(np.ascontiguousarray(dst_spec.block_ids, dtype=np.int64))
+        for t, view in zip(self._tensors, views):
+            ids = gpu_ids.to(t.device)
+            t.index_copy_(0, ids, view[skip:skip + n].to(t.device).view(t.dtype))
+        self._finished.append(TransferResult(job_id, True, n * sum(self._rows), time.perf_counter() - start))
+        return True
+
+    def get_finished(self) -> list[TransferResult]:
+        done, self._finished = self._finished, []
+        return done
+
+    def wait(self, job_ids: set[int]) -> None:
+        return None  # transfers complete inside submit_*
+
+
+class SageOffloadingSpec(OffloadingSpec):
+    """The ``OffloadingSpec`` vLLM loads by ``spec_name`` / ``spec_module_path``.
+
+    ``kv_connector_extra_config``: ``cpu_bytes_to_use`` (host bytes over all workers) or ``num_chunks``;
+    optional ``eviction_policy`` (``lru`` default, ``fifo``, ``priority``, ``ttl``).
+    """
+
+    def __init__(self, config: OffloadingConfig) -> None:
+        super().__init__(config)
+        if len(config.groups) != 1:
+            raise ValueError(f"SageOffloadingSpec supports one KV-cache group (no hybrid models), "
+                             f"got {len(config.groups)}")
+        num_chunks = self.extra_config.get("num_chunks")
+        if num_chunks is None:
+            cpu_bytes = self.extra_config.get("cpu_bytes_to_use")
+            if not cpu_bytes:
+                raise ValueError("kv_connector_extra_config needs cpu_bytes_to_use or num_chunks")
+            per_chunk = config.worker_kv_bytes_per_block * self.blocks_per_chunk * max(config.parallel.world_size, 1)
+            if per_chunk <= 0:
+                raise ValueError(f"worker_kv_bytes_per_block must be positive, got {config.worker_kv_bytes_per_block}")
+            num_chunks = int(cpu_bytes) // per_chunk
+        self.num_chunks = int(num_chunks)
+        if self.num_chunks <= 0:
+            raise ValueError(f"the host tier holds no chunk (num_chunks={self.num_chunks})")
+        self.eviction_policy = str(self.extra_config.get("eviction_policy", "lru"))
+        self._manager: SageOffloadingManager | None = None
+        self._worker: SageOffloadingWorker | None = None
+
+    def get_manager(self) -> OffloadingManager:
+        if self._manager is None:
+            self._manager = SageOffloadingManager(self.num_chunks, policy=self.eviction_policy,
+                                                  enable_events=self.kv_events_config.enable_kv_cache_events)
+        return self._manager
+
+    def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
+        if self._worker is None:
+            self._worker = SageOffloadingWorker(kv_caches, self.num_chunks, self.blocks_per_chunk)
+        return self._worker
+
