@@ -18,8 +18,8 @@ Two halves, in two processes:
   ``scatter`` / ``gather_into``.
 
 vLLM keys (``OffloadKey``: the chained block hash + a 4-byte group index) map to the trie's 32-byte
-digests without re-hashing: keys of at most 32 bytes are zero-padded; longer keys keep the first 28
-bytes of the hash and the 4 group bytes (224 bits of a cryptographic hash).
+digests deterministically: keys of at most 32 bytes are zero-padded, longer ones (vLLM's default
+32-byte SHA-256 block hash + group = 36 bytes) are SHA-256'd, since their hash part need not be random.
 
 Not supported: hybrid models (more than one KV-cache group: the spec refuses them at construction);
 tensor/pipeline parallel > 1 is untested (each rank keeps its own shard in its own pool under the same
@@ -31,6 +31,7 @@ This module imports vLLM; the rest of the package never imports it.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Collection, Iterable
 
@@ -69,14 +70,13 @@ __all__ = [
 ]
 
 _DIGEST = 32
-_GROUP = 4
 
 
 def key_digest(key: bytes) -> bytes:
     """The trie digest of a vLLM ``OffloadKey`` (deterministic, no hashing)."""
     if len(key) <= _DIGEST:
         return key.ljust(_DIGEST, b"\0")
-    return key[: _DIGEST - _GROUP] + key[-_GROUP:]
+    return hashlib.sha256(key).digest()
 
 
 def _digest_row(key: bytes) -> npt.NDArray[np.uint8]:
@@ -267,7 +267,8 @@ class SageOffloadingWorker(OffloadingWorker):
         views, offset = [], 0
         for t, row in zip(self._tensors, self._rows):
             span = self.blocks_per_chunk * row
-            part = whole[:, offset:offset + span].view(torch.int8).reshape(n_chunks * self.blocks_per_chunk, row)
+            # (chunk, block in chunk, page byte): a view, so writes land in the staging buffer
+            part = whole[:, offset:offset + span].view(torch.int8).view(n_chunks, self.blocks_per_chunk, row)
             views.append(part)
             offset += span
         return buf, views
@@ -283,6 +284,10 @@ class SageOffloadingWorker(OffloadingWorker):
         partial = skip != 0 or (n + skip) % self.blocks_per_chunk != 0
         return n, skip, partial
 
+    def _positions(self, skip: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(skip, skip + n, dtype=torch.int64)
+        return pos // self.blocks_per_chunk, pos % self.blocks_per_chunk
+
     def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec, dst_spec: LoadStoreSpec) -> bool:
         assert isinstance(dst_spec, BlockIDsLoadStoreSpec)
         start = time.perf_counter()
@@ -292,9 +297,10 @@ class SageOffloadingWorker(OffloadingWorker):
         if partial and len(slots):
             self.pool.gather_into(slots, buf)
         gpu_ids = torch.from_numpy(np.ascontiguousarray(src_spec.block_ids, dtype=np.int64))
+        chunk, sub = self._positions(skip, n)
         for t, view in zip(self._tensors, views):
             ids = gpu_ids.to(t.device)
-            view[skip:skip + n].copy_(t.index_select(0, ids).view(torch.int8).to("cpu"))
+            view[chunk, sub] = t.index_select(0, ids).view(torch.int8).to("cpu")
         if len(slots):
             self.pool.scatter(buf, slots)
         self._finished.append(TransferResult(job_id, True, n * sum(self._rows), time.perf_counter() - start))
@@ -310,9 +316,10 @@ class SageOffloadingWorker(OffloadingWorker):
         if len(slots):
             self.pool.gather_into(slots, buf)
         gpu_ids = torch.from_numpy(np.ascontiguousarray(dst_spec.block_ids, dtype=np.int64))
+        chunk, sub = self._positions(skip, n)
         for t, view in zip(self._tensors, views):
             ids = gpu_ids.to(t.device)
-            t.index_copy_(0, ids, view[skip:skip + n].to(t.device).view(t.dtype))
+            t.index_copy_(0, ids, view[chunk, sub].to(t.device).view(t.dtype))
         self._finished.append(TransferResult(job_id, True, n * sum(self._rows), time.perf_counter() - start))
         return True
 
