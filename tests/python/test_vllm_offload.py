@@ -12,9 +12,16 @@ import pytest
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 pytest.importorskip("vllm")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from vllm.v1.kv_offload.base import (  # noqa: E402
+import numpy as np
+import torch
+from sagellm_kv_cache.integrations.vllm_offload import (
+    SageLoadStoreSpec,
+    SageOffloadingManager,
+    SageOffloadingSpec,
+    SageOffloadingWorker,
+    key_digest,
+)
+from vllm.v1.kv_offload.base import (
     CanonicalKVCacheRef,
     CanonicalKVCaches,
     CanonicalKVCacheTensor,
@@ -24,20 +31,12 @@ from vllm.v1.kv_offload.base import (  # noqa: E402
     ReqContext,
     make_offload_key,
 )
-from vllm.v1.kv_offload.config import (  # noqa: E402
+from vllm.v1.kv_offload.config import (
     OffloadingCacheConfig,
     OffloadingConfig,
     OffloadingGroupConfig,
     OffloadingModelConfig,
     OffloadingParallelConfig,
-)
-
-from sagellm_kv_cache.integrations.vllm_offload import (  # noqa: E402
-    SageLoadStoreSpec,
-    SageOffloadingManager,
-    SageOffloadingSpec,
-    SageOffloadingWorker,
-    key_digest,
 )
 
 CTX = ReqContext("r0")
@@ -208,7 +207,7 @@ def test_worker_store_then_load_is_byte_exact(layer_outer: bool, bpc: int) -> No
     skip = 1 if bpc > 1 else 0
     dst = [0, 2, 4, 5, 6, 8, 9, 11][: n - skip]
     assert worker.submit_load(2, slots, GPULoadStoreSpec(dst, [len(dst)], [skip]))
-    for d, want in zip(dst, before[skip:]):
+    for d, want in zip(dst, before[skip:], strict=True):
         assert torch.equal(_block(raw, layer_outer, d), want)
     untouched = set(range(12)) - set(dst)
     assert all(not _block(raw, layer_outer, b).any() for b in untouched)

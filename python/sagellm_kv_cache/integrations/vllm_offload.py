@@ -179,7 +179,7 @@ class SageOffloadingManager(OffloadingManager):
             if evicted and self._events is not None:
                 self._events.append(OffloadingEvent(keys=evicted, medium=self.medium, removed=True))
         slots = self._alloc.allocate(len(to_store))
-        for key, slot in zip(to_store, slots.tolist()):
+        for key, slot in zip(to_store, slots.tolist(), strict=True):
             self._pending[key] = slot
         return PrepareStoreOutput(keys_to_store=to_store, store_spec=SageLoadStoreSpec(slots.tolist()),
                                   evicted_keys=evicted)
@@ -218,7 +218,7 @@ class SageOffloadingManager(OffloadingManager):
         """Drops every resident chunk that is not pinned by a load (pending stores stay)."""
         self._trie.drain_events()
         self._trie.clear()
-        removed = []
+        removed: list[bytes] = []
         for event in self._trie.drain_events():
             if event["type"] == "removed":
                 removed.extend(bytes(d) for d in event["digests"])
@@ -265,7 +265,7 @@ class SageOffloadingWorker(OffloadingWorker):
         buf = np.empty((n_chunks, self.chunk_bytes), dtype=np.uint8)
         whole = torch.from_numpy(buf)
         views, offset = [], 0
-        for t, row in zip(self._tensors, self._rows):
+        for row in self._rows:
             span = self.blocks_per_chunk * row
             # (chunk, block in chunk, page byte): a view, so writes land in the staging buffer
             part = whole[:, offset:offset + span].view(torch.int8).view(n_chunks, self.blocks_per_chunk, row)
@@ -298,7 +298,7 @@ class SageOffloadingWorker(OffloadingWorker):
             self.pool.gather_into(slots, buf)
         gpu_ids = torch.from_numpy(np.ascontiguousarray(src_spec.block_ids, dtype=np.int64))
         chunk, sub = self._positions(skip, n)
-        for t, view in zip(self._tensors, views):
+        for t, view in zip(self._tensors, views, strict=True):
             ids = gpu_ids.to(t.device)
             view[chunk, sub] = t.index_select(0, ids).view(torch.int8).to("cpu")
         if len(slots):
@@ -317,7 +317,7 @@ class SageOffloadingWorker(OffloadingWorker):
             self.pool.gather_into(slots, buf)
         gpu_ids = torch.from_numpy(np.ascontiguousarray(dst_spec.block_ids, dtype=np.int64))
         chunk, sub = self._positions(skip, n)
-        for t, view in zip(self._tensors, views):
+        for t, view in zip(self._tensors, views, strict=True):
             ids = gpu_ids.to(t.device)
             t.index_copy_(0, ids, view[chunk, sub].to(t.device).view(t.dtype))
         self._finished.append(TransferResult(job_id, True, n * sum(self._rows), time.perf_counter() - start))
