@@ -5,12 +5,49 @@ Skipped without vLLM (it is an optional integration; CI installs vllm==0.33.0 wi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
+import random
+import tempfile
+import warnings
+from typing import Any
 
 import pytest
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 pytest.importorskip("vllm")
+
+with warnings.catch_warnings():  # vLLM's import chain trips deprecation warnings in torch
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from vllm import SamplingParams
+    from vllm.config import (
+        CacheConfig,
+        DeviceConfig,
+        KVTransferConfig,
+        ModelConfig,
+        SchedulerConfig,
+        VllmConfig,
+        set_current_vllm_config,
+    )
+    from vllm.distributed.kv_transfer.kv_connector.v1 import KVConnectorRole
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import OffloadingWorkerMetadata
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import OffloadingConnector
+    from vllm.forward_context import ForwardContext
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import (
+        get_request_block_hasher,
+        init_none_hash,
+        resolve_kv_cache_block_sizes,
+    )
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+    from vllm.v1.request import Request
+    from vllm.v1.structured_output import StructuredOutputManager
+    from vllm.v1.worker.utils import allocate_kv_cache
 
 import numpy as np
 import torch
@@ -240,3 +277,190 @@ def test_worker_with_manager_slots_round_trip() -> None:
     m.complete_load(keys(*resident), CTX)
     assert torch.equal(_block(raw, True, 6), want[2]) and torch.equal(_block(raw, True, 7), want[3])
     assert np.array_equal(np.sort(spec.block_ids), np.array([0, 1], dtype=np.int32))
+
+
+
+# --- vLLM's real scheduler + OffloadingConnector (both roles) with our spec, KV memory on the CPU ----------
+
+LAYERS, HEADS, HEAD_DIM = 2, 2, 8
+_MODEL: Any = None
+
+
+def model_config() -> Any:
+    """A weights-free llama config (built once: vLLM inspects the architecture in a subprocess)."""
+    global _MODEL
+    if _MODEL is None:
+        d = tempfile.mkdtemp(prefix="sage-vllm-model-")
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                       "hidden_size": HEADS * HEAD_DIM * 2,
+                       "intermediate_size": 64, "num_attention_heads": HEADS * 2, "num_key_value_heads": HEADS,
+                       "head_dim": HEAD_DIM, "num_hidden_layers": LAYERS, "vocab_size": 1000,
+                       "max_position_embeddings": 8192, "torch_dtype": "float32"}, f)
+        _MODEL = ModelConfig(model=d, dtype="float32", seed=0, skip_tokenizer_init=True)
+    return _MODEL
+
+
+def pattern(block_hash: bytes, n: int) -> torch.Tensor:
+    """The bytes our fake model writes into a full block: a function of the block's hash only."""
+    seed = hashlib.sha256(block_hash).digest()
+    reps = -(-n // len(seed))
+    return torch.frombuffer(bytearray(seed * reps), dtype=torch.int8)[:n].clone()
+
+
+class Engine:
+    """One scheduler (with the connector's scheduler role) and one worker connector, CPU KV memory."""
+
+    def __init__(self, *, block_size: int = 4, num_gpu_blocks: int = 32, num_chunks: int = 64,
+                 blocks_per_chunk: int = 1, max_tokens_per_step: int = 64, max_seqs: int = 8,
+                 layout: str = "LBNHC") -> None:
+        self.block_size = block_size
+        extra: dict[str, Any] = {"spec_name": "SageOffloadingSpec",
+                                 "spec_module_path": "sagellm_kv_cache.integrations.vllm_offload",
+                                 "num_chunks": num_chunks, "offload_prompt_only": False}
+        if blocks_per_chunk > 1:
+            extra["block_size"] = block_size * blocks_per_chunk
+        cfg = VllmConfig(
+            model_config=model_config(),
+            scheduler_config=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens_per_step,
+                                             max_model_len=4096, enable_chunked_prefill=True,
+                                             is_encoder_decoder=False),
+            cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=True),
+            kv_transfer_config=KVTransferConfig(kv_connector="OffloadingConnector", kv_role="kv_both",
+                                                kv_connector_extra_config=extra),
+            device_config=DeviceConfig("cpu"),
+        )
+        cfg.cache_config.kv_cache_layout = layout
+        cfg.cache_config.num_gpu_blocks = num_gpu_blocks
+        spec = FullAttentionSpec(block_size=block_size, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.float32)
+        names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+        page = spec.page_size_bytes
+        layer_outer = layout.startswith("L")
+        kv_config = KVCacheConfig(
+            num_blocks=num_gpu_blocks,
+            kv_cache_tensors=[KVCacheTensor(size=page * num_gpu_blocks * LAYERS, layers=names,
+                                            layer_stride=page * num_gpu_blocks if layer_outer else page,
+                                            block_stride=page if layer_outer else page * LAYERS)],
+            kv_cache_groups=[KVCacheGroupSpec(names, spec)],
+        )
+        sched_bs, hash_bs = resolve_kv_cache_block_sizes(kv_config, cfg)
+        self.scheduler = Scheduler(vllm_config=cfg, kv_cache_config=kv_config, log_stats=True,
+                                   structured_output_manager=StructuredOutputManager(cfg), block_size=sched_bs,
+                                   hash_block_size=hash_bs)
+        self.worker = OffloadingConnector(cfg, KVConnectorRole.WORKER, kv_config)
+        self.kv = allocate_kv_cache(kv_config, torch.device("cpu"), KVCacheLayout[layout])
+        with set_current_vllm_config(cfg):
+            self.worker.register_kv_caches(self.kv)
+        cw = self.worker.connector_worker
+        assert cw is not None and isinstance(cw.spec, SageOffloadingSpec)
+        self.spec = cw.spec
+        init_none_hash(sha256)
+        self.hasher = get_request_block_hasher(block_size, sha256)
+        self.ctx = ForwardContext(no_compile_layers={}, attn_metadata={}, slot_mapping={})
+        self.next_id = 0
+        self.checked_blocks = 0
+        self.hit_tokens = 0
+        self.prompt_tokens = 0
+        self.preemptions = 0
+
+    @property
+    def sage_worker(self) -> SageOffloadingWorker:
+        w = self.spec._worker
+        assert w is not None
+        return w
+
+    def add(self, tokens: list[int], max_tokens: int = 2) -> str:
+        rid = f"r{self.next_id}"
+        self.next_id += 1
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        req = Request(request_id=rid, prompt_token_ids=tokens, sampling_params=sp, pooling_params=None,
+                      block_hasher=self.hasher)
+        self.scheduler.add_request(req)
+        self.prompt_tokens += len(tokens)
+        return rid
+
+    def _check_block(self, block_id: int, block_hash: bytes) -> None:
+        for name, t in self.kv.items():
+            got = t[block_id].contiguous().view(torch.int8).reshape(-1)
+            want = pattern(block_hash + name.encode(), got.numel())
+            assert torch.equal(got, want), f"block id {block_id} of {name} does not hold its bytes"
+
+    def _write_block(self, block_id: int, block_hash: bytes) -> None:
+        for name, t in self.kv.items():
+            view = t[block_id]
+            want = pattern(block_hash + name.encode(), view.numel() * view.element_size())
+            view.copy_(want.view(view.dtype).reshape(view.shape))
+
+    def _check_and_write(self, out: Any) -> None:
+        """Before 'computing': every full block below the computed prefix holds its hash's bytes.
+        After: write the pattern into blocks this step fills."""
+        mgr = self.scheduler.kv_cache_manager
+        for rid, n_sched in out.num_scheduled_tokens.items():
+            req = self.scheduler.requests[rid]
+            end = req.num_computed_tokens  # schedule() already advanced it by n_sched
+            start = end - n_sched
+            ids = mgr.get_block_ids(rid)[0]
+            for i in range(min(start // self.block_size, len(req.block_hashes))):
+                self._check_block(ids[i], bytes(req.block_hashes[i]))
+                self.checked_blocks += 1
+            for i in range(start // self.block_size, min(end // self.block_size, len(req.block_hashes))):
+                self._write_block(ids[i], bytes(req.block_hashes[i]))
+
+    def step(self) -> None:
+        out = self.scheduler.schedule()
+        self.preemptions += len(getattr(out, "preempted_req_ids", None) or ())
+        for r in out.scheduled_new_reqs:
+            self.hit_tokens += r.num_computed_tokens
+        meta = pickle.loads(pickle.dumps(out.kv_connector_metadata))  # the process boundary
+        self.worker.handle_preemptions(meta)
+        self.worker.bind_connector_metadata(meta)
+        self.worker.start_load_kv(self.ctx)
+        self._check_and_write(out)
+        self.worker.wait_for_save()
+        sending, recving = self.worker.get_finished(out.finished_req_ids)
+        wmeta = self.worker.build_connector_worker_meta() or OffloadingWorkerMetadata()
+        self.worker.clear_connector_metadata()
+        reqs = self.scheduler.running
+        ids = [r.request_id for r in reqs]
+        mro = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                sampled_token_ids=[[7] if r in out.num_scheduled_tokens else [] for r in ids],
+                                logprobs=None, prompt_logprobs_dict={}, pooler_output=None,
+                                kv_connector_output=KVConnectorOutput(
+                                    finished_sending=sending, finished_recving=recving, invalid_block_ids=set(),
+                                    kv_connector_worker_meta=pickle.loads(pickle.dumps(wmeta))))
+        self.scheduler.update_from_output(out, mro)
+
+    def drain(self, max_steps: int = 10_000) -> None:
+        cs = self.scheduler.connector.connector_scheduler  # type: ignore[union-attr]
+        for _ in range(max_steps):
+            if not self.scheduler.requests and not cs._jobs and not self.scheduler.finished_req_ids:
+                return
+            self.step()
+        raise AssertionError("engine did not drain")
+
+
+def _scheduler_connector(e: Engine) -> Any:
+    return e.scheduler.connector.connector_scheduler  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("layout", "bpc"), [("LBNHC", 1), ("BLNHC", 1), ("LBHNC", 1), ("LBNHC", 2), ("LBNHC", 4)])
+def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: int) -> None:
+    """Real scheduler + connector: every reused block holds its own bytes; preemption included."""
+    # sized so that the GPU cache preempts and the host tier both evicts and serves reloads
+    e = Engine(num_gpu_blocks=20, num_chunks={1: 36, 2: 18, 4: 7}[bpc], blocks_per_chunk=bpc, max_tokens_per_step=32,
+               max_seqs=4, layout=layout)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000) for _ in range(30)] for _ in range(4)]
+    for _ in range(3):
+        for p in prompts:
+            e.add(p, max_tokens=12)
+        e.drain()
+    manager = _scheduler_connector(e).manager
+    assert isinstance(manager, SageOffloadingManager)
+    stats = manager.stats()
+    w = e.sage_worker
+    assert e.preemptions > 0, "the GPU cache is small enough to force preemption"
+    assert w.stored_blocks > 0 and w.loaded_blocks > 0 and stats["hit_blocks"] > 0
+    assert stats["evictions"] > 0, "the host tier is small enough to evict"
+    assert e.checked_blocks > 100
+    assert stats["pending_chunks"] == 0 and stats["in_use_blocks"] == 0  # every store / load completed

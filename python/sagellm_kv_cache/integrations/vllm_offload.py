@@ -260,6 +260,8 @@ class SageOffloadingWorker(OffloadingWorker):
         self.pool = PagedKVPool(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=self.chunk_bytes // 2,
                                             dtype="int8", block_size=1), num_chunks, "cpu", zero_fill=False)
         self._finished: list[TransferResult] = []
+        self.stored_blocks = 0  # vLLM blocks copied into the pool so far
+        self.loaded_blocks = 0  # vLLM blocks copied back out of it
 
     def _staging(self, n_chunks: int) -> tuple[npt.NDArray[np.uint8], list[torch.Tensor]]:
         buf = np.empty((n_chunks, self.chunk_bytes), dtype=np.uint8)
@@ -303,6 +305,7 @@ class SageOffloadingWorker(OffloadingWorker):
             view[chunk, sub] = t.index_select(0, ids).view(torch.int8).to("cpu")
         if len(slots):
             self.pool.scatter(buf, slots)
+        self.stored_blocks += n
         self._finished.append(TransferResult(job_id, True, n * sum(self._rows), time.perf_counter() - start))
         return True
 
@@ -320,6 +323,7 @@ class SageOffloadingWorker(OffloadingWorker):
         for t, view in zip(self._tensors, views, strict=True):
             ids = gpu_ids.to(t.device)
             t.index_copy_(0, ids, view[chunk, sub].to(t.device).view(t.dtype))
+        self.loaded_blocks += n
         self._finished.append(TransferResult(job_id, True, n * sum(self._rows), time.perf_counter() - start))
         return True
 
