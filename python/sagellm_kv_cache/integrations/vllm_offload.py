@@ -79,10 +79,6 @@ def key_digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
-def _digest_row(key: bytes) -> npt.NDArray[np.uint8]:
-    return np.frombuffer(key_digest(key), dtype=np.uint8).reshape(1, _DIGEST)
-
-
 class SageLoadStoreSpec(BlockIDsLoadStoreSpec):
     """Host-pool chunk slots, in the order of the keys they were prepared for."""
 
@@ -90,6 +86,9 @@ class SageLoadStoreSpec(BlockIDsLoadStoreSpec):
 class SageOffloadingManager(OffloadingManager):
     """vLLM ``OffloadingManager`` over our native trie + block allocator (scheduler side).
 
+    The trie (one flat node per resident key) holds recency, the eviction policy and the load pins
+    (a ``match`` reference per ``prepare_load``); the allocator hands out pool slots. A Python dict
+    mirrors which keys are resident so that ``lookup`` (called once per block) costs one dict probe.
     Single-threaded like vLLM's own manager (the connector serializes calls); the native parts are
     thread-safe anyway. ``policy`` is one of the trie's policies (``lru``, ``fifo``, ``priority``, ``ttl``).
     """
@@ -100,55 +99,61 @@ class SageOffloadingManager(OffloadingManager):
         self.medium = Medium.CPU
         self.num_chunks = num_chunks
         self._alloc = _core.BlockAllocator(num_chunks)
-        # Events are drained right before each eviction, so the queue only ever needs to hold the
-        # removals of one evict() call (at most num_chunks digests, one event).
-        self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=policy, allocator=self._alloc,
-                                       event_queue_capacity=num_chunks + 16)
-        self._pending: dict[bytes, int] = {}  # key -> chunk slot, stored but not complete_store'd yet
-        self._resident: dict[bytes, bytes] = {}  # digest -> key, for keys in the trie
+        self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=policy, allocator=self._alloc)
+        self._pending: dict[bytes, tuple[int, bytes]] = {}  # key -> (slot, digest): not complete_store'd yet
+        self._resident: dict[bytes, bytes] = {}  # key -> digest, for keys in the trie
+        self._slot_key: dict[int, bytes] = {}  # slot -> resident key
+        self._pins: dict[bytes, int] = {}  # key -> prepare_load calls not completed yet
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
 
     # --- lookups and loads ------------------------------------------------------------------
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
-        if key in self._pending:
-            return LookupResult.HIT_PENDING
-        return LookupResult.HIT if self._trie.contains(key_digest(key)) else LookupResult.MISS
+        if key in self._resident:
+            return LookupResult.HIT
+        return LookupResult.HIT_PENDING if key in self._pending else LookupResult.MISS
 
     def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
         return CacheHitSource.HOST
 
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         """Pins each key (a trie reference) until :meth:`complete_load`; all keys must be HITs."""
+        keys = list(keys)
+        missing = [k for k in keys if k not in self._resident]
+        if missing:
+            raise KeyError(f"prepare_load: key {bytes(missing[0]).hex()} is not offloaded and ready")
         slots: list[int] = []
-        pinned: list[bytes] = []
+        match, pins, resident = self._trie.match, self._pins, self._resident
         for key in keys:
-            row = _digest_row(key)
-            n, ids = self._trie.match(row)
-            if n != 1:
-                for done in pinned:  # all or nothing
-                    self._trie.release(_digest_row(done))
-                raise KeyError(f"prepare_load: key {bytes(key).hex()} is not offloaded and ready")
-            pinned.append(key)
-            slots.append(int(ids[0]))
+            slots.append(int(match([resident[key]])[1][0]))
+            pins[key] = pins.get(key, 0) + 1
         return SageLoadStoreSpec(slots)
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         for key in keys:
-            row = _digest_row(key)
-            if self._trie.match(row)[0] == 1:
-                self._trie.release(row)
+            digest = self._resident.get(key)
+            if digest is not None:
+                self._trie.match([digest])
+                self._trie.release([digest])
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        release, pins = self._trie.release, self._pins
         for key in keys:
-            self._trie.release(_digest_row(key))
+            count = pins.get(key, 0)
+            if count <= 0:
+                raise KeyError(f"complete_load: key {bytes(key).hex()} has no load in flight")
+            release([self._resident[key]])
+            if count == 1:
+                del pins[key]
+            else:
+                pins[key] = count - 1
 
     # --- stores -----------------------------------------------------------------------------
 
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
         keys = list(keys)
-        trie = self._trie
-        to_store = [k for k in keys if k not in self._pending and not trie.contains(key_digest(k))]
+        resident, pending = self._resident, self._pending
+        to_store = [k for k in keys if k not in resident and k not in pending]
         if not to_store:
             return PrepareStoreOutput(keys_to_store=[], store_spec=SageLoadStoreSpec([]), evicted_keys=[])
         if len(set(to_store)) != len(to_store):
@@ -157,46 +162,50 @@ class SageOffloadingManager(OffloadingManager):
         need = len(to_store) - self._alloc.num_available
         if need > 0:
             # Pin the keys of this call that are already resident so that eviction cannot take them.
-            protect = [k for k in keys if k not in self._pending and trie.contains(key_digest(k))]
-            for k in protect:
-                trie.match(_digest_row(k))
-            try:
-                if int(trie.stats()["evictable_blocks"]) < need:
-                    return None
-                trie.drain_events()
-                trie.evict(need)
-                for event in trie.drain_events():
-                    if event["type"] == "removed":
-                        for digest in event["digests"]:
-                            key = self._resident.pop(bytes(digest), None)
-                            if key is not None:
-                                evicted.append(OffloadKey(key))
-            finally:
-                for k in protect:
-                    trie.release(_digest_row(k))
-            if self._alloc.num_available < len(to_store):  # cannot happen: evictable counted above
+            protect = [resident[k] for k in keys if k in resident and k not in self._pins]
+            if len(resident) - len(self._pins) - len(protect) < need:
                 return None
+            trie = self._trie
+            for digest in protect:
+                trie.match([digest])
+            try:
+                trie.evict(need)
+            finally:
+                for digest in protect:
+                    trie.release([digest])
+        slots = self._alloc.allocate(len(to_store)).tolist()
+        if need > 0:
+            # Eviction freed exactly `need` slots and this allocation took every free slot: the
+            # evicted keys are the previous owners of the slots just handed out.
+            slot_key = self._slot_key
+            for slot in slots:
+                key = slot_key.pop(slot, None)
+                if key is not None:
+                    del resident[key]
+                    evicted.append(OffloadKey(key))
             if evicted and self._events is not None:
                 self._events.append(OffloadingEvent(keys=evicted, medium=self.medium, removed=True))
-        slots = self._alloc.allocate(len(to_store))
-        for key, slot in zip(to_store, slots.tolist(), strict=True):
-            self._pending[key] = slot
-        return PrepareStoreOutput(keys_to_store=to_store, store_spec=SageLoadStoreSpec(slots.tolist()),
-                                  evicted_keys=evicted)
+        for key, slot in zip(to_store, slots, strict=True):
+            pending[key] = (slot, key_digest(key))
+        return PrepareStoreOutput(keys_to_store=to_store, store_spec=SageLoadStoreSpec(slots), evicted_keys=evicted)
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
         stored: list[OffloadKey] = []
+        slots: list[int] = []
+        insert = self._trie.insert
         for key in keys:
-            slot = self._pending.pop(key, None)
-            if slot is None:
+            entry = self._pending.pop(key, None)
+            if entry is None:
                 continue
-            ids = np.array([slot], dtype=np.int32)
+            slot, digest = entry
+            slots.append(slot)
             if success:
-                digest = key_digest(key)
-                self._trie.insert(np.frombuffer(digest, dtype=np.uint8).reshape(1, _DIGEST), ids)
-                self._resident[digest] = key
+                insert([digest], [slot])
+                self._resident[key] = digest
+                self._slot_key[slot] = key
                 stored.append(key)
-            self._alloc.free(ids)  # the trie keeps its own reference on a stored chunk
+        if slots:
+            self._alloc.free(slots)  # the trie keeps its own reference on a stored chunk
         if stored and self._events is not None:
             self._events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
 
@@ -215,23 +224,19 @@ class SageOffloadingManager(OffloadingManager):
         return events
 
     def reset_cache(self) -> None:
-        """Drops every resident chunk that is not pinned by a load (pending stores stay)."""
-        self._trie.drain_events()
+        """Drops every resident chunk that no load pins (stores in flight stay)."""
         self._trie.clear()
-        removed: list[bytes] = []
-        for event in self._trie.drain_events():
-            if event["type"] == "removed":
-                removed.extend(bytes(d) for d in event["digests"])
-        for digest in removed:
-            self._resident.pop(digest, None)
-        if not removed:  # a clear event may carry no digests: rebuild from the trie
-            self._resident = {d: k for d, k in self._resident.items() if self._trie.contains(d)}
+        for key, digest in list(self._resident.items()):
+            if not self._trie.contains(digest):
+                del self._resident[key]
+        self._slot_key = {slot: key for slot, key in self._slot_key.items() if key in self._resident}
 
     def stats(self) -> dict[str, int]:
         """Resident / pending / free chunk counts plus the trie's counters."""
         out = {k: int(v) for k, v in self._trie.stats().items()}
         out.update(resident_chunks=len(self._resident), pending_chunks=len(self._pending),
-                   free_chunks=int(self._alloc.num_available), num_chunks=self.num_chunks)
+                   pinned_chunks=len(self._pins), free_chunks=int(self._alloc.num_available),
+                   num_chunks=self.num_chunks)
         return out
 
 
