@@ -83,12 +83,24 @@ class SageLoadStoreSpec(BlockIDsLoadStoreSpec):
     """Host-pool chunk slots, in the order of the keys they were prepared for."""
 
 
+class _Trail:
+    """Per-request note (kept in the ReqContext): the request's last key known to the tier."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: bytes | None = None
+
+
 class SageOffloadingManager(OffloadingManager):
     """vLLM ``OffloadingManager`` over our native trie + block allocator (scheduler side).
 
-    The trie (one flat node per resident key) holds recency, the eviction policy and the load pins
-    (a ``match`` reference per ``prepare_load``); the allocator hands out pool slots. A Python dict
-    mirrors which keys are resident so that ``lookup`` (called once per block) costs one dict probe.
+    Resident chunks are trie nodes chained in request order: a chunk's parent is the chunk before it
+    in the request that stored it (when that one is resident), so eviction takes leaves first (the
+    tail of a prefix goes before its head, which vLLM's flat LRU does not do) and loads and stores are
+    one native call per run of chained keys. The trie holds recency, the eviction policy and the load
+    pins (``match`` references from ``prepare_load`` to ``complete_load``); the allocator hands out
+    pool slots. A Python dict mirrors which keys are resident, so ``lookup`` costs one dict probe.
     Single-threaded like vLLM's own manager (the connector serializes calls); the native parts are
     thread-safe anyway. ``policy`` is one of the trie's policies (``lru``, ``fifo``, ``priority``, ``ttl``).
     """
@@ -100,16 +112,50 @@ class SageOffloadingManager(OffloadingManager):
         self.num_chunks = num_chunks
         self._alloc = _core.BlockAllocator(num_chunks)
         self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=policy, allocator=self._alloc)
-        self._pending: dict[bytes, tuple[int, bytes]] = {}  # key -> (slot, digest): not complete_store'd yet
-        self._resident: dict[bytes, bytes] = {}  # key -> digest, for keys in the trie
+        # key -> (slot, digest, previous key of the request): stored but not complete_store'd yet
+        self._pending: dict[bytes, tuple[int, bytes, bytes | None]] = {}
+        # key -> (slot, digest, parent key in the trie or None): keys in the trie
+        self._resident: dict[bytes, tuple[int, bytes, bytes | None]] = {}
         self._slot_key: dict[int, bytes] = {}  # slot -> resident key
-        self._pins: dict[bytes, int] = {}  # key -> prepare_load calls not completed yet
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
+
+    @staticmethod
+    def _trail(req_context: ReqContext) -> _Trail:
+        trail = req_context.get_state(_Trail)
+        if trail is None:
+            trail = _Trail()
+            req_context.set_state(trail)
+        return trail
+
+    def _paths(self, keys: list[bytes]) -> list[list[bytes]]:
+        """Root-to-key digest paths covering ``keys``: one per key that is no other key's ancestor.
+
+        Independent of the order of ``keys`` (vLLM may complete a load with its keys reordered), and
+        fixed while the keys are pinned (a pinned node and its ancestors cannot be evicted).
+        """
+        resident = self._resident
+        ancestors: set[bytes] = set()
+        for key in keys:
+            node = resident[key][2]
+            while node is not None and node not in ancestors:
+                ancestors.add(node)
+                node = resident[node][2]
+        paths: list[list[bytes]] = []
+        for key in sorted(set(keys) - ancestors):
+            path: list[bytes] = []
+            walk: bytes | None = key
+            while walk is not None:
+                _, digest, walk = resident[walk]
+                path.append(digest)
+            path.reverse()
+            paths.append(path)
+        return paths
 
     # --- lookups and loads ------------------------------------------------------------------
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         if key in self._resident:
+            self._trail(req_context).last = key
             return LookupResult.HIT
         return LookupResult.HIT_PENDING if key in self._pending else LookupResult.MISS
 
@@ -117,36 +163,32 @@ class SageOffloadingManager(OffloadingManager):
         return CacheHitSource.HOST
 
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
-        """Pins each key (a trie reference) until :meth:`complete_load`; all keys must be HITs."""
+        """Pins each key and its trie ancestors until :meth:`complete_load`; all keys must be HITs."""
+        keys = list(keys)
+        resident = self._resident
+        missing = [k for k in keys if k not in resident]
+        if missing:
+            raise KeyError(f"prepare_load: key {bytes(missing[0]).hex()} is not offloaded and ready")
+        match = self._trie.match
+        for path in self._paths(keys):
+            match(path)
+        if keys:
+            self._trail(req_context).last = keys[-1]
+        return SageLoadStoreSpec([resident[k][0] for k in keys])
+
+    def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        present = [k for k in keys if k in self._resident]
+        for path in self._paths(present):
+            self._trie.match(path)
+            self._trie.release(path)
+
+    def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         keys = list(keys)
         missing = [k for k in keys if k not in self._resident]
         if missing:
-            raise KeyError(f"prepare_load: key {bytes(missing[0]).hex()} is not offloaded and ready")
-        slots: list[int] = []
-        match, pins, resident = self._trie.match, self._pins, self._resident
-        for key in keys:
-            slots.append(int(match([resident[key]])[1][0]))
-            pins[key] = pins.get(key, 0) + 1
-        return SageLoadStoreSpec(slots)
-
-    def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        for key in keys:
-            digest = self._resident.get(key)
-            if digest is not None:
-                self._trie.match([digest])
-                self._trie.release([digest])
-
-    def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        release, pins = self._trie.release, self._pins
-        for key in keys:
-            count = pins.get(key, 0)
-            if count <= 0:
-                raise KeyError(f"complete_load: key {bytes(key).hex()} has no load in flight")
-            release([self._resident[key]])
-            if count == 1:
-                del pins[key]
-            else:
-                pins[key] = count - 1
+            raise KeyError(f"complete_load: key {bytes(missing[0]).hex()} has no load in flight")
+        for path in self._paths(keys):
+            self._trie.release(path)
 
     # --- stores -----------------------------------------------------------------------------
 
@@ -154,25 +196,32 @@ class SageOffloadingManager(OffloadingManager):
         keys = list(keys)
         resident, pending = self._resident, self._pending
         to_store = [k for k in keys if k not in resident and k not in pending]
+        trail = self._trail(req_context)
         if not to_store:
+            if keys:
+                trail.last = keys[-1]
             return PrepareStoreOutput(keys_to_store=[], store_spec=SageLoadStoreSpec([]), evicted_keys=[])
         if len(set(to_store)) != len(to_store):
             raise ValueError("prepare_store: duplicate keys in one call")
         evicted: list[OffloadKey] = []
         need = len(to_store) - self._alloc.num_available
         if need > 0:
-            # Pin the keys of this call that are already resident so that eviction cannot take them.
-            protect = [resident[k] for k in keys if k in resident and k not in self._pins]
-            if len(resident) - len(self._pins) - len(protect) < need:
-                return None
             trie = self._trie
-            for digest in protect:
-                trie.match([digest])
+            # Pin the keys of this call that are already resident so that eviction cannot take them.
+            protect = self._paths([k for k in keys if k in resident])
+            for path in protect:
+                trie.match(path)
             try:
+                if int(trie.stats()["evictable_blocks"]) < need:
+                    return None
                 trie.evict(need)
             finally:
-                for digest in protect:
-                    trie.release([digest])
+                for path in protect:
+                    trie.release(path)
+            if self._alloc.num_available < len(to_store):  # not expected: evictable counted above
+                self._forget_evicted(evicted)
+                self._emit_removed(evicted)
+                return None
         slots = self._alloc.allocate(len(to_store)).tolist()
         if need > 0:
             # Eviction freed exactly `need` slots and this allocation took every free slot: the
@@ -183,31 +232,63 @@ class SageOffloadingManager(OffloadingManager):
                 if key is not None:
                     del resident[key]
                     evicted.append(OffloadKey(key))
-            if evicted and self._events is not None:
-                self._events.append(OffloadingEvent(keys=evicted, medium=self.medium, removed=True))
-        for key, slot in zip(to_store, slots, strict=True):
-            pending[key] = (slot, key_digest(key))
+            self._emit_removed(evicted)
+        slot_of = dict(zip(to_store, slots, strict=True))
+        prev = trail.last
+        for key in keys:  # each stored key remembers the key before it, in the call's (prefix) order
+            slot = slot_of.get(key)
+            if slot is not None:
+                pending[key] = (slot, key_digest(key), prev)
+            prev = key
+        trail.last = keys[-1]
         return PrepareStoreOutput(keys_to_store=to_store, store_spec=SageLoadStoreSpec(slots), evicted_keys=evicted)
+
+    def _forget_evicted(self, out: list[OffloadKey]) -> None:
+        for slot, key in list(self._slot_key.items()):
+            if not self._trie.contains(self._resident[key][1]):
+                del self._slot_key[slot]
+                del self._resident[key]
+                out.append(OffloadKey(key))
+
+    def _emit_removed(self, keys: list[OffloadKey]) -> None:
+        if keys and self._events is not None:
+            self._events.append(OffloadingEvent(keys=keys, medium=self.medium, removed=True))
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
         stored: list[OffloadKey] = []
         slots: list[int] = []
-        insert = self._trie.insert
+        resident, pending = self._resident, self._pending
+        run_keys: list[bytes] = []
+        run_parent: bytes | None = None
         for key in keys:
-            entry = self._pending.pop(key, None)
+            entry = pending.pop(key, None)
             if entry is None:
                 continue
-            slot, digest = entry
+            slot, digest, prev = entry
             slots.append(slot)
-            if success:
-                insert([digest], [slot])
-                self._resident[key] = digest
-                self._slot_key[slot] = key
-                stored.append(key)
+            if not success:
+                continue
+            parent = prev if prev is not None and (prev in resident or (run_keys and prev == run_keys[-1])) else None
+            if not run_keys or parent != run_keys[-1]:
+                self._insert_run(run_keys, run_parent)
+                run_keys, run_parent = [], parent
+            run_keys.append(key)
+            resident[key] = (slot, digest, parent)
+            self._slot_key[slot] = key
+            stored.append(key)
+        self._insert_run(run_keys, run_parent)
         if slots:
             self._alloc.free(slots)  # the trie keeps its own reference on a stored chunk
         if stored and self._events is not None:
             self._events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
+
+    def _insert_run(self, run: list[bytes], parent: bytes | None) -> None:
+        if not run:
+            return
+        resident = self._resident
+        digests = [resident[k][1] for k in run]
+        slots = [resident[k][0] for k in run]
+        self._trie.insert(digests, slots, parent=None if parent is None else resident[parent][1])
 
     # --- request lifecycle and bookkeeping ------------------------------------------------------
 
@@ -226,17 +307,14 @@ class SageOffloadingManager(OffloadingManager):
     def reset_cache(self) -> None:
         """Drops every resident chunk that no load pins (stores in flight stay)."""
         self._trie.clear()
-        for key, digest in list(self._resident.items()):
-            if not self._trie.contains(digest):
-                del self._resident[key]
-        self._slot_key = {slot: key for slot, key in self._slot_key.items() if key in self._resident}
+        gone: list[OffloadKey] = []
+        self._forget_evicted(gone)
 
     def stats(self) -> dict[str, int]:
         """Resident / pending / free chunk counts plus the trie's counters."""
         out = {k: int(v) for k, v in self._trie.stats().items()}
         out.update(resident_chunks=len(self._resident), pending_chunks=len(self._pending),
-                   pinned_chunks=len(self._pins), free_chunks=int(self._alloc.num_available),
-                   num_chunks=self.num_chunks)
+                   free_chunks=int(self._alloc.num_available), num_chunks=self.num_chunks)
         return out
 
 
