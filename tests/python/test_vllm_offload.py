@@ -467,16 +467,15 @@ def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: i
 
 
 def test_complete_load_accepts_reordered_keys_and_tails_evict_first() -> None:
-    m = SageOffloadingManager(4)
+    m = SageOffloadingManager(3)
     ctx = ReqContext("chain")
     out = m.prepare_store(keys(1, 2, 3), ctx)  # one request's blocks in prefix order: a chain 1 <- 2 <- 3
     assert out is not None
     m.complete_store(out.keys_to_store, ctx)
     m.prepare_load(keys(1, 2, 3), ctx)
     m.complete_load(keys(3, 1, 2), ctx)  # same keys, another order: every pin released exactly once
-    stored(m, keys(9))  # the newest entry: a separate root
-    out = m.prepare_store(keys(10), CTX)
-    # 1 is the least recent node but has children: the chain's tail (3) goes first
-    assert out is not None and out.evicted_keys == keys(3)
-    assert [m.lookup(k, CTX) for k in keys(1, 2)] == [LookupResult.HIT] * 2
     assert m.stats()["in_use_blocks"] == 0
+    out = m.prepare_store(keys(10), CTX)
+    # only the chain's tail is a leaf: it goes first, the prefix 1 <- 2 stays loadable
+    assert out is not None and out.evicted_keys == keys(3)
+    assert [m.lookup(k, CTX) for k in keys(1, 2, 3)] == [LookupResult.HIT, LookupResult.HIT, LookupResult.MISS]
