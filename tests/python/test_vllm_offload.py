@@ -295,7 +295,7 @@ def model_config() -> Any:
             json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                        "hidden_size": HEADS * HEAD_DIM * 2,
                        "intermediate_size": 64, "num_attention_heads": HEADS * 2, "num_key_value_heads": HEADS,
-                       "head_dim": HEAD_DIM, "num_hidden_layers": LAYERS, "vocab_size": 1000,
+                       "head_dim": HEAD_DIM, "num_hidden_layers": LAYERS, "vocab_size": 32000,
                        "max_position_embeddings": 8192, "torch_dtype": "float32"}, f)
         _MODEL = ModelConfig(model=d, dtype="float32", seed=0, skip_tokenizer_init=True)
     return _MODEL
@@ -313,7 +313,7 @@ class Engine:
 
     def __init__(self, *, block_size: int = 4, num_gpu_blocks: int = 32, num_chunks: int = 64,
                  blocks_per_chunk: int = 1, max_tokens_per_step: int = 64, max_seqs: int = 8,
-                 layout: str = "LBNHC") -> None:
+                 layout: str = "LBNHC", prefix_caching: bool = True) -> None:
         self.block_size = block_size
         extra: dict[str, Any] = {"spec_name": "SageOffloadingSpec",
                                  "spec_module_path": "sagellm_kv_cache.integrations.vllm_offload",
@@ -325,7 +325,7 @@ class Engine:
             scheduler_config=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens_per_step,
                                              max_model_len=4096, enable_chunked_prefill=True,
                                              is_encoder_decoder=False),
-            cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=True),
+            cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=prefix_caching),
             kv_transfer_config=KVTransferConfig(kv_connector="OffloadingConnector", kv_role="kv_both",
                                                 kv_connector_extra_config=extra),
             device_config=DeviceConfig("cpu"),
@@ -479,3 +479,26 @@ def test_complete_load_accepts_reordered_keys_and_tails_evict_first() -> None:
     # only the chain's tail is a leaf: it goes first, the prefix 1 <- 2 stays loadable
     assert out is not None and out.evicted_keys == keys(3)
     assert [m.lookup(k, CTX) for k in keys(1, 2, 3)] == [LookupResult.HIT, LookupResult.HIT, LookupResult.MISS]
+
+
+def test_mooncake_trace_through_vllm_scheduler_matches_our_replay() -> None:
+    """The sample Mooncake trace through vLLM's scheduler (GPU prefix cache off, so every reused block
+    comes from our tier) hits like our own replay of the trace at the same capacity."""
+    from sagellm_kv_cache.replay import load_trace, replay, sample_trace_path
+
+    requests = load_trace(sample_trace_path())
+    distinct = len(np.unique(np.concatenate(requests)))
+    longest = max(len(r) for r in requests)
+    blocks = sum(len(r) for r in requests)
+    capacity = distinct // 4
+    ours = replay(requests, capacity)
+    e = Engine(num_gpu_blocks=longest + 8, num_chunks=capacity, max_tokens_per_step=4 * longest + 64, max_seqs=1,
+               prefix_caching=False)
+    for ids in requests:  # one trace block = one vLLM block of 4 tokens named by its hash id
+        e.add([int(i) % 30_000 for i in ids for _ in range(4)] + [1], max_tokens=1)
+        e.drain()
+    stats = _scheduler_connector(e).manager.stats()
+    assert ours.evictions > 0 and stats["evictions"] > 0
+    vllm_ratio = e.sage_worker.loaded_blocks / blocks
+    assert ours.hit_ratio > 0.02
+    assert abs(vllm_ratio - ours.hit_ratio) <= 0.005, (vllm_ratio, ours.hit_ratio)
