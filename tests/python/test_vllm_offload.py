@@ -41,6 +41,7 @@ with warnings.catch_warnings():  # vLLM's import chain trips deprecation warning
         init_none_hash,
         resolve_kv_cache_block_sizes,
     )
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
     from vllm.v1.kv_cache_layout import KVCacheLayout
@@ -283,6 +284,7 @@ def test_worker_with_manager_slots_round_trip() -> None:
 # --- vLLM's real scheduler + OffloadingConnector (both roles) with our spec, KV memory on the CPU ----------
 
 LAYERS, HEADS, HEAD_DIM = 2, 2, 8
+SAMPLED = 7  # the token the fake model always samples
 _MODEL: Any = None
 
 
@@ -313,7 +315,7 @@ class Engine:
 
     def __init__(self, *, block_size: int = 4, num_gpu_blocks: int = 32, num_chunks: int = 64,
                  blocks_per_chunk: int = 1, max_tokens_per_step: int = 64, max_seqs: int = 8,
-                 layout: str = "LBNHC", prefix_caching: bool = True) -> None:
+                 layout: str = "LBNHC", prefix_caching: bool = True, async_scheduling: bool = False) -> None:
         self.block_size = block_size
         extra: dict[str, Any] = {"spec_name": "SageOffloadingSpec",
                                  "spec_module_path": "sagellm_kv_cache.integrations.vllm_offload",
@@ -344,7 +346,11 @@ class Engine:
             kv_cache_groups=[KVCacheGroupSpec(names, spec)],
         )
         sched_bs, hash_bs = resolve_kv_cache_block_sizes(kv_config, cfg)
-        self.scheduler = Scheduler(vllm_config=cfg, kv_cache_config=kv_config, log_stats=True,
+        cfg.scheduler_config.async_scheduling = async_scheduling
+        self.async_scheduling = async_scheduling
+        self._previous: tuple[Any, Any] | None = None  # async: the step whose output is still to apply
+        scheduler_cls = AsyncScheduler if async_scheduling else Scheduler
+        self.scheduler = scheduler_cls(vllm_config=cfg, kv_cache_config=kv_config, log_stats=True,
                                    structured_output_manager=StructuredOutputManager(cfg), block_size=sched_bs,
                                    hash_block_size=hash_bs)
         self.worker = OffloadingConnector(cfg, KVConnectorRole.WORKER, kv_config)
@@ -379,32 +385,42 @@ class Engine:
         self.prompt_tokens += len(tokens)
         return rid
 
-    def _check_block(self, block_id: int, block_hash: bytes) -> None:
-        for name, t in self.kv.items():
-            got = t[block_id].contiguous().view(torch.int8).reshape(-1)
-            want = pattern(block_hash + name.encode(), got.numel())
-            assert torch.equal(got, want), f"block id {block_id} of {name} does not hold its bytes"
+    def _token_bytes(self, name: str, position: int, token: int, n: int) -> torch.Tensor:
+        return pattern(f"{name}:{position}:{token}".encode(), n)
 
-    def _write_block(self, block_id: int, block_hash: bytes) -> None:
+    def _check_block(self, block_id: int, index: int, tokens: list[int]) -> None:
+        """A reused block holds, for each of its token slots, the bytes of that position and token."""
         for name, t in self.kv.items():
-            view = t[block_id]
-            want = pattern(block_hash + name.encode(), view.numel() * view.element_size())
-            view.copy_(want.view(view.dtype).reshape(view.shape))
+            for slot in range(self.block_size):
+                pos = index * self.block_size + slot
+                got = t[block_id][:, slot].contiguous().view(torch.int8).reshape(-1)
+                want = self._token_bytes(name, pos, tokens[pos], got.numel())
+                assert torch.equal(got, want), f"block id {block_id} (request block {index}) of {name} is wrong"
+
+    def _write_token(self, block_id: int, position: int, token: int) -> None:
+        """What the forward pass does: K/V of one token, a function of its position and token id."""
+        for name, t in self.kv.items():
+            row = t[block_id][:, position % self.block_size]
+            want = self._token_bytes(name, position, token, row.numel() * row.element_size())
+            row.copy_(want.view(row.dtype).reshape(row.shape))
 
     def _check_and_write(self, out: Any) -> None:
-        """Before 'computing': every full block below the computed prefix holds its hash's bytes.
-        After: write the pattern into blocks this step fills."""
+        """Before 'computing': every full block below the computed prefix holds its tokens' bytes.
+        Then write the K/V of the tokens this step computes."""
         mgr = self.scheduler.kv_cache_manager
         for rid, n_sched in out.num_scheduled_tokens.items():
             req = self.scheduler.requests[rid]
             end = req.num_computed_tokens  # schedule() already advanced it by n_sched
             start = end - n_sched
             ids = mgr.get_block_ids(rid)[0]
-            for i in range(min(start // self.block_size, len(req.block_hashes))):
-                self._check_block(ids[i], bytes(req.block_hashes[i]))
+            tokens = list(req.all_token_ids)
+            for i in range(min(start, len(tokens)) // self.block_size):
+                self._check_block(ids[i], i, tokens)
                 self.checked_blocks += 1
-            for i in range(start // self.block_size, min(end // self.block_size, len(req.block_hashes))):
-                self._write_block(ids[i], bytes(req.block_hashes[i]))
+            for pos in range(start, end):
+                # async scheduling runs one token ahead of the output: the harness always samples 7
+                token = tokens[pos] if pos < len(tokens) else SAMPLED
+                self._write_token(ids[pos // self.block_size], pos, token)
 
     def step(self) -> None:
         out = self.scheduler.schedule()
@@ -423,18 +439,27 @@ class Engine:
         reqs = self.scheduler.running
         ids = [r.request_id for r in reqs]
         mro = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                                sampled_token_ids=[[7] if r in out.num_scheduled_tokens else [] for r in ids],
+                                sampled_token_ids=[[SAMPLED] if r in out.num_scheduled_tokens else [] for r in ids],
                                 logprobs=None, prompt_logprobs_dict={}, pooler_output=None,
                                 kv_connector_output=KVConnectorOutput(
                                     finished_sending=sending, finished_recving=recving, invalid_block_ids=set(),
                                     kv_connector_worker_meta=pickle.loads(pickle.dumps(wmeta))))
-        self.scheduler.update_from_output(out, mro)
+        if not self.async_scheduling:
+            self.scheduler.update_from_output(out, mro)
+            return
+        if self._previous is not None:  # async: the model's output arrives one step late
+            self.scheduler.update_from_output(*self._previous)
+        self._previous = (out, mro)
 
     def drain(self, max_steps: int = 10_000) -> None:
         cs = self.scheduler.connector.connector_scheduler  # type: ignore[union-attr]
         for _ in range(max_steps):
             if not self.scheduler.requests and not cs._jobs and not self.scheduler.finished_req_ids:
-                return
+                if self._previous is None:
+                    return
+                self.scheduler.update_from_output(*self._previous)
+                self._previous = None
+                continue
             self.step()
         raise AssertionError("engine did not drain")
 
@@ -443,12 +468,14 @@ def _scheduler_connector(e: Engine) -> Any:
     return e.scheduler.connector.connector_scheduler  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize(("layout", "bpc"), [("LBNHC", 1), ("BLNHC", 1), ("LBHNC", 1), ("LBNHC", 2), ("LBNHC", 4)])
-def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: int) -> None:
+@pytest.mark.parametrize(("layout", "bpc", "async_scheduling"), [
+    ("LBNHC", 1, False), ("BLNHC", 1, False), ("LBHNC", 1, False), ("LBNHC", 2, False), ("LBNHC", 4, False),
+    ("LBNHC", 1, True), ("BLNHC", 2, True)])
+def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: int, async_scheduling: bool) -> None:
     """Real scheduler + connector: every reused block holds its own bytes; preemption included."""
     # sized so that the GPU cache preempts and the host tier both evicts and serves reloads
     e = Engine(num_gpu_blocks=20, num_chunks={1: 36, 2: 18, 4: 7}[bpc], blocks_per_chunk=bpc, max_tokens_per_step=32,
-               max_seqs=4, layout=layout)
+               max_seqs=4, layout=layout, async_scheduling=async_scheduling)
     rng = random.Random(0)
     prompts = [[rng.randrange(1000) for _ in range(30)] for _ in range(4)]
     for _ in range(3):
