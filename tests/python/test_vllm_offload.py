@@ -209,6 +209,17 @@ def test_spec_sizes_the_tier_and_refuses_hybrid_models() -> None:
         SageOffloadingSpec(_config(extra={}))
 
 
+def test_reset_cache_keeps_only_pinned_chunks() -> None:
+    m = SageOffloadingManager(4)
+    stored(m, keys(1))
+    stored(m, keys(2))
+    m.prepare_load(keys(1), CTX)
+    m.reset_cache()
+    assert m.lookup(keys(1)[0], CTX) is LookupResult.HIT and m.lookup(keys(2)[0], CTX) is LookupResult.MISS
+    m.complete_load(keys(1), CTX)
+    assert m.stats()["free_chunks"] == 3 and m.stats()["resident_chunks"] == 1
+
+
 # --- worker: bytes between vLLM's canonical views and our pool ---------------------------------
 
 
@@ -251,6 +262,21 @@ def test_worker_store_then_load_is_byte_exact(layer_outer: bool, bpc: int) -> No
     assert all(not _block(raw, layer_outer, b).any() for b in untouched)
     done = worker.get_finished()
     assert [(r.job_id, r.success) for r in done] == [(1, True), (2, True)] and worker.get_finished() == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_worker_round_trip_with_cuda_kv() -> None:
+    kv, raw = _canonical(True)
+    raw_gpu = raw.cuda()
+    kv = CanonicalKVCaches(tensors=[CanonicalKVCacheTensor(raw_gpu[i], 64) for i in range(raw.shape[0])],
+                           group_data_refs=kv.group_data_refs)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2)
+    slots = SageLoadStoreSpec([3, 1])
+    worker.submit_store(1, GPULoadStoreSpec([0, 1, 2, 3], [4], [0]), slots)
+    raw_gpu[:, 4:8].zero_()
+    worker.submit_load(2, slots, GPULoadStoreSpec([4, 5, 6, 7], [4], [0]))
+    assert torch.equal(raw_gpu[:, 4:8].cpu(), raw[:, 0:4])
 
 
 def test_worker_rejects_a_mismatched_chunk_count() -> None:
