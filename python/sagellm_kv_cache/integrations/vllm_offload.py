@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -127,13 +127,23 @@ class SageOffloadingManager(OffloadingManager):
             req_context.set_state(trail)
         return trail
 
-    def _paths(self, keys: list[bytes]) -> list[list[bytes]]:
+    def _paths(self, keys: Sequence[bytes]) -> list[list[bytes]]:
         """Root-to-key digest paths covering ``keys``: one per key that is no other key's ancestor.
 
         Independent of the order of ``keys`` (vLLM may complete a load with its keys reordered), and
         fixed while the keys are pinned (a pinned node and its ancestors cannot be evicted).
         """
         resident = self._resident
+        if keys:  # common case: the keys are one chain, all on the last key's path
+            path, members = [], set()
+            walk: bytes | None = keys[-1]
+            while walk is not None:
+                members.add(walk)
+                _, digest, walk = resident[walk]
+                path.append(digest)
+            if len(members) >= len(keys) and members.issuperset(keys):
+                path.reverse()
+                return [path]
         ancestors: set[bytes] = set()
         for key in keys:
             node = resident[key][2]
@@ -142,8 +152,8 @@ class SageOffloadingManager(OffloadingManager):
                 node = resident[node][2]
         paths: list[list[bytes]] = []
         for key in sorted(set(keys) - ancestors):
-            path: list[bytes] = []
-            walk: bytes | None = key
+            path = []
+            walk = key
             while walk is not None:
                 _, digest, walk = resident[walk]
                 path.append(digest)
@@ -155,7 +165,6 @@ class SageOffloadingManager(OffloadingManager):
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         if key in self._resident:
-            self._trail(req_context).last = key
             return LookupResult.HIT
         return LookupResult.HIT_PENDING if key in self._pending else LookupResult.MISS
 
