@@ -6,7 +6,12 @@ calls them for one request: ``on_new_request``, ``lookup`` block by block until 
 ``on_request_finished``. Keys are vLLM-shaped (32-byte block hash + 4-byte group). Requests share
 prefixes (a few hundred system prompts, each continued by a private tail); the tier holds about half
 of the distinct blocks, so it evicts. Reported: ns per manager call, and both hit counts (same policy,
-so they should be close). Needs vLLM importable (``VLLM_TARGET_DEVICE=cpu``); skipped otherwise.
+so they should be close).
+
+Second row: whole engine steps of vLLM's real scheduler + connector (tests/python/vllm_harness.py, KV on
+the CPU) over shared-prefix requests, with our spec, against the same spec whose manager is swapped for
+vLLM's CPUOffloadingManager (the worker, our pool, is the same in both: vLLM's own CPU copy worker needs
+CUDA/XPU). Needs vLLM importable (``VLLM_TARGET_DEVICE=cpu``); skipped otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from common import Row
@@ -64,6 +70,57 @@ def _drive(manager: Any, requests: list[tuple[str, list[bytes]]]) -> tuple[int, 
     return calls, hits
 
 
+def _vllm_manager_spec() -> Any:
+    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+
+    from sagellm_kv_cache.integrations.vllm_offload import SageOffloadingSpec
+
+    class VllmManagerSpec(SageOffloadingSpec):
+        """Our spec with vLLM's CPUOffloadingManager (LRU) on the scheduler side."""
+
+        def get_manager(self) -> Any:
+            if self._vllm_manager is None:
+                self._vllm_manager = CPUOffloadingManager(num_chunks=self.num_chunks, cache_policy="lru")
+            return self._vllm_manager
+
+        _vllm_manager: Any = None
+
+    return VllmManagerSpec
+
+
+def __getattr__(name: str) -> Any:  # the connector imports the spec class by name from this module
+    if name == "VllmManagerSpec":
+        return _vllm_manager_spec()
+    raise AttributeError(name)
+
+
+def _steps(spec_name: str, quick: bool) -> tuple[float, int, int]:
+    """Seconds per engine step, steps, blocks loaded from the tier."""
+    tests = str(Path(__file__).resolve().parent.parent / "tests" / "python")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from vllm_harness import Engine
+
+    module = "w8_vllm_offload" if spec_name == "VllmManagerSpec" else "sagellm_kv_cache.integrations.vllm_offload"
+    e = Engine(block_size=16, num_gpu_blocks=64, num_chunks=256, max_tokens_per_step=512, max_seqs=8,
+               spec_name=spec_name, spec_module_path=module, verify=False)
+    rng = random.Random(1)
+    systems = [[rng.randrange(30_000) for _ in range(rng.randrange(64, 256))] for _ in range(12)]
+    prompts = [systems[rng.randrange(len(systems))] + [rng.randrange(30_000) for _ in range(rng.randrange(8, 64))]
+               for _ in range(40 if quick else 160)]
+    start = time.perf_counter()
+    for i in range(0, len(prompts), 4):
+        for p in prompts[i:i + 4]:
+            e.add(p, max_tokens=4)
+        e.drain()
+    elapsed = time.perf_counter() - start
+    return elapsed / e.steps, e.steps, e.sage_worker.loaded_blocks
+
+
 def run(quick: bool = False) -> list[Row]:
     try:
         from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
@@ -89,8 +146,15 @@ def run(quick: bool = False) -> list[Row]:
     blocks = sum(len(k) for _, k in requests)
     extra = {"requests": len(requests), "blocks": blocks, "capacity_chunks": capacity, "manager_calls": calls,
              "ours_hit_ratio": ours_hits / blocks, "vllm_hit_ratio": ref_hits / blocks}
-    return [Row("W8 vLLM offload manager calls", "ns/call", ours_t / calls * 1e9, ref_t / ref_calls * 1e9,
+    rows = [Row("W8 vLLM offload manager calls", "ns/call", ours_t / calls * 1e9, ref_t / ref_calls * 1e9,
                 "vLLM 0.33 CPUOffloadingManager (LRU)", extra=extra)]
+    ours_step, steps, ours_loaded = _steps("SageOffloadingSpec", quick)
+    ref_step, ref_steps, ref_loaded = _steps("VllmManagerSpec", quick)
+    rows.append(Row("W8 vLLM engine step (scheduler+connector)", "us/step", ours_step * 1e6, ref_step * 1e6,
+                    "same, vLLM's CPUOffloadingManager", extra={"steps": steps, "ref_steps": ref_steps,
+                                                                "ours_loaded_blocks": ours_loaded,
+                                                                "vllm_loaded_blocks": ref_loaded}))
+    return rows
 
 
 if __name__ == "__main__":

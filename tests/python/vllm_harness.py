@@ -86,10 +86,11 @@ class Engine:
 
     def __init__(self, *, block_size: int = 4, num_gpu_blocks: int = 32, num_chunks: int = 64,
                  blocks_per_chunk: int = 1, max_tokens_per_step: int = 64, max_seqs: int = 8,
-                 layout: str = "LBNHC", prefix_caching: bool = True, async_scheduling: bool = False) -> None:
+                 layout: str = "LBNHC", prefix_caching: bool = True, async_scheduling: bool = False,
+                 spec_name: str = "SageOffloadingSpec",
+                 spec_module_path: str = "sagellm_kv_cache.integrations.vllm_offload", verify: bool = True) -> None:
         self.block_size = block_size
-        extra: dict[str, Any] = {"spec_name": "SageOffloadingSpec",
-                                 "spec_module_path": "sagellm_kv_cache.integrations.vllm_offload",
+        extra: dict[str, Any] = {"spec_name": spec_name, "spec_module_path": spec_module_path,
                                  "num_chunks": num_chunks, "offload_prompt_only": False}
         if blocks_per_chunk > 1:
             extra["block_size"] = block_size * blocks_per_chunk
@@ -139,6 +140,8 @@ class Engine:
         self.hit_tokens = 0
         self.prompt_tokens = 0
         self.preemptions = 0
+        self.steps = 0
+        self.verify = verify  # False: no fake-model K/V writes or checks (benchmarks)
 
     @property
     def sage_worker(self) -> SageOffloadingWorker:
@@ -194,6 +197,7 @@ class Engine:
                 self._write_token(ids[pos // self.block_size], pos, token)
 
     def step(self) -> None:
+        self.steps += 1
         out = self.scheduler.schedule()
         self.preemptions += len(getattr(out, "preempted_req_ids", None) or ())
         for r in out.scheduled_new_reqs:
@@ -202,7 +206,8 @@ class Engine:
         self.worker.handle_preemptions(meta)
         self.worker.bind_connector_metadata(meta)
         self.worker.start_load_kv(self.ctx)
-        self._check_and_write(out)
+        if self.verify:
+            self._check_and_write(out)
         self.worker.wait_for_save()
         sending, recving = self.worker.get_finished(out.finished_req_ids)
         wmeta = self.worker.build_connector_worker_meta() or OffloadingWorkerMetadata()
