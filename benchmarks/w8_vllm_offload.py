@@ -71,9 +71,8 @@ def _drive(manager: Any, requests: list[tuple[str, list[bytes]]]) -> tuple[int, 
 
 
 def _vllm_manager_spec() -> Any:
-    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
-
     from sagellm_kv_cache.integrations.vllm_offload import SageOffloadingSpec
+    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
 
     class VllmManagerSpec(SageOffloadingSpec):
         """Our spec with vLLM's CPUOffloadingManager (LRU) on the scheduler side."""
@@ -123,9 +122,8 @@ def _steps(spec_name: str, quick: bool) -> tuple[float, int, int]:
 
 def run(quick: bool = False) -> list[Row]:
     try:
-        from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
-
         from sagellm_kv_cache.integrations.vllm_offload import SageOffloadingManager
+        from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
     except ImportError as exc:  # vLLM is optional
         print(f"W8: skipped (vLLM not importable: {exc})", file=sys.stderr)
         return []
