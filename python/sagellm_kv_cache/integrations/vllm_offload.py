@@ -9,10 +9,11 @@ vLLM's ``OffloadingConnector`` loads an out-of-tree spec by name and module path
 Two halves, in two processes:
 
 * :class:`SageOffloadingManager` (scheduler process): the index of offloaded chunks. Resident chunks live
-  in our native hash trie (``_core.PrefixCache``, one flat node per vLLM key) over a native block
-  allocator whose ids are the host-pool chunk slots; the trie's policy (LRU by default) picks victims,
-  and its references pin chunks being loaded. Chunks being stored sit outside the trie until
-  ``complete_store`` (not readable before), so they can never be evicted or loaded half-written.
+  in our native hash trie (``_core.PrefixCache``; a request's chunks chained in prefix order) over a
+  native block allocator whose ids are the host-pool chunk slots; the trie's policy (LRU by default)
+  picks victims among leaves (a prefix's tail before its head), and its references pin chunks being
+  loaded. Chunks being stored sit outside the trie until ``complete_store`` (not readable before), so
+  they can never be evicted or loaded half-written.
 * :class:`SageOffloadingWorker` (each worker process): a :class:`~sagellm_kv_cache.PagedKVPool` of
   ``num_chunks`` slots, filled from / copied back into vLLM's canonical int8 KV views with the pool's
   ``scatter`` / ``gather_into``.
@@ -23,8 +24,9 @@ digests deterministically: keys of at most 32 bytes are zero-padded, longer ones
 
 Not supported: hybrid models (more than one KV-cache group: the spec refuses them at construction);
 tensor/pipeline parallel > 1 is untested (each rank keeps its own shard in its own pool under the same
-chunk ids, which is how vLLM's CPU tier works without its shared region). Transfers are synchronous
-copies done inside ``submit_*``; ``get_finished`` reports them on the next poll.
+chunk ids, which is how vLLM's CPU tier works without its shared region; ``cpu_bytes_to_use`` counts
+all ranks). Transfers are synchronous copies done inside ``submit_*`` (on a CUDA KV cache: on the
+current stream, not a stream of their own); ``get_finished`` reports them on the next poll.
 
 This module imports vLLM; the rest of the package never imports it.
 """
