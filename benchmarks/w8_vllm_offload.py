@@ -1,0 +1,165 @@
+"""W8: vLLM 0.33 offloading-manager call sequence, our trie-backed manager vs vLLM's CPUOffloadingManager (LRU).
+
+Both managers are driven by the same workload and the same driver, the way vLLM's offloading connector
+calls them for one request: ``on_new_request``, ``lookup`` block by block until the first miss,
+``prepare_load`` + ``complete_load`` of the hit prefix, ``prepare_store`` + ``complete_store`` of the rest,
+``on_request_finished``. Keys are vLLM-shaped (32-byte block hash + 4-byte group). Requests share
+prefixes (a few hundred system prompts, each continued by a private tail); the tier holds about half
+of the distinct blocks, so it evicts. Reported: ns per manager call, and both hit counts (same policy,
+so they should be close).
+
+Second row: whole engine steps of vLLM's real scheduler + connector (tests/python/vllm_harness.py, KV on
+the CPU) over shared-prefix requests, with our spec, against the same spec whose manager is swapped for
+vLLM's CPUOffloadingManager (the worker, our pool, is the same in both: vLLM's own CPU copy worker needs
+CUDA/XPU). Needs vLLM importable (``VLLM_TARGET_DEVICE=cpu``); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import Row
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+
+def _workload(num_requests: int, seed: int = 0) -> tuple[list[tuple[str, list[bytes]]], int]:
+    rng = random.Random(seed)
+    prefixes = [[rng.randbytes(32) + b"\0\0\0\0" for _ in range(rng.randrange(8, 48))] for _ in range(300)]
+    requests, distinct = [], set()
+    for i in range(num_requests):
+        prefix = prefixes[min(int(rng.expovariate(1 / 40)), len(prefixes) - 1)]
+        keys = prefix + [rng.randbytes(32) + b"\0\0\0\0" for _ in range(rng.randrange(1, 16))]
+        distinct.update(keys)
+        requests.append((f"req-{i}", keys))
+    return requests, len(distinct)
+
+
+def _drive(manager: Any, requests: list[tuple[str, list[bytes]]]) -> tuple[int, int]:
+    """Runs the connector-shaped call sequence; returns (manager calls, hit blocks)."""
+    from vllm.v1.kv_offload.base import LookupResult, ReqContext
+
+    calls = hits = 0
+    hit_result = LookupResult.HIT
+    for rid, keys in requests:
+        ctx = ReqContext(rid)
+        manager.on_new_request(ctx)
+        n = 0
+        for key in keys:
+            calls += 1
+            if manager.lookup(key, ctx) is not hit_result:
+                break
+            n += 1
+        if n:
+            manager.prepare_load(keys[:n], ctx)
+            manager.complete_load(keys[:n], ctx)
+            calls += 2
+        out = manager.prepare_store(keys[n:], ctx)
+        calls += 1
+        if out is not None and out.keys_to_store:
+            manager.complete_store(out.keys_to_store, ctx)
+            calls += 1
+        manager.on_request_finished(ctx)
+        calls += 2
+        hits += n
+    return calls, hits
+
+
+def _vllm_manager_spec() -> Any:
+    from sagellm_kv_cache.integrations.vllm_offload import SageOffloadingSpec
+    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+
+    class VllmManagerSpec(SageOffloadingSpec):
+        """Our spec with vLLM's CPUOffloadingManager (LRU) on the scheduler side."""
+
+        def get_manager(self) -> Any:
+            if self._vllm_manager is None:
+                self._vllm_manager = CPUOffloadingManager(num_chunks=self.num_chunks, cache_policy="lru")
+            return self._vllm_manager
+
+        _vllm_manager: Any = None
+
+    return VllmManagerSpec
+
+
+def __getattr__(name: str) -> Any:  # the connector imports the spec class by name from this module
+    if name == "VllmManagerSpec":
+        return _vllm_manager_spec()
+    raise AttributeError(name)
+
+
+def _steps(spec_name: str, quick: bool) -> tuple[float, int, int]:
+    """Seconds per engine step, steps, blocks loaded from the tier."""
+    tests = str(Path(__file__).resolve().parent.parent / "tests" / "python")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from vllm_harness import Engine
+
+    module = "w8_vllm_offload" if spec_name == "VllmManagerSpec" else "sagellm_kv_cache.integrations.vllm_offload"
+    e = Engine(block_size=16, num_gpu_blocks=64, num_chunks=256, max_tokens_per_step=512, max_seqs=8,
+               spec_name=spec_name, spec_module_path=module, verify=False)
+    rng = random.Random(1)
+    systems = [[rng.randrange(30_000) for _ in range(rng.randrange(64, 256))] for _ in range(12)]
+    prompts = [systems[rng.randrange(len(systems))] + [rng.randrange(30_000) for _ in range(rng.randrange(8, 64))]
+               for _ in range(40 if quick else 160)]
+    start = time.perf_counter()
+    for i in range(0, len(prompts), 4):
+        for p in prompts[i:i + 4]:
+            e.add(p, max_tokens=4)
+        e.drain()
+    elapsed = time.perf_counter() - start
+    return elapsed / e.steps, e.steps, e.sage_worker.loaded_blocks
+
+
+def run(quick: bool = False) -> list[Row]:
+    try:
+        from sagellm_kv_cache.integrations.vllm_offload import SageOffloadingManager
+        from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+    except ImportError as exc:  # vLLM is optional
+        print(f"W8: skipped (vLLM not importable: {exc})", file=sys.stderr)
+        return []
+    requests, distinct = _workload(3_000 if quick else 20_000)
+    capacity = distinct // 2
+    repeats = 2 if quick else 3
+    ours_t = ref_t = float("inf")
+    ours_hits = ref_hits = calls = 0
+    for _ in range(repeats):  # a fresh manager each time: the sequence starts from an empty tier
+        ours = SageOffloadingManager(capacity)
+        start = time.perf_counter()
+        calls, ours_hits = _drive(ours, requests)
+        ours_t = min(ours_t, time.perf_counter() - start)
+        ref = CPUOffloadingManager(num_chunks=capacity, cache_policy="lru")
+        start = time.perf_counter()
+        ref_calls, ref_hits = _drive(ref, requests)
+        ref_t = min(ref_t, time.perf_counter() - start)
+    blocks = sum(len(k) for _, k in requests)
+    extra = {"requests": len(requests), "blocks": blocks, "capacity_chunks": capacity, "manager_calls": calls,
+             "ours_hit_ratio": ours_hits / blocks, "vllm_hit_ratio": ref_hits / blocks}
+    rows = [Row("W8 vLLM offload manager calls", "ns/call", ours_t / calls * 1e9, ref_t / ref_calls * 1e9,
+                "vLLM 0.33 CPUOffloadingManager (LRU)", extra=extra)]
+    ours_step, steps, ours_loaded = _steps("SageOffloadingSpec", quick)
+    ref_step, ref_steps, ref_loaded = _steps("VllmManagerSpec", quick)
+    rows.append(Row("W8 vLLM engine step (scheduler+connector)", "us/step", ours_step * 1e6, ref_step * 1e6,
+                    "same, vLLM's CPUOffloadingManager", extra={"steps": steps, "ref_steps": ref_steps,
+                                                                "ours_loaded_blocks": ours_loaded,
+                                                                "vllm_loaded_blocks": ref_loaded}))
+    return rows
+
+
+if __name__ == "__main__":
+    from common import print_table
+
+    rows = run(quick="--quick" in sys.argv)
+    print_table(rows)
+    for r in rows:
+        for key, value in r.extra.items():
+            print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")

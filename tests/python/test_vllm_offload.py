@@ -1,0 +1,340 @@
+"""The vLLM 0.33 OffloadingSpec on our trie + host pool: manager contract, worker bytes, vLLM's real scheduler.
+
+Skipped without vLLM (it is an optional integration; CI installs vllm==0.33.0 without its CUDA deps).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+
+import pytest
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+pytest.importorskip("vllm")
+
+with warnings.catch_warnings():  # vLLM's import chain trips deprecation warnings in torch
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from vllm_harness import Engine, scheduler_connector
+
+import numpy as np
+import torch
+from sagellm_kv_cache.integrations.vllm_offload import (
+    SageLoadStoreSpec,
+    SageOffloadingManager,
+    SageOffloadingSpec,
+    SageOffloadingWorker,
+    key_digest,
+)
+from vllm.v1.kv_offload.base import (
+    CanonicalKVCacheRef,
+    CanonicalKVCaches,
+    CanonicalKVCacheTensor,
+    GPULoadStoreSpec,
+    LookupResult,
+    Medium,
+    ReqContext,
+    make_offload_key,
+)
+from vllm.v1.kv_offload.config import (
+    OffloadingCacheConfig,
+    OffloadingConfig,
+    OffloadingGroupConfig,
+    OffloadingModelConfig,
+    OffloadingParallelConfig,
+)
+
+CTX = ReqContext("r0")
+
+
+def keys(*ids: int, group: int = 0) -> list[bytes]:
+    return [make_offload_key(i.to_bytes(32, "big"), group) for i in ids]
+
+
+def stored(m: SageOffloadingManager, ks: list[bytes]) -> None:
+    out = m.prepare_store(ks, CTX)
+    assert out is not None
+    m.complete_store(out.keys_to_store, CTX)
+
+
+# --- manager contract ------------------------------------------------------------------------
+
+
+def test_key_digest_separates_groups() -> None:
+    a, b = keys(5, group=0)[0], keys(5, group=1)[0]
+    assert key_digest(a) != key_digest(b) and len(key_digest(a)) == 32
+    assert key_digest(b"abc" + (3).to_bytes(4, "big")) == b"abc\0\0\0\3".ljust(32, b"\0")
+    assert key_digest(a) == key_digest(bytes(a))
+
+
+def test_not_readable_before_complete_store() -> None:
+    m = SageOffloadingManager(4)
+    k = keys(1)
+    assert m.lookup(k[0], CTX) is LookupResult.MISS
+    out = m.prepare_store(k, CTX)
+    assert out is not None and out.keys_to_store == k and out.evicted_keys == []
+    assert m.lookup(k[0], CTX) is LookupResult.HIT_PENDING
+    with pytest.raises(KeyError):
+        m.prepare_load(k, CTX)
+    m.complete_store(k, CTX)
+    assert m.lookup(k[0], CTX) is LookupResult.HIT
+    # a second store of a resident or pending key stores nothing
+    again = m.prepare_store(k, CTX)
+    assert again is not None and again.keys_to_store == []
+
+
+def test_failed_store_frees_the_slot_and_stays_a_miss() -> None:
+    m = SageOffloadingManager(1)
+    out = m.prepare_store(keys(1), CTX)
+    assert out is not None
+    m.complete_store(out.keys_to_store, CTX, success=False)
+    assert m.lookup(keys(1)[0], CTX) is LookupResult.MISS
+    assert m.stats()["free_chunks"] == 1
+
+
+def test_loading_key_is_not_evictable_until_complete_load() -> None:
+    m = SageOffloadingManager(2)
+    stored(m, keys(1, 2))
+    spec = m.prepare_load(keys(1, 2), CTX)
+    assert isinstance(spec, SageLoadStoreSpec) and len(spec.block_ids) == 2
+    assert m.prepare_store(keys(3), CTX) is None  # both pinned: nothing can be freed
+    assert m.lookup(keys(1)[0], CTX) is LookupResult.HIT
+    m.complete_load(keys(2), CTX)
+    out = m.prepare_store(keys(3), CTX)
+    assert out is not None and out.evicted_keys == keys(2)
+    assert m.lookup(keys(1)[0], CTX) is LookupResult.HIT
+    assert m.lookup(keys(2)[0], CTX) is LookupResult.MISS
+
+
+def test_prepare_store_none_when_all_pending() -> None:
+    m = SageOffloadingManager(2)
+    assert m.prepare_store(keys(1, 2), CTX) is not None
+    assert m.prepare_store(keys(3), CTX) is None
+    assert m.stats()["pending_chunks"] == 2
+
+
+def test_store_keeps_key_order_and_skips_resident_keys() -> None:
+    m = SageOffloadingManager(8)
+    stored(m, keys(4))
+    out = m.prepare_store(keys(7, 4, 2, 9), CTX)
+    assert out is not None and out.keys_to_store == keys(7, 2, 9)
+    slots = out.store_spec.block_ids.tolist()
+    assert len(set(slots)) == 3
+    m.complete_store(out.keys_to_store, CTX)
+    assert m.prepare_load(keys(7, 2, 9), CTX).block_ids.tolist() == slots
+
+
+def test_eviction_is_lru_by_load_and_store_and_spares_the_call_keys() -> None:
+    m = SageOffloadingManager(3)
+    stored(m, keys(1))
+    stored(m, keys(2))
+    stored(m, keys(3))
+    m.prepare_load(keys(1), CTX)
+    m.complete_load(keys(1), CTX)  # 1 is now the most recent; 2 is the LRU
+    out = m.prepare_store(keys(2, 4), CTX)  # 2 is part of this call: not a victim
+    assert out is not None and out.keys_to_store == keys(4) and out.evicted_keys == keys(3)
+    assert m.lookup(keys(2)[0], CTX) is LookupResult.HIT
+
+
+def test_events_carry_the_cpu_medium() -> None:
+    m = SageOffloadingManager(1, enable_events=True)
+    stored(m, keys(1))
+    stored(m, keys(2))
+    events = list(m.take_events())
+    assert [(e.removed, e.keys, e.medium) for e in events] == [
+        (False, keys(1), Medium.CPU), (True, keys(1), Medium.CPU), (False, keys(2), Medium.CPU)]
+    assert list(m.take_events()) == []
+
+
+def test_bad_capacity_is_a_value_error() -> None:
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError):
+            SageOffloadingManager(bad)  # type: ignore[arg-type]
+
+
+def _config(groups: int = 1, extra: dict[str, object] | None = None, bpc: int = 1) -> OffloadingConfig:
+    return OffloadingConfig(
+        groups=tuple(OffloadingGroupConfig(tokens_per_block=16, layer_names=(f"l{g}",), group_id=g)
+                     for g in range(groups)),
+        worker_kv_bytes_per_block=1024, enable_kv_cache_events=True,
+        extra_config=extra if extra is not None else {"cpu_bytes_to_use": 1024 * 64},
+        engine_id="e", model=OffloadingModelConfig(name="m", dtype="float16"),
+        cache=OffloadingCacheConfig(tokens_per_hash=16, blocks_per_chunk=bpc),
+        parallel=OffloadingParallelConfig(rank=0, world_size=1, tp_size=1, pp_size=1, pcp_size=1, dcp_size=1,
+                                          data_parallel_index=0, data_parallel_size=1,
+                                          data_parallel_rank_local=None, is_parallelism_agnostic=True))
+
+
+def test_spec_sizes_the_tier_and_refuses_hybrid_models() -> None:
+    spec = SageOffloadingSpec(_config(bpc=2))
+    assert spec.num_chunks == 32
+    manager = spec.get_manager()
+    assert isinstance(manager, SageOffloadingManager) and manager is spec.get_manager()
+    with pytest.raises(ValueError, match="one KV-cache group"):
+        SageOffloadingSpec(_config(groups=2))
+    with pytest.raises(ValueError, match="cpu_bytes_to_use"):
+        SageOffloadingSpec(_config(extra={}))
+
+
+def test_reset_cache_keeps_only_pinned_chunks() -> None:
+    m = SageOffloadingManager(4)
+    stored(m, keys(1))
+    stored(m, keys(2))
+    m.prepare_load(keys(1), CTX)
+    m.reset_cache()
+    assert m.lookup(keys(1)[0], CTX) is LookupResult.HIT and m.lookup(keys(2)[0], CTX) is LookupResult.MISS
+    m.complete_load(keys(1), CTX)
+    assert m.stats()["free_chunks"] == 3 and m.stats()["resident_chunks"] == 1
+
+
+# --- worker: bytes between vLLM's canonical views and our pool ---------------------------------
+
+
+def _canonical(layer_outer: bool, num_blocks: int = 12, page: int = 64, layers: int = 3
+               ) -> tuple[CanonicalKVCaches, torch.Tensor]:
+    if layer_outer:  # one (num_blocks, page) view per layer over one buffer
+        raw = torch.randint(-128, 127, (layers, num_blocks, page), dtype=torch.int8)
+        tensors = [CanonicalKVCacheTensor(raw[i], page) for i in range(layers)]
+        refs = [CanonicalKVCacheRef(i, page) for i in range(layers)]
+    else:  # block-outer: one packed tensor, every layer refers to it
+        raw = torch.randint(-128, 127, (num_blocks, layers * page), dtype=torch.int8)
+        tensors = [CanonicalKVCacheTensor(raw, layers * page)]
+        refs = [CanonicalKVCacheRef(0, page) for _ in range(layers)]
+    return CanonicalKVCaches(tensors=tensors, group_data_refs=[refs]), raw
+
+
+def _block(raw: torch.Tensor, layer_outer: bool, b: int) -> torch.Tensor:
+    return raw[:, b].clone() if layer_outer else raw[b].clone()
+
+
+@pytest.mark.parametrize("layer_outer", [True, False])
+@pytest.mark.parametrize("bpc", [1, 2, 4])
+def test_worker_store_then_load_is_byte_exact(layer_outer: bool, bpc: int) -> None:
+    kv, raw = _canonical(layer_outer)
+    worker = SageOffloadingWorker(kv, num_chunks=6, blocks_per_chunk=bpc)
+    n_chunks = 2
+    n = n_chunks * bpc
+    src_blocks = [3, 7, 1, 10, 0, 5, 11, 2][:n]
+    before = [_block(raw, layer_outer, b) for b in src_blocks]
+    slots = SageLoadStoreSpec(list(range(5, 5 - n_chunks, -1)))
+    assert worker.submit_store(1, GPULoadStoreSpec(src_blocks, [n], [0]), slots)
+    raw.zero_()
+    # load into other blocks, starting from the second block of the first chunk when bpc > 1
+    skip = 1 if bpc > 1 else 0
+    dst = [0, 2, 4, 5, 6, 8, 9, 11][: n - skip]
+    assert worker.submit_load(2, slots, GPULoadStoreSpec(dst, [len(dst)], [skip]))
+    for d, want in zip(dst, before[skip:], strict=True):
+        assert torch.equal(_block(raw, layer_outer, d), want)
+    untouched = set(range(12)) - set(dst)
+    assert all(not _block(raw, layer_outer, b).any() for b in untouched)
+    done = worker.get_finished()
+    assert [(r.job_id, r.success) for r in done] == [(1, True), (2, True)] and worker.get_finished() == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_worker_round_trip_with_cuda_kv() -> None:
+    kv, raw = _canonical(True)
+    raw_gpu = raw.cuda()
+    kv = CanonicalKVCaches(tensors=[CanonicalKVCacheTensor(raw_gpu[i], 64) for i in range(raw.shape[0])],
+                           group_data_refs=kv.group_data_refs)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2)
+    slots = SageLoadStoreSpec([3, 1])
+    worker.submit_store(1, GPULoadStoreSpec([0, 1, 2, 3], [4], [0]), slots)
+    raw_gpu[:, 4:8].zero_()
+    worker.submit_load(2, slots, GPULoadStoreSpec([4, 5, 6, 7], [4], [0]))
+    assert torch.equal(raw_gpu[:, 4:8].cpu(), raw[:, 0:4])
+
+
+def test_worker_rejects_a_mismatched_chunk_count() -> None:
+    kv, _ = _canonical(True)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2)
+    with pytest.raises(ValueError, match="chunks"):
+        worker.submit_store(1, GPULoadStoreSpec([1, 2, 3, 4], [4], [0]), SageLoadStoreSpec([0]))
+
+
+def test_worker_with_manager_slots_round_trip() -> None:
+    kv, raw = _canonical(True, num_blocks=8)
+    m = SageOffloadingManager(2)
+    worker = SageOffloadingWorker(kv, num_chunks=2, blocks_per_chunk=1)
+    want = {b: _block(raw, True, b) for b in range(8)}
+    for b in range(4):  # store block b under key b; capacity 2 evicts as it goes
+        out = m.prepare_store(keys(b), CTX)
+        assert out is not None
+        worker.submit_store(b, GPULoadStoreSpec([b], [1], [0]), out.store_spec)
+        m.complete_store(out.keys_to_store, CTX)
+    raw.zero_()
+    resident = [b for b in range(4) if m.lookup(keys(b)[0], CTX) is LookupResult.HIT]
+    assert resident == [2, 3]
+    spec = m.prepare_load(keys(*resident), CTX)
+    worker.submit_load(9, spec, GPULoadStoreSpec([6, 7], [2], [0]))
+    m.complete_load(keys(*resident), CTX)
+    assert torch.equal(_block(raw, True, 6), want[2]) and torch.equal(_block(raw, True, 7), want[3])
+    assert np.array_equal(np.sort(spec.block_ids), np.array([0, 1], dtype=np.int32))
+
+
+
+
+
+@pytest.mark.parametrize(("layout", "bpc", "async_scheduling"), [
+    ("LBNHC", 1, False), ("BLNHC", 1, False), ("LBHNC", 1, False), ("LBNHC", 2, False), ("LBNHC", 4, False),
+    ("LBNHC", 1, True), ("BLNHC", 2, True)])
+def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: int, async_scheduling: bool) -> None:
+    """Real scheduler + connector: every reused block holds its own bytes; preemption included."""
+    # sized so that the GPU cache preempts and the host tier both evicts and serves reloads
+    e = Engine(num_gpu_blocks=20, num_chunks={1: 36, 2: 18, 4: 7}[bpc], blocks_per_chunk=bpc, max_tokens_per_step=32,
+               max_seqs=4, layout=layout, async_scheduling=async_scheduling)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000) for _ in range(30)] for _ in range(4)]
+    for _ in range(3):
+        for p in prompts:
+            e.add(p, max_tokens=12)
+        e.drain()
+    manager = scheduler_connector(e).manager
+    assert isinstance(manager, SageOffloadingManager)
+    stats = manager.stats()
+    w = e.sage_worker
+    assert e.preemptions > 0, "the GPU cache is small enough to force preemption"
+    assert w.stored_blocks > 0 and w.loaded_blocks > 0 and stats["hit_blocks"] > 0
+    assert stats["evictions"] > 0, "the host tier is small enough to evict"
+    assert e.checked_blocks > 100
+    assert stats["pending_chunks"] == 0 and stats["in_use_blocks"] == 0  # every store / load completed
+
+
+def test_complete_load_accepts_reordered_keys_and_tails_evict_first() -> None:
+    m = SageOffloadingManager(3)
+    ctx = ReqContext("chain")
+    out = m.prepare_store(keys(1, 2, 3), ctx)  # one request's blocks in prefix order: a chain 1 <- 2 <- 3
+    assert out is not None
+    m.complete_store(out.keys_to_store, ctx)
+    m.prepare_load(keys(1, 2, 3), ctx)
+    m.complete_load(keys(3, 1, 2), ctx)  # same keys, another order: every pin released exactly once
+    assert m.stats()["in_use_blocks"] == 0
+    out = m.prepare_store(keys(10), CTX)
+    # only the chain's tail is a leaf: it goes first, the prefix 1 <- 2 stays loadable
+    assert out is not None and out.evicted_keys == keys(3)
+    assert [m.lookup(k, CTX) for k in keys(1, 2, 3)] == [LookupResult.HIT, LookupResult.HIT, LookupResult.MISS]
+
+
+def test_mooncake_trace_through_vllm_scheduler_matches_our_replay() -> None:
+    """The sample Mooncake trace through vLLM's scheduler (GPU prefix cache off, so every reused block
+    comes from our tier) hits like our own replay of the trace at the same capacity."""
+    from sagellm_kv_cache.replay import load_trace, replay, sample_trace_path
+
+    requests = load_trace(sample_trace_path())
+    distinct = len(np.unique(np.concatenate(requests)))
+    longest = max(len(r) for r in requests)
+    blocks = sum(len(r) for r in requests)
+    capacity = distinct // 4
+    ours = replay(requests, capacity)
+    e = Engine(num_gpu_blocks=longest + 8, num_chunks=capacity, max_tokens_per_step=4 * longest + 64, max_seqs=1,
+               prefix_caching=False)
+    for ids in requests:  # one trace block = one vLLM block of 4 tokens named by its hash id
+        e.add([int(i) % 30_000 for i in ids for _ in range(4)] + [1], max_tokens=1)
+        e.drain()
+    stats = scheduler_connector(e).manager.stats()
+    assert ours.evictions > 0 and stats["evictions"] > 0
+    vllm_ratio = e.sage_worker.loaded_blocks / blocks
+    assert ours.hit_ratio > 0.02
+    assert abs(vllm_ratio - ours.hit_ratio) <= 0.005, (vllm_ratio, ours.hit_ratio)
