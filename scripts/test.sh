@@ -70,6 +70,30 @@ SAGELLM_KV_DYNAMO_PYTHON="$PWD/$dynamo_venv/bin/python" SAGELLM_KV_REQUIRE_DYNAM
   "$PYTHON" -m pytest tests/python/test_kv_events_routers.py -q -p no:cacheprovider -k dynamo
 # --- end of the Dynamo block ------------------------------------------------------------------------
 
+# --- vLLM 0.33.0 OffloadingSpec against vLLM's real scheduler and connector --------------------------
+# vLLM goes into a venv of its own that sees this environment's packages (torch 2.13.0 CPU, this
+# package) and adds vLLM without its CUDA dependencies (--no-deps) plus the pure-Python modules its
+# scheduler, KV-offload and connector code import; transformers is held in vLLM's range there.
+step "vLLM 0.33.0: our prefix trie and host pool as its KV offloading tier (real Scheduler + OffloadingConnector)"
+vllm_venv=build/vllm-venv
+if ! "$vllm_venv/bin/python" -c 'import importlib.metadata as m; assert m.version("vllm") == "0.33.0"' 2>/dev/null; then
+  rm -rf "$vllm_venv"
+  "$PYTHON" -m venv --system-site-packages "$vllm_venv"
+  vpip() { "$vllm_venv/bin/pip" install -q --disable-pip-version-check "$@"; }
+  vpip --no-deps vllm==0.33.0 xgrammar==0.2.8 apache-tvm-ffi
+  vpip msgspec pydantic cachetools cloudpickle blake3 psutil pyzmq regex "transformers>=5.16.1,<5.21" pyyaml \
+    requests tqdm py-cpuinfo cbor2 aiohttp openai-harmony openai pybase64 uvloop fastapi partial-json-parser \
+    llguidance einops prometheus_client pillow
+fi
+"$vllm_venv/bin/python" - <<'PY'
+from importlib import metadata
+nvidia = sorted(d.metadata["Name"] for d in metadata.distributions() if d.metadata["Name"].lower().startswith(("nvidia-", "triton")))
+assert not nvidia, f"CUDA packages were pulled in: {nvidia}"
+assert metadata.version("torch").startswith("2.13.0"), metadata.version("torch")
+PY
+VLLM_TARGET_DEVICE=cpu SAGELLM_KV_REQUIRE_VLLM=1 "$vllm_venv/bin/python" -m pytest tests/python/test_vllm_offload.py -q -p no:cacheprovider
+# --- end of the vLLM block ---------------------------------------------------------------------------
+
 step "examples (run from a scratch directory, as a user would)"
 scratch=$(mktemp -d)
 for example in "$PWD"/examples/*.py; do
