@@ -6,40 +6,8 @@ imports ``EvictionPolicy``, ``RequestType`` and ``SchedulerRequest`` from here, 
 original package.
 """
 
-from sagellm_protocol.kv import (
-    DType,
-    EvictionCandidate,
-    EvictionPolicy,
-    KVBlock,
-    KVBlockState,
-    KVPoolStats,
-    KVTransferMetadata,
-    Layout,
-    LifetimePrediction,
-    MemoryTier,
-    PrefixCacheEntry,
-    RequestType,
-    SchedulerPlan,
-    SchedulerRequest,
-)
+# kv_handle.py carries the re-exports too (the original's models.kv_handle did): one list, kept there.
+from sagellm_kv_cache.models import kv_handle as _kv_handle
+from sagellm_kv_cache.models.kv_handle import *  # noqa: F403
 
-from sagellm_kv_cache.models.kv_handle import KVBlockRef, KVHandle
-
-__all__ = [
-    "DType",
-    "EvictionCandidate",
-    "EvictionPolicy",
-    "KVBlock",
-    "KVBlockRef",
-    "KVBlockState",
-    "KVHandle",
-    "KVPoolStats",
-    "KVTransferMetadata",
-    "Layout",
-    "LifetimePrediction",
-    "MemoryTier",
-    "PrefixCacheEntry",
-    "RequestType",
-    "SchedulerPlan",
-    "SchedulerRequest",
-]
+__all__ = list(_kv_handle.__all__)

@@ -965,16 +965,7 @@ class BlockTransfer:
 
         for k in range(min(len(slots), num_chunks)):
             post(k)
-        failure: wire.Reply | None = None
-        error: KVCacheError | None = None
-        if digest_work is not None and digests is not None:
-            state["phase"] = "digests"
-            digest_work.wait(deadline.remaining())
-            got = wire.digests_checksum(digests)
-            if got != header.digests_checksum:
-                failure = wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, -1, got)
-                error = KVChecksumMismatchError(f"{header.digests_checksum:016x}", f"{got:016x}", transfer_id=tid,
-                                                context={"side": "destination", "where": "digests"})
+        failure, error = _await_digests(digest_work, digests, header, deadline, state)
         running = 0
         for k in range(num_chunks):
             state["phase"] = f"chunk {k} of {num_chunks}"
@@ -1037,16 +1028,7 @@ class BlockTransfer:
             digests = np.empty((header.num_blocks, wire.DIGEST_NBYTES), dtype=np.uint8)
             if digests.size:
                 digest_work = transport.irecv(torch.from_numpy(digests.reshape(-1)), src, _DATA)
-        failure: wire.Reply | None = None
-        error: KVCacheError | None = None
-        if digest_work is not None and digests is not None:
-            state["phase"] = "digests"
-            digest_work.wait(deadline.remaining())
-            got = wire.digests_checksum(digests)
-            if got != header.digests_checksum:
-                failure = wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, -1, got)
-                error = KVChecksumMismatchError(f"{header.digests_checksum:016x}", f"{got:016x}", transfer_id=tid,
-                                                context={"side": "destination", "where": "digests"})
+        failure, error = _await_digests(digest_work, digests, header, deadline, state)
         running = 0
         ack = np.empty(wire.REPLY_NBYTES, dtype=np.uint8)
         for k in range(num_chunks):
@@ -1155,6 +1137,23 @@ def _shm_chunking(header: wire.TransferHeader, slot_nbytes: int) -> wire.Transfe
     (a few MiB, so what the source gathers is still in cache when it checksums it), never more than
     the header's own chunks. Both sides derive it from the ring's checked geometry."""
     return replace(header, chunk_blocks=max(1, min(header.chunk_blocks, slot_nbytes // header.block_nbytes)))
+
+
+def _await_digests(
+    work: Pending | None, digests: DigestArray | None, header: wire.TransferHeader, deadline: _Deadline,
+    state: dict[str, Any],
+) -> tuple[wire.Reply | None, KVCacheError | None]:
+    """Waits for the digests (if any) and checks them: the refusal to send and the error to raise, or Nones."""
+    if work is None or digests is None:
+        return None, None
+    state["phase"] = "digests"
+    work.wait(deadline.remaining())
+    got = wire.digests_checksum(digests)
+    if got == header.digests_checksum:
+        return None, None
+    return (wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, -1, got),
+            KVChecksumMismatchError(f"{header.digests_checksum:016x}", f"{got:016x}", transfer_id=header.transfer_id,
+                                    context={"side": "destination", "where": "digests"}))
 
 
 def _algorithm_name(algorithm: int) -> str:
