@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sagellm_kv_cache.errors import KVCacheError
 
@@ -62,7 +62,8 @@ def _print_table(rows: Sequence[dict[str, object]]) -> None:
               f"{r['hit_ratio']:>9.3f} {r['evictions']:>9} {r['requests_per_s']:>9.0f}")
 
 
-def _plot(results: Sequence[ReplayResult], path: str) -> None:
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend; RuntimeError naming the extra when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -70,6 +71,11 @@ def _plot(results: Sequence[ReplayResult], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError("--plot needs matplotlib: pip install 'isagellm-kv-cache[visualization]'") from None
+    return plt
+
+
+def _plot(results: Sequence[ReplayResult], path: str) -> None:
+    plt = _pyplot()
     bounded = sorted({r.capacity_blocks for r in results if r.capacity_blocks is not None})
     # "unbounded" is drawn one step beyond the largest capacity on the log axis.
     inf_x = bounded[-1] * 4 if bounded else 1
@@ -128,13 +134,7 @@ def _print_tiered_table(rows: Sequence[dict[str, object]]) -> None:
 
 
 def _plot_tiered(results: Sequence[ReplayResult], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'isagellm-kv-cache[visualization]'") from None
+    plt = _pyplot()
     labels = [f"{Path(r.trace).stem[:18]}\n{r.capacity_blocks:,}/{r.host_blocks:,}/{r.disk_blocks:,}" for r in results]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(results) + 2), 4.5))
     bottom = [0.0] * len(results)

@@ -6,18 +6,12 @@
 #include <cstring>
 
 #include "sagellm_kv/error.hpp"
+#include "test_support.hpp"
 
 namespace sagellm::kv {
 namespace {
 
-ErrorCode code_of(auto&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.code();
-  }
-  return ErrorCode::kOk;
-}
+using testing::code_of;
 
 TEST(DeviceId, ParsesAndPrints) {
   EXPECT_EQ(DeviceId::parse("cpu").str(), "cpu");

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "sagellm_kv/error.hpp"
+#include "test_support.hpp"
 
 namespace sagellm::kv {
 namespace {
@@ -52,14 +53,7 @@ std::vector<std::int32_t> iota_tokens(std::size_t n, std::int32_t start = 0) {
   return v;
 }
 
-ErrorCode code_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.code();
-  }
-  return ErrorCode::kOk;
-}
+using testing::code_of;
 
 TEST(Hashing, RootIsThirtyTwoZeroBytes) {
   for (std::uint8_t b : kRootBlockHash.bytes) EXPECT_EQ(b, 0);

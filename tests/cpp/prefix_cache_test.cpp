@@ -14,6 +14,7 @@
 
 #include "sagellm_kv/block_allocator.hpp"
 #include "sagellm_kv/error.hpp"
+#include "test_support.hpp"
 #include "sagellm_kv/hashing.hpp"
 
 namespace sagellm::kv {
@@ -42,14 +43,7 @@ PrefixCacheOptions opts(EvictionPolicy policy = EvictionPolicy::kLru, std::optio
   return o;
 }
 
-ErrorCode code_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.code();
-  }
-  return ErrorCode::kOk;
-}
+using testing::code_of;
 
 InsertResult insert(PrefixCache& c, const std::vector<BlockHash>& d, const std::vector<BlockId>& b,
                     InsertOptions o = {}) {

@@ -10,6 +10,7 @@
 
 #include "sagellm_kv/block_allocator.hpp"
 #include "sagellm_kv/error.hpp"
+#include "test_support.hpp"
 #include "sagellm_kv/hashing.hpp"
 #include "sagellm_kv/prefix_cache.hpp"
 
@@ -24,14 +25,7 @@ std::vector<std::int32_t> seq(std::int32_t start, std::size_t n) {
   return v;
 }
 
-ErrorCode code_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.code();
-  }
-  return ErrorCode::kOk;
-}
+using testing::code_of;
 
 struct Fixture {
   explicit Fixture(std::uint32_t blocks, std::optional<std::uint32_t> capacity = {}, bool caching = true)

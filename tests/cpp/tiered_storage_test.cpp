@@ -11,6 +11,7 @@
 
 #include "sagellm_kv/block_allocator.hpp"
 #include "sagellm_kv/error.hpp"
+#include "test_support.hpp"
 #include "sagellm_kv/hashing.hpp"
 #include "sagellm_kv/kv_pool.hpp"
 #include "sagellm_kv/prefix_cache.hpp"
@@ -25,14 +26,7 @@ std::vector<BlockHash> chain(std::int32_t n) {
   return hasher.hash_blocks(std::span<const std::int32_t>(tokens), 1);
 }
 
-ErrorCode code_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.code();
-  }
-  return ErrorCode::kOk;
-}
+using testing::code_of;
 
 TEST(EvictDetached, HandsOverVictimsStillAllocatedInPolicyOrder) {
   BlockAllocator alloc(8);

@@ -10,6 +10,16 @@
 namespace sagellm::kv {
 namespace {
 
+// kInvalidBlock naming the first id outside [0, num_blocks), or ok.
+BatchStatus check_range(std::span<const BlockId> ids, std::uint32_t num_blocks) noexcept {
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || static_cast<std::uint32_t>(ids[i]) >= num_blocks) {
+      return {ErrorCode::kInvalidBlock, static_cast<std::int64_t>(i), ids[i], false};
+    }
+  }
+  return {};
+}
+
 // The private copy of a batch's ids: the allocator reads the caller's array exactly once, here,
 // and checks and applies this copy. Small batches stay on the stack.
 class IdCopy {
@@ -161,11 +171,7 @@ BatchStatus BlockAllocator::free(std::span<const BlockId> ids) noexcept {
   if (!copy.ok()) return {ErrorCode::kMemoryExhausted, -1, -1, false};
   const std::span<const BlockId> own = copy.span();
   // --- check: nothing changes until every id passes -------------------------------------------
-  for (std::size_t i = 0; i < own.size(); ++i) {
-    if (own[i] < 0 || static_cast<std::uint32_t>(own[i]) >= num_blocks_) {
-      return {ErrorCode::kInvalidBlock, static_cast<std::int64_t>(i), own[i], false};
-    }
-  }
+  if (const BatchStatus range = check_range(own, num_blocks_); !range.ok()) return range;
   if (const std::int64_t bad = first_overdrawn(own); bad >= 0) {
     return {ErrorCode::kDoubleFree, bad, own[static_cast<std::size_t>(bad)], false};
   }
@@ -270,11 +276,7 @@ BatchStatus BlockAllocator::incref(std::span<const BlockId> ids) noexcept {
   const IdCopy copy(ids);
   if (!copy.ok()) return {ErrorCode::kMemoryExhausted, -1, -1, false};
   const std::span<const BlockId> own = copy.span();
-  for (std::size_t i = 0; i < own.size(); ++i) {
-    if (own[i] < 0 || static_cast<std::uint32_t>(own[i]) >= num_blocks_) {
-      return {ErrorCode::kInvalidBlock, static_cast<std::int64_t>(i), own[i], false};
-    }
-  }
+  if (const BatchStatus range = check_range(own, num_blocks_); !range.ok()) return range;
   for (std::size_t i = 0; i < own.size(); ++i) {
     const auto id = static_cast<std::uint32_t>(own[i]);
     // CAS loop invariant: a reference can only be added to a block that has one (c > 0); a free
