@@ -6,6 +6,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "common/grow.hpp"
 #include "sagellm_kv/error.hpp"
 
 namespace sagellm::kv {
@@ -36,11 +37,6 @@ struct Request {
   }
 };
 
-// Makes room for `n` elements, growing geometrically (appends come one block at a time).
-template <class T>
-void grow(std::vector<T>& v, std::size_t n) {
-  if (v.capacity() < n) v.reserve(std::max(n, 2 * v.capacity()));
-}
 
 // Per-thread scratch for hashing prompts outside the manager's mutex.
 struct AdmitScratch {
@@ -353,10 +349,10 @@ BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<con
     const std::size_t run = offsets[i + 1] - offsets[i];
     const std::size_t want = blocks_for(r.num_tokens + run, bs);
     // Room for the commit phase now, so it cannot fail after blocks are taken.
-    grow(r.blocks, want);
+    detail::grow_to(r.blocks, want);
     if (cache_ != nullptr && !r.opaque) {
-      grow(r.tail, r.tail.size() + run);
-      grow(r.digests, static_cast<std::size_t>((r.num_tokens + run) / bs));
+      detail::grow_to(r.tail, r.tail.size() + run);
+      detail::grow_to(r.digests, static_cast<std::size_t>((r.num_tokens + run) / bs));
     }
     new_blocks[i] = static_cast<std::uint32_t>(want - have);
     total += want - have;

@@ -12,6 +12,8 @@
 #include <limits>
 #include <vector>
 
+#include "common/grow.hpp"
+
 namespace sagellm::kv::detail {
 
 /// Eviction order: smaller goes first. `major` carries the priority (or 0); `minor` a unique tick.
@@ -31,8 +33,10 @@ class EvictionHeap {
     if (pos_.size() < n) pos_.resize(n, kAbsent);
   }
 
-  /// Makes room for `n` entries, so pushes up to that size do not allocate.
-  void reserve_entries(std::size_t n) { heap_.reserve(n); }
+  /// Makes room for `n` entries, so pushes up to that size do not allocate. Grows geometrically:
+  /// callers ask for size() + 2 before every insert, and an exact reserve would copy the whole
+  /// heap each time.
+  void reserve_entries(std::size_t n) { grow_to(heap_, n); }
 
   [[nodiscard]] bool empty() const noexcept { return heap_.empty(); }
   [[nodiscard]] std::uint32_t size() const noexcept { return static_cast<std::uint32_t>(heap_.size()); }

@@ -12,6 +12,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "common/grow.hpp"
 #include "prefix/digest_index.hpp"
 #include "prefix/eviction_heap.hpp"
 #include "prefix/fault_injection.hpp"
@@ -480,7 +481,7 @@ struct PrefixCache::Impl {
     } else {
       // An unordered_map allocates per entry: make the entries now (no owner yet), so commit only
       // assigns; abandon_insert or commit_insert erases those that end up unused.
-      block_node_map.reserve(block_node_map.size() + num_new);
+      detail::grow_buckets_to(block_node_map, block_node_map.size() + num_new);
       for (std::size_t j = 0; j < new_ids.size(); ++j) {
         try {
           block_node_map.try_emplace(new_ids[j], kNone);
