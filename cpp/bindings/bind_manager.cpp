@@ -303,7 +303,7 @@ py::object block_tables(const BoundRequestManager& self, const py::handle& reque
     const MaybeReleaseGil release(worth_releasing(n, 0));
     (void)self.manager->block_tables(s->ids, span, stride, -1);
   }
-  return std::move(table);
+  return table;
 }
 
 py::dict stats_dict(const RequestManagerStats& st) {

@@ -100,6 +100,12 @@ struct InsertOptions {
   /// Also acquire every position now cached (reused or inserted; users + 1, as `match` does), so
   /// the caller's blocks stay cached while it uses them; release those digests later.
   bool acquire = false;
+  /// The caller vouches for its input, so the O(n log n) checks are skipped (debug builds still
+  /// assert them): the digests are one hash chain continuing `parent` (a chained digest that is not
+  /// cached has no cached descendant, so nothing after the first miss is looked up), none repeats,
+  /// and the block ids are distinct, allocated and cache nothing. For callers that hashed the chain
+  /// and allocated the blocks themselves (the request manager); a violated promise corrupts the cache.
+  bool trusted_chain = false;
 };
 
 /// Outcome of `PrefixCache::insert`. Positions [0, num_redundant) were already cached (the caller's

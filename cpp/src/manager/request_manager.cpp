@@ -124,6 +124,7 @@ struct RequestManager::Impl {
     if (cache == nullptr || r.num_held >= full) return;
     InsertOptions o;
     o.acquire = true;
+    o.trusted_chain = true;  // our own chain of digests over blocks we just allocated
     if (r.num_held != 0) o.parent = r.digests[r.num_held - 1];
     const std::span<const BlockHash> digests = std::span<const BlockHash>(r.digests).subspan(r.num_held);
     const std::span<const BlockId> blocks = std::span<const BlockId>(r.blocks).subspan(r.num_held, digests.size());

@@ -38,6 +38,15 @@ class DigestIndex {
     }
   }
 
+  /// Starts loading the slot where a lookup of `digest` begins (a hint; no effect on results).
+  void prefetch(const BlockHash& digest) const noexcept { __builtin_prefetch(&slots_[home(tag_of(digest))]); }
+
+  /// Node in the slot where a lookup of `digest` begins, whatever digest it holds (kNone: empty),
+  /// so a caller can prefetch the likely node; `find` gives the answer.
+  [[nodiscard]] std::uint32_t home_node(const BlockHash& digest) const noexcept {
+    return slots_[home(tag_of(digest))].node;
+  }
+
   /// Adds `digest` -> `node`; the digest must not be present.
   void insert(const BlockHash& digest, std::uint32_t node) {
     if (std::uint64_t{size_ + 1} * 2 > slots_.size()) rehash(bits_ + 1);
