@@ -168,14 +168,21 @@ std::vector<std::uint8_t> big_endian_u32(const py::handle& seq, const char* what
   const bool list = PyList_Check(p);
   const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
   std::vector<std::uint8_t> out(static_cast<std::size_t>(n) * 4);
+  PyObject** items = list ? reinterpret_cast<PyListObject*>(p)->ob_item : reinterpret_cast<PyTupleObject*>(p)->ob_item;
+  constexpr Py_ssize_t kAhead = 16;  // the int objects are scattered: fetch them ahead of use
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* item = list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i);
-    if (!PyLong_Check(item)) {
-      throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be an int, got " + type_name(item));
+    if (i + kAhead < n) __builtin_prefetch(items[i + kAhead]);
+    PyObject* item = items[i];
+    long long v = 0;
+    if (!small_int(item, v)) {
+      if (!PyLong_Check(item)) {
+        throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be an int, got " + type_name(item));
+      }
+      int overflow = 0;
+      v = PyLong_AsLongLongAndOverflow(item, &overflow);
+      if (overflow != 0) v = -1;
     }
-    int overflow = 0;
-    const long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
-    if (overflow != 0 || v < 0 || v > 0xFFFFFFFFLL) {
+    if (v < 0 || v > 0xFFFFFFFFLL) {
       throw py::value_error("token id " + std::string(py::str(item)) + " at position " + std::to_string(i) +
                             " is out of range [0, 2**32)");
     }
@@ -465,6 +472,32 @@ void bind_prefix(py::module_& m) {
              return do_match(self, d.span(), true);
            }, py::arg("digests"),
            "Longest cached prefix: (num_matched, block_ids int32). Acquires the matched nodes; release them.")
+      .def("probe", [](BoundPrefixCache& self, const py::handle& digests, const py::object& table) -> py::tuple {
+             const Digests d(digests, "digests");
+             std::vector<BlockId>& ids = id_scratch(d.span().size());
+             std::uint32_t matched = 0;
+             {
+               py::gil_scoped_release release;
+               matched = self.cache->probe(d.span(), ids);
+             }
+             if (table.is_none()) return py::make_tuple(matched, id_array(std::span<const BlockId>(ids).first(matched)));
+             if (!PyDict_Check(table.ptr())) {
+               throw py::type_error("table must be a dict or None, got " + type_name(table));
+             }
+             py::list values(matched);
+             for (std::uint32_t i = 0; i < matched; ++i) {
+               const py::int_ key(ids[i]);
+               PyObject* v = PyDict_GetItemWithError(table.ptr(), key.ptr());  // borrowed
+               if (v == nullptr) {
+                 if (PyErr_Occurred() != nullptr) throw py::error_already_set();
+                 throw py::key_error("block id " + std::to_string(ids[i]) + " is cached but not in table");
+               }
+               values[i] = py::reinterpret_borrow<py::object>(v);
+             }
+             return py::make_tuple(matched, values);
+           }, py::arg("digests"), py::arg("table") = py::none(),
+           "As match, without taking a use (counts the lookup, marks the blocks used): (num_matched, ids). "
+           "With a dict `table`, the ids are mapped through it: (num_matched, [table[id], ...]).")
       .def("peek", [](BoundPrefixCache& self, const py::handle& digests) {
              const Digests d(digests, "digests");
              return do_match(self, d.span(), false);

@@ -35,6 +35,23 @@ struct BoundPrefixCache {
   std::unique_ptr<PrefixCache> cache;
 };
 
+/// The value of an exact Python int that fits one internal digit (|v| < 2**30), read without a
+/// call: the common token id. False for anything else (the caller takes the general path).
+inline bool small_int(PyObject* obj, long long& value) noexcept {
+  if (!PyLong_CheckExact(obj)) return false;
+#if PY_VERSION_HEX >= 0x030C0000
+  auto* l = reinterpret_cast<PyLongObject*>(obj);
+  if (!PyUnstable_Long_IsCompact(l)) return false;
+  value = static_cast<long long>(PyUnstable_Long_CompactValue(l));
+  return true;
+#else
+  const Py_ssize_t size = Py_SIZE(obj);
+  if (size < -1 || size > 1) return false;
+  value = static_cast<long long>(reinterpret_cast<PyLongObject*>(obj)->ob_digit[0]) * size;
+  return true;
+#endif
+}
+
 /// Token ids read straight from what a caller holds, appended as int32 to `out`: a list or tuple
 /// of Python ints (read with the C API, no intermediate array), any 1-D buffer of integers
 /// (array.array, numpy, memoryview; strided allowed), or an object numpy can view without a copy

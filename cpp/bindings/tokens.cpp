@@ -15,22 +15,6 @@ constexpr long long kMax = std::numeric_limits<std::int32_t>::max();
 
 std::string type_name_of(PyObject* obj) { return Py_TYPE(obj)->tp_name; }
 
-// Value of an exact int that fits one internal digit, without a call: the common token id.
-inline bool small_int(PyObject* obj, long long& value) noexcept {
-  if (!PyLong_CheckExact(obj)) return false;
-#if PY_VERSION_HEX >= 0x030C0000
-  auto* l = reinterpret_cast<PyLongObject*>(obj);
-  if (!PyUnstable_Long_IsCompact(l)) return false;
-  value = static_cast<long long>(PyUnstable_Long_CompactValue(l));
-  return true;
-#else
-  const Py_ssize_t size = Py_SIZE(obj);
-  if (size < -1 || size > 1) return false;
-  value = static_cast<long long>(reinterpret_cast<PyLongObject*>(obj)->ob_digit[0]) * size;
-  return true;
-#endif
-}
-
 [[noreturn]] void out_of_range(const char* what, const std::string& value, std::size_t pos) {
   throw py::value_error(std::string(what) + ": token id " + value + " at position " + std::to_string(pos) +
                         " is outside the int32 range");

@@ -1,7 +1,7 @@
 # Type stub of the private binding module (cpp/bindings/). Block ids are int32 arrays; anything
 # accepting ids also takes int64 arrays and integer sequences (converted with a range check).
 from collections.abc import Sequence
-from typing import Any, SupportsIndex
+from typing import Any, SupportsIndex, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -113,6 +113,10 @@ class PrefixCache:
         hash_algorithm: str = "sha256",
     ) -> None: ...
     def match(self, digests: _Digests) -> tuple[int, npt.NDArray[np.int32]]: ...
+    @overload
+    def probe(self, digests: _Digests, table: None = None) -> tuple[int, npt.NDArray[np.int32]]: ...
+    @overload
+    def probe(self, digests: _Digests, table: dict[int, Any]) -> tuple[int, list[Any]]: ...
     def peek(self, digests: _Digests) -> tuple[int, npt.NDArray[np.int32]]: ...
     def release(self, digests: _Digests) -> None: ...
     def insert(

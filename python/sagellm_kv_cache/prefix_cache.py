@@ -397,22 +397,14 @@ class PrefixCache:
             return [], 0
         digests = self._chain(block_hashes)
         with self._lock:
-            n, ids = self._trie.match(digests)
-            if n:
-                self._trie.release(digests[:n])
+            n, blocks = self._trie.probe(digests, self._blocks)
             self._last_match = (digests, n, self._generation)
-            blocks = list(map(self._blocks.__getitem__, ids.tolist()))
         return blocks, n * self.block_size
 
     def insert(self, block_hashes: Sequence[BlockHash], blocks: Sequence[dict]) -> None:
         """Caches ``blocks`` under the chained ``block_hashes`` (same length; a chain from the root)."""
         if len(block_hashes) != len(blocks):
             raise ValueError(f"block_hashes length {len(block_hashes)} != blocks length {len(blocks)}")
-        try:  # dict.get refuses anything but a dict: the type check comes with the owner keys
-            owner_keys = list(map(dict.get, blocks, itertools.repeat("handle_id")))
-        except TypeError:
-            bad = next(i for i, b in enumerate(blocks) if not isinstance(b, dict))
-            raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}") from None
         if not blocks:
             return
         digests = self._chain(block_hashes)
@@ -423,14 +415,23 @@ class PrefixCache:
                 start = last[1]
             else:
                 start, _ = self._trie.peek(digests)
+            if start >= len(blocks):
+                return
             self._generation += 1
+            # Owner keys of the new blocks only (position i is owner_keys[i - first]); the leading
+            # cached blocks are not stored, so only the new ones must be dicts.
+            first = start
+            try:  # dict.get refuses anything but a dict: the type check comes with the owner keys
+                owner_keys = list(map(dict.get, itertools.islice(blocks, first, None), itertools.repeat("handle_id")))
+            except TypeError:
+                bad = next(i for i in range(first, len(blocks)) if not isinstance(blocks[i], dict))
+                raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}") from None
+            anonymous = owner_keys.count(None) == len(owner_keys)
             while start < len(blocks):
                 # The trie records one owner per insert call: cut the chain where the owner changes.
-                owner_key = owner_keys[start]
-                end = start + 1
-                if owner_key is None and owner_keys.count(None) == len(owner_keys):
-                    end = len(blocks)
-                while end < len(blocks) and owner_keys[end] == owner_key:
+                owner_key = owner_keys[start - first]
+                end = len(blocks) if anonymous else start + 1
+                while end < len(blocks) and owner_keys[end - first] == owner_key:
                     end += 1
                 owner = 0 if owner_key is None else self._owners.setdefault(owner_key, len(self._owners) + 1)
                 ids = self._take_ids(end - start)

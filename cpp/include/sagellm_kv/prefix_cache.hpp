@@ -186,6 +186,11 @@ class PrefixCache {
   /// As above, returning the block ids in a new vector.
   [[nodiscard]] MatchResult match(std::span<const BlockHash> digests);
 
+  /// As `match`, without taking a use: counts the lookup and marks the matched nodes used (LRU), so
+  /// the answer is what a match-then-release would give, in one pass. Nothing is protected from
+  /// eviction afterwards. For callers that only ask (the seed API's `lookup`).
+  [[nodiscard]] std::uint32_t probe(std::span<const BlockHash> digests, std::span<BlockId> out);
+
   /// Length of the cached prefix of `digests` without acquiring, touching or counting anything;
   /// writes the block ids to the front of `out` when it is not empty (then it must be at least as
   /// long as `digests`, else Error(kInvalidArgument)). The answer may be stale by the time it is

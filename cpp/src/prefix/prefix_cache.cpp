@@ -650,8 +650,21 @@ struct PrefixCache::Impl {
     return {plan.k, fit};
   }
 
+  void count_lookup(std::size_t queried, std::uint32_t matched) noexcept {
+    ++counters.lookups;
+    if (matched != 0) ++counters.hit_lookups;
+    counters.queried_blocks += queried;
+    counters.hit_blocks += matched;
+    counters.queried_tokens += queried * std::uint64_t{block_size};
+    counters.hit_tokens += std::uint64_t{matched} * block_size;
+  }
+
+  // What a walk does to the nodes it matches: nothing (peek), marks them used (probe), or also
+  // takes a use of each (match).
+  enum class Walk : std::uint8_t { kPeek, kProbe, kTake };
+
   [[nodiscard]] std::uint32_t walk(std::span<const BlockHash> digests, std::span<BlockId> out,
-                                   bool take) noexcept {
+                                   Walk mode) noexcept {
     std::uint32_t parent = kNone;
     std::uint32_t m = 0;
     // The index slots and nodes of a long prompt are cold: fetch slots kSlotAhead digests ahead and,
@@ -670,10 +683,12 @@ struct PrefixCache::Impl {
       if (idx == kNone) break;
       Node& n = nodes[idx];
       if (n.parent != parent) break;  // cached, but not as the continuation of this prefix
-      if (take) {
+      if (mode == Walk::kTake) {
         if (n.users == std::numeric_limits<std::uint32_t>::max()) break;
-        acquire(idx);
+        acquire(idx);  // no longer evictable: no heap key to update
         n.last_access = ++tick;
+      } else if (mode == Walk::kProbe) {
+        touch(idx);
       }
       if (!out.empty()) out[m] = n.block;
       ++m;
@@ -706,14 +721,19 @@ std::uint32_t PrefixCache::match(std::span<const BlockHash> digests, std::span<B
                                                  " ids for " + std::to_string(digests.size()) + " digests");
   }
   const std::lock_guard lock(impl_->mutex);
-  const std::uint32_t m = impl_->walk(digests, out, true);
-  PrefixCacheStats& c = impl_->counters;
-  ++c.lookups;
-  if (m != 0) ++c.hit_lookups;
-  c.queried_blocks += digests.size();
-  c.hit_blocks += m;
-  c.queried_tokens += digests.size() * std::uint64_t{impl_->block_size};
-  c.hit_tokens += std::uint64_t{m} * impl_->block_size;
+  const std::uint32_t m = impl_->walk(digests, out, Impl::Walk::kTake);
+  impl_->count_lookup(digests.size(), m);
+  return m;
+}
+
+std::uint32_t PrefixCache::probe(std::span<const BlockHash> digests, std::span<BlockId> out) {
+  if (out.size() < digests.size()) {
+    throw Error(ErrorCode::kInvalidArgument, "probe: output holds " + std::to_string(out.size()) +
+                                                 " ids for " + std::to_string(digests.size()) + " digests");
+  }
+  const std::lock_guard lock(impl_->mutex);
+  const std::uint32_t m = impl_->walk(digests, out, Impl::Walk::kProbe);
+  impl_->count_lookup(digests.size(), m);
   return m;
 }
 
@@ -731,7 +751,7 @@ std::uint32_t PrefixCache::peek(std::span<const BlockHash> digests, std::span<Bl
                                                  " ids for " + std::to_string(digests.size()) + " digests");
   }
   const std::lock_guard lock(impl_->mutex);
-  return impl_->walk(digests, out, false);
+  return impl_->walk(digests, out, Impl::Walk::kPeek);
 }
 
 void PrefixCache::release(std::span<const BlockHash> digests) {
