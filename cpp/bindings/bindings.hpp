@@ -25,6 +25,7 @@ void bind_pool(py::module_& m);
 void bind_prefix(py::module_& m);
 void bind_manager(py::module_& m);
 void bind_tier(py::module_& m);
+void bind_objects(py::module_& m);
 
 /// The bound PrefixCache: the C++ cache plus whatever keeps its allocator alive (shared with the
 /// request manager's binding, which composes it).

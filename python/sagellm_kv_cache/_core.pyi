@@ -1,7 +1,8 @@
 # Type stub of the private binding module (cpp/bindings/). Block ids are int32 arrays; anything
 # accepting ids also takes int64 arrays and integer sequences (converted with a range check).
+import uuid
 from collections.abc import Sequence
-from typing import Any, SupportsIndex, overload
+from typing import Any, SupportsIndex, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -230,3 +231,15 @@ class HostSlab:
     def pinned(self) -> bool: ...
     @property
     def address(self) -> int: ...
+
+_M = TypeVar("_M")
+
+def uuid4(uuid_cls: type[uuid.UUID], is_safe: uuid.SafeUUID) -> uuid.UUID: ...
+def trusted_model(
+    cls: type[_M],
+    defaults: dict[str, Any],
+    names: tuple[str, ...],
+    values: tuple[Any, ...],
+    fields_set: set[str],
+    private_attrs: dict[str, Any],
+) -> _M: ...

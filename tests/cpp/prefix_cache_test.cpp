@@ -152,6 +152,48 @@ TEST(PrefixCache, PeekNeitherAcquiresNorCounts) {
   EXPECT_EQ(c.stats().lookups, before.lookups);
 }
 
+TEST(PrefixCache, ProbeCountsAndRenewsWithoutHolding) {
+  PrefixCache c(opts());
+  const auto a = chain(100, 3);
+  const auto b = chain(200, 3);
+  (void)insert(c, a, ids({1, 2, 3}));
+  (void)insert(c, b, ids({4, 5, 6}));
+  const auto before = c.stats();
+  std::vector<BlockId> out(3, -1);
+  EXPECT_EQ(c.probe(a, out), 3u);  // a is now the most recently used chain
+  EXPECT_EQ(out, ids({1, 2, 3}));
+  const auto after = c.stats();
+  EXPECT_EQ(after.lookups, before.lookups + 1);
+  EXPECT_EQ(after.hit_blocks, before.hit_blocks + 3);
+  EXPECT_EQ(after.in_use_blocks, 0u);  // nothing held: all of it stays evictable
+  EXPECT_EQ(c.evict(3), 3u);
+  EXPECT_EQ(c.peek(b), 0u);  // the older chain went first
+  EXPECT_EQ(c.peek(a), 3u);
+  std::vector<BlockId> small(2);
+  EXPECT_EQ(code_of([&] { (void)c.probe(a, small); }), ErrorCode::kInvalidArgument);
+}
+
+TEST(PrefixCache, TrustedChainInsertEqualsCheckedInsert) {
+  PrefixCache checked(opts(EvictionPolicy::kLru, 5));
+  PrefixCache trusted(opts(EvictionPolicy::kLru, 5));
+  const auto a = chain(100, 4);
+  InsertOptions t;
+  t.trusted_chain = true;
+  for (PrefixCache* c : {&checked, &trusted}) {
+    const InsertOptions o = c == &trusted ? t : InsertOptions{};
+    EXPECT_EQ(c->insert(std::span<const BlockHash>(a).first(2), ids({1, 2}), o).num_inserted, 2u);
+    InsertOptions cont = o;
+    cont.parent = a[1];
+    const auto rest = std::span<const BlockHash>(a).subspan(2);
+    EXPECT_EQ(c->insert(rest, ids({3, 4}), cont).num_inserted, 2u);
+    const auto b = chain(300, 3);  // over capacity: the LRU leaves make room
+    EXPECT_EQ(c->insert(b, ids({7, 8, 9}), o).num_cached(), 3u);
+  }
+  EXPECT_EQ(checked.peek(a), trusted.peek(a));
+  EXPECT_EQ(checked.stats().cached_blocks, trusted.stats().cached_blocks);
+  EXPECT_EQ(checked.stats().evictions, trusted.stats().evictions);
+}
+
 TEST(PrefixCache, ReleaseIsAllOrNothing) {
   PrefixCache c(opts());
   const auto a = chain(100, 3);

@@ -592,3 +592,22 @@ def test_example_runs_from_any_directory(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Reused 48 tokens from cache!" in proc.stdout and "all prefix-cache steps done" in proc.stdout
+
+
+def test_probe_counts_and_renews_without_holding() -> None:
+    cache = _core.PrefixCache(block_size=4, capacity_blocks=6)
+    a = _core.hash_blocks(list(range(12)), 4)
+    b = _core.hash_blocks(list(range(100, 112)), 4)
+    cache.insert(a, np.arange(3, dtype=np.int32))
+    cache.insert(b, np.arange(3, 6, dtype=np.int32))
+    table = {i: f"block {i}" for i in range(6)}
+    assert cache.probe(a, table) == (3, ["block 0", "block 1", "block 2"])  # a is now the newest
+    n, ids = cache.probe(b)
+    assert n == 3 and ids.tolist() == [3, 4, 5]
+    stats = cache.stats()
+    assert stats["lookups"] == 2 and stats["in_use_blocks"] == 0  # counted, nothing held
+    assert cache.evict(3) == 3 and cache.peek(a)[0] == 0  # b's probe came last: a went first
+    with pytest.raises(KeyError, match="block id 3"):
+        cache.probe(b, {})  # a table that lacks a cached id: an error, not a crash
+    with pytest.raises(TypeError, match="table must be a dict"):
+        cache.probe(b, [1, 2, 3])  # type: ignore[call-overload]

@@ -273,3 +273,26 @@ def test_pool_handles_equal_validated_ones() -> None:
     with pytest.raises(TypeError, match="metadata must be a dict"):
         pool.alloc(8, metadata=["x"])  # type: ignore[arg-type]
     assert len(pool) == 1
+
+
+def test_handles_get_fresh_version4_ids_in_forked_children_too() -> None:
+    import os
+
+    pool = KVPool(16 * 1024, block_size=16)
+    ids = {pool.alloc(16).handle_id for _ in range(200)}
+    assert len(ids) == 200 and {(u.version, u.variant) for u in ids} == {(4, uuid.RFC_4122)}
+    handle = pool.alloc(16)
+    fresh = KVHandle.create(16)
+    assert handle.model_fields_set == fresh.model_fields_set  # as a validated handle reports them
+    handle.model_fields_set.add("marker")
+    assert "marker" not in pool.alloc(16).model_fields_set  # each handle has its own set
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child draws from a re-seeded generator
+        os.write(write, pool.alloc(16).handle_id.bytes)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 16)
+    os.close(read)
+    os.close(write)
+    assert child != pool.alloc(16).handle_id.bytes

@@ -8,8 +8,6 @@ back it, which stay out of ``to_dict`` so the wire form is unchanged.
 from __future__ import annotations
 
 import enum
-import os
-import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from sagellm_protocol.kv import (
 )
 from sagellm_protocol.kv import KVHandle as _ProtocolKVHandle
 
+from sagellm_kv_cache import _core
 from sagellm_kv_cache.errors import KVRefCountUnderflowError
 
 # The original module re-exported the protocol's KV types next to KVHandle; code imports them from here.
@@ -71,27 +70,16 @@ def _tier_of(device: str) -> MemoryTier:
     return MemoryTier.CPU if device.split(":", 1)[0] == "cpu" else MemoryTier.GPU
 
 
-# Random (version 4) UUIDs without uuid.uuid4()'s urandom call and argument checks: a private
-# Mersenne Twister seeded from os.urandom, re-seeded in a forked child so parent and child never
-# draw the same ids, and never affected by what the application does to the `random` module.
-_uuid_rng = random.Random()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_uuid_rng.seed)
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)  # version and variant bits
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, RFC 4122 variant
-_random_bits = _uuid_rng.getrandbits
 _UUID = uuid.UUID
 _UUID_SAFETY = uuid.SafeUUID.unknown
-_new_object = object.__new__
-_put = object.__setattr__
+_trusted_model = _core.trusted_model
 
 
 def _uuid4() -> uuid.UUID:
-    """A random version-4 UUID, equal in form to ``uuid.uuid4()`` (same version and variant bits)."""
-    value = _new_object(_UUID)
-    _put(value, "int", (_random_bits(128) & _UUID4_CLEAR) | _UUID4_SET)
-    _put(value, "is_safe", _UUID_SAFETY)
-    return value
+    """A random version-4 UUID, equal in form to ``uuid.uuid4()`` (same version and variant bits),
+    without its urandom call: from the core's generator (seeded from the OS, re-seeded in a forked
+    child so parent and child never draw the same ids)."""
+    return _core.uuid4(_UUID, _UUID_SAFETY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,25 +152,13 @@ class KVHandle(_ProtocolKVHandle):
                                 metadata=metadata)
             handle.__pydantic_private__["_block_ids"] = block_ids
             return handle
-        fields = _FIELD_DEFAULTS.copy()  # every field, in the model's order; the per-handle ones replaced
-        handle_id = _new_object(_UUID)
-        _put(handle_id, "int", (_random_bits(128) & _UUID4_CLEAR) | _UUID4_SET)  # as _uuid4(), inlined
-        _put(handle_id, "is_safe", _UUID_SAFETY)
-        fields["handle_id"] = handle_id
-        fields["num_tokens"] = fields["token_end"] = num_tokens
-        fields["dtype"] = dtype
-        fields["layout"] = layout
-        fields["device"] = device
-        fields["memory_tier"] = memory_tier
-        fields["rank"] = rank
-        fields["created_at"] = fields["last_access"] = time.time()
-        fields["metadata"] = metadata
-        handle = _new_object(cls)
-        _put(handle, "__dict__", fields)
-        _put(handle, "__pydantic_fields_set__", _CREATE_FIELDS.copy())
-        _put(handle, "__pydantic_extra__", None)
-        _put(handle, "__pydantic_private__", {"_block_ids": block_ids})
-        return handle
+        now = time.time()
+        return _trusted_model(
+            cls, _FIELD_DEFAULTS, _PER_HANDLE_ORDER,
+            (_core.uuid4(_UUID, _UUID_SAFETY), num_tokens, num_tokens, dtype, layout, device, memory_tier, rank,
+             now, now, metadata),
+            _CREATE_FIELDS, {"_block_ids": block_ids},
+        )
 
     # --- placement ---------------------------------------------------------------------------
 
@@ -282,8 +258,10 @@ class KVHandle(_ProtocolKVHandle):
 _TEMPLATE = KVHandle.create(1)
 _CREATE_FIELDS = set(_TEMPLATE.model_fields_set)
 _FIELD_DEFAULTS = dict(_TEMPLATE.__dict__)
-_PER_HANDLE = {"handle_id", "num_tokens", "token_end", "dtype", "layout", "device", "memory_tier", "rank",
-               "created_at", "last_access", "metadata"}
+# The per-handle fields in the order _trusted passes their values.
+_PER_HANDLE_ORDER = ("handle_id", "num_tokens", "token_end", "dtype", "layout", "device", "memory_tier", "rank",
+                     "created_at", "last_access", "metadata")
+_PER_HANDLE = set(_PER_HANDLE_ORDER)
 _TEMPLATE_IS_SHAREABLE = all(
     value is None or isinstance(value, bool | int | float | str | enum.Enum | uuid.UUID)
     for name, value in _FIELD_DEFAULTS.items()
