@@ -45,6 +45,8 @@ class EvictionHeap {
   }
   /// Node with the smallest key; the heap must not be empty.
   [[nodiscard]] std::uint32_t top() const noexcept { return heap_.front().node; }
+  /// Key of top(); the heap must not be empty.
+  [[nodiscard]] HeapKey top_key() const noexcept { return heap_.front().key; }
   [[nodiscard]] std::size_t memory_bytes() const noexcept {
     return heap_.capacity() * sizeof(Entry) + pos_.capacity() * sizeof(std::uint32_t);
   }

@@ -347,14 +347,26 @@ struct PrefixCache::Impl {
   std::uint32_t evict_reserved(std::uint32_t n, std::vector<BlockHash>* removed, std::int64_t now) noexcept {
     if (n == 0 || heap.empty()) return 0;
     std::uint32_t done = 0;
+    // A parent left childless by a victim is usually the next victim itself (an evicted chain goes
+    // leaf to root). When its key is below every key in the heap it is taken directly, skipping a
+    // push and a pop that would give the same order. Not with two heaps (TTL), whose rule is not
+    // one key.
+    std::uint32_t next = kNone;
     while (done < n) {
-      const std::uint32_t victim = pick_victim(now);
+      const std::uint32_t victim = next != kNone ? next : pick_victim(now);
+      next = kNone;
       if (victim == kNone) break;
       unlink(victim, removed);
       const std::uint32_t parent = nodes[victim].parent;
       if (parent != kNone) {
         Node& p = nodes[parent];
-        if (--p.children == 0 && p.users == 0) make_evictable(parent);
+        if (--p.children == 0 && p.users == 0) {
+          if (!two_heaps() && done + 1 < n && (heap.empty() || policy_key(p) < heap.top_key())) {
+            next = parent;
+          } else {
+            make_evictable(parent);
+          }
+        }
       }
       free_node(victim);
       ++done;
