@@ -259,6 +259,10 @@ struct PrefixCache::Impl {
       block_node_map[b] = idx;
     }
   }
+  void prefetch_block_owner(BlockId b) const noexcept {
+    const auto u = static_cast<std::uint32_t>(b);
+    if (allocator != nullptr && u < block_node.size()) __builtin_prefetch(&block_node[u], 1);
+  }
   void clear_block_owner(BlockId b) {
     if (allocator != nullptr) {
       block_node[static_cast<std::uint32_t>(b)] = kNone;
@@ -624,8 +628,13 @@ struct PrefixCache::Impl {
     if (allocator == nullptr) {
       for (std::size_t j = fit; j < new_ids.size(); ++j) block_node_map.erase(new_ids[j]);
     }
+    constexpr std::uint32_t kAhead = 8;  // the index slots and owner entries are cold: fetch ahead
     for (std::uint32_t j = 0; j < fit; ++j) {
       const std::size_t pos = plan.k + j;
+      if (j + kAhead < fit) {
+        index.prefetch(digests[pos + kAhead]);
+        prefetch_block_owner(new_ids[j + kAhead]);
+      }
       const std::uint32_t idx = alloc_node();  // within the reserved capacity
       Node& node = nodes[idx];
       node.digest = digests[pos];
