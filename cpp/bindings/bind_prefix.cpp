@@ -461,7 +461,8 @@ void bind_prefix(py::module_& m) {
         },
         py::arg("keys"),
         "Chains 32-byte keys (a list/tuple of 32-byte bytes, or them concatenated): key 0 as is, then "
-        "SHA-256(previous || key i); returns the digests concatenated, as bytes.");
+        "the SHA-256 compression function of (previous || key i) from the initial state (hashing.hpp); "
+        "returns the digests concatenated, as bytes.");
 
   py::class_<BoundPrefixCache>(m, "PrefixCache")
       .def(py::init(&make_cache), py::arg("block_size") = 16, py::arg("capacity_blocks") = py::none(),

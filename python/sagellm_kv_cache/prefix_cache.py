@@ -368,7 +368,7 @@ class PrefixCache:
 
     def _chain(self, block_hashes: Sequence[BlockHash]) -> Digests:
         """The trie digests of a prompt's seed keys, position 0 first: key 0 as is, then
-        ``SHA-256(digest[i-1] || key[i])`` (one C++ call), so a block is found only under the prefix
+        the SHA-256 compression of ``digest[i-1] || key[i]`` (one C++ call), so a block is found only under the prefix
         it was cached with. The last result is kept: a caller's insert usually follows its lookup of
         the same keys (the same bytes objects, so the comparison is by identity)."""
         keys = tuple(block_hashes)

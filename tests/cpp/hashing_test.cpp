@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <openssl/sha.h>
 
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -283,19 +284,30 @@ TEST(Hashing, Sha256ChunksArePlainDigestsOfEachChunk) {
   EXPECT_EQ(short_out[0], BlockHash{});  // nothing written on a refusal
 }
 
-TEST(Hashing, Sha256ChainHashesEachKeyOntoThePreviousDigest) {
+TEST(Hashing, Sha256ChainCompressesEachKeyOntoThePreviousDigest) {
+  // keys[0] || keys[1] is "abc" padded by SHA-256's own rule, so one compression of it from the
+  // initial state is SHA-256("abc").
   std::vector<BlockHash> keys(3);
-  for (std::size_t i = 0; i < keys.size(); ++i) keys[i].bytes.fill(static_cast<std::uint8_t>(i + 1));
+  std::array<unsigned char, 64> padded{};
+  padded[0] = 'a';
+  padded[1] = 'b';
+  padded[2] = 'c';
+  padded[3] = 0x80;
+  padded[63] = 24;  // the message length in bits
+  std::memcpy(keys[0].bytes.data(), padded.data(), 32);
+  std::memcpy(keys[1].bytes.data(), padded.data() + 32, 32);
+  keys[2].bytes.fill(7);
   std::vector<BlockHash> out(3);
   sha256_chain(keys, out);
   EXPECT_EQ(out[0], keys[0]);
-  const auto joined = [](const BlockHash& a, const BlockHash& b) {
-    std::vector<unsigned char> m(a.bytes.begin(), a.bytes.end());
-    m.insert(m.end(), b.bytes.begin(), b.bytes.end());
-    return m;
-  };
-  EXPECT_EQ(out[1], sha256_of(joined(out[0], keys[1])));
-  EXPECT_EQ(out[2], sha256_of(joined(out[1], keys[2])));
+  const std::string abc = "abc";
+  EXPECT_EQ(out[1], sha256_of(std::vector<unsigned char>(abc.begin(), abc.end())));
+  EXPECT_NE(out[2], out[1]);
+  std::vector<BlockHash> other_prefix = keys;
+  other_prefix[0].bytes[5] ^= 1;
+  std::vector<BlockHash> other_out(3);
+  sha256_chain(other_prefix, other_out);
+  EXPECT_NE(other_out[2], out[2]);  // same key at the same position, another prefix: another digest
   std::vector<BlockHash> in_place = keys;  // out may alias keys
   sha256_chain(in_place, in_place);
   EXPECT_EQ(in_place, out);

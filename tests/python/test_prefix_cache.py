@@ -212,13 +212,63 @@ def test_seed_block_keys_from_lists_tuples_and_arrays_agree() -> None:
         cache.compute_block_hashes([1, "2", 3, 4])
 
 
-def test_core_sha256_helpers_match_hashlib() -> None:
+def _sha256_compress(block: bytes) -> bytes:
+    """FIPS 180-4's SHA-256 compression of one 64-byte block from the initial hash value, in plain
+    Python: the reference for the seed cache's chaining."""
+    assert len(block) == 64
+    k = [_frac_root(p, 3) for p in _primes(64)]
+    h = [_frac_root(p, 2) for p in _primes(8)]
+    rotr = lambda x, n: ((x >> n) | (x << (32 - n))) & 0xFFFFFFFF  # noqa: E731
+    w = list(struct.unpack(">16L", block))
+    for t in range(16, 64):
+        s0 = rotr(w[t - 15], 7) ^ rotr(w[t - 15], 18) ^ (w[t - 15] >> 3)
+        s1 = rotr(w[t - 2], 17) ^ rotr(w[t - 2], 19) ^ (w[t - 2] >> 10)
+        w.append((w[t - 16] + s0 + w[t - 7] + s1) & 0xFFFFFFFF)
+    a, b, c, d, e, f, g, hh = h
+    for t in range(64):
+        t1 = (hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[t] + w[t]) & 0xFFFFFFFF
+        t2 = ((rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))) & 0xFFFFFFFF
+        a, b, c, d, e, f, g, hh = (t1 + t2) & 0xFFFFFFFF, a, b, c, (d + t1) & 0xFFFFFFFF, e, f, g
+    return struct.pack(">8L", *((x + y) & 0xFFFFFFFF for x, y in zip(h, (a, b, c, d, e, f, g, hh), strict=True)))
+
+
+def _primes(n: int) -> list[int]:
+    out: list[int] = []
+    candidate = 2
+    while len(out) < n:
+        if all(candidate % p for p in out):
+            out.append(candidate)
+        candidate += 1
+    return out
+
+
+def _frac_root(p: int, degree: int) -> int:
+    """First 32 bits of the fractional part of p ** (1 / degree), exactly (integer roots)."""
+    scaled = p << (64 * degree)  # the root of this is root(p) * 2**64
+    lo, hi = 0, 1 << (64 + 8)
+    while lo < hi:  # integer degree-th root by bisection
+        mid = (lo + hi + 1) // 2
+        if mid**degree <= scaled:
+            lo = mid
+        else:
+            hi = mid - 1
+    return (lo >> 32) & 0xFFFFFFFF
+
+
+def test_sha256_compress_reference_is_sha256() -> None:
+    # The reference above, with FIPS padding applied by hand, is SHA-256 itself.
+    message = b"abc"
+    padded = message + b"\x80" + b"\0" * (55 - len(message)) + struct.pack(">Q", 8 * len(message))
+    assert _sha256_compress(padded) == hashlib.sha256(message).digest()
+
+
+def test_core_sha256_helpers_match_references() -> None:
     data = bytes(range(256)) * 2
     assert _core.sha256_chunks(data, 64) == [hashlib.sha256(data[i : i + 64]).digest() for i in range(0, 512, 64)]
     keys = [hashlib.sha256(bytes([i])).digest() for i in range(4)]
     chained = [keys[0]]
     for key in keys[1:]:
-        chained.append(hashlib.sha256(chained[-1] + key).digest())
+        chained.append(_sha256_compress(chained[-1] + key))
     assert _core.sha256_chain(b"".join(keys)) == b"".join(chained)
     assert _core.sha256_chain(b"") == b"" and _core.sha256_chunks(b"", 4) == []
     with pytest.raises(ValueError, match="whole number of 3-byte chunks"):

@@ -167,9 +167,11 @@ class BlockHasher {
 [[nodiscard]] std::size_t sha256_chunks(std::span<const std::uint8_t> data, std::size_t chunk_bytes,
                                         std::span<BlockHash> out);
 
-/// Chains independent 32-byte keys into prefix digests: out[0] = keys[0] and
-/// out[i] = SHA-256(out[i-1] || keys[i]), so equal keys at equal positions give equal digests only
-/// under equal prefixes. `out` may alias `keys` exactly. Throws Error(kInvalidArgument) when `out`
+/// Chains independent 32-byte keys into prefix digests: out[0] = keys[0] and out[i] = the SHA-256
+/// compression function, from SHA-256's initial state, of the 64-byte block out[i-1] || keys[i]
+/// (one compression, no padding: a fixed-length input needs none, and it costs half of
+/// SHA-256(out[i-1] || keys[i])), so equal keys at equal positions give equal digests only under
+/// equal prefixes. Builds without OpenSSL's low-level SHA-256 API use SHA-256(out[i-1] || keys[i]). `out` may alias `keys` exactly. Throws Error(kInvalidArgument) when `out`
 /// is shorter than `keys` (nothing written). Thread-safe (no shared state).
 void sha256_chain(std::span<const BlockHash> keys, std::span<BlockHash> out);
 

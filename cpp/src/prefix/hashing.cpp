@@ -319,6 +319,27 @@ void sha256_once(const std::uint8_t* data, std::size_t size, BlockHash& out) {
   throw Error(ErrorCode::kInternal, "OpenSSL SHA-256 digest failed");
 }
 
+// SHA-256's compression function applied once, from the standard initial state, to one 64-byte
+// block, without padding or length: a fixed-input-length hash as collision resistant as SHA-256
+// itself (Merkle-Damgard rests on it), at half the cost of hashing 64 bytes with SHA-256. Builds
+// without OpenSSL's low-level API use full SHA-256 instead (other values, same properties).
+void sha256_compress(const std::uint8_t* block, BlockHash& out) {
+#if !defined(OPENSSL_NO_DEPRECATED_3_0)
+  SHA256_CTX c;
+  if (SHA256_Init(&c) != 1) throw Error(ErrorCode::kInternal, "OpenSSL SHA-256 init failed");
+  SHA256_Transform(&c, block);
+  for (std::size_t w = 0; w < 8; ++w) {
+    const auto h = static_cast<std::uint32_t>(c.h[w]);
+    out.bytes[4 * w] = static_cast<std::uint8_t>(h >> 24);
+    out.bytes[4 * w + 1] = static_cast<std::uint8_t>(h >> 16);
+    out.bytes[4 * w + 2] = static_cast<std::uint8_t>(h >> 8);
+    out.bytes[4 * w + 3] = static_cast<std::uint8_t>(h);
+  }
+#else
+  sha256_once(block, 2 * kBlockHashBytes, out);
+#endif
+}
+
 }  // namespace
 
 std::size_t sha256_chunks(std::span<const std::uint8_t> data, std::size_t chunk_bytes, std::span<BlockHash> out) {
@@ -348,7 +369,7 @@ void sha256_chain(std::span<const BlockHash> keys, std::span<BlockHash> out) {
   for (std::size_t i = 1; i < keys.size(); ++i) {
     // message = out[i-1] || keys[i]; keys[i] is read before out[i] is written, so out may alias keys.
     std::memcpy(message.data() + kBlockHashBytes, keys[i].bytes.data(), kBlockHashBytes);
-    sha256_once(message.data(), message.size(), out[i]);
+    sha256_compress(message.data(), out[i]);
     std::memcpy(message.data(), out[i].bytes.data(), kBlockHashBytes);
   }
 }
