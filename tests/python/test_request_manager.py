@@ -306,3 +306,22 @@ def test_block_size_must_match_the_pool() -> None:
         RequestManager(pool, block_size=8)
     with pytest.raises(ValueError):
         RequestManager()
+
+
+def test_stored_events_carry_the_published_blocks_tokens() -> None:
+    # A router re-hashes a stored event's tokens itself: events from the manager's path must carry
+    # exactly the tokens of the blocks they publish, from admission and from appends alike.
+    from sagellm_kv_cache.observability import kv_wire
+
+    _, rm = make(event_queue_capacity=64)
+    prompt = list(range(1000, 1000 + 2 * BS + 3))
+    rm.admit(1, prompt)
+    rm.append(1, list(range(5000, 5000 + BS)))  # fills the third block
+    events = rm._cache.drain_events()
+    stored = [e for e in events if e["type"] == "stored"]
+    tokens = [t for e in stored for t in e["token_ids"]]
+    assert tokens == (prompt + list(range(5000, 5000 + BS)))[: 3 * BS]
+    assert sum(len(e["digests"]) for e in stored) == 3
+    assert kv_wire.decode_batch(kv_wire.encode_batch(events))[1][0]["token_ids"] == prompt[: 2 * BS]
+    rm.check_invariants()
+    rm.finish(1)

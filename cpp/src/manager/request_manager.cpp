@@ -23,6 +23,8 @@ struct Request {
   std::vector<BlockId> blocks;        // block table
   std::vector<BlockHash> digests;     // digests of the full blocks (cache present only)
   std::vector<std::int32_t> tail;     // tokens of the trailing partial block (cache present only)
+  std::vector<std::int32_t> tokens;   // every token, kept only when the cache emits events (a stored
+                                      // event carries its blocks' tokens)
   std::string salt;                   // chain key, kept for blocks that fill later
   std::string extra;
   std::uint64_t num_tokens = 0;
@@ -59,6 +61,7 @@ struct RequestManager::Impl {
   PrefixCache* cache;
   std::uint32_t block_size;
   bool match_last_token;
+  bool keep_tokens;  // the cache emits events: stored events need the published blocks' tokens
 
   mutable std::mutex mutex;
   std::unordered_map<RequestId, Request> requests;
@@ -75,7 +78,8 @@ struct RequestManager::Impl {
       : allocator(s.allocator_),
         cache(s.cache_),
         block_size(s.options_.block_size),
-        match_last_token(s.options_.match_last_token) {}
+        match_last_token(s.options_.match_last_token),
+        keep_tokens(s.cache_ != nullptr && s.cache_->options().event_queue_capacity != 0) {}
 
   Request& find(RequestId id) {
     const auto it = requests.find(id);
@@ -128,6 +132,11 @@ struct RequestManager::Impl {
     if (r.num_held != 0) o.parent = r.digests[r.num_held - 1];
     const std::span<const BlockHash> digests = std::span<const BlockHash>(r.digests).subspan(r.num_held);
     const std::span<const BlockId> blocks = std::span<const BlockId>(r.blocks).subspan(r.num_held, digests.size());
+    if (keep_tokens) {
+      o.token_ids = std::span<const std::int32_t>(r.tokens).subspan(std::size_t{r.num_held} * block_size,
+                                                                    digests.size() * block_size);
+      if (!r.extra.empty()) o.extra_key = std::string_view(r.extra);
+    }
     const InsertResult res = cache->insert(digests, blocks, o);
     r.num_held += res.num_cached();
     counters.published_blocks += res.num_inserted;
@@ -304,6 +313,7 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
       r.tail.assign(in.tokens.begin() + static_cast<std::ptrdiff_t>(d.size() * bs), in.tokens.end());
       r.salt = in.key.salt;
       r.extra = in.key.extra;
+      if (s.keep_tokens) r.tokens.assign(in.tokens.begin(), in.tokens.end());
       s.counters.queried_blocks += d.size();
       s.counters.hit_blocks += r.num_shared;
     }
@@ -353,6 +363,7 @@ BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<con
     detail::grow_to(r.blocks, want);
     if (cache_ != nullptr && !r.opaque) {
       detail::grow_to(r.tail, r.tail.size() + run);
+      if (s.keep_tokens) detail::grow_to(r.tokens, r.tokens.size() + run);
       detail::grow_to(r.digests, static_cast<std::size_t>((r.num_tokens + run) / bs));
     }
     new_blocks[i] = static_cast<std::uint32_t>(want - have);
@@ -387,6 +398,7 @@ BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<con
     r.num_tokens += run.size();
     if (cache_ == nullptr || r.opaque) continue;
     r.tail.insert(r.tail.end(), run.begin(), run.end());
+    if (s.keep_tokens) r.tokens.insert(r.tokens.end(), run.begin(), run.end());
     if (r.tail.size() < bs) continue;
     const std::size_t full = r.tail.size() / bs;
     const BlockHash parent = r.digests.empty() ? kRootBlockHash : r.digests.back();
@@ -483,6 +495,7 @@ void RequestManager::check_invariants() const {
     if (cache_ != nullptr && !r.opaque) {
       if (r.digests.size() != r.num_tokens / bs) fail(id, "digest count differs from its full blocks");
       if (r.tail.size() != r.num_tokens % bs) fail(id, "partial block tokens differ from its token count");
+      if (s.keep_tokens && r.tokens.size() != r.num_tokens) fail(id, "kept tokens differ from its token count");
       if (r.num_held > r.digests.size()) fail(id, "holds more cached blocks than it has digests");
       for (std::uint32_t j = 0; j < r.num_held; ++j) {
         const auto info = cache_->lookup(r.digests[j]);
