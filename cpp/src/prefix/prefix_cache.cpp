@@ -1,7 +1,6 @@
 #include "sagellm_kv/prefix_cache.hpp"
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cassert>
 #include <chrono>
@@ -13,6 +12,8 @@
 #include <random>
 #include <string>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "common/grow.hpp"
 #include "prefix/digest_index.hpp"
@@ -144,7 +145,7 @@ struct PrefixCache::Impl {
 
   // Scratch reused across calls, so steady-state calls do not allocate.
   std::vector<std::uint32_t> scratch_nodes;
-  std::vector<std::uint32_t> scratch_positions;
+  std::vector<std::pair<std::uint64_t, std::uint32_t>> scratch_pairs;
   std::vector<BlockId> freed_blocks;
   bool detaching = false;  // evict_detached: collect victims' blocks even without an allocator
   std::vector<std::uint8_t> marks;
@@ -469,30 +470,36 @@ struct PrefixCache::Impl {
                                                      " is cached under a different parent than the one before it");
       }
     }
-    std::vector<std::uint32_t>& order = scratch_positions;
-    if (num_new > 1) {
+    // Repeats among the new entries: sort (key, position) pairs by value and compare neighbours.
+    // A digest's key is its first 8 bytes (full digests compared only when those tie).
+    std::vector<std::pair<std::uint64_t, std::uint32_t>>& order = scratch_pairs;
+    const auto sort_by = [&](const auto& key_of) {
       order.resize(num_new);
-      for (std::uint32_t j = 0; j < num_new; ++j) order[j] = static_cast<std::uint32_t>(k + j);
-      // Any strict order finds repeats: four native 8-byte words compare faster than memcmp.
-      const auto words = [&](std::uint32_t i) {
-        std::array<std::uint64_t, 4> w;
-        std::memcpy(w.data(), digests[i].bytes.data(), sizeof w);
+      for (std::uint32_t j = 0; j < num_new; ++j) {
+        const auto pos = static_cast<std::uint32_t>(k + j);
+        order[j] = {key_of(pos), pos};
+      }
+      std::sort(order.begin(), order.end());
+    };
+    if (num_new > 1) {
+      sort_by([&](std::uint32_t pos) {
+        std::uint64_t w = 0;
+        std::memcpy(&w, digests[pos].bytes.data(), sizeof w);
         return w;
-      };
-      std::sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) {
-        const auto wa = words(a);
-        const auto wb = words(b);
-        return wa != wb ? wa < wb : a < b;
       });
-      for (std::uint32_t j = 1; j < num_new; ++j) {
-        if (digests[order[j]] == digests[order[j - 1]]) {
-          throw Error(ErrorCode::kInvalidArgument, "insert: digest " + digests[order[j]].hex() +
-                                                       " appears at positions " + std::to_string(order[j - 1]) +
-                                                       " and " + std::to_string(order[j]));
+      for (std::uint32_t a = 0; a + 1 < num_new; ++a) {
+        for (std::uint32_t b = a + 1; b < num_new && order[b].first == order[a].first; ++b) {
+          if (digests[order[a].second] == digests[order[b].second]) {
+            const auto [p, q] = std::minmax(order[a].second, order[b].second);
+            throw Error(ErrorCode::kInvalidArgument, "insert: digest " + digests[p].hex() + " appears at positions " +
+                                                         std::to_string(p) + " and " + std::to_string(q));
+          }
         }
       }
     }
+    constexpr std::size_t kOwnerAhead = 8;
     for (std::size_t j = k; j < n; ++j) {
+      if (j + kOwnerAhead < n) prefetch_block_owner(block_ids[j + kOwnerAhead]);
       const BlockId b = block_ids[j];
       if (allocator != nullptr && !allocator->is_allocated(b)) {
         throw Error(ErrorCode::kInvalidBlock, "insert: block id " + std::to_string(b) + position_text(j) +
@@ -506,15 +513,12 @@ struct PrefixCache::Impl {
       }
     }
     if (num_new > 1) {
-      for (std::uint32_t j = 0; j < num_new; ++j) order[j] = static_cast<std::uint32_t>(k + j);
-      std::sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) {
-        return block_ids[a] != block_ids[b] ? block_ids[a] < block_ids[b] : a < b;
-      });
-      for (std::uint32_t j = 1; j < num_new; ++j) {
-        if (block_ids[order[j]] == block_ids[order[j - 1]]) {
-          throw Error(ErrorCode::kInvalidArgument, "insert: block id " + std::to_string(block_ids[order[j]]) +
-                                                       " appears at positions " + std::to_string(order[j - 1]) +
-                                                       " and " + std::to_string(order[j]));
+      sort_by([&](std::uint32_t pos) { return static_cast<std::uint64_t>(static_cast<std::uint32_t>(block_ids[pos])); });
+      for (std::uint32_t a = 0; a + 1 < num_new; ++a) {
+        if (order[a].first == order[a + 1].first) {
+          throw Error(ErrorCode::kInvalidArgument, "insert: block id " + std::to_string(block_ids[order[a].second]) +
+                                                       " appears at positions " + std::to_string(order[a].second) +
+                                                       " and " + std::to_string(order[a + 1].second));
         }
       }
     }
