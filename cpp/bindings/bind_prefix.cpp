@@ -169,7 +169,7 @@ std::vector<std::uint8_t> big_endian_u32(const py::handle& seq, const char* what
   const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
   std::vector<std::uint8_t> out(static_cast<std::size_t>(n) * 4);
   PyObject** items = list ? reinterpret_cast<PyListObject*>(p)->ob_item : reinterpret_cast<PyTupleObject*>(p)->ob_item;
-  constexpr Py_ssize_t kAhead = 16;  // the int objects are scattered: fetch them ahead of use
+  constexpr Py_ssize_t kAhead = 64;  // the int objects are scattered: keep many misses in flight
   for (Py_ssize_t i = 0; i < n; ++i) {
     if (i + kAhead < n) __builtin_prefetch(items[i + kAhead]);
     PyObject* item = items[i];
