@@ -605,10 +605,10 @@ void bind_prefix(py::module_& m) {
              }
              return stats_dict(s);
            })
-      .def_property_readonly("num_evictable", [](const BoundPrefixCache& self) {
+      .def_property_readonly("num_in_use", [](const BoundPrefixCache& self) {
              py::gil_scoped_release release;
-             return self.cache->stats().evictable_blocks;
-           }, "Unreferenced leaves evictable now (stats()['evictable_blocks'] without building the dict).")
+             return self.cache->stats().in_use_blocks;
+           }, "Nodes with at least one user now (stats()['in_use_blocks'] without building the dict).")
       .def("contains", [](const BoundPrefixCache& self, const py::object& digest) {
              const BlockHash d = digest_from_buffer(digest, "digest");
              py::gil_scoped_release release;

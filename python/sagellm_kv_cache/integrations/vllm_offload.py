@@ -75,14 +75,35 @@ _DIGEST = 32
 
 
 def key_digest(key: bytes) -> bytes:
-    """The trie digest of a vLLM ``OffloadKey`` (deterministic, no hashing)."""
+    """The trie digest of a vLLM ``OffloadKey`` (deterministic: padding, or SHA-256 of a longer key)."""
     if len(key) <= _DIGEST:
         return key.ljust(_DIGEST, b"\0")
     return hashlib.sha256(key).digest()
 
 
+def _key_digests(keys: list[bytes]) -> list[bytes]:
+    """``[key_digest(k) for k in keys]``; keys of one length > 32 (vLLM's) hashed in one native call."""
+    sizes = set(map(len, keys))
+    if len(sizes) == 1 and (size := sizes.pop()) > _DIGEST:
+        return _core.sha256_chunks(b"".join(keys), size)
+    return [key_digest(k) for k in keys]
+
+
 class SageLoadStoreSpec(BlockIDsLoadStoreSpec):
     """Host-pool chunk slots, in the order of the keys they were prepared for."""
+
+    @classmethod
+    def of_array(cls, slots: npt.NDArray[np.int32]) -> SageLoadStoreSpec:
+        """A spec over an int32 slot array the caller hands over (no copy, unlike the list constructor)."""
+        spec = cls.__new__(cls)
+        spec.block_ids = slots
+        return spec
+
+
+_HIT, _HIT_PENDING, _MISS = LookupResult.HIT, LookupResult.HIT_PENDING, LookupResult.MISS
+_NO_SLOTS = np.empty(0, dtype=np.int32)
+# on_new_request's answer: the connector only reads it, so every request shares one.
+_CHUNK_LEVEL = RequestOffloadingContext()
 
 
 class _Trail:
@@ -94,17 +115,27 @@ class _Trail:
         self.last: bytes | None = None
 
 
+# A key between prepare_store and complete_store: (rank in store order, slot, digest, the key before it
+# in its request (its parent-to-be), the key). Ranks are unique, so sorting entries sorts by rank
+# (vLLM completes a store with a set of keys; the trie needs parents before children).
+_Pending = tuple[int, int, bytes, "bytes | None", bytes]
+
+
 class SageOffloadingManager(OffloadingManager):
     """vLLM ``OffloadingManager`` over our native trie + block allocator (scheduler side).
 
     Resident chunks are trie nodes chained in request order: a chunk's parent is the chunk before it
     in the request that stored it (when that one is resident), so eviction takes leaves first (the
-    tail of a prefix goes before its head, which vLLM's flat LRU does not do) and loads and stores are
-    one native call per run of chained keys. The trie holds recency, the eviction policy and the load
-    pins (``match`` references from ``prepare_load`` to ``complete_load``); the allocator hands out
-    pool slots. A Python dict mirrors which keys are resident, so ``lookup`` costs one dict probe.
-    Single-threaded like vLLM's own manager (the connector serializes calls); the native parts are
-    thread-safe anyway. ``policy`` is one of the trie's policies (``lru``, ``fifo``, ``priority``, ``ttl``).
+    tail of a prefix goes before its head, which vLLM's flat LRU does not do). The trie holds recency,
+    the eviction policy and the load pins (``match`` references from ``prepare_load`` to
+    ``complete_load``); the allocator hands out pool slots.
+
+    vLLM calls ``lookup`` once per key, so the Python side keeps what each call needs ready to read:
+    key -> digest / parent / slot dicts of the resident keys (a ``lookup`` is one dict probe; a load of
+    a request's prefix maps its keys to digests with one ``map`` and pins them with one native
+    ``match``, whose block ids are the slots), and the pending stores. Single-threaded like vLLM's own
+    manager (the connector serializes calls); the native parts are thread-safe anyway. ``policy`` is
+    one of the trie's policies (``lru``, ``fifo``, ``priority``, ``ttl``).
     """
 
     def __init__(self, num_chunks: int, *, policy: str = "lru", enable_events: bool = False) -> None:
@@ -114,11 +145,12 @@ class SageOffloadingManager(OffloadingManager):
         self.num_chunks = num_chunks
         self._alloc = _core.BlockAllocator(num_chunks)
         self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=policy, allocator=self._alloc)
-        # key -> (slot, digest, previous key of the request): stored but not complete_store'd yet
-        self._pending: dict[bytes, tuple[int, bytes, bytes | None]] = {}
-        # key -> (slot, digest, parent key in the trie or None): keys in the trie
-        self._resident: dict[bytes, tuple[int, bytes, bytes | None]] = {}
-        self._slot_key: dict[int, bytes] = {}  # slot -> resident key
+        self._pending: dict[bytes, _Pending] = {}  # stored, not complete_store'd yet
+        self._digest: dict[bytes, bytes] = {}  # resident key -> trie digest
+        self._parent: dict[bytes, bytes | None] = {}  # resident key -> its parent key in the trie
+        self._slot: dict[bytes, int] = {}  # resident key -> pool slot
+        self._slot_key: dict[int, bytes] = {}  # pool slot -> resident key
+        self._rank = 0
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
 
     @staticmethod
@@ -129,75 +161,83 @@ class SageOffloadingManager(OffloadingManager):
             req_context.set_state(trail)
         return trail
 
-    def _paths(self, keys: Sequence[bytes]) -> list[list[bytes]]:
+    def _paths(self, keys: Collection[bytes]) -> list[list[bytes]]:
         """Root-to-key digest paths covering ``keys``: one per key that is no other key's ancestor.
 
-        Independent of the order of ``keys`` (vLLM may complete a load with its keys reordered), and
-        fixed while the keys are pinned (a pinned node and its ancestors cannot be evicted).
+        Independent of the order of ``keys`` (vLLM completes loads with a set of keys), and fixed
+        while the keys are pinned (a pinned node and its ancestors cannot be evicted).
         """
-        resident = self._resident
-        if keys:  # common case: the keys are one chain, all on the last key's path
-            path, members = [], set()
-            walk: bytes | None = keys[-1]
-            while walk is not None:
-                members.add(walk)
-                _, digest, walk = resident[walk]
-                path.append(digest)
-            if len(members) >= len(keys) and members.issuperset(keys):
-                path.reverse()
-                return [path]
+        parent, digest = self._parent, self._digest
         ancestors: set[bytes] = set()
         for key in keys:
-            node = resident[key][2]
+            node = parent[key]
             while node is not None and node not in ancestors:
                 ancestors.add(node)
-                node = resident[node][2]
+                node = parent[node]
         paths: list[list[bytes]] = []
         for key in sorted(set(keys) - ancestors):
             path = []
-            walk = key
+            walk: bytes | None = key
             while walk is not None:
-                _, digest, walk = resident[walk]
-                path.append(digest)
+                path.append(digest[walk])
+                walk = parent[walk]
             path.reverse()
             paths.append(path)
         return paths
 
+    def _closed(self, keys: Collection[bytes]) -> bool:
+        """Whether ``keys`` holds every trie ancestor of its keys (then its paths are the keys themselves)."""
+        parents = set(map(self._parent.__getitem__, keys))
+        parents.discard(None)
+        return parents.issubset(keys)
+
     # --- lookups and loads ------------------------------------------------------------------
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
-        if key in self._resident:
-            return LookupResult.HIT
-        return LookupResult.HIT_PENDING if key in self._pending else LookupResult.MISS
+        if key in self._digest:
+            return _HIT
+        return _HIT_PENDING if key in self._pending else _MISS
 
     def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
         return CacheHitSource.HOST
 
+    def _digests_of(self, keys: list[bytes], call: str, state: str) -> list[bytes]:
+        try:
+            return list(map(self._digest.__getitem__, keys))
+        except KeyError as exc:
+            raise KeyError(f"{call}: key {bytes(exc.args[0]).hex()} {state}") from None
+
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         """Pins each key and its trie ancestors until :meth:`complete_load`; all keys must be HITs."""
         keys = list(keys)
-        resident = self._resident
-        missing = [k for k in keys if k not in resident]
-        if missing:
-            raise KeyError(f"prepare_load: key {bytes(missing[0]).hex()} is not offloaded and ready")
-        match = self._trie.match
-        for path in self._paths(keys):
-            match(path)
+        digests = self._digests_of(keys, "prepare_load", "is not offloaded and ready")
+        trie = self._trie
+        # Usually the keys are a request's prefix: one chain from the root, pinned by one match whose
+        # block ids are the slots. Otherwise pin each key's root path and read the slots.
+        matched, slots = trie.match(digests)
+        if matched != len(keys):
+            if matched:
+                trie.release(digests[:matched])
+            for path in self._paths(keys):
+                trie.match(path)
+            slots = np.fromiter(map(self._slot.__getitem__, keys), dtype=np.int32, count=len(keys))
         if keys:
             self._trail(req_context).last = keys[-1]
-        return SageLoadStoreSpec([resident[k][0] for k in keys])
+        return SageLoadStoreSpec.of_array(slots)
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        present = [k for k in keys if k in self._resident]
+        present = [k for k in keys if k in self._digest]
         for path in self._paths(present):
             self._trie.match(path)
             self._trie.release(path)
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        keys = list(keys)
-        missing = [k for k in keys if k not in self._resident]
-        if missing:
-            raise KeyError(f"complete_load: key {bytes(missing[0]).hex()} has no load in flight")
+        keys = keys if isinstance(keys, list) else list(keys)
+        digests = self._digests_of(keys, "complete_load", "has no load in flight")
+        if len(keys) == len(unique := set(keys)) and self._closed(unique):
+            # the usual case (a prefix, completed as a set): the pins are the keys themselves
+            self._trie.release(digests)
+            return
         for path in self._paths(keys):
             self._trie.release(path)
 
@@ -205,106 +245,139 @@ class SageOffloadingManager(OffloadingManager):
 
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
         keys = list(keys)
-        resident, pending = self._resident, self._pending
+        resident, pending = self._digest, self._pending
         to_store = [k for k in keys if k not in resident and k not in pending]
         trail = self._trail(req_context)
         if not to_store:
             if keys:
                 trail.last = keys[-1]
-            return PrepareStoreOutput(keys_to_store=[], store_spec=SageLoadStoreSpec([]), evicted_keys=[])
+            return PrepareStoreOutput(keys_to_store=[], store_spec=SageLoadStoreSpec.of_array(_NO_SLOTS),
+                                      evicted_keys=[])
         if len(set(to_store)) != len(to_store):
             raise ValueError("prepare_store: duplicate keys in one call")
-        evicted: list[OffloadKey] = []
         need = len(to_store) - self._alloc.num_available
-        if need > 0:
-            trie = self._trie
-            # Pin the keys of this call that are already resident so that eviction cannot take them.
-            protect = self._paths([k for k in keys if k in resident])
-            for path in protect:
-                trie.match(path)
-            try:
-                if int(trie.stats()["evictable_blocks"]) < need:
-                    return None
-                trie.evict(need)
-            finally:
-                for path in protect:
-                    trie.release(path)
-            if self._alloc.num_available < len(to_store):  # not expected: evictable counted above
-                self._forget_evicted(evicted)
-                self._emit_removed(evicted)
-                return None
-        slots = self._alloc.allocate(len(to_store)).tolist()
+        if need > 0 and not self._evict(need, [k for k in keys if k in resident]):
+            return None
+        slot_array = self._alloc.allocate(len(to_store))
+        slots: list[int] = slot_array.tolist()
+        evicted: list[OffloadKey] = []
         if need > 0:
             # Eviction freed exactly `need` slots and this allocation took every free slot: the
             # evicted keys are the previous owners of the slots just handed out.
-            slot_key = self._slot_key
-            for slot in slots:
-                key = slot_key.pop(slot, None)
-                if key is not None:
-                    del resident[key]
-                    evicted.append(OffloadKey(key))
+            self._forget(slots, evicted)
             self._emit_removed(evicted)
-        slot_of = dict(zip(to_store, slots, strict=True))
-        prev = trail.last
-        for key in keys:  # each stored key remembers the key before it, in the call's (prefix) order
-            slot = slot_of.get(key)
-            if slot is not None:
-                pending[key] = (slot, key_digest(key), prev)
-            prev = key
+        digests = _key_digests(to_store)
+        rank = self._rank
+        self._rank = rank + len(keys)
+        # each stored key remembers the key before it in the call's (prefix) order
+        n = len(to_store)
+        if n == len(keys):  # the usual case: every key is new
+            prevs = [trail.last, *keys[:-1]]
+            pending.update(zip(keys, zip(range(rank, rank + n), slots, digests, prevs, keys)))
+        else:
+            slot_of = dict(zip(to_store, zip(slots, digests, strict=True), strict=True))
+            prev = trail.last
+            for key in keys:
+                entry = slot_of.get(key)
+                if entry is not None:
+                    pending[key] = (rank, entry[0], entry[1], prev, key)
+                prev = key
+                rank += 1
         trail.last = keys[-1]
-        return PrepareStoreOutput(keys_to_store=to_store, store_spec=SageLoadStoreSpec(slots), evicted_keys=evicted)
+        return PrepareStoreOutput(keys_to_store=to_store, store_spec=SageLoadStoreSpec.of_array(slot_array),
+                                  evicted_keys=evicted)
+
+    def _evict(self, need: int, call_resident: list[bytes]) -> bool:
+        """Evicts ``need`` chunks, sparing the call's resident keys; False, changing nothing, if it cannot."""
+        trie = self._trie
+        # Pin the keys of this call that are already resident so that eviction cannot take them.
+        protect = self._paths(call_resident) if call_resident else []
+        for path in protect:
+            trie.match(path)
+        try:
+            # A node nobody uses has no used descendant either (a match pins a whole root path), so
+            # leaves going one after another can free every such node: evict cascades up chains.
+            if len(self._digest) - trie.num_in_use < need:
+                return False
+            trie.evict(need)
+        finally:
+            for path in protect:
+                trie.release(path)
+        if self._alloc.num_available >= need:
+            return True
+        gone: list[OffloadKey] = []  # not expected: evictable was counted above
+        self._forget_evicted(gone)
+        self._emit_removed(gone)
+        return False
+
+    def _forget(self, slots: Iterable[int], out: list[OffloadKey]) -> None:
+        """Drops the resident keys that held ``slots`` (evicted from the trie) and lists them in ``out``."""
+        slot_key, digest, parent, slot_of = self._slot_key, self._digest, self._parent, self._slot
+        for slot in slots:
+            key = slot_key.pop(slot, None)
+            if key is not None:
+                del digest[key], parent[key], slot_of[key]
+                out.append(key)
 
     def _forget_evicted(self, out: list[OffloadKey]) -> None:
-        for slot, key in list(self._slot_key.items()):
-            if not self._trie.contains(self._resident[key][1]):
-                del self._slot_key[slot]
-                del self._resident[key]
-                out.append(OffloadKey(key))
+        contains = self._trie.contains
+        self._forget([slot for slot, key in self._slot_key.items() if not contains(self._digest[key])], out)
 
     def _emit_removed(self, keys: list[OffloadKey]) -> None:
         if keys and self._events is not None:
             self._events.append(OffloadingEvent(keys=keys, medium=self.medium, removed=True))
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
-        stored: list[OffloadKey] = []
-        slots: list[int] = []
-        resident, pending = self._resident, self._pending
-        run_keys: list[bytes] = []
-        run_parent: bytes | None = None
-        for key in keys:
-            entry = pending.pop(key, None)
-            if entry is None:
-                continue
-            slot, digest, prev = entry
-            slots.append(slot)
-            if not success:
-                continue
-            parent = prev if prev is not None and (prev in resident or (run_keys and prev == run_keys[-1])) else None
-            if not run_keys or parent != run_keys[-1]:
-                self._insert_run(run_keys, run_parent)
-                run_keys, run_parent = [], parent
-            run_keys.append(key)
-            resident[key] = (slot, digest, parent)
-            self._slot_key[slot] = key
-            stored.append(key)
-        self._insert_run(run_keys, run_parent)
-        if slots:
-            self._alloc.free(slots)  # the trie keeps its own reference on a stored chunk
-        if stored and self._events is not None:
+        pop = self._pending.pop
+        done: list[_Pending] = [entry for key in keys if (entry := pop(key, None)) is not None]
+        if not done:
+            return
+        done.sort()  # store order: a parent before its children
+        _, slot_t, digest_t, prev_t, key_t = zip(*done, strict=True)
+        slots, stored = list(slot_t), list(key_t)
+        if success:
+            self._insert(stored, slots, list(digest_t), prev_t)
+        self._alloc.free(slots)  # the trie keeps its own reference on a stored chunk
+        if success and self._events is not None:
             self._events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
 
-    def _insert_run(self, run: list[bytes], parent: bytes | None) -> None:
-        if not run:
+    def _insert(self, keys: list[bytes], slots: list[int], digests: list[bytes], prevs: Sequence[bytes | None]) -> None:
+        """Adds completed stores (in store order) to the trie, one native insert per run of chained keys."""
+        resident, parent_of, slot_of, slot_key = self._digest, self._parent, self._slot, self._slot_key
+        first = prevs[0] if prevs[0] in resident else None
+        if prevs[1:] == tuple(keys[:-1]):  # the usual case: one request's run of new keys
+            self._trie.insert(digests, slots, None if first is None else resident[first])
+            resident.update(zip(keys, digests))
+            parent_of[keys[0]] = first
+            parent_of.update(zip(keys[1:], keys))
+            slot_of.update(zip(keys, slots))
+            slot_key.update(zip(slots, keys))
             return
-        resident = self._resident
-        digests = [resident[k][1] for k in run]
-        slots = [resident[k][0] for k in run]
-        self._trie.insert(digests, slots, parent=None if parent is None else resident[parent][1])
+        insert = self._trie.insert
+        run_digests: list[bytes] = []
+        run_slots: list[int] = []
+        run_parent: bytes | None = None
+        last: bytes | None = None
+        for key, slot, digest, prev in zip(keys, slots, digests, prevs, strict=True):
+            parent = prev if prev is not None and prev in resident else None
+            if parent is None or parent != last:  # not the continuation of the current run
+                if run_digests:
+                    insert(run_digests, run_slots, run_parent)
+                run_digests, run_slots = [], []
+                run_parent = None if parent is None else resident[parent]
+            run_digests.append(digest)
+            run_slots.append(slot)
+            resident[key] = digest
+            parent_of[key] = parent
+            slot_of[key] = slot
+            slot_key[slot] = key
+            last = key
+        insert(run_digests, run_slots, run_parent)
 
     # --- request lifecycle and bookkeeping ------------------------------------------------------
 
     def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
-        return RequestOffloadingContext()
+        return _CHUNK_LEVEL
 
     def on_request_finished(self, req_context: ReqContext) -> None:
         return None
@@ -324,7 +397,7 @@ class SageOffloadingManager(OffloadingManager):
     def stats(self) -> dict[str, int]:
         """Resident / pending / free chunk counts plus the trie's counters."""
         out = {k: int(v) for k, v in self._trie.stats().items()}
-        out.update(resident_chunks=len(self._resident), pending_chunks=len(self._pending),
+        out.update(resident_chunks=len(self._digest), pending_chunks=len(self._pending),
                    free_chunks=int(self._alloc.num_available), num_chunks=self.num_chunks)
         return out
 
