@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Collection, Iterable, Sequence
+from operator import itemgetter
 
 import numpy as np
 import numpy.typing as npt
@@ -119,6 +120,11 @@ class _Trail:
 # in its request (its parent-to-be), the key). Ranks are unique, so sorting entries sorts by rank
 # (vLLM completes a store with a set of keys; the trie needs parents before children).
 _Pending = tuple[int, int, bytes, "bytes | None", bytes]
+# A resident key: (trie digest, parent key in the trie or None for a root, pool slot).
+_Resident = tuple[bytes, "bytes | None", int]
+_digest_of = itemgetter(0)
+_parent_of = itemgetter(1)
+_slot_of = itemgetter(2)
 
 
 class SageOffloadingManager(OffloadingManager):
@@ -131,9 +137,9 @@ class SageOffloadingManager(OffloadingManager):
     ``complete_load``); the allocator hands out pool slots.
 
     vLLM calls ``lookup`` once per key, so the Python side keeps what each call needs ready to read:
-    key -> digest / parent / slot dicts of the resident keys (a ``lookup`` is one dict probe; a load of
-    a request's prefix maps its keys to digests with one ``map`` and pins them with one native
-    ``match``, whose block ids are the slots), and the pending stores. Single-threaded like vLLM's own
+    one dict of the resident keys -> (digest, parent key, slot) (a ``lookup`` is one dict probe; a load
+    of a request's prefix maps its keys to digests with ``map`` and pins them with one native
+    ``match``, whose block ids are the slots), and one of the pending stores. Single-threaded like vLLM's own
     manager (the connector serializes calls); the native parts are thread-safe anyway. ``policy`` is
     one of the trie's policies (``lru``, ``fifo``, ``priority``, ``ttl``).
     """
@@ -146,9 +152,7 @@ class SageOffloadingManager(OffloadingManager):
         self._alloc = _core.BlockAllocator(num_chunks)
         self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=policy, allocator=self._alloc)
         self._pending: dict[bytes, _Pending] = {}  # stored, not complete_store'd yet
-        self._digest: dict[bytes, bytes] = {}  # resident key -> trie digest
-        self._parent: dict[bytes, bytes | None] = {}  # resident key -> its parent key in the trie
-        self._slot: dict[bytes, int] = {}  # resident key -> pool slot
+        self._res: dict[bytes, _Resident] = {}  # resident key -> (digest, parent key in the trie, slot)
         self._slot_key: dict[int, bytes] = {}  # pool slot -> resident key
         self._rank = 0
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
@@ -167,50 +171,45 @@ class SageOffloadingManager(OffloadingManager):
         Independent of the order of ``keys`` (vLLM completes loads with a set of keys), and fixed
         while the keys are pinned (a pinned node and its ancestors cannot be evicted).
         """
-        parent, digest = self._parent, self._digest
+        res = self._res
         ancestors: set[bytes] = set()
         for key in keys:
-            node = parent[key]
+            node = res[key][1]
             while node is not None and node not in ancestors:
                 ancestors.add(node)
-                node = parent[node]
+                node = res[node][1]
         paths: list[list[bytes]] = []
         for key in sorted(set(keys) - ancestors):
             path = []
             walk: bytes | None = key
             while walk is not None:
-                path.append(digest[walk])
-                walk = parent[walk]
+                digest, walk, _ = res[walk]
+                path.append(digest)
             path.reverse()
             paths.append(path)
         return paths
 
-    def _closed(self, keys: Collection[bytes]) -> bool:
-        """Whether ``keys`` holds every trie ancestor of its keys (then its paths are the keys themselves)."""
-        parents = set(map(self._parent.__getitem__, keys))
-        parents.discard(None)
-        return parents.issubset(keys)
-
     # --- lookups and loads ------------------------------------------------------------------
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
-        if key in self._digest:
+        if key in self._res:
             return _HIT
         return _HIT_PENDING if key in self._pending else _MISS
 
     def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
         return CacheHitSource.HOST
 
-    def _digests_of(self, keys: list[bytes], call: str, state: str) -> list[bytes]:
+    def _records(self, keys: Iterable[bytes], call: str, state: str) -> list[_Resident]:
         try:
-            return list(map(self._digest.__getitem__, keys))
+            return list(map(self._res.__getitem__, keys))
         except KeyError as exc:
             raise KeyError(f"{call}: key {bytes(exc.args[0]).hex()} {state}") from None
 
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         """Pins each key and its trie ancestors until :meth:`complete_load`; all keys must be HITs."""
         keys = list(keys)
-        digests = self._digests_of(keys, "prepare_load", "is not offloaded and ready")
+        records = self._records(keys, "prepare_load", "is not offloaded and ready")
+        digests = list(map(_digest_of, records))
         trie = self._trie
         # Usually the keys are a request's prefix: one chain from the root, pinned by one match whose
         # block ids are the slots. Otherwise pin each key's root path and read the slots.
@@ -220,23 +219,26 @@ class SageOffloadingManager(OffloadingManager):
                 trie.release(digests[:matched])
             for path in self._paths(keys):
                 trie.match(path)
-            slots = np.fromiter(map(self._slot.__getitem__, keys), dtype=np.int32, count=len(keys))
+            slots = np.fromiter(map(_slot_of, records), dtype=np.int32, count=len(keys))
         if keys:
             self._trail(req_context).last = keys[-1]
         return SageLoadStoreSpec.of_array(slots)
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        present = [k for k in keys if k in self._digest]
+        present = [k for k in keys if k in self._res]
         for path in self._paths(present):
             self._trie.match(path)
             self._trie.release(path)
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        keys = keys if isinstance(keys, list) else list(keys)
-        digests = self._digests_of(keys, "complete_load", "has no load in flight")
-        if len(keys) == len(unique := set(keys)) and self._closed(unique):
-            # the usual case (a prefix, completed as a set): the pins are the keys themselves
-            self._trie.release(digests)
+        unique = keys if isinstance(keys, (set, frozenset)) else set(keys)  # vLLM passes a set
+        records = self._records(unique, "complete_load", "has no load in flight")
+        parents = set(map(_parent_of, records))
+        parents.discard(None)
+        if len(unique) == len(keys) and parents.issubset(unique):
+            # The usual case (a prefix): the keys hold each other's ancestors, so the pins taken by
+            # prepare_load are the keys themselves, released in one call in any order.
+            self._trie.release(list(map(_digest_of, records)))
             return
         for path in self._paths(keys):
             self._trie.release(path)
@@ -245,7 +247,7 @@ class SageOffloadingManager(OffloadingManager):
 
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
         keys = list(keys)
-        resident, pending = self._digest, self._pending
+        resident, pending = self._res, self._pending
         to_store = [k for k in keys if k not in resident and k not in pending]
         trail = self._trail(req_context)
         if not to_store:
@@ -256,8 +258,10 @@ class SageOffloadingManager(OffloadingManager):
         if len(set(to_store)) != len(to_store):
             raise ValueError("prepare_store: duplicate keys in one call")
         need = len(to_store) - self._alloc.num_available
-        if need > 0 and not self._evict(need, [k for k in keys if k in resident]):
-            return None
+        if need > 0:
+            call_resident = [] if len(to_store) == len(keys) else [k for k in keys if k in resident]
+            if not self._evict(need, call_resident):
+                return None
         slot_array = self._alloc.allocate(len(to_store))
         slots: list[int] = slot_array.tolist()
         evicted: list[OffloadKey] = []
@@ -297,7 +301,7 @@ class SageOffloadingManager(OffloadingManager):
         try:
             # A node nobody uses has no used descendant either (a match pins a whole root path), so
             # leaves going one after another can free every such node: evict cascades up chains.
-            if len(self._digest) - trie.num_in_use < need:
+            if len(self._res) - trie.num_in_use < need:
                 return False
             trie.evict(need)
         finally:
@@ -312,16 +316,16 @@ class SageOffloadingManager(OffloadingManager):
 
     def _forget(self, slots: Iterable[int], out: list[OffloadKey]) -> None:
         """Drops the resident keys that held ``slots`` (evicted from the trie) and lists them in ``out``."""
-        slot_key, digest, parent, slot_of = self._slot_key, self._digest, self._parent, self._slot
+        slot_key, res = self._slot_key, self._res
         for slot in slots:
             key = slot_key.pop(slot, None)
             if key is not None:
-                del digest[key], parent[key], slot_of[key]
+                del res[key]
                 out.append(key)
 
     def _forget_evicted(self, out: list[OffloadKey]) -> None:
         contains = self._trie.contains
-        self._forget([slot for slot, key in self._slot_key.items() if not contains(self._digest[key])], out)
+        self._forget([slot for slot, key in self._slot_key.items() if not contains(self._res[key][0])], out)
 
     def _emit_removed(self, keys: list[OffloadKey]) -> None:
         if keys and self._events is not None:
@@ -343,14 +347,11 @@ class SageOffloadingManager(OffloadingManager):
 
     def _insert(self, keys: list[bytes], slots: list[int], digests: list[bytes], prevs: Sequence[bytes | None]) -> None:
         """Adds completed stores (in store order) to the trie, one native insert per run of chained keys."""
-        resident, parent_of, slot_of, slot_key = self._digest, self._parent, self._slot, self._slot_key
+        resident, slot_key = self._res, self._slot_key
         first = prevs[0] if prevs[0] in resident else None
         if prevs[1:] == tuple(keys[:-1]):  # the usual case: one request's run of new keys
-            self._trie.insert(digests, slots, None if first is None else resident[first])
-            resident.update(zip(keys, digests))
-            parent_of[keys[0]] = first
-            parent_of.update(zip(keys[1:], keys))
-            slot_of.update(zip(keys, slots))
+            self._trie.insert(digests, slots, None if first is None else resident[first][0])
+            resident.update(zip(keys, zip(digests, [first, *keys[:-1]], slots)))
             slot_key.update(zip(slots, keys))
             return
         insert = self._trie.insert
@@ -364,12 +365,10 @@ class SageOffloadingManager(OffloadingManager):
                 if run_digests:
                     insert(run_digests, run_slots, run_parent)
                 run_digests, run_slots = [], []
-                run_parent = None if parent is None else resident[parent]
+                run_parent = None if parent is None else resident[parent][0]
             run_digests.append(digest)
             run_slots.append(slot)
-            resident[key] = digest
-            parent_of[key] = parent
-            slot_of[key] = slot
+            resident[key] = (digest, parent, slot)
             slot_key[slot] = key
             last = key
         insert(run_digests, run_slots, run_parent)
@@ -397,7 +396,7 @@ class SageOffloadingManager(OffloadingManager):
     def stats(self) -> dict[str, int]:
         """Resident / pending / free chunk counts plus the trie's counters."""
         out = {k: int(v) for k, v in self._trie.stats().items()}
-        out.update(resident_chunks=len(self._digest), pending_chunks=len(self._pending),
+        out.update(resident_chunks=len(self._res), pending_chunks=len(self._pending),
                    free_chunks=int(self._alloc.num_available), num_chunks=self.num_chunks)
         return out
 
