@@ -28,7 +28,7 @@ from sagellm_kv_cache.integrations.vllm_offload import (
     SageOffloadingManager,
     SageOffloadingSpec,
     SageOffloadingWorker,
-    key_digest,
+    slot_digest,
 )
 from vllm.v1.kv_offload.base import (
     CanonicalKVCacheRef,
@@ -64,11 +64,14 @@ def stored(m: SageOffloadingManager, ks: list[bytes]) -> None:
 # --- manager contract ------------------------------------------------------------------------
 
 
-def test_key_digest_separates_groups() -> None:
+def test_keys_differing_in_group_are_distinct_chunks() -> None:
+    m = SageOffloadingManager(2)
     a, b = keys(5, group=0)[0], keys(5, group=1)[0]
-    assert key_digest(a) != key_digest(b) and len(key_digest(a)) == 32
-    assert key_digest(b"abc" + (3).to_bytes(4, "big")) == b"abc\0\0\0\3".ljust(32, b"\0")
-    assert key_digest(a) == key_digest(bytes(a))
+    stored(m, [a])
+    assert m.lookup(b, CTX) is LookupResult.MISS
+    stored(m, [b])
+    assert m.lookup(a, CTX) is LookupResult.HIT and m.lookup(b, CTX) is LookupResult.HIT
+    assert len({slot_digest(s) for s in range(1000)}) == 1000 and len(slot_digest(7)) == 32
 
 
 def test_not_readable_before_complete_store() -> None:
@@ -318,6 +321,39 @@ def test_complete_load_accepts_reordered_keys_and_tails_evict_first() -> None:
     # only the chain's tail is a leaf: it goes first, the prefix 1 <- 2 stays loadable
     assert out is not None and out.evicted_keys == keys(3)
     assert [m.lookup(k, CTX) for k in keys(1, 2, 3)] == [LookupResult.HIT, LookupResult.HIT, LookupResult.MISS]
+
+
+def test_store_completed_as_a_set_chains_in_store_order_and_evicts_through_the_chain() -> None:
+    m = SageOffloadingManager(4)
+    ctx = ReqContext("set")
+    out = m.prepare_store(keys(1, 2, 3, 4), ctx)
+    assert out is not None
+    m.complete_store(set(reversed(out.keys_to_store)), ctx)  # vLLM hands the job's keys as a set
+    spec = m.prepare_load(keys(1, 2, 3, 4), ctx)  # one chain from the root: pinned by one match
+    assert spec.block_ids.tolist() == out.store_spec.block_ids.tolist()
+    assert m.stats()["lookups"] == 1
+    m.complete_load(set(keys(1, 2, 3, 4)), ctx)
+    assert m.stats()["in_use_blocks"] == 0
+    # a chain has one leaf, yet all of it can go: eviction cascades from the tail to the head
+    out = m.prepare_store(keys(7, 8, 9), CTX)
+    assert out is not None and sorted(out.evicted_keys) == keys(2, 3, 4)
+    assert [m.lookup(k, CTX) for k in keys(1, 2)] == [LookupResult.HIT, LookupResult.MISS]
+
+
+def test_partial_store_completion_keeps_the_rest_pending() -> None:
+    m = SageOffloadingManager(4)
+    ctx = ReqContext("part")
+    out = m.prepare_store(keys(1, 2, 3), ctx)
+    assert out is not None
+    m.complete_store({keys(1)[0], keys(3)[0]}, ctx)
+    assert [m.lookup(k, CTX) for k in keys(1, 2, 3)] == [LookupResult.HIT, LookupResult.HIT_PENDING,
+                                                         LookupResult.HIT]
+    m.complete_store(keys(2), ctx, success=False)
+    assert m.lookup(keys(2)[0], CTX) is LookupResult.MISS
+    assert m.stats()["free_chunks"] == 2 and m.stats()["resident_chunks"] == 2
+    m.prepare_load(keys(3), ctx)  # 3 was stored after 2 failed: a root of its own, loadable alone
+    m.complete_load(keys(3), ctx)
+    assert m.stats()["in_use_blocks"] == 0
 
 
 def test_mooncake_trace_through_vllm_scheduler_matches_our_replay() -> None:

@@ -18,9 +18,9 @@ Two halves, in two processes:
   ``num_chunks`` slots, filled from / copied back into vLLM's canonical int8 KV views with the pool's
   ``scatter`` / ``gather_into``.
 
-vLLM keys (``OffloadKey``: the chained block hash + a 4-byte group index) map to the trie's 32-byte
-digests deterministically: keys of at most 32 bytes are zero-padded, longer ones (vLLM's default
-32-byte SHA-256 block hash + group = 36 bytes) are SHA-256'd, since their hash part need not be random.
+vLLM keys (``OffloadKey``: the chained block hash + a 4-byte group index) are the manager's dict keys;
+a trie node is named by the pool slot it holds (a 32-byte digest per slot, made once), since a slot
+belongs to one chunk at a time: no key is hashed again.
 
 Not supported: hybrid models (more than one KV-cache group: the spec refuses them at construction);
 tensor/pipeline parallel > 1 is untested (each rank keeps its own shard in its own pool under the same
@@ -33,7 +33,6 @@ This module imports vLLM; the rest of the package never imports it.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Collection, Iterable, Sequence
 from operator import itemgetter
@@ -69,25 +68,13 @@ __all__ = [
     "SageOffloadingManager",
     "SageOffloadingSpec",
     "SageOffloadingWorker",
-    "key_digest",
+    "slot_digest",
 ]
 
-_DIGEST = 32
 
-
-def key_digest(key: bytes) -> bytes:
-    """The trie digest of a vLLM ``OffloadKey`` (deterministic: padding, or SHA-256 of a longer key)."""
-    if len(key) <= _DIGEST:
-        return key.ljust(_DIGEST, b"\0")
-    return hashlib.sha256(key).digest()
-
-
-def _key_digests(keys: list[bytes]) -> list[bytes]:
-    """``[key_digest(k) for k in keys]``; keys of one length > 32 (vLLM's) hashed in one native call."""
-    sizes = set(map(len, keys))
-    if len(sizes) == 1 and (size := sizes.pop()) > _DIGEST:
-        return _core.sha256_chunks(b"".join(keys), size)
-    return [key_digest(k) for k in keys]
+def slot_digest(slot: int) -> bytes:
+    """The trie digest naming pool slot ``slot``: its 8-byte little-endian number, then a fixed tag."""
+    return slot.to_bytes(8, "little") + b"sagellm-kv vllm slot".ljust(24, b"\0")
 
 
 class SageLoadStoreSpec(BlockIDsLoadStoreSpec):
@@ -116,10 +103,27 @@ class _Trail:
         self.last: bytes | None = None
 
 
-# A key between prepare_store and complete_store: (rank in store order, slot, digest, the key before it
-# in its request (its parent-to-be), the key). Ranks are unique, so sorting entries sorts by rank
-# (vLLM completes a store with a set of keys; the trie needs parents before children).
-_Pending = tuple[int, int, bytes, "bytes | None", bytes]
+class _StoreBatch:
+    """The keys one ``prepare_store`` call stored, in its (prefix) order, until ``complete_store``:
+    their slots, digests and the key before each in its request (its parent-to-be). vLLM completes a
+    store with the set of its keys; the batch keeps the order the trie needs (parents first)."""
+
+    __slots__ = ("digests", "keys", "prevs", "rank", "slots")
+
+    def __init__(self, rank: int, keys: list[bytes], slots: list[int], digests: list[bytes],
+                 prevs: list[bytes | None]) -> None:
+        self.rank, self.keys, self.slots, self.digests, self.prevs = rank, keys, slots, digests, prevs
+
+    def part(self, done: set[bytes]) -> _StoreBatch:
+        """The keys of this batch that are in ``done``, in batch order."""
+        pick = [i for i, key in enumerate(self.keys) if key in done]
+        return _StoreBatch(self.rank, [self.keys[i] for i in pick], [self.slots[i] for i in pick],
+                           [self.digests[i] for i in pick], [self.prevs[i] for i in pick])
+
+
+def _rank_of(batch: _StoreBatch) -> int:
+    return batch.rank
+
 # A resident key: (trie digest, parent key in the trie or None for a root, pool slot).
 _Resident = tuple[bytes, "bytes | None", int]
 _digest_of = itemgetter(0)
@@ -151,9 +155,10 @@ class SageOffloadingManager(OffloadingManager):
         self.num_chunks = num_chunks
         self._alloc = _core.BlockAllocator(num_chunks)
         self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=policy, allocator=self._alloc)
-        self._pending: dict[bytes, _Pending] = {}  # stored, not complete_store'd yet
+        self._pending: dict[bytes, _StoreBatch] = {}  # stored, not complete_store'd yet
         self._res: dict[bytes, _Resident] = {}  # resident key -> (digest, parent key in the trie, slot)
-        self._slot_key: dict[int, bytes] = {}  # pool slot -> resident key
+        self._slot_key: list[bytes | None] = [None] * num_chunks  # pool slot -> resident key
+        self._slot_digest = [slot_digest(slot) for slot in range(num_chunks)]
         self._rank = 0
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
 
@@ -248,7 +253,10 @@ class SageOffloadingManager(OffloadingManager):
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
         keys = list(keys)
         resident, pending = self._res, self._pending
-        to_store = [k for k in keys if k not in resident and k not in pending]
+        if pending:
+            to_store = [k for k in keys if k not in resident and k not in pending]
+        else:  # no store in flight: one probe per key
+            to_store = [k for k in keys if k not in resident]
         trail = self._trail(req_context)
         if not to_store:
             if keys:
@@ -270,23 +278,15 @@ class SageOffloadingManager(OffloadingManager):
             # evicted keys are the previous owners of the slots just handed out.
             self._forget(slots, evicted)
             self._emit_removed(evicted)
-        digests = _key_digests(to_store)
-        rank = self._rank
-        self._rank = rank + len(keys)
-        # each stored key remembers the key before it in the call's (prefix) order
-        n = len(to_store)
-        if n == len(keys):  # the usual case: every key is new
+        if len(to_store) == len(keys):  # the usual case: every key is new, each chains from the one before
             prevs = [trail.last, *keys[:-1]]
-            pending.update(zip(keys, zip(range(rank, rank + n), slots, digests, prevs, keys)))
         else:
-            slot_of = dict(zip(to_store, zip(slots, digests, strict=True), strict=True))
-            prev = trail.last
-            for key in keys:
-                entry = slot_of.get(key)
-                if entry is not None:
-                    pending[key] = (rank, entry[0], entry[1], prev, key)
-                prev = key
-                rank += 1
+            prev_of = dict(zip(keys[1:], keys))
+            prev_of[keys[0]] = trail.last
+            prevs = list(map(prev_of.__getitem__, to_store))
+        self._rank += 1
+        batch = _StoreBatch(self._rank, to_store, slots, list(map(self._slot_digest.__getitem__, slots)), prevs)
+        pending.update(dict.fromkeys(to_store, batch))
         trail.last = keys[-1]
         return PrepareStoreOutput(keys_to_store=to_store, store_spec=SageLoadStoreSpec.of_array(slot_array),
                                   evicted_keys=evicted)
@@ -318,14 +318,16 @@ class SageOffloadingManager(OffloadingManager):
         """Drops the resident keys that held ``slots`` (evicted from the trie) and lists them in ``out``."""
         slot_key, res = self._slot_key, self._res
         for slot in slots:
-            key = slot_key.pop(slot, None)
+            key = slot_key[slot]
             if key is not None:
+                slot_key[slot] = None
                 del res[key]
                 out.append(key)
 
     def _forget_evicted(self, out: list[OffloadKey]) -> None:
         contains = self._trie.contains
-        self._forget([slot for slot, key in self._slot_key.items() if not contains(self._res[key][0])], out)
+        self._forget([slot for slot, key in enumerate(self._slot_key)
+                      if key is not None and not contains(self._res[key][0])], out)
 
     def _emit_removed(self, keys: list[OffloadKey]) -> None:
         if keys and self._events is not None:
@@ -333,26 +335,33 @@ class SageOffloadingManager(OffloadingManager):
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
         pop = self._pending.pop
-        done: list[_Pending] = [entry for key in keys if (entry := pop(key, None)) is not None]
-        if not done:
+        got = [batch for key in keys if (batch := pop(key, None)) is not None]
+        if not got:
             return
-        done.sort()  # store order: a parent before its children
-        _, slot_t, digest_t, prev_t, key_t = zip(*done, strict=True)
-        slots, stored = list(slot_t), list(key_t)
-        if success:
-            self._insert(stored, slots, list(digest_t), prev_t)
-        self._alloc.free(slots)  # the trie keeps its own reference on a stored chunk
-        if success and self._events is not None:
+        whole = got[0]
+        if got.count(whole) == len(got) == len(whole.keys):  # the usual case: one prepare_store's keys
+            batches = [whole]
+        else:
+            done = set(keys)
+            batches = sorted({id(b): b.part(done) for b in got}.values(), key=_rank_of)
+        stored: list[OffloadKey] = []
+        for batch in batches:
+            if success:
+                self._insert(batch.keys, batch.slots, batch.digests, batch.prevs)
+                stored += batch.keys
+            self._alloc.free(batch.slots)  # the trie keeps its own reference on a stored chunk
+        if stored and self._events is not None:
             self._events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
 
-    def _insert(self, keys: list[bytes], slots: list[int], digests: list[bytes], prevs: Sequence[bytes | None]) -> None:
+    def _insert(self, keys: list[bytes], slots: list[int], digests: list[bytes], prevs: list[bytes | None]) -> None:
         """Adds completed stores (in store order) to the trie, one native insert per run of chained keys."""
         resident, slot_key = self._res, self._slot_key
         first = prevs[0] if prevs[0] in resident else None
-        if prevs[1:] == tuple(keys[:-1]):  # the usual case: one request's run of new keys
+        if prevs[1:] == keys[:-1]:  # the usual case: one request's run of new keys
             self._trie.insert(digests, slots, None if first is None else resident[first][0])
             resident.update(zip(keys, zip(digests, [first, *keys[:-1]], slots)))
-            slot_key.update(zip(slots, keys))
+            for slot, key in zip(slots, keys):
+                slot_key[slot] = key
             return
         insert = self._trie.insert
         run_digests: list[bytes] = []
