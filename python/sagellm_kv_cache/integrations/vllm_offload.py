@@ -34,7 +34,7 @@ This module imports vLLM; the rest of the package never imports it.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable
 from operator import itemgetter
 
 import numpy as np
@@ -95,12 +95,15 @@ _CHUNK_LEVEL = RequestOffloadingContext()
 
 
 class _Trail:
-    """Per-request note (kept in the ReqContext): the request's last key known to the tier."""
+    """Per-request note of one manager (kept in the ReqContext): the request's last key known to the
+    tier, and its loads in flight: (keys, the digest paths ``prepare_load`` pinned for them)."""
 
-    __slots__ = ("last",)
+    __slots__ = ("last", "loads", "owner")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
         self.last: bytes | None = None
+        self.loads: list[tuple[list[bytes], list[list[bytes]]]] = []
 
 
 class _StoreBatch:
@@ -127,7 +130,6 @@ def _rank_of(batch: _StoreBatch) -> int:
 # A resident key: (trie digest, parent key in the trie or None for a root, pool slot).
 _Resident = tuple[bytes, "bytes | None", int]
 _digest_of = itemgetter(0)
-_parent_of = itemgetter(1)
 _slot_of = itemgetter(2)
 
 
@@ -162,11 +164,10 @@ class SageOffloadingManager(OffloadingManager):
         self._rank = 0
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
 
-    @staticmethod
-    def _trail(req_context: ReqContext) -> _Trail:
+    def _trail(self, req_context: ReqContext) -> _Trail:
         trail = req_context.get_state(_Trail)
-        if trail is None:
-            trail = _Trail()
+        if trail is None or trail.owner is not self:
+            trail = _Trail(self)
             req_context.set_state(trail)
         return trail
 
@@ -213,20 +214,26 @@ class SageOffloadingManager(OffloadingManager):
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         """Pins each key and its trie ancestors until :meth:`complete_load`; all keys must be HITs."""
         keys = list(keys)
-        records = self._records(keys, "prepare_load", "is not offloaded and ready")
-        digests = list(map(_digest_of, records))
+        try:
+            digests = list(map(_digest_of, map(self._res.__getitem__, keys)))
+        except KeyError as exc:
+            raise KeyError(f"prepare_load: key {bytes(exc.args[0]).hex()} is not offloaded and ready") from None
         trie = self._trie
+        trail = self._trail(req_context)
         # Usually the keys are a request's prefix: one chain from the root, pinned by one match whose
         # block ids are the slots. Otherwise pin each key's root path and read the slots.
         matched, slots = trie.match(digests)
+        paths = [digests]
         if matched != len(keys):
             if matched:
                 trie.release(digests[:matched])
-            for path in self._paths(keys):
+            paths = self._paths(keys)
+            for path in paths:
                 trie.match(path)
-            slots = np.fromiter(map(_slot_of, records), dtype=np.int32, count=len(keys))
+            slots = np.fromiter(map(_slot_of, map(self._res.__getitem__, keys)), dtype=np.int32, count=len(keys))
         if keys:
-            self._trail(req_context).last = keys[-1]
+            trail.loads.append((keys, paths))
+            trail.last = keys[-1]
         return SageLoadStoreSpec.of_array(slots)
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
@@ -236,17 +243,23 @@ class SageOffloadingManager(OffloadingManager):
             self._trie.release(path)
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        unique = keys if isinstance(keys, (set, frozenset)) else set(keys)  # vLLM passes a set
-        records = self._records(unique, "complete_load", "has no load in flight")
-        parents = set(map(_parent_of, records))
-        parents.discard(None)
-        if len(unique) == len(keys) and parents.issubset(unique):
-            # The usual case (a prefix): the keys hold each other's ancestors, so the pins taken by
-            # prepare_load are the keys themselves, released in one call in any order.
-            self._trie.release(list(map(_digest_of, records)))
-            return
-        for path in self._paths(keys):
-            self._trie.release(path)
+        """Releases the pins of a ``prepare_load`` of the same keys (in any order: vLLM passes a set)."""
+        unique = keys if isinstance(keys, (set, frozenset)) else set(keys)
+        trie = self._trie
+        trail = req_context.get_state(_Trail)
+        if trail is not None and trail.owner is self:
+            loads = trail.loads
+            for i, (loaded, paths) in enumerate(loads):
+                # same size and holding each (distinct) loaded key: the same keys
+                if len(loaded) == len(keys) and unique.issuperset(loaded):
+                    del loads[i]
+                    for path in paths:
+                        trie.release(path)
+                    return
+        # Not a load this request prepared here: the pins are the keys' root paths.
+        self._records(unique, "complete_load", "has no load in flight")
+        for path in self._paths(unique):
+            trie.release(path)
 
     # --- stores -----------------------------------------------------------------------------
 
@@ -263,7 +276,9 @@ class SageOffloadingManager(OffloadingManager):
                 trail.last = keys[-1]
             return PrepareStoreOutput(keys_to_store=[], store_spec=SageLoadStoreSpec.of_array(_NO_SLOTS),
                                       evicted_keys=[])
-        if len(set(to_store)) != len(to_store):
+        batch = _StoreBatch(0, to_store, [], [], [])  # filled in once the slots are known
+        fresh = dict.fromkeys(to_store, batch)
+        if len(fresh) != len(to_store):
             raise ValueError("prepare_store: duplicate keys in one call")
         need = len(to_store) - self._alloc.num_available
         if need > 0:
@@ -281,12 +296,13 @@ class SageOffloadingManager(OffloadingManager):
         if len(to_store) == len(keys):  # the usual case: every key is new, each chains from the one before
             prevs = [trail.last, *keys[:-1]]
         else:
-            prev_of = dict(zip(keys[1:], keys))
+            prev_of = dict(zip(keys[1:], keys, strict=False))
             prev_of[keys[0]] = trail.last
             prevs = list(map(prev_of.__getitem__, to_store))
         self._rank += 1
-        batch = _StoreBatch(self._rank, to_store, slots, list(map(self._slot_digest.__getitem__, slots)), prevs)
-        pending.update(dict.fromkeys(to_store, batch))
+        batch.rank, batch.slots, batch.prevs = self._rank, slots, prevs
+        batch.digests = list(map(self._slot_digest.__getitem__, slots))
+        pending.update(fresh)
         trail.last = keys[-1]
         return PrepareStoreOutput(keys_to_store=to_store, store_spec=SageLoadStoreSpec.of_array(slot_array),
                                   evicted_keys=evicted)
@@ -359,8 +375,8 @@ class SageOffloadingManager(OffloadingManager):
         first = prevs[0] if prevs[0] in resident else None
         if prevs[1:] == keys[:-1]:  # the usual case: one request's run of new keys
             self._trie.insert(digests, slots, None if first is None else resident[first][0])
-            resident.update(zip(keys, zip(digests, [first, *keys[:-1]], slots)))
-            for slot, key in zip(slots, keys):
+            resident.update(zip(keys, zip(digests, [first, *keys[:-1]], slots, strict=True), strict=True))
+            for slot, key in zip(slots, keys, strict=True):
                 slot_key[slot] = key
             return
         insert = self._trie.insert
