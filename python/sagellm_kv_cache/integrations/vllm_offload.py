@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable
-from operator import itemgetter
 
 import numpy as np
 import numpy.typing as npt
@@ -127,10 +126,6 @@ class _StoreBatch:
 def _rank_of(batch: _StoreBatch) -> int:
     return batch.rank
 
-# A resident key: (trie digest, parent key in the trie or None for a root, pool slot).
-_Resident = tuple[bytes, "bytes | None", int]
-_digest_of = itemgetter(0)
-_slot_of = itemgetter(2)
 
 
 class SageOffloadingManager(OffloadingManager):
@@ -158,8 +153,9 @@ class SageOffloadingManager(OffloadingManager):
         self._alloc = _core.BlockAllocator(num_chunks)
         self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=policy, allocator=self._alloc)
         self._pending: dict[bytes, _StoreBatch] = {}  # stored, not complete_store'd yet
-        self._res: dict[bytes, _Resident] = {}  # resident key -> (digest, parent key in the trie, slot)
+        self._res: dict[bytes, int] = {}  # resident key -> its pool slot
         self._slot_key: list[bytes | None] = [None] * num_chunks  # pool slot -> resident key
+        self._slot_parent: list[bytes | None] = [None] * num_chunks  # slot -> its key's parent key (None: root)
         self._slot_digest = [slot_digest(slot) for slot in range(num_chunks)]
         self._rank = 0
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
@@ -177,20 +173,21 @@ class SageOffloadingManager(OffloadingManager):
         Independent of the order of ``keys`` (vLLM completes loads with a set of keys), and fixed
         while the keys are pinned (a pinned node and its ancestors cannot be evicted).
         """
-        res = self._res
+        res, parent, digest = self._res, self._slot_parent, self._slot_digest
         ancestors: set[bytes] = set()
         for key in keys:
-            node = res[key][1]
+            node = parent[res[key]]
             while node is not None and node not in ancestors:
                 ancestors.add(node)
-                node = res[node][1]
+                node = parent[res[node]]
         paths: list[list[bytes]] = []
         for key in sorted(set(keys) - ancestors):
             path = []
             walk: bytes | None = key
             while walk is not None:
-                digest, walk, _ = res[walk]
-                path.append(digest)
+                slot = res[walk]
+                path.append(digest[slot])
+                walk = parent[slot]
             path.reverse()
             paths.append(path)
         return paths
@@ -205,7 +202,7 @@ class SageOffloadingManager(OffloadingManager):
     def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
         return CacheHitSource.HOST
 
-    def _records(self, keys: Iterable[bytes], call: str, state: str) -> list[_Resident]:
+    def _slots(self, keys: Iterable[bytes], call: str, state: str) -> list[int]:
         try:
             return list(map(self._res.__getitem__, keys))
         except KeyError as exc:
@@ -215,7 +212,7 @@ class SageOffloadingManager(OffloadingManager):
         """Pins each key and its trie ancestors until :meth:`complete_load`; all keys must be HITs."""
         keys = list(keys)
         try:
-            digests = list(map(_digest_of, map(self._res.__getitem__, keys)))
+            digests = list(map(self._slot_digest.__getitem__, map(self._res.__getitem__, keys)))
         except KeyError as exc:
             raise KeyError(f"prepare_load: key {bytes(exc.args[0]).hex()} is not offloaded and ready") from None
         trie = self._trie
@@ -230,7 +227,7 @@ class SageOffloadingManager(OffloadingManager):
             paths = self._paths(keys)
             for path in paths:
                 trie.match(path)
-            slots = np.fromiter(map(_slot_of, map(self._res.__getitem__, keys)), dtype=np.int32, count=len(keys))
+            slots = np.fromiter(map(self._res.__getitem__, keys), dtype=np.int32, count=len(keys))
         if keys:
             trail.loads.append((keys, paths))
             trail.last = keys[-1]
@@ -257,7 +254,7 @@ class SageOffloadingManager(OffloadingManager):
                         trie.release(path)
                     return
         # Not a load this request prepared here: the pins are the keys' root paths.
-        self._records(unique, "complete_load", "has no load in flight")
+        self._slots(unique, "complete_load", "has no load in flight")
         for path in self._paths(unique):
             trie.release(path)
 
@@ -337,13 +334,14 @@ class SageOffloadingManager(OffloadingManager):
             key = slot_key[slot]
             if key is not None:
                 slot_key[slot] = None
+                self._slot_parent[slot] = None
                 del res[key]
                 out.append(key)
 
     def _forget_evicted(self, out: list[OffloadKey]) -> None:
         contains = self._trie.contains
         self._forget([slot for slot, key in enumerate(self._slot_key)
-                      if key is not None and not contains(self._res[key][0])], out)
+                      if key is not None and not contains(self._slot_digest[slot])], out)
 
     def _emit_removed(self, keys: list[OffloadKey]) -> None:
         if keys and self._events is not None:
@@ -371,13 +369,14 @@ class SageOffloadingManager(OffloadingManager):
 
     def _insert(self, keys: list[bytes], slots: list[int], digests: list[bytes], prevs: list[bytes | None]) -> None:
         """Adds completed stores (in store order) to the trie, one native insert per run of chained keys."""
-        resident, slot_key = self._res, self._slot_key
+        resident, slot_key, slot_parent, slot_digest = self._res, self._slot_key, self._slot_parent, self._slot_digest
         first = prevs[0] if prevs[0] in resident else None
         if prevs[1:] == keys[:-1]:  # the usual case: one request's run of new keys
-            self._trie.insert(digests, slots, None if first is None else resident[first][0])
-            resident.update(zip(keys, zip(digests, [first, *keys[:-1]], slots, strict=True), strict=True))
-            for slot, key in zip(slots, keys, strict=True):
+            self._trie.insert(digests, slots, None if first is None else slot_digest[resident[first]])
+            resident.update(zip(keys, slots, strict=True))
+            for slot, key, parent in zip(slots, keys, [first, *keys[:-1]], strict=True):
                 slot_key[slot] = key
+                slot_parent[slot] = parent
             return
         insert = self._trie.insert
         run_digests: list[bytes] = []
@@ -390,11 +389,12 @@ class SageOffloadingManager(OffloadingManager):
                 if run_digests:
                     insert(run_digests, run_slots, run_parent)
                 run_digests, run_slots = [], []
-                run_parent = None if parent is None else resident[parent][0]
+                run_parent = None if parent is None else slot_digest[resident[parent]]
             run_digests.append(digest)
             run_slots.append(slot)
-            resident[key] = (digest, parent, slot)
+            resident[key] = slot
             slot_key[slot] = key
+            slot_parent[slot] = parent
             last = key
         insert(run_digests, run_slots, run_parent)
 
