@@ -301,8 +301,7 @@ class SageOffloadingManager(OffloadingManager):
         batch.digests = list(map(self._slot_digest.__getitem__, slots))
         pending.update(fresh)
         trail.last = keys[-1]
-        return PrepareStoreOutput(keys_to_store=to_store, store_spec=SageLoadStoreSpec.of_array(slot_array),
-                                  evicted_keys=evicted)
+        return PrepareStoreOutput(to_store, SageLoadStoreSpec.of_array(slot_array), evicted)
 
     def _evict(self, need: int, call_resident: list[bytes]) -> bool:
         """Evicts ``need`` chunks, sparing the call's resident keys; False, changing nothing, if it cannot."""
@@ -316,13 +315,13 @@ class SageOffloadingManager(OffloadingManager):
             # leaves going one after another can free every such node: evict cascades up chains.
             if len(self._res) - trie.num_in_use < need:
                 return False
-            trie.evict(need)
+            evicted = trie.evict(need)  # each node evicted frees its slot: the trie held its only reference
         finally:
             for path in protect:
                 trie.release(path)
-        if self._alloc.num_available >= need:
+        if evicted == need:
             return True
-        gone: list[OffloadKey] = []  # not expected: evictable was counted above
+        gone: list[OffloadKey] = []  # not expected: the count above said enough could go
         self._forget_evicted(gone)
         self._emit_removed(gone)
         return False
