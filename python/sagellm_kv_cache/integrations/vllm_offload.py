@@ -137,12 +137,17 @@ class SageOffloadingManager(OffloadingManager):
     the eviction policy and the load pins (``match`` references from ``prepare_load`` to
     ``complete_load``); the allocator hands out pool slots.
 
-    vLLM calls ``lookup`` once per key, so the Python side keeps what each call needs ready to read:
-    one dict of the resident keys -> (digest, parent key, slot) (a ``lookup`` is one dict probe; a load
-    of a request's prefix maps its keys to digests with ``map`` and pins them with one native
-    ``match``, whose block ids are the slots), and one of the pending stores. Single-threaded like vLLM's own
-    manager (the connector serializes calls); the native parts are thread-safe anyway. ``policy`` is
-    one of the trie's policies (``lru``, ``fifo``, ``priority``, ``ttl``).
+    The trie holds the chain (parents), recency, the eviction order and the pins; the allocator holds
+    the slots. vLLM calls ``lookup`` once per key and the other calls once per request, so the Python
+    side keeps only what makes those calls few and short: resident key -> slot (a ``lookup`` is one
+    dict probe), per slot its key, parent key and digest (lists), the pending stores (one record per
+    ``prepare_store`` call, so a ``complete_store`` of its key set inserts one chain with one native
+    call), and per request its loads in flight (a request's prefix is pinned by one native ``match``,
+    whose block ids are the slots, and released by one ``release``). A request costs about ten
+    crossings into C++ however many blocks it has. ``complete_load`` / ``complete_store`` take the
+    keys of one earlier ``prepare_*`` call (in any order: vLLM passes sets). Single-threaded like
+    vLLM's own manager (the connector serializes calls); the native parts are thread-safe anyway.
+    ``policy`` is one of the trie's policies (``lru``, ``fifo``, ``priority``, ``ttl``).
     """
 
     def __init__(self, num_chunks: int, *, policy: str = "lru", enable_events: bool = False) -> None:
