@@ -158,12 +158,21 @@ def _steps(spec_name: str, quick: bool) -> tuple[float, int, int]:
     systems = [[rng.randrange(30_000) for _ in range(rng.randrange(64, 256))] for _ in range(12)]
     prompts = [systems[rng.randrange(len(systems))] + [rng.randrange(30_000) for _ in range(rng.randrange(8, 64))]
                for _ in range(40 if quick else 160)]
-    start = time.perf_counter()
-    for i in range(0, len(prompts), 4):
-        for p in prompts[i:i + 4]:
-            e.add(p, max_tokens=4)
-        e.drain()
-    elapsed = time.perf_counter() - start
+    import torch
+
+    # The worker's copies are a few KiB: torch's intra-op thread pool only adds waits to them, ten-fold
+    # on a busy machine, which would drown the managers' difference. Same setting for both specs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for i in range(0, len(prompts), 4):
+            for p in prompts[i:i + 4]:
+                e.add(p, max_tokens=4)
+            e.drain()
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
     return elapsed / e.steps, e.steps, e.sage_worker.loaded_blocks
 
 
