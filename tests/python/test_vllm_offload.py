@@ -183,15 +183,25 @@ def test_spec_sizes_the_tier_and_refuses_hybrid_models() -> None:
         SageOffloadingSpec(_config(extra={}))
 
 
-def test_reset_cache_keeps_only_pinned_chunks() -> None:
+def test_reset_cache_drops_everything_in_flight_too() -> None:
+    """vLLM never completes a job started before a reset: pins and pending stores must not outlive it."""
     m = SageOffloadingManager(4)
+    ctx = ReqContext("reset")
     stored(m, keys(1))
     stored(m, keys(2))
-    m.prepare_load(keys(1), CTX)
+    m.prepare_load(keys(1), ctx)
+    assert m.prepare_store(keys(3), ctx) is not None  # in flight
     m.reset_cache()
-    assert m.lookup(keys(1)[0], CTX) is LookupResult.HIT and m.lookup(keys(2)[0], CTX) is LookupResult.MISS
-    m.complete_load(keys(1), CTX)
-    assert m.stats()["free_chunks"] == 3 and m.stats()["resident_chunks"] == 1
+    assert [m.lookup(k, ctx) for k in keys(1, 2, 3)] == [LookupResult.MISS] * 3
+    stats = m.stats()
+    assert (stats["free_chunks"], stats["resident_chunks"], stats["pending_chunks"], stats["in_use_blocks"]) == (
+        4, 0, 0, 0)
+    out = m.prepare_store(keys(5, 6, 7, 8), ctx)  # the whole tier again; the request starts a new chain
+    assert out is not None and out.evicted_keys == []
+    m.complete_store(set(out.keys_to_store), ctx)
+    m.prepare_load(keys(5, 6, 7, 8), ctx)
+    m.complete_load(set(keys(5, 6, 7, 8)), ctx)
+    assert m.stats()["in_use_blocks"] == 0 and m.stats()["lookups"] == 1
 
 
 # --- worker: bytes between vLLM's canonical views and our pool ---------------------------------

@@ -94,8 +94,9 @@ _CHUNK_LEVEL = RequestOffloadingContext()
 
 
 class _Trail:
-    """Per-request note of one manager (kept in the ReqContext): the request's last key known to the
-    tier, and its loads in flight: (keys, the digest paths ``prepare_load`` pinned for them)."""
+    """Per-request note of one manager between resets (``owner``: its epoch; kept in the ReqContext): the
+    request's last key known to the tier, and its loads in flight: (keys, the digest paths
+    ``prepare_load`` pinned for them)."""
 
     __slots__ = ("last", "loads", "owner")
 
@@ -137,8 +138,7 @@ class SageOffloadingManager(OffloadingManager):
     the eviction policy and the load pins (``match`` references from ``prepare_load`` to
     ``complete_load``); the allocator hands out pool slots.
 
-    The trie holds the chain (parents), recency, the eviction order and the pins; the allocator holds
-    the slots. vLLM calls ``lookup`` once per key and the other calls once per request, so the Python
+    vLLM calls ``lookup`` once per key and the other calls once per request, so the Python
     side keeps only what makes those calls few and short: resident key -> slot (a ``lookup`` is one
     dict probe), per slot its key, parent key and digest (lists), the pending stores (one record per
     ``prepare_store`` call, so a ``complete_store`` of its key set inserts one chain with one native
@@ -155,20 +155,27 @@ class SageOffloadingManager(OffloadingManager):
             raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
         self.medium = Medium.CPU
         self.num_chunks = num_chunks
+        self.policy = policy
+        self._slot_digest = [slot_digest(slot) for slot in range(num_chunks)]
+        self._rank = 0
+        self._events: list[OffloadingEvent] | None = [] if enable_events else None
+        self._start()
+
+    def _start(self) -> None:
+        """A fresh, empty tier (construction and reset)."""
+        num_chunks = self.num_chunks
         self._alloc = _core.BlockAllocator(num_chunks)
-        self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=policy, allocator=self._alloc)
+        self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=self.policy, allocator=self._alloc)
         self._pending: dict[bytes, _StoreBatch] = {}  # stored, not complete_store'd yet
         self._res: dict[bytes, int] = {}  # resident key -> its pool slot
         self._slot_key: list[bytes | None] = [None] * num_chunks  # pool slot -> resident key
         self._slot_parent: list[bytes | None] = [None] * num_chunks  # slot -> its key's parent key (None: root)
-        self._slot_digest = [slot_digest(slot) for slot in range(num_chunks)]
-        self._rank = 0
-        self._events: list[OffloadingEvent] | None = [] if enable_events else None
+        self._epoch = object()  # request notes of an earlier epoch are stale
 
     def _trail(self, req_context: ReqContext) -> _Trail:
         trail = req_context.get_state(_Trail)
-        if trail is None or trail.owner is not self:
-            trail = _Trail(self)
+        if trail is None or trail.owner is not self._epoch:
+            trail = _Trail(self._epoch)
             req_context.set_state(trail)
         return trail
 
@@ -249,7 +256,7 @@ class SageOffloadingManager(OffloadingManager):
         unique = keys if isinstance(keys, (set, frozenset)) else set(keys)
         trie = self._trie
         trail = req_context.get_state(_Trail)
-        if trail is not None and trail.owner is self:
+        if trail is not None and trail.owner is self._epoch:
             loads = trail.loads
             for i, (loaded, paths) in enumerate(loads):
                 # same size and holding each (distinct) loaded key: the same keys
@@ -417,10 +424,9 @@ class SageOffloadingManager(OffloadingManager):
         return events
 
     def reset_cache(self) -> None:
-        """Drops every resident chunk that no load pins (stores in flight stay)."""
-        self._trie.clear()
-        gone: list[OffloadKey] = []
-        self._forget_evicted(gone)
+        """Drops everything, loads and stores in flight included, as vLLM's connector expects: it never
+        completes a job started before a reset and re-offloads its live requests from their start."""
+        self._start()
 
     def stats(self) -> dict[str, int]:
         """Resident / pending / free chunk counts plus the trie's counters."""
