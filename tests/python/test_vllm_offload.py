@@ -316,6 +316,7 @@ def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: i
     assert stats["evictions"] > 0, "the host tier is small enough to evict"
     assert e.checked_blocks > 100
     assert stats["pending_chunks"] == 0 and stats["in_use_blocks"] == 0  # every store / load completed
+    assert stats["free_chunks"] == stats["num_chunks"] - stats["resident_chunks"]
 
 
 def test_complete_load_accepts_reordered_keys_and_tails_evict_first() -> None:
@@ -384,6 +385,8 @@ def test_mooncake_trace_through_vllm_scheduler_matches_our_replay() -> None:
         e.drain()
     stats = scheduler_connector(e).manager.stats()
     assert ours.evictions > 0 and stats["evictions"] > 0
+    # the manager's own free count (num_chunks - resident - pending) is the allocator's
+    assert stats["free_chunks"] == stats["num_chunks"] - stats["resident_chunks"] - stats["pending_chunks"]
     vllm_ratio = e.sage_worker.loaded_blocks / blocks
     assert ours.hit_ratio > 0.02
     assert abs(vllm_ratio - ours.hit_ratio) <= 0.005, (vllm_ratio, ours.hit_ratio)

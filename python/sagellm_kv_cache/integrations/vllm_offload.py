@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable
+from itertools import filterfalse, repeat
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -228,7 +230,9 @@ class SageOffloadingManager(OffloadingManager):
         except KeyError as exc:
             raise KeyError(f"prepare_load: key {bytes(exc.args[0]).hex()} is not offloaded and ready") from None
         trie = self._trie
-        trail = self._trail(req_context)
+        trail = req_context.get_state(_Trail)
+        if trail is None or trail.owner is not self._epoch:
+            trail = self._trail(req_context)
         # Usually the keys are a request's prefix: one chain from the root, pinned by one match whose
         # block ids are the slots. Otherwise pin each key's root path and read the slots.
         matched, slots = trie.match(digests)
@@ -275,11 +279,11 @@ class SageOffloadingManager(OffloadingManager):
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
         keys = list(keys)
         resident, pending = self._res, self._pending
-        if pending:
-            to_store = [k for k in keys if k not in resident and k not in pending]
-        else:  # no store in flight: one probe per key
-            to_store = [k for k in keys if k not in resident]
-        trail = self._trail(req_context)
+        new = filterfalse(resident.__contains__, keys)
+        to_store = list(filterfalse(pending.__contains__, new) if pending else new)
+        trail = req_context.get_state(_Trail)
+        if trail is None or trail.owner is not self._epoch:
+            trail = self._trail(req_context)
         if not to_store:
             if keys:
                 trail.last = keys[-1]
@@ -289,7 +293,9 @@ class SageOffloadingManager(OffloadingManager):
         fresh = dict.fromkeys(to_store, batch)
         if len(fresh) != len(to_store):
             raise ValueError("prepare_store: duplicate keys in one call")
-        need = len(to_store) - self._alloc.num_available
+        # Every slot is free, pending (one per pending key) or resident (its only reference the trie's),
+        # so the free count needs no call into the allocator (stats() shows both agree).
+        need = len(to_store) - (self.num_chunks - len(resident) - len(pending))
         if need > 0:
             call_resident = [] if len(to_store) == len(keys) else [k for k in keys if k in resident]
             if not self._evict(need, call_resident):
@@ -359,15 +365,17 @@ class SageOffloadingManager(OffloadingManager):
             self._events.append(OffloadingEvent(keys=keys, medium=self.medium, removed=True))
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
-        pop = self._pending.pop
-        got = [batch for key in keys if (batch := pop(key, None)) is not None]
+        keys = list(keys)
+        popped: list[_StoreBatch | None] = list(map(self._pending.pop, keys, repeat(None)))
+        # keys not pending (never stored, or completed already) are skipped
+        got = [batch for batch in popped if batch is not None] if None in popped else cast("list[_StoreBatch]", popped)
         if not got:
             return
         whole = got[0]
         if got.count(whole) == len(got) == len(whole.keys):  # the usual case: one prepare_store's keys
             batches = [whole]
         else:
-            done = set(keys)
+            done = {key for key, batch in zip(keys, popped, strict=True) if batch is not None}
             batches = sorted({id(b): b.part(done) for b in got}.values(), key=_rank_of)
         stored: list[OffloadKey] = []
         for batch in batches:
