@@ -277,7 +277,7 @@ class SageOffloadingManager(OffloadingManager):
     # --- stores -----------------------------------------------------------------------------
 
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
-        keys = list(keys)
+        keys = keys if type(keys) is list else list(keys)  # read in this call only
         resident, pending = self._res, self._pending
         new = filterfalse(resident.__contains__, keys)
         to_store = list(filterfalse(pending.__contains__, new) if pending else new)
@@ -307,7 +307,8 @@ class SageOffloadingManager(OffloadingManager):
             # Eviction freed exactly `need` slots and this allocation took every free slot: the
             # evicted keys are the previous owners of the slots just handed out.
             self._forget(slots, evicted)
-            self._emit_removed(evicted)
+            if self._events is not None:
+                self._emit_removed(evicted)
         if len(to_store) == len(keys):  # the usual case: every key is new, each chains from the one before
             prevs = [trail.last, *keys[:-1]]
         else:
@@ -365,7 +366,6 @@ class SageOffloadingManager(OffloadingManager):
             self._events.append(OffloadingEvent(keys=keys, medium=self.medium, removed=True))
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
-        keys = list(keys)
         popped: list[_StoreBatch | None] = list(map(self._pending.pop, keys, repeat(None)))
         # keys not pending (never stored, or completed already) are skipped
         got = [batch for batch in popped if batch is not None] if None in popped else cast("list[_StoreBatch]", popped)
