@@ -367,6 +367,70 @@ def test_partial_store_completion_keeps_the_rest_pending() -> None:
     assert m.stats()["in_use_blocks"] == 0
 
 
+def test_random_call_sequences_keep_the_books_consistent() -> None:
+    """Random requests (shared prefixes, loads, stores completed whole, in parts or failed, resets)
+    against a plain model of what must hold: resident / pending keys answer HIT / HIT_PENDING, no two
+    live keys share a slot, evicted keys were resident and unpinned, the free count matches."""
+    rng = random.Random(7)
+    for _ in range(3):
+        m = SageOffloadingManager(24)
+        resident: dict[bytes, int] = {}
+        pending: dict[bytes, int] = {}
+        loads: list[tuple[ReqContext, list[bytes]]] = []
+        stores: list[tuple[ReqContext, list[bytes]]] = []
+        stored_total = 0
+        for step in range(400):
+            ctx = ReqContext(f"q{step}")
+            chain = keys(*[rng.randrange(6) * 100 + i for i in range(rng.randrange(1, 9))])
+            n = 0
+            while n < len(chain) and m.lookup(chain[n], ctx) is LookupResult.HIT:
+                n += 1
+            if n and rng.random() < 0.7:
+                spec = m.prepare_load(chain[:n], ctx)
+                assert spec.block_ids.tolist() == [resident[k] for k in chain[:n]]
+                loads.append((ctx, chain[:n]))
+            if loads and rng.random() < 0.6:
+                done_ctx, done = loads.pop(rng.randrange(len(loads)))
+                m.complete_load(set(done), done_ctx)
+            pinned = {k for _, ks in loads for k in ks}
+            out = m.prepare_store(chain[n:], ctx)
+            if out is not None:
+                assert not set(out.evicted_keys) & pinned and set(out.evicted_keys) <= set(resident)
+                for k in out.evicted_keys:
+                    del resident[k]
+                pending.update(zip(out.keys_to_store, out.store_spec.block_ids.tolist(), strict=True))
+                stored_total += len(out.keys_to_store)
+                if out.keys_to_store:
+                    part = [k for k in out.keys_to_store if rng.random() < 0.8]
+                    stores.extend((ctx, [k]) for k in out.keys_to_store if k not in part)  # completed later
+                    stores.append((ctx, part))
+            while stores and rng.random() < 0.7:
+                store_ctx, part = stores.pop(rng.randrange(len(stores)))
+                ok = rng.random() < 0.9
+                m.complete_store(set(part), store_ctx, success=ok)
+                for k in part:
+                    slot = pending.pop(k)
+                    if ok:
+                        resident[k] = slot
+            if rng.random() < 0.01:
+                m.reset_cache()
+                resident.clear(), pending.clear(), loads.clear(), stores.clear()
+            live = list(resident.values()) + list(pending.values())
+            assert len(set(live)) == len(live) <= 24
+            for k in chain:
+                want = (LookupResult.HIT if k in resident else
+                        LookupResult.HIT_PENDING if k in pending else LookupResult.MISS)
+                assert m.lookup(k, ctx) is want
+            stats = m.stats()
+            assert (stats["resident_chunks"], stats["pending_chunks"]) == (len(resident), len(pending))
+            assert stats["free_chunks"] == 24 - len(live)
+        for done_ctx, done in loads:
+            m.complete_load(set(done), done_ctx)
+        stats = m.stats()
+        assert stats["in_use_blocks"] == 0 and stats["evictions"] > 50 and stored_total > 300
+        m._trie.check_invariants()
+
+
 def test_mooncake_trace_through_vllm_scheduler_matches_our_replay() -> None:
     """The sample Mooncake trace through vLLM's scheduler (GPU prefix cache off, so every reused block
     comes from our tier) hits like our own replay of the trace at the same capacity."""

@@ -351,8 +351,7 @@ class SageOffloadingManager(OffloadingManager):
         for slot in slots:
             key = slot_key[slot]
             if key is not None:
-                slot_key[slot] = None
-                self._slot_parent[slot] = None
+                slot_key[slot] = None  # (its parent entry is only read while the slot is resident)
                 del res[key]
                 out.append(key)
 
@@ -393,9 +392,11 @@ class SageOffloadingManager(OffloadingManager):
         if prevs[1:] == keys[:-1]:  # the usual case: one request's run of new keys
             self._trie.insert(digests, slots, None if first is None else slot_digest[resident[first]])
             resident.update(zip(keys, slots, strict=True))
-            for slot, key, parent in zip(slots, keys, [first, *keys[:-1]], strict=True):
+            for slot, key in zip(slots, keys, strict=True):
                 slot_key[slot] = key
-                slot_parent[slot] = parent
+            for slot, key in zip(slots[1:], keys, strict=False):  # each key's parent: the key before it
+                slot_parent[slot] = key
+            slot_parent[slots[0]] = first
             return
         insert = self._trie.insert
         run_digests: list[bytes] = []
