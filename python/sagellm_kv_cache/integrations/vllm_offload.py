@@ -104,8 +104,8 @@ class _Trail:
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
-        self.last: bytes | None = None
-        self.loads: list[tuple[list[bytes], list[list[bytes]]]] = []
+        self.last: OffloadKey | None = None
+        self.loads: list[tuple[list[OffloadKey], list[list[bytes]]]] = []
 
 
 class _StoreBatch:
@@ -115,11 +115,11 @@ class _StoreBatch:
 
     __slots__ = ("digests", "keys", "prevs", "rank", "slots")
 
-    def __init__(self, rank: int, keys: list[bytes], slots: list[int], digests: list[bytes],
-                 prevs: list[bytes | None]) -> None:
+    def __init__(self, rank: int, keys: list[OffloadKey], slots: list[int], digests: list[bytes],
+                 prevs: list[OffloadKey | None]) -> None:
         self.rank, self.keys, self.slots, self.digests, self.prevs = rank, keys, slots, digests, prevs
 
-    def part(self, done: set[bytes]) -> _StoreBatch:
+    def part(self, done: set[OffloadKey]) -> _StoreBatch:
         """The keys of this batch that are in ``done``, in batch order."""
         pick = [i for i, key in enumerate(self.keys) if key in done]
         return _StoreBatch(self.rank, [self.keys[i] for i in pick], [self.slots[i] for i in pick],
@@ -168,10 +168,10 @@ class SageOffloadingManager(OffloadingManager):
         num_chunks = self.num_chunks
         self._alloc = _core.BlockAllocator(num_chunks)
         self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=self.policy, allocator=self._alloc)
-        self._pending: dict[bytes, _StoreBatch] = {}  # stored, not complete_store'd yet
-        self._res: dict[bytes, int] = {}  # resident key -> its pool slot
-        self._slot_key: list[bytes | None] = [None] * num_chunks  # pool slot -> resident key
-        self._slot_parent: list[bytes | None] = [None] * num_chunks  # slot -> its key's parent key (None: root)
+        self._pending: dict[OffloadKey, _StoreBatch] = {}  # stored, not complete_store'd yet
+        self._res: dict[OffloadKey, int] = {}  # resident key -> its pool slot
+        self._slot_key: list[OffloadKey | None] = [None] * num_chunks  # pool slot -> resident key
+        self._slot_parent: list[OffloadKey | None] = [None] * num_chunks  # slot -> its key's parent key (None: root)
         self._epoch = object()  # request notes of an earlier epoch are stale
 
     def _trail(self, req_context: ReqContext) -> _Trail:
@@ -181,14 +181,14 @@ class SageOffloadingManager(OffloadingManager):
             req_context.set_state(trail)
         return trail
 
-    def _paths(self, keys: Collection[bytes]) -> list[list[bytes]]:
+    def _paths(self, keys: Collection[OffloadKey]) -> list[list[bytes]]:
         """Root-to-key digest paths covering ``keys``: one per key that is no other key's ancestor.
 
         Independent of the order of ``keys`` (vLLM completes loads with a set of keys), and fixed
         while the keys are pinned (a pinned node and its ancestors cannot be evicted).
         """
         res, parent, digest = self._res, self._slot_parent, self._slot_digest
-        ancestors: set[bytes] = set()
+        ancestors: set[OffloadKey] = set()
         for key in keys:
             node = parent[res[key]]
             while node is not None and node not in ancestors:
@@ -197,7 +197,7 @@ class SageOffloadingManager(OffloadingManager):
         paths: list[list[bytes]] = []
         for key in sorted(set(keys) - ancestors):
             path = []
-            walk: bytes | None = key
+            walk: OffloadKey | None = key
             while walk is not None:
                 slot = res[walk]
                 path.append(digest[slot])
@@ -216,7 +216,7 @@ class SageOffloadingManager(OffloadingManager):
     def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
         return CacheHitSource.HOST
 
-    def _slots(self, keys: Iterable[bytes], call: str, state: str) -> list[int]:
+    def _slots(self, keys: Iterable[OffloadKey], call: str, state: str) -> list[int]:
         try:
             return list(map(self._res.__getitem__, keys))
         except KeyError as exc:
@@ -322,7 +322,7 @@ class SageOffloadingManager(OffloadingManager):
         trail.last = keys[-1]
         return PrepareStoreOutput(to_store, SageLoadStoreSpec.of_array(slot_array), evicted)
 
-    def _evict(self, need: int, call_resident: list[bytes]) -> bool:
+    def _evict(self, need: int, call_resident: list[OffloadKey]) -> bool:
         """Evicts ``need`` chunks, sparing the call's resident keys; False, changing nothing, if it cannot."""
         trie = self._trie
         # Pin the keys of this call that are already resident so that eviction cannot take them.
@@ -385,7 +385,7 @@ class SageOffloadingManager(OffloadingManager):
         if stored and self._events is not None:
             self._events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
 
-    def _insert(self, keys: list[bytes], slots: list[int], digests: list[bytes], prevs: list[bytes | None]) -> None:
+    def _insert(self, keys: list[OffloadKey], slots: list[int], digests: list[bytes], prevs: list[OffloadKey | None]) -> None:
         """Adds completed stores (in store order) to the trie, one native insert per run of chained keys."""
         resident, slot_key, slot_parent, slot_digest = self._res, self._slot_key, self._slot_parent, self._slot_digest
         first = prevs[0] if prevs[0] in resident else None
@@ -402,7 +402,7 @@ class SageOffloadingManager(OffloadingManager):
         run_digests: list[bytes] = []
         run_slots: list[int] = []
         run_parent: bytes | None = None
-        last: bytes | None = None
+        last: OffloadKey | None = None
         for key, slot, digest, prev in zip(keys, slots, digests, prevs, strict=True):
             parent = prev if prev is not None and prev in resident else None
             if parent is None or parent != last:  # not the continuation of the current run
