@@ -385,7 +385,8 @@ class SageOffloadingManager(OffloadingManager):
         if stored and self._events is not None:
             self._events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
 
-    def _insert(self, keys: list[OffloadKey], slots: list[int], digests: list[bytes], prevs: list[OffloadKey | None]) -> None:
+    def _insert(self, keys: list[OffloadKey], slots: list[int], digests: list[bytes],
+                prevs: list[OffloadKey | None]) -> None:
         """Adds completed stores (in store order) to the trie, one native insert per run of chained keys."""
         resident, slot_key, slot_parent, slot_digest = self._res, self._slot_key, self._slot_parent, self._slot_digest
         first = prevs[0] if prevs[0] in resident else None
