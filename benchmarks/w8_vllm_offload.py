@@ -174,12 +174,12 @@ def _vllm_manager_spec() -> Any:
     class VllmManagerSpec(SageOffloadingSpec):
         """Our spec with vLLM's CPUOffloadingManager (LRU) on the scheduler side."""
 
+        _vllm_manager: Any = None
+
         def get_manager(self) -> Any:
             if self._vllm_manager is None:
                 self._vllm_manager = CPUOffloadingManager(num_chunks=self.num_chunks, cache_policy="lru")
             return self._vllm_manager
-
-        _vllm_manager: Any = None
 
     return VllmManagerSpec
 
