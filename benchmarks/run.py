@@ -28,6 +28,7 @@ WORKLOADS = {
     "W5": "w5_transfer",
     "STEP": "w6_step",
     "W7": "w7_tiers",
+    "W8": "w8_vllm_offload",  # needs vLLM (VLLM_TARGET_DEVICE=cpu on a machine without a GPU); skipped without it
 }
 
 

@@ -222,11 +222,21 @@ class Digests {
       if (!copy_.empty()) std::memcpy(copy_.data(), rows.data(), copy_.size() * kBlockHashBytes);
       return;
     }
-    if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
-      const auto seq = py::reinterpret_borrow<py::sequence>(obj);
-      copy_.reserve(seq.size());
-      for (std::size_t i = 0; i < seq.size(); ++i) {
-        copy_.push_back(digest_from_buffer(seq[i], std::string(what) + "[" + std::to_string(i) + "]"));
+    PyObject* p = obj.ptr();
+    const bool list = PyList_Check(p);
+    if (list || PyTuple_Check(p)) {
+      // 32-byte bytes items are copied directly; anything else (and every error message, which is
+      // a string built per item) takes the general buffer path. The size is re-read each round
+      // because that path may run code that resizes a list.
+      for (Py_ssize_t i = 0; i < (list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p)); ++i) {
+        PyObject* item = list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i);
+        if (PyBytes_CheckExact(item) && PyBytes_GET_SIZE(item) == kDigestBytes) {
+          BlockHash& h = copy_.emplace_back();
+          std::memcpy(h.bytes.data(), PyBytes_AS_STRING(item), kBlockHashBytes);
+          continue;
+        }
+        const auto held = py::reinterpret_borrow<py::object>(item);
+        copy_.push_back(digest_from_buffer(held, std::string(what) + "[" + std::to_string(i) + "]"));
       }
       return;
     }
@@ -629,6 +639,10 @@ void bind_prefix(py::module_& m) {
              }
              return stats_dict(s);
            })
+      .def_property_readonly("num_in_use", [](const BoundPrefixCache& self) {
+             py::gil_scoped_release release;
+             return self.cache->stats().in_use_blocks;
+           }, "Nodes with at least one user now (stats()['in_use_blocks'] without building the dict).")
       .def("contains", [](const BoundPrefixCache& self, const py::object& digest) {
              const BlockHash d = digest_from_buffer(digest, "digest");
              py::gil_scoped_release release;

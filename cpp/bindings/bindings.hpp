@@ -87,6 +87,9 @@ class BlockIds {
 
  private:
   BlockId* reserve(std::size_t n);
+  // Fast path for a list or tuple of exact Python ints in the int32 range: false (nothing kept)
+  // at the first item that is not, so the general path reads it and names any error.
+  bool read_int_sequence(PyObject* seq);
 
   static constexpr std::size_t kInline = 64;
   std::array<BlockId, kInline> inline_{};

@@ -40,6 +40,22 @@ BlockId* BlockIds::reserve(std::size_t n) {
   return data_;
 }
 
+bool BlockIds::read_int_sequence(PyObject* seq) {
+  // No Python code runs in this loop (exact ints only), so the size cannot change under it.
+  const bool list = PyList_Check(seq);
+  const Py_ssize_t n = list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq);
+  BlockId* dst = reserve(static_cast<std::size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i);
+    if (!PyLong_CheckExact(item)) return false;  // bool, numpy scalars, ...: the general path
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow != 0 || v < INT32_MIN || v > INT32_MAX) return false;
+    dst[i] = static_cast<BlockId>(v);
+  }
+  return true;
+}
+
 BlockIds::BlockIds(const py::handle& obj, const char* what) {
   // Hot path: a C-contiguous 1-D native int32 array (what allocate() returns): one memcpy.
   if (py::isinstance<py::array>(obj)) {
@@ -50,6 +66,9 @@ BlockIds::BlockIds(const py::handle& obj, const char* what) {
       else reserve(0);
       return;
     }
+  }
+  if (PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr())) {
+    if (read_int_sequence(obj.ptr())) return;
   }
   py::array arr = as_array(obj, what, "a sequence of integers");
   if (arr.size() == 0) {

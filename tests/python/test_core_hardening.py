@@ -202,6 +202,35 @@ def test_byte_swapped_and_strided_arrays_are_read_by_value() -> None:
         _core.hash_blocks(np.arange(16, dtype=np.float32), 16)
 
 
+def test_lists_of_ids_and_digests_read_like_arrays() -> None:
+    """Lists and tuples of ints / 32-byte bytes take a direct path; anything else in them, the general
+    one, with the same answers and the same errors naming the item."""
+    alloc = _core.BlockAllocator(8)
+    alloc.free(tuple(int(b) for b in alloc.allocate(4)))
+    ids = alloc.allocate(4)
+    alloc.free([np.int32(ids[0]), int(ids[1]), np.int64(ids[2]), int(ids[3])])  # numpy scalars: general path
+    assert alloc.num_available == 8
+    with pytest.raises(TypeError, match="dtype bool"):
+        alloc.free([True])
+    with pytest.raises(ValueError, match="int32 range"):
+        alloc.free([1, 2**40])
+    cache = _core.PrefixCache(block_size=1)
+    digests = [bytes([i]) * 32 for i in range(3)]
+    cache.insert(digests, [0, 1, 2])
+
+    class Digest(bytes):
+        pass
+
+    as_array = np.frombuffer(b"".join(digests), np.uint8).reshape(3, 32)
+    for form in (digests, tuple(digests), [digests[0], bytearray(digests[1]), Digest(digests[2])], as_array):
+        n, got = cache.peek(form)
+        assert n == 3 and got.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"digests\[1\] must be 32 bytes, got 31"):
+        cache.peek([digests[0], digests[1][:31]])
+    with pytest.raises(TypeError, match=r"digests\[0\]"):
+        cache.peek([3])
+
+
 def test_copy_blocks_and_scatter_refuse_order_dependent_ids() -> None:
     pool = _core.PagedKVPool(1, 1, 4, "fp32", 2, 8)
     ids = pool.allocate(3)

@@ -28,7 +28,7 @@ from sagellm_kv_cache.integrations.vllm_offload import (
     SageOffloadingManager,
     SageOffloadingSpec,
     SageOffloadingWorker,
-    key_digest,
+    slot_digest,
 )
 from vllm.v1.kv_offload.base import (
     CanonicalKVCacheRef,
@@ -64,11 +64,14 @@ def stored(m: SageOffloadingManager, ks: list[bytes]) -> None:
 # --- manager contract ------------------------------------------------------------------------
 
 
-def test_key_digest_separates_groups() -> None:
+def test_keys_differing_in_group_are_distinct_chunks() -> None:
+    m = SageOffloadingManager(2)
     a, b = keys(5, group=0)[0], keys(5, group=1)[0]
-    assert key_digest(a) != key_digest(b) and len(key_digest(a)) == 32
-    assert key_digest(b"abc" + (3).to_bytes(4, "big")) == b"abc\0\0\0\3".ljust(32, b"\0")
-    assert key_digest(a) == key_digest(bytes(a))
+    stored(m, [a])
+    assert m.lookup(b, CTX) is LookupResult.MISS
+    stored(m, [b])
+    assert m.lookup(a, CTX) is LookupResult.HIT and m.lookup(b, CTX) is LookupResult.HIT
+    assert len({slot_digest(s) for s in range(1000)}) == 1000 and len(slot_digest(7)) == 32
 
 
 def test_not_readable_before_complete_store() -> None:
@@ -180,15 +183,25 @@ def test_spec_sizes_the_tier_and_refuses_hybrid_models() -> None:
         SageOffloadingSpec(_config(extra={}))
 
 
-def test_reset_cache_keeps_only_pinned_chunks() -> None:
+def test_reset_cache_drops_everything_in_flight_too() -> None:
+    """vLLM never completes a job started before a reset: pins and pending stores must not outlive it."""
     m = SageOffloadingManager(4)
+    ctx = ReqContext("reset")
     stored(m, keys(1))
     stored(m, keys(2))
-    m.prepare_load(keys(1), CTX)
+    m.prepare_load(keys(1), ctx)
+    assert m.prepare_store(keys(3), ctx) is not None  # in flight
     m.reset_cache()
-    assert m.lookup(keys(1)[0], CTX) is LookupResult.HIT and m.lookup(keys(2)[0], CTX) is LookupResult.MISS
-    m.complete_load(keys(1), CTX)
-    assert m.stats()["free_chunks"] == 3 and m.stats()["resident_chunks"] == 1
+    assert [m.lookup(k, ctx) for k in keys(1, 2, 3)] == [LookupResult.MISS] * 3
+    stats = m.stats()
+    assert (stats["free_chunks"], stats["resident_chunks"], stats["pending_chunks"], stats["in_use_blocks"]) == (
+        4, 0, 0, 0)
+    out = m.prepare_store(keys(5, 6, 7, 8), ctx)  # the whole tier again; the request starts a new chain
+    assert out is not None and out.evicted_keys == []
+    m.complete_store(set(out.keys_to_store), ctx)
+    m.prepare_load(keys(5, 6, 7, 8), ctx)
+    m.complete_load(set(keys(5, 6, 7, 8)), ctx)
+    assert m.stats()["in_use_blocks"] == 0 and m.stats()["lookups"] == 1
 
 
 # --- worker: bytes between vLLM's canonical views and our pool ---------------------------------
@@ -303,6 +316,7 @@ def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: i
     assert stats["evictions"] > 0, "the host tier is small enough to evict"
     assert e.checked_blocks > 100
     assert stats["pending_chunks"] == 0 and stats["in_use_blocks"] == 0  # every store / load completed
+    assert stats["free_chunks"] == stats["num_chunks"] - stats["resident_chunks"]
 
 
 def test_complete_load_accepts_reordered_keys_and_tails_evict_first() -> None:
@@ -318,6 +332,103 @@ def test_complete_load_accepts_reordered_keys_and_tails_evict_first() -> None:
     # only the chain's tail is a leaf: it goes first, the prefix 1 <- 2 stays loadable
     assert out is not None and out.evicted_keys == keys(3)
     assert [m.lookup(k, CTX) for k in keys(1, 2, 3)] == [LookupResult.HIT, LookupResult.HIT, LookupResult.MISS]
+
+
+def test_store_completed_as_a_set_chains_in_store_order_and_evicts_through_the_chain() -> None:
+    m = SageOffloadingManager(4)
+    ctx = ReqContext("set")
+    out = m.prepare_store(keys(1, 2, 3, 4), ctx)
+    assert out is not None
+    m.complete_store(set(reversed(out.keys_to_store)), ctx)  # vLLM hands the job's keys as a set
+    spec = m.prepare_load(keys(1, 2, 3, 4), ctx)  # one chain from the root: pinned by one match
+    assert spec.block_ids.tolist() == out.store_spec.block_ids.tolist()
+    assert m.stats()["lookups"] == 1
+    m.complete_load(set(keys(1, 2, 3, 4)), ctx)
+    assert m.stats()["in_use_blocks"] == 0
+    # a chain has one leaf, yet all of it can go: eviction cascades from the tail to the head
+    out = m.prepare_store(keys(7, 8, 9), CTX)
+    assert out is not None and sorted(out.evicted_keys) == keys(2, 3, 4)
+    assert [m.lookup(k, CTX) for k in keys(1, 2)] == [LookupResult.HIT, LookupResult.MISS]
+
+
+def test_partial_store_completion_keeps_the_rest_pending() -> None:
+    m = SageOffloadingManager(4)
+    ctx = ReqContext("part")
+    out = m.prepare_store(keys(1, 2, 3), ctx)
+    assert out is not None
+    m.complete_store({keys(1)[0], keys(3)[0]}, ctx)
+    assert [m.lookup(k, CTX) for k in keys(1, 2, 3)] == [LookupResult.HIT, LookupResult.HIT_PENDING,
+                                                         LookupResult.HIT]
+    m.complete_store(keys(2), ctx, success=False)
+    assert m.lookup(keys(2)[0], CTX) is LookupResult.MISS
+    assert m.stats()["free_chunks"] == 2 and m.stats()["resident_chunks"] == 2
+    m.prepare_load(keys(3), ctx)  # 3 was stored after 2 failed: a root of its own, loadable alone
+    m.complete_load(keys(3), ctx)
+    assert m.stats()["in_use_blocks"] == 0
+
+
+def test_random_call_sequences_keep_the_books_consistent() -> None:
+    """Random requests (shared prefixes, loads, stores completed whole, in parts or failed, resets)
+    against a plain model of what must hold: resident / pending keys answer HIT / HIT_PENDING, no two
+    live keys share a slot, evicted keys were resident and unpinned, the free count matches."""
+    rng = random.Random(7)
+    for _ in range(3):
+        m = SageOffloadingManager(24)
+        resident: dict[bytes, int] = {}
+        pending: dict[bytes, int] = {}
+        loads: list[tuple[ReqContext, list[bytes]]] = []
+        stores: list[tuple[ReqContext, list[bytes]]] = []
+        stored_total = 0
+        for step in range(400):
+            ctx = ReqContext(f"q{step}")
+            chain = keys(*[rng.randrange(6) * 100 + i for i in range(rng.randrange(1, 9))])
+            n = 0
+            while n < len(chain) and m.lookup(chain[n], ctx) is LookupResult.HIT:
+                n += 1
+            if n and rng.random() < 0.7:
+                spec = m.prepare_load(chain[:n], ctx)
+                assert spec.block_ids.tolist() == [resident[k] for k in chain[:n]]
+                loads.append((ctx, chain[:n]))
+            if loads and rng.random() < 0.6:
+                done_ctx, done = loads.pop(rng.randrange(len(loads)))
+                m.complete_load(set(done), done_ctx)
+            pinned = {k for _, ks in loads for k in ks}
+            out = m.prepare_store(chain[n:], ctx)
+            if out is not None:
+                assert not set(out.evicted_keys) & pinned and set(out.evicted_keys) <= set(resident)
+                for k in out.evicted_keys:
+                    del resident[k]
+                pending.update(zip(out.keys_to_store, out.store_spec.block_ids.tolist(), strict=True))
+                stored_total += len(out.keys_to_store)
+                if out.keys_to_store:
+                    part = [k for k in out.keys_to_store if rng.random() < 0.8]
+                    stores.extend((ctx, [k]) for k in out.keys_to_store if k not in part)  # completed later
+                    stores.append((ctx, part))
+            while stores and rng.random() < 0.7:
+                store_ctx, part = stores.pop(rng.randrange(len(stores)))
+                ok = rng.random() < 0.9
+                m.complete_store(set(part), store_ctx, success=ok)
+                for k in part:
+                    slot = pending.pop(k)
+                    if ok:
+                        resident[k] = slot
+            if rng.random() < 0.01:
+                m.reset_cache()
+                resident.clear(), pending.clear(), loads.clear(), stores.clear()
+            live = list(resident.values()) + list(pending.values())
+            assert len(set(live)) == len(live) <= 24
+            for k in chain:
+                want = (LookupResult.HIT if k in resident else
+                        LookupResult.HIT_PENDING if k in pending else LookupResult.MISS)
+                assert m.lookup(k, ctx) is want
+            stats = m.stats()
+            assert (stats["resident_chunks"], stats["pending_chunks"]) == (len(resident), len(pending))
+            assert stats["free_chunks"] == 24 - len(live)
+        for done_ctx, done in loads:
+            m.complete_load(set(done), done_ctx)
+        stats = m.stats()
+        assert stats["in_use_blocks"] == 0 and stats["evictions"] > 50 and stored_total > 300
+        m._trie.check_invariants()
 
 
 def test_mooncake_trace_through_vllm_scheduler_matches_our_replay() -> None:
@@ -338,6 +449,8 @@ def test_mooncake_trace_through_vllm_scheduler_matches_our_replay() -> None:
         e.drain()
     stats = scheduler_connector(e).manager.stats()
     assert ours.evictions > 0 and stats["evictions"] > 0
+    # the manager's own free count (num_chunks - resident - pending) is the allocator's
+    assert stats["free_chunks"] == stats["num_chunks"] - stats["resident_chunks"] - stats["pending_chunks"]
     vllm_ratio = e.sage_worker.loaded_blocks / blocks
     assert ours.hit_ratio > 0.02
     assert abs(vllm_ratio - ours.hit_ratio) <= 0.005, (vllm_ratio, ours.hit_ratio)
