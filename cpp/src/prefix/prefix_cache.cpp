@@ -277,8 +277,9 @@ struct PrefixCache::Impl {
   std::uint32_t alloc_node() {
     std::uint32_t idx = free_head;
     if (idx != kNone) {
+      static constexpr Node kFresh{};  // copied field by field (a Node{} temporary costs a rep stos)
       free_head = nodes[idx].parent;
-      nodes[idx] = Node{};
+      nodes[idx] = kFresh;
     } else {
       if (nodes.size() >= kNone) throw Error(ErrorCode::kInternal, "prefix cache node table is full");
       idx = static_cast<std::uint32_t>(nodes.size());
