@@ -371,6 +371,7 @@ struct PrefixCache::Impl {
         if (--p.children == 0 && p.users == 0) {
           if (!two_heaps() && done + 1 < n && (heap.empty() || policy_key(p) < heap.top_key())) {
             next = parent;
+            index.prefetch(p.digest);  // its index slot, for its unlink next round
           } else {
             make_evictable(parent);
           }
