@@ -10,7 +10,7 @@ import time
 
 from common import Row
 from prefix_workload import PyPrefixCacheReference, make_requests
-from sagellm_kv_cache import KVCacheSpec, PagedKVPool
+from sagellm_kv_cache import KVCacheSpec, PagedKVPool, _core
 from sagellm_kv_cache.manager import RequestManager
 from sagellm_kv_cache.prefix_cache import PrefixCache, RadixPrefixCache
 
@@ -86,6 +86,21 @@ def run_seed_api(token_lists: list[list[int]], capacity_blocks: int | None) -> t
     return elapsed / len(token_lists), hits / queried
 
 
+def run_hash_only(token_lists: list[list[int]], hash_algorithm: str) -> float:
+    """Seconds per request of reading the token list and hashing its full blocks, nothing else: the
+    floor under every W2 path with that hash."""
+    gc.collect()
+    gc.disable()  # as in run_manager
+    try:
+        start = time.perf_counter()
+        for tokens in token_lists:
+            _core.hash_blocks(tokens, 16, algorithm=hash_algorithm)
+        elapsed = time.perf_counter() - start
+    finally:
+        gc.enable()
+    return elapsed / len(token_lists)
+
+
 def run_reference(requests: list, pool_blocks: int) -> tuple[float, float]:
     ref = PyPrefixCacheReference(pool_blocks)
     start = time.perf_counter()
@@ -106,7 +121,9 @@ def run(quick: bool = False) -> list[Row]:
     seed, seed_ratio = run_seed_api(token_lists, None)
     ref, ref_ratio = run_reference(requests, total_blocks)
     extra = {"hit_ratio_ours": ours_ratio, "hit_ratio_seed_api": seed_ratio, "hit_ratio_reference": ref_ratio,
-             "hit_ratio_manager": manager_ratio, "cached_blocks": stats["cached_blocks"]}
+             "hit_ratio_manager": manager_ratio, "cached_blocks": stats["cached_blocks"],
+             "read_and_hash_us_sha256": run_hash_only(token_lists, "sha256") * 1e6,
+             "read_and_hash_us_xxh3_128": run_hash_only(token_lists, "xxh3_128") * 1e6}
     return [
         Row("W2 prefix, unbounded (manager, lists)", "us/request", manager * 1e6, ref * 1e6, "vLLM semantics, Python"),
         Row("W2 ... manager, xxh3_128 hash", "us/request", manager_xxh * 1e6, ref * 1e6,
