@@ -424,11 +424,11 @@ def _kill_session(victim: int, rank: int, backend: Any) -> dict[str, Any]:
 
         calls = 0
 
-        def scatter(self, data: Any, block_ids: Any) -> None:
+        def scatter_summed(self, data: Any, block_ids: Any, sums: Any) -> None:  # the receiver's (segsum64) scatter
             DyingPool.calls += 1
             if DyingPool.calls == 5:
                 os._exit(1)
-            super().scatter(data, block_ids)
+            super().scatter_summed(data, block_ids, sums)
 
     spec = KVCacheSpec(**SPEC)
     bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
