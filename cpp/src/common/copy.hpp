@@ -18,7 +18,7 @@ void stream_copy(void* dst, const void* src, std::size_t bytes) noexcept;
 /// payload's positions [offset, offset + bytes); `sums[j]` covers positions [j * kSegmentBytes,
 /// (j + 1) * kSegmentBytes). Bytes at positions from `sums.size() * kSegmentBytes` on are copied
 /// but not summed. Each source byte is loaded once, for both. `stream`: non-temporal stores (then
-/// call `stream_fence()` as for stream_copy). Uses AVX2 where the CPU has it.
+/// call `stream_fence()` as for stream_copy). Uses AVX-512 or AVX2 where the CPU has them.
 void copy_sum(std::byte* dst, const std::byte* src, std::size_t bytes, std::size_t offset,
               std::span<std::uint64_t> sums, bool stream) noexcept;
 
