@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/copy.hpp"
@@ -64,17 +65,28 @@ TEST(CopySum, PiecesAtAnyOffsetAddUpToTheWholeAndCopyEveryByte) {
   // segment is copied but not summed.
   const std::size_t n = 4 * kSegmentBytes + 123;
   const auto data = random_bytes(n, 3);
-  for (bool stream : {false, true}) {
-    for (std::size_t piece : {std::size_t{1}, std::size_t{7}, std::size_t{100}, std::size_t{4093}, n}) {
-      std::vector<std::byte> out(n + 64);
-      std::byte* dst = out.data() + 5;  // unaligned on purpose
-      std::vector<std::uint64_t> sums(segment_count(n), 0);
-      for (std::size_t off = 0; off < n; off += piece) {
-        detail::copy_sum(dst + off, data.data() + off, std::min(piece, n - off), off, sums, stream);
+  using detail::CopyIsa;
+  for (CopyIsa isa : {CopyIsa::kPortable, CopyIsa::kAvx2, CopyIsa::kAvx512}) {
+    if (!detail::cpu_supports(isa)) continue;
+    for (std::size_t misalign : {std::size_t{0}, std::size_t{5}}) {
+      for (bool stream : {false, true}) {
+        for (std::size_t piece : {std::size_t{1}, std::size_t{7}, std::size_t{100}, std::size_t{4093}, n}) {
+          std::vector<std::byte> out(n + 128);
+          std::byte* dst = out.data() + (64 - reinterpret_cast<std::uintptr_t>(out.data()) % 64) + misalign;
+          std::vector<std::uint64_t> sums(segment_count(n), 0);
+          for (std::size_t off = 0; off < n; off += piece) {
+            detail::copy_sum(dst + off, data.data() + off, std::min(piece, n - off), off, sums, stream, isa);
+          }
+          detail::stream_fence();
+          const auto what = "isa " + std::to_string(static_cast<int>(isa)) + " misalign " + std::to_string(misalign) +
+                            " stream " + std::to_string(stream) + " piece " + std::to_string(piece);
+          EXPECT_EQ(std::memcmp(dst, data.data(), n), 0) << what;
+          EXPECT_EQ(sums, reference_sums(data.data(), n)) << what;
+          std::vector<std::uint64_t> only(segment_count(n), 0);  // no destination: sums only
+          detail::copy_sum(nullptr, data.data(), n, 0, only, false, isa);
+          EXPECT_EQ(only, sums) << what;
+        }
       }
-      detail::stream_fence();
-      EXPECT_EQ(std::memcmp(dst, data.data(), n), 0) << "piece " << piece;
-      EXPECT_EQ(sums, reference_sums(data.data(), n)) << "piece " << piece << " stream " << stream;
     }
   }
 }

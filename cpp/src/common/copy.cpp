@@ -158,27 +158,21 @@ __attribute__((target("avx512f"))) std::uint64_t words_avx512(std::byte* dst, co
   return head + rest;
 }
 
-enum class Isa { kPortable, kAvx2, kAvx512 };
-
-Isa best_isa() noexcept {
-  static const Isa isa = __builtin_cpu_supports("avx512f") != 0 ? Isa::kAvx512
-                         : __builtin_cpu_supports("avx2") != 0  ? Isa::kAvx2
-                                                                : Isa::kPortable;
-  return isa;
-}
 #endif
 
 template <Store S>
-std::uint64_t sum_words(std::byte* dst, const std::byte* src, std::size_t words) noexcept {
+std::uint64_t sum_words(std::byte* dst, const std::byte* src, std::size_t words, CopyIsa isa) noexcept {
 #if defined(SAGELLM_KV_HAVE_AVX2_PATH)
-  switch (best_isa()) {
-    case Isa::kAvx512:
+  switch (isa) {
+    case CopyIsa::kAvx512:
       return words_avx512<S>(dst, src, words);
-    case Isa::kAvx2:
+    case CopyIsa::kAvx2:
       return words_avx2<S>(dst, src, words);
-    case Isa::kPortable:
+    case CopyIsa::kPortable:
       break;
   }
+#else
+  (void)isa;
 #endif
   return words_portable<S == Store::kStream ? Store::kPlain : S>(dst, src, words);
 }
@@ -190,7 +184,7 @@ std::uint64_t byte_term(std::byte b, std::size_t pos) noexcept {
 
 template <Store S>
 void copy_sum_impl(std::byte* dst, const std::byte* src, std::size_t bytes, std::size_t offset,
-                   std::span<std::uint64_t> sums) noexcept {
+                   std::span<std::uint64_t> sums, CopyIsa isa) noexcept {
   std::size_t done = 0;
   while (done < bytes) {
     const std::size_t pos = offset + done;
@@ -210,7 +204,7 @@ void copy_sum_impl(std::byte* dst, const std::byte* src, std::size_t bytes, std:
       acc += byte_term(s[i], pos + i);
     }
     const std::size_t words = (len - i) / 8;
-    acc += sum_words<S>(S == Store::kNone ? nullptr : d + i, s + i, words);
+    acc += sum_words<S>(S == Store::kNone ? nullptr : d + i, s + i, words, isa);
     for (i += words * 8; i < len; ++i) {
       if constexpr (S != Store::kNone) d[i] = s[i];
       acc += byte_term(s[i], pos + i);
@@ -222,15 +216,45 @@ void copy_sum_impl(std::byte* dst, const std::byte* src, std::size_t bytes, std:
 
 }  // namespace
 
+bool cpu_supports(CopyIsa isa) noexcept {
+  switch (isa) {
+    case CopyIsa::kPortable:
+      return true;
+#if defined(SAGELLM_KV_HAVE_AVX2_PATH)
+    case CopyIsa::kAvx2:
+      return __builtin_cpu_supports("avx2") != 0;
+    case CopyIsa::kAvx512:
+      return __builtin_cpu_supports("avx512f") != 0;
+#else
+    default:
+      return false;
+#endif
+  }
+  return false;
+}
+
+CopyIsa best_copy_isa() noexcept {
+  static const CopyIsa isa = cpu_supports(CopyIsa::kAvx512) ? CopyIsa::kAvx512
+                             : cpu_supports(CopyIsa::kAvx2) ? CopyIsa::kAvx2
+                                                            : CopyIsa::kPortable;
+  return isa;
+}
+
+void copy_sum(std::byte* dst, const std::byte* src, std::size_t bytes, std::size_t offset,
+              std::span<std::uint64_t> sums, bool stream, CopyIsa isa) noexcept {
+  if (!cpu_supports(isa)) isa = CopyIsa::kPortable;
+  if (dst == nullptr) {
+    copy_sum_impl<Store::kNone>(dst, src, bytes, offset, sums, isa);
+  } else if (stream) {
+    copy_sum_impl<Store::kStream>(dst, src, bytes, offset, sums, isa);
+  } else {
+    copy_sum_impl<Store::kPlain>(dst, src, bytes, offset, sums, isa);
+  }
+}
+
 void copy_sum(std::byte* dst, const std::byte* src, std::size_t bytes, std::size_t offset,
               std::span<std::uint64_t> sums, bool stream) noexcept {
-  if (dst == nullptr) {
-    copy_sum_impl<Store::kNone>(dst, src, bytes, offset, sums);
-  } else if (stream) {
-    copy_sum_impl<Store::kStream>(dst, src, bytes, offset, sums);
-  } else {
-    copy_sum_impl<Store::kPlain>(dst, src, bytes, offset, sums);
-  }
+  copy_sum(dst, src, bytes, offset, sums, stream, best_copy_isa());
 }
 
 }  // namespace sagellm::kv::detail

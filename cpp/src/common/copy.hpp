@@ -22,6 +22,17 @@ void stream_copy(void* dst, const void* src, std::size_t bytes) noexcept;
 void copy_sum(std::byte* dst, const std::byte* src, std::size_t bytes, std::size_t offset,
               std::span<std::uint64_t> sums, bool stream) noexcept;
 
+/// Instruction sets of copy_sum's inner loop.
+enum class CopyIsa : std::uint8_t { kPortable, kAvx2, kAvx512 };
+/// True when this CPU (and build) can run `isa`.
+[[nodiscard]] bool cpu_supports(CopyIsa isa) noexcept;
+/// The fastest of them here (what copy_sum uses).
+[[nodiscard]] CopyIsa best_copy_isa() noexcept;
+/// copy_sum on a given instruction set (tests: every path gives the same bytes and sums); one this
+/// CPU lacks falls back to the portable loop.
+void copy_sum(std::byte* dst, const std::byte* src, std::size_t bytes, std::size_t offset,
+              std::span<std::uint64_t> sums, bool stream, CopyIsa isa) noexcept;
+
 /// Orders preceding non-temporal stores before later stores (sfence on x86; no-op elsewhere).
 void stream_fence() noexcept;
 
