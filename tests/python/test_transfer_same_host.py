@@ -283,13 +283,14 @@ CHUNK_BYTES = 64 << 10  # 128 blocks of 512 B per chunk: 10,000 blocks run throu
 TIMEOUT = 15.0
 
 
-def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
+def _pair_session(gather_thread: bool, rank: int, backend: Any) -> dict[str, Any]:
     from sagellm_kv_cache import KVCacheSpec, PagedKVPool
     from sagellm_kv_cache.transfer import BlockTransfer
     from sagellm_kv_cache.transfer import shm as shm_mod
 
     spec = KVCacheSpec(**SPEC)
-    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+    # gather_thread: the source gathers chunk k+1 on a second thread while chunk k's gather finishes.
+    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, gather_thread=gather_thread)
     r: dict[str, Any] = {}
     if rank == 0:
         pool = PagedKVPool(spec, 13_000)
@@ -362,9 +363,11 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
     return r
 
 
-@pytest.fixture(scope="module")
-def pair() -> dict[int, Any]:
-    return _run(_pair_session, world=2)
+@pytest.fixture(scope="module", params=[False, True], ids=["inline-gather", "gather-thread"])
+def pair(request: pytest.FixtureRequest) -> dict[int, Any]:
+    import functools
+
+    return _run(functools.partial(_pair_session, request.param), world=2)
 
 
 def test_blocks_arrive_byte_exact_through_the_ring(pair: dict[int, Any]) -> None:

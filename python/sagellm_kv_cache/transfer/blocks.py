@@ -61,6 +61,9 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -487,6 +490,9 @@ class BlockTransfer:
         self._shm_chunk_bytes = 4 << 20
         #: Same-host staging ring per destination rank (each handed to one destination process).
         self._rings: dict[int, shm.SourceRing] = {}
+        #: Same-host path with ``gather_thread``: a second thread gathers chunk k+1 while chunk k's
+        #: gather finishes (one core gathers ~8 GB/s here, one scatters ~14 GB/s on the other side).
+        self._gather_pool: ThreadPoolExecutor | None = None
         #: Tests only: called on the source with (chunk index, payload view) after the chunk's checksum
         #: is taken and before it is sent, to damage the wire copy, stall, or kill the process.
         self._chunk_hook: Callable[[int, npt.NDArray[np.uint8]], None] | None = None
@@ -787,40 +793,76 @@ class BlockTransfer:
         (it acknowledges chunk j when j + slots < num_chunks, once it is done reading it).
         """
         num_chunks, slots = header.num_chunks, ring.slots
+        executor = self._gather_executor() if self._gather_thread and num_chunks > 1 else None
+        # Gathers in flight beyond the one whose footer is next: chunk k+1 is gathered (on a second
+        # thread) while chunk k's gather finishes, so two cores read the pool. Inline: none.
+        ahead = 1 if executor is not None else 0
         checksums: dict[int, int] = {}
         aborted: BaseException | None = None
         footer = np.empty(wire.FOOTER_NBYTES, dtype=np.uint8)
-        sums = wire.segment_sums_buffer(ring.slot_nbytes)
-        for k in range(num_chunks):
-            state["phase"] = f"chunk {k} of {num_chunks}"
-            if k >= slots:
-                ack = wire.Reply.unpack(np.frombuffer(channel.recv(wire.REPLY_NBYTES, deadline.remaining()),
-                                                      dtype=np.uint8))
-                if ack.phase != wire.PHASE_ACK or ack.a != k - slots:
-                    raise wire.WireFormatError("reply", f"expected the ack of chunk {k - slots}, got phase "
-                                                        f"{ack.phase} a={ack.a}")
+        sums = [wire.segment_sums_buffer(ring.slot_nbytes) for _ in range(min(slots, num_chunks))]
+
+        def gather(k: int) -> int:
             start, stop = header.chunk_range(k)
-            nbytes = (stop - start) * header.block_nbytes
-            payload = ring.slot(k)[:nbytes]
-            value, flags = 0, 0
-            if aborted is None:
-                try:
-                    value = _gather_checksum(pool, ids[start:stop], payload, sums, header.checksum_algorithm)
-                except Exception as e:  # the destination must still get every footer it expects
-                    aborted = e
-            if aborted is not None:
-                flags = wire.FOOTER_ABORT
-            checksums[k] = value
-            wire.ChunkFooter(k, flags, nbytes, value).pack(footer)
-            if self._chunk_hook is not None:
-                self._chunk_hook(k, payload)
-            channel.send(footer.tobytes(), deadline.remaining())
+            payload = ring.slot(k)[: (stop - start) * header.block_nbytes]
+            return _gather_checksum(pool, ids[start:stop], payload, sums[k % slots], header.checksum_algorithm)
+
+        in_flight: deque[tuple[int, Future[int] | None]] = deque()
+
+        def send_footers(upto: int) -> None:
+            """Footers of the chunks up to ``upto``, in order, each once its gather is done."""
+            nonlocal aborted
+            while in_flight and in_flight[0][0] <= upto:
+                k, gathering = in_flight.popleft()
+                start, stop = header.chunk_range(k)
+                nbytes = (stop - start) * header.block_nbytes
+                value, flags = 0, 0
+                if aborted is None:
+                    try:
+                        value = (gather(k) if gathering is None
+                                 else gathering.result(_blocking_timeout(deadline.remaining())))
+                    except FutureTimeout:
+                        raise TransportTimeout(f"chunk {k} was not gathered before the deadline") from None
+                    except Exception as e:  # the destination must still get every footer it expects
+                        aborted = e
+                if aborted is not None:
+                    flags = wire.FOOTER_ABORT
+                checksums[k] = value
+                wire.ChunkFooter(k, flags, nbytes, value).pack(footer)
+                if self._chunk_hook is not None:
+                    self._chunk_hook(k, ring.slot(k)[:nbytes])
+                channel.send(footer.tobytes(), deadline.remaining())
+
+        try:
+            for k in range(num_chunks):
+                state["phase"] = f"chunk {k} of {num_chunks}"
+                if k >= slots:
+                    send_footers(k - slots)
+                    ack = wire.Reply.unpack(np.frombuffer(channel.recv(wire.REPLY_NBYTES, deadline.remaining()),
+                                                          dtype=np.uint8))
+                    if ack.phase != wire.PHASE_ACK or ack.a != k - slots:
+                        raise wire.WireFormatError("reply", f"expected the ack of chunk {k - slots}, got phase "
+                                                            f"{ack.phase} a={ack.a}")
+                # The slot is free now (acknowledged, or never used): chunk k may be gathered into it.
+                gathering = executor.submit(gather, k) if executor is not None and aborted is None else None
+                in_flight.append((k, gathering))
+                send_footers(k - ahead)
+            send_footers(num_chunks)
+        finally:
+            # Nothing may still write into the ring once we return (it serves the next transfer).
+            futures_wait([f for _, f in in_flight if f is not None])
         state["all_sent"] = True  # from here on the destination may hold every chunk
         state["source_aborted"] = aborted is not None
         state["phase"] = "drain"
         for work in pending:
             work.wait(deadline.remaining())
         return checksums, aborted
+
+    def _gather_executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._gather_pool is None:
+                self._gather_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-transfer-shm-gather")
+            return self._gather_pool
 
     def _offer(self, header: wire.TransferHeader) -> shm.ShmOffer | None:
         """Listens for the destination's handover, when this transfer offers the same-host path."""
