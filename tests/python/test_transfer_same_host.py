@@ -417,7 +417,7 @@ def test_stalled_source_times_out_and_the_ring_is_dropped(pair: dict[int, Any]) 
     assert pair[0]["stall"][0] in ("KVTransferFailedError", "KVTransferTimeoutError")
 
 
-def _kill_session(victim: int, rank: int, backend: Any) -> dict[str, Any]:
+def _kill_session(victim: int, gather_thread: bool, rank: int, backend: Any) -> dict[str, Any]:
     from sagellm_kv_cache import KVCacheSpec, PagedKVPool
     from sagellm_kv_cache.transfer import BlockTransfer
     from sagellm_kv_cache.transfer import shm as shm_mod
@@ -434,7 +434,7 @@ def _kill_session(victim: int, rank: int, backend: Any) -> dict[str, Any]:
             super().scatter_summed(data, block_ids, sums)
 
     spec = KVCacheSpec(**SPEC)
-    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, gather_thread=gather_thread)
     if rank == 0:
         pool = PagedKVPool(spec, 12_000)
         if victim == 0:
@@ -456,20 +456,22 @@ def _kill_session(victim: int, rank: int, backend: Any) -> dict[str, Any]:
             "fds_same": _our_fds() == fds}
 
 
-def test_source_killed_mid_transfer_leaves_the_destination_as_it_was() -> None:
+@pytest.mark.parametrize("gather_thread", [False, True], ids=["inline-gather", "gather-thread"])
+def test_source_killed_mid_transfer_leaves_the_destination_as_it_was(gather_thread: bool) -> None:
     import functools
 
-    dst = _run(functools.partial(_kill_session, 0), world=2, expect_missing=1)[1]
+    dst = _run(functools.partial(_kill_session, 0, gather_thread), world=2, expect_missing=1)[1]
     kind, details, seconds = dst["outcome"]
     assert kind in ("KVTransferFailedError", "KVTransferTimeoutError"), details
     assert seconds < 5.0  # the channel reads end of file at once
     assert dst["free_same"] and dst["mapped"] == 0 and dst["fds_same"]
 
 
-def test_destination_killed_mid_transfer_fails_the_source() -> None:
+@pytest.mark.parametrize("gather_thread", [False, True], ids=["inline-gather", "gather-thread"])
+def test_destination_killed_mid_transfer_fails_the_source(gather_thread: bool) -> None:
     import functools
 
-    src = _run(functools.partial(_kill_session, 1), world=2, expect_missing=1)[0]
+    src = _run(functools.partial(_kill_session, 1, gather_thread), world=2, expect_missing=1)[0]
     kind, details, seconds = src["outcome"]
     assert kind == "KVTransferFailedError", details  # not every chunk had gone: no doubt about the outcome
     assert seconds < 5.0
