@@ -439,7 +439,8 @@ class BlockTransfer:
     ``checksum`` is ``"segsum64"`` (fast, default) or ``"crc32"``; ``transport`` is ``"auto"``
     (torch.distributed for ``GlooBackend``), ``"torch"`` or ``"backend"`` (the backend's own
     blocking calls on a thread; any backend); ``gather_thread`` gathers on the source on a thread
-    of its own while the sending thread is inside gloo (default: when the machine has 4+ CPUs);
+    of its own while the sending thread is inside gloo, and on the same-host path gathers chunk k+1
+    on a second thread while chunk k's gather finishes (default: when the machine has 4+ CPUs);
     ``same_host`` lets a transfer whose two ends share a host move its payload through a
     shared-memory ring (:mod:`.shm`) instead of the transport; both ends must allow it, and it falls
     back to the transport by itself when they are not on one host.
