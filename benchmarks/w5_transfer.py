@@ -11,6 +11,9 @@ so both share the machine's noise (best of the repetitions is reported):
   contiguous tensor (no gather, no checksum, no scatter).
 
 Transfers are timed on the destination from a common barrier until the blocks are in its pool.
+Each row also gives the CPU time per transfer of the busiest source and destination process (all
+their threads): on a loaded machine it moves far less than the wall time, so it shows what a change
+costs when the wall-clock ratio is drowned in noise.
 Block ids are a random permutation, as in a pool that has been in use. With ``--concurrency c``,
 ``2c`` processes run ``c`` transfers at once (rank i sends to rank i + c); each reference runs
 ``c``-fold at once too (memcpy on every destination), and the slowest destination's time counts.
@@ -73,11 +76,13 @@ def _worker(rank: int, world: int, port: int, sizes_mib: list[int], repeats: int
             ids = np.random.default_rng(size).permutation(n + 8)[:n].astype(np.int32)
             pool.allocate(n + 8)  # every block in use; we send a scattered subset
         best = dict.fromkeys(KINDS, float("inf"))
+        cpu = dict.fromkeys(KINDS, float("inf"))  # CPU seconds of this process (all its threads)
         seen_path = ""
         for rep in range(repeats + 1):  # the first round warms pages, sockets, rings and staging buffers
             for kind in KINDS if rep % 2 else KINDS[::-1]:
                 backend.barrier()
                 start = time.perf_counter()
+                cpu_start = time.process_time()
                 if kind == "raw":
                     backend.send(raw, peer) if sender else backend.recv(raw, peer)
                 elif kind == "memcpy":
@@ -90,11 +95,14 @@ def _worker(rank: int, world: int, port: int, sizes_mib: list[int], repeats: int
                     if kind == "shm":
                         seen_path = got.path
                 elapsed = time.perf_counter() - start
+                cpu_used = time.process_time() - cpu_start
                 if not sender and kind in ("shm", "gloo"):
                     pool.free(got.block_ids)
                 if rep:
                     best[kind] = min(best[kind], elapsed)
-        out[size] = {"bytes": float(n * spec.block_nbytes), **best, "shm_path_used": float(seen_path == "shm")}
+                    cpu[kind] = min(cpu[kind], cpu_used)
+        out[size] = {"bytes": float(n * spec.block_nbytes), **best, "shm_path_used": float(seen_path == "shm"),
+                     **{f"cpu_{k}": v for k, v in cpu.items()}}
         del pool, raw, copy_to
     results.put((rank, out))
     results.close()
@@ -118,9 +126,13 @@ def measure(sizes_mib: list[int], repeats: int, options: dict[str, Any], concurr
         p.join(timeout=30)
     merged: dict[int, dict[str, float]] = {}
     for size in sizes_mib:
+        srcs = [got[r][size] for r in range(concurrency)]
         dests = [got[r][size] for r in range(concurrency, world)]
         merged[size] = {k: max(d[k] for d in dests) for k in (*KINDS, "bytes")}
         merged[size]["shm_path_used"] = min(d["shm_path_used"] for d in dests)
+        for k in KINDS:  # CPU per transfer, the busiest source and destination (least noisy on a loaded box)
+            merged[size][f"cpu_src_{k}"] = max(d[f"cpu_{k}"] for d in srcs)
+            merged[size][f"cpu_dst_{k}"] = max(d[f"cpu_{k}"] for d in dests)
     return merged
 
 
@@ -128,12 +140,18 @@ def _rows(size: int, t: dict[str, float], concurrency: int, options: dict[str, A
     label = f"{size} MiB" if size < 1024 else f"{size // 1024} GiB"
     gbps = {k: t["bytes"] / t[k] / 1e9 for k in KINDS}
     extra = {"bytes": int(t["bytes"]), "cpus": os.cpu_count(), "concurrent": concurrency, **options}
+
+    def cpu_ms(kind: str) -> str:  # "source / destination" CPU milliseconds per transfer
+        return f"{t[f'cpu_src_{kind}'] * 1e3:.0f} / {t[f'cpu_dst_{kind}'] * 1e3:.0f}"
+
     return [
         Row(f"W5 same-host {label} x{concurrency}", "GB/s", gbps["shm"], gbps["memcpy"],
             "1-thread memcpy, same bytes", higher_is_better=True,
-            extra={**extra, "shm_path_used": bool(t["shm_path_used"])}),
+            extra={**extra, "shm_path_used": bool(t["shm_path_used"]), "cpu_ms_src/dst": cpu_ms("shm"),
+                   "reference_cpu_ms": cpu_ms("memcpy")}),
         Row(f"W5 gloo {label} x{concurrency}", "GB/s", gbps["gloo"], gbps["raw"],
-            "raw gloo send/recv, same bytes", higher_is_better=True, extra=extra),
+            "raw gloo send/recv, same bytes", higher_is_better=True,
+            extra={**extra, "cpu_ms_src/dst": cpu_ms("gloo"), "reference_cpu_ms": cpu_ms("raw")}),
     ]
 
 
@@ -167,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         for size, t in measure([int(s) for s in args.sizes.split(",")], args.repeats, options, c).items():
             rows += _rows(size, t, c, options)
     print_table(rows)
+    for r in rows:
+        print(f"  {r.workload}: CPU ms per transfer, source / destination: ours {r.extra['cpu_ms_src/dst']}, "
+              f"reference {r.extra['reference_cpu_ms']}")
     return 0
 
 

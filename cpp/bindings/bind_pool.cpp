@@ -10,6 +10,7 @@
 #include "sagellm_kv/block_allocator.hpp"
 #include "sagellm_kv/device.hpp"
 #include "sagellm_kv/kv_pool.hpp"
+#include "sagellm_kv/segment_sum.hpp"
 
 namespace sagellm::kv::bindings {
 namespace {
@@ -141,9 +142,35 @@ py::buffer_info byte_buffer(const py::buffer& buf, std::size_t expected, bool wr
   return info;
 }
 
+// A writable C-contiguous numpy uint64 array of exactly `expected` entries (the segment sums).
+std::span<std::uint64_t> sums_buffer(py::array sums, std::size_t expected) {
+  if (!sums.dtype().equal(py::dtype::of<std::uint64_t>())) {
+    throw py::type_error("sums must be a uint64 array, got dtype " + py::str(sums.dtype()).cast<std::string>());
+  }
+  if (!(sums.flags() & py::array::c_style) || !sums.writeable()) {
+    throw py::value_error("sums must be a writable C-contiguous array");
+  }
+  if (static_cast<std::size_t>(sums.size()) != expected) {
+    throw py::value_error("sums holds " + std::to_string(sums.size()) + " entries, expected " +
+                          std::to_string(expected) + " (one per full segment of " +
+                          std::to_string(kSegmentBytes) + " bytes)");
+  }
+  return {static_cast<std::uint64_t*>(sums.mutable_data()), expected};
+}
+
 }  // namespace
 
 void bind_pool(py::module_& m) {
+  m.attr("SEGMENT_BYTES") = kSegmentBytes;
+  m.def("segment_sums", [](const py::buffer& data, const py::array& sums) {
+          py::buffer_info info = data.request(false);
+          const auto nbytes = static_cast<std::size_t>(info.size * info.itemsize);
+          py::buffer_info in = byte_buffer(data, nbytes, false, "data");
+          std::span<std::uint64_t> out = sums_buffer(sums, segment_count(nbytes));
+          py::gil_scoped_release release;
+          segment_sums({static_cast<const std::byte*>(in.ptr), nbytes}, out);
+        }, py::arg("data"), py::arg("sums"),
+        "Sums of each full 4 KiB segment's little-endian 64-bit words (mod 2**64), into ``sums``.");
   m.def("registered_backends", &registered_backends, "Names of the registered device backends.");
   m.def("check_device", [](const std::string& device) { return allocator_for(device)->device().str(); },
         py::arg("device"), "Canonical name of a usable device; raises when it cannot be used here.");
@@ -260,6 +287,23 @@ void bind_pool(py::module_& m) {
              py::gil_scoped_release release;
              p.scatter(src, b.span());
            }, py::arg("data"), py::arg("block_ids"))
+      .def("gather_summed", [](const PagedKVPool& p, const py::handle& ids, const py::buffer& out,
+                               const py::array& sums) {
+             BlockIds b(ids, "block_ids");
+             const std::size_t nbytes = b.span().size() * p.block_bytes();
+             py::buffer_info info = byte_buffer(out, nbytes, true, "out");
+             std::span<std::uint64_t> s = sums_buffer(sums, segment_count(nbytes));
+             py::gil_scoped_release release;
+             p.gather_summed(b.span(), {static_cast<std::byte*>(info.ptr), nbytes}, s);
+           }, py::arg("block_ids"), py::arg("out"), py::arg("sums"))
+      .def("scatter_summed", [](PagedKVPool& p, const py::buffer& in, const py::handle& ids, const py::array& sums) {
+             BlockIds b(ids, "block_ids");
+             const std::size_t nbytes = b.span().size() * p.block_bytes();
+             py::buffer_info info = byte_buffer(in, nbytes, false, "data");
+             std::span<std::uint64_t> s = sums_buffer(sums, segment_count(nbytes));
+             py::gil_scoped_release release;
+             p.scatter_summed({static_cast<const std::byte*>(info.ptr), nbytes}, b.span(), s);
+           }, py::arg("data"), py::arg("block_ids"), py::arg("sums"))
       .def("host_view", [](const PoolPtr& p, std::int64_t layer, bool value) {
              return host_view(p, checked_layer(*p, layer), value);
            }, py::arg("layer"), py::arg("value"))

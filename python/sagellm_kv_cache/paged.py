@@ -191,6 +191,17 @@ class PagedKVPool:
         """Writes staging-layout bytes back into the blocks (inverse of :meth:`gather`)."""
         self._native.scatter(data, block_ids)
 
+    def gather_summed(self, block_ids: BlockIds, out: Any, sums: npt.NDArray[np.uint64]) -> None:
+        """:meth:`gather_into` that also writes, in the same pass over the bytes, the sum of each full
+        4 KiB segment of ``out`` (little-endian 64-bit words, mod 2**64) into ``sums`` (uint64, one
+        entry per full segment): the bulk of the transfer checksum ``segsum64``."""
+        self._native.gather_summed(block_ids, out, sums)
+
+    def scatter_summed(self, data: Any, block_ids: BlockIds, sums: npt.NDArray[np.uint64]) -> None:
+        """:meth:`scatter` that also writes the segment sums of ``data`` as it was read (see
+        :meth:`gather_summed`): they describe exactly the bytes that went into the blocks."""
+        self._native.scatter_summed(data, block_ids, sums)
+
     # --- budget -----------------------------------------------------------------------------
 
     def set_budget_blocks(self, blocks: int) -> None:

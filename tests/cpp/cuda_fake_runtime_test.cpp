@@ -6,6 +6,8 @@
 #include <dlfcn.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -13,6 +15,7 @@
 #include "sagellm_kv/device.hpp"
 #include "sagellm_kv/error.hpp"
 #include "sagellm_kv/kv_pool.hpp"
+#include "sagellm_kv/segment_sum.hpp"
 
 namespace sagellm::kv {
 namespace {
@@ -74,6 +77,25 @@ TEST_F(FakeCuda, CopiesWithAPitchAboveTheDeviceLimitStillWork) {
   pool.gather(ids, back);
   EXPECT_TRUE(std::equal(back.begin() + 3 * static_cast<std::ptrdiff_t>(pool.block_bytes()), back.end(),
                          data.begin()));
+}
+
+TEST_F(FakeCuda, SummedGatherAndScatterOfADevicePoolCopyThenSum) {
+  PoolOptions o;
+  o.device = "cuda:0";
+  PagedKVPool pool(spec(), 64, o);
+  std::vector<BlockId> ids(40);  // 40 blocks of 1.5 KiB: 15 full segments and a tail
+  pool.allocate(ids);
+  const auto data = pattern(ids.size() * pool.block_bytes(), 11);
+  std::vector<std::uint64_t> expected(segment_count(data.size()));
+  segment_sums(data, expected);
+  std::vector<std::uint64_t> sums(expected.size());
+  pool.scatter_summed(data, ids, sums);
+  EXPECT_EQ(sums, expected);
+  std::vector<std::byte> back(data.size());
+  std::fill(sums.begin(), sums.end(), 0);
+  pool.gather_summed(ids, back, sums);
+  EXPECT_EQ(back, data);
+  EXPECT_EQ(sums, expected);
 }
 
 TEST_F(FakeCuda, SmallPitchesKeepTheStridedCopy) {

@@ -188,6 +188,53 @@ def test_segsum64_depends_on_segment_order() -> None:
     assert wire.checksum(data, 1) != wire.checksum(swapped, 1)
 
 
+def _segsum64_reference(data: np.ndarray) -> int:
+    """segsum64 as wire.py's docstring defines it, in numpy (the C++ sums must agree with it)."""
+    import hashlib
+
+    head = data.size - data.size % 4096
+    sums = data[:head].view("<u8").reshape(-1, 512).sum(axis=1, dtype=np.uint64)
+    h = hashlib.blake2b(digest_size=8)
+    h.update(sums.astype("<u8").tobytes() + data[head:].tobytes() + int(data.size).to_bytes(8, "little"))
+    return int.from_bytes(h.digest(), "little")
+
+
+def test_gather_and_scatter_compute_the_checksum_they_copy() -> None:
+    # Layer pieces of 41 * 5 * 7 = 1435 bytes: words and segments straddle pieces and blocks.
+    spec = KVCacheSpec(num_layers=3, num_kv_heads=5, head_dim=7, dtype="int8", block_size=41)
+    src, dst = PagedKVPool(spec, 32), PagedKVPool(spec, 32)
+    ids = src.allocate(9)
+    src.scatter(np.random.default_rng(3).integers(0, 256, ids.size * spec.block_nbytes, dtype=np.uint8), ids)
+    out = np.empty(ids.size * spec.block_nbytes, dtype=np.uint8)
+    sums = wire.segment_sums_buffer(out.size)
+    src.gather_summed(ids, out, sums)
+    assert np.array_equal(out, src.gather(ids))
+    assert wire.segsum64_from_sums(sums, out) == wire.checksum(out, 1) == _segsum64_reference(out)
+    got = dst.allocate(9)
+    again = np.zeros_like(sums)
+    dst.scatter_summed(out, got, again)
+    assert np.array_equal(dst.gather(got), out) and np.array_equal(again, sums)
+
+
+def test_summed_copies_refuse_bad_sums_and_change_nothing() -> None:
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, dtype="fp16", block_size=16)
+    pool = PagedKVPool(spec, 8)
+    ids = pool.allocate(2)
+    out = np.full(ids.size * spec.block_nbytes, 7, dtype=np.uint8)
+    n = out.size // wire.SEGMENT_NBYTES
+    with pytest.raises(TypeError, match="uint64"):
+        pool.gather_summed(ids, out, np.zeros(n, dtype=np.int64))
+    with pytest.raises(ValueError, match=f"expected {n}"):
+        pool.gather_summed(ids, out, np.zeros(n + 1, dtype=np.uint64))
+    frozen = np.zeros(n, dtype=np.uint64)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        pool.scatter_summed(out, ids, frozen)
+    with pytest.raises(ValueError, match="writable"):
+        pool.scatter_summed(out, ids, np.zeros(2 * n, dtype=np.uint64)[::2])
+    assert (out == 7).all() and not pool.gather(ids).any()  # nothing copied either way
+
+
 def test_unknown_dtype_and_algorithm() -> None:
     with pytest.raises(ValueError, match="no wire code"):
         wire.dtype_code("int4")

@@ -283,13 +283,14 @@ CHUNK_BYTES = 64 << 10  # 128 blocks of 512 B per chunk: 10,000 blocks run throu
 TIMEOUT = 15.0
 
 
-def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
+def _pair_session(gather_thread: bool, rank: int, backend: Any) -> dict[str, Any]:
     from sagellm_kv_cache import KVCacheSpec, PagedKVPool
     from sagellm_kv_cache.transfer import BlockTransfer
     from sagellm_kv_cache.transfer import shm as shm_mod
 
     spec = KVCacheSpec(**SPEC)
-    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+    # gather_thread: the source gathers chunk k+1 on a second thread while chunk k's gather finishes.
+    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, gather_thread=gather_thread)
     r: dict[str, Any] = {}
     if rank == 0:
         pool = PagedKVPool(spec, 13_000)
@@ -362,9 +363,11 @@ def _pair_session(rank: int, backend: Any) -> dict[str, Any]:
     return r
 
 
-@pytest.fixture(scope="module")
-def pair() -> dict[int, Any]:
-    return _run(_pair_session, world=2)
+@pytest.fixture(scope="module", params=[False, True], ids=["inline-gather", "gather-thread"])
+def pair(request: pytest.FixtureRequest) -> dict[int, Any]:
+    import functools
+
+    return _run(functools.partial(_pair_session, request.param), world=2)
 
 
 def test_blocks_arrive_byte_exact_through_the_ring(pair: dict[int, Any]) -> None:
@@ -414,7 +417,7 @@ def test_stalled_source_times_out_and_the_ring_is_dropped(pair: dict[int, Any]) 
     assert pair[0]["stall"][0] in ("KVTransferFailedError", "KVTransferTimeoutError")
 
 
-def _kill_session(victim: int, rank: int, backend: Any) -> dict[str, Any]:
+def _kill_session(victim: int, gather_thread: bool, rank: int, backend: Any) -> dict[str, Any]:
     from sagellm_kv_cache import KVCacheSpec, PagedKVPool
     from sagellm_kv_cache.transfer import BlockTransfer
     from sagellm_kv_cache.transfer import shm as shm_mod
@@ -424,14 +427,14 @@ def _kill_session(victim: int, rank: int, backend: Any) -> dict[str, Any]:
 
         calls = 0
 
-        def scatter(self, data: Any, block_ids: Any) -> None:
+        def scatter_summed(self, data: Any, block_ids: Any, sums: Any) -> None:  # the receiver's (segsum64) scatter
             DyingPool.calls += 1
             if DyingPool.calls == 5:
                 os._exit(1)
-            super().scatter(data, block_ids)
+            super().scatter_summed(data, block_ids, sums)
 
     spec = KVCacheSpec(**SPEC)
-    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT)
+    bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, gather_thread=gather_thread)
     if rank == 0:
         pool = PagedKVPool(spec, 12_000)
         if victim == 0:
@@ -453,20 +456,22 @@ def _kill_session(victim: int, rank: int, backend: Any) -> dict[str, Any]:
             "fds_same": _our_fds() == fds}
 
 
-def test_source_killed_mid_transfer_leaves_the_destination_as_it_was() -> None:
+@pytest.mark.parametrize("gather_thread", [False, True], ids=["inline-gather", "gather-thread"])
+def test_source_killed_mid_transfer_leaves_the_destination_as_it_was(gather_thread: bool) -> None:
     import functools
 
-    dst = _run(functools.partial(_kill_session, 0), world=2, expect_missing=1)[1]
+    dst = _run(functools.partial(_kill_session, 0, gather_thread), world=2, expect_missing=1)[1]
     kind, details, seconds = dst["outcome"]
     assert kind in ("KVTransferFailedError", "KVTransferTimeoutError"), details
     assert seconds < 5.0  # the channel reads end of file at once
     assert dst["free_same"] and dst["mapped"] == 0 and dst["fds_same"]
 
 
-def test_destination_killed_mid_transfer_fails_the_source() -> None:
+@pytest.mark.parametrize("gather_thread", [False, True], ids=["inline-gather", "gather-thread"])
+def test_destination_killed_mid_transfer_fails_the_source(gather_thread: bool) -> None:
     import functools
 
-    src = _run(functools.partial(_kill_session, 1), world=2, expect_missing=1)[0]
+    src = _run(functools.partial(_kill_session, 1, gather_thread), world=2, expect_missing=1)[0]
     kind, details, seconds = src["outcome"]
     assert kind == "KVTransferFailedError", details  # not every chunk had gone: no doubt about the outcome
     assert seconds < 5.0

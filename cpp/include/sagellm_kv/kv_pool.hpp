@@ -124,6 +124,19 @@ class PagedKVPool {
   /// result does not depend on the order of the writes.
   void scatter(std::span<const std::byte> in, std::span<const BlockId> ids, bool in_on_device = false);
 
+  /// gather into host memory computing, in the same pass over the bytes, the segment sums of `out`
+  /// (sagellm_kv/segment_sum.hpp) into `sums`, which must hold exactly segment_count(out.size())
+  /// entries. Same checks as gather, plus that size, all before anything is written. Plain stores:
+  /// `out` is meant to be read next (sent, or scattered by a peer) while it is still in cache. A
+  /// device pool copies first and sums `out` afterwards (two passes).
+  void gather_summed(std::span<const BlockId> ids, std::span<std::byte> out, std::span<std::uint64_t> sums) const;
+
+  /// scatter from host memory computing, in the same pass, the segment sums of `in` as it was read:
+  /// the sums describe exactly the bytes that went into the blocks, even when another process may
+  /// write `in` meanwhile (a shared staging ring). Same checks as scatter, plus the size of `sums`,
+  /// all before anything is written. A device pool sums `in` first, then copies (two passes).
+  void scatter_summed(std::span<const std::byte> in, std::span<const BlockId> ids, std::span<std::uint64_t> sums);
+
   /// Like gather, but block `ids[i]` goes to its own buffer `outs[i]` of block_bytes() (e.g. the
   /// slots of a host tier), host memory unless `out_on_device`. Same checks as gather, before any
   /// byte moves; also Error(kInvalidArgument) when the lengths differ or a buffer is null.
@@ -144,6 +157,10 @@ class PagedKVPool {
   [[nodiscard]] std::vector<BlockId> checked_ids(std::span<const BlockId> ids, bool must_be_allocated,
                                                  const char* what) const;
   void move_block(std::byte* staging, BlockId id, bool to_staging, bool staging_on_device, bool stream) const;
+  void move_block_summed(std::byte* staging, std::size_t offset, BlockId id, bool to_staging,
+                         std::span<std::uint64_t> sums, bool stream) const;
+  void check_staging(std::size_t staging_bytes, std::size_t num_ids, const char* what) const;
+  static void check_sums(std::size_t staging_bytes, std::size_t num_sums, const char* what);
 
   KVCacheSpec spec_;
   DeviceId device_;

@@ -2,14 +2,18 @@
 
 The source gathers blocks in C++ into host staging buffers (numpy arrays seen by torch through
 ``torch.from_numpy``, no copy) and streams them in chunks; the destination checks the header
-against its own spec before it reserves anything, verifies each chunk's checksum before scattering
-it into blocks only it knows about, and hands the block ids to the caller (and their digests to a
-prefix cache) only when every chunk has arrived intact. The exchange is in :mod:`.wire`.
+against its own spec before it reserves anything, checks each chunk's footer, scatters the chunk
+into blocks only it knows about while computing its checksum in the same pass (C++
+``scatter_summed``: each byte is read once, and the checksum covers exactly what the blocks
+received), compares it with the source's, and hands the block ids to the caller (and their digests
+to a prefix cache) only when every chunk has arrived intact; on any mismatch it frees the blocks
+unseen. The source likewise checksums each chunk while gathering it (``gather_summed``). The
+exchange is in :mod:`.wire`.
 
 Pipelining: ``pipeline_depth`` staging buffers per side. On the source a gather thread fills chunk
 k+1 while the sending thread is inside gloo's send of chunk k (gloo writes the socket from the
 thread that calls send); on the destination gloo's I/O thread reads chunk k+1 while the caller's
-thread checks and scatters chunk k. The C++ gather and scatter and the numpy checksum release the
+thread checks and scatters chunk k. The C++ gather and scatter (with their checksums) release the
 GIL.
 
 Failure rules. The destination's commit point is the moment it has verified every chunk: it then
@@ -33,11 +37,12 @@ Same host (:mod:`.shm`): when both ends run on one host and both allow it (``sam
 payload does not travel through the transport at all. The header offers it (boot id and pid); the
 destination takes the source's staging ring over a Unix socket before its header reply and says in
 that reply which path the payload takes, so the two sides never disagree. Chunks are then gathered
-into ring slots and checked and scattered by the destination from its mapping of the ring; footers
-and slot acknowledgements go over that socket. Every rule above holds on this path too: nothing
-is reserved before the header is accepted, every chunk's checksum is verified before it is
-scattered, publish and the final OK go over the transport as before, and a source that dies
-mid-transfer is seen at once (end of file on the socket), as is a destination that dies.
+into ring slots (checksummed in the same pass) and scattered and checked in one pass by the
+destination from its mapping of the ring; footers and slot acknowledgements go over that socket.
+Every rule above holds on this path too: nothing is reserved before the header is accepted, every
+chunk's checksum is verified before any block becomes visible, publish and the final OK go over
+the transport as before, and a source that dies mid-transfer is seen at once (end of file on the
+socket), as is a destination that dies.
 
 The destination commits even if its final reply cannot be sent (``ReceivedBlocks.reply_sent`` is
 False then): the source reports "unknown" in that case, never "failed". A refusal (spec mismatch,
@@ -56,6 +61,9 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -206,6 +214,40 @@ class _Staging:
         self.tensor = torch.from_numpy(self.array)
 
 
+_SEGSUM64 = wire.CHECKSUM_ALGORITHMS["segsum64"]
+
+
+def _gather_checksum(
+    pool: PagedKVPool, ids: BlockIdArray, payload: npt.NDArray[np.uint8], sums: npt.NDArray[np.uint64],
+    algorithm: int,
+) -> int:
+    """Gathers ``ids`` into ``payload`` and returns its checksum; for segsum64 in one pass over the
+    bytes (the C++ gather sums each segment as it copies it). ``sums`` has room for the payload's."""
+    if algorithm == _SEGSUM64:
+        own = sums[: payload.size // wire.SEGMENT_NBYTES]
+        pool.gather_summed(ids, payload, own)
+        return wire.segsum64_from_sums(own, payload)
+    pool.gather_into(ids, payload)
+    return wire.checksum(payload, algorithm)
+
+
+def _scatter_checksum(
+    pool: PagedKVPool, payload: npt.NDArray[np.uint8], ids: BlockIdArray, sums: npt.NDArray[np.uint64],
+    algorithm: int,
+) -> int:
+    """Scatters ``payload`` into ``ids`` and returns the checksum of the bytes that went in; for
+    segsum64 in the same pass over the bytes, so it covers exactly what the blocks received even if
+    the payload's memory changes meanwhile (a peer's shared ring). The caller compares it with the
+    source's before anyone can see the blocks, and frees them on a mismatch."""
+    if algorithm == _SEGSUM64:
+        own = sums[: payload.size // wire.SEGMENT_NBYTES]
+        pool.scatter_summed(payload, ids, own)
+        return wire.segsum64_from_sums(own, payload)
+    value = wire.checksum(payload, algorithm)
+    pool.scatter(payload, ids)
+    return value
+
+
 class _StagingCache:
     """Reuses staging buffers between transfers: a fresh 4 MiB buffer costs ~1000 page faults."""
 
@@ -281,6 +323,8 @@ class _ChunkProducer:
     ) -> None:
         self._pool, self._ids, self._header, self._slots = pool, ids, header, slots
         self._deadline, self._hook = deadline, hook
+        payload_max = min(header.chunk_blocks, header.num_blocks) * header.block_nbytes
+        self._sums = [wire.segment_sums_buffer(payload_max) for _ in slots]
         self._ready: queue.SimpleQueue[tuple[int, int] | BaseException] = queue.SimpleQueue()
         self._sent: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -321,8 +365,8 @@ class _ChunkProducer:
         value, flags = 0, 0
         if self.aborted is None:
             try:
-                self._pool.gather_into(self._ids[start:stop], payload)
-                value = wire.checksum(payload, header.checksum_algorithm)
+                value = _gather_checksum(self._pool, self._ids[start:stop], payload, self._sums[slot],
+                                         header.checksum_algorithm)
             except Exception as e:  # the destination must still get every frame it expects
                 self.aborted = e
         if self.aborted is not None:
@@ -395,7 +439,8 @@ class BlockTransfer:
     ``checksum`` is ``"segsum64"`` (fast, default) or ``"crc32"``; ``transport`` is ``"auto"``
     (torch.distributed for ``GlooBackend``), ``"torch"`` or ``"backend"`` (the backend's own
     blocking calls on a thread; any backend); ``gather_thread`` gathers on the source on a thread
-    of its own while the sending thread is inside gloo (default: when the machine has 4+ CPUs);
+    of its own while the sending thread is inside gloo, and on the same-host path gathers chunk k+1
+    on a second thread while chunk k's gather finishes (default: when the machine has 4+ CPUs);
     ``same_host`` lets a transfer whose two ends share a host move its payload through a
     shared-memory ring (:mod:`.shm`) instead of the transport; both ends must allow it, and it falls
     back to the transport by itself when they are not on one host.
@@ -446,6 +491,9 @@ class BlockTransfer:
         self._shm_chunk_bytes = 4 << 20
         #: Same-host staging ring per destination rank (each handed to one destination process).
         self._rings: dict[int, shm.SourceRing] = {}
+        #: Same-host path with ``gather_thread``: a second thread gathers chunk k+1 while chunk k's
+        #: gather finishes (one core gathers ~8 GB/s here, one scatters ~14 GB/s on the other side).
+        self._gather_pool: ThreadPoolExecutor | None = None
         #: Tests only: called on the source with (chunk index, payload view) after the chunk's checksum
         #: is taken and before it is sent, to damage the wire copy, stall, or kill the process.
         self._chunk_hook: Callable[[int, npt.NDArray[np.uint8]], None] | None = None
@@ -746,40 +794,76 @@ class BlockTransfer:
         (it acknowledges chunk j when j + slots < num_chunks, once it is done reading it).
         """
         num_chunks, slots = header.num_chunks, ring.slots
+        executor = self._gather_executor() if self._gather_thread and num_chunks > 1 else None
+        # Gathers in flight beyond the one whose footer is next: chunk k+1 is gathered (on a second
+        # thread) while chunk k's gather finishes, so two cores read the pool. Inline: none.
+        ahead = 1 if executor is not None else 0
         checksums: dict[int, int] = {}
         aborted: BaseException | None = None
         footer = np.empty(wire.FOOTER_NBYTES, dtype=np.uint8)
-        for k in range(num_chunks):
-            state["phase"] = f"chunk {k} of {num_chunks}"
-            if k >= slots:
-                ack = wire.Reply.unpack(np.frombuffer(channel.recv(wire.REPLY_NBYTES, deadline.remaining()),
-                                                      dtype=np.uint8))
-                if ack.phase != wire.PHASE_ACK or ack.a != k - slots:
-                    raise wire.WireFormatError("reply", f"expected the ack of chunk {k - slots}, got phase "
-                                                        f"{ack.phase} a={ack.a}")
+        sums = [wire.segment_sums_buffer(ring.slot_nbytes) for _ in range(min(slots, num_chunks))]
+
+        def gather(k: int) -> int:
             start, stop = header.chunk_range(k)
-            nbytes = (stop - start) * header.block_nbytes
-            payload = ring.slot(k)[:nbytes]
-            value, flags = 0, 0
-            if aborted is None:
-                try:
-                    pool.gather_into(ids[start:stop], payload)
-                    value = wire.checksum(payload, header.checksum_algorithm)
-                except Exception as e:  # the destination must still get every footer it expects
-                    aborted = e
-            if aborted is not None:
-                flags = wire.FOOTER_ABORT
-            checksums[k] = value
-            wire.ChunkFooter(k, flags, nbytes, value).pack(footer)
-            if self._chunk_hook is not None:
-                self._chunk_hook(k, payload)
-            channel.send(footer.tobytes(), deadline.remaining())
+            payload = ring.slot(k)[: (stop - start) * header.block_nbytes]
+            return _gather_checksum(pool, ids[start:stop], payload, sums[k % slots], header.checksum_algorithm)
+
+        in_flight: deque[tuple[int, Future[int] | None]] = deque()
+
+        def send_footers(upto: int) -> None:
+            """Footers of the chunks up to ``upto``, in order, each once its gather is done."""
+            nonlocal aborted
+            while in_flight and in_flight[0][0] <= upto:
+                k, gathering = in_flight.popleft()
+                start, stop = header.chunk_range(k)
+                nbytes = (stop - start) * header.block_nbytes
+                value, flags = 0, 0
+                if aborted is None:
+                    try:
+                        value = (gather(k) if gathering is None
+                                 else gathering.result(_blocking_timeout(deadline.remaining())))
+                    except FutureTimeout:
+                        raise TransportTimeout(f"chunk {k} was not gathered before the deadline") from None
+                    except Exception as e:  # the destination must still get every footer it expects
+                        aborted = e
+                if aborted is not None:
+                    flags = wire.FOOTER_ABORT
+                checksums[k] = value
+                wire.ChunkFooter(k, flags, nbytes, value).pack(footer)
+                if self._chunk_hook is not None:
+                    self._chunk_hook(k, ring.slot(k)[:nbytes])
+                channel.send(footer.tobytes(), deadline.remaining())
+
+        try:
+            for k in range(num_chunks):
+                state["phase"] = f"chunk {k} of {num_chunks}"
+                if k >= slots:
+                    send_footers(k - slots)
+                    ack = wire.Reply.unpack(np.frombuffer(channel.recv(wire.REPLY_NBYTES, deadline.remaining()),
+                                                          dtype=np.uint8))
+                    if ack.phase != wire.PHASE_ACK or ack.a != k - slots:
+                        raise wire.WireFormatError("reply", f"expected the ack of chunk {k - slots}, got phase "
+                                                            f"{ack.phase} a={ack.a}")
+                # The slot is free now (acknowledged, or never used): chunk k may be gathered into it.
+                gathering = executor.submit(gather, k) if executor is not None and aborted is None else None
+                in_flight.append((k, gathering))
+                send_footers(k - ahead)
+            send_footers(num_chunks)
+        finally:
+            # Nothing may still write into the ring once we return (it serves the next transfer).
+            futures_wait([f for _, f in in_flight if f is not None])
         state["all_sent"] = True  # from here on the destination may hold every chunk
         state["source_aborted"] = aborted is not None
         state["phase"] = "drain"
         for work in pending:
             work.wait(deadline.remaining())
         return checksums, aborted
+
+    def _gather_executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._gather_pool is None:
+                self._gather_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-transfer-shm-gather")
+            return self._gather_pool
 
     def _offer(self, header: wire.TransferHeader) -> shm.ShmOffer | None:
         """Listens for the destination's handover, when this transfer offers the same-host path."""
@@ -965,6 +1049,7 @@ class BlockTransfer:
 
         for k in range(min(len(slots), num_chunks)):
             post(k)
+        sums = wire.segment_sums_buffer(payload_max)
         failure, error = _await_digests(digest_work, digests, header, deadline, state)
         running = 0
         for k in range(num_chunks):
@@ -977,8 +1062,8 @@ class BlockTransfer:
                 failure, error = self._check_chunk(slot[:nbytes], slot[nbytes : nbytes + wire.FOOTER_NBYTES], k,
                                                    header)
             if failure is None:
-                payload = slot[:nbytes]
-                value = wire.checksum(payload, algorithm)
+                # Into blocks only this call knows about: nobody sees them before the last check.
+                value = _scatter_checksum(pool, slot[:nbytes], reserved[start:stop], sums, algorithm)
                 expected = wire.ChunkFooter.unpack(slot[nbytes : nbytes + wire.FOOTER_NBYTES]).checksum
                 if value != expected:
                     failure = wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, k, value)
@@ -987,8 +1072,6 @@ class BlockTransfer:
                         context={"side": "destination", "where": f"chunk {k}", "blocks": (start, stop)},
                     )
                 else:
-                    # Into blocks only this call knows about: nobody sees them before the last check.
-                    pool.scatter(payload, reserved[start:stop])
                     running = (running * 0x100000001B3 + value) & 0xFFFFFFFFFFFFFFFF
             if k + len(slots) < num_chunks:
                 post(k + len(slots))
@@ -1015,7 +1098,8 @@ class BlockTransfer:
         deadline: _Deadline,
         state: dict[str, Any],
     ) -> ReceivedBlocks:
-        """Same-host path: footers over gloo, each chunk checked and scattered from the source's ring.
+        """Same-host path: footers over the handover's socket, each chunk scattered from the source's
+        ring and checked in the same pass.
 
         The ring's geometry was checked at the handover (its slots hold a whole chunk of this
         transfer); a footer must name exactly the chunk and size expected before its slot is used.
@@ -1031,6 +1115,7 @@ class BlockTransfer:
         failure, error = _await_digests(digest_work, digests, header, deadline, state)
         running = 0
         ack = np.empty(wire.REPLY_NBYTES, dtype=np.uint8)
+        sums = wire.segment_sums_buffer(ring.slot_nbytes)
         for k in range(num_chunks):
             state["phase"] = f"chunk {k} of {num_chunks}"
             footer = np.frombuffer(channel.recv(wire.FOOTER_NBYTES, deadline.remaining()), dtype=np.uint8)
@@ -1040,7 +1125,7 @@ class BlockTransfer:
             if failure is None:
                 failure, error = self._check_chunk(payload, footer, k, header)
             if failure is None:
-                value = wire.checksum(payload, algorithm)
+                value = _scatter_checksum(pool, payload, reserved[start:stop], sums, algorithm)
                 expected = wire.ChunkFooter.unpack(footer).checksum
                 if value != expected:
                     failure = wire.Reply(wire.ReplyStatus.CHECKSUM_MISMATCH, wire.PHASE_FINAL, k, value)
@@ -1050,7 +1135,6 @@ class BlockTransfer:
                                  "path": "shm"},
                     )
                 else:
-                    pool.scatter(payload, reserved[start:stop])
                     running = (running * 0x100000001B3 + value) & 0xFFFFFFFFFFFFFFFF
             if k + slots < num_chunks:  # done with its slot: the source may refill it
                 wire.Reply(wire.ReplyStatus.OK, wire.PHASE_ACK, k).pack(ack)

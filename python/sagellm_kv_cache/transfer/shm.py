@@ -3,13 +3,14 @@
 When both ends of a transfer run on one host, the source gathers chunks into a ring of staging
 slots that lives in an anonymous shared-memory file (``memfd_create``) and the destination checks
 and scatters each chunk straight out of its own read-only mapping of that file: one copy into the
-ring, one copy out, no payload on any socket. gloo stays the control channel of the transfer
-(header, header reply, digests, final reply: the commit protocol of :mod:`.blocks` unchanged) and
-the cross-host data path. Per chunk, the 32-byte footer (source to destination) and the
-acknowledgement that frees its slot (destination to source) go over the Unix socket of the
-handover, straight between the two threads: a gloo message costs two extra thread hops through
-gloo's I/O thread, which under load cost more than the copy of a chunk; and a dead peer reads as
-end of file on that socket at once.
+ring, one copy out, no payload on any socket. Each copy computes the chunk's checksum as it goes
+(C++ ``gather_summed``/``scatter_summed``), so each side reads every byte once. gloo stays the
+control channel of the transfer (header, header reply, digests, final reply: the commit protocol of
+:mod:`.blocks` unchanged) and the cross-host data path. Per chunk, the 32-byte footer (source to
+destination) and the acknowledgement that frees its slot (destination to source) go over the Unix
+socket of the handover, straight between the two threads: a gloo message costs two extra thread
+hops through gloo's I/O thread, which under load cost more than the copy of a chunk; and a dead
+peer reads as end of file on that socket at once.
 
 Handing the ring over. The source listens on an abstract Unix socket named after its pid and the
 transfer id (``sagellm-kv/<pid>/<transfer id>``) while its header travels over gloo; the header

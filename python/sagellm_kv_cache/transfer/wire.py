@@ -13,11 +13,12 @@ One transfer is this exchange over one (source, destination) pair, all integers 
 
 The payload checksum travels in each chunk's footer rather than in the header: the source gathers
 chunk k+1 while chunk k is on the wire, so the whole payload's checksum is not known when the
-header leaves. The destination verifies every chunk before it scatters it, and nothing it received
-is visible to anyone until every chunk has been verified; it publishes, and then sends the final
-OK. A source that loses the final reply therefore cannot tell whether the destination committed:
-its next header to that rank may carry the id of such a transfer (``FLAG_QUERY``, 16 bytes after
-the fixed fields), and the destination answers in the header reply (``a``, one of ``ANSWER_*``).
+header leaves. The destination verifies every chunk (while scattering it into blocks only it knows
+about), and nothing it received is visible to anyone until every chunk has been verified; it
+publishes, and then sends the final OK. A source that loses the final reply therefore cannot tell
+whether the destination committed: its next header to that rank may carry the id of such a transfer
+(``FLAG_QUERY``, 16 bytes after the fixed fields), and the destination answers in the header reply
+(``a``, one of ``ANSWER_*``).
 
 With ``FLAG_SHM`` the header also carries the source's boot id and pid (after the query id's
 place): an offer of the same-host path (:mod:`.shm`). The header's OK reply says in ``b`` which
@@ -27,8 +28,9 @@ over the handover's Unix socket); digests and the final reply stay on this trans
 
 Every frame ends with a CRC-32 of its own bytes, so a damaged frame is told apart from a spec
 mismatch. Checksum algorithm ``segsum64`` (id 1) is built for speed on a busy host: the payload is
-cut into 4 KiB segments, each segment's 512 little-endian 64-bit words are summed (mod 2**64, one
-numpy reduction, ~25 GB/s from cache), and BLAKE2b-64 hashes the vector of segment sums, the
+cut into 4 KiB segments, each segment's 512 little-endian 64-bit words are summed (mod 2**64; the
+C++ gather and scatter compute these sums while they copy, so checking costs no extra pass over the
+payload: ``PagedKVPool.gather_summed``/``scatter_summed``), and BLAKE2b-64 hashes the vector of segment sums, the
 sub-segment tail and the length. Any change inside one segment changes its sum; the hash makes the
 result depend on every segment and its position. zlib's CRC-32 runs at ~2-4 GB/s here, no faster
 than the wire, so it is offered as algorithm 2 but is not the default. Neither is a MAC: they catch
@@ -47,6 +49,8 @@ from enum import IntEnum
 import numpy as np
 import numpy.typing as npt
 
+from sagellm_kv_cache import _core
+
 __all__ = [
     "ANSWER_NONE",
     "ANSWER_NOT_PUBLISHED",
@@ -59,6 +63,7 @@ __all__ = [
     "FOOTER_NBYTES",
     "HEADER_NBYTES",
     "REPLY_NBYTES",
+    "SEGMENT_NBYTES",
     "SPEC_FIELDS",
     "WIRE_VERSION",
     "ChunkFooter",
@@ -70,6 +75,8 @@ __all__ = [
     "digests_checksum",
     "dtype_code",
     "dtype_from_code",
+    "segment_sums_buffer",
+    "segsum64_from_sums",
 ]
 
 WIRE_VERSION = 1
@@ -136,7 +143,8 @@ SPEC_FIELDS = (
     "src_rank",
 )
 
-_SEGMENT = 4096
+#: Bytes per segment of ``segsum64`` (4096; the C++ core's kSegmentBytes).
+SEGMENT_NBYTES = _SEGMENT = int(_core.SEGMENT_BYTES)
 CHECKSUM_ALGORITHMS = {"segsum64": 1, "crc32": 2}
 
 
@@ -324,12 +332,23 @@ class ChunkFooter:
 
 
 def _segsum64(data: npt.NDArray[np.uint8]) -> int:
+    sums = np.empty(int(data.size) // _SEGMENT, dtype=np.uint64)
+    _core.segment_sums(data, sums)
+    return segsum64_from_sums(sums, data)
+
+
+def segment_sums_buffer(max_nbytes: int) -> npt.NDArray[np.uint64]:
+    """Room for the segment sums of a payload of up to ``max_nbytes`` (slice it to the payload's)."""
+    return np.empty(max_nbytes // _SEGMENT, dtype=np.uint64)
+
+
+def segsum64_from_sums(sums: npt.NDArray[np.uint64], data: npt.NDArray[np.uint8]) -> int:
+    """``segsum64`` of ``data`` given its segment sums (from a gather or scatter that computed them
+    while copying, :meth:`PagedKVPool.gather_summed`): only the tail is read again."""
     n = int(data.size)
     head = n - n % _SEGMENT
     h = hashlib.blake2b(digest_size=8)
-    if head:
-        words = data[:head].view("<u8").reshape(-1, _SEGMENT // 8)
-        h.update(np.add.reduce(words, axis=1, dtype=np.uint64).astype("<u8", copy=False).data)
+    h.update(sums.astype("<u8", copy=False).data)
     h.update(data[head:].data)
     h.update(n.to_bytes(8, "little"))
     return int.from_bytes(h.digest(), "little")
