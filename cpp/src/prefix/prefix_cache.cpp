@@ -735,6 +735,19 @@ struct PrefixCache::Impl {
     }
     return m;
   }
+
+  // A lookup that counts in the stats (match, probe): checks `out`, walks under the mutex.
+  std::uint32_t counted_walk(const char* what, std::span<const BlockHash> digests, std::span<BlockId> out,
+                             Walk mode) {
+    if (out.size() < digests.size()) {
+      throw Error(ErrorCode::kInvalidArgument, std::string(what) + ": output holds " + std::to_string(out.size()) +
+                                                   " ids for " + std::to_string(digests.size()) + " digests");
+    }
+    const std::lock_guard lock(mutex);
+    const std::uint32_t m = walk(digests, out, mode);
+    count_lookup(digests.size(), m);
+    return m;
+  }
 };
 
 PrefixCache::PrefixCache(const PrefixCacheOptions& options, BlockAllocator* allocator)
@@ -755,25 +768,11 @@ PrefixCache::~PrefixCache() {
 }
 
 std::uint32_t PrefixCache::match(std::span<const BlockHash> digests, std::span<BlockId> out) {
-  if (out.size() < digests.size()) {
-    throw Error(ErrorCode::kInvalidArgument, "match: output holds " + std::to_string(out.size()) +
-                                                 " ids for " + std::to_string(digests.size()) + " digests");
-  }
-  const std::lock_guard lock(impl_->mutex);
-  const std::uint32_t m = impl_->walk(digests, out, Impl::Walk::kTake);
-  impl_->count_lookup(digests.size(), m);
-  return m;
+  return impl_->counted_walk("match", digests, out, Impl::Walk::kTake);
 }
 
 std::uint32_t PrefixCache::probe(std::span<const BlockHash> digests, std::span<BlockId> out) {
-  if (out.size() < digests.size()) {
-    throw Error(ErrorCode::kInvalidArgument, "probe: output holds " + std::to_string(out.size()) +
-                                                 " ids for " + std::to_string(digests.size()) + " digests");
-  }
-  const std::lock_guard lock(impl_->mutex);
-  const std::uint32_t m = impl_->walk(digests, out, Impl::Walk::kProbe);
-  impl_->count_lookup(digests.size(), m);
-  return m;
+  return impl_->counted_walk("probe", digests, out, Impl::Walk::kProbe);
 }
 
 MatchResult PrefixCache::match(std::span<const BlockHash> digests) {
