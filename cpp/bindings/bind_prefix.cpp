@@ -316,6 +316,71 @@ py::tuple do_insert(BoundPrefixCache& self, std::span<const BlockHash> digests, 
   return py::make_tuple(r.num_inserted, position_array(r.num_redundant));
 }
 
+// The seed PrefixCache's insert in one call: new entries get fresh ids and the caller's objects are
+// stored under them in its dict. Objects are checked before anything changes; the ids are returned
+// to the allocator (the cache holds its own references) whatever happens.
+py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std::int64_t start,
+                          const py::list& objects, const py::dict& table, const py::object& first_id) {
+  const Digests d(digests, "digests");
+  const std::size_t n = d.span().size();
+  if (start < 0 || static_cast<std::size_t>(start) >= n || objects.size() != n) {
+    throw py::value_error("insert_objects: start " + std::to_string(start) + " must lie within " + std::to_string(n) +
+                          " digests, with as many objects (got " + std::to_string(objects.size()) + ")");
+  }
+  const auto first = static_cast<std::size_t>(start);
+  // Our own references to the new objects: the list may change while the GIL is released below.
+  const auto fresh = py::reinterpret_steal<py::list>(
+      PyList_GetSlice(objects.ptr(), static_cast<Py_ssize_t>(first), static_cast<Py_ssize_t>(n)));
+  if (!fresh) throw py::error_already_set();
+  static PyObject* const owner_key = PyUnicode_InternFromString("handle_id");
+  for (std::size_t i = first; i < n; ++i) {
+    PyObject* object = PyList_GET_ITEM(fresh.ptr(), static_cast<Py_ssize_t>(i - first));
+    if (!PyDict_Check(object)) {
+      throw py::type_error("blocks[" + std::to_string(i) + "] must be a dict, got " + type_name(object));
+    }
+    PyObject* owner = PyDict_GetItemWithError(object, owner_key);  // borrowed
+    if (owner == nullptr && PyErr_Occurred() != nullptr) throw py::error_already_set();
+    if (owner != nullptr && owner != Py_None) return py::none();
+  }
+  BlockAllocator* alloc = self.cache->allocator();
+  if ((alloc == nullptr) == first_id.is_none()) {
+    throw py::value_error("insert_objects: first_id is for a cache without an allocator, and only for one");
+  }
+  std::vector<BlockId> ids(alloc != nullptr ? std::min<std::size_t>(n - first, alloc->num_available()) : n - first);
+  if (alloc != nullptr) {
+    if (!alloc->allocate(ids).ok()) throw py::value_error("insert_objects: the allocator ran short while allocating");
+  } else {
+    const auto base = first_id.cast<std::int64_t>();
+    if (base < 0 || base + static_cast<std::int64_t>(ids.size()) > std::numeric_limits<BlockId>::max()) {
+      throw py::value_error("insert_objects: first_id " + std::to_string(base) + " leaves no room for " +
+                            std::to_string(ids.size()) + " ids");
+    }
+    for (std::size_t j = 0; j < ids.size(); ++j) ids[j] = static_cast<BlockId>(base + static_cast<std::int64_t>(j));
+  }
+  struct GiveBack {  // our references; the cache took its own on what it kept
+    BlockAllocator* alloc;
+    std::span<const BlockId> ids;
+    ~GiveBack() {
+      if (alloc != nullptr && !ids.empty()) (void)alloc->free(ids);
+    }
+  } give_back{alloc, ids};
+  InsertResult r;
+  if (!ids.empty()) {
+    InsertOptions o;
+    if (first > 0) o.parent = d.span()[first - 1];
+    py::gil_scoped_release release;
+    r = self.cache->insert(d.span().subspan(first, ids.size()), ids, o);
+  }
+  for (std::uint32_t j = 0; j < r.num_inserted; ++j) {
+    const std::size_t at = r.num_redundant + j;
+    const py::int_ key(ids[at]);
+    if (PyDict_SetItem(table.ptr(), key.ptr(), PyList_GET_ITEM(fresh.ptr(), static_cast<Py_ssize_t>(at))) != 0) {
+      throw py::error_already_set();
+    }
+  }
+  return py::make_tuple(r.num_redundant + r.num_inserted, ids.size());
+}
+
 py::object bytes_or_none(const std::optional<BlockHash>& d) {
   if (!d) return py::none();
   return py::bytes(reinterpret_cast<const char*>(d->bytes.data()), kBlockHashBytes);
@@ -541,6 +606,13 @@ void bind_prefix(py::module_& m) {
            py::arg("extra_key") = py::none(), py::arg("acquire") = false,
            "Caches digests[i] -> block_ids[i]: (num_inserted, redundant_positions int32). acquire: also "
            "take a use of every position now cached (release those digests later).")
+      .def("insert_objects", &insert_objects, py::arg("digests"), py::arg("start"), py::arg("objects"),
+           py::arg("table"), py::arg("first_id") = py::none(),
+           "Caches digests[start:] (a chain continuing digests[start - 1]) under fresh block ids and stores "
+           "table[id] = objects[i] for each one cached: ids from the cache's allocator, or first_id, "
+           "first_id + 1, ... without one. Every object from `start` on must be a dict; None (nothing "
+           "changed) when one of them has a 'handle_id' (an owner: use insert). Returns (num_inserted, "
+           "num_ids_taken).")
       .def("match_tokens", [](BoundPrefixCache& self, const py::handle& tokens, const std::optional<std::string>& salt,
                               const std::optional<std::string>& extra) {
              const Tokens t(tokens, "tokens");

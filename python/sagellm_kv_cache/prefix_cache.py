@@ -418,6 +418,15 @@ class PrefixCache:
             if start >= len(blocks):
                 return
             self._generation += 1
+            # Anonymous blocks (no handle_id), the common case: ids, insert and table in one C++ call.
+            if self._ids is not None or (not self._wrapped and self._next_id + len(blocks) - start <= _MAX_ID):
+                done = self._trie.insert_objects(digests, start, blocks if blocks.__class__ is list else list(blocks),
+                                                 self._blocks, None if self._ids is not None else self._next_id)
+                if done is not None:
+                    if self._ids is None:
+                        self._next_id += done[1]
+                    self._forget_evicted()
+                    return
             # Owner keys of the new blocks only (position i is owner_keys[i - first]); the leading
             # cached blocks are not stored, so only the new ones must be dicts.
             first = start

@@ -661,3 +661,44 @@ def test_probe_counts_and_renews_without_holding() -> None:
         cache.probe(b, {})  # a table that lacks a cached id: an error, not a crash
     with pytest.raises(TypeError, match="table must be a dict"):
         cache.probe(b, [1, 2, 3])  # type: ignore[call-overload]
+
+
+def test_insert_objects_checks_everything_before_changing_anything() -> None:
+    ids = _core.BlockAllocator(8)
+    cache = _core.PrefixCache(block_size=4, capacity_blocks=4, allocator=ids)
+    digests = _core.hash_blocks(list(range(16)), 4)
+    table: dict[int, Any] = {}
+    with pytest.raises(TypeError, match=r"blocks\[2\] must be a dict, got str"):
+        cache.insert_objects(digests, 1, [{}, {}, "x", {}], table)
+    with pytest.raises(ValueError, match="start 4 must lie within 4 digests"):
+        cache.insert_objects(digests, 4, [{}] * 4, table)
+    with pytest.raises(ValueError, match="first_id is for a cache without an allocator"):
+        cache.insert_objects(digests, 0, [{}] * 4, table, first_id=0)
+    assert cache.insert_objects(digests, 0, [{}, {"handle_id": 7}, {}, {}], table) is None  # owners: insert()
+    assert len(cache) == 0 and table == {} and ids.num_available == 8
+    blocks: list[Any] = [{"n": i} for i in range(4)]
+    assert cache.insert_objects(digests[:2], 0, blocks[:2], table) == (2, 2)
+    assert cache.insert_objects(digests, 2, blocks, table) == (2, 2)  # continues the chain
+    assert cache.probe(digests, table) == (4, blocks)
+    assert ids.num_available == 4  # the cache's references only
+    unbounded = _core.PrefixCache(block_size=4)
+    other: dict[int, Any] = {}
+    assert unbounded.insert_objects(digests, 0, blocks, other, first_id=100) == (4, 4)
+    assert sorted(other) == [100, 101, 102, 103]
+
+
+def test_seed_insert_takes_any_sequence_and_refuses_non_dict_blocks_unchanged() -> None:
+    for capacity in (None, 8):
+        cache = PrefixCache(block_size=4, max_cached_blocks=capacity)
+        hashes = cache.compute_block_hashes(list(range(12)))
+        with pytest.raises(TypeError, match=r"blocks\[1\] must be a dict, got int"):
+            cache.insert(hashes, ({"block_id": 0}, 5, {"block_id": 2}))
+        assert len(cache) == 0 and cache.lookup(hashes) == ([], 0)
+        blocks = ({"block_id": 0}, {"block_id": 1}, {"block_id": 2})
+        cache.insert(hashes, blocks)  # a tuple
+        found, tokens = cache.lookup(hashes)
+        assert tokens == 12 and all(a is b for a, b in zip(found, blocks, strict=True))
+        owned = [{"block_id": 9, "handle_id": "h"}]
+        other = cache.compute_block_hashes(list(range(100, 104)))
+        cache.insert(other, owned)  # an owner: the general path, invalidated by its handle
+        assert cache.lookup(other)[0] == owned and cache.invalidate("h") == 1  # type: ignore[arg-type]
