@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int, sizes_mib: list[int], repeats: int
     out: dict[int, dict[str, float]] = {}
     for size in sizes_mib:
         n = size * MIB // spec.block_nbytes
-        pool = PagedKVPool(spec, n + 8)
+        pool = PagedKVPool(spec, n + 8, huge_pages=True)
         raw = torch.from_numpy(np.ones(n * spec.block_nbytes, dtype=np.uint8))
         copy_to = None if sender else np.ones(n * spec.block_nbytes, dtype=np.uint8)
         if sender:
