@@ -10,7 +10,7 @@ from sagellm_kv_cache import KVCacheSpec, PagedKVPool
 def run(quick: bool = False) -> list[Row]:
     # 4 layers x 8 KV heads x 128 dims x fp16 x 16 tokens: 32 KiB per layer-block, 256 KiB per block.
     spec = KVCacheSpec(num_layers=4, num_kv_heads=8, head_dim=128, dtype="fp16", block_size=16)
-    pool = PagedKVPool(spec, num_blocks=2048)
+    pool = PagedKVPool(spec, num_blocks=2048, huge_pages=True)
     n = 1_000
     ids = np.random.default_rng(0).permutation(2048)[:n].astype(np.int32)  # scattered, as in a real pool
     staging = np.empty(n * pool.block_nbytes, dtype=np.uint8)
