@@ -8,8 +8,10 @@ back it, which stay out of ``to_dict`` so the wire form is unchanged.
 from __future__ import annotations
 
 import enum
+import functools
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,11 +77,10 @@ _UUID_SAFETY = uuid.SafeUUID.unknown
 _trusted_model = _core.trusted_model
 
 
-def _uuid4() -> uuid.UUID:
-    """A random version-4 UUID, equal in form to ``uuid.uuid4()`` (same version and variant bits),
-    without its urandom call: from the core's generator (seeded from the OS, re-seeded in a forked
-    child so parent and child never draw the same ids)."""
-    return _core.uuid4(_UUID, _UUID_SAFETY)
+# A random version-4 UUID, equal in form to ``uuid.uuid4()`` (same version and variant bits), without
+# its urandom call: from the core's generator (seeded from the OS, re-seeded in a forked child so
+# parent and child never draw the same ids). A partial, so the hot path pays no Python frame.
+_uuid4: Callable[[], uuid.UUID] = functools.partial(_core.uuid4, _UUID, _UUID_SAFETY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +156,7 @@ class KVHandle(_ProtocolKVHandle):
         now = time.time()
         return _trusted_model(
             cls, _FIELD_DEFAULTS, _PER_HANDLE_ORDER,
-            (_core.uuid4(_UUID, _UUID_SAFETY), num_tokens, num_tokens, dtype, layout, device, memory_tier, rank,
+            (_uuid4(), num_tokens, num_tokens, dtype, layout, device, memory_tier, rank,
              now, now, metadata),
             _CREATE_FIELDS, {"_block_ids": block_ids},
         )

@@ -303,9 +303,12 @@ class KVPool:
                     self.on_budget_exceeded(num_tokens, available, self.max_tokens)
                 raise KVBudgetExceededError(num_tokens, available, context={"max_tokens": self.max_tokens})
             segments = self._ids._segments
-            try:  # the common case in one call; a short first segment refuses without taking anything
-                blocks = segments[0].allocate(num_blocks) if len(segments) == 1 else self._ids.allocate(num_blocks)
-            except KVPoolFullError:
+            if len(segments) == 1:
+                try:  # the common case in one call; a short segment refuses without taking anything
+                    blocks = segments[0].allocate(num_blocks)
+                except KVPoolFullError:
+                    blocks = self._ids.allocate(num_blocks)  # grows a segment, or refuses
+            else:
                 blocks = self._ids.allocate(num_blocks)
             handle = KVHandle._trusted(num_tokens, dtype_member, layout_member, canonical, tier, self.node_rank,
                                        metadata, blocks)
