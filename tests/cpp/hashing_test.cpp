@@ -1,6 +1,8 @@
 #include "sagellm_kv/hashing.hpp"
 
 #include <gtest/gtest.h>
+// The reference of plain steps below uses OpenSSL's bare compression (deprecated in OpenSSL 3).
+#define OPENSSL_SUPPRESS_DEPRECATED
 #include <openssl/sha.h>
 
 #include <array>
@@ -40,6 +42,35 @@ BlockHash sha256_of(const std::vector<unsigned char>& m) {
   return h;
 }
 
+// A plain step (hashing.hpp): the token ids as int32, zero-padded to 64-byte pieces, compressed
+// onto the chain state `parent` (the domain's root state when parent is the root), built here
+// from OpenSSL's bare compression rather than the library's loop.
+BlockHash plain_step(const BlockHash& parent, const std::vector<std::int32_t>& tokens) {
+  BlockHash start = parent;
+  if (parent == kRootBlockHash) {
+    std::string m = "sagellm-kv sha256 chain v2";
+    for (int i = 0; i < 4; ++i) m.push_back(static_cast<char>(tokens.size() >> (8 * i)));
+    start = sha256_of(std::vector<unsigned char>(m.begin(), m.end()));
+  }
+  SHA256_CTX c;
+  SHA256_Init(&c);
+  for (std::size_t w = 0; w < 8; ++w) {
+    const std::uint8_t* p = start.bytes.data() + 4 * w;
+    c.h[w] = (std::uint32_t{p[0]} << 24) | (std::uint32_t{p[1]} << 16) | (std::uint32_t{p[2]} << 8) | p[3];
+  }
+  std::vector<unsigned char> bytes;
+  for (std::int32_t t : tokens) {
+    for (int i = 0; i < 4; ++i) bytes.push_back(static_cast<unsigned char>(static_cast<std::uint32_t>(t) >> (8 * i)));
+  }
+  bytes.resize((bytes.size() + 63) / 64 * 64, 0);
+  for (std::size_t at = 0; at < bytes.size(); at += 64) SHA256_Transform(&c, bytes.data() + at);
+  BlockHash out;
+  for (std::size_t w = 0; w < 8; ++w) {
+    for (std::size_t i = 0; i < 4; ++i) out.bytes[4 * w + i] = static_cast<std::uint8_t>(c.h[w] >> (24 - 8 * i));
+  }
+  return out;
+}
+
 BlockHash from_hex(const std::string& hex) {
   BlockHash h;
   for (std::size_t i = 0; i < hex.size() / 2; ++i) {
@@ -66,9 +97,9 @@ TEST(Hashing, FirstBlockMatchesKnownVector) {
   const auto tokens = iota_tokens(16);
   const auto digests = hasher.hash_blocks(tokens, 16);
   ASSERT_EQ(digests.size(), 1u);
-  // Computed with Python's hashlib from the documented layout.
-  EXPECT_EQ(digests[0].hex(), "f4ef49428c6e70c92eef2cc8c1f3094a3f071a4a0dcd21b2531d913c044cf9d1");
-  EXPECT_EQ(digests[0], sha256_of(block_message(kRootBlockHash, "", "", tokens)));
+  // Computed with a plain-Python SHA-256 compression from the description in hashing.hpp.
+  EXPECT_EQ(digests[0].hex(), "d5999100ff7d493336a55b6dae703187cb74a79cd38f3bb5a1a9281d0866fe7f");
+  EXPECT_EQ(digests[0], plain_step(kRootBlockHash, tokens));
 }
 
 TEST(Hashing, BlocksChainFromTheirParent) {
@@ -76,8 +107,8 @@ TEST(Hashing, BlocksChainFromTheirParent) {
   const auto tokens = iota_tokens(40);  // two full blocks and a partial one, which is not hashed
   const auto digests = hasher.hash_blocks(tokens, 16);
   ASSERT_EQ(digests.size(), 2u);
-  EXPECT_EQ(digests[1].hex(), "6b27b962a2b13fabc105c71491526819fb5f7d01abc5fd3d9435ad171990ff7f");
-  EXPECT_EQ(digests[1], sha256_of(block_message(digests[0], "", "", iota_tokens(16, 16))));
+  EXPECT_EQ(digests[1].hex(), "f50ff1dfb2e8c65bbc777f69af307bbfb6761fb66245ed2c67ed0b47ee72e8f0");
+  EXPECT_EQ(digests[1], plain_step(digests[0], iota_tokens(16, 16)));
 
   // Hashing the continuation from the first digest gives the same second digest.
   const std::vector<std::int32_t> tail(tokens.begin() + 16, tokens.end());
@@ -98,7 +129,32 @@ TEST(Hashing, NegativeAndExtremeTokenIdsAreLittleEndianInt32) {
   const std::vector<std::int32_t> tokens{-1, 2147483647, -2147483647 - 1, 0};
   const auto d = hasher.hash_blocks(tokens, 4);
   ASSERT_EQ(d.size(), 1u);
-  EXPECT_EQ(d[0].hex(), "9c994386e77ca2019fab4744da0f4a38d785904c99bf3b67767887e37180c15b");
+  EXPECT_EQ(d[0].hex(), "689f66f754ac777ac44df3e84c746ae092644d07ab0b65aaa744b06658b3a81e");
+  EXPECT_EQ(d[0], plain_step(kRootBlockHash, tokens));
+}
+
+TEST(Hashing, PlainStepsPadToWholePiecesAndStartFromTheirBlockSizesRoot) {
+  BlockHasher hasher;
+  const auto tokens = iota_tokens(60, 1);
+  const auto d20 = hasher.hash_blocks(tokens, 20);  // 80 bytes a block: two pieces, the second padded
+  ASSERT_EQ(d20.size(), 3u);
+  EXPECT_EQ(d20[0], plain_step(kRootBlockHash, iota_tokens(20, 1)));
+  EXPECT_EQ(d20[2], plain_step(d20[1], iota_tokens(20, 41)));
+  // Zero padding cannot make a block of 8 tokens equal to one of 16 ending in 8 zeros: the chains
+  // start from different roots.
+  std::vector<std::int32_t> padded = iota_tokens(8, 1);
+  padded.resize(16, 0);
+  EXPECT_NE(hasher.hash_blocks(iota_tokens(8, 1), 8)[0], hasher.hash_blocks(padded, 16)[0]);
+}
+
+TEST(Hashing, SaltedFirstBlockIsAFullMessageAndTheRestArePlainSteps) {
+  BlockHasher hasher;
+  const auto d = hasher.hash_blocks(iota_tokens(32), 16, kRootBlockHash, {"tenant-a", ""});
+  ASSERT_EQ(d.size(), 2u);
+  EXPECT_EQ(d[0].hex(), "4b0cb99316adf04d5fd690649ad92255d4839365b977521228c5c17095e46542");
+  EXPECT_EQ(d[1].hex(), "cc9d08f25c00b291e70990701af3f2ff69487bbca3af3dc0d7c6dad2ad1ca3fb");
+  EXPECT_EQ(d[0], sha256_of(block_message(kRootBlockHash, "tenant-a", "", iota_tokens(16))));
+  EXPECT_EQ(d[1], plain_step(d[0], iota_tokens(16, 16)));
 }
 
 TEST(Hashing, SaltAppliesToTheFirstBlockOnlyAndSeparatesTenants) {
@@ -159,6 +215,18 @@ TEST(Hashing, Int64InputHashesLikeInt32) {
                                std::span<BlockHash>(b)),
             3u);
   EXPECT_EQ(a, b);
+  // Plain steps too (no salt, no extra key), whole and padded pieces.
+  for (std::uint32_t block_size : {16u, 12u}) {
+    const std::size_t n = t32.size() / block_size;
+    std::vector<BlockHash> p32(n), p64(n);
+    ASSERT_EQ(hasher.hash_blocks(std::span<const std::int32_t>(t32), block_size, kRootBlockHash, {},
+                                 std::span<BlockHash>(p32)),
+              n);
+    ASSERT_EQ(hasher.hash_blocks(std::span<const std::int64_t>(t64), block_size, kRootBlockHash, {},
+                                 std::span<BlockHash>(p64)),
+              n);
+    EXPECT_EQ(p32, p64) << block_size;
+  }
 }
 
 TEST(Hashing, Int64OutOfRangeNamesValueAndPosition) {

@@ -212,12 +212,12 @@ def test_seed_block_keys_from_lists_tuples_and_arrays_agree() -> None:
         cache.compute_block_hashes([1, "2", 3, 4])
 
 
-def _sha256_compress(block: bytes) -> bytes:
-    """FIPS 180-4's SHA-256 compression of one 64-byte block from the initial hash value, in plain
-    Python: the reference for the seed cache's chaining."""
+def _sha256_compress(block: bytes, state: bytes | None = None) -> bytes:
+    """FIPS 180-4's SHA-256 compression of one 64-byte block onto `state` (eight big-endian words;
+    SHA-256's initial hash value when None), in plain Python: the reference for the chains."""
     assert len(block) == 64
     k = [_frac_root(p, 3) for p in _primes(64)]
-    h = [_frac_root(p, 2) for p in _primes(8)]
+    h = list(struct.unpack(">8L", state)) if state is not None else [_frac_root(p, 2) for p in _primes(8)]
     rotr = lambda x, n: ((x >> n) | (x << (32 - n))) & 0xFFFFFFFF  # noqa: E731
     w = list(struct.unpack(">16L", block))
     for t in range(16, 64):
@@ -260,6 +260,28 @@ def test_sha256_compress_reference_is_sha256() -> None:
     message = b"abc"
     padded = message + b"\x80" + b"\0" * (55 - len(message)) + struct.pack(">Q", 8 * len(message))
     assert _sha256_compress(padded) == hashlib.sha256(message).digest()
+
+
+def _plain_chain(tokens: list[int], block_size: int) -> list[bytes]:
+    """The SHA-256 block digests of an unsalted, unkeyed prompt, from hashing.hpp's description."""
+    state = hashlib.sha256(b"sagellm-kv sha256 chain v2" + struct.pack("<I", block_size)).digest()
+    out = []
+    for start in range(0, len(tokens) // block_size * block_size, block_size):
+        data = struct.pack(f"<{block_size}i", *tokens[start : start + block_size])
+        data += bytes(-len(data) % 64)
+        for at in range(0, len(data), 64):
+            state = _sha256_compress(data[at : at + 64], state)
+        out.append(state)
+    return out
+
+
+@pytest.mark.parametrize("block_size", [16, 4, 20])
+def test_block_digests_follow_the_documented_chain(block_size: int) -> None:
+    tokens = [7, -1, 2**31 - 1, -(2**31), *range(60)]
+    expected = _plain_chain(tokens, block_size)
+    assert [bytes(d) for d in _core.hash_blocks(np.asarray(tokens, dtype=np.int64), block_size)] == expected
+    cache = RadixPrefixCache(block_size=block_size, capacity_blocks=None)
+    assert [bytes(d) for d in cache.hash_tokens(tokens)] == expected
 
 
 def test_core_sha256_helpers_match_references() -> None:

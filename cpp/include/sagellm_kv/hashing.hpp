@@ -9,7 +9,23 @@
 // The root is 32 zero bytes (`kRootBlockHash`), the same for every algorithm, so a chain can be
 // reproduced from this description alone.
 //
-// Message of one block, byte for byte (all integers little-endian):
+// SHA-256 (the default) hashes a block in one of two ways:
+//
+// * Plain step, for a block with neither salt nor extra key in play (the common case): the block's
+//   token ids, as little-endian int32 and zero-padded to whole 64-byte pieces, are compressed with
+//   SHA-256's compression function (FIPS 180-4, no padding, no length) onto the chain state of
+//   the parent (the parent digest read as eight big-endian words), and the resulting state, written
+//   big-endian, is the digest. The root's state is not its 32 zero bytes but
+//   SHA-256("sagellm-kv sha256 chain v2" || block_size as u32), so chains of different block sizes
+//   never meet (zero padding alone could make them). A prompt's digests are thus the running states
+//   of one Merkle-Damgard pass over its tokens: one compression per 16 tokens, against two plus
+//   finalisation for a full message; equal digests mean equal prefixes unless the compression
+//   function has a collision, or a chain reaches SHA-256's own initial state (a preimage), which is
+//   what separates these digests from the full-message ones below.
+// * Full message, for a block with a salt or an extra key: SHA-256 of the message below.
+//
+// XXH3-128 always hashes the full message. Message of one block, byte for byte (all integers
+// little-endian):
 //
 //   parent digest   32 bytes (an xxh3_128 parent too: its 16 bytes plus 16 zero bytes)
 //   salt length     u32, then the salt bytes       (only in a block whose parent is the root,
@@ -20,7 +36,9 @@
 //
 // Every variable field is length-prefixed, so no two different (salt, extra, tokens) triples
 // produce the same message. Token ids are serialised as int32 whatever their input width: int64
-// input is converted, and a value outside the int32 range is refused.
+// input is converted, and a value outside the int32 range is refused. Builds whose OpenSSL lacks
+// the low-level SHA-256 API (OPENSSL_NO_DEPRECATED_3_0) hash every block as a full message (other
+// digests, same properties).
 //
 // Salt versus extra (the `BlockHashKey`): the salt is a per-tenant secret mixed into the first
 // block only (as vLLM's cache_salt); because everything chains from block 0, tenants with

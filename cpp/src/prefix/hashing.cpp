@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "sagellm_kv/error.hpp"
 
@@ -75,6 +76,26 @@ void store_tokens(unsigned char* dst, const std::int64_t* tokens, std::size_t n)
     store_le32(dst + i * kTokenBytes, static_cast<std::uint32_t>(static_cast<std::int32_t>(tokens[i])));
   }
 }
+
+void store_be32(unsigned char* dst, std::uint32_t v) noexcept {
+  dst[0] = static_cast<unsigned char>(v >> 24);
+  dst[1] = static_cast<unsigned char>(v >> 16);
+  dst[2] = static_cast<unsigned char>(v >> 8);
+  dst[3] = static_cast<unsigned char>(v);
+}
+
+// A digest read back as a SHA-256 chain state (eight big-endian words).
+std::array<std::uint32_t, 8> load_state(const BlockHash& h) noexcept {
+  std::array<std::uint32_t, 8> st{};
+  for (std::size_t w = 0; w < 8; ++w) {
+    const std::uint8_t* p = h.bytes.data() + 4 * w;
+    st[w] = (std::uint32_t{p[0]} << 24) | (std::uint32_t{p[1]} << 16) | (std::uint32_t{p[2]} << 8) | p[3];
+  }
+  return st;
+}
+
+// Domain of the root state of plain steps; the block size follows it (hashing.hpp).
+constexpr char kPlainChainDomain[] = "sagellm-kv sha256 chain v2";
 
 std::uint32_t field_length(std::string_view field, const char* what) {
   if (field.size() > std::numeric_limits<std::uint32_t>::max()) {
@@ -213,6 +234,58 @@ struct BlockHasher::State {
 #endif
   }
 
+#if !defined(OPENSSL_NO_DEPRECATED_3_0)
+  // Chain state of a plain step from the root, per block size (see hashing.hpp): computed once.
+  std::uint32_t iv_block_size = 0;
+  std::array<std::uint32_t, 8> iv{};
+
+  const std::array<std::uint32_t, 8>& root_state(std::uint32_t block_size) {
+    if (iv_block_size != block_size) {
+      std::array<unsigned char, sizeof(kPlainChainDomain) - 1 + 4> m{};
+      std::memcpy(m.data(), kPlainChainDomain, sizeof(kPlainChainDomain) - 1);
+      store_le32(m.data() + sizeof(kPlainChainDomain) - 1, block_size);
+      BlockHash h;
+      SHA256_CTX c;
+      if (SHA256_Init(&c) != 1 || SHA256_Update(&c, m.data(), m.size()) != 1 || SHA256_Final(h.bytes.data(), &c) != 1) {
+        throw Error(ErrorCode::kInternal, "OpenSSL SHA-256 digest failed");
+      }
+      iv = load_state(h);
+      iv_block_size = block_size;
+    }
+    return iv;
+  }
+
+  // Plain steps: block b's digest is the chain state after compressing its token ids (as int32,
+  // zero-padded to whole 64-byte pieces) onto the state of its parent. No padding, no length, no
+  // finalisation: one compression per block of 16 tokens.
+  template <class Token>
+  void run_plain(const Token* tokens, std::size_t n, std::uint32_t block_size, const BlockHash& parent,
+                 BlockHash* out) {
+    SHA256_CTX c;
+    if (SHA256_Init(&c) != 1) throw Error(ErrorCode::kInternal, "OpenSSL SHA-256 init failed");
+    const std::array<std::uint32_t, 8> start = parent == kRootBlockHash ? root_state(block_size) : load_state(parent);
+    for (std::size_t w = 0; w < 8; ++w) c.h[w] = start[w];
+    constexpr std::size_t kPieceTokens = 64 / kTokenBytes;
+    const bool direct = std::is_same_v<Token, std::int32_t> && std::endian::native == std::endian::little &&
+                        block_size % kPieceTokens == 0;
+    alignas(64) std::array<unsigned char, 64> piece{};
+    for (std::size_t b = 0; b < n; ++b) {
+      const Token* t = tokens + b * block_size;
+      for (std::size_t at = 0; at < block_size; at += kPieceTokens) {
+        if (direct) {
+          SHA256_Transform(&c, reinterpret_cast<const unsigned char*>(t + at));
+        } else {
+          const std::size_t count = std::min<std::size_t>(kPieceTokens, block_size - at);
+          store_tokens(piece.data(), t + at, count);
+          std::memset(piece.data() + count * kTokenBytes, 0, piece.size() - count * kTokenBytes);
+          SHA256_Transform(&c, piece.data());
+        }
+      }
+      for (std::size_t w = 0; w < 8; ++w) store_be32(out[b].bytes.data() + 4 * w, static_cast<std::uint32_t>(c.h[w]));
+    }
+  }
+#endif
+
   template <class Token>
   std::size_t run(std::span<const Token> tokens, std::uint32_t block_size, const BlockHash& parent,
                   const BlockHashKey& key, std::span<BlockHash> out) {
@@ -236,6 +309,19 @@ struct BlockHasher::State {
     }
     if (n == 0) return 0;
     const bool salted = !key.salt.empty() && parent == kRootBlockHash;
+#if !defined(OPENSSL_NO_DEPRECATED_3_0)
+    if (algorithm == HashAlgorithm::kSha256 && key.extra.empty()) {
+      std::size_t b = 0;
+      if (salted) {  // a salted first block is a full message; the blocks after it are plain steps
+        const std::size_t at = layout(parent, key.salt, {}, block_size);
+        store_tokens(message.data() + at, tokens.data(), block_size);
+        digest(out[0]);
+        b = 1;
+      }
+      run_plain(tokens.data() + b * block_size, n - b, block_size, b == 0 ? parent : out[0], out.data() + b);
+      return n;
+    }
+#endif
     std::size_t tokens_at = layout(parent, salted ? key.salt : std::string_view{}, key.extra, block_size);
     for (std::size_t b = 0; b < n; ++b) {
       if (b == 1 && salted) {
@@ -328,13 +414,7 @@ void sha256_compress(const std::uint8_t* block, BlockHash& out) {
   SHA256_CTX c;
   if (SHA256_Init(&c) != 1) throw Error(ErrorCode::kInternal, "OpenSSL SHA-256 init failed");
   SHA256_Transform(&c, block);
-  for (std::size_t w = 0; w < 8; ++w) {
-    const auto h = static_cast<std::uint32_t>(c.h[w]);
-    out.bytes[4 * w] = static_cast<std::uint8_t>(h >> 24);
-    out.bytes[4 * w + 1] = static_cast<std::uint8_t>(h >> 16);
-    out.bytes[4 * w + 2] = static_cast<std::uint8_t>(h >> 8);
-    out.bytes[4 * w + 3] = static_cast<std::uint8_t>(h);
-  }
+  for (std::size_t w = 0; w < 8; ++w) store_be32(out.bytes.data() + 4 * w, static_cast<std::uint32_t>(c.h[w]));
 #else
   sha256_once(block, 2 * kBlockHashBytes, out);
 #endif
