@@ -44,7 +44,16 @@ struct Scratch {
   std::vector<AdmitRequest> admits;
   std::vector<std::uint32_t> counts;
   std::vector<BlockId> blocks;
+  std::vector<BlockHash> digests;
 };
+
+// This thread's hasher for `algorithm` (the feed of admit_one; the core keeps its own).
+BlockHasher& thread_hasher(HashAlgorithm algorithm) {
+  thread_local std::array<std::unique_ptr<BlockHasher>, 2> hashers;
+  auto& h = hashers.at(static_cast<std::size_t>(algorithm));
+  if (!h) h = std::make_unique<BlockHasher>(algorithm);
+  return *h;
+}
 
 class ScratchLease {
  public:
@@ -186,10 +195,19 @@ py::tuple admit_one(BoundRequestManager& self, const py::handle& request_id, con
                     const std::optional<std::string>& salt, const std::optional<std::string>& extra) {
   ScratchLease s;
   s->ids.push_back(request_id_value(request_id.ptr(), "request_id"));
-  append_tokens(tokens, s->tokens, "tokens");
   const BlockHashKey key{salt ? std::string_view(*salt) : std::string_view{},
                          extra ? std::string_view(*extra) : std::string_view{}};
-  const AdmitRequest r{s->ids[0], s->tokens, key};
+  if (self.manager->cache() != nullptr) {  // hash each block while the next items load
+    BlockHasher& hasher = thread_hasher(self.algorithm);
+    hasher.start_chain(self.manager->block_size(), kRootBlockHash, key);
+    BlockFeed feed{&hasher, self.manager->block_size(), &s->digests};
+    append_tokens(tokens, s->tokens, "tokens", feed);
+  } else {
+    s->digests.clear();
+    append_tokens(tokens, s->tokens, "tokens");
+  }
+  AdmitRequest r{s->ids[0], s->tokens, key};
+  r.digests = s->digests;
   std::uint32_t cached = 0;
   BatchStatus st;
   {

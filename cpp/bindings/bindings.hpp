@@ -61,6 +61,21 @@ inline bool small_int(PyObject* obj, long long& value) noexcept {
 /// is restored to its size before the call. Needs the GIL.
 void append_tokens(const py::handle& obj, std::vector<std::int32_t>& out, const char* what);
 
+/// Blocks to digest while append_tokens reads a list: `hasher` has a chain started
+/// (BlockHasher::start_chain with `block_size`), and each full block of the items read is digested
+/// onto `digests` as soon as it is complete, so hashing one block overlaps the loads of the next
+/// items (the int objects of a long list mostly come from memory).
+struct BlockFeed {
+  BlockHasher* hasher = nullptr;
+  std::uint32_t block_size = 0;
+  std::vector<BlockHash>* digests = nullptr;
+};
+
+/// As append_tokens, also feeding `feed` (blocks counted from the first item of this call). On
+/// return feed.digests holds one digest per full block, or nothing when the input was not a list
+/// or tuple of small ints (then the caller hashes the tokens itself); on an error it is empty.
+void append_tokens(const py::handle& obj, std::vector<std::int32_t>& out, const char* what, BlockFeed& feed);
+
 /// A non-negative Python int below 2**64 (a request id); TypeError / ValueError naming `what`.
 std::uint64_t request_id_value(PyObject* obj, const char* what);
 

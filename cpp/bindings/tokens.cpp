@@ -51,23 +51,39 @@ void append_slow(PyObject* seq, bool is_list, Py_ssize_t start, std::vector<std:
   }
 }
 
-void append_sequence(PyObject* seq, bool is_list, std::vector<std::int32_t>& out, const char* what) {
+// `Feed`: digest each full block as soon as its last item is read (see BlockFeed).
+template <bool Feed>
+void append_sequence(PyObject* seq, bool is_list, std::vector<std::int32_t>& out, const char* what,
+                     BlockFeed* feed) {
   const std::size_t base = out.size();
   const Py_ssize_t n = is_list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq);
   out.resize(base + static_cast<std::size_t>(n));
   PyObject** items = is_list ? reinterpret_cast<PyListObject*>(seq)->ob_item : reinterpret_cast<PyTupleObject*>(seq)->ob_item;
   std::int32_t* dst = out.data() + base;
+  std::uint32_t left = 0;  // items until the current block is full
+  if constexpr (Feed) {
+    feed->digests->clear();
+    feed->digests->reserve(static_cast<std::size_t>(n) / feed->block_size);
+    left = feed->block_size;
+  }
   constexpr Py_ssize_t kAhead = 64;  // the int objects are scattered: keep many misses in flight
   for (Py_ssize_t i = 0; i < n; ++i) {
     if (i + kAhead < n) __builtin_prefetch(items[i + kAhead]);
     long long v = 0;
     if (!small_int(items[i], v)) {
       // __index__ of an odd item may run Python code that changes the list: from here on, re-read
-      // the list item by item.
+      // the list item by item (and let the caller hash).
+      if constexpr (Feed) feed->digests->clear();
       return append_slow(seq, is_list, i, out, base, what);
     }
     if (v < kMin || v > kMax) out_of_range(what, std::to_string(v), static_cast<std::size_t>(i));
     dst[i] = static_cast<std::int32_t>(v);
+    if constexpr (Feed) {
+      if (--left == 0) {
+        left = feed->block_size;
+        feed->hasher->next_block(dst + i + 1 - feed->block_size, feed->digests->emplace_back());
+      }
+    }
   }
 }
 
@@ -145,7 +161,7 @@ void append_tokens(const py::handle& obj, std::vector<std::int32_t>& out, const 
   const std::size_t base = out.size();
   try {
     if (PyList_Check(p) || PyTuple_Check(p)) {
-      append_sequence(p, PyList_Check(p), out, what);
+      append_sequence<false>(p, PyList_Check(p), out, what, nullptr);
       return;
     }
     if (append_buffer(p, out, what)) return;
@@ -167,6 +183,20 @@ void append_tokens(const py::handle& obj, std::vector<std::int32_t>& out, const 
     }
   } catch (...) {
     out.resize(base);
+    throw;
+  }
+}
+
+void append_tokens(const py::handle& obj, std::vector<std::int32_t>& out, const char* what, BlockFeed& feed) {
+  PyObject* p = obj.ptr();
+  feed.digests->clear();
+  if (!PyList_Check(p) && !PyTuple_Check(p)) return append_tokens(obj, out, what);
+  const std::size_t base = out.size();
+  try {
+    append_sequence<true>(p, PyList_Check(p), out, what, &feed);
+  } catch (...) {
+    out.resize(base);
+    feed.digests->clear();
     throw;
   }
 }

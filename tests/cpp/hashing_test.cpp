@@ -315,6 +315,51 @@ TEST(Hashing, Xxh3OptionOrClearError) {
   EXPECT_NE(hasher.hash_blocks(tokens, 16, kRootBlockHash, {"salt", ""})[1], d[1]);
 }
 
+TEST(Hashing, IncrementalChainEqualsWholeChain) {
+  struct Case {
+    HashAlgorithm algorithm;
+    std::uint32_t block_size;
+    std::string salt;
+    std::string extra;
+    bool from_root;
+  };
+  std::vector<Case> cases{{HashAlgorithm::kSha256, 16, "", "", true},  {HashAlgorithm::kSha256, 12, "", "", true},
+                          {HashAlgorithm::kSha256, 16, "t", "", true}, {HashAlgorithm::kSha256, 16, "t", "x", true},
+                          {HashAlgorithm::kSha256, 16, "", "x", false}, {HashAlgorithm::kSha256, 16, "t", "", false}};
+  if (hash_algorithm_available(HashAlgorithm::kXxh3_128)) cases.push_back({HashAlgorithm::kXxh3_128, 16, "t", "x", true});
+  const auto tokens = iota_tokens(64, -9);
+  const BlockHash other = from_hex("abcdef");
+  for (const Case& c : cases) {
+    BlockHasher whole(c.algorithm);
+    BlockHasher step(c.algorithm);
+    const BlockHash parent = c.from_root ? kRootBlockHash : other;
+    const BlockHashKey key{c.salt, c.extra};
+    const std::size_t n = tokens.size() / c.block_size;
+    std::vector<BlockHash> expected(n);
+    ASSERT_EQ(whole.hash_blocks(std::span<const std::int32_t>(tokens), c.block_size, parent, key,
+                                std::span<BlockHash>(expected)),
+              n);
+    step.start_chain(c.block_size, parent, key);
+    for (std::size_t b = 0; b < n; ++b) {
+      BlockHash got;
+      step.next_block(tokens.data() + b * c.block_size, got);
+      EXPECT_EQ(got, expected[b]) << hash_algorithm_name(c.algorithm) << " bs " << c.block_size << " salt '" << c.salt
+                                  << "' extra '" << c.extra << "' block " << b;
+    }
+  }
+}
+
+TEST(Hashing, IncrementalChainEndsWithOtherCalls) {
+  BlockHasher h;
+  const auto tokens = iota_tokens(16);
+  BlockHash out;
+  EXPECT_EQ(code_of([&] { h.next_block(tokens.data(), out); }), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(code_of([&] { h.start_chain(0, kRootBlockHash, {}); }), ErrorCode::kInvalidArgument);
+  h.start_chain(16, kRootBlockHash, {});
+  (void)h.hash_blocks(tokens, 16);  // reuses the chain state: the chain is over
+  EXPECT_EQ(code_of([&] { h.next_block(tokens.data(), out); }), ErrorCode::kInvalidArgument);
+}
+
 TEST(Hashing, ThreadLocalHashersAgreeAcrossThreads) {
   const auto tokens = iota_tokens(16 * 80 + 7);
   std::vector<BlockHash> expected(80);

@@ -229,6 +229,28 @@ TEST(RequestManager, SaltSeparatesTenants) {
   f.manager->check_invariants();
 }
 
+TEST(RequestManager, AdmitUsesTheCallersDigestsWhenThereIsOnePerFullBlock) {
+  Fixture f(64);
+  const auto t = seq(0, 10);  // two full blocks and a partial one
+  const BlockHashKey key{"tenant-a", ""};
+  const auto digests = BlockHasher().hash_blocks(seq(0, 8), kBs, kRootBlockHash, key);
+  AdmitRequest a{1, t, key};
+  a.digests = digests;
+  std::uint32_t cached = 0;
+  ASSERT_TRUE(f.manager->admit(std::span<const AdmitRequest>(&a, 1), std::span<std::uint32_t>(&cached, 1)).ok());
+  f.finish(1);
+  // A request that lets the manager hash finds both blocks, so the given digests were the chain's.
+  const AdmitRequest b{2, t, key};
+  ASSERT_TRUE(f.manager->admit(std::span<const AdmitRequest>(&b, 1), std::span<std::uint32_t>(&cached, 1)).ok());
+  EXPECT_EQ(cached, 2 * kBs);
+  // Digests of the wrong count are ignored: the manager hashes the tokens itself.
+  AdmitRequest c{3, t, key};
+  c.digests = std::span<const BlockHash>(digests).first(1);
+  ASSERT_TRUE(f.manager->admit(std::span<const AdmitRequest>(&c, 1), std::span<std::uint32_t>(&cached, 1)).ok());
+  EXPECT_EQ(cached, 2 * kBs);
+  f.manager->check_invariants();
+}
+
 TEST(RequestManager, BadInputChangesNothing) {
   Fixture f(16);
   ASSERT_EQ(f.admit(1, seq(0, 5)), 0);

@@ -53,6 +53,25 @@ def test_token_sources_give_identical_digests(convert: object) -> None:
     assert list(rm.block_table(2)[:3]) == list(rm.block_table(1)[:3])
 
 
+@pytest.mark.parametrize("algorithm", ["sha256", "xxh3_128"])
+@pytest.mark.parametrize(("salt", "extra"), [(None, None), (b"tenant", None), (None, b"lora"), (b"tenant", b"lora")])
+def test_digests_hashed_while_reading_a_list_equal_the_cores(algorithm: str, salt: bytes | None,
+                                                              extra: bytes | None) -> None:
+    # A list is hashed block by block in the binding as it is read; arrays and lists with odd items
+    # are hashed by the core after reading. Each must find the others' blocks.
+    tokens = list(range(300, 366))  # 4 full blocks of 16 and 2 tokens
+    pool = PagedKVPool(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype="int8", block_size=16), 64)
+    rm = RequestManager(pool, hash_algorithm=algorithm)
+    odd = [*tokens[:20], np.int64(tokens[20]), *tokens[21:]]
+    for i, source in enumerate([tokens, np.asarray(tokens, dtype=np.int32), odd, tuple(tokens)]):
+        cached, _ = rm.admit(i, source, salt=salt, extra=extra)
+        assert cached == (0 if i == 0 else 64), (i, cached)
+        rm.finish(i)
+    cached, _ = rm.admit(9, tokens, salt=b"other", extra=extra)  # another tenant shares nothing
+    assert cached == 0
+    rm.check_invariants()
+
+
 def test_torch_cpu_tensor_tokens() -> None:
     torch = pytest.importorskip("torch")
     _, rm = make()

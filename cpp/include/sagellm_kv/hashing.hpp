@@ -161,6 +161,17 @@ class BlockHasher {
                                                    const BlockHash& parent = kRootBlockHash,
                                                    const BlockHashKey& key = {});
 
+  /// Incremental form of hash_blocks, for a caller that produces the tokens block by block (the
+  /// bindings hash each block while reading the next one from a Python list): `start_chain` takes
+  /// what hash_blocks takes besides the tokens, then each `next_block` writes the digest of the
+  /// chain's next block of block_size tokens. The digests equal hash_blocks' over the concatenated
+  /// blocks. `key`'s views must outlive the chain; starting a chain ends the previous one, and so
+  /// does any other call on this hasher. start_chain throws as hash_blocks does for a zero
+  /// block_size or an oversized key (then no chain is started); next_block without a started
+  /// chain throws Error(kInvalidArgument).
+  void start_chain(std::uint32_t block_size, const BlockHash& parent, const BlockHashKey& key);
+  void next_block(const std::int32_t* tokens, BlockHash& out);
+
  private:
   struct State;
   std::unique_ptr<State> state_;

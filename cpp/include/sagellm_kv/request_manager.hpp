@@ -80,6 +80,11 @@ struct AdmitRequest {
   /// allocation, as the seed KVPool's). Such a request is never hashed, matched or published; its
   /// appends only count tokens.
   std::uint64_t num_opaque_tokens = 0;
+  /// Optional: the digests of `tokens`' full blocks, from the root under `key` with the manager's
+  /// algorithm, as hash_blocks computes them (a caller that hashed while reading the tokens). Used
+  /// when it holds exactly one digest per full block, otherwise admit hashes `tokens` itself. The
+  /// caller vouches for them: wrong digests make the cache serve wrong blocks.
+  std::span<const BlockHash> digests{};
 };
 
 /// Counters since construction plus current sizes. A consistent snapshot.

@@ -231,8 +231,14 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
     scratch.digests.resize(total);
     std::size_t at = 0;
     for (const AdmitRequest& r : requests) {
-      at += hash_blocks(options_.hash_algorithm, r.tokens, bs, kRootBlockHash, r.key,
-                        std::span<BlockHash>(scratch.digests).subspan(at));
+      const std::size_t full = num_full_blocks(r.tokens.size(), bs);
+      if (r.digests.size() == full) {
+        std::copy(r.digests.begin(), r.digests.end(), scratch.digests.begin() + static_cast<std::ptrdiff_t>(at));
+        at += full;
+      } else {
+        at += hash_blocks(options_.hash_algorithm, r.tokens, bs, kRootBlockHash, r.key,
+                          std::span<BlockHash>(scratch.digests).subspan(at));
+      }
       scratch.digest_offsets.push_back(at);
     }
   }

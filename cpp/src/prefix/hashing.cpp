@@ -179,6 +179,13 @@ struct BlockHasher::State {
   // the key section between them only once (after the salted first block).
   std::vector<unsigned char> message;
 
+  // The chain of start_chain / next_block.
+  bool chain_open = false;
+  bool chain_plain = false;
+  std::uint32_t chain_block_size = 0;
+  BlockHash chain_parent;
+  BlockHashKey chain_key;
+
   State() = default;
   State(const State&) = delete;
   State& operator=(const State&) = delete;
@@ -255,40 +262,38 @@ struct BlockHasher::State {
     return iv;
   }
 
-  // Plain steps: block b's digest is the chain state after compressing its token ids (as int32,
+  // Plain steps: a block's digest is the chain state after compressing its token ids (as int32,
   // zero-padded to whole 64-byte pieces) onto the state of its parent. No padding, no length, no
-  // finalisation: one compression per block of 16 tokens.
-  template <class Token>
-  void run_plain(const Token* tokens, std::size_t n, std::uint32_t block_size, const BlockHash& parent,
-                 BlockHash* out) {
-    SHA256_CTX c;
-    if (SHA256_Init(&c) != 1) throw Error(ErrorCode::kInternal, "OpenSSL SHA-256 init failed");
+  // finalisation: one compression per block of 16 tokens. `sha` carries the chain state.
+  SHA256_CTX sha{};
+
+  void start_plain(std::uint32_t block_size, const BlockHash& parent) {
+    if (SHA256_Init(&sha) != 1) throw Error(ErrorCode::kInternal, "OpenSSL SHA-256 init failed");
     const std::array<std::uint32_t, 8> start = parent == kRootBlockHash ? root_state(block_size) : load_state(parent);
-    for (std::size_t w = 0; w < 8; ++w) c.h[w] = start[w];
+    for (std::size_t w = 0; w < 8; ++w) sha.h[w] = start[w];
+  }
+
+  template <class Token>
+  void plain_block(const Token* t, std::uint32_t block_size, BlockHash& out) noexcept {
     constexpr std::size_t kPieceTokens = 64 / kTokenBytes;
-    const bool direct = std::is_same_v<Token, std::int32_t> && std::endian::native == std::endian::little &&
-                        block_size % kPieceTokens == 0;
-    alignas(64) std::array<unsigned char, 64> piece{};
-    for (std::size_t b = 0; b < n; ++b) {
-      const Token* t = tokens + b * block_size;
-      for (std::size_t at = 0; at < block_size; at += kPieceTokens) {
-        if (direct) {
-          SHA256_Transform(&c, reinterpret_cast<const unsigned char*>(t + at));
-        } else {
-          const std::size_t count = std::min<std::size_t>(kPieceTokens, block_size - at);
-          store_tokens(piece.data(), t + at, count);
-          std::memset(piece.data() + count * kTokenBytes, 0, piece.size() - count * kTokenBytes);
-          SHA256_Transform(&c, piece.data());
-        }
+    for (std::size_t at = 0; at < block_size; at += kPieceTokens) {
+      if (std::is_same_v<Token, std::int32_t> && std::endian::native == std::endian::little &&
+          block_size - at >= kPieceTokens) {
+        SHA256_Transform(&sha, reinterpret_cast<const unsigned char*>(t + at));
+      } else {
+        alignas(64) std::array<unsigned char, 64> piece{};
+        store_tokens(piece.data(), t + at, std::min<std::size_t>(kPieceTokens, block_size - at));
+        SHA256_Transform(&sha, piece.data());
       }
-      for (std::size_t w = 0; w < 8; ++w) store_be32(out[b].bytes.data() + 4 * w, static_cast<std::uint32_t>(c.h[w]));
     }
+    for (std::size_t w = 0; w < 8; ++w) store_be32(out.bytes.data() + 4 * w, static_cast<std::uint32_t>(sha.h[w]));
   }
 #endif
 
   template <class Token>
   std::size_t run(std::span<const Token> tokens, std::uint32_t block_size, const BlockHash& parent,
                   const BlockHashKey& key, std::span<BlockHash> out) {
+    chain_open = false;  // the chain state is reused below
     if (block_size == 0) throw Error(ErrorCode::kInvalidArgument, "block_size must be > 0, got 0");
     const std::size_t n = num_full_blocks(tokens.size(), block_size);
     if (out.size() < n) {
@@ -318,7 +323,8 @@ struct BlockHasher::State {
         digest(out[0]);
         b = 1;
       }
-      run_plain(tokens.data() + b * block_size, n - b, block_size, b == 0 ? parent : out[0], out.data() + b);
+      start_plain(block_size, b == 0 ? parent : out[0]);
+      for (; b < n; ++b) plain_block(tokens.data() + b * block_size, block_size, out[b]);
       return n;
     }
 #endif
@@ -344,6 +350,49 @@ BlockHasher::BlockHasher(HashAlgorithm algorithm) : state_(std::make_unique<Stat
     state_->ctx = EVP_MD_CTX_new();
     if (state_->ctx == nullptr) throw Error(ErrorCode::kMemoryExhausted, "EVP_MD_CTX_new failed");
   }
+}
+
+void BlockHasher::start_chain(std::uint32_t block_size, const BlockHash& parent, const BlockHashKey& key) {
+  State& s = *state_;
+  s.chain_open = false;
+  if (block_size == 0) throw Error(ErrorCode::kInvalidArgument, "block_size must be > 0, got 0");
+  field_length(key.salt, "salt");
+  field_length(key.extra, "extra key");
+  s.chain_block_size = block_size;
+  s.chain_parent = parent;
+  s.chain_key = key;
+  s.chain_plain = false;
+#if !defined(OPENSSL_NO_DEPRECATED_3_0)
+  // A plain chain from the first block on; a salted one turns plain after its first block.
+  if (s.algorithm == HashAlgorithm::kSha256 && key.extra.empty() && (key.salt.empty() || parent != kRootBlockHash)) {
+    s.start_plain(block_size, parent);
+    s.chain_plain = true;
+  }
+#endif
+  s.chain_open = true;
+}
+
+void BlockHasher::next_block(const std::int32_t* tokens, BlockHash& out) {
+  State& s = *state_;
+  if (!s.chain_open) throw Error(ErrorCode::kInvalidArgument, "next_block: no chain started (call start_chain)");
+#if !defined(OPENSSL_NO_DEPRECATED_3_0)
+  if (s.chain_plain) {
+    s.plain_block(tokens, s.chain_block_size, out);
+    return;
+  }
+#endif
+  // A full-message block: the general path, one block at a time (the salt applies while the
+  // parent is the root, that is to the first block only).
+  (void)s.run(std::span<const std::int32_t>(tokens, s.chain_block_size), s.chain_block_size, s.chain_parent,
+              s.chain_key, std::span<BlockHash>(&out, 1));
+  s.chain_parent = out;
+#if !defined(OPENSSL_NO_DEPRECATED_3_0)
+  if (s.algorithm == HashAlgorithm::kSha256 && s.chain_key.extra.empty()) {
+    s.start_plain(s.chain_block_size, out);
+    s.chain_plain = true;
+  }
+#endif
+  s.chain_open = true;
 }
 
 BlockHasher::~BlockHasher() = default;
