@@ -45,9 +45,13 @@ struct Scratch {
   std::vector<std::uint32_t> counts;
   std::vector<BlockId> blocks;
   std::vector<BlockHash> digests;
+  std::vector<std::size_t> digest_offsets;
+  std::vector<BlockHash> feed;
 };
 
-// This thread's hasher for `algorithm` (the feed of admit_one; the core keeps its own).
+// This thread's hasher for `algorithm`: the feed of the admits (the core keeps its own). A call
+// re-entered from an item's __index__ may use it meanwhile: each sequence starts its own chain, and a
+// sequence that took the slow path is no longer fed.
 BlockHasher& thread_hasher(HashAlgorithm algorithm) {
   thread_local std::array<std::unique_ptr<BlockHasher>, 2> hashers;
   auto& h = hashers.at(static_cast<std::size_t>(algorithm));
@@ -121,7 +125,10 @@ void read_ids(const py::handle& obj, std::vector<RequestId>& out, const char* wh
 }
 
 // A list/tuple of token sequences into s.tokens + s.offsets.
-void read_token_lists(const py::handle& obj, Scratch& s, std::size_t expected, const char* what) {
+// `hasher` (admit with a cache): each sequence's full blocks are also digested while it is read,
+// from the root under `key`, into s.digests at s.digest_offsets (an empty range: hash in the core).
+void read_token_lists(const py::handle& obj, Scratch& s, std::size_t expected, const char* what,
+                      BlockHasher* hasher = nullptr, std::uint32_t block_size = 0, const BlockHashKey& key = {}) {
   PyObject* p = obj.ptr();
   if (!PyList_Check(p) && !PyTuple_Check(p)) {
     throw py::type_error(std::string(what) + " must be a list of token sequences, got " + Py_TYPE(p)->tp_name);
@@ -131,8 +138,18 @@ void read_token_lists(const py::handle& obj, Scratch& s, std::size_t expected, c
     throw py::value_error(std::string(what) + " holds " + std::to_string(seq.size()) + " sequences for " +
                           std::to_string(expected) + " request ids");
   }
+  s.digests.clear();
+  s.digest_offsets.assign(1, 0);
   for (std::size_t i = 0; i < expected; ++i) {
-    append_tokens(seq[i], s.tokens, what);
+    if (hasher != nullptr) {
+      hasher->start_chain(block_size, kRootBlockHash, key);
+      BlockFeed feed{hasher, block_size, &s.feed};
+      append_tokens(seq[i], s.tokens, what, feed);
+      s.digests.insert(s.digests.end(), s.feed.begin(), s.feed.end());
+      s.digest_offsets.push_back(s.digests.size());
+    } else {
+      append_tokens(seq[i], s.tokens, what);
+    }
     s.offsets.push_back(s.tokens.size());
   }
 }
@@ -223,12 +240,18 @@ py::tuple admit_batch(BoundRequestManager& self, const py::handle& request_ids, 
   ScratchLease s;
   read_ids(request_ids, s->ids, "request_ids");
   const std::size_t n = s->ids.size();
-  read_token_lists(tokens, *s.operator->(), n, "tokens");
   const BlockHashKey key{salt ? std::string_view(*salt) : std::string_view{},
                          extra ? std::string_view(*extra) : std::string_view{}};
+  const bool feed = self.manager->cache() != nullptr;  // hash each block while the next items load
+  read_token_lists(tokens, *s.operator->(), n, "tokens", feed ? &thread_hasher(self.algorithm) : nullptr,
+                   self.manager->block_size(), key);
   for (std::size_t i = 0; i < n; ++i) {
     const auto span = std::span<const std::int32_t>(s->tokens).subspan(s->offsets[i], s->offsets[i + 1] - s->offsets[i]);
-    s->admits.push_back({s->ids[i], span, key});
+    AdmitRequest& r = s->admits.emplace_back(AdmitRequest{s->ids[i], span, key});
+    if (feed) {
+      r.digests = std::span<const BlockHash>(s->digests)
+                      .subspan(s->digest_offsets[i], s->digest_offsets[i + 1] - s->digest_offsets[i]);
+    }
   }
   py::array_t<std::int32_t> cached(static_cast<py::ssize_t>(n));
   auto cached_span = std::span<std::uint32_t>(reinterpret_cast<std::uint32_t*>(cached.mutable_data()), n);

@@ -69,6 +69,11 @@ def test_digests_hashed_while_reading_a_list_equal_the_cores(algorithm: str, sal
         rm.finish(i)
     cached, _ = rm.admit(9, tokens, salt=b"other", extra=extra)  # another tenant shares nothing
     assert cached == 0
+    rm.finish(9)
+    batch = [tokens, odd, [*tokens[:40], 7, 7]]  # the third shares two blocks, then differs
+    cached_batch, _, _ = rm.admit_batch([10, 11, 12], batch, salt=salt, extra=extra)
+    assert list(cached_batch) == [64, 64, 32]
+    rm.finish([10, 11, 12])
     rm.check_invariants()
 
 
