@@ -49,16 +49,6 @@ struct Scratch {
   std::vector<BlockHash> feed;
 };
 
-// This thread's hasher for `algorithm`: the feed of the admits (the core keeps its own). A call
-// re-entered from an item's __index__ may use it meanwhile: each sequence starts its own chain, and a
-// sequence that took the slow path is no longer fed.
-BlockHasher& thread_hasher(HashAlgorithm algorithm) {
-  thread_local std::array<std::unique_ptr<BlockHasher>, 2> hashers;
-  auto& h = hashers.at(static_cast<std::size_t>(algorithm));
-  if (!h) h = std::make_unique<BlockHasher>(algorithm);
-  return *h;
-}
-
 class ScratchLease {
  public:
   ScratchLease() {
@@ -214,8 +204,11 @@ py::tuple admit_one(BoundRequestManager& self, const py::handle& request_id, con
   s->ids.push_back(request_id_value(request_id.ptr(), "request_id"));
   const BlockHashKey key{salt ? std::string_view(*salt) : std::string_view{},
                          extra ? std::string_view(*extra) : std::string_view{}};
-  if (self.manager->cache() != nullptr) {  // hash each block while the next items load
-    BlockHasher& hasher = thread_hasher(self.algorithm);
+  // With a cache, each block is hashed while the next items load, on this thread's hasher: an
+  // admit re-entered from an item's __index__ may use it meanwhile, which is harmless because such
+  // an item ends the feeding of the outer sequence (see BlockFeed).
+  if (self.manager->cache() != nullptr) {
+    BlockHasher& hasher = thread_block_hasher(self.algorithm);
     hasher.start_chain(self.manager->block_size(), kRootBlockHash, key);
     BlockFeed feed{&hasher, self.manager->block_size(), &s->digests};
     append_tokens(tokens, s->tokens, "tokens", feed);
@@ -243,7 +236,7 @@ py::tuple admit_batch(BoundRequestManager& self, const py::handle& request_ids, 
   const BlockHashKey key{salt ? std::string_view(*salt) : std::string_view{},
                          extra ? std::string_view(*extra) : std::string_view{}};
   const bool feed = self.manager->cache() != nullptr;  // hash each block while the next items load
-  read_token_lists(tokens, *s.operator->(), n, "tokens", feed ? &thread_hasher(self.algorithm) : nullptr,
+  read_token_lists(tokens, *s.operator->(), n, "tokens", feed ? &thread_block_hasher(self.algorithm) : nullptr,
                    self.manager->block_size(), key);
   for (std::size_t i = 0; i < n; ++i) {
     const auto span = std::span<const std::int32_t>(s->tokens).subspan(s->offsets[i], s->offsets[i + 1] - s->offsets[i]);

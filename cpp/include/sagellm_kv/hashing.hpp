@@ -177,6 +177,11 @@ class BlockHasher {
   std::unique_ptr<State> state_;
 };
 
+/// This thread's hasher for `algorithm`, created on first use: the one the free `hash_blocks`
+/// below use, so a chain started on it (start_chain) ends with any of those calls on this thread.
+/// Throws as BlockHasher's constructor does.
+[[nodiscard]] BlockHasher& thread_block_hasher(HashAlgorithm algorithm);
+
 /// `BlockHasher::hash_blocks` through a hasher kept per thread and algorithm (created on first use).
 /// Thread-safe: every thread uses its own hasher.
 [[nodiscard]] std::size_t hash_blocks(HashAlgorithm algorithm, std::span<const std::int32_t> tokens,

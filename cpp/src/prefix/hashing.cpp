@@ -419,9 +419,7 @@ std::vector<BlockHash> BlockHasher::hash_blocks(std::span<const std::int32_t> to
   return out;
 }
 
-namespace {
-
-BlockHasher& thread_hasher(HashAlgorithm algorithm) {
+BlockHasher& thread_block_hasher(HashAlgorithm algorithm) {
   check_algorithm(algorithm);
   thread_local std::array<std::unique_ptr<BlockHasher>, 2> hashers;
   auto& h = hashers[static_cast<std::size_t>(algorithm)];
@@ -429,16 +427,14 @@ BlockHasher& thread_hasher(HashAlgorithm algorithm) {
   return *h;
 }
 
-}  // namespace
-
 std::size_t hash_blocks(HashAlgorithm algorithm, std::span<const std::int32_t> tokens, std::uint32_t block_size,
                         const BlockHash& parent, const BlockHashKey& key, std::span<BlockHash> out) {
-  return thread_hasher(algorithm).hash_blocks(tokens, block_size, parent, key, out);
+  return thread_block_hasher(algorithm).hash_blocks(tokens, block_size, parent, key, out);
 }
 
 std::size_t hash_blocks(HashAlgorithm algorithm, std::span<const std::int64_t> tokens, std::uint32_t block_size,
                         const BlockHash& parent, const BlockHashKey& key, std::span<BlockHash> out) {
-  return thread_hasher(algorithm).hash_blocks(tokens, block_size, parent, key, out);
+  return thread_block_hasher(algorithm).hash_blocks(tokens, block_size, parent, key, out);
 }
 
 namespace {
