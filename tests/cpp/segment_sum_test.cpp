@@ -62,7 +62,8 @@ TEST(SegmentSums, WrongRoomIsRefusedBeforeWriting) {
 TEST(CopySum, PiecesAtAnyOffsetAddUpToTheWholeAndCopyEveryByte) {
   // A payload copied in odd-sized pieces (as a pool gathers layer pieces of any byte size), to
   // destinations of any alignment, sums exactly as the whole payload; the tail past the last full
-  // segment is copied but not summed.
+  // segment is copied but not summed. Pieces of several segments, starting on a segment boundary or
+  // not, take the whole-segment loop for their full segments and the word loop for the rest.
   const std::size_t n = 4 * kSegmentBytes + 123;
   const auto data = random_bytes(n, 3);
   using detail::CopyIsa;
@@ -70,7 +71,8 @@ TEST(CopySum, PiecesAtAnyOffsetAddUpToTheWholeAndCopyEveryByte) {
     if (!detail::cpu_supports(isa)) continue;
     for (std::size_t misalign : {std::size_t{0}, std::size_t{5}}) {
       for (bool stream : {false, true}) {
-        for (std::size_t piece : {std::size_t{1}, std::size_t{7}, std::size_t{100}, std::size_t{4093}, n}) {
+        for (std::size_t piece : {std::size_t{1}, std::size_t{7}, std::size_t{100}, std::size_t{4093},
+                                  2 * kSegmentBytes, 2 * kSegmentBytes + 5, n}) {
           std::vector<std::byte> out(n + 128);
           std::byte* dst = out.data() + (64 - reinterpret_cast<std::uintptr_t>(out.data()) % 64) + misalign;
           std::vector<std::uint64_t> sums(segment_count(n), 0);
