@@ -121,6 +121,7 @@ TEST(OffloadIndex, EvictsTailsFirstAndSparesTheCallAndPins) {
   ASSERT_TRUE(idx.reserve(call, OffloadIndex::kNoSlot, out, evicted));
   EXPECT_EQ(evicted, std::vector<BlockId>{chain[2]});
   EXPECT_EQ(out[0], chain[2]);  // the freed slot is reused
+  EXPECT_EQ(idx.stats().evictions, 1u);
   // nothing else can go now
   std::vector<BlockId> out2(1);
   std::vector<BlockId> evicted2;
@@ -213,7 +214,7 @@ TEST(OffloadIndex, ResetDropsPinsAndPending) {
   idx.reset();
   const auto st = idx.stats();
   EXPECT_EQ(st.free_slots, 4u);
-  EXPECT_EQ(st.pending_slots + st.resident_slots + st.trie.in_use_blocks + st.trie.lookups, 0u);
+  EXPECT_EQ(st.pending_slots + st.resident_slots + st.trie.in_use_blocks + st.trie.lookups + st.evictions, 0u);
   idx.check_invariants();
   EXPECT_EQ(reserve_new(idx, 4).size(), 4u);
 }

@@ -54,7 +54,10 @@ struct OffloadIndexStats {
   std::uint32_t free_slots = 0;
   std::uint32_t pending_slots = 0;
   std::uint32_t resident_slots = 0;
-  PrefixCacheStats trie;  ///< match/lookup counters count pins, unpins do not; evictions included
+  std::uint64_t evictions = 0;  ///< resident slots evicted by `reserve` since construction or reset
+  /// The trie's counters (lookups count pins, touches and the spare pins of an evicting reserve).
+  /// Its `evictions` stays 0: the index takes victims out detached and counts them above.
+  PrefixCacheStats trie;
 };
 
 /// The offload index (see the file comment).

@@ -57,6 +57,7 @@ struct OffloadIndex::Impl {
   std::vector<std::uint64_t> seq;       // pending: reservation order (commit inserts parents first)
   std::uint64_t next_seq = 0;
   std::uint32_t pending = 0;
+  std::uint64_t evictions = 0;
   // Scratch, reused under the mutex: stamps mark "ancestor of an input slot" / "input slot seen".
   std::vector<std::uint32_t> ancestor;
   std::vector<std::uint32_t> seen;
@@ -76,6 +77,7 @@ struct OffloadIndex::Impl {
     trie = std::make_unique<PrefixCache>(po, alloc.get());
     std::fill(state.begin(), state.end(), SlotState::kFree);
     pending = 0;
+    evictions = 0;
   }
 
   std::uint32_t next_stamp() {
@@ -201,6 +203,7 @@ struct OffloadIndex::Impl {
     if (ok) {
       const std::uint32_t got = trie->evict_detached(need, victims, evicted);
       ok = got == need;
+      evictions += got;
     }
     if (!order.empty()) trie->release(digests);
     for (std::size_t i = first; i < evicted.size(); ++i) state[static_cast<std::size_t>(evicted[i])] = SlotState::kFree;
@@ -394,6 +397,7 @@ OffloadIndexStats OffloadIndex::stats() const {
   s.free_slots = m.alloc->num_available();
   s.pending_slots = m.pending;
   s.resident_slots = s.trie.cached_blocks;
+  s.evictions = m.evictions;
   return s;
 }
 

@@ -1,0 +1,297 @@
+// Binding of the offload index (vLLM's OffloadingManager bookkeeping). An engine names chunks by
+// keys (exact bytes objects); the binding keeps the key -> slot maps in two Python dicts it owns,
+// `resident` and `pending`, because vLLM asks about one key at a time and a dict probe from Python
+// costs less than any call into C++. Every other call reads its whole key list in one pass (C API,
+// no Python code runs: keys must be exact bytes), maps it to slots and crosses into the core once.
+// The GIL is held throughout: each call builds Python objects and does O(keys) core work.
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bindings.hpp"
+#include "sagellm_kv/error.hpp"
+#include "sagellm_kv/offload_index.hpp"
+
+namespace sagellm::kv::bindings {
+namespace {
+
+// The items of a list, tuple or any other iterable (copied into a list then), as a borrowed array.
+class KeyItems {
+ public:
+  explicit KeyItems(const py::handle& keys) {
+    seq_ = py::reinterpret_steal<py::object>(PySequence_Fast(keys.ptr(), "keys must be a collection of bytes"));
+    if (!seq_) throw py::error_already_set();
+    items_ = PySequence_Fast_ITEMS(seq_.ptr());
+    size_ = static_cast<std::size_t>(PySequence_Fast_GET_SIZE(seq_.ptr()));
+    for (std::size_t i = 0; i < size_; ++i) {
+      if (!PyBytes_CheckExact(items_[i])) {
+        throw py::type_error("keys must be bytes, got " +
+                             std::string(Py_TYPE(items_[i])->tp_name) + " at position " + std::to_string(i));
+      }
+    }
+  }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] PyObject* operator[](std::size_t i) const noexcept { return items_[i]; }
+
+ private:
+  py::object seq_;
+  PyObject** items_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+std::string key_hex(PyObject* key) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  const auto* p = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(key));
+  const auto n = static_cast<std::size_t>(PyBytes_GET_SIZE(key));
+  std::string s;
+  s.reserve(2 * n);
+  for (std::size_t i = 0; i < n; ++i) {
+    s += kHex[p[i] >> 4];
+    s += kHex[p[i] & 15];
+  }
+  return s;
+}
+
+// The slot `key` maps to in `dict`, or kNoSlot. Never runs Python code (exact bytes keys, int values).
+BlockId slot_in(PyObject* dict, PyObject* key) {
+  PyObject* v = PyDict_GetItemWithError(dict, key);
+  if (v == nullptr) {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    return OffloadIndex::kNoSlot;
+  }
+  return static_cast<BlockId>(PyLong_AsLong(v));
+}
+
+class BoundOffloadIndex {
+ public:
+  BoundOffloadIndex(std::int64_t num_slots, const std::string& policy, double ttl_seconds)
+      : index_(options(num_slots, policy, ttl_seconds)), slot_key_(index_.num_slots()) {}
+
+  [[nodiscard]] const py::dict& resident() const noexcept { return resident_; }
+  [[nodiscard]] const py::dict& pending() const noexcept { return pending_; }
+  [[nodiscard]] std::uint32_t num_slots() const noexcept { return index_.num_slots(); }
+
+  // Pins the resident keys for a load; their slots, in key order.
+  py::array_t<BlockId> prepare_load(const py::handle& keys) {
+    const KeyItems items(keys);
+    py::array_t<BlockId> slots(static_cast<py::ssize_t>(items.size()));
+    BlockId* out = slots.mutable_data();
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      out[i] = slot_in(resident_.ptr(), items[i]);
+      if (out[i] == OffloadIndex::kNoSlot) {
+        throw py::key_error("prepare_load: key " + key_hex(items[i]) + " is not offloaded and ready");
+      }
+    }
+    index_.pin(std::span<const BlockId>(out, items.size()));
+    return slots;
+  }
+
+  void complete_load(const py::handle& keys) {
+    resident_slots(keys, true, "complete_load: key ", " has no load in flight");
+    index_.unpin(scratch_);
+  }
+
+  void touch(const py::handle& keys) {
+    resident_slots(keys, false, "", "");
+    index_.touch(scratch_);
+  }
+
+  // (keys to store, their new slots, evicted keys), or None when there is no room.
+  py::object prepare_store(const py::handle& keys, const py::handle& prev) {
+    const KeyItems items(keys);
+    call_.clear();
+    std::size_t fresh = 0;
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      BlockId s = slot_in(resident_.ptr(), items[i]);
+      if (s == OffloadIndex::kNoSlot) s = slot_in(pending_.ptr(), items[i]);
+      fresh += s == OffloadIndex::kNoSlot ? 1 : 0;
+      call_.push_back(s);
+    }
+    check_distinct(items, fresh);
+    BlockId first_prev = OffloadIndex::kNoSlot;
+    if (!prev.is_none()) {
+      if (!PyBytes_CheckExact(prev.ptr())) throw py::type_error("prev must be bytes or None");
+      first_prev = slot_in(resident_.ptr(), prev.ptr());
+      if (first_prev == OffloadIndex::kNoSlot) first_prev = slot_in(pending_.ptr(), prev.ptr());
+    }
+    py::array_t<BlockId> slots(static_cast<py::ssize_t>(fresh));
+    evicted_.clear();
+    if (!index_.reserve(call_, first_prev, std::span<BlockId>(slots.mutable_data(), fresh), evicted_)) {
+      return py::none();
+    }
+    py::list gone(evicted_.size());
+    for (std::size_t i = 0; i < evicted_.size(); ++i) {
+      py::object key = std::move(slot_key_[static_cast<std::size_t>(evicted_[i])]);
+      if (PyDict_DelItem(resident_.ptr(), key.ptr()) != 0) throw py::error_already_set();
+      PyList_SET_ITEM(gone.ptr(), static_cast<py::ssize_t>(i), key.release().ptr());
+    }
+    py::list to_store(fresh);
+    const BlockId* new_slots = slots.data();
+    for (std::size_t i = 0, j = 0; i < items.size(); ++i) {
+      if (call_[i] != OffloadIndex::kNoSlot) continue;
+      PyObject* key = items[i];
+      const auto slot = new_slots[j];
+      const py::object value = py::reinterpret_steal<py::object>(PyLong_FromLong(slot));
+      if (!value || PyDict_SetItem(pending_.ptr(), key, value.ptr()) != 0) throw py::error_already_set();
+      slot_key_[static_cast<std::size_t>(slot)] = py::reinterpret_borrow<py::object>(key);
+      PyList_SET_ITEM(to_store.ptr(), static_cast<py::ssize_t>(j++), Py_NewRef(key));
+    }
+    return py::make_tuple(std::move(to_store), std::move(slots), std::move(gone));
+  }
+
+  // Completes (or abandons) the pending stores among `keys`; others are skipped. The keys stored.
+  py::list complete_store(const py::handle& keys, bool success) {
+    const KeyItems items(keys);
+    scratch_.clear();
+    values_.clear();
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      PyObject* v = PyDict_GetItemWithError(pending_.ptr(), items[i]);
+      if (v == nullptr) {
+        if (PyErr_Occurred()) throw py::error_already_set();
+        continue;  // not pending (never stored, or completed already)
+      }
+      scratch_.push_back(static_cast<BlockId>(PyLong_AsLong(v)));
+      values_.push_back(py::reinterpret_borrow<py::object>(v));
+      if (PyDict_DelItem(pending_.ptr(), items[i]) != 0) throw py::error_already_set();
+    }
+    if (success) {
+      index_.commit(scratch_);
+    } else {
+      index_.abandon(scratch_);
+    }
+    py::list done(success ? scratch_.size() : 0);
+    for (std::size_t i = 0; i < scratch_.size(); ++i) {
+      auto& key = slot_key_[static_cast<std::size_t>(scratch_[i])];
+      if (success) {
+        if (PyDict_SetItem(resident_.ptr(), key.ptr(), values_[i].ptr()) != 0) throw py::error_already_set();
+        PyList_SET_ITEM(done.ptr(), static_cast<py::ssize_t>(i), Py_NewRef(key.ptr()));
+      } else {
+        key = py::object();
+      }
+    }
+    values_.clear();
+    return done;
+  }
+
+  void reset() {
+    index_.reset();
+    resident_.clear();
+    pending_.clear();
+    for (auto& key : slot_key_) key = py::object();
+  }
+
+  [[nodiscard]] py::dict stats() const {
+    const OffloadIndexStats s = index_.stats();
+    py::dict d = prefix_stats_dict(s.trie);
+    d["num_slots"] = s.num_slots;
+    d["free_slots"] = s.free_slots;
+    d["pending_slots"] = s.pending_slots;
+    d["resident_slots"] = s.resident_slots;
+    d["evictions"] = s.evictions;  // the index's (its trie never evicts on its own)
+    return d;
+  }
+
+  void check_invariants() const {
+    index_.check_invariants();
+    const OffloadIndexStats s = index_.stats();
+    if (py::len(resident_) != s.resident_slots || py::len(pending_) != s.pending_slots) {
+      throw Error(ErrorCode::kInternal, "offload index: key maps and slot counts disagree");
+    }
+    for (const auto& [dict, want] : {std::pair{&resident_, SlotState::kResident}, std::pair{&pending_, SlotState::kPending}}) {
+      for (const auto& [key, value] : *dict) {
+        const auto slot = value.cast<BlockId>();
+        const auto& held = slot_key_.at(static_cast<std::size_t>(slot));
+        if (index_.state(slot) != want || !held || !held.equal(key)) {
+          throw Error(ErrorCode::kInternal, "offload index: key " + key_hex(key.ptr()) + " and slot " +
+                                                std::to_string(slot) + " disagree");
+        }
+      }
+    }
+  }
+
+ private:
+  static OffloadIndexOptions options(std::int64_t num_slots, const std::string& policy, double ttl_seconds) {
+    OffloadIndexOptions o;
+    o.num_slots = checked_count(num_slots, "num_slots");
+    o.policy = parse_eviction_policy(policy);
+    o.ttl_seconds = ttl_seconds;
+    return o;
+  }
+
+  // Fills scratch_ with the slots of the resident keys; a key that is not resident raises KeyError
+  // (`strict`) or is skipped.
+  void resident_slots(const py::handle& keys, bool strict, const char* before, const char* after) {
+    const KeyItems items(keys);
+    scratch_.clear();
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      const BlockId s = slot_in(resident_.ptr(), items[i]);
+      if (s != OffloadIndex::kNoSlot) {
+        scratch_.push_back(s);
+      } else if (strict) {
+        throw py::key_error(before + key_hex(items[i]) + after);
+      }
+    }
+  }
+
+  // ValueError when a key that is neither resident nor pending appears twice (nothing changed).
+  void check_distinct(const KeyItems& items, std::size_t fresh) {
+    if (fresh < 2) return;
+    hashed_.clear();
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      if (call_[i] == OffloadIndex::kNoSlot) hashed_.emplace_back(PyObject_Hash(items[i]), items[i]);  // cached
+    }
+    std::sort(hashed_.begin(), hashed_.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (std::size_t i = 1; i < hashed_.size(); ++i) {
+      PyObject* a = hashed_[i - 1].second;
+      PyObject* b = hashed_[i].second;
+      if (hashed_[i - 1].first == hashed_[i].first && PyBytes_GET_SIZE(a) == PyBytes_GET_SIZE(b) &&
+          std::memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), static_cast<std::size_t>(PyBytes_GET_SIZE(a))) == 0) {
+        throw py::value_error("prepare_store: duplicate keys in one call (" + key_hex(a) + ")");
+      }
+    }
+  }
+
+  OffloadIndex index_;
+  py::dict resident_;                  // key -> slot (int), committed chunks
+  py::dict pending_;                   // key -> slot (int), stores in flight
+  std::vector<py::object> slot_key_;   // the key a pending or resident slot holds
+  std::vector<BlockId> call_;          // scratch, used with the GIL held
+  std::vector<BlockId> scratch_;
+  std::vector<BlockId> evicted_;
+  std::vector<py::object> values_;
+  std::vector<std::pair<Py_hash_t, PyObject*>> hashed_;
+};
+
+}  // namespace
+
+void bind_offload(py::module_& m) {
+  py::class_<BoundOffloadIndex>(m, "OffloadIndex")
+      .def(py::init<std::int64_t, const std::string&, double>(), py::arg("num_slots"), py::arg("policy") = "lru",
+           py::arg("ttl_seconds") = 300.0)
+      .def_property_readonly("resident", &BoundOffloadIndex::resident,
+                             "Committed chunks: key -> slot. Read it, never write it.")
+      .def_property_readonly("pending", &BoundOffloadIndex::pending,
+                             "Stores in flight: key -> slot. Read it, never write it.")
+      .def_property_readonly("num_slots", &BoundOffloadIndex::num_slots)
+      .def("prepare_load", &BoundOffloadIndex::prepare_load, py::arg("keys"),
+           "Pins resident keys (and their chains) for a load; returns their slots (int32), in key order.")
+      .def("complete_load", &BoundOffloadIndex::complete_load, py::arg("keys"),
+           "Releases a prepare_load of the same keys (any order).")
+      .def("touch", &BoundOffloadIndex::touch, py::arg("keys"), "Marks the resident keys among `keys` used.")
+      .def("prepare_store", &BoundOffloadIndex::prepare_store, py::arg("keys"), py::arg("prev") = py::none(),
+           "Reserves slots for the keys neither resident nor pending, each chained after the key before it "
+           "(the first after `prev`), evicting as needed: (keys_to_store, slots int32, evicted_keys), or None.")
+      .def("complete_store", &BoundOffloadIndex::complete_store, py::arg("keys"), py::arg("success") = true,
+           "Commits (or, success=False, frees) the pending keys among `keys`; returns the keys committed.")
+      .def("reset", &BoundOffloadIndex::reset)
+      .def("stats", &BoundOffloadIndex::stats)
+      .def("check_invariants", &BoundOffloadIndex::check_invariants)
+      .def_static("slot_digest", [](std::int64_t slot) {
+             const BlockHash d = OffloadIndex::slot_digest(static_cast<BlockId>(checked_count(slot, "slot", true)));
+             return py::bytes(reinterpret_cast<const char*>(d.bytes.data()), d.bytes.size());
+           }, py::arg("slot"), "The trie digest naming a slot (8-byte little-endian number, then a fixed tag).");
+}
+
+}  // namespace sagellm::kv::bindings
