@@ -3,7 +3,9 @@
 // `resident` and `pending`, because vLLM asks about one key at a time and a dict probe from Python
 // costs less than any call into C++. Every other call reads its whole key list in one pass (C API,
 // no Python code runs: keys must be exact bytes), maps it to slots and crosses into the core once.
-// The GIL is held throughout: each call builds Python objects and does O(keys) core work.
+// The GIL is held throughout: each call builds Python objects and does O(keys) core work. Given the
+// engine's result classes, the binding also builds the answers (object.__new__ + attributes, as
+// bind_objects.cpp does), so a call's Python side is a few attribute reads.
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -66,15 +68,20 @@ BlockId slot_in(PyObject* dict, PyObject* key) {
 
 class BoundOffloadIndex {
  public:
-  BoundOffloadIndex(std::int64_t num_slots, const std::string& policy, double ttl_seconds)
-      : index_(options(num_slots, policy, ttl_seconds)), slot_key_(index_.num_slots()) {}
+  BoundOffloadIndex(std::int64_t num_slots, const std::string& policy, double ttl_seconds, const py::object& slots_type,
+                    const py::object& store_type)
+      : index_(options(num_slots, policy, ttl_seconds)),
+        slots_type_(plain_class(slots_type, "slots_type")),
+        store_type_(plain_class(store_type, "store_type")),
+        slot_key_(index_.num_slots()),
+        slot_value_(index_.num_slots()) {}
 
   [[nodiscard]] const py::dict& resident() const noexcept { return resident_; }
   [[nodiscard]] const py::dict& pending() const noexcept { return pending_; }
   [[nodiscard]] std::uint32_t num_slots() const noexcept { return index_.num_slots(); }
 
-  // Pins the resident keys for a load; their slots, in key order.
-  py::array_t<BlockId> prepare_load(const py::handle& keys) {
+  // Pins the resident keys for a load; their slots, in key order (wrapped in slots_type when set).
+  py::object prepare_load(const py::handle& keys) {
     const KeyItems items(keys);
     py::array_t<BlockId> slots(static_cast<py::ssize_t>(items.size()));
     BlockId* out = slots.mutable_data();
@@ -85,7 +92,7 @@ class BoundOffloadIndex {
       }
     }
     index_.pin(std::span<const BlockId>(out, items.size()));
-    return slots;
+    return wrap_slots(std::move(slots));
   }
 
   void complete_load(const py::handle& keys) {
@@ -117,6 +124,7 @@ class BoundOffloadIndex {
       if (first_prev == OffloadIndex::kNoSlot) first_prev = slot_in(pending_.ptr(), prev.ptr());
     }
     py::array_t<BlockId> slots(static_cast<py::ssize_t>(fresh));
+    const BlockId* new_slots = slots.data();
     evicted_.clear();
     if (!index_.reserve(call_, first_prev, std::span<BlockId>(slots.mutable_data(), fresh), evicted_)) {
       return py::none();
@@ -124,36 +132,41 @@ class BoundOffloadIndex {
     py::list gone(evicted_.size());
     for (std::size_t i = 0; i < evicted_.size(); ++i) {
       py::object key = std::move(slot_key_[static_cast<std::size_t>(evicted_[i])]);
+      slot_value_[static_cast<std::size_t>(evicted_[i])] = py::object();
       if (PyDict_DelItem(resident_.ptr(), key.ptr()) != 0) throw py::error_already_set();
       PyList_SET_ITEM(gone.ptr(), static_cast<py::ssize_t>(i), key.release().ptr());
     }
     py::list to_store(fresh);
-    const BlockId* new_slots = slots.data();
     for (std::size_t i = 0, j = 0; i < items.size(); ++i) {
       if (call_[i] != OffloadIndex::kNoSlot) continue;
       PyObject* key = items[i];
       const auto slot = new_slots[j];
-      const py::object value = py::reinterpret_steal<py::object>(PyLong_FromLong(slot));
+      py::object value = py::reinterpret_steal<py::object>(PyLong_FromLong(slot));
       if (!value || PyDict_SetItem(pending_.ptr(), key, value.ptr()) != 0) throw py::error_already_set();
       slot_key_[static_cast<std::size_t>(slot)] = py::reinterpret_borrow<py::object>(key);
+      slot_value_[static_cast<std::size_t>(slot)] = std::move(value);
       PyList_SET_ITEM(to_store.ptr(), static_cast<py::ssize_t>(j++), Py_NewRef(key));
     }
-    return py::make_tuple(std::move(to_store), std::move(slots), std::move(gone));
+    if (store_type_.is_none()) return py::make_tuple(std::move(to_store), std::move(slots), std::move(gone));
+    static PyObject* const keys_name = interned("keys_to_store");
+    static PyObject* const spec_name = interned("store_spec");
+    static PyObject* const evicted_name = interned("evicted_keys");
+    py::object out = new_bare(store_type_);
+    set_generic(out.ptr(), keys_name, to_store.ptr());
+    set_generic(out.ptr(), spec_name, wrap_slots(std::move(slots)).ptr());
+    set_generic(out.ptr(), evicted_name, gone.ptr());
+    return out;
   }
 
-  // Completes (or abandons) the pending stores among `keys`; others are skipped. The keys stored.
+  // Completes (or abandons) the pending stores among `keys`; others are skipped. The keys stored,
+  // in the order they were reserved.
   py::list complete_store(const py::handle& keys, bool success) {
     const KeyItems items(keys);
     scratch_.clear();
-    values_.clear();
     for (std::size_t i = 0; i < items.size(); ++i) {
-      PyObject* v = PyDict_GetItemWithError(pending_.ptr(), items[i]);
-      if (v == nullptr) {
-        if (PyErr_Occurred()) throw py::error_already_set();
-        continue;  // not pending (never stored, or completed already)
-      }
-      scratch_.push_back(static_cast<BlockId>(PyLong_AsLong(v)));
-      values_.push_back(py::reinterpret_borrow<py::object>(v));
+      const BlockId s = slot_in(pending_.ptr(), items[i]);
+      if (s == OffloadIndex::kNoSlot) continue;  // not pending (never stored, or completed already)
+      scratch_.push_back(s);
       if (PyDict_DelItem(pending_.ptr(), items[i]) != 0) throw py::error_already_set();
     }
     if (success) {
@@ -163,15 +176,17 @@ class BoundOffloadIndex {
     }
     py::list done(success ? scratch_.size() : 0);
     for (std::size_t i = 0; i < scratch_.size(); ++i) {
-      auto& key = slot_key_[static_cast<std::size_t>(scratch_[i])];
+      const auto slot = static_cast<std::size_t>(scratch_[i]);
       if (success) {
-        if (PyDict_SetItem(resident_.ptr(), key.ptr(), values_[i].ptr()) != 0) throw py::error_already_set();
-        PyList_SET_ITEM(done.ptr(), static_cast<py::ssize_t>(i), Py_NewRef(key.ptr()));
+        if (PyDict_SetItem(resident_.ptr(), slot_key_[slot].ptr(), slot_value_[slot].ptr()) != 0) {
+          throw py::error_already_set();
+        }
+        PyList_SET_ITEM(done.ptr(), static_cast<py::ssize_t>(i), Py_NewRef(slot_key_[slot].ptr()));
       } else {
-        key = py::object();
+        slot_key_[slot] = py::object();
+        slot_value_[slot] = py::object();
       }
     }
-    values_.clear();
     return done;
   }
 
@@ -180,6 +195,7 @@ class BoundOffloadIndex {
     resident_.clear();
     pending_.clear();
     for (auto& key : slot_key_) key = py::object();
+    for (auto& value : slot_value_) value = py::object();
   }
 
   [[nodiscard]] py::dict stats() const {
@@ -212,6 +228,43 @@ class BoundOffloadIndex {
   }
 
  private:
+  // None, or a class that object.__new__ can make (no __new__ / __init__ of its own is run).
+  static py::object plain_class(const py::object& cls, const char* what) {
+    if (cls.is_none()) return cls;
+    if (!PyType_Check(cls.ptr()) || reinterpret_cast<PyTypeObject*>(cls.ptr())->tp_new != PyBaseObject_Type.tp_new) {
+      throw py::type_error(std::string(what) + " must be None or a class made by object.__new__, got " +
+                           std::string(py::str(cls)));
+    }
+    return cls;
+  }
+
+  static PyObject* interned(const char* text) {
+    PyObject* s = PyUnicode_InternFromString(text);  // kept for the process
+    if (s == nullptr) throw py::error_already_set();
+    return s;
+  }
+
+  static py::object new_bare(const py::object& cls) {
+    static PyObject* const no_args = PyTuple_New(0);  // kept for the process
+    PyObject* obj = PyBaseObject_Type.tp_new(reinterpret_cast<PyTypeObject*>(cls.ptr()), no_args, nullptr);
+    if (obj == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(obj);
+  }
+
+  // Sets an attribute as object.__setattr__ would (no class-level __setattr__ runs).
+  static void set_generic(PyObject* obj, PyObject* name, PyObject* value) {
+    if (PyObject_GenericSetAttr(obj, name, value) != 0) throw py::error_already_set();
+  }
+
+  // The slots as they are, or as a slots_type instance whose block_ids they are.
+  py::object wrap_slots(py::array_t<BlockId>&& slots) const {
+    if (slots_type_.is_none()) return std::move(slots);
+    static PyObject* const ids_name = interned("block_ids");
+    py::object spec = new_bare(slots_type_);
+    set_generic(spec.ptr(), ids_name, slots.ptr());
+    return spec;
+  }
+
   static OffloadIndexOptions options(std::int64_t num_slots, const std::string& policy, double ttl_seconds) {
     OffloadIndexOptions o;
     o.num_slots = checked_count(num_slots, "num_slots");
@@ -254,13 +307,15 @@ class BoundOffloadIndex {
   }
 
   OffloadIndex index_;
+  py::object slots_type_;              // None, or the class prepare_load / prepare_store wrap slots in
+  py::object store_type_;              // None, or the class prepare_store answers with
   py::dict resident_;                  // key -> slot (int), committed chunks
   py::dict pending_;                   // key -> slot (int), stores in flight
   std::vector<py::object> slot_key_;   // the key a pending or resident slot holds
+  std::vector<py::object> slot_value_; // and its number as the dicts' value (one int object per entry)
   std::vector<BlockId> call_;          // scratch, used with the GIL held
   std::vector<BlockId> scratch_;
   std::vector<BlockId> evicted_;
-  std::vector<py::object> values_;
   std::vector<std::pair<Py_hash_t, PyObject*>> hashed_;
 };
 
@@ -268,21 +323,27 @@ class BoundOffloadIndex {
 
 void bind_offload(py::module_& m) {
   py::class_<BoundOffloadIndex>(m, "OffloadIndex")
-      .def(py::init<std::int64_t, const std::string&, double>(), py::arg("num_slots"), py::arg("policy") = "lru",
-           py::arg("ttl_seconds") = 300.0)
+      .def(py::init<std::int64_t, const std::string&, double, const py::object&, const py::object&>(),
+           py::arg("num_slots"), py::arg("policy") = "lru", py::arg("ttl_seconds") = 300.0,
+           py::arg("slots_type") = py::none(), py::arg("store_type") = py::none(),
+           "slots_type: None, or a class whose instances (made by object.__new__, `block_ids` set to the slots) "
+           "prepare_load returns and store outputs carry; store_type: None (prepare_store returns a tuple), or "
+           "a class whose instances prepare_store returns with keys_to_store, store_spec and evicted_keys set.")
       .def_property_readonly("resident", &BoundOffloadIndex::resident,
                              "Committed chunks: key -> slot. Read it, never write it.")
       .def_property_readonly("pending", &BoundOffloadIndex::pending,
                              "Stores in flight: key -> slot. Read it, never write it.")
       .def_property_readonly("num_slots", &BoundOffloadIndex::num_slots)
       .def("prepare_load", &BoundOffloadIndex::prepare_load, py::arg("keys"),
-           "Pins resident keys (and their chains) for a load; returns their slots (int32), in key order.")
+           "Pins resident keys (and their chains) for a load; returns their slots (int32), in key order "
+           "(as a slots_type instance when set).")
       .def("complete_load", &BoundOffloadIndex::complete_load, py::arg("keys"),
            "Releases a prepare_load of the same keys (any order).")
       .def("touch", &BoundOffloadIndex::touch, py::arg("keys"), "Marks the resident keys among `keys` used.")
       .def("prepare_store", &BoundOffloadIndex::prepare_store, py::arg("keys"), py::arg("prev") = py::none(),
            "Reserves slots for the keys neither resident nor pending, each chained after the key before it "
-           "(the first after `prev`), evicting as needed: (keys_to_store, slots int32, evicted_keys), or None.")
+           "(the first after `prev`), evicting as needed: (keys_to_store, slots int32, evicted_keys) (as a store_type "
+           "instance when set), or None when there is no room.")
       .def("complete_store", &BoundOffloadIndex::complete_store, py::arg("keys"), py::arg("success") = true,
            "Commits (or, success=False, frees) the pending keys among `keys`; returns the keys committed.")
       .def("reset", &BoundOffloadIndex::reset)

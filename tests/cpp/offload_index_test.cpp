@@ -33,6 +33,10 @@ std::vector<BlockId> reserve_new(OffloadIndex& idx, std::size_t count, BlockId p
   return out;
 }
 
+// commit / abandon of a copy (they reorder their argument into reservation order).
+void commit(OffloadIndex& idx, std::vector<BlockId> slots) { idx.commit(slots); }
+void abandon(OffloadIndex& idx, std::vector<BlockId> slots) { idx.abandon(slots); }
+
 ErrorCode code_of(const std::function<void()>& fn) {
   try {
     fn();
@@ -67,8 +71,8 @@ TEST(OffloadIndex, ReserveCommitAndAbandon) {
   auto st = idx.stats();
   EXPECT_EQ(st.free_slots, 1u);
   EXPECT_EQ(st.pending_slots, 3u);
-  idx.commit(std::vector<BlockId>{slots[2], slots[0]});  // a set: any order
-  idx.abandon(std::vector<BlockId>{slots[1]});
+  commit(idx, std::vector<BlockId>{slots[2], slots[0]});  // a set: any order
+  abandon(idx, std::vector<BlockId>{slots[1]});
   EXPECT_EQ(idx.state(slots[0]), SlotState::kResident);
   EXPECT_EQ(idx.state(slots[1]), SlotState::kFree);
   EXPECT_EQ(idx.parent(slots[0]), OffloadIndex::kNoSlot);
@@ -84,7 +88,9 @@ TEST(OffloadIndex, CommitInOneCallChainsParentsFirst) {
   OffloadIndex idx = make(8);
   const auto a = reserve_new(idx, 3);
   const auto b = reserve_new(idx, 2, a[2]);  // continues a's request while a is still pending
-  idx.commit(std::vector<BlockId>{b[1], a[2], b[0], a[0], a[1]});
+  std::vector<BlockId> set{b[1], a[2], b[0], a[0], a[1]};
+  idx.commit(set);
+  EXPECT_EQ(set, (std::vector<BlockId>{a[0], a[1], a[2], b[0], b[1]}));  // reordered: reservation order
   EXPECT_EQ(idx.parent(a[1]), a[0]);
   EXPECT_EQ(idx.parent(a[2]), a[1]);
   EXPECT_EQ(idx.parent(b[0]), a[2]);
@@ -95,12 +101,12 @@ TEST(OffloadIndex, CommitInOneCallChainsParentsFirst) {
 TEST(OffloadIndex, ExistingEntriesSplitTheChain) {
   OffloadIndex idx = make(8);
   const auto a = reserve_new(idx, 1);
-  idx.commit(a);
+  commit(idx, a);
   std::vector<BlockId> call{kNew, a[0], kNew};
   std::vector<BlockId> out(2);
   std::vector<BlockId> evicted;
   ASSERT_TRUE(idx.reserve(call, OffloadIndex::kNoSlot, out, evicted));
-  idx.commit(out);
+  commit(idx, out);
   EXPECT_EQ(idx.parent(out[0]), OffloadIndex::kNoSlot);
   EXPECT_EQ(idx.parent(out[1]), a[0]);
 }
@@ -108,9 +114,9 @@ TEST(OffloadIndex, ExistingEntriesSplitTheChain) {
 TEST(OffloadIndex, EvictsTailsFirstAndSparesTheCallAndPins) {
   OffloadIndex idx = make(4);
   const auto chain = reserve_new(idx, 3);
-  idx.commit(chain);
+  commit(idx, chain);
   const auto lone = reserve_new(idx, 1);
-  idx.commit(lone);
+  commit(idx, lone);
   idx.pin(std::vector<BlockId>{chain[0], chain[1]});  // a request's prefix: one match
   EXPECT_EQ(idx.stats().trie.lookups, 1u);
   EXPECT_EQ(idx.stats().trie.in_use_blocks, 2u);
@@ -131,7 +137,7 @@ TEST(OffloadIndex, EvictsTailsFirstAndSparesTheCallAndPins) {
   EXPECT_EQ(idx.stats().trie.in_use_blocks, 2u);  // the spare pins were released
   idx.unpin(std::vector<BlockId>{chain[1], chain[0]});
   EXPECT_EQ(idx.stats().trie.in_use_blocks, 0u);
-  idx.commit(out);
+  commit(idx, out);
   idx.check_invariants();
 }
 
@@ -140,7 +146,7 @@ TEST(OffloadIndex, LruFollowsPinsAndTouches) {
   std::vector<BlockId> s;
   for (int i = 0; i < 3; ++i) {
     const auto one = reserve_new(idx, 1);
-    idx.commit(one);
+    commit(idx, one);
     s.push_back(one[0]);
   }
   idx.pin(std::vector<BlockId>{s[0]});
@@ -154,7 +160,7 @@ TEST(OffloadIndex, LruFollowsPinsAndTouches) {
 TEST(OffloadIndex, ScatteredPinsCoverRootPaths) {
   OffloadIndex idx = make(6);
   const auto chain = reserve_new(idx, 4);
-  idx.commit(chain);
+  commit(idx, chain);
   idx.pin(std::vector<BlockId>{chain[3], chain[1]});  // not a chain from the root: paths of the deepest
   EXPECT_EQ(idx.stats().trie.in_use_blocks, 4u);
   idx.unpin(std::vector<BlockId>{chain[1], chain[3]});
@@ -166,11 +172,11 @@ TEST(OffloadIndex, ErrorsChangeNothing) {
   OffloadIndex idx = make(4);
   const auto a = reserve_new(idx, 2);
   EXPECT_EQ(code_of([&] { idx.pin(a); }), ErrorCode::kCacheMiss);  // pending: not readable
-  EXPECT_EQ(code_of([&] { idx.commit(std::vector<BlockId>{a[0], a[0]}); }), ErrorCode::kInvalidArgument);
-  EXPECT_EQ(code_of([&] { idx.commit(std::vector<BlockId>{a[0], 7}); }), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(code_of([&] { commit(idx, std::vector<BlockId>{a[0], a[0]}); }), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(code_of([&] { commit(idx, std::vector<BlockId>{a[0], 7}); }), ErrorCode::kInvalidArgument);
   EXPECT_EQ(idx.state(a[0]), SlotState::kPending);
-  idx.commit(a);
-  EXPECT_EQ(code_of([&] { idx.commit(a); }), ErrorCode::kInvalidArgument);  // not pending any more
+  commit(idx, a);
+  EXPECT_EQ(code_of([&] { commit(idx, a); }), ErrorCode::kInvalidArgument);  // not pending any more
   EXPECT_EQ(code_of([&] { idx.unpin(a); }), ErrorCode::kRefCountUnderflow);
   idx.pin(std::vector<BlockId>{a[0]});
   EXPECT_EQ(code_of([&] { idx.unpin(a); }), ErrorCode::kRefCountUnderflow);  // a[1] not pinned: all or nothing
@@ -193,14 +199,14 @@ TEST(OffloadIndex, ErrorsChangeNothing) {
 TEST(OffloadIndex, ReusedParentSlotDoesNotChain) {
   OffloadIndex idx = make(2);
   const auto a = reserve_new(idx, 1);
-  idx.commit(a);
+  commit(idx, a);
   const auto b = reserve_new(idx, 1, a[0]);  // pending, chained after a
   std::vector<BlockId> evicted;
   const auto c = reserve_new(idx, 1, OffloadIndex::kNoSlot, &evicted);  // evicts a, reuses its slot
   ASSERT_EQ(evicted, a);
   ASSERT_EQ(c, a);
-  idx.commit(c);
-  idx.commit(b);
+  commit(idx, c);
+  commit(idx, b);
   EXPECT_EQ(idx.parent(b[0]), OffloadIndex::kNoSlot);  // a's slot now holds another chunk
   idx.check_invariants();
 }
@@ -208,7 +214,7 @@ TEST(OffloadIndex, ReusedParentSlotDoesNotChain) {
 TEST(OffloadIndex, ResetDropsPinsAndPending) {
   OffloadIndex idx = make(4);
   const auto a = reserve_new(idx, 2);
-  idx.commit(a);
+  commit(idx, a);
   idx.pin(a);
   (void)reserve_new(idx, 1);
   idx.reset();
@@ -255,9 +261,9 @@ TEST(OffloadIndex, RandomSequencesKeepTheBooks) {
       std::shuffle(part.begin(), part.end(), rng);
       const bool ok = rng() % 5 != 0;
       if (ok) {
-        idx.commit(part);
+        commit(idx, part);
       } else {
-        idx.abandon(part);
+        abandon(idx, part);
       }
       for (BlockId s : part) {
         pending.erase(s);

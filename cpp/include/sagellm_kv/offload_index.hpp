@@ -94,13 +94,15 @@ class OffloadIndex {
 
   /// Completes the stores of pending `slots` (any order; a set is fine): they become resident,
   /// chained to their parents-to-be (see the file comment), inserted in reservation order so a
-  /// parent completed in the same call goes first. Throws Error(kInvalidArgument) (nothing changed)
-  /// when a slot is out of range, not pending, or repeated.
-  void commit(std::span<const BlockId> slots);
+  /// parent completed in the same call goes first. On return `slots` holds them in that order (so
+  /// what follows never depends on the order a caller's set iterated in). Throws
+  /// Error(kInvalidArgument) (nothing changed, `slots` untouched) when a slot is out of range, not
+  /// pending, or repeated.
+  void commit(std::span<BlockId> slots);
 
-  /// Abandons the stores of pending `slots` (a failed transfer): they become free. Same errors as
-  /// `commit`.
-  void abandon(std::span<const BlockId> slots);
+  /// Abandons the stores of pending `slots` (a failed transfer): they become free, returned in
+  /// reservation order (`slots` is reordered so). Same errors as `commit`.
+  void abandon(std::span<BlockId> slots);
 
   /// Pins resident `slots` for a load: each, with its ancestors, cannot be evicted until `unpin` of
   /// the same slots (in any order). One trie match when the slots are a chain from the root in order

@@ -66,6 +66,8 @@ struct OffloadIndex::Impl {
   std::vector<std::size_t> path_ends;  // end offsets of the paths in `digests`
   std::vector<BlockId> ids;
   std::vector<BlockId> order;
+  std::vector<BlockId> leaves;
+  std::vector<BlockHash> victims;
 
   void start() {
     trie.reset();
@@ -136,10 +138,12 @@ struct OffloadIndex::Impl {
   }
 
   // Fills `digests` / `path_ends` with the root paths covering resident `slots`: one per distinct
-  // slot that is no other's ancestor, root first. Independent of the order of `slots`.
+  // slot that is no other's ancestor, root first, in slot order: independent of the order of
+  // `slots` (callers pass sets), so the recency the trie records is too.
   void cover(std::span<const BlockId> slots) {
     digests.clear();
     path_ends.clear();
+    leaves.clear();
     const std::uint32_t s = next_stamp();
     for (BlockId slot : slots) {
       for (BlockId p = link[static_cast<std::size_t>(slot)]; p != kNoSlot && ancestor[static_cast<std::size_t>(p)] != s;
@@ -151,6 +155,10 @@ struct OffloadIndex::Impl {
       const auto u = static_cast<std::size_t>(slot);
       if (ancestor[u] == s || seen[u] == s) continue;
       seen[u] = s;
+      leaves.push_back(slot);
+    }
+    if (leaves.size() > 1) std::sort(leaves.begin(), leaves.end());
+    for (BlockId slot : leaves) {
       const std::size_t begin = digests.size();
       for (BlockId p = slot; p != kNoSlot; p = link[static_cast<std::size_t>(p)]) digests.push_back(slot_digest(p));
       std::reverse(digests.begin() + static_cast<std::ptrdiff_t>(begin), digests.end());
@@ -198,7 +206,7 @@ struct OffloadIndex::Impl {
     // one after another can free every such node: eviction cascades up chains.
     const PrefixCacheStats st = trie->stats();
     bool ok = st.cached_blocks - st.in_use_blocks >= need;
-    std::vector<BlockHash> victims;
+    victims.clear();
     const std::size_t first = evicted.size();
     if (ok) {
       const std::uint32_t got = trie->evict_detached(need, victims, evicted);
@@ -234,24 +242,27 @@ struct OffloadIndex::Impl {
     assert(r.num_inserted == run.size());
   }
 
-  void commit(std::span<const BlockId> slots) {
-    order.assign(slots.begin(), slots.end());
-    std::sort(order.begin(), order.end(),
+  // Sorts pending `slots` into reservation order.
+  void by_reservation(std::span<BlockId> slots) const {
+    std::sort(slots.begin(), slots.end(),
               [this](BlockId a, BlockId b) { return seq[static_cast<std::size_t>(a)] < seq[static_cast<std::size_t>(b)]; });
+  }
+
+  void commit(std::span<const BlockId> sorted) {
     std::size_t run_begin = 0;
     BlockId run_parent = kNoSlot;
-    for (std::size_t i = 0; i < order.size(); ++i) {
-      const BlockId s = order[i];
+    for (std::size_t i = 0; i < sorted.size(); ++i) {
+      const BlockId s = sorted[i];
       const BlockId parent = parent_valid(s) ? link[static_cast<std::size_t>(s)] : kNoSlot;
-      if (i > run_begin && parent != order[i - 1]) {  // not the continuation of the current run
-        insert_run(std::span<const BlockId>(order).subspan(run_begin, i - run_begin), run_parent);
+      if (i > run_begin && parent != sorted[i - 1]) {  // not the continuation of the current run
+        insert_run(std::span<const BlockId>(sorted).subspan(run_begin, i - run_begin), run_parent);
         run_begin = i;
       }
       if (i == run_begin) run_parent = parent;
       link[static_cast<std::size_t>(s)] = parent;
       state[static_cast<std::size_t>(s)] = SlotState::kResident;
     }
-    if (!order.empty()) insert_run(std::span<const BlockId>(order).subspan(run_begin), run_parent);
+    if (!sorted.empty()) insert_run(std::span<const BlockId>(sorted).subspan(run_begin), run_parent);
   }
 };
 
@@ -315,19 +326,21 @@ bool OffloadIndex::reserve(std::span<const BlockId> call, BlockId first_prev, st
   return true;
 }
 
-void OffloadIndex::commit(std::span<const BlockId> slots) {
+void OffloadIndex::commit(std::span<BlockId> slots) {
   Impl& m = *impl_;
   const std::lock_guard lock(m.mu);
   m.check_pending(slots, "slots");
+  m.by_reservation(slots);
   m.commit(slots);  // the trie took its own reference on each slot; drop the reservation's
   if (!m.alloc->free(slots).ok()) throw Error(ErrorCode::kInternal, "offload index: dropping reservations failed");
   m.pending -= static_cast<std::uint32_t>(slots.size());
 }
 
-void OffloadIndex::abandon(std::span<const BlockId> slots) {
+void OffloadIndex::abandon(std::span<BlockId> slots) {
   Impl& m = *impl_;
   const std::lock_guard lock(m.mu);
   m.check_pending(slots, "slots");
+  m.by_reservation(slots);  // the free list's order (later slot numbers) must not follow the caller's
   for (BlockId s : slots) m.state[static_cast<std::size_t>(s)] = SlotState::kFree;
   if (!m.alloc->free(slots).ok()) throw Error(ErrorCode::kInternal, "offload index: freeing reservations failed");
   m.pending -= static_cast<std::uint32_t>(slots.size());

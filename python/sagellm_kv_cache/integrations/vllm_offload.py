@@ -127,7 +127,9 @@ class SageOffloadingManager(OffloadingManager):
         self.medium = Medium.CPU
         self.num_chunks = num_chunks
         self.policy = policy
-        self._index = _core.OffloadIndex(num_chunks, policy)
+        # The index builds vLLM's answers itself: SageLoadStoreSpec / PrepareStoreOutput instances.
+        self._index = _core.OffloadIndex(num_chunks, policy, slots_type=SageLoadStoreSpec,
+                                         store_type=PrepareStoreOutput)
         # The index's own key maps (the same dicts for its lifetime: a reset clears them in place).
         self._res = self._index.resident
         self._pending = self._index.pending
@@ -154,13 +156,13 @@ class SageOffloadingManager(OffloadingManager):
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         """Pins each key and its trie ancestors until :meth:`complete_load`; all keys must be HITs
         (KeyError naming the first that is not, nothing pinned)."""
-        slots = self._index.prepare_load(keys)
-        if len(slots):
+        spec: SageLoadStoreSpec = self._index.prepare_load(keys)
+        if keys:
             trail = req_context.get_state(_Trail)
             if trail is None or trail.owner is not self._epoch:
                 trail = self._trail(req_context)
             trail.last = keys[-1] if type(keys) is list else list(keys)[-1]
-        return SageLoadStoreSpec.of_array(slots)
+        return spec
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         self._index.touch(keys)
@@ -176,15 +178,14 @@ class SageOffloadingManager(OffloadingManager):
         trail = req_context.get_state(_Trail)
         if trail is None or trail.owner is not self._epoch:
             trail = self._trail(req_context)
-        out = self._index.prepare_store(keys, trail.last)
+        out: PrepareStoreOutput | None = self._index.prepare_store(keys, trail.last)
         if out is None:  # no room: everything else is pending or pinned
             return None
-        to_store, slots, evicted = out
         if keys:
             trail.last = keys[-1]
-        if evicted and self._events is not None:
-            self._events.append(OffloadingEvent(keys=evicted, medium=self.medium, removed=True))
-        return PrepareStoreOutput(to_store, SageLoadStoreSpec.of_array(slots), evicted)
+        if self._events is not None and out.evicted_keys:
+            self._events.append(OffloadingEvent(keys=out.evicted_keys, medium=self.medium, removed=True))
+        return out
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
         """Commits (or frees, ``success=False``) the pending keys among ``keys``; others are skipped."""
