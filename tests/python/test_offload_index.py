@@ -49,7 +49,7 @@ def test_bad_input_raises_and_changes_nothing() -> None:
         idx.complete_load([k(1)])
     with pytest.raises(ValueError):
         _core.OffloadIndex(0)
-    with pytest.raises(TypeError, match="object.__new__"):
+    with pytest.raises(TypeError, match=r"object\.__new__"):
         _core.OffloadIndex(4, slots_type=int)
     idx.check_invariants()
 
