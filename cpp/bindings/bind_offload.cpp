@@ -132,7 +132,6 @@ class BoundOffloadIndex {
     py::list gone(evicted_.size());
     for (std::size_t i = 0; i < evicted_.size(); ++i) {
       py::object key = std::move(slot_key_[static_cast<std::size_t>(evicted_[i])]);
-      slot_value_[static_cast<std::size_t>(evicted_[i])] = py::object();
       if (PyDict_DelItem(resident_.ptr(), key.ptr()) != 0) throw py::error_already_set();
       PyList_SET_ITEM(gone.ptr(), static_cast<py::ssize_t>(i), key.release().ptr());
     }
@@ -141,10 +140,10 @@ class BoundOffloadIndex {
       if (call_[i] != OffloadIndex::kNoSlot) continue;
       PyObject* key = items[i];
       const auto slot = new_slots[j];
-      py::object value = py::reinterpret_steal<py::object>(PyLong_FromLong(slot));
+      py::object& value = slot_value_[static_cast<std::size_t>(slot)];
+      if (!value) value = py::reinterpret_steal<py::object>(PyLong_FromLong(slot));  // kept while the index lives
       if (!value || PyDict_SetItem(pending_.ptr(), key, value.ptr()) != 0) throw py::error_already_set();
       slot_key_[static_cast<std::size_t>(slot)] = py::reinterpret_borrow<py::object>(key);
-      slot_value_[static_cast<std::size_t>(slot)] = std::move(value);
       PyList_SET_ITEM(to_store.ptr(), static_cast<py::ssize_t>(j++), Py_NewRef(key));
     }
     if (store_type_.is_none()) return py::make_tuple(std::move(to_store), std::move(slots), std::move(gone));
@@ -184,7 +183,6 @@ class BoundOffloadIndex {
         PyList_SET_ITEM(done.ptr(), static_cast<py::ssize_t>(i), Py_NewRef(slot_key_[slot].ptr()));
       } else {
         slot_key_[slot] = py::object();
-        slot_value_[slot] = py::object();
       }
     }
     return done;
@@ -195,7 +193,6 @@ class BoundOffloadIndex {
     resident_.clear();
     pending_.clear();
     for (auto& key : slot_key_) key = py::object();
-    for (auto& value : slot_value_) value = py::object();
   }
 
   [[nodiscard]] py::dict stats() const {
@@ -312,7 +309,7 @@ class BoundOffloadIndex {
   py::dict resident_;                  // key -> slot (int), committed chunks
   py::dict pending_;                   // key -> slot (int), stores in flight
   std::vector<py::object> slot_key_;   // the key a pending or resident slot holds
-  std::vector<py::object> slot_value_; // and its number as the dicts' value (one int object per entry)
+  std::vector<py::object> slot_value_; // each slot's number as an int object (the dicts' values), made once
   std::vector<BlockId> call_;          // scratch, used with the GIL held
   std::vector<BlockId> scratch_;
   std::vector<BlockId> evicted_;
