@@ -136,11 +136,9 @@ class SageOffloadingManager(OffloadingManager):
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
         self._epoch = object()  # request notes of an earlier epoch are stale
 
-    def _trail(self, req_context: ReqContext) -> _Trail:
-        trail = req_context.get_state(_Trail)
-        if trail is None or trail.owner is not self._epoch:
-            trail = _Trail(self._epoch)
-            req_context.set_state(trail)
+    def _new_trail(self, req_context: ReqContext) -> _Trail:
+        trail = _Trail(self._epoch)
+        req_context.set_state(trail)
         return trail
 
     # --- lookups and loads ------------------------------------------------------------------
@@ -160,7 +158,7 @@ class SageOffloadingManager(OffloadingManager):
         if keys:
             trail = req_context.get_state(_Trail)
             if trail is None or trail.owner is not self._epoch:
-                trail = self._trail(req_context)
+                trail = self._new_trail(req_context)
             trail.last = keys[-1] if type(keys) is list else list(keys)[-1]
         return spec
 
@@ -177,7 +175,7 @@ class SageOffloadingManager(OffloadingManager):
         keys = keys if type(keys) is list else list(keys)
         trail = req_context.get_state(_Trail)
         if trail is None or trail.owner is not self._epoch:
-            trail = self._trail(req_context)
+            trail = self._new_trail(req_context)
         out: PrepareStoreOutput | None = self._index.prepare_store(keys, trail.last)
         if out is None:  # no room: everything else is pending or pinned
             return None
