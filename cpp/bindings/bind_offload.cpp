@@ -66,6 +66,25 @@ BlockId slot_in(PyObject* dict, PyObject* key) {
   return static_cast<BlockId>(PyLong_AsLong(v));
 }
 
+// lookup(key, req_context=None) over (resident, pending, hit, hit_pending, miss), the tuple `self`:
+// a plain C function, so an engine's per-key probe costs no Python frame and no pybind11 dispatch.
+PyObject* lookup_key(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1 || nargs > 2) {
+    PyErr_Format(PyExc_TypeError, "lookup() takes a key and an optional request context (%zd arguments given)", nargs);
+    return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < 2; ++i) {
+    const int found = PyDict_Contains(PyTuple_GET_ITEM(self, i), args[0]);
+    if (found < 0) return nullptr;
+    if (found == 1) return Py_NewRef(PyTuple_GET_ITEM(self, 2 + i));
+  }
+  return Py_NewRef(PyTuple_GET_ITEM(self, 4));
+}
+
+PyMethodDef lookup_def = {"lookup", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&lookup_key)),
+                          METH_FASTCALL, "lookup(key, req_context=None): hit if resident, hit_pending if pending, "
+                          "else miss."};
+
 class BoundOffloadIndex {
  public:
   BoundOffloadIndex(std::int64_t num_slots, const std::string& policy, double ttl_seconds, const py::object& slots_type,
@@ -186,6 +205,14 @@ class BoundOffloadIndex {
       }
     }
     return done;
+  }
+
+  // A C function answering `hit` / `hit_pending` / `miss` for a key (see lookup_key).
+  py::object lookup_function(const py::object& hit, const py::object& hit_pending, const py::object& miss) const {
+    const py::tuple state = py::make_tuple(resident_, pending_, hit, hit_pending, miss);
+    PyObject* fn = PyCFunction_NewEx(&lookup_def, state.ptr(), nullptr);
+    if (fn == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(fn);
   }
 
   void reset() {
@@ -343,6 +370,10 @@ void bind_offload(py::module_& m) {
            "instance when set), or None when there is no room.")
       .def("complete_store", &BoundOffloadIndex::complete_store, py::arg("keys"), py::arg("success") = true,
            "Commits (or, success=False, frees) the pending keys among `keys`; returns the keys committed.")
+      .def("lookup_function", &BoundOffloadIndex::lookup_function, py::arg("hit"), py::arg("hit_pending"),
+           py::arg("miss"),
+           "A builtin lookup(key, req_context=None) over the key maps: `hit` for a resident key, `hit_pending` "
+           "for a pending one, else `miss` (no Python frame per call).")
       .def("reset", &BoundOffloadIndex::reset)
       .def("stats", &BoundOffloadIndex::stats)
       .def("check_invariants", &BoundOffloadIndex::check_invariants)

@@ -1,7 +1,7 @@
 # Type stub of the private binding module (cpp/bindings/). Block ids are int32 arrays; anything
 # accepting ids also takes int64 arrays and integer sequences (converted with a range check).
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, SupportsIndex, TypeVar, overload
 
 import numpy as np
@@ -221,6 +221,8 @@ class RequestManager:
     @property
     def match_last_token(self) -> bool: ...
 
+_R = TypeVar("_R")
+
 class OffloadIndex:
     def __init__(
         self,
@@ -243,6 +245,7 @@ class OffloadIndex:
         self, keys: Iterable[bytes], prev: bytes | None = None
     ) -> Any: ...
     def complete_store(self, keys: Iterable[bytes], success: bool = True) -> list[bytes]: ...
+    def lookup_function(self, hit: _R, hit_pending: _R, miss: _R) -> Callable[..., _R]: ...
     def reset(self) -> None: ...
     def stats(self) -> dict[str, int]: ...
     def check_invariants(self) -> None: ...

@@ -135,6 +135,9 @@ class SageOffloadingManager(OffloadingManager):
         self._pending = self._index.pending
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
         self._epoch = object()  # request notes of an earlier epoch are stale
+        # vLLM asks once per key: a C function over the same dicts answers as `lookup` below does, without
+        # a Python frame (an instance attribute, so it shadows the method).
+        setattr(self, "lookup", self._index.lookup_function(_HIT, _HIT_PENDING, _MISS))  # noqa: B010
 
     def _new_trail(self, req_context: ReqContext) -> _Trail:
         trail = _Trail(self._epoch)
