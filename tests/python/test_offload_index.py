@@ -110,3 +110,16 @@ def test_reset_clears_the_maps_in_place_and_slot_digest() -> None:
     assert resident is idx.resident and resident == {} and idx.stats()["in_use_blocks"] == 0
     idx.check_invariants()
     assert _core.OffloadIndex.slot_digest(258) == (258).to_bytes(8, "little") + b"sagellm-kv vllm slot".ljust(24, b"\0")
+
+
+def test_lookup_function_answers_from_the_key_maps() -> None:
+    idx = _core.OffloadIndex(2)
+    lookup = idx.lookup_function("hit", "pending", "miss")
+    out = idx.prepare_store([k(1), k(2)])
+    assert out is not None
+    idx.complete_store([k(1)])
+    assert [lookup(k(1), None), lookup(k(2)), lookup(k(3), object())] == ["hit", "pending", "miss"]
+    with pytest.raises(TypeError):
+        lookup()
+    with pytest.raises(TypeError):
+        lookup([1], None)  # unhashable, as with `in`
