@@ -63,7 +63,8 @@ BlockId slot_in(PyObject* dict, PyObject* key) {
     if (PyErr_Occurred()) throw py::error_already_set();
     return OffloadIndex::kNoSlot;
   }
-  return static_cast<BlockId>(PyLong_AsLong(v));
+  long long slot = 0;
+  return static_cast<BlockId>(small_int(v, slot) ? slot : PyLong_AsLong(v));  // values are the index's own ints
 }
 
 // lookup(key, req_context=None) over (resident, pending, hit, hit_pending, miss), the tuple `self`:
