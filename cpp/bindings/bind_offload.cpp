@@ -86,6 +86,26 @@ PyMethodDef lookup_def = {"lookup", reinterpret_cast<PyCFunction>(reinterpret_ca
                           METH_FASTCALL, "lookup(key, req_context=None): hit if resident, hit_pending if pending, "
                           "else miss."};
 
+// Marks a call in progress. Python code can run inside one (a garbage collection its allocations
+// trigger runs finalizers and gc callbacks, and they may switch threads): a call entering then would
+// reuse the scratch state of the one in progress, so it is refused.
+class Entered {
+ public:
+  explicit Entered(bool& busy) : busy_(busy) {
+    if (busy_) {
+      PyErr_SetString(PyExc_RuntimeError, "OffloadIndex is already in a call (re-entered from a finalizer or another thread)");
+      throw py::error_already_set();
+    }
+    busy_ = true;
+  }
+  ~Entered() { busy_ = false; }
+  Entered(const Entered&) = delete;
+  Entered& operator=(const Entered&) = delete;
+
+ private:
+  bool& busy_;
+};
+
 class BoundOffloadIndex {
  public:
   BoundOffloadIndex(std::int64_t num_slots, const std::string& policy, double ttl_seconds, const py::object& slots_type,
@@ -102,6 +122,7 @@ class BoundOffloadIndex {
 
   // Pins the resident keys for a load; their slots, in key order (wrapped in slots_type when set).
   py::object prepare_load(const py::handle& keys) {
+    const Entered entered(busy_);
     const KeyItems items(keys);
     py::array_t<BlockId> slots(static_cast<py::ssize_t>(items.size()));
     BlockId* out = slots.mutable_data();
@@ -116,17 +137,20 @@ class BoundOffloadIndex {
   }
 
   void complete_load(const py::handle& keys) {
+    const Entered entered(busy_);
     resident_slots(keys, true, "complete_load: key ", " has no load in flight");
     index_.unpin(scratch_);
   }
 
   void touch(const py::handle& keys) {
+    const Entered entered(busy_);
     resident_slots(keys, false, "", "");
     index_.touch(scratch_);
   }
 
   // (keys to store, their new slots, evicted keys), or None when there is no room.
   py::object prepare_store(const py::handle& keys, const py::handle& prev) {
+    const Entered entered(busy_);
     const KeyItems items(keys);
     call_.clear();
     std::size_t fresh = 0;
@@ -180,6 +204,7 @@ class BoundOffloadIndex {
   // Completes (or abandons) the pending stores among `keys`; others are skipped. The keys stored,
   // in the order they were reserved.
   py::list complete_store(const py::handle& keys, bool success) {
+    const Entered entered(busy_);
     const KeyItems items(keys);
     scratch_.clear();
     for (std::size_t i = 0; i < items.size(); ++i) {
@@ -217,6 +242,7 @@ class BoundOffloadIndex {
   }
 
   void reset() {
+    const Entered entered(busy_);
     index_.reset();
     resident_.clear();
     pending_.clear();
@@ -338,6 +364,7 @@ class BoundOffloadIndex {
   py::dict pending_;                   // key -> slot (int), stores in flight
   std::vector<py::object> slot_key_;   // the key a pending or resident slot holds
   std::vector<py::object> slot_value_; // each slot's number as an int object (the dicts' values), made once
+  bool busy_ = false;                  // a call is in progress (see Entered)
   std::vector<BlockId> call_;          // scratch, used with the GIL held
   std::vector<BlockId> scratch_;
   std::vector<BlockId> evicted_;

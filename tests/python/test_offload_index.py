@@ -123,3 +123,37 @@ def test_lookup_function_answers_from_the_key_maps() -> None:
         lookup()
     with pytest.raises(TypeError):
         lookup([1], None)  # unhashable, as with `in`
+
+
+def test_a_call_re_entered_from_a_gc_callback_is_refused() -> None:
+    """Allocations inside a call can run a collection, and gc callbacks / finalizers are Python code:
+    one that calls the index again gets RuntimeError, and the call in progress completes intact."""
+    import gc
+
+    idx = _core.OffloadIndex(64)
+    keys = [k(i) for i in range(32)]
+    store = idx.prepare_store
+    inner: list[object] = []
+    armed = [False]
+
+    def reenter(phase: str, info: dict[str, int]) -> None:
+        if armed[0] and phase == "start" and not inner:
+            try:
+                inner.append(store([k(1000)]))
+            except RuntimeError as exc:
+                inner.append(exc)
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(reenter)
+    gc.set_threshold(1)  # every container allocation collects
+    try:
+        armed[0] = True
+        out = store(keys)
+        armed[0] = False
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(reenter)
+    assert len(inner) == 1 and isinstance(inner[0], RuntimeError), inner
+    assert out is not None and out[0] == keys and k(1000) not in idx.pending
+    idx.complete_store(out[0])
+    idx.check_invariants()
