@@ -8,19 +8,19 @@ vLLM's ``OffloadingConnector`` loads an out-of-tree spec by name and module path
 
 Two halves, in two processes:
 
-* :class:`SageOffloadingManager` (scheduler process): the index of offloaded chunks. Resident chunks live
-  in our native hash trie (``_core.PrefixCache``; a request's chunks chained in prefix order) over a
-  native block allocator whose ids are the host-pool chunk slots; the trie's policy (LRU by default)
-  picks victims among leaves (a prefix's tail before its head), and its references pin chunks being
-  loaded. Chunks being stored sit outside the trie until ``complete_store`` (not readable before), so
-  they can never be evicted or loaded half-written.
+* :class:`SageOffloadingManager` (scheduler process): the index of offloaded chunks, kept by the native
+  ``_core.OffloadIndex`` (``offload_index.hpp``). Resident chunks live in our native hash trie (a
+  request's chunks chained in prefix order) over a native block allocator whose ids are the host-pool
+  chunk slots; the trie's policy (LRU by default) picks victims among leaves (a prefix's tail before
+  its head), and its references pin chunks being loaded. Chunks being stored sit outside the trie
+  until ``complete_store`` (not readable before), so they can never be evicted or loaded half-written.
 * :class:`SageOffloadingWorker` (each worker process): a :class:`~sagellm_kv_cache.PagedKVPool` of
   ``num_chunks`` slots, filled from / copied back into vLLM's canonical int8 KV views with the pool's
   ``scatter`` / ``gather_into``.
 
-vLLM keys (``OffloadKey``: the chained block hash + a 4-byte group index) are the manager's dict keys;
-a trie node is named by the pool slot it holds (a 32-byte digest per slot, made once), since a slot
-belongs to one chunk at a time: no key is hashed again.
+vLLM keys (``OffloadKey``: the chained block hash + a 4-byte group index) are the keys of the index's
+two dicts (resident and pending chunk -> slot); a trie node is named by the pool slot it holds (a
+32-byte digest per slot), since a slot belongs to one chunk at a time: no key is hashed again.
 
 Not supported: hybrid models (more than one KV-cache group: the spec refuses them at construction);
 tensor/pipeline parallel > 1 is untested (each rank keeps its own shard in its own pool under the same
