@@ -64,7 +64,10 @@ BlockId slot_in(PyObject* dict, PyObject* key) {
     return OffloadIndex::kNoSlot;
   }
   long long slot = 0;
-  return static_cast<BlockId>(small_int(v, slot) ? slot : PyLong_AsLong(v));  // values are the index's own ints
+  if (small_int(v, slot)) return static_cast<BlockId>(slot);  // values are the index's own ints
+  const long wide = PyLong_AsLong(v);                           // slots from 2**30 up
+  if (wide == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<BlockId>(wide);
 }
 
 // lookup(key, req_context=None) over (resident, pending, hit, hit_pending, miss), the tuple `self`:
@@ -114,10 +117,15 @@ class BoundOffloadIndex {
         slots_type_(plain_class(slots_type, "slots_type")),
         store_type_(plain_class(store_type, "store_type")),
         slot_key_(index_.num_slots()),
-        slot_value_(index_.num_slots()) {}
+        slot_value_(index_.num_slots()),
+        resident_view_(py::reinterpret_steal<py::object>(PyDictProxy_New(resident_.ptr()))),
+        pending_view_(py::reinterpret_steal<py::object>(PyDictProxy_New(pending_.ptr()))) {
+    if (!resident_view_ || !pending_view_) throw py::error_already_set();
+  }
 
-  [[nodiscard]] const py::dict& resident() const noexcept { return resident_; }
-  [[nodiscard]] const py::dict& pending() const noexcept { return pending_; }
+  // Read-only views of the key maps (the same objects for the index's lifetime).
+  [[nodiscard]] const py::object& resident() const noexcept { return resident_view_; }
+  [[nodiscard]] const py::object& pending() const noexcept { return pending_view_; }
   [[nodiscard]] std::uint32_t num_slots() const noexcept { return index_.num_slots(); }
 
   // Pins the resident keys for a load; their slots, in key order (wrapped in slots_type when set).
@@ -364,6 +372,8 @@ class BoundOffloadIndex {
   py::dict pending_;                   // key -> slot (int), stores in flight
   std::vector<py::object> slot_key_;   // the key a pending or resident slot holds
   std::vector<py::object> slot_value_; // each slot's number as an int object (the dicts' values), made once
+  py::object resident_view_;           // mappingproxy over resident_
+  py::object pending_view_;            // mappingproxy over pending_
   bool busy_ = false;                  // a call is in progress (see Entered)
   std::vector<BlockId> call_;          // scratch, used with the GIL held
   std::vector<BlockId> scratch_;
@@ -382,9 +392,9 @@ void bind_offload(py::module_& m) {
            "prepare_load returns and store outputs carry; store_type: None (prepare_store returns a tuple), or "
            "a class whose instances prepare_store returns with keys_to_store, store_spec and evicted_keys set.")
       .def_property_readonly("resident", &BoundOffloadIndex::resident,
-                             "Committed chunks: key -> slot. Read it, never write it.")
+                             "Committed chunks: a read-only mapping key -> slot (live).")
       .def_property_readonly("pending", &BoundOffloadIndex::pending,
-                             "Stores in flight: key -> slot. Read it, never write it.")
+                             "Stores in flight: a read-only mapping key -> slot (live).")
       .def_property_readonly("num_slots", &BoundOffloadIndex::num_slots)
       .def("prepare_load", &BoundOffloadIndex::prepare_load, py::arg("keys"),
            "Pins resident keys (and their chains) for a load; returns their slots (int32), in key order "

@@ -24,6 +24,8 @@ def test_store_load_and_key_maps() -> None:
     assert idx.pending == dict(zip(keys, slots.tolist(), strict=True)) and idx.resident == {}
     assert idx.complete_store({k(3), k(1), k(2), k(9)}) == keys  # reservation order; k(9) was never stored
     assert idx.resident == dict(zip(keys, slots.tolist(), strict=True)) and idx.pending == {}
+    with pytest.raises(TypeError):  # the maps are the index's: read-only views
+        idx.resident[k(1)] = 3  # type: ignore[index]
     assert idx.prepare_load([k(1), k(2)]).tolist() == slots[:2].tolist()
     assert idx.stats()["in_use_blocks"] == 2
     idx.complete_load({k(2), k(1)})

@@ -130,7 +130,7 @@ class SageOffloadingManager(OffloadingManager):
         # The index builds vLLM's answers itself: SageLoadStoreSpec / PrepareStoreOutput instances.
         self._index = _core.OffloadIndex(num_chunks, policy, slots_type=SageLoadStoreSpec,
                                          store_type=PrepareStoreOutput)
-        # The index's own key maps (the same dicts for its lifetime: a reset clears them in place).
+        # Read-only views of the index's key maps (the same objects for its lifetime: a reset clears them).
         self._res = self._index.resident
         self._pending = self._index.pending
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
