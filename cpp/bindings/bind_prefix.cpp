@@ -405,7 +405,9 @@ py::dict event_dict(const PrefixCacheEvent& e) {
   return d;
 }
 
-py::dict stats_dict(const PrefixCacheStats& s) {
+}  // namespace
+
+py::dict prefix_stats_dict(const PrefixCacheStats& s) {
   py::dict d;
   d["lookups"] = s.lookups;
   d["hit_lookups"] = s.hit_lookups;
@@ -422,6 +424,8 @@ py::dict stats_dict(const PrefixCacheStats& s) {
   d["in_use_blocks"] = s.in_use_blocks;
   return d;
 }
+
+namespace {
 
 std::unique_ptr<BoundPrefixCache> make_cache(std::int64_t block_size, std::optional<std::int64_t> capacity_blocks,
                                              const std::string& policy, double ttl_seconds, const py::object& allocator,
@@ -709,7 +713,7 @@ void bind_prefix(py::module_& m) {
                py::gil_scoped_release release;
                s = self.cache->stats();
              }
-             return stats_dict(s);
+             return prefix_stats_dict(s);
            })
       .def_property_readonly("num_in_use", [](const BoundPrefixCache& self) {
              py::gil_scoped_release release;

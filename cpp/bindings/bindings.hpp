@@ -26,6 +26,10 @@ void bind_prefix(py::module_& m);
 void bind_manager(py::module_& m);
 void bind_tier(py::module_& m);
 void bind_objects(py::module_& m);
+void bind_offload(py::module_& m);
+
+/// A PrefixCache's counters as a dict (the names of PrefixCacheStats' fields).
+py::dict prefix_stats_dict(const PrefixCacheStats& s);
 
 /// The bound PrefixCache: the C++ cache plus whatever keeps its allocator alive (shared with the
 /// request manager's binding, which composes it).

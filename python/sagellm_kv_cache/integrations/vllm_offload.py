@@ -8,19 +8,19 @@ vLLM's ``OffloadingConnector`` loads an out-of-tree spec by name and module path
 
 Two halves, in two processes:
 
-* :class:`SageOffloadingManager` (scheduler process): the index of offloaded chunks. Resident chunks live
-  in our native hash trie (``_core.PrefixCache``; a request's chunks chained in prefix order) over a
-  native block allocator whose ids are the host-pool chunk slots; the trie's policy (LRU by default)
-  picks victims among leaves (a prefix's tail before its head), and its references pin chunks being
-  loaded. Chunks being stored sit outside the trie until ``complete_store`` (not readable before), so
-  they can never be evicted or loaded half-written.
+* :class:`SageOffloadingManager` (scheduler process): the index of offloaded chunks, kept by the native
+  ``_core.OffloadIndex`` (``offload_index.hpp``). Resident chunks live in our native hash trie (a
+  request's chunks chained in prefix order) over a native block allocator whose ids are the host-pool
+  chunk slots; the trie's policy (LRU by default) picks victims among leaves (a prefix's tail before
+  its head), and its references pin chunks being loaded. Chunks being stored sit outside the trie
+  until ``complete_store`` (not readable before), so they can never be evicted or loaded half-written.
 * :class:`SageOffloadingWorker` (each worker process): a :class:`~sagellm_kv_cache.PagedKVPool` of
   ``num_chunks`` slots, filled from / copied back into vLLM's canonical int8 KV views with the pool's
   ``scatter`` / ``gather_into``.
 
-vLLM keys (``OffloadKey``: the chained block hash + a 4-byte group index) are the manager's dict keys;
-a trie node is named by the pool slot it holds (a 32-byte digest per slot, made once), since a slot
-belongs to one chunk at a time: no key is hashed again.
+vLLM keys (``OffloadKey``: the chained block hash + a 4-byte group index) are the keys of the index's
+two dicts (resident and pending chunk -> slot); a trie node is named by the pool slot it holds (a
+32-byte digest per slot), since a slot belongs to one chunk at a time: no key is hashed again.
 
 Not supported: hybrid models (more than one KV-cache group: the spec refuses them at construction);
 tensor/pipeline parallel > 1 is untested (each rank keeps its own shard in its own pool under the same
@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable
-from itertools import filterfalse, repeat
-from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -75,7 +73,7 @@ __all__ = [
 
 def slot_digest(slot: int) -> bytes:
     """The trie digest naming pool slot ``slot``: its 8-byte little-endian number, then a fixed tag."""
-    return slot.to_bytes(8, "little") + b"sagellm-kv vllm slot".ljust(24, b"\0")
+    return _core.OffloadIndex.slot_digest(slot)
 
 
 class SageLoadStoreSpec(BlockIDsLoadStoreSpec):
@@ -90,65 +88,36 @@ class SageLoadStoreSpec(BlockIDsLoadStoreSpec):
 
 
 _HIT, _HIT_PENDING, _MISS = LookupResult.HIT, LookupResult.HIT_PENDING, LookupResult.MISS
-_NO_SLOTS = np.empty(0, dtype=np.int32)
 # on_new_request's answer: the connector only reads it, so every request shares one.
 _CHUNK_LEVEL = RequestOffloadingContext()
 
 
 class _Trail:
     """Per-request note of one manager between resets (``owner``: its epoch; kept in the ReqContext): the
-    request's last key known to the tier, and its loads in flight: (keys, the digest paths
-    ``prepare_load`` pinned for them)."""
+    request's last key known to the tier, which its next stored chunk chains from."""
 
-    __slots__ = ("last", "loads", "owner")
+    __slots__ = ("last", "owner")
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
         self.last: OffloadKey | None = None
-        self.loads: list[tuple[list[OffloadKey], list[list[bytes]]]] = []
-
-
-class _StoreBatch:
-    """The keys one ``prepare_store`` call stored, in its (prefix) order, until ``complete_store``:
-    their slots, digests and the key before each in its request (its parent-to-be). vLLM completes a
-    store with the set of its keys; the batch keeps the order the trie needs (parents first)."""
-
-    __slots__ = ("digests", "keys", "prevs", "rank", "slots")
-
-    def __init__(self, rank: int, keys: list[OffloadKey], slots: list[int], digests: list[bytes],
-                 prevs: list[OffloadKey | None]) -> None:
-        self.rank, self.keys, self.slots, self.digests, self.prevs = rank, keys, slots, digests, prevs
-
-    def part(self, done: set[OffloadKey]) -> _StoreBatch:
-        """The keys of this batch that are in ``done``, in batch order."""
-        pick = [i for i, key in enumerate(self.keys) if key in done]
-        return _StoreBatch(self.rank, [self.keys[i] for i in pick], [self.slots[i] for i in pick],
-                           [self.digests[i] for i in pick], [self.prevs[i] for i in pick])
-
-
-def _rank_of(batch: _StoreBatch) -> int:
-    return batch.rank
-
 
 
 class SageOffloadingManager(OffloadingManager):
-    """vLLM ``OffloadingManager`` over our native trie + block allocator (scheduler side).
+    """vLLM ``OffloadingManager`` over our native offload index (scheduler side).
 
-    Resident chunks are trie nodes chained in request order: a chunk's parent is the chunk before it
-    in the request that stored it (when that one is resident), so eviction takes leaves first (the
-    tail of a prefix goes before its head, which vLLM's flat LRU does not do). The trie holds recency,
-    the eviction policy and the load pins (``match`` references from ``prepare_load`` to
-    ``complete_load``); the allocator hands out pool slots.
-
-    vLLM calls ``lookup`` once per key and the other calls once per request, so the Python
-    side keeps only what makes those calls few and short: resident key -> slot (a ``lookup`` is one
-    dict probe), per slot its key, parent key and digest (lists), the pending stores (one record per
-    ``prepare_store`` call, so a ``complete_store`` of its key set inserts one chain with one native
-    call), and per request its loads in flight (a request's prefix is pinned by one native ``match``,
-    whose block ids are the slots, and released by one ``release``). A request costs about ten
-    crossings into C++ however many blocks it has. ``complete_load`` / ``complete_store`` take the
-    keys of one earlier ``prepare_*`` call (in any order: vLLM passes sets). Single-threaded like
-    vLLM's own manager (the connector serializes calls); the native parts are thread-safe anyway.
+    The bookkeeping is ``_core.OffloadIndex`` (``cpp/include/sagellm_kv/offload_index.hpp``): pool
+    slots from a native block allocator, resident chunks as nodes of our native trie chained in
+    request order (a chunk's parent is the chunk before it in the request that stored it, when that
+    one is still resident), so eviction takes leaves first, in the trie's policy order (the tail of a
+    prefix goes before its head, which vLLM's flat LRU does not do); ``prepare_load`` pins a chain
+    until ``complete_load``; chunks being stored are pending (not readable, never evicted) until
+    ``complete_store``. Its binding keeps the key -> slot maps as two dicts, so ``lookup`` (vLLM calls
+    it once per key) is a dict probe here, and every other call crosses into C++ once with its whole
+    key list. This class only adapts: per request it remembers the last key (the next store's parent)
+    and builds vLLM's result objects. ``complete_load`` / ``complete_store`` take the keys of an earlier
+    ``prepare_*`` call in any order (vLLM passes sets). Single-threaded like vLLM's own manager (the
+    connector serializes calls); the native index is thread-safe anyway.
     ``policy`` is one of the trie's policies (``lru``, ``fifo``, ``priority``, ``ttl``).
     """
 
@@ -158,53 +127,22 @@ class SageOffloadingManager(OffloadingManager):
         self.medium = Medium.CPU
         self.num_chunks = num_chunks
         self.policy = policy
-        self._slot_digest = [slot_digest(slot) for slot in range(num_chunks)]
-        self._rank = 0
+        # The index builds vLLM's answers itself: SageLoadStoreSpec / PrepareStoreOutput instances.
+        self._index = _core.OffloadIndex(num_chunks, policy, slots_type=SageLoadStoreSpec,
+                                         store_type=PrepareStoreOutput)
+        # Read-only views of the index's key maps (the same objects for its lifetime: a reset clears them).
+        self._res = self._index.resident
+        self._pending = self._index.pending
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
-        self._start()
-
-    def _start(self) -> None:
-        """A fresh, empty tier (construction and reset)."""
-        num_chunks = self.num_chunks
-        self._alloc = _core.BlockAllocator(num_chunks)
-        self._trie = _core.PrefixCache(block_size=1, capacity_blocks=None, policy=self.policy, allocator=self._alloc)
-        self._pending: dict[OffloadKey, _StoreBatch] = {}  # stored, not complete_store'd yet
-        self._res: dict[OffloadKey, int] = {}  # resident key -> its pool slot
-        self._slot_key: list[OffloadKey | None] = [None] * num_chunks  # pool slot -> resident key
-        self._slot_parent: list[OffloadKey | None] = [None] * num_chunks  # slot -> its key's parent key (None: root)
         self._epoch = object()  # request notes of an earlier epoch are stale
+        # vLLM asks once per key: a C function over the same dicts answers as `lookup` below does, without
+        # a Python frame (an instance attribute, so it shadows the method).
+        setattr(self, "lookup", self._index.lookup_function(_HIT, _HIT_PENDING, _MISS))  # noqa: B010
 
-    def _trail(self, req_context: ReqContext) -> _Trail:
-        trail = req_context.get_state(_Trail)
-        if trail is None or trail.owner is not self._epoch:
-            trail = _Trail(self._epoch)
-            req_context.set_state(trail)
+    def _new_trail(self, req_context: ReqContext) -> _Trail:
+        trail = _Trail(self._epoch)
+        req_context.set_state(trail)
         return trail
-
-    def _paths(self, keys: Collection[OffloadKey]) -> list[list[bytes]]:
-        """Root-to-key digest paths covering ``keys``: one per key that is no other key's ancestor.
-
-        Independent of the order of ``keys`` (vLLM completes loads with a set of keys), and fixed
-        while the keys are pinned (a pinned node and its ancestors cannot be evicted).
-        """
-        res, parent, digest = self._res, self._slot_parent, self._slot_digest
-        ancestors: set[OffloadKey] = set()
-        for key in keys:
-            node = parent[res[key]]
-            while node is not None and node not in ancestors:
-                ancestors.add(node)
-                node = parent[res[node]]
-        paths: list[list[bytes]] = []
-        for key in sorted(set(keys) - ancestors):
-            path = []
-            walk: OffloadKey | None = key
-            while walk is not None:
-                slot = res[walk]
-                path.append(digest[slot])
-                walk = parent[slot]
-            path.reverse()
-            paths.append(path)
-        return paths
 
     # --- lookups and loads ------------------------------------------------------------------
 
@@ -216,208 +154,45 @@ class SageOffloadingManager(OffloadingManager):
     def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
         return CacheHitSource.HOST
 
-    def _slots(self, keys: Iterable[OffloadKey], call: str, state: str) -> list[int]:
-        try:
-            return list(map(self._res.__getitem__, keys))
-        except KeyError as exc:
-            raise KeyError(f"{call}: key {bytes(exc.args[0]).hex()} {state}") from None
-
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
-        """Pins each key and its trie ancestors until :meth:`complete_load`; all keys must be HITs."""
-        keys = list(keys)
-        try:
-            digests = list(map(self._slot_digest.__getitem__, map(self._res.__getitem__, keys)))
-        except KeyError as exc:
-            raise KeyError(f"prepare_load: key {bytes(exc.args[0]).hex()} is not offloaded and ready") from None
-        trie = self._trie
-        trail = req_context.get_state(_Trail)
-        if trail is None or trail.owner is not self._epoch:
-            trail = self._trail(req_context)
-        # Usually the keys are a request's prefix: one chain from the root, pinned by one match whose
-        # block ids are the slots. Otherwise pin each key's root path and read the slots.
-        matched, slots = trie.match(digests)
-        paths = [digests]
-        if matched != len(keys):
-            if matched:
-                trie.release(digests[:matched])
-            paths = self._paths(keys)
-            for path in paths:
-                trie.match(path)
-            slots = np.fromiter(map(self._res.__getitem__, keys), dtype=np.int32, count=len(keys))
+        """Pins each key and its trie ancestors until :meth:`complete_load`; all keys must be HITs
+        (KeyError naming the first that is not, nothing pinned)."""
+        spec: SageLoadStoreSpec = self._index.prepare_load(keys)
         if keys:
-            trail.loads.append((keys, paths))
-            trail.last = keys[-1]
-        return SageLoadStoreSpec.of_array(slots)
+            trail = req_context.get_state(_Trail)
+            if trail is None or trail.owner is not self._epoch:
+                trail = self._new_trail(req_context)
+            trail.last = keys[-1] if type(keys) is list else list(keys)[-1]
+        return spec
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        present = [k for k in keys if k in self._res]
-        for path in self._paths(present):
-            self._trie.match(path)
-            self._trie.release(path)
+        self._index.touch(keys)
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
         """Releases the pins of a ``prepare_load`` of the same keys (in any order: vLLM passes a set)."""
-        unique = keys if isinstance(keys, (set, frozenset)) else set(keys)
-        trie = self._trie
-        trail = req_context.get_state(_Trail)
-        if trail is not None and trail.owner is self._epoch:
-            loads = trail.loads
-            for i, (loaded, paths) in enumerate(loads):
-                # same size and holding each (distinct) loaded key: the same keys
-                if len(loaded) == len(keys) and unique.issuperset(loaded):
-                    del loads[i]
-                    for path in paths:
-                        trie.release(path)
-                    return
-        # Not a load this request prepared here: the pins are the keys' root paths.
-        self._slots(unique, "complete_load", "has no load in flight")
-        for path in self._paths(unique):
-            trie.release(path)
+        self._index.complete_load(keys)
 
     # --- stores -----------------------------------------------------------------------------
 
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
-        keys = keys if type(keys) is list else list(keys)  # read in this call only
-        resident, pending = self._res, self._pending
-        new = filterfalse(resident.__contains__, keys)
-        to_store = list(filterfalse(pending.__contains__, new) if pending else new)
+        keys = keys if type(keys) is list else list(keys)
         trail = req_context.get_state(_Trail)
         if trail is None or trail.owner is not self._epoch:
-            trail = self._trail(req_context)
-        if not to_store:
-            if keys:
-                trail.last = keys[-1]
-            return PrepareStoreOutput(keys_to_store=[], store_spec=SageLoadStoreSpec.of_array(_NO_SLOTS),
-                                      evicted_keys=[])
-        batch = _StoreBatch(0, to_store, [], [], [])  # filled in once the slots are known
-        fresh = dict.fromkeys(to_store, batch)
-        if len(fresh) != len(to_store):
-            raise ValueError("prepare_store: duplicate keys in one call")
-        # Every slot is free, pending (one per pending key) or resident (its only reference the trie's),
-        # so the free count needs no call into the allocator (stats() shows both agree).
-        need = len(to_store) - (self.num_chunks - len(resident) - len(pending))
-        if need > 0:
-            call_resident = [] if len(to_store) == len(keys) else [k for k in keys if k in resident]
-            if not self._evict(need, call_resident):
-                return None
-        slot_array = self._alloc.allocate(len(to_store))
-        slots: list[int] = slot_array.tolist()
-        evicted: list[OffloadKey] = []
-        if need > 0:
-            # Eviction freed exactly `need` slots and this allocation took every free slot: the
-            # evicted keys are the previous owners of the slots just handed out.
-            self._forget(slots, evicted)
-            if self._events is not None:
-                self._emit_removed(evicted)
-        if len(to_store) == len(keys):  # the usual case: every key is new, each chains from the one before
-            prevs = [trail.last, *keys[:-1]]
-        else:
-            prev_of = dict(zip(keys[1:], keys, strict=False))
-            prev_of[keys[0]] = trail.last
-            prevs = list(map(prev_of.__getitem__, to_store))
-        self._rank += 1
-        batch.rank, batch.slots, batch.prevs = self._rank, slots, prevs
-        batch.digests = list(map(self._slot_digest.__getitem__, slots))
-        pending.update(fresh)
-        trail.last = keys[-1]
-        return PrepareStoreOutput(to_store, SageLoadStoreSpec.of_array(slot_array), evicted)
-
-    def _evict(self, need: int, call_resident: list[OffloadKey]) -> bool:
-        """Evicts ``need`` chunks, sparing the call's resident keys; False, changing nothing, if it cannot."""
-        trie = self._trie
-        # Pin the keys of this call that are already resident so that eviction cannot take them.
-        protect = self._paths(call_resident) if call_resident else []
-        for path in protect:
-            trie.match(path)
-        try:
-            # A node nobody uses has no used descendant either (a match pins a whole root path), so
-            # leaves going one after another can free every such node: evict cascades up chains.
-            if len(self._res) - trie.num_in_use < need:
-                return False
-            evicted = trie.evict(need)  # each node evicted frees its slot: the trie held its only reference
-        finally:
-            for path in protect:
-                trie.release(path)
-        if evicted == need:
-            return True
-        gone: list[OffloadKey] = []  # not expected: the count above said enough could go
-        self._forget_evicted(gone)
-        self._emit_removed(gone)
-        return False
-
-    def _forget(self, slots: Iterable[int], out: list[OffloadKey]) -> None:
-        """Drops the resident keys that held ``slots`` (evicted from the trie) and lists them in ``out``."""
-        slot_key, res = self._slot_key, self._res
-        for slot in slots:
-            key = slot_key[slot]
-            if key is not None:
-                slot_key[slot] = None  # (its parent entry is only read while the slot is resident)
-                del res[key]
-                out.append(key)
-
-    def _forget_evicted(self, out: list[OffloadKey]) -> None:
-        contains = self._trie.contains
-        self._forget([slot for slot, key in enumerate(self._slot_key)
-                      if key is not None and not contains(self._slot_digest[slot])], out)
-
-    def _emit_removed(self, keys: list[OffloadKey]) -> None:
-        if keys and self._events is not None:
-            self._events.append(OffloadingEvent(keys=keys, medium=self.medium, removed=True))
+            trail = self._new_trail(req_context)
+        out: PrepareStoreOutput | None = self._index.prepare_store(keys, trail.last)
+        if out is None:  # no room: everything else is pending or pinned
+            return None
+        if keys:
+            trail.last = keys[-1]
+        if self._events is not None and out.evicted_keys:
+            self._events.append(OffloadingEvent(keys=out.evicted_keys, medium=self.medium, removed=True))
+        return out
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
-        popped: list[_StoreBatch | None] = list(map(self._pending.pop, keys, repeat(None)))
-        # keys not pending (never stored, or completed already) are skipped
-        got = [batch for batch in popped if batch is not None] if None in popped else cast("list[_StoreBatch]", popped)
-        if not got:
-            return
-        whole = got[0]
-        if got.count(whole) == len(got) == len(whole.keys):  # the usual case: one prepare_store's keys
-            batches = [whole]
-        else:
-            done = {key for key, batch in zip(keys, popped, strict=True) if batch is not None}
-            batches = sorted({id(b): b.part(done) for b in got}.values(), key=_rank_of)
-        stored: list[OffloadKey] = []
-        for batch in batches:
-            if success:
-                self._insert(batch.keys, batch.slots, batch.digests, batch.prevs)
-                stored += batch.keys
-            self._alloc.free(batch.slots)  # the trie keeps its own reference on a stored chunk
+        """Commits (or frees, ``success=False``) the pending keys among ``keys``; others are skipped."""
+        stored = self._index.complete_store(keys, success)
         if stored and self._events is not None:
             self._events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
-
-    def _insert(self, keys: list[OffloadKey], slots: list[int], digests: list[bytes],
-                prevs: list[OffloadKey | None]) -> None:
-        """Adds completed stores (in store order) to the trie, one native insert per run of chained keys."""
-        resident, slot_key, slot_parent, slot_digest = self._res, self._slot_key, self._slot_parent, self._slot_digest
-        first = prevs[0] if prevs[0] in resident else None
-        if prevs[1:] == keys[:-1]:  # the usual case: one request's run of new keys
-            self._trie.insert(digests, slots, None if first is None else slot_digest[resident[first]])
-            resident.update(zip(keys, slots, strict=True))
-            for slot, key in zip(slots, keys, strict=True):
-                slot_key[slot] = key
-            for slot, key in zip(slots[1:], keys, strict=False):  # each key's parent: the key before it
-                slot_parent[slot] = key
-            slot_parent[slots[0]] = first
-            return
-        insert = self._trie.insert
-        run_digests: list[bytes] = []
-        run_slots: list[int] = []
-        run_parent: bytes | None = None
-        last: OffloadKey | None = None
-        for key, slot, digest, prev in zip(keys, slots, digests, prevs, strict=True):
-            parent = prev if prev is not None and prev in resident else None
-            if parent is None or parent != last:  # not the continuation of the current run
-                if run_digests:
-                    insert(run_digests, run_slots, run_parent)
-                run_digests, run_slots = [], []
-                run_parent = None if parent is None else slot_digest[resident[parent]]
-            run_digests.append(digest)
-            run_slots.append(slot)
-            resident[key] = slot
-            slot_key[slot] = key
-            slot_parent[slot] = parent
-            last = key
-        insert(run_digests, run_slots, run_parent)
 
     # --- request lifecycle and bookkeeping ------------------------------------------------------
 
@@ -436,14 +211,19 @@ class SageOffloadingManager(OffloadingManager):
     def reset_cache(self) -> None:
         """Drops everything, loads and stores in flight included, as vLLM's connector expects: it never
         completes a job started before a reset and re-offloads its live requests from their start."""
-        self._start()
+        self._index.reset()
+        self._epoch = object()
 
     def stats(self) -> dict[str, int]:
         """Resident / pending / free chunk counts plus the trie's counters."""
-        out = {k: int(v) for k, v in self._trie.stats().items()}
-        out.update(resident_chunks=len(self._res), pending_chunks=len(self._pending),
-                   free_chunks=int(self._alloc.num_available), num_chunks=self.num_chunks)
+        out = self._index.stats()
+        out.update(resident_chunks=out.pop("resident_slots"), pending_chunks=out.pop("pending_slots"),
+                   free_chunks=out.pop("free_slots"), num_chunks=out.pop("num_slots"))
         return out
+
+    def check_invariants(self) -> None:
+        """Verifies that the key maps, the slots, the allocator and the trie agree (KVError if not); for tests."""
+        self._index.check_invariants()
 
 
 class SageOffloadingWorker(OffloadingWorker):

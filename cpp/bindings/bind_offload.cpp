@@ -1,0 +1,424 @@
+// Binding of the offload index (vLLM's OffloadingManager bookkeeping). An engine names chunks by
+// keys (exact bytes objects); the binding keeps the key -> slot maps in two Python dicts it owns,
+// `resident` and `pending`, because vLLM asks about one key at a time and a dict probe from Python
+// costs less than any call into C++. Every other call reads its whole key list in one pass (C API,
+// no Python code runs: keys must be exact bytes), maps it to slots and crosses into the core once.
+// The GIL is held throughout: each call builds Python objects and does O(keys) core work. Given the
+// engine's result classes, the binding also builds the answers (object.__new__ + attributes, as
+// bind_objects.cpp does), so a call's Python side is a few attribute reads.
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bindings.hpp"
+#include "sagellm_kv/error.hpp"
+#include "sagellm_kv/offload_index.hpp"
+
+namespace sagellm::kv::bindings {
+namespace {
+
+// The items of a list, tuple or any other iterable (copied into a list then), as a borrowed array.
+class KeyItems {
+ public:
+  explicit KeyItems(const py::handle& keys) {
+    seq_ = py::reinterpret_steal<py::object>(PySequence_Fast(keys.ptr(), "keys must be a collection of bytes"));
+    if (!seq_) throw py::error_already_set();
+    items_ = PySequence_Fast_ITEMS(seq_.ptr());
+    size_ = static_cast<std::size_t>(PySequence_Fast_GET_SIZE(seq_.ptr()));
+    for (std::size_t i = 0; i < size_; ++i) {
+      if (!PyBytes_CheckExact(items_[i])) {
+        throw py::type_error("keys must be bytes, got " +
+                             std::string(Py_TYPE(items_[i])->tp_name) + " at position " + std::to_string(i));
+      }
+    }
+  }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] PyObject* operator[](std::size_t i) const noexcept { return items_[i]; }
+
+ private:
+  py::object seq_;
+  PyObject** items_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+std::string key_hex(PyObject* key) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  const auto* p = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(key));
+  const auto n = static_cast<std::size_t>(PyBytes_GET_SIZE(key));
+  std::string s;
+  s.reserve(2 * n);
+  for (std::size_t i = 0; i < n; ++i) {
+    s += kHex[p[i] >> 4];
+    s += kHex[p[i] & 15];
+  }
+  return s;
+}
+
+// The slot `key` maps to in `dict`, or kNoSlot. Never runs Python code (exact bytes keys, int values).
+BlockId slot_in(PyObject* dict, PyObject* key) {
+  PyObject* v = PyDict_GetItemWithError(dict, key);
+  if (v == nullptr) {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    return OffloadIndex::kNoSlot;
+  }
+  long long slot = 0;
+  if (small_int(v, slot)) return static_cast<BlockId>(slot);  // values are the index's own ints
+  const long wide = PyLong_AsLong(v);                           // slots from 2**30 up
+  if (wide == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<BlockId>(wide);
+}
+
+// lookup(key, req_context=None) over (resident, pending, hit, hit_pending, miss), the tuple `self`:
+// a plain C function, so an engine's per-key probe costs no Python frame and no pybind11 dispatch.
+PyObject* lookup_key(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1 || nargs > 2) {
+    PyErr_Format(PyExc_TypeError, "lookup() takes a key and an optional request context (%zd arguments given)", nargs);
+    return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < 2; ++i) {
+    const int found = PyDict_Contains(PyTuple_GET_ITEM(self, i), args[0]);
+    if (found < 0) return nullptr;
+    if (found == 1) return Py_NewRef(PyTuple_GET_ITEM(self, 2 + i));
+  }
+  return Py_NewRef(PyTuple_GET_ITEM(self, 4));
+}
+
+PyMethodDef lookup_def = {"lookup", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&lookup_key)),
+                          METH_FASTCALL, "lookup(key, req_context=None): hit if resident, hit_pending if pending, "
+                          "else miss."};
+
+// Marks a call in progress. Python code can run inside one (a garbage collection its allocations
+// trigger runs finalizers and gc callbacks, and they may switch threads): a call entering then would
+// reuse the scratch state of the one in progress, so it is refused.
+class Entered {
+ public:
+  explicit Entered(bool& busy) : busy_(busy) {
+    if (busy_) {
+      PyErr_SetString(PyExc_RuntimeError, "OffloadIndex is already in a call (re-entered from a finalizer or another thread)");
+      throw py::error_already_set();
+    }
+    busy_ = true;
+  }
+  ~Entered() { busy_ = false; }
+  Entered(const Entered&) = delete;
+  Entered& operator=(const Entered&) = delete;
+
+ private:
+  bool& busy_;
+};
+
+class BoundOffloadIndex {
+ public:
+  BoundOffloadIndex(std::int64_t num_slots, const std::string& policy, double ttl_seconds, const py::object& slots_type,
+                    const py::object& store_type)
+      : index_(options(num_slots, policy, ttl_seconds)),
+        slots_type_(plain_class(slots_type, "slots_type")),
+        store_type_(plain_class(store_type, "store_type")),
+        slot_key_(index_.num_slots()),
+        slot_value_(index_.num_slots()),
+        resident_view_(py::reinterpret_steal<py::object>(PyDictProxy_New(resident_.ptr()))),
+        pending_view_(py::reinterpret_steal<py::object>(PyDictProxy_New(pending_.ptr()))) {
+    if (!resident_view_ || !pending_view_) throw py::error_already_set();
+  }
+
+  // Read-only views of the key maps (the same objects for the index's lifetime).
+  [[nodiscard]] const py::object& resident() const noexcept { return resident_view_; }
+  [[nodiscard]] const py::object& pending() const noexcept { return pending_view_; }
+  [[nodiscard]] std::uint32_t num_slots() const noexcept { return index_.num_slots(); }
+
+  // Pins the resident keys for a load; their slots, in key order (wrapped in slots_type when set).
+  py::object prepare_load(const py::handle& keys) {
+    const Entered entered(busy_);
+    const KeyItems items(keys);
+    py::array_t<BlockId> slots(static_cast<py::ssize_t>(items.size()));
+    BlockId* out = slots.mutable_data();
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      out[i] = slot_in(resident_.ptr(), items[i]);
+      if (out[i] == OffloadIndex::kNoSlot) {
+        throw py::key_error("prepare_load: key " + key_hex(items[i]) + " is not offloaded and ready");
+      }
+    }
+    index_.pin(std::span<const BlockId>(out, items.size()));
+    return wrap_slots(std::move(slots));
+  }
+
+  void complete_load(const py::handle& keys) {
+    const Entered entered(busy_);
+    resident_slots(keys, true, "complete_load: key ", " has no load in flight");
+    index_.unpin(scratch_);
+  }
+
+  void touch(const py::handle& keys) {
+    const Entered entered(busy_);
+    resident_slots(keys, false, "", "");
+    index_.touch(scratch_);
+  }
+
+  // (keys to store, their new slots, evicted keys), or None when there is no room.
+  py::object prepare_store(const py::handle& keys, const py::handle& prev) {
+    const Entered entered(busy_);
+    const KeyItems items(keys);
+    call_.clear();
+    std::size_t fresh = 0;
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      BlockId s = slot_in(resident_.ptr(), items[i]);
+      if (s == OffloadIndex::kNoSlot) s = slot_in(pending_.ptr(), items[i]);
+      fresh += s == OffloadIndex::kNoSlot ? 1 : 0;
+      call_.push_back(s);
+    }
+    check_distinct(items, fresh);
+    BlockId first_prev = OffloadIndex::kNoSlot;
+    if (!prev.is_none()) {
+      if (!PyBytes_CheckExact(prev.ptr())) throw py::type_error("prev must be bytes or None");
+      first_prev = slot_in(resident_.ptr(), prev.ptr());
+      if (first_prev == OffloadIndex::kNoSlot) first_prev = slot_in(pending_.ptr(), prev.ptr());
+    }
+    py::array_t<BlockId> slots(static_cast<py::ssize_t>(fresh));
+    const BlockId* new_slots = slots.data();
+    evicted_.clear();
+    if (!index_.reserve(call_, first_prev, std::span<BlockId>(slots.mutable_data(), fresh), evicted_)) {
+      return py::none();
+    }
+    py::list gone(evicted_.size());
+    for (std::size_t i = 0; i < evicted_.size(); ++i) {
+      py::object key = std::move(slot_key_[static_cast<std::size_t>(evicted_[i])]);
+      if (PyDict_DelItem(resident_.ptr(), key.ptr()) != 0) throw py::error_already_set();
+      PyList_SET_ITEM(gone.ptr(), static_cast<py::ssize_t>(i), key.release().ptr());
+    }
+    py::list to_store(fresh);
+    for (std::size_t i = 0, j = 0; i < items.size(); ++i) {
+      if (call_[i] != OffloadIndex::kNoSlot) continue;
+      PyObject* key = items[i];
+      const auto slot = new_slots[j];
+      py::object& value = slot_value_[static_cast<std::size_t>(slot)];
+      if (!value) value = py::reinterpret_steal<py::object>(PyLong_FromLong(slot));  // kept while the index lives
+      if (!value || PyDict_SetItem(pending_.ptr(), key, value.ptr()) != 0) throw py::error_already_set();
+      slot_key_[static_cast<std::size_t>(slot)] = py::reinterpret_borrow<py::object>(key);
+      PyList_SET_ITEM(to_store.ptr(), static_cast<py::ssize_t>(j++), Py_NewRef(key));
+    }
+    if (store_type_.is_none()) return py::make_tuple(std::move(to_store), std::move(slots), std::move(gone));
+    static PyObject* const keys_name = interned("keys_to_store");
+    static PyObject* const spec_name = interned("store_spec");
+    static PyObject* const evicted_name = interned("evicted_keys");
+    py::object out = new_bare(store_type_);
+    set_generic(out.ptr(), keys_name, to_store.ptr());
+    set_generic(out.ptr(), spec_name, wrap_slots(std::move(slots)).ptr());
+    set_generic(out.ptr(), evicted_name, gone.ptr());
+    return out;
+  }
+
+  // Completes (or abandons) the pending stores among `keys`; others are skipped. The keys stored,
+  // in the order they were reserved.
+  py::list complete_store(const py::handle& keys, bool success) {
+    const Entered entered(busy_);
+    const KeyItems items(keys);
+    scratch_.clear();
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      const BlockId s = slot_in(pending_.ptr(), items[i]);
+      if (s == OffloadIndex::kNoSlot) continue;  // not pending (never stored, or completed already)
+      scratch_.push_back(s);
+      if (PyDict_DelItem(pending_.ptr(), items[i]) != 0) throw py::error_already_set();
+    }
+    if (success) {
+      index_.commit(scratch_);
+    } else {
+      index_.abandon(scratch_);
+    }
+    py::list done(success ? scratch_.size() : 0);
+    for (std::size_t i = 0; i < scratch_.size(); ++i) {
+      const auto slot = static_cast<std::size_t>(scratch_[i]);
+      if (success) {
+        if (PyDict_SetItem(resident_.ptr(), slot_key_[slot].ptr(), slot_value_[slot].ptr()) != 0) {
+          throw py::error_already_set();
+        }
+        PyList_SET_ITEM(done.ptr(), static_cast<py::ssize_t>(i), Py_NewRef(slot_key_[slot].ptr()));
+      } else {
+        slot_key_[slot] = py::object();
+      }
+    }
+    return done;
+  }
+
+  // A C function answering `hit` / `hit_pending` / `miss` for a key (see lookup_key).
+  py::object lookup_function(const py::object& hit, const py::object& hit_pending, const py::object& miss) const {
+    const py::tuple state = py::make_tuple(resident_, pending_, hit, hit_pending, miss);
+    PyObject* fn = PyCFunction_NewEx(&lookup_def, state.ptr(), nullptr);
+    if (fn == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(fn);
+  }
+
+  void reset() {
+    const Entered entered(busy_);
+    index_.reset();
+    resident_.clear();
+    pending_.clear();
+    for (auto& key : slot_key_) key = py::object();
+  }
+
+  [[nodiscard]] py::dict stats() const {
+    const OffloadIndexStats s = index_.stats();
+    py::dict d = prefix_stats_dict(s.trie);
+    d["num_slots"] = s.num_slots;
+    d["free_slots"] = s.free_slots;
+    d["pending_slots"] = s.pending_slots;
+    d["resident_slots"] = s.resident_slots;
+    d["evictions"] = s.evictions;  // the index's (its trie never evicts on its own)
+    return d;
+  }
+
+  void check_invariants() const {
+    index_.check_invariants();
+    const OffloadIndexStats s = index_.stats();
+    if (py::len(resident_) != s.resident_slots || py::len(pending_) != s.pending_slots) {
+      throw Error(ErrorCode::kInternal, "offload index: key maps and slot counts disagree");
+    }
+    for (const auto& [dict, want] : {std::pair{&resident_, SlotState::kResident}, std::pair{&pending_, SlotState::kPending}}) {
+      for (const auto& [key, value] : *dict) {
+        const auto slot = value.cast<BlockId>();
+        const auto& held = slot_key_.at(static_cast<std::size_t>(slot));
+        if (index_.state(slot) != want || !held || !held.equal(key)) {
+          throw Error(ErrorCode::kInternal, "offload index: key " + key_hex(key.ptr()) + " and slot " +
+                                                std::to_string(slot) + " disagree");
+        }
+      }
+    }
+  }
+
+ private:
+  // None, or a class that object.__new__ can make (no __new__ / __init__ of its own is run).
+  static py::object plain_class(const py::object& cls, const char* what) {
+    if (cls.is_none()) return cls;
+    if (!PyType_Check(cls.ptr()) || reinterpret_cast<PyTypeObject*>(cls.ptr())->tp_new != PyBaseObject_Type.tp_new) {
+      throw py::type_error(std::string(what) + " must be None or a class made by object.__new__, got " +
+                           std::string(py::str(cls)));
+    }
+    return cls;
+  }
+
+  static PyObject* interned(const char* text) {
+    PyObject* s = PyUnicode_InternFromString(text);  // kept for the process
+    if (s == nullptr) throw py::error_already_set();
+    return s;
+  }
+
+  static py::object new_bare(const py::object& cls) {
+    static PyObject* const no_args = PyTuple_New(0);  // kept for the process
+    PyObject* obj = PyBaseObject_Type.tp_new(reinterpret_cast<PyTypeObject*>(cls.ptr()), no_args, nullptr);
+    if (obj == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(obj);
+  }
+
+  // Sets an attribute as object.__setattr__ would (no class-level __setattr__ runs).
+  static void set_generic(PyObject* obj, PyObject* name, PyObject* value) {
+    if (PyObject_GenericSetAttr(obj, name, value) != 0) throw py::error_already_set();
+  }
+
+  // The slots as they are, or as a slots_type instance whose block_ids they are.
+  py::object wrap_slots(py::array_t<BlockId>&& slots) const {
+    if (slots_type_.is_none()) return std::move(slots);
+    static PyObject* const ids_name = interned("block_ids");
+    py::object spec = new_bare(slots_type_);
+    set_generic(spec.ptr(), ids_name, slots.ptr());
+    return spec;
+  }
+
+  static OffloadIndexOptions options(std::int64_t num_slots, const std::string& policy, double ttl_seconds) {
+    OffloadIndexOptions o;
+    o.num_slots = checked_count(num_slots, "num_slots");
+    o.policy = parse_eviction_policy(policy);
+    o.ttl_seconds = ttl_seconds;
+    return o;
+  }
+
+  // Fills scratch_ with the slots of the resident keys; a key that is not resident raises KeyError
+  // (`strict`) or is skipped.
+  void resident_slots(const py::handle& keys, bool strict, const char* before, const char* after) {
+    const KeyItems items(keys);
+    scratch_.clear();
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      const BlockId s = slot_in(resident_.ptr(), items[i]);
+      if (s != OffloadIndex::kNoSlot) {
+        scratch_.push_back(s);
+      } else if (strict) {
+        throw py::key_error(before + key_hex(items[i]) + after);
+      }
+    }
+  }
+
+  // ValueError when a key that is neither resident nor pending appears twice (nothing changed).
+  void check_distinct(const KeyItems& items, std::size_t fresh) {
+    if (fresh < 2) return;
+    hashed_.clear();
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      if (call_[i] == OffloadIndex::kNoSlot) hashed_.emplace_back(PyObject_Hash(items[i]), items[i]);  // cached
+    }
+    std::sort(hashed_.begin(), hashed_.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (std::size_t i = 1; i < hashed_.size(); ++i) {
+      PyObject* a = hashed_[i - 1].second;
+      PyObject* b = hashed_[i].second;
+      if (hashed_[i - 1].first == hashed_[i].first && PyBytes_GET_SIZE(a) == PyBytes_GET_SIZE(b) &&
+          std::memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), static_cast<std::size_t>(PyBytes_GET_SIZE(a))) == 0) {
+        throw py::value_error("prepare_store: duplicate keys in one call (" + key_hex(a) + ")");
+      }
+    }
+  }
+
+  OffloadIndex index_;
+  py::object slots_type_;              // None, or the class prepare_load / prepare_store wrap slots in
+  py::object store_type_;              // None, or the class prepare_store answers with
+  py::dict resident_;                  // key -> slot (int), committed chunks
+  py::dict pending_;                   // key -> slot (int), stores in flight
+  std::vector<py::object> slot_key_;   // the key a pending or resident slot holds
+  std::vector<py::object> slot_value_; // each slot's number as an int object (the dicts' values), made once
+  py::object resident_view_;           // mappingproxy over resident_
+  py::object pending_view_;            // mappingproxy over pending_
+  bool busy_ = false;                  // a call is in progress (see Entered)
+  std::vector<BlockId> call_;          // scratch, used with the GIL held
+  std::vector<BlockId> scratch_;
+  std::vector<BlockId> evicted_;
+  std::vector<std::pair<Py_hash_t, PyObject*>> hashed_;
+};
+
+}  // namespace
+
+void bind_offload(py::module_& m) {
+  py::class_<BoundOffloadIndex>(m, "OffloadIndex")
+      .def(py::init<std::int64_t, const std::string&, double, const py::object&, const py::object&>(),
+           py::arg("num_slots"), py::arg("policy") = "lru", py::arg("ttl_seconds") = 300.0,
+           py::arg("slots_type") = py::none(), py::arg("store_type") = py::none(),
+           "slots_type: None, or a class whose instances (made by object.__new__, `block_ids` set to the slots) "
+           "prepare_load returns and store outputs carry; store_type: None (prepare_store returns a tuple), or "
+           "a class whose instances prepare_store returns with keys_to_store, store_spec and evicted_keys set.")
+      .def_property_readonly("resident", &BoundOffloadIndex::resident,
+                             "Committed chunks: a read-only mapping key -> slot (live).")
+      .def_property_readonly("pending", &BoundOffloadIndex::pending,
+                             "Stores in flight: a read-only mapping key -> slot (live).")
+      .def_property_readonly("num_slots", &BoundOffloadIndex::num_slots)
+      .def("prepare_load", &BoundOffloadIndex::prepare_load, py::arg("keys"),
+           "Pins resident keys (and their chains) for a load; returns their slots (int32), in key order "
+           "(as a slots_type instance when set).")
+      .def("complete_load", &BoundOffloadIndex::complete_load, py::arg("keys"),
+           "Releases a prepare_load of the same keys (any order).")
+      .def("touch", &BoundOffloadIndex::touch, py::arg("keys"), "Marks the resident keys among `keys` used.")
+      .def("prepare_store", &BoundOffloadIndex::prepare_store, py::arg("keys"), py::arg("prev") = py::none(),
+           "Reserves slots for the keys neither resident nor pending, each chained after the key before it "
+           "(the first after `prev`), evicting as needed: (keys_to_store, slots int32, evicted_keys) (as a store_type "
+           "instance when set), or None when there is no room.")
+      .def("complete_store", &BoundOffloadIndex::complete_store, py::arg("keys"), py::arg("success") = true,
+           "Commits (or, success=False, frees) the pending keys among `keys`; returns the keys committed.")
+      .def("lookup_function", &BoundOffloadIndex::lookup_function, py::arg("hit"), py::arg("hit_pending"),
+           py::arg("miss"),
+           "A builtin lookup(key, req_context=None) over the key maps: `hit` for a resident key, `hit_pending` "
+           "for a pending one, else `miss` (no Python frame per call).")
+      .def("reset", &BoundOffloadIndex::reset)
+      .def("stats", &BoundOffloadIndex::stats)
+      .def("check_invariants", &BoundOffloadIndex::check_invariants)
+      .def_static("slot_digest", [](std::int64_t slot) {
+             const BlockHash d = OffloadIndex::slot_digest(static_cast<BlockId>(checked_count(slot, "slot", true)));
+             return py::bytes(reinterpret_cast<const char*>(d.bytes.data()), d.bytes.size());
+           }, py::arg("slot"), "The trie digest naming a slot (8-byte little-endian number, then a fixed tag).");
+}
+
+}  // namespace sagellm::kv::bindings

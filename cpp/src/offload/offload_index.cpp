@@ -1,0 +1,453 @@
+#include "sagellm_kv/offload_index.hpp"
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "sagellm_kv/error.hpp"
+
+namespace sagellm::kv {
+namespace {
+
+constexpr char kSlotTag[] = "sagellm-kv vllm slot";  // 20 bytes, zero-padded to 24 in a digest
+
+std::string slot_text(BlockId slot) { return "slot " + std::to_string(slot); }
+
+}  // namespace
+
+void OffloadIndexOptions::validate() const {
+  if (num_slots == 0 || num_slots > BlockAllocator::kMaxBlocks) {
+    throw Error(ErrorCode::kInvalidArgument, "num_slots must be in [1, " + std::to_string(BlockAllocator::kMaxBlocks) +
+                                                 "], got " + std::to_string(num_slots));
+  }
+  if (policy == EvictionPolicy::kTtl && (!std::isfinite(ttl_seconds) || ttl_seconds <= 0)) {
+    throw Error(ErrorCode::kInvalidArgument, "ttl_seconds must be finite and > 0, got " + std::to_string(ttl_seconds));
+  }
+}
+
+BlockHash OffloadIndex::slot_digest(BlockId slot) noexcept {
+  BlockHash h{};
+  const auto v = static_cast<std::uint64_t>(static_cast<std::uint32_t>(slot));
+  for (std::size_t i = 0; i < 8; ++i) h.bytes[i] = static_cast<std::uint8_t>(v >> (8 * i));
+  std::memcpy(h.bytes.data() + 8, kSlotTag, sizeof kSlotTag - 1);
+  return h;
+}
+
+struct OffloadIndex::Impl {
+  explicit Impl(const OffloadIndexOptions& o)
+      : options(o), state(o.num_slots, SlotState::kFree), link(o.num_slots, kNoSlot), gen(o.num_slots, 0),
+        link_gen(o.num_slots, 0), seq(o.num_slots, 0), ancestor(o.num_slots, 0), seen(o.num_slots, 0) {
+    start();
+  }
+
+  OffloadIndexOptions options;
+  mutable std::mutex mu;
+  // Declared in this order so the trie (which frees its references into the allocator) goes first.
+  std::unique_ptr<BlockAllocator> alloc;
+  std::unique_ptr<PrefixCache> trie;
+  std::vector<SlotState> state;
+  // Resident: the parent slot (kNoSlot: the root). Pending: the parent-to-be, valid at commit only
+  // if it is then resident with generation link_gen (it may have gone, or been reused, meanwhile).
+  std::vector<BlockId> link;
+  std::vector<std::uint32_t> gen;       // bumped each time the slot is reserved
+  std::vector<std::uint32_t> link_gen;  // pending: gen of `link` when reserved
+  std::vector<std::uint64_t> seq;       // pending: reservation order (commit inserts parents first)
+  std::uint64_t next_seq = 0;
+  std::uint32_t pending = 0;
+  std::uint64_t evictions = 0;
+  // Scratch, reused under the mutex: stamps mark "ancestor of an input slot" / "input slot seen".
+  std::vector<std::uint32_t> ancestor;
+  std::vector<std::uint32_t> seen;
+  std::uint32_t stamp = 0;
+  std::vector<BlockHash> digests;
+  std::vector<std::size_t> path_ends;  // end offsets of the paths in `digests`
+  std::vector<BlockId> ids;
+  std::vector<BlockId> order;
+  std::vector<BlockId> leaves;
+  std::vector<BlockHash> victims;
+
+  void start() {
+    trie.reset();
+    alloc = std::make_unique<BlockAllocator>(options.num_slots);
+    PrefixCacheOptions po;
+    po.block_size = 1;
+    po.policy = options.policy;
+    po.ttl_seconds = options.ttl_seconds;
+    trie = std::make_unique<PrefixCache>(po, alloc.get());
+    std::fill(state.begin(), state.end(), SlotState::kFree);
+    pending = 0;
+    evictions = 0;
+  }
+
+  std::uint32_t next_stamp() {
+    if (++stamp == 0) {  // wrapped: old stamps could collide
+      std::fill(ancestor.begin(), ancestor.end(), 0);
+      std::fill(seen.begin(), seen.end(), 0);
+      stamp = 1;
+    }
+    return stamp;
+  }
+
+  void check_range(BlockId slot, const char* what, std::size_t pos) const {
+    if (slot < 0 || static_cast<std::uint32_t>(slot) >= options.num_slots) {
+      throw Error(ErrorCode::kInvalidArgument, std::string(what) + "[" + std::to_string(pos) + "] = " +
+                                                   std::to_string(slot) + " is out of range [0, " +
+                                                   std::to_string(options.num_slots) + ")");
+    }
+  }
+
+  void check_resident(std::span<const BlockId> slots, const char* what) const {
+    for (std::size_t i = 0; i < slots.size(); ++i) {
+      check_range(slots[i], what, i);
+      if (state[static_cast<std::size_t>(slots[i])] != SlotState::kResident) {
+        throw Error(ErrorCode::kCacheMiss, std::string(what) + "[" + std::to_string(i) + "]: " + slot_text(slots[i]) +
+                                               " is not resident");
+      }
+    }
+  }
+
+  // Checks that every slot is pending and none repeats (else throws, nothing changed).
+  void check_pending(std::span<const BlockId> slots, const char* what) {
+    const std::uint32_t s = next_stamp();
+    for (std::size_t i = 0; i < slots.size(); ++i) {
+      check_range(slots[i], what, i);
+      const auto u = static_cast<std::size_t>(slots[i]);
+      if (state[u] != SlotState::kPending) {
+        throw Error(ErrorCode::kInvalidArgument, std::string(what) + "[" + std::to_string(i) + "]: " +
+                                                     slot_text(slots[i]) + " is not pending");
+      }
+      if (seen[u] == s) {
+        throw Error(ErrorCode::kInvalidArgument, std::string(what) + "[" + std::to_string(i) + "]: " +
+                                                     slot_text(slots[i]) + " is repeated");
+      }
+      seen[u] = s;
+    }
+  }
+
+  // True when resident `slots` are one chain from the root, in order.
+  bool is_root_chain(std::span<const BlockId> slots) const {
+    BlockId prev = kNoSlot;
+    for (BlockId s : slots) {
+      if (link[static_cast<std::size_t>(s)] != prev) return false;
+      prev = s;
+    }
+    return true;
+  }
+
+  // Fills `digests` / `path_ends` with the root paths covering resident `slots`: one per distinct
+  // slot that is no other's ancestor, root first, in slot order: independent of the order of
+  // `slots` (callers pass sets), so the recency the trie records is too.
+  void cover(std::span<const BlockId> slots) {
+    digests.clear();
+    path_ends.clear();
+    leaves.clear();
+    const std::uint32_t s = next_stamp();
+    for (BlockId slot : slots) {
+      for (BlockId p = link[static_cast<std::size_t>(slot)]; p != kNoSlot && ancestor[static_cast<std::size_t>(p)] != s;
+           p = link[static_cast<std::size_t>(p)]) {
+        ancestor[static_cast<std::size_t>(p)] = s;
+      }
+    }
+    for (BlockId slot : slots) {
+      const auto u = static_cast<std::size_t>(slot);
+      if (ancestor[u] == s || seen[u] == s) continue;
+      seen[u] = s;
+      leaves.push_back(slot);
+    }
+    if (leaves.size() > 1) std::sort(leaves.begin(), leaves.end());
+    for (BlockId slot : leaves) {
+      const std::size_t begin = digests.size();
+      for (BlockId p = slot; p != kNoSlot; p = link[static_cast<std::size_t>(p)]) digests.push_back(slot_digest(p));
+      std::reverse(digests.begin() + static_cast<std::ptrdiff_t>(begin), digests.end());
+      path_ends.push_back(digests.size());
+    }
+  }
+
+  std::span<const BlockHash> path(std::size_t i) const {
+    const std::size_t begin = i == 0 ? 0 : path_ends[i - 1];
+    return std::span<const BlockHash>(digests).subspan(begin, path_ends[i] - begin);
+  }
+
+  // Pins every path in `digests` (each is resident, so each match takes all of it).
+  void match_paths() {
+    ids.resize(digests.size());
+    for (std::size_t i = 0; i < path_ends.size(); ++i) {
+      const std::span<const BlockHash> p = path(i);
+      [[maybe_unused]] const std::uint32_t got = trie->match(p, std::span<BlockId>(ids).first(p.size()));
+      assert(got == p.size());
+    }
+  }
+
+  void pin(std::span<const BlockId> slots) {
+    if (is_root_chain(slots)) {
+      digests.clear();
+      for (BlockId s : slots) digests.push_back(slot_digest(s));
+      path_ends.assign(1, digests.size());
+    } else {
+      cover(slots);
+    }
+    match_paths();
+  }
+
+  // Evicts `need` resident slots, sparing `call`'s resident ones; false (nothing changed) if it cannot.
+  bool evict(std::uint32_t need, std::span<const BlockId> call, std::vector<BlockId>& evicted) {
+    order.clear();
+    for (BlockId s : call) {
+      if (s != kNoSlot && state[static_cast<std::size_t>(s)] == SlotState::kResident) order.push_back(s);
+    }
+    if (!order.empty()) {
+      cover(order);
+      match_paths();
+    }
+    // A node nobody uses has no used descendant (a match pins a whole root path), so leaves going
+    // one after another can free every such node: eviction cascades up chains.
+    const PrefixCacheStats st = trie->stats();
+    bool ok = st.cached_blocks - st.in_use_blocks >= need;
+    victims.clear();
+    const std::size_t first = evicted.size();
+    if (ok) {
+      const std::uint32_t got = trie->evict_detached(need, victims, evicted);
+      ok = got == need;
+      evictions += got;
+    }
+    if (!order.empty()) trie->release(digests);
+    for (std::size_t i = first; i < evicted.size(); ++i) state[static_cast<std::size_t>(evicted[i])] = SlotState::kFree;
+    if (evicted.size() > first) {
+      const BatchStatus st_free = alloc->free(std::span<const BlockId>(evicted).subspan(first));
+      if (!st_free.ok()) throw Error(ErrorCode::kInternal, "offload index: freeing evicted slots failed");
+    }
+    if (!ok && evicted.size() > first) {
+      throw Error(ErrorCode::kInternal, "offload index: eviction freed fewer slots than counted evictable");
+    }
+    return ok;
+  }
+
+  bool parent_valid(BlockId slot) const {
+    const auto u = static_cast<std::size_t>(slot);
+    const BlockId p = link[u];
+    return p != kNoSlot && p != slot && state[static_cast<std::size_t>(p)] == SlotState::kResident &&
+           gen[static_cast<std::size_t>(p)] == link_gen[u];
+  }
+
+  void insert_run(std::span<const BlockId> run, BlockId parent) {
+    digests.clear();
+    for (BlockId s : run) digests.push_back(slot_digest(s));
+    InsertOptions io;
+    if (parent != kNoSlot) io.parent = slot_digest(parent);
+    io.trusted_chain = true;  // fresh slot names on allocated, uncached slots
+    [[maybe_unused]] const InsertResult r = trie->insert(digests, run, io);
+    assert(r.num_inserted == run.size());
+  }
+
+  // Sorts pending `slots` into reservation order.
+  void by_reservation(std::span<BlockId> slots) const {
+    std::sort(slots.begin(), slots.end(),
+              [this](BlockId a, BlockId b) { return seq[static_cast<std::size_t>(a)] < seq[static_cast<std::size_t>(b)]; });
+  }
+
+  void commit(std::span<const BlockId> sorted) {
+    std::size_t run_begin = 0;
+    BlockId run_parent = kNoSlot;
+    for (std::size_t i = 0; i < sorted.size(); ++i) {
+      const BlockId s = sorted[i];
+      const BlockId parent = parent_valid(s) ? link[static_cast<std::size_t>(s)] : kNoSlot;
+      if (i > run_begin && parent != sorted[i - 1]) {  // not the continuation of the current run
+        insert_run(std::span<const BlockId>(sorted).subspan(run_begin, i - run_begin), run_parent);
+        run_begin = i;
+      }
+      if (i == run_begin) run_parent = parent;
+      link[static_cast<std::size_t>(s)] = parent;
+      state[static_cast<std::size_t>(s)] = SlotState::kResident;
+    }
+    if (!sorted.empty()) insert_run(std::span<const BlockId>(sorted).subspan(run_begin), run_parent);
+  }
+};
+
+OffloadIndex::OffloadIndex(const OffloadIndexOptions& options) : num_slots_(options.num_slots) {
+  options.validate();
+  impl_ = std::make_unique<Impl>(options);
+}
+
+OffloadIndex::~OffloadIndex() = default;
+
+bool OffloadIndex::reserve(std::span<const BlockId> call, BlockId first_prev, std::span<BlockId> reserved,
+                           std::vector<BlockId>& evicted) {
+  Impl& m = *impl_;
+  const std::lock_guard lock(m.mu);
+  std::size_t count = 0;
+  for (std::size_t i = 0; i < call.size(); ++i) {
+    if (call[i] == kNoSlot) {
+      ++count;
+      continue;
+    }
+    m.check_range(call[i], "call", i);
+    if (m.state[static_cast<std::size_t>(call[i])] == SlotState::kFree) {
+      throw Error(ErrorCode::kInvalidArgument, "call[" + std::to_string(i) + "]: " + slot_text(call[i]) + " is free");
+    }
+  }
+  if (reserved.size() != count) {
+    throw Error(ErrorCode::kInvalidArgument, "reserved has " + std::to_string(reserved.size()) +
+                                                 " entries for " + std::to_string(count) + " new chunks");
+  }
+  std::uint32_t first_gen = 0;
+  if (first_prev != kNoSlot) {
+    m.check_range(first_prev, "first_prev", 0);
+    if (m.state[static_cast<std::size_t>(first_prev)] == SlotState::kFree) {
+      throw Error(ErrorCode::kInvalidArgument, "first_prev: " + slot_text(first_prev) + " is free");
+    }
+    first_gen = m.gen[static_cast<std::size_t>(first_prev)];  // before eviction may reuse it
+  }
+  if (count == 0) return true;
+  const std::uint32_t available = m.alloc->num_available();
+  if (count > available && !m.evict(static_cast<std::uint32_t>(count) - available, call, evicted)) return false;
+  if (!m.alloc->allocate(reserved).ok()) throw Error(ErrorCode::kInternal, "offload index: slots counted free are not");
+  // commit phase: cannot fail
+  BlockId prev = first_prev;
+  std::uint32_t prev_gen = first_gen;
+  std::size_t next = 0;
+  for (const BlockId entry : call) {
+    BlockId slot = entry;
+    if (entry == kNoSlot) {
+      slot = reserved[next++];
+      const auto u = static_cast<std::size_t>(slot);
+      m.state[u] = SlotState::kPending;
+      ++m.gen[u];
+      m.link[u] = prev;
+      m.link_gen[u] = prev_gen;
+      m.seq[u] = m.next_seq++;
+    }
+    prev = slot;
+    prev_gen = m.gen[static_cast<std::size_t>(slot)];
+  }
+  m.pending += static_cast<std::uint32_t>(count);
+  return true;
+}
+
+void OffloadIndex::commit(std::span<BlockId> slots) {
+  Impl& m = *impl_;
+  const std::lock_guard lock(m.mu);
+  m.check_pending(slots, "slots");
+  m.by_reservation(slots);
+  m.commit(slots);  // the trie took its own reference on each slot; drop the reservation's
+  if (!m.alloc->free(slots).ok()) throw Error(ErrorCode::kInternal, "offload index: dropping reservations failed");
+  m.pending -= static_cast<std::uint32_t>(slots.size());
+}
+
+void OffloadIndex::abandon(std::span<BlockId> slots) {
+  Impl& m = *impl_;
+  const std::lock_guard lock(m.mu);
+  m.check_pending(slots, "slots");
+  m.by_reservation(slots);  // the free list's order (later slot numbers) must not follow the caller's
+  for (BlockId s : slots) m.state[static_cast<std::size_t>(s)] = SlotState::kFree;
+  if (!m.alloc->free(slots).ok()) throw Error(ErrorCode::kInternal, "offload index: freeing reservations failed");
+  m.pending -= static_cast<std::uint32_t>(slots.size());
+}
+
+void OffloadIndex::pin(std::span<const BlockId> slots) {
+  Impl& m = *impl_;
+  const std::lock_guard lock(m.mu);
+  m.check_resident(slots, "slots");
+  m.pin(slots);
+}
+
+void OffloadIndex::unpin(std::span<const BlockId> slots) {
+  Impl& m = *impl_;
+  const std::lock_guard lock(m.mu);
+  m.check_resident(slots, "slots");
+  m.cover(slots);
+  m.trie->release(m.digests);  // one call: all or nothing
+}
+
+void OffloadIndex::touch(std::span<const BlockId> slots) {
+  Impl& m = *impl_;
+  const std::lock_guard lock(m.mu);
+  m.order.clear();
+  for (BlockId s : slots) {
+    if (s >= 0 && static_cast<std::uint32_t>(s) < num_slots_ && m.state[static_cast<std::size_t>(s)] == SlotState::kResident) {
+      m.order.push_back(s);
+    }
+  }
+  m.cover(m.order);
+  m.ids.resize(m.digests.size());
+  for (std::size_t i = 0; i < m.path_ends.size(); ++i) {
+    const std::span<const BlockHash> p = m.path(i);
+    (void)m.trie->probe(p, std::span<BlockId>(m.ids).first(p.size()));
+  }
+}
+
+void OffloadIndex::reset() {
+  Impl& m = *impl_;
+  const std::lock_guard lock(m.mu);
+  m.start();
+}
+
+SlotState OffloadIndex::state(BlockId slot) const {
+  const Impl& m = *impl_;
+  const std::lock_guard lock(m.mu);
+  m.check_range(slot, "slot", 0);
+  return m.state[static_cast<std::size_t>(slot)];
+}
+
+BlockId OffloadIndex::parent(BlockId slot) const {
+  const Impl& m = *impl_;
+  const std::lock_guard lock(m.mu);
+  m.check_range(slot, "slot", 0);
+  if (m.state[static_cast<std::size_t>(slot)] != SlotState::kResident) {
+    throw Error(ErrorCode::kInvalidArgument, slot_text(slot) + " is not resident");
+  }
+  return m.link[static_cast<std::size_t>(slot)];
+}
+
+OffloadIndexStats OffloadIndex::stats() const {
+  const Impl& m = *impl_;
+  const std::lock_guard lock(m.mu);
+  OffloadIndexStats s;
+  s.num_slots = num_slots_;
+  s.trie = m.trie->stats();
+  s.free_slots = m.alloc->num_available();
+  s.pending_slots = m.pending;
+  s.resident_slots = s.trie.cached_blocks;
+  s.evictions = m.evictions;
+  return s;
+}
+
+void OffloadIndex::check_invariants() const {
+  const Impl& m = *impl_;
+  const std::lock_guard lock(m.mu);
+  m.trie->check_invariants();
+  auto fail = [](const std::string& what) { throw Error(ErrorCode::kInternal, "offload index: " + what); };
+  std::uint32_t pending = 0;
+  std::uint32_t resident = 0;
+  for (std::uint32_t i = 0; i < num_slots_; ++i) {
+    const auto slot = static_cast<BlockId>(i);
+    const std::uint32_t refs = m.alloc->ref_count(slot);
+    const auto node = m.trie->lookup(slot_digest(slot));
+    switch (m.state[i]) {
+      case SlotState::kFree:
+        if (refs != 0 || node) fail(slot_text(slot) + " is free but allocated or cached");
+        break;
+      case SlotState::kPending:
+        ++pending;
+        if (refs != 1 || node) fail(slot_text(slot) + " is pending but not held once, or cached");
+        break;
+      case SlotState::kResident: {
+        ++resident;
+        if (refs != 1 || !node || node->block_id != slot) fail(slot_text(slot) + " is resident but not cached as itself");
+        const BlockId p = m.link[i];
+        const bool root = !node->parent || *node->parent == kRootBlockHash;
+        if (root != (p == kNoSlot) || (p != kNoSlot && *node->parent != slot_digest(p))) {
+          fail(slot_text(slot) + "'s parent differs from its trie node's");
+        }
+        break;
+      }
+    }
+  }
+  if (pending != m.pending) fail("pending count " + std::to_string(m.pending) + " != " + std::to_string(pending));
+  if (resident != m.trie->size()) fail("resident slots " + std::to_string(resident) + " != trie size");
+  if (m.alloc->num_available() != num_slots_ - pending - resident) fail("free count disagrees with the allocator");
+}
+
+}  // namespace sagellm::kv

@@ -1,0 +1,152 @@
+"""The native offload index's binding (``_core.OffloadIndex``): key maps, errors that change nothing,
+answers built as the given classes. The vLLM manager on top of it is tested in test_vllm_offload.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from sagellm_kv_cache import _core
+from sagellm_kv_cache.errors import KVCacheError
+
+
+def k(i: int) -> bytes:
+    return i.to_bytes(32, "big") + b"\0\0\0\0"
+
+
+def test_store_load_and_key_maps() -> None:
+    idx = _core.OffloadIndex(4)
+    out = idx.prepare_store([k(1), k(2), k(3)])
+    assert out is not None
+    keys, slots, evicted = out
+    assert keys == [k(1), k(2), k(3)] and slots.dtype == np.int32 and evicted == []
+    assert idx.pending == dict(zip(keys, slots.tolist(), strict=True)) and idx.resident == {}
+    assert idx.complete_store({k(3), k(1), k(2), k(9)}) == keys  # reservation order; k(9) was never stored
+    assert idx.resident == dict(zip(keys, slots.tolist(), strict=True)) and idx.pending == {}
+    with pytest.raises(TypeError):  # the maps are the index's: read-only views
+        idx.resident[k(1)] = 3  # type: ignore[index]
+    assert idx.prepare_load([k(1), k(2)]).tolist() == slots[:2].tolist()
+    assert idx.stats()["in_use_blocks"] == 2
+    idx.complete_load({k(2), k(1)})
+    assert idx.stats()["in_use_blocks"] == 0
+    idx.check_invariants()
+
+
+def test_bad_input_raises_and_changes_nothing() -> None:
+    idx = _core.OffloadIndex(4)
+    with pytest.raises(TypeError, match="bytes"):
+        idx.prepare_store([k(1), "two"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="duplicate"):
+        idx.prepare_store([k(1), k(2), k(1)])
+    with pytest.raises(TypeError):
+        idx.prepare_store(5)  # type: ignore[arg-type]
+    assert idx.stats()["free_slots"] == 4 and idx.pending == {}
+    with pytest.raises(KeyError, match="not offloaded"):
+        idx.prepare_load([k(1)])
+    stored = idx.prepare_store([k(1)])
+    assert stored is not None
+    idx.complete_store(stored[0])
+    with pytest.raises(KeyError, match="no load in flight"):
+        idx.complete_load([k(7)])
+    with pytest.raises(KVCacheError):  # resident but not pinned
+        idx.complete_load([k(1)])
+    with pytest.raises(ValueError):
+        _core.OffloadIndex(0)
+    with pytest.raises(TypeError, match=r"object\.__new__"):
+        _core.OffloadIndex(4, slots_type=int)
+    idx.check_invariants()
+
+
+def test_no_room_returns_none_and_failed_stores_free_their_slots() -> None:
+    idx = _core.OffloadIndex(2)
+    first = idx.prepare_store([k(1), k(2)])
+    assert first is not None
+    assert idx.prepare_store([k(3)]) is None  # everything pending
+    assert idx.complete_store([k(1), k(2)], success=False) == []
+    assert idx.stats()["free_slots"] == 2 and idx.pending == {} and idx.resident == {}
+    idx.check_invariants()
+
+
+def test_eviction_reports_keys_and_spares_the_call() -> None:
+    idx = _core.OffloadIndex(3)
+    for i in (1, 2, 3):
+        out = idx.prepare_store([k(i)])
+        assert out is not None
+        idx.complete_store(out[0])
+    idx.touch([k(1), k(42)])  # k(42) is not there: ignored
+    out = idx.prepare_store([k(2), k(4)])  # k(2) is in the call: not a victim; k(3) is the LRU
+    assert out is not None and out[0] == [k(4)] and out[2] == [k(3)]
+    assert k(3) not in idx.resident and idx.stats()["evictions"] == 1
+    idx.complete_store(out[0])
+    idx.check_invariants()
+
+
+class _Spec:
+    block_ids: np.ndarray
+
+
+class _Out:
+    keys_to_store: list[bytes]
+    store_spec: _Spec
+    evicted_keys: list[bytes]
+
+
+def test_answers_built_as_the_given_classes() -> None:
+    idx = _core.OffloadIndex(2, slots_type=_Spec, store_type=_Out)
+    out = idx.prepare_store([k(1)], None)
+    assert isinstance(out, _Out) and isinstance(out.store_spec, _Spec)
+    assert out.keys_to_store == [k(1)] and out.evicted_keys == [] and len(out.store_spec.block_ids) == 1
+    idx.complete_store(out.keys_to_store)
+    spec = idx.prepare_load([k(1)])
+    assert isinstance(spec, _Spec) and spec.block_ids.tolist() == out.store_spec.block_ids.tolist()
+    idx.complete_load([k(1)])
+
+
+def test_reset_clears_the_maps_in_place_and_slot_digest() -> None:
+    idx = _core.OffloadIndex(2)
+    resident = idx.resident
+    out = idx.prepare_store([k(1)])
+    assert out is not None
+    idx.complete_store(out[0])
+    idx.prepare_load([k(1)])
+    idx.reset()
+    assert resident is idx.resident and resident == {} and idx.stats()["in_use_blocks"] == 0
+    idx.check_invariants()
+    assert _core.OffloadIndex.slot_digest(258) == (258).to_bytes(8, "little") + b"sagellm-kv vllm slot".ljust(24, b"\0")
+
+
+def test_lookup_function_answers_from_the_key_maps() -> None:
+    idx = _core.OffloadIndex(2)
+    lookup = idx.lookup_function("hit", "pending", "miss")
+    out = idx.prepare_store([k(1), k(2)])
+    assert out is not None
+    idx.complete_store([k(1)])
+    assert [lookup(k(1), None), lookup(k(2)), lookup(k(3), object())] == ["hit", "pending", "miss"]
+    with pytest.raises(TypeError):
+        lookup()
+    with pytest.raises(TypeError):
+        lookup([1], None)  # unhashable, as with `in`
+
+
+def test_a_call_re_entered_while_one_is_in_progress_is_refused() -> None:
+    """Python code can run inside a call (an iterable's __iter__ as here, or a finalizer / gc callback
+    that an allocation's collection runs): calling the index again from it gets RuntimeError, and the
+    call in progress completes intact."""
+    idx = _core.OffloadIndex(64)
+    keys = [k(i) for i in range(32)]
+    inner: list[object] = []
+
+    class Reentering:
+        def __iter__(self) -> Iterator[bytes]:
+            try:
+                inner.append(idx.prepare_store([k(1000)]))
+            except RuntimeError as exc:
+                inner.append(exc)
+            return iter(keys)
+
+    out = idx.prepare_store(Reentering())
+    assert len(inner) == 1 and isinstance(inner[0], RuntimeError) and "already in a call" in str(inner[0])
+    assert out is not None and out[0] == keys and k(1000) not in idx.pending
+    idx.complete_store(out[0])
+    idx.check_invariants()
