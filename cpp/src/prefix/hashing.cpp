@@ -179,12 +179,14 @@ struct BlockHasher::State {
   // the key section between them only once (after the salted first block).
   std::vector<unsigned char> message;
 
-  // The chain of start_chain / next_block.
+  // The chain of start_chain / next_block: plain steps on `sha`, or full messages in `message`
+  // (tokens at chain_tokens_at; the first one salted while chain_salted).
   bool chain_open = false;
   bool chain_plain = false;
+  bool chain_salted = false;
   std::uint32_t chain_block_size = 0;
-  BlockHash chain_parent;
-  BlockHashKey chain_key;
+  std::size_t chain_tokens_at = 0;
+  std::string_view chain_extra;
 
   State() = default;
   State(const State&) = delete;
@@ -358,41 +360,50 @@ void BlockHasher::start_chain(std::uint32_t block_size, const BlockHash& parent,
   if (block_size == 0) throw Error(ErrorCode::kInvalidArgument, "block_size must be > 0, got 0");
   field_length(key.salt, "salt");
   field_length(key.extra, "extra key");
+  const bool salted = !key.salt.empty() && parent == kRootBlockHash;
   s.chain_block_size = block_size;
-  s.chain_parent = parent;
-  s.chain_key = key;
+  s.chain_extra = key.extra;
   s.chain_plain = false;
+  s.chain_salted = false;
 #if !defined(OPENSSL_NO_DEPRECATED_3_0)
-  // A plain chain from the first block on; a salted one turns plain after its first block.
-  if (s.algorithm == HashAlgorithm::kSha256 && key.extra.empty() && (key.salt.empty() || parent != kRootBlockHash)) {
+  if (s.algorithm == HashAlgorithm::kSha256 && key.extra.empty() && !salted) {
     s.start_plain(block_size, parent);
     s.chain_plain = true;
   }
 #endif
+  if (!s.chain_plain) {
+    s.chain_tokens_at = s.layout(parent, salted ? key.salt : std::string_view{}, key.extra, block_size);
+    s.chain_salted = salted;
+  }
   s.chain_open = true;
 }
 
 void BlockHasher::next_block(const std::int32_t* tokens, BlockHash& out) {
   State& s = *state_;
   if (!s.chain_open) throw Error(ErrorCode::kInvalidArgument, "next_block: no chain started (call start_chain)");
+  const std::uint32_t bs = s.chain_block_size;
 #if !defined(OPENSSL_NO_DEPRECATED_3_0)
   if (s.chain_plain) {
-    s.plain_block(tokens, s.chain_block_size, out);
+    s.plain_block(tokens, bs, out);
     return;
   }
 #endif
-  // A full-message block: the general path, one block at a time (the salt applies while the
-  // parent is the root, that is to the first block only).
-  (void)s.run(std::span<const std::int32_t>(tokens, s.chain_block_size), s.chain_block_size, s.chain_parent,
-              s.chain_key, std::span<BlockHash>(&out, 1));
-  s.chain_parent = out;
+  // A full message, as run() hashes it: then the next one chains from this digest.
+  store_tokens(s.message.data() + s.chain_tokens_at, tokens, bs);
+  s.digest(out);
 #if !defined(OPENSSL_NO_DEPRECATED_3_0)
-  if (s.algorithm == HashAlgorithm::kSha256 && s.chain_key.extra.empty()) {
-    s.start_plain(s.chain_block_size, out);
+  if (s.algorithm == HashAlgorithm::kSha256 && s.chain_extra.empty()) {  // after a salted first block
+    s.start_plain(bs, out);
     s.chain_plain = true;
+    return;
   }
 #endif
-  s.chain_open = true;
+  if (s.chain_salted) {
+    s.chain_tokens_at = s.layout(out, {}, s.chain_extra, bs);
+    s.chain_salted = false;
+  } else {
+    std::memcpy(s.message.data(), out.bytes.data(), kBlockHashBytes);
+  }
 }
 
 BlockHasher::~BlockHasher() = default;
