@@ -179,8 +179,9 @@ struct BlockHasher::State {
   // the key section between them only once (after the salted first block).
   std::vector<unsigned char> message;
 
-  // The chain of start_chain / next_block: plain steps on `sha`, or full messages in `message`
-  // (tokens at chain_tokens_at; the first one salted while chain_salted).
+  // The chain being hashed (begin_chain / chain_step): plain steps on `sha`, or full messages in
+  // `message` (tokens at chain_tokens_at; the first one salted while chain_salted). chain_open:
+  // a chain the caller started with start_chain and may continue with next_block.
   bool chain_open = false;
   bool chain_plain = false;
   bool chain_salted = false;
@@ -292,6 +293,53 @@ struct BlockHasher::State {
   }
 #endif
 
+  // A chain from `parent` under `key` (arguments already checked): plain steps on `sha` when
+  // SHA-256 and no key is in play; otherwise full messages laid out in `message`, the first one
+  // salted when the salt applies, after which a SHA-256 chain without an extra key turns plain.
+  void begin_chain(std::uint32_t block_size, const BlockHash& parent, const BlockHashKey& key) {
+    const bool salted = !key.salt.empty() && parent == kRootBlockHash;
+    chain_block_size = block_size;
+    chain_extra = key.extra;
+    chain_plain = false;
+    chain_salted = false;
+#if !defined(OPENSSL_NO_DEPRECATED_3_0)
+    if (algorithm == HashAlgorithm::kSha256 && key.extra.empty() && !salted) {
+      start_plain(block_size, parent);
+      chain_plain = true;
+      return;
+    }
+#endif
+    chain_tokens_at = layout(parent, salted ? key.salt : std::string_view{}, key.extra, block_size);
+    chain_salted = salted;
+  }
+
+  // The digest of the chain's next block of chain_block_size tokens (range-checked by the caller).
+  template <class Token>
+  void chain_step(const Token* tokens, BlockHash& out) {
+    const std::uint32_t bs = chain_block_size;
+#if !defined(OPENSSL_NO_DEPRECATED_3_0)
+    if (chain_plain) {
+      plain_block(tokens, bs, out);
+      return;
+    }
+#endif
+    store_tokens(message.data() + chain_tokens_at, tokens, bs);
+    digest(out);
+#if !defined(OPENSSL_NO_DEPRECATED_3_0)
+    if (algorithm == HashAlgorithm::kSha256 && chain_extra.empty()) {  // after a salted first block
+      start_plain(bs, out);
+      chain_plain = true;
+      return;
+    }
+#endif
+    if (chain_salted) {
+      chain_tokens_at = layout(out, {}, chain_extra, bs);
+      chain_salted = false;
+    } else {
+      std::memcpy(message.data(), out.bytes.data(), kBlockHashBytes);
+    }
+  }
+
   template <class Token>
   std::size_t run(std::span<const Token> tokens, std::uint32_t block_size, const BlockHash& parent,
                   const BlockHashKey& key, std::span<BlockHash> out) {
@@ -315,31 +363,9 @@ struct BlockHasher::State {
       }
     }
     if (n == 0) return 0;
-    const bool salted = !key.salt.empty() && parent == kRootBlockHash;
-#if !defined(OPENSSL_NO_DEPRECATED_3_0)
-    if (algorithm == HashAlgorithm::kSha256 && key.extra.empty()) {
-      std::size_t b = 0;
-      if (salted) {  // a salted first block is a full message; the blocks after it are plain steps
-        const std::size_t at = layout(parent, key.salt, {}, block_size);
-        store_tokens(message.data() + at, tokens.data(), block_size);
-        digest(out[0]);
-        b = 1;
-      }
-      start_plain(block_size, b == 0 ? parent : out[0]);
-      for (; b < n; ++b) plain_block(tokens.data() + b * block_size, block_size, out[b]);
-      return n;
-    }
-#endif
-    std::size_t tokens_at = layout(parent, salted ? key.salt : std::string_view{}, key.extra, block_size);
-    for (std::size_t b = 0; b < n; ++b) {
-      if (b == 1 && salted) {
-        tokens_at = layout(out[0], {}, key.extra, block_size);
-      } else if (b > 0) {
-        std::memcpy(message.data(), out[b - 1].bytes.data(), kBlockHashBytes);
-      }
-      store_tokens(message.data() + tokens_at, tokens.data() + b * block_size, block_size);
-      digest(out[b]);
-    }
+    begin_chain(block_size, parent, key);
+    for (std::size_t b = 0; b < n; ++b) chain_step(tokens.data() + b * block_size, out[b]);
+    chain_open = false;  // a chain is only the caller's through start_chain
     return n;
   }
 };
@@ -360,50 +386,14 @@ void BlockHasher::start_chain(std::uint32_t block_size, const BlockHash& parent,
   if (block_size == 0) throw Error(ErrorCode::kInvalidArgument, "block_size must be > 0, got 0");
   field_length(key.salt, "salt");
   field_length(key.extra, "extra key");
-  const bool salted = !key.salt.empty() && parent == kRootBlockHash;
-  s.chain_block_size = block_size;
-  s.chain_extra = key.extra;
-  s.chain_plain = false;
-  s.chain_salted = false;
-#if !defined(OPENSSL_NO_DEPRECATED_3_0)
-  if (s.algorithm == HashAlgorithm::kSha256 && key.extra.empty() && !salted) {
-    s.start_plain(block_size, parent);
-    s.chain_plain = true;
-  }
-#endif
-  if (!s.chain_plain) {
-    s.chain_tokens_at = s.layout(parent, salted ? key.salt : std::string_view{}, key.extra, block_size);
-    s.chain_salted = salted;
-  }
+  s.begin_chain(block_size, parent, key);
   s.chain_open = true;
 }
 
 void BlockHasher::next_block(const std::int32_t* tokens, BlockHash& out) {
   State& s = *state_;
   if (!s.chain_open) throw Error(ErrorCode::kInvalidArgument, "next_block: no chain started (call start_chain)");
-  const std::uint32_t bs = s.chain_block_size;
-#if !defined(OPENSSL_NO_DEPRECATED_3_0)
-  if (s.chain_plain) {
-    s.plain_block(tokens, bs, out);
-    return;
-  }
-#endif
-  // A full message, as run() hashes it: then the next one chains from this digest.
-  store_tokens(s.message.data() + s.chain_tokens_at, tokens, bs);
-  s.digest(out);
-#if !defined(OPENSSL_NO_DEPRECATED_3_0)
-  if (s.algorithm == HashAlgorithm::kSha256 && s.chain_extra.empty()) {  // after a salted first block
-    s.start_plain(bs, out);
-    s.chain_plain = true;
-    return;
-  }
-#endif
-  if (s.chain_salted) {
-    s.chain_tokens_at = s.layout(out, {}, s.chain_extra, bs);
-    s.chain_salted = false;
-  } else {
-    std::memcpy(s.message.data(), out.bytes.data(), kBlockHashBytes);
-  }
+  s.chain_step(tokens, out);
 }
 
 BlockHasher::~BlockHasher() = default;
