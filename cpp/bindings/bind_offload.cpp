@@ -43,17 +43,9 @@ class KeyItems {
   std::size_t size_ = 0;
 };
 
+// A key for an error message: Python's own bytes.hex() (error paths only).
 std::string key_hex(PyObject* key) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  const auto* p = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(key));
-  const auto n = static_cast<std::size_t>(PyBytes_GET_SIZE(key));
-  std::string s;
-  s.reserve(2 * n);
-  for (std::size_t i = 0; i < n; ++i) {
-    s += kHex[p[i] >> 4];
-    s += kHex[p[i] & 15];
-  }
-  return s;
+  return py::str(py::reinterpret_borrow<py::object>(key).attr("hex")());
 }
 
 // The slot `key` maps to in `dict`, or kNoSlot. Never runs Python code (exact bytes keys, int values).
