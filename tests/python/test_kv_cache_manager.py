@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sagellm_kv_cache import (
     AccessStatsCollector,
@@ -445,6 +445,7 @@ _op = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_op, max_size=40))
+@example([("alloc", 32), ("register", 0, 0, 32), ("register", 0, 0, 16), ("query", 0, 32)])
 def test_model_accounting_and_prefix_answers(ops: list[tuple[Any, ...]]) -> None:
     """Budget accounting, block exclusivity and prefix answers agree with a simple model."""
     block = 16
@@ -486,7 +487,10 @@ def test_model_accounting_and_prefix_answers(ops: list[tuple[Any, ...]]) -> None
             handle = live[op[1] % len(live)]
             toks = prompt(op[2], min(op[3], handle.num_tokens))
             manager.register_prefix(toks, handle)
-            if len(toks) >= block:
+            before = registered.get(handle.handle_id)
+            # A shorter prefix of what the handle registered before adds nothing (the handle still
+            # holds the longer one); anything else that fills a block replaces it.
+            if len(toks) >= block and not (before is not None and before[: len(toks)] == toks):
                 registered[handle.handle_id] = toks
         else:
             query = prompt(op[1], op[2])
