@@ -2,7 +2,6 @@
 #include "sagellm_kv/token_pool.hpp"
 
 #include <algorithm>
-#include <cassert>
 #include <new>
 #include <string>
 
@@ -11,11 +10,17 @@ namespace {
 
 constexpr std::uint64_t kMaxIds = 0x7FFFFFFFu;  // block ids are int32
 
+enum : std::uint8_t { kFree = 0, kHeld = 1, kReleasing = 2 };
+
 std::uint64_t ceil_div(std::uint64_t a, std::uint64_t b) noexcept { return a / b + (a % b != 0 ? 1 : 0); }
 
-// BlockAllocator needs scratch memory only for batches above this many ids; the spread paths
-// free in chunks of at most this size so that, once checked, freeing cannot fail.
-constexpr std::size_t kFreeChunk = 256;
+// Segment `index`'s ids, all free, the lowest handed out first. Throws std::bad_alloc.
+std::vector<BlockId> fresh_segment(std::uint32_t index, std::uint32_t size) {
+  std::vector<BlockId> ids(size);
+  const auto base = static_cast<BlockId>(std::uint64_t{index} * size);
+  for (std::uint32_t k = 0; k < size; ++k) ids[k] = base + static_cast<BlockId>(size - 1 - k);
+  return ids;
+}
 
 }  // namespace
 
@@ -31,7 +36,8 @@ TokenPool::TokenPool(std::uint64_t max_tokens, std::uint32_t block_size)
   }
   segment_blocks_ = static_cast<std::uint32_t>(segment);
   max_segments_ = static_cast<std::uint32_t>(ceil_div(max_tokens, segment));
-  segments_.push_back(std::make_unique<BlockAllocator>(segment_blocks_));
+  free_.push_back(fresh_segment(0, segment_blocks_));
+  state_.assign(segment_blocks_, kFree);
 }
 
 TokenPool::~TokenPool() = default;
@@ -41,11 +47,14 @@ TokenGrant TokenPool::allocate(std::uint64_t num_tokens, std::span<BlockId> out)
   std::lock_guard lock(mutex_);
   const std::uint64_t available = max_tokens_ - allocated_tokens_;
   if (num_tokens > available) return {ErrorCode::kBudgetExceeded, available};
-  // The common case in one call: segment 0 refuses a short batch without taking anything.
-  if (!segments_.front()->allocate(out).ok()) {
-    const ErrorCode code = take_spread(out);
-    if (code != ErrorCode::kOk) return {code, available};
+  std::vector<BlockId>& first = free_.front();
+  if (first.size() >= out.size()) {  // the common case: segment 0 has them all, top of the stack first
+    std::reverse_copy(first.end() - static_cast<std::ptrdiff_t>(out.size()), first.end(), out.begin());
+    first.resize(first.size() - out.size());
+  } else if (const ErrorCode code = take_spread(out); code != ErrorCode::kOk) {
+    return {code, available};
   }
+  for (const BlockId id : out) state_[static_cast<std::uint32_t>(id)] = kHeld;
   allocated_tokens_ += num_tokens;
   allocations_ += 1;
   blocks_in_use_ += out.size();
@@ -54,115 +63,92 @@ TokenGrant TokenPool::allocate(std::uint64_t num_tokens, std::span<BlockId> out)
 }
 
 ErrorCode TokenPool::take_spread(std::span<BlockId> out) noexcept {
-  const std::size_t existing = segments_.size();
+  const std::size_t existing = free_.size();
   std::size_t taken = 0;
-  std::size_t index = 0;
-  while (taken < out.size()) {
-    if (index == segments_.size()) {
-      if (index == max_segments_) break;  // cannot happen when the budget admitted the tokens
-      try {
-        segments_.push_back(std::make_unique<BlockAllocator>(segment_blocks_));
-      } catch (const std::bad_alloc&) {
-        break;
-      }
+  for (std::size_t index = 0; taken < out.size(); ++index) {
+    if (index == free_.size() && !grow()) break;
+    std::vector<BlockId>& segment = free_[index];
+    while (taken < out.size() && !segment.empty()) {
+      out[taken++] = segment.back();
+      segment.pop_back();
     }
-    BlockAllocator& segment = *segments_[index];
-    const std::size_t n = std::min<std::size_t>(out.size() - taken, segment.num_available());
-    std::span<BlockId> part = out.subspan(taken, n);
-    // Under mutex_ no one else touches the segments, so the count just read is exact.
-    if (n != 0 && segment.allocate(part).ok()) {
-      const auto offset = static_cast<BlockId>(index * segment_blocks_);
-      for (BlockId& id : part) id += offset;
-      taken += n;
-    }
-    ++index;
   }
   if (taken == out.size()) return ErrorCode::kOk;
-  // Roll back: the ids taken are ours alone (mutex_), grouped by segment in `out`.
-  free_runs(out.first(taken));
-  while (segments_.size() > existing) segments_.pop_back();
-  return segments_.size() == max_segments_ ? ErrorCode::kPoolFull : ErrorCode::kMemoryExhausted;
+  // Roll back: push the ids back in reverse, which restores every stack exactly, then drop the
+  // segments this call added (all their ids are free again).
+  for (std::size_t k = taken; k-- > 0;) {
+    free_[static_cast<std::uint32_t>(out[k]) / segment_blocks_].push_back(out[k]);
+  }
+  const bool at_limit = free_.size() == max_segments_;
+  free_.resize(existing);
+  state_.resize(std::size_t{segment_blocks_} * existing);
+  // kPoolFull cannot happen when the budget admitted the tokens (see the header); kept for safety.
+  return at_limit ? ErrorCode::kPoolFull : ErrorCode::kMemoryExhausted;
+}
+
+bool TokenPool::grow() noexcept {
+  if (free_.size() == max_segments_) return false;
+  try {
+    const auto index = static_cast<std::uint32_t>(free_.size());
+    std::vector<BlockId> ids = fresh_segment(index, segment_blocks_);
+    state_.resize(state_.size() + segment_blocks_, kFree);
+    try {
+      free_.push_back(std::move(ids));
+    } catch (const std::bad_alloc&) {
+      state_.resize(state_.size() - segment_blocks_);
+      return false;
+    }
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  return true;
 }
 
 BatchStatus TokenPool::release(std::uint64_t num_tokens, std::span<const BlockId> ids) noexcept {
   std::lock_guard lock(mutex_);
   if (num_tokens == 0 || ids.size() != blocks_for(num_tokens) || num_tokens > allocated_tokens_ ||
-      allocations_ == 0) {
+      ids.size() > blocks_in_use_) {
     return {ErrorCode::kInvalidArgument, -1, -1, false};
   }
-  BatchStatus st;
-  if (segments_.size() == 1) {
-    st = segments_.front()->free(ids);  // checks range and ownership itself, all or nothing
-  } else {
-    st = release_spread(ids);
-    if (st.ok()) shrink();
+  // Check phase: every id in range and held, each listed once (a second listing finds it
+  // kReleasing). A refusal puts back the states it changed: nothing else was touched.
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    const BlockId id = ids[i];
+    const bool in_range = id >= 0 && static_cast<std::size_t>(id) < state_.size();
+    if (!in_range || state_[static_cast<std::uint32_t>(id)] != kHeld) {
+      for (std::size_t k = 0; k < i; ++k) state_[static_cast<std::uint32_t>(ids[k])] = kHeld;
+      return {in_range ? ErrorCode::kDoubleFree : ErrorCode::kInvalidBlock, static_cast<std::int64_t>(i), id, false};
+    }
+    state_[static_cast<std::uint32_t>(id)] = kReleasing;
   }
-  if (!st.ok()) {
-    assert(!st.partial);  // under mutex_ no concurrent free can race the check
-    return st;
+  // Apply phase: cannot fail (each stack has room for all of its segment's ids).
+  for (const BlockId id : ids) state_[static_cast<std::uint32_t>(id)] = kFree;
+  if (free_.size() == 1) {
+    free_.front().insert(free_.front().end(), ids.begin(), ids.end());
+  } else {
+    for (const BlockId id : ids) free_[static_cast<std::uint32_t>(id) / segment_blocks_].push_back(id);
+    shrink();
   }
   allocated_tokens_ -= num_tokens;
   allocations_ -= 1;
   blocks_in_use_ -= ids.size();
-  return st;
-}
-
-BatchStatus TokenPool::release_spread(std::span<const BlockId> ids) noexcept {
-  // Check phase: every id in a segment that exists, allocated, and listed once. Sorting a copy
-  // groups the ids by segment and puts duplicates side by side.
-  std::vector<BlockId> sorted;
-  try {
-    sorted.assign(ids.begin(), ids.end());
-  } catch (const std::bad_alloc&) {
-    return {ErrorCode::kMemoryExhausted, -1, -1, false};
-  }
-  std::sort(sorted.begin(), sorted.end());
-  const std::uint64_t capacity = std::uint64_t{segment_blocks_} * segments_.size();
-  auto position = [&](BlockId id) {
-    return static_cast<std::int64_t>(std::find(ids.begin(), ids.end(), id) - ids.begin());
-  };
-  for (std::size_t i = 0; i < sorted.size(); ++i) {
-    const BlockId id = sorted[i];
-    if (id < 0 || static_cast<std::uint64_t>(id) >= capacity) return {ErrorCode::kInvalidBlock, position(id), id, false};
-    const std::size_t segment = static_cast<std::size_t>(id) / segment_blocks_;
-    const auto local = static_cast<BlockId>(static_cast<std::uint32_t>(id) % segment_blocks_);
-    if ((i > 0 && sorted[i - 1] == id) || !segments_[segment]->is_allocated(local)) {
-      return {ErrorCode::kDoubleFree, position(id), id, false};
-    }
-  }
-  // Apply phase: every id was checked allocated (one reference: the pool never shares ids) and
-  // distinct, so no free can be refused.
-  free_runs(sorted);
   return {};
 }
 
-void TokenPool::free_runs(std::span<BlockId> ids) noexcept {
-  // Each segment's run, in chunks the allocator frees without scratch memory.
-  for (std::size_t begin = 0; begin < ids.size();) {
-    const std::size_t segment = static_cast<std::uint32_t>(ids[begin]) / segment_blocks_;
-    const auto offset = static_cast<BlockId>(segment * segment_blocks_);
-    std::size_t end = begin;
-    while (end < ids.size() && end - begin < kFreeChunk &&
-           static_cast<std::uint32_t>(ids[end]) / segment_blocks_ == segment) {
-      ids[end] -= offset;
-      ++end;
-    }
-    const BatchStatus st = segments_[segment]->free(ids.subspan(begin, end - begin));
-    assert(st.ok());
-    (void)st;
-    begin = end;
+void TokenPool::shrink() noexcept {
+  while (free_.size() > 1 && free_.back().size() == segment_blocks_) {
+    free_.pop_back();
+    state_.resize(state_.size() - segment_blocks_);
   }
 }
 
-void TokenPool::shrink() noexcept {
-  while (segments_.size() > 1 && segments_.back()->num_allocated() == 0) segments_.pop_back();
-}
-
 void TokenPool::reset() {
-  auto fresh = std::make_unique<BlockAllocator>(segment_blocks_);  // may throw: nothing changed yet
+  std::vector<BlockId> first = fresh_segment(0, segment_blocks_);  // may throw: nothing changed yet
+  std::vector<std::uint8_t> states(segment_blocks_, kFree);
   std::lock_guard lock(mutex_);
-  segments_.resize(1);
-  segments_.front() = std::move(fresh);
+  free_.resize(1);
+  free_.front().swap(first);
+  state_.swap(states);
   allocated_tokens_ = 0;
   allocations_ = 0;
   blocks_in_use_ = 0;
@@ -186,7 +172,7 @@ std::uint64_t TokenPool::allocated_tokens() const noexcept {
 TokenPoolStats TokenPool::stats() const noexcept {
   std::lock_guard lock(mutex_);
   return {max_tokens_, allocated_tokens_, allocations_, blocks_in_use_, blocks_peak_,
-          std::uint64_t{segment_blocks_} * segments_.size()};
+          std::uint64_t{segment_blocks_} * free_.size()};
 }
 
 }  // namespace sagellm::kv
