@@ -35,6 +35,28 @@ PyObject* interned(const char* text) {
   return s;
 }
 
+// Reads one attribute through the data descriptor its class holds (a __slots__ member), found
+// once, so a read skips the lookup through the class's MRO; plain getattr when there is none.
+class SlotReader {
+ public:
+  SlotReader() = default;
+  SlotReader(const py::object& cls, const char* name) : name_(name) {
+    py::object d = py::getattr(cls, name, py::none());
+    if (Py_TYPE(d.ptr()) == &PyMemberDescr_Type) descr_ = std::move(d);
+  }
+  // A new reference to obj.<name>; obj must be an instance of the class given at construction.
+  py::object get(PyObject* obj) const {
+    PyObject* v = descr_ ? Py_TYPE(descr_.ptr())->tp_descr_get(descr_.ptr(), obj, reinterpret_cast<PyObject*>(Py_TYPE(obj)))
+                         : PyObject_GetAttrString(obj, name_);
+    if (v == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(v);
+  }
+
+ private:
+  const char* name_ = "";
+  py::object descr_;
+};
+
 // The handle's template and the argument tables, shared by every pool built with them.
 struct HandleSpec {
   py::object cls;          // KVHandle
@@ -48,6 +70,7 @@ struct HandleSpec {
   py::dict dtypes, layouts, devices;  // known-good argument -> canonical value(s)
   py::object normalize;    // (num_tokens, dtype, layout, device, metadata) -> the six checked values
   py::object refusal;      // (kind, *details) -> the typed exception to raise
+  SlotReader uuid_int, private_attrs, fields_set_of;
 };
 
 // A mutex for the live-handle table that releases the GIL while it waits.
@@ -186,6 +209,22 @@ py::object now() {
   return py::reinterpret_steal<py::object>(PyFloat_FromDouble(static_cast<double>(ns) / 1e9));
 }
 
+// An uninitialised 1-D int32 array of `n` ids, straight from numpy's C API (py::array_t's
+// constructor builds shape and stride vectors on the heap first).
+py::array new_ids(std::uint64_t n) {
+  auto& api = py::detail::npy_api::get();
+  Py_intptr_t dims[1] = {static_cast<Py_intptr_t>(n)};
+  PyObject* descr = api.PyArray_DescrFromType_(py::detail::npy_api::NPY_INT32_);  // stolen below
+  if (descr == nullptr) throw py::error_already_set();
+  PyObject* arr = api.PyArray_NewFromDescr_(api.PyArray_Type_, descr, 1, dims, nullptr, nullptr, 0, nullptr);
+  if (arr == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::array>(arr);
+}
+
+BlockId* ids_data(const py::array& ids) {
+  return reinterpret_cast<BlockId*>(py::detail::array_proxy(ids.ptr())->data);
+}
+
 void make_read_only(const py::array& ids) {
   py::detail::array_proxy(ids.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
 }
@@ -217,7 +256,7 @@ py::object alloc(SeedPool& p, const py::handle& num_tokens, const py::handle& dt
   const AllocArgs a = alloc_args(p, num_tokens, dtype, layout, device, metadata);
   // Larger than the whole budget: refused without sizing an id array for it.
   const std::uint64_t blocks = a.tokens <= p.core.max_tokens() ? p.core.blocks_for(a.tokens) : 0;
-  py::array_t<BlockId> ids(static_cast<py::ssize_t>(blocks));
+  const py::array ids = new_ids(blocks);
   py::object key;
   py::object handle = blocks != 0 ? build_handle(p, a, ids, key) : py::object();
   TokenGrant grant;
@@ -226,12 +265,12 @@ py::object alloc(SeedPool& p, const py::handle& num_tokens, const py::handle& dt
     if (blocks == 0) {
       grant = {ErrorCode::kBudgetExceeded, p.core.max_tokens() - p.core.allocated_tokens()};
     } else {
-      grant = p.core.allocate(a.tokens, std::span<BlockId>(ids.mutable_data(), blocks));
+      grant = p.core.allocate(a.tokens, std::span<BlockId>(ids_data(ids), blocks));
     }
     if (grant.ok()) {
       make_read_only(ids);
       if (PyDict_SetItem(p.live.ptr(), key.ptr(), handle.ptr()) != 0) {
-        (void)p.core.release(a.tokens, std::span<const BlockId>(ids.data(), blocks));
+        (void)p.core.release(a.tokens, std::span<const BlockId>(ids_data(ids), blocks));
         throw py::error_already_set();
       }
       return handle;
@@ -244,23 +283,27 @@ py::object alloc(SeedPool& p, const py::handle& num_tokens, const py::handle& dt
                               std::to_string(a.tokens) + " tokens");
 }
 
+// The instance __dict__ of `obj` (a new reference), where a pydantic model keeps its fields.
+py::object dict_of(PyObject* obj) {
+  PyObject* d = PyObject_GenericGetDict(obj, nullptr);
+  if (d == nullptr) throw py::error_already_set();
+  if (!PyDict_Check(d)) {
+    Py_DECREF(d);
+    throw py::type_error("a KVHandle without its field dict");
+  }
+  return py::reinterpret_steal<py::object>(d);
+}
+
 // Sets state = FREE and ref_count = 0 as validated assignment would (both valid by construction),
 // without running Python code.
-void mark_freed(const SeedPool& p, PyObject* handle) {
-  static PyObject* const dict_name = interned("__dict__");
-  static PyObject* const set_name = interned("__pydantic_fields_set__");
+void mark_freed(const SeedPool& p, PyObject* handle, PyObject* fields) {
   static PyObject* const state_name = interned("state");
   static PyObject* const refs_name = interned("ref_count");
-  auto fields = py::reinterpret_steal<py::object>(PyObject_GetAttr(handle, dict_name));
-  auto fields_set = py::reinterpret_steal<py::object>(PyObject_GetAttr(handle, set_name));
-  if (!fields || !fields_set || !PyDict_Check(fields.ptr()) || !PySet_Check(fields_set.ptr())) {
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a KVHandle without its pydantic state");
-    throw py::error_already_set();
-  }
   static PyObject* const zero = PyLong_FromLong(0);
-  if (PyDict_SetItem(fields.ptr(), state_name, p.spec.free_state.ptr()) != 0 ||
-      PyDict_SetItem(fields.ptr(), refs_name, zero) != 0 || PySet_Add(fields_set.ptr(), state_name) != 0 ||
-      PySet_Add(fields_set.ptr(), refs_name) != 0) {
+  const py::object fields_set = p.spec.fields_set_of.get(handle);
+  if (!PyAnySet_Check(fields_set.ptr())) throw py::type_error("a KVHandle without its set of fields");
+  if (PyDict_SetItem(fields, state_name, p.spec.free_state.ptr()) != 0 || PyDict_SetItem(fields, refs_name, zero) != 0 ||
+      PySet_Add(fields_set.ptr(), state_name) != 0 || PySet_Add(fields_set.ptr(), refs_name) != 0) {
     throw py::error_already_set();
   }
 }
@@ -278,14 +321,19 @@ void free_handle(SeedPool& p, const py::handle& handle) {
     if (is == 0) throw py::type_error(std::string("expected a KVHandle, got ") + Py_TYPE(h)->tp_name);
   }
   static PyObject* const id_name = interned("handle_id");
-  static PyObject* const int_name = interned("int");
-  static PyObject* const dict_name = interned("__dict__");
-  static PyObject* const private_name = interned("__pydantic_private__");
   static PyObject* const pins_name = interned("pin_count");
   static PyObject* const tokens_name = interned("num_tokens");
   static PyObject* const ids_name = interned("_block_ids");
-  const py::object handle_id = handle.attr(id_name);
-  const py::object key = handle_id.attr(int_name);
+  const py::object own_fields = dict_of(h);
+  PyObject* id_obj = field(own_fields.ptr(), id_name);
+  if (id_obj == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a KVHandle without a handle_id");
+    throw py::error_already_set();
+  }
+  const auto handle_id = py::reinterpret_borrow<py::object>(id_obj);
+  const py::object key = Py_TYPE(id_obj) == reinterpret_cast<PyTypeObject*>(p.spec.uuid_cls.ptr())
+                             ? p.spec.uuid_int.get(id_obj)
+                             : handle_id.attr("int");
   FreeOutcome outcome = FreeOutcome::kFreed;
   py::object pins;
   BatchStatus refused;
@@ -300,12 +348,9 @@ void free_handle(SeedPool& p, const py::handle& handle) {
       outcome = FreeOutcome::kNotLive;
     } else {
       live = py::reinterpret_borrow<py::object>(found);  // dropped after the lock: it may be the last reference
-      const auto fields = py::reinterpret_steal<py::object>(PyObject_GetAttr(found, dict_name));
-      const auto priv = py::reinterpret_steal<py::object>(PyObject_GetAttr(found, private_name));
-      if (!fields || !priv || !PyDict_Check(fields.ptr()) || !PyDict_Check(priv.ptr())) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a KVHandle without its pydantic state");
-        throw py::error_already_set();
-      }
+      const py::object fields = found == h ? own_fields : dict_of(found);
+      const py::object priv = p.spec.private_attrs.get(found);
+      if (!PyDict_Check(priv.ptr())) throw py::type_error("a KVHandle without its private attributes");
       PyObject* pin_count = field(fields.ptr(), pins_name);
       PyObject* tokens = field(fields.ptr(), tokens_name);
       PyObject* ids_obj = field(priv.ptr(), ids_name);
@@ -330,8 +375,8 @@ void free_handle(SeedPool& p, const py::handle& handle) {
       }
       if (outcome == FreeOutcome::kFreed) {
         if (PyDict_DelItem(p.live.ptr(), key.ptr()) != 0) throw py::error_already_set();
-        mark_freed(p, found);
-        if (h != found) mark_freed(p, h);
+        mark_freed(p, found, fields.ptr());
+        if (h != found) mark_freed(p, h, own_fields.ptr());
       }
     }
   }
@@ -385,7 +430,9 @@ void bind_seed_pool(py::module_& m) {
                throw py::type_error("cls and uuid_cls must be classes");
              }
              HandleSpec spec{cls, defaults, names, fields_set, fallback, uuid_cls, uuid_safe, free_state,
-                             dtypes, layouts, devices, normalize, refusal};
+                             dtypes, layouts, devices, normalize, refusal,
+                             SlotReader(uuid_cls, "int"), SlotReader(cls, "__pydantic_private__"),
+                             SlotReader(cls, "__pydantic_fields_set__")};
              return std::make_unique<SeedPool>(static_cast<std::uint64_t>(max_tokens), bs, node_rank, std::move(spec));
            }),
            py::arg("max_tokens"), py::arg("block_size"), py::arg("node_rank"), py::kw_only(), py::arg("cls"),
