@@ -17,6 +17,7 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <stdexcept>
 #include <ctime>
 #include <mutex>
 #include <optional>
@@ -79,7 +80,8 @@ class TableLock {
   void acquire() {
     const std::thread::id self = std::this_thread::get_id();
     if (owner_.load(std::memory_order_relaxed) == self) {  // only this thread writes its own id
-      throw py::value_error("KVPool re-entered by the thread that is inside it (a finalizer or callback?)");
+      // std::runtime_error: pybind11 raises it as RuntimeError.
+      throw std::runtime_error("KVPool re-entered by the thread that holds its lock (from a finalizer or callback?)");
     }
     if (!mutex_.try_lock()) {
       py::gil_scoped_release release;  // the holder may need the GIL to finish
@@ -89,7 +91,7 @@ class TableLock {
   }
   void release() {
     if (owner_.load(std::memory_order_relaxed) != std::this_thread::get_id()) {
-      throw py::value_error("KVPool lock released by a thread that does not hold it");
+      throw std::runtime_error("KVPool lock released by a thread that does not hold it");
     }
     owner_.store(std::thread::id(), std::memory_order_relaxed);
     mutex_.unlock();
@@ -448,6 +450,7 @@ void bind_seed_pool(py::module_& m) {
              return false;
            })
       .def_readonly("live", &SeedPool::live)
+      .def_readwrite("node_rank", &SeedPool::node_rank)
       .def("stats", [](const SeedPool& p) { return stats_dict(p.core.stats()); })
       .def_property_readonly("allocated_tokens", [](const SeedPool& p) { return p.core.allocated_tokens(); })
       .def_property_readonly("blocks_in_use", [](const SeedPool& p) { return p.core.stats().blocks_in_use; })

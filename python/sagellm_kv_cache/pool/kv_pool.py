@@ -18,7 +18,6 @@ each; this module keeps the policy: argument checking, the handle template and t
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -229,7 +228,6 @@ class KVPool:
         if node_rank is not None:
             node_rank = _positive_int("node_rank", node_rank, allow_zero=True)
         self.on_budget_exceeded = on_budget_exceeded
-        self.node_rank = node_rank
         self.num_blocks = -(-self.max_tokens // self.block_size)
         segment_blocks = self.num_blocks
         if segment_blocks * -(-self.max_tokens // segment_blocks) > _INT32_IDS:
@@ -244,6 +242,16 @@ class KVPool:
         self.pinned_handles: set[uuid.UUID] = set()
         self._pinned_tokens = 0
         self.block_manager: BlockManager = _PoolBlockManager(self)
+
+    @property
+    def node_rank(self) -> int | None:
+        """The rank that new handles carry (``None``: single node)."""
+        rank: int | None = self._native.node_rank
+        return rank
+
+    @node_rank.setter
+    def node_rank(self, value: int | None) -> None:
+        self._native.node_rank = None if value is None else _positive_int("node_rank", value, allow_zero=True)
 
     # --- the native accounting, as the pool's private attributes --------------------------------
 
