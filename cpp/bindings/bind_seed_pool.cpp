@@ -125,6 +125,7 @@ struct SeedPool {
 
 [[noreturn]] void raise_refusal(const SeedPool& p, py::tuple args) {
   py::object exc = p.spec.refusal(*args);
+  if (!PyExceptionInstance_Check(exc.ptr())) throw py::type_error("refusal must return an exception instance");
   PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
   throw py::error_already_set();
 }
@@ -149,10 +150,11 @@ bool positive_tokens(PyObject* obj, std::uint64_t& out) {
   return true;
 }
 
-PyObject* lookup(const py::dict& table, PyObject* key) {
-  PyObject* hit = PyDict_GetItemWithError(table.ptr(), key);  // borrowed
-  if (hit == nullptr) PyErr_Clear();                          // unhashable: the validating path
-  return hit;
+// table[key] (a new reference), or null when absent or unhashable (then the validating path runs).
+py::object lookup(const py::dict& table, PyObject* key) {
+  PyObject* hit = PyDict_GetItemWithError(table.ptr(), key);
+  if (hit == nullptr) PyErr_Clear();
+  return py::reinterpret_borrow<py::object>(hit);
 }
 
 // A copy of a dict whose keys are all str (what the model requires); nullptr for anything else.
@@ -175,18 +177,18 @@ AllocArgs alloc_args(const SeedPool& p, const py::handle& num_tokens, const py::
                      const py::handle& layout, const py::handle& device, const py::handle& metadata) {
   AllocArgs a;
   const HandleSpec& s = p.spec;
-  PyObject* d = lookup(s.dtypes, dtype.ptr());
-  PyObject* l = d != nullptr ? lookup(s.layouts, layout.ptr()) : nullptr;
-  PyObject* dev = l != nullptr && PyUnicode_CheckExact(device.ptr()) ? lookup(s.devices, device.ptr()) : nullptr;
-  if (positive_tokens(num_tokens.ptr(), a.tokens) && dev != nullptr && PyTuple_CheckExact(dev) &&
-      PyTuple_GET_SIZE(dev) == 2) {
+  py::object d = lookup(s.dtypes, dtype.ptr());
+  py::object l = d ? lookup(s.layouts, layout.ptr()) : py::object();
+  py::object dev = l && PyUnicode_CheckExact(device.ptr()) ? lookup(s.devices, device.ptr()) : py::object();
+  if (positive_tokens(num_tokens.ptr(), a.tokens) && dev && PyTuple_CheckExact(dev.ptr()) &&
+      PyTuple_GET_SIZE(dev.ptr()) == 2) {
     a.metadata = metadata_copy(metadata.ptr());
     if (a.metadata) {
       a.num_tokens = py::reinterpret_borrow<py::object>(num_tokens);
-      a.dtype = py::reinterpret_borrow<py::object>(d);
-      a.layout = py::reinterpret_borrow<py::object>(l);
-      a.device = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(dev, 0));
-      a.tier = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(dev, 1));
+      a.dtype = std::move(d);
+      a.layout = std::move(l);
+      a.device = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(dev.ptr(), 0));
+      a.tier = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(dev.ptr(), 1));
       return a;
     }
   }
@@ -234,16 +236,17 @@ void make_read_only(const py::array& ids) {
 // A fresh handle owning `ids` (filled in later, before anyone else sees the handle) and its table key.
 py::object build_handle(const SeedPool& p, const AllocArgs& a, const py::array& ids, py::object& key) {
   const HandleSpec& s = p.spec;
-  py::object stamp = now();
+  const py::object rank = p.node_rank;  // held: another thread may assign node_rank meanwhile
   if (s.defaults.is_none()) {
-    py::object handle = s.fallback(a.num_tokens, a.dtype, a.layout, a.device, a.tier, p.node_rank, a.metadata, ids);
+    py::object handle = s.fallback(a.num_tokens, a.dtype, a.layout, a.device, a.tier, rank, a.metadata, ids);
     key = handle.attr("handle_id").attr("int");
     return handle;
   }
-  py::object id = new_uuid4(s.uuid_cls.ptr(), s.uuid_safe.ptr(), &key);
+  const py::object stamp = now();
+  const py::object id = new_uuid4(s.uuid_cls.ptr(), s.uuid_safe.ptr(), &key);
   // In the order of KVHandle's _PER_HANDLE_ORDER.
   PyObject* const values[] = {id.ptr(), a.num_tokens.ptr(), a.num_tokens.ptr(), a.dtype.ptr(), a.layout.ptr(),
-                              a.device.ptr(), a.tier.ptr(), p.node_rank.ptr(), stamp.ptr(), stamp.ptr(),
+                              a.device.ptr(), a.tier.ptr(), rank.ptr(), stamp.ptr(), stamp.ptr(),
                               a.metadata.ptr()};
   static PyObject* const ids_name = interned("_block_ids");
   auto private_attrs = py::reinterpret_steal<py::object>(PyDict_New());
@@ -353,20 +356,21 @@ void free_handle(SeedPool& p, const py::handle& handle) {
       const py::object fields = found == h ? own_fields : dict_of(found);
       const py::object priv = p.spec.private_attrs.get(found);
       if (!PyDict_Check(priv.ptr())) throw py::type_error("a KVHandle without its private attributes");
-      PyObject* pin_count = field(fields.ptr(), pins_name);
-      PyObject* tokens = field(fields.ptr(), tokens_name);
-      PyObject* ids_obj = field(priv.ptr(), ids_name);
-      if (pin_count == nullptr || tokens == nullptr || ids_obj == nullptr) {
+      // Held, not borrowed: reading odd block ids may run Python code that rewrites the handle.
+      const auto pin_count = py::reinterpret_borrow<py::object>(field(fields.ptr(), pins_name));
+      const auto tokens = py::reinterpret_borrow<py::object>(field(fields.ptr(), tokens_name));
+      const auto ids_obj = py::reinterpret_borrow<py::object>(field(priv.ptr(), ids_name));
+      if (!pin_count || !tokens || !ids_obj) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a KVHandle without num_tokens, pin_count or block ids");
         throw py::error_already_set();
       }
-      if (!PyLong_CheckExact(pin_count) || PyLong_AsLong(pin_count) != 0) {
+      if (!PyLong_CheckExact(pin_count.ptr()) || PyLong_AsLong(pin_count.ptr()) != 0) {
         PyErr_Clear();
         outcome = FreeOutcome::kPinned;
-        pins = py::reinterpret_borrow<py::object>(pin_count);
+        pins = pin_count;
       } else {
         std::uint64_t n = 0;
-        if (!positive_tokens(tokens, n)) throw py::value_error("handle num_tokens is not a positive int");
+        if (!positive_tokens(tokens.ptr(), n)) throw py::value_error("handle num_tokens is not a positive int");
         const BlockIds ids(ids_obj, "block_ids");
         refused = p.core.release(n, ids.span());
         if (!refused.ok()) {

@@ -416,3 +416,16 @@ def test_threads_allocate_free_pin_and_read_at_once() -> None:
                                 "num_handles": 0, "pinned_tokens": 0, "unpinned_tokens": 0, "used_tokens": 0}
     assert pool.get_block_stats()["used_blocks"] == 0 and pool.get_block_stats()["block_id_capacity"] == 256
     assert pool.pinned_handles == set()
+
+
+def test_pool_builds_validated_handles_when_the_template_cannot_be_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A protocol version with mutable field defaults: the pool builds each handle through create().
+    from sagellm_kv_cache.models import kv_handle
+
+    monkeypatch.setattr(kv_handle, "_TEMPLATE_IS_SHAREABLE", False)
+    pool = KVPool(max_tokens=256, block_size=16, node_rank=1)
+    h = pool.alloc(40, metadata={"a": 1})
+    assert h.block_ids.tolist() == [0, 1, 2] and h.rank == 1 and h.metadata == {"a": 1}
+    assert pool.handles == {h.handle_id: h}
+    pool.free(h)
+    assert h.state == KVBlockState.FREE and pool.get_allocated_tokens() == 0
