@@ -21,6 +21,7 @@
 #include <ctime>
 #include <mutex>
 #include <optional>
+#include <utility>
 #include <string>
 #include <thread>
 
@@ -316,7 +317,86 @@ void mark_freed(const SeedPool& p, PyObject* handle, PyObject* fields) {
 // The field `name` of a live handle, read from its __dict__ (no Python code runs); nullptr when absent.
 PyObject* field(PyObject* fields, PyObject* name) { return PyDict_GetItemWithError(fields, name); }
 
-enum class FreeOutcome { kFreed, kNotLive, kPinned, kRefused };
+// What free found under the lock; acted on (errors raised) after the lock is dropped.
+struct FreeResult {
+  enum class Outcome { kFreed, kNotLive, kPinned, kRefused } outcome = Outcome::kFreed;
+  py::object live;        // the table's handle: dropped after the lock, it may be the last reference
+  py::object pin_count;   // kPinned
+  BatchStatus refused;    // kRefused: the handle's ids or token count were changed after alloc
+  std::size_t num_ids = 0;
+  std::uint64_t tokens = 0;
+};
+
+// The handle's id and its table key (handle_id.int), read from its field dict.
+std::pair<py::object, py::object> handle_key(const SeedPool& p, PyObject* fields) {
+  static PyObject* const id_name = interned("handle_id");
+  const auto handle_id = py::reinterpret_borrow<py::object>(field(fields, id_name));
+  if (!handle_id) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a KVHandle without a handle_id");
+    throw py::error_already_set();
+  }
+  const bool exact = Py_TYPE(handle_id.ptr()) == reinterpret_cast<PyTypeObject*>(p.spec.uuid_cls.ptr());
+  py::object key = exact ? p.spec.uuid_int.get(handle_id.ptr()) : handle_id.attr("int");
+  return {handle_id, std::move(key)};
+}
+
+// Check and commit for the live handle `found` (the table lock held): returns its tokens and ids
+// to the TokenPool, drops it from the table and marks it (and the caller's copy `h`) freed; or
+// reports why not, changing nothing.
+void free_live(SeedPool& p, PyObject* h, PyObject* found, const py::object& key, const py::object& own_fields,
+               FreeResult& r) {
+  static PyObject* const pins_name = interned("pin_count");
+  static PyObject* const tokens_name = interned("num_tokens");
+  static PyObject* const ids_name = interned("_block_ids");
+  const py::object fields = found == h ? own_fields : dict_of(found);
+  const py::object priv = p.spec.private_attrs.get(found);
+  if (!PyDict_Check(priv.ptr())) throw py::type_error("a KVHandle without its private attributes");
+  // Held, not borrowed: reading odd block ids may run Python code that rewrites the handle.
+  const auto pin_count = py::reinterpret_borrow<py::object>(field(fields.ptr(), pins_name));
+  const auto tokens = py::reinterpret_borrow<py::object>(field(fields.ptr(), tokens_name));
+  const auto ids_obj = py::reinterpret_borrow<py::object>(field(priv.ptr(), ids_name));
+  if (!pin_count || !tokens || !ids_obj) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a KVHandle without num_tokens, pin_count or block ids");
+    throw py::error_already_set();
+  }
+  if (!PyLong_CheckExact(pin_count.ptr()) || PyLong_AsLong(pin_count.ptr()) != 0) {
+    PyErr_Clear();
+    r.outcome = FreeResult::Outcome::kPinned;
+    r.pin_count = pin_count;
+    return;
+  }
+  if (!positive_tokens(tokens.ptr(), r.tokens)) throw py::value_error("handle num_tokens is not a positive int");
+  const BlockIds ids(ids_obj, "block_ids");
+  r.refused = p.core.release(r.tokens, ids.span());
+  if (!r.refused.ok()) {
+    r.outcome = FreeResult::Outcome::kRefused;
+    r.num_ids = ids.span().size();
+    return;
+  }
+  if (PyDict_DelItem(p.live.ptr(), key.ptr()) != 0) throw py::error_already_set();
+  mark_freed(p, found, fields.ptr());
+  if (h != found) mark_freed(p, h, own_fields.ptr());
+}
+
+// Raises the error for a refused free (no lock held: building it runs Python code).
+[[noreturn]] void raise_free_refusal(const SeedPool& p, const py::handle& handle, const py::object& handle_id,
+                                     const FreeResult& r) {
+  if (r.outcome == FreeResult::Outcome::kNotLive) {
+    static PyObject* const state_name = interned("state");
+    const int freed = PyObject_RichCompareBool(handle.attr(state_name).ptr(), p.spec.free_state.ptr(), Py_EQ);
+    if (freed < 0) throw py::error_already_set();
+    raise_refusal(p, py::make_tuple(freed != 0 ? "double_free" : "not_found", handle_id));
+  }
+  if (r.outcome == FreeResult::Outcome::kPinned) raise_refusal(p, py::make_tuple("pinned", handle_id, r.pin_count));
+  const std::string what = "free: handle " + py::str(handle_id).cast<std::string>();
+  if (r.refused.code == ErrorCode::kInvalidArgument) {
+    throw Error(ErrorCode::kInvalidBlock, what + " holds " + std::to_string(r.num_ids) +
+                                              " block ids, which does not match its " + std::to_string(r.tokens) +
+                                              " tokens; nothing was freed");
+  }
+  throw Error(r.refused.code, what + ": block id " + std::to_string(r.refused.id) + " at position " +
+                                  std::to_string(r.refused.index) + " is not one it owns; nothing was freed");
+}
 
 void free_handle(SeedPool& p, const py::handle& handle) {
   PyObject* h = handle.ptr();
@@ -325,84 +405,22 @@ void free_handle(SeedPool& p, const py::handle& handle) {
     if (is < 0) throw py::error_already_set();
     if (is == 0) throw py::type_error(std::string("expected a KVHandle, got ") + Py_TYPE(h)->tp_name);
   }
-  static PyObject* const id_name = interned("handle_id");
-  static PyObject* const pins_name = interned("pin_count");
-  static PyObject* const tokens_name = interned("num_tokens");
-  static PyObject* const ids_name = interned("_block_ids");
   const py::object own_fields = dict_of(h);
-  PyObject* id_obj = field(own_fields.ptr(), id_name);
-  if (id_obj == nullptr) {
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a KVHandle without a handle_id");
-    throw py::error_already_set();
-  }
-  const auto handle_id = py::reinterpret_borrow<py::object>(id_obj);
-  const py::object key = Py_TYPE(id_obj) == reinterpret_cast<PyTypeObject*>(p.spec.uuid_cls.ptr())
-                             ? p.spec.uuid_int.get(id_obj)
-                             : handle_id.attr("int");
-  FreeOutcome outcome = FreeOutcome::kFreed;
-  py::object pins;
-  BatchStatus refused;
-  std::size_t num_ids = 0;
-  std::uint64_t tokens_held = 0;
-  py::object live;
+  const auto [handle_id, key] = handle_key(p, own_fields.ptr());
+  FreeResult r;
   {
     Held held(p.lock);
     PyObject* found = PyDict_GetItemWithError(p.live.ptr(), key.ptr());
-    if (found == nullptr) {
-      if (PyErr_Occurred()) throw py::error_already_set();
-      outcome = FreeOutcome::kNotLive;
+    if (found != nullptr) {
+      r.live = py::reinterpret_borrow<py::object>(found);
+      free_live(p, h, found, key, own_fields, r);
+    } else if (PyErr_Occurred()) {
+      throw py::error_already_set();
     } else {
-      live = py::reinterpret_borrow<py::object>(found);  // dropped after the lock: it may be the last reference
-      const py::object fields = found == h ? own_fields : dict_of(found);
-      const py::object priv = p.spec.private_attrs.get(found);
-      if (!PyDict_Check(priv.ptr())) throw py::type_error("a KVHandle without its private attributes");
-      // Held, not borrowed: reading odd block ids may run Python code that rewrites the handle.
-      const auto pin_count = py::reinterpret_borrow<py::object>(field(fields.ptr(), pins_name));
-      const auto tokens = py::reinterpret_borrow<py::object>(field(fields.ptr(), tokens_name));
-      const auto ids_obj = py::reinterpret_borrow<py::object>(field(priv.ptr(), ids_name));
-      if (!pin_count || !tokens || !ids_obj) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a KVHandle without num_tokens, pin_count or block ids");
-        throw py::error_already_set();
-      }
-      if (!PyLong_CheckExact(pin_count.ptr()) || PyLong_AsLong(pin_count.ptr()) != 0) {
-        PyErr_Clear();
-        outcome = FreeOutcome::kPinned;
-        pins = pin_count;
-      } else {
-        std::uint64_t n = 0;
-        if (!positive_tokens(tokens.ptr(), n)) throw py::value_error("handle num_tokens is not a positive int");
-        const BlockIds ids(ids_obj, "block_ids");
-        refused = p.core.release(n, ids.span());
-        if (!refused.ok()) {
-          outcome = FreeOutcome::kRefused;
-          num_ids = ids.span().size();
-          tokens_held = n;
-        }
-      }
-      if (outcome == FreeOutcome::kFreed) {
-        if (PyDict_DelItem(p.live.ptr(), key.ptr()) != 0) throw py::error_already_set();
-        mark_freed(p, found, fields.ptr());
-        if (h != found) mark_freed(p, h, own_fields.ptr());
-      }
+      r.outcome = FreeResult::Outcome::kNotLive;
     }
   }
-  if (outcome == FreeOutcome::kNotLive) {
-    static PyObject* const state_name = interned("state");
-    const int freed = PyObject_RichCompareBool(handle.attr(state_name).ptr(), p.spec.free_state.ptr(), Py_EQ);
-    if (freed < 0) throw py::error_already_set();
-    raise_refusal(p, py::make_tuple(freed != 0 ? "double_free" : "not_found", handle_id));
-  }
-  if (outcome == FreeOutcome::kPinned) raise_refusal(p, py::make_tuple("pinned", handle_id, pins));
-  if (outcome == FreeOutcome::kRefused) {  // the handle's ids or token count were changed after alloc
-    const std::string what = "free: handle " + py::str(handle_id).cast<std::string>();
-    if (refused.code == ErrorCode::kInvalidArgument) {
-      throw Error(ErrorCode::kInvalidBlock, what + " holds " + std::to_string(num_ids) +
-                                                " block ids, which does not match its " + std::to_string(tokens_held) +
-                                                " tokens; nothing was freed");
-    }
-    throw Error(refused.code, what + ": block id " + std::to_string(refused.id) + " at position " +
-                                  std::to_string(refused.index) + " is not one it owns; nothing was freed");
-  }
+  if (r.outcome != FreeResult::Outcome::kFreed) raise_free_refusal(p, handle, handle_id, r);
 }
 
 py::dict stats_dict(const TokenPoolStats& s) {
