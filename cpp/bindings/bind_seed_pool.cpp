@@ -78,6 +78,15 @@ struct HandleSpec {
 // A mutex for the live-handle table that releases the GIL while it waits.
 class TableLock {
  public:
+  TableLock() = default;
+  TableLock(const TableLock&) = delete;
+  TableLock& operator=(const TableLock&) = delete;
+  // A pool dropped by the thread that entered it and never left (`__enter__` without `__exit__`):
+  // unlock first, destroying a locked mutex is undefined.
+  ~TableLock() {
+    if (owner_.load(std::memory_order_relaxed) == std::this_thread::get_id()) mutex_.unlock();
+  }
+
   void acquire() {
     const std::thread::id self = std::this_thread::get_id();
     if (owner_.load(std::memory_order_relaxed) == self) {  // only this thread writes its own id

@@ -330,6 +330,9 @@ def test_reentering_the_pool_while_it_is_locked_raises_instead_of_deadlocking() 
     pool.free(h)
     with pytest.raises(RuntimeError, match="does not hold"):
         pool._lock.__exit__(None, None, None)
+    other = KVPool(max_tokens=64, block_size=16)
+    other._lock.__enter__()
+    del other  # dropped while entered: the pool unlocks before it goes
 
 
 def test_a_tampered_handle_is_refused_without_change() -> None:
