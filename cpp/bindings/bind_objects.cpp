@@ -41,8 +41,8 @@ PyObject* interned(const char* text) {
   return s;
 }
 
-py::object new_bare(const py::type& cls) {
-  auto* type = reinterpret_cast<PyTypeObject*>(cls.ptr());
+py::object new_bare(PyObject* cls) {
+  auto* type = reinterpret_cast<PyTypeObject*>(cls);
   static PyObject* const no_args = PyTuple_New(0);  // kept for the process
   PyObject* obj = PyBaseObject_Type.tp_new(type, no_args, nullptr);  // object.__new__(cls)
   if (obj == nullptr) throw py::error_already_set();
@@ -51,64 +51,78 @@ py::object new_bare(const py::type& cls) {
 
 }  // namespace
 
+py::object new_uuid4(PyObject* uuid_cls, PyObject* is_safe, py::object* int_out) {
+  // A version-4, RFC 4122 variant UUID, as uuid.uuid4() lays it out, from the process's generator
+  // (a Mersenne Twister seeded from the OS): not for secrets.
+  std::mt19937_64& rng = uuid_rng();
+  std::uint64_t hi = rng();
+  std::uint64_t lo = rng();
+  hi = (hi & ~std::uint64_t{0xF000}) | std::uint64_t{0x4000};              // version 4
+  lo = (lo & ~(std::uint64_t{0xC} << 60)) | (std::uint64_t{0x8} << 60);  // variant 10
+  const unsigned char bytes[16] = {
+      static_cast<unsigned char>(lo), static_cast<unsigned char>(lo >> 8),
+      static_cast<unsigned char>(lo >> 16), static_cast<unsigned char>(lo >> 24),
+      static_cast<unsigned char>(lo >> 32), static_cast<unsigned char>(lo >> 40),
+      static_cast<unsigned char>(lo >> 48), static_cast<unsigned char>(lo >> 56),
+      static_cast<unsigned char>(hi), static_cast<unsigned char>(hi >> 8),
+      static_cast<unsigned char>(hi >> 16), static_cast<unsigned char>(hi >> 24),
+      static_cast<unsigned char>(hi >> 32), static_cast<unsigned char>(hi >> 40),
+      static_cast<unsigned char>(hi >> 48), static_cast<unsigned char>(hi >> 56)};
+  auto value = py::reinterpret_steal<py::object>(_PyLong_FromByteArray(bytes, 16, 1, 0));
+  if (!value) throw py::error_already_set();
+  static PyObject* const int_name = interned("int");
+  static PyObject* const safe_name = interned("is_safe");
+  py::object out = new_bare(uuid_cls);
+  set_generic(out.ptr(), int_name, value.ptr());
+  set_generic(out.ptr(), safe_name, is_safe);
+  if (int_out != nullptr) *int_out = std::move(value);
+  return out;
+}
+
+py::object trusted_model(PyObject* cls, PyObject* defaults, std::span<PyObject* const> names,
+                         std::span<PyObject* const> values, PyObject* fields_set, PyObject* private_attrs) {
+  // What pydantic's model_construct leaves behind, for values the caller has validated:
+  // __dict__ = defaults updated with names -> values, a copy of fields_set, no extras.
+  if (names.size() != values.size()) {
+    throw py::value_error("names and values differ in length: " + std::to_string(names.size()) + " and " +
+                          std::to_string(values.size()));
+  }
+  auto fields = py::reinterpret_steal<py::dict>(PyDict_Copy(defaults));
+  if (!fields) throw py::error_already_set();
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    if (PyDict_SetItem(fields.ptr(), names[i], values[i]) != 0) throw py::error_already_set();
+  }
+  auto set_copy = py::reinterpret_steal<py::object>(PySet_New(fields_set));
+  if (!set_copy) throw py::error_already_set();
+  static PyObject* const dict_name = interned("__dict__");
+  static PyObject* const set_name = interned("__pydantic_fields_set__");
+  static PyObject* const extra_name = interned("__pydantic_extra__");
+  static PyObject* const private_name = interned("__pydantic_private__");
+  py::object out = new_bare(cls);
+  set_generic(out.ptr(), dict_name, fields.ptr());
+  set_generic(out.ptr(), set_name, set_copy.ptr());
+  set_generic(out.ptr(), extra_name, Py_None);
+  set_generic(out.ptr(), private_name, private_attrs);
+  return out;
+}
+
 void bind_objects(py::module_& m) {
   static std::once_flag at_fork;
   std::call_once(at_fork, [] { (void)pthread_atfork(nullptr, nullptr, reseed_after_fork); });
 
   m.def("uuid4", [](const py::type& uuid_cls, const py::object& is_safe) {
-          // A version-4, RFC 4122 variant UUID, as uuid.uuid4() lays it out, from the process's
-          // generator (a Mersenne Twister seeded from the OS): not for secrets.
-          std::mt19937_64& rng = uuid_rng();
-          std::uint64_t hi = rng();
-          std::uint64_t lo = rng();
-          hi = (hi & ~std::uint64_t{0xF000}) | std::uint64_t{0x4000};              // version 4
-          lo = (lo & ~(std::uint64_t{0xC} << 60)) | (std::uint64_t{0x8} << 60);  // variant 10
-          const unsigned char bytes[16] = {
-              static_cast<unsigned char>(lo), static_cast<unsigned char>(lo >> 8),
-              static_cast<unsigned char>(lo >> 16), static_cast<unsigned char>(lo >> 24),
-              static_cast<unsigned char>(lo >> 32), static_cast<unsigned char>(lo >> 40),
-              static_cast<unsigned char>(lo >> 48), static_cast<unsigned char>(lo >> 56),
-              static_cast<unsigned char>(hi), static_cast<unsigned char>(hi >> 8),
-              static_cast<unsigned char>(hi >> 16), static_cast<unsigned char>(hi >> 24),
-              static_cast<unsigned char>(hi >> 32), static_cast<unsigned char>(hi >> 40),
-              static_cast<unsigned char>(hi >> 48), static_cast<unsigned char>(hi >> 56)};
-          auto value = py::reinterpret_steal<py::object>(_PyLong_FromByteArray(bytes, 16, 1, 0));
-          if (!value) throw py::error_already_set();
-          static PyObject* const int_name = interned("int");
-          static PyObject* const safe_name = interned("is_safe");
-          py::object out = new_bare(uuid_cls);
-          set_generic(out.ptr(), int_name, value.ptr());
-          set_generic(out.ptr(), safe_name, is_safe.ptr());
-          return out;
+          return new_uuid4(uuid_cls.ptr(), is_safe.ptr(), nullptr);
         },
         py::arg("uuid_cls"), py::arg("is_safe"),
         "A random version-4 UUID of class `uuid_cls` (uuid.UUID), built without running its __init__.");
 
   m.def("trusted_model", [](const py::type& cls, const py::dict& defaults, const py::tuple& names,
                             const py::tuple& values, const py::set& fields_set, const py::dict& private_attrs) {
-          // What pydantic's model_construct leaves behind, for values the caller has validated:
-          // __dict__ = defaults updated with names -> values, a copy of fields_set, no extras.
-          if (names.size() != values.size()) {
-            throw py::value_error("names and values differ in length: " + std::to_string(names.size()) + " and " +
-                                  std::to_string(values.size()));
-          }
-          auto fields = py::reinterpret_steal<py::dict>(PyDict_Copy(defaults.ptr()));
-          if (!fields) throw py::error_already_set();
-          for (std::size_t i = 0; i < names.size(); ++i) {
-            if (PyDict_SetItem(fields.ptr(), names[i].ptr(), values[i].ptr()) != 0) throw py::error_already_set();
-          }
-          auto set_copy = py::reinterpret_steal<py::object>(PySet_New(fields_set.ptr()));
-          if (!set_copy) throw py::error_already_set();
-          static PyObject* const dict_name = interned("__dict__");
-          static PyObject* const set_name = interned("__pydantic_fields_set__");
-          static PyObject* const extra_name = interned("__pydantic_extra__");
-          static PyObject* const private_name = interned("__pydantic_private__");
-          py::object out = new_bare(cls);
-          set_generic(out.ptr(), dict_name, fields.ptr());
-          set_generic(out.ptr(), set_name, set_copy.ptr());
-          set_generic(out.ptr(), extra_name, Py_None);
-          set_generic(out.ptr(), private_name, private_attrs.ptr());
-          return out;
+          auto items = [](const py::tuple& t) {
+            return std::span<PyObject* const>(&PyTuple_GET_ITEM(t.ptr(), 0), static_cast<std::size_t>(t.size()));
+          };
+          return trusted_model(cls.ptr(), defaults.ptr(), items(names), items(values), fields_set.ptr(),
+                               private_attrs.ptr());
         },
         py::arg("cls"), py::arg("defaults"), py::arg("names"), py::arg("values"), py::arg("fields_set"),
         py::arg("private_attrs"),

@@ -27,6 +27,17 @@ void bind_manager(py::module_& m);
 void bind_tier(py::module_& m);
 void bind_objects(py::module_& m);
 void bind_offload(py::module_& m);
+void bind_seed_pool(py::module_& m);
+
+/// A random version-4 UUID of class `uuid_cls` (uuid.UUID) with `is_safe`, built without running
+/// its __init__ (bind_objects.cpp); `int_out`, when given, receives its `int` value. Needs the GIL.
+py::object new_uuid4(PyObject* uuid_cls, PyObject* is_safe, py::object* int_out);
+
+/// An instance of the pydantic model `cls` built without validation, for values the caller has
+/// checked: __dict__ is a copy of `defaults` updated with names[i] -> values[i], the fields set a
+/// copy of `fields_set`, no extras, `private_attrs` as __pydantic_private__. Needs the GIL.
+py::object trusted_model(PyObject* cls, PyObject* defaults, std::span<PyObject* const> names,
+                         std::span<PyObject* const> values, PyObject* fields_set, PyObject* private_attrs);
 
 /// A PrefixCache's counters as a dict (the names of PrefixCacheStats' fields).
 py::dict prefix_stats_dict(const PrefixCacheStats& s);

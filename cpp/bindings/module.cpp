@@ -12,4 +12,5 @@ PYBIND11_MODULE(_core, m) {
   sagellm::kv::bindings::bind_tier(m);
   sagellm::kv::bindings::bind_objects(m);
   sagellm::kv::bindings::bind_offload(m);
+  sagellm::kv::bindings::bind_seed_pool(m);
 }

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import random
+import sys
+import threading
 import uuid
 
+import numpy as np
 import pytest
 import sagellm_kv_cache
 from sagellm_kv_cache import (
@@ -14,6 +18,7 @@ from sagellm_kv_cache import (
     KVHandle,
     KVHandleNotFoundError,
     KVHandlePinnedError,
+    KVInvalidBlockError,
     KVPoolFullError,
     KVRefCountUnderflowError,
 )
@@ -296,3 +301,134 @@ def test_handles_get_fresh_version4_ids_in_forked_children_too() -> None:
     os.close(read)
     os.close(write)
     assert child != pool.alloc(16).handle_id.bytes
+
+
+def test_budget_callback_may_use_the_pool() -> None:
+    # The callback runs without the pool's lock held (the seed held its lock): it can read the pool.
+    seen: list[tuple[int, int, bool]] = []
+    pool = KVPool(max_tokens=64, block_size=16)
+    pool.on_budget_exceeded = lambda req, avail, top: seen.append((req, pool.get_available_tokens(),
+                                                                    pool.can_admit(avail)))
+    pool.alloc(60)
+    with pytest.raises(KVBudgetExceededError) as info:
+        pool.alloc(5)
+    assert seen == [(5, 4, True)] and info.value.context["max_tokens"] == 64
+    with pytest.raises(KVBudgetExceededError):
+        pool.alloc(2**70)  # beyond any budget: refused, the value named as given
+    assert seen[-1][0] == 2**70 and pool.get_stats()["num_handles"] == 1
+
+
+def test_reentering_the_pool_while_it_is_locked_raises_instead_of_deadlocking() -> None:
+    pool = KVPool(max_tokens=64, block_size=16)
+    h = pool.alloc(16)
+    with pool._lock:
+        with pytest.raises(RuntimeError, match="re-entered"):
+            pool.alloc(16)
+        with pytest.raises(RuntimeError, match="re-entered"):
+            pool.free(h)
+    assert pool.get_stats()["num_handles"] == 1
+    pool.free(h)
+    with pytest.raises(RuntimeError, match="does not hold"):
+        pool._lock.__exit__(None, None, None)
+    other = KVPool(max_tokens=64, block_size=16)
+    other._lock.__enter__()
+    del other  # dropped while entered: the pool unlocks before it goes
+
+
+def test_a_tampered_handle_is_refused_without_change() -> None:
+    pool = KVPool(max_tokens=256, block_size=16)
+    h = pool.alloc(40)  # 3 blocks
+    ids = h.__pydantic_private__["_block_ids"]
+    with pytest.raises(ValueError, match="read-only"):
+        ids[0] = 99  # the pool's own copy of the ids cannot be rewritten in place
+    h.num_tokens = 1  # one block's worth: does not match the three ids it holds
+    with pytest.raises(KVInvalidBlockError, match="does not match"):
+        pool.free(h)
+    h.num_tokens = 40
+    h.__pydantic_private__["_block_ids"] = np.array([0, 1, 7], dtype=np.int32)  # 7 was never allocated
+    with pytest.raises(KVDoubleFreeError, match="block id 7"):
+        pool.free(h)
+    assert pool.get_allocated_tokens() == 40 and len(pool) == 1 and h.state != KVBlockState.FREE
+    h.__pydantic_private__["_block_ids"] = ids
+    pool.free(h)
+    assert pool.get_allocated_tokens() == 0 and pool.get_block_stats()["used_blocks"] == 0
+
+
+def test_node_rank_follows_the_attribute() -> None:
+    pool = KVPool(max_tokens=64, block_size=16, node_rank=2)
+    assert pool.alloc(1).rank == 2
+    pool.node_rank = 5
+    assert pool.alloc(1).rank == 5 and pool.node_rank == 5
+    with pytest.raises(ValueError, match="node_rank"):
+        pool.node_rank = -1
+    pool.node_rank = None
+    assert pool.alloc(1).rank is None
+
+
+def test_threads_allocate_free_pin_and_read_at_once() -> None:
+    pool = KVPool(max_tokens=4096, block_size=16)  # small enough that allocations are refused
+    errors: list[BaseException] = []
+    refused = [0]
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        held: list[KVHandle] = []
+        try:
+            for _ in range(1500):
+                action = rng.random()
+                if action < 0.45 or not held:
+                    try:
+                        held.append(pool.alloc(rng.randint(1, 70)))
+                    except KVBudgetExceededError:
+                        refused[0] += 1
+                elif action < 0.8:
+                    h = held.pop(rng.randrange(len(held)))
+                    pool.free(h)
+                    with pytest.raises(KVDoubleFreeError):
+                        pool.free(h)
+                elif action < 0.9:
+                    h = held[rng.randrange(len(held))]
+                    pool.pin(h)
+                    with pytest.raises(KVHandlePinnedError):
+                        pool.free(h)
+                    pool.unpin(h)
+                else:
+                    stats = pool.get_stats()
+                    assert 0 <= stats["allocated_tokens"] <= 4096 and stats["pinned_tokens"] >= 0
+                    live = pool.handles
+                    ids = [int(i) for h in live.values() for i in h.block_ids]
+                    assert len(ids) == len(set(ids))  # no block id held twice
+            for h in held:
+                pool.free(h)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: inside pin, stats and the handle snapshot
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert refused[0] > 0  # the budget was reached: the refusal path ran under contention too
+    assert pool.get_stats() == {"allocated_tokens": 0, "available_tokens": 4096, "max_tokens": 4096,
+                                "num_handles": 0, "pinned_tokens": 0, "unpinned_tokens": 0, "used_tokens": 0}
+    assert pool.get_block_stats()["used_blocks"] == 0 and pool.get_block_stats()["block_id_capacity"] == 256
+    assert pool.pinned_handles == set()
+
+
+def test_pool_builds_validated_handles_when_the_template_cannot_be_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A protocol version with mutable field defaults: the pool builds each handle through create().
+    from sagellm_kv_cache.models import kv_handle
+
+    monkeypatch.setattr(kv_handle, "_TEMPLATE_IS_SHAREABLE", False)
+    pool = KVPool(max_tokens=256, block_size=16, node_rank=1)
+    h = pool.alloc(40, metadata={"a": 1})
+    assert h.block_ids.tolist() == [0, 1, 2] and h.rank == 1 and h.metadata == {"a": 1}
+    assert pool.handles == {h.handle_id: h}
+    pool.free(h)
+    assert h.state == KVBlockState.FREE and pool.get_allocated_tokens() == 0

@@ -9,12 +9,15 @@ Admission is by the token budget alone, as in the original package: whatever fit
 ``max_tokens`` is admitted, however the handles round up to blocks. Handles whose last block is
 partly filled can need more block ids than ``ceil(max_tokens / block_size)`` (at most one per
 token), so the id space grows on demand in segments of that size, each a lock-free allocator of its
-own (see :class:`_BlockIdSpace`); with full blocks only the first segment is ever used.
+own; with full blocks only the first segment is ever used.
+
+The accounting is the C++ ``TokenPool`` (``cpp/include/sagellm_kv/token_pool.hpp``) and the handle
+table lives in its binding (``_core.SeedPool``), so ``alloc`` and ``free`` are one call into C++
+each; this module keeps the policy: argument checking, the handle template and the seed's errors.
 """
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,9 +32,8 @@ from sagellm_kv_cache.errors import (
     KVDoubleFreeError,
     KVHandleNotFoundError,
     KVHandlePinnedError,
-    KVInvalidBlockError,
-    KVPoolFullError,
 )
+from sagellm_kv_cache.models import kv_handle as _kv_handle
 from sagellm_kv_cache.models.kv_handle import KVHandle
 from sagellm_kv_cache.pool.block_manager import BlockManager
 
@@ -73,7 +75,6 @@ _DTYPES: dict[Any, DType] = {**{m: m for m in DType}, **{m.value: m for m in DTy
 _LAYOUTS: dict[Any, Layout] = {**{m: m for m in Layout}, **{m.value: m for m in Layout}}
 _DEVICES: dict[str, tuple[str, MemoryTier]] = {}
 _MAX_CACHED_DEVICES = 256
-_FREED_FIELDS = ("state", "ref_count")
 _FREE = KVBlockState.FREE
 
 
@@ -100,81 +101,54 @@ def _device_of(device: Any) -> tuple[str, MemoryTier]:
 _INT32_IDS = 2**31 - 1
 
 
-class _BlockIdSpace:
-    """Block ids for a token budget of ``max_tokens`` in blocks of ``block_size`` tokens.
+def _normalize(num_tokens: Any, dtype: Any, layout: Any, device: Any, metadata: Any) -> tuple[Any, ...]:
+    """The checked arguments of an allocation that the native fast path's tables do not hold
+    (``_core.SeedPool.alloc`` calls it); raises the seed's errors for bad values."""
+    if num_tokens.__class__ is not int or num_tokens <= 0:
+        num_tokens = _positive_int("num_tokens", num_tokens)
+    try:
+        dtype_member = _DTYPES[dtype]
+        layout_member = _LAYOUTS[layout]
+        canonical, tier = _DEVICES[device]
+    except (KeyError, TypeError):
+        dtype_member = DType(getattr(dtype, "value", dtype))
+        layout_member = Layout(getattr(layout, "value", layout))
+        canonical, tier = _device_of(device)
+    return num_tokens, dtype_member, layout_member, canonical, tier, {} if metadata is None else _metadata(metadata)
 
-    Segment ``k`` hands out ids ``[k * S, (k + 1) * S)`` (``S = ceil(max_tokens / block_size)``)
-    from its own :class:`_core.BlockAllocator`. Segment 0 always exists; more are added when an
-    allocation does not fit in the free ids, up to ``ceil(max_tokens / S)`` segments, which covers
-    the worst case (every handle one token, one block each). Trailing segments that become empty
-    are dropped again.
 
-    Not thread-safe on its own: the owning pool calls it under its lock, which is also what makes
-    an allocation spread over several segments all-or-nothing.
-    """
+def _refusal(kind: str, *details: Any) -> Exception:
+    """The seed's error for a refused ``alloc`` or ``free`` (built for ``_core.SeedPool``)."""
+    if kind == "budget":
+        requested, available, max_tokens = details
+        return KVBudgetExceededError(requested, available, context={"max_tokens": max_tokens})
+    handle_id = details[0]
+    if kind == "double_free":
+        return KVDoubleFreeError(handle_id)
+    if kind == "pinned":
+        return KVHandlePinnedError(handle_id, operation="free", pin_count=details[1])
+    return KVHandleNotFoundError(handle_id, context={"reason": "not allocated by this pool"})
 
-    def __init__(self, max_tokens: int, block_size: int) -> None:
-        self.segment_blocks = -(-max_tokens // block_size)
-        self.max_segments = -(-max_tokens // self.segment_blocks)
-        if self.segment_blocks * self.max_segments > _INT32_IDS:
-            raise KVConfigInvalidError("max_tokens", max_tokens, reason="needs more block ids than int32 holds")
-        self._segments = [_core.BlockAllocator(self.segment_blocks)]
 
-    def allocate(self, count: int) -> np.ndarray:
-        """``count`` ids (int32), from the lowest segments first; ``KVPoolFullError`` takes nothing."""
-        if len(self._segments) == 1:
-            first = self._segments[0]
-            if count <= first.num_available:
-                return first.allocate(count)
-        taken: list[np.ndarray] = []
-        remaining = count
-        index = 0
-        try:
-            while remaining > 0:
-                if index == len(self._segments):
-                    if index == self.max_segments:
-                        raise KVPoolFullError(self.segment_blocks * self.max_segments,
-                                              context={"requested_blocks": count})
-                    self._segments.append(_core.BlockAllocator(self.segment_blocks))
-                segment = self._segments[index]
-                n = min(remaining, int(segment.num_available))
-                if n:
-                    taken.append(segment.allocate(n) + np.int32(index * self.segment_blocks))
-                    remaining -= n
-                index += 1
-        except BaseException:
-            for ids in taken:
-                self.free(ids)
-            raise
-        if len(taken) == 1:
-            return taken[0]
-        return np.concatenate(taken) if taken else np.empty(0, dtype=np.int32)
-
-    def free(self, ids: np.ndarray) -> None:
-        """Returns ids handed out by :meth:`allocate` (the allocators reject anything else)."""
-        if len(self._segments) == 1:
-            self._segments[0].free(ids)
-            return
-        segment_of = ids // self.segment_blocks
-        if len(self._segments) == 1 or not segment_of.any():
-            self._segments[0].free(ids)
-        else:
-            for index in np.unique(segment_of).tolist():
-                if not 0 <= index < len(self._segments):
-                    bad = int(ids[segment_of == index][0])
-                    raise KVInvalidBlockError(str(bad), reason=f"block id out of range [0, {self.capacity})")
-                part = ids[segment_of == index] - np.int32(index * self.segment_blocks)
-                self._segments[index].free(part)
-        while len(self._segments) > 1 and int(self._segments[-1].num_allocated) == 0:
-            self._segments.pop()
-
-    @property
-    def capacity(self) -> int:
-        return self.segment_blocks * len(self._segments)
-
-    @property
-    def num_allocated(self) -> int:
-        return sum(int(segment.num_allocated) for segment in self._segments)
+def _native_pool(max_tokens: int, block_size: int, node_rank: int | None) -> Any:
+    shareable = _kv_handle._TEMPLATE_IS_SHAREABLE
+    return _core.SeedPool(
+        max_tokens, block_size, node_rank,
+        cls=KVHandle,
+        # A protocol version with mutable defaults cannot share them: build through the validating path.
+        defaults=_kv_handle._FIELD_DEFAULTS if shareable else None,
+        names=_kv_handle._PER_HANDLE_ORDER,
+        fields_set=_kv_handle._CREATE_FIELDS,
+        fallback=KVHandle._trusted,
+        uuid_cls=uuid.UUID,
+        uuid_safe=uuid.SafeUUID.unknown,
+        free_state=_FREE,
+        dtypes=_DTYPES,
+        layouts=_LAYOUTS,
+        devices=_DEVICES,
+        normalize=_normalize,
+        refusal=_refusal,
+    )
 
 
 class _PoolBlockManager(BlockManager):
@@ -221,7 +195,7 @@ class _PoolBlockManager(BlockManager):
     def reset(self) -> None:
         """Forgets the caller's own blocks; the pool's count restarts from the blocks in use now."""
         super().reset()
-        self._pool._blocks_peak = self._pool._blocks_in_use
+        self._pool._reset_blocks_peak()
         self._own_bytes = 0
 
 
@@ -233,7 +207,9 @@ class KVPool:
     :meth:`pin` / :meth:`unpin`) and ``block_manager`` (the pool's blocks, see
     :class:`_PoolBlockManager`).
 
-    Thread-safe: one lock guards the handle table; block ids come from the lock-free allocator.
+    Thread-safe: one lock (the native pool's, ``with self._lock``) guards the handle table, the pin
+    bookkeeping and the native accounting; ``alloc`` and ``free`` take it inside their one call into
+    C++. ``on_budget_exceeded`` is called without the lock held, so it may use the pool.
     """
 
     def __init__(
@@ -250,21 +226,49 @@ class KVPool:
         if on_budget_exceeded is not None and not callable(on_budget_exceeded):
             raise TypeError("on_budget_exceeded must be callable(requested, available, max_tokens)")
         if node_rank is not None:
-            _positive_int("node_rank", node_rank, allow_zero=True)
+            node_rank = _positive_int("node_rank", node_rank, allow_zero=True)
         self.on_budget_exceeded = on_budget_exceeded
-        self.node_rank = node_rank
         self.num_blocks = -(-self.max_tokens // self.block_size)
-        self._lock = threading.Lock()
-        self._ids = _BlockIdSpace(self.max_tokens, self.block_size)
-        # Live handles keyed by handle_id.int: an int hashes in C, a UUID through a Python __hash__
-        # (three hashes per alloc + free are a tenth of the seed pool's cost).
-        self._live_handles: dict[int, KVHandle] = {}
+        segment_blocks = self.num_blocks
+        if segment_blocks * -(-self.max_tokens // segment_blocks) > _INT32_IDS:
+            raise KVConfigInvalidError("max_tokens", max_tokens, reason="needs more block ids than int32 holds")
+        self._native = _native_pool(self.max_tokens, self.block_size, node_rank)
+        self._lock = self._native  # `with self._lock:` takes the native pool's table lock
+        self._alloc = self._native.alloc
+        self._free = self._native.free
+        # Live handles keyed by handle_id.int (an int hashes in C, a UUID through a Python __hash__);
+        # the native pool inserts and removes them.
+        self._live_handles: dict[int, KVHandle] = self._native.live
         self.pinned_handles: set[uuid.UUID] = set()
-        self._allocated_tokens = 0
         self._pinned_tokens = 0
-        self._blocks_in_use = 0
-        self._blocks_peak = 0
         self.block_manager: BlockManager = _PoolBlockManager(self)
+
+    @property
+    def node_rank(self) -> int | None:
+        """The rank that new handles carry (``None``: single node)."""
+        rank: int | None = self._native.node_rank
+        return rank
+
+    @node_rank.setter
+    def node_rank(self, value: int | None) -> None:
+        self._native.node_rank = None if value is None else _positive_int("node_rank", value, allow_zero=True)
+
+    # --- the native accounting, as the pool's private attributes --------------------------------
+
+    @property
+    def _allocated_tokens(self) -> int:
+        return int(self._native.allocated_tokens)
+
+    @property
+    def _blocks_in_use(self) -> int:
+        return int(self._native.blocks_in_use)
+
+    @property
+    def _blocks_peak(self) -> int:
+        return int(self._native.blocks_peak)
+
+    def _reset_blocks_peak(self) -> None:
+        self._native.reset_peak()
 
     # --- allocation -------------------------------------------------------------------------
 
@@ -282,72 +286,17 @@ class KVPool:
         max_tokens)``) when the token budget is short; block rounding never refuses what the budget
         admits. Nothing is taken on failure.
         """
-        # The hot path: every argument is looked up in a table of known-good values and the handle
-        # is built without re-validation; anything unusual goes through the checking helpers.
-        if num_tokens.__class__ is not int or num_tokens <= 0:
-            num_tokens = _positive_int("num_tokens", num_tokens)
         try:
-            dtype_member = _DTYPES[dtype]
-            layout_member = _LAYOUTS[layout]
-            canonical, tier = _DEVICES[device]
-        except (KeyError, TypeError):
-            dtype_member = DType(getattr(dtype, "value", dtype))
-            layout_member = Layout(getattr(layout, "value", layout))
-            canonical, tier = _device_of(device)
-        metadata = {} if metadata is None else _metadata(metadata)
-        num_blocks = -(-num_tokens // self.block_size)
-        with self._lock:
-            available = self.max_tokens - self._allocated_tokens
-            if num_tokens > available:
-                if self.on_budget_exceeded is not None:
-                    self.on_budget_exceeded(num_tokens, available, self.max_tokens)
-                raise KVBudgetExceededError(num_tokens, available, context={"max_tokens": self.max_tokens})
-            segments = self._ids._segments
-            if len(segments) == 1:
-                try:  # the common case in one call; a short segment refuses without taking anything
-                    blocks = segments[0].allocate(num_blocks)
-                except KVPoolFullError:
-                    blocks = self._ids.allocate(num_blocks)  # grows a segment, or refuses
-            else:
-                blocks = self._ids.allocate(num_blocks)
-            handle = KVHandle._trusted(num_tokens, dtype_member, layout_member, canonical, tier, self.node_rank,
-                                       metadata, blocks)
-            self._live_handles[handle.handle_id.int] = handle
-            self._allocated_tokens += num_tokens
-            self._blocks_in_use += num_blocks
-            if self._blocks_in_use > self._blocks_peak:
-                self._blocks_peak = self._blocks_in_use
+            handle: KVHandle = self._alloc(num_tokens, dtype, layout, device, metadata)
+        except KVBudgetExceededError as refused:
+            if self.on_budget_exceeded is not None:
+                self.on_budget_exceeded(refused.requested, refused.available, self.max_tokens)
+            raise
         return handle
 
     def free(self, handle: KVHandle) -> None:
         """Returns the handle's tokens and blocks. Double free and foreign handles raise; pinned too."""
-        if handle.__class__ is not KVHandle:
-            self._check_handle(handle)
-        handle_id = handle.handle_id
-        with self._lock:
-            live = self._live_handles.get(handle_id.int)
-            if live is None:
-                if handle.state == KVBlockState.FREE:
-                    raise KVDoubleFreeError(handle_id)
-                raise KVHandleNotFoundError(handle_id, context={"reason": "not allocated by this pool"})
-            if live.pin_count > 0:
-                raise KVHandlePinnedError(handle_id, operation="free", pin_count=live.pin_count)
-            blocks = live.__pydantic_private__["_block_ids"]  # not live._block_ids: slow
-            segments = self._ids._segments
-            if len(segments) == 1:
-                segments[0].free(blocks)
-            else:
-                self._ids.free(blocks)
-            del self._live_handles[handle_id.int]
-            self._allocated_tokens -= live.num_tokens
-            self._blocks_in_use -= len(blocks)
-            # What `live.state = FREE; live.ref_count = 0` does, without re-validating the model.
-            fields = live.__dict__
-            fields["state"] = _FREE
-            fields["ref_count"] = 0
-            live.__pydantic_fields_set__.update(_FREED_FIELDS)
-            if handle is not live:
-                self._mark_freed(handle)
+        self._free(handle)
 
     def pin(self, handle: KVHandle) -> None:
         """Protects the handle from eviction and from ``free`` until unpinned."""
@@ -375,8 +324,7 @@ class KVPool:
     def can_admit(self, num_tokens: int) -> bool:
         """Whether ``num_tokens`` more tokens fit in the budget (the only limit, as in the seed)."""
         num_tokens = _positive_int("num_tokens", num_tokens, allow_zero=True)
-        with self._lock:
-            return num_tokens <= self.max_tokens - self._allocated_tokens
+        return bool(self._native.can_admit(num_tokens)) if num_tokens <= self.max_tokens else False
 
     def get_allocated_tokens(self) -> int:
         return self._allocated_tokens
@@ -388,7 +336,8 @@ class KVPool:
     def handles(self) -> dict[uuid.UUID, KVHandle]:
         """Handle id -> live handle, oldest allocation first (a new dict on each read)."""
         with self._lock:
-            return {handle.handle_id: handle for handle in self._live_handles.values()}
+            live = list(self._live_handles.values())
+        return {handle.handle_id: handle for handle in live}
 
     def get_handle(self, handle_id: uuid.UUID) -> KVHandle:
         with self._lock:
@@ -399,23 +348,26 @@ class KVPool:
 
     def get_stats(self) -> dict:
         with self._lock:
-            return {
-                "allocated_tokens": self._allocated_tokens,
-                "available_tokens": self.max_tokens - self._allocated_tokens,
-                "max_tokens": self.max_tokens,
-                "num_handles": len(self._live_handles),
-                "pinned_tokens": self._pinned_tokens,
-                "unpinned_tokens": self._allocated_tokens - self._pinned_tokens,
-                "used_tokens": self._allocated_tokens,
-            }
+            allocated = self._allocated_tokens
+            num_handles = len(self._live_handles)
+            pinned = self._pinned_tokens
+        return {
+            "allocated_tokens": allocated,
+            "available_tokens": self.max_tokens - allocated,
+            "max_tokens": self.max_tokens,
+            "num_handles": num_handles,
+            "pinned_tokens": pinned,
+            "unpinned_tokens": allocated - pinned,
+            "used_tokens": allocated,
+        }
 
     def get_block_stats(self) -> dict[str, int]:
         """Block-level view (not in the seed): blocks the budget holds when they are full
         (``total_blocks``), blocks in use (partly filled last blocks count whole, so this can exceed
         ``total_blocks``), the budget's blocks still free, the id space now in use, and bytes."""
-        with self._lock:
-            used = self._ids.num_allocated
-            capacity = self._ids.capacity
+        stats = self._native.stats()
+        used = int(stats["blocks_in_use"])
+        capacity = int(stats["block_id_capacity"])
         return {
             "block_size": self.block_size,
             "total_blocks": self.num_blocks,
@@ -429,7 +381,7 @@ class KVPool:
     @property
     def max_block_ids(self) -> int:
         """Upper bound (exclusive) of any block id this pool can hand out."""
-        return self._ids.segment_blocks * self._ids.max_segments
+        return int(self._native.max_block_ids)
 
     def reset(self) -> None:
         """Drops every handle (pinned ones included) and returns all blocks."""
@@ -440,22 +392,11 @@ class KVPool:
                 handle.pin_count = 0
             self._live_handles.clear()
             self.pinned_handles.clear()
-            self._ids = _BlockIdSpace(self.max_tokens, self.block_size)
-            self._allocated_tokens = 0
+            self._native.reset_ids()
             self._pinned_tokens = 0
-            self._blocks_in_use = 0
         self.block_manager.reset()
 
     # --- helpers ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _mark_freed(handle: KVHandle) -> None:
-        # What `handle.state = FREE; handle.ref_count = 0` does, without re-validating the model:
-        # both values are valid by construction.
-        fields = handle.__dict__
-        fields["state"] = _FREE
-        fields["ref_count"] = 0
-        handle.__pydantic_fields_set__.update(_FREED_FIELDS)
 
     @staticmethod
     def _check_handle(handle: Any) -> None:
