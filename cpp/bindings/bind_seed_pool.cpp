@@ -106,6 +106,13 @@ class TableLock {
     owner_.store(std::thread::id(), std::memory_order_relaxed);
     mutex_.unlock();
   }
+  // release() for a scope that took the lock: no-op when this thread no longer holds it (Python
+  // code run under the lock called __exit__ itself), so a destructor never throws.
+  void release_held() noexcept {
+    if (owner_.load(std::memory_order_relaxed) != std::this_thread::get_id()) return;
+    owner_.store(std::thread::id(), std::memory_order_relaxed);
+    mutex_.unlock();
+  }
 
  private:
   std::mutex mutex_;
@@ -115,7 +122,7 @@ class TableLock {
 class Held {
  public:
   explicit Held(TableLock& lock) : lock_(lock) { lock_.acquire(); }
-  ~Held() { lock_.release(); }
+  ~Held() { lock_.release_held(); }
   Held(const Held&) = delete;
   Held& operator=(const Held&) = delete;
 
