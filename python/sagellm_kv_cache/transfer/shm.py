@@ -52,6 +52,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -88,6 +89,11 @@ MAX_RING_BYTES = 16 << 30
 HANDOVER_TIMEOUT = 5.0
 #: Rings a destination keeps mapped between transfers (oldest unmapped first).
 MAX_MAPPED = 32
+#: How long a channel polls for the next frame before it sleeps in ``recv``: about one chunk's
+#: copy. A destination that sleeps between footers costs the source ~50 µs of waking it per
+#: footer on a virtual machine (~14 µs with the poll); the price is up to this much busy CPU per
+#: frame on the waiting side.
+SPIN_SECONDS = 0.001
 
 
 def available() -> bool:
@@ -270,9 +276,22 @@ class Channel:
             raise TransportError(f"same-host channel: {e}") from e
 
     def recv(self, nbytes: int, timeout: float) -> bytes:
+        """The next frame. Polls without sleeping for up to :data:`SPIN_SECONDS` first: a frame
+        due within that time (the next chunk's footer) is then taken without the peer having to
+        wake this thread, which costs the sender ~50 µs per frame on a virtual machine."""
         try:
-            self._conn.settimeout(_socket_timeout(timeout))
-            frame = self._conn.recv(nbytes + 1)
+            frame = None
+            self._conn.settimeout(0.0)
+            spin_until = time.perf_counter() + min(SPIN_SECONDS, timeout)
+            while frame is None:
+                try:
+                    frame = self._conn.recv(nbytes + 1)
+                except BlockingIOError:
+                    if time.perf_counter() > spin_until:
+                        break
+            if frame is None:
+                self._conn.settimeout(_socket_timeout(timeout))
+                frame = self._conn.recv(nbytes + 1)
         except TimeoutError as e:
             raise TransportTimeout(f"same-host channel: nothing arrived within {timeout:.3f}s") from e
         except OSError as e:
