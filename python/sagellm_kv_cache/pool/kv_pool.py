@@ -8,8 +8,8 @@ like the seed); use :class:`sagellm_kv_cache.PagedKVPool` for real memory.
 Admission is by the token budget alone, as in the original package: whatever fits in
 ``max_tokens`` is admitted, however the handles round up to blocks. Handles whose last block is
 partly filled can need more block ids than ``ceil(max_tokens / block_size)`` (at most one per
-token), so the id space grows on demand in segments of that size, each a lock-free allocator of its
-own; with full blocks only the first segment is ever used.
+token), so the id space grows on demand in segments of that size and shrinks back when they empty;
+with full blocks only the first segment is ever used.
 
 The accounting is the C++ ``TokenPool`` (``cpp/include/sagellm_kv/token_pool.hpp``) and the handle
 table lives in its binding (``_core.SeedPool``), so ``alloc`` and ``free`` are one call into C++
