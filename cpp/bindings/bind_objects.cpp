@@ -29,6 +29,8 @@ void reseed_after_fork() {
   uuid_rng().seed(seq);
 }
 
+}  // namespace
+
 // Sets an attribute as object.__setattr__ would (no class-level __setattr__ runs). `name` is an
 // interned string made once per attribute.
 void set_generic(PyObject* obj, PyObject* name, PyObject* value) {
@@ -48,8 +50,6 @@ py::object new_bare(PyObject* cls) {
   if (obj == nullptr) throw py::error_already_set();
   return py::reinterpret_steal<py::object>(obj);
 }
-
-}  // namespace
 
 py::object new_uuid4(PyObject* uuid_cls, PyObject* is_safe, py::object* int_out) {
   // A version-4, RFC 4122 variant UUID, as uuid.uuid4() lays it out, from the process's generator

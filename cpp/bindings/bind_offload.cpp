@@ -194,7 +194,7 @@ class BoundOffloadIndex {
     static PyObject* const keys_name = interned("keys_to_store");
     static PyObject* const spec_name = interned("store_spec");
     static PyObject* const evicted_name = interned("evicted_keys");
-    py::object out = new_bare(store_type_);
+    py::object out = new_bare(store_type_.ptr());
     set_generic(out.ptr(), keys_name, to_store.ptr());
     set_generic(out.ptr(), spec_name, wrap_slots(std::move(slots)).ptr());
     set_generic(out.ptr(), evicted_name, gone.ptr());
@@ -289,29 +289,11 @@ class BoundOffloadIndex {
     return cls;
   }
 
-  static PyObject* interned(const char* text) {
-    PyObject* s = PyUnicode_InternFromString(text);  // kept for the process
-    if (s == nullptr) throw py::error_already_set();
-    return s;
-  }
-
-  static py::object new_bare(const py::object& cls) {
-    static PyObject* const no_args = PyTuple_New(0);  // kept for the process
-    PyObject* obj = PyBaseObject_Type.tp_new(reinterpret_cast<PyTypeObject*>(cls.ptr()), no_args, nullptr);
-    if (obj == nullptr) throw py::error_already_set();
-    return py::reinterpret_steal<py::object>(obj);
-  }
-
-  // Sets an attribute as object.__setattr__ would (no class-level __setattr__ runs).
-  static void set_generic(PyObject* obj, PyObject* name, PyObject* value) {
-    if (PyObject_GenericSetAttr(obj, name, value) != 0) throw py::error_already_set();
-  }
-
   // The slots as they are, or as a slots_type instance whose block_ids they are.
   py::object wrap_slots(py::array_t<BlockId>&& slots) const {
     if (slots_type_.is_none()) return std::move(slots);
     static PyObject* const ids_name = interned("block_ids");
-    py::object spec = new_bare(slots_type_);
+    py::object spec = new_bare(slots_type_.ptr());
     set_generic(spec.ptr(), ids_name, slots.ptr());
     return spec;
   }

@@ -31,12 +31,6 @@
 namespace sagellm::kv::bindings {
 namespace {
 
-PyObject* interned(const char* text) {
-  PyObject* s = PyUnicode_InternFromString(text);  // kept for the process
-  if (s == nullptr) throw py::error_already_set();
-  return s;
-}
-
 // Reads one attribute through the data descriptor its class holds (a __slots__ member), found
 // once, so a read skips the lookup through the class's MRO; plain getattr when there is none.
 class SlotReader {

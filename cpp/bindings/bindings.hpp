@@ -29,6 +29,17 @@ void bind_objects(py::module_& m);
 void bind_offload(py::module_& m);
 void bind_seed_pool(py::module_& m);
 
+/// `text` as an interned str, made once and kept for the process (for attribute names used on hot
+/// paths: `static PyObject* const name = interned("...")`). Needs the GIL.
+PyObject* interned(const char* text);
+
+/// object.__new__(cls): an instance of `cls` whose __init__ has not run (bind_objects.cpp).
+py::object new_bare(PyObject* cls);
+
+/// Sets an attribute as object.__setattr__ would (no class-level __setattr__ runs); `name` an
+/// interned str.
+void set_generic(PyObject* obj, PyObject* name, PyObject* value);
+
 /// A random version-4 UUID of class `uuid_cls` (uuid.UUID) with `is_safe`, built without running
 /// its __init__ (bind_objects.cpp); `int_out`, when given, receives its `int` value. Needs the GIL.
 py::object new_uuid4(PyObject* uuid_cls, PyObject* is_safe, py::object* int_out);
