@@ -90,9 +90,9 @@ HANDOVER_TIMEOUT = 5.0
 #: Rings a destination keeps mapped between transfers (oldest unmapped first).
 MAX_MAPPED = 32
 #: How long a channel polls for the next frame before it sleeps in ``recv``: about one chunk's
-#: copy. A destination that sleeps between footers costs the source ~50 µs of waking it per
-#: footer on a virtual machine (~14 µs with the poll); the price is up to this much busy CPU per
-#: frame on the waiting side.
+#: copy. A destination that sleeps between footers makes the source pay for waking it on every
+#: footer, which is slow on a virtual machine; the price is up to this much busy CPU per frame on
+#: the waiting side.
 SPIN_SECONDS = 0.001
 
 
@@ -278,7 +278,7 @@ class Channel:
     def recv(self, nbytes: int, timeout: float) -> bytes:
         """The next frame. Polls without sleeping for up to :data:`SPIN_SECONDS` first: a frame
         due within that time (the next chunk's footer) is then taken without the peer having to
-        wake this thread, which costs the sender ~50 µs per frame on a virtual machine."""
+        wake this thread (see :data:`SPIN_SECONDS`)."""
         try:
             frame = None
             self._conn.settimeout(0.0)
