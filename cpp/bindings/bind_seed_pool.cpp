@@ -492,8 +492,6 @@ void bind_seed_pool(py::module_& m) {
            }, py::arg("num_tokens"))
       .def("reset_ids", [](SeedPool& p) { p.core.reset(); })
       .def("reset_peak", [](SeedPool& p) { p.core.reset_peak(); })
-      .def_property_readonly("segment_blocks", [](const SeedPool& p) { return p.core.segment_blocks(); })
-      .def_property_readonly("max_segments", [](const SeedPool& p) { return p.core.max_segments(); })
       .def_property_readonly("max_block_ids", [](const SeedPool& p) { return p.core.max_block_ids(); });
 }
 
