@@ -181,6 +181,8 @@ def test_spec_sizes_the_tier_and_refuses_hybrid_models() -> None:
         SageOffloadingSpec(_config(groups=2))
     with pytest.raises(ValueError, match="cpu_bytes_to_use"):
         SageOffloadingSpec(_config(extra={}))
+    with pytest.raises(ValueError, match="copies must be"):
+        SageOffloadingSpec(_config(extra={"num_chunks": 4, "copies": "cuda"}))
 
 
 def test_reset_cache_drops_everything_in_flight_too() -> None:
@@ -226,9 +228,11 @@ def _block(raw: torch.Tensor, layer_outer: bool, b: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("layer_outer", [True, False])
 @pytest.mark.parametrize("bpc", [1, 2, 4])
-def test_worker_store_then_load_is_byte_exact(layer_outer: bool, bpc: int) -> None:
+@pytest.mark.parametrize("copies", ["pool", "stream"])
+def test_worker_store_then_load_is_byte_exact(layer_outer: bool, bpc: int, copies: str) -> None:
     kv, raw = _canonical(layer_outer)
-    worker = SageOffloadingWorker(kv, num_chunks=6, blocks_per_chunk=bpc)
+    worker = SageOffloadingWorker(kv, num_chunks=6, blocks_per_chunk=bpc, copies=copies)
+    assert worker.copies == copies
     n_chunks = 2
     n = n_chunks * bpc
     src_blocks = [3, 7, 1, 10, 0, 5, 11, 2][:n]
@@ -250,24 +254,33 @@ def test_worker_store_then_load_is_byte_exact(layer_outer: bool, bpc: int) -> No
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_worker_round_trip_with_cuda_kv() -> None:
+@pytest.mark.parametrize("copies", ["auto", "pool"])
+def test_worker_round_trip_with_cuda_kv(copies: str) -> None:
     kv, raw = _canonical(True)
     raw_gpu = raw.cuda()
     kv = CanonicalKVCaches(tensors=[CanonicalKVCacheTensor(raw_gpu[i], 64) for i in range(raw.shape[0])],
                            group_data_refs=kv.group_data_refs)
-    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies=copies)
+    assert worker.copies == ("stream" if copies == "auto" else "pool")
     slots = SageLoadStoreSpec([3, 1])
     worker.submit_store(1, GPULoadStoreSpec([0, 1, 2, 3], [4], [0]), slots)
     raw_gpu[:, 4:8].zero_()
     worker.submit_load(2, slots, GPULoadStoreSpec([4, 5, 6, 7], [4], [0]))
+    worker.wait({1, 2})  # as vLLM does before it reads loaded blocks
+    assert sorted(r.job_id for r in worker.get_finished()) == [1, 2]
     assert torch.equal(raw_gpu[:, 4:8].cpu(), raw[:, 0:4])
+    worker.shutdown()
 
 
-def test_worker_rejects_a_mismatched_chunk_count() -> None:
+@pytest.mark.parametrize("copies", ["pool", "stream"])
+def test_worker_rejects_a_mismatched_chunk_count(copies: str) -> None:
     kv, _ = _canonical(True)
-    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies=copies)
     with pytest.raises(ValueError, match="chunks"):
         worker.submit_store(1, GPULoadStoreSpec([1, 2, 3, 4], [4], [0]), SageLoadStoreSpec([0]))
+    assert worker.get_finished() == []
+    with pytest.raises(ValueError, match="copies"):
+        SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies="gpu")
 
 
 def test_worker_with_manager_slots_round_trip() -> None:
@@ -293,14 +306,17 @@ def test_worker_with_manager_slots_round_trip() -> None:
 
 
 
-@pytest.mark.parametrize(("layout", "bpc", "async_scheduling"), [
-    ("LBNHC", 1, False), ("BLNHC", 1, False), ("LBHNC", 1, False), ("LBNHC", 2, False), ("LBNHC", 4, False),
-    ("LBNHC", 1, True), ("BLNHC", 2, True)])
-def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: int, async_scheduling: bool) -> None:
-    """Real scheduler + connector: every reused block holds its own bytes; preemption included."""
+@pytest.mark.parametrize(("layout", "bpc", "async_scheduling", "copies"), [
+    ("LBNHC", 1, False, "auto"), ("BLNHC", 1, False, "auto"), ("LBHNC", 1, False, "auto"), ("LBNHC", 2, False, "auto"),
+    ("LBNHC", 4, False, "auto"), ("LBNHC", 1, True, "auto"), ("BLNHC", 2, True, "auto"),
+    ("LBNHC", 2, False, "stream"), ("BLNHC", 4, True, "stream")])
+def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: int, async_scheduling: bool,
+                                                             copies: str) -> None:
+    """Real scheduler + connector: every reused block holds its own bytes; preemption included. ``stream``:
+    the worker's GPU path (``ChunkCopier``), run on the CPU KV buffer."""
     # sized so that the GPU cache preempts and the host tier both evicts and serves reloads
     e = Engine(num_gpu_blocks=20, num_chunks={1: 36, 2: 18, 4: 7}[bpc], blocks_per_chunk=bpc, max_tokens_per_step=32,
-               max_seqs=4, layout=layout, async_scheduling=async_scheduling)
+               max_seqs=4, layout=layout, async_scheduling=async_scheduling, extra_config={"copies": copies})
     rng = random.Random(0)
     prompts = [[rng.randrange(1000) for _ in range(30)] for _ in range(4)]
     for _ in range(3):
@@ -311,6 +327,7 @@ def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: i
     assert isinstance(manager, SageOffloadingManager)
     stats = manager.stats()
     w = e.sage_worker
+    assert w.copies == ("pool" if copies == "auto" else copies)
     assert e.preemptions > 0, "the GPU cache is small enough to force preemption"
     assert w.stored_blocks > 0 and w.loaded_blocks > 0 and stats["hit_blocks"] > 0
     assert stats["evictions"] > 0, "the host tier is small enough to evict"

@@ -88,10 +88,11 @@ class Engine:
                  blocks_per_chunk: int = 1, max_tokens_per_step: int = 64, max_seqs: int = 8,
                  layout: str = "LBNHC", prefix_caching: bool = True, async_scheduling: bool = False,
                  spec_name: str = "SageOffloadingSpec",
-                 spec_module_path: str = "sagellm_kv_cache.integrations.vllm_offload", verify: bool = True) -> None:
+                 spec_module_path: str = "sagellm_kv_cache.integrations.vllm_offload", verify: bool = True,
+                 extra_config: dict[str, Any] | None = None) -> None:
         self.block_size = block_size
         extra: dict[str, Any] = {"spec_name": spec_name, "spec_module_path": spec_module_path,
-                                 "num_chunks": num_chunks, "offload_prompt_only": False}
+                                 "num_chunks": num_chunks, "offload_prompt_only": False, **(extra_config or {})}
         if blocks_per_chunk > 1:
             extra["block_size"] = block_size * blocks_per_chunk
         cfg = VllmConfig(

@@ -14,9 +14,10 @@ Two halves, in two processes:
   chunk slots; the trie's policy (LRU by default) picks victims among leaves (a prefix's tail before
   its head), and its references pin chunks being loaded. Chunks being stored sit outside the trie
   until ``complete_store`` (not readable before), so they can never be evicted or loaded half-written.
-* :class:`SageOffloadingWorker` (each worker process): a :class:`~sagellm_kv_cache.PagedKVPool` of
-  ``num_chunks`` slots, filled from / copied back into vLLM's canonical int8 KV views with the pool's
-  ``scatter`` / ``gather_into``.
+* :class:`SageOffloadingWorker` (each worker process): ``num_chunks`` host slots filled from / copied back
+  into vLLM's canonical int8 KV views. KV on the CPU: a :class:`~sagellm_kv_cache.PagedKVPool` and its
+  ``scatter`` / ``gather_into``, synchronous. KV on a GPU: a ``ChunkCopier`` (``chunk_copies.py``), pinned
+  slots and copies on streams of their own, reported by ``get_finished`` once their events complete.
 
 vLLM keys (``OffloadKey``: the chained block hash + a 4-byte group index) are the keys of the index's
 two dicts (resident and pending chunk -> slot); a trie node is named by the pool slot it holds (a
@@ -25,8 +26,7 @@ two dicts (resident and pending chunk -> slot); a trie node is named by the pool
 Not supported: hybrid models (more than one KV-cache group: the spec refuses them at construction);
 tensor/pipeline parallel > 1 is untested (each rank keeps its own shard in its own pool under the same
 chunk ids, which is how vLLM's CPU tier works without its shared region; ``cpu_bytes_to_use`` counts
-all ranks). Transfers are synchronous copies done inside ``submit_*`` (on a CUDA KV cache: on the
-current stream, not a stream of their own); ``get_finished`` reports them on the next poll.
+all ranks).
 
 This module imports vLLM; the rest of the package never imports it.
 """
@@ -60,6 +60,7 @@ from vllm.v1.kv_offload.config import OffloadingConfig
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from sagellm_kv_cache import _core
+from sagellm_kv_cache.integrations.chunk_copies import ChunkCopier
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 
 __all__ = [
@@ -227,17 +228,27 @@ class SageOffloadingManager(OffloadingManager):
 
 
 class SageOffloadingWorker(OffloadingWorker):
-    """Moves chunks between vLLM's canonical KV views and a :class:`PagedKVPool` (worker side).
+    """Moves chunks between vLLM's canonical KV views and our host memory (worker side).
 
-    A chunk is ``blocks_per_chunk`` vLLM blocks; its pool slot holds, for each KV tensor of the
-    (single) group in order, ``blocks_per_chunk`` pages of that tensor's row size.
+    A chunk is ``blocks_per_chunk`` vLLM blocks. Two paths (``copies``):
+
+    * ``"pool"`` (the default for KV on the CPU): a :class:`PagedKVPool` slot per chunk holding, for
+      each KV tensor of the (single) group in order, ``blocks_per_chunk`` pages of that tensor's row
+      size, filled and read with the pool's ``scatter`` / ``gather_into`` inside ``submit_*``;
+    * ``"stream"`` (the default for KV on a GPU): a :class:`~sagellm_kv_cache.integrations.chunk_copies.ChunkCopier`,
+      whose slots live in pinned host memory and whose copies run on streams of their own that wait
+      for the compute stream; ``get_finished`` reports a job once its event has completed, and
+      ``wait`` blocks on given jobs. On CPU tensors it runs too (every job completes in its call).
     """
 
-    def __init__(self, kv_caches: CanonicalKVCaches, num_chunks: int, blocks_per_chunk: int) -> None:
+    def __init__(self, kv_caches: CanonicalKVCaches, num_chunks: int, blocks_per_chunk: int, *,
+                 copies: str = "auto") -> None:
         if len(kv_caches.group_data_refs) != 1:
             raise ValueError(f"only one KV-cache group is supported, got {len(kv_caches.group_data_refs)}")
         if blocks_per_chunk <= 0:
             raise ValueError(f"blocks_per_chunk must be positive, got {blocks_per_chunk}")
+        if copies not in ("auto", "pool", "stream"):
+            raise ValueError(f"copies must be 'auto', 'pool' or 'stream', got {copies!r}")
         seen: list[int] = []
         for ref in kv_caches.group_data_refs[0]:
             if ref.tensor_idx not in seen:
@@ -246,10 +257,18 @@ class SageOffloadingWorker(OffloadingWorker):
         self._rows = [int(t.shape[1]) * t.element_size() for t in self._tensors]
         self.blocks_per_chunk = blocks_per_chunk
         self.chunk_bytes = blocks_per_chunk * sum(self._rows)
-        if self.chunk_bytes % 2:
-            raise ValueError(f"chunk size {self.chunk_bytes} bytes must be even")
-        self.pool = PagedKVPool(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=self.chunk_bytes // 2,
-                                            dtype="int8", block_size=1), num_chunks, "cpu", zero_fill=False)
+        if copies == "auto":
+            copies = "stream" if self._tensors[0].is_cuda else "pool"
+        self.copies = copies
+        self.pool: PagedKVPool | None = None
+        self._copier: ChunkCopier | None = None
+        if copies == "stream":
+            self._copier = ChunkCopier([t.view(torch.int8) for t in self._tensors], num_chunks, blocks_per_chunk)
+        else:
+            if self.chunk_bytes % 2:
+                raise ValueError(f"chunk size {self.chunk_bytes} bytes must be even")
+            self.pool = PagedKVPool(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=self.chunk_bytes // 2,
+                                                dtype="int8", block_size=1), num_chunks, "cpu", zero_fill=False)
         self._finished: list[TransferResult] = []
         self.stored_blocks = 0  # vLLM blocks copied into the pool so far
         self.loaded_blocks = 0  # vLLM blocks copied back out of it
@@ -286,6 +305,11 @@ class SageOffloadingWorker(OffloadingWorker):
         start = time.perf_counter()
         slots = dst_spec.block_ids
         n, skip, partial = self._plan(src_spec, slots)
+        if self._copier is not None:
+            self._copier.store(job_id, src_spec.block_ids, slots, skip)
+            self.stored_blocks += n
+            return True
+        assert self.pool is not None
         buf, views = self._staging(len(slots))
         if partial and len(slots):
             self.pool.gather_into(slots, buf)
@@ -306,6 +330,11 @@ class SageOffloadingWorker(OffloadingWorker):
         start = time.perf_counter()
         slots = src_spec.block_ids
         n, skip, _ = self._plan(dst_spec, slots)
+        if self._copier is not None:
+            self._copier.load(job_id, slots, dst_spec.block_ids, skip, expedited=expedited)
+            self.loaded_blocks += n
+            return True
+        assert self.pool is not None
         buf, views = self._staging(len(slots))
         if len(slots):
             self.pool.gather_into(slots, buf)
@@ -320,17 +349,25 @@ class SageOffloadingWorker(OffloadingWorker):
 
     def get_finished(self) -> list[TransferResult]:
         done, self._finished = self._finished, []
+        if self._copier is not None:
+            done += [TransferResult(f.job_id, True, f.nbytes, f.seconds) for f in self._copier.finished()]
         return done
 
     def wait(self, job_ids: set[int]) -> None:
-        return None  # transfers complete inside submit_*
+        if self._copier is not None:
+            self._copier.wait(job_ids)  # pool-path transfers complete inside submit_*
+
+    def shutdown(self) -> None:
+        if self._copier is not None:
+            self._copier.shutdown()
 
 
 class SageOffloadingSpec(OffloadingSpec):
     """The ``OffloadingSpec`` vLLM loads by ``spec_name`` / ``spec_module_path``.
 
     ``kv_connector_extra_config``: ``cpu_bytes_to_use`` (host bytes over all workers) or ``num_chunks``;
-    optional ``eviction_policy`` (``lru`` default, ``fifo``, ``priority``, ``ttl``).
+    optional ``eviction_policy`` (``lru`` default, ``fifo``, ``priority``, ``ttl``) and ``copies``
+    (the worker's path: ``auto`` default, ``pool``, ``stream``; see :class:`SageOffloadingWorker`).
     """
 
     def __init__(self, config: OffloadingConfig) -> None:
@@ -351,6 +388,9 @@ class SageOffloadingSpec(OffloadingSpec):
         if self.num_chunks <= 0:
             raise ValueError(f"the host tier holds no chunk (num_chunks={self.num_chunks})")
         self.eviction_policy = str(self.extra_config.get("eviction_policy", "lru"))
+        self.copies = str(self.extra_config.get("copies", "auto"))
+        if self.copies not in ("auto", "pool", "stream"):
+            raise ValueError(f"copies must be 'auto', 'pool' or 'stream', got {self.copies!r}")
         self._manager: SageOffloadingManager | None = None
         self._worker: SageOffloadingWorker | None = None
 
@@ -362,6 +402,6 @@ class SageOffloadingSpec(OffloadingSpec):
 
     def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
         if self._worker is None:
-            self._worker = SageOffloadingWorker(kv_caches, self.num_chunks, self.blocks_per_chunk)
+            self._worker = SageOffloadingWorker(kv_caches, self.num_chunks, self.blocks_per_chunk, copies=self.copies)
         return self._worker
 

@@ -1,0 +1,231 @@
+"""Chunk copies between an engine's paged KV tensors and a host slab, ordered on the device's streams.
+
+This is the GPU path of the vLLM offloading tier's worker (``vllm_offload.SageOffloadingWorker``), kept
+free of vLLM so that it can be tested and measured with torch alone. It also runs on CPU tensors, where
+every copy completes inside the call.
+
+Data: ``tensors`` are the engine's KV tensors viewed as ``(num_blocks, row_bytes)`` int8 (one per
+layer in layer-outer layouts, one packed tensor in block-outer ones); a *block* is row ``b`` of every
+tensor. The host side is a :class:`~sagellm_kv_cache._core.HostSlab` of ``num_chunks`` slots, pinned
+when the tensors are on a CUDA device. A slot holds ``blocks_per_chunk`` blocks *block-major*: block
+``j`` of a chunk fills bytes ``[j * R, (j + 1) * R)`` of its slot, ``R`` being the sum of the row
+sizes, with tensor ``k``'s row at offset ``sum(rows[:k])`` in it. So the blocks of one chunk that a job
+moves are one contiguous run of the slot, and a job costs one host<->device copy per chunk whatever
+the number of layers.
+
+A job (``store``: device blocks -> slots, ``load``: slots -> device blocks):
+
+1. on CUDA it runs on a stream of its own direction (expedited loads have a third one, so they never
+   queue behind regular loads) that first waits for everything already queued on the caller's
+   current stream: a store reads the KV the model has written, a load lands after any pending write
+   to its destination blocks. Jobs of one direction run in submission order;
+2. the device-side gather (store) or scatter (load) of the job's blocks goes through one
+   ``(n, R)`` staging tensor on the device, made with ``index_select`` / ``index_copy_``; the
+   host<->device copies between it and the slots are asynchronous (the slab is pinned);
+3. an event recorded after the last copy marks completion: ``finished`` polls the events and returns
+   the jobs that are done, each direction in order; ``wait`` blocks until given jobs are done.
+
+Until a job is finished its device blocks (store) and its slots (load) must not be reused, and a
+store's slots must not be read: the caller's bookkeeping (vLLM's scheduler and our manager) already
+guarantees both. Thread safety: one thread at a time (vLLM's worker calls come from one thread).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from sagellm_kv_cache import _core
+
+__all__ = ["ChunkCopier", "FinishedCopy"]
+
+
+@dataclass(frozen=True)
+class FinishedCopy:
+    """A job that completed: its id, the bytes it moved and the seconds it took (device time on CUDA)."""
+
+    job_id: int
+    nbytes: int
+    seconds: float
+
+
+@dataclass
+class _Job:
+    job_id: int
+    nbytes: int
+    start: Any  # torch.cuda.Event
+    end: Any
+
+
+class ChunkCopier:
+    """Moves blocks between ``tensors`` and ``num_chunks`` host chunk slots (see the module doc)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], num_chunks: int, blocks_per_chunk: int) -> None:
+        if not tensors:
+            raise ValueError("tensors must hold at least one KV tensor")
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks <= 0:
+            raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+        if isinstance(blocks_per_chunk, bool) or not isinstance(blocks_per_chunk, int) or blocks_per_chunk <= 0:
+            raise ValueError(f"blocks_per_chunk must be a positive int, got {blocks_per_chunk!r}")
+        device = tensors[0].device
+        num_blocks = int(tensors[0].shape[0])
+        for i, t in enumerate(tensors):
+            if t.dim() != 2 or t.dtype != torch.int8:
+                raise TypeError(f"tensors[{i}] must be a 2-D int8 (num_blocks, row_bytes) view, "
+                                f"got {t.dtype} with shape {tuple(t.shape)}")
+            if t.device != device or int(t.shape[0]) != num_blocks:
+                raise ValueError(f"tensors[{i}] ({t.device}, {int(t.shape[0])} blocks) does not match tensors[0] "
+                                 f"({device}, {num_blocks} blocks)")
+        self.tensors = list(tensors)
+        self.device = device
+        self.num_blocks = num_blocks
+        self.blocks_per_chunk = blocks_per_chunk
+        self.rows = [int(t.shape[1]) for t in self.tensors]
+        self.offsets = [sum(self.rows[:k]) for k in range(len(self.rows))]
+        self.block_bytes = sum(self.rows)  # R: one block, every tensor's row
+        self.chunk_bytes = blocks_per_chunk * self.block_bytes
+        self.cuda = device.type == "cuda"
+        slab_device = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}" \
+            if self.cuda else "cpu"
+        self.slab = _core.HostSlab(num_chunks, self.chunk_bytes, slab_device, False)
+        # (num_chunks, slot_stride) int8 over the slab (the view keeps the slab alive).
+        self.host = torch.from_numpy(self.slab.view()).view(torch.int8)
+        self._streams: dict[str, Any] = {}
+        self._jobs: dict[str, deque[_Job]] = {"store": deque(), "load": deque(), "expedited": deque()}
+        self._done: list[FinishedCopy] = []  # jobs that completed inside their call (CPU tensors)
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.slab.num_slots)
+
+    @property
+    def pinned(self) -> bool:
+        """True when the slab is page-locked (CUDA tensors), so host<->device copies are asynchronous."""
+        return bool(self.slab.pinned)
+
+    # --- jobs --------------------------------------------------------------------------------------
+
+    def store(self, job_id: int, block_ids: Any, slots: Any, skip: int = 0) -> None:
+        """Copies device blocks ``block_ids`` into chunk slots: block ``i`` goes to position ``skip + i``
+        of the job's chunks, chunk ``c`` being slot ``slots[c]`` (so ``slots`` must hold exactly the
+        chunks those positions touch). Positions of a chunk outside the job keep their bytes."""
+        ids, runs = self._plan(block_ids, slots, skip)
+        with self._job("store", job_id, len(ids) * self.block_bytes):
+            dev_ids = self._device_ids(ids)
+            staged = torch.empty((len(ids), self.block_bytes), dtype=torch.int8, device=self.device)
+            for t, off, row in zip(self.tensors, self.offsets, self.rows, strict=True):
+                staged[:, off:off + row] = t.index_select(0, dev_ids)
+            for slot, first, pos, count in runs:
+                self.host[slot, first * self.block_bytes:(first + count) * self.block_bytes].copy_(
+                    staged[pos:pos + count].view(-1), non_blocking=True)
+
+    def load(self, job_id: int, slots: Any, block_ids: Any, skip: int = 0, *, expedited: bool = False) -> None:
+        """Copies chunk positions back into device blocks: the inverse of :meth:`store` (same
+        arguments). ``expedited`` runs on a stream of its own, not behind regular loads."""
+        ids, runs = self._plan(block_ids, slots, skip)
+        with self._job("expedited" if expedited else "load", job_id, len(ids) * self.block_bytes):
+            dev_ids = self._device_ids(ids)
+            staged = torch.empty((len(ids), self.block_bytes), dtype=torch.int8, device=self.device)
+            for slot, first, pos, count in runs:
+                staged[pos:pos + count].view(-1).copy_(
+                    self.host[slot, first * self.block_bytes:(first + count) * self.block_bytes], non_blocking=True)
+            for t, off, row in zip(self.tensors, self.offsets, self.rows, strict=True):
+                t.index_copy_(0, dev_ids, staged[:, off:off + row])
+
+    def finished(self) -> list[FinishedCopy]:
+        """The jobs completed since the last call (each direction in submission order); never blocks."""
+        out, self._done = self._done, []
+        for queue in self._jobs.values():
+            while queue and queue[0].end.query():
+                out.append(self._retire(queue.popleft()))
+        return out
+
+    def wait(self, job_ids: Collection[int]) -> None:
+        """Blocks until the given jobs (those still in flight) are done; ``finished`` then reports them."""
+        wanted = set(job_ids)
+        for queue in self._jobs.values():
+            for job in queue:
+                if job.job_id in wanted:
+                    job.end.synchronize()
+
+    def shutdown(self) -> None:
+        """Waits for every job in flight (their results stay for ``finished``)."""
+        for queue in self._jobs.values():
+            if queue:
+                queue[-1].end.synchronize()  # a direction's jobs complete in order
+
+    def chunk_view(self, slot: int) -> torch.Tensor:
+        """Slot ``slot``'s bytes as ``(blocks_per_chunk, R)`` int8 on the host (a view, for tests and
+        inspection; not to be read while a store into it is in flight)."""
+        if not 0 <= slot < self.num_chunks:
+            raise IndexError(f"slot {slot} out of range [0, {self.num_chunks})")
+        return self.host[slot, :self.chunk_bytes].view(self.blocks_per_chunk, self.block_bytes)
+
+    # --- internals ---------------------------------------------------------------------------------
+
+    def _plan(self, block_ids: Any, slots: Any, skip: int
+              ) -> tuple[npt.NDArray[np.int64], list[tuple[int, int, int, int]]]:
+        """Checks a job's arguments (before anything is queued) and cuts it into per-chunk runs
+        (slot, first position in the chunk, first block of the job, count)."""
+        ids = np.ascontiguousarray(np.asarray(block_ids).reshape(-1), dtype=np.int64)
+        slot_list = [int(s) for s in np.asarray(slots).reshape(-1)]
+        bpc = self.blocks_per_chunk
+        if isinstance(skip, bool) or not isinstance(skip, int | np.integer) or not 0 <= skip < bpc:
+            raise ValueError(f"skip must be an int in [0, {bpc}), got {skip!r}")
+        n = len(ids)
+        need = -(-(n + int(skip)) // bpc) if n else 0
+        if len(slot_list) != need:
+            raise ValueError(f"{n} blocks from position {skip} need {need} chunks, got {len(slot_list)}")
+        if n and (ids.min() < 0 or ids.max() >= self.num_blocks):
+            bad = int(ids[(ids < 0) | (ids >= self.num_blocks)][0])
+            raise ValueError(f"block id {bad} out of range [0, {self.num_blocks})")
+        for s in slot_list:
+            if not 0 <= s < self.num_chunks:
+                raise ValueError(f"slot {s} out of range [0, {self.num_chunks})")
+        runs, pos = [], 0
+        for c, slot in enumerate(slot_list):
+            first = int(skip) if c == 0 else 0
+            count = min(bpc - first, n - pos)
+            runs.append((slot, first, pos, count))
+            pos += count
+        return ids, runs
+
+    def _device_ids(self, ids: npt.NDArray[np.int64]) -> torch.Tensor:
+        # Host-to-device from pageable memory returns once the driver has staged the bytes, so the
+        # numpy array may go right after; on CPU this is the array itself.
+        return torch.from_numpy(ids).to(self.device, non_blocking=True)
+
+    def _stream(self, direction: str) -> Any:
+        stream = self._streams.get(direction)
+        if stream is None:
+            stream = self._streams[direction] = torch.cuda.Stream(self.device)
+        return stream
+
+    @contextmanager
+    def _job(self, direction: str, job_id: int, nbytes: int) -> Iterator[None]:
+        if not self.cuda:
+            start = time.perf_counter()
+            yield
+            self._done.append(FinishedCopy(job_id, nbytes, time.perf_counter() - start))
+            return
+        stream = self._stream(direction)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        begin = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            begin.record(stream)
+            yield
+            end.record(stream)
+        self._jobs[direction].append(_Job(job_id, nbytes, begin, end))
+
+    @staticmethod
+    def _retire(job: _Job) -> FinishedCopy:
+        return FinishedCopy(job.job_id, job.nbytes, job.start.elapsed_time(job.end) * 1e-3)

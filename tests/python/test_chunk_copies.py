@@ -1,0 +1,149 @@
+"""ChunkCopier: the vLLM tier's GPU copy path (torch only, no vLLM). CPU tensors in CI; the stream and
+event behaviour on a CUDA device when one is present (skipped cleanly otherwise)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sagellm_kv_cache.integrations.chunk_copies import ChunkCopier  # noqa: E402
+
+ROWS = (64, 32, 96)  # three tensors of different row sizes: R = 192 bytes per block
+
+
+def _tensors(num_blocks: int = 16, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for row in ROWS:
+        # a strided view, as vLLM's canonical layer-outer tensors are: every other row of a buffer
+        buf = torch.randint(-128, 127, (2 * num_blocks, row), dtype=torch.int8, generator=g)
+        out.append(buf.to(device)[::2])
+    return out
+
+
+def _block(tensors: list[torch.Tensor], b: int) -> torch.Tensor:
+    return torch.cat([t[b].cpu() for t in tensors])
+
+
+@pytest.mark.parametrize(("bpc", "skip"), [(1, 0), (2, 0), (2, 1), (4, 0), (4, 3)])
+def test_store_then_load_is_byte_exact_and_block_major(bpc: int, skip: int) -> None:
+    tensors = _tensors()
+    copier = ChunkCopier(tensors, num_chunks=6, blocks_per_chunk=bpc)
+    src = [9, 3, 14, 0, 7, 1, 12][: 2 * bpc - skip]
+    slots = [4, 1]
+    want = [_block(tensors, b) for b in src]
+    copier.store(1, src, slots, skip)
+    for i, w in enumerate(want):  # block i sits at position skip + i, block-major in its slot
+        c, j = divmod(skip + i, bpc)
+        assert torch.equal(copier.chunk_view(slots[c])[j], w)
+    for t in tensors:
+        t.zero_()
+    dst = [2, 5, 8, 11, 13, 15, 4][: len(src)]
+    copier.load(2, slots, dst, skip)
+    for d, w in zip(dst, want, strict=True):
+        assert torch.equal(_block(tensors, d), w)
+    assert all(not _block(tensors, b).any() for b in set(range(16)) - set(dst))
+    done = copier.finished()
+    assert [(f.job_id, f.nbytes) for f in done] == [(1, len(src) * sum(ROWS)), (2, len(src) * sum(ROWS))]
+    assert copier.finished() == []
+
+
+def test_positions_outside_a_job_keep_their_bytes() -> None:
+    tensors = _tensors()
+    copier = ChunkCopier(tensors, num_chunks=2, blocks_per_chunk=4)
+    copier.store(1, [0, 1, 2, 3], [0])
+    before = copier.chunk_view(0).clone()
+    copier.store(2, [10], [0], skip=2)  # one block into position 2 of the same chunk
+    after = copier.chunk_view(0)
+    assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])
+    assert torch.equal(after[2], _block(tensors, 10))
+
+
+@pytest.mark.parametrize(("ids", "slots", "skip", "match"), [
+    ([0, 1, 2], [0], 0, "need 2 chunks, got 1"),
+    ([0, 1], [0, 1, 2], 0, "need 1 chunks, got 3"),
+    ([0, 16], [0], 0, "block id 16 out of range"),
+    ([-1, 0], [0], 0, "block id -1 out of range"),
+    ([0], [5], 0, "slot 5 out of range"),
+    ([0], [0], 2, "skip must be an int in"),
+    ([0], [0], True, "skip must be an int in"),
+])
+def test_bad_arguments_raise_and_queue_nothing(ids: list[int], slots: list[int], skip: int, match: str) -> None:
+    tensors = _tensors()
+    before = [t.clone() for t in tensors]
+    copier = ChunkCopier(tensors, num_chunks=2, blocks_per_chunk=2)
+    host = copier.host.clone()
+    with pytest.raises(ValueError, match=match):
+        copier.store(1, ids, slots, skip)
+    with pytest.raises(ValueError, match=match):
+        copier.load(2, slots, ids, skip)
+    assert torch.equal(copier.host, host) and all(torch.equal(a, b) for a, b in zip(tensors, before, strict=True))
+    assert copier.finished() == []
+
+
+def test_construction_checks_the_tensors() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        ChunkCopier([], 2, 1)
+    with pytest.raises(TypeError, match="int8"):
+        ChunkCopier([torch.zeros(4, 8, dtype=torch.float16)], 2, 1)
+    with pytest.raises(ValueError, match="does not match"):
+        ChunkCopier([torch.zeros(4, 8, dtype=torch.int8), torch.zeros(5, 8, dtype=torch.int8)], 2, 1)
+    with pytest.raises(ValueError, match="num_chunks"):
+        ChunkCopier([torch.zeros(4, 8, dtype=torch.int8)], 0, 1)
+    with pytest.raises(ValueError, match="blocks_per_chunk"):
+        ChunkCopier([torch.zeros(4, 8, dtype=torch.int8)], 2, 0)
+
+
+# --- CUDA: streams, events, pinned slots -----------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_jobs_wait_for_the_compute_stream_and_report_only_when_done() -> None:
+    tensors = _tensors(device="cuda")
+    copier = ChunkCopier(tensors, num_chunks=4, blocks_per_chunk=2)
+    assert copier.pinned
+    # Work queued on the compute stream before the store: a long sleep, then a write the store must see.
+    torch.cuda._sleep(1_000_000_000)
+    tensors[0][3].fill_(7)
+    want = _block(tensors, 3)  # synchronises: the block as the compute stream leaves it
+    torch.cuda._sleep(1_000_000_000)
+    tensors[1][3].fill_(9)
+    copier.store(1, [3, 4], [2])
+    assert copier.finished() == []  # still behind the sleep on the compute stream
+    copier.wait({1})
+    done = copier.finished()
+    assert [f.job_id for f in done] == [1] and done[0].seconds > 0
+    want[ROWS[0]:ROWS[0] + ROWS[1]] = 9
+    assert torch.equal(copier.chunk_view(2)[0], want)
+    # A load lands after pending writes to its destination on the compute stream.
+    tensors[0][5].fill_(1)
+    copier.load(2, [2], [5, 6])
+    copier.wait({2})
+    assert [f.job_id for f in copier.finished()] == [2]
+    assert torch.equal(_block(tensors, 5), want)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_round_trip_is_byte_exact_with_expedited_loads() -> None:
+    tensors = _tensors(num_blocks=64, device="cuda", seed=3)
+    copier = ChunkCopier(tensors, num_chunks=16, blocks_per_chunk=4)
+    src = list(range(0, 40, 2))
+    want = [_block(tensors, b) for b in src]
+    copier.store(1, src, list(range(15, 10, -1)))
+    copier.shutdown()
+    for t in tensors:
+        t.zero_()
+    copier.load(2, list(range(15, 10, -1))[:3], list(range(1, 12)), skip=1)
+    copier.load(3, [11, 12], list(range(40, 48)), expedited=True)
+    copier.wait({2, 3})
+    assert sorted(f.job_id for f in copier.finished()) == [1, 2, 3]
+    # slots 15, 14, 13 from position 1 hold blocks 1..11 of `src`; slot 11 holds 16..19, slot 12 12..15
+    for i, d in enumerate(range(1, 12)):
+        assert torch.equal(_block(tensors, d), want[1 + i])
+    for d, i in zip(range(40, 48), [16, 17, 18, 19, 12, 13, 14, 15], strict=True):
+        assert torch.equal(_block(tensors, d), want[i])
