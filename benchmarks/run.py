@@ -29,6 +29,7 @@ WORKLOADS = {
     "STEP": "w6_step",
     "W7": "w7_tiers",
     "W8": "w8_vllm_offload",  # needs vLLM (VLLM_TARGET_DEVICE=cpu on a machine without a GPU); skipped without it
+    "W9": "w9_gpu_copies",  # host<->GPU copies of the vLLM tier's worker; skipped without CUDA
 }
 
 

@@ -27,11 +27,12 @@ def _block(tensors: list[torch.Tensor], b: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("bpc", "skip"), [(1, 0), (2, 0), (2, 1), (4, 0), (4, 3)])
-def test_store_then_load_is_byte_exact_and_block_major(bpc: int, skip: int) -> None:
+@pytest.mark.parametrize("staging_bytes", [64 << 20, 1])  # 1: staging of one chunk, a batch per chunk
+def test_store_then_load_is_byte_exact_and_block_major(bpc: int, skip: int, staging_bytes: int) -> None:
     tensors = _tensors()
-    copier = ChunkCopier(tensors, num_chunks=6, blocks_per_chunk=bpc)
-    src = [9, 3, 14, 0, 7, 1, 12][: 2 * bpc - skip]
-    slots = [4, 1]
+    copier = ChunkCopier(tensors, num_chunks=6, blocks_per_chunk=bpc, staging_bytes=staging_bytes)
+    src = [9, 3, 14, 0, 7, 1, 12, 5, 6, 10, 11, 13][: 3 * bpc - skip]
+    slots = [4, 1, 0]
     want = [_block(tensors, b) for b in src]
     copier.store(1, src, slots, skip)
     for i, w in enumerate(want):  # block i sits at position skip + i, block-major in its slot
@@ -39,7 +40,7 @@ def test_store_then_load_is_byte_exact_and_block_major(bpc: int, skip: int) -> N
         assert torch.equal(copier.chunk_view(slots[c])[j], w)
     for t in tensors:
         t.zero_()
-    dst = [2, 5, 8, 11, 13, 15, 4][: len(src)]
+    dst = [2, 5, 8, 11, 13, 15, 4, 0, 1, 3, 6, 7][: len(src)]
     copier.load(2, slots, dst, skip)
     for d, w in zip(dst, want, strict=True):
         assert torch.equal(_block(tensors, d), w)

@@ -19,9 +19,11 @@ A job (``store``: device blocks -> slots, ``load``: slots -> device blocks):
    queue behind regular loads) that first waits for everything already queued on the caller's
    current stream: a store reads the KV the model has written, a load lands after any pending write
    to its destination blocks. Jobs of one direction run in submission order;
-2. the device-side gather (store) or scatter (load) of the job's blocks goes through one
-   ``(n, R)`` staging tensor on the device, made with ``index_select`` / ``index_copy_``; the
-   host<->device copies between it and the slots are asynchronous (the slab is pinned);
+2. the device-side gather (store) or scatter (load) of the job's blocks goes through ``(rows, R)``
+   staging rows on the device, ``staging_bytes`` (64 MiB) per direction, allocated once and reused
+   in stream order; a longer job goes through them in batches of whole chunks. They are filled with
+   ``index_select`` and emptied with ``index_copy_``; the host<->device copies between them and the
+   slots are asynchronous (the slab is pinned);
 3. an event recorded after the last copy marks completion: ``finished`` polls the events and returns
    the jobs that are done, each direction in order; ``wait`` blocks until given jobs are done.
 
@@ -68,7 +70,8 @@ class _Job:
 class ChunkCopier:
     """Moves blocks between ``tensors`` and ``num_chunks`` host chunk slots (see the module doc)."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor], num_chunks: int, blocks_per_chunk: int) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], num_chunks: int, blocks_per_chunk: int, *,
+                 staging_bytes: int = 64 << 20) -> None:
         if not tensors:
             raise ValueError("tensors must hold at least one KV tensor")
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks <= 0:
@@ -98,6 +101,8 @@ class ChunkCopier:
         self.slab = _core.HostSlab(num_chunks, self.chunk_bytes, slab_device, False)
         # (num_chunks, slot_stride) int8 over the slab (the view keeps the slab alive).
         self.host = torch.from_numpy(self.slab.view()).view(torch.int8)
+        self.staging_bytes = int(staging_bytes)  # device staging per direction (at least one chunk's)
+        self._staging: dict[str, torch.Tensor] = {}
         self._streams: dict[str, Any] = {}
         self._jobs: dict[str, deque[_Job]] = {"store": deque(), "load": deque(), "expedited": deque()}
         self._done: list[FinishedCopy] = []  # jobs that completed inside their call (CPU tensors)
@@ -118,27 +123,31 @@ class ChunkCopier:
         of the job's chunks, chunk ``c`` being slot ``slots[c]`` (so ``slots`` must hold exactly the
         chunks those positions touch). Positions of a chunk outside the job keep their bytes."""
         ids, runs = self._plan(block_ids, slots, skip)
-        with self._job("store", job_id, len(ids) * self.block_bytes):
+        R = self.block_bytes
+        with self._job("store", job_id, len(ids)) as staging:
             dev_ids = self._device_ids(ids)
-            staged = torch.empty((len(ids), self.block_bytes), dtype=torch.int8, device=self.device)
-            for t, off, row in zip(self.tensors, self.offsets, self.rows, strict=True):
-                staged[:, off:off + row] = t.index_select(0, dev_ids)
-            for slot, first, pos, count in runs:
-                self.host[slot, first * self.block_bytes:(first + count) * self.block_bytes].copy_(
-                    staged[pos:pos + count].view(-1), non_blocking=True)
+            for lo, hi, batch in self._batches(runs, len(staging)):
+                staged = staging[:hi - lo]
+                for t, off, row in zip(self.tensors, self.offsets, self.rows, strict=True):
+                    staged[:, off:off + row] = t.index_select(0, dev_ids[lo:hi])
+                for slot, first, pos, count in batch:
+                    self.host[slot, first * R:(first + count) * R].copy_(
+                        staged[pos - lo:pos - lo + count].view(-1), non_blocking=True)
 
     def load(self, job_id: int, slots: Any, block_ids: Any, skip: int = 0, *, expedited: bool = False) -> None:
         """Copies chunk positions back into device blocks: the inverse of :meth:`store` (same
         arguments). ``expedited`` runs on a stream of its own, not behind regular loads."""
         ids, runs = self._plan(block_ids, slots, skip)
-        with self._job("expedited" if expedited else "load", job_id, len(ids) * self.block_bytes):
+        R = self.block_bytes
+        with self._job("expedited" if expedited else "load", job_id, len(ids)) as staging:
             dev_ids = self._device_ids(ids)
-            staged = torch.empty((len(ids), self.block_bytes), dtype=torch.int8, device=self.device)
-            for slot, first, pos, count in runs:
-                staged[pos:pos + count].view(-1).copy_(
-                    self.host[slot, first * self.block_bytes:(first + count) * self.block_bytes], non_blocking=True)
-            for t, off, row in zip(self.tensors, self.offsets, self.rows, strict=True):
-                t.index_copy_(0, dev_ids, staged[:, off:off + row])
+            for lo, hi, batch in self._batches(runs, len(staging)):
+                staged = staging[:hi - lo]
+                for slot, first, pos, count in batch:
+                    staged[pos - lo:pos - lo + count].view(-1).copy_(
+                        self.host[slot, first * R:(first + count) * R], non_blocking=True)
+                for t, off, row in zip(self.tensors, self.offsets, self.rows, strict=True):
+                    t.index_copy_(0, dev_ids[lo:hi], staged[:, off:off + row])
 
     def finished(self) -> list[FinishedCopy]:
         """The jobs completed since the last call (each direction in submission order); never blocks."""
@@ -209,11 +218,41 @@ class ChunkCopier:
             stream = self._streams[direction] = torch.cuda.Stream(self.device)
         return stream
 
+    def _staging_for(self, direction: str, n: int) -> torch.Tensor:
+        """The direction's staging rows on the device, grown to ``min(n, cap)`` blocks (never below one
+        chunk). Allocated on the direction's stream and used only there, so a new job may reuse it
+        while the previous one's copies are still queued: the stream orders them."""
+        cap = max(self.blocks_per_chunk, self.staging_bytes // self.block_bytes)
+        want = max(self.blocks_per_chunk, min(n, cap))
+        have = self._staging.get(direction)
+        if have is None or len(have) < want:
+            have = self._staging[direction] = torch.empty((want, self.block_bytes), dtype=torch.int8,
+                                                          device=self.device)
+        return have
+
+    @staticmethod
+    def _batches(runs: list[tuple[int, int, int, int]], capacity: int
+                 ) -> Iterator[tuple[int, int, list[tuple[int, int, int, int]]]]:
+        """Consecutive runs grouped so that each group's blocks fit ``capacity`` staging rows:
+        (first block of the job, end, the runs)."""
+        batch: list[tuple[int, int, int, int]] = []
+        lo = 0
+        for run in runs:
+            _, _, pos, count = run
+            if batch and pos + count - lo > capacity:
+                yield lo, pos, batch
+                batch, lo = [], pos
+            batch.append(run)
+        if batch:
+            last = batch[-1]
+            yield lo, last[2] + last[3], batch
+
     @contextmanager
-    def _job(self, direction: str, job_id: int, nbytes: int) -> Iterator[None]:
+    def _job(self, direction: str, job_id: int, n: int) -> Iterator[torch.Tensor]:
+        nbytes = n * self.block_bytes
         if not self.cuda:
             start = time.perf_counter()
-            yield
+            yield self._staging_for(direction, n)
             self._done.append(FinishedCopy(job_id, nbytes, time.perf_counter() - start))
             return
         stream = self._stream(direction)
@@ -222,7 +261,7 @@ class ChunkCopier:
         end = torch.cuda.Event(enable_timing=True)
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
             begin.record(stream)
-            yield
+            yield self._staging_for(direction, n)
             end.record(stream)
         self._jobs[direction].append(_Job(job_id, nbytes, begin, end))
 
