@@ -98,6 +98,8 @@ PY
 echo "=== vLLM tier's GPU copy path (ChunkCopier: streams, events, pinned slots); needs torch with CUDA"
 if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   python3 -m pytest tests/python/test_chunk_copies.py -q -p no:cacheprovider -o filterwarnings= -rA 2>&1 | tail -6
+  # transfers between two processes' CUDA pools (pinned staging); needs isagellm-comm's gloo
+  python3 -m pytest tests/python/test_transfer_multiprocess.py -q -p no:cacheprovider -o filterwarnings= -m cuda -rA 2>&1 | tail -4
   (cd benchmarks && python3 w9_gpu_copies.py --blocks 512 --bpc 1,16 --repeats 5) 2>&1 | tail -8
 else
   echo "skipped: torch with CUDA is not importable here"

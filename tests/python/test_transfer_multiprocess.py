@@ -415,3 +415,44 @@ def test_three_processes_fan_in() -> None:
     assert out[2]["sha"] == {0: out[0]["sha"], 1: out[1]["sha"]}
     assert out[2]["published"]
     assert out[2]["used"] == 2001
+
+
+# --- pools on a CUDA device (skipped without one) ----------------------------------------------
+
+
+def _cuda_session(rank: int, backend: Any) -> dict[str, Any]:
+    from sagellm_kv_cache import KVCacheSpec, PagedKVPool
+    from sagellm_kv_cache.transfer import BlockTransfer
+
+    spec = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=64, dtype="fp16", block_size=16)  # 32 KiB blocks
+    pool = PagedKVPool(spec, 512, "cuda:0")
+    out: dict[str, Any] = {}
+    for same_host in (False, True):
+        bt = BlockTransfer(backend, chunk_bytes=CHUNK_BYTES, timeout=TIMEOUT, same_host=same_host)
+        if rank == 0:
+            ids = pool.allocate(200)[::-1].copy()
+            pool.scatter(np.random.default_rng(int(same_host)).integers(0, 256, 200 * spec.block_nbytes,
+                                                                          dtype=np.uint8), ids)
+            out[f"sha{same_host}"] = _sha(pool, ids)
+            out[f"send{same_host}"] = _outcome(lambda bt=bt, ids=ids: bt.send_blocks(pool, ids, 1))
+            # staging for a device pool is page-locked host memory (a HostSlab of the pool's device)
+            cached = [b for bufs in bt._staging._free.values() for b in bufs]
+            out[f"pinned{same_host}"] = bool(cached) and all(b.device == "cuda:0" for b in cached)
+            pool.free(ids)
+        else:
+            got = bt.receive(pool, 0)
+            out[f"sha{same_host}"] = _sha(pool, got.block_ids)
+            out[f"path{same_host}"] = got.path
+            pool.free(got.block_ids)
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pools_transfer_byte_exact_on_both_paths_through_pinned_staging() -> None:
+    out = _run(_cuda_session, world=2)
+    for same_host in (False, True):
+        assert out[0][f"send{same_host}"][0] == "ok", out[0][f"send{same_host}"]
+        assert out[1][f"sha{same_host}"] == out[0][f"sha{same_host}"]
+    assert out[1]["pathTrue"] == "shm" and out[1]["pathFalse"] == "gloo"
+    assert out[0]["pinnedFalse"]

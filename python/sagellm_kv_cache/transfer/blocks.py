@@ -72,6 +72,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from sagellm_kv_cache import _core
 from sagellm_kv_cache.errors import (
     KVCacheError,
     KVChecksumMismatchError,
@@ -205,12 +206,20 @@ _LEDGER = _Ledger()
 
 
 class _Staging:
-    """A host buffer and its torch view (same memory): numpy for the pool, torch for the wire."""
+    """A host buffer and its torch view (same memory): numpy for the pool, torch for the wire.
 
-    __slots__ = ("array", "tensor")
+    For a pool on an accelerator the buffer is page-locked (a one-slot ``HostSlab`` of that device,
+    kept alive by the array), so the pool's device<->host copies into it run at DMA speed instead of
+    going through the driver's pageable bounce buffer."""
 
-    def __init__(self, nbytes: int) -> None:
-        self.array: npt.NDArray[np.uint8] = np.empty(nbytes, dtype=np.uint8)
+    __slots__ = ("array", "device", "tensor")
+
+    def __init__(self, nbytes: int, device: str = "cpu") -> None:
+        self.device = device
+        if device == "cpu":
+            self.array: npt.NDArray[np.uint8] = np.empty(nbytes, dtype=np.uint8)
+        else:
+            self.array = _core.HostSlab(1, nbytes, device, False).view()[0, :nbytes]
         self.tensor = torch.from_numpy(self.array)
 
 
@@ -249,27 +258,29 @@ def _scatter_checksum(
 
 
 class _StagingCache:
-    """Reuses staging buffers between transfers: a fresh 4 MiB buffer costs ~1000 page faults."""
+    """Reuses staging buffers between transfers: a fresh 4 MiB buffer costs ~1000 page faults (and a
+    pinned one a page-locking call)."""
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
-        self._free: dict[int, list[_Staging]] = {}
+        self._free: dict[tuple[int, str], list[_Staging]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def take(self, nbytes: int, count: int) -> list[_Staging]:
+    def take(self, nbytes: int, count: int, device: str = "cpu") -> list[_Staging]:
+        """``count`` buffers of ``nbytes`` for a pool on ``device`` (pinned unless it is the CPU)."""
         with self._lock:
-            cached = self._free.get(nbytes, [])
+            cached = self._free.get((nbytes, device), [])
             out = [cached.pop() for _ in range(min(count, len(cached)))]
             self._bytes -= nbytes * len(out)
-        return out + [_Staging(nbytes) for _ in range(count - len(out))]
+        return out + [_Staging(nbytes, device) for _ in range(count - len(out))]
 
     def give(self, buffers: list[_Staging]) -> None:
         """Only for buffers no transport operation can still touch."""
         with self._lock:
             for b in buffers:
                 if self._bytes + b.array.nbytes <= self._max_bytes:
-                    self._free.setdefault(b.array.nbytes, []).append(b)
+                    self._free.setdefault((b.array.nbytes, b.device), []).append(b)
                     self._bytes += b.array.nbytes
 
 
@@ -749,7 +760,7 @@ class BlockTransfer:
         dst = header.dst_rank
         num_chunks = header.num_chunks
         payload_max = min(header.chunk_blocks, header.num_blocks) * header.block_nbytes
-        slots = self._staging.take(payload_max + wire.FOOTER_NBYTES, min(self._depth, num_chunks))
+        slots = self._staging.take(payload_max + wire.FOOTER_NBYTES, min(self._depth, num_chunks), pool.device)
         producer = _ChunkProducer(pool, ids, header, slots, deadline, self._chunk_hook, self._gather_thread)
         sent: list[Pending] = []
         clean = False
@@ -1039,7 +1050,7 @@ class BlockTransfer:
         block_nbytes, algorithm, depth = header.block_nbytes, header.checksum_algorithm, self._depth
         num_chunks = header.num_chunks
         payload_max = min(header.chunk_blocks, header.num_blocks) * block_nbytes
-        slots = self._staging.take(payload_max + wire.FOOTER_NBYTES, min(depth, num_chunks))
+        slots = self._staging.take(payload_max + wire.FOOTER_NBYTES, min(depth, num_chunks), pool.device)
         posted: deque[Pending] = deque()
 
         def post(k: int) -> None:
