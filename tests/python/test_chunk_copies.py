@@ -4,6 +4,8 @@ event behaviour on a CUDA device when one is present (skipped cleanly otherwise)
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -148,3 +150,36 @@ def test_cuda_round_trip_is_byte_exact_with_expedited_loads() -> None:
         assert torch.equal(_block(tensors, d), want[1 + i])
     for d, i in zip(range(40, 48), [16, 17, 18, 19, 12, 13, 14, 15], strict=True):
         assert torch.equal(_block(tensors, d), want[i])
+
+
+# --- random jobs against a model of the slots ------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), bpc=st.integers(1, 4), staging_blocks=st.integers(1, 6))
+def test_random_jobs_match_a_model_of_the_slots(data: st.DataObject, bpc: int, staging_blocks: int) -> None:
+    """Stores and loads of random blocks, positions and slots, with staging small enough to batch:
+    every slot position holds what the model says and every load writes exactly its blocks."""
+    tensors = _tensors(num_blocks=12, seed=5)
+    copier = ChunkCopier(tensors, num_chunks=5, blocks_per_chunk=bpc, staging_bytes=staging_blocks * sum(ROWS))
+    model: dict[tuple[int, int], torch.Tensor] = {}  # (slot, position) -> block bytes
+    for job in range(data.draw(st.integers(1, 8))):
+        n_chunks = data.draw(st.integers(1, 3))
+        slots = data.draw(st.lists(st.integers(0, 4), min_size=n_chunks, max_size=n_chunks,
+                                   unique=True))
+        skip = data.draw(st.integers(0, bpc - 1))
+        n = data.draw(st.integers(max(1, (n_chunks - 1) * bpc - skip + 1), n_chunks * bpc - skip))
+        blocks = data.draw(st.lists(st.integers(0, 11), min_size=n, max_size=n, unique=True))
+        places = [(slots[(skip + i) // bpc], (skip + i) % bpc) for i in range(n)]
+        if data.draw(st.booleans()) or not all(p in model for p in places):
+            copier.store(job, blocks, slots, skip)
+            for b, p in zip(blocks, places, strict=True):
+                model[p] = _block(tensors, b)
+        else:
+            others = {b: _block(tensors, b) for b in range(12) if b not in blocks}
+            copier.load(job, slots, blocks, skip)
+            for b, p in zip(blocks, places, strict=True):
+                assert torch.equal(_block(tensors, b), model[p])
+            assert all(torch.equal(_block(tensors, b), v) for b, v in others.items())
+        for (slot, pos), want in model.items():
+            assert torch.equal(copier.chunk_view(slot)[pos], want)
+    assert len(copier.finished()) == job + 1
