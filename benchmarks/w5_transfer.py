@@ -30,6 +30,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 from typing import Any
 
 from common import Row, print_table
@@ -48,6 +49,18 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, sizes_mib: list[int], repeats: int, options: dict[str, Any],
             results: Any) -> None:
+    try:
+        out = _transfers(rank, world, port, sizes_mib, repeats, options)
+    except BaseException:
+        out = traceback.format_exc()  # reported, so that the parent stops every rank instead of waiting
+    results.put((rank, out))
+    results.close()
+    results.join_thread()
+    os._exit(0)
+
+
+def _transfers(rank: int, world: int, port: int, sizes_mib: list[int], repeats: int, options: dict[str, Any]
+               ) -> dict[int, dict[str, float]]:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import numpy as np
     import torch
@@ -104,10 +117,7 @@ def _worker(rank: int, world: int, port: int, sizes_mib: list[int], repeats: int
         out[size] = {"bytes": float(n * spec.block_nbytes), **best, "shm_path_used": float(seen_path == "shm"),
                      **{f"cpu_{k}": v for k, v in cpu.items()}}
         del pool, raw, copy_to
-    results.put((rank, out))
-    results.close()
-    results.join_thread()
-    os._exit(0)
+    return out
 
 
 def measure(sizes_mib: list[int], repeats: int, options: dict[str, Any], concurrency: int = 1
@@ -121,9 +131,18 @@ def measure(sizes_mib: list[int], repeats: int, options: dict[str, Any], concurr
              for r in range(world)]
     for p in procs:
         p.start()
-    got = dict(results.get(timeout=1800) for _ in range(world))
-    for p in procs:
-        p.join(timeout=30)
+    got: dict[int, Any] = {}
+    try:
+        while len(got) < world:
+            rank, value = results.get(timeout=1800)
+            if isinstance(value, str):  # a rank failed: its peers would wait for it forever
+                raise RuntimeError(f"W5 rank {rank} failed:\n{value}")
+            got[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=30 if len(got) == world else 0)
+            if p.is_alive():
+                p.kill()
     merged: dict[int, dict[str, float]] = {}
     for size in sizes_mib:
         srcs = [got[r][size] for r in range(concurrency)]
@@ -173,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-mib", type=float, default=4.0)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--shm-chunk-mib", type=float, default=0.0, help="ring slot size (default: the library's)")
-    parser.add_argument("--checksum", default="segsum64")
+    parser.add_argument("--checksum", default="segsum64", choices=("segsum64", "crc32"))
     parser.add_argument("--gather-thread", choices=("auto", "on", "off"), default="auto")
     args = parser.parse_args(argv)
     options = {"chunk_bytes": int(args.chunk_mib * MIB), "pipeline_depth": args.depth, "checksum": args.checksum,
