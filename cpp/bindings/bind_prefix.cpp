@@ -316,11 +316,33 @@ py::tuple do_insert(BoundPrefixCache& self, std::span<const BlockHash> digests, 
   return py::make_tuple(r.num_inserted, position_array(r.num_redundant));
 }
 
+// The seed PrefixCache's table of objects: a list whose item `id` is the object cached under block id
+// `id` (None: no entry), so a lookup maps ids to objects by index, with no int object and no hash probe.
+void table_set(PyObject* table, BlockId id, PyObject* object) {
+  const auto idx = static_cast<Py_ssize_t>(id);
+  while (PyList_GET_SIZE(table) <= idx) {  // re-read each time: a dropped item's finaliser may run code
+    if (PyList_Append(table, Py_None) != 0) throw py::error_already_set();
+  }
+  Py_INCREF(object);
+  PyList_SetItem(table, idx, object);  // takes the new reference, drops the old item's
+}
+
+PyObject* table_get(PyObject* table, BlockId id) {  // borrowed; nullptr when there is no entry
+  const auto idx = static_cast<Py_ssize_t>(id);
+  PyObject* v = idx >= 0 && idx < PyList_GET_SIZE(table) ? PyList_GET_ITEM(table, idx) : nullptr;
+  return v == Py_None ? nullptr : v;
+}
+
+void check_table(const py::handle& table) {
+  if (!PyList_Check(table.ptr())) throw py::type_error("table must be a list, got " + type_name(table));
+}
+
 // The seed PrefixCache's insert in one call: new entries get fresh ids and the caller's objects are
-// stored under them in its dict. Objects are checked before anything changes; the ids are returned
+// stored under them in its table. Objects are checked before anything changes; the ids are returned
 // to the allocator (the cache holds its own references) whatever happens.
 py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std::int64_t start,
-                          const py::list& objects, const py::dict& table, const py::object& first_id) {
+                          const py::list& objects, const py::handle& table, const py::object& ids_from) {
+  check_table(table);
   const Digests d(digests, "digests");
   const std::size_t n = d.span().size();
   if (start < 0 || static_cast<std::size_t>(start) >= n || objects.size() != n) {
@@ -343,19 +365,29 @@ py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std
     if (owner != nullptr && owner != Py_None) return py::none();
   }
   BlockAllocator* alloc = self.cache->allocator();
-  if ((alloc == nullptr) == first_id.is_none()) {
-    throw py::value_error("insert_objects: first_id is for a cache without an allocator, and only for one");
+  if ((alloc == nullptr) == ids_from.is_none()) {
+    throw py::value_error("insert_objects: ids are given for a cache without an allocator, and only for one");
   }
   std::vector<BlockId> ids(alloc != nullptr ? std::min<std::size_t>(n - first, alloc->num_available()) : n - first);
   if (alloc != nullptr) {
     if (!alloc->allocate(ids).ok()) throw py::value_error("insert_objects: the allocator ran short while allocating");
-  } else {
-    const auto base = first_id.cast<std::int64_t>();
+  } else if (PyLong_Check(ids_from.ptr())) {  // first id of a run
+    const auto base = ids_from.cast<std::int64_t>();
     if (base < 0 || base + static_cast<std::int64_t>(ids.size()) > std::numeric_limits<BlockId>::max()) {
-      throw py::value_error("insert_objects: first_id " + std::to_string(base) + " leaves no room for " +
+      throw py::value_error("insert_objects: first id " + std::to_string(base) + " leaves no room for " +
                             std::to_string(ids.size()) + " ids");
     }
     for (std::size_t j = 0; j < ids.size(); ++j) ids[j] = static_cast<BlockId>(base + static_cast<std::int64_t>(j));
+  } else {  // the ids themselves
+    const BlockIds given(ids_from, "ids");
+    if (given.span().size() != ids.size()) {
+      throw py::value_error("insert_objects: " + std::to_string(given.span().size()) + " ids for " +
+                            std::to_string(ids.size()) + " new blocks");
+    }
+    for (std::size_t j = 0; j < ids.size(); ++j) {
+      if (given.span()[j] < 0) throw py::value_error("insert_objects: id " + std::to_string(given.span()[j]) + " is negative");
+      ids[j] = given.span()[j];
+    }
   }
   struct GiveBack {  // our references; the cache took its own on what it kept
     BlockAllocator* alloc;
@@ -373,10 +405,7 @@ py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std
   }
   for (std::uint32_t j = 0; j < r.num_inserted; ++j) {
     const std::size_t at = r.num_redundant + j;
-    const py::int_ key(ids[at]);
-    if (PyDict_SetItem(table.ptr(), key.ptr(), PyList_GET_ITEM(fresh.ptr(), static_cast<Py_ssize_t>(at))) != 0) {
-      throw py::error_already_set();
-    }
+    table_set(table.ptr(), ids[at], PyList_GET_ITEM(fresh.ptr(), static_cast<Py_ssize_t>(at)));
   }
   return py::make_tuple(r.num_redundant + r.num_inserted, ids.size());
 }
@@ -561,23 +590,18 @@ void bind_prefix(py::module_& m) {
                matched = self.cache->probe(d.span(), ids);
              }
              if (table.is_none()) return py::make_tuple(matched, id_array(std::span<const BlockId>(ids).first(matched)));
-             if (!PyDict_Check(table.ptr())) {
-               throw py::type_error("table must be a dict or None, got " + type_name(table));
-             }
+             check_table(table);
              py::list values(matched);
              for (std::uint32_t i = 0; i < matched; ++i) {
-               const py::int_ key(ids[i]);
-               PyObject* v = PyDict_GetItemWithError(table.ptr(), key.ptr());  // borrowed
-               if (v == nullptr) {
-                 if (PyErr_Occurred() != nullptr) throw py::error_already_set();
-                 throw py::key_error("block id " + std::to_string(ids[i]) + " is cached but not in table");
-               }
+               PyObject* v = table_get(table.ptr(), ids[i]);
+               if (v == nullptr) throw py::key_error("block id " + std::to_string(ids[i]) + " is cached but not in table");
                values[i] = py::reinterpret_borrow<py::object>(v);
              }
              return py::make_tuple(matched, values);
            }, py::arg("digests"), py::arg("table") = py::none(),
            "As match, without taking a use (counts the lookup, marks the blocks used): (num_matched, ids). "
-           "With a dict `table`, the ids are mapped through it: (num_matched, [table[id], ...]).")
+           "With a list `table`, the ids are mapped through it: (num_matched, [table[id], ...]); an id whose "
+           "item is missing or None raises KeyError.")
       .def("peek", [](BoundPrefixCache& self, const py::handle& digests) {
              const Digests d(digests, "digests");
              return do_match(self, d.span(), false);
@@ -611,12 +635,12 @@ void bind_prefix(py::module_& m) {
            "Caches digests[i] -> block_ids[i]: (num_inserted, redundant_positions int32). acquire: also "
            "take a use of every position now cached (release those digests later).")
       .def("insert_objects", &insert_objects, py::arg("digests"), py::arg("start"), py::arg("objects"),
-           py::arg("table"), py::arg("first_id") = py::none(),
+           py::arg("table"), py::arg("ids") = py::none(),
            "Caches digests[start:] (a chain continuing digests[start - 1]) under fresh block ids and stores "
-           "table[id] = objects[i] for each one cached: ids from the cache's allocator, or first_id, "
-           "first_id + 1, ... without one. Every object from `start` on must be a dict; None (nothing "
-           "changed) when one of them has a 'handle_id' (an owner: use insert). Returns (num_inserted, "
-           "num_ids_taken).")
+           "table[id] = objects[i] (a list, grown with None) for each one cached: ids from the cache's "
+           "allocator or, without one, `ids`: an int (ids, ids + 1, ...) or exactly one id per new block. "
+           "Every object from `start` on must be a dict; None (nothing changed) when one of them has a "
+           "'handle_id' (an owner: use insert). Returns (num_inserted, num_ids_taken).")
       .def("match_tokens", [](BoundPrefixCache& self, const py::handle& tokens, const std::optional<std::string>& salt,
                               const std::optional<std::string>& extra) {
              const Tokens t(tokens, "tokens");

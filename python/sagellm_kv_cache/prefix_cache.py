@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
+from sagellm_kv_cache.errors import KVPoolFullError
 from sagellm_kv_cache.paged import PagedKVPool
 
 if TYPE_CHECKING:
@@ -311,19 +312,22 @@ class PrefixCache:
         self.block_size = block_size
         self.max_cached_blocks = max_cached_blocks
         self.enable_lru = bool(enable_lru)
-        # Block ids are synthetic keys of self._blocks. A bounded cache takes them from an id
+        # Block ids are synthetic: self._blocks[id] is the caller's object cached under `id` (None: no
+        # entry), so lookups map ids to objects by index. A bounded cache takes its ids from an id
         # allocator of twice its capacity that the trie references: an evicted block's id returns
-        # there and is reused, overwriting the stale dict, so no sweep is ever needed; one insert
-        # still finds free ids for up to `capacity` new blocks (the trie evicts to make room).
+        # there and is reused, overwriting the stale object, so no sweep is ever needed; one insert
+        # still finds free ids for up to `capacity` new blocks (the trie evicts to make room). An
+        # unbounded cache counts ids up and, once removed entries pile up, sweeps their ids into
+        # self._free_ids for reuse, so its table stays near its peak size (see _forget_evicted).
         self._ids: _core.BlockAllocator | None = None
         if max_cached_blocks is not None:
             self._ids = _core.BlockAllocator(min(2 * max_cached_blocks, _MAX_ID))
         self._trie = _core.PrefixCache(block_size=block_size, capacity_blocks=max_cached_blocks,
                                        policy="lru" if self.enable_lru else "fifo", allocator=self._ids)
         self._lock = threading.Lock()
-        self._blocks: dict[int, dict] = {}
-        self._next_id = 0  # the next synthetic block id of an unbounded cache (see _take_ids)
-        self._wrapped = False
+        self._blocks: list[dict | None] = []
+        self._next_id = 0  # the next never-used synthetic id of an unbounded cache (see _take_ids)
+        self._free_ids: list[int] = []  # swept ids of an unbounded cache, to reuse first
         self._owners: dict[Any, int] = {}
         self._empty_lookups = 0  # the seed counts a lookup of no blocks as a miss; the trie never sees it
         self._last_chain: tuple[tuple[Any, ...], Digests] | None = None  # see _chain
@@ -419,14 +423,22 @@ class PrefixCache:
                 return
             self._generation += 1
             # Anonymous blocks (no handle_id), the common case: ids, insert and table in one C++ call.
-            if self._ids is not None or (not self._wrapped and self._next_id + len(blocks) - start <= _MAX_ID):
-                done = self._trie.insert_objects(digests, start, blocks if blocks.__class__ is list else list(blocks),
-                                                 self._blocks, None if self._ids is not None else self._next_id)
-                if done is not None:
-                    if self._ids is None:
-                        self._next_id += done[1]
-                    self._forget_evicted()
-                    return
+            need = len(blocks) - start
+            if self._ids is not None:
+                ids: Any = None  # the trie's allocator gives them
+            elif not self._free_ids and self._next_id + need <= _MAX_ID:
+                ids = self._next_id  # a run of never-used ids
+            else:
+                ids = self._take_ids(need)
+            done = self._trie.insert_objects(digests, start, blocks if blocks.__class__ is list else list(blocks),
+                                             self._blocks, ids)
+            if done is not None:
+                if isinstance(ids, int):
+                    self._next_id += done[1]
+                self._forget_evicted()
+                return
+            if isinstance(ids, np.ndarray):
+                self._free_ids.extend(ids.tolist())  # not used: an owner key sends them to the path below
             # Owner keys of the new blocks only (position i is owner_keys[i - first]); the leading
             # cached blocks are not stored, so only the new ones must be dicts.
             first = start
@@ -451,7 +463,10 @@ class PrefixCache:
                     if self._ids is not None:
                         self._ids.free(ids)  # the trie holds its own reference on the blocks it kept
                 # A full cache may take only the leading blocks that fit.
-                self._blocks.update(zip(ids[:inserted].tolist(), blocks[start : start + inserted], strict=True))
+                for block_id, block in zip(ids[:inserted].tolist(), blocks[start : start + inserted], strict=True):
+                    if block_id >= len(self._blocks):
+                        self._blocks.extend([None] * (block_id + 1 - len(self._blocks)))
+                    self._blocks[block_id] = block
                 if inserted < end - start:
                     break
                 start = end
@@ -460,32 +475,39 @@ class PrefixCache:
     def _take_ids(self, n: int) -> npt.NDArray[np.int32]:
         """Fresh synthetic block ids (fewer than ``n`` only when a bounded cache has no more).
 
-        Unbounded: counting up; after 2^31 of them, cycle and skip the ones still cached.
+        Unbounded: swept ids first, then never-used ones counting up. An id the caller does not end
+        up caching is not lost: it is not in the trie, so the next sweep takes it back.
         """
         if self._ids is not None:
             return self._ids.allocate(min(n, int(self._ids.num_available)))
-        if not self._wrapped and self._next_id + n <= _MAX_ID:
-            ids = np.arange(self._next_id, self._next_id + n, dtype=np.int32)
-            self._next_id += n
-            return ids
-        self._wrapped = True
-        self._forget_evicted(force=True)
-        out: list[int] = []
-        while len(out) < n:
-            candidate = self._next_id % _MAX_ID
-            self._next_id = candidate + 1
-            if candidate not in self._blocks:
-                out.append(candidate)
-        return np.asarray(out, dtype=np.int32)
+        if len(self._free_ids) < n and self._next_id + n - len(self._free_ids) > _MAX_ID:
+            self._forget_evicted(force=True)
+            if self._next_id + n - len(self._free_ids) > _MAX_ID:
+                raise KVPoolFullError(_MAX_ID, context={"cached_blocks": len(self._trie), "requested": n})
+        reused = self._free_ids[-n:] if n else []
+        del self._free_ids[len(self._free_ids) - len(reused):]
+        fresh = n - len(reused)
+        self._next_id += fresh
+        return np.asarray(reused + list(range(self._next_id - fresh, self._next_id)), dtype=np.int32)
 
     def _forget_evicted(self, force: bool = False) -> None:
-        # Evictions happen inside C++; drop the dicts of evicted blocks once they dominate the table
-        # (a bounded cache reuses their ids instead: its table never outgrows the id allocator).
-        if self._ids is None and (force or len(self._blocks) > 2 * len(self._trie) + 64):
-            known = np.fromiter(self._blocks, dtype=np.int64, count=len(self._blocks))
-            dead = np.setdiff1d(known, self._trie.cached_block_ids(), assume_unique=True)
-            for key in dead.tolist():
-                del self._blocks[key]
+        # Evictions happen inside C++. An unbounded cache drops the objects of removed blocks once
+        # stale entries dominate its table and keeps their ids for reuse; every id below the table's
+        # length that is neither cached nor already free is stale (including ids taken for blocks
+        # that were never cached). A bounded cache reuses its ids through the allocator instead.
+        if self._ids is not None:
+            return
+        held = len(self._blocks) - len(self._free_ids)
+        if not force and held <= 2 * len(self._trie) + 64:
+            return
+        taken = np.zeros(len(self._blocks), dtype=bool)
+        live = self._trie.cached_block_ids()
+        taken[live[live < len(taken)]] = True
+        taken[self._free_ids] = True
+        stale = np.flatnonzero(~taken).tolist()
+        for block_id in stale:
+            self._blocks[block_id] = None
+        self._free_ids.extend(stale)
 
     # --- eviction / invalidation ------------------------------------------------------------
 
@@ -516,6 +538,8 @@ class PrefixCache:
             self._trie.clear()
             self._generation += 1
             self._blocks.clear()
+            self._free_ids.clear()
+            self._next_id = 0  # no id is referenced any more
             self._owners.clear()
 
     # --- stats ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,45 @@ def test_seed_bounded_cache_serves_the_right_blocks_while_ids_are_reused() -> No
             old, _ = cache.lookup(cache.compute_block_hashes(prompts[step - 2]))
             assert all(block["block_id"][0] == step - 2 for block in old)
     assert cache.get_stats()["evict_count"] > 0
+
+
+def test_seed_unbounded_cache_reuses_the_ids_of_removed_blocks() -> None:
+    # An unbounded cache counts its internal ids up; removed blocks' ids are swept for reuse, so the
+    # table stays near the live size, a reused id never serves the object it held before, and the
+    # removed blocks' objects are let go.
+    class Block(dict):  # a dict that can be weakly referenced
+        pass
+
+    cache = PrefixCache(block_size=2)
+    gone: list[weakref.ref[Block]] = []
+    live: dict[tuple[bytes, ...], list[Block]] = {}
+    peak = 0
+    for step in range(400):
+        prompt = [step, step + 1, 7, 8, step, 9] if step % 3 else [5, 6, 7, 8, step, 9]  # some share block 0
+        hashes = cache.compute_block_hashes(prompt)
+        found, _ = cache.lookup(hashes)
+        fresh = [Block(block_id=(step, i)) for i in range(len(found), len(hashes))]
+        cache.insert(hashes, found + fresh)
+        assert cache.lookup(hashes) == (found + fresh, 6)
+        live[tuple(hashes)] = found + fresh
+        if step % 25 == 24:  # drop about half of what is cached
+            before = len(cache)
+            assert cache.evict_by_count(before // 2) == before // 2
+            for key, blocks in list(live.items()):  # what is still served is what was inserted
+                got, tokens = cache.lookup(list(key))
+                assert got == blocks[: tokens // 2]
+                if tokens < 6:
+                    gone += [weakref.ref(b) for b in blocks[tokens // 2:]]
+                    del live[key]
+        peak = max(peak, len(cache))
+        assert len(cache._blocks) - len(cache._free_ids) <= 2 * len(cache) + 64  # swept past that
+        assert len(cache._blocks) <= 2 * peak + 64 + 3  # freed ids go out again before new ones
+    assert len(cache._blocks) < 400  # 800-odd ids were handed out
+    cache._forget_evicted(force=True)
+    del found, fresh, blocks, got
+    assert all(ref() is None for ref in gone)  # removed blocks' objects are not kept
+    cache.clear()
+    assert cache._blocks == [] and cache._free_ids == [] and cache._next_id == 0
 
 
 def test_seed_insert_after_lookup_sees_changes_made_in_between() -> None:
@@ -672,41 +712,55 @@ def test_probe_counts_and_renews_without_holding() -> None:
     b = _core.hash_blocks(list(range(100, 112)), 4)
     cache.insert(a, np.arange(3, dtype=np.int32))
     cache.insert(b, np.arange(3, 6, dtype=np.int32))
-    table = {i: f"block {i}" for i in range(6)}
+    table = [f"block {i}" for i in range(6)]
     assert cache.probe(a, table) == (3, ["block 0", "block 1", "block 2"])  # a is now the newest
     n, ids = cache.probe(b)
     assert n == 3 and ids.tolist() == [3, 4, 5]
     stats = cache.stats()
     assert stats["lookups"] == 2 and stats["in_use_blocks"] == 0  # counted, nothing held
     assert cache.evict(3) == 3 and cache.peek(a)[0] == 0  # b's probe came last: a went first
+    cache.insert(b, np.arange(3, 6, dtype=np.int32))
     with pytest.raises(KeyError, match="block id 3"):
-        cache.probe(b, {})  # a table that lacks a cached id: an error, not a crash
-    with pytest.raises(TypeError, match="table must be a dict"):
-        cache.probe(b, [1, 2, 3])  # type: ignore[call-overload]
+        cache.probe(b, [])  # a table that lacks a cached id: an error, not a crash
+    with pytest.raises(KeyError, match="block id 4"):
+        cache.probe(b, ["x", "x", "x", "x", None])  # None: no entry
+    with pytest.raises(TypeError, match="table must be a list"):
+        cache.probe(b, {3: "x"})  # type: ignore[call-overload]
 
 
 def test_insert_objects_checks_everything_before_changing_anything() -> None:
     ids = _core.BlockAllocator(8)
     cache = _core.PrefixCache(block_size=4, capacity_blocks=4, allocator=ids)
     digests = _core.hash_blocks(list(range(16)), 4)
-    table: dict[int, Any] = {}
+    table: list[Any] = []
     with pytest.raises(TypeError, match=r"blocks\[2\] must be a dict, got str"):
         cache.insert_objects(digests, 1, [{}, {}, "x", {}], table)
     with pytest.raises(ValueError, match="start 4 must lie within 4 digests"):
         cache.insert_objects(digests, 4, [{}] * 4, table)
-    with pytest.raises(ValueError, match="first_id is for a cache without an allocator"):
-        cache.insert_objects(digests, 0, [{}] * 4, table, first_id=0)
+    with pytest.raises(ValueError, match="ids are given for a cache without an allocator"):
+        cache.insert_objects(digests, 0, [{}] * 4, table, ids=0)
+    with pytest.raises(TypeError, match="table must be a list"):
+        cache.insert_objects(digests, 0, [{}] * 4, {})  # type: ignore[arg-type]
     assert cache.insert_objects(digests, 0, [{}, {"handle_id": 7}, {}, {}], table) is None  # owners: insert()
-    assert len(cache) == 0 and table == {} and ids.num_available == 8
+    assert len(cache) == 0 and table == [] and ids.num_available == 8
     blocks: list[Any] = [{"n": i} for i in range(4)]
     assert cache.insert_objects(digests[:2], 0, blocks[:2], table) == (2, 2)
     assert cache.insert_objects(digests, 2, blocks, table) == (2, 2)  # continues the chain
     assert cache.probe(digests, table) == (4, blocks)
     assert ids.num_available == 4  # the cache's references only
     unbounded = _core.PrefixCache(block_size=4)
-    other: dict[int, Any] = {}
-    assert unbounded.insert_objects(digests, 0, blocks, other, first_id=100) == (4, 4)
-    assert sorted(other) == [100, 101, 102, 103]
+    other: list[Any] = []
+    assert unbounded.insert_objects(digests[:2], 0, blocks[:2], other, ids=100) == (2, 2)  # a run from 100
+    assert other == [None] * 100 + blocks[:2]
+    for bad, match in ((np.array([7], dtype=np.int32), "1 ids for 2 new blocks"),
+                       (np.array([7, -1], dtype=np.int32), "id -1 is negative"),
+                       (2**31 - 2, "first id 2147483646 leaves no room for 2 ids")):
+        with pytest.raises(ValueError, match=match):
+            unbounded.insert_objects(digests, 2, blocks, other, ids=bad)
+    assert len(unbounded) == 2 and len(other) == 102  # refused: nothing changed
+    assert unbounded.insert_objects(digests, 2, blocks, other, ids=np.array([5, 3], dtype=np.int32)) == (2, 2)
+    assert other[3] is blocks[3] and other[5] is blocks[2]
+    assert unbounded.probe(digests, other) == (4, blocks)
 
 
 def test_seed_insert_takes_any_sequence_and_refuses_non_dict_blocks_unchanged() -> None:
