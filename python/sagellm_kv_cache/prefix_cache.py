@@ -476,7 +476,8 @@ class PrefixCache:
         """Fresh synthetic block ids (fewer than ``n`` only when a bounded cache has no more).
 
         Unbounded: swept ids first, then never-used ones counting up. An id the caller does not end
-        up caching is not lost: it is not in the trie, so the next sweep takes it back.
+        up caching is not lost: it is not in the trie, so a sweep takes it back once the table
+        reaches past it.
         """
         if self._ids is not None:
             return self._ids.allocate(min(n, int(self._ids.num_available)))
