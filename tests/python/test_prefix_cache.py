@@ -6,6 +6,7 @@ import hashlib
 import struct
 import subprocess
 import sys
+import threading
 import uuid
 import weakref
 from pathlib import Path
@@ -216,6 +217,44 @@ def test_seed_unbounded_cache_reuses_the_ids_of_removed_blocks() -> None:
     assert all(ref() is None for ref in gone)  # removed blocks' objects are not kept
     cache.clear()
     assert cache._blocks == [] and cache._free_ids == [] and cache._next_id == 0
+
+
+@pytest.mark.parametrize("capacity", [None, 24])
+def test_seed_cache_serves_only_its_own_prefixes_under_threads(capacity: int | None) -> None:
+    # Threads look up and insert overlapping prompts while one of them evicts and one inserts owned
+    # blocks (the per-block path): every block a lookup returns is the object inserted for exactly
+    # that prefix, whatever ids were swept and reused meanwhile.
+    cache = PrefixCache(block_size=2, max_cached_blocks=capacity)
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for step in range(300):
+                tokens = [int(t) for t in rng.integers(0, 3, size=8)]  # few distinct prefixes: much sharing
+                hashes = cache.compute_block_hashes(tokens)
+                found, n = cache.lookup(hashes)
+                for i, block in enumerate(found):
+                    assert block["prefix"] == tuple(tokens[: 2 * (i + 1)])
+                owner = {"handle_id": uuid.UUID(int=seed)} if seed == 1 and step % 2 else {}
+                fresh = [{"block_id": (seed, step, i), "prefix": tuple(tokens[: 2 * (i + 1)]), **owner}
+                         for i in range(n // 2, len(hashes))]
+                cache.insert(hashes, found + fresh)
+                if seed == 0 and step % 20 == 19:
+                    cache.evict_by_count(len(cache) // 2)
+        except BaseException as exc:  # reported below: a failed assert in a thread must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    if capacity is not None:
+        assert len(cache) <= capacity
+    else:
+        assert len(cache._blocks) - len(cache._free_ids) <= 2 * len(cache) + 64 + 8
 
 
 def test_seed_insert_after_lookup_sees_changes_made_in_between() -> None:
