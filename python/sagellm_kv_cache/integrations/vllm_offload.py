@@ -72,6 +72,12 @@ __all__ = [
 ]
 
 
+def _check_copies(copies: str) -> None:
+    """The worker's copy path must be one of ``auto``, ``pool``, ``stream`` (see SageOffloadingWorker)."""
+    if copies not in ("auto", "pool", "stream"):
+        raise ValueError(f"copies must be 'auto', 'pool' or 'stream', got {copies!r}")
+
+
 def slot_digest(slot: int) -> bytes:
     """The trie digest naming pool slot ``slot``: its 8-byte little-endian number, then a fixed tag."""
     return _core.OffloadIndex.slot_digest(slot)
@@ -247,8 +253,7 @@ class SageOffloadingWorker(OffloadingWorker):
             raise ValueError(f"only one KV-cache group is supported, got {len(kv_caches.group_data_refs)}")
         if blocks_per_chunk <= 0:
             raise ValueError(f"blocks_per_chunk must be positive, got {blocks_per_chunk}")
-        if copies not in ("auto", "pool", "stream"):
-            raise ValueError(f"copies must be 'auto', 'pool' or 'stream', got {copies!r}")
+        _check_copies(copies)
         seen: list[int] = []
         for ref in kv_caches.group_data_refs[0]:
             if ref.tensor_idx not in seen:
@@ -389,8 +394,7 @@ class SageOffloadingSpec(OffloadingSpec):
             raise ValueError(f"the host tier holds no chunk (num_chunks={self.num_chunks})")
         self.eviction_policy = str(self.extra_config.get("eviction_policy", "lru"))
         self.copies = str(self.extra_config.get("copies", "auto"))
-        if self.copies not in ("auto", "pool", "stream"):
-            raise ValueError(f"copies must be 'auto', 'pool' or 'stream', got {self.copies!r}")
+        _check_copies(self.copies)  # here too: the scheduler process refuses it before any worker starts
         self._manager: SageOffloadingManager | None = None
         self._worker: SageOffloadingWorker | None = None
 
