@@ -8,6 +8,7 @@
 // a 4 GiB layer plane exceeds it) fall back to one cudaMemcpy per row.
 #include <dlfcn.h>
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -77,9 +78,15 @@ const CudaRuntime& runtime() {
         return;
       }
     }
-    for (const char* name : {"libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"}) {
-      if (rt.library != nullptr) break;
-      rt.library = ::dlopen(name, RTLD_NOW | RTLD_LOCAL);
+    // A runtime the process already loaded (torch's, inside its pip-installed CUDA) comes first, so
+    // that our pinned memory and torch's streams belong to one runtime even where a system toolkit
+    // puts another libcudart.so on the loader's path.
+    constexpr std::array<const char*, 4> kNames = {"libcudart.so", "libcudart.so.13", "libcudart.so.12",
+                                                   "libcudart.so.11.0"};
+    for (const int mode : {RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD, RTLD_NOW | RTLD_LOCAL}) {
+      for (const char* name : kNames) {
+        if (rt.library == nullptr) rt.library = ::dlopen(name, mode);
+      }
     }
     if (rt.library == nullptr) {
       const char* why = ::dlerror();
