@@ -366,6 +366,8 @@ class PrefixCache:
             return np.empty(0, dtype=np.int64)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise TypeError(f"tokens must be a flat sequence of ints, got {arr.dtype} with shape {arr.shape}")
+        if arr.dtype == np.uint64 and int(arr.max()) > 0xFFFFFFFF:  # before int64 would wrap it negative
+            raise ValueError(f"token id {int(arr[arr > 0xFFFFFFFF][0])} is out of range [0, 2**32)")
         return arr.astype(np.int64, copy=False)
 
     def compute_block_hash(self, tokens: Sequence[int], block_size: int | None = None) -> BlockHash:
@@ -592,7 +594,7 @@ class PrefixCache:
         dropped: list[Any] = []
         self._acquire()
         try:
-            evicted = int(self._trie.evict(num_blocks))
+            evicted = int(self._trie.evict(min(num_blocks, _MAX_ID)))  # the trie holds fewer than that
             self._generation += 1
             self._forget_evicted(dropped)
         finally:

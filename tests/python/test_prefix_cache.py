@@ -138,6 +138,7 @@ def test_seed_evict_invalidate_clear() -> None:
     assert cache.invalidate(uuid.uuid4()) == 0
     assert cache.evict_by_count(3) == 3  # leaves first: the tail of chain A
     assert cache.lookup(ha)[1] == 4 and cache.get_stats()["evict_count"] == 3
+    assert cache.evict_by_count(2**40) == 1 and len(cache) == 0  # any count, as in the seed
     with pytest.raises(ValueError, match="num_blocks"):
         cache.evict_by_count(-1)
     cache.clear()
@@ -288,6 +289,8 @@ def test_seed_block_keys_from_lists_tuples_and_arrays_agree() -> None:
     assert cache.compute_block_hashes([]) == [] and cache.compute_block_hashes([1, 2, 3]) == []
     with pytest.raises(ValueError, match=r"token id 4294967296 at position 2 is out of range"):
         cache.compute_block_hashes([1, 2, 2**32, 4])
+    with pytest.raises(ValueError, match=r"token id 18446744073709551615 is out of range"):  # not wrapped negative
+        cache.compute_block_hashes(np.array([1, 2**64 - 1], dtype=np.uint64))
     with pytest.raises(TypeError, match=r"\[1\] must be an int, got str"):
         cache.compute_block_hashes([1, "2", 3, 4])
 
