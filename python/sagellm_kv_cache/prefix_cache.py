@@ -503,14 +503,18 @@ class PrefixCache:
             return
         if isinstance(ids, np.ndarray):
             self._free_ids.extend(ids.tolist())  # not used: an owner key sends them to the path below
-        # Owner keys of the new blocks only (position i is owner_keys[i - first]); the leading
-        # cached blocks are not stored, so only the new ones must be dicts.
-        first = start
+        # The new blocks only (position i is owned[i - first]), copied: the trie calls below release
+        # the GIL, and the caller's list must not change under them. The leading cached blocks are not
+        # stored, so only the new ones must be dicts.
+        first, n = start, len(digests)
+        owned = blocks[first:]
+        if len(owned) != n - first:
+            raise ValueError(f"blocks changed length during insert: {first + len(owned)} items for {n} block hashes")
         try:  # dict.get refuses anything but a dict: the type check comes with the owner keys
-            owner_keys = list(map(dict.get, itertools.islice(blocks, first, None), itertools.repeat("handle_id")))
+            owner_keys = list(map(dict.get, owned, itertools.repeat("handle_id")))
         except TypeError:
-            bad = next(i for i in range(first, len(blocks)) if not isinstance(blocks[i], dict))
-            raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}") from None
+            bad = next(i for i, block in enumerate(owned) if not isinstance(block, dict))
+            raise TypeError(f"blocks[{first + bad}] must be a dict, got {type(owned[bad]).__name__}") from None
         # Every owner's number before anything changes: an unhashable handle_id fails here.
         try:
             owners = [0 if key is None else self._owners.setdefault(key, len(self._owners) + 1) for key in owner_keys]
@@ -518,11 +522,11 @@ class PrefixCache:
             bad = next(i for i, key in enumerate(owner_keys) if key is not None and not _hashable(key))
             raise TypeError(f"blocks[{first + bad}]['handle_id'] must be hashable, got "
                             f"{type(owner_keys[bad]).__name__}") from None
-        while start < len(blocks):
+        while start < n:
             # The trie records one owner per insert call: cut the chain where the owner changes.
             owner = owners[start - first]
             end = start + 1
-            while end < len(blocks) and owners[end - first] == owner:
+            while end < n and owners[end - first] == owner:
                 end += 1
             ids = self._take_ids(end - start, dropped)
             try:
@@ -533,7 +537,8 @@ class PrefixCache:
                     self._ids.free(ids)  # the trie holds its own reference on the blocks it kept
             # A full cache may take only the leading blocks that fit.
             table = self._blocks
-            for block_id, block in zip(ids[:inserted].tolist(), blocks[start : start + inserted], strict=True):
+            for block_id, block in zip(ids[:inserted].tolist(), owned[start - first : start - first + inserted],
+                                       strict=True):
                 if block_id >= len(table):
                     table.extend([None] * (block_id + 1 - len(table)))
                 dropped.append(table[block_id])

@@ -1026,3 +1026,27 @@ def test_seed_cache_against_model(capacity: int | None, lru: bool, ops: list[tup
         check_seed_ids(cache)
     for values in prompts:
         lookup(values)
+
+
+@pytest.mark.parametrize("capacity", [None, 4])
+def test_seed_insert_reads_the_blocks_once_whatever_changes_the_list(capacity: int | None) -> None:
+    # The owned-blocks path releases the GIL in every trie call, so another thread may change the
+    # caller's list meanwhile; here a handle_id's __hash__ does it, deterministically. The cache must
+    # store what it read, not leave a cached block without its object (every later lookup of the
+    # prefix raised KeyError "cached but not in table").
+    cache = PrefixCache(block_size=2, max_cached_blocks=capacity)
+    blocks: list[dict[str, Any]] = []
+
+    class Shrinker:
+        def __hash__(self) -> int:
+            if len(blocks) == 3:
+                blocks.pop()
+            return 7
+
+    blocks += [{"handle_id": "a"}, {"handle_id": Shrinker()}, {"handle_id": "c"}]
+    hashes = cache.compute_block_hashes([1, 2, 3, 4, 5, 6])
+    expected = list(blocks)
+    cache.insert(hashes, blocks)
+    found, tokens = cache.lookup(hashes)
+    assert tokens == 6 and all(a is b for a, b in zip(found, expected, strict=True))
+    check_seed_ids(cache)
