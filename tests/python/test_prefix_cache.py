@@ -963,7 +963,7 @@ def check_seed_ids(cache: PrefixCache) -> None:
     assert all(cache._blocks[i] is None for i in free)
 
 
-@pytest.mark.parametrize(("capacity", "lru"), [(None, True), (3, True), (3, False)])
+@pytest.mark.parametrize(("capacity", "lru"), [(None, True), (3, True), (3, False), (1, True)])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(_seed_op, max_size=30))
 def test_seed_cache_against_model(capacity: int | None, lru: bool, ops: list[tuple[Any, ...]]) -> None:
