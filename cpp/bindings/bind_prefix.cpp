@@ -318,13 +318,24 @@ py::tuple do_insert(BoundPrefixCache& self, std::span<const BlockHash> digests, 
 
 // The seed PrefixCache's table of objects: a list whose item `id` is the object cached under block id
 // `id` (None: no entry), so a lookup maps ids to objects by index, with no int object and no hash probe.
-void table_set(PyObject* table, BlockId id, PyObject* object) {
-  const auto idx = static_cast<Py_ssize_t>(id);
-  while (PyList_GET_SIZE(table) <= idx) {  // re-read each time: a dropped item's finaliser may run code
+// Grows the table with None so that it has an item `id` (may raise MemoryError; changes nothing else).
+void table_reserve(PyObject* table, BlockId id) {
+  while (PyList_GET_SIZE(table) <= static_cast<Py_ssize_t>(id)) {
     if (PyList_Append(table, Py_None) != 0) throw py::error_already_set();
   }
+}
+
+// table[id] = object, for an item table_reserve made room for. The object it replaces is appended to
+// `displaced` (a list, or nullptr) instead of being dropped here: dropping the last reference runs
+// the object's finaliser, which may call back into the seed cache while its caller holds the cache's
+// lock. Only when that append fails (no memory) is the old object dropped at once. Cannot fail.
+void table_set(PyObject* table, BlockId id, PyObject* object, PyObject* displaced) noexcept {
+  const auto idx = static_cast<Py_ssize_t>(id);
+  if (idx >= PyList_GET_SIZE(table)) return;  // not reserved: the caller checked, nothing to set
+  PyObject* old = PyList_GET_ITEM(table, idx);
+  if (displaced != nullptr && old != Py_None && PyList_Append(displaced, old) != 0) PyErr_Clear();
   Py_INCREF(object);
-  PyList_SetItem(table, idx, object);  // takes the new reference, drops the old item's
+  PyList_SetItem(table, idx, object);  // takes the new reference, drops the table's one on the old item
 }
 
 PyObject* table_get(PyObject* table, BlockId id) {  // borrowed; nullptr when there is no entry
@@ -341,8 +352,12 @@ void check_table(const py::handle& table) {
 // stored under them in its table. Objects are checked before anything changes; the ids are returned
 // to the allocator (the cache holds its own references) whatever happens.
 py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std::int64_t start,
-                          const py::list& objects, const py::handle& table, const py::object& ids_from) {
+                          const py::list& objects, const py::handle& table, const py::object& ids_from,
+                          const py::object& displaced) {
   check_table(table);
+  if (!displaced.is_none() && !PyList_Check(displaced.ptr())) {
+    throw py::type_error("displaced must be a list or None, got " + type_name(displaced));
+  }
   const Digests d(digests, "digests");
   const std::size_t n = d.span().size();
   if (start < 0 || static_cast<std::size_t>(start) >= n || objects.size() != n) {
@@ -396,6 +411,8 @@ py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std
       if (alloc != nullptr && !ids.empty()) (void)alloc->free(ids);
     }
   } give_back{alloc, ids};
+  // Room in the table for every id first, while nothing has changed yet: what follows the insert cannot fail.
+  for (const BlockId id : ids) table_reserve(table.ptr(), id);
   InsertResult r;
   if (!ids.empty()) {
     InsertOptions o;
@@ -405,7 +422,8 @@ py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std
   }
   for (std::uint32_t j = 0; j < r.num_inserted; ++j) {
     const std::size_t at = r.num_redundant + j;
-    table_set(table.ptr(), ids[at], PyList_GET_ITEM(fresh.ptr(), static_cast<Py_ssize_t>(at)));
+    table_set(table.ptr(), ids[at], PyList_GET_ITEM(fresh.ptr(), static_cast<Py_ssize_t>(at)),
+              displaced.is_none() ? nullptr : displaced.ptr());
   }
   return py::make_tuple(r.num_redundant + r.num_inserted, ids.size());
 }
@@ -635,12 +653,14 @@ void bind_prefix(py::module_& m) {
            "Caches digests[i] -> block_ids[i]: (num_inserted, redundant_positions int32). acquire: also "
            "take a use of every position now cached (release those digests later).")
       .def("insert_objects", &insert_objects, py::arg("digests"), py::arg("start"), py::arg("objects"),
-           py::arg("table"), py::arg("ids") = py::none(),
+           py::arg("table"), py::arg("ids") = py::none(), py::arg("displaced") = py::none(),
            "Caches digests[start:] (a chain continuing digests[start - 1]) under fresh block ids and stores "
            "table[id] = objects[i] (a list, grown with None) for each one cached: ids from the cache's "
            "allocator or, without one, `ids`: an int (ids, ids + 1, ...) or exactly one id per new block. "
            "Every object from `start` on must be a dict; None (nothing changed) when one of them has a "
-           "'handle_id' (an owner: use insert). Returns (num_inserted, num_ids_taken).")
+           "'handle_id' (an owner: use insert). The objects the table held under the ids now used are appended to "
+           "the list `displaced` when one is given (else dropped), so their finalisers run when the caller lets "
+           "go of it. Returns (num_inserted, num_ids_taken).")
       .def("match_tokens", [](BoundPrefixCache& self, const py::handle& tokens, const std::optional<std::string>& salt,
                               const std::optional<std::string>& extra) {
              const Tokens t(tokens, "tokens");

@@ -120,7 +120,13 @@ class PrefixCache:
     ) -> None: ...
     def match(self, digests: _Digests) -> tuple[int, npt.NDArray[np.int32]]: ...
     def insert_objects(
-        self, digests: _Digests, start: int, objects: list[Any], table: list[Any], ids: int | _Ids | None = None
+        self,
+        digests: _Digests,
+        start: int,
+        objects: list[Any],
+        table: list[Any],
+        ids: int | _Ids | None = None,
+        displaced: list[Any] | None = None,
     ) -> tuple[int, int] | None: ...
     @overload
     def probe(self, digests: _Digests, table: None = None) -> tuple[int, npt.NDArray[np.int32]]: ...

@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import threading
 import uuid
+from _thread import get_ident
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,9 @@ BlockHash = bytes
 Digests = npt.NDArray[np.uint8]
 POLICIES = ("lru", "fifo", "priority", "ttl")
 _MAX_ID = 2**31 - 1
+# Above this many blocks a bounded seed PrefixCache counts its ids up as an unbounded one does
+# instead of holding an id allocator of twice its capacity, whose memory is taken up front.
+_ALLOCATOR_MAX_BLOCKS = 1 << 20
 
 
 def hash_algorithms() -> list[str]:
@@ -279,6 +283,14 @@ def _key_digest(key: Any) -> bytes:
     raise TypeError(f"block hash must be bytes, got {type(key).__name__}")
 
 
+def _hashable(obj: Any) -> bool:
+    try:
+        hash(obj)
+    except TypeError:
+        return False
+    return True
+
+
 def _big_endian_u32(tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
     """Token ids as the seed hashes them; ids outside [0, 2**32) have no such form."""
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > 0xFFFFFFFF):
@@ -300,6 +312,11 @@ class PrefixCache:
     Blocks are the caller's dicts (``{"block_id": ..., "handle_id": ...}``) and come back from
     ``lookup`` as the same objects. Hit and miss counts are per block. With ``enable_lru=False`` a
     full cache evicts in insertion order and ``evict_by_count`` is refused, as in the seed.
+
+    Thread-safe: one lock serialises the calls. The cache lets go of the objects it drops (evicted,
+    replaced, cleared) only after releasing that lock, so their finalisers may use the cache. Code
+    that runs inside a call on the same thread (a finaliser the garbage collector runs there, a
+    ``handle_id``'s ``__eq__``) and calls the cache again gets a RuntimeError instead of a deadlock.
     """
 
     def __init__(self, block_size: int = 16, max_cached_blocks: int | None = None, enable_lru: bool = True) -> None:
@@ -319,12 +336,16 @@ class PrefixCache:
         # still finds free ids for up to `capacity` new blocks (the trie evicts to make room). An
         # unbounded cache counts ids up and, once removed entries pile up, sweeps their ids into
         # self._free_ids for reuse, so its table stays near its peak size (see _forget_evicted).
+        # A very large bound (above _ALLOCATOR_MAX_BLOCKS) takes the unbounded scheme, its capacity
+        # enforced by the trie alone (no capacity at all past the most ids there can be).
         self._ids: _core.BlockAllocator | None = None
-        if max_cached_blocks is not None:
-            self._ids = _core.BlockAllocator(min(2 * max_cached_blocks, _MAX_ID))
-        self._trie = _core.PrefixCache(block_size=block_size, capacity_blocks=max_cached_blocks,
+        if max_cached_blocks is not None and max_cached_blocks <= _ALLOCATOR_MAX_BLOCKS:
+            self._ids = _core.BlockAllocator(2 * max_cached_blocks)
+        capacity = max_cached_blocks if max_cached_blocks is not None and max_cached_blocks <= _MAX_ID else None
+        self._trie = _core.PrefixCache(block_size=block_size, capacity_blocks=capacity,
                                        policy="lru" if self.enable_lru else "fifo", allocator=self._ids)
         self._lock = threading.Lock()
+        self._holder = 0  # the thread id holding self._lock, 0 when none (see _wait_for_lock)
         self._blocks: list[dict | None] = []
         self._next_id = 0  # the next never-used synthetic id of an unbounded cache (see _take_ids)
         self._free_ids: list[int] = []  # swept ids of an unbounded cache, to reuse first
@@ -345,6 +366,8 @@ class PrefixCache:
             return np.empty(0, dtype=np.int64)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise TypeError(f"tokens must be a flat sequence of ints, got {arr.dtype} with shape {arr.shape}")
+        if arr.dtype == np.uint64 and int(arr.max()) > 0xFFFFFFFF:  # before int64 would wrap it negative
+            raise ValueError(f"token id {int(arr[arr > 0xFFFFFFFF][0])} is out of range [0, 2**32)")
         return arr.astype(np.int64, copy=False)
 
     def compute_block_hash(self, tokens: Sequence[int], block_size: int | None = None) -> BlockHash:
@@ -396,14 +419,41 @@ class PrefixCache:
     def lookup(self, block_hashes: Sequence[BlockHash]) -> tuple[list[dict], int]:
         """Longest cached prefix: (its block dicts, number of tokens they cover)."""
         if not block_hashes:
-            with self._lock:
+            self._acquire()
+            try:
                 self._empty_lookups += 1
+            finally:
+                self._release()
             return [], 0
         digests = self._chain(block_hashes)
-        with self._lock:
+        lock = self._lock  # _acquire / _release inlined: lookup is the hot call
+        if not lock.acquire(False):
+            self._wait_for_lock()
+        try:
+            self._holder = get_ident()
             n, blocks = self._trie.probe(digests, self._blocks)
             self._last_match = (digests, n, self._generation)
+        finally:
+            self._holder = 0
+            lock.release()
         return blocks, n * self.block_size
+
+    def _wait_for_lock(self) -> None:
+        """Takes the lock that a plain ``acquire(False)`` found taken: waits for another thread, but
+        refuses this thread's own nested call (waiting for itself would never end)."""
+        if self._holder == get_ident():
+            raise RuntimeError("PrefixCache was called again on a thread inside one of its calls (by a finaliser "
+                               "or a handle_id's __eq__ run during that call); call it once that call returns")
+        self._lock.acquire()
+
+    def _acquire(self) -> None:
+        if not self._lock.acquire(False):
+            self._wait_for_lock()
+        self._holder = get_ident()
+
+    def _release(self) -> None:
+        self._holder = 0
+        self._lock.release()
 
     def insert(self, block_hashes: Sequence[BlockHash], blocks: Sequence[dict]) -> None:
         """Caches ``blocks`` under the chained ``block_hashes`` (same length; a chain from the root)."""
@@ -411,68 +461,94 @@ class PrefixCache:
             raise ValueError(f"block_hashes length {len(block_hashes)} != blocks length {len(blocks)}")
         if not blocks:
             return
+        # One list of the objects, held until the lock is released (a sequence may make them anew).
+        objects: list[Any] = blocks if blocks.__class__ is list else list(blocks)
+        if len(objects) != len(block_hashes):
+            raise ValueError(f"blocks yielded {len(objects)} items but has length {len(block_hashes)}")
         digests = self._chain(block_hashes)
-        with self._lock:
-            # The leading blocks already cached keep their dicts; only the rest get ids and entries.
-            last = self._last_match
-            if last is not None and last[0] is digests and last[2] == self._generation:
-                start = last[1]
-            else:
-                start, _ = self._trie.peek(digests)
-            if start >= len(blocks):
-                return
-            self._generation += 1
-            # Anonymous blocks (no handle_id), the common case: ids, insert and table in one C++ call.
-            need = len(blocks) - start
-            if self._ids is not None:
-                ids: Any = None  # the trie's allocator gives them
-            elif not self._free_ids and self._next_id + need <= _MAX_ID:
-                ids = self._next_id  # a run of never-used ids
-            else:
-                ids = self._take_ids(need)
-            done = self._trie.insert_objects(digests, start, blocks if blocks.__class__ is list else list(blocks),
-                                             self._blocks, ids)
-            if done is not None:
-                if isinstance(ids, int):
-                    self._next_id += done[1]
-                self._forget_evicted()
-                return
-            if isinstance(ids, np.ndarray):
-                self._free_ids.extend(ids.tolist())  # not used: an owner key sends them to the path below
-            # Owner keys of the new blocks only (position i is owner_keys[i - first]); the leading
-            # cached blocks are not stored, so only the new ones must be dicts.
-            first = start
-            try:  # dict.get refuses anything but a dict: the type check comes with the owner keys
-                owner_keys = list(map(dict.get, itertools.islice(blocks, first, None), itertools.repeat("handle_id")))
-            except TypeError:
-                bad = next(i for i in range(first, len(blocks)) if not isinstance(blocks[i], dict))
-                raise TypeError(f"blocks[{bad}] must be a dict, got {type(blocks[bad]).__name__}") from None
-            anonymous = owner_keys.count(None) == len(owner_keys)
-            while start < len(blocks):
-                # The trie records one owner per insert call: cut the chain where the owner changes.
-                owner_key = owner_keys[start - first]
-                end = len(blocks) if anonymous else start + 1
-                while end < len(blocks) and owner_keys[end - first] == owner_key:
-                    end += 1
-                owner = 0 if owner_key is None else self._owners.setdefault(owner_key, len(self._owners) + 1)
-                ids = self._take_ids(end - start)
-                try:
-                    inserted, _ = self._trie.insert(digests[start : start + len(ids)], ids,
-                                                    parent=digests[start - 1] if start else None, owner=owner)
-                finally:
-                    if self._ids is not None:
-                        self._ids.free(ids)  # the trie holds its own reference on the blocks it kept
-                # A full cache may take only the leading blocks that fit.
-                for block_id, block in zip(ids[:inserted].tolist(), blocks[start : start + inserted], strict=True):
-                    if block_id >= len(self._blocks):
-                        self._blocks.extend([None] * (block_id + 1 - len(self._blocks)))
-                    self._blocks[block_id] = block
-                if inserted < end - start:
-                    break
-                start = end
-            self._forget_evicted()
+        dropped: list[Any] = []  # objects the table lets go of: released after the lock (see the class doc)
+        lock = self._lock
+        if not lock.acquire(False):
+            self._wait_for_lock()
+        try:
+            self._holder = get_ident()
+            self._insert_locked(digests, objects, dropped)
+        finally:
+            self._holder = 0
+            lock.release()
 
-    def _take_ids(self, n: int) -> npt.NDArray[np.int32]:
+    def _insert_locked(self, digests: Digests, blocks: list[Any], dropped: list[Any]) -> None:
+        # The leading blocks already cached keep their dicts; only the rest get ids and entries.
+        last = self._last_match
+        if last is not None and last[0] is digests and last[2] == self._generation:
+            start = last[1]
+        else:
+            start, _ = self._trie.peek(digests)
+        if start >= len(blocks):
+            return
+        self._generation += 1
+        # Anonymous blocks (no handle_id), the common case: ids, insert and table in one C++ call.
+        need = len(blocks) - start
+        if self._ids is not None:
+            ids: Any = None  # the trie's allocator gives them
+        elif not self._free_ids and self._next_id + need <= _MAX_ID:
+            ids = self._next_id  # a run of never-used ids
+        else:
+            ids = self._take_ids(need, dropped)
+        done = self._trie.insert_objects(digests, start, blocks, self._blocks, ids, dropped)
+        if done is not None:
+            if isinstance(ids, int):
+                self._next_id += done[1]
+            self._forget_evicted(dropped)
+            return
+        if isinstance(ids, np.ndarray):
+            self._free_ids.extend(ids.tolist())  # not used: an owner key sends them to the path below
+        # The new blocks only (position i is owned[i - first]), copied: the trie calls below release
+        # the GIL, and the caller's list must not change under them. The leading cached blocks are not
+        # stored, so only the new ones must be dicts.
+        first, n = start, len(digests)
+        owned = blocks[first:]
+        if len(owned) != n - first:
+            raise ValueError(f"blocks changed length during insert: {first + len(owned)} items for {n} block hashes")
+        try:  # dict.get refuses anything but a dict: the type check comes with the owner keys
+            owner_keys = list(map(dict.get, owned, itertools.repeat("handle_id")))
+        except TypeError:
+            bad = next(i for i, block in enumerate(owned) if not isinstance(block, dict))
+            raise TypeError(f"blocks[{first + bad}] must be a dict, got {type(owned[bad]).__name__}") from None
+        # Every owner's number before anything changes: an unhashable handle_id fails here.
+        try:
+            owners = [0 if key is None else self._owners.setdefault(key, len(self._owners) + 1) for key in owner_keys]
+        except TypeError:
+            bad = next(i for i, key in enumerate(owner_keys) if key is not None and not _hashable(key))
+            raise TypeError(f"blocks[{first + bad}]['handle_id'] must be hashable, got "
+                            f"{type(owner_keys[bad]).__name__}") from None
+        while start < n:
+            # The trie records one owner per insert call: cut the chain where the owner changes.
+            owner = owners[start - first]
+            end = start + 1
+            while end < n and owners[end - first] == owner:
+                end += 1
+            ids = self._take_ids(end - start, dropped)
+            try:
+                inserted, _ = self._trie.insert(digests[start : start + len(ids)], ids,
+                                                parent=digests[start - 1] if start else None, owner=owner)
+            finally:
+                if self._ids is not None:
+                    self._ids.free(ids)  # the trie holds its own reference on the blocks it kept
+            # A full cache may take only the leading blocks that fit.
+            table = self._blocks
+            for block_id, block in zip(ids[:inserted].tolist(), owned[start - first : start - first + inserted],
+                                       strict=True):
+                if block_id >= len(table):
+                    table.extend([None] * (block_id + 1 - len(table)))
+                dropped.append(table[block_id])
+                table[block_id] = block
+            if inserted < end - start:
+                break
+            start = end
+        self._forget_evicted(dropped)
+
+    def _take_ids(self, n: int, dropped: list[Any]) -> npt.NDArray[np.int32]:
         """Fresh synthetic block ids (fewer than ``n`` only when a bounded cache has no more).
 
         Unbounded: swept ids first, then never-used ones counting up. An id the caller does not end
@@ -482,7 +558,7 @@ class PrefixCache:
         if self._ids is not None:
             return self._ids.allocate(min(n, int(self._ids.num_available)))
         if len(self._free_ids) < n and self._next_id + n - len(self._free_ids) > _MAX_ID:
-            self._forget_evicted(force=True)
+            self._forget_evicted(dropped, force=True)
             if self._next_id + n - len(self._free_ids) > _MAX_ID:
                 raise KVPoolFullError(_MAX_ID, context={"cached_blocks": len(self._trie), "requested": n})
         reused = self._free_ids[-n:] if n else []
@@ -491,11 +567,12 @@ class PrefixCache:
         self._next_id += fresh
         return np.asarray(reused + list(range(self._next_id - fresh, self._next_id)), dtype=np.int32)
 
-    def _forget_evicted(self, force: bool = False) -> None:
+    def _forget_evicted(self, dropped: list[Any], force: bool = False) -> None:
         # Evictions happen inside C++. An unbounded cache drops the objects of removed blocks once
         # stale entries dominate its table and keeps their ids for reuse; every id below the table's
         # length that is neither cached nor already free is stale (including ids taken for blocks
         # that were never cached). A bounded cache reuses its ids through the allocator instead.
+        # The objects go to `dropped`, which the caller releases after the lock.
         if self._ids is not None:
             return
         held = len(self._blocks) - len(self._free_ids)
@@ -506,8 +583,10 @@ class PrefixCache:
         taken[live[live < len(taken)]] = True
         taken[self._free_ids] = True
         stale = np.flatnonzero(~taken).tolist()
+        table = self._blocks
         for block_id in stale:
-            self._blocks[block_id] = None
+            dropped.append(table[block_id])
+            table[block_id] = None
         self._free_ids.extend(stale)
 
     # --- eviction / invalidation ------------------------------------------------------------
@@ -517,31 +596,44 @@ class PrefixCache:
             raise RuntimeError("LRU eviction not enabled (this cache was created with enable_lru=False)")
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
             raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
-        with self._lock:
-            evicted = int(self._trie.evict(num_blocks))
+        dropped: list[Any] = []
+        self._acquire()
+        try:
+            evicted = int(self._trie.evict(min(num_blocks, _MAX_ID)))  # the trie holds fewer than that
             self._generation += 1
-            self._forget_evicted()
+            self._forget_evicted(dropped)
+        finally:
+            self._release()
         return evicted
 
     def invalidate(self, handle_id: uuid.UUID) -> int:
         """Removes every cached block inserted with this ``handle_id``; returns how many."""
-        with self._lock:
+        dropped: list[Any] = []
+        self._acquire()
+        try:
             owner = self._owners.get(handle_id)
             if owner is None:
                 return 0
             removed = int(self._trie.invalidate(owner))
             self._generation += 1
-            self._forget_evicted()
+            self._forget_evicted(dropped)
+        finally:
+            self._release()
         return removed
 
     def clear(self) -> None:
-        with self._lock:
+        self._acquire()
+        try:
             self._trie.clear()
             self._generation += 1
-            self._blocks.clear()
+            dropped = (self._blocks, self._owners)  # let go of after the lock (see the class doc)
+            self._blocks = []
             self._free_ids.clear()
             self._next_id = 0  # no id is referenced any more
-            self._owners.clear()
+            self._owners = {}
+        finally:
+            self._release()
+        del dropped
 
     # --- stats ------------------------------------------------------------------------------
 

@@ -3,6 +3,9 @@ event behaviour on a CUDA device when one is present (skipped cleanly otherwise)
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -71,15 +74,23 @@ def test_positions_outside_a_job_keep_their_bytes() -> None:
     ([0], [5], 0, "slot 5 out of range"),
     ([0], [0], 2, "skip must be an int in"),
     ([0], [0], True, "skip must be an int in"),
+    ([0, 2**64 - 1], [0], 0, "block id 18446744073709551615 out of range"),  # not wrapped to -1
+    (np.array([3, 2**64 - 1], dtype=np.uint64), [0], 0, "block id 18446744073709551615 out of range"),
+    ([1.7, 2.2], [0], 0, "block ids must be integers, got float at position 0"),  # not truncated to blocks 1, 2
+    (np.array([1.7, 2.2]), [0], 0, "block ids must be integers, got dtype float64"),
+    ([0, 1], [0.9], 0, "slots must be integers, got float at position 0"),
+    ([True, False], [0], 0, "block ids must be integers, got bool at position 0"),
+    ([0, None], [0], 0, "block ids must be integers, got NoneType at position 1"),
 ])
-def test_bad_arguments_raise_and_queue_nothing(ids: list[int], slots: list[int], skip: int, match: str) -> None:
+def test_bad_arguments_raise_and_queue_nothing(ids: Any, slots: list[Any], skip: int, match: str) -> None:
     tensors = _tensors()
     before = [t.clone() for t in tensors]
     copier = ChunkCopier(tensors, num_chunks=2, blocks_per_chunk=2)
     host = copier.host.clone()
-    with pytest.raises(ValueError, match=match):
+    error = TypeError if "must be integers" in match else ValueError
+    with pytest.raises(error, match=match):
         copier.store(1, ids, slots, skip)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         copier.load(2, slots, ids, skip)
     assert torch.equal(copier.host, host) and all(torch.equal(a, b) for a, b in zip(tensors, before, strict=True))
     assert copier.finished() == []
@@ -88,6 +99,10 @@ def test_bad_arguments_raise_and_queue_nothing(ids: list[int], slots: list[int],
 def test_construction_checks_the_tensors() -> None:
     with pytest.raises(ValueError, match="at least one"):
         ChunkCopier([], 2, 1)
+    with pytest.raises(TypeError, match="a sequence of KV tensors, got Tensor"):
+        ChunkCopier(torch.zeros(4, 8, dtype=torch.int8), 2, 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"tensors\[0\] must be a torch.Tensor, got ndarray"):
+        ChunkCopier([np.zeros((4, 8), dtype=np.int8)], 2, 1)  # type: ignore[list-item]
     with pytest.raises(TypeError, match="int8"):
         ChunkCopier([torch.zeros(4, 8, dtype=torch.float16)], 2, 1)
     with pytest.raises(ValueError, match="does not match"):

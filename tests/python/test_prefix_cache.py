@@ -9,8 +9,9 @@ import sys
 import threading
 import uuid
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pytest
@@ -137,6 +138,7 @@ def test_seed_evict_invalidate_clear() -> None:
     assert cache.invalidate(uuid.uuid4()) == 0
     assert cache.evict_by_count(3) == 3  # leaves first: the tail of chain A
     assert cache.lookup(ha)[1] == 4 and cache.get_stats()["evict_count"] == 3
+    assert cache.evict_by_count(2**40) == 1 and len(cache) == 0  # any count, as in the seed
     with pytest.raises(ValueError, match="num_blocks"):
         cache.evict_by_count(-1)
     cache.clear()
@@ -212,7 +214,7 @@ def test_seed_unbounded_cache_reuses_the_ids_of_removed_blocks() -> None:
         assert len(cache._blocks) - len(cache._free_ids) <= 2 * len(cache) + 64  # swept past that
         assert len(cache._blocks) <= 2 * peak + 64 + 3  # freed ids go out again before new ones
     assert len(cache._blocks) < 400  # 800-odd ids were handed out
-    cache._forget_evicted(force=True)
+    cache._forget_evicted([], force=True)
     del found, fresh, blocks, got
     assert all(ref() is None for ref in gone)  # removed blocks' objects are not kept
     cache.clear()
@@ -287,6 +289,8 @@ def test_seed_block_keys_from_lists_tuples_and_arrays_agree() -> None:
     assert cache.compute_block_hashes([]) == [] and cache.compute_block_hashes([1, 2, 3]) == []
     with pytest.raises(ValueError, match=r"token id 4294967296 at position 2 is out of range"):
         cache.compute_block_hashes([1, 2, 2**32, 4])
+    with pytest.raises(ValueError, match=r"token id 18446744073709551615 is out of range"):  # not wrapped negative
+        cache.compute_block_hashes(np.array([1, 2**64 - 1], dtype=np.uint64))
     with pytest.raises(TypeError, match=r"\[1\] must be an int, got str"):
         cache.compute_block_hashes([1, "2", 3, 4])
 
@@ -817,3 +821,232 @@ def test_seed_insert_takes_any_sequence_and_refuses_non_dict_blocks_unchanged() 
         other = cache.compute_block_hashes(list(range(100, 104)))
         cache.insert(other, owned)  # an owner: the general path, invalidated by its handle
         assert cache.lookup(other)[0] == owned and cache.invalidate("h") == 1  # type: ignore[arg-type]
+
+
+# --- the seed PrefixCache: callbacks, large bounds, a model ------------------------------------------
+
+
+def _finishes(body: Any, seconds: float = 20.0) -> None:
+    """Runs `body` on a daemon thread, so that a deadlock fails the test instead of hanging the run."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            body()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "deadlocked"
+    assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("capacity", [None, 2])
+def test_seed_finalisers_may_use_the_cache_and_nested_calls_are_refused(capacity: int | None) -> None:
+    # The cache lets go of block objects (an id reused, a sweep, clear) only after releasing its lock,
+    # so a finaliser may call it; a call nested inside one of its calls on the same thread (here a
+    # handle_id's __eq__) gets a RuntimeError, not a deadlock, and the outer call changes nothing.
+    cache = PrefixCache(block_size=2, max_cached_blocks=capacity)
+    probe_keys = cache.compute_block_hashes([0, 1])
+    seen: list[int] = []
+
+    class Block(dict):  # type: ignore[type-arg]
+        def __del__(self) -> None:
+            seen.append(cache.lookup(probe_keys)[1])
+
+    class Handle:
+        def __hash__(self) -> int:
+            return 1  # all equal hashes: the owner table compares them
+
+        def __eq__(self, other: object) -> bool:
+            cache.lookup(probe_keys)
+            return self is other
+
+    def body() -> None:
+        made = 0
+        for step in range(60):
+            owner = {"handle_id": uuid.UUID(int=step % 3)} if step % 4 == 1 else {}
+            cache.insert(cache.compute_block_hashes([step, 1, 2, 3]), [Block(**owner), Block(**owner)])
+            made += 2
+            if capacity is None and step % 10 == 9:
+                cache.evict_by_count(len(cache))
+        cache.invalidate(uuid.UUID(int=1))
+        cache.clear()
+        assert len(seen) == made  # every object went, each finaliser's lookup answered
+        first = cache.compute_block_hashes([7, 7])
+        cache.insert(first, [{"handle_id": Handle()}])
+        before = cache.get_stats()
+        with pytest.raises(RuntimeError, match="called again on a thread inside one of its calls"):
+            cache.insert(cache.compute_block_hashes([8, 8]), [{"handle_id": Handle()}])
+        assert cache.get_stats() == before and len(cache) == 1
+        assert cache.lookup(first)[1] == 2  # the lock was let go
+
+    _finishes(body)
+
+
+def test_seed_huge_bounds_take_no_memory_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The seed took any bound; an id allocator of twice a huge one took 16 GB and half a minute.
+    from sagellm_kv_cache import prefix_cache
+
+    huge = PrefixCache(block_size=2, max_cached_blocks=10**9)
+    assert huge._ids is None and huge._trie.capacity == 10**9
+    beyond = PrefixCache(block_size=2, max_cached_blocks=10**12)
+    assert beyond._trie.capacity is None and beyond.get_stats()["max_cached_blocks"] == 10**12
+    hashes = beyond.compute_block_hashes([1, 2, 3, 4])
+    beyond.insert(hashes, [{"n": 0}, {"n": 1}])
+    assert beyond.lookup(hashes) == ([{"n": 0}, {"n": 1}], 4)
+    # Past the allocator's threshold (lowered here to see it) the trie alone keeps the bound.
+    monkeypatch.setattr(prefix_cache, "_ALLOCATOR_MAX_BLOCKS", 2)
+    cache = PrefixCache(block_size=2, max_cached_blocks=3)
+    assert cache._ids is None
+    for step in range(50):
+        tokens = [step % 7, 0, step, 1]
+        hashes = cache.compute_block_hashes(tokens)
+        found, _ = cache.lookup(hashes)
+        cache.insert(hashes, found + [{"prefix": tuple(tokens[: 2 * (i + 1)])} for i in range(len(found), 2)])
+        assert len(cache) <= 3
+        for old in range(max(0, step - 3), step + 1):
+            tokens = [old % 7, 0, old, 1]
+            got, _ = cache.lookup(cache.compute_block_hashes(tokens))
+            assert all(block["prefix"] == tuple(tokens[: 2 * (i + 1)]) for i, block in enumerate(got))
+    assert cache.get_stats()["evict_count"] > 0
+
+
+def test_seed_insert_with_owners_is_all_or_nothing() -> None:
+    class Shrinking(Sequence[dict[str, Any]]):  # claims 3 items, yields 2
+        def __len__(self) -> int:
+            return 3
+
+        @overload
+        def __getitem__(self, i: int) -> dict[str, Any]: ...
+        @overload
+        def __getitem__(self, i: slice) -> Sequence[dict[str, Any]]: ...
+        def __getitem__(self, i: int | slice) -> Any:
+            if isinstance(i, slice):
+                return [{"handle_id": "q"}]
+            if i >= 2:
+                raise IndexError(i)
+            return {"handle_id": "q"}
+
+    for capacity in (None, 8):
+        cache = PrefixCache(block_size=2, max_cached_blocks=capacity)
+        hashes = cache.compute_block_hashes([1, 2, 3, 4, 5, 6])
+        with pytest.raises(TypeError, match=r"blocks\[1\]\['handle_id'\] must be hashable, got list"):
+            cache.insert(hashes, [{"handle_id": "a"}, {"handle_id": ["x"]}, {}])
+        with pytest.raises(ValueError, match="blocks yielded 2 items but has length 3"):
+            cache.insert(hashes, Shrinking())
+        assert len(cache) == 0 and cache.lookup(hashes) == ([], 0) and cache.get_stats()["insert_count"] == 0
+
+
+_seed_op = st.one_of(
+    # (values, handle_id, how: 0 passes the found blocks, 1 other objects there, 2 inserts without a lookup)
+    st.tuples(st.just("insert"), _prompt, st.sampled_from([None, 1, 2]), st.integers(0, 2)),
+    st.tuples(st.just("lookup"), _prompt),
+    st.tuples(st.just("lookup_all")),
+    st.tuples(st.just("evict"), st.integers(0, 4)),
+    st.tuples(st.just("invalidate"), st.sampled_from([1, 2])),
+    st.tuples(st.just("clear")),
+    st.tuples(st.just("sweep")),  # what an unbounded cache does once stale ids pile up
+)
+
+
+def check_seed_ids(cache: PrefixCache) -> None:
+    """No synthetic id is held twice: the cached ids are distinct and each has its object; an unbounded
+    cache's free ids are distinct, not cached and hold no object."""
+    live = cache._trie.cached_block_ids().tolist()
+    assert len(set(live)) == len(live) == len(cache)
+    assert all(cache._blocks[i] is not None for i in live)
+    free = cache._free_ids
+    assert len(set(free)) == len(free) and not set(free) & set(live)
+    assert all(cache._blocks[i] is None for i in free)
+
+
+@pytest.mark.parametrize(("capacity", "lru"), [(None, True), (3, True), (3, False), (1, True)])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(_seed_op, max_size=30))
+def test_seed_cache_against_model(capacity: int | None, lru: bool, ops: list[tuple[Any, ...]]) -> None:
+    # The model: chained prefix (tuple of block values) -> the object cached for it, with its owner.
+    # Whatever the cache evicted, every block a lookup returns is the model's object for that prefix.
+    cache = PrefixCache(block_size=2, max_cached_blocks=capacity, enable_lru=lru)
+    model: dict[tuple[int, ...], tuple[dict[str, Any], int | None]] = {}
+    prompts: set[tuple[int, ...]] = set()
+
+    def lookup(values: tuple[int, ...]) -> int:
+        found, tokens = cache.lookup(cache.compute_block_hashes(prompt(*values, block_size=2)))
+        assert tokens == 2 * len(found)
+        for i, block in enumerate(found):
+            assert block is model[values[: i + 1]][0]
+        return len(found)
+
+    for op in ops:
+        if op[0] == "insert":
+            values = tuple(op[1])
+            prompts.add(values)
+            hashes = cache.compute_block_hashes(prompt(*values, block_size=2))
+            if op[3] == 2:  # the cache may have changed since this prompt's last lookup
+                cached = cache._trie.peek(cache._chain(hashes))[0]
+                found = [{"stale": True}] * cached
+            else:
+                found, _ = cache.lookup(hashes)
+                cached = len(found)
+            owner = {} if op[2] is None else {"handle_id": op[2]}
+            fresh = [{"at": values[: i + 1], **owner} for i in range(cached, len(values))]
+            cache.insert(hashes, (found if op[3] == 0 else [{"stale": True}] * cached) + fresh)
+            for i in range(cached, len(values)):
+                model[values[: i + 1]] = (fresh[i - cached], op[2])
+            assert lookup(values) == (len(values) if capacity is None else min(len(values), capacity))
+        elif op[0] == "lookup":
+            lookup(tuple(op[1]))
+        elif op[0] == "lookup_all":
+            for values in prompts:
+                lookup(values)
+        elif op[0] == "evict":
+            before = len(cache)
+            if not lru:
+                with pytest.raises(RuntimeError):
+                    cache.evict_by_count(op[1])
+            else:
+                assert cache.evict_by_count(op[1]) == before - len(cache) == min(op[1], before)
+        elif op[0] == "invalidate":
+            cache.invalidate(op[1])  # type: ignore[arg-type]
+            gone = [key for key, (_, owner) in model.items() if owner == op[1]]
+            for key in list(model):  # the owner's blocks and every block after them
+                if any(key[: len(g)] == g for g in gone):
+                    del model[key]
+        elif op[0] == "sweep":
+            cache._forget_evicted([], force=True)
+        else:
+            cache.clear()
+            model.clear()
+            assert len(cache) == 0
+        if capacity is not None:
+            assert len(cache) <= capacity
+        check_seed_ids(cache)
+    for values in prompts:
+        lookup(values)
+
+
+@pytest.mark.parametrize("capacity", [None, 4])
+def test_seed_insert_reads_the_blocks_once_whatever_changes_the_list(capacity: int | None) -> None:
+    # The owned-blocks path releases the GIL in every trie call, so another thread may change the
+    # caller's list meanwhile; here a handle_id's __hash__ does it, deterministically. The cache must
+    # store what it read, not leave a cached block without its object (every later lookup of the
+    # prefix raised KeyError "cached but not in table").
+    cache = PrefixCache(block_size=2, max_cached_blocks=capacity)
+    blocks: list[dict[str, Any]] = []
+
+    class Shrinker:
+        def __hash__(self) -> int:
+            if len(blocks) == 3:
+                blocks.pop()
+            return 7
+
+    blocks += [{"handle_id": "a"}, {"handle_id": Shrinker()}, {"handle_id": "c"}]
+    hashes = cache.compute_block_hashes([1, 2, 3, 4, 5, 6])
+    expected = list(blocks)
+    cache.insert(hashes, blocks)
+    found, tokens = cache.lookup(hashes)
+    assert tokens == 6 and all(a is b for a, b in zip(found, expected, strict=True))
+    check_seed_ids(cache)

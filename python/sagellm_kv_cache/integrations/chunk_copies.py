@@ -67,11 +67,39 @@ class _Job:
     end: Any
 
 
+def _indices(values: Any, what: str, limit: int) -> npt.NDArray[np.int64]:
+    """``values`` (any integer sequence or array, flattened) as int64, each in ``[0, limit)``: TypeError for
+    anything but integers (floats are not truncated, booleans not read as 0 / 1), ValueError naming the
+    first value out of range."""
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iu" and isinstance(values, list | tuple):
+        arr = np.asarray(values, dtype=object)  # item by item, to name the bad one (a float, an int past int64)
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    flat = arr.reshape(-1)
+    if arr.dtype == object:  # Python ints beyond int64, or mixed items
+        items = flat.tolist()
+        for i, x in enumerate(items):
+            if isinstance(x, bool) or not isinstance(x, int | np.integer):
+                raise TypeError(f"{what}s must be integers, got {type(x).__name__} at position {i}")
+        bad = next((int(x) for x in items if not 0 <= x < limit), None)
+    elif arr.dtype.kind in "iu":
+        out_of_range = (flat < 0) | (flat >= limit)
+        bad = int(flat[out_of_range][0]) if out_of_range.any() else None
+    else:
+        raise TypeError(f"{what}s must be integers, got dtype {arr.dtype}")
+    if bad is not None:
+        raise ValueError(f"{what} {bad} out of range [0, {limit})")
+    return np.ascontiguousarray(flat, dtype=np.int64)
+
+
 class ChunkCopier:
     """Moves blocks between ``tensors`` and ``num_chunks`` host chunk slots (see the module doc)."""
 
     def __init__(self, tensors: Sequence[torch.Tensor], num_chunks: int, blocks_per_chunk: int, *,
                  staging_bytes: int = 64 << 20) -> None:
+        if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+            raise TypeError(f"tensors must be a sequence of KV tensors, got {type(tensors).__name__}")
         if not tensors:
             raise ValueError("tensors must hold at least one KV tensor")
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks <= 0:
@@ -81,6 +109,8 @@ class ChunkCopier:
         device = tensors[0].device
         num_blocks = int(tensors[0].shape[0])
         for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 2 or t.dtype != torch.int8:
                 raise TypeError(f"tensors[{i}] must be a 2-D int8 (num_blocks, row_bytes) view, "
                                 f"got {t.dtype} with shape {tuple(t.shape)}")
@@ -174,6 +204,8 @@ class ChunkCopier:
     def chunk_view(self, slot: int) -> torch.Tensor:
         """Slot ``slot``'s bytes as ``(blocks_per_chunk, R)`` int8 on the host (a view, for tests and
         inspection; not to be read while a store into it is in flight)."""
+        if isinstance(slot, bool) or not isinstance(slot, int | np.integer):
+            raise TypeError(f"slot must be an int, got {type(slot).__name__}")
         if not 0 <= slot < self.num_chunks:
             raise IndexError(f"slot {slot} out of range [0, {self.num_chunks})")
         return self.host[slot, :self.chunk_bytes].view(self.blocks_per_chunk, self.block_bytes)
@@ -184,21 +216,16 @@ class ChunkCopier:
               ) -> tuple[npt.NDArray[np.int64], list[tuple[int, int, int, int]]]:
         """Checks a job's arguments (before anything is queued) and cuts it into per-chunk runs
         (slot, first position in the chunk, first block of the job, count)."""
-        ids = np.ascontiguousarray(np.asarray(block_ids).reshape(-1), dtype=np.int64)
-        slot_list = [int(s) for s in np.asarray(slots).reshape(-1)]
         bpc = self.blocks_per_chunk
         if isinstance(skip, bool) or not isinstance(skip, int | np.integer) or not 0 <= skip < bpc:
             raise ValueError(f"skip must be an int in [0, {bpc}), got {skip!r}")
+        ids = _indices(block_ids, "block id", self.num_blocks)
         n = len(ids)
         need = -(-(n + int(skip)) // bpc) if n else 0
-        if len(slot_list) != need:
-            raise ValueError(f"{n} blocks from position {skip} need {need} chunks, got {len(slot_list)}")
-        if n and (ids.min() < 0 or ids.max() >= self.num_blocks):
-            bad = int(ids[(ids < 0) | (ids >= self.num_blocks)][0])
-            raise ValueError(f"block id {bad} out of range [0, {self.num_blocks})")
-        for s in slot_list:
-            if not 0 <= s < self.num_chunks:
-                raise ValueError(f"slot {s} out of range [0, {self.num_chunks})")
+        num_slots = np.size(slots)
+        if num_slots != need:
+            raise ValueError(f"{n} blocks from position {skip} need {need} chunks, got {num_slots}")
+        slot_list = _indices(slots, "slot", self.num_chunks).tolist()
         runs, pos = [], 0
         for c, slot in enumerate(slot_list):
             first = int(skip) if c == 0 else 0
