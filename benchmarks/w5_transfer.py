@@ -4,8 +4,8 @@ Two comparisons, each with its own reference measured in the same processes, alt
 so both share the machine's noise (best of the repetitions is reported):
 
 * same-host path (``BlockTransfer(same_host=True)``: C++ gather into the source's memfd staging
-  ring, footers and acks over gloo, checksum and scatter out of the destination's mapping) against a
-  single-thread ``memcpy`` of the same number of bytes between two buffers of one process;
+  ring, footers and acks over the handover's Unix socket, checksum and scatter out of the destination's
+  mapping) against a single-thread ``memcpy`` of the same number of bytes between two buffers of one process;
 * gloo path (``same_host=False``: gather into staging buffers, gloo send of payload + footer,
   checksum and scatter) against a raw ``GlooBackend.send``/``recv`` of the same bytes as one
   contiguous tensor (no gather, no checksum, no scatter).

@@ -161,6 +161,12 @@ def _replay_command(args: argparse.Namespace) -> int:
 
     paths = [Path(p) for p in args.traces] or [sample_trace_path()]
     tiered = bool(args.host_blocks or args.disk_blocks)
+    if args.plot:
+        try:
+            _pyplot()  # before the replay: a missing matplotlib is reported now, not after the whole run
+        except RuntimeError as exc:
+            print(f"sagellm-kv: {exc}", file=sys.stderr)
+            return 2
     try:
         traces = [(p.name, load_trace(p)) for p in paths]
         if tiered:

@@ -819,13 +819,14 @@ class TieredPrefixCache:
                 "bytes_moved": dict(s.bytes_moved),
                 "copy_seconds": dict(s.seconds),
                 "bandwidth_bytes_per_s": bandwidth,
-                "blocks": {"device": len(self.device), "host": len(self.host) if self.host else 0,
-                           "disk": len(self.disk) if self.disk else 0},
+                # `is not None`, not truthiness: an empty tier has len() 0 but is still there.
+                "blocks": {"device": len(self.device), "host": len(self.host) if self.host is not None else 0,
+                           "disk": len(self.disk) if self.disk is not None else 0},
                 "capacity": {"device": self.device_blocks,
-                             "host": self.host.num_blocks if self.host else 0,
-                             "disk": self.disk.num_blocks if self.disk else 0},
-                "disk_direct_io": bool(self.disk.direct_io) if self.disk else None,
-                "host_pinned": bool(self.host.pinned) if self.host else None,
+                             "host": self.host.num_blocks if self.host is not None else 0,
+                             "disk": self.disk.num_blocks if self.disk is not None else 0},
+                "disk_direct_io": bool(self.disk.direct_io) if self.disk is not None else None,
+                "host_pinned": bool(self.host.pinned) if self.host is not None else None,
             }
 
     def close(self) -> None:

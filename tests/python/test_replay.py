@@ -68,6 +68,18 @@ def test_cli_json_keys_exactly(tmp_path: Path) -> None:
     assert rows[0]["hit_ratio"] <= rows[1]["hit_ratio"]
 
 
+def test_cli_plot_without_matplotlib_fails_before_replaying(tmp_path: Path) -> None:
+    # matplotlib is an extra; blocking its import is the only way to provoke this path where it is installed.
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from sagellm_kv_cache.replay_cli import main\n"
+            "sys.exit(main(['replay', '--plot', 'out.png']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == ""  # nothing was replayed
+    assert "--plot needs matplotlib" in proc.stderr and "[visualization]" in proc.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_cli_plot_writes_a_valid_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "curve.png"

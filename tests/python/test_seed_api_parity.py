@@ -91,7 +91,11 @@ def surface(modules: list[str]) -> dict[str, dict[str, Any]]:
                      and (inspect.isclass(v) or inspect.isfunction(v))]
         entry: dict[str, Any] = {}
         for name in names:
-            value = getattr(module, name, None)
+            try:
+                value = getattr(module, name, None)
+            except ImportError as e:  # a name behind an optional dependency (BlockTransfer needs torch)
+                entry[name] = {"kind": "unavailable", "error": repr(e)}
+                continue
             if value is None:
                 entry[name] = {"kind": "missing"}
             elif inspect.isclass(value):

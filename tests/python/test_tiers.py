@@ -131,6 +131,21 @@ def test_without_lower_tiers_eviction_drops(tmp_path: Path) -> None:
         assert pool.num_used_blocks == 3
 
 
+def test_stats_report_empty_lower_tiers_with_their_capacity(tmp_path: Path) -> None:
+    # An empty tier has len() 0; stats() must still report it as configured, not as absent.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=4, host_blocks=5, disk_dir=tmp_path, disk_blocks=6) as tc:
+        s = tc.stats()
+        assert s["capacity"] == {"device": 4, "host": 5, "disk": 6}
+        assert s["blocks"] == {"device": 0, "host": 0, "disk": 0}
+        assert s["host_pinned"] is False
+        assert s["disk_direct_io"] in (True, False)
+    with TieredPrefixCache(pool, device_blocks=4) as tc:
+        s = tc.stats()
+        assert s["capacity"] == {"device": 4, "host": 0, "disk": 0}
+        assert s["host_pinned"] is None and s["disk_direct_io"] is None
+
+
 def test_a_full_disk_tier_drops_its_oldest(tmp_path: Path) -> None:
     pool = PagedKVPool(SPEC, 8)
     with TieredPrefixCache(pool, device_blocks=3, host_blocks=3, disk_dir=tmp_path, disk_blocks=3) as tc:
