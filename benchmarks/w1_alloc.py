@@ -102,7 +102,7 @@ def run(quick: bool = False) -> list[Row]:
         "loop_ns_per_block": per_block(loop),
         "metadata_bytes_per_block": _core.BlockAllocator.metadata_bytes_per_block,
     }
-    return [Row("W1 alloc/free churn (Python API)", "ns/block", per_block(ours), per_block(ref),
+    return [Row("W1 alloc/free churn (PagedKVPool)", "ns/block", per_block(ours), per_block(ref),
                 "vLLM-style Python pool", extra=extra),
             _seed_row(sizes[: len(sizes) // 5], live_limit, repeats)]
 
