@@ -798,6 +798,14 @@ void bind_prefix(py::module_& m) {
              }
              return id_array(ids);
            })
+      .def("cached_owners", [](const BoundPrefixCache& self) {
+             std::vector<std::uint64_t> owners;
+             {
+               py::gil_scoped_release release;
+               owners = self.cache->cached_owners();
+             }
+             return owners;
+           }, "The distinct non-zero owners of cached nodes, ascending (a list of ints).")
       .def("check_invariants", [](const BoundPrefixCache& self) {
              py::gil_scoped_release release;
              self.cache->check_invariants();

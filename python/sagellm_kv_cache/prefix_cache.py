@@ -349,7 +349,10 @@ class PrefixCache:
         self._blocks: list[dict | None] = []
         self._next_id = 0  # the next never-used synthetic id of an unbounded cache (see _take_ids)
         self._free_ids: list[int] = []  # swept ids of an unbounded cache, to reuse first
+        # handle_id -> the trie's owner number. Entries whose blocks have all left the cache are
+        # dropped once they outnumber the cached blocks (see _forget_owners); numbers never repeat.
         self._owners: dict[Any, int] = {}
+        self._owner_numbers = itertools.count(1)
         self._empty_lookups = 0  # the seed counts a lookup of no blocks as a miss; the trie never sees it
         self._last_chain: tuple[tuple[Any, ...], Digests] | None = None  # see _chain
         # The last lookup's digests, match length and the trie generation it saw: an insert of the
@@ -517,7 +520,7 @@ class PrefixCache:
             raise TypeError(f"blocks[{first + bad}] must be a dict, got {type(owned[bad]).__name__}") from None
         # Every owner's number before anything changes: an unhashable handle_id fails here.
         try:
-            owners = [0 if key is None else self._owners.setdefault(key, len(self._owners) + 1) for key in owner_keys]
+            owners = [0 if key is None else self._owner_number(key) for key in owner_keys]
         except TypeError:
             bad = next(i for i, key in enumerate(owner_keys) if key is not None and not _hashable(key))
             raise TypeError(f"blocks[{first + bad}]['handle_id'] must be hashable, got "
@@ -546,7 +549,23 @@ class PrefixCache:
             if inserted < end - start:
                 break
             start = end
+        self._forget_owners(dropped)
         self._forget_evicted(dropped)
+
+    def _owner_number(self, key: Any) -> int:
+        number = self._owners.get(key)
+        if number is None:
+            number = self._owners[key] = next(self._owner_numbers)
+        return number
+
+    def _forget_owners(self, dropped: list[Any]) -> None:
+        # Each cached block has at most one owner, so entries beyond the cached blocks are mostly
+        # owners whose blocks were evicted: keep those the trie still holds (amortised O(1) per insert).
+        if len(self._owners) <= 2 * len(self._trie) + 64:
+            return
+        live = set(self._trie.cached_owners())
+        dropped.append(self._owners)
+        self._owners = {key: number for key, number in self._owners.items() if number in live}
 
     def _take_ids(self, n: int, dropped: list[Any]) -> npt.NDArray[np.int32]:
         """Fresh synthetic block ids (fewer than ``n`` only when a bounded cache has no more).

@@ -568,6 +568,8 @@ TEST(PrefixCache, InvalidateRemovesOwnersSubtreesExceptWhatIsInUse) {
   io.parent.reset();
   (void)insert(c, b, ids({4, 5}), io);
 
+  EXPECT_EQ(c.cached_owners(), (std::vector<std::uint64_t>{1, 2}));
+
   // Hold a[0..1]: they (and nothing below them that is unused) stay.
   ASSERT_EQ(c.match(std::span<const BlockHash>(a).first(2)).num_matched, 2u);
   (void)c.drain_events();
@@ -584,10 +586,13 @@ TEST(PrefixCache, InvalidateRemovesOwnersSubtreesExceptWhatIsInUse) {
   c.check_invariants();
 
   c.release(std::span<const BlockHash>(a).first(2));
+  EXPECT_EQ(c.cached_owners(), (std::vector<std::uint64_t>{1, 2}));  // owner 1's held blocks stayed
   EXPECT_EQ(c.invalidate(1), 2u);
   EXPECT_EQ(c.invalidate(1), 0u);
+  EXPECT_EQ(c.cached_owners(), (std::vector<std::uint64_t>{2}));
   EXPECT_EQ(c.invalidate(2), 2u);
   EXPECT_EQ(c.size(), 0u);
+  EXPECT_TRUE(c.cached_owners().empty());
   EXPECT_EQ(c.stats().removals, 6u);
   EXPECT_EQ(c.stats().evictions, 0u);
   c.check_invariants();

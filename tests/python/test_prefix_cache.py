@@ -145,6 +145,27 @@ def test_seed_evict_invalidate_clear() -> None:
     assert len(cache) == 0 and cache.lookup(ha) == ([], 0)
 
 
+@pytest.mark.parametrize("capacity", [None, 32])
+def test_seed_owner_table_forgets_handles_whose_blocks_left(capacity: int | None) -> None:
+    # One entry per handle_id ever inserted would grow for the life of a server: entries of
+    # handles with no cached block go once they outnumber the cache, and live ones keep working.
+    cache = PrefixCache(block_size=2, max_cached_blocks=capacity)
+    handles = [uuid.uuid4() for _ in range(2000)]
+    for i, handle in enumerate(handles):
+        hashes = cache.compute_block_hashes([i, i + 1, 7, 7])
+        cache.insert(hashes, [{"block_id": 2 * i, "handle_id": handle}, {"block_id": 2 * i + 1, "handle_id": handle}])
+        if i % 2 and i < len(handles) - 1:
+            cache.evict_by_count(len(cache))
+    assert len(cache._owners) <= 2 * len(cache) + 64 + 2
+    assert set(cache._owners.values()) >= set(cache._trie.cached_owners())
+    assert cache.invalidate(handles[-2]) == 2  # cached since the last eviction: still found by its handle
+    assert cache.invalidate(handles[1]) == 0
+    again = uuid.uuid4()  # a new handle never gets the number of a forgotten one
+    cache.insert(cache.compute_block_hashes([5000, 5001]), [{"block_id": -1, "handle_id": again}])
+    assert cache._owners[again] > max(number for key, number in cache._owners.items() if key != again)
+    assert cache.invalidate(again) == 1
+
+
 def test_seed_evict_by_count_needs_lru() -> None:
     cache = PrefixCache(block_size=4, enable_lru=False)
     hashes = cache.compute_block_hashes(list(range(8)))

@@ -259,6 +259,10 @@ class PrefixCache {
   /// Block ids of every cached node (each holds one allocator reference), in no particular order.
   [[nodiscard]] std::vector<BlockId> cached_block_ids() const;
 
+  /// The distinct non-zero owners of cached nodes (what `invalidate` could still remove), in
+  /// ascending order. O(cached nodes).
+  [[nodiscard]] std::vector<std::uint64_t> cached_owners() const;
+
   [[nodiscard]] const PrefixCacheOptions& options() const noexcept { return options_; }
   [[nodiscard]] std::uint32_t block_size() const noexcept { return options_.block_size; }
   [[nodiscard]] std::optional<std::uint32_t> capacity() const noexcept { return options_.capacity_blocks; }

@@ -1032,6 +1032,19 @@ std::vector<BlockId> PrefixCache::cached_block_ids() const {
   return ids;
 }
 
+std::vector<std::uint64_t> PrefixCache::cached_owners() const {
+  std::vector<std::uint64_t> owners;
+  {
+    const std::lock_guard lock(impl_->mutex);
+    for (const Node& n : impl_->nodes) {
+      if (n.live && n.owner != 0) owners.push_back(n.owner);
+    }
+  }
+  std::sort(owners.begin(), owners.end());
+  owners.erase(std::unique(owners.begin(), owners.end()), owners.end());
+  return owners;
+}
+
 std::size_t PrefixCache::node_bytes() noexcept { return sizeof(Node); }
 
 std::size_t PrefixCache::metadata_bytes() const {
