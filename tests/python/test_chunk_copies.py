@@ -96,6 +96,18 @@ def test_bad_arguments_raise_and_queue_nothing(ids: Any, slots: list[Any], skip:
     assert copier.finished() == []
 
 
+def test_a_tensor_resized_after_construction_is_refused_before_any_copy() -> None:
+    tensors = _tensors()
+    copier = ChunkCopier(tensors, num_chunks=2, blocks_per_chunk=2)
+    host = copier.host.clone()
+    tensors[1].resize_(4, tensors[1].shape[1])  # rows 4.. gone: on a GPU, index_select would assert
+    with pytest.raises(ValueError, match=r"tensors\[1\] is now \(4, \d+\), was \(16, \d+\)"):
+        copier.store(1, [0, 12], [0])
+    with pytest.raises(ValueError, match=r"tensors\[1\] is now"):
+        copier.load(2, [0], [0, 1])
+    assert torch.equal(copier.host, host) and copier.finished() == []
+
+
 def test_construction_checks_the_tensors() -> None:
     with pytest.raises(ValueError, match="at least one"):
         ChunkCopier([], 2, 1)

@@ -226,6 +226,11 @@ class ChunkCopier:
         if num_slots != need:
             raise ValueError(f"{n} blocks from position {skip} need {need} chunks, got {num_slots}")
         slot_list = _indices(slots, "slot", self.num_chunks).tolist()
+        for i, (t, row) in enumerate(zip(self.tensors, self.rows, strict=True)):
+            # A tensor resized since construction: an out-of-range index on a GPU is a device-side
+            # assert that ends the process's CUDA context, so it is refused here.
+            if t.shape != (self.num_blocks, row):
+                raise ValueError(f"tensors[{i}] is now {tuple(t.shape)}, was ({self.num_blocks}, {row})")
         runs, pos = [], 0
         for c, slot in enumerate(slot_list):
             first = int(skip) if c == 0 else 0
