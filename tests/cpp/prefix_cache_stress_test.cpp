@@ -155,6 +155,11 @@ void worker(Shared& s, int thread_index) {
         break;
       case 4: (void)s.cache->drain_events(); break;
       case 5: (void)s.cache->stats(); break;
+      case 6: {
+        const std::vector<std::uint64_t> owners = s.cache->cached_owners();  // racing the invalidations
+        if (!std::is_sorted(owners.begin(), owners.end())) fail(s, "cached_owners out of order");
+        break;
+      }
       default: break;
     }
   }
