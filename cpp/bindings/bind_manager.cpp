@@ -92,18 +92,25 @@ void read_ids(const py::handle& obj, std::vector<RequestId>& out, const char* wh
     return;
   }
   const bool is_ndarray = py::isinstance<py::array>(obj);
-  // One id: an int or anything with __index__ that is not an array (numpy integer scalars export a
-  // buffer too, but they are single ints).
-  if (PyIndex_Check(p) && !is_ndarray) {
+  // One id: an int, or anything else with __index__ that is not a container (numpy integer
+  // scalars export a buffer too, but they are single ints; a torch tensor has __index__ as well,
+  // and is read as an array below so that a bool or float tensor is refused, not taken as 1).
+  if (PyLong_Check(p) || (PyIndex_Check(p) && !is_ndarray && PyObject_HasAttrString(p, "__len__") == 0)) {
     out.push_back(request_id_value(p, what));
     return;
   }
-  // numpy integer arrays and other buffers of ids (array.array, memoryview), read by value.
-  if (!is_ndarray && (PyObject_CheckBuffer(p) == 0 || PyBytes_Check(p) || PyByteArray_Check(p))) {
+  // numpy integer arrays, other buffers of ids (array.array, memoryview) and torch CPU tensors,
+  // read by value.
+  if (PyUnicode_Check(p) || PyBytes_Check(p) || PyByteArray_Check(p) ||
+      (!is_ndarray && PyObject_CheckBuffer(p) == 0 && !PyIndex_Check(p))) {
     throw py::type_error(std::string(what) + " must be an int or a sequence of ints, got " + Py_TYPE(p)->tp_name);
   }
   py::array any = as_array(obj, what, "an int or a sequence of ints");
   const char kind = any.dtype().kind();
+  if ((kind == 'i' || kind == 'u') && any.ndim() == 0) {  // a 0-d array or tensor: one id
+    out.push_back(request_id_value(any.attr("item")().ptr(), what));
+    return;
+  }
   if ((kind != 'i' && kind != 'u') || any.ndim() != 1) {
     throw py::type_error(std::string(what) + " must be an int or a 1-D sequence of ints, got an array of dtype " +
                          std::string(py::str(any.dtype())) + " and " + std::to_string(any.ndim()) + " dimensions");

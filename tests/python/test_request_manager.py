@@ -385,3 +385,17 @@ def test_request_ids_as_numpy_scalars_uint64_and_buffers() -> None:
         rm.finish(b"\x09")
     assert 9 in rm
     rm.check_invariants()
+
+
+def test_request_ids_as_torch_tensors_read_by_value() -> None:
+    torch = pytest.importorskip("torch")
+    _pool, rm = make()
+    for rid in (1, 2, 3):
+        rm.admit(rid, [1, 2, 3])
+    for bad in (torch.tensor([True]), torch.tensor([1.0]), torch.tensor([[1]])):
+        with pytest.raises(TypeError, match=r"dtype|dimensions"):
+            rm.finish(bad)  # was: a one-element bool or float tensor finished request 1 through __index__
+    assert len(rm) == 3
+    rm.finish(torch.tensor([1, 2]))  # was: TypeError, only one-element tensors have __index__
+    rm.preempt(torch.tensor(3))
+    assert len(rm) == 0
