@@ -425,6 +425,11 @@ def test_offload_storage_bad_configuration(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="allocated"):
         manager.register(foreign, device="cuda:0")
     assert manager.registered_count() == 0
+    handle, _ = _handle_with_bytes(pool, 1, seed=4)
+    for src, dst in (("device", "device"), ("device", "disk"), ("gpu", "host")):
+        with pytest.raises(ValueError, match="cannot move"):  # was: AttributeError (no _<src>_to_<dst>)
+            storage.move(handle, src, dst)
+    assert storage.placement(str(handle.handle_id)) is None and pool.is_allocated(int(handle.block_ids[0]))
 
 
 # --- tiered replay -------------------------------------------------------------------------------
