@@ -91,27 +91,45 @@ void read_ids(const py::handle& obj, std::vector<RequestId>& out, const char* wh
     }
     return;
   }
-  if (PyIndex_Check(p) && !PyObject_CheckBuffer(p)) {
+  const bool is_ndarray = py::isinstance<py::array>(obj);
+  // One id: an int, or anything else with __index__ that is not a container (numpy integer
+  // scalars export a buffer too, but they are single ints; a torch tensor has __index__ as well,
+  // and is read as an array below so that a bool or float tensor is refused, not taken as 1).
+  if (PyLong_Check(p) || (PyIndex_Check(p) && !is_ndarray && PyObject_HasAttrString(p, "__len__") == 0)) {
     out.push_back(request_id_value(p, what));
     return;
   }
-  // numpy integer arrays and other buffers of ids.
-  std::vector<std::int32_t> narrow;
-  if (py::isinstance<py::array>(obj)) {
-    auto arr = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
-    const char kind = py::reinterpret_borrow<py::array>(obj).dtype().kind();
-    if (!arr || (kind != 'i' && kind != 'u') || arr.ndim() != 1) {
-      throw py::type_error(std::string(what) + " must be an int or a 1-D sequence of ints");
-    }
-    for (py::ssize_t i = 0; i < arr.size(); ++i) {
-      if (arr.data()[i] < 0) {
-        throw py::value_error(std::string(what) + " must be in [0, 2**64), got " + std::to_string(arr.data()[i]));
-      }
-      out.push_back(static_cast<RequestId>(arr.data()[i]));
-    }
+  // numpy integer arrays, other buffers of ids (array.array, memoryview) and torch CPU tensors,
+  // read by value.
+  if (PyUnicode_Check(p) || PyBytes_Check(p) || PyByteArray_Check(p) ||
+      (!is_ndarray && PyObject_CheckBuffer(p) == 0 && !PyIndex_Check(p))) {
+    throw py::type_error(std::string(what) + " must be an int or a sequence of ints, got " + Py_TYPE(p)->tp_name);
+  }
+  py::array any = as_array(obj, what, "an int or a sequence of ints");
+  const char kind = any.dtype().kind();
+  if ((kind == 'i' || kind == 'u') && any.ndim() == 0) {  // a 0-d array or tensor: one id
+    out.push_back(request_id_value(any.attr("item")().ptr(), what));
     return;
   }
-  throw py::type_error(std::string(what) + " must be an int or a sequence of ints, got " + Py_TYPE(p)->tp_name);
+  if ((kind != 'i' && kind != 'u') || any.ndim() != 1) {
+    throw py::type_error(std::string(what) + " must be an int or a 1-D sequence of ints, got an array of dtype " +
+                         std::string(py::str(any.dtype())) + " and " + std::to_string(any.ndim()) + " dimensions");
+  }
+  if (kind == 'u') {  // uint64 ids above 2**63 are valid request ids: read unsigned, never wrapped
+    auto arr = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>::ensure(any);
+    if (!arr) throw py::type_error(std::string(what) + " could not be read as integers");
+    out.insert(out.end(), arr.data(), arr.data() + arr.size());
+    return;
+  }
+  auto arr = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(any);
+  if (!arr) throw py::type_error(std::string(what) + " could not be read as integers");
+  for (py::ssize_t i = 0; i < arr.size(); ++i) {
+    if (arr.data()[i] < 0) {
+      throw py::value_error(std::string(what) + " must be in [0, 2**64), got " + std::to_string(arr.data()[i]) +
+                            " at position " + std::to_string(i));
+    }
+    out.push_back(static_cast<RequestId>(arr.data()[i]));
+  }
 }
 
 // A list/tuple of token sequences into s.tokens + s.offsets.

@@ -81,8 +81,9 @@ inline bool small_int(PyObject* obj, long long& value) noexcept {
 
 /// Token ids read straight from what a caller holds, appended as int32 to `out`: a list or tuple
 /// of Python ints (read with the C API, no intermediate array), any 1-D buffer of integers
-/// (array.array, numpy, memoryview; strided allowed), or an object numpy can view without a copy
-/// (a torch CPU tensor). Raises TypeError for non-integer input (naming the position for
+/// (array.array, numpy, memoryview; strided allowed, either byte order, read by value), or an
+/// object numpy can view without a copy (a torch CPU tensor). bytes and bytearray are refused (text
+/// or raw data, not token ids). Raises TypeError for non-integer input (naming the position for
 /// sequences), ValueError for a value outside int32 or an array that is not 1-D. On an error `out`
 /// is restored to its size before the call. Needs the GIL.
 void append_tokens(const py::handle& obj, std::vector<std::int32_t>& out, const char* what);

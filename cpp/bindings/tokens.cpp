@@ -1,6 +1,7 @@
 // Token ids from what an engine holds (lists of Python ints, array.array, numpy, torch CPU tensors)
 // into int32 without building a numpy array first. A list of 1,280 ints costs about as much as
 // copying it; np.asarray on the same list costs ~30 us.
+#include <bit>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -87,8 +88,23 @@ void append_sequence(PyObject* seq, bool is_list, std::vector<std::int32_t>& out
   }
 }
 
+// Items of a buffer in the other byte order (numpy '>i4' on this little-endian build) are swapped
+// as they are read: a token id is read by value whatever its byte order.
 template <class T>
-void copy_items(const Py_buffer& view, std::vector<std::int32_t>& out, const char* what) {
+T load_item(const char* src, bool swapped) noexcept {
+  T v;
+  if (!swapped) {
+    std::memcpy(&v, src, sizeof v);
+  } else {
+    unsigned char bytes[sizeof(T)];
+    for (std::size_t b = 0; b < sizeof(T); ++b) bytes[b] = static_cast<unsigned char>(src[sizeof(T) - 1 - b]);
+    std::memcpy(&v, bytes, sizeof v);
+  }
+  return v;
+}
+
+template <class T>
+void copy_items(const Py_buffer& view, std::vector<std::int32_t>& out, const char* what, bool swapped) {
   const auto n = static_cast<std::size_t>(view.shape != nullptr ? view.shape[0] : view.len / view.itemsize);
   const Py_ssize_t stride = view.strides != nullptr ? view.strides[0] : view.itemsize;
   const auto* p = static_cast<const char*>(view.buf);
@@ -96,8 +112,7 @@ void copy_items(const Py_buffer& view, std::vector<std::int32_t>& out, const cha
   out.resize(base + n);
   std::int32_t* dst = out.data() + base;
   for (std::size_t i = 0; i < n; ++i) {
-    T v;
-    std::memcpy(&v, p + static_cast<Py_ssize_t>(i) * stride, sizeof v);
+    const T v = load_item<T>(p + static_cast<Py_ssize_t>(i) * stride, swapped);
     if constexpr (sizeof(T) >= sizeof(std::int32_t)) {
       if constexpr (std::numeric_limits<T>::is_signed) {
         if (static_cast<long long>(v) < kMin || static_cast<long long>(v) > kMax) {
@@ -129,23 +144,30 @@ bool append_buffer(PyObject* obj, std::vector<std::int32_t>& out, const char* wh
     throw py::value_error(std::string(what) + " must be 1-D, got " + std::to_string(view.ndim) + " dimensions");
   }
   const char* fmt = view.format != nullptr ? view.format : "B";
-  if (*fmt == '@' || *fmt == '=' || *fmt == '<') ++fmt;  // native / little-endian (this build's order)
+  constexpr bool kLittle = std::endian::native == std::endian::little;
+  bool swapped = false;
+  if (*fmt == '@' || *fmt == '=') {
+    ++fmt;
+  } else if (*fmt == '<' || *fmt == '>' || *fmt == '!') {
+    swapped = (*fmt == '<') != kLittle;
+    ++fmt;
+  }
   const bool single = fmt[0] != '\0' && fmt[1] == '\0';
   const char code = single ? fmt[0] : '\0';
   const Py_ssize_t size = view.itemsize;
   switch (code) {
-    case 'b': copy_items<signed char>(view, out, what); return true;
-    case 'B': copy_items<unsigned char>(view, out, what); return true;
-    case 'h': copy_items<short>(view, out, what); return true;
-    case 'H': copy_items<unsigned short>(view, out, what); return true;
+    case 'b': copy_items<signed char>(view, out, what, false); return true;
+    case 'B': copy_items<unsigned char>(view, out, what, false); return true;
+    case 'h': if (size != 2) break; copy_items<std::int16_t>(view, out, what, swapped); return true;
+    case 'H': if (size != 2) break; copy_items<std::uint16_t>(view, out, what, swapped); return true;
     case 'i': case 'l': case 'q': case 'n':
-      if (size == 4) copy_items<std::int32_t>(view, out, what);
-      else if (size == 8) copy_items<std::int64_t>(view, out, what);
+      if (size == 4) copy_items<std::int32_t>(view, out, what, swapped);
+      else if (size == 8) copy_items<std::int64_t>(view, out, what, swapped);
       else break;
       return true;
     case 'I': case 'L': case 'Q': case 'N':
-      if (size == 4) copy_items<std::uint32_t>(view, out, what);
-      else if (size == 8) copy_items<std::uint64_t>(view, out, what);
+      if (size == 4) copy_items<std::uint32_t>(view, out, what, swapped);
+      else if (size == 8) copy_items<std::uint64_t>(view, out, what, swapped);
       else break;
       return true;
     default: break;
@@ -164,10 +186,11 @@ void append_tokens(const py::handle& obj, std::vector<std::int32_t>& out, const 
       append_sequence<false>(p, PyList_Check(p), out, what, nullptr);
       return;
     }
-    if (append_buffer(p, out, what)) return;
-    if (PyUnicode_Check(p) || PyBytes_Check(p) || PyLong_Check(p)) {
+    // bytes and bytearray export a buffer of unsigned chars, but they are text or raw data, not token ids.
+    if (PyUnicode_Check(p) || PyBytes_Check(p) || PyByteArray_Check(p) || PyLong_Check(p)) {
       throw py::type_error(std::string(what) + " must be a sequence of integers, got " + type_name_of(p));
     }
+    if (append_buffer(p, out, what)) return;
     // torch tensors and other array-likes: numpy's view of them (no copy for CPU memory).
     py::object arr;
     try {

@@ -86,6 +86,10 @@ class _Placement:
     ids: list[int]  # device block ids, host slots or disk slots, in the handle's block order
 
 
+# (src, dst) tier pairs OffloadStorage.move knows (each has a _<src>_to_<dst> method).
+_MOVES = (("device", "host"), ("host", "device"), ("host", "disk"), ("disk", "host"), ("disk", "device"))
+
+
 class OffloadStorage:
     """Where offloaded handles' bytes go: host slots and disk slots under a device pool.
 
@@ -125,7 +129,13 @@ class OffloadStorage:
             return None if p is None else (p.where, list(p.ids))
 
     def move(self, handle: KVHandle, src: str, dst: str) -> None:
-        """Moves the handle's bytes from tier ``src`` to ``dst`` ("device", "host", "disk")."""
+        """Moves the handle's bytes from tier ``src`` to ``dst`` ("device", "host", "disk").
+
+        The moves are device <-> host, host <-> disk and disk -> device; any other pair (or an
+        unknown tier name) raises ``ValueError`` and moves nothing."""
+        if (src, dst) not in _MOVES:
+            raise ValueError(f"cannot move a handle from {src!r} to {dst!r}; the moves are "
+                             + ", ".join(f"{a}->{b}" for a, b in _MOVES))
         key = str(handle.handle_id)
         with self._lock:
             p = self._placements.get(key) or _Placement("device", [int(b) for b in handle.block_ids])

@@ -167,6 +167,11 @@ class DiskTier:
         self.slot_nbytes = self.payload_stride + _PAGE  # payload, then its header page
         self.fsync = bool(fsync)
         self.directory = Path(directory)
+        # Refuses a slot count the native allocator cannot hold before anything is created on disk.
+        try:
+            self.slots = _core.BlockAllocator(self.num_blocks)
+        except ValueError as exc:
+            raise ValueError(f"disk_blocks: {exc}") from None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -181,12 +186,26 @@ class DiskTier:
         except OSError:
             os.close(self._fd)
             raise ValueError(f"disk tier directory {str(directory)!r} is in use by another process") from None
-        old_size = os.fstat(self._fd).st_size
-        if old_size < self.num_blocks * self.slot_nbytes:
-            os.ftruncate(self._fd, self.num_blocks * self.slot_nbytes)
-        written_slots = min(self.num_blocks, old_size // self.slot_nbytes)  # beyond: never written
         self.direct_io = False
         self._direct_fd: int | None = None
+        try:
+            # Any failure from here closes the file again: a leaked descriptor would keep the lock,
+            # and the directory would read as "in use" for the rest of the process.
+            self._open_slots(path, direct_io, verify_on_open)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_slots(self, path: Path, direct_io: bool, verify_on_open: bool) -> None:
+        old_size = os.fstat(self._fd).st_size
+        want = self.num_blocks * self.slot_nbytes
+        if old_size < want:
+            try:
+                os.ftruncate(self._fd, want)
+            except OSError as exc:
+                raise ValueError(f"disk_blocks {self.num_blocks} ({want} bytes) do not fit a file in "
+                                 f"{str(self.directory)!r}: {exc.strerror}") from None
+        written_slots = min(self.num_blocks, old_size // self.slot_nbytes)  # beyond: never written
         if direct_io and hasattr(os, "O_DIRECT"):
             try:
                 self._direct_fd = os.open(path, os.O_RDWR | os.O_DIRECT)
@@ -194,7 +213,6 @@ class DiskTier:
             except OSError:
                 self._direct_fd = None
         self._local = threading.local()
-        self.slots = _core.BlockAllocator(self.num_blocks)
         self.index: OrderedDict[bytes, _DiskSlot] = OrderedDict()
         self.generation = 0
         self.dropped_on_open = 0
@@ -468,6 +486,7 @@ class TieredPrefixCache:
 
         Release ``digests[:num_matched]`` when the request ends (as with ``RadixPrefixCache``).
         """
+        self._check_open()
         digests = _digest_rows(digests)
         n0, ids0 = self.device.match(digests)
         tiers = [TIER_DEVICE] * n0
@@ -502,17 +521,20 @@ class TieredPrefixCache:
     def insert(self, digests: Any, block_ids: Any, *, parent: Any = None) -> int:
         """Publishes freshly computed device blocks (as ``RadixPrefixCache.insert``), then demotes the
         least recently used device blocks beyond ``device_blocks``. Returns how many were inserted."""
+        self._check_open()
         n, _ = self.device.insert(digests, block_ids, parent=parent)
         self._trim()
         return n
 
     def allocate(self, num_blocks: int) -> npt.NDArray[np.int32]:
         """Device blocks for a request, demoting cached blocks first when the pool is short."""
+        self._check_open()
         self.make_room(num_blocks)
         return self.pool.allocate(num_blocks)
 
     def make_room(self, num_blocks: int) -> None:
         """Demotes cached device blocks until ``num_blocks`` are free in the pool (or none is evictable)."""
+        self._check_open()
         short = num_blocks - self.pool.num_free_blocks
         if short > 0:
             for fut in self._demote(short):
@@ -534,10 +556,15 @@ class TieredPrefixCache:
     def demote(self, num_blocks: int) -> list[Future[None]]:
         """Demotes up to ``num_blocks`` least recently used unreferenced device blocks now (e.g. ahead
         of a large batch). Returns the futures of the copies; they land in the background."""
+        self._check_open()
         return self._demote(_positive_int("num_blocks", num_blocks, allow_zero=True))
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("TieredPrefixCache is closed")
+
     def _demote(self, n: int) -> list[Future[None]]:
-        if n == 0:
+        if n == 0 or self._closed:  # a closed cache keeps its device blocks where they are
             return []
         digests, ids = self.device._native.evict_detached(n)
         if len(ids) == 0:
@@ -548,18 +575,28 @@ class TieredPrefixCache:
             with self._lock:
                 self._stats.dropped[TIER_DEVICE] += len(ids)
             return []
-        futures: list[Future[None]] = []
         with self._lock:
-            fut = self._submit_locked(keys, ids)
-            futures.append(fut)
-        return futures
+            if not self._closed:  # close() sets it under this lock before shutting the executor down
+                return [self._submit_locked(keys, ids)]
+            self._stats.dropped[TIER_DEVICE] += len(ids)
+        self.pool.free(ids)  # closed meanwhile (another thread): the evicted blocks are dropped
+        return []
 
     def _submit_locked(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> Future[None]:
         # Registered as pending before the job can run, so a lookup of these digests waits for it.
         fut: Future[None] = Future()
         for k in keys:
             self._pending[k] = fut
-        inner = self._submit(self._demote_job, keys, ids)
+        try:
+            inner = self._submit(self._demote_job, keys, ids)
+        except BaseException as exc:
+            # Not queued (executor refused): a waiter must not block forever on these digests.
+            for k in keys:
+                if self._pending.get(k) is fut:
+                    del self._pending[k]
+            self.pool.free(ids)
+            fut.set_exception(exc)
+            raise
 
         def done(f: Future[None]) -> None:
             exc = f.exception()
@@ -627,6 +664,13 @@ class TieredPrefixCache:
                     self._pending.setdefault(key, spill)
             try:
                 out.extend(self._spill_host(victims))
+            except BaseException:
+                # The victims left the index and their bytes did not land on disk: they are dropped,
+                # and their slots (and those taken for this call) go back, or the tier would shrink.
+                with self._lock:
+                    self._stats.dropped[TIER_HOST] += len(victims)
+                    host.slots.free(np.asarray([slot for _, slot in victims] + out, dtype=np.int32))
+                raise
             finally:
                 with self._lock:
                     for key, _ in victims:
@@ -715,32 +759,50 @@ class TieredPrefixCache:
         except KVPoolFullError:
             self._unclaim(run)
             return np.empty(0, np.int32)
+        except BaseException:
+            self._unclaim(run)
+            raise
+        try:
+            return self._promote_into(digests, n0, run, ids)
+        finally:
+            self.pool.free(ids)  # the trie holds its own references on what it kept
+
+    def _promote_into(self, digests: npt.NDArray[np.uint8], n0: int, run: list[tuple[bytes, int, int]],
+                      ids: npt.NDArray[np.int32]) -> np.ndarray:
         good = len(run)
         bad: set[int] = set()
-        host_pos = [i for i, (_, t, _) in enumerate(run) if t == TIER_HOST]
-        if host_pos and self.host is not None:
-            t0 = time.perf_counter()
-            self.host.slab.copy_to_pool(self.pool._native, [run[i][2] for i in host_pos], ids[host_pos])
-            with self._lock:
-                self._account("host_to_device", len(host_pos), time.perf_counter() - t0)
-                self._stats.promoted_from_host += len(host_pos)
-        disk_pos = [i for i, (_, t, _) in enumerate(run) if t == TIER_DISK]
-        if disk_pos and self.disk is not None:
-            bounce = self.disk.bounce_buffer()
-            t0 = time.perf_counter()
-            moved = 0
-            for i in disk_pos:
-                key, _, slot = run[i]
-                if not self.disk.read(slot, key, bounce):
-                    bad.add(i)  # torn or stale: never served, the slot is dropped
-                    good = min(good, i)
-                    continue
-                self.pool.scatter(bounce[: self.block_nbytes], [int(ids[i])])
-                moved += 1
-            with self._lock:
-                self._account("disk_to_device", moved, time.perf_counter() - t0)
-                self._stats.promoted_from_disk += moved
-                self._stats.corrupt_reads += len(bad)
+        try:
+            host_pos = [i for i, (_, t, _) in enumerate(run) if t == TIER_HOST]
+            if host_pos and self.host is not None:
+                t0 = time.perf_counter()
+                self.host.slab.copy_to_pool(self.pool._native, [run[i][2] for i in host_pos], ids[host_pos])
+                with self._lock:
+                    self._account("host_to_device", len(host_pos), time.perf_counter() - t0)
+                    self._stats.promoted_from_host += len(host_pos)
+            disk_pos = [i for i, (_, t, _) in enumerate(run) if t == TIER_DISK]
+            if disk_pos and self.disk is not None:
+                bounce = self.disk.bounce_buffer()
+                t0 = time.perf_counter()
+                moved = 0
+                for i in disk_pos:
+                    key, _, slot = run[i]
+                    try:
+                        intact = self.disk.read(slot, key, bounce)
+                    except OSError:
+                        intact = False  # an unreadable slot (I/O error) is a miss, as a torn one
+                    if not intact:
+                        bad.add(i)  # torn or stale: never served, the slot is dropped
+                        good = min(good, i)
+                        continue
+                    self.pool.scatter(bounce[: self.block_nbytes], [int(ids[i])])
+                    moved += 1
+                with self._lock:
+                    self._account("disk_to_device", moved, time.perf_counter() - t0)
+                    self._stats.promoted_from_disk += moved
+                    self._stats.corrupt_reads += len(bad)
+        except BaseException:
+            self._unclaim(run)  # nothing was promoted: every claim goes back to its tier
+            raise
         # Promoted (and corrupt) lower copies are released; the rest of the run goes back.
         self._free_lower([r for i, r in enumerate(run) if i < good or i in bad])
         self._unclaim([r for i, r in enumerate(run) if i >= good and i not in bad])
@@ -751,7 +813,6 @@ class TieredPrefixCache:
             # A concurrent request may have cached some of these meanwhile: serve the cached blocks.
             _, cached = self.device.peek(digests[: n0 + good])
             out = np.asarray(cached[n0: n0 + good], dtype=np.int32)
-        self.pool.free(ids)  # the trie holds its own references on what it kept
         return out
 
     def _unclaim(self, run: list[tuple[bytes, int, int]]) -> None:
@@ -831,9 +892,10 @@ class TieredPrefixCache:
 
     def close(self) -> None:
         """Waits for copies in flight, then closes the disk tier (its slots stay for a reopen)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         if self.disk is not None:

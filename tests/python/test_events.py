@@ -637,3 +637,28 @@ def test_salt_notes_survive_concurrent_drains() -> None:
     assert len(stored) == 800
     assert all(e["cache_salt"] == owner[e["digests"][0]] for e in stored)
     assert not cache._event_salts
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"linger_ms": "1000"}, TypeError, "linger_ms"),  # was: accepted, then close() failed with the port still bound
+    ({"linger_ms": -2}, ValueError, "linger_ms"),
+    ({"hwm": -1}, ValueError, "hwm"),  # was: zmq.ZMQError "Invalid argument"
+    ({"hwm": 2**40}, ValueError, "hwm"),  # was: OverflowError
+    ({"replay_buffer_steps": 2**40, "replay_endpoint": "tcp://127.0.0.1:*"}, ValueError, "replay_buffer_steps"),
+    ({"endpoint": None}, TypeError, "endpoint"),
+    ({"replay_endpoint": 5557}, TypeError, "replay_endpoint"),
+])
+def test_publisher_options_are_checked_before_anything_binds(kwargs: dict[str, Any], error: type[Exception],
+                                                             match: str) -> None:
+    with pytest.raises(error, match=match):
+        KVEventPublisher(**{"endpoint": "tcp://127.0.0.1:*", **kwargs})
+
+
+def test_replay_start_beyond_64_bits_is_a_value_error() -> None:
+    with (
+        KVEventSubscriber("tcp://127.0.0.1:9", replay_endpoint="tcp://127.0.0.1:9", replay_timeout_ms=50) as sub,
+        pytest.raises(ValueError, match="start_seq"),
+    ):
+        sub.replay(2**64)  # was: OverflowError from int.to_bytes
+    with pytest.raises(TypeError, match="endpoint"):
+        KVEventSubscriber(None)  # type: ignore[arg-type]

@@ -349,3 +349,53 @@ def test_stored_events_carry_the_published_blocks_tokens() -> None:
     assert kv_wire.decode_batch(kv_wire.encode_batch(events))[1][0]["token_ids"] == prompt[: 2 * BS]
     rm.check_invariants()
     rm.finish(1)
+
+
+def test_byte_swapped_tokens_read_by_value_and_bytes_refused() -> None:
+    pool, rm = make()
+    tokens = np.arange(0, 100, 3, dtype=np.int64)
+    _, expected = rm.admit(1, tokens.tolist())
+    for dtype in (">i8", ">i4", ">u2", ">u8"):
+        cached, table = rm.admit(2, tokens.astype(dtype))  # same digests: matched like the list
+        assert cached == 32 and table.tolist()[:2] == expected.tolist()[:2]
+        rm.finish(2)
+    before = (pool.num_used_blocks, rm.stats())
+    for raw in (b"\x00\x01\x02", bytearray(b"\x00\x01")):
+        with pytest.raises(TypeError, match="got byte"):
+            rm.admit(3, raw)
+        with pytest.raises(TypeError, match="got byte"):
+            rm.append(1, raw)
+    assert (pool.num_used_blocks, rm.stats()) == before and 3 not in rm
+
+
+def test_request_ids_as_numpy_scalars_uint64_and_buffers() -> None:
+    _pool, rm = make()
+    for rid in (2**64 - 1, 2**63, 7, 8):
+        rm.admit(rid, [1, 2, 3])
+    rm.finish(np.array([2**64 - 1, 2**63], dtype=np.uint64))  # above int64: read unsigned, not wrapped
+    rm.finish(np.int64(7))
+    rm.abort(array.array("q", [8]))
+    assert len(rm) == 0
+    rm.admit(9, [1])
+    with pytest.raises(ValueError, match="got -3 at position 1"):
+        rm.finish(np.array([9, -3]))
+    with pytest.raises(TypeError, match="dtype float64"):
+        rm.finish(np.array([9.0]))
+    with pytest.raises(TypeError, match="bytes"):
+        rm.finish(b"\x09")
+    assert 9 in rm
+    rm.check_invariants()
+
+
+def test_request_ids_as_torch_tensors_read_by_value() -> None:
+    torch = pytest.importorskip("torch")
+    _pool, rm = make()
+    for rid in (1, 2, 3):
+        rm.admit(rid, [1, 2, 3])
+    for bad in (torch.tensor([True]), torch.tensor([1.0]), torch.tensor([[1]])):
+        with pytest.raises(TypeError, match=r"dtype|dimensions"):
+            rm.finish(bad)  # was: a one-element bool or float tensor finished request 1 through __index__
+    assert len(rm) == 3
+    rm.finish(torch.tensor([1, 2]))  # was: TypeError, only one-element tensors have __index__
+    rm.preempt(torch.tensor(3))
+    assert len(rm) == 0

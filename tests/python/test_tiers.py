@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sagellm_kv_cache import KVHandle, KVOffloadManager, _core
-from sagellm_kv_cache.errors import KVInvalidBlockError, KVMetadataMismatchError
+from sagellm_kv_cache.errors import KVInvalidBlockError, KVMemoryExhaustedError, KVMetadataMismatchError
 from sagellm_kv_cache.offload import OffloadStorage
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 from sagellm_kv_cache.tiers import TIER_DEVICE, TIER_DISK, TIER_HOST, DiskTier, TieredPrefixCache
@@ -425,6 +425,11 @@ def test_offload_storage_bad_configuration(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="allocated"):
         manager.register(foreign, device="cuda:0")
     assert manager.registered_count() == 0
+    handle, _ = _handle_with_bytes(pool, 1, seed=4)
+    for src, dst in (("device", "device"), ("device", "disk"), ("gpu", "host")):
+        with pytest.raises(ValueError, match="cannot move"):  # was: AttributeError (no _<src>_to_<dst>)
+            storage.move(handle, src, dst)
+    assert storage.placement(str(handle.handle_id)) is None and pool.is_allocated(int(handle.block_ids[0]))
 
 
 # --- tiered replay -------------------------------------------------------------------------------
@@ -475,3 +480,60 @@ def test_replay_cli_takes_tier_capacities(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "block_bytes" in bad.stderr
     bad = cli("--capacity-blocks", "10", "--disk-blocks", "-1")
     assert bad.returncode == 2
+
+
+def test_a_disk_tier_that_fails_to_open_releases_its_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="disk_blocks"):
+        DiskTier(tmp_path / "many", 2**31, 4096)  # beyond the slot allocator: refused before any file
+    assert not (tmp_path / "many" / "slots.bin").exists()
+    # A file of 2**61 bytes fails after the slot file is open and locked (EFBIG on ext4, or no
+    # memory for the bounce buffer elsewhere): each attempt fails the same way, never as "in use".
+    for _ in range(2):
+        with pytest.raises((ValueError, KVMemoryExhaustedError), match=r"do not fit|cannot allocate"):
+            DiskTier(tmp_path / "huge", 2**17, 2**44)
+    (tmp_path / "huge" / "tier.json").unlink()
+    DiskTier(tmp_path / "huge", 2, 4096).close()
+
+
+def test_a_failing_disk_drops_blocks_but_keeps_the_host_tier_whole(tmp_path: Path, background: bool) -> None:
+    pool = PagedKVPool(SPEC, 16)
+    with TieredPrefixCache(pool, device_blocks=3, host_blocks=3, disk_dir=tmp_path, disk_blocks=8,
+                           background=background) as tc:
+        on_disk = fill(tc, prompt(0))
+        fill(tc, prompt(1))
+        fill(tc, prompt(2))  # prompt 0: device -> host -> disk
+        tc.flush()
+        assert tc.location(on_disk[0].tobytes()) == "disk"
+        assert tc.disk is not None and tc.host is not None
+        tc.disk.close()  # the disk fails under the cache: every slot read and write is refused
+        for i in range(3, 7):  # host spills to disk fail: their victims drop, the device keeps working
+            fill(tc, prompt(i))  # was: RuntimeError "host tier has no free slot" once the slots leaked
+        tc.flush()
+        failed = [f.exception() for f in tc.demote(3)]  # spills the host tier again: the error is reported
+        assert failed and all(isinstance(e, OSError) for e in failed)
+        assert tc.stats()["dropped"]["host"] >= 6
+        host = tc.host
+        assert host.slots.num_available + len(host.index) == host.num_blocks  # no slot lost
+        used = pool.num_used_blocks
+        m = tc.match(on_disk)  # an unreadable slot is a miss, as a torn one; nothing leaks
+        assert m.num_matched == 0 and pool.num_used_blocks == used
+        assert tc.stats()["corrupt_reads"] >= 1 and tc.location(on_disk[0].tobytes()) is None
+
+
+def test_a_closed_tiered_cache_refuses_work_and_never_hangs(tmp_path: Path) -> None:
+    pool = PagedKVPool(SPEC, 16)
+    tc = TieredPrefixCache(pool, device_blocks=4, host_blocks=4)
+    held = fill(tc, prompt(0))
+    fill(tc, prompt(1))
+    m = tc.match(held)  # a running request's uses
+    assert m.num_matched == len(held)
+    tc.close()
+    before = (pool.num_used_blocks, len(tc.device), tc.stats()["blocks"])
+    with pytest.raises(RuntimeError, match="closed"):
+        fill(tc, prompt(2))  # was: the demotion's digests stayed pending forever
+    for call in (lambda: tc.match(held), lambda: tc.demote(1), lambda: tc.make_room(16)):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    assert (pool.num_used_blocks, len(tc.device), tc.stats()["blocks"]) == before
+    tc.release(held)  # releasing uses still works, and demotes nothing
+    assert len(tc.device) == before[1] and not tc._pending

@@ -69,6 +69,23 @@ def _require_deps() -> None:
         raise ImportError("KV events need pyzmq and msgpack: pip install isagellm-kv-cache[events]") from _IMPORT_ERROR
 
 
+_C_INT_MAX = 2**31 - 1  # ZMQ socket options are C ints
+
+
+def _int_option(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int in ``[low, high]``; TypeError / ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_endpoint(name: str, value: Any) -> None:
+    if not isinstance(value, str | bytes):
+        raise TypeError(f"{name} must be a ZMQ endpoint string, got {type(value).__name__}")
+
+
 def _seq_bytes(seq: int) -> bytes:
     return seq.to_bytes(8, "big", signed=True)
 
@@ -110,6 +127,15 @@ class KVEventPublisher:
             raise ValueError(f"data_parallel_rank must be an int >= 0, got {data_parallel_rank!r}")
         if isinstance(replay_buffer_steps, bool) or not isinstance(replay_buffer_steps, int) or replay_buffer_steps < 1:
             raise ValueError(f"replay_buffer_steps must be an int >= 1, got {replay_buffer_steps!r}")
+        _check_endpoint("endpoint", endpoint)
+        if replay_endpoint is not None:
+            _check_endpoint("replay_endpoint", replay_endpoint)
+        # Checked here, not by the sockets: a linger that only fails in close() would leave the
+        # endpoint bound for the life of the process. The replay socket's HWM is 2 * (steps + 1).
+        _int_option("replay_buffer_steps", replay_buffer_steps, 1, _C_INT_MAX // 2 - 1)
+        _int_option("hwm", hwm, 0, _C_INT_MAX)
+        if linger_ms is not None:
+            _int_option("linger_ms", linger_ms, -1, _C_INT_MAX)
         self.topic = topic
         self.medium = medium
         self.data_parallel_rank = data_parallel_rank
@@ -241,6 +267,9 @@ class KVEventSubscriber:
         _require_deps()
         if not isinstance(topic, str):
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
+        _check_endpoint("endpoint", endpoint)
+        if replay_endpoint is not None:
+            _check_endpoint("replay_endpoint", replay_endpoint)
         self.endpoint = endpoint
         self.topic = topic
         self.replay_endpoint = replay_endpoint
@@ -277,8 +306,8 @@ class KVEventSubscriber:
         """
         if self.replay_endpoint is None:
             raise RuntimeError("this subscriber has no replay_endpoint")
-        if isinstance(start_seq, bool) or not isinstance(start_seq, int) or start_seq < 0:
-            raise ValueError(f"start_seq must be an int >= 0, got {start_seq!r}")
+        if isinstance(start_seq, bool) or not isinstance(start_seq, int) or not 0 <= start_seq < 2**64:
+            raise ValueError(f"start_seq must be an int in [0, 2**64), got {start_seq!r}")
         dealer = self._ctx.socket(zmq.DEALER)
         try:
             dealer.connect(self.replay_endpoint)
