@@ -15,8 +15,9 @@ a 5 x int64 header (magic, flags, payload bytes, raw bytes, CRC-32) and then the
 and the receiver checks the size, inflates and verifies the checksum before it writes into its
 tensor. Both ends must use the same framing options (the plain path sends the tensor as is).
 
-Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 10,000, the most
-recently finished; settable per engine): a long-running engine that never calls
+Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 4,096, the most
+recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` remembers; settable
+per engine): a long-running engine that never calls
 :meth:`~KVTransferEngine.clear_completed` would otherwise keep one record per transfer forever.
 A forgotten record's id then raises ``KeyError`` like a cleared one; :meth:`~KVTransferEngine.
 get_completed_count` still counts it until ``clear_completed``. Running records are never dropped.
@@ -62,7 +63,7 @@ class KVTransferEngine:
     """
 
     #: Finished records kept, the most recently finished (see the module docstring).
-    max_finished_records: int = 10_000
+    max_finished_records: int = 4096
 
     def __init__(
         self,
