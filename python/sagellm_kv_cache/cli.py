@@ -174,7 +174,8 @@ def demo_command(args: argparse.Namespace) -> int:
 
     block_size = 16
     cache = PrefixCache(block_size=block_size, max_cached_blocks=160, enable_lru=True)
-    collector = AccessStatsCollector()
+    # A finite trace of --num-accesses: keep all of it (the bounds are for a server's collector).
+    collector = AccessStatsCollector(max_blocks=None, max_times_per_block=None, max_lifetimes=None)
     counts = run_demo_workload(cache, collector, num_accesses, seed=seed, block_size=block_size)
     try:
         collector.export_stats(output)

@@ -242,14 +242,22 @@ class TransferRemoteKVAccessor(RemoteKVAccessor):
 
     ``make_buffer(handle)`` returns the tensor to receive into (its shape and dtype must match what
     the owner sends). The owner calls :meth:`serve` with the handle's tensor at the same time.
+
+    A prefetched buffer waits for its :meth:`fetch`; at most ``max_pending`` (default 64) wait at a
+    time. Beyond that the oldest finished prefetch is dropped (its ``fetch`` receives anew) and,
+    when none has finished, a new prefetch is not started: prefetches whose fetch never comes (an
+    aborted request) would otherwise hold their buffers for the life of the process.
     """
 
     def __init__(self, engine: KVTransferEngine, make_buffer: Callable[[KVHandle], Any], *,
-                 max_prefetch: int = 2) -> None:
+                 max_prefetch: int = 2, max_pending: int = 64) -> None:
         if engine is None:
             raise ValueError("engine is required (a KVTransferEngine on an initialised backend)")
         if not callable(make_buffer):
             raise TypeError("make_buffer must be callable(handle) -> tensor")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
+        self.max_pending = max_pending
         self.engine = engine
         self.make_buffer = make_buffer
         self._executor = ThreadPoolExecutor(max_workers=max_prefetch, thread_name_prefix="kv-prefetch")
@@ -282,8 +290,14 @@ class TransferRemoteKVAccessor(RemoteKVAccessor):
         if not self.is_remote(handle, current_rank):
             return
         with self._lock:
-            if handle.handle_id not in self._pending:
-                self._pending[handle.handle_id] = self._executor.submit(self._receive, handle, current_rank)
+            if handle.handle_id in self._pending:
+                return
+            if len(self._pending) >= self.max_pending:
+                finished = next((key for key, fut in self._pending.items() if fut.done()), None)
+                if finished is None:
+                    return  # all in flight: a prefetch is a hint, the fetch will receive itself
+                del self._pending[finished]  # oldest first: the dict keeps submission order
+            self._pending[handle.handle_id] = self._executor.submit(self._receive, handle, current_rank)
 
     def serve(self, handle: KVHandle, dst_rank: int, tensor: Any) -> None:
         """The owner's side: sends ``tensor`` (the KV of ``handle``) to ``dst_rank``."""

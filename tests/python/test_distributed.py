@@ -131,3 +131,22 @@ def test_remote_get_and_prefetch_over_a_transfer_engine() -> None:
     reader.close()
     owner.close()
     assert uuid.UUID(str(handle.handle_id))
+
+
+def test_abandoned_prefetches_stay_bounded() -> None:
+    # Requests aborted after their prefetch never fetch: their buffers must not pile up.
+    frames: deque[Any] = deque()
+    owner = TransferRemoteKVAccessor(KVTransferEngine(PipeBackend(0, frames)), lambda h: torch.zeros(4))
+    reader = TransferRemoteKVAccessor(KVTransferEngine(PipeBackend(1, frames)), lambda h: torch.zeros(4),
+                                      max_pending=8)
+    handles = [KVHandle.create(4, node_rank=0) for _ in range(100)]
+    for i, handle in enumerate(handles):
+        owner.serve(handle, 1, torch.full((4,), float(i)))
+        reader.prefetch(handle, 1)
+        reader._pending[handle.handle_id].result()  # landed, and never fetched
+    assert len(reader._pending) == 8 and not frames
+    assert torch.equal(reader.fetch(handles[-1], 1), torch.full((4,), 99.0))  # the newest still waits
+    with pytest.raises(ValueError, match="max_pending"):
+        TransferRemoteKVAccessor(reader.engine, lambda h: torch.zeros(4), max_pending=0)
+    reader.close()
+    owner.close()

@@ -258,6 +258,22 @@ def test_broken_source_is_skipped_and_counted(caplog: pytest.LogCaptureFixture) 
     assert any("pool gone" in record.getMessage() for record in caplog.records)
 
 
+def test_removed_sources_take_their_error_series_with_them() -> None:
+    exporter, _ = make_exporter()
+
+    def boom() -> dict[str, int]:
+        raise RuntimeError("worker gone")
+
+    for i in range(300):  # sources that come and go, as workers of a long-running server do
+        exporter.add_pool_source(boom, name=f"worker{i}")
+        exporter.add_prefix_source(boom, name=f"worker{i}")
+        exporter.render()
+        exporter.remove_pool_source(f"worker{i}")
+        exporter.remove_prefix_source(f"worker{i}")
+    assert exporter._source_error_counts() == {}
+    assert not [k for k in samples(exporter.render().decode()) if k[0] == "sagellm_kv_exporter_source_errors_total"]
+
+
 def test_source_validation() -> None:
     exporter, _ = make_exporter()
     with pytest.raises(ValueError, match="already registered"):

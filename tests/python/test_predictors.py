@@ -145,3 +145,18 @@ def test_seed_attributes() -> None:
     assert predictor.session_stats == {"s": {"avg_lifetime": 15.0, "avg_reuse_prob": 1.0, "sample_count": 2}}
     assert (predictor.global_avg_lifetime, predictor.global_avg_reuse_prob, predictor.global_sample_count) == \
         (15.0, 1.0, 2)
+
+
+def test_per_session_averages_stay_bounded_and_the_global_one_is_kept() -> None:
+    # A server sees new session ids for as long as it runs.
+    p = HistoricalPredictor(max_sessions=16)
+    sample = features("hot")
+    for i in range(2000):
+        p.update(features(f"s{i}") if i % 2 else sample, 5.0)
+    stats = p.get_statistics()
+    assert len(stats) == 17 and next(iter(stats)) == "global" and p.global_sample_count == 2000
+    assert stats["hot"]["sample_count"] == 1000  # updated every other call: never the least recent
+    assert "s1" not in stats and stats["s1999"]["sample_count"] == 1
+    assert len(HistoricalPredictor().session_stats) == 0 and HistoricalPredictor().max_sessions == 10_000
+    with pytest.raises(ValueError, match="max_sessions"):
+        HistoricalPredictor(max_sessions=0)

@@ -147,7 +147,7 @@ def test_bad_top_n(n: Any, error: type[Exception]) -> None:
 
 
 def test_thread_safe_recording() -> None:
-    c = AccessStatsCollector()
+    c = AccessStatsCollector(max_times_per_block=None)  # every interval kept, to count them
 
     def work(worker: int) -> None:
         for i in range(2000):
@@ -243,3 +243,29 @@ def test_missing_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"isagellm-kv-cache\[visualization\]"):
         visualize(stats, tmp_path / "x.png", "heatmap")
+
+
+def test_history_stays_bounded_under_endless_distinct_blocks() -> None:
+    # A collector on a server's prefix cache sees new block digests for as long as it runs.
+    c = AccessStatsCollector(max_blocks=64, max_times_per_block=8, max_lifetimes=32)
+    for i in range(5000):
+        block = f"b{i}" if i % 2 else f"hot{i // 2 % 4}"
+        c.record_access(block, is_hit=i % 2 == 0)
+        c.record_alloc(f"b{i}")
+        if i % 3:
+            c.record_free(f"b{i}")
+    assert len(c) == 64 and len(c._alloc_at) <= 64
+    assert max(len(times) for times in c.access_times.values()) == 8
+    assert c.get_lifecycle_distribution()["count"] == 32
+    summary = c.get_stats_summary()
+    assert (summary["total_accesses"], summary["cache_hits"]) == (5000, 2500)  # totals stay exact
+    # The four hot blocks are the most recently used, so they are kept, with exact counts.
+    assert c.get_top_blocks(4) == [(f"hot{k}", 625) for k in range(4)]
+    assert c.to_dict()["block_details"]["hot0"]["access_count"] == 625
+
+
+def test_history_bounds_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_blocks"):
+        AccessStatsCollector(max_blocks=0)
+    with pytest.raises(TypeError, match="max_times_per_block"):
+        AccessStatsCollector(max_times_per_block=1.5)  # type: ignore[arg-type]

@@ -117,6 +117,27 @@ def test_records_of_completed_transfers() -> None:
         engine.get_transfer_status(tid)
 
 
+def test_finished_records_stay_bounded_and_still_count() -> None:
+    # A long-running engine that never calls clear_completed keeps the newest finished records only.
+    engine = KVTransferEngine(RankedBackend(0, 2, fail=RuntimeError("peer gone")))
+    engine.max_finished_records = 50
+    buffer = np.zeros((4, 2), dtype=np.float16)
+    ids = []
+    for i in range(400):
+        engine.comm_backend.fail = None if i % 2 else RuntimeError("peer gone")
+        try:
+            ids.append(engine.transfer_kv_handle(KVHandle.create(4), 0, 1, buffer))
+        except KVTransferFailedError as e:
+            ids.append(uuid.UUID(e.transfer_id))
+    assert len(engine._records) == 50 and len(engine._finished) == 50 and len(engine._retries) <= 50
+    assert engine.get_completed_count() == 400
+    assert engine.get_transfer_status(ids[-1]) == TransferStatus.COMPLETED
+    with pytest.raises(KeyError, match="not found"):
+        engine.get_transfer_status(ids[0])
+    engine.clear_completed()
+    assert engine.get_completed_count() == 0 and not engine._finished
+
+
 # --- wire format -----------------------------------------------------------------------------
 
 

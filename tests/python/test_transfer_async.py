@@ -3,6 +3,7 @@ SocketTransferBackend between two ranks in one process (real sockets on localhos
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -158,3 +159,28 @@ def test_socket_backend_drops_foreign_traffic(pair: tuple[SocketTransferBackend,
     out = torch.zeros(2)
     b.recv(out, 0)  # the real message still arrives; the rogue bytes were never filed
     assert torch.equal(out, torch.ones(2))
+
+
+def test_connections_that_come_and_go_cost_no_descriptor_or_thread(
+        pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:
+    a, b = pair
+    a.send(np.arange(4, dtype=np.int32), 1)  # one real peer connection stays open throughout
+    got = np.zeros(4, dtype=np.int32)
+    b.recv(got, 0)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(200):  # a reconnecting peer, a health check, a port scanner
+        with socket.create_connection(b._endpoints[1]) as conn:
+            if i % 2:
+                conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")  # not our protocol: dropped
+    def settled() -> bool:  # the readers of the dropped connections have exited
+        return len(b._accepted) == 1 and len(b._threads) == 2 and len(os.listdir("/proc/self/fd")) <= before
+
+    deadline = time.monotonic() + 10.0  # generous for a loaded machine; settles in milliseconds
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The peer's connection and its reader, the accept loop, and no descriptor more than before.
+    assert (len(b._accepted), len(b._threads)) == (1, 2)
+    assert len(os.listdir("/proc/self/fd")) <= before
+    a.send(np.arange(4, dtype=np.int32) + 1, 1)  # the link still works
+    b.recv(got, 0)
+    assert got.tolist() == [1, 2, 3, 4]

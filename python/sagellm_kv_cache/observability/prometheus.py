@@ -199,9 +199,11 @@ class PrometheusExporter:
         self._add(self._prefix_sources, "prefix", source, name)
 
     def remove_pool_source(self, name: str) -> None:
+        """Removes a pool source, and its ``exporter_source_errors`` series with it."""
         self._remove(self._pool_sources, "pool", name)
 
     def remove_prefix_source(self, name: str) -> None:
+        """Removes a prefix source, and its ``exporter_source_errors`` series with it."""
         self._remove(self._prefix_sources, "prefix", name)
 
     def _add(self, table: dict[str, Any], kind: str, source: Callable[[], Any], name: str) -> None:
@@ -219,6 +221,9 @@ class PrometheusExporter:
             if name not in table:
                 raise KeyError(f"no {kind} source named {name!r}")
             del table[name]
+            # A gone source's error series would otherwise be exported forever: sources that come
+            # and go (one per worker or model) would grow the table and every scrape without bound.
+            self._source_errors.pop((kind, name), None)
 
     def _snapshot_sources(self) -> tuple[list[tuple[str, PoolSource]], list[tuple[str, PrefixSource]]]:
         with self._lock:

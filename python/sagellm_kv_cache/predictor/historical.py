@@ -7,6 +7,11 @@ the number of samples so far: the first samples form a plain mean, later ones an
 drift. Prediction for a handle uses its session's averages once the session has samples, else the
 global ones, else the defaults; recent accesses raise the reuse probability, long idleness lowers it.
 ``confidence`` grows with the samples behind the estimate (up to ``window_size`` of them).
+
+Per-session averages are kept for at most ``max_sessions`` sessions (default
+``DEFAULT_MAX_SESSIONS``; ``None`` lifts the bound), the least recently updated forgotten first: a
+server sees new session ids for as long as it runs. A forgotten session is predicted from the
+global averages, as a session never seen is.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,9 +28,12 @@ from sagellm_protocol.kv import LifetimePrediction
 from sagellm_kv_cache.predictor.base import LifetimePredictor
 from sagellm_kv_cache.predictor.features import PredictorFeatures
 
-__all__ = ["HistoricalPredictor"]
+__all__ = ["DEFAULT_MAX_SESSIONS", "HistoricalPredictor"]
 
 _GLOBAL = "global"
+
+#: Sessions whose averages a predictor keeps by default (see the module docstring).
+DEFAULT_MAX_SESSIONS = 10_000
 
 
 @dataclass
@@ -51,6 +60,8 @@ class HistoricalPredictor(LifetimePredictor):
         alpha: float = 0.1,
         default_reuse_prob: float = 0.5,
         default_lifetime: float = 1000.0,
+        *,
+        max_sessions: int | None = DEFAULT_MAX_SESSIONS,
     ) -> None:
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"window_size must be a positive int, got {window_size!r}")
@@ -60,11 +71,16 @@ class HistoricalPredictor(LifetimePredictor):
             raise ValueError(f"default_reuse_prob must be in [0, 1], got {default_reuse_prob!r}")
         if not _is_number(default_lifetime) or not 0 <= default_lifetime < math.inf:
             raise ValueError(f"default_lifetime must be a finite number >= 0, got {default_lifetime!r}")
+        if max_sessions is not None and (isinstance(max_sessions, bool) or not isinstance(max_sessions, int)
+                                         or max_sessions < 1):
+            raise ValueError(f"max_sessions must be a positive int or None, got {max_sessions!r}")
+        self.max_sessions = max_sessions
         self.window_size = window_size
         self.alpha = float(alpha)
         self.default_reuse_prob = float(default_reuse_prob)
         self.default_lifetime = float(default_lifetime)
-        self._stats: dict[str, _Average] = {_GLOBAL: self._fresh()}
+        self._global = self._fresh()
+        self._stats: OrderedDict[str, _Average] = OrderedDict({_GLOBAL: self._global})  # least recent first
         self._lock = threading.Lock()
 
     def _fresh(self) -> _Average:
@@ -78,10 +94,16 @@ class HistoricalPredictor(LifetimePredictor):
             raise ValueError(f"actual_lifetime must be a finite number of seconds >= 0, got {actual_lifetime!r}")
         reused = 1.0 if actual_lifetime > 0 else 0.0
         with self._lock:
-            self._stats[_GLOBAL].add(float(actual_lifetime), reused, self.alpha)
-            if features.session_id is not None and features.session_id != _GLOBAL:
-                self._stats.setdefault(features.session_id, self._fresh()).add(float(actual_lifetime), reused,
-                                                                               self.alpha)
+            self._global.add(float(actual_lifetime), reused, self.alpha)
+            session = features.session_id
+            if session is not None and session != _GLOBAL:
+                self._stats.setdefault(session, self._fresh()).add(float(actual_lifetime), reused, self.alpha)
+                self._stats.move_to_end(session)
+                if self.max_sessions is not None and len(self._stats) > self.max_sessions + 1:
+                    # The global entry stays first (it is never moved); the least recent session follows it.
+                    keys = iter(self._stats)
+                    next(keys)
+                    del self._stats[next(keys)]
 
     def predict_batch(self, features: Sequence[PredictorFeatures]) -> list[LifetimePrediction]:
         if not features:
@@ -91,8 +113,9 @@ class HistoricalPredictor(LifetimePredictor):
             return [self._predict(f, now) for f in features]
 
     def _predict(self, f: PredictorFeatures, now: float) -> LifetimePrediction:
-        key = f.session_id if f.session_id in self._stats and self._stats[f.session_id].samples else _GLOBAL
-        avg = self._stats[key]
+        avg = self._stats.get(f.session_id) if f.session_id is not None else None
+        if avg is None or not avg.samples:
+            avg = self._global
         idle = max(now - f.last_access, 0.0)
         # Each earlier access and a prefix hit make reuse likelier; idleness beyond the expected
         # lifetime makes it unlikelier (halved every expected lifetime).

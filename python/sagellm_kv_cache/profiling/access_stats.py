@@ -11,6 +11,21 @@ and derives sliding-window counts (``TIME_WINDOWS``), cold blocks, an access-fre
 and a time x block heatmap. The seed's public attributes (``total_accesses``, ``access_times``,
 ...) are read-only views here; absolute times are wall-clock seconds (``start_time`` plus the
 monotonic offset).
+
+The history is bounded, so a collector attached to a long-running server's prefix cache stays
+the same size however many requests it sees (each bound is a keyword argument; ``None`` lifts it,
+for an offline analysis of a finite trace):
+
+* ``max_blocks`` (default ``DEFAULT_MAX_BLOCKS``): distinct blocks tracked; beyond it the least
+  recently accessed block is forgotten (its per-block numbers leave every view; the totals,
+  ``total_accesses``, ``cache_hits``, ``cache_misses`` and the hit rate, stay exact). Open
+  lifetimes (an alloc without a free yet) are bounded the same way, the oldest dropped first.
+* ``max_times_per_block`` (default ``DEFAULT_MAX_TIMES_PER_BLOCK``): access times kept per block,
+  the most recent ones. A block's access count and first access stay exact; its intervals, window
+  counts and heatmap row come from the kept times.
+* ``max_lifetimes`` (default ``DEFAULT_MAX_LIFETIMES``): finished lifetimes kept, the most recent.
+
+At the defaults the history holds at most about 35 MB of timestamps (8 bytes each).
 """
 
 from __future__ import annotations
@@ -22,10 +37,24 @@ import os
 import tempfile
 import threading
 import time
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TIME_WINDOWS", "AccessStatsCollector"]
+__all__ = [
+    "DEFAULT_MAX_BLOCKS",
+    "DEFAULT_MAX_LIFETIMES",
+    "DEFAULT_MAX_TIMES_PER_BLOCK",
+    "TIME_WINDOWS",
+    "AccessStatsCollector",
+]
+
+#: Default bounds of a collector's history (see the module docstring).
+DEFAULT_MAX_BLOCKS = 16_384
+DEFAULT_MAX_TIMES_PER_BLOCK = 256
+DEFAULT_MAX_LIFETIMES = 65_536
 
 #: The sliding windows of :meth:`AccessStatsCollector.get_all_window_stats`, name -> seconds.
 TIME_WINDOWS: dict[str, float] = {"1min": 60.0, "5min": 300.0, "1h": 3600.0}
@@ -39,14 +68,16 @@ def _check_block_id(block_id: Any) -> None:
 
 
 class _BlockRecord:
-    __slots__ = ("order", "times")
+    __slots__ = ("count", "first", "order", "times")
 
-    def __init__(self, order: int) -> None:
+    def __init__(self, order: int, now: float) -> None:
         self.order = order  # first-seen rank, a stable tie-break for equal counts
-        self.times: list[float] = []
+        self.count = 0  # accesses since the block was first seen (exact, unlike len(times))
+        self.first = now
+        self.times: array[float] = array("d")  # the most recent access times, oldest first
 
 
-def _intervals(times: list[float]) -> list[float]:
+def _intervals(times: Sequence[float]) -> list[float]:
     return [later - earlier for earlier, later in itertools.pairwise(times)]
 
 
@@ -71,6 +102,10 @@ def _check_count(name: str, value: Any) -> int:
     return value
 
 
+def _check_bound(name: str, value: Any) -> int | None:
+    return None if value is None else _check_count(name, value)
+
+
 def _check_seconds(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
@@ -82,16 +117,28 @@ def _check_seconds(name: str, value: Any) -> float:
 class AccessStatsCollector:
     """Thread-safe recorder of block accesses; see the module docstring for what it derives."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        max_blocks: int | None = DEFAULT_MAX_BLOCKS,
+        max_times_per_block: int | None = DEFAULT_MAX_TIMES_PER_BLOCK,
+        max_lifetimes: int | None = DEFAULT_MAX_LIFETIMES,
+    ) -> None:
+        self.max_blocks = _check_bound("max_blocks", max_blocks)
+        self.max_times_per_block = _check_bound("max_times_per_block", max_times_per_block)
+        self.max_lifetimes = _check_bound("max_lifetimes", max_lifetimes)
         self._lock = threading.Lock()
         self._start = time.perf_counter()
         self._start_wall = time.time()
-        self._blocks: dict[str, _BlockRecord] = {}
+        # Least recently accessed first, so the block to forget at the bound is the first one.
+        self._blocks: OrderedDict[str, _BlockRecord] = OrderedDict()
+        self._seen = itertools.count()
         self._hits = 0
         self._misses = 0
         self._last_time = 0.0
-        self._alloc_at: dict[str, float] = {}  # block -> start of its current lifetime
-        self._lifetimes: list[float] = []  # seconds from alloc to free, one per finished lifetime
+        self._alloc_at: dict[str, float] = {}  # block -> start of its current lifetime, oldest first
+        # seconds from alloc to free, one per finished lifetime, the most recent kept
+        self._lifetimes: deque[float] = deque(maxlen=self.max_lifetimes)
 
     # --- the seed's public attributes (read-only snapshots) ---------------------------------
 
@@ -117,11 +164,11 @@ class AccessStatsCollector:
     def access_count(self) -> dict[str, int]:
         """Block id -> number of accesses (a copy)."""
         with self._lock:
-            return {block_id: len(record.times) for block_id, record in self._blocks.items()}
+            return {block_id: record.count for block_id, record in self._blocks.items()}
 
     @property
     def access_times(self) -> dict[str, list[float]]:
-        """Block id -> wall-clock times of its accesses, oldest first (a copy)."""
+        """Block id -> wall-clock times of its (kept) accesses, oldest first (a copy)."""
         with self._lock:
             base = self._start_wall
             return {block_id: [base + t for t in record.times] for block_id, record in self._blocks.items()}
@@ -140,8 +187,16 @@ class AccessStatsCollector:
             now = self._now()
             record = self._blocks.get(block_id)
             if record is None:
-                record = self._blocks[block_id] = _BlockRecord(len(self._blocks))
-            record.times.append(now)
+                record = self._blocks[block_id] = _BlockRecord(next(self._seen), now)
+                if self.max_blocks is not None and len(self._blocks) > self.max_blocks:
+                    self._blocks.popitem(last=False)  # the least recently accessed block
+            else:
+                self._blocks.move_to_end(block_id)
+            record.count += 1
+            times = record.times
+            if self.max_times_per_block is not None and len(times) >= self.max_times_per_block:
+                del times[0]  # a memmove of at most max_times_per_block doubles
+            times.append(now)
             self._last_time = now
             if is_hit:
                 self._hits += 1
@@ -152,7 +207,10 @@ class AccessStatsCollector:
         """Starts a lifetime of ``block_id`` now (a second alloc restarts it)."""
         _check_block_id(block_id)
         with self._lock:
+            self._alloc_at.pop(block_id, None)  # a restarted lifetime becomes the newest
             self._alloc_at[block_id] = self._now()
+            if self.max_blocks is not None and len(self._alloc_at) > self.max_blocks:
+                del self._alloc_at[next(iter(self._alloc_at))]  # the oldest open lifetime
 
     def record_free(self, block_id: str) -> None:
         """Ends the lifetime of ``block_id`` now; a free without an alloc is ignored."""
@@ -191,8 +249,8 @@ class AccessStatsCollector:
             return self._top_locked(n)
 
     def _top_locked(self, n: int) -> list[tuple[str, int]]:
-        ranked = sorted(self._blocks.items(), key=lambda item: (-len(item[1].times), item[1].order))
-        return [(block_id, len(record.times)) for block_id, record in ranked[:n]]
+        ranked = sorted(self._blocks.items(), key=lambda item: (-item[1].count, item[1].order))
+        return [(block_id, record.count) for block_id, record in ranked[:n]]
 
     def get_window_stats(self, window_s: float) -> dict[str, Any]:
         """Accesses in the last ``window_s`` seconds: total, distinct blocks, the 10 hottest."""
@@ -235,7 +293,7 @@ class AccessStatsCollector:
         """How many blocks were accessed how often: ``bins`` equal ranges of per-block access counts."""
         n = _check_count("bins", bins)
         with self._lock:
-            return _histogram([float(len(r.times)) for r in self._blocks.values()], n)
+            return _histogram([float(r.count) for r in self._blocks.values()], n)
 
     def get_heatmap_data(self, time_slots: int = 20) -> dict[str, Any]:
         """Per block, accesses in each of ``time_slots`` equal slots from the first to the last access.
@@ -260,7 +318,8 @@ class AccessStatsCollector:
         return {"time_bins": [self._start_wall + first + i * width for i in range(slots)], "block_heatmap": heat}
 
     def get_lifecycle_distribution(self) -> dict[str, Any]:
-        """Alloc-to-free lifetimes: count, min/max/mean seconds (None when none) and a 10-bin histogram."""
+        """Alloc-to-free lifetimes (the last ``max_lifetimes``): count, min/max/mean seconds (None when none)
+        and a 10-bin histogram."""
         with self._lock:
             return self._lifecycle_locked()
 
@@ -290,7 +349,7 @@ class AccessStatsCollector:
             "top_10_blocks": [
                 {"block_id": block_id, "access_count": count} for block_id, count in self._top_locked(10)
             ],
-            "frequency_histogram": _histogram([float(len(r.times)) for r in self._blocks.values()], 10),
+            "frequency_histogram": _histogram([float(r.count) for r in self._blocks.values()], 10),
             "lifecycle_distribution": self._lifecycle_locked(),
         }
 
@@ -301,8 +360,8 @@ class AccessStatsCollector:
             data["access_intervals"] = [gap for record in self._blocks.values() for gap in _intervals(record.times)]
             data["block_details"] = {
                 block_id: {
-                    "access_count": len(record.times),
-                    "first_access": record.times[0],
+                    "access_count": record.count,
+                    "first_access": record.first,
                     "last_access": record.times[-1],
                     "intervals": _intervals(record.times),
                 }

@@ -14,6 +14,13 @@ exponential backoff starting at ``retry_backoff_ms``; with ``enable_compression`
 a 5 x int64 header (magic, flags, payload bytes, raw bytes, CRC-32) and then the payload as uint8,
 and the receiver checks the size, inflates and verifies the checksum before it writes into its
 tensor. Both ends must use the same framing options (the plain path sends the tensor as is).
+
+Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 4,096, the most
+recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` remembers; settable
+per engine): a long-running engine that never calls
+:meth:`~KVTransferEngine.clear_completed` would otherwise keep one record per transfer forever.
+A forgotten record's id then raises ``KeyError`` like a cleared one; :meth:`~KVTransferEngine.
+get_completed_count` still counts it until ``clear_completed``. Running records are never dropped.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ class KVTransferEngine:
     blocks with header checks, checksums and timeouts (see :class:`~.blocks.BlockTransfer`).
     """
 
+    #: Finished records kept, the most recently finished (see the module docstring).
+    max_finished_records: int = 4096
+
     def __init__(
         self,
         comm_backend: Any,
@@ -87,6 +97,8 @@ class KVTransferEngine:
         self._records: dict[uuid.UUID, KVTransferMetadata] = {}
         self._in_doubt: set[uuid.UUID] = set()  # block sends with an unknown outcome, not yet settled
         self._retries: dict[uuid.UUID, int] = {}
+        self._finished: dict[uuid.UUID, None] = {}  # ids of finished records, oldest first
+        self._forgotten = 0  # finished records dropped at max_finished_records since clear_completed
         self._lock = threading.Lock()
 
     # --- the seed's tensor transfer ---------------------------------------------------------
@@ -346,13 +358,15 @@ class KVTransferEngine:
         """
         self._settle_doubts()
         with self._lock:
-            return sum(1 for m in self._records.values() if m.status in _TERMINAL)
+            return self._forgotten + sum(1 for m in self._records.values() if m.status in _TERMINAL)
 
     def clear_completed(self) -> None:
         """Forgets every finished record (COMPLETED, FAILED, CANCELLED); running ones stay."""
         with self._lock:
             self._records = {k: m for k, m in self._records.items() if m.status not in _TERMINAL}
             self._retries = {k: n for k, n in self._retries.items() if k in self._records}
+            self._finished.clear()
+            self._forgotten = 0
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -384,12 +398,30 @@ class KVTransferEngine:
     def _put(self, meta: KVTransferMetadata) -> None:
         with self._lock:
             self._records[meta.transfer_id] = meta
+            self._note_finished(meta)
 
     def _set_status(self, transfer_id: uuid.UUID, status: TransferStatus, **fields: Any) -> None:
         with self._lock:
             meta = self._records.get(transfer_id)
             if meta is not None:
-                self._records[transfer_id] = meta.model_copy(update={"status": status, **fields})
+                meta = self._records[transfer_id] = meta.model_copy(update={"status": status, **fields})
+                self._note_finished(meta)
+
+    def _note_finished(self, meta: KVTransferMetadata) -> None:
+        """Keeps the finished records within max_finished_records, dropping the oldest (lock held)."""
+        if meta.status not in _TERMINAL:
+            self._finished.pop(meta.transfer_id, None)
+            return
+        self._finished.pop(meta.transfer_id, None)  # a re-recorded id becomes the newest
+        self._finished[meta.transfer_id] = None
+        while len(self._finished) > max(self.max_finished_records, 0):
+            oldest = next(iter(self._finished))
+            del self._finished[oldest]
+            record = self._records.get(oldest)
+            if record is not None and record.status in _TERMINAL:
+                del self._records[oldest]
+                self._forgotten += 1
+            self._retries.pop(oldest, None)
 
 
 _FRAME_MAGIC = 0x53_4B_56_46_52_4D_31  # "SKVFRM1"

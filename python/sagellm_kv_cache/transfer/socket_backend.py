@@ -102,16 +102,18 @@ class SocketTransferBackend:
         with self._cond:
             self._running = False
             self._cond.notify_all()
-        sockets = [s for s in (self._server, *self._accepted, *self._peers.values()) if s is not None]
+            accepted, threads = list(self._accepted), list(self._threads)
+        sockets = [s for s in (self._server, *accepted, *self._peers.values()) if s is not None]
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
-        for thread in self._threads:
+        for thread in threads:
             thread.join(timeout=2.0)
-        self._threads.clear()
-        self._accepted.clear()
+        with self._cond:
+            self._threads.clear()
+            self._accepted.clear()
         self._peers.clear()
         self._server = None
 
@@ -124,30 +126,43 @@ class SocketTransferBackend:
             except OSError:
                 return
             conn.settimeout(None)
-            self._accepted.append(conn)
             reader = threading.Thread(target=self._read_loop, args=(conn,), daemon=True,
                                       name=f"kv-socket-read-{self._rank}")
+            with self._cond:
+                self._accepted.append(conn)
+                self._threads.append(reader)
             reader.start()
-            self._threads.append(reader)
 
     def _read_loop(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while self._running:
-                header = _recv_exactly(conn, _HEADER.size)
-                if header is None:
-                    return
-                magic, version, _, src, nbytes = _HEADER.unpack(header)
-                if magic != _MAGIC or version != _VERSION or not 0 <= src < self._world_size or \
-                        nbytes > self._max_message_bytes:
-                    return  # not our protocol, or a hostile length: drop the connection
-                payload = _recv_exactly(conn, nbytes)
-                if payload is None:
-                    return
-                with self._cond:
-                    self._inboxes[src].append(payload)
-                    self._cond.notify_all()
-        with contextlib.suppress(OSError):
-            conn.close()
+        try:
+            with contextlib.suppress(OSError):
+                self._read_messages(conn)
+        finally:
+            # Every way out closes the connection and forgets it and this thread: a peer that
+            # reconnects, or anything else that connects and goes, must not cost a descriptor.
+            with contextlib.suppress(OSError):
+                conn.close()
+            with self._cond:
+                with contextlib.suppress(ValueError):  # close() may have cleared the lists already
+                    self._accepted.remove(conn)
+                with contextlib.suppress(ValueError):
+                    self._threads.remove(threading.current_thread())
+
+    def _read_messages(self, conn: socket.socket) -> None:
+        while self._running:
+            header = _recv_exactly(conn, _HEADER.size)
+            if header is None:
+                return
+            magic, version, _, src, nbytes = _HEADER.unpack(header)
+            if magic != _MAGIC or version != _VERSION or not 0 <= src < self._world_size or \
+                    nbytes > self._max_message_bytes:
+                return  # not our protocol, or a hostile length: drop the connection
+            payload = _recv_exactly(conn, nbytes)
+            if payload is None:
+                return
+            with self._cond:
+                self._inboxes[src].append(payload)
+                self._cond.notify_all()
 
     # --- data -------------------------------------------------------------------------------
 
