@@ -449,6 +449,7 @@ py::dict event_dict(const PrefixCacheEvent& e) {
   d["token_ids"] = tokens;
   d["block_size"] = e.block_size;
   d["extra_key"] = e.extra_key ? py::object(py::bytes(*e.extra_key)) : py::object(py::none());
+  if (e.cache_salt) d["cache_salt"] = py::bytes(*e.cache_salt);  // only on salted stored events
   return d;
 }
 
@@ -631,7 +632,8 @@ void bind_prefix(py::module_& m) {
            }, py::arg("digests"))
       .def("insert", [](BoundPrefixCache& self, const py::handle& digests, const py::handle& block_ids,
                         const py::object& parent, const py::object& token_ids, const py::int_& owner,
-                        std::int64_t priority, const std::optional<std::string>& extra_key, bool acquire) {
+                        std::int64_t priority, const std::optional<std::string>& extra_key, bool acquire,
+                        const std::optional<std::string>& cache_salt) {
              const Digests d(digests, "digests");
              const BlockIds ids(block_ids, "block_ids");
              InsertOptions o;
@@ -640,6 +642,7 @@ void bind_prefix(py::module_& m) {
              o.owner = owner_value(owner);
              o.priority = priority_value(priority);
              if (extra_key) o.extra_key = std::string_view(*extra_key);
+             if (cache_salt && !cache_salt->empty()) o.cache_salt = std::string_view(*cache_salt);
              std::vector<std::int32_t> narrowed;
              std::optional<Tokens> toks;
              if (!token_ids.is_none()) {
@@ -649,9 +652,10 @@ void bind_prefix(py::module_& m) {
              return do_insert(self, d.span(), ids, o);
            }, py::arg("digests"), py::arg("block_ids"), py::arg("parent") = py::none(),
            py::arg("token_ids") = py::none(), py::arg("owner") = 0, py::arg("priority") = 0,
-           py::arg("extra_key") = py::none(), py::arg("acquire") = false,
+           py::arg("extra_key") = py::none(), py::arg("acquire") = false, py::arg("cache_salt") = py::none(),
            "Caches digests[i] -> block_ids[i]: (num_inserted, redundant_positions int32). acquire: also "
-           "take a use of every position now cached (release those digests later).")
+           "take a use of every position now cached (release those digests later). cache_salt: the tenant "
+           "salt the digests were hashed with, for the stored event only.")
       .def("insert_objects", &insert_objects, py::arg("digests"), py::arg("start"), py::arg("objects"),
            py::arg("table"), py::arg("ids") = py::none(), py::arg("displaced") = py::none(),
            "Caches digests[start:] (a chain continuing digests[start - 1]) under fresh block ids and stores "
@@ -694,6 +698,7 @@ void bind_prefix(py::module_& m) {
              o.owner = owner_value(owner);
              o.priority = priority_value(priority);
              if (extra) o.extra_key = std::string_view(*extra);
+             if (salt && !salt->empty()) o.cache_salt = std::string_view(*salt);  // for the stored event
              std::vector<std::int32_t> narrowed;
              if (self.cache->options().event_queue_capacity != 0) {
                o.token_ids = t.first_int32(n * bs, narrowed, "tokens");  // recorded in the stored event

@@ -144,6 +144,7 @@ class PrefixCache:
         priority: SupportsIndex = 0,
         extra_key: _Bytes = None,
         acquire: bool = False,
+        cache_salt: _Bytes = None,
     ) -> tuple[int, npt.NDArray[np.int32]]: ...
     def match_tokens(
         self, tokens: npt.ArrayLike, salt: _Bytes = None, extra: _Bytes = None

@@ -19,7 +19,6 @@ Scheduler flow with a pool::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import threading
@@ -101,11 +100,6 @@ class RadixPrefixCache:
         )
         self.block_size = int(block_size)
         self.hash_algorithm = hash_algorithm
-        # Tenant salts of stored events not drained yet, keyed by the event's first digest: the
-        # native event has no salt, and a router needs it (see drain_events). Only with events on.
-        self._event_capacity = int(event_queue_capacity)
-        self._event_salts: dict[bytes, bytes | str] = {}
-        self._event_lock = threading.Lock()
         self._observer: PrefixCacheObserver | None = None
         if metrics_collector is not None or metrics_hook is not None or access_stats is not None:
             from sagellm_kv_cache.observability.wiring import PrefixCacheObserver
@@ -173,10 +167,8 @@ class RadixPrefixCache:
         event, so that a KV-aware router keeps the tenant's blocks apart.
         """
         evictions = self._evictions_so_far()
-        with self._salted(cache_salt):
-            n, redundant = self._native.insert(digests, block_ids, parent=parent, token_ids=token_ids, owner=owner,
-                                               priority=priority, extra_key=extra_key)
-            self._remember_salt(cache_salt, digests, int(n), len(redundant))
+        n, redundant = self._native.insert(digests, block_ids, parent=parent, token_ids=token_ids, owner=owner,
+                                           priority=priority, extra_key=extra_key, cache_salt=cache_salt)
         self._observe_evictions(evictions)
         return int(n), redundant
 
@@ -187,26 +179,10 @@ class RadixPrefixCache:
         Returns (newly inserted, redundant positions, the digests of those blocks).
         """
         evictions = self._evictions_so_far()
-        with self._salted(salt):
-            n, redundant, digests = self._native.insert_tokens(tokens, block_ids, salt=salt, extra=extra, owner=owner,
-                                                               priority=priority)
-            self._remember_salt(salt, digests, int(n), len(redundant))
+        n, redundant, digests = self._native.insert_tokens(tokens, block_ids, salt=salt, extra=extra, owner=owner,
+                                                           priority=priority)
         self._observe_evictions(evictions)
         return int(n), redundant, digests
-
-    def _salted(self, salt: bytes | None) -> contextlib.AbstractContextManager[Any]:
-        # A salted insert and its note are one step for drain_events, so that a drain in between
-        # cannot send the stored event without its salt.
-        return self._event_lock if salt is not None and self._event_capacity > 0 else contextlib.nullcontext()
-
-    def _remember_salt(self, salt: bytes | str | None, digests: Any, inserted: int, first: int) -> None:
-        if salt is None or self._event_capacity <= 0 or inserted <= 0:
-            return
-        row = digests[first]  # the stored event covers the inserted positions, from `first` on
-        key = row.tobytes() if isinstance(row, np.ndarray) else bytes(row)
-        if len(self._event_salts) >= self._event_capacity:  # events dropped undrained: forget the oldest
-            del self._event_salts[next(iter(self._event_salts))]
-        self._event_salts[key] = salt if isinstance(salt, str) else bytes(salt)
 
     def evict(self, num_blocks: int) -> int:
         """Evicts up to ``num_blocks`` unreferenced leaves by the policy; returns how many went."""
@@ -233,17 +209,11 @@ class RadixPrefixCache:
     def drain_events(self) -> list[dict[str, Any]]:
         """Stored / removed / cleared events since the last drain (vLLM KV-event shapes).
 
-        A stored event of blocks inserted with a tenant salt carries it as ``cache_salt``.
+        A stored event of blocks inserted with a tenant salt carries it as ``cache_salt`` (bytes; a
+        str salt as its UTF-8 bytes), whoever inserted them: this cache, or a
+        :class:`~sagellm_kv_cache.manager.RequestManager` publishing into it.
         """
-        with self._event_lock:
-            events = list(self._native.drain_events())
-            if self._event_salts:
-                for event in events:
-                    if event["type"] == "stored" and event["digests"]:
-                        salt = self._event_salts.pop(event["digests"][0], None)
-                        if salt is not None:
-                            event["cache_salt"] = salt
-        return events
+        return list(self._native.drain_events())
 
     def stats(self) -> dict[str, Any]:
         return dict(self._native.stats())

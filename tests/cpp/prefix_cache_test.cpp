@@ -635,9 +635,11 @@ TEST(PrefixCache, EventsDescribeStoredAndRemovedBlocks) {
   InsertOptions io;
   io.token_ids = std::span<const std::int32_t>(tokens).first(8);
   io.extra_key = "lora-3";
+  io.cache_salt = "tenant-a";
   (void)insert(c, {a[0], a[1]}, ids({0, 1}), io);
   io.token_ids = tokens;
   io.extra_key.reset();
+  io.cache_salt.reset();
   // a[0], a[1] redundant; a[2] fits; a[3] would need a[1] evicted, but a[1] is the attachment point.
   const InsertResult r = insert(c, a, ids({0, 1, 2, 3}), io);
   EXPECT_EQ(r.num_redundant, 2u);
@@ -651,11 +653,13 @@ TEST(PrefixCache, EventsDescribeStoredAndRemovedBlocks) {
   EXPECT_EQ(ev[0].token_ids, (std::vector<std::int32_t>{1, 2, 3, 4, 5, 6, 7, 8}));
   EXPECT_EQ(ev[0].block_size, 4u);
   EXPECT_EQ(ev[0].extra_key, std::optional<std::string>("lora-3"));
+  EXPECT_EQ(ev[0].cache_salt, std::optional<std::string>("tenant-a"));
   EXPECT_EQ(ev[1].type, PrefixCacheEvent::Type::kStored);
   EXPECT_EQ(ev[1].digests, (std::vector<BlockHash>{a[2]}));
   EXPECT_EQ(ev[1].parent, a[1]);
   EXPECT_EQ(ev[1].token_ids, (std::vector<std::int32_t>{9, 10, 11, 12}));
   EXPECT_FALSE(ev[1].extra_key.has_value());
+  EXPECT_FALSE(ev[1].cache_salt.has_value());
 
   // Capacity eviction shows up as a removed event before the stored one.
   const auto b = chain(200, 1);

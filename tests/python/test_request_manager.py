@@ -351,6 +351,27 @@ def test_stored_events_carry_the_published_blocks_tokens() -> None:
     rm.finish(1)
 
 
+def test_stored_events_of_a_salted_request_carry_its_salt() -> None:
+    # A KV-aware router keeps tenants apart by the salt of a stored event: every block a salted
+    # request publishes (admission and appends) carries it, and an unsalted request's carry none.
+    from sagellm_kv_cache.observability import kv_wire
+
+    _, rm = make(event_queue_capacity=64)
+    prompt = list(range(1000, 1000 + 2 * BS + 3))
+    rm.admit(1, prompt, salt=b"tenant-a")
+    rm.append(1, list(range(5000, 5000 + BS)))  # fills the third block
+    rm.admit(2, prompt, salt="tenant-b")  # another tenant: nothing shared, its own blocks
+    rm.admit(3, prompt)
+    stored = [e for e in rm._cache.drain_events() if e["type"] == "stored"]
+    assert [(e.get("cache_salt"), len(e["digests"])) for e in stored] == [
+        (b"tenant-a", 2), (b"tenant-a", 1), (b"tenant-b", 2), (None, 2)]
+    wire = kv_wire.decode_batch(kv_wire.encode_batch(stored))[1]
+    assert [e["cache_salt"] for e in wire] == ["tenant-a", "tenant-a", "tenant-b", None]
+    assert wire[0]["extra_keys"] == [["tenant-a"], None]  # the salt enters the chain's first block only
+    rm.finish([1, 2, 3])
+    rm.check_invariants()
+
+
 def test_byte_swapped_tokens_read_by_value_and_bytes_refused() -> None:
     pool, rm = make()
     tokens = np.arange(0, 100, 3, dtype=np.int64)

@@ -95,6 +95,9 @@ struct InsertOptions {
   std::optional<BlockHash> parent;            ///< digest the first one chains from; empty or kRootBlockHash: the root
   std::span<const std::int32_t> token_ids;    ///< empty, or block_size ids per digest (events only)
   std::optional<std::string_view> extra_key;  ///< recorded in the stored event only
+  /// The tenant salt the digests were hashed with, recorded in the stored event only (a KV-aware
+  /// router keeps tenants' blocks apart by it).
+  std::optional<std::string_view> cache_salt;
   std::uint64_t owner = 0;                    ///< handle for `invalidate`; new nodes only
   std::int32_t priority = 0;                  ///< PRIORITY policy key; a reused node keeps the max
   /// Also acquire every position now cached (reused or inserted; users + 1, as `match` does), so
@@ -131,6 +134,7 @@ struct PrefixCacheEvent {
   std::vector<std::int32_t> token_ids;  ///< kStored: block_size ids per digest, when supplied
   std::uint32_t block_size = 0;         ///< kStored
   std::optional<std::string> extra_key; ///< kStored: as passed to insert
+  std::optional<std::string> cache_salt; ///< kStored: as passed to insert
 };
 
 /// Counters since construction plus current sizes. A consistent snapshot.

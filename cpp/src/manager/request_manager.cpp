@@ -136,6 +136,7 @@ struct RequestManager::Impl {
       o.token_ids = std::span<const std::int32_t>(r.tokens).subspan(std::size_t{r.num_held} * block_size,
                                                                     digests.size() * block_size);
       if (!r.extra.empty()) o.extra_key = std::string_view(r.extra);
+      if (!r.salt.empty()) o.cache_salt = std::string_view(r.salt);  // every block of a salted request
     }
     const InsertResult res = cache->insert(digests, blocks, o);
     r.num_held += res.num_cached();

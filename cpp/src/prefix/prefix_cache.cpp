@@ -602,6 +602,7 @@ struct PrefixCache::Impl {
       }
       ev.block_size = block_size;
       if (options.extra_key) ev.extra_key = std::string(*options.extra_key);
+      if (options.cache_salt) ev.cache_salt = std::string(*options.cache_salt);
     }
     fault_point("prepared");
   }
