@@ -268,6 +268,20 @@ def test_nothing_is_published_without_events() -> None:
             publish_prefix_events(object(), publisher)
 
 
+def test_a_closed_publisher_leaves_the_events_queued() -> None:
+    pytest.importorskip("zmq")
+    from sagellm_kv_cache import KVEventPublisher
+
+    cache = RadixPrefixCache(block_size=4, event_queue_capacity=64)
+    fill(cache, None, 1)
+    closed = KVEventPublisher("tcp://127.0.0.1:*")
+    closed.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        publish_prefix_events(cache, closed)
+    with KVEventPublisher("tcp://127.0.0.1:*") as publisher:  # the events went nowhere: the next one sends them
+        assert publish_prefix_events(cache, publisher) > 0 and publisher.next_seq == 1
+
+
 @pytest.mark.multiprocess
 def test_events_reach_a_subscriber_in_another_process(tmp_path: Path) -> None:
     pytest.importorskip("zmq")

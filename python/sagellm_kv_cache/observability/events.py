@@ -225,6 +225,11 @@ class KVEventPublisher:
                 return
             self._replays_served += 1
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called: :meth:`publish` then raises RuntimeError."""
+        return self._closed
+
     def close(self) -> None:
         """Stops answering replays, flushes (up to ``linger_ms``) and closes the sockets; idempotent."""
         with self._lock:

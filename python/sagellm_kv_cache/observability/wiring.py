@@ -174,6 +174,8 @@ def publish_prefix_events(cache: Any, publisher: KVEventPublisher) -> int:
 
     Nothing is sent when nothing happened (a router needs no empty batches: sequence numbers only
     advance with content). The cache needs ``event_queue_capacity > 0`` to record events at all.
+    A closed publisher is refused (RuntimeError) before the cache is drained, so its events stay
+    queued for another publisher (unless a close races the call).
     """
     drain = getattr(cache, "drain_events", None)
     if drain is None:
@@ -181,6 +183,8 @@ def publish_prefix_events(cache: Any, publisher: KVEventPublisher) -> int:
         drain = getattr(inner, "drain_events", None)
     if drain is None:
         raise TypeError(f"cache must be a RadixPrefixCache or KVCacheManager, got {type(cache).__name__}")
+    if publisher.closed:
+        raise RuntimeError("KVEventPublisher is closed: the cache's events stay queued")
     events = drain()
     if events:
         publisher.publish(events)
