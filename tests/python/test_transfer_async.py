@@ -184,3 +184,62 @@ def test_connections_that_come_and_go_cost_no_descriptor_or_thread(
     a.send(np.arange(4, dtype=np.int32) + 1, 1)  # the link still works
     b.recv(got, 0)
     assert got.tolist() == [1, 2, 3, 4]
+
+
+_FD_LIMITED_LISTENER = """
+import os, resource, sys, threading
+from sagellm_kv_cache.transfer import SocketTransferBackend
+endpoints = {0: ("127.0.0.1", int(sys.argv[1])), 1: ("127.0.0.1", 9)}
+backend = SocketTransferBackend(rank=0, world_size=2, endpoints=endpoints)
+backend.start()
+# Three more descriptors at most: accept() fails with EMFILE once three connections are held.
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 4,
+                                            resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+print("ready", flush=True)
+for _ in sys.stdin:
+    alive = any(t.name.startswith("kv-socket-accept") and t.is_alive() for t in threading.enumerate())
+    print(len(backend._accepted), alive, flush=True)
+"""
+
+
+def test_socket_backend_keeps_listening_through_the_descriptor_limit() -> None:
+    # At the fd limit accept() fails with EMFILE: the listener must wait for descriptors to come
+    # back, not end (it used to return, and the rank never accepted a connection again).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import sagellm_kv_cache
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(sagellm_kv_cache.__file__).resolve().parent.parent)}
+    with subprocess.Popen([sys.executable, "-c", _FD_LIMITED_LISTENER, str(port)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, env=env) as child:
+        assert child.stdin is not None and child.stdout is not None
+        stdin, stdout = child.stdin, child.stdout
+
+        def ask() -> tuple[int, bool]:
+            stdin.write("?\n")
+            stdin.flush()
+            count, alive = stdout.readline().split()
+            return int(count), alive == "True"
+
+        try:
+            assert stdout.readline().strip() == "ready"
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+            deadline = time.monotonic() + 5
+            while ask()[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)  # the listener runs into the limit with the rest
+            held, alive = ask()
+            assert 0 < held < 8 and alive  # some taken, the rest refused for want of descriptors
+            for client in clients[:held]:  # those connections end: their descriptors come back
+                client.close()
+            deadline = time.monotonic() + 5
+            while (state := ask())[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert state[0] > 0 and state[1]  # the waiting connections were taken after all
+            for client in clients[held:]:
+                client.close()
+        finally:
+            child.kill()

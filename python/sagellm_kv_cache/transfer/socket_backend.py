@@ -12,6 +12,7 @@ or a length over ``max_message_bytes``, closes that connection. ``recv`` waits a
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import struct
 import threading
@@ -27,6 +28,11 @@ __all__ = ["SocketTransferBackend"]
 _HEADER = struct.Struct("<4sHHIQ")  # magic, version, reserved, source rank, payload bytes
 _MAGIC = b"SKVS"
 _VERSION = 1
+# accept() errors that pass (out of descriptors or memory, a connection reset before it was taken):
+# the listener waits a moment and goes on; any other error means the listening socket is gone.
+_TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED,
+                                      errno.EPROTO, errno.EPERM})
+_ACCEPT_BACKOFF_S = 0.05
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
@@ -123,8 +129,11 @@ class SocketTransferBackend:
                 conn, _ = self._server.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                return
+            except OSError as e:
+                if not self._running or e.errno not in _TRANSIENT_ACCEPT_ERRORS:
+                    return
+                time.sleep(_ACCEPT_BACKOFF_S)  # e.g. at the descriptor limit until connections end
+                continue
             conn.settimeout(None)
             reader = threading.Thread(target=self._read_loop, args=(conn,), daemon=True,
                                       name=f"kv-socket-read-{self._rank}")
