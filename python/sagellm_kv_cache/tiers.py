@@ -178,7 +178,10 @@ class DiskTier:
             raise ValueError(f"disk tier directory {str(directory)!r} cannot be created: {exc.strerror}") from None
         self._check_meta()
         path = self.directory / _SLOTS_FILE
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # e.g. a directory in its place, or no permission
+            raise ValueError(f"disk tier file {str(path)!r} cannot be opened: {exc.strerror}") from None
         try:
             import fcntl
 

@@ -290,6 +290,9 @@ def test_bad_input_is_refused_with_typed_errors(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="cannot be created"):
         DiskTier(tmp_path / "file" / "sub", 4, pool.block_nbytes)
+    (tmp_path / "c" / "slots.bin").mkdir(parents=True)  # was: a raw IsADirectoryError
+    with pytest.raises(ValueError, match=r"slots.bin' cannot be opened: Is a directory"):
+        DiskTier(tmp_path / "c", 4, pool.block_nbytes)
 
 
 def test_host_slab_bindings_check_slots_and_sizes() -> None:
