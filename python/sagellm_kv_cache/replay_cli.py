@@ -90,7 +90,9 @@ def _plot(results: Sequence[ReplayResult], path: str) -> None:
     ax.set_xscale("log")
     ticks = [*bounded, inf_x]
     ax.set_xticks(ticks)
-    ax.set_xticklabels(["unbounded" if t == inf_x else f"{t:,}" for t in ticks], rotation=30)
+    # Thousands as "30k": neighbouring capacities on the log axis (30,000 and 50,000) stay apart.
+    ax.set_xticklabels(["unbounded" if t == inf_x else f"{t // 1000:,}k" if t % 1000 == 0 else f"{t:,}"
+                        for t in ticks], rotation=30, ha="right", rotation_mode="anchor")
     ax.minorticks_off()
     ax.set_xlabel("prefix-cache capacity (512-token blocks)")
     ax.set_ylabel("hit ratio (blocks hit / blocks requested)")
