@@ -80,7 +80,7 @@ class HistoricalPredictor(LifetimePredictor):
         self.default_reuse_prob = float(default_reuse_prob)
         self.default_lifetime = float(default_lifetime)
         self._global = self._fresh()
-        self._stats: OrderedDict[str, _Average] = OrderedDict({_GLOBAL: self._global})  # least recent first
+        self._sessions: OrderedDict[str, _Average] = OrderedDict()  # least recently updated first
         self._lock = threading.Lock()
 
     def _fresh(self) -> _Average:
@@ -97,13 +97,10 @@ class HistoricalPredictor(LifetimePredictor):
             self._global.add(float(actual_lifetime), reused, self.alpha)
             session = features.session_id
             if session is not None and session != _GLOBAL:
-                self._stats.setdefault(session, self._fresh()).add(float(actual_lifetime), reused, self.alpha)
-                self._stats.move_to_end(session)
-                if self.max_sessions is not None and len(self._stats) > self.max_sessions + 1:
-                    # The global entry stays first (it is never moved); the least recent session follows it.
-                    keys = iter(self._stats)
-                    next(keys)
-                    del self._stats[next(keys)]
+                self._sessions.setdefault(session, self._fresh()).add(float(actual_lifetime), reused, self.alpha)
+                self._sessions.move_to_end(session)
+                if self.max_sessions is not None and len(self._sessions) > self.max_sessions:
+                    self._sessions.popitem(last=False)
 
     def predict_batch(self, features: Sequence[PredictorFeatures]) -> list[LifetimePrediction]:
         if not features:
@@ -113,7 +110,7 @@ class HistoricalPredictor(LifetimePredictor):
             return [self._predict(f, now) for f in features]
 
     def _predict(self, f: PredictorFeatures, now: float) -> LifetimePrediction:
-        avg = self._stats.get(f.session_id) if f.session_id is not None else None
+        avg = self._sessions.get(f.session_id) if f.session_id is not None else None
         if avg is None or not avg.samples:
             avg = self._global
         idle = max(now - f.last_access, 0.0)
@@ -158,22 +155,22 @@ class HistoricalPredictor(LifetimePredictor):
 
     @property
     def global_avg_lifetime(self) -> float:
-        return self._stats[_GLOBAL].lifetime
+        return self._global.lifetime
 
     @property
     def global_avg_reuse_prob(self) -> float:
-        return self._stats[_GLOBAL].reuse_prob
+        return self._global.reuse_prob
 
     @property
     def global_sample_count(self) -> int:
-        return self._stats[_GLOBAL].samples
+        return self._global.samples
 
     def get_statistics(self) -> dict[str, dict[str, float]]:
         """Per key (``"global"`` and each session): average lifetime, reuse probability, samples."""
         with self._lock:
             return {
                 key: {"avg_lifetime": a.lifetime, "avg_reuse_prob": a.reuse_prob, "sample_count": a.samples}
-                for key, a in self._stats.items()
+                for key, a in ((_GLOBAL, self._global), *self._sessions.items())
             }
 
 

@@ -409,10 +409,9 @@ class KVTransferEngine:
 
     def _note_finished(self, meta: KVTransferMetadata) -> None:
         """Keeps the finished records within max_finished_records, dropping the oldest (lock held)."""
+        self._finished.pop(meta.transfer_id, None)  # a re-recorded id becomes the newest (or runs again)
         if meta.status not in _TERMINAL:
-            self._finished.pop(meta.transfer_id, None)
             return
-        self._finished.pop(meta.transfer_id, None)  # a re-recorded id becomes the newest
         self._finished[meta.transfer_id] = None
         while len(self._finished) > max(self.max_finished_records, 0):
             oldest = next(iter(self._finished))
