@@ -125,8 +125,6 @@ class KVEventPublisher:
             raise ValueError(f"medium is {medium!r}; routers understand {MEDIA}")
         if isinstance(data_parallel_rank, bool) or not isinstance(data_parallel_rank, int) or data_parallel_rank < 0:
             raise ValueError(f"data_parallel_rank must be an int >= 0, got {data_parallel_rank!r}")
-        if isinstance(replay_buffer_steps, bool) or not isinstance(replay_buffer_steps, int) or replay_buffer_steps < 1:
-            raise ValueError(f"replay_buffer_steps must be an int >= 1, got {replay_buffer_steps!r}")
         _check_endpoint("endpoint", endpoint)
         if replay_endpoint is not None:
             _check_endpoint("replay_endpoint", replay_endpoint)
