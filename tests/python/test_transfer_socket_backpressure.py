@@ -4,6 +4,7 @@ is a separate process, so the receiver's RSS is its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -190,3 +191,33 @@ def test_bounds_are_checked(option: str, value: object) -> None:
     endpoints = {0: ("127.0.0.1", 1), 1: ("127.0.0.1", 2)}
     with pytest.raises(ValueError, match=option):
         SocketTransferBackend(rank=0, world_size=2, endpoints=endpoints, **{option: value})  # type: ignore[arg-type]
+
+
+def test_a_connection_that_never_says_who_it_is_is_closed() -> None:
+    endpoints = {0: ("127.0.0.1", _free_port()), 1: ("127.0.0.1", _free_port())}
+    # recv_timeout_s is also how long a new connection has for its first header.
+    sender, receiver = (SocketTransferBackend(rank=r, world_size=2, endpoints=endpoints, recv_timeout_s=0.3)
+                        for r in range(2))
+    receiver.start()
+    sender.send(np.arange(4, dtype=np.int32), 1)  # a real peer's connection stays open throughout
+    got = np.zeros(4, dtype=np.int32)
+    receiver.recv(got, 0)
+    silent = [socket.create_connection(endpoints[1]) for _ in range(20)]
+    silent[0].sendall(b"SKVS\x01\x00")  # half a header, then nothing
+    try:
+        for conn in silent:
+            conn.settimeout(5.0)
+            with contextlib.suppress(ConnectionResetError):
+                assert conn.recv(1) == b""  # the receiver hung up on it
+        deadline = time.monotonic() + 5.0
+        while len(receiver._accepted) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(receiver._accepted) == 1 and len(receiver._threads) == 2  # the peer's reader, the listener
+        sender.send(np.arange(4, dtype=np.int32) + 1, 1)  # the peer's idle connection was not cut
+        receiver.recv(got, 0)
+        assert got.tolist() == [1, 2, 3, 4]
+    finally:
+        for conn in silent:
+            conn.close()
+        sender.close()
+        receiver.close()

@@ -5,8 +5,10 @@ connects to a peer on first send. A message is a 24-byte header (magic ``SKVS``,
 rank, payload length) followed by the tensor's raw bytes; the receiver files it under the source
 rank and ``recv`` takes the oldest message from that rank, checking that it has exactly the
 buffer's size before writing. Nothing from the network is trusted: a bad magic, version or rank,
-or a length over ``max_message_bytes``, closes that connection. ``recv`` waits at most
-``recv_timeout_s`` (``KVTransferTimeoutError``). Thread-safe; one connection per peer.
+or a length over ``max_message_bytes``, closes that connection, and so does a connection that
+has not sent its first header within ``recv_timeout_s`` (each costs a thread and a descriptor).
+``recv`` waits at most ``recv_timeout_s`` (``KVTransferTimeoutError``). Thread-safe; one
+connection per peer.
 
 Backpressure: what a source rank has sent and nobody has received yet is bounded, by default to
 ``max_buffered_messages=1024`` messages and ``max_buffered_bytes=64 MiB`` per source rank (one
@@ -161,7 +163,7 @@ class SocketTransferBackend:
                     return
                 time.sleep(_ACCEPT_BACKOFF_S)  # e.g. at the descriptor limit until connections end
                 continue
-            conn.settimeout(None)
+            conn.settimeout(self._recv_timeout_s)  # for the first header; a peer sends it on connecting
             reader = threading.Thread(target=self._read_loop, args=(conn,), daemon=True,
                                       name=f"kv-socket-read-{self._rank}")
             with self._cond:
@@ -194,6 +196,8 @@ class SocketTransferBackend:
             if magic != _MAGIC or version != _VERSION or not 0 <= src < self._world_size or \
                     nbytes > self._max_message_bytes or (source is not None and src != source):
                 return  # not our protocol, a hostile length or a second source: drop the connection
+            if source is None:
+                conn.settimeout(None)  # a peer's connection may then idle between messages
             source = src
             if not self._reserve(src, nbytes):
                 return  # closing
