@@ -221,3 +221,30 @@ def test_a_connection_that_never_says_who_it_is_is_closed() -> None:
             conn.close()
         sender.close()
         receiver.close()
+
+
+def test_a_claimed_length_costs_memory_only_as_the_bytes_arrive(trio: list[SocketTransferBackend]) -> None:
+    sender, _, receiver = trio
+    from sagellm_kv_cache.transfer.socket_backend import _HEADER, _MAGIC, _VERSION
+
+    rss_before = _rss_bytes()
+    with socket.create_connection(receiver._endpoints[2]) as liar:
+        liar.sendall(_HEADER.pack(_MAGIC, _VERSION, 0, 0, 512 * MIB) + bytes(MIB))  # claims 512 MiB, sends 1
+        deadline = time.monotonic() + 5.0
+        while receiver._buffered_messages[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the reader is inside the payload now
+        assert _rss_bytes() - rss_before < 64 * MIB
+    # The connection ended mid-message: nothing was filed and its room is given back.
+    deadline = time.monotonic() + 5.0
+    while _buffered(receiver, 0) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _buffered(receiver, 0) == (0, 0) and not receiver._inboxes[0]
+    # A real message that long is read piece by piece and arrives intact.
+    big = np.random.default_rng(7).integers(0, 256, size=40 * MIB + 3, dtype=np.uint8)
+    thread = threading.Thread(target=sender.send, args=(big, 2), daemon=True)
+    thread.start()
+    got = np.zeros_like(big)
+    receiver.recv(got, 0)
+    thread.join(timeout=10)
+    np.testing.assert_array_equal(got, big)

@@ -469,12 +469,13 @@ def _tensor_bytes(tensor: Any) -> bytes:
     return bytes(np.ascontiguousarray(tensor).tobytes())
 
 
-def _write_bytes(tensor: Any, data: bytes) -> None:
+def _write_bytes(tensor: Any, data: bytes | bytearray) -> None:
     """Fills ``tensor`` (torch or numpy, same byte size) with ``data`` in place."""
     if hasattr(tensor, "detach"):
         import torch
 
-        src = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(tensor.dtype).reshape(tensor.shape)
+        writable = data if isinstance(data, bytearray) else bytearray(data)  # torch wants a writable buffer
+        src = torch.frombuffer(writable, dtype=torch.uint8).view(tensor.dtype).reshape(tensor.shape)
         with torch.no_grad():
             tensor.copy_(src.to(tensor.device))
         return

@@ -50,16 +50,33 @@ _TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
 _ACCEPT_BACKOFF_S = 0.05
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
+_PIECE_BYTES = 16 << 20  # a payload over this is read a piece at a time
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytearray | None:
+    """Reads exactly ``n`` bytes (None at the end of the stream).
+
+    Beyond ``_PIECE_BYTES`` the buffer grows with what arrives, so a length that a peer merely
+    claims (up to ``max_message_bytes``) costs no memory until the bytes come.
+    """
+    if n <= _PIECE_BYTES:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = sock.recv_into(view[got:], n - got)
+            if k == 0:
+                return None
+            got += k
+        return buf
+    out = bytearray()
+    piece = memoryview(bytearray(_PIECE_BYTES))
+    while len(out) < n:
+        k = sock.recv_into(piece, min(_PIECE_BYTES, n - len(out)))
         if k == 0:
             return None
-        got += k
-    return bytes(buf)
+        out += piece[:k]
+    return out
 
 
 class SocketTransferBackend:
@@ -101,7 +118,7 @@ class SocketTransferBackend:
         self._accepted: list[socket.socket] = []
         self._peers: dict[int, socket.socket] = {}
         self._peer_locks = {r: threading.Lock() for r in range(world_size)}
-        self._inboxes: dict[int, deque[bytes]] = {r: deque() for r in range(world_size)}
+        self._inboxes: dict[int, deque[bytearray]] = {r: deque() for r in range(world_size)}
         # Per source rank, what its inbox holds plus the messages being read into it (under _cond).
         self._buffered_bytes = dict.fromkeys(range(world_size), 0)
         self._buffered_messages = dict.fromkeys(range(world_size), 0)
@@ -232,7 +249,7 @@ class SocketTransferBackend:
                 self._cond.wait()
             return False
 
-    def _take(self, src: int) -> bytes:
+    def _take(self, src: int) -> bytearray:
         """Removes the oldest message from ``src``'s inbox and frees its room (``_cond`` held)."""
         data = self._inboxes[src].popleft()
         self._buffered_bytes[src] -= len(data)
