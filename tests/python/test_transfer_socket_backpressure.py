@@ -94,6 +94,13 @@ def test_a_flooding_sender_is_held_back_and_every_message_still_arrives() -> Non
     assert _buffered(receiver, 0) == (0, 0)
 
 
+def _wait_for_buffered(backend: SocketTransferBackend, src: int, held: tuple[int, int], limit: float = 20.0) -> None:
+    deadline = time.monotonic() + limit
+    while _buffered(backend, src) != held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _buffered(backend, src) == held
+
+
 def _wait_until_stalled(progress: list[int], seconds: float = 0.5, limit: float = 20.0) -> None:
     """Returns once ``progress[0]`` has started and then not moved for ``seconds`` (the sender is blocked)."""
     deadline, last, still_since = time.monotonic() + limit, 0, time.monotonic()
@@ -130,9 +137,10 @@ def test_a_full_buffer_holds_up_neither_its_own_next_message_nor_other_ranks(
 
     thread = threading.Thread(target=flood, daemon=True)
     thread.start()
+    _wait_for_buffered(receiver, 0, (4 * size, 4))  # the message bound, the byte bound just met
     _wait_until_stalled(sent)
     assert sent[0] < count and thread.is_alive()  # rank 0 is blocked in send
-    assert _buffered(receiver, 0) == (4 * size, 4)  # the message bound, the byte bound just met
+    assert _buffered(receiver, 0) == (4 * size, 4)
     # Rank 1 is not behind rank 0's full buffer: its message arrives at once.
     other.send(np.arange(3, dtype=np.int64), 2)
     small = np.zeros(3, dtype=np.int64)
@@ -248,3 +256,33 @@ def test_a_claimed_length_costs_memory_only_as_the_bytes_arrive(trio: list[Socke
     receiver.recv(got, 0)
     thread.join(timeout=10)
     np.testing.assert_array_equal(got, big)
+
+
+def test_close_ends_readers_held_at_the_bound_and_the_blocked_sender_fails() -> None:
+    endpoints = {0: ("127.0.0.1", _free_port()), 1: ("127.0.0.1", _free_port())}
+    sender, receiver = (SocketTransferBackend(rank=r, world_size=2, endpoints=endpoints, max_buffered_messages=2)
+                        for r in range(2))
+    receiver.start()
+    sent, errors = [0], []
+
+    def flood() -> None:
+        message = np.zeros(1 << 20, dtype=np.uint8)
+        try:
+            for i in range(1000):
+                sender.send(message, 1)
+                sent[0] = i + 1
+        except Exception as e:  # checked below
+            errors.append(e)
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    _wait_for_buffered(receiver, 0, (2 << 20, 2))
+    _wait_until_stalled(sent)
+    assert thread.is_alive()
+    started = time.monotonic()
+    receiver.close()
+    thread.join(timeout=5.0)
+    assert time.monotonic() - started < 5.0 and not thread.is_alive()
+    assert receiver._threads == [] and _buffered(receiver, 0) == (0, 0)
+    assert len(errors) == 1 and type(errors[0]).__name__ == "KVTransferFailedError", errors
+    sender.close()
