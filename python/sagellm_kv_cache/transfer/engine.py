@@ -7,6 +7,10 @@ backend call surfaces as ``KVTransferFailedError`` and stays recorded as FAILED.
 outcome is unknown (``KVTransferOutcomeUnknownError``: every byte went out, the final reply did
 not come back) is never recorded as FAILED: it stays IN_PROGRESS, :meth:`get_transfer_outcome`
 says "unknown", and both turn into the real outcome once a later transfer to that rank settled it.
+The engine learns that outcome from the process-wide ledger of :mod:`.blocks`, which keeps the
+newest 4,096 doubts per destination and 4,096 settled outcomes; a doubt it no longer holds can never
+be settled, so the engine then forgets that record too, as it forgets old finished ones (below). It
+checks on every query and on every new doubt, so its doubts stay within the ledger's.
 
 Tensor transfers take the seed's options: ``max_retries`` re-runs a failed backend call with
 exponential backoff starting at ``retry_backoff_ms``; with ``enable_compression`` (zlib at
@@ -20,7 +24,8 @@ recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` 
 per engine): a long-running engine that never calls
 :meth:`~KVTransferEngine.clear_completed` would otherwise keep one record per transfer forever.
 A forgotten record's id then raises ``KeyError`` like a cleared one; :meth:`~KVTransferEngine.
-get_completed_count` still counts it until ``clear_completed``. Running records are never dropped.
+get_completed_count` still counts it until ``clear_completed``. Running records are never dropped
+(a send in doubt only when the ledger dropped it, as above).
 """
 
 from __future__ import annotations
@@ -265,6 +270,7 @@ class KVTransferEngine:
         except KVTransferOutcomeUnknownError:
             with self._lock:
                 self._in_doubt.add(transfer_id)  # stays IN_PROGRESS: the destination may hold the blocks
+            self._settle_doubts()  # and drops the doubts the ledger no longer holds
             raise
         except BaseException:
             self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
@@ -380,7 +386,8 @@ class KVTransferEngine:
         return int(rank), int(world)
 
     def _settle_doubts(self) -> None:
-        """Turns sends whose outcome a later exchange settled into COMPLETED or FAILED records."""
+        """Turns sends whose outcome a later exchange settled into COMPLETED or FAILED records, and
+        forgets those the ledger no longer knows (it dropped them, oldest first: never to be settled)."""
         with self._lock:
             doubts = list(self._in_doubt)
         if not doubts:
@@ -394,6 +401,14 @@ class KVTransferEngine:
                 with self._lock:
                     self._in_doubt.discard(tid)
                 self._set_status(tid, status, completed_at=time.time())
+            elif outcome is None:
+                with self._lock:
+                    self._in_doubt.discard(tid)
+                    record = self._records.get(tid)
+                    if record is not None and record.status not in _TERMINAL:
+                        del self._records[tid]
+                        self._retries.pop(tid, None)
+                        self._forgotten += 1  # the call is over: counted as finished, like a dropped record
 
     def _put(self, meta: KVTransferMetadata) -> None:
         with self._lock:
@@ -454,12 +469,13 @@ def _tensor_bytes(tensor: Any) -> bytes:
     return bytes(np.ascontiguousarray(tensor).tobytes())
 
 
-def _write_bytes(tensor: Any, data: bytes) -> None:
+def _write_bytes(tensor: Any, data: bytes | bytearray) -> None:
     """Fills ``tensor`` (torch or numpy, same byte size) with ``data`` in place."""
     if hasattr(tensor, "detach"):
         import torch
 
-        src = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(tensor.dtype).reshape(tensor.shape)
+        writable = data if isinstance(data, bytearray) else bytearray(data)  # torch wants a writable buffer
+        src = torch.frombuffer(writable, dtype=torch.uint8).view(tensor.dtype).reshape(tensor.shape)
         with torch.no_grad():
             tensor.copy_(src.to(tensor.device))
         return

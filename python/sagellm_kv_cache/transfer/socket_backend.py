@@ -5,8 +5,23 @@ connects to a peer on first send. A message is a 24-byte header (magic ``SKVS``,
 rank, payload length) followed by the tensor's raw bytes; the receiver files it under the source
 rank and ``recv`` takes the oldest message from that rank, checking that it has exactly the
 buffer's size before writing. Nothing from the network is trusted: a bad magic, version or rank,
-or a length over ``max_message_bytes``, closes that connection. ``recv`` waits at most
-``recv_timeout_s`` (``KVTransferTimeoutError``). Thread-safe; one connection per peer.
+or a length over ``max_message_bytes``, closes that connection, and so does a connection that
+has not sent its first header within ``recv_timeout_s`` (each costs a thread and a descriptor).
+``recv`` waits at most ``recv_timeout_s`` (``KVTransferTimeoutError``). Thread-safe; one
+connection per peer.
+
+Backpressure: what a source rank has sent and nobody has received yet is bounded, by default to
+``max_buffered_messages=1024`` messages and ``max_buffered_bytes=64 MiB`` per source rank (one
+larger message is taken when nothing else from that rank waits, so any message up to
+``max_message_bytes`` still gets through). At the bound the connection's reader reads nothing
+more of it until ``recv`` takes a message from that rank: the kernel's socket buffers fill and TCP
+stops the sender, whose ``send`` blocks until there is room (the block transfer's transport runs
+each call on a thread of its own and gives the caller a deadline). The bound is per source rank,
+the unit ``recv`` chooses by, and a connection carries one source rank (its first header fixes it;
+a header naming another closes it). So a full buffer never holds up a message ``recv`` can take:
+from that rank it takes the oldest, which is buffered already, and every other rank has its own
+connection and bound. Two ranks that each send more than the bound (plus what the kernels buffer)
+to the other before either receives wait on each other, as over any bounded transport.
 """
 
 from __future__ import annotations
@@ -35,16 +50,33 @@ _TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
 _ACCEPT_BACKOFF_S = 0.05
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
+_PIECE_BYTES = 16 << 20  # a payload over this is read a piece at a time
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytearray | None:
+    """Reads exactly ``n`` bytes (None at the end of the stream).
+
+    Beyond ``_PIECE_BYTES`` the buffer grows with what arrives, so a length that a peer merely
+    claims (up to ``max_message_bytes``) costs no memory until the bytes come.
+    """
+    if n <= _PIECE_BYTES:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = sock.recv_into(view[got:], n - got)
+            if k == 0:
+                return None
+            got += k
+        return buf
+    out = bytearray()
+    piece = memoryview(bytearray(_PIECE_BYTES))
+    while len(out) < n:
+        k = sock.recv_into(piece, min(_PIECE_BYTES, n - len(out)))
         if k == 0:
             return None
-        got += k
-    return bytes(buf)
+        out += piece[:k]
+    return out
 
 
 class SocketTransferBackend:
@@ -58,6 +90,8 @@ class SocketTransferBackend:
         endpoints: dict[int, tuple[str, int]],
         recv_timeout_s: float = 5.0,
         max_message_bytes: int = 1 << 34,
+        max_buffered_bytes: int = 64 << 20,
+        max_buffered_messages: int = 1024,
     ) -> None:
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
@@ -68,17 +102,26 @@ class SocketTransferBackend:
             raise ValueError(f"endpoints has no (host, port) for ranks {missing}")
         if not recv_timeout_s > 0:
             raise ValueError(f"recv_timeout_s must be > 0, got {recv_timeout_s!r}")
+        for name, value in (("max_message_bytes", max_message_bytes), ("max_buffered_bytes", max_buffered_bytes),
+                            ("max_buffered_messages", max_buffered_messages)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self._rank = rank
         self._world_size = world_size
         self._endpoints = {r: (str(endpoints[r][0]), int(endpoints[r][1])) for r in range(world_size)}
         self._recv_timeout_s = float(recv_timeout_s)
-        self._max_message_bytes = int(max_message_bytes)
+        self._max_message_bytes = max_message_bytes
+        self._max_buffered_bytes = max_buffered_bytes
+        self._max_buffered_messages = max_buffered_messages
         self._server: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._accepted: list[socket.socket] = []
         self._peers: dict[int, socket.socket] = {}
         self._peer_locks = {r: threading.Lock() for r in range(world_size)}
-        self._inboxes: dict[int, deque[bytes]] = {r: deque() for r in range(world_size)}
+        self._inboxes: dict[int, deque[bytearray]] = {r: deque() for r in range(world_size)}
+        # Per source rank, what its inbox holds plus the messages being read into it (under _cond).
+        self._buffered_bytes = dict.fromkeys(range(world_size), 0)
+        self._buffered_messages = dict.fromkeys(range(world_size), 0)
         self._cond = threading.Condition()
         self._running = False
 
@@ -120,6 +163,9 @@ class SocketTransferBackend:
         with self._cond:
             self._threads.clear()
             self._accepted.clear()
+            for src, inbox in self._inboxes.items():
+                while inbox:
+                    self._take(src)
         self._peers.clear()
         self._server = None
 
@@ -134,7 +180,7 @@ class SocketTransferBackend:
                     return
                 time.sleep(_ACCEPT_BACKOFF_S)  # e.g. at the descriptor limit until connections end
                 continue
-            conn.settimeout(None)
+            conn.settimeout(self._recv_timeout_s)  # for the first header; a peer sends it on connecting
             reader = threading.Thread(target=self._read_loop, args=(conn,), daemon=True,
                                       name=f"kv-socket-read-{self._rank}")
             with self._cond:
@@ -158,20 +204,58 @@ class SocketTransferBackend:
                     self._threads.remove(threading.current_thread())
 
     def _read_messages(self, conn: socket.socket) -> None:
+        source: int | None = None  # the rank this connection carries, fixed by its first header
         while self._running:
             header = _recv_exactly(conn, _HEADER.size)
             if header is None:
                 return
             magic, version, _, src, nbytes = _HEADER.unpack(header)
             if magic != _MAGIC or version != _VERSION or not 0 <= src < self._world_size or \
-                    nbytes > self._max_message_bytes:
-                return  # not our protocol, or a hostile length: drop the connection
-            payload = _recv_exactly(conn, nbytes)
+                    nbytes > self._max_message_bytes or (source is not None and src != source):
+                return  # not our protocol, a hostile length or a second source: drop the connection
+            if source is None:
+                conn.settimeout(None)  # a peer's connection may then idle between messages
+            source = src
+            if not self._reserve(src, nbytes):
+                return  # closing
+            payload = None
+            try:
+                payload = _recv_exactly(conn, nbytes)
+            finally:
+                with self._cond:
+                    if payload is None:  # the connection ended mid-message: give the room back
+                        self._buffered_bytes[src] -= nbytes
+                        self._buffered_messages[src] -= 1
+                    else:
+                        self._inboxes[src].append(payload)
+                    self._cond.notify_all()
             if payload is None:
                 return
-            with self._cond:
-                self._inboxes[src].append(payload)
-                self._cond.notify_all()
+
+    def _reserve(self, src: int, nbytes: int) -> bool:
+        """Waits until ``src``'s buffer has room for ``nbytes`` more, and takes it; False once closing.
+
+        While this waits nobody reads the connection, so TCP holds the sender back. A message over
+        ``max_buffered_bytes`` fits when nothing else from ``src`` is buffered.
+        """
+        with self._cond:
+            while self._running:
+                held = self._buffered_messages[src]
+                if held == 0 or (held < self._max_buffered_messages and
+                                 self._buffered_bytes[src] + nbytes <= self._max_buffered_bytes):
+                    self._buffered_messages[src] += 1
+                    self._buffered_bytes[src] += nbytes
+                    return True
+                self._cond.wait()
+            return False
+
+    def _take(self, src: int) -> bytearray:
+        """Removes the oldest message from ``src``'s inbox and frees its room (``_cond`` held)."""
+        data = self._inboxes[src].popleft()
+        self._buffered_bytes[src] -= len(data)
+        self._buffered_messages[src] -= 1
+        self._cond.notify_all()  # a reader may be waiting for that room
+        return data
 
     # --- data -------------------------------------------------------------------------------
 
@@ -202,7 +286,10 @@ class SocketTransferBackend:
         return sock
 
     def send(self, tensor: Any, dst_rank: int) -> None:
-        """Sends ``tensor``'s bytes to ``dst_rank`` (connecting on first use)."""
+        """Sends ``tensor``'s bytes to ``dst_rank`` (connecting on first use).
+
+        Blocks while ``dst_rank`` holds its full buffer of our messages (see the module docstring).
+        """
         dst = self._check_peer("dst_rank", dst_rank)
         data = _tensor_bytes(tensor)
         with self._peer_locks[dst]:
@@ -232,9 +319,7 @@ class SocketTransferBackend:
                     raise KVTransferTimeoutError(f"socket:{src}->{self._rank}", timeout_seconds=self._recv_timeout_s,
                                                  elapsed_seconds=time.monotonic() - start)
                 self._cond.wait(left)
-            data = inbox[0]
+            data = self._take(src)  # a message of the wrong size is consumed too, never half-applied
             if len(data) != expected:
-                inbox.popleft()  # a message of the wrong size is consumed, never half-applied
                 raise KVMetadataMismatchError("nbytes", expected, len(data), context={"src_rank": src})
-            inbox.popleft()
         _write_bytes(tensor, data)

@@ -1,0 +1,109 @@
+"""KVTransferEngine keeps block sends in doubt only while the process-wide outcome ledger does.
+
+Real block transfers over SocketTransferBackend on 127.0.0.1, in one process: the destination
+holds its final OK until the source has given up (``KVTransferOutcomeUnknownError``), and the
+ledger is shrunk to one entry per table so that a second doubt pushes the first one out.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sagellm_kv_cache import KVCacheSpec, PagedKVPool
+from sagellm_kv_cache.errors import KVTransferOutcomeUnknownError
+from sagellm_kv_cache.transfer import BlockTransfer, KVTransferEngine, SocketTransferBackend
+
+pytest.importorskip("torch")
+
+SPEC = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8, "dtype": "fp16", "block_size": 16}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def small_ledger(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sagellm_kv_cache.transfer import blocks
+
+    monkeypatch.setattr(blocks, "_LEDGER", blocks._Ledger(capacity=1))
+
+
+@pytest.fixture
+def worlds() -> Iterator[list[list[SocketTransferBackend]]]:
+    """Two separate worlds: ranks 0..2, and ranks 0..1."""
+    made: list[list[SocketTransferBackend]] = []
+    for size in (3, 2):
+        endpoints = {r: ("127.0.0.1", _free_port()) for r in range(size)}
+        made.append([SocketTransferBackend(rank=r, world_size=size, endpoints=endpoints, recv_timeout_s=10.0)
+                     for r in range(size)])
+    for world in made:
+        for backend in world:
+            backend.start()
+    yield made
+    for world in made:
+        for backend in world:
+            backend.close()
+
+
+def _send_in_doubt(engine: KVTransferEngine, pool: PagedKVPool, destination: SocketTransferBackend) -> uuid.UUID:
+    """One real block send whose final reply arrives only after the source's deadline."""
+    gave_up = threading.Event()
+    receiver = BlockTransfer(destination, transport="backend", timeout=10.0, same_host=False)
+    receiver._before_final_reply = lambda: gave_up.wait(10.0)
+    dst_pool = PagedKVPool(KVCacheSpec(**SPEC), 8)
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(receiver.recv_blocks(dst_pool, 0)), daemon=True)
+    thread.start()
+    ids = pool.allocate(2)
+    before = set(engine._records)
+    with pytest.raises(KVTransferOutcomeUnknownError):
+        engine.send_blocks(pool, ids, destination.get_rank())
+    gave_up.set()
+    thread.join(timeout=10.0)
+    assert len(got) == 1 and len(got[0]) == 2  # the destination did commit
+    (tid,) = set(engine._records) - before
+    return tid
+
+
+def test_doubts_the_ledger_forgot_are_dropped_with_it(
+        small_ledger: None, worlds: list[list[SocketTransferBackend]]) -> None:
+    (a0, a1, a2), (b0, b1) = worlds
+    pool = PagedKVPool(KVCacheSpec(**SPEC), 16)
+    engine = KVTransferEngine(a0, transport="backend", timeout=0.3, same_host=False)
+    first = _send_in_doubt(engine, pool, a1)
+    assert engine.get_transfer_outcome(first) == "unknown" and BlockTransfer.outcome(first) == "unknown"
+    # Another engine's doubt about rank 1 pushes the first one out of the (one-entry) ledger: no
+    # later exchange can settle it any more.
+    other = KVTransferEngine(b0, transport="backend", timeout=0.3, same_host=False)
+    _send_in_doubt(other, pool, b1)
+    assert BlockTransfer.outcome(first) is None
+    # The next doubt of this engine prunes the stale one at once, with no query in between.
+    last = _send_in_doubt(engine, pool, a2)
+    assert engine._in_doubt == {last} and first not in engine._records
+    assert engine.get_transfer_outcome(last) == "unknown"
+    with pytest.raises(KeyError, match=str(first)):
+        engine.get_transfer_outcome(first)
+    # Forgotten like a finished record: no longer pending, still counted until clear_completed.
+    assert (engine.get_pending_count(), engine.get_completed_count()) == (1, 1)
+    engine.clear_completed()
+    assert (engine.get_pending_count(), engine.get_completed_count()) == (1, 0)
+
+
+def test_a_query_drops_a_doubt_the_ledger_forgot(
+        small_ledger: None, worlds: list[list[SocketTransferBackend]]) -> None:
+    (a0, a1, _), (b0, b1) = worlds
+    pool = PagedKVPool(KVCacheSpec(**SPEC), 16)
+    engine = KVTransferEngine(a0, transport="backend", timeout=0.3, same_host=False)
+    first = _send_in_doubt(engine, pool, a1)
+    _send_in_doubt(KVTransferEngine(b0, transport="backend", timeout=0.3, same_host=False), pool, b1)
+    assert engine.get_pending_count() == 0 and not engine._in_doubt
+    with pytest.raises(KeyError):
+        engine.get_transfer_metadata(first)
