@@ -186,6 +186,23 @@ def test_connections_that_come_and_go_cost_no_descriptor_or_thread(
     assert got.tolist() == [1, 2, 3, 4]
 
 
+def test_a_restarted_peer_gets_the_next_message(pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:
+    a, b = pair
+    a.send(np.arange(3, dtype=np.int32), 1)
+    got = np.zeros(3, dtype=np.int32)
+    b.recv(got, 0)
+    b.close()  # rank 1 goes away with a's connection to it, and comes back on the same port
+    restarted = SocketTransferBackend(rank=1, world_size=2, endpoints=b._endpoints, recv_timeout_s=2.0)
+    restarted.start()
+    try:
+        time.sleep(0.05)  # the old connection's end of stream has reached a
+        a.send(np.arange(3, dtype=np.int32) + 7, 1)  # on the closed connection it would be lost
+        restarted.recv(got, 0)
+        assert got.tolist() == [7, 8, 9]
+    finally:
+        restarted.close()
+
+
 _FD_LIMITED_LISTENER = """
 import os, resource, sys, threading
 from sagellm_kv_cache.transfer import SocketTransferBackend

@@ -8,7 +8,9 @@ buffer's size before writing. Nothing from the network is trusted: a bad magic, 
 or a length over ``max_message_bytes``, closes that connection, and so does a connection that
 has not sent its first header within ``recv_timeout_s`` (each costs a thread and a descriptor).
 ``recv`` waits at most ``recv_timeout_s`` (``KVTransferTimeoutError``). Thread-safe; one
-connection per peer.
+connection per peer. Before each send the sender checks that the peer has not closed that
+connection (a restarted peer), and connects anew if it has, so the message is not written into a
+connection nobody reads.
 
 Backpressure: what a source rank has sent and nobody has received yet is bounded, by default to
 ``max_buffered_messages=1024`` messages and ``max_buffered_bytes=64 MiB`` per source rank (one
@@ -77,6 +79,16 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytearray | None:
             return None
         out += piece[:k]
     return out
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True when the peer has closed or reset a connection we only write to (it never writes back)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # open, nothing to read: the normal case
+    except OSError:
+        return True
 
 
 class SocketTransferBackend:
@@ -269,7 +281,13 @@ class SocketTransferBackend:
     def _connection(self, dst: int) -> socket.socket:
         sock = self._peers.get(dst)
         if sock is not None:
-            return sock
+            if not _peer_closed(sock):
+                return sock
+            # The peer closed it (e.g. it restarted): a write would still succeed locally and its
+            # bytes would be lost, so connect anew.
+            self._peers.pop(dst, None)
+            with contextlib.suppress(OSError):
+                sock.close()
         deadline = time.monotonic() + self._recv_timeout_s
         while True:  # the peer may not be listening yet
             try:
