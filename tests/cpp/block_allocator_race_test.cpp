@@ -2,10 +2,14 @@
 // shared blocks, concurrent limit changes against allocation, and a long mixed stress that counts
 // every block handed out while some holder still had it. Runs under TSan in CI (label stress).
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <random>
 #include <thread>
@@ -132,6 +136,75 @@ TEST(BlockAllocatorRace, ConcurrentLimitChangesNeverOvercommit) {
   a.set_limit(kBlocks);
   EXPECT_EQ(a.num_available(), kBlocks);
   EXPECT_EQ(a.num_allocated(), 0u);
+}
+
+// A stale free (a double free of an id the caller no longer holds) landing inside a batch
+// allocation longer than 256 ids. Such a free can steal the reference of whoever holds the block
+// now; that is all it may do. The long batch once gave each block its reference before reading the
+// block's link to the next one on the chain it had taken, so a stale free landing in between pushed
+// the block and rewrote that link: the allocation then walked on along the free stack (handing out
+// ids that stayed on it, and the end marker past the slot array) and lost the rest of its chain.
+//
+// The race, made deterministic: the allocation writes its ids into a read-only page, so its first
+// write (right after block 0, the first it takes, got its reference) faults; the fault handler is
+// the stale free of block 0, then makes the page writable and the write resumes.
+struct StaleFreeInFault {
+  BlockAllocator* allocator = nullptr;
+  BlockId victim = -1;
+  void* page = nullptr;
+  std::size_t bytes = 0;
+  bool landed = false;
+};
+StaleFreeInFault* g_stale_free = nullptr;
+
+void stale_free_on_fault(int, siginfo_t* info, void*) {
+  StaleFreeInFault* s = g_stale_free;
+  const auto* at = static_cast<const char*>(info->si_addr);
+  const auto* page = static_cast<const char*>(s != nullptr ? s->page : nullptr);
+  if (s == nullptr || s->landed || at < page || at >= page + s->bytes) {
+    std::signal(SIGSEGV, SIG_DFL);  // a real fault: crash on return, as without this handler
+    return;
+  }
+  // One id: no scratch memory, only atomics (signal-safe on lock-free atomics).
+  s->landed = s->allocator->free(std::span<const BlockId>(&s->victim, 1)).ok();
+  mprotect(s->page, s->bytes, PROT_READ | PROT_WRITE);
+}
+
+TEST(BlockAllocatorRace, StaleFreeInsideALongAllocationOnlyStealsThatBlock) {
+  constexpr std::uint32_t kBlocks = 320;
+  constexpr std::size_t kBatch = 300;  // above the 256 ids pop_chain keeps on its stack
+  const auto bytes = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  ASSERT_GE(bytes, kBatch * sizeof(BlockId));
+  void* page = mmap(nullptr, bytes, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(page, MAP_FAILED);
+  BlockAllocator a(kBlocks);  // fresh: hands out 0, 1, 2, ... so block 0 is taken first
+  StaleFreeInFault steal{&a, 0, page, bytes, false};
+  struct sigaction act {};
+  struct sigaction old {};
+  act.sa_sigaction = stale_free_on_fault;
+  act.sa_flags = SA_SIGINFO;
+  sigemptyset(&act.sa_mask);
+  ASSERT_EQ(sigaction(SIGSEGV, &act, &old), 0);
+  g_stale_free = &steal;
+  const std::span<BlockId> out(static_cast<BlockId*>(page), kBatch);
+  const bool ok = a.allocate(out).ok();
+  g_stale_free = nullptr;
+  sigaction(SIGSEGV, &old, nullptr);
+  ASSERT_TRUE(ok);
+  ASSERT_TRUE(steal.landed) << "the stale free did not run inside the allocation";
+  std::vector<BlockId> got(out.begin(), out.end());
+  munmap(page, bytes);
+  // The allocation took blocks 0..299, and the stale free put block 0 back: that block alone.
+  for (std::size_t i = 0; i < kBatch; ++i) ASSERT_EQ(got[i], static_cast<BlockId>(i)) << "position " << i;
+  EXPECT_EQ(a.ref_count(0), 0u);
+  EXPECT_EQ(a.num_available(), kBlocks - kBatch + 1);
+  std::vector<BlockId> rest(a.num_available());
+  ASSERT_TRUE(a.allocate(rest).ok());
+  std::sort(rest.begin(), rest.end());
+  std::vector<BlockId> expected{0};
+  for (BlockId id = kBatch; id < static_cast<BlockId>(kBlocks); ++id) expected.push_back(id);
+  EXPECT_EQ(rest, expected) << "the free stack lost or repeated blocks";
+  EXPECT_EQ(a.num_available(), 0u);
 }
 
 // The mixed stress: threads allocate, share references with each other through an exchange,

@@ -237,6 +237,58 @@ TEST(PoolSemantics, BatchErrorsNameTheIdAsRead) {
   EXPECT_TRUE(pool.allocator().is_allocated(ids[0]));
 }
 
+// A "device" whose memory is never touched: it hands out a placeholder address of any size and
+// counts the copies it is asked for instead of making them.
+class UntouchedMemory final : public DeviceAllocator {
+ public:
+  explicit UntouchedMemory(DeviceId id) : id_(std::move(id)) {}
+  const DeviceId& device() const noexcept override { return id_; }
+  void copy(void*, const void*, std::size_t, CopyKind) override { ++copies; }
+  void copy_2d(void*, std::size_t, const void*, std::size_t, std::size_t, std::size_t, CopyKind) override { ++copies; }
+  void zero(void*, std::size_t, MemoryKind) override {}
+  std::size_t copies = 0;
+
+ protected:
+  void* do_allocate(const AllocationRequest&) override { return placeholder_; }
+  void do_deallocate(void*, std::size_t, MemoryKind) noexcept override {}
+
+ private:
+  DeviceId id_;
+  alignas(256) std::byte placeholder_[256] = {};
+};
+
+// The staging size ids.size() * block_bytes() must not wrap: 2^24 ids of a 1 TiB block (the
+// largest block a spec may describe) make exactly 2^64 bytes, which wrapped to 0, so an empty
+// buffer passed the size check and every block was copied through it. (scatter cannot get there:
+// its ids are distinct, so they fit the pool.)
+TEST(PoolSemantics, StagingSizeThatOverflowsIsRefusedBeforeAnyCopy) {
+  auto memory = std::make_shared<UntouchedMemory>(DeviceId{"untouched", 0});
+  register_backend("untouched", [memory](const DeviceId&) { return memory; });
+  KVCacheSpec spec;
+  spec.num_layers = 4;
+  spec.num_kv_heads = 4096;
+  spec.head_dim = 8192;
+  spec.block_size = 4096;
+  spec.dtype = DType::kInt8;
+  PagedKVPool pool(spec, 1, PoolOptions{"untouched", false, false, false});
+  ASSERT_EQ(pool.block_bytes(), std::size_t{1} << 40);
+  const std::vector<BlockId> ids(std::size_t{1} << 24, 0);
+  std::byte none[1] = {};
+  const std::span<std::byte> empty(none, 0);
+  std::vector<std::uint64_t> no_sums;
+  const auto refused = [](auto&& call) {
+    try {
+      call();
+    } catch (const Error& e) {
+      return e.code() == ErrorCode::kInvalidArgument;
+    }
+    return false;
+  };
+  EXPECT_TRUE(refused([&] { pool.gather(ids, empty); }));
+  EXPECT_TRUE(refused([&] { pool.gather_summed(ids, empty, no_sums); }));
+  EXPECT_EQ(memory->copies, 0u);
+}
+
 // A backend that counts how often it was asked for an allocator.
 int g_made = 0;
 std::shared_ptr<DeviceAllocator> counting_cpu(const DeviceId& id) {

@@ -127,8 +127,10 @@ void BlockAllocator::pop_chain(std::span<BlockId> out) noexcept {
       if (head_.compare_exchange_weak(old, desired, std::memory_order_acquire,
                                       std::memory_order_acquire)) {
         // The chain is ours now: give each block its first reference. Ids come from our own
-        // copy of the walk, or for long batches from the chain itself (its links no longer
-        // change); never from `out`, which the caller owns.
+        // copy of the walk, or for long batches from the chain itself; never from `out`, which
+        // the caller owns. A block's link is read before it gets its reference: from then on a
+        // stale free of it (a double free by a former holder) may push it and rewrite the link,
+        // which must cost that one block, not the rest of the chain.
         if (out.size() <= kWalkInline) {
           for (std::size_t k = 0; k < out.size(); ++k) {
             slots_[walk[k]].refs.store(1, std::memory_order_relaxed);
@@ -136,9 +138,10 @@ void BlockAllocator::pop_chain(std::span<BlockId> out) noexcept {
           }
         } else {
           for (std::uint32_t id = head_index(old), k = 0; k < out.size(); ++k) {
+            const std::uint32_t next = slots_[id].next.load(std::memory_order_relaxed);
             slots_[id].refs.store(1, std::memory_order_relaxed);
             out[k] = static_cast<BlockId>(id);
-            id = slots_[id].next.load(std::memory_order_relaxed);
+            id = next;
           }
         }
         return;

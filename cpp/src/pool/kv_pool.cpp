@@ -232,11 +232,7 @@ void PagedKVPool::move_block(std::byte* staging, BlockId id, bool to_staging, bo
 
 void PagedKVPool::gather(std::span<const BlockId> ids_in, std::span<std::byte> out, bool out_on_device) const {
   const std::vector<BlockId> ids = checked_ids(ids_in, false, "gather");
-  if (out.size() != ids.size() * block_bytes()) {
-    throw Error(ErrorCode::kInvalidArgument, "gather: staging buffer holds " + std::to_string(out.size()) +
-                                                 " bytes, " + std::to_string(ids.size()) + " blocks need " +
-                                                 std::to_string(ids.size() * block_bytes()));
-  }
+  check_staging(out.size(), ids.size(), "gather");
   for (std::size_t i = 0; i < ids.size(); ++i) {
     move_block(out.data() + i * block_bytes(), ids[i], true, out_on_device, out.size() > kStreamMinTotalBytes);
   }
@@ -245,11 +241,7 @@ void PagedKVPool::gather(std::span<const BlockId> ids_in, std::span<std::byte> o
 
 void PagedKVPool::scatter(std::span<const std::byte> in, std::span<const BlockId> ids_in, bool in_on_device) {
   const std::vector<BlockId> ids = checked_ids(ids_in, false, "scatter");
-  if (in.size() != ids.size() * block_bytes()) {
-    throw Error(ErrorCode::kInvalidArgument, "scatter: staging buffer holds " + std::to_string(in.size()) +
-                                                 " bytes, " + std::to_string(ids.size()) + " blocks need " +
-                                                 std::to_string(ids.size() * block_bytes()));
-  }
+  check_staging(in.size(), ids.size(), "scatter");
   reject_repeats(ids, "scatter");
   for (std::size_t i = 0; i < ids.size(); ++i) {
     // move_block only reads through the pointer in this direction.
@@ -260,6 +252,13 @@ void PagedKVPool::scatter(std::span<const std::byte> in, std::span<const BlockId
 }
 
 void PagedKVPool::check_staging(std::size_t staging_bytes, std::size_t num_ids, const char* what) const {
+  // gather may repeat ids, so their count is not bounded by the pool: the product can wrap (2^24
+  // ids of a 1 TiB block make 2^64 bytes, which would match an empty buffer).
+  if (num_ids > std::numeric_limits<std::size_t>::max() / block_bytes()) {
+    throw Error(ErrorCode::kInvalidArgument, std::string(what) + ": " + std::to_string(num_ids) + " blocks of " +
+                                                 std::to_string(block_bytes()) +
+                                                 " bytes exceed the address space");
+  }
   if (staging_bytes != num_ids * block_bytes()) {
     throw Error(ErrorCode::kInvalidArgument, std::string(what) + ": staging buffer holds " +
                                                  std::to_string(staging_bytes) + " bytes, " + std::to_string(num_ids) +
