@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import warnings
 
 import pytest
@@ -183,6 +184,25 @@ def test_spec_sizes_the_tier_and_refuses_hybrid_models() -> None:
         SageOffloadingSpec(_config(extra={}))
     with pytest.raises(ValueError, match="copies must be"):
         SageOffloadingSpec(_config(extra={"num_chunks": 4, "copies": "cuda"}))
+
+
+def test_spec_reads_sizes_as_vllm_does_and_names_a_bad_one() -> None:
+    # JSON numbers and strings of digits are read as vLLM's own specs read them
+    assert SageOffloadingSpec(_config(extra={"cpu_bytes_to_use": 64e3})).num_chunks == 62
+    assert SageOffloadingSpec(_config(extra={"num_chunks": "4"})).num_chunks == 4
+    for key, bad in [("num_chunks", 4.7), ("num_chunks", True), ("num_chunks", [4]), ("num_chunks", "four"),
+                     ("cpu_bytes_to_use", float("nan")), ("cpu_bytes_to_use", float("inf")),
+                     ("cpu_bytes_to_use", "1e9"), ("cpu_bytes_to_use", {})]:
+        with pytest.raises(ValueError, match=f"{key}.*{re.escape(repr(bad))}"):
+            SageOffloadingSpec(_config(extra={key: bad}))
+    # out of range: refused by the spec (in every process), not later by the pool or the index
+    with pytest.raises(ValueError, match=r"cpu_bytes_to_use.*-5"):
+        SageOffloadingSpec(_config(extra={"cpu_bytes_to_use": -5}))
+    with pytest.raises(ValueError, match="cpu_bytes_to_use=1024000000000000"):
+        SageOffloadingSpec(_config(extra={"cpu_bytes_to_use": 1024 * 10**12}))
+    for bad_count in (0, -3, 2**31, 10**30):
+        with pytest.raises(ValueError, match=f"num_chunks.*{bad_count}"):
+            SageOffloadingSpec(_config(extra={"num_chunks": bad_count}))
 
 
 def test_reset_cache_drops_everything_in_flight_too() -> None:
