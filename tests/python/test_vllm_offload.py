@@ -114,6 +114,22 @@ def test_loading_key_is_not_evictable_until_complete_load() -> None:
     assert m.lookup(keys(2)[0], CTX) is LookupResult.MISS
 
 
+def test_prepare_load_reads_its_keys_once() -> None:
+    """Keys handed as an iterator: pinned once and released by complete_load (the iterator was read a
+    second time for the request's last key: IndexError with the pins kept)."""
+    m = SageOffloadingManager(4)
+    ctx = ReqContext("iter")
+    stored(m, keys(1, 2))
+    assert m.prepare_load(iter(keys(1, 2)), ctx).block_ids.tolist() == [0, 1]  # type: ignore[arg-type]
+    m.complete_load(keys(1, 2), ctx)
+    assert m.stats()["in_use_blocks"] == 0
+    out = m.prepare_store(keys(3), ctx)  # chains from the last key loaded
+    assert out is not None
+    m.complete_store(out.keys_to_store, ctx)
+    m.prepare_load(keys(1, 2, 3), ctx)
+    assert m.stats()["lookups"] == 2  # one chain: one match
+
+
 def test_prepare_store_none_when_all_pending() -> None:
     m = SageOffloadingManager(2)
     assert m.prepare_store(keys(1, 2), CTX) is not None

@@ -188,12 +188,13 @@ class SageOffloadingManager(OffloadingManager):
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         """Pins each key and its trie ancestors until :meth:`complete_load`; all keys must be HITs
         (KeyError naming the first that is not, nothing pinned)."""
+        keys = keys if type(keys) is list else list(keys)  # read once: an iterator would be spent by the index
         spec: SageLoadStoreSpec = self._index.prepare_load(keys)
         if keys:
             trail = req_context.get_state(_Trail)
             if trail is None or trail.owner is not self._epoch:
                 trail = self._new_trail(req_context)
-            trail.last = keys[-1] if type(keys) is list else list(keys)[-1]
+            trail.last = keys[-1]
         return spec
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
