@@ -319,6 +319,22 @@ def test_worker_rejects_a_mismatched_chunk_count(copies: str) -> None:
         SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies="gpu")
 
 
+@pytest.mark.parametrize("copies", ["pool", "stream"])
+def test_worker_names_a_block_id_out_of_range_and_moves_nothing(copies: str) -> None:
+    """Both paths check vLLM's block ids before copying (the pool path gave torch's unnamed IndexError, and
+    on CUDA KV an out-of-range index_select is a device-side assert that ends the process)."""
+    kv, raw = _canonical(True)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies=copies)
+    before = raw.clone()
+    for bad in (12, -1):
+        with pytest.raises(ValueError, match=f"block id {bad} out of range"):
+            worker.submit_store(1, GPULoadStoreSpec([0, bad], [2], [0]), SageLoadStoreSpec([1]))
+        with pytest.raises(ValueError, match=f"block id {bad} out of range"):
+            worker.submit_load(2, SageLoadStoreSpec([1]), GPULoadStoreSpec([bad, 3], [2], [0]))
+    assert torch.equal(raw, before) and worker.get_finished() == []
+    assert worker.stored_blocks == worker.loaded_blocks == 0
+
+
 def test_worker_with_manager_slots_round_trip() -> None:
     kv, raw = _canonical(True, num_blocks=8)
     m = SageOffloadingManager(2)

@@ -61,7 +61,7 @@ from vllm.v1.kv_offload.config import OffloadingConfig
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache.integrations.chunk_copies import ChunkCopier
+from sagellm_kv_cache.integrations.chunk_copies import ChunkCopier, _indices
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 
 __all__ = [
@@ -285,6 +285,7 @@ class SageOffloadingWorker(OffloadingWorker):
                 seen.append(ref.tensor_idx)
         self._tensors: list[torch.Tensor] = [kv_caches.tensors[i].tensor for i in seen]
         self._rows = [int(t.shape[1]) * t.element_size() for t in self._tensors]
+        self._num_blocks = min(int(t.shape[0]) for t in self._tensors)
         self.blocks_per_chunk = blocks_per_chunk
         self.chunk_bytes = blocks_per_chunk * sum(self._rows)
         if copies == "auto":
@@ -340,10 +341,11 @@ class SageOffloadingWorker(OffloadingWorker):
             self.stored_blocks += n
             return True
         assert self.pool is not None
+        # checked here: on a GPU an index out of range is a device-side assert, fatal to the process
+        gpu_ids = torch.from_numpy(_indices(src_spec.block_ids, "block id", self._num_blocks))
         buf, views = self._staging(len(slots))
         if partial and len(slots):
             self.pool.gather_into(slots, buf)
-        gpu_ids = torch.from_numpy(np.ascontiguousarray(src_spec.block_ids, dtype=np.int64))
         chunk, sub = self._positions(skip, n)
         for t, view in zip(self._tensors, views, strict=True):
             ids = gpu_ids.to(t.device)
@@ -365,10 +367,10 @@ class SageOffloadingWorker(OffloadingWorker):
             self.loaded_blocks += n
             return True
         assert self.pool is not None
+        gpu_ids = torch.from_numpy(_indices(dst_spec.block_ids, "block id", self._num_blocks))
         buf, views = self._staging(len(slots))
         if len(slots):
             self.pool.gather_into(slots, buf)
-        gpu_ids = torch.from_numpy(np.ascontiguousarray(dst_spec.block_ids, dtype=np.int64))
         chunk, sub = self._positions(skip, n)
         for t, view in zip(self._tensors, views, strict=True):
             ids = gpu_ids.to(t.device)
