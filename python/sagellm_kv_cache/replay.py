@@ -86,6 +86,8 @@ def load_trace(path: str | Path) -> list[np.ndarray]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise TraceError(f"{path}: cannot read trace: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     requests: list[np.ndarray] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -94,6 +96,8 @@ def load_trace(path: str | Path) -> list[np.ndarray]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise TraceError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise TraceError(f"{path}:{lineno}: JSON nested too deeply") from None
         ids = record.get("hash_ids") if isinstance(record, dict) else None
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise TraceError(f"{path}:{lineno}: 'hash_ids' must be a list of integers")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from sagellm_kv_cache.replay import load_trace, replay
+from sagellm_kv_cache.replay import TraceError, load_trace, replay
 from sagellm_kv_cache.replay_cli import POLICIES
 
 SYNTHETIC = Path("/work/shared/data/synthetic_trace.jsonl")
@@ -123,6 +124,19 @@ def test_cli_malformed_line(tmp_path: Path) -> None:
     wrong.write_text('{"hash_ids": [1, 2, 3]}\n\n{"hash_ids": "1,2"}\n')
     proc = run_cli(str(wrong), cwd=tmp_path)
     assert proc.returncode == 2 and f"{wrong}:3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_load_trace_names_a_binary_or_too_deeply_nested_file(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 (an unnamed UnicodeDecodeError) and a line nested past the recursion
+    limit (a RecursionError traceback from the CLI) are TraceErrors naming the file (and line)."""
+    binary = tmp_path / "trace.bin"
+    binary.write_bytes(b'{"hash_ids": [1]}\n\xff\xfe\x00\n')
+    with pytest.raises(TraceError, match=f"{re.escape(str(binary))}: not UTF-8"):
+        load_trace(binary)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"hash_ids": [1]}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(TraceError, match=f"{re.escape(str(deep))}:2: JSON nested too deeply"):
+        load_trace(deep)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
