@@ -120,10 +120,11 @@ def replay(
     if capacity_blocks is not None and capacity_blocks <= 0:
         raise ValueError(f"capacity_blocks must be > 0 or None, got {capacity_blocks}")
     longest = max(len(r) for r in requests)
-    if capacity_blocks is None:
-        pool_blocks = len(np.unique(np.concatenate(requests))) + longest
-    else:
-        pool_blocks = capacity_blocks + longest
+    # The cache never holds more than the trace's distinct blocks, whatever its capacity; at least one
+    # block for a trace whose requests are all empty.
+    distinct = len(np.unique(np.concatenate(requests)))
+    cached = distinct if capacity_blocks is None else min(capacity_blocks, distinct)
+    pool_blocks = max(1, cached + longest)
     # One byte per token and a single head: the replay needs real block ids, not model-sized memory.
     spec = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype="int8", block_size=TRACE_BLOCK_TOKENS)
     pool = PagedKVPool(spec, pool_blocks, zero_fill=False)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from sagellm_kv_cache.replay import ReplayResult
 
 POLICIES = ("lru", "fifo", "priority", "ttl")
+MAX_COUNT = 2**31 - 1  # block counts are int32 in the native pool, trie and tiers
 
 
 def _capacities(text: str) -> list[int | None]:
@@ -33,8 +34,8 @@ def _capacities(text: str) -> list[int | None]:
             value = int(part.replace("_", ""))
         except ValueError:
             raise argparse.ArgumentTypeError(f"capacity {part!r} is not an integer or 'inf'") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"capacity must be > 0, got {value}")
+        if not 0 < value <= MAX_COUNT:
+            raise argparse.ArgumentTypeError(f"capacity must be in [1, {MAX_COUNT}], got {value}")
         out.append(value)
     if not out:
         raise argparse.ArgumentTypeError("no capacity given")
@@ -46,8 +47,8 @@ def _count(text: str) -> int:
         value = int(text.replace("_", ""))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if not 0 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_COUNT}], got {value}")
     return value
 
 

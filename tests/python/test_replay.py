@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from sagellm_kv_cache.replay import TraceError, load_trace, replay
-from sagellm_kv_cache.replay_cli import POLICIES
+from sagellm_kv_cache.replay_cli import POLICIES, main
 
 SYNTHETIC = Path("/work/shared/data/synthetic_trace.jsonl")
 JSON_KEYS = ["blocks", "capacity_blocks", "evictions", "hit_ratio", "hits", "policy", "requests", "requests_per_s",
@@ -137,6 +137,32 @@ def test_load_trace_names_a_binary_or_too_deeply_nested_file(tmp_path: Path) -> 
     deep.write_text('{"hash_ids": [1]}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(TraceError, match=f"{re.escape(str(deep))}:2: JSON nested too deeply"):
         load_trace(deep)
+
+
+def test_cli_replays_any_capacity_it_accepts_and_names_one_it_does_not(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The pool was sized capacity + longest request: a capacity near 2^31 failed as 'num_blocks must be
+    in [1, 2147483647], got 2147483649', one past 2^63 (and such a --host-blocks) with a pybind
+    traceback, and a trace of empty requests replayed unbounded as 'num_blocks ... got 0'."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"hash_ids": [1, 2]}\n{"hash_ids": [1, 3]}\n')
+    out = tmp_path / "rows.json"
+    assert main(["replay", str(trace), "--capacity-blocks", f"2,{2**31 - 1},inf", "--json", str(out)]) == 0
+    assert [(r["capacity_blocks"], r["hits"]) for r in json.loads(out.read_text())] == [
+        (2, 1), (2**31 - 1, 1), (None, 1)]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"hash_ids": []}\n')
+    assert main(["replay", str(empty), "--capacity-blocks", "4,inf", "--json", str(out)]) == 0
+    assert [r["blocks"] for r in json.loads(out.read_text())] == [0, 0]
+    capsys.readouterr()
+    for args in (["--capacity-blocks", str(2**31)], ["--capacity-blocks", "4", "--host-blocks", str(10**20)],
+                 ["--capacity-blocks", "4", "--disk-blocks", str(10**20)]):
+        with pytest.raises(SystemExit) as exc:
+            main(["replay", str(trace), *args])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "[0, 2147483647]" in err or "[1, 2147483647]" in err, err
+        assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("policy", POLICIES)
