@@ -170,6 +170,14 @@ def _replay_command(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"sagellm-kv: {exc}", file=sys.stderr)
             return 2
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        suffix = Path(args.plot).suffix[1:].lower()  # none: matplotlib writes a PNG
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix and suffix not in formats:
+            print(f"sagellm-kv: --plot {args.plot}: unknown image format {suffix!r} "
+                  f"(one of {', '.join(sorted(formats))})", file=sys.stderr)
+            return 2
     try:
         traces = [(p.name, load_trace(p)) for p in paths]
         if tiered:

@@ -103,6 +103,16 @@ def test_cli_plot_writes_a_valid_png(tmp_path: Path) -> None:
     assert width > 100 and height > 100
 
 
+def test_cli_plot_format_is_checked_before_replaying(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An extension matplotlib cannot write was a ValueError traceback after the whole replay."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "rows.json"
+    assert main(["replay", "--capacity-blocks", "100", "--json", str(out), "--plot", str(tmp_path / "p.txt")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not out.exists()  # nothing was replayed
+    assert captured.err.count("\n") == 1 and "unknown image format 'txt'" in captured.err and "png" in captured.err
+
+
 def test_cli_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.jsonl"
     proc = run_cli(str(missing), cwd=tmp_path)
