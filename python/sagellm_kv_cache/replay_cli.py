@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sagellm_kv_cache.errors import KVCacheError
 
@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 
 POLICIES = ("lru", "fifo", "priority", "ttl")
 MAX_COUNT = 2**31 - 1  # block counts are int32 in the native pool, trie and tiers
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _capacities(text: str) -> list[int | None]:
@@ -212,7 +219,7 @@ def _replay_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sagellm-kv", description="sagellm-kv-cache tools")
+    parser = _OneLineParser(prog="sagellm-kv", description="sagellm-kv-cache tools")
     sub = parser.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("replay", help="replay Mooncake-format traces through the prefix cache and pool")
     rp.add_argument("traces", nargs="*", metavar="TRACE", help="JSONL trace files (default: the bundled sample)")

@@ -184,6 +184,19 @@ def test_cli_every_policy_runs(tmp_path: Path, policy: str) -> None:
     assert row["policy"] == policy and 0.0 < row["hit_ratio"] < 1.0 and row["evictions"] > 0
 
 
+def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad argument printed argparse's usage block (four lines) before the error."""
+    for argv in (["replay", "--policy", "mru"], ["replay", "--capacity-blocks", "1e3"], ["bogus"], [],
+                 ["replay", "--host-blocks", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("sagellm-kv"), (argv, err)
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", "--policy", "mru"])
+    assert "replay: error: argument --policy: invalid choice: 'mru'" in capsys.readouterr().err
+
+
 def test_cli_rejects_unknown_policy(tmp_path: Path) -> None:
     proc = run_cli("--policy", "mru", cwd=tmp_path)
     assert proc.returncode == 2 and "mru" in proc.stderr and "Traceback" not in proc.stderr
