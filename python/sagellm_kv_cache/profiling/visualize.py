@@ -87,6 +87,8 @@ def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
         value = stats[key]
         if isinstance(value, bool) or not isinstance(value, types):
             raise StatsFileError(f"{source}: {key!r} has type {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN / Infinity
+            raise StatsFileError(f"{source}: {key!r} must be finite, got {value}")
     for block_id, detail in stats["block_details"].items():
         where = f"{source}: block_details[{block_id!r}]"
         if not isinstance(detail, dict):
@@ -102,6 +104,9 @@ def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
             raise StatsFileError(f"{where}.intervals must be a list of numbers")
         if len(intervals) != count - 1:
             raise StatsFileError(f"{where} has {len(intervals)} intervals for {count} accesses")
+        # the plots add them up in this order (an inf on the way stays inf)
+        if not math.isfinite(sum(intervals, float(detail["first_access"]))):
+            raise StatsFileError(f"{where}: its access times overflow (first_access plus its intervals)")
     if not all(_is_number(gap) for gap in stats["access_intervals"]):
         raise StatsFileError(f"{source}: 'access_intervals' must be a list of numbers")
     return stats
@@ -118,6 +123,8 @@ def load_stats(path: str | Path) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise StatsFileError(f"{file}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    except RecursionError:
+        raise StatsFileError(f"{file}: JSON nested too deeply") from None
     return validate_stats(data, str(file))
 
 
