@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -272,6 +273,24 @@ def test_removed_sources_take_their_error_series_with_them() -> None:
         exporter.remove_prefix_source(f"worker{i}")
     assert exporter._source_error_counts() == {}
     assert not [k for k in samples(exporter.render().decode()) if k[0] == "sagellm_kv_exporter_source_errors_total"]
+
+
+def test_a_source_removed_during_a_scrape_leaves_no_error_series() -> None:
+    """The scrape reads a snapshot of the sources; one removed meanwhile that then fails (its worker shut
+    down) was counted after its removal, and its error series was exported forever."""
+    exporter, _ = make_exporter()
+
+    def closing(kind: str) -> Callable[[], dict[str, int]]:
+        def source() -> dict[str, int]:
+            (exporter.remove_pool_source if kind == "pool" else exporter.remove_prefix_source)("worker")
+            raise RuntimeError("worker closed")
+        return source
+
+    exporter.add_pool_source(closing("pool"), name="worker")
+    exporter.add_prefix_source(closing("prefix"), name="worker")
+    text = exporter.render().decode()
+    assert exporter._source_error_counts() == {}
+    assert not [k for k in samples(text) if k[0] == "sagellm_kv_exporter_source_errors_total"]
 
 
 def test_source_validation() -> None:
