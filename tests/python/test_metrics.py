@@ -318,6 +318,8 @@ def test_bad_transfer_observation_changes_nothing(nbytes: Any, seconds: Any) -> 
 def test_bad_namespace() -> None:
     with pytest.raises(ValueError, match="namespace"):
         PrometheusExporter(namespace="bad-name")
+    with pytest.raises(TypeError, match="namespace must be a str, got int"):  # was an AttributeError
+        PrometheusExporter(namespace=5)  # type: ignore[arg-type]
 
 
 def test_http_scrape_on_loopback() -> None:

@@ -167,6 +167,8 @@ class PrometheusExporter:
         latency_buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS,
     ) -> None:
         _require_prometheus()
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
         if not namespace or not namespace.replace("_", "a").isalnum() or namespace[0].isdigit():
             raise ValueError(f"namespace must be a Prometheus identifier, got {namespace!r}")
         self.namespace = namespace
