@@ -58,6 +58,12 @@ class NodeContribution:
     storage_tiers: list[str]
 
     def __post_init__(self) -> None:
+        for name in ("total_memory_gb", "contributed_memory_gb", "reserved_memory_gb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number of GiB, got {type(value).__name__}")
+            if not math.isfinite(value):  # NaN passes every comparison below
+                raise ValueError(f"{name} must be finite, got {value}")
         if self.contributed_memory_gb < 0 or self.reserved_memory_gb < 0:
             raise ValueError("Memory sizes must be non-negative")
         if self.contributed_memory_gb + self.reserved_memory_gb > self.total_memory_gb:

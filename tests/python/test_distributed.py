@@ -3,6 +3,7 @@ fetch over a KVTransferEngine (two ranks joined by an in-memory pipe)."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections import deque
 from typing import Any
@@ -34,6 +35,15 @@ def test_node_contribution_checks() -> None:
         NodeContribution(0, 10.0, 20.0, 0.0, [])
     with pytest.raises(ValueError, match="Memory sizes must be non-negative"):
         NodeContribution(0, 10.0, -1.0, 0.0, [])
+    # NaN passed every check (a NaN total made a working node reporting nan GB; a NaN or infinite
+    # contribution failed later in the manager as an unnamed ValueError / OverflowError); a str was
+    # a TypeError from '<'
+    for field, args in (("total_memory_gb", (float("nan"), 1.0, 0.0)), ("contributed_memory_gb", (10.0, math.nan, 0.0)),
+                        ("reserved_memory_gb", (10.0, 1.0, math.nan)), ("total_memory_gb", (math.inf, math.inf, 0.0))):
+        with pytest.raises(ValueError, match=f"{field} must be finite"):
+            NodeContribution(0, *args, [])
+    with pytest.raises(TypeError, match="contributed_memory_gb must be a number of GiB, got str"):
+        NodeContribution(0, 10.0, "1", 0.0, [])  # type: ignore[arg-type]
 
 
 def test_interfaces_are_abstract() -> None:
