@@ -210,6 +210,7 @@ class LocalGlobalKVPoolManager(GlobalKVPoolManager):
 
     def get(self, handle: KVHandle, current_rank: int) -> Any:
         """A local handle's live record, or the remote KV fetched through ``accessor``."""
+        _check_rank("current_rank", current_rank)  # any other type never equals a rank: read as remote
         pool = self._owner(handle)
         if handle.node_rank == current_rank:
             live = pool.get_handle(handle.handle_id)

@@ -92,6 +92,8 @@ def test_bad_input_and_foreign_handles() -> None:
     assert manager.get(handle, current_rank=0).handle_id == handle.handle_id
     with pytest.raises(KVNotImplementedError, match="RemoteKVAccessor"):
         manager.get(handle, current_rank=1)
+    with pytest.raises(TypeError, match="current_rank must be an int, got str"):  # was taken for a remote rank
+        manager.get(handle, current_rank="0")  # type: ignore[arg-type]
 
 
 # --- remote fetch ---------------------------------------------------------------------------------
