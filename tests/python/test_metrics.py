@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import urllib.request
 from collections.abc import Callable
@@ -156,6 +157,33 @@ def test_hooks_update_counters() -> None:
     assert c.to_dict()["counters"] == expected
     assert c.get_gauge("prefix_hit_ratio") == pytest.approx(48 / 64)
     assert c.get_gauge("last_transfer_latency_ms") == 1.5
+
+
+def test_hit_ratio_is_never_left_stale_by_concurrent_hooks() -> None:
+    """The ratio was computed from two counter reads and set after them: a thread preempted in between
+    set an older ratio after a newer one (about 1 race in 250 here), and it stayed."""
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    hook = MetricsHook()
+    try:
+        for _ in range(1500):
+            c = MetricsCollector("t", "r", "e")
+            start = threading.Barrier(4)
+
+            def work(k: int, c: MetricsCollector = c, start: threading.Barrier = start) -> None:
+                start.wait()
+                for _ in range(3):
+                    (hook.on_hit if k % 2 else hook.on_miss)(c, num_tokens=1 + k)
+
+            threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            hit, miss = c.get_counter("hit_tokens"), c.get_counter("miss_tokens")
+            assert c.get_gauge("prefix_hit_ratio") == hit / (hit + miss)
+    finally:
+        sys.setswitchinterval(old_interval)
 
 
 def test_hooks_without_numbers_count_events() -> None:
