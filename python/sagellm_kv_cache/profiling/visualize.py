@@ -102,11 +102,11 @@ def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
         intervals = detail.get("intervals")
         if not isinstance(intervals, list) or not all(_is_number(gap) for gap in intervals):
             raise StatsFileError(f"{where}.intervals must be a list of numbers")
-        if len(intervals) != count - 1:
+        # fewer when the collector kept only a block's most recent access times (max_times_per_block)
+        if len(intervals) > count - 1:
             raise StatsFileError(f"{where} has {len(intervals)} intervals for {count} accesses")
-        # the plots add them up in this order (an inf on the way stays inf)
-        if not math.isfinite(sum(intervals, float(detail["first_access"]))):
-            raise StatsFileError(f"{where}: its access times overflow (first_access plus its intervals)")
+        if not all(math.isfinite(t) for t in _recorded_times(detail)):
+            raise StatsFileError(f"{where}: its access times overflow (last_access less its intervals)")
     if not all(_is_number(gap) for gap in stats["access_intervals"]):
         raise StatsFileError(f"{source}: 'access_intervals' must be a list of numbers")
     return stats
@@ -136,11 +136,19 @@ def _ranked_blocks(stats: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]
     return sorted(details.items(), key=lambda item: (-item[1]["access_count"], item[1]["first_access"], item[0]))
 
 
-def _access_times(detail: Mapping[str, Any]) -> list[float]:
-    times = [float(detail["first_access"])]
-    for gap in detail["intervals"]:
-        times.append(times[-1] + float(gap))
+def _recorded_times(detail: Mapping[str, Any]) -> list[float]:
+    """The block's recorded access times, oldest first: back from ``last_access`` by its intervals. A
+    bounded collector keeps only the most recent times, so the oldest may come after ``first_access``."""
+    times = [float(detail["last_access"])]
+    for gap in reversed(detail["intervals"]):
+        times.append(times[-1] - float(gap))
+    times.reverse()
     return times
+
+
+def _access_times(detail: Mapping[str, Any]) -> list[float]:
+    first = float(detail["first_access"])
+    return [max(t, first) for t in _recorded_times(detail)]  # never before the first access by rounding
 
 
 def _time_unit(span: float) -> tuple[str, float]:
