@@ -262,8 +262,9 @@ class TransferRemoteKVAccessor(RemoteKVAccessor):
             raise ValueError("engine is required (a KVTransferEngine on an initialised backend)")
         if not callable(make_buffer):
             raise TypeError("make_buffer must be callable(handle) -> tensor")
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
+        for name, count in (("max_prefetch", max_prefetch), ("max_pending", max_pending)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name} must be a positive int, got {count!r}")
         self.max_pending = max_pending
         self.engine = engine
         self.make_buffer = make_buffer

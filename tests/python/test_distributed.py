@@ -160,5 +160,10 @@ def test_abandoned_prefetches_stay_bounded() -> None:
     assert torch.equal(reader.fetch(handles[-1], 1), torch.full((4,), 99.0))  # the newest still waits
     with pytest.raises(ValueError, match="max_pending"):
         TransferRemoteKVAccessor(reader.engine, lambda h: torch.zeros(4), max_pending=0)
+    # max_prefetch went to the thread pool unchecked: 0 was its 'max_workers must be greater than 0',
+    # '2' a TypeError from '<=', 1.5 and True were taken
+    for bad in (0, "2", 1.5, True):
+        with pytest.raises(ValueError, match=f"max_prefetch must be a positive int, got {bad!r}"):
+            TransferRemoteKVAccessor(reader.engine, lambda h: torch.zeros(4), max_prefetch=bad)
     reader.close()
     owner.close()
