@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -261,6 +262,18 @@ def test_stats_files_that_validated_but_could_not_be_drawn(stats_file: Path, tmp
     with pytest.raises(StatsFileError, match=f"block_details\\['{block}'\\]: its access times overflow"):
         load_stats(far)
     assert_one_line_error(run(["visualize", "-i", str(deep)], tmp_path), "nested too deeply")
+
+
+def test_stats_file_with_integers_beyond_float_or_int_parsing(stats_file: Path, tmp_path: Path) -> None:
+    """JSON integers are Python ints: one past the float range (an OverflowError traceback from
+    math.isfinite) or past int()'s 4300 digits (a ValueError traceback from json) is a one-line error."""
+    text = stats_file.read_text()
+    detail = '"first_access": '
+    assert detail in text
+    for digits, fragment in ((400, "first_access must be a number"), (5000, "4300 digits")):
+        bad = tmp_path / f"big{digits}.json"
+        bad.write_text(re.sub(r'"first_access": [^,]+', f'"first_access": 1{"0" * digits}', text, count=1))
+        assert_one_line_error(run(["visualize", "-i", str(bad)], tmp_path), bad.name, fragment)
 
 
 def test_unknown_plot_type(stats_file: Path, tmp_path: Path) -> None:

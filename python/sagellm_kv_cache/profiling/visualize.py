@@ -74,7 +74,12 @@ def _require_matplotlib() -> None:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past the float range
+        return False
 
 
 def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
@@ -125,6 +130,8 @@ def load_stats(path: str | Path) -> dict[str, Any]:
         raise StatsFileError(f"{file}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
     except RecursionError:
         raise StatsFileError(f"{file}: JSON nested too deeply") from None
+    except ValueError as err:  # an integer of more digits than int() reads (4300)
+        raise StatsFileError(f"{file}: {err}") from None
     return validate_stats(data, str(file))
 
 
