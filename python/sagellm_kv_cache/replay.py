@@ -98,6 +98,8 @@ def load_trace(path: str | Path) -> list[np.ndarray]:
             raise TraceError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
         except RecursionError:
             raise TraceError(f"{path}:{lineno}: JSON nested too deeply") from None
+        except ValueError as exc:  # an integer of more digits than int() reads (4300)
+            raise TraceError(f"{path}:{lineno}: {exc}") from None
         ids = record.get("hash_ids") if isinstance(record, dict) else None
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise TraceError(f"{path}:{lineno}: 'hash_ids' must be a list of integers")

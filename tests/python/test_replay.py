@@ -147,6 +147,10 @@ def test_load_trace_names_a_binary_or_too_deeply_nested_file(tmp_path: Path) -> 
     deep.write_text('{"hash_ids": [1]}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(TraceError, match=f"{re.escape(str(deep))}:2: JSON nested too deeply"):
         load_trace(deep)
+    huge = tmp_path / "huge.jsonl"  # past int()'s 4300 digits: json's ValueError named neither file nor line
+    huge.write_text('{"hash_ids": [1]}\n{"hash_ids": [1' + "0" * 5000 + "]}\n")
+    with pytest.raises(TraceError, match=f"{re.escape(str(huge))}:2: .*4300 digits"):
+        load_trace(huge)
 
 
 def test_cli_replays_any_capacity_it_accepts_and_names_one_it_does_not(tmp_path: Path,
