@@ -62,7 +62,11 @@ class NodeContribution:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"{name} must be a number of GiB, got {type(value).__name__}")
-            if not math.isfinite(value):  # NaN passes every comparison below
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an int past the float range
+                finite = False
+            if not finite:  # NaN passes every comparison below
                 raise ValueError(f"{name} must be finite, got {value}")
         if self.contributed_memory_gb < 0 or self.reserved_memory_gb < 0:
             raise ValueError("Memory sizes must be non-negative")

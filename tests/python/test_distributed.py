@@ -39,7 +39,8 @@ def test_node_contribution_checks() -> None:
     # contribution failed later in the manager as an unnamed ValueError / OverflowError); a str was
     # a TypeError from '<'
     for field, args in (("total_memory_gb", (float("nan"), 1.0, 0.0)), ("contributed_memory_gb", (10.0, math.nan, 0.0)),
-                        ("reserved_memory_gb", (10.0, 1.0, math.nan)), ("total_memory_gb", (math.inf, math.inf, 0.0))):
+                        ("reserved_memory_gb", (10.0, 1.0, math.nan)), ("total_memory_gb", (math.inf, math.inf, 0.0)),
+                        ("total_memory_gb", (10**400, 1.0, 0.0))):
         with pytest.raises(ValueError, match=f"{field} must be finite"):
             NodeContribution(0, *args, [])
     with pytest.raises(TypeError, match="contributed_memory_gb must be a number of GiB, got str"):
