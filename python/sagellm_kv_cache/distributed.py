@@ -58,6 +58,16 @@ class NodeContribution:
     storage_tiers: list[str]
 
     def __post_init__(self) -> None:
+        for name in ("total_memory_gb", "contributed_memory_gb", "reserved_memory_gb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number of GiB, got {type(value).__name__}")
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an int past the float range
+                finite = False
+            if not finite:  # NaN passes every comparison below
+                raise ValueError(f"{name} must be finite, got {value}")
         if self.contributed_memory_gb < 0 or self.reserved_memory_gb < 0:
             raise ValueError("Memory sizes must be non-negative")
         if self.contributed_memory_gb + self.reserved_memory_gb > self.total_memory_gb:
@@ -204,6 +214,7 @@ class LocalGlobalKVPoolManager(GlobalKVPoolManager):
 
     def get(self, handle: KVHandle, current_rank: int) -> Any:
         """A local handle's live record, or the remote KV fetched through ``accessor``."""
+        _check_rank("current_rank", current_rank)  # any other type never equals a rank: read as remote
         pool = self._owner(handle)
         if handle.node_rank == current_rank:
             live = pool.get_handle(handle.handle_id)
@@ -255,8 +266,9 @@ class TransferRemoteKVAccessor(RemoteKVAccessor):
             raise ValueError("engine is required (a KVTransferEngine on an initialised backend)")
         if not callable(make_buffer):
             raise TypeError("make_buffer must be callable(handle) -> tensor")
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
+        for name, count in (("max_prefetch", max_prefetch), ("max_pending", max_pending)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name} must be a positive int, got {count!r}")
         self.max_pending = max_pending
         self.engine = engine
         self.make_buffer = make_buffer

@@ -145,9 +145,12 @@ class LoadAwareScheduler:
         Without candidates, every registered device is one."""
         if not isinstance(request, SchedulerRequest):
             raise TypeError(f"request must be a SchedulerRequest, got {type(request).__name__}")
-        candidates = self.collector.list_devices() if candidate_devices is None else candidate_devices
-        if not candidates:
-            raise ValueError(f"no candidate devices for request {request.request_id} (none registered)")
+        if candidate_devices is None:
+            candidates = self.collector.list_devices()
+            if not candidates:
+                raise ValueError(f"no candidate devices for request {request.request_id} (none registered)")
+        else:  # checked before the affinity test: `in` on a str matches substrings
+            candidates = _device_list("candidate_devices", candidate_devices)
         needed = request.kv_tokens_required or request.prompt_len + request.max_new_tokens
         affinity = request.device_affinity
         if affinity and affinity in candidates and self._has_room(affinity, needed):

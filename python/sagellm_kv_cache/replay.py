@@ -86,6 +86,8 @@ def load_trace(path: str | Path) -> list[np.ndarray]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise TraceError(f"{path}: cannot read trace: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     requests: list[np.ndarray] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -94,6 +96,10 @@ def load_trace(path: str | Path) -> list[np.ndarray]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise TraceError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise TraceError(f"{path}:{lineno}: JSON nested too deeply") from None
+        except ValueError as exc:  # an integer of more digits than int() reads (4300)
+            raise TraceError(f"{path}:{lineno}: {exc}") from None
         ids = record.get("hash_ids") if isinstance(record, dict) else None
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise TraceError(f"{path}:{lineno}: 'hash_ids' must be a list of integers")
@@ -116,10 +122,11 @@ def replay(
     if capacity_blocks is not None and capacity_blocks <= 0:
         raise ValueError(f"capacity_blocks must be > 0 or None, got {capacity_blocks}")
     longest = max(len(r) for r in requests)
-    if capacity_blocks is None:
-        pool_blocks = len(np.unique(np.concatenate(requests))) + longest
-    else:
-        pool_blocks = capacity_blocks + longest
+    # The cache never holds more than the trace's distinct blocks, whatever its capacity; at least one
+    # block for a trace whose requests are all empty.
+    distinct = len(np.unique(np.concatenate(requests)))
+    cached = distinct if capacity_blocks is None else min(capacity_blocks, distinct)
+    pool_blocks = max(1, cached + longest)
     # One byte per token and a single head: the replay needs real block ids, not model-sized memory.
     spec = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype="int8", block_size=TRACE_BLOCK_TOKENS)
     pool = PagedKVPool(spec, pool_blocks, zero_fill=False)

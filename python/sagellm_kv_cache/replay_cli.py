@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sagellm_kv_cache.errors import KVCacheError
 
@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from sagellm_kv_cache.replay import ReplayResult
 
 POLICIES = ("lru", "fifo", "priority", "ttl")
+MAX_COUNT = 2**31 - 1  # block counts are int32 in the native pool, trie and tiers
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _capacities(text: str) -> list[int | None]:
@@ -33,8 +41,8 @@ def _capacities(text: str) -> list[int | None]:
             value = int(part.replace("_", ""))
         except ValueError:
             raise argparse.ArgumentTypeError(f"capacity {part!r} is not an integer or 'inf'") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"capacity must be > 0, got {value}")
+        if not 0 < value <= MAX_COUNT:
+            raise argparse.ArgumentTypeError(f"capacity must be in [1, {MAX_COUNT}], got {value}")
         out.append(value)
     if not out:
         raise argparse.ArgumentTypeError("no capacity given")
@@ -46,8 +54,8 @@ def _count(text: str) -> int:
         value = int(text.replace("_", ""))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if not 0 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_COUNT}], got {value}")
     return value
 
 
@@ -169,6 +177,14 @@ def _replay_command(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"sagellm-kv: {exc}", file=sys.stderr)
             return 2
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        suffix = Path(args.plot).suffix[1:].lower()  # none: matplotlib writes a PNG
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix and suffix not in formats:
+            print(f"sagellm-kv: --plot {args.plot}: unknown image format {suffix!r} "
+                  f"(one of {', '.join(sorted(formats))})", file=sys.stderr)
+            return 2
     try:
         traces = [(p.name, load_trace(p)) for p in paths]
         if tiered:
@@ -203,7 +219,7 @@ def _replay_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sagellm-kv", description="sagellm-kv-cache tools")
+    parser = _OneLineParser(prog="sagellm-kv", description="sagellm-kv-cache tools")
     sub = parser.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("replay", help="replay Mooncake-format traces through the prefix cache and pool")
     rp.add_argument("traces", nargs="*", metavar="TRACE", help="JSONL trace files (default: the bundled sample)")

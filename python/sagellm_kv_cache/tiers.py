@@ -240,8 +240,11 @@ class DiskTier:
                                                   context={"directory": str(self.directory)})
             return
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(meta) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only or full file system, something else in the way
+            raise ValueError(f"disk tier description {str(path)!r} cannot be written: {exc.strerror}") from None
 
     # --- buffers -------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from sagellm_kv_cache import cli
 from sagellm_kv_cache.profiling import AccessStatsCollector, load_stats
+from sagellm_kv_cache.profiling.visualize import StatsFileError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -237,6 +239,41 @@ def test_wrong_shape_json(tmp_path: Path) -> None:
     bad = tmp_path / "shape.json"
     bad.write_text(json.dumps({"total_accesses": 3}))
     assert_one_line_error(run(["visualize", "-i", str(bad)], tmp_path), "missing key")
+
+
+def test_stats_files_that_validated_but_could_not_be_drawn(stats_file: Path, tmp_path: Path) -> None:
+    """JSON nested past the recursion limit (a RecursionError traceback), NaN / Infinity summary numbers
+    (printed as 'nan'), access times whose sum overflows (matplotlib's 'Axis limits cannot be NaN or Inf'
+    traceback): each is a StatsFileError naming the file and the field."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(StatsFileError, match=r"deep\.json: JSON nested too deeply"):
+        load_stats(deep)
+    good = json.loads(stats_file.read_text())
+    for key in ("hit_rate", "duration_seconds"):
+        bad = tmp_path / f"{key}.json"
+        bad.write_text(json.dumps({**good, key: float("nan")}))  # json writes NaN, and reads it back
+        with pytest.raises(StatsFileError, match=f"'{key}' must be finite, got nan"):
+            load_stats(bad)
+    block, detail = next((b, d) for b, d in good["block_details"].items() if d["access_count"] > 2)
+    detail["intervals"] = [1e308] * len(detail["intervals"])
+    far = tmp_path / "far.json"
+    far.write_text(json.dumps(good))
+    with pytest.raises(StatsFileError, match=f"block_details\\['{block}'\\]: its access times overflow"):
+        load_stats(far)
+    assert_one_line_error(run(["visualize", "-i", str(deep)], tmp_path), "nested too deeply")
+
+
+def test_stats_file_with_integers_beyond_float_or_int_parsing(stats_file: Path, tmp_path: Path) -> None:
+    """JSON integers are Python ints: one past the float range (an OverflowError traceback from
+    math.isfinite) or past int()'s 4300 digits (a ValueError traceback from json) is a one-line error."""
+    text = stats_file.read_text()
+    detail = '"first_access": '
+    assert detail in text
+    for digits, fragment in ((400, "first_access must be a number"), (5000, "4300 digits")):
+        bad = tmp_path / f"big{digits}.json"
+        bad.write_text(re.sub(r'"first_access": [^,]+', f'"first_access": 1{"0" * digits}', text, count=1))
+        assert_one_line_error(run(["visualize", "-i", str(bad)], tmp_path), bad.name, fragment)
 
 
 def test_unknown_plot_type(stats_file: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ fetch over a KVTransferEngine (two ranks joined by an in-memory pipe)."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections import deque
 from typing import Any
@@ -34,6 +35,16 @@ def test_node_contribution_checks() -> None:
         NodeContribution(0, 10.0, 20.0, 0.0, [])
     with pytest.raises(ValueError, match="Memory sizes must be non-negative"):
         NodeContribution(0, 10.0, -1.0, 0.0, [])
+    # NaN passed every check (a NaN total made a working node reporting nan GB; a NaN or infinite
+    # contribution failed later in the manager as an unnamed ValueError / OverflowError); a str was
+    # a TypeError from '<'
+    for field, args in (("total_memory_gb", (float("nan"), 1.0, 0.0)), ("contributed_memory_gb", (10.0, math.nan, 0.0)),
+                        ("reserved_memory_gb", (10.0, 1.0, math.nan)), ("total_memory_gb", (math.inf, math.inf, 0.0)),
+                        ("total_memory_gb", (10**400, 1.0, 0.0))):
+        with pytest.raises(ValueError, match=f"{field} must be finite"):
+            NodeContribution(0, *args, [])
+    with pytest.raises(TypeError, match="contributed_memory_gb must be a number of GiB, got str"):
+        NodeContribution(0, 10.0, "1", 0.0, [])  # type: ignore[arg-type]
 
 
 def test_interfaces_are_abstract() -> None:
@@ -82,6 +93,8 @@ def test_bad_input_and_foreign_handles() -> None:
     assert manager.get(handle, current_rank=0).handle_id == handle.handle_id
     with pytest.raises(KVNotImplementedError, match="RemoteKVAccessor"):
         manager.get(handle, current_rank=1)
+    with pytest.raises(TypeError, match="current_rank must be an int, got str"):  # was taken for a remote rank
+        manager.get(handle, current_rank="0")  # type: ignore[arg-type]
 
 
 # --- remote fetch ---------------------------------------------------------------------------------
@@ -148,5 +161,10 @@ def test_abandoned_prefetches_stay_bounded() -> None:
     assert torch.equal(reader.fetch(handles[-1], 1), torch.full((4,), 99.0))  # the newest still waits
     with pytest.raises(ValueError, match="max_pending"):
         TransferRemoteKVAccessor(reader.engine, lambda h: torch.zeros(4), max_pending=0)
+    # max_prefetch went to the thread pool unchecked: 0 was its 'max_workers must be greater than 0',
+    # '2' a TypeError from '<=', 1.5 and True were taken
+    for bad in (0, "2", 1.5, True):
+        with pytest.raises(ValueError, match=f"max_prefetch must be a positive int, got {bad!r}"):
+            TransferRemoteKVAccessor(reader.engine, lambda h: torch.zeros(4), max_prefetch=bad)
     reader.close()
     owner.close()

@@ -282,6 +282,19 @@ def test_select_for_request_honours_affinity_with_room() -> None:
     assert s.select_device_for_request(request(), candidate_devices=["cuda:0", "cuda:2"]) == "cuda:2"
 
 
+def test_select_for_request_checks_candidates_before_affinity() -> None:
+    """The affinity shortcut ran before the candidates were checked: a str was searched as a substring
+    ("cuda:2,cuda:1" placed on cuda:2) and a list holding a non-name was accepted, both counted."""
+    s = LoadAwareScheduler(loaded_cluster())
+    with pytest.raises(TypeError, match="list of device names"):
+        s.select_device_for_request(request(device_affinity="cuda:2"), candidate_devices="cuda:2,cuda:1")
+    with pytest.raises(TypeError, match=r"candidate_devices\[1\] must be a non-empty str, got 5"):
+        s.select_device_for_request(request(device_affinity="cuda:2"), candidate_devices=["cuda:2", 5])
+    with pytest.raises(ValueError, match="No candidate devices provided"):
+        s.select_device_for_request(request(device_affinity="cuda:2"), candidate_devices=[])
+    assert s.get_placement_stats()["total_placements"] == 0
+
+
 def test_select_for_request_without_devices() -> None:
     s = LoadAwareScheduler(LoadMetricsCollector())
     with pytest.raises(ValueError, match="no candidate devices"):

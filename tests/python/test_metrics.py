@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -157,6 +159,33 @@ def test_hooks_update_counters() -> None:
     assert c.get_gauge("last_transfer_latency_ms") == 1.5
 
 
+def test_hit_ratio_is_never_left_stale_by_concurrent_hooks() -> None:
+    """The ratio was computed from two counter reads and set after them: a thread preempted in between
+    set an older ratio after a newer one (about 1 race in 250 here), and it stayed."""
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    hook = MetricsHook()
+    try:
+        for _ in range(1500):
+            c = MetricsCollector("t", "r", "e")
+            start = threading.Barrier(4)
+
+            def work(k: int, c: MetricsCollector = c, start: threading.Barrier = start) -> None:
+                start.wait()
+                for _ in range(3):
+                    (hook.on_hit if k % 2 else hook.on_miss)(c, num_tokens=1 + k)
+
+            threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            hit, miss = c.get_counter("hit_tokens"), c.get_counter("miss_tokens")
+            assert c.get_gauge("prefix_hit_ratio") == hit / (hit + miss)
+    finally:
+        sys.setswitchinterval(old_interval)
+
+
 def test_hooks_without_numbers_count_events() -> None:
     c = collector()
     MetricsHook().on_evict(c)
@@ -274,6 +303,24 @@ def test_removed_sources_take_their_error_series_with_them() -> None:
     assert not [k for k in samples(exporter.render().decode()) if k[0] == "sagellm_kv_exporter_source_errors_total"]
 
 
+def test_a_source_removed_during_a_scrape_leaves_no_error_series() -> None:
+    """The scrape reads a snapshot of the sources; one removed meanwhile that then fails (its worker shut
+    down) was counted after its removal, and its error series was exported forever."""
+    exporter, _ = make_exporter()
+
+    def closing(kind: str) -> Callable[[], dict[str, int]]:
+        def source() -> dict[str, int]:
+            (exporter.remove_pool_source if kind == "pool" else exporter.remove_prefix_source)("worker")
+            raise RuntimeError("worker closed")
+        return source
+
+    exporter.add_pool_source(closing("pool"), name="worker")
+    exporter.add_prefix_source(closing("prefix"), name="worker")
+    text = exporter.render().decode()
+    assert exporter._source_error_counts() == {}
+    assert not [k for k in samples(text) if k[0] == "sagellm_kv_exporter_source_errors_total"]
+
+
 def test_source_validation() -> None:
     exporter, _ = make_exporter()
     with pytest.raises(ValueError, match="already registered"):
@@ -299,6 +346,8 @@ def test_bad_transfer_observation_changes_nothing(nbytes: Any, seconds: Any) -> 
 def test_bad_namespace() -> None:
     with pytest.raises(ValueError, match="namespace"):
         PrometheusExporter(namespace="bad-name")
+    with pytest.raises(TypeError, match="namespace must be a str, got int"):  # was an AttributeError
+        PrometheusExporter(namespace=5)  # type: ignore[arg-type]
 
 
 def test_http_scrape_on_loopback() -> None:

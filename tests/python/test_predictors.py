@@ -120,6 +120,20 @@ def test_bad_updates_change_nothing() -> None:
     assert predictor.get_statistics() == before
 
 
+def test_predict_batch_names_what_is_not_features() -> None:
+    """One PredictorFeatures instead of a list (a pydantic model iterates as (field, value) pairs), a
+    dict or None in the list: each was an AttributeError about session_id."""
+    predictor = HistoricalPredictor()
+    f = features()
+    with pytest.raises(TypeError, match="sequence of PredictorFeatures, got one PredictorFeatures"):
+        predictor.predict_batch(f)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"features\[1\] must be PredictorFeatures, got dict"):
+        predictor.predict_batch([f, f.to_dict()])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"features\[0\] must be PredictorFeatures, got NoneType"):
+        predictor.predict_batch([None])  # type: ignore[list-item]
+    assert len(predictor.predict_batch(iter([f, f]))) == 2  # type: ignore[arg-type]
+
+
 def test_the_interface_is_abstract() -> None:
     with pytest.raises(TypeError):
         LifetimePredictor()  # type: ignore[abstract]

@@ -186,13 +186,37 @@ def test_load_stats_errors(tmp_path: Path) -> None:
     with pytest.raises(StatsFileError, match="block_details"):
         load_stats(bad)
     data = json.loads(good.read_text())
-    data["block_details"]["a"]["intervals"] = [0.1]
+    data["block_details"]["a"]["intervals"] = [0.1, 0.1, 0.1]
     bad.write_text(json.dumps(data))
-    with pytest.raises(StatsFileError, match="1 intervals for 3 accesses"):
+    with pytest.raises(StatsFileError, match="3 intervals for 3 accesses"):
         load_stats(bad)
     bad.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(StatsFileError, match="UTF-8"):
         load_stats(bad)
+
+
+def test_a_bounded_collectors_export_loads_and_plots_its_kept_times(tmp_path: Path) -> None:
+    """A collector keeps max_times_per_block times (256 by default) but counts every access: its export
+    had fewer intervals than accesses - 1 and load_stats (so sage-kv-stats visualize) refused it; the
+    heatmap drew the kept times from first_access, shifted before they happened."""
+    pytest.importorskip("matplotlib")
+    from sagellm_kv_cache.profiling.visualize import _access_times
+
+    collector = AccessStatsCollector(max_times_per_block=4)
+    for i in range(10):
+        collector.record_access("a", is_hit=i > 0)
+        time.sleep(0.002)
+    collector.record_access("b", is_hit=False)
+    path = tmp_path / "bounded.json"
+    collector.export_stats(path)
+    stats = load_stats(path)
+    detail = stats["block_details"]["a"]
+    assert detail["access_count"] == 10 and len(detail["intervals"]) == 3
+    kept = [t - collector.start_time for t in collector.access_times["a"]]
+    assert _access_times(detail) == pytest.approx(kept, abs=1e-6)  # wall-clock floats: microseconds
+    assert _access_times(detail)[0] > detail["first_access"] + 0.005  # the six older times were dropped
+    for plot_type in PLOT_TYPES:
+        assert visualize(stats, tmp_path / f"{plot_type}.png", plot_type).stat().st_size > 0
 
 
 def test_format_summary_mentions_the_numbers() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import zlib
 from pathlib import Path
 
 import pytest
-from sagellm_kv_cache.replay import load_trace, replay
-from sagellm_kv_cache.replay_cli import POLICIES
+from sagellm_kv_cache.replay import TraceError, load_trace, replay
+from sagellm_kv_cache.replay_cli import POLICIES, main
 
 SYNTHETIC = Path("/work/shared/data/synthetic_trace.jsonl")
 JSON_KEYS = ["blocks", "capacity_blocks", "evictions", "hit_ratio", "hits", "policy", "requests", "requests_per_s",
@@ -102,6 +103,16 @@ def test_cli_plot_writes_a_valid_png(tmp_path: Path) -> None:
     assert width > 100 and height > 100
 
 
+def test_cli_plot_format_is_checked_before_replaying(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An extension matplotlib cannot write was a ValueError traceback after the whole replay."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "rows.json"
+    assert main(["replay", "--capacity-blocks", "100", "--json", str(out), "--plot", str(tmp_path / "p.txt")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not out.exists()  # nothing was replayed
+    assert captured.err.count("\n") == 1 and "unknown image format 'txt'" in captured.err and "png" in captured.err
+
+
 def test_cli_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.jsonl"
     proc = run_cli(str(missing), cwd=tmp_path)
@@ -125,6 +136,49 @@ def test_cli_malformed_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and f"{wrong}:3" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_load_trace_names_a_binary_or_too_deeply_nested_file(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 (an unnamed UnicodeDecodeError) and a line nested past the recursion
+    limit (a RecursionError traceback from the CLI) are TraceErrors naming the file (and line)."""
+    binary = tmp_path / "trace.bin"
+    binary.write_bytes(b'{"hash_ids": [1]}\n\xff\xfe\x00\n')
+    with pytest.raises(TraceError, match=f"{re.escape(str(binary))}: not UTF-8"):
+        load_trace(binary)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"hash_ids": [1]}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(TraceError, match=f"{re.escape(str(deep))}:2: JSON nested too deeply"):
+        load_trace(deep)
+    huge = tmp_path / "huge.jsonl"  # past int()'s 4300 digits: json's ValueError named neither file nor line
+    huge.write_text('{"hash_ids": [1]}\n{"hash_ids": [1' + "0" * 5000 + "]}\n")
+    with pytest.raises(TraceError, match=f"{re.escape(str(huge))}:2: .*4300 digits"):
+        load_trace(huge)
+
+
+def test_cli_replays_any_capacity_it_accepts_and_names_one_it_does_not(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The pool was sized capacity + longest request: a capacity near 2^31 failed as 'num_blocks must be
+    in [1, 2147483647], got 2147483649', one past 2^63 (and such a --host-blocks) with a pybind
+    traceback, and a trace of empty requests replayed unbounded as 'num_blocks ... got 0'."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"hash_ids": [1, 2]}\n{"hash_ids": [1, 3]}\n')
+    out = tmp_path / "rows.json"
+    assert main(["replay", str(trace), "--capacity-blocks", f"2,{2**31 - 1},inf", "--json", str(out)]) == 0
+    assert [(r["capacity_blocks"], r["hits"]) for r in json.loads(out.read_text())] == [
+        (2, 1), (2**31 - 1, 1), (None, 1)]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"hash_ids": []}\n')
+    assert main(["replay", str(empty), "--capacity-blocks", "4,inf", "--json", str(out)]) == 0
+    assert [r["blocks"] for r in json.loads(out.read_text())] == [0, 0]
+    capsys.readouterr()
+    for args in (["--capacity-blocks", str(2**31)], ["--capacity-blocks", "4", "--host-blocks", str(10**20)],
+                 ["--capacity-blocks", "4", "--disk-blocks", str(10**20)]):
+        with pytest.raises(SystemExit) as exc:
+            main(["replay", str(trace), *args])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "[0, 2147483647]" in err or "[1, 2147483647]" in err, err
+        assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_cli_every_policy_runs(tmp_path: Path, policy: str) -> None:
     out = tmp_path / "rows.json"
@@ -132,6 +186,19 @@ def test_cli_every_policy_runs(tmp_path: Path, policy: str) -> None:
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(out.read_text())
     assert row["policy"] == policy and 0.0 < row["hit_ratio"] < 1.0 and row["evictions"] > 0
+
+
+def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad argument printed argparse's usage block (four lines) before the error."""
+    for argv in (["replay", "--policy", "mru"], ["replay", "--capacity-blocks", "1e3"], ["bogus"], [],
+                 ["replay", "--host-blocks", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("sagellm-kv"), (argv, err)
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", "--policy", "mru"])
+    assert "replay: error: argument --policy: invalid choice: 'mru'" in capsys.readouterr().err
 
 
 def test_cli_rejects_unknown_policy(tmp_path: Path) -> None:

@@ -485,6 +485,17 @@ def test_replay_cli_takes_tier_capacities(tmp_path: Path) -> None:
     assert bad.returncode == 2
 
 
+def test_a_disk_tier_whose_description_cannot_be_written_is_a_value_error(tmp_path: Path) -> None:
+    """tier.json written through a temporary file: a failure there was a raw OSError (a traceback from
+    sagellm-kv replay --disk-dir on a read-only file system)."""
+    (tmp_path / "tier.tmp").mkdir()  # in the way of the temporary file
+    with pytest.raises(ValueError, match=r"tier\.json' cannot be written: Is a directory"):
+        DiskTier(tmp_path, 2, 4096)
+    assert not (tmp_path / "slots.bin").exists()
+    (tmp_path / "tier.tmp").rmdir()
+    DiskTier(tmp_path, 2, 4096).close()
+
+
 def test_a_disk_tier_that_fails_to_open_releases_its_directory(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="disk_blocks"):
         DiskTier(tmp_path / "many", 2**31, 4096)  # beyond the slot allocator: refused before any file

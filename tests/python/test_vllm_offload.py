@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import warnings
 
 import pytest
@@ -113,6 +114,22 @@ def test_loading_key_is_not_evictable_until_complete_load() -> None:
     assert m.lookup(keys(2)[0], CTX) is LookupResult.MISS
 
 
+def test_prepare_load_reads_its_keys_once() -> None:
+    """Keys handed as an iterator: pinned once and released by complete_load (the iterator was read a
+    second time for the request's last key: IndexError with the pins kept)."""
+    m = SageOffloadingManager(4)
+    ctx = ReqContext("iter")
+    stored(m, keys(1, 2))
+    assert m.prepare_load(iter(keys(1, 2)), ctx).block_ids.tolist() == [0, 1]  # type: ignore[arg-type]
+    m.complete_load(keys(1, 2), ctx)
+    assert m.stats()["in_use_blocks"] == 0
+    out = m.prepare_store(keys(3), ctx)  # chains from the last key loaded
+    assert out is not None
+    m.complete_store(out.keys_to_store, ctx)
+    m.prepare_load(keys(1, 2, 3), ctx)
+    assert m.stats()["lookups"] == 2  # one chain: one match
+
+
 def test_prepare_store_none_when_all_pending() -> None:
     m = SageOffloadingManager(2)
     assert m.prepare_store(keys(1, 2), CTX) is not None
@@ -183,6 +200,25 @@ def test_spec_sizes_the_tier_and_refuses_hybrid_models() -> None:
         SageOffloadingSpec(_config(extra={}))
     with pytest.raises(ValueError, match="copies must be"):
         SageOffloadingSpec(_config(extra={"num_chunks": 4, "copies": "cuda"}))
+
+
+def test_spec_reads_sizes_as_vllm_does_and_names_a_bad_one() -> None:
+    # JSON numbers and strings of digits are read as vLLM's own specs read them
+    assert SageOffloadingSpec(_config(extra={"cpu_bytes_to_use": 64e3})).num_chunks == 62
+    assert SageOffloadingSpec(_config(extra={"num_chunks": "4"})).num_chunks == 4
+    for key, bad in [("num_chunks", 4.7), ("num_chunks", True), ("num_chunks", [4]), ("num_chunks", "four"),
+                     ("cpu_bytes_to_use", float("nan")), ("cpu_bytes_to_use", float("inf")),
+                     ("cpu_bytes_to_use", "1e9"), ("cpu_bytes_to_use", {})]:
+        with pytest.raises(ValueError, match=f"{key}.*{re.escape(repr(bad))}"):
+            SageOffloadingSpec(_config(extra={key: bad}))
+    # out of range: refused by the spec (in every process), not later by the pool or the index
+    with pytest.raises(ValueError, match=r"cpu_bytes_to_use.*-5"):
+        SageOffloadingSpec(_config(extra={"cpu_bytes_to_use": -5}))
+    with pytest.raises(ValueError, match="cpu_bytes_to_use=1024000000000000"):
+        SageOffloadingSpec(_config(extra={"cpu_bytes_to_use": 1024 * 10**12}))
+    for bad_count in (0, -3, 2**31, 10**30):
+        with pytest.raises(ValueError, match=f"num_chunks.*{bad_count}"):
+            SageOffloadingSpec(_config(extra={"num_chunks": bad_count}))
 
 
 def test_reset_cache_drops_everything_in_flight_too() -> None:
@@ -281,6 +317,22 @@ def test_worker_rejects_a_mismatched_chunk_count(copies: str) -> None:
     assert worker.get_finished() == []
     with pytest.raises(ValueError, match="copies"):
         SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies="gpu")
+
+
+@pytest.mark.parametrize("copies", ["pool", "stream"])
+def test_worker_names_a_block_id_out_of_range_and_moves_nothing(copies: str) -> None:
+    """Both paths check vLLM's block ids before copying (the pool path gave torch's unnamed IndexError, and
+    on CUDA KV an out-of-range index_select is a device-side assert that ends the process)."""
+    kv, raw = _canonical(True)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies=copies)
+    before = raw.clone()
+    for bad in (12, -1):
+        with pytest.raises(ValueError, match=f"block id {bad} out of range"):
+            worker.submit_store(1, GPULoadStoreSpec([0, bad], [2], [0]), SageLoadStoreSpec([1]))
+        with pytest.raises(ValueError, match=f"block id {bad} out of range"):
+            worker.submit_load(2, SageLoadStoreSpec([1]), GPULoadStoreSpec([bad, 3], [2], [0]))
+    assert torch.equal(raw, before) and worker.get_finished() == []
+    assert worker.stored_blocks == worker.loaded_blocks == 0
 
 
 def test_worker_with_manager_slots_round_trip() -> None:

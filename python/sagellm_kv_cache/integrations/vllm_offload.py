@@ -33,8 +33,9 @@ This module imports vLLM; the rest of the package never imports it.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -60,7 +61,7 @@ from vllm.v1.kv_offload.config import OffloadingConfig
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache.integrations.chunk_copies import ChunkCopier
+from sagellm_kv_cache.integrations.chunk_copies import ChunkCopier, _indices
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 
 __all__ = [
@@ -76,6 +77,29 @@ def _check_copies(copies: str) -> None:
     """The worker's copy path must be one of ``auto``, ``pool``, ``stream`` (see SageOffloadingWorker)."""
     if copies not in ("auto", "pool", "stream"):
         raise ValueError(f"copies must be 'auto', 'pool' or 'stream', got {copies!r}")
+
+
+# The native index numbers its slots with int32.
+_MAX_CHUNKS = 2**31 - 1
+
+
+def _extra_int(extra: Mapping[str, object], key: str) -> int | None:
+    """``kv_connector_extra_config[key]`` as an int (None when absent): an int, a whole finite float (JSON's
+    ``8e9``) or a string of digits, as vLLM's own specs read it; ValueError naming the key for anything
+    else (a bool, 4.7, NaN, a list) rather than a truncated or unnamed one."""
+    value = extra.get(key)
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    raise ValueError(f"kv_connector_extra_config[{key!r}] must be an integer, got {value!r}")
 
 
 def slot_digest(slot: int) -> bytes:
@@ -164,12 +188,13 @@ class SageOffloadingManager(OffloadingManager):
     def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
         """Pins each key and its trie ancestors until :meth:`complete_load`; all keys must be HITs
         (KeyError naming the first that is not, nothing pinned)."""
+        keys = keys if type(keys) is list else list(keys)  # read once: an iterator would be spent by the index
         spec: SageLoadStoreSpec = self._index.prepare_load(keys)
         if keys:
             trail = req_context.get_state(_Trail)
             if trail is None or trail.owner is not self._epoch:
                 trail = self._new_trail(req_context)
-            trail.last = keys[-1] if type(keys) is list else list(keys)[-1]
+            trail.last = keys[-1]
         return spec
 
     def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
@@ -260,6 +285,7 @@ class SageOffloadingWorker(OffloadingWorker):
                 seen.append(ref.tensor_idx)
         self._tensors: list[torch.Tensor] = [kv_caches.tensors[i].tensor for i in seen]
         self._rows = [int(t.shape[1]) * t.element_size() for t in self._tensors]
+        self._num_blocks = min(int(t.shape[0]) for t in self._tensors)
         self.blocks_per_chunk = blocks_per_chunk
         self.chunk_bytes = blocks_per_chunk * sum(self._rows)
         if copies == "auto":
@@ -315,10 +341,11 @@ class SageOffloadingWorker(OffloadingWorker):
             self.stored_blocks += n
             return True
         assert self.pool is not None
+        # checked here: on a GPU an index out of range is a device-side assert, fatal to the process
+        gpu_ids = torch.from_numpy(_indices(src_spec.block_ids, "block id", self._num_blocks))
         buf, views = self._staging(len(slots))
         if partial and len(slots):
             self.pool.gather_into(slots, buf)
-        gpu_ids = torch.from_numpy(np.ascontiguousarray(src_spec.block_ids, dtype=np.int64))
         chunk, sub = self._positions(skip, n)
         for t, view in zip(self._tensors, views, strict=True):
             ids = gpu_ids.to(t.device)
@@ -340,10 +367,10 @@ class SageOffloadingWorker(OffloadingWorker):
             self.loaded_blocks += n
             return True
         assert self.pool is not None
+        gpu_ids = torch.from_numpy(_indices(dst_spec.block_ids, "block id", self._num_blocks))
         buf, views = self._staging(len(slots))
         if len(slots):
             self.pool.gather_into(slots, buf)
-        gpu_ids = torch.from_numpy(np.ascontiguousarray(dst_spec.block_ids, dtype=np.int64))
         chunk, sub = self._positions(skip, n)
         for t, view in zip(self._tensors, views, strict=True):
             ids = gpu_ids.to(t.device)
@@ -380,18 +407,23 @@ class SageOffloadingSpec(OffloadingSpec):
         if len(config.groups) != 1:
             raise ValueError(f"SageOffloadingSpec supports one KV-cache group (no hybrid models), "
                              f"got {len(config.groups)}")
-        num_chunks = self.extra_config.get("num_chunks")
+        num_chunks = _extra_int(self.extra_config, "num_chunks")
         if num_chunks is None:
-            cpu_bytes = self.extra_config.get("cpu_bytes_to_use")
-            if not cpu_bytes:
+            cpu_bytes = _extra_int(self.extra_config, "cpu_bytes_to_use")
+            if cpu_bytes is None:
                 raise ValueError("kv_connector_extra_config needs cpu_bytes_to_use or num_chunks")
+            if cpu_bytes <= 0:
+                raise ValueError(f"kv_connector_extra_config['cpu_bytes_to_use'] must be positive, got {cpu_bytes}")
             per_chunk = config.worker_kv_bytes_per_block * self.blocks_per_chunk * max(config.parallel.world_size, 1)
             if per_chunk <= 0:
                 raise ValueError(f"worker_kv_bytes_per_block must be positive, got {config.worker_kv_bytes_per_block}")
-            num_chunks = int(cpu_bytes) // per_chunk
-        self.num_chunks = int(num_chunks)
-        if self.num_chunks <= 0:
-            raise ValueError(f"the host tier holds no chunk (num_chunks={self.num_chunks})")
+            num_chunks = cpu_bytes // per_chunk
+            if not 0 < num_chunks <= _MAX_CHUNKS:
+                raise ValueError(f"cpu_bytes_to_use={cpu_bytes} makes {num_chunks} chunks of {per_chunk} bytes; "
+                                 f"the host tier holds 1 to {_MAX_CHUNKS}")
+        elif not 0 < num_chunks <= _MAX_CHUNKS:
+            raise ValueError(f"kv_connector_extra_config['num_chunks'] must be in [1, {_MAX_CHUNKS}], got {num_chunks}")
+        self.num_chunks = num_chunks
         self.eviction_policy = str(self.extra_config.get("eviction_policy", "lru"))
         self.copies = str(self.extra_config.get("copies", "auto"))
         _check_copies(self.copies)  # here too: the scheduler process refuses it before any worker starts

@@ -121,9 +121,7 @@ class MetricsHook:
     @staticmethod
     def _update_hit_ratio(collector: MetricsCollector) -> None:
         # Token-weighted: a hit on a long prefix saves more prefill work than a hit on a short one.
-        hit, miss = collector.get_counter("hit_tokens"), collector.get_counter("miss_tokens")
-        if hit + miss > 0:
-            collector.set_gauge("prefix_hit_ratio", hit / (hit + miss))
+        collector._set_ratio("prefix_hit_ratio", "hit_tokens", "miss_tokens")
 
 
 @runtime_checkable

@@ -68,6 +68,15 @@ class MetricsCollector:
         with self._lock:
             self._gauges[gauge] = float(value)
 
+    def _set_ratio(self, gauge: str, part: str, other: str) -> None:
+        """Sets ``gauge`` to ``part / (part + other)`` of two counters (unset while both are 0), read and
+        written in one lock hold: computed outside it, a thread could set a ratio older than the one
+        another thread has just set, and leave it last."""
+        with self._lock:
+            a, b = self._counters.get(part, 0), self._counters.get(other, 0)
+            if a + b > 0:
+                self._gauges[gauge] = a / (a + b)
+
     def get_counter(self, counter: str) -> int:
         """The counter's value; 0 for a counter never incremented."""
         with self._lock:

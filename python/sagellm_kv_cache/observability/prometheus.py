@@ -97,7 +97,7 @@ class _SourceCollector:
                 if free > total or used < 0:
                     raise ValueError(f"free_blocks={free} exceeds total_blocks={total}")
             except Exception as err:
-                self._exporter._source_failed("pool", name, err)
+                self._exporter._source_failed("pool", name, source, err)
                 continue
             for key, value in (("total", total), ("free", free), ("used", used)):
                 families[f"pool_{key}_blocks"].add_metric([name], value)
@@ -112,7 +112,7 @@ class _SourceCollector:
                 if hits > queried:
                     raise ValueError(f"hit_tokens={hits} exceeds queried_tokens={queried}")
             except Exception as err:
-                self._exporter._source_failed("prefix", name, err)
+                self._exporter._source_failed("prefix", name, source, err)
                 continue
             families["prefix_cache_queried_tokens"].add_metric([name], queried)
             families["prefix_cache_hit_tokens"].add_metric([name], hits)
@@ -167,6 +167,8 @@ class PrometheusExporter:
         latency_buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS,
     ) -> None:
         _require_prometheus()
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
         if not namespace or not namespace.replace("_", "a").isalnum() or namespace[0].isdigit():
             raise ValueError(f"namespace must be a Prometheus identifier, got {namespace!r}")
         self.namespace = namespace
@@ -229,8 +231,12 @@ class PrometheusExporter:
         with self._lock:
             return list(self._pool_sources.items()), list(self._prefix_sources.items())
 
-    def _source_failed(self, kind: str, name: str, err: Exception) -> None:
+    def _source_failed(self, kind: str, name: str, source: Callable[[], Any], err: Exception) -> None:
         with self._lock:
+            # A source removed while this scrape was reading it (a worker shutting down, whose source
+            # then fails) is not counted: its series would come back after the removal, for good.
+            if (self._pool_sources if kind == "pool" else self._prefix_sources).get(name) is not source:
+                return
             count = self._source_errors.get((kind, name), 0) + 1
             self._source_errors[(kind, name)] = count
         # Warn once per source: a broken source fails at every scrape and would flood the log.

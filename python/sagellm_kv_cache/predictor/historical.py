@@ -103,8 +103,14 @@ class HistoricalPredictor(LifetimePredictor):
                     self._sessions.popitem(last=False)
 
     def predict_batch(self, features: Sequence[PredictorFeatures]) -> list[LifetimePrediction]:
+        if isinstance(features, PredictorFeatures):  # a model iterates as (field, value) pairs
+            raise TypeError("features must be a sequence of PredictorFeatures, got one PredictorFeatures")
+        features = list(features)
         if not features:
             raise ValueError("features must not be empty")
+        for i, f in enumerate(features):
+            if not isinstance(f, PredictorFeatures):
+                raise TypeError(f"features[{i}] must be PredictorFeatures, got {type(f).__name__}")
         now = time.time()
         with self._lock:
             return [self._predict(f, now) for f in features]

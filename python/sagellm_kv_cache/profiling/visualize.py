@@ -74,7 +74,12 @@ def _require_matplotlib() -> None:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past the float range
+        return False
 
 
 def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
@@ -87,6 +92,8 @@ def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
         value = stats[key]
         if isinstance(value, bool) or not isinstance(value, types):
             raise StatsFileError(f"{source}: {key!r} has type {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN / Infinity
+            raise StatsFileError(f"{source}: {key!r} must be finite, got {value}")
     for block_id, detail in stats["block_details"].items():
         where = f"{source}: block_details[{block_id!r}]"
         if not isinstance(detail, dict):
@@ -100,8 +107,11 @@ def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
         intervals = detail.get("intervals")
         if not isinstance(intervals, list) or not all(_is_number(gap) for gap in intervals):
             raise StatsFileError(f"{where}.intervals must be a list of numbers")
-        if len(intervals) != count - 1:
+        # fewer when the collector kept only a block's most recent access times (max_times_per_block)
+        if len(intervals) > count - 1:
             raise StatsFileError(f"{where} has {len(intervals)} intervals for {count} accesses")
+        if not all(math.isfinite(t) for t in _recorded_times(detail)):
+            raise StatsFileError(f"{where}: its access times overflow (last_access less its intervals)")
     if not all(_is_number(gap) for gap in stats["access_intervals"]):
         raise StatsFileError(f"{source}: 'access_intervals' must be a list of numbers")
     return stats
@@ -118,6 +128,10 @@ def load_stats(path: str | Path) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise StatsFileError(f"{file}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    except RecursionError:
+        raise StatsFileError(f"{file}: JSON nested too deeply") from None
+    except ValueError as err:  # an integer of more digits than int() reads (4300)
+        raise StatsFileError(f"{file}: {err}") from None
     return validate_stats(data, str(file))
 
 
@@ -129,11 +143,19 @@ def _ranked_blocks(stats: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]
     return sorted(details.items(), key=lambda item: (-item[1]["access_count"], item[1]["first_access"], item[0]))
 
 
-def _access_times(detail: Mapping[str, Any]) -> list[float]:
-    times = [float(detail["first_access"])]
-    for gap in detail["intervals"]:
-        times.append(times[-1] + float(gap))
+def _recorded_times(detail: Mapping[str, Any]) -> list[float]:
+    """The block's recorded access times, oldest first: back from ``last_access`` by its intervals. A
+    bounded collector keeps only the most recent times, so the oldest may come after ``first_access``."""
+    times = [float(detail["last_access"])]
+    for gap in reversed(detail["intervals"]):
+        times.append(times[-1] - float(gap))
+    times.reverse()
     return times
+
+
+def _access_times(detail: Mapping[str, Any]) -> list[float]:
+    first = float(detail["first_access"])
+    return [max(t, first) for t in _recorded_times(detail)]  # never before the first access by rounding
 
 
 def _time_unit(span: float) -> tuple[str, float]:
