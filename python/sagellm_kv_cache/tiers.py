@@ -730,6 +730,11 @@ class TieredPrefixCache:
                 disk.slots.free(np.array([slot], np.int32))
             raise
         with self._lock:
+            # Written to another slot meanwhile (an inline demotion of the same digest in another
+            # thread): same bytes, so keep this copy and free that slot rather than lose it.
+            other = disk.index.pop(key, None)
+            if other is not None and other.slot != slot:
+                disk.slots.free(np.array([other.slot], np.int32))
             disk.index[key] = _DiskSlot(slot, generation)
             self._stats.demoted_to_disk += 1
 
@@ -819,12 +824,21 @@ class TieredPrefixCache:
         return out
 
     def _unclaim(self, run: list[tuple[bytes, int, int]]) -> None:
+        # A digest stored into its tier again while claimed (computed and demoted anew) keeps that
+        # copy (same bytes); the claimed slot is freed, not written over the new entry (which would
+        # lose the new entry's slot for good).
         with self._lock:
             for key, tier, slot in run:
                 if tier == TIER_HOST and self.host is not None:
-                    self.host.index[key] = slot
+                    if key in self.host.index:
+                        self.host.slots.free(np.array([slot], np.int32))
+                    else:
+                        self.host.index[key] = slot
                 elif tier == TIER_DISK and self.disk is not None:
-                    self.disk.index[key] = _DiskSlot(slot, self.disk.next_generation())
+                    if key in self.disk.index:
+                        self.disk.slots.free(np.array([slot], np.int32))
+                    else:
+                        self.disk.index[key] = _DiskSlot(slot, self.disk.next_generation())
 
     def _free_lower(self, run: list[tuple[bytes, int, int]]) -> None:
         with self._lock:

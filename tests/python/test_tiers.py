@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from sagellm_kv_cache import KVHandle, KVOffloadManager, _core
 from sagellm_kv_cache.errors import KVInvalidBlockError, KVMemoryExhaustedError, KVMetadataMismatchError
 from sagellm_kv_cache.offload import OffloadStorage
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
-from sagellm_kv_cache.tiers import TIER_DEVICE, TIER_DISK, TIER_HOST, DiskTier, TieredPrefixCache
+from sagellm_kv_cache.tiers import TIER_DEVICE, TIER_DISK, TIER_HOST, DiskTier, HostTier, TieredPrefixCache
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="fp16", block_size=4)
 
@@ -540,3 +542,60 @@ def test_a_closed_tiered_cache_refuses_work_and_never_hangs(tmp_path: Path) -> N
     assert (pool.num_used_blocks, len(tc.device), tc.stats()["blocks"]) == before
     tc.release(held)  # releasing uses still works, and demotes nothing
     assert len(tc.device) == before[1] and not tc._pending
+
+
+
+def _slots_accounted(tier: HostTier | DiskTier) -> bool:
+    """Every slot of a host or disk tier is free or named by exactly one index entry."""
+    named = [e if isinstance(e, int) else e.slot for e in tier.index.values()]
+    return len(set(named)) == len(named) and tier.slots.num_available + len(named) == tier.num_blocks
+
+
+@pytest.mark.parametrize("lower", ["host", "disk"])
+def test_a_claim_given_back_after_the_digest_was_stored_again_loses_no_slot(tmp_path: Path, lower: str) -> None:
+    # A promotion claims a lower-tier copy, then cannot use it (the device is full) and gives it
+    # back; meanwhile another request computed the same digest and it was demoted into that tier
+    # again. The give-back must not overwrite the new entry: that entry's slot would be lost.
+    pool = PagedKVPool(SPEC, 8)
+    tiers = {"host_blocks": 4} if lower == "host" else {"disk_dir": tmp_path, "disk_blocks": 4}
+    with TieredPrefixCache(pool, device_blocks=4, background=False, **tiers) as tc:  # type: ignore[arg-type]
+        tier = tc.host if lower == "host" else tc.disk
+        assert tier is not None
+        x = fill(tc, prompt(0, blocks=1))[0].tobytes()
+        tc.demote(4)
+        claim = tc._claim(x)
+        assert claim is not None and tc.location(x) is None
+        fill(tc, prompt(0, blocks=1))  # the same digest, computed again and demoted again
+        tc.demote(4)
+        assert tc.location(x) == lower
+        tc._unclaim([(x, *claim)])
+        assert tc.location(x) == lower
+        assert _slots_accounted(tier)
+
+
+def test_two_demotions_of_one_digest_writing_at_once_lose_no_disk_slot(tmp_path: Path) -> None:
+    # Inline demotions run in the callers' threads, so one digest evicted twice (computed again
+    # between) can be written to two disk slots at once; the second to publish must free the first's
+    # slot (same bytes), not overwrite its index entry. Both writes are held until both have a slot.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=4, disk_dir=tmp_path, disk_blocks=4, background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        key = b"\x07" * 32
+        payload = disk.bounce_buffer().copy()
+        both_have_a_slot = threading.Barrier(2, timeout=10)
+        real_write = disk.write
+
+        def write_when_both_hold_a_slot(*args: Any) -> None:
+            both_have_a_slot.wait()
+            real_write(*args)
+
+        disk.write = write_when_both_hold_a_slot  # type: ignore[method-assign]
+        writers = [threading.Thread(target=tc._write_disk, args=(key, payload)) for _ in range(2)]
+        for t in writers:
+            t.start()
+        for t in writers:
+            t.join(timeout=10)
+        disk.write = real_write  # type: ignore[method-assign]
+        assert tc.location(key) == "disk"
+        assert _slots_accounted(disk)
