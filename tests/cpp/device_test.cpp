@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include "sagellm_kv/error.hpp"
 #include "test_support.hpp"
@@ -75,6 +76,22 @@ TEST(CpuAllocator, RejectsBadRequests) {
   AllocationRequest huge;
   huge.size = std::size_t{1} << 62;
   EXPECT_EQ(code_of([&] { (void)alloc->allocate(huge); }), ErrorCode::kMemoryExhausted);
+}
+
+TEST(CpuAllocator, SizeNearTheTopOfTheAddressSpaceIsExhaustedNotWrapped) {
+  // Rounding such a size up to the alignment wraps to a few bytes; those must not be handed out
+  // as an allocation of the size asked for (a zero fill of it would run over the heap).
+  auto alloc = allocator_for("cpu");
+  for (std::size_t alignment : {std::size_t{64}, std::size_t{4096}}) {
+    AllocationRequest req;
+    req.size = SIZE_MAX - 10;
+    req.alignment = alignment;
+    EXPECT_EQ(code_of([&] { (void)alloc->allocate(req); }), ErrorCode::kMemoryExhausted) << alignment;
+  }
+  AllocationRequest huge_pages;
+  huge_pages.size = SIZE_MAX - (std::size_t{1} << 20);
+  huge_pages.huge_pages = true;
+  EXPECT_EQ(code_of([&] { (void)alloc->allocate(huge_pages); }), ErrorCode::kMemoryExhausted);
 }
 
 TEST(CudaAllocator, FailsCleanlyOrWorks) {

@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "device/backends.hpp"
@@ -34,6 +35,10 @@ class CpuAllocator final : public DeviceAllocator {
     const bool lock = request.lock || request.kind == MemoryKind::kPinnedHost;
     std::size_t alignment = std::max<std::size_t>(request.alignment, alignof(std::max_align_t));
     if (request.huge_pages) alignment = std::max(alignment, kHugePageBytes);
+    if (request.size > std::numeric_limits<std::size_t>::max() - (alignment - 1)) {  // rounding would wrap
+      throw Error(ErrorCode::kMemoryExhausted, "cannot allocate " + std::to_string(request.size) +
+                                                   " bytes of host memory on " + id_.str());
+    }
     // aligned_alloc wants a size that is a multiple of the alignment.
     const std::size_t rounded = (request.size + alignment - 1) / alignment * alignment;
     void* data = std::aligned_alloc(alignment, rounded);
