@@ -308,3 +308,13 @@ def test_admit_under_a_huge_block_size_reserves_for_the_tokens_only() -> None:
 print(rm.admit(1, [1, 2, 3])[0], rm.admit_batch([2, 3], [[1], [2, 3]])[0].tolist(), alloc.num_available)
 """)
     assert out.split() == ["0", "[0,", "0]", "5"]
+
+
+def test_keyed_chains_under_a_huge_block_size_allocate_for_the_tokens_only() -> None:
+    # A salted or keyed chain hashes full messages; the message buffer was sized for a whole block
+    # when the chain started (8 GiB for block_size 2**31-1), before any block was read.
+    out = run_isolated(HUGE_BLOCK_PRELUDE + """
+print(rm.admit(1, [1, 2, 3], extra="lora-7")[0], rm.admit(2, [4, 5], salt="tenant")[0],
+      rm.admit_batch([3, 4], [[1], [2, 3]], extra="lora-7")[0].tolist())
+""")
+    assert out.split() == ["0", "0", "[0,", "0]"]
