@@ -167,6 +167,13 @@ class DiskTier:
         self.slot_nbytes = self.payload_stride + _PAGE  # payload, then its header page
         self.fsync = bool(fsync)
         self.directory = Path(directory)
+        # I/O gate: close() waits for the reads and writes in flight before it closes descriptors
+        # (a descriptor closed under another thread's I/O is a number the next open() reuses).
+        self._io_cv = threading.Condition()
+        self._io_active = 0
+        self._fd = -1
+        self._direct_fd: int | None = None
+        self._retired_fds: list[int] = []
         # Refuses a slot count the native allocator cannot hold before anything is created on disk.
         try:
             self.slots = _core.BlockAllocator(self.num_blocks)
@@ -190,7 +197,6 @@ class DiskTier:
             os.close(self._fd)
             raise ValueError(f"disk tier directory {str(directory)!r} is in use by another process") from None
         self.direct_io = False
-        self._direct_fd: int | None = None
         try:
             # Any failure from here closes the file again: a leaked descriptor would keep the lock,
             # and the directory would read as "in use" for the rest of the process.
@@ -302,9 +308,7 @@ class DiskTier:
         self._encode_header(iov[-1][-_PAGE:], digest, generation, checksum)
         # One positional write of payload + header: a crash may land any part of it, which the
         # header and payload checksums catch on the next read or reopen.
-        self._io(iov, slot * self.slot_nbytes, write=True)
-        if self.fsync:
-            os.fdatasync(self._fd)
+        self._io(iov, slot * self.slot_nbytes, write=True, sync=self.fsync)
 
     def read(self, slot: int, digest: bytes, out: npt.NDArray[np.uint8]) -> bool:
         """Reads a slot into ``out`` (as for ``write``); False when the slot does not hold ``digest``
@@ -316,31 +320,47 @@ class DiskTier:
             return False
         return decoded[2] == _core.block_checksum(out[: self.block_nbytes])
 
-    def _io(self, bufs: list[npt.NDArray[np.uint8]], off: int, *, write: bool) -> None:
-        """pwritev / preadv of ``bufs`` at ``off``, through O_DIRECT when every buffer is aligned."""
-        use_direct = self._direct_fd is not None and all(self._aligned(b) for b in bufs)
-        fd = self._direct_fd if use_direct and self._direct_fd is not None else self._fd
-        op = os.pwritev if write else os.preadv
+    def _io(self, bufs: list[npt.NDArray[np.uint8]], off: int, *, write: bool, sync: bool = False) -> None:
+        """pwritev / preadv of ``bufs`` at ``off``, through O_DIRECT when every buffer is aligned
+        (then fdatasync when ``sync``). OSError(EBADF) once the tier is closed."""
+        with self._io_cv:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, "the disk tier is closed")
+            self._io_active += 1
+            buffered_fd, direct_fd = self._fd, self._direct_fd
         try:
-            n = op(fd, cast(list[Any], bufs), off)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL or fd == self._fd:
-                raise
-            self._disable_direct()
-            n = op(self._fd, cast(list[Any], bufs), off)
-        want = sum(b.nbytes for b in bufs)
-        if n != want:
-            raise OSError(errno.EIO, f"short {'write' if write else 'read'} on the disk tier ({n} of {want} bytes)")
+            use_direct = direct_fd is not None and all(self._aligned(b) for b in bufs)
+            fd = direct_fd if use_direct and direct_fd is not None else buffered_fd
+            op = os.pwritev if write else os.preadv
+            try:
+                n = op(fd, cast(list[Any], bufs), off)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or fd == buffered_fd:
+                    raise
+                self._disable_direct()
+                n = op(buffered_fd, cast(list[Any], bufs), off)
+            want = sum(b.nbytes for b in bufs)
+            if n != want:
+                raise OSError(errno.EIO, f"short {'write' if write else 'read'} on the disk tier ({n} of {want} bytes)")
+            if sync:
+                os.fdatasync(buffered_fd)
+        finally:
+            with self._io_cv:
+                self._io_active -= 1
+                if self._io_active == 0:
+                    self._io_cv.notify_all()
 
     def _pread(self, buf: npt.NDArray[np.uint8], off: int) -> None:
         self._io([buf], off, write=False)
 
     def _disable_direct(self) -> None:
-        # The filesystem opened with O_DIRECT but refuses the I/O: fall back to buffered I/O.
-        if self._direct_fd is not None:
-            os.close(self._direct_fd)
-            self._direct_fd = None
-        self.direct_io = False
+        # The filesystem opened with O_DIRECT but refuses the I/O: fall back to buffered I/O. The
+        # descriptor stays open until close(): another thread may be in an I/O on it.
+        with self._io_cv:
+            if self._direct_fd is not None:
+                self._retired_fds.append(self._direct_fd)
+                self._direct_fd = None
+            self.direct_io = False
 
     # --- index ---------------------------------------------------------------------------------
 
@@ -382,12 +402,18 @@ class DiskTier:
         return self.generation
 
     def close(self) -> None:
-        for fd in (self._direct_fd, self._fd):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._direct_fd = None
-        self._fd = -1
+        """Closes the slot file once the reads and writes in flight have finished; later ones raise
+        OSError(EBADF)."""
+        with self._io_cv:
+            fds = [fd for fd in (self._direct_fd, self._fd, *self._retired_fds) if fd is not None and fd >= 0]
+            self._direct_fd = None
+            self._fd = -1
+            self._retired_fds = []
+            while self._io_active:
+                self._io_cv.wait()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __len__(self) -> int:
         return len(self.index)

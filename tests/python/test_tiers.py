@@ -599,3 +599,41 @@ def test_two_demotions_of_one_digest_writing_at_once_lose_no_disk_slot(tmp_path:
         disk.write = real_write  # type: ignore[method-assign]
         assert tc.location(key) == "disk"
         assert _slots_accounted(disk)
+
+
+def test_closing_the_disk_tier_waits_for_io_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An inline demotion writes a slot in the caller's thread while another thread closes the tier.
+    # The descriptor it is writing through must not be closed under it: the number is reused by the
+    # next open() in the process, and the slot's bytes would land in that unrelated file.
+    pool = PagedKVPool(SPEC, 8)
+    tc = TieredPrefixCache(pool, device_blocks=4, disk_dir=tmp_path / "tier", disk_blocks=4, background=False)
+    disk = tc.disk
+    assert disk is not None
+    in_write, go_on = threading.Event(), threading.Event()
+    real_pwritev = os.pwritev
+
+    def held_pwritev(fd: int, buffers: Any, offset: int) -> int:
+        in_write.set()
+        assert go_on.wait(10)
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", held_pwritev)
+    payload = disk.bounce_buffer().copy()
+    writer = threading.Thread(target=disk.write, args=(0, b"\x05" * 32, payload, 1))
+    writer.start()
+    assert in_write.wait(10)
+    closer = threading.Thread(target=tc.close)
+    closer.start()
+    closer.join(timeout=0.5)  # a close that does not wait for the write has closed the file by now
+    others = [tmp_path / f"unrelated{i}" for i in range(2)]
+    fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o644) for p in others]  # reuse any number freed
+    go_on.set()
+    writer.join(timeout=10)
+    closer.join(timeout=10)
+    for fd in fds:
+        os.close(fd)
+    assert not closer.is_alive() and not writer.is_alive()
+    assert [p.stat().st_size for p in others] == [0, 0]
+    reopened = DiskTier(tmp_path / "tier", 4, pool.block_nbytes)
+    assert len(reopened) == 1  # the write landed in the tier's own file
+    reopened.close()
