@@ -662,6 +662,12 @@ class TieredPrefixCache:
         host = self.host
         assert host is not None
         slots = self._host_slots(len(keys))
+        past = len(keys) - len(slots)
+        if past:  # every host slot is claimed (a promotion in flight): the oldest go past the host tier
+            self._demote_past_host(keys[:past], ids[:past])
+            keys, ids = keys[past:], ids[past:]
+            if not keys:
+                return
         t0 = time.perf_counter()
         host.slab.copy_from_pool(self.pool._native, ids, slots)
         dt = time.perf_counter() - t0
@@ -674,8 +680,17 @@ class TieredPrefixCache:
             self._account("device_to_host", len(keys), dt)
             self._stats.demoted_to_host += len(keys)
 
+    def _demote_past_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+        """Device blocks the host tier has no slot for: to disk, or dropped without one."""
+        if self.disk is not None:
+            self._demote_to_disk_from_device(keys, ids)
+            return
+        with self._lock:
+            self._stats.dropped[TIER_DEVICE] += len(keys)
+
     def _host_slots(self, n: int) -> npt.NDArray[np.int32]:
-        """n free host slots, demoting the host tier's oldest blocks to disk (or dropping them) first."""
+        """Up to n free host slots, demoting the host tier's oldest blocks to disk (or dropping them)
+        first; fewer when the other slots are all claimed by promotions in flight (nothing to demote)."""
         host = self.host
         assert host is not None
         out: list[int] = []
@@ -686,7 +701,7 @@ class TieredPrefixCache:
                     out.extend(host.slots.allocate(free).tolist())
                     continue
                 if not host.index:
-                    raise RuntimeError("host tier has no free slot and nothing to demote")
+                    break
                 victims = [host.index.popitem(last=False) for _ in range(min(n - len(out), len(host.index)))]
                 spill: Future[None] = Future()
                 for key, _ in victims:  # in flight to disk: a lookup waits for it

@@ -637,3 +637,33 @@ def test_closing_the_disk_tier_waits_for_io_in_flight(tmp_path: Path, monkeypatc
     reopened = DiskTier(tmp_path / "tier", 4, pool.block_nbytes)
     assert len(reopened) == 1  # the write landed in the tier's own file
     reopened.close()
+
+
+@pytest.mark.parametrize("with_disk", [False, True], ids=["host", "host+disk"])
+def test_promoting_the_whole_host_tier_into_a_full_device_is_a_hit(tmp_path: Path, background: bool,
+                                                                   with_disk: bool) -> None:
+    # The promotion claims every host slot, then makes room on the device by demoting its cached
+    # blocks, which need host slots: none is free and none can be spilled (all are claimed). The
+    # demoted blocks go past the host tier (to disk, or are dropped); the lookup itself was a
+    # RuntimeError "host tier has no free slot and nothing to demote".
+    pool = PagedKVPool(SPEC, 4)
+    disk = {"disk_dir": tmp_path, "disk_blocks": 8} if with_disk else {}
+    with TieredPrefixCache(pool, device_blocks=4, host_blocks=2, background=background,
+                           **disk) as tc:  # type: ignore[arg-type]
+        wanted = fill(tc, prompt(0, blocks=2))
+        tc.demote(2)
+        tc.flush()
+        others = [fill(tc, prompt(i, blocks=2)) for i in (1, 2)]  # the device: full, all cached
+        assert pool.num_free_blocks == 0
+        m = tc.match(wanted)
+        assert m.num_matched == 2 and m.tiers.tolist() == [TIER_HOST, TIER_HOST]
+        got = pool.gather(m.block_ids).reshape(2, -1)
+        for row, d in zip(got, wanted, strict=True):
+            np.testing.assert_array_equal(row, content(d.tobytes(), pool.block_nbytes))
+        tc.release(wanted)
+        tc.flush()
+        gone = [tc.location(d.tobytes()) for d in others[0]]
+        assert gone == (["disk", "disk"] if with_disk else [None, None])
+        assert _slots_accounted(tc.host)
+        if with_disk:
+            assert tc.disk is not None and _slots_accounted(tc.disk)
