@@ -595,21 +595,22 @@ class TieredPrefixCache:
     def _demote(self, n: int) -> list[Future[None]]:
         if n == 0 or self._closed:  # a closed cache keeps its device blocks where they are
             return []
-        digests, ids = self.device._native.evict_detached(n)
-        if len(ids) == 0:
-            return []
-        keys = [row.tobytes() for row in digests]
         if self.host is None and self.disk is None:
-            self.pool.free(ids)
-            with self._lock:
-                self._stats.dropped[TIER_DEVICE] += len(ids)
+            _, ids = self.device._native.evict_detached(n)
+            if len(ids):
+                self.pool.free(ids)
+                with self._lock:
+                    self._stats.dropped[TIER_DEVICE] += len(ids)
             return []
         with self._lock:
-            if not self._closed:  # close() sets it under this lock before shutting the executor down
-                return [self._submit_locked(keys, ids)]
-            self._stats.dropped[TIER_DEVICE] += len(ids)
-        self.pool.free(ids)  # closed meanwhile (another thread): the evicted blocks are dropped
-        return []
+            # Taken out of the trie and registered as in flight under one hold of the lock: a lookup
+            # in between would find the digests in no tier (a miss) instead of waiting for the copy.
+            if self._closed:  # close() sets it under this lock before shutting the executor down
+                return []
+            digests, ids = self.device._native.evict_detached(n)
+            if len(ids) == 0:
+                return []
+            return [self._submit_locked([row.tobytes() for row in digests], ids)]
 
     def _submit_locked(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> Future[None]:
         # Registered as pending before the job can run, so a lookup of these digests waits for it.

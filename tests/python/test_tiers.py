@@ -667,3 +667,34 @@ def test_promoting_the_whole_host_tier_into_a_full_device_is_a_hit(tmp_path: Pat
         assert _slots_accounted(tc.host)
         if with_disk:
             assert tc.disk is not None and _slots_accounted(tc.disk)
+
+
+def test_a_lookup_racing_a_demotion_waits_for_it_instead_of_missing(tmp_path: Path) -> None:
+    # Between taking a block out of the device trie and registering its demotion as in flight, the
+    # digest was in no tier: a lookup there missed (and the request recomputed the block) instead of
+    # waiting for the copy, as the tier contract says. The eviction is held open here while another
+    # thread looks the digest up.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=4, host_blocks=4) as tc:
+        x = fill(tc, prompt(0, blocks=1))
+        native = tc.device._native
+        found: list[list[int]] = []
+        lookers: list[threading.Thread] = []
+
+        class EvictionHeldOpen:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(native, name)
+
+            def evict_detached(self, n: int) -> Any:
+                out = native.evict_detached(n)
+                lookers.append(threading.Thread(target=lambda: found.append(tc.match(x).tiers.tolist())))
+                lookers[0].start()
+                lookers[0].join(timeout=0.5)  # a lookup that does not wait has its answer by now
+                return out
+
+        tc.device._native = EvictionHeldOpen()  # type: ignore[assignment]
+        tc.demote(1)
+        tc.device._native = native
+        lookers[0].join(timeout=10)
+        assert found == [[TIER_HOST]]  # the lookup waited for the copy: a host hit, not a miss
+        tc.release(x)
