@@ -567,7 +567,10 @@ class TieredPrefixCache:
         short = num_blocks - self.pool.num_free_blocks
         if short > 0:
             for fut in self._demote(short):
-                fut.result()
+                # A demotion that failed (a lower tier's I/O error) still freed its device blocks:
+                # their copies are dropped, and the room is there. The error is the demotion's (its
+                # future from demote()), not this caller's lookup or allocation.
+                fut.exception()
 
     # --- demotion ------------------------------------------------------------------------------
 

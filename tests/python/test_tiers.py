@@ -698,3 +698,26 @@ def test_a_lookup_racing_a_demotion_waits_for_it_instead_of_missing(tmp_path: Pa
         lookers[0].join(timeout=10)
         assert found == [[TIER_HOST]]  # the lookup waited for the copy: a host hit, not a miss
         tc.release(x)
+
+
+def test_a_failing_disk_does_not_fail_a_lookup_that_makes_room(tmp_path: Path, background: bool) -> None:
+    # The promotion of a host hit makes room on a full device by demoting cached blocks; they can only
+    # go to disk, which fails. The demoted blocks are freed (dropped) either way, so the hit is served;
+    # the lookup itself raised the disk's OSError.
+    pool = PagedKVPool(SPEC, 6)
+    with TieredPrefixCache(pool, device_blocks=6, host_blocks=2, disk_dir=tmp_path, disk_blocks=8,
+                           background=background) as tc:
+        wanted = fill(tc, prompt(0, blocks=2))
+        for i in range(1, 4):
+            fill(tc, prompt(i, blocks=2))  # the device: full; prompt 0 went to the host tier
+        tc.flush()
+        assert [tc.location(d.tobytes()) for d in wanted] == ["host", "host"]
+        assert tc.disk is not None
+        tc.disk.close()  # the disk fails under the cache
+        m = tc.match(wanted)
+        assert m.num_matched == 2 and m.tiers.tolist() == [TIER_HOST, TIER_HOST]
+        got = pool.gather(m.block_ids).reshape(2, -1)
+        for row, d in zip(got, wanted, strict=True):
+            np.testing.assert_array_equal(row, content(d.tobytes(), pool.block_nbytes))
+        tc.release(wanted)
+        assert _slots_accounted(tc.host)
