@@ -167,6 +167,13 @@ class DiskTier:
         self.slot_nbytes = self.payload_stride + _PAGE  # payload, then its header page
         self.fsync = bool(fsync)
         self.directory = Path(directory)
+        # I/O gate: close() waits for the reads and writes in flight before it closes descriptors
+        # (a descriptor closed under another thread's I/O is a number the next open() reuses).
+        self._io_cv = threading.Condition()
+        self._io_active = 0
+        self._fd = -1
+        self._direct_fd: int | None = None
+        self._retired_fds: list[int] = []
         # Refuses a slot count the native allocator cannot hold before anything is created on disk.
         try:
             self.slots = _core.BlockAllocator(self.num_blocks)
@@ -190,7 +197,6 @@ class DiskTier:
             os.close(self._fd)
             raise ValueError(f"disk tier directory {str(directory)!r} is in use by another process") from None
         self.direct_io = False
-        self._direct_fd: int | None = None
         try:
             # Any failure from here closes the file again: a leaked descriptor would keep the lock,
             # and the directory would read as "in use" for the rest of the process.
@@ -305,9 +311,7 @@ class DiskTier:
         self._encode_header(iov[-1][-_PAGE:], digest, generation, checksum)
         # One positional write of payload + header: a crash may land any part of it, which the
         # header and payload checksums catch on the next read or reopen.
-        self._io(iov, slot * self.slot_nbytes, write=True)
-        if self.fsync:
-            os.fdatasync(self._fd)
+        self._io(iov, slot * self.slot_nbytes, write=True, sync=self.fsync)
 
     def read(self, slot: int, digest: bytes, out: npt.NDArray[np.uint8]) -> bool:
         """Reads a slot into ``out`` (as for ``write``); False when the slot does not hold ``digest``
@@ -319,31 +323,47 @@ class DiskTier:
             return False
         return decoded[2] == _core.block_checksum(out[: self.block_nbytes])
 
-    def _io(self, bufs: list[npt.NDArray[np.uint8]], off: int, *, write: bool) -> None:
-        """pwritev / preadv of ``bufs`` at ``off``, through O_DIRECT when every buffer is aligned."""
-        use_direct = self._direct_fd is not None and all(self._aligned(b) for b in bufs)
-        fd = self._direct_fd if use_direct and self._direct_fd is not None else self._fd
-        op = os.pwritev if write else os.preadv
+    def _io(self, bufs: list[npt.NDArray[np.uint8]], off: int, *, write: bool, sync: bool = False) -> None:
+        """pwritev / preadv of ``bufs`` at ``off``, through O_DIRECT when every buffer is aligned
+        (then fdatasync when ``sync``). OSError(EBADF) once the tier is closed."""
+        with self._io_cv:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, "the disk tier is closed")
+            self._io_active += 1
+            buffered_fd, direct_fd = self._fd, self._direct_fd
         try:
-            n = op(fd, cast(list[Any], bufs), off)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL or fd == self._fd:
-                raise
-            self._disable_direct()
-            n = op(self._fd, cast(list[Any], bufs), off)
-        want = sum(b.nbytes for b in bufs)
-        if n != want:
-            raise OSError(errno.EIO, f"short {'write' if write else 'read'} on the disk tier ({n} of {want} bytes)")
+            use_direct = direct_fd is not None and all(self._aligned(b) for b in bufs)
+            fd = direct_fd if use_direct and direct_fd is not None else buffered_fd
+            op = os.pwritev if write else os.preadv
+            try:
+                n = op(fd, cast(list[Any], bufs), off)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or fd == buffered_fd:
+                    raise
+                self._disable_direct()
+                n = op(buffered_fd, cast(list[Any], bufs), off)
+            want = sum(b.nbytes for b in bufs)
+            if n != want:
+                raise OSError(errno.EIO, f"short {'write' if write else 'read'} on the disk tier ({n} of {want} bytes)")
+            if sync:
+                os.fdatasync(buffered_fd)
+        finally:
+            with self._io_cv:
+                self._io_active -= 1
+                if self._io_active == 0:
+                    self._io_cv.notify_all()
 
     def _pread(self, buf: npt.NDArray[np.uint8], off: int) -> None:
         self._io([buf], off, write=False)
 
     def _disable_direct(self) -> None:
-        # The filesystem opened with O_DIRECT but refuses the I/O: fall back to buffered I/O.
-        if self._direct_fd is not None:
-            os.close(self._direct_fd)
-            self._direct_fd = None
-        self.direct_io = False
+        # The filesystem opened with O_DIRECT but refuses the I/O: fall back to buffered I/O. The
+        # descriptor stays open until close(): another thread may be in an I/O on it.
+        with self._io_cv:
+            if self._direct_fd is not None:
+                self._retired_fds.append(self._direct_fd)
+                self._direct_fd = None
+            self.direct_io = False
 
     # --- index ---------------------------------------------------------------------------------
 
@@ -385,12 +405,18 @@ class DiskTier:
         return self.generation
 
     def close(self) -> None:
-        for fd in (self._direct_fd, self._fd):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._direct_fd = None
-        self._fd = -1
+        """Closes the slot file once the reads and writes in flight have finished; later ones raise
+        OSError(EBADF)."""
+        with self._io_cv:
+            fds = [fd for fd in (self._direct_fd, self._fd, *self._retired_fds) if fd is not None and fd >= 0]
+            self._direct_fd = None
+            self._fd = -1
+            self._retired_fds = []
+            while self._io_active:
+                self._io_cv.wait()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -544,7 +570,10 @@ class TieredPrefixCache:
         short = num_blocks - self.pool.num_free_blocks
         if short > 0:
             for fut in self._demote(short):
-                fut.result()
+                # A demotion that failed (a lower tier's I/O error) still freed its device blocks:
+                # their copies are dropped, and the room is there. The error is the demotion's (its
+                # future from demote()), not this caller's lookup or allocation.
+                fut.exception()
 
     # --- demotion ------------------------------------------------------------------------------
 
@@ -572,21 +601,22 @@ class TieredPrefixCache:
     def _demote(self, n: int) -> list[Future[None]]:
         if n == 0 or self._closed:  # a closed cache keeps its device blocks where they are
             return []
-        digests, ids = self.device._native.evict_detached(n)
-        if len(ids) == 0:
-            return []
-        keys = [row.tobytes() for row in digests]
         if self.host is None and self.disk is None:
-            self.pool.free(ids)
-            with self._lock:
-                self._stats.dropped[TIER_DEVICE] += len(ids)
+            _, ids = self.device._native.evict_detached(n)
+            if len(ids):
+                self.pool.free(ids)
+                with self._lock:
+                    self._stats.dropped[TIER_DEVICE] += len(ids)
             return []
         with self._lock:
-            if not self._closed:  # close() sets it under this lock before shutting the executor down
-                return [self._submit_locked(keys, ids)]
-            self._stats.dropped[TIER_DEVICE] += len(ids)
-        self.pool.free(ids)  # closed meanwhile (another thread): the evicted blocks are dropped
-        return []
+            # Taken out of the trie and registered as in flight under one hold of the lock: a lookup
+            # in between would find the digests in no tier (a miss) instead of waiting for the copy.
+            if self._closed:  # close() sets it under this lock before shutting the executor down
+                return []
+            digests, ids = self.device._native.evict_detached(n)
+            if len(ids) == 0:
+                return []
+            return [self._submit_locked([row.tobytes() for row in digests], ids)]
 
     def _submit_locked(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> Future[None]:
         # Registered as pending before the job can run, so a lookup of these digests waits for it.
@@ -639,6 +669,12 @@ class TieredPrefixCache:
         host = self.host
         assert host is not None
         slots = self._host_slots(len(keys))
+        past = len(keys) - len(slots)
+        if past:  # every host slot is claimed (a promotion in flight): the oldest go past the host tier
+            self._demote_past_host(keys[:past], ids[:past])
+            keys, ids = keys[past:], ids[past:]
+            if not keys:
+                return
         t0 = time.perf_counter()
         host.slab.copy_from_pool(self.pool._native, ids, slots)
         dt = time.perf_counter() - t0
@@ -651,8 +687,17 @@ class TieredPrefixCache:
             self._account("device_to_host", len(keys), dt)
             self._stats.demoted_to_host += len(keys)
 
+    def _demote_past_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+        """Device blocks the host tier has no slot for: to disk, or dropped without one."""
+        if self.disk is not None:
+            self._demote_to_disk_from_device(keys, ids)
+            return
+        with self._lock:
+            self._stats.dropped[TIER_DEVICE] += len(keys)
+
     def _host_slots(self, n: int) -> npt.NDArray[np.int32]:
-        """n free host slots, demoting the host tier's oldest blocks to disk (or dropping them) first."""
+        """Up to n free host slots, demoting the host tier's oldest blocks to disk (or dropping them)
+        first; fewer when the other slots are all claimed by promotions in flight (nothing to demote)."""
         host = self.host
         assert host is not None
         out: list[int] = []
@@ -663,7 +708,7 @@ class TieredPrefixCache:
                     out.extend(host.slots.allocate(free).tolist())
                     continue
                 if not host.index:
-                    raise RuntimeError("host tier has no free slot and nothing to demote")
+                    break
                 victims = [host.index.popitem(last=False) for _ in range(min(n - len(out), len(host.index)))]
                 spill: Future[None] = Future()
                 for key, _ in victims:  # in flight to disk: a lookup waits for it
@@ -733,6 +778,11 @@ class TieredPrefixCache:
                 disk.slots.free(np.array([slot], np.int32))
             raise
         with self._lock:
+            # Written to another slot meanwhile (an inline demotion of the same digest in another
+            # thread): same bytes, so keep this copy and free that slot rather than lose it.
+            other = disk.index.pop(key, None)
+            if other is not None and other.slot != slot:
+                disk.slots.free(np.array([other.slot], np.int32))
             disk.index[key] = _DiskSlot(slot, generation)
             self._stats.demoted_to_disk += 1
 
@@ -822,12 +872,21 @@ class TieredPrefixCache:
         return out
 
     def _unclaim(self, run: list[tuple[bytes, int, int]]) -> None:
+        # A digest stored into its tier again while claimed (computed and demoted anew) keeps that
+        # copy (same bytes); the claimed slot is freed, not written over the new entry (which would
+        # lose the new entry's slot for good).
         with self._lock:
             for key, tier, slot in run:
                 if tier == TIER_HOST and self.host is not None:
-                    self.host.index[key] = slot
+                    if key in self.host.index:
+                        self.host.slots.free(np.array([slot], np.int32))
+                    else:
+                        self.host.index[key] = slot
                 elif tier == TIER_DISK and self.disk is not None:
-                    self.disk.index[key] = _DiskSlot(slot, self.disk.next_generation())
+                    if key in self.disk.index:
+                        self.disk.slots.free(np.array([slot], np.int32))
+                    else:
+                        self.disk.index[key] = _DiskSlot(slot, self.disk.next_generation())
 
     def _free_lower(self, run: list[tuple[bytes, int, int]]) -> None:
         with self._lock:

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #include "sagellm_kv/error.hpp"
 #include "test_support.hpp"
@@ -75,6 +77,62 @@ TEST(CpuAllocator, RejectsBadRequests) {
   AllocationRequest huge;
   huge.size = std::size_t{1} << 62;
   EXPECT_EQ(code_of([&] { (void)alloc->allocate(huge); }), ErrorCode::kMemoryExhausted);
+}
+
+TEST(CpuAllocator, SizeNearTheTopOfTheAddressSpaceIsExhaustedNotWrapped) {
+  // Rounding such a size up to the alignment wraps to a few bytes; those must not be handed out
+  // as an allocation of the size asked for (a zero fill of it would run over the heap).
+  auto alloc = allocator_for("cpu");
+  for (std::size_t alignment : {std::size_t{64}, std::size_t{4096}}) {
+    AllocationRequest req;
+    req.size = SIZE_MAX - 10;
+    req.alignment = alignment;
+    EXPECT_EQ(code_of([&] { (void)alloc->allocate(req); }), ErrorCode::kMemoryExhausted) << alignment;
+  }
+  AllocationRequest huge_pages;
+  huge_pages.size = SIZE_MAX - (std::size_t{1} << 20);
+  huge_pages.huge_pages = true;
+  EXPECT_EQ(code_of([&] { (void)alloc->allocate(huge_pages); }), ErrorCode::kMemoryExhausted);
+}
+
+// Kibibytes of locked memory of this process (VmLck in /proc/self/status), or -1 if unknown.
+long locked_kib() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmLck:", 0) == 0) return std::stol(line.substr(6));
+  }
+  return -1;
+}
+
+TEST(CpuAllocator, LockedMemoryIsUnlockedWhenFreed) {
+  // lock = true on pageable host memory, and a pinned size that is not a multiple of the
+  // alignment: both must leave no page locked once freed (locked pages left behind count
+  // against RLIMIT_MEMLOCK until the process ends, and stay locked under later heap users).
+  const long before = locked_kib();
+  if (before < 0) GTEST_SKIP() << "no VmLck in /proc/self/status";
+  auto alloc = allocator_for("cpu");
+  AllocationRequest locked;
+  locked.size = 64 * 1024;  // below malloc's mmap threshold: freed into the heap, not unmapped
+  locked.alignment = 4096;
+  locked.lock = true;
+  AllocationRequest pinned;
+  pinned.size = 5000;
+  pinned.alignment = 64;
+  pinned.kind = MemoryKind::kPinnedHost;
+  for (const AllocationRequest& req : {locked, pinned}) {
+    Allocation a;
+    try {
+      a = alloc->allocate(req);
+    } catch (const Error& e) {
+      GTEST_SKIP() << "mlock refused here: " << e.what();
+    }
+    if (locked_kib() < before + static_cast<long>(req.size / 1024)) {
+      GTEST_SKIP() << "mlock does not show in VmLck here (sanitizers intercept it)";
+    }
+    a = Allocation();
+    EXPECT_EQ(locked_kib(), before) << "bytes " << req.size << " kind " << static_cast<int>(req.kind);
+  }
 }
 
 TEST(CudaAllocator, FailsCleanlyOrWorks) {

@@ -132,6 +132,10 @@ TEST(HostSlab, BadSizesAndDevicesAreTypedErrors) {
   EXPECT_EQ(code_of([] { HostSlab s(1, 0); }), ErrorCode::kInvalidArgument);
   EXPECT_EQ(code_of([] { HostSlab s(4'000'000'000u, std::size_t{1} << 20); }), ErrorCode::kInvalidArgument);
   EXPECT_EQ(code_of([] { HostSlab s(1, 16, "tpu:0"); }), ErrorCode::kUnknownDevice);
+  // A device that does not exist is refused as the registry refuses it, "cpu:1" included (it was
+  // served as "cpu": the slab took only the device type into account).
+  EXPECT_EQ(code_of([] { HostSlab s(1, 16, "cpu:1"); }), ErrorCode::kUnknownDevice);
+  EXPECT_FALSE(HostSlab(1, 16, "cpu:0").pinned());
 }
 
 TEST(PoolToSlots, GatherEachAndScatterEachRoundTripThroughScatteredSlots) {

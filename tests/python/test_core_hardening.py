@@ -287,3 +287,34 @@ def test_cuda_pool_with_a_layer_plane_above_2_gib() -> None:
     rows = data.reshape(4, -1)
     assert (got[0] == rows[0]).all() and (got[1] == rows[3]).all()
     pool.free(ids)
+
+
+
+HUGE_BLOCK_PRELUDE = """
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from sagellm_kv_cache import _core
+alloc = _core.BlockAllocator(8)
+cache = _core.PrefixCache(block_size=2**31 - 1, allocator=alloc)
+rm = _core.RequestManager(alloc, cache)
+"""
+
+
+def test_admit_under_a_huge_block_size_reserves_for_the_tokens_only() -> None:
+    # A request's partial-block tail was reserved for a whole block at admit (8 GiB for block_size
+    # 2**31-1, for a three-token prompt), inside admit's commit phase. Under a 3 GiB address-space
+    # limit that reservation cannot be made.
+    out = run_isolated(HUGE_BLOCK_PRELUDE + """
+print(rm.admit(1, [1, 2, 3])[0], rm.admit_batch([2, 3], [[1], [2, 3]])[0].tolist(), alloc.num_available)
+""")
+    assert out.split() == ["0", "[0,", "0]", "5"]
+
+
+def test_keyed_chains_under_a_huge_block_size_allocate_for_the_tokens_only() -> None:
+    # A salted or keyed chain hashes full messages; the message buffer was sized for a whole block
+    # when the chain started (8 GiB for block_size 2**31-1), before any block was read.
+    out = run_isolated(HUGE_BLOCK_PRELUDE + """
+print(rm.admit(1, [1, 2, 3], extra="lora-7")[0], rm.admit(2, [4, 5], salt="tenant")[0],
+      rm.admit_batch([3, 4], [[1], [2, 3]], extra="lora-7")[0].tolist())
+""")
+    assert out.split() == ["0", "0", "[0,", "0]"]

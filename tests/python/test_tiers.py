@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from sagellm_kv_cache import KVHandle, KVOffloadManager, _core
 from sagellm_kv_cache.errors import KVInvalidBlockError, KVMemoryExhaustedError, KVMetadataMismatchError
 from sagellm_kv_cache.offload import OffloadStorage
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
-from sagellm_kv_cache.tiers import TIER_DEVICE, TIER_DISK, TIER_HOST, DiskTier, TieredPrefixCache
+from sagellm_kv_cache.tiers import TIER_DEVICE, TIER_DISK, TIER_HOST, DiskTier, HostTier, TieredPrefixCache
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="fp16", block_size=4)
 
@@ -551,3 +553,182 @@ def test_a_closed_tiered_cache_refuses_work_and_never_hangs(tmp_path: Path) -> N
     assert (pool.num_used_blocks, len(tc.device), tc.stats()["blocks"]) == before
     tc.release(held)  # releasing uses still works, and demotes nothing
     assert len(tc.device) == before[1] and not tc._pending
+
+
+
+def _slots_accounted(tier: HostTier | DiskTier) -> bool:
+    """Every slot of a host or disk tier is free or named by exactly one index entry."""
+    named = [e if isinstance(e, int) else e.slot for e in tier.index.values()]
+    return len(set(named)) == len(named) and tier.slots.num_available + len(named) == tier.num_blocks
+
+
+@pytest.mark.parametrize("lower", ["host", "disk"])
+def test_a_claim_given_back_after_the_digest_was_stored_again_loses_no_slot(tmp_path: Path, lower: str) -> None:
+    # A promotion claims a lower-tier copy, then cannot use it (the device is full) and gives it
+    # back; meanwhile another request computed the same digest and it was demoted into that tier
+    # again. The give-back must not overwrite the new entry: that entry's slot would be lost.
+    pool = PagedKVPool(SPEC, 8)
+    tiers = {"host_blocks": 4} if lower == "host" else {"disk_dir": tmp_path, "disk_blocks": 4}
+    with TieredPrefixCache(pool, device_blocks=4, background=False, **tiers) as tc:  # type: ignore[arg-type]
+        tier = tc.host if lower == "host" else tc.disk
+        assert tier is not None
+        x = fill(tc, prompt(0, blocks=1))[0].tobytes()
+        tc.demote(4)
+        claim = tc._claim(x)
+        assert claim is not None and tc.location(x) is None
+        fill(tc, prompt(0, blocks=1))  # the same digest, computed again and demoted again
+        tc.demote(4)
+        assert tc.location(x) == lower
+        tc._unclaim([(x, *claim)])
+        assert tc.location(x) == lower
+        assert _slots_accounted(tier)
+
+
+def test_two_demotions_of_one_digest_writing_at_once_lose_no_disk_slot(tmp_path: Path) -> None:
+    # Inline demotions run in the callers' threads, so one digest evicted twice (computed again
+    # between) can be written to two disk slots at once; the second to publish must free the first's
+    # slot (same bytes), not overwrite its index entry. Both writes are held until both have a slot.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=4, disk_dir=tmp_path, disk_blocks=4, background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        key = b"\x07" * 32
+        payload = disk.bounce_buffer().copy()
+        both_have_a_slot = threading.Barrier(2, timeout=10)
+        real_write = disk.write
+
+        def write_when_both_hold_a_slot(*args: Any) -> None:
+            both_have_a_slot.wait()
+            real_write(*args)
+
+        disk.write = write_when_both_hold_a_slot  # type: ignore[method-assign]
+        writers = [threading.Thread(target=tc._write_disk, args=(key, payload)) for _ in range(2)]
+        for t in writers:
+            t.start()
+        for t in writers:
+            t.join(timeout=10)
+        disk.write = real_write  # type: ignore[method-assign]
+        assert tc.location(key) == "disk"
+        assert _slots_accounted(disk)
+
+
+def test_closing_the_disk_tier_waits_for_io_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An inline demotion writes a slot in the caller's thread while another thread closes the tier.
+    # The descriptor it is writing through must not be closed under it: the number is reused by the
+    # next open() in the process, and the slot's bytes would land in that unrelated file.
+    pool = PagedKVPool(SPEC, 8)
+    tc = TieredPrefixCache(pool, device_blocks=4, disk_dir=tmp_path / "tier", disk_blocks=4, background=False)
+    disk = tc.disk
+    assert disk is not None
+    in_write, go_on = threading.Event(), threading.Event()
+    real_pwritev = os.pwritev
+
+    def held_pwritev(fd: int, buffers: Any, offset: int) -> int:
+        in_write.set()
+        assert go_on.wait(10)
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", held_pwritev)
+    payload = disk.bounce_buffer().copy()
+    writer = threading.Thread(target=disk.write, args=(0, b"\x05" * 32, payload, 1))
+    writer.start()
+    assert in_write.wait(10)
+    closer = threading.Thread(target=tc.close)
+    closer.start()
+    closer.join(timeout=0.5)  # a close that does not wait for the write has closed the file by now
+    others = [tmp_path / f"unrelated{i}" for i in range(2)]
+    fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o644) for p in others]  # reuse any number freed
+    go_on.set()
+    writer.join(timeout=10)
+    closer.join(timeout=10)
+    for fd in fds:
+        os.close(fd)
+    assert not closer.is_alive() and not writer.is_alive()
+    assert [p.stat().st_size for p in others] == [0, 0]
+    reopened = DiskTier(tmp_path / "tier", 4, pool.block_nbytes)
+    assert len(reopened) == 1  # the write landed in the tier's own file
+    reopened.close()
+
+
+@pytest.mark.parametrize("with_disk", [False, True], ids=["host", "host+disk"])
+def test_promoting_the_whole_host_tier_into_a_full_device_is_a_hit(tmp_path: Path, background: bool,
+                                                                   with_disk: bool) -> None:
+    # The promotion claims every host slot, then makes room on the device by demoting its cached
+    # blocks, which need host slots: none is free and none can be spilled (all are claimed). The
+    # demoted blocks go past the host tier (to disk, or are dropped); the lookup itself was a
+    # RuntimeError "host tier has no free slot and nothing to demote".
+    pool = PagedKVPool(SPEC, 4)
+    disk = {"disk_dir": tmp_path, "disk_blocks": 8} if with_disk else {}
+    with TieredPrefixCache(pool, device_blocks=4, host_blocks=2, background=background,
+                           **disk) as tc:  # type: ignore[arg-type]
+        wanted = fill(tc, prompt(0, blocks=2))
+        tc.demote(2)
+        tc.flush()
+        others = [fill(tc, prompt(i, blocks=2)) for i in (1, 2)]  # the device: full, all cached
+        assert pool.num_free_blocks == 0
+        m = tc.match(wanted)
+        assert m.num_matched == 2 and m.tiers.tolist() == [TIER_HOST, TIER_HOST]
+        got = pool.gather(m.block_ids).reshape(2, -1)
+        for row, d in zip(got, wanted, strict=True):
+            np.testing.assert_array_equal(row, content(d.tobytes(), pool.block_nbytes))
+        tc.release(wanted)
+        tc.flush()
+        gone = [tc.location(d.tobytes()) for d in others[0]]
+        assert gone == (["disk", "disk"] if with_disk else [None, None])
+        assert _slots_accounted(tc.host)
+        if with_disk:
+            assert tc.disk is not None and _slots_accounted(tc.disk)
+
+
+def test_a_lookup_racing_a_demotion_waits_for_it_instead_of_missing(tmp_path: Path) -> None:
+    # Between taking a block out of the device trie and registering its demotion as in flight, the
+    # digest was in no tier: a lookup there missed (and the request recomputed the block) instead of
+    # waiting for the copy, as the tier contract says. The eviction is held open here while another
+    # thread looks the digest up.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=4, host_blocks=4) as tc:
+        x = fill(tc, prompt(0, blocks=1))
+        native = tc.device._native
+        found: list[list[int]] = []
+        lookers: list[threading.Thread] = []
+
+        class EvictionHeldOpen:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(native, name)
+
+            def evict_detached(self, n: int) -> Any:
+                out = native.evict_detached(n)
+                lookers.append(threading.Thread(target=lambda: found.append(tc.match(x).tiers.tolist())))
+                lookers[0].start()
+                lookers[0].join(timeout=0.5)  # a lookup that does not wait has its answer by now
+                return out
+
+        tc.device._native = EvictionHeldOpen()  # type: ignore[assignment]
+        tc.demote(1)
+        tc.device._native = native
+        lookers[0].join(timeout=10)
+        assert found == [[TIER_HOST]]  # the lookup waited for the copy: a host hit, not a miss
+        tc.release(x)
+
+
+def test_a_failing_disk_does_not_fail_a_lookup_that_makes_room(tmp_path: Path, background: bool) -> None:
+    # The promotion of a host hit makes room on a full device by demoting cached blocks; they can only
+    # go to disk, which fails. The demoted blocks are freed (dropped) either way, so the hit is served;
+    # the lookup itself raised the disk's OSError.
+    pool = PagedKVPool(SPEC, 6)
+    with TieredPrefixCache(pool, device_blocks=6, host_blocks=2, disk_dir=tmp_path, disk_blocks=8,
+                           background=background) as tc:
+        wanted = fill(tc, prompt(0, blocks=2))
+        for i in range(1, 4):
+            fill(tc, prompt(i, blocks=2))  # the device: full; prompt 0 went to the host tier
+        tc.flush()
+        assert [tc.location(d.tobytes()) for d in wanted] == ["host", "host"]
+        assert tc.disk is not None
+        tc.disk.close()  # the disk fails under the cache
+        m = tc.match(wanted)
+        assert m.num_matched == 2 and m.tiers.tolist() == [TIER_HOST, TIER_HOST]
+        got = pool.gather(m.block_ids).reshape(2, -1)
+        for row, d in zip(got, wanted, strict=True):
+            np.testing.assert_array_equal(row, content(d.tobytes(), pool.block_nbytes))
+        tc.release(wanted)
+        assert _slots_accounted(tc.host)

@@ -12,6 +12,9 @@
 namespace sagellm::kv {
 namespace {
 
+// Tokens of a partial block reserved per request at admit (a whole block for any usual block size).
+constexpr std::size_t kTailReserveTokens = 4096;
+
 std::string id_text(RequestId id) { return "request " + std::to_string(id); }
 
 std::size_t blocks_for(std::uint64_t tokens, std::uint32_t block_size) {
@@ -316,7 +319,9 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
     if (cache_ != nullptr && !r.opaque) {
       const auto d = digests_of(i);
       r.digests.assign(d.begin(), d.end());
-      r.tail.reserve(bs);
+      // Room for a block's decode tokens, capped: the tail grows as tokens come (append reserves
+      // before it commits), and a block of 2^31 tokens must not cost 8 GiB per request up front.
+      r.tail.reserve(std::min<std::size_t>(bs, kTailReserveTokens));
       r.tail.assign(in.tokens.begin() + static_cast<std::ptrdiff_t>(d.size() * bs), in.tokens.end());
       r.salt = in.key.salt;
       r.extra = in.key.extra;

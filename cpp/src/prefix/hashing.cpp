@@ -194,11 +194,13 @@ struct BlockHasher::State {
   State& operator=(const State&) = delete;
   ~State() { EVP_MD_CTX_free(ctx); }
 
-  // Writes parent, key section and token count; returns the offset of the token ids.
+  // Writes parent, key section and token count; returns the offset of the token ids. The room
+  // for the token ids is made by chain_step, once a block is there to fill it: a chain started
+  // under a huge block size for a short prompt must not allocate a block's worth of message.
   std::size_t layout(const BlockHash& parent, std::string_view salt, std::string_view extra,
                      std::uint32_t block_size) {
     const std::size_t tokens_at = kBlockHashBytes + 4 + salt.size() + 4 + extra.size() + 4;
-    message.resize(tokens_at + std::size_t{block_size} * kTokenBytes);
+    message.resize(tokens_at);
     unsigned char* p = message.data();
     std::memcpy(p, parent.bytes.data(), kBlockHashBytes);
     p += kBlockHashBytes;
@@ -323,6 +325,7 @@ struct BlockHasher::State {
       return;
     }
 #endif
+    message.resize(chain_tokens_at + std::size_t{bs} * kTokenBytes);  // no-op after the first block
     store_tokens(message.data() + chain_tokens_at, tokens, bs);
     digest(out);
 #if !defined(OPENSSL_NO_DEPRECATED_3_0)

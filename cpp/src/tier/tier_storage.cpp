@@ -83,7 +83,9 @@ HostSlab::HostSlab(std::uint32_t num_slots, std::size_t slot_bytes, std::string_
     throw Error(ErrorCode::kInvalidArgument, "HostSlab: " + std::to_string(num_slots) + " slots of " +
                                                  std::to_string(stride_) + " bytes exceed 2^48 bytes");
   }
-  const bool host_device = DeviceId::parse(device).type == "cpu";
+  // The device's own allocator in both cases: it refuses a device that does not exist ("cpu:1").
+  const std::shared_ptr<DeviceAllocator> allocator = allocator_for(device);
+  const bool host_device = allocator->device().type == "cpu";
   AllocationRequest request;
   // One alignment unit more than the slots need: a backend that does not honour the alignment
   // (pinned memory comes from the CUDA runtime's own allocator) still yields aligned slots.
@@ -91,7 +93,7 @@ HostSlab::HostSlab(std::uint32_t num_slots, std::size_t slot_bytes, std::string_
   request.alignment = kSlotAlignment;
   request.kind = host_device ? MemoryKind::kHost : MemoryKind::kPinnedHost;
   request.zero_fill = zero_fill;
-  memory_ = allocator_for(host_device ? std::string_view("cpu") : device)->allocate(request);
+  memory_ = allocator->allocate(request);
   const auto addr = reinterpret_cast<std::uintptr_t>(memory_.data());
   base_ = static_cast<std::byte*>(memory_.data()) + (kSlotAlignment - addr % kSlotAlignment) % kSlotAlignment;
 }
