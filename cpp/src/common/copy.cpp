@@ -102,15 +102,13 @@ __attribute__((target("avx2"))) std::uint64_t words_avx2(std::byte* dst, const s
       const auto* in = reinterpret_cast<const __m256i*>(src + (i + 4 * static_cast<std::size_t>(j)) * 8);
       const __m256i v = _mm256_loadu_si256(in);
       acc[j] = _mm256_add_epi64(acc[j], v);
-      auto* out = reinterpret_cast<__m256i*>(dst + (i + 4 * static_cast<std::size_t>(j)) * 8);
-      if constexpr (S == Store::kStream) {
-        if (aligned) {
+      if constexpr (S != Store::kNone) {  // without a destination `dst` is null: no pointer into it
+        auto* out = reinterpret_cast<__m256i*>(dst + (i + 4 * static_cast<std::size_t>(j)) * 8);
+        if (S == Store::kStream && aligned) {
           _mm256_stream_si256(out, v);
         } else {
           _mm256_storeu_si256(out, v);
         }
-      } else if constexpr (S == Store::kPlain) {
-        _mm256_storeu_si256(out, v);
       }
     }
   }
