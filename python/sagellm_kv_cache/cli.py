@@ -17,7 +17,8 @@ not random numbers; the seed makes it repeatable (wall-clock timings aside).
 writes ``<input stem>_<type>.png`` next to the input (``all`` is one PNG with the three plots).
 
 Bad input (a missing or malformed file, an unknown plot type, a bad number) prints one line on stderr
-and exits with status 2; a missing optional dependency or compiled core exits with status 1.
+and exits with status 2; a missing optional dependency or compiled core exits with status 1; Ctrl-C
+prints one line and exits with status 130.
 """
 
 from __future__ import annotations
@@ -261,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.handler(args)
     except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     return status
 

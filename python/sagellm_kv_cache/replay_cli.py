@@ -241,8 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (130, with one line on stderr, on Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("sagellm-kv: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -318,3 +318,12 @@ def test_visualize_command_rejects_unknown_type_programmatically(stats_file: Pat
     args = argparse.Namespace(input=str(stats_file), output=None, type="pie", summary=False)
     assert cli.visualize_command(args) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="named pipes and SIGINT are POSIX")
+def test_ctrl_c_exits_130_with_one_line(tmp_path: Path) -> None:
+    from test_replay import interrupted_while_reading
+
+    proc = interrupted_while_reading([sys.executable, "-m", "sagellm_kv_cache.cli", "visualize", "-i", "input.fifo"],
+                                     tmp_path)
+    assert proc.returncode == 130 and proc.stderr == "sage-kv-stats: interrupted\n" and proc.stdout == "", proc
