@@ -3,7 +3,7 @@
 ::
 
     sage-kv-stats demo [--num-accesses/-n N] [--output/-o FILE] [--seed S]
-    sage-kv-stats visualize|viz --input/-i FILE [--output/-o PNG]
+    sage-kv-stats visualize|viz --input/-i FILE [--output/-o IMAGE]
                                 [--type/-t heatmap|frequency|interval|all] [--summary/-s]
 
 ``demo`` replays a synthetic serving workload through :class:`sagellm_kv_cache.prefix_cache.PrefixCache`
@@ -14,7 +14,9 @@ working set, so cold prompts get evicted. The pattern is therefore what a prefix
 not random numbers; the seed makes it repeatable (wall-clock timings aside).
 
 ``visualize`` draws the plots of :mod:`sagellm_kv_cache.profiling.visualize`; without ``--output`` it
-writes ``<input stem>_<type>.png`` next to the input (``all`` is one PNG with the three plots).
+writes ``<input stem>_<type>.png`` next to the input (``all`` is one image with the three plots). The
+output's suffix names the image format (``.png``, ``.pdf``, ``.svg``, ...; PNG without one); one that
+matplotlib cannot write is refused before the input is read.
 
 Bad input (a missing or malformed file, an unknown plot type, a bad number) prints one line on stderr
 and exits with status 2; a missing optional dependency or compiled core exits with status 1; Ctrl-C
@@ -198,13 +200,26 @@ def demo_command(args: argparse.Namespace) -> int:
 
 def visualize_command(args: argparse.Namespace) -> int:
     """``sage-kv-stats visualize``: loads an exported stats file and writes the requested plot."""
-    from sagellm_kv_cache.profiling.visualize import PLOT_TYPES, StatsFileError, format_summary, load_stats, visualize
+    from sagellm_kv_cache.profiling.visualize import (
+        PLOT_TYPES,
+        StatsFileError,
+        format_summary,
+        image_format,
+        load_stats,
+        visualize,
+    )
 
     plot_type = getattr(args, "type", "heatmap")
     if plot_type not in PLOT_TYPES:
         return _fail(f"unknown plot type {plot_type!r}; choose one of {', '.join(PLOT_TYPES)}")
     source = Path(args.input)
     output = Path(args.output) if getattr(args, "output", None) else source.with_name(f"{source.stem}_{plot_type}.png")
+    try:
+        image_format(output)  # before any work, as sagellm-kv replay --plot does
+    except ValueError as err:
+        return _fail(f"--output {err}")
+    except ImportError:
+        pass  # a missing matplotlib is reported when plotting, after the input is checked
     try:
         stats = load_stats(source)
     except FileNotFoundError:
@@ -244,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     viz = commands.add_parser("visualize", aliases=["viz"], help="plot an exported stats file")
     viz.add_argument("--input", "-i", required=True, help="stats JSON written by export_stats or demo")
-    viz.add_argument("--output", "-o", default=None, help="PNG to write (default: <input stem>_<type>.png)")
+    viz.add_argument("--output", "-o", default=None,
+                     help="image to write, its format named by its suffix (default: <input stem>_<type>.png)")
     viz.add_argument(
         "--type", "-t", default="heatmap", choices=["heatmap", "frequency", "interval", "all"], help="plot type"
     )

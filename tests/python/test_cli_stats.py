@@ -290,6 +290,32 @@ def test_output_directory_missing(stats_file: Path, tmp_path: Path) -> None:
     assert_one_line_error(result, "cannot write")
 
 
+def test_output_format_is_the_suffix_and_an_unknown_one_is_refused_first(stats_file: Path, tmp_path: Path,
+                                                                          capsys: Any) -> None:
+    """-o x.txt wrote PNG bytes into x.txt (and -o x.pdf a PNG too); sagellm-kv replay --plot refuses it."""
+    pytest.importorskip("matplotlib")
+    # refused before the input is read: the error is the format, not the missing file
+    assert cli.main(["visualize", "-i", str(tmp_path / "missing.json"), "-o", str(tmp_path / "x.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown image format 'txt'" in err and "png" in err and "missing" not in err
+    assert not (tmp_path / "x.txt").exists()
+    for name, magic in (("x.pdf", b"%PDF"), ("x.SVG", b"<?xml"), ("x.png", b"\x89PNG"), ("noext", b"\x89PNG")):
+        assert cli.main(["visualize", "-i", str(stats_file), "-o", str(tmp_path / name), "-t", "frequency"]) == 0
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+
+
+def test_plot_functions_refuse_an_unknown_format_before_drawing(stats_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from sagellm_kv_cache.profiling.visualize import image_format, plot_interval, visualize
+
+    stats = load_stats(stats_file)
+    with pytest.raises(ValueError, match="unknown image format 'gz'"):
+        visualize(stats, tmp_path / "x.tar.gz", "all")
+    assert list(tmp_path.glob("x.*")) == []
+    assert image_format("a/b") == "png" and image_format("c.JPEG") == "jpeg"
+    assert plot_interval(stats, tmp_path / "i.svg").read_bytes().startswith(b"<?xml")
+
+
 @pytest.mark.parametrize(
     "args",
     [
