@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sagellm_kv_cache._numbers import is_finite_number
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -96,15 +98,6 @@ def image_format(output_path: str | Path) -> str:
 # --- loading -----------------------------------------------------------------------------------
 
 
-def _is_number(value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int past the float range
-        return False
-
-
 def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
     """Checks the exported shape; returns the dict or raises :class:`StatsFileError` naming the field."""
     if not isinstance(stats, dict):
@@ -125,17 +118,17 @@ def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise StatsFileError(f"{where}.access_count must be an int >= 1, got {count!r}")
         for key in ("first_access", "last_access"):
-            if not _is_number(detail.get(key)):
+            if not is_finite_number(detail.get(key)):
                 raise StatsFileError(f"{where}.{key} must be a number, got {detail.get(key)!r}")
         intervals = detail.get("intervals")
-        if not isinstance(intervals, list) or not all(_is_number(gap) for gap in intervals):
+        if not isinstance(intervals, list) or not all(is_finite_number(gap) for gap in intervals):
             raise StatsFileError(f"{where}.intervals must be a list of numbers")
         # fewer when the collector kept only a block's most recent access times (max_times_per_block)
         if len(intervals) > count - 1:
             raise StatsFileError(f"{where} has {len(intervals)} intervals for {count} accesses")
         if not all(math.isfinite(t) for t in _recorded_times(detail)):
             raise StatsFileError(f"{where}: its access times overflow (last_access less its intervals)")
-    if not all(_is_number(gap) for gap in stats["access_intervals"]):
+    if not all(is_finite_number(gap) for gap in stats["access_intervals"]):
         raise StatsFileError(f"{source}: 'access_intervals' must be a list of numbers")
     return stats
 
