@@ -165,6 +165,19 @@ def test_demo_command_accepts_a_namespace(stand_in: None, tmp_path: Path) -> Non
     assert load_stats(tmp_path / "ns.json")["total_accesses"] == 50
 
 
+def test_demo_accesses_are_bounded(stand_in: None, tmp_path: Path, capsys: Any) -> None:
+    """-n 10**12 recorded (and kept) accesses until memory ran out."""
+    out = tmp_path / "demo.json"
+    for n in (cli.MAX_DEMO_ACCESSES + 1, 10**12):
+        assert cli.main(["demo", "-n", str(n), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"sage-kv-stats: error: argument --num-accesses/-n: at most {cli.MAX_DEMO_ACCESSES}, got {n}\n"
+        args = argparse.Namespace(num_accesses=n, output=str(out), seed=0)
+        assert cli.demo_command(args) == 2
+        assert f"--num-accesses must be at most {cli.MAX_DEMO_ACCESSES}, got {n}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 # --- the real thing, as subprocesses -----------------------------------------------------------
 
 
