@@ -145,3 +145,13 @@ def test_heatmap_slots_and_histogram_bins_are_bounded() -> None:
     assert len(c.get_heatmap_data(module.MAX_TIME_SLOTS)["block_heatmap"]["a"]) == module.MAX_TIME_SLOTS
     assert len(c.get_frequency_histogram(module.MAX_HISTOGRAM_BINS)) == module.MAX_HISTOGRAM_BINS
     assert c.total_accesses == 3
+
+
+def test_seconds_past_the_float_range_are_a_value_error() -> None:
+    """An int past the float range was a bare OverflowError from float()."""
+    c = AccessStatsCollector()
+    c.record_access("a")
+    for method, name in (("get_window_stats", "window_s"), ("get_cold_blocks", "idle_threshold_s")):
+        with pytest.raises(ValueError, match=f"^{name} must be a number of seconds a float can hold, got an int of"):
+            getattr(c, method)(10**400)
+    assert c.get_window_stats(float("inf"))["total_accesses"] == 1

@@ -125,8 +125,11 @@ def _check_seconds(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
     if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return float(value)
+        raise ValueError(f"{name} must be >= 0, got {shown(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an int past the float range (infinity itself is a float, and allowed)
+        raise ValueError(f"{name} must be a number of seconds a float can hold, got {shown(value)}") from None
 
 
 class AccessStatsCollector:
