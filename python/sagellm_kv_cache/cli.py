@@ -3,7 +3,7 @@
 ::
 
     sage-kv-stats demo [--num-accesses/-n N] [--output/-o FILE] [--seed S]
-    sage-kv-stats visualize|viz --input/-i FILE [--output/-o PNG]
+    sage-kv-stats visualize|viz --input/-i FILE [--output/-o IMAGE]
                                 [--type/-t heatmap|frequency|interval|all] [--summary/-s]
 
 ``demo`` replays a synthetic serving workload through :class:`sagellm_kv_cache.prefix_cache.PrefixCache`
@@ -11,13 +11,18 @@ and records every block lookup as a hit or a miss: requests pick one of a set of
 prompts with Zipf-skewed popularity (which prompts are popular drifts between three phases), add a
 fresh user turn, and sometimes continue an earlier conversation. The cache is smaller than the
 working set, so cold prompts get evicted. The pattern is therefore what a prefix cache really sees,
-not random numbers; the seed makes it repeatable (wall-clock timings aside).
+not random numbers; the seed makes it repeatable (wall-clock timings aside). ``--num-accesses`` is at
+most ``MAX_DEMO_ACCESSES``: the demo keeps every access to export it, and a million lookups took a
+minute, 400 MB of memory and a 150 MB stats file on a laptop-class machine.
 
 ``visualize`` draws the plots of :mod:`sagellm_kv_cache.profiling.visualize`; without ``--output`` it
-writes ``<input stem>_<type>.png`` next to the input (``all`` is one PNG with the three plots).
+writes ``<input stem>_<type>.png`` next to the input (``all`` is one image with the three plots). The
+output's suffix names the image format (``.png``, ``.pdf``, ``.svg``, ...; PNG without one); one that
+matplotlib cannot write is refused before the input is read.
 
 Bad input (a missing or malformed file, an unknown plot type, a bad number) prints one line on stderr
-and exits with status 2; a missing optional dependency or compiled core exits with status 1.
+and exits with status 2; a missing optional dependency or compiled core exits with status 1; Ctrl-C
+prints one line and exits with status 130.
 """
 
 from __future__ import annotations
@@ -31,10 +36,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["build_parser", "demo_command", "main", "run_demo_workload", "visualize_command"]
+from sagellm_kv_cache._numbers import shown
+
+__all__ = ["MAX_DEMO_ACCESSES", "build_parser", "demo_command", "main", "run_demo_workload", "visualize_command"]
 
 PROG = "sage-kv-stats"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+MAX_DEMO_ACCESSES = 1_000_000
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -57,6 +65,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _demo_accesses(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_DEMO_ACCESSES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_DEMO_ACCESSES}, got {value}")
     return value
 
 
@@ -160,6 +175,8 @@ def demo_command(args: argparse.Namespace) -> int:
     seed = getattr(args, "seed", 0)
     if isinstance(num_accesses, bool) or not isinstance(num_accesses, int) or num_accesses <= 0:
         return _fail(f"--num-accesses must be a positive integer, got {num_accesses!r}")
+    if num_accesses > MAX_DEMO_ACCESSES:
+        return _fail(f"--num-accesses must be at most {MAX_DEMO_ACCESSES}, got {shown(num_accesses)}")
     if output.is_dir():
         return _fail(f"output {output} is a directory")
     if not output.parent.is_dir():
@@ -197,13 +214,26 @@ def demo_command(args: argparse.Namespace) -> int:
 
 def visualize_command(args: argparse.Namespace) -> int:
     """``sage-kv-stats visualize``: loads an exported stats file and writes the requested plot."""
-    from sagellm_kv_cache.profiling.visualize import PLOT_TYPES, StatsFileError, format_summary, load_stats, visualize
+    from sagellm_kv_cache.profiling.visualize import (
+        PLOT_TYPES,
+        StatsFileError,
+        format_summary,
+        image_format,
+        load_stats,
+        visualize,
+    )
 
     plot_type = getattr(args, "type", "heatmap")
     if plot_type not in PLOT_TYPES:
         return _fail(f"unknown plot type {plot_type!r}; choose one of {', '.join(PLOT_TYPES)}")
     source = Path(args.input)
     output = Path(args.output) if getattr(args, "output", None) else source.with_name(f"{source.stem}_{plot_type}.png")
+    try:
+        image_format(output)  # before any work, as sagellm-kv replay --plot does
+    except ValueError as err:
+        return _fail(f"--output {err}")
+    except ImportError:
+        pass  # a missing matplotlib is reported when plotting, after the input is checked
     try:
         stats = load_stats(source)
     except FileNotFoundError:
@@ -236,14 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,visualize}")
 
     demo = commands.add_parser("demo", help="replay a skewed workload through the prefix cache and export stats")
-    demo.add_argument("--num-accesses", "-n", type=_positive_int, default=500, help="block lookups to record")
+    demo.add_argument("--num-accesses", "-n", type=_demo_accesses, default=500,
+                      help=f"block lookups to record (at most {MAX_DEMO_ACCESSES})")
     demo.add_argument("--output", "-o", default="demo_stats.json", help="JSON file to write (default %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="workload seed (default %(default)s)")
     demo.set_defaults(handler=demo_command)
 
     viz = commands.add_parser("visualize", aliases=["viz"], help="plot an exported stats file")
     viz.add_argument("--input", "-i", required=True, help="stats JSON written by export_stats or demo")
-    viz.add_argument("--output", "-o", default=None, help="PNG to write (default: <input stem>_<type>.png)")
+    viz.add_argument("--output", "-o", default=None,
+                     help="image to write, its format named by its suffix (default: <input stem>_<type>.png)")
     viz.add_argument(
         "--type", "-t", default="heatmap", choices=["heatmap", "frequency", "interval", "all"], help="plot type"
     )
@@ -261,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.handler(args)
     except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     return status
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from sagellm_protocol.kv import DType, Layout
 
+from sagellm_kv_cache._numbers import is_finite_number, shown
 from sagellm_kv_cache.errors import KVBudgetExceededError, KVHandleNotFoundError, KVNotImplementedError
 from sagellm_kv_cache.models.kv_handle import KVHandle
 
@@ -62,12 +63,8 @@ class NodeContribution:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"{name} must be a number of GiB, got {type(value).__name__}")
-            try:
-                finite = math.isfinite(value)
-            except OverflowError:  # an int past the float range
-                finite = False
-            if not finite:  # NaN passes every comparison below
-                raise ValueError(f"{name} must be finite, got {value}")
+            if not is_finite_number(value):  # NaN passes every comparison below
+                raise ValueError(f"{name} must be finite, got {shown(value)}")
         if self.contributed_memory_gb < 0 or self.reserved_memory_gb < 0:
             raise ValueError("Memory sizes must be non-negative")
         if self.contributed_memory_gb + self.reserved_memory_gb > self.total_memory_gb:

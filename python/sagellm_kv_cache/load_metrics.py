@@ -7,12 +7,13 @@ Every update validates all its arguments before assigning any, so a bad report c
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from sagellm_kv_cache._numbers import finite_number
 
 __all__ = ["DeviceLoadMetrics", "LoadMetricsCollector"]
 
@@ -26,11 +27,7 @@ def _count(name: str, value: object) -> int:
 
 
 def _amount(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
+    return finite_number(name, value, minimum=0)
 
 
 class DeviceLoadMetrics(BaseModel):

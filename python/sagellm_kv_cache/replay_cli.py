@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from sagellm_kv_cache.errors import KVCacheError
+from sagellm_kv_cache.profiling.visualize import image_format
 
 if TYPE_CHECKING:
     from sagellm_kv_cache.replay import ReplayResult
@@ -109,7 +110,7 @@ def _plot(results: Sequence[ReplayResult], path: str) -> None:
     ax.set_title(f"Prefix-cache hit ratio vs capacity ({results[0].policy if results else ''})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=image_format(path))
     plt.close(fig)
 
 
@@ -162,7 +163,7 @@ def _plot_tiered(results: Sequence[ReplayResult], path: str) -> None:
     ax.set_title(f"Tiered prefix-cache hits by tier ({results[0].policy if results else ''})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=image_format(path))
     plt.close(fig)
 
 
@@ -177,13 +178,10 @@ def _replay_command(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"sagellm-kv: {exc}", file=sys.stderr)
             return 2
-        from matplotlib.backend_bases import FigureCanvasBase
-
-        suffix = Path(args.plot).suffix[1:].lower()  # none: matplotlib writes a PNG
-        formats = FigureCanvasBase.get_supported_filetypes()
-        if suffix and suffix not in formats:
-            print(f"sagellm-kv: --plot {args.plot}: unknown image format {suffix!r} "
-                  f"(one of {', '.join(sorted(formats))})", file=sys.stderr)
+        try:
+            image_format(args.plot)  # the suffix names the format; none: a PNG
+        except ValueError as exc:
+            print(f"sagellm-kv: --plot {exc}", file=sys.stderr)
             return 2
     try:
         traces = [(p.name, load_trace(p)) for p in paths]
@@ -235,14 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="real bytes per block moved between tiers, a multiple of 1024 (default 4096)")
     rp.add_argument("--buffered-io", action="store_true", help="disk tier without O_DIRECT")
     rp.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
-    rp.add_argument("--plot", metavar="PATH", help="also draw hit ratio against capacity into a PNG")
+    rp.add_argument("--plot", metavar="PATH",
+                    help="also draw hit ratio against capacity into an image, its format named by its suffix (PNG "
+                         "without one)")
     rp.set_defaults(func=_replay_command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (130, with one line on stderr, on Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("sagellm-kv: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

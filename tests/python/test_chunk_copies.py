@@ -210,3 +210,22 @@ def test_random_jobs_match_a_model_of_the_slots(data: st.DataObject, bpc: int, s
         for (slot, pos), want in model.items():
             assert torch.equal(copier.chunk_view(slot)[pos], want)
     assert len(copier.finished()) == job + 1
+
+
+def test_a_store_naming_a_slot_twice_is_refused_like_the_pool_path() -> None:
+    """The stream path took it: the second chunk overwrote the first's blocks in the slot, and both were
+    reported stored. The pool path's scatter refuses it."""
+    tensors = _tensors()
+    copier = ChunkCopier(tensors, num_chunks=3, blocks_per_chunk=2)
+    host = copier.host.clone()
+    for slots, first, second in (([1, 1], 0, 1), ([0, 2, 1, 2], 1, 3)):
+        n = 2 * len(slots)
+        with pytest.raises(ValueError, match=f"store: slot {slots[first]} appears at positions {first} and "
+                                             f"{second}; each slot may be written once per job"):
+            copier.store(1, list(range(n)), slots)
+    assert torch.equal(copier.host, host) and copier.finished() == []
+    # A load only reads its slots: the same chunk may go to two sets of device blocks.
+    copier.store(2, [3, 4], [1])
+    copier.load(3, [1, 1], [10, 11, 12, 13])
+    for dst, src in ((10, 3), (11, 4), (12, 3), (13, 4)):
+        assert torch.equal(_block(tensors, dst), _block(tensors, src))

@@ -165,6 +165,19 @@ def test_demo_command_accepts_a_namespace(stand_in: None, tmp_path: Path) -> Non
     assert load_stats(tmp_path / "ns.json")["total_accesses"] == 50
 
 
+def test_demo_accesses_are_bounded(stand_in: None, tmp_path: Path, capsys: Any) -> None:
+    """-n 10**12 recorded (and kept) accesses until memory ran out."""
+    out = tmp_path / "demo.json"
+    for n in (cli.MAX_DEMO_ACCESSES + 1, 10**12):
+        assert cli.main(["demo", "-n", str(n), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"sage-kv-stats: error: argument --num-accesses/-n: at most {cli.MAX_DEMO_ACCESSES}, got {n}\n"
+        args = argparse.Namespace(num_accesses=n, output=str(out), seed=0)
+        assert cli.demo_command(args) == 2
+        assert f"--num-accesses must be at most {cli.MAX_DEMO_ACCESSES}, got {n}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 # --- the real thing, as subprocesses -----------------------------------------------------------
 
 
@@ -290,6 +303,32 @@ def test_output_directory_missing(stats_file: Path, tmp_path: Path) -> None:
     assert_one_line_error(result, "cannot write")
 
 
+def test_output_format_is_the_suffix_and_an_unknown_one_is_refused_first(stats_file: Path, tmp_path: Path,
+                                                                          capsys: Any) -> None:
+    """-o x.txt wrote PNG bytes into x.txt (and -o x.pdf a PNG too); sagellm-kv replay --plot refuses it."""
+    pytest.importorskip("matplotlib")
+    # refused before the input is read: the error is the format, not the missing file
+    assert cli.main(["visualize", "-i", str(tmp_path / "missing.json"), "-o", str(tmp_path / "x.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown image format 'txt'" in err and "png" in err and "missing" not in err
+    assert not (tmp_path / "x.txt").exists()
+    for name, magic in (("x.pdf", b"%PDF"), ("x.SVG", b"<?xml"), ("x.png", b"\x89PNG"), ("noext", b"\x89PNG")):
+        assert cli.main(["visualize", "-i", str(stats_file), "-o", str(tmp_path / name), "-t", "frequency"]) == 0
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+
+
+def test_plot_functions_refuse_an_unknown_format_before_drawing(stats_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from sagellm_kv_cache.profiling.visualize import image_format, plot_interval, visualize
+
+    stats = load_stats(stats_file)
+    with pytest.raises(ValueError, match="unknown image format 'gz'"):
+        visualize(stats, tmp_path / "x.tar.gz", "all")
+    assert list(tmp_path.glob("x.*")) == []
+    assert image_format("a/b") == "png" and image_format("c.JPEG") == "jpeg"
+    assert plot_interval(stats, tmp_path / "i.svg").read_bytes().startswith(b"<?xml")
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -318,3 +357,12 @@ def test_visualize_command_rejects_unknown_type_programmatically(stats_file: Pat
     args = argparse.Namespace(input=str(stats_file), output=None, type="pie", summary=False)
     assert cli.visualize_command(args) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="named pipes and SIGINT are POSIX")
+def test_ctrl_c_exits_130_with_one_line(tmp_path: Path) -> None:
+    from test_replay import interrupted_while_reading
+
+    proc = interrupted_while_reading([sys.executable, "-m", "sagellm_kv_cache.cli", "visualize", "-i", "input.fifo"],
+                                     tmp_path)
+    assert proc.returncode == 130 and proc.stderr == "sage-kv-stats: interrupted\n" and proc.stdout == "", proc

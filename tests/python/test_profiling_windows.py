@@ -130,3 +130,28 @@ def test_bad_arguments(method: str, args: tuple[object, ...], error: type[Except
     with pytest.raises(error):
         getattr(c, method)(*args)
     assert c.total_accesses == 0 and c.get_lifecycle_distribution()["count"] == 0
+
+
+def test_heatmap_slots_and_histogram_bins_are_bounded() -> None:
+    """time_slots=10**9 built a row of 10**9 counts per block (8 GB each), bins=10**9 as many bins."""
+    c = AccessStatsCollector()
+    for block in ("a", "b", "a"):
+        c.record_access(block)
+    for method, name, limit in (("get_heatmap_data", "time_slots", module.MAX_TIME_SLOTS),
+                                ("get_frequency_histogram", "bins", module.MAX_HISTOGRAM_BINS)):
+        for bad, text in ((limit + 1, str(limit + 1)), (10**9, "1000000000"), (10**5000, "an int of 16610 bits")):
+            with pytest.raises(ValueError, match=f"^{name} must be at most {limit}, got {text}"):
+                getattr(c, method)(bad)
+    assert len(c.get_heatmap_data(module.MAX_TIME_SLOTS)["block_heatmap"]["a"]) == module.MAX_TIME_SLOTS
+    assert len(c.get_frequency_histogram(module.MAX_HISTOGRAM_BINS)) == module.MAX_HISTOGRAM_BINS
+    assert c.total_accesses == 3
+
+
+def test_seconds_past_the_float_range_are_a_value_error() -> None:
+    """An int past the float range was a bare OverflowError from float()."""
+    c = AccessStatsCollector()
+    c.record_access("a")
+    for method, name in (("get_window_stats", "window_s"), ("get_cold_blocks", "idle_threshold_s")):
+        with pytest.raises(ValueError, match=f"^{name} must be a number of seconds a float can hold, got an int of"):
+            getattr(c, method)(10**400)
+    assert c.get_window_stats(float("inf"))["total_accesses"] == 1

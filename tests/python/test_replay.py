@@ -204,3 +204,46 @@ def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> No
 def test_cli_rejects_unknown_policy(tmp_path: Path) -> None:
     proc = run_cli("--policy", "mru", cwd=tmp_path)
     assert proc.returncode == 2 and "mru" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def interrupted_while_reading(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Runs ``command``, whose input is ``cwd/input.fifo`` (a named pipe), and sends it SIGINT while it
+    reads the input: the pipe opens for writing only once the child has opened it for reading."""
+    import errno
+    import os
+    import signal
+    import time
+
+    fifo = cwd / "input.fifo"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in sys.path if p)}
+    child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # non-blocking, so a child that dies before opening the pipe cannot hang the test
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as err:
+                if err.errno != errno.ENXIO or child.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"the child never opened {fifo}: {child.communicate()}") from err
+                time.sleep(0.01)
+        os.write(fd, b'{"hash_ids": [1, 2]}\n')
+        child.send_signal(signal.SIGINT)
+        # The kernel may hand the signal to another of the child's threads, which leaves the main thread
+        # blocked in read(): the end of the input wakes it, and the pending signal is raised next.
+        os.close(fd)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return subprocess.CompletedProcess(command, child.returncode, out, err)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="named pipes and SIGINT are POSIX")
+def test_cli_ctrl_c_exits_130_with_one_line(tmp_path: Path) -> None:
+    """Ctrl-C during a replay printed a KeyboardInterrupt traceback (and the status of a signal death)."""
+    proc = interrupted_while_reading([sys.executable, "-m", "sagellm_kv_cache.replay_cli", "replay", "input.fifo"],
+                                     tmp_path)
+    assert proc.returncode == 130 and proc.stderr == "sagellm-kv: interrupted\n" and proc.stdout == "", proc

@@ -335,6 +335,16 @@ def test_worker_names_a_block_id_out_of_range_and_moves_nothing(copies: str) -> 
     assert worker.stored_blocks == worker.loaded_blocks == 0
 
 
+@pytest.mark.parametrize("copies", ["pool", "stream"])
+def test_worker_refuses_a_store_naming_a_slot_twice(copies: str) -> None:
+    """The pool path's scatter refused it; the stream path let the second chunk overwrite the first."""
+    kv, _ = _canonical(True)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies=copies)
+    with pytest.raises(ValueError, match="1 appears at positions 0 and 1"):
+        worker.submit_store(1, GPULoadStoreSpec([0, 1, 2, 3], [4], [0]), SageLoadStoreSpec([1, 1]))
+    assert worker.get_finished() == [] and worker.stored_blocks == 0
+
+
 def test_worker_with_manager_slots_round_trip() -> None:
     kv, raw = _canonical(True, num_blocks=8)
     m = SageOffloadingManager(2)

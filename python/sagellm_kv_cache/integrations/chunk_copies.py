@@ -151,8 +151,9 @@ class ChunkCopier:
     def store(self, job_id: int, block_ids: Any, slots: Any, skip: int = 0) -> None:
         """Copies device blocks ``block_ids`` into chunk slots: block ``i`` goes to position ``skip + i``
         of the job's chunks, chunk ``c`` being slot ``slots[c]`` (so ``slots`` must hold exactly the
-        chunks those positions touch). Positions of a chunk outside the job keep their bytes."""
-        ids, runs = self._plan(block_ids, slots, skip)
+        chunks those positions touch, each once: ``ValueError`` naming a repeated slot, as the pool path's
+        scatter does). Positions of a chunk outside the job keep their bytes."""
+        ids, runs = self._plan(block_ids, slots, skip, writes_slots=True)
         R = self.block_bytes
         with self._job("store", job_id, len(ids)) as staging:
             dev_ids = self._device_ids(ids)
@@ -166,8 +167,9 @@ class ChunkCopier:
 
     def load(self, job_id: int, slots: Any, block_ids: Any, skip: int = 0, *, expedited: bool = False) -> None:
         """Copies chunk positions back into device blocks: the inverse of :meth:`store` (same
-        arguments). ``expedited`` runs on a stream of its own, not behind regular loads."""
-        ids, runs = self._plan(block_ids, slots, skip)
+        arguments; a slot may repeat, it is only read). ``expedited`` runs on a stream of its own, not
+        behind regular loads."""
+        ids, runs = self._plan(block_ids, slots, skip, writes_slots=False)
         R = self.block_bytes
         with self._job("expedited" if expedited else "load", job_id, len(ids)) as staging:
             dev_ids = self._device_ids(ids)
@@ -212,10 +214,12 @@ class ChunkCopier:
 
     # --- internals ---------------------------------------------------------------------------------
 
-    def _plan(self, block_ids: Any, slots: Any, skip: int
+    def _plan(self, block_ids: Any, slots: Any, skip: int, *, writes_slots: bool
               ) -> tuple[npt.NDArray[np.int64], list[tuple[int, int, int, int]]]:
         """Checks a job's arguments (before anything is queued) and cuts it into per-chunk runs
-        (slot, first position in the chunk, first block of the job, count)."""
+        (slot, first position in the chunk, first block of the job, count). A store (``writes_slots``)
+        may name a slot once: twice, the later chunk's copy overwrites the earlier's blocks, which the
+        caller's bookkeeping then believes stored."""
         bpc = self.blocks_per_chunk
         if isinstance(skip, bool) or not isinstance(skip, int | np.integer) or not 0 <= skip < bpc:
             raise ValueError(f"skip must be an int in [0, {bpc}), got {skip!r}")
@@ -226,6 +230,12 @@ class ChunkCopier:
         if num_slots != need:
             raise ValueError(f"{n} blocks from position {skip} need {need} chunks, got {num_slots}")
         slot_list = _indices(slots, "slot", self.num_chunks).tolist()
+        if writes_slots:
+            first_at: dict[int, int] = {}
+            for i, slot in enumerate(slot_list):
+                if first_at.setdefault(slot, i) != i:
+                    raise ValueError(f"store: slot {slot} appears at positions {first_at[slot]} and {i}; "
+                                     "each slot may be written once per job")
         for i, (t, row) in enumerate(zip(self.tensors, self.rows, strict=True)):
             # A tensor resized since construction: an out-of-range index on a GPU is a device-side
             # assert that ends the process's CUDA context, so it is refused here.

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sagellm_kv_cache.errors import KVMemoryExhaustedError
 
 __all__ = ["BaseKVBlock"]
+
+_T = TypeVar("_T")
+
+# Host memory one tensor costs besides its data (the Python object, TensorImpl, storage, allocator
+# rounding): about 550 bytes measured with torch 2.x; rounded up, so the estimate errs towards refusing.
+_BYTES_PER_ALLOCATION = 1024
 
 
 def _positive(name: str, value: Any) -> int:
@@ -14,6 +24,23 @@ def _positive(name: str, value: Any) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
     return value
+
+
+def _physical_memory_bytes() -> int | None:
+    """The machine's RAM in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _is_allocation_failure(err: BaseException) -> bool:
+    # torch reports failure as a plain RuntimeError: "DefaultCPUAllocator: can't allocate memory" for the
+    # data, "std::bad_alloc" for its own bookkeeping; torch.OutOfMemoryError is a RuntimeError too. Other
+    # RuntimeErrors are not ours to rename.
+    text = str(err)
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(
+        marker in text for marker in ("can't allocate memory", "bad_alloc", "out of memory", "OutOfMemory")))
 
 
 class BaseKVBlock(ABC):
@@ -28,6 +55,29 @@ class BaseKVBlock(ABC):
         self.num_tokens = _positive("num_tokens", num_tokens)
         self.hidden_dim = _positive("hidden_dim", hidden_dim)
         self.dtype = dtype
+
+    def _allocate(self, torch: Any, allocate: Callable[[], _T], allocations: int = 1) -> _T:
+        """Runs ``allocate`` (which builds the block's ``allocations`` tensors, ``2 * num_tokens * hidden_dim``
+        elements of ``dtype`` on the CPU in all) unless the block cannot fit: :class:`KVMemoryExhaustedError`
+        naming its bytes when they, with the tensors' own bookkeeping, exceed the machine's physical memory
+        (refused before anything is allocated: zero-filling them would end in the OOM killer), or when
+        torch cannot allocate them (what was built is dropped)."""
+        if not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {self.dtype!r}")
+        required = 2 * self.num_tokens * self.hidden_dim * self.dtype.itemsize
+        physical = _physical_memory_bytes()
+        if physical is not None and required + allocations * _BYTES_PER_ALLOCATION > physical:
+            raise KVMemoryExhaustedError(required, device="cpu", context={
+                "reason": f"{required} bytes in {allocations} tensors (about {_BYTES_PER_ALLOCATION} bytes of "
+                          f"bookkeeping each) exceed the machine's physical memory ({physical} bytes)",
+                "physical_bytes": physical, "allocations": allocations})
+        try:
+            return allocate()
+        except (MemoryError, RuntimeError) as err:
+            if not _is_allocation_failure(err):
+                raise
+            raise KVMemoryExhaustedError(required, device="cpu", context={"reason": " ".join(str(err).split())}) \
+                from None
 
     @abstractmethod
     def get_kv(self, token_idx: int) -> Any:

@@ -24,10 +24,10 @@ hook            keywords read                               counters (gauges)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from sagellm_kv_cache._numbers import finite_number
 from sagellm_kv_cache.observability.metrics import MetricsCollector
 
 __all__ = ["CompositeHook", "MetricsHook", "MetricsHookProtocol", "create_callback_hook"]
@@ -99,12 +99,8 @@ class MetricsHook:
     def on_transfer(self, collector: MetricsCollector, **kwargs: Any) -> None:
         nbytes = _count(kwargs, "num_bytes")
         latency = kwargs.get("latency_ms")
-        if latency is not None and (
-            isinstance(latency, bool) or not isinstance(latency, (int, float)) or not math.isfinite(latency)
-        ):
-            raise TypeError(f"latency_ms must be a finite number, got {latency!r}")
-        if latency is not None and latency < 0:
-            raise ValueError(f"latency_ms must be >= 0, got {latency}")
+        if latency is not None:
+            latency = finite_number("latency_ms", latency, minimum=0)
         success = kwargs.get("success", True)
         if not isinstance(success, bool):
             raise TypeError(f"success must be a bool, got {type(success).__name__}")

@@ -7,10 +7,11 @@ update it from pool, cache and transfer code that may run on several threads, he
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from typing import Any
+
+from sagellm_kv_cache._numbers import finite_number
 
 __all__ = ["KV_METRIC_NAMES", "MetricsCollector"]
 
@@ -59,14 +60,12 @@ class MetricsCollector:
             self._counters[counter] = self._counters.get(counter, 0) + value
 
     def set_gauge(self, gauge: str, value: float) -> None:
-        """Sets ``gauge`` to a finite number."""
+        """Sets ``gauge`` to a finite number (``TypeError`` for a non-number, ``ValueError`` for NaN, an
+        infinity or an int past the float range)."""
         _check_name("gauge", gauge)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"gauge value must be a number, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"gauge {gauge!r} must be finite, got {value}")
+        number = finite_number(f"gauge {gauge!r}", value)
         with self._lock:
-            self._gauges[gauge] = float(value)
+            self._gauges[gauge] = number
 
     def _set_ratio(self, gauge: str, part: str, other: str) -> None:
         """Sets ``gauge`` to ``part / (part + other)`` of two counters (unset while both are 0), read and

@@ -25,10 +25,11 @@ Exposed metrics (``<ns>`` is the namespace, ``sagellm_kv`` by default)::
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
+
+from sagellm_kv_cache._numbers import is_finite_number, shown
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
@@ -253,8 +254,8 @@ class PrometheusExporter:
         """Records one completed transfer of ``nbytes`` bytes that took ``seconds``."""
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
-            raise ValueError(f"seconds must be a finite number, got {seconds!r}")
+        if not is_finite_number(seconds):
+            raise ValueError(f"seconds must be a finite number, got {shown(seconds)}")
         if seconds < 0:
             raise ValueError(f"seconds must be >= 0, got {seconds}")
         self._transfer_bytes.inc(nbytes)

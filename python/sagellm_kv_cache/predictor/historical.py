@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from sagellm_protocol.kv import LifetimePrediction
 
+from sagellm_kv_cache._numbers import is_finite_number, shown
 from sagellm_kv_cache.predictor.base import LifetimePredictor
 from sagellm_kv_cache.predictor.features import PredictorFeatures
 
@@ -65,12 +66,12 @@ class HistoricalPredictor(LifetimePredictor):
     ) -> None:
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"window_size must be a positive int, got {window_size!r}")
-        if not _is_number(alpha) or not 0 < alpha <= 1:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-        if not _is_number(default_reuse_prob) or not 0 <= default_reuse_prob <= 1:
-            raise ValueError(f"default_reuse_prob must be in [0, 1], got {default_reuse_prob!r}")
-        if not _is_number(default_lifetime) or not 0 <= default_lifetime < math.inf:
-            raise ValueError(f"default_lifetime must be a finite number >= 0, got {default_lifetime!r}")
+        if not is_finite_number(alpha) or not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {shown(alpha)}")
+        if not is_finite_number(default_reuse_prob) or not 0 <= default_reuse_prob <= 1:
+            raise ValueError(f"default_reuse_prob must be in [0, 1], got {shown(default_reuse_prob)}")
+        if not is_finite_number(default_lifetime) or default_lifetime < 0:
+            raise ValueError(f"default_lifetime must be a finite number >= 0, got {shown(default_lifetime)}")
         if max_sessions is not None and (isinstance(max_sessions, bool) or not isinstance(max_sessions, int)
                                          or max_sessions < 1):
             raise ValueError(f"max_sessions must be a positive int or None, got {max_sessions!r}")
@@ -90,8 +91,8 @@ class HistoricalPredictor(LifetimePredictor):
         """Learns one outcome: the handle stayed useful for ``actual_lifetime`` seconds (0: not reused)."""
         if not isinstance(features, PredictorFeatures):
             raise TypeError(f"features must be PredictorFeatures, got {type(features).__name__}")
-        if not _is_number(actual_lifetime) or not 0 <= actual_lifetime < math.inf:
-            raise ValueError(f"actual_lifetime must be a finite number of seconds >= 0, got {actual_lifetime!r}")
+        if not is_finite_number(actual_lifetime) or actual_lifetime < 0:
+            raise ValueError(f"actual_lifetime must be a finite number of seconds >= 0, got {shown(actual_lifetime)}")
         reused = 1.0 if actual_lifetime > 0 else 0.0
         with self._lock:
             self._global.add(float(actual_lifetime), reused, self.alpha)
@@ -179,6 +180,3 @@ class HistoricalPredictor(LifetimePredictor):
                 for key, a in ((_GLOBAL, self._global), *self._sessions.items())
             }
 
-
-def _is_number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and not math.isnan(value)

@@ -26,6 +26,11 @@ for an offline analysis of a finite trace):
 * ``max_lifetimes`` (default ``DEFAULT_MAX_LIFETIMES``): finished lifetimes kept, the most recent.
 
 At the defaults the history holds at most about 35 MB of timestamps (8 bytes each).
+
+Derived views are bounded too: :meth:`AccessStatsCollector.get_heatmap_data` takes at most
+``MAX_TIME_SLOTS`` slots (its size is blocks x slots: 128 MiB of counts at the default ``max_blocks``)
+and :meth:`AccessStatsCollector.get_frequency_histogram` at most ``MAX_HISTOGRAM_BINS`` bins; more is a
+``ValueError`` naming the value.
 """
 
 from __future__ import annotations
@@ -43,10 +48,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sagellm_kv_cache._numbers import shown
+
 __all__ = [
     "DEFAULT_MAX_BLOCKS",
     "DEFAULT_MAX_LIFETIMES",
     "DEFAULT_MAX_TIMES_PER_BLOCK",
+    "MAX_HISTOGRAM_BINS",
+    "MAX_TIME_SLOTS",
     "TIME_WINDOWS",
     "AccessStatsCollector",
 ]
@@ -55,6 +64,10 @@ __all__ = [
 DEFAULT_MAX_BLOCKS = 16_384
 DEFAULT_MAX_TIMES_PER_BLOCK = 256
 DEFAULT_MAX_LIFETIMES = 65_536
+
+#: Most time slots of a heatmap (a row of this many counts per block) and bins of a histogram.
+MAX_TIME_SLOTS = 1024
+MAX_HISTOGRAM_BINS = 10_000
 
 #: The sliding windows of :meth:`AccessStatsCollector.get_all_window_stats`, name -> seconds.
 TIME_WINDOWS: dict[str, float] = {"1min": 60.0, "5min": 300.0, "1h": 3600.0}
@@ -94,11 +107,13 @@ def _histogram(values: list[float], bins: int) -> list[dict[str, Any]]:
             for i in range(bins)]
 
 
-def _check_count(name: str, value: Any) -> int:
+def _check_count(name: str, value: Any, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise ValueError(f"{name} must be >= 1, got {shown(value)}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {shown(value)}")
     return value
 
 
@@ -110,8 +125,11 @@ def _check_seconds(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
     if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return float(value)
+        raise ValueError(f"{name} must be >= 0, got {shown(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an int past the float range (infinity itself is a float, and allowed)
+        raise ValueError(f"{name} must be a number of seconds a float can hold, got {shown(value)}") from None
 
 
 class AccessStatsCollector:
@@ -290,17 +308,19 @@ class AccessStatsCollector:
         return sorted(((b, s) for b, s in idle if s > threshold), key=lambda item: -item[1])
 
     def get_frequency_histogram(self, bins: int = 10) -> list[dict[str, Any]]:
-        """How many blocks were accessed how often: ``bins`` equal ranges of per-block access counts."""
-        n = _check_count("bins", bins)
+        """How many blocks were accessed how often: ``bins`` (at most ``MAX_HISTOGRAM_BINS``) equal ranges of
+        per-block access counts."""
+        n = _check_count("bins", bins, MAX_HISTOGRAM_BINS)
         with self._lock:
             return _histogram([float(r.count) for r in self._blocks.values()], n)
 
     def get_heatmap_data(self, time_slots: int = 20) -> dict[str, Any]:
-        """Per block, accesses in each of ``time_slots`` equal slots from the first to the last access.
+        """Per block, accesses in each of ``time_slots`` (at most ``MAX_TIME_SLOTS``) equal slots from the first
+        to the last access.
 
         ``time_bins`` are the slots' wall-clock start times; ``block_heatmap`` maps block id -> counts.
         """
-        n = _check_count("time_slots", time_slots)
+        n = _check_count("time_slots", time_slots, MAX_TIME_SLOTS)
         with self._lock:
             return self._heatmap_locked(n)
 

@@ -8,7 +8,11 @@ Four plot types:
 * ``interval``: histogram of the times between consecutive accesses of the same block, on a log
   axis when they span more than two decades; tells how long a block must survive to be reused;
 * ``all``: one figure with the three above (heatmap on top, the other two below) and the summary
-  numbers in its title, written to a single PNG.
+  numbers in its title, written to a single image.
+
+Each plot is written in the image format its path's suffix names (``.png``, ``.pdf``, ``.svg``, ...:
+:func:`image_format`), PNG for a path without one; a suffix matplotlib cannot write is a ``ValueError``
+raised before anything is drawn.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global
 state), so plotting works headless and from threads.
@@ -22,6 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sagellm_kv_cache._numbers import is_finite_number
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -30,6 +36,7 @@ __all__ = [
     "PLOT_TYPES",
     "StatsFileError",
     "format_summary",
+    "image_format",
     "load_stats",
     "plot_all",
     "plot_frequency",
@@ -70,16 +77,25 @@ def _require_matplotlib() -> None:
         ) from err
 
 
+def image_format(output_path: str | Path) -> str:
+    """The format a plot written to ``output_path`` gets: its suffix, lower-cased (``"png"`` without one).
+
+    ``ValueError`` naming the suffix when matplotlib cannot write it (``.txt``, ``.gz``, ...);
+    ``ImportError`` without matplotlib.
+    """
+    _require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(output_path).suffix[1:].lower()
+    if not suffix:
+        return "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise ValueError(f"{output_path}: unknown image format {suffix!r} (one of {', '.join(sorted(formats))})")
+    return suffix
+
+
 # --- loading -----------------------------------------------------------------------------------
-
-
-def _is_number(value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int past the float range
-        return False
 
 
 def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
@@ -102,17 +118,17 @@ def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise StatsFileError(f"{where}.access_count must be an int >= 1, got {count!r}")
         for key in ("first_access", "last_access"):
-            if not _is_number(detail.get(key)):
+            if not is_finite_number(detail.get(key)):
                 raise StatsFileError(f"{where}.{key} must be a number, got {detail.get(key)!r}")
         intervals = detail.get("intervals")
-        if not isinstance(intervals, list) or not all(_is_number(gap) for gap in intervals):
+        if not isinstance(intervals, list) or not all(is_finite_number(gap) for gap in intervals):
             raise StatsFileError(f"{where}.intervals must be a list of numbers")
         # fewer when the collector kept only a block's most recent access times (max_times_per_block)
         if len(intervals) > count - 1:
             raise StatsFileError(f"{where} has {len(intervals)} intervals for {count} accesses")
         if not all(math.isfinite(t) for t in _recorded_times(detail)):
             raise StatsFileError(f"{where}: its access times overflow (last_access less its intervals)")
-    if not all(_is_number(gap) for gap in stats["access_intervals"]):
+    if not all(is_finite_number(gap) for gap in stats["access_intervals"]):
         raise StatsFileError(f"{source}: 'access_intervals' must be a list of numbers")
     return stats
 
@@ -308,9 +324,9 @@ def _summary_line(stats: Mapping[str, Any]) -> str:
     )
 
 
-def _save(fig: Figure, output_path: str | Path) -> Path:
+def _save(fig: Figure, output_path: str | Path, image: str) -> Path:
     path = Path(output_path)
-    fig.savefig(path, dpi=_DPI, format="png")
+    fig.savefig(path, dpi=_DPI, format=image)
     return path
 
 
@@ -322,36 +338,41 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def plot_heatmap(stats: Mapping[str, Any], output_path: str | Path, top_n: int = 30, num_buckets: int = 60) -> Path:
-    """Writes the heatmap PNG and returns its path."""
+    """Writes the heatmap image (:func:`image_format`) and returns its path."""
+    image = image_format(output_path)
     fig = _new_figure(12, max(4.5, 0.22 * min(top_n, len(stats["block_details"])) + 2))
     _draw_heatmap(fig, fig.add_subplot(), stats, top_n, num_buckets)
     fig.suptitle(_summary_line(stats), fontsize=9, color="0.3")
-    return _save(fig, output_path)
+    return _save(fig, output_path, image)
 
 
 def plot_frequency(stats: Mapping[str, Any], output_path: str | Path, top_n: int = 30) -> Path:
-    """Writes the access-frequency bar chart PNG and returns its path."""
+    """Writes the access-frequency bar chart image (:func:`image_format`) and returns its path."""
+    image = image_format(output_path)
     fig = _new_figure(10, max(4.5, 0.25 * min(top_n, len(stats["block_details"])) + 2))
     _draw_frequency(fig.add_subplot(), stats, top_n)
-    return _save(fig, output_path)
+    return _save(fig, output_path, image)
 
 
 def plot_interval(stats: Mapping[str, Any], output_path: str | Path, bins: int = 50) -> Path:
-    """Writes the interval histogram PNG and returns its path."""
+    """Writes the interval histogram image (:func:`image_format`) and returns its path."""
+    image = image_format(output_path)
     fig = _new_figure(10, 6)
     _draw_interval(fig.add_subplot(), stats, bins)
-    return _save(fig, output_path)
+    return _save(fig, output_path, image)
 
 
 def plot_all(stats: Mapping[str, Any], output_path: str | Path, top_n: int = 30) -> Path:
-    """Writes one PNG with the heatmap on top and the frequency and interval plots below."""
+    """Writes one image (:func:`image_format`) with the heatmap on top and the frequency and interval plots
+    below, and returns its path."""
+    image = image_format(output_path)
     fig = _new_figure(16, 13)
     grid = fig.add_gridspec(2, 2, height_ratios=[1.15, 1.0])
     _draw_heatmap(fig, fig.add_subplot(grid[0, :]), stats, top_n, 60)
     _draw_frequency(fig.add_subplot(grid[1, 0]), stats, min(top_n, 20))
     _draw_interval(fig.add_subplot(grid[1, 1]), stats, 50)
     fig.suptitle(f"KV cache access pattern: {_summary_line(stats)}", fontsize=13)
-    return _save(fig, output_path)
+    return _save(fig, output_path, image)
 
 
 def visualize(stats: Mapping[str, Any], output_path: str | Path, plot_type: str = "heatmap") -> Path:

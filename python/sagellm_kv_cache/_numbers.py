@@ -1,0 +1,42 @@
+"""One rule for "a finite number" from a caller, shared by the modules that check one.
+
+A Python int past the float range (``10**400``) is an int, but ``math.isfinite`` and ``float()`` raise
+``OverflowError`` on it, so a check built on them alone leaks a bare ``OverflowError``; here such an
+int is simply not finite. Its ``repr`` is unhelpful (and raises past 4300 digits), so messages name it
+by its size.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["finite_number", "is_finite_number", "shown"]
+
+
+def is_finite_number(value: object) -> bool:
+    """True for an int or float (a bool is neither) whose float value is finite."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past the float range
+        return False
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for a message; an int past the float range is named by its size instead."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1024:
+        return f"an int of {value.bit_length()} bits (past the float range)"
+    return repr(value)
+
+
+def finite_number(name: str, value: object, *, minimum: float | None = None) -> float:
+    """``value`` as a float. ``TypeError`` unless it is an int or a float (a bool is not); ``ValueError``
+    naming ``name`` when it is NaN, infinite, an int past the float range, or below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not is_finite_number(value):
+        raise ValueError(f"{name} must be a finite number, got {shown(value)}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return float(value)
