@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sagellm_kv_cache
 from sagellm_kv_cache.layout import BaseKVBlock, ChunkedKVBlock, ContiguousKVBlock
 
 torch = pytest.importorskip("torch")
@@ -93,8 +96,9 @@ print("ok")
 
 def test_a_block_that_cannot_fit_is_a_typed_error_before_or_instead_of_allocating(tmp_path: Any) -> None:
     # In a child process: the address-space limit must not bind the test runner.
+    env = {**os.environ, "PYTHONPATH": str(Path(sagellm_kv_cache.__file__).resolve().parent.parent)}
     proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+                          cwd=tmp_path, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
