@@ -164,8 +164,8 @@ class SchedulerBridge:
         """Admits what fits, reserving its KV; returns the plan (the original's shape: every input
         request, ``placement`` for the admitted ones; see the module docstring).
 
-        Bad input (not a list of ``SchedulerRequest``, an id twice in the batch, an id that already
-        holds KV) raises before anything is reserved.
+        Bad input (not a list of ``SchedulerRequest``, an empty id, an id twice in the batch, an id
+        that already holds KV) raises before anything is reserved.
         """
         if isinstance(requests, str | bytes) or not isinstance(requests, Sequence):
             raise TypeError(f"requests must be a sequence of SchedulerRequest, got {type(requests).__name__}")
@@ -173,6 +173,7 @@ class SchedulerBridge:
         for index, request in enumerate(requests):
             if not isinstance(request, SchedulerRequest):
                 raise TypeError(f"requests[{index}] is a {type(request).__name__}, not a SchedulerRequest")
+            _request_id(request.request_id)  # what free_request refuses could never be freed
             if request.request_id in seen:
                 raise KVConfigInvalidError("request_id", request.request_id, reason="appears twice in the batch")
             seen.add(request.request_id)

@@ -163,6 +163,14 @@ def test_plan_bad_input_reserves_nothing() -> None:
     assert empty.batch_size == 0 and empty.requests == [] and empty.placement == {}
 
 
+def test_plan_refuses_an_id_that_free_request_refuses() -> None:
+    # An empty id cannot be freed (free_request refuses it), so plan must not reserve KV for it.
+    bridge = SchedulerBridge(1024)
+    with pytest.raises(KVConfigInvalidError, match=r"request_id.*''.*empty"):
+        bridge.plan([req("x"), req("")])
+    assert used(bridge) == 0 and len(bridge) == 0 and bridge.last_scheduled == []
+
+
 def test_prefix_reuse_by_fingerprint() -> None:
     bridge = SchedulerBridge(2048)
     first = bridge.plan([req("a", 300, 20, prefix_fingerprint="sys", prefix_hit_len=256)])
