@@ -63,6 +63,8 @@ class KVCacheSpec:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+            # Stored as Python ints: numpy scalars would wrap in block_nbytes and are not JSON.
+            object.__setattr__(self, name, int(value))
         dtype = getattr(self.dtype, "value", self.dtype)
         if not isinstance(dtype, str):
             raise TypeError(f"dtype must be a string, got {type(dtype).__name__}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 
 import numpy as np
@@ -240,6 +241,15 @@ def test_bad_specs(kwargs: dict, error: type[Exception], match: str) -> None:
     base = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "fp16", "block_size": 16}
     with pytest.raises(error, match=match):
         KVCacheSpec(**{**base, **kwargs})
+
+
+def test_spec_of_numpy_ints_holds_python_ints() -> None:
+    # An int32 spec used to compute block_nbytes in int32: 4 GiB wrapped to 0 (with an overflow warning).
+    spec = KVCacheSpec(np.int32(1024), np.int32(64), np.int32(256), block_size=np.int32(64))
+    assert spec.block_nbytes == 2**32
+    assert spec == KVCacheSpec(1024, 64, 256, block_size=64)
+    assert json.loads(json.dumps(spec.to_dict()))["num_layers"] == 1024
+    assert all(type(v) is int for k, v in spec.to_dict().items() if k != "dtype")
 
 
 def test_unknown_and_unavailable_devices(spec: KVCacheSpec) -> None:
