@@ -209,7 +209,7 @@ class PriorityEviction(EvictionStrategy):
         try:
             priority = float(value)
         except OverflowError:  # an int past the float range still orders by its sign
-            return math.inf if value > 0 else -math.inf
+            return math.inf if math.trunc(value) > 0 else -math.inf
         if math.isnan(priority):  # NaN orders against nothing: the sort would put victims in any order
             raise ValueError(f"metadata['priority'] of handle {handle.handle_id} must not be NaN, got {value!r}")
         return priority
