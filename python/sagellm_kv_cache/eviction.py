@@ -25,7 +25,7 @@ import math
 import numbers
 import time
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 from sagellm_protocol.kv import EvictionPolicy
@@ -209,7 +209,7 @@ class PriorityEviction(EvictionStrategy):
         try:
             priority = float(value)
         except OverflowError:  # an int past the float range still orders by its sign
-            return math.inf if math.trunc(value) > 0 else -math.inf
+            return math.inf if cast(float, value) > 0 else -math.inf  # any Real compares with 0
         if math.isnan(priority):  # NaN orders against nothing: the sort would put victims in any order
             raise ValueError(f"metadata['priority'] of handle {handle.handle_id} must not be NaN, got {value!r}")
         return priority
