@@ -125,7 +125,10 @@ def test_pin_unpin_and_free_rules() -> None:
     ("kwargs", "error", "match"),
     [({"num_tokens": 0}, ValueError, "num_tokens"), ({"num_tokens": -5}, ValueError, "-5"),
      ({"num_tokens": 8, "device": "tpu"}, KVConfigInvalidError, "tpu"),
-     ({"num_tokens": 8, "dtype": "fp64"}, ValueError, "fp64")],
+     ({"num_tokens": 8, "dtype": "fp64"}, ValueError, "fp64"),
+     # Non-ASCII digits: '\u00b2' was int()'s bare ValueError, '\u0663' (Arabic-Indic 3) taken as cuda:3.
+     ({"num_tokens": 8, "device": "cuda:\u00b2"}, KVConfigInvalidError, "cuda:\u00b2.*index"),
+     ({"num_tokens": 8, "device": "cuda:\u0663"}, KVConfigInvalidError, "cuda:\u0663.*index")],
 )
 def test_bad_alloc_changes_nothing(kwargs: dict, error: type[Exception], match: str) -> None:
     pool = KVPool(max_tokens=512)

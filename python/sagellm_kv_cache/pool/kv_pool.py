@@ -61,7 +61,7 @@ def parse_device(device: Any) -> str:
     known = list(_core.registered_backends())
     if kind not in known:
         raise KVConfigInvalidError("device", device, reason=f"unknown device type; known: {', '.join(known)}")
-    if index and (not index.isdigit()):
+    if index and not (index.isascii() and index.isdigit()):  # str.isdigit also takes '\u00b2' and other scripts
         raise KVConfigInvalidError("device", device, reason="device index must be a non-negative integer")
     if kind == "cpu" and index not in ("", "0"):
         raise KVConfigInvalidError("device", device, reason="the cpu backend has one device, 'cpu'")
