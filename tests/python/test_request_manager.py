@@ -129,6 +129,26 @@ def test_bad_ids_change_nothing() -> None:
     rm.check_invariants()
 
 
+def test_bools_are_neither_request_ids_nor_tokens() -> None:
+    # True was request 1 (finish(True) ended it) and [True] token 1.
+    pool, rm = make()
+    rm.admit(1, list(range(20)))
+    before = (pool.num_used_blocks, rm.stats())
+    calls = [lambda: rm.finish(True), lambda: rm.abort([True]), lambda: rm.preempt((1, True)),
+             lambda: rm.admit(True, [1]), lambda: rm.append(True, [1]), lambda: rm.block_tables([True]),
+             lambda: rm.num_tokens(True)]
+    for call in calls:
+        with pytest.raises(TypeError, match="must be an int, got bool"):
+            call()
+    with pytest.raises(TypeError, match="must hold integers, got bool at position 1"):
+        rm.admit(2, [5, True, 7])
+    with pytest.raises(TypeError, match="got bool at position 0"):
+        rm.append(1, [False])
+    assert (pool.num_used_blocks, rm.stats()) == before and rm.running() == [1] and rm.num_tokens(1) == 20
+    with pytest.raises(TypeError, match="got bool"):
+        RadixPrefixCache(BS).hash_tokens([True] * BS)
+
+
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"num_blocks": True}, TypeError, "num_blocks must be an int, got bool"),  # was a pool of 1 block
     ({"num_blocks": 8.0}, TypeError, "num_blocks must be an int, got float"),
