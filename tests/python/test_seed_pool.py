@@ -435,3 +435,23 @@ def test_pool_builds_validated_handles_when_the_template_cannot_be_shared(monkey
     assert pool.handles == {h.handle_id: h}
     pool.free(h)
     assert h.state == KVBlockState.FREE and pool.get_allocated_tokens() == 0
+
+
+def test_pins_on_the_handle_itself_do_not_unbalance_the_pool() -> None:
+    # The pool counts what was pinned through it (as the original does): a KVHandle.pin() followed by
+    # KVPool.unpin() used to leave pinned_tokens at -10.
+    pool = KVPool(max_tokens=100)
+    h = pool.alloc(10)
+    h.pin()
+    pool.unpin(h)
+    stats = pool.get_stats()
+    assert (stats["pinned_tokens"], stats["unpinned_tokens"], pool.pinned_handles) == (0, 10, set())
+    # Pinned through the pool, unpinned on the handle, then freed: nothing stale stays counted.
+    pool.pin(h)
+    pool.pin(h)
+    h.unpin()
+    h.unpin()
+    assert pool.get_stats()["pinned_tokens"] == 10 and pool.pinned_handles == {h.handle_id}
+    pool.free(h)
+    stats = pool.get_stats()
+    assert (stats["pinned_tokens"], stats["num_handles"], pool.pinned_handles) == (0, 0, set())

@@ -297,12 +297,21 @@ class KVPool:
     def free(self, handle: KVHandle) -> None:
         """Returns the handle's tokens and blocks. Double free and foreign handles raise; pinned too."""
         self._free(handle)
+        if self.pinned_handles:  # pinned through the pool, then unpinned on the handle itself
+            with self._lock:
+                if handle.handle_id in self.pinned_handles:
+                    self.pinned_handles.discard(handle.handle_id)
+                    self._pinned_tokens -= handle.num_tokens
 
     def pin(self, handle: KVHandle) -> None:
-        """Protects the handle from eviction and from ``free`` until unpinned."""
+        """Protects the handle from eviction and from ``free`` until unpinned.
+
+        ``pinned_handles`` and the pinned tokens count the handles pinned through the pool (as in the
+        original package), so a ``KVHandle.pin``/``unpin`` on the handle itself cannot unbalance them.
+        """
         with self._lock:
             live = self._live(handle)
-            if live.pin_count == 0:
+            if live.handle_id not in self.pinned_handles:
                 self._pinned_tokens += live.num_tokens
                 self.pinned_handles.add(live.handle_id)
             live.pin()
@@ -313,7 +322,7 @@ class KVPool:
         with self._lock:
             live = self._live(handle)
             live.unpin()  # raises KVRefCountUnderflowError when not pinned
-            if live.pin_count == 0:
+            if live.pin_count == 0 and live.handle_id in self.pinned_handles:
                 self._pinned_tokens -= live.num_tokens
                 self.pinned_handles.discard(live.handle_id)
             if handle is not live:
