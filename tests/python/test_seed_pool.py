@@ -13,6 +13,7 @@ import sagellm_kv_cache
 from sagellm_kv_cache import (
     KVBudgetExceededError,
     KVCacheError,
+    KVCacheManager,
     KVConfigInvalidError,
     KVDoubleFreeError,
     KVHandle,
@@ -435,6 +436,15 @@ def test_pool_builds_validated_handles_when_the_template_cannot_be_shared(monkey
     assert pool.handles == {h.handle_id: h}
     pool.free(h)
     assert h.state == KVBlockState.FREE and pool.get_allocated_tokens() == 0
+
+
+@pytest.mark.parametrize("block_size", [2**31, 2**64, 2**70])
+def test_block_size_past_the_native_range_is_named(block_size: int) -> None:
+    # Past 64 bits it was pybind's "incompatible constructor arguments", naming neither.
+    with pytest.raises(ValueError, match=f"block_size must be in .*got {block_size}"):
+        KVPool(max_tokens=10, block_size=block_size)
+    with pytest.raises(ValueError, match=f"block_size must be in .*got {block_size}"):
+        KVCacheManager(max_tokens=10, block_size=block_size)
 
 
 def test_pins_on_the_handle_itself_do_not_unbalance_the_pool() -> None:

@@ -222,6 +222,8 @@ class KVPool:
     ) -> None:
         self.max_tokens = _positive_int("max_tokens", max_tokens)
         self.block_size = _positive_int("block_size", block_size)
+        if self.block_size > _INT32_IDS:  # the native pool's range, checked here for ints past 64 bits too
+            raise ValueError(f"block_size must be in [1, {_INT32_IDS}], got {self.block_size}")
         self.bytes_per_token = _positive_int("bytes_per_token", bytes_per_token)
         if on_budget_exceeded is not None and not callable(on_budget_exceeded):
             raise TypeError("on_budget_exceeded must be callable(requested, available, max_tokens)")
