@@ -176,6 +176,11 @@ class _PoolBlockManager(BlockManager):
     def total_allocated_bytes(self, value: int) -> None:
         self._own_bytes = value - self._pool._blocks_peak * self.block_size
 
+    def _count_new_block(self) -> None:
+        # Not `total_allocated_bytes += ...`: its getter and setter would read the pool's peak twice,
+        # and a pool allocation in between lost the new block's bytes.
+        self._own_bytes += self.block_size
+
     def get_used_bytes(self) -> int:
         return super().get_used_bytes() + self._pool._blocks_in_use * self.block_size
 
