@@ -32,22 +32,11 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache.paged import PagedKVPool, _int_arg
+from sagellm_kv_cache.paged import PagedKVPool, _int64_arg
 
 __all__ = ["RequestManager"]
 
 Int32Array = npt.NDArray[np.int32]
-
-_INT64_MAX = 2**63 - 1
-
-
-def _size_arg(name: str, value: Any) -> int:
-    """A size the native constructors take as a 64-bit int: bools and non-ints are a TypeError, an int past
-    64 bits a ValueError, both naming the argument (pybind would take True as 1 and name neither)."""
-    n = _int_arg(name, value)
-    if not -_INT64_MAX <= n <= _INT64_MAX:
-        raise ValueError(f"{name} must fit in 64 bits, got {n}")
-    return n
 
 
 def _flag_arg(name: str, value: Any) -> bool:
@@ -90,10 +79,10 @@ class RequestManager:
     ) -> None:
         if pool is not None and not isinstance(pool, PagedKVPool):
             raise TypeError(f"pool must be a PagedKVPool or None, got {type(pool).__name__}")
-        num_blocks = None if num_blocks is None else _size_arg("num_blocks", num_blocks)
-        block_size = None if block_size is None else _size_arg("block_size", block_size)
-        capacity_blocks = None if capacity_blocks is None else _size_arg("capacity_blocks", capacity_blocks)
-        event_queue_capacity = _size_arg("event_queue_capacity", event_queue_capacity)
+        num_blocks = None if num_blocks is None else _int64_arg("num_blocks", num_blocks)
+        block_size = None if block_size is None else _int64_arg("block_size", block_size)
+        capacity_blocks = None if capacity_blocks is None else _int64_arg("capacity_blocks", capacity_blocks)
+        event_queue_capacity = _int64_arg("event_queue_capacity", event_queue_capacity)
         enable_caching = _flag_arg("enable_caching", enable_caching)
         match_last_token = _flag_arg("match_last_token", match_last_token)
         if pool is None:
@@ -150,7 +139,7 @@ class RequestManager:
 
         The handle-style allocation of the seed ``KVPool.alloc``; returns the block table.
         """
-        return self._native.reserve(request_id, _size_arg("num_tokens", num_tokens))
+        return self._native.reserve(request_id, _int64_arg("num_tokens", num_tokens))
 
     # --- running requests -------------------------------------------------------------------
 

@@ -34,6 +34,15 @@ def _int_arg(name: str, value: Any) -> int:
     return int(value)
 
 
+def _int64_arg(name: str, value: Any) -> int:
+    """An argument the native calls take as a 64-bit int: bools and non-ints are a TypeError, an int past
+    64 bits a ValueError, both naming the argument (pybind would take True as 1 and name neither)."""
+    n = _int_arg(name, value)
+    if not -_INT64_MAX <= n <= _INT64_MAX:
+        raise ValueError(f"{name} must fit in 64 bits, got {n}")
+    return n
+
+
 def _count_arg(name: str, value: Any) -> int:
     """A block count in ``[0, 2**31)`` (the native range; its error message too)."""
     n = _int_arg(name, value)
