@@ -174,6 +174,12 @@ def test_plan_refuses_a_request_changed_after_validation_before_reserving(field:
     with pytest.raises(KVConfigInvalidError, match=f"{field}.*'bad'"):
         bridge.plan([req("a", 10, 6), bad])
     assert used(bridge) == 0 and len(bridge) == 0 and bridge.last_scheduled == []
+    for field in ("prefix_fingerprint", "session_id"):  # a pinned handle was left behind for session_id
+        odd = req("odd", 10, 6, prefix_fingerprint="fp")
+        setattr(odd, field, ["x"])
+        with pytest.raises(TypeError, match=f"{field} of request 'odd' must be a str or None, got list"):
+            bridge.plan([req("a", 10, 6), odd])
+        assert used(bridge) == 0 and len(bridge) == 0
     nothing = req("nothing", 0, 6)
     nothing.max_new_tokens = 0
     with pytest.raises(KVConfigInvalidError, match="'nothing' needs no KV"):
