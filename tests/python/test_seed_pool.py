@@ -213,6 +213,12 @@ def test_version_matches_cmake() -> None:
     assert sagellm_kv_cache._core.__version__ == sagellm_kv_cache.__version__
 
 
+@pytest.mark.parametrize("device", [None, 0, b"cpu"])
+def test_kvhandle_create_with_a_device_that_is_not_a_str_is_a_type_error(device: object) -> None:
+    with pytest.raises(TypeError, match=f"device must be a str .*got {type(device).__name__}"):  # was AttributeError
+        KVHandle.create(4, device=device)  # type: ignore[arg-type]
+
+
 def test_handle_ids_are_unique() -> None:
     pool = KVPool(max_tokens=4096, block_size=16)
     ids = {pool.alloc(16).handle_id for _ in range(100)}
