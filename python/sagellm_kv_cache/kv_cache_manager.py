@@ -30,7 +30,7 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -89,10 +89,14 @@ def _token_array(name: str, tokens: object) -> npt.NDArray[np.int64]:
     """Token ids as a 1-D int64 array, or a TypeError/ValueError naming what was wrong."""
     if isinstance(tokens, str | bytes | bytearray) or tokens is None:
         raise TypeError(f"{name} must be a sequence of token ids, got {type(tokens).__name__}")
+    if isinstance(tokens, Iterator):  # a generator of ids (the original took any iterable): read it once
+        tokens = list(tokens)
     try:
         arr = np.asarray(tokens)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a flat sequence of token ids ({exc})") from None
+    if arr.ndim == 0:  # a scalar, or a set or dict (no order of tokens)
+        raise TypeError(f"{name} must be a sequence of token ids, got {type(tokens).__name__}")
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size == 0:

@@ -270,6 +270,9 @@ def test_short_prefix_registers_nothing() -> None:
         ("abcdefghijklmnop", TypeError, "sequence of token ids"),
         ([[1, 2], [3]], TypeError, "flat sequence"),
         (np.array([2**64 - 1] * 16, dtype=np.uint64), ValueError, "int64 range"),
+        # Were "must be 1-D, got shape ()" ValueErrors: a set has no token order, 7 is no sequence.
+        (set(range(16)), TypeError, "sequence of token ids, got set"),
+        (7, TypeError, "sequence of token ids, got int"),
     ],
 )
 def test_bad_prefixes_are_typed_and_change_nothing(prefix: Any, error: type[Exception], match: str) -> None:
@@ -282,6 +285,15 @@ def test_bad_prefixes_are_typed_and_change_nothing(prefix: Any, error: type[Exce
     with pytest.raises((TypeError, ValueError)):
         manager.query_prefix(prefix if not isinstance(prefix, list) or len(prefix) != 65 else [1.5])
     assert snapshot(manager) == before
+
+
+def test_token_iterators_are_read_once_like_lists() -> None:
+    # The original took any iterable; a generator was "must be 1-D, got shape ()".
+    manager = KVCacheManager(1024, 16)
+    handle = manager.alloc(64)
+    manager.register_prefix(iter(tokens(32)), handle)
+    assert manager.query_prefix(t for t in tokens(40)) == (handle, 32)
+    assert manager.get_reused_blocks(iter(tokens(32)))[1] == 32
 
 
 # --- eviction ---------------------------------------------------------------------------------
