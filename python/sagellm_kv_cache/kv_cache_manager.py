@@ -225,10 +225,19 @@ class KVCacheManager:
             self._grow_block_owner(handle.block_ids)
             self._block_owner[handle.block_ids] = owner
             self._device_tokens[device] = self._device_tokens.get(device, 0) + num_tokens
-        if self._hook is not None and self.metrics_collector is not None:
-            self._hook.on_alloc(self.metrics_collector, num_tokens=num_tokens, num_blocks=len(handle.block_ids))
-        self._debug("alloc %d tokens on %s -> handle %s (%d blocks)", num_tokens, device, handle.handle_id,
-                    len(handle.block_ids))
+        try:
+            if self._hook is not None and self.metrics_collector is not None:
+                self._hook.on_alloc(self.metrics_collector, num_tokens=num_tokens, num_blocks=len(handle.block_ids))
+            self._debug("alloc %d tokens on %s -> handle %s (%d blocks)", num_tokens, device, handle.handle_id,
+                        len(handle.block_ids))
+        except BaseException:
+            # A hook or logger that raises fails the allocation: the caller never gets the handle, so
+            # it must not stay allocated (unless another thread already pinned it through handles()).
+            with self._lock:
+                still_owned = self._owner_of.get(handle.handle_id)
+                if still_owned is not None and handle.pin_count == 0:
+                    self._drop(still_owned, handle)
+            raise
         return handle
 
     def free(self, handle: KVHandle) -> None:

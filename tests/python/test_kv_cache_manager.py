@@ -24,6 +24,7 @@ from sagellm_kv_cache import (
     KVPrefixTooLongError,
     KVRefCountUnderflowError,
     MetricsCollector,
+    MetricsHook,
 )
 from sagellm_kv_cache.kv_cache_manager import Block
 from sagellm_kv_cache.prefix.index import PrefixIndex
@@ -384,6 +385,19 @@ def test_admission_is_by_tokens_not_blocks() -> None:
     manager.pin(extra)
     with pytest.raises(KVBudgetExceededError, match="tokens"):
         manager.alloc(1)
+
+
+def test_a_hook_that_raises_on_alloc_leaves_nothing_allocated() -> None:
+    # The caller gets the hook's error and never the handle: it used to stay allocated, unreachable.
+    class Broken(MetricsHook):
+        def on_alloc(self, collector: MetricsCollector, **kwargs: Any) -> None:
+            raise RuntimeError("hook down")
+
+    manager = KVCacheManager(128, 16, metrics_collector=MetricsCollector("t", "r", "e"), metrics_hook=Broken())
+    with pytest.raises(RuntimeError, match="hook down"):
+        manager.alloc(64)
+    assert len(manager) == 0 and manager.get_stats()["allocated_tokens"] == 0 and manager.tokens_by_device() == {}
+    assert manager.pool.get_block_stats()["used_blocks"] == 0
 
 
 def test_logger_and_metrics_follow_every_change(caplog: pytest.LogCaptureFixture) -> None:
