@@ -177,7 +177,8 @@ class KVCacheManager:
         self._next_owner = 1  # 0 means "no owner" in the trie
         self._registered: set[int] = set()  # owners with nodes in the trie
         self.prefix_index: PrefixIndex[str] = PrefixIndex()
-        self._index_keys: dict[int, list[tuple[int, ...]]] = {}  # owner -> its keys in prefix_index
+        # owner -> its keys in prefix_index, each once (an ordered set: re-registering adds nothing)
+        self._index_keys: dict[int, dict[tuple[int, ...], None]] = {}
         # block id -> owner number (0 = none); one vectorised store per alloc/free, no per-block loop.
         self._block_owner = np.zeros(self._pool.num_blocks, dtype=np.int64)
         self._device_tokens: dict[str, int] = {}
@@ -558,7 +559,7 @@ class KVCacheManager:
         if len(tokens):
             key = tuple(tokens.tolist())
             self.prefix_index.insert(key, str(handle.handle_id))
-            self._index_keys.setdefault(owner, []).append(key)
+            self._index_keys.setdefault(owner, {})[key] = None
 
     def _unindex(self, owner: int, handle: KVHandle) -> None:
         """Removes the handle's prefixes from ``prefix_index``, unless a later handle took the key."""
