@@ -21,10 +21,11 @@ std::string type_name_of(PyObject* obj) { return Py_TYPE(obj)->tp_name; }
                         " is outside the int32 range");
 }
 
-// Any other int-like item (numpy integer, big int, bool): through __index__, which may run Python
+// Any other int-like item (numpy integer, big int): through __index__, which may run Python
 // code, so the item is held while it does.
 long long slow_int(PyObject* item, const char* what, std::size_t pos) {
-  if (PyFloat_Check(item) || !PyIndex_Check(item)) {
+  // A bool has __index__ but is no token id: [True] read as token 1.
+  if (PyFloat_Check(item) || PyBool_Check(item) || !PyIndex_Check(item)) {
     throw py::type_error(std::string(what) + " must hold integers, got " + type_name_of(item) + " at position " +
                          std::to_string(pos));
   }
@@ -227,7 +228,8 @@ void append_tokens(const py::handle& obj, std::vector<std::int32_t>& out, const 
 std::uint64_t request_id_value(PyObject* obj, const char* what) {
   long long small = 0;
   if (small_int(obj, small) && small >= 0) return static_cast<std::uint64_t>(small);
-  if (PyFloat_Check(obj) || !PyIndex_Check(obj)) {
+  // A bool has __index__ but names no request: finish(True) ended request 1.
+  if (PyFloat_Check(obj) || PyBool_Check(obj) || !PyIndex_Check(obj)) {
     throw py::type_error(std::string(what) + " must be an int, got " + type_name_of(obj));
   }
   py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(obj));

@@ -21,10 +21,13 @@ Nothing is mutated: the caller frees the victims it gets.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
+import numpy as np
 from sagellm_protocol.kv import EvictionPolicy
 
 from sagellm_kv_cache.errors import KVAllPinnedError, KVNoVictimError
@@ -197,13 +200,19 @@ class PriorityEviction(EvictionStrategy):
         self.default_priority = _check_int("default_priority", default_priority)
 
     def priority_of(self, handle: KVHandle) -> float:
-        """The handle's priority; a non-numeric value is a ``TypeError`` naming the handle."""
+        """The handle's priority; a non-numeric value is a ``TypeError``, NaN a ``ValueError``, naming the handle."""
         value = handle.metadata.get("priority", self.default_priority)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
             raise TypeError(
                 f"metadata['priority'] of handle {handle.handle_id} must be a number, got {type(value).__name__}"
             )
-        return float(value)
+        try:
+            priority = float(value)
+        except OverflowError:  # an int past the float range still orders by its sign
+            return math.inf if cast(float, value) > 0 else -math.inf  # any Real compares with 0
+        if math.isnan(priority):  # NaN orders against nothing: the sort would put victims in any order
+            raise ValueError(f"metadata['priority'] of handle {handle.handle_id} must not be NaN, got {value!r}")
+        return priority
 
     def _sort_key(self, handle: KVHandle, now: float, index: int) -> _SortKey:
         return (self.priority_of(handle), handle.last_access, handle.created_at)

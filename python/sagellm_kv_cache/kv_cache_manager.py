@@ -30,7 +30,7 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -89,10 +89,14 @@ def _token_array(name: str, tokens: object) -> npt.NDArray[np.int64]:
     """Token ids as a 1-D int64 array, or a TypeError/ValueError naming what was wrong."""
     if isinstance(tokens, str | bytes | bytearray) or tokens is None:
         raise TypeError(f"{name} must be a sequence of token ids, got {type(tokens).__name__}")
+    if isinstance(tokens, Iterator):  # a generator of ids (the original took any iterable): read it once
+        tokens = list(tokens)
     try:
         arr = np.asarray(tokens)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a flat sequence of token ids ({exc})") from None
+    if arr.ndim == 0:  # a scalar, or a set or dict (no order of tokens)
+        raise TypeError(f"{name} must be a sequence of token ids, got {type(tokens).__name__}")
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
@@ -173,7 +177,8 @@ class KVCacheManager:
         self._next_owner = 1  # 0 means "no owner" in the trie
         self._registered: set[int] = set()  # owners with nodes in the trie
         self.prefix_index: PrefixIndex[str] = PrefixIndex()
-        self._index_keys: dict[int, list[tuple[int, ...]]] = {}  # owner -> its keys in prefix_index
+        # owner -> its keys in prefix_index, each once (an ordered set: re-registering adds nothing)
+        self._index_keys: dict[int, dict[tuple[int, ...], None]] = {}
         # block id -> owner number (0 = none); one vectorised store per alloc/free, no per-block loop.
         self._block_owner = np.zeros(self._pool.num_blocks, dtype=np.int64)
         self._device_tokens: dict[str, int] = {}
@@ -221,10 +226,19 @@ class KVCacheManager:
             self._grow_block_owner(handle.block_ids)
             self._block_owner[handle.block_ids] = owner
             self._device_tokens[device] = self._device_tokens.get(device, 0) + num_tokens
-        if self._hook is not None and self.metrics_collector is not None:
-            self._hook.on_alloc(self.metrics_collector, num_tokens=num_tokens, num_blocks=len(handle.block_ids))
-        self._debug("alloc %d tokens on %s -> handle %s (%d blocks)", num_tokens, device, handle.handle_id,
-                    len(handle.block_ids))
+        try:
+            if self._hook is not None and self.metrics_collector is not None:
+                self._hook.on_alloc(self.metrics_collector, num_tokens=num_tokens, num_blocks=len(handle.block_ids))
+            self._debug("alloc %d tokens on %s -> handle %s (%d blocks)", num_tokens, device, handle.handle_id,
+                        len(handle.block_ids))
+        except BaseException:
+            # A hook or logger that raises fails the allocation: the caller never gets the handle, so
+            # it must not stay allocated (unless another thread already pinned it through handles()).
+            with self._lock:
+                still_owned = self._owner_of.get(handle.handle_id)
+                if still_owned is not None and handle.pin_count == 0:
+                    self._drop(still_owned, handle)
+            raise
         return handle
 
     def free(self, handle: KVHandle) -> None:
@@ -545,7 +559,7 @@ class KVCacheManager:
         if len(tokens):
             key = tuple(tokens.tolist())
             self.prefix_index.insert(key, str(handle.handle_id))
-            self._index_keys.setdefault(owner, []).append(key)
+            self._index_keys.setdefault(owner, {})[key] = None
 
     def _unindex(self, owner: int, handle: KVHandle) -> None:
         """Removes the handle's prefixes from ``prefix_index``, unless a later handle took the key."""

@@ -32,11 +32,17 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache.paged import PagedKVPool
+from sagellm_kv_cache.paged import PagedKVPool, _int64_arg
 
 __all__ = ["RequestManager"]
 
 Int32Array = npt.NDArray[np.int32]
+
+
+def _flag_arg(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 class RequestManager:
@@ -73,6 +79,12 @@ class RequestManager:
     ) -> None:
         if pool is not None and not isinstance(pool, PagedKVPool):
             raise TypeError(f"pool must be a PagedKVPool or None, got {type(pool).__name__}")
+        num_blocks = None if num_blocks is None else _int64_arg("num_blocks", num_blocks)
+        block_size = None if block_size is None else _int64_arg("block_size", block_size)
+        capacity_blocks = None if capacity_blocks is None else _int64_arg("capacity_blocks", capacity_blocks)
+        event_queue_capacity = _int64_arg("event_queue_capacity", event_queue_capacity)
+        enable_caching = _flag_arg("enable_caching", enable_caching)
+        match_last_token = _flag_arg("match_last_token", match_last_token)
         if pool is None:
             if num_blocks is None:
                 raise ValueError("give a pool, or num_blocks for a metadata-only manager")
@@ -127,7 +139,7 @@ class RequestManager:
 
         The handle-style allocation of the seed ``KVPool.alloc``; returns the block table.
         """
-        return self._native.reserve(request_id, num_tokens)
+        return self._native.reserve(request_id, _int64_arg("num_tokens", num_tokens))
 
     # --- running requests -------------------------------------------------------------------
 

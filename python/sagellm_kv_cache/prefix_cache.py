@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from sagellm_kv_cache import _core
 from sagellm_kv_cache.errors import KVPoolFullError
-from sagellm_kv_cache.paged import PagedKVPool
+from sagellm_kv_cache.paged import _INT32_MAX, PagedKVPool, _int64_arg, _int_arg
 
 if TYPE_CHECKING:
     from sagellm_kv_cache.observability.hooks import MetricsHook
@@ -88,6 +88,10 @@ class RadixPrefixCache:
     ) -> None:
         if pool is not None and not isinstance(pool, PagedKVPool):
             raise TypeError(f"pool must be a PagedKVPool or None, got {type(pool).__name__}")
+        # Checked here: pybind takes True as 1 and names no argument for a float or an int past 64 bits.
+        block_size = _int64_arg("block_size", block_size)
+        capacity_blocks = None if capacity_blocks is None else _int64_arg("capacity_blocks", capacity_blocks)
+        event_queue_capacity = _int64_arg("event_queue_capacity", event_queue_capacity)
         self.pool = pool
         self._native = _core.PrefixCache(
             block_size=block_size,
@@ -118,8 +122,8 @@ class RadixPrefixCache:
         block_size: int | None = None,
     ) -> Digests:
         """Chained digests of the full blocks of ``tokens`` (int32/int64 array), shape (n, 32)."""
-        return _core.hash_blocks(tokens, self.block_size if block_size is None else block_size,
-                                 parent=parent, salt=salt, extra=extra, algorithm=self.hash_algorithm)
+        size = self.block_size if block_size is None else _int64_arg("block_size", block_size)
+        return _core.hash_blocks(tokens, size, parent=parent, salt=salt, extra=extra, algorithm=self.hash_algorithm)
 
     # --- the trie ---------------------------------------------------------------------------
 
@@ -166,6 +170,7 @@ class RadixPrefixCache:
         ``cache_salt`` (the tenant salt the digests were hashed with) only travels in the stored
         event, so that a KV-aware router keeps the tenant's blocks apart.
         """
+        owner, priority = _int_arg("owner", owner), _int64_arg("priority", priority)
         evictions = self._evictions_so_far()
         n, redundant = self._native.insert(digests, block_ids, parent=parent, token_ids=token_ids, owner=owner,
                                            priority=priority, extra_key=extra_key, cache_salt=cache_salt)
@@ -178,6 +183,7 @@ class RadixPrefixCache:
 
         Returns (newly inserted, redundant positions, the digests of those blocks).
         """
+        owner, priority = _int_arg("owner", owner), _int64_arg("priority", priority)
         evictions = self._evictions_so_far()
         n, redundant, digests = self._native.insert_tokens(tokens, block_ids, salt=salt, extra=extra, owner=owner,
                                                            priority=priority)
@@ -186,7 +192,8 @@ class RadixPrefixCache:
 
     def evict(self, num_blocks: int) -> int:
         """Evicts up to ``num_blocks`` unreferenced leaves by the policy; returns how many went."""
-        evicted = int(self._native.evict(num_blocks))
+        # "Up to": a count past what any cache holds evicts everything it can.
+        evicted = int(self._native.evict(min(_int_arg("num_blocks", num_blocks), _INT32_MAX)))
         if self._observer is not None:
             self._observer.evicted(evicted)
         return evicted
@@ -201,7 +208,7 @@ class RadixPrefixCache:
 
     def invalidate(self, owner: int) -> int:
         """Removes the unreferenced nodes inserted with ``owner``; returns how many."""
-        return int(self._native.invalidate(owner))
+        return int(self._native.invalidate(_int_arg("owner", owner)))
 
     def clear(self) -> int:
         return int(self._native.clear())

@@ -101,6 +101,27 @@ def _request_id(value: object) -> str:
     return value
 
 
+# The fields plan reads while it reserves: a model changed after validation (pydantic does not
+# re-validate assignments) is refused before anything is reserved, not half-way through the batch.
+_SIZE_FIELDS = ("prompt_len", "max_new_tokens", "kv_tokens_required", "prefix_hit_len")
+_OPTIONAL_STR_FIELDS = ("prefix_fingerprint", "session_id")
+
+
+def _check_fields(request: SchedulerRequest) -> None:
+    for field in _SIZE_FIELDS:
+        value = getattr(request, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise KVConfigInvalidError(field, value, reason=f"request {request.request_id!r}: must be an int >= 0")
+    for field in _OPTIONAL_STR_FIELDS:
+        value = getattr(request, field)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{field} of request {request.request_id!r} must be a str or None, "
+                            f"got {type(value).__name__}")
+    if SchedulerBridge._tokens_needed(request) < 1:
+        raise KVConfigInvalidError("kv_tokens_required", 0,
+                                   reason=f"request {request.request_id!r} needs no KV (no prompt and no new tokens)")
+
+
 class SchedulerBridge:
     """Plans batches under the KV budget, reuses cached prefixes and places requests on devices.
 
@@ -164,8 +185,9 @@ class SchedulerBridge:
         """Admits what fits, reserving its KV; returns the plan (the original's shape: every input
         request, ``placement`` for the admitted ones; see the module docstring).
 
-        Bad input (not a list of ``SchedulerRequest``, an id twice in the batch, an id that already
-        holds KV) raises before anything is reserved.
+        Bad input (not a list of ``SchedulerRequest``, an empty id, a size field that is not an int
+        >= 0, a fingerprint or session id that is not a str, an id twice in the batch, an id that
+        already holds KV) raises before anything is reserved.
         """
         if isinstance(requests, str | bytes) or not isinstance(requests, Sequence):
             raise TypeError(f"requests must be a sequence of SchedulerRequest, got {type(requests).__name__}")
@@ -173,6 +195,8 @@ class SchedulerBridge:
         for index, request in enumerate(requests):
             if not isinstance(request, SchedulerRequest):
                 raise TypeError(f"requests[{index}] is a {type(request).__name__}, not a SchedulerRequest")
+            _request_id(request.request_id)  # what free_request refuses could never be freed
+            _check_fields(request)
             if request.request_id in seen:
                 raise KVConfigInvalidError("request_id", request.request_id, reason="appears twice in the batch")
             seen.add(request.request_id)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import uuid
 
 import pytest
-from sagellm_kv_cache.pool import Block, BlockManager
+from sagellm_kv_cache.pool import Block, BlockManager, KVPool
 
 
 def test_block_basics() -> None:
@@ -93,3 +94,29 @@ def test_threads_never_share_a_block() -> None:
     assert len(ids) == len(set(ids)) == 4 * 200
     assert all(block.ref_count == 1 for blocks in held for block in blocks)
     assert manager.get_stats()["used_blocks"] == 800
+
+
+def test_pool_block_manager_counts_every_own_block_while_the_pool_grows() -> None:
+    # KVPool.block_manager adds the pool's peak to its own bytes; a pool allocation between the
+    # read and the write of `total_allocated_bytes += block_size` lost the new block's bytes.
+    pool = KVPool(10**6, block_size=1, bytes_per_token=32)
+    manager = pool.block_manager
+    stop = threading.Event()
+
+    def grow() -> None:
+        while not stop.is_set():
+            pool.alloc(1)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    thread = threading.Thread(target=grow)
+    thread.start()
+    try:
+        for _ in range(50_000):
+            manager.alloc_block()
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    peak = pool.get_block_stats()["used_blocks"]  # nothing was freed: the peak is what is in use
+    assert manager.get_allocated_bytes() == (50_000 + peak) * 32 == manager.get_stats()["total_allocated_bytes"]

@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -201,6 +202,23 @@ def test_non_numeric_priority_is_type_error() -> None:
     handle = make_handle(4, priority="high")
     with pytest.raises(TypeError, match="priority"):
         PriorityEviction().select_victim([handle], 1)
+
+
+def test_nan_priority_is_value_error() -> None:
+    # A NaN key compares neither below nor above any other: the sort left [5, nan, 1] as it was and
+    # evicted the priority-5 handle before the priority-1 one.
+    handles = [make_handle(4, priority=5), make_handle(4, priority=float("nan")), make_handle(4, priority=1)]
+    with pytest.raises(ValueError, match=f"metadata\\['priority'\\] of handle {handles[1].handle_id}.*nan"):
+        PriorityEviction().select_victim(handles, 4)
+    assert [h.metadata["priority"] for h in PriorityEviction().select_victim([handles[0], handles[2]], 8)] == [1, 5]
+
+
+def test_priorities_of_any_real_number_type_order() -> None:
+    # A numpy scalar was a TypeError and an int past the float range an OverflowError.
+    values = [np.int64(3), 2**2000, np.float32(-1.5), -(2**2000), 0]
+    handles = [make_handle(4, priority=v) for v in values]
+    order = [h.metadata["priority"] for h in PriorityEviction().select_victim(handles, 20)]
+    assert order == [-(2**2000), np.float32(-1.5), 0, np.int64(3), 2**2000]
 
 
 def test_ttl_must_be_positive() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import tracemalloc
 import uuid
 from typing import Any
 
@@ -24,6 +25,7 @@ from sagellm_kv_cache import (
     KVPrefixTooLongError,
     KVRefCountUnderflowError,
     MetricsCollector,
+    MetricsHook,
 )
 from sagellm_kv_cache.kv_cache_manager import Block
 from sagellm_kv_cache.prefix.index import PrefixIndex
@@ -270,6 +272,9 @@ def test_short_prefix_registers_nothing() -> None:
         ("abcdefghijklmnop", TypeError, "sequence of token ids"),
         ([[1, 2], [3]], TypeError, "flat sequence"),
         (np.array([2**64 - 1] * 16, dtype=np.uint64), ValueError, "int64 range"),
+        # Were "must be 1-D, got shape ()" ValueErrors: a set has no token order, 7 is no sequence.
+        (set(range(16)), TypeError, "sequence of token ids, got set"),
+        (7, TypeError, "sequence of token ids, got int"),
     ],
 )
 def test_bad_prefixes_are_typed_and_change_nothing(prefix: Any, error: type[Exception], match: str) -> None:
@@ -282,6 +287,35 @@ def test_bad_prefixes_are_typed_and_change_nothing(prefix: Any, error: type[Exce
     with pytest.raises((TypeError, ValueError)):
         manager.query_prefix(prefix if not isinstance(prefix, list) or len(prefix) != 65 else [1.5])
     assert snapshot(manager) == before
+
+
+def test_registering_the_same_prefix_again_keeps_no_extra_copy() -> None:
+    # Each registration kept its own tuple of the tokens until the handle was freed: 200
+    # re-registrations of a 4096-token prompt held about 6.5 MB more.
+    manager = KVCacheManager(8192, 16)
+    handle = manager.alloc(4096)
+    prompt = tokens(4096)
+    manager.register_prefix(prompt, handle)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for _ in range(200):
+            manager.register_prefix(prompt, handle)
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert grown < 1 << 20
+    manager.free(handle)
+    assert manager.prefix_index.get(prompt) is None
+
+
+def test_token_iterators_are_read_once_like_lists() -> None:
+    # The original took any iterable; a generator was "must be 1-D, got shape ()".
+    manager = KVCacheManager(1024, 16)
+    handle = manager.alloc(64)
+    manager.register_prefix(iter(tokens(32)), handle)
+    assert manager.query_prefix(t for t in tokens(40)) == (handle, 32)
+    assert manager.get_reused_blocks(iter(tokens(32)))[1] == 32
 
 
 # --- eviction ---------------------------------------------------------------------------------
@@ -372,6 +406,19 @@ def test_admission_is_by_tokens_not_blocks() -> None:
     manager.pin(extra)
     with pytest.raises(KVBudgetExceededError, match="tokens"):
         manager.alloc(1)
+
+
+def test_a_hook_that_raises_on_alloc_leaves_nothing_allocated() -> None:
+    # The caller gets the hook's error and never the handle: it used to stay allocated, unreachable.
+    class Broken(MetricsHook):
+        def on_alloc(self, collector: MetricsCollector, **kwargs: Any) -> None:
+            raise RuntimeError("hook down")
+
+    manager = KVCacheManager(128, 16, metrics_collector=MetricsCollector("t", "r", "e"), metrics_hook=Broken())
+    with pytest.raises(RuntimeError, match="hook down"):
+        manager.alloc(64)
+    assert len(manager) == 0 and manager.get_stats()["allocated_tokens"] == 0 and manager.tokens_by_device() == {}
+    assert manager.pool.get_block_stats()["used_blocks"] == 0
 
 
 def test_logger_and_metrics_follow_every_change(caplog: pytest.LogCaptureFixture) -> None:

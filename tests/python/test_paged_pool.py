@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 
 import numpy as np
@@ -157,6 +158,34 @@ def test_bad_counts(pool: PagedKVPool, n: int) -> None:
     assert pool.num_free_blocks == 1024
 
 
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, float("nan"), "2", None])
+def test_counts_and_layers_that_are_not_ints_are_type_errors(pool: PagedKVPool, bad: object) -> None:
+    # True used to allocate one block, set a budget of one block and give layer 1's view.
+    pool.allocate(3)
+    before = pool.stats()
+    for call in (pool.allocate, pool.set_budget_blocks, pool.set_budget_bytes, pool.can_admit, pool.key_cache,
+                 pool.value_cache, pool.dlpack_view, pool.ref_count, pool.is_allocated):
+        with pytest.raises(TypeError, match=f"must be an int, got {type(bad).__name__}"):
+            call(bad)  # type: ignore[operator]
+    assert pool.stats() == before
+
+
+def test_ints_past_64_bits_are_named(pool: PagedKVPool) -> None:
+    huge = 2**70
+    with pytest.raises(ValueError, match=f"num_blocks must be in .*got {huge}"):
+        pool.allocate(huge)
+    with pytest.raises(ValueError, match=f"budget_blocks must be in .*got {huge}"):
+        pool.set_budget_blocks(huge)
+    with pytest.raises(KVConfigInvalidError, match=f"budget_bytes.*{huge}.*exceeds"):
+        pool.set_budget_bytes(huge)
+    with pytest.raises(IndexError, match=f"layer {huge} out of range"):
+        pool.key_cache(huge)
+    with pytest.raises(ValueError, match=f"block id {huge}"):
+        pool.ref_count(huge)
+    assert not pool.can_admit(huge) and not pool.is_allocated(huge)
+    assert pool.num_free_blocks == 1024 and pool.budget_blocks == 1024
+
+
 def test_zero_blocks_is_empty(pool: PagedKVPool) -> None:
     assert pool.allocate(0).size == 0
 
@@ -212,6 +241,15 @@ def test_bad_specs(kwargs: dict, error: type[Exception], match: str) -> None:
     base = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "fp16", "block_size": 16}
     with pytest.raises(error, match=match):
         KVCacheSpec(**{**base, **kwargs})
+
+
+def test_spec_of_numpy_ints_holds_python_ints() -> None:
+    # An int32 spec used to compute block_nbytes in int32: 4 GiB wrapped to 0 (with an overflow warning).
+    spec = KVCacheSpec(np.int32(1024), np.int32(64), np.int32(256), block_size=np.int32(64))
+    assert spec.block_nbytes == 2**32
+    assert spec == KVCacheSpec(1024, 64, 256, block_size=64)
+    assert json.loads(json.dumps(spec.to_dict()))["num_layers"] == 1024
+    assert all(type(v) is int for k, v in spec.to_dict().items() if k != "dtype")
 
 
 def test_unknown_and_unavailable_devices(spec: KVCacheSpec) -> None:

@@ -628,6 +628,16 @@ def loaded() -> tuple[RadixPrefixCache, PagedKVPool, np.ndarray]:
         (lambda c, p, d: c.release(c.hash_tokens(prompt(5))), KVRefCountUnderflowError, "not cached"),
         (lambda c, p, d: c.release(d), KVRefCountUnderflowError, "no use left"),
         (lambda c, p, d: c.evict(-1), ValueError, "num_blocks"),
+        # Bools were taken as 1 (evict(True) evicted a block); floats and ints past 64 bits were pybind's
+        # "incompatible function arguments", naming no argument.
+        (lambda c, p, d: c.evict(True), TypeError, "num_blocks must be an int, got bool"),
+        (lambda c, p, d: c.evict(1.0), TypeError, "num_blocks must be an int, got float"),
+        (lambda c, p, d: c.invalidate(True), TypeError, "owner must be an int, got bool"),
+        (lambda c, p, d: c.insert(c.hash_tokens(prompt(5)), [0], owner=True), TypeError, "owner .*bool"),
+        (lambda c, p, d: c.insert(c.hash_tokens(prompt(5)), [0], priority=2**70), ValueError, f"priority .*{2**70}"),
+        (lambda c, p, d: c.insert(c.hash_tokens(prompt(5)), [0], priority=0.5), TypeError, "priority .*float"),
+        (lambda c, p, d: c.insert_tokens(prompt(5), [0], owner=1.0), TypeError, "owner .*float"),
+        (lambda c, p, d: c.hash_tokens(prompt(5), block_size=True), TypeError, "block_size .*bool"),
     ],
 )
 def test_fast_path_bad_input(loaded: Any, call: Any, error: type[Exception], match: str) -> None:
@@ -648,6 +658,10 @@ def test_fast_path_bad_input(loaded: Any, call: Any, error: type[Exception], mat
         ({"capacity_blocks": 0}, ValueError, "capacity_blocks"),
         ({"block_size": 0}, ValueError, "block_size"),
         ({"event_queue_capacity": -2}, ValueError, "event_queue_capacity"),
+        ({"block_size": True}, TypeError, "block_size must be an int, got bool"),  # was blocks of 1 token
+        ({"block_size": 4.0}, TypeError, "block_size must be an int, got float"),
+        ({"capacity_blocks": True}, TypeError, "capacity_blocks must be an int, got bool"),
+        ({"capacity_blocks": 2**70}, ValueError, f"capacity_blocks .*{2**70}"),
         ({"pool": "pool"}, TypeError, "PagedKVPool"),
         ({"block_size": 8, "pool": make_pool(4, block_size=4)}, KVMetadataMismatchError, "block_size"),
     ],
@@ -656,6 +670,11 @@ def test_fast_path_bad_configuration(kwargs: dict[str, Any], error: type[Excepti
     kwargs = {"block_size": 4, **kwargs}
     with pytest.raises(error, match=match):
         RadixPrefixCache(**kwargs)
+
+
+def test_fast_path_evict_of_more_than_any_cache_holds_evicts_what_it_can(loaded: Any) -> None:
+    cache, _, _ = loaded
+    assert cache.evict(2**70) == 2 and len(cache) == 0  # was pybind's "incompatible function arguments"
 
 
 # --- property test against a plain-Python model of the trie -----------------------------------------

@@ -129,6 +129,50 @@ def test_bad_ids_change_nothing() -> None:
     rm.check_invariants()
 
 
+def test_bools_are_neither_request_ids_nor_tokens() -> None:
+    # True was request 1 (finish(True) ended it) and [True] token 1.
+    pool, rm = make()
+    rm.admit(1, list(range(20)))
+    before = (pool.num_used_blocks, rm.stats())
+    calls = [lambda: rm.finish(True), lambda: rm.abort([True]), lambda: rm.preempt((1, True)),
+             lambda: rm.admit(True, [1]), lambda: rm.append(True, [1]), lambda: rm.block_tables([True]),
+             lambda: rm.num_tokens(True)]
+    for call in calls:
+        with pytest.raises(TypeError, match="must be an int, got bool"):
+            call()
+    with pytest.raises(TypeError, match="must hold integers, got bool at position 1"):
+        rm.admit(2, [5, True, 7])
+    with pytest.raises(TypeError, match="got bool at position 0"):
+        rm.append(1, [False])
+    assert (pool.num_used_blocks, rm.stats()) == before and rm.running() == [1] and rm.num_tokens(1) == 20
+    with pytest.raises(TypeError, match="got bool"):
+        RadixPrefixCache(BS).hash_tokens([True] * BS)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"num_blocks": True}, TypeError, "num_blocks must be an int, got bool"),  # was a pool of 1 block
+    ({"num_blocks": 8.0}, TypeError, "num_blocks must be an int, got float"),
+    ({"num_blocks": 8, "block_size": True}, TypeError, "block_size must be an int, got bool"),  # was 1
+    ({"num_blocks": 8, "capacity_blocks": True}, TypeError, "capacity_blocks must be an int, got bool"),
+    ({"num_blocks": 8, "capacity_blocks": 2**70}, ValueError, f"capacity_blocks .*{2**70}"),
+    ({"num_blocks": 8, "event_queue_capacity": 1.0}, TypeError, "event_queue_capacity must be an int"),
+    ({"num_blocks": 8, "enable_caching": "no"}, TypeError, "enable_caching must be a bool, got str"),  # was on
+    ({"num_blocks": 8, "match_last_token": "no"}, TypeError, "match_last_token must be a bool, got str"),
+])
+def test_constructor_arguments_are_checked_by_name(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        RequestManager(**kwargs)
+
+
+def test_reserve_counts_are_checked_by_name() -> None:
+    pool, rm = make()
+    for bad, error in ((True, TypeError), (2.0, TypeError), (2**70, ValueError)):
+        with pytest.raises(error, match="num_tokens"):
+            rm.reserve(1, bad)  # type: ignore[arg-type]
+    assert 1 not in rm and pool.num_used_blocks == 0
+    assert list(rm.reserve(1, np.int64(20))) == [0, 1]
+
+
 def test_admit_batch_all_or_nothing_names_the_request() -> None:
     pool, rm = make(num_blocks=5)
     with pytest.raises(KVPoolFullError, match=r"request 12 \(position 2\)"):

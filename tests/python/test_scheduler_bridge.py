@@ -163,6 +163,38 @@ def test_plan_bad_input_reserves_nothing() -> None:
     assert empty.batch_size == 0 and empty.requests == [] and empty.placement == {}
 
 
+@pytest.mark.parametrize(("field", "value"), [("kv_tokens_required", -5), ("kv_tokens_required", 1.5),
+                                              ("prompt_len", "10"), ("prefix_hit_len", -1), ("max_new_tokens", True)])
+def test_plan_refuses_a_request_changed_after_validation_before_reserving(field: str, value: object) -> None:
+    # pydantic does not re-validate assignments: such a request made plan raise half-way, after the
+    # requests before it in the batch had been reserved (and stayed so).
+    bridge = SchedulerBridge(1024)
+    bad = req("bad", 10, 6)
+    setattr(bad, field, value)
+    with pytest.raises(KVConfigInvalidError, match=f"{field}.*'bad'"):
+        bridge.plan([req("a", 10, 6), bad])
+    assert used(bridge) == 0 and len(bridge) == 0 and bridge.last_scheduled == []
+    for field in ("prefix_fingerprint", "session_id"):  # a pinned handle was left behind for session_id
+        odd = req("odd", 10, 6, prefix_fingerprint="fp")
+        setattr(odd, field, ["x"])
+        with pytest.raises(TypeError, match=f"{field} of request 'odd' must be a str or None, got list"):
+            bridge.plan([req("a", 10, 6), odd])
+        assert used(bridge) == 0 and len(bridge) == 0
+    nothing = req("nothing", 0, 6)
+    nothing.max_new_tokens = 0
+    with pytest.raises(KVConfigInvalidError, match="'nothing' needs no KV"):
+        bridge.plan([req("a", 10, 6), nothing])
+    assert used(bridge) == 0 and len(bridge) == 0
+
+
+def test_plan_refuses_an_id_that_free_request_refuses() -> None:
+    # An empty id cannot be freed (free_request refuses it), so plan must not reserve KV for it.
+    bridge = SchedulerBridge(1024)
+    with pytest.raises(KVConfigInvalidError, match=r"request_id.*''.*empty"):
+        bridge.plan([req("x"), req("")])
+    assert used(bridge) == 0 and len(bridge) == 0 and bridge.last_scheduled == []
+
+
 def test_prefix_reuse_by_fingerprint() -> None:
     bridge = SchedulerBridge(2048)
     first = bridge.plan([req("a", 300, 20, prefix_fingerprint="sys", prefix_hit_len=256)])

@@ -13,6 +13,7 @@ import sagellm_kv_cache
 from sagellm_kv_cache import (
     KVBudgetExceededError,
     KVCacheError,
+    KVCacheManager,
     KVConfigInvalidError,
     KVDoubleFreeError,
     KVHandle,
@@ -125,7 +126,10 @@ def test_pin_unpin_and_free_rules() -> None:
     ("kwargs", "error", "match"),
     [({"num_tokens": 0}, ValueError, "num_tokens"), ({"num_tokens": -5}, ValueError, "-5"),
      ({"num_tokens": 8, "device": "tpu"}, KVConfigInvalidError, "tpu"),
-     ({"num_tokens": 8, "dtype": "fp64"}, ValueError, "fp64")],
+     ({"num_tokens": 8, "dtype": "fp64"}, ValueError, "fp64"),
+     # Non-ASCII digits: '\u00b2' was int()'s bare ValueError, '\u0663' (Arabic-Indic 3) taken as cuda:3.
+     ({"num_tokens": 8, "device": "cuda:\u00b2"}, KVConfigInvalidError, "cuda:\u00b2.*index"),
+     ({"num_tokens": 8, "device": "cuda:\u0663"}, KVConfigInvalidError, "cuda:\u0663.*index")],
 )
 def test_bad_alloc_changes_nothing(kwargs: dict, error: type[Exception], match: str) -> None:
     pool = KVPool(max_tokens=512)
@@ -207,6 +211,12 @@ def test_version_matches_cmake() -> None:
     found = re.search(r"project\(sagellm_kv VERSION ([0-9.]+)", cmake.read_text())
     assert found and found.group(1) == sagellm_kv_cache.__version__
     assert sagellm_kv_cache._core.__version__ == sagellm_kv_cache.__version__
+
+
+@pytest.mark.parametrize("device", [None, 0, b"cpu"])
+def test_kvhandle_create_with_a_device_that_is_not_a_str_is_a_type_error(device: object) -> None:
+    with pytest.raises(TypeError, match=f"device must be a str .*got {type(device).__name__}"):  # was AttributeError
+        KVHandle.create(4, device=device)  # type: ignore[arg-type]
 
 
 def test_handle_ids_are_unique() -> None:
@@ -432,3 +442,32 @@ def test_pool_builds_validated_handles_when_the_template_cannot_be_shared(monkey
     assert pool.handles == {h.handle_id: h}
     pool.free(h)
     assert h.state == KVBlockState.FREE and pool.get_allocated_tokens() == 0
+
+
+@pytest.mark.parametrize("block_size", [2**31, 2**64, 2**70])
+def test_block_size_past_the_native_range_is_named(block_size: int) -> None:
+    # Past 64 bits it was pybind's "incompatible constructor arguments", naming neither.
+    with pytest.raises(ValueError, match=f"block_size must be in .*got {block_size}"):
+        KVPool(max_tokens=10, block_size=block_size)
+    with pytest.raises(ValueError, match=f"block_size must be in .*got {block_size}"):
+        KVCacheManager(max_tokens=10, block_size=block_size)
+
+
+def test_pins_on_the_handle_itself_do_not_unbalance_the_pool() -> None:
+    # The pool counts what was pinned through it (as the original does): a KVHandle.pin() followed by
+    # KVPool.unpin() used to leave pinned_tokens at -10.
+    pool = KVPool(max_tokens=100)
+    h = pool.alloc(10)
+    h.pin()
+    pool.unpin(h)
+    stats = pool.get_stats()
+    assert (stats["pinned_tokens"], stats["unpinned_tokens"], pool.pinned_handles) == (0, 10, set())
+    # Pinned through the pool, unpinned on the handle, then freed: nothing stale stays counted.
+    pool.pin(h)
+    pool.pin(h)
+    h.unpin()
+    h.unpin()
+    assert pool.get_stats()["pinned_tokens"] == 10 and pool.pinned_handles == {h.handle_id}
+    pool.free(h)
+    stats = pool.get_stats()
+    assert (stats["pinned_tokens"], stats["num_handles"], pool.pinned_handles) == (0, 0, set())

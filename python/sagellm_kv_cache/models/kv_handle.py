@@ -113,6 +113,8 @@ class KVHandle(_ProtocolKVHandle):
         metadata: dict[str, Any] | None = None,
     ) -> KVHandle:
         """A fresh handle for ``num_tokens`` tokens, created and last accessed now."""
+        if not isinstance(device, str):  # the memory tier is read off it before pydantic sees it
+            raise TypeError(f"device must be a str such as 'cpu' or 'cuda:0', got {type(device).__name__}")
         now = time.time()
         return cls(
             handle_id=_uuid4(),

@@ -70,8 +70,12 @@ class BlockManager:
                     return block
             block = Block(uuid.uuid4(), self.block_size)
             self.blocks[block.block_id] = block
-            self.total_allocated_bytes += self.block_size
+            self._count_new_block()
             return block
+
+    def _count_new_block(self) -> None:
+        """Adds a new block's bytes to ``total_allocated_bytes`` (the lock is held)."""
+        self.total_allocated_bytes += self.block_size
 
     def free_block(self, block: Block) -> None:
         """Returns ``block`` for reuse. ``KeyError`` for a foreign block, ``ValueError`` while referenced."""

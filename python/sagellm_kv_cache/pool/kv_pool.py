@@ -61,7 +61,7 @@ def parse_device(device: Any) -> str:
     known = list(_core.registered_backends())
     if kind not in known:
         raise KVConfigInvalidError("device", device, reason=f"unknown device type; known: {', '.join(known)}")
-    if index and (not index.isdigit()):
+    if index and not (index.isascii() and index.isdigit()):  # str.isdigit also takes '\u00b2' and other scripts
         raise KVConfigInvalidError("device", device, reason="device index must be a non-negative integer")
     if kind == "cpu" and index not in ("", "0"):
         raise KVConfigInvalidError("device", device, reason="the cpu backend has one device, 'cpu'")
@@ -176,6 +176,11 @@ class _PoolBlockManager(BlockManager):
     def total_allocated_bytes(self, value: int) -> None:
         self._own_bytes = value - self._pool._blocks_peak * self.block_size
 
+    def _count_new_block(self) -> None:
+        # Not `total_allocated_bytes += ...`: its getter and setter would read the pool's peak twice,
+        # and a pool allocation in between lost the new block's bytes.
+        self._own_bytes += self.block_size
+
     def get_used_bytes(self) -> int:
         return super().get_used_bytes() + self._pool._blocks_in_use * self.block_size
 
@@ -222,6 +227,8 @@ class KVPool:
     ) -> None:
         self.max_tokens = _positive_int("max_tokens", max_tokens)
         self.block_size = _positive_int("block_size", block_size)
+        if self.block_size > _INT32_IDS:  # the native pool's range, checked here for ints past 64 bits too
+            raise ValueError(f"block_size must be in [1, {_INT32_IDS}], got {self.block_size}")
         self.bytes_per_token = _positive_int("bytes_per_token", bytes_per_token)
         if on_budget_exceeded is not None and not callable(on_budget_exceeded):
             raise TypeError("on_budget_exceeded must be callable(requested, available, max_tokens)")
@@ -297,12 +304,21 @@ class KVPool:
     def free(self, handle: KVHandle) -> None:
         """Returns the handle's tokens and blocks. Double free and foreign handles raise; pinned too."""
         self._free(handle)
+        if self.pinned_handles:  # pinned through the pool, then unpinned on the handle itself
+            with self._lock:
+                if handle.handle_id in self.pinned_handles:
+                    self.pinned_handles.discard(handle.handle_id)
+                    self._pinned_tokens -= handle.num_tokens
 
     def pin(self, handle: KVHandle) -> None:
-        """Protects the handle from eviction and from ``free`` until unpinned."""
+        """Protects the handle from eviction and from ``free`` until unpinned.
+
+        ``pinned_handles`` and the pinned tokens count the handles pinned through the pool (as in the
+        original package), so a ``KVHandle.pin``/``unpin`` on the handle itself cannot unbalance them.
+        """
         with self._lock:
             live = self._live(handle)
-            if live.pin_count == 0:
+            if live.handle_id not in self.pinned_handles:
                 self._pinned_tokens += live.num_tokens
                 self.pinned_handles.add(live.handle_id)
             live.pin()
@@ -313,7 +329,7 @@ class KVPool:
         with self._lock:
             live = self._live(handle)
             live.unpin()  # raises KVRefCountUnderflowError when not pinned
-            if live.pin_count == 0:
+            if live.pin_count == 0 and live.handle_id in self.pinned_handles:
                 self._pinned_tokens -= live.num_tokens
                 self.pinned_handles.discard(live.handle_id)
             if handle is not live:
