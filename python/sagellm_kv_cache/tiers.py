@@ -183,7 +183,6 @@ class DiskTier:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"disk tier directory {str(directory)!r} cannot be created: {exc.strerror}") from None
-        self._check_meta()
         path = self.directory / _SLOTS_FILE
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -200,6 +199,9 @@ class DiskTier:
         try:
             # Any failure from here closes the file again: a leaked descriptor would keep the lock,
             # and the directory would read as "in use" for the rest of the process.
+            # The description is read or written only under the lock: two processes creating the
+            # directory at once would otherwise both find none, and the loser's could stand last.
+            self._check_meta()
             self._open_slots(path, direct_io, verify_on_open)
         except BaseException:
             self.close()
@@ -245,10 +247,24 @@ class DiskTier:
                     raise KVMetadataMismatchError(key, want, got,
                                                   context={"directory": str(self.directory)})
             return
+        # Durable before the slots are used: written whole to a temporary file, synced, renamed over
+        # the name, and the rename synced with the directory (a crash leaves the old state or the new).
         tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(meta) + "\n", encoding="utf-8")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                data = memoryview((json.dumps(meta) + "\n").encode("utf-8"))
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
+            dir_fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         except OSError as exc:  # a read-only or full file system, something else in the way
             raise ValueError(f"disk tier description {str(path)!r} cannot be written: {exc.strerror}") from None
 

@@ -170,6 +170,27 @@ void stale_free_on_fault(int, siginfo_t* info, void*) {
   mprotect(s->page, s->bytes, PROT_READ | PROT_WRITE);
 }
 
+// num_allocated() reads the limit and the available count separately: a reader between
+// set_limit's two stores saw the new limit with the old count, and with every block in use under a
+// limit of 0 (available -N) that read as 2N blocks allocated. It must never exceed the capacity.
+TEST(BlockAllocatorRace, AllocatedCountNeverExceedsCapacityDuringLimitChanges) {
+  constexpr std::uint32_t kBlocks = 64;
+  BlockAllocator alloc(kBlocks);
+  std::vector<BlockId> all(kBlocks);
+  ASSERT_TRUE(alloc.allocate(all).ok());
+  std::atomic<bool> stop{false};
+  std::thread toggler([&] {
+    for (int i = 0; i < (kUnderTsan ? 20000 : 200000); ++i) alloc.set_limit(i % 2 == 0 ? 0 : kBlocks);
+    stop.store(true, std::memory_order_release);
+  });
+  std::uint32_t most = 0;
+  while (!stop.load(std::memory_order_acquire)) most = std::max(most, alloc.num_allocated());
+  toggler.join();
+  EXPECT_LE(most, kBlocks);
+  EXPECT_EQ(alloc.num_allocated(), kBlocks);
+  ASSERT_TRUE(alloc.free(all).ok());
+}
+
 TEST(BlockAllocatorRace, StaleFreeInsideALongAllocationOnlyStealsThatBlock) {
   constexpr std::uint32_t kBlocks = 320;
   constexpr std::size_t kBatch = 300;  // above the 256 ids pop_chain keeps on its stack

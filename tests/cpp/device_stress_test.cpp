@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "device/backends.hpp"
 #include "sagellm_kv/device.hpp"
 #include "sagellm_kv/error.hpp"
 
@@ -58,6 +59,44 @@ TEST(DeviceStress, SharedCpuAllocatorAndRegistryFromManyThreads) {
   });
   for (auto& th : threads) th.join();
   EXPECT_LT(refused.load(), kThreads * kRounds);
+}
+
+// Factories run outside the registry lock: threads racing to make the same device (whose factory
+// asks for "cpu" itself) all get the one cached allocator, while another thread re-registers the
+// backend, which may make a racing call retry with the new factory.
+TEST(DeviceStress, ConcurrentFirstLookupsShareOneAllocator) {
+  constexpr int kThreads = 4;
+  constexpr int kRounds = 200;
+  const auto factory = [](const DeviceId&) -> std::shared_ptr<DeviceAllocator> {
+    (void)allocator_for("cpu");
+    return detail::make_cpu_allocator(DeviceId{"cpu", 0});
+  };
+  for (int round = 0; round < kRounds; ++round) {
+    const std::string type = "race_dev" + std::to_string(round % 4);
+    register_backend(type, factory);
+    std::vector<std::shared_ptr<DeviceAllocator>> got(kThreads);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] { got[static_cast<std::size_t>(t)] = allocator_for(type + ":0"); });
+    }
+    for (auto& th : threads) th.join();
+    for (const auto& a : got) ASSERT_EQ(a, got[0]) << "round " << round;
+    ASSERT_EQ(allocator_for(type + ":0"), got[0]);
+  }
+  register_backend("race_swap", factory);
+  std::atomic<bool> stop{false};
+  std::thread reregister([&] {
+    for (int i = 0; i < kRounds; ++i) register_backend("race_swap", factory);
+    stop.store(true, std::memory_order_release);
+  });
+  std::vector<std::thread> lookups;
+  for (int t = 0; t < kThreads; ++t) {
+    lookups.emplace_back([&] {
+      while (!stop.load(std::memory_order_acquire)) ASSERT_NE(allocator_for("race_swap:0"), nullptr);
+    });
+  }
+  reregister.join();
+  for (auto& th : lookups) th.join();
 }
 
 }  // namespace

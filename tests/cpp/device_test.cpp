@@ -2,11 +2,17 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <future>
+#include <memory>
 #include <string>
+#include <thread>
 
+#include "device/backends.hpp"
 #include "sagellm_kv/error.hpp"
 #include "test_support.hpp"
 
@@ -39,6 +45,92 @@ TEST(Registry, UnknownDeviceNamesTheKnownOnes) {
 TEST(Registry, CpuHasOneDevice) {
   EXPECT_EQ(code_of([] { (void)allocator_for("cpu:1"); }), ErrorCode::kUnknownDevice);
   EXPECT_EQ(allocator_for("cpu"), allocator_for("cpu:0"));
+}
+
+// Runs `fn` on a detached thread, so a test can time out on a deadlock instead of hanging.
+std::future<std::shared_ptr<DeviceAllocator>> run_detached(std::function<std::shared_ptr<DeviceAllocator>()> fn) {
+  std::packaged_task<std::shared_ptr<DeviceAllocator>()> task(std::move(fn));
+  auto result = task.get_future();
+  std::thread(std::move(task)).detach();
+  return result;
+}
+
+constexpr auto kDeadlockTimeout = std::chrono::seconds(10);
+
+TEST(Registry, FactoryMayAskForAnotherDevice) {
+  // A backend built on the cpu one (e.g. a pinned staging allocator) asks for "cpu" from its
+  // factory: that deadlocked while the registry lock was held across the factory call.
+  register_backend("nested", [](const DeviceId&) { return allocator_for("cpu"); });
+  auto made = run_detached([] { return allocator_for("nested:0"); });
+  ASSERT_EQ(made.wait_for(kDeadlockTimeout), std::future_status::ready) << "allocator_for deadlocked";
+  EXPECT_EQ(made.get(), allocator_for("cpu"));
+}
+
+TEST(Registry, FactoryAskingForItsOwnDeviceIsRefused) {
+  register_backend("selfish", [](const DeviceId& id) { return allocator_for(id.str()); });
+  auto made = run_detached([] { return allocator_for("selfish:0"); });
+  ASSERT_EQ(made.wait_for(kDeadlockTimeout), std::future_status::ready) << "allocator_for deadlocked";
+  EXPECT_EQ(code_of([&] { (void)made.get(); }), ErrorCode::kInvalidArgument);
+}
+
+// A factory that reports when it runs and then waits for the test to let it finish.
+struct GatedFactory {
+  std::shared_ptr<std::promise<void>> entered = std::make_shared<std::promise<void>>();
+  std::shared_ptr<std::promise<void>> gate = std::make_shared<std::promise<void>>();
+  std::shared_future<void> gate_open = gate->get_future().share();
+
+  BackendFactory factory() const {
+    return [entered = entered, gate_open = gate_open](const DeviceId&) {
+      entered->set_value();
+      gate_open.wait();
+      return detail::make_cpu_allocator(DeviceId{"cpu", 0});
+    };
+  }
+};
+
+TEST(Registry, SlowFactoryBlocksNoOtherLookup) {
+  // A CUDA factory may spend seconds loading the runtime; lookups of other devices go on.
+  GatedFactory slow;
+  register_backend("slow", slow.factory());
+  auto slow_made = run_detached([] { return allocator_for("slow:0"); });
+  slow.entered->get_future().wait();
+  auto cpu = run_detached([] { return allocator_for("cpu"); });
+  const bool cpu_ready = cpu.wait_for(kDeadlockTimeout) == std::future_status::ready;
+  slow.gate->set_value();
+  EXPECT_TRUE(cpu_ready) << "a cpu lookup waited for another device's factory";
+  ASSERT_EQ(slow_made.wait_for(kDeadlockTimeout), std::future_status::ready);
+  EXPECT_EQ(slow_made.get(), allocator_for("slow:0"));
+}
+
+TEST(Registry, FactoryReplacedDuringItsCallIsNotCached) {
+  GatedFactory old_factory;
+  register_backend("swapped", old_factory.factory());
+  auto made = run_detached([] { return allocator_for("swapped:0"); });
+  old_factory.entered->get_future().wait();
+  const auto replacement = detail::make_cpu_allocator(DeviceId{"cpu", 0});
+  auto registered = std::async(std::launch::async, [&] {
+    register_backend("swapped", [replacement](const DeviceId&) { return replacement; });
+  });
+  const bool registered_meanwhile = registered.wait_for(kDeadlockTimeout) == std::future_status::ready;
+  old_factory.gate->set_value();
+  registered.wait();
+  EXPECT_TRUE(registered_meanwhile) << "register_backend waited for a factory call";
+  ASSERT_EQ(made.wait_for(kDeadlockTimeout), std::future_status::ready);
+  EXPECT_EQ(made.get(), replacement) << "the replaced factory's allocator was returned";
+  EXPECT_EQ(allocator_for("swapped:0"), replacement) << "the replaced factory's allocator was cached";
+}
+
+TEST(Registry, ThrowingFactoryCachesNothing) {
+  auto calls = std::make_shared<std::atomic<int>>(0);
+  register_backend("flaky", [calls](const DeviceId&) -> std::shared_ptr<DeviceAllocator> {
+    if (calls->fetch_add(1) == 0) throw Error(ErrorCode::kBackendUnavailable, "not yet");
+    return detail::make_cpu_allocator(DeviceId{"cpu", 0});
+  });
+  EXPECT_EQ(code_of([] { (void)allocator_for("flaky:0"); }), ErrorCode::kBackendUnavailable);
+  const auto second = allocator_for("flaky:0");
+  ASSERT_NE(second, nullptr);
+  EXPECT_EQ(allocator_for("flaky:0"), second);
+  EXPECT_EQ(calls->load(), 2);
 }
 
 TEST(CpuAllocator, AlignedZeroFilledMemory) {

@@ -3,6 +3,7 @@ reported per tier, restart from the disk directory, kill -9 during a demotion st
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -493,9 +494,66 @@ def test_a_disk_tier_whose_description_cannot_be_written_is_a_value_error(tmp_pa
     (tmp_path / "tier.tmp").mkdir()  # in the way of the temporary file
     with pytest.raises(ValueError, match=r"tier\.json' cannot be written: Is a directory"):
         DiskTier(tmp_path, 2, 4096)
-    assert not (tmp_path / "slots.bin").exists()
+    # The slot file is the directory's lock, taken before the description: it stays, empty.
+    assert (tmp_path / "slots.bin").stat().st_size == 0
     (tmp_path / "tier.tmp").rmdir()
     DiskTier(tmp_path, 2, 4096).close()
+
+
+_OPEN_RACE = textwrap.dedent("""
+    import json, os, sys
+    from sagellm_kv_cache.tiers import DiskTier
+    base, block_nbytes = sys.argv[1], int(sys.argv[2])
+    for line in sys.stdin:  # one directory name per round, sent to both processes at once
+        directory = os.path.join(base, line.strip())
+        try:
+            tier = DiskTier(directory, 2, block_nbytes, direct_io=False)
+        except ValueError:  # in use by the other process, or its description
+            print("refused", flush=True)
+            continue
+        with open(os.path.join(directory, "tier.json"), encoding="utf-8") as f:
+            print(json.load(f)["block_nbytes"], flush=True)
+        tier.close()
+""")
+
+
+def test_two_processes_creating_one_disk_tier_leave_the_openers_description(tmp_path: Path) -> None:
+    """tier.json was written before the directory lock: two processes creating a directory at once
+    with different block sizes both found no description, both wrote theirs, and the one that won
+    the lock could be left using slots under the other's description."""
+    sizes = (4096, 8192)
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_RACE, str(tmp_path), str(n)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for n in sizes]
+    wrong: list[tuple[int, int, str]] = []
+    opened = 0
+    try:
+        for i in range(150):
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write(f"d{i}\n")
+                p.stdin.flush()
+            for n, p in zip(sizes, procs, strict=True):
+                assert p.stdout is not None
+                seen = p.stdout.readline().strip()
+                assert seen, f"round {i}: the process of block size {n} ended"
+                if seen != "refused":
+                    opened += 1
+                    if int(seen) != n:
+                        wrong.append((i, n, seen))
+    finally:
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.close()
+        for p in procs:
+            p.wait(timeout=30)
+            assert p.stdout is not None
+            p.stdout.close()
+    assert not wrong, f"(round, block size, description it saw): {wrong[:5]}"
+    assert opened >= 150  # in each round at least the process that took the lock opened the tier
+    for i in range(150):
+        meta = json.loads((tmp_path / f"d{i}" / "tier.json").read_text(encoding="utf-8"))
+        slots = (tmp_path / f"d{i}" / "slots.bin").stat().st_size
+        assert slots == 2 * (meta["block_nbytes"] + 4096), (i, meta, slots)
 
 
 def test_a_disk_tier_that_fails_to_open_releases_its_directory(tmp_path: Path) -> None:

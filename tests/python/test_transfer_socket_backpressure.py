@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -286,3 +287,83 @@ def test_close_ends_readers_held_at_the_bound_and_the_blocked_sender_fails() -> 
     assert receiver._threads == [] and _buffered(receiver, 0) == (0, 0)
     assert len(errors) == 1 and type(errors[0]).__name__ == "KVTransferFailedError", errors
     sender.close()
+
+
+def _pair(**options: Any) -> tuple[SocketTransferBackend, SocketTransferBackend]:
+    endpoints = {0: ("127.0.0.1", _free_port()), 1: ("127.0.0.1", _free_port())}
+    sender = SocketTransferBackend(rank=0, world_size=2, endpoints=endpoints, **options)
+    receiver = SocketTransferBackend(rank=1, world_size=2, endpoints=endpoints, **options)
+    receiver.start()
+    return sender, receiver
+
+
+def _send_in_thread(backend: SocketTransferBackend, message: np.ndarray) -> tuple[threading.Thread, list[Any]]:
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            backend.send(message, 1)
+            outcome.append("sent")
+        except Exception as e:  # the test inspects it
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_close_fails_a_send_blocked_on_a_full_peer_instead_of_waiting_for_it() -> None:
+    """close() waits for the sends in flight, so it must first make a send blocked under backpressure
+    (the receiver never receives) fail; else it would wait forever."""
+    sender, receiver = _pair(max_buffered_bytes=MIB, max_buffered_messages=1)
+    try:
+        sender.send(np.zeros(16, dtype=np.uint8), 1)  # fills the receiver's buffer of our messages
+        thread, outcome = _send_in_thread(sender, np.zeros(64 * MIB, dtype=np.uint8))
+        thread.join(1.0)
+        assert thread.is_alive() and not outcome  # held back by TCP
+        closer = threading.Thread(target=sender.close, daemon=True)
+        closer.start()
+        closer.join(10.0)
+        assert not closer.is_alive(), "close() waited for a send blocked on a full peer"
+        thread.join(10.0)
+        assert len(outcome) == 1 and type(outcome[0]).__name__ == "KVTransferFailedError", outcome
+        assert sender._peers == {}
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_send_connecting_while_close_runs_leaves_no_connection_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() cleared the connections without the per-peer locks: a send that was connecting stored
+    its new connection afterwards, and it stayed open after close() had returned."""
+    sender, receiver = _pair()
+    real_connect = socket.create_connection
+    made: list[socket.socket] = []
+    connecting, finish_connect = threading.Event(), threading.Event()
+
+    def slow_connect(address: Any, timeout: Any = None, *args: Any, **kwargs: Any) -> socket.socket:
+        sock = real_connect(address, timeout, *args, **kwargs)
+        made.append(sock)
+        connecting.set()
+        finish_connect.wait(10.0)  # close() starts while this send is connecting
+        return sock
+
+    monkeypatch.setattr(socket, "create_connection", slow_connect)
+    try:
+        thread, outcome = _send_in_thread(sender, np.zeros(16, dtype=np.uint8))
+        assert connecting.wait(10.0)
+        closer = threading.Thread(target=sender.close, daemon=True)
+        closer.start()
+        closer.join(0.5)  # the fixed close() waits here for the send in flight
+        finish_connect.set()
+        closer.join(10.0)
+        thread.join(10.0)
+        assert not closer.is_alive() and not thread.is_alive()
+        assert sender._peers == {}
+        assert [s.fileno() for s in made] == [-1], "a connection made during close() is still open"
+        assert len(outcome) == 1 and type(outcome[0]).__name__ == "KVTransferFailedError", outcome
+    finally:
+        finish_connect.set()
+        monkeypatch.undo()
+        sender.close()
+        receiver.close()

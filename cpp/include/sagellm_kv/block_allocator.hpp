@@ -106,7 +106,8 @@ class BlockAllocator {
   /// Blocks that `allocate` can hand out now (free and within the limit). A snapshot.
   [[nodiscard]] std::uint32_t num_available() const noexcept;
 
-  /// Blocks currently allocated. A snapshot.
+  /// Blocks currently allocated. A snapshot, at most num_blocks(); while a set_limit runs
+  /// concurrently it may be off by that call's change of the limit (within [0, num_blocks]).
   [[nodiscard]] std::uint32_t num_allocated() const noexcept;
 
   /// Caps how many blocks may be allocated at once (a budget below num_blocks). Lowering it below

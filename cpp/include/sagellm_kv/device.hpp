@@ -109,11 +109,14 @@ class DeviceAllocator : public std::enable_shared_from_this<DeviceAllocator> {
 };
 
 /// Makes an allocator for one device of a backend; throws Error(kBackendUnavailable) when the
-/// device cannot be used here.
+/// device cannot be used here. Called without any registry lock held, so it may take its time
+/// (load a library) and may call allocator_for for another device; it may run on several threads
+/// at once for the same device, and a result may be dropped in favour of another thread's.
 using BackendFactory = std::function<std::shared_ptr<DeviceAllocator>(const DeviceId&)>;
 
 /// Registers a backend under a device type name ("cpu", "cuda"). Thread-safe. Replaces an earlier
-/// registration of the same name.
+/// registration of the same name and forgets the allocators its factory made; a call of the old
+/// factory still running in allocator_for is not cached.
 void register_backend(const std::string& type, BackendFactory factory);
 
 /// Names of the registered backends, sorted.
@@ -121,7 +124,12 @@ void register_backend(const std::string& type, BackendFactory factory);
 
 /// The allocator for a device string. One allocator per device, shared. Throws
 /// Error(kUnknownDevice) naming the string and the known backends when no backend matches, or the
-/// backend's own error when the device is unusable (e.g. "cuda:0" on a machine without CUDA).
+/// backend's own error when the device is unusable (e.g. "cuda:0" on a machine without CUDA); a
+/// factory that throws leaves nothing cached, so a later call tries again. Thread-safe: the
+/// registry lock is held only to look up and to insert, never across a factory call, so a slow
+/// factory blocks no lookup of another device; concurrent first calls for one device may each run
+/// the factory, and all of them return the one allocator that was cached first. A factory that
+/// asks for its own device gets Error(kInvalidArgument) instead of endless recursion.
 [[nodiscard]] std::shared_ptr<DeviceAllocator> allocator_for(std::string_view device);
 
 }  // namespace sagellm::kv

@@ -213,8 +213,10 @@ class PrefixCache {
   /// Evicts first when the capacity requires it. Errors, all checked before any change:
   /// kInvalidArgument for lengths that differ (block ids, token ids), a digest repeated in the
   /// list, a digest cached under a different parent, a block id repeated or already cached for
-  /// another digest; kCacheMiss when options.parent is not cached; kInvalidBlock for a block id the
-  /// allocator does not have allocated (only positions the cache would take are checked).
+  /// another digest, or a use that would overflow a node's count of 2^32-1 (options.acquire on a
+  /// reused node that has that many; match stops short of such a node instead); kCacheMiss when
+  /// options.parent is not cached; kInvalidBlock for a block id the allocator does not have
+  /// allocated (only positions the cache would take are checked).
   /// Strong exception guarantee: whatever throws (these errors, std::bad_alloc, a throwing
   /// options.clock_ns), the cache and the allocator's counts are as before the call. Everything
   /// that can fail runs before the cache takes its references; what follows cannot fail. The

@@ -36,7 +36,9 @@
 // tokens) throws Error(kInvalidArgument) naming it, before anything changes. Not enough blocks is
 // an expected outcome: the batch call returns BatchStatus{kPoolFull, index of the request that did
 // not fit} and nothing changed, except that unused cached blocks may have been evicted trying and
-// match statistics/recency counted (cache content, not request state).
+// match statistics/recency counted (cache content, not request state). admit and append make every
+// allocation before they take a block, so a std::bad_alloc from them also changes nothing; only a
+// publish that runs out of memory is absorbed (the blocks stay private, as above).
 //
 // Thread safety: every member function may be called from any number of threads at once; one
 // internal mutex serialises them. Hashing of admitted prompts runs before that mutex is taken (one

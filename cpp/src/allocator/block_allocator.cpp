@@ -320,11 +320,15 @@ std::uint32_t BlockAllocator::num_available() const noexcept {
 }
 
 std::uint32_t BlockAllocator::num_allocated() const noexcept {
-  // available_ = limit - allocated (a reservation in flight counts as allocated).
+  // available_ = limit - allocated (a reservation in flight counts as allocated). The two loads are
+  // not one snapshot: between set_limit's store of the limit and its update of available_, a read
+  // may pair the new limit with the old count (off by the change, e.g. 2N with every block in use
+  // under a limit of 0 raised to N). Clamped to [0, num_blocks], so it never reports more blocks
+  // than exist; exact whenever no limit change is in flight.
   const std::int64_t used =
       static_cast<std::int64_t>(limit_.load(std::memory_order_relaxed)) -
       available_.load(std::memory_order_relaxed);
-  return used < 0 ? 0u : static_cast<std::uint32_t>(used);
+  return static_cast<std::uint32_t>(std::clamp<std::int64_t>(used, 0, num_blocks_));
 }
 
 void BlockAllocator::set_limit(std::uint32_t limit) {

@@ -1,9 +1,11 @@
 // Device string parsing, the Allocation handle, and the backend registry.
 #include <algorithm>
 #include <charconv>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "device/backends.hpp"
 #include "sagellm_kv/device.hpp"
@@ -92,37 +94,56 @@ void DeviceAllocator::copy_2d(void* dst, std::size_t dst_pitch, const void* src,
 
 namespace {
 
+struct Backend {
+  BackendFactory factory;
+  std::uint64_t version = 0;  // bumped by each register_backend, so a replaced factory is noticed
+};
+
+// The mutex guards the two maps only; factories run outside it (see allocator_for).
 struct Registry {
   std::mutex mutex;
-  std::map<std::string, BackendFactory> factories;
+  std::uint64_t next_version = 1;
+  std::map<std::string, Backend> backends;
   std::map<std::string, std::shared_ptr<DeviceAllocator>> allocators;  // keyed by DeviceId::str()
 };
 
 Registry& registry() {
   static Registry* instance = [] {
     auto* r = new Registry();  // leaked on purpose: allocators may outlive static destruction
-    r->factories["cpu"] = detail::make_cpu_allocator;
-    r->factories["cuda"] = detail::make_cuda_allocator;
+    r->backends["cpu"] = Backend{detail::make_cpu_allocator, r->next_version++};
+    r->backends["cuda"] = Backend{detail::make_cuda_allocator, r->next_version++};
     return r;
   }();
   return *instance;
 }
 
-std::string join_names(const std::map<std::string, BackendFactory>& factories) {
+std::string join_names(const std::map<std::string, Backend>& backends) {
   std::string out;
-  for (const auto& [name, _] : factories) {
+  for (const auto& [name, _] : backends) {
     if (!out.empty()) out += ", ";
     out += name;
   }
   return out;
 }
 
+// The devices whose factory is running on this thread: a factory that asks for its own device
+// would otherwise recurse until the stack overflows.
+thread_local std::vector<std::string> t_making;
+
+class MakingGuard {
+ public:
+  explicit MakingGuard(const std::string& key) { t_making.push_back(key); }
+  ~MakingGuard() { t_making.pop_back(); }
+  MakingGuard(const MakingGuard&) = delete;
+  MakingGuard& operator=(const MakingGuard&) = delete;
+};
+
 }  // namespace
 
 void register_backend(const std::string& type, BackendFactory factory) {
   Registry& r = registry();
   std::lock_guard lock(r.mutex);
-  r.factories[type] = std::move(factory);
+  r.backends[type] = Backend{std::move(factory), r.next_version++};
   // Drop the cached allocators of exactly this type: "cuda" and "cuda:N", never "cudax" or "cpu"
   // for "c".
   std::erase_if(r.allocators, [&](const auto& kv) {
@@ -135,25 +156,48 @@ std::vector<std::string> registered_backends() {
   Registry& r = registry();
   std::lock_guard lock(r.mutex);
   std::vector<std::string> names;
-  for (const auto& [name, _] : r.factories) names.push_back(name);
+  for (const auto& [name, _] : r.backends) names.push_back(name);
   return names;
 }
 
 std::shared_ptr<DeviceAllocator> allocator_for(std::string_view device) {
   const DeviceId id = DeviceId::parse(device);
-  Registry& r = registry();
-  std::lock_guard lock(r.mutex);
-  const auto found = r.factories.find(id.type);
-  if (found == r.factories.end()) {
-    throw Error(ErrorCode::kUnknownDevice, "unknown device '" + std::string(device) +
-                                               "'; known device types: " +
-                                               join_names(r.factories));
-  }
   const std::string key = id.str();
-  if (const auto cached = r.allocators.find(key); cached != r.allocators.end()) return cached->second;
-  auto made = found->second(id);  // may throw: then nothing was registered
-  r.allocators.emplace(key, made);
-  return made;
+  if (std::find(t_making.begin(), t_making.end(), key) != t_making.end()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "the backend factory for '" + key + "' asked for '" + key + "' itself");
+  }
+  Registry& r = registry();
+  // Double-checked insert: look up and copy the factory under the lock, call it without the lock
+  // (it may load a library for seconds, or ask for another device), then insert under the lock
+  // unless another thread got there first (its allocator wins, ours is dropped) or the factory was
+  // replaced meanwhile (then try again with the new one, so no stale allocator is cached). A
+  // factory that throws has registered nothing.
+  for (;;) {
+    Backend backend;
+    {
+      std::lock_guard lock(r.mutex);
+      const auto found = r.backends.find(id.type);
+      if (found == r.backends.end()) {
+        throw Error(ErrorCode::kUnknownDevice, "unknown device '" + std::string(device) +
+                                                   "'; known device types: " +
+                                                   join_names(r.backends));
+      }
+      if (const auto cached = r.allocators.find(key); cached != r.allocators.end()) return cached->second;
+      backend = found->second;
+    }
+    std::shared_ptr<DeviceAllocator> made;
+    {
+      const MakingGuard making(key);
+      made = backend.factory(id);
+    }
+    std::lock_guard lock(r.mutex);
+    if (const auto cached = r.allocators.find(key); cached != r.allocators.end()) return cached->second;
+    const auto current = r.backends.find(id.type);
+    if (current == r.backends.end() || current->second.version != backend.version) continue;
+    r.allocators.emplace(key, made);
+    return made;
+  }
 }
 
 }  // namespace sagellm::kv

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cassert>
 #include <mutex>
+#include <new>
 #include <string>
 #include <unordered_map>
 
@@ -63,6 +64,7 @@ struct RequestManager::Impl {
   BlockAllocator& allocator;
   PrefixCache* cache;
   std::uint32_t block_size;
+  HashAlgorithm hash_algorithm;
   bool match_last_token;
   bool keep_tokens;  // the cache emits events: stored events need the published blocks' tokens
 
@@ -75,12 +77,16 @@ struct RequestManager::Impl {
   std::vector<std::uint32_t> matched;
   std::vector<std::size_t> need;
   std::vector<Request*> targets;
+  std::vector<BlockHash> new_digests;  // append: digests of the blocks the requests fill
+  std::vector<std::size_t> digest_at;  // append: request i's new digests start at digest_at[i]
+  std::vector<std::int32_t> joined;    // append: a request's tail, then its new tokens
   std::uint64_t visit = 0;
 
   explicit Impl(RequestManager& s)
       : allocator(s.allocator_),
         cache(s.cache_),
         block_size(s.options_.block_size),
+        hash_algorithm(s.options_.hash_algorithm),
         match_last_token(s.options_.match_last_token),
         keep_tokens(s.cache_ != nullptr && s.cache_->options().event_queue_capacity != 0) {}
 
@@ -109,6 +115,18 @@ struct RequestManager::Impl {
     }
   }
 
+  // Hashes the `full` blocks that request `r`'s tail and `run` complete into new_digests[at...],
+  // for append's commit to take (hashing may allocate: it must not run after blocks are taken).
+  void prepare_digests(const Request& r, std::span<const std::int32_t> run, std::size_t full, std::size_t at) {
+    joined.assign(r.tail.begin(), r.tail.end());
+    joined.insert(joined.end(), run.begin(), run.begin() + static_cast<std::ptrdiff_t>(full * block_size - r.tail.size()));
+    new_digests.resize(at + full);
+    const BlockHash parent = r.digests.empty() ? kRootBlockHash : r.digests.back();
+    // The salt belongs to the chain's first block only; the hasher applies it when parent is the root.
+    const BlockHashKey key{r.digests.empty() ? std::string_view(r.salt) : std::string_view{}, r.extra};
+    (void)hash_blocks(hash_algorithm, joined, block_size, parent, key, std::span<BlockHash>(new_digests).subspan(at));
+  }
+
   // Marks `r` as named by the current batch call; false when it already was (a repeated id).
   bool visit_once(Request& r) noexcept {
     if (r.visit == visit) return false;
@@ -124,6 +142,9 @@ struct RequestManager::Impl {
       publish_or_throw(r);
     } catch (const Error&) {
       assert(!"publishing a request's blocks was refused");
+    } catch (const std::bad_alloc&) {
+      // The cache changed nothing (its insert allocates before it commits): the blocks stay
+      // private, and the request's next publish retries them.
     }
   }
   void publish_or_throw(Request& r) {
@@ -267,7 +288,7 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
       throw Error(ErrorCode::kInvalidArgument, "admit: " + id_text(*dup) + " appears twice in one call");
     }
   }
-  // --- reserve: match and allocate request by request; undo everything on a refusal ---------------
+  // --- prepare: every allocation the commit needs, before any block is taken or use held ------------
   s.matched.assign(n, 0);
   s.need.assign(n + 1, 0);
   std::size_t total_blocks = 0;
@@ -279,43 +300,15 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
     }
   }
   s.ids.resize(total_blocks);
-  std::size_t at = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::size_t blocks = blocks_for(count_of(i), bs);
-    std::uint32_t m = 0;
-    if (cache_ != nullptr && !requests[i].tokens.empty()) {
-      const std::size_t limit =
-          s.match_last_token ? digests_of(i).size() : num_full_blocks(requests[i].tokens.size() - 1, bs);
-      m = cache_->match(digests_of(i).first(limit), std::span<BlockId>(s.ids).subspan(at, blocks));
-    }
-    s.matched[i] = m;
-    if (!s.allocate(std::span<BlockId>(s.ids).subspan(at + m, blocks - m))) {
-      // Undo requests 0..i-1 (and request i's match) in reverse order.
-      for (std::size_t j = i + 1; j-- > 0;) {
-        const std::size_t start = s.need[j];
-        const std::size_t len = blocks_for(count_of(j), bs);
-        if (cache_ != nullptr && s.matched[j] != 0) cache_->release(digests_of(j).first(s.matched[j]));
-        if (j < i) {
-          [[maybe_unused]] const BatchStatus st =
-              allocator_.free(std::span<const BlockId>(s.ids).subspan(start + s.matched[j], len - s.matched[j]));
-          assert(st.ok());
-        }
-      }
-      ++s.counters.refused;
-      return {ErrorCode::kPoolFull, static_cast<std::int64_t>(i)};
-    }
-    at += blocks;
-    s.need[i + 1] = at;
-  }
-  // --- commit ------------------------------------------------------------------------------------
+  // The requests are built here, in map nodes of their own; the commit moves the nodes over.
+  std::unordered_map<RequestId, Request> staged;
+  staged.reserve(n);
   for (std::size_t i = 0; i < n; ++i) {
     const AdmitRequest& in = requests[i];
-    Request r;
-    r.blocks.assign(s.ids.begin() + static_cast<std::ptrdiff_t>(s.need[i]),
-                    s.ids.begin() + static_cast<std::ptrdiff_t>(s.need[i + 1]));
+    Request& r = staged[in.id];
+    r.blocks.reserve(blocks_for(count_of(i), bs));
     r.num_tokens = count_of(i);
     r.opaque = in.tokens.empty();
-    r.num_shared = r.num_held = s.matched[i];
     if (cache_ != nullptr && !r.opaque) {
       const auto d = digests_of(i);
       r.digests.assign(d.begin(), d.end());
@@ -326,13 +319,70 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
       r.salt = in.key.salt;
       r.extra = in.key.extra;
       if (s.keep_tokens) r.tokens.assign(in.tokens.begin(), in.tokens.end());
-      s.counters.queried_blocks += d.size();
+    }
+  }
+  detail::grow_buckets_to(s.requests, s.requests.size() + n);
+  if (block_tables != nullptr) detail::grow_to(*block_tables, block_tables->size() + total_blocks);
+  // --- reserve: match and allocate request by request; undo everything on a refusal or a throw -----
+  // Undoes requests 0..i-1 and request i's match, in reverse order.
+  const auto unreserve = [&](std::size_t i) noexcept {
+    for (std::size_t j = i + 1; j-- > 0;) {
+      const std::size_t start = s.need[j];
+      const std::size_t len = blocks_for(count_of(j), bs);
+      if (cache_ != nullptr && s.matched[j] != 0) {
+        try {
+          cache_->release(digests_of(j).first(s.matched[j]));
+        } catch (...) {
+          assert(!"releasing a match just taken was refused");
+        }
+      }
+      if (j < i) {
+        [[maybe_unused]] const BatchStatus st =
+            allocator_.free(std::span<const BlockId>(s.ids).subspan(start + s.matched[j], len - s.matched[j]));
+        assert(st.ok());
+      }
+    }
+  };
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t blocks = blocks_for(count_of(i), bs);
+    bool fits = false;
+    try {
+      std::uint32_t m = 0;
+      if (cache_ != nullptr && !requests[i].tokens.empty()) {
+        const std::size_t limit =
+            s.match_last_token ? digests_of(i).size() : num_full_blocks(requests[i].tokens.size() - 1, bs);
+        m = cache_->match(digests_of(i).first(limit), std::span<BlockId>(s.ids).subspan(at, blocks));
+      }
+      s.matched[i] = m;
+      fits = s.allocate(std::span<BlockId>(s.ids).subspan(at + m, blocks - m));  // may evict: may throw
+    } catch (...) {
+      unreserve(i);
+      throw;
+    }
+    if (!fits) {
+      unreserve(i);
+      ++s.counters.refused;
+      return {ErrorCode::kPoolFull, static_cast<std::int64_t>(i)};
+    }
+    at += blocks;
+    s.need[i + 1] = at;
+  }
+  // --- commit: allocates nothing (the nodes, tables and map buckets were made above) ---------------
+  for (std::size_t i = 0; i < n; ++i) {
+    auto node = staged.extract(requests[i].id);
+    Request& r = node.mapped();
+    r.blocks.assign(s.ids.begin() + static_cast<std::ptrdiff_t>(s.need[i]),
+                    s.ids.begin() + static_cast<std::ptrdiff_t>(s.need[i + 1]));
+    r.num_shared = r.num_held = s.matched[i];
+    if (cache_ != nullptr && !r.opaque) {
+      s.counters.queried_blocks += r.digests.size();
       s.counters.hit_blocks += r.num_shared;
     }
     s.owned_blocks += r.blocks.size() - r.num_shared;
     num_cached_tokens[i] = r.num_shared * bs;
     if (block_tables != nullptr) block_tables->insert(block_tables->end(), r.blocks.begin(), r.blocks.end());
-    Request& stored = s.requests.emplace(in.id, std::move(r)).first->second;
+    Request& stored = s.requests.insert(std::move(node)).position->second;
     s.publish(stored);
   }
   s.counters.admitted += n;
@@ -354,8 +404,9 @@ BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<con
   const std::uint32_t bs = options_.block_size;
   Impl& s = *impl_;
   const std::lock_guard lock(s.mutex);
-  // --- checks ------------------------------------------------------------------------------------
+  // --- checks and prepare: every allocation, and the hashing, before any block is taken -------------
   s.targets.resize(n);
+  s.digest_at.assign(n + 1, 0);
   ++s.visit;
   std::size_t total = 0;
   for (std::size_t i = 0; i < n; ++i) {
@@ -369,20 +420,25 @@ BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<con
     }
     s.targets[i] = &r;
     const std::size_t have = r.blocks.size();
-    const std::size_t run = offsets[i + 1] - offsets[i];
-    const std::size_t want = blocks_for(r.num_tokens + run, bs);
+    const auto run = tokens.subspan(offsets[i], offsets[i + 1] - offsets[i]);
+    const std::size_t want = blocks_for(r.num_tokens + run.size(), bs);
     // Room for the commit phase now, so it cannot fail after blocks are taken.
     detail::grow_to(r.blocks, want);
+    std::size_t full = 0;
     if (cache_ != nullptr && !r.opaque) {
-      detail::grow_to(r.tail, r.tail.size() + run);
-      if (s.keep_tokens) detail::grow_to(r.tokens, r.tokens.size() + run);
-      detail::grow_to(r.digests, static_cast<std::size_t>((r.num_tokens + run) / bs));
+      detail::grow_to(r.tail, r.tail.size() + run.size());
+      if (s.keep_tokens) detail::grow_to(r.tokens, r.tokens.size() + run.size());
+      full = (r.tail.size() + run.size()) / bs;
+      detail::grow_to(r.digests, r.digests.size() + full);
+      if (full != 0) s.prepare_digests(r, run, full, s.digest_at[i]);
     }
+    s.digest_at[i + 1] = s.digest_at[i] + full;
     new_blocks[i] = static_cast<std::uint32_t>(want - have);
     total += want - have;
   }
-  // --- reserve -----------------------------------------------------------------------------------
+  if (new_block_ids != nullptr) detail::grow_to(*new_block_ids, new_block_ids->size() + total);
   s.ids.resize(total);
+  // --- reserve -----------------------------------------------------------------------------------
   if (total != 0 && !s.allocate(s.ids)) {
     // Name the first request whose cumulative need does not fit what is available now.
     const std::uint32_t available = allocator_.num_available();
@@ -397,7 +453,7 @@ BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<con
     }
     return {ErrorCode::kPoolFull, static_cast<std::int64_t>(index)};
   }
-  // --- commit ------------------------------------------------------------------------------------
+  // --- commit: allocates nothing (every container was grown above) ---------------------------------
   if (new_block_ids != nullptr) new_block_ids->insert(new_block_ids->end(), s.ids.begin(), s.ids.end());
   s.owned_blocks += total;
   std::size_t at = 0;
@@ -411,15 +467,10 @@ BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<con
     if (cache_ == nullptr || r.opaque) continue;
     r.tail.insert(r.tail.end(), run.begin(), run.end());
     if (s.keep_tokens) r.tokens.insert(r.tokens.end(), run.begin(), run.end());
-    if (r.tail.size() < bs) continue;
-    const std::size_t full = r.tail.size() / bs;
-    const BlockHash parent = r.digests.empty() ? kRootBlockHash : r.digests.back();
-    const std::size_t old = r.digests.size();
-    r.digests.resize(old + full);
-    // The salt belongs to the chain's first block only; the hasher applies it when parent is the root.
-    const BlockHashKey key{old == 0 ? std::string_view(r.salt) : std::string_view{}, r.extra};
-    (void)hash_blocks(options_.hash_algorithm, std::span<const std::int32_t>(r.tail).first(full * bs), bs, parent,
-                      key, std::span<BlockHash>(r.digests).subspan(old));
+    const std::size_t full = s.digest_at[i + 1] - s.digest_at[i];
+    if (full == 0) continue;
+    r.digests.insert(r.digests.end(), s.new_digests.begin() + static_cast<std::ptrdiff_t>(s.digest_at[i]),
+                     s.new_digests.begin() + static_cast<std::ptrdiff_t>(s.digest_at[i + 1]));
     r.tail.erase(r.tail.begin(), r.tail.begin() + static_cast<std::ptrdiff_t>(full * bs));
     s.publish(r);
   }

@@ -120,11 +120,12 @@ class DigestIndex {
     slots_[i] = s;
   }
 
+  // Strong guarantee: the new table is allocated before anything changes, so a bad_alloc leaves
+  // the index as it was (an insert's prepare phase relies on that).
   void rehash(std::uint32_t bits) {
-    std::vector<Slot> old;
+    std::vector<Slot> old(std::size_t{1} << bits, Slot{});
     old.swap(slots_);
     bits_ = bits;
-    slots_.assign(std::size_t{1} << bits, Slot{});
     mask_ = static_cast<std::uint32_t>(slots_.size() - 1);
     for (const Slot& s : old) {
       if (s.node != kNone) place(s);

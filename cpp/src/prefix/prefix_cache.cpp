@@ -820,6 +820,10 @@ void PrefixCache::release(std::span<const BlockHash> digests) {
   }
 }
 
+namespace {
+constexpr std::uint32_t kMaxUsers = std::numeric_limits<std::uint32_t>::max();  // a node's use count
+}  // namespace
+
 InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::span<const BlockId> block_ids_in,
                                  const InsertOptions& options) {
   Impl& s = *impl_;
@@ -863,10 +867,22 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::spa
       throw Error(ErrorCode::kInvalidArgument, "insert: digest " + digests[k].hex() + position_text(k) +
                                                    " is cached under a different parent than the one before it");
     }
+    if (options.acquire && s.nodes[idx].users == kMaxUsers) {  // match stops there; insert cannot
+      throw Error(ErrorCode::kInvalidArgument, "insert: digest " + digests[k].hex() + position_text(k) +
+                                                   " already has " + std::to_string(kMaxUsers) +
+                                                   " uses: acquiring it again would overflow; nothing was inserted");
+    }
     reused.push_back(idx);
     cur = idx;
   }
   const auto num_new = static_cast<std::uint32_t>(n - k);
+  // commit_insert takes one more use of the attachment point while it evicts for capacity.
+  if (cur != kNone && num_new != 0 && s.capacity &&
+      std::uint64_t{s.nodes[cur].users} + (options.acquire && k != 0 ? 1 : 0) + 1 > kMaxUsers) {
+    throw Error(ErrorCode::kInvalidArgument, "insert: the attachment point of the new digests has " +
+                                                 std::to_string(s.nodes[cur].users) +
+                                                 " uses: one more would overflow; nothing was inserted");
+  }
   if (options.trusted_chain) {
     assert(s.trusted_input_holds(digests, block_ids, k));
   } else {

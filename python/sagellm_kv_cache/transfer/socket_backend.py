@@ -129,7 +129,11 @@ class SocketTransferBackend:
         self._threads: list[threading.Thread] = []
         self._accepted: list[socket.socket] = []
         self._peers: dict[int, socket.socket] = {}
+        # A send holds its peer's lock for the whole call (connect and write). _peers_lock guards
+        # _peers and _closing only and is never held across a socket call.
         self._peer_locks = {r: threading.Lock() for r in range(world_size)}
+        self._peers_lock = threading.Lock()
+        self._closing = False  # close() is running: a connection made now is closed, not kept
         self._inboxes: dict[int, deque[bytearray]] = {r: deque() for r in range(world_size)}
         # Per source rank, what its inbox holds plus the messages being read into it (under _cond).
         self._buffered_bytes = dict.fromkeys(range(world_size), 0)
@@ -159,15 +163,35 @@ class SocketTransferBackend:
         self._threads.append(thread)
 
     def close(self) -> None:
-        """Stops listening and closes every connection; pending messages are dropped."""
+        """Stops listening and closes every connection; pending messages are dropped.
+
+        A send in flight fails with ``KVTransferFailedError``, also one blocked on a peer's full
+        buffer (its connection is shut down first, which wakes it) and one still connecting (its new
+        connection is closed, not kept), so no connection outlives the call. A send that takes its
+        peer after ``close`` returned connects anew, as any later send does.
+        """
         with self._cond:
             self._running = False
             self._cond.notify_all()
             accepted, threads = list(self._accepted), list(self._threads)
-        sockets = [s for s in (self._server, *accepted, *self._peers.values()) if s is not None]
+        with self._peers_lock:
+            self._closing = True
+            peers = list(self._peers.values())
+        sockets = [s for s in (self._server, *accepted, *peers) if s is not None]
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        # Wait out the sends in flight: each ends promptly now (a write fails on its shut-down
+        # connection, a connect gives up within recv_timeout_s), so none is inside a call on a
+        # socket closed below, and none registers a connection after the snapshot above.
+        for lock in self._peer_locks.values():
+            with lock:
+                pass
+        with self._peers_lock:
+            sockets.extend(self._peers.values())
+            self._peers.clear()
+            self._closing = False
+        for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.close()
         for thread in threads:
@@ -178,7 +202,6 @@ class SocketTransferBackend:
             for src, inbox in self._inboxes.items():
                 while inbox:
                     self._take(src)
-        self._peers.clear()
         self._server = None
 
     def _accept_loop(self) -> None:
@@ -278,16 +301,22 @@ class SocketTransferBackend:
             raise ValueError(f"{name} {peer} is this rank; a transfer needs two ranks")
         return peer
 
+    def _forget(self, dst: int, sock: socket.socket) -> None:
+        with self._peers_lock:
+            if self._peers.get(dst) is sock:
+                del self._peers[dst]
+        with contextlib.suppress(OSError):
+            sock.close()
+
     def _connection(self, dst: int) -> socket.socket:
-        sock = self._peers.get(dst)
+        with self._peers_lock:
+            sock = self._peers.get(dst)
         if sock is not None:
             if not _peer_closed(sock):
                 return sock
             # The peer closed it (e.g. it restarted): a write would still succeed locally and its
             # bytes would be lost, so connect anew.
-            self._peers.pop(dst, None)
-            with contextlib.suppress(OSError):
-                sock.close()
+            self._forget(dst, sock)
         deadline = time.monotonic() + self._recv_timeout_s
         while True:  # the peer may not be listening yet
             try:
@@ -300,7 +329,15 @@ class SocketTransferBackend:
                 time.sleep(0.05)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
-        self._peers[dst] = sock
+        with self._peers_lock:
+            closing = self._closing
+            if not closing:
+                self._peers[dst] = sock
+        if closing:
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise KVTransferFailedError(f"socket:{self._rank}->{dst}", source=f"rank_{self._rank}",
+                                        target=f"rank_{dst}", reason="the backend was closed while connecting")
         return sock
 
     def send(self, tensor: Any, dst_rank: int) -> None:
@@ -316,9 +353,7 @@ class SocketTransferBackend:
                 sock.sendall(_HEADER.pack(_MAGIC, _VERSION, 0, self._rank, len(data)))
                 sock.sendall(data)
             except OSError as e:
-                self._peers.pop(dst, None)
-                with contextlib.suppress(OSError):
-                    sock.close()
+                self._forget(dst, sock)
                 raise KVTransferFailedError(f"socket:{self._rank}->{dst}", source=f"rank_{self._rank}",
                                             target=f"rank_{dst}", reason=f"send failed: {e}") from e
 

@@ -1,0 +1,248 @@
+// Every heap allocation of PrefixCache::insert and RequestManager::admit / append may fail with
+// std::bad_alloc. The call then changes nothing (no block taken, no use of a cached block held, no
+// node or request added or extended), or, when only the manager's best-effort publish failed,
+// succeeds with those blocks private. This binary replaces the global operator new so that a test
+// can fail the k-th allocation of one call, for every k until the call makes no more allocations.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <new>
+#include <numeric>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "sagellm_kv/block_allocator.hpp"
+#include "sagellm_kv/hashing.hpp"
+#include "sagellm_kv/prefix_cache.hpp"
+#include "sagellm_kv/request_manager.hpp"
+
+namespace {
+
+thread_local long t_fail_countdown = -1;  // -1: off; 0: the next allocation of this thread fails
+thread_local bool t_failed = false;       // an allocation was failed on purpose
+
+void* counted_malloc(std::size_t n) {
+  if (t_fail_countdown >= 0 && t_fail_countdown-- == 0) {
+    t_failed = true;
+    throw std::bad_alloc();
+  }
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+
+}  // namespace
+
+void* operator new(std::size_t n) { return counted_malloc(n); }
+void* operator new[](std::size_t n) { return counted_malloc(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+namespace sagellm::kv {
+namespace {
+
+constexpr std::uint32_t kBs = 4;
+constexpr std::uint32_t kBlocks = 12;
+
+std::vector<std::int32_t> seq(std::int32_t start, std::size_t n) {
+  std::vector<std::int32_t> v(n);
+  std::iota(v.begin(), v.end(), start);
+  return v;
+}
+
+std::vector<BlockHash> chain(std::int32_t start, std::size_t blocks) {
+  const auto tokens = seq(start, blocks * kBs);
+  std::vector<BlockHash> out(blocks);
+  (void)hash_blocks(HashAlgorithm::kSha256, tokens, kBs, kRootBlockHash, {}, out);
+  return out;
+}
+
+TEST(PrefixCacheAllocFailure, InsertChangesNothingWhenAnAllocationFails) {
+  // 20 new nodes under a cached prefix of 3: the digest index, node table, heaps and event all grow.
+  const auto digests = chain(0, 23);
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    BlockAllocator alloc(64);
+    PrefixCacheOptions o;
+    o.block_size = kBs;
+    o.event_queue_capacity = 64;
+    PrefixCache cache(o, &alloc);
+    std::vector<BlockId> blocks(23);
+    ASSERT_TRUE(alloc.allocate(blocks).ok());
+    ASSERT_EQ(cache.insert(std::span(digests).first(3), std::span(blocks).first(3)).num_inserted, 3u);
+    (void)cache.drain_events();
+    InsertOptions io;
+    io.acquire = true;
+    t_failed = false;
+    t_fail_countdown = k;
+    std::optional<InsertResult> res;
+    try {
+      res = cache.insert(digests, blocks, io);
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    cache.check_invariants();
+    if (!res) {
+      ASSERT_EQ(cache.size(), 3u) << where;
+      ASSERT_EQ(cache.stats().in_use_blocks, 0u) << where;
+      for (std::size_t i = 0; i < digests.size(); ++i) ASSERT_EQ(cache.contains(digests[i]), i < 3) << where;
+      for (std::size_t i = 0; i < blocks.size(); ++i) ASSERT_EQ(alloc.ref_count(blocks[i]), i < 3 ? 2u : 1u) << where;
+      ASSERT_TRUE(cache.drain_events().empty()) << where;
+      continue;
+    }
+    ASSERT_EQ(res->num_cached(), 23u) << where;
+    completed = !t_failed;
+    ASSERT_EQ(cache.stats().in_use_blocks, 23u) << where;
+    cache.release(digests);
+    ASSERT_TRUE(alloc.free(blocks).ok());
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 5);  // the sweep did fail allocations inside the call
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
+// A pool whose cache emits events (so published blocks carry their tokens: more allocations).
+struct World {
+  World() : alloc(kBlocks) {
+    PrefixCacheOptions o;
+    o.block_size = kBs;
+    o.event_queue_capacity = 64;
+    cache.emplace(o, &alloc);
+    RequestManagerOptions mo;
+    mo.block_size = kBs;
+    manager.emplace(alloc, &*cache, mo);
+  }
+  ~World() {
+    manager.reset();
+    cache.reset();
+  }
+
+  BatchStatus admit(std::vector<AdmitRequest> batch, std::vector<BlockId>* tables) {
+    std::vector<std::uint32_t> cached(batch.size());
+    return manager->admit(batch, cached, tables);
+  }
+
+  // Every allocator reference is the cache's or a running request's own, and the structures agree.
+  void check_accounting(const std::string& where) {
+    manager->check_invariants();
+    cache->check_invariants();
+    std::uint64_t refs = 0;
+    for (BlockId b = 0; b < static_cast<BlockId>(kBlocks); ++b) refs += alloc.ref_count(b);
+    ASSERT_EQ(refs, std::uint64_t{cache->size()} + manager->stats().owned_blocks) << where;
+  }
+
+  BlockAllocator alloc;
+  std::optional<PrefixCache> cache;
+  std::optional<RequestManager> manager;
+};
+
+// Cached, unused: blocks of two finished prompts, so the admits below match some and evict others.
+void warm_up(World& w) {
+  const auto a = seq(0, 8);
+  const auto b = seq(200, 8);
+  ASSERT_TRUE(w.admit({AdmitRequest{1, a, {}}, AdmitRequest{2, b, {}}}, nullptr).ok());
+  const std::vector<RequestId> done{1, 2};
+  w.manager->finish(done);
+}
+
+TEST(RequestManagerAllocFailure, AdmitChangesNothingWhenAnAllocationFails) {
+  const auto matching = seq(0, 9);                 // matches the 2 cached blocks of prompt 1, 1 more
+  const auto fresh = seq(500, 30);                 // 8 blocks: one of prompt 2's must be evicted
+  const BlockHashKey salted{"salt", "extra"};
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    World w;
+    warm_up(w);
+    const std::vector<AdmitRequest> batch{AdmitRequest{10, matching, {}}, AdmitRequest{11, fresh, salted}};
+    std::vector<std::uint32_t> cached(batch.size());
+    std::vector<BlockId> tables{-7};
+    t_failed = false;
+    t_fail_countdown = k;
+    std::optional<BatchStatus> st;
+    try {
+      st = w.manager->admit(batch, cached, &tables);
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    ASSERT_NO_FATAL_FAILURE(w.check_accounting(where));
+    if (!st) {  // refused: nothing admitted, no use held, no block taken
+      ASSERT_TRUE(w.manager->running().empty()) << where;
+      ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
+      ASSERT_EQ(w.manager->stats().owned_blocks, 0u) << where;
+      ASSERT_EQ(tables, std::vector<BlockId>{-7}) << where;
+      continue;
+    }
+    ASSERT_TRUE(st->ok()) << where;
+    ASSERT_EQ(tables.size(), 1u + 3u + 8u) << where;
+    completed = !t_failed;  // no allocation was failed: every allocation point has been tried
+    const std::vector<RequestId> both{10, 11};
+    w.manager->finish(both);
+    ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
+    ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", after finish"));
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 5);  // the sweep did fail allocations inside the call
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
+TEST(RequestManagerAllocFailure, AppendChangesNothingWhenAnAllocationFails) {
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    World w;
+    warm_up(w);
+    ASSERT_TRUE(w.admit({AdmitRequest{10, seq(0, 7), {}}, AdmitRequest{11, seq(50, 3), {"s", ""}}}, nullptr).ok());
+    const auto table10 = w.manager->block_table(10);
+    const auto table11 = w.manager->block_table(11);
+    const std::uint32_t in_use = w.cache->stats().in_use_blocks;
+    const auto tokens = seq(900, 11);                  // 6 for request 10, 5 for request 11
+    const std::vector<std::size_t> offsets{0, 6, 11};
+    const std::vector<RequestId> ids{10, 11};
+    std::vector<std::uint32_t> new_blocks(2, 0);
+    std::vector<BlockId> new_ids{-7};
+    t_failed = false;
+    t_fail_countdown = k;
+    std::optional<BatchStatus> st;
+    try {
+      st = w.manager->append(ids, tokens, offsets, new_blocks, &new_ids);
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    ASSERT_NO_FATAL_FAILURE(w.check_accounting(where));
+    if (!st) {  // refused: both requests as they were
+      ASSERT_EQ(w.manager->num_tokens(10), 7u) << where;
+      ASSERT_EQ(w.manager->num_tokens(11), 3u) << where;
+      ASSERT_EQ(w.manager->block_table(10), table10) << where;
+      ASSERT_EQ(w.manager->block_table(11), table11) << where;
+      ASSERT_EQ(w.cache->stats().in_use_blocks, in_use) << where;
+      ASSERT_EQ(new_ids, std::vector<BlockId>{-7}) << where;
+      continue;
+    }
+    ASSERT_TRUE(st->ok()) << where;
+    ASSERT_EQ(w.manager->num_tokens(10), 13u) << where;
+    ASSERT_EQ(w.manager->num_tokens(11), 8u) << where;
+    ASSERT_EQ(new_ids.size(), 1u + 2u + 1u) << where;
+    completed = !t_failed;
+    w.manager->finish(ids);
+    ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
+    ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", after finish"));
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 5);  // the sweep did fail allocations inside the call
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
+}  // namespace
+}  // namespace sagellm::kv
