@@ -340,6 +340,10 @@ py::object block_tables(const BoundRequestManager& self, const py::handle& reque
       throw py::value_error("out must be a writable 2-D int32 array with at least " + std::to_string(n) + " rows");
     }
     stride = static_cast<std::size_t>(table.shape(1));
+    if (width && *width != table.shape(1)) {  // out's columns are the width: a different one is a mistake
+      throw py::value_error("width " + std::to_string(*width) + " does not match out's " +
+                            std::to_string(table.shape(1)) + " columns");
+    }
   } else {
     if (width) {
       stride = checked_count(*width, "width", /*allow_zero=*/true);

@@ -179,7 +179,11 @@ class RequestManager:
         return self._native.block_table(request_id)
 
     def block_tables(self, request_ids: Any, out: Int32Array | None = None, width: int | None = None) -> Int32Array:
-        """Block tables as rows of a 2-D int32 array padded with -1 (into ``out`` when given)."""
+        """Block tables as rows of a 2-D int32 array padded with -1.
+
+        Into ``out`` when given: its first ``len(request_ids)`` rows are written, the rest are left as
+        they are, and its columns are the width (a ``width`` that differs is a ValueError).
+        """
         return self._native.block_tables(request_ids, out, width)
 
     def num_tokens(self, request_id: int) -> int:

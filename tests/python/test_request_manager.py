@@ -195,6 +195,9 @@ def test_decode_steps_allocate_and_publish() -> None:
     assert tables.shape == (2, 2) and tables[0, 1] == -1 and tables[1, 1] == out[1]
     buf = np.zeros((4, 8), dtype=np.int32)
     assert rm.block_tables([2, 1], out=buf) is buf and buf[0, 1] == out[1] and buf[1, 1] == -1
+    assert rm.block_tables([2, 1], out=buf, width=8) is buf
+    with pytest.raises(ValueError, match="width 4 does not match out's 8 columns"):
+        rm.block_tables([2, 1], out=buf, width=4)  # was ignored: the caller expected 4-wide rows
     counts, new = rm.append_batch([1, 2], [list(range(16, 40)), [1]])
     assert list(counts) == [2, 0] and len(new) == 2
     rm.check_invariants()
