@@ -31,6 +31,13 @@ def content(digest: bytes, nbytes: int) -> np.ndarray:
     return rng.integers(0, 256, nbytes, dtype=np.uint8)
 
 
+def assert_holds(pool: PagedKVPool, block_ids: np.ndarray, digests: np.ndarray) -> None:
+    """Block ``block_ids[i]`` of ``pool`` holds the content of ``digests[i]``."""
+    got = pool.gather(block_ids).reshape(len(digests), -1)
+    for row, d in zip(got, digests, strict=True):
+        np.testing.assert_array_equal(row, content(d.tobytes(), pool.block_nbytes))
+
+
 def fill(tc: TieredPrefixCache, tokens: np.ndarray) -> np.ndarray:
     """One request: match, compute (write content) what missed, insert, release. Returns digests."""
     pool = tc.pool
@@ -76,9 +83,7 @@ def test_demote_and_promote_are_byte_exact_and_hits_are_reported_per_tier(tmp_pa
             m = tc.match(digests[i])
             assert m.num_matched == 3
             assert m.tiers.tolist() == [expect] * 3
-            got = pool.gather(m.block_ids).reshape(3, -1)
-            for row, d in zip(got, digests[i], strict=True):
-                np.testing.assert_array_equal(row, content(d.tobytes(), pool.block_nbytes))
+            assert_holds(pool, m.block_ids, digests[i])
             tc.release(digests[i])
         st = tc.stats()
         assert st["hits"] == {"device": 3, "host": 3, "disk": 3}
@@ -102,9 +107,7 @@ def test_a_lower_tier_hit_continues_a_device_prefix(tmp_path: Path) -> None:
         m = tc.match(base)
         assert m.num_matched == 4
         assert set(m.tiers.tolist()) <= {TIER_DEVICE, TIER_HOST} and TIER_HOST in m.tiers.tolist()
-        got = pool.gather(m.block_ids).reshape(4, -1)
-        for row, d in zip(got, base, strict=True):
-            np.testing.assert_array_equal(row, content(d.tobytes(), pool.block_nbytes))
+        assert_holds(pool, m.block_ids, base)
         tc.release(base)
 
 
@@ -726,9 +729,7 @@ def test_promoting_the_whole_host_tier_into_a_full_device_is_a_hit(tmp_path: Pat
         assert pool.num_free_blocks == 0
         m = tc.match(wanted)
         assert m.num_matched == 2 and m.tiers.tolist() == [TIER_HOST, TIER_HOST]
-        got = pool.gather(m.block_ids).reshape(2, -1)
-        for row, d in zip(got, wanted, strict=True):
-            np.testing.assert_array_equal(row, content(d.tobytes(), pool.block_nbytes))
+        assert_holds(pool, m.block_ids, wanted)
         tc.release(wanted)
         tc.flush()
         gone = [tc.location(d.tobytes()) for d in others[0]]
@@ -785,8 +786,6 @@ def test_a_failing_disk_does_not_fail_a_lookup_that_makes_room(tmp_path: Path, b
         tc.disk.close()  # the disk fails under the cache
         m = tc.match(wanted)
         assert m.num_matched == 2 and m.tiers.tolist() == [TIER_HOST, TIER_HOST]
-        got = pool.gather(m.block_ids).reshape(2, -1)
-        for row, d in zip(got, wanted, strict=True):
-            np.testing.assert_array_equal(row, content(d.tobytes(), pool.block_nbytes))
+        assert_holds(pool, m.block_ids, wanted)
         tc.release(wanted)
         assert _slots_accounted(tc.host)
