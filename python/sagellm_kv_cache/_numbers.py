@@ -1,4 +1,4 @@
-"""One rule for "a finite number" from a caller, shared by the modules that check one.
+"""One rule for "a finite number" and "an integer" from a caller, shared by the modules that check one.
 
 A Python int past the float range (``10**400``) is an int, but ``math.isfinite`` and ``float()`` raise
 ``OverflowError`` on it, so a check built on them alone leaks a bare ``OverflowError``; here such an
@@ -9,8 +9,11 @@ by its size.
 from __future__ import annotations
 
 import math
+from typing import Any
 
-__all__ = ["finite_number", "is_finite_number", "shown"]
+import numpy as np
+
+__all__ = ["finite_number", "integer", "is_finite_number", "positive_int", "shown"]
 
 
 def is_finite_number(value: object) -> bool:
@@ -40,3 +43,19 @@ def finite_number(name: str, value: object, *, minimum: float | None = None) -> 
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return float(value)
+
+
+def integer(name: str, value: Any) -> int:
+    """``value`` as a Python int: a bool, a float or anything else but an int or a numpy integer is a
+    TypeError naming ``name`` (native calls would take ``True`` as 1, and refuse a float without the name)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    """An :func:`integer` that is > 0 (>= 0 with ``allow_zero``); ValueError naming ``name`` otherwise."""
+    n = integer(name, value)
+    if n < 0 or (n == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {n}")
+    return n

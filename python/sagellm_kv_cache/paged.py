@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
+from sagellm_kv_cache._numbers import integer
 from sagellm_kv_cache.errors import KVConfigInvalidError
 
 __all__ = ["KVCacheSpec", "LayerView", "PagedKVPool"]
@@ -26,18 +27,10 @@ _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 
 
-def _int_arg(name: str, value: Any) -> int:
-    """An integer argument as a Python int: a bool, a float or anything else is a TypeError naming its type
-    (the native calls would take ``True`` as 1 and refuse a float or an int past 64 bits without the name)."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
-
-
 def _int64_arg(name: str, value: Any) -> int:
     """An argument the native calls take as a 64-bit int: bools and non-ints are a TypeError, an int past
     64 bits a ValueError, both naming the argument (pybind would take True as 1 and name neither)."""
-    n = _int_arg(name, value)
+    n = integer(name, value)
     if not -_INT64_MAX <= n <= _INT64_MAX:
         raise ValueError(f"{name} must fit in 64 bits, got {n}")
     return n
@@ -45,7 +38,7 @@ def _int64_arg(name: str, value: Any) -> int:
 
 def _count_arg(name: str, value: Any) -> int:
     """A block count in ``[0, 2**31)`` (the native range; its error message too)."""
-    n = _int_arg(name, value)
+    n = integer(name, value)
     if not 0 <= n <= _INT32_MAX:
         raise ValueError(f"{name} must be in [0, {_INT32_MAX}], got {n}")
     return n
@@ -177,13 +170,13 @@ class PagedKVPool:
         self._native.incref(block_ids)
 
     def ref_count(self, block_id: int) -> int:
-        block_id = _int_arg("block_id", block_id)
+        block_id = integer("block_id", block_id)
         if not -_INT64_MAX <= block_id <= _INT64_MAX:
             raise ValueError(f"block id {block_id} out of range")
         return int(self._native.ref_count(block_id))
 
     def is_allocated(self, block_id: int) -> bool:
-        block_id = _int_arg("block_id", block_id)
+        block_id = integer("block_id", block_id)
         return -_INT64_MAX <= block_id <= _INT64_MAX and bool(self._native.is_allocated(block_id))
 
     # --- memory -----------------------------------------------------------------------------
@@ -207,7 +200,7 @@ class PagedKVPool:
         return LayerView(self, layer, value)
 
     def _layer_arg(self, layer: Any) -> int:
-        layer = _int_arg("layer", layer)
+        layer = integer("layer", layer)
         if not 0 <= layer <= _INT32_MAX:  # past 64 bits the native call could not name it
             raise IndexError(f"layer {layer} out of range [0, {self.spec.num_layers})")
         return layer
@@ -253,14 +246,14 @@ class PagedKVPool:
 
     def set_budget_bytes(self, nbytes: int) -> None:
         """Caps the bytes in use, rounded down to whole blocks."""
-        nbytes = _int_arg("budget_bytes", nbytes)
+        nbytes = integer("budget_bytes", nbytes)
         if nbytes > _INT64_MAX:
             raise KVConfigInvalidError("budget_bytes", nbytes, reason=f"exceeds the pool's {self.num_blocks} blocks")
         self._native.set_budget_bytes(nbytes)
 
     def can_admit(self, num_tokens: int) -> bool:
         """True when ``num_tokens`` more tokens (rounded up to blocks) fit within the budget now."""
-        num_tokens = _int_arg("num_tokens", num_tokens)
+        num_tokens = integer("num_tokens", num_tokens)
         return num_tokens <= _INT64_MAX and bool(self._native.can_admit_tokens(num_tokens))
 
     # --- properties -------------------------------------------------------------------------

@@ -31,8 +31,9 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
+from sagellm_kv_cache._numbers import integer
 from sagellm_kv_cache.errors import KVPoolFullError
-from sagellm_kv_cache.paged import _INT32_MAX, PagedKVPool, _int64_arg, _int_arg
+from sagellm_kv_cache.paged import _INT32_MAX, PagedKVPool, _int64_arg
 
 if TYPE_CHECKING:
     from sagellm_kv_cache.observability.hooks import MetricsHook
@@ -170,7 +171,7 @@ class RadixPrefixCache:
         ``cache_salt`` (the tenant salt the digests were hashed with) only travels in the stored
         event, so that a KV-aware router keeps the tenant's blocks apart.
         """
-        owner, priority = _int_arg("owner", owner), _int64_arg("priority", priority)
+        owner, priority = integer("owner", owner), _int64_arg("priority", priority)
         evictions = self._evictions_so_far()
         n, redundant = self._native.insert(digests, block_ids, parent=parent, token_ids=token_ids, owner=owner,
                                            priority=priority, extra_key=extra_key, cache_salt=cache_salt)
@@ -183,7 +184,7 @@ class RadixPrefixCache:
 
         Returns (newly inserted, redundant positions, the digests of those blocks).
         """
-        owner, priority = _int_arg("owner", owner), _int64_arg("priority", priority)
+        owner, priority = integer("owner", owner), _int64_arg("priority", priority)
         evictions = self._evictions_so_far()
         n, redundant, digests = self._native.insert_tokens(tokens, block_ids, salt=salt, extra=extra, owner=owner,
                                                            priority=priority)
@@ -193,7 +194,7 @@ class RadixPrefixCache:
     def evict(self, num_blocks: int) -> int:
         """Evicts up to ``num_blocks`` unreferenced leaves by the policy; returns how many went."""
         # "Up to": a count past what any cache holds evicts everything it can.
-        evicted = int(self._native.evict(min(_int_arg("num_blocks", num_blocks), _INT32_MAX)))
+        evicted = int(self._native.evict(min(integer("num_blocks", num_blocks), _INT32_MAX)))
         if self._observer is not None:
             self._observer.evicted(evicted)
         return evicted
@@ -208,7 +209,7 @@ class RadixPrefixCache:
 
     def invalidate(self, owner: int) -> int:
         """Removes the unreferenced nodes inserted with ``owner``; returns how many."""
-        return int(self._native.invalidate(_int_arg("owner", owner)))
+        return int(self._native.invalidate(integer("owner", owner)))
 
     def clear(self) -> int:
         return int(self._native.clear())

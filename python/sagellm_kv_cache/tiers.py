@@ -58,6 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
+from sagellm_kv_cache._numbers import positive_int
 from sagellm_kv_cache.errors import KVMetadataMismatchError, KVPoolFullError
 from sagellm_kv_cache.paged import PagedKVPool
 from sagellm_kv_cache.prefix_cache import RadixPrefixCache
@@ -76,14 +77,6 @@ _HEADER = struct.Struct("<8sIIQ32sQQ")
 _HEADER_CHECK = struct.Struct("<Q")
 _META_FILE = "tier.json"
 _SLOTS_FILE = "slots.bin"
-
-
-def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return int(value)
 
 
 def _round_up(n: int, a: int) -> int:
@@ -116,8 +109,8 @@ class HostTier:
     """
 
     def __init__(self, num_blocks: int, block_nbytes: int, device: str = "cpu") -> None:
-        self.num_blocks = _positive_int("host_blocks", num_blocks)
-        self.block_nbytes = _positive_int("block_nbytes", block_nbytes)
+        self.num_blocks = positive_int("host_blocks", num_blocks)
+        self.block_nbytes = positive_int("block_nbytes", block_nbytes)
         # Each slot has room for a disk slot's header page after the block, so a demotion to disk
         # is one contiguous write. Zero-filled: the pages are faulted in now, not on first use.
         self.slab = _core.HostSlab(self.num_blocks, _round_up(self.block_nbytes, _PAGE) + _PAGE, device, True)
@@ -161,8 +154,8 @@ class DiskTier:
 
     def __init__(self, directory: str | os.PathLike[str], num_blocks: int, block_nbytes: int, *,
                  direct_io: bool = True, fsync: bool = False, verify_on_open: bool = True) -> None:
-        self.num_blocks = _positive_int("disk_blocks", num_blocks)
-        self.block_nbytes = _positive_int("block_nbytes", block_nbytes)
+        self.num_blocks = positive_int("disk_blocks", num_blocks)
+        self.block_nbytes = positive_int("block_nbytes", block_nbytes)
         self.payload_stride = _round_up(self.block_nbytes, _PAGE)
         self.slot_nbytes = self.payload_stride + _PAGE  # payload, then its header page
         self.fsync = bool(fsync)
@@ -504,12 +497,12 @@ class TieredPrefixCache:
             raise TypeError(f"pool must be a PagedKVPool, got {type(pool).__name__}")
         self.pool = pool
         self.block_nbytes = pool.block_nbytes
-        self.device_blocks = pool.num_blocks if device_blocks is None else _positive_int("device_blocks",
+        self.device_blocks = pool.num_blocks if device_blocks is None else positive_int("device_blocks",
                                                                                          device_blocks)
         if self.device_blocks > pool.num_blocks:
             raise ValueError(f"device_blocks ({self.device_blocks}) exceeds the pool's {pool.num_blocks} blocks")
-        host_blocks = _positive_int("host_blocks", host_blocks, allow_zero=True)
-        disk_blocks = _positive_int("disk_blocks", disk_blocks, allow_zero=True)
+        host_blocks = positive_int("host_blocks", host_blocks, allow_zero=True)
+        disk_blocks = positive_int("disk_blocks", disk_blocks, allow_zero=True)
         if disk_blocks and disk_dir is None:
             raise ValueError("disk_blocks > 0 needs disk_dir")
         self.device = RadixPrefixCache(block_size=pool.spec.block_size, pool=pool, policy=policy,
@@ -608,7 +601,7 @@ class TieredPrefixCache:
         """Demotes up to ``num_blocks`` least recently used unreferenced device blocks now (e.g. ahead
         of a large batch). Returns the futures of the copies; they land in the background."""
         self._check_open()
-        return self._demote(_positive_int("num_blocks", num_blocks, allow_zero=True))
+        return self._demote(positive_int("num_blocks", num_blocks, allow_zero=True))
 
     def _check_open(self) -> None:
         if self._closed:

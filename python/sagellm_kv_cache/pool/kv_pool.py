@@ -22,10 +22,10 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 from sagellm_protocol.kv import DType, KVBlockState, Layout, MemoryTier
 
 from sagellm_kv_cache import _core
+from sagellm_kv_cache._numbers import positive_int
 from sagellm_kv_cache.errors import (
     KVBudgetExceededError,
     KVConfigInvalidError,
@@ -40,14 +40,6 @@ from sagellm_kv_cache.pool.block_manager import BlockManager
 __all__ = ["KVPool", "parse_device"]
 
 BudgetCallback = Callable[[int, int, int], None]
-
-
-def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return int(value)
 
 
 def parse_device(device: Any) -> str:
@@ -105,7 +97,7 @@ def _normalize(num_tokens: Any, dtype: Any, layout: Any, device: Any, metadata: 
     """The checked arguments of an allocation that the native fast path's tables do not hold
     (``_core.SeedPool.alloc`` calls it); raises the seed's errors for bad values."""
     if num_tokens.__class__ is not int or num_tokens <= 0:
-        num_tokens = _positive_int("num_tokens", num_tokens)
+        num_tokens = positive_int("num_tokens", num_tokens)
     try:
         dtype_member = _DTYPES[dtype]
         layout_member = _LAYOUTS[layout]
@@ -225,15 +217,15 @@ class KVPool:
         on_budget_exceeded: BudgetCallback | None = None,
         node_rank: int | None = None,
     ) -> None:
-        self.max_tokens = _positive_int("max_tokens", max_tokens)
-        self.block_size = _positive_int("block_size", block_size)
+        self.max_tokens = positive_int("max_tokens", max_tokens)
+        self.block_size = positive_int("block_size", block_size)
         if self.block_size > _INT32_IDS:  # the native pool's range, checked here for ints past 64 bits too
             raise ValueError(f"block_size must be in [1, {_INT32_IDS}], got {self.block_size}")
-        self.bytes_per_token = _positive_int("bytes_per_token", bytes_per_token)
+        self.bytes_per_token = positive_int("bytes_per_token", bytes_per_token)
         if on_budget_exceeded is not None and not callable(on_budget_exceeded):
             raise TypeError("on_budget_exceeded must be callable(requested, available, max_tokens)")
         if node_rank is not None:
-            node_rank = _positive_int("node_rank", node_rank, allow_zero=True)
+            node_rank = positive_int("node_rank", node_rank, allow_zero=True)
         self.on_budget_exceeded = on_budget_exceeded
         self.num_blocks = -(-self.max_tokens // self.block_size)
         segment_blocks = self.num_blocks
@@ -258,7 +250,7 @@ class KVPool:
 
     @node_rank.setter
     def node_rank(self, value: int | None) -> None:
-        self._native.node_rank = None if value is None else _positive_int("node_rank", value, allow_zero=True)
+        self._native.node_rank = None if value is None else positive_int("node_rank", value, allow_zero=True)
 
     # --- the native accounting, as the pool's private attributes --------------------------------
 
@@ -339,7 +331,7 @@ class KVPool:
 
     def can_admit(self, num_tokens: int) -> bool:
         """Whether ``num_tokens`` more tokens fit in the budget (the only limit, as in the seed)."""
-        num_tokens = _positive_int("num_tokens", num_tokens, allow_zero=True)
+        num_tokens = positive_int("num_tokens", num_tokens, allow_zero=True)
         return bool(self._native.can_admit(num_tokens)) if num_tokens <= self.max_tokens else False
 
     def get_allocated_tokens(self) -> int:
