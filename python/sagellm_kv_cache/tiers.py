@@ -497,8 +497,9 @@ class TieredPrefixCache:
             raise TypeError(f"pool must be a PagedKVPool, got {type(pool).__name__}")
         self.pool = pool
         self.block_nbytes = pool.block_nbytes
-        self.device_blocks = pool.num_blocks if device_blocks is None else positive_int("device_blocks",
-                                                                                         device_blocks)
+        if device_blocks is None:
+            device_blocks = pool.num_blocks
+        self.device_blocks = positive_int("device_blocks", device_blocks)
         if self.device_blocks > pool.num_blocks:
             raise ValueError(f"device_blocks ({self.device_blocks}) exceeds the pool's {pool.num_blocks} blocks")
         host_blocks = positive_int("host_blocks", host_blocks, allow_zero=True)
