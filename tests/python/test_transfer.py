@@ -138,6 +138,23 @@ def test_finished_records_stay_bounded_and_still_count() -> None:
     assert engine.get_completed_count() == 0 and not engine._finished
 
 
+
+def test_max_finished_records_is_a_keyword_checked_at_construction() -> None:
+    # As HistoricalPredictor(max_sessions=) and the other bounded stores: set when the engine is made.
+    # (It used to fall into the BlockTransfer options and fail only at the first block transfer.)
+    engine = KVTransferEngine(RankedBackend(0, 2), max_finished_records=3)
+    buffer = np.zeros((4, 2), dtype=np.float16)
+    ids = [engine.transfer_kv_handle(KVHandle.create(4), 0, 1, buffer) for _ in range(5)]
+    assert engine.max_finished_records == 3 and len(engine._records) == 3
+    assert engine.get_completed_count() == 5
+    with pytest.raises(KeyError, match="not found"):
+        engine.get_transfer_status(ids[0])
+    assert KVTransferEngine(RankedBackend(0, 2)).max_finished_records == 4096
+    with pytest.raises(ValueError, match="max_finished_records"):
+        KVTransferEngine(RankedBackend(0, 2), max_finished_records=-1)
+    with pytest.raises(TypeError, match="max_finished_records"):
+        KVTransferEngine(RankedBackend(0, 2), max_finished_records=2.5)
+
 # --- wire format -----------------------------------------------------------------------------
 
 

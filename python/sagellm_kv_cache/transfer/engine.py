@@ -21,8 +21,8 @@ tensor. Both ends must use the same framing options (the plain path sends the te
 
 Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 4,096, the most
 recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` remembers; settable
-per engine): a long-running engine that never calls
-:meth:`~KVTransferEngine.clear_completed` would otherwise keep one record per transfer forever.
+per engine with ``KVTransferEngine(..., max_finished_records=N)``): a long-running engine that never
+calls :meth:`~KVTransferEngine.clear_completed` would otherwise keep one record per transfer forever.
 A forgotten record's id then raises ``KeyError`` like a cleared one; :meth:`~KVTransferEngine.
 get_completed_count` still counts it until ``clear_completed``. Running records are never dropped
 (a send in doubt only when the ledger dropped it, as above).
@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from sagellm_protocol.kv import DType, KVTransferMetadata, Layout, TransferDirection, TransferStatus
 
+from sagellm_kv_cache._numbers import positive_int
 from sagellm_kv_cache.errors import (
     KVCacheError,
     KVChecksumMismatchError,
@@ -79,6 +80,7 @@ class KVTransferEngine:
         enable_checksum: bool = False,
         max_retries: int = 0,
         retry_backoff_ms: float = 50.0,
+        max_finished_records: int | None = None,
         **block_options: Any,
     ) -> None:
         if comm_backend is None:
@@ -97,6 +99,8 @@ class KVTransferEngine:
         self.enable_checksum = bool(enable_checksum)
         self.max_retries = max_retries
         self.retry_backoff_ms = float(retry_backoff_ms)
+        if max_finished_records is not None:  # else the class attribute's default
+            self.max_finished_records = positive_int("max_finished_records", max_finished_records, allow_zero=True)
         self._block_options = block_options
         self._blocks: BlockTransfer | None = None
         self._records: dict[uuid.UUID, KVTransferMetadata] = {}
