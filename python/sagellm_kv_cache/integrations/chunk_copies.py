@@ -20,8 +20,9 @@ A job (``store``: device blocks -> slots, ``load``: slots -> device blocks):
    current stream: a store reads the KV the model has written, a load lands after any pending write
    to its destination blocks. Jobs of one direction run in submission order;
 2. the device-side gather (store) or scatter (load) of the job's blocks goes through ``(rows, R)``
-   staging rows on the device, ``staging_bytes`` (64 MiB) per direction, allocated once and reused
-   in stream order; a longer job goes through them in batches of whole chunks. They are filled with
+   staging rows on the device, up to ``staging_bytes`` (64 MiB) per direction (at least one chunk;
+   grown when a job needs more rows than an earlier one did, reused in stream order); a longer job
+   goes through them in batches of whole chunks. They are filled with
    ``index_select`` and emptied with ``index_copy_``; the host<->device copies between them and the
    slots are asynchronous (the slab is pinned);
 3. an event recorded after the last copy marks completion: ``finished`` polls the events and returns
