@@ -7,6 +7,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "allocator/free_held.hpp"
 #include "common/grow.hpp"
 #include "sagellm_kv/error.hpp"
 
@@ -168,7 +169,9 @@ struct RequestManager::Impl {
   }
 
   // Returns a request's cache uses and blocks. Its uses form a chain from the root, and its own
-  // blocks are allocated by construction, so neither call can be refused.
+  // blocks are allocated by construction, so neither call can be refused; neither allocates
+  // (PrefixCache::release never does, free_held falls back to stack-sized pieces), so no lack of
+  // memory can stop a finish, abort or preempt half way.
   void release(Request& r) noexcept {
     if (cache != nullptr && r.num_held != 0) {
       try {
@@ -179,7 +182,7 @@ struct RequestManager::Impl {
     }
     const auto own = r.own_blocks();
     if (!own.empty()) {
-      [[maybe_unused]] const BatchStatus st = allocator.free(own);
+      [[maybe_unused]] const BatchStatus st = detail::free_held(allocator, own);
       assert(st.ok());
       owned_blocks -= own.size();
     }
@@ -337,8 +340,8 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
         }
       }
       if (j < i) {
-        [[maybe_unused]] const BatchStatus st =
-            allocator_.free(std::span<const BlockId>(s.ids).subspan(start + s.matched[j], len - s.matched[j]));
+        [[maybe_unused]] const BatchStatus st = detail::free_held(
+            allocator_, std::span<const BlockId>(s.ids).subspan(start + s.matched[j], len - s.matched[j]));
         assert(st.ok());
       }
     }
