@@ -46,7 +46,7 @@ from sagellm_kv_cache.errors import (
     KVInvalidHandleError,
     KVPrefixTooLongError,
 )
-from sagellm_kv_cache.eviction import EvictionManager
+from sagellm_kv_cache.eviction import EvictionManager, PriorityEviction
 from sagellm_kv_cache.models.kv_handle import KVHandle
 from sagellm_kv_cache.observability.hooks import MetricsHook
 from sagellm_kv_cache.observability.metrics import MetricsCollector
@@ -203,7 +203,9 @@ class KVCacheManager:
         """A handle for ``num_tokens`` tokens, evicting cold unpinned handles first when needed.
 
         Raises ``KVBudgetExceededError`` when even the permitted eviction round cannot make room
-        (nothing is evicted then), ``TypeError``/``KVConfigInvalidError`` for bad arguments.
+        (nothing is evicted then), ``TypeError``/``KVConfigInvalidError`` for bad arguments. Under
+        the PRIORITY policy a ``metadata["priority"]`` that is not a number is a ``TypeError``, NaN a
+        ``ValueError`` (nothing allocated): it could not be ordered against the other handles.
         """
         num_tokens = _check_int("num_tokens", num_tokens, minimum=1)
         dtype = self._enum(DType, "dtype", dtype)
@@ -211,6 +213,8 @@ class KVCacheManager:
         device = parse_device(device)
         if metadata is not None and not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        if metadata is not None and "priority" in metadata and self._eviction.policy == EvictionPolicy.PRIORITY:
+            PriorityEviction.check_priority(metadata["priority"])
         if num_tokens > self.max_tokens:
             raise KVBudgetExceededError(num_tokens, self.max_tokens,
                                         context={"max_tokens": self.max_tokens, "reason": "larger than the budget"})
