@@ -183,6 +183,7 @@ class KVCacheManager:
         self._block_owner = np.zeros(self._pool.num_blocks, dtype=np.int64)
         self._device_tokens: dict[str, int] = {}
         self._evicted: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._generation = 0  # bumped by reset()
         self._lookups = 0
         self._hits = 0
         self._reuse_tokens = 0
@@ -455,8 +456,9 @@ class KVCacheManager:
         return self._eviction.policy
 
     def reset(self) -> None:
-        """Drops every handle (pinned ones too), every prefix and every counter."""
+        """Drops every handle (pinned ones too), every prefix and every counter; bumps :attr:`generation`."""
         with self._lock:
+            self._generation += 1
             self._prefix.clear()
             for owner, handle in self._handles.items():
                 self._unindex(owner, handle)
@@ -470,6 +472,13 @@ class KVCacheManager:
             self._lookups = self._hits = self._reuse_tokens = 0
             self._evicted_handles = self._evicted_tokens = self._eviction_rounds = 0
         self._debug("reset")
+
+    @property
+    def generation(self) -> int:
+        """How many times :meth:`reset` ran. Whoever keeps handles of this manager (the
+        :class:`~sagellm_kv_cache.scheduler_bridge.SchedulerBridge`) compares it with the value it
+        saw last to notice that a reset it did not make dropped them."""
+        return self._generation
 
     def __len__(self) -> int:
         return len(self._handles)
