@@ -20,6 +20,7 @@
 
 #include "sagellm_kv/block_allocator.hpp"
 #include "sagellm_kv/hashing.hpp"
+#include "sagellm_kv/offload_index.hpp"
 #include "sagellm_kv/prefix_cache.hpp"
 #include "sagellm_kv/request_manager.hpp"
 
@@ -212,6 +213,140 @@ TEST(PrefixCacheAllocFailure, InsertBeyondCapacityGivesBackEveryBlockItCannotCac
   }
   EXPECT_TRUE(completed);
   EXPECT_GE(injected, 3);
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
+TEST(PrefixCacheAllocFailure, ClearRemovesEverythingOrNothing) {
+  // Emptying the cache shrinks its tables; that shrink used to throw after every node was gone.
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    BlockAllocator alloc(256);
+    PrefixCacheOptions o;
+    o.block_size = kBs;
+    o.event_queue_capacity = 8;
+    PrefixCache cache(o, &alloc);
+    for (std::int32_t c = 0; c < 8; ++c) {
+      std::vector<BlockId> blocks(20);
+      ASSERT_TRUE(alloc.allocate(blocks).ok());
+      ASSERT_EQ(cache.insert(chain(1000 * c, 20), blocks).num_inserted, 20u);
+      ASSERT_TRUE(alloc.free(blocks).ok());
+    }
+    (void)cache.drain_events();
+    t_failed = false;
+    t_fail_countdown = k;
+    std::optional<std::uint32_t> removed;
+    try {
+      removed = cache.clear();
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    cache.check_invariants();
+    if (!removed) {
+      ASSERT_EQ(cache.size(), 160u) << where;
+      ASSERT_EQ(alloc.num_allocated(), 160u) << where;
+      continue;
+    }
+    ASSERT_EQ(*removed, 160u) << where;
+    ASSERT_EQ(cache.size(), 0u) << where;
+    ASSERT_EQ(alloc.num_allocated(), 0u) << where;
+    ASSERT_FALSE(cache.contains(chain(0, 1)[0])) << where;
+    const auto events = cache.drain_events();
+    ASSERT_TRUE(events.size() == 1 && events[0].type == PrefixCacheEvent::Type::kCleared) << where;
+    completed = !t_failed;
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 2);
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
+// An offload index of 600 slots, all resident in two chains of 300.
+struct FullIndex {
+  FullIndex() : index(options()) {
+    for (int c = 0; c < 2; ++c) {
+      const std::vector<BlockId> call(300, OffloadIndex::kNoSlot);
+      std::vector<BlockId> slots(300);
+      std::vector<BlockId> gone;
+      EXPECT_TRUE(index.reserve(call, OffloadIndex::kNoSlot, slots, gone));
+      index.commit(slots);
+    }
+  }
+  static OffloadIndexOptions options() {
+    OffloadIndexOptions o;
+    o.num_slots = 600;
+    return o;
+  }
+  OffloadIndex index;
+};
+
+TEST(OffloadIndexAllocFailure, ReserveThatEvictsManySlotsChangesNothingOrEvictsThemCleanly) {
+  // 300 victims: more than the allocator frees without scratch memory. Their frees used to be
+  // refused then (after the victims left the trie), which threw Error(kInternal) half way.
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    FullIndex f;
+    const std::vector<BlockId> call(300, OffloadIndex::kNoSlot);
+    std::vector<BlockId> slots(300, -7);
+    std::vector<BlockId> evicted;
+    t_failed = false;
+    t_fail_countdown = k;
+    std::optional<bool> ok;
+    try {
+      ok = f.index.reserve(call, OffloadIndex::kNoSlot, slots, evicted);
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    f.index.check_invariants();
+    const OffloadIndexStats st = f.index.stats();
+    if (!ok) {
+      ASSERT_EQ(st.resident_slots, 600u) << where;
+      ASSERT_EQ(st.pending_slots, 0u) << where;
+      ASSERT_TRUE(evicted.empty()) << where;
+      continue;
+    }
+    ASSERT_TRUE(*ok) << where;
+    ASSERT_EQ(evicted.size(), 300u) << where;
+    ASSERT_EQ(st.resident_slots, 300u) << where;
+    ASSERT_EQ(st.pending_slots, 300u) << where;
+    completed = !t_failed;
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 1);
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
+TEST(OffloadIndexAllocFailure, AbandonOfManySlotsFreesThemOrChangesNothing) {
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    OffloadIndex index(FullIndex::options());
+    const std::vector<BlockId> call(300, OffloadIndex::kNoSlot);
+    std::vector<BlockId> slots(300);
+    std::vector<BlockId> gone;
+    ASSERT_TRUE(index.reserve(call, OffloadIndex::kNoSlot, slots, gone));
+    t_failed = false;
+    t_fail_countdown = k;
+    bool done = false;
+    try {
+      index.abandon(slots);
+      done = true;
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    index.check_invariants();
+    ASSERT_EQ(index.stats().pending_slots, done ? 0u : 300u) << where;
+    ASSERT_EQ(index.stats().free_slots, done ? 600u : 300u) << where;
+    completed = done && !t_failed;
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 1);
   std::printf("%ld allocations failed in turn\n", injected);
 }
 

@@ -143,9 +143,10 @@ struct RequestManager::Impl {
       publish_or_throw(r);
     } catch (const Error&) {
       assert(!"publishing a request's blocks was refused");
-    } catch (const std::bad_alloc&) {
-      // The cache changed nothing (its insert allocates before it commits): the blocks stay
-      // private, and the request's next publish retries them.
+    } catch (...) {
+      // No memory (or a throwing clock_ns of the cache's options): the cache changed nothing (its
+      // insert has the strong guarantee whatever throws), so the blocks stay private and the
+      // request's next publish retries them.
     }
   }
   void publish_or_throw(Request& r) {
