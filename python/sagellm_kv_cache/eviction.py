@@ -21,6 +21,7 @@ Nothing is mutated: the caller frees the victims it gets.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import time
@@ -32,6 +33,8 @@ from sagellm_protocol.kv import EvictionPolicy
 
 from sagellm_kv_cache.errors import KVAllPinnedError, KVNoVictimError
 from sagellm_kv_cache.models.kv_handle import KVHandle
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "EvictionManager",
@@ -192,6 +195,13 @@ class PriorityEviction(EvictionStrategy):
     """Lowest ``metadata["priority"]`` first (``default_priority`` when absent), LRU among equals.
 
     Lets a scheduler protect, say, interactive sessions' KV over batch jobs' without pinning it.
+
+    A priority must be a real number other than NaN. :meth:`priority_of` raises for anything else,
+    and :class:`~sagellm_kv_cache.KVCacheManager` refuses such a value when a handle is allocated
+    under this policy. But ``metadata`` is a mutable dict, so a bad value can still appear later:
+    selection then orders that handle as if it had no priority (``default_priority``, neither
+    protected nor sacrificed) and logs a warning on the ``sagellm_kv_cache.eviction`` logger naming
+    the handle and the value, so one bad handle cannot stop the eviction of the others.
     """
 
     policy = EvictionPolicy.PRIORITY
@@ -199,23 +209,31 @@ class PriorityEviction(EvictionStrategy):
     def __init__(self, default_priority: int = 0) -> None:
         self.default_priority = _check_int("default_priority", default_priority)
 
-    def priority_of(self, handle: KVHandle) -> float:
-        """The handle's priority; a non-numeric value is a ``TypeError``, NaN a ``ValueError``, naming the handle."""
-        value = handle.metadata.get("priority", self.default_priority)
+    @staticmethod
+    def check_priority(value: object, what: str = "metadata['priority']") -> float:
+        """``value`` as a sort key; a non-numeric value is a ``TypeError``, NaN a ``ValueError``, naming ``what``."""
         if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-            raise TypeError(
-                f"metadata['priority'] of handle {handle.handle_id} must be a number, got {type(value).__name__}"
-            )
+            raise TypeError(f"{what} must be a number, got {type(value).__name__}")
         try:
             priority = float(value)
         except OverflowError:  # an int past the float range still orders by its sign
             return math.inf if cast(float, value) > 0 else -math.inf  # any Real compares with 0
         if math.isnan(priority):  # NaN orders against nothing: the sort would put victims in any order
-            raise ValueError(f"metadata['priority'] of handle {handle.handle_id} must not be NaN, got {value!r}")
+            raise ValueError(f"{what} must not be NaN, got {value!r}")
         return priority
 
+    def priority_of(self, handle: KVHandle) -> float:
+        """The handle's priority; a non-numeric value is a ``TypeError``, NaN a ``ValueError``, naming the handle."""
+        value = handle.metadata.get("priority", self.default_priority)
+        return self.check_priority(value, f"metadata['priority'] of handle {handle.handle_id}")
+
     def _sort_key(self, handle: KVHandle, now: float, index: int) -> _SortKey:
-        return (self.priority_of(handle), handle.last_access, handle.created_at)
+        try:
+            priority = self.priority_of(handle)
+        except (TypeError, ValueError) as exc:
+            _log.warning("priority eviction: %s; ordered with the default priority %d", exc, self.default_priority)
+            priority = float(self.default_priority)
+        return (priority, handle.last_access, handle.created_at)
 
     def __repr__(self) -> str:
         return f"PriorityEviction(default_priority={self.default_priority})"

@@ -46,7 +46,7 @@ from sagellm_kv_cache.errors import (
     KVInvalidHandleError,
     KVPrefixTooLongError,
 )
-from sagellm_kv_cache.eviction import EvictionManager
+from sagellm_kv_cache.eviction import EvictionManager, PriorityEviction
 from sagellm_kv_cache.models.kv_handle import KVHandle
 from sagellm_kv_cache.observability.hooks import MetricsHook
 from sagellm_kv_cache.observability.metrics import MetricsCollector
@@ -183,6 +183,7 @@ class KVCacheManager:
         self._block_owner = np.zeros(self._pool.num_blocks, dtype=np.int64)
         self._device_tokens: dict[str, int] = {}
         self._evicted: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._generation = 0  # bumped by reset()
         self._lookups = 0
         self._hits = 0
         self._reuse_tokens = 0
@@ -203,7 +204,9 @@ class KVCacheManager:
         """A handle for ``num_tokens`` tokens, evicting cold unpinned handles first when needed.
 
         Raises ``KVBudgetExceededError`` when even the permitted eviction round cannot make room
-        (nothing is evicted then), ``TypeError``/``KVConfigInvalidError`` for bad arguments.
+        (nothing is evicted then), ``TypeError``/``KVConfigInvalidError`` for bad arguments. Under
+        the PRIORITY policy a ``metadata["priority"]`` that is not a number is a ``TypeError``, NaN a
+        ``ValueError`` (nothing allocated): it could not be ordered against the other handles.
         """
         num_tokens = _check_int("num_tokens", num_tokens, minimum=1)
         dtype = self._enum(DType, "dtype", dtype)
@@ -211,6 +214,8 @@ class KVCacheManager:
         device = parse_device(device)
         if metadata is not None and not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        if metadata is not None and "priority" in metadata and self._eviction.policy == EvictionPolicy.PRIORITY:
+            PriorityEviction.check_priority(metadata["priority"])
         if num_tokens > self.max_tokens:
             raise KVBudgetExceededError(num_tokens, self.max_tokens,
                                         context={"max_tokens": self.max_tokens, "reason": "larger than the budget"})
@@ -451,8 +456,9 @@ class KVCacheManager:
         return self._eviction.policy
 
     def reset(self) -> None:
-        """Drops every handle (pinned ones too), every prefix and every counter."""
+        """Drops every handle (pinned ones too), every prefix and every counter; bumps :attr:`generation`."""
         with self._lock:
+            self._generation += 1
             self._prefix.clear()
             for owner, handle in self._handles.items():
                 self._unindex(owner, handle)
@@ -466,6 +472,13 @@ class KVCacheManager:
             self._lookups = self._hits = self._reuse_tokens = 0
             self._evicted_handles = self._evicted_tokens = self._eviction_rounds = 0
         self._debug("reset")
+
+    @property
+    def generation(self) -> int:
+        """How many times :meth:`reset` ran. Whoever keeps handles of this manager (the
+        :class:`~sagellm_kv_cache.scheduler_bridge.SchedulerBridge`) compares it with the value it
+        saw last to notice that a reset it did not make dropped them."""
+        return self._generation
 
     def __len__(self) -> int:
         return len(self._handles)

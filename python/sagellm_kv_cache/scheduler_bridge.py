@@ -33,6 +33,13 @@ the prefix) and ``kv_tokens_required`` the request's whole need.
 Memory figures (``SchedulerPlan.total_memory_mb``, the devices' ``memory_*_mb``) are the KV tokens
 times ``bytes_per_token`` (default 4, the figure the original package reports) in MiB.
 
+Reset: :meth:`SchedulerBridge.reset` frees everything. A reset of the manager underneath
+(``bridge.manager.reset()``) drops every handle too, the bridge's reservations included; the
+bridge notices it (the manager's ``generation`` changed) at its next call, forgets the
+reservations and prefixes whose handles are gone and updates the load figures, so it never reports
+or frees KV that no longer exists (``free_request`` of such a request is a
+``KVRequestNotFoundError``, as after ``bridge.reset()``).
+
 Placement: ``devices`` (default ``["cuda:0"]``) share the one budget, as in the seed's single pool;
 each is registered in the collector with capacity ``max_tokens`` and its usage is updated after
 every admission and free, so with ``enable_load_awareness`` the scheduler's strategy
@@ -178,6 +185,7 @@ class SchedulerBridge:
         self._prefixes: dict[str, KVHandle] = {}  # fingerprint -> prefix handle
         self._last_deferred: list[str] = []
         self._last_scheduled: list[SchedulerRequest] = []
+        self._generation = self._manager.generation  # the manager's resets seen (see _catch_up)
 
     # --- planning -------------------------------------------------------------------------------
 
@@ -204,6 +212,7 @@ class SchedulerBridge:
                        key=lambda i: (-requests[i].priority, requests[i].queued_at, i))
         now = time.time()
         with self._lock:
+            self._catch_up()
             taken = [rid for rid in seen if rid in self._requests]
             if taken:
                 raise KVConfigInvalidError("request_id", taken[0], reason="already has KV allocated; free it first")
@@ -277,6 +286,7 @@ class SchedulerBridge:
         if session_id is not None and not isinstance(session_id, str):
             raise TypeError(f"session_id must be a str or None, got {type(session_id).__name__}")
         with self._lock:
+            self._catch_up()
             if request_id in self._requests:
                 raise KVConfigInvalidError("request_id", request_id, reason="already has KV allocated; free it first")
             handle = self._reserve(num_tokens, device, request_id, session_id)
@@ -288,6 +298,7 @@ class SchedulerBridge:
         """Returns the request's own KV; a prefix it used stays cached (evictable once unused)."""
         request_id = _request_id(request_id)
         with self._lock:
+            self._catch_up()
             reservation = self._requests.pop(request_id, None)
             if reservation is None:
                 raise KVRequestNotFoundError(request_id)
@@ -302,6 +313,7 @@ class SchedulerBridge:
         """The handle holding ``request_id``'s own tokens (not a shared prefix)."""
         request_id = _request_id(request_id)
         with self._lock:
+            self._catch_up()
             reservation = self._requests.get(request_id)
             if reservation is None:
                 raise KVRequestNotFoundError(request_id)
@@ -312,6 +324,7 @@ class SchedulerBridge:
     def get_stats(self) -> dict:
         """``load_metrics`` (per device), ``num_requests``, ``placement`` and ``pool`` (the manager's)."""
         with self._lock:
+            self._catch_up()
             return {
                 "load_metrics": {device: m.to_dict() for device, m in self._collector.get_all_metrics().items()},
                 "num_requests": len(self._requests),
@@ -323,6 +336,7 @@ class SchedulerBridge:
         """Frees every reservation and cached prefix and zeroes the load and placement numbers."""
         with self._lock:
             self._manager.reset()
+            self._generation = self._manager.generation
             self._requests.clear()
             self._active = dict.fromkeys(self.devices, 0)
             self._prefixes.clear()
@@ -365,10 +379,13 @@ class SchedulerBridge:
         prefix a request reuses is a separate handle and not part of this entry.
         """
         with self._lock:
+            self._catch_up()
             return {rid: reservation.handle for rid, reservation in self._requests.items()}
 
     def __len__(self) -> int:
-        return len(self._requests)
+        with self._lock:
+            self._catch_up()
+            return len(self._requests)
 
     def __bool__(self) -> bool:
         # Truthy while empty: the engine enables the bridge path with `if self._advanced_scheduler_bridge:`
@@ -442,6 +459,27 @@ class SchedulerBridge:
             reservation = _Reservation(request.request_id, handle, None, device, 0)
         self._record(reservation)
         return reservation
+
+    def _catch_up(self) -> None:
+        """Forgets what a reset of the manager made by someone else dropped (see the module docstring).
+
+        One integer comparison while nothing happened. After a reset, a reservation stays only if the
+        manager still holds its handle (a handle id is never reused), so an allocation racing the
+        reset is kept exactly when it survived it.
+        """
+        generation = self._manager.generation
+        if generation == self._generation:
+            return
+        self._generation = generation  # read first: a reset during this sweep triggers the next one
+        live = {handle.handle_id for handle in self._manager.handles()}
+        for request_id in [rid for rid, r in self._requests.items() if r.handle.handle_id not in live]:
+            reservation = self._requests.pop(request_id)
+            self._active[reservation.device] -= 1
+        for reservation in self._requests.values():
+            if reservation.prefix is not None and reservation.prefix.handle_id not in live:
+                reservation.prefix = None
+        self._prefixes = {f: h for f, h in self._prefixes.items() if h.handle_id in live}
+        self._sync_load()
 
     def _record(self, reservation: _Reservation) -> None:
         self._requests[reservation.request_id] = reservation

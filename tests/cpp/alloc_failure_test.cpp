@@ -1,8 +1,12 @@
 // Every heap allocation of PrefixCache::insert and RequestManager::admit / append may fail with
 // std::bad_alloc. The call then changes nothing (no block taken, no use of a cached block held, no
 // node or request added or extended), or, when only the manager's best-effort publish failed,
-// succeeds with those blocks private. This binary replaces the global operator new so that a test
-// can fail the k-th allocation of one call, for every k until the call makes no more allocations.
+// succeeds with those blocks private. Cleanup cannot fail for memory: PrefixCache::release makes
+// no allocation at all, and RequestManager finish / abort / preempt either refuse before changing
+// anything or end every request named (their release phase runs in noexcept code, where a
+// bad_alloc would terminate the process). This binary replaces the global operator new so that a
+// test can fail the k-th allocation of one call, for every k until the call makes no more
+// allocations.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -16,6 +20,7 @@
 
 #include "sagellm_kv/block_allocator.hpp"
 #include "sagellm_kv/hashing.hpp"
+#include "sagellm_kv/offload_index.hpp"
 #include "sagellm_kv/prefix_cache.hpp"
 #include "sagellm_kv/request_manager.hpp"
 
@@ -37,6 +42,16 @@ void* counted_malloc(std::size_t n) {
 
 void* operator new(std::size_t n) { return counted_malloc(n); }
 void* operator new[](std::size_t n) { return counted_malloc(n); }
+// The nothrow forms too (the allocator's long batches use them): a sanitizer runtime supplies its
+// own otherwise, which neither fails on purpose nor pairs with the delete below.
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  try {
+    return counted_malloc(n);
+  } catch (const std::bad_alloc&) {
+    return nullptr;
+  }
+}
+void* operator new[](std::size_t n, const std::nothrow_t& tag) noexcept { return operator new(n, tag); }
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
@@ -108,9 +123,236 @@ TEST(PrefixCacheAllocFailure, InsertChangesNothingWhenAnAllocationFails) {
   std::printf("%ld allocations failed in turn\n", injected);
 }
 
+// Without leftovers from earlier calls: a fresh cache whose heap grew only as inserts required.
+TEST(PrefixCacheAllocFailure, ReleaseMakesNoAllocation) {
+  for (const EvictionPolicy policy : {EvictionPolicy::kLru, EvictionPolicy::kPriority, EvictionPolicy::kTtl}) {
+    SCOPED_TRACE(std::string(eviction_policy_name(policy)));
+    BlockAllocator alloc(256);
+    PrefixCacheOptions o;
+    o.block_size = kBs;
+    o.policy = policy;
+    PrefixCache cache(o, &alloc);
+    InsertOptions io;
+    io.acquire = true;  // held: the heap stays empty while the chains grow
+    std::vector<std::vector<BlockHash>> chains;
+    for (std::int32_t c = 0; c < 12; ++c) {
+      chains.push_back(chain(1000 * c, 6));
+      std::vector<BlockId> blocks(6);
+      ASSERT_TRUE(alloc.allocate(blocks).ok());
+      ASSERT_EQ(cache.insert(chains.back(), blocks, io).num_inserted, 6u);
+      ASSERT_TRUE(alloc.free(blocks).ok());
+    }
+    // A second use of chain 0's first 4 blocks (a match, released along parent links), and two more
+    // of chain 1's first 3, released as digests out of chain order, one of them twice (the general
+    // path).
+    ASSERT_EQ(cache.match(std::span(chains[0]).first(4)).num_matched, 4u);
+    ASSERT_EQ(cache.match(std::span(chains[1]).first(3)).num_matched, 3u);
+    ASSERT_EQ(cache.match(std::span(chains[1]).first(3)).num_matched, 3u);
+    const std::vector<BlockHash> scattered{chains[1][2], chains[1][0], chains[1][1], chains[1][2]};
+    const auto released_without_allocating = [&](std::span<const BlockHash> digests) {
+      t_failed = false;
+      t_fail_countdown = 0;  // the first allocation of the call fails
+      bool threw = false;
+      try {
+        cache.release(digests);
+      } catch (const std::bad_alloc&) {
+        threw = true;
+      }
+      t_fail_countdown = -1;
+      return !threw && !t_failed;
+    };
+    EXPECT_TRUE(released_without_allocating(std::span(chains[0]).first(4)));
+    EXPECT_TRUE(released_without_allocating(scattered));
+    for (const auto& c : chains) EXPECT_TRUE(released_without_allocating(c));  // every leaf evictable now
+    // Chain 1's first two blocks still have one use each, its third none.
+    EXPECT_TRUE(released_without_allocating(std::span(chains[1]).first(2)));
+    EXPECT_THROW(cache.release(std::span(chains[1]).subspan(2, 1)), Error);
+    cache.check_invariants();
+    const PrefixCacheStats st = cache.stats();
+    EXPECT_EQ(st.in_use_blocks, 0u);
+    EXPECT_EQ(st.evictable_blocks, 12u);
+    EXPECT_EQ(cache.evict(72), 72u);
+    EXPECT_EQ(alloc.num_allocated(), 0u);
+  }
+}
+
+TEST(PrefixCacheAllocFailure, InsertBeyondCapacityGivesBackEveryBlockItCannotCache) {
+  // 300 new blocks into room for 4: the references on the 296 that do not fit go back in the commit
+  // phase, a batch too long for the allocator's stack copy.
+  constexpr std::uint32_t kNew = 300, kRoom = 4;
+  const auto digests = chain(0, kNew);
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    BlockAllocator alloc(512);
+    PrefixCacheOptions o;
+    o.block_size = kBs;
+    o.capacity_blocks = kRoom;
+    PrefixCache cache(o, &alloc);
+    std::vector<BlockId> blocks(kNew);
+    ASSERT_TRUE(alloc.allocate(blocks).ok());
+    t_failed = false;
+    t_fail_countdown = k;
+    std::optional<InsertResult> res;
+    try {
+      res = cache.insert(digests, blocks);
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    cache.check_invariants();
+    const std::uint32_t cached = res ? res->num_cached() : 0;
+    ASSERT_EQ(cache.size(), cached) << where;
+    if (res) {
+      ASSERT_EQ(cached, kRoom) << where;
+    }
+    for (std::uint32_t i = 0; i < kNew; ++i) ASSERT_EQ(alloc.ref_count(blocks[i]), i < cached ? 2u : 1u) << where;
+    completed = res && !t_failed;
+    ASSERT_TRUE(alloc.free(blocks).ok());
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 3);
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
+TEST(PrefixCacheAllocFailure, ClearRemovesEverythingOrNothing) {
+  // Emptying the cache shrinks its tables; that shrink used to throw after every node was gone.
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    BlockAllocator alloc(256);
+    PrefixCacheOptions o;
+    o.block_size = kBs;
+    o.event_queue_capacity = 8;
+    PrefixCache cache(o, &alloc);
+    for (std::int32_t c = 0; c < 8; ++c) {
+      std::vector<BlockId> blocks(20);
+      ASSERT_TRUE(alloc.allocate(blocks).ok());
+      ASSERT_EQ(cache.insert(chain(1000 * c, 20), blocks).num_inserted, 20u);
+      ASSERT_TRUE(alloc.free(blocks).ok());
+    }
+    (void)cache.drain_events();
+    t_failed = false;
+    t_fail_countdown = k;
+    std::optional<std::uint32_t> removed;
+    try {
+      removed = cache.clear();
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    cache.check_invariants();
+    if (!removed) {
+      ASSERT_EQ(cache.size(), 160u) << where;
+      ASSERT_EQ(alloc.num_allocated(), 160u) << where;
+      continue;
+    }
+    ASSERT_EQ(*removed, 160u) << where;
+    ASSERT_EQ(cache.size(), 0u) << where;
+    ASSERT_EQ(alloc.num_allocated(), 0u) << where;
+    ASSERT_FALSE(cache.contains(chain(0, 1)[0])) << where;
+    const auto events = cache.drain_events();
+    ASSERT_TRUE(events.size() == 1 && events[0].type == PrefixCacheEvent::Type::kCleared) << where;
+    completed = !t_failed;
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 2);
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
+// An offload index of 600 slots, all resident in two chains of 300.
+struct FullIndex {
+  FullIndex() : index(options()) {
+    for (int c = 0; c < 2; ++c) {
+      const std::vector<BlockId> call(300, OffloadIndex::kNoSlot);
+      std::vector<BlockId> slots(300);
+      std::vector<BlockId> gone;
+      EXPECT_TRUE(index.reserve(call, OffloadIndex::kNoSlot, slots, gone));
+      index.commit(slots);
+    }
+  }
+  static OffloadIndexOptions options() {
+    OffloadIndexOptions o;
+    o.num_slots = 600;
+    return o;
+  }
+  OffloadIndex index;
+};
+
+TEST(OffloadIndexAllocFailure, ReserveThatEvictsManySlotsChangesNothingOrEvictsThemCleanly) {
+  // 300 victims: more than the allocator frees without scratch memory. Their frees used to be
+  // refused then (after the victims left the trie), which threw Error(kInternal) half way.
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    FullIndex f;
+    const std::vector<BlockId> call(300, OffloadIndex::kNoSlot);
+    std::vector<BlockId> slots(300, -7);
+    std::vector<BlockId> evicted;
+    t_failed = false;
+    t_fail_countdown = k;
+    std::optional<bool> ok;
+    try {
+      ok = f.index.reserve(call, OffloadIndex::kNoSlot, slots, evicted);
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    f.index.check_invariants();
+    const OffloadIndexStats st = f.index.stats();
+    if (!ok) {
+      ASSERT_EQ(st.resident_slots, 600u) << where;
+      ASSERT_EQ(st.pending_slots, 0u) << where;
+      ASSERT_TRUE(evicted.empty()) << where;
+      continue;
+    }
+    ASSERT_TRUE(*ok) << where;
+    ASSERT_EQ(evicted.size(), 300u) << where;
+    ASSERT_EQ(st.resident_slots, 300u) << where;
+    ASSERT_EQ(st.pending_slots, 300u) << where;
+    completed = !t_failed;
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 1);
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
+TEST(OffloadIndexAllocFailure, AbandonOfManySlotsFreesThemOrChangesNothing) {
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    OffloadIndex index(FullIndex::options());
+    const std::vector<BlockId> call(300, OffloadIndex::kNoSlot);
+    std::vector<BlockId> slots(300);
+    std::vector<BlockId> gone;
+    ASSERT_TRUE(index.reserve(call, OffloadIndex::kNoSlot, slots, gone));
+    t_failed = false;
+    t_fail_countdown = k;
+    bool done = false;
+    try {
+      index.abandon(slots);
+      done = true;
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    index.check_invariants();
+    ASSERT_EQ(index.stats().pending_slots, done ? 0u : 300u) << where;
+    ASSERT_EQ(index.stats().free_slots, done ? 600u : 300u) << where;
+    completed = done && !t_failed;
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 1);
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
 // A pool whose cache emits events (so published blocks carry their tokens: more allocations).
 struct World {
-  World() : alloc(kBlocks) {
+  explicit World(std::uint32_t num_blocks = kBlocks) : alloc(num_blocks) {
     PrefixCacheOptions o;
     o.block_size = kBs;
     o.event_queue_capacity = 64;
@@ -134,7 +376,7 @@ struct World {
     manager->check_invariants();
     cache->check_invariants();
     std::uint64_t refs = 0;
-    for (BlockId b = 0; b < static_cast<BlockId>(kBlocks); ++b) refs += alloc.ref_count(b);
+    for (BlockId b = 0; b < static_cast<BlockId>(alloc.num_blocks()); ++b) refs += alloc.ref_count(b);
     ASSERT_EQ(refs, std::uint64_t{cache->size()} + manager->stats().owned_blocks) << where;
   }
 
@@ -242,6 +484,64 @@ TEST(RequestManagerAllocFailure, AppendChangesNothingWhenAnAllocationFails) {
   EXPECT_TRUE(completed);
   EXPECT_GE(injected, 5);  // the sweep did fail allocations inside the call
   std::printf("%ld allocations failed in turn\n", injected);
+}
+
+enum class EndOp { kFinish, kAbort, kPreempt };
+
+// Requests whose blocks were published (each holds a chain of cache uses) end with every
+// allocation of the call failing in turn: the call refuses before any change, or ends them all.
+// One request owns more blocks than the allocator copies on its stack. Before the release phase
+// was allocation-free, a failure there terminated the process (noexcept) or leaked the blocks.
+TEST(RequestManagerAllocFailure, EndingPublishedRequestsNeverFailsHalfWay) {
+  for (const EndOp op : {EndOp::kFinish, EndOp::kAbort, EndOp::kPreempt}) {
+    SCOPED_TRACE(static_cast<int>(op));
+    bool completed = false;
+    long injected = 0;
+    for (long k = 0; k < 10000 && !completed; ++k) {
+      World w(1024);
+      std::vector<std::vector<std::int32_t>> prompts;
+      for (std::int32_t p = 1; p <= 5; ++p) prompts.push_back(seq(p * 100, 10));
+      prompts.push_back(seq(100000, 300 * kBs + 1));  // 301 blocks, 300 published
+      std::vector<AdmitRequest> batch;
+      for (std::size_t i = 0; i < prompts.size(); ++i) {
+        batch.push_back(AdmitRequest{static_cast<RequestId>(i + 1), prompts[i], {}});
+      }
+      ASSERT_TRUE(w.admit(batch, nullptr).ok());
+      ASSERT_EQ(w.manager->stats().published_blocks, 5u * 2u + 300u);
+      (void)w.cache->drain_events();
+      const std::vector<RequestId> ids{3, 1, 6, 2, 5, 4};
+      t_failed = false;
+      t_fail_countdown = k;
+      bool ended = false;
+      try {
+        switch (op) {
+          case EndOp::kFinish: w.manager->finish(ids); break;
+          case EndOp::kAbort: w.manager->abort(ids); break;
+          case EndOp::kPreempt: EXPECT_EQ(w.manager->preempt(ids), 5u * 10u + 300u * kBs + 1u); break;
+        }
+        ended = true;
+      } catch (const std::bad_alloc&) {
+      }
+      t_fail_countdown = -1;
+      injected += t_failed ? 1 : 0;
+      const std::string where = "allocation " + std::to_string(k);
+      ASSERT_NO_FATAL_FAILURE(w.check_accounting(where));
+      if (!ended) {  // refused: every request still runs and holds its uses
+        ASSERT_EQ(w.manager->running().size(), 6u) << where;
+        ASSERT_EQ(w.cache->stats().in_use_blocks, 310u) << where;
+        continue;
+      }
+      ASSERT_TRUE(w.manager->running().empty()) << where;
+      ASSERT_EQ(w.manager->stats().owned_blocks, 0u) << where;
+      ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
+      ASSERT_EQ(w.cache->stats().evictable_blocks, 6u) << where;
+      ASSERT_EQ(w.alloc.num_allocated(), 310u) << where;  // the cache's references only
+      completed = !t_failed;
+    }
+    EXPECT_TRUE(completed);
+    EXPECT_GE(injected, 1);
+    std::printf("%ld allocations failed in turn\n", injected);
+  }
 }
 
 }  // namespace

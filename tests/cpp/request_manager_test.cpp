@@ -6,6 +6,7 @@
 #include <functional>
 #include <numeric>
 #include <optional>
+#include <stdexcept>
 #include <vector>
 
 #include "sagellm_kv/block_allocator.hpp"
@@ -347,6 +348,40 @@ TEST(RequestManager, OpaqueReservationCountsTokensOnly) {
             ErrorCode::kInvalidArgument);
   f.finish(5);
   EXPECT_EQ(f.alloc.num_allocated(), 0u);
+}
+
+TEST(RequestManager, APublishThatThrowsAnythingLeavesTheBlocksPrivate) {
+  // publish runs in noexcept code: an exception other than Error or bad_alloc out of the cache's
+  // insert (here its clock) used to terminate the process.
+  BlockAllocator alloc(16);
+  PrefixCacheOptions o;
+  o.block_size = kBs;
+  bool clock_works = false;
+  o.clock_ns = [&clock_works]() -> std::int64_t {
+    if (!clock_works) throw std::runtime_error("clock unavailable");
+    return 0;
+  };
+  PrefixCache cache(o, &alloc);
+  RequestManagerOptions mo;
+  mo.block_size = kBs;
+  RequestManager manager(alloc, &cache, mo);
+  const auto tokens = seq(0, 9);
+  const AdmitRequest r{1, tokens, {}};
+  std::uint32_t cached = 0;
+  ASSERT_TRUE(manager.admit(std::span<const AdmitRequest>(&r, 1), std::span<std::uint32_t>(&cached, 1)).ok());
+  EXPECT_EQ(cache.size(), 0u);  // not published
+  EXPECT_EQ(manager.stats().published_blocks, 0u);
+  manager.check_invariants();
+  clock_works = true;  // the next publish retries them
+  const std::vector<RequestId> ids{1};
+  const std::vector<std::int32_t> more = seq(100, 3);
+  const std::vector<std::size_t> offsets{0, 3};
+  std::vector<std::uint32_t> new_blocks(1);
+  ASSERT_TRUE(manager.append(ids, more, offsets, new_blocks).ok());
+  EXPECT_EQ(cache.size(), 3u);
+  manager.finish(ids);
+  EXPECT_EQ(alloc.num_allocated(), 3u);
+  cache.check_invariants();
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -198,19 +199,30 @@ def test_candidates_must_be_a_sequence() -> None:
         LRUEviction().select_victim(iter([make_handle(1)]), 1)  # type: ignore[arg-type]
 
 
-def test_non_numeric_priority_is_type_error() -> None:
-    handle = make_handle(4, priority="high")
-    with pytest.raises(TypeError, match="priority"):
-        PriorityEviction().select_victim([handle], 1)
+@pytest.mark.parametrize(("bad", "error"), [("high", TypeError), (float("nan"), ValueError), (None, TypeError)])
+def test_priority_of_a_bad_value_is_a_typed_error(bad: Any, error: type[Exception]) -> None:
+    handle = KVHandle.create(4, metadata={"priority": bad})
+    with pytest.raises(error, match=f"metadata\\['priority'\\] of handle {handle.handle_id}"):
+        PriorityEviction().priority_of(handle)
+    with pytest.raises(error, match="metadata\\['priority'\\]"):
+        PriorityEviction.check_priority(bad)
 
 
-def test_nan_priority_is_value_error() -> None:
-    # A NaN key compares neither below nor above any other: the sort left [5, nan, 1] as it was and
-    # evicted the priority-5 handle before the priority-1 one.
-    handles = [make_handle(4, priority=5), make_handle(4, priority=float("nan")), make_handle(4, priority=1)]
-    with pytest.raises(ValueError, match=f"metadata\\['priority'\\] of handle {handles[1].handle_id}.*nan"):
-        PriorityEviction().select_victim(handles, 4)
-    assert [h.metadata["priority"] for h in PriorityEviction().select_victim([handles[0], handles[2]], 8)] == [1, 5]
+@pytest.mark.parametrize("bad", ["high", float("nan"), [1]])
+def test_a_bad_priority_does_not_stop_eviction_of_the_others(bad: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # One handle's bad priority made every selection raise until that handle was freed. It is now
+    # ordered with the default priority (5 here: after priority 1, before 9) and logged.
+    # (A NaN key compared neither below nor above any other: a sort kept [9, nan, 1] as it was.)
+    handles = [make_handle(4, priority=9), make_handle(4, priority=bad), make_handle(4, priority=1)]
+    policy = PriorityEviction(default_priority=5)
+    with caplog.at_level(logging.WARNING, logger="sagellm_kv_cache.eviction"):
+        order = policy.select_victim(handles, 12)
+    assert order == [handles[2], handles[1], handles[0]]
+    assert policy.select_victim(handles, 4) == [handles[2]]
+    messages = [r.getMessage() for r in caplog.records if r.name == "sagellm_kv_cache.eviction"]
+    assert messages and all(str(handles[1].handle_id) in m and "default priority 5" in m for m in messages)
+    manager = EvictionManager(EvictionPolicy.PRIORITY)
+    assert manager.select_victims([handles[2], handles[1]], 4) == [handles[1]]  # the default 0 is below 1
 
 
 def test_priorities_of_any_real_number_type_order() -> None:

@@ -360,6 +360,29 @@ def test_priority_policy_reads_metadata() -> None:
     assert low.state == KVBlockState.FREE and high.state != KVBlockState.FREE
 
 
+@pytest.mark.parametrize(("bad", "error"), [("high", TypeError), (float("nan"), ValueError)])
+def test_priority_policy_refuses_a_bad_priority_and_survives_one_set_later(
+    bad: Any, error: type[Exception], caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = KVCacheManager(192, 16, eviction_policy=EvictionPolicy.PRIORITY)
+    before = snapshot(manager)
+    with pytest.raises(error, match="metadata\\['priority'\\]"):
+        manager.alloc(64, metadata={"priority": bad})
+    assert snapshot(manager) == before and len(manager) == 0
+    high = manager.alloc(64, metadata={"priority": 9})
+    spoiled = manager.alloc(64, metadata={"priority": 5})
+    low = manager.alloc(64, metadata={"priority": -1})
+    spoiled.metadata["priority"] = bad  # metadata stays a mutable dict: found only at eviction
+    with caplog.at_level(logging.WARNING, logger="sagellm_kv_cache.eviction"):
+        manager.alloc(64)  # used to raise until `spoiled` was freed
+        assert low.state == KVBlockState.FREE
+        manager.alloc(64)  # the bad one orders with the default priority 0: after -1, before 9
+    assert spoiled.state == KVBlockState.FREE and high.state != KVBlockState.FREE
+    assert any(str(spoiled.handle_id) in r.getMessage() for r in caplog.records)
+    lru = KVCacheManager(128, 16)  # other policies leave metadata alone, as the original did
+    assert lru.alloc(16, metadata={"priority": "high"}).metadata == {"priority": "high"}
+
+
 def test_pinned_handles_are_never_victims_and_failure_evicts_nothing() -> None:
     manager = KVCacheManager(256, 16)
     pinned = manager.alloc(128)

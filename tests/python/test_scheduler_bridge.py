@@ -327,6 +327,47 @@ def test_reset() -> None:
     assert bridge.last_scheduled[0].prefix_hit_len == 0
 
 
+def test_a_reset_of_the_manager_underneath_is_noticed() -> None:
+    # bridge.manager.reset() dropped every handle while the bridge still counted its reservations:
+    # it reported them, refused to plan their ids again ("already has KV") and freed handles that
+    # no longer existed.
+    bridge = SchedulerBridge(1024, devices=["cuda:0", "cuda:1"], enable_load_awareness=True)
+    bridge.plan([req("a", prefix_fingerprint="p", prefix_hit_len=32), req("b")])
+    bridge.allocate_request("c", 50, device="cuda:1")
+    assert len(bridge) == 3
+    generation = bridge.manager.generation
+    bridge.manager.reset()
+    assert bridge.manager.generation == generation + 1
+    assert len(bridge) == 0 and bridge._request_handles == {}
+    stats = bridge.get_stats()
+    assert stats["num_requests"] == 0 and stats["pool"]["used_tokens"] == 0
+    assert all(m["kv_tokens_used"] == 0 and m["active_requests"] == 0 for m in stats["load_metrics"].values())
+    for rid in ("a", "b", "c"):
+        with pytest.raises(KVRequestNotFoundError):
+            bridge.get_request_handle(rid)
+        with pytest.raises(KVRequestNotFoundError):
+            bridge.free_request(rid)
+    # The same ids plan again; the dropped prefix is computed anew, not claimed as reused.
+    plan = bridge.plan([req("a", prefix_fingerprint="p", prefix_hit_len=32), req("b")])
+    assert set(plan.placement) == {"a", "b"} and bridge.last_scheduled[0].prefix_hit_len == 0
+    assert used(bridge) == 128 + 128 and len(bridge) == 2
+    bridge.free_request("a")
+    bridge.free_request("b")
+    assert used(bridge) == 32  # the cached prefix, unpinned
+    assert all(m["active_requests"] == 0 for m in bridge.get_stats()["load_metrics"].values())
+
+
+def test_reservations_made_after_a_manager_reset_are_kept() -> None:
+    bridge = SchedulerBridge(1024)
+    bridge.allocate_request("old", 100)
+    bridge.manager.reset()
+    # The manager now holds a handle the bridge does not know (as one racing the reset would).
+    bridge.manager.alloc(16)
+    handle = bridge.allocate_request("new", 100)  # the first call after the reset catches up
+    assert bridge._request_handles == {"new": handle} and len(bridge) == 1
+    assert bridge.get_stats()["load_metrics"]["cuda:0"]["active_requests"] == 1
+
+
 # --- property: random plan/free sequences keep the books straight -----------------------------------
 
 _request = st.builds(

@@ -65,6 +65,9 @@ class BlockAllocator {
  public:
   /// Largest supported pool; one id value is reserved as the empty-stack marker.
   static constexpr std::uint32_t kMaxBlocks = 0x7FFFFFFFu;
+  /// `free` and `incref` of at most this many ids use no heap memory (their private copy of the
+  /// ids stays on the stack), so they cannot return kMemoryExhausted.
+  static constexpr std::size_t kStackBatch = 256;
 
   /// Creates an allocator with every block free. Throws Error(kInvalidArgument) when
   /// `num_blocks` is 0 or above kMaxBlocks.
@@ -86,7 +89,8 @@ class BlockAllocator {
   /// (see the batch contract): an id out of range gives kInvalidBlock, an id appearing more often
   /// than it has references gives kDoubleFree, and then no count changed. Only a double free racing
   /// the last legitimate free of the same block returns kDoubleFree with `partial` set.
-  /// kMemoryExhausted (nothing changed) when a batch above 256 ids cannot get scratch memory.
+  /// kMemoryExhausted (nothing changed) when a batch above kStackBatch ids cannot get scratch
+  /// memory; a holder freeing its own references can then free it in pieces of kStackBatch.
   BatchStatus free(std::span<const BlockId> ids) noexcept;
 
   /// Adds one reference to each id (sharing); the caller must hold a reference to each. All or

@@ -204,7 +204,9 @@ class PrefixCache {
   /// Drops one use of each digest (taken by `match`); a digest may appear several times, one use
   /// per appearance. All or nothing: a digest that is not cached, or has no use left, throws
   /// Error(kRefCountUnderflow) naming it and its position, and then nothing changed. Marks the
-  /// nodes used (LRU) and makes the unused leaves evictable.
+  /// nodes used (LRU) and makes the unused leaves evictable. Allocates nothing (insert keeps the
+  /// room it needs), so a release of what was matched or acquired cannot fail: cleanup code may
+  /// call it from a noexcept context.
   void release(std::span<const BlockHash> digests);
 
   /// Caches the full blocks `digests[i]` -> `block_ids[i]` (see the chain rule and the ownership

@@ -24,7 +24,7 @@ BatchStatus check_range(std::span<const BlockId> ids, std::uint32_t num_blocks) 
 // and checks and applies this copy. Small batches stay on the stack.
 class IdCopy {
  public:
-  static constexpr std::size_t kInline = 256;
+  static constexpr std::size_t kInline = BlockAllocator::kStackBatch;
 
   explicit IdCopy(std::span<const BlockId> ids) noexcept : size_(ids.size()) {
     BlockId* dst = inline_.data();

@@ -7,6 +7,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "allocator/free_held.hpp"
 #include "common/grow.hpp"
 #include "sagellm_kv/error.hpp"
 
@@ -142,9 +143,10 @@ struct RequestManager::Impl {
       publish_or_throw(r);
     } catch (const Error&) {
       assert(!"publishing a request's blocks was refused");
-    } catch (const std::bad_alloc&) {
-      // The cache changed nothing (its insert allocates before it commits): the blocks stay
-      // private, and the request's next publish retries them.
+    } catch (...) {
+      // No memory (or a throwing clock_ns of the cache's options): the cache changed nothing (its
+      // insert has the strong guarantee whatever throws), so the blocks stay private and the
+      // request's next publish retries them.
     }
   }
   void publish_or_throw(Request& r) {
@@ -168,18 +170,20 @@ struct RequestManager::Impl {
   }
 
   // Returns a request's cache uses and blocks. Its uses form a chain from the root, and its own
-  // blocks are allocated by construction, so neither call can be refused.
+  // blocks are allocated by construction, so neither call can be refused; neither allocates
+  // (PrefixCache::release never does, free_held falls back to stack-sized pieces), so no lack of
+  // memory can stop a finish, abort or preempt half way.
   void release(Request& r) noexcept {
     if (cache != nullptr && r.num_held != 0) {
       try {
         cache->release(std::span<const BlockHash>(r.digests).first(r.num_held));
-      } catch (const Error&) {
+      } catch (...) {  // Error(kRefCountUnderflow), or no memory to build its message
         assert(!"a digest held by the request manager was released outside it");
       }
     }
     const auto own = r.own_blocks();
     if (!own.empty()) {
-      [[maybe_unused]] const BatchStatus st = allocator.free(own);
+      [[maybe_unused]] const BatchStatus st = detail::free_held(allocator, own);
       assert(st.ok());
       owned_blocks -= own.size();
     }
@@ -337,8 +341,8 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
         }
       }
       if (j < i) {
-        [[maybe_unused]] const BatchStatus st =
-            allocator_.free(std::span<const BlockId>(s.ids).subspan(start + s.matched[j], len - s.matched[j]));
+        [[maybe_unused]] const BatchStatus st = detail::free_held(
+            allocator_, std::span<const BlockId>(s.ids).subspan(start + s.matched[j], len - s.matched[j]));
         assert(st.ok());
       }
     }

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <string>
 
+#include "allocator/free_held.hpp"
 #include "sagellm_kv/error.hpp"
 
 namespace sagellm::kv {
@@ -216,7 +217,9 @@ struct OffloadIndex::Impl {
     if (!order.empty()) trie->release(digests);
     for (std::size_t i = first; i < evicted.size(); ++i) state[static_cast<std::size_t>(evicted[i])] = SlotState::kFree;
     if (evicted.size() > first) {
-      const BatchStatus st_free = alloc->free(std::span<const BlockId>(evicted).subspan(first));
+      // The victims' references are ours (evict_detached handed them over): never refused for lack
+      // of memory, which would leave them out of the trie yet allocated.
+      const BatchStatus st_free = detail::free_held(*alloc, std::span<const BlockId>(evicted).subspan(first));
       if (!st_free.ok()) throw Error(ErrorCode::kInternal, "offload index: freeing evicted slots failed");
     }
     if (!ok && evicted.size() > first) {
@@ -332,7 +335,9 @@ void OffloadIndex::commit(std::span<BlockId> slots) {
   m.check_pending(slots, "slots");
   m.by_reservation(slots);
   m.commit(slots);  // the trie took its own reference on each slot; drop the reservation's
-  if (!m.alloc->free(slots).ok()) throw Error(ErrorCode::kInternal, "offload index: dropping reservations failed");
+  if (!detail::free_held(*m.alloc, slots).ok()) {
+    throw Error(ErrorCode::kInternal, "offload index: dropping reservations failed");
+  }
   m.pending -= static_cast<std::uint32_t>(slots.size());
 }
 
@@ -342,7 +347,9 @@ void OffloadIndex::abandon(std::span<BlockId> slots) {
   m.check_pending(slots, "slots");
   m.by_reservation(slots);  // the free list's order (later slot numbers) must not follow the caller's
   for (BlockId s : slots) m.state[static_cast<std::size_t>(s)] = SlotState::kFree;
-  if (!m.alloc->free(slots).ok()) throw Error(ErrorCode::kInternal, "offload index: freeing reservations failed");
+  if (!detail::free_held(*m.alloc, slots).ok()) {
+    throw Error(ErrorCode::kInternal, "offload index: freeing reservations failed");
+  }
   m.pending -= static_cast<std::uint32_t>(slots.size());
 }
 

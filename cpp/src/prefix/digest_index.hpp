@@ -8,10 +8,12 @@
 // any stored slot is `tag >> (32 - bits)`: growing and deleting never read the node records.
 #pragma once
 
+#include <algorithm>
 #include <cassert>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "sagellm_kv/hashing.hpp"
@@ -88,10 +90,16 @@ class DigestIndex {
     return true;
   }
 
-  /// Removes everything and returns to the minimal table.
-  void clear() {
+  /// Removes everything and returns to the minimal table when it can get one: without memory for
+  /// it, the emptied table stays (as good, only larger). Cannot fail, so a caller that already
+  /// removed the nodes (PrefixCache::clear) never stops half way.
+  void clear() noexcept {
+    std::fill(slots_.begin(), slots_.end(), Slot{});
     size_ = 0;
-    rehash(kMinBits);
+    try {
+      rehash(kMinBits);
+    } catch (const std::bad_alloc&) {
+    }
   }
 
  private:

@@ -34,8 +34,8 @@ class EvictionHeap {
   }
 
   /// Makes room for `n` entries, so pushes up to that size do not allocate. Grows geometrically:
-  /// callers ask for size() + 2 before every insert, and an exact reserve would copy the whole
-  /// heap each time.
+  /// the cache asks for its leaf count + 1 before every insert, and an exact reserve would copy the
+  /// whole heap each time.
   void reserve_entries(std::size_t n) { grow_to(heap_, n); }
 
   [[nodiscard]] bool empty() const noexcept { return heap_.empty(); }
@@ -51,9 +51,14 @@ class EvictionHeap {
     return heap_.capacity() * sizeof(Entry) + pos_.capacity() * sizeof(std::uint32_t);
   }
 
-  /// Adds `node`, which must not be present (and below reserve_nodes()).
-  void push(std::uint32_t node, HeapKey key) {
+  /// Entries the heap holds without allocating.
+  [[nodiscard]] std::size_t entry_capacity() const noexcept { return heap_.capacity(); }
+
+  /// Adds `node`, which must not be present (and below reserve_nodes()), within the capacity
+  /// reserve_entries() made: never allocates, so it may run in noexcept cleanup.
+  void push(std::uint32_t node, HeapKey key) noexcept {
     assert(node < pos_.size() && pos_[node] == kAbsent);
+    assert(heap_.size() < heap_.capacity());
     heap_.push_back({key, node});
     const auto i = static_cast<std::uint32_t>(heap_.size() - 1);
     pos_[node] = i;

@@ -9,12 +9,14 @@
 #include <deque>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <random>
 #include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "allocator/free_held.hpp"
 #include "common/grow.hpp"
 #include "prefix/digest_index.hpp"
 #include "prefix/eviction_heap.hpp"
@@ -134,6 +136,10 @@ struct PrefixCache::Impl {
   std::uint32_t free_head = kNone;
   std::uint32_t live_count = 0;
   std::uint32_t in_use_count = 0;
+  // Live nodes without children. Every evictable node is one, so heap capacity kept at leaf_count
+  // (reserved by insert, the only call that adds leaves) lets release and eviction push into the
+  // heaps without allocating: they may run in a caller's noexcept cleanup.
+  std::uint32_t leaf_count = 0;
   detail::DigestIndex index;
   detail::EvictionHeap heap;      // the policy's order (TTL: insertion order)
   detail::EvictionHeap lru_heap;  // TTL only: the LRU fallback among unexpired nodes
@@ -206,7 +212,9 @@ struct PrefixCache::Impl {
   [[nodiscard]] static detail::HeapKey lru_key(const Node& n) noexcept { return {0, n.last_access}; }
   [[nodiscard]] bool two_heaps() const noexcept { return policy == EvictionPolicy::kTtl; }
 
-  void make_evictable(std::uint32_t idx) {
+  // Within the capacity insert reserved (see leaf_count): cannot fail.
+  void make_evictable(std::uint32_t idx) noexcept {
+    assert(nodes[idx].children == 0 && nodes[idx].users == 0);
     heap.push(idx, policy_key(nodes[idx]));
     if (two_heaps()) lru_heap.push(idx, lru_key(nodes[idx]));
   }
@@ -232,7 +240,7 @@ struct PrefixCache::Impl {
     ++n.users;
   }
   // Drops one use; the node must have one.
-  void drop_use(std::uint32_t idx) {
+  void drop_use(std::uint32_t idx) noexcept {
     Node& n = nodes[idx];
     assert(n.users > 0);
     if (--n.users == 0) {
@@ -289,10 +297,13 @@ struct PrefixCache::Impl {
     }
     nodes[idx].live = true;
     ++live_count;
+    ++leaf_count;
     return idx;
   }
+  // A record whose children were removed with it (remove_subtrees) still counts them: not a leaf.
   void free_node(std::uint32_t idx) noexcept {
     Node& n = nodes[idx];
+    if (n.children == 0) --leaf_count;
     n.live = false;
     n.parent = free_head;
     free_head = idx;
@@ -368,7 +379,8 @@ struct PrefixCache::Impl {
       const std::uint32_t parent = nodes[victim].parent;
       if (parent != kNone) {
         Node& p = nodes[parent];
-        if (--p.children == 0 && p.users == 0) {
+        if (--p.children == 0) ++leaf_count;
+        if (p.children == 0 && p.users == 0) {
           if (!two_heaps() && done + 1 < n && (heap.empty() || policy_key(p) < heap.top_key())) {
             next = parent;
             index.prefetch(p.digest);  // its index slot, for its unlink next round
@@ -427,7 +439,8 @@ struct PrefixCache::Impl {
       const std::uint32_t p = nodes[i].parent;
       if (p != kNone && !goes(p)) {
         Node& pn = nodes[p];
-        if (--pn.children == 0 && pn.users == 0) make_evictable(p);
+        if (--pn.children == 0) ++leaf_count;
+        if (pn.children == 0 && pn.users == 0) make_evictable(p);
       }
     }
     for (std::uint32_t i = 0; i < count; ++i) {
@@ -439,23 +452,49 @@ struct PrefixCache::Impl {
 
   // Fast path of release for what match hands out: a run of digests, each the parent of the next.
   // One index lookup for the last, then parent links (no repeat is possible along a chain). Returns
-  // false, having changed nothing, when the digests are not such a chain of held nodes.
-  bool release_chain(std::span<const BlockHash> digests) {
+  // false, having changed nothing, when the digests are not such a chain of held nodes. Allocates
+  // nothing (two walks instead of a list of the nodes), as all of release: see leaf_count.
+  bool release_chain(std::span<const BlockHash> digests) noexcept {
     if (digests.empty()) return true;
-    std::uint32_t idx = find(digests.back());
+    const std::uint32_t last = find(digests.back());
+    std::uint32_t idx = last;
     for (std::size_t i = digests.size(); i-- > 0; idx = nodes[idx].parent) {
-      if (idx == kNone || nodes[idx].users == 0 || !(nodes[idx].digest == digests[i])) {
-        scratch_nodes.clear();
-        return false;
-      }
-      scratch_nodes.push_back(idx);
+      if (idx == kNone || nodes[idx].users == 0 || !(nodes[idx].digest == digests[i])) return false;
     }
-    // Root first, so a leaf is marked used after its ancestors (as match does).
-    for (auto it = scratch_nodes.rbegin(); it != scratch_nodes.rend(); ++it) {
-      touch(*it);
-      drop_use(*it);
+    // Marked used as match does, root first: position i gets the tick base + i + 1, so a leaf is
+    // more recent than its ancestors. A held node is in no heap, so no key changes until drop_use.
+    const std::uint64_t base = tick;
+    tick += digests.size();
+    idx = last;
+    for (std::size_t i = digests.size(); i-- > 0; idx = nodes[idx].parent) {
+      nodes[idx].last_access = base + i + 1;
+      drop_use(idx);
     }
     return true;
+  }
+
+  // release of any digests (a digest may appear several times, one use per appearance), all or
+  // nothing. Tentative first: only the counts change until every digest is known good; a bad one
+  // undoes the counts by looking the earlier digests up again. Allocates nothing but the error.
+  void release_any(std::span<const BlockHash> digests) {
+    std::uint32_t now_unused = 0;
+    for (std::size_t i = 0; i < digests.size(); ++i) {
+      const std::uint32_t idx = find(digests[i]);
+      if (idx == kNone || nodes[idx].users == 0) {
+        for (std::size_t j = 0; j < i; ++j) ++nodes[find(digests[j])].users;  // undo: nothing changed
+        throw Error(ErrorCode::kRefCountUnderflow,
+                    "release: digest " + digests[i].hex() + position_text(i) +
+                        (idx == kNone ? " is not cached" : " has no use left to release"));
+      }
+      if (--nodes[idx].users == 0) ++now_unused;
+    }
+    in_use_count -= now_unused;
+    for (const BlockHash& d : digests) {
+      const std::uint32_t idx = find(d);
+      touch(idx);
+      const Node& n = nodes[idx];
+      if (n.users == 0 && n.children == 0 && !heap.contains(idx)) make_evictable(idx);
+    }
   }
 
   // The checks of an insert's new entries (positions k..n-1, after the cached leading ones): no
@@ -561,11 +600,13 @@ struct PrefixCache::Impl {
     if (nodes.capacity() < nodes.size() + num_new) {
       nodes.reserve(std::max<std::size_t>(nodes.capacity() * 2, nodes.size() + num_new));
     }
+    // Room for every leaf there can be after this insert (it adds at most one), so no later
+    // release or eviction grows the heaps (see leaf_count).
     heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
-    heap.reserve_entries(heap.size() + 2);  // the new leaf, and the attachment point given back
+    heap.reserve_entries(std::size_t{leaf_count} + 1);
     if (two_heaps()) {
       lru_heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
-      lru_heap.reserve_entries(lru_heap.size() + 2);
+      lru_heap.reserve_entries(std::size_t{leaf_count} + 1);
     }
     index.reserve(index.size() + num_new);
     if (capacity) reserve_removal(num_new, events_on() ? &plan.removed : nullptr);
@@ -638,7 +679,7 @@ struct PrefixCache::Impl {
       if (allocator != nullptr && fit < plan.num_new) {
         // Give back the references taken on blocks that do not fit; the caller still holds its
         // own, so none of them reaches zero.
-        [[maybe_unused]] const BatchStatus st = allocator->free(new_ids.subspan(fit));
+        [[maybe_unused]] const BatchStatus st = detail::free_held(*allocator, new_ids.subspan(fit));
         assert(st.ok());
       }
     }
@@ -672,7 +713,10 @@ struct PrefixCache::Impl {
       }
       if (cur != kNone) {
         Node& p = nodes[cur];
-        if (p.children == 0 && p.users == 0) unmake_evictable(cur);
+        if (p.children == 0) {
+          --leaf_count;
+          if (p.users == 0) unmake_evictable(cur);
+        }
         ++p.children;
       }
       cur = idx;
@@ -796,28 +840,7 @@ std::uint32_t PrefixCache::peek(std::span<const BlockHash> digests, std::span<Bl
 void PrefixCache::release(std::span<const BlockHash> digests) {
   Impl& s = *impl_;
   const std::lock_guard lock(s.mutex);
-  s.scratch_nodes.clear();
-  if (s.release_chain(digests)) return;
-  std::uint32_t now_unused = 0;
-  for (std::size_t i = 0; i < digests.size(); ++i) {
-    const std::uint32_t idx = s.find(digests[i]);
-    if (idx == kNone || s.nodes[idx].users == 0) {
-      for (std::uint32_t done : s.scratch_nodes) ++s.nodes[done].users;  // undo: nothing changed
-      throw Error(ErrorCode::kRefCountUnderflow,
-                  "release: digest " + digests[i].hex() + position_text(i) +
-                      (idx == kNone ? " is not cached" : " has no use left to release"));
-    }
-    // Tentative: only the counts change until every digest is known good (a digest may appear
-    // several times, one use per appearance).
-    if (--s.nodes[idx].users == 0) ++now_unused;
-    s.scratch_nodes.push_back(idx);
-  }
-  s.in_use_count -= now_unused;
-  for (std::uint32_t idx : s.scratch_nodes) {
-    s.touch(idx);
-    const Node& n = s.nodes[idx];
-    if (n.users == 0 && n.children == 0 && !s.heap.contains(idx)) s.make_evictable(idx);
-  }
+  if (!s.release_chain(digests)) s.release_any(digests);
 }
 
 namespace {
@@ -908,6 +931,7 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::spa
     const BatchStatus st = s.allocator->incref(new_ids);
     if (!st.ok()) {
       s.abandon_insert(new_ids, plan);
+      if (st.code == ErrorCode::kMemoryExhausted) throw std::bad_alloc();  // no room to copy the ids
       throw Error(ErrorCode::kInvalidBlock, "insert: block id " + std::to_string(st.id) +
                                                 position_text(k + static_cast<std::size_t>(st.index)) +
                                                 " is not allocated");
@@ -1112,6 +1136,12 @@ void PrefixCache::check_invariants() const {
     if (s.two_heaps() && s.lru_heap.contains(i) != should) fail("node " + std::to_string(i) + " LRU heap membership");
   }
   if (live != s.live_count) fail("live count " + std::to_string(s.live_count) + " != " + std::to_string(live));
+  std::uint32_t leaves = 0;
+  for (std::uint32_t i = 0; i < count; ++i) leaves += s.nodes[i].live && s.nodes[i].children == 0 ? 1u : 0u;
+  if (leaves != s.leaf_count) fail("leaf count " + std::to_string(s.leaf_count) + " != " + std::to_string(leaves));
+  if (s.heap.entry_capacity() < leaves || (s.two_heaps() && s.lru_heap.entry_capacity() < leaves)) {
+    fail("eviction heap capacity below the " + std::to_string(leaves) + " leaves: a release could allocate");
+  }
   if (in_use != s.in_use_count) fail("in-use count " + std::to_string(s.in_use_count) + " != " + std::to_string(in_use));
   if (s.index.size() != live) fail("index holds " + std::to_string(s.index.size()) + " entries for " + std::to_string(live));
   if (s.heap.size() != evictable) fail("heap size");
