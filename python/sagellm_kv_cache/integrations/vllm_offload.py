@@ -367,9 +367,9 @@ class SageOffloadingWorker(OffloadingWorker):
             self.loaded_blocks += n
             return True
         assert self.pool is not None
-        ids = _indices(dst_spec.block_ids, "block id", self._num_blocks)
-        _written_once(ids, "block id", "load")  # index_copy_ into one block twice: undefined on a GPU
-        gpu_ids = torch.from_numpy(ids)
+        dst_ids = _indices(dst_spec.block_ids, "block id", self._num_blocks)
+        _written_once(dst_ids, "block id", "load")  # index_copy_ into one block twice: undefined on a GPU
+        gpu_ids = torch.from_numpy(dst_ids)
         buf, views = self._staging(len(slots))
         if len(slots):
             self.pool.gather_into(slots, buf)
