@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import threading
 
 import numpy as np
@@ -257,6 +258,34 @@ def test_unknown_and_unavailable_devices(spec: KVCacheSpec) -> None:
         PagedKVPool(spec, 4, device="tpu:0")
     with pytest.raises(KVConfigInvalidError, match="cpu:3"):
         PagedKVPool(spec, 4, device="cpu:3")
+
+
+MALFORMED_DEVICES = ["cuda:", "cpu:", "cuda:-1", "cuda:01", "cuda:00", "cuda:0x", "cuda:+1", " cuda:0", "cuda:0 ",
+                     "cuda: 1", "cuda:0:1", "CPU", "Cuda:0", "cuda:2147483648", "cuda:" + "9" * 30, ":0", ""]
+
+
+@pytest.mark.parametrize("device", MALFORMED_DEVICES)
+def test_malformed_device_strings_are_refused_by_both_parsers(spec: KVCacheSpec, device: str) -> None:
+    """One grammar (torch's): ``type[:N]``, N without sign, spaces or leading zeros. ``cuda:`` read as
+    ``cuda:0`` and ``cuda:01`` as ``cuda:1`` in the Python parser; the native one took ``cuda:01``."""
+    from sagellm_kv_cache import _core
+    from sagellm_kv_cache.pool.kv_pool import parse_device
+
+    quoted = re.escape(f"'{device}'")
+    with pytest.raises(KVConfigInvalidError, match=quoted):
+        parse_device(device)
+    with pytest.raises(ValueError, match=quoted):  # the native parser, before any backend
+        _core.check_device(device)
+    with pytest.raises(ValueError, match=quoted):
+        PagedKVPool(spec, 4, device=device)
+
+
+def test_well_formed_device_strings_are_canonical() -> None:
+    from sagellm_kv_cache.pool.kv_pool import parse_device
+
+    for device, canonical in (("cpu", "cpu"), ("cpu:0", "cpu"), ("cuda", "cuda:0"), ("cuda:0", "cuda:0"),
+                              ("cuda:10", "cuda:10"), ("cuda:2147483647", "cuda:2147483647")):
+        assert parse_device(device) == canonical
 
 
 def test_cuda_without_gpu_is_a_clear_error(spec: KVCacheSpec) -> None:
