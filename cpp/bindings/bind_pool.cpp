@@ -4,6 +4,7 @@
 #include <array>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #include "bindings.hpp"
 #include "dlpack_abi.hpp"
@@ -80,40 +81,91 @@ py::array host_view(const PoolPtr& pool, std::uint32_t layer, bool value) {
   return py::array(dt, shape, strides, data, base);
 }
 
-// DLPack export: the managed tensor's context holds the shape and a reference to the pool; the
-// deleter may run on any thread without the GIL, which is fine because it touches no Python.
+// DLPack export: the context holds the shape and what owns the memory (a reference to the pool, or
+// the copy); the deleter may run on any thread without the GIL, which is fine because it touches no
+// Python. One context serves both capsule kinds; only the one exported is filled in.
 struct DLContext {
   PoolPtr pool;
+  Allocation copy;
   std::array<std::int64_t, 4> shape;
   dlpack::ManagedTensor managed;
+  dlpack::ManagedTensorVersioned versioned;
 };
 
-py::capsule dlpack_capsule(const PoolPtr& pool, std::uint32_t layer, bool value) {
+// Where an export's bytes live: the pool's own memory, or a fresh copy in host memory or on the
+// pool's device (the DLPack `copy` / `dl_device` keywords; LayerView.__dlpack__ decides).
+enum class DLExport : std::uint8_t { kShared = 0, kHostCopy = 1, kDeviceCopy = 2 };
+
+// A copy of one layer's K or V cache made through the backends' synchronous copies, GIL released.
+Allocation copy_layer(const PagedKVPool& pool, const std::byte* src, std::size_t bytes, DLExport where) {
+  const bool from_host = on_host(pool);
+  const bool to_host = where == DLExport::kHostCopy || from_host;
+  const std::shared_ptr<DeviceAllocator> source = allocator_for(pool.device().str());
+  const std::shared_ptr<DeviceAllocator> target = to_host ? allocator_for("cpu") : source;
+  py::gil_scoped_release release;
+  AllocationRequest request;
+  request.size = bytes;
+  request.kind = to_host ? MemoryKind::kHost : MemoryKind::kDevice;
+  Allocation out = target->allocate(request);
+  const CopyKind kind = from_host ? CopyKind::kHostToHost : to_host ? CopyKind::kDeviceToHost : CopyKind::kDeviceToDevice;
+  source->copy(out.data(), src, bytes, kind);
+  return out;
+}
+
+template <class Managed>
+py::capsule tensor_capsule(Managed* managed, const char* name, std::unique_ptr<DLContext>& ctx) {
+  // A capsule that was never consumed still owns the tensor; a consumer renames it and takes over.
+  // The destructor cannot see the name it was made with, so the two kinds get their own.
+  PyCapsule_Destructor destroy = [](PyObject* capsule) {
+    const char* kName = std::is_same_v<Managed, dlpack::ManagedTensor> ? dlpack::kCapsuleName
+                                                                        : dlpack::kVersionedCapsuleName;
+    if (PyCapsule_IsValid(capsule, kName) != 0) {
+      auto* m = static_cast<Managed*>(PyCapsule_GetPointer(capsule, kName));
+      if (m != nullptr && m->deleter != nullptr) m->deleter(m);
+    }
+  };
+  PyObject* cap = PyCapsule_New(managed, name, destroy);
+  if (cap == nullptr) throw py::error_already_set();
+  (void)ctx.release();  // owned by the capsule (or its consumer) from here
+  return py::reinterpret_steal<py::capsule>(cap);
+}
+
+py::capsule dlpack_capsule(const PoolPtr& pool, std::uint32_t layer, bool value, bool versioned, DLExport where) {
   const LayerLayout l = layer_layout(*pool);
-  auto* ctx = new DLContext{pool, l.shape, {}};
-  dlpack::Tensor& t = ctx->managed.dl_tensor;
+  auto ctx = std::make_unique<DLContext>();
+  ctx->shape = l.shape;
+  dlpack::Tensor t{};
   t.data = pool->layer_data(layer, value);
   t.device = on_host(*pool) ? dlpack::Device{dlpack::kCPU, 0}
                             : dlpack::Device{dlpack::kCUDA, pool->device().index};
+  if (where == DLExport::kShared) {
+    ctx->pool = pool;
+  } else {
+    std::size_t bytes = dtype_size(pool->spec().dtype);
+    for (const std::int64_t d : l.shape) bytes *= static_cast<std::size_t>(d);
+    ctx->copy = copy_layer(*pool, static_cast<const std::byte*>(t.data), bytes, where);
+    t.data = ctx->copy.data();
+    if (ctx->copy.kind() == MemoryKind::kHost) t.device = dlpack::Device{dlpack::kCPU, 0};
+  }
   t.ndim = 4;
   t.dtype = l.dl_dtype;
   t.shape = ctx->shape.data();
   t.strides = nullptr;
   t.byte_offset = 0;
-  ctx->managed.manager_ctx = ctx;
-  ctx->managed.deleter = [](dlpack::ManagedTensor* self) { delete static_cast<DLContext*>(self->manager_ctx); };
-  // A capsule that was never consumed still owns the tensor; a consumer renames it and takes over.
-  PyObject* cap = PyCapsule_New(&ctx->managed, dlpack::kCapsuleName, [](PyObject* capsule) {
-    if (PyCapsule_IsValid(capsule, dlpack::kCapsuleName) != 0) {
-      auto* m = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, dlpack::kCapsuleName));
-      if (m != nullptr && m->deleter != nullptr) m->deleter(m);
-    }
-  });
-  if (cap == nullptr) {
-    delete ctx;
-    throw py::error_already_set();
+  if (versioned) {
+    dlpack::ManagedTensorVersioned& m = ctx->versioned;
+    m.version = dlpack::kVersion;
+    m.manager_ctx = ctx.get();
+    m.deleter = [](dlpack::ManagedTensorVersioned* self) { delete static_cast<DLContext*>(self->manager_ctx); };
+    m.flags = where == DLExport::kShared ? 0 : dlpack::kFlagIsCopied;
+    m.dl_tensor = t;
+    return tensor_capsule(&m, dlpack::kVersionedCapsuleName, ctx);
   }
-  return py::reinterpret_steal<py::capsule>(cap);
+  dlpack::ManagedTensor& m = ctx->managed;
+  m.manager_ctx = ctx.get();
+  m.deleter = [](dlpack::ManagedTensor* self) { delete static_cast<DLContext*>(self->manager_ctx); };
+  m.dl_tensor = t;
+  return tensor_capsule(&m, dlpack::kCapsuleName, ctx);
 }
 
 std::uint32_t checked_layer(const PagedKVPool& pool, std::int64_t layer) {
@@ -307,9 +359,14 @@ void bind_pool(py::module_& m) {
       .def("host_view", [](const PoolPtr& p, std::int64_t layer, bool value) {
              return host_view(p, checked_layer(*p, layer), value);
            }, py::arg("layer"), py::arg("value"))
-      .def("dlpack_capsule", [](const PoolPtr& p, std::int64_t layer, bool value) {
-             return dlpack_capsule(p, checked_layer(*p, layer), value);
-           }, py::arg("layer"), py::arg("value"))
+      .def("dlpack_capsule", [](const PoolPtr& p, std::int64_t layer, bool value, bool versioned, int where) {
+             if (where < 0 || where > static_cast<int>(DLExport::kDeviceCopy)) {
+               throw py::value_error("where must be 0 (shared), 1 (host copy) or 2 (device copy), got " +
+                                     std::to_string(where));
+             }
+             return dlpack_capsule(p, checked_layer(*p, layer), value, versioned, static_cast<DLExport>(where));
+           }, py::arg("layer"), py::arg("value"), py::arg("versioned") = false, py::arg("where") = 0,
+           "A DLPack capsule of the layer's K or V cache: legacy or versioned, shared or a copy.")
       .def("layer_address", [](const PagedKVPool& p, std::int64_t layer, bool value) {
              return reinterpret_cast<std::uintptr_t>(p.layer_data(checked_layer(p, layer), value));
            }, py::arg("layer"), py::arg("value"))

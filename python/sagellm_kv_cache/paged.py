@@ -91,6 +91,42 @@ class KVCacheSpec:
         }
 
 
+_DL_CPU, _DL_CUDA = 1, 2  # DLPack device types
+_DL_SHARED, _DL_HOST_COPY, _DL_DEVICE_COPY = 0, 1, 2  # what the native export hands out
+
+
+def _dlpack_max_version(max_version: Any) -> bool:
+    """True when ``max_version`` (None or ``(major, minor)``) asks for a versioned capsule."""
+    if max_version is None:
+        return False
+    if (not isinstance(max_version, tuple) or len(max_version) != 2
+            or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in max_version)):
+        raise TypeError(f"max_version must be None or a (major, minor) tuple of ints, got {max_version!r}")
+    return int(max_version[0]) >= 1
+
+
+def _dlpack_device_arg(dl_device: Any) -> tuple[int, int]:
+    """``dl_device`` as ``(device_type, device_id)``: a 2-tuple of ints (an IntEnum type is fine)."""
+    if (not isinstance(dl_device, tuple) or len(dl_device) != 2
+            or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in dl_device)):
+        raise TypeError(f"dl_device must be None or a (device_type, device_id) tuple of ints, got {dl_device!r}")
+    return int(dl_device[0]), int(dl_device[1])
+
+
+def _dlpack_stream_arg(stream: Any, device_type: int) -> None:
+    """Checks a consumer's ``stream`` for an export to ``device_type`` (the array API's rules)."""
+    if stream is None:
+        return
+    if isinstance(stream, bool) or not isinstance(stream, int | np.integer):
+        raise TypeError(f"stream must be None or an int, got {type(stream).__name__}")
+    if device_type == _DL_CPU:
+        if stream != -1:
+            raise ValueError(f"stream must be None (or -1) for an export to the host, got {stream}")
+    elif stream == 0 or stream < -1:
+        raise ValueError(f"stream must be None, -1, 1, 2 or a stream handle for a CUDA export, got {stream} "
+                         "(0 is ambiguous)")
+
+
 class LayerView:
     """Zero-copy view of one layer's K or V cache on any device, exported through DLPack."""
 
@@ -104,9 +140,31 @@ class LayerView:
 
     def __dlpack__(self, *, stream: Any = None, max_version: Any = None, dl_device: Any = None,
                    copy: Any = None) -> Any:
-        if copy:
-            raise BufferError("LayerView exports its memory without copies; copy=True is not supported")
-        return self._native.dlpack_capsule(self._layer, self._value)
+        """A DLPack capsule of this layer (the Python array API's protocol, 2023.12).
+
+        ``max_version`` ``(major, minor)`` with ``major >= 1`` gets a versioned capsule (DLPack 1.0),
+        ``None`` the legacy one. ``dl_device`` ``None`` or this view's device exports the memory itself
+        (``copy=True``: a copy on the same device); the host ``(1, 0)`` for a device view is a copy, a
+        ``ValueError`` with ``copy=False``; any other device is a ``BufferError``. ``stream`` is the
+        consumer's: ``None`` (or ``-1``) for the host; for CUDA ``None``, ``-1``, ``1``, ``2`` or a stream
+        handle, never ``0``. The pool's copies are synchronous, so no stream has work to wait for.
+        """
+        versioned = _dlpack_max_version(max_version)
+        if copy is not None and not isinstance(copy, bool | np.bool_):
+            raise TypeError(f"copy must be True, False or None, got {copy!r}")
+        own = self.__dlpack_device__()
+        target = own if dl_device is None else _dlpack_device_arg(dl_device)
+        if target == own:
+            where = _DL_DEVICE_COPY if copy else _DL_SHARED
+        elif target == (_DL_CPU, 0) and own[0] == _DL_CUDA:
+            if copy is not None and not copy:
+                raise ValueError(f"dl_device {dl_device!r} (the host) needs a copy of this view on {self.device}, "
+                                 "and copy=False forbids one")
+            where = _DL_HOST_COPY
+        else:
+            raise BufferError(f"a view on {self.device} {own} cannot be exported to dl_device {dl_device!r}")
+        _dlpack_stream_arg(stream, target[0])
+        return self._native.dlpack_capsule(self._layer, self._value, versioned, where)
 
     def __dlpack_device__(self) -> tuple[int, int]:
         device_type, index = self._native.dlpack_device()
