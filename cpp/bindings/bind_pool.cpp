@@ -176,8 +176,26 @@ std::uint32_t checked_layer(const PagedKVPool& pool, std::int64_t layer) {
   return static_cast<std::uint32_t>(layer);
 }
 
-// A writable contiguous byte buffer (numpy array, bytearray, memoryview) of the exact size.
-py::buffer_info byte_buffer(const py::buffer& buf, std::size_t expected, bool writable, const char* what) {
+// `obj` as a buffer (numpy array, bytearray, memoryview, ...); TypeError naming `what` otherwise.
+py::buffer buffer_arg(const py::handle& obj, const char* what) {
+  if (PyObject_CheckBuffer(obj.ptr()) == 0) {
+    throw py::type_error(std::string(what) + " must be a C-contiguous buffer (numpy array, bytearray, memoryview), got " +
+                         Py_TYPE(obj.ptr())->tp_name);
+  }
+  return py::reinterpret_borrow<py::buffer>(obj);
+}
+
+// A (writable when asked) contiguous byte buffer (numpy array, bytearray, memoryview) of the exact size.
+py::buffer_info byte_buffer(const py::handle& obj, std::size_t expected, bool writable, const char* what) {
+  const py::buffer buf = buffer_arg(obj, what);
+  if (writable) {  // a read-only buffer: say which argument, not only "Object is not writable"
+    Py_buffer probe;
+    if (PyObject_GetBuffer(buf.ptr(), &probe, PyBUF_WRITABLE | PyBUF_STRIDES) != 0) {
+      PyErr_Clear();
+      throw py::value_error(std::string(what) + " must be writable, got a read-only " + Py_TYPE(buf.ptr())->tp_name);
+    }
+    PyBuffer_Release(&probe);
+  }
   py::buffer_info info = buf.request(writable);
   const auto nbytes = static_cast<std::size_t>(info.size * info.itemsize);
   bool contiguous = true;
@@ -195,7 +213,11 @@ py::buffer_info byte_buffer(const py::buffer& buf, std::size_t expected, bool wr
 }
 
 // A writable C-contiguous numpy uint64 array of exactly `expected` entries (the segment sums).
-std::span<std::uint64_t> sums_buffer(py::array sums, std::size_t expected) {
+std::span<std::uint64_t> sums_buffer(const py::handle& obj, std::size_t expected) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error("sums must be a uint64 numpy array, got " + std::string(Py_TYPE(obj.ptr())->tp_name));
+  }
+  auto sums = py::reinterpret_borrow<py::array>(obj);
   if (!sums.dtype().equal(py::dtype::of<std::uint64_t>())) {
     throw py::type_error("sums must be a uint64 array, got dtype " + py::str(sums.dtype()).cast<std::string>());
   }
@@ -214,8 +236,8 @@ std::span<std::uint64_t> sums_buffer(py::array sums, std::size_t expected) {
 
 void bind_pool(py::module_& m) {
   m.attr("SEGMENT_BYTES") = kSegmentBytes;
-  m.def("segment_sums", [](const py::buffer& data, const py::array& sums) {
-          py::buffer_info info = data.request(false);
+  m.def("segment_sums", [](const py::handle& data, const py::handle& sums) {
+          py::buffer_info info = buffer_arg(data, "data").request(false);
           const auto nbytes = static_cast<std::size_t>(info.size * info.itemsize);
           py::buffer_info in = byte_buffer(data, nbytes, false, "data");
           std::span<std::uint64_t> out = sums_buffer(sums, segment_count(nbytes));
@@ -325,22 +347,22 @@ void bind_pool(py::module_& m) {
              p.gather(b.span(), dst);
              return out;
            }, py::arg("block_ids"))
-      .def("gather_into", [](const PagedKVPool& p, const py::handle& ids, const py::buffer& out) {
+      .def("gather_into", [](const PagedKVPool& p, const py::handle& ids, const py::handle& out) {
              BlockIds b(ids, "block_ids");
              py::buffer_info info = byte_buffer(out, b.span().size() * p.block_bytes(), true, "out");
              std::span<std::byte> dst(static_cast<std::byte*>(info.ptr), b.span().size() * p.block_bytes());
              py::gil_scoped_release release;
              p.gather(b.span(), dst);
            }, py::arg("block_ids"), py::arg("out"))
-      .def("scatter", [](PagedKVPool& p, const py::buffer& in, const py::handle& ids) {
+      .def("scatter", [](PagedKVPool& p, const py::handle& in, const py::handle& ids) {
              BlockIds b(ids, "block_ids");
              py::buffer_info info = byte_buffer(in, b.span().size() * p.block_bytes(), false, "data");
              std::span<const std::byte> src(static_cast<const std::byte*>(info.ptr), b.span().size() * p.block_bytes());
              py::gil_scoped_release release;
              p.scatter(src, b.span());
            }, py::arg("data"), py::arg("block_ids"))
-      .def("gather_summed", [](const PagedKVPool& p, const py::handle& ids, const py::buffer& out,
-                               const py::array& sums) {
+      .def("gather_summed", [](const PagedKVPool& p, const py::handle& ids, const py::handle& out,
+                               const py::handle& sums) {
              BlockIds b(ids, "block_ids");
              const std::size_t nbytes = b.span().size() * p.block_bytes();
              py::buffer_info info = byte_buffer(out, nbytes, true, "out");
@@ -348,7 +370,7 @@ void bind_pool(py::module_& m) {
              py::gil_scoped_release release;
              p.gather_summed(b.span(), {static_cast<std::byte*>(info.ptr), nbytes}, s);
            }, py::arg("block_ids"), py::arg("out"), py::arg("sums"))
-      .def("scatter_summed", [](PagedKVPool& p, const py::buffer& in, const py::handle& ids, const py::array& sums) {
+      .def("scatter_summed", [](PagedKVPool& p, const py::handle& in, const py::handle& ids, const py::handle& sums) {
              BlockIds b(ids, "block_ids");
              const std::size_t nbytes = b.span().size() * p.block_bytes();
              py::buffer_info info = byte_buffer(in, nbytes, false, "data");

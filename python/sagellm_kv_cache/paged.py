@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache._numbers import integer
+from sagellm_kv_cache._numbers import flag, integer
 from sagellm_kv_cache.errors import KVConfigInvalidError
 
 __all__ = ["KVCacheSpec", "LayerView", "PagedKVPool"]
@@ -203,14 +203,13 @@ class PagedKVPool:
     ) -> None:
         if not isinstance(spec, KVCacheSpec):
             raise TypeError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int | np.integer):
-            raise TypeError(f"num_blocks must be an int, got {type(num_blocks).__name__}")
+        num_blocks = _int64_arg("num_blocks", num_blocks)
         if not isinstance(device, str):
             raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+        flags = (flag("zero_fill", zero_fill), flag("huge_pages", huge_pages), flag("lock_memory", lock_memory))
         self.spec = spec
         self._native = _core.PagedKVPool(
-            spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype, spec.block_size, int(num_blocks),
-            device, zero_fill, huge_pages, lock_memory,
+            spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype, spec.block_size, num_blocks, device, *flags,
         )
 
     # --- allocation -------------------------------------------------------------------------
@@ -254,6 +253,7 @@ class PagedKVPool:
     def dlpack_view(self, layer: int, value: bool = False) -> LayerView:
         """A DLPack-exportable view of layer ``layer``'s K (or V) cache with its true dtype."""
         layer = self._layer_arg(layer)
+        value = flag("value", value)
         self._native.layer_address(layer, value)  # validates the layer
         return LayerView(self, layer, value)
 
@@ -305,6 +305,8 @@ class PagedKVPool:
     def set_budget_bytes(self, nbytes: int) -> None:
         """Caps the bytes in use, rounded down to whole blocks."""
         nbytes = integer("budget_bytes", nbytes)
+        if nbytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {nbytes}")
         if nbytes > _INT64_MAX:
             raise KVConfigInvalidError("budget_bytes", nbytes, reason=f"exceeds the pool's {self.num_blocks} blocks")
         self._native.set_budget_bytes(nbytes)
@@ -312,6 +314,8 @@ class PagedKVPool:
     def can_admit(self, num_tokens: int) -> bool:
         """True when ``num_tokens`` more tokens (rounded up to blocks) fit within the budget now."""
         num_tokens = integer("num_tokens", num_tokens)
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         return num_tokens <= _INT64_MAX and bool(self._native.can_admit_tokens(num_tokens))
 
     # --- properties -------------------------------------------------------------------------
