@@ -217,7 +217,9 @@ std::unique_ptr<BoundRequestManager> make_manager(const py::object& allocator, c
 }
 
 py::tuple admit_one(BoundRequestManager& self, const py::handle& request_id, const py::handle& tokens,
-                    const std::optional<std::string>& salt, const std::optional<std::string>& extra) {
+                    const py::handle& salt_arg, const py::handle& extra_arg) {
+  const std::optional<std::string> salt = optional_key(salt_arg, "salt");
+  const std::optional<std::string> extra = optional_key(extra_arg, "extra");
   ScratchLease s;
   s->ids.push_back(request_id_value(request_id.ptr(), "request_id"));
   const BlockHashKey key{salt ? std::string_view(*salt) : std::string_view{},
@@ -247,7 +249,9 @@ py::tuple admit_one(BoundRequestManager& self, const py::handle& request_id, con
 }
 
 py::tuple admit_batch(BoundRequestManager& self, const py::handle& request_ids, const py::handle& tokens,
-                      const std::optional<std::string>& salt, const std::optional<std::string>& extra) {
+                      const py::handle& salt_arg, const py::handle& extra_arg) {
+  const std::optional<std::string> salt = optional_key(salt_arg, "salt");
+  const std::optional<std::string> extra = optional_key(extra_arg, "extra");
   ScratchLease s;
   read_ids(request_ids, s->ids, "request_ids");
   const std::size_t n = s->ids.size();

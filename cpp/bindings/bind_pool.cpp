@@ -4,6 +4,7 @@
 #include <array>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #include "bindings.hpp"
 #include "dlpack_abi.hpp"
@@ -80,40 +81,91 @@ py::array host_view(const PoolPtr& pool, std::uint32_t layer, bool value) {
   return py::array(dt, shape, strides, data, base);
 }
 
-// DLPack export: the managed tensor's context holds the shape and a reference to the pool; the
-// deleter may run on any thread without the GIL, which is fine because it touches no Python.
+// DLPack export: the context holds the shape and what owns the memory (a reference to the pool, or
+// the copy); the deleter may run on any thread without the GIL, which is fine because it touches no
+// Python. One context serves both capsule kinds; only the one exported is filled in.
 struct DLContext {
   PoolPtr pool;
+  Allocation copy;
   std::array<std::int64_t, 4> shape;
   dlpack::ManagedTensor managed;
+  dlpack::ManagedTensorVersioned versioned;
 };
 
-py::capsule dlpack_capsule(const PoolPtr& pool, std::uint32_t layer, bool value) {
+// Where an export's bytes live: the pool's own memory, or a fresh copy in host memory or on the
+// pool's device (the DLPack `copy` / `dl_device` keywords; LayerView.__dlpack__ decides).
+enum class DLExport : std::uint8_t { kShared = 0, kHostCopy = 1, kDeviceCopy = 2 };
+
+// A copy of one layer's K or V cache made through the backends' synchronous copies, GIL released.
+Allocation copy_layer(const PagedKVPool& pool, const std::byte* src, std::size_t bytes, DLExport where) {
+  const bool from_host = on_host(pool);
+  const bool to_host = where == DLExport::kHostCopy || from_host;
+  const std::shared_ptr<DeviceAllocator> source = allocator_for(pool.device().str());
+  const std::shared_ptr<DeviceAllocator> target = to_host ? allocator_for("cpu") : source;
+  py::gil_scoped_release release;
+  AllocationRequest request;
+  request.size = bytes;
+  request.kind = to_host ? MemoryKind::kHost : MemoryKind::kDevice;
+  Allocation out = target->allocate(request);
+  const CopyKind kind = from_host ? CopyKind::kHostToHost : to_host ? CopyKind::kDeviceToHost : CopyKind::kDeviceToDevice;
+  source->copy(out.data(), src, bytes, kind);
+  return out;
+}
+
+template <class Managed>
+py::capsule tensor_capsule(Managed* managed, const char* name, std::unique_ptr<DLContext>& ctx) {
+  // A capsule that was never consumed still owns the tensor; a consumer renames it and takes over.
+  // The destructor cannot see the name it was made with, so the two kinds get their own.
+  PyCapsule_Destructor destroy = [](PyObject* capsule) {
+    const char* kName = std::is_same_v<Managed, dlpack::ManagedTensor> ? dlpack::kCapsuleName
+                                                                        : dlpack::kVersionedCapsuleName;
+    if (PyCapsule_IsValid(capsule, kName) != 0) {
+      auto* m = static_cast<Managed*>(PyCapsule_GetPointer(capsule, kName));
+      if (m != nullptr && m->deleter != nullptr) m->deleter(m);
+    }
+  };
+  PyObject* cap = PyCapsule_New(managed, name, destroy);
+  if (cap == nullptr) throw py::error_already_set();
+  (void)ctx.release();  // owned by the capsule (or its consumer) from here
+  return py::reinterpret_steal<py::capsule>(cap);
+}
+
+py::capsule dlpack_capsule(const PoolPtr& pool, std::uint32_t layer, bool value, bool versioned, DLExport where) {
   const LayerLayout l = layer_layout(*pool);
-  auto* ctx = new DLContext{pool, l.shape, {}};
-  dlpack::Tensor& t = ctx->managed.dl_tensor;
+  auto ctx = std::make_unique<DLContext>();
+  ctx->shape = l.shape;
+  dlpack::Tensor t{};
   t.data = pool->layer_data(layer, value);
   t.device = on_host(*pool) ? dlpack::Device{dlpack::kCPU, 0}
                             : dlpack::Device{dlpack::kCUDA, pool->device().index};
+  if (where == DLExport::kShared) {
+    ctx->pool = pool;
+  } else {
+    std::size_t bytes = dtype_size(pool->spec().dtype);
+    for (const std::int64_t d : l.shape) bytes *= static_cast<std::size_t>(d);
+    ctx->copy = copy_layer(*pool, static_cast<const std::byte*>(t.data), bytes, where);
+    t.data = ctx->copy.data();
+    if (ctx->copy.kind() == MemoryKind::kHost) t.device = dlpack::Device{dlpack::kCPU, 0};
+  }
   t.ndim = 4;
   t.dtype = l.dl_dtype;
   t.shape = ctx->shape.data();
   t.strides = nullptr;
   t.byte_offset = 0;
-  ctx->managed.manager_ctx = ctx;
-  ctx->managed.deleter = [](dlpack::ManagedTensor* self) { delete static_cast<DLContext*>(self->manager_ctx); };
-  // A capsule that was never consumed still owns the tensor; a consumer renames it and takes over.
-  PyObject* cap = PyCapsule_New(&ctx->managed, dlpack::kCapsuleName, [](PyObject* capsule) {
-    if (PyCapsule_IsValid(capsule, dlpack::kCapsuleName) != 0) {
-      auto* m = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, dlpack::kCapsuleName));
-      if (m != nullptr && m->deleter != nullptr) m->deleter(m);
-    }
-  });
-  if (cap == nullptr) {
-    delete ctx;
-    throw py::error_already_set();
+  if (versioned) {
+    dlpack::ManagedTensorVersioned& m = ctx->versioned;
+    m.version = dlpack::kVersion;
+    m.manager_ctx = ctx.get();
+    m.deleter = [](dlpack::ManagedTensorVersioned* self) { delete static_cast<DLContext*>(self->manager_ctx); };
+    m.flags = where == DLExport::kShared ? 0 : dlpack::kFlagIsCopied;
+    m.dl_tensor = t;
+    return tensor_capsule(&m, dlpack::kVersionedCapsuleName, ctx);
   }
-  return py::reinterpret_steal<py::capsule>(cap);
+  dlpack::ManagedTensor& m = ctx->managed;
+  m.manager_ctx = ctx.get();
+  m.deleter = [](dlpack::ManagedTensor* self) { delete static_cast<DLContext*>(self->manager_ctx); };
+  m.dl_tensor = t;
+  return tensor_capsule(&m, dlpack::kCapsuleName, ctx);
 }
 
 std::uint32_t checked_layer(const PagedKVPool& pool, std::int64_t layer) {
@@ -124,8 +176,26 @@ std::uint32_t checked_layer(const PagedKVPool& pool, std::int64_t layer) {
   return static_cast<std::uint32_t>(layer);
 }
 
-// A writable contiguous byte buffer (numpy array, bytearray, memoryview) of the exact size.
-py::buffer_info byte_buffer(const py::buffer& buf, std::size_t expected, bool writable, const char* what) {
+// `obj` as a buffer (numpy array, bytearray, memoryview, ...); TypeError naming `what` otherwise.
+py::buffer buffer_arg(const py::handle& obj, const char* what) {
+  if (PyObject_CheckBuffer(obj.ptr()) == 0) {
+    throw py::type_error(std::string(what) + " must be a C-contiguous buffer (numpy array, bytearray, memoryview), got " +
+                         Py_TYPE(obj.ptr())->tp_name);
+  }
+  return py::reinterpret_borrow<py::buffer>(obj);
+}
+
+// A (writable when asked) contiguous byte buffer (numpy array, bytearray, memoryview) of the exact size.
+py::buffer_info byte_buffer(const py::handle& obj, std::size_t expected, bool writable, const char* what) {
+  const py::buffer buf = buffer_arg(obj, what);
+  if (writable) {  // a read-only buffer: say which argument, not only "Object is not writable"
+    Py_buffer probe;
+    if (PyObject_GetBuffer(buf.ptr(), &probe, PyBUF_WRITABLE | PyBUF_STRIDES) != 0) {
+      PyErr_Clear();
+      throw py::value_error(std::string(what) + " must be writable, got a read-only " + Py_TYPE(buf.ptr())->tp_name);
+    }
+    PyBuffer_Release(&probe);
+  }
   py::buffer_info info = buf.request(writable);
   const auto nbytes = static_cast<std::size_t>(info.size * info.itemsize);
   bool contiguous = true;
@@ -143,7 +213,11 @@ py::buffer_info byte_buffer(const py::buffer& buf, std::size_t expected, bool wr
 }
 
 // A writable C-contiguous numpy uint64 array of exactly `expected` entries (the segment sums).
-std::span<std::uint64_t> sums_buffer(py::array sums, std::size_t expected) {
+std::span<std::uint64_t> sums_buffer(const py::handle& obj, std::size_t expected) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error("sums must be a uint64 numpy array, got " + std::string(Py_TYPE(obj.ptr())->tp_name));
+  }
+  auto sums = py::reinterpret_borrow<py::array>(obj);
   if (!sums.dtype().equal(py::dtype::of<std::uint64_t>())) {
     throw py::type_error("sums must be a uint64 array, got dtype " + py::str(sums.dtype()).cast<std::string>());
   }
@@ -162,8 +236,8 @@ std::span<std::uint64_t> sums_buffer(py::array sums, std::size_t expected) {
 
 void bind_pool(py::module_& m) {
   m.attr("SEGMENT_BYTES") = kSegmentBytes;
-  m.def("segment_sums", [](const py::buffer& data, const py::array& sums) {
-          py::buffer_info info = data.request(false);
+  m.def("segment_sums", [](const py::handle& data, const py::handle& sums) {
+          py::buffer_info info = buffer_arg(data, "data").request(false);
           const auto nbytes = static_cast<std::size_t>(info.size * info.itemsize);
           py::buffer_info in = byte_buffer(data, nbytes, false, "data");
           std::span<std::uint64_t> out = sums_buffer(sums, segment_count(nbytes));
@@ -273,22 +347,22 @@ void bind_pool(py::module_& m) {
              p.gather(b.span(), dst);
              return out;
            }, py::arg("block_ids"))
-      .def("gather_into", [](const PagedKVPool& p, const py::handle& ids, const py::buffer& out) {
+      .def("gather_into", [](const PagedKVPool& p, const py::handle& ids, const py::handle& out) {
              BlockIds b(ids, "block_ids");
              py::buffer_info info = byte_buffer(out, b.span().size() * p.block_bytes(), true, "out");
              std::span<std::byte> dst(static_cast<std::byte*>(info.ptr), b.span().size() * p.block_bytes());
              py::gil_scoped_release release;
              p.gather(b.span(), dst);
            }, py::arg("block_ids"), py::arg("out"))
-      .def("scatter", [](PagedKVPool& p, const py::buffer& in, const py::handle& ids) {
+      .def("scatter", [](PagedKVPool& p, const py::handle& in, const py::handle& ids) {
              BlockIds b(ids, "block_ids");
              py::buffer_info info = byte_buffer(in, b.span().size() * p.block_bytes(), false, "data");
              std::span<const std::byte> src(static_cast<const std::byte*>(info.ptr), b.span().size() * p.block_bytes());
              py::gil_scoped_release release;
              p.scatter(src, b.span());
            }, py::arg("data"), py::arg("block_ids"))
-      .def("gather_summed", [](const PagedKVPool& p, const py::handle& ids, const py::buffer& out,
-                               const py::array& sums) {
+      .def("gather_summed", [](const PagedKVPool& p, const py::handle& ids, const py::handle& out,
+                               const py::handle& sums) {
              BlockIds b(ids, "block_ids");
              const std::size_t nbytes = b.span().size() * p.block_bytes();
              py::buffer_info info = byte_buffer(out, nbytes, true, "out");
@@ -296,7 +370,7 @@ void bind_pool(py::module_& m) {
              py::gil_scoped_release release;
              p.gather_summed(b.span(), {static_cast<std::byte*>(info.ptr), nbytes}, s);
            }, py::arg("block_ids"), py::arg("out"), py::arg("sums"))
-      .def("scatter_summed", [](PagedKVPool& p, const py::buffer& in, const py::handle& ids, const py::array& sums) {
+      .def("scatter_summed", [](PagedKVPool& p, const py::handle& in, const py::handle& ids, const py::handle& sums) {
              BlockIds b(ids, "block_ids");
              const std::size_t nbytes = b.span().size() * p.block_bytes();
              py::buffer_info info = byte_buffer(in, nbytes, false, "data");
@@ -307,9 +381,14 @@ void bind_pool(py::module_& m) {
       .def("host_view", [](const PoolPtr& p, std::int64_t layer, bool value) {
              return host_view(p, checked_layer(*p, layer), value);
            }, py::arg("layer"), py::arg("value"))
-      .def("dlpack_capsule", [](const PoolPtr& p, std::int64_t layer, bool value) {
-             return dlpack_capsule(p, checked_layer(*p, layer), value);
-           }, py::arg("layer"), py::arg("value"))
+      .def("dlpack_capsule", [](const PoolPtr& p, std::int64_t layer, bool value, bool versioned, int where) {
+             if (where < 0 || where > static_cast<int>(DLExport::kDeviceCopy)) {
+               throw py::value_error("where must be 0 (shared), 1 (host copy) or 2 (device copy), got " +
+                                     std::to_string(where));
+             }
+             return dlpack_capsule(p, checked_layer(*p, layer), value, versioned, static_cast<DLExport>(where));
+           }, py::arg("layer"), py::arg("value"), py::arg("versioned") = false, py::arg("where") = 0,
+           "A DLPack capsule of the layer's K or V cache: legacy or versioned, shared or a copy.")
       .def("layer_address", [](const PagedKVPool& p, std::int64_t layer, bool value) {
              return reinterpret_cast<std::uintptr_t>(p.layer_data(checked_layer(p, layer), value));
            }, py::arg("layer"), py::arg("value"))

@@ -519,8 +519,9 @@ void bind_prefix(py::module_& m) {
         "Block hash algorithms built into this module, default first.");
 
   m.def("hash_blocks", [](const py::handle& tokens, std::int64_t block_size, const py::object& parent,
-                          const std::optional<std::string>& salt, const std::optional<std::string>& extra,
-                          const std::string& algorithm) {
+                          const py::handle& salt_arg, const py::handle& extra_arg, const std::string& algorithm) {
+          const std::optional<std::string> salt = optional_key(salt_arg, "salt");
+          const std::optional<std::string> extra = optional_key(extra_arg, "extra");
           const HashAlgorithm alg = parse_hash_algorithm(algorithm);
           const std::uint32_t bs = block_size_value(block_size);
           const Tokens t(tokens, "tokens");
@@ -632,8 +633,10 @@ void bind_prefix(py::module_& m) {
            }, py::arg("digests"))
       .def("insert", [](BoundPrefixCache& self, const py::handle& digests, const py::handle& block_ids,
                         const py::object& parent, const py::object& token_ids, const py::int_& owner,
-                        std::int64_t priority, const std::optional<std::string>& extra_key, bool acquire,
-                        const std::optional<std::string>& cache_salt) {
+                        std::int64_t priority, const py::handle& extra_key_arg, bool acquire,
+                        const py::handle& cache_salt_arg) {
+             const std::optional<std::string> extra_key = optional_key(extra_key_arg, "extra_key");
+             const std::optional<std::string> cache_salt = optional_key(cache_salt_arg, "cache_salt");
              const Digests d(digests, "digests");
              const BlockIds ids(block_ids, "block_ids");
              InsertOptions o;
@@ -665,8 +668,10 @@ void bind_prefix(py::module_& m) {
            "'handle_id' (an owner: use insert). The objects the table held under the ids now used are appended to "
            "the list `displaced` when one is given (else dropped), so their finalisers run when the caller lets "
            "go of it. Returns (num_inserted, num_ids_taken).")
-      .def("match_tokens", [](BoundPrefixCache& self, const py::handle& tokens, const std::optional<std::string>& salt,
-                              const std::optional<std::string>& extra) {
+      .def("match_tokens", [](BoundPrefixCache& self, const py::handle& tokens, const py::handle& salt_arg,
+                              const py::handle& extra_arg) {
+             const std::optional<std::string> salt = optional_key(salt_arg, "salt");
+             const std::optional<std::string> extra = optional_key(extra_arg, "extra");
              const Tokens t(tokens, "tokens");
              auto digests = digest_array(num_full_blocks(t.size(), self.cache->block_size()));
              auto span = digest_span(digests);
@@ -683,8 +688,10 @@ void bind_prefix(py::module_& m) {
            }, py::arg("tokens"), py::arg("salt") = py::none(), py::arg("extra") = py::none(),
            "Hashes the full blocks of a prompt and matches them: (num_matched, block_ids int32, digests (n, 32)).")
       .def("insert_tokens", [](BoundPrefixCache& self, const py::handle& tokens, const py::handle& block_ids,
-                               const std::optional<std::string>& salt, const std::optional<std::string>& extra,
+                               const py::handle& salt_arg, const py::handle& extra_arg,
                                const py::int_& owner, std::int64_t priority) {
+             const std::optional<std::string> salt = optional_key(salt_arg, "salt");
+             const std::optional<std::string> extra = optional_key(extra_arg, "extra");
              const Tokens t(tokens, "tokens");
              const BlockIds ids(block_ids, "block_ids");
              const std::uint32_t bs = self.cache->block_size();

@@ -7,6 +7,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -102,6 +103,13 @@ struct BlockFeed {
 /// return feed.digests holds one digest per full block, or nothing when the input was not a list
 /// or tuple of small ints (then the caller hashes the tokens itself); on an error it is empty.
 void append_tokens(const py::handle& obj, std::vector<std::int32_t>& out, const char* what, BlockFeed& feed);
+
+/// An optional hash key argument (a per-tenant salt, an extra key): None -> nullopt; bytes,
+/// bytearray or str (its UTF-8) -> a copy of its bytes (a copy, so a bytearray changed by another
+/// thread while the GIL is released cannot change a key in use). TypeError naming `what` and the
+/// type for anything else, ValueError for a str that has no UTF-8 form (a lone surrogate). Needs
+/// the GIL.
+std::optional<std::string> optional_key(const py::handle& obj, const char* what);
 
 /// A non-negative Python int below 2**64 (a request id); TypeError / ValueError naming `what`.
 std::uint64_t request_id_value(PyObject* obj, const char* what);

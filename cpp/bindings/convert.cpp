@@ -109,6 +109,26 @@ BlockIds::BlockIds(const py::handle& obj, const char* what) {
   }
 }
 
+std::optional<std::string> optional_key(const py::handle& obj, const char* what) {
+  PyObject* p = obj.ptr();
+  if (p == Py_None) return std::nullopt;
+  if (PyBytes_Check(p)) return std::string(PyBytes_AS_STRING(p), static_cast<std::size_t>(PyBytes_GET_SIZE(p)));
+  if (PyByteArray_Check(p)) {
+    return std::string(PyByteArray_AS_STRING(p), static_cast<std::size_t>(PyByteArray_GET_SIZE(p)));
+  }
+  if (PyUnicode_Check(p)) {
+    Py_ssize_t n = 0;
+    const char* utf8 = PyUnicode_AsUTF8AndSize(p, &n);
+    if (utf8 == nullptr) {
+      PyErr_Clear();
+      throw py::value_error(std::string(what) + " must be encodable as UTF-8, got " +
+                            std::string(py::repr(obj)));
+    }
+    return std::string(utf8, static_cast<std::size_t>(n));
+  }
+  throw py::type_error(std::string(what) + " must be bytes, str or None, got " + Py_TYPE(p)->tp_name);
+}
+
 std::uint32_t checked_count(std::int64_t n, const char* what, bool allow_zero) {
   if (n < 0 || (n == 0 && !allow_zero) || n > static_cast<std::int64_t>(BlockAllocator::kMaxBlocks)) {
     throw py::value_error(std::string(what) + " must be " + (allow_zero ? "in [0, " : "in [1, ") +

@@ -1,5 +1,6 @@
-// The DLPack C ABI (v0.8-compatible "dltensor" capsule), declared from its public specification
-// (https://dmlc.github.io/dlpack/latest/c_api.html). Only the pieces the bindings produce.
+// The DLPack C ABI: the legacy "dltensor" capsule (v0.8) and the versioned "dltensor_versioned" one
+// (v1.0), declared from the public specification (https://dmlc.github.io/dlpack/latest/c_api.html).
+// Only the pieces the bindings produce.
 #pragma once
 
 #include <cstdint>
@@ -36,7 +37,26 @@ struct ManagedTensor {
   void (*deleter)(ManagedTensor* self);
 };
 
+/// The ABI version a versioned capsule declares (its layout is unchanged in 1.x).
+struct PackVersion {
+  std::uint32_t major;
+  std::uint32_t minor;
+};
+inline constexpr PackVersion kVersion{1, 0};
+
+struct ManagedTensorVersioned {
+  PackVersion version;
+  void* manager_ctx;
+  void (*deleter)(ManagedTensorVersioned* self);
+  std::uint64_t flags;
+  Tensor dl_tensor;
+};
+
+inline constexpr std::uint64_t kFlagReadOnly = 1ULL << 0;
+inline constexpr std::uint64_t kFlagIsCopied = 1ULL << 1;
+
 inline constexpr const char* kCapsuleName = "dltensor";
 inline constexpr const char* kUsedCapsuleName = "used_dltensor";
+inline constexpr const char* kVersionedCapsuleName = "dltensor_versioned";
 
 }  // namespace sagellm::kv::bindings::dlpack

@@ -1,4 +1,6 @@
-"""One rule for "a finite number" and "an integer" from a caller, shared by the modules that check one.
+"""One rule for "a finite number", "an integer", "a flag" and "a string" from a caller, shared by the
+modules that check one before a native call (pybind's own refusal names neither the argument nor the
+value: "incompatible function arguments").
 
 A Python int past the float range (``10**400``) is an int, but ``math.isfinite`` and ``float()`` raise
 ``OverflowError`` on it, so a check built on them alone leaks a bare ``OverflowError``; here such an
@@ -13,7 +15,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["finite_number", "integer", "is_finite_number", "positive_int", "shown"]
+__all__ = ["INT32_MAX", "INT64_MAX", "finite_number", "flag", "integer", "is_finite_number", "positive_int", "shown",
+           "text"]
+
+INT32_MAX = 2**31 - 1  # the native block and slot counts
+INT64_MAX = 2**63 - 1
 
 
 def is_finite_number(value: object) -> bool:
@@ -53,9 +59,27 @@ def integer(name: str, value: Any) -> int:
     return int(value)
 
 
-def positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
-    """An :func:`integer` that is > 0 (>= 0 with ``allow_zero``); ValueError naming ``name`` otherwise."""
+def positive_int(name: str, value: Any, *, allow_zero: bool = False, maximum: int | None = None) -> int:
+    """An :func:`integer` that is > 0 (>= 0 with ``allow_zero``) and at most ``maximum`` when given;
+    ValueError naming ``name`` otherwise."""
     n = integer(name, value)
     if n < 0 or (n == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {n}")
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {shown(n)}")
+    if maximum is not None and n > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {shown(n)}")
     return n
+
+
+def flag(name: str, value: Any) -> bool:
+    """``value`` as a bool: only a bool (or a numpy bool) is one; TypeError naming ``name`` otherwise
+    (an int 0 / 1 or a string is a mistake, not a truth value)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def text(name: str, value: Any) -> str:
+    """``value`` as a str; TypeError naming ``name`` and the type otherwise."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    return value

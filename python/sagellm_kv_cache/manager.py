@@ -32,17 +32,12 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
+from sagellm_kv_cache._numbers import flag, text
 from sagellm_kv_cache.paged import PagedKVPool, _int64_arg
 
 __all__ = ["RequestManager"]
 
 Int32Array = npt.NDArray[np.int32]
-
-
-def _flag_arg(name: str, value: Any) -> bool:
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
 
 
 class RequestManager:
@@ -83,8 +78,10 @@ class RequestManager:
         block_size = None if block_size is None else _int64_arg("block_size", block_size)
         capacity_blocks = None if capacity_blocks is None else _int64_arg("capacity_blocks", capacity_blocks)
         event_queue_capacity = _int64_arg("event_queue_capacity", event_queue_capacity)
-        enable_caching = _flag_arg("enable_caching", enable_caching)
-        match_last_token = _flag_arg("match_last_token", match_last_token)
+        enable_caching = flag("enable_caching", enable_caching)
+        match_last_token = flag("match_last_token", match_last_token)
+        policy = text("policy", policy)
+        hash_algorithm = text("hash_algorithm", hash_algorithm)
         if pool is None:
             if num_blocks is None:
                 raise ValueError("give a pool, or num_blocks for a metadata-only manager")
@@ -184,7 +181,7 @@ class RequestManager:
         Into ``out`` when given: its first ``len(request_ids)`` rows are written, the rest are left as
         they are, and its columns are the width (a ``width`` that differs is a ValueError).
         """
-        return self._native.block_tables(request_ids, out, width)
+        return self._native.block_tables(request_ids, out, None if width is None else _int64_arg("width", width))
 
     def num_tokens(self, request_id: int) -> int:
         return int(self._native.num_tokens(request_id))

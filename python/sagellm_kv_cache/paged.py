@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache._numbers import integer
+from sagellm_kv_cache._numbers import flag, integer
 from sagellm_kv_cache.errors import KVConfigInvalidError
 
 __all__ = ["KVCacheSpec", "LayerView", "PagedKVPool"]
@@ -91,6 +91,42 @@ class KVCacheSpec:
         }
 
 
+_DL_CPU, _DL_CUDA = 1, 2  # DLPack device types
+_DL_SHARED, _DL_HOST_COPY, _DL_DEVICE_COPY = 0, 1, 2  # what the native export hands out
+
+
+def _dlpack_max_version(max_version: Any) -> bool:
+    """True when ``max_version`` (None or ``(major, minor)``) asks for a versioned capsule."""
+    if max_version is None:
+        return False
+    if (not isinstance(max_version, tuple) or len(max_version) != 2
+            or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in max_version)):
+        raise TypeError(f"max_version must be None or a (major, minor) tuple of ints, got {max_version!r}")
+    return int(max_version[0]) >= 1
+
+
+def _dlpack_device_arg(dl_device: Any) -> tuple[int, int]:
+    """``dl_device`` as ``(device_type, device_id)``: a 2-tuple of ints (an IntEnum type is fine)."""
+    if (not isinstance(dl_device, tuple) or len(dl_device) != 2
+            or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in dl_device)):
+        raise TypeError(f"dl_device must be None or a (device_type, device_id) tuple of ints, got {dl_device!r}")
+    return int(dl_device[0]), int(dl_device[1])
+
+
+def _dlpack_stream_arg(stream: Any, device_type: int) -> None:
+    """Checks a consumer's ``stream`` for an export to ``device_type`` (the array API's rules)."""
+    if stream is None:
+        return
+    if isinstance(stream, bool) or not isinstance(stream, int | np.integer):
+        raise TypeError(f"stream must be None or an int, got {type(stream).__name__}")
+    if device_type == _DL_CPU:
+        if stream != -1:
+            raise ValueError(f"stream must be None (or -1) for an export to the host, got {stream}")
+    elif stream == 0 or stream < -1:
+        raise ValueError(f"stream must be None, -1, 1, 2 or a stream handle for a CUDA export, got {stream} "
+                         "(0 is ambiguous)")
+
+
 class LayerView:
     """Zero-copy view of one layer's K or V cache on any device, exported through DLPack."""
 
@@ -104,9 +140,31 @@ class LayerView:
 
     def __dlpack__(self, *, stream: Any = None, max_version: Any = None, dl_device: Any = None,
                    copy: Any = None) -> Any:
-        if copy:
-            raise BufferError("LayerView exports its memory without copies; copy=True is not supported")
-        return self._native.dlpack_capsule(self._layer, self._value)
+        """A DLPack capsule of this layer (the Python array API's protocol, 2023.12).
+
+        ``max_version`` ``(major, minor)`` with ``major >= 1`` gets a versioned capsule (DLPack 1.0),
+        ``None`` the legacy one. ``dl_device`` ``None`` or this view's device exports the memory itself
+        (``copy=True``: a copy on the same device); the host ``(1, 0)`` for a device view is a copy, a
+        ``ValueError`` with ``copy=False``; any other device is a ``BufferError``. ``stream`` is the
+        consumer's: ``None`` (or ``-1``) for the host; for CUDA ``None``, ``-1``, ``1``, ``2`` or a stream
+        handle, never ``0``. The pool's copies are synchronous, so no stream has work to wait for.
+        """
+        versioned = _dlpack_max_version(max_version)
+        if copy is not None and not isinstance(copy, bool | np.bool_):
+            raise TypeError(f"copy must be True, False or None, got {copy!r}")
+        own = self.__dlpack_device__()
+        target = own if dl_device is None else _dlpack_device_arg(dl_device)
+        if target == own:
+            where = _DL_DEVICE_COPY if copy else _DL_SHARED
+        elif target == (_DL_CPU, 0) and own[0] == _DL_CUDA:
+            if copy is not None and not copy:
+                raise ValueError(f"dl_device {dl_device!r} (the host) needs a copy of this view on {self.device}, "
+                                 "and copy=False forbids one")
+            where = _DL_HOST_COPY
+        else:
+            raise BufferError(f"a view on {self.device} {own} cannot be exported to dl_device {dl_device!r}")
+        _dlpack_stream_arg(stream, target[0])
+        return self._native.dlpack_capsule(self._layer, self._value, versioned, where)
 
     def __dlpack_device__(self) -> tuple[int, int]:
         device_type, index = self._native.dlpack_device()
@@ -145,14 +203,13 @@ class PagedKVPool:
     ) -> None:
         if not isinstance(spec, KVCacheSpec):
             raise TypeError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int | np.integer):
-            raise TypeError(f"num_blocks must be an int, got {type(num_blocks).__name__}")
+        num_blocks = _int64_arg("num_blocks", num_blocks)
         if not isinstance(device, str):
             raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+        flags = (flag("zero_fill", zero_fill), flag("huge_pages", huge_pages), flag("lock_memory", lock_memory))
         self.spec = spec
         self._native = _core.PagedKVPool(
-            spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype, spec.block_size, int(num_blocks),
-            device, zero_fill, huge_pages, lock_memory,
+            spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype, spec.block_size, num_blocks, device, *flags,
         )
 
     # --- allocation -------------------------------------------------------------------------
@@ -196,6 +253,7 @@ class PagedKVPool:
     def dlpack_view(self, layer: int, value: bool = False) -> LayerView:
         """A DLPack-exportable view of layer ``layer``'s K (or V) cache with its true dtype."""
         layer = self._layer_arg(layer)
+        value = flag("value", value)
         self._native.layer_address(layer, value)  # validates the layer
         return LayerView(self, layer, value)
 
@@ -247,6 +305,8 @@ class PagedKVPool:
     def set_budget_bytes(self, nbytes: int) -> None:
         """Caps the bytes in use, rounded down to whole blocks."""
         nbytes = integer("budget_bytes", nbytes)
+        if nbytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {nbytes}")
         if nbytes > _INT64_MAX:
             raise KVConfigInvalidError("budget_bytes", nbytes, reason=f"exceeds the pool's {self.num_blocks} blocks")
         self._native.set_budget_bytes(nbytes)
@@ -254,6 +314,8 @@ class PagedKVPool:
     def can_admit(self, num_tokens: int) -> bool:
         """True when ``num_tokens`` more tokens (rounded up to blocks) fit within the budget now."""
         num_tokens = integer("num_tokens", num_tokens)
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         return num_tokens <= _INT64_MAX and bool(self._native.can_admit_tokens(num_tokens))
 
     # --- properties -------------------------------------------------------------------------

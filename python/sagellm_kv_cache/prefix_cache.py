@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache._numbers import integer
+from sagellm_kv_cache._numbers import finite_number, integer, shown, text
 from sagellm_kv_cache.errors import KVPoolFullError
 from sagellm_kv_cache.paged import _INT32_MAX, PagedKVPool, _int64_arg
 
@@ -93,6 +93,12 @@ class RadixPrefixCache:
         block_size = _int64_arg("block_size", block_size)
         capacity_blocks = None if capacity_blocks is None else _int64_arg("capacity_blocks", capacity_blocks)
         event_queue_capacity = _int64_arg("event_queue_capacity", event_queue_capacity)
+        policy = text("policy", policy)
+        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int | float | np.integer | np.floating):
+            raise TypeError(f"ttl_seconds must be a number, got {type(ttl_seconds).__name__}")
+        if isinstance(ttl_seconds, int):  # an int past the float range has no double; a float inf the native judges
+            ttl_seconds = finite_number("ttl_seconds", ttl_seconds)
+        hash_algorithm = text("hash_algorithm", hash_algorithm)
         self.pool = pool
         self._native = _core.PrefixCache(
             block_size=block_size,
@@ -194,7 +200,10 @@ class RadixPrefixCache:
     def evict(self, num_blocks: int) -> int:
         """Evicts up to ``num_blocks`` unreferenced leaves by the policy; returns how many went."""
         # "Up to": a count past what any cache holds evicts everything it can.
-        evicted = int(self._native.evict(min(integer("num_blocks", num_blocks), _INT32_MAX)))
+        num_blocks = integer("num_blocks", num_blocks)
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {shown(num_blocks)}")
+        evicted = int(self._native.evict(min(num_blocks, _INT32_MAX)))
         if self._observer is not None:
             self._observer.evicted(evicted)
         return evicted
@@ -300,6 +309,8 @@ class PrefixCache:
     def __init__(self, block_size: int = 16, max_cached_blocks: int | None = None, enable_lru: bool = True) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size!r}")
+        if block_size > _INT32_MAX:  # the native trie's limit
+            raise ValueError(f"block_size must be at most {_INT32_MAX}, got {shown(block_size)}")
         if max_cached_blocks is not None and (
             isinstance(max_cached_blocks, bool) or not isinstance(max_cached_blocks, int) or max_cached_blocks <= 0
         ):
@@ -364,6 +375,8 @@ class PrefixCache:
         size = self.block_size if block_size is None else block_size
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"block_size must be a positive int, got {size!r}")
+        if size > _INT32_MAX:  # as the constructor; 4 * size bytes per block must fit the native int64
+            raise ValueError(f"block_size must be at most {_INT32_MAX}, got {shown(size)}")
         if tokens.__class__ is list or tokens.__class__ is tuple:
             # Packed as 4-byte big-endian (and range-checked) inside the one C++ call.
             partial = len(tokens) % size

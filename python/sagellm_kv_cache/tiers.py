@@ -58,7 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache._numbers import positive_int
+from sagellm_kv_cache._numbers import INT32_MAX, INT64_MAX, integer, positive_int, shown, text
 from sagellm_kv_cache.errors import KVMetadataMismatchError, KVPoolFullError
 from sagellm_kv_cache.paged import PagedKVPool
 from sagellm_kv_cache.prefix_cache import RadixPrefixCache
@@ -77,6 +77,9 @@ _HEADER = struct.Struct("<8sIIQ32sQQ")
 _HEADER_CHECK = struct.Struct("<Q")
 _META_FILE = "tier.json"
 _SLOTS_FILE = "slots.bin"
+
+
+_MAX_BLOCK_NBYTES = 2**62  # a slot's size (rounded up to pages, plus a header page) stays an int64
 
 
 def _round_up(n: int, a: int) -> int:
@@ -109,8 +112,9 @@ class HostTier:
     """
 
     def __init__(self, num_blocks: int, block_nbytes: int, device: str = "cpu") -> None:
-        self.num_blocks = positive_int("host_blocks", num_blocks)
-        self.block_nbytes = positive_int("block_nbytes", block_nbytes)
+        self.num_blocks = positive_int("host_blocks", num_blocks, maximum=INT32_MAX)
+        self.block_nbytes = positive_int("block_nbytes", block_nbytes, maximum=_MAX_BLOCK_NBYTES)
+        device = text("device", device)
         # Each slot has room for a disk slot's header page after the block, so a demotion to disk
         # is one contiguous write. Zero-filled: the pages are faulted in now, not on first use.
         self.slab = _core.HostSlab(self.num_blocks, _round_up(self.block_nbytes, _PAGE) + _PAGE, device, True)
@@ -154,10 +158,13 @@ class DiskTier:
 
     def __init__(self, directory: str | os.PathLike[str], num_blocks: int, block_nbytes: int, *,
                  direct_io: bool = True, fsync: bool = False, verify_on_open: bool = True) -> None:
-        self.num_blocks = positive_int("disk_blocks", num_blocks)
-        self.block_nbytes = positive_int("block_nbytes", block_nbytes)
+        self.num_blocks = positive_int("disk_blocks", num_blocks, maximum=INT32_MAX)
+        self.block_nbytes = positive_int("block_nbytes", block_nbytes, maximum=_MAX_BLOCK_NBYTES)
         self.payload_stride = _round_up(self.block_nbytes, _PAGE)
         self.slot_nbytes = self.payload_stride + _PAGE  # payload, then its header page
+        if self.num_blocks * self.slot_nbytes > INT64_MAX:  # the file's size is an off_t
+            raise ValueError(f"disk_blocks ({self.num_blocks}) slots of {self.slot_nbytes} bytes exceed a file's "
+                             "largest size")
         self.fsync = bool(fsync)
         self.directory = Path(directory)
         # I/O gate: close() waits for the reads and writes in flight before it closes descriptors
@@ -312,9 +319,27 @@ class DiskTier:
                              f"got {buf.nbytes}")
         return [buf, self._header_buffer()]
 
+    def _slot_args(self, slot: Any, digest: Any, buf: Any, what: str) -> int:
+        """Checks a slot I/O's arguments before any I/O (the header's struct and the offsets would
+        otherwise refuse them without naming them, or take an int as a digest's length)."""
+        slot = integer("slot", slot)
+        if not 0 <= slot < self.num_blocks:
+            raise IndexError(f"slot {shown(slot)} out of range [0, {self.num_blocks})")
+        if not isinstance(digest, bytes) or len(digest) != 32:
+            got = f"{len(digest)} bytes" if isinstance(digest, bytes) else type(digest).__name__
+            raise TypeError(f"digest must be 32 bytes, got {got}")
+        if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.c_contiguous:
+            got = f"dtype {buf.dtype}, {buf.ndim} dimension(s)" if isinstance(buf, np.ndarray) else type(buf).__name__
+            raise TypeError(f"{what} must be a 1-D C-contiguous uint8 array, got {got}")
+        return slot
+
     def write(self, slot: int, digest: bytes, buf: npt.NDArray[np.uint8], generation: int) -> None:
         """Writes one slot from ``buf`` (its first ``block_nbytes`` are the block; a whole-slot
         buffer also carries the header page, which this fills in)."""
+        slot = self._slot_args(slot, digest, buf, "buf")
+        generation = integer("generation", generation)
+        if not 0 <= generation < 2**64:
+            raise ValueError(f"generation must be in [0, 2**64), got {shown(generation)}")
         iov = self._split(buf)
         checksum = _core.block_checksum(buf[: self.block_nbytes])
         self._encode_header(iov[-1][-_PAGE:], digest, generation, checksum)
@@ -325,6 +350,7 @@ class DiskTier:
     def read(self, slot: int, digest: bytes, out: npt.NDArray[np.uint8]) -> bool:
         """Reads a slot into ``out`` (as for ``write``); False when the slot does not hold ``digest``
         intact (wrong digest, torn header or payload): then ``out`` must not be used."""
+        slot = self._slot_args(slot, digest, out, "out")
         iov = self._split(out)
         self._io(iov, slot * self.slot_nbytes, write=False)
         decoded = self._decode_header(iov[-1][-_PAGE:])
@@ -577,7 +603,7 @@ class TieredPrefixCache:
     def make_room(self, num_blocks: int) -> None:
         """Demotes cached device blocks until ``num_blocks`` are free in the pool (or none is evictable)."""
         self._check_open()
-        short = num_blocks - self.pool.num_free_blocks
+        short = positive_int("num_blocks", num_blocks, allow_zero=True) - self.pool.num_free_blocks
         if short > 0:
             for fut in self._demote(short):
                 # A demotion that failed (a lower tier's I/O error) still freed its device blocks:
@@ -609,6 +635,7 @@ class TieredPrefixCache:
             raise RuntimeError("TieredPrefixCache is closed")
 
     def _demote(self, n: int) -> list[Future[None]]:
+        n = min(n, INT32_MAX)  # "up to": past the most blocks a pool has, everything evictable goes
         if n == 0 or self._closed:  # a closed cache keeps its device blocks where they are
             return []
         if self.host is None and self.disk is None:
@@ -923,6 +950,8 @@ class TieredPrefixCache:
 
     def location(self, digest: bytes) -> str | None:
         """Tier that holds ``digest`` now ("device", "host", "disk"), or None."""
+        if not isinstance(digest, bytes | bytearray | memoryview | np.ndarray):  # bytes(5) would be 5 zero bytes
+            raise TypeError(f"digest must be bytes (or a uint8 row of digests), got {type(digest).__name__}")
         digest = bytes(digest)
         if self.device.contains(digest):
             return "device"

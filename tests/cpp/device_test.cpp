@@ -29,6 +29,12 @@ TEST(DeviceId, ParsesAndPrints) {
   EXPECT_EQ(code_of([] { (void)DeviceId::parse("cuda:-1"); }), ErrorCode::kUnknownDevice);
   EXPECT_EQ(code_of([] { (void)DeviceId::parse("CUDA"); }), ErrorCode::kUnknownDevice);
   EXPECT_EQ(code_of([] { (void)DeviceId::parse(""); }), ErrorCode::kUnknownDevice);
+  EXPECT_EQ(DeviceId::parse("cuda:0").str(), "cuda:0");
+  EXPECT_EQ(DeviceId::parse("cuda:10").index, 10);
+  for (const char* bad : {"cuda:01", "cuda:00", "cuda:0x", "cuda:+1", " cuda:0", "cuda: 1", "cuda:0 ", "cuda:0:1",
+                          "cuda:2147483648", "CPU"}) {
+    EXPECT_EQ(code_of([bad] { (void)DeviceId::parse(bad); }), ErrorCode::kUnknownDevice) << bad;
+  }
 }
 
 TEST(Registry, UnknownDeviceNamesTheKnownOnes) {

@@ -229,3 +229,24 @@ def test_a_store_naming_a_slot_twice_is_refused_like_the_pool_path() -> None:
     copier.load(3, [1, 1], [10, 11, 12, 13])
     for dst, src in ((10, 3), (11, 4), (12, 3), (13, 4)):
         assert torch.equal(_block(tensors, dst), _block(tensors, src))
+
+
+def test_a_load_naming_a_device_block_twice_is_refused() -> None:
+    """Two chunk positions into one device block: index_copy_ with a repeated index, whose winner is
+    undefined on CUDA. Refused before anything is queued, naming the block and its positions."""
+    tensors = _tensors()
+    copier = ChunkCopier(tensors, num_chunks=3, blocks_per_chunk=2)
+    copier.store(1, [0, 1, 2, 3], [0, 1])
+    before = [t.clone() for t in tensors]
+    host = copier.host.clone()
+    for ids, skip, block, first, second in (([5, 5], 0, 5, 0, 1), ([6, 7, 6], 1, 6, 0, 2),
+                                            (np.array([9, 4, 4, 8]), 0, 4, 1, 2)):
+        slots = [0, 1] if len(ids) + skip > 2 else [0]
+        with pytest.raises(ValueError, match=f"load: block id {block} appears at positions {first} and {second}; "
+                                             "each block id may be written once per job"):
+            copier.load(2, slots, ids, skip)
+    assert torch.equal(copier.host, host) and all(torch.equal(a, b) for a, b in zip(tensors, before, strict=True))
+    assert [f.job_id for f in copier.finished()] == [1]
+    # A store only reads its device blocks: one block may go to two positions.
+    copier.store(3, [5, 5], [2])
+    assert torch.equal(copier.chunk_view(2)[0], copier.chunk_view(2)[1])

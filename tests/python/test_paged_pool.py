@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
+import re
 import threading
 
 import numpy as np
@@ -86,6 +88,73 @@ def test_torch_from_dlpack_shares_memory(spec: KVCacheSpec) -> None:
         del pool
         gc.collect()
         assert float(t[2].float().sum()) == 16 * 4 * 64
+
+
+def _capsule(capsule: object) -> tuple[str, int | None, int]:
+    """A DLPack capsule's name, its flags when versioned (DLManagedTensorVersioned: version 8 bytes,
+    manager_ctx, deleter, flags, then the DLTensor) and its data address (the DLTensor's first field)."""
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype = ctypes.c_char_p
+    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    name = api.PyCapsule_GetName(capsule)
+    managed = api.PyCapsule_GetPointer(capsule, name)
+    if name != b"dltensor_versioned":
+        return name.decode(), None, ctypes.c_void_p.from_address(managed).value or 0
+    assert tuple((ctypes.c_uint32 * 2).from_address(managed)) == (1, 0)
+    flags = ctypes.c_uint64.from_address(managed + 24).value
+    return name.decode(), flags, ctypes.c_void_p.from_address(managed + 32).value or 0
+
+
+def test_dlpack_keywords_follow_the_array_api(pool: PagedKVPool) -> None:
+    """max_version, dl_device, copy and stream were ignored (copy=True was refused): now a versioned capsule
+    on request, a copy when asked, the host device accepted, other devices and CPU streams refused."""
+    view = pool.dlpack_view(0)
+    cache = pool.key_cache(0)
+    cache[1] = 1.0
+    here = cache.ctypes.data
+    assert _capsule(view.__dlpack__()) == ("dltensor", None, here)
+    assert _capsule(view.__dlpack__(max_version=(0, 8))) == ("dltensor", None, here)
+    assert _capsule(view.__dlpack__(max_version=(1, 0))) == ("dltensor_versioned", 0, here)
+    assert _capsule(view.__dlpack__(dl_device=(1, 0), stream=-1, copy=False)) == ("dltensor", None, here)
+    name, flags, data = _capsule(view.__dlpack__(max_version=(2, 3), copy=True))
+    assert (name, flags) == ("dltensor_versioned", 2) and data != here  # IS_COPIED, its own memory
+    shared = [np.from_dlpack(view), np.from_dlpack(view, copy=False), np.from_dlpack(view, device="cpu")]
+    assert all(np.shares_memory(a, cache) for a in shared)
+    copied = np.from_dlpack(view, copy=True)
+    assert not np.shares_memory(copied, cache) and copied.flags.writeable and (copied == cache).all()
+    copied[1] = 9.0
+    assert (cache[1] == 1.0).all()  # the copy is its own memory
+    for kwargs, error, match in (
+        ({"dl_device": (2, 0)}, BufferError, r"cannot be exported to dl_device \(2, 0\)"),
+        ({"dl_device": (1, 1)}, BufferError, r"dl_device \(1, 1\)"),
+        ({"dl_device": (2, 0), "copy": True}, BufferError, r"dl_device \(2, 0\)"),
+        ({"dl_device": "cpu"}, TypeError, "dl_device must be None or a .* got 'cpu'"),
+        ({"stream": 7}, ValueError, r"stream must be None \(or -1\) for an export to the host, got 7"),
+        ({"stream": 0}, ValueError, "got 0"),
+        ({"stream": True}, TypeError, "stream must be None or an int, got bool"),
+        ({"max_version": "1.0"}, TypeError, "max_version must be None or a .* got '1.0'"),
+        ({"max_version": (1,)}, TypeError, r"got \(1,\)"),
+        ({"copy": "yes"}, TypeError, "copy must be True, False or None, got 'yes'"),
+    ):
+        with pytest.raises(error, match=match):
+            view.__dlpack__(**kwargs)
+    assert (cache[1] == 1.0).all() and pool.num_free_blocks == 1024
+
+
+def test_torch_from_dlpack_versioned_and_copied(spec: KVCacheSpec) -> None:
+    torch = pytest.importorskip("torch")
+    pool = PagedKVPool(KVCacheSpec(2, 4, 64, "bf16", 16), num_blocks=8)
+    shared = torch.from_dlpack(pool.dlpack_view(1))  # torch asks for a versioned capsule
+    shared[2].fill_(1.0)
+    copied = torch.from_dlpack(pool.dlpack_view(1), copy=True)
+    assert copied.dtype == torch.bfloat16 and torch.equal(copied, shared)
+    copied[2].fill_(3.0)
+    assert float(shared[2].float().max()) == 1.0 and float(copied[2].float().min()) == 3.0
+    del pool
+    gc.collect()
+    assert float(copied[2].float().sum()) == 3.0 * 16 * 4 * 64  # a copy owns its memory
 
 
 def test_gather_scatter_round_trip_is_byte_exact(spec: KVCacheSpec) -> None:
@@ -259,6 +328,34 @@ def test_unknown_and_unavailable_devices(spec: KVCacheSpec) -> None:
         PagedKVPool(spec, 4, device="cpu:3")
 
 
+MALFORMED_DEVICES = ["cuda:", "cpu:", "cuda:-1", "cuda:01", "cuda:00", "cuda:0x", "cuda:+1", " cuda:0", "cuda:0 ",
+                     "cuda: 1", "cuda:0:1", "CPU", "Cuda:0", "cuda:2147483648", "cuda:" + "9" * 30, ":0", ""]
+
+
+@pytest.mark.parametrize("device", MALFORMED_DEVICES)
+def test_malformed_device_strings_are_refused_by_both_parsers(spec: KVCacheSpec, device: str) -> None:
+    """One grammar (torch's): ``type[:N]``, N without sign, spaces or leading zeros. ``cuda:`` read as
+    ``cuda:0`` and ``cuda:01`` as ``cuda:1`` in the Python parser; the native one took ``cuda:01``."""
+    from sagellm_kv_cache import _core
+    from sagellm_kv_cache.pool.kv_pool import parse_device
+
+    quoted = re.escape(f"'{device}'")
+    with pytest.raises(KVConfigInvalidError, match=quoted):
+        parse_device(device)
+    with pytest.raises(ValueError, match=quoted):  # the native parser, before any backend
+        _core.check_device(device)
+    with pytest.raises(ValueError, match=quoted):
+        PagedKVPool(spec, 4, device=device)
+
+
+def test_well_formed_device_strings_are_canonical() -> None:
+    from sagellm_kv_cache.pool.kv_pool import parse_device
+
+    for device, canonical in (("cpu", "cpu"), ("cpu:0", "cpu"), ("cuda", "cuda:0"), ("cuda:0", "cuda:0"),
+                              ("cuda:10", "cuda:10"), ("cuda:2147483647", "cuda:2147483647")):
+        assert parse_device(device) == canonical
+
+
 def test_cuda_without_gpu_is_a_clear_error(spec: KVCacheSpec) -> None:
     from conftest import cuda_available
 
@@ -309,6 +406,27 @@ def test_cuda_pool_is_a_torch_cuda_tensor(spec: KVCacheSpec) -> None:
     del pool
     t.add_(1.0)  # the view keeps the device memory alive
     torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_dlpack_to_the_host_is_a_copy() -> None:
+    torch = pytest.importorskip("torch")
+    pool = PagedKVPool(KVCacheSpec(2, 4, 64, "fp16", 16), num_blocks=8, device="cuda:0")
+    view = pool.dlpack_view(0)
+    t = torch.from_dlpack(view)
+    t[3].fill_(5.0)
+    torch.cuda.synchronize()
+    host = np.from_dlpack(view, device="cpu")  # dl_device=(kDLCPU, 0): a copy to host memory
+    assert host.shape == (8, 16, 4, 64) and (host[3] == 5.0).all() and (host[2] == 0).all()
+    with pytest.raises(ValueError, match="copy=False forbids"):
+        view.__dlpack__(dl_device=(1, 0), copy=False)
+    with pytest.raises(BufferError, match="dl_device"):
+        view.__dlpack__(dl_device=(2, 1))
+    with pytest.raises(ValueError, match="0 is ambiguous"):
+        view.__dlpack__(stream=0)
+    on_device = torch.from_dlpack(view, copy=True)
+    assert on_device.is_cuda and on_device.data_ptr() != t.data_ptr() and torch.equal(on_device, t)
+    assert _capsule(view.__dlpack__(stream=torch.cuda.current_stream().cuda_stream or 1))[:2] == ("dltensor", None)
 
 
 def test_threads_never_share_a_block(spec: KVCacheSpec) -> None:

@@ -345,6 +345,20 @@ def test_worker_refuses_a_store_naming_a_slot_twice(copies: str) -> None:
     assert worker.get_finished() == [] and worker.stored_blocks == 0
 
 
+@pytest.mark.parametrize("copies", ["pool", "stream"])
+def test_worker_refuses_a_load_naming_a_device_block_twice(copies: str) -> None:
+    """Both paths wrote such a block twice (index_copy_ with a repeated index: the winner is undefined on
+    CUDA); refused before any copy, as a store naming a slot twice is."""
+    kv, raw = _canonical(True)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies=copies)
+    assert worker.submit_store(1, GPULoadStoreSpec([0, 1, 2, 3], [4], [0]), SageLoadStoreSpec([1, 2]))
+    assert [r.job_id for r in worker.get_finished()] == [1]
+    before = raw.clone()
+    with pytest.raises(ValueError, match="load: block id 7 appears at positions 1 and 3"):
+        worker.submit_load(2, SageLoadStoreSpec([1, 2]), GPULoadStoreSpec([5, 7, 6, 7], [4], [0]))
+    assert torch.equal(raw, before) and worker.get_finished() == [] and worker.loaded_blocks == 0
+
+
 def test_worker_with_manager_slots_round_trip() -> None:
     kv, raw = _canonical(True, num_blocks=8)
     m = SageOffloadingManager(2)

@@ -30,7 +30,8 @@ struct DeviceId {
 
   /// Canonical string form, e.g. "cpu" or "cuda:1".
   [[nodiscard]] std::string str() const;
-  /// Parses "type" or "type:N". Throws Error(kUnknownDevice) on a malformed string.
+  /// Parses "type" or "type:N" (N decimal, no sign, spaces or leading zeros, within int; torch's
+  /// grammar). Throws Error(kUnknownDevice) naming the string when it is malformed.
   [[nodiscard]] static DeviceId parse(std::string_view text);
 
   bool operator==(const DeviceId&) const = default;

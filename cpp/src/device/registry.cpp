@@ -37,6 +37,9 @@ DeviceId DeviceId::parse(std::string_view text) {
     if (digits.empty() || ec != std::errc() || ptr != end || id.index < 0) {
       throw bad("device index must be a non-negative integer");
     }
+    if (digits.size() > 1 && digits.front() == '0') {  // "cuda:01" is not a spelling of "cuda:1" (nor in torch)
+      throw bad("device index must not have leading zeros");
+    }
   }
   return id;
 }

@@ -94,6 +94,19 @@ def _indices(values: Any, what: str, limit: int) -> npt.NDArray[np.int64]:
     return np.ascontiguousarray(flat, dtype=np.int64)
 
 
+def _written_once(values: npt.NDArray[np.int64], what: str, call: str) -> None:
+    """ValueError naming the first value ``values`` holds twice: a job's targets (a store's slots, a load's
+    device blocks) are written once each; a repeated one would be written twice in one job, and which
+    write lands last is unordered on a device."""
+    if len(np.unique(values)) == len(values):
+        return
+    first_at: dict[int, int] = {}
+    for i, v in enumerate(values.tolist()):
+        if first_at.setdefault(v, i) != i:
+            raise ValueError(f"{call}: {what} {v} appears at positions {first_at[v]} and {i}; "
+                             f"each {what} may be written once per job")
+
+
 class ChunkCopier:
     """Moves blocks between ``tensors`` and ``num_chunks`` host chunk slots (see the module doc)."""
 
@@ -168,7 +181,8 @@ class ChunkCopier:
 
     def load(self, job_id: int, slots: Any, block_ids: Any, skip: int = 0, *, expedited: bool = False) -> None:
         """Copies chunk positions back into device blocks: the inverse of :meth:`store` (same
-        arguments; a slot may repeat, it is only read). ``expedited`` runs on a stream of its own, not
+        arguments; a slot may repeat, it is only read, but a block id may not: ``ValueError`` naming
+        it, as each block is written once). ``expedited`` runs on a stream of its own, not
         behind regular loads."""
         ids, runs = self._plan(block_ids, slots, skip, writes_slots=False)
         R = self.block_bytes
@@ -220,7 +234,8 @@ class ChunkCopier:
         """Checks a job's arguments (before anything is queued) and cuts it into per-chunk runs
         (slot, first position in the chunk, first block of the job, count). A store (``writes_slots``)
         may name a slot once: twice, the later chunk's copy overwrites the earlier's blocks, which the
-        caller's bookkeeping then believes stored."""
+        caller's bookkeeping then believes stored. A load may name a device block once: twice, two
+        positions land in one block and which one wins is undefined on a device (``index_copy_``)."""
         bpc = self.blocks_per_chunk
         if isinstance(skip, bool) or not isinstance(skip, int | np.integer) or not 0 <= skip < bpc:
             raise ValueError(f"skip must be an int in [0, {bpc}), got {skip!r}")
@@ -230,13 +245,12 @@ class ChunkCopier:
         num_slots = np.size(slots)
         if num_slots != need:
             raise ValueError(f"{n} blocks from position {skip} need {need} chunks, got {num_slots}")
-        slot_list = _indices(slots, "slot", self.num_chunks).tolist()
+        slot_ids = _indices(slots, "slot", self.num_chunks)
         if writes_slots:
-            first_at: dict[int, int] = {}
-            for i, slot in enumerate(slot_list):
-                if first_at.setdefault(slot, i) != i:
-                    raise ValueError(f"store: slot {slot} appears at positions {first_at[slot]} and {i}; "
-                                     "each slot may be written once per job")
+            _written_once(slot_ids, "slot", "store")
+        else:
+            _written_once(ids, "block id", "load")
+        slot_list = slot_ids.tolist()
         for i, (t, row) in enumerate(zip(self.tensors, self.rows, strict=True)):
             # A tensor resized since construction: an out-of-range index on a GPU is a device-side
             # assert that ends the process's CUDA context, so it is refused here.

@@ -61,7 +61,7 @@ from vllm.v1.kv_offload.config import OffloadingConfig
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache.integrations.chunk_copies import ChunkCopier, _indices
+from sagellm_kv_cache.integrations.chunk_copies import ChunkCopier, _indices, _written_once
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 
 __all__ = [
@@ -367,7 +367,9 @@ class SageOffloadingWorker(OffloadingWorker):
             self.loaded_blocks += n
             return True
         assert self.pool is not None
-        gpu_ids = torch.from_numpy(_indices(dst_spec.block_ids, "block id", self._num_blocks))
+        dst_ids = _indices(dst_spec.block_ids, "block id", self._num_blocks)
+        _written_once(dst_ids, "block id", "load")  # index_copy_ into one block twice: undefined on a GPU
+        gpu_ids = torch.from_numpy(dst_ids)
         buf, views = self._staging(len(slots))
         if len(slots):
             self.pool.gather_into(slots, buf)

@@ -42,19 +42,31 @@ __all__ = ["KVPool", "parse_device"]
 BudgetCallback = Callable[[int, int, int], None]
 
 
+_MAX_DEVICE_INDEX = 2**31 - 1  # the native DeviceId's int
+
+
 def parse_device(device: Any) -> str:
     """Canonical device string ("cpu", "cuda:1") for a label; does not require the device to exist.
 
-    Unknown backend types raise :class:`KVConfigInvalidError` listing the known ones.
+    The grammar is torch's and the native core's: ``type`` or ``type:N``, ``type`` a known backend in
+    lower case, ``N`` a decimal index without sign, spaces or leading zeros (``cuda:``, ``cuda:01``,
+    ``cuda:-1``, `` cuda:0`` and ``CPU`` are refused). Bad labels raise :class:`KVConfigInvalidError`
+    (a ``ValueError``) naming the string; an unknown type lists the known ones.
     """
     if not isinstance(device, str):
         raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
-    kind, _, index = device.partition(":")
+    kind, colon, index = device.partition(":")
     known = list(_core.registered_backends())
     if kind not in known:
         raise KVConfigInvalidError("device", device, reason=f"unknown device type; known: {', '.join(known)}")
+    if colon and not index:  # "cuda:" is not "cuda:0"
+        raise KVConfigInvalidError("device", device, reason="a ':' must be followed by a device index")
     if index and not (index.isascii() and index.isdigit()):  # str.isdigit also takes '\u00b2' and other scripts
         raise KVConfigInvalidError("device", device, reason="device index must be a non-negative integer")
+    if len(index) > 1 and index[0] == "0":
+        raise KVConfigInvalidError("device", device, reason="device index must not have leading zeros")
+    if index and int(index) > _MAX_DEVICE_INDEX:
+        raise KVConfigInvalidError("device", device, reason=f"device index must be at most {_MAX_DEVICE_INDEX}")
     if kind == "cpu" and index not in ("", "0"):
         raise KVConfigInvalidError("device", device, reason="the cpu backend has one device, 'cpu'")
     return kind if kind == "cpu" else f"{kind}:{int(index or 0)}"
