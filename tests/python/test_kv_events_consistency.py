@@ -1,0 +1,136 @@
+"""A router rebuilding a cache's contents from its KV events ends with exactly those contents, or, when
+events were lost, with a view that holds no block the cache does not hold (and is told so).
+
+Each test drives a real :class:`RadixPrefixCache` (or request managers over one), sends its events
+through the wire encoder and decoder, and compares a router's view (:class:`DigestSetTracker`, the
+set of block ids Dynamo's indexer keeps too) with what the cache really holds.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+np = pytest.importorskip("numpy")
+pytest.importorskip("zmq")
+pytest.importorskip("msgpack")
+
+from sagellm_kv_cache import RadixPrefixCache  # noqa: E402
+from sagellm_kv_cache.observability.events import DigestSetTracker, wire_block_id  # noqa: E402
+from sagellm_kv_cache.observability.kv_wire import decode_batch, encode_batch  # noqa: E402
+
+BS = 2
+
+
+class Router:
+    """A router's view of one cache, fed batch by batch through the wire format."""
+
+    def __init__(self) -> None:
+        self.tracker = DigestSetTracker()
+        self.seq = 0
+        self.batches: list[list[dict[str, Any]]] = []
+
+    def drain(self, cache: RadixPrefixCache) -> list[dict[str, Any]]:
+        events = cache.drain_events()
+        if events:
+            _, decoded = decode_batch(encode_batch(events))
+            self.tracker.apply(self.seq, decoded)
+            self.seq += 1
+            self.batches.append(decoded)
+        return events
+
+
+def held(cache: RadixPrefixCache, digests: set[bytes]) -> set[int]:
+    """The wire ids of the digests the cache holds now."""
+    return {wire_block_id(d) for d in digests if cache.contains(d)}
+
+
+def random_steps(cache: RadixPrefixCache, router: Router, seed: int, steps: int = 200) -> set[bytes]:
+    """A random mix of inserts (salted, keyed, owned), matches, releases, evictions, invalidations and
+    clears, drained at random points; returns every digest ever inserted."""
+    rng = random.Random(seed)
+    seen: set[bytes] = set()
+    in_use: list[Any] = []
+    next_id = 0
+    for _ in range(steps):
+        op = rng.random()
+        if op < 0.5:
+            n = rng.randint(1, 5)
+            toks = np.array([rng.randint(0, 2) for _ in range(n * BS)], dtype=np.int64)
+            ids = np.arange(next_id, next_id + n, dtype=np.int32)
+            next_id += n
+            _, _, digests = cache.insert_tokens(toks, ids, salt=rng.choice([None, b"a"]),
+                                                extra=rng.choice([None, b"x"]), owner=rng.randint(0, 3),
+                                                priority=rng.randint(0, 3))
+            seen.update(bytes(d) for d in digests)
+        elif op < 0.65:
+            n, _, digests = cache.match_tokens(np.array([rng.randint(0, 2) for _ in range(4 * BS)], dtype=np.int64))
+            if n:
+                in_use.append(digests[:n])
+        elif op < 0.75 and in_use:
+            cache.release(in_use.pop(rng.randrange(len(in_use))))
+        elif op < 0.85:
+            cache.evict(rng.randint(1, 4))
+        elif op < 0.95:
+            cache.invalidate(rng.randint(0, 3))
+        else:
+            cache.clear()
+        if rng.random() < 0.3:
+            router.drain(cache)
+    router.drain(cache)
+    return seen
+
+
+POLICIES = [("lru", {}), ("fifo", {}), ("priority", {}), ("ttl", {"ttl_seconds": 0.001})]
+
+
+@pytest.mark.parametrize(("policy", "kwargs"), POLICIES, ids=[p for p, _ in POLICIES])
+@pytest.mark.parametrize("capacity", [None, 6])
+def test_router_view_equals_the_cache_without_loss(policy: str, kwargs: dict[str, Any], capacity: int | None) -> None:
+    for seed in range(6):
+        cache = RadixPrefixCache(block_size=BS, capacity_blocks=capacity, policy=policy,
+                                 event_queue_capacity=100_000, **kwargs)
+        router = Router()
+        seen = random_steps(cache, router, seed)
+        assert cache.stats()["events_dropped"] == 0
+        assert router.tracker.block_hashes == held(cache, seen), seed
+        assert router.tracker.consistent
+
+
+def test_a_lost_removal_leaves_no_stale_block_in_the_router() -> None:
+    """The queue overflows with a removal in it: the router must not keep the removed block."""
+    cache = RadixPrefixCache(block_size=BS, event_queue_capacity=2)
+    router = Router()
+    _, _, first = cache.insert_tokens(np.array([1, 1], dtype=np.int64), [0])
+    router.drain(cache)
+    assert router.tracker.block_hashes == {wire_block_id(bytes(first[0]))}
+    assert cache.evict(1) == 1  # a removed event ...
+    _, _, later = cache.insert_tokens(np.array([2, 2, 3, 3], dtype=np.int64), [1, 2])  # ... then a stored one
+    _, _, last = cache.insert_tokens(np.array([4, 4], dtype=np.int64), [3])  # the removal is pushed out
+    assert cache.stats()["events_dropped"] == 1
+    events = router.drain(cache)
+    # Was: the removal vanished and the router kept the evicted block for good (a stale hit).
+    assert events[0] == {**events[0], "type": "cleared", "events_lost": True}
+    assert wire_block_id(bytes(first[0])) not in router.tracker.block_hashes
+    assert router.tracker.block_hashes == held(cache, {bytes(d) for d in [*later, *last]})  # the events kept
+
+
+@pytest.mark.parametrize(("policy", "kwargs"), POLICIES, ids=[p for p, _ in POLICIES])
+@pytest.mark.parametrize("capacity", [None, 6])
+def test_after_an_overflow_the_router_holds_only_cached_blocks(policy: str, kwargs: dict[str, Any],
+                                                                capacity: int | None) -> None:
+    overflowed = 0
+    for seed in range(6):
+        cache = RadixPrefixCache(block_size=BS, capacity_blocks=capacity, policy=policy, event_queue_capacity=5,
+                                 **kwargs)
+        router = Router()
+        seen = random_steps(cache, router, seed)
+        losses = sum(1 for batch in router.batches for e in batch if e["type"] == "cleared")
+        overflowed += cache.stats()["events_dropped"] > 0
+        assert losses or cache.stats()["events_dropped"] == 0
+        # Was: 11 block ids in the router against 5 in the cache, with no sign anything was lost.
+        assert router.tracker.block_hashes <= held(cache, seen), seed
+    assert overflowed >= 5  # the queue of 5 did overflow
+
