@@ -9,6 +9,7 @@ set of block ids Dynamo's indexer keeps too) with what the cache really holds.
 from __future__ import annotations
 
 import random
+import threading
 from typing import Any
 
 import pytest
@@ -18,8 +19,14 @@ pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
 
 from sagellm_kv_cache import RadixPrefixCache  # noqa: E402
-from sagellm_kv_cache.observability.events import DigestSetTracker, wire_block_id  # noqa: E402
+from sagellm_kv_cache.observability.events import (  # noqa: E402
+    DigestSetTracker,
+    KVEventPublisher,
+    KVEventSubscriber,
+    wire_block_id,
+)
 from sagellm_kv_cache.observability.kv_wire import decode_batch, encode_batch  # noqa: E402
+from sagellm_kv_cache.observability.wiring import publish_prefix_events  # noqa: E402
 
 BS = 2
 
@@ -134,3 +141,119 @@ def test_after_an_overflow_the_router_holds_only_cached_blocks(policy: str, kwar
         assert router.tracker.block_hashes <= held(cache, seen), seed
     assert overflowed >= 5  # the queue of 5 did overflow
 
+
+# --- concurrency: several threads change the cache and publish its events ------------------------------
+
+
+def joined(publisher: KVEventPublisher, subscriber: KVEventSubscriber) -> None:
+    """Publishes empty batches until the subscriber sees one (PUB/SUB has joined), then drains those."""
+    while True:
+        publisher.publish([])
+        if subscriber.receive(50) is not None:
+            break
+    while subscriber.receive(50) is not None:
+        pass
+
+
+def test_threads_publishing_the_same_cache_keep_the_event_order() -> None:
+    """Four threads insert, evict and call publish_prefix_events on one cache and one publisher; a
+    subscriber's view must end equal to the cache. Was: one thread drained, another drained and
+    published first, so a removal reached the router before the store it undoes (the router then
+    held 15 to 146 block ids for a cache of 8)."""
+    cache = RadixPrefixCache(block_size=BS, capacity_blocks=8, event_queue_capacity=100_000)
+    seen: set[bytes] = set()
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        rng = random.Random(k)
+        for i in range(150):
+            toks = np.array([rng.randint(0, 2) for _ in range(rng.randint(1, 4) * BS)], dtype=np.int64)
+            first = k * 100_000 + i * 10
+            _, _, digests = cache.insert_tokens(toks, np.arange(first, first + len(toks) // BS, dtype=np.int32))
+            with lock:
+                seen.update(bytes(d) for d in digests)
+            if rng.random() < 0.2:
+                cache.evict(1)
+            publish_prefix_events(cache, publisher)
+
+    with (
+        KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*") as publisher,
+        KVEventSubscriber(publisher.endpoint, replay_endpoint=publisher.replay_endpoint) as subscriber,
+    ):
+        joined(publisher, subscriber)
+        tracker = DigestSetTracker()
+        tracker.last_seq = subscriber.last_seq
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            if (batch := subscriber.receive(10)) is not None:
+                tracker.apply(*batch)
+        for thread in threads:
+            thread.join()
+        while (batch := subscriber.receive(200)) is not None:
+            tracker.apply(*batch)
+    assert tracker.consistent and subscriber.missed_batches == 0
+    assert tracker.block_hashes == held(cache, seen)
+
+
+def test_events_that_cannot_be_encoded_make_routers_forget() -> None:
+    """A drained batch that fails to encode is gone from the cache's queue; routers are told to forget
+    (AllBlocksCleared) instead of keeping a block whose removal was in that batch."""
+    cache = RadixPrefixCache(block_size=BS, event_queue_capacity=64)
+    with (
+        KVEventPublisher("tcp://127.0.0.1:*") as publisher,
+        KVEventSubscriber(publisher.endpoint) as subscriber,
+    ):
+        joined(publisher, subscriber)
+        tracker = DigestSetTracker()
+        tracker.last_seq = subscriber.last_seq
+        _, _, kept = cache.insert_tokens(np.array([1, 1], dtype=np.int64), [0])
+        assert publish_prefix_events(cache, publisher) == 1
+        assert cache.evict(1) == 1
+        tokenless = cache.hash_tokens(np.array([2, 2], dtype=np.int64))
+        cache.insert(tokenless, [1])  # no token_ids: a router could not re-hash this block
+        with pytest.raises(ValueError, match="token ids"):
+            publish_prefix_events(cache, publisher)
+        while (batch := subscriber.receive(200)) is not None:
+            tracker.apply(*batch)
+        # Was: the removal went down with the bad batch and the router kept the evicted block.
+        assert wire_block_id(bytes(kept[0])) not in tracker.block_hashes
+        assert tracker.block_hashes == set() and tracker.missed_batches == 0
+
+
+def test_close_waits_for_a_drain_under_way() -> None:
+    """A close while another thread has drained but not yet published: the drained events are sent,
+    not lost with a RuntimeError (the cache's queue no longer has them)."""
+    cache = RadixPrefixCache(block_size=BS, event_queue_capacity=64)
+    cache.insert_tokens(np.array([1, 1], dtype=np.int64), [0])
+    drained, go_on = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def slow_drain() -> list[dict[str, Any]]:
+        events = cache.drain_events()
+        drained.set()
+        go_on.wait(5)
+        return events
+
+    publisher = KVEventPublisher("tcp://127.0.0.1:*")
+
+    def publish() -> None:
+        try:
+            outcome.append(publisher.publish_drained(slow_drain))
+        except RuntimeError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    assert drained.wait(5)
+    closer = threading.Thread(target=publisher.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # the close waits for the batch under way
+    go_on.set()
+    thread.join(5)
+    closer.join(5)
+    assert outcome == [1] and publisher.next_seq == 1 and publisher.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        publisher.publish_drained(cache.drain_events)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sagellm_kv_cache.observability.kv_wire import (
@@ -140,6 +140,8 @@ class KVEventPublisher:
         self._topic_bytes = topic.encode("utf-8")
         self._linger_ms = linger_ms
         self._lock = threading.Lock()
+        # Held from a drain to its publish, so batches leave in the order their events were drained.
+        self._drain_lock = threading.Lock()
         self._seq = 0
         self._buffer: deque[tuple[int, bytes]] | None = None
         self._ctx = zmq.Context()
@@ -199,6 +201,30 @@ class KVEventPublisher:
             self._seq += 1
             return seq
 
+    def publish_drained(self, drain: Callable[[], Sequence[Mapping[str, Any]]]) -> int:
+        """Calls ``drain`` (e.g. a cache's ``drain_events``) and publishes what it returns as one batch;
+        returns how many events that was (an empty drain sends nothing).
+
+        Thread-safe in the way a router needs: two threads draining the same cache into this
+        publisher send their batches in the order they drained them, so a router never applies a
+        removal before the store it undoes. A closed publisher raises RuntimeError before ``drain``
+        is called. When the drained events cannot be encoded (``TypeError``/``ValueError``: e.g. a
+        stored block without its token ids) they are lost: an ``AllBlocksCleared`` batch goes out in
+        their place, so routers drop what they may no longer know, and the error is raised.
+        """
+        with self._drain_lock:
+            if self._closed:
+                raise RuntimeError("KVEventPublisher is closed")
+            events = drain()
+            if not events:
+                return 0
+            try:
+                self.publish(events)
+            except (TypeError, ValueError):
+                self.publish([{"type": "cleared"}])
+                raise
+            return len(events)
+
     def _serve_replays(self) -> None:
         replay = self._replay
         assert replay is not None
@@ -229,8 +255,11 @@ class KVEventPublisher:
         return self._closed
 
     def close(self) -> None:
-        """Stops answering replays, flushes (up to ``linger_ms``) and closes the sockets; idempotent."""
-        with self._lock:
+        """Stops answering replays, flushes (up to ``linger_ms``) and closes the sockets; idempotent.
+
+        Waits for a :meth:`publish_drained` under way, so events it drained are sent, not lost.
+        """
+        with self._drain_lock, self._lock:
             if self._closed:
                 return
             self._closed = True
