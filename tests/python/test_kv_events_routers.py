@@ -38,7 +38,7 @@ msgpack = pytest.importorskip("msgpack")
 
 import zmq  # noqa: E402
 from sagellm_kv_cache import RadixPrefixCache  # noqa: E402
-from sagellm_kv_cache.observability.events import KVEventPublisher, wire_block_id  # noqa: E402
+from sagellm_kv_cache.observability.events import KVEventPublisher, decode_batch, wire_block_id  # noqa: E402
 
 BLOCK = 4
 MODEL = "sagellm-test"
@@ -322,8 +322,22 @@ def test_engine_decoders_accept_every_batch(module: str, payloads: list[bytes]) 
     msgspec = pytest.importorskip("msgspec")
     engine = pytest.importorskip(module)
     decoder = msgspec.msgpack.Decoder(type=engine.KVEventBatch)
-    decoded = [decoder.decode(p) for p in payloads]
-    assert sum(len(batch.events) for batch in decoded) == len(payloads)
+    names = {"stored": "BlockStored", "removed": "BlockRemoved", "cleared": "AllBlocksCleared"}
+    fields = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "medium", "lora_name")
+    for payload in payloads:
+        theirs = decoder.decode(payload)
+        _, ours = decode_batch(payload)
+        # Was: compared the event count with the batch count, wrong for every batch that evicts and
+        # stores (skipped wherever the engine was not importable, so it never ran).
+        assert [type(e).__name__ for e in theirs.events] == [names[e["type"]] for e in ours]
+        assert theirs.data_parallel_rank == 0
+        for their, our in zip(theirs.events, ours, strict=True):
+            shared = [f for f in fields if f in our and hasattr(their, f)]  # SGLang has no extra_keys
+            assert {f: getattr(their, f) for f in shared} == {f: our[f] for f in shared}
+            if our["type"] == "stored" and hasattr(their, "extra_keys"):
+                assert their.lora_id is None
+                keys = None if our["extra_keys"] is None else [k if k is None else list(k) for k in our["extra_keys"]]
+                assert [k if k is None else list(k) for k in their.extra_keys or []] == (keys or [])
 
 
 def strict_schema(engine: Literal["vllm", "sglang"]) -> Any:
