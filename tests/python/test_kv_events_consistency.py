@@ -257,3 +257,45 @@ def test_close_waits_for_a_drain_under_way() -> None:
     assert outcome == [1] and publisher.next_seq == 1 and publisher.closed
     with pytest.raises(RuntimeError, match="closed"):
         publisher.publish_drained(cache.drain_events)
+
+
+# --- a publisher replaced for the same cache ---------------------------------------------------------
+
+
+def test_a_replacement_publisher_continues_the_sequence() -> None:
+    """Routers skip batches numbered at or below the last they saw (replayed duplicates), as Dynamo's
+    indexer does: a publisher replacing a closed one goes on from first_seq, and the router follows.
+    Was: a new publisher could only start again at 0, and the router ignored its batches."""
+    cache = RadixPrefixCache(block_size=BS, event_queue_capacity=64)
+    seen: set[bytes] = set()
+    first = KVEventPublisher("tcp://127.0.0.1:*")
+    endpoint = first.endpoint
+    with KVEventSubscriber(endpoint) as subscriber:
+        joined(first, subscriber)
+        tracker = DigestSetTracker()
+        tracker.last_seq = subscriber.last_seq
+        for step in range(3):
+            _, _, digests = cache.insert_tokens(np.array([step, step], dtype=np.int64), [step])
+            seen.update(bytes(d) for d in digests)
+            publish_prefix_events(cache, first)
+        while (batch := subscriber.receive(200)) is not None:
+            tracker.apply(*batch)
+        first.close()
+        cache.evict(2)  # changes while no publisher runs stay queued in the cache
+        with KVEventPublisher(endpoint, first_seq=first.next_seq) as second:
+            assert second.next_seq == first.next_seq
+            while (batch := subscriber.receive(50)) is None:  # the subscriber reconnects by itself
+                second.publish([])
+            tracker.apply(*batch)  # empty batches sent while it reconnected were lost: a gap
+            publish_prefix_events(cache, second)
+            while (batch := subscriber.receive(200)) is not None:
+                tracker.apply(*batch)
+            assert tracker.last_seq == second.next_seq - 1  # the router took the new publisher's batches
+    assert len(held(cache, seen)) == 1
+    assert tracker.block_hashes == held(cache, seen)
+
+
+@pytest.mark.parametrize("first_seq", [-1, 2**63, True, 1.5])
+def test_first_seq_is_checked(first_seq: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="first_seq"):
+        KVEventPublisher("tcp://127.0.0.1:*", first_seq=first_seq)

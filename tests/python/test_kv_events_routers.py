@@ -382,3 +382,29 @@ def test_strict_schema_rejects_what_the_engines_reject() -> None:
             decoder.decode(msgpack.packb([1.0, [bad], 0], use_bin_type=True))
     with pytest.raises(msgspec.ValidationError):
         decoder.decode(msgpack.packb([1.0, [good]]))  # Dynamo needs the rank
+
+
+def test_dynamo_follows_a_publisher_that_replaces_a_closed_one(indexer: Indexer) -> None:
+    """Dynamo skips batches numbered at or below the last it saw: the replacing publisher goes on from
+    ``first_seq=old.next_seq`` (a second one starting at 0 was ignored: its blocks never matched)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cache = RadixPrefixCache(block_size=BLOCK, event_queue_capacity=64)
+    old = KVEventPublisher(endpoint)
+    assert indexer.post("/register", {"instance_id": 1, "endpoint": endpoint, "model_name": MODEL,
+                                      "block_size": BLOCK}) == {"status": "ok"}
+    warm_up(old, indexer)
+    for _ in range(1000):
+        old.publish([])  # the old publisher got far ahead (of what warm_up sends in its 30 s)
+    cache.insert_tokens(np.array(tokens(1, 2), dtype=np.int64), np.array([0, 1], dtype=np.int32))
+    old.publish(cache.drain_events())
+    old.close()
+    cache.evict(2)
+    cache.insert_tokens(np.array(tokens(5, 6), dtype=np.int64), np.array([2, 3], dtype=np.int32))
+    with KVEventPublisher(endpoint, first_seq=old.next_seq) as new:
+        warm_up(new, indexer)  # Dynamo takes the new publisher's batches at all
+        new.publish(cache.drain_events())
+        deadline = time.monotonic() + 10
+        while (indexer.matched_blocks(tokens(5, 6), None, None), indexer.matched_blocks(tokens(1, 2), None, None)) \
+                != (2, 0):
+            assert time.monotonic() < deadline, indexer.log()[-3000:]
+            time.sleep(0.05)

@@ -70,6 +70,7 @@ def _require_deps() -> None:
 
 
 _C_INT_MAX = 2**31 - 1  # ZMQ socket options are C ints
+_SEQ_MAX = 2**63 - 2  # sequence frames are signed 8-byte ints (-1 ends a replay); room for one batch
 
 
 def _int_option(name: str, value: Any, low: int, high: int) -> int:
@@ -101,6 +102,11 @@ class KVEventPublisher:
     ``medium`` is where the published blocks live (``"GPU"`` for device memory, ``"CPU_PINNED"`` or
     ``"CPU"`` for host memory, ``"DISK"``); ``data_parallel_rank`` goes into every batch.
     ``publish`` and ``close`` are thread-safe; replay requests are answered by a background thread.
+
+    Sequence numbers start at ``first_seq`` (0, as vLLM's). Routers (Dynamo's indexer,
+    :class:`DigestSetTracker`) ignore a batch numbered at or below the last one they saw, taking it
+    for a replayed duplicate: a publisher that replaces a closed one for the same engine must go on
+    from ``first_seq=old.next_seq``, or routers ignore it until it passes the old numbers.
     """
 
     wire_schema = VLLM_WIRE_SCHEMA
@@ -117,6 +123,7 @@ class KVEventPublisher:
         replay_buffer_steps: int = 10_000,
         hwm: int = 100_000,
         linger_ms: int = 1000,
+        first_seq: int = 0,
     ) -> None:
         _require_deps()
         if not isinstance(topic, str):
@@ -132,6 +139,7 @@ class KVEventPublisher:
         # endpoint bound for the life of the process. The replay socket's HWM is 2 * (steps + 1).
         _int_option("replay_buffer_steps", replay_buffer_steps, 1, _C_INT_MAX // 2 - 1)
         _int_option("hwm", hwm, 0, _C_INT_MAX)
+        _int_option("first_seq", first_seq, 0, _SEQ_MAX)
         if linger_ms is not None:
             _int_option("linger_ms", linger_ms, -1, _C_INT_MAX)
         self.topic = topic
@@ -142,7 +150,7 @@ class KVEventPublisher:
         self._lock = threading.Lock()
         # Held from a drain to its publish, so batches leave in the order their events were drained.
         self._drain_lock = threading.Lock()
-        self._seq = 0
+        self._seq = first_seq
         self._buffer: deque[tuple[int, bytes]] | None = None
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.PUB)
