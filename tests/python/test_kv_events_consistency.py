@@ -18,6 +18,7 @@ np = pytest.importorskip("numpy")
 pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
 
+import zmq  # noqa: E402
 from sagellm_kv_cache import RadixPrefixCache  # noqa: E402
 from sagellm_kv_cache.observability.events import (  # noqa: E402
     DigestSetTracker,
@@ -299,3 +300,22 @@ def test_a_replacement_publisher_continues_the_sequence() -> None:
 def test_first_seq_is_checked(first_seq: Any) -> None:
     with pytest.raises((TypeError, ValueError), match="first_seq"):
         KVEventPublisher("tcp://127.0.0.1:*", first_seq=first_seq)
+
+
+# --- error paths -------------------------------------------------------------------------------------
+
+
+def test_a_bad_replay_endpoint_is_refused_up_front() -> None:
+    """Was: accepted, then the first sequence gap raised zmq's 'Invalid argument' out of receive and
+    lost the batch that showed the gap."""
+    with pytest.raises(ValueError, match="not-an-endpoint"):
+        KVEventSubscriber("tcp://127.0.0.1:9", replay_endpoint="not-an-endpoint")
+    with pytest.raises(ValueError, match="bogus://x"):
+        KVEventSubscriber("bogus://x")
+    with pytest.raises(ValueError, match="not-an-endpoint"):
+        KVEventPublisher("not-an-endpoint")
+    with pytest.raises(ValueError, match="replay_endpoint 'tcp://nowhere'"):
+        KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://nowhere")
+    with KVEventPublisher("tcp://127.0.0.1:*") as publisher, pytest.raises(zmq.ZMQError, match="in use"):
+        KVEventPublisher(publisher.endpoint)  # a port in use is not a bad value: zmq's error stays
+

@@ -87,6 +87,21 @@ def _check_endpoint(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a ZMQ endpoint string, got {type(value).__name__}")
 
 
+def _attach(socket: zmq.Socket[bytes], name: str, endpoint: str, *, bind: bool) -> None:
+    """Binds or connects ``socket``; an endpoint zmq cannot use is a ValueError naming it (a port in
+    use stays zmq's error: the value is fine, the port is taken)."""
+    try:
+        if bind:
+            socket.bind(endpoint)
+        else:
+            socket.connect(endpoint)
+    except zmq.ZMQError as err:
+        if err.errno == zmq.EADDRINUSE:
+            raise
+        raise ValueError(f"{name} {endpoint!r} is not an endpoint zmq can {'bind' if bind else 'connect'}: "
+                         f"{err.strerror}") from err
+
+
 def _seq_bytes(seq: int) -> bytes:
     return seq.to_bytes(8, "big", signed=True)
 
@@ -158,13 +173,13 @@ class KVEventPublisher:
         self.replay_endpoint: str | None = None
         try:
             self._socket.setsockopt(zmq.SNDHWM, hwm)
-            self._socket.bind(endpoint)
+            _attach(self._socket, "endpoint", endpoint, bind=True)
             self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
             if replay_endpoint is not None:
                 self._replay = self._ctx.socket(zmq.ROUTER)
                 # A whole answer plus its end marker must fit, or ROUTER drops the tail silently.
                 self._replay.setsockopt(zmq.SNDHWM, 2 * (replay_buffer_steps + 1))
-                self._replay.bind(replay_endpoint)
+                _attach(self._replay, "replay_endpoint", replay_endpoint, bind=True)
                 self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
                 self._buffer = deque(maxlen=replay_buffer_steps)
         except Exception:
@@ -325,7 +340,13 @@ class KVEventSubscriber:
         self._socket = self._ctx.socket(zmq.SUB)
         try:
             self._socket.setsockopt(zmq.SUBSCRIBE, self._topic_bytes)
-            self._socket.connect(endpoint)
+            _attach(self._socket, "endpoint", endpoint, bind=False)
+            if replay_endpoint is not None:  # checked now: a bad one would only fail at the first gap
+                probe = self._ctx.socket(zmq.DEALER)
+                try:
+                    _attach(probe, "replay_endpoint", replay_endpoint, bind=False)
+                finally:
+                    probe.close(linger=0)
         except Exception:
             self._socket.close(linger=0)
             self._ctx.term()
