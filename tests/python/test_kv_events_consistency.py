@@ -319,3 +319,75 @@ def test_a_bad_replay_endpoint_is_refused_up_front() -> None:
     with KVEventPublisher("tcp://127.0.0.1:*") as publisher, pytest.raises(zmq.ZMQError, match="in use"):
         KVEventPublisher(publisher.endpoint)  # a port in use is not a bad value: zmq's error stays
 
+
+
+# --- request managers publishing into one cache ---------------------------------------------------------
+
+
+def manager_pool() -> Any:
+    from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
+
+    return PagedKVPool(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype="int8", block_size=4), 256)
+
+
+def rehashes(cache: RadixPrefixCache, event: dict[str, Any]) -> bool:
+    """What a router does with a stored event: hash its tokens under its parent, its salt (in a chain's
+    first block only) and its extra key; true when that gives the event's own digests."""
+    parent = event["parent"]
+    digests = cache.hash_tokens(np.array(event["token_ids"], dtype=np.int64), parent=parent,
+                                salt=event.get("cache_salt") if parent is None else None, extra=event["extra_key"])
+    return [bytes(d) for d in digests] == event["digests"]
+
+
+@pytest.mark.parametrize("capacity", [None, 32])
+def test_two_managers_on_threads_and_a_drainer_keep_the_router_exact(capacity: int | None) -> None:
+    """Four threads admit, append and finish requests through two request managers sharing one cache,
+    with evictions, while a fifth drains the events: the router ends equal to the cache, and every
+    stored event (salted, keyed, continuations) re-hashes to its digests from its own fields."""
+    pool = manager_pool()
+    cache = RadixPrefixCache(block_size=4, pool=pool, capacity_blocks=capacity, event_queue_capacity=1_000_000)
+    from sagellm_kv_cache.manager import RequestManager
+
+    managers = [RequestManager(pool, cache=cache) for _ in range(2)]
+    router = Router()
+    stored: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def drainer() -> None:
+        while True:
+            last = done.is_set()
+            stored.extend(e for e in router.drain(cache) if e["type"] == "stored")
+            if last:
+                return
+
+    def worker(k: int) -> None:
+        rng = random.Random(k)
+        manager, running = managers[k % 2], []
+        for i in range(200):
+            try:
+                if rng.random() < 0.5 or not running:
+                    prompt = np.array([rng.randint(0, 1) for _ in range(rng.randint(1, 24))], dtype=np.int64)
+                    manager.admit(k * 1000 + i, prompt, salt=rng.choice([None, b"s"]), extra=rng.choice([None, b"x"]))
+                    running.append(k * 1000 + i)
+                elif rng.random() < 0.6:
+                    manager.append(rng.choice(running), np.array([rng.randint(0, 1)] * rng.randint(1, 6)))
+                else:
+                    manager.finish([running.pop(rng.randrange(len(running)))])
+            except MemoryError:
+                pass  # the pool is short: the call changed nothing
+            if rng.random() < 0.1:
+                cache.evict(2)
+        manager.finish(running)
+
+    threads = [threading.Thread(target=drainer), *(threading.Thread(target=worker, args=(k,)) for k in range(4))]
+    for thread in threads:
+        thread.start()
+    for thread in threads[1:]:
+        thread.join()
+    done.set()
+    threads[0].join()
+    seen = {d for e in stored for d in e["digests"]}
+    assert router.tracker.block_hashes == held(cache, seen) and len(cache) > 0
+    assert all(rehashes(cache, e) for e in stored)
+    assert {(e["parent"] is None, "cache_salt" in e, e["extra_key"] is not None) for e in stored} == {
+        (first, salted, keyed) for first in (True, False) for salted in (True, False) for keyed in (True, False)}
