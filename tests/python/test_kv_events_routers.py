@@ -408,3 +408,31 @@ def test_dynamo_follows_a_publisher_that_replaces_a_closed_one(indexer: Indexer)
                 != (2, 0):
             assert time.monotonic() < deadline, indexer.log()[-3000:]
             time.sleep(0.05)
+
+
+def test_dynamo_after_event_loss_claims_no_block_the_cache_lacks(indexer: Indexer) -> None:
+    """The scenario through an event queue of 1: batches lose their oldest events and start with
+    AllBlocksCleared. Dynamo then knows less than the cache, never more (no query is answered with
+    blocks that were evicted), and still learns the chains stored after a loss."""
+    with KVEventPublisher("tcp://127.0.0.1:*") as publisher:
+        assert indexer.post("/register", {"instance_id": 1, "endpoint": publisher.endpoint, "model_name": MODEL,
+                                          "block_size": BLOCK}) == {"status": "ok"}
+        warm_up(publisher, indexer)
+        scenario = Scenario(publisher)
+        scenario.cache = RadixPrefixCache(block_size=BLOCK, capacity_blocks=14, event_queue_capacity=1)
+        known = 0
+        for number, step in enumerate(STEPS):
+            scenario.step(step)
+            expected = [scenario.expected(*q) for q in QUERIES]
+            deadline = time.monotonic() + 10  # until Dynamo has applied the batch; a stale claim stays
+            while True:
+                got = [indexer.matched_blocks(*q) for q in QUERIES]
+                over = [(q, e, g) for q, e, g in zip(QUERIES, expected, got, strict=True) if g > e]
+                if not over:
+                    break
+                assert time.monotonic() < deadline, (f"step {number}: Dynamo claims evicted blocks {over[:4]}\n"
+                                                     f"{indexer.log()[-3000:]}")
+                time.sleep(0.05)
+            known += sum(got)
+    assert scenario.cache.stats()["events_dropped"] > 0 and scenario.kinds.get("cleared", 0) > 1
+    assert known > 0
