@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -391,3 +392,34 @@ def test_two_managers_on_threads_and_a_drainer_keep_the_router_exact(capacity: i
     assert all(rehashes(cache, e) for e in stored)
     assert {(e["parent"] is None, "cache_salt" in e, e["extra_key"] is not None) for e in stored} == {
         (first, salted, keyed) for first in (True, False) for salted in (True, False) for keyed in (True, False)}
+
+
+def test_timestamps_follow_the_batches_handed_out_after_a_replay() -> None:
+    """Was: after a repaired gap every batch handed out carried the timestamp of the last replayed one
+    (the live batch's own was overwritten while the replay was decoded)."""
+    with (
+        KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", data_parallel_rank=3) as publisher,
+        KVEventSubscriber(publisher.endpoint, replay_endpoint=publisher.replay_endpoint) as subscriber,
+    ):
+        joined(publisher, subscriber)
+        deaf: Any = subscriber
+        deaf._socket.setsockopt(zmq.UNSUBSCRIBE, b"")  # the subscriber misses what follows
+        time.sleep(0.1)
+        for _ in range(3):
+            publisher.publish([])
+            time.sleep(0.02)
+        deaf._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        stamps: dict[int, float] = {}
+        deadline = time.monotonic() + 10
+        while True:  # until the subscription is back; the first batch it gets shows the gap
+            assert time.monotonic() < deadline
+            publisher.publish([])
+            if (batch := subscriber.receive(50)) is not None:
+                break
+        while batch is not None:
+            assert subscriber.last_timestamp is not None and subscriber.last_data_parallel_rank == 3
+            stamps[batch[0]] = subscriber.last_timestamp
+            batch = subscriber.receive(100)
+        assert subscriber.replayed_batches >= 3
+        ordered = [stamps[seq] for seq in sorted(stamps)]
+        assert ordered == sorted(ordered) and len(set(ordered)) == len(ordered), ordered

@@ -102,6 +102,9 @@ def _attach(socket: zmq.Socket[bytes], name: str, endpoint: str, *, bind: bool) 
                          f"{err.strerror}") from err
 
 
+_Batch = tuple[int, list[dict[str, Any]], float, int | None]  # seq, events, timestamp, data_parallel_rank
+
+
 def _seq_bytes(seq: int) -> bytes:
     return seq.to_bytes(8, "big", signed=True)
 
@@ -308,7 +311,9 @@ class KVEventSubscriber:
 
     With ``replay_endpoint`` a sequence gap is repaired before :meth:`receive` returns: the
     missing batches are fetched from the publisher's replay buffer and handed out in order.
-    Gaps the buffer no longer covers are counted in :attr:`missed_batches`. Not thread-safe.
+    Gaps the buffer no longer covers are counted in :attr:`missed_batches`. After each
+    :meth:`receive`, :attr:`last_timestamp` and :attr:`last_data_parallel_rank` are those of the
+    batch it returned. Not thread-safe.
     """
 
     def __init__(
@@ -335,7 +340,7 @@ class KVEventSubscriber:
         self.last_seq: int | None = None
         self.missed_batches = 0
         self.replayed_batches = 0
-        self._pending: deque[tuple[int, list[dict[str, Any]]]] = deque()
+        self._pending: deque[_Batch] = deque()
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.SUB)
         try:
@@ -353,11 +358,12 @@ class KVEventSubscriber:
             raise
         self._closed = False
 
-    def _decode(self, seq_frame: bytes, payload: bytes) -> tuple[int, list[dict[str, Any]]]:
+    @staticmethod
+    def _decode(seq_frame: bytes, payload: bytes) -> _Batch:
         if len(seq_frame) != 8:
             raise KVEventDecodeError(f"sequence frame has {len(seq_frame)} bytes, expected 8")
-        self.last_timestamp, events, self.last_data_parallel_rank = decode_batch_with_rank(payload)
-        return int.from_bytes(seq_frame, "big"), events
+        timestamp, events, rank = decode_batch_with_rank(payload)
+        return int.from_bytes(seq_frame, "big"), events, timestamp, rank
 
     def replay(self, start_seq: int) -> list[tuple[int, list[dict[str, Any]]]]:
         """The publisher's buffered batches from ``start_seq`` on, as ``(seq, events)``, oldest first.
@@ -365,6 +371,9 @@ class KVEventSubscriber:
         Raises ``TimeoutError`` when no complete answer arrives within ``replay_timeout_ms`` and
         ``RuntimeError`` without a ``replay_endpoint``.
         """
+        return [(seq, events) for seq, events, _, _ in self._replay(start_seq)]
+
+    def _replay(self, start_seq: int) -> list[_Batch]:
         if self.replay_endpoint is None:
             raise RuntimeError("this subscriber has no replay_endpoint")
         if isinstance(start_seq, bool) or not isinstance(start_seq, int) or not 0 <= start_seq < 2**64:
@@ -373,7 +382,7 @@ class KVEventSubscriber:
         try:
             dealer.connect(self.replay_endpoint)
             dealer.send_multipart([b"", start_seq.to_bytes(8, "big")])
-            out: list[tuple[int, list[dict[str, Any]]]] = []
+            out: list[_Batch] = []
             deadline = time.monotonic() + self.replay_timeout_ms / 1000.0
             while True:
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
@@ -393,19 +402,19 @@ class KVEventSubscriber:
         finally:
             dealer.close(linger=0)
 
-    def _repair_gap(self, seq: int, events: list[dict[str, Any]]) -> None:
-        """Queues the missing batches before ``seq`` (as far as the replay buffer has them), then ``seq``."""
+    def _repair_gap(self, live: _Batch) -> None:
+        """Queues the missing batches before ``live`` (as far as the replay buffer has them), then it."""
         assert self.last_seq is not None
-        expected = self.last_seq + 1
+        expected, seq = self.last_seq + 1, live[0]
         try:
-            replayed = self.replay(expected)
+            replayed = self._replay(expected)
         except (TimeoutError, KVEventDecodeError):
             replayed = []
-        got = {s: evs for s, evs in replayed if expected <= s < seq}
+        got = {batch[0]: batch for batch in replayed if expected <= batch[0] < seq}
         self.replayed_batches += len(got)
         self.missed_batches += (seq - expected) - len(got)
-        self._pending.extend(sorted(got.items()))
-        self._pending.append((seq, events))
+        self._pending.extend(got[s] for s in sorted(got))
+        self._pending.append(live)
 
     def receive(self, timeout_ms: int = 1000) -> tuple[int, list[dict[str, Any]]] | None:
         """The next batch as ``(seq, events)``, or None when nothing arrives within ``timeout_ms``.
@@ -416,19 +425,19 @@ class KVEventSubscriber:
         if self._closed:
             raise RuntimeError("KVEventSubscriber is closed")
         if not self._pending:
-            got = self._receive_live(timeout_ms)
-            if got is None:
+            live = self._receive_live(timeout_ms)
+            if live is None:
                 return None
-            seq, events = got
-            if self.replay_endpoint is not None and self.last_seq is not None and seq > self.last_seq + 1:
-                self._repair_gap(seq, events)
+            if self.replay_endpoint is not None and self.last_seq is not None and live[0] > self.last_seq + 1:
+                self._repair_gap(live)
             else:
-                self._pending.append((seq, events))
-        seq, events = self._pending.popleft()
+                self._pending.append(live)
+        # The batch handed out now is the one last_timestamp / last_data_parallel_rank describe.
+        seq, events, self.last_timestamp, self.last_data_parallel_rank = self._pending.popleft()
         self.last_seq = seq
         return seq, events
 
-    def _receive_live(self, timeout_ms: int) -> tuple[int, list[dict[str, Any]]] | None:
+    def _receive_live(self, timeout_ms: int) -> _Batch | None:
         deadline = time.monotonic() + max(timeout_ms, 0) / 1000.0
         while True:
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
