@@ -485,7 +485,9 @@ class DigestSetTracker:
 
     Takes decoded wire events (64-bit ``block_hashes``) or our internal events (32-byte
     ``digests``, mapped to the same ids). ``consistent`` turns False when a sequence gap shows
-    lost batches, and True again after a ``cleared`` event (from then on the view is complete).
+    lost batches, and True again after a ``cleared`` event: from then on the view holds no block
+    the cache lacks. (It is complete again too, unless the cleared event marks a cache's own lost
+    events, ``events_lost``: then blocks stored before it stay unknown until stored again.)
     """
 
     def __init__(self) -> None:
