@@ -450,6 +450,7 @@ py::dict event_dict(const PrefixCacheEvent& e) {
   d["block_size"] = e.block_size;
   d["extra_key"] = e.extra_key ? py::object(py::bytes(*e.extra_key)) : py::object(py::none());
   if (e.cache_salt) d["cache_salt"] = py::bytes(*e.cache_salt);  // only on salted stored events
+  if (e.events_lost) d["events_lost"] = true;  // only on the cleared mark of dropped events
   return d;
 }
 

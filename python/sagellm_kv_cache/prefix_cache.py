@@ -228,7 +228,10 @@ class RadixPrefixCache:
 
         A stored event of blocks inserted with a tenant salt carries it as ``cache_salt`` (bytes; a
         str salt as its UTF-8 bytes), whoever inserted them: this cache, or a
-        :class:`~sagellm_kv_cache.manager.RequestManager` publishing into it.
+        :class:`~sagellm_kv_cache.manager.RequestManager` publishing into it. When events were
+        dropped since the last drain (more than ``event_queue_capacity`` queued), the first is
+        ``{"type": "cleared", "events_lost": True}``: the cache keeps its blocks, but a router must
+        forget its view there (it missed changes), then apply the events that follow.
         """
         return list(self._native.drain_events())
 

@@ -673,16 +673,27 @@ TEST(PrefixCache, EventsDescribeStoredAndRemovedBlocks) {
   EXPECT_TRUE(c.drain_events().empty());
 }
 
-TEST(PrefixCache, EventQueueDropsOldest) {
+TEST(PrefixCache, EventQueueDropsOldestAndMarksTheLoss) {
   PrefixCacheOptions o = opts();
   o.event_queue_capacity = 3;
   PrefixCache c(o);
   for (std::int32_t i = 0; i < 5; ++i) (void)insert(c, {D(i)}, ids({i}));
   const auto ev = c.drain_events();
-  ASSERT_EQ(ev.size(), 3u);
-  EXPECT_EQ(ev[0].digests[0], D(2));
-  EXPECT_EQ(ev[2].digests[0], D(4));
+  ASSERT_EQ(ev.size(), 4u);
+  EXPECT_EQ(ev[0].type, PrefixCacheEvent::Type::kCleared);  // the consumer must forget its view
+  EXPECT_TRUE(ev[0].events_lost);
+  EXPECT_EQ(ev[1].digests[0], D(2));
+  EXPECT_EQ(ev[3].digests[0], D(4));
   EXPECT_EQ(c.stats().events_dropped, 2u);
+  EXPECT_EQ(c.stats().cached_blocks, 5u);  // the mark clears no block
+  (void)insert(c, {D(5)}, ids({5}));
+  const auto next = c.drain_events();  // no loss since: no mark
+  ASSERT_EQ(next.size(), 1u);
+  EXPECT_EQ(next[0].type, PrefixCacheEvent::Type::kStored);
+  c.clear();
+  const auto cleared = c.drain_events();  // a real clear is not a loss
+  ASSERT_EQ(cleared.size(), 1u);
+  EXPECT_FALSE(cleared[0].events_lost);
 }
 
 TEST(PrefixCache, EventsOffByDefault) {

@@ -38,7 +38,7 @@ msgpack = pytest.importorskip("msgpack")
 
 import zmq  # noqa: E402
 from sagellm_kv_cache import RadixPrefixCache  # noqa: E402
-from sagellm_kv_cache.observability.events import KVEventPublisher, wire_block_id  # noqa: E402
+from sagellm_kv_cache.observability.events import KVEventPublisher, decode_batch, wire_block_id  # noqa: E402
 
 BLOCK = 4
 MODEL = "sagellm-test"
@@ -322,8 +322,22 @@ def test_engine_decoders_accept_every_batch(module: str, payloads: list[bytes]) 
     msgspec = pytest.importorskip("msgspec")
     engine = pytest.importorskip(module)
     decoder = msgspec.msgpack.Decoder(type=engine.KVEventBatch)
-    decoded = [decoder.decode(p) for p in payloads]
-    assert sum(len(batch.events) for batch in decoded) == len(payloads)
+    names = {"stored": "BlockStored", "removed": "BlockRemoved", "cleared": "AllBlocksCleared"}
+    fields = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "medium", "lora_name")
+    for payload in payloads:
+        theirs = decoder.decode(payload)
+        _, ours = decode_batch(payload)
+        # Was: compared the event count with the batch count, wrong for every batch that evicts and
+        # stores (skipped wherever the engine was not importable, so it never ran).
+        assert [type(e).__name__ for e in theirs.events] == [names[e["type"]] for e in ours]
+        assert theirs.data_parallel_rank == 0
+        for their, our in zip(theirs.events, ours, strict=True):
+            shared = [f for f in fields if f in our and hasattr(their, f)]  # SGLang has no extra_keys
+            assert {f: getattr(their, f) for f in shared} == {f: our[f] for f in shared}
+            if our["type"] == "stored" and hasattr(their, "extra_keys"):
+                assert their.lora_id is None
+                keys = None if our["extra_keys"] is None else [k if k is None else list(k) for k in our["extra_keys"]]
+                assert [k if k is None else list(k) for k in their.extra_keys or []] == (keys or [])
 
 
 def strict_schema(engine: Literal["vllm", "sglang"]) -> Any:
@@ -368,3 +382,57 @@ def test_strict_schema_rejects_what_the_engines_reject() -> None:
             decoder.decode(msgpack.packb([1.0, [bad], 0], use_bin_type=True))
     with pytest.raises(msgspec.ValidationError):
         decoder.decode(msgpack.packb([1.0, [good]]))  # Dynamo needs the rank
+
+
+def test_dynamo_follows_a_publisher_that_replaces_a_closed_one(indexer: Indexer) -> None:
+    """Dynamo skips batches numbered at or below the last it saw: the replacing publisher goes on from
+    ``first_seq=old.next_seq`` (a second one starting at 0 was ignored: its blocks never matched)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cache = RadixPrefixCache(block_size=BLOCK, event_queue_capacity=64)
+    old = KVEventPublisher(endpoint)
+    assert indexer.post("/register", {"instance_id": 1, "endpoint": endpoint, "model_name": MODEL,
+                                      "block_size": BLOCK}) == {"status": "ok"}
+    warm_up(old, indexer)
+    for _ in range(1000):
+        old.publish([])  # the old publisher got far ahead (of what warm_up sends in its 30 s)
+    cache.insert_tokens(np.array(tokens(1, 2), dtype=np.int64), np.array([0, 1], dtype=np.int32))
+    old.publish(cache.drain_events())
+    old.close()
+    cache.evict(2)
+    cache.insert_tokens(np.array(tokens(5, 6), dtype=np.int64), np.array([2, 3], dtype=np.int32))
+    with KVEventPublisher(endpoint, first_seq=old.next_seq) as new:
+        warm_up(new, indexer)  # Dynamo takes the new publisher's batches at all
+        new.publish(cache.drain_events())
+        deadline = time.monotonic() + 10
+        while (indexer.matched_blocks(tokens(5, 6), None, None), indexer.matched_blocks(tokens(1, 2), None, None)) \
+                != (2, 0):
+            assert time.monotonic() < deadline, indexer.log()[-3000:]
+            time.sleep(0.05)
+
+
+def test_dynamo_after_event_loss_claims_no_block_the_cache_lacks(indexer: Indexer) -> None:
+    """The scenario through an event queue of 1: batches lose their oldest events and start with
+    AllBlocksCleared. Dynamo then knows less than the cache, never more (no query is answered with
+    blocks that were evicted), and still learns the chains stored after a loss."""
+    with KVEventPublisher("tcp://127.0.0.1:*") as publisher:
+        assert indexer.post("/register", {"instance_id": 1, "endpoint": publisher.endpoint, "model_name": MODEL,
+                                          "block_size": BLOCK}) == {"status": "ok"}
+        warm_up(publisher, indexer)
+        scenario = Scenario(publisher)
+        scenario.cache = RadixPrefixCache(block_size=BLOCK, capacity_blocks=14, event_queue_capacity=1)
+        known = 0
+        for number, step in enumerate(STEPS):
+            scenario.step(step)
+            expected = [scenario.expected(*q) for q in QUERIES]
+            deadline = time.monotonic() + 10  # until Dynamo has applied the batch; a stale claim stays
+            while True:
+                got = [indexer.matched_blocks(*q) for q in QUERIES]
+                over = [(q, e, g) for q, e, g in zip(QUERIES, expected, got, strict=True) if g > e]
+                if not over:
+                    break
+                assert time.monotonic() < deadline, (f"step {number}: Dynamo claims evicted blocks {over[:4]}\n"
+                                                     f"{indexer.log()[-3000:]}")
+                time.sleep(0.05)
+            known += sum(got)
+    assert scenario.cache.stats()["events_dropped"] > 0 and scenario.kinds.get("cleared", 0) > 1
+    assert known > 0

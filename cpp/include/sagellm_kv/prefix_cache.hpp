@@ -75,7 +75,9 @@ struct PrefixCacheOptions {
   std::optional<std::uint32_t> capacity_blocks;  ///< empty: unbounded; else > 0
   EvictionPolicy policy = EvictionPolicy::kLru;
   double ttl_seconds = 300.0;                    ///< kTtl only; must then be finite and > 0
-  std::size_t event_queue_capacity = 0;          ///< 0 disables events; else oldest dropped beyond it
+  /// 0 disables events; else at most this many are queued: beyond it the oldest is dropped, and the
+  /// next `drain_events` starts with a kCleared event marked `events_lost` (see there).
+  std::size_t event_queue_capacity = 0;
   /// Time source for TTL in nanoseconds (monotonic); empty: std::chrono::steady_clock. Tests inject
   /// a fake clock. Called under the cache's mutex: must not call back into the cache.
   std::function<std::int64_t()> clock_ns;
@@ -135,6 +137,9 @@ struct PrefixCacheEvent {
   std::uint32_t block_size = 0;         ///< kStored
   std::optional<std::string> extra_key; ///< kStored: as passed to insert
   std::optional<std::string> cache_salt; ///< kStored: as passed to insert
+  /// kCleared only: not a clear of the cache but the mark that events were dropped before the ones
+  /// that follow. A consumer forgets what it was told so far, since it missed changes to it.
+  bool events_lost = false;
 };
 
 /// Counters since construction plus current sizes. A consistent snapshot.
@@ -251,7 +256,11 @@ class PrefixCache {
   /// O(cached nodes).
   std::uint32_t clear();
 
-  /// Takes all queued events, oldest first.
+  /// Takes all queued events, oldest first. When events were dropped since the last drain (a full
+  /// queue, or no memory to queue one), the first is a kCleared event with `events_lost` set and
+  /// the rest are every event after the last one dropped: a consumer that forgets its view there
+  /// and applies them holds only blocks that are cached (missing those it was not told about
+  /// again), never a block that left. Thread-safe; a failure (bad_alloc) leaves the queue as it was.
   [[nodiscard]] std::vector<PrefixCacheEvent> drain_events();
 
   [[nodiscard]] PrefixCacheStats stats() const;

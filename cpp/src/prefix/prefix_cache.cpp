@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <deque>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <new>
@@ -147,6 +148,7 @@ struct PrefixCache::Impl {
   std::unordered_map<BlockId, std::uint32_t> block_node_map;  // metadata-only: ids are arbitrary
   std::uint64_t tick = 0;
   std::deque<PrefixCacheEvent> events;
+  bool events_lost = false;  // events were dropped since the last drain: it starts with a lost mark
   PrefixCacheStats counters;
 
   // Scratch reused across calls, so steady-state calls do not allocate.
@@ -176,18 +178,24 @@ struct PrefixCache::Impl {
   static void fault_point(const char* site) { detail::prefix_fault_point(site); }
 
   // Queues an event. Never throws, so the commit phases that call it stay noexcept: an event the
-  // queue cannot take (no memory) counts as dropped, as one pushed out of a full queue does.
+  // queue cannot take (no memory) counts as dropped, as one pushed out of a full queue does. A
+  // loss is marked for the next drain, and only events after the last lost one stay queued: a
+  // consumer that restarts from them cannot apply a change whose undoing it missed.
   void emit(PrefixCacheEvent&& event) noexcept {
     if (!events_on()) return;
     if (events.size() >= event_capacity) {
-      events.pop_front();
+      events.pop_front();  // the oldest: what stays is still contiguous with what comes
       ++counters.events_dropped;
+      events_lost = true;
     }
     try {
       fault_point("emit");
       events.push_back(std::move(event));
     } catch (...) {
-      ++counters.events_dropped;
+      // This one is lost in the middle: the queued events before it must go too.
+      counters.events_dropped += events.size() + 1;
+      events.clear();
+      events_lost = true;
     }
   }
 
@@ -1022,10 +1030,19 @@ std::uint32_t PrefixCache::clear() {
 }
 
 std::vector<PrefixCacheEvent> PrefixCache::drain_events() {
-  const std::lock_guard lock(impl_->mutex);
-  std::vector<PrefixCacheEvent> out(std::make_move_iterator(impl_->events.begin()),
-                                    std::make_move_iterator(impl_->events.end()));
-  impl_->events.clear();
+  Impl& s = *impl_;
+  const std::lock_guard lock(s.mutex);
+  std::vector<PrefixCacheEvent> out;
+  out.reserve(s.events.size() + (s.events_lost ? 1 : 0));  // the only step that can fail
+  if (s.events_lost) {
+    PrefixCacheEvent mark;
+    mark.type = PrefixCacheEvent::Type::kCleared;
+    mark.events_lost = true;
+    out.push_back(std::move(mark));
+  }
+  std::move(s.events.begin(), s.events.end(), std::back_inserter(out));
+  s.events.clear();
+  s.events_lost = false;
   return out;
 }
 

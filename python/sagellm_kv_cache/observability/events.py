@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sagellm_kv_cache.observability.kv_wire import (
@@ -70,6 +70,7 @@ def _require_deps() -> None:
 
 
 _C_INT_MAX = 2**31 - 1  # ZMQ socket options are C ints
+_SEQ_MAX = 2**63 - 2  # sequence frames are signed 8-byte ints (-1 ends a replay); room for one batch
 
 
 def _int_option(name: str, value: Any, low: int, high: int) -> int:
@@ -84,6 +85,24 @@ def _int_option(name: str, value: Any, low: int, high: int) -> int:
 def _check_endpoint(name: str, value: Any) -> None:
     if not isinstance(value, str | bytes):
         raise TypeError(f"{name} must be a ZMQ endpoint string, got {type(value).__name__}")
+
+
+def _attach(socket: zmq.Socket[bytes], name: str, endpoint: str, *, bind: bool) -> None:
+    """Binds or connects ``socket``; an endpoint zmq cannot use is a ValueError naming it (a port in
+    use stays zmq's error: the value is fine, the port is taken)."""
+    try:
+        if bind:
+            socket.bind(endpoint)
+        else:
+            socket.connect(endpoint)
+    except zmq.ZMQError as err:
+        if err.errno == zmq.EADDRINUSE:
+            raise
+        raise ValueError(f"{name} {endpoint!r} is not an endpoint zmq can {'bind' if bind else 'connect'}: "
+                         f"{err.strerror}") from err
+
+
+_Batch = tuple[int, list[dict[str, Any]], float, int | None]  # seq, events, timestamp, data_parallel_rank
 
 
 def _seq_bytes(seq: int) -> bytes:
@@ -101,6 +120,11 @@ class KVEventPublisher:
     ``medium`` is where the published blocks live (``"GPU"`` for device memory, ``"CPU_PINNED"`` or
     ``"CPU"`` for host memory, ``"DISK"``); ``data_parallel_rank`` goes into every batch.
     ``publish`` and ``close`` are thread-safe; replay requests are answered by a background thread.
+
+    Sequence numbers start at ``first_seq`` (0, as vLLM's). Routers (Dynamo's indexer,
+    :class:`DigestSetTracker`) ignore a batch numbered at or below the last one they saw, taking it
+    for a replayed duplicate: a publisher that replaces a closed one for the same engine must go on
+    from ``first_seq=old.next_seq``, or routers ignore it until it passes the old numbers.
     """
 
     wire_schema = VLLM_WIRE_SCHEMA
@@ -117,6 +141,7 @@ class KVEventPublisher:
         replay_buffer_steps: int = 10_000,
         hwm: int = 100_000,
         linger_ms: int = 1000,
+        first_seq: int = 0,
     ) -> None:
         _require_deps()
         if not isinstance(topic, str):
@@ -132,6 +157,7 @@ class KVEventPublisher:
         # endpoint bound for the life of the process. The replay socket's HWM is 2 * (steps + 1).
         _int_option("replay_buffer_steps", replay_buffer_steps, 1, _C_INT_MAX // 2 - 1)
         _int_option("hwm", hwm, 0, _C_INT_MAX)
+        _int_option("first_seq", first_seq, 0, _SEQ_MAX)
         if linger_ms is not None:
             _int_option("linger_ms", linger_ms, -1, _C_INT_MAX)
         self.topic = topic
@@ -140,7 +166,9 @@ class KVEventPublisher:
         self._topic_bytes = topic.encode("utf-8")
         self._linger_ms = linger_ms
         self._lock = threading.Lock()
-        self._seq = 0
+        # Held from a drain to its publish, so batches leave in the order their events were drained.
+        self._drain_lock = threading.Lock()
+        self._seq = first_seq
         self._buffer: deque[tuple[int, bytes]] | None = None
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.PUB)
@@ -148,13 +176,13 @@ class KVEventPublisher:
         self.replay_endpoint: str | None = None
         try:
             self._socket.setsockopt(zmq.SNDHWM, hwm)
-            self._socket.bind(endpoint)
+            _attach(self._socket, "endpoint", endpoint, bind=True)
             self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
             if replay_endpoint is not None:
                 self._replay = self._ctx.socket(zmq.ROUTER)
                 # A whole answer plus its end marker must fit, or ROUTER drops the tail silently.
                 self._replay.setsockopt(zmq.SNDHWM, 2 * (replay_buffer_steps + 1))
-                self._replay.bind(replay_endpoint)
+                _attach(self._replay, "replay_endpoint", replay_endpoint, bind=True)
                 self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
                 self._buffer = deque(maxlen=replay_buffer_steps)
         except Exception:
@@ -199,6 +227,30 @@ class KVEventPublisher:
             self._seq += 1
             return seq
 
+    def publish_drained(self, drain: Callable[[], Sequence[Mapping[str, Any]]]) -> int:
+        """Calls ``drain`` (e.g. a cache's ``drain_events``) and publishes what it returns as one batch;
+        returns how many events that was (an empty drain sends nothing).
+
+        Thread-safe in the way a router needs: two threads draining the same cache into this
+        publisher send their batches in the order they drained them, so a router never applies a
+        removal before the store it undoes. A closed publisher raises RuntimeError before ``drain``
+        is called. When the drained events cannot be encoded (``TypeError``/``ValueError``: e.g. a
+        stored block without its token ids) they are lost: an ``AllBlocksCleared`` batch goes out in
+        their place, so routers drop what they may no longer know, and the error is raised.
+        """
+        with self._drain_lock:
+            if self._closed:
+                raise RuntimeError("KVEventPublisher is closed")
+            events = drain()
+            if not events:
+                return 0
+            try:
+                self.publish(events)
+            except (TypeError, ValueError):
+                self.publish([{"type": "cleared"}])
+                raise
+            return len(events)
+
     def _serve_replays(self) -> None:
         replay = self._replay
         assert replay is not None
@@ -229,8 +281,11 @@ class KVEventPublisher:
         return self._closed
 
     def close(self) -> None:
-        """Stops answering replays, flushes (up to ``linger_ms``) and closes the sockets; idempotent."""
-        with self._lock:
+        """Stops answering replays, flushes (up to ``linger_ms``) and closes the sockets; idempotent.
+
+        Waits for a :meth:`publish_drained` under way, so events it drained are sent, not lost.
+        """
+        with self._drain_lock, self._lock:
             if self._closed:
                 return
             self._closed = True
@@ -256,7 +311,9 @@ class KVEventSubscriber:
 
     With ``replay_endpoint`` a sequence gap is repaired before :meth:`receive` returns: the
     missing batches are fetched from the publisher's replay buffer and handed out in order.
-    Gaps the buffer no longer covers are counted in :attr:`missed_batches`. Not thread-safe.
+    Gaps the buffer no longer covers are counted in :attr:`missed_batches`. After each
+    :meth:`receive`, :attr:`last_timestamp` and :attr:`last_data_parallel_rank` are those of the
+    batch it returned. Not thread-safe.
     """
 
     def __init__(
@@ -283,23 +340,30 @@ class KVEventSubscriber:
         self.last_seq: int | None = None
         self.missed_batches = 0
         self.replayed_batches = 0
-        self._pending: deque[tuple[int, list[dict[str, Any]]]] = deque()
+        self._pending: deque[_Batch] = deque()
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.SUB)
         try:
             self._socket.setsockopt(zmq.SUBSCRIBE, self._topic_bytes)
-            self._socket.connect(endpoint)
+            _attach(self._socket, "endpoint", endpoint, bind=False)
+            if replay_endpoint is not None:  # checked now: a bad one would only fail at the first gap
+                probe = self._ctx.socket(zmq.DEALER)
+                try:
+                    _attach(probe, "replay_endpoint", replay_endpoint, bind=False)
+                finally:
+                    probe.close(linger=0)
         except Exception:
             self._socket.close(linger=0)
             self._ctx.term()
             raise
         self._closed = False
 
-    def _decode(self, seq_frame: bytes, payload: bytes) -> tuple[int, list[dict[str, Any]]]:
+    @staticmethod
+    def _decode(seq_frame: bytes, payload: bytes) -> _Batch:
         if len(seq_frame) != 8:
             raise KVEventDecodeError(f"sequence frame has {len(seq_frame)} bytes, expected 8")
-        self.last_timestamp, events, self.last_data_parallel_rank = decode_batch_with_rank(payload)
-        return int.from_bytes(seq_frame, "big"), events
+        timestamp, events, rank = decode_batch_with_rank(payload)
+        return int.from_bytes(seq_frame, "big"), events, timestamp, rank
 
     def replay(self, start_seq: int) -> list[tuple[int, list[dict[str, Any]]]]:
         """The publisher's buffered batches from ``start_seq`` on, as ``(seq, events)``, oldest first.
@@ -307,6 +371,9 @@ class KVEventSubscriber:
         Raises ``TimeoutError`` when no complete answer arrives within ``replay_timeout_ms`` and
         ``RuntimeError`` without a ``replay_endpoint``.
         """
+        return [(seq, events) for seq, events, _, _ in self._replay(start_seq)]
+
+    def _replay(self, start_seq: int) -> list[_Batch]:
         if self.replay_endpoint is None:
             raise RuntimeError("this subscriber has no replay_endpoint")
         if isinstance(start_seq, bool) or not isinstance(start_seq, int) or not 0 <= start_seq < 2**64:
@@ -315,7 +382,7 @@ class KVEventSubscriber:
         try:
             dealer.connect(self.replay_endpoint)
             dealer.send_multipart([b"", start_seq.to_bytes(8, "big")])
-            out: list[tuple[int, list[dict[str, Any]]]] = []
+            out: list[_Batch] = []
             deadline = time.monotonic() + self.replay_timeout_ms / 1000.0
             while True:
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
@@ -335,19 +402,19 @@ class KVEventSubscriber:
         finally:
             dealer.close(linger=0)
 
-    def _repair_gap(self, seq: int, events: list[dict[str, Any]]) -> None:
-        """Queues the missing batches before ``seq`` (as far as the replay buffer has them), then ``seq``."""
+    def _repair_gap(self, live: _Batch) -> None:
+        """Queues the missing batches before ``live`` (as far as the replay buffer has them), then it."""
         assert self.last_seq is not None
-        expected = self.last_seq + 1
+        expected, seq = self.last_seq + 1, live[0]
         try:
-            replayed = self.replay(expected)
+            replayed = self._replay(expected)
         except (TimeoutError, KVEventDecodeError):
             replayed = []
-        got = {s: evs for s, evs in replayed if expected <= s < seq}
+        got = {batch[0]: batch for batch in replayed if expected <= batch[0] < seq}
         self.replayed_batches += len(got)
         self.missed_batches += (seq - expected) - len(got)
-        self._pending.extend(sorted(got.items()))
-        self._pending.append((seq, events))
+        self._pending.extend(got[s] for s in sorted(got))
+        self._pending.append(live)
 
     def receive(self, timeout_ms: int = 1000) -> tuple[int, list[dict[str, Any]]] | None:
         """The next batch as ``(seq, events)``, or None when nothing arrives within ``timeout_ms``.
@@ -358,19 +425,19 @@ class KVEventSubscriber:
         if self._closed:
             raise RuntimeError("KVEventSubscriber is closed")
         if not self._pending:
-            got = self._receive_live(timeout_ms)
-            if got is None:
+            live = self._receive_live(timeout_ms)
+            if live is None:
                 return None
-            seq, events = got
-            if self.replay_endpoint is not None and self.last_seq is not None and seq > self.last_seq + 1:
-                self._repair_gap(seq, events)
+            if self.replay_endpoint is not None and self.last_seq is not None and live[0] > self.last_seq + 1:
+                self._repair_gap(live)
             else:
-                self._pending.append((seq, events))
-        seq, events = self._pending.popleft()
+                self._pending.append(live)
+        # The batch handed out now is the one last_timestamp / last_data_parallel_rank describe.
+        seq, events, self.last_timestamp, self.last_data_parallel_rank = self._pending.popleft()
         self.last_seq = seq
         return seq, events
 
-    def _receive_live(self, timeout_ms: int) -> tuple[int, list[dict[str, Any]]] | None:
+    def _receive_live(self, timeout_ms: int) -> _Batch | None:
         deadline = time.monotonic() + max(timeout_ms, 0) / 1000.0
         while True:
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
@@ -418,7 +485,9 @@ class DigestSetTracker:
 
     Takes decoded wire events (64-bit ``block_hashes``) or our internal events (32-byte
     ``digests``, mapped to the same ids). ``consistent`` turns False when a sequence gap shows
-    lost batches, and True again after a ``cleared`` event (from then on the view is complete).
+    lost batches, and True again after a ``cleared`` event: from then on the view holds no block
+    the cache lacks. (It is complete again too, unless the cleared event marks a cache's own lost
+    events, ``events_lost``: then blocks stored before it stay unknown until stored again.)
     """
 
     def __init__(self) -> None:

@@ -27,6 +27,10 @@ Our internal event dicts (what ``RadixPrefixCache.drain_events`` returns) keep t
      "medium": str (optional, overrides the publisher's)}
     {"type": "removed", "digests": [bytes, ...], "medium": str (optional)}
     {"type": "cleared"}
+    {"type": "cleared", "events_lost": True}  (the cache's queue overflowed: forget, then apply the rest)
+
+Both cleared forms go out as ``AllBlocksCleared``: after a loss a router must drop what it knows,
+since it missed removals; it then holds only cached blocks (not all of them).
 
 Decoded wire events (what our subscriber yields) carry the 64-bit ids::
 

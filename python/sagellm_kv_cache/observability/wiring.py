@@ -175,7 +175,11 @@ def publish_prefix_events(cache: Any, publisher: KVEventPublisher) -> int:
     Nothing is sent when nothing happened (a router needs no empty batches: sequence numbers only
     advance with content). The cache needs ``event_queue_capacity > 0`` to record events at all.
     A closed publisher is refused (RuntimeError) before the cache is drained, so its events stay
-    queued for another publisher (unless a close races the call).
+    queued for another publisher; a close waits for a call under way. Safe from several threads: the
+    drain and the publish happen under the publisher's drain lock
+    (:meth:`~sagellm_kv_cache.observability.events.KVEventPublisher.publish_drained`), so batches go
+    out in the order their events happened. Events that cannot be encoded raise, after an
+    ``AllBlocksCleared`` batch tells routers to forget what they may have missed.
     """
     drain = getattr(cache, "drain_events", None)
     if drain is None:
@@ -185,7 +189,4 @@ def publish_prefix_events(cache: Any, publisher: KVEventPublisher) -> int:
         raise TypeError(f"cache must be a RadixPrefixCache or KVCacheManager, got {type(cache).__name__}")
     if publisher.closed:
         raise RuntimeError("KVEventPublisher is closed: the cache's events stay queued")
-    events = drain()
-    if events:
-        publisher.publish(events)
-    return len(events)
+    return publisher.publish_drained(drain)
