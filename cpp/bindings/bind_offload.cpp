@@ -7,6 +7,8 @@
 // engine's result classes, the binding also builds the answers (object.__new__ + attributes, as
 // bind_objects.cpp does), so a call's Python side is a few attribute reads.
 #include <algorithm>
+#include <cassert>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -101,6 +103,29 @@ class Entered {
   bool& busy_;
 };
 
+// Marks the slots a call collected (so a key listed twice counts once) and clears the marks when
+// the call ends, however it ends.
+class InCall {
+ public:
+  InCall(std::vector<std::uint8_t>& marks, const std::vector<BlockId>& slots) : marks_(marks), slots_(slots) {}
+  ~InCall() {
+    for (const BlockId s : slots_) marks_[static_cast<std::size_t>(s)] = 0;
+  }
+  InCall(const InCall&) = delete;
+  InCall& operator=(const InCall&) = delete;
+
+ private:
+  std::vector<std::uint8_t>& marks_;
+  const std::vector<BlockId>& slots_;
+};
+
+// Removes `key`, which `dict` holds. Cannot fail: an exact bytes key hashes and compares without
+// running Python code, and a removal allocates nothing.
+void drop_key(PyObject* dict, PyObject* key) noexcept {
+  [[maybe_unused]] const int rc = PyDict_DelItem(dict, key);
+  assert(rc == 0);
+}
+
 class BoundOffloadIndex {
  public:
   BoundOffloadIndex(std::int64_t num_slots, const std::string& policy, double ttl_seconds, const py::object& slots_type,
@@ -110,6 +135,7 @@ class BoundOffloadIndex {
         store_type_(plain_class(store_type, "store_type")),
         slot_key_(index_.num_slots()),
         slot_value_(index_.num_slots()),
+        in_call_(index_.num_slots(), 0),
         resident_view_(py::reinterpret_steal<py::object>(PyDictProxy_New(resident_.ptr()))),
         pending_view_(py::reinterpret_steal<py::object>(PyDictProxy_New(pending_.ptr()))) {
     if (!resident_view_ || !pending_view_) throw py::error_already_set();
@@ -201,34 +227,52 @@ class BoundOffloadIndex {
     return out;
   }
 
-  // Completes (or abandons) the pending stores among `keys`; others are skipped. The keys stored,
-  // in the order they were reserved.
+  // Completes (or abandons) the pending stores among `keys`; others are skipped, as is a key's second
+  // appearance. The keys stored, in the order they were reserved. All or nothing: the answer and the
+  // `resident` entries are made before the core commits (and the entries taken out again when it
+  // throws); only removals, which cannot fail, follow it. So a MemoryError or std::bad_alloc leaves
+  // every key pending, the maps and the index agreeing.
   py::list complete_store(const py::handle& keys, bool success) {
     const Entered entered(busy_);
     const KeyItems items(keys);
     scratch_.clear();
+    const InCall in_call(in_call_, scratch_);
     for (std::size_t i = 0; i < items.size(); ++i) {
       const BlockId s = slot_in(pending_.ptr(), items[i]);
-      if (s == OffloadIndex::kNoSlot) continue;  // not pending (never stored, or completed already)
+      if (s == OffloadIndex::kNoSlot || in_call_[static_cast<std::size_t>(s)] != 0) continue;
       scratch_.push_back(s);
-      if (PyDict_DelItem(pending_.ptr(), items[i]) != 0) throw py::error_already_set();
+      in_call_[static_cast<std::size_t>(s)] = 1;
     }
-    if (success) {
-      index_.commit(scratch_);
-    } else {
-      index_.abandon(scratch_);
+    auto done = py::reinterpret_steal<py::list>(PyList_New(success ? static_cast<py::ssize_t>(scratch_.size()) : 0));
+    if (!done) throw py::error_already_set();
+    if (!success) {
+      index_.abandon(scratch_);  // refuses (changing nothing) only on a broken invariant
+      for (const BlockId s : scratch_) {
+        drop_key(pending_.ptr(), slot_key_[static_cast<std::size_t>(s)].ptr());
+        slot_key_[static_cast<std::size_t>(s)] = py::object();
+      }
+      return done;
     }
-    py::list done(success ? scratch_.size() : 0);
-    for (std::size_t i = 0; i < scratch_.size(); ++i) {
-      const auto slot = static_cast<std::size_t>(scratch_[i]);
-      if (success) {
+    std::size_t added = 0;
+    try {
+      for (; added < scratch_.size(); ++added) {
+        const auto slot = static_cast<std::size_t>(scratch_[added]);
         if (PyDict_SetItem(resident_.ptr(), slot_key_[slot].ptr(), slot_value_[slot].ptr()) != 0) {
           throw py::error_already_set();
         }
-        PyList_SET_ITEM(done.ptr(), static_cast<py::ssize_t>(i), Py_NewRef(slot_key_[slot].ptr()));
-      } else {
-        slot_key_[slot] = py::object();
       }
+      index_.commit(scratch_);  // on a throw nothing changed, scratch_ in its order
+    } catch (...) {
+      for (std::size_t i = 0; i < added; ++i) {
+        drop_key(resident_.ptr(), slot_key_[static_cast<std::size_t>(scratch_[i])].ptr());
+      }
+      throw;
+    }
+    // Cannot fail from here on.
+    for (std::size_t i = 0; i < scratch_.size(); ++i) {
+      PyObject* key = slot_key_[static_cast<std::size_t>(scratch_[i])].ptr();
+      drop_key(pending_.ptr(), key);
+      PyList_SET_ITEM(done.ptr(), static_cast<py::ssize_t>(i), Py_NewRef(key));
     }
     return done;
   }
@@ -346,6 +390,7 @@ class BoundOffloadIndex {
   py::dict pending_;                   // key -> slot (int), stores in flight
   std::vector<py::object> slot_key_;   // the key a pending or resident slot holds
   std::vector<py::object> slot_value_; // each slot's number as an int object (the dicts' values), made once
+  std::vector<std::uint8_t> in_call_;  // per slot: collected by the call in progress (see InCall)
   py::object resident_view_;           // mappingproxy over resident_
   py::object pending_view_;            // mappingproxy over pending_
   bool busy_ = false;                  // a call is in progress (see Entered)

@@ -150,3 +150,40 @@ def test_a_call_re_entered_while_one_is_in_progress_is_refused() -> None:
     assert out is not None and out[0] == keys and k(1000) not in idx.pending
     idx.complete_store(out[0])
     idx.check_invariants()
+
+
+def test_complete_store_is_all_or_nothing_when_memory_runs_out() -> None:
+    # Each Python allocation of the call fails in turn (CPython's _testcapi hooks): the call commits
+    # every pending key or none, and the key maps always agree with the index. The binding used to
+    # drop the keys from `pending` before the core's commit and to fill `resident` after it, so a
+    # failure in between left slots without keys (or keys without their slots' state).
+    testcapi = pytest.importorskip("_testcapi")
+    stored_keys = [k(i) for i in range(40)]  # `resident` grows (a dict resize) while they go in
+    successes = 0  # in a row: once the call makes fewer than n allocations, every later n succeeds
+    injected = 0
+    for n in range(2000):
+        idx = _core.OffloadIndex(64)
+        first = idx.prepare_store(stored_keys[:30])
+        second = idx.prepare_store(stored_keys[30:])  # a second run, chained from the root
+        assert first is not None and second is not None
+        keys = [*reversed(stored_keys), k(99), stored_keys[0]]  # scrambled, one never stored, one twice
+        done = None
+        testcapi.set_nomemory(n, n + 1)
+        try:
+            done = idx.complete_store(keys)
+        except MemoryError:
+            injected += 1
+        finally:
+            testcapi.remove_mem_hooks()
+        idx.check_invariants()
+        if done is None:
+            assert idx.resident == {} and len(idx.pending) == 40
+            assert idx.stats()["pending_slots"] == 40
+            successes = 0
+            continue
+        assert done == stored_keys and len(idx.resident) == 40 and idx.pending == {}
+        assert idx.stats()["resident_slots"] == 40
+        successes += 1
+        if successes == 20:
+            break
+    assert successes == 20 and injected >= 3
