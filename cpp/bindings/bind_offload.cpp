@@ -126,6 +126,43 @@ void drop_key(PyObject* dict, PyObject* key) noexcept {
   assert(rc == 0);
 }
 
+// prepare_store's pending entries for its new keys (call[i] == kNoSlot), made before the core's
+// reserve with None as the value: a later assignment of the slot only replaces a value, which cannot
+// fail. Removed again when the call ends without keep() (a refusal or a failure).
+class Placeholders {
+ public:
+  Placeholders(PyObject* pending, const KeyItems& items, const std::vector<BlockId>& call)
+      : pending_(pending), items_(items), call_(call) {
+    for (; added_ < items.size(); ++added_) {
+      if (call[added_] == OffloadIndex::kNoSlot && PyDict_SetItem(pending, items[added_], Py_None) != 0) {
+        py::error_already_set error;  // taken first: the removals run with no error set
+        remove();
+        throw error;
+      }
+    }
+  }
+  ~Placeholders() {
+    if (!kept_) remove();
+  }
+  Placeholders(const Placeholders&) = delete;
+  Placeholders& operator=(const Placeholders&) = delete;
+
+  void keep() const noexcept { kept_ = true; }
+
+ private:
+  void remove() noexcept {
+    for (std::size_t i = 0; i < added_; ++i) {
+      if (call_[i] == OffloadIndex::kNoSlot) drop_key(pending_, items_[i]);
+    }
+  }
+
+  PyObject* pending_;
+  const KeyItems& items_;
+  const std::vector<BlockId>& call_;
+  std::size_t added_ = 0;
+  mutable bool kept_ = false;
+};
+
 class BoundOffloadIndex {
  public:
   BoundOffloadIndex(std::int64_t num_slots, const std::string& policy, double ttl_seconds, const py::object& slots_type,
@@ -139,6 +176,11 @@ class BoundOffloadIndex {
         resident_view_(py::reinterpret_steal<py::object>(PyDictProxy_New(resident_.ptr()))),
         pending_view_(py::reinterpret_steal<py::object>(PyDictProxy_New(pending_.ptr()))) {
     if (!resident_view_ || !pending_view_) throw py::error_already_set();
+    // Every slot's int now, so that a store never has to make one after the core reserved its slots.
+    for (std::size_t i = 0; i < slot_value_.size(); ++i) {
+      slot_value_[i] = py::reinterpret_steal<py::object>(PyLong_FromSize_t(i));
+      if (!slot_value_[i]) throw py::error_already_set();
+    }
   }
 
   // Read-only views of the key maps (the same objects for the index's lifetime).
@@ -193,37 +235,38 @@ class BoundOffloadIndex {
       first_prev = slot_in(resident_.ptr(), prev.ptr());
       if (first_prev == OffloadIndex::kNoSlot) first_prev = slot_in(pending_.ptr(), prev.ptr());
     }
+    // --- prepare: the answer's objects and the new keys' pending entries (placeholders), before the
+    // core changes anything, so that what follows its reserve cannot fail (it cannot be undone:
+    // evicted chunks are gone). Evictions never exceed the new slots, so `gone` is sized by them.
     py::array_t<BlockId> slots(static_cast<py::ssize_t>(fresh));
-    const BlockId* new_slots = slots.data();
+    BlockId* const new_slots = slots.mutable_data();
+    auto to_store = py::reinterpret_steal<py::list>(PyList_New(static_cast<py::ssize_t>(fresh)));
+    auto gone = py::reinterpret_steal<py::list>(PyList_New(static_cast<py::ssize_t>(fresh)));
+    if (!to_store || !gone) throw py::error_already_set();
+    py::object out = answer(to_store, slots, gone);  // shares the lists, filled below
+    const Placeholders placeholders(pending_.ptr(), items, call_);  // removed again unless kept
     evicted_.clear();
-    if (!index_.reserve(call_, first_prev, std::span<BlockId>(slots.mutable_data(), fresh), evicted_)) {
-      return py::none();
-    }
-    py::list gone(evicted_.size());
+    if (!index_.reserve(call_, first_prev, std::span<BlockId>(new_slots, fresh), evicted_)) return py::none();
+    // --- commit: cannot fail ---
+    placeholders.keep();
+    assert(evicted_.size() <= fresh);
+    PyObject* const gone_out = gone.ptr();
+    PyObject* const to_store_out = to_store.ptr();
     for (std::size_t i = 0; i < evicted_.size(); ++i) {
       py::object key = std::move(slot_key_[static_cast<std::size_t>(evicted_[i])]);
-      if (PyDict_DelItem(resident_.ptr(), key.ptr()) != 0) throw py::error_already_set();
-      PyList_SET_ITEM(gone.ptr(), static_cast<py::ssize_t>(i), key.release().ptr());
+      drop_key(resident_.ptr(), key.ptr());
+      PyList_SET_ITEM(gone_out, static_cast<py::ssize_t>(i), key.release().ptr());
     }
-    py::list to_store(fresh);
+    Py_SET_SIZE(reinterpret_cast<PyVarObject*>(gone_out), static_cast<py::ssize_t>(evicted_.size()));
     for (std::size_t i = 0, j = 0; i < items.size(); ++i) {
       if (call_[i] != OffloadIndex::kNoSlot) continue;
       PyObject* key = items[i];
-      const auto slot = new_slots[j];
-      py::object& value = slot_value_[static_cast<std::size_t>(slot)];
-      if (!value) value = py::reinterpret_steal<py::object>(PyLong_FromLong(slot));  // kept while the index lives
-      if (!value || PyDict_SetItem(pending_.ptr(), key, value.ptr()) != 0) throw py::error_already_set();
-      slot_key_[static_cast<std::size_t>(slot)] = py::reinterpret_borrow<py::object>(key);
-      PyList_SET_ITEM(to_store.ptr(), static_cast<py::ssize_t>(j++), Py_NewRef(key));
+      const auto slot = static_cast<std::size_t>(new_slots[j]);
+      [[maybe_unused]] const int rc = PyDict_SetItem(pending_.ptr(), key, slot_value_[slot].ptr());  // replaces
+      assert(rc == 0);
+      slot_key_[slot] = py::reinterpret_borrow<py::object>(key);
+      PyList_SET_ITEM(to_store_out, static_cast<py::ssize_t>(j++), Py_NewRef(key));
     }
-    if (store_type_.is_none()) return py::make_tuple(std::move(to_store), std::move(slots), std::move(gone));
-    static PyObject* const keys_name = interned("keys_to_store");
-    static PyObject* const spec_name = interned("store_spec");
-    static PyObject* const evicted_name = interned("evicted_keys");
-    py::object out = new_bare(store_type_.ptr());
-    set_generic(out.ptr(), keys_name, to_store.ptr());
-    set_generic(out.ptr(), spec_name, wrap_slots(std::move(slots)).ptr());
-    set_generic(out.ptr(), evicted_name, gone.ptr());
     return out;
   }
 
@@ -333,6 +376,19 @@ class BoundOffloadIndex {
     return cls;
   }
 
+  // prepare_store's answer around its (still unfilled) lists: a tuple, or a store_type instance.
+  py::object answer(const py::list& to_store, py::array_t<BlockId> slots, const py::list& gone) const {
+    if (store_type_.is_none()) return py::make_tuple(to_store, std::move(slots), gone);
+    static PyObject* const keys_name = interned("keys_to_store");
+    static PyObject* const spec_name = interned("store_spec");
+    static PyObject* const evicted_name = interned("evicted_keys");
+    py::object out = new_bare(store_type_.ptr());
+    set_generic(out.ptr(), keys_name, to_store.ptr());
+    set_generic(out.ptr(), spec_name, wrap_slots(std::move(slots)).ptr());
+    set_generic(out.ptr(), evicted_name, gone.ptr());
+    return out;
+  }
+
   // The slots as they are, or as a slots_type instance whose block_ids they are.
   py::object wrap_slots(py::array_t<BlockId>&& slots) const {
     if (slots_type_.is_none()) return std::move(slots);
@@ -389,7 +445,7 @@ class BoundOffloadIndex {
   py::dict resident_;                  // key -> slot (int), committed chunks
   py::dict pending_;                   // key -> slot (int), stores in flight
   std::vector<py::object> slot_key_;   // the key a pending or resident slot holds
-  std::vector<py::object> slot_value_; // each slot's number as an int object (the dicts' values), made once
+  std::vector<py::object> slot_value_; // each slot's number as an int object (the dicts' values), made up front
   std::vector<std::uint8_t> in_call_;  // per slot: collected by the call in progress (see InCall)
   py::object resident_view_;           // mappingproxy over resident_
   py::object pending_view_;            // mappingproxy over pending_

@@ -187,3 +187,54 @@ def test_complete_store_is_all_or_nothing_when_memory_runs_out() -> None:
         if successes == 20:
             break
     assert successes == 20 and injected >= 3
+
+
+class _Spec:
+    pass
+
+
+class _Out:
+    pass
+
+
+@pytest.mark.parametrize("store_type", [None, _Out])
+def test_prepare_store_is_all_or_nothing_when_memory_runs_out(store_type: type | None) -> None:
+    # The store evicts 20 resident keys. Each Python allocation of the call fails in turn: the call
+    # reserves and evicts, filling the maps and its answer, or changes nothing. The binding used to
+    # build its answer and pending entries after the core had reserved (and evicted), so a failure
+    # left keys evicted in the index but still resident in the map, or slots reserved for keys no
+    # caller knew about.
+    testcapi = pytest.importorskip("_testcapi")
+    old = [k(i) for i in range(30)]
+    new = [k(100 + i) for i in range(30)]
+    successes = 0
+    injected = 0
+    for n in range(2000):
+        idx = _core.OffloadIndex(40, slots_type=_Spec if store_type else None, store_type=store_type)
+        assert idx.prepare_store(old) is not None
+        idx.complete_store(old)
+        out = None
+        testcapi.set_nomemory(n, n + 1)
+        try:
+            out = idx.prepare_store(new)
+        except MemoryError:
+            injected += 1
+        finally:
+            testcapi.remove_mem_hooks()
+        idx.check_invariants()
+        if out is None:
+            assert idx.resident == dict(zip(old, range(30), strict=True)) and idx.pending == {}
+            successes = 0
+            continue
+        if store_type is None:
+            keys, slots, gone = out
+        else:
+            keys, slots, gone = out.keys_to_store, out.store_spec.block_ids, out.evicted_keys
+        assert keys == new and len(gone) == 20 and set(gone) <= set(old) and type(gone) is list
+        assert idx.pending == dict(zip(new, slots.tolist(), strict=True))
+        assert set(idx.resident) == set(old) - set(gone)
+        gone.extend(gone)  # the answer's lists are ordinary lists
+        successes += 1
+        if successes == 20:
+            break
+    assert successes == 20 and injected >= 3
