@@ -478,6 +478,35 @@ TEST(OffloadIndexAllocFailure, CommitOfSeveralRunsCommitsAllOrNothing) {
   }
 }
 
+TEST(OffloadIndexAllocFailure, ResetStartsAfreshOrChangesNothing) {
+  // The old trie used to go before the new allocator was made: a failure then left no trie, and
+  // the next call dereferenced it.
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    FullIndex f;
+    t_failed = false;
+    t_fail_countdown = k;
+    bool done = false;
+    try {
+      f.index.reset();
+      done = true;
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    ASSERT_NO_THROW(f.index.check_invariants()) << where;
+    const OffloadIndexStats st = f.index.stats();
+    ASSERT_EQ(st.resident_slots, done ? 0u : 600u) << where;
+    ASSERT_EQ(st.free_slots, done ? 600u : 0u) << where;
+    completed = done && !t_failed;
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 2);
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
 // A pool whose cache emits events (so published blocks carry their tokens: more allocations).
 struct World {
   explicit World(std::uint32_t num_blocks = kBlocks) : alloc(num_blocks) {

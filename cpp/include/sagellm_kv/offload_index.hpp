@@ -120,6 +120,7 @@ class OffloadIndex {
   void touch(std::span<const BlockId> slots);
 
   /// Frees every slot, pending and pinned ones included, and starts a new trie (counters at zero).
+  /// Throws std::bad_alloc (nothing changed) when the new trie or allocator cannot be had.
   void reset();
 
   /// State of `slot`; Error(kInvalidArgument) when out of range.

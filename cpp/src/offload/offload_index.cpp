@@ -71,14 +71,17 @@ struct OffloadIndex::Impl {
   std::vector<BlockHash> victims;
   std::vector<BlockId> parents;  // commit: each slot's parent once resident
 
+  // A new allocator and trie, every slot free. Both are made before the old ones go, so a
+  // std::bad_alloc changes nothing (it used to leave no trie behind: the next call crashed).
   void start() {
-    trie.reset();
-    alloc = std::make_unique<BlockAllocator>(options.num_slots);
+    auto fresh_alloc = std::make_unique<BlockAllocator>(options.num_slots);
     PrefixCacheOptions po;
     po.block_size = 1;
     po.policy = options.policy;
     po.ttl_seconds = options.ttl_seconds;
-    trie = std::make_unique<PrefixCache>(po, alloc.get());
+    auto fresh_trie = std::make_unique<PrefixCache>(po, fresh_alloc.get());
+    trie = std::move(fresh_trie);  // the old trie returns its references to the old allocator first
+    alloc = std::move(fresh_alloc);
     std::fill(state.begin(), state.end(), SlotState::kFree);
     pending = 0;
     evictions = 0;
