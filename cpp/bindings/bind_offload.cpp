@@ -200,8 +200,9 @@ class BoundOffloadIndex {
         throw py::key_error("prepare_load: key " + key_hex(items[i]) + " is not offloaded and ready");
       }
     }
+    py::object answer = wrap_slots(py::array_t<BlockId>(slots));  // first: after the pin nothing may fail
     index_.pin(std::span<const BlockId>(out, items.size()));
-    return wrap_slots(std::move(slots));
+    return answer;
   }
 
   void complete_load(const py::handle& keys) {

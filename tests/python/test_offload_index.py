@@ -238,3 +238,35 @@ def test_prepare_store_is_all_or_nothing_when_memory_runs_out(store_type: type |
         if successes == 20:
             break
     assert successes == 20 and injected >= 3
+
+
+def test_prepare_load_pins_only_when_it_answers() -> None:
+    # The answer (a slots_type instance) used to be made after the pin: a MemoryError there left
+    # the keys pinned by a load no caller knew about, so they could never be evicted.
+    testcapi = pytest.importorskip("_testcapi")
+    keys = [k(i) for i in range(8)]
+    successes = 0
+    injected = 0
+    for n in range(2000):
+        idx = _core.OffloadIndex(16, slots_type=_Spec)
+        assert idx.prepare_store(keys) is not None
+        idx.complete_store(keys)
+        out = None
+        testcapi.set_nomemory(n, n + 1)
+        try:
+            out = idx.prepare_load(keys)
+        except MemoryError:
+            injected += 1
+        finally:
+            testcapi.remove_mem_hooks()
+        idx.check_invariants()
+        if out is None:
+            assert idx.stats()["in_use_blocks"] == 0
+            successes = 0
+            continue
+        assert out.block_ids.tolist() == [idx.resident[key] for key in keys]
+        assert idx.stats()["in_use_blocks"] == 8
+        successes += 1
+        if successes == 20:
+            break
+    assert successes == 20 and injected >= 1
