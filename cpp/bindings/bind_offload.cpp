@@ -7,6 +7,8 @@
 // engine's result classes, the binding also builds the answers (object.__new__ + attributes, as
 // bind_objects.cpp does), so a call's Python side is a few attribute reads.
 #include <algorithm>
+#include <cassert>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -101,6 +103,66 @@ class Entered {
   bool& busy_;
 };
 
+// Marks the slots a call collected (so a key listed twice counts once) and clears the marks when
+// the call ends, however it ends.
+class InCall {
+ public:
+  InCall(std::vector<std::uint8_t>& marks, const std::vector<BlockId>& slots) : marks_(marks), slots_(slots) {}
+  ~InCall() {
+    for (const BlockId s : slots_) marks_[static_cast<std::size_t>(s)] = 0;
+  }
+  InCall(const InCall&) = delete;
+  InCall& operator=(const InCall&) = delete;
+
+ private:
+  std::vector<std::uint8_t>& marks_;
+  const std::vector<BlockId>& slots_;
+};
+
+// Removes `key`, which `dict` holds. Cannot fail: an exact bytes key hashes and compares without
+// running Python code, and a removal allocates nothing.
+void drop_key(PyObject* dict, PyObject* key) noexcept {
+  [[maybe_unused]] const int rc = PyDict_DelItem(dict, key);
+  assert(rc == 0);
+}
+
+// prepare_store's pending entries for its new keys (call[i] == kNoSlot), made before the core's
+// reserve with None as the value: a later assignment of the slot only replaces a value, which cannot
+// fail. Removed again when the call ends without keep() (a refusal or a failure).
+class Placeholders {
+ public:
+  Placeholders(PyObject* pending, const KeyItems& items, const std::vector<BlockId>& call)
+      : pending_(pending), items_(items), call_(call) {
+    for (; added_ < items.size(); ++added_) {
+      if (call[added_] == OffloadIndex::kNoSlot && PyDict_SetItem(pending, items[added_], Py_None) != 0) {
+        py::error_already_set error;  // taken first: the removals run with no error set
+        remove();
+        throw error;
+      }
+    }
+  }
+  ~Placeholders() {
+    if (!kept_) remove();
+  }
+  Placeholders(const Placeholders&) = delete;
+  Placeholders& operator=(const Placeholders&) = delete;
+
+  void keep() const noexcept { kept_ = true; }
+
+ private:
+  void remove() noexcept {
+    for (std::size_t i = 0; i < added_; ++i) {
+      if (call_[i] == OffloadIndex::kNoSlot) drop_key(pending_, items_[i]);
+    }
+  }
+
+  PyObject* pending_;
+  const KeyItems& items_;
+  const std::vector<BlockId>& call_;
+  std::size_t added_ = 0;
+  mutable bool kept_ = false;
+};
+
 class BoundOffloadIndex {
  public:
   BoundOffloadIndex(std::int64_t num_slots, const std::string& policy, double ttl_seconds, const py::object& slots_type,
@@ -110,9 +172,15 @@ class BoundOffloadIndex {
         store_type_(plain_class(store_type, "store_type")),
         slot_key_(index_.num_slots()),
         slot_value_(index_.num_slots()),
+        in_call_(index_.num_slots(), 0),
         resident_view_(py::reinterpret_steal<py::object>(PyDictProxy_New(resident_.ptr()))),
         pending_view_(py::reinterpret_steal<py::object>(PyDictProxy_New(pending_.ptr()))) {
     if (!resident_view_ || !pending_view_) throw py::error_already_set();
+    // Every slot's int now, so that a store never has to make one after the core reserved its slots.
+    for (std::size_t i = 0; i < slot_value_.size(); ++i) {
+      slot_value_[i] = py::reinterpret_steal<py::object>(PyLong_FromSize_t(i));
+      if (!slot_value_[i]) throw py::error_already_set();
+    }
   }
 
   // Read-only views of the key maps (the same objects for the index's lifetime).
@@ -132,8 +200,9 @@ class BoundOffloadIndex {
         throw py::key_error("prepare_load: key " + key_hex(items[i]) + " is not offloaded and ready");
       }
     }
+    py::object answer = wrap_slots(py::array_t<BlockId>(slots));  // first: after the pin nothing may fail
     index_.pin(std::span<const BlockId>(out, items.size()));
-    return wrap_slots(std::move(slots));
+    return answer;
   }
 
   void complete_load(const py::handle& keys) {
@@ -167,68 +236,87 @@ class BoundOffloadIndex {
       first_prev = slot_in(resident_.ptr(), prev.ptr());
       if (first_prev == OffloadIndex::kNoSlot) first_prev = slot_in(pending_.ptr(), prev.ptr());
     }
+    // --- prepare: the answer's objects and the new keys' pending entries (placeholders), before the
+    // core changes anything, so that what follows its reserve cannot fail (it cannot be undone:
+    // evicted chunks are gone). Evictions never exceed the new slots, so `gone` is sized by them.
     py::array_t<BlockId> slots(static_cast<py::ssize_t>(fresh));
-    const BlockId* new_slots = slots.data();
+    BlockId* const new_slots = slots.mutable_data();
+    auto to_store = py::reinterpret_steal<py::list>(PyList_New(static_cast<py::ssize_t>(fresh)));
+    auto gone = py::reinterpret_steal<py::list>(PyList_New(static_cast<py::ssize_t>(fresh)));
+    if (!to_store || !gone) throw py::error_already_set();
+    py::object out = answer(to_store, slots, gone);  // shares the lists, filled below
+    const Placeholders placeholders(pending_.ptr(), items, call_);  // removed again unless kept
     evicted_.clear();
-    if (!index_.reserve(call_, first_prev, std::span<BlockId>(slots.mutable_data(), fresh), evicted_)) {
-      return py::none();
-    }
-    py::list gone(evicted_.size());
+    if (!index_.reserve(call_, first_prev, std::span<BlockId>(new_slots, fresh), evicted_)) return py::none();
+    // --- commit: cannot fail ---
+    placeholders.keep();
+    assert(evicted_.size() <= fresh);
+    PyObject* const gone_out = gone.ptr();
+    PyObject* const to_store_out = to_store.ptr();
     for (std::size_t i = 0; i < evicted_.size(); ++i) {
       py::object key = std::move(slot_key_[static_cast<std::size_t>(evicted_[i])]);
-      if (PyDict_DelItem(resident_.ptr(), key.ptr()) != 0) throw py::error_already_set();
-      PyList_SET_ITEM(gone.ptr(), static_cast<py::ssize_t>(i), key.release().ptr());
+      drop_key(resident_.ptr(), key.ptr());
+      PyList_SET_ITEM(gone_out, static_cast<py::ssize_t>(i), key.release().ptr());
     }
-    py::list to_store(fresh);
+    Py_SET_SIZE(reinterpret_cast<PyVarObject*>(gone_out), static_cast<py::ssize_t>(evicted_.size()));
     for (std::size_t i = 0, j = 0; i < items.size(); ++i) {
       if (call_[i] != OffloadIndex::kNoSlot) continue;
       PyObject* key = items[i];
-      const auto slot = new_slots[j];
-      py::object& value = slot_value_[static_cast<std::size_t>(slot)];
-      if (!value) value = py::reinterpret_steal<py::object>(PyLong_FromLong(slot));  // kept while the index lives
-      if (!value || PyDict_SetItem(pending_.ptr(), key, value.ptr()) != 0) throw py::error_already_set();
-      slot_key_[static_cast<std::size_t>(slot)] = py::reinterpret_borrow<py::object>(key);
-      PyList_SET_ITEM(to_store.ptr(), static_cast<py::ssize_t>(j++), Py_NewRef(key));
+      const auto slot = static_cast<std::size_t>(new_slots[j]);
+      [[maybe_unused]] const int rc = PyDict_SetItem(pending_.ptr(), key, slot_value_[slot].ptr());  // replaces
+      assert(rc == 0);
+      slot_key_[slot] = py::reinterpret_borrow<py::object>(key);
+      PyList_SET_ITEM(to_store_out, static_cast<py::ssize_t>(j++), Py_NewRef(key));
     }
-    if (store_type_.is_none()) return py::make_tuple(std::move(to_store), std::move(slots), std::move(gone));
-    static PyObject* const keys_name = interned("keys_to_store");
-    static PyObject* const spec_name = interned("store_spec");
-    static PyObject* const evicted_name = interned("evicted_keys");
-    py::object out = new_bare(store_type_.ptr());
-    set_generic(out.ptr(), keys_name, to_store.ptr());
-    set_generic(out.ptr(), spec_name, wrap_slots(std::move(slots)).ptr());
-    set_generic(out.ptr(), evicted_name, gone.ptr());
     return out;
   }
 
-  // Completes (or abandons) the pending stores among `keys`; others are skipped. The keys stored,
-  // in the order they were reserved.
+  // Completes (or abandons) the pending stores among `keys`; others are skipped, as is a key's second
+  // appearance. The keys stored, in the order they were reserved. All or nothing: the answer and the
+  // `resident` entries are made before the core commits (and the entries taken out again when it
+  // throws); only removals, which cannot fail, follow it. So a MemoryError or std::bad_alloc leaves
+  // every key pending, the maps and the index agreeing.
   py::list complete_store(const py::handle& keys, bool success) {
     const Entered entered(busy_);
     const KeyItems items(keys);
     scratch_.clear();
+    const InCall in_call(in_call_, scratch_);
     for (std::size_t i = 0; i < items.size(); ++i) {
       const BlockId s = slot_in(pending_.ptr(), items[i]);
-      if (s == OffloadIndex::kNoSlot) continue;  // not pending (never stored, or completed already)
+      if (s == OffloadIndex::kNoSlot || in_call_[static_cast<std::size_t>(s)] != 0) continue;
       scratch_.push_back(s);
-      if (PyDict_DelItem(pending_.ptr(), items[i]) != 0) throw py::error_already_set();
+      in_call_[static_cast<std::size_t>(s)] = 1;
     }
-    if (success) {
-      index_.commit(scratch_);
-    } else {
-      index_.abandon(scratch_);
+    auto done = py::reinterpret_steal<py::list>(PyList_New(success ? static_cast<py::ssize_t>(scratch_.size()) : 0));
+    if (!done) throw py::error_already_set();
+    if (!success) {
+      index_.abandon(scratch_);  // refuses (changing nothing) only on a broken invariant
+      for (const BlockId s : scratch_) {
+        drop_key(pending_.ptr(), slot_key_[static_cast<std::size_t>(s)].ptr());
+        slot_key_[static_cast<std::size_t>(s)] = py::object();
+      }
+      return done;
     }
-    py::list done(success ? scratch_.size() : 0);
-    for (std::size_t i = 0; i < scratch_.size(); ++i) {
-      const auto slot = static_cast<std::size_t>(scratch_[i]);
-      if (success) {
+    std::size_t added = 0;
+    try {
+      for (; added < scratch_.size(); ++added) {
+        const auto slot = static_cast<std::size_t>(scratch_[added]);
         if (PyDict_SetItem(resident_.ptr(), slot_key_[slot].ptr(), slot_value_[slot].ptr()) != 0) {
           throw py::error_already_set();
         }
-        PyList_SET_ITEM(done.ptr(), static_cast<py::ssize_t>(i), Py_NewRef(slot_key_[slot].ptr()));
-      } else {
-        slot_key_[slot] = py::object();
       }
+      index_.commit(scratch_);  // on a throw nothing changed, scratch_ in its order
+    } catch (...) {
+      for (std::size_t i = 0; i < added; ++i) {
+        drop_key(resident_.ptr(), slot_key_[static_cast<std::size_t>(scratch_[i])].ptr());
+      }
+      throw;
+    }
+    // Cannot fail from here on.
+    for (std::size_t i = 0; i < scratch_.size(); ++i) {
+      PyObject* key = slot_key_[static_cast<std::size_t>(scratch_[i])].ptr();
+      drop_key(pending_.ptr(), key);
+      PyList_SET_ITEM(done.ptr(), static_cast<py::ssize_t>(i), Py_NewRef(key));
     }
     return done;
   }
@@ -289,6 +377,19 @@ class BoundOffloadIndex {
     return cls;
   }
 
+  // prepare_store's answer around its (still unfilled) lists: a tuple, or a store_type instance.
+  py::object answer(const py::list& to_store, py::array_t<BlockId> slots, const py::list& gone) const {
+    if (store_type_.is_none()) return py::make_tuple(to_store, std::move(slots), gone);
+    static PyObject* const keys_name = interned("keys_to_store");
+    static PyObject* const spec_name = interned("store_spec");
+    static PyObject* const evicted_name = interned("evicted_keys");
+    py::object out = new_bare(store_type_.ptr());
+    set_generic(out.ptr(), keys_name, to_store.ptr());
+    set_generic(out.ptr(), spec_name, wrap_slots(std::move(slots)).ptr());
+    set_generic(out.ptr(), evicted_name, gone.ptr());
+    return out;
+  }
+
   // The slots as they are, or as a slots_type instance whose block_ids they are.
   py::object wrap_slots(py::array_t<BlockId>&& slots) const {
     if (slots_type_.is_none()) return std::move(slots);
@@ -345,7 +446,8 @@ class BoundOffloadIndex {
   py::dict resident_;                  // key -> slot (int), committed chunks
   py::dict pending_;                   // key -> slot (int), stores in flight
   std::vector<py::object> slot_key_;   // the key a pending or resident slot holds
-  std::vector<py::object> slot_value_; // each slot's number as an int object (the dicts' values), made once
+  std::vector<py::object> slot_value_; // each slot's number as an int object (the dicts' values), made up front
+  std::vector<std::uint8_t> in_call_;  // per slot: collected by the call in progress (see InCall)
   py::object resident_view_;           // mappingproxy over resident_
   py::object pending_view_;            // mappingproxy over pending_
   bool busy_ = false;                  // a call is in progress (see Entered)

@@ -22,6 +22,10 @@ the freed blocks' content, so the chain would be unreachable anyway).
 Eviction happens in rounds of at most ``max_evict_handles_per_round`` handles, one round per
 allocation: the victims are chosen first and only freed when together they make room, so a failed
 allocation evicts nothing. Pinned handles (``pin``) are never victims.
+
+A reset of the pool made directly (``manager.pool.reset()``) drops handles behind the manager's
+back; the manager notices it (the pool's ``generation`` moved) at its next call, forgets those
+handles and their prefixes, and bumps its own :attr:`KVCacheManager.generation` in turn.
 """
 
 from __future__ import annotations
@@ -183,7 +187,8 @@ class KVCacheManager:
         self._block_owner = np.zeros(self._pool.num_blocks, dtype=np.int64)
         self._device_tokens: dict[str, int] = {}
         self._evicted: OrderedDict[uuid.UUID, None] = OrderedDict()
-        self._generation = 0  # bumped by reset()
+        self._generation = 0  # bumped by reset() and by a reset of the pool made without us
+        self._pool_generation = self._pool.generation  # the pool's resets seen (see _catch_up)
         self._lookups = 0
         self._hits = 0
         self._reuse_tokens = 0
@@ -220,6 +225,7 @@ class KVCacheManager:
             raise KVBudgetExceededError(num_tokens, self.max_tokens,
                                         context={"max_tokens": self.max_tokens, "reason": "larger than the budget"})
         with self._lock:
+            self._catch_up()
             victims = self._plan_eviction(num_tokens)
             if victims:
                 self._evict(victims, reason=f"alloc of {num_tokens} tokens")
@@ -254,6 +260,7 @@ class KVCacheManager:
         """
         self._check_handle(handle)
         with self._lock:
+            self._catch_up()
             owner = self._owner_of.get(handle.handle_id)
             if owner is None:
                 if handle.handle_id in self._evicted:
@@ -274,6 +281,7 @@ class KVCacheManager:
         """Protects the handle from eviction (and from ``free``) until unpinned."""
         self._check_handle(handle)
         with self._lock:
+            self._catch_up()
             live = self._live(handle)
             self._pool.pin(live)
             if handle is not live:
@@ -283,6 +291,7 @@ class KVCacheManager:
         """Undoes one ``pin``; ``KVRefCountUnderflowError`` when the handle is not pinned."""
         self._check_handle(handle)
         with self._lock:
+            self._catch_up()
             live = self._live(handle)
             self._pool.unpin(live)
             if handle is not live:
@@ -298,6 +307,7 @@ class KVCacheManager:
         if num_tokens > self.max_tokens:
             return False
         with self._lock:
+            self._catch_up()
             if not allow_eviction:
                 return self._fits(num_tokens, 0)
             try:
@@ -319,6 +329,7 @@ class KVCacheManager:
         tokens = _token_array("prefix_tokens", prefix_tokens)
         self._check_handle(handle)
         with self._lock:
+            self._catch_up()
             live = self._live(handle)
             owner = self._owner_of[live.handle_id]
             if len(tokens) > live.num_tokens:
@@ -353,6 +364,7 @@ class KVCacheManager:
         """
         arr = _token_array("tokens", tokens)
         with self._lock:
+            self._catch_up()
             n, ids = self._match(arr)
             if n == 0:
                 return None, 0
@@ -368,6 +380,7 @@ class KVCacheManager:
         """
         arr = _token_array("tokens", tokens)
         with self._lock:
+            self._catch_up()
             n, ids = self._match(arr)
             if n == 0:
                 return [], 0
@@ -395,6 +408,7 @@ class KVCacheManager:
     def get_stats(self) -> dict:
         """The pool's seed keys plus blocks, prefix-cache and eviction numbers, flat."""
         with self._lock:
+            self._catch_up()
             stats: dict[str, Any] = dict(self._pool.get_stats())
             blocks = self._pool.get_block_stats()
             stats.update(
@@ -416,6 +430,7 @@ class KVCacheManager:
     def get_handle(self, handle_id: uuid.UUID) -> KVHandle:
         """The live handle with this id; ``KVHandleNotFoundError`` otherwise."""
         with self._lock:
+            self._catch_up()
             owner = self._owner_of.get(handle_id)
             if owner is None:
                 raise KVHandleNotFoundError(handle_id)
@@ -424,11 +439,13 @@ class KVCacheManager:
     def handles(self) -> list[KVHandle]:
         """The live handles, oldest allocation first."""
         with self._lock:
+            self._catch_up()
             return list(self._handles.values())
 
     def tokens_by_device(self) -> dict[str, int]:
         """Tokens held per device label (what a load-aware placer reports as KV usage)."""
         with self._lock:
+            self._catch_up()
             return {device: tokens for device, tokens in self._device_tokens.items() if tokens}
 
     @property
@@ -463,6 +480,7 @@ class KVCacheManager:
             for owner, handle in self._handles.items():
                 self._unindex(owner, handle)
             self._pool.reset()
+            self._pool_generation = self._pool.generation
             self._owner_of.clear()
             self._handles.clear()
             self._registered.clear()
@@ -475,13 +493,18 @@ class KVCacheManager:
 
     @property
     def generation(self) -> int:
-        """How many times :meth:`reset` ran. Whoever keeps handles of this manager (the
+        """How many times :meth:`reset` ran, plus how many resets of :attr:`pool` made directly
+        (``manager.pool.reset()``) the manager noticed. Whoever keeps handles of this manager (the
         :class:`~sagellm_kv_cache.scheduler_bridge.SchedulerBridge`) compares it with the value it
         saw last to notice that a reset it did not make dropped them."""
-        return self._generation
+        with self._lock:
+            self._catch_up()
+            return self._generation
 
     def __len__(self) -> int:
-        return len(self._handles)
+        with self._lock:
+            self._catch_up()
+            return len(self._handles)
 
     def __bool__(self) -> bool:
         # A manager is a resource, not a container: truthy while empty (`if manager:` must not
@@ -580,6 +603,39 @@ class KVCacheManager:
         for key in self._index_keys.pop(owner, ()):
             if self.prefix_index.get(key) == value:
                 self.prefix_index.remove(key)
+
+    def _catch_up(self) -> None:
+        """Notices a reset of the pool made without the manager (``manager.pool.reset()``), which
+        dropped handles the manager still lists: forgets those (their prefixes, block owners and
+        device tokens; the counters stay) and bumps :attr:`generation`, so the manager never hands
+        out, matches or frees KV that no longer exists (caller holds the lock). Checked against the
+        pool's live table rather than clearing everything, so a handle allocated after the reset
+        (by another thread, before this call) is kept. Costs one attribute read when nothing
+        happened."""
+        generation = self._pool.generation
+        if generation == self._pool_generation:
+            return
+        self._pool_generation = generation  # read first: a reset during this sweep triggers the next one
+        live = self._pool._live_handles  # keyed by handle_id.int; the pool's reset emptied it
+        for owner, handle in [(o, h) for o, h in self._handles.items() if h.handle_id.int not in live]:
+            self._forget(owner, handle)
+        self._generation += 1
+        self._debug("the pool was reset underneath: forgot its dropped handles")
+
+    def _forget(self, owner: int, handle: KVHandle) -> None:
+        """Forgets a handle the pool no longer holds, freeing nothing (caller holds the lock)."""
+        if owner in self._registered:
+            self._prefix.invalidate(owner)
+            self._registered.discard(owner)
+        if owner in self._index_keys:
+            self._unindex(owner, handle)
+        # The ids may already belong to a handle allocated after the reset: clear only ours.
+        ids = handle.block_ids
+        self._block_owner[ids[self._block_owner[ids] == owner]] = 0
+        del self._owner_of[handle.handle_id]
+        del self._handles[owner]
+        device = handle.device
+        self._device_tokens[device] = self._device_tokens.get(device, 0) - handle.num_tokens
 
     def _drop(self, owner: int, handle: KVHandle) -> None:
         """Forgets the handle's prefixes, then returns its blocks (caller holds the lock)."""

@@ -34,7 +34,8 @@ Memory figures (``SchedulerPlan.total_memory_mb``, the devices' ``memory_*_mb``)
 times ``bytes_per_token`` (default 4, the figure the original package reports) in MiB.
 
 Reset: :meth:`SchedulerBridge.reset` frees everything. A reset of the manager underneath
-(``bridge.manager.reset()``) drops every handle too, the bridge's reservations included; the
+(``bridge.manager.reset()``), or of its pool (``bridge.manager.pool.reset()``, which the manager
+notices the same way), drops every handle too, the bridge's reservations included; the
 bridge notices it (the manager's ``generation`` changed) at its next call, forgets the
 reservations and prefixes whose handles are gone and updates the load figures, so it never reports
 or frees KV that no longer exists (``free_request`` of such a request is a

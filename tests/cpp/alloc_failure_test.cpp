@@ -1,7 +1,8 @@
-// Every heap allocation of PrefixCache::insert and RequestManager::admit / append may fail with
-// std::bad_alloc. The call then changes nothing (no block taken, no use of a cached block held, no
-// node or request added or extended), or, when only the manager's best-effort publish failed,
-// succeeds with those blocks private. Cleanup cannot fail for memory: PrefixCache::release makes
+// Every heap allocation of PrefixCache::insert, OffloadIndex::commit and RequestManager::admit /
+// append may fail with std::bad_alloc. The call then changes nothing (no block taken, no use of a
+// cached block held, no node, slot or request added or extended), or, when only the manager's
+// best-effort publish failed, succeeds with those blocks private. After PrefixCache::reserve_insert
+// the inserts it made room for cannot fail for memory. Cleanup cannot fail for memory: PrefixCache::release makes
 // no allocation at all, and RequestManager finish / abort / preempt either refuse before changing
 // anything or end every request named (their release phase runs in noexcept code, where a
 // bad_alloc would terminate the process). This binary replaces the global operator new so that a
@@ -176,6 +177,59 @@ TEST(PrefixCacheAllocFailure, ReleaseMakesNoAllocation) {
   }
 }
 
+// The offload index's commit relies on this: after reserve_insert, a sequence of inserts (here a
+// chain of 300 under a cached parent, more blocks than the allocator increfs without scratch
+// memory, then a root chain of 5 and a reused prefix plus 3 new) cannot fail for memory: failing
+// each allocation they attempt in turn (the long incref's scratch copy, which falls back to
+// pieces) changes no outcome.
+TEST(PrefixCacheAllocFailure, InsertsAfterReserveInsertCannotFailForMemory) {
+  for (const EvictionPolicy policy : {EvictionPolicy::kLru, EvictionPolicy::kTtl}) {
+    SCOPED_TRACE(std::string(eviction_policy_name(policy)));
+    bool completed = false;
+    long injected = 0;
+    for (long k = 0; k < 1000 && !completed; ++k) {
+      BlockAllocator alloc(1024);
+      PrefixCacheOptions o;
+      o.block_size = kBs;
+      o.policy = policy;
+      PrefixCache cache(o, &alloc);
+      const auto head = chain(0, 301);
+      std::vector<BlockId> head_blocks(301);
+      ASSERT_TRUE(alloc.allocate(head_blocks).ok());
+      ASSERT_EQ(cache.insert(std::span(head).first(1), std::span(head_blocks).first(1)).num_inserted, 1u);
+      const auto other = chain(5000, 8);
+      std::vector<BlockId> other_blocks(8);
+      ASSERT_TRUE(alloc.allocate(other_blocks).ok());
+      std::vector<BlockId> all(head_blocks.begin() + 1, head_blocks.end());
+      all.insert(all.end(), other_blocks.begin(), other_blocks.end());
+      cache.reserve_insert(all);  // 308 blocks; the inserts below pass 300 + 5 + 8 = 313 digests
+      cache.reserve_insert({});   // nothing to do
+      InsertOptions under;
+      under.parent = head[0];
+      under.trusted_chain = true;
+      std::uint32_t inserted = 0;
+      t_failed = false;
+      t_fail_countdown = k;
+      try {
+        inserted += cache.insert(std::span(head).subspan(1), std::span(head_blocks).subspan(1), under).num_inserted;
+        inserted += cache.insert(std::span(other).first(5), std::span(other_blocks).first(5)).num_inserted;
+        inserted += cache.insert(other, other_blocks).num_inserted;
+      } catch (const std::bad_alloc&) {
+        ADD_FAILURE() << "an insert failed for memory";
+      }
+      t_fail_countdown = -1;
+      injected += t_failed ? 1 : 0;
+      const std::string where = "allocation " + std::to_string(k);
+      ASSERT_EQ(inserted, 308u) << where;
+      cache.check_invariants();
+      for (BlockId b : head_blocks) ASSERT_EQ(alloc.ref_count(b), 2u) << where;
+      completed = !t_failed;
+    }
+    EXPECT_TRUE(completed);
+    std::printf("%ld allocations failed in turn\n", injected);
+  }
+}
+
 TEST(PrefixCacheAllocFailure, InsertBeyondCapacityGivesBackEveryBlockItCannotCache) {
   // 300 new blocks into room for 4: the references on the 296 that do not fit go back in the commit
   // phase, a batch too long for the allocator's stack copy.
@@ -347,6 +401,109 @@ TEST(OffloadIndexAllocFailure, AbandonOfManySlotsFreesThemOrChangesNothing) {
   }
   EXPECT_TRUE(completed);
   EXPECT_GE(injected, 1);
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
+// One commit of several runs: a run of 300 slots continuing a resident chain (more than the
+// allocator increfs without scratch memory), a run of 4 from the root, and a run of 2 whose parent
+// is the long run's last slot, committed in the same call. Each run is one trie insert; a failure
+// in a later run's insert used to leave the earlier runs inserted and the failing run's slots
+// marked resident but absent from the trie.
+TEST(OffloadIndexAllocFailure, CommitOfSeveralRunsCommitsAllOrNothing) {
+  for (const EvictionPolicy policy : {EvictionPolicy::kLru, EvictionPolicy::kTtl}) {
+    SCOPED_TRACE(std::string(eviction_policy_name(policy)));
+    bool completed = false;
+    long injected = 0;
+    for (long k = 0; k < 10000 && !completed; ++k) {
+      OffloadIndexOptions o;
+      o.num_slots = 400;
+      o.policy = policy;
+      OffloadIndex index(o);
+      std::vector<BlockId> gone;
+      std::vector<BlockId> head(5);
+      ASSERT_TRUE(index.reserve(std::vector<BlockId>(5, OffloadIndex::kNoSlot), OffloadIndex::kNoSlot, head, gone));
+      index.commit(head);
+      std::vector<BlockId> call1(301, OffloadIndex::kNoSlot);
+      call1[0] = head.back();
+      std::vector<BlockId> long_run(300);
+      ASSERT_TRUE(index.reserve(call1, OffloadIndex::kNoSlot, long_run, gone));
+      std::vector<BlockId> root_run(4);
+      ASSERT_TRUE(index.reserve(std::vector<BlockId>(4, OffloadIndex::kNoSlot), OffloadIndex::kNoSlot, root_run, gone));
+      std::vector<BlockId> tail_run(2);
+      ASSERT_TRUE(index.reserve(std::vector<BlockId>(2, OffloadIndex::kNoSlot), long_run.back(), tail_run, gone));
+      ASSERT_TRUE(gone.empty());
+      // Handed over in a scrambled order (a caller's set), as the binding may.
+      std::vector<BlockId> slots;
+      slots.insert(slots.end(), tail_run.begin(), tail_run.end());
+      slots.insert(slots.end(), root_run.rbegin(), root_run.rend());
+      slots.insert(slots.end(), long_run.rbegin(), long_run.rend());
+      const std::vector<BlockId> given = slots;
+      const OffloadIndexStats before = index.stats();
+      t_failed = false;
+      t_fail_countdown = k;
+      bool done = false;
+      try {
+        index.commit(slots);
+        done = true;
+      } catch (const std::bad_alloc&) {
+      }
+      t_fail_countdown = -1;
+      injected += t_failed ? 1 : 0;
+      const std::string where = "allocation " + std::to_string(k);
+      ASSERT_NO_THROW(index.check_invariants()) << where;
+      const OffloadIndexStats st = index.stats();
+      if (!done) {  // nothing changed: every slot still pending, the trie as it was
+        ASSERT_EQ(slots, given) << where;
+        ASSERT_EQ(st.pending_slots, 306u) << where;
+        ASSERT_EQ(st.resident_slots, 5u) << where;
+        ASSERT_EQ(st.free_slots, before.free_slots) << where;
+        ASSERT_EQ(st.trie.inserts, before.trie.inserts) << where;
+        for (BlockId s : given) ASSERT_EQ(index.state(s), SlotState::kPending) << where;
+        continue;
+      }
+      ASSERT_EQ(st.pending_slots, 0u) << where;
+      ASSERT_EQ(st.resident_slots, 311u) << where;
+      ASSERT_EQ(st.trie.inserts, before.trie.inserts + 306u) << where;
+      ASSERT_EQ(index.parent(long_run.front()), head.back()) << where;
+      ASSERT_EQ(index.parent(long_run.back()), long_run[298]) << where;
+      ASSERT_EQ(index.parent(root_run.front()), OffloadIndex::kNoSlot) << where;
+      ASSERT_EQ(index.parent(root_run.back()), root_run[2]) << where;
+      ASSERT_EQ(index.parent(tail_run.front()), long_run.back()) << where;
+      ASSERT_EQ(index.parent(tail_run.back()), tail_run.front()) << where;
+      completed = !t_failed;
+    }
+    EXPECT_TRUE(completed);
+    EXPECT_GE(injected, 3);
+    std::printf("%ld allocations failed in turn\n", injected);
+  }
+}
+
+TEST(OffloadIndexAllocFailure, ResetStartsAfreshOrChangesNothing) {
+  // The old trie used to go before the new allocator was made: a failure then left no trie, and
+  // the next call dereferenced it.
+  bool completed = false;
+  long injected = 0;
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    FullIndex f;
+    t_failed = false;
+    t_fail_countdown = k;
+    bool done = false;
+    try {
+      f.index.reset();
+      done = true;
+    } catch (const std::bad_alloc&) {
+    }
+    t_fail_countdown = -1;
+    injected += t_failed ? 1 : 0;
+    const std::string where = "allocation " + std::to_string(k);
+    ASSERT_NO_THROW(f.index.check_invariants()) << where;
+    const OffloadIndexStats st = f.index.stats();
+    ASSERT_EQ(st.resident_slots, done ? 0u : 600u) << where;
+    ASSERT_EQ(st.free_slots, done ? 600u : 0u) << where;
+    completed = done && !t_failed;
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 2);
   std::printf("%ld allocations failed in turn\n", injected);
 }
 

@@ -317,6 +317,36 @@ TEST(PrefixCache, InsertUnderCachedParent) {
   c.check_invariants();
 }
 
+TEST(PrefixCache, ReserveInsertShowsNothingAndRefusesIdsOutsideThePool) {
+  BlockAllocator alloc(16);
+  PrefixCache c(opts(), &alloc);
+  std::vector<BlockId> blocks(4);
+  ASSERT_TRUE(alloc.allocate(blocks).ok());
+  const std::size_t before = c.metadata_bytes();
+  c.reserve_insert(blocks);
+  EXPECT_GE(c.metadata_bytes(), before);  // room, nothing else
+  EXPECT_EQ(c.size(), 0u);
+  EXPECT_EQ(c.stats().inserts, 0u);
+  for (BlockId b : blocks) EXPECT_EQ(alloc.ref_count(b), 1u);
+  c.check_invariants();
+  const std::vector<BlockId> high{blocks[0], 16};
+  const std::vector<BlockId> negative{-1, blocks[1]};
+  for (const auto& bad : {high, negative}) {
+    try {
+      c.reserve_insert(bad);
+      ADD_FAILURE() << "expected a refusal";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidBlock);
+      EXPECT_NE(std::string(e.what()).find(std::to_string(bad[0] == -1 ? -1 : 16)), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(insert(c, chain(0, 4), blocks).num_inserted, 4u);
+  c.check_invariants();
+  PrefixCache metadata_only(opts());  // opaque ids: any value
+  metadata_only.reserve_insert(std::vector<BlockId>{-5, 1 << 30});
+  EXPECT_EQ(insert(metadata_only, chain(0, 2), {-5, 1 << 30}).num_inserted, 2u);
+}
+
 TEST(PrefixCache, BadInsertChangesNothing) {
   BlockAllocator alloc(32);
   std::vector<BlockId> blocks(8);

@@ -477,6 +477,68 @@ def test_reset() -> None:
     assert manager.get_stats()["free_blocks"] == 16 and manager.query_prefix(tokens(64)) == (None, 0)
 
 
+def test_a_reset_of_the_pool_underneath_is_noticed() -> None:
+    # manager.pool.reset() dropped every handle while the manager still listed them, with their
+    # prefixes over block ids the pool then handed to new handles: a match answered with blocks
+    # that no longer held the prefix, and registering the new handle's prefix was refused.
+    manager = KVCacheManager(256, 16)
+    old = manager.alloc(64)
+    manager.pin(old)
+    manager.register_prefix(tokens(64), old)
+    assert manager.query_prefix(tokens(64)) == (old, 64)
+    generation, pool_generation = manager.generation, manager.pool.generation
+    manager.pool.reset()
+    assert manager.pool.generation == pool_generation + 1
+    assert manager.generation == generation + 1
+    assert len(manager) == 0 and manager.handles() == [] and len(manager.prefix_cache) == 0
+    assert manager.query_prefix(tokens(64)) == (None, 0)
+    assert manager.get_reused_blocks(tokens(64)) == ([], 0)
+    assert manager.tokens_by_device() == {} and manager.get_stats()["used_blocks"] == 0
+    assert manager.get_prefix_metrics()["prefix_lookups"] == 3  # the manager's counters stay
+    with pytest.raises(KVHandleNotFoundError):
+        manager.get_handle(old.handle_id)
+    with pytest.raises(KVDoubleFreeError):  # the pool's reset freed it
+        manager.free(old)
+    new = manager.alloc(64)
+    assert set(new.block_ids.tolist()) == set(old.block_ids.tolist())  # the same ids, now new's
+    manager.register_prefix(tokens(64, start=500), new)
+    blocks, n = manager.get_reused_blocks(tokens(64, start=500))
+    assert n == 64 and {b.handle_id for b in blocks} == {new.handle_id}
+    assert manager.alloc(256 - 64) is not None and len(manager) == 2  # nothing gone to evict
+    assert manager.generation == generation + 1  # noticed once
+
+
+def test_a_handle_allocated_after_a_pool_reset_survives_the_catch_up() -> None:
+    # The pool is reset in the middle of an allocation (by the logger the eviction round calls,
+    # standing in for another thread): the handle the allocation then gets is the pool's and stays
+    # the manager's; only the one the reset dropped is forgotten.
+    class ResetOnEvict:
+        pool: Any = None
+
+        def debug(self, message: str, *args: Any) -> None:
+            if message.startswith("evicted") and self.pool is not None:
+                pool, self.pool = self.pool, None
+                pool.reset()
+
+    logger = ResetOnEvict()
+    manager = KVCacheManager(192, 16, logger=logger)  # type: ignore[arg-type]
+    dropped = manager.alloc(64)
+    manager.pin(dropped)
+    manager.register_prefix(tokens(64), dropped)
+    manager.alloc(128)  # the eviction victim
+    logger.pool = manager.pool
+    generation = manager.generation
+    survivor = manager.alloc(128)
+    assert manager.handles() == [survivor] and manager.generation == generation + 1
+    assert manager.tokens_by_device() == {"cpu": 128}
+    manager.register_prefix(tokens(128, start=900), survivor)
+    blocks, n = manager.get_reused_blocks(tokens(128, start=900))
+    assert n == 128 and [b.block_id for b in blocks] == survivor.block_ids.tolist()
+    assert {b.handle_id for b in blocks} == {survivor.handle_id}
+    manager.free(survivor)
+    assert len(manager) == 0 and manager.pool.get_allocated_tokens() == 0
+
+
 def test_threads_allocate_and_free_without_losing_tokens() -> None:
     manager = KVCacheManager(64 * 1024, 16)
     errors: list[BaseException] = []

@@ -150,3 +150,123 @@ def test_a_call_re_entered_while_one_is_in_progress_is_refused() -> None:
     assert out is not None and out[0] == keys and k(1000) not in idx.pending
     idx.complete_store(out[0])
     idx.check_invariants()
+
+
+def test_complete_store_is_all_or_nothing_when_memory_runs_out() -> None:
+    # Each Python allocation of the call fails in turn (CPython's _testcapi hooks): the call commits
+    # every pending key or none, and the key maps always agree with the index. The binding used to
+    # drop the keys from `pending` before the core's commit and to fill `resident` after it, so a
+    # failure in between left slots without keys (or keys without their slots' state).
+    testcapi = pytest.importorskip("_testcapi")
+    stored_keys = [k(i) for i in range(40)]  # `resident` grows (a dict resize) while they go in
+    successes = 0  # in a row: once the call makes fewer than n allocations, every later n succeeds
+    injected = 0
+    for n in range(2000):
+        idx = _core.OffloadIndex(64)
+        first = idx.prepare_store(stored_keys[:30])
+        second = idx.prepare_store(stored_keys[30:])  # a second run, chained from the root
+        assert first is not None and second is not None
+        keys = [*reversed(stored_keys), k(99), stored_keys[0]]  # scrambled, one never stored, one twice
+        done = None
+        testcapi.set_nomemory(n, n + 1)
+        try:
+            done = idx.complete_store(keys)
+        except MemoryError:
+            injected += 1
+        finally:
+            testcapi.remove_mem_hooks()
+        idx.check_invariants()
+        if done is None:
+            assert idx.resident == {} and len(idx.pending) == 40
+            assert idx.stats()["pending_slots"] == 40
+            successes = 0
+            continue
+        assert done == stored_keys and len(idx.resident) == 40 and idx.pending == {}
+        assert idx.stats()["resident_slots"] == 40
+        successes += 1
+        if successes == 20:
+            break
+    assert successes == 20 and injected >= 3
+
+
+class _Spec:
+    pass
+
+
+class _Out:
+    pass
+
+
+@pytest.mark.parametrize("store_type", [None, _Out])
+def test_prepare_store_is_all_or_nothing_when_memory_runs_out(store_type: type | None) -> None:
+    # The store evicts 20 resident keys. Each Python allocation of the call fails in turn: the call
+    # reserves and evicts, filling the maps and its answer, or changes nothing. The binding used to
+    # build its answer and pending entries after the core had reserved (and evicted), so a failure
+    # left keys evicted in the index but still resident in the map, or slots reserved for keys no
+    # caller knew about.
+    testcapi = pytest.importorskip("_testcapi")
+    old = [k(i) for i in range(30)]
+    new = [k(100 + i) for i in range(30)]
+    successes = 0
+    injected = 0
+    for n in range(2000):
+        idx = _core.OffloadIndex(40, slots_type=_Spec if store_type else None, store_type=store_type)
+        assert idx.prepare_store(old) is not None
+        idx.complete_store(old)
+        out = None
+        testcapi.set_nomemory(n, n + 1)
+        try:
+            out = idx.prepare_store(new)
+        except MemoryError:
+            injected += 1
+        finally:
+            testcapi.remove_mem_hooks()
+        idx.check_invariants()
+        if out is None:
+            assert idx.resident == dict(zip(old, range(30), strict=True)) and idx.pending == {}
+            successes = 0
+            continue
+        if store_type is None:
+            keys, slots, gone = out
+        else:
+            keys, slots, gone = out.keys_to_store, out.store_spec.block_ids, out.evicted_keys
+        assert keys == new and len(gone) == 20 and set(gone) <= set(old) and type(gone) is list
+        assert idx.pending == dict(zip(new, slots.tolist(), strict=True))
+        assert set(idx.resident) == set(old) - set(gone)
+        gone.extend(gone)  # the answer's lists are ordinary lists
+        successes += 1
+        if successes == 20:
+            break
+    assert successes == 20 and injected >= 3
+
+
+def test_prepare_load_pins_only_when_it_answers() -> None:
+    # The answer (a slots_type instance) used to be made after the pin: a MemoryError there left
+    # the keys pinned by a load no caller knew about, so they could never be evicted.
+    testcapi = pytest.importorskip("_testcapi")
+    keys = [k(i) for i in range(8)]
+    successes = 0
+    injected = 0
+    for n in range(2000):
+        idx = _core.OffloadIndex(16, slots_type=_Spec)
+        assert idx.prepare_store(keys) is not None
+        idx.complete_store(keys)
+        out = None
+        testcapi.set_nomemory(n, n + 1)
+        try:
+            out = idx.prepare_load(keys)
+        except MemoryError:
+            injected += 1
+        finally:
+            testcapi.remove_mem_hooks()
+        idx.check_invariants()
+        if out is None:
+            assert idx.stats()["in_use_blocks"] == 0
+            successes = 0
+            continue
+        assert out.block_ids.tolist() == [idx.resident[key] for key in keys]
+        assert idx.stats()["in_use_blocks"] == 8
+        successes += 1
+        if successes == 20:
+            break
+    assert successes == 20 and injected >= 1

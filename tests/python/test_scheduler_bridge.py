@@ -357,6 +357,25 @@ def test_a_reset_of_the_manager_underneath_is_noticed() -> None:
     assert all(m["active_requests"] == 0 for m in bridge.get_stats()["load_metrics"].values())
 
 
+def test_a_reset_of_the_pool_two_levels_down_is_noticed() -> None:
+    # bridge.manager.pool.reset(): the manager notices at the bridge's next call (its generation
+    # moves), so the bridge forgets the reservations whose handles went.
+    bridge = SchedulerBridge(1024, devices=["cuda:0", "cuda:1"], enable_load_awareness=True)
+    bridge.plan([req("a", prefix_fingerprint="p", prefix_hit_len=32), req("b")])
+    assert len(bridge) == 2
+    bridge.manager.pool.reset()
+    assert len(bridge) == 0 and bridge._request_handles == {}
+    stats = bridge.get_stats()
+    assert stats["num_requests"] == 0 and stats["pool"]["used_tokens"] == 0
+    assert all(m["kv_tokens_used"] == 0 and m["active_requests"] == 0 for m in stats["load_metrics"].values())
+    with pytest.raises(KVRequestNotFoundError):
+        bridge.free_request("a")
+    plan = bridge.plan([req("a", prefix_fingerprint="p", prefix_hit_len=32)])
+    assert set(plan.placement) == {"a"} and bridge.last_scheduled[0].prefix_hit_len == 0
+    bridge.free_request("a")
+    assert used(bridge) == 32  # the new prefix, cached
+
+
 def test_reservations_made_after_a_manager_reset_are_kept() -> None:
     bridge = SchedulerBridge(1024)
     bridge.allocate_request("old", 100)

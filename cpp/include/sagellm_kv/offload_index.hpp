@@ -97,7 +97,9 @@ class OffloadIndex {
   /// parent completed in the same call goes first. On return `slots` holds them in that order (so
   /// what follows never depends on the order a caller's set iterated in). Throws
   /// Error(kInvalidArgument) (nothing changed, `slots` untouched) when a slot is out of range, not
-  /// pending, or repeated.
+  /// pending, or repeated. All or nothing: every allocation (the trie's room for all the runs'
+  /// inserts) is made before any slot changes, so a std::bad_alloc too leaves every slot pending,
+  /// the trie as it was and `slots` untouched.
   void commit(std::span<BlockId> slots);
 
   /// Abandons the stores of pending `slots` (a failed transfer): they become free, returned in
@@ -118,6 +120,7 @@ class OffloadIndex {
   void touch(std::span<const BlockId> slots);
 
   /// Frees every slot, pending and pinned ones included, and starts a new trie (counters at zero).
+  /// Throws std::bad_alloc (nothing changed) when the new trie or allocator cannot be had.
   void reset();
 
   /// State of `slot`; Error(kInvalidArgument) when out of range.

@@ -231,6 +231,18 @@ class PrefixCache {
   [[nodiscard]] InsertResult insert(std::span<const BlockHash> digests, std::span<const BlockId> block_ids,
                                     const InsertOptions& options = {});
 
+  /// Makes room now for the node records, index slots, heap entries, block map entries and scratch
+  /// of inserts caching `block_ids` (each an id the allocator has), so that a sequence of inserts
+  /// passing, in all, at most `block_ids.size()` digests and caching only those blocks cannot throw
+  /// std::bad_alloc (the only allocation they still try, a long batch's reference copy, falls back
+  /// to pieces on the stack). For a caller that must apply several inserts
+  /// all or nothing (the offload index's commit): reserve first, then insert. Holds only with an
+  /// allocator, events disabled (a stored event is an allocation of its own), no capacity and a
+  /// clock_ns that does not throw; a `clear()` in between may give the room back. Changes nothing
+  /// the cache shows. Throws std::bad_alloc (the room partly made, nothing else changed) or
+  /// Error(kInvalidBlock) for an id outside the allocator.
+  void reserve_insert(std::span<const BlockId> block_ids);
+
   /// Evicts up to `n` evictable nodes in policy order (a parent left without children is a
   /// candidate in the same call) and returns how many went. Fewer than `n` (possibly 0) when not
   /// enough are evictable: not an error.

@@ -69,15 +69,19 @@ struct OffloadIndex::Impl {
   std::vector<BlockId> order;
   std::vector<BlockId> leaves;
   std::vector<BlockHash> victims;
+  std::vector<BlockId> parents;  // commit: each slot's parent once resident
 
+  // A new allocator and trie, every slot free. Both are made before the old ones go, so a
+  // std::bad_alloc changes nothing (it used to leave no trie behind: the next call crashed).
   void start() {
-    trie.reset();
-    alloc = std::make_unique<BlockAllocator>(options.num_slots);
+    auto fresh_alloc = std::make_unique<BlockAllocator>(options.num_slots);
     PrefixCacheOptions po;
     po.block_size = 1;
     po.policy = options.policy;
     po.ttl_seconds = options.ttl_seconds;
-    trie = std::make_unique<PrefixCache>(po, alloc.get());
+    auto fresh_trie = std::make_unique<PrefixCache>(po, fresh_alloc.get());
+    trie = std::move(fresh_trie);  // the old trie returns its references to the old allocator first
+    alloc = std::move(fresh_alloc);
     std::fill(state.begin(), state.end(), SlotState::kFree);
     pending = 0;
     evictions = 0;
@@ -228,13 +232,7 @@ struct OffloadIndex::Impl {
     return ok;
   }
 
-  bool parent_valid(BlockId slot) const {
-    const auto u = static_cast<std::size_t>(slot);
-    const BlockId p = link[u];
-    return p != kNoSlot && p != slot && state[static_cast<std::size_t>(p)] == SlotState::kResident &&
-           gen[static_cast<std::size_t>(p)] == link_gen[u];
-  }
-
+  // One trie insert; allocation-free within the room prepare_commit made.
   void insert_run(std::span<const BlockId> run, BlockId parent) {
     digests.clear();
     for (BlockId s : run) digests.push_back(slot_digest(s));
@@ -251,21 +249,47 @@ struct OffloadIndex::Impl {
               [this](BlockId a, BlockId b) { return seq[static_cast<std::size_t>(a)] < seq[static_cast<std::size_t>(b)]; });
   }
 
-  void commit(std::span<const BlockId> sorted) {
-    std::size_t run_begin = 0;
-    BlockId run_parent = kNoSlot;
+  // Every allocation a commit of `slots` makes, before anything changes: the trie's room for the
+  // inserts of all its runs, and the scratch they use. Throws std::bad_alloc, changing nothing.
+  void prepare_commit(std::span<const BlockId> slots) {
+    parents.resize(slots.size());
+    digests.reserve(slots.size());
+    trie->reserve_insert(slots);
+  }
+
+  // Each of `sorted`'s parent once committed (to `parents`): its parent-to-be when that is resident,
+  // or committed before it in this call, with the generation it had at reservation; else the root.
+  void plan_parents(std::span<const BlockId> sorted) noexcept {
+    const std::uint32_t s = next_stamp();  // `ancestor` here marks "committed earlier in this call"
     for (std::size_t i = 0; i < sorted.size(); ++i) {
-      const BlockId s = sorted[i];
-      const BlockId parent = parent_valid(s) ? link[static_cast<std::size_t>(s)] : kNoSlot;
-      if (i > run_begin && parent != sorted[i - 1]) {  // not the continuation of the current run
-        insert_run(std::span<const BlockId>(sorted).subspan(run_begin, i - run_begin), run_parent);
+      const auto u = static_cast<std::size_t>(sorted[i]);
+      const BlockId p = link[u];
+      const bool valid = p != kNoSlot && p != sorted[i] &&
+                         (state[static_cast<std::size_t>(p)] == SlotState::kResident ||
+                          ancestor[static_cast<std::size_t>(p)] == s) &&
+                         gen[static_cast<std::size_t>(p)] == link_gen[u];
+      parents[i] = valid ? p : kNoSlot;
+      ancestor[u] = s;
+    }
+  }
+
+  // The commit phase, after prepare_commit: inserts each run of `sorted` (a slot whose parent is
+  // the slot before it continues the run), then marks the slots resident. The inserts cannot fail:
+  // their slots are allocated and uncached, their parents cached, and the trie has the room.
+  void apply_commit(std::span<const BlockId> sorted) noexcept {
+    std::size_t run_begin = 0;
+    for (std::size_t i = 1; i < sorted.size(); ++i) {
+      if (parents[i] != sorted[i - 1]) {
+        insert_run(sorted.subspan(run_begin, i - run_begin), parents[run_begin]);
         run_begin = i;
       }
-      if (i == run_begin) run_parent = parent;
-      link[static_cast<std::size_t>(s)] = parent;
-      state[static_cast<std::size_t>(s)] = SlotState::kResident;
     }
-    if (!sorted.empty()) insert_run(std::span<const BlockId>(sorted).subspan(run_begin), run_parent);
+    if (!sorted.empty()) insert_run(sorted.subspan(run_begin), parents[run_begin]);
+    for (std::size_t i = 0; i < sorted.size(); ++i) {
+      const auto u = static_cast<std::size_t>(sorted[i]);
+      link[u] = parents[i];
+      state[u] = SlotState::kResident;
+    }
   }
 };
 
@@ -333,8 +357,10 @@ void OffloadIndex::commit(std::span<BlockId> slots) {
   Impl& m = *impl_;
   const std::lock_guard lock(m.mu);
   m.check_pending(slots, "slots");
+  m.prepare_commit(slots);  // the last step that can throw: nothing changed, `slots` untouched
   m.by_reservation(slots);
-  m.commit(slots);  // the trie took its own reference on each slot; drop the reservation's
+  m.plan_parents(slots);
+  m.apply_commit(slots);  // the trie took its own reference on each slot; drop the reservation's
   if (!detail::free_held(*m.alloc, slots).ok()) {
     throw Error(ErrorCode::kInternal, "offload index: dropping reservations failed");
   }

@@ -935,11 +935,11 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::spa
 
   if (s.allocator != nullptr && num_new != 0) {
     // The cache's reference on every new block, taken last so a refusal changes nothing. It can
-    // only fail if the caller frees a block concurrently, which the protocol forbids.
-    const BatchStatus st = s.allocator->incref(new_ids);
+    // only fail if the caller frees a block concurrently, which the protocol forbids; not for lack
+    // of memory (a long batch goes in pieces), so a reserve_insert makes the insert allocation-free.
+    const BatchStatus st = detail::incref_held(*s.allocator, new_ids);
     if (!st.ok()) {
       s.abandon_insert(new_ids, plan);
-      if (st.code == ErrorCode::kMemoryExhausted) throw std::bad_alloc();  // no room to copy the ids
       throw Error(ErrorCode::kInvalidBlock, "insert: block id " + std::to_string(st.id) +
                                                 position_text(k + static_cast<std::size_t>(st.index)) +
                                                 " is not allocated");
@@ -948,6 +948,44 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::spa
 
   // --- commit: cannot fail ------------------------------------------------------------------------
   return s.commit_insert(digests, new_ids, options, std::move(plan));
+}
+
+void PrefixCache::reserve_insert(std::span<const BlockId> block_ids) {
+  Impl& s = *impl_;
+  const std::size_t n = block_ids.size();
+  if (n == 0) return;
+  const BlockId top = *std::max_element(block_ids.begin(), block_ids.end());
+  const BlockId bottom = *std::min_element(block_ids.begin(), block_ids.end());
+  if (s.allocator != nullptr && (bottom < 0 || static_cast<std::uint32_t>(top) >= s.allocator->num_blocks())) {
+    const BlockId bad = bottom < 0 ? bottom : top;
+    throw Error(ErrorCode::kInvalidBlock, "reserve_insert: block id " + std::to_string(bad) + " is outside the pool of " +
+                                              std::to_string(s.allocator->num_blocks()) + " blocks");
+  }
+  if (n >= kNone) throw Error(ErrorCode::kInvalidArgument, "reserve_insert: too many blocks: " + std::to_string(n));
+  const std::lock_guard lock(s.mutex);
+  // What insert's prepare phase reserves, for every insert of the sequence at once: the node table
+  // and index grow by at most n, the leaves (the heaps' entries) by at most one per insert.
+  if (std::uint64_t{s.nodes.size()} + n >= kNone) throw Error(ErrorCode::kInternal, "prefix cache node table is full");
+  if (s.nodes.capacity() < s.nodes.size() + n) {
+    s.nodes.reserve(std::max<std::size_t>(s.nodes.capacity() * 2, s.nodes.size() + n));
+  }
+  s.heap.reserve_nodes(static_cast<std::uint32_t>(s.nodes.capacity()));
+  s.heap.reserve_entries(std::size_t{s.leaf_count} + n);
+  if (s.two_heaps()) {
+    s.lru_heap.reserve_nodes(static_cast<std::uint32_t>(s.nodes.capacity()));
+    s.lru_heap.reserve_entries(std::size_t{s.leaf_count} + n);
+  }
+  s.index.reserve(static_cast<std::uint32_t>(s.index.size() + n));
+  if (s.allocator != nullptr && static_cast<std::size_t>(top) >= s.block_node.size()) {
+    const std::size_t want = std::max<std::size_t>(static_cast<std::size_t>(top) + 1, s.block_node.size() * 2);
+    s.block_node.resize(std::min<std::size_t>(want, s.allocator->num_blocks()), kNone);
+  }
+  // insert's private copies of its arguments and the scratch of its checks (the debug build's
+  // assertion on a trusted chain runs them too).
+  s.input_digests.reserve(n);
+  s.input_ids.reserve(n);
+  s.scratch_nodes.reserve(n);
+  s.scratch_pairs.reserve(n);
 }
 
 std::uint32_t PrefixCache::evict(std::uint32_t n) {

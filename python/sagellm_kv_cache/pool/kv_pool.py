@@ -252,6 +252,7 @@ class KVPool:
         self._live_handles: dict[int, KVHandle] = self._native.live
         self.pinned_handles: set[uuid.UUID] = set()
         self._pinned_tokens = 0
+        self._generation = 0  # bumped by reset()
         self.block_manager: BlockManager = _PoolBlockManager(self)
 
     @property
@@ -404,7 +405,7 @@ class KVPool:
         return int(self._native.max_block_ids)
 
     def reset(self) -> None:
-        """Drops every handle (pinned ones included) and returns all blocks."""
+        """Drops every handle (pinned ones included) and returns all blocks; bumps :attr:`generation`."""
         with self._lock:
             for handle in self._live_handles.values():
                 handle.state = KVBlockState.FREE
@@ -414,7 +415,16 @@ class KVPool:
             self.pinned_handles.clear()
             self._native.reset_ids()
             self._pinned_tokens = 0
+            # Last: whoever sees the new number sees the emptied table (see KVCacheManager).
+            self._generation += 1
         self.block_manager.reset()
+
+    @property
+    def generation(self) -> int:
+        """How many times :meth:`reset` ran. Whoever keeps handles of this pool (a
+        :class:`~sagellm_kv_cache.kv_cache_manager.KVCacheManager`) compares it with the value it
+        saw last to notice that a reset it did not make dropped them."""
+        return self._generation
 
     # --- helpers ----------------------------------------------------------------------------
 
