@@ -34,8 +34,14 @@ void bind_seed_pool(py::module_& m);
 /// paths: `static PyObject* const name = interned("...")`). Needs the GIL.
 PyObject* interned(const char* text);
 
-/// object.__new__(cls): an instance of `cls` whose __init__ has not run (bind_objects.cpp).
+/// object.__new__(cls): an instance of `cls` whose __init__ has not run (bind_objects.cpp). `cls`
+/// must have passed check_plain_class.
 py::object new_bare(PyObject* cls);
+
+/// TypeError naming `what` unless `cls` is a class whose instances object.__new__ makes (its
+/// __new__ is object's): object.__new__ of any other (type, numpy.ndarray, an exception class)
+/// leaves an instance its own deallocator cannot take.
+void check_plain_class(PyObject* cls, const char* what);
 
 /// Sets an attribute as object.__setattr__ would (no class-level __setattr__ runs); `name` an
 /// interned str.

@@ -4,6 +4,9 @@ regression shows as a failed test with its signal, not as a dead test run.
 * OffloadIndex calls read the caller's key list while they allocate Python objects; a garbage
   collection triggered there runs finalizers, and one that cleared or refilled the list freed the
   array the call was reading (SIGSEGV).
+* ``_core.uuid4`` / ``_core.trusted_model`` (and the seed KVPool's native side) made instances with
+  object.__new__ of any class: ``type``, ``numpy.ndarray`` or an exception class gave an object
+  whose deallocator crashed (SIGSEGV / SIGABRT).
 """
 
 from __future__ import annotations
@@ -94,3 +97,44 @@ def test_offload_index_takes_any_iterable_of_keys() -> None:
     with pytest.raises(TypeError, match="at position 1"):
         idx.prepare_store([b"c", "d"])  # type: ignore[list-item]
     idx.check_invariants()
+
+
+OBJECT_NEW = """
+import numpy as np, uuid
+from sagellm_kv_cache import _core
+bad = [type, np.ndarray, BaseException, ValueError, int, dict, list, tuple, str, bytes,
+       type("WithNew", (), {"__new__": lambda cls: object.__new__(cls)})]
+for cls in bad:
+    for call in (lambda: _core.uuid4(cls, None), lambda: _core.trusted_model(cls, {}, (), (), set(), {})):
+        try:
+            call()
+        except TypeError as e:
+            assert "object.__new__" in str(e), e
+        else:
+            raise AssertionError(f"{cls} accepted")
+assert isinstance(_core.uuid4(uuid.UUID, uuid.SafeUUID.unknown), uuid.UUID)
+print("ok")
+"""
+
+
+def test_object_new_is_refused_for_classes_that_have_their_own() -> None:
+    assert run_isolated(OBJECT_NEW).strip().endswith("ok")
+
+
+def test_seed_pool_refuses_classes_object_new_cannot_make() -> None:
+    import uuid
+
+    from sagellm_kv_cache import _core
+    from sagellm_kv_cache.models.kv_handle import KVHandle
+
+    def make(cls: type, uuid_cls: type) -> object:
+        return _core.SeedPool(
+            64, 16, None, cls=cls, defaults={}, names=(), fields_set=set(), fallback=None, uuid_cls=uuid_cls,
+            uuid_safe=None, free_state=None, dtypes={}, layouts={}, devices={}, normalize=None, refusal=None,
+        )
+
+    with pytest.raises(TypeError, match="uuid_cls"):
+        make(KVHandle, BaseException)
+    with pytest.raises(TypeError, match="cls"):
+        make(type, uuid.UUID)
+    make(KVHandle, uuid.UUID)  # what KVPool passes
