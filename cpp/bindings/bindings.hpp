@@ -154,6 +154,22 @@ class BlockIds {
   std::size_t size_ = 0;
 };
 
+/// Keeps the numpy arrays whose memory a caller's buffer shares (the array itself, its bases, the
+/// array behind a memoryview) from being resized while the GIL is released: ndarray.resize
+/// (refcheck=False) reallocates an array that has no weak reference, whatever buffers it exported,
+/// and a call writing or reading through the old pointer meanwhile would touch freed memory. Holds a
+/// weak reference to each (numpy then refuses the resize with ValueError). Construct and destroy
+/// with the GIL held: declare it before the GIL is released.
+class ResizeGuard {
+ public:
+  explicit ResizeGuard(const py::handle& obj);
+  ResizeGuard(const ResizeGuard&) = delete;
+  ResizeGuard& operator=(const ResizeGuard&) = delete;
+
+ private:
+  std::vector<py::object> refs_;
+};
+
 /// Below this many blocks an allocator call costs less than releasing and re-taking the GIL, so
 /// the bindings keep it; larger batches (and all memory movement) release it.
 inline constexpr std::size_t kGilReleaseMinBlocks = 512;

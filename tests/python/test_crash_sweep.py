@@ -7,6 +7,9 @@ regression shows as a failed test with its signal, not as a dead test run.
 * ``_core.uuid4`` / ``_core.trusted_model`` (and the seed KVPool's native side) made instances with
   object.__new__ of any class: ``type``, ``numpy.ndarray`` or an exception class gave an object
   whose deallocator crashed (SIGSEGV / SIGABRT).
+* Calls that read or write a caller's numpy array with the GIL released (gather_into, scatter, the
+  summed variants, segment_sums, block_checksum, block_tables' ``out``): another thread's
+  ``ndarray.resize(refcheck=False)`` freed the memory under them (SIGSEGV).
 """
 
 from __future__ import annotations
@@ -138,3 +141,71 @@ def test_seed_pool_refuses_classes_object_new_cannot_make() -> None:
     with pytest.raises(TypeError, match="cls"):
         make(type, uuid.UUID)
     make(KVHandle, uuid.UUID)  # what KVPool passes
+
+
+# ndarray.resize(refcheck=False) reallocates an array whatever buffers it exported: a call writing
+# into (or reading from) the caller's array without the GIL would touch freed memory. Each call
+# must either work on the array as it was or make the resize fail (numpy's ValueError). (Resizing
+# the base of a live view frees the view's memory whatever anyone does: numpy's own hazard, not run.)
+RESIZE_RACE = """
+import threading, time
+import numpy as np
+from sagellm_kv_cache import _core
+
+pool = _core.PagedKVPool(2, 8, 128, "fp32", 16, 128)
+ids = pool.allocate(64)
+nbytes = pool.block_nbytes * 64
+arr = np.zeros(nbytes, np.uint8)
+sums = np.zeros(nbytes // _core.SEGMENT_BYTES, np.uint64)
+view = np.zeros(nbytes + 64, np.uint8)[64:]  # a view: its base is guarded (only the view is resized, refused)
+mv_base = np.zeros(nbytes, np.uint8)
+rm = _core.RequestManager(pool)
+for r in range(40):
+    rm.admit(r, [1, 2, 3])
+table = np.zeros((40, 4), np.int32)
+stop = threading.Event()
+refused = [0]
+
+def resizer():
+    while not stop.is_set():
+        for a, n in ((arr, nbytes), (sums, sums.size), (view, nbytes), (mv_base, nbytes), (table, 160)):
+            try:
+                a.resize(16, refcheck=False)
+                a.resize(n, refcheck=False)
+            except ValueError:
+                refused[0] += 1
+        try:
+            table.shape = (40, 4)
+        except (ValueError, AttributeError):
+            pass
+
+t = threading.Thread(target=resizer, daemon=True)
+t.start()
+calls = [
+    lambda: pool.gather_into(ids, arr),
+    lambda: pool.scatter(arr, ids),
+    lambda: pool.gather_summed(ids, arr, sums),
+    lambda: pool.scatter_summed(arr, ids, sums),
+    lambda: _core.segment_sums(arr, sums),
+    lambda: pool.gather_into(ids, view),
+    lambda: pool.scatter(memoryview(mv_base), ids),
+    lambda: _core.block_checksum(arr),
+    lambda: rm.block_tables(list(range(40)), table),
+]
+deadline = time.monotonic() + 1.5
+n = 0
+while time.monotonic() < deadline:
+    for call in calls:
+        try:
+            call()
+        except (ValueError, TypeError):
+            pass  # the array was short at the time: a typed error
+        n += 1
+stop.set()
+t.join()
+print("ok", n, refused[0])
+"""
+
+
+def test_buffers_resized_by_another_thread_during_a_call() -> None:
+    assert run_isolated(RESIZE_RACE).strip().startswith("ok")
