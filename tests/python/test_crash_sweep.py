@@ -170,10 +170,12 @@ def resizer():
     while not stop.is_set():
         for a, n in ((arr, nbytes), (sums, sums.size), (view, nbytes), (mv_base, nbytes), (table, 160)):
             try:
-                a.resize(16, refcheck=False)
-                a.resize(n, refcheck=False)
+                a.resize(16, refcheck=False)  # a large array's pages are unmapped here
             except ValueError:
                 refused[0] += 1
+                continue
+            time.sleep(0.0005)  # the window a call that was already running would write into
+            a.resize(n, refcheck=False)
         try:
             table.shape = (40, 4)
         except (ValueError, AttributeError):
