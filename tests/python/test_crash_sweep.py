@@ -10,6 +10,9 @@ regression shows as a failed test with its signal, not as a dead test run.
 * Calls that read or write a caller's numpy array with the GIL released (gather_into, scatter, the
   summed variants, segment_sums, block_checksum, block_tables' ``out``): another thread's
   ``ndarray.resize(refcheck=False)`` freed the memory under them (SIGSEGV).
+* The first call that used numpy's C API initialised pybind11's view of it there, running Python
+  code under a once-only lock; a signal handler or profile hook that called the module again from
+  that code hung the process.
 """
 
 from __future__ import annotations
@@ -211,3 +214,33 @@ print("ok", n, refused[0])
 
 def test_buffers_resized_by_another_thread_during_a_call() -> None:
     assert run_isolated(RESIZE_RACE).strip().startswith("ok")
+
+
+# The module's first use of numpy's C API ran numpy's version check (Python code) inside pybind11's
+# once-only initialiser; a profile hook (or a signal handler, a finaliser) run by that code calling
+# back into the module waited on the initialiser its own thread was in: a hang. Now done at import.
+FIRST_NUMPY_USE = """
+import sys
+import numpy as np
+from sagellm_kv_cache import _core
+cache = _core.PrefixCache(block_size=4)
+state = {"armed": False, "calls": 0}
+def hook(frame, event, arg):
+    if event == "call" and state["armed"]:
+        state["armed"] = False
+        state["calls"] += 1
+        cache.match(np.zeros((1, 32), np.uint8))
+sys.setprofile(hook)
+state["armed"] = True
+cache.match(np.zeros((1, 32), np.uint8))  # the first call that reads a numpy array
+sys.setprofile(None)
+print("ok", state["calls"])
+"""
+
+
+def test_first_numpy_use_reentered_from_a_hook_does_not_hang() -> None:
+    try:
+        out = run_isolated(FIRST_NUMPY_USE, timeout=30.0)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a call re-entered during the module's first use of numpy hung")
+    assert out.startswith("ok")
