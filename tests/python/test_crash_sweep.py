@@ -13,6 +13,9 @@ regression shows as a failed test with its signal, not as a dead test run.
 * The first call that used numpy's C API initialised pybind11's view of it there, running Python
   code under a once-only lock; a signal handler or profile hook that called the module again from
   that code hung the process.
+* The seed PrefixCache's "nested call gets a RuntimeError" promise had windows (lock taken, holder not
+  yet recorded; holder cleared, lock not yet released) where a signal handler's call waited for its
+  own thread forever.
 """
 
 from __future__ import annotations
@@ -243,4 +246,53 @@ def test_first_numpy_use_reentered_from_a_hook_does_not_hang() -> None:
         out = run_isolated(FIRST_NUMPY_USE, timeout=30.0)
     except subprocess.TimeoutExpired:
         pytest.fail("a call re-entered during the module's first use of numpy hung")
+    assert out.startswith("ok")
+
+
+# The seed PrefixCache refuses a call nested inside one of its calls on the same thread (RuntimeError)
+# instead of waiting for itself. A trace function stands in for a signal handler: it calls the cache
+# at every line of the cache's own code, so every window between taking the lock and marking the
+# call (and between unmarking and releasing) is hit. It hung where the lock was taken but the holder
+# not yet recorded.
+SEED_PREFIX_NESTED = """
+import sys
+from sagellm_kv_cache.prefix_cache import PrefixCache
+cache = PrefixCache(block_size=2, max_cached_blocks=8)
+hashes = cache.compute_block_hashes(list(range(8)))
+seen = set()
+outcomes = {"ran": 0, "refused": 0}
+def nested():
+    try:
+        cache.lookup(hashes)
+        cache.evict_by_count(1)
+        outcomes["ran"] += 1
+    except RuntimeError:
+        outcomes["refused"] += 1
+def tracer(frame, event, arg):
+    if frame.f_code.co_filename.endswith("prefix_cache.py"):
+        return local
+    return None
+def local(frame, event, arg):
+    if event == "line" and (frame.f_code.co_name, frame.f_lineno) not in seen:
+        seen.add((frame.f_code.co_name, frame.f_lineno))
+        nested()
+    return local
+sys.settrace(tracer)
+for _ in range(2):
+    cache.insert(hashes, [{"block_id": i} for i in range(4)])
+    cache.lookup(hashes)
+    cache.lookup([])
+    cache.evict_by_count(2)
+    cache.invalidate(__import__("uuid").uuid4())
+sys.settrace(None)
+assert outcomes["refused"] > 0, outcomes
+print("ok", outcomes)
+"""
+
+
+def test_seed_prefix_cache_nested_call_at_any_line_is_refused_or_runs() -> None:
+    try:
+        out = run_isolated(SEED_PREFIX_NESTED, timeout=30.0)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a call nested inside a PrefixCache call hung")
     assert out.startswith("ok")
