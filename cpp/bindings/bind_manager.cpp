@@ -360,6 +360,8 @@ py::object block_tables(const BoundRequestManager& self, const py::handle& reque
   }
   const auto span = std::span<BlockId>(table.mutable_data(), n * stride);
   {
+    std::optional<ResizeGuard> guard;  // the caller's `out`, written without the GIL
+    if (!out.is_none() && worth_releasing(n, 0)) guard.emplace(table);
     const MaybeReleaseGil release(worth_releasing(n, 0));
     (void)self.manager->block_tables(s->ids, span, stride, -1);
   }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <mutex>
 #include <random>
+#include <string>
 
 #include "bindings.hpp"
 
@@ -41,6 +42,13 @@ PyObject* interned(const char* text) {
   PyObject* s = PyUnicode_InternFromString(text);  // immortal for our purposes: kept for the process
   if (s == nullptr) throw py::error_already_set();
   return s;
+}
+
+void check_plain_class(PyObject* cls, const char* what) {
+  if (!PyType_Check(cls) || reinterpret_cast<PyTypeObject*>(cls)->tp_new != PyBaseObject_Type.tp_new) {
+    throw py::type_error(std::string(what) + " must be a class made by object.__new__ (no __new__ of its own), got " +
+                         std::string(py::repr(cls)));
+  }
 }
 
 py::object new_bare(PyObject* cls) {
@@ -111,6 +119,7 @@ void bind_objects(py::module_& m) {
   std::call_once(at_fork, [] { (void)pthread_atfork(nullptr, nullptr, reseed_after_fork); });
 
   m.def("uuid4", [](const py::type& uuid_cls, const py::object& is_safe) {
+          check_plain_class(uuid_cls.ptr(), "uuid_cls");
           return new_uuid4(uuid_cls.ptr(), is_safe.ptr(), nullptr);
         },
         py::arg("uuid_cls"), py::arg("is_safe"),
@@ -118,6 +127,7 @@ void bind_objects(py::module_& m) {
 
   m.def("trusted_model", [](const py::type& cls, const py::dict& defaults, const py::tuple& names,
                             const py::tuple& values, const py::set& fields_set, const py::dict& private_attrs) {
+          check_plain_class(cls.ptr(), "cls");
           auto items = [](const py::tuple& t) {
             return std::span<PyObject* const>(&PyTuple_GET_ITEM(t.ptr(), 0), static_cast<std::size_t>(t.size()));
           };

@@ -21,14 +21,28 @@
 namespace sagellm::kv::bindings {
 namespace {
 
-// The items of a list, tuple or any other iterable (copied into a list then), as a borrowed array.
+// The items of a list, tuple or any other iterable, each held by this object: a tuple is held
+// whole, the caller's list is copied item by item (a reference each, no Python code runs while
+// copying), anything else is read into a list of its own. Never a borrowed view of the caller's
+// list: a call allocates Python objects while it reads the items, a garbage collection that
+// triggers runs finalizers, and one that clears or grows the list would free or move its array
+// under the reader.
 class KeyItems {
  public:
   explicit KeyItems(const py::handle& keys) {
-    seq_ = py::reinterpret_steal<py::object>(PySequence_Fast(keys.ptr(), "keys must be a collection of bytes"));
-    if (!seq_) throw py::error_already_set();
-    items_ = PySequence_Fast_ITEMS(seq_.ptr());
-    size_ = static_cast<std::size_t>(PySequence_Fast_GET_SIZE(seq_.ptr()));
+    PyObject* p = keys.ptr();
+    if (PyList_Check(p)) {
+      const Py_ssize_t n = PyList_GET_SIZE(p);
+      owned_.refs.reserve(static_cast<std::size_t>(n));  // may throw; nothing held yet
+      for (Py_ssize_t i = 0; i < n; ++i) owned_.refs.push_back(Py_NewRef(PyList_GET_ITEM(p, i)));
+      items_ = owned_.refs.data();
+      size_ = owned_.refs.size();
+    } else {
+      seq_ = py::reinterpret_steal<py::object>(PySequence_Fast(p, "keys must be a collection of bytes"));
+      if (!seq_) throw py::error_already_set();
+      items_ = PySequence_Fast_ITEMS(seq_.ptr());
+      size_ = static_cast<std::size_t>(PySequence_Fast_GET_SIZE(seq_.ptr()));
+    }
     for (std::size_t i = 0; i < size_; ++i) {
       if (!PyBytes_CheckExact(items_[i])) {
         throw py::type_error("keys must be bytes, got " +
@@ -36,12 +50,24 @@ class KeyItems {
       }
     }
   }
+  KeyItems(const KeyItems&) = delete;
+  KeyItems& operator=(const KeyItems&) = delete;
   [[nodiscard]] std::size_t size() const noexcept { return size_; }
   [[nodiscard]] PyObject* operator[](std::size_t i) const noexcept { return items_[i]; }
 
  private:
-  py::object seq_;
-  PyObject** items_ = nullptr;
+  struct Refs {  // one reference per item of the caller's list
+    std::vector<PyObject*> refs;
+    Refs() = default;
+    Refs(const Refs&) = delete;
+    Refs& operator=(const Refs&) = delete;
+    ~Refs() {
+      for (PyObject* o : refs) Py_DECREF(o);
+    }
+  };
+  Refs owned_;
+  py::object seq_;                 // the caller's tuple, or a list made from another iterable
+  PyObject* const* items_ = nullptr;
   std::size_t size_ = 0;
 };
 

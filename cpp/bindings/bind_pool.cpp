@@ -241,6 +241,7 @@ void bind_pool(py::module_& m) {
           const auto nbytes = static_cast<std::size_t>(info.size * info.itemsize);
           py::buffer_info in = byte_buffer(data, nbytes, false, "data");
           std::span<std::uint64_t> out = sums_buffer(sums, segment_count(nbytes));
+          const ResizeGuard guard_data(data), guard_sums(sums);
           py::gil_scoped_release release;
           segment_sums({static_cast<const std::byte*>(in.ptr), nbytes}, out);
         }, py::arg("data"), py::arg("sums"),
@@ -351,6 +352,7 @@ void bind_pool(py::module_& m) {
              BlockIds b(ids, "block_ids");
              py::buffer_info info = byte_buffer(out, b.span().size() * p.block_bytes(), true, "out");
              std::span<std::byte> dst(static_cast<std::byte*>(info.ptr), b.span().size() * p.block_bytes());
+             const ResizeGuard guard(out);
              py::gil_scoped_release release;
              p.gather(b.span(), dst);
            }, py::arg("block_ids"), py::arg("out"))
@@ -358,6 +360,7 @@ void bind_pool(py::module_& m) {
              BlockIds b(ids, "block_ids");
              py::buffer_info info = byte_buffer(in, b.span().size() * p.block_bytes(), false, "data");
              std::span<const std::byte> src(static_cast<const std::byte*>(info.ptr), b.span().size() * p.block_bytes());
+             const ResizeGuard guard(in);
              py::gil_scoped_release release;
              p.scatter(src, b.span());
            }, py::arg("data"), py::arg("block_ids"))
@@ -367,6 +370,7 @@ void bind_pool(py::module_& m) {
              const std::size_t nbytes = b.span().size() * p.block_bytes();
              py::buffer_info info = byte_buffer(out, nbytes, true, "out");
              std::span<std::uint64_t> s = sums_buffer(sums, segment_count(nbytes));
+             const ResizeGuard guard_out(out), guard_sums(sums);
              py::gil_scoped_release release;
              p.gather_summed(b.span(), {static_cast<std::byte*>(info.ptr), nbytes}, s);
            }, py::arg("block_ids"), py::arg("out"), py::arg("sums"))
@@ -375,6 +379,7 @@ void bind_pool(py::module_& m) {
              const std::size_t nbytes = b.span().size() * p.block_bytes();
              py::buffer_info info = byte_buffer(in, nbytes, false, "data");
              std::span<std::uint64_t> s = sums_buffer(sums, segment_count(nbytes));
+             const ResizeGuard guard_in(in), guard_sums(sums);
              py::gil_scoped_release release;
              p.scatter_summed({static_cast<const std::byte*>(info.ptr), nbytes}, b.span(), s);
            }, py::arg("data"), py::arg("block_ids"), py::arg("sums"))

@@ -463,6 +463,8 @@ void bind_seed_pool(py::module_& m) {
              if (!PyType_Check(cls.ptr()) || !PyType_Check(uuid_cls.ptr())) {
                throw py::type_error("cls and uuid_cls must be classes");
              }
+             check_plain_class(uuid_cls.ptr(), "uuid_cls");  // made by object.__new__ in alloc
+             if (!defaults.is_none()) check_plain_class(cls.ptr(), "cls");
              HandleSpec spec{cls, defaults, names, fields_set, fallback, uuid_cls, uuid_safe, free_state,
                              dtypes, layouts, devices, normalize, refusal,
                              SlotReader(uuid_cls, "int"), SlotReader(cls, "__pydantic_private__"),

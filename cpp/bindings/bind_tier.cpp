@@ -65,6 +65,7 @@ void bind_tier(py::module_& m) {
           }
           if (!contiguous) throw py::value_error("block_checksum: the buffer must be C-contiguous");
           std::span<const std::byte> bytes(static_cast<const std::byte*>(info.ptr), n);
+          const ResizeGuard guard(buf);
           py::gil_scoped_release release;
           return block_checksum(bytes);
         }, py::arg("data"), "64-bit checksum of a contiguous buffer (the disk tier's slot check).");

@@ -34,8 +34,14 @@ void bind_seed_pool(py::module_& m);
 /// paths: `static PyObject* const name = interned("...")`). Needs the GIL.
 PyObject* interned(const char* text);
 
-/// object.__new__(cls): an instance of `cls` whose __init__ has not run (bind_objects.cpp).
+/// object.__new__(cls): an instance of `cls` whose __init__ has not run (bind_objects.cpp). `cls`
+/// must have passed check_plain_class.
 py::object new_bare(PyObject* cls);
+
+/// TypeError naming `what` unless `cls` is a class whose instances object.__new__ makes (its
+/// __new__ is object's): object.__new__ of any other (type, numpy.ndarray, an exception class)
+/// leaves an instance its own deallocator cannot take.
+void check_plain_class(PyObject* cls, const char* what);
 
 /// Sets an attribute as object.__setattr__ would (no class-level __setattr__ runs); `name` an
 /// interned str.
@@ -146,6 +152,22 @@ class BlockIds {
   std::vector<BlockId> heap_;
   BlockId* data_ = nullptr;
   std::size_t size_ = 0;
+};
+
+/// Keeps the numpy arrays whose memory a caller's buffer shares (the array itself, its bases, the
+/// array behind a memoryview) from being resized while the GIL is released: ndarray.resize
+/// (refcheck=False) reallocates an array that has no weak reference, whatever buffers it exported,
+/// and a call writing or reading through the old pointer meanwhile would touch freed memory. Holds a
+/// weak reference to each (numpy then refuses the resize with ValueError). Construct and destroy
+/// with the GIL held: declare it before the GIL is released.
+class ResizeGuard {
+ public:
+  explicit ResizeGuard(const py::handle& obj);
+  ResizeGuard(const ResizeGuard&) = delete;
+  ResizeGuard& operator=(const ResizeGuard&) = delete;
+
+ private:
+  std::vector<py::object> refs_;
 };
 
 /// Below this many blocks an allocator call costs less than releasing and re-taking the GIL, so

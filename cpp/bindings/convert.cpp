@@ -109,6 +109,21 @@ BlockIds::BlockIds(const py::handle& obj, const char* what) {
   }
 }
 
+ResizeGuard::ResizeGuard(const py::handle& obj) {
+  PyObject* cur = obj.ptr();
+  for (int depth = 0; cur != nullptr && depth < 64; ++depth) {  // base chains are short; a bound for safety
+    if (PyMemoryView_Check(cur)) {
+      cur = PyMemoryView_GET_BUFFER(cur)->obj;
+      continue;
+    }
+    if (!py::isinstance<py::array>(cur)) break;
+    PyObject* ref = PyWeakref_NewRef(cur, nullptr);
+    if (ref == nullptr) throw py::error_already_set();
+    refs_.push_back(py::reinterpret_steal<py::object>(ref));
+    cur = py::detail::array_proxy(cur)->base;
+  }
+}
+
 std::optional<std::string> optional_key(const py::handle& obj, const char* what) {
   PyObject* p = obj.ptr();
   if (p == Py_None) return std::nullopt;

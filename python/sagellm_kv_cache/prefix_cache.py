@@ -23,7 +23,6 @@ import hashlib
 import itertools
 import threading
 import uuid
-from _thread import get_ident
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -306,7 +305,8 @@ class PrefixCache:
     Thread-safe: one lock serialises the calls. The cache lets go of the objects it drops (evicted,
     replaced, cleared) only after releasing that lock, so their finalisers may use the cache. Code
     that runs inside a call on the same thread (a finaliser the garbage collector runs there, a
-    ``handle_id``'s ``__eq__``) and calls the cache again gets a RuntimeError instead of a deadlock.
+    signal handler, a ``handle_id``'s ``__eq__``) and calls the cache again gets a RuntimeError
+    instead of a deadlock.
     """
 
     def __init__(self, block_size: int = 16, max_cached_blocks: int | None = None, enable_lru: bool = True) -> None:
@@ -336,8 +336,10 @@ class PrefixCache:
         capacity = max_cached_blocks if max_cached_blocks is not None and max_cached_blocks <= _MAX_ID else None
         self._trie = _core.PrefixCache(block_size=block_size, capacity_blocks=capacity,
                                        policy="lru" if self.enable_lru else "fifo", allocator=self._ids)
-        self._lock = threading.Lock()
-        self._holder = 0  # the thread id holding self._lock, 0 when none (see _wait_for_lock)
+        # Reentrant, so that this thread's nested call (see _acquire) never waits for itself; _busy
+        # marks a call in progress (read and written by the lock's holder only).
+        self._lock = threading.RLock()
+        self._busy = False
         self._blocks: list[dict | None] = []
         self._next_id = 0  # the next never-used synthetic id of an unbounded cache (see _take_ids)
         self._free_ids: list[int] = []  # swept ids of an unbounded cache, to reuse first
@@ -424,32 +426,38 @@ class PrefixCache:
             return [], 0
         digests = self._chain(block_hashes)
         lock = self._lock  # _acquire / _release inlined: lookup is the hot call
-        if not lock.acquire(False):
-            self._wait_for_lock()
+        lock.acquire()
+        if self._busy:
+            self._refuse_nested()
+        self._busy = True
         try:
-            self._holder = get_ident()
             n, blocks = self._trie.probe(digests, self._blocks)
             self._last_match = (digests, n, self._generation)
         finally:
-            self._holder = 0
+            self._busy = False
             lock.release()
         return blocks, n * self.block_size
 
-    def _wait_for_lock(self) -> None:
-        """Takes the lock that a plain ``acquire(False)`` found taken: waits for another thread, but
-        refuses this thread's own nested call (waiting for itself would never end)."""
-        if self._holder == get_ident():
-            raise RuntimeError("PrefixCache was called again on a thread inside one of its calls (by a finaliser "
-                               "or a handle_id's __eq__ run during that call); call it once that call returns")
-        self._lock.acquire()
+    def _refuse_nested(self) -> None:
+        """This thread holds the lock and a call is in progress on it: the caller is nested inside
+        that call (a finaliser, a signal handler, a handle_id's ``__eq__``). Undoes its acquire and
+        refuses, rather than waiting for itself."""
+        self._lock.release()
+        raise RuntimeError("PrefixCache was called again on a thread inside one of its calls (by a finaliser, "
+                           "a signal handler or a handle_id's __eq__ run during that call); call it once that "
+                           "call returns")
 
     def _acquire(self) -> None:
-        if not self._lock.acquire(False):
-            self._wait_for_lock()
-        self._holder = get_ident()
+        # Another thread's call: wait for it. This thread's: the RLock is taken at once and the nested
+        # call refused. A nested call that lands between the acquire and `_busy = True` (or between
+        # `_busy = False` and the release) runs whole: the outer call has not started (or has finished).
+        self._lock.acquire()
+        if self._busy:
+            self._refuse_nested()
+        self._busy = True
 
     def _release(self) -> None:
-        self._holder = 0
+        self._busy = False
         self._lock.release()
 
     def insert(self, block_hashes: Sequence[BlockHash], blocks: Sequence[dict]) -> None:
@@ -464,15 +472,11 @@ class PrefixCache:
             raise ValueError(f"blocks yielded {len(objects)} items but has length {len(block_hashes)}")
         digests = self._chain(block_hashes)
         dropped: list[Any] = []  # objects the table lets go of: released after the lock (see the class doc)
-        lock = self._lock
-        if not lock.acquire(False):
-            self._wait_for_lock()
+        self._acquire()
         try:
-            self._holder = get_ident()
             self._insert_locked(digests, objects, dropped)
         finally:
-            self._holder = 0
-            lock.release()
+            self._release()
 
     def _insert_locked(self, digests: Digests, blocks: list[Any], dropped: list[Any]) -> None:
         # The leading blocks already cached keep their dicts; only the rest get ids and entries.
