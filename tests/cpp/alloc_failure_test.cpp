@@ -17,6 +17,7 @@
 #include <numeric>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "sagellm_kv/block_allocator.hpp"
@@ -64,6 +65,30 @@ namespace {
 constexpr std::uint32_t kBs = 4;
 constexpr std::uint32_t kBlocks = 12;
 
+// Runs `call` with this thread's k-th allocation from now failing with std::bad_alloc (k = 0: the
+// first one), then stops failing. Returns what `call` returned (true for a void call), or nothing
+// (false) when a bad_alloc left it; `injected` counts the calls in which an allocation was failed on
+// purpose (t_failed says whether this one was).
+template <class Call>
+auto failing_at(long k, long& injected, Call&& call) {
+  using R = std::invoke_result_t<Call&>;
+  std::conditional_t<std::is_void_v<R>, bool, std::optional<R>> out{};
+  t_failed = false;
+  t_fail_countdown = k;
+  try {
+    if constexpr (std::is_void_v<R>) {
+      call();
+      out = true;
+    } else {
+      out = call();
+    }
+  } catch (const std::bad_alloc&) {
+  }
+  t_fail_countdown = -1;
+  injected += t_failed ? 1 : 0;
+  return out;
+}
+
 std::vector<std::int32_t> seq(std::int32_t start, std::size_t n) {
   std::vector<std::int32_t> v(n);
   std::iota(v.begin(), v.end(), start);
@@ -94,15 +119,7 @@ TEST(PrefixCacheAllocFailure, InsertChangesNothingWhenAnAllocationFails) {
     (void)cache.drain_events();
     InsertOptions io;
     io.acquire = true;
-    t_failed = false;
-    t_fail_countdown = k;
-    std::optional<InsertResult> res;
-    try {
-      res = cache.insert(digests, blocks, io);
-    } catch (const std::bad_alloc&) {
-    }
-    t_fail_countdown = -1;
-    injected += t_failed ? 1 : 0;
+    const auto res = failing_at(k, injected, [&] { return cache.insert(digests, blocks, io); });
     const std::string where = "allocation " + std::to_string(k);
     cache.check_invariants();
     if (!res) {
@@ -207,20 +224,14 @@ TEST(PrefixCacheAllocFailure, InsertsAfterReserveInsertCannotFailForMemory) {
       InsertOptions under;
       under.parent = head[0];
       under.trusted_chain = true;
-      std::uint32_t inserted = 0;
-      t_failed = false;
-      t_fail_countdown = k;
-      try {
-        inserted += cache.insert(std::span(head).subspan(1), std::span(head_blocks).subspan(1), under).num_inserted;
-        inserted += cache.insert(std::span(other).first(5), std::span(other_blocks).first(5)).num_inserted;
-        inserted += cache.insert(other, other_blocks).num_inserted;
-      } catch (const std::bad_alloc&) {
-        ADD_FAILURE() << "an insert failed for memory";
-      }
-      t_fail_countdown = -1;
-      injected += t_failed ? 1 : 0;
+      const auto inserted = failing_at(k, injected, [&] {
+        return cache.insert(std::span(head).subspan(1), std::span(head_blocks).subspan(1), under).num_inserted +
+               cache.insert(std::span(other).first(5), std::span(other_blocks).first(5)).num_inserted +
+               cache.insert(other, other_blocks).num_inserted;
+      });
+      if (!inserted) ADD_FAILURE() << "an insert failed for memory";
       const std::string where = "allocation " + std::to_string(k);
-      ASSERT_EQ(inserted, 308u) << where;
+      ASSERT_EQ(inserted.value_or(0), 308u) << where;
       cache.check_invariants();
       for (BlockId b : head_blocks) ASSERT_EQ(alloc.ref_count(b), 2u) << where;
       completed = !t_failed;
@@ -245,15 +256,7 @@ TEST(PrefixCacheAllocFailure, InsertBeyondCapacityGivesBackEveryBlockItCannotCac
     PrefixCache cache(o, &alloc);
     std::vector<BlockId> blocks(kNew);
     ASSERT_TRUE(alloc.allocate(blocks).ok());
-    t_failed = false;
-    t_fail_countdown = k;
-    std::optional<InsertResult> res;
-    try {
-      res = cache.insert(digests, blocks);
-    } catch (const std::bad_alloc&) {
-    }
-    t_fail_countdown = -1;
-    injected += t_failed ? 1 : 0;
+    const auto res = failing_at(k, injected, [&] { return cache.insert(digests, blocks); });
     const std::string where = "allocation " + std::to_string(k);
     cache.check_invariants();
     const std::uint32_t cached = res ? res->num_cached() : 0;
@@ -287,15 +290,7 @@ TEST(PrefixCacheAllocFailure, ClearRemovesEverythingOrNothing) {
       ASSERT_TRUE(alloc.free(blocks).ok());
     }
     (void)cache.drain_events();
-    t_failed = false;
-    t_fail_countdown = k;
-    std::optional<std::uint32_t> removed;
-    try {
-      removed = cache.clear();
-    } catch (const std::bad_alloc&) {
-    }
-    t_fail_countdown = -1;
-    injected += t_failed ? 1 : 0;
+    const auto removed = failing_at(k, injected, [&] { return cache.clear(); });
     const std::string where = "allocation " + std::to_string(k);
     cache.check_invariants();
     if (!removed) {
@@ -345,15 +340,8 @@ TEST(OffloadIndexAllocFailure, ReserveThatEvictsManySlotsChangesNothingOrEvictsT
     const std::vector<BlockId> call(300, OffloadIndex::kNoSlot);
     std::vector<BlockId> slots(300, -7);
     std::vector<BlockId> evicted;
-    t_failed = false;
-    t_fail_countdown = k;
-    std::optional<bool> ok;
-    try {
-      ok = f.index.reserve(call, OffloadIndex::kNoSlot, slots, evicted);
-    } catch (const std::bad_alloc&) {
-    }
-    t_fail_countdown = -1;
-    injected += t_failed ? 1 : 0;
+    const auto ok =
+        failing_at(k, injected, [&] { return f.index.reserve(call, OffloadIndex::kNoSlot, slots, evicted); });
     const std::string where = "allocation " + std::to_string(k);
     f.index.check_invariants();
     const OffloadIndexStats st = f.index.stats();
@@ -383,16 +371,7 @@ TEST(OffloadIndexAllocFailure, AbandonOfManySlotsFreesThemOrChangesNothing) {
     std::vector<BlockId> slots(300);
     std::vector<BlockId> gone;
     ASSERT_TRUE(index.reserve(call, OffloadIndex::kNoSlot, slots, gone));
-    t_failed = false;
-    t_fail_countdown = k;
-    bool done = false;
-    try {
-      index.abandon(slots);
-      done = true;
-    } catch (const std::bad_alloc&) {
-    }
-    t_fail_countdown = -1;
-    injected += t_failed ? 1 : 0;
+    const bool done = failing_at(k, injected, [&] { index.abandon(slots); });
     const std::string where = "allocation " + std::to_string(k);
     index.check_invariants();
     ASSERT_EQ(index.stats().pending_slots, done ? 0u : 300u) << where;
@@ -439,16 +418,7 @@ TEST(OffloadIndexAllocFailure, CommitOfSeveralRunsCommitsAllOrNothing) {
       slots.insert(slots.end(), long_run.rbegin(), long_run.rend());
       const std::vector<BlockId> given = slots;
       const OffloadIndexStats before = index.stats();
-      t_failed = false;
-      t_fail_countdown = k;
-      bool done = false;
-      try {
-        index.commit(slots);
-        done = true;
-      } catch (const std::bad_alloc&) {
-      }
-      t_fail_countdown = -1;
-      injected += t_failed ? 1 : 0;
+      const bool done = failing_at(k, injected, [&] { index.commit(slots); });
       const std::string where = "allocation " + std::to_string(k);
       ASSERT_NO_THROW(index.check_invariants()) << where;
       const OffloadIndexStats st = index.stats();
@@ -485,16 +455,7 @@ TEST(OffloadIndexAllocFailure, ResetStartsAfreshOrChangesNothing) {
   long injected = 0;
   for (long k = 0; k < 10000 && !completed; ++k) {
     FullIndex f;
-    t_failed = false;
-    t_fail_countdown = k;
-    bool done = false;
-    try {
-      f.index.reset();
-      done = true;
-    } catch (const std::bad_alloc&) {
-    }
-    t_fail_countdown = -1;
-    injected += t_failed ? 1 : 0;
+    const bool done = failing_at(k, injected, [&] { f.index.reset(); });
     const std::string where = "allocation " + std::to_string(k);
     ASSERT_NO_THROW(f.index.check_invariants()) << where;
     const OffloadIndexStats st = f.index.stats();
@@ -563,15 +524,7 @@ TEST(RequestManagerAllocFailure, AdmitChangesNothingWhenAnAllocationFails) {
     const std::vector<AdmitRequest> batch{AdmitRequest{10, matching, {}}, AdmitRequest{11, fresh, salted}};
     std::vector<std::uint32_t> cached(batch.size());
     std::vector<BlockId> tables{-7};
-    t_failed = false;
-    t_fail_countdown = k;
-    std::optional<BatchStatus> st;
-    try {
-      st = w.manager->admit(batch, cached, &tables);
-    } catch (const std::bad_alloc&) {
-    }
-    t_fail_countdown = -1;
-    injected += t_failed ? 1 : 0;
+    const auto st = failing_at(k, injected, [&] { return w.manager->admit(batch, cached, &tables); });
     const std::string where = "allocation " + std::to_string(k);
     ASSERT_NO_FATAL_FAILURE(w.check_accounting(where));
     if (!st) {  // refused: nothing admitted, no use held, no block taken
@@ -609,15 +562,8 @@ TEST(RequestManagerAllocFailure, AppendChangesNothingWhenAnAllocationFails) {
     const std::vector<RequestId> ids{10, 11};
     std::vector<std::uint32_t> new_blocks(2, 0);
     std::vector<BlockId> new_ids{-7};
-    t_failed = false;
-    t_fail_countdown = k;
-    std::optional<BatchStatus> st;
-    try {
-      st = w.manager->append(ids, tokens, offsets, new_blocks, &new_ids);
-    } catch (const std::bad_alloc&) {
-    }
-    t_fail_countdown = -1;
-    injected += t_failed ? 1 : 0;
+    const auto st =
+        failing_at(k, injected, [&] { return w.manager->append(ids, tokens, offsets, new_blocks, &new_ids); });
     const std::string where = "allocation " + std::to_string(k);
     ASSERT_NO_FATAL_FAILURE(w.check_accounting(where));
     if (!st) {  // refused: both requests as they were
@@ -667,20 +613,13 @@ TEST(RequestManagerAllocFailure, EndingPublishedRequestsNeverFailsHalfWay) {
       ASSERT_EQ(w.manager->stats().published_blocks, 5u * 2u + 300u);
       (void)w.cache->drain_events();
       const std::vector<RequestId> ids{3, 1, 6, 2, 5, 4};
-      t_failed = false;
-      t_fail_countdown = k;
-      bool ended = false;
-      try {
+      const bool ended = failing_at(k, injected, [&] {
         switch (op) {
           case EndOp::kFinish: w.manager->finish(ids); break;
           case EndOp::kAbort: w.manager->abort(ids); break;
           case EndOp::kPreempt: EXPECT_EQ(w.manager->preempt(ids), 5u * 10u + 300u * kBs + 1u); break;
         }
-        ended = true;
-      } catch (const std::bad_alloc&) {
-      }
-      t_fail_countdown = -1;
-      injected += t_failed ? 1 : 0;
+      });
       const std::string where = "allocation " + std::to_string(k);
       ASSERT_NO_FATAL_FAILURE(w.check_accounting(where));
       if (!ended) {  // refused: every request still runs and holds its uses
