@@ -3,7 +3,8 @@ answers built as the given classes. The vLLM manager on top of it is tested in t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -152,41 +153,58 @@ def test_a_call_re_entered_while_one_is_in_progress_is_refused() -> None:
     idx.check_invariants()
 
 
+def _failing_at(n: int, call: Callable[[], Any]) -> Any:
+    """``call()`` with CPython's n-th memory allocation from now failing (``_testcapi`` hooks): its
+    result, or None when it raised MemoryError."""
+    testcapi = pytest.importorskip("_testcapi")
+    testcapi.set_nomemory(n, n + 1)
+    try:
+        return call()
+    except MemoryError:
+        return None
+    finally:
+        testcapi.remove_mem_hooks()
+
+
+def _fail_each_allocation(attempt: Callable[[int], bool], min_failures: int) -> None:
+    """``attempt(n)`` for n = 0, 1, ...: it builds its state, makes the call through ``_failing_at(n, ...)``,
+    checks what it finds and says whether the call succeeded. Ends after 20 successes in a row (the
+    call then makes fewer than n allocations), having seen at least ``min_failures`` failed calls."""
+    successes = failures = 0
+    for n in range(2000):
+        if attempt(n):
+            successes += 1
+            if successes == 20:
+                break
+        else:
+            successes, failures = 0, failures + 1
+    assert successes == 20 and failures >= min_failures
+
+
 def test_complete_store_is_all_or_nothing_when_memory_runs_out() -> None:
     # Each Python allocation of the call fails in turn (CPython's _testcapi hooks): the call commits
     # every pending key or none, and the key maps always agree with the index. The binding used to
     # drop the keys from `pending` before the core's commit and to fill `resident` after it, so a
     # failure in between left slots without keys (or keys without their slots' state).
-    testcapi = pytest.importorskip("_testcapi")
     stored_keys = [k(i) for i in range(40)]  # `resident` grows (a dict resize) while they go in
-    successes = 0  # in a row: once the call makes fewer than n allocations, every later n succeeds
-    injected = 0
-    for n in range(2000):
+
+    def attempt(n: int) -> bool:
         idx = _core.OffloadIndex(64)
         first = idx.prepare_store(stored_keys[:30])
         second = idx.prepare_store(stored_keys[30:])  # a second run, chained from the root
         assert first is not None and second is not None
         keys = [*reversed(stored_keys), k(99), stored_keys[0]]  # scrambled, one never stored, one twice
-        done = None
-        testcapi.set_nomemory(n, n + 1)
-        try:
-            done = idx.complete_store(keys)
-        except MemoryError:
-            injected += 1
-        finally:
-            testcapi.remove_mem_hooks()
+        done = _failing_at(n, lambda: idx.complete_store(keys))
         idx.check_invariants()
         if done is None:
             assert idx.resident == {} and len(idx.pending) == 40
             assert idx.stats()["pending_slots"] == 40
-            successes = 0
-            continue
+            return False
         assert done == stored_keys and len(idx.resident) == 40 and idx.pending == {}
         assert idx.stats()["resident_slots"] == 40
-        successes += 1
-        if successes == 20:
-            break
-    assert successes == 20 and injected >= 3
+        return True
+
+    _fail_each_allocation(attempt, min_failures=3)
 
 
 class _Spec:
@@ -204,28 +222,18 @@ def test_prepare_store_is_all_or_nothing_when_memory_runs_out(store_type: type |
     # build its answer and pending entries after the core had reserved (and evicted), so a failure
     # left keys evicted in the index but still resident in the map, or slots reserved for keys no
     # caller knew about.
-    testcapi = pytest.importorskip("_testcapi")
     old = [k(i) for i in range(30)]
     new = [k(100 + i) for i in range(30)]
-    successes = 0
-    injected = 0
-    for n in range(2000):
+
+    def attempt(n: int) -> bool:
         idx = _core.OffloadIndex(40, slots_type=_Spec if store_type else None, store_type=store_type)
         assert idx.prepare_store(old) is not None
         idx.complete_store(old)
-        out = None
-        testcapi.set_nomemory(n, n + 1)
-        try:
-            out = idx.prepare_store(new)
-        except MemoryError:
-            injected += 1
-        finally:
-            testcapi.remove_mem_hooks()
+        out = _failing_at(n, lambda: idx.prepare_store(new))
         idx.check_invariants()
         if out is None:
             assert idx.resident == dict(zip(old, range(30), strict=True)) and idx.pending == {}
-            successes = 0
-            continue
+            return False
         if store_type is None:
             keys, slots, gone = out
         else:
@@ -234,39 +242,27 @@ def test_prepare_store_is_all_or_nothing_when_memory_runs_out(store_type: type |
         assert idx.pending == dict(zip(new, slots.tolist(), strict=True))
         assert set(idx.resident) == set(old) - set(gone)
         gone.extend(gone)  # the answer's lists are ordinary lists
-        successes += 1
-        if successes == 20:
-            break
-    assert successes == 20 and injected >= 3
+        return True
+
+    _fail_each_allocation(attempt, min_failures=3)
 
 
 def test_prepare_load_pins_only_when_it_answers() -> None:
     # The answer (a slots_type instance) used to be made after the pin: a MemoryError there left
     # the keys pinned by a load no caller knew about, so they could never be evicted.
-    testcapi = pytest.importorskip("_testcapi")
     keys = [k(i) for i in range(8)]
-    successes = 0
-    injected = 0
-    for n in range(2000):
+
+    def attempt(n: int) -> bool:
         idx = _core.OffloadIndex(16, slots_type=_Spec)
         assert idx.prepare_store(keys) is not None
         idx.complete_store(keys)
-        out = None
-        testcapi.set_nomemory(n, n + 1)
-        try:
-            out = idx.prepare_load(keys)
-        except MemoryError:
-            injected += 1
-        finally:
-            testcapi.remove_mem_hooks()
+        out = _failing_at(n, lambda: idx.prepare_load(keys))
         idx.check_invariants()
         if out is None:
             assert idx.stats()["in_use_blocks"] == 0
-            successes = 0
-            continue
+            return False
         assert out.block_ids.tolist() == [idx.resident[key] for key in keys]
         assert idx.stats()["in_use_blocks"] == 8
-        successes += 1
-        if successes == 20:
-            break
-    assert successes == 20 and injected >= 1
+        return True
+
+    _fail_each_allocation(attempt, min_failures=1)
