@@ -622,13 +622,17 @@ class KVCacheManager:
         self._generation += 1
         self._debug("the pool was reset underneath: forgot its dropped handles")
 
-    def _forget(self, owner: int, handle: KVHandle) -> None:
-        """Forgets a handle the pool no longer holds, freeing nothing (caller holds the lock)."""
+    def _unregister(self, owner: int, handle: KVHandle) -> None:
+        """Drops the handle's registered prefixes and its index entries (caller holds the lock)."""
         if owner in self._registered:
             self._prefix.invalidate(owner)
             self._registered.discard(owner)
         if owner in self._index_keys:
             self._unindex(owner, handle)
+
+    def _forget(self, owner: int, handle: KVHandle) -> None:
+        """Forgets a handle the pool no longer holds, freeing nothing (caller holds the lock)."""
+        self._unregister(owner, handle)
         # The ids may already belong to a handle allocated after the reset: clear only ours.
         ids = handle.block_ids
         self._block_owner[ids[self._block_owner[ids] == owner]] = 0
@@ -639,11 +643,7 @@ class KVCacheManager:
 
     def _drop(self, owner: int, handle: KVHandle) -> None:
         """Forgets the handle's prefixes, then returns its blocks (caller holds the lock)."""
-        if owner in self._registered:
-            self._prefix.invalidate(owner)
-            self._registered.discard(owner)
-        if owner in self._index_keys:
-            self._unindex(owner, handle)
+        self._unregister(owner, handle)
         self._block_owner[handle.block_ids] = 0
         self._pool.free(handle)
         del self._owner_of[handle.handle_id]
