@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache._numbers import finite_number, integer, shown, text
+from sagellm_kv_cache._numbers import finite_number, integer, positive_int, shown, text
 from sagellm_kv_cache.errors import KVPoolFullError
 from sagellm_kv_cache.paged import _INT32_MAX, PagedKVPool, _int64_arg
 
@@ -199,9 +199,7 @@ class RadixPrefixCache:
     def evict(self, num_blocks: int) -> int:
         """Evicts up to ``num_blocks`` unreferenced leaves by the policy; returns how many went."""
         # "Up to": a count past what any cache holds evicts everything it can.
-        num_blocks = integer("num_blocks", num_blocks)
-        if num_blocks < 0:
-            raise ValueError(f"num_blocks must be >= 0, got {shown(num_blocks)}")
+        num_blocks = positive_int("num_blocks", num_blocks, allow_zero=True)
         evicted = int(self._native.evict(min(num_blocks, _INT32_MAX)))
         if self._observer is not None:
             self._observer.evicted(evicted)
