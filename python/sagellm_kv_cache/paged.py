@@ -95,22 +95,18 @@ _DL_CPU, _DL_CUDA = 1, 2  # DLPack device types
 _DL_SHARED, _DL_HOST_COPY, _DL_DEVICE_COPY = 0, 1, 2  # what the native export hands out
 
 
+def _int_pair(name: str, value: Any, shape: str) -> tuple[int, int]:
+    """``value`` as a pair of ints (an IntEnum is fine); TypeError naming ``name`` and the ``shape`` it
+    must have otherwise."""
+    if (not isinstance(value, tuple) or len(value) != 2
+            or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{name} must be None or a {shape} tuple of ints, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
 def _dlpack_max_version(max_version: Any) -> bool:
     """True when ``max_version`` (None or ``(major, minor)``) asks for a versioned capsule."""
-    if max_version is None:
-        return False
-    if (not isinstance(max_version, tuple) or len(max_version) != 2
-            or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in max_version)):
-        raise TypeError(f"max_version must be None or a (major, minor) tuple of ints, got {max_version!r}")
-    return int(max_version[0]) >= 1
-
-
-def _dlpack_device_arg(dl_device: Any) -> tuple[int, int]:
-    """``dl_device`` as ``(device_type, device_id)``: a 2-tuple of ints (an IntEnum type is fine)."""
-    if (not isinstance(dl_device, tuple) or len(dl_device) != 2
-            or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in dl_device)):
-        raise TypeError(f"dl_device must be None or a (device_type, device_id) tuple of ints, got {dl_device!r}")
-    return int(dl_device[0]), int(dl_device[1])
+    return max_version is not None and _int_pair("max_version", max_version, "(major, minor)")[0] >= 1
 
 
 def _dlpack_stream_arg(stream: Any, device_type: int) -> None:
@@ -153,7 +149,7 @@ class LayerView:
         if copy is not None and not isinstance(copy, bool | np.bool_):
             raise TypeError(f"copy must be True, False or None, got {copy!r}")
         own = self.__dlpack_device__()
-        target = own if dl_device is None else _dlpack_device_arg(dl_device)
+        target = own if dl_device is None else _int_pair("dl_device", dl_device, "(device_type, device_id)")
         if target == own:
             where = _DL_DEVICE_COPY if copy else _DL_SHARED
         elif target == (_DL_CPU, 0) and own[0] == _DL_CUDA:
