@@ -391,6 +391,12 @@ def test_block_digests_follow_the_documented_chain(block_size: int) -> None:
 def test_core_sha256_helpers_match_references() -> None:
     data = bytes(range(256)) * 2
     assert _core.sha256_chunks(data, 64) == [hashlib.sha256(data[i : i + 64]).digest() for i in range(0, 512, 64)]
+    # Whole 64-byte pieces take the compression-only path, other lengths OpenSSL's Update/Final.
+    rng = np.random.default_rng(7)
+    for chunk in (64, 128, 192, 256, 60, 100, 4, 1):
+        data = rng.integers(0, 256, size=chunk * 3, dtype=np.uint8).tobytes()
+        assert _core.sha256_chunks(data, chunk) == [
+            hashlib.sha256(data[i : i + chunk]).digest() for i in range(0, len(data), chunk)], chunk
     keys = [hashlib.sha256(bytes([i])).digest() for i in range(4)]
     chained = [keys[0]]
     for key in keys[1:]:
