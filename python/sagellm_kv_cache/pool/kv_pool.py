@@ -344,8 +344,9 @@ class KVPool:
 
     def can_admit(self, num_tokens: int) -> bool:
         """Whether ``num_tokens`` more tokens fit in the budget (the only limit, as in the seed)."""
-        num_tokens = positive_int("num_tokens", num_tokens, allow_zero=True)
-        return bool(self._native.can_admit(num_tokens)) if num_tokens <= self.max_tokens else False
+        if num_tokens.__class__ is not int or num_tokens < 0:  # the engine asks once per request: ints skip the checks
+            num_tokens = positive_int("num_tokens", num_tokens, allow_zero=True)
+        return num_tokens <= self.max_tokens and self._native.can_admit(num_tokens)
 
     def get_allocated_tokens(self) -> int:
         return self._allocated_tokens
