@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
@@ -397,6 +397,44 @@ def test_subscriber_recovers_missed_batches_through_replay() -> None:
         assert [seq for seq, _ in subscriber.replay(missed[0])] == seen
         with pytest.raises(ValueError):
             subscriber.replay(-1)
+
+
+def test_a_malformed_replayed_batch_costs_only_itself() -> None:
+    """One undecodable payload in a replay answer: the other batches still come back (before, the whole
+    replay was dropped and all six counted as missed), and the bad one's place holds the events-lost mark."""
+    import zmq
+
+    with (
+        KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*") as publisher,
+        KVEventSubscriber(publisher.endpoint, replay_endpoint=publisher.replay_endpoint) as subscriber,
+    ):
+        tracker = DigestSetTracker()
+        tracker.apply(sync(publisher, subscriber), [])
+        subscriber._socket.setsockopt(zmq.UNSUBSCRIBE, b"")
+        time.sleep(0.1)
+        missed = [publisher.publish([stored(i)]) for i in range(6)]
+        assert publisher._buffer is not None
+        publisher._buffer = deque((seq, b"\xc1" if seq == missed[2] else payload) for seq, payload in publisher._buffer)
+        subscriber._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        time.sleep(0.1)
+        publisher.publish([stored(6)])
+        got: dict[int, list[dict[str, Any]]] = {}
+        deadline = time.monotonic() + 10
+        while publisher.next_seq - 1 not in got:
+            assert time.monotonic() < deadline, got
+            if (batch := subscriber.receive(300)) is None:
+                publisher.publish([])
+                continue
+            got[batch[0]] = batch[1]
+            tracker.apply(*batch)
+        assert missed[0] in got and sorted(got) == list(range(missed[0], publisher.next_seq))
+        assert got[missed[2]] == [{"type": "cleared", "events_lost": True}]
+        assert subscriber.malformed_batches == 1 and subscriber.missed_batches == 0
+        assert subscriber.replayed_batches >= len(missed)
+        # The router forgot what it knew before the loss, so it holds no block it may have missed the removal of.
+        assert tracker.consistent and tracker.block_hashes == {low64(digest(i)) for i in (3, 4, 5, 6)}
+        assert [seq for seq, _ in subscriber.replay(missed[0])][:6] == missed
+        assert subscriber.malformed_batches == 2
 
 
 def test_gap_beyond_the_buffer_is_counted_as_missed() -> None:
