@@ -231,6 +231,25 @@ def test_tracker_applies_events_and_detects_gaps() -> None:
     assert rebuild_digests([(0, [STORED]), (1, [{"type": "removed", "digests": [digest(2)]}])]) == {low64(digest(1))}
 
 
+def test_tracker_keeps_one_view_per_medium() -> None:
+    """A block stored on the host tier and removed from the device tier is still held (on the host), as
+    Dynamo's indexer keeps it; before, one set for all media lost it."""
+    tracker = DigestSetTracker()
+    both = [{**STORED, "medium": "GPU"}, {**STORED, "digests": [digest(1)], "token_ids": list(range(16)),
+                                         "medium": "CPU_PINNED"}]
+    _, wire_events = decode_batch(encode_batch(both))
+    tracker.apply(0, wire_events)
+    tracker.apply(1, [{"type": "removed", "digests": [digest(1), digest(2)], "medium": "GPU"}])
+    assert tracker.held("GPU") == set() and tracker.held("CPU") == tracker.held("CPU_PINNED") == {low64(digest(1))}
+    assert tracker.block_hashes == {low64(digest(1))}
+    tracker.apply(2, [{"type": "removed", "digests": [digest(1)], "medium": "DISK"}])  # not there: no change
+    assert tracker.by_medium == {"GPU": set(), "CPU": {low64(digest(1))}, "DISK": set()}
+    tracker.apply(3, [{**STORED, "medium": None}])  # no medium: the device, as Dynamo reads it
+    assert tracker.held("GPU") == tracker.held(None) == {low64(digest(1)), low64(digest(2))}
+    tracker.apply(4, [{"type": "cleared"}])  # every medium
+    assert tracker.block_hashes == set()
+
+
 def test_missing_dependencies_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(events_module, "_IMPORT_ERROR", ImportError("No module named 'zmq'"))
     monkeypatch.setattr(kv_wire, "_IMPORT_ERROR", ImportError("No module named 'msgpack'"))

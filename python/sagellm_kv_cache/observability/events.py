@@ -501,6 +501,9 @@ def _event_ids(event: Mapping[str, Any]) -> list[int | bytes]:
     return [wire_block_id(d) for d in event.get("digests", ())]
 
 
+_TIER_OF_MEDIUM: dict[str | None, str] = {None: "GPU", "GPU": "GPU", "CPU": "CPU", "CPU_PINNED": "CPU", "DISK": "DISK"}
+
+
 class DigestSetTracker:
     """A router's view of one engine's cache: the block ids it holds, rebuilt from the event stream.
 
@@ -509,18 +512,36 @@ class DigestSetTracker:
     lost batches, and True again after a ``cleared`` event: from then on the view holds no block
     the cache lacks. (It is complete again too, unless the cleared event marks a cache's own lost
     events, ``events_lost``: then blocks stored before it stay unknown until stored again.)
+
+    Like NVIDIA Dynamo's indexer it keeps one view per medium (:attr:`by_medium`, keyed ``"GPU"``,
+    ``"CPU"``, ``"DISK"``: no medium counts as ``"GPU"``, ``"CPU_PINNED"`` as ``"CPU"``): a removal
+    takes a block out of its own medium only, and ``cleared`` empties every medium.
+    :attr:`block_hashes` is the union.
     """
 
     def __init__(self) -> None:
-        self.block_hashes: set[int | bytes] = set()
+        self.by_medium: dict[str, set[int | bytes]] = {}
         self.last_seq: int | None = None
         self.missed_batches = 0
         self.consistent = True
 
     @property
+    def block_hashes(self) -> set[int | bytes]:
+        """The block ids held in any medium."""
+        return set().union(*self.by_medium.values())
+
+    @property
     def digests(self) -> set[int | bytes]:
         """The block ids held (the name from before ids were 64-bit)."""
         return self.block_hashes
+
+    def held(self, medium: str | None = "GPU") -> set[int | bytes]:
+        """The block ids held in ``medium`` (spelled as on the wire)."""
+        return set(self.by_medium.get(_TIER_OF_MEDIUM.get(medium, str(medium)), ()))
+
+    def _medium_set(self, event: Mapping[str, Any]) -> set[int | bytes]:
+        medium = event.get("medium")
+        return self.by_medium.setdefault(_TIER_OF_MEDIUM.get(medium, str(medium)), set())
 
     def apply(self, seq: int, events: Iterable[Mapping[str, Any]]) -> None:
         """Applies one batch; a batch at or below the last seen sequence (a duplicate) is ignored."""
@@ -534,11 +555,11 @@ class DigestSetTracker:
         for event in events:
             kind = event.get("type")
             if kind == "stored":
-                self.block_hashes.update(_event_ids(event))
+                self._medium_set(event).update(_event_ids(event))
             elif kind == "removed":
-                self.block_hashes.difference_update(_event_ids(event))
+                self._medium_set(event).difference_update(_event_ids(event))
             elif kind == "cleared":
-                self.block_hashes.clear()
+                self.by_medium.clear()
                 self.consistent = True
 
 
