@@ -19,7 +19,9 @@ import pytest
 
 pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
+pytest.importorskip("msgspec")
 
+from kv_event_schemas import DECODERS as SCHEMAS
 from sagellm_kv_cache.observability import KVEventPublisher, publish_prefix_events
 from sagellm_kv_cache.observability.events import DigestSetTracker, KVEventSubscriber, wire_block_id
 from sagellm_kv_cache.observability.kv_wire import decode_batch, encode_batch
@@ -71,7 +73,10 @@ class Router:
 
     def drain(self, tc: TieredPrefixCache) -> list[dict[str, Any]]:
         events = tc.drain_events()
-        _, decoded = decode_batch(encode_batch(events, medium=None))
+        payload = encode_batch(events, medium=None)
+        for engine in SCHEMAS.values():  # every batch is one vLLM's and SGLang's decoders take
+            engine.decode(payload)
+        _, decoded = decode_batch(payload)
         for event in decoded:
             if event["type"] != "cleared":
                 self.media[event["medium"]] = self.media.get(event["medium"], 0) + 1
