@@ -619,6 +619,10 @@ class TieredPrefixCache:
         tokens = None
         if self._events and token_ids is not None:
             tokens = _block_tokens(token_ids, len(digests), self.block_size)
+            # They go into stored events as these blocks' tokens: they must be the ones hashed.
+            hashed = self.hash_tokens(tokens[: len(digests) * self.block_size], salt=cache_salt, extra=extra_key)
+            if not np.array_equal(hashed, digests):
+                raise ValueError("token_ids (with extra_key and cache_salt) do not hash to digests")
         n0, ids0 = self.device.match(digests)
         tiers = [TIER_DEVICE] * n0
         run: list[tuple[bytes, int, int]] = []  # (digest, tier, slot) claimed from a lower tier

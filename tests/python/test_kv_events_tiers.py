@@ -267,6 +267,8 @@ def test_blocks_a_reopened_disk_holds_are_promoted_once_a_match_names_their_toke
         assert m.num_matched == 0 and [tc.location(d) for d in digests] == ["disk"] * 3
         with pytest.raises(ValueError, match="token_ids holds 4 tokens"):
             tc.match(digests, token_ids=tokens[:BS])  # refused before anything moves
+        with pytest.raises(ValueError, match="do not hash to digests"):
+            tc.match(digests, token_ids=tokens)  # hashed with a salt this call does not name
         assert [tc.location(d) for d in digests] == ["disk"] * 3 and tc.stats()["lookups"] == 1
         m = tc.match(digests, token_ids=tokens, cache_salt=b"tenant-a")
         assert m.num_matched == 3 and m.tiers.tolist() == [2, 2, 2]
