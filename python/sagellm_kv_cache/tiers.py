@@ -34,6 +34,18 @@ Digests are chained (a digest covers its whole prefix), so the lower tiers are f
 digest; the bytes of a digest are a function of the prefix and the model, so a slot of an old
 generation holding the same digest holds the same bytes.
 
+KV events (``event_queue_capacity > 0``): :meth:`TieredPrefixCache.drain_events` hands out what a
+KV-aware router needs to know every tier, in vLLM's shapes with a ``medium`` per tier, as vLLM's
+offloading connector tags its CPU tier: the device trie's stored/removed events as ``"GPU"``, the host
+tier's as ``"CPU"``, the disk tier's as ``"DISK"``. Each medium reports its own contents, so a demotion
+is a removal from one medium and a store into the next, and a promotion the reverse; a router's view of
+each medium (NVIDIA Dynamo keeps one index per medium) equals that tier at each drain. A lower tier
+reports what it holds at drain time (a block stored and dropped again between two drains is never
+mentioned), a block once its bytes landed, as lookups see it. Routers re-hash the tokens, so with
+events on :meth:`TieredPrefixCache.insert` needs the blocks' ``token_ids``; blocks a reopened disk
+directory holds from an earlier process have none: they are announced and promoted once a
+:meth:`~TieredPrefixCache.match` passes their ``token_ids``.
+
 Thread safety: every public method may be called from any thread; one lock guards the lower tiers'
 indexes and slot allocators, the device trie has its own; copies run outside the lock.
 """
@@ -63,11 +75,13 @@ from sagellm_kv_cache.errors import KVMetadataMismatchError, KVPoolFullError
 from sagellm_kv_cache.paged import PagedKVPool
 from sagellm_kv_cache.prefix_cache import RadixPrefixCache
 
-__all__ = ["TIER_DEVICE", "TIER_DISK", "TIER_HOST", "TIER_NAMES", "DiskTier", "HostTier", "TierMatch",
+__all__ = ["TIER_DEVICE", "TIER_DISK", "TIER_HOST", "TIER_MEDIA", "TIER_NAMES", "DiskTier", "HostTier", "TierMatch",
            "TieredPrefixCache"]
 
 TIER_DEVICE, TIER_HOST, TIER_DISK = 0, 1, 2
 TIER_NAMES = ("device", "host", "disk")
+TIER_MEDIA = ("GPU", "CPU", "DISK")
+"""The ``medium`` of each tier's KV events (vLLM's spellings; Dynamo's device, host-pinned and disk tiers)."""
 
 _PAGE = 4096
 _MAGIC = b"SGKVSLT1"
@@ -480,6 +494,35 @@ class TierMatch:
 _PATHS = ("device_to_host", "host_to_device", "host_to_disk", "disk_to_device", "device_to_disk")
 
 
+@dataclass(frozen=True, slots=True)
+class _BlockMeta:
+    """What a stored event says about a block besides its digest (kept while any tier holds it)."""
+
+    tokens: npt.NDArray[np.int64]
+    parent: bytes | None
+    extra_key: bytes | None
+    cache_salt: bytes | None
+
+
+def _block_tokens(token_ids: Any, num_blocks: int, block_size: int) -> npt.NDArray[np.int64]:
+    """``token_ids`` as int64, checked to hold ``block_size`` tokens per block (at least ``num_blocks``)."""
+    if token_ids is None:
+        raise ValueError("token_ids are needed with KV events on (event_queue_capacity > 0): routers re-hash "
+                         "each block's tokens")
+    if isinstance(token_ids, str | bytes):
+        raise TypeError(f"token_ids must be a sequence of ints, got {type(token_ids).__name__}")
+    try:
+        tokens = np.asarray(token_ids)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"token_ids must be a sequence of ints: {exc}") from None
+    if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
+        raise TypeError(f"token_ids must be a 1-D sequence of ints, got {tokens.dtype} {tokens.shape}")
+    if len(tokens) < num_blocks * block_size:
+        raise ValueError(f"token_ids holds {len(tokens)} tokens, {num_blocks} blocks of {block_size} need "
+                         f"{num_blocks * block_size}")
+    return tokens.astype(np.int64, copy=False)
+
+
 @dataclass
 class _Stats:
     lookups: int = 0
@@ -498,6 +541,9 @@ class _Stats:
 
 class TieredPrefixCache:
     """A prefix cache over a device pool, a host tier and a disk tier (see the module docstring).
+
+    ``event_queue_capacity > 0`` turns on KV events for routers (:meth:`drain_events`, one medium per
+    tier; the device trie queues at most that many events between drains, as ``RadixPrefixCache``).
 
     >>> # pool = PagedKVPool(spec, 1024); tc = TieredPrefixCache(pool, device_blocks=1000, host_blocks=10_000,
     >>> #                                                      disk_dir="/var/kv", disk_blocks=100_000)
@@ -518,6 +564,7 @@ class TieredPrefixCache:
         fsync: bool = False,
         verify_on_open: bool = True,
         background: bool = True,
+        event_queue_capacity: int = 0,
     ) -> None:
         if not isinstance(pool, PagedKVPool):
             raise TypeError(f"pool must be a PagedKVPool, got {type(pool).__name__}")
@@ -533,7 +580,16 @@ class TieredPrefixCache:
         if disk_blocks and disk_dir is None:
             raise ValueError("disk_blocks > 0 needs disk_dir")
         self.device = RadixPrefixCache(block_size=pool.spec.block_size, pool=pool, policy=policy,
-                                       hash_algorithm=hash_algorithm)
+                                       hash_algorithm=hash_algorithm, event_queue_capacity=event_queue_capacity)
+        self.block_size = int(pool.spec.block_size)
+        self._events = event_queue_capacity > 0
+        # With events: each cached block's metadata, and per lower tier the blocks routers were told it
+        # holds, the blocks whose membership changed since the last drain, and the promotions claiming
+        # a block (claimed blocks stay held until the promotion frees or returns them).
+        self._meta: dict[bytes, _BlockMeta] = {}
+        self._announced: tuple[set[bytes], ...] = (set(), set(), set())
+        self._changed: tuple[dict[bytes, None], ...] = ({}, {}, {})
+        self._claims: tuple[dict[bytes, int], ...] = ({}, {}, {})
         self.host = HostTier(host_blocks, self.block_nbytes, pool.device) if host_blocks else None
         self.disk = (DiskTier(disk_dir, disk_blocks, self.block_nbytes, direct_io=direct_io, fsync=fsync,
                               verify_on_open=verify_on_open)
@@ -549,20 +605,34 @@ class TieredPrefixCache:
     def hash_tokens(self, tokens: Any, **kwargs: Any) -> npt.NDArray[np.uint8]:
         return self.device.hash_tokens(tokens, **kwargs)
 
-    def match(self, digests: Any) -> TierMatch:
+    def match(self, digests: Any, *, token_ids: Any = None, extra_key: bytes | None = None,
+              cache_salt: bytes | None = None) -> TierMatch:
         """Longest prefix cached in any tier, promoted to the device and acquired there.
 
         Release ``digests[:num_matched]`` when the request ends (as with ``RadixPrefixCache``).
+        With KV events on, a lower-tier block whose tokens this process never saw (a reopened disk
+        tier's) is promoted only when ``token_ids`` (and the ``extra_key`` / ``cache_salt`` the digests
+        were hashed with) are given: its stored event needs them.
         """
         self._check_open()
         digests = _digest_rows(digests)
+        tokens = None
+        if self._events and token_ids is not None:
+            tokens = _block_tokens(token_ids, len(digests), self.block_size)
+            # They go into stored events as these blocks' tokens: they must be the ones hashed.
+            hashed = self.hash_tokens(tokens[: len(digests) * self.block_size], salt=cache_salt, extra=extra_key)
+            if not np.array_equal(hashed, digests):
+                raise ValueError("token_ids (with extra_key and cache_salt) do not hash to digests")
         n0, ids0 = self.device.match(digests)
         tiers = [TIER_DEVICE] * n0
         run: list[tuple[bytes, int, int]] = []  # (digest, tier, slot) claimed from a lower tier
-        for row in digests[n0:]:
-            digest = row.tobytes()
+        for i in range(n0, len(digests)):
+            digest = digests[i].tobytes()
             claimed = self._claim(digest)
             if claimed is None:
+                break
+            if self._events and not self._known(digest, i, digests, tokens, extra_key, cache_salt):
+                self._unclaim([(digest, *claimed)])
                 break
             run.append((digest, *claimed))
         promoted = self._promote(digests, n0, run) if run else np.empty(0, np.int32)
@@ -586,11 +656,31 @@ class TieredPrefixCache:
         if excess > 0:
             self._demote(excess)
 
-    def insert(self, digests: Any, block_ids: Any, *, parent: Any = None) -> int:
+    def insert(self, digests: Any, block_ids: Any, *, parent: Any = None, token_ids: Any = None,
+               extra_key: bytes | None = None, cache_salt: bytes | None = None) -> int:
         """Publishes freshly computed device blocks (as ``RadixPrefixCache.insert``), then demotes the
-        least recently used device blocks beyond ``device_blocks``. Returns how many were inserted."""
+        least recently used device blocks beyond ``device_blocks``. Returns how many were inserted.
+
+        ``token_ids`` (``block_size`` per block), ``extra_key`` and ``cache_salt`` go into the KV events;
+        with events on the tokens are required (routers re-hash them)."""
         self._check_open()
-        n, _ = self.device.insert(digests, block_ids, parent=parent)
+        if not self._events:
+            n, _ = self.device.insert(digests, block_ids, parent=parent, token_ids=token_ids, extra_key=extra_key,
+                                      cache_salt=cache_salt)
+            self._trim()
+            return n
+        rows = _digest_rows(digests)
+        tokens = _block_tokens(token_ids, len(rows), self.block_size)
+        if len(tokens) != len(rows) * self.block_size:
+            raise ValueError(f"token_ids holds {len(tokens)} tokens for {len(rows)} blocks of {self.block_size}")
+        with self._lock:  # the trie and the metadata change together (a drain or a demotion sees both)
+            n, _ = self.device.insert(rows, block_ids, parent=parent, token_ids=tokens, extra_key=extra_key,
+                                      cache_salt=cache_salt)
+            first_parent = None if parent is None else bytes(parent)
+            for i in range(len(rows)):
+                self._meta.setdefault(rows[i].tobytes(), _BlockMeta(
+                    tokens[i * self.block_size: (i + 1) * self.block_size].copy(),
+                    rows[i - 1].tobytes() if i else first_parent, extra_key, cache_salt))
         self._trim()
         return n
 
@@ -639,11 +729,14 @@ class TieredPrefixCache:
         if n == 0 or self._closed:  # a closed cache keeps its device blocks where they are
             return []
         if self.host is None and self.disk is None:
-            _, ids = self.device._native.evict_detached(n)
+            with self._lock:
+                digests, ids = self.device._native.evict_detached(n)
+                if len(ids):
+                    self._stats.dropped[TIER_DEVICE] += len(ids)
+                    for row in digests:
+                        self._forget_if_gone(row.tobytes())
             if len(ids):
                 self.pool.free(ids)
-                with self._lock:
-                    self._stats.dropped[TIER_DEVICE] += len(ids)
             return []
         with self._lock:
             # Taken out of the trie and registered as in flight under one hold of the lock: a lookup
@@ -667,6 +760,7 @@ class TieredPrefixCache:
             for k in keys:
                 if self._pending.get(k) is fut:
                     del self._pending[k]
+                self._forget_if_gone(k)
             self.pool.free(ids)
             fut.set_exception(exc)
             raise
@@ -677,6 +771,7 @@ class TieredPrefixCache:
                 for k in keys:
                     if self._pending.get(k) is fut:
                         del self._pending[k]
+                    self._forget_if_gone(k)  # dropped on the way down (no room, an I/O error)
             if exc is not None:
                 fut.set_exception(exc)
             else:
@@ -721,6 +816,7 @@ class TieredPrefixCache:
                 if old is not None:  # stored again meanwhile (same bytes): keep one copy
                     host.slots.free(np.array([old], np.int32))
                 host.index[k] = slot
+                self._touch(TIER_HOST, k)
             self._account("device_to_host", len(keys), dt)
             self._stats.demoted_to_host += len(keys)
 
@@ -750,6 +846,7 @@ class TieredPrefixCache:
                 spill: Future[None] = Future()
                 for key, _ in victims:  # in flight to disk: a lookup waits for it
                     self._pending.setdefault(key, spill)
+                    self._touch(TIER_HOST, key)
             try:
                 out.extend(self._spill_host(victims))
             except BaseException:
@@ -764,6 +861,7 @@ class TieredPrefixCache:
                     for key, _ in victims:
                         if self._pending.get(key) is spill:
                             del self._pending[key]
+                        self._forget_if_gone(key)
                 spill.set_result(None)
         return np.asarray(out, dtype=np.int32)
 
@@ -804,15 +902,17 @@ class TieredPrefixCache:
             elif disk.slots.num_available:
                 slot = int(disk.slots.allocate(1)[0])
             else:
-                _, victim = disk.index.popitem(last=False)
+                victim_key, victim = disk.index.popitem(last=False)
                 slot = victim.slot
                 self._stats.dropped[TIER_DISK] += 1
+                self._touch(TIER_DISK, victim_key)
             generation = disk.next_generation()
         try:
             disk.write(slot, key, payload, generation)
         except BaseException:
             with self._lock:
                 disk.slots.free(np.array([slot], np.int32))
+                self._touch(TIER_DISK, key)  # a copy it held before (rewritten in place) is gone too
             raise
         with self._lock:
             # Written to another slot meanwhile (an inline demotion of the same digest in another
@@ -821,6 +921,7 @@ class TieredPrefixCache:
             if other is not None and other.slot != slot:
                 disk.slots.free(np.array([other.slot], np.int32))
             disk.index[key] = _DiskSlot(slot, generation)
+            self._touch(TIER_DISK, key)
             self._stats.demoted_to_disk += 1
 
     # --- promotion -----------------------------------------------------------------------------
@@ -832,8 +933,10 @@ class TieredPrefixCache:
                 pending = self._pending.get(digest)
                 if pending is None:
                     if self.host is not None and digest in self.host.index:
+                        self._add_claim(TIER_HOST, digest)
                         return TIER_HOST, self.host.index.pop(digest)
                     if self.disk is not None and digest in self.disk.index:
+                        self._add_claim(TIER_DISK, digest)
                         return TIER_DISK, self.disk.index.pop(digest).slot
                     return None
             try:
@@ -896,17 +999,43 @@ class TieredPrefixCache:
         except BaseException:
             self._unclaim(run)  # nothing was promoted: every claim goes back to its tier
             raise
-        # Promoted (and corrupt) lower copies are released; the rest of the run goes back.
-        self._free_lower([r for i, r in enumerate(run) if i < good or i in bad])
-        self._unclaim([r for i, r in enumerate(run) if i >= good and i not in bad])
         out = np.empty(0, np.int32)
+        with self._lock:  # on the device before the lower copies go: its metadata stays meanwhile
+            try:
+                if good:
+                    self._insert_promoted(digests, n0, good, ids)
+            except BaseException:
+                self._free_lower([run[i] for i in sorted(bad)])
+                self._unclaim([r for i, r in enumerate(run) if i not in bad])  # not promoted: they stay
+                raise
+            # Promoted (and corrupt) lower copies are released; the rest of the run goes back.
+            self._free_lower([r for i, r in enumerate(run) if i < good or i in bad])
+            self._unclaim([r for i, r in enumerate(run) if i >= good and i not in bad])
         if good:
-            parent = digests[n0 - 1] if n0 else None
-            self.device._native.insert(digests[n0: n0 + good], ids[:good], parent=parent, acquire=True)
             # A concurrent request may have cached some of these meanwhile: serve the cached blocks.
             _, cached = self.device.peek(digests[: n0 + good])
             out = np.asarray(cached[n0: n0 + good], dtype=np.int32)
         return out
+
+    def _insert_promoted(self, digests: npt.NDArray[np.uint8], n0: int, good: int, ids: npt.NDArray[np.int32]) -> None:
+        """Inserts the promoted blocks into the trie, acquired; with events, with their stored metadata
+        (one insert per run of blocks that share an extra key and salt: a stored event carries one)."""
+        if not self._events:
+            parent = digests[n0 - 1] if n0 else None
+            self.device._native.insert(digests[n0: n0 + good], ids[:good], parent=parent, acquire=True)
+            return
+        metas = [self._meta[digests[n0 + i].tobytes()] for i in range(good)]
+        start = 0
+        while start < good:
+            end = start + 1
+            while end < good and (metas[end].extra_key, metas[end].cache_salt) == (metas[start].extra_key,
+                                                                                     metas[start].cache_salt):
+                end += 1
+            at = n0 + start
+            self.device._native.insert(digests[at: n0 + end], ids[start:end], parent=digests[at - 1] if at else None,
+                                       acquire=True, token_ids=np.concatenate([m.tokens for m in metas[start:end]]),
+                                       extra_key=metas[start].extra_key, cache_salt=metas[start].cache_salt)
+            start = end
 
     def _unclaim(self, run: list[tuple[bytes, int, int]]) -> None:
         # A digest stored into its tier again while claimed (computed and demoted anew) keeps that
@@ -914,6 +1043,7 @@ class TieredPrefixCache:
         # lose the new entry's slot for good).
         with self._lock:
             for key, tier, slot in run:
+                self._drop_claim(tier, key)
                 if tier == TIER_HOST and self.host is not None:
                     if key in self.host.index:
                         self.host.slots.free(np.array([slot], np.int32))
@@ -924,14 +1054,113 @@ class TieredPrefixCache:
                         self.disk.slots.free(np.array([slot], np.int32))
                     else:
                         self.disk.index[key] = _DiskSlot(slot, self.disk.next_generation())
+                self._touch(tier, key)
 
     def _free_lower(self, run: list[tuple[bytes, int, int]]) -> None:
         with self._lock:
-            for _, tier, slot in run:
+            for key, tier, slot in run:
+                self._drop_claim(tier, key)
                 if tier == TIER_HOST and self.host is not None:
                     self.host.slots.free(np.array([slot], np.int32))
                 elif tier == TIER_DISK and self.disk is not None:
                     self.disk.slots.free(np.array([slot], np.int32))
+                self._touch(tier, key)
+
+    # --- KV events -----------------------------------------------------------------------------
+    # Callers hold self._lock for all of these.
+
+    def _held(self, tier: int, key: bytes) -> bool:
+        index = self.host.index if tier == TIER_HOST and self.host is not None else (
+            self.disk.index if tier == TIER_DISK and self.disk is not None else {})
+        return key in index or key in self._claims[tier]
+
+    def _add_claim(self, tier: int, key: bytes) -> None:
+        if self._events:
+            self._claims[tier][key] = self._claims[tier].get(key, 0) + 1
+
+    def _drop_claim(self, tier: int, key: bytes) -> None:
+        if self._events:
+            left = self._claims[tier].pop(key, 0) - 1
+            if left > 0:
+                self._claims[tier][key] = left
+
+    def _touch(self, tier: int, key: bytes) -> None:
+        """Notes that ``key`` may have entered or left ``tier``; the next drain reports the difference."""
+        if not self._events:
+            return
+        if self._held(tier, key):
+            self._changed[tier][key] = None
+            return
+        if key in self._announced[tier]:
+            self._changed[tier][key] = None
+        else:  # came and went between two drains: nothing to report
+            self._changed[tier].pop(key, None)
+        self._forget_if_gone(key)
+
+    def _forget_if_gone(self, key: bytes) -> None:
+        """Drops the metadata of a block no tier holds and no copy is carrying (keeps it bounded)."""
+        if (self._events and key in self._meta and key not in self._pending
+                and not any(self._held(t, key) for t in (TIER_HOST, TIER_DISK))
+                and not self.device.contains(key)):
+            del self._meta[key]
+
+    def _known(self, digest: bytes, i: int, digests: npt.NDArray[np.uint8], tokens: npt.NDArray[np.int64] | None,
+               extra_key: bytes | None, cache_salt: bytes | None) -> bool:
+        """Whether the stored event of a promotion of ``digests[i]`` can be written (from what an earlier
+        insert recorded, or from the tokens the caller passed to match)."""
+        with self._lock:
+            if digest in self._meta:
+                return True
+            if tokens is None:
+                return False
+            self._meta[digest] = _BlockMeta(tokens[i * self.block_size: (i + 1) * self.block_size].copy(),
+                                            digests[i - 1].tobytes() if i else None, extra_key, cache_salt)
+            return True
+
+    def _stored_event(self, tier: int, key: bytes) -> dict[str, Any]:
+        meta = self._meta[key]
+        return {"type": "stored", "digests": [key], "parent": meta.parent, "token_ids": meta.tokens,
+                "block_size": self.block_size, "extra_key": meta.extra_key, "cache_salt": meta.cache_salt,
+                "medium": TIER_MEDIA[tier]}
+
+    def _lower_tier_events(self, reset: bool) -> list[dict[str, Any]]:
+        """What each lower tier gained and lost since the last drain; with ``reset`` (routers dropped
+        their whole view at a cleared event) everything each tier holds."""
+        out: list[dict[str, Any]] = []
+        for tier, store in ((TIER_HOST, self.host), (TIER_DISK, self.disk)):
+            if store is None:
+                continue
+            announced, changed = self._announced[tier], self._changed[tier]
+            if reset:
+                announced.clear()
+                changed.clear()
+                changed.update(dict.fromkeys([*store.index, *self._claims[tier]]))
+            gone = [k for k in changed if k in announced and not self._held(tier, k)]
+            if gone:
+                out.append({"type": "removed", "digests": gone, "medium": TIER_MEDIA[tier]})
+                announced.difference_update(gone)
+            for key in changed:
+                if key not in announced and key in self._meta and self._held(tier, key):
+                    out.append(self._stored_event(tier, key))
+                    announced.add(key)
+            changed.clear()
+        return out
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        """KV events since the last drain, every tier's, each stored/removed one tagged with its tier's
+        ``medium`` (:data:`TIER_MEDIA`): the device trie's first (in their order, which may start with
+        an events-lost ``cleared``), then each lower tier's removals and stores. After a ``cleared``
+        (which routers apply to every medium) the lower tiers' whole contents follow. Empty without
+        events (``event_queue_capacity=0``)."""
+        if not self._events:
+            return []
+        with self._lock:
+            events = self.device.drain_events()
+            for event in events:
+                if event["type"] != "cleared":
+                    event["medium"] = TIER_MEDIA[TIER_DEVICE]
+            events.extend(self._lower_tier_events(any(e["type"] == "cleared" for e in events)))
+        return events
 
     # --- bookkeeping ---------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,25 @@ def test_tracker_applies_events_and_detects_gaps() -> None:
     assert rebuild_digests([(0, [STORED]), (1, [{"type": "removed", "digests": [digest(2)]}])]) == {low64(digest(1))}
 
 
+def test_tracker_keeps_one_view_per_medium() -> None:
+    """A block stored on the host tier and removed from the device tier is still held (on the host), as
+    Dynamo's indexer keeps it; before, one set for all media lost it."""
+    tracker = DigestSetTracker()
+    both = [{**STORED, "medium": "GPU"}, {**STORED, "digests": [digest(1)], "token_ids": list(range(16)),
+                                         "medium": "CPU_PINNED"}]
+    _, wire_events = decode_batch(encode_batch(both))
+    tracker.apply(0, wire_events)
+    tracker.apply(1, [{"type": "removed", "digests": [digest(1), digest(2)], "medium": "GPU"}])
+    assert tracker.held("GPU") == set() and tracker.held("CPU") == tracker.held("CPU_PINNED") == {low64(digest(1))}
+    assert tracker.block_hashes == {low64(digest(1))}
+    tracker.apply(2, [{"type": "removed", "digests": [digest(1)], "medium": "DISK"}])  # not there: no change
+    assert tracker.by_medium == {"GPU": set(), "CPU": {low64(digest(1))}, "DISK": set()}
+    tracker.apply(3, [{**STORED, "medium": None}])  # no medium: the device, as Dynamo reads it
+    assert tracker.held("GPU") == tracker.held(None) == {low64(digest(1)), low64(digest(2))}
+    tracker.apply(4, [{"type": "cleared"}])  # every medium
+    assert tracker.block_hashes == set()
+
+
 def test_missing_dependencies_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(events_module, "_IMPORT_ERROR", ImportError("No module named 'zmq'"))
     monkeypatch.setattr(kv_wire, "_IMPORT_ERROR", ImportError("No module named 'msgpack'"))
@@ -397,6 +416,44 @@ def test_subscriber_recovers_missed_batches_through_replay() -> None:
         assert [seq for seq, _ in subscriber.replay(missed[0])] == seen
         with pytest.raises(ValueError):
             subscriber.replay(-1)
+
+
+def test_a_malformed_replayed_batch_costs_only_itself() -> None:
+    """One undecodable payload in a replay answer: the other batches still come back (before, the whole
+    replay was dropped and all six counted as missed), and the bad one's place holds the events-lost mark."""
+    import zmq
+
+    with (
+        KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*") as publisher,
+        KVEventSubscriber(publisher.endpoint, replay_endpoint=publisher.replay_endpoint) as subscriber,
+    ):
+        tracker = DigestSetTracker()
+        tracker.apply(sync(publisher, subscriber), [])
+        subscriber._socket.setsockopt(zmq.UNSUBSCRIBE, b"")
+        time.sleep(0.1)
+        missed = [publisher.publish([stored(i)]) for i in range(6)]
+        assert publisher._buffer is not None
+        publisher._buffer = deque((seq, b"\xc1" if seq == missed[2] else payload) for seq, payload in publisher._buffer)
+        subscriber._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        time.sleep(0.1)
+        publisher.publish([stored(6)])
+        got: dict[int, list[dict[str, Any]]] = {}
+        deadline = time.monotonic() + 10
+        while publisher.next_seq - 1 not in got:
+            assert time.monotonic() < deadline, got
+            if (batch := subscriber.receive(300)) is None:
+                publisher.publish([])
+                continue
+            got[batch[0]] = batch[1]
+            tracker.apply(*batch)
+        assert missed[0] in got and sorted(got) == list(range(missed[0], publisher.next_seq))
+        assert got[missed[2]] == [{"type": "cleared", "events_lost": True}]
+        assert subscriber.malformed_batches == 1 and subscriber.missed_batches == 0
+        assert subscriber.replayed_batches >= len(missed)
+        # The router forgot what it knew before the loss, so it holds no block it may have missed the removal of.
+        assert tracker.consistent and tracker.block_hashes == {low64(digest(i)) for i in (3, 4, 5, 6)}
+        assert [seq for seq, _ in subscriber.replay(missed[0])][:6] == missed
+        assert subscriber.malformed_batches == 2
 
 
 def test_gap_beyond_the_buffer_is_counted_as_missed() -> None:

@@ -208,6 +208,17 @@ class Indexer:
         scores = self.post("/query", body)["scores"]
         return int(scores.get("1", {}).get("0", 0)) // BLOCK
 
+    def tiered_blocks(self, toks: list[int], salt: bytes | None, extra: bytes | None) -> tuple[int, int, int]:
+        """Dynamo's per-tier match (``instances``): blocks on the device, then reached through the host,
+        then through the disk."""
+        body: dict[str, Any] = {"token_ids": toks, "model_name": MODEL}
+        if salt is not None:
+            body["cache_salt"] = salt.decode()
+        if extra is not None:
+            body["lora_name"] = extra.decode()
+        row = self.post("/query", body).get("instances", {}).get("1", {})
+        return row.get("gpu", 0) // BLOCK, row.get("cpu", 0) // BLOCK, row.get("disk", 0) // BLOCK
+
     def log(self) -> str:
         return re.sub(r"\x1b\[[0-9;]*m", "", self.log_path.read_text(errors="replace"))  # it colours regardless
 
@@ -436,3 +447,69 @@ def test_dynamo_after_event_loss_claims_no_block_the_cache_lacks(indexer: Indexe
             known += sum(got)
     assert scenario.cache.stats()["events_dropped"] > 0 and scenario.kinds.get("cleared", 0) > 1
     assert known > 0
+
+
+# --- the tiered cache: one medium per tier --------------------------------------------------------------
+
+
+def tier_walk(tc: Any, toks: list[int], salt: bytes | None, extra: bytes | None) -> tuple[int, int, int]:
+    """Blocks Dynamo's tiered match should report: the device prefix, then as far as the host continues
+    it, then as far as the disk continues that (its walk goes down the tiers, never back up)."""
+    digests = [row.tobytes() for row in tc.hash_tokens(np.array(toks, dtype=np.int64), salt=salt, extra=extra)]
+    tiers = [tc.device.contains, lambda d: d in tc.host.index, lambda d: d in tc.disk.index]
+    reach, out = 0, []
+    for holds in tiers:
+        while reach < len(digests) and holds(digests[reach]):
+            reach += 1
+        out.append(reach)
+    return out[0], out[1], out[2]
+
+
+def test_dynamo_indexer_follows_every_tier(indexer: Indexer, tmp_path: Path) -> None:
+    """A tiered cache (device 3, host 4, disk 16 blocks) serves the scenario's prompts; after every step
+    its events (medium GPU, CPU, DISK) reach Dynamo's indexer, whose per-tier match of every query
+    (``instances``: gpu, cpu, disk) equals the tiers' own contents."""
+    from sagellm_kv_cache.observability import publish_prefix_events
+    from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
+    from sagellm_kv_cache.tiers import TieredPrefixCache
+
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype="fp16", block_size=BLOCK)
+    prompts = [step for step in STEPS if step is not None]
+    reached = {"cpu": 0, "disk": 0}
+    with (
+        TieredPrefixCache(PagedKVPool(spec, 12), device_blocks=3, host_blocks=4, disk_dir=tmp_path, disk_blocks=16,
+                          background=False, event_queue_capacity=4096) as tc,
+        KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*") as publisher,
+    ):
+        assert indexer.post("/register", {"instance_id": 1, "endpoint": publisher.endpoint, "model_name": MODEL,
+                                          "block_size": BLOCK, "replay_endpoint": publisher.replay_endpoint}) \
+            == {"status": "ok"}
+        warm_up(publisher, indexer)
+        for number, (toks, salt, extra) in enumerate(prompts + prompts[:4]):  # the repeats hit the lower tiers
+            digests = tc.hash_tokens(np.array(toks, dtype=np.int64), salt=salt, extra=extra)
+            m = tc.match(digests)
+            n = m.num_matched
+            if n < len(digests):
+                fresh = tc.allocate(len(digests) - n)
+                tc.insert(digests[n:], fresh, parent=digests[n - 1] if n else None, token_ids=toks[n * BLOCK:],
+                          extra_key=extra, cache_salt=salt)
+                tc.pool.free(fresh)
+            tc.release(digests[:n])
+            publish_prefix_events(tc, publisher)
+            expected = [tier_walk(tc, *q) for q in QUERIES]
+            deadline = time.monotonic() + 10
+            while (got := [indexer.tiered_blocks(*q) for q in QUERIES]) != expected:
+                if time.monotonic() > deadline:
+                    wrong = [(q, e, g) for q, e, g in zip(QUERIES, expected, got, strict=True) if e != g]
+                    raise AssertionError(f"step {number}: {len(wrong)} of {len(QUERIES)} differ, (query, tiers, "
+                                         f"dynamo): {wrong[:3]}\n{indexer.log()[-3000:]}")
+                time.sleep(0.05)
+            reached["cpu"] += sum(c > g for g, c, _ in expected)
+            reached["disk"] += sum(d > c for _, c, d in expected)
+        stats = tc.stats()
+    assert reached["cpu"] > 0 and reached["disk"] > 0, reached  # queries that only the lower tiers answer
+    assert stats["promoted_from_host"] > 0 and stats["promoted_from_disk"] > 0, stats
+    log = indexer.log()
+    assert " ERROR " not in log and "Failed to decode" not in log, log[-3000:]
+    print(f"dynamo tiers: {len(QUERIES) * (len(prompts) + 4)} per-tier answers equal the tiers'; queries reaching "
+          f"past the device: host {reached['cpu']}, disk {reached['disk']}; tier stats {stats['hits']}")

@@ -23,6 +23,7 @@ Transport, as vLLM's ``ZmqEventPublisher`` does it:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -62,6 +63,8 @@ END_SEQ = -1
 """The sequence number that ends a replay answer."""
 
 _POLL_MS = 50  # how often the replay thread looks at its closed flag
+
+_log = logging.getLogger(__name__)
 
 
 def _require_deps() -> None:
@@ -311,9 +314,12 @@ class KVEventSubscriber:
 
     With ``replay_endpoint`` a sequence gap is repaired before :meth:`receive` returns: the
     missing batches are fetched from the publisher's replay buffer and handed out in order.
-    Gaps the buffer no longer covers are counted in :attr:`missed_batches`. After each
-    :meth:`receive`, :attr:`last_timestamp` and :attr:`last_data_parallel_rank` are those of the
-    batch it returned. Not thread-safe.
+    Gaps the buffer no longer covers are counted in :attr:`missed_batches`. A replayed batch whose
+    payload cannot be decoded costs only itself: it is counted in :attr:`malformed_batches`, logged,
+    and handed out under its sequence number as ``[{"type": "cleared", "events_lost": True}]``, the
+    mark a cache puts where it lost events (a router forgets its view there, so it never keeps a
+    block whose removal it missed). After each :meth:`receive`, :attr:`last_timestamp` and
+    :attr:`last_data_parallel_rank` are those of the batch it returned. Not thread-safe.
     """
 
     def __init__(
@@ -340,6 +346,7 @@ class KVEventSubscriber:
         self.last_seq: int | None = None
         self.missed_batches = 0
         self.replayed_batches = 0
+        self.malformed_batches = 0
         self._pending: deque[_Batch] = deque()
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.SUB)
@@ -369,7 +376,9 @@ class KVEventSubscriber:
         """The publisher's buffered batches from ``start_seq`` on, as ``(seq, events)``, oldest first.
 
         Raises ``TimeoutError`` when no complete answer arrives within ``replay_timeout_ms`` and
-        ``RuntimeError`` without a ``replay_endpoint``.
+        ``RuntimeError`` without a ``replay_endpoint``. A batch that cannot be decoded comes back as
+        ``(seq, [{"type": "cleared", "events_lost": True}])`` (a frame without a readable sequence
+        number is left out); both count in :attr:`malformed_batches`.
         """
         return [(seq, events) for seq, events, _, _ in self._replay(start_seq)]
 
@@ -395,12 +404,24 @@ class KVEventSubscriber:
                 if len(body) == 3:
                     body = body[1:]
                 if len(body) != 2 or len(body[0]) != 8:
-                    raise KVEventDecodeError(f"malformed replay frame: {len(frames)} frames")
+                    self._malformed(None, f"{len(frames)} frames")
+                    continue
                 if int.from_bytes(body[0], "big", signed=True) == END_SEQ:
                     return out
-                out.append(self._decode(body[0], body[1]))
+                try:
+                    out.append(self._decode(body[0], body[1]))
+                except KVEventDecodeError as err:
+                    seq = int.from_bytes(body[0], "big")
+                    self._malformed(seq, str(err))
+                    out.append((seq, [{"type": "cleared", "events_lost": True}], time.time(), None))
         finally:
             dealer.close(linger=0)
+
+    def _malformed(self, seq: int | None, why: str) -> None:
+        """Counts and logs one replayed batch that cannot be decoded; the rest of the answer stands."""
+        self.malformed_batches += 1
+        where = "a replay frame" if seq is None else f"replayed batch {seq}"
+        _log.warning("KV events from %s: %s is malformed (%s); its events are lost", self.replay_endpoint, where, why)
 
     def _repair_gap(self, live: _Batch) -> None:
         """Queues the missing batches before ``live`` (as far as the replay buffer has them), then it."""
@@ -408,7 +429,7 @@ class KVEventSubscriber:
         expected, seq = self.last_seq + 1, live[0]
         try:
             replayed = self._replay(expected)
-        except (TimeoutError, KVEventDecodeError):
+        except TimeoutError:
             replayed = []
         got = {batch[0]: batch for batch in replayed if expected <= batch[0] < seq}
         self.replayed_batches += len(got)
@@ -480,6 +501,9 @@ def _event_ids(event: Mapping[str, Any]) -> list[int | bytes]:
     return [wire_block_id(d) for d in event.get("digests", ())]
 
 
+_TIER_OF_MEDIUM: dict[str | None, str] = {None: "GPU", "GPU": "GPU", "CPU": "CPU", "CPU_PINNED": "CPU", "DISK": "DISK"}
+
+
 class DigestSetTracker:
     """A router's view of one engine's cache: the block ids it holds, rebuilt from the event stream.
 
@@ -488,18 +512,36 @@ class DigestSetTracker:
     lost batches, and True again after a ``cleared`` event: from then on the view holds no block
     the cache lacks. (It is complete again too, unless the cleared event marks a cache's own lost
     events, ``events_lost``: then blocks stored before it stay unknown until stored again.)
+
+    Like NVIDIA Dynamo's indexer it keeps one view per medium (:attr:`by_medium`, keyed ``"GPU"``,
+    ``"CPU"``, ``"DISK"``: no medium counts as ``"GPU"``, ``"CPU_PINNED"`` as ``"CPU"``): a removal
+    takes a block out of its own medium only, and ``cleared`` empties every medium.
+    :attr:`block_hashes` is the union.
     """
 
     def __init__(self) -> None:
-        self.block_hashes: set[int | bytes] = set()
+        self.by_medium: dict[str, set[int | bytes]] = {}
         self.last_seq: int | None = None
         self.missed_batches = 0
         self.consistent = True
 
     @property
+    def block_hashes(self) -> set[int | bytes]:
+        """The block ids held in any medium."""
+        return set().union(*self.by_medium.values())
+
+    @property
     def digests(self) -> set[int | bytes]:
         """The block ids held (the name from before ids were 64-bit)."""
         return self.block_hashes
+
+    def held(self, medium: str | None = "GPU") -> set[int | bytes]:
+        """The block ids held in ``medium`` (spelled as on the wire)."""
+        return set(self.by_medium.get(_TIER_OF_MEDIUM.get(medium, str(medium)), ()))
+
+    def _medium_set(self, event: Mapping[str, Any]) -> set[int | bytes]:
+        medium = event.get("medium")
+        return self.by_medium.setdefault(_TIER_OF_MEDIUM.get(medium, str(medium)), set())
 
     def apply(self, seq: int, events: Iterable[Mapping[str, Any]]) -> None:
         """Applies one batch; a batch at or below the last seen sequence (a duplicate) is ignored."""
@@ -513,11 +555,11 @@ class DigestSetTracker:
         for event in events:
             kind = event.get("type")
             if kind == "stored":
-                self.block_hashes.update(_event_ids(event))
+                self._medium_set(event).update(_event_ids(event))
             elif kind == "removed":
-                self.block_hashes.difference_update(_event_ids(event))
+                self._medium_set(event).difference_update(_event_ids(event))
             elif kind == "cleared":
-                self.block_hashes.clear()
+                self.by_medium.clear()
                 self.consistent = True
 
 

@@ -1,0 +1,280 @@
+"""KV events of the tiered cache: each tier reports its own contents under its medium ("GPU" device,
+"CPU" host, "DISK" disk), so a router's view of each medium equals that tier after every drain.
+
+Random mixes of requests (shared prefixes, two tenants, a LoRA), promotions and forced demotions run
+through the wire encoder and decoder (and once through ZMQ), with demotions inline and in the
+background; a router that lost events relearns the lower tiers whole. NVIDIA Dynamo's indexer is
+driven with the same kind of scenario in ``test_kv_events_routers.py``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("zmq")
+pytest.importorskip("msgpack")
+pytest.importorskip("msgspec")
+
+from kv_event_schemas import DECODERS as SCHEMAS
+from sagellm_kv_cache.observability import KVEventPublisher, publish_prefix_events
+from sagellm_kv_cache.observability.events import DigestSetTracker, KVEventSubscriber, wire_block_id
+from sagellm_kv_cache.observability.kv_wire import decode_batch, encode_batch
+from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
+from sagellm_kv_cache.tiers import TIER_MEDIA, TieredPrefixCache
+
+SPEC = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype="fp16", block_size=4)
+BS = SPEC.block_size
+KEYS: list[tuple[bytes | None, bytes | None]] = [(None, None), (b"tenant-a", None), (None, b"adapter-1")]
+
+
+def request_tokens(rng: random.Random) -> np.ndarray:
+    """A prompt of 1-5 blocks under one of three shared 2-block prefixes, or a fresh one."""
+    head = rng.randrange(4)
+    tail = [rng.randrange(6) for _ in range(rng.randrange(0, 4))]
+    blocks = [head * 100, head * 100 + 1, *(head * 100 + 10 + t for t in tail)][: rng.randrange(1, 6)]
+    return np.array([b * 10 + k for b in blocks for k in range(BS)], dtype=np.int64)
+
+
+def serve(tc: TieredPrefixCache, tokens: np.ndarray, salt: bytes | None, extra: bytes | None) -> list[bytes]:
+    """One request: match (promoting lower-tier hits), insert what missed with its tokens, release."""
+    digests = tc.hash_tokens(tokens, salt=salt, extra=extra)
+    m = tc.match(digests)
+    n = m.num_matched
+    if n < len(digests):
+        fresh = tc.allocate(len(digests) - n)
+        tc.insert(digests[n:], fresh, parent=digests[n - 1] if n else None, token_ids=tokens[n * BS:],
+                  extra_key=extra, cache_salt=salt)
+        tc.pool.free(fresh)
+    tc.release(digests[:n])
+    return [row.tobytes() for row in digests]
+
+
+def contents(tc: TieredPrefixCache, universe: set[bytes]) -> dict[str, set[int]]:
+    """What each tier holds now, as wire ids per medium."""
+    assert tc.host is not None and tc.disk is not None
+    held = {TIER_MEDIA[0]: {d for d in universe if tc.device.contains(d)},
+            TIER_MEDIA[1]: set(tc.host.index), TIER_MEDIA[2]: set(tc.disk.index)}
+    return {medium: {wire_block_id(d) for d in digests} for medium, digests in held.items()}
+
+
+class Router:
+    """Our subscriber side without the sockets: each drain goes through the encoder and the decoder."""
+
+    def __init__(self) -> None:
+        self.tracker = DigestSetTracker()
+        self.seq = 0
+        self.media: dict[str, int] = {}
+
+    def drain(self, tc: TieredPrefixCache) -> list[dict[str, Any]]:
+        events = tc.drain_events()
+        payload = encode_batch(events, medium=None)
+        for engine in SCHEMAS.values():  # every batch is one vLLM's and SGLang's decoders take
+            engine.decode(payload)
+        _, decoded = decode_batch(payload)
+        for event in decoded:
+            if event["type"] != "cleared":
+                self.media[event["medium"]] = self.media.get(event["medium"], 0) + 1
+        self.tracker.apply(self.seq, decoded)
+        self.seq += 1
+        return events
+
+    def view(self) -> dict[str, set[int]]:
+        return {medium: {int(h) for h in self.tracker.held(medium)} for medium in TIER_MEDIA}
+
+
+def tiered(tmp_path: Path, *, background: bool, queue: int = 100_000, device: int = 6,
+           pool_blocks: int = 16) -> TieredPrefixCache:
+    return TieredPrefixCache(PagedKVPool(SPEC, pool_blocks), device_blocks=device, host_blocks=5, disk_dir=tmp_path,
+                             disk_blocks=12, background=background, event_queue_capacity=queue)
+
+
+def random_steps(tc: TieredPrefixCache, rng: random.Random, universe: set[bytes], steps: int) -> None:
+    for _ in range(steps):
+        roll = rng.random()
+        if roll < 0.8:
+            universe.update(serve(tc, request_tokens(rng), *rng.choice(KEYS)))
+        elif roll < 0.9:
+            tc.demote(rng.randrange(1, 4))
+        else:
+            tc.make_room(rng.randrange(1, 12))
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+@pytest.mark.parametrize("seed", range(4))
+def test_each_medium_of_the_router_view_equals_its_tier(tmp_path: Path, seed: int, background: bool) -> None:
+    rng = random.Random(seed)
+    universe: set[bytes] = set()
+    router = Router()
+    with tiered(tmp_path, background=background) as tc:
+        for _ in range(25):
+            random_steps(tc, rng, universe, rng.randrange(1, 6))
+            tc.flush()  # copies in flight land (a block is announced in a tier once its bytes are there)
+            router.drain(tc)
+            assert router.view() == contents(tc, universe), seed
+            assert router.tracker.consistent
+            held = contents(tc, universe)
+            # The metadata kept for the events is exactly that of the blocks some tier holds.
+            assert {wire_block_id(d) for d in tc._meta} == set().union(*held.values())
+        assert tc.stats()["demoted_to_disk"] > 0 and tc.stats()["promoted_from_host"] > 0
+        assert tc.stats()["promoted_from_disk"] > 0
+    assert set(router.media) == set(TIER_MEDIA)
+
+
+def test_threads_serving_and_draining_leave_the_router_view_equal_to_the_tiers(tmp_path: Path) -> None:
+    """Two threads serve requests (promotions, demotions in the background) while a third drains; once
+    they stop and the copies land, one more drain makes every medium of the view equal its tier."""
+    import threading
+
+    universe: set[bytes] = set()
+    router = Router()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with tiered(tmp_path, background=True, pool_blocks=64) as tc:  # room for both threads' requests
+        def worker(seed: int) -> None:
+            rng, mine = random.Random(seed), set[bytes]()
+            try:
+                random_steps(tc, rng, mine, 150)
+            except BaseException as exc:  # handed to the main thread
+                errors.append(exc)
+            universe.update(mine)
+
+        def drainer() -> None:
+            while not stop.is_set():
+                router.drain(tc)
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in (11, 12)]
+        draining = threading.Thread(target=drainer)
+        for t in [*threads, draining]:
+            t.start()
+        for t in threads:
+            t.join()
+        stop.set()
+        draining.join()
+        assert not errors, errors
+        tc.flush()
+        router.drain(tc)
+        assert router.view() == contents(tc, universe)
+        assert {wire_block_id(d) for d in tc._meta} == set().union(*contents(tc, universe).values())
+        assert router.seq > 2 and tc.stats()["promoted_from_disk"] > 0
+
+
+def test_a_demotion_moves_a_block_between_media_and_a_promotion_moves_it_back(tmp_path: Path) -> None:
+    router = Router()
+    with tiered(tmp_path, background=False, device=2) as tc:
+        first = serve(tc, np.arange(2 * BS, dtype=np.int64), None, None)
+        router.drain(tc)
+        assert router.view() == {"GPU": {wire_block_id(d) for d in first}, "CPU": set(), "DISK": set()}
+        second = serve(tc, np.arange(100, 100 + 2 * BS, dtype=np.int64), None, None)  # pushes `first` to the host
+        events = router.drain(tc)
+        moved = [(e["type"], e["medium"]) for e in events if first[1] in e.get("digests", [])]
+        assert moved == [("removed", "GPU"), ("stored", "CPU")]
+        stored = next(e for e in events if e["type"] == "stored" and e["digests"] == [first[1]])
+        # The host tier's stored event carries what a router re-hashes: the tokens and the parent.
+        assert stored["parent"] == first[0] and list(stored["token_ids"]) == list(range(BS, 2 * BS))
+        m = tc.match(first)
+        tc.release(first)
+        assert m.num_matched == 2
+        events = router.drain(tc)
+        assert ("removed", "CPU") in {(e["type"], e["medium"]) for e in events}
+        # ... and `second` takes its place on the host (device_blocks=2).
+        assert router.view() == {"GPU": {wire_block_id(d) for d in first}, "CPU": {wire_block_id(d) for d in second},
+                                 "DISK": set()}
+
+
+def test_a_router_that_lost_events_relearns_the_lower_tiers_whole(tmp_path: Path) -> None:
+    """Behind an event queue of 2 the device's drains start with an events-lost clear, which routers
+    apply to every medium: the lower tiers are then announced again in full, so they stay exact, and
+    the device view holds no block the device lacks."""
+    rng = random.Random(7)
+    universe: set[bytes] = set()
+    router = Router()
+    cleared = 0
+    with tiered(tmp_path, background=False, queue=2) as tc:
+        for _ in range(20):
+            random_steps(tc, rng, universe, rng.randrange(2, 6))
+            events = router.drain(tc)
+            cleared += any(e["type"] == "cleared" for e in events)
+            view, truth = router.view(), contents(tc, universe)
+            assert view["CPU"] == truth["CPU"] and view["DISK"] == truth["DISK"]
+            assert view["GPU"] <= truth["GPU"]
+        assert tc.device.stats()["events_dropped"] > 0
+    assert cleared > 1
+
+
+def test_events_over_zmq_follow_the_tiers(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    universe: set[bytes] = set()
+    tracker = DigestSetTracker()
+    with (
+        tiered(tmp_path, background=True) as tc,
+        KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*") as publisher,
+        KVEventSubscriber(publisher.endpoint, replay_endpoint=publisher.replay_endpoint) as subscriber,
+    ):
+        deadline = time.monotonic() + 10
+        while (got := subscriber.receive(50)) is None:  # the subscription reaches the publisher
+            assert time.monotonic() < deadline
+            publisher.publish([])
+        tracker.apply(*got)
+        for _ in range(10):
+            random_steps(tc, rng, universe, 4)
+            tc.flush()
+            publish_prefix_events(tc, publisher)
+            publisher.publish([])  # a marker: everything before it has arrived when it does
+            last = publisher.next_seq - 1
+            while tracker.last_seq != last:
+                batch = subscriber.receive(2000)
+                assert batch is not None
+                tracker.apply(*batch)
+            assert {m: {int(h) for h in tracker.held(m)} for m in TIER_MEDIA} == contents(tc, universe)
+    assert tracker.consistent and subscriber.missed_batches == 0
+
+
+def test_insert_needs_token_ids_with_events_on(tmp_path: Path) -> None:
+    with tiered(tmp_path, background=False) as tc:
+        digests = tc.hash_tokens(np.arange(2 * BS, dtype=np.int64))
+        ids = tc.allocate(2)
+        with pytest.raises(ValueError, match="token_ids"):
+            tc.insert(digests, ids)
+        with pytest.raises(ValueError, match="token_ids holds 4 tokens"):
+            tc.insert(digests, ids, token_ids=np.arange(BS))
+        with pytest.raises(TypeError, match="token_ids"):
+            tc.insert(digests, ids, token_ids="tokens")
+        assert len(tc.device) == 0 and tc.drain_events() == [] and tc._meta == {}
+        tc.pool.free(ids)
+    with TieredPrefixCache(PagedKVPool(SPEC, 4)) as quiet:  # events off: nothing is kept, nothing drained
+        ids = quiet.allocate(2)
+        quiet.insert(digests, ids)
+        assert quiet.drain_events() == [] and quiet._meta == {}
+
+
+def test_blocks_a_reopened_disk_holds_are_promoted_once_a_match_names_their_tokens(tmp_path: Path) -> None:
+    tokens = np.arange(3 * BS, dtype=np.int64)
+    with tiered(tmp_path, background=False, device=1) as tc:
+        digests = serve(tc, tokens, b"tenant-a", None)
+        serve(tc, np.arange(500, 500 + 6 * BS, dtype=np.int64), None, None)  # the first three go to disk
+        tc.flush()
+        assert [tc.location(d) for d in digests] == ["disk"] * 3
+    router = Router()
+    with tiered(tmp_path, background=False) as tc:  # a new process: the disk index, no tokens
+        assert tc.drain_events() == []
+        m = tc.match(digests)
+        assert m.num_matched == 0 and [tc.location(d) for d in digests] == ["disk"] * 3
+        with pytest.raises(ValueError, match="token_ids holds 4 tokens"):
+            tc.match(digests, token_ids=tokens[:BS])  # refused before anything moves
+        with pytest.raises(ValueError, match="do not hash to digests"):
+            tc.match(digests, token_ids=tokens)  # hashed with a salt this call does not name
+        assert [tc.location(d) for d in digests] == ["disk"] * 3 and tc.stats()["lookups"] == 1
+        m = tc.match(digests, token_ids=tokens, cache_salt=b"tenant-a")
+        assert m.num_matched == 3 and m.tiers.tolist() == [2, 2, 2]
+        tc.release(digests)
+        events = router.drain(tc)
+        stored = [(e["medium"], e["digests"], list(e["token_ids"]), e["cache_salt"]) for e in events
+                  if e["type"] == "stored"]
+        assert stored == [("GPU", digests, tokens.tolist(), b"tenant-a")]
+        assert router.view()["GPU"] == {wire_block_id(d) for d in digests}
