@@ -288,16 +288,34 @@ std::int32_t priority_value(std::int64_t priority) {
 
 std::uint32_t block_size_value(std::int64_t block_size) { return checked_count(block_size, "block_size"); }
 
-// Per-thread scratch for block ids coming out of a match: the result array is made at its exact
-// size after the GIL is back.
-std::vector<BlockId>& id_scratch(std::size_t n) {
-  thread_local std::vector<BlockId> scratch;
-  scratch.resize(n);
-  return scratch;
-}
+// Block ids coming out of a match, in a per-thread buffer: the result is made at its exact size
+// after the GIL is back. Making it may run Python code on this thread (a garbage collection's
+// finalisers), which may match on this or another cache before this call has read its ids: such a
+// nested call gets a buffer of its own instead of overwriting the outer call's (one per depth).
+class IdScratch {
+ public:
+  explicit IdScratch(std::size_t n) : ids_(depth_ < kDepths ? buffers_[depth_] : own_) {
+    ids_.resize(n);  // before the depth is taken: a throw here leaves it as it was
+    ++depth_;
+  }
+  ~IdScratch() { --depth_; }
+  IdScratch(const IdScratch&) = delete;
+  IdScratch& operator=(const IdScratch&) = delete;
+  std::vector<BlockId>& ids() noexcept { return ids_; }
+
+ private:
+  static constexpr std::size_t kDepths = 4;  // deeper nesting allocates (own_)
+  static thread_local std::size_t depth_;
+  static thread_local std::array<std::vector<BlockId>, kDepths> buffers_;
+  std::vector<BlockId> own_;
+  std::vector<BlockId>& ids_;
+};
+thread_local std::size_t IdScratch::depth_ = 0;
+thread_local std::array<std::vector<BlockId>, IdScratch::kDepths> IdScratch::buffers_;
 
 py::tuple do_match(BoundPrefixCache& self, std::span<const BlockHash> digests, bool take) {
-  std::vector<BlockId>& ids = id_scratch(digests.size());
+  IdScratch scratch(digests.size());
+  std::vector<BlockId>& ids = scratch.ids();
   std::uint32_t m = 0;
   {
     py::gil_scoped_release release;
@@ -604,7 +622,8 @@ void bind_prefix(py::module_& m) {
            "Longest cached prefix: (num_matched, block_ids int32). Acquires the matched nodes; release them.")
       .def("probe", [](BoundPrefixCache& self, const py::handle& digests, const py::object& table) -> py::tuple {
              const Digests d(digests, "digests");
-             std::vector<BlockId>& ids = id_scratch(d.span().size());
+             IdScratch scratch(d.span().size());
+             std::vector<BlockId>& ids = scratch.ids();
              std::uint32_t matched = 0;
              {
                py::gil_scoped_release release;
@@ -676,7 +695,8 @@ void bind_prefix(py::module_& m) {
              const Tokens t(tokens, "tokens");
              auto digests = digest_array(num_full_blocks(t.size(), self.cache->block_size()));
              auto span = digest_span(digests);
-             std::vector<BlockId>& ids = id_scratch(span.size());
+             IdScratch scratch(span.size());
+             std::vector<BlockId>& ids = scratch.ids();
              std::uint32_t matched = 0;
              {
                py::gil_scoped_release release;

@@ -1096,3 +1096,42 @@ def test_seed_insert_reads_the_blocks_once_whatever_changes_the_list(capacity: i
     found, tokens = cache.lookup(hashes)
     assert tokens == 6 and all(a is b for a, b in zip(found, expected, strict=True))
     check_seed_ids(cache)
+
+
+def test_probe_nested_in_a_finaliser_keeps_the_outer_calls_ids() -> None:
+    # probe() walks the trie into a per-thread buffer, then builds its result list. Building that list
+    # may start a garbage collection whose finaliser probes again on this thread: the nested call must
+    # not overwrite the ids the outer call has yet to read (it did: A's lookup answered B's blocks).
+    import gc
+
+    trie = _core.PrefixCache(block_size=16)
+    a = np.random.default_rng(1).integers(0, 256, size=(4, 32), dtype=np.uint8)
+    b = a ^ np.uint8(0xFF)
+    trie.insert(a, np.arange(4, dtype=np.int32))
+    trie.insert(b, np.arange(10, 14, dtype=np.int32))
+    table: list[object] = [f"a{i}" for i in range(4)] + [None] * 6 + [f"b{i}" for i in range(4)]
+    nested: list[list[object]] = []
+
+    class ProbesWhenCollected:
+        def __del__(self) -> None:
+            nested.append(trie.probe(b, table)[1])
+
+    probe = trie.probe  # bound before: the call itself allocates nothing the collector counts
+    threshold = gc.get_threshold()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        garbage = ProbesWhenCollected()
+        garbage.cycle = garbage  # type: ignore[attr-defined]
+        del garbage
+        lists = [[] for _ in range(200)]  # empties the interpreter's free list of list objects, so the
+        gc.set_threshold(1)               # result list is a fresh allocation that starts a collection
+        gc.enable()
+        _, values = probe(a, table)
+    finally:
+        gc.set_threshold(*threshold)
+        if not was_enabled:
+            gc.disable()
+    del lists
+    assert nested == [["b0", "b1", "b2", "b3"]], "the finaliser never ran: the test tested nothing"
+    assert values == ["a0", "a1", "a2", "a3"]
