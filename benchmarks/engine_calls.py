@@ -117,6 +117,7 @@ def run_once(num_requests: int, num_prompts: int, num_blocks: int) -> dict[str, 
         raise RuntimeError(f"{leaked} handles were left allocated after every request was freed")
     per_request = 1e6 / num_requests
     return {
+        "manager_us": native_manager_us(token_lists, num_blocks),
         "package": f"{sagellm_kv_cache.__name__} {getattr(sagellm_kv_cache, '__version__', '?')} "
                    f"({Path(sagellm_kv_cache.__file__).parent})",
         "total_us": total * per_request,
@@ -125,6 +126,29 @@ def run_once(num_requests: int, num_prompts: int, num_blocks: int) -> dict[str, 
         "hit_rate": stats["prefix_cache"]["hit_rate"],
         "cached_blocks": stats["prefix_cache"]["num_blocks"],
     }
+
+
+def native_manager_us(token_lists: list[list[int]], num_blocks: int) -> float | None:
+    """This package's native RequestManager on the same requests (admit, finish), in the same process:
+    the reference for the library's share. None where it does not exist (the original package)."""
+    try:
+        from sagellm_kv_cache import KVCacheSpec, PagedKVPool
+        from sagellm_kv_cache.manager import RequestManager
+    except ImportError:
+        return None
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype="int8", block_size=16)
+    manager = RequestManager(PagedKVPool(spec, num_blocks, zero_fill=False), capacity_blocks=None,
+                             match_last_token=True)
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for i, tokens in enumerate(token_lists):
+            manager.admit(i, tokens)
+            manager.finish(i)
+        return (time.perf_counter() - start) * 1e6 / len(token_lists)
+    finally:
+        gc.enable()
 
 
 def child(python: str, args: argparse.Namespace, *, own_env: bool) -> dict[str, Any]:
@@ -143,6 +167,9 @@ def show(label: str, r: dict[str, Any]) -> None:
           f"prefix hit rate {r['hit_rate']:.4f}, {r['cached_blocks']} blocks cached")
     for key, (calls, us) in r["calls"].items():
         print(f"    {key:<34} {calls:5.2f} calls/request {us:8.2f} us/request")
+    if r["manager_us"] is not None:
+        print(f"  the native RequestManager on the same requests, same process: {r['manager_us']:.1f} us/request; "
+              f"the library's share of the engine's calls is {r['library_us'] / r['manager_us']:.2f}x that")
 
 
 def main(argv: list[str] | None = None) -> int:
