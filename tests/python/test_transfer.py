@@ -6,6 +6,7 @@ Real transfers between processes are in ``test_transfer_multiprocess.py``.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -154,6 +155,44 @@ def test_max_finished_records_is_a_keyword_checked_at_construction() -> None:
         KVTransferEngine(RankedBackend(0, 2), max_finished_records=-1)
     with pytest.raises(TypeError, match="max_finished_records"):
         KVTransferEngine(RankedBackend(0, 2), max_finished_records=2.5)
+
+def test_unknown_block_options_are_refused_at_construction() -> None:
+    # As Python refuses an unexpected keyword; they used to be kept and fail at the first block transfer.
+    backend = RankedBackend(0, 2)
+    with pytest.raises(TypeError, match=r"KVTransferEngine\(\) got unexpected keyword argument 'chunk_size' "):
+        KVTransferEngine(backend, chunk_size=1 << 20)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments 'retries', 'checksums' \(the block transfer "
+                                        r"options are chunk_bytes, pipeline_depth, timeout, checksum, transport"):
+        KVTransferEngine(backend, timeout=5.0, retries=3, checksums="crc32")
+    assert backend.calls == []
+
+
+BAD_BLOCK_OPTIONS = [
+    ({"chunk_bytes": 0}, ValueError, "chunk_bytes must be > 0, got 0"),
+    ({"chunk_bytes": "4M"}, TypeError, "chunk_bytes must be an int, got str"),
+    ({"chunk_bytes": 2.5}, TypeError, "chunk_bytes must be an int, got float"),
+    ({"pipeline_depth": 0}, ValueError, "pipeline_depth must be > 0, got 0"),
+    ({"pipeline_depth": True}, TypeError, "pipeline_depth must be an int, got bool"),
+    ({"timeout": 0}, ValueError, "timeout must be > 0 seconds"),
+    ({"timeout": float("nan")}, ValueError, "timeout must be > 0 seconds .*, got nan"),
+    ({"timeout": "60"}, TypeError, "timeout must be a number of seconds, got str"),
+    ({"checksum": "md5"}, ValueError, "checksum must be one of segsum64, crc32, got 'md5'"),
+    ({"checksum": ["crc32"]}, TypeError, "checksum must be a str"),
+    ({"transport": "tcp"}, ValueError, "transport must be one of auto, torch, backend, got 'tcp'"),
+    ({"gather_thread": 1}, TypeError, "gather_thread must be a bool, got int"),
+    ({"same_host": "no"}, TypeError, "same_host must be a bool, got str"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "message"), BAD_BLOCK_OPTIONS)
+def test_bad_block_options_are_refused_at_construction(options: dict[str, Any], error: type, message: str) -> None:
+    # They used to be checked (some only by a comparison's own TypeError) when the first block transfer
+    # made the BlockTransfer, long after the engine was built.
+    backend = RankedBackend(0, 2)
+    with pytest.raises(error, match=message):
+        KVTransferEngine(backend, **options)
+    assert backend.calls == []
+
 
 # --- wire format -----------------------------------------------------------------------------
 
@@ -325,18 +364,23 @@ def _pool() -> PagedKVPool:
     return PagedKVPool(KVCacheSpec(1, 1, 8, "fp16", 16), 32)
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [({"chunk_bytes": 0}, "chunk_bytes"), ({"pipeline_depth": 0}, "pipeline_depth"), ({"timeout": 0}, "timeout"),
-     ({"checksum": "md5"}, "checksum"), ({"transport": "tcp"}, "transport")],
-)
-def test_block_transfer_options_are_checked(options: dict[str, Any], message: str) -> None:
+@pytest.mark.parametrize(("options", "error", "message"), BAD_BLOCK_OPTIONS)
+def test_block_transfer_options_are_checked(options: dict[str, Any], error: type, message: str) -> None:
     from sagellm_kv_cache.transfer import BlockTransfer
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         BlockTransfer(RankedBackend(0, 2), **options)
     with pytest.raises(ValueError, match="comm_backend"):
         BlockTransfer(None)
+
+
+def test_the_engine_hands_its_block_options_to_its_block_transfer() -> None:
+    engine = KVTransferEngine(RankedBackend(0, 2), chunk_bytes=1 << 20, pipeline_depth=2, timeout=math.inf,
+                              checksum="crc32", transport="backend", gather_thread=False, same_host=False)
+    blocks = engine.blocks
+    assert (blocks._chunk_bytes, blocks._depth, blocks._timeout) == (1 << 20, 2, math.inf)
+    assert blocks._checksum_id == wire.CHECKSUM_ALGORITHMS["crc32"] and blocks._transport_kind == "backend"
+    assert blocks._gather_thread is False and blocks._same_host is False
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,7 @@ from sagellm_kv_cache.errors import (
 )
 from sagellm_kv_cache.paged import PagedKVPool
 from sagellm_kv_cache.transfer import shm, wire
+from sagellm_kv_cache.transfer.options import check_block_options
 from sagellm_kv_cache.transfer.transport import (
     Pending,
     TorchDistTransport,
@@ -471,32 +472,26 @@ class BlockTransfer:
     ) -> None:
         if comm_backend is None:
             raise ValueError("comm_backend is required (e.g. an initialised sagellm_comm.GlooBackend)")
-        if chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
-        if pipeline_depth < 1:
-            raise ValueError(f"pipeline_depth must be >= 1, got {pipeline_depth}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        if checksum not in wire.CHECKSUM_ALGORITHMS:
-            raise ValueError(f"checksum must be one of {', '.join(wire.CHECKSUM_ALGORITHMS)}, got {checksum!r}")
+        options = check_block_options("BlockTransfer", {
+            "chunk_bytes": chunk_bytes, "pipeline_depth": pipeline_depth, "timeout": timeout, "checksum": checksum,
+            "transport": transport, "gather_thread": gather_thread, "same_host": same_host,
+        })
         # The transport itself is made on first use: the backend may be initialised after us.
-        if transport not in ("auto", "torch", "backend"):
-            raise ValueError(f"transport must be 'auto', 'torch' or 'backend', got {transport!r}")
         self._backend = comm_backend
-        self._transport_kind = transport
+        self._transport_kind = options.transport
         self._transport: Transport | None = None
-        self._chunk_bytes = int(chunk_bytes)
-        self._depth = int(pipeline_depth)
-        self._timeout = float(timeout)
-        self._checksum_id = wire.CHECKSUM_ALGORITHMS[checksum]
+        self._chunk_bytes = options.chunk_bytes
+        self._depth = options.pipeline_depth
+        self._timeout = options.timeout
+        self._checksum_id = wire.CHECKSUM_ALGORITHMS[options.checksum]
         # A gather thread pays off when it gets a core of its own; on a box of two or three cores
         # it only competes with gloo's I/O for them.
-        self._gather_thread = (os.cpu_count() or 1) >= 4 if gather_thread is None else bool(gather_thread)
+        self._gather_thread = (os.cpu_count() or 1) >= 4 if options.gather_thread is None else options.gather_thread
         self._staging = _StagingCache(max_bytes=4 * self._depth * (self._chunk_bytes + wire.FOOTER_NBYTES))
         self._lock = threading.Lock()
         self._peer_locks: dict[tuple[int, str], threading.Lock] = {}
         self._broken: dict[int, str] = {}
-        self._same_host = bool(same_host) and shm.available()
+        self._same_host = options.same_host and shm.available()
         #: Payload per ring slot on the same-host path (at most ``chunk_bytes``): 4 MiB measured best
         #: here against 2 and 8 MiB; each slot costs one footer and one ack between the processes.
         self._shm_chunk_bytes = 4 << 20

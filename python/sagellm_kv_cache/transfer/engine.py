@@ -30,6 +30,7 @@ get_completed_count` still counts it until ``clear_completed``. Running records 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -46,6 +47,7 @@ from sagellm_kv_cache.errors import (
     KVTransferFailedError,
     KVTransferOutcomeUnknownError,
 )
+from sagellm_kv_cache.transfer.options import check_block_options
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,7 +67,9 @@ class KVTransferEngine:
     ``transfer_kv_handle`` is called on both sides with the same ranks: the source sends
     ``tensor``, the destination receives into its own ``tensor`` (same shape and dtype), each
     through the backend's blocking ``send``/``recv``. ``send_blocks``/``recv_blocks`` move pool
-    blocks with header checks, checksums and timeouts (see :class:`~.blocks.BlockTransfer`).
+    blocks with header checks, checksums and timeouts (see :class:`~.blocks.BlockTransfer`); the
+    keyword arguments past the seed's options are that class's (``chunk_bytes``, ``timeout``, ...),
+    checked here: an unknown name is a ``TypeError``, a bad value a ``TypeError`` / ``ValueError``.
     """
 
     #: Finished records kept, the most recently finished (see the module docstring).
@@ -85,6 +89,7 @@ class KVTransferEngine:
     ) -> None:
         if comm_backend is None:
             raise ValueError("comm_backend cannot be None (Fail-Fast): pass an initialised sagellm_comm backend")
+        checked_block_options = check_block_options("KVTransferEngine", block_options)
         if isinstance(compression_level, bool) or not isinstance(compression_level, int) or \
                 not 0 <= compression_level <= 9:
             raise ValueError(f"compression_level must be an int in [0, 9], got {compression_level!r}")
@@ -101,7 +106,7 @@ class KVTransferEngine:
         self.retry_backoff_ms = float(retry_backoff_ms)
         if max_finished_records is not None:  # else the class attribute's default
             self.max_finished_records = positive_int("max_finished_records", max_finished_records, allow_zero=True)
-        self._block_options = block_options
+        self._block_options = checked_block_options
         self._blocks: BlockTransfer | None = None
         self._records: dict[uuid.UUID, KVTransferMetadata] = {}
         self._in_doubt: set[uuid.UUID] = set()  # block sends with an unknown outcome, not yet settled
@@ -249,7 +254,7 @@ class KVTransferEngine:
             if self._blocks is None:
                 from sagellm_kv_cache.transfer.blocks import BlockTransfer
 
-                self._blocks = BlockTransfer(self.comm_backend, **self._block_options)
+                self._blocks = BlockTransfer(self.comm_backend, **dataclasses.asdict(self._block_options))
             return self._blocks
 
     def send_blocks(
