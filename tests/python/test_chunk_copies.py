@@ -214,7 +214,7 @@ def test_random_jobs_match_a_model_of_the_slots(data: st.DataObject, bpc: int, s
 
 def test_a_store_naming_a_slot_twice_is_refused_like_the_pool_path() -> None:
     """The stream path took it: the second chunk overwrote the first's blocks in the slot, and both were
-    reported stored. The pool path's scatter refuses it."""
+    reported stored. The pool path (test_vllm_offload.py) refuses it in the same words."""
     tensors = _tensors()
     copier = ChunkCopier(tensors, num_chunks=3, blocks_per_chunk=2)
     host = copier.host.clone()
