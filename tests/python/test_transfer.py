@@ -6,6 +6,7 @@ Real transfers between processes are in ``test_transfer_multiprocess.py``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -23,7 +24,7 @@ from sagellm_protocol.kv import TransferDirection, TransferStatus
 class RankedBackend:
     """Knows its rank and world size and records calls; carries no data anywhere."""
 
-    def __init__(self, rank: int | None, world: int | None, fail: Exception | None = None) -> None:
+    def __init__(self, rank: int | None, world: int | None, fail: BaseException | None = None) -> None:
         self.rank, self.world, self.fail = rank, world, fail
         self.calls: list[tuple[str, int]] = []
 
@@ -95,6 +96,37 @@ def test_backend_failure_is_a_transfer_failed_error_recorded_as_failed() -> None
     assert engine.get_transfer_status(tid) == TransferStatus.FAILED
     assert engine.get_completed_count() == 1 and engine.get_pending_count() == 0  # finished, as in the seed
     assert handle.is_transferring is False
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, asyncio.CancelledError])
+def test_a_transfer_ended_by_a_base_exception_is_recorded_as_failed(interruption: type[BaseException]) -> None:
+    # Ctrl-C or a cancelled task inside the backend call: the record used to stay IN_PROGRESS for good
+    # (running records are never dropped) and the handle marked as transferring.
+    engine = KVTransferEngine(RankedBackend(0, 2, fail=interruption()))
+    handle = KVHandle.create(16)
+    with pytest.raises(interruption):
+        engine.transfer_kv_handle(handle, 0, 1, np.zeros(8, dtype=np.float16))
+    assert engine.get_transfer_status(handle.transfer_id) == TransferStatus.FAILED
+    assert engine.get_pending_count() == 0 and engine.get_completed_count() == 1
+    assert handle.is_transferring is False
+
+
+def test_a_handle_that_cannot_be_marked_fails_the_transfer_on_record() -> None:
+    # Setting the handle's transfer fields ran between the record going IN_PROGRESS and the guarded
+    # call: a handle that refused left the record running for good and raised its own error.
+    class FrozenHandle:
+        handle_id = uuid.uuid4()
+
+        @property
+        def is_transferring(self) -> bool:
+            return False
+
+    backend = RankedBackend(0, 2)
+    engine = KVTransferEngine(backend)
+    with pytest.raises(KVTransferFailedError, match="is_transferring") as info:
+        engine.transfer_kv_handle(FrozenHandle(), 0, 1, np.zeros(8, dtype=np.float16))
+    assert engine.get_transfer_status(uuid.UUID(info.value.transfer_id)) == TransferStatus.FAILED
+    assert engine.get_pending_count() == 0 and backend.calls == []
 
 
 def test_records_of_completed_transfers() -> None:

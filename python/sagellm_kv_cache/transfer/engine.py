@@ -30,6 +30,7 @@ get_completed_count` still counts it until ``clear_completed``. Running records 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -151,27 +152,35 @@ class KVTransferEngine:
                 reason="tensor is required for sender: it holds the KV data to send" if sending else
                 "tensor is required for receiver: the buffer to receive the KV data into",
             )
-        _set_handle(handle, transfer_id=transfer_id, is_transferring=True)
         try:
+            _set_handle(handle, transfer_id=transfer_id, is_transferring=True)
             update = self._run_with_retries(transfer_id, tensor, src_rank, dst_rank, sending)
         except (KVChecksumMismatchError, KVMetadataMismatchError):
-            self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
-            _set_handle(handle, is_transferring=False)
+            self._failed(transfer_id, handle)
             raise
         except Exception as e:
-            self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
-            _set_handle(handle, is_transferring=False)
+            self._failed(transfer_id, handle)
             reason = str(e) or type(e).__name__
             raise KVTransferFailedError(
                 transfer_id, source=source, target=target, reason=reason,
                 context={"handle_id": str(handle.handle_id), "direction": "send" if sending else "recv",
                          "error": reason, "retries": self.get_retry_count(transfer_id)},
             ) from e
+        except BaseException:  # KeyboardInterrupt, a cancelled task: the call is over and did not complete
+            self._failed(transfer_id, handle)
+            raise
         self._set_status(transfer_id, TransferStatus.COMPLETED, completed_at=time.time(), **update)
         _set_handle(handle, is_transferring=False)
         if not sending:
             _set_handle(handle, source_rank=src_rank, rank=dst_rank)
         return transfer_id
+
+    def _failed(self, transfer_id: uuid.UUID, handle: Any) -> None:
+        """Records a transfer that raised as FAILED and clears the handle's flag (best effort: the error
+        that ended the transfer is the one to raise, not a handle's refusal to be updated)."""
+        self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
+        with contextlib.suppress(Exception):
+            _set_handle(handle, is_transferring=False)
 
     def _run_with_retries(
         self, transfer_id: uuid.UUID, tensor: Any, src_rank: int, dst_rank: int, sending: bool
