@@ -129,6 +129,17 @@ def test_a_handle_that_cannot_be_marked_fails_the_transfer_on_record() -> None:
     assert engine.get_pending_count() == 0 and backend.calls == []
 
 
+def test_a_failure_is_reported_when_its_record_is_dropped_at_once() -> None:
+    # With max_finished_records=0 (or other transfers finishing meanwhile) the FAILED record is dropped
+    # as it is made; the error path then asked for its retry count and raised KeyError instead.
+    engine = KVTransferEngine(RankedBackend(0, 2, fail=RuntimeError("peer gone")), max_finished_records=0,
+                              max_retries=1, retry_backoff_ms=0)
+    with pytest.raises(KVTransferFailedError, match="peer gone") as info:
+        engine.transfer_kv_handle(KVHandle.create(4), 0, 1, np.zeros(4))
+    assert info.value.context["retries"] == 1 and info.value.context["error"] == "peer gone"
+    assert engine.get_completed_count() == 1 and engine.get_pending_count() == 0
+
+
 def test_records_of_completed_transfers() -> None:
     backend = RankedBackend(1, 2)
     engine = KVTransferEngine(backend)

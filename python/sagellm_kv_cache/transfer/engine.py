@@ -159,12 +159,14 @@ class KVTransferEngine:
             self._failed(transfer_id, handle)
             raise
         except Exception as e:
+            with self._lock:  # before the record is finished: it may be dropped at once (max_finished_records)
+                retries = self._retries.get(transfer_id, 0)
             self._failed(transfer_id, handle)
             reason = str(e) or type(e).__name__
             raise KVTransferFailedError(
                 transfer_id, source=source, target=target, reason=reason,
                 context={"handle_id": str(handle.handle_id), "direction": "send" if sending else "recv",
-                         "error": reason, "retries": self.get_retry_count(transfer_id)},
+                         "error": reason, "retries": retries},
             ) from e
         except BaseException:  # KeyboardInterrupt, a cancelled task: the call is over and did not complete
             self._failed(transfer_id, handle)
