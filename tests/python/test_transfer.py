@@ -140,6 +140,25 @@ def test_a_failure_is_reported_when_its_record_is_dropped_at_once() -> None:
     assert engine.get_completed_count() == 1 and engine.get_pending_count() == 0
 
 
+def test_records_are_found_by_the_str_ids_the_errors_carry() -> None:
+    # The engine's errors carry the id as a str (as the seed's do); asked with that id, the engine said
+    # "not found" of a record it holds.
+    engine = KVTransferEngine(RankedBackend(0, 2, fail=RuntimeError("peer gone")))
+    with pytest.raises(KVTransferFailedError) as info:
+        engine.transfer_kv_handle(KVHandle.create(4), 0, 1, np.zeros(4))
+    tid = info.value.transfer_id
+    assert isinstance(tid, str)
+    assert engine.get_transfer_status(tid) == TransferStatus.FAILED and engine.get_transfer_outcome(tid) == "failed"
+    assert engine.get_retry_count(tid) == 0 and engine.get_transfer_metrics(tid)["status"] == "failed"
+    assert engine.get_transfer_metadata(tid).transfer_id == uuid.UUID(tid)
+    with pytest.raises(TypeError, match=r"transfer_id must be a uuid\.UUID or its str form, got int"):
+        engine.get_transfer_status(5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="transfer_id 'req-1' is not a UUID"):
+        engine.get_transfer_outcome("req-1")
+    with pytest.raises(KeyError, match="not found"):
+        engine.get_retry_count(str(uuid.uuid4()))
+
+
 def test_records_of_completed_transfers() -> None:
     backend = RankedBackend(1, 2)
     engine = KVTransferEngine(backend)

@@ -329,31 +329,36 @@ class KVTransferEngine:
 
     # --- records ----------------------------------------------------------------------------
 
-    def get_transfer_status(self, transfer_id: uuid.UUID) -> TransferStatus:
+    def get_transfer_status(self, transfer_id: uuid.UUID | str) -> TransferStatus:
         return self.get_transfer_metadata(transfer_id).status
 
-    def get_transfer_outcome(self, transfer_id: uuid.UUID) -> str:
+    def get_transfer_outcome(self, transfer_id: uuid.UUID | str) -> str:
         """The record's status value, or "unknown" for a block send still in doubt (see the module doc)."""
-        status = self.get_transfer_status(transfer_id)
+        tid = _transfer_key(transfer_id)
+        status = self.get_transfer_status(tid)
         with self._lock:
-            return "unknown" if transfer_id in self._in_doubt else status.value
+            return "unknown" if tid in self._in_doubt else status.value
 
-    def get_transfer_metadata(self, transfer_id: uuid.UUID) -> KVTransferMetadata:
-        """The record of ``transfer_id``; ``KeyError`` for an id this engine never ran (or cleared)."""
+    def get_transfer_metadata(self, transfer_id: uuid.UUID | str) -> KVTransferMetadata:
+        """The record of ``transfer_id`` (a UUID, or its str form as this engine's errors carry it);
+        ``KeyError`` for an id this engine never ran (or cleared), ``TypeError`` / ``ValueError`` for
+        something that is no transfer id at all."""
+        tid = _transfer_key(transfer_id)
         self._settle_doubts()
         with self._lock:
             try:
-                return self._records[transfer_id]
+                return self._records[tid]
             except KeyError:
-                raise KeyError(f"Transfer ID {transfer_id} not found") from None
+                raise KeyError(f"Transfer ID {tid} not found") from None
 
-    def get_retry_count(self, transfer_id: uuid.UUID) -> int:
+    def get_retry_count(self, transfer_id: uuid.UUID | str) -> int:
         """How many times the backend call of ``transfer_id`` was retried (0 when it worked first)."""
-        self.get_transfer_metadata(transfer_id)
+        tid = _transfer_key(transfer_id)
+        self.get_transfer_metadata(tid)
         with self._lock:
-            return self._retries.get(transfer_id, 0)
+            return self._retries.get(tid, 0)
 
-    def get_transfer_metrics(self, transfer_id: uuid.UUID) -> dict[str, float | int | str]:
+    def get_transfer_metrics(self, transfer_id: uuid.UUID | str) -> dict[str, float | int | str]:
         """Bytes on the wire, latency, bandwidth, compression ratio, retries, checksum and status."""
         meta = self.get_transfer_metadata(transfer_id)
         latency_s = 0.0
@@ -471,6 +476,19 @@ def _check_rank(rank: Any, world: int, name: str) -> None:
     if rank >= world:
         raise ValueError(f"Rank out of bounds: {name}={rank}, world_size={world} "
                          f"(invalid {name} {rank}: must be in [0, {world}))")
+
+
+def _transfer_key(transfer_id: Any) -> uuid.UUID:
+    """A transfer id as the records key it: a UUID, or its str form (``KVTransferFailedError.transfer_id``
+    and the other errors' ids are strings)."""
+    if isinstance(transfer_id, uuid.UUID):
+        return transfer_id
+    if not isinstance(transfer_id, str):
+        raise TypeError(f"transfer_id must be a uuid.UUID or its str form, got {type(transfer_id).__name__}")
+    try:
+        return uuid.UUID(transfer_id)
+    except ValueError:
+        raise ValueError(f"transfer_id {transfer_id[:80]!r} is not a UUID") from None
 
 
 def _endpoint(rank: int, handle: Any) -> str:
