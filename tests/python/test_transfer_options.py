@@ -150,11 +150,22 @@ def test_retries_exhausted_is_a_transfer_failed_error() -> None:
     ("options", "message"),
     [({"compression_level": 10}, "compression_level"), ({"compression_level": "6"}, "compression_level"),
      ({"max_retries": -1}, "max_retries"), ({"retry_backoff_ms": -1.0}, "retry_backoff_ms"),
-     ({"retry_backoff_ms": float("nan")}, "retry_backoff_ms")],
+     ({"retry_backoff_ms": float("nan")}, "retry_backoff_ms"),
+     # These were taken and then ended the first retried transfer with time.sleep's OverflowError as its
+     # reason ("timestamp out of range"), in place of the backend's error.
+     ({"retry_backoff_ms": float("inf")}, "retry_backoff_ms must be a finite non-negative number, got inf"),
+     ({"retry_backoff_ms": 10**400}, "retry_backoff_ms must be a finite .* an int of 1329 bits"),
+     ({"retry_backoff_ms": 1e300, "max_retries": 1}, r"retry wait retry_backoff_ms \* 2\*\*0, past the longest sleep"),
+     ({"max_retries": 60}, r"max_retries=60 with retry_backoff_ms=50.0 makes the last retry wait .*2\*\*59")],
 )
 def test_bad_options_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         KVTransferEngine(PipeBackend(0, Pipe()), **options)
+
+
+def test_many_retries_are_taken_when_their_waits_fit() -> None:
+    assert KVTransferEngine(PipeBackend(0, Pipe()), max_retries=10**6, retry_backoff_ms=0).max_retries == 10**6
+    assert KVTransferEngine(PipeBackend(0, Pipe()), max_retries=30).max_retries == 30  # last wait ~1.7 years
 
 
 def test_unknown_ids_are_key_errors() -> None:

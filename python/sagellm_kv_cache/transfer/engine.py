@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 import uuid
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from sagellm_protocol.kv import DType, KVTransferMetadata, Layout, TransferDirection, TransferStatus
 
-from sagellm_kv_cache._numbers import positive_int
+from sagellm_kv_cache._numbers import is_finite_number, positive_int, shown
 from sagellm_kv_cache.errors import (
     KVCacheError,
     KVChecksumMismatchError,
@@ -96,9 +97,15 @@ class KVTransferEngine:
             raise ValueError(f"compression_level must be an int in [0, 9], got {compression_level!r}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be a non-negative int, got {max_retries!r}")
-        if isinstance(retry_backoff_ms, bool) or not isinstance(retry_backoff_ms, int | float) or \
-                not retry_backoff_ms >= 0:
-            raise ValueError(f"retry_backoff_ms must be a non-negative number, got {retry_backoff_ms!r}")
+        if not is_finite_number(retry_backoff_ms) or retry_backoff_ms < 0:
+            raise ValueError(f"retry_backoff_ms must be a finite non-negative number, got {shown(retry_backoff_ms)}")
+        # The last retry waits retry_backoff_ms * 2**(max_retries - 1): past what time.sleep takes, it
+        # would end the transfer with sleep's OverflowError instead of the backend's error.
+        if max_retries and retry_backoff_ms > 0 and \
+                math.log2(retry_backoff_ms) - math.log2(1000.0) + (max_retries - 1) > math.log2(threading.TIMEOUT_MAX):
+            raise ValueError(f"max_retries={max_retries} with retry_backoff_ms={retry_backoff_ms!r} makes the last "
+                             f"retry wait retry_backoff_ms * 2**{max_retries - 1}, past the longest sleep "
+                             f"({threading.TIMEOUT_MAX:.3g} s)")
         self.comm_backend = comm_backend
         self.enable_compression = bool(enable_compression)
         self.compression_level = compression_level
