@@ -436,6 +436,26 @@ def test_block_transfer_options_are_checked(options: dict[str, Any], error: type
         BlockTransfer(None)
 
 
+@pytest.mark.parametrize(("timeout", "error", "message"), [
+    (-1.0, ValueError, r"timeout must be > 0 seconds \(math.inf for none\), got -1.0"),
+    (0, ValueError, "got 0$"), (float("nan"), ValueError, "got nan$"),
+    ("5", TypeError, "timeout must be a number of seconds, got str"),
+])
+def test_a_bad_timeout_of_one_call_is_refused_and_leaves_the_link_usable(timeout: Any, error: type,
+                                                                         message: str) -> None:
+    # A deadline already past timed the call out at once, and a timeout marks the link to that peer
+    # broken for good: every later transfer with it failed. A str failed on an unnamed TypeError.
+    from sagellm_kv_cache.transfer import BlockTransfer
+
+    backend = RankedBackend(0, 2)
+    bt = BlockTransfer(backend, transport="backend")
+    with pytest.raises(error, match=message):
+        bt.send_blocks(_pool(), [0], 1, timeout=timeout)
+    with pytest.raises(error, match=message):
+        bt.recv_blocks(_pool(), 1, timeout=timeout)
+    assert bt._broken == {} and backend.calls == []
+
+
 def test_the_engine_hands_its_block_options_to_its_block_transfer() -> None:
     engine = KVTransferEngine(RankedBackend(0, 2), chunk_bytes=1 << 20, pipeline_depth=2, timeout=math.inf,
                               checksum="crc32", transport="backend", gather_thread=False, same_host=False)

@@ -84,7 +84,7 @@ from sagellm_kv_cache.errors import (
 )
 from sagellm_kv_cache.paged import PagedKVPool
 from sagellm_kv_cache.transfer import shm, wire
-from sagellm_kv_cache.transfer.options import check_block_options
+from sagellm_kv_cache.transfer.options import check_block_options, check_timeout
 from sagellm_kv_cache.transfer.transport import (
     Pending,
     TorchDistTransport,
@@ -524,9 +524,11 @@ class BlockTransfer:
         what the destination raised when it refuses (``KVMetadataMismatchError``,
         ``KVChecksumMismatchError``; ``KVTransferFailedError`` when its pool is full),
         ``KVTransferTimeoutError`` past the deadline, ``KVTransferFailedError`` on a dead link.
+        ``timeout`` (seconds > 0, ``math.inf`` for none) replaces the constructor's for this call.
         """
         ids = _as_block_ids(block_ids, pool)
         digest_array = _as_digests(digests, ids.size)
+        deadline_s = self._timeout if timeout is None else check_timeout("timeout", timeout)
         transport = self._get_transport()
         me, world = transport.rank(), transport.world_size()
         _check_peer(dst_rank, me, world, "dst_rank")
@@ -541,7 +543,7 @@ class BlockTransfer:
             src_rank=me, dst_rank=dst_rank, query_id=_LEDGER.next_question(dst_rank),
             boot_id=shm.boot_id() if self._shm_usable(transport) and ids.size else None, pid=os.getpid(),
         )
-        deadline = _Deadline(self._timeout if timeout is None else timeout)
+        deadline = _Deadline(deadline_s)
         with self._peer(dst_rank, "send", tid, me, dst_rank):
             state: dict[str, Any] = {"phase": "header"}
             try:
@@ -612,10 +614,11 @@ class BlockTransfer:
         timeout: float | None = None,
     ) -> ReceivedBlocks:
         """:meth:`recv_blocks` with the transfer's id, digests and size."""
+        deadline_s = self._timeout if timeout is None else check_timeout("timeout", timeout)
         transport = self._get_transport()
         me, world = transport.rank(), transport.world_size()
         _check_peer(src_rank, me, world, "src_rank")
-        deadline = _Deadline(self._timeout if timeout is None else timeout)
+        deadline = _Deadline(deadline_s)
         state: dict[str, Any] = {"phase": "header", "transfer_id": "unknown"}
         with self._peer(src_rank, "recv", "(not started)", src_rank, me):
             reserved: BlockIdArray | None = None

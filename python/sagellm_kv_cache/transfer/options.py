@@ -15,7 +15,7 @@ from typing import Any
 from sagellm_kv_cache._numbers import flag, positive_int, shown
 from sagellm_kv_cache.transfer import wire
 
-__all__ = ["BLOCK_OPTION_NAMES", "TRANSPORTS", "BlockOptions", "check_block_options"]
+__all__ = ["BLOCK_OPTION_NAMES", "TRANSPORTS", "BlockOptions", "check_block_options", "check_timeout"]
 
 TRANSPORTS = ("auto", "torch", "backend")
 
@@ -46,21 +46,27 @@ def check_block_options(caller: str, options: dict[str, Any]) -> BlockOptions:
         raise TypeError(f"{caller}() got unexpected keyword argument{'s' if len(unknown) > 1 else ''} {names} "
                         f"(the block transfer options are {', '.join(BLOCK_OPTION_NAMES)})")
     out = BlockOptions(**options)
-    timeout = out.timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
-    if not timeout > 0:  # NaN included
-        raise ValueError(f"timeout must be > 0 seconds (math.inf for none), got {shown(timeout)}")
     gather_thread = out.gather_thread
     return BlockOptions(
         chunk_bytes=positive_int("chunk_bytes", out.chunk_bytes),
         pipeline_depth=positive_int("pipeline_depth", out.pipeline_depth),
-        timeout=math.inf if isinstance(timeout, int) and timeout.bit_length() > 1024 else float(timeout),
+        timeout=check_timeout("timeout", out.timeout),
         checksum=_choice("checksum", out.checksum, tuple(wire.CHECKSUM_ALGORITHMS)),
         transport=_choice("transport", out.transport, TRANSPORTS),
         gather_thread=None if gather_thread is None else flag("gather_thread", gather_thread),
         same_host=flag("same_host", out.same_host),
     )
+
+
+def check_timeout(name: str, timeout: Any) -> float:
+    """A timeout in seconds as a float: a number > 0, ``math.inf`` (or an int past the float range) for
+    none. ``TypeError`` / ``ValueError`` naming ``name`` otherwise: a deadline already past would
+    time the transfer out at once, which breaks the link to its peer."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {type(timeout).__name__}")
+    if not timeout > 0:  # NaN included
+        raise ValueError(f"{name} must be > 0 seconds (math.inf for none), got {shown(timeout)}")
+    return math.inf if isinstance(timeout, int) and timeout.bit_length() > 1024 else float(timeout)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
