@@ -456,6 +456,27 @@ def test_a_bad_timeout_of_one_call_is_refused_and_leaves_the_link_usable(timeout
     assert bt._broken == {} and backend.calls == []
 
 
+@pytest.mark.parametrize(("ids", "dst", "options", "error", "message"), [
+    ([0, 32], 1, {}, ValueError, "block id 32 is out of range"),
+    ([0.5], 1, {}, TypeError, "block_ids must be integers"),
+    ([0], 0, {}, ValueError, "own rank"),
+    ([0], 2, {}, ValueError, "invalid dst_rank 2"),
+    ([0], 1, {"digests": np.zeros((2, 32), np.uint8)}, ValueError, "digests must have shape"),
+    ([0], 1, {"timeout": -1.0}, ValueError, "timeout must be > 0 seconds"),
+    (32, 1, {}, ValueError, "block id 32 is out of range"),  # one id, as BlockTransfer.send_blocks takes it
+])
+def test_an_engine_send_refused_for_its_arguments_records_nothing(ids: Any, dst: int, options: dict[str, Any],
+                                                                  error: type, message: str) -> None:
+    # The record went in first, so each refusal left a FAILED transfer (counted as finished) that never
+    # sent a byte; a single id failed on len() before the check that names it.
+    backend = RankedBackend(0, 2)
+    engine = KVTransferEngine(backend, transport="backend")
+    with pytest.raises(error, match=message):
+        engine.send_blocks(_pool(), ids, dst, **options)
+    assert engine._records == {} and engine.get_completed_count() == 0 and engine.get_pending_count() == 0
+    assert backend.calls == []
+
+
 def test_the_engine_hands_its_block_options_to_its_block_transfer() -> None:
     engine = KVTransferEngine(RankedBackend(0, 2), chunk_bytes=1 << 20, pipeline_depth=2, timeout=math.inf,
                               checksum="crc32", transport="backend", gather_thread=False, same_host=False)

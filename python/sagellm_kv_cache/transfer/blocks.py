@@ -132,6 +132,24 @@ class ReceivedBlocks:
     path: Literal["gloo", "shm"] = "gloo"
 
 
+@dataclass(frozen=True)
+class SendPlan:
+    """A checked :meth:`BlockTransfer.send_blocks` call (:meth:`BlockTransfer.plan_send`): the block ids
+    and digests as arrays, the peer and deadline checked, nothing sent yet."""
+
+    pool: PagedKVPool
+    ids: BlockIdArray
+    digests: DigestArray | None
+    dst_rank: int
+    timeout: float
+    transport: Transport
+    src_rank: int
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.ids.size)
+
+
 #: What a source knows of one of its transfers.
 Outcome = Literal["completed", "failed", "unknown"]
 
@@ -526,12 +544,27 @@ class BlockTransfer:
         ``KVTransferTimeoutError`` past the deadline, ``KVTransferFailedError`` on a dead link.
         ``timeout`` (seconds > 0, ``math.inf`` for none) replaces the constructor's for this call.
         """
+        return self.send_planned(self.plan_send(pool, block_ids, dst_rank, digests=digests, timeout=timeout),
+                                 transfer_id=transfer_id)
+
+    def plan_send(
+        self, pool: PagedKVPool, block_ids: Any, dst_rank: int, *, digests: Any = None, timeout: float | None = None
+    ) -> SendPlan:
+        """:meth:`send_blocks`' argument checks, with nothing sent: ``TypeError`` / ``ValueError`` naming a
+        bad block id, digest array, peer or timeout. :meth:`send_planned` then sends."""
         ids = _as_block_ids(block_ids, pool)
         digest_array = _as_digests(digests, ids.size)
         deadline_s = self._timeout if timeout is None else check_timeout("timeout", timeout)
         transport = self._get_transport()
         me, world = transport.rank(), transport.world_size()
         _check_peer(dst_rank, me, world, "dst_rank")
+        return SendPlan(pool, ids, digest_array, dst_rank, deadline_s, transport, me)
+
+    def send_planned(self, plan: SendPlan, *, transfer_id: uuid.UUID | None = None) -> uuid.UUID:
+        """Sends what :meth:`plan_send` checked, as :meth:`send_blocks` does (same errors but the argument
+        checks)."""
+        pool, ids, digest_array, dst_rank = plan.pool, plan.ids, plan.digests, plan.dst_rank
+        transport, me = plan.transport, plan.src_rank
         tid = transfer_id or uuid.uuid4()
         spec = pool.spec
         header = wire.TransferHeader(
@@ -543,7 +576,7 @@ class BlockTransfer:
             src_rank=me, dst_rank=dst_rank, query_id=_LEDGER.next_question(dst_rank),
             boot_id=shm.boot_id() if self._shm_usable(transport) and ids.size else None, pid=os.getpid(),
         )
-        deadline = _Deadline(deadline_s)
+        deadline = _Deadline(plan.timeout)
         with self._peer(dst_rank, "send", tid, me, dst_rank):
             state: dict[str, Any] = {"phase": "header"}
             try:

@@ -285,15 +285,17 @@ class KVTransferEngine:
         timeout: float | None = None,
         request_id: str = "",
     ) -> uuid.UUID:
-        """:meth:`BlockTransfer.send_blocks <.blocks.BlockTransfer.send_blocks>`, recorded here."""
+        """:meth:`BlockTransfer.send_blocks <.blocks.BlockTransfer.send_blocks>`, recorded here. Bad
+        arguments (block ids, digests, peer, timeout) are refused before anything is recorded."""
         blocks = self.blocks
+        rank, _ = self._rank_and_world()  # ValueError when the backend is not initialised
+        plan = blocks.plan_send(pool, block_ids, dst_rank, digests=digests, timeout=timeout)
         transfer_id = uuid.uuid4()
-        n = len(block_ids)
-        rank, _ = self._rank_and_world()
-        self._put(_block_metadata(transfer_id, pool, n, rank, dst_rank, TransferDirection.SEND, request_id))
+        self._put(_block_metadata(transfer_id, pool, plan.num_blocks, rank, dst_rank, TransferDirection.SEND,
+                                  request_id))
         self._set_status(transfer_id, TransferStatus.IN_PROGRESS, started_at=time.time())
         try:
-            blocks.send_blocks(pool, block_ids, dst_rank, digests=digests, timeout=timeout, transfer_id=transfer_id)
+            blocks.send_planned(plan, transfer_id=transfer_id)
         except KVTransferOutcomeUnknownError:
             with self._lock:
                 self._in_doubt.add(transfer_id)  # stays IN_PROGRESS: the destination may hold the blocks
