@@ -163,6 +163,15 @@ def test_bad_options_are_refused(options: dict[str, Any], message: str) -> None:
         KVTransferEngine(PipeBackend(0, Pipe()), **options)
 
 
+@pytest.mark.parametrize("name", ["enable_compression", "enable_checksum"])
+def test_the_framing_switches_must_be_bools(name: str) -> None:
+    # bool() read any value: "false" (or "no", from a config file) turned the option on.
+    for value, kind in (("false", "str"), (1, "int"), (None, "NoneType")):
+        with pytest.raises(TypeError, match=f"^{name} must be a bool, got {kind}$"):
+            KVTransferEngine(PipeBackend(0, Pipe()), **{name: value})
+    assert getattr(KVTransferEngine(PipeBackend(0, Pipe()), **{name: np.bool_(True)}), name) is True
+
+
 def test_many_retries_are_taken_when_their_waits_fit() -> None:
     assert KVTransferEngine(PipeBackend(0, Pipe()), max_retries=10**6, retry_backoff_ms=0).max_retries == 10**6
     assert KVTransferEngine(PipeBackend(0, Pipe()), max_retries=30).max_retries == 30  # last wait ~1.7 years

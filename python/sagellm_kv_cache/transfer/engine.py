@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from sagellm_protocol.kv import DType, KVTransferMetadata, Layout, TransferDirection, TransferStatus
 
-from sagellm_kv_cache._numbers import is_finite_number, positive_int, shown
+from sagellm_kv_cache._numbers import flag, is_finite_number, positive_int, shown
 from sagellm_kv_cache.errors import (
     KVCacheError,
     KVChecksumMismatchError,
@@ -92,6 +92,8 @@ class KVTransferEngine:
         if comm_backend is None:
             raise ValueError("comm_backend cannot be None (Fail-Fast): pass an initialised sagellm_comm backend")
         checked_block_options = check_block_options("KVTransferEngine", block_options)
+        compress = flag("enable_compression", enable_compression)  # "false" or 0 is a mistake, not a choice
+        checksum = flag("enable_checksum", enable_checksum)
         if isinstance(compression_level, bool) or not isinstance(compression_level, int) or \
                 not 0 <= compression_level <= 9:
             raise ValueError(f"compression_level must be an int in [0, 9], got {compression_level!r}")
@@ -107,9 +109,9 @@ class KVTransferEngine:
                              f"retry wait retry_backoff_ms * 2**{max_retries - 1}, past the longest sleep "
                              f"({threading.TIMEOUT_MAX:.3g} s)")
         self.comm_backend = comm_backend
-        self.enable_compression = bool(enable_compression)
+        self.enable_compression = compress
         self.compression_level = compression_level
-        self.enable_checksum = bool(enable_checksum)
+        self.enable_checksum = checksum
         self.max_retries = max_retries
         self.retry_backoff_ms = float(retry_backoff_ms)
         if max_finished_records is not None:  # else the class attribute's default
