@@ -124,6 +124,38 @@ def test_a_payload_of_the_wrong_size_is_refused() -> None:
     assert torch.equal(out, torch.zeros(32))
 
 
+def test_a_read_only_buffer_is_refused_before_the_wire_is_read() -> None:
+    # It was retried as a backend failure: the retry read past the consumed frame, and the error named
+    # what it found there ("pop from an empty deque") instead of the buffer.
+    sender, receiver, pipe = _pair(enable_checksum=True, max_retries=1, retry_backoff_ms=0)
+    data = np.arange(16, dtype=np.float32)
+    handle = KVHandle.create(4)
+    sender.transfer_kv_handle(handle, 0, 1, data)
+    frozen = np.zeros(16, dtype=np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(KVTransferFailedError, match="tensor is read-only") as info:
+        receiver.transfer_kv_handle(handle, 0, 1, frozen)
+    assert receiver.get_transfer_status(info.value.transfer_id) == TransferStatus.FAILED
+    assert len(pipe.frames) == 2 and not frozen.any()  # the frame waits for a writable buffer
+    out = np.zeros(16, dtype=np.float32)
+    receiver.transfer_kv_handle(handle, 0, 1, out)
+    np.testing.assert_array_equal(out, data)
+
+
+def test_a_received_frame_that_cannot_be_written_is_not_retried() -> None:
+    # An inference tensor refuses in-place writes outside inference mode, which only shows once the
+    # frame has been read: a retry would read the sender's next frame (here: none).
+    sender, receiver, pipe = _pair(enable_compression=True, max_retries=2, retry_backoff_ms=0)
+    handle = KVHandle.create(4)
+    sender.transfer_kv_handle(handle, 0, 1, torch.ones(16))
+    with torch.inference_mode():
+        out = torch.zeros(16)
+    with pytest.raises(KVTransferFailedError, match="cannot be written into tensor: Inplace update") as info:
+        receiver.transfer_kv_handle(handle, 0, 1, out)
+    assert info.value.context["retries"] == 0 and receiver.get_retry_count(info.value.transfer_id) == 0
+    assert len(pipe.frames) == 0
+
+
 def test_retries_with_backoff_then_success() -> None:
     pipe = Pipe()
     backend = PipeBackend(0, pipe, failures=2)

@@ -161,6 +161,11 @@ class KVTransferEngine:
                 reason="tensor is required for sender: it holds the KV data to send" if sending else
                 "tensor is required for receiver: the buffer to receive the KV data into",
             )
+        if not sending and not getattr(getattr(tensor, "flags", None), "writeable", True):
+            # Refused before anything is read, so the sender's data stays on the wire for a good buffer.
+            self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
+            raise KVTransferFailedError(transfer_id, source=source, target=target,
+                                        reason="tensor is read-only: the receiver writes the KV data into it")
         try:
             _set_handle(handle, transfer_id=transfer_id, is_transferring=True)
             update = self._run_with_retries(transfer_id, tensor, src_rank, dst_rank, sending)
@@ -198,7 +203,8 @@ class KVTransferEngine:
     ) -> dict[str, Any]:
         """One send or receive, re-run after a backend failure up to ``max_retries`` times.
 
-        Our own verdicts on the data (checksum, size) are final: the peer has already sent.
+        Our own verdicts on the data (checksum, size) and a received frame we cannot write are final: the
+        peer has already sent.
         """
         framed = self.enable_compression or self.enable_checksum
         attempt = 0
@@ -213,7 +219,7 @@ class KVTransferEngine:
                 if sending:
                     return self._send_framed(tensor, dst_rank)
                 return self._recv_framed(transfer_id, tensor, src_rank)
-            except (KVChecksumMismatchError, KVMetadataMismatchError):
+            except (KVChecksumMismatchError, KVMetadataMismatchError, _WriteFailed):
                 raise
             except Exception:
                 if attempt >= self.max_retries:
@@ -262,7 +268,10 @@ class KVTransferEngine:
         actual = zlib.crc32(data) if flags & _FLAG_CRC32 else None
         if actual is not None and actual != crc:
             raise KVChecksumMismatchError(f"{crc:08x}", f"{actual:08x}", transfer_id=transfer_id)
-        _write_bytes(tensor, data)
+        try:
+            _write_bytes(tensor, data)
+        except Exception as e:  # the frame is consumed: a retry would read the sender's next one
+            raise _WriteFailed(f"the received bytes cannot be written into tensor: {e}") from e
         return _frame_fields(bool(flags & _FLAG_ZLIB), payload_nbytes, raw_nbytes, actual)
 
     # --- block transfer between pools -------------------------------------------------------
@@ -472,6 +481,10 @@ class KVTransferEngine:
                 del self._records[oldest]
                 self._forgotten += 1
             self._retries.pop(oldest, None)
+
+
+class _WriteFailed(Exception):
+    """A framed receive that got its whole frame but could not write it into the tensor: final, not retried."""
 
 
 _FRAME_MAGIC = 0x53_4B_56_46_52_4D_31  # "SKVFRM1"
