@@ -156,6 +156,25 @@ def test_a_received_frame_that_cannot_be_written_is_not_retried() -> None:
     assert len(pipe.frames) == 0
 
 
+def test_a_receiver_that_wants_checksums_refuses_a_frame_without_one() -> None:
+    # The receiver honoured the sender's flags: with enable_checksum it took a compressed-only frame,
+    # unverified, and recorded it COMPLETED.
+    pipe = Pipe()
+    sender = KVTransferEngine(PipeBackend(0, pipe), enable_compression=True)
+    receiver = KVTransferEngine(PipeBackend(1, pipe), enable_checksum=True)
+    handle = KVHandle.create(4)
+    sender.transfer_kv_handle(handle, 0, 1, torch.ones(16))
+    out = torch.zeros(16)
+    with pytest.raises(KVMetadataMismatchError, match="'frame_checksum': expected 'crc32', got 'none'") as info:
+        receiver.transfer_kv_handle(handle, 0, 1, out)
+    assert receiver.get_transfer_status(str(info.value.context["transfer_id"])) == TransferStatus.FAILED
+    assert not out.any() and len(pipe.frames) == 0  # the frame was read: the next one is in step
+    sender.enable_checksum = True
+    sender.transfer_kv_handle(handle, 0, 1, torch.ones(16))
+    receiver.transfer_kv_handle(handle, 0, 1, out)
+    assert torch.equal(out, torch.ones(16))
+
+
 def test_retries_with_backoff_then_success() -> None:
     pipe = Pipe()
     backend = PipeBackend(0, pipe, failures=2)

@@ -17,7 +17,8 @@ exponential backoff starting at ``retry_backoff_ms``; with ``enable_compression`
 ``compression_level``) or ``enable_checksum`` (CRC-32 of the raw bytes) the tensor travels framed:
 a 5 x int64 header (magic, flags, payload bytes, raw bytes, CRC-32) and then the payload as uint8,
 and the receiver checks the size, inflates and verifies the checksum before it writes into its
-tensor. Both ends must use the same framing options (the plain path sends the tensor as is).
+tensor. Both ends must use the same framing options (the plain path sends the tensor as is); a
+receiver with ``enable_checksum`` refuses a frame that carries no checksum (``KVMetadataMismatchError``).
 
 Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 4,096, the most
 recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` remembers; settable
@@ -256,6 +257,11 @@ class KVTransferEngine:
                                           context={"transfer_id": str(transfer_id), "payload_bytes": payload_nbytes})
         payload = torch.empty(payload_nbytes, dtype=torch.uint8)
         self.comm_backend.recv(payload, src_rank)
+        if self.enable_checksum and not flags & _FLAG_CRC32:  # (after the payload: the link stays in step)
+            raise KVMetadataMismatchError("frame_checksum", "crc32", "none",
+                                          context={"transfer_id": str(transfer_id), "reason": "the sender "
+                                                   "framed the tensor without a checksum; enable_checksum here "
+                                                   "wants every received tensor verified"})
         data = payload.numpy().tobytes()
         if flags & _FLAG_ZLIB:
             try:
