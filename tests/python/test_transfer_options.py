@@ -114,14 +114,19 @@ def test_corrupted_payload_is_a_checksum_error_and_leaves_the_buffer_alone() -> 
     assert handle.is_transferring is False
 
 
-def test_a_payload_of_the_wrong_size_is_refused() -> None:
-    sender, receiver, _ = _pair(enable_compression=True)
+def test_a_payload_of_the_wrong_size_is_refused_and_read_off_the_link() -> None:
+    # The refusal came right after the header and left the payload on the link: the next transfer
+    # from that sender read it as its header and failed too.
+    sender, receiver, pipe = _pair(enable_compression=True)
     handle = KVHandle.create(16)
     sender.transfer_kv_handle(handle, 0, 1, torch.zeros(64))
     out = torch.zeros(32)
     with pytest.raises(KVMetadataMismatchError, match="total_bytes"):
         receiver.transfer_kv_handle(handle, 0, 1, out)
-    assert torch.equal(out, torch.zeros(32))
+    assert torch.equal(out, torch.zeros(32)) and len(pipe.frames) == 0
+    sender.transfer_kv_handle(handle, 0, 1, torch.ones(32))
+    receiver.transfer_kv_handle(handle, 0, 1, out)
+    assert torch.equal(out, torch.ones(32))
 
 
 def test_a_read_only_buffer_is_refused_before_the_wire_is_read() -> None:

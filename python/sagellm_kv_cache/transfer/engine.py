@@ -253,6 +253,12 @@ class KVTransferEngine:
             raise KVMetadataMismatchError("frame_magic", hex(_FRAME_MAGIC), hex(magic & (2**64 - 1)),
                                           context={"transfer_id": str(transfer_id)})
         if raw_nbytes != expected or not 0 <= payload_nbytes <= max(2 * raw_nbytes + 64, 1 << 20):
+            if 0 <= payload_nbytes <= max(2 * expected + 64, 1 << 20):
+                # A tensor of another size, whose payload we would take for ours: read it, so that the
+                # sender's next frame is the next thing on the link. (A larger one, or a damaged
+                # header, is left there.) The size is the verdict even if the link fails here.
+                with contextlib.suppress(Exception):
+                    self.comm_backend.recv(torch.empty(payload_nbytes, dtype=torch.uint8), src_rank)
             raise KVMetadataMismatchError("total_bytes", expected, raw_nbytes,
                                           context={"transfer_id": str(transfer_id), "payload_bytes": payload_nbytes})
         payload = torch.empty(payload_nbytes, dtype=torch.uint8)
