@@ -159,6 +159,29 @@ def test_records_are_found_by_the_str_ids_the_errors_carry() -> None:
         engine.get_retry_count(str(uuid.uuid4()))
 
 
+@pytest.mark.parametrize(("metadata", "error", "message"), [
+    ({"num_layers": "x"}, TypeError, r"^handle.metadata\['num_layers'\] must be an int, got str$"),
+    ({"num_layers": True}, TypeError, "must be an int, got bool"),
+    ({"head_dim": 2.7}, TypeError, r"^handle.metadata\['head_dim'\] must be an int, got float$"),
+    ({"num_kv_heads": None}, TypeError, r"\['num_kv_heads'\] must be an int, got NoneType"),
+    ({"num_layers": -3}, ValueError, r"\['num_layers'\] must be >= 0, got -3"),
+    ({"num_heads": 0}, ValueError, r"\['num_heads'\] must be > 0, got 0"),
+])
+def test_bad_handle_metadata_is_named_and_nothing_is_recorded(metadata: dict[str, Any], error: type,
+                                                              message: str) -> None:
+    # int() read these: 2.7 became a head_dim of 2 and True one layer on the record, "x" or None raised
+    # int()'s own error, and -3 or 0 a pydantic error about KVTransferMetadata, none naming the key.
+    backend = RankedBackend(0, 2)
+    engine = KVTransferEngine(backend)
+    handle = KVHandle.create(4, metadata=metadata)
+    with pytest.raises(error, match=message):
+        engine.transfer_kv_handle(handle, 0, 1, np.zeros(4))
+    assert engine._records == {} and backend.calls == [] and handle.is_transferring is False
+    tid = engine.transfer_kv_handle(KVHandle.create(4, metadata={"num_layers": np.int64(3), "head_dim": 8}), 0, 1,
+                                    np.zeros(4))
+    assert (engine.get_transfer_metadata(tid).layer_end, engine.get_transfer_metadata(tid).head_dim) == (3, 8)
+
+
 def test_records_of_completed_transfers() -> None:
     backend = RankedBackend(1, 2)
     engine = KVTransferEngine(backend)

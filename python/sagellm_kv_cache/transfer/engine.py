@@ -595,21 +595,27 @@ def _dim(tensor: Any, axis: int) -> int:
     return int(shape[axis]) if len(shape) >= -axis and int(shape[axis]) > 0 else 1
 
 
+def _metadata_count(extra: dict[str, Any], key: str, default: int, *, allow_zero: bool = False) -> int:
+    """``handle.metadata[key]`` (``default`` when absent) as the record's count: an int (not a bool, a
+    float or a string), TypeError / ValueError naming the key otherwise; int() truncated 2.7 to 2."""
+    return positive_int(f"handle.metadata[{key!r}]", extra.get(key, default), allow_zero=allow_zero)
+
+
 def _handle_metadata(
     transfer_id: uuid.UUID, handle: Any, tensor: Any, src: str, dst: str, sending: bool
 ) -> KVTransferMetadata:
     extra: dict[str, Any] = dict(getattr(handle, "metadata", None) or {})
-    layers = int(extra.get("num_layers", 1))
+    heads_key = "num_heads" if "num_heads" in extra else "num_kv_heads"
     return KVTransferMetadata(
         transfer_id=transfer_id,
         request_id=str(getattr(handle, "request_id", None) or "unknown"),
         trace_id=str(extra.get("trace_id", "unknown")),
         layer_start=0,
-        layer_end=layers,
+        layer_end=_metadata_count(extra, "num_layers", 1, allow_zero=True),
         token_start=int(getattr(handle, "token_start", 0)),
         token_end=int(getattr(handle, "token_end", 0) or getattr(handle, "num_tokens", 0)),
-        num_heads=int(extra.get("num_heads", extra.get("num_kv_heads", _dim(tensor, -2)))),
-        head_dim=int(extra.get("head_dim", _dim(tensor, -1))),
+        num_heads=_metadata_count(extra, heads_key, _dim(tensor, -2)),
+        head_dim=_metadata_count(extra, "head_dim", _dim(tensor, -1)),
         dtype=getattr(handle, "dtype", DType.FP16),
         layout=getattr(handle, "layout", Layout.CONTIGUOUS),
         total_bytes=_nbytes(tensor),
