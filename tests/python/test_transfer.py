@@ -66,6 +66,18 @@ def test_transfer_kv_handle_rejects_bad_ranks(src: Any, dst: int, message: str) 
     assert backend.calls == [] and engine.get_pending_count() == 0
 
 
+def test_numpy_integer_ranks_are_ranks() -> None:
+    # They were refused ("src_rank must be an int, got int64"), unlike in send_blocks / recv_blocks.
+    backend = RankedBackend(rank=1, world=4)
+    engine = KVTransferEngine(backend)
+    handle = KVHandle.create(16)
+    engine.transfer_kv_handle(handle, np.int64(0), np.int32(1), np.zeros(4))
+    assert backend.calls == [("recv", 0)] and (handle.source_rank, handle.rank) == (0, 1)
+    assert type(handle.source_rank) is int
+    with pytest.raises(ValueError, match="src_rank must be an int, got bool"):
+        engine.transfer_kv_handle(handle, np.bool_(False), 1, np.zeros(4))
+
+
 def test_transfer_kv_handle_needs_a_tensor_on_either_side() -> None:
     # As in the seed: a missing tensor is a failed transfer (recorded), not a ValueError.
     handle = KVHandle.create(16)

@@ -40,6 +40,7 @@ import uuid
 import zlib
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from sagellm_protocol.kv import DType, KVTransferMetadata, Layout, TransferDirection, TransferStatus
 
 from sagellm_kv_cache._numbers import flag, is_finite_number, positive_int, shown
@@ -53,7 +54,6 @@ from sagellm_kv_cache.errors import (
 from sagellm_kv_cache.transfer.options import check_block_options
 
 if TYPE_CHECKING:
-    import numpy as np
     import numpy.typing as npt
 
     from sagellm_kv_cache.paged import PagedKVPool
@@ -141,8 +141,8 @@ class KVTransferEngine:
         if handle is None or not hasattr(handle, "handle_id"):
             raise ValueError(f"handle must be a KVHandle, got {type(handle).__name__}")
         rank, world = self._rank_and_world()
-        _check_rank(src_rank, world, "src_rank")
-        _check_rank(dst_rank, world, "dst_rank")
+        src_rank = _check_rank(src_rank, world, "src_rank")
+        dst_rank = _check_rank(dst_rank, world, "dst_rank")
         if src_rank == dst_rank:
             raise ValueError(f"src_rank and dst_rank cannot be the same (both are {src_rank}); they must differ")
         if rank not in (src_rank, dst_rank):
@@ -504,14 +504,18 @@ _FLAG_ZLIB = 1
 _FLAG_CRC32 = 2
 
 
-def _check_rank(rank: Any, world: int, name: str) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int):
+def _check_rank(rank: Any, world: int, name: str) -> int:
+    """``rank`` as a Python int (a numpy integer is one, as in the block path); ValueError otherwise, as in
+    the seed."""
+    if isinstance(rank, bool | np.bool_) or not isinstance(rank, int | np.integer):
         raise ValueError(f"{name} must be an int, got {type(rank).__name__}")
+    rank = int(rank)
     if rank < 0:
         raise ValueError(f"Invalid {name}: {rank} (invalid {name} {rank}: must be in [0, {world}))")
     if rank >= world:
         raise ValueError(f"Rank out of bounds: {name}={rank}, world_size={world} "
                          f"(invalid {name} {rank}: must be in [0, {world}))")
+    return rank
 
 
 def _transfer_key(transfer_id: Any) -> uuid.UUID:
@@ -538,8 +542,6 @@ def _tensor_bytes(tensor: Any) -> bytes:
         import torch
 
         return bytes(t.view(torch.uint8).numpy().tobytes())
-    import numpy as np
-
     return bytes(np.ascontiguousarray(tensor).tobytes())
 
 
@@ -553,8 +555,6 @@ def _write_bytes(tensor: Any, data: bytes | bytearray) -> None:
         with torch.no_grad():
             tensor.copy_(src.to(tensor.device))
         return
-    import numpy as np
-
     view = np.frombuffer(data, dtype=tensor.dtype).reshape(tensor.shape)
     np.copyto(tensor, view)
 
