@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sagellm_protocol.kv import DType, KVTransferMetadata, Layout, TransferDirection, TransferStatus
 
-from sagellm_kv_cache._numbers import flag, is_finite_number, positive_int, shown
+from sagellm_kv_cache._numbers import flag, is_finite_number, positive_int, shown, text
 from sagellm_kv_cache.errors import (
     KVCacheError,
     KVChecksumMismatchError,
@@ -309,7 +309,8 @@ class KVTransferEngine:
         request_id: str = "",
     ) -> uuid.UUID:
         """:meth:`BlockTransfer.send_blocks <.blocks.BlockTransfer.send_blocks>`, recorded here. Bad
-        arguments (block ids, digests, peer, timeout) are refused before anything is recorded."""
+        arguments (block ids, digests, peer, timeout, request id) are refused before anything is recorded."""
+        request_id = text("request_id", request_id)
         blocks = self.blocks
         rank, _ = self._rank_and_world()  # ValueError when the backend is not initialised
         plan = blocks.plan_send(pool, block_ids, dst_rank, digests=digests, timeout=timeout)
@@ -344,6 +345,7 @@ class KVTransferEngine:
         A failed receive is recorded under the source's transfer id when the header arrived, and
         under a fresh id otherwise.
         """
+        request_id = text("request_id", request_id)  # here: the record is made after the blocks are taken
         started = time.time()
         rank, _ = self._rank_and_world()
         try:
