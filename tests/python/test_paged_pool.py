@@ -117,7 +117,7 @@ def test_a_view_that_runs_out_of_memory_does_not_keep_its_owner_alive(maker: str
         assert not _mapped(address), f"memory of a {maker} failed at allocation {n} is still mapped"
         return made
 
-    fail_each_allocation(attempt, min_failures=4)
+    fail_each_allocation(attempt, min_failures=2)  # the capsule and the array at least (fewer once caches are warm)
 
 
 def test_dlpack_view_into_numpy(pool: PagedKVPool) -> None:
