@@ -570,9 +570,9 @@ class BlockTransfer:
         header = wire.TransferHeader(
             transfer_id=tid, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
             block_size=spec.block_size, dtype=spec.dtype, num_blocks=int(ids.size), block_nbytes=pool.block_nbytes,
-            # never more than the transfer's blocks: a larger chunk_bytes means one chunk, and would not
-            # fit the header's 32-bit field
-            chunk_blocks=max(1, min(self._chunk_bytes // pool.block_nbytes, int(ids.size))),
+            # at most what the header's 32-bit field holds (more than any transfer's blocks: one chunk);
+            # not the transfer's own count, which would size the same-host ring per transfer
+            chunk_blocks=max(1, min(self._chunk_bytes // pool.block_nbytes, wire.MAX_CHUNK_BLOCKS)),
             checksum_algorithm=self._checksum_id,
             has_digests=digest_array is not None,
             digests_checksum=wire.digests_checksum(digest_array) if digest_array is not None else 0,
