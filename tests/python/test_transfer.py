@@ -270,6 +270,7 @@ BAD_BLOCK_OPTIONS = [
     ({"chunk_bytes": 2.5}, TypeError, "chunk_bytes must be an int, got float"),
     ({"pipeline_depth": 0}, ValueError, "pipeline_depth must be > 0, got 0"),
     ({"pipeline_depth": True}, TypeError, "pipeline_depth must be an int, got bool"),
+    ({"pipeline_depth": 257}, ValueError, "pipeline_depth must be at most 256, got 257"),
     ({"timeout": 0}, ValueError, "timeout must be > 0 seconds"),
     ({"timeout": float("nan")}, ValueError, "timeout must be > 0 seconds .*, got nan"),
     ({"timeout": "60"}, TypeError, "timeout must be a number of seconds, got str"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sagellm_kv_cache._numbers import flag, positive_int, shown
-from sagellm_kv_cache.transfer import wire
+from sagellm_kv_cache.transfer import shm, wire
 
 __all__ = ["BLOCK_OPTION_NAMES", "TRANSPORTS", "BlockOptions", "check_block_options", "check_timeout"]
 
@@ -49,7 +49,9 @@ def check_block_options(caller: str, options: dict[str, Any]) -> BlockOptions:
     gather_thread = out.gather_thread
     return BlockOptions(
         chunk_bytes=positive_int("chunk_bytes", out.chunk_bytes),
-        pipeline_depth=positive_int("pipeline_depth", out.pipeline_depth),
+        # the same-host path's ring has a slot per buffer in flight, at most shm.MAX_SLOTS: a deeper
+        # pipeline failed each same-host handover (a "bad ring geometry" in the source's offer thread)
+        pipeline_depth=positive_int("pipeline_depth", out.pipeline_depth, maximum=shm.MAX_SLOTS),
         timeout=check_timeout("timeout", out.timeout),
         checksum=_choice("checksum", out.checksum, tuple(wire.CHECKSUM_ALGORITHMS)),
         transport=_choice("transport", out.transport, TRANSPORTS),
