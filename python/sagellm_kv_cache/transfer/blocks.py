@@ -464,8 +464,9 @@ class BlockTransfer:
     """Sends pool blocks to, and receives them from, other ranks of a comm backend.
 
     ``chunk_bytes`` is the payload of one message (rounded down to whole blocks, at least one);
-    ``pipeline_depth`` staging buffers of that size are in flight per transfer; ``timeout``
-    (seconds, ``math.inf`` for none) bounds each whole call unless the call gives its own;
+    ``pipeline_depth`` (1 to ``shm.MAX_SLOTS``) staging buffers of that size are in flight per
+    transfer; ``timeout`` (seconds > 0, ``math.inf`` for none) bounds each whole call unless the call
+    gives its own;
     ``checksum`` is ``"segsum64"`` (fast, default) or ``"crc32"``; ``transport`` is ``"auto"``
     (torch.distributed for ``GlooBackend``), ``"torch"`` or ``"backend"`` (the backend's own
     blocking calls on a thread; any backend); ``gather_thread`` gathers on the source on a thread
@@ -473,7 +474,8 @@ class BlockTransfer:
     on a second thread while chunk k's gather finishes (default: when the machine has 4+ CPUs);
     ``same_host`` lets a transfer whose two ends share a host move its payload through a
     shared-memory ring (:mod:`.shm`) instead of the transport; both ends must allow it, and it falls
-    back to the transport by itself when they are not on one host.
+    back to the transport by itself when they are not on one host. Bad options are a ``TypeError`` /
+    ``ValueError`` naming them (:func:`.options.check_block_options`).
     """
 
     def __init__(
