@@ -70,8 +70,7 @@ py::array host_view(const PoolPtr& pool, std::uint32_t layer, bool value) {
   }
   const LayerLayout l = layer_layout(*pool);
   std::byte* data = pool->layer_data(layer, value);
-  auto* keep = new PoolPtr(pool);
-  py::capsule base(keep, [](void* p) { delete static_cast<PoolPtr*>(p); });
+  const py::capsule base = keep_alive_capsule(pool);
   const py::dtype dt = numpy_dtype(pool->spec().dtype);
   const auto item = static_cast<py::ssize_t>(dt.itemsize());
   std::vector<py::ssize_t> shape(l.shape.begin(), l.shape.end());

@@ -44,8 +44,7 @@ void check_fits(const HostSlab& slab, const PagedKVPool& pool) {
 }
 
 py::array slab_view(const SlabPtr& slab) {
-  auto* keep = new SlabPtr(slab);
-  py::capsule base(keep, [](void* p) { delete static_cast<SlabPtr*>(p); });
+  const py::capsule base = keep_alive_capsule(slab);
   const auto stride = static_cast<py::ssize_t>(slab->slot_stride());
   return py::array(py::dtype::of<std::uint8_t>(), {static_cast<py::ssize_t>(slab->num_slots()), stride},
                    {stride, py::ssize_t{1}}, slab->data(), base);

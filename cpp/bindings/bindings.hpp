@@ -57,6 +57,17 @@ py::object new_uuid4(PyObject* uuid_cls, PyObject* is_safe, py::object* int_out)
 py::object trusted_model(PyObject* cls, PyObject* defaults, std::span<PyObject* const> names,
                          std::span<PyObject* const> values, PyObject* fields_set, PyObject* private_attrs);
 
+/// A capsule owning a copy of `owner`: the base of a numpy view of the owner's memory, so the memory
+/// lives while the view does. The copy is freed when the capsule is, or here when the capsule cannot
+/// be made (it is owned by a unique_ptr until the capsule exists). Needs the GIL.
+template <class T>
+py::capsule keep_alive_capsule(const std::shared_ptr<T>& owner) {
+  auto keep = std::make_unique<std::shared_ptr<T>>(owner);
+  py::capsule base(keep.get(), [](void* p) { delete static_cast<std::shared_ptr<T>*>(p); });
+  (void)keep.release();  // the capsule's from here
+  return base;
+}
+
 /// A PrefixCache's counters as a dict (the names of PrefixCacheStats' fields).
 py::dict prefix_stats_dict(const PrefixCacheStats& s);
 

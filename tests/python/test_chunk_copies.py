@@ -179,6 +179,25 @@ def test_cuda_round_trip_is_byte_exact_with_expedited_loads() -> None:
         assert torch.equal(_block(tensors, d), want[i])
 
 
+@pytest.mark.cuda
+@cuda
+def test_cuda_slots_named_twice_as_on_the_cpu() -> None:
+    # A store naming a slot twice is refused before anything is queued; a load reading one twice
+    # fills both sets of device blocks (two reads of one pinned slot).
+    tensors = _tensors(device="cuda", seed=4)
+    copier = ChunkCopier(tensors, num_chunks=3, blocks_per_chunk=2)
+    host = copier.host.clone()
+    with pytest.raises(ValueError, match="store: slot 1 appears at positions 0 and 1"):
+        copier.store(1, [0, 1, 2, 3], [1, 1])
+    assert torch.equal(copier.host, host) and copier.finished() == []
+    copier.store(2, [3, 4], [1])
+    copier.load(3, [1, 1], [10, 11, 12, 13])
+    copier.wait({2, 3})
+    assert sorted(f.job_id for f in copier.finished()) == [2, 3]
+    for dst, src in ((10, 3), (11, 4), (12, 3), (13, 4)):
+        assert torch.equal(_block(tensors, dst), _block(tensors, src))
+
+
 # --- random jobs against a model of the slots ------------------------------------------------------
 
 @settings(max_examples=60, deadline=None)
@@ -214,7 +233,7 @@ def test_random_jobs_match_a_model_of_the_slots(data: st.DataObject, bpc: int, s
 
 def test_a_store_naming_a_slot_twice_is_refused_like_the_pool_path() -> None:
     """The stream path took it: the second chunk overwrote the first's blocks in the slot, and both were
-    reported stored. The pool path's scatter refuses it."""
+    reported stored. The pool path (test_vllm_offload.py) refuses it in the same words."""
     tensors = _tensors()
     copier = ChunkCopier(tensors, num_chunks=3, blocks_per_chunk=2)
     host = copier.host.clone()

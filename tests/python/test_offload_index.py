@@ -3,11 +3,11 @@ answers built as the given classes. The vLLM manager on top of it is tested in t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from alloc_failure import fail_each_allocation, failing_at
 from sagellm_kv_cache import _core
 from sagellm_kv_cache.errors import KVCacheError
 
@@ -153,34 +153,6 @@ def test_a_call_re_entered_while_one_is_in_progress_is_refused() -> None:
     idx.check_invariants()
 
 
-def _failing_at(n: int, call: Callable[[], Any]) -> Any:
-    """``call()`` with CPython's n-th memory allocation from now failing (``_testcapi`` hooks): its
-    result, or None when it raised MemoryError."""
-    testcapi = pytest.importorskip("_testcapi")
-    testcapi.set_nomemory(n, n + 1)
-    try:
-        return call()
-    except MemoryError:
-        return None
-    finally:
-        testcapi.remove_mem_hooks()
-
-
-def _fail_each_allocation(attempt: Callable[[int], bool], min_failures: int) -> None:
-    """``attempt(n)`` for n = 0, 1, ...: it builds its state, makes the call through ``_failing_at(n, ...)``,
-    checks what it finds and says whether the call succeeded. Ends after 20 successes in a row (the
-    call then makes fewer than n allocations), having seen at least ``min_failures`` failed calls."""
-    successes = failures = 0
-    for n in range(2000):
-        if attempt(n):
-            successes += 1
-            if successes == 20:
-                break
-        else:
-            successes, failures = 0, failures + 1
-    assert successes == 20 and failures >= min_failures
-
-
 def test_complete_store_is_all_or_nothing_when_memory_runs_out() -> None:
     # Each Python allocation of the call fails in turn (CPython's _testcapi hooks): the call commits
     # every pending key or none, and the key maps always agree with the index. The binding used to
@@ -194,7 +166,7 @@ def test_complete_store_is_all_or_nothing_when_memory_runs_out() -> None:
         second = idx.prepare_store(stored_keys[30:])  # a second run, chained from the root
         assert first is not None and second is not None
         keys = [*reversed(stored_keys), k(99), stored_keys[0]]  # scrambled, one never stored, one twice
-        done = _failing_at(n, lambda: idx.complete_store(keys))
+        done = failing_at(n, lambda: idx.complete_store(keys))
         idx.check_invariants()
         if done is None:
             assert idx.resident == {} and len(idx.pending) == 40
@@ -204,7 +176,7 @@ def test_complete_store_is_all_or_nothing_when_memory_runs_out() -> None:
         assert idx.stats()["resident_slots"] == 40
         return True
 
-    _fail_each_allocation(attempt, min_failures=3)
+    fail_each_allocation(attempt, min_failures=3)
 
 
 class _Spec:
@@ -229,7 +201,7 @@ def test_prepare_store_is_all_or_nothing_when_memory_runs_out(store_type: type |
         idx = _core.OffloadIndex(40, slots_type=_Spec if store_type else None, store_type=store_type)
         assert idx.prepare_store(old) is not None
         idx.complete_store(old)
-        out = _failing_at(n, lambda: idx.prepare_store(new))
+        out = failing_at(n, lambda: idx.prepare_store(new))
         idx.check_invariants()
         if out is None:
             assert idx.resident == dict(zip(old, range(30), strict=True)) and idx.pending == {}
@@ -244,7 +216,7 @@ def test_prepare_store_is_all_or_nothing_when_memory_runs_out(store_type: type |
         gone.extend(gone)  # the answer's lists are ordinary lists
         return True
 
-    _fail_each_allocation(attempt, min_failures=3)
+    fail_each_allocation(attempt, min_failures=3)
 
 
 def test_prepare_load_pins_only_when_it_answers() -> None:
@@ -256,7 +228,7 @@ def test_prepare_load_pins_only_when_it_answers() -> None:
         idx = _core.OffloadIndex(16, slots_type=_Spec)
         assert idx.prepare_store(keys) is not None
         idx.complete_store(keys)
-        out = _failing_at(n, lambda: idx.prepare_load(keys))
+        out = failing_at(n, lambda: idx.prepare_load(keys))
         idx.check_invariants()
         if out is None:
             assert idx.stats()["in_use_blocks"] == 0
@@ -265,4 +237,4 @@ def test_prepare_load_pins_only_when_it_answers() -> None:
         assert idx.stats()["in_use_blocks"] == 8
         return True
 
-    _fail_each_allocation(attempt, min_failures=1)
+    fail_each_allocation(attempt, min_failures=1)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import json
+import os
 import re
 import threading
 
 import numpy as np
 import pytest
+from alloc_failure import fail_each_allocation, failing_at
 from sagellm_kv_cache import (
     KVBackendUnavailableError,
     KVCacheSpec,
@@ -18,6 +21,7 @@ from sagellm_kv_cache import (
     KVInvalidBlockError,
     KVPoolFullError,
     PagedKVPool,
+    _core,
 )
 
 
@@ -67,6 +71,53 @@ def test_view_keeps_pool_memory_alive(spec: KVCacheSpec) -> None:
     assert (view[3] == 7.0).all() and view[2].max() == 0
     view[5] = 2.0
     assert churn[0][0] == 3
+
+
+def _mapped(address: int) -> bool:
+    """Whether ``address`` lies in one of this process's memory mappings (Linux /proc)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
+
+
+# 64 MiB arenas: above glibc's largest mmap threshold, so each is its own mapping, unmapped when freed.
+_VIEW_MAKERS = {
+    "pool.host_view": (
+        lambda: _core.PagedKVPool(1, 8, 128, "fp32", 16, 4096, "cpu", False),
+        lambda pool: pool.layer_address(0, False),
+        lambda pool: pool.host_view(0, False),
+    ),
+    "slab.view": (
+        lambda: _core.HostSlab(64, 1 << 20),
+        lambda slab: slab.address,
+        lambda slab: slab.view(),
+    ),
+}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
+@pytest.mark.parametrize("maker", sorted(_VIEW_MAKERS))
+def test_a_view_that_runs_out_of_memory_does_not_keep_its_owner_alive(maker: str) -> None:
+    # Each Python allocation of the call fails in turn: the call raises MemoryError or returns a view,
+    # and once the pool (slab) and any view are gone its memory is freed. The view's base capsule used to
+    # get a heap-allocated reference to the owner that leaked when the capsule itself could not be made.
+    make, address_of, view_of = _VIEW_MAKERS[maker]
+
+    def attempt(n: int) -> bool:
+        owner = make()
+        address = address_of(owner)
+        assert _mapped(address)
+        view = failing_at(n, functools.partial(view_of, owner))
+        made = view is not None
+        del owner, view
+        gc.collect()
+        assert not _mapped(address), f"memory of a {maker} failed at allocation {n} is still mapped"
+        return made
+
+    fail_each_allocation(attempt, min_failures=2)  # the capsule and the array at least (fewer once caches are warm)
 
 
 def test_dlpack_view_into_numpy(pool: PagedKVPool) -> None:

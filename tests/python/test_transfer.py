@@ -6,6 +6,8 @@ Real transfers between processes are in ``test_transfer_multiprocess.py``.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import threading
 import time
 import uuid
@@ -22,7 +24,7 @@ from sagellm_protocol.kv import TransferDirection, TransferStatus
 class RankedBackend:
     """Knows its rank and world size and records calls; carries no data anywhere."""
 
-    def __init__(self, rank: int | None, world: int | None, fail: Exception | None = None) -> None:
+    def __init__(self, rank: int | None, world: int | None, fail: BaseException | None = None) -> None:
         self.rank, self.world, self.fail = rank, world, fail
         self.calls: list[tuple[str, int]] = []
 
@@ -64,6 +66,18 @@ def test_transfer_kv_handle_rejects_bad_ranks(src: Any, dst: int, message: str) 
     assert backend.calls == [] and engine.get_pending_count() == 0
 
 
+def test_numpy_integer_ranks_are_ranks() -> None:
+    # They were refused ("src_rank must be an int, got int64"), unlike in send_blocks / recv_blocks.
+    backend = RankedBackend(rank=1, world=4)
+    engine = KVTransferEngine(backend)
+    handle = KVHandle.create(16)
+    engine.transfer_kv_handle(handle, np.int64(0), np.int32(1), np.zeros(4))
+    assert backend.calls == [("recv", 0)] and (handle.source_rank, handle.rank) == (0, 1)
+    assert type(handle.source_rank) is int
+    with pytest.raises(ValueError, match="src_rank must be an int, got bool"):
+        engine.transfer_kv_handle(handle, np.bool_(False), 1, np.zeros(4))
+
+
 def test_transfer_kv_handle_needs_a_tensor_on_either_side() -> None:
     # As in the seed: a missing tensor is a failed transfer (recorded), not a ValueError.
     handle = KVHandle.create(16)
@@ -94,6 +108,90 @@ def test_backend_failure_is_a_transfer_failed_error_recorded_as_failed() -> None
     assert engine.get_transfer_status(tid) == TransferStatus.FAILED
     assert engine.get_completed_count() == 1 and engine.get_pending_count() == 0  # finished, as in the seed
     assert handle.is_transferring is False
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, asyncio.CancelledError])
+def test_a_transfer_ended_by_a_base_exception_is_recorded_as_failed(interruption: type[BaseException]) -> None:
+    # Ctrl-C or a cancelled task inside the backend call: the record used to stay IN_PROGRESS for good
+    # (running records are never dropped) and the handle marked as transferring.
+    engine = KVTransferEngine(RankedBackend(0, 2, fail=interruption()))
+    handle = KVHandle.create(16)
+    with pytest.raises(interruption):
+        engine.transfer_kv_handle(handle, 0, 1, np.zeros(8, dtype=np.float16))
+    assert engine.get_transfer_status(handle.transfer_id) == TransferStatus.FAILED
+    assert engine.get_pending_count() == 0 and engine.get_completed_count() == 1
+    assert handle.is_transferring is False
+
+
+def test_a_handle_that_cannot_be_marked_fails_the_transfer_on_record() -> None:
+    # Setting the handle's transfer fields ran between the record going IN_PROGRESS and the guarded
+    # call: a handle that refused left the record running for good and raised its own error.
+    class FrozenHandle:
+        handle_id = uuid.uuid4()
+
+        @property
+        def is_transferring(self) -> bool:
+            return False
+
+    backend = RankedBackend(0, 2)
+    engine = KVTransferEngine(backend)
+    with pytest.raises(KVTransferFailedError, match="is_transferring") as info:
+        engine.transfer_kv_handle(FrozenHandle(), 0, 1, np.zeros(8, dtype=np.float16))
+    assert engine.get_transfer_status(uuid.UUID(info.value.transfer_id)) == TransferStatus.FAILED
+    assert engine.get_pending_count() == 0 and backend.calls == []
+
+
+def test_a_failure_is_reported_when_its_record_is_dropped_at_once() -> None:
+    # With max_finished_records=0 (or other transfers finishing meanwhile) the FAILED record is dropped
+    # as it is made; the error path then asked for its retry count and raised KeyError instead.
+    engine = KVTransferEngine(RankedBackend(0, 2, fail=RuntimeError("peer gone")), max_finished_records=0,
+                              max_retries=1, retry_backoff_ms=0)
+    with pytest.raises(KVTransferFailedError, match="peer gone") as info:
+        engine.transfer_kv_handle(KVHandle.create(4), 0, 1, np.zeros(4))
+    assert info.value.context["retries"] == 1 and info.value.context["error"] == "peer gone"
+    assert engine.get_completed_count() == 1 and engine.get_pending_count() == 0
+
+
+def test_records_are_found_by_the_str_ids_the_errors_carry() -> None:
+    # The engine's errors carry the id as a str (as the seed's do); asked with that id, the engine said
+    # "not found" of a record it holds.
+    engine = KVTransferEngine(RankedBackend(0, 2, fail=RuntimeError("peer gone")))
+    with pytest.raises(KVTransferFailedError) as info:
+        engine.transfer_kv_handle(KVHandle.create(4), 0, 1, np.zeros(4))
+    tid = info.value.transfer_id
+    assert isinstance(tid, str)
+    assert engine.get_transfer_status(tid) == TransferStatus.FAILED and engine.get_transfer_outcome(tid) == "failed"
+    assert engine.get_retry_count(tid) == 0 and engine.get_transfer_metrics(tid)["status"] == "failed"
+    assert engine.get_transfer_metadata(tid).transfer_id == uuid.UUID(tid)
+    with pytest.raises(TypeError, match=r"transfer_id must be a uuid\.UUID or its str form, got int"):
+        engine.get_transfer_status(5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="transfer_id 'req-1' is not a UUID"):
+        engine.get_transfer_outcome("req-1")
+    with pytest.raises(KeyError, match="not found"):
+        engine.get_retry_count(str(uuid.uuid4()))
+
+
+@pytest.mark.parametrize(("metadata", "error", "message"), [
+    ({"num_layers": "x"}, TypeError, r"^handle.metadata\['num_layers'\] must be an int, got str$"),
+    ({"num_layers": True}, TypeError, "must be an int, got bool"),
+    ({"head_dim": 2.7}, TypeError, r"^handle.metadata\['head_dim'\] must be an int, got float$"),
+    ({"num_kv_heads": None}, TypeError, r"\['num_kv_heads'\] must be an int, got NoneType"),
+    ({"num_layers": -3}, ValueError, r"\['num_layers'\] must be >= 0, got -3"),
+    ({"num_heads": 0}, ValueError, r"\['num_heads'\] must be > 0, got 0"),
+])
+def test_bad_handle_metadata_is_named_and_nothing_is_recorded(metadata: dict[str, Any], error: type,
+                                                              message: str) -> None:
+    # int() read these: 2.7 became a head_dim of 2 and True one layer on the record, "x" or None raised
+    # int()'s own error, and -3 or 0 a pydantic error about KVTransferMetadata, none naming the key.
+    backend = RankedBackend(0, 2)
+    engine = KVTransferEngine(backend)
+    handle = KVHandle.create(4, metadata=metadata)
+    with pytest.raises(error, match=message):
+        engine.transfer_kv_handle(handle, 0, 1, np.zeros(4))
+    assert engine._records == {} and backend.calls == [] and handle.is_transferring is False
+    tid = engine.transfer_kv_handle(KVHandle.create(4, metadata={"num_layers": np.int64(3), "head_dim": 8}), 0, 1,
+                                    np.zeros(4))
+    assert (engine.get_transfer_metadata(tid).layer_end, engine.get_transfer_metadata(tid).head_dim) == (3, 8)
 
 
 def test_records_of_completed_transfers() -> None:
@@ -154,6 +252,45 @@ def test_max_finished_records_is_a_keyword_checked_at_construction() -> None:
         KVTransferEngine(RankedBackend(0, 2), max_finished_records=-1)
     with pytest.raises(TypeError, match="max_finished_records"):
         KVTransferEngine(RankedBackend(0, 2), max_finished_records=2.5)
+
+def test_unknown_block_options_are_refused_at_construction() -> None:
+    # As Python refuses an unexpected keyword; they used to be kept and fail at the first block transfer.
+    backend = RankedBackend(0, 2)
+    with pytest.raises(TypeError, match=r"KVTransferEngine\(\) got unexpected keyword argument 'chunk_size' "):
+        KVTransferEngine(backend, chunk_size=1 << 20)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments 'retries', 'checksums' \(the block transfer "
+                                        r"options are chunk_bytes, pipeline_depth, timeout, checksum, transport"):
+        KVTransferEngine(backend, timeout=5.0, retries=3, checksums="crc32")
+    assert backend.calls == []
+
+
+BAD_BLOCK_OPTIONS = [
+    ({"chunk_bytes": 0}, ValueError, "chunk_bytes must be > 0, got 0"),
+    ({"chunk_bytes": "4M"}, TypeError, "chunk_bytes must be an int, got str"),
+    ({"chunk_bytes": 2.5}, TypeError, "chunk_bytes must be an int, got float"),
+    ({"pipeline_depth": 0}, ValueError, "pipeline_depth must be > 0, got 0"),
+    ({"pipeline_depth": True}, TypeError, "pipeline_depth must be an int, got bool"),
+    ({"pipeline_depth": 257}, ValueError, "pipeline_depth must be at most 256, got 257"),
+    ({"timeout": 0}, ValueError, "timeout must be > 0 seconds"),
+    ({"timeout": float("nan")}, ValueError, "timeout must be > 0 seconds .*, got nan"),
+    ({"timeout": "60"}, TypeError, "timeout must be a number of seconds, got str"),
+    ({"checksum": "md5"}, ValueError, "checksum must be one of segsum64, crc32, got 'md5'"),
+    ({"checksum": ["crc32"]}, TypeError, "checksum must be a str"),
+    ({"transport": "tcp"}, ValueError, "transport must be one of auto, torch, backend, got 'tcp'"),
+    ({"gather_thread": 1}, TypeError, "gather_thread must be a bool, got int"),
+    ({"same_host": "no"}, TypeError, "same_host must be a bool, got str"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "message"), BAD_BLOCK_OPTIONS)
+def test_bad_block_options_are_refused_at_construction(options: dict[str, Any], error: type, message: str) -> None:
+    # They used to be checked (some only by a comparison's own TypeError) when the first block transfer
+    # made the BlockTransfer, long after the engine was built.
+    backend = RankedBackend(0, 2)
+    with pytest.raises(error, match=message):
+        KVTransferEngine(backend, **options)
+    assert backend.calls == []
+
 
 # --- wire format -----------------------------------------------------------------------------
 
@@ -325,18 +462,64 @@ def _pool() -> PagedKVPool:
     return PagedKVPool(KVCacheSpec(1, 1, 8, "fp16", 16), 32)
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [({"chunk_bytes": 0}, "chunk_bytes"), ({"pipeline_depth": 0}, "pipeline_depth"), ({"timeout": 0}, "timeout"),
-     ({"checksum": "md5"}, "checksum"), ({"transport": "tcp"}, "transport")],
-)
-def test_block_transfer_options_are_checked(options: dict[str, Any], message: str) -> None:
+@pytest.mark.parametrize(("options", "error", "message"), BAD_BLOCK_OPTIONS)
+def test_block_transfer_options_are_checked(options: dict[str, Any], error: type, message: str) -> None:
     from sagellm_kv_cache.transfer import BlockTransfer
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         BlockTransfer(RankedBackend(0, 2), **options)
     with pytest.raises(ValueError, match="comm_backend"):
         BlockTransfer(None)
+
+
+@pytest.mark.parametrize(("timeout", "error", "message"), [
+    (-1.0, ValueError, r"timeout must be > 0 seconds \(math.inf for none\), got -1.0"),
+    (0, ValueError, "got 0$"), (float("nan"), ValueError, "got nan$"),
+    ("5", TypeError, "timeout must be a number of seconds, got str"),
+])
+def test_a_bad_timeout_of_one_call_is_refused_and_leaves_the_link_usable(timeout: Any, error: type,
+                                                                         message: str) -> None:
+    # A deadline already past timed the call out at once, and a timeout marks the link to that peer
+    # broken for good: every later transfer with it failed. A str failed on an unnamed TypeError.
+    from sagellm_kv_cache.transfer import BlockTransfer
+
+    backend = RankedBackend(0, 2)
+    bt = BlockTransfer(backend, transport="backend")
+    with pytest.raises(error, match=message):
+        bt.send_blocks(_pool(), [0], 1, timeout=timeout)
+    with pytest.raises(error, match=message):
+        bt.recv_blocks(_pool(), 1, timeout=timeout)
+    assert bt._broken == {} and backend.calls == []
+
+
+@pytest.mark.parametrize(("ids", "dst", "options", "error", "message"), [
+    ([0, 32], 1, {}, ValueError, "block id 32 is out of range"),
+    ([0.5], 1, {}, TypeError, "block_ids must be integers"),
+    ([0], 0, {}, ValueError, "own rank"),
+    ([0], 2, {}, ValueError, "invalid dst_rank 2"),
+    ([0], 1, {"digests": np.zeros((2, 32), np.uint8)}, ValueError, "digests must have shape"),
+    ([0], 1, {"timeout": -1.0}, ValueError, "timeout must be > 0 seconds"),
+    (32, 1, {}, ValueError, "block id 32 is out of range"),  # one id, as BlockTransfer.send_blocks takes it
+])
+def test_an_engine_send_refused_for_its_arguments_records_nothing(ids: Any, dst: int, options: dict[str, Any],
+                                                                  error: type, message: str) -> None:
+    # The record went in first, so each refusal left a FAILED transfer (counted as finished) that never
+    # sent a byte; a single id failed on len() before the check that names it.
+    backend = RankedBackend(0, 2)
+    engine = KVTransferEngine(backend, transport="backend")
+    with pytest.raises(error, match=message):
+        engine.send_blocks(_pool(), ids, dst, **options)
+    assert engine._records == {} and engine.get_completed_count() == 0 and engine.get_pending_count() == 0
+    assert backend.calls == []
+
+
+def test_the_engine_hands_its_block_options_to_its_block_transfer() -> None:
+    engine = KVTransferEngine(RankedBackend(0, 2), chunk_bytes=1 << 20, pipeline_depth=2, timeout=math.inf,
+                              checksum="crc32", transport="backend", gather_thread=False, same_host=False)
+    blocks = engine.blocks
+    assert (blocks._chunk_bytes, blocks._depth, blocks._timeout) == (1 << 20, 2, math.inf)
+    assert blocks._checksum_id == wire.CHECKSUM_ALGORITHMS["crc32"] and blocks._transport_kind == "backend"
+    assert blocks._gather_thread is False and blocks._same_host is False
 
 
 @pytest.mark.parametrize(

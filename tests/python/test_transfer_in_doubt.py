@@ -2,7 +2,8 @@
 
 Real block transfers over SocketTransferBackend on 127.0.0.1, in one process: the destination
 holds its final OK until the source has given up (``KVTransferOutcomeUnknownError``), and the
-ledger is shrunk to one entry per table so that a second doubt pushes the first one out.
+ledger is shrunk to one entry per table so that a second doubt pushes the first one out. The
+last tests use the same pairs for other one-process cases (bad arguments, a huge chunk size).
 """
 
 from __future__ import annotations
@@ -107,3 +108,44 @@ def test_a_query_drops_a_doubt_the_ledger_forgot(
     assert engine.get_pending_count() == 0 and not engine._in_doubt
     with pytest.raises(KeyError):
         engine.get_transfer_metadata(first)
+
+
+def test_a_receive_with_a_bad_request_id_is_refused_before_it_takes_blocks(
+        worlds: list[list[SocketTransferBackend]]) -> None:
+    # The record was built after the receive had committed: a request_id that is not a str failed
+    # pydantic's validation there, and the received blocks (owned by the caller) were never handed back.
+    (a0, a1, _), _ = worlds
+    pool = PagedKVPool(KVCacheSpec(**SPEC), 8)
+    source = BlockTransfer(a0, transport="backend", timeout=10.0, same_host=False)
+    ids = pool.allocate(2)
+    sent: list[Any] = []
+    thread = threading.Thread(target=lambda: sent.append(source.send_blocks(pool, ids, 1)), daemon=True)
+    thread.start()
+    dst_pool = PagedKVPool(KVCacheSpec(**SPEC), 8)
+    engine = KVTransferEngine(a1, transport="backend", timeout=3.0, same_host=False)
+    for bad, kind in ((7, "int"), (None, "NoneType")):
+        with pytest.raises(TypeError, match=f"^request_id must be a str, got {kind}$"):
+            engine.recv_blocks(dst_pool, 0, request_id=bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=f"^request_id must be a str, got {kind}$"):
+            engine.send_blocks(pool, ids, 0, request_id=bad)  # type: ignore[arg-type]
+    assert dst_pool.num_free_blocks == 8 and engine._records == {}
+    got = engine.recv_blocks(dst_pool, 0, request_id="req-1")  # the transfer is still there to receive
+    thread.join(timeout=10.0)
+    assert len(got) == 2 and len(sent) == 1 and dst_pool.num_free_blocks == 6
+    assert engine.get_transfer_metadata(sent[0]).request_id == "req-1"
+
+
+def test_a_chunk_size_past_the_transfer_sends_one_chunk(worlds: list[list[SocketTransferBackend]]) -> None:
+    # chunk_bytes // block_nbytes went into the header's 32-bit chunk_blocks as is: a chunk_bytes of
+    # 2**45 failed every send with struct's "'I' format requires 0 <= number <= 4294967295".
+    (a0, a1, _), _ = worlds
+    pool = PagedKVPool(KVCacheSpec(**SPEC), 8)
+    source = BlockTransfer(a0, transport="backend", timeout=10.0, same_host=False, chunk_bytes=2**45)
+    ids = pool.allocate(3)
+    sent: list[Any] = []
+    thread = threading.Thread(target=lambda: sent.append(source.send_blocks(pool, ids, 1)), daemon=True)
+    thread.start()
+    dst_pool = PagedKVPool(KVCacheSpec(**SPEC), 8)
+    got = BlockTransfer(a1, transport="backend", timeout=10.0, same_host=False).receive(dst_pool, 0)
+    thread.join(timeout=10.0)
+    assert len(sent) == 1 and got.transfer_id == sent[0] and len(got.block_ids) == 3

@@ -114,14 +114,70 @@ def test_corrupted_payload_is_a_checksum_error_and_leaves_the_buffer_alone() -> 
     assert handle.is_transferring is False
 
 
-def test_a_payload_of_the_wrong_size_is_refused() -> None:
-    sender, receiver, _ = _pair(enable_compression=True)
+def test_a_payload_of_the_wrong_size_is_refused_and_read_off_the_link() -> None:
+    # The refusal came right after the header and left the payload on the link: the next transfer
+    # from that sender read it as its header and failed too.
+    sender, receiver, pipe = _pair(enable_compression=True)
     handle = KVHandle.create(16)
     sender.transfer_kv_handle(handle, 0, 1, torch.zeros(64))
     out = torch.zeros(32)
     with pytest.raises(KVMetadataMismatchError, match="total_bytes"):
         receiver.transfer_kv_handle(handle, 0, 1, out)
-    assert torch.equal(out, torch.zeros(32))
+    assert torch.equal(out, torch.zeros(32)) and len(pipe.frames) == 0
+    sender.transfer_kv_handle(handle, 0, 1, torch.ones(32))
+    receiver.transfer_kv_handle(handle, 0, 1, out)
+    assert torch.equal(out, torch.ones(32))
+
+
+def test_a_read_only_buffer_is_refused_before_the_wire_is_read() -> None:
+    # It was retried as a backend failure: the retry read past the consumed frame, and the error named
+    # what it found there ("pop from an empty deque") instead of the buffer.
+    sender, receiver, pipe = _pair(enable_checksum=True, max_retries=1, retry_backoff_ms=0)
+    data = np.arange(16, dtype=np.float32)
+    handle = KVHandle.create(4)
+    sender.transfer_kv_handle(handle, 0, 1, data)
+    frozen = np.zeros(16, dtype=np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(KVTransferFailedError, match="tensor is read-only") as info:
+        receiver.transfer_kv_handle(handle, 0, 1, frozen)
+    assert receiver.get_transfer_status(info.value.transfer_id) == TransferStatus.FAILED
+    assert len(pipe.frames) == 2 and not frozen.any()  # the frame waits for a writable buffer
+    out = np.zeros(16, dtype=np.float32)
+    receiver.transfer_kv_handle(handle, 0, 1, out)
+    np.testing.assert_array_equal(out, data)
+
+
+def test_a_received_frame_that_cannot_be_written_is_not_retried() -> None:
+    # An inference tensor refuses in-place writes outside inference mode, which only shows once the
+    # frame has been read: a retry would read the sender's next frame (here: none).
+    sender, receiver, pipe = _pair(enable_compression=True, max_retries=2, retry_backoff_ms=0)
+    handle = KVHandle.create(4)
+    sender.transfer_kv_handle(handle, 0, 1, torch.ones(16))
+    with torch.inference_mode():
+        out = torch.zeros(16)
+    with pytest.raises(KVTransferFailedError, match="cannot be written into tensor: Inplace update") as info:
+        receiver.transfer_kv_handle(handle, 0, 1, out)
+    assert info.value.context["retries"] == 0 and receiver.get_retry_count(info.value.transfer_id) == 0
+    assert len(pipe.frames) == 0
+
+
+def test_a_receiver_that_wants_checksums_refuses_a_frame_without_one() -> None:
+    # The receiver honoured the sender's flags: with enable_checksum it took a compressed-only frame,
+    # unverified, and recorded it COMPLETED.
+    pipe = Pipe()
+    sender = KVTransferEngine(PipeBackend(0, pipe), enable_compression=True)
+    receiver = KVTransferEngine(PipeBackend(1, pipe), enable_checksum=True)
+    handle = KVHandle.create(4)
+    sender.transfer_kv_handle(handle, 0, 1, torch.ones(16))
+    out = torch.zeros(16)
+    with pytest.raises(KVMetadataMismatchError, match="'frame_checksum': expected 'crc32', got 'none'") as info:
+        receiver.transfer_kv_handle(handle, 0, 1, out)
+    assert receiver.get_transfer_status(str(info.value.context["transfer_id"])) == TransferStatus.FAILED
+    assert not out.any() and len(pipe.frames) == 0  # the frame was read: the next one is in step
+    sender.enable_checksum = True
+    sender.transfer_kv_handle(handle, 0, 1, torch.ones(16))
+    receiver.transfer_kv_handle(handle, 0, 1, out)
+    assert torch.equal(out, torch.ones(16))
 
 
 def test_retries_with_backoff_then_success() -> None:
@@ -150,11 +206,31 @@ def test_retries_exhausted_is_a_transfer_failed_error() -> None:
     ("options", "message"),
     [({"compression_level": 10}, "compression_level"), ({"compression_level": "6"}, "compression_level"),
      ({"max_retries": -1}, "max_retries"), ({"retry_backoff_ms": -1.0}, "retry_backoff_ms"),
-     ({"retry_backoff_ms": float("nan")}, "retry_backoff_ms")],
+     ({"retry_backoff_ms": float("nan")}, "retry_backoff_ms"),
+     # These were taken and then ended the first retried transfer with time.sleep's OverflowError as its
+     # reason ("timestamp out of range"), in place of the backend's error.
+     ({"retry_backoff_ms": float("inf")}, "retry_backoff_ms must be a finite non-negative number, got inf"),
+     ({"retry_backoff_ms": 10**400}, "retry_backoff_ms must be a finite .* an int of 1329 bits"),
+     ({"retry_backoff_ms": 1e300, "max_retries": 1}, r"retry wait retry_backoff_ms \* 2\*\*0, past the longest sleep"),
+     ({"max_retries": 60}, r"max_retries=60 with retry_backoff_ms=50.0 makes the last retry wait .*2\*\*59")],
 )
 def test_bad_options_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         KVTransferEngine(PipeBackend(0, Pipe()), **options)
+
+
+@pytest.mark.parametrize("name", ["enable_compression", "enable_checksum"])
+def test_the_framing_switches_must_be_bools(name: str) -> None:
+    # bool() read any value: "false" (or "no", from a config file) turned the option on.
+    for value, kind in (("false", "str"), (1, "int"), (None, "NoneType")):
+        with pytest.raises(TypeError, match=f"^{name} must be a bool, got {kind}$"):
+            KVTransferEngine(PipeBackend(0, Pipe()), **{name: value})
+    assert getattr(KVTransferEngine(PipeBackend(0, Pipe()), **{name: np.bool_(True)}), name) is True
+
+
+def test_many_retries_are_taken_when_their_waits_fit() -> None:
+    assert KVTransferEngine(PipeBackend(0, Pipe()), max_retries=10**6, retry_backoff_ms=0).max_retries == 10**6
+    assert KVTransferEngine(PipeBackend(0, Pipe()), max_retries=30).max_retries == 30  # last wait ~1.7 years
 
 
 def test_unknown_ids_are_key_errors() -> None:

@@ -337,12 +337,51 @@ def test_worker_names_a_block_id_out_of_range_and_moves_nothing(copies: str) -> 
 
 @pytest.mark.parametrize("copies", ["pool", "stream"])
 def test_worker_refuses_a_store_naming_a_slot_twice(copies: str) -> None:
-    """The pool path's scatter refused it; the stream path let the second chunk overwrite the first."""
-    kv, _ = _canonical(True)
+    """Two chunks written into one slot: the later one's blocks would overwrite the earlier's, which the
+    manager then believes stored. The stream path let that happen; the pool path's scatter refused it, but
+    only after staging every block, and named the slot as a pool "block id". Both now refuse it first,
+    in the same words, with the slots as they were."""
+    kv, raw = _canonical(True)
     worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies=copies)
-    with pytest.raises(ValueError, match="1 appears at positions 0 and 1"):
-        worker.submit_store(1, GPULoadStoreSpec([0, 1, 2, 3], [4], [0]), SageLoadStoreSpec([1, 1]))
-    assert worker.get_finished() == [] and worker.stored_blocks == 0
+    assert worker.submit_store(1, GPULoadStoreSpec([4, 5, 6, 7], [4], [0]), SageLoadStoreSpec([1, 2]))
+    stored = raw[:, 4:8].clone()
+    worker.get_finished()
+    for slots, first, second, skip in (([1, 1], 0, 1, 0), ([0, 2, 1, 2], 1, 3, 1)):
+        n = 2 * len(slots) - skip
+        with pytest.raises(ValueError, match=f"^store: slot {slots[first]} appears at positions {first} and "
+                                             f"{second}; each slot may be written once per job$"):
+            worker.submit_store(2, GPULoadStoreSpec(list(range(n)), [n], [skip]), SageLoadStoreSpec(slots))
+    assert worker.get_finished() == [] and worker.stored_blocks == 4
+    assert worker.submit_load(3, SageLoadStoreSpec([1, 2]), GPULoadStoreSpec([8, 9, 10, 11], [4], [0]))
+    assert torch.equal(raw[:, 8:12], stored)  # slots 1 and 2 still hold what job 1 stored
+
+
+@pytest.mark.parametrize("copies", ["pool", "stream"])
+def test_worker_names_a_slot_out_of_range_as_a_slot_and_moves_nothing(copies: str) -> None:
+    """The pool path left it to the pool, whose error named a "block id" (its own word for a slot)."""
+    kv, raw = _canonical(True)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies=copies)
+    before = raw.clone()
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match=rf"^slot {bad} out of range \[0, 4\)$"):
+            worker.submit_store(1, GPULoadStoreSpec([0, 1, 2], [3], [1]), SageLoadStoreSpec([0, bad]))
+        with pytest.raises(ValueError, match=rf"^slot {bad} out of range \[0, 4\)$"):
+            worker.submit_load(2, SageLoadStoreSpec([bad, 1]), GPULoadStoreSpec([5, 6, 7], [3], [1]))
+    assert torch.equal(raw, before) and worker.get_finished() == []
+    assert worker.stored_blocks == worker.loaded_blocks == 0
+
+
+@pytest.mark.parametrize("copies", ["pool", "stream"])
+def test_worker_loads_one_slot_into_two_places(copies: str) -> None:
+    """A load naming a slot twice only reads it twice, into different device blocks (those may not
+    repeat): nothing is ambiguous, so both paths take it."""
+    kv, raw = _canonical(True)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies=copies)
+    assert worker.submit_store(1, GPULoadStoreSpec([0, 1], [2], [0]), SageLoadStoreSpec([3]))
+    want = raw[:, 0:2].clone()
+    assert worker.submit_load(2, SageLoadStoreSpec([3, 3]), GPULoadStoreSpec([9, 4, 7, 11], [4], [0]))
+    assert torch.equal(raw[:, [9, 4]], want) and torch.equal(raw[:, [7, 11]], want)
+    assert [r.job_id for r in worker.get_finished()] == [1, 2] and worker.loaded_blocks == 4
 
 
 @pytest.mark.parametrize("copies", ["pool", "stream"])

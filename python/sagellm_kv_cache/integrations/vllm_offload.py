@@ -327,6 +327,16 @@ class SageOffloadingWorker(OffloadingWorker):
         partial = skip != 0 or (n + skip) % self.blocks_per_chunk != 0
         return n, skip, partial
 
+    def _slots(self, slots: object, call: str) -> npt.NDArray[np.int32]:
+        """A job's slots checked as the ChunkCopier checks them, before any copy: ValueError naming one out
+        of range (the pool would name it one of its "block ids") or, for a store, one named twice (its two
+        chunks would land in one slot, the later overwriting the earlier). A load may read a slot twice."""
+        assert self.pool is not None
+        checked = _indices(slots, "slot", self.pool.num_blocks)
+        if call == "store":
+            _written_once(checked, "slot", "store")
+        return checked.astype(np.int32)  # < num_chunks <= 2**31 - 1
+
     def _positions(self, skip: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(skip, skip + n, dtype=torch.int64)
         return pos // self.blocks_per_chunk, pos % self.blocks_per_chunk
@@ -343,6 +353,7 @@ class SageOffloadingWorker(OffloadingWorker):
         assert self.pool is not None
         # checked here: on a GPU an index out of range is a device-side assert, fatal to the process
         gpu_ids = torch.from_numpy(_indices(src_spec.block_ids, "block id", self._num_blocks))
+        slots = self._slots(slots, "store")
         buf, views = self._staging(len(slots))
         if partial and len(slots):
             self.pool.gather_into(slots, buf)
@@ -369,6 +380,7 @@ class SageOffloadingWorker(OffloadingWorker):
         assert self.pool is not None
         dst_ids = _indices(dst_spec.block_ids, "block id", self._num_blocks)
         _written_once(dst_ids, "block id", "load")  # index_copy_ into one block twice: undefined on a GPU
+        slots = self._slots(slots, "load")
         gpu_ids = torch.from_numpy(dst_ids)
         buf, views = self._staging(len(slots))
         if len(slots):

@@ -84,6 +84,7 @@ from sagellm_kv_cache.errors import (
 )
 from sagellm_kv_cache.paged import PagedKVPool
 from sagellm_kv_cache.transfer import shm, wire
+from sagellm_kv_cache.transfer.options import check_block_options, check_timeout
 from sagellm_kv_cache.transfer.transport import (
     Pending,
     TorchDistTransport,
@@ -129,6 +130,24 @@ class ReceivedBlocks:
     reply_sent: bool = True
     #: How the payload came: "shm" (the source's shared-memory ring, same host) or "gloo".
     path: Literal["gloo", "shm"] = "gloo"
+
+
+@dataclass(frozen=True)
+class SendPlan:
+    """A checked :meth:`BlockTransfer.send_blocks` call (:meth:`BlockTransfer.plan_send`): the block ids
+    and digests as arrays, the peer and deadline checked, nothing sent yet."""
+
+    pool: PagedKVPool
+    ids: BlockIdArray
+    digests: DigestArray | None
+    dst_rank: int
+    timeout: float
+    transport: Transport
+    src_rank: int
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.ids.size)
 
 
 #: What a source knows of one of its transfers.
@@ -445,8 +464,9 @@ class BlockTransfer:
     """Sends pool blocks to, and receives them from, other ranks of a comm backend.
 
     ``chunk_bytes`` is the payload of one message (rounded down to whole blocks, at least one);
-    ``pipeline_depth`` staging buffers of that size are in flight per transfer; ``timeout``
-    (seconds, ``math.inf`` for none) bounds each whole call unless the call gives its own;
+    ``pipeline_depth`` (1 to ``shm.MAX_SLOTS``) staging buffers of that size are in flight per
+    transfer; ``timeout`` (seconds > 0, ``math.inf`` for none) bounds each whole call unless the call
+    gives its own;
     ``checksum`` is ``"segsum64"`` (fast, default) or ``"crc32"``; ``transport`` is ``"auto"``
     (torch.distributed for ``GlooBackend``), ``"torch"`` or ``"backend"`` (the backend's own
     blocking calls on a thread; any backend); ``gather_thread`` gathers on the source on a thread
@@ -454,7 +474,8 @@ class BlockTransfer:
     on a second thread while chunk k's gather finishes (default: when the machine has 4+ CPUs);
     ``same_host`` lets a transfer whose two ends share a host move its payload through a
     shared-memory ring (:mod:`.shm`) instead of the transport; both ends must allow it, and it falls
-    back to the transport by itself when they are not on one host.
+    back to the transport by itself when they are not on one host. Bad options are a ``TypeError`` /
+    ``ValueError`` naming them (:func:`.options.check_block_options`).
     """
 
     def __init__(
@@ -471,32 +492,26 @@ class BlockTransfer:
     ) -> None:
         if comm_backend is None:
             raise ValueError("comm_backend is required (e.g. an initialised sagellm_comm.GlooBackend)")
-        if chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
-        if pipeline_depth < 1:
-            raise ValueError(f"pipeline_depth must be >= 1, got {pipeline_depth}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        if checksum not in wire.CHECKSUM_ALGORITHMS:
-            raise ValueError(f"checksum must be one of {', '.join(wire.CHECKSUM_ALGORITHMS)}, got {checksum!r}")
+        options = check_block_options("BlockTransfer", {
+            "chunk_bytes": chunk_bytes, "pipeline_depth": pipeline_depth, "timeout": timeout, "checksum": checksum,
+            "transport": transport, "gather_thread": gather_thread, "same_host": same_host,
+        })
         # The transport itself is made on first use: the backend may be initialised after us.
-        if transport not in ("auto", "torch", "backend"):
-            raise ValueError(f"transport must be 'auto', 'torch' or 'backend', got {transport!r}")
         self._backend = comm_backend
-        self._transport_kind = transport
+        self._transport_kind = options.transport
         self._transport: Transport | None = None
-        self._chunk_bytes = int(chunk_bytes)
-        self._depth = int(pipeline_depth)
-        self._timeout = float(timeout)
-        self._checksum_id = wire.CHECKSUM_ALGORITHMS[checksum]
+        self._chunk_bytes = options.chunk_bytes
+        self._depth = options.pipeline_depth
+        self._timeout = options.timeout
+        self._checksum_id = wire.CHECKSUM_ALGORITHMS[options.checksum]
         # A gather thread pays off when it gets a core of its own; on a box of two or three cores
         # it only competes with gloo's I/O for them.
-        self._gather_thread = (os.cpu_count() or 1) >= 4 if gather_thread is None else bool(gather_thread)
+        self._gather_thread = (os.cpu_count() or 1) >= 4 if options.gather_thread is None else options.gather_thread
         self._staging = _StagingCache(max_bytes=4 * self._depth * (self._chunk_bytes + wire.FOOTER_NBYTES))
         self._lock = threading.Lock()
         self._peer_locks: dict[tuple[int, str], threading.Lock] = {}
         self._broken: dict[int, str] = {}
-        self._same_host = bool(same_host) and shm.available()
+        self._same_host = options.same_host and shm.available()
         #: Payload per ring slot on the same-host path (at most ``chunk_bytes``): 4 MiB measured best
         #: here against 2 and 8 MiB; each slot costs one footer and one ack between the processes.
         self._shm_chunk_bytes = 4 << 20
@@ -529,24 +544,44 @@ class BlockTransfer:
         what the destination raised when it refuses (``KVMetadataMismatchError``,
         ``KVChecksumMismatchError``; ``KVTransferFailedError`` when its pool is full),
         ``KVTransferTimeoutError`` past the deadline, ``KVTransferFailedError`` on a dead link.
+        ``timeout`` (seconds > 0, ``math.inf`` for none) replaces the constructor's for this call.
         """
+        return self.send_planned(self.plan_send(pool, block_ids, dst_rank, digests=digests, timeout=timeout),
+                                 transfer_id=transfer_id)
+
+    def plan_send(
+        self, pool: PagedKVPool, block_ids: Any, dst_rank: int, *, digests: Any = None, timeout: float | None = None
+    ) -> SendPlan:
+        """:meth:`send_blocks`' argument checks, with nothing sent: ``TypeError`` / ``ValueError`` naming a
+        bad block id, digest array, peer or timeout. :meth:`send_planned` then sends."""
         ids = _as_block_ids(block_ids, pool)
         digest_array = _as_digests(digests, ids.size)
+        deadline_s = self._timeout if timeout is None else check_timeout("timeout", timeout)
         transport = self._get_transport()
         me, world = transport.rank(), transport.world_size()
         _check_peer(dst_rank, me, world, "dst_rank")
+        return SendPlan(pool, ids, digest_array, dst_rank, deadline_s, transport, me)
+
+    def send_planned(self, plan: SendPlan, *, transfer_id: uuid.UUID | None = None) -> uuid.UUID:
+        """Sends what :meth:`plan_send` checked, as :meth:`send_blocks` does (same errors but the argument
+        checks)."""
+        pool, ids, digest_array, dst_rank = plan.pool, plan.ids, plan.digests, plan.dst_rank
+        transport, me = plan.transport, plan.src_rank
         tid = transfer_id or uuid.uuid4()
         spec = pool.spec
         header = wire.TransferHeader(
             transfer_id=tid, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
             block_size=spec.block_size, dtype=spec.dtype, num_blocks=int(ids.size), block_nbytes=pool.block_nbytes,
-            chunk_blocks=max(1, self._chunk_bytes // pool.block_nbytes), checksum_algorithm=self._checksum_id,
+            # at most what the header's 32-bit field holds (more than any transfer's blocks: one chunk);
+            # not the transfer's own count, which would size the same-host ring per transfer
+            chunk_blocks=max(1, min(self._chunk_bytes // pool.block_nbytes, wire.MAX_CHUNK_BLOCKS)),
+            checksum_algorithm=self._checksum_id,
             has_digests=digest_array is not None,
             digests_checksum=wire.digests_checksum(digest_array) if digest_array is not None else 0,
             src_rank=me, dst_rank=dst_rank, query_id=_LEDGER.next_question(dst_rank),
             boot_id=shm.boot_id() if self._shm_usable(transport) and ids.size else None, pid=os.getpid(),
         )
-        deadline = _Deadline(self._timeout if timeout is None else timeout)
+        deadline = _Deadline(plan.timeout)
         with self._peer(dst_rank, "send", tid, me, dst_rank):
             state: dict[str, Any] = {"phase": "header"}
             try:
@@ -617,10 +652,11 @@ class BlockTransfer:
         timeout: float | None = None,
     ) -> ReceivedBlocks:
         """:meth:`recv_blocks` with the transfer's id, digests and size."""
+        deadline_s = self._timeout if timeout is None else check_timeout("timeout", timeout)
         transport = self._get_transport()
         me, world = transport.rank(), transport.world_size()
         _check_peer(src_rank, me, world, "src_rank")
-        deadline = _Deadline(self._timeout if timeout is None else timeout)
+        deadline = _Deadline(deadline_s)
         state: dict[str, Any] = {"phase": "header", "transfer_id": "unknown"}
         with self._peer(src_rank, "recv", "(not started)", src_rank, me):
             reserved: BlockIdArray | None = None

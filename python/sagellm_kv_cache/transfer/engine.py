@@ -17,7 +17,8 @@ exponential backoff starting at ``retry_backoff_ms``; with ``enable_compression`
 ``compression_level``) or ``enable_checksum`` (CRC-32 of the raw bytes) the tensor travels framed:
 a 5 x int64 header (magic, flags, payload bytes, raw bytes, CRC-32) and then the payload as uint8,
 and the receiver checks the size, inflates and verifies the checksum before it writes into its
-tensor. Both ends must use the same framing options (the plain path sends the tensor as is).
+tensor. Both ends must use the same framing options (the plain path sends the tensor as is); a
+receiver with ``enable_checksum`` refuses a frame that carries no checksum (``KVMetadataMismatchError``).
 
 Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 4,096, the most
 recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` remembers; settable
@@ -30,15 +31,19 @@ get_completed_count` still counts it until ``clear_completed``. Running records 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
 import threading
 import time
 import uuid
 import zlib
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from sagellm_protocol.kv import DType, KVTransferMetadata, Layout, TransferDirection, TransferStatus
 
-from sagellm_kv_cache._numbers import positive_int
+from sagellm_kv_cache._numbers import flag, is_finite_number, positive_int, shown, text
 from sagellm_kv_cache.errors import (
     KVCacheError,
     KVChecksumMismatchError,
@@ -46,9 +51,9 @@ from sagellm_kv_cache.errors import (
     KVTransferFailedError,
     KVTransferOutcomeUnknownError,
 )
+from sagellm_kv_cache.transfer.options import check_block_options
 
 if TYPE_CHECKING:
-    import numpy as np
     import numpy.typing as npt
 
     from sagellm_kv_cache.paged import PagedKVPool
@@ -65,7 +70,9 @@ class KVTransferEngine:
     ``transfer_kv_handle`` is called on both sides with the same ranks: the source sends
     ``tensor``, the destination receives into its own ``tensor`` (same shape and dtype), each
     through the backend's blocking ``send``/``recv``. ``send_blocks``/``recv_blocks`` move pool
-    blocks with header checks, checksums and timeouts (see :class:`~.blocks.BlockTransfer`).
+    blocks with header checks, checksums and timeouts (see :class:`~.blocks.BlockTransfer`); the
+    keyword arguments past the seed's options are that class's (``chunk_bytes``, ``timeout``, ...),
+    checked here: an unknown name is a ``TypeError``, a bad value a ``TypeError`` / ``ValueError``.
     """
 
     #: Finished records kept, the most recently finished (see the module docstring).
@@ -85,23 +92,32 @@ class KVTransferEngine:
     ) -> None:
         if comm_backend is None:
             raise ValueError("comm_backend cannot be None (Fail-Fast): pass an initialised sagellm_comm backend")
+        checked_block_options = check_block_options("KVTransferEngine", block_options)
+        compress = flag("enable_compression", enable_compression)  # "false" or 0 is a mistake, not a choice
+        checksum = flag("enable_checksum", enable_checksum)
         if isinstance(compression_level, bool) or not isinstance(compression_level, int) or \
                 not 0 <= compression_level <= 9:
             raise ValueError(f"compression_level must be an int in [0, 9], got {compression_level!r}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be a non-negative int, got {max_retries!r}")
-        if isinstance(retry_backoff_ms, bool) or not isinstance(retry_backoff_ms, int | float) or \
-                not retry_backoff_ms >= 0:
-            raise ValueError(f"retry_backoff_ms must be a non-negative number, got {retry_backoff_ms!r}")
+        if not is_finite_number(retry_backoff_ms) or retry_backoff_ms < 0:
+            raise ValueError(f"retry_backoff_ms must be a finite non-negative number, got {shown(retry_backoff_ms)}")
+        # The last retry waits retry_backoff_ms * 2**(max_retries - 1): past what time.sleep takes, it
+        # would end the transfer with sleep's OverflowError instead of the backend's error.
+        if max_retries and retry_backoff_ms > 0 and \
+                math.log2(retry_backoff_ms) - math.log2(1000.0) + (max_retries - 1) > math.log2(threading.TIMEOUT_MAX):
+            raise ValueError(f"max_retries={max_retries} with retry_backoff_ms={retry_backoff_ms!r} makes the last "
+                             f"retry wait retry_backoff_ms * 2**{max_retries - 1}, past the longest sleep "
+                             f"({threading.TIMEOUT_MAX:.3g} s)")
         self.comm_backend = comm_backend
-        self.enable_compression = bool(enable_compression)
+        self.enable_compression = compress
         self.compression_level = compression_level
-        self.enable_checksum = bool(enable_checksum)
+        self.enable_checksum = checksum
         self.max_retries = max_retries
         self.retry_backoff_ms = float(retry_backoff_ms)
         if max_finished_records is not None:  # else the class attribute's default
             self.max_finished_records = positive_int("max_finished_records", max_finished_records, allow_zero=True)
-        self._block_options = block_options
+        self._block_options = checked_block_options
         self._blocks: BlockTransfer | None = None
         self._records: dict[uuid.UUID, KVTransferMetadata] = {}
         self._in_doubt: set[uuid.UUID] = set()  # block sends with an unknown outcome, not yet settled
@@ -125,8 +141,8 @@ class KVTransferEngine:
         if handle is None or not hasattr(handle, "handle_id"):
             raise ValueError(f"handle must be a KVHandle, got {type(handle).__name__}")
         rank, world = self._rank_and_world()
-        _check_rank(src_rank, world, "src_rank")
-        _check_rank(dst_rank, world, "dst_rank")
+        src_rank = _check_rank(src_rank, world, "src_rank")
+        dst_rank = _check_rank(dst_rank, world, "dst_rank")
         if src_rank == dst_rank:
             raise ValueError(f"src_rank and dst_rank cannot be the same (both are {src_rank}); they must differ")
         if rank not in (src_rank, dst_rank):
@@ -146,34 +162,50 @@ class KVTransferEngine:
                 reason="tensor is required for sender: it holds the KV data to send" if sending else
                 "tensor is required for receiver: the buffer to receive the KV data into",
             )
-        _set_handle(handle, transfer_id=transfer_id, is_transferring=True)
+        if not sending and not getattr(getattr(tensor, "flags", None), "writeable", True):
+            # Refused before anything is read, so the sender's data stays on the wire for a good buffer.
+            self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
+            raise KVTransferFailedError(transfer_id, source=source, target=target,
+                                        reason="tensor is read-only: the receiver writes the KV data into it")
         try:
+            _set_handle(handle, transfer_id=transfer_id, is_transferring=True)
             update = self._run_with_retries(transfer_id, tensor, src_rank, dst_rank, sending)
         except (KVChecksumMismatchError, KVMetadataMismatchError):
-            self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
-            _set_handle(handle, is_transferring=False)
+            self._failed(transfer_id, handle)
             raise
         except Exception as e:
-            self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
-            _set_handle(handle, is_transferring=False)
+            with self._lock:  # before the record is finished: it may be dropped at once (max_finished_records)
+                retries = self._retries.get(transfer_id, 0)
+            self._failed(transfer_id, handle)
             reason = str(e) or type(e).__name__
             raise KVTransferFailedError(
                 transfer_id, source=source, target=target, reason=reason,
                 context={"handle_id": str(handle.handle_id), "direction": "send" if sending else "recv",
-                         "error": reason, "retries": self.get_retry_count(transfer_id)},
+                         "error": reason, "retries": retries},
             ) from e
+        except BaseException:  # KeyboardInterrupt, a cancelled task: the call is over and did not complete
+            self._failed(transfer_id, handle)
+            raise
         self._set_status(transfer_id, TransferStatus.COMPLETED, completed_at=time.time(), **update)
         _set_handle(handle, is_transferring=False)
         if not sending:
             _set_handle(handle, source_rank=src_rank, rank=dst_rank)
         return transfer_id
 
+    def _failed(self, transfer_id: uuid.UUID, handle: Any) -> None:
+        """Records a transfer that raised as FAILED and clears the handle's flag (best effort: the error
+        that ended the transfer is the one to raise, not a handle's refusal to be updated)."""
+        self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
+        with contextlib.suppress(Exception):
+            _set_handle(handle, is_transferring=False)
+
     def _run_with_retries(
         self, transfer_id: uuid.UUID, tensor: Any, src_rank: int, dst_rank: int, sending: bool
     ) -> dict[str, Any]:
         """One send or receive, re-run after a backend failure up to ``max_retries`` times.
 
-        Our own verdicts on the data (checksum, size) are final: the peer has already sent.
+        Our own verdicts on the data (checksum, size) and a received frame we cannot write are final: the
+        peer has already sent.
         """
         framed = self.enable_compression or self.enable_checksum
         attempt = 0
@@ -188,7 +220,7 @@ class KVTransferEngine:
                 if sending:
                     return self._send_framed(tensor, dst_rank)
                 return self._recv_framed(transfer_id, tensor, src_rank)
-            except (KVChecksumMismatchError, KVMetadataMismatchError):
+            except (KVChecksumMismatchError, KVMetadataMismatchError, _WriteFailed):
                 raise
             except Exception:
                 if attempt >= self.max_retries:
@@ -221,10 +253,21 @@ class KVTransferEngine:
             raise KVMetadataMismatchError("frame_magic", hex(_FRAME_MAGIC), hex(magic & (2**64 - 1)),
                                           context={"transfer_id": str(transfer_id)})
         if raw_nbytes != expected or not 0 <= payload_nbytes <= max(2 * raw_nbytes + 64, 1 << 20):
+            if 0 <= payload_nbytes <= max(2 * expected + 64, 1 << 20):
+                # A tensor of another size, whose payload we would take for ours: read it, so that the
+                # sender's next frame is the next thing on the link. (A larger one, or a damaged
+                # header, is left there.) The size is the verdict even if the link fails here.
+                with contextlib.suppress(Exception):
+                    self.comm_backend.recv(torch.empty(payload_nbytes, dtype=torch.uint8), src_rank)
             raise KVMetadataMismatchError("total_bytes", expected, raw_nbytes,
                                           context={"transfer_id": str(transfer_id), "payload_bytes": payload_nbytes})
         payload = torch.empty(payload_nbytes, dtype=torch.uint8)
         self.comm_backend.recv(payload, src_rank)
+        if self.enable_checksum and not flags & _FLAG_CRC32:  # (after the payload: the link stays in step)
+            raise KVMetadataMismatchError("frame_checksum", "crc32", "none",
+                                          context={"transfer_id": str(transfer_id), "reason": "the sender "
+                                                   "framed the tensor without a checksum; enable_checksum here "
+                                                   "wants every received tensor verified"})
         data = payload.numpy().tobytes()
         if flags & _FLAG_ZLIB:
             try:
@@ -237,7 +280,10 @@ class KVTransferEngine:
         actual = zlib.crc32(data) if flags & _FLAG_CRC32 else None
         if actual is not None and actual != crc:
             raise KVChecksumMismatchError(f"{crc:08x}", f"{actual:08x}", transfer_id=transfer_id)
-        _write_bytes(tensor, data)
+        try:
+            _write_bytes(tensor, data)
+        except Exception as e:  # the frame is consumed: a retry would read the sender's next one
+            raise _WriteFailed(f"the received bytes cannot be written into tensor: {e}") from e
         return _frame_fields(bool(flags & _FLAG_ZLIB), payload_nbytes, raw_nbytes, actual)
 
     # --- block transfer between pools -------------------------------------------------------
@@ -249,7 +295,7 @@ class KVTransferEngine:
             if self._blocks is None:
                 from sagellm_kv_cache.transfer.blocks import BlockTransfer
 
-                self._blocks = BlockTransfer(self.comm_backend, **self._block_options)
+                self._blocks = BlockTransfer(self.comm_backend, **dataclasses.asdict(self._block_options))
             return self._blocks
 
     def send_blocks(
@@ -262,15 +308,18 @@ class KVTransferEngine:
         timeout: float | None = None,
         request_id: str = "",
     ) -> uuid.UUID:
-        """:meth:`BlockTransfer.send_blocks <.blocks.BlockTransfer.send_blocks>`, recorded here."""
+        """:meth:`BlockTransfer.send_blocks <.blocks.BlockTransfer.send_blocks>`, recorded here. Bad
+        arguments (block ids, digests, peer, timeout, request id) are refused before anything is recorded."""
+        request_id = text("request_id", request_id)
         blocks = self.blocks
+        rank, _ = self._rank_and_world()  # ValueError when the backend is not initialised
+        plan = blocks.plan_send(pool, block_ids, dst_rank, digests=digests, timeout=timeout)
         transfer_id = uuid.uuid4()
-        n = len(block_ids)
-        rank, _ = self._rank_and_world()
-        self._put(_block_metadata(transfer_id, pool, n, rank, dst_rank, TransferDirection.SEND, request_id))
+        self._put(_block_metadata(transfer_id, pool, plan.num_blocks, rank, dst_rank, TransferDirection.SEND,
+                                  request_id))
         self._set_status(transfer_id, TransferStatus.IN_PROGRESS, started_at=time.time())
         try:
-            blocks.send_blocks(pool, block_ids, dst_rank, digests=digests, timeout=timeout, transfer_id=transfer_id)
+            blocks.send_planned(plan, transfer_id=transfer_id)
         except KVTransferOutcomeUnknownError:
             with self._lock:
                 self._in_doubt.add(transfer_id)  # stays IN_PROGRESS: the destination may hold the blocks
@@ -296,6 +345,7 @@ class KVTransferEngine:
         A failed receive is recorded under the source's transfer id when the header arrived, and
         under a fresh id otherwise.
         """
+        request_id = text("request_id", request_id)  # here: the record is made after the blocks are taken
         started = time.time()
         rank, _ = self._rank_and_world()
         try:
@@ -313,31 +363,36 @@ class KVTransferEngine:
 
     # --- records ----------------------------------------------------------------------------
 
-    def get_transfer_status(self, transfer_id: uuid.UUID) -> TransferStatus:
+    def get_transfer_status(self, transfer_id: uuid.UUID | str) -> TransferStatus:
         return self.get_transfer_metadata(transfer_id).status
 
-    def get_transfer_outcome(self, transfer_id: uuid.UUID) -> str:
+    def get_transfer_outcome(self, transfer_id: uuid.UUID | str) -> str:
         """The record's status value, or "unknown" for a block send still in doubt (see the module doc)."""
-        status = self.get_transfer_status(transfer_id)
+        tid = _transfer_key(transfer_id)
+        status = self.get_transfer_status(tid)
         with self._lock:
-            return "unknown" if transfer_id in self._in_doubt else status.value
+            return "unknown" if tid in self._in_doubt else status.value
 
-    def get_transfer_metadata(self, transfer_id: uuid.UUID) -> KVTransferMetadata:
-        """The record of ``transfer_id``; ``KeyError`` for an id this engine never ran (or cleared)."""
+    def get_transfer_metadata(self, transfer_id: uuid.UUID | str) -> KVTransferMetadata:
+        """The record of ``transfer_id`` (a UUID, or its str form as this engine's errors carry it);
+        ``KeyError`` for an id this engine never ran (or cleared), ``TypeError`` / ``ValueError`` for
+        something that is no transfer id at all."""
+        tid = _transfer_key(transfer_id)
         self._settle_doubts()
         with self._lock:
             try:
-                return self._records[transfer_id]
+                return self._records[tid]
             except KeyError:
-                raise KeyError(f"Transfer ID {transfer_id} not found") from None
+                raise KeyError(f"Transfer ID {tid} not found") from None
 
-    def get_retry_count(self, transfer_id: uuid.UUID) -> int:
+    def get_retry_count(self, transfer_id: uuid.UUID | str) -> int:
         """How many times the backend call of ``transfer_id`` was retried (0 when it worked first)."""
-        self.get_transfer_metadata(transfer_id)
+        tid = _transfer_key(transfer_id)
+        self.get_transfer_metadata(tid)
         with self._lock:
-            return self._retries.get(transfer_id, 0)
+            return self._retries.get(tid, 0)
 
-    def get_transfer_metrics(self, transfer_id: uuid.UUID) -> dict[str, float | int | str]:
+    def get_transfer_metrics(self, transfer_id: uuid.UUID | str) -> dict[str, float | int | str]:
         """Bytes on the wire, latency, bandwidth, compression ratio, retries, checksum and status."""
         meta = self.get_transfer_metadata(transfer_id)
         latency_s = 0.0
@@ -442,19 +497,40 @@ class KVTransferEngine:
             self._retries.pop(oldest, None)
 
 
+class _WriteFailed(Exception):
+    """A framed receive that got its whole frame but could not write it into the tensor: final, not retried."""
+
+
 _FRAME_MAGIC = 0x53_4B_56_46_52_4D_31  # "SKVFRM1"
 _FLAG_ZLIB = 1
 _FLAG_CRC32 = 2
 
 
-def _check_rank(rank: Any, world: int, name: str) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int):
+def _check_rank(rank: Any, world: int, name: str) -> int:
+    """``rank`` as a Python int (a numpy integer is one, as in the block path); ValueError otherwise, as in
+    the seed."""
+    if isinstance(rank, bool | np.bool_) or not isinstance(rank, int | np.integer):
         raise ValueError(f"{name} must be an int, got {type(rank).__name__}")
+    rank = int(rank)
     if rank < 0:
         raise ValueError(f"Invalid {name}: {rank} (invalid {name} {rank}: must be in [0, {world}))")
     if rank >= world:
         raise ValueError(f"Rank out of bounds: {name}={rank}, world_size={world} "
                          f"(invalid {name} {rank}: must be in [0, {world}))")
+    return rank
+
+
+def _transfer_key(transfer_id: Any) -> uuid.UUID:
+    """A transfer id as the records key it: a UUID, or its str form (``KVTransferFailedError.transfer_id``
+    and the other errors' ids are strings)."""
+    if isinstance(transfer_id, uuid.UUID):
+        return transfer_id
+    if not isinstance(transfer_id, str):
+        raise TypeError(f"transfer_id must be a uuid.UUID or its str form, got {type(transfer_id).__name__}")
+    try:
+        return uuid.UUID(transfer_id)
+    except ValueError:
+        raise ValueError(f"transfer_id {transfer_id[:80]!r} is not a UUID") from None
 
 
 def _endpoint(rank: int, handle: Any) -> str:
@@ -468,8 +544,6 @@ def _tensor_bytes(tensor: Any) -> bytes:
         import torch
 
         return bytes(t.view(torch.uint8).numpy().tobytes())
-    import numpy as np
-
     return bytes(np.ascontiguousarray(tensor).tobytes())
 
 
@@ -483,8 +557,6 @@ def _write_bytes(tensor: Any, data: bytes | bytearray) -> None:
         with torch.no_grad():
             tensor.copy_(src.to(tensor.device))
         return
-    import numpy as np
-
     view = np.frombuffer(data, dtype=tensor.dtype).reshape(tensor.shape)
     np.copyto(tensor, view)
 
@@ -525,21 +597,27 @@ def _dim(tensor: Any, axis: int) -> int:
     return int(shape[axis]) if len(shape) >= -axis and int(shape[axis]) > 0 else 1
 
 
+def _metadata_count(extra: dict[str, Any], key: str, default: int, *, allow_zero: bool = False) -> int:
+    """``handle.metadata[key]`` (``default`` when absent) as the record's count: an int (not a bool, a
+    float or a string), TypeError / ValueError naming the key otherwise; int() truncated 2.7 to 2."""
+    return positive_int(f"handle.metadata[{key!r}]", extra.get(key, default), allow_zero=allow_zero)
+
+
 def _handle_metadata(
     transfer_id: uuid.UUID, handle: Any, tensor: Any, src: str, dst: str, sending: bool
 ) -> KVTransferMetadata:
     extra: dict[str, Any] = dict(getattr(handle, "metadata", None) or {})
-    layers = int(extra.get("num_layers", 1))
+    heads_key = "num_heads" if "num_heads" in extra else "num_kv_heads"
     return KVTransferMetadata(
         transfer_id=transfer_id,
         request_id=str(getattr(handle, "request_id", None) or "unknown"),
         trace_id=str(extra.get("trace_id", "unknown")),
         layer_start=0,
-        layer_end=layers,
+        layer_end=_metadata_count(extra, "num_layers", 1, allow_zero=True),
         token_start=int(getattr(handle, "token_start", 0)),
         token_end=int(getattr(handle, "token_end", 0) or getattr(handle, "num_tokens", 0)),
-        num_heads=int(extra.get("num_heads", extra.get("num_kv_heads", _dim(tensor, -2)))),
-        head_dim=int(extra.get("head_dim", _dim(tensor, -1))),
+        num_heads=_metadata_count(extra, heads_key, _dim(tensor, -2)),
+        head_dim=_metadata_count(extra, "head_dim", _dim(tensor, -1)),
         dtype=getattr(handle, "dtype", DType.FP16),
         layout=getattr(handle, "layout", Layout.CONTIGUOUS),
         total_bytes=_nbytes(tensor),

@@ -62,6 +62,7 @@ __all__ = [
     "FLAG_SHM",
     "FOOTER_NBYTES",
     "HEADER_NBYTES",
+    "MAX_CHUNK_BLOCKS",
     "REPLY_NBYTES",
     "SEGMENT_NBYTES",
     "SPEC_FIELDS",
@@ -146,6 +147,8 @@ SPEC_FIELDS = (
 #: Bytes per segment of ``segsum64`` (4096; the C++ core's kSegmentBytes).
 SEGMENT_NBYTES = _SEGMENT = int(_core.SEGMENT_BYTES)
 CHECKSUM_ALGORITHMS = {"segsum64": 1, "crc32": 2}
+#: The largest chunk_blocks the header holds (a 32-bit field).
+MAX_CHUNK_BLOCKS = 2**32 - 1
 
 
 class WireFormatError(ValueError):
