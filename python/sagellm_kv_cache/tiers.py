@@ -93,6 +93,7 @@ _META_FILE = "tier.json"
 _SLOTS_FILE = "slots.bin"
 
 
+_TOKEN_LIMIT = 2**32  # routers (vLLM, Dynamo) take token ids as u32
 _MAX_BLOCK_NBYTES = 2**62  # a slot's size (rounded up to pages, plus a header page) stays an int64
 
 
@@ -520,6 +521,12 @@ def _block_tokens(token_ids: Any, num_blocks: int, block_size: int) -> npt.NDArr
     if len(tokens) < num_blocks * block_size:
         raise ValueError(f"token_ids holds {len(tokens)} tokens, {num_blocks} blocks of {block_size} need "
                          f"{num_blocks * block_size}")
+    # Routers take token ids as u32 (a stored event holding another cannot be encoded: its whole
+    # batch would be lost, and the lower tiers with it, as they are announced only once).
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= _TOKEN_LIMIT):
+        pos = int(np.flatnonzero((tokens < 0) | (tokens >= _TOKEN_LIMIT))[0])
+        raise ValueError(f"token_ids[{pos}] is {shown(tokens[pos].item())}, outside the routers' token id range "
+                         "[0, 2**32)")
     return tokens.astype(np.int64, copy=False)
 
 

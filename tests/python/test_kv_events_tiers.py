@@ -278,3 +278,24 @@ def test_blocks_a_reopened_disk_holds_are_promoted_once_a_match_names_their_toke
                   if e["type"] == "stored"]
         assert stored == [("GPU", digests, tokens.tolist(), b"tenant-a")]
         assert router.view()["GPU"] == {wire_block_id(d) for d in digests}
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32], ids=["negative", "past-u32"])
+def test_token_ids_outside_the_routers_u32_range_are_refused_before_anything_changes(tmp_path: Path, bad: int) -> None:
+    """A stored event with such a token cannot be encoded: publishing would lose its whole batch (an
+    ``AllBlocksCleared`` goes out instead) and with it the lower tiers, announced only once."""
+    tokens = np.arange(2 * BS, dtype=np.int64)
+    tokens[5] = bad
+    with tiered(tmp_path, background=False) as tc:
+        digests = tc.hash_tokens(np.arange(2 * BS, dtype=np.int64))
+        ids = tc.allocate(2)
+        with pytest.raises(ValueError, match=rf"token_ids\[5\] is {bad}, outside"):
+            tc.insert(digests, ids, token_ids=tokens)
+        if bad > 0:
+            with pytest.raises(ValueError, match=rf"token_ids\[5\] is {bad}, outside"):
+                tc.insert(digests, ids, token_ids=tokens.astype(np.uint64))  # not wrapped into int64 either
+        with pytest.raises(ValueError, match=rf"token_ids\[5\] is {bad}, outside"):
+            tc.match(digests, token_ids=tokens.tolist())
+        assert len(tc.device) == 0 and tc.drain_events() == [] and tc._meta == {}
+        assert tc.stats()["lookups"] == 0
+        tc.pool.free(ids)
