@@ -619,13 +619,17 @@ class TieredPrefixCache:
         Release ``digests[:num_matched]`` when the request ends (as with ``RadixPrefixCache``).
         With KV events on, a lower-tier block whose tokens this process never saw (a reopened disk
         tier's) is promoted only when ``token_ids`` (and the ``extra_key`` / ``cache_salt`` the digests
-        were hashed with) are given: its stored event needs them.
+        were hashed with) are given: its stored event needs them. A ``token_ids``, ``extra_key`` or
+        ``cache_salt`` of the wrong type (or too few tokens) raises before anything moves, events on or off.
         """
         self._check_open()
         digests = _digest_rows(digests)
-        tokens = None
-        if self._events and token_ids is not None:
-            tokens = _block_tokens(token_ids, len(digests), self.block_size)
+        # Checked whether or not events use them: a wrong argument is refused, never silently ignored.
+        for name, key in (("extra_key", extra_key), ("cache_salt", cache_salt)):
+            if key is not None and not isinstance(key, bytes | str):
+                raise TypeError(f"{name} must be bytes, str or None, got {type(key).__name__}")
+        tokens = None if token_ids is None else _block_tokens(token_ids, len(digests), self.block_size)
+        if self._events and tokens is not None:
             # They go into stored events as these blocks' tokens: they must be the ones hashed.
             hashed = self.hash_tokens(tokens[: len(digests) * self.block_size], salt=cache_salt, extra=extra_key)
             if not np.array_equal(hashed, digests):

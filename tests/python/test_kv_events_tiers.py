@@ -299,3 +299,30 @@ def test_token_ids_outside_the_routers_u32_range_are_refused_before_anything_cha
         assert len(tc.device) == 0 and tc.drain_events() == [] and tc._meta == {}
         assert tc.stats()["lookups"] == 0
         tc.pool.free(ids)
+
+
+@pytest.mark.parametrize("events", [0, 100], ids=["events-off", "events-on"])
+@pytest.mark.parametrize(("kwargs", "error", "named"), [
+    ({"extra_key": 5}, TypeError, "extra_key must be bytes, str or None, got int"),
+    ({"cache_salt": 1.5}, TypeError, "cache_salt must be bytes, str or None, got float"),
+    ({"token_ids": np.arange(2 * BS), "extra_key": ["lora"]}, TypeError, "extra_key must be bytes, str or None"),
+    ({"token_ids": "tokens"}, TypeError, "token_ids must be a sequence of ints, got str"),
+    ({"token_ids": [0.5] * (2 * BS)}, TypeError, "token_ids must be a 1-D sequence of ints"),
+    ({"token_ids": list(range(BS))}, ValueError, "token_ids holds 4 tokens, 2 blocks of 4 need 8"),
+])
+def test_match_refuses_a_bad_token_ids_extra_key_or_cache_salt_whether_or_not_events_use_it(
+        tmp_path: Path, events: int, kwargs: dict[str, Any], error: type[Exception], named: str) -> None:
+    """Before anything moves: the host blocks stay put, no lookup is counted, no event is queued."""
+    tokens = np.arange(2 * BS, dtype=np.int64)
+    with TieredPrefixCache(PagedKVPool(SPEC, 8), device_blocks=2, host_blocks=4, background=False,
+                           event_queue_capacity=events) as tc:
+        digests = tc.hash_tokens(tokens)
+        ids = tc.allocate(2)
+        tc.insert(digests, ids, token_ids=tokens)
+        tc.pool.free(ids)
+        tc.demote(2)
+        tc.drain_events()
+        with pytest.raises(error, match=named):
+            tc.match(digests, **kwargs)
+        assert [tc.location(d) for d in digests] == ["host", "host"] and tc.stats()["lookups"] == 0
+        assert tc.drain_events() == []
