@@ -813,13 +813,24 @@ class TieredPrefixCache:
         assert host is not None
         slots = self._host_slots(len(keys))
         past = len(keys) - len(slots)
+        # The newest go into the slots there are first: an error past the host tier (a failing disk)
+        # then costs only the blocks bound there, not these slots.
+        if len(slots):
+            self._copy_to_host(keys[past:], ids[past:], slots)
         if past:  # every host slot is claimed (a promotion in flight): the oldest go past the host tier
             self._demote_past_host(keys[:past], ids[:past])
-            keys, ids = keys[past:], ids[past:]
-            if not keys:
-                return
+
+    def _copy_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], slots: npt.NDArray[np.int32]) -> None:
+        """Copies device blocks into the host slots taken for them and publishes them there."""
+        host = self.host
+        assert host is not None
         t0 = time.perf_counter()
-        host.slab.copy_from_pool(self.pool._native, ids, slots)
+        try:
+            host.slab.copy_from_pool(self.pool._native, ids, slots)
+        except BaseException:
+            with self._lock:  # not copied: the slots go back (the tier would shrink for good)
+                host.slots.free(slots)
+            raise
         dt = time.perf_counter() - t0
         with self._lock:
             for k, slot in zip(keys, slots.tolist(), strict=True):

@@ -789,3 +789,27 @@ def test_a_failing_disk_does_not_fail_a_lookup_that_makes_room(tmp_path: Path, b
         assert_holds(pool, m.block_ids, wanted)
         tc.release(wanted)
         assert _slots_accounted(tc.host)
+
+
+def test_a_failing_disk_under_a_demotion_that_finds_few_host_slots_loses_none_of_them(tmp_path: Path,
+                                                                                      background: bool) -> None:
+    # A lookup claims two of the host tier's three slots and makes room on a full device: of the two
+    # blocks it demotes, one gets the free host slot and one has to go past the host tier, to the
+    # failing disk. The host slot stays the host tier's (it was lost for good, a tier of 2 slots).
+    pool = PagedKVPool(SPEC, 4)
+    with TieredPrefixCache(pool, device_blocks=4, host_blocks=3, disk_dir=tmp_path, disk_blocks=8,
+                           background=background) as tc:
+        wanted = fill(tc, prompt(0, blocks=2))
+        for fut in tc.demote(2):
+            fut.result()
+        assert [tc.location(d.tobytes()) for d in wanted] == ["host", "host"]
+        fill(tc, prompt(1, blocks=4))  # the device: full
+        assert tc.disk is not None and tc.host is not None
+        tc.disk.close()  # the disk fails under the cache
+        m = tc.match(wanted)
+        assert m.num_matched == 2 and m.tiers.tolist() == [TIER_HOST, TIER_HOST]
+        assert_holds(pool, m.block_ids, wanted)
+        tc.release(wanted)
+        tc.flush()
+        assert _slots_accounted(tc.host)
+        assert len(tc.host) == 1 and tc.stats()["demoted_to_host"] == 3  # the block that had a slot is there
