@@ -505,6 +505,11 @@ class _BlockMeta:
     cache_salt: bytes | None
 
 
+def _key_bytes(key: bytes | str | None) -> bytes | None:
+    """An extra key or salt as a stored event of the device trie carries it (a str as its UTF-8 bytes)."""
+    return key.encode("utf-8") if isinstance(key, str) else key
+
+
 def _block_tokens(token_ids: Any, num_blocks: int, block_size: int) -> npt.NDArray[np.int64]:
     """``token_ids`` as int64, checked to hold ``block_size`` tokens per block (at least ``num_blocks``)."""
     if token_ids is None:
@@ -691,7 +696,7 @@ class TieredPrefixCache:
             for i in range(len(rows)):
                 self._meta.setdefault(rows[i].tobytes(), _BlockMeta(
                     tokens[i * self.block_size: (i + 1) * self.block_size].copy(),
-                    rows[i - 1].tobytes() if i else first_parent, extra_key, cache_salt))
+                    rows[i - 1].tobytes() if i else first_parent, _key_bytes(extra_key), _key_bytes(cache_salt)))
         self._trim()
         return n
 
@@ -1136,7 +1141,8 @@ class TieredPrefixCache:
             if tokens is None:
                 return False
             self._meta[digest] = _BlockMeta(tokens[i * self.block_size: (i + 1) * self.block_size].copy(),
-                                            digests[i - 1].tobytes() if i else None, extra_key, cache_salt)
+                                            digests[i - 1].tobytes() if i else None, _key_bytes(extra_key),
+                                            _key_bytes(cache_salt))
             return True
 
     def _stored_event(self, tier: int, key: bytes) -> dict[str, Any]:

@@ -326,3 +326,36 @@ def test_match_refuses_a_bad_token_ids_extra_key_or_cache_salt_whether_or_not_ev
             tc.match(digests, **kwargs)
         assert [tc.location(d) for d in digests] == ["host", "host"] and tc.stats()["lookups"] == 0
         assert tc.drain_events() == []
+
+
+def test_a_str_extra_key_and_salt_reach_every_medium_as_the_bytes_the_device_reports(tmp_path: Path) -> None:
+    """The trie reports a str extra key or salt as its UTF-8 bytes; a lower tier's stored event of the same
+    block (demoted, then after a reopen promoted from tokens a match names) says the same."""
+    tokens = np.arange(2 * BS, dtype=np.int64)
+    with tiered(tmp_path, background=False, device=2) as tc:
+        digests = tc.hash_tokens(tokens, salt="tenant-é", extra="adapter-1")
+        ids = tc.allocate(2)
+        tc.insert(digests, ids, token_ids=tokens, extra_key="adapter-1", cache_salt="tenant-é")
+        tc.pool.free(ids)
+        tc.demote(2)
+        stored = [e for e in tc.drain_events() if e["type"] == "stored"]
+        assert [e["medium"] for e in stored] == ["GPU", "CPU", "CPU"]
+        keys = {(e["extra_key"], e["cache_salt"]) for e in stored}
+        assert keys == {(b"adapter-1", "tenant-é".encode())}, keys
+        m = tc.match(digests, token_ids=tokens, extra_key="adapter-1", cache_salt="tenant-é")
+        assert m.num_matched == 2 and m.tiers.tolist() == [1, 1]  # promoted from the host
+        tc.release(digests)
+        # And from what a match names: blocks of a reopened disk tier.
+        tc.demote(2)
+        tc.make_room(16)
+        serve(tc, np.arange(500, 500 + 8 * BS, dtype=np.int64), None, None)  # pushes them to disk
+        tc.flush()
+        assert [tc.location(d.tobytes()) for d in digests] == ["disk", "disk"]
+    with tiered(tmp_path, background=False) as tc:
+        m = tc.match(digests, token_ids=tokens, extra_key="adapter-1", cache_salt="tenant-é")
+        assert m.num_matched == 2
+        tc.release(digests)
+        tc.demote(2)
+        stored = [e for e in tc.drain_events() if e["type"] == "stored"]
+        assert {e["medium"] for e in stored} == {"GPU", "CPU"}
+        assert {(e["extra_key"], e["cache_salt"]) for e in stored} == {(b"adapter-1", "tenant-é".encode())}
