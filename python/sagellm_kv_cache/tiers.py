@@ -44,7 +44,8 @@ reports what it holds at drain time (a block stored and dropped again between tw
 mentioned), a block once its bytes landed, as lookups see it. Routers re-hash the tokens, so with
 events on :meth:`TieredPrefixCache.insert` needs the blocks' ``token_ids``; blocks a reopened disk
 directory holds from an earlier process have none: they are announced and promoted once a
-:meth:`~TieredPrefixCache.match` passes their ``token_ids``.
+:meth:`~TieredPrefixCache.match` passes their ``token_ids`` (announced, too, once an insert of the same
+blocks names them).
 
 Thread safety: every public method may be called from any thread; one lock guards the lower tiers'
 indexes and slot allocators, the device trie has its own; copies run outside the lock.
@@ -694,9 +695,15 @@ class TieredPrefixCache:
                                       cache_salt=cache_salt)
             first_parent = None if parent is None else bytes(parent)
             for i in range(len(rows)):
-                self._meta.setdefault(rows[i].tobytes(), _BlockMeta(
-                    tokens[i * self.block_size: (i + 1) * self.block_size].copy(),
-                    rows[i - 1].tobytes() if i else first_parent, _key_bytes(extra_key), _key_bytes(cache_salt)))
+                key = rows[i].tobytes()
+                if key in self._meta:
+                    continue
+                self._meta[key] = _BlockMeta(tokens[i * self.block_size: (i + 1) * self.block_size].copy(),
+                                             rows[i - 1].tobytes() if i else first_parent, _key_bytes(extra_key),
+                                             _key_bytes(cache_salt))
+                for tier in (TIER_HOST, TIER_DISK):  # a reopened disk's copy: announced from the next drain
+                    if self._held(tier, key):
+                        self._changed[tier][key] = None
         self._trim()
         return n
 

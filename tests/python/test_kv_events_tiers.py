@@ -359,3 +359,23 @@ def test_a_str_extra_key_and_salt_reach_every_medium_as_the_bytes_the_device_rep
         stored = [e for e in tc.drain_events() if e["type"] == "stored"]
         assert {e["medium"] for e in stored} == {"GPU", "CPU"}
         assert {(e["extra_key"], e["cache_salt"]) for e in stored} == {(b"adapter-1", "tenant-é".encode())}
+
+
+def test_blocks_a_reopened_disk_holds_are_announced_there_once_an_insert_names_their_tokens(tmp_path: Path) -> None:
+    """A request that does not name its tokens to match misses the reopened disk's blocks, computes them
+    and inserts them with their tokens: from then on the disk's copies can be announced, and are (the
+    router's DISK view left them out for as long as the disk held them)."""
+    tokens = np.arange(3 * BS, dtype=np.int64)
+    with tiered(tmp_path, background=False, device=1) as tc:
+        digests = serve(tc, tokens, None, None)
+        serve(tc, np.arange(500, 500 + 6 * BS, dtype=np.int64), None, None)  # the first three go to disk
+        tc.flush()
+        assert [tc.location(d) for d in digests] == ["disk"] * 3
+    router = Router()
+    with tiered(tmp_path, background=False) as tc:
+        universe = set(serve(tc, tokens, None, None))  # a miss: the disk's blocks have no tokens yet
+        assert tc.stats()["hits"]["disk"] == 0
+        router.drain(tc)
+        truth = contents(tc, universe)
+        assert truth["DISK"] == {wire_block_id(d) for d in digests} == truth["GPU"]
+        assert router.view() == truth
