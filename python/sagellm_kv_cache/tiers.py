@@ -973,10 +973,10 @@ class TieredPrefixCache:
                         self._add_claim(TIER_DISK, digest)
                         return TIER_DISK, self.disk.index.pop(digest).slot
                     return None
-            try:
-                pending.result()  # visible only once landed: wait for the in-flight demotion
-            except Exception:  # a failed demotion is a miss here
-                return None
+            # Visible only once landed: wait for the in-flight copy, then look again. A failed one
+            # (taken out of _pending before its future fails) may leave another copy of the digest.
+            with contextlib.suppress(Exception):
+                pending.result()
 
     def _promote(self, digests: npt.NDArray[np.uint8], n0: int, run: list[tuple[bytes, int, int]]) -> np.ndarray:
         """Copies the claimed lower-tier blocks into fresh device blocks and inserts them acquired.

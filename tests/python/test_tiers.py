@@ -813,3 +813,36 @@ def test_a_failing_disk_under_a_demotion_that_finds_few_host_slots_loses_none_of
         tc.flush()
         assert _slots_accounted(tc.host)
         assert len(tc.host) == 1 and tc.stats()["demoted_to_host"] == 3  # the block that had a slot is there
+
+
+def test_a_lookup_waiting_for_a_demotion_that_fails_still_finds_another_copy(tmp_path: Path) -> None:
+    # D is on the host and (computed again) on the device. The device copy's demotion fails (its host slot
+    # needs a spill to a failing disk); a lookup of D that waited for it still finds the host copy, which
+    # was never touched (it was a miss: the request recomputed a block the host held).
+    import threading
+
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, host_blocks=2, disk_dir=tmp_path, disk_blocks=4) as tc:
+        x = fill(tc, prompt(0, blocks=1))
+        tc.demote(1)[0].result()
+        d = fill(tc, prompt(1, blocks=1))
+        tc.demote(1)[0].result()  # the host: x (oldest), d
+        ids = tc.allocate(1)
+        pool.scatter(content(d[0].tobytes(), pool.block_nbytes), ids)
+        tc.insert(d, ids)  # d again on the device, as a request that computed it without a lookup
+        pool.free(ids)
+        assert tc.disk is not None and tc.host is not None and list(tc.host.index) == [x[0].tobytes(), d[0].tobytes()]
+        tc.disk.close()  # the disk fails under the cache: x cannot be spilled to make room
+        gate = threading.Event()
+        assert tc._executor is not None
+        tc._executor.submit(gate.wait)  # holds the copies back until the lookup waits for d
+        failed = tc.demote(1)
+        found: list[list[int]] = []
+        looker = threading.Thread(target=lambda: found.append(tc.match(d).tiers.tolist()))
+        looker.start()
+        time.sleep(0.3)
+        gate.set()
+        looker.join(timeout=10)
+        assert isinstance(failed[0].exception(), OSError)
+        assert found == [[TIER_HOST]]  # was a miss ([]) while the host held d all along
+        tc.release(d)
