@@ -804,23 +804,28 @@ class TieredPrefixCache:
         return fut
 
     def _demote_job(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+        settled: list[bytes] = []  # landed in a lower tier, or counted as dropped
         try:
             if self.host is not None:
-                self._demote_to_host(keys, ids)
+                self._demote_to_host(keys, ids, settled)
             else:
-                self._demote_to_disk_from_device(keys, ids)
+                self._demote_to_disk_from_device(keys, ids, settled)
+        except BaseException:
+            with self._lock:  # the rest fell off the device without landing anywhere (a failing disk)
+                self._stats.dropped[TIER_DEVICE] += len(keys) - len(settled)
+            raise
         finally:
             self.pool.free(ids)
 
-    def _demote_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+    def _demote_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
         host = self.host
         assert host is not None
         # Oldest first, at most a host tier's worth at a time: later chunks push earlier ones to disk.
         step = host.num_blocks
         for start in range(0, len(keys), step):
-            self._demote_chunk_to_host(keys[start: start + step], ids[start: start + step])
+            self._demote_chunk_to_host(keys[start: start + step], ids[start: start + step], settled)
 
-    def _demote_chunk_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+    def _demote_chunk_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
         host = self.host
         assert host is not None
         slots = self._host_slots(len(keys))
@@ -829,8 +834,9 @@ class TieredPrefixCache:
         # then costs only the blocks bound there, not these slots.
         if len(slots):
             self._copy_to_host(keys[past:], ids[past:], slots)
+            settled.extend(keys[past:])
         if past:  # every host slot is claimed (a promotion in flight): the oldest go past the host tier
-            self._demote_past_host(keys[:past], ids[:past])
+            self._demote_past_host(keys[:past], ids[:past], settled)
 
     def _copy_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], slots: npt.NDArray[np.int32]) -> None:
         """Copies device blocks into the host slots taken for them and publishes them there."""
@@ -854,13 +860,14 @@ class TieredPrefixCache:
             self._account("device_to_host", len(keys), dt)
             self._stats.demoted_to_host += len(keys)
 
-    def _demote_past_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+    def _demote_past_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
         """Device blocks the host tier has no slot for: to disk, or dropped without one."""
         if self.disk is not None:
-            self._demote_to_disk_from_device(keys, ids)
+            self._demote_to_disk_from_device(keys, ids, settled)
             return
         with self._lock:
             self._stats.dropped[TIER_DEVICE] += len(keys)
+        settled.extend(keys)
 
     def _host_slots(self, n: int) -> npt.NDArray[np.int32]:
         """Up to n free host slots, demoting the host tier's oldest blocks to disk (or dropping them)
@@ -877,17 +884,19 @@ class TieredPrefixCache:
                 if not host.index:
                     break
                 victims = [host.index.popitem(last=False) for _ in range(min(n - len(out), len(host.index)))]
+                written: list[bytes] = []
                 spill: Future[None] = Future()
                 for key, _ in victims:  # in flight to disk: a lookup waits for it
                     self._pending.setdefault(key, spill)
                     self._touch(TIER_HOST, key)
             try:
-                out.extend(self._spill_host(victims))
+                out.extend(self._spill_host(victims, written))
             except BaseException:
-                # The victims left the index and their bytes did not land on disk: they are dropped,
-                # and their slots (and those taken for this call) go back, or the tier would shrink.
+                # The victims left the index and the bytes of those not written did not land on disk:
+                # they are dropped, and all their slots (and those taken for this call) go back, or the
+                # tier would shrink.
                 with self._lock:
-                    self._stats.dropped[TIER_HOST] += len(victims)
+                    self._stats.dropped[TIER_HOST] += len(victims) - len(written)
                     host.slots.free(np.asarray([slot for _, slot in victims] + out, dtype=np.int32))
                 raise
             finally:
@@ -899,8 +908,9 @@ class TieredPrefixCache:
                 spill.set_result(None)
         return np.asarray(out, dtype=np.int32)
 
-    def _spill_host(self, victims: list[tuple[bytes, int]]) -> list[int]:
-        """Moves host victims (already out of the index) to disk; returns their slots, now reusable."""
+    def _spill_host(self, victims: list[tuple[bytes, int]], written: list[bytes]) -> list[int]:
+        """Moves host victims (already out of the index) to disk, noting each in ``written`` once it
+        landed there; returns their slots, now reusable."""
         host = self.host
         assert host is not None
         if self.disk is None:
@@ -910,11 +920,13 @@ class TieredPrefixCache:
         t0 = time.perf_counter()
         for key, slot in victims:
             self._write_disk(key, host.view[slot])
+            written.append(key)
         with self._lock:
             self._account("host_to_disk", len(victims), time.perf_counter() - t0)
         return [slot for _, slot in victims]
 
-    def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+    def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32],
+                                    settled: list[bytes]) -> None:
         disk = self.disk
         assert disk is not None
         bounce = disk.bounce_buffer()
@@ -922,6 +934,7 @@ class TieredPrefixCache:
         for k, block in zip(keys, ids.tolist(), strict=True):
             self.pool.gather_into([block], bounce[: self.block_nbytes])
             self._write_disk(k, bounce)
+            settled.append(k)
         with self._lock:
             self._account("device_to_disk", len(keys), time.perf_counter() - t0)
 

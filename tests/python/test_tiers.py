@@ -846,3 +846,32 @@ def test_a_lookup_waiting_for_a_demotion_that_fails_still_finds_another_copy(tmp
         assert isinstance(failed[0].exception(), OSError)
         assert found == [[TIER_HOST]]  # was a miss ([]) while the host held d all along
         tc.release(d)
+
+
+def test_blocks_a_failing_disk_costs_are_counted_where_they_fell_off(tmp_path: Path) -> None:
+    # A real write error: past RLIMIT_FSIZE a write fails with EFBIG (SIGXFSZ ignored). The disk tier takes
+    # its first slot only. Two device blocks are demoted into a full host tier: its two oldest blocks are
+    # spilled, the first lands on disk, the second's write fails. The demotion fails with it, so the two
+    # device blocks land nowhere: dropped from the device (was 0), and one host block dropped (was 2).
+    resource = pytest.importorskip("resource")
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, host_blocks=2, disk_dir=tmp_path, disk_blocks=4,
+                           background=False) as tc:
+        spilled = fill(tc, prompt(0, blocks=2))
+        tc.demote(2)
+        demoted = fill(tc, prompt(1, blocks=2))
+        assert tc.disk is not None and [tc.location(d.tobytes()) for d in spilled] == ["host", "host"]
+        old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ,
+                                                                                             signal.SIG_IGN)
+        try:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (tc.disk.slot_nbytes, old_limit[1]))
+            failed = [f.exception() for f in tc.demote(2)]
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+        assert [type(e) for e in failed] == [OSError]
+        where = [tc.location(d.tobytes()) for d in [*spilled, *demoted]]
+        assert where.count("disk") == 1 and where.count(None) == 3
+        s = tc.stats()
+        assert s["demoted_to_disk"] == 1 and s["dropped"] == {"device": 2, "host": 1, "disk": 0}
+        assert _slots_accounted(tc.host) and _slots_accounted(tc.disk)
