@@ -794,7 +794,8 @@ class TieredPrefixCache:
                 for k in keys:
                     if self._pending.get(k) is fut:
                         del self._pending[k]
-                    self._forget_if_gone(k)  # dropped on the way down (no room, an I/O error)
+                    if self._events:
+                        self._forget_if_gone(k)  # dropped on the way down (no room, an I/O error)
             if exc is not None:
                 fut.set_exception(exc)
             else:
@@ -856,7 +857,8 @@ class TieredPrefixCache:
                 if old is not None:  # stored again meanwhile (same bytes): keep one copy
                     host.slots.free(np.array([old], np.int32))
                 host.index[k] = slot
-                self._touch(TIER_HOST, k)
+                if self._events:
+                    self._touch(TIER_HOST, k)
             self._account("device_to_host", len(keys), dt)
             self._stats.demoted_to_host += len(keys)
 
@@ -888,7 +890,8 @@ class TieredPrefixCache:
                 spill: Future[None] = Future()
                 for key, _ in victims:  # in flight to disk: a lookup waits for it
                     self._pending.setdefault(key, spill)
-                    self._touch(TIER_HOST, key)
+                    if self._events:
+                        self._touch(TIER_HOST, key)
             try:
                 out.extend(self._spill_host(victims, written))
             except BaseException:
@@ -904,7 +907,8 @@ class TieredPrefixCache:
                     for key, _ in victims:
                         if self._pending.get(key) is spill:
                             del self._pending[key]
-                        self._forget_if_gone(key)
+                        if self._events:
+                            self._forget_if_gone(key)
                 spill.set_result(None)
         return np.asarray(out, dtype=np.int32)
 
@@ -980,10 +984,12 @@ class TieredPrefixCache:
                 pending = self._pending.get(digest)
                 if pending is None:
                     if self.host is not None and digest in self.host.index:
-                        self._add_claim(TIER_HOST, digest)
+                        if self._events:
+                            self._add_claim(TIER_HOST, digest)
                         return TIER_HOST, self.host.index.pop(digest)
                     if self.disk is not None and digest in self.disk.index:
-                        self._add_claim(TIER_DISK, digest)
+                        if self._events:
+                            self._add_claim(TIER_DISK, digest)
                         return TIER_DISK, self.disk.index.pop(digest).slot
                     return None
             # Visible only once landed: wait for the in-flight copy, then look again. A failed one
@@ -1088,9 +1094,11 @@ class TieredPrefixCache:
         # A digest stored into its tier again while claimed (computed and demoted anew) keeps that
         # copy (same bytes); the claimed slot is freed, not written over the new entry (which would
         # lose the new entry's slot for good).
+        events = self._events
         with self._lock:
             for key, tier, slot in run:
-                self._drop_claim(tier, key)
+                if events:
+                    self._drop_claim(tier, key)
                 if tier == TIER_HOST and self.host is not None:
                     if key in self.host.index:
                         self.host.slots.free(np.array([slot], np.int32))
@@ -1101,17 +1109,21 @@ class TieredPrefixCache:
                         self.disk.slots.free(np.array([slot], np.int32))
                     else:
                         self.disk.index[key] = _DiskSlot(slot, self.disk.next_generation())
-                self._touch(tier, key)
+                if events:
+                    self._touch(tier, key)
 
     def _free_lower(self, run: list[tuple[bytes, int, int]]) -> None:
+        events = self._events
         with self._lock:
             for key, tier, slot in run:
-                self._drop_claim(tier, key)
+                if events:
+                    self._drop_claim(tier, key)
                 if tier == TIER_HOST and self.host is not None:
                     self.host.slots.free(np.array([slot], np.int32))
                 elif tier == TIER_DISK and self.disk is not None:
                     self.disk.slots.free(np.array([slot], np.int32))
-                self._touch(tier, key)
+                if events:
+                    self._touch(tier, key)
 
     # --- KV events -----------------------------------------------------------------------------
     # Callers hold self._lock for all of these.
