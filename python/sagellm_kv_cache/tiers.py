@@ -44,7 +44,8 @@ reports what it holds at drain time (a block stored and dropped again between tw
 mentioned), a block once its bytes landed, as lookups see it. Routers re-hash the tokens, so with
 events on :meth:`TieredPrefixCache.insert` needs the blocks' ``token_ids``; blocks a reopened disk
 directory holds from an earlier process have none: they are announced and promoted once a
-:meth:`~TieredPrefixCache.match` passes their ``token_ids``.
+:meth:`~TieredPrefixCache.match` passes their ``token_ids`` (announced, too, once an insert of the same
+blocks names them).
 
 Thread safety: every public method may be called from any thread; one lock guards the lower tiers'
 indexes and slot allocators, the device trie has its own; copies run outside the lock.
@@ -93,6 +94,7 @@ _META_FILE = "tier.json"
 _SLOTS_FILE = "slots.bin"
 
 
+_TOKEN_LIMIT = 2**32  # routers (vLLM, Dynamo) take token ids as u32
 _MAX_BLOCK_NBYTES = 2**62  # a slot's size (rounded up to pages, plus a header page) stays an int64
 
 
@@ -504,6 +506,11 @@ class _BlockMeta:
     cache_salt: bytes | None
 
 
+def _key_bytes(key: bytes | str | None) -> bytes | None:
+    """An extra key or salt as a stored event of the device trie carries it (a str as its UTF-8 bytes)."""
+    return key.encode("utf-8") if isinstance(key, str) else key
+
+
 def _block_tokens(token_ids: Any, num_blocks: int, block_size: int) -> npt.NDArray[np.int64]:
     """``token_ids`` as int64, checked to hold ``block_size`` tokens per block (at least ``num_blocks``)."""
     if token_ids is None:
@@ -520,6 +527,12 @@ def _block_tokens(token_ids: Any, num_blocks: int, block_size: int) -> npt.NDArr
     if len(tokens) < num_blocks * block_size:
         raise ValueError(f"token_ids holds {len(tokens)} tokens, {num_blocks} blocks of {block_size} need "
                          f"{num_blocks * block_size}")
+    # Routers take token ids as u32 (a stored event holding another cannot be encoded: its whole
+    # batch would be lost, and the lower tiers with it, as they are announced only once).
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= _TOKEN_LIMIT):
+        pos = int(np.flatnonzero((tokens < 0) | (tokens >= _TOKEN_LIMIT))[0])
+        raise ValueError(f"token_ids[{pos}] is {shown(tokens[pos].item())}, outside the routers' token id range "
+                         "[0, 2**32)")
     return tokens.astype(np.int64, copy=False)
 
 
@@ -612,13 +625,17 @@ class TieredPrefixCache:
         Release ``digests[:num_matched]`` when the request ends (as with ``RadixPrefixCache``).
         With KV events on, a lower-tier block whose tokens this process never saw (a reopened disk
         tier's) is promoted only when ``token_ids`` (and the ``extra_key`` / ``cache_salt`` the digests
-        were hashed with) are given: its stored event needs them.
+        were hashed with) are given: its stored event needs them. A ``token_ids``, ``extra_key`` or
+        ``cache_salt`` of the wrong type (or too few tokens) raises before anything moves, events on or off.
         """
         self._check_open()
         digests = _digest_rows(digests)
-        tokens = None
-        if self._events and token_ids is not None:
-            tokens = _block_tokens(token_ids, len(digests), self.block_size)
+        # Checked whether or not events use them: a wrong argument is refused, never silently ignored.
+        for name, key in (("extra_key", extra_key), ("cache_salt", cache_salt)):
+            if key is not None and not isinstance(key, bytes | str):
+                raise TypeError(f"{name} must be bytes, str or None, got {type(key).__name__}")
+        tokens = None if token_ids is None else _block_tokens(token_ids, len(digests), self.block_size)
+        if self._events and tokens is not None:
             # They go into stored events as these blocks' tokens: they must be the ones hashed.
             hashed = self.hash_tokens(tokens[: len(digests) * self.block_size], salt=cache_salt, extra=extra_key)
             if not np.array_equal(hashed, digests):
@@ -678,9 +695,15 @@ class TieredPrefixCache:
                                       cache_salt=cache_salt)
             first_parent = None if parent is None else bytes(parent)
             for i in range(len(rows)):
-                self._meta.setdefault(rows[i].tobytes(), _BlockMeta(
-                    tokens[i * self.block_size: (i + 1) * self.block_size].copy(),
-                    rows[i - 1].tobytes() if i else first_parent, extra_key, cache_salt))
+                key = rows[i].tobytes()
+                if key in self._meta:
+                    continue
+                self._meta[key] = _BlockMeta(tokens[i * self.block_size: (i + 1) * self.block_size].copy(),
+                                             rows[i - 1].tobytes() if i else first_parent, _key_bytes(extra_key),
+                                             _key_bytes(cache_salt))
+                for tier in (TIER_HOST, TIER_DISK):  # a reopened disk's copy: announced from the next drain
+                    if self._held(tier, key):
+                        self._changed[tier][key] = None
         self._trim()
         return n
 
@@ -771,7 +794,8 @@ class TieredPrefixCache:
                 for k in keys:
                     if self._pending.get(k) is fut:
                         del self._pending[k]
-                    self._forget_if_gone(k)  # dropped on the way down (no room, an I/O error)
+                    if self._events:
+                        self._forget_if_gone(k)  # dropped on the way down (no room, an I/O error)
             if exc is not None:
                 fut.set_exception(exc)
             else:
@@ -781,34 +805,51 @@ class TieredPrefixCache:
         return fut
 
     def _demote_job(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+        settled: list[bytes] = []  # landed in a lower tier, or counted as dropped
         try:
             if self.host is not None:
-                self._demote_to_host(keys, ids)
+                self._demote_to_host(keys, ids, settled)
             else:
-                self._demote_to_disk_from_device(keys, ids)
+                self._demote_to_disk_from_device(keys, ids, settled)
+        except BaseException:
+            with self._lock:  # the rest fell off the device without landing anywhere (a failing disk)
+                self._stats.dropped[TIER_DEVICE] += len(keys) - len(settled)
+            raise
         finally:
             self.pool.free(ids)
 
-    def _demote_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+    def _demote_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
         host = self.host
         assert host is not None
         # Oldest first, at most a host tier's worth at a time: later chunks push earlier ones to disk.
         step = host.num_blocks
         for start in range(0, len(keys), step):
-            self._demote_chunk_to_host(keys[start: start + step], ids[start: start + step])
+            self._demote_chunk_to_host(keys[start: start + step], ids[start: start + step], settled)
 
-    def _demote_chunk_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+    def _demote_chunk_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
         host = self.host
         assert host is not None
         slots = self._host_slots(len(keys))
         past = len(keys) - len(slots)
+        # The newest go into the slots there are first: an error past the host tier (a failing disk)
+        # then costs only the blocks bound there, not these slots.
+        if len(slots):
+            self._copy_to_host(keys[past:], ids[past:], slots)
+            settled.extend(keys[past:])
         if past:  # every host slot is claimed (a promotion in flight): the oldest go past the host tier
-            self._demote_past_host(keys[:past], ids[:past])
-            keys, ids = keys[past:], ids[past:]
-            if not keys:
-                return
+            self._demote_past_host(keys[:past], ids[:past], settled)
+
+    def _copy_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], slots: npt.NDArray[np.int32]) -> None:
+        """Copies device blocks into the host slots taken for them and publishes them there."""
+        host = self.host
+        assert host is not None
         t0 = time.perf_counter()
-        host.slab.copy_from_pool(self.pool._native, ids, slots)
+        try:
+            host.slab.copy_from_pool(self.pool._native, ids, slots)
+        except BaseException:
+            with self._lock:  # not copied: the slots go back (the tier would shrink for good)
+                host.slots.free(slots)
+            raise
         dt = time.perf_counter() - t0
         with self._lock:
             for k, slot in zip(keys, slots.tolist(), strict=True):
@@ -816,17 +857,19 @@ class TieredPrefixCache:
                 if old is not None:  # stored again meanwhile (same bytes): keep one copy
                     host.slots.free(np.array([old], np.int32))
                 host.index[k] = slot
-                self._touch(TIER_HOST, k)
+                if self._events:
+                    self._touch(TIER_HOST, k)
             self._account("device_to_host", len(keys), dt)
             self._stats.demoted_to_host += len(keys)
 
-    def _demote_past_host(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+    def _demote_past_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
         """Device blocks the host tier has no slot for: to disk, or dropped without one."""
         if self.disk is not None:
-            self._demote_to_disk_from_device(keys, ids)
+            self._demote_to_disk_from_device(keys, ids, settled)
             return
         with self._lock:
             self._stats.dropped[TIER_DEVICE] += len(keys)
+        settled.extend(keys)
 
     def _host_slots(self, n: int) -> npt.NDArray[np.int32]:
         """Up to n free host slots, demoting the host tier's oldest blocks to disk (or dropping them)
@@ -843,17 +886,20 @@ class TieredPrefixCache:
                 if not host.index:
                     break
                 victims = [host.index.popitem(last=False) for _ in range(min(n - len(out), len(host.index)))]
+                written: list[bytes] = []
                 spill: Future[None] = Future()
                 for key, _ in victims:  # in flight to disk: a lookup waits for it
                     self._pending.setdefault(key, spill)
-                    self._touch(TIER_HOST, key)
+                    if self._events:
+                        self._touch(TIER_HOST, key)
             try:
-                out.extend(self._spill_host(victims))
+                out.extend(self._spill_host(victims, written))
             except BaseException:
-                # The victims left the index and their bytes did not land on disk: they are dropped,
-                # and their slots (and those taken for this call) go back, or the tier would shrink.
+                # The victims left the index and the bytes of those not written did not land on disk:
+                # they are dropped, and all their slots (and those taken for this call) go back, or the
+                # tier would shrink.
                 with self._lock:
-                    self._stats.dropped[TIER_HOST] += len(victims)
+                    self._stats.dropped[TIER_HOST] += len(victims) - len(written)
                     host.slots.free(np.asarray([slot for _, slot in victims] + out, dtype=np.int32))
                 raise
             finally:
@@ -861,12 +907,14 @@ class TieredPrefixCache:
                     for key, _ in victims:
                         if self._pending.get(key) is spill:
                             del self._pending[key]
-                        self._forget_if_gone(key)
+                        if self._events:
+                            self._forget_if_gone(key)
                 spill.set_result(None)
         return np.asarray(out, dtype=np.int32)
 
-    def _spill_host(self, victims: list[tuple[bytes, int]]) -> list[int]:
-        """Moves host victims (already out of the index) to disk; returns their slots, now reusable."""
+    def _spill_host(self, victims: list[tuple[bytes, int]], written: list[bytes]) -> list[int]:
+        """Moves host victims (already out of the index) to disk, noting each in ``written`` once it
+        landed there; returns their slots, now reusable."""
         host = self.host
         assert host is not None
         if self.disk is None:
@@ -876,11 +924,13 @@ class TieredPrefixCache:
         t0 = time.perf_counter()
         for key, slot in victims:
             self._write_disk(key, host.view[slot])
+            written.append(key)
         with self._lock:
             self._account("host_to_disk", len(victims), time.perf_counter() - t0)
         return [slot for _, slot in victims]
 
-    def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32]) -> None:
+    def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32],
+                                    settled: list[bytes]) -> None:
         disk = self.disk
         assert disk is not None
         bounce = disk.bounce_buffer()
@@ -888,6 +938,7 @@ class TieredPrefixCache:
         for k, block in zip(keys, ids.tolist(), strict=True):
             self.pool.gather_into([block], bounce[: self.block_nbytes])
             self._write_disk(k, bounce)
+            settled.append(k)
         with self._lock:
             self._account("device_to_disk", len(keys), time.perf_counter() - t0)
 
@@ -933,16 +984,18 @@ class TieredPrefixCache:
                 pending = self._pending.get(digest)
                 if pending is None:
                     if self.host is not None and digest in self.host.index:
-                        self._add_claim(TIER_HOST, digest)
+                        if self._events:
+                            self._add_claim(TIER_HOST, digest)
                         return TIER_HOST, self.host.index.pop(digest)
                     if self.disk is not None and digest in self.disk.index:
-                        self._add_claim(TIER_DISK, digest)
+                        if self._events:
+                            self._add_claim(TIER_DISK, digest)
                         return TIER_DISK, self.disk.index.pop(digest).slot
                     return None
-            try:
-                pending.result()  # visible only once landed: wait for the in-flight demotion
-            except Exception:  # a failed demotion is a miss here
-                return None
+            # Visible only once landed: wait for the in-flight copy, then look again. A failed one
+            # (taken out of _pending before its future fails) may leave another copy of the digest.
+            with contextlib.suppress(Exception):
+                pending.result()
 
     def _promote(self, digests: npt.NDArray[np.uint8], n0: int, run: list[tuple[bytes, int, int]]) -> np.ndarray:
         """Copies the claimed lower-tier blocks into fresh device blocks and inserts them acquired.
@@ -1041,9 +1094,11 @@ class TieredPrefixCache:
         # A digest stored into its tier again while claimed (computed and demoted anew) keeps that
         # copy (same bytes); the claimed slot is freed, not written over the new entry (which would
         # lose the new entry's slot for good).
+        events = self._events
         with self._lock:
             for key, tier, slot in run:
-                self._drop_claim(tier, key)
+                if events:
+                    self._drop_claim(tier, key)
                 if tier == TIER_HOST and self.host is not None:
                     if key in self.host.index:
                         self.host.slots.free(np.array([slot], np.int32))
@@ -1054,17 +1109,21 @@ class TieredPrefixCache:
                         self.disk.slots.free(np.array([slot], np.int32))
                     else:
                         self.disk.index[key] = _DiskSlot(slot, self.disk.next_generation())
-                self._touch(tier, key)
+                if events:
+                    self._touch(tier, key)
 
     def _free_lower(self, run: list[tuple[bytes, int, int]]) -> None:
+        events = self._events
         with self._lock:
             for key, tier, slot in run:
-                self._drop_claim(tier, key)
+                if events:
+                    self._drop_claim(tier, key)
                 if tier == TIER_HOST and self.host is not None:
                     self.host.slots.free(np.array([slot], np.int32))
                 elif tier == TIER_DISK and self.disk is not None:
                     self.disk.slots.free(np.array([slot], np.int32))
-                self._touch(tier, key)
+                if events:
+                    self._touch(tier, key)
 
     # --- KV events -----------------------------------------------------------------------------
     # Callers hold self._lock for all of these.
@@ -1114,7 +1173,8 @@ class TieredPrefixCache:
             if tokens is None:
                 return False
             self._meta[digest] = _BlockMeta(tokens[i * self.block_size: (i + 1) * self.block_size].copy(),
-                                            digests[i - 1].tobytes() if i else None, extra_key, cache_salt)
+                                            digests[i - 1].tobytes() if i else None, _key_bytes(extra_key),
+                                            _key_bytes(cache_salt))
             return True
 
     def _stored_event(self, tier: int, key: bytes) -> dict[str, Any]:

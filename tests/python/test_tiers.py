@@ -789,3 +789,89 @@ def test_a_failing_disk_does_not_fail_a_lookup_that_makes_room(tmp_path: Path, b
         assert_holds(pool, m.block_ids, wanted)
         tc.release(wanted)
         assert _slots_accounted(tc.host)
+
+
+def test_a_failing_disk_under_a_demotion_that_finds_few_host_slots_loses_none_of_them(tmp_path: Path,
+                                                                                      background: bool) -> None:
+    # A lookup claims two of the host tier's three slots and makes room on a full device: of the two
+    # blocks it demotes, one gets the free host slot and one has to go past the host tier, to the
+    # failing disk. The host slot stays the host tier's (it was lost for good, a tier of 2 slots).
+    pool = PagedKVPool(SPEC, 4)
+    with TieredPrefixCache(pool, device_blocks=4, host_blocks=3, disk_dir=tmp_path, disk_blocks=8,
+                           background=background) as tc:
+        wanted = fill(tc, prompt(0, blocks=2))
+        for fut in tc.demote(2):
+            fut.result()
+        assert [tc.location(d.tobytes()) for d in wanted] == ["host", "host"]
+        fill(tc, prompt(1, blocks=4))  # the device: full
+        assert tc.disk is not None and tc.host is not None
+        tc.disk.close()  # the disk fails under the cache
+        m = tc.match(wanted)
+        assert m.num_matched == 2 and m.tiers.tolist() == [TIER_HOST, TIER_HOST]
+        assert_holds(pool, m.block_ids, wanted)
+        tc.release(wanted)
+        tc.flush()
+        assert _slots_accounted(tc.host)
+        assert len(tc.host) == 1 and tc.stats()["demoted_to_host"] == 3  # the block that had a slot is there
+
+
+def test_a_lookup_waiting_for_a_demotion_that_fails_still_finds_another_copy(tmp_path: Path) -> None:
+    # D is on the host and (computed again) on the device. The device copy's demotion fails (its host slot
+    # needs a spill to a failing disk); a lookup of D that waited for it still finds the host copy, which
+    # was never touched (it was a miss: the request recomputed a block the host held).
+    import threading
+
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, host_blocks=2, disk_dir=tmp_path, disk_blocks=4) as tc:
+        x = fill(tc, prompt(0, blocks=1))
+        tc.demote(1)[0].result()
+        d = fill(tc, prompt(1, blocks=1))
+        tc.demote(1)[0].result()  # the host: x (oldest), d
+        ids = tc.allocate(1)
+        pool.scatter(content(d[0].tobytes(), pool.block_nbytes), ids)
+        tc.insert(d, ids)  # d again on the device, as a request that computed it without a lookup
+        pool.free(ids)
+        assert tc.disk is not None and tc.host is not None and list(tc.host.index) == [x[0].tobytes(), d[0].tobytes()]
+        tc.disk.close()  # the disk fails under the cache: x cannot be spilled to make room
+        gate = threading.Event()
+        assert tc._executor is not None
+        tc._executor.submit(gate.wait)  # holds the copies back until the lookup waits for d
+        failed = tc.demote(1)
+        found: list[list[int]] = []
+        looker = threading.Thread(target=lambda: found.append(tc.match(d).tiers.tolist()))
+        looker.start()
+        time.sleep(0.3)
+        gate.set()
+        looker.join(timeout=10)
+        assert isinstance(failed[0].exception(), OSError)
+        assert found == [[TIER_HOST]]  # was a miss ([]) while the host held d all along
+        tc.release(d)
+
+
+def test_blocks_a_failing_disk_costs_are_counted_where_they_fell_off(tmp_path: Path) -> None:
+    # A real write error: past RLIMIT_FSIZE a write fails with EFBIG (SIGXFSZ ignored). The disk tier takes
+    # its first slot only. Two device blocks are demoted into a full host tier: its two oldest blocks are
+    # spilled, the first lands on disk, the second's write fails. The demotion fails with it, so the two
+    # device blocks land nowhere: dropped from the device (was 0), and one host block dropped (was 2).
+    resource = pytest.importorskip("resource")
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, host_blocks=2, disk_dir=tmp_path, disk_blocks=4,
+                           background=False) as tc:
+        spilled = fill(tc, prompt(0, blocks=2))
+        tc.demote(2)
+        demoted = fill(tc, prompt(1, blocks=2))
+        assert tc.disk is not None and [tc.location(d.tobytes()) for d in spilled] == ["host", "host"]
+        old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ,
+                                                                                             signal.SIG_IGN)
+        try:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (tc.disk.slot_nbytes, old_limit[1]))
+            failed = [f.exception() for f in tc.demote(2)]
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+        assert [type(e) for e in failed] == [OSError]
+        where = [tc.location(d.tobytes()) for d in [*spilled, *demoted]]
+        assert where.count("disk") == 1 and where.count(None) == 3
+        s = tc.stats()
+        assert s["demoted_to_disk"] == 1 and s["dropped"] == {"device": 2, "host": 1, "disk": 0}
+        assert _slots_accounted(tc.host) and _slots_accounted(tc.disk)
