@@ -656,6 +656,24 @@ TEST(PrefixCache, ClearKeepsOnlyChainsInUse) {
   c.check_invariants();
 }
 
+TEST(PrefixCache, InsertRefusesNegativeTokenIdsForEvents) {
+  // Stored events carry token ids that routers read as unsigned 32-bit: a negative one is refused
+  // before anything changes.
+  PrefixCacheOptions o = opts(EvictionPolicy::kLru, 8u);
+  o.event_queue_capacity = 8;
+  PrefixCache c(o);
+  const auto a = chain(300, 2);
+  std::vector<std::int32_t> tokens{1, 2, 3, 4, 5, 6, -7, 8};
+  InsertOptions io;
+  io.token_ids = tokens;
+  EXPECT_EQ(code_of([&] { (void)insert(c, a, ids({0, 1}), io); }), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(c.size(), 0u);
+  EXPECT_TRUE(c.drain_events().empty());
+  tokens[6] = 7;
+  EXPECT_EQ(insert(c, a, ids({0, 1}), io).num_inserted, 2u);
+  c.check_invariants();
+}
+
 TEST(PrefixCache, EventsDescribeStoredAndRemovedBlocks) {
   PrefixCacheOptions o = opts(EvictionPolicy::kLru, 3u);
   o.event_queue_capacity = 8;

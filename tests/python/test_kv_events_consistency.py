@@ -434,3 +434,37 @@ def test_timestamps_follow_the_batches_handed_out_after_a_replay() -> None:
         assert subscriber.replayed_batches >= 3
         ordered = [stamps[seq] for seq in sorted(stamps)]
         assert ordered == sorted(ordered) and len(set(ordered)) == len(ordered), ordered
+
+
+def test_negative_token_ids_are_refused_before_they_reach_an_event() -> None:
+    """Routers read token ids as unsigned 32-bit: a negative one made its batch unencodable, so the
+    publisher sent AllBlocksCleared in its place and every router forgot the whole cache. With events
+    on, such ids are refused where they come in, naming the id and its position, and nothing changes."""
+    from sagellm_kv_cache import KVCacheSpec, PagedKVPool
+    from sagellm_kv_cache.errors import KVCacheError
+    from sagellm_kv_cache.manager import RequestManager
+
+    cache = RadixPrefixCache(block_size=BS, event_queue_capacity=64)
+    with pytest.raises(KVCacheError, match="token id -3 at position 1 is negative"):
+        cache.insert_tokens(np.array([1, -3], dtype=np.int64), [0])
+    digests = cache.hash_tokens(np.array([4, 4, 5, -5], dtype=np.int64))
+    with pytest.raises(KVCacheError, match="token id -5 at position 3 is negative"):
+        cache.insert(digests, [0, 1], token_ids=np.array([4, 4, 5, -5], dtype=np.int64))
+    assert len(cache) == 0 and cache.drain_events() == []
+
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype="int8", block_size=BS)
+    pool = PagedKVPool(spec, 16, zero_fill=False)
+    manager = RequestManager(pool, event_queue_capacity=64)
+    with pytest.raises(KVCacheError, match="request 1 has token id -6 at position 5: negative"):
+        manager.admit(1, [1, 2, 3, 4, 5, -6, 7])
+    assert 1 not in manager and manager.num_free_blocks == 16
+    manager.admit(2, [1, 2, 3])
+    with pytest.raises(KVCacheError, match="request 2 has token id -1 at position 0: negative"):
+        manager.append(2, [-1, 8])
+    assert manager.num_tokens(2) == 3 and manager.num_free_blocks == 16 - 2
+    manager.finish(2)
+    assert all(t >= 0 for event in manager._cache.drain_events() for t in event.get("token_ids", []))
+    # Without events the ids only feed the hash: they are taken as before.
+    plain = RequestManager(PagedKVPool(spec, 16, zero_fill=False))
+    plain.admit(1, [1, -2, 3])
+    plain.finish(1)

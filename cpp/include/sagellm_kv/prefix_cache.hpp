@@ -95,7 +95,7 @@ struct MatchResult {
 /// Arguments of `PrefixCache::insert` besides the digests and block ids.
 struct InsertOptions {
   std::optional<BlockHash> parent;            ///< digest the first one chains from; empty or kRootBlockHash: the root
-  std::span<const std::int32_t> token_ids;    ///< empty, or block_size ids per digest (events only)
+  std::span<const std::int32_t> token_ids;    ///< empty, or block_size ids >= 0 per digest (events only)
   std::optional<std::string_view> extra_key;  ///< recorded in the stored event only
   /// The tenant salt the digests were hashed with, recorded in the stored event only (a KV-aware
   /// router keeps tenants' blocks apart by it).

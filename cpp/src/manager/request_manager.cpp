@@ -19,6 +19,18 @@ constexpr std::size_t kTailReserveTokens = 4096;
 
 std::string id_text(RequestId id) { return "request " + std::to_string(id); }
 
+// Stored KV events carry a block's token ids, which routers read as unsigned 32-bit integers: with
+// events on, a negative id is refused before anything changes (the cache's insert would refuse it
+// when the block is published, too late to tell the caller).
+void refuse_negative_token(std::span<const std::int32_t> tokens, const char* call, RequestId id) {
+  const auto bad = std::ranges::find_if(tokens, [](std::int32_t t) { return t < 0; });
+  if (bad == tokens.end()) return;
+  throw Error(ErrorCode::kInvalidArgument, std::string(call) + ": " + id_text(id) + " has token id " +
+                                               std::to_string(*bad) + " at position " +
+                                               std::to_string(bad - tokens.begin()) +
+                                               ": negative ids cannot go into KV events (unsigned 32-bit there)");
+}
+
 std::size_t blocks_for(std::uint64_t tokens, std::uint32_t block_size) {
   return static_cast<std::size_t>((tokens + block_size - 1) / block_size);
 }
@@ -250,6 +262,7 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
       throw Error(ErrorCode::kInvalidArgument, "admit: " + id_text(requests[i].id) + " has " +
                                                    std::to_string(count_of(i)) + " tokens, more than any pool holds");
     }
+    if (impl_->keep_tokens) refuse_negative_token(requests[i].tokens, "admit", requests[i].id);
   }
   // Hash every prompt before taking the mutex: the expensive part runs in parallel across threads.
   thread_local AdmitScratch scratch;
@@ -425,6 +438,7 @@ BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<con
     s.targets[i] = &r;
     const std::size_t have = r.blocks.size();
     const auto run = tokens.subspan(offsets[i], offsets[i + 1] - offsets[i]);
+    if (s.keep_tokens && !r.opaque) refuse_negative_token(run, "append", ids[i]);
     const std::size_t want = blocks_for(r.num_tokens + run.size(), bs);
     // Room for the commit phase now, so it cannot fail after blocks are taken.
     detail::grow_to(r.blocks, want);

@@ -870,6 +870,15 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::spa
                     std::to_string(n * s.block_size) + " or none)");
   }
   if (n >= kNone) throw Error(ErrorCode::kInvalidArgument, "insert: too many digests: " + std::to_string(n));
+  // Token ids go into stored events only, which routers read as unsigned 32-bit ids: a negative one
+  // would make its batch unencodable, and the publisher would replace it by a clear of everything.
+  if (const auto bad = std::ranges::find_if(options.token_ids, [](std::int32_t t) { return t < 0; });
+      bad != options.token_ids.end()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "insert: token id " + std::to_string(*bad) + " at position " +
+                    std::to_string(bad - options.token_ids.begin()) +
+                    " is negative (KV events carry token ids as unsigned 32-bit integers)");
+  }
 
   const std::lock_guard lock(s.mutex);
   // The one read of the caller's arrays: everything below checks and uses these copies.
