@@ -56,7 +56,7 @@ def _session(shared: str, ports: list[int], rank: int, backend: Any) -> dict[str
 
     spec = KVCacheSpec(**SPEC)
     folder = Path(shared)
-    trials = [("offset", o) for o in OFFSETS] + [("publish_fails", 0.3), ("closed_link", 1.0)]
+    trials = [("offset", o) for o in OFFSETS] + [("publish_fails", 0.3), ("closed_link", 1.0), ("interrupted", -0.3)]
     out: dict[str, Any] = {}
     pool = PagedKVPool(spec, 4 * BLOCKS)
     for i, (kind, offset) in enumerate(trials):
@@ -68,7 +68,10 @@ def _session(shared: str, ports: list[int], rank: int, backend: Any) -> dict[str
             digests = np.random.default_rng(i).integers(0, 256, size=(BLOCKS, 32), dtype=np.uint8)
             _announce(folder / f"deadline{i}", time.monotonic() + TIMEOUT)
             records_before = set(engine._records)
-            sent = _outcome(functools.partial(engine.send_blocks, pool, ids, 1, digests=digests))
+            if kind == "interrupted":
+                sent = _interrupted_after_last_chunk(engine, pool, ids, digests)
+            else:
+                sent = _outcome(functools.partial(engine.send_blocks, pool, ids, 1, digests=digests))
             (tid,) = set(engine._records) - records_before
             before_settle = (engine.get_transfer_outcome(tid), engine.get_transfer_status(tid).value)
             if kind == "closed_link":
@@ -124,10 +127,43 @@ def _session(shared: str, ports: list[int], rank: int, backend: Any) -> dict[str
     return out
 
 
+def _interrupted_after_last_chunk(engine: Any, pool: Any, ids: Any, digests: Any) -> tuple[str, Any, float]:
+    """engine.send_blocks, with a KeyboardInterrupt landing in this (main) thread 0.2 s after its last
+    chunk went out, while it waits for the destination's final reply (held until 0.3 s before the
+    deadline)."""
+    import _thread
+    import threading
+
+    last_chunk = -(-BLOCKS // max(1, 4096 // pool.block_nbytes)) - 1
+    sent_last = threading.Event()
+
+    def hook(k: int, payload: Any) -> None:
+        if k == last_chunk:
+            sent_last.set()
+
+    def interrupt() -> None:
+        if sent_last.wait(10.0):
+            time.sleep(0.2)
+            _thread.interrupt_main()
+
+    engine.blocks._chunk_hook = hook
+    timer = threading.Thread(target=interrupt, daemon=True)
+    timer.start()
+    start = time.monotonic()
+    try:
+        engine.send_blocks(pool, ids, 1, digests=digests)
+        outcome: tuple[str, Any, float] = ("ok", None, time.monotonic() - start)
+    except KeyboardInterrupt:
+        outcome = ("KeyboardInterrupt", {"message": ""}, time.monotonic() - start)
+    timer.join()
+    engine.blocks._chunk_hook = None
+    return outcome
+
+
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Any]:
     shared = tmp_path_factory.mktemp("outcome")
-    ports = [_free_port() for _ in range(len(OFFSETS) + 2)]
+    ports = [_free_port() for _ in range(len(OFFSETS) + 3)]
     return _run(functools.partial(_session, str(shared), ports), world=2, timeout=150.0)
 
 
@@ -167,6 +203,17 @@ def test_closed_link_does_not_hold_the_destination(reports: dict[int, Any]) -> N
     assert dst["received"] == "ok" and dst["published"] == BLOCKS, dst
     assert dst["after_close"] < 5.0, dst
     assert src["outcome"] == "completed"
+
+
+def test_an_interrupt_after_the_last_chunk_leaves_the_outcome_unknown_not_failed(reports: dict[int, Any]) -> None:
+    # A Ctrl-C (or a cancelled task) while the source waits for the final reply: the destination may
+    # have committed, so the source must not record a failure; the next exchange settles it. Was: FAILED.
+    src, dst = reports[0]["interrupted-0.300"], reports[1]["interrupted-0.300"]
+    assert src["sent"] == "KeyboardInterrupt", src
+    assert dst["received"] == "ok" and dst["published"] == BLOCKS and dst["sha"] == src["sha"], dst
+    assert src["before_settle"] == ("unknown", "in_progress"), src
+    assert src["settle"] == "ok" and dst["settle"] == "ok"
+    assert src["outcome"] == "completed" and src["engine_after"] == "completed"
 
 
 def test_outcome_of_a_transfer_never_in_doubt_is_none() -> None:

@@ -326,7 +326,11 @@ class KVTransferEngine:
             self._settle_doubts()  # and drops the doubts the ledger no longer holds
             raise
         except BaseException:
-            self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
+            if blocks.outcome(transfer_id) == "unknown":  # interrupted after the last chunk went out
+                with self._lock:
+                    self._in_doubt.add(transfer_id)
+            else:
+                self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
             raise
         self._set_status(transfer_id, TransferStatus.COMPLETED, completed_at=time.time())
         return transfer_id
