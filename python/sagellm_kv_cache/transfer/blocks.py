@@ -599,10 +599,11 @@ class BlockTransfer:
                         context={"side": "source", "phase": state["phase"], "src_rank": me, "dst_rank": dst_rank},
                     ) from e
                 self._raise_send_failure(e, tid, me, dst_rank, deadline, state)
-            except BaseException as e:  # KeyboardInterrupt, a cancelled task, a bug: the protocol stopped mid-way
-                self._mark_broken(dst_rank, f"{type(e).__name__} during {state['phase']} of transfer {tid}")
-                if state.get("all_sent") and not state.get("source_aborted"):
-                    _LEDGER.doubt(dst_rank, tid)  # the destination may have committed: ask on the next exchange
+            except BaseException as e:
+                if not isinstance(e, Exception):  # KeyboardInterrupt, a cancelled task: stopped mid-protocol
+                    self._mark_broken(dst_rank, f"{type(e).__name__} during {state['phase']} of transfer {tid}")
+                    if state.get("all_sent") and not state.get("source_aborted"):
+                        _LEDGER.doubt(dst_rank, tid)  # the destination may have committed: ask on the next exchange
                 raise
         return tid
 
@@ -684,8 +685,9 @@ class BlockTransfer:
                     state["transfer_id"], source=f"rank {src_rank}", target=f"rank {me}",
                     reason=f"{state['phase']}: {e}", context={"side": "destination", "phase": state["phase"]},
                 ) from e
-            except BaseException as e:  # KeyboardInterrupt, a cancelled task: frames of this transfer may be unread
-                self._mark_broken(src_rank, f"{type(e).__name__} during {state['phase']}")
+            except BaseException as e:
+                if not isinstance(e, Exception):  # KeyboardInterrupt, a cancelled task: frames may be left unread
+                    self._mark_broken(src_rank, f"{type(e).__name__} during {state['phase']}")
                 raise
             finally:
                 if reserved is not None:

@@ -325,7 +325,7 @@ class KVTransferEngine:
                 self._in_doubt.add(transfer_id)  # stays IN_PROGRESS: the destination may hold the blocks
             self._settle_doubts()  # and drops the doubts the ledger no longer holds
             raise
-        except BaseException:
+        except BaseException:  # another error, or KeyboardInterrupt / a cancelled task
             if blocks.outcome(transfer_id) == "unknown":  # interrupted after the last chunk went out
                 with self._lock:
                     self._in_doubt.add(transfer_id)
