@@ -4,11 +4,15 @@
 //       the cache bounded to 8,192 blocks (LRU). SHA-256 and XXH3-128.
 //   STEP: 256 running 1,024-token requests append one token each per step (one batched call).
 // Token ids are int32 vectors made up front; prints us per request / per step.
+// Arguments (optional): a workload (W2, W3 or STEP) and a hash algorithm name run only that
+// combination, e.g. `manager_bench W3 sha256`, for per-workload instruction counts (perf stat);
+// SETUP only makes the requests (the part of a W2/W3 run's count that is not the manager's).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
 #include <random>
+#include <string_view>
 #include <vector>
 
 #include "sagellm_kv/block_allocator.hpp"
@@ -109,14 +113,25 @@ void step_workload(HashAlgorithm alg) {
 
 }  // namespace
 
-int main() {
-  const auto requests = make_requests(20000, 1000, 0);
-  std::size_t total = 0;
-  for (const auto& r : requests) total += r.size() / kBlock;
+int main(int argc, char** argv) {
+  const std::string_view only = argc > 1 ? argv[1] : "";
+  const auto runs = [&](std::string_view name) { return only.empty() || only == name; };
   std::vector<HashAlgorithm> algs{HashAlgorithm::kSha256};
   if (hash_algorithm_available(HashAlgorithm::kXxh3_128)) algs.push_back(HashAlgorithm::kXxh3_128);
-  for (HashAlgorithm alg : algs) prefix_workload("W2", requests, std::nullopt, static_cast<std::uint32_t>(total), alg);
-  for (HashAlgorithm alg : algs) prefix_workload("W3", requests, 8192, 8192 + 80, alg);
-  for (HashAlgorithm alg : algs) step_workload(alg);
+  if (argc > 2) algs.assign(1, parse_hash_algorithm(argv[2]));
+  if (runs("W2") || runs("W3") || only == "SETUP") {
+    const auto requests = make_requests(20000, 1000, 0);
+    std::size_t total = 0;
+    for (const auto& r : requests) total += r.size() / kBlock;
+    if (runs("W2")) {
+      for (HashAlgorithm alg : algs) prefix_workload("W2", requests, std::nullopt, static_cast<std::uint32_t>(total), alg);
+    }
+    if (runs("W3")) {
+      for (HashAlgorithm alg : algs) prefix_workload("W3", requests, 8192, 8192 + 80, alg);
+    }
+  }
+  if (runs("STEP")) {
+    for (HashAlgorithm alg : algs) step_workload(alg);
+  }
   return 0;
 }
