@@ -105,6 +105,26 @@ TEST(RequestManager, SecondRequestSharesPrefixAndFinishKeepsItCached) {
   EXPECT_EQ(f.manager->stats().hit_blocks, 5u);
 }
 
+TEST(RequestManager, PublishedBlocksAreTheCachesNotTheRequests) {
+  Fixture f(64);
+  std::vector<BlockId> table;
+  ASSERT_EQ(f.admit(1, seq(0, 10), &table), 0);  // 2 full blocks + 2 tokens
+  // Publishing handed the request's references on its full blocks to the cache: one each.
+  for (BlockId b : table) EXPECT_EQ(f.alloc.ref_count(b), 1u) << b;
+  EXPECT_EQ(f.manager->stats().owned_blocks, 1u);  // the partial block
+  std::vector<BlockId> fresh;
+  ASSERT_TRUE(f.append({1}, {seq(10, 2)}, nullptr, &fresh).ok());  // fills block 2, no new block
+  EXPECT_TRUE(fresh.empty());
+  EXPECT_EQ(f.manager->stats().owned_blocks, 0u);
+  EXPECT_EQ(f.alloc.ref_count(table[2]), 1u);
+  EXPECT_EQ(f.alloc.num_allocated(), f.cache->size() + f.manager->stats().owned_blocks);
+  f.manager->check_invariants();
+  f.finish(1);
+  EXPECT_EQ(f.alloc.num_allocated(), 3u);  // the cache's, one reference each
+  for (BlockId b : table) EXPECT_EQ(f.alloc.ref_count(b), 1u) << b;
+  f.cache->check_invariants();
+}
+
 TEST(RequestManager, FullyCachedPromptLeavesLastTokenToCompute) {
   Fixture f(64);
   ASSERT_EQ(f.admit(1, seq(0, 8)), 0);

@@ -684,9 +684,9 @@ struct PrefixCache::Impl {
                      events_on() ? &plan.removed : nullptr, plan.now);
       if (cur != kNone) drop_use(cur);
       fit = live_count >= *capacity ? 0 : std::min(plan.num_new, *capacity - live_count);
-      if (allocator != nullptr && fit < plan.num_new) {
+      if (allocator != nullptr && fit < plan.num_new && !options.adopt) {
         // Give back the references taken on blocks that do not fit; the caller still holds its
-        // own, so none of them reaches zero.
+        // own, so none of them reaches zero. (Adopted: the caller's references on them stay its.)
         [[maybe_unused]] const BatchStatus st = detail::free_held(*allocator, new_ids.subspan(fit));
         assert(st.ok());
       }
@@ -933,7 +933,7 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::spa
     throw;
   }
 
-  if (s.allocator != nullptr && num_new != 0) {
+  if (s.allocator != nullptr && num_new != 0 && !options.adopt) {
     // The cache's reference on every new block, taken last so a refusal changes nothing. It can
     // only fail if the caller frees a block concurrently, which the protocol forbids; not for lack
     // of memory (a long batch goes in pieces), so a reserve_insert makes the insert allocation-free.
