@@ -117,8 +117,9 @@ struct InsertOptions {
   /// The caller vouches for its input, so the O(n log n) checks are skipped (debug builds still
   /// assert them): the digests are one hash chain continuing `parent` (a chained digest that is not
   /// cached has no cached descendant, so nothing after the first miss is looked up), none repeats,
-  /// and the block ids are distinct, allocated and cache nothing. For callers that hashed the chain
-  /// and allocated the blocks themselves (the request manager); a violated promise corrupts the cache.
+  /// and the block ids are distinct, allocated and cache nothing. The arrays are then read in place,
+  /// not copied first: they must not change during the call. For callers that hashed the chain and
+  /// allocated the blocks themselves (the request manager); a violated promise corrupts the cache.
   bool trusted_chain = false;
 };
 
@@ -236,7 +237,8 @@ class PrefixCache {
   /// Strong exception guarantee: whatever throws (these errors, std::bad_alloc, a throwing
   /// options.clock_ns), the cache and the allocator's counts are as before the call. Everything
   /// that can fail runs before the cache takes its references; what follows cannot fail. The
-  /// arguments are copied once, under the lock, and only the copies are read.
+  /// arguments are copied once, under the lock, and only the copies are read (except with
+  /// options.trusted_chain, which reads them in place).
   [[nodiscard]] InsertResult insert(std::span<const BlockHash> digests, std::span<const BlockId> block_ids,
                                     const InsertOptions& options = {});
 

@@ -872,11 +872,16 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::spa
   if (n >= kNone) throw Error(ErrorCode::kInvalidArgument, "insert: too many digests: " + std::to_string(n));
 
   const std::lock_guard lock(s.mutex);
-  // The one read of the caller's arrays: everything below checks and uses these copies.
-  s.input_digests.assign(digests_in.begin(), digests_in.end());
-  s.input_ids.assign(block_ids_in.begin(), block_ids_in.end());
-  const std::span<const BlockHash> digests = s.input_digests;
-  const std::span<const BlockId> block_ids = s.input_ids;
+  // The one read of the caller's arrays: everything below checks and uses these copies. A trusted
+  // chain's arrays are not checked, so nothing is gained by copying them: they are read in place.
+  std::span<const BlockHash> digests = digests_in;
+  std::span<const BlockId> block_ids = block_ids_in;
+  if (!options.trusted_chain) {
+    s.input_digests.assign(digests_in.begin(), digests_in.end());
+    s.input_ids.assign(block_ids_in.begin(), block_ids_in.end());
+    digests = s.input_digests;
+    block_ids = s.input_ids;
+  }
 
   // --- checks: nothing changes until all pass -----------------------------------------------------
   std::uint32_t attach = kNone;
