@@ -290,20 +290,20 @@ struct PrefixCache::Impl {
     }
   }
 
-  std::uint32_t alloc_node() {
+  // Stores `init` in a record from the free list, or appended, and counts it live and a leaf. The
+  // record is written once (no reset to defaults first).
+  std::uint32_t alloc_node(const Node& init) {
     std::uint32_t idx = free_head;
     if (idx != kNone) {
-      static constexpr Node kFresh{};  // copied field by field (a Node{} temporary costs a rep stos)
       free_head = nodes[idx].parent;
-      nodes[idx] = kFresh;
+      nodes[idx] = init;
     } else {
       if (nodes.size() >= kNone) throw Error(ErrorCode::kInternal, "prefix cache node table is full");
       idx = static_cast<std::uint32_t>(nodes.size());
-      nodes.emplace_back();
+      nodes.push_back(init);
       heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
       if (two_heaps()) lru_heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
     }
-    nodes[idx].live = true;
     ++live_count;
     ++leaf_count;
     return idx;
@@ -703,22 +703,21 @@ struct PrefixCache::Impl {
         index.prefetch(digests[pos + kAhead]);
         prefetch_block_owner(new_ids[j + kAhead]);
       }
-      const std::uint32_t idx = alloc_node();  // within the reserved capacity
-      Node& node = nodes[idx];
-      node.digest = digests[pos];
-      node.block = new_ids[j];
-      node.parent = cur;
-      node.owner = options.owner;
-      node.priority = options.priority;
-      node.insert_tick = ++tick;
-      node.last_access = node.insert_tick;
-      node.inserted_ns = plan.now;
-      index.insert(node.digest, idx);  // reserved: no rehash
-      set_block_owner(node.block, idx);  // reserved: no growth
-      if (options.acquire) {
-        node.users = 1;
-        ++in_use_count;
-      }
+      const std::uint64_t t = ++tick;
+      const std::uint32_t idx = alloc_node({.digest = digests[pos],  // within the reserved capacity
+                                            .owner = options.owner,
+                                            .last_access = t,
+                                            .insert_tick = t,
+                                            .inserted_ns = plan.now,
+                                            .block = new_ids[j],
+                                            .parent = cur,
+                                            .children = 0,
+                                            .users = options.acquire ? 1u : 0u,
+                                            .priority = options.priority,
+                                            .live = true});
+      index.insert(digests[pos], idx);  // reserved: no rehash
+      set_block_owner(new_ids[j], idx);  // reserved: no growth
+      if (options.acquire) ++in_use_count;
       if (cur != kNone) {
         Node& p = nodes[cur];
         if (p.children == 0) {
