@@ -250,6 +250,30 @@ TEST(RequestManager, SaltSeparatesTenants) {
   f.manager->check_invariants();
 }
 
+TEST(RequestManager, AFinishedRequestsRecordLeavesNothingToTheNext) {
+  // Finished requests' records are reused by later admits: none of their state may carry over.
+  Fixture f(64);
+  std::uint32_t cached = 0;
+  const auto t = seq(0, 9);
+  const AdmitRequest salted{1, t, {"tenant-a", "extra"}};
+  ASSERT_TRUE(f.manager->admit(std::span<const AdmitRequest>(&salted, 1), std::span<std::uint32_t>(&cached, 1)).ok());
+  f.finish(1);
+  // Request 2 starts short of a block: its first block is hashed at the append, with its own (empty)
+  // salt and extra key, not request 1's.
+  ASSERT_EQ(f.admit(2, seq(0, 3)), 0);
+  ASSERT_TRUE(f.append({2}, {{3, 4}}).ok());
+  EXPECT_EQ(f.manager->num_tokens(2), 5u);
+  EXPECT_EQ(f.manager->block_table(2).size(), 2u);
+  const auto plain = BlockHasher().hash_blocks(seq(0, 4), kBs, kRootBlockHash, {});
+  ASSERT_TRUE(f.cache->lookup(plain[0]).has_value());
+  EXPECT_EQ(f.cache->lookup(plain[0])->users, 1u);  // published by request 2, held by it
+  f.manager->check_invariants();
+  f.finish(2);
+  EXPECT_EQ(f.admit(3, seq(0, 5)), 4);
+  EXPECT_EQ(f.manager->stats().owned_blocks, 1u);
+  f.manager->check_invariants();
+}
+
 TEST(RequestManager, AdmitUsesTheCallersDigestsWhenThereIsOnePerFullBlock) {
   Fixture f(64);
   const auto t = seq(0, 10);  // two full blocks and a partial one

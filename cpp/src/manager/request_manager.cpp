@@ -17,6 +17,20 @@ namespace {
 
 // Tokens of a partial block reserved per request at admit (a whole block for any usual block size).
 constexpr std::size_t kTailReserveTokens = 4096;
+// Finished requests whose records (map node and vectors) are kept for the next admits, and the
+// most blocks' worth of room a kept record holds on to (beyond it its vectors are given back).
+constexpr std::size_t kSpareRequests = 16;
+constexpr std::size_t kSpareBlocks = 1024;
+
+// Empties `v`, keeping its room unless it exceeds `limit` elements (then it is given back).
+template <class Vector>
+void clear_keeping(Vector& v, std::size_t limit) noexcept {
+  if (v.capacity() > limit) {
+    Vector().swap(v);
+  } else {
+    v.clear();
+  }
+}
 
 std::string id_text(RequestId id) { return "request " + std::to_string(id); }
 
@@ -44,6 +58,20 @@ struct Request {
   bool opaque = false;                // admitted by count: token ids unknown, never hashed
 
   [[nodiscard]] BlockHashKey key() const noexcept { return {salt, extra}; }
+  // Back to a default request, keeping (bounded) room for the next one to reuse.
+  void recycle(std::uint32_t block_size) noexcept {
+    clear_keeping(blocks, kSpareBlocks);
+    clear_keeping(digests, kSpareBlocks);
+    clear_keeping(tail, std::min<std::size_t>(block_size, kTailReserveTokens));
+    clear_keeping(tokens, kSpareBlocks * block_size);
+    clear_keeping(adopted, 16);
+    clear_keeping(salt, 64);
+    clear_keeping(extra, 64);
+    num_tokens = 0;
+    num_shared = num_held = 0;
+    visit = 0;
+    opaque = false;
+  }
   // Calls f(span) for each run of blocks we hold an allocator reference on: the table after the
   // shared prefix, less the adopted runs.
   template <class F>
@@ -67,6 +95,8 @@ struct Request {
   }
 };
 
+
+using RequestMap = std::unordered_map<RequestId, Request>;
 
 // Per-thread scratch for hashing prompts outside the manager's mutex.
 struct AdmitScratch {
@@ -93,7 +123,11 @@ struct RequestManager::Impl {
   bool keep_tokens;  // the cache emits events: stored events need the published blocks' tokens
 
   mutable std::mutex mutex;
-  std::unordered_map<RequestId, Request> requests;
+  RequestMap requests;
+  // Records of finished requests, reused by admit: their map nodes and vectors come without
+  // allocating. Capacity kSpareRequests, reserved up front, so a finish never allocates to keep one.
+  std::vector<RequestMap::node_type> spare;
+  RequestMap staged;  // admit: the batch's requests until the commit moves them to `requests`
   RequestManagerStats counters;
   std::uint64_t owned_blocks = 0;
   // Scratch reused across calls (guarded by `mutex`).
@@ -112,7 +146,9 @@ struct RequestManager::Impl {
         block_size(s.options_.block_size),
         hash_algorithm(s.options_.hash_algorithm),
         match_last_token(s.options_.match_last_token),
-        keep_tokens(s.cache_ != nullptr && s.cache_->options().event_queue_capacity != 0) {}
+        keep_tokens(s.cache_ != nullptr && s.cache_->options().event_queue_capacity != 0) {
+    spare.reserve(kSpareRequests);
+  }
 
   Request& find(RequestId id) {
     const auto it = requests.find(id);
@@ -230,7 +266,11 @@ struct RequestManager::Impl {
     for (std::size_t i = 0; i < ids_in.size(); ++i) {
       tokens += targets[i]->num_tokens;
       release(*targets[i]);
-      requests.erase(ids_in[i]);
+      auto node = requests.extract(ids_in[i]);
+      if (spare.size() < spare.capacity()) {  // within the reserved room: no allocation
+        node.mapped().recycle(block_size);
+        spare.push_back(std::move(node));
+      }
     }
     counter += ids_in.size();
     return tokens;
@@ -332,12 +372,23 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
     }
   }
   s.ids.resize(total_blocks);
-  // The requests are built here, in map nodes of their own; the commit moves the nodes over.
-  std::unordered_map<RequestId, Request> staged;
-  staged.reserve(n);
+  // The requests are built here, in map nodes of their own (kept ones first: see `spare`); the
+  // commit moves the nodes over. Leftovers of an admit that was refused or threw are dropped.
+  RequestMap& staged = s.staged;
+  staged.clear();
+  detail::grow_buckets_to(staged, n);
   for (std::size_t i = 0; i < n; ++i) {
     const AdmitRequest& in = requests[i];
-    Request& r = staged[in.id];
+    Request* slot = nullptr;
+    if (!s.spare.empty()) {
+      RequestMap::node_type node = std::move(s.spare.back());
+      s.spare.pop_back();
+      node.key() = in.id;
+      slot = &staged.insert(std::move(node)).position->second;  // the buckets are grown: no rehash
+    } else {
+      slot = &staged[in.id];
+    }
+    Request& r = *slot;
     r.blocks.reserve(blocks_for(count_of(i), bs));
     r.num_tokens = count_of(i);
     r.opaque = in.tokens.empty();
