@@ -3,12 +3,18 @@
 //       and finished (hash, match, allocate, publish, release), unbounded cache; W3: the same with
 //       the cache bounded to 8,192 blocks (LRU). SHA-256 and XXH3-128.
 //   STEP: 256 running 1,024-token requests append one token each per step (one batched call).
-// Token ids are int32 vectors made up front; prints us per request / per step.
+// Token ids are int32 vectors made up front; prints us per request / per step, wall clock and this
+// thread's CPU time (the latter is not inflated when other processes take the core away).
+// Arguments (optional): a workload (W2, W3 or STEP) and a hash algorithm name run only that
+// combination, e.g. `manager_bench W3 sha256`, for per-workload instruction counts (perf stat);
+// SETUP only makes the requests (the part of a W2/W3 run's count that is not the manager's).
 #include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
 #include <random>
+#include <string_view>
 #include <vector>
 
 #include "sagellm_kv/block_allocator.hpp"
@@ -41,6 +47,13 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+// CPU time of the calling thread, in seconds.
+double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
 void prefix_workload(const char* name, const std::vector<std::vector<std::int32_t>>& requests,
                      std::optional<std::uint32_t> capacity, std::uint32_t pool_blocks, HashAlgorithm alg) {
   BlockAllocator alloc(pool_blocks);
@@ -55,6 +68,7 @@ void prefix_workload(const char* name, const std::vector<std::vector<std::int32_
   RequestManager manager(alloc, &cache, mo);
   std::vector<BlockId> table;
   const auto start = std::chrono::steady_clock::now();
+  const double cpu_start = thread_cpu_seconds();
   for (std::size_t i = 0; i < requests.size(); ++i) {
     const AdmitRequest r{i, requests[i], {}};
     std::uint32_t cached = 0;
@@ -66,8 +80,10 @@ void prefix_workload(const char* name, const std::vector<std::vector<std::int32_
     manager.finish(std::span<const RequestId>(&id, 1));
   }
   const double us = seconds_since(start) / static_cast<double>(requests.size()) * 1e6;
+  const double cpu_us = (thread_cpu_seconds() - cpu_start) / static_cast<double>(requests.size()) * 1e6;
   const RequestManagerStats st = manager.stats();
-  std::printf("%-4s %-9s %8.2f us/request  hit ratio %.5f\n", name, std::string(hash_algorithm_name(alg)).c_str(), us,
+  std::printf("%-4s %-9s %8.2f us/request (cpu %.2f)  hit ratio %.5f\n", name,
+              std::string(hash_algorithm_name(alg)).c_str(), us, cpu_us,
               static_cast<double>(st.hit_blocks) / static_cast<double>(st.queried_blocks));
 }
 
@@ -98,25 +114,38 @@ void step_workload(HashAlgorithm alg) {
   std::vector<BlockId> fresh;
   std::mt19937 rng(3);
   const auto start = std::chrono::steady_clock::now();
+  const double cpu_start = thread_cpu_seconds();
   for (int s = 0; s < kSteps; ++s) {
     for (auto& t : tokens) t = static_cast<std::int32_t>(rng() % 32000);
     fresh.clear();
     if (!manager.append(ids, tokens, offsets, counts, &fresh).ok()) std::abort();
   }
-  std::printf("STEP %-9s %8.2f us/step (256 requests, 1 token each)\n", std::string(hash_algorithm_name(alg)).c_str(),
-              seconds_since(start) / kSteps * 1e6);
+  std::printf("STEP %-9s %8.2f us/step (cpu %.2f; 256 requests, 1 token each)\n",
+              std::string(hash_algorithm_name(alg)).c_str(), seconds_since(start) / kSteps * 1e6,
+              (thread_cpu_seconds() - cpu_start) / kSteps * 1e6);
 }
 
 }  // namespace
 
-int main() {
-  const auto requests = make_requests(20000, 1000, 0);
-  std::size_t total = 0;
-  for (const auto& r : requests) total += r.size() / kBlock;
+int main(int argc, char** argv) {
+  const std::string_view only = argc > 1 ? argv[1] : "";
+  const auto runs = [&](std::string_view name) { return only.empty() || only == name; };
   std::vector<HashAlgorithm> algs{HashAlgorithm::kSha256};
   if (hash_algorithm_available(HashAlgorithm::kXxh3_128)) algs.push_back(HashAlgorithm::kXxh3_128);
-  for (HashAlgorithm alg : algs) prefix_workload("W2", requests, std::nullopt, static_cast<std::uint32_t>(total), alg);
-  for (HashAlgorithm alg : algs) prefix_workload("W3", requests, 8192, 8192 + 80, alg);
-  for (HashAlgorithm alg : algs) step_workload(alg);
+  if (argc > 2) algs.assign(1, parse_hash_algorithm(argv[2]));
+  if (runs("W2") || runs("W3") || only == "SETUP") {
+    const auto requests = make_requests(20000, 1000, 0);
+    std::size_t total = 0;
+    for (const auto& r : requests) total += r.size() / kBlock;
+    if (runs("W2")) {
+      for (HashAlgorithm alg : algs) prefix_workload("W2", requests, std::nullopt, static_cast<std::uint32_t>(total), alg);
+    }
+    if (runs("W3")) {
+      for (HashAlgorithm alg : algs) prefix_workload("W3", requests, 8192, 8192 + 80, alg);
+    }
+  }
+  if (runs("STEP")) {
+    for (HashAlgorithm alg : algs) step_workload(alg);
+  }
   return 0;
 }

@@ -92,6 +92,22 @@ TEST(Hashing, RootIsThirtyTwoZeroBytes) {
   EXPECT_EQ(kRootBlockHash.hex(), std::string(64, '0'));
 }
 
+TEST(Hashing, DigestsAreEqualOnlyWhenEveryByteIs) {
+  BlockHash a;
+  for (std::size_t i = 0; i < kBlockHashBytes; ++i) a.bytes[i] = static_cast<std::uint8_t>(i * 7 + 1);
+  const BlockHash same = a;
+  EXPECT_TRUE(a == same);
+  for (std::size_t i = 0; i < kBlockHashBytes; ++i) {  // each byte, in either 16-byte half, counts
+    for (std::uint8_t bit : {std::uint8_t{1}, std::uint8_t{0x80}}) {
+      BlockHash b = a;
+      b.bytes[i] = static_cast<std::uint8_t>(b.bytes[i] ^ bit);
+      EXPECT_FALSE(a == b) << "byte " << i;
+      EXPECT_FALSE(b == a) << "byte " << i;
+    }
+  }
+  EXPECT_TRUE(kRootBlockHash == BlockHash{});
+}
+
 TEST(Hashing, FirstBlockMatchesKnownVector) {
   BlockHasher hasher;
   const auto tokens = iota_tokens(16);

@@ -872,5 +872,31 @@ TEST(PrefixCache, InsertWithAcquireHoldsEveryCachedPosition) {
   c.check_invariants();
 }
 
+TEST(PrefixCache, InsertWithAdoptTakesOverTheCallersReferences) {
+  BlockAllocator a(16);
+  PrefixCache c(opts(EvictionPolicy::kLru, 3), &a);
+  const auto d = chain(700, 4);
+  const BlockId other = a.allocate_one();
+  ASSERT_EQ(insert(c, {d[0]}, {other}).num_inserted, 1u);
+  ASSERT_TRUE(a.free(std::vector<BlockId>{other}).ok());  // now only the cache's
+  std::vector<BlockId> b(4);
+  ASSERT_TRUE(a.allocate(b).ok());
+  InsertOptions o;
+  o.acquire = true;
+  o.adopt = true;
+  const InsertResult r = c.insert(d, b, o);
+  EXPECT_EQ(r.num_redundant, 1u);
+  EXPECT_EQ(r.num_inserted, 2u);  // capacity 3: position 3 is cut off
+  // No reference was added: b[1], b[2] are the cache's now, b[0] and b[3] still the caller's.
+  for (BlockId id : b) EXPECT_EQ(a.ref_count(id), 1u) << id;
+  EXPECT_EQ(a.num_allocated(), 5u);
+  c.check_invariants();
+  ASSERT_TRUE(a.free(std::vector<BlockId>{b[0], b[3]}).ok());
+  c.release(std::vector<BlockHash>(d.begin(), d.begin() + 3));
+  EXPECT_EQ(c.evict(3), 3u);
+  EXPECT_EQ(a.num_allocated(), 0u);
+  c.check_invariants();
+}
+
 }  // namespace
 }  // namespace sagellm::kv

@@ -105,6 +105,26 @@ TEST(RequestManager, SecondRequestSharesPrefixAndFinishKeepsItCached) {
   EXPECT_EQ(f.manager->stats().hit_blocks, 5u);
 }
 
+TEST(RequestManager, PublishedBlocksAreTheCachesNotTheRequests) {
+  Fixture f(64);
+  std::vector<BlockId> table;
+  ASSERT_EQ(f.admit(1, seq(0, 10), &table), 0);  // 2 full blocks + 2 tokens
+  // Publishing handed the request's references on its full blocks to the cache: one each.
+  for (BlockId b : table) EXPECT_EQ(f.alloc.ref_count(b), 1u) << b;
+  EXPECT_EQ(f.manager->stats().owned_blocks, 1u);  // the partial block
+  std::vector<BlockId> fresh;
+  ASSERT_TRUE(f.append({1}, {seq(10, 2)}, nullptr, &fresh).ok());  // fills block 2, no new block
+  EXPECT_TRUE(fresh.empty());
+  EXPECT_EQ(f.manager->stats().owned_blocks, 0u);
+  EXPECT_EQ(f.alloc.ref_count(table[2]), 1u);
+  EXPECT_EQ(f.alloc.num_allocated(), f.cache->size() + f.manager->stats().owned_blocks);
+  f.manager->check_invariants();
+  f.finish(1);
+  EXPECT_EQ(f.alloc.num_allocated(), 3u);  // the cache's, one reference each
+  for (BlockId b : table) EXPECT_EQ(f.alloc.ref_count(b), 1u) << b;
+  f.cache->check_invariants();
+}
+
 TEST(RequestManager, FullyCachedPromptLeavesLastTokenToCompute) {
   Fixture f(64);
   ASSERT_EQ(f.admit(1, seq(0, 8)), 0);
@@ -227,6 +247,30 @@ TEST(RequestManager, SaltSeparatesTenants) {
   ASSERT_TRUE(f.append({3}, {{3}}).ok());
   const auto digest = BlockHasher().hash_blocks(seq(0, 4), kBs, kRootBlockHash, {"tenant-a", ""});
   EXPECT_EQ(f.cache->lookup(digest[0])->users, 2u);  // request 1's node, now held by request 3 too
+  f.manager->check_invariants();
+}
+
+TEST(RequestManager, AFinishedRequestsRecordLeavesNothingToTheNext) {
+  // Finished requests' records are reused by later admits: none of their state may carry over.
+  Fixture f(64);
+  std::uint32_t cached = 0;
+  const auto t = seq(0, 9);
+  const AdmitRequest salted{1, t, {"tenant-a", "extra"}};
+  ASSERT_TRUE(f.manager->admit(std::span<const AdmitRequest>(&salted, 1), std::span<std::uint32_t>(&cached, 1)).ok());
+  f.finish(1);
+  // Request 2 starts short of a block: its first block is hashed at the append, with its own (empty)
+  // salt and extra key, not request 1's.
+  ASSERT_EQ(f.admit(2, seq(0, 3)), 0);
+  ASSERT_TRUE(f.append({2}, {{3, 4}}).ok());
+  EXPECT_EQ(f.manager->num_tokens(2), 5u);
+  EXPECT_EQ(f.manager->block_table(2).size(), 2u);
+  const auto plain = BlockHasher().hash_blocks(seq(0, 4), kBs, kRootBlockHash, {});
+  ASSERT_TRUE(f.cache->lookup(plain[0]).has_value());
+  EXPECT_EQ(f.cache->lookup(plain[0])->users, 1u);  // published by request 2, held by it
+  f.manager->check_invariants();
+  f.finish(2);
+  EXPECT_EQ(f.admit(3, seq(0, 5)), 4);
+  EXPECT_EQ(f.manager->stats().owned_blocks, 1u);
   f.manager->check_invariants();
 }
 

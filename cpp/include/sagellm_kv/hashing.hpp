@@ -65,6 +65,10 @@
 #include <string_view>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace sagellm::kv {
 
 /// Bytes in a block digest (the size of a SHA-256 digest).
@@ -78,13 +82,22 @@ struct BlockHash {
   /// Lower-case hex of all 32 bytes, for messages and logs.
   [[nodiscard]] std::string hex() const;
 
-  /// Equality in four 8-byte compares (no memcmp call): the prefix cache's hottest comparison.
+  /// Equality in two 16-byte compares (SSE2; four 8-byte ones elsewhere), no memcmp call: the
+  /// prefix cache's hottest comparison.
   friend bool operator==(const BlockHash& a, const BlockHash& b) noexcept {
+#if defined(__SSE2__)
+    const auto* pa = reinterpret_cast<const __m128i*>(a.bytes.data());
+    const auto* pb = reinterpret_cast<const __m128i*>(b.bytes.data());
+    const __m128i lo = _mm_cmpeq_epi8(_mm_loadu_si128(pa), _mm_loadu_si128(pb));
+    const __m128i hi = _mm_cmpeq_epi8(_mm_loadu_si128(pa + 1), _mm_loadu_si128(pb + 1));
+    return _mm_movemask_epi8(_mm_and_si128(lo, hi)) == 0xFFFF;
+#else
     std::uint64_t x[4];
     std::uint64_t y[4];
     std::memcpy(x, a.bytes.data(), sizeof x);
     std::memcpy(y, b.bytes.data(), sizeof y);
     return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3])) == 0;
+#endif
   }
   /// Lexicographic byte order.
   auto operator<=>(const BlockHash&) const = default;

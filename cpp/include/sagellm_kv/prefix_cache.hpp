@@ -14,6 +14,8 @@
 //   4. the node is evicted; the cache decrefs                         ref 0 -> free list
 // The cache holds exactly one reference per cached block and takes none on blocks it does not
 // cache (positions already cached, or cut off by capacity): the caller frees those as usual.
+// With InsertOptions::adopt, step 2 takes over the caller's reference instead of adding one
+// (ref stays 1, now the cache's) and step 3 does not happen for the blocks the cache took.
 // `match` does not add allocator references: it acquires the matched nodes (users + 1), which
 // keeps them, and therefore their blocks, from eviction until `release`. Every successful match
 // must be paired with a release of the same digests.
@@ -105,11 +107,19 @@ struct InsertOptions {
   /// Also acquire every position now cached (reused or inserted; users + 1, as `match` does), so
   /// the caller's blocks stay cached while it uses them; release those digests later.
   bool acquire = false;
+  /// The cache takes over the caller's allocator reference on each block it caches (positions
+  /// [num_redundant, num_cached()) of the result) instead of adding one of its own: those blocks
+  /// are no longer the caller's to free. Its reference on every other position stays its own. Saves
+  /// an atomic increment now and the caller's decrement later. With `acquire` the adopted blocks
+  /// stay cached (so allocated) until the caller releases them; without it they may be evicted and
+  /// freed at any time after the call. The caller must hold a reference on each block.
+  bool adopt = false;
   /// The caller vouches for its input, so the O(n log n) checks are skipped (debug builds still
   /// assert them): the digests are one hash chain continuing `parent` (a chained digest that is not
   /// cached has no cached descendant, so nothing after the first miss is looked up), none repeats,
-  /// and the block ids are distinct, allocated and cache nothing. For callers that hashed the chain
-  /// and allocated the blocks themselves (the request manager); a violated promise corrupts the cache.
+  /// and the block ids are distinct, allocated and cache nothing. The arrays are then read in place,
+  /// not copied first: they must not change during the call. For callers that hashed the chain and
+  /// allocated the blocks themselves (the request manager); a violated promise corrupts the cache.
   bool trusted_chain = false;
 };
 
@@ -227,7 +237,8 @@ class PrefixCache {
   /// Strong exception guarantee: whatever throws (these errors, std::bad_alloc, a throwing
   /// options.clock_ns), the cache and the allocator's counts are as before the call. Everything
   /// that can fail runs before the cache takes its references; what follows cannot fail. The
-  /// arguments are copied once, under the lock, and only the copies are read.
+  /// arguments are copied once, under the lock, and only the copies are read (except with
+  /// options.trusted_chain, which reads them in place).
   [[nodiscard]] InsertResult insert(std::span<const BlockHash> digests, std::span<const BlockId> block_ids,
                                     const InsertOptions& options = {});
 

@@ -15,7 +15,9 @@
 //           published. All or nothing.
 //   finish / abort / preempt
 //           the request's uses of cached blocks are released and its own blocks freed; blocks that
-//           were published stay cached (the cache holds its own reference) until evicted. The
+//           were published stay cached until evicted: publishing handed the request's allocator
+//           reference on them to the cache (InsertOptions::adopt), and the request's use kept them
+//           cached while it ran, so they are not the request's to free. The
 //           request is forgotten: a preempted request is resumed by admitting it again with all its
 //           tokens (its published blocks are then matched back).
 //
@@ -102,6 +104,7 @@ struct RequestManagerStats {
   std::uint64_t evicted_for_room = 0;///< cached blocks evicted because the allocator was short
   std::uint32_t running = 0;         ///< requests now
   std::uint64_t owned_blocks = 0;    ///< blocks the running requests hold an allocator reference on
+                                     ///< (not the published ones: that reference is the cache's)
 };
 
 /// The request manager (see the file comment).

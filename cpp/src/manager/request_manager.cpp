@@ -6,6 +6,7 @@
 #include <new>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 #include "allocator/free_held.hpp"
 #include "common/grow.hpp"
@@ -16,6 +17,20 @@ namespace {
 
 // Tokens of a partial block reserved per request at admit (a whole block for any usual block size).
 constexpr std::size_t kTailReserveTokens = 4096;
+// Finished requests whose records (map node and vectors) are kept for the next admits, and the
+// most blocks' worth of room a kept record holds on to (beyond it its vectors are given back).
+constexpr std::size_t kSpareRequests = 16;
+constexpr std::size_t kSpareBlocks = 1024;
+
+// Empties `v`, keeping its room unless it exceeds `limit` elements (then it is given back).
+template <class Vector>
+void clear_keeping(Vector& v, std::size_t limit) noexcept {
+  if (v.capacity() > limit) {
+    Vector().swap(v);
+  } else {
+    v.clear();
+  }
+}
 
 std::string id_text(RequestId id) { return "request " + std::to_string(id); }
 
@@ -47,15 +62,53 @@ struct Request {
   std::uint64_t num_tokens = 0;
   std::uint32_t num_shared = 0;       // leading blocks matched from the cache: no allocator ref of ours
   std::uint32_t num_held = 0;         // leading digests we hold a cache use on (>= num_shared)
+  // Block positions [first, second) whose allocator reference the cache adopted when we published
+  // them (InsertOptions::adopt): cached with our blocks, kept by our use, no reference of ours.
+  // Ascending, within [num_shared, num_held); adjacent runs are merged, so usually one.
+  std::vector<std::pair<std::uint32_t, std::uint32_t>> adopted;
   std::uint64_t visit = 0;            // last batch call that named it: finds repeated ids in O(1)
   bool opaque = false;                // admitted by count: token ids unknown, never hashed
 
   [[nodiscard]] BlockHashKey key() const noexcept { return {salt, extra}; }
-  [[nodiscard]] std::span<const BlockId> own_blocks() const noexcept {
-    return std::span<const BlockId>(blocks).subspan(num_shared);
+  // Back to a default request, keeping (bounded) room for the next one to reuse.
+  void recycle(std::uint32_t block_size) noexcept {
+    clear_keeping(blocks, kSpareBlocks);
+    clear_keeping(digests, kSpareBlocks);
+    clear_keeping(tail, std::min<std::size_t>(block_size, kTailReserveTokens));
+    clear_keeping(tokens, kSpareBlocks * block_size);
+    clear_keeping(adopted, 16);
+    clear_keeping(salt, 64);
+    clear_keeping(extra, 64);
+    num_tokens = 0;
+    num_shared = num_held = 0;
+    visit = 0;
+    opaque = false;
+  }
+  // Calls f(span) for each run of blocks we hold an allocator reference on: the table after the
+  // shared prefix, less the adopted runs.
+  template <class F>
+  void for_each_own_run(const F& f) const {
+    std::size_t at = num_shared;
+    for (const auto& [first, end] : adopted) {
+      if (first > at) f(std::span<const BlockId>(blocks).subspan(at, first - at));
+      at = end;
+    }
+    if (blocks.size() > at) f(std::span<const BlockId>(blocks).subspan(at));
+  }
+  // Records that the cache adopted positions [first, end); room was reserved (prepare phases).
+  void add_adopted(std::uint32_t first, std::uint32_t end) noexcept {
+    if (first == end) return;
+    if (!adopted.empty() && adopted.back().second == first) {
+      adopted.back().second = end;
+    } else {
+      assert(adopted.size() < adopted.capacity());
+      adopted.emplace_back(first, end);
+    }
   }
 };
 
+
+using RequestMap = std::unordered_map<RequestId, Request>;
 
 // Per-thread scratch for hashing prompts outside the manager's mutex.
 struct AdmitScratch {
@@ -82,7 +135,11 @@ struct RequestManager::Impl {
   bool keep_tokens;  // the cache emits events: stored events need the published blocks' tokens
 
   mutable std::mutex mutex;
-  std::unordered_map<RequestId, Request> requests;
+  RequestMap requests;
+  // Records of finished requests, reused by admit: their map nodes and vectors come without
+  // allocating. Capacity kSpareRequests, reserved up front, so a finish never allocates to keep one.
+  std::vector<RequestMap::node_type> spare;
+  RequestMap staged;  // admit: the batch's requests until the commit moves them to `requests`
   RequestManagerStats counters;
   std::uint64_t owned_blocks = 0;
   // Scratch reused across calls (guarded by `mutex`).
@@ -101,7 +158,9 @@ struct RequestManager::Impl {
         block_size(s.options_.block_size),
         hash_algorithm(s.options_.hash_algorithm),
         match_last_token(s.options_.match_last_token),
-        keep_tokens(s.cache_ != nullptr && s.cache_->options().event_queue_capacity != 0) {}
+        keep_tokens(s.cache_ != nullptr && s.cache_->options().event_queue_capacity != 0) {
+    spare.reserve(kSpareRequests);
+  }
 
   Request& find(RequestId id) {
     const auto it = requests.find(id);
@@ -167,6 +226,9 @@ struct RequestManager::Impl {
     InsertOptions o;
     o.acquire = true;
     o.trusted_chain = true;  // our own chain of digests over blocks we just allocated
+    // The cache takes our reference on the blocks it caches (no incref now, no free at finish);
+    // our use keeps them cached until release.
+    o.adopt = true;
     if (r.num_held != 0) o.parent = r.digests[r.num_held - 1];
     const std::span<const BlockHash> digests = std::span<const BlockHash>(r.digests).subspan(r.num_held);
     const std::span<const BlockId> blocks = std::span<const BlockId>(r.blocks).subspan(r.num_held, digests.size());
@@ -177,14 +239,17 @@ struct RequestManager::Impl {
       if (!r.salt.empty()) o.cache_salt = std::string_view(r.salt);  // every block of a salted request
     }
     const InsertResult res = cache->insert(digests, blocks, o);
+    r.add_adopted(r.num_held + res.num_redundant, r.num_held + res.num_cached());
     r.num_held += res.num_cached();
+    owned_blocks -= res.num_inserted;
     counters.published_blocks += res.num_inserted;
   }
 
   // Returns a request's cache uses and blocks. Its uses form a chain from the root, and its own
   // blocks are allocated by construction, so neither call can be refused; neither allocates
   // (PrefixCache::release never does, free_held falls back to stack-sized pieces), so no lack of
-  // memory can stop a finish, abort or preempt half way.
+  // memory can stop a finish, abort or preempt half way. The adopted blocks are the cache's: only
+  // our uses of them go.
   void release(Request& r) noexcept {
     if (cache != nullptr && r.num_held != 0) {
       try {
@@ -193,12 +258,11 @@ struct RequestManager::Impl {
         assert(!"a digest held by the request manager was released outside it");
       }
     }
-    const auto own = r.own_blocks();
-    if (!own.empty()) {
+    r.for_each_own_run([&](std::span<const BlockId> own) noexcept {
       [[maybe_unused]] const BatchStatus st = detail::free_held(allocator, own);
       assert(st.ok());
       owned_blocks -= own.size();
-    }
+    });
   }
 
   std::uint64_t end_requests(std::span<const RequestId> ids_in, std::uint64_t& counter) {
@@ -214,7 +278,11 @@ struct RequestManager::Impl {
     for (std::size_t i = 0; i < ids_in.size(); ++i) {
       tokens += targets[i]->num_tokens;
       release(*targets[i]);
-      requests.erase(ids_in[i]);
+      auto node = requests.extract(ids_in[i]);
+      if (spare.size() < spare.capacity()) {  // within the reserved room: no allocation
+        node.mapped().recycle(block_size);
+        spare.push_back(std::move(node));
+      }
     }
     counter += ids_in.size();
     return tokens;
@@ -317,12 +385,23 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
     }
   }
   s.ids.resize(total_blocks);
-  // The requests are built here, in map nodes of their own; the commit moves the nodes over.
-  std::unordered_map<RequestId, Request> staged;
-  staged.reserve(n);
+  // The requests are built here, in map nodes of their own (kept ones first: see `spare`); the
+  // commit moves the nodes over. Leftovers of an admit that was refused or threw are dropped.
+  RequestMap& staged = s.staged;
+  staged.clear();
+  detail::grow_buckets_to(staged, n);
   for (std::size_t i = 0; i < n; ++i) {
     const AdmitRequest& in = requests[i];
-    Request& r = staged[in.id];
+    Request* slot = nullptr;
+    if (!s.spare.empty()) {
+      RequestMap::node_type node = std::move(s.spare.back());
+      s.spare.pop_back();
+      node.key() = in.id;
+      slot = &staged.insert(std::move(node)).position->second;  // the buckets are grown: no rehash
+    } else {
+      slot = &staged[in.id];
+    }
+    Request& r = *slot;
     r.blocks.reserve(blocks_for(count_of(i), bs));
     r.num_tokens = count_of(i);
     r.opaque = in.tokens.empty();
@@ -335,6 +414,7 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
       r.tail.assign(in.tokens.begin() + static_cast<std::ptrdiff_t>(d.size() * bs), in.tokens.end());
       r.salt = in.key.salt;
       r.extra = in.key.extra;
+      r.adopted.reserve(1);  // the commit's publish records at most one run
       if (s.keep_tokens) r.tokens.assign(in.tokens.begin(), in.tokens.end());
     }
   }
@@ -448,7 +528,10 @@ BatchStatus RequestManager::append(std::span<const RequestId> ids, std::span<con
       if (s.keep_tokens) detail::grow_to(r.tokens, r.tokens.size() + run.size());
       full = (r.tail.size() + run.size()) / bs;
       detail::grow_to(r.digests, r.digests.size() + full);
-      if (full != 0) s.prepare_digests(r, run, full, s.digest_at[i]);
+      if (full != 0) {
+        detail::grow_to(r.adopted, r.adopted.size() + 1);  // the commit's publish: at most one run
+        s.prepare_digests(r, run, full, s.digest_at[i]);
+      }
     }
     s.digest_at[i + 1] = s.digest_at[i] + full;
     new_blocks[i] = static_cast<std::uint32_t>(want - have);
@@ -583,11 +666,21 @@ void RequestManager::check_invariants() const {
         if (!info || info->users == 0) fail(id, "a held digest is not cached in use at block " + std::to_string(j));
         if (j < r.num_shared && info->block_id != r.blocks[j]) fail(id, "a shared block differs from the cache's");
       }
+      std::uint32_t at = r.num_shared;
+      for (const auto& [first, end] : r.adopted) {
+        if (first < at || end <= first || end > r.num_held) fail(id, "adopted runs are out of order or not held");
+        for (std::uint32_t j = first; j < end; ++j) {
+          if (cache_->lookup(r.digests[j])->block_id != r.blocks[j]) {
+            fail(id, "block " + std::to_string(j) + " was adopted but the cache holds another");
+          }
+        }
+        at = end;
+      }
     }
     for (BlockId b : r.blocks) {
       if (!allocator_.is_allocated(b)) fail(id, "block " + std::to_string(b) + " is not allocated");
     }
-    owned += r.own_blocks().size();
+    r.for_each_own_run([&](std::span<const BlockId> own) { owned += own.size(); });
   }
   if (owned != s.owned_blocks) {
     throw Error(ErrorCode::kInternal, "request manager: owned block count " + std::to_string(s.owned_blocks) +

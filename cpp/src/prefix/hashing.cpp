@@ -291,7 +291,15 @@ struct BlockHasher::State {
         SHA256_Transform(&sha, piece.data());
       }
     }
-    for (std::size_t w = 0; w < 8; ++w) store_be32(out.bytes.data() + 4 * w, static_cast<std::uint32_t>(sha.h[w]));
+    // The digest is the state as eight big-endian words: read the state once, swap, store once.
+    std::array<std::uint32_t, 8> words{};
+    for (std::size_t w = 0; w < 8; ++w) words[w] = static_cast<std::uint32_t>(sha.h[w]);
+    if constexpr (std::endian::native == std::endian::little) {
+      for (std::uint32_t& w : words) w = (w >> 24) | ((w >> 8) & 0xFF00u) | ((w << 8) & 0xFF0000u) | (w << 24);  // bswap
+      std::memcpy(out.bytes.data(), words.data(), kBlockHashBytes);
+    } else {
+      for (std::size_t w = 0; w < 8; ++w) store_be32(out.bytes.data() + 4 * w, words[w]);
+    }
   }
 #endif
 
@@ -367,7 +375,14 @@ struct BlockHasher::State {
     }
     if (n == 0) return 0;
     begin_chain(block_size, parent, key);
-    for (std::size_t b = 0; b < n; ++b) chain_step(tokens.data() + b * block_size, out[b]);
+    std::size_t b = 0;
+#if !defined(OPENSSL_NO_DEPRECATED_3_0)
+    // Once the chain is plain (from the start, or after a salted first block) every step is one
+    // plain_block: run them in this loop, without chain_step's call and checks per block.
+    for (; b < n && !chain_plain; ++b) chain_step(tokens.data() + b * block_size, out[b]);
+    for (; b < n; ++b) plain_block(tokens.data() + b * block_size, block_size, out[b]);
+#endif
+    for (; b < n; ++b) chain_step(tokens.data() + b * block_size, out[b]);
     chain_open = false;  // a chain is only the caller's through start_chain
     return n;
   }

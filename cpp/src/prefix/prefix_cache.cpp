@@ -29,19 +29,26 @@ namespace {
 
 constexpr std::uint32_t kNone = detail::DigestIndex::kNone;
 
-// One cached block. 88 bytes, digest included; free records are chained through `parent`.
-struct Node {
+// One cached block: what match, release, insert and LRU eviction read, in one aligned cache line
+// (an 88-byte record straddled two, and a prefetch fetched one of them). Free records are chained
+// through `parent`. The rest of the node is its NodeCold record, at the same index.
+struct alignas(64) Node {
   BlockHash digest;
-  std::uint64_t owner = 0;
   std::uint64_t last_access = 0;  // logical clock: deterministic LRU order
-  std::uint64_t insert_tick = 0;  // logical clock: FIFO order
-  std::int64_t inserted_ns = 0;   // clock_ns at insertion: TTL expiry
   BlockId block = -1;
   std::uint32_t parent = kNone;
   std::uint32_t children = 0;
   std::uint32_t users = 0;
   std::int32_t priority = 0;
   bool live = false;
+};
+static_assert(sizeof(Node) == 64, "a node record is one cache line");
+
+// The fields of a node that only insertion, FIFO/TTL eviction and invalidate read.
+struct NodeCold {
+  std::uint64_t owner = 0;
+  std::uint64_t insert_tick = 0;  // logical clock: FIFO order
+  std::int64_t inserted_ns = 0;   // clock_ns at insertion: TTL expiry
 };
 
 std::uint64_t random_key() {
@@ -114,7 +121,7 @@ struct PrefixCache::Impl {
     if (capacity) {
       // A bounded cache knows its size: reserve the records now (untouched pages cost no memory
       // until used) so growth never copies the table or leaves doubling slack behind.
-      nodes.reserve(std::min<std::uint32_t>(*capacity, kReserveLimit));
+      reserve_records(std::min<std::uint32_t>(*capacity, kReserveLimit));
       heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
       if (two_heaps()) lru_heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
     }
@@ -134,6 +141,7 @@ struct PrefixCache::Impl {
   // --- state, guarded by `mutex` ---------------------------------------------------------------
   mutable std::mutex mutex;
   std::vector<Node> nodes;
+  std::vector<NodeCold> cold;  // cold[i] completes nodes[i]; same size, capacity reserved together
   std::uint32_t free_head = kNone;
   std::uint32_t live_count = 0;
   std::uint32_t in_use_count = 0;
@@ -208,23 +216,24 @@ struct PrefixCache::Impl {
     emit(std::move(ev));
   }
 
-  [[nodiscard]] detail::HeapKey policy_key(const Node& n) const noexcept {
+  [[nodiscard]] detail::HeapKey policy_key(std::uint32_t idx) const noexcept {
+    const Node& n = nodes[idx];
     switch (policy) {
       case EvictionPolicy::kLru: return {0, n.last_access};
       case EvictionPolicy::kFifo:
-      case EvictionPolicy::kTtl: return {0, n.insert_tick};
+      case EvictionPolicy::kTtl: return {0, cold[idx].insert_tick};
       case EvictionPolicy::kPriority: return {n.priority, n.last_access};
     }
     return {0, n.last_access};
   }
-  [[nodiscard]] static detail::HeapKey lru_key(const Node& n) noexcept { return {0, n.last_access}; }
+  [[nodiscard]] detail::HeapKey lru_key(std::uint32_t idx) const noexcept { return {0, nodes[idx].last_access}; }
   [[nodiscard]] bool two_heaps() const noexcept { return policy == EvictionPolicy::kTtl; }
 
   // Within the capacity insert reserved (see leaf_count): cannot fail.
   void make_evictable(std::uint32_t idx) noexcept {
     assert(nodes[idx].children == 0 && nodes[idx].users == 0);
-    heap.push(idx, policy_key(nodes[idx]));
-    if (two_heaps()) lru_heap.push(idx, lru_key(nodes[idx]));
+    heap.push(idx, policy_key(idx));
+    if (two_heaps()) lru_heap.push(idx, lru_key(idx));
   }
   void unmake_evictable(std::uint32_t idx) noexcept {
     heap.erase(idx);
@@ -232,11 +241,10 @@ struct PrefixCache::Impl {
   }
   // Marks a node used now; re-keys it when it is evictable.
   void touch(std::uint32_t idx) noexcept {
-    Node& n = nodes[idx];
-    n.last_access = ++tick;
+    nodes[idx].last_access = ++tick;
     if (heap.contains(idx)) {
-      heap.update(idx, policy_key(n));
-      if (two_heaps()) lru_heap.update(idx, lru_key(n));
+      heap.update(idx, policy_key(idx));
+      if (two_heaps()) lru_heap.update(idx, lru_key(idx));
     }
   }
   void acquire(std::uint32_t idx) noexcept {
@@ -290,20 +298,28 @@ struct PrefixCache::Impl {
     }
   }
 
-  std::uint32_t alloc_node() {
+  // Room for `n` node records (both halves). Strong guarantee: only capacities grow.
+  void reserve_records(std::size_t n) {
+    cold.reserve(n);
+    nodes.reserve(n);
+  }
+
+  // Stores `init` and `init_cold` in a record from the free list, or appended, and counts it live
+  // and a leaf. The record is written once (no reset to defaults first).
+  std::uint32_t alloc_node(const Node& init, const NodeCold& init_cold) {
     std::uint32_t idx = free_head;
     if (idx != kNone) {
-      static constexpr Node kFresh{};  // copied field by field (a Node{} temporary costs a rep stos)
       free_head = nodes[idx].parent;
-      nodes[idx] = kFresh;
+      nodes[idx] = init;
+      cold[idx] = init_cold;
     } else {
       if (nodes.size() >= kNone) throw Error(ErrorCode::kInternal, "prefix cache node table is full");
       idx = static_cast<std::uint32_t>(nodes.size());
-      nodes.emplace_back();
+      nodes.push_back(init);  // within reserve_records' room, as is cold's
+      cold.push_back(init_cold);
       heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
       if (two_heaps()) lru_heap.reserve_nodes(static_cast<std::uint32_t>(nodes.capacity()));
     }
-    nodes[idx].live = true;
     ++live_count;
     ++leaf_count;
     return idx;
@@ -335,7 +351,8 @@ struct PrefixCache::Impl {
   // Takes a node out of the index, the heaps and the block map, collecting its block and digest;
   // the caller fixes the parent's child count and frees the record.
   // Callers reserve freed_blocks and `removed` first (reserve_removal), so the pushes cannot throw.
-  void unlink(std::uint32_t idx, std::vector<BlockHash>* removed) noexcept {
+  // Inlined into eviction's loop: as a call its register saves and restores cost a fifth of it.
+  [[gnu::always_inline]] void unlink(std::uint32_t idx, std::vector<BlockHash>* removed) noexcept {
     unmake_evictable(idx);
     Node& n = nodes[idx];
     index.erase(n.digest, idx);
@@ -348,7 +365,7 @@ struct PrefixCache::Impl {
     if (heap.empty()) return kNone;
     if (two_heaps()) {
       const std::uint32_t oldest = heap.top();
-      if (now - nodes[oldest].inserted_ns >= ttl_ns) return oldest;
+      if (now - cold[oldest].inserted_ns >= ttl_ns) return oldest;
       return lru_heap.top();
     }
     return heap.top();
@@ -389,7 +406,7 @@ struct PrefixCache::Impl {
         Node& p = nodes[parent];
         if (--p.children == 0) ++leaf_count;
         if (p.children == 0 && p.users == 0) {
-          if (!two_heaps() && done + 1 < n && (heap.empty() || policy_key(p) < heap.top_key())) {
+          if (!two_heaps() && done + 1 < n && (heap.empty() || policy_key(parent) < heap.top_key())) {
             next = parent;
             index.prefetch(p.digest);  // its index slot, for its unlink next round
           } else {
@@ -404,8 +421,8 @@ struct PrefixCache::Impl {
     return done;
   }
 
-  // Removes every live node for which `doomed(node)` holds (a node is doomed when `selects` holds
-  // for it or an ancestor) unless it or a descendant is in use.
+  // Removes every live node for which `doomed(node)` holds (a node is doomed when `selects(index)`
+  // holds for it or an ancestor) unless it or a descendant is in use.
   template <class Selects>
   std::uint32_t remove_subtrees(const Selects& selects, std::vector<BlockHash>* removed) {
     constexpr std::uint8_t kBusy = 1, kKnown = 2, kDoomed = 4;
@@ -425,7 +442,7 @@ struct PrefixCache::Impl {
       }
       bool doomed = j != kNone && (marks[j] & kDoomed) != 0;
       for (auto it = path.rbegin(); it != path.rend(); ++it) {
-        doomed = doomed || selects(nodes[*it]);
+        doomed = doomed || selects(*it);
         marks[*it] |= static_cast<std::uint8_t>(kKnown | (doomed ? kDoomed : 0));
       }
     }
@@ -606,7 +623,7 @@ struct PrefixCache::Impl {
       throw Error(ErrorCode::kInternal, "prefix cache node table is full");
     }
     if (nodes.capacity() < nodes.size() + num_new) {
-      nodes.reserve(std::max<std::size_t>(nodes.capacity() * 2, nodes.size() + num_new));
+      reserve_records(std::max<std::size_t>(nodes.capacity() * 2, nodes.size() + num_new));
     }
     // Room for every leaf there can be after this insert (it adds at most one), so no later
     // release or eviction grows the heaps (see leaf_count).
@@ -684,9 +701,9 @@ struct PrefixCache::Impl {
                      events_on() ? &plan.removed : nullptr, plan.now);
       if (cur != kNone) drop_use(cur);
       fit = live_count >= *capacity ? 0 : std::min(plan.num_new, *capacity - live_count);
-      if (allocator != nullptr && fit < plan.num_new) {
+      if (allocator != nullptr && fit < plan.num_new && !options.adopt) {
         // Give back the references taken on blocks that do not fit; the caller still holds its
-        // own, so none of them reaches zero.
+        // own, so none of them reaches zero. (Adopted: the caller's references on them stay its.)
         [[maybe_unused]] const BatchStatus st = detail::free_held(*allocator, new_ids.subspan(fit));
         assert(st.ok());
       }
@@ -703,22 +720,19 @@ struct PrefixCache::Impl {
         index.prefetch(digests[pos + kAhead]);
         prefetch_block_owner(new_ids[j + kAhead]);
       }
-      const std::uint32_t idx = alloc_node();  // within the reserved capacity
-      Node& node = nodes[idx];
-      node.digest = digests[pos];
-      node.block = new_ids[j];
-      node.parent = cur;
-      node.owner = options.owner;
-      node.priority = options.priority;
-      node.insert_tick = ++tick;
-      node.last_access = node.insert_tick;
-      node.inserted_ns = plan.now;
-      index.insert(node.digest, idx);  // reserved: no rehash
-      set_block_owner(node.block, idx);  // reserved: no growth
-      if (options.acquire) {
-        node.users = 1;
-        ++in_use_count;
-      }
+      const std::uint64_t t = ++tick;
+      const std::uint32_t idx = alloc_node({.digest = digests[pos],  // within the reserved capacity
+                                            .last_access = t,
+                                            .block = new_ids[j],
+                                            .parent = cur,
+                                            .children = 0,
+                                            .users = options.acquire ? 1u : 0u,
+                                            .priority = options.priority,
+                                            .live = true},
+                                           {.owner = options.owner, .insert_tick = t, .inserted_ns = plan.now});
+      index.insert(digests[pos], idx);  // reserved: no rehash
+      set_block_owner(new_ids[j], idx);  // reserved: no growth
+      if (options.acquire) ++in_use_count;
       if (cur != kNone) {
         Node& p = nodes[cur];
         if (p.children == 0) {
@@ -881,11 +895,16 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::spa
   }
 
   const std::lock_guard lock(s.mutex);
-  // The one read of the caller's arrays: everything below checks and uses these copies.
-  s.input_digests.assign(digests_in.begin(), digests_in.end());
-  s.input_ids.assign(block_ids_in.begin(), block_ids_in.end());
-  const std::span<const BlockHash> digests = s.input_digests;
-  const std::span<const BlockId> block_ids = s.input_ids;
+  // The one read of the caller's arrays: everything below checks and uses these copies. A trusted
+  // chain's arrays are not checked, so nothing is gained by copying them: they are read in place.
+  std::span<const BlockHash> digests = digests_in;
+  std::span<const BlockId> block_ids = block_ids_in;
+  if (!options.trusted_chain) {
+    s.input_digests.assign(digests_in.begin(), digests_in.end());
+    s.input_ids.assign(block_ids_in.begin(), block_ids_in.end());
+    digests = s.input_digests;
+    block_ids = s.input_ids;
+  }
 
   // --- checks: nothing changes until all pass -----------------------------------------------------
   std::uint32_t attach = kNone;
@@ -942,7 +961,7 @@ InsertResult PrefixCache::insert(std::span<const BlockHash> digests_in, std::spa
     throw;
   }
 
-  if (s.allocator != nullptr && num_new != 0) {
+  if (s.allocator != nullptr && num_new != 0 && !options.adopt) {
     // The cache's reference on every new block, taken last so a refusal changes nothing. It can
     // only fail if the caller frees a block concurrently, which the protocol forbids; not for lack
     // of memory (a long batch goes in pieces), so a reserve_insert makes the insert allocation-free.
@@ -976,7 +995,7 @@ void PrefixCache::reserve_insert(std::span<const BlockId> block_ids) {
   // and index grow by at most n, the leaves (the heaps' entries) by at most one per insert.
   if (std::uint64_t{s.nodes.size()} + n >= kNone) throw Error(ErrorCode::kInternal, "prefix cache node table is full");
   if (s.nodes.capacity() < s.nodes.size() + n) {
-    s.nodes.reserve(std::max<std::size_t>(s.nodes.capacity() * 2, s.nodes.size() + n));
+    s.reserve_records(std::max<std::size_t>(s.nodes.capacity() * 2, s.nodes.size() + n));
   }
   s.heap.reserve_nodes(static_cast<std::uint32_t>(s.nodes.capacity()));
   s.heap.reserve_entries(std::size_t{s.leaf_count} + n);
@@ -1044,7 +1063,8 @@ std::uint32_t PrefixCache::invalidate(std::uint64_t owner) {
   const std::lock_guard lock(s.mutex);
   std::vector<BlockHash> removed;
   const std::uint32_t done =
-      s.remove_subtrees([owner](const Node& n) { return n.owner == owner; }, s.events_on() ? &removed : nullptr);
+      s.remove_subtrees([&s, owner](std::uint32_t i) { return s.cold[i].owner == owner; },
+                        s.events_on() ? &removed : nullptr);
   s.return_blocks();
   s.emit_removed(std::move(removed));
   return done;
@@ -1054,14 +1074,16 @@ std::uint32_t PrefixCache::clear() {
   Impl& s = *impl_;
   const std::lock_guard lock(s.mutex);
   std::vector<BlockHash> removed;
-  const std::uint32_t done = s.remove_subtrees([](const Node&) { return true; }, s.events_on() ? &removed : nullptr);
+  const std::uint32_t done = s.remove_subtrees([](std::uint32_t) { return true; }, s.events_on() ? &removed : nullptr);
   s.return_blocks();
   if (s.live_count == 0) {
     // Nothing left: start from compact tables, so an unbounded cache that once held a burst keeps
     // no large arrays (a bounded one keeps its reserved records).
     s.nodes.clear();
+    s.cold.clear();
     if (!s.capacity) {
       s.nodes.shrink_to_fit();
+      s.cold.shrink_to_fit();
       s.heap = detail::EvictionHeap{};
       s.lru_heap = detail::EvictionHeap{};
     }
@@ -1122,7 +1144,7 @@ std::optional<PrefixNodeInfo> PrefixCache::lookup(const BlockHash& digest) const
   if (n.parent != kNone) info.parent = impl_->nodes[n.parent].digest;
   info.num_children = n.children;
   info.users = n.users;
-  info.owner = n.owner;
+  info.owner = impl_->cold[idx].owner;
   info.priority = n.priority;
   return info;
 }
@@ -1141,8 +1163,9 @@ std::vector<std::uint64_t> PrefixCache::cached_owners() const {
   std::vector<std::uint64_t> owners;
   {
     const std::lock_guard lock(impl_->mutex);
-    for (const Node& n : impl_->nodes) {
-      if (n.live && n.owner != 0) owners.push_back(n.owner);
+    const Impl& s = *impl_;
+    for (std::size_t i = 0; i < s.nodes.size(); ++i) {
+      if (s.nodes[i].live && s.cold[i].owner != 0) owners.push_back(s.cold[i].owner);
     }
   }
   std::sort(owners.begin(), owners.end());
@@ -1150,7 +1173,7 @@ std::vector<std::uint64_t> PrefixCache::cached_owners() const {
   return owners;
 }
 
-std::size_t PrefixCache::node_bytes() noexcept { return sizeof(Node); }
+std::size_t PrefixCache::node_bytes() noexcept { return sizeof(Node) + sizeof(NodeCold); }
 
 std::size_t PrefixCache::metadata_bytes() const {
   const std::lock_guard lock(impl_->mutex);
@@ -1158,7 +1181,7 @@ std::size_t PrefixCache::metadata_bytes() const {
   // unordered_map: one heap node (key, value, next pointer, cached hash) per entry + the buckets.
   const std::size_t map_bytes = s.block_node_map.size() * (sizeof(void*) * 2 + sizeof(BlockId) + sizeof(std::uint32_t)) +
                                 s.block_node_map.bucket_count() * sizeof(void*);
-  return s.nodes.capacity() * sizeof(Node) + s.index.memory_bytes() + s.heap.memory_bytes() +
+  return s.nodes.capacity() * sizeof(Node) + s.cold.capacity() * sizeof(NodeCold) + s.index.memory_bytes() + s.heap.memory_bytes() +
          s.lru_heap.memory_bytes() + s.block_node.capacity() * sizeof(std::uint32_t) + map_bytes;
 }
 
@@ -1167,6 +1190,7 @@ void PrefixCache::check_invariants() const {
   const Impl& s = *impl_;
   const auto fail = [](const std::string& what) { throw Error(ErrorCode::kInternal, "prefix cache invariant: " + what); };
   const auto count = static_cast<std::uint32_t>(s.nodes.size());
+  if (s.cold.size() != count) fail("the node table's halves differ in size");
   std::vector<std::uint32_t> children(count, 0);
   std::uint32_t live = 0, in_use = 0, evictable = 0;
   for (std::uint32_t i = 0; i < count; ++i) {
