@@ -391,6 +391,13 @@ def test_two_managers_on_threads_and_a_drainer_keep_the_router_exact(capacity: i
                 cache.evict(2)
         manager.finish(running)
 
+    # One request of each kind first, so every kind of stored event is checked whatever the threads'
+    # interleaving caches (under load one kind could be missing from their events).
+    for j, (salt, extra) in enumerate([(None, None), (b"s", None), (None, b"x"), (b"s", b"x")]):
+        for second, tail in enumerate(([8, 8, 8, 8, 9], [5, 5, 5, 5, 9])):  # the second continues the first's block
+            rid = 900_000 + 2 * j + second
+            managers[0].admit(rid, np.array([7, 7, 7, 7, *tail], dtype=np.int64), salt=salt, extra=extra)
+            managers[0].finish([rid])
     threads = [threading.Thread(target=drainer), *(threading.Thread(target=worker, args=(k,)) for k in range(4))]
     for thread in threads:
         thread.start()
