@@ -413,6 +413,42 @@ def test_core_sha256_helpers_match_references() -> None:
         _core.sha256_chain("text")  # type: ignore[arg-type]
 
 
+def test_sha256_chain_cached_hands_back_the_last_pair_for_the_same_key_bytes() -> None:
+    keys = [hashlib.sha256(bytes([i])).digest() for i in range(5)]
+    pair = _core.sha256_chain_cached(keys)
+    assert pair == (b"".join(keys), _core.sha256_chain(b"".join(keys)))
+    # Equal bytes in other objects (the engine hashes its lookup keys itself): the same pair, not rehashed.
+    assert _core.sha256_chain_cached(tuple(bytes(bytearray(k)) for k in keys), pair) is pair
+    for other in (keys[:4], [*keys[:4], keys[0]], [*keys, keys[0]]):
+        fresh = _core.sha256_chain_cached(other, pair)
+        assert fresh is not pair and fresh == (b"".join(other), _core.sha256_chain(b"".join(other)))
+    assert _core.sha256_chain_cached([], pair) == (b"", b"")
+    with pytest.raises(TypeError, match=r"keys\[1\] must be bytes, got bytearray"):
+        _core.sha256_chain_cached([keys[0], bytearray(keys[1])], pair)
+    with pytest.raises(ValueError, match=r"keys\[2\] must be 32 bytes, got 31"):
+        _core.sha256_chain_cached([keys[0], keys[1], keys[2][:31]])
+    with pytest.raises(TypeError, match="list or tuple"):
+        _core.sha256_chain_cached(b"".join(keys))
+    with pytest.raises(TypeError, match="last must be None or a pair"):
+        _core.sha256_chain_cached(keys, (b"", b"", b""))
+
+
+def test_probe_peek_and_insert_objects_read_concatenated_digest_bytes() -> None:
+    digests = _core.hash_blocks(list(range(16)), 4)
+    packed = digests.tobytes()
+    cache = _core.PrefixCache(block_size=4)
+    table: list[Any] = []
+    blocks: list[Any] = [{"n": i} for i in range(4)]
+    assert cache.insert_objects(packed[:64], 0, blocks[:2], table, ids=0) == (2, 2)
+    assert cache.peek(packed)[0] == 2 and cache.probe(packed, table) == (2, blocks[:2])
+    assert cache.insert_objects(packed, 2, blocks, table, ids=2) == (2, 2)
+    assert cache.probe(digests, table) == (4, blocks) and cache.peek(packed[:96])[0] == 3
+    with pytest.raises(ValueError, match="whole number of 32-byte digests, got 33 bytes"):
+        cache.probe(packed[:33], table)
+    with pytest.raises(TypeError, match="list of 32-byte digests, got bytes"):
+        cache.match(packed)  # only the seed's calls take them concatenated
+
+
 @pytest.mark.parametrize(
     ("call", "error"),
     [
