@@ -161,37 +161,59 @@ std::vector<std::uint8_t> joined_digests(const py::handle& seq, const char* what
   return out;
 }
 
+// Bytes that are all written before they are read, so not zeroed first.
+struct RawBytes {
+  explicit RawBytes(std::size_t n) : data(std::make_unique_for_overwrite<std::uint8_t[]>(n)), size(n) {}
+  [[nodiscard]] std::span<const std::uint8_t> span() const noexcept { return {data.get(), size}; }
+  std::unique_ptr<std::uint8_t[]> data;
+  std::size_t size;
+};
+
+// One token id from a list of ints: exact ints of one digit or zero, the common case (a
+// non-negative one of at most 30 bits), stored 4-byte big-endian; false for anything else.
+inline bool put_small_u32(PyObject* item, std::uint8_t* d) noexcept {
+  long long v = 0;
+  if (!small_int(item, v) || static_cast<unsigned long long>(v) > 0xFFFFFFFFULL) return false;
+  const std::uint32_t be = __builtin_bswap32(static_cast<std::uint32_t>(v));
+  std::memcpy(d, &be, sizeof be);
+  return true;
+}
+
+// The general case of one token id: any int in [0, 2**32), stored 4-byte big-endian; TypeError /
+// ValueError name the bad item and its position.
+void put_u32(PyObject* item, Py_ssize_t i, std::uint8_t* d, const char* what) {
+  if (!PyLong_Check(item)) {
+    throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be an int, got " + type_name(item));
+  }
+  int overflow = 0;
+  long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+  if (v == -1 && overflow == 0 && PyErr_Occurred() != nullptr) throw py::error_already_set();
+  if (overflow != 0) v = -1;
+  if (v < 0 || v > 0xFFFFFFFFLL) {
+    throw py::value_error("token id " + std::string(py::str(item)) + " at position " + std::to_string(i) +
+                          " is out of range [0, 2**32)");
+  }
+  const std::uint32_t be = __builtin_bswap32(static_cast<std::uint32_t>(v));
+  std::memcpy(d, &be, sizeof be);
+}
+
 // A list or tuple of token ids in [0, 2**32) as the original package hashed them: 4-byte
 // big-endian each. TypeError / ValueError name the first bad item and its position.
-std::vector<std::uint8_t> big_endian_u32(const py::handle& seq, const char* what) {
+RawBytes big_endian_u32(const py::handle& seq, const char* what) {
   PyObject* p = seq.ptr();
   const bool list = PyList_Check(p);
   const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
-  std::vector<std::uint8_t> out(static_cast<std::size_t>(n) * 4);
+  RawBytes out(static_cast<std::size_t>(n) * 4);
+  std::uint8_t* d = out.data.get();
   PyObject** items = list ? reinterpret_cast<PyListObject*>(p)->ob_item : reinterpret_cast<PyTupleObject*>(p)->ob_item;
   constexpr Py_ssize_t kAhead = 64;  // the int objects are scattered: keep many misses in flight
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) __builtin_prefetch(items[i + kAhead]);
-    PyObject* item = items[i];
-    long long v = 0;
-    if (!small_int(item, v)) {
-      if (!PyLong_Check(item)) {
-        throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be an int, got " + type_name(item));
-      }
-      int overflow = 0;
-      v = PyLong_AsLongLongAndOverflow(item, &overflow);
-      if (overflow != 0) v = -1;
-    }
-    if (v < 0 || v > 0xFFFFFFFFLL) {
-      throw py::value_error("token id " + std::string(py::str(item)) + " at position " + std::to_string(i) +
-                            " is out of range [0, 2**32)");
-    }
-    const auto u = static_cast<std::uint32_t>(v);
-    std::uint8_t* d = out.data() + 4 * i;
-    d[0] = static_cast<std::uint8_t>(u >> 24);
-    d[1] = static_cast<std::uint8_t>(u >> 16);
-    d[2] = static_cast<std::uint8_t>(u >> 8);
-    d[3] = static_cast<std::uint8_t>(u);
+  Py_ssize_t i = 0;
+  for (; i + kAhead < n; ++i) {
+    __builtin_prefetch(items[i + kAhead]);
+    if (!put_small_u32(items[i], d + 4 * i)) put_u32(items[i], i, d + 4 * i, what);
+  }
+  for (; i < n; ++i) {
+    if (!put_small_u32(items[i], d + 4 * i)) put_u32(items[i], i, d + 4 * i, what);
   }
   return out;
 }
@@ -586,20 +608,32 @@ void bind_prefix(py::module_& m) {
           if (chunk_bytes <= 0) throw py::value_error("chunk_bytes must be > 0, got " + std::to_string(chunk_bytes));
           // Read once, with the GIL: token ids packed as 4-byte big-endian, or the caller's bytes.
           const bool tokens = PyList_Check(data.ptr()) || PyTuple_Check(data.ptr());
-          const std::vector<std::uint8_t> copy = tokens ? big_endian_u32(data, "data") : bytes_of(data, "data");
+          std::optional<RawBytes> packed;
+          std::vector<std::uint8_t> copy;
+          if (tokens) {
+            packed.emplace(big_endian_u32(data, "data"));
+          } else {
+            copy = bytes_of(data, "data");
+          }
+          const std::span<const std::uint8_t> in = tokens ? packed->span() : std::span<const std::uint8_t>(copy);
           const auto size = static_cast<std::size_t>(chunk_bytes);
-          if (copy.size() % size != 0) {
-            throw py::value_error(std::to_string(copy.size()) + " bytes are not a whole number of " +
+          if (in.size() % size != 0) {
+            throw py::value_error(std::to_string(in.size()) + " bytes are not a whole number of " +
                                   std::to_string(size) + "-byte chunks");
           }
-          std::vector<BlockHash> digests(copy.size() / size);
+          const std::size_t n = in.size() / size;
+          RawBytes digests(n * kBlockHashBytes);  // every digest is written
           {
             py::gil_scoped_release release;
-            (void)sha256_chunks(copy, size, digests);
+            (void)sha256_chunks(in, size, {reinterpret_cast<BlockHash*>(digests.data.get()), n});
           }
-          py::list out(digests.size());
-          for (std::size_t i = 0; i < digests.size(); ++i) {
-            out[i] = py::bytes(reinterpret_cast<const char*>(digests[i].bytes.data()), kBlockHashBytes);
+          auto out = py::reinterpret_steal<py::list>(PyList_New(static_cast<Py_ssize_t>(n)));
+          if (!out) throw py::error_already_set();
+          for (std::size_t i = 0; i < n; ++i) {
+            PyObject* item = PyBytes_FromStringAndSize(
+                reinterpret_cast<const char*>(digests.data.get() + i * kBlockHashBytes), kDigestBytes);
+            if (item == nullptr) throw py::error_already_set();  // the list drops the items made so far
+            PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), item);
           }
           return out;
         },

@@ -316,6 +316,27 @@ def test_seed_block_keys_from_lists_tuples_and_arrays_agree() -> None:
         cache.compute_block_hashes([1, "2", 3, 4])
 
 
+def test_seed_block_keys_read_every_kind_of_int_anywhere_in_a_long_list() -> None:
+    class Token(int):
+        pass
+
+    cache = PrefixCache(block_size=16)
+    odd = [0, 1, 2**30 - 1, 2**30, 2**31, 2**32 - 1, True, Token(5), -0]  # one digit, two digits, bool, subclass
+    rng = np.random.default_rng(3)
+    for at in (0, 63, 64, 65, 200, 255):  # the main loop (64 ahead prefetched) and its tail
+        tokens = rng.integers(0, 50_000, size=256).tolist()
+        tokens[at : at + 1] = [odd[at % len(odd)]]
+        expected = [hashlib.sha256(struct.pack(">16I", *tokens[i : i + 16])).digest() for i in range(0, 256, 16)]
+        assert cache.compute_block_hashes(tokens) == expected, at
+        for bad, error, match in ((-1, ValueError, f"token id -1 at position {at} "),
+                                  (2**64, ValueError, f"token id {2**64} at position {at} "),
+                                  (-(2**40), ValueError, f"at position {at} "),
+                                  (1.0, TypeError, rf"\[{at}\] must be an int, got float")):
+            tokens[at] = bad
+            with pytest.raises(error, match=match):
+                cache.compute_block_hashes(tokens)
+
+
 def _sha256_compress(block: bytes, state: bytes | None = None) -> bytes:
     """FIPS 180-4's SHA-256 compression of one 64-byte block onto `state` (eight big-endian words;
     SHA-256's initial hash value when None), in plain Python: the reference for the chains."""
