@@ -1192,3 +1192,27 @@ def test_probe_nested_in_a_finaliser_keeps_the_outer_calls_ids() -> None:
     del lists
     assert nested == [["b0", "b1", "b2", "b3"]], "the finaliser never ran: the test tested nothing"
     assert values == ["a0", "a1", "a2", "a3"]
+
+
+def test_metadata_only_cache_maps_dense_and_sparse_block_ids_alike() -> None:
+    # Without an allocator, ids counted up from 0 sit in a dense table and others (far, negative) in a
+    # map; the table's growth moves map entries it comes to cover. Every id must stay findable.
+    cache = _core.PrefixCache(block_size=4)
+    prompts = [list(range(1000 * p, 1000 * p + 4 * 64)) for p in range(40)]
+    digests = [_core.hash_blocks(tokens, 4) for tokens in prompts]
+    assert cache.insert(digests[0][:1], np.array([3000], dtype=np.int32))[0] == 1  # far: the map
+    assert cache.insert(digests[1][:1], np.array([-7], dtype=np.int32))[0] == 1  # negative: the map
+    for p in range(2, 40):  # dense ids 0, 1, ... until the table reaches past 3000
+        assert cache.insert(digests[p], np.arange(64 * (p - 2), 64 * (p - 1), dtype=np.int32))[0] == 64
+    cache.check_invariants()
+    assert len(cache) == 2 + 38 * 64 and set(cache.cached_block_ids().tolist()) == {3000, -7, *range(38 * 64)}
+    for taken, owner in ((3000, 0), (-7, 1), (5, 2), (38 * 64 - 1, 39)):
+        with pytest.raises(ValueError, match=f"block id {taken} .*already caches digest"):
+            cache.insert(digests[0][1:2], np.array([taken], dtype=np.int32), parent=digests[0][0])
+        assert cache.lookup(digests[owner][0 if owner < 2 else (taken - 64 * (owner - 2))])["block_id"] == taken
+    assert cache.evict(10_000) == 2 + 38 * 64 and len(cache) == 0
+    cache.check_invariants()
+    assert cache.insert(digests[0][:2], np.array([3000, 5], dtype=np.int32))[0] == 2  # ids free again
+    cache.check_invariants()
+    assert cache.clear() == 2 and len(cache) == 0
+    cache.check_invariants()
