@@ -691,11 +691,13 @@ void bind_prefix(py::module_& m) {
             std::memcpy(dst + i * kDigestBytes, PyBytes_AS_STRING(item), kBlockHashBytes);
           }
           if (!last.is_none()) {
-            if (!PyTuple_CheckExact(last.ptr()) || PyTuple_GET_SIZE(last.ptr()) != 2 ||
-                !PyBytes_CheckExact(PyTuple_GET_ITEM(last.ptr(), 0))) {
+            const bool pair = PyTuple_CheckExact(last.ptr()) && PyTuple_GET_SIZE(last.ptr()) == 2;
+            PyObject* before = pair ? PyTuple_GET_ITEM(last.ptr(), 0) : nullptr;
+            PyObject* chained_before = pair ? PyTuple_GET_ITEM(last.ptr(), 1) : nullptr;
+            if (!pair || !PyBytes_CheckExact(before) || !PyBytes_CheckExact(chained_before) ||
+                PyBytes_GET_SIZE(before) != PyBytes_GET_SIZE(chained_before)) {
               throw py::type_error("last must be None or a pair this function returned, got " + type_name(last));
             }
-            PyObject* before = PyTuple_GET_ITEM(last.ptr(), 0);
             if (PyBytes_GET_SIZE(before) == n * kDigestBytes &&
                 std::memcmp(PyBytes_AS_STRING(before), dst, static_cast<std::size_t>(n * kDigestBytes)) == 0) {
               return py::reinterpret_borrow<py::object>(last);

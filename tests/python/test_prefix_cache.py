@@ -450,8 +450,9 @@ def test_sha256_chain_cached_hands_back_the_last_pair_for_the_same_key_bytes() -
         _core.sha256_chain_cached([keys[0], keys[1], keys[2][:31]])
     with pytest.raises(TypeError, match="list or tuple"):
         _core.sha256_chain_cached(b"".join(keys))
-    with pytest.raises(TypeError, match="last must be None or a pair"):
-        _core.sha256_chain_cached(keys, (b"", b"", b""))
+    for bad_last in ((b"", b"", b""), (pair[0], "digests"), (pair[0], pair[1][:32]), [pair[0], pair[1]]):
+        with pytest.raises(TypeError, match="last must be None or a pair"):
+            _core.sha256_chain_cached(keys, bad_last)
 
 
 def test_probe_peek_and_insert_objects_read_concatenated_digest_bytes() -> None:
