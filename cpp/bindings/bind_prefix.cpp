@@ -161,37 +161,59 @@ std::vector<std::uint8_t> joined_digests(const py::handle& seq, const char* what
   return out;
 }
 
+// Bytes that are all written before they are read, so not zeroed first.
+struct RawBytes {
+  explicit RawBytes(std::size_t n) : data(std::make_unique_for_overwrite<std::uint8_t[]>(n)), size(n) {}
+  [[nodiscard]] std::span<const std::uint8_t> span() const noexcept { return {data.get(), size}; }
+  std::unique_ptr<std::uint8_t[]> data;
+  std::size_t size;
+};
+
+// One token id from a list of ints: exact ints of one digit or zero, the common case (a
+// non-negative one of at most 30 bits), stored 4-byte big-endian; false for anything else.
+inline bool put_small_u32(PyObject* item, std::uint8_t* d) noexcept {
+  long long v = 0;
+  if (!small_int(item, v) || static_cast<unsigned long long>(v) > 0xFFFFFFFFULL) return false;
+  const std::uint32_t be = __builtin_bswap32(static_cast<std::uint32_t>(v));
+  std::memcpy(d, &be, sizeof be);
+  return true;
+}
+
+// The general case of one token id: any int in [0, 2**32), stored 4-byte big-endian; TypeError /
+// ValueError name the bad item and its position.
+void put_u32(PyObject* item, Py_ssize_t i, std::uint8_t* d, const char* what) {
+  if (!PyLong_Check(item)) {
+    throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be an int, got " + type_name(item));
+  }
+  int overflow = 0;
+  long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+  if (v == -1 && overflow == 0 && PyErr_Occurred() != nullptr) throw py::error_already_set();
+  if (overflow != 0) v = -1;
+  if (v < 0 || v > 0xFFFFFFFFLL) {
+    throw py::value_error("token id " + std::string(py::str(item)) + " at position " + std::to_string(i) +
+                          " is out of range [0, 2**32)");
+  }
+  const std::uint32_t be = __builtin_bswap32(static_cast<std::uint32_t>(v));
+  std::memcpy(d, &be, sizeof be);
+}
+
 // A list or tuple of token ids in [0, 2**32) as the original package hashed them: 4-byte
 // big-endian each. TypeError / ValueError name the first bad item and its position.
-std::vector<std::uint8_t> big_endian_u32(const py::handle& seq, const char* what) {
+RawBytes big_endian_u32(const py::handle& seq, const char* what) {
   PyObject* p = seq.ptr();
   const bool list = PyList_Check(p);
   const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
-  std::vector<std::uint8_t> out(static_cast<std::size_t>(n) * 4);
+  RawBytes out(static_cast<std::size_t>(n) * 4);
+  std::uint8_t* d = out.data.get();
   PyObject** items = list ? reinterpret_cast<PyListObject*>(p)->ob_item : reinterpret_cast<PyTupleObject*>(p)->ob_item;
   constexpr Py_ssize_t kAhead = 64;  // the int objects are scattered: keep many misses in flight
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) __builtin_prefetch(items[i + kAhead]);
-    PyObject* item = items[i];
-    long long v = 0;
-    if (!small_int(item, v)) {
-      if (!PyLong_Check(item)) {
-        throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be an int, got " + type_name(item));
-      }
-      int overflow = 0;
-      v = PyLong_AsLongLongAndOverflow(item, &overflow);
-      if (overflow != 0) v = -1;
-    }
-    if (v < 0 || v > 0xFFFFFFFFLL) {
-      throw py::value_error("token id " + std::string(py::str(item)) + " at position " + std::to_string(i) +
-                            " is out of range [0, 2**32)");
-    }
-    const auto u = static_cast<std::uint32_t>(v);
-    std::uint8_t* d = out.data() + 4 * i;
-    d[0] = static_cast<std::uint8_t>(u >> 24);
-    d[1] = static_cast<std::uint8_t>(u >> 16);
-    d[2] = static_cast<std::uint8_t>(u >> 8);
-    d[3] = static_cast<std::uint8_t>(u);
+  Py_ssize_t i = 0;
+  for (; i + kAhead < n; ++i) {
+    __builtin_prefetch(items[i + kAhead]);
+    if (!put_small_u32(items[i], d + 4 * i)) put_u32(items[i], i, d + 4 * i, what);
+  }
+  for (; i < n; ++i) {
+    if (!put_small_u32(items[i], d + 4 * i)) put_u32(items[i], i, d + 4 * i, what);
   }
   return out;
 }
@@ -202,10 +224,33 @@ std::optional<BlockHash> optional_digest(const py::object& obj, const char* what
 }
 
 // A run of digests, copied while the GIL is held: an (n, 32) uint8 array or a sequence of 32-byte
-// digests. The core reads the copy only (see Tokens for why).
+// digests. The core reads the copy only (see Tokens for why). With `packed`, a bytes object of n * 32
+// bytes (the seed PrefixCache's chained digests, concatenated) is read in place instead: bytes cannot
+// change, and the caller's argument keeps it alive for the call.
 class Digests {
  public:
-  Digests(const py::handle& obj, const char* what) {
+  Digests(const py::handle& obj, const char* what, bool packed = false) {
+    if (packed && PyBytes_CheckExact(obj.ptr())) {
+      const Py_ssize_t len = PyBytes_GET_SIZE(obj.ptr());
+      if (len % kDigestBytes != 0) {
+        throw py::value_error(std::string(what) + " must be a whole number of 32-byte digests, got " +
+                              std::to_string(len) + " bytes");
+      }
+      view_ = {reinterpret_cast<const BlockHash*>(PyBytes_AS_STRING(obj.ptr())),
+               static_cast<std::size_t>(len / kDigestBytes)};
+      return;
+    }
+    read(obj, what);
+    view_ = copy_;
+  }
+
+  Digests(const Digests&) = delete;  // view_ may point into copy_
+  Digests& operator=(const Digests&) = delete;
+
+  [[nodiscard]] std::span<const BlockHash> span() const noexcept { return view_; }
+
+ private:
+  void read(const py::handle& obj, const char* what) {
     if (py::isinstance<py::array>(obj)) {
       auto arr = py::reinterpret_borrow<py::array>(obj);
       if (arr.size() == 0 && arr.ndim() == 1) return;  // np.array([]) and friends: no digests
@@ -244,10 +289,8 @@ class Digests {
                          type_name(obj));
   }
 
-  [[nodiscard]] std::span<const BlockHash> span() const noexcept { return copy_; }
-
- private:
   std::vector<BlockHash> copy_;
+  std::span<const BlockHash> view_;
 };
 
 py::array_t<std::uint8_t> digest_array(std::size_t n) {
@@ -376,7 +419,7 @@ py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std
   if (!displaced.is_none() && !PyList_Check(displaced.ptr())) {
     throw py::type_error("displaced must be a list or None, got " + type_name(displaced));
   }
-  const Digests d(digests, "digests");
+  const Digests d(digests, "digests", /*packed=*/true);
   const std::size_t n = d.span().size();
   if (start < 0 || static_cast<std::size_t>(start) >= n || objects.size() != n) {
     throw py::value_error("insert_objects: start " + std::to_string(start) + " must lie within " + std::to_string(n) +
@@ -565,20 +608,32 @@ void bind_prefix(py::module_& m) {
           if (chunk_bytes <= 0) throw py::value_error("chunk_bytes must be > 0, got " + std::to_string(chunk_bytes));
           // Read once, with the GIL: token ids packed as 4-byte big-endian, or the caller's bytes.
           const bool tokens = PyList_Check(data.ptr()) || PyTuple_Check(data.ptr());
-          const std::vector<std::uint8_t> copy = tokens ? big_endian_u32(data, "data") : bytes_of(data, "data");
+          std::optional<RawBytes> packed;
+          std::vector<std::uint8_t> copy;
+          if (tokens) {
+            packed.emplace(big_endian_u32(data, "data"));
+          } else {
+            copy = bytes_of(data, "data");
+          }
+          const std::span<const std::uint8_t> in = tokens ? packed->span() : std::span<const std::uint8_t>(copy);
           const auto size = static_cast<std::size_t>(chunk_bytes);
-          if (copy.size() % size != 0) {
-            throw py::value_error(std::to_string(copy.size()) + " bytes are not a whole number of " +
+          if (in.size() % size != 0) {
+            throw py::value_error(std::to_string(in.size()) + " bytes are not a whole number of " +
                                   std::to_string(size) + "-byte chunks");
           }
-          std::vector<BlockHash> digests(copy.size() / size);
+          const std::size_t n = in.size() / size;
+          RawBytes digests(n * kBlockHashBytes);  // every digest is written
           {
             py::gil_scoped_release release;
-            (void)sha256_chunks(copy, size, digests);
+            (void)sha256_chunks(in, size, {reinterpret_cast<BlockHash*>(digests.data.get()), n});
           }
-          py::list out(digests.size());
-          for (std::size_t i = 0; i < digests.size(); ++i) {
-            out[i] = py::bytes(reinterpret_cast<const char*>(digests[i].bytes.data()), kBlockHashBytes);
+          auto out = py::reinterpret_steal<py::list>(PyList_New(static_cast<Py_ssize_t>(n)));
+          if (!out) throw py::error_already_set();
+          for (std::size_t i = 0; i < n; ++i) {
+            PyObject* item = PyBytes_FromStringAndSize(
+                reinterpret_cast<const char*>(digests.data.get() + i * kBlockHashBytes), kDigestBytes);
+            if (item == nullptr) throw py::error_already_set();  // the list drops the items made so far
+            PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), item);
           }
           return out;
         },
@@ -611,6 +666,59 @@ void bind_prefix(py::module_& m) {
         "the SHA-256 compression function of (previous || key i) from the initial state (hashing.hpp); "
         "returns the digests concatenated, as bytes.");
 
+  // The seed PrefixCache's chaining with its last result kept: an insert usually follows the lookup of
+  // the same keys (equal bytes, other objects), and comparing the keys' bytes here costs a memcmp where
+  // a tuple comparison in Python costs a call per key.
+  m.def("sha256_chain_cached", [](const py::handle& keys, const py::handle& last) -> py::object {
+          if (!PyList_Check(keys.ptr()) && !PyTuple_Check(keys.ptr())) {
+            throw py::type_error("keys must be a list or tuple of 32-byte bytes, got " + type_name(keys));
+          }
+          PyObject* p = keys.ptr();
+          const bool list = PyList_Check(p);
+          const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
+          auto joined = py::reinterpret_steal<py::bytes>(PyBytes_FromStringAndSize(nullptr, n * kDigestBytes));
+          if (!joined) throw py::error_already_set();
+          char* dst = PyBytes_AS_STRING(joined.ptr());
+          for (Py_ssize_t i = 0; i < n; ++i) {
+            PyObject* item = list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i);
+            if (!PyBytes_Check(item)) {
+              throw py::type_error("keys[" + std::to_string(i) + "] must be bytes, got " + type_name(item));
+            }
+            if (PyBytes_GET_SIZE(item) != kDigestBytes) {
+              throw py::value_error("keys[" + std::to_string(i) + "] must be 32 bytes, got " +
+                                    std::to_string(PyBytes_GET_SIZE(item)));
+            }
+            std::memcpy(dst + i * kDigestBytes, PyBytes_AS_STRING(item), kBlockHashBytes);
+          }
+          if (!last.is_none()) {
+            const bool pair = PyTuple_CheckExact(last.ptr()) && PyTuple_GET_SIZE(last.ptr()) == 2;
+            PyObject* before = pair ? PyTuple_GET_ITEM(last.ptr(), 0) : nullptr;
+            PyObject* chained_before = pair ? PyTuple_GET_ITEM(last.ptr(), 1) : nullptr;
+            if (!pair || !PyBytes_CheckExact(before) || !PyBytes_CheckExact(chained_before) ||
+                PyBytes_GET_SIZE(before) != PyBytes_GET_SIZE(chained_before)) {
+              throw py::type_error("last must be None or a pair this function returned, got " + type_name(last));
+            }
+            if (PyBytes_GET_SIZE(before) == n * kDigestBytes &&
+                std::memcmp(PyBytes_AS_STRING(before), dst, static_cast<std::size_t>(n * kDigestBytes)) == 0) {
+              return py::reinterpret_borrow<py::object>(last);
+            }
+          }
+          auto out = py::reinterpret_steal<py::bytes>(PyBytes_FromStringAndSize(nullptr, n * kDigestBytes));
+          if (!out) throw py::error_already_set();
+          // Fresh bytes objects nobody else references yet: read and filled without the GIL.
+          const std::span<const BlockHash> in(reinterpret_cast<const BlockHash*>(dst), static_cast<std::size_t>(n));
+          const std::span<BlockHash> chained(reinterpret_cast<BlockHash*>(PyBytes_AS_STRING(out.ptr())), in.size());
+          {
+            py::gil_scoped_release release;
+            sha256_chain(in, chained);
+          }
+          return py::make_tuple(joined, out);
+        },
+        py::arg("keys"), py::arg("last") = py::none(),
+        "sha256_chain of a list/tuple of 32-byte bytes keys as a pair (the keys concatenated, the chained "
+        "digests concatenated), both bytes. `last` is None or a pair it returned before: when the keys are "
+        "the same bytes as last's, last itself comes back and nothing is hashed.");
+
   py::class_<BoundPrefixCache>(m, "PrefixCache")
       .def(py::init(&make_cache), py::arg("block_size") = 16, py::arg("capacity_blocks") = py::none(),
            py::arg("policy") = "lru", py::arg("ttl_seconds") = 300.0, py::arg("allocator") = py::none(),
@@ -621,7 +729,7 @@ void bind_prefix(py::module_& m) {
            }, py::arg("digests"),
            "Longest cached prefix: (num_matched, block_ids int32). Acquires the matched nodes; release them.")
       .def("probe", [](BoundPrefixCache& self, const py::handle& digests, const py::object& table) -> py::tuple {
-             const Digests d(digests, "digests");
+             const Digests d(digests, "digests", /*packed=*/true);
              IdScratch scratch(d.span().size());
              std::vector<BlockId>& ids = scratch.ids();
              std::uint32_t matched = 0;
@@ -640,10 +748,11 @@ void bind_prefix(py::module_& m) {
              return py::make_tuple(matched, values);
            }, py::arg("digests"), py::arg("table") = py::none(),
            "As match, without taking a use (counts the lookup, marks the blocks used): (num_matched, ids). "
+           "The digests may also come as one bytes object of n * 32 bytes (so may peek's and insert_objects'). "
            "With a list `table`, the ids are mapped through it: (num_matched, [table[id], ...]); an id whose "
            "item is missing or None raises KeyError.")
       .def("peek", [](BoundPrefixCache& self, const py::handle& digests) {
-             const Digests d(digests, "digests");
+             const Digests d(digests, "digests", /*packed=*/true);
              return do_match(self, d.span(), false);
            }, py::arg("digests"), "Like match, without acquiring, touching or counting anything.")
       .def("release", [](BoundPrefixCache& self, const py::handle& digests) {

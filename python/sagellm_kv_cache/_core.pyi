@@ -10,7 +10,7 @@ import numpy.typing as npt
 __version__: str
 
 _Ids = npt.ArrayLike
-_Digests = Any  # (n, 32) uint8 array or a sequence of 32-byte buffers
+_Digests = Any  # (n, 32) uint8 array, a sequence of 32-byte buffers (probe, peek, insert_objects: n * 32 bytes)
 _Bytes = bytes | str | None
 
 SEGMENT_BYTES: int
@@ -25,6 +25,7 @@ def _raise_core_error(code: SupportsIndex, message: str) -> None: ...
 def available_hash_algorithms() -> list[str]: ...
 def sha256_chunks(data: bytes | bytearray | memoryview | Sequence[int], chunk_bytes: int) -> list[bytes]: ...
 def sha256_chain(keys: bytes | bytearray | memoryview | Sequence[bytes]) -> bytes: ...
+def sha256_chain_cached(keys: Sequence[bytes], last: tuple[bytes, bytes] | None = None) -> tuple[bytes, bytes]: ...
 def hash_blocks(
     tokens: npt.ArrayLike,
     block_size: SupportsIndex,

@@ -346,12 +346,12 @@ class PrefixCache:
         self._owners: dict[Any, int] = {}
         self._owner_numbers = itertools.count(1)
         self._empty_lookups = 0  # the seed counts a lookup of no blocks as a miss; the trie never sees it
-        self._last_chain: tuple[tuple[Any, ...], Digests] | None = None  # see _chain
+        self._last_chain: tuple[bytes, bytes] | None = None  # see _chain: (keys, digests), concatenated
         # The last lookup's digests, match length and the trie generation it saw: an insert of the
         # same digests right after it (no change to the trie since) knows its cached prefix without
         # walking the trie again. Every change of the trie's contents bumps the generation.
         self._generation = 0
-        self._last_match: tuple[Digests, int, int] | None = None
+        self._last_match: tuple[bytes, int, int] | None = None
 
     # --- hashing ----------------------------------------------------------------------------
 
@@ -390,28 +390,20 @@ class PrefixCache:
 
     # --- lookup / insert --------------------------------------------------------------------
 
-    def _chain(self, block_hashes: Sequence[BlockHash]) -> Digests:
-        """The trie digests of a prompt's seed keys, position 0 first: key 0 as is, then
-        the SHA-256 compression of ``digest[i-1] || key[i]`` (one C++ call), so a block is found only under the prefix
-        it was cached with. The last result is kept: a caller's insert usually follows its lookup of
-        the same keys (the same bytes objects, so the comparison is by identity)."""
-        keys = tuple(block_hashes)
-        last = self._last_chain
-        if last is not None:
-            try:
-                if last[0] == keys:
-                    return last[1]
-            except (TypeError, ValueError):  # keys numpy cannot compare to bytes: not the last ones
-                pass
-        try:
-            chained = _core.sha256_chain(keys)  # 32-byte bytes objects, as compute_block_hashes makes them
+    def _chain(self, block_hashes: Sequence[BlockHash]) -> bytes:
+        """The trie digests of a prompt's seed keys, position 0 first, concatenated: key 0 as is, then
+        the SHA-256 compression of ``digest[i-1] || key[i]`` (one C++ call), so a block is found only
+        under the prefix it was cached with. The last result is kept: a caller's insert usually follows
+        its lookup of the same keys (equal bytes, compared in C++), and then gets the same object."""
+        keys = block_hashes if block_hashes.__class__ is list or block_hashes.__class__ is tuple \
+            else tuple(block_hashes)
+        try:  # 32-byte bytes objects, as compute_block_hashes makes them
+            pair = _core.sha256_chain_cached(keys, self._last_chain)
         except (TypeError, ValueError):
             # Other keys (may raise TypeError). Not kept: a mutable key (bytearray) could change.
-            chained = _core.sha256_chain(b"".join(map(_key_digest, keys)))
-            return np.frombuffer(chained, dtype=np.uint8).reshape(len(keys), 32)
-        digests = np.frombuffer(chained, dtype=np.uint8).reshape(len(keys), 32)
-        self._last_chain = (keys, digests)  # one tuple store: threads see the old or the new pair
-        return digests
+            return _core.sha256_chain(b"".join(map(_key_digest, keys)))
+        self._last_chain = pair  # one store: threads see the old or the new pair
+        return pair[1]
 
     def lookup(self, block_hashes: Sequence[BlockHash]) -> tuple[list[dict], int]:
         """Longest cached prefix: (its block dicts, number of tokens they cover)."""
@@ -470,21 +462,25 @@ class PrefixCache:
             raise ValueError(f"blocks yielded {len(objects)} items but has length {len(block_hashes)}")
         digests = self._chain(block_hashes)
         dropped: list[Any] = []  # objects the table lets go of: released after the lock (see the class doc)
-        self._acquire()
+        lock = self._lock  # _acquire / _release inlined: insert is a hot call
+        lock.acquire()
+        if self._busy:
+            self._refuse_nested()
+        self._busy = True
         try:
-            self._insert_locked(digests, objects, dropped)
+            # The leading blocks already cached keep their dicts; only the rest get ids and entries.
+            last = self._last_match
+            if last is not None and last[0] is digests and last[2] == self._generation:
+                start = last[1]
+            else:
+                start, _ = self._trie.peek(digests)
+            if start < len(objects):
+                self._insert_locked(digests, start, objects, dropped)
         finally:
-            self._release()
+            self._busy = False
+            lock.release()
 
-    def _insert_locked(self, digests: Digests, blocks: list[Any], dropped: list[Any]) -> None:
-        # The leading blocks already cached keep their dicts; only the rest get ids and entries.
-        last = self._last_match
-        if last is not None and last[0] is digests and last[2] == self._generation:
-            start = last[1]
-        else:
-            start, _ = self._trie.peek(digests)
-        if start >= len(blocks):
-            return
+    def _insert_locked(self, digests: bytes, start: int, blocks: list[Any], dropped: list[Any]) -> None:
         self._generation += 1
         # Anonymous blocks (no handle_id), the common case: ids, insert and table in one C++ call.
         need = len(blocks) - start
@@ -505,10 +501,11 @@ class PrefixCache:
         # The new blocks only (position i is owned[i - first]), copied: the trie calls below release
         # the GIL, and the caller's list must not change under them. The leading cached blocks are not
         # stored, so only the new ones must be dicts.
-        first, n = start, len(digests)
+        first, n = start, len(digests) // 32
         owned = blocks[first:]
         if len(owned) != n - first:
             raise ValueError(f"blocks changed length during insert: {first + len(owned)} items for {n} block hashes")
+        rows = np.frombuffer(digests, dtype=np.uint8).reshape(n, 32)
         try:  # dict.get refuses anything but a dict: the type check comes with the owner keys
             owner_keys = list(map(dict.get, owned, itertools.repeat("handle_id")))
         except TypeError:
@@ -529,8 +526,8 @@ class PrefixCache:
                 end += 1
             ids = self._take_ids(end - start, dropped)
             try:
-                inserted, _ = self._trie.insert(digests[start : start + len(ids)], ids,
-                                                parent=digests[start - 1] if start else None, owner=owner)
+                inserted, _ = self._trie.insert(rows[start : start + len(ids)], ids,
+                                                parent=rows[start - 1] if start else None, owner=owner)
             finally:
                 if self._ids is not None:
                     self._ids.free(ids)  # the trie holds its own reference on the blocks it kept

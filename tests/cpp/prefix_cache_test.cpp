@@ -408,6 +408,32 @@ TEST(PrefixCache, MetadataOnlyCacheRefusesBlockOwnedByAnotherDigest) {
   c.check_invariants();
 }
 
+TEST(PrefixCache, MetadataOnlyCacheFindsDenseFarAndNegativeIdsAcrossTableGrowth) {
+  // Ids counted up from 0 go to a dense table, far and negative ones to a map; the table's growth past
+  // a far id moves it over. Every id stays owned exactly once.
+  PrefixCache c(opts());
+  (void)insert(c, {D(-1)}, ids({3000}));
+  (void)insert(c, {D(-2)}, ids({-7}));
+  std::int32_t next = 0;
+  for (std::int32_t p = 0; p < 40; ++p) {
+    std::vector<BlockId> run(64);
+    for (BlockId& b : run) b = next++;
+    ASSERT_EQ(insert(c, chain(1000 * (p + 1), 64), run).num_inserted, 64u);
+  }
+  c.check_invariants();
+  EXPECT_EQ(c.size(), 2u + 40u * 64u);
+  for (const BlockId taken : {3000, -7, 0, 2559}) {
+    EXPECT_EQ(code_of([&] { (void)insert(c, {D(-3)}, ids({taken})); }), ErrorCode::kInvalidArgument) << taken;
+  }
+  EXPECT_EQ(c.evict(10000), 2u + 40u * 64u);
+  c.check_invariants();
+  EXPECT_EQ(insert(c, {D(-3), D(-4)}, ids({3000, 5})).num_inserted, 2u);  // free again
+  EXPECT_EQ(c.clear(), 2u);
+  c.check_invariants();
+  EXPECT_EQ(insert(c, {D(-5)}, ids({3000})).num_inserted, 1u);
+  c.check_invariants();
+}
+
 TEST(PrefixCache, LruEvictsLeastRecentlyUsedLeafThenItsParent) {
   PrefixCacheOptions o = opts();
   o.event_queue_capacity = 64;

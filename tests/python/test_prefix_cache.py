@@ -316,6 +316,27 @@ def test_seed_block_keys_from_lists_tuples_and_arrays_agree() -> None:
         cache.compute_block_hashes([1, "2", 3, 4])
 
 
+def test_seed_block_keys_read_every_kind_of_int_anywhere_in_a_long_list() -> None:
+    class Token(int):
+        pass
+
+    cache = PrefixCache(block_size=16)
+    odd = [0, 1, 2**30 - 1, 2**30, 2**31, 2**32 - 1, True, Token(5), -0]  # one digit, two digits, bool, subclass
+    rng = np.random.default_rng(3)
+    for at in (0, 63, 64, 65, 200, 255):  # the main loop (64 ahead prefetched) and its tail
+        tokens = rng.integers(0, 50_000, size=256).tolist()
+        tokens[at : at + 1] = [odd[at % len(odd)]]
+        expected = [hashlib.sha256(struct.pack(">16I", *tokens[i : i + 16])).digest() for i in range(0, 256, 16)]
+        assert cache.compute_block_hashes(tokens) == expected, at
+        for bad, error, match in ((-1, ValueError, f"token id -1 at position {at} "),
+                                  (2**64, ValueError, f"token id {2**64} at position {at} "),
+                                  (-(2**40), ValueError, f"at position {at} "),
+                                  (1.0, TypeError, rf"\[{at}\] must be an int, got float")):
+            tokens[at] = bad
+            with pytest.raises(error, match=match):
+                cache.compute_block_hashes(tokens)
+
+
 def _sha256_compress(block: bytes, state: bytes | None = None) -> bytes:
     """FIPS 180-4's SHA-256 compression of one 64-byte block onto `state` (eight big-endian words;
     SHA-256's initial hash value when None), in plain Python: the reference for the chains."""
@@ -411,6 +432,43 @@ def test_core_sha256_helpers_match_references() -> None:
         _core.sha256_chain(b"x" * 33)
     with pytest.raises(TypeError, match="bytes-like"):
         _core.sha256_chain("text")  # type: ignore[arg-type]
+
+
+def test_sha256_chain_cached_hands_back_the_last_pair_for_the_same_key_bytes() -> None:
+    keys = [hashlib.sha256(bytes([i])).digest() for i in range(5)]
+    pair = _core.sha256_chain_cached(keys)
+    assert pair == (b"".join(keys), _core.sha256_chain(b"".join(keys)))
+    # Equal bytes in other objects (the engine hashes its lookup keys itself): the same pair, not rehashed.
+    assert _core.sha256_chain_cached(tuple(bytes(bytearray(k)) for k in keys), pair) is pair
+    for other in (keys[:4], [*keys[:4], keys[0]], [*keys, keys[0]]):
+        fresh = _core.sha256_chain_cached(other, pair)
+        assert fresh is not pair and fresh == (b"".join(other), _core.sha256_chain(b"".join(other)))
+    assert _core.sha256_chain_cached([], pair) == (b"", b"")
+    with pytest.raises(TypeError, match=r"keys\[1\] must be bytes, got bytearray"):
+        _core.sha256_chain_cached([keys[0], bytearray(keys[1])], pair)
+    with pytest.raises(ValueError, match=r"keys\[2\] must be 32 bytes, got 31"):
+        _core.sha256_chain_cached([keys[0], keys[1], keys[2][:31]])
+    with pytest.raises(TypeError, match="list or tuple"):
+        _core.sha256_chain_cached(b"".join(keys))
+    for bad_last in ((b"", b"", b""), (pair[0], "digests"), (pair[0], pair[1][:32]), [pair[0], pair[1]]):
+        with pytest.raises(TypeError, match="last must be None or a pair"):
+            _core.sha256_chain_cached(keys, bad_last)
+
+
+def test_probe_peek_and_insert_objects_read_concatenated_digest_bytes() -> None:
+    digests = _core.hash_blocks(list(range(16)), 4)
+    packed = digests.tobytes()
+    cache = _core.PrefixCache(block_size=4)
+    table: list[Any] = []
+    blocks: list[Any] = [{"n": i} for i in range(4)]
+    assert cache.insert_objects(packed[:64], 0, blocks[:2], table, ids=0) == (2, 2)
+    assert cache.peek(packed)[0] == 2 and cache.probe(packed, table) == (2, blocks[:2])
+    assert cache.insert_objects(packed, 2, blocks, table, ids=2) == (2, 2)
+    assert cache.probe(digests, table) == (4, blocks) and cache.peek(packed[:96])[0] == 3
+    with pytest.raises(ValueError, match="whole number of 32-byte digests, got 33 bytes"):
+        cache.probe(packed[:33], table)
+    with pytest.raises(TypeError, match="list of 32-byte digests, got bytes"):
+        cache.match(packed)  # only the seed's calls take them concatenated
 
 
 @pytest.mark.parametrize(
@@ -1135,3 +1193,27 @@ def test_probe_nested_in_a_finaliser_keeps_the_outer_calls_ids() -> None:
     del lists
     assert nested == [["b0", "b1", "b2", "b3"]], "the finaliser never ran: the test tested nothing"
     assert values == ["a0", "a1", "a2", "a3"]
+
+
+def test_metadata_only_cache_maps_dense_and_sparse_block_ids_alike() -> None:
+    # Without an allocator, ids counted up from 0 sit in a dense table and others (far, negative) in a
+    # map; the table's growth moves map entries it comes to cover. Every id must stay findable.
+    cache = _core.PrefixCache(block_size=4)
+    prompts = [list(range(1000 * p, 1000 * p + 4 * 64)) for p in range(40)]
+    digests = [_core.hash_blocks(tokens, 4) for tokens in prompts]
+    assert cache.insert(digests[0][:1], np.array([3000], dtype=np.int32))[0] == 1  # far: the map
+    assert cache.insert(digests[1][:1], np.array([-7], dtype=np.int32))[0] == 1  # negative: the map
+    for p in range(2, 40):  # dense ids 0, 1, ... until the table reaches past 3000
+        assert cache.insert(digests[p], np.arange(64 * (p - 2), 64 * (p - 1), dtype=np.int32))[0] == 64
+    cache.check_invariants()
+    assert len(cache) == 2 + 38 * 64 and set(cache.cached_block_ids().tolist()) == {3000, -7, *range(38 * 64)}
+    for taken, owner in ((3000, 0), (-7, 1), (5, 2), (38 * 64 - 1, 39)):
+        with pytest.raises(ValueError, match=f"block id {taken} .*already caches digest"):
+            cache.insert(digests[0][1:2], np.array([taken], dtype=np.int32), parent=digests[0][0])
+        assert cache.lookup(digests[owner][0 if owner < 2 else (taken - 64 * (owner - 2))])["block_id"] == taken
+    assert cache.evict(10_000) == 2 + 38 * 64 and len(cache) == 0
+    cache.check_invariants()
+    assert cache.insert(digests[0][:2], np.array([3000, 5], dtype=np.int32))[0] == 2  # ids free again
+    cache.check_invariants()
+    assert cache.clear() == 2 and len(cache) == 0
+    cache.check_invariants()

@@ -152,8 +152,12 @@ struct PrefixCache::Impl {
   detail::DigestIndex index;
   detail::EvictionHeap heap;      // the policy's order (TTL: insertion order)
   detail::EvictionHeap lru_heap;  // TTL only: the LRU fallback among unexpired nodes
-  std::vector<std::uint32_t> block_node;                    // with an allocator: block id -> node
-  std::unordered_map<BlockId, std::uint32_t> block_node_map;  // metadata-only: ids are arbitrary
+  // Block id -> node. With an allocator, block_node holds every id. Metadata-only, ids are arbitrary:
+  // those below block_node.size() live there, the others (sparse, negative) in block_node_map, never
+  // both; block_node only grows over ids within a few times the cached blocks (grow_dense_ids), so
+  // dense ids (counted up, as the seed PrefixCache's) cost no allocation per entry.
+  std::vector<std::uint32_t> block_node;
+  std::unordered_map<BlockId, std::uint32_t> block_node_map;
   std::uint64_t tick = 0;
   std::deque<PrefixCacheEvent> events;
   bool events_lost = false;  // events were dropped since the last drain: it starts with a lost mark
@@ -266,10 +270,9 @@ struct PrefixCache::Impl {
   }
 
   [[nodiscard]] std::uint32_t block_owner(BlockId b) const {
-    if (allocator != nullptr) {
-      const auto u = static_cast<std::uint32_t>(b);
-      return u < block_node.size() ? block_node[u] : kNone;
-    }
+    const auto u = static_cast<std::uint32_t>(b);
+    if (u < block_node.size()) return block_node[u];
+    if (allocator != nullptr || block_node_map.empty()) return kNone;
     const auto it = block_node_map.find(b);
     return it == block_node_map.end() ? kNone : it->second;
   }
@@ -282,19 +285,49 @@ struct PrefixCache::Impl {
         block_node.resize(std::min<std::size_t>(want, allocator->num_blocks()), kNone);
       }
       block_node[u] = idx;
+    } else if (static_cast<std::uint32_t>(b) < block_node.size()) {
+      block_node[static_cast<std::uint32_t>(b)] = idx;
     } else {
       block_node_map[b] = idx;
     }
   }
   void prefetch_block_owner(BlockId b) const noexcept {
     const auto u = static_cast<std::uint32_t>(b);
-    if (allocator != nullptr && u < block_node.size()) __builtin_prefetch(&block_node[u], 1);
+    if (u < block_node.size()) __builtin_prefetch(&block_node[u], 1);
   }
   void clear_block_owner(BlockId b) {
-    if (allocator != nullptr) {
-      block_node[static_cast<std::uint32_t>(b)] = kNone;
+    const auto u = static_cast<std::uint32_t>(b);
+    if (allocator != nullptr || u < block_node.size()) {
+      block_node[u] = kNone;
     } else {
       block_node_map.erase(b);
+    }
+  }
+  // Metadata-only: extends block_node over the new ids that are dense (below four times the cached
+  // blocks plus the new ones, plus 1024), moving the map entries it then covers. Throws (bad_alloc)
+  // before changing anything.
+  void grow_dense_ids(std::span<const BlockId> new_ids) {
+    const std::uint64_t limit = 4 * (std::uint64_t{live_count} + new_ids.size()) + 1024;
+    std::uint64_t top = 0;
+    bool grow = false;
+    for (const BlockId b : new_ids) {
+      const auto u = static_cast<std::uint32_t>(b);
+      if (u >= block_node.size() && u < limit) {
+        top = std::max<std::uint64_t>(top, u);
+        grow = true;
+      }
+    }
+    if (!grow) return;
+    const std::uint64_t want = std::min<std::uint64_t>(std::max<std::uint64_t>(top + 1, 2 * block_node.size()), limit);
+    block_node.resize(static_cast<std::size_t>(want), kNone);
+    for (auto it = block_node_map.begin(); it != block_node_map.end();) {
+      const auto u = static_cast<std::uint32_t>(it->first);
+      if (u < block_node.size()) {
+        block_node[u] = it->second;
+        it = block_node_map.erase(it);
+      } else {
+        ++it;
+      }
     }
   }
 
@@ -643,15 +676,23 @@ struct PrefixCache::Impl {
         block_node.resize(std::min<std::size_t>(want, allocator->num_blocks()), kNone);
       }
     } else {
-      // An unordered_map allocates per entry: make the entries now (no owner yet), so commit only
-      // assigns; abandon_insert or commit_insert erases those that end up unused.
-      detail::grow_buckets_to(block_node_map, block_node_map.size() + num_new);
-      for (std::size_t j = 0; j < new_ids.size(); ++j) {
-        try {
-          block_node_map.try_emplace(new_ids[j], kNone);
-        } catch (...) {
-          for (std::size_t i = 0; i < j; ++i) block_node_map.erase(new_ids[i]);
-          throw;
+      grow_dense_ids(new_ids);
+      // The other ids: an unordered_map allocates per entry, so make their entries now (no owner
+      // yet) and commit only assigns; abandon_insert or commit_insert erases those that end up unused.
+      const auto sparse = [&](BlockId b) { return static_cast<std::uint32_t>(b) >= block_node.size(); };
+      const auto num_sparse = static_cast<std::size_t>(std::count_if(new_ids.begin(), new_ids.end(), sparse));
+      if (num_sparse != 0) {
+        detail::grow_buckets_to(block_node_map, block_node_map.size() + num_sparse);
+        for (std::size_t j = 0; j < new_ids.size(); ++j) {
+          if (!sparse(new_ids[j])) continue;
+          try {
+            block_node_map.try_emplace(new_ids[j], kNone);
+          } catch (...) {
+            for (std::size_t i = 0; i < j; ++i) {
+              if (sparse(new_ids[i])) block_node_map.erase(new_ids[i]);
+            }
+            throw;
+          }
         }
       }
     }
@@ -1086,6 +1127,7 @@ std::uint32_t PrefixCache::clear() {
       s.cold.shrink_to_fit();
       s.heap = detail::EvictionHeap{};
       s.lru_heap = detail::EvictionHeap{};
+      if (s.allocator == nullptr) std::vector<std::uint32_t>().swap(s.block_node);  // every entry is kNone
     }
     s.free_head = kNone;
     s.index.clear();
@@ -1235,10 +1277,13 @@ void PrefixCache::check_invariants() const {
   if (s.heap.size() != evictable) fail("heap size");
   if (!s.heap.valid() || !s.lru_heap.valid()) fail("heap order");
   std::size_t mapped = 0;
-  if (s.allocator != nullptr) {
-    for (std::uint32_t v : s.block_node) mapped += v != kNone ? 1 : 0;
-  } else {
-    mapped = s.block_node_map.size();
+  for (std::uint32_t v : s.block_node) mapped += v != kNone ? 1 : 0;
+  mapped += s.block_node_map.size();
+  for (const auto& [b, idx] : s.block_node_map) {
+    if (static_cast<std::uint32_t>(b) < s.block_node.size()) {
+      fail("block " + std::to_string(b) + " is in the map but below the dense table's " +
+           std::to_string(s.block_node.size()) + " ids");
+    }
   }
   if (mapped != live) fail("block map holds " + std::to_string(mapped) + " entries for " + std::to_string(live));
 }
