@@ -39,6 +39,7 @@ msgpack = pytest.importorskip("msgpack")
 import zmq  # noqa: E402
 from sagellm_kv_cache import RadixPrefixCache  # noqa: E402
 from sagellm_kv_cache.observability.events import KVEventPublisher, decode_batch, wire_block_id  # noqa: E402
+from tier_requests import serve  # noqa: E402
 
 BLOCK = 4
 MODEL = "sagellm-test"
@@ -246,6 +247,18 @@ def indexer(tmp_path: Path) -> Iterator[Indexer]:
         running.close()
 
 
+def wait_for_answers(indexer: Any, ask: Any, expected: list[Any], when: str, ours: str) -> None:
+    """Waits (up to 10 s) until Dynamo answers every query as ``expected``; fails naming the first
+    differing queries, what ``ours`` says and what Dynamo says, with the indexer's log."""
+    deadline = time.monotonic() + 10
+    while (got := [ask(*q) for q in QUERIES]) != expected:
+        if time.monotonic() > deadline:
+            wrong = [(q, e, g) for q, e, g in zip(QUERIES, expected, got, strict=True) if e != g]
+            raise AssertionError(f"{when}: {len(wrong)} of {len(QUERIES)} queries differ, (query, {ours}, dynamo): "
+                                 f"{wrong[:4]}\n{indexer.log()[-3000:]}")
+        time.sleep(0.05)
+
+
 def warm_up(publisher: KVEventPublisher, indexer: Indexer) -> None:
     """Stores a probe block until Dynamo reports it (both hops of PUB/SUB have joined), then removes it."""
     probe = bytes(range(32))
@@ -276,13 +289,7 @@ def test_dynamo_indexer_reproduces_our_matches(indexer: Indexer) -> None:
                 if publisher.next_seq - 1 in relay.drop:
                     continue  # Dynamo learns of the loss from the next batch, and replays then
                 expected = [scenario.expected(*q) for q in QUERIES]
-                deadline = time.monotonic() + 10
-                while (got := [indexer.matched_blocks(*q) for q in QUERIES]) != expected:
-                    if time.monotonic() > deadline:
-                        wrong = [(q, e, g) for q, e, g in zip(QUERIES, expected, got, strict=True) if e != g]
-                        raise AssertionError(f"step {number}: {len(wrong)} of {len(QUERIES)} queries differ, "
-                                             f"(query, cache, dynamo): {wrong[:4]}\n{indexer.log()[-3000:]}")
-                    time.sleep(0.05)
+                wait_for_answers(indexer, indexer.matched_blocks, expected, f"step {number}", "cache")
                 checked += len(QUERIES)
                 matched += sum(expected)
                 assert expected.count(0) > 0
@@ -486,24 +493,10 @@ def test_dynamo_indexer_follows_every_tier(indexer: Indexer, tmp_path: Path) -> 
             == {"status": "ok"}
         warm_up(publisher, indexer)
         for number, (toks, salt, extra) in enumerate(prompts + prompts[:4]):  # the repeats hit the lower tiers
-            digests = tc.hash_tokens(np.array(toks, dtype=np.int64), salt=salt, extra=extra)
-            m = tc.match(digests)
-            n = m.num_matched
-            if n < len(digests):
-                fresh = tc.allocate(len(digests) - n)
-                tc.insert(digests[n:], fresh, parent=digests[n - 1] if n else None, token_ids=toks[n * BLOCK:],
-                          extra_key=extra, cache_salt=salt)
-                tc.pool.free(fresh)
-            tc.release(digests[:n])
+            serve(tc, toks, salt, extra)
             publish_prefix_events(tc, publisher)
             expected = [tier_walk(tc, *q) for q in QUERIES]
-            deadline = time.monotonic() + 10
-            while (got := [indexer.tiered_blocks(*q) for q in QUERIES]) != expected:
-                if time.monotonic() > deadline:
-                    wrong = [(q, e, g) for q, e, g in zip(QUERIES, expected, got, strict=True) if e != g]
-                    raise AssertionError(f"step {number}: {len(wrong)} of {len(QUERIES)} differ, (query, tiers, "
-                                         f"dynamo): {wrong[:3]}\n{indexer.log()[-3000:]}")
-                time.sleep(0.05)
+            wait_for_answers(indexer, indexer.tiered_blocks, expected, f"step {number}", "tiers")
             reached["cpu"] += sum(c > g for g, c, _ in expected)
             reached["disk"] += sum(d > c for _, c, d in expected)
         stats = tc.stats()

@@ -27,6 +27,7 @@ from sagellm_kv_cache.observability.events import DigestSetTracker, KVEventSubsc
 from sagellm_kv_cache.observability.kv_wire import decode_batch, encode_batch
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 from sagellm_kv_cache.tiers import TIER_MEDIA, TieredPrefixCache
+from tier_requests import serve
 
 SPEC = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype="fp16", block_size=4)
 BS = SPEC.block_size
@@ -39,20 +40,6 @@ def request_tokens(rng: random.Random) -> np.ndarray:
     tail = [rng.randrange(6) for _ in range(rng.randrange(0, 4))]
     blocks = [head * 100, head * 100 + 1, *(head * 100 + 10 + t for t in tail)][: rng.randrange(1, 6)]
     return np.array([b * 10 + k for b in blocks for k in range(BS)], dtype=np.int64)
-
-
-def serve(tc: TieredPrefixCache, tokens: np.ndarray, salt: bytes | None, extra: bytes | None) -> list[bytes]:
-    """One request: match (promoting lower-tier hits), insert what missed with its tokens, release."""
-    digests = tc.hash_tokens(tokens, salt=salt, extra=extra)
-    m = tc.match(digests)
-    n = m.num_matched
-    if n < len(digests):
-        fresh = tc.allocate(len(digests) - n)
-        tc.insert(digests[n:], fresh, parent=digests[n - 1] if n else None, token_ids=tokens[n * BS:],
-                  extra_key=extra, cache_salt=salt)
-        tc.pool.free(fresh)
-    tc.release(digests[:n])
-    return [row.tobytes() for row in digests]
 
 
 def contents(tc: TieredPrefixCache, universe: set[bytes]) -> dict[str, set[int]]:
@@ -94,15 +81,20 @@ def tiered(tmp_path: Path, *, background: bool, queue: int = 100_000, device: in
                              disk_blocks=12, background=background, event_queue_capacity=queue)
 
 
+def random_step(tc: TieredPrefixCache, rng: random.Random, universe: set[bytes]) -> None:
+    """A request (its digests go into ``universe``), a demotion or room made on the device."""
+    roll = rng.random()
+    if roll < 0.8:
+        universe.update(serve(tc, request_tokens(rng), *rng.choice(KEYS)))
+    elif roll < 0.9:
+        tc.demote(rng.randrange(1, 4))
+    else:
+        tc.make_room(rng.randrange(1, 12))
+
+
 def random_steps(tc: TieredPrefixCache, rng: random.Random, universe: set[bytes], steps: int) -> None:
     for _ in range(steps):
-        roll = rng.random()
-        if roll < 0.8:
-            universe.update(serve(tc, request_tokens(rng), *rng.choice(KEYS)))
-        elif roll < 0.9:
-            tc.demote(rng.randrange(1, 4))
-        else:
-            tc.make_room(rng.randrange(1, 12))
+        random_step(tc, rng, universe)
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
@@ -385,7 +377,7 @@ DISK_ERRORS_SCRIPT = """
 import random, resource, signal, sys, tempfile, threading, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from test_kv_events_tiers import SPEC, KEYS, Router, contents, request_tokens, serve
+from test_kv_events_tiers import SPEC, Router, contents, random_step
 from sagellm_kv_cache.observability.events import wire_block_id
 from sagellm_kv_cache.paged import PagedKVPool
 from sagellm_kv_cache.tiers import TieredPrefixCache
@@ -402,13 +394,7 @@ for seed in range(int(sys.argv[2])):
             rng, mine = random.Random(s), set()
             try:
                 for _ in range(150):
-                    roll = rng.random()
-                    if roll < 0.8:
-                        mine.update(serve(tc, request_tokens(rng), *rng.choice(KEYS)))
-                    elif roll < 0.9:
-                        tc.demote(rng.randrange(1, 4))
-                    else:
-                        tc.make_room(rng.randrange(1, 12))
+                    random_step(tc, rng, mine)
             except BaseException as exc:
                 errors.append(repr(exc))
             universe.update(mine)
