@@ -141,6 +141,96 @@ TEST(PrefixCacheAllocFailure, InsertChangesNothingWhenAnAllocationFails) {
   std::printf("%ld allocations failed in turn\n", injected);
 }
 
+// A metadata-only cache (no allocator): block ids are opaque numbers, dense ones mapped through a
+// vector that grows with them, far and negative ones through a map. An insert whose new ids make the
+// vector grow past ids that sat in the map (moving them over), and add far and negative ids, with
+// each of its allocations failing in turn: nothing the cache shows changes, every old id still maps
+// to its node (a second insert of it is refused), and a completed insert maps every new id.
+TEST(PrefixCacheAllocFailure, MetadataOnlyInsertGrowingTheDenseTableChangesNothing) {
+  const auto old_digests = chain(0, 6);
+  // Dense from 0, then 1100 (beyond the first table's 4 x 6 + 1024 ids, so in the map until the
+  // table grows over it), far, negative.
+  const std::vector<BlockId> old_ids{0, 1, 2, 1100, 1 << 30, -3};
+  const auto new_digests = chain(5000, 40);
+  std::vector<BlockId> new_ids;
+  for (BlockId b = 3; b < 33; ++b) new_ids.push_back(b);                    // dense, within the table
+  // 1150 grows the table to 1151 ids (within 4 x 46 + 1024), moving 1100 over; 1300 and up stay sparse.
+  for (BlockId b : {1050, 1150, 1300, 1700, 100000, -1, -2, -100, 1 << 29, 5000}) new_ids.push_back(b);
+  ASSERT_EQ(new_ids.size(), new_digests.size());
+  const auto refused_again = [](PrefixCache& cache, BlockId b) {
+    const auto d = chain(900000 + b, 1);
+    try {
+      (void)cache.insert(d, std::span<const BlockId>(&b, 1));
+    } catch (const Error& e) {
+      return e.code() == ErrorCode::kInvalidArgument;
+    }
+    return false;
+  };
+  for (const bool bounded : {false, true}) {
+    SCOPED_TRACE(bounded);
+    bool completed = false;
+    long injected = 0;
+    for (long k = 0; k < 10000 && !completed; ++k) {
+      PrefixCacheOptions o;
+      o.block_size = kBs;
+      o.event_queue_capacity = 64;
+      if (bounded) o.capacity_blocks = 30;  // evicts the old chain's unused blocks, caches part of the new
+      PrefixCache cache(o);
+      // The old chain, its first two blocks held (they stay whatever is evicted).
+      ASSERT_EQ(cache.insert(old_digests, old_ids).num_inserted, 6u);
+      const auto held = std::span(old_digests).first(2);
+      std::vector<BlockId> out(2);
+      ASSERT_EQ(cache.match(held, out), 2u);
+      (void)cache.drain_events();
+      const auto before = cache.stats();
+      const auto res = failing_at(k, injected, [&] { return cache.insert(new_digests, new_ids); });
+      const std::string where = "allocation " + std::to_string(k);
+      ASSERT_NO_THROW(cache.check_invariants()) << where;
+      if (!res) {
+        ASSERT_EQ(cache.size(), 6u) << where;
+        ASSERT_EQ(cache.stats().evictions, before.evictions) << where;
+        for (std::size_t i = 0; i < old_digests.size(); ++i) {
+          const auto info = cache.lookup(old_digests[i]);
+          ASSERT_TRUE(info.has_value()) << where;
+          ASSERT_EQ(info->block_id, old_ids[i]) << where;
+          ASSERT_TRUE(refused_again(cache, old_ids[i])) << where << ": id " << old_ids[i] << " lost its node";
+        }
+        for (const BlockHash& d : new_digests) ASSERT_FALSE(cache.contains(d)) << where;
+        ASSERT_EQ(cache.peek(new_digests), 0u) << where;
+        ASSERT_TRUE(cache.drain_events().empty()) << where;
+        // The ids that did not go in are free to cache something now.
+        const auto again = cache.insert(new_digests, new_ids);
+        ASSERT_EQ(again.num_cached(), bounded ? 28u : 40u) << where;
+        ASSERT_NO_THROW(cache.check_invariants()) << where;
+        continue;
+      }
+      completed = !t_failed;
+      const std::uint32_t cached = res->num_cached();
+      // Bounded: the old chain's 4 unused blocks make room, its 2 held ones stay: 28 of the 40 fit.
+      ASSERT_EQ(cached, bounded ? 28u : 40u) << where;
+      ASSERT_LE(cache.size(), bounded ? 30u : 46u) << where;
+      for (std::size_t i = 0; i < new_ids.size(); ++i) {
+        const auto info = cache.lookup(new_digests[i]);
+        ASSERT_EQ(info.has_value(), i < cached) << where;
+        if (i < cached) {
+          ASSERT_EQ(info->block_id, new_ids[i]) << where;
+          ASSERT_TRUE(refused_again(cache, new_ids[i])) << where << ": id " << new_ids[i] << " not mapped";
+        }
+      }
+      cache.release(held);
+      (void)cache.clear();
+      ASSERT_EQ(cache.size(), 0u) << where;
+      ASSERT_NO_THROW(cache.check_invariants()) << where;
+      // Reused after the clear: the same ids map again.
+      ASSERT_EQ(cache.insert(new_digests, new_ids).num_cached(), bounded ? 30u : 40u) << where;
+      ASSERT_NO_THROW(cache.check_invariants()) << where;
+    }
+    EXPECT_TRUE(completed);
+    EXPECT_GE(injected, 3);
+    std::printf("%ld allocations failed in turn\n", injected);
+  }
+}
+
 // Without leftovers from earlier calls: a fresh cache whose heap grew only as inserts required.
 TEST(PrefixCacheAllocFailure, ReleaseMakesNoAllocation) {
   for (const EvictionPolicy policy : {EvictionPolicy::kLru, EvictionPolicy::kPriority, EvictionPolicy::kTtl}) {
@@ -586,6 +676,119 @@ TEST(RequestManagerAllocFailure, AppendChangesNothingWhenAnAllocationFails) {
   }
   EXPECT_TRUE(completed);
   EXPECT_GE(injected, 5);  // the sweep did fail allocations inside the call
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
+// Finished requests leave their records for the next admits. Three records of different kinds
+// (salted with an extra key, opaque, plain) are reused by a batch of requests of other kinds and
+// sizes (the reused vectors must grow) plus a fresh one, with each allocation failing in turn; a
+// refused admit is then retried in the same manager. Nothing of a record's previous request shows:
+// the digests published are the new requests' own (salt and extra key as given now), an opaque
+// request publishes nothing, and every request's state checks out through append and finish.
+TEST(RequestManagerAllocFailure, AdmitReusingFinishedRecordsCarriesNothingOver) {
+  bool completed = false;
+  long injected = 0;
+  const auto long_prompt = seq(3000, 9 * kBs + 1);  // 9 full blocks: more than any earlier record held
+  const auto plain = seq(4000, 2 * kBs + 3);
+  const auto salted_prompt = seq(5000, kBs + 2);
+  const BlockHashKey salted{"tenant", "lora"};
+  const auto digests = [](const std::vector<std::int32_t>& t, const BlockHashKey& key) {
+    std::vector<BlockHash> d(t.size() / kBs);
+    (void)hash_blocks(HashAlgorithm::kSha256, t, kBs, kRootBlockHash, key, d);
+    return d;
+  };
+  for (long k = 0; k < 10000 && !completed; ++k) {
+    World w(64);
+    {
+      const auto a = seq(0, 2 * kBs + 1);
+      const auto b = seq(100, kBs + 1);
+      AdmitRequest opaque{3, {}, {}};
+      opaque.num_opaque_tokens = 7;
+      ASSERT_TRUE(w.admit({AdmitRequest{1, a, BlockHashKey{"old-salt", "old-extra"}}, AdmitRequest{2, b, {}}, opaque},
+                          nullptr)
+                      .ok());
+      const std::vector<RequestId> done{1, 2, 3};
+      w.manager->finish(done);
+    }
+    (void)w.cache->drain_events();
+    const std::uint32_t cached_before = w.cache->size();
+    // Ids 1-3 again with other kinds, and a fresh id 4.
+    AdmitRequest opaque_now{2, {}, {}};
+    opaque_now.num_opaque_tokens = 5;
+    const std::vector<AdmitRequest> batch{AdmitRequest{3, long_prompt, {}}, AdmitRequest{1, plain, {}}, opaque_now,
+                                          AdmitRequest{4, salted_prompt, salted}};
+    std::vector<std::uint32_t> cached(batch.size(), 77);
+    const auto st = failing_at(k, injected, [&] { return w.manager->admit(batch, cached, nullptr); });
+    const std::string where = "allocation " + std::to_string(k);
+    ASSERT_NO_FATAL_FAILURE(w.check_accounting(where));
+    if (!st) {
+      ASSERT_TRUE(w.manager->running().empty()) << where;
+      ASSERT_EQ(w.manager->stats().owned_blocks, 0u) << where;
+      ASSERT_EQ(w.cache->size(), cached_before) << where;
+      ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
+      // The same admit, unfailing, in the manager the failure left behind.
+      ASSERT_TRUE(w.manager->admit(batch, cached, nullptr).ok()) << where;
+    } else {
+      ASSERT_TRUE(st->ok()) << where;
+      completed = !t_failed;
+    }
+    ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", admitted"));
+    ASSERT_EQ(cached, (std::vector<std::uint32_t>{0, 0, 0, 0})) << where;
+    ASSERT_EQ(w.manager->num_tokens(3), long_prompt.size()) << where;
+    ASSERT_EQ(w.manager->num_tokens(1), plain.size()) << where;
+    ASSERT_EQ(w.manager->num_tokens(2), 5u) << where;
+    ASSERT_EQ(w.manager->num_tokens(4), salted_prompt.size()) << where;
+    // Published, unless the publish ran out of memory (absorbed: those blocks stay private until the
+    // request's next publish): a cached leading run of each chain, held once.
+    const auto held_run = [&](const std::vector<BlockHash>& chain_digests, bool all) {
+      bool cached_so_far = true;
+      for (const BlockHash& d : chain_digests) {
+        const auto info = w.cache->lookup(d);
+        ASSERT_TRUE(!all || info.has_value()) << where;
+        ASSERT_TRUE(cached_so_far || !info.has_value()) << where;
+        cached_so_far = info.has_value();
+        if (info) {
+          ASSERT_EQ(info->users, 1u) << where;
+        }
+      }
+    };
+    const bool all_published = w.manager->stats().published_blocks == 3u + 9u + 2u + 1u;
+    ASSERT_TRUE(all_published || t_failed) << where;
+    ASSERT_NO_FATAL_FAILURE(held_run(digests(long_prompt, {}), all_published));
+    ASSERT_NO_FATAL_FAILURE(held_run(digests(plain, {}), all_published));
+    ASSERT_NO_FATAL_FAILURE(held_run(digests(salted_prompt, salted), all_published));
+    // The stored events name the new requests' salt and extra key, not the records' old ones.
+    for (const PrefixCacheEvent& ev : w.cache->drain_events()) {
+      if (ev.type != PrefixCacheEvent::Type::kStored) continue;
+      const bool is_salted = ev.digests.front() == digests(salted_prompt, salted).front();
+      ASSERT_EQ(ev.cache_salt, is_salted ? std::optional<std::string>("tenant") : std::nullopt) << where;
+      ASSERT_EQ(ev.extra_key, is_salted ? std::optional<std::string>("lora") : std::nullopt) << where;
+    }
+    // Each fills its partial block; the blocks published now continue the new chains.
+    const std::vector<RequestId> ids{3, 1, 2, 4};
+    const auto tokens = seq(7000, 4 * kBs);
+    const std::vector<std::size_t> offsets{0, kBs, 2 * kBs, 3 * kBs, 4 * kBs};
+    std::vector<std::uint32_t> new_blocks(4);
+    ASSERT_TRUE(w.manager->append(ids, tokens, offsets, new_blocks).ok()) << where;
+    ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", appended"));
+    // Every full block is published now (a publish the failure cut short was retried).
+    ASSERT_EQ(w.manager->stats().published_blocks, 3u + 10u + 3u + 2u) << where;
+    ASSERT_EQ(w.cache->stats().in_use_blocks, 15u) << where;
+    auto long_now = long_prompt;
+    long_now.insert(long_now.end(), tokens.begin(), tokens.begin() + kBs);
+    ASSERT_NO_FATAL_FAILURE(held_run(digests(long_now, {}), true));
+    auto plain_now = plain;
+    plain_now.insert(plain_now.end(), tokens.begin() + kBs, tokens.begin() + 2 * kBs);
+    ASSERT_NO_FATAL_FAILURE(held_run(digests(plain_now, {}), true));
+    auto salted_now = salted_prompt;
+    salted_now.insert(salted_now.end(), tokens.begin() + 3 * kBs, tokens.end());
+    ASSERT_NO_FATAL_FAILURE(held_run(digests(salted_now, salted), true));
+    w.manager->finish(ids);
+    ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
+    ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", finished"));
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, 5);
   std::printf("%ld allocations failed in turn\n", injected);
 }
 
