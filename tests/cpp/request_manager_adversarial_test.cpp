@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdint>
 #include <map>
@@ -22,6 +23,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "sagellm_kv/block_allocator.hpp"
@@ -412,6 +414,124 @@ TEST(RequestManagerAdversarial, TwoManagersOneBoundedCache) {
     w.run(3000);
     if (HasFailure()) return;
   }
+}
+
+// The same sharing on threads (meant for TSan): two managers, two request threads each with ids of
+// their own, and a thread that evicts, detaches, clears and invalidates the cache meanwhile. Each
+// request thread checks its manager's invariants as it goes (its requests' held blocks cannot
+// leave the cache under it). At the end every request is finished: every allocated block is the
+// cache's, with one reference, and clearing the cache frees the whole pool.
+TEST(RequestManagerAdversarial, TwoManagersOneCacheOnThreads) {
+  constexpr std::uint32_t kPool = 64;
+  BlockAllocator alloc(kPool);
+  PrefixCacheOptions o;
+  o.block_size = kBs;
+  o.capacity_blocks = 40;
+  o.event_queue_capacity = 256;
+  PrefixCache cache(o, &alloc);
+  RequestManagerOptions mo;
+  mo.block_size = kBs;
+  RequestManager m0(alloc, &cache, mo);
+  mo.match_last_token = true;
+  RequestManager m1(alloc, &cache, mo);
+  RequestManager* managers[2] = {&m0, &m1};
+  std::atomic<bool> stop{false};
+  std::atomic<int> failures{0};
+  const auto worker = [&](int t) {
+    RequestManager& m = *managers[t % 2];
+    std::mt19937 rng(static_cast<std::uint32_t>(1000 + t));
+    const auto pick = [&](std::uint32_t n) { return static_cast<std::uint32_t>(rng() % n); };
+    std::vector<RequestId> mine;
+    const RequestId base = static_cast<RequestId>(t) * 100;
+    for (int step = 0; step < 2500; ++step) {
+      const std::uint32_t op = pick(10);
+      try {
+        if (op < 4) {
+          const RequestId id = base + 1 + pick(12);
+          if (std::find(mine.begin(), mine.end(), id) != mine.end()) continue;
+          std::vector<std::int32_t> tokens;
+          const std::uint32_t stem = pick(3);
+          const std::uint32_t len = 1 + pick(16);
+          for (std::uint32_t i = 0; i < len; ++i) tokens.push_back(static_cast<std::int32_t>(stem * 1000 + i % 11));
+          AdmitRequest a{id, tokens, pick(4) == 0 ? BlockHashKey{"s", ""} : BlockHashKey{}};
+          std::uint32_t cached = 0;
+          if (m.admit(std::span(&a, 1), std::span(&cached, 1)).ok()) mine.push_back(id);
+        } else if (op < 7 && !mine.empty()) {
+          const RequestId id = mine[pick(static_cast<std::uint32_t>(mine.size()))];
+          const std::vector<std::int32_t> tokens(1 + pick(6), static_cast<std::int32_t>(pick(5)));
+          const std::vector<std::size_t> offsets{0, tokens.size()};
+          std::uint32_t nb = 0;
+          (void)m.append(std::span(&id, 1), tokens, offsets, std::span(&nb, 1));
+        } else if (!mine.empty()) {
+          const std::size_t at = pick(static_cast<std::uint32_t>(mine.size()));
+          const RequestId id = mine[at];
+          mine.erase(mine.begin() + static_cast<std::ptrdiff_t>(at));
+          if (op == 7) {
+            m.finish(std::span(&id, 1));
+          } else if (op == 8) {
+            m.abort(std::span(&id, 1));
+          } else {
+            (void)m.preempt(std::span(&id, 1));
+          }
+        }
+        if (step % 16 == 0) m.check_invariants();
+      } catch (const std::exception& e) {
+        if (failures.fetch_add(1) < 3) ADD_FAILURE() << "thread " << t << " step " << step << ": " << e.what();
+        return;
+      }
+    }
+    m.finish(mine);
+  };
+  std::thread janitor([&] {
+    std::mt19937 rng(7);
+    while (!stop.load()) {
+      switch (rng() % 5) {
+        case 0: (void)cache.evict(1 + static_cast<std::uint32_t>(rng() % 4)); break;
+        case 1: {
+          std::vector<BlockHash> d;
+          std::vector<BlockId> b;
+          (void)cache.evict_detached(1 + static_cast<std::uint32_t>(rng() % 3), d, b);
+          for (BlockId x : b) {
+            if (alloc.ref_count(x) != 1 && failures.fetch_add(1) < 3) ADD_FAILURE() << "detached block shared";
+          }
+          if (!alloc.free(b).ok() && failures.fetch_add(1) < 3) ADD_FAILURE() << "detached block not ours";
+          break;
+        }
+        case 2: (void)cache.clear(); break;
+        case 3: (void)cache.invalidate(0); break;
+        default: (void)cache.drain_events(); break;
+      }
+      std::this_thread::yield();
+    }
+  });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) threads.emplace_back(worker, t);
+  for (auto& th : threads) th.join();
+  stop.store(true);
+  janitor.join();
+  ASSERT_EQ(failures.load(), 0);
+  m0.check_invariants();
+  m1.check_invariants();
+  cache.check_invariants();
+  EXPECT_EQ(m0.stats().running + m1.stats().running, 0u);
+  EXPECT_EQ(m0.stats().owned_blocks + m1.stats().owned_blocks, 0u);
+  EXPECT_EQ(cache.stats().in_use_blocks, 0u);
+  EXPECT_EQ(alloc.num_allocated(), cache.size());
+  for (BlockId b : cache.cached_block_ids()) EXPECT_EQ(alloc.ref_count(b), 1u);
+  for (const RequestManager* m : {&m0, &m1}) {
+    const auto st = m->stats();
+    std::printf("admitted %llu refused %llu hit %llu/%llu published %llu evicted %llu; cache evictions %llu removals %llu\n",
+                static_cast<unsigned long long>(st.admitted), static_cast<unsigned long long>(st.refused),
+                static_cast<unsigned long long>(st.hit_blocks), static_cast<unsigned long long>(st.queried_blocks),
+                static_cast<unsigned long long>(st.published_blocks), static_cast<unsigned long long>(st.evicted_for_room),
+                static_cast<unsigned long long>(cache.stats().evictions),
+                static_cast<unsigned long long>(cache.stats().removals));
+  }
+  EXPECT_GT(m0.stats().published_blocks + m1.stats().published_blocks, 0u);
+  EXPECT_GT(m0.stats().hit_blocks + m1.stats().hit_blocks, 0u);
+  (void)cache.clear();
+  EXPECT_EQ(alloc.num_allocated(), 0u);
+  EXPECT_EQ(alloc.num_available(), kPool);
 }
 
 }  // namespace
