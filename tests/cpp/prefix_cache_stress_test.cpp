@@ -15,6 +15,7 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -211,6 +212,128 @@ INSTANTIATE_TEST_SUITE_P(Policies, PrefixCacheStress,
                          [](const ::testing::TestParamInfo<EvictionPolicy>& param_info) {
                            return std::string(eviction_policy_name(param_info.param));
                          });
+
+// A metadata-only cache (block ids are opaque numbers) under a seeded random mix of inserts whose
+// ids are dense, far, negative or just freed, matches and releases, evictions (plain and detached),
+// invalidations and clears. A model of which id caches which digest must agree with the cache after
+// every step: each cached digest's node names its id, an id that caches something is refused by a
+// new insert, and a free one is taken. The dense id table grows, is emptied by clear() and grows
+// again, with the ids that sit in its map moved over.
+TEST(PrefixCacheMetadataOnly, RandomIdsAgreeWithAModel) {
+  for (const bool bounded : {false, true}) {
+    SCOPED_TRACE(bounded);
+    std::mt19937 rng(bounded ? 11u : 5u);
+    const auto pick = [&](std::uint32_t n) { return static_cast<std::uint32_t>(rng() % n); };
+    PrefixCacheOptions o;
+    o.block_size = kBlockSize;
+    if (bounded) o.capacity_blocks = 50;
+    o.policy = bounded ? EvictionPolicy::kFifo : EvictionPolicy::kLru;
+    o.event_queue_capacity = 16;
+    PrefixCache cache(o);
+    std::map<BlockId, BlockHash> model;  // id -> digest it caches
+    std::vector<std::vector<BlockHash>> held;
+    std::int32_t next_token = 0;
+    const auto some_id = [&]() -> BlockId {
+      switch (pick(5)) {
+        case 0: return -static_cast<BlockId>(1 + pick(50));                // negative
+        case 1: return static_cast<BlockId>(1000 + pick(4000));            // beyond the table at first
+        case 2: return static_cast<BlockId>((1u << 24) + pick(1u << 20));  // far
+        case 3:  // one that caches something now: the insert must be refused
+          if (!model.empty()) return std::next(model.begin(), pick(static_cast<std::uint32_t>(model.size())))->first;
+          return 0;
+        default: return static_cast<BlockId>(pick(300));  // dense
+      }
+    };
+    const auto resync = [&] {  // drop the model's entries the cache removed (eviction, clear)
+      for (auto it = model.begin(); it != model.end();) {
+        it = cache.contains(it->second) ? std::next(it) : model.erase(it);
+      }
+    };
+    for (int step = 0; step < 4000; ++step) {
+      const std::string where = "step " + std::to_string(step);
+      const std::uint32_t op = pick(20);
+      if (op < 9) {
+        // A chain of 1-6 new blocks, from the root or under a cached digest.
+        const std::uint32_t n = 1 + pick(6);
+        std::vector<std::int32_t> tokens(n * kBlockSize);
+        for (auto& t : tokens) t = next_token++;
+        std::optional<BlockHash> parent;
+        if (!model.empty() && pick(2) == 0) parent = std::next(model.begin(), pick(static_cast<std::uint32_t>(model.size())))->second;
+        std::vector<BlockHash> d(n);
+        (void)hash_blocks(HashAlgorithm::kSha256, tokens, kBlockSize, parent.value_or(kRootBlockHash), {}, d);
+        std::vector<BlockId> ids(n);
+        for (auto& b : ids) b = some_id();
+        const bool clash = [&] {
+          std::vector<BlockId> sorted = ids;
+          std::sort(sorted.begin(), sorted.end());
+          if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) return true;
+          return std::any_of(ids.begin(), ids.end(), [&](BlockId b) { return model.contains(b); });
+        }();
+        InsertOptions io;
+        io.parent = parent;
+        io.acquire = pick(3) == 0;
+        try {
+          const InsertResult r = cache.insert(d, ids, io);
+          ASSERT_FALSE(clash) << where << ": an insert of an id already caching something was taken";
+          resync();  // a bounded insert may have evicted
+          for (std::uint32_t j = 0; j < r.num_cached(); ++j) model[ids[j]] = d[j];
+          if (io.acquire && r.num_cached() != 0) held.emplace_back(d.begin(), d.begin() + r.num_cached());
+        } catch (const Error& e) {
+          ASSERT_TRUE(clash) << where << ": " << e.what();
+          ASSERT_EQ(e.code(), ErrorCode::kInvalidArgument) << where;
+        }
+      } else if (op < 11) {
+        if (!model.empty()) {
+          const BlockHash d = std::next(model.begin(), pick(static_cast<std::uint32_t>(model.size())))->second;
+          const MatchResult m = cache.match(std::span(&d, 1));
+          if (m.num_matched == 1) held.push_back({d});
+        }
+      } else if (op < 14) {
+        if (!held.empty()) {
+          const std::size_t at = pick(static_cast<std::uint32_t>(held.size()));
+          cache.release(held[at]);
+          held.erase(held.begin() + static_cast<std::ptrdiff_t>(at));
+        }
+      } else if (op < 16) {
+        (void)cache.evict(1 + pick(8));
+      } else if (op < 17) {
+        std::vector<BlockHash> digests;
+        std::vector<BlockId> ids;
+        const std::uint32_t got = cache.evict_detached(1 + pick(4), digests, ids);
+        ASSERT_EQ(ids.size(), got) << where;
+        for (std::size_t j = 0; j < ids.size(); ++j) {
+          ASSERT_TRUE(model.contains(ids[j])) << where;
+          ASSERT_EQ(model.at(ids[j]), digests[j]) << where << ": detached id " << ids[j] << " cached another digest";
+        }
+      } else if (op < 18) {
+        (void)cache.invalidate(0);
+      } else if (op < 19 || held.empty()) {
+        if (pick(2) == 0) {
+          for (const auto& h : held) cache.release(h);
+          held.clear();
+        }
+        (void)cache.clear();
+      } else {
+        (void)cache.drain_events();
+      }
+      resync();
+      ASSERT_NO_THROW(cache.check_invariants()) << where;
+      ASSERT_EQ(cache.size(), model.size()) << where;
+      for (const auto& [b, d] : model) {
+        const auto info = cache.lookup(d);
+        ASSERT_TRUE(info.has_value()) << where;
+        ASSERT_EQ(info->block_id, b) << where;
+      }
+      if (bounded) {
+        ASSERT_LE(cache.size(), 50u) << where;
+      }
+    }
+    for (const auto& h : held) cache.release(h);
+    (void)cache.clear();
+    ASSERT_EQ(cache.size(), 0u);
+    ASSERT_NO_THROW(cache.check_invariants());
+  }
+}
 
 }  // namespace
 }  // namespace sagellm::kv
