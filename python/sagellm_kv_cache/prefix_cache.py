@@ -150,6 +150,10 @@ class RadixPrefixCache:
 
     def peek(self, digests: Any) -> tuple[int, npt.NDArray[np.int32]]:
         """Like :meth:`match` without taking references, touching recency or counting stats."""
+        if digests.__class__ is bytes:
+            # The native peek also reads the seed cache's concatenated digests; match does not, and
+            # neither does this one (a bare 32-byte digest would pass for a chain of one).
+            raise TypeError("digests must be an (n, 32) uint8 array or a list of 32-byte digests, got bytes")
         n, ids = self._native.peek(digests)
         return int(n), ids
 

@@ -1217,3 +1217,22 @@ def test_metadata_only_cache_maps_dense_and_sparse_block_ids_alike() -> None:
     cache.check_invariants()
     assert cache.clear() == 2 and len(cache) == 0
     cache.check_invariants()
+
+
+def test_radix_peek_refuses_concatenated_digest_bytes_as_match_does() -> None:
+    # The native peek takes one bytes object of n * 32 bytes for the seed cache's calls; the public
+    # RadixPrefixCache must not: its match, release and insert refuse bytes, so a peek that answered
+    # for them (one 32-byte digest passed bare looks like a chain of one) would answer for an
+    # argument the real lookup then refuses.
+    cache = RadixPrefixCache(block_size=4)
+    digests = cache.hash_tokens(np.arange(8, dtype=np.int32))
+    cache.insert(digests, np.array([0, 1], dtype=np.int32))
+    before = cache.stats()
+    for arg in (digests.tobytes(), digests[0].tobytes()):
+        for call in (cache.match, cache.peek, cache.release):
+            with pytest.raises(TypeError, match="list of 32-byte digests, got bytes"):
+                call(arg)
+        with pytest.raises(TypeError, match="list of 32-byte digests, got bytes"):
+            cache.insert(arg, np.array([5, 6], dtype=np.int32)[: len(arg) // 32])
+    assert cache.stats() == before and cache.peek(digests)[0] == 2
+    assert cache.peek(list(map(bytes, digests)))[0] == 2  # a list of bytes digests, as before
