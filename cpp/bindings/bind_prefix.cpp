@@ -427,9 +427,21 @@ py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std
   }
   const auto first = static_cast<std::size_t>(start);
   // Our own references to the new objects: the list may change while the GIL is released below.
-  const auto fresh = py::reinterpret_steal<py::list>(
-      PyList_GetSlice(objects.ptr(), static_cast<Py_ssize_t>(first), static_cast<Py_ssize_t>(n)));
+  // Not PyList_GetSlice: it reads the list's items after allocating the slice, and that allocation
+  // may start a garbage collection whose finalisers change the list (CPython then reads freed or null
+  // item memory). The copy is made first, then the list's size is checked again before it is read.
+  const auto count = static_cast<Py_ssize_t>(n - first);
+  const auto fresh = py::reinterpret_steal<py::list>(PyList_New(count));
   if (!fresh) throw py::error_already_set();
+  if (const Py_ssize_t now = PyList_GET_SIZE(objects.ptr()); static_cast<std::size_t>(now) != n) {
+    throw py::value_error("blocks changed length during insert: " + std::to_string(now) + " items for " +
+                          std::to_string(n) + " digests");
+  }
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyObject* object = PyList_GET_ITEM(objects.ptr(), static_cast<Py_ssize_t>(first) + i);
+    Py_INCREF(object);
+    PyList_SET_ITEM(fresh.ptr(), i, object);
+  }
   static PyObject* const owner_key = PyUnicode_InternFromString("handle_id");
   for (std::size_t i = first; i < n; ++i) {
     PyObject* object = PyList_GET_ITEM(fresh.ptr(), static_cast<Py_ssize_t>(i - first));

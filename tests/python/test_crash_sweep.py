@@ -296,3 +296,62 @@ def test_seed_prefix_cache_nested_call_at_any_line_is_refused_or_runs() -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("a call nested inside a PrefixCache call hung")
     assert out.startswith("ok")
+
+
+# insert_objects copies the caller's list of objects before it releases the GIL. A garbage collection
+# that the copy's allocation starts may run a finaliser that empties that list; a gc callback does it
+# here at the n-th collection after the call starts (threshold 1: every tracked allocation collects).
+# The call must then refuse (the list changed length) or insert the objects it copied, never read the
+# emptied list's items (PyList_GetSlice did, after its allocation: a crash).
+INSERT_OBJECTS_GC = """
+import gc
+from sagellm_kv_cache import _core
+
+def attempt(n, start):
+    cache = _core.PrefixCache(block_size=4)
+    digests = _core.hash_blocks(list(range(4 * 40)), 4).tobytes()
+    objects = [{"n": i} for i in range(40)]
+    originals = list(objects)
+    table = []
+    if start:
+        assert cache.insert_objects(digests[: 32 * start], 0, objects[:start], table, ids=0) == (start, start)
+    state = {"count": 0, "armed": False, "cleared": False}
+    def callback(phase, info):
+        if phase != "start" or not state["armed"]:
+            return
+        state["count"] += 1
+        if state["count"] == n:
+            objects.clear()
+            state["cleared"] = True
+    insert_objects = cache.insert_objects
+    gc.callbacks.append(callback)
+    gc.set_threshold(1)
+    hold = [[] for _ in range(300)], [(i, i) for i in range(300)]  # empty the list and tuple free lists
+    state["armed"] = True
+    try:
+        out = insert_objects(digests, start, objects, table, ids=start)
+    except ValueError as e:
+        out = str(e)
+    finally:
+        state["armed"] = False
+        gc.set_threshold(700)
+        gc.callbacks.remove(callback)
+    del hold
+    cache.check_invariants()
+    if isinstance(out, str):
+        assert "40" in out, out
+        assert len(cache) == start and table[start:] == [], (out, len(cache))
+    else:
+        assert out == (40 - start, 40 - start) and len(cache) == 40
+        assert all(table[i] is originals[i] for i in range(40))
+    return state["cleared"]
+
+cleared = [attempt(n, start) for start in (0, 3) for n in range(1, 7)]
+assert any(cleared), "no collection ran inside the call: the test tested nothing"
+print("ok")
+"""
+
+
+def test_insert_objects_survives_a_gc_that_empties_the_objects_list() -> None:
+    assert run_isolated(INSERT_OBJECTS_GC).strip().endswith("ok")
+
