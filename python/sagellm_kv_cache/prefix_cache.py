@@ -480,6 +480,9 @@ class PrefixCache:
                 start, _ = self._trie.peek(digests)
             if start < len(objects):
                 self._insert_locked(digests, start, objects, dropped)
+            elif len(objects) != len(digests) >> 5:  # emptied since the check above (a finaliser, a thread)
+                raise ValueError(f"blocks changed length during insert: {len(objects)} items for "
+                                 f"{len(digests) >> 5} block hashes")
         finally:
             self._busy = False
             lock.release()

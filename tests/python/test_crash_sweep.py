@@ -355,3 +355,62 @@ print("ok")
 def test_insert_objects_survives_a_gc_that_empties_the_objects_list() -> None:
     assert run_isolated(INSERT_OBJECTS_GC).strip().endswith("ok")
 
+
+# The same for the seed PrefixCache.insert (anonymous blocks, and blocks with a handle_id), whose
+# caller's list may be emptied by a finaliser at any allocation inside the call: it must refuse with
+# ValueError and change nothing, or insert the blocks it was given; never return having inserted none.
+SEED_INSERT_GC = """
+import gc, uuid
+from sagellm_kv_cache.prefix_cache import PrefixCache
+
+def attempt(n, owned, looked_up):
+    cache = PrefixCache(block_size=4)
+    keys = cache.compute_block_hashes(list(range(4 * 30)))
+    first = [{"n": -1}, {"n": -2}]
+    cache.insert(keys[:2], first)
+    h = uuid.uuid4()
+    blocks = [{"n": i, "handle_id": h} if owned else {"n": i} for i in range(30)]
+    originals = list(blocks)
+    if looked_up:
+        cache.lookup(keys)  # insert then takes its cached prefix from the lookup
+    state = {"count": 0, "armed": False, "cleared": False}
+    def callback(phase, info):
+        if phase != "start" or not state["armed"]:
+            return
+        state["count"] += 1
+        if state["count"] == n:
+            blocks.clear()
+            state["cleared"] = True
+    insert = cache.insert
+    gc.callbacks.append(callback)
+    gc.set_threshold(1)
+    hold = [[] for _ in range(300)], [(i, i) for i in range(300)]  # empty the list and tuple free lists
+    state["armed"] = True
+    try:
+        insert(keys, blocks)
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    finally:
+        state["armed"] = False
+        gc.set_threshold(700)
+        gc.callbacks.remove(callback)
+    del hold
+    found, tokens = cache.lookup(keys)
+    if refused is not None:
+        assert "30" in refused, refused
+        assert tokens == 8 and found == first, (n, owned, refused, tokens)
+    else:
+        assert tokens == 120, (n, owned, looked_up, state, tokens)
+        assert found[:2] == first and all(a is b for a, b in zip(found[2:], originals[2:])), (n, owned)
+    return state["cleared"]
+
+cleared = [attempt(n, owned, looked_up) for owned in (False, True) for looked_up in (False, True)
+           for n in range(1, 9)]
+assert any(cleared), "no collection ran inside the call: the test tested nothing"
+print("ok")
+"""
+
+
+def test_seed_insert_refuses_or_completes_when_a_gc_empties_the_blocks_list() -> None:
+    assert run_isolated(SEED_INSERT_GC).strip().endswith("ok")
