@@ -385,10 +385,10 @@ class PrefixCache:
         if size > _INT32_MAX:  # as the constructor; 4 * size bytes per block must fit the native int64
             raise ValueError(f"block_size must be at most {_INT32_MAX}, got {shown(size)}")
         if tokens.__class__ is list or tokens.__class__ is tuple:
-            # Packed as 4-byte big-endian (and range-checked) inside the one C++ call.
-            partial = len(tokens) % size
-            return _core.sha256_chunks(tokens[: len(tokens) - partial] if partial else tokens,
-                                       4 * size)
+            # Packed as 4-byte big-endian (and range-checked) inside the one C++ call, which skips a
+            # trailing partial block itself: no slice of the caller's list (a finaliser run by the
+            # slice's allocation could empty the list, and CPython would then read its freed items).
+            return _core.sha256_chunks(tokens, 4 * size, True)
         arr = self._tokens(tokens)
         return _core.sha256_chunks(_big_endian_u32(arr[: len(arr) - len(arr) % size]).tobytes(), 4 * size)
 

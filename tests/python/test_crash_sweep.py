@@ -16,6 +16,9 @@ regression shows as a failed test with its signal, not as a dead test run.
 * The seed PrefixCache's "nested call gets a RuntimeError" promise had windows (lock taken, holder not
   yet recorded; holder cleared, lock not yet released) where a signal handler's call waited for its
   own thread forever.
+* The seed PrefixCache's insert_objects and compute_block_hashes sliced the caller's list (blocks,
+  token ids); a finaliser run by the slice's allocation that emptied the list made CPython read its
+  freed item array (SIGSEGV).
 """
 
 from __future__ import annotations
@@ -414,3 +417,47 @@ print("ok")
 
 def test_seed_insert_refuses_or_completes_when_a_gc_empties_the_blocks_list() -> None:
     assert run_isolated(SEED_INSERT_GC).strip().endswith("ok")
+
+
+# compute_block_hashes of a token list with a trailing partial block sliced the caller's list; the
+# slice's allocation may start a collection whose finaliser empties the list, and CPython's slice then
+# read the emptied list's items (segfault). The hashes must be those of the tokens as given, or of
+# the list as the finaliser left it (read after it ran), never a crash.
+COMPUTE_BLOCK_HASHES_GC = """
+import gc, hashlib, struct
+from sagellm_kv_cache.prefix_cache import PrefixCache
+
+cache = PrefixCache(block_size=4)
+given = list(range(4 * 300 + 3))
+expected = [hashlib.sha256(struct.pack(">4I", *given[i:i + 4])).digest() for i in range(0, 1200, 4)]
+cleared = []
+for n in range(1, 5):
+    tokens = list(given)
+    state = {"count": 0, "armed": False}
+    def callback(phase, info):
+        if phase != "start" or not state["armed"]:
+            return
+        state["count"] += 1
+        if state["count"] == n:
+            tokens.clear()
+            cleared.append(n)
+    compute = cache.compute_block_hashes
+    gc.callbacks.append(callback)
+    gc.set_threshold(1)
+    hold = [[] for _ in range(300)], [(i, i) for i in range(300)]  # empty the list and tuple free lists
+    state["armed"] = True
+    try:
+        out = compute(tokens)
+    finally:
+        state["armed"] = False
+        gc.set_threshold(700)
+        gc.callbacks.remove(callback)
+    del hold
+    assert out in (expected, []), (n, len(out))
+assert cleared, "no collection ran inside the call: the test tested nothing"
+print("ok")
+"""
+
+
+def test_compute_block_hashes_survives_a_gc_that_empties_the_token_list() -> None:
+    assert run_isolated(COMPUTE_BLOCK_HASHES_GC).strip().endswith("ok")
