@@ -199,10 +199,12 @@ void put_u32(PyObject* item, Py_ssize_t i, std::uint8_t* d, const char* what) {
 
 // A list or tuple of token ids in [0, 2**32) as the original package hashed them: 4-byte
 // big-endian each. TypeError / ValueError name the first bad item and its position.
-RawBytes big_endian_u32(const py::handle& seq, const char* what) {
+// With `limit` (>= 0), only the first min(limit, len) items are read.
+RawBytes big_endian_u32(const py::handle& seq, const char* what, Py_ssize_t limit = -1) {
   PyObject* p = seq.ptr();
   const bool list = PyList_Check(p);
-  const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
+  Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
+  if (limit >= 0 && limit < n) n = limit;
   RawBytes out(static_cast<std::size_t>(n) * 4);
   std::uint8_t* d = out.data.get();
   PyObject** items = list ? reinterpret_cast<PyListObject*>(p)->ob_item : reinterpret_cast<PyTupleObject*>(p)->ob_item;
@@ -427,9 +429,21 @@ py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std
   }
   const auto first = static_cast<std::size_t>(start);
   // Our own references to the new objects: the list may change while the GIL is released below.
-  const auto fresh = py::reinterpret_steal<py::list>(
-      PyList_GetSlice(objects.ptr(), static_cast<Py_ssize_t>(first), static_cast<Py_ssize_t>(n)));
+  // Not PyList_GetSlice: it reads the list's items after allocating the slice, and that allocation
+  // may start a garbage collection whose finalisers change the list (CPython then reads freed or null
+  // item memory). The copy is made first, then the list's size is checked again before it is read.
+  const auto count = static_cast<Py_ssize_t>(n - first);
+  const auto fresh = py::reinterpret_steal<py::list>(PyList_New(count));
   if (!fresh) throw py::error_already_set();
+  if (const Py_ssize_t now = PyList_GET_SIZE(objects.ptr()); static_cast<std::size_t>(now) != n) {
+    throw py::value_error("blocks changed length during insert: " + std::to_string(now) + " items for " +
+                          std::to_string(n) + " digests");
+  }
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyObject* object = PyList_GET_ITEM(objects.ptr(), static_cast<Py_ssize_t>(first) + i);
+    Py_INCREF(object);
+    PyList_SET_ITEM(fresh.ptr(), i, object);
+  }
   static PyObject* const owner_key = PyUnicode_InternFromString("handle_id");
   for (std::size_t i = first; i < n; ++i) {
     PyObject* object = PyList_GET_ITEM(fresh.ptr(), static_cast<Py_ssize_t>(i - first));
@@ -604,19 +618,28 @@ void bind_prefix(py::module_& m) {
 
   // The seed PrefixCache's block keys (plain SHA-256 per block) and their chaining, in C++: per
   // block, hashlib costs a Python call and two objects, ~10x the digest itself.
-  m.def("sha256_chunks", [](const py::handle& data, std::int64_t chunk_bytes) {
+  m.def("sha256_chunks", [](const py::handle& data, std::int64_t chunk_bytes, bool drop_partial) {
           if (chunk_bytes <= 0) throw py::value_error("chunk_bytes must be > 0, got " + std::to_string(chunk_bytes));
           // Read once, with the GIL: token ids packed as 4-byte big-endian, or the caller's bytes.
+          // drop_partial reads the token ids of whole chunks only, so the caller need not slice its
+          // list (a slice of a list may crash CPython when the slice's allocation runs a finaliser
+          // that empties the list).
           const bool tokens = PyList_Check(data.ptr()) || PyTuple_Check(data.ptr());
           std::optional<RawBytes> packed;
           std::vector<std::uint8_t> copy;
           if (tokens) {
-            packed.emplace(big_endian_u32(data, "data"));
+            Py_ssize_t limit = -1;
+            if (drop_partial && chunk_bytes % 4 == 0) {
+              const Py_ssize_t len = PyList_Check(data.ptr()) ? PyList_GET_SIZE(data.ptr()) : PyTuple_GET_SIZE(data.ptr());
+              limit = len - len % static_cast<Py_ssize_t>(chunk_bytes / 4);
+            }
+            packed.emplace(big_endian_u32(data, "data", limit));
           } else {
             copy = bytes_of(data, "data");
           }
-          const std::span<const std::uint8_t> in = tokens ? packed->span() : std::span<const std::uint8_t>(copy);
+          std::span<const std::uint8_t> in = tokens ? packed->span() : std::span<const std::uint8_t>(copy);
           const auto size = static_cast<std::size_t>(chunk_bytes);
+          if (drop_partial) in = in.first(in.size() - in.size() % size);
           if (in.size() % size != 0) {
             throw py::value_error(std::to_string(in.size()) + " bytes are not a whole number of " +
                                   std::to_string(size) + "-byte chunks");
@@ -637,9 +660,10 @@ void bind_prefix(py::module_& m) {
           }
           return out;
         },
-        py::arg("data"), py::arg("chunk_bytes"),
+        py::arg("data"), py::arg("chunk_bytes"), py::arg("drop_partial") = false,
         "SHA-256 of each chunk_bytes-byte chunk of a bytes-like object, or of a list/tuple of ints in "
-        "[0, 2**32) packed as 4-byte big-endian: a list of 32-byte bytes.");
+        "[0, 2**32) packed as 4-byte big-endian: a list of 32-byte bytes. drop_partial: a trailing partial "
+        "chunk is skipped (its token ids are not read) instead of refused.");
 
   m.def("sha256_chain", [](const py::handle& keys) {
           const bool listed = PyList_Check(keys.ptr()) || PyTuple_Check(keys.ptr());

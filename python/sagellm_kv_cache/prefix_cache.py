@@ -150,6 +150,10 @@ class RadixPrefixCache:
 
     def peek(self, digests: Any) -> tuple[int, npt.NDArray[np.int32]]:
         """Like :meth:`match` without taking references, touching recency or counting stats."""
+        if digests.__class__ is bytes:
+            # The native peek also reads the seed cache's concatenated digests; match does not, and
+            # neither does this one (a bare 32-byte digest would pass for a chain of one).
+            raise TypeError("digests must be an (n, 32) uint8 array or a list of 32-byte digests, got bytes")
         n, ids = self._native.peek(digests)
         return int(n), ids
 
@@ -381,10 +385,10 @@ class PrefixCache:
         if size > _INT32_MAX:  # as the constructor; 4 * size bytes per block must fit the native int64
             raise ValueError(f"block_size must be at most {_INT32_MAX}, got {shown(size)}")
         if tokens.__class__ is list or tokens.__class__ is tuple:
-            # Packed as 4-byte big-endian (and range-checked) inside the one C++ call.
-            partial = len(tokens) % size
-            return _core.sha256_chunks(tokens[: len(tokens) - partial] if partial else tokens,
-                                       4 * size)
+            # Packed as 4-byte big-endian (and range-checked) inside the one C++ call, which skips a
+            # trailing partial block itself: no slice of the caller's list (a finaliser run by the
+            # slice's allocation could empty the list, and CPython would then read its freed items).
+            return _core.sha256_chunks(tokens, 4 * size, True)
         arr = self._tokens(tokens)
         return _core.sha256_chunks(_big_endian_u32(arr[: len(arr) - len(arr) % size]).tobytes(), 4 * size)
 
@@ -476,6 +480,9 @@ class PrefixCache:
                 start, _ = self._trie.peek(digests)
             if start < len(objects):
                 self._insert_locked(digests, start, objects, dropped)
+            elif len(objects) != len(digests) >> 5:  # emptied since the check above (a finaliser, a thread)
+                raise ValueError(f"blocks changed length during insert: {len(objects)} items for "
+                                 f"{len(digests) >> 5} block hashes")
         finally:
             self._busy = False
             lock.release()

@@ -16,6 +16,9 @@ regression shows as a failed test with its signal, not as a dead test run.
 * The seed PrefixCache's "nested call gets a RuntimeError" promise had windows (lock taken, holder not
   yet recorded; holder cleared, lock not yet released) where a signal handler's call waited for its
   own thread forever.
+* The seed PrefixCache's insert_objects and compute_block_hashes sliced the caller's list (blocks,
+  token ids); a finaliser run by the slice's allocation that emptied the list made CPython read its
+  freed item array (SIGSEGV).
 """
 
 from __future__ import annotations
@@ -296,3 +299,165 @@ def test_seed_prefix_cache_nested_call_at_any_line_is_refused_or_runs() -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("a call nested inside a PrefixCache call hung")
     assert out.startswith("ok")
+
+
+# insert_objects copies the caller's list of objects before it releases the GIL. A garbage collection
+# that the copy's allocation starts may run a finaliser that empties that list; a gc callback does it
+# here at the n-th collection after the call starts (threshold 1: every tracked allocation collects).
+# The call must then refuse (the list changed length) or insert the objects it copied, never read the
+# emptied list's items (PyList_GetSlice did, after its allocation: a crash).
+INSERT_OBJECTS_GC = """
+import gc
+from sagellm_kv_cache import _core
+
+def attempt(n, start):
+    cache = _core.PrefixCache(block_size=4)
+    digests = _core.hash_blocks(list(range(4 * 40)), 4).tobytes()
+    objects = [{"n": i} for i in range(40)]
+    originals = list(objects)
+    table = []
+    if start:
+        assert cache.insert_objects(digests[: 32 * start], 0, objects[:start], table, ids=0) == (start, start)
+    state = {"count": 0, "armed": False, "cleared": False}
+    def callback(phase, info):
+        if phase != "start" or not state["armed"]:
+            return
+        state["count"] += 1
+        if state["count"] == n:
+            objects.clear()
+            state["cleared"] = True
+    insert_objects = cache.insert_objects
+    gc.callbacks.append(callback)
+    gc.set_threshold(1)
+    hold = [[] for _ in range(300)], [(i, i) for i in range(300)]  # empty the list and tuple free lists
+    state["armed"] = True
+    try:
+        out = insert_objects(digests, start, objects, table, ids=start)
+    except ValueError as e:
+        out = str(e)
+    finally:
+        state["armed"] = False
+        gc.set_threshold(700)
+        gc.callbacks.remove(callback)
+    del hold
+    cache.check_invariants()
+    if isinstance(out, str):
+        assert "40" in out, out
+        assert len(cache) == start and table[start:] == [], (out, len(cache))
+    else:
+        assert out == (40 - start, 40 - start) and len(cache) == 40
+        assert all(table[i] is originals[i] for i in range(40))
+    return state["cleared"]
+
+cleared = [attempt(n, start) for start in (0, 3) for n in range(1, 7)]
+assert any(cleared), "no collection ran inside the call: the test tested nothing"
+print("ok")
+"""
+
+
+def test_insert_objects_survives_a_gc_that_empties_the_objects_list() -> None:
+    assert run_isolated(INSERT_OBJECTS_GC).strip().endswith("ok")
+
+
+# The same for the seed PrefixCache.insert (anonymous blocks, and blocks with a handle_id), whose
+# caller's list may be emptied by a finaliser at any allocation inside the call: it must refuse with
+# ValueError and change nothing, or insert the blocks it was given; never return having inserted none.
+SEED_INSERT_GC = """
+import gc, uuid
+from sagellm_kv_cache.prefix_cache import PrefixCache
+
+def attempt(n, owned, looked_up):
+    cache = PrefixCache(block_size=4)
+    keys = cache.compute_block_hashes(list(range(4 * 30)))
+    first = [{"n": -1}, {"n": -2}]
+    cache.insert(keys[:2], first)
+    h = uuid.uuid4()
+    blocks = [{"n": i, "handle_id": h} if owned else {"n": i} for i in range(30)]
+    originals = list(blocks)
+    if looked_up:
+        cache.lookup(keys)  # insert then takes its cached prefix from the lookup
+    state = {"count": 0, "armed": False, "cleared": False}
+    def callback(phase, info):
+        if phase != "start" or not state["armed"]:
+            return
+        state["count"] += 1
+        if state["count"] == n:
+            blocks.clear()
+            state["cleared"] = True
+    insert = cache.insert
+    gc.callbacks.append(callback)
+    gc.set_threshold(1)
+    hold = [[] for _ in range(300)], [(i, i) for i in range(300)]  # empty the list and tuple free lists
+    state["armed"] = True
+    try:
+        insert(keys, blocks)
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    finally:
+        state["armed"] = False
+        gc.set_threshold(700)
+        gc.callbacks.remove(callback)
+    del hold
+    found, tokens = cache.lookup(keys)
+    if refused is not None:
+        assert "30" in refused, refused
+        assert tokens == 8 and found == first, (n, owned, refused, tokens)
+    else:
+        assert tokens == 120, (n, owned, looked_up, state, tokens)
+        assert found[:2] == first and all(a is b for a, b in zip(found[2:], originals[2:])), (n, owned)
+    return state["cleared"]
+
+cleared = [attempt(n, owned, looked_up) for owned in (False, True) for looked_up in (False, True)
+           for n in range(1, 9)]
+assert any(cleared), "no collection ran inside the call: the test tested nothing"
+print("ok")
+"""
+
+
+def test_seed_insert_refuses_or_completes_when_a_gc_empties_the_blocks_list() -> None:
+    assert run_isolated(SEED_INSERT_GC).strip().endswith("ok")
+
+
+# compute_block_hashes of a token list with a trailing partial block sliced the caller's list; the
+# slice's allocation may start a collection whose finaliser empties the list, and CPython's slice then
+# read the emptied list's items (segfault). The hashes must be those of the tokens as given, or of
+# the list as the finaliser left it (read after it ran), never a crash.
+COMPUTE_BLOCK_HASHES_GC = """
+import gc, hashlib, struct
+from sagellm_kv_cache.prefix_cache import PrefixCache
+
+cache = PrefixCache(block_size=4)
+given = list(range(4 * 300 + 3))
+expected = [hashlib.sha256(struct.pack(">4I", *given[i:i + 4])).digest() for i in range(0, 1200, 4)]
+cleared = []
+for n in range(1, 5):
+    tokens = list(given)
+    state = {"count": 0, "armed": False}
+    def callback(phase, info):
+        if phase != "start" or not state["armed"]:
+            return
+        state["count"] += 1
+        if state["count"] == n:
+            tokens.clear()
+            cleared.append(n)
+    compute = cache.compute_block_hashes
+    gc.callbacks.append(callback)
+    gc.set_threshold(1)
+    hold = [[] for _ in range(300)], [(i, i) for i in range(300)]  # empty the list and tuple free lists
+    state["armed"] = True
+    try:
+        out = compute(tokens)
+    finally:
+        state["armed"] = False
+        gc.set_threshold(700)
+        gc.callbacks.remove(callback)
+    del hold
+    assert out in (expected, []), (n, len(out))
+assert cleared, "no collection ran inside the call: the test tested nothing"
+print("ok")
+"""
+
+
+def test_compute_block_hashes_survives_a_gc_that_empties_the_token_list() -> None:
+    assert run_isolated(COMPUTE_BLOCK_HASHES_GC).strip().endswith("ok")

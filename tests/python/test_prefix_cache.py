@@ -1217,3 +1217,126 @@ def test_metadata_only_cache_maps_dense_and_sparse_block_ids_alike() -> None:
     cache.check_invariants()
     assert cache.clear() == 2 and len(cache) == 0
     cache.check_invariants()
+
+
+def test_radix_peek_refuses_concatenated_digest_bytes_as_match_does() -> None:
+    # The native peek takes one bytes object of n * 32 bytes for the seed cache's calls; the public
+    # RadixPrefixCache must not: its match, release and insert refuse bytes, so a peek that answered
+    # for them (one 32-byte digest passed bare looks like a chain of one) would answer for an
+    # argument the real lookup then refuses.
+    cache = RadixPrefixCache(block_size=4)
+    digests = cache.hash_tokens(np.arange(8, dtype=np.int32))
+    cache.insert(digests, np.array([0, 1], dtype=np.int32))
+    before = cache.stats()
+    for arg in (digests.tobytes(), digests[0].tobytes()):
+        for call in (cache.match, cache.peek, cache.release):
+            with pytest.raises(TypeError, match="list of 32-byte digests, got bytes"):
+                call(arg)
+        with pytest.raises(TypeError, match="list of 32-byte digests, got bytes"):
+            cache.insert(arg, np.array([5, 6], dtype=np.int32)[: len(arg) // 32])
+    assert cache.stats() == before and cache.peek(digests)[0] == 2
+    assert cache.peek(list(map(bytes, digests)))[0] == 2  # a list of bytes digests, as before
+
+
+def test_threads_alternating_on_one_cache_get_only_their_own_blocks() -> None:
+    # The cache keeps the last keys' chain (compared by bytes) and the last lookup's digests (by
+    # identity) across calls, whichever thread made them. Threads that interleave lookups and inserts
+    # of their own prompts, with keys that are equal bytes in other objects, must each be answered
+    # with the blocks cached under their own prefix, in order, however the calls interleave.
+    import random
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    errors: list[tuple[Any, ...]] = []
+    for capacity in (None, 24):
+        cache = PrefixCache(block_size=4, max_cached_blocks=capacity)
+
+        def worker(tid: int, cache: PrefixCache = cache) -> None:
+            rnd = random.Random(tid)
+            for _ in range(400):
+                prompt, nb = rnd.randrange(8), rnd.randint(1, 5)
+                keys = cache.compute_block_hashes([tid * 1000 + prompt * 10 + i for i in range(4 * nb)])
+                if rnd.random() < 0.5:
+                    keys = [k[:16] + k[16:] for k in keys]  # equal bytes, other objects
+                blocks, tokens = cache.lookup(keys)
+                if tokens != 4 * len(blocks) or any(b["tag"] != (tid, prompt, j) for j, b in enumerate(blocks)):
+                    errors.append((tid, prompt, tokens, [b["tag"] for b in blocks]))
+                if len(blocks) < nb:
+                    cache.insert(keys, [{"tag": (tid, prompt, j)} for j in range(nb)])
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        try:
+            for t in threads:
+                t.start()
+        finally:
+            for t in threads:
+                t.join()
+            sys.setswitchinterval(old)
+        sys.setswitchinterval(1e-6)
+        cache._trie.check_invariants()
+        stats = cache.get_stats()
+        assert stats["hit_count"] + stats["miss_count"] == 1600 and stats["hit_count"] > 100, stats
+    sys.setswitchinterval(old)
+    assert errors == []
+
+
+@pytest.mark.parametrize("capacity", [None, 8, 100])
+def test_metadata_only_ids_dense_sparse_and_negative_follow_a_model(capacity: int | None) -> None:
+    # Random inserts (ids dense, far, negative, at the int32 ends), evictions, invalidations, clears and
+    # held matches on a cache without an allocator: every cached digest maps to the id it was inserted
+    # with, the cached ids are exactly those, and an id is refused exactly when it is cached already.
+    import random
+
+    for seed in range(4):
+        rnd = random.Random(seed)
+        cache = _core.PrefixCache(block_size=1, capacity_blocks=capacity)
+        model: dict[bytes, int] = {}
+        held: list[bytes] = []
+        outcomes = {"refused": 0, "sparse": 0, "dense": 0}
+
+        def pick(rnd: random.Random = rnd) -> int:
+            r = rnd.random()
+            if r < 0.5:
+                return rnd.randrange(64)
+            if r < 0.7:
+                return rnd.randrange(5000)
+            if r < 0.85:
+                return rnd.choice([-1, -2, -(2**31), 2**31 - 1, 2**31 - 2, rnd.randrange(-100, 0)])
+            return rnd.randrange(2**31)
+
+        for _ in range(300):
+            op = rnd.random()
+            if op < 0.6:
+                k = rnd.randint(1, 5)
+                digests = [rnd.randbytes(32) for _ in range(k)]
+                ids = [pick() for _ in range(k)]
+                cached = set(cache.cached_block_ids().tolist())
+                refused = len(set(ids)) < k or bool(cached & set(ids))
+                parent = rnd.choice(list(model)) if model and rnd.random() < 0.3 else None
+                try:
+                    n, _ = cache.insert(digests, np.array(ids, dtype=np.int32), parent=parent, owner=rnd.randint(0, 3))
+                except ValueError:
+                    assert refused, ids
+                    outcomes["refused"] += 1
+                else:
+                    assert not refused, (ids, cached & set(ids))
+                    model.update(zip(digests[:n], ids[:n], strict=True))
+                    for i in ids[:n]:
+                        outcomes["dense" if 0 <= i < 5000 else "sparse"] += 1
+            elif op < 0.7:
+                cache.evict(rnd.randint(0, 5))
+            elif op < 0.8:
+                cache.invalidate(rnd.randint(0, 3))
+            elif op < 0.83:
+                cache.clear()
+            elif op < 0.9 and model:
+                d = rnd.choice(list(model))
+                if cache.match([d])[0] == 1:
+                    held.append(d)
+            elif held:
+                cache.release([held.pop(rnd.randrange(len(held)))])
+            cache.check_invariants()
+            model = {d: i for d, i in model.items() if cache.contains(d)}
+            assert all(cache.lookup(d)["block_id"] == i for d, i in model.items())
+            assert sorted(model.values()) == sorted(cache.cached_block_ids().tolist())
+        assert min(outcomes.values()) > 5, outcomes
