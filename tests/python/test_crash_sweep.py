@@ -39,11 +39,44 @@ def run_isolated(body: str, timeout: float = 60.0) -> str:
     return proc.stdout
 
 
+# Shared by the scripts below: a gc callback (Python code run inside any collection) runs ``action``
+# at the start of the n-th collection after ``call`` starts; gc.set_threshold(1) makes every
+# allocation of a tracked object collect, and the list and tuple free lists are emptied first, so
+# that each such allocation is a fresh one. Returns (call's result, or the ``refusal`` exception it
+# raised when one is named; whether action ran).
+GC_AT_NTH = """
+import gc
+
+def call_with_gc_at(n, action, call, refusal=()):
+    state = {"count": 0, "armed": False, "ran": False}
+    def callback(phase, info):
+        if phase != "start" or not state["armed"]:
+            return
+        state["count"] += 1
+        if state["count"] == n:
+            action()
+            state["ran"] = True
+    gc.callbacks.append(callback)
+    gc.set_threshold(1)
+    hold = [[] for _ in range(300)], [(i, i) for i in range(300)]  # empty the list and tuple free lists
+    state["armed"] = True
+    try:
+        out = call()
+    except refusal as e:
+        out = e
+    finally:
+        state["armed"] = False
+        gc.set_threshold(700)
+        gc.callbacks.remove(callback)
+    del hold
+    return out, state["ran"]
+"""
+
+
 # A gc callback (Python code run inside any collection) replaces the key list's contents at the
 # n-th collection after the call starts; gc.set_threshold(1) makes every allocation of a tracked
 # object collect. Whatever collection hits inside the call, it must answer for the keys it was given.
-OFFLOAD_GC = """
-import gc, sys
+OFFLOAD_GC = GC_AT_NTH + """
 from sagellm_kv_cache import _core
 
 def attempt(n, method):
@@ -52,34 +85,14 @@ def attempt(n, method):
     idx.prepare_store(pre)
     idx.complete_store(pre)
     keys = [b"key%05d" % i for i in range(6)]
-    state = {"count": 0, "armed": False}
     junk = []
-    def callback(phase, info):
-        if phase != "start" or not state["armed"]:
-            return
-        state["count"] += 1
-        if state["count"] == n:
-            keys.clear()
-            junk.append([b"junk%07d" % i for i in range(3000)])
-            keys.extend(b"new%07d" % i for i in range(3000))
-    gc.callbacks.append(callback)
-    gc.set_threshold(1)
-    hold = [[] for _ in range(300)], [(i, i) for i in range(300)]  # empty the list and tuple free lists
-    state["armed"] = True
-    try:
-        if method == "store":
-            out = idx.prepare_store(keys)
-        elif method == "load":
-            out = idx.prepare_load(list(pre))
-        elif method == "touch":
-            out = idx.touch(list(pre))
-        else:
-            out = idx.complete_store(list(pre))
-    finally:
-        state["armed"] = False
-        gc.set_threshold(700)
-        gc.callbacks.remove(callback)
-    del hold
+    def rewrite():
+        keys.clear()
+        junk.append([b"junk%07d" % i for i in range(3000)])
+        keys.extend(b"new%07d" % i for i in range(3000))
+    calls = {"store": lambda: idx.prepare_store(keys), "load": lambda: idx.prepare_load(list(pre)),
+             "touch": lambda: idx.touch(list(pre)), "complete": lambda: idx.complete_store(list(pre))}
+    out, _ = call_with_gc_at(n, rewrite, calls[method])
     idx.check_invariants()
     return out
 
@@ -306,8 +319,7 @@ def test_seed_prefix_cache_nested_call_at_any_line_is_refused_or_runs() -> None:
 # here at the n-th collection after the call starts (threshold 1: every tracked allocation collects).
 # The call must then refuse (the list changed length) or insert the objects it copied, never read the
 # emptied list's items (PyList_GetSlice did, after its allocation: a crash).
-INSERT_OBJECTS_GC = """
-import gc
+INSERT_OBJECTS_GC = GC_AT_NTH + """
 from sagellm_kv_cache import _core
 
 def attempt(n, start):
@@ -318,36 +330,17 @@ def attempt(n, start):
     table = []
     if start:
         assert cache.insert_objects(digests[: 32 * start], 0, objects[:start], table, ids=0) == (start, start)
-    state = {"count": 0, "armed": False, "cleared": False}
-    def callback(phase, info):
-        if phase != "start" or not state["armed"]:
-            return
-        state["count"] += 1
-        if state["count"] == n:
-            objects.clear()
-            state["cleared"] = True
     insert_objects = cache.insert_objects
-    gc.callbacks.append(callback)
-    gc.set_threshold(1)
-    hold = [[] for _ in range(300)], [(i, i) for i in range(300)]  # empty the list and tuple free lists
-    state["armed"] = True
-    try:
-        out = insert_objects(digests, start, objects, table, ids=start)
-    except ValueError as e:
-        out = str(e)
-    finally:
-        state["armed"] = False
-        gc.set_threshold(700)
-        gc.callbacks.remove(callback)
-    del hold
+    out, cleared = call_with_gc_at(n, objects.clear, lambda: insert_objects(digests, start, objects, table, ids=start),
+                                   ValueError)
     cache.check_invariants()
-    if isinstance(out, str):
-        assert "40" in out, out
+    if isinstance(out, ValueError):
+        assert "40" in str(out), out
         assert len(cache) == start and table[start:] == [], (out, len(cache))
     else:
         assert out == (40 - start, 40 - start) and len(cache) == 40
         assert all(table[i] is originals[i] for i in range(40))
-    return state["cleared"]
+    return cleared
 
 cleared = [attempt(n, start) for start in (0, 3) for n in range(1, 7)]
 assert any(cleared), "no collection ran inside the call: the test tested nothing"
@@ -362,8 +355,8 @@ def test_insert_objects_survives_a_gc_that_empties_the_objects_list() -> None:
 # The same for the seed PrefixCache.insert (anonymous blocks, and blocks with a handle_id), whose
 # caller's list may be emptied by a finaliser at any allocation inside the call: it must refuse with
 # ValueError and change nothing, or insert the blocks it was given; never return having inserted none.
-SEED_INSERT_GC = """
-import gc, uuid
+SEED_INSERT_GC = GC_AT_NTH + """
+import uuid
 from sagellm_kv_cache.prefix_cache import PrefixCache
 
 def attempt(n, owned, looked_up):
@@ -376,37 +369,17 @@ def attempt(n, owned, looked_up):
     originals = list(blocks)
     if looked_up:
         cache.lookup(keys)  # insert then takes its cached prefix from the lookup
-    state = {"count": 0, "armed": False, "cleared": False}
-    def callback(phase, info):
-        if phase != "start" or not state["armed"]:
-            return
-        state["count"] += 1
-        if state["count"] == n:
-            blocks.clear()
-            state["cleared"] = True
     insert = cache.insert
-    gc.callbacks.append(callback)
-    gc.set_threshold(1)
-    hold = [[] for _ in range(300)], [(i, i) for i in range(300)]  # empty the list and tuple free lists
-    state["armed"] = True
-    try:
-        insert(keys, blocks)
-        refused = None
-    except ValueError as e:
-        refused = str(e)
-    finally:
-        state["armed"] = False
-        gc.set_threshold(700)
-        gc.callbacks.remove(callback)
-    del hold
+    out, cleared = call_with_gc_at(n, blocks.clear, lambda: insert(keys, blocks), ValueError)
+    refused = str(out) if isinstance(out, ValueError) else None
     found, tokens = cache.lookup(keys)
     if refused is not None:
         assert "30" in refused, refused
         assert tokens == 8 and found == first, (n, owned, refused, tokens)
     else:
-        assert tokens == 120, (n, owned, looked_up, state, tokens)
+        assert tokens == 120, (n, owned, looked_up, cleared, tokens)
         assert found[:2] == first and all(a is b for a, b in zip(found[2:], originals[2:])), (n, owned)
-    return state["cleared"]
+    return cleared
 
 cleared = [attempt(n, owned, looked_up) for owned in (False, True) for looked_up in (False, True)
            for n in range(1, 9)]
@@ -423,8 +396,8 @@ def test_seed_insert_refuses_or_completes_when_a_gc_empties_the_blocks_list() ->
 # slice's allocation may start a collection whose finaliser empties the list, and CPython's slice then
 # read the emptied list's items (segfault). The hashes must be those of the tokens as given, or of
 # the list as the finaliser left it (read after it ran), never a crash.
-COMPUTE_BLOCK_HASHES_GC = """
-import gc, hashlib, struct
+COMPUTE_BLOCK_HASHES_GC = GC_AT_NTH + """
+import hashlib, struct
 from sagellm_kv_cache.prefix_cache import PrefixCache
 
 cache = PrefixCache(block_size=4)
@@ -433,26 +406,10 @@ expected = [hashlib.sha256(struct.pack(">4I", *given[i:i + 4])).digest() for i i
 cleared = []
 for n in range(1, 5):
     tokens = list(given)
-    state = {"count": 0, "armed": False}
-    def callback(phase, info):
-        if phase != "start" or not state["armed"]:
-            return
-        state["count"] += 1
-        if state["count"] == n:
-            tokens.clear()
-            cleared.append(n)
     compute = cache.compute_block_hashes
-    gc.callbacks.append(callback)
-    gc.set_threshold(1)
-    hold = [[] for _ in range(300)], [(i, i) for i in range(300)]  # empty the list and tuple free lists
-    state["armed"] = True
-    try:
-        out = compute(tokens)
-    finally:
-        state["armed"] = False
-        gc.set_threshold(700)
-        gc.callbacks.remove(callback)
-    del hold
+    out, ran = call_with_gc_at(n, tokens.clear, lambda: compute(tokens))
+    if ran:
+        cleared.append(n)
     assert out in (expected, []), (n, len(out))
 assert cleared, "no collection ran inside the call: the test tested nothing"
 print("ok")
