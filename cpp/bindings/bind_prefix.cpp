@@ -142,11 +142,14 @@ std::vector<std::uint8_t> bytes_of(const py::handle& obj, const char* what) {
 
 // A list or tuple of 32-byte bytes objects, concatenated (TypeError / ValueError name the first
 // item that is not one).
-std::vector<std::uint8_t> joined_digests(const py::handle& seq, const char* what) {
+// Copies the `n` items of a list or tuple of 32-byte bytes objects to `out`, which holds 32 bytes per
+// item (TypeError / ValueError name the first item that is not one; runs no Python code).
+void copy_digests(const py::handle& seq, const char* what, Py_ssize_t n, std::uint8_t* out) {
   PyObject* p = seq.ptr();
   const bool list = PyList_Check(p);
-  const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
-  std::vector<std::uint8_t> out(static_cast<std::size_t>(n) * kBlockHashBytes);
+  if ((list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p)) != n) {
+    throw py::value_error(std::string(what) + " changed length while it was read");
+  }
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* item = list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i);
     if (!PyBytes_Check(item)) {
@@ -156,8 +159,14 @@ std::vector<std::uint8_t> joined_digests(const py::handle& seq, const char* what
       throw py::value_error(std::string(what) + "[" + std::to_string(i) + "] must be 32 bytes, got " +
                             std::to_string(PyBytes_GET_SIZE(item)));
     }
-    std::memcpy(out.data() + static_cast<std::size_t>(i) * kBlockHashBytes, PyBytes_AS_STRING(item), kBlockHashBytes);
+    std::memcpy(out + static_cast<std::size_t>(i) * kBlockHashBytes, PyBytes_AS_STRING(item), kBlockHashBytes);
   }
+}
+
+std::vector<std::uint8_t> joined_digests(const py::handle& seq, const char* what) {
+  const Py_ssize_t n = PyList_Check(seq.ptr()) ? PyList_GET_SIZE(seq.ptr()) : PyTuple_GET_SIZE(seq.ptr());
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(n) * kBlockHashBytes);
+  copy_digests(seq, what, n, out.data());
   return out;
 }
 
@@ -697,23 +706,11 @@ void bind_prefix(py::module_& m) {
           if (!PyList_Check(keys.ptr()) && !PyTuple_Check(keys.ptr())) {
             throw py::type_error("keys must be a list or tuple of 32-byte bytes, got " + type_name(keys));
           }
-          PyObject* p = keys.ptr();
-          const bool list = PyList_Check(p);
-          const Py_ssize_t n = list ? PyList_GET_SIZE(p) : PyTuple_GET_SIZE(p);
+          const Py_ssize_t n = PyList_Check(keys.ptr()) ? PyList_GET_SIZE(keys.ptr()) : PyTuple_GET_SIZE(keys.ptr());
           auto joined = py::reinterpret_steal<py::bytes>(PyBytes_FromStringAndSize(nullptr, n * kDigestBytes));
           if (!joined) throw py::error_already_set();
           char* dst = PyBytes_AS_STRING(joined.ptr());
-          for (Py_ssize_t i = 0; i < n; ++i) {
-            PyObject* item = list ? PyList_GET_ITEM(p, i) : PyTuple_GET_ITEM(p, i);
-            if (!PyBytes_Check(item)) {
-              throw py::type_error("keys[" + std::to_string(i) + "] must be bytes, got " + type_name(item));
-            }
-            if (PyBytes_GET_SIZE(item) != kDigestBytes) {
-              throw py::value_error("keys[" + std::to_string(i) + "] must be 32 bytes, got " +
-                                    std::to_string(PyBytes_GET_SIZE(item)));
-            }
-            std::memcpy(dst + i * kDigestBytes, PyBytes_AS_STRING(item), kBlockHashBytes);
-          }
+          copy_digests(keys, "keys", n, reinterpret_cast<std::uint8_t*>(dst));
           if (!last.is_none()) {
             const bool pair = PyTuple_CheckExact(last.ptr()) && PyTuple_GET_SIZE(last.ptr()) == 2;
             PyObject* before = pair ? PyTuple_GET_ITEM(last.ptr(), 0) : nullptr;
