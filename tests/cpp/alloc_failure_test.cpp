@@ -89,6 +89,27 @@ auto failing_at(long k, long& injected, Call&& call) {
   return out;
 }
 
+// The allocation-failure sweep: runs `attempt(fail, where)` for k = 0, 1, 2, ... Each attempt builds
+// its fixture afresh and makes the call under test as `fail(call)` (failing_at with this k: the
+// call's k-th allocation fails); `where` names the attempt for its messages. The sweep ends after
+// the first attempt whose call ran with no allocation failed, i.e. once every allocation point of
+// the call has been tried, or at a fatal failure. It expects to end that way within `max_attempts`
+// attempts, having failed an allocation inside the call in at least `min_injected` of them.
+template <class Attempt>
+void sweep_allocations(long min_injected, Attempt&& attempt, long max_attempts = 10000) {
+  long injected = 0;
+  bool completed = false;
+  for (long k = 0; k < max_attempts && !completed; ++k) {
+    const auto fail = [&](auto&& call) { return failing_at(k, injected, call); };
+    attempt(fail, "allocation " + std::to_string(k));
+    if (::testing::Test::HasFatalFailure()) return;
+    completed = !t_failed;
+  }
+  EXPECT_TRUE(completed);
+  EXPECT_GE(injected, min_injected) << "the sweep failed too few allocations inside the call";
+  std::printf("%ld allocations failed in turn\n", injected);
+}
+
 std::vector<std::int32_t> seq(std::int32_t start, std::size_t n) {
   std::vector<std::int32_t> v(n);
   std::iota(v.begin(), v.end(), start);
@@ -105,9 +126,7 @@ std::vector<BlockHash> chain(std::int32_t start, std::size_t blocks) {
 TEST(PrefixCacheAllocFailure, InsertChangesNothingWhenAnAllocationFails) {
   // 20 new nodes under a cached prefix of 3: the digest index, node table, heaps and event all grow.
   const auto digests = chain(0, 23);
-  bool completed = false;
-  long injected = 0;
-  for (long k = 0; k < 10000 && !completed; ++k) {
+  sweep_allocations(5, [&](auto& fail, const std::string& where) {
     BlockAllocator alloc(64);
     PrefixCacheOptions o;
     o.block_size = kBs;
@@ -119,8 +138,7 @@ TEST(PrefixCacheAllocFailure, InsertChangesNothingWhenAnAllocationFails) {
     (void)cache.drain_events();
     InsertOptions io;
     io.acquire = true;
-    const auto res = failing_at(k, injected, [&] { return cache.insert(digests, blocks, io); });
-    const std::string where = "allocation " + std::to_string(k);
+    const auto res = fail([&] { return cache.insert(digests, blocks, io); });
     cache.check_invariants();
     if (!res) {
       ASSERT_EQ(cache.size(), 3u) << where;
@@ -128,17 +146,13 @@ TEST(PrefixCacheAllocFailure, InsertChangesNothingWhenAnAllocationFails) {
       for (std::size_t i = 0; i < digests.size(); ++i) ASSERT_EQ(cache.contains(digests[i]), i < 3) << where;
       for (std::size_t i = 0; i < blocks.size(); ++i) ASSERT_EQ(alloc.ref_count(blocks[i]), i < 3 ? 2u : 1u) << where;
       ASSERT_TRUE(cache.drain_events().empty()) << where;
-      continue;
+      return;
     }
     ASSERT_EQ(res->num_cached(), 23u) << where;
-    completed = !t_failed;
     ASSERT_EQ(cache.stats().in_use_blocks, 23u) << where;
     cache.release(digests);
     ASSERT_TRUE(alloc.free(blocks).ok());
-  }
-  EXPECT_TRUE(completed);
-  EXPECT_GE(injected, 5);  // the sweep did fail allocations inside the call
-  std::printf("%ld allocations failed in turn\n", injected);
+  });
 }
 
 // A metadata-only cache (no allocator): block ids are opaque numbers, dense ones mapped through a
@@ -168,9 +182,7 @@ TEST(PrefixCacheAllocFailure, MetadataOnlyInsertGrowingTheDenseTableChangesNothi
   };
   for (const bool bounded : {false, true}) {
     SCOPED_TRACE(bounded);
-    bool completed = false;
-    long injected = 0;
-    for (long k = 0; k < 10000 && !completed; ++k) {
+    sweep_allocations(3, [&](auto& fail, const std::string& where) {
       PrefixCacheOptions o;
       o.block_size = kBs;
       o.event_queue_capacity = 64;
@@ -183,8 +195,7 @@ TEST(PrefixCacheAllocFailure, MetadataOnlyInsertGrowingTheDenseTableChangesNothi
       ASSERT_EQ(cache.match(held, out), 2u);
       (void)cache.drain_events();
       const auto before = cache.stats();
-      const auto res = failing_at(k, injected, [&] { return cache.insert(new_digests, new_ids); });
-      const std::string where = "allocation " + std::to_string(k);
+      const auto res = fail([&] { return cache.insert(new_digests, new_ids); });
       ASSERT_NO_THROW(cache.check_invariants()) << where;
       if (!res) {
         ASSERT_EQ(cache.size(), 6u) << where;
@@ -202,9 +213,8 @@ TEST(PrefixCacheAllocFailure, MetadataOnlyInsertGrowingTheDenseTableChangesNothi
         const auto again = cache.insert(new_digests, new_ids);
         ASSERT_EQ(again.num_cached(), bounded ? 28u : 40u) << where;
         ASSERT_NO_THROW(cache.check_invariants()) << where;
-        continue;
+        return;
       }
-      completed = !t_failed;
       const std::uint32_t cached = res->num_cached();
       // Bounded: the old chain's 4 unused blocks make room, its 2 held ones stay: 28 of the 40 fit.
       ASSERT_EQ(cached, bounded ? 28u : 40u) << where;
@@ -224,10 +234,7 @@ TEST(PrefixCacheAllocFailure, MetadataOnlyInsertGrowingTheDenseTableChangesNothi
       // Reused after the clear: the same ids map again.
       ASSERT_EQ(cache.insert(new_digests, new_ids).num_cached(), bounded ? 30u : 40u) << where;
       ASSERT_NO_THROW(cache.check_invariants()) << where;
-    }
-    EXPECT_TRUE(completed);
-    EXPECT_GE(injected, 3);
-    std::printf("%ld allocations failed in turn\n", injected);
+    });
   }
 }
 
@@ -292,9 +299,7 @@ TEST(PrefixCacheAllocFailure, ReleaseMakesNoAllocation) {
 TEST(PrefixCacheAllocFailure, InsertsAfterReserveInsertCannotFailForMemory) {
   for (const EvictionPolicy policy : {EvictionPolicy::kLru, EvictionPolicy::kTtl}) {
     SCOPED_TRACE(std::string(eviction_policy_name(policy)));
-    bool completed = false;
-    long injected = 0;
-    for (long k = 0; k < 1000 && !completed; ++k) {
+    sweep_allocations(1, [&](auto& fail, const std::string& where) {
       BlockAllocator alloc(1024);
       PrefixCacheOptions o;
       o.block_size = kBs;
@@ -314,20 +319,16 @@ TEST(PrefixCacheAllocFailure, InsertsAfterReserveInsertCannotFailForMemory) {
       InsertOptions under;
       under.parent = head[0];
       under.trusted_chain = true;
-      const auto inserted = failing_at(k, injected, [&] {
+      const auto inserted = fail([&] {
         return cache.insert(std::span(head).subspan(1), std::span(head_blocks).subspan(1), under).num_inserted +
                cache.insert(std::span(other).first(5), std::span(other_blocks).first(5)).num_inserted +
                cache.insert(other, other_blocks).num_inserted;
       });
       if (!inserted) ADD_FAILURE() << "an insert failed for memory";
-      const std::string where = "allocation " + std::to_string(k);
       ASSERT_EQ(inserted.value_or(0), 308u) << where;
       cache.check_invariants();
       for (BlockId b : head_blocks) ASSERT_EQ(alloc.ref_count(b), 2u) << where;
-      completed = !t_failed;
-    }
-    EXPECT_TRUE(completed);
-    std::printf("%ld allocations failed in turn\n", injected);
+    }, 1000);
   }
 }
 
@@ -336,9 +337,7 @@ TEST(PrefixCacheAllocFailure, InsertBeyondCapacityGivesBackEveryBlockItCannotCac
   // phase, a batch too long for the allocator's stack copy.
   constexpr std::uint32_t kNew = 300, kRoom = 4;
   const auto digests = chain(0, kNew);
-  bool completed = false;
-  long injected = 0;
-  for (long k = 0; k < 10000 && !completed; ++k) {
+  sweep_allocations(3, [&](auto& fail, const std::string& where) {
     BlockAllocator alloc(512);
     PrefixCacheOptions o;
     o.block_size = kBs;
@@ -346,8 +345,7 @@ TEST(PrefixCacheAllocFailure, InsertBeyondCapacityGivesBackEveryBlockItCannotCac
     PrefixCache cache(o, &alloc);
     std::vector<BlockId> blocks(kNew);
     ASSERT_TRUE(alloc.allocate(blocks).ok());
-    const auto res = failing_at(k, injected, [&] { return cache.insert(digests, blocks); });
-    const std::string where = "allocation " + std::to_string(k);
+    const auto res = fail([&] { return cache.insert(digests, blocks); });
     cache.check_invariants();
     const std::uint32_t cached = res ? res->num_cached() : 0;
     ASSERT_EQ(cache.size(), cached) << where;
@@ -355,19 +353,13 @@ TEST(PrefixCacheAllocFailure, InsertBeyondCapacityGivesBackEveryBlockItCannotCac
       ASSERT_EQ(cached, kRoom) << where;
     }
     for (std::uint32_t i = 0; i < kNew; ++i) ASSERT_EQ(alloc.ref_count(blocks[i]), i < cached ? 2u : 1u) << where;
-    completed = res && !t_failed;
     ASSERT_TRUE(alloc.free(blocks).ok());
-  }
-  EXPECT_TRUE(completed);
-  EXPECT_GE(injected, 3);
-  std::printf("%ld allocations failed in turn\n", injected);
+  });
 }
 
 TEST(PrefixCacheAllocFailure, ClearRemovesEverythingOrNothing) {
   // Emptying the cache shrinks its tables; that shrink used to throw after every node was gone.
-  bool completed = false;
-  long injected = 0;
-  for (long k = 0; k < 10000 && !completed; ++k) {
+  sweep_allocations(2, [&](auto& fail, const std::string& where) {
     BlockAllocator alloc(256);
     PrefixCacheOptions o;
     o.block_size = kBs;
@@ -380,13 +372,12 @@ TEST(PrefixCacheAllocFailure, ClearRemovesEverythingOrNothing) {
       ASSERT_TRUE(alloc.free(blocks).ok());
     }
     (void)cache.drain_events();
-    const auto removed = failing_at(k, injected, [&] { return cache.clear(); });
-    const std::string where = "allocation " + std::to_string(k);
+    const auto removed = fail([&] { return cache.clear(); });
     cache.check_invariants();
     if (!removed) {
       ASSERT_EQ(cache.size(), 160u) << where;
       ASSERT_EQ(alloc.num_allocated(), 160u) << where;
-      continue;
+      return;
     }
     ASSERT_EQ(*removed, 160u) << where;
     ASSERT_EQ(cache.size(), 0u) << where;
@@ -394,11 +385,7 @@ TEST(PrefixCacheAllocFailure, ClearRemovesEverythingOrNothing) {
     ASSERT_FALSE(cache.contains(chain(0, 1)[0])) << where;
     const auto events = cache.drain_events();
     ASSERT_TRUE(events.size() == 1 && events[0].type == PrefixCacheEvent::Type::kCleared) << where;
-    completed = !t_failed;
-  }
-  EXPECT_TRUE(completed);
-  EXPECT_GE(injected, 2);
-  std::printf("%ld allocations failed in turn\n", injected);
+  });
 }
 
 // An offload index of 600 slots, all resident in two chains of 300.
@@ -423,54 +410,40 @@ struct FullIndex {
 TEST(OffloadIndexAllocFailure, ReserveThatEvictsManySlotsChangesNothingOrEvictsThemCleanly) {
   // 300 victims: more than the allocator frees without scratch memory. Their frees used to be
   // refused then (after the victims left the trie), which threw Error(kInternal) half way.
-  bool completed = false;
-  long injected = 0;
-  for (long k = 0; k < 10000 && !completed; ++k) {
+  sweep_allocations(1, [&](auto& fail, const std::string& where) {
     FullIndex f;
     const std::vector<BlockId> call(300, OffloadIndex::kNoSlot);
     std::vector<BlockId> slots(300, -7);
     std::vector<BlockId> evicted;
     const auto ok =
-        failing_at(k, injected, [&] { return f.index.reserve(call, OffloadIndex::kNoSlot, slots, evicted); });
-    const std::string where = "allocation " + std::to_string(k);
+        fail([&] { return f.index.reserve(call, OffloadIndex::kNoSlot, slots, evicted); });
     f.index.check_invariants();
     const OffloadIndexStats st = f.index.stats();
     if (!ok) {
       ASSERT_EQ(st.resident_slots, 600u) << where;
       ASSERT_EQ(st.pending_slots, 0u) << where;
       ASSERT_TRUE(evicted.empty()) << where;
-      continue;
+      return;
     }
     ASSERT_TRUE(*ok) << where;
     ASSERT_EQ(evicted.size(), 300u) << where;
     ASSERT_EQ(st.resident_slots, 300u) << where;
     ASSERT_EQ(st.pending_slots, 300u) << where;
-    completed = !t_failed;
-  }
-  EXPECT_TRUE(completed);
-  EXPECT_GE(injected, 1);
-  std::printf("%ld allocations failed in turn\n", injected);
+  });
 }
 
 TEST(OffloadIndexAllocFailure, AbandonOfManySlotsFreesThemOrChangesNothing) {
-  bool completed = false;
-  long injected = 0;
-  for (long k = 0; k < 10000 && !completed; ++k) {
+  sweep_allocations(1, [&](auto& fail, const std::string& where) {
     OffloadIndex index(FullIndex::options());
     const std::vector<BlockId> call(300, OffloadIndex::kNoSlot);
     std::vector<BlockId> slots(300);
     std::vector<BlockId> gone;
     ASSERT_TRUE(index.reserve(call, OffloadIndex::kNoSlot, slots, gone));
-    const bool done = failing_at(k, injected, [&] { index.abandon(slots); });
-    const std::string where = "allocation " + std::to_string(k);
+    const bool done = fail([&] { index.abandon(slots); });
     index.check_invariants();
     ASSERT_EQ(index.stats().pending_slots, done ? 0u : 300u) << where;
     ASSERT_EQ(index.stats().free_slots, done ? 600u : 300u) << where;
-    completed = done && !t_failed;
-  }
-  EXPECT_TRUE(completed);
-  EXPECT_GE(injected, 1);
-  std::printf("%ld allocations failed in turn\n", injected);
+  });
 }
 
 // One commit of several runs: a run of 300 slots continuing a resident chain (more than the
@@ -481,9 +454,7 @@ TEST(OffloadIndexAllocFailure, AbandonOfManySlotsFreesThemOrChangesNothing) {
 TEST(OffloadIndexAllocFailure, CommitOfSeveralRunsCommitsAllOrNothing) {
   for (const EvictionPolicy policy : {EvictionPolicy::kLru, EvictionPolicy::kTtl}) {
     SCOPED_TRACE(std::string(eviction_policy_name(policy)));
-    bool completed = false;
-    long injected = 0;
-    for (long k = 0; k < 10000 && !completed; ++k) {
+    sweep_allocations(3, [&](auto& fail, const std::string& where) {
       OffloadIndexOptions o;
       o.num_slots = 400;
       o.policy = policy;
@@ -508,8 +479,7 @@ TEST(OffloadIndexAllocFailure, CommitOfSeveralRunsCommitsAllOrNothing) {
       slots.insert(slots.end(), long_run.rbegin(), long_run.rend());
       const std::vector<BlockId> given = slots;
       const OffloadIndexStats before = index.stats();
-      const bool done = failing_at(k, injected, [&] { index.commit(slots); });
-      const std::string where = "allocation " + std::to_string(k);
+      const bool done = fail([&] { index.commit(slots); });
       ASSERT_NO_THROW(index.check_invariants()) << where;
       const OffloadIndexStats st = index.stats();
       if (!done) {  // nothing changed: every slot still pending, the trie as it was
@@ -519,7 +489,7 @@ TEST(OffloadIndexAllocFailure, CommitOfSeveralRunsCommitsAllOrNothing) {
         ASSERT_EQ(st.free_slots, before.free_slots) << where;
         ASSERT_EQ(st.trie.inserts, before.trie.inserts) << where;
         for (BlockId s : given) ASSERT_EQ(index.state(s), SlotState::kPending) << where;
-        continue;
+        return;
       }
       ASSERT_EQ(st.pending_slots, 0u) << where;
       ASSERT_EQ(st.resident_slots, 311u) << where;
@@ -530,32 +500,21 @@ TEST(OffloadIndexAllocFailure, CommitOfSeveralRunsCommitsAllOrNothing) {
       ASSERT_EQ(index.parent(root_run.back()), root_run[2]) << where;
       ASSERT_EQ(index.parent(tail_run.front()), long_run.back()) << where;
       ASSERT_EQ(index.parent(tail_run.back()), tail_run.front()) << where;
-      completed = !t_failed;
-    }
-    EXPECT_TRUE(completed);
-    EXPECT_GE(injected, 3);
-    std::printf("%ld allocations failed in turn\n", injected);
+    });
   }
 }
 
 TEST(OffloadIndexAllocFailure, ResetStartsAfreshOrChangesNothing) {
   // The old trie used to go before the new allocator was made: a failure then left no trie, and
   // the next call dereferenced it.
-  bool completed = false;
-  long injected = 0;
-  for (long k = 0; k < 10000 && !completed; ++k) {
+  sweep_allocations(2, [&](auto& fail, const std::string& where) {
     FullIndex f;
-    const bool done = failing_at(k, injected, [&] { f.index.reset(); });
-    const std::string where = "allocation " + std::to_string(k);
+    const bool done = fail([&] { f.index.reset(); });
     ASSERT_NO_THROW(f.index.check_invariants()) << where;
     const OffloadIndexStats st = f.index.stats();
     ASSERT_EQ(st.resident_slots, done ? 0u : 600u) << where;
     ASSERT_EQ(st.free_slots, done ? 600u : 0u) << where;
-    completed = done && !t_failed;
-  }
-  EXPECT_TRUE(completed);
-  EXPECT_GE(injected, 2);
-  std::printf("%ld allocations failed in turn\n", injected);
+  });
 }
 
 // A pool whose cache emits events (so published blocks carry their tokens: more allocations).
@@ -606,41 +565,32 @@ TEST(RequestManagerAllocFailure, AdmitChangesNothingWhenAnAllocationFails) {
   const auto matching = seq(0, 9);                 // matches the 2 cached blocks of prompt 1, 1 more
   const auto fresh = seq(500, 30);                 // 8 blocks: one of prompt 2's must be evicted
   const BlockHashKey salted{"salt", "extra"};
-  bool completed = false;
-  long injected = 0;
-  for (long k = 0; k < 10000 && !completed; ++k) {
+  sweep_allocations(5, [&](auto& fail, const std::string& where) {
     World w;
     warm_up(w);
     const std::vector<AdmitRequest> batch{AdmitRequest{10, matching, {}}, AdmitRequest{11, fresh, salted}};
     std::vector<std::uint32_t> cached(batch.size());
     std::vector<BlockId> tables{-7};
-    const auto st = failing_at(k, injected, [&] { return w.manager->admit(batch, cached, &tables); });
-    const std::string where = "allocation " + std::to_string(k);
+    const auto st = fail([&] { return w.manager->admit(batch, cached, &tables); });
     ASSERT_NO_FATAL_FAILURE(w.check_accounting(where));
     if (!st) {  // refused: nothing admitted, no use held, no block taken
       ASSERT_TRUE(w.manager->running().empty()) << where;
       ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
       ASSERT_EQ(w.manager->stats().owned_blocks, 0u) << where;
       ASSERT_EQ(tables, std::vector<BlockId>{-7}) << where;
-      continue;
+      return;
     }
     ASSERT_TRUE(st->ok()) << where;
     ASSERT_EQ(tables.size(), 1u + 3u + 8u) << where;
-    completed = !t_failed;  // no allocation was failed: every allocation point has been tried
     const std::vector<RequestId> both{10, 11};
     w.manager->finish(both);
     ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
     ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", after finish"));
-  }
-  EXPECT_TRUE(completed);
-  EXPECT_GE(injected, 5);  // the sweep did fail allocations inside the call
-  std::printf("%ld allocations failed in turn\n", injected);
+  });
 }
 
 TEST(RequestManagerAllocFailure, AppendChangesNothingWhenAnAllocationFails) {
-  bool completed = false;
-  long injected = 0;
-  for (long k = 0; k < 10000 && !completed; ++k) {
+  sweep_allocations(5, [&](auto& fail, const std::string& where) {
     World w;
     warm_up(w);
     ASSERT_TRUE(w.admit({AdmitRequest{10, seq(0, 7), {}}, AdmitRequest{11, seq(50, 3), {"s", ""}}}, nullptr).ok());
@@ -653,8 +603,7 @@ TEST(RequestManagerAllocFailure, AppendChangesNothingWhenAnAllocationFails) {
     std::vector<std::uint32_t> new_blocks(2, 0);
     std::vector<BlockId> new_ids{-7};
     const auto st =
-        failing_at(k, injected, [&] { return w.manager->append(ids, tokens, offsets, new_blocks, &new_ids); });
-    const std::string where = "allocation " + std::to_string(k);
+        fail([&] { return w.manager->append(ids, tokens, offsets, new_blocks, &new_ids); });
     ASSERT_NO_FATAL_FAILURE(w.check_accounting(where));
     if (!st) {  // refused: both requests as they were
       ASSERT_EQ(w.manager->num_tokens(10), 7u) << where;
@@ -663,20 +612,16 @@ TEST(RequestManagerAllocFailure, AppendChangesNothingWhenAnAllocationFails) {
       ASSERT_EQ(w.manager->block_table(11), table11) << where;
       ASSERT_EQ(w.cache->stats().in_use_blocks, in_use) << where;
       ASSERT_EQ(new_ids, std::vector<BlockId>{-7}) << where;
-      continue;
+      return;
     }
     ASSERT_TRUE(st->ok()) << where;
     ASSERT_EQ(w.manager->num_tokens(10), 13u) << where;
     ASSERT_EQ(w.manager->num_tokens(11), 8u) << where;
     ASSERT_EQ(new_ids.size(), 1u + 2u + 1u) << where;
-    completed = !t_failed;
     w.manager->finish(ids);
     ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
     ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", after finish"));
-  }
-  EXPECT_TRUE(completed);
-  EXPECT_GE(injected, 5);  // the sweep did fail allocations inside the call
-  std::printf("%ld allocations failed in turn\n", injected);
+  });
 }
 
 // Finished requests leave their records for the next admits. Three records of different kinds
@@ -686,8 +631,6 @@ TEST(RequestManagerAllocFailure, AppendChangesNothingWhenAnAllocationFails) {
 // the digests published are the new requests' own (salt and extra key as given now), an opaque
 // request publishes nothing, and every request's state checks out through append and finish.
 TEST(RequestManagerAllocFailure, AdmitReusingFinishedRecordsCarriesNothingOver) {
-  bool completed = false;
-  long injected = 0;
   const auto long_prompt = seq(3000, 9 * kBs + 1);  // 9 full blocks: more than any earlier record held
   const auto plain = seq(4000, 2 * kBs + 3);
   const auto salted_prompt = seq(5000, kBs + 2);
@@ -697,7 +640,7 @@ TEST(RequestManagerAllocFailure, AdmitReusingFinishedRecordsCarriesNothingOver) 
     (void)hash_blocks(HashAlgorithm::kSha256, t, kBs, kRootBlockHash, key, d);
     return d;
   };
-  for (long k = 0; k < 10000 && !completed; ++k) {
+  sweep_allocations(5, [&](auto& fail, const std::string& where) {
     World w(64);
     {
       const auto a = seq(0, 2 * kBs + 1);
@@ -718,8 +661,7 @@ TEST(RequestManagerAllocFailure, AdmitReusingFinishedRecordsCarriesNothingOver) 
     const std::vector<AdmitRequest> batch{AdmitRequest{3, long_prompt, {}}, AdmitRequest{1, plain, {}}, opaque_now,
                                           AdmitRequest{4, salted_prompt, salted}};
     std::vector<std::uint32_t> cached(batch.size(), 77);
-    const auto st = failing_at(k, injected, [&] { return w.manager->admit(batch, cached, nullptr); });
-    const std::string where = "allocation " + std::to_string(k);
+    const auto st = fail([&] { return w.manager->admit(batch, cached, nullptr); });
     ASSERT_NO_FATAL_FAILURE(w.check_accounting(where));
     if (!st) {
       ASSERT_TRUE(w.manager->running().empty()) << where;
@@ -730,7 +672,6 @@ TEST(RequestManagerAllocFailure, AdmitReusingFinishedRecordsCarriesNothingOver) 
       ASSERT_TRUE(w.manager->admit(batch, cached, nullptr).ok()) << where;
     } else {
       ASSERT_TRUE(st->ok()) << where;
-      completed = !t_failed;
     }
     ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", admitted"));
     ASSERT_EQ(cached, (std::vector<std::uint32_t>{0, 0, 0, 0})) << where;
@@ -786,10 +727,7 @@ TEST(RequestManagerAllocFailure, AdmitReusingFinishedRecordsCarriesNothingOver) 
     w.manager->finish(ids);
     ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
     ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", finished"));
-  }
-  EXPECT_TRUE(completed);
-  EXPECT_GE(injected, 5);
-  std::printf("%ld allocations failed in turn\n", injected);
+  });
 }
 
 enum class EndOp { kFinish, kAbort, kPreempt };
@@ -801,9 +739,7 @@ enum class EndOp { kFinish, kAbort, kPreempt };
 TEST(RequestManagerAllocFailure, EndingPublishedRequestsNeverFailsHalfWay) {
   for (const EndOp op : {EndOp::kFinish, EndOp::kAbort, EndOp::kPreempt}) {
     SCOPED_TRACE(static_cast<int>(op));
-    bool completed = false;
-    long injected = 0;
-    for (long k = 0; k < 10000 && !completed; ++k) {
+    sweep_allocations(1, [&](auto& fail, const std::string& where) {
       World w(1024);
       std::vector<std::vector<std::int32_t>> prompts;
       for (std::int32_t p = 1; p <= 5; ++p) prompts.push_back(seq(p * 100, 10));
@@ -816,30 +752,25 @@ TEST(RequestManagerAllocFailure, EndingPublishedRequestsNeverFailsHalfWay) {
       ASSERT_EQ(w.manager->stats().published_blocks, 5u * 2u + 300u);
       (void)w.cache->drain_events();
       const std::vector<RequestId> ids{3, 1, 6, 2, 5, 4};
-      const bool ended = failing_at(k, injected, [&] {
+      const bool ended = fail([&] {
         switch (op) {
           case EndOp::kFinish: w.manager->finish(ids); break;
           case EndOp::kAbort: w.manager->abort(ids); break;
           case EndOp::kPreempt: EXPECT_EQ(w.manager->preempt(ids), 5u * 10u + 300u * kBs + 1u); break;
         }
       });
-      const std::string where = "allocation " + std::to_string(k);
       ASSERT_NO_FATAL_FAILURE(w.check_accounting(where));
       if (!ended) {  // refused: every request still runs and holds its uses
         ASSERT_EQ(w.manager->running().size(), 6u) << where;
         ASSERT_EQ(w.cache->stats().in_use_blocks, 310u) << where;
-        continue;
+        return;
       }
       ASSERT_TRUE(w.manager->running().empty()) << where;
       ASSERT_EQ(w.manager->stats().owned_blocks, 0u) << where;
       ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
       ASSERT_EQ(w.cache->stats().evictable_blocks, 6u) << where;
       ASSERT_EQ(w.alloc.num_allocated(), 310u) << where;  // the cache's references only
-      completed = !t_failed;
-    }
-    EXPECT_TRUE(completed);
-    EXPECT_GE(injected, 1);
-    std::printf("%ld allocations failed in turn\n", injected);
+    });
   }
 }
 
