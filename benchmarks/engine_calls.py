@@ -13,7 +13,8 @@ lists) the way the engine does:
 * ``cache_blocks(request, n)``: our ``compute_block_hashes`` and ``insert`` of a dict per block;
 * ``free(request_id)``: ``unpin`` and ``free`` of the handle.
 
-Timers around every public method of the manager's pool, prefix cache and eviction manager split
+Timers around every public method of the manager's pool, prefix cache and eviction manager, and
+around the handle's ``_blocks`` property (the engine reads it for every block table), split
 each request's time into the library's share and the engine's own (its hashing, bookkeeping and
 logging; the engine logs every prefix hit at INFO, so the run sets ``sagellm_core``'s loggers to
 WARNING, as a deployment that does not want a line per request would). The timers cost ~0.1 us
@@ -62,6 +63,12 @@ class CallTimer:
             if callable(method) and not isinstance(method, type):
                 setattr(obj, name, self._timed(method, f"{label}.{name}"))
 
+    def wrap_property(self, cls: type, name: str, label: str) -> None:
+        """Times reads of ``cls.name`` where it is a property (the library's code runs on each read)."""
+        prop = cls.__dict__.get(name)
+        if isinstance(prop, property) and prop.fget is not None:
+            setattr(cls, name, property(self._timed(prop.fget, label)))
+
     def _timed(self, method: Any, key: str) -> Any:
         clock = time.perf_counter
 
@@ -87,6 +94,7 @@ def run_once(num_requests: int, num_prompts: int, num_blocks: int) -> dict[str, 
     import sagellm_kv_cache
     from prefix_workload import make_requests
     from sagellm_core.engine_core.kv_cache_manager import KVCacheConfig, KVCacheManager
+    from sagellm_kv_cache.models import KVHandle
     from sagellm_protocol.types import Request
 
     logging.getLogger("sagellm_core").setLevel(logging.WARNING)
@@ -100,6 +108,9 @@ def run_once(num_requests: int, num_prompts: int, num_blocks: int) -> dict[str, 
                        (manager.eviction_manager, "EvictionManager")):
         if obj is not None:
             timer.wrap(obj, label)
+    # The engine reads every handle's blocks (`getattr(handle, "_blocks", [])`) for its block tables:
+    # ours is a property, so those reads are library time too (the original has no such attribute).
+    timer.wrap_property(KVHandle, "_blocks", "KVHandle._blocks")
     gc.collect()
     gc.disable()
     try:

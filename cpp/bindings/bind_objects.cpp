@@ -114,6 +114,32 @@ py::object trusted_model(PyObject* cls, PyObject* defaults, std::span<PyObject* 
   return out;
 }
 
+// [cls(block_id=i) for i in ids] for the seed's KVBlockRef (a frozen dataclass with slots), without
+// running its __init__ per block: all that __init__ does is object.__setattr__(self, "block_id", i),
+// done here through the slot's descriptor, found once. The sageLLM engine reads a handle's blocks
+// (KVHandle._blocks) to build every block table; made in Python they cost ~270 ns each.
+py::list block_refs(PyObject* cls, const BlockIds& ids) {
+  static PyObject* const name = interned("block_id");
+  // The class's own data descriptor for the attribute (a slot), held for the loop; without one the
+  // attribute goes where object.__setattr__ would put it.
+  auto descr = py::reinterpret_borrow<py::object>(_PyType_Lookup(reinterpret_cast<PyTypeObject*>(cls), name));
+  const descrsetfunc set = descr ? Py_TYPE(descr.ptr())->tp_descr_set : nullptr;
+  const std::span<const BlockId> span = ids.span();
+  py::list out(span.size());
+  for (std::size_t i = 0; i < span.size(); ++i) {
+    py::object ref = new_bare(cls);
+    auto value = py::reinterpret_steal<py::object>(PyLong_FromLong(span[i]));
+    if (!value) throw py::error_already_set();
+    if (set != nullptr) {
+      if (set(descr.ptr(), ref.ptr(), value.ptr()) != 0) throw py::error_already_set();
+    } else {
+      set_generic(ref.ptr(), name, value.ptr());
+    }
+    PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), ref.release().ptr());
+  }
+  return out;
+}
+
 void bind_objects(py::module_& m) {
   static std::once_flag at_fork;
   std::call_once(at_fork, [] { (void)pthread_atfork(nullptr, nullptr, reseed_after_fork); });
@@ -137,6 +163,15 @@ void bind_objects(py::module_& m) {
         py::arg("cls"), py::arg("defaults"), py::arg("names"), py::arg("values"), py::arg("fields_set"),
         py::arg("private_attrs"),
         "An instance of the pydantic model `cls` built without validation (see the seed KVPool).");
+
+  m.def("block_refs", [](const py::type& cls, const py::handle& ids) {
+          check_plain_class(cls.ptr(), "cls");
+          const BlockIds given(ids, "ids");  // a copy: a finaliser run by the loop cannot change it
+          return block_refs(cls.ptr(), given);
+        },
+        py::arg("cls"), py::arg("ids"),
+        "[cls(block_id=i) for i in ids], each built as object.__new__(cls) with its block_id set as "
+        "object.__setattr__ would (no __init__ runs): the seed KVHandle's blocks.");
 }
 
 }  // namespace sagellm::kv::bindings

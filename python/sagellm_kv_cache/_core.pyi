@@ -295,6 +295,7 @@ def trusted_model(
     fields_set: set[str],
     private_attrs: dict[str, Any],
 ) -> _M: ...
+def block_refs(cls: type[_M], ids: Any) -> list[_M]: ...
 
 class SeedPool:
     # The seed KVPool's native half: a TokenPool, the live-handle table and handle construction.

@@ -418,3 +418,27 @@ print("ok")
 
 def test_compute_block_hashes_survives_a_gc_that_empties_the_token_list() -> None:
     assert run_isolated(COMPUTE_BLOCK_HASHES_GC).strip().endswith("ok")
+
+
+# KVHandle._blocks: _core.block_refs makes one KVBlockRef per id, each a tracked object whose
+# allocation may start a collection; a finaliser then emptying the caller's id list must not change
+# the refs being made (the ids are read once, first), nor crash.
+BLOCK_REFS_GC = GC_AT_NTH + """
+from sagellm_kv_cache import _core
+from sagellm_kv_cache.models import KVBlockRef
+
+given = list(range(1000, 1300))
+cleared = []
+for n in range(1, 5):
+    ids = list(given)
+    out, ran = call_with_gc_at(n, ids.clear, lambda: _core.block_refs(KVBlockRef, ids))
+    if ran:
+        cleared.append(n)
+    assert [ref.block_id for ref in out] == given, n
+assert cleared, "no collection ran inside the call: the test tested nothing"
+print("ok")
+"""
+
+
+def test_block_refs_survive_a_gc_that_empties_the_id_list() -> None:
+    assert run_isolated(BLOCK_REFS_GC).strip().endswith("ok")

@@ -290,6 +290,42 @@ def test_pool_handles_equal_validated_ones() -> None:
     assert len(pool) == 1
 
 
+def test_handle_blocks_are_the_dataclass_refs_of_its_ids() -> None:
+    # The engine builds block tables from handle._blocks; the refs are made natively (no __init__
+    # per block) and must be what KVBlockRef(i) makes: same class, equal, hashable, frozen.
+    import dataclasses
+
+    from sagellm_kv_cache import _core
+    from sagellm_kv_cache.models import KVBlockRef
+
+    pool = KVPool(max_tokens=4096, block_size=16)
+    handle = pool.alloc(16 * 40 + 1)
+    refs = handle._blocks
+    assert [type(r) for r in refs] == [KVBlockRef] * 41
+    assert refs == [KVBlockRef(block_id=i) for i in handle.block_ids.tolist()]
+    assert {hash(r) for r in refs} == {hash(KVBlockRef(i)) for i in handle.block_ids.tolist()}
+    assert type(refs[0].block_id) is int and dataclasses.asdict(refs[3]) == {"block_id": refs[3].block_id}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        refs[0].block_id = 7  # type: ignore[misc]
+    assert handle._blocks is not refs and KVHandle.create(16)._blocks == []
+    # Any plain class: the attribute goes where object.__setattr__ puts it.
+    class Plain:
+        pass
+
+    assert [vars(r) for r in _core.block_refs(Plain, [5, -1])] == [{"block_id": 5}, {"block_id": -1}]
+
+    class NoRoom:
+        __slots__ = ()
+
+    with pytest.raises(AttributeError):
+        _core.block_refs(NoRoom, [1])
+    for cls in (int, type, np.ndarray, ValueError):
+        with pytest.raises(TypeError, match=r"object\.__new__"):
+            _core.block_refs(cls, [1])
+    with pytest.raises(TypeError):
+        _core.block_refs(KVBlockRef, ["1"])
+
+
 def test_handles_get_fresh_version4_ids_in_forked_children_too() -> None:
     import os
 

@@ -75,6 +75,7 @@ def _tier_of(device: str) -> MemoryTier:
 _UUID = uuid.UUID
 _UUID_SAFETY = uuid.SafeUUID.unknown
 _trusted_model = _core.trusted_model
+_block_refs = _core.block_refs
 
 
 # A random version-4 UUID, equal in form to ``uuid.uuid4()`` (same version and variant bits), without
@@ -188,8 +189,8 @@ class KVHandle(_ProtocolKVHandle):
         ``engine_core.kv_cache_manager``, ``scheduler_kv_bridge`` and ``scheduler``) builds every block
         table as ``[b.block_id for b in getattr(handle, "_blocks", [])]``. Keep it working.
         """
-        ids = self.__pydantic_private__["_block_ids"]  # not self._block_ids: 30x faster
-        return [KVBlockRef(block_id) for block_id in ids.tolist()]
+        # Not self._block_ids (30x slower); the refs made in one native call (~5x faster than here).
+        return _block_refs(KVBlockRef, self.__pydantic_private__["_block_ids"])
 
     def __eq__(self, other: object) -> bool:
         # Field equality, as for the protocol model; the block ids are bookkeeping of the pool.
