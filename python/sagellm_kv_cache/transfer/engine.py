@@ -22,7 +22,8 @@ receiver with ``enable_checksum`` refuses a frame that carries no checksum (``KV
 
 Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 4,096, the most
 recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` remembers; settable
-per engine with ``KVTransferEngine(..., max_finished_records=N)``): a long-running engine that never
+per engine with ``KVTransferEngine(..., max_finished_records=N)`` or ``engine.max_finished_records = N``,
+both checked: an int >= 0): a long-running engine that never
 calls :meth:`~KVTransferEngine.clear_completed` would otherwise keep one record per transfer forever.
 A forgotten record's id then raises ``KeyError`` like a cleared one; :meth:`~KVTransferEngine.
 get_completed_count` still counts it until ``clear_completed``. Running records are never dropped
@@ -75,8 +76,8 @@ class KVTransferEngine:
     checked here: an unknown name is a ``TypeError``, a bad value a ``TypeError`` / ``ValueError``.
     """
 
-    #: Finished records kept, the most recently finished (see the module docstring).
-    max_finished_records: int = 4096
+    #: The default of :attr:`max_finished_records`.
+    _DEFAULT_MAX_FINISHED = 4096
 
     def __init__(
         self,
@@ -115,8 +116,6 @@ class KVTransferEngine:
         self.enable_checksum = checksum
         self.max_retries = max_retries
         self.retry_backoff_ms = float(retry_backoff_ms)
-        if max_finished_records is not None:  # else the class attribute's default
-            self.max_finished_records = positive_int("max_finished_records", max_finished_records, allow_zero=True)
         self._block_options = checked_block_options
         self._blocks: BlockTransfer | None = None
         self._records: dict[uuid.UUID, KVTransferMetadata] = {}
@@ -125,6 +124,23 @@ class KVTransferEngine:
         self._finished: dict[uuid.UUID, None] = {}  # ids of finished records, oldest first
         self._forgotten = 0  # finished records dropped at max_finished_records since clear_completed
         self._lock = threading.Lock()
+        self._max_finished = self._DEFAULT_MAX_FINISHED
+        if max_finished_records is not None:
+            self.max_finished_records = max_finished_records
+
+    @property
+    def max_finished_records(self) -> int:
+        """Finished records kept, the most recently finished (see the module docstring)."""
+        return self._max_finished
+
+    @max_finished_records.setter
+    def max_finished_records(self, value: int) -> None:
+        """An int >= 0, as the constructor's keyword: ``TypeError`` / ``ValueError`` naming a bad value
+        (a bool, a float, NaN, a negative int), and nothing changes. Applies from the next finished
+        transfer on."""
+        checked = positive_int("max_finished_records", value, allow_zero=True)
+        with self._lock:
+            self._max_finished = checked
 
     # --- the seed's tensor transfer ---------------------------------------------------------
 
@@ -491,7 +507,7 @@ class KVTransferEngine:
         if meta.status not in _TERMINAL:
             return
         self._finished[meta.transfer_id] = None
-        while len(self._finished) > max(self.max_finished_records, 0):
+        while len(self._finished) > self._max_finished:
             oldest = next(iter(self._finished))
             del self._finished[oldest]
             record = self._records.get(oldest)
