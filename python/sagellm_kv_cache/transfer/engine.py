@@ -388,33 +388,22 @@ class KVTransferEngine:
 
     def get_transfer_outcome(self, transfer_id: uuid.UUID | str) -> str:
         """The record's status value, or "unknown" for a block send still in doubt (see the module doc)."""
-        tid = _transfer_key(transfer_id)
-        status = self.get_transfer_status(tid)
-        with self._lock:
-            return "unknown" if tid in self._in_doubt else status.value
+        meta, _, in_doubt = self._snapshot(transfer_id)
+        return "unknown" if in_doubt else meta.status.value
 
     def get_transfer_metadata(self, transfer_id: uuid.UUID | str) -> KVTransferMetadata:
         """The record of ``transfer_id`` (a UUID, or its str form as this engine's errors carry it);
         ``KeyError`` for an id this engine never ran (or cleared), ``TypeError`` / ``ValueError`` for
         something that is no transfer id at all."""
-        tid = _transfer_key(transfer_id)
-        self._settle_doubts()
-        with self._lock:
-            try:
-                return self._records[tid]
-            except KeyError:
-                raise KeyError(f"Transfer ID {tid} not found") from None
+        return self._snapshot(transfer_id)[0]
 
     def get_retry_count(self, transfer_id: uuid.UUID | str) -> int:
         """How many times the backend call of ``transfer_id`` was retried (0 when it worked first)."""
-        tid = _transfer_key(transfer_id)
-        self.get_transfer_metadata(tid)
-        with self._lock:
-            return self._retries.get(tid, 0)
+        return self._snapshot(transfer_id)[1]
 
     def get_transfer_metrics(self, transfer_id: uuid.UUID | str) -> dict[str, float | int | str]:
         """Bytes on the wire, latency, bandwidth, compression ratio, retries, checksum and status."""
-        meta = self.get_transfer_metadata(transfer_id)
+        meta, retries, _ = self._snapshot(transfer_id)
         latency_s = 0.0
         if meta.started_at is not None:
             latency_s = max((meta.completed_at or time.time()) - meta.started_at, 0.0)
@@ -425,7 +414,7 @@ class KVTransferEngine:
             "bandwidth_gbps": meta.total_bytes / latency_s / 1e9 if latency_s > 0 else 0.0,
             "shards": meta.shard_count,
             "compression_ratio": raw / meta.total_bytes if meta.total_bytes else 1.0,
-            "retries": self.get_retry_count(transfer_id),
+            "retries": retries,
             "checksum": meta.checksum or "",
             "status": meta.status.value,
         }
@@ -464,6 +453,19 @@ class KVTransferEngine:
             raise ValueError("the comm backend is not initialised (no rank / world size); call init() first")
         return int(rank), int(world)
 
+    def _snapshot(self, transfer_id: uuid.UUID | str) -> tuple[KVTransferMetadata, int, bool]:
+        """The record of ``transfer_id``, its retry count and whether it is in doubt, read in one critical
+        section (after settling what the ledger settled): a settle, a finishing transfer that drops the
+        record (max_finished_records) or ``clear_completed`` on another thread is seen whole or not at
+        all. ``KeyError`` naming the id when the engine holds no record of it."""
+        tid = _transfer_key(transfer_id)
+        self._settle_doubts()
+        with self._lock:
+            meta = self._records.get(tid)
+            if meta is None:
+                raise KeyError(f"Transfer ID {tid} not found")
+            return meta, self._retries.get(tid, 0), tid in self._in_doubt
+
     def _settle_doubts(self) -> None:
         """Turns sends whose outcome a later exchange settled into COMPLETED or FAILED records, and
         forgets those the ledger no longer knows (it dropped them, oldest first: never to be settled)."""
@@ -477,9 +479,10 @@ class KVTransferEngine:
             outcome = BlockTransfer.outcome(tid)
             if outcome in ("completed", "failed"):
                 status = TransferStatus.COMPLETED if outcome == "completed" else TransferStatus.FAILED
-                with self._lock:
-                    self._in_doubt.discard(tid)
-                self._set_status(tid, status, completed_at=time.time())
+                with self._lock:  # together: no reader sees the doubt gone and the record still running
+                    if tid in self._in_doubt:
+                        self._in_doubt.discard(tid)
+                        self._update(tid, status, completed_at=time.time())
             elif outcome is None:
                 with self._lock:
                     self._in_doubt.discard(tid)
@@ -496,10 +499,14 @@ class KVTransferEngine:
 
     def _set_status(self, transfer_id: uuid.UUID, status: TransferStatus, **fields: Any) -> None:
         with self._lock:
-            meta = self._records.get(transfer_id)
-            if meta is not None:
-                meta = self._records[transfer_id] = meta.model_copy(update={"status": status, **fields})
-                self._note_finished(meta)
+            self._update(transfer_id, status, **fields)
+
+    def _update(self, transfer_id: uuid.UUID, status: TransferStatus, **fields: Any) -> None:
+        """:meth:`_set_status` with the lock held."""
+        meta = self._records.get(transfer_id)
+        if meta is not None:
+            meta = self._records[transfer_id] = meta.model_copy(update={"status": status, **fields})
+            self._note_finished(meta)
 
     def _note_finished(self, meta: KVTransferMetadata) -> None:
         """Keeps the finished records within max_finished_records, dropping the oldest (lock held)."""
