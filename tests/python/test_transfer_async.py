@@ -128,6 +128,43 @@ def test_socket_backend_under_the_engine_with_checksums(
     assert torch.equal(out, data) and receiver.get_transfer_metrics(tid)["checksum"] != ""
 
 
+@pytest.mark.parametrize("receiver_retries", [False, True])
+def test_a_framed_send_retried_after_its_payload_failed_sends_one_frame(
+        pair: tuple[SocketTransferBackend, SocketTransferBackend], receiver_retries: bool) -> None:
+    # The retry sent the header again: the receiver took the second header for the payload (a size
+    # mismatch) and the real payload was left for the next transfer to read as its header. With
+    # receiver_retries the receiver's wait for the payload times out (0.5 s) before the sender's retry
+    # (0.8 s): the receiver's retry must then wait for that payload too, not read it as a header.
+    a, b = pair
+    a.send(torch.zeros(1), 1)  # the connection that the payload's failure resets
+    b.recv(torch.zeros(1), 0)
+    data = torch.arange(8 << 20, dtype=torch.int32)  # 32 MiB: more than the kernel buffers
+    sender = KVTransferEngine(a, enable_checksum=True, max_retries=1, retry_backoff_ms=800 if receiver_retries else 100)
+    receiver = KVTransferEngine(b, enable_checksum=True, max_retries=5 if receiver_retries else 0, retry_backoff_ms=0)
+    b._max_message_bytes = 1 << 20  # rank 1 closes the connection on the payload's length: a real reset
+    sent: list[Any] = []
+    thread = threading.Thread(target=lambda: sent.append(sender.transfer_kv_handle(KVHandle.create(16), 0, 1, data)))
+    thread.start()
+    deadline = time.monotonic() + 10.0
+    while b._accepted and time.monotonic() < deadline:  # until rank 1's reader has dropped the connection
+        time.sleep(0.005)
+    b._max_message_bytes = 1 << 34  # the retry's payload gets through
+    out = torch.zeros_like(data)
+    got = receiver.transfer_kv_handle(KVHandle.create(16), 0, 1, out)
+    thread.join(timeout=10.0)
+    assert len(sent) == 1 and torch.equal(out, data)
+    assert sender.get_retry_count(sent[0]) == 1 and sender.get_transfer_outcome(sent[0]) == "completed"
+    assert (receiver.get_retry_count(got) > 0) == receiver_retries
+    assert receiver.get_transfer_outcome(got) == "completed"
+    small = torch.arange(16, dtype=torch.float32)  # the link is in step: the next frame is the next thing on it
+    thread = threading.Thread(target=sender.transfer_kv_handle, args=(KVHandle.create(4), 0, 1, small))
+    thread.start()
+    after = torch.zeros(16)
+    receiver.transfer_kv_handle(KVHandle.create(4), 0, 1, after)
+    thread.join(timeout=10.0)
+    assert torch.equal(after, small) and not b._inboxes[0]
+
+
 def test_socket_backend_errors(pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:
     a, b = pair
     started = time.monotonic()

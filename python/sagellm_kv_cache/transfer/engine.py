@@ -13,12 +13,15 @@ be settled, so the engine then forgets that record too, as it forgets old finish
 checks on every query and on every new doubt, so its doubts stay within the ledger's.
 
 Tensor transfers take the seed's options: ``max_retries`` re-runs a failed backend call with
-exponential backoff starting at ``retry_backoff_ms``; with ``enable_compression`` (zlib at
-``compression_level``) or ``enable_checksum`` (CRC-32 of the raw bytes) the tensor travels framed:
-a 5 x int64 header (magic, flags, payload bytes, raw bytes, CRC-32) and then the payload as uint8,
-and the receiver checks the size, inflates and verifies the checksum before it writes into its
-tensor. Both ends must use the same framing options (the plain path sends the tensor as is); a
-receiver with ``enable_checksum`` refuses a frame that carries no checksum (``KVMetadataMismatchError``).
+exponential backoff starting at ``retry_backoff_ms`` (a framed transfer's retry, on either side,
+resumes at the message that failed, header or payload, so the receiver sees one well-formed frame; a
+backend's failed send must have delivered nothing, which the plain path's retry needs too); with
+``enable_compression`` (zlib at ``compression_level``) or ``enable_checksum`` (CRC-32 of the raw
+bytes) the tensor travels framed: a 5 x int64 header (magic, flags, payload bytes, raw bytes,
+CRC-32) and then the payload as uint8, and the receiver checks the size, inflates and verifies the
+checksum before it writes into its tensor. Both ends must use the same framing options (the plain
+path sends the tensor as is); a receiver with ``enable_checksum`` refuses a frame that carries no
+checksum (``KVMetadataMismatchError``).
 
 Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 4,096, the most
 recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` remembers; settable
@@ -220,10 +223,13 @@ class KVTransferEngine:
     ) -> dict[str, Any]:
         """One send or receive, re-run after a backend failure up to ``max_retries`` times.
 
-        Our own verdicts on the data (checksum, size) and a received frame we cannot write are final: the
-        peer has already sent.
+        A framed transfer is two messages; its retry resumes at the one that failed (a header that went out,
+        or came in, is not sent or read again), so the receiver sees one header and one payload. Our own
+        verdicts on the data (checksum, size) and a received frame we cannot write are final: the peer has
+        already sent.
         """
         framed = self.enable_compression or self.enable_checksum
+        frame = _Frame()
         attempt = 0
         while True:
             try:
@@ -234,8 +240,8 @@ class KVTransferEngine:
                         self.comm_backend.recv(tensor, src_rank)
                     return {}
                 if sending:
-                    return self._send_framed(tensor, dst_rank)
-                return self._recv_framed(transfer_id, tensor, src_rank)
+                    return self._send_framed(tensor, dst_rank, frame)
+                return self._recv_framed(transfer_id, tensor, src_rank, frame)
             except (KVChecksumMismatchError, KVMetadataMismatchError, _WriteFailed):
                 raise
             except Exception:
@@ -246,19 +252,35 @@ class KVTransferEngine:
                 with self._lock:
                     self._retries[transfer_id] = attempt
 
-    def _send_framed(self, tensor: Any, dst_rank: int) -> dict[str, Any]:
+    def _send_framed(self, tensor: Any, dst_rank: int, frame: _Frame) -> dict[str, Any]:
+        """Sends the frame, made on the first attempt (a retry sends the payload its header announced)."""
         import torch
 
-        raw = _tensor_bytes(tensor)
-        payload = zlib.compress(raw, self.compression_level) if self.enable_compression else raw
-        crc = zlib.crc32(raw) if self.enable_checksum else 0
-        flags = (_FLAG_ZLIB if self.enable_compression else 0) | (_FLAG_CRC32 if self.enable_checksum else 0)
-        header = torch.tensor([_FRAME_MAGIC, flags, len(payload), len(raw), crc], dtype=torch.int64)
-        self.comm_backend.send(header, dst_rank)
-        self.comm_backend.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst_rank)
-        return _frame_fields(self.enable_compression, len(payload), len(raw), crc if self.enable_checksum else None)
+        if frame.payload is None:
+            raw = _tensor_bytes(tensor)
+            payload = zlib.compress(raw, self.compression_level) if self.enable_compression else raw
+            crc = zlib.crc32(raw) if self.enable_checksum else 0
+            flags = (_FLAG_ZLIB if self.enable_compression else 0) | (_FLAG_CRC32 if self.enable_checksum else 0)
+            frame.header = (_FRAME_MAGIC, flags, len(payload), len(raw), crc)
+            frame.payload = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        _, flags, payload_nbytes, raw_nbytes, crc = frame.header
+        if not frame.header_done:
+            self.comm_backend.send(torch.tensor(frame.header, dtype=torch.int64), dst_rank)
+            frame.header_done = True
+        self.comm_backend.send(frame.payload, dst_rank)
+        return _frame_fields(self.enable_compression, payload_nbytes, raw_nbytes, crc if self.enable_checksum else None)
 
-    def _recv_framed(self, transfer_id: uuid.UUID, tensor: Any, src_rank: int) -> dict[str, Any]:
+    def _recv_framed(self, transfer_id: uuid.UUID, tensor: Any, src_rank: int, frame: _Frame) -> dict[str, Any]:
+        """Receives a frame into ``tensor``; a retry whose header came in waits for that header's payload."""
+        if not frame.header_done:
+            frame.header = self._recv_frame_header(transfer_id, tensor, src_rank)
+            frame.header_done = True
+        return self._recv_frame_payload(transfer_id, tensor, src_rank, frame.header)
+
+    def _recv_frame_header(
+        self, transfer_id: uuid.UUID, tensor: Any, src_rank: int
+    ) -> tuple[int, int, int, int, int]:
+        """The frame's header, checked against ``tensor``: magic, flags, payload bytes, raw bytes, CRC-32."""
         import torch
 
         header = torch.zeros(5, dtype=torch.int64)
@@ -277,6 +299,16 @@ class KVTransferEngine:
                     self.comm_backend.recv(torch.empty(payload_nbytes, dtype=torch.uint8), src_rank)
             raise KVMetadataMismatchError("total_bytes", expected, raw_nbytes,
                                           context={"transfer_id": str(transfer_id), "payload_bytes": payload_nbytes})
+        return magic, flags, payload_nbytes, raw_nbytes, crc
+
+    def _recv_frame_payload(
+        self, transfer_id: uuid.UUID, tensor: Any, src_rank: int, header: tuple[int, int, int, int, int]
+    ) -> dict[str, Any]:
+        """The payload of a checked header: inflated, verified and written into ``tensor``."""
+        import torch
+
+        _, flags, payload_nbytes, raw_nbytes, crc = header
+        expected = _nbytes(tensor)
         payload = torch.empty(payload_nbytes, dtype=torch.uint8)
         self.comm_backend.recv(payload, src_rank)
         if self.enable_checksum and not flags & _FLAG_CRC32:  # (after the payload: the link stays in step)
@@ -522,6 +554,17 @@ class KVTransferEngine:
                 del self._records[oldest]
                 self._forgotten += 1
             self._retries.pop(oldest, None)
+
+
+@dataclasses.dataclass
+class _Frame:
+    """A framed transfer's progress across its retries: the header (magic, flags, payload bytes, raw bytes,
+    CRC-32) made or received, and the sender's payload. A failed backend call is taken to have delivered
+    nothing (the plain path's retry relies on that too): the retry resumes at that call."""
+
+    header: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    header_done: bool = False
+    payload: Any = None
 
 
 class _WriteFailed(Exception):
