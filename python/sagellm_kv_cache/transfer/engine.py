@@ -23,6 +23,15 @@ checksum before it writes into its tensor. Both ends must use the same framing o
 path sends the tensor as is); a receiver with ``enable_checksum`` refuses a frame that carries no
 checksum (``KVMetadataMismatchError``).
 
+A framed receive that leaves a payload on the link makes the link to that rank unusable, as a
+timeout does for :class:`~.blocks.BlockTransfer`: a damaged header (bad magic, or a payload size no
+frame for the tensor can have) tells no size to read off, and a transfer that ended between its
+header and its payload (its retries spent, an interrupt) is out of step. The receiver would read
+that payload as the next header, so every later tensor transfer with that rank, either way, fails at
+once with ``KVTransferFailedError`` naming why (nothing is read; the tensor stays as it was) until a
+new engine over a new process group is made. The error that broke the link says so in
+``context["link"]``.
+
 Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 4,096, the most
 recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` remembers; settable
 per engine with ``KVTransferEngine(..., max_finished_records=N)`` or ``engine.max_finished_records = N``,
@@ -125,6 +134,7 @@ class KVTransferEngine:
         self._in_doubt: set[uuid.UUID] = set()  # block sends with an unknown outcome, not yet settled
         self._retries: dict[uuid.UUID, int] = {}
         self._finished: dict[uuid.UUID, None] = {}  # ids of finished records, oldest first
+        self._broken: dict[int, str] = {}  # peer rank -> why its tensor link is out of step (a payload left on it)
         self._forgotten = 0  # finished records dropped at max_finished_records since clear_completed
         self._lock = threading.Lock()
         self._max_finished = self._DEFAULT_MAX_FINISHED
@@ -155,7 +165,8 @@ class KVTransferEngine:
         missing tensor or when the backend still fails after ``max_retries`` retries (recorded as
         FAILED), and on a framed receive ``KVChecksumMismatchError`` / ``KVMetadataMismatchError``
         when the payload is corrupt or does not fit ``tensor`` (recorded as FAILED, ``tensor``
-        left unchanged).
+        left unchanged); ``KVTransferFailedError`` at once, recorded as FAILED, once a frame left its
+        payload on the link with that rank (see the module docstring).
         """
         if handle is None or not hasattr(handle, "handle_id"):
             raise ValueError(f"handle must be a KVHandle, got {type(handle).__name__}")
@@ -174,18 +185,10 @@ class KVTransferEngine:
         meta = _handle_metadata(transfer_id, handle, tensor, source, target, sending)
         self._put(meta)
         self._set_status(transfer_id, TransferStatus.IN_PROGRESS, started_at=time.time())
-        if tensor is None:
+        refusal = self._refusal(tensor, sending, dst_rank if sending else src_rank)
+        if refusal is not None:
             self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
-            raise KVTransferFailedError(
-                transfer_id, source=source, target=target,
-                reason="tensor is required for sender: it holds the KV data to send" if sending else
-                "tensor is required for receiver: the buffer to receive the KV data into",
-            )
-        if not sending and not getattr(getattr(tensor, "flags", None), "writeable", True):
-            # Refused before anything is read, so the sender's data stays on the wire for a good buffer.
-            self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
-            raise KVTransferFailedError(transfer_id, source=source, target=target,
-                                        reason="tensor is read-only: the receiver writes the KV data into it")
+            raise KVTransferFailedError(transfer_id, source=source, target=target, reason=refusal)
         try:
             _set_handle(handle, transfer_id=transfer_id, is_transferring=True)
             update = self._run_with_retries(transfer_id, tensor, src_rank, dst_rank, sending)
@@ -195,13 +198,15 @@ class KVTransferEngine:
         except Exception as e:
             with self._lock:  # before the record is finished: it may be dropped at once (max_finished_records)
                 retries = self._retries.get(transfer_id, 0)
+                broken = self._broken.get(dst_rank if sending else src_rank)
             self._failed(transfer_id, handle)
             reason = str(e) or type(e).__name__
-            raise KVTransferFailedError(
-                transfer_id, source=source, target=target, reason=reason,
-                context={"handle_id": str(handle.handle_id), "direction": "send" if sending else "recv",
-                         "error": reason, "retries": retries},
-            ) from e
+            context = {"handle_id": str(handle.handle_id), "direction": "send" if sending else "recv",
+                       "error": reason, "retries": retries}
+            if broken is not None:
+                context["link"] = f"unusable: {broken}"
+            raise KVTransferFailedError(transfer_id, source=source, target=target, reason=reason,
+                                        context=context) from e
         except BaseException:  # KeyboardInterrupt, a cancelled task: the call is over and did not complete
             self._failed(transfer_id, handle)
             raise
@@ -210,6 +215,27 @@ class KVTransferEngine:
         if not sending:
             _set_handle(handle, source_rank=src_rank, rank=dst_rank)
         return transfer_id
+
+    def _refusal(self, tensor: Any, sending: bool, peer: int) -> str | None:
+        """Why a tensor transfer with ``peer`` cannot start (nothing is sent or read then), or None."""
+        if tensor is None:
+            return ("tensor is required for sender: it holds the KV data to send" if sending else
+                    "tensor is required for receiver: the buffer to receive the KV data into")
+        if not sending and not getattr(getattr(tensor, "flags", None), "writeable", True):
+            # Refused before anything is read, so the sender's data stays on the wire for a good buffer.
+            return "tensor is read-only: the receiver writes the KV data into it"
+        with self._lock:
+            broken = self._broken.get(peer)
+        if broken is not None:
+            return (f"the link to rank {peer} is unusable after an earlier failure ({broken}); "
+                    "re-create the process group")
+        return None
+
+    def _mark_broken(self, peer: int, why: str) -> str:
+        """Refuses every later tensor transfer with ``peer`` (the first reason stays); returns ``why``."""
+        with self._lock:
+            self._broken.setdefault(peer, why)
+        return why
 
     def _failed(self, transfer_id: uuid.UUID, handle: Any) -> None:
         """Records a transfer that raised as FAILED and clears the handle's flag (best effort: the error
@@ -246,11 +272,22 @@ class KVTransferEngine:
                 raise
             except Exception:
                 if attempt >= self.max_retries:
+                    self._half_frame(frame, sending, dst_rank if sending else src_rank)
                     raise
                 time.sleep(self.retry_backoff_ms * (2**attempt) / 1000.0)
                 attempt += 1
                 with self._lock:
                     self._retries[transfer_id] = attempt
+            except BaseException:  # KeyboardInterrupt, a cancelled task
+                self._half_frame(frame, sending, dst_rank if sending else src_rank)
+                raise
+
+    def _half_frame(self, frame: _Frame, sending: bool, peer: int) -> None:
+        """A framed transfer that ends between its header and its payload leaves the link out of step: the
+        receiver would read the next frame's header as this payload, or this payload as the next header."""
+        if frame.header_done:
+            self._mark_broken(peer, f"a framed {'send to' if sending else 'receive from'} rank {peer} ended "
+                                    "between its header and its payload")
 
     def _send_framed(self, tensor: Any, dst_rank: int, frame: _Frame) -> dict[str, Any]:
         """Sends the frame, made on the first attempt (a retry sends the payload its header announced)."""
@@ -287,19 +324,38 @@ class KVTransferEngine:
         self.comm_backend.recv(header, src_rank)
         magic, flags, payload_nbytes, raw_nbytes, crc = (int(v) for v in header.tolist())
         expected = _nbytes(tensor)
-        if magic != _FRAME_MAGIC:
-            raise KVMetadataMismatchError("frame_magic", hex(_FRAME_MAGIC), hex(magic & (2**64 - 1)),
-                                          context={"transfer_id": str(transfer_id)})
-        if raw_nbytes != expected or not 0 <= payload_nbytes <= max(2 * raw_nbytes + 64, 1 << 20):
-            if 0 <= payload_nbytes <= max(2 * expected + 64, 1 << 20):
-                # A tensor of another size, whose payload we would take for ours: read it, so that the
-                # sender's next frame is the next thing on the link. (A larger one, or a damaged
-                # header, is left there.) The size is the verdict even if the link fails here.
-                with contextlib.suppress(Exception):
-                    self.comm_backend.recv(torch.empty(payload_nbytes, dtype=torch.uint8), src_rank)
-            raise KVMetadataMismatchError("total_bytes", expected, raw_nbytes,
-                                          context={"transfer_id": str(transfer_id), "payload_bytes": payload_nbytes})
+        context: dict[str, Any] = {"transfer_id": str(transfer_id)}
+        if magic != _FRAME_MAGIC:  # a damaged header: its payload, of unknown size, stays on the link
+            context["link"] = "unusable: " + self._mark_broken(
+                src_rank, f"a damaged frame header from rank {src_rank} (magic {magic & (2**64 - 1):#x}) left "
+                          "its payload, of unknown size, on the link")
+            raise KVMetadataMismatchError("frame_magic", hex(_FRAME_MAGIC), hex(magic & (2**64 - 1)), context=context)
+        if raw_nbytes != expected or not 0 <= payload_nbytes <= _payload_bound(raw_nbytes):
+            context["payload_bytes"] = payload_nbytes
+            out_of_step = self._read_off(payload_nbytes, expected, src_rank)  # the size is the verdict regardless
+            if out_of_step is not None:
+                context["link"] = "unusable: " + self._mark_broken(src_rank, out_of_step)
+            if raw_nbytes == expected:
+                raise KVMetadataMismatchError("payload_bytes", f"0..{_payload_bound(expected)}", payload_nbytes,
+                                              context=context)
+            raise KVMetadataMismatchError("total_bytes", expected, raw_nbytes, context=context)
         return magic, flags, payload_nbytes, raw_nbytes, crc
+
+    def _read_off(self, payload_nbytes: int, expected: int, src_rank: int) -> str | None:
+        """Reads the payload of a refused frame, so that the sender's next frame is the next thing on the
+        link: None when it did, else why the link is out of step (a payload no tensor of ours could have,
+        from a damaged header or a larger tensor's, is not read; nor is one whose receive failed)."""
+        import torch
+
+        if not 0 <= payload_nbytes <= _payload_bound(expected):
+            return (f"a frame header from rank {src_rank} announced {payload_nbytes} payload bytes (damaged, or a "
+                    "larger tensor's): they were not read and may be on the link")
+        try:
+            self.comm_backend.recv(torch.empty(payload_nbytes, dtype=torch.uint8), src_rank)
+        except Exception as e:
+            return (f"reading off the {payload_nbytes}-byte payload of a refused frame from rank {src_rank} failed "
+                    f"({str(e) or type(e).__name__}): it may be on the link")
+        return None
 
     def _recv_frame_payload(
         self, transfer_id: uuid.UUID, tensor: Any, src_rank: int, header: tuple[int, int, int, int, int]
@@ -574,6 +630,11 @@ class _WriteFailed(Exception):
 _FRAME_MAGIC = 0x53_4B_56_46_52_4D_31  # "SKVFRM1"
 _FLAG_ZLIB = 1
 _FLAG_CRC32 = 2
+
+
+def _payload_bound(raw_nbytes: int) -> int:
+    """The most payload bytes a frame of ``raw_nbytes`` raw bytes may carry (zlib's worst case, with room)."""
+    return max(2 * raw_nbytes + 64, 1 << 20)
 
 
 def _check_rank(rank: Any, world: int, name: str) -> int:
