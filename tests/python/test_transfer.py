@@ -253,6 +253,33 @@ def test_max_finished_records_is_a_keyword_checked_at_construction() -> None:
     with pytest.raises(TypeError, match="max_finished_records"):
         KVTransferEngine(RankedBackend(0, 2), max_finished_records=2.5)
 
+
+@pytest.mark.parametrize(("value", "error", "message"), [
+    (-1, ValueError, r"^max_finished_records must be >= 0, got -1$"),
+    (True, TypeError, r"^max_finished_records must be an int, got bool$"),
+    (2.0, TypeError, r"^max_finished_records must be an int, got float$"),
+    (math.nan, TypeError, r"^max_finished_records must be an int, got float$"),
+    ("8", TypeError, r"^max_finished_records must be an int, got str$"),
+    (None, TypeError, r"^max_finished_records must be an int, got NoneType$"),
+])
+def test_max_finished_records_set_on_an_engine_is_checked_as_at_construction(value: Any, error: type,
+                                                                            message: str) -> None:
+    # Assigned on the engine, any value was taken: -1 then kept no finished record at all, NaN every one
+    # (the trim compared the count with max(value, 0)), and a str ended the next transfer with the trim's
+    # TypeError.
+    engine = KVTransferEngine(RankedBackend(0, 2), max_finished_records=3)
+    with pytest.raises(error, match=message):
+        engine.max_finished_records = value
+    assert engine.max_finished_records == 3
+    buffer = np.zeros((4, 2), dtype=np.float16)
+    ids = [engine.transfer_kv_handle(KVHandle.create(4), 0, 1, buffer) for _ in range(5)]
+    assert len(engine._records) == 3 and engine.get_transfer_status(ids[-1]) == TransferStatus.COMPLETED
+    engine.max_finished_records = np.int64(1)  # a numpy integer is an int, as at construction
+    engine.transfer_kv_handle(KVHandle.create(4), 0, 1, buffer)
+    assert engine.max_finished_records == 1 and type(engine.max_finished_records) is int
+    assert len(engine._records) == 1 and engine.get_completed_count() == 6
+
+
 def test_unknown_block_options_are_refused_at_construction() -> None:
     # As Python refuses an unexpected keyword; they used to be kept and fail at the first block transfer.
     backend = RankedBackend(0, 2)

@@ -8,18 +8,27 @@ import socket
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from sagellm_kv_cache import KVHandle, KVMetadataMismatchError, KVTransferTimeoutError
+from sagellm_kv_cache import (
+    KVCacheError,
+    KVHandle,
+    KVMetadataMismatchError,
+    KVTransferFailedError,
+    KVTransferTimeoutError,
+)
 from sagellm_kv_cache.transfer import (
     CommTransferBackendAdapter,
     KVTransferEngine,
     KVTransferPipeline,
     SocketTransferBackend,
 )
+from sagellm_kv_cache.transfer.engine import _FLAG_CRC32, _FRAME_MAGIC
+from sagellm_protocol.kv import TransferStatus
 
 torch = pytest.importorskip("torch")
 
@@ -126,6 +135,107 @@ def test_socket_backend_under_the_engine_with_checksums(
     tid = receiver.transfer_kv_handle(handle, 0, 1, out)
     thread.join()
     assert torch.equal(out, data) and receiver.get_transfer_metrics(tid)["checksum"] != ""
+
+
+@pytest.mark.parametrize("receiver_retries", [False, True])
+def test_a_framed_send_retried_after_its_payload_failed_sends_one_frame(
+        pair: tuple[SocketTransferBackend, SocketTransferBackend], receiver_retries: bool) -> None:
+    # The retry sent the header again: the receiver took the second header for the payload (a size
+    # mismatch) and the real payload was left for the next transfer to read as its header. With
+    # receiver_retries the receiver's wait for the payload times out (0.5 s) before the sender's retry
+    # (0.8 s): the receiver's retry must then wait for that payload too, not read it as a header.
+    a, b = pair
+    a.send(torch.zeros(1), 1)  # the connection that the payload's failure resets
+    b.recv(torch.zeros(1), 0)
+    data = torch.arange(8 << 20, dtype=torch.int32)  # 32 MiB: more than the kernel buffers
+    sender = KVTransferEngine(a, enable_checksum=True, max_retries=1, retry_backoff_ms=800 if receiver_retries else 100)
+    receiver = KVTransferEngine(b, enable_checksum=True, max_retries=5 if receiver_retries else 0, retry_backoff_ms=0)
+    b._max_message_bytes = 1 << 20  # rank 1 closes the connection on the payload's length: a real reset
+    sent: list[Any] = []
+    thread = threading.Thread(target=lambda: sent.append(sender.transfer_kv_handle(KVHandle.create(16), 0, 1, data)))
+    thread.start()
+    deadline = time.monotonic() + 10.0
+    while b._accepted and time.monotonic() < deadline:  # until rank 1's reader has dropped the connection
+        time.sleep(0.005)
+    b._max_message_bytes = 1 << 34  # the retry's payload gets through
+    out = torch.zeros_like(data)
+    got = receiver.transfer_kv_handle(KVHandle.create(16), 0, 1, out)
+    thread.join(timeout=10.0)
+    assert len(sent) == 1 and torch.equal(out, data)
+    assert sender.get_retry_count(sent[0]) == 1 and sender.get_transfer_outcome(sent[0]) == "completed"
+    assert (receiver.get_retry_count(got) > 0) == receiver_retries
+    assert receiver.get_transfer_outcome(got) == "completed"
+    small = torch.arange(16, dtype=torch.float32)  # the link is in step: the next frame is the next thing on it
+    thread = threading.Thread(target=sender.transfer_kv_handle, args=(KVHandle.create(4), 0, 1, small))
+    thread.start()
+    after = torch.zeros(16)
+    receiver.transfer_kv_handle(KVHandle.create(4), 0, 1, after)
+    thread.join(timeout=10.0)
+    assert torch.equal(after, small) and not b._inboxes[0]
+
+
+@pytest.mark.parametrize(("damage", "late_payload", "error", "why"), [
+    ((0, 1 << 16), False, "'frame_magic'", rf"damaged frame header from rank 0 \(magic {_FRAME_MAGIC ^ 1 << 16:#x}\)"),
+    ((2, 1 << 40), False, "'payload_bytes'", r"announced 1099511627840 payload bytes \(damaged, or a larger"),
+    ((2, 1 << 63), False, "'payload_bytes'", r"announced -9223372036854775744 payload bytes"),
+    # not damaged, but the payload comes after the receiver gave up waiting for it (recv_timeout_s 0.5 s)
+    ((3, 1 << 6), True, "'total_bytes'", r"reading off the 64-byte payload of a refused frame from rank 0 failed"),
+    (None, True, "timed out", r"a framed receive from rank 0 ended between its header and its payload"),
+])
+def test_a_frame_whose_payload_is_left_on_the_link_makes_it_unusable(
+        pair: tuple[SocketTransferBackend, SocketTransferBackend], damage: tuple[int, int] | None,
+        late_payload: bool, error: str, why: str) -> None:
+    # The receiver refused the header and went on using the link: the payload it left there (its size
+    # unknown, or not read in time) was read by the next transfer as its header.
+    a, b = pair
+    data = torch.arange(16, dtype=torch.float32)
+    raw = data.numpy().tobytes()
+    header = [_FRAME_MAGIC, _FLAG_CRC32, len(raw), len(raw), zlib.crc32(raw)]  # the sender's real header
+    if damage is not None:
+        field, bit = damage
+        header[field] ^= bit  # one bit flipped on its way
+    receiver = KVTransferEngine(b, enable_checksum=True)
+    out = torch.full((16,), 7.0)
+    a.send(torch.tensor([v - (1 << 64) if v >= 1 << 63 else v for v in header], dtype=torch.int64), 1)
+    if not late_payload:
+        a.send(torch.frombuffer(bytearray(raw), dtype=torch.uint8), 1)
+    with pytest.raises(KVCacheError, match=error) as info:
+        receiver.transfer_kv_handle(KVHandle.create(4), 0, 1, out)
+    if late_payload:
+        a.send(torch.frombuffer(bytearray(raw), dtype=torch.uint8), 1)
+    (failed,) = receiver._records
+    assert receiver.get_transfer_status(failed) == TransferStatus.FAILED and "unusable" in str(info.value.context)
+    KVTransferEngine(a, enable_checksum=True).transfer_kv_handle(KVHandle.create(4), 0, 1, data)  # a good frame
+    deadline = time.monotonic() + 5.0
+    while len(b._inboxes[0]) < 3 and time.monotonic() < deadline:  # the stale payload and the good frame
+        time.sleep(0.005)
+    for peer_sends in (False, True):  # neither direction: the process group must be made anew
+        with pytest.raises(KVTransferFailedError, match=f"the link to rank 0 is unusable after an earlier failure "
+                                                        f"\\(.*{why}.*\\); re-create the process group") as refused:
+            receiver.transfer_kv_handle(KVHandle.create(4), 1 if peer_sends else 0, 0 if peer_sends else 1, out)
+        assert receiver.get_transfer_status(refused.value.transfer_id) == TransferStatus.FAILED
+    assert torch.equal(out, torch.full((16,), 7.0))  # the destination is as it was
+    assert len(b._inboxes[0]) == 3  # nothing more was read off the link
+
+
+def test_a_framed_send_that_fails_after_its_header_makes_the_link_unusable(
+        pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:
+    # With no retry left, the sender went on: its next header reached a receiver still waiting for the
+    # payload of the first, which took that header for the payload.
+    a, b = pair
+    a.send(torch.zeros(1), 1)  # the connection that the payload's failure resets
+    b.recv(torch.zeros(1), 0)
+    b._max_message_bytes = 1 << 20  # rank 1 closes the connection on the payload's length: a real reset
+    sender = KVTransferEngine(a, enable_checksum=True)
+    with pytest.raises(KVTransferFailedError, match="send failed") as info:
+        sender.transfer_kv_handle(KVHandle.create(16), 0, 1, torch.arange(8 << 20, dtype=torch.int32))
+    assert info.value.context["link"] == "unusable: a framed send to rank 1 ended between its header and its payload"
+    b._max_message_bytes = 1 << 34
+    with pytest.raises(KVTransferFailedError, match=r"the link to rank 1 is unusable after an earlier failure \(a "
+                                                    r"framed send to rank 1 ended .*\); re-create the process group"):
+        sender.transfer_kv_handle(KVHandle.create(4), 0, 1, torch.ones(16))
+    time.sleep(0.05)
+    assert len(b._inboxes[0]) == 1  # the first header alone: nothing was sent after it
 
 
 def test_socket_backend_errors(pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from lock_gaps import GapLock
 from sagellm_kv_cache import KVCacheSpec, PagedKVPool
 from sagellm_kv_cache.errors import KVTransferOutcomeUnknownError
-from sagellm_kv_cache.transfer import BlockTransfer, KVTransferEngine, SocketTransferBackend
+from sagellm_kv_cache.transfer import BlockTransfer, KVTransferEngine, SocketTransferBackend, blocks, wire
 
 pytest.importorskip("torch")
 
@@ -108,6 +109,49 @@ def test_a_query_drops_a_doubt_the_ledger_forgot(
     assert engine.get_pending_count() == 0 and not engine._in_doubt
     with pytest.raises(KeyError):
         engine.get_transfer_metadata(first)
+
+
+def _settled_by_a_later_exchange(tid: uuid.UUID, dst_rank: int) -> None:
+    """What the next transfer to ``dst_rank`` records when the destination answers that it committed."""
+    blocks._LEDGER.settle(dst_rank, tid, wire.ANSWER_PUBLISHED)
+
+
+@pytest.mark.parametrize("gap", [1, 2, 3, 4])
+def test_an_outcome_query_sees_a_settle_on_another_thread_whole_or_not_at_all(
+        gap: int, worlds: list[list[SocketTransferBackend]]) -> None:
+    # get_transfer_outcome read the record's status, and whether the send was in doubt in a second critical
+    # section: a settle on another thread in between made it answer "in_progress", which the send never
+    # was (it was in doubt, then completed).
+    (a0, a1, _), _ = worlds
+    engine = KVTransferEngine(a0, transport="backend", timeout=0.3, same_host=False)
+    tid = _send_in_doubt(engine, PagedKVPool(KVCacheSpec(**SPEC), 16), a1)
+
+    def settle() -> None:
+        _settled_by_a_later_exchange(tid, 1)
+        assert engine.get_pending_count() == 0  # this engine takes the settle in (any query does)
+
+    engine._lock = gaps = GapLock(gap, settle)  # type: ignore[assignment]
+    gaps.arm()
+    assert engine.get_transfer_outcome(tid) in ("unknown", "completed")  # before the settle, or after it
+    if not gaps.ran:  # the call was over before this gap
+        settle()
+    assert engine.get_transfer_outcome(tid) == "completed"
+
+
+@pytest.mark.parametrize("gap", [1, 2, 3])
+def test_a_settle_is_seen_whole_or_not_at_all(gap: int, worlds: list[list[SocketTransferBackend]]) -> None:
+    # The engine took a settled doubt out of its doubts, and marked the record COMPLETED in a second
+    # critical section: a query in between found a running record no longer in doubt ("in_progress").
+    (a0, a1, _), _ = worlds
+    engine = KVTransferEngine(a0, transport="backend", timeout=0.3, same_host=False)
+    tid = _send_in_doubt(engine, PagedKVPool(KVCacheSpec(**SPEC), 16), a1)
+    answers: list[str] = []
+    engine._lock = gaps = GapLock(gap, lambda: answers.append(engine.get_transfer_outcome(tid)))  # type: ignore[assignment]
+    _settled_by_a_later_exchange(tid, 1)
+    gaps.arm()
+    assert engine.get_pending_count() == 0
+    assert gaps.ran and answers == ["completed"]
+    assert engine.get_transfer_outcome(tid) == "completed" and not engine._in_doubt
 
 
 def test_a_receive_with_a_bad_request_id_is_refused_before_it_takes_blocks(

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from lock_gaps import GapLock
 from sagellm_kv_cache import KVChecksumMismatchError, KVHandle, KVMetadataMismatchError, KVTransferFailedError
 from sagellm_kv_cache.transfer import KVTransferEngine, KVTransferError
 from sagellm_protocol.kv import TransferStatus
@@ -188,6 +189,30 @@ def test_retries_with_backoff_then_success() -> None:
     assert backend.calls == 3 and len(pipe.frames) == 1
     assert engine.get_retry_count(tid) == 2 and engine.get_transfer_metrics(tid)["retries"] == 2
     assert engine.get_transfer_status(tid) == TransferStatus.COMPLETED
+
+
+@pytest.mark.parametrize("gap", range(1, 7))
+def test_metrics_see_a_record_dropped_on_another_thread_whole_or_not_at_all(gap: int) -> None:
+    # get_transfer_metrics read the record, then (through get_retry_count) the record again and its retry
+    # count: a transfer finishing on another thread in between and dropping the record (max_finished_records)
+    # made it report 0 retries of a transfer that had one, or the KeyError of an id it had just read.
+    engine = KVTransferEngine(PipeBackend(0, Pipe(), failures=1), max_retries=1, retry_backoff_ms=0,
+                              max_finished_records=1)
+    tid = engine.transfer_kv_handle(KVHandle.create(16), 0, 1, torch.ones(8))
+    before = engine.get_transfer_metrics(tid)
+    assert before["retries"] == 1 and before["status"] == "completed"
+    engine._lock = gaps = GapLock(gap, lambda: engine.transfer_kv_handle(KVHandle.create(16), 0, 1,  # type: ignore[assignment]
+                                                                         torch.ones(8)))
+    gaps.arm()
+    try:
+        assert engine.get_transfer_metrics(tid) == before  # read before the drop
+    except KeyError as e:  # or after it: as for any id the engine does not hold
+        assert gaps.ran and e.args == (f"Transfer ID {tid} not found",)
+    if not gaps.ran:  # the call was over before this gap
+        engine.transfer_kv_handle(KVHandle.create(16), 0, 1, torch.ones(8))
+    for query in (engine.get_transfer_metrics, engine.get_retry_count, engine.get_transfer_outcome):
+        with pytest.raises(KeyError, match=f"^'Transfer ID {tid} not found'$"):
+            query(tid)
 
 
 def test_retries_exhausted_is_a_transfer_failed_error() -> None:

@@ -13,16 +13,29 @@ be settled, so the engine then forgets that record too, as it forgets old finish
 checks on every query and on every new doubt, so its doubts stay within the ledger's.
 
 Tensor transfers take the seed's options: ``max_retries`` re-runs a failed backend call with
-exponential backoff starting at ``retry_backoff_ms``; with ``enable_compression`` (zlib at
-``compression_level``) or ``enable_checksum`` (CRC-32 of the raw bytes) the tensor travels framed:
-a 5 x int64 header (magic, flags, payload bytes, raw bytes, CRC-32) and then the payload as uint8,
-and the receiver checks the size, inflates and verifies the checksum before it writes into its
-tensor. Both ends must use the same framing options (the plain path sends the tensor as is); a
-receiver with ``enable_checksum`` refuses a frame that carries no checksum (``KVMetadataMismatchError``).
+exponential backoff starting at ``retry_backoff_ms`` (a framed transfer's retry, on either side,
+resumes at the message that failed, header or payload, so the receiver sees one well-formed frame; a
+backend's failed send must have delivered nothing, which the plain path's retry needs too); with
+``enable_compression`` (zlib at ``compression_level``) or ``enable_checksum`` (CRC-32 of the raw
+bytes) the tensor travels framed: a 5 x int64 header (magic, flags, payload bytes, raw bytes,
+CRC-32) and then the payload as uint8, and the receiver checks the size, inflates and verifies the
+checksum before it writes into its tensor. Both ends must use the same framing options (the plain
+path sends the tensor as is); a receiver with ``enable_checksum`` refuses a frame that carries no
+checksum (``KVMetadataMismatchError``).
+
+A framed receive that leaves a payload on the link makes the link to that rank unusable, as a
+timeout does for :class:`~.blocks.BlockTransfer`: a damaged header (bad magic, or a payload size no
+frame for the tensor can have) tells no size to read off, and a transfer that ended between its
+header and its payload (its retries spent, an interrupt) is out of step. The receiver would read
+that payload as the next header, so every later tensor transfer with that rank, either way, fails at
+once with ``KVTransferFailedError`` naming why (nothing is read; the tensor stays as it was) until a
+new engine over a new process group is made. The error that broke the link says so in
+``context["link"]``.
 
 Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 4,096, the most
 recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` remembers; settable
-per engine with ``KVTransferEngine(..., max_finished_records=N)``): a long-running engine that never
+per engine with ``KVTransferEngine(..., max_finished_records=N)`` or ``engine.max_finished_records = N``,
+both checked: an int >= 0): a long-running engine that never
 calls :meth:`~KVTransferEngine.clear_completed` would otherwise keep one record per transfer forever.
 A forgotten record's id then raises ``KeyError`` like a cleared one; :meth:`~KVTransferEngine.
 get_completed_count` still counts it until ``clear_completed``. Running records are never dropped
@@ -75,8 +88,8 @@ class KVTransferEngine:
     checked here: an unknown name is a ``TypeError``, a bad value a ``TypeError`` / ``ValueError``.
     """
 
-    #: Finished records kept, the most recently finished (see the module docstring).
-    max_finished_records: int = 4096
+    #: The default of :attr:`max_finished_records`.
+    _DEFAULT_MAX_FINISHED = 4096
 
     def __init__(
         self,
@@ -115,16 +128,32 @@ class KVTransferEngine:
         self.enable_checksum = checksum
         self.max_retries = max_retries
         self.retry_backoff_ms = float(retry_backoff_ms)
-        if max_finished_records is not None:  # else the class attribute's default
-            self.max_finished_records = positive_int("max_finished_records", max_finished_records, allow_zero=True)
         self._block_options = checked_block_options
         self._blocks: BlockTransfer | None = None
         self._records: dict[uuid.UUID, KVTransferMetadata] = {}
         self._in_doubt: set[uuid.UUID] = set()  # block sends with an unknown outcome, not yet settled
         self._retries: dict[uuid.UUID, int] = {}
         self._finished: dict[uuid.UUID, None] = {}  # ids of finished records, oldest first
+        self._broken: dict[int, str] = {}  # peer rank -> why its tensor link is out of step (a payload left on it)
         self._forgotten = 0  # finished records dropped at max_finished_records since clear_completed
         self._lock = threading.Lock()
+        self._max_finished = self._DEFAULT_MAX_FINISHED
+        if max_finished_records is not None:
+            self.max_finished_records = max_finished_records
+
+    @property
+    def max_finished_records(self) -> int:
+        """Finished records kept, the most recently finished (see the module docstring)."""
+        return self._max_finished
+
+    @max_finished_records.setter
+    def max_finished_records(self, value: int) -> None:
+        """An int >= 0, as the constructor's keyword: ``TypeError`` / ``ValueError`` naming a bad value
+        (a bool, a float, NaN, a negative int), and nothing changes. Applies from the next finished
+        transfer on."""
+        checked = positive_int("max_finished_records", value, allow_zero=True)
+        with self._lock:
+            self._max_finished = checked
 
     # --- the seed's tensor transfer ---------------------------------------------------------
 
@@ -136,7 +165,8 @@ class KVTransferEngine:
         missing tensor or when the backend still fails after ``max_retries`` retries (recorded as
         FAILED), and on a framed receive ``KVChecksumMismatchError`` / ``KVMetadataMismatchError``
         when the payload is corrupt or does not fit ``tensor`` (recorded as FAILED, ``tensor``
-        left unchanged).
+        left unchanged); ``KVTransferFailedError`` at once, recorded as FAILED, once a frame left its
+        payload on the link with that rank (see the module docstring).
         """
         if handle is None or not hasattr(handle, "handle_id"):
             raise ValueError(f"handle must be a KVHandle, got {type(handle).__name__}")
@@ -155,18 +185,10 @@ class KVTransferEngine:
         meta = _handle_metadata(transfer_id, handle, tensor, source, target, sending)
         self._put(meta)
         self._set_status(transfer_id, TransferStatus.IN_PROGRESS, started_at=time.time())
-        if tensor is None:
+        refusal = self._refusal(tensor, sending, dst_rank if sending else src_rank)
+        if refusal is not None:
             self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
-            raise KVTransferFailedError(
-                transfer_id, source=source, target=target,
-                reason="tensor is required for sender: it holds the KV data to send" if sending else
-                "tensor is required for receiver: the buffer to receive the KV data into",
-            )
-        if not sending and not getattr(getattr(tensor, "flags", None), "writeable", True):
-            # Refused before anything is read, so the sender's data stays on the wire for a good buffer.
-            self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
-            raise KVTransferFailedError(transfer_id, source=source, target=target,
-                                        reason="tensor is read-only: the receiver writes the KV data into it")
+            raise KVTransferFailedError(transfer_id, source=source, target=target, reason=refusal)
         try:
             _set_handle(handle, transfer_id=transfer_id, is_transferring=True)
             update = self._run_with_retries(transfer_id, tensor, src_rank, dst_rank, sending)
@@ -176,13 +198,15 @@ class KVTransferEngine:
         except Exception as e:
             with self._lock:  # before the record is finished: it may be dropped at once (max_finished_records)
                 retries = self._retries.get(transfer_id, 0)
+                broken = self._broken.get(dst_rank if sending else src_rank)
             self._failed(transfer_id, handle)
             reason = str(e) or type(e).__name__
-            raise KVTransferFailedError(
-                transfer_id, source=source, target=target, reason=reason,
-                context={"handle_id": str(handle.handle_id), "direction": "send" if sending else "recv",
-                         "error": reason, "retries": retries},
-            ) from e
+            context = {"handle_id": str(handle.handle_id), "direction": "send" if sending else "recv",
+                       "error": reason, "retries": retries}
+            if broken is not None:
+                context["link"] = f"unusable: {broken}"
+            raise KVTransferFailedError(transfer_id, source=source, target=target, reason=reason,
+                                        context=context) from e
         except BaseException:  # KeyboardInterrupt, a cancelled task: the call is over and did not complete
             self._failed(transfer_id, handle)
             raise
@@ -191,6 +215,27 @@ class KVTransferEngine:
         if not sending:
             _set_handle(handle, source_rank=src_rank, rank=dst_rank)
         return transfer_id
+
+    def _refusal(self, tensor: Any, sending: bool, peer: int) -> str | None:
+        """Why a tensor transfer with ``peer`` cannot start (nothing is sent or read then), or None."""
+        if tensor is None:
+            return ("tensor is required for sender: it holds the KV data to send" if sending else
+                    "tensor is required for receiver: the buffer to receive the KV data into")
+        if not sending and not getattr(getattr(tensor, "flags", None), "writeable", True):
+            # Refused before anything is read, so the sender's data stays on the wire for a good buffer.
+            return "tensor is read-only: the receiver writes the KV data into it"
+        with self._lock:
+            broken = self._broken.get(peer)
+        if broken is not None:
+            return (f"the link to rank {peer} is unusable after an earlier failure ({broken}); "
+                    "re-create the process group")
+        return None
+
+    def _mark_broken(self, peer: int, why: str) -> str:
+        """Refuses every later tensor transfer with ``peer`` (the first reason stays); returns ``why``."""
+        with self._lock:
+            self._broken.setdefault(peer, why)
+        return why
 
     def _failed(self, transfer_id: uuid.UUID, handle: Any) -> None:
         """Records a transfer that raised as FAILED and clears the handle's flag (best effort: the error
@@ -204,10 +249,13 @@ class KVTransferEngine:
     ) -> dict[str, Any]:
         """One send or receive, re-run after a backend failure up to ``max_retries`` times.
 
-        Our own verdicts on the data (checksum, size) and a received frame we cannot write are final: the
-        peer has already sent.
+        A framed transfer is two messages; its retry resumes at the one that failed (a header that went out,
+        or came in, is not sent or read again), so the receiver sees one header and one payload. Our own
+        verdicts on the data (checksum, size) and a received frame we cannot write are final: the peer has
+        already sent.
         """
         framed = self.enable_compression or self.enable_checksum
+        frame = _Frame()
         attempt = 0
         while True:
             try:
@@ -218,49 +266,105 @@ class KVTransferEngine:
                         self.comm_backend.recv(tensor, src_rank)
                     return {}
                 if sending:
-                    return self._send_framed(tensor, dst_rank)
-                return self._recv_framed(transfer_id, tensor, src_rank)
+                    return self._send_framed(tensor, dst_rank, frame)
+                return self._recv_framed(transfer_id, tensor, src_rank, frame)
             except (KVChecksumMismatchError, KVMetadataMismatchError, _WriteFailed):
                 raise
             except Exception:
                 if attempt >= self.max_retries:
+                    self._half_frame(frame, sending, dst_rank if sending else src_rank)
                     raise
                 time.sleep(self.retry_backoff_ms * (2**attempt) / 1000.0)
                 attempt += 1
                 with self._lock:
                     self._retries[transfer_id] = attempt
+            except BaseException:  # KeyboardInterrupt, a cancelled task
+                self._half_frame(frame, sending, dst_rank if sending else src_rank)
+                raise
 
-    def _send_framed(self, tensor: Any, dst_rank: int) -> dict[str, Any]:
+    def _half_frame(self, frame: _Frame, sending: bool, peer: int) -> None:
+        """A framed transfer that ends between its header and its payload leaves the link out of step: the
+        receiver would read the next frame's header as this payload, or this payload as the next header."""
+        if frame.header_done:
+            self._mark_broken(peer, f"a framed {'send to' if sending else 'receive from'} rank {peer} ended "
+                                    "between its header and its payload")
+
+    def _send_framed(self, tensor: Any, dst_rank: int, frame: _Frame) -> dict[str, Any]:
+        """Sends the frame, made on the first attempt (a retry sends the payload its header announced)."""
         import torch
 
-        raw = _tensor_bytes(tensor)
-        payload = zlib.compress(raw, self.compression_level) if self.enable_compression else raw
-        crc = zlib.crc32(raw) if self.enable_checksum else 0
-        flags = (_FLAG_ZLIB if self.enable_compression else 0) | (_FLAG_CRC32 if self.enable_checksum else 0)
-        header = torch.tensor([_FRAME_MAGIC, flags, len(payload), len(raw), crc], dtype=torch.int64)
-        self.comm_backend.send(header, dst_rank)
-        self.comm_backend.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst_rank)
-        return _frame_fields(self.enable_compression, len(payload), len(raw), crc if self.enable_checksum else None)
+        if frame.payload is None:
+            raw = _tensor_bytes(tensor)
+            payload = zlib.compress(raw, self.compression_level) if self.enable_compression else raw
+            crc = zlib.crc32(raw) if self.enable_checksum else 0
+            flags = (_FLAG_ZLIB if self.enable_compression else 0) | (_FLAG_CRC32 if self.enable_checksum else 0)
+            frame.header = (_FRAME_MAGIC, flags, len(payload), len(raw), crc)
+            frame.payload = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        _, flags, payload_nbytes, raw_nbytes, crc = frame.header
+        if not frame.header_done:
+            self.comm_backend.send(torch.tensor(frame.header, dtype=torch.int64), dst_rank)
+            frame.header_done = True
+        self.comm_backend.send(frame.payload, dst_rank)
+        return _frame_fields(self.enable_compression, payload_nbytes, raw_nbytes, crc if self.enable_checksum else None)
 
-    def _recv_framed(self, transfer_id: uuid.UUID, tensor: Any, src_rank: int) -> dict[str, Any]:
+    def _recv_framed(self, transfer_id: uuid.UUID, tensor: Any, src_rank: int, frame: _Frame) -> dict[str, Any]:
+        """Receives a frame into ``tensor``; a retry whose header came in waits for that header's payload."""
+        if not frame.header_done:
+            frame.header = self._recv_frame_header(transfer_id, tensor, src_rank)
+            frame.header_done = True
+        return self._recv_frame_payload(transfer_id, tensor, src_rank, frame.header)
+
+    def _recv_frame_header(
+        self, transfer_id: uuid.UUID, tensor: Any, src_rank: int
+    ) -> tuple[int, int, int, int, int]:
+        """The frame's header, checked against ``tensor``: magic, flags, payload bytes, raw bytes, CRC-32."""
         import torch
 
         header = torch.zeros(5, dtype=torch.int64)
         self.comm_backend.recv(header, src_rank)
         magic, flags, payload_nbytes, raw_nbytes, crc = (int(v) for v in header.tolist())
         expected = _nbytes(tensor)
-        if magic != _FRAME_MAGIC:
-            raise KVMetadataMismatchError("frame_magic", hex(_FRAME_MAGIC), hex(magic & (2**64 - 1)),
-                                          context={"transfer_id": str(transfer_id)})
-        if raw_nbytes != expected or not 0 <= payload_nbytes <= max(2 * raw_nbytes + 64, 1 << 20):
-            if 0 <= payload_nbytes <= max(2 * expected + 64, 1 << 20):
-                # A tensor of another size, whose payload we would take for ours: read it, so that the
-                # sender's next frame is the next thing on the link. (A larger one, or a damaged
-                # header, is left there.) The size is the verdict even if the link fails here.
-                with contextlib.suppress(Exception):
-                    self.comm_backend.recv(torch.empty(payload_nbytes, dtype=torch.uint8), src_rank)
-            raise KVMetadataMismatchError("total_bytes", expected, raw_nbytes,
-                                          context={"transfer_id": str(transfer_id), "payload_bytes": payload_nbytes})
+        context: dict[str, Any] = {"transfer_id": str(transfer_id)}
+        if magic != _FRAME_MAGIC:  # a damaged header: its payload, of unknown size, stays on the link
+            context["link"] = "unusable: " + self._mark_broken(
+                src_rank, f"a damaged frame header from rank {src_rank} (magic {magic & (2**64 - 1):#x}) left "
+                          "its payload, of unknown size, on the link")
+            raise KVMetadataMismatchError("frame_magic", hex(_FRAME_MAGIC), hex(magic & (2**64 - 1)), context=context)
+        if raw_nbytes != expected or not 0 <= payload_nbytes <= _payload_bound(raw_nbytes):
+            context["payload_bytes"] = payload_nbytes
+            out_of_step = self._read_off(payload_nbytes, expected, src_rank)  # the size is the verdict regardless
+            if out_of_step is not None:
+                context["link"] = "unusable: " + self._mark_broken(src_rank, out_of_step)
+            if raw_nbytes == expected:
+                raise KVMetadataMismatchError("payload_bytes", f"0..{_payload_bound(expected)}", payload_nbytes,
+                                              context=context)
+            raise KVMetadataMismatchError("total_bytes", expected, raw_nbytes, context=context)
+        return magic, flags, payload_nbytes, raw_nbytes, crc
+
+    def _read_off(self, payload_nbytes: int, expected: int, src_rank: int) -> str | None:
+        """Reads the payload of a refused frame, so that the sender's next frame is the next thing on the
+        link: None when it did, else why the link is out of step (a payload no tensor of ours could have,
+        from a damaged header or a larger tensor's, is not read; nor is one whose receive failed)."""
+        import torch
+
+        if not 0 <= payload_nbytes <= _payload_bound(expected):
+            return (f"a frame header from rank {src_rank} announced {payload_nbytes} payload bytes (damaged, or a "
+                    "larger tensor's): they were not read and may be on the link")
+        try:
+            self.comm_backend.recv(torch.empty(payload_nbytes, dtype=torch.uint8), src_rank)
+        except Exception as e:
+            return (f"reading off the {payload_nbytes}-byte payload of a refused frame from rank {src_rank} failed "
+                    f"({str(e) or type(e).__name__}): it may be on the link")
+        return None
+
+    def _recv_frame_payload(
+        self, transfer_id: uuid.UUID, tensor: Any, src_rank: int, header: tuple[int, int, int, int, int]
+    ) -> dict[str, Any]:
+        """The payload of a checked header: inflated, verified and written into ``tensor``."""
+        import torch
+
+        _, flags, payload_nbytes, raw_nbytes, crc = header
+        expected = _nbytes(tensor)
         payload = torch.empty(payload_nbytes, dtype=torch.uint8)
         self.comm_backend.recv(payload, src_rank)
         if self.enable_checksum and not flags & _FLAG_CRC32:  # (after the payload: the link stays in step)
@@ -372,33 +476,22 @@ class KVTransferEngine:
 
     def get_transfer_outcome(self, transfer_id: uuid.UUID | str) -> str:
         """The record's status value, or "unknown" for a block send still in doubt (see the module doc)."""
-        tid = _transfer_key(transfer_id)
-        status = self.get_transfer_status(tid)
-        with self._lock:
-            return "unknown" if tid in self._in_doubt else status.value
+        meta, _, in_doubt = self._snapshot(transfer_id)
+        return "unknown" if in_doubt else meta.status.value
 
     def get_transfer_metadata(self, transfer_id: uuid.UUID | str) -> KVTransferMetadata:
         """The record of ``transfer_id`` (a UUID, or its str form as this engine's errors carry it);
         ``KeyError`` for an id this engine never ran (or cleared), ``TypeError`` / ``ValueError`` for
         something that is no transfer id at all."""
-        tid = _transfer_key(transfer_id)
-        self._settle_doubts()
-        with self._lock:
-            try:
-                return self._records[tid]
-            except KeyError:
-                raise KeyError(f"Transfer ID {tid} not found") from None
+        return self._snapshot(transfer_id)[0]
 
     def get_retry_count(self, transfer_id: uuid.UUID | str) -> int:
         """How many times the backend call of ``transfer_id`` was retried (0 when it worked first)."""
-        tid = _transfer_key(transfer_id)
-        self.get_transfer_metadata(tid)
-        with self._lock:
-            return self._retries.get(tid, 0)
+        return self._snapshot(transfer_id)[1]
 
     def get_transfer_metrics(self, transfer_id: uuid.UUID | str) -> dict[str, float | int | str]:
         """Bytes on the wire, latency, bandwidth, compression ratio, retries, checksum and status."""
-        meta = self.get_transfer_metadata(transfer_id)
+        meta, retries, _ = self._snapshot(transfer_id)
         latency_s = 0.0
         if meta.started_at is not None:
             latency_s = max((meta.completed_at or time.time()) - meta.started_at, 0.0)
@@ -409,7 +502,7 @@ class KVTransferEngine:
             "bandwidth_gbps": meta.total_bytes / latency_s / 1e9 if latency_s > 0 else 0.0,
             "shards": meta.shard_count,
             "compression_ratio": raw / meta.total_bytes if meta.total_bytes else 1.0,
-            "retries": self.get_retry_count(transfer_id),
+            "retries": retries,
             "checksum": meta.checksum or "",
             "status": meta.status.value,
         }
@@ -448,6 +541,19 @@ class KVTransferEngine:
             raise ValueError("the comm backend is not initialised (no rank / world size); call init() first")
         return int(rank), int(world)
 
+    def _snapshot(self, transfer_id: uuid.UUID | str) -> tuple[KVTransferMetadata, int, bool]:
+        """The record of ``transfer_id``, its retry count and whether it is in doubt, read in one critical
+        section (after settling what the ledger settled): a settle, a finishing transfer that drops the
+        record (max_finished_records) or ``clear_completed`` on another thread is seen whole or not at
+        all. ``KeyError`` naming the id when the engine holds no record of it."""
+        tid = _transfer_key(transfer_id)
+        self._settle_doubts()
+        with self._lock:
+            meta = self._records.get(tid)
+            if meta is None:
+                raise KeyError(f"Transfer ID {tid} not found")
+            return meta, self._retries.get(tid, 0), tid in self._in_doubt
+
     def _settle_doubts(self) -> None:
         """Turns sends whose outcome a later exchange settled into COMPLETED or FAILED records, and
         forgets those the ledger no longer knows (it dropped them, oldest first: never to be settled)."""
@@ -461,9 +567,10 @@ class KVTransferEngine:
             outcome = BlockTransfer.outcome(tid)
             if outcome in ("completed", "failed"):
                 status = TransferStatus.COMPLETED if outcome == "completed" else TransferStatus.FAILED
-                with self._lock:
-                    self._in_doubt.discard(tid)
-                self._set_status(tid, status, completed_at=time.time())
+                with self._lock:  # together: no reader sees the doubt gone and the record still running
+                    if tid in self._in_doubt:
+                        self._in_doubt.discard(tid)
+                        self._update(tid, status, completed_at=time.time())
             elif outcome is None:
                 with self._lock:
                     self._in_doubt.discard(tid)
@@ -480,10 +587,14 @@ class KVTransferEngine:
 
     def _set_status(self, transfer_id: uuid.UUID, status: TransferStatus, **fields: Any) -> None:
         with self._lock:
-            meta = self._records.get(transfer_id)
-            if meta is not None:
-                meta = self._records[transfer_id] = meta.model_copy(update={"status": status, **fields})
-                self._note_finished(meta)
+            self._update(transfer_id, status, **fields)
+
+    def _update(self, transfer_id: uuid.UUID, status: TransferStatus, **fields: Any) -> None:
+        """:meth:`_set_status` with the lock held."""
+        meta = self._records.get(transfer_id)
+        if meta is not None:
+            meta = self._records[transfer_id] = meta.model_copy(update={"status": status, **fields})
+            self._note_finished(meta)
 
     def _note_finished(self, meta: KVTransferMetadata) -> None:
         """Keeps the finished records within max_finished_records, dropping the oldest (lock held)."""
@@ -491,7 +602,7 @@ class KVTransferEngine:
         if meta.status not in _TERMINAL:
             return
         self._finished[meta.transfer_id] = None
-        while len(self._finished) > max(self.max_finished_records, 0):
+        while len(self._finished) > self._max_finished:
             oldest = next(iter(self._finished))
             del self._finished[oldest]
             record = self._records.get(oldest)
@@ -501,6 +612,17 @@ class KVTransferEngine:
             self._retries.pop(oldest, None)
 
 
+@dataclasses.dataclass
+class _Frame:
+    """A framed transfer's progress across its retries: the header (magic, flags, payload bytes, raw bytes,
+    CRC-32) made or received, and the sender's payload. A failed backend call is taken to have delivered
+    nothing (the plain path's retry relies on that too): the retry resumes at that call."""
+
+    header: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    header_done: bool = False
+    payload: Any = None
+
+
 class _WriteFailed(Exception):
     """A framed receive that got its whole frame but could not write it into the tensor: final, not retried."""
 
@@ -508,6 +630,11 @@ class _WriteFailed(Exception):
 _FRAME_MAGIC = 0x53_4B_56_46_52_4D_31  # "SKVFRM1"
 _FLAG_ZLIB = 1
 _FLAG_CRC32 = 2
+
+
+def _payload_bound(raw_nbytes: int) -> int:
+    """The most payload bytes a frame of ``raw_nbytes`` raw bytes may carry (zlib's worst case, with room)."""
+    return max(2 * raw_nbytes + 64, 1 << 20)
 
 
 def _check_rank(rank: Any, world: int, name: str) -> int:
