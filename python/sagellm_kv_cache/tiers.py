@@ -18,7 +18,9 @@ Movement. Evicting a cached block from the device tier *demotes* it: the native
 ``evict_detached`` takes it out of the trie while its block stays allocated, a background thread
 copies its bytes into a host slot and only then frees the device block and publishes the digest in
 the host index. A full host tier demotes its least recently stored block to disk the same way
-(written, then published). The disk tier drops its least recently stored block when full. A lower
+(written, then published); a spill that fails (a disk write error) leaves the blocks it did not write
+in their host slots, cached, and the demotion it made room for reports the error (its device blocks that
+found no slot are dropped). The disk tier drops its least recently stored block when full. A lower
 tier hit is *promoted* (copied into a fresh device block and inserted into the trie) before
 :meth:`TieredPrefixCache.match` returns; the lower copy is then released (tiers are exclusive, so the
 capacities add up). A block is visible in a tier only once its bytes landed there; a lookup of a
@@ -829,15 +831,17 @@ class TieredPrefixCache:
     def _demote_chunk_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
         host = self.host
         assert host is not None
-        slots = self._host_slots(len(keys))
+        slots, spill_error = self._host_slots(len(keys))
         past = len(keys) - len(slots)
         # The newest go into the slots there are first: an error past the host tier (a failing disk)
         # then costs only the blocks bound there, not these slots.
         if len(slots):
             self._copy_to_host(keys[past:], ids[past:], slots)
             settled.extend(keys[past:])
-        if past:  # every host slot is claimed (a promotion in flight): the oldest go past the host tier
+        if past:  # every host slot is claimed, or a spill failed: the oldest go past the host tier
             self._demote_past_host(keys[:past], ids[:past], settled)
+        if spill_error is not None:  # the demotion's future reports the disk's error
+            raise spill_error
 
     def _copy_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], slots: npt.NDArray[np.int32]) -> None:
         """Copies device blocks into the host slots taken for them and publishes them there."""
@@ -871,9 +875,10 @@ class TieredPrefixCache:
             self._stats.dropped[TIER_DEVICE] += len(keys)
         settled.extend(keys)
 
-    def _host_slots(self, n: int) -> npt.NDArray[np.int32]:
+    def _host_slots(self, n: int) -> tuple[npt.NDArray[np.int32], Exception | None]:
         """Up to n free host slots, demoting the host tier's oldest blocks to disk (or dropping them)
-        first; fewer when the other slots are all claimed by promotions in flight (nothing to demote)."""
+        first; fewer when the other slots are all claimed by promotions in flight (nothing to demote)
+        or a spill to disk failed (then with its error: the victims it did not write stay cached)."""
         host = self.host
         assert host is not None
         out: list[int] = []
@@ -886,48 +891,66 @@ class TieredPrefixCache:
                 if not host.index:
                     break
                 victims = [host.index.popitem(last=False) for _ in range(min(n - len(out), len(host.index)))]
-                written: list[bytes] = []
                 spill: Future[None] = Future()
                 for key, _ in victims:  # in flight to disk: a lookup waits for it
                     self._pending.setdefault(key, spill)
-                    if self._events:
-                        self._touch(TIER_HOST, key)
+                    # Held in the host tier's view until it leaves: a victim that stays is never
+                    # announced as removed.
+                    self._add_claim(TIER_HOST, key)
+            gone: list[bytes] = []
+            error: BaseException | None = None
             try:
-                out.extend(self._spill_host(victims, written))
-            except BaseException:
-                # The victims left the index and the bytes of those not written did not land on disk:
-                # they are dropped, and all their slots (and those taken for this call) go back, or the
-                # tier would shrink.
-                with self._lock:
-                    self._stats.dropped[TIER_HOST] += len(victims) - len(written)
-                    host.slots.free(np.asarray([slot for _, slot in victims] + out, dtype=np.int32))
-                raise
-            finally:
-                with self._lock:
-                    for key, _ in victims:
-                        if self._pending.get(key) is spill:
-                            del self._pending[key]
-                        if self._events:
-                            self._forget_if_gone(key)
-                spill.set_result(None)
-        return np.asarray(out, dtype=np.int32)
+                self._spill_host(victims, gone)
+            except BaseException as exc:
+                error = exc
+            with self._lock:  # the victims not written (bytes intact in their slots) stay cached
+                out.extend(slot for _, slot in victims[: len(gone)])
+                self._keep_host_victims(victims[len(gone):])
+                for key, _ in victims:
+                    if self._pending.get(key) is spill:
+                        del self._pending[key]
+                    if self._events:
+                        self._drop_claim(TIER_HOST, key)
+                        self._touch(TIER_HOST, key)
+                if out and error is not None and not isinstance(error, Exception):  # interrupted: none used
+                    host.slots.free(np.asarray(out, dtype=np.int32))
+            spill.set_result(None)
+            if isinstance(error, Exception):
+                return np.asarray(out, dtype=np.int32), error
+            if error is not None:
+                raise error
+        return np.asarray(out, dtype=np.int32), None
 
-    def _spill_host(self, victims: list[tuple[bytes, int]], written: list[bytes]) -> list[int]:
-        """Moves host victims (already out of the index) to disk, noting each in ``written`` once it
-        landed there; returns their slots, now reusable."""
+    def _keep_host_victims(self, victims: list[tuple[bytes, int]]) -> None:
+        """Puts spill victims whose bytes are still in their host slots back at the oldest end of the
+        index, in order (a digest stored into the host tier again meanwhile keeps that copy: same bytes).
+        The caller holds the lock."""
+        host = self.host
+        assert host is not None
+        for key, slot in reversed(victims):
+            if key in host.index:
+                host.slots.free(np.array([slot], np.int32))
+            else:
+                host.index[key] = slot
+                host.index.move_to_end(key, last=False)
+
+    def _spill_host(self, victims: list[tuple[bytes, int]], gone: list[bytes]) -> None:
+        """Moves host victims (already out of the index) to disk in order, noting each in ``gone`` once
+        it landed there (or, without a disk tier, as dropped): its slot is then reusable. Stops at the
+        first write that fails."""
         host = self.host
         assert host is not None
         if self.disk is None:
             with self._lock:
                 self._stats.dropped[TIER_HOST] += len(victims)
-            return [slot for _, slot in victims]
+            gone.extend(key for key, _ in victims)
+            return
         t0 = time.perf_counter()
         for key, slot in victims:
             self._write_disk(key, host.view[slot])
-            written.append(key)
+            gone.append(key)
         with self._lock:
             self._account("host_to_disk", len(victims), time.perf_counter() - t0)
-        return [slot for _, slot in victims]
 
     def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32],
                                     settled: list[bytes]) -> None:

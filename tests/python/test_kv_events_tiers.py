@@ -9,7 +9,9 @@ driven with the same kind of scenario in ``test_kv_events_routers.py``.
 
 from __future__ import annotations
 
+import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from sagellm_kv_cache.observability.events import DigestSetTracker, KVEventSubsc
 from sagellm_kv_cache.observability.kv_wire import decode_batch, encode_batch
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 from sagellm_kv_cache.tiers import TIER_MEDIA, TieredPrefixCache
-from tier_requests import serve
+from tier_requests import serve, writes_fail_past
 
 SPEC = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype="fp16", block_size=4)
 BS = SPEC.block_size
@@ -371,6 +373,43 @@ def test_blocks_a_reopened_disk_holds_are_announced_there_once_an_insert_names_t
         truth = contents(tc, universe)
         assert truth["DISK"] == {wire_block_id(d) for d in digests} == truth["GPU"]
         assert router.view() == truth
+
+
+def test_a_failed_spill_announces_no_removal_of_the_host_blocks_that_stay(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A demotion into a full host tier spills its two oldest blocks to a disk that takes the first
+    write and fails the second (a real EFBIG past RLIMIT_FSIZE). The second never left its host slot:
+    no drain, during the spill (its writes held there) or after it, says the host lost it (the victims
+    were announced removed from "CPU" at the spill's start, the second for good)."""
+    router, universe = Router(), set[bytes]()
+    with tiered(tmp_path, background=True) as tc:
+        assert tc.host is not None and tc.disk is not None
+        for i in range(11):  # one block each: 6 on the device, 5 on the host (full)
+            universe.update(serve(tc, np.arange(i * 100, i * 100 + BS, dtype=np.int64), None, None))
+        tc.flush()
+        router.drain(tc)
+        first, second = list(tc.host.index)[:2]
+        in_write, go_on, real_pwritev = threading.Event(), threading.Event(), os.pwritev
+
+        def held_pwritev(fd: int, buffers: Any, offset: int) -> int:
+            in_write.set()
+            assert go_on.wait(10)
+            return real_pwritev(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "pwritev", held_pwritev)
+        with writes_fail_past(tc.disk.slot_nbytes):
+            demotion = tc.demote(2)  # copied by the background thread, whose first write is held
+            assert in_write.wait(10)
+            events = router.drain(tc)  # mid-spill
+            go_on.set()
+            failed = [f.exception(timeout=10) for f in demotion]
+        assert [type(e) for e in failed] == [OSError]
+        events += router.drain(tc)
+        removed_from_host = {d for e in events if e["type"] == "removed" and e["medium"] == "CPU" for d in e["digests"]}
+        assert (tc.location(first), tc.location(second)) == ("disk", "host")
+        assert removed_from_host == {first}
+        assert router.view() == contents(tc, universe)
+        assert tc.stats()["dropped"]["host"] == 0
 
 
 DISK_ERRORS_SCRIPT = """

@@ -21,6 +21,7 @@ from sagellm_kv_cache.errors import KVInvalidBlockError, KVMemoryExhaustedError,
 from sagellm_kv_cache.offload import OffloadStorage
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 from sagellm_kv_cache.tiers import TIER_DEVICE, TIER_DISK, TIER_HOST, DiskTier, HostTier, TieredPrefixCache
+from tier_requests import writes_fail_past
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="fp16", block_size=4)
 
@@ -577,24 +578,31 @@ def test_a_failing_disk_drops_blocks_but_keeps_the_host_tier_whole(tmp_path: Pat
     with TieredPrefixCache(pool, device_blocks=3, host_blocks=3, disk_dir=tmp_path, disk_blocks=8,
                            background=background) as tc:
         on_disk = fill(tc, prompt(0))
-        fill(tc, prompt(1))
+        on_host = fill(tc, prompt(1))
         fill(tc, prompt(2))  # prompt 0: device -> host -> disk
         tc.flush()
         assert tc.location(on_disk[0].tobytes()) == "disk"
         assert tc.disk is not None and tc.host is not None
         tc.disk.close()  # the disk fails under the cache: every slot read and write is refused
-        for i in range(3, 7):  # host spills to disk fail: their victims drop, the device keeps working
+        for i in range(3, 7):  # host spills to disk fail: the device's victims drop, the device keeps working
             fill(tc, prompt(i))  # was: RuntimeError "host tier has no free slot" once the slots leaked
         tc.flush()
         failed = [f.exception() for f in tc.demote(3)]  # spills the host tier again: the error is reported
         assert failed and all(isinstance(e, OSError) for e in failed)
-        assert tc.stats()["dropped"]["host"] >= 6
+        s = tc.stats()
+        # The spills' victims never left their host slots: they stay cached (were dropped, 6 or more).
+        assert s["dropped"]["host"] == 0 and s["dropped"]["device"] >= 12
+        assert [tc.location(d.tobytes()) for d in on_host] == ["host"] * 3
         host = tc.host
         assert host.slots.num_available + len(host.index) == host.num_blocks  # no slot lost
         used = pool.num_used_blocks
         m = tc.match(on_disk)  # an unreadable slot is a miss, as a torn one; nothing leaks
         assert m.num_matched == 0 and pool.num_used_blocks == used
         assert tc.stats()["corrupt_reads"] >= 1 and tc.location(on_disk[0].tobytes()) is None
+        m = tc.match(on_host)
+        assert m.num_matched == 3 and m.tiers.tolist() == [TIER_HOST] * 3
+        assert_holds(pool, m.block_ids, on_host)
+        tc.release(on_host)
 
 
 def test_a_closed_tiered_cache_refuses_work_and_never_hangs(tmp_path: Path) -> None:
@@ -848,30 +856,34 @@ def test_a_lookup_waiting_for_a_demotion_that_fails_still_finds_another_copy(tmp
         tc.release(d)
 
 
-def test_blocks_a_failing_disk_costs_are_counted_where_they_fell_off(tmp_path: Path) -> None:
-    # A real write error: past RLIMIT_FSIZE a write fails with EFBIG (SIGXFSZ ignored). The disk tier takes
-    # its first slot only. Two device blocks are demoted into a full host tier: its two oldest blocks are
-    # spilled, the first lands on disk, the second's write fails. The demotion fails with it, so the two
-    # device blocks land nowhere: dropped from the device (was 0), and one host block dropped (was 2).
-    resource = pytest.importorskip("resource")
+def test_a_failed_host_spill_keeps_the_victims_it_did_not_write(tmp_path: Path) -> None:
+    # A real write error: past RLIMIT_FSIZE a write fails with EFBIG. The disk tier takes its first slot
+    # only. Two device blocks are demoted into a full host tier: its two oldest blocks are spilled, the
+    # first lands on disk, the second's write fails. That block's bytes are still in its host slot: it
+    # stays cached there (was dropped, and its slot and the first's went back unused). The slot the
+    # first left takes the newest device block; the other goes past the host tier, to the failing disk,
+    # and is dropped from the device. The demotion reports the error.
     pool = PagedKVPool(SPEC, 8)
     with TieredPrefixCache(pool, device_blocks=8, host_blocks=2, disk_dir=tmp_path, disk_blocks=4,
                            background=False) as tc:
         spilled = fill(tc, prompt(0, blocks=2))
         tc.demote(2)
         demoted = fill(tc, prompt(1, blocks=2))
-        assert tc.disk is not None and [tc.location(d.tobytes()) for d in spilled] == ["host", "host"]
-        old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ,
-                                                                                             signal.SIG_IGN)
-        try:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (tc.disk.slot_nbytes, old_limit[1]))
+        assert tc.disk is not None and tc.host is not None
+        first, second = tc.host.index  # oldest first: the spill's order
+        assert {first, second} == {d.tobytes() for d in spilled}
+        with writes_fail_past(tc.disk.slot_nbytes):
             failed = [f.exception() for f in tc.demote(2)]
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-            signal.signal(signal.SIGXFSZ, old_handler)
         assert [type(e) for e in failed] == [OSError]
-        where = [tc.location(d.tobytes()) for d in [*spilled, *demoted]]
-        assert where.count("disk") == 1 and where.count(None) == 3
+        assert (tc.location(first), tc.location(second)) == ("disk", "host")
+        assert sorted(map(str, [tc.location(d.tobytes()) for d in demoted])) == ["None", "host"]
         s = tc.stats()
-        assert s["demoted_to_disk"] == 1 and s["dropped"] == {"device": 2, "host": 1, "disk": 0}
+        assert s["demoted_to_disk"] == 1 and s["demoted_to_host"] == 3
+        assert s["dropped"] == {"device": 1, "host": 0, "disk": 0}
         assert _slots_accounted(tc.host) and _slots_accounted(tc.disk)
+        assert next(iter(tc.host.index)) == second  # still the host tier's oldest
+        m = tc.match(spilled)  # both served, byte-exact: one from disk, the one that stayed from the host
+        assert m.num_matched == 2
+        assert m.tiers.tolist() == [TIER_DISK if d.tobytes() == first else TIER_HOST for d in spilled]
+        assert_holds(pool, m.block_ids, spilled)
+        tc.release(spilled)
