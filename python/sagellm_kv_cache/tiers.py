@@ -20,7 +20,8 @@ copies its bytes into a host slot and only then frees the device block and publi
 the host index. A full host tier demotes its least recently stored block to disk the same way
 (written, then published); a spill that fails (a disk write error) leaves the blocks it did not write
 in their host slots, cached, and the demotion it made room for reports the error (its device blocks that
-found no slot are dropped). The disk tier drops its least recently stored block when full. A lower
+found no slot are dropped). The disk tier drops its least recently stored block when full (a write into
+its slot that fails keeps it when its bytes read back intact). A lower
 tier hit is *promoted* (copied into a fresh device block and inserted into the trie) before
 :meth:`TieredPrefixCache.match` returns; the lower copy is then released (tiers are exclusive, so the
 capacities add up). A block is visible in a tier only once its bytes landed there; a lookup of a
@@ -966,27 +967,26 @@ class TieredPrefixCache:
             self._account("device_to_disk", len(keys), time.perf_counter() - t0)
 
     def _write_disk(self, key: bytes, payload: npt.NDArray[np.uint8]) -> None:
-        """Writes one block to a disk slot and publishes it; evicts the disk tier's oldest when full."""
+        """Writes one block to a disk slot and publishes it; evicts the disk tier's oldest when full.
+        When the write fails, the block whose slot it took (the oldest, or an older copy of ``key``)
+        stays cached if its bytes are still intact there (read back and checked)."""
         disk = self.disk
         assert disk is not None
         with self._lock:
-            old = disk.index.pop(key, None)
-            if old is not None:
-                slot = old.slot  # same digest, same bytes: rewrite in place
-            elif disk.slots.num_available:
-                slot = int(disk.slots.allocate(1)[0])
-            else:
-                victim_key, victim = disk.index.popitem(last=False)
-                slot = victim.slot
-                self._stats.dropped[TIER_DISK] += 1
-                self._touch(TIER_DISK, victim_key)
+            displaced = self._displace_for(key)
+            slot = displaced[1].slot if displaced is not None else int(disk.slots.allocate(1)[0])
             generation = disk.next_generation()
         try:
             disk.write(slot, key, payload, generation)
         except BaseException:
+            intact = displaced is not None and self._disk_slot_holds(slot, displaced[0])
             with self._lock:
-                disk.slots.free(np.array([slot], np.int32))
-                self._touch(TIER_DISK, key)  # a copy it held before (rewritten in place) is gone too
+                if displaced is not None and intact:
+                    self._keep_displaced(displaced, oldest=displaced[0] != key)
+                else:
+                    disk.slots.free(np.array([slot], np.int32))
+                self._settle_displaced(displaced, key, dropped=not intact)
+                self._touch(TIER_DISK, key)
             raise
         with self._lock:
             # Written to another slot meanwhile (an inline demotion of the same digest in another
@@ -995,8 +995,59 @@ class TieredPrefixCache:
             if other is not None and other.slot != slot:
                 disk.slots.free(np.array([other.slot], np.int32))
             disk.index[key] = _DiskSlot(slot, generation)
+            self._settle_displaced(displaced, key, dropped=True)
             self._touch(TIER_DISK, key)
             self._stats.demoted_to_disk += 1
+
+    def _displace_for(self, key: bytes) -> tuple[bytes, _DiskSlot] | None:
+        """The index entry whose slot a write of ``key`` takes, out of the index: an older copy of
+        ``key`` (same bytes: rewritten in place) or, on a full tier, the oldest block; None when a slot
+        is free (the caller takes it). Held in the DISK view until its bytes are overwritten. Under the lock."""
+        disk = self.disk
+        assert disk is not None
+        old = disk.index.pop(key, None)
+        if old is not None:
+            displaced = (key, old)
+        elif disk.slots.num_available:
+            return None
+        else:
+            displaced = disk.index.popitem(last=False)
+        self._add_claim(TIER_DISK, displaced[0])
+        return displaced
+
+    def _disk_slot_holds(self, slot: int, key: bytes) -> bool:
+        """Whether a disk slot a write failed on still holds ``key`` intact (the write was refused
+        before any byte landed). Reads into a buffer of its own: the write's may be this thread's bounce."""
+        disk = self.disk
+        assert disk is not None
+        buf = _core.HostSlab(1, disk.slot_nbytes).view()[0]
+        try:
+            return disk.read(slot, key, buf)
+        except OSError:
+            return False
+
+    def _keep_displaced(self, displaced: tuple[bytes, _DiskSlot], *, oldest: bool) -> None:
+        """Puts a displaced entry whose bytes are intact back (a copy stored meanwhile is kept instead:
+        same bytes). Under the lock."""
+        disk = self.disk
+        assert disk is not None
+        key, entry = displaced
+        if key in disk.index:
+            disk.slots.free(np.array([entry.slot], np.int32))
+            return
+        disk.index[key] = entry
+        if oldest:
+            disk.index.move_to_end(key, last=False)
+
+    def _settle_displaced(self, displaced: tuple[bytes, _DiskSlot] | None, key: bytes, *, dropped: bool) -> None:
+        """Ends the hold ``_displace_for`` took; a displaced other block that is gone counts as dropped."""
+        if displaced is None:
+            return
+        if dropped and displaced[0] != key:
+            self._stats.dropped[TIER_DISK] += 1
+        if self._events:
+            self._drop_claim(TIER_DISK, displaced[0])
+            self._touch(TIER_DISK, displaced[0])
 
     # --- promotion -----------------------------------------------------------------------------
 

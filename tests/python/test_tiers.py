@@ -887,3 +887,43 @@ def test_a_failed_host_spill_keeps_the_victims_it_did_not_write(tmp_path: Path) 
         assert m.tiers.tolist() == [TIER_DISK if d.tobytes() == first else TIER_HOST for d in spilled]
         assert_holds(pool, m.block_ids, spilled)
         tc.release(spilled)
+
+
+def test_a_failed_disk_write_keeps_the_block_whose_slot_it_took_while_its_bytes_are_intact(tmp_path: Path) -> None:
+    # A write into a full disk tier takes its oldest block's slot (or, for a digest the disk holds, that
+    # copy's). A real write error refused before any byte landed (EFBIG: nothing past byte 0) leaves that
+    # block's bytes whole: it stays cached (was dropped). A write torn inside the slot (a short write past
+    # the slot's first page) overwrote them: then the block is dropped, never served.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, disk_dir=tmp_path, disk_blocks=2, background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        old = [fill(tc, prompt(i, blocks=1))[0].tobytes() for i in range(2)]
+        tc.demote(1)
+        tc.demote(1)
+        assert list(disk.index) == old
+        fill(tc, prompt(2, blocks=1))
+        with writes_fail_past(0):
+            assert [type(f.exception()) for f in tc.demote(1)] == [OSError]
+        assert list(disk.index) == old  # the oldest kept its slot and its place
+        assert tc.stats()["dropped"] == {"device": 1, "host": 0, "disk": 0}
+        ids = tc.allocate(1)
+        pool.scatter(content(old[1], pool.block_nbytes), ids)
+        tc.insert([old[1]], ids)  # computed again without a lookup: on the device and on disk
+        pool.free(ids)
+        assert tc.location(old[1]) == "device" and old[1] in disk.index
+        with writes_fail_past(0):  # a rewrite in place of the same digest: the copy there stays
+            assert [type(f.exception()) for f in tc.demote(1)] == [OSError]
+        assert list(disk.index) == old and tc.stats()["dropped"]["disk"] == 0
+        fill(tc, prompt(3, blocks=1))
+        with writes_fail_past(disk.index[old[0]].slot * disk.slot_nbytes + 4096):
+            assert [type(f.exception()) for f in tc.demote(1)] == [OSError]
+        assert list(disk.index) == old[1:]  # torn: dropped
+        assert tc.stats()["dropped"] == {"device": 3, "host": 0, "disk": 1}
+        assert _slots_accounted(disk)
+        assert tc.match([old[0]]).num_matched == 0
+        m = tc.match([old[1]])  # the kept copy is served, byte-exact
+        assert m.num_matched == 1 and m.tiers.tolist() == [TIER_DISK]
+        assert_holds(pool, m.block_ids, np.frombuffer(old[1], np.uint8).reshape(1, 32))
+        tc.release([old[1]])
+        assert tc.stats()["corrupt_reads"] == 0
