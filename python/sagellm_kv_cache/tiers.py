@@ -644,27 +644,45 @@ class TieredPrefixCache:
             if not np.array_equal(hashed, digests):
                 raise ValueError("token_ids (with extra_key and cache_salt) do not hash to digests")
         n0, ids0 = self.device.match(digests)
-        tiers = [TIER_DEVICE] * n0
-        run: list[tuple[bytes, int, int]] = []  # (digest, tier, slot) claimed from a lower tier
-        for i in range(n0, len(digests)):
-            digest = digests[i].tobytes()
-            claimed = self._claim(digest)
-            if claimed is None:
-                break
-            if self._events and not self._known(digest, i, digests, tokens, extra_key, cache_salt):
-                self._unclaim([(digest, *claimed)])
-                break
-            run.append((digest, *claimed))
-        promoted = self._promote(digests, n0, run) if run else np.empty(0, np.int32)
-        tiers.extend(t for _, t, _ in run[: len(promoted)])
-        with self._lock:
-            s = self._stats
-            s.lookups += 1
-            s.queried_blocks += len(digests)
-            for t in tiers:
-                s.hits[t] += 1
-        ids = np.concatenate([ids0[:n0], promoted]).astype(np.int32, copy=False)
+        held = n0  # digests[:held] hold a use on the device: given back if this lookup fails (a close() meanwhile)
+        try:
+            run = self._claim_run(digests, n0, tokens, extra_key, cache_salt)
+            promoted = self._promote(digests, n0, run) if run else np.empty(0, np.int32)
+            held += len(promoted)
+            tiers = [TIER_DEVICE] * n0 + [t for _, t, _ in run[: len(promoted)]]
+            with self._lock:
+                s = self._stats
+                s.lookups += 1
+                s.queried_blocks += len(digests)
+                for t in tiers:
+                    s.hits[t] += 1
+            ids = np.concatenate([ids0[:n0], promoted]).astype(np.int32, copy=False)
+        except BaseException:
+            if held:
+                self.device.release(digests[:held])
+            raise
         return TierMatch(len(ids), ids, np.asarray(tiers, dtype=np.int8))
+
+    def _claim_run(self, digests: npt.NDArray[np.uint8], n0: int, tokens: npt.NDArray[np.int64] | None,
+                   extra_key: bytes | None, cache_salt: bytes | None) -> list[tuple[bytes, int, int]]:
+        """Claims the lower-tier blocks that continue the device prefix ``digests[:n0]``, up to the first
+        miss (with events: or the first whose stored event cannot be written): (digest, tier, slot) each.
+        On a failure none stays claimed."""
+        run: list[tuple[bytes, int, int]] = []
+        try:
+            for i in range(n0, len(digests)):
+                digest = digests[i].tobytes()
+                claimed = self._claim(digest)
+                if claimed is None:
+                    break
+                run.append((digest, *claimed))
+                if self._events and not self._known(digest, i, digests, tokens, extra_key, cache_salt):
+                    self._unclaim([run.pop()])
+                    break
+        except BaseException:
+            self._unclaim(run)
+            raise
+        return run
 
     def release(self, digests: Any) -> None:
         """Drops the uses ``match`` took; device blocks beyond ``device_blocks`` are then demoted."""
@@ -1135,13 +1153,18 @@ class TieredPrefixCache:
                 self._free_lower([run[i] for i in sorted(bad)])
                 self._unclaim([r for i, r in enumerate(run) if i not in bad])  # not promoted: they stay
                 raise
-            # Promoted (and corrupt) lower copies are released; the rest of the run goes back.
-            self._free_lower([r for i, r in enumerate(run) if i < good or i in bad])
-            self._unclaim([r for i, r in enumerate(run) if i >= good and i not in bad])
-        if good:
-            # A concurrent request may have cached some of these meanwhile: serve the cached blocks.
-            _, cached = self.device.peek(digests[: n0 + good])
-            out = np.asarray(cached[n0: n0 + good], dtype=np.int32)
+            try:
+                # Promoted (and corrupt) lower copies are released; the rest of the run goes back.
+                self._free_lower([r for i, r in enumerate(run) if i < good or i in bad])
+                self._unclaim([r for i, r in enumerate(run) if i >= good and i not in bad])
+                if good:
+                    # A concurrent request may have cached some of these meanwhile: serve the cached blocks.
+                    _, cached = self.device.peek(digests[: n0 + good])
+                    out = np.asarray(cached[n0: n0 + good], dtype=np.int32)
+            except BaseException:
+                if good:  # the insert acquired them for this lookup, which fails
+                    self.device.release(digests[n0: n0 + good])
+                raise
         return out
 
     def _insert_promoted(self, digests: npt.NDArray[np.uint8], n0: int, good: int, ids: npt.NDArray[np.int32]) -> None:

@@ -927,3 +927,46 @@ def test_a_failed_disk_write_keeps_the_block_whose_slot_it_took_while_its_bytes_
         assert_holds(pool, m.block_ids, np.frombuffer(old[1], np.uint8).reshape(1, 32))
         tc.release([old[1]])
         assert tc.stats()["corrupt_reads"] == 0
+
+
+def _until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def test_a_lookup_that_a_close_fails_gives_back_the_device_blocks_it_acquired(tmp_path: Path) -> None:
+    # The lookup acquires the device prefix, then waits for the rest, in flight to the host (the copies
+    # are held back). close() runs meanwhile; once the copy lands the promotion finds the cache closed
+    # and the lookup raises. The device block it acquired stayed in use for good (never evictable).
+    pool = PagedKVPool(SPEC, 8)
+    tc = TieredPrefixCache(pool, device_blocks=4, host_blocks=4)
+    digests = fill(tc, prompt(0, blocks=2))
+    gate = threading.Event()
+    assert tc._executor is not None
+    tc._executor.submit(gate.wait)
+    tc.demote(1)  # the leaf: in flight to the host behind the gate
+    assert tc.location(digests[0].tobytes()) == "device"
+    errors: list[BaseException] = []
+
+    def lookup() -> None:
+        try:
+            tc.match(digests)
+        except BaseException as exc:
+            errors.append(exc)
+
+    looker = threading.Thread(target=lookup)
+    looker.start()
+    _until(lambda: tc.device.stats()["in_use_blocks"] == 1, "the lookup acquired the device prefix")
+    closer = threading.Thread(target=tc.close)
+    closer.start()
+    _until(lambda: tc._closed, "close() began")
+    gate.set()
+    looker.join(timeout=10)
+    closer.join(timeout=10)
+    assert not looker.is_alive() and not closer.is_alive()
+    assert [str(e) for e in errors] == ["TieredPrefixCache is closed"]
+    assert tc.device.stats()["in_use_blocks"] == 0
+    assert tc.device.evict(1) == 1  # unreferenced again: evictable
+    assert tc.location(digests[1].tobytes()) == "host"  # the claimed copy went back to its tier
