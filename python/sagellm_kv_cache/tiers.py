@@ -9,7 +9,8 @@ Tiers (each with its own capacity and its own allocator of slots):
   digest -> slot.
 * **disk**: a :class:`DiskTier`, one preallocated file of fixed slots in a directory. Each slot is a
   payload padded to 4 KiB followed by a 4 KiB header page (magic, format version, digest, generation,
-  payload size, payload checksum and a checksum of the header itself), written with one request.
+  payload size, payload checksum and a checksum of the header itself; with KV events on, also the block's
+  token record: its tokens, parent, extra key and salt, under a checksum of their own), written with one request.
   ``O_DIRECT`` is used where the filesystem takes it (else buffered I/O; ``direct_io`` says which).
   Reopening the directory rebuilds the index from the headers, keeping the slots whose header and payload check out and
   dropping the rest, so the disk tier is a persistent prefix cache.
@@ -45,10 +46,12 @@ is a removal from one medium and a store into the next, and a promotion the reve
 each medium (NVIDIA Dynamo keeps one index per medium) equals that tier at each drain. A lower tier
 reports what it holds at drain time (a block stored and dropped again between two drains is never
 mentioned), a block once its bytes landed, as lookups see it. Routers re-hash the tokens, so with
-events on :meth:`TieredPrefixCache.insert` needs the blocks' ``token_ids``; blocks a reopened disk
-directory holds from an earlier process have none: they are announced and promoted once a
-:meth:`~TieredPrefixCache.match` passes their ``token_ids`` (announced, too, once an insert of the same
-blocks names them).
+events on :meth:`TieredPrefixCache.insert` needs the blocks' ``token_ids``. A disk slot written with
+events on keeps them (the token record, when it fits the 4 KiB header page: up to ~970 tokens a block),
+so a reopened disk directory's blocks are announced at the first drain (parents first) and promoted by
+any match; a slot without a record (written with events off, or by an older version) is announced and
+promoted once a :meth:`~TieredPrefixCache.match` passes its blocks' ``token_ids`` (announced, too, once an
+insert of the same blocks names them).
 
 Thread safety: every public method may be called from any thread; one lock guards the lower tiers'
 indexes and slot allocators, the device trie has its own; copies run outside the lock.
@@ -93,6 +96,14 @@ _FORMAT_VERSION = 2
 # magic, version, reserved, generation, digest, payload bytes, payload checksum; then a checksum of those.
 _HEADER = struct.Struct("<8sIIQ32sQQ")
 _HEADER_CHECK = struct.Struct("<Q")
+# A block's token record, at _RECORD_AT of the header page (optional: absent where the magic is not):
+# magic, flags (_HAS_*), token count, extra key bytes, cache salt bytes, parent digest (zero without);
+# then the tokens (u32), the extra key, the salt, and a checksum of the page up to there (binding the
+# record to the header's digest and generation). A slot without one loads as before; a bad one drops it.
+_RECORD_AT = 128
+_RECORD_MAGIC = b"SGKVTOK1"
+_RECORD = struct.Struct("<8sIIII32s")
+_HAS_PARENT, _HAS_EXTRA, _HAS_SALT = 1, 2, 4
 _META_FILE = "tier.json"
 _SLOTS_FILE = "slots.bin"
 
@@ -155,6 +166,23 @@ class HostTier:
 # --- disk tier ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _BlockMeta:
+    """What a stored event says about a block besides its digest (kept while any tier holds it)."""
+
+    tokens: npt.NDArray[np.int64]
+    parent: bytes | None
+    extra_key: bytes | None
+    cache_salt: bytes | None
+
+
+def _key_bytes(key: bytes | str | None) -> bytes | None:
+    """An extra key or salt as a stored event of the device trie carries it (a str as its UTF-8 bytes)."""
+    return key.encode("utf-8") if isinstance(key, str) else key
+
+
+
+
 @dataclass
 class _DiskSlot:
     slot: int
@@ -171,12 +199,18 @@ class DiskTier:
     matches the recorded checksum; duplicates of a digest keep the newest generation. A directory
     holding another block size or checksum raises :class:`~sagellm_kv_cache.errors.KVMetadataMismatchError`.
 
+    A slot may also carry its block's token record (tokens, parent digest, extra key, cache salt: what a
+    KV event of the block says), written with ``write(..., meta=)`` in the header page when it fits there.
+    On open a record is checked (its sizes, and a checksum binding it to the slot's header): a bad one
+    drops its slot; with ``keep_records`` the good ones are kept in ``records`` (digest -> record).
+
     The owner does the locking of the index and the slot allocator; reads and writes of distinct
     slots may run concurrently (positional I/O, thread-local header buffers).
     """
 
     def __init__(self, directory: str | os.PathLike[str], num_blocks: int, block_nbytes: int, *,
-                 direct_io: bool = True, fsync: bool = False, verify_on_open: bool = True) -> None:
+                 direct_io: bool = True, fsync: bool = False, verify_on_open: bool = True,
+                 keep_records: bool = False) -> None:
         self.num_blocks = positive_int("disk_blocks", num_blocks, maximum=INT32_MAX)
         self.block_nbytes = positive_int("block_nbytes", block_nbytes, maximum=_MAX_BLOCK_NBYTES)
         self.payload_stride = _round_up(self.block_nbytes, _PAGE)
@@ -221,12 +255,12 @@ class DiskTier:
             # The description is read or written only under the lock: two processes creating the
             # directory at once would otherwise both find none, and the loser's could stand last.
             self._check_meta()
-            self._open_slots(path, direct_io, verify_on_open)
+            self._open_slots(path, direct_io, verify_on_open, keep_records)
         except BaseException:
             self.close()
             raise
 
-    def _open_slots(self, path: Path, direct_io: bool, verify_on_open: bool) -> None:
+    def _open_slots(self, path: Path, direct_io: bool, verify_on_open: bool, keep_records: bool) -> None:
         old_size = os.fstat(self._fd).st_size
         want = self.num_blocks * self.slot_nbytes
         if old_size < want:
@@ -246,7 +280,8 @@ class DiskTier:
         self.index: OrderedDict[bytes, _DiskSlot] = OrderedDict()
         self.generation = 0
         self.dropped_on_open = 0
-        self._rebuild(written_slots, verify_on_open)
+        self.records: dict[bytes, _BlockMeta] = {}
+        self._rebuild(written_slots, verify_on_open, keep_records)
 
     # --- metadata ------------------------------------------------------------------------------
 
@@ -328,6 +363,49 @@ class DiskTier:
             return None
         return bytes(digest), int(generation), int(checksum)
 
+    def _encode_record(self, hdr: npt.NDArray[np.uint8], meta: _BlockMeta | None) -> None:
+        """Writes ``meta`` as the header page's token record, or marks the page as holding none (no
+        metadata, or more than the page holds: the block is then stored without its tokens)."""
+        hdr[_RECORD_AT: _RECORD_AT + len(_RECORD_MAGIC)] = 0  # a reused buffer's old record is not this block's
+        if meta is None:
+            return
+        extra, salt = meta.extra_key or b"", meta.cache_salt or b""
+        tokens = meta.tokens.astype("<u4").tobytes()  # token ids are checked to be u32 on insert and match
+        end = _RECORD_AT + _RECORD.size + len(tokens) + len(extra) + len(salt)
+        if end + _HEADER_CHECK.size > _PAGE:
+            return
+        flags = ((_HAS_PARENT if meta.parent is not None else 0) | (_HAS_EXTRA if meta.extra_key is not None else 0)
+                 | (_HAS_SALT if meta.cache_salt is not None else 0))
+        hdr[_HEADER.size + _HEADER_CHECK.size: _RECORD_AT] = 0  # covered by the record's checksum
+        body = _RECORD.pack(_RECORD_MAGIC, flags, len(meta.tokens), len(extra), len(salt), meta.parent or bytes(32))
+        hdr[_RECORD_AT: end] = np.frombuffer(body + tokens + extra + salt, dtype=np.uint8)
+        hdr[end: end + _HEADER_CHECK.size] = np.frombuffer(_HEADER_CHECK.pack(_core.block_checksum(hdr[:end])),
+                                                           dtype=np.uint8)
+
+    def _decode_record(self, hdr: npt.NDArray[np.uint8]) -> _BlockMeta | None:
+        """The header page's token record; None without one; ValueError for one that is not intact
+        (a size out of the page, unknown flags, bytes set that its flags say are absent, a bad checksum)."""
+        if hdr[_RECORD_AT: _RECORD_AT + len(_RECORD_MAGIC)].tobytes() != _RECORD_MAGIC:
+            return None
+        at = _RECORD_AT + _RECORD.size
+        _, flags, n_tokens, n_extra, n_salt, parent = _RECORD.unpack(hdr[_RECORD_AT: at].tobytes())
+        end = at + 4 * n_tokens + n_extra + n_salt
+        if end + _HEADER_CHECK.size > _PAGE:
+            raise ValueError(f"token record of {n_tokens} tokens, {n_extra} + {n_salt} key bytes overruns its page")
+        if flags & ~(_HAS_PARENT | _HAS_EXTRA | _HAS_SALT):
+            raise ValueError(f"token record flags {flags:#x} unknown")
+        if (not flags & _HAS_PARENT and any(parent)) or (not flags & _HAS_EXTRA and n_extra) or (
+                not flags & _HAS_SALT and n_salt):
+            raise ValueError("token record holds bytes its flags say are absent")
+        (check,) = _HEADER_CHECK.unpack(hdr[end: end + _HEADER_CHECK.size].tobytes())
+        if check != _core.block_checksum(hdr[:end]):
+            raise ValueError("token record checksum mismatch")
+        tokens = np.frombuffer(hdr[at: at + 4 * n_tokens].tobytes(), dtype="<u4").astype(np.int64)
+        at += 4 * n_tokens
+        extra, salt = hdr[at: at + n_extra].tobytes(), hdr[at + n_extra: end].tobytes()
+        return _BlockMeta(tokens, bytes(parent) if flags & _HAS_PARENT else None,
+                          extra if flags & _HAS_EXTRA else None, salt if flags & _HAS_SALT else None)
+
     def _split(self, buf: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.uint8]]:
         """The I/O vector of a slot for ``buf``: ``buf`` alone when it holds a whole slot (payload
         stride + header page: one contiguous request), else ``buf`` and a header buffer."""
@@ -352,9 +430,11 @@ class DiskTier:
             raise TypeError(f"{what} must be a 1-D C-contiguous uint8 array, got {got}")
         return slot
 
-    def write(self, slot: int, digest: bytes, buf: npt.NDArray[np.uint8], generation: int) -> None:
+    def write(self, slot: int, digest: bytes, buf: npt.NDArray[np.uint8], generation: int,
+              meta: _BlockMeta | None = None) -> None:
         """Writes one slot from ``buf`` (its first ``block_nbytes`` are the block; a whole-slot
-        buffer also carries the header page, which this fills in)."""
+        buffer also carries the header page, which this fills in), with the block's token record
+        ``meta`` where given and it fits the header page."""
         slot = self._slot_args(slot, digest, buf, "buf")
         generation = integer("generation", generation)
         if not 0 <= generation < 2**64:
@@ -362,6 +442,7 @@ class DiskTier:
         iov = self._split(buf)
         checksum = _core.block_checksum(buf[: self.block_nbytes])
         self._encode_header(iov[-1][-_PAGE:], digest, generation, checksum)
+        self._encode_record(iov[-1][-_PAGE:], meta)
         # One positional write of payload + header: a crash may land any part of it, which the
         # header and payload checksums catch on the next read or reopen.
         self._io(iov, slot * self.slot_nbytes, write=True, sync=self.fsync)
@@ -421,8 +502,9 @@ class DiskTier:
 
     # --- index ---------------------------------------------------------------------------------
 
-    def _rebuild(self, written_slots: int, verify: bool) -> None:
+    def _rebuild(self, written_slots: int, verify: bool, keep_records: bool) -> None:
         found: dict[bytes, _DiskSlot] = {}
+        records: dict[bytes, _BlockMeta | None] = {}
         bounce = self.bounce_buffer()
         hdr = self._header_buffer()
         for slot in range(written_slots):
@@ -436,6 +518,10 @@ class DiskTier:
                 assert decoded is not None
                 self._pread(bounce[: self.payload_stride], off)
                 ok = decoded[2] == _core.block_checksum(bounce[: self.block_nbytes])
+            try:
+                record = self._decode_record(hdr) if ok else None
+            except ValueError:
+                ok = False  # a slot whose record is not intact is not trusted either
             if not ok or decoded is None:
                 self.dropped_on_open += 1
                 continue
@@ -443,6 +529,7 @@ class DiskTier:
             old = found.get(digest)
             if old is None or generation > old.generation:
                 found[digest] = _DiskSlot(slot, generation)
+                records[digest] = record
             self.generation = max(self.generation, generation)
         taken = {s.slot for s in found.values()}
         # Claim the slots in use from the fresh allocator: take all, give back the free ones.
@@ -453,6 +540,9 @@ class DiskTier:
                 self.slots.free(free)
         for digest, entry in sorted(found.items(), key=lambda kv: kv[1].generation):
             self.index[digest] = entry
+            record = records[digest]
+            if keep_records and record is not None:
+                self.records[digest] = record
 
     def next_generation(self) -> int:
         self.generation += 1
@@ -497,21 +587,6 @@ class TierMatch:
 
 
 _PATHS = ("device_to_host", "host_to_device", "host_to_disk", "disk_to_device", "device_to_disk")
-
-
-@dataclass(frozen=True, slots=True)
-class _BlockMeta:
-    """What a stored event says about a block besides its digest (kept while any tier holds it)."""
-
-    tokens: npt.NDArray[np.int64]
-    parent: bytes | None
-    extra_key: bytes | None
-    cache_salt: bytes | None
-
-
-def _key_bytes(key: bytes | str | None) -> bytes | None:
-    """An extra key or salt as a stored event of the device trie carries it (a str as its UTF-8 bytes)."""
-    return key.encode("utf-8") if isinstance(key, str) else key
 
 
 def _block_tokens(token_ids: Any, num_blocks: int, block_size: int) -> npt.NDArray[np.int64]:
@@ -608,13 +683,38 @@ class TieredPrefixCache:
         self._claims: tuple[dict[bytes, int], ...] = ({}, {}, {})
         self.host = HostTier(host_blocks, self.block_nbytes, pool.device) if host_blocks else None
         self.disk = (DiskTier(disk_dir, disk_blocks, self.block_nbytes, direct_io=direct_io, fsync=fsync,
-                              verify_on_open=verify_on_open)
+                              verify_on_open=verify_on_open, keep_records=self._events)
                      if disk_blocks and disk_dir is not None else None)
+        if self.disk is not None and self._events:
+            self._adopt_disk_records(self.disk)
         self._lock = threading.RLock()
         self._pending: dict[bytes, Future[None]] = {}
         self._stats = _Stats()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-tiers") if background else None
         self._closed = False
+
+    def _adopt_disk_records(self, disk: DiskTier) -> None:
+        """Makes the blocks a reopened disk tier holds token records of known (their tokens hash to their
+        digests): the first drain announces them under DISK, parents first, and a match promotes them
+        without ``token_ids``. A record of another block size or hash is left unused."""
+        records, disk.records = disk.records, {}
+        order: list[bytes] = []
+        seen: set[bytes] = set()
+        for key in records:
+            chain: list[bytes] = []
+            at: bytes | None = key
+            while at is not None and at in records and at not in seen:
+                seen.add(at)
+                chain.append(at)
+                at = records[at].parent
+            order.extend(reversed(chain))
+        for key in order:
+            meta = records[key]
+            if len(meta.tokens) != self.block_size or self.hash_tokens(
+                    meta.tokens, parent=meta.parent, salt=meta.cache_salt, extra=meta.extra_key)[0].tobytes() != key:
+                continue
+            self._meta[key] = meta
+            self._changed[TIER_DISK][key] = None
 
     # --- hashing and the request protocol ----------------------------------------------------
 
@@ -994,8 +1094,9 @@ class TieredPrefixCache:
             displaced = self._displace_for(key)
             slot = displaced[1].slot if displaced is not None else int(disk.slots.allocate(1)[0])
             generation = disk.next_generation()
+            meta = self._meta.get(key)  # with events: the slot carries the block's tokens for a reopen
         try:
-            disk.write(slot, key, payload, generation)
+            disk.write(slot, key, payload, generation, meta)
         except BaseException:
             intact = displaced is not None and self._disk_slot_holds(slot, displaced[0])
             with self._lock:

@@ -970,3 +970,33 @@ def test_a_lookup_that_a_close_fails_gives_back_the_device_blocks_it_acquired(tm
     assert tc.device.stats()["in_use_blocks"] == 0
     assert tc.device.evict(1) == 1  # unreferenced again: evictable
     assert tc.location(digests[1].tobytes()) == "host"  # the claimed copy went back to its tier
+
+
+def test_disk_slots_keep_token_records_that_fit_their_header_page(tmp_path: Path) -> None:
+    # A record is read back as written (an empty extra key is not an absent one); one too large for the
+    # header page is left out (its block loads without it), and a buffer reused for a block without a
+    # record does not carry the previous block's record into its slot.
+    from sagellm_kv_cache.tiers import _BlockMeta
+
+    pool = PagedKVPool(SPEC, 4)
+    keys = [bytes([i]) * 32 for i in range(3)]
+    fits = _BlockMeta(np.array([0, 7, 2**32 - 1, 5], np.int64), keys[1], b"", None)
+    too_large = _BlockMeta(np.arange(4, dtype=np.int64), None, b"x" * 4096, b"salt")  # the page is 4 KiB
+    disk = DiskTier(tmp_path, 4, pool.block_nbytes)
+    buf = disk.bounce_buffer()
+    disk.write(0, keys[0], buf, 1, fits)
+    disk.write(1, keys[1], buf, 2, too_large)
+    disk.write(2, keys[2], buf, 3)  # the buffer's header page held keys[1]'s attempt, keys[0]'s record
+    disk.close()
+    reopened = DiskTier(tmp_path, 4, pool.block_nbytes, keep_records=True)
+    try:
+        assert set(reopened.index) == set(keys) and reopened.dropped_on_open == 0
+        assert list(reopened.records) == [keys[0]]
+        got = reopened.records[keys[0]]
+        assert got.tokens.tolist() == fits.tokens.tolist() and got.tokens.dtype == np.int64
+        assert (got.parent, got.extra_key, got.cache_salt) == (keys[1], b"", None)
+    finally:
+        reopened.close()
+    without = DiskTier(tmp_path, 4, pool.block_nbytes)  # records are checked, not kept
+    assert without.records == {} and len(without) == 3
+    without.close()
