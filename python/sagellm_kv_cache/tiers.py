@@ -1013,9 +1013,8 @@ class TieredPrefixCache:
                 spill: Future[None] = Future()
                 for key, _ in victims:  # in flight to disk: a lookup waits for it
                     self._pending.setdefault(key, spill)
-                    # Held in the host tier's view until it leaves: a victim that stays is never
-                    # announced as removed.
-                    self._add_claim(TIER_HOST, key)
+                    if self._events:  # held in the CPU view until it leaves: one that stays is never removed
+                        self._add_claim(TIER_HOST, key)
             gone: list[bytes] = []
             error: BaseException | None = None
             try:
@@ -1131,7 +1130,8 @@ class TieredPrefixCache:
             return None
         else:
             displaced = disk.index.popitem(last=False)
-        self._add_claim(TIER_DISK, displaced[0])
+        if self._events:
+            self._add_claim(TIER_DISK, displaced[0])
         return displaced
 
     def _disk_slot_holds(self, slot: int, key: bytes) -> bool:
