@@ -385,10 +385,11 @@ class DiskTier:
     def _decode_record(self, hdr: npt.NDArray[np.uint8]) -> _BlockMeta | None:
         """The header page's token record; None without one; ValueError for one that is not intact
         (a size out of the page, unknown flags, bytes set that its flags say are absent, a bad checksum)."""
-        if hdr[_RECORD_AT: _RECORD_AT + len(_RECORD_MAGIC)].tobytes() != _RECORD_MAGIC:
+        page = hdr.tobytes()  # one copy; the fields are read from it
+        if page[_RECORD_AT: _RECORD_AT + len(_RECORD_MAGIC)] != _RECORD_MAGIC:
             return None
+        _, flags, n_tokens, n_extra, n_salt, parent = _RECORD.unpack_from(page, _RECORD_AT)
         at = _RECORD_AT + _RECORD.size
-        _, flags, n_tokens, n_extra, n_salt, parent = _RECORD.unpack(hdr[_RECORD_AT: at].tobytes())
         end = at + 4 * n_tokens + n_extra + n_salt
         if end + _HEADER_CHECK.size > _PAGE:
             raise ValueError(f"token record of {n_tokens} tokens, {n_extra} + {n_salt} key bytes overruns its page")
@@ -397,13 +398,13 @@ class DiskTier:
         if (not flags & _HAS_PARENT and any(parent)) or (not flags & _HAS_EXTRA and n_extra) or (
                 not flags & _HAS_SALT and n_salt):
             raise ValueError("token record holds bytes its flags say are absent")
-        (check,) = _HEADER_CHECK.unpack(hdr[end: end + _HEADER_CHECK.size].tobytes())
+        (check,) = _HEADER_CHECK.unpack_from(page, end)
         if check != _core.block_checksum(hdr[:end]):
             raise ValueError("token record checksum mismatch")
-        tokens = np.frombuffer(hdr[at: at + 4 * n_tokens].tobytes(), dtype="<u4").astype(np.int64)
+        tokens = np.frombuffer(page, dtype="<u4", count=n_tokens, offset=at).astype(np.int64)
         at += 4 * n_tokens
-        extra, salt = hdr[at: at + n_extra].tobytes(), hdr[at + n_extra: end].tobytes()
-        return _BlockMeta(tokens, bytes(parent) if flags & _HAS_PARENT else None,
+        extra, salt = page[at: at + n_extra], page[at + n_extra: end]
+        return _BlockMeta(tokens, parent if flags & _HAS_PARENT else None,
                           extra if flags & _HAS_EXTRA else None, salt if flags & _HAS_SALT else None)
 
     def _split(self, buf: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.uint8]]:
