@@ -181,8 +181,6 @@ def _key_bytes(key: bytes | str | None) -> bytes | None:
     return key.encode("utf-8") if isinstance(key, str) else key
 
 
-
-
 @dataclass
 class _DiskSlot:
     slot: int
