@@ -9,7 +9,8 @@ Tiers (each with its own capacity and its own allocator of slots):
   digest -> slot.
 * **disk**: a :class:`DiskTier`, one preallocated file of fixed slots in a directory. Each slot is a
   payload padded to 4 KiB followed by a 4 KiB header page (magic, format version, digest, generation,
-  payload size, payload checksum and a checksum of the header itself), written with one request.
+  payload size, payload checksum and a checksum of the header itself; with KV events on, also the block's
+  token record: its tokens, parent, extra key and salt, under a checksum of their own), written with one request.
   ``O_DIRECT`` is used where the filesystem takes it (else buffered I/O; ``direct_io`` says which).
   Reopening the directory rebuilds the index from the headers, keeping the slots whose header and payload check out and
   dropping the rest, so the disk tier is a persistent prefix cache.
@@ -18,7 +19,10 @@ Movement. Evicting a cached block from the device tier *demotes* it: the native
 ``evict_detached`` takes it out of the trie while its block stays allocated, a background thread
 copies its bytes into a host slot and only then frees the device block and publishes the digest in
 the host index. A full host tier demotes its least recently stored block to disk the same way
-(written, then published). The disk tier drops its least recently stored block when full. A lower
+(written, then published); a spill that fails (a disk write error) leaves the blocks it did not write
+in their host slots, cached, and the demotion it made room for reports the error (its device blocks that
+found no slot are dropped). The disk tier drops its least recently stored block when full (a write into
+its slot that fails keeps it when its bytes read back intact). A lower
 tier hit is *promoted* (copied into a fresh device block and inserted into the trie) before
 :meth:`TieredPrefixCache.match` returns; the lower copy is then released (tiers are exclusive, so the
 capacities add up). A block is visible in a tier only once its bytes landed there; a lookup of a
@@ -42,10 +46,12 @@ is a removal from one medium and a store into the next, and a promotion the reve
 each medium (NVIDIA Dynamo keeps one index per medium) equals that tier at each drain. A lower tier
 reports what it holds at drain time (a block stored and dropped again between two drains is never
 mentioned), a block once its bytes landed, as lookups see it. Routers re-hash the tokens, so with
-events on :meth:`TieredPrefixCache.insert` needs the blocks' ``token_ids``; blocks a reopened disk
-directory holds from an earlier process have none: they are announced and promoted once a
-:meth:`~TieredPrefixCache.match` passes their ``token_ids`` (announced, too, once an insert of the same
-blocks names them).
+events on :meth:`TieredPrefixCache.insert` needs the blocks' ``token_ids``. A disk slot written with
+events on keeps them (the token record, when it fits the 4 KiB header page: up to ~970 tokens a block),
+so a reopened disk directory's blocks are announced at the first drain (parents first) and promoted by
+any match; a slot without a record (written with events off, or by an older version) is announced and
+promoted once a :meth:`~TieredPrefixCache.match` passes its blocks' ``token_ids`` (announced, too, once an
+insert of the same blocks names them).
 
 Thread safety: every public method may be called from any thread; one lock guards the lower tiers'
 indexes and slot allocators, the device trie has its own; copies run outside the lock.
@@ -90,6 +96,14 @@ _FORMAT_VERSION = 2
 # magic, version, reserved, generation, digest, payload bytes, payload checksum; then a checksum of those.
 _HEADER = struct.Struct("<8sIIQ32sQQ")
 _HEADER_CHECK = struct.Struct("<Q")
+# A block's token record, at _RECORD_AT of the header page (optional: absent where the magic is not):
+# magic, flags (_HAS_*), token count, extra key bytes, cache salt bytes, parent digest (zero without);
+# then the tokens (u32), the extra key, the salt, and a checksum of the page up to there (binding the
+# record to the header's digest and generation). A slot without one loads as before; a bad one drops it.
+_RECORD_AT = 128
+_RECORD_MAGIC = b"SGKVTOK1"
+_RECORD = struct.Struct("<8sIIII32s")
+_HAS_PARENT, _HAS_EXTRA, _HAS_SALT = 1, 2, 4
 _META_FILE = "tier.json"
 _SLOTS_FILE = "slots.bin"
 
@@ -152,6 +166,21 @@ class HostTier:
 # --- disk tier ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _BlockMeta:
+    """What a stored event says about a block besides its digest (kept while any tier holds it)."""
+
+    tokens: npt.NDArray[np.int64]
+    parent: bytes | None
+    extra_key: bytes | None
+    cache_salt: bytes | None
+
+
+def _key_bytes(key: bytes | str | None) -> bytes | None:
+    """An extra key or salt as a stored event of the device trie carries it (a str as its UTF-8 bytes)."""
+    return key.encode("utf-8") if isinstance(key, str) else key
+
+
 @dataclass
 class _DiskSlot:
     slot: int
@@ -168,12 +197,18 @@ class DiskTier:
     matches the recorded checksum; duplicates of a digest keep the newest generation. A directory
     holding another block size or checksum raises :class:`~sagellm_kv_cache.errors.KVMetadataMismatchError`.
 
+    A slot may also carry its block's token record (tokens, parent digest, extra key, cache salt: what a
+    KV event of the block says), written with ``write(..., meta=)`` in the header page when it fits there.
+    On open a record is checked (its sizes, and a checksum binding it to the slot's header): a bad one
+    drops its slot; with ``keep_records`` the good ones are kept in ``records`` (digest -> record).
+
     The owner does the locking of the index and the slot allocator; reads and writes of distinct
     slots may run concurrently (positional I/O, thread-local header buffers).
     """
 
     def __init__(self, directory: str | os.PathLike[str], num_blocks: int, block_nbytes: int, *,
-                 direct_io: bool = True, fsync: bool = False, verify_on_open: bool = True) -> None:
+                 direct_io: bool = True, fsync: bool = False, verify_on_open: bool = True,
+                 keep_records: bool = False) -> None:
         self.num_blocks = positive_int("disk_blocks", num_blocks, maximum=INT32_MAX)
         self.block_nbytes = positive_int("block_nbytes", block_nbytes, maximum=_MAX_BLOCK_NBYTES)
         self.payload_stride = _round_up(self.block_nbytes, _PAGE)
@@ -218,12 +253,12 @@ class DiskTier:
             # The description is read or written only under the lock: two processes creating the
             # directory at once would otherwise both find none, and the loser's could stand last.
             self._check_meta()
-            self._open_slots(path, direct_io, verify_on_open)
+            self._open_slots(path, direct_io, verify_on_open, keep_records)
         except BaseException:
             self.close()
             raise
 
-    def _open_slots(self, path: Path, direct_io: bool, verify_on_open: bool) -> None:
+    def _open_slots(self, path: Path, direct_io: bool, verify_on_open: bool, keep_records: bool) -> None:
         old_size = os.fstat(self._fd).st_size
         want = self.num_blocks * self.slot_nbytes
         if old_size < want:
@@ -243,7 +278,8 @@ class DiskTier:
         self.index: OrderedDict[bytes, _DiskSlot] = OrderedDict()
         self.generation = 0
         self.dropped_on_open = 0
-        self._rebuild(written_slots, verify_on_open)
+        self.records: dict[bytes, _BlockMeta] = {}
+        self._rebuild(written_slots, verify_on_open, keep_records)
 
     # --- metadata ------------------------------------------------------------------------------
 
@@ -325,6 +361,50 @@ class DiskTier:
             return None
         return bytes(digest), int(generation), int(checksum)
 
+    def _encode_record(self, hdr: npt.NDArray[np.uint8], meta: _BlockMeta | None) -> None:
+        """Writes ``meta`` as the header page's token record, or marks the page as holding none (no
+        metadata, or more than the page holds: the block is then stored without its tokens)."""
+        hdr[_RECORD_AT: _RECORD_AT + len(_RECORD_MAGIC)] = 0  # a reused buffer's old record is not this block's
+        if meta is None:
+            return
+        extra, salt = meta.extra_key or b"", meta.cache_salt or b""
+        tokens = meta.tokens.astype("<u4").tobytes()  # token ids are checked to be u32 on insert and match
+        end = _RECORD_AT + _RECORD.size + len(tokens) + len(extra) + len(salt)
+        if end + _HEADER_CHECK.size > _PAGE:
+            return
+        flags = ((_HAS_PARENT if meta.parent is not None else 0) | (_HAS_EXTRA if meta.extra_key is not None else 0)
+                 | (_HAS_SALT if meta.cache_salt is not None else 0))
+        hdr[_HEADER.size + _HEADER_CHECK.size: _RECORD_AT] = 0  # covered by the record's checksum
+        body = _RECORD.pack(_RECORD_MAGIC, flags, len(meta.tokens), len(extra), len(salt), meta.parent or bytes(32))
+        hdr[_RECORD_AT: end] = np.frombuffer(body + tokens + extra + salt, dtype=np.uint8)
+        hdr[end: end + _HEADER_CHECK.size] = np.frombuffer(_HEADER_CHECK.pack(_core.block_checksum(hdr[:end])),
+                                                           dtype=np.uint8)
+
+    def _decode_record(self, hdr: npt.NDArray[np.uint8]) -> _BlockMeta | None:
+        """The header page's token record; None without one; ValueError for one that is not intact
+        (a size out of the page, unknown flags, bytes set that its flags say are absent, a bad checksum)."""
+        page = hdr.tobytes()  # one copy; the fields are read from it
+        if page[_RECORD_AT: _RECORD_AT + len(_RECORD_MAGIC)] != _RECORD_MAGIC:
+            return None
+        _, flags, n_tokens, n_extra, n_salt, parent = _RECORD.unpack_from(page, _RECORD_AT)
+        at = _RECORD_AT + _RECORD.size
+        end = at + 4 * n_tokens + n_extra + n_salt
+        if end + _HEADER_CHECK.size > _PAGE:
+            raise ValueError(f"token record of {n_tokens} tokens, {n_extra} + {n_salt} key bytes overruns its page")
+        if flags & ~(_HAS_PARENT | _HAS_EXTRA | _HAS_SALT):
+            raise ValueError(f"token record flags {flags:#x} unknown")
+        if (not flags & _HAS_PARENT and any(parent)) or (not flags & _HAS_EXTRA and n_extra) or (
+                not flags & _HAS_SALT and n_salt):
+            raise ValueError("token record holds bytes its flags say are absent")
+        (check,) = _HEADER_CHECK.unpack_from(page, end)
+        if check != _core.block_checksum(hdr[:end]):
+            raise ValueError("token record checksum mismatch")
+        tokens = np.frombuffer(page, dtype="<u4", count=n_tokens, offset=at).astype(np.int64)
+        at += 4 * n_tokens
+        extra, salt = page[at: at + n_extra], page[at + n_extra: end]
+        return _BlockMeta(tokens, parent if flags & _HAS_PARENT else None,
+                          extra if flags & _HAS_EXTRA else None, salt if flags & _HAS_SALT else None)
+
     def _split(self, buf: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.uint8]]:
         """The I/O vector of a slot for ``buf``: ``buf`` alone when it holds a whole slot (payload
         stride + header page: one contiguous request), else ``buf`` and a header buffer."""
@@ -349,9 +429,11 @@ class DiskTier:
             raise TypeError(f"{what} must be a 1-D C-contiguous uint8 array, got {got}")
         return slot
 
-    def write(self, slot: int, digest: bytes, buf: npt.NDArray[np.uint8], generation: int) -> None:
+    def write(self, slot: int, digest: bytes, buf: npt.NDArray[np.uint8], generation: int,
+              meta: _BlockMeta | None = None) -> None:
         """Writes one slot from ``buf`` (its first ``block_nbytes`` are the block; a whole-slot
-        buffer also carries the header page, which this fills in)."""
+        buffer also carries the header page, which this fills in), with the block's token record
+        ``meta`` where given and it fits the header page."""
         slot = self._slot_args(slot, digest, buf, "buf")
         generation = integer("generation", generation)
         if not 0 <= generation < 2**64:
@@ -359,6 +441,7 @@ class DiskTier:
         iov = self._split(buf)
         checksum = _core.block_checksum(buf[: self.block_nbytes])
         self._encode_header(iov[-1][-_PAGE:], digest, generation, checksum)
+        self._encode_record(iov[-1][-_PAGE:], meta)
         # One positional write of payload + header: a crash may land any part of it, which the
         # header and payload checksums catch on the next read or reopen.
         self._io(iov, slot * self.slot_nbytes, write=True, sync=self.fsync)
@@ -418,8 +501,9 @@ class DiskTier:
 
     # --- index ---------------------------------------------------------------------------------
 
-    def _rebuild(self, written_slots: int, verify: bool) -> None:
+    def _rebuild(self, written_slots: int, verify: bool, keep_records: bool) -> None:
         found: dict[bytes, _DiskSlot] = {}
+        records: dict[bytes, _BlockMeta | None] = {}
         bounce = self.bounce_buffer()
         hdr = self._header_buffer()
         for slot in range(written_slots):
@@ -433,6 +517,10 @@ class DiskTier:
                 assert decoded is not None
                 self._pread(bounce[: self.payload_stride], off)
                 ok = decoded[2] == _core.block_checksum(bounce[: self.block_nbytes])
+            try:
+                record = self._decode_record(hdr) if ok else None
+            except ValueError:
+                ok = False  # a slot whose record is not intact is not trusted either
             if not ok or decoded is None:
                 self.dropped_on_open += 1
                 continue
@@ -440,6 +528,7 @@ class DiskTier:
             old = found.get(digest)
             if old is None or generation > old.generation:
                 found[digest] = _DiskSlot(slot, generation)
+                records[digest] = record
             self.generation = max(self.generation, generation)
         taken = {s.slot for s in found.values()}
         # Claim the slots in use from the fresh allocator: take all, give back the free ones.
@@ -450,6 +539,9 @@ class DiskTier:
                 self.slots.free(free)
         for digest, entry in sorted(found.items(), key=lambda kv: kv[1].generation):
             self.index[digest] = entry
+            record = records[digest]
+            if keep_records and record is not None:
+                self.records[digest] = record
 
     def next_generation(self) -> int:
         self.generation += 1
@@ -494,21 +586,6 @@ class TierMatch:
 
 
 _PATHS = ("device_to_host", "host_to_device", "host_to_disk", "disk_to_device", "device_to_disk")
-
-
-@dataclass(frozen=True, slots=True)
-class _BlockMeta:
-    """What a stored event says about a block besides its digest (kept while any tier holds it)."""
-
-    tokens: npt.NDArray[np.int64]
-    parent: bytes | None
-    extra_key: bytes | None
-    cache_salt: bytes | None
-
-
-def _key_bytes(key: bytes | str | None) -> bytes | None:
-    """An extra key or salt as a stored event of the device trie carries it (a str as its UTF-8 bytes)."""
-    return key.encode("utf-8") if isinstance(key, str) else key
 
 
 def _block_tokens(token_ids: Any, num_blocks: int, block_size: int) -> npt.NDArray[np.int64]:
@@ -605,13 +682,38 @@ class TieredPrefixCache:
         self._claims: tuple[dict[bytes, int], ...] = ({}, {}, {})
         self.host = HostTier(host_blocks, self.block_nbytes, pool.device) if host_blocks else None
         self.disk = (DiskTier(disk_dir, disk_blocks, self.block_nbytes, direct_io=direct_io, fsync=fsync,
-                              verify_on_open=verify_on_open)
+                              verify_on_open=verify_on_open, keep_records=self._events)
                      if disk_blocks and disk_dir is not None else None)
+        if self.disk is not None and self._events:
+            self._adopt_disk_records(self.disk)
         self._lock = threading.RLock()
         self._pending: dict[bytes, Future[None]] = {}
         self._stats = _Stats()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-tiers") if background else None
         self._closed = False
+
+    def _adopt_disk_records(self, disk: DiskTier) -> None:
+        """Makes the blocks a reopened disk tier holds token records of known (their tokens hash to their
+        digests): the first drain announces them under DISK, parents first, and a match promotes them
+        without ``token_ids``. A record of another block size or hash is left unused."""
+        records, disk.records = disk.records, {}
+        order: list[bytes] = []
+        seen: set[bytes] = set()
+        for key in records:
+            chain: list[bytes] = []
+            at: bytes | None = key
+            while at is not None and at in records and at not in seen:
+                seen.add(at)
+                chain.append(at)
+                at = records[at].parent
+            order.extend(reversed(chain))
+        for key in order:
+            meta = records[key]
+            if len(meta.tokens) != self.block_size or self.hash_tokens(
+                    meta.tokens, parent=meta.parent, salt=meta.cache_salt, extra=meta.extra_key)[0].tobytes() != key:
+                continue
+            self._meta[key] = meta
+            self._changed[TIER_DISK][key] = None
 
     # --- hashing and the request protocol ----------------------------------------------------
 
@@ -641,27 +743,45 @@ class TieredPrefixCache:
             if not np.array_equal(hashed, digests):
                 raise ValueError("token_ids (with extra_key and cache_salt) do not hash to digests")
         n0, ids0 = self.device.match(digests)
-        tiers = [TIER_DEVICE] * n0
-        run: list[tuple[bytes, int, int]] = []  # (digest, tier, slot) claimed from a lower tier
-        for i in range(n0, len(digests)):
-            digest = digests[i].tobytes()
-            claimed = self._claim(digest)
-            if claimed is None:
-                break
-            if self._events and not self._known(digest, i, digests, tokens, extra_key, cache_salt):
-                self._unclaim([(digest, *claimed)])
-                break
-            run.append((digest, *claimed))
-        promoted = self._promote(digests, n0, run) if run else np.empty(0, np.int32)
-        tiers.extend(t for _, t, _ in run[: len(promoted)])
-        with self._lock:
-            s = self._stats
-            s.lookups += 1
-            s.queried_blocks += len(digests)
-            for t in tiers:
-                s.hits[t] += 1
-        ids = np.concatenate([ids0[:n0], promoted]).astype(np.int32, copy=False)
+        held = n0  # digests[:held] hold a use on the device: given back if this lookup fails (a close() meanwhile)
+        try:
+            run = self._claim_run(digests, n0, tokens, extra_key, cache_salt)
+            promoted = self._promote(digests, n0, run) if run else np.empty(0, np.int32)
+            held += len(promoted)
+            tiers = [TIER_DEVICE] * n0 + [t for _, t, _ in run[: len(promoted)]]
+            with self._lock:
+                s = self._stats
+                s.lookups += 1
+                s.queried_blocks += len(digests)
+                for t in tiers:
+                    s.hits[t] += 1
+            ids = np.concatenate([ids0[:n0], promoted]).astype(np.int32, copy=False)
+        except BaseException:
+            if held:
+                self.device.release(digests[:held])
+            raise
         return TierMatch(len(ids), ids, np.asarray(tiers, dtype=np.int8))
+
+    def _claim_run(self, digests: npt.NDArray[np.uint8], n0: int, tokens: npt.NDArray[np.int64] | None,
+                   extra_key: bytes | None, cache_salt: bytes | None) -> list[tuple[bytes, int, int]]:
+        """Claims the lower-tier blocks that continue the device prefix ``digests[:n0]``, up to the first
+        miss (with events: or the first whose stored event cannot be written): (digest, tier, slot) each.
+        On a failure none stays claimed."""
+        run: list[tuple[bytes, int, int]] = []
+        try:
+            for i in range(n0, len(digests)):
+                digest = digests[i].tobytes()
+                claimed = self._claim(digest)
+                if claimed is None:
+                    break
+                run.append((digest, *claimed))
+                if self._events and not self._known(digest, i, digests, tokens, extra_key, cache_salt):
+                    self._unclaim([run.pop()])
+                    break
+        except BaseException:
+            self._unclaim(run)
+            raise
+        return run
 
     def release(self, digests: Any) -> None:
         """Drops the uses ``match`` took; device blocks beyond ``device_blocks`` are then demoted."""
@@ -829,15 +949,17 @@ class TieredPrefixCache:
     def _demote_chunk_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
         host = self.host
         assert host is not None
-        slots = self._host_slots(len(keys))
+        slots, spill_error = self._host_slots(len(keys))
         past = len(keys) - len(slots)
         # The newest go into the slots there are first: an error past the host tier (a failing disk)
         # then costs only the blocks bound there, not these slots.
         if len(slots):
             self._copy_to_host(keys[past:], ids[past:], slots)
             settled.extend(keys[past:])
-        if past:  # every host slot is claimed (a promotion in flight): the oldest go past the host tier
+        if past:  # every host slot is claimed, or a spill failed: the oldest go past the host tier
             self._demote_past_host(keys[:past], ids[:past], settled)
+        if spill_error is not None:  # the demotion's future reports the disk's error
+            raise spill_error
 
     def _copy_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], slots: npt.NDArray[np.int32]) -> None:
         """Copies device blocks into the host slots taken for them and publishes them there."""
@@ -871,9 +993,10 @@ class TieredPrefixCache:
             self._stats.dropped[TIER_DEVICE] += len(keys)
         settled.extend(keys)
 
-    def _host_slots(self, n: int) -> npt.NDArray[np.int32]:
+    def _host_slots(self, n: int) -> tuple[npt.NDArray[np.int32], Exception | None]:
         """Up to n free host slots, demoting the host tier's oldest blocks to disk (or dropping them)
-        first; fewer when the other slots are all claimed by promotions in flight (nothing to demote)."""
+        first; fewer when the other slots are all claimed by promotions in flight (nothing to demote)
+        or a spill to disk failed (then with its error: the victims it did not write stay cached)."""
         host = self.host
         assert host is not None
         out: list[int] = []
@@ -886,48 +1009,65 @@ class TieredPrefixCache:
                 if not host.index:
                     break
                 victims = [host.index.popitem(last=False) for _ in range(min(n - len(out), len(host.index)))]
-                written: list[bytes] = []
                 spill: Future[None] = Future()
                 for key, _ in victims:  # in flight to disk: a lookup waits for it
                     self._pending.setdefault(key, spill)
-                    if self._events:
-                        self._touch(TIER_HOST, key)
+                    if self._events:  # held in the CPU view until it leaves: one that stays is never removed
+                        self._add_claim(TIER_HOST, key)
+            gone: list[bytes] = []
+            error: BaseException | None = None
             try:
-                out.extend(self._spill_host(victims, written))
-            except BaseException:
-                # The victims left the index and the bytes of those not written did not land on disk:
-                # they are dropped, and all their slots (and those taken for this call) go back, or the
-                # tier would shrink.
-                with self._lock:
-                    self._stats.dropped[TIER_HOST] += len(victims) - len(written)
-                    host.slots.free(np.asarray([slot for _, slot in victims] + out, dtype=np.int32))
-                raise
-            finally:
-                with self._lock:
-                    for key, _ in victims:
-                        if self._pending.get(key) is spill:
-                            del self._pending[key]
-                        if self._events:
-                            self._forget_if_gone(key)
-                spill.set_result(None)
-        return np.asarray(out, dtype=np.int32)
+                self._spill_host(victims, gone)
+            except BaseException as exc:
+                error = exc
+            with self._lock:  # the victims not written (bytes intact in their slots) stay cached
+                out.extend(slot for _, slot in victims[: len(gone)])
+                self._keep_host_victims(victims[len(gone):])
+                for key, _ in victims:
+                    if self._pending.get(key) is spill:
+                        del self._pending[key]
+                    if self._events:
+                        self._drop_claim(TIER_HOST, key)
+                        self._touch(TIER_HOST, key)
+                if out and error is not None and not isinstance(error, Exception):  # interrupted: none used
+                    host.slots.free(np.asarray(out, dtype=np.int32))
+            spill.set_result(None)
+            if isinstance(error, Exception):
+                return np.asarray(out, dtype=np.int32), error
+            if error is not None:
+                raise error
+        return np.asarray(out, dtype=np.int32), None
 
-    def _spill_host(self, victims: list[tuple[bytes, int]], written: list[bytes]) -> list[int]:
-        """Moves host victims (already out of the index) to disk, noting each in ``written`` once it
-        landed there; returns their slots, now reusable."""
+    def _keep_host_victims(self, victims: list[tuple[bytes, int]]) -> None:
+        """Puts spill victims whose bytes are still in their host slots back at the oldest end of the
+        index, in order (a digest stored into the host tier again meanwhile keeps that copy: same bytes).
+        The caller holds the lock."""
+        host = self.host
+        assert host is not None
+        for key, slot in reversed(victims):
+            if key in host.index:
+                host.slots.free(np.array([slot], np.int32))
+            else:
+                host.index[key] = slot
+                host.index.move_to_end(key, last=False)
+
+    def _spill_host(self, victims: list[tuple[bytes, int]], gone: list[bytes]) -> None:
+        """Moves host victims (already out of the index) to disk in order, noting each in ``gone`` once
+        it landed there (or, without a disk tier, as dropped): its slot is then reusable. Stops at the
+        first write that fails."""
         host = self.host
         assert host is not None
         if self.disk is None:
             with self._lock:
                 self._stats.dropped[TIER_HOST] += len(victims)
-            return [slot for _, slot in victims]
+            gone.extend(key for key, _ in victims)
+            return
         t0 = time.perf_counter()
         for key, slot in victims:
             self._write_disk(key, host.view[slot])
-            written.append(key)
+            gone.append(key)
         with self._lock:
             self._account("host_to_disk", len(victims), time.perf_counter() - t0)
-        return [slot for _, slot in victims]
 
     def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32],
                                     settled: list[bytes]) -> None:
@@ -943,27 +1083,27 @@ class TieredPrefixCache:
             self._account("device_to_disk", len(keys), time.perf_counter() - t0)
 
     def _write_disk(self, key: bytes, payload: npt.NDArray[np.uint8]) -> None:
-        """Writes one block to a disk slot and publishes it; evicts the disk tier's oldest when full."""
+        """Writes one block to a disk slot and publishes it; evicts the disk tier's oldest when full.
+        When the write fails, the block whose slot it took (the oldest, or an older copy of ``key``)
+        stays cached if its bytes are still intact there (read back and checked)."""
         disk = self.disk
         assert disk is not None
         with self._lock:
-            old = disk.index.pop(key, None)
-            if old is not None:
-                slot = old.slot  # same digest, same bytes: rewrite in place
-            elif disk.slots.num_available:
-                slot = int(disk.slots.allocate(1)[0])
-            else:
-                victim_key, victim = disk.index.popitem(last=False)
-                slot = victim.slot
-                self._stats.dropped[TIER_DISK] += 1
-                self._touch(TIER_DISK, victim_key)
+            displaced = self._displace_for(key)
+            slot = displaced[1].slot if displaced is not None else int(disk.slots.allocate(1)[0])
             generation = disk.next_generation()
+            meta = self._meta.get(key)  # with events: the slot carries the block's tokens for a reopen
         try:
-            disk.write(slot, key, payload, generation)
+            disk.write(slot, key, payload, generation, meta)
         except BaseException:
+            intact = displaced is not None and self._disk_slot_holds(slot, displaced[0])
             with self._lock:
-                disk.slots.free(np.array([slot], np.int32))
-                self._touch(TIER_DISK, key)  # a copy it held before (rewritten in place) is gone too
+                if displaced is not None and intact:
+                    self._keep_displaced(displaced, oldest=displaced[0] != key)
+                else:
+                    disk.slots.free(np.array([slot], np.int32))
+                self._settle_displaced(displaced, key, dropped=not intact)
+                self._touch(TIER_DISK, key)
             raise
         with self._lock:
             # Written to another slot meanwhile (an inline demotion of the same digest in another
@@ -972,8 +1112,60 @@ class TieredPrefixCache:
             if other is not None and other.slot != slot:
                 disk.slots.free(np.array([other.slot], np.int32))
             disk.index[key] = _DiskSlot(slot, generation)
+            self._settle_displaced(displaced, key, dropped=True)
             self._touch(TIER_DISK, key)
             self._stats.demoted_to_disk += 1
+
+    def _displace_for(self, key: bytes) -> tuple[bytes, _DiskSlot] | None:
+        """The index entry whose slot a write of ``key`` takes, out of the index: an older copy of
+        ``key`` (same bytes: rewritten in place) or, on a full tier, the oldest block; None when a slot
+        is free (the caller takes it). Held in the DISK view until its bytes are overwritten. Under the lock."""
+        disk = self.disk
+        assert disk is not None
+        old = disk.index.pop(key, None)
+        if old is not None:
+            displaced = (key, old)
+        elif disk.slots.num_available:
+            return None
+        else:
+            displaced = disk.index.popitem(last=False)
+        if self._events:
+            self._add_claim(TIER_DISK, displaced[0])
+        return displaced
+
+    def _disk_slot_holds(self, slot: int, key: bytes) -> bool:
+        """Whether a disk slot a write failed on still holds ``key`` intact (the write was refused
+        before any byte landed). Reads into a buffer of its own: the write's may be this thread's bounce."""
+        disk = self.disk
+        assert disk is not None
+        buf = _core.HostSlab(1, disk.slot_nbytes).view()[0]
+        try:
+            return disk.read(slot, key, buf)
+        except OSError:
+            return False
+
+    def _keep_displaced(self, displaced: tuple[bytes, _DiskSlot], *, oldest: bool) -> None:
+        """Puts a displaced entry whose bytes are intact back (a copy stored meanwhile is kept instead:
+        same bytes). Under the lock."""
+        disk = self.disk
+        assert disk is not None
+        key, entry = displaced
+        if key in disk.index:
+            disk.slots.free(np.array([entry.slot], np.int32))
+            return
+        disk.index[key] = entry
+        if oldest:
+            disk.index.move_to_end(key, last=False)
+
+    def _settle_displaced(self, displaced: tuple[bytes, _DiskSlot] | None, key: bytes, *, dropped: bool) -> None:
+        """Ends the hold ``_displace_for`` took; a displaced other block that is gone counts as dropped."""
+        if displaced is None:
+            return
+        if dropped and displaced[0] != key:
+            self._stats.dropped[TIER_DISK] += 1
+        if self._events:
+            self._drop_claim(TIER_DISK, displaced[0])
+            self._touch(TIER_DISK, displaced[0])
 
     # --- promotion -----------------------------------------------------------------------------
 
@@ -1061,13 +1253,18 @@ class TieredPrefixCache:
                 self._free_lower([run[i] for i in sorted(bad)])
                 self._unclaim([r for i, r in enumerate(run) if i not in bad])  # not promoted: they stay
                 raise
-            # Promoted (and corrupt) lower copies are released; the rest of the run goes back.
-            self._free_lower([r for i, r in enumerate(run) if i < good or i in bad])
-            self._unclaim([r for i, r in enumerate(run) if i >= good and i not in bad])
-        if good:
-            # A concurrent request may have cached some of these meanwhile: serve the cached blocks.
-            _, cached = self.device.peek(digests[: n0 + good])
-            out = np.asarray(cached[n0: n0 + good], dtype=np.int32)
+            try:
+                # Promoted (and corrupt) lower copies are released; the rest of the run goes back.
+                self._free_lower([r for i, r in enumerate(run) if i < good or i in bad])
+                self._unclaim([r for i, r in enumerate(run) if i >= good and i not in bad])
+                if good:
+                    # A concurrent request may have cached some of these meanwhile: serve the cached blocks.
+                    _, cached = self.device.peek(digests[: n0 + good])
+                    out = np.asarray(cached[n0: n0 + good], dtype=np.int32)
+            except BaseException:
+                if good:  # the insert acquired them for this lookup, which fails
+                    self.device.release(digests[n0: n0 + good])
+                raise
         return out
 
     def _insert_promoted(self, digests: npt.NDArray[np.uint8], n0: int, good: int, ids: npt.NDArray[np.int32]) -> None:

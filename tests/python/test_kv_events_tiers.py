@@ -9,7 +9,9 @@ driven with the same kind of scenario in ``test_kv_events_routers.py``.
 
 from __future__ import annotations
 
+import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from sagellm_kv_cache.observability.events import DigestSetTracker, KVEventSubsc
 from sagellm_kv_cache.observability.kv_wire import decode_batch, encode_batch
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 from sagellm_kv_cache.tiers import TIER_MEDIA, TieredPrefixCache
-from tier_requests import serve
+from tier_requests import serve, writes_fail_past
 
 SPEC = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype="fp16", block_size=4)
 BS = SPEC.block_size
@@ -246,14 +248,16 @@ def test_insert_needs_token_ids_with_events_on(tmp_path: Path) -> None:
 
 
 def test_blocks_a_reopened_disk_holds_are_promoted_once_a_match_names_their_tokens(tmp_path: Path) -> None:
+    # Written with events off (or by an older version): the slots carry no token records.
     tokens = np.arange(3 * BS, dtype=np.int64)
-    with tiered(tmp_path, background=False, device=1) as tc:
+    with tiered(tmp_path, background=False, device=1, queue=0) as tc:
         digests = serve(tc, tokens, b"tenant-a", None)
         serve(tc, np.arange(500, 500 + 6 * BS, dtype=np.int64), None, None)  # the first three go to disk
         tc.flush()
         assert [tc.location(d) for d in digests] == ["disk"] * 3
     router = Router()
     with tiered(tmp_path, background=False) as tc:  # a new process: the disk index, no tokens
+        assert tc.disk is not None and len(tc.disk) == 3 and tc.disk.dropped_on_open == 0
         assert tc.drain_events() == []
         m = tc.match(digests)
         assert m.num_matched == 0 and [tc.location(d) for d in digests] == ["disk"] * 3
@@ -348,7 +352,8 @@ def test_a_str_extra_key_and_salt_reach_every_medium_as_the_bytes_the_device_rep
         assert m.num_matched == 2
         tc.release(digests)
         tc.demote(2)
-        stored = [e for e in tc.drain_events() if e["type"] == "stored"]
+        mine = {d.tobytes() for d in digests}  # (the disk's other blocks are announced under DISK too)
+        stored = [e for e in tc.drain_events() if e["type"] == "stored" and mine & set(e["digests"])]
         assert {e["medium"] for e in stored} == {"GPU", "CPU"}
         assert {(e["extra_key"], e["cache_salt"]) for e in stored} == {(b"adapter-1", "tenant-é".encode())}
 
@@ -356,9 +361,10 @@ def test_a_str_extra_key_and_salt_reach_every_medium_as_the_bytes_the_device_rep
 def test_blocks_a_reopened_disk_holds_are_announced_there_once_an_insert_names_their_tokens(tmp_path: Path) -> None:
     """A request that does not name its tokens to match misses the reopened disk's blocks, computes them
     and inserts them with their tokens: from then on the disk's copies can be announced, and are (the
-    router's DISK view left them out for as long as the disk held them)."""
+    router's DISK view left them out for as long as the disk held them). Written with events off: the
+    slots carry no token records."""
     tokens = np.arange(3 * BS, dtype=np.int64)
-    with tiered(tmp_path, background=False, device=1) as tc:
+    with tiered(tmp_path, background=False, device=1, queue=0) as tc:
         digests = serve(tc, tokens, None, None)
         serve(tc, np.arange(500, 500 + 6 * BS, dtype=np.int64), None, None)  # the first three go to disk
         tc.flush()
@@ -371,6 +377,114 @@ def test_blocks_a_reopened_disk_holds_are_announced_there_once_an_insert_names_t
         truth = contents(tc, universe)
         assert truth["DISK"] == {wire_block_id(d) for d in digests} == truth["GPU"]
         assert router.view() == truth
+
+
+def _to_disk(tmp_path: Path) -> tuple[dict[bytes, tuple[Any, ...]], list[list[bytes]]]:
+    """Serves one 2-block request per key pair and pushes them to disk (events on); returns what the
+    lower tiers' stored events said of each block, and each request's digests."""
+    said: dict[bytes, tuple[Any, ...]] = {}
+    with tiered(tmp_path, background=False, device=1) as tc:
+        requests = [serve(tc, np.arange(i * 1000, i * 1000 + 2 * BS, dtype=np.int64), *keys)
+                    for i, keys in enumerate(KEYS)]
+        serve(tc, np.arange(500, 500 + 6 * BS, dtype=np.int64), None, None)  # the first requests go to disk
+        tc.flush()
+        for e in tc.drain_events():
+            if e["type"] == "stored" and e["medium"] != "GPU":
+                said[e["digests"][0]] = (list(e["token_ids"]), e["parent"], e["extra_key"], e["cache_salt"])
+        assert tc.disk is not None and all(d in tc.disk.index for r in requests for d in r)
+    return said, requests
+
+
+def test_a_reopened_disk_tier_announces_its_blocks_with_their_tokens_at_the_first_drain(tmp_path: Path) -> None:
+    """Each disk slot carries its block's token record: a new process's first drain announces every block
+    the disk holds under DISK, parents first, as the writer announced it (tokens, parent, extra key,
+    salt), and a match promotes them without naming their tokens (both waited for a request to name them)."""
+    said, requests = _to_disk(tmp_path)
+    router = Router()
+    with tiered(tmp_path, background=False) as tc:
+        assert tc.disk is not None and tc.disk.dropped_on_open == 0
+        events = router.drain(tc)
+        assert {e["medium"] for e in events} == {"DISK"} and {e["type"] for e in events} == {"stored"}
+        order = [e["digests"][0] for e in events]
+        assert sorted(order) == sorted(tc.disk.index)
+        for e in events:
+            assert (list(e["token_ids"]), e["parent"], e["extra_key"], e["cache_salt"]) == said[e["digests"][0]]
+            assert e["parent"] not in tc.disk.index or order.index(e["parent"]) < order.index(e["digests"][0])
+        assert router.view() == contents(tc, set())
+        for digests in requests:
+            m = tc.match(digests)
+            assert m.num_matched == 2 and m.tiers.tolist() == [2, 2]
+            tc.release(digests)
+        router.drain(tc)
+        assert router.view() == contents(tc, {d for r in requests for d in r})
+
+
+def test_a_corrupt_token_record_drops_its_block_on_reopen(tmp_path: Path) -> None:
+    """A token record that is not intact (a flipped token byte: its checksum; a token count past its page:
+    its size; unknown flags) drops its block when the disk tier is reopened; the other blocks load and are
+    announced, nothing raises."""
+    from sagellm_kv_cache import tiers
+
+    _, requests = _to_disk(tmp_path)
+    victims = [requests[0][1], requests[1][1], requests[2][1]]
+    with tiered(tmp_path, background=False, queue=0) as tc:
+        assert tc.disk is not None
+        on_disk = set(tc.disk.index)
+        stride, header_at = tc.disk.slot_nbytes, tc.disk.payload_stride
+        offsets = [tc.disk.index[d].slot * stride + header_at + tiers._RECORD_AT for d in victims]
+    with open(tmp_path / "slots.bin", "r+b") as f:
+        for at, (field, value) in zip(offsets, [(tiers._RECORD.size, None), (12, 2**31), (8, 0x80)], strict=True):
+            f.seek(at + field)
+            if value is None:  # flip the first token byte
+                old = f.read(1)
+                f.seek(at + field)
+                f.write(bytes([old[0] ^ 0x01]))
+            else:
+                f.write(value.to_bytes(4, "little"))
+    router = Router()
+    with tiered(tmp_path, background=False) as tc:
+        assert tc.disk is not None and tc.disk.dropped_on_open == 3
+        assert set(tc.disk.index) == on_disk - set(victims)
+        router.drain(tc)
+        assert router.view() == contents(tc, set())
+        assert router.view()["DISK"] == {wire_block_id(d) for d in on_disk - set(victims)}
+
+
+def test_a_failed_spill_announces_no_removal_of_the_host_blocks_that_stay(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A demotion into a full host tier spills its two oldest blocks to a disk that takes the first
+    write and fails the second (a real EFBIG past RLIMIT_FSIZE). The second never left its host slot:
+    no drain, during the spill (its writes held there) or after it, says the host lost it (the victims
+    were announced removed from "CPU" at the spill's start, the second for good)."""
+    router, universe = Router(), set[bytes]()
+    with tiered(tmp_path, background=True) as tc:
+        assert tc.host is not None and tc.disk is not None
+        for i in range(11):  # one block each: 6 on the device, 5 on the host (full)
+            universe.update(serve(tc, np.arange(i * 100, i * 100 + BS, dtype=np.int64), None, None))
+        tc.flush()
+        router.drain(tc)
+        first, second = list(tc.host.index)[:2]
+        in_write, go_on, real_pwritev = threading.Event(), threading.Event(), os.pwritev
+
+        def held_pwritev(fd: int, buffers: Any, offset: int) -> int:
+            in_write.set()
+            assert go_on.wait(10)
+            return real_pwritev(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "pwritev", held_pwritev)
+        with writes_fail_past(tc.disk.slot_nbytes):
+            demotion = tc.demote(2)  # copied by the background thread, whose first write is held
+            assert in_write.wait(10)
+            events = router.drain(tc)  # mid-spill
+            go_on.set()
+            failed = [f.exception(timeout=10) for f in demotion]
+        assert [type(e) for e in failed] == [OSError]
+        events += router.drain(tc)
+        removed_from_host = {d for e in events if e["type"] == "removed" and e["medium"] == "CPU" for d in e["digests"]}
+        assert (tc.location(first), tc.location(second)) == ("disk", "host")
+        assert removed_from_host == {first}
+        assert router.view() == contents(tc, universe)
+        assert tc.stats()["dropped"]["host"] == 0
 
 
 DISK_ERRORS_SCRIPT = """

@@ -21,6 +21,7 @@ from sagellm_kv_cache.errors import KVInvalidBlockError, KVMemoryExhaustedError,
 from sagellm_kv_cache.offload import OffloadStorage
 from sagellm_kv_cache.paged import KVCacheSpec, PagedKVPool
 from sagellm_kv_cache.tiers import TIER_DEVICE, TIER_DISK, TIER_HOST, DiskTier, HostTier, TieredPrefixCache
+from tier_requests import writes_fail_past
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="fp16", block_size=4)
 
@@ -577,24 +578,31 @@ def test_a_failing_disk_drops_blocks_but_keeps_the_host_tier_whole(tmp_path: Pat
     with TieredPrefixCache(pool, device_blocks=3, host_blocks=3, disk_dir=tmp_path, disk_blocks=8,
                            background=background) as tc:
         on_disk = fill(tc, prompt(0))
-        fill(tc, prompt(1))
+        on_host = fill(tc, prompt(1))
         fill(tc, prompt(2))  # prompt 0: device -> host -> disk
         tc.flush()
         assert tc.location(on_disk[0].tobytes()) == "disk"
         assert tc.disk is not None and tc.host is not None
         tc.disk.close()  # the disk fails under the cache: every slot read and write is refused
-        for i in range(3, 7):  # host spills to disk fail: their victims drop, the device keeps working
+        for i in range(3, 7):  # host spills to disk fail: the device's victims drop, the device keeps working
             fill(tc, prompt(i))  # was: RuntimeError "host tier has no free slot" once the slots leaked
         tc.flush()
         failed = [f.exception() for f in tc.demote(3)]  # spills the host tier again: the error is reported
         assert failed and all(isinstance(e, OSError) for e in failed)
-        assert tc.stats()["dropped"]["host"] >= 6
+        s = tc.stats()
+        # The spills' victims never left their host slots: they stay cached (were dropped, 6 or more).
+        assert s["dropped"]["host"] == 0 and s["dropped"]["device"] >= 12
+        assert [tc.location(d.tobytes()) for d in on_host] == ["host"] * 3
         host = tc.host
         assert host.slots.num_available + len(host.index) == host.num_blocks  # no slot lost
         used = pool.num_used_blocks
         m = tc.match(on_disk)  # an unreadable slot is a miss, as a torn one; nothing leaks
         assert m.num_matched == 0 and pool.num_used_blocks == used
         assert tc.stats()["corrupt_reads"] >= 1 and tc.location(on_disk[0].tobytes()) is None
+        m = tc.match(on_host)
+        assert m.num_matched == 3 and m.tiers.tolist() == [TIER_HOST] * 3
+        assert_holds(pool, m.block_ids, on_host)
+        tc.release(on_host)
 
 
 def test_a_closed_tiered_cache_refuses_work_and_never_hangs(tmp_path: Path) -> None:
@@ -848,30 +856,147 @@ def test_a_lookup_waiting_for_a_demotion_that_fails_still_finds_another_copy(tmp
         tc.release(d)
 
 
-def test_blocks_a_failing_disk_costs_are_counted_where_they_fell_off(tmp_path: Path) -> None:
-    # A real write error: past RLIMIT_FSIZE a write fails with EFBIG (SIGXFSZ ignored). The disk tier takes
-    # its first slot only. Two device blocks are demoted into a full host tier: its two oldest blocks are
-    # spilled, the first lands on disk, the second's write fails. The demotion fails with it, so the two
-    # device blocks land nowhere: dropped from the device (was 0), and one host block dropped (was 2).
-    resource = pytest.importorskip("resource")
+def test_a_failed_host_spill_keeps_the_victims_it_did_not_write(tmp_path: Path) -> None:
+    # A real write error: past RLIMIT_FSIZE a write fails with EFBIG. The disk tier takes its first slot
+    # only. Two device blocks are demoted into a full host tier: its two oldest blocks are spilled, the
+    # first lands on disk, the second's write fails. That block's bytes are still in its host slot: it
+    # stays cached there (was dropped, and its slot and the first's went back unused). The slot the
+    # first left takes the newest device block; the other goes past the host tier, to the failing disk,
+    # and is dropped from the device. The demotion reports the error.
     pool = PagedKVPool(SPEC, 8)
     with TieredPrefixCache(pool, device_blocks=8, host_blocks=2, disk_dir=tmp_path, disk_blocks=4,
                            background=False) as tc:
         spilled = fill(tc, prompt(0, blocks=2))
         tc.demote(2)
         demoted = fill(tc, prompt(1, blocks=2))
-        assert tc.disk is not None and [tc.location(d.tobytes()) for d in spilled] == ["host", "host"]
-        old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ,
-                                                                                             signal.SIG_IGN)
-        try:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (tc.disk.slot_nbytes, old_limit[1]))
+        assert tc.disk is not None and tc.host is not None
+        first, second = tc.host.index  # oldest first: the spill's order
+        assert {first, second} == {d.tobytes() for d in spilled}
+        with writes_fail_past(tc.disk.slot_nbytes):
             failed = [f.exception() for f in tc.demote(2)]
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-            signal.signal(signal.SIGXFSZ, old_handler)
         assert [type(e) for e in failed] == [OSError]
-        where = [tc.location(d.tobytes()) for d in [*spilled, *demoted]]
-        assert where.count("disk") == 1 and where.count(None) == 3
+        assert (tc.location(first), tc.location(second)) == ("disk", "host")
+        assert sorted(map(str, [tc.location(d.tobytes()) for d in demoted])) == ["None", "host"]
         s = tc.stats()
-        assert s["demoted_to_disk"] == 1 and s["dropped"] == {"device": 2, "host": 1, "disk": 0}
+        assert s["demoted_to_disk"] == 1 and s["demoted_to_host"] == 3
+        assert s["dropped"] == {"device": 1, "host": 0, "disk": 0}
         assert _slots_accounted(tc.host) and _slots_accounted(tc.disk)
+        assert next(iter(tc.host.index)) == second  # still the host tier's oldest
+        m = tc.match(spilled)  # both served, byte-exact: one from disk, the one that stayed from the host
+        assert m.num_matched == 2
+        assert m.tiers.tolist() == [TIER_DISK if d.tobytes() == first else TIER_HOST for d in spilled]
+        assert_holds(pool, m.block_ids, spilled)
+        tc.release(spilled)
+
+
+def test_a_failed_disk_write_keeps_the_block_whose_slot_it_took_while_its_bytes_are_intact(tmp_path: Path) -> None:
+    # A write into a full disk tier takes its oldest block's slot (or, for a digest the disk holds, that
+    # copy's). A real write error refused before any byte landed (EFBIG: nothing past byte 0) leaves that
+    # block's bytes whole: it stays cached (was dropped). A write torn inside the slot (a short write past
+    # the slot's first page) overwrote them: then the block is dropped, never served.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, disk_dir=tmp_path, disk_blocks=2, background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        old = [fill(tc, prompt(i, blocks=1))[0].tobytes() for i in range(2)]
+        tc.demote(1)
+        tc.demote(1)
+        assert list(disk.index) == old
+        fill(tc, prompt(2, blocks=1))
+        with writes_fail_past(0):
+            assert [type(f.exception()) for f in tc.demote(1)] == [OSError]
+        assert list(disk.index) == old  # the oldest kept its slot and its place
+        assert tc.stats()["dropped"] == {"device": 1, "host": 0, "disk": 0}
+        ids = tc.allocate(1)
+        pool.scatter(content(old[1], pool.block_nbytes), ids)
+        tc.insert([old[1]], ids)  # computed again without a lookup: on the device and on disk
+        pool.free(ids)
+        assert tc.location(old[1]) == "device" and old[1] in disk.index
+        with writes_fail_past(0):  # a rewrite in place of the same digest: the copy there stays
+            assert [type(f.exception()) for f in tc.demote(1)] == [OSError]
+        assert list(disk.index) == old and tc.stats()["dropped"]["disk"] == 0
+        fill(tc, prompt(3, blocks=1))
+        with writes_fail_past(disk.index[old[0]].slot * disk.slot_nbytes + 4096):
+            assert [type(f.exception()) for f in tc.demote(1)] == [OSError]
+        assert list(disk.index) == old[1:]  # torn: dropped
+        assert tc.stats()["dropped"] == {"device": 3, "host": 0, "disk": 1}
+        assert _slots_accounted(disk)
+        assert tc.match([old[0]]).num_matched == 0
+        m = tc.match([old[1]])  # the kept copy is served, byte-exact
+        assert m.num_matched == 1 and m.tiers.tolist() == [TIER_DISK]
+        assert_holds(pool, m.block_ids, np.frombuffer(old[1], np.uint8).reshape(1, 32))
+        tc.release([old[1]])
+        assert tc.stats()["corrupt_reads"] == 0
+
+
+def _until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def test_a_lookup_that_a_close_fails_gives_back_the_device_blocks_it_acquired(tmp_path: Path) -> None:
+    # The lookup acquires the device prefix, then waits for the rest, in flight to the host (the copies
+    # are held back). close() runs meanwhile; once the copy lands the promotion finds the cache closed
+    # and the lookup raises. The device block it acquired stayed in use for good (never evictable).
+    pool = PagedKVPool(SPEC, 8)
+    tc = TieredPrefixCache(pool, device_blocks=4, host_blocks=4)
+    digests = fill(tc, prompt(0, blocks=2))
+    gate = threading.Event()
+    assert tc._executor is not None
+    tc._executor.submit(gate.wait)
+    tc.demote(1)  # the leaf: in flight to the host behind the gate
+    assert tc.location(digests[0].tobytes()) == "device"
+    errors: list[BaseException] = []
+
+    def lookup() -> None:
+        try:
+            tc.match(digests)
+        except BaseException as exc:
+            errors.append(exc)
+
+    looker = threading.Thread(target=lookup)
+    looker.start()
+    _until(lambda: tc.device.stats()["in_use_blocks"] == 1, "the lookup acquired the device prefix")
+    closer = threading.Thread(target=tc.close)
+    closer.start()
+    _until(lambda: tc._closed, "close() began")
+    gate.set()
+    looker.join(timeout=10)
+    closer.join(timeout=10)
+    assert not looker.is_alive() and not closer.is_alive()
+    assert [str(e) for e in errors] == ["TieredPrefixCache is closed"]
+    assert tc.device.stats()["in_use_blocks"] == 0
+    assert tc.device.evict(1) == 1  # unreferenced again: evictable
+    assert tc.location(digests[1].tobytes()) == "host"  # the claimed copy went back to its tier
+
+
+def test_disk_slots_keep_token_records_that_fit_their_header_page(tmp_path: Path) -> None:
+    # A record is read back as written (an empty extra key is not an absent one); one too large for the
+    # header page is left out (its block loads without it), and a buffer reused for a block without a
+    # record does not carry the previous block's record into its slot.
+    from sagellm_kv_cache.tiers import _BlockMeta
+
+    pool = PagedKVPool(SPEC, 4)
+    keys = [bytes([i]) * 32 for i in range(3)]
+    fits = _BlockMeta(np.array([0, 7, 2**32 - 1, 5], np.int64), keys[1], b"", None)
+    too_large = _BlockMeta(np.arange(4, dtype=np.int64), None, b"x" * 4096, b"salt")  # the page is 4 KiB
+    disk = DiskTier(tmp_path, 4, pool.block_nbytes)
+    buf = disk.bounce_buffer()
+    disk.write(0, keys[0], buf, 1, fits)
+    disk.write(1, keys[1], buf, 2, too_large)
+    disk.write(2, keys[2], buf, 3)  # the buffer's header page held keys[1]'s attempt, keys[0]'s record
+    disk.close()
+    reopened = DiskTier(tmp_path, 4, pool.block_nbytes, keep_records=True)
+    try:
+        assert set(reopened.index) == set(keys) and reopened.dropped_on_open == 0
+        assert list(reopened.records) == [keys[0]]
+        got = reopened.records[keys[0]]
+        assert got.tokens.tolist() == fits.tokens.tolist() and got.tokens.dtype == np.int64
+        assert (got.parent, got.extra_key, got.cache_salt) == (keys[1], b"", None)
+    finally:
+        reopened.close()
+    without = DiskTier(tmp_path, 4, pool.block_nbytes)  # records are checked, not kept
+    assert without.records == {} and len(without) == 3
+    without.close()
