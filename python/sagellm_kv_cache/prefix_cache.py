@@ -372,6 +372,12 @@ class PrefixCache:
     def compute_block_hash(self, tokens: Sequence[int], block_size: int | None = None) -> BlockHash:
         """Key of one full block: SHA-256 of its token ids as 4-byte big-endian unsigned integers."""
         size = self.block_size if block_size is None else block_size
+        if (tokens.__class__ is list or tokens.__class__ is tuple) and tokens:
+            # compute_block_hashes' reader, so that both take and refuse the same items (a bool, a
+            # numpy scalar: TypeError naming its position).
+            if len(tokens) != size:
+                raise ValueError(f"Token count {len(tokens)} doesn't match block_size {size}")
+            return _core.sha256_chunks(tokens, 4 * len(tokens))[0]
         arr = self._tokens(tokens)
         if len(arr) != size:
             raise ValueError(f"Token count {len(arr)} doesn't match block_size {size}")

@@ -324,7 +324,7 @@ def test_seed_block_keys_read_every_kind_of_int_anywhere_in_a_long_list() -> Non
         pass
 
     cache = PrefixCache(block_size=16)
-    odd = [0, 1, 2**30 - 1, 2**30, 2**31, 2**32 - 1, True, Token(5), -0]  # one digit, two digits, bool, subclass
+    odd = [0, 1, 2**30 - 1, 2**30, 2**31, 2**32 - 1, Token(5), -0]  # one digit, two digits, subclass
     rng = np.random.default_rng(3)
     for at in (0, 63, 64, 65, 200, 255):  # the main loop (64 ahead prefetched) and its tail
         tokens = rng.integers(0, 50_000, size=256).tolist()
@@ -334,10 +334,35 @@ def test_seed_block_keys_read_every_kind_of_int_anywhere_in_a_long_list() -> Non
         for bad, error, match in ((-1, ValueError, f"token id -1 at position {at} "),
                                   (2**64, ValueError, f"token id {2**64} at position {at} "),
                                   (-(2**40), ValueError, f"at position {at} "),
-                                  (1.0, TypeError, rf"\[{at}\] must be an int, got float")):
+                                  (1.0, TypeError, rf"\[{at}\] must be an int, got float"),
+                                  (True, TypeError, rf"\[{at}\] must be an int, got bool True")):
             tokens[at] = bad
             with pytest.raises(error, match=match):
                 cache.compute_block_hashes(tokens)
+
+
+def test_seed_block_keys_refuse_bools_and_numpy_scalars_in_lists_on_every_path() -> None:
+    # The original package (isagellm-kv-cache 0.5.4.15) packed each item with int.to_bytes: it hashed
+    # True as token 1 (a bool is an int) and failed on a numpy scalar with AttributeError. Here a
+    # bool is no token id on any path, as every other token reader of this package has it (an array
+    # of bools, hash_tokens); a numpy scalar inside a list is refused as the original refused it,
+    # while a numpy array of ints is read. Both are TypeErrors naming the position, no key is made.
+    cache = PrefixCache(block_size=4)
+    for tokens, at, got in (([True, 2, 3, 4], 0, "bool True"), ((1, 2, 3, False), 3, "bool False"),
+                            ([1, np.int64(2), 3, 4], 1, "int64"), ([1, 2, np.True_, 4], 2, "bool")):
+        for compute in (cache.compute_block_hash, cache.compute_block_hashes):
+            with pytest.raises(TypeError, match=rf"\[{at}\] must be an int, got {got}"):
+                compute(tokens)
+    for compute in (cache.compute_block_hash, cache.compute_block_hashes):
+        with pytest.raises(TypeError, match="got bool"):
+            compute(np.array([True, True, False, True]))
+    with pytest.raises(TypeError, match="got bool at position 1"):
+        RadixPrefixCache(block_size=4).hash_tokens([1, True, 3, 4])
+    ints = [1, 2, 3, 4]
+    expected = hashlib.sha256(struct.pack(">4I", *ints)).digest()
+    assert cache.compute_block_hash(ints) == cache.compute_block_hash(tuple(ints)) == expected
+    assert cache.compute_block_hash(np.array(ints, dtype=np.int32)) == cache.compute_block_hashes(ints)[0] == expected
+    assert cache.get_stats()["insert_count"] == 0 and len(cache) == 0
 
 
 def _sha256_compress(block: bytes, state: bytes | None = None) -> bytes:
