@@ -189,8 +189,14 @@ inline bool put_small_u32(PyObject* item, std::uint8_t* d) noexcept {
 }
 
 // The general case of one token id: any int in [0, 2**32), stored 4-byte big-endian; TypeError /
-// ValueError name the bad item and its position.
+// ValueError name the bad item and its position. A bool is an int subclass but no token id (True
+// would be read as token 1): refused, as the package's other token readers refuse it. Only items
+// that are not exact ints come here, so the check costs the common case nothing.
 void put_u32(PyObject* item, Py_ssize_t i, std::uint8_t* d, const char* what) {
+  if (PyBool_Check(item)) {
+    throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be an int, got bool " +
+                         (item == Py_True ? "True" : "False"));
+  }
   if (!PyLong_Check(item)) {
     throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] must be an int, got " + type_name(item));
   }
@@ -671,7 +677,7 @@ void bind_prefix(py::module_& m) {
         },
         py::arg("data"), py::arg("chunk_bytes"), py::arg("drop_partial") = false,
         "SHA-256 of each chunk_bytes-byte chunk of a bytes-like object, or of a list/tuple of ints in "
-        "[0, 2**32) packed as 4-byte big-endian: a list of 32-byte bytes. drop_partial: a trailing partial "
+        "[0, 2**32) (not bools) packed as 4-byte big-endian: a list of 32-byte bytes. drop_partial: a trailing partial "
         "chunk is skipped (its token ids are not read) instead of refused.");
 
   m.def("sha256_chain", [](const py::handle& keys) {

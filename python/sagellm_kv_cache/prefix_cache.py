@@ -338,7 +338,7 @@ class PrefixCache:
         capacity = max_cached_blocks if max_cached_blocks is not None and max_cached_blocks <= _MAX_ID else None
         self._trie = _core.PrefixCache(block_size=block_size, capacity_blocks=capacity,
                                        policy="lru" if self.enable_lru else "fifo", allocator=self._ids)
-        # Reentrant, so that this thread's nested call (see _acquire) never waits for itself; _busy
+        # Reentrant, so that this thread's nested call (see _refuse_nested) never waits for itself; _busy
         # marks a call in progress (read and written by the lock's holder only).
         self._lock = threading.RLock()
         self._busy = False
@@ -372,6 +372,12 @@ class PrefixCache:
     def compute_block_hash(self, tokens: Sequence[int], block_size: int | None = None) -> BlockHash:
         """Key of one full block: SHA-256 of its token ids as 4-byte big-endian unsigned integers."""
         size = self.block_size if block_size is None else block_size
+        if (tokens.__class__ is list or tokens.__class__ is tuple) and tokens:
+            # compute_block_hashes' reader, so that both take and refuse the same items (a bool, a
+            # numpy scalar: TypeError naming its position).
+            if len(tokens) != size:
+                raise ValueError(f"Token count {len(tokens)} doesn't match block_size {size}")
+            return _core.sha256_chunks(tokens, 4 * len(tokens))[0]
         arr = self._tokens(tokens)
         if len(arr) != size:
             raise ValueError(f"Token count {len(arr)} doesn't match block_size {size}")
@@ -412,47 +418,44 @@ class PrefixCache:
     def lookup(self, block_hashes: Sequence[BlockHash]) -> tuple[list[dict], int]:
         """Longest cached prefix: (its block dicts, number of tokens they cover)."""
         if not block_hashes:
-            self._acquire()
-            try:
-                self._empty_lookups += 1
-            finally:
-                self._release()
+            with self._lock:  # see _refuse_nested
+                if self._busy:
+                    self._refuse_nested()
+                self._busy = True
+                try:
+                    self._empty_lookups += 1
+                finally:
+                    self._busy = False
             return [], 0
         digests = self._chain(block_hashes)
-        lock = self._lock  # _acquire / _release inlined: lookup is the hot call
-        lock.acquire()
-        if self._busy:
-            self._refuse_nested()
-        self._busy = True
-        try:
-            n, blocks = self._trie.probe(digests, self._blocks)
-            self._last_match = (digests, n, self._generation)
-        finally:
-            self._busy = False
-            lock.release()
+        with self._lock:  # see _refuse_nested
+            if self._busy:
+                self._refuse_nested()
+            self._busy = True
+            try:
+                n, blocks = self._trie.probe(digests, self._blocks)
+                self._last_match = (digests, n, self._generation)
+            finally:
+                self._busy = False
         return blocks, n * self.block_size
 
     def _refuse_nested(self) -> None:
         """This thread holds the lock and a call is in progress on it: the caller is nested inside
-        that call (a finaliser, a signal handler, a handle_id's ``__eq__``). Undoes its acquire and
-        refuses, rather than waiting for itself."""
-        self._lock.release()
+        that call (a finaliser, a signal handler, a handle_id's ``__eq__``). Refuses, rather than
+        waiting for itself; the caller's ``with`` undoes its acquire.
+
+        Every call takes the lock as ``with self._lock:``, then ``if self._busy: refuse``, then
+        ``self._busy = True`` and a ``try`` whose ``finally`` clears it, written out in each method.
+        Nothing between the acquire and the ``try`` checks for pending signals (``BEFORE_WITH`` does
+        not, and neither do the attribute loads and stores), so a KeyboardInterrupt from a signal
+        handler is raised before the acquire or inside the ``try``, never with the lock held and no
+        ``finally`` to release it: ``lock.acquire()`` followed by ``try`` would leave it held when
+        the interrupt lands at the end of the acquire call, as would an ``_acquire()`` helper method.
+        A nested call that lands between the acquire and ``_busy = True`` (a finaliser run by the
+        store) runs whole: the outer call has not started."""
         raise RuntimeError("PrefixCache was called again on a thread inside one of its calls (by a finaliser, "
                            "a signal handler or a handle_id's __eq__ run during that call); call it once that "
                            "call returns")
-
-    def _acquire(self) -> None:
-        # Another thread's call: wait for it. This thread's: the RLock is taken at once and the nested
-        # call refused. A nested call that lands between the acquire and `_busy = True` (or between
-        # `_busy = False` and the release) runs whole: the outer call has not started (or has finished).
-        self._lock.acquire()
-        if self._busy:
-            self._refuse_nested()
-        self._busy = True
-
-    def _release(self) -> None:
-        self._busy = False
-        self._lock.release()
 
     def insert(self, block_hashes: Sequence[BlockHash], blocks: Sequence[dict]) -> None:
         """Caches ``blocks`` under the chained ``block_hashes`` (same length; a chain from the root)."""
@@ -466,26 +469,24 @@ class PrefixCache:
             raise ValueError(f"blocks yielded {len(objects)} items but has length {len(block_hashes)}")
         digests = self._chain(block_hashes)
         dropped: list[Any] = []  # objects the table lets go of: released after the lock (see the class doc)
-        lock = self._lock  # _acquire / _release inlined: insert is a hot call
-        lock.acquire()
-        if self._busy:
-            self._refuse_nested()
-        self._busy = True
-        try:
-            # The leading blocks already cached keep their dicts; only the rest get ids and entries.
-            last = self._last_match
-            if last is not None and last[0] is digests and last[2] == self._generation:
-                start = last[1]
-            else:
-                start, _ = self._trie.peek(digests)
-            if start < len(objects):
-                self._insert_locked(digests, start, objects, dropped)
-            elif len(objects) != len(digests) >> 5:  # emptied since the check above (a finaliser, a thread)
-                raise ValueError(f"blocks changed length during insert: {len(objects)} items for "
-                                 f"{len(digests) >> 5} block hashes")
-        finally:
-            self._busy = False
-            lock.release()
+        with self._lock:  # see _refuse_nested
+            if self._busy:
+                self._refuse_nested()
+            self._busy = True
+            try:
+                # The leading blocks already cached keep their dicts; only the rest get ids and entries.
+                last = self._last_match
+                if last is not None and last[0] is digests and last[2] == self._generation:
+                    start = last[1]
+                else:
+                    start, _ = self._trie.peek(digests)
+                if start < len(objects):
+                    self._insert_locked(digests, start, objects, dropped)
+                elif len(objects) != len(digests) >> 5:  # emptied since the check above (a finaliser, a thread)
+                    raise ValueError(f"blocks changed length during insert: {len(objects)} items for "
+                                     f"{len(digests) >> 5} block hashes")
+            finally:
+                self._busy = False
 
     def _insert_locked(self, digests: bytes, start: int, blocks: list[Any], dropped: list[Any]) -> None:
         self._generation += 1
@@ -616,42 +617,51 @@ class PrefixCache:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
             raise ValueError(f"num_blocks must be a non-negative int, got {num_blocks!r}")
         dropped: list[Any] = []
-        self._acquire()
-        try:
-            evicted = int(self._trie.evict(min(num_blocks, _MAX_ID)))  # the trie holds fewer than that
-            self._generation += 1
-            self._forget_evicted(dropped)
-        finally:
-            self._release()
+        with self._lock:  # see _refuse_nested
+            if self._busy:
+                self._refuse_nested()
+            self._busy = True
+            try:
+                evicted = int(self._trie.evict(min(num_blocks, _MAX_ID)))  # the trie holds fewer than that
+                self._generation += 1
+                self._forget_evicted(dropped)
+            finally:
+                self._busy = False
         return evicted
 
     def invalidate(self, handle_id: uuid.UUID) -> int:
         """Removes every cached block inserted with this ``handle_id``; returns how many."""
         dropped: list[Any] = []
-        self._acquire()
-        try:
-            owner = self._owners.get(handle_id)
-            if owner is None:
-                return 0
-            removed = int(self._trie.invalidate(owner))
-            self._generation += 1
-            self._forget_evicted(dropped)
-        finally:
-            self._release()
+        with self._lock:  # see _refuse_nested
+            if self._busy:
+                self._refuse_nested()
+            self._busy = True
+            try:
+                owner = self._owners.get(handle_id)
+                if owner is None:
+                    return 0
+                removed = int(self._trie.invalidate(owner))
+                self._generation += 1
+                self._forget_evicted(dropped)
+            finally:
+                self._busy = False
         return removed
 
     def clear(self) -> None:
-        self._acquire()
-        try:
-            self._trie.clear()
-            self._generation += 1
-            dropped = (self._blocks, self._owners)  # let go of after the lock (see the class doc)
-            self._blocks = []
-            self._free_ids.clear()
-            self._next_id = 0  # no id is referenced any more
-            self._owners = {}
-        finally:
-            self._release()
+        with self._lock:  # see _refuse_nested
+            if self._busy:
+                self._refuse_nested()
+            self._busy = True
+            try:
+                self._trie.clear()
+                self._generation += 1
+                dropped = (self._blocks, self._owners)  # let go of after the lock (see the class doc)
+                self._blocks = []
+                self._free_ids.clear()
+                self._next_id = 0  # no id is referenced any more
+                self._owners = {}
+            finally:
+                self._busy = False
         del dropped
 
     # --- stats ------------------------------------------------------------------------------

@@ -30,8 +30,10 @@ namespace {
 
 thread_local long t_fail_countdown = -1;  // -1: off; 0: the next allocation of this thread fails
 thread_local bool t_failed = false;       // an allocation was failed on purpose
+thread_local long t_allocations = 0;      // allocations this thread asked for
 
 void* counted_malloc(std::size_t n) {
+  ++t_allocations;
   if (t_fail_countdown >= 0 && t_fail_countdown-- == 0) {
     t_failed = true;
     throw std::bad_alloc();
@@ -728,6 +730,57 @@ TEST(RequestManagerAllocFailure, AdmitReusingFinishedRecordsCarriesNothingOver) 
     ASSERT_EQ(w.cache->stats().in_use_blocks, 0u) << where;
     ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", finished"));
   });
+}
+
+// An admit refused because the pool is short right now (not because it could never fit) has taken
+// finished requests' records for its requests by then: it gives them back, so the admits after it
+// reuse them and allocate no record (map node, vectors) anew. Before, the refused admit dropped
+// them and the next admit allocated fresh ones. Single-request admits: a batch's duplicate check
+// allocates. A salted request's refused record carries nothing over into the plain one reusing it.
+TEST(RequestManagerAllocFailure, RefusedAdmitGivesBackTheRecordsItTook) {
+  World w(16);
+  std::uint32_t cached = 0;
+  const auto admit_one = [&](RequestId id, const std::vector<std::int32_t>& tokens, const BlockHashKey& key = {}) {
+    const AdmitRequest r{id, tokens, key};
+    return w.manager->admit(std::span<const AdmitRequest>(&r, 1), std::span<std::uint32_t>(&cached, 1));
+  };
+  const auto prompt = seq(100, 3 * kBs + 1);  // 3 full blocks, published at its first admit
+  ASSERT_TRUE(admit_one(1, seq(0, 10 * kBs)).ok());  // runs throughout: 10 of the 16 blocks
+  ASSERT_TRUE(admit_one(2, prompt).ok());            // 4 blocks
+  ASSERT_TRUE(admit_one(5, prompt).ok());  // shares the 3 cached ones (none evictable), 1 of its own
+  const RequestId two = 2;
+  w.manager->finish(std::span<const RequestId>(&two, 1));  // one finished record to reuse
+  (void)w.cache->drain_events();
+  for (int round = 0; round < 4; ++round) {
+    const std::string where = "round " + std::to_string(round);
+    // 7 new blocks: more than the 2 free ones (nothing to evict), fewer than the pool holds.
+    const BatchStatus refused = admit_one(3, seq(1000, 7 * kBs), {"tenant", "lora"});
+    ASSERT_EQ(refused.code, ErrorCode::kPoolFull) << where;
+    ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", refused"));
+    (void)w.cache->drain_events();  // from round 1 on, it evicted the block request 4 published before
+    const long before = t_allocations;
+    ASSERT_TRUE(admit_one(4, prompt).ok()) << where;  // 3 blocks matched, a partial one: no publish
+    EXPECT_EQ(t_allocations - before, 0) << where;
+    EXPECT_EQ(cached, 3 * kBs) << where;
+    EXPECT_EQ(w.manager->num_tokens(4), prompt.size()) << where;
+    EXPECT_TRUE(w.cache->drain_events().empty()) << where;
+    // Its 4th block fills: published under the plain chain, not the refused request's salt and key.
+    const RequestId four = 4;
+    const auto more = seq(9000, kBs - 1);
+    const std::vector<std::size_t> offsets{0, more.size()};
+    std::uint32_t new_blocks = 0;
+    ASSERT_TRUE(w.manager->append(std::span<const RequestId>(&four, 1), more, offsets,
+                                  std::span<std::uint32_t>(&new_blocks, 1)).ok()) << where;
+    auto filled = prompt;
+    filled.insert(filled.end(), more.begin(), more.end());
+    std::vector<BlockHash> plain(4);
+    (void)hash_blocks(HashAlgorithm::kSha256, filled, kBs, kRootBlockHash, {}, plain);
+    const auto info = w.cache->lookup(plain[3]);
+    ASSERT_TRUE(info.has_value()) << where;
+    EXPECT_EQ(info->users, 1u) << where;
+    w.manager->finish(std::span<const RequestId>(&four, 1));
+    ASSERT_NO_FATAL_FAILURE(w.check_accounting(where + ", finished"));
+  }
 }
 
 enum class EndOp { kFinish, kAbort, kPreempt };

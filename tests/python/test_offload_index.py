@@ -238,3 +238,66 @@ def test_prepare_load_pins_only_when_it_answers() -> None:
         return True
 
     fail_each_allocation(attempt, min_failures=1)
+
+
+def test_keys_that_are_no_chain_cannot_break_the_trie() -> None:
+    # The trie inserts with trusted_chain (its checks skipped), yet an engine's keys are not checked
+    # to be a hash chain. They never reach the trie: its digests name slots (slot_digest), and the
+    # promise rests on slot states the index checks itself. Here the keys are anything but a chain:
+    # the same keys under different prefixes and in different orders, a key equal to the trie's name
+    # of a slot or to its root digest, empty and long keys, `prev` naming a key of the same call, a
+    # pending key, an unknown one; completions in any order with repeats and strangers, failures,
+    # loads and touches. After every call the trie and the key maps agree with a model (key ->
+    # slot, served under that key whatever came before it), and pinned keys are never evicted.
+    rng = np.random.default_rng(11)
+    pool = [k(i) for i in range(7)] + [_core.OffloadIndex.slot_digest(s) for s in range(3)] + [
+        bytes(32), b"", b"x" * 100]
+    idx = _core.OffloadIndex(6)
+    resident: dict[bytes, int] = {}
+    pending: dict[bytes, int] = {}
+    pins: list[list[bytes]] = []
+
+    def pick(n: int) -> list[bytes]:
+        return [pool[i] for i in rng.integers(0, len(pool), size=n)]
+
+    for step in range(3000):
+        op = rng.integers(0, 5)
+        if op == 0:
+            keys = pick(int(rng.integers(1, 5)))
+            prev = rng.choice(np.array([None, *pool, keys[-1]], dtype=object))
+            fresh = [key for key in keys if key not in resident and key not in pending]
+            if len(set(fresh)) != len(fresh):
+                with pytest.raises(ValueError, match="duplicate"):
+                    idx.prepare_store(keys, prev)
+                continue
+            out = idx.prepare_store(keys, prev)
+            if out is None:
+                continue
+            to_store, slots, evicted = out
+            assert to_store == fresh, step
+            assert not set(evicted) & {key for pinned in pins for key in pinned}, step
+            assert not set(evicted) & set(keys), step
+            for key in evicted:
+                del resident[key]
+            pending.update(zip(to_store, slots.tolist(), strict=True))
+        elif op == 1:
+            keys = pick(int(rng.integers(1, 6)))
+            success = bool(rng.integers(0, 4))
+            done = idx.complete_store(keys, success)
+            named = [key for key in dict.fromkeys(keys) if key in pending]
+            assert sorted(done) == (sorted(named) if success else []), step
+            for key in named:
+                slot = pending.pop(key)
+                if success:
+                    resident[key] = slot
+        elif op == 2 and resident:
+            keys = [key for key in pick(4) if key in resident] or [next(iter(resident))]
+            assert idx.prepare_load(keys).tolist() == [resident[key] for key in keys], step
+            pins.append(keys)
+        elif op == 3 and pins:
+            idx.complete_load(pins.pop(int(rng.integers(0, len(pins)))))
+        else:
+            idx.touch(pick(3))
+        assert dict(idx.resident) == resident and dict(idx.pending) == pending, step
+        idx.check_invariants()
+    assert idx.stats()["evictions"] > 100  # the sequence did make the index evict

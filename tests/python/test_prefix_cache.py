@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dis
 import hashlib
+import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Sequence
@@ -321,7 +324,7 @@ def test_seed_block_keys_read_every_kind_of_int_anywhere_in_a_long_list() -> Non
         pass
 
     cache = PrefixCache(block_size=16)
-    odd = [0, 1, 2**30 - 1, 2**30, 2**31, 2**32 - 1, True, Token(5), -0]  # one digit, two digits, bool, subclass
+    odd = [0, 1, 2**30 - 1, 2**30, 2**31, 2**32 - 1, Token(5), -0]  # one digit, two digits, subclass
     rng = np.random.default_rng(3)
     for at in (0, 63, 64, 65, 200, 255):  # the main loop (64 ahead prefetched) and its tail
         tokens = rng.integers(0, 50_000, size=256).tolist()
@@ -331,10 +334,35 @@ def test_seed_block_keys_read_every_kind_of_int_anywhere_in_a_long_list() -> Non
         for bad, error, match in ((-1, ValueError, f"token id -1 at position {at} "),
                                   (2**64, ValueError, f"token id {2**64} at position {at} "),
                                   (-(2**40), ValueError, f"at position {at} "),
-                                  (1.0, TypeError, rf"\[{at}\] must be an int, got float")):
+                                  (1.0, TypeError, rf"\[{at}\] must be an int, got float"),
+                                  (True, TypeError, rf"\[{at}\] must be an int, got bool True")):
             tokens[at] = bad
             with pytest.raises(error, match=match):
                 cache.compute_block_hashes(tokens)
+
+
+def test_seed_block_keys_refuse_bools_and_numpy_scalars_in_lists_on_every_path() -> None:
+    # The original package (isagellm-kv-cache 0.5.4.15) packed each item with int.to_bytes: it hashed
+    # True as token 1 (a bool is an int) and failed on a numpy scalar with AttributeError. Here a
+    # bool is no token id on any path, as every other token reader of this package has it (an array
+    # of bools, hash_tokens); a numpy scalar inside a list is refused as the original refused it,
+    # while a numpy array of ints is read. Both are TypeErrors naming the position, no key is made.
+    cache = PrefixCache(block_size=4)
+    for tokens, at, got in (([True, 2, 3, 4], 0, "bool True"), ((1, 2, 3, False), 3, "bool False"),
+                            ([1, np.int64(2), 3, 4], 1, "int64"), ([1, 2, np.True_, 4], 2, "bool")):
+        for compute in (cache.compute_block_hash, cache.compute_block_hashes):
+            with pytest.raises(TypeError, match=rf"\[{at}\] must be an int, got {got}"):
+                compute(tokens)
+    for compute in (cache.compute_block_hash, cache.compute_block_hashes):
+        with pytest.raises(TypeError, match="got bool"):
+            compute(np.array([True, True, False, True]))
+    with pytest.raises(TypeError, match="got bool at position 1"):
+        RadixPrefixCache(block_size=4).hash_tokens([1, True, 3, 4])
+    ints = [1, 2, 3, 4]
+    expected = hashlib.sha256(struct.pack(">4I", *ints)).digest()
+    assert cache.compute_block_hash(ints) == cache.compute_block_hash(tuple(ints)) == expected
+    assert cache.compute_block_hash(np.array(ints, dtype=np.int32)) == cache.compute_block_hashes(ints)[0] == expected
+    assert cache.get_stats()["insert_count"] == 0 and len(cache) == 0
 
 
 def _sha256_compress(block: bytes, state: bytes | None = None) -> bytes:
@@ -988,6 +1016,93 @@ def test_seed_finalisers_may_use_the_cache_and_nested_calls_are_refused(capacity
         assert cache.lookup(first)[1] == 2  # the lock was let go
 
     _finishes(body)
+
+
+def _waiting_for_the_lock(frame: Any) -> bool:
+    """Whether `frame` (another thread's top frame) is inside a seed PrefixCache lock acquire: at a
+    ``with`` (BEFORE_WITH) or an ``acquire()`` call in the PrefixCache's module."""
+    if frame is None or frame.f_code.co_filename != PrefixCache.lookup.__code__.co_filename:
+        return False
+    method = ""
+    for ins in dis.get_instructions(frame.f_code):
+        if ins.opname == "LOAD_METHOD":
+            method = ins.argval
+        if ins.offset == frame.f_lasti:
+            return ins.opname == "BEFORE_WITH" or (ins.opname in ("PRECALL", "CALL") and method == "acquire")
+    return False
+
+
+SEED_LOCKED_CALLS: dict[str, Any] = {
+    "lookup": lambda cache, keys: cache.lookup(keys),
+    "lookup of nothing": lambda cache, keys: cache.lookup([]),
+    "insert": lambda cache, keys: cache.insert(keys, [{}, {}]),
+    "evict_by_count": lambda cache, keys: cache.evict_by_count(1),
+    "invalidate": lambda cache, keys: cache.invalidate(uuid.UUID(int=1)),
+    "clear": lambda cache, keys: cache.clear(),
+}
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
+@pytest.mark.parametrize("call", list(SEED_LOCKED_CALLS))
+def test_seed_keyboard_interrupt_right_after_the_lock_is_taken_leaves_it_free(call: str) -> None:
+    # A Ctrl-C lands where the interpreter next checks for signals. After lock.acquire() that is the
+    # end of the acquire call itself, before any `try:` that releases the lock: the lock stayed held
+    # and every other thread's next call waited forever. Here a real signal becomes pending at
+    # exactly that point: a helper thread holds the lock while this (the main) thread waits for it,
+    # lets it go while holding the GIL (this thread takes the lock, then waits for the GIL), sends
+    # SIGUSR1 to this thread, whose handler raises KeyboardInterrupt, and only then lets it run.
+    cache = PrefixCache(block_size=2)
+    keys = cache.compute_block_hashes([1, 2, 3, 4])
+    cache.insert(keys[:1], [{"handle_id": uuid.UUID(int=1)}])
+    main = threading.get_ident()
+    held = threading.Event()
+    landed: list[bool] = []  # per signal: whether it landed inside a call of the cache
+    helper_errors: list[BaseException] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        files = set()
+        while frame is not None:
+            files.add(frame.f_code.co_filename)
+            frame = frame.f_back
+        landed.append(PrefixCache.lookup.__code__.co_filename in files)
+        raise KeyboardInterrupt
+
+    def keep_the_gil(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:  # the switch interval is long: nothing takes the GIL from here
+            pass
+
+    def helper() -> None:
+        try:
+            with cache._lock:
+                held.set()
+                deadline = time.monotonic() + 20
+                while not _waiting_for_the_lock(sys._current_frames().get(main)):
+                    assert time.monotonic() < deadline, "the main thread never waited for the lock"
+                    time.sleep(0.001)
+            keep_the_gil(0.2)  # the main thread took the lock meanwhile and waits for the GIL
+            signal.pthread_kill(main, signal.SIGUSR1)  # its handler is pending, the GIL still held here
+            keep_the_gil(0.2)
+        except BaseException as exc:  # reported below
+            helper_errors.append(exc)
+
+    previous_handler = signal.signal(signal.SIGUSR1, interrupt)
+    previous_interval = sys.getswitchinterval()
+    thread = threading.Thread(target=helper, daemon=True)
+    try:
+        sys.setswitchinterval(10.0)
+        thread.start()
+        assert held.wait(20)
+        with pytest.raises(KeyboardInterrupt):
+            SEED_LOCKED_CALLS[call](cache, keys)
+    finally:
+        sys.setswitchinterval(previous_interval)
+        signal.signal(signal.SIGUSR1, previous_handler)
+        thread.join(20)
+    assert not helper_errors, helper_errors[0]
+    assert landed == [True]
+    _finishes(lambda: cache.lookup(keys), 5.0)  # another thread's call is not left waiting
+    assert cache.lookup(keys)[1] in (0, 2, 4)  # and this thread's call is not refused as nested
 
 
 def test_seed_huge_bounds_take_no_memory_up_front(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -265,6 +265,21 @@ struct RequestManager::Impl {
     });
   }
 
+  // Keeps a finished (or never admitted) request's record for the next admits while the reserved
+  // room lasts; beyond it the node is dropped.
+  void keep_spare(RequestMap::node_type node) noexcept {
+    if (spare.size() < spare.capacity()) {  // within the reserved room: no allocation
+      node.mapped().recycle(block_size);
+      spare.push_back(std::move(node));
+    }
+  }
+
+  // An admit that did not commit (refused, or thrown out of) gives the records it staged back to
+  // `spare`: the ones it took from there and fresh ones alike, so the next admits reuse them.
+  void unstage() noexcept {
+    while (!staged.empty()) keep_spare(staged.extract(staged.begin()));
+  }
+
   std::uint64_t end_requests(std::span<const RequestId> ids_in, std::uint64_t& counter) {
     const std::lock_guard lock(mutex);
     targets.clear();
@@ -278,11 +293,7 @@ struct RequestManager::Impl {
     for (std::size_t i = 0; i < ids_in.size(); ++i) {
       tokens += targets[i]->num_tokens;
       release(*targets[i]);
-      auto node = requests.extract(ids_in[i]);
-      if (spare.size() < spare.capacity()) {  // within the reserved room: no allocation
-        node.mapped().recycle(block_size);
-        spare.push_back(std::move(node));
-      }
+      keep_spare(requests.extract(ids_in[i]));
     }
     counter += ids_in.size();
     return tokens;
@@ -386,9 +397,12 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
   }
   s.ids.resize(total_blocks);
   // The requests are built here, in map nodes of their own (kept ones first: see `spare`); the
-  // commit moves the nodes over. Leftovers of an admit that was refused or threw are dropped.
+  // commit moves the nodes over. An admit refused or thrown out of from here on gives them back.
   RequestMap& staged = s.staged;
-  staged.clear();
+  struct Unstage {
+    Impl& s;
+    ~Unstage() { s.unstage(); }  // after the commit: nothing left to give back
+  } const unstage_on_exit{s};
   detail::grow_buckets_to(staged, n);
   for (std::size_t i = 0; i < n; ++i) {
     const AdmitRequest& in = requests[i];

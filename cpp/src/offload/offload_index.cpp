@@ -238,7 +238,17 @@ struct OffloadIndex::Impl {
     for (BlockId s : run) digests.push_back(slot_digest(s));
     InsertOptions io;
     if (parent != kNoSlot) io.parent = slot_digest(parent);
-    io.trusted_chain = true;  // fresh slot names on allocated, uncached slots
+    // Trusted, so the trie skips its checks (distinct digests, none cached, a chain continuing
+    // `parent`; distinct, allocated, uncached block ids). They hold by the index's own slot states,
+    // whatever keys an engine uses: the trie never sees those keys (vLLM's block hashes stay in the
+    // binding's key -> slot maps; a key equal to a slot digest is just another key there), only
+    // slot_digest(slot), one per slot. `run` is pending slots, checked in range, pending and
+    // unrepeated by check_pending: each allocated once (its reservation) and in no trie node (a
+    // slot leaves the trie when evicted, and is reserved only when free), so its name is uncached
+    // and no cached digest follows it. `parent` is resident, or was inserted earlier in this commit
+    // (plan_parents; parents-to-be are reserved first, and a reused one fails the generation
+    // check). tests/python/test_offload_index.py drives the binding with keys that are no chain.
+    io.trusted_chain = true;
     [[maybe_unused]] const InsertResult r = trie->insert(digests, run, io);
     assert(r.num_inserted == run.size());
   }
