@@ -15,7 +15,8 @@ block table and the chained digests of its full blocks:
 Token ids are taken as the caller holds them: lists or tuples of ints, ``array.array``, numpy
 arrays, torch CPU tensors; no intermediate numpy array is built. Request ids are ints in
 ``[0, 2**64)``. Block ids come back as ``np.int32`` arrays. Running blocks are never evicted; when
-the pool is short the manager evicts unused cached blocks before refusing. A refusal raises
+the pool is short the manager evicts unused cached blocks to make room, and evicts none when even
+all of them would not make enough (such a refusal leaves the cache as it was). A refusal raises
 :class:`~sagellm_kv_cache.errors.KVPoolFullError` (a ``MemoryError``) naming the request that did
 not fit, and changes no request. Bad input raises ``TypeError`` / ``ValueError`` (unknown request
 ids: :class:`~sagellm_kv_cache.errors.KVConfigInvalidError`, a ``ValueError``) and changes nothing.

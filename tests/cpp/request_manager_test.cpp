@@ -199,6 +199,48 @@ TEST(RequestManager, EvictsUnusedCachedBlocksToMakeRoom) {
   f.cache->check_invariants();
 }
 
+// Evicting cannot make room for these: the refusals leave the unused cached blocks cached (they used
+// to be evicted on the way to the refusal, so a scheduler retrying an admit that cannot fit emptied
+// the cache each time).
+TEST(RequestManager, ARefusalThatEvictingCannotAvertEvictsNothing) {
+  Fixture f(12);
+  ASSERT_EQ(f.admit(1, seq(0, 16)), 0);  // 4 blocks, cached unused once finished
+  f.finish(1);
+  ASSERT_EQ(f.admit(2, seq(500, 24)), 0);  // 6 blocks, held: 2 free, 4 evictable
+  const std::vector<BlockHash> kept = [] {
+    std::vector<BlockHash> d(4);
+    (void)hash_blocks(HashAlgorithm::kSha256, seq(0, 16), kBs, kRootBlockHash, {}, d);
+    return d;
+  }();
+  const auto all_kept = [&] {
+    for (const BlockHash& d : kept) {
+      if (!f.cache->contains(d)) return false;
+    }
+    return true;
+  };
+  ASSERT_EQ(f.admit(3, seq(900, 28)), -1);  // 7 blocks > 2 + 4
+  EXPECT_TRUE(all_kept());
+  // A batch: 3 blocks would fit (evicting 1), 3 + 4 do not; refused at the second, nothing evicted.
+  const auto b1 = seq(1000, 12), b2 = seq(2000, 16);
+  const AdmitRequest batch[2] = {{4, b1, {}}, {5, b2, {}}};
+  std::uint32_t cached[2];
+  const BatchStatus st = f.manager->admit(batch, cached);
+  EXPECT_EQ(st.code, ErrorCode::kPoolFull);
+  EXPECT_EQ(st.index, 1);
+  EXPECT_TRUE(all_kept());
+  // An append of 7 blocks' worth of tokens to request 2 (its last block is full: all 7 are new).
+  EXPECT_EQ(f.append({2}, {seq(3000, 28)}).code, ErrorCode::kPoolFull);
+  EXPECT_TRUE(all_kept());
+  EXPECT_EQ(f.manager->stats().evicted_for_room, 0u);
+  EXPECT_EQ(f.alloc.num_available(), 2u);
+  f.manager->check_invariants();
+  f.cache->check_invariants();
+  // What evicting can make room for still evicts: 6 blocks = 2 free + 4 evicted.
+  ASSERT_EQ(f.admit(6, seq(4000, 24)), 0);
+  EXPECT_EQ(f.manager->stats().evicted_for_room, 4u);
+  EXPECT_EQ(f.cache->stats().cached_blocks, 12u);
+}
+
 TEST(RequestManager, BoundedCachePublishesWhatFitsAndRetriesLater) {
   Fixture f(64, /*capacity=*/2);
   ASSERT_EQ(f.admit(1, seq(0, 12)), 0);

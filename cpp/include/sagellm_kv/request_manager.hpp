@@ -23,7 +23,7 @@
 //
 // Blocks a running request holds are never evicted: the request holds one use on each cached block
 // of its chain (matched or published by it). When the allocator is short, the manager evicts unused
-// cached blocks (the cache's policy order) to make room before refusing.
+// cached blocks (the cache's policy order) to make room, unless even all of them would not.
 //
 // Publishing is best effort: a block the cache cannot take (capacity full of blocks in use) stays
 // private to the request and later publishes of that request retry from the first unpublished
@@ -37,8 +37,11 @@
 // Errors: bad input (an unknown or repeated request id, an id already admitted, a request with no
 // tokens) throws Error(kInvalidArgument) naming it, before anything changes. Not enough blocks is
 // an expected outcome: the batch call returns BatchStatus{kPoolFull, index of the request that did
-// not fit} and nothing changed, except that unused cached blocks may have been evicted trying and
-// match statistics/recency counted (cache content, not request state). admit and append make every
+// not fit} and nothing changed, except match statistics/recency counted (cache content, not request
+// state). A batch that would not fit even once every unused cached block were evicted is refused
+// before any is evicted; one that falls short all the same (other threads took blocks meanwhile, or
+// cached blocks are also held elsewhere, so evicting them freed nothing) may have evicted some
+// trying. admit and append make every
 // allocation before they take a block, so a std::bad_alloc from them also changes nothing; only a
 // publish that runs out of memory is absorbed (the blocks stay private, as above).
 //

@@ -173,10 +173,11 @@ struct RequestManager::Impl {
     return it->second;
   }
 
-  // Takes n blocks into out, evicting unused cached blocks when the allocator is short.
+  // Takes n blocks into out, evicting unused cached blocks when the allocator is short; evicts
+  // nothing when even all of them would not make room (a refusal leaves the cache's content alone).
   bool allocate(std::span<BlockId> out) {
     if (allocator.allocate(out).ok()) return true;
-    if (cache == nullptr) return false;
+    if (cache == nullptr || out.size() > reach()) return false;
     for (;;) {
       const std::uint32_t available = allocator.num_available();
       const auto want = static_cast<std::uint32_t>(out.size());
@@ -185,6 +186,17 @@ struct RequestManager::Impl {
       if (allocator.allocate(out).ok()) return true;
       if (evicted == 0) return false;
     }
+  }
+
+  // How many blocks the allocator could give once every unused cached block were evicted: an
+  // estimate from above (a cached block that is also held elsewhere frees nothing when evicted).
+  [[nodiscard]] std::uint64_t reach() const {
+    std::uint64_t n = allocator.num_available();
+    if (cache != nullptr) {
+      const PrefixCacheStats st = cache->stats();
+      n += st.cached_blocks - st.in_use_blocks;
+    }
+    return n;
   }
 
   // Hashes the `full` blocks that request `r`'s tail and `run` complete into new_digests[at...],
@@ -434,12 +446,16 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
   }
   detail::grow_buckets_to(s.requests, s.requests.size() + n);
   if (block_tables != nullptr) detail::grow_to(*block_tables, block_tables->size() + total_blocks);
-  // --- reserve: match and allocate request by request; undo everything on a refusal or a throw -----
-  // Undoes requests 0..i-1 and request i's match, in reverse order.
-  const auto unreserve = [&](std::size_t i) noexcept {
-    for (std::size_t j = i + 1; j-- > 0;) {
-      const std::size_t start = s.need[j];
-      const std::size_t len = blocks_for(count_of(j), bs);
+  // --- reserve: match every request, then take the blocks they still need; undo everything on a
+  // refusal or a throw. A batch that would not fit even once every unused cached block were evicted
+  // is refused before anything is evicted.
+  std::size_t num_matched = 0;    // requests [0, num_matched) hold their match
+  std::size_t num_allocated = 0;  // requests [0, num_allocated) hold their own blocks too
+  const auto own_blocks = [&](std::size_t i) {
+    return std::span<BlockId>(s.ids).subspan(s.need[i] + s.matched[i], s.need[i + 1] - s.need[i] - s.matched[i]);
+  };
+  const auto unreserve = [&]() noexcept {  // in reverse order
+    for (std::size_t j = num_matched; j-- > 0;) {
       if (cache_ != nullptr && s.matched[j] != 0) {
         try {
           cache_->release(digests_of(j).first(s.matched[j]));
@@ -447,18 +463,21 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
           assert(!"releasing a match just taken was refused");
         }
       }
-      if (j < i) {
-        [[maybe_unused]] const BatchStatus st = detail::free_held(
-            allocator_, std::span<const BlockId>(s.ids).subspan(start + s.matched[j], len - s.matched[j]));
+      if (j < num_allocated) {
+        [[maybe_unused]] const BatchStatus st = detail::free_held(allocator_, own_blocks(j));
         assert(st.ok());
       }
     }
   };
-  std::size_t at = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::size_t blocks = blocks_for(count_of(i), bs);
-    bool fits = false;
-    try {
+  const auto refuse = [&](std::size_t i) noexcept {
+    unreserve();
+    ++s.counters.refused;
+    return BatchStatus{ErrorCode::kPoolFull, static_cast<std::int64_t>(i)};
+  };
+  try {
+    std::size_t at = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t blocks = blocks_for(count_of(i), bs);
       std::uint32_t m = 0;
       if (cache_ != nullptr && !requests[i].tokens.empty()) {
         const std::size_t limit =
@@ -466,18 +485,27 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
         m = cache_->match(digests_of(i).first(limit), std::span<BlockId>(s.ids).subspan(at, blocks));
       }
       s.matched[i] = m;
-      fits = s.allocate(std::span<BlockId>(s.ids).subspan(at + m, blocks - m));  // may evict: may throw
-    } catch (...) {
-      unreserve(i);
-      throw;
+      num_matched = i + 1;
+      at += blocks;
+      s.need[i + 1] = at;
     }
-    if (!fits) {
-      unreserve(i);
-      ++s.counters.refused;
-      return {ErrorCode::kPoolFull, static_cast<std::int64_t>(i)};
+    std::uint64_t wanted = 0;
+    for (std::size_t i = 0; i < n; ++i) wanted += own_blocks(i).size();
+    if (wanted > allocator_.num_available()) {
+      const std::uint64_t reach = s.reach();
+      std::uint64_t sum = 0;
+      for (std::size_t i = 0; i < n; ++i) {
+        sum += own_blocks(i).size();
+        if (sum > reach) return refuse(i);
+      }
     }
-    at += blocks;
-    s.need[i + 1] = at;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!s.allocate(own_blocks(i))) return refuse(i);  // may evict: may throw
+      num_allocated = i + 1;
+    }
+  } catch (...) {
+    unreserve();
+    throw;
   }
   // --- commit: allocates nothing (the nodes, tables and map buckets were made above) ---------------
   for (std::size_t i = 0; i < n; ++i) {
