@@ -343,9 +343,15 @@ def test_bad_transfer_observation_changes_nothing(nbytes: Any, seconds: Any) -> 
     assert samples(exporter.render().decode())[("sagellm_kv_transfer_latency_seconds_count", ())] == 0
 
 
-def test_bad_namespace() -> None:
-    with pytest.raises(ValueError, match="namespace"):
-        PrometheusExporter(namespace="bad-name")
+@pytest.mark.parametrize("namespace", ["bad-name", "", "9lives", "métrique", "ª", "kv\n"])
+def test_bad_namespace(namespace: str) -> None:
+    # Non-ASCII letters passed str.isalnum(): the exposition then served "m_trique_*" (or "__*" for
+    # "ª" and "ǅ" alike, colliding), not the names the operator configured.
+    with pytest.raises(ValueError, match="namespace must be a Prometheus identifier"):
+        PrometheusExporter(namespace=namespace)
+
+
+def test_bad_namespace_type() -> None:
     with pytest.raises(TypeError, match="namespace must be a str, got int"):  # was an AttributeError
         PrometheusExporter(namespace=5)  # type: ignore[arg-type]
 

@@ -25,6 +25,7 @@ Exposed metrics (``<ns>`` is the namespace, ``sagellm_kv`` by default)::
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -42,6 +43,10 @@ else:
 __all__ = ["DEFAULT_LATENCY_BUCKETS", "PoolSource", "PrefixSource", "PrometheusExporter"]
 
 _log = logging.getLogger(__name__)
+
+# Prometheus metric names are ASCII: a letter or an underscore, then letters, digits, underscores (colons
+# are for recording rules). str.isalnum() would also pass "é" or "ª", which the exposition escapes to "_".
+_NAMESPACE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 PoolSource = Callable[[], Mapping[str, Any]]
 """Returns ``{"total_blocks": int, "free_blocks": int, "block_bytes": int}`` (``used_blocks`` optional)."""
@@ -170,7 +175,7 @@ class PrometheusExporter:
         _require_prometheus()
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
-        if not namespace or not namespace.replace("_", "a").isalnum() or namespace[0].isdigit():
+        if _NAMESPACE.fullmatch(namespace) is None:
             raise ValueError(f"namespace must be a Prometheus identifier, got {namespace!r}")
         self.namespace = namespace
         self.registry = CollectorRegistry(auto_describe=True)
