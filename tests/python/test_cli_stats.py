@@ -295,6 +295,16 @@ def test_unknown_plot_type(stats_file: Path, tmp_path: Path) -> None:
 
 def test_input_is_a_directory(tmp_path: Path) -> None:
     assert_one_line_error(run(["visualize", "-i", str(tmp_path)], tmp_path), "directory")
+    # No file name to derive the default output from: a ValueError traceback from Path.with_name.
+    for nameless in (".", "/"):
+        assert_one_line_error(run(["visualize", "-i", nameless], tmp_path), f"input {nameless} is a directory")
+
+
+def test_empty_input_or_output(stats_file: Path, tmp_path: Path) -> None:
+    """-i '' was a traceback (Path('') is '.', which has no name); -o '' silently wrote the default output."""
+    assert_one_line_error(run(["visualize", "-i", ""], tmp_path), "--input is empty")
+    assert_one_line_error(run(["visualize", "-i", str(stats_file), "-o", ""], tmp_path), "--output is empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stats_file.name]
 
 
 def test_output_directory_missing(stats_file: Path, tmp_path: Path) -> None:
