@@ -336,6 +336,8 @@ class KVEventSubscriber:
         _check_endpoint("endpoint", endpoint)
         if replay_endpoint is not None:
             _check_endpoint("replay_endpoint", replay_endpoint)
+        # Checked now: a bad one only failed at the first gap, inside receive(), and lost the live batch.
+        _int_option("replay_timeout_ms", replay_timeout_ms, 1, _C_INT_MAX)
         self.endpoint = endpoint
         self.topic = topic
         self.replay_endpoint = replay_endpoint
