@@ -167,12 +167,31 @@ def _plot_tiered(results: Sequence[ReplayResult], path: str) -> None:
     plt.close(fig)
 
 
+def _output_problem(value: str | None) -> str | None:
+    """Why an output path cannot be written (empty, a directory, in a missing directory), or None."""
+    if value is None:
+        return None
+    path = Path(value)
+    if not value:
+        return "empty path"
+    if path.is_dir():
+        return "is a directory"
+    if not path.parent.is_dir():
+        return f"directory {str(path.parent)!r} does not exist"
+    return None
+
+
 def _replay_command(args: argparse.Namespace) -> int:
     from sagellm_kv_cache.replay import TraceError, load_trace, replay_many, replay_tiered, sample_trace_path
 
     paths = [Path(p) for p in args.traces] or [sample_trace_path()]
     tiered = bool(args.host_blocks or args.disk_blocks)
-    if args.plot:
+    for option, value in (("--json", args.json), ("--plot", args.plot)):
+        problem = _output_problem(value)
+        if problem:  # now, not after a replay that may take minutes
+            print(f"sagellm-kv: {option} {value!r}: {problem}", file=sys.stderr)
+            return 2
+    if args.plot is not None:
         try:
             _pyplot()  # before the replay: a missing matplotlib is reported now, not after the whole run
         except RuntimeError as exc:
@@ -206,9 +225,9 @@ def _replay_command(args: argparse.Namespace) -> int:
     else:
         _print_table(rows)
     try:
-        if args.json:
+        if args.json is not None:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-        if args.plot:
+        if args.plot is not None:
             (_plot_tiered if tiered else _plot)(results, args.plot)
     except (OSError, RuntimeError) as exc:
         print(f"sagellm-kv: cannot write output: {exc}", file=sys.stderr)

@@ -113,6 +113,22 @@ def test_cli_plot_format_is_checked_before_replaying(tmp_path: Path, capsys: pyt
     assert captured.err.count("\n") == 1 and "unknown image format 'txt'" in captured.err and "png" in captured.err
 
 
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_cli_unwritable_output_is_refused_before_replaying(tmp_path: Path, option: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """An output that is a directory or lies in a missing one failed only after the whole replay (minutes on a
+    large trace); an empty one was silently skipped (no file, exit status 0)."""
+    missing = tmp_path / "no"
+    for value, problem in ((str(tmp_path), "is a directory"),
+                           (str(missing / "x.png"), f"directory {str(missing)!r} does not exist"),
+                           ("", "empty path")):
+        assert main(["replay", "--capacity-blocks", "100", option, value]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # nothing was replayed
+        assert captured.err.count("\n") == 1 and f"{option} {value!r}: {problem}" in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.jsonl"
     proc = run_cli(str(missing), cwd=tmp_path)
