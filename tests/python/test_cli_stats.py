@@ -277,6 +277,32 @@ def test_stats_files_that_validated_but_could_not_be_drawn(stats_file: Path, tmp
     assert_one_line_error(run(["visualize", "-i", str(deep)], tmp_path), "nested too deeply")
 
 
+def test_stats_file_with_negative_times_or_counts(stats_file: Path, tmp_path: Path) -> None:
+    """The collector's clock is monotonic, so an exported file never holds a negative interval, count or
+    duration, nor a hit rate past 1; one that does was drawn anyway (negative intervals came out as a
+    histogram of '-1.5e+06 µs'). Each is a one-line error naming the file and the field now."""
+    good = json.loads(stats_file.read_text())
+    block = next(b for b, d in good["block_details"].items() if d["intervals"])
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({**good, "access_intervals": [-1.0, -2.0]}, "'access_intervals' must be a list of numbers >= 0"),
+        ({**good, "total_accesses": -5}, "'total_accesses' must be >= 0, got -5"),
+        ({**good, "duration_seconds": -0.5}, "'duration_seconds' must be >= 0, got -0.5"),
+        ({**good, "hit_rate": 7.5}, "'hit_rate' must be in [0, 1], got 7.5"),
+    ]
+    negative_gap = json.loads(json.dumps(good))
+    negative_gap["block_details"][block]["intervals"][0] = -1000.0
+    cases.append((negative_gap, f"block_details['{block}'].intervals must be a list of numbers >= 0"))
+    for number, (stats, fragment) in enumerate(cases):
+        bad = tmp_path / f"bad{number}.json"
+        bad.write_text(json.dumps(stats))
+        with pytest.raises(StatsFileError) as caught:
+            load_stats(bad)
+        assert str(caught.value) == f"{bad}: {fragment}"
+    assert_one_line_error(run(["visualize", "-i", str(tmp_path / "bad0.json"), "-t", "interval"], tmp_path),
+                          "bad0.json", "'access_intervals' must be a list of numbers >= 0")
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_stats_file_with_integers_beyond_float_or_int_parsing(stats_file: Path, tmp_path: Path) -> None:
     """JSON integers are Python ints: one past the float range (an OverflowError traceback from
     math.isfinite) or past int()'s 4300 digits (a ValueError traceback from json) is a one-line error."""

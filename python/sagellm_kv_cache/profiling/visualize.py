@@ -110,6 +110,10 @@ def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
             raise StatsFileError(f"{source}: {key!r} has type {type(value).__name__}")
         if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN / Infinity
             raise StatsFileError(f"{source}: {key!r} must be finite, got {value}")
+        # Counts and times (from a monotonic clock) are never negative; a rate is a fraction.
+        if isinstance(value, int | float) and not 0 <= value <= (1 if key == "hit_rate" else math.inf):
+            bounds = "in [0, 1]" if key == "hit_rate" else ">= 0"
+            raise StatsFileError(f"{source}: {key!r} must be {bounds}, got {value}")
     for block_id, detail in stats["block_details"].items():
         where = f"{source}: block_details[{block_id!r}]"
         if not isinstance(detail, dict):
@@ -121,16 +125,21 @@ def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
             if not is_finite_number(detail.get(key)):
                 raise StatsFileError(f"{where}.{key} must be a number, got {detail.get(key)!r}")
         intervals = detail.get("intervals")
-        if not isinstance(intervals, list) or not all(is_finite_number(gap) for gap in intervals):
-            raise StatsFileError(f"{where}.intervals must be a list of numbers")
+        if not isinstance(intervals, list) or not all(_is_gap(gap) for gap in intervals):
+            raise StatsFileError(f"{where}.intervals must be a list of numbers >= 0")
         # fewer when the collector kept only a block's most recent access times (max_times_per_block)
         if len(intervals) > count - 1:
             raise StatsFileError(f"{where} has {len(intervals)} intervals for {count} accesses")
         if not all(math.isfinite(t) for t in _recorded_times(detail)):
             raise StatsFileError(f"{where}: its access times overflow (last_access less its intervals)")
-    if not all(is_finite_number(gap) for gap in stats["access_intervals"]):
-        raise StatsFileError(f"{source}: 'access_intervals' must be a list of numbers")
+    if not all(_is_gap(gap) for gap in stats["access_intervals"]):
+        raise StatsFileError(f"{source}: 'access_intervals' must be a list of numbers >= 0")
     return stats
+
+
+def _is_gap(value: object) -> bool:
+    """A time between two accesses: a finite number >= 0 (the collector's clock is monotonic)."""
+    return is_finite_number(value) and value >= 0  # type: ignore[operator]
 
 
 def load_stats(path: str | Path) -> dict[str, Any]:
