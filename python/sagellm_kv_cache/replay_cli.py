@@ -167,6 +167,13 @@ def _plot_tiered(results: Sequence[ReplayResult], path: str) -> None:
     plt.close(fig)
 
 
+def _trace_names(paths: Sequence[Path]) -> list[str]:
+    """Each trace's name in the rows and plots: its file name, or the path as given when another trace
+    has the same file name (a/trace.jsonl, b/trace.jsonl), so no two traces share a row label or a curve."""
+    names = [p.name for p in paths]
+    return [str(p) if names.count(p.name) > 1 else p.name for p in paths]
+
+
 def _output_problem(value: str | None) -> str | None:
     """Why an output path cannot be written (empty, a directory, in a missing directory), or None."""
     if value is None:
@@ -203,7 +210,7 @@ def _replay_command(args: argparse.Namespace) -> int:
             print(f"sagellm-kv: --plot {exc}", file=sys.stderr)
             return 2
     try:
-        traces = [(p.name, load_trace(p)) for p in paths]
+        traces = [(name, load_trace(p)) for name, p in zip(_trace_names(paths), paths, strict=True)]
         if tiered:
             if any(c is None for c in args.capacity_blocks):
                 raise ValueError("a tiered replay needs bounded device capacities (--capacity-blocks N[,M...])")

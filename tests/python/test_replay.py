@@ -11,7 +11,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from sagellm_kv_cache.replay import TraceError, load_trace, replay
+from sagellm_kv_cache.replay import TraceError, load_trace, replay, sample_trace_path
 from sagellm_kv_cache.replay_cli import POLICIES, main
 
 SYNTHETIC = Path("/work/shared/data/synthetic_trace.jsonl")
@@ -127,6 +127,21 @@ def test_cli_unwritable_output_is_refused_before_replaying(tmp_path: Path, optio
         assert captured.out == ""  # nothing was replayed
         assert captured.err.count("\n") == 1 and f"{option} {value!r}: {problem}" in captured.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_traces_with_the_same_file_name_keep_apart(tmp_path: Path) -> None:
+    """a/trace.jsonl and b/trace.jsonl were both rows 'trace.jsonl', and --plot drew them as one zigzag curve."""
+    lines = sample_trace_path().read_text().splitlines()
+    for folder, part in (("a", lines[:200]), ("b", lines[-200:])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "trace.jsonl").write_text("\n".join(part) + "\n")
+    out = tmp_path / "rows.json"
+    proc = run_cli("a/trace.jsonl", "b/trace.jsonl", "--capacity-blocks", "100,inf", "--json", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["trace"] for r in rows] == ["a/trace.jsonl"] * 2 + ["b/trace.jsonl"] * 2
+    assert rows[1]["hits"] != rows[3]["hits"]  # two traces, told apart
+    assert [line.split()[0] for line in proc.stdout.splitlines()[2:]] == [r["trace"] for r in rows]
 
 
 def test_cli_missing_file(tmp_path: Path) -> None:
