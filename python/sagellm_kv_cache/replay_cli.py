@@ -144,15 +144,29 @@ def _print_tiered_table(rows: Sequence[dict[str, object]]) -> None:
                   f"{(f'{rate / 1e6:.0f}' if isinstance(rate, float) else '-'):>9}")
 
 
+def _short_stem(trace: str, width: int = 18) -> str:
+    """A trace's name without its suffix, at most ``width`` characters: the middle gives way, so names that
+    differ only at the end (..._part1, ..._part2) stay apart."""
+    stem = trace.removesuffix(Path(trace).suffix)
+    if len(stem) <= width:
+        return stem
+    head = (width - 1) // 2
+    return f"{stem[:head]}…{stem[-(width - 1 - head):]}"
+
+
 def _plot_tiered(results: Sequence[ReplayResult], path: str) -> None:
     plt = _pyplot()
-    labels = [f"{Path(r.trace).stem[:18]}\n{r.capacity_blocks:,}/{r.host_blocks:,}/{r.disk_blocks:,}" for r in results]
+    labels = [f"{_short_stem(r.trace)}\n{r.capacity_blocks:,}/{r.host_blocks:,}/{r.disk_blocks:,}" for r in results]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(results) + 2), 4.5))
+    # One position per result: bars placed by their labels stacked two results whose labels are equal
+    # (traces whose names share the first 18 characters) on one spot.
+    positions = list(range(len(results)))
     bottom = [0.0] * len(results)
     for tier, colour in (("device", "#1f77b4"), ("host", "#ff7f0e"), ("disk", "#2ca02c")):
         values = [(r.hit_ratio_by_tier or {}).get(tier, 0.0) for r in results]
-        ax.bar(labels, values, bottom=bottom, label=f"{tier} tier", color=colour)
+        ax.bar(positions, values, bottom=bottom, label=f"{tier} tier", color=colour)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_xticks(positions, labels)
     top = min(1.0, max([*bottom, 0.1]) * 1.25)
     for x, total in enumerate(bottom):
         ax.text(x, total + 0.02 * top, f"{total:.3f}", ha="center")

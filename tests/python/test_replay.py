@@ -10,6 +10,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sagellm_kv_cache.replay import TraceError, load_trace, replay, sample_trace_path
 from sagellm_kv_cache.replay_cli import POLICIES, main
@@ -101,6 +102,24 @@ def test_cli_plot_writes_a_valid_png(tmp_path: Path) -> None:
     assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
     width, height = struct.unpack(">II", data[16:24])
     assert width > 100 and height > 100
+
+
+def test_cli_tiered_plot_draws_one_bar_per_trace(tmp_path: Path) -> None:
+    """Bars were placed by their labels, the first 18 characters of the trace's name: two traces whose
+    names share them were drawn as one overlapping bar (the second total floated beside the axes)."""
+    mpl_image = pytest.importorskip("matplotlib.image")
+    lines = sample_trace_path().read_text().splitlines()
+    for part, chunk in (("1", lines[:300]), ("2", lines[:250])):  # both with device hits
+        (tmp_path / f"conversation_trace_part{part}.jsonl").write_text("\n".join(chunk) + "\n")
+    png = tmp_path / "tiers.png"
+    assert main(["replay", str(tmp_path / "conversation_trace_part1.jsonl"),
+                 str(tmp_path / "conversation_trace_part2.jsonl"), "--capacity-blocks", "100", "--host-blocks",
+                 "1000", "--plot", str(png)]) == 0
+    pixels = (mpl_image.imread(png)[:, :, :3] * 255).round()
+    device = np.all(np.abs(pixels - (0x1F, 0x77, 0xB4)) <= 2, axis=2)  # the device tier's colour
+    row = device[np.flatnonzero(device.any(axis=1))[-1]]  # the lowest row of it: the bars' feet, not the legend
+    runs = np.count_nonzero(np.diff(row.astype(np.int8)) == 1) + int(row[0])
+    assert runs == 2
 
 
 def test_cli_plot_format_is_checked_before_replaying(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
