@@ -386,6 +386,21 @@ def test_bad_port() -> None:
         exporter.start(70000)
 
 
+@pytest.mark.parametrize(("addr", "error", "match"), [
+    ("", ValueError, "addr '' is not an address to serve on"),  # was socket.gaierror 'Name or service not known'
+    (5, TypeError, "addr must be a host name or IP address"),  # was getaddrinfo()'s TypeError
+])
+def test_bad_address_is_named(addr: Any, error: type[Exception], match: str) -> None:
+    exporter, _ = make_exporter()
+    with pytest.raises(error, match=match):
+        exporter.start(0, addr=addr)
+    assert exporter.port is None
+    exporter.start(0)  # nothing was left half-started
+    with urllib.request.urlopen(f"http://127.0.0.1:{exporter.port}/metrics", timeout=5) as response:
+        assert ("sagellm_kv_pool_total_blocks", (("pool", "gpu0"),)) in samples(response.read().decode())
+    exporter.stop()
+
+
 def test_missing_prometheus_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prom_module, "_IMPORT_ERROR", ImportError("No module named 'prometheus_client'"))
     with pytest.raises(ImportError, match=r"isagellm-kv-cache\[metrics\]"):

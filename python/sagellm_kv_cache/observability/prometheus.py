@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -281,10 +282,15 @@ class PrometheusExporter:
         """
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, got {port!r}")
+        if not isinstance(addr, str):
+            raise TypeError(f"addr must be a host name or IP address (str), got {type(addr).__name__}")
         with self._lock:
             if self._server is not None:
                 raise RuntimeError(f"exporter already serving on port {self._server.server_port}")
-            result = start_http_server(port, addr=addr, registry=self.registry)
+            try:
+                result = start_http_server(port, addr=addr, registry=self.registry)
+            except socket.gaierror as err:  # names neither the address nor the call
+                raise ValueError(f"addr {addr!r} is not an address to serve on: {err.strerror}") from err
             if not isinstance(result, tuple):  # prometheus-client < 0.20 returns None
                 raise RuntimeError("PrometheusExporter.start needs prometheus-client >= 0.20")
             self._server, self._thread = result
