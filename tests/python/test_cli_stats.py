@@ -277,6 +277,13 @@ def test_stats_files_that_validated_but_could_not_be_drawn(stats_file: Path, tmp
     assert_one_line_error(run(["visualize", "-i", str(deep)], tmp_path), "nested too deeply")
 
 
+def test_stats_file_with_a_byte_order_mark(stats_file: Path, tmp_path: Path) -> None:
+    """A UTF-8 BOM (what Windows editors write) was 'malformed JSON at line 1 column 1: Unexpected UTF-8 BOM'."""
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + stats_file.read_bytes())
+    assert load_stats(bom) == load_stats(stats_file)
+
+
 def test_stats_file_with_negative_times_or_counts(stats_file: Path, tmp_path: Path) -> None:
     """The collector's clock is monotonic, so an exported file never holds a negative interval, count or
     duration, nor a hit rate past 1; one that does was drawn anyway (negative intervals came out as a

@@ -186,6 +186,14 @@ def test_cli_malformed_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and f"{wrong}:3" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_load_trace_reads_a_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """A UTF-8 BOM (what Windows editors write) made line 1 'not valid JSON (Unexpected UTF-8 BOM)'."""
+    trace = tmp_path / "bom.jsonl"
+    trace.write_bytes(b'\xef\xbb\xbf{"hash_ids": [1, 2, 3]}\r\n{"hash_ids": [1, 2, 4]}\r\n')
+    assert [r.tolist() for r in load_trace(trace)] == [[1, 2, 3], [1, 2, 4]]
+    assert replay(load_trace(trace), 10).hits == 2
+
+
 def test_load_trace_names_a_binary_or_too_deeply_nested_file(tmp_path: Path) -> None:
     """Bytes that are not UTF-8 (an unnamed UnicodeDecodeError) and a line nested past the recursion
     limit (a RecursionError traceback from the CLI) are TraceErrors naming the file (and line)."""

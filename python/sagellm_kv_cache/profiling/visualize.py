@@ -146,7 +146,7 @@ def load_stats(path: str | Path) -> dict[str, Any]:
     """Reads and validates an exported file (``FileNotFoundError`` / :class:`StatsFileError`)."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is not JSON
     except UnicodeDecodeError as err:
         raise StatsFileError(f"{file}: not a UTF-8 text file") from err
     try:
