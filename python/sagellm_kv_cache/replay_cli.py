@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from sagellm_kv_cache.errors import KVCacheError
-from sagellm_kv_cache.profiling.visualize import image_format
+from sagellm_kv_cache.profiling.visualize import image_format, literal_label
 
 if TYPE_CHECKING:
     from sagellm_kv_cache.replay import ReplayResult
@@ -95,7 +95,7 @@ def _plot(results: Sequence[ReplayResult], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for trace in dict.fromkeys(r.trace for r in results):
         mine = sorted((r for r in results if r.trace == trace), key=x_of)
-        ax.plot([x_of(r) for r in mine], [r.hit_ratio for r in mine], marker="o", label=trace)
+        ax.plot([x_of(r) for r in mine], [r.hit_ratio for r in mine], marker="o", label=literal_label(trace))
     ax.set_xscale("log")
     ticks = [*bounded, inf_x]
     ax.set_xticks(ticks)
@@ -156,7 +156,8 @@ def _short_stem(trace: str, width: int = 18) -> str:
 
 def _plot_tiered(results: Sequence[ReplayResult], path: str) -> None:
     plt = _pyplot()
-    labels = [f"{_short_stem(r.trace)}\n{r.capacity_blocks:,}/{r.host_blocks:,}/{r.disk_blocks:,}" for r in results]
+    labels = [f"{literal_label(_short_stem(r.trace))}\n{r.capacity_blocks:,}/{r.host_blocks:,}/{r.disk_blocks:,}"
+              for r in results]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(results) + 2), 4.5))
     # One position per result: bars placed by their labels stacked two results whose labels are equal
     # (traces whose names share the first 18 characters) on one spot.

@@ -277,6 +277,21 @@ def test_stats_files_that_validated_but_could_not_be_drawn(stats_file: Path, tmp
     assert_one_line_error(run(["visualize", "-i", str(deep)], tmp_path), "nested too deeply")
 
 
+def test_block_ids_with_dollar_signs_are_drawn_as_text(tmp_path: Path) -> None:
+    """matplotlib read '$...$' in a tick label as mathtext: an id that is not valid mathtext was a
+    ParseSyntaxException traceback (exit 1) from every plot listing it."""
+    pytest.importorskip("matplotlib")
+    collector = AccessStatsCollector()
+    for i in range(40):
+        collector.record_access("req$\\frac{a$" if i % 2 else "blk_$x^2$", is_hit=i % 3 == 0)
+    stats = tmp_path / "dollars.json"
+    collector.export_stats(stats)
+    for plot_type in ("heatmap", "frequency"):
+        result = run(["visualize", "-i", str(stats), "-t", plot_type, "-o", f"{plot_type}.png"], tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert png_size(tmp_path / f"{plot_type}.png")[0] > 100
+
+
 def test_stats_file_with_a_byte_order_mark(stats_file: Path, tmp_path: Path) -> None:
     """A UTF-8 BOM (what Windows editors write) was 'malformed JSON at line 1 column 1: Unexpected UTF-8 BOM'."""
     bom = tmp_path / "bom.json"

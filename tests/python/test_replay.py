@@ -122,6 +122,18 @@ def test_cli_tiered_plot_draws_one_bar_per_trace(tmp_path: Path) -> None:
     assert runs == 2
 
 
+@pytest.mark.parametrize("tiers", [[], ["--host-blocks", "100"]], ids=["single", "tiered"])
+def test_cli_plot_of_a_trace_named_with_dollar_signs(tmp_path: Path, tiers: list[str]) -> None:
+    """The trace's name went into the legend / tick labels as mathtext: 'x$\\frac{a$.jsonl' was a
+    ParseSyntaxException traceback after the whole replay."""
+    pytest.importorskip("matplotlib")
+    trace = tmp_path / "x$\\frac{a$.jsonl"
+    trace.write_text("\n".join(sample_trace_path().read_text().splitlines()[:100]) + "\n")
+    png = tmp_path / "plot.png"
+    assert main(["replay", str(trace), "--capacity-blocks", "100", "--plot", str(png), *tiers]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_plot_format_is_checked_before_replaying(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An extension matplotlib cannot write was a ValueError traceback after the whole replay."""
     pytest.importorskip("matplotlib")

@@ -37,6 +37,7 @@ __all__ = [
     "StatsFileError",
     "format_summary",
     "image_format",
+    "literal_label",
     "load_stats",
     "plot_all",
     "plot_frequency",
@@ -192,8 +193,14 @@ def _time_unit(span: float) -> tuple[str, float]:
     return "µs", 1e6
 
 
+def literal_label(text: str) -> str:
+    """``text`` as matplotlib should draw it: each ``$`` escaped, so a block id or file name holding a pair
+    is not typeset as mathtext (``blk_$x^2$``) or, when that is not valid mathtext, fails the whole plot."""
+    return text.replace("$", r"\$")
+
+
 def _short(block_id: str, width: int = 18) -> str:
-    return block_id if len(block_id) <= width else block_id[: width - 1] + "…"
+    return literal_label(block_id if len(block_id) <= width else block_id[: width - 1] + "…")
 
 
 def _format_seconds(seconds: float) -> str:
