@@ -718,6 +718,22 @@ def test_subscriber_replay_timeout_is_checked_at_construction(timeout: Any, erro
         KVEventSubscriber("tcp://127.0.0.1:9", replay_endpoint="tcp://127.0.0.1:9", replay_timeout_ms=timeout).close()
 
 
+@pytest.mark.parametrize(("timeout", "error"), [("100", TypeError), (None, TypeError), (True, TypeError),
+                                              (-1, ValueError), (float("nan"), ValueError), (10**30, ValueError)])
+def test_receive_timeout_is_checked(timeout: Any, error: type[Exception]) -> None:
+    """receive('100') and receive(None) were TypeErrors about '>' between int and str / NoneType, -1 and NaN
+    silently meant 0, 10**30 an OverflowError from zmq's poll; none named timeout_ms."""
+    with KVEventPublisher("tcp://127.0.0.1:*") as publisher, KVEventSubscriber(publisher.endpoint) as subscriber:
+        sync(publisher, subscriber)
+        publisher.publish([stored(1)])
+        with pytest.raises(error, match="timeout_ms"):
+            subscriber.receive(timeout)
+        with pytest.raises(error, match="timeout_ms"):
+            next(subscriber.iter_batches(timeout))
+        got = subscriber.receive(2000)  # the batch waiting was not consumed by the refused calls
+        assert got is not None and got[1][0]["type"] == "stored"
+
+
 def test_replay_start_beyond_64_bits_is_a_value_error() -> None:
     with (
         KVEventSubscriber("tcp://127.0.0.1:9", replay_endpoint="tcp://127.0.0.1:9", replay_timeout_ms=50) as sub,
