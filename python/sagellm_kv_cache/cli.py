@@ -226,8 +226,14 @@ def visualize_command(args: argparse.Namespace) -> int:
     plot_type = getattr(args, "type", "heatmap")
     if plot_type not in PLOT_TYPES:
         return _fail(f"unknown plot type {plot_type!r}; choose one of {', '.join(PLOT_TYPES)}")
+    given_output = getattr(args, "output", None)
+    for option, value in (("--input", args.input), ("--output", given_output)):
+        if value is not None and not str(value):
+            return _fail(f"{option} is empty")
     source = Path(args.input)
-    output = Path(args.output) if getattr(args, "output", None) else source.with_name(f"{source.stem}_{plot_type}.png")
+    if not source.name:  # "." or "/": no file name to read, nor to derive the default output from
+        return _fail(f"input {source} is a directory")
+    output = Path(given_output) if given_output is not None else source.with_name(f"{source.stem}_{plot_type}.png")
     try:
         image_format(output)  # before any work, as sagellm-kv replay --plot does
     except ValueError as err:

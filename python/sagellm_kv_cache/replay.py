@@ -83,7 +83,7 @@ def load_trace(path: str | Path) -> list[np.ndarray]:
     """Reads a trace into one int64 array of hash ids per request, checking every line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is not JSON
     except OSError as exc:
         raise TraceError(f"{path}: cannot read trace: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

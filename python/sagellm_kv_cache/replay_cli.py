@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from sagellm_kv_cache.errors import KVCacheError
-from sagellm_kv_cache.profiling.visualize import image_format
+from sagellm_kv_cache.profiling.visualize import image_format, literal_label
 
 if TYPE_CHECKING:
     from sagellm_kv_cache.replay import ReplayResult
@@ -95,7 +95,7 @@ def _plot(results: Sequence[ReplayResult], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for trace in dict.fromkeys(r.trace for r in results):
         mine = sorted((r for r in results if r.trace == trace), key=x_of)
-        ax.plot([x_of(r) for r in mine], [r.hit_ratio for r in mine], marker="o", label=trace)
+        ax.plot([x_of(r) for r in mine], [r.hit_ratio for r in mine], marker="o", label=literal_label(trace))
     ax.set_xscale("log")
     ticks = [*bounded, inf_x]
     ax.set_xticks(ticks)
@@ -144,15 +144,30 @@ def _print_tiered_table(rows: Sequence[dict[str, object]]) -> None:
                   f"{(f'{rate / 1e6:.0f}' if isinstance(rate, float) else '-'):>9}")
 
 
+def _short_stem(trace: str, width: int = 18) -> str:
+    """A trace's name without its suffix, at most ``width`` characters: the middle gives way, so names that
+    differ only at the end (..._part1, ..._part2) stay apart."""
+    stem = trace.removesuffix(Path(trace).suffix)
+    if len(stem) <= width:
+        return stem
+    head = (width - 1) // 2
+    return f"{stem[:head]}…{stem[-(width - 1 - head):]}"
+
+
 def _plot_tiered(results: Sequence[ReplayResult], path: str) -> None:
     plt = _pyplot()
-    labels = [f"{Path(r.trace).stem[:18]}\n{r.capacity_blocks:,}/{r.host_blocks:,}/{r.disk_blocks:,}" for r in results]
+    labels = [f"{literal_label(_short_stem(r.trace))}\n{r.capacity_blocks:,}/{r.host_blocks:,}/{r.disk_blocks:,}"
+              for r in results]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(results) + 2), 4.5))
+    # One position per result: bars placed by their labels stacked two results whose labels are equal
+    # (traces whose names share the first 18 characters) on one spot.
+    positions = list(range(len(results)))
     bottom = [0.0] * len(results)
     for tier, colour in (("device", "#1f77b4"), ("host", "#ff7f0e"), ("disk", "#2ca02c")):
         values = [(r.hit_ratio_by_tier or {}).get(tier, 0.0) for r in results]
-        ax.bar(labels, values, bottom=bottom, label=f"{tier} tier", color=colour)
+        ax.bar(positions, values, bottom=bottom, label=f"{tier} tier", color=colour)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_xticks(positions, labels)
     top = min(1.0, max([*bottom, 0.1]) * 1.25)
     for x, total in enumerate(bottom):
         ax.text(x, total + 0.02 * top, f"{total:.3f}", ha="center")
@@ -167,12 +182,38 @@ def _plot_tiered(results: Sequence[ReplayResult], path: str) -> None:
     plt.close(fig)
 
 
+def _trace_names(paths: Sequence[Path]) -> list[str]:
+    """Each trace's name in the rows and plots: its file name, or the path as given when another trace
+    has the same file name (a/trace.jsonl, b/trace.jsonl), so no two traces share a row label or a curve."""
+    names = [p.name for p in paths]
+    return [str(p) if names.count(p.name) > 1 else p.name for p in paths]
+
+
+def _output_problem(value: str | None) -> str | None:
+    """Why an output path cannot be written (empty, a directory, in a missing directory), or None."""
+    if value is None:
+        return None
+    path = Path(value)
+    if not value:
+        return "empty path"
+    if path.is_dir():
+        return "is a directory"
+    if not path.parent.is_dir():
+        return f"directory {str(path.parent)!r} does not exist"
+    return None
+
+
 def _replay_command(args: argparse.Namespace) -> int:
     from sagellm_kv_cache.replay import TraceError, load_trace, replay_many, replay_tiered, sample_trace_path
 
     paths = [Path(p) for p in args.traces] or [sample_trace_path()]
     tiered = bool(args.host_blocks or args.disk_blocks)
-    if args.plot:
+    for option, value in (("--json", args.json), ("--plot", args.plot)):
+        problem = _output_problem(value)
+        if problem:  # now, not after a replay that may take minutes
+            print(f"sagellm-kv: {option} {value!r}: {problem}", file=sys.stderr)
+            return 2
+    if args.plot is not None:
         try:
             _pyplot()  # before the replay: a missing matplotlib is reported now, not after the whole run
         except RuntimeError as exc:
@@ -184,7 +225,7 @@ def _replay_command(args: argparse.Namespace) -> int:
             print(f"sagellm-kv: --plot {exc}", file=sys.stderr)
             return 2
     try:
-        traces = [(p.name, load_trace(p)) for p in paths]
+        traces = [(name, load_trace(p)) for name, p in zip(_trace_names(paths), paths, strict=True)]
         if tiered:
             if any(c is None for c in args.capacity_blocks):
                 raise ValueError("a tiered replay needs bounded device capacities (--capacity-blocks N[,M...])")
@@ -206,9 +247,9 @@ def _replay_command(args: argparse.Namespace) -> int:
     else:
         _print_table(rows)
     try:
-        if args.json:
+        if args.json is not None:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-        if args.plot:
+        if args.plot is not None:
             (_plot_tiered if tiered else _plot)(results, args.plot)
     except (OSError, RuntimeError) as exc:
         print(f"sagellm-kv: cannot write output: {exc}", file=sys.stderr)

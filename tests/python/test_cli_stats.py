@@ -277,6 +277,54 @@ def test_stats_files_that_validated_but_could_not_be_drawn(stats_file: Path, tmp
     assert_one_line_error(run(["visualize", "-i", str(deep)], tmp_path), "nested too deeply")
 
 
+def test_block_ids_with_dollar_signs_are_drawn_as_text(tmp_path: Path) -> None:
+    """matplotlib read '$...$' in a tick label as mathtext: an id that is not valid mathtext was a
+    ParseSyntaxException traceback (exit 1) from every plot listing it."""
+    pytest.importorskip("matplotlib")
+    collector = AccessStatsCollector()
+    for i in range(40):
+        collector.record_access("req$\\frac{a$" if i % 2 else "blk_$x^2$", is_hit=i % 3 == 0)
+    stats = tmp_path / "dollars.json"
+    collector.export_stats(stats)
+    for plot_type in ("heatmap", "frequency"):
+        result = run(["visualize", "-i", str(stats), "-t", plot_type, "-o", f"{plot_type}.png"], tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert png_size(tmp_path / f"{plot_type}.png")[0] > 100
+
+
+def test_stats_file_with_a_byte_order_mark(stats_file: Path, tmp_path: Path) -> None:
+    """A UTF-8 BOM (what Windows editors write) was 'malformed JSON at line 1 column 1: Unexpected UTF-8 BOM'."""
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + stats_file.read_bytes())
+    assert load_stats(bom) == load_stats(stats_file)
+
+
+def test_stats_file_with_negative_times_or_counts(stats_file: Path, tmp_path: Path) -> None:
+    """The collector's clock is monotonic, so an exported file never holds a negative interval, count or
+    duration, nor a hit rate past 1; one that does was drawn anyway (negative intervals came out as a
+    histogram of '-1.5e+06 µs'). Each is a one-line error naming the file and the field now."""
+    good = json.loads(stats_file.read_text())
+    block = next(b for b, d in good["block_details"].items() if d["intervals"])
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({**good, "access_intervals": [-1.0, -2.0]}, "'access_intervals' must be a list of numbers >= 0"),
+        ({**good, "total_accesses": -5}, "'total_accesses' must be >= 0, got -5"),
+        ({**good, "duration_seconds": -0.5}, "'duration_seconds' must be >= 0, got -0.5"),
+        ({**good, "hit_rate": 7.5}, "'hit_rate' must be in [0, 1], got 7.5"),
+    ]
+    negative_gap = json.loads(json.dumps(good))
+    negative_gap["block_details"][block]["intervals"][0] = -1000.0
+    cases.append((negative_gap, f"block_details['{block}'].intervals must be a list of numbers >= 0"))
+    for number, (stats, fragment) in enumerate(cases):
+        bad = tmp_path / f"bad{number}.json"
+        bad.write_text(json.dumps(stats))
+        with pytest.raises(StatsFileError) as caught:
+            load_stats(bad)
+        assert str(caught.value) == f"{bad}: {fragment}"
+    assert_one_line_error(run(["visualize", "-i", str(tmp_path / "bad0.json"), "-t", "interval"], tmp_path),
+                          "bad0.json", "'access_intervals' must be a list of numbers >= 0")
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_stats_file_with_integers_beyond_float_or_int_parsing(stats_file: Path, tmp_path: Path) -> None:
     """JSON integers are Python ints: one past the float range (an OverflowError traceback from
     math.isfinite) or past int()'s 4300 digits (a ValueError traceback from json) is a one-line error."""
@@ -295,6 +343,16 @@ def test_unknown_plot_type(stats_file: Path, tmp_path: Path) -> None:
 
 def test_input_is_a_directory(tmp_path: Path) -> None:
     assert_one_line_error(run(["visualize", "-i", str(tmp_path)], tmp_path), "directory")
+    # No file name to derive the default output from: a ValueError traceback from Path.with_name.
+    for nameless in (".", "/"):
+        assert_one_line_error(run(["visualize", "-i", nameless], tmp_path), f"input {nameless} is a directory")
+
+
+def test_empty_input_or_output(stats_file: Path, tmp_path: Path) -> None:
+    """-i '' was a traceback (Path('') is '.', which has no name); -o '' silently wrote the default output."""
+    assert_one_line_error(run(["visualize", "-i", ""], tmp_path), "--input is empty")
+    assert_one_line_error(run(["visualize", "-i", str(stats_file), "-o", ""], tmp_path), "--output is empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stats_file.name]
 
 
 def test_output_directory_missing(stats_file: Path, tmp_path: Path) -> None:

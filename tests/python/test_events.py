@@ -709,6 +709,31 @@ def test_publisher_options_are_checked_before_anything_binds(kwargs: dict[str, A
         KVEventPublisher(**{"endpoint": "tcp://127.0.0.1:*", **kwargs})
 
 
+@pytest.mark.parametrize(("timeout", "error"), [("2000", TypeError), (True, TypeError), (2.5, TypeError),
+                                              (0, ValueError), (-5, ValueError), (2**40, ValueError)])
+def test_subscriber_replay_timeout_is_checked_at_construction(timeout: Any, error: type[Exception]) -> None:
+    """A bad replay_timeout_ms was accepted; at the first gap receive() raised TypeError (or timed out at
+    once), the live batch it had read was lost, and every later receive failed the same way."""
+    with pytest.raises(error, match="replay_timeout_ms"):
+        KVEventSubscriber("tcp://127.0.0.1:9", replay_endpoint="tcp://127.0.0.1:9", replay_timeout_ms=timeout).close()
+
+
+@pytest.mark.parametrize(("timeout", "error"), [("100", TypeError), (None, TypeError), (True, TypeError),
+                                              (-1, ValueError), (float("nan"), ValueError), (10**30, ValueError)])
+def test_receive_timeout_is_checked(timeout: Any, error: type[Exception]) -> None:
+    """receive('100') and receive(None) were TypeErrors about '>' between int and str / NoneType, -1 and NaN
+    silently meant 0, 10**30 an OverflowError from zmq's poll; none named timeout_ms."""
+    with KVEventPublisher("tcp://127.0.0.1:*") as publisher, KVEventSubscriber(publisher.endpoint) as subscriber:
+        sync(publisher, subscriber)
+        publisher.publish([stored(1)])
+        with pytest.raises(error, match="timeout_ms"):
+            subscriber.receive(timeout)
+        with pytest.raises(error, match="timeout_ms"):
+            next(subscriber.iter_batches(timeout))
+        got = subscriber.receive(2000)  # the batch waiting was not consumed by the refused calls
+        assert got is not None and got[1][0]["type"] == "stored"
+
+
 def test_replay_start_beyond_64_bits_is_a_value_error() -> None:
     with (
         KVEventSubscriber("tcp://127.0.0.1:9", replay_endpoint="tcp://127.0.0.1:9", replay_timeout_ms=50) as sub,

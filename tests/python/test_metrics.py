@@ -343,9 +343,15 @@ def test_bad_transfer_observation_changes_nothing(nbytes: Any, seconds: Any) -> 
     assert samples(exporter.render().decode())[("sagellm_kv_transfer_latency_seconds_count", ())] == 0
 
 
-def test_bad_namespace() -> None:
-    with pytest.raises(ValueError, match="namespace"):
-        PrometheusExporter(namespace="bad-name")
+@pytest.mark.parametrize("namespace", ["bad-name", "", "9lives", "métrique", "ª", "kv\n"])
+def test_bad_namespace(namespace: str) -> None:
+    # Non-ASCII letters passed str.isalnum(): the exposition then served "m_trique_*" (or "__*" for
+    # "ª" and "ǅ" alike, colliding), not the names the operator configured.
+    with pytest.raises(ValueError, match="namespace must be a Prometheus identifier"):
+        PrometheusExporter(namespace=namespace)
+
+
+def test_bad_namespace_type() -> None:
     with pytest.raises(TypeError, match="namespace must be a str, got int"):  # was an AttributeError
         PrometheusExporter(namespace=5)  # type: ignore[arg-type]
 
@@ -378,6 +384,21 @@ def test_bad_port() -> None:
     exporter, _ = make_exporter()
     with pytest.raises(ValueError, match="port"):
         exporter.start(70000)
+
+
+@pytest.mark.parametrize(("addr", "error", "match"), [
+    ("", ValueError, "addr '' is not an address to serve on"),  # was socket.gaierror 'Name or service not known'
+    (5, TypeError, "addr must be a host name or IP address"),  # was getaddrinfo()'s TypeError
+])
+def test_bad_address_is_named(addr: Any, error: type[Exception], match: str) -> None:
+    exporter, _ = make_exporter()
+    with pytest.raises(error, match=match):
+        exporter.start(0, addr=addr)
+    assert exporter.port is None
+    exporter.start(0)  # nothing was left half-started
+    with urllib.request.urlopen(f"http://127.0.0.1:{exporter.port}/metrics", timeout=5) as response:
+        assert ("sagellm_kv_pool_total_blocks", (("pool", "gpu0"),)) in samples(response.read().decode())
+    exporter.stop()
 
 
 def test_missing_prometheus_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import struct
 import threading
@@ -115,6 +116,29 @@ def test_export_shape(tmp_path: Path) -> None:
     assert validate_stats(data) is data
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]  # no temporary left behind
+
+
+def test_export_writes_through_links_and_into_fifos(tmp_path: Path) -> None:
+    """The atomic replace put a regular file in place of a symbolic link (leaving its target stale) and of a
+    FIFO or a device: `sage-kv-stats demo -o /dev/full`, run as root, turned /dev/full into a JSON file."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "stats.json"
+    target.write_text("old")
+    link = tmp_path / "stats.json"
+    link.symlink_to(target)
+    filled().export_stats(link)
+    assert link.is_symlink() and json.loads(target.read_text())["total_accesses"] == 6
+    assert sorted(p.name for p in target.parent.iterdir()) == ["stats.json"]  # no temporary left behind
+
+    fifo = tmp_path / "stats.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    filled().export_stats(fifo)
+    reader.join(10)  # replaced, the FIFO would never see a writer: the (daemon) reader would wait forever
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert json.loads(received[0])["total_accesses"] == 6
 
 
 def test_export_to_missing_directory_raises(tmp_path: Path) -> None:

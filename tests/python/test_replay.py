@@ -10,8 +10,9 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
-from sagellm_kv_cache.replay import TraceError, load_trace, replay
+from sagellm_kv_cache.replay import TraceError, load_trace, replay, sample_trace_path
 from sagellm_kv_cache.replay_cli import POLICIES, main
 
 SYNTHETIC = Path("/work/shared/data/synthetic_trace.jsonl")
@@ -103,6 +104,36 @@ def test_cli_plot_writes_a_valid_png(tmp_path: Path) -> None:
     assert width > 100 and height > 100
 
 
+def test_cli_tiered_plot_draws_one_bar_per_trace(tmp_path: Path) -> None:
+    """Bars were placed by their labels, the first 18 characters of the trace's name: two traces whose
+    names share them were drawn as one overlapping bar (the second total floated beside the axes)."""
+    mpl_image = pytest.importorskip("matplotlib.image")
+    lines = sample_trace_path().read_text().splitlines()
+    for part, chunk in (("1", lines[:300]), ("2", lines[:250])):  # both with device hits
+        (tmp_path / f"conversation_trace_part{part}.jsonl").write_text("\n".join(chunk) + "\n")
+    png = tmp_path / "tiers.png"
+    assert main(["replay", str(tmp_path / "conversation_trace_part1.jsonl"),
+                 str(tmp_path / "conversation_trace_part2.jsonl"), "--capacity-blocks", "100", "--host-blocks",
+                 "1000", "--plot", str(png)]) == 0
+    pixels = (mpl_image.imread(png)[:, :, :3] * 255).round()
+    device = np.all(np.abs(pixels - (0x1F, 0x77, 0xB4)) <= 2, axis=2)  # the device tier's colour
+    row = device[np.flatnonzero(device.any(axis=1))[-1]]  # the lowest row of it: the bars' feet, not the legend
+    runs = np.count_nonzero(np.diff(row.astype(np.int8)) == 1) + int(row[0])
+    assert runs == 2
+
+
+@pytest.mark.parametrize("tiers", [[], ["--host-blocks", "100"]], ids=["single", "tiered"])
+def test_cli_plot_of_a_trace_named_with_dollar_signs(tmp_path: Path, tiers: list[str]) -> None:
+    """The trace's name went into the legend / tick labels as mathtext: 'x$\\frac{a$.jsonl' was a
+    ParseSyntaxException traceback after the whole replay."""
+    pytest.importorskip("matplotlib")
+    trace = tmp_path / "x$\\frac{a$.jsonl"
+    trace.write_text("\n".join(sample_trace_path().read_text().splitlines()[:100]) + "\n")
+    png = tmp_path / "plot.png"
+    assert main(["replay", str(trace), "--capacity-blocks", "100", "--plot", str(png), *tiers]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_plot_format_is_checked_before_replaying(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An extension matplotlib cannot write was a ValueError traceback after the whole replay."""
     pytest.importorskip("matplotlib")
@@ -111,6 +142,37 @@ def test_cli_plot_format_is_checked_before_replaying(tmp_path: Path, capsys: pyt
     captured = capsys.readouterr()
     assert captured.out == "" and not out.exists()  # nothing was replayed
     assert captured.err.count("\n") == 1 and "unknown image format 'txt'" in captured.err and "png" in captured.err
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_cli_unwritable_output_is_refused_before_replaying(tmp_path: Path, option: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """An output that is a directory or lies in a missing one failed only after the whole replay (minutes on a
+    large trace); an empty one was silently skipped (no file, exit status 0)."""
+    missing = tmp_path / "no"
+    for value, problem in ((str(tmp_path), "is a directory"),
+                           (str(missing / "x.png"), f"directory {str(missing)!r} does not exist"),
+                           ("", "empty path")):
+        assert main(["replay", "--capacity-blocks", "100", option, value]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # nothing was replayed
+        assert captured.err.count("\n") == 1 and f"{option} {value!r}: {problem}" in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_traces_with_the_same_file_name_keep_apart(tmp_path: Path) -> None:
+    """a/trace.jsonl and b/trace.jsonl were both rows 'trace.jsonl', and --plot drew them as one zigzag curve."""
+    lines = sample_trace_path().read_text().splitlines()
+    for folder, part in (("a", lines[:200]), ("b", lines[-200:])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "trace.jsonl").write_text("\n".join(part) + "\n")
+    out = tmp_path / "rows.json"
+    proc = run_cli("a/trace.jsonl", "b/trace.jsonl", "--capacity-blocks", "100,inf", "--json", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["trace"] for r in rows] == ["a/trace.jsonl"] * 2 + ["b/trace.jsonl"] * 2
+    assert rows[1]["hits"] != rows[3]["hits"]  # two traces, told apart
+    assert [line.split()[0] for line in proc.stdout.splitlines()[2:]] == [r["trace"] for r in rows]
 
 
 def test_cli_missing_file(tmp_path: Path) -> None:
@@ -134,6 +196,14 @@ def test_cli_malformed_line(tmp_path: Path) -> None:
     wrong.write_text('{"hash_ids": [1, 2, 3]}\n\n{"hash_ids": "1,2"}\n')
     proc = run_cli(str(wrong), cwd=tmp_path)
     assert proc.returncode == 2 and f"{wrong}:3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_load_trace_reads_a_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """A UTF-8 BOM (what Windows editors write) made line 1 'not valid JSON (Unexpected UTF-8 BOM)'."""
+    trace = tmp_path / "bom.jsonl"
+    trace.write_bytes(b'\xef\xbb\xbf{"hash_ids": [1, 2, 3]}\r\n{"hash_ids": [1, 2, 4]}\r\n')
+    assert [r.tolist() for r in load_trace(trace)] == [[1, 2, 3], [1, 2, 4]]
+    assert replay(load_trace(trace), 10).hits == 2
 
 
 def test_load_trace_names_a_binary_or_too_deeply_nested_file(tmp_path: Path) -> None:

@@ -336,6 +336,8 @@ class KVEventSubscriber:
         _check_endpoint("endpoint", endpoint)
         if replay_endpoint is not None:
             _check_endpoint("replay_endpoint", replay_endpoint)
+        # Checked now: a bad one only failed at the first gap, inside receive(), and lost the live batch.
+        _int_option("replay_timeout_ms", replay_timeout_ms, 1, _C_INT_MAX)
         self.endpoint = endpoint
         self.topic = topic
         self.replay_endpoint = replay_endpoint
@@ -441,10 +443,14 @@ class KVEventSubscriber:
         """The next batch as ``(seq, events)``, or None when nothing arrives within ``timeout_ms``.
 
         Raises :class:`KVEventDecodeError` for a malformed message (it is consumed, so the next
-        call moves on).
+        call moves on); ``timeout_ms`` is a number of milliseconds in [0, 2^31 - 1].
         """
         if self._closed:
             raise RuntimeError("KVEventSubscriber is closed")
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int | float):
+            raise TypeError(f"timeout_ms must be a number of milliseconds, got {type(timeout_ms).__name__}")
+        if not 0 <= timeout_ms <= _C_INT_MAX:  # NaN fails too
+            raise ValueError(f"timeout_ms must be in [0, {_C_INT_MAX}], got {timeout_ms!r}")
         if not self._pending:
             live = self._receive_live(timeout_ms)
             if live is None:

@@ -25,6 +25,8 @@ Exposed metrics (``<ns>`` is the namespace, ``sagellm_kv`` by default)::
 from __future__ import annotations
 
 import logging
+import re
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -42,6 +44,10 @@ else:
 __all__ = ["DEFAULT_LATENCY_BUCKETS", "PoolSource", "PrefixSource", "PrometheusExporter"]
 
 _log = logging.getLogger(__name__)
+
+# Prometheus metric names are ASCII: a letter or an underscore, then letters, digits, underscores (colons
+# are for recording rules). str.isalnum() would also pass "é" or "ª", which the exposition escapes to "_".
+_NAMESPACE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 PoolSource = Callable[[], Mapping[str, Any]]
 """Returns ``{"total_blocks": int, "free_blocks": int, "block_bytes": int}`` (``used_blocks`` optional)."""
@@ -170,7 +176,7 @@ class PrometheusExporter:
         _require_prometheus()
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
-        if not namespace or not namespace.replace("_", "a").isalnum() or namespace[0].isdigit():
+        if _NAMESPACE.fullmatch(namespace) is None:
             raise ValueError(f"namespace must be a Prometheus identifier, got {namespace!r}")
         self.namespace = namespace
         self.registry = CollectorRegistry(auto_describe=True)
@@ -276,10 +282,15 @@ class PrometheusExporter:
         """
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535, got {port!r}")
+        if not isinstance(addr, str):
+            raise TypeError(f"addr must be a host name or IP address (str), got {type(addr).__name__}")
         with self._lock:
             if self._server is not None:
                 raise RuntimeError(f"exporter already serving on port {self._server.server_port}")
-            result = start_http_server(port, addr=addr, registry=self.registry)
+            try:
+                result = start_http_server(port, addr=addr, registry=self.registry)
+            except socket.gaierror as err:  # names neither the address nor the call
+                raise ValueError(f"addr {addr!r} is not an address to serve on: {err.strerror}") from err
             if not isinstance(result, tuple):  # prometheus-client < 0.20 returns None
                 raise RuntimeError("PrometheusExporter.start needs prometheus-client >= 0.20")
             self._server, self._thread = result

@@ -39,6 +39,7 @@ import bisect
 import itertools
 import json
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -393,9 +394,23 @@ class AccessStatsCollector:
             return data
 
     def export_stats(self, output_path: str | Path) -> None:
-        """Writes :meth:`to_dict` as JSON; the file is replaced atomically, never left half-written."""
+        """Writes :meth:`to_dict` as JSON; the file is replaced atomically, never left half-written.
+
+        A symbolic link stays: the file it points to is replaced. A FIFO or a device (``/dev/stdout``) is
+        written into, as a shell redirection would, not replaced by a regular file.
+        """
         path = Path(output_path)
         data = self.to_dict()
+        try:
+            mode: int | None = os.stat(path).st_mode  # through links
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            with open(path, "w", encoding="utf-8") as stream:
+                json.dump(data, stream, indent=2)
+            return
+        if path.is_symlink():
+            path = Path(os.path.realpath(path))
         directory = path.parent if str(path.parent) else Path(".")
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
         try:

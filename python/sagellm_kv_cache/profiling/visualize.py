@@ -37,6 +37,7 @@ __all__ = [
     "StatsFileError",
     "format_summary",
     "image_format",
+    "literal_label",
     "load_stats",
     "plot_all",
     "plot_frequency",
@@ -110,6 +111,10 @@ def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
             raise StatsFileError(f"{source}: {key!r} has type {type(value).__name__}")
         if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN / Infinity
             raise StatsFileError(f"{source}: {key!r} must be finite, got {value}")
+        # Counts and times (from a monotonic clock) are never negative; a rate is a fraction.
+        if isinstance(value, int | float) and not 0 <= value <= (1 if key == "hit_rate" else math.inf):
+            bounds = "in [0, 1]" if key == "hit_rate" else ">= 0"
+            raise StatsFileError(f"{source}: {key!r} must be {bounds}, got {value}")
     for block_id, detail in stats["block_details"].items():
         where = f"{source}: block_details[{block_id!r}]"
         if not isinstance(detail, dict):
@@ -121,23 +126,28 @@ def validate_stats(stats: object, source: str = "stats") -> dict[str, Any]:
             if not is_finite_number(detail.get(key)):
                 raise StatsFileError(f"{where}.{key} must be a number, got {detail.get(key)!r}")
         intervals = detail.get("intervals")
-        if not isinstance(intervals, list) or not all(is_finite_number(gap) for gap in intervals):
-            raise StatsFileError(f"{where}.intervals must be a list of numbers")
+        if not isinstance(intervals, list) or not all(_is_gap(gap) for gap in intervals):
+            raise StatsFileError(f"{where}.intervals must be a list of numbers >= 0")
         # fewer when the collector kept only a block's most recent access times (max_times_per_block)
         if len(intervals) > count - 1:
             raise StatsFileError(f"{where} has {len(intervals)} intervals for {count} accesses")
         if not all(math.isfinite(t) for t in _recorded_times(detail)):
             raise StatsFileError(f"{where}: its access times overflow (last_access less its intervals)")
-    if not all(is_finite_number(gap) for gap in stats["access_intervals"]):
-        raise StatsFileError(f"{source}: 'access_intervals' must be a list of numbers")
+    if not all(_is_gap(gap) for gap in stats["access_intervals"]):
+        raise StatsFileError(f"{source}: 'access_intervals' must be a list of numbers >= 0")
     return stats
+
+
+def _is_gap(value: object) -> bool:
+    """A time between two accesses: a finite number >= 0 (the collector's clock is monotonic)."""
+    return is_finite_number(value) and value >= 0  # type: ignore[operator]
 
 
 def load_stats(path: str | Path) -> dict[str, Any]:
     """Reads and validates an exported file (``FileNotFoundError`` / :class:`StatsFileError`)."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is not JSON
     except UnicodeDecodeError as err:
         raise StatsFileError(f"{file}: not a UTF-8 text file") from err
     try:
@@ -183,8 +193,14 @@ def _time_unit(span: float) -> tuple[str, float]:
     return "µs", 1e6
 
 
+def literal_label(text: str) -> str:
+    """``text`` as matplotlib should draw it: each ``$`` escaped, so a block id or file name holding a pair
+    is not typeset as mathtext (``blk_$x^2$``) or, when that is not valid mathtext, fails the whole plot."""
+    return text.replace("$", r"\$")
+
+
 def _short(block_id: str, width: int = 18) -> str:
-    return block_id if len(block_id) <= width else block_id[: width - 1] + "…"
+    return literal_label(block_id if len(block_id) <= width else block_id[: width - 1] + "…")
 
 
 def _format_seconds(seconds: float) -> str:
