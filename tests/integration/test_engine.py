@@ -139,3 +139,31 @@ def test_repeated_long_prompt_hits_the_prefix_cache(tiny_model: Path, kv_trace: 
     assert 64 in kv_trace.lookups
     reference = run_engine(tiny_model, _same_prompt_three_times, enable_kv_cache=False)
     assert [tokens for tokens, _ in results] == [tokens for tokens, _ in reference]
+
+
+async def _shared_prefix_waves(engine: Any) -> list[list[tuple[list[int], str]]]:
+    base = prompt(40, 1)  # one shared prefix, then a short distinct tail per request
+    waves = []
+    for _ in range(2):  # the second wave reuses the ids the first wave's evictions and frees returned
+        results = await asyncio.gather(*(engine.generate(f"{base} {prompt(3 + i, i)}", max_tokens=6) for i in range(6)))
+        waves.append([(list(r.output_tokens), r.finish_reason) for r in results])
+    return waves
+
+
+# Block sizes that do not divide the prompts (7) and one token per block (1), each with a budget
+# that forces the engine's eviction path (and its model runner's refusals, so nothing is published
+# to the prefix cache here, as with the original) while the requests share a prefix.
+@pytest.mark.parametrize(("block_size", "num_blocks"), [(7, 30), (1, 150)])
+def test_odd_block_sizes_under_pressure_evict_and_free_like_the_original(
+        tiny_model: Path, kv_trace: KVTrace, caplog: pytest.LogCaptureFixture, block_size: int,
+        num_blocks: int) -> None:
+    caplog.set_level(logging.INFO, logger="sagellm_core.engine_core.kv_cache_manager")
+    waves = run_engine(tiny_model, _shared_prefix_waves, kv_cache_block_size=block_size, kv_cache_num_blocks=num_blocks)
+    # Measured with the original package (0.5.4.15) on this workload: eight running requests are
+    # evicted, and the engine's block-table lookups for those eight come back empty.
+    assert len([r for r in caplog.records if r.getMessage().startswith("Evicting request ")]) == 8
+    assert sum(not table for table in kv_trace.block_tables) == 8
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    _assert_everything_freed(kv_trace)
+    assert kv_trace.inserted == [] and kv_trace.lookups == []
+    assert waves == run_engine(tiny_model, _shared_prefix_waves, enable_kv_cache=False)
