@@ -451,6 +451,21 @@ def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: i
     assert stats["free_chunks"] == stats["num_chunks"] - stats["resident_chunks"]
 
 
+def test_harness_samples_no_token_for_a_prefill_chunk() -> None:
+    """vLLM's model runner discards the token sampled for a request whose prompt is still being prefilled
+    in chunks. The harness gave every scheduled request a token, so a request with max_tokens=1 finished
+    after its first chunk; vLLM's connector then stored its whole prompt (it stores a finished request up to
+    its prompt length), most of it never computed, and a later request loaded those bytes as its prefix."""
+    # 15 tokens a step: the first chunk ends inside block 3 (tokens 12-14 computed, 15 not)
+    e = Engine(num_gpu_blocks=32, num_chunks=16, max_tokens_per_step=15, max_seqs=1, prefix_caching=False)
+    prompt = list(range(100, 124))  # 6 blocks of 4 tokens
+    e.add(prompt, max_tokens=1)
+    e.drain()
+    e.add([*prompt, 5], max_tokens=1)  # reuses all 6 blocks from the tier, each byte-checked
+    e.drain()
+    assert e.hit_tokens == len(prompt) and e.checked_blocks >= 6
+
+
 def test_complete_load_accepts_reordered_keys_and_tails_evict_first() -> None:
     m = SageOffloadingManager(3)
     ctx = ReqContext("chain")
