@@ -24,6 +24,7 @@ with warnings.catch_warnings():  # vLLM's import chain trips deprecation warning
 
 import numpy as np
 import torch
+from sagellm_kv_cache.errors import KVRefCountUnderflowError
 from sagellm_kv_cache.integrations.vllm_offload import (
     SageLoadStoreSpec,
     SageOffloadingManager,
@@ -122,6 +123,38 @@ def test_loading_key_is_not_evictable_until_complete_load() -> None:
     assert m.prepare_store(keys(4), CTX) is None  # 1 pinned, 3 pending
     m.complete_load(keys(1), a)
     assert m.stats()["in_use_blocks"] == 0
+
+
+def test_a_load_completed_in_parts_keeps_the_rest_pinned() -> None:
+    """vLLM's own manager counts a load per key, so complete_load may release part of a prepare_load's
+    keys. Ours released the whole chain the load had pinned: key 1, still being loaded, was evicted and
+    its slot handed to a new store (bytes overwritten under the reader), and completing it then raised
+    KeyError. Now a load's pins stay until all its keys are released, so 1 stays (and, more cautious
+    than vLLM's, so does 2 until then: the pins are the chain's)."""
+    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+
+    for m in (SageOffloadingManager(2), CPUOffloadingManager(2)):
+        ctx = ReqContext("parts")
+        out = m.prepare_store(keys(1, 2), ctx)
+        assert out is not None
+        m.complete_store(out.keys_to_store, ctx)
+        slots = m.prepare_load(keys(1, 2), ctx).block_ids.tolist()  # type: ignore[attr-defined]
+        m.complete_load(keys(2), ctx)  # 1 is still loading
+        assert m.prepare_store(keys(3, 4), ctx) is None, type(m).__name__  # 1 may not go
+        assert m.lookup(keys(1)[0], ctx) is LookupResult.HIT
+        m.complete_load(keys(1), ctx)
+        out = m.prepare_store(keys(3, 4), ctx)
+        assert out is not None and sorted(out.evicted_keys) == keys(1, 2), type(m).__name__
+        assert sorted(out.store_spec.block_ids.tolist()) == sorted(slots)  # type: ignore[attr-defined]
+        m.complete_store(out.keys_to_store, ctx)
+    sage = SageOffloadingManager(2)
+    stored(sage, keys(1, 2))
+    sage.prepare_load(keys(2), CTX)  # 1 is pinned as 2's ancestor, but not loaded: releasing it is an error
+    with pytest.raises(KVRefCountUnderflowError, match="slot 0 has no load in flight"):
+        sage.complete_load(keys(1), CTX)
+    sage.complete_load(keys(2), CTX)
+    assert sage.stats()["in_use_blocks"] == 0
+    sage.check_invariants()
 
 
 def test_prepare_load_reads_its_keys_once() -> None:

@@ -146,8 +146,9 @@ class SageOffloadingManager(OffloadingManager):
     ``complete_store``. Its binding keeps the key -> slot maps as two dicts, so ``lookup`` (vLLM calls
     it once per key) is a dict probe here, and every other call crosses into C++ once with its whole
     key list. This class only adapts: per request it remembers the last key (the next store's parent)
-    and builds vLLM's result objects. ``complete_load`` / ``complete_store`` take the keys of an earlier
-    ``prepare_*`` call in any order (vLLM passes sets). Single-threaded like vLLM's own manager (the
+    and builds vLLM's result objects. ``complete_load`` / ``complete_store`` take the keys of earlier
+    ``prepare_*`` calls in any order (vLLM passes sets); a load may complete in parts (its pins stay
+    until its last key is released). Single-threaded like vLLM's own manager (the
     connector serializes calls); the native index is thread-safe anyway.
     ``policy`` is one of the trie's policies (``lru``, ``fifo``, ``priority``, ``ttl``).
     """
@@ -201,7 +202,9 @@ class SageOffloadingManager(OffloadingManager):
         self._index.touch(keys)
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        """Releases the pins of a ``prepare_load`` of the same keys (in any order: vLLM passes a set)."""
+        """Releases keys of earlier ``prepare_load`` calls (any order: vLLM passes a set); a load's pins go
+        once all its keys are released. KeyError for a key not offloaded, KVRefCountUnderflowError for one
+        with no load in flight; either way nothing is released."""
         self._index.complete_load(keys)
 
     # --- stores -----------------------------------------------------------------------------
