@@ -102,9 +102,8 @@ def test_failed_store_frees_the_slot_and_stays_a_miss() -> None:
 
 
 def test_loading_key_is_not_evictable_until_complete_load() -> None:
-    """Two loads in flight, each completed with its own keys (as vLLM's connector completes a job; a part
-    of one load's keys is not supported: its pins are released as a whole). It used to complete key 2 of a
-    load of (1, 2) and find 1 still there, which only the eviction order (2 was the chain's tail) kept."""
+    """Two loads in flight, each completed with its own keys, as vLLM's connector completes a job (a load
+    completed in parts: test_a_load_completed_in_parts_keeps_the_rest_pinned)."""
     m = SageOffloadingManager(2)
     a, b = ReqContext("a"), ReqContext("b")
     for ctx, k in ((a, keys(1)), (b, keys(2))):  # two requests: two roots, neither shields the other
