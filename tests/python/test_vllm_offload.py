@@ -212,6 +212,29 @@ def test_events_carry_the_cpu_medium() -> None:
     assert list(m.take_events()) == []
 
 
+def test_failed_store_events_match_vllms_manager() -> None:
+    """vLLM's manager announces a failed store's keys as a metadata_only removal (its connector's event
+    tracker then drops the payload it recorded for them, publishing nothing) and leaves out a key stored
+    again before the events are taken. Ours announced nothing, so the tracker kept those payloads."""
+    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+
+    def story(m: object) -> list[tuple[bool, bool, list[bytes]]]:
+        assert isinstance(m, SageOffloadingManager | CPUOffloadingManager)
+        ctx = ReqContext("fail")
+        stored(m, keys(1))  # type: ignore[arg-type]
+        out = m.prepare_store(keys(2, 3, 4), ctx)
+        assert out is not None
+        m.complete_store(set(out.keys_to_store) | set(keys(1, 9)), ctx, success=False)  # 1: resident, 9: unknown
+        again = m.prepare_store(keys(3), ctx)  # 3 is stored again before the events are taken
+        assert again is not None and again.keys_to_store == keys(3)
+        m.complete_store(keys(3), ctx)
+        return [(e.removed, e.metadata_only, sorted(e.keys)) for e in m.take_events()]
+
+    ours = story(SageOffloadingManager(8, enable_events=True))
+    assert ours == story(CPUOffloadingManager(8, enable_events=True))
+    assert ours == [(False, False, keys(1)), (True, True, keys(2, 4)), (False, False, keys(3))]
+
+
 def test_bad_capacity_is_a_value_error() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError):

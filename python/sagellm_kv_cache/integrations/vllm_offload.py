@@ -224,7 +224,17 @@ class SageOffloadingManager(OffloadingManager):
         return out
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
-        """Commits (or frees, ``success=False``) the pending keys among ``keys``; others are skipped."""
+        """Commits (or frees, ``success=False``) the pending keys among ``keys``; others are skipped. A
+        failed store's keys are announced as vLLM's manager announces them: a ``metadata_only`` removal
+        (no public eviction; the connector's event tracker drops what it recorded for them)."""
+        if not success and self._events is not None:
+            keys = keys if type(keys) is list else list(keys)  # read twice below
+            freed = list(dict.fromkeys(k for k in keys if k in self._pending))
+            self._index.complete_store(keys, False)
+            if freed:
+                self._events.append(OffloadingEvent(keys=freed, medium=self.medium, removed=True,
+                                                    metadata_only=True))
+            return
         stored = self._index.complete_store(keys, success)
         if stored and self._events is not None:
             self._events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
@@ -241,7 +251,16 @@ class SageOffloadingManager(OffloadingManager):
         if self._events is None:
             return []
         events, self._events = self._events, []
-        return events
+        out = []
+        for event in events:
+            if event.metadata_only:  # as vLLM's manager: a key stored again since has its own record
+                kept = [k for k in event.keys if k not in self._res and k not in self._pending]
+                if not kept:
+                    continue
+                if len(kept) != len(event.keys):
+                    event = OffloadingEvent(keys=kept, medium=event.medium, removed=True, metadata_only=True)
+            out.append(event)
+        return out
 
     def reset_cache(self) -> None:
         """Drops everything, loads and stores in flight included, as vLLM's connector expects: it never
