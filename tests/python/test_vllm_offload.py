@@ -76,6 +76,29 @@ def test_keys_differing_in_group_are_distinct_chunks() -> None:
     assert len({slot_digest(s) for s in range(1000)}) == 1000 and len(slot_digest(7)) == 32
 
 
+def test_lookup_takes_its_arguments_by_name_like_vllms_manager() -> None:
+    """OffloadingManager.lookup(key, req_context): the C function standing in for our method took them by
+    position only (TypeError for lookup(key=..., req_context=...), which vLLM's manager accepts)."""
+    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+
+    for m in (SageOffloadingManager(2), CPUOffloadingManager(2)):
+        stored(m, keys(1))  # type: ignore[arg-type]
+        k, other = keys(1)[0], keys(2)[0]
+        assert m.lookup(key=k, req_context=CTX) is LookupResult.HIT
+        assert m.lookup(k, req_context=CTX) is LookupResult.HIT
+        assert m.lookup(req_context=CTX, key=other) is LookupResult.MISS
+    m = SageOffloadingManager(2)
+    k = keys(1)[0]
+    for call, message in ((lambda: m.lookup(k, CTX, None), "arguments given"),  # type: ignore[call-arg]
+                          (lambda: m.lookup(k, context=CTX), "unexpected keyword argument 'context'"),  # type: ignore[call-arg]
+                          (lambda: m.lookup(k, key=k), "multiple values for argument 'key'"),  # type: ignore[misc]
+                          (lambda: m.lookup(k, CTX, req_context=CTX), "multiple values for argument 'req_context'"),  # type: ignore[misc]
+                          (lambda: m.lookup(req_context=CTX), "missing required argument 'key'")):  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert m.lookup(k) is LookupResult.MISS  # the context is optional here, as before
+
+
 def test_not_readable_before_complete_store() -> None:
     m = SageOffloadingManager(4)
     k = keys(1)
