@@ -408,6 +408,23 @@ def test_worker_rejects_a_mismatched_chunk_count(copies: str) -> None:
 
 
 @pytest.mark.parametrize("copies", ["pool", "stream"])
+def test_worker_takes_an_empty_job_at_any_block_index(copies: str) -> None:
+    """A group of 0 blocks needs no chunk: vLLM's own handler skips it whatever its block index. Ours
+    counted the index's offset into a chunk and refused it (ValueError: 0 blocks from offset 1 need 1
+    chunks), which vLLM's worker connector does not catch."""
+    kv, raw = _canonical(True)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies=copies)
+    before = raw.clone()
+    assert worker.submit_store(1, GPULoadStoreSpec([], [0], [3]), SageLoadStoreSpec([]))
+    assert worker.submit_load(2, SageLoadStoreSpec([]), GPULoadStoreSpec([], [0], [5]), expedited=True)
+    worker.wait({1, 2})
+    assert sorted(r.job_id for r in worker.get_finished()) == [1, 2]
+    assert torch.equal(raw, before) and worker.stored_blocks == worker.loaded_blocks == 0
+    with pytest.raises(ValueError, match="need 0 chunks, got 1"):
+        worker.submit_load(3, SageLoadStoreSpec([0]), GPULoadStoreSpec([], [0], [1]))
+
+
+@pytest.mark.parametrize("copies", ["pool", "stream"])
 def test_worker_names_a_block_id_out_of_range_and_moves_nothing(copies: str) -> None:
     """Both paths check vLLM's block ids before copying (the pool path gave torch's unnamed IndexError, and
     on CUDA KV an out-of-range index_select is a device-side assert that ends the process)."""

@@ -343,7 +343,8 @@ class SageOffloadingWorker(OffloadingWorker):
             raise ValueError(f"only one KV-cache group is supported, got {len(gpu.group_sizes)}")
         n = int(gpu.group_sizes[0])
         skip = int(gpu.block_indices[0]) % self.blocks_per_chunk
-        n_chunks = -(-(n + skip) // self.blocks_per_chunk)
+        # an empty group needs no chunk whatever its block index (vLLM's own handler skips it)
+        n_chunks = -(-(n + skip) // self.blocks_per_chunk) if n else 0
         if n_chunks != len(slots):
             raise ValueError(f"{n} blocks from offset {skip} need {n_chunks} chunks, got {len(slots)}")
         partial = skip != 0 or (n + skip) % self.blocks_per_chunk != 0
