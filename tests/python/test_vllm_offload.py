@@ -660,7 +660,8 @@ def test_partial_store_completion_keeps_the_rest_pending() -> None:
 
 
 def test_random_call_sequences_keep_the_books_consistent() -> None:
-    """Random requests (shared prefixes, loads, stores completed whole, in parts or failed, resets)
+    """Random requests (shared prefixes, loads completed whole or in parts, stores completed whole, in
+    parts or failed, resets)
     against a plain model of what must hold: resident / pending keys answer HIT / HIT_PENDING, no two
     live keys share a slot, evicted keys were resident and unpinned, the free count matches."""
     rng = random.Random(7)
@@ -681,9 +682,15 @@ def test_random_call_sequences_keep_the_books_consistent() -> None:
                 spec = m.prepare_load(chain[:n], ctx)
                 assert spec.block_ids.tolist() == [resident[k] for k in chain[:n]]
                 loads.append((ctx, chain[:n]))
-            if loads and rng.random() < 0.6:
-                done_ctx, done = loads.pop(rng.randrange(len(loads)))
-                m.complete_load(set(done), done_ctx)
+            if loads and rng.random() < 0.6:  # a load completes whole, or a part of it does
+                at = rng.randrange(len(loads))
+                done_ctx, done = loads[at]
+                cut = len(done) if rng.random() < 0.5 else rng.randrange(1, len(done) + 1)
+                m.complete_load(set(done[:cut]), done_ctx)
+                if cut < len(done):
+                    loads[at] = (done_ctx, done[cut:])
+                else:
+                    loads.pop(at)
             pinned = {k for _, ks in loads for k in ks}
             out = m.prepare_store(chain[n:], ctx)
             if out is not None:
