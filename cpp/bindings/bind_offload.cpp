@@ -92,13 +92,38 @@ BlockId slot_in(PyObject* dict, PyObject* key) {
 
 // lookup(key, req_context=None) over (resident, pending, hit, hit_pending, miss), the tuple `self`:
 // a plain C function, so an engine's per-key probe costs no Python frame and no pybind11 dispatch.
-PyObject* lookup_key(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs < 1 || nargs > 2) {
+// Both arguments may be passed by name, as to the OffloadingManager.lookup it stands in for.
+PyObject* lookup_key(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  if (nargs > 2) {
     PyErr_Format(PyExc_TypeError, "lookup() takes a key and an optional request context (%zd arguments given)", nargs);
     return nullptr;
   }
+  PyObject* key = nargs > 0 ? args[0] : nullptr;
+  bool have_context = nargs > 1;
+  const Py_ssize_t nkw = kwnames == nullptr ? 0 : PyTuple_GET_SIZE(kwnames);
+  for (Py_ssize_t i = 0; i < nkw; ++i) {
+    PyObject* name = PyTuple_GET_ITEM(kwnames, i);
+    const bool is_key = PyUnicode_CompareWithASCIIString(name, "key") == 0;
+    if (!is_key && PyUnicode_CompareWithASCIIString(name, "req_context") != 0) {
+      PyErr_Format(PyExc_TypeError, "lookup() got an unexpected keyword argument '%U'", name);
+      return nullptr;
+    }
+    if (is_key ? key != nullptr : have_context) {
+      PyErr_Format(PyExc_TypeError, "lookup() got multiple values for argument '%U'", name);
+      return nullptr;
+    }
+    if (is_key) {
+      key = args[nargs + i];
+    } else {
+      have_context = true;
+    }
+  }
+  if (key == nullptr) {
+    PyErr_SetString(PyExc_TypeError, "lookup() missing required argument 'key'");
+    return nullptr;
+  }
   for (Py_ssize_t i = 0; i < 2; ++i) {
-    const int found = PyDict_Contains(PyTuple_GET_ITEM(self, i), args[0]);
+    const int found = PyDict_Contains(PyTuple_GET_ITEM(self, i), key);
     if (found < 0) return nullptr;
     if (found == 1) return Py_NewRef(PyTuple_GET_ITEM(self, 2 + i));
   }
@@ -106,8 +131,8 @@ PyObject* lookup_key(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 PyMethodDef lookup_def = {"lookup", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&lookup_key)),
-                          METH_FASTCALL, "lookup(key, req_context=None): hit if resident, hit_pending if pending, "
-                          "else miss."};
+                          METH_FASTCALL | METH_KEYWORDS,
+                          "lookup(key, req_context=None): hit if resident, hit_pending if pending, else miss."};
 
 // Marks a call in progress. Python code can run inside one (a garbage collection its allocations
 // trigger runs finalizers and gc callbacks, and they may switch threads): a call entering then would

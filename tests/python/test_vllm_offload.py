@@ -24,6 +24,7 @@ with warnings.catch_warnings():  # vLLM's import chain trips deprecation warning
 
 import numpy as np
 import torch
+from sagellm_kv_cache.errors import KVRefCountUnderflowError
 from sagellm_kv_cache.integrations.vllm_offload import (
     SageLoadStoreSpec,
     SageOffloadingManager,
@@ -75,6 +76,29 @@ def test_keys_differing_in_group_are_distinct_chunks() -> None:
     assert len({slot_digest(s) for s in range(1000)}) == 1000 and len(slot_digest(7)) == 32
 
 
+def test_lookup_takes_its_arguments_by_name_like_vllms_manager() -> None:
+    """OffloadingManager.lookup(key, req_context): the C function standing in for our method took them by
+    position only (TypeError for lookup(key=..., req_context=...), which vLLM's manager accepts)."""
+    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+
+    for m in (SageOffloadingManager(2), CPUOffloadingManager(2)):
+        stored(m, keys(1))  # type: ignore[arg-type]
+        k, other = keys(1)[0], keys(2)[0]
+        assert m.lookup(key=k, req_context=CTX) is LookupResult.HIT
+        assert m.lookup(k, req_context=CTX) is LookupResult.HIT
+        assert m.lookup(req_context=CTX, key=other) is LookupResult.MISS
+    m = SageOffloadingManager(2)
+    k = keys(1)[0]
+    for call, message in ((lambda: m.lookup(k, CTX, None), "arguments given"),  # type: ignore[call-arg]
+                          (lambda: m.lookup(k, context=CTX), "unexpected keyword argument 'context'"),  # type: ignore[call-arg]
+                          (lambda: m.lookup(k, key=k), "multiple values for argument 'key'"),  # type: ignore[misc]
+                          (lambda: m.lookup(k, CTX, req_context=CTX), "multiple values for argument 'req_context'"),  # type: ignore[misc]
+                          (lambda: m.lookup(req_context=CTX), "missing required argument 'key'")):  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert m.lookup(k) is LookupResult.MISS  # the context is optional here, as before
+
+
 def test_not_readable_before_complete_store() -> None:
     m = SageOffloadingManager(4)
     k = keys(1)
@@ -101,17 +125,58 @@ def test_failed_store_frees_the_slot_and_stays_a_miss() -> None:
 
 
 def test_loading_key_is_not_evictable_until_complete_load() -> None:
+    """Two loads in flight, each completed with its own keys, as vLLM's connector completes a job (a load
+    completed in parts: test_a_load_completed_in_parts_keeps_the_rest_pinned)."""
     m = SageOffloadingManager(2)
-    stored(m, keys(1, 2))
-    spec = m.prepare_load(keys(1, 2), CTX)
-    assert isinstance(spec, SageLoadStoreSpec) and len(spec.block_ids) == 2
+    a, b = ReqContext("a"), ReqContext("b")
+    for ctx, k in ((a, keys(1)), (b, keys(2))):  # two requests: two roots, neither shields the other
+        out = m.prepare_store(k, ctx)
+        assert out is not None
+        m.complete_store(out.keys_to_store, ctx)
+    spec = m.prepare_load(keys(1), a)
+    assert isinstance(spec, SageLoadStoreSpec) and len(spec.block_ids) == 1
+    m.prepare_load(keys(2), b)
     assert m.prepare_store(keys(3), CTX) is None  # both pinned: nothing can be freed
-    assert m.lookup(keys(1)[0], CTX) is LookupResult.HIT
-    m.complete_load(keys(2), CTX)
+    m.complete_load(keys(2), b)
     out = m.prepare_store(keys(3), CTX)
-    assert out is not None and out.evicted_keys == keys(2)
+    assert out is not None and out.evicted_keys == keys(2)  # 1 is the LRU, but still being loaded
     assert m.lookup(keys(1)[0], CTX) is LookupResult.HIT
     assert m.lookup(keys(2)[0], CTX) is LookupResult.MISS
+    assert m.prepare_store(keys(4), CTX) is None  # 1 pinned, 3 pending
+    m.complete_load(keys(1), a)
+    assert m.stats()["in_use_blocks"] == 0
+
+
+def test_a_load_completed_in_parts_keeps_the_rest_pinned() -> None:
+    """vLLM's own manager counts a load per key, so complete_load may release part of a prepare_load's
+    keys. Ours released the whole chain the load had pinned: key 1, still being loaded, was evicted and
+    its slot handed to a new store (bytes overwritten under the reader), and completing it then raised
+    KeyError. Now a load's pins stay until all its keys are released, so 1 stays (and, more cautious
+    than vLLM's, so does 2 until then: the pins are the chain's)."""
+    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+
+    for m in (SageOffloadingManager(2), CPUOffloadingManager(2)):
+        ctx = ReqContext("parts")
+        out = m.prepare_store(keys(1, 2), ctx)
+        assert out is not None
+        m.complete_store(out.keys_to_store, ctx)
+        slots = m.prepare_load(keys(1, 2), ctx).block_ids.tolist()  # type: ignore[attr-defined]
+        m.complete_load(keys(2), ctx)  # 1 is still loading
+        assert m.prepare_store(keys(3, 4), ctx) is None, type(m).__name__  # 1 may not go
+        assert m.lookup(keys(1)[0], ctx) is LookupResult.HIT
+        m.complete_load(keys(1), ctx)
+        out = m.prepare_store(keys(3, 4), ctx)
+        assert out is not None and sorted(out.evicted_keys) == keys(1, 2), type(m).__name__
+        assert sorted(out.store_spec.block_ids.tolist()) == sorted(slots)  # type: ignore[attr-defined]
+        m.complete_store(out.keys_to_store, ctx)
+    sage = SageOffloadingManager(2)
+    stored(sage, keys(1, 2))
+    sage.prepare_load(keys(2), CTX)  # 1 is pinned as 2's ancestor, but not loaded: releasing it is an error
+    with pytest.raises(KVRefCountUnderflowError, match="slot 0 has no load in flight"):
+        sage.complete_load(keys(1), CTX)
+    sage.complete_load(keys(2), CTX)
+    assert sage.stats()["in_use_blocks"] == 0
+    sage.check_invariants()
 
 
 def test_prepare_load_reads_its_keys_once() -> None:
@@ -168,6 +233,29 @@ def test_events_carry_the_cpu_medium() -> None:
     assert [(e.removed, e.keys, e.medium) for e in events] == [
         (False, keys(1), Medium.CPU), (True, keys(1), Medium.CPU), (False, keys(2), Medium.CPU)]
     assert list(m.take_events()) == []
+
+
+def test_failed_store_events_match_vllms_manager() -> None:
+    """vLLM's manager announces a failed store's keys as a metadata_only removal (its connector's event
+    tracker then drops the payload it recorded for them, publishing nothing) and leaves out a key stored
+    again before the events are taken. Ours announced nothing, so the tracker kept those payloads."""
+    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+
+    def story(m: object) -> list[tuple[bool, bool, list[bytes]]]:
+        assert isinstance(m, SageOffloadingManager | CPUOffloadingManager)
+        ctx = ReqContext("fail")
+        stored(m, keys(1))  # type: ignore[arg-type]
+        out = m.prepare_store(keys(2, 3, 4), ctx)
+        assert out is not None
+        m.complete_store(set(out.keys_to_store) | set(keys(1, 9)), ctx, success=False)  # 1: resident, 9: unknown
+        again = m.prepare_store(keys(3), ctx)  # 3 is stored again before the events are taken
+        assert again is not None and again.keys_to_store == keys(3)
+        m.complete_store(keys(3), ctx)
+        return [(e.removed, e.metadata_only, sorted(e.keys)) for e in m.take_events()]
+
+    ours = story(SageOffloadingManager(8, enable_events=True))
+    assert ours == story(CPUOffloadingManager(8, enable_events=True))
+    assert ours == [(False, False, keys(1)), (True, True, keys(2, 4)), (False, False, keys(3))]
 
 
 def test_bad_capacity_is_a_value_error() -> None:
@@ -320,6 +408,23 @@ def test_worker_rejects_a_mismatched_chunk_count(copies: str) -> None:
 
 
 @pytest.mark.parametrize("copies", ["pool", "stream"])
+def test_worker_takes_an_empty_job_at_any_block_index(copies: str) -> None:
+    """A group of 0 blocks needs no chunk: vLLM's own handler skips it whatever its block index. Ours
+    counted the index's offset into a chunk and refused it (ValueError: 0 blocks from offset 1 need 1
+    chunks), which vLLM's worker connector does not catch."""
+    kv, raw = _canonical(True)
+    worker = SageOffloadingWorker(kv, num_chunks=4, blocks_per_chunk=2, copies=copies)
+    before = raw.clone()
+    assert worker.submit_store(1, GPULoadStoreSpec([], [0], [3]), SageLoadStoreSpec([]))
+    assert worker.submit_load(2, SageLoadStoreSpec([]), GPULoadStoreSpec([], [0], [5]), expedited=True)
+    worker.wait({1, 2})
+    assert sorted(r.job_id for r in worker.get_finished()) == [1, 2]
+    assert torch.equal(raw, before) and worker.stored_blocks == worker.loaded_blocks == 0
+    with pytest.raises(ValueError, match="need 0 chunks, got 1"):
+        worker.submit_load(3, SageLoadStoreSpec([0]), GPULoadStoreSpec([], [0], [1]))
+
+
+@pytest.mark.parametrize("copies", ["pool", "stream"])
 def test_worker_names_a_block_id_out_of_range_and_moves_nothing(copies: str) -> None:
     """Both paths check vLLM's block ids before copying (the pool path gave torch's unnamed IndexError, and
     on CUDA KV an out-of-range index_select is a device-side assert that ends the process)."""
@@ -451,6 +556,61 @@ def test_vllm_scheduler_stores_evicts_and_reloads_byte_exact(layout: str, bpc: i
     assert stats["free_chunks"] == stats["num_chunks"] - stats["resident_chunks"]
 
 
+def test_harness_samples_no_token_for_a_prefill_chunk() -> None:
+    """vLLM's model runner discards the token sampled for a request whose prompt is still being prefilled
+    in chunks. The harness gave every scheduled request a token, so a request with max_tokens=1 finished
+    after its first chunk; vLLM's connector then stored its whole prompt (it stores a finished request up to
+    its prompt length), most of it never computed, and a later request loaded those bytes as its prefix."""
+    # 15 tokens a step: the first chunk ends inside block 3 (tokens 12-14 computed, 15 not)
+    e = Engine(num_gpu_blocks=32, num_chunks=16, max_tokens_per_step=15, max_seqs=1, prefix_caching=False)
+    prompt = list(range(100, 124))  # 6 blocks of 4 tokens
+    e.add(prompt, max_tokens=1)
+    e.drain()
+    e.add([*prompt, 5], max_tokens=1)  # reuses all 6 blocks from the tier, each byte-checked
+    e.drain()
+    assert e.hit_tokens == len(prompt) and e.checked_blocks >= 6
+
+
+@pytest.mark.parametrize(("async_scheduling", "copies", "policy"), [
+    (False, "pool", "lru"), (False, "stream", "ttl"), (True, "stream", "fifo"), (True, "pool", "priority")])
+def test_vllm_scheduler_with_aborts_and_connector_resets_stays_byte_exact(async_scheduling: bool, copies: str,
+                                                                          policy: str) -> None:
+    """Requests arriving over time (shared prefixes of three bases, chunked prefill: 16 tokens a step),
+    some aborted while they prefill, load or decode, and (sync scheduler) vLLM's connector reset between
+    steps, which drops the tier with stores and loads in flight: every reused block keeps its bytes and
+    the tier's books close with nothing pending or pinned. (A longer randomized run of this kind found
+    the harness defect that test_harness_samples_no_token_for_a_prefill_chunk pins down.)"""
+    from vllm.v1.request import RequestStatus
+
+    e = Engine(num_gpu_blocks=40, num_chunks=8, blocks_per_chunk=2, max_tokens_per_step=16, max_seqs=2,
+               prefix_caching=False, async_scheduling=async_scheduling,
+               extra_config={"copies": copies, "eviction_policy": policy})
+    rng = random.Random(11)
+    bases = [[rng.randrange(1000) for _ in range(rng.randrange(4, 30))] for _ in range(3)]
+    aborts = resets = 0
+    for _ in range(300):
+        if rng.random() < 0.3:
+            base = rng.choice(bases)
+            e.add(base[:rng.randrange(1, len(base) + 1)] + [rng.randrange(1000) for _ in range(rng.randrange(8))],
+                  max_tokens=rng.randrange(1, 10))
+        r = rng.random()
+        if r < 0.05 and e.scheduler.requests:
+            e.scheduler.finish_requests(rng.choice(sorted(e.scheduler.requests)), RequestStatus.FINISHED_ABORTED)
+            aborts += 1
+        elif r < 0.08 and not async_scheduling:  # vLLM resets between steps, never inside one
+            e.scheduler.reset_prefix_cache(reset_connector=True)  # the tier resets even when the GPU cache cannot
+            resets += 1
+        e.step()
+    e.drain()
+    manager = scheduler_connector(e).manager
+    assert isinstance(manager, SageOffloadingManager)
+    manager.check_invariants()
+    stats = manager.stats()
+    assert stats["pending_chunks"] == 0 and stats["in_use_blocks"] == 0
+    assert aborts >= 5 and (resets >= 5 or async_scheduling)
+    assert e.hit_tokens > 0 and e.checked_blocks > 300 and e.sage_worker.loaded_blocks > 0
+
+
 def test_complete_load_accepts_reordered_keys_and_tails_evict_first() -> None:
     m = SageOffloadingManager(3)
     ctx = ReqContext("chain")
@@ -500,7 +660,8 @@ def test_partial_store_completion_keeps_the_rest_pending() -> None:
 
 
 def test_random_call_sequences_keep_the_books_consistent() -> None:
-    """Random requests (shared prefixes, loads, stores completed whole, in parts or failed, resets)
+    """Random requests (shared prefixes, loads completed whole or in parts, stores completed whole, in
+    parts or failed, resets)
     against a plain model of what must hold: resident / pending keys answer HIT / HIT_PENDING, no two
     live keys share a slot, evicted keys were resident and unpinned, the free count matches."""
     rng = random.Random(7)
@@ -521,9 +682,15 @@ def test_random_call_sequences_keep_the_books_consistent() -> None:
                 spec = m.prepare_load(chain[:n], ctx)
                 assert spec.block_ids.tolist() == [resident[k] for k in chain[:n]]
                 loads.append((ctx, chain[:n]))
-            if loads and rng.random() < 0.6:
-                done_ctx, done = loads.pop(rng.randrange(len(loads)))
-                m.complete_load(set(done), done_ctx)
+            if loads and rng.random() < 0.6:  # a load completes whole, or a part of it does
+                at = rng.randrange(len(loads))
+                done_ctx, done = loads[at]
+                cut = len(done) if rng.random() < 0.5 else rng.randrange(1, len(done) + 1)
+                m.complete_load(set(done[:cut]), done_ctx)
+                if cut < len(done):
+                    loads[at] = (done_ctx, done[cut:])
+                else:
+                    loads.pop(at)
             pinned = {k for _, ks in loads for k in ks}
             out = m.prepare_store(chain[n:], ctx)
             if out is not None:

@@ -215,8 +215,12 @@ class Engine:
         self.worker.clear_connector_metadata()
         reqs = self.scheduler.running
         ids = [r.request_id for r in reqs]
+        # As vLLM's model runner: a request still prefilling its prompt in chunks samples nothing (the
+        # runner discards the token); schedule() set is_prefill_chunk for every scheduled request.
+        sampled = [[SAMPLED] if r.request_id in out.num_scheduled_tokens and not r.is_prefill_chunk else []
+                   for r in reqs]
         mro = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                                sampled_token_ids=[[SAMPLED] if r in out.num_scheduled_tokens else [] for r in ids],
+                                sampled_token_ids=sampled,
                                 logprobs=None, prompt_logprobs_dict={}, pooler_output=None,
                                 kv_connector_output=KVConnectorOutput(
                                     finished_sending=sending, finished_recving=recving, invalid_block_ids=set(),

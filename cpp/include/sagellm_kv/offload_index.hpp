@@ -106,14 +106,17 @@ class OffloadIndex {
   /// reservation order (`slots` is reordered so). Same errors as `commit`.
   void abandon(std::span<BlockId> slots);
 
-  /// Pins resident `slots` for a load: each, with its ancestors, cannot be evicted until `unpin` of
-  /// the same slots (in any order). One trie match when the slots are a chain from the root in order
-  /// (a request's prefix), else one per slot that is no other's ancestor. Throws
+  /// Pins resident `slots` for a load: each, with its ancestors, cannot be evicted until `unpin`
+  /// has released every slot this call listed (in any order, in one call or several: a load may
+  /// complete in parts, and until its last slot is released the paths it pinned stay pinned). One
+  /// trie match when the slots are a chain from the root in order (a request's prefix), else one per
+  /// slot that is no other's ancestor. A slot listed twice is one load of it. Throws
   /// Error(kCacheMiss) naming the position of the first slot that is not resident (nothing changed).
   void pin(std::span<const BlockId> slots);
 
-  /// Releases a `pin` of the same slots (in any order). All or nothing: Error(kCacheMiss) for a slot
-  /// that is not resident, Error(kRefCountUnderflow) when the slots are not pinned that often.
+  /// Releases slots of earlier `pin` calls (any order, each listed slot once however often it
+  /// appears); a call's pins go when its last slot is released. All or nothing: Error(kCacheMiss)
+  /// for a slot that is not resident, Error(kRefCountUnderflow) naming one with no load in flight.
   void unpin(std::span<const BlockId> slots);
 
   /// Marks resident `slots` (and their ancestors) recently used; other slots are ignored.

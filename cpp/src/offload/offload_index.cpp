@@ -1,11 +1,13 @@
 #include "sagellm_kv/offload_index.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cassert>
 #include <cmath>
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 
 #include "allocator/free_held.hpp"
 #include "sagellm_kv/error.hpp"
@@ -40,7 +42,8 @@ BlockHash OffloadIndex::slot_digest(BlockId slot) noexcept {
 struct OffloadIndex::Impl {
   explicit Impl(const OffloadIndexOptions& o)
       : options(o), state(o.num_slots, SlotState::kFree), link(o.num_slots, kNoSlot), gen(o.num_slots, 0),
-        link_gen(o.num_slots, 0), seq(o.num_slots, 0), ancestor(o.num_slots, 0), seen(o.num_slots, 0) {
+        link_gen(o.num_slots, 0), seq(o.num_slots, 0), ancestor(o.num_slots, 0), seen(o.num_slots, 0),
+        load_group(o.num_slots, kNoGroup) {
     start();
   }
 
@@ -71,6 +74,21 @@ struct OffloadIndex::Impl {
   std::vector<BlockHash> victims;
   std::vector<BlockId> parents;  // commit: each slot's parent once resident
 
+  // Loads in flight. Each `pin` call is a group holding the trie pins of the root paths that end at
+  // its `leaves` until every slot the call listed has been unpinned, by one `unpin` or several (a
+  // load may complete in parts: the paths it pinned stay pinned for the slots still loading).
+  // load_group[s]: a group that listed s and has not had s unpinned (kNoGroup: none); the groups
+  // of further loads of s meanwhile are in `more_groups`.
+  static constexpr std::uint32_t kNoGroup = 0xffffffffu;
+  struct PinGroup {
+    std::vector<BlockId> leaves;
+    std::uint32_t left = 0;  // listed slots not unpinned yet (0: the record is free)
+  };
+  std::vector<PinGroup> groups;
+  std::vector<std::uint32_t> free_groups;
+  std::vector<std::uint32_t> load_group;
+  std::unordered_multimap<BlockId, std::uint32_t> more_groups;
+
   // A new allocator and trie, every slot free. Both are made before the old ones go, so a
   // std::bad_alloc changes nothing (it used to leave no trie behind: the next call crashed).
   void start() {
@@ -83,6 +101,10 @@ struct OffloadIndex::Impl {
     trie = std::move(fresh_trie);  // the old trie returns its references to the old allocator first
     alloc = std::move(fresh_alloc);
     std::fill(state.begin(), state.end(), SlotState::kFree);
+    std::fill(load_group.begin(), load_group.end(), kNoGroup);
+    groups.clear();
+    free_groups.clear();
+    more_groups.clear();
     pending = 0;
     evictions = 0;
   }
@@ -186,15 +208,96 @@ struct OffloadIndex::Impl {
     }
   }
 
+  // Pins resident `slots` (one match when they are a chain from the root in order, else one per
+  // slot that is no other's ancestor) and records the call as a load group (see `groups`). All or
+  // nothing: every allocation comes before the first pin.
   void pin(std::span<const BlockId> slots) {
     if (is_root_chain(slots)) {
       digests.clear();
       for (BlockId s : slots) digests.push_back(slot_digest(s));
       path_ends.assign(1, digests.size());
+      leaves.assign(slots.empty() ? 0 : 1, slots.empty() ? kNoSlot : slots.back());
     } else {
-      cover(slots);
+      cover(slots);  // fills `leaves`
     }
+    ids.resize(digests.size());
+    if (slots.empty()) {
+      match_paths();  // a lookup of nothing, counted as before; no load to remember
+      return;
+    }
+    // the group record and the listed slots' entries, before any pin (undone if one cannot be had);
+    // free_groups can then take back every record without allocating
+    free_groups.reserve(groups.size() + 1);
+    std::uint32_t g = 0;
+    if (free_groups.empty()) {
+      groups.emplace_back();
+      g = static_cast<std::uint32_t>(groups.size() - 1);
+    } else {
+      g = free_groups.back();
+      free_groups.pop_back();
+    }
+    PinGroup& group = groups[g];
+    std::size_t added = 0;
+    order.clear();
+    try {
+      group.leaves.assign(leaves.begin(), leaves.end());
+      const std::uint32_t s = next_stamp();
+      for (BlockId slot : slots) {
+        const auto u = static_cast<std::size_t>(slot);
+        if (seen[u] == s) continue;  // listed twice: one load of it, as the match pins it once
+        seen[u] = s;
+        order.push_back(slot);
+        if (load_group[u] != kNoGroup) {
+          more_groups.emplace(slot, g);
+          ++added;
+        }
+      }
+    } catch (...) {
+      forget_group(g, added);
+      throw;
+    }
+    // cannot fail from here: the matches take what the trie holds
+    for (BlockId slot : order) {
+      const auto u = static_cast<std::size_t>(slot);
+      if (load_group[u] == kNoGroup) load_group[u] = g;
+    }
+    group.left = static_cast<std::uint32_t>(order.size());
     match_paths();
+  }
+
+  // Undoes a group record that `pin` could not complete: its first `added` entries in more_groups.
+  void forget_group(std::uint32_t g, std::size_t added) noexcept {
+    if (added > 0) {
+      for (auto it = more_groups.begin(); it != more_groups.end();) {
+        it = it->second == g ? more_groups.erase(it) : std::next(it);
+      }
+    }
+    groups[g].leaves.clear();
+    groups[g].left = 0;
+    free_groups.push_back(g);  // within the capacity pin reserved
+  }
+
+  // Releases the root paths of group `g` (its slots are all unpinned) and frees the record. The
+  // paths are released through a fixed buffer: nothing is allocated, and a release of what was
+  // matched cannot fail.
+  void release_group(std::uint32_t g) noexcept {
+    PinGroup& group = groups[g];
+    constexpr std::size_t kBatch = 64;
+    std::array<BlockHash, kBatch> batch{};
+    std::size_t n = 0;
+    for (BlockId leaf : group.leaves) {
+      for (BlockId p = leaf; p != kNoSlot; p = link[static_cast<std::size_t>(p)]) {
+        batch[n++] = slot_digest(p);
+        if (n == kBatch) {
+          trie->release(std::span<const BlockHash>(batch.data(), n));
+          n = 0;
+        }
+      }
+    }
+    if (n > 0) trie->release(std::span<const BlockHash>(batch.data(), n));
+    group.leaves.clear();
+    group.left = 0;
+    free_groups.push_back(g);
   }
 
   // Evicts `need` resident slots, sparing `call`'s resident ones; false (nothing changed) if it cannot.
@@ -400,8 +503,34 @@ void OffloadIndex::unpin(std::span<const BlockId> slots) {
   Impl& m = *impl_;
   const std::lock_guard lock(m.mu);
   m.check_resident(slots, "slots");
-  m.cover(slots);
-  m.trie->release(m.digests);  // one call: all or nothing
+  // every listed slot (once, however often listed) must have a load in flight: else nothing changes
+  const std::uint32_t s = m.next_stamp();
+  for (std::size_t i = 0; i < slots.size(); ++i) {
+    const auto u = static_cast<std::size_t>(slots[i]);
+    if (m.seen[u] == s) continue;
+    m.seen[u] = s;
+    if (m.load_group[u] == Impl::kNoGroup) {
+      throw Error(ErrorCode::kRefCountUnderflow,
+                  "slots[" + std::to_string(i) + "]: " + slot_text(slots[i]) + " has no load in flight");
+    }
+  }
+  // cannot fail from here: erasing and releasing allocate nothing
+  const std::uint32_t s2 = m.next_stamp();
+  for (BlockId slot : slots) {
+    const auto u = static_cast<std::size_t>(slot);
+    if (m.seen[u] == s2) continue;
+    m.seen[u] = s2;
+    std::uint32_t g = 0;
+    const auto more = m.more_groups.find(slot);
+    if (more != m.more_groups.end()) {
+      g = more->second;
+      m.more_groups.erase(more);
+    } else {
+      g = m.load_group[u];
+      m.load_group[u] = Impl::kNoGroup;
+    }
+    if (--m.groups[g].left == 0) m.release_group(g);
+  }
 }
 
 void OffloadIndex::touch(std::span<const BlockId> slots) {
@@ -488,6 +617,15 @@ void OffloadIndex::check_invariants() const {
       }
     }
   }
+  std::uint64_t listed = m.more_groups.size();
+  for (std::uint32_t i = 0; i < num_slots_; ++i) {
+    if (m.load_group[i] == Impl::kNoGroup) continue;
+    ++listed;
+    if (m.state[i] != SlotState::kResident) fail(slot_text(static_cast<BlockId>(i)) + " is loading but not resident");
+  }
+  std::uint64_t left = 0;
+  for (const auto& g : m.groups) left += g.left;
+  if (listed != left) fail("loads in flight " + std::to_string(listed) + " != their groups' " + std::to_string(left));
   if (pending != m.pending) fail("pending count " + std::to_string(m.pending) + " != " + std::to_string(pending));
   if (resident != m.trie->size()) fail("resident slots " + std::to_string(resident) + " != trie size");
   if (m.alloc->num_available() != num_slots_ - pending - resident) fail("free count disagrees with the allocator");

@@ -146,8 +146,9 @@ class SageOffloadingManager(OffloadingManager):
     ``complete_store``. Its binding keeps the key -> slot maps as two dicts, so ``lookup`` (vLLM calls
     it once per key) is a dict probe here, and every other call crosses into C++ once with its whole
     key list. This class only adapts: per request it remembers the last key (the next store's parent)
-    and builds vLLM's result objects. ``complete_load`` / ``complete_store`` take the keys of an earlier
-    ``prepare_*`` call in any order (vLLM passes sets). Single-threaded like vLLM's own manager (the
+    and builds vLLM's result objects. ``complete_load`` / ``complete_store`` take the keys of earlier
+    ``prepare_*`` calls in any order (vLLM passes sets); a load may complete in parts (its pins stay
+    until its last key is released). Single-threaded like vLLM's own manager (the
     connector serializes calls); the native index is thread-safe anyway.
     ``policy`` is one of the trie's policies (``lru``, ``fifo``, ``priority``, ``ttl``).
     """
@@ -201,7 +202,9 @@ class SageOffloadingManager(OffloadingManager):
         self._index.touch(keys)
 
     def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
-        """Releases the pins of a ``prepare_load`` of the same keys (in any order: vLLM passes a set)."""
+        """Releases keys of earlier ``prepare_load`` calls (any order: vLLM passes a set); a load's pins go
+        once all its keys are released. KeyError for a key not offloaded, KVRefCountUnderflowError for one
+        with no load in flight; either way nothing is released."""
         self._index.complete_load(keys)
 
     # --- stores -----------------------------------------------------------------------------
@@ -221,7 +224,17 @@ class SageOffloadingManager(OffloadingManager):
         return out
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
-        """Commits (or frees, ``success=False``) the pending keys among ``keys``; others are skipped."""
+        """Commits (or frees, ``success=False``) the pending keys among ``keys``; others are skipped. A
+        failed store's keys are announced as vLLM's manager announces them: a ``metadata_only`` removal
+        (no public eviction; the connector's event tracker drops what it recorded for them)."""
+        if not success and self._events is not None:
+            keys = keys if type(keys) is list else list(keys)  # read twice below
+            freed = list(dict.fromkeys(k for k in keys if k in self._pending))
+            self._index.complete_store(keys, False)
+            if freed:
+                self._events.append(OffloadingEvent(keys=freed, medium=self.medium, removed=True,
+                                                    metadata_only=True))
+            return
         stored = self._index.complete_store(keys, success)
         if stored and self._events is not None:
             self._events.append(OffloadingEvent(keys=stored, medium=self.medium, removed=False))
@@ -238,7 +251,16 @@ class SageOffloadingManager(OffloadingManager):
         if self._events is None:
             return []
         events, self._events = self._events, []
-        return events
+        out = []
+        for event in events:
+            if event.metadata_only:  # as vLLM's manager: a key stored again since has its own record
+                kept = [k for k in event.keys if k not in self._res and k not in self._pending]
+                if not kept:
+                    continue
+                if len(kept) != len(event.keys):
+                    event = OffloadingEvent(keys=kept, medium=event.medium, removed=True, metadata_only=True)
+            out.append(event)
+        return out
 
     def reset_cache(self) -> None:
         """Drops everything, loads and stores in flight included, as vLLM's connector expects: it never
@@ -321,7 +343,8 @@ class SageOffloadingWorker(OffloadingWorker):
             raise ValueError(f"only one KV-cache group is supported, got {len(gpu.group_sizes)}")
         n = int(gpu.group_sizes[0])
         skip = int(gpu.block_indices[0]) % self.blocks_per_chunk
-        n_chunks = -(-(n + skip) // self.blocks_per_chunk)
+        # an empty group needs no chunk whatever its block index (vLLM's own handler skips it)
+        n_chunks = -(-(n + skip) // self.blocks_per_chunk) if n else 0
         if n_chunks != len(slots):
             raise ValueError(f"{n} blocks from offset {skip} need {n_chunks} chunks, got {len(slots)}")
         partial = skip != 0 or (n + skip) % self.blocks_per_chunk != 0
