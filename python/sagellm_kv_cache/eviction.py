@@ -31,6 +31,7 @@ from typing import ClassVar, cast
 import numpy as np
 from sagellm_protocol.kv import EvictionPolicy
 
+from sagellm_kv_cache._numbers import integer
 from sagellm_kv_cache.errors import KVAllPinnedError, KVNoVictimError
 from sagellm_kv_cache.models.kv_handle import KVHandle
 
@@ -51,9 +52,8 @@ _SortKey = tuple[float, ...]
 
 
 def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
+    # A numpy integer counts (the original took one: token counts are often summed with numpy).
+    return integer(name, value)
 
 
 class EvictionStrategy:

@@ -188,6 +188,20 @@ def test_non_int_need_is_type_error(bad: object) -> None:
         LRUEviction().select_victim([make_handle(1)], bad)  # type: ignore[arg-type]
 
 
+def test_numpy_integer_need_and_cap_are_ints() -> None:
+    # The original took numpy integers here (the engine may sum token counts with numpy); they
+    # were a TypeError ("must be an int, got int64").
+    handles = [make_handle(4, created=1.0), make_handle(4, created=2.0), make_handle(4, created=3.0)]
+    manager = EvictionManager(EvictionPolicy.FIFO, default_priority=np.int32(2))
+    assert manager.default_priority == 2 and type(manager.default_priority) is int
+    assert manager.select_victims(handles, np.int64(5)) == handles[:2]
+    assert manager.select_victims(handles, np.uint16(12), max_victims=np.int64(1)) == handles[:1]
+    with pytest.raises(TypeError, match="num_tokens_needed"):
+        manager.select_victims(handles, np.bool_(True))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_tokens_needed"):
+        manager.select_victims(handles, np.int64(-1))
+
+
 def test_non_handle_candidate_is_type_error_naming_type_and_index() -> None:
     handles: list[Any] = [make_handle(1), {"num_tokens": 4}]
     with pytest.raises(TypeError, match=r"candidates\[1\] is a dict"):
