@@ -31,7 +31,7 @@ from typing import ClassVar, cast
 import numpy as np
 from sagellm_protocol.kv import EvictionPolicy
 
-from sagellm_kv_cache._numbers import integer
+from sagellm_kv_cache._numbers import integer, shown
 from sagellm_kv_cache.errors import KVAllPinnedError, KVNoVictimError
 from sagellm_kv_cache.models.kv_handle import KVHandle
 
@@ -174,8 +174,11 @@ class TTLEviction(EvictionStrategy):
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
             raise TypeError(f"ttl_seconds must be a number, got {type(ttl_seconds).__name__}")
         if not ttl_seconds > 0:
-            raise ValueError(f"ttl_seconds must be > 0, got {ttl_seconds}")
-        self.ttl_seconds = float(ttl_seconds)
+            raise ValueError(f"ttl_seconds must be > 0, got {shown(ttl_seconds)}")
+        try:
+            self.ttl_seconds = float(ttl_seconds)
+        except OverflowError:  # an int past the float range: never expires, as float("inf") does
+            self.ttl_seconds = math.inf
 
     def is_expired(self, handle: KVHandle, now: float | None = None) -> bool:
         """True when the handle has lived at least ``ttl_seconds``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -252,6 +253,16 @@ def test_ttl_must_be_positive() -> None:
         TTLEviction(ttl_seconds=0)
     with pytest.raises(ValueError, match="ttl_seconds"):
         EvictionManager(ttl_seconds=-1.0)
+
+
+def test_ttl_past_the_float_range_never_expires() -> None:
+    # An int TTL past the float range was a bare OverflowError from float(); it reads as float("inf").
+    manager = EvictionManager(EvictionPolicy.TTL, ttl_seconds=10**400)
+    assert manager.ttl_seconds == math.inf
+    old, recent = make_handle(4, created=1.0, last=50.0), make_handle(4, created=2.0, last=10.0)
+    assert manager.select_victims([old, recent], 4) == [recent]  # nothing expired: LRU
+    with pytest.raises(ValueError, match="ttl_seconds must be > 0, got an int of"):
+        TTLEviction(ttl_seconds=-(10**400))
 
 
 def test_base_strategy_is_abstract() -> None:
