@@ -18,6 +18,7 @@ from enum import StrEnum
 
 from sagellm_protocol.kv import SchedulerRequest
 
+from sagellm_kv_cache._numbers import positive_int
 from sagellm_kv_cache.load_metrics import DeviceLoadMetrics, LoadMetricsCollector
 
 logger = logging.getLogger(__name__)
@@ -110,10 +111,7 @@ class LoadAwareScheduler:
         chosen and not counted. ``request_id`` is only used in messages.
         """
         candidates = _device_list("candidate_devices", candidate_devices)
-        if isinstance(kv_tokens_required, bool) or not isinstance(kv_tokens_required, int):
-            raise TypeError(f"kv_tokens_required must be an int, got {type(kv_tokens_required).__name__}")
-        if kv_tokens_required < 0:
-            raise ValueError(f"kv_tokens_required must be >= 0, got {kv_tokens_required}")
+        kv_tokens_required = positive_int("kv_tokens_required", kv_tokens_required, allow_zero=True)
 
         if not self._enabled:
             return candidates[0]

@@ -11,22 +11,22 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from sagellm_kv_cache._numbers import finite_number
+from sagellm_kv_cache._numbers import finite_number, positive_int
 
 __all__ = ["DeviceLoadMetrics", "LoadMetricsCollector"]
 
 
 def _count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+    # numpy numbers count (the original took them: engines report usage read from numpy arrays).
+    return positive_int(name, value, allow_zero=True)
 
 
 def _amount(name: str, value: object) -> float:
+    if isinstance(value, np.integer | np.floating):
+        value = value.item()
     return finite_number(name, value, minimum=0)
 
 

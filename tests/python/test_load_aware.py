@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 from sagellm_kv_cache.load_aware_scheduler import LoadAwareScheduler, PlacementStrategy
@@ -62,6 +63,27 @@ def test_bad_updates_change_nothing(call: Any, error: type[Exception]) -> None:
     with pytest.raises(error):
         call(m)
     assert m.model_dump() == before
+
+
+def test_numpy_numbers_are_accepted() -> None:
+    # The original took numpy numbers (usage read from numpy arrays); an int64 count was a
+    # TypeError ("must be an int, got int64") and a float32 amount one too.
+    c = collector_with(("cuda:0", 100), ("cuda:1", 100))
+    c.register_device("cuda:1", kv_tokens_capacity=np.int64(200), memory_capacity_mb=np.float32(500.0))
+    c.update_kv_usage("cuda:0", np.int64(90))
+    c.update_request_count("cuda:0", np.int32(3), np.uint8(1))
+    c.update_memory_usage("cuda:0", np.float32(12.5))
+    c.update_wait_time("cuda:0", np.float64(1.0), np.int64(2))
+    m = c.get_metrics("cuda:0")
+    assert (m.kv_tokens_used, m.active_requests, m.queue_length, m.memory_used_mb) == (90, 3, 1, 12.5)
+    assert type(m.kv_tokens_used) is int and c.get_metrics("cuda:1").kv_tokens_capacity == 200
+    s = LoadAwareScheduler(c)
+    assert s.select_device(["cuda:0", "cuda:1"], np.int64(20)) == "cuda:1"
+    with pytest.raises(TypeError, match="kv_tokens_used"):
+        c.update_kv_usage("cuda:0", np.bool_(True))
+    with pytest.raises(ValueError, match="kv_tokens_required"):
+        s.select_device(["cuda:0"], np.int64(-1))
+    assert c.get_metrics("cuda:0").kv_tokens_used == 90 and s.get_placement_stats()["total_placements"] == 1
 
 
 def test_field_validation() -> None:
