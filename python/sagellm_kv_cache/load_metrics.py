@@ -33,7 +33,9 @@ def _amount(name: str, value: object) -> float:
 class DeviceLoadMetrics(BaseModel):
     """Load of one device. A capacity of 0 means "unknown": its utilization then reads 0."""
 
-    model_config = ConfigDict(validate_assignment=True)
+    # inf refused as the update methods refuse it: used inf / capacity inf made utilization NaN,
+    # and a NaN utilization never reaches a threshold (an infinitely full device read as healthy).
+    model_config = ConfigDict(validate_assignment=True, allow_inf_nan=False)
 
     device: str
     active_requests: int = Field(default=0, ge=0)

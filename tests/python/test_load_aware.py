@@ -91,6 +91,13 @@ def test_field_validation() -> None:
         DeviceLoadMetrics(device="x", active_requests=-1)
     with pytest.raises(ValueError, match="device"):
         DeviceLoadMetrics.create("")
+    # inf / inf was a NaN utilization, and is_overloaded() False for an infinitely used device.
+    with pytest.raises(ValidationError, match="memory_used_mb"):
+        DeviceLoadMetrics(device="x", memory_used_mb=float("inf"), memory_capacity_mb=float("inf"))
+    m = DeviceLoadMetrics(device="x", memory_capacity_mb=10.0)
+    with pytest.raises(ValidationError, match="avg_wait_time_ms"):
+        m.avg_wait_time_ms = float("inf")
+    assert m.avg_wait_time_ms == 0.0 and m.memory_utilization() == 0.0
 
 
 # --- LoadMetricsCollector ----------------------------------------------------------------------
