@@ -6,6 +6,7 @@ import hashlib
 import random
 import time
 
+import numpy as np
 import pytest
 from sagellm_kv_cache.prefix import (
     CIPrefixGrouper,
@@ -82,6 +83,21 @@ def test_index_bad_input_changes_nothing() -> None:
     with pytest.raises(ValueError, match="prefix_tokens must not be empty"):
         index.insert([], "root")
     for bad in (None, "abc", [1.5], [True]):
+        with pytest.raises(TypeError):
+            index.insert(bad, "y")  # type: ignore[arg-type]
+    assert len(index) == 1
+
+
+def test_index_takes_numpy_token_ids() -> None:
+    # Token ids from a tokenizer are numpy integers; the original took them, here they were a
+    # TypeError ("token 0 must be an int, got int64"). They are the same keys as Python ints.
+    index: PrefixIndex[str] = PrefixIndex()
+    index.insert([np.int64(1), np.int32(2)], "a")
+    index.insert(np.array([1, 2, 3], dtype=np.uint32), "b")
+    assert index.get([1, 2]) == "a" and index.longest_prefix_match(np.array([1, 2, 3, 4])) == ("b", 3)
+    assert index.longest_prefix_match((1, np.int16(2), 9)) == ("a", 2)
+    assert index.remove(np.array([1, 2, 3])) and len(index) == 1
+    for bad in ([np.bool_(True)], [np.float64(1.0)], np.array([1.0, 2.0]), np.array([[1, 2]])):
         with pytest.raises(TypeError):
             index.insert(bad, "y")  # type: ignore[arg-type]
     assert len(index) == 1

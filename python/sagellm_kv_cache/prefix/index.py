@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Generic, TypeVar
 
+import numpy as np
+
 __all__ = ["PrefixIndex"]
 
 T = TypeVar("T")
@@ -25,12 +27,18 @@ class _Node:
 
 
 def _tokens(tokens: Any, *, allow_empty: bool) -> tuple[int, ...]:
+    # Token ids straight from a tokenizer are numpy integers (or a 1-D integer array); the original
+    # took those. They are stored as Python ints, so np.int64(5) and 5 are the same key.
+    if isinstance(tokens, np.ndarray) and tokens.ndim == 1 and (tokens.dtype.kind in "iu" or tokens.size == 0):
+        tokens = tokens.tolist()
     if not isinstance(tokens, list | tuple):
         raise TypeError(f"prefix tokens must be a list or tuple of ints, got {type(tokens).__name__}")
     out = tuple(tokens)
-    for i, token in enumerate(out):
-        if isinstance(token, bool) or not isinstance(token, int):
-            raise TypeError(f"token {i} must be an int, got {type(token).__name__}")
+    if not all(type(token) is int for token in out):
+        for i, token in enumerate(out):
+            if isinstance(token, bool | np.bool_) or not isinstance(token, int | np.integer):
+                raise TypeError(f"token {i} must be an int, got {type(token).__name__}")
+        out = tuple(int(token) for token in out)
     if not out and not allow_empty:
         raise ValueError("prefix_tokens must not be empty")
     return out
