@@ -53,6 +53,18 @@ def test_index_remove_and_remove_value() -> None:
     assert index._root.children == {}  # removed branches are pruned
 
 
+def test_index_remove_value_that_cannot_be_compared_changes_nothing() -> None:
+    # remove_value cleared the matches it met before a comparison raised, and len() kept counting them.
+    index: PrefixIndex[object] = PrefixIndex()
+    index.insert([1, 2], np.array([1, 2]))
+    index.insert([1, 4], "v")  # met first: the walk visits later children first
+    index.insert([7], "v")
+    with pytest.raises(ValueError, match="truth value"):
+        index.remove_value("v")
+    assert len(index) == 3 and index.get([1, 4]) == "v" and index.get([7]) == "v"
+    assert index.longest_prefix_match([1, 4, 5]) == ("v", 2)
+
+
 def test_index_against_a_dict_model() -> None:
     rng = random.Random(7)
     index: PrefixIndex[int] = PrefixIndex()

@@ -135,17 +135,21 @@ class PrefixIndex(Generic[T]):
             del path[depth - 1].children[key[depth - 1]]
 
     def _remove_value(self, root: _Node, value: Any) -> int:
-        removed = 0
+        # Compare everything first, then remove: a comparison that raises (a numpy array's ``==``
+        # has no truth value) must leave the index as it was, its size included.
         stack: list[tuple[_Node, _Node | None, int | None]] = [(root, None, None)]
         order: list[tuple[_Node, _Node | None, int | None]] = []
+        matches: list[_Node] = []
         while stack:
             item = stack.pop()
             order.append(item)
             node = item[0]
             if node is not root and node.value is not _NO_VALUE and node.value == value:
-                node.value = _NO_VALUE
-                removed += 1
+                matches.append(node)
             stack.extend((child, node, token) for token, child in node.children.items())
+        for node in matches:
+            node.value = _NO_VALUE
+        removed = len(matches)
         for node, parent, token in reversed(order):  # children before parents: prune empty branches
             if parent is not None and token is not None and not node.children and node.value is _NO_VALUE:
                 del parent.children[token]
