@@ -45,6 +45,21 @@ def test_extractor() -> None:
         FeatureExtractor().extract_batch(handles[:1], [1, 2])
 
 
+def test_extractor_takes_iterables_and_names_bad_items() -> None:
+    # The original took a generator; here it was "object of type 'generator' has no len()". A
+    # non-handle item was an AttributeError ("'int' object has no attribute 'handle_id'").
+    handles = [KVHandle.create(8), KVHandle.create(16)]
+    batch = FeatureExtractor().extract_batch(h for h in handles)
+    assert [f.handle_id for f in batch] == [h.handle_id for h in handles] and [f.hit_len for f in batch] == [0, 0]
+    assert [f.hit_len for f in FeatureExtractor().extract_batch(iter(handles), iter([3, 4]))] == [3, 4]
+    with pytest.raises(TypeError, match=r"handles\[1\] must be a KVHandle, got int"):
+        FeatureExtractor().extract_batch([handles[0], 7])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="handles must be an iterable, got NoneType"):
+        FeatureExtractor().extract_batch(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="hit_lens must be an iterable, got int"):
+        FeatureExtractor().extract_batch(handles, 3)  # type: ignore[arg-type]
+
+
 def test_defaults_before_any_history() -> None:
     predictor = HistoricalPredictor()
     assert predictor.get_model_version() == "historical-v0.1.0"
