@@ -60,6 +60,7 @@ from typing import Any
 
 from sagellm_protocol.kv import EvictionPolicy, SchedulerPlan, SchedulerRequest, SchedulerState
 
+from sagellm_kv_cache._numbers import is_finite_number
 from sagellm_kv_cache.errors import (
     KVBudgetExceededError,
     KVConfigInvalidError,
@@ -112,7 +113,7 @@ def _request_id(value: object) -> str:
 # The fields plan reads while it reserves: a model changed after validation (pydantic does not
 # re-validate assignments) is refused before anything is reserved, not half-way through the batch.
 _SIZE_FIELDS = ("prompt_len", "max_new_tokens", "kv_tokens_required", "prefix_hit_len")
-_OPTIONAL_STR_FIELDS = ("prefix_fingerprint", "session_id")
+_OPTIONAL_STR_FIELDS = ("prefix_fingerprint", "session_id", "device_affinity")
 
 
 def _check_fields(request: SchedulerRequest) -> None:
@@ -125,6 +126,15 @@ def _check_fields(request: SchedulerRequest) -> None:
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{field} of request {request.request_id!r} must be a str or None, "
                             f"got {type(value).__name__}")
+    # The admission order's keys: a str or None was a TypeError about unary '-' or '<' naming
+    # neither the field nor the request, and a NaN put the batch in an arbitrary order.
+    priority = request.priority
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise KVConfigInvalidError("priority", priority, reason=f"request {request.request_id!r}: must be an int")
+    queued_at = request.queued_at
+    if not is_finite_number(queued_at) or queued_at < 0:
+        raise KVConfigInvalidError("queued_at", queued_at,
+                                   reason=f"request {request.request_id!r}: must be a finite number >= 0")
     if SchedulerBridge._tokens_needed(request) < 1:
         raise KVConfigInvalidError("kv_tokens_required", 0,
                                    reason=f"request {request.request_id!r} needs no KV (no prompt and no new tokens)")

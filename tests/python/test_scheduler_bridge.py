@@ -187,6 +187,25 @@ def test_plan_refuses_a_request_changed_after_validation_before_reserving(field:
     assert used(bridge) == 0 and len(bridge) == 0
 
 
+@pytest.mark.parametrize(("field", "value"), [("priority", "high"), ("priority", None), ("priority", 1.5),
+                                              ("queued_at", None), ("queued_at", "x"), ("queued_at", float("nan")),
+                                              ("queued_at", -1.0)])
+def test_plan_refuses_a_changed_ordering_field_naming_it(field: str, value: object) -> None:
+    # The admission order's keys were not checked: a str or None was "bad operand type for unary -"
+    # or "'<' not supported", naming neither field nor request; NaN ordered the batch arbitrarily.
+    bridge = SchedulerBridge(1024)
+    bad = req("bad", 10, 6)
+    setattr(bad, field, value)
+    with pytest.raises(KVConfigInvalidError, match=f"{field}.*'bad'"):
+        bridge.plan([req("a", 10, 6), bad])
+    assert used(bridge) == 0 and len(bridge) == 0 and bridge.last_scheduled == []
+    odd = req("odd", 10, 6)
+    odd.device_affinity = 5  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="device_affinity of request 'odd' must be a str or None, got int"):
+        bridge.plan([odd])
+    assert len(bridge) == 0
+
+
 def test_plan_refuses_an_id_that_free_request_refuses() -> None:
     # An empty id cannot be freed (free_request refuses it), so plan must not reserve KV for it.
     bridge = SchedulerBridge(1024)
