@@ -65,6 +65,7 @@ from sagellm_kv_cache.errors import (
     KVBudgetExceededError,
     KVConfigInvalidError,
     KVHandleNotFoundError,
+    KVHandlePinnedError,
     KVPoolFullError,
 )
 from sagellm_kv_cache.eviction import EvictionManager
@@ -310,15 +311,27 @@ class SchedulerBridge:
         request_id = _request_id(request_id)
         with self._lock:
             self._catch_up()
-            reservation = self._requests.pop(request_id, None)
+            reservation = self._requests.get(request_id)
             if reservation is None:
                 raise KVRequestNotFoundError(request_id)
-            self._manager.unpin(reservation.handle)
-            self._manager.free(reservation.handle)
-            if reservation.prefix is not None:
-                self._manager.unpin(reservation.prefix)
+            live = self._live(reservation.handle)
+            if live is not None and live.pin_count > 1:  # pinned by someone else too: theirs to release
+                raise KVHandlePinnedError(live.handle_id, operation="free", pin_count=live.pin_count - 1,
+                                          context={"request_id": request_id})
+            del self._requests[request_id]
             self._active[reservation.device] -= 1
+            if live is not None:
+                if live.pin_count:
+                    self._manager.unpin(live)
+                self._manager.free(live)
+            prefix = self._live(reservation.prefix) if reservation.prefix is not None else None
+            if prefix is not None and prefix.pin_count:
+                self._manager.unpin(prefix)
             self._sync_load()
+            if live is None:
+                # Freed (or unpinned and evicted) through bridge.manager behind the bridge's back: the
+                # reservation is forgotten, as after a reset of the manager, and the KV was not ours to free.
+                raise KVRequestNotFoundError(request_id)
 
     def get_request_handle(self, request_id: str) -> KVHandle:
         """The handle holding ``request_id``'s own tokens (not a shared prefix)."""
@@ -509,6 +522,13 @@ class SchedulerBridge:
         handle.session_id = session_id
         handle.placement = device
         return handle
+
+    def _live(self, handle: KVHandle) -> KVHandle | None:
+        """The manager's live record of ``handle``, or None when the manager no longer holds it."""
+        try:
+            return self._manager.get_handle(handle.handle_id)
+        except KVHandleNotFoundError:
+            return None
 
     def _cached_prefix(self, fingerprint: str) -> KVHandle | None:
         handle = self._prefixes.get(fingerprint)

@@ -12,6 +12,7 @@ from sagellm_kv_cache import (
     KVConfigInvalidError,
     KVHandle,
     KVHandleNotFoundError,
+    KVHandlePinnedError,
     PlacementStrategy,
     SchedulerBridge,
 )
@@ -204,6 +205,30 @@ def test_plan_refuses_a_changed_ordering_field_naming_it(field: str, value: obje
     with pytest.raises(TypeError, match="device_affinity of request 'odd' must be a str or None, got int"):
         bridge.plan([odd])
     assert len(bridge) == 0
+
+
+def test_free_request_after_the_manager_dropped_its_handle_keeps_the_books() -> None:
+    # The reservation was popped before manager.unpin raised, so the device's request count (the
+    # load figures placement reads) stayed 1 for good.
+    bridge = SchedulerBridge(1024, devices=["cuda:0", "cuda:1"])
+    handle = bridge.allocate_request("gone", 100, device="cuda:1")
+    bridge.manager.unpin(handle)
+    bridge.manager.free(handle)
+    with pytest.raises(KVRequestNotFoundError, match="gone"):
+        bridge.free_request("gone")
+    metrics = bridge.get_stats()["load_metrics"]["cuda:1"]
+    assert len(bridge) == 0 and metrics["active_requests"] == 0 and metrics["kv_tokens_used"] == 0
+    bridge.allocate_request("gone", 100, device="cuda:1")  # the id is free again
+    # Pinned once more by someone else: refused with nothing changed; freed once they unpin.
+    again = bridge.get_request_handle("gone")
+    bridge.manager.pin(again)
+    with pytest.raises(KVHandlePinnedError):
+        bridge.free_request("gone")
+    assert len(bridge) == 1 and used(bridge) == 100 and again.pin_count == 2
+    bridge.manager.unpin(again)
+    bridge.free_request("gone")
+    assert len(bridge) == 0 and used(bridge) == 0
+    assert bridge.get_stats()["load_metrics"]["cuda:1"]["active_requests"] == 0
 
 
 def test_plan_refuses_an_id_that_free_request_refuses() -> None:
