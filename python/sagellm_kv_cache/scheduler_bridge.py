@@ -353,7 +353,7 @@ class SchedulerBridge:
                 "load_metrics": {device: m.to_dict() for device, m in self._collector.get_all_metrics().items()},
                 "num_requests": len(self._requests),
                 "placement": self._scheduler.get_placement_stats(),
-                "pool": self._manager.get_stats(),
+                "pool": self._manager._flat_stats(),  # the original's bridge: the pool's keys, flat
             }
 
     def reset(self) -> None:
