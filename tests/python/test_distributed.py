@@ -8,6 +8,7 @@ import uuid
 from collections import deque
 from typing import Any
 
+import numpy as np
 import pytest
 from sagellm_kv_cache import KVBudgetExceededError, KVHandle, KVHandleNotFoundError, KVNotImplementedError
 from sagellm_kv_cache.distributed import (
@@ -144,6 +145,26 @@ def test_remote_get_and_prefetch_over_a_transfer_engine() -> None:
     reader.close()
     owner.close()
     assert uuid.UUID(str(handle.handle_id))
+
+
+def test_accessor_checks_handle_and_rank_before_any_transfer() -> None:
+    # A str rank never equals a node rank, so every handle read as remote and prefetch started a
+    # receive from rank 0 into rank '1' in the background; a non-handle was an AttributeError.
+    frames: deque[Any] = deque()
+    reader = TransferRemoteKVAccessor(KVTransferEngine(PipeBackend(1, frames)), lambda h: torch.zeros(4))
+    handle = KVHandle.create(4, node_rank=0)
+    for call in (reader.is_remote, reader.fetch, reader.prefetch):
+        with pytest.raises(TypeError, match="current_rank must be an int, got str"):
+            call(handle, "1")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="current_rank must be an int, got bool"):
+            call(handle, True)
+        with pytest.raises(TypeError, match="expected a KVHandle, got str"):
+            call("h", 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dst_rank must be an int, got NoneType"):
+        reader.serve(handle, None, torch.zeros(4))  # type: ignore[arg-type]
+    assert reader._pending == {} and not frames
+    assert reader.is_remote(handle, np.int64(1)) and not reader.is_remote(handle, np.int32(0))
+    reader.close()
 
 
 def test_abandoned_prefetches_stay_bounded() -> None:
