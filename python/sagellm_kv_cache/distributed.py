@@ -65,6 +65,13 @@ class NodeContribution:
                 raise TypeError(f"{name} must be a number of GiB, got {type(value).__name__}")
             if not is_finite_number(value):  # NaN passes every comparison below
                 raise ValueError(f"{name} must be finite, got {shown(value)}")
+        # Read only later (get_global_stats copies the tiers): None was a TypeError from there and a
+        # str was split into letters; a str rank failed only when the node joined a global pool.
+        _check_rank("node_rank", self.node_rank)
+        tiers = self.storage_tiers
+        if isinstance(tiers, str | bytes) or not isinstance(tiers, list | tuple) or \
+                not all(isinstance(tier, str) for tier in tiers):
+            raise TypeError(f"storage_tiers must be a list of tier names (str), got {tiers!r}")
         if self.contributed_memory_gb < 0 or self.reserved_memory_gb < 0:
             raise ValueError("Memory sizes must be non-negative")
         if self.contributed_memory_gb + self.reserved_memory_gb > self.total_memory_gb:

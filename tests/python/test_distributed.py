@@ -46,6 +46,15 @@ def test_node_contribution_checks() -> None:
             NodeContribution(0, *args, [])
     with pytest.raises(TypeError, match="contributed_memory_gb must be a number of GiB, got str"):
         NodeContribution(0, 10.0, "1", 0.0, [])  # type: ignore[arg-type]
+    # storage_tiers=None broke get_global_stats later ('NoneType' object is not iterable), "ssd" was
+    # reported as ['s', 's', 'd']; a str rank failed only when the node joined a global pool.
+    for tiers in (None, "ssd", ["gpu", 3]):
+        with pytest.raises(TypeError, match="storage_tiers must be a list of tier names"):
+            NodeContribution(0, 10.0, 1.0, 0.0, tiers)  # type: ignore[arg-type]
+    for rank in ("0", None, True):
+        with pytest.raises(TypeError, match="node_rank must be an int"):
+            NodeContribution(rank, 10.0, 1.0, 0.0, [])  # type: ignore[arg-type]
+    assert NodeContribution(1, 10.0, 1.0, 0.0, ("ssd",)).storage_tiers == ("ssd",)
 
 
 def test_interfaces_are_abstract() -> None:
