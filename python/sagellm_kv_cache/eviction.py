@@ -7,6 +7,7 @@ victims among many handles stays ``O(n log n)``; the prefix cache has its own na
 Rules shared by every strategy:
 
 * pinned or in-flight handles (``not handle.is_evictable()``) are never chosen;
+* a handle already freed (state ``FREE``) holds no tokens: it is skipped, neither chosen nor counted;
 * a need of ``0`` tokens selects nothing;
 * when every candidate is pinned, :class:`~sagellm_kv_cache.errors.KVAllPinnedError` is raised;
 * when all evictable handles together hold fewer tokens than needed,
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from typing import ClassVar, cast
 
 import numpy as np
-from sagellm_protocol.kv import EvictionPolicy
+from sagellm_protocol.kv import EvictionPolicy, KVBlockState
 
 from sagellm_kv_cache._numbers import integer, shown
 from sagellm_kv_cache.errors import KVAllPinnedError, KVNoVictimError
@@ -89,7 +90,9 @@ class EvictionStrategy:
         for index, handle in enumerate(candidates):
             if not isinstance(handle, KVHandle):
                 raise TypeError(f"candidates[{index}] is a {type(handle).__name__}, not a KVHandle")
-            if handle.handle_id in seen:
+            if handle.handle_id in seen or handle.state == KVBlockState.FREE:
+                # A stale handle the caller still lists: evicting it would free nothing (and its
+                # free() is a double free), so it must not count toward the need either.
                 continue
             seen.add(handle.handle_id)
             if not handle.is_evictable():

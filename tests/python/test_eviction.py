@@ -23,6 +23,7 @@ from sagellm_kv_cache.eviction import (
     TTLEviction,
 )
 from sagellm_kv_cache.models.kv_handle import KVHandle
+from sagellm_kv_cache.pool.kv_pool import KVPool
 from sagellm_protocol.kv import EvictionPolicy
 
 
@@ -146,6 +147,20 @@ def test_not_enough_evictable_tokens_raises_with_numbers() -> None:
     assert (err.bytes_needed, err.pinned_count, err.total_count) == (16, 1, 3)
     assert err.context["evictable_tokens"] == 15
     assert snapshot(handles) == before
+
+
+def test_freed_handles_are_neither_chosen_nor_counted() -> None:
+    # A handle the caller freed but still lists (state FREE) was the coldest victim: evicting it
+    # freed nothing, and its tokens counted toward the need, hiding that nothing could cover it.
+    pool = KVPool(1000, 16)
+    stale, live = (pool.alloc(100, "fp16", "contiguous", "cpu") for _ in range(2))
+    pool.free(stale)
+    assert EvictionManager().select_victims([stale, live], 50) == [live]
+    with pytest.raises(KVNoVictimError) as info:
+        EvictionManager().select_victims([stale, live], 150)
+    assert info.value.context["evictable_tokens"] == 100
+    with pytest.raises(KVNoVictimError):
+        EvictionManager().select_victims([stale], 1)
 
 
 def test_empty_candidates_with_need_raise_no_victim() -> None:
