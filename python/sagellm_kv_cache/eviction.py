@@ -32,7 +32,7 @@ from typing import ClassVar, cast
 import numpy as np
 from sagellm_protocol.kv import EvictionPolicy, KVBlockState
 
-from sagellm_kv_cache._numbers import integer, shown
+from sagellm_kv_cache._numbers import finite_number, integer, shown
 from sagellm_kv_cache.errors import KVAllPinnedError, KVNoVictimError
 from sagellm_kv_cache.models.kv_handle import KVHandle
 
@@ -184,12 +184,16 @@ class TTLEviction(EvictionStrategy):
             self.ttl_seconds = math.inf
 
     def is_expired(self, handle: KVHandle, now: float | None = None) -> bool:
-        """True when the handle has lived at least ``ttl_seconds``."""
-        current = time.time() if now is None else now
+        """True when the handle has lived at least ``ttl_seconds`` (at ``now``, a finite timestamp,
+        default the current time). A non-handle is a ``TypeError``, a bad ``now`` a ``TypeError`` /
+        ``ValueError`` naming it (NaN read every handle as unexpired)."""
+        if not isinstance(handle, KVHandle):
+            raise TypeError(f"handle must be a KVHandle, got {type(handle).__name__}")
+        current = time.time() if now is None else finite_number("now", now)
         return current - handle.created_at >= self.ttl_seconds
 
     def _sort_key(self, handle: KVHandle, now: float, index: int) -> _SortKey:
-        if self.is_expired(handle, now):
+        if now - handle.created_at >= self.ttl_seconds:  # is_expired without its checks (done for the batch)
             return (0.0, handle.created_at, 0.0)
         return (1.0, handle.last_access, handle.created_at)
 

@@ -270,6 +270,19 @@ def test_ttl_must_be_positive() -> None:
         EvictionManager(ttl_seconds=-1.0)
 
 
+def test_ttl_is_expired_checks_its_arguments() -> None:
+    # A None handle was an AttributeError, now="x" a TypeError about '-', and NaN read as unexpired.
+    policy = TTLEviction(ttl_seconds=10.0)
+    handle = make_handle(4, created=100.0)
+    assert policy.is_expired(handle, 110) and not policy.is_expired(handle, 109.5)
+    with pytest.raises(TypeError, match="handle must be a KVHandle, got NoneType"):
+        policy.is_expired(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="now must be a number, got str"):
+        policy.is_expired(handle, "x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="now must be a finite number, got nan"):
+        policy.is_expired(handle, math.nan)
+
+
 def test_ttl_past_the_float_range_never_expires() -> None:
     # An int TTL past the float range was a bare OverflowError from float(); it reads as float("inf").
     manager = EvictionManager(EvictionPolicy.TTL, ttl_seconds=10**400)
