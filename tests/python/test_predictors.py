@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 from sagellm_kv_cache import KVHandle
@@ -133,6 +134,22 @@ def test_bad_updates_change_nothing() -> None:
     with pytest.raises(TypeError):
         predictor.update({"session_id": "s"}, 1.0)  # type: ignore[arg-type]
     assert predictor.get_statistics() == before
+
+
+def test_numpy_numbers_are_numbers() -> None:
+    # The original took numpy numbers; a float32 lifetime was "must be a finite number of seconds
+    # >= 0, got np.float32(2.0)" and an int64 window "must be a positive int".
+    predictor = HistoricalPredictor(window_size=np.int64(10), alpha=np.float32(0.5),
+                                    default_reuse_prob=np.float64(0.25), default_lifetime=np.int32(100),
+                                    max_sessions=np.uint8(4))
+    assert predictor.window_size == 10 and predictor.alpha == 0.5 and predictor.max_sessions == 4
+    predictor.update(features(), np.float32(2.0))
+    predictor.update(features(), np.int64(0))
+    assert predictor.get_statistics()["s1"] == {"avg_lifetime": 1.0, "avg_reuse_prob": 0.5, "sample_count": 2}
+    for bad in (np.float32("nan"), np.int64(-1), np.bool_(True)):
+        with pytest.raises(ValueError, match="actual_lifetime"):
+            predictor.update(features(), bad)  # type: ignore[arg-type]
+    assert predictor.global_sample_count == 2
 
 
 def test_predict_batch_names_what_is_not_features() -> None:
