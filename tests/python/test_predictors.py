@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -150,6 +151,13 @@ def test_numpy_numbers_are_numbers() -> None:
         with pytest.raises(ValueError, match="actual_lifetime"):
             predictor.update(features(), bad)  # type: ignore[arg-type]
     assert predictor.global_sample_count == 2
+
+
+def test_a_token_count_past_the_float_range_is_predicted() -> None:
+    # predict_batch raised OverflowError from math.log1p for a (validated) num_tokens of 10**400.
+    huge = features().model_copy(update={"num_tokens": 10**400})
+    small, big = HistoricalPredictor().predict_batch([features(), huge])
+    assert math.isfinite(big.evict_score) and big.evict_score > small.evict_score
 
 
 def test_predict_batch_names_what_is_not_features() -> None:

@@ -17,6 +17,7 @@ global averages, as a session never seen is.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -140,7 +141,8 @@ class HistoricalPredictor(LifetimePredictor):
         reuse = min(max(avg.reuse_prob * boost * decay, 0.0), 1.0)
         remaining = max(avg.lifetime - idle, 0.0)
         # Higher score = better victim: unlikely to be reused, soon useless, many tokens freed.
-        evict_score = (1.0 - reuse) * (1.0 + math.log1p(f.num_tokens)) / (1.0 + remaining)
+        # num_tokens is an unbounded int: past the float range log1p raised OverflowError.
+        evict_score = (1.0 - reuse) * (1.0 + math.log1p(min(f.num_tokens, sys.float_info.max))) / (1.0 + remaining)
         if f.is_pinned:
             evict_score = 0.0
         return LifetimePrediction(
