@@ -54,7 +54,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,16 +201,20 @@ class SchedulerBridge:
 
     # --- planning -------------------------------------------------------------------------------
 
-    def plan(self, requests: Sequence[SchedulerRequest]) -> SchedulerPlan:
+    def plan(self, requests: Iterable[SchedulerRequest]) -> SchedulerPlan:
         """Admits what fits, reserving its KV; returns the plan (the original's shape: every input
         request, ``placement`` for the admitted ones; see the module docstring).
 
-        Bad input (not a list of ``SchedulerRequest``, an empty id, a size field that is not an int
+        ``requests`` is any iterable of requests that is not a mapping. Bad input (an item that is not
+        a ``SchedulerRequest``, an empty id, a size field that is not an int
         >= 0, a fingerprint or session id that is not a str, an id twice in the batch, an id that
         already holds KV) raises before anything is reserved.
         """
-        if isinstance(requests, str | bytes) or not isinstance(requests, Sequence):
+        # One request is refused too: a pydantic model iterates as its (field, value) pairs.
+        if isinstance(requests, str | bytes | Mapping | SchedulerRequest) or not isinstance(requests, Iterable):
             raise TypeError(f"requests must be a sequence of SchedulerRequest, got {type(requests).__name__}")
+        if not isinstance(requests, Sequence):  # dict.values() or a generator (the original took the former)
+            requests = list(requests)
         seen: set[str] = set()
         for index, request in enumerate(requests):
             if not isinstance(request, SchedulerRequest):

@@ -231,6 +231,21 @@ def test_free_request_after_the_manager_dropped_its_handle_keeps_the_books() -> 
     assert bridge.get_stats()["load_metrics"]["cuda:1"]["active_requests"] == 0
 
 
+def test_plan_takes_any_iterable_of_requests() -> None:
+    # The original planned dict.values() (it has a length); here it was "requests must be a
+    # sequence of SchedulerRequest, got dict_values". A generator is read once.
+    bridge = SchedulerBridge(1000)
+    queue = {"a": req("a", 10, 6), "b": req("b", 10, 6)}
+    plan = bridge.plan(queue.values())
+    assert plan.batch_size == 2 and plan.requests == list(queue.values()) and sorted(plan.placement) == ["a", "b"]
+    plan = bridge.plan(r for r in [req("c", 10, 6)])
+    assert plan.requests[0].request_id == "c" and list(plan.placement) == ["c"] and len(bridge) == 3
+    for bad in (queue, "abc", 5):
+        with pytest.raises(TypeError, match="requests must be a sequence of SchedulerRequest"):
+            bridge.plan(bad)  # type: ignore[arg-type]
+    assert len(bridge) == 3
+
+
 def test_plan_refuses_an_id_that_free_request_refuses() -> None:
     # An empty id cannot be freed (free_request refuses it), so plan must not reserve KV for it.
     bridge = SchedulerBridge(1024)
