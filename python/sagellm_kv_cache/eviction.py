@@ -26,7 +26,7 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from typing import ClassVar, cast
 
 import numpy as np
@@ -64,7 +64,7 @@ class EvictionStrategy:
 
     def select_victim(
         self,
-        candidates: Sequence[KVHandle],
+        candidates: Iterable[KVHandle],
         num_tokens_needed: int,
         max_victims: int | None = None,
     ) -> list[KVHandle]:
@@ -79,7 +79,9 @@ class EvictionStrategy:
             raise ValueError(f"num_tokens_needed must be >= 0, got {needed}")
         if max_victims is not None and _check_int("max_victims", max_victims) < 1:
             raise ValueError(f"max_victims must be >= 1 or None, got {max_victims}")
-        if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
+        # Any iterable of handles, as in the original (dict.values(), a generator); not a mapping, a
+        # str, or one handle (a pydantic model iterates as its (field, value) pairs).
+        if isinstance(candidates, str | bytes | Mapping | KVHandle) or not isinstance(candidates, Iterable):
             raise TypeError(f"candidates must be a sequence of KVHandle, got {type(candidates).__name__}")
 
         now = time.time()
@@ -278,7 +280,7 @@ class EvictionManager:
 
     def select_victims(
         self,
-        handles: Sequence[KVHandle],
+        handles: Iterable[KVHandle],
         num_tokens_needed: int,
         max_victims: int | None = None,
     ) -> list[KVHandle]:

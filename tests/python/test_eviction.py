@@ -224,9 +224,14 @@ def test_non_handle_candidate_is_type_error_naming_type_and_index() -> None:
         LRUEviction().select_victim(handles, 1)
 
 
-def test_candidates_must_be_a_sequence() -> None:
-    with pytest.raises(TypeError, match="sequence"):
-        LRUEviction().select_victim(iter([make_handle(1)]), 1)  # type: ignore[arg-type]
+def test_candidates_may_be_any_iterable_but_a_mapping_or_one_handle() -> None:
+    # The original took a generator and dict.values(); both were "candidates must be a sequence".
+    handles = {"a": make_handle(4, created=2.0), "b": make_handle(4, created=1.0)}
+    assert EvictionManager(EvictionPolicy.FIFO).select_victims(handles.values(), 4) == [handles["b"]]
+    assert LRUEviction().select_victim((h for h in handles.values()), 8) == [handles["b"], handles["a"]]
+    for bad in (handles, "ab", handles["a"], 3):
+        with pytest.raises(TypeError, match="sequence"):
+            LRUEviction().select_victim(bad, 1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("bad", "error"), [("high", TypeError), (float("nan"), ValueError), (None, TypeError)])
