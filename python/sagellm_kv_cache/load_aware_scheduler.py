@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
 from sagellm_protocol.kv import SchedulerRequest
@@ -44,7 +44,8 @@ class PlacementStrategy(StrEnum):
 
 
 def _device_list(name: str, devices: object) -> list[str]:
-    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
+    # Any iterable of names, as in the original (a generator, dict.keys()); not a str or a mapping.
+    if isinstance(devices, str | bytes | Mapping) or not isinstance(devices, Iterable):
         raise TypeError(f"{name} must be a list of device names, got {type(devices).__name__}")
     unique: dict[str, None] = {}
     for index, device in enumerate(devices):

@@ -350,6 +350,19 @@ def test_bad_selection_input_changes_no_stats(args: tuple[Any, ...], error: type
     assert s.get_placement_stats()["total_placements"] == 0
 
 
+def test_candidates_may_be_any_iterable_of_names() -> None:
+    # The original took a generator and dict.keys(); both were "must be a list of device names".
+    s = LoadAwareScheduler(loaded_cluster(), PlacementStrategy.ROUND_ROBIN)
+    first = s.select_device(d for d in ["cuda:0", "cuda:1"])
+    second = s.select_device({"cuda:0": 1, "cuda:1": 2}.keys())
+    assert {first, second} == {"cuda:0", "cuda:1"}
+    assert s.select_device_for_request(request(), iter(["cuda:1"])) == "cuda:1"
+    for bad in ({"cuda:0": 1}, "cuda:0", 3):
+        with pytest.raises(TypeError, match="list of device names"):
+            s.select_device(bad)  # type: ignore[arg-type]
+    assert s.get_placement_stats()["total_placements"] == 3
+
+
 def test_bad_constructor_arguments() -> None:
     with pytest.raises(TypeError, match="LoadMetricsCollector"):
         LoadAwareScheduler({})  # type: ignore[arg-type]
