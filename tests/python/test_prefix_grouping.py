@@ -53,6 +53,18 @@ def test_index_remove_and_remove_value() -> None:
     assert index._root.children == {}  # removed branches are pruned
 
 
+def test_index_takes_any_iterable_of_token_ids() -> None:
+    # The original took a generator or a range; here they were "must be a list or tuple of ints".
+    index: PrefixIndex[str] = PrefixIndex()
+    index.insert((t for t in [1, 2]), "x")
+    assert index.get(iter([1, 2])) == "x" and index.longest_prefix_match(range(1, 4)) == ("x", 2)
+    assert index.remove(iter([1, 2])) and len(index) == 0
+    for bad in ("ab", b"ab", {1: 2}, {1, 2}, 5):
+        with pytest.raises(TypeError, match="prefix tokens must be a list or tuple of ints"):
+            index.insert(bad, "y")  # type: ignore[arg-type]
+    assert len(index) == 0
+
+
 def test_index_remove_value_that_cannot_be_compared_changes_nothing() -> None:
     # remove_value cleared the matches it met before a comparison raised, and len() kept counting them.
     index: PrefixIndex[object] = PrefixIndex()

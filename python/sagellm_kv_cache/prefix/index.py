@@ -8,6 +8,7 @@ longest prefix with this one". Lookups walk at most ``len(tokens)`` nodes. Threa
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Mapping, Set
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -31,7 +32,9 @@ def _tokens(tokens: Any, *, allow_empty: bool) -> tuple[int, ...]:
     # took those. They are stored as Python ints, so np.int64(5) and 5 are the same key.
     if isinstance(tokens, np.ndarray) and tokens.ndim == 1 and (tokens.dtype.kind in "iu" or tokens.size == 0):
         tokens = tokens.tolist()
-    if not isinstance(tokens, list | tuple):
+    # Any other iterable of ids (a generator, a range) as in the original; not a str, bytes, mapping
+    # or set (no order of tokens).
+    if isinstance(tokens, str | bytes | Mapping | Set) or not isinstance(tokens, Iterable):
         raise TypeError(f"prefix tokens must be a list or tuple of ints, got {type(tokens).__name__}")
     out = tuple(tokens)
     if not all(type(token) is int for token in out):
