@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from sagellm_protocol.kv import DType, Layout
 
-from sagellm_kv_cache._numbers import is_finite_number, shown
+from sagellm_kv_cache._numbers import integer, is_finite_number, shown
 from sagellm_kv_cache.errors import KVBudgetExceededError, KVHandleNotFoundError, KVNotImplementedError
 from sagellm_kv_cache.models.kv_handle import KVHandle
 
@@ -65,6 +65,13 @@ class NodeContribution:
                 raise TypeError(f"{name} must be a number of GiB, got {type(value).__name__}")
             if not is_finite_number(value):  # NaN passes every comparison below
                 raise ValueError(f"{name} must be finite, got {shown(value)}")
+        # Read only later (get_global_stats copies the tiers): None was a TypeError from there and a
+        # str was split into letters; a str rank failed only when the node joined a global pool.
+        _check_rank("node_rank", self.node_rank)
+        tiers = self.storage_tiers
+        if isinstance(tiers, str | bytes) or not isinstance(tiers, list | tuple) or \
+                not all(isinstance(tier, str) for tier in tiers):
+            raise TypeError(f"storage_tiers must be a list of tier names (str), got {tiers!r}")
         if self.contributed_memory_gb < 0 or self.reserved_memory_gb < 0:
             raise ValueError("Memory sizes must be non-negative")
         if self.contributed_memory_gb + self.reserved_memory_gb > self.total_memory_gb:
@@ -127,9 +134,12 @@ class RemoteKVAccessor(ABC):
 
 
 def _check_rank(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
+    return integer(name, value)  # a numpy integer is a rank too (it compares equal to the int)
+
+
+def _check_handle(handle: Any) -> None:
+    if not isinstance(handle, KVHandle):
+        raise TypeError(f"expected a KVHandle, got {type(handle).__name__}")
 
 
 class LocalGlobalKVPoolManager(GlobalKVPoolManager):
@@ -198,8 +208,7 @@ class LocalGlobalKVPoolManager(GlobalKVPoolManager):
                                                                "preferred_node": preferred_node})
 
     def _owner(self, handle: Any) -> KVPool:
-        if not isinstance(handle, KVHandle):
-            raise TypeError(f"expected a KVHandle, got {type(handle).__name__}")
+        _check_handle(handle)
         pool = self._pools.get(handle.node_rank) if handle.node_rank is not None else None
         if pool is None:
             raise KVHandleNotFoundError(handle.handle_id, context={"node_rank": handle.node_rank,
@@ -274,6 +283,8 @@ class TransferRemoteKVAccessor(RemoteKVAccessor):
         self._lock = threading.Lock()
 
     def is_remote(self, handle: KVHandle, current_rank: int) -> bool:
+        _check_handle(handle)
+        _check_rank("current_rank", current_rank)  # a str rank never equals one: every handle read as remote
         return handle.node_rank is not None and handle.node_rank != current_rank
 
     def _receive(self, handle: KVHandle, current_rank: int) -> Any:
@@ -287,11 +298,12 @@ class TransferRemoteKVAccessor(RemoteKVAccessor):
 
     def fetch(self, handle: KVHandle, current_rank: int) -> Any:
         """Receives the KV of a remote handle (or waits for its prefetch); ``ValueError`` for a local one."""
+        remote = self.is_remote(handle, current_rank)  # checks both arguments first
         with self._lock:
             pending = self._pending.pop(handle.handle_id, None)
         if pending is not None:
             return pending.result()
-        if not self.is_remote(handle, current_rank):
+        if not remote:
             raise ValueError(f"handle {handle.handle_id} is local to rank {current_rank}; read it from the local pool")
         return self._receive(handle, current_rank)
 
@@ -310,6 +322,8 @@ class TransferRemoteKVAccessor(RemoteKVAccessor):
 
     def serve(self, handle: KVHandle, dst_rank: int, tensor: Any) -> None:
         """The owner's side: sends ``tensor`` (the KV of ``handle``) to ``dst_rank``."""
+        _check_handle(handle)
+        _check_rank("dst_rank", dst_rank)
         if handle.node_rank is None:
             raise ValueError(f"handle {handle.handle_id} has no node rank")
         self.engine.transfer_kv_handle(handle.model_copy(), handle.node_rank, dst_rank, tensor)

@@ -7,6 +7,7 @@ victims among many handles stays ``O(n log n)``; the prefix cache has its own na
 Rules shared by every strategy:
 
 * pinned or in-flight handles (``not handle.is_evictable()``) are never chosen;
+* a handle already freed (state ``FREE``) holds no tokens: it is skipped, neither chosen nor counted;
 * a need of ``0`` tokens selects nothing;
 * when every candidate is pinned, :class:`~sagellm_kv_cache.errors.KVAllPinnedError` is raised;
 * when all evictable handles together hold fewer tokens than needed,
@@ -25,12 +26,13 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from typing import ClassVar, cast
 
 import numpy as np
-from sagellm_protocol.kv import EvictionPolicy
+from sagellm_protocol.kv import EvictionPolicy, KVBlockState
 
+from sagellm_kv_cache._numbers import finite_number, integer, shown
 from sagellm_kv_cache.errors import KVAllPinnedError, KVNoVictimError
 from sagellm_kv_cache.models.kv_handle import KVHandle
 
@@ -51,9 +53,8 @@ _SortKey = tuple[float, ...]
 
 
 def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
+    # A numpy integer counts (the original took one: token counts are often summed with numpy).
+    return integer(name, value)
 
 
 class EvictionStrategy:
@@ -63,7 +64,7 @@ class EvictionStrategy:
 
     def select_victim(
         self,
-        candidates: Sequence[KVHandle],
+        candidates: Iterable[KVHandle],
         num_tokens_needed: int,
         max_victims: int | None = None,
     ) -> list[KVHandle]:
@@ -78,7 +79,9 @@ class EvictionStrategy:
             raise ValueError(f"num_tokens_needed must be >= 0, got {needed}")
         if max_victims is not None and _check_int("max_victims", max_victims) < 1:
             raise ValueError(f"max_victims must be >= 1 or None, got {max_victims}")
-        if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
+        # Any iterable of handles, as in the original (dict.values(), a generator); not a mapping, a
+        # str, or one handle (a pydantic model iterates as its (field, value) pairs).
+        if isinstance(candidates, str | bytes | Mapping | KVHandle) or not isinstance(candidates, Iterable):
             raise TypeError(f"candidates must be a sequence of KVHandle, got {type(candidates).__name__}")
 
         now = time.time()
@@ -89,7 +92,9 @@ class EvictionStrategy:
         for index, handle in enumerate(candidates):
             if not isinstance(handle, KVHandle):
                 raise TypeError(f"candidates[{index}] is a {type(handle).__name__}, not a KVHandle")
-            if handle.handle_id in seen:
+            if handle.handle_id in seen or handle.state == KVBlockState.FREE:
+                # A stale handle the caller still lists: evicting it would free nothing (and its
+                # free() is a double free), so it must not count toward the need either.
                 continue
             seen.add(handle.handle_id)
             if not handle.is_evictable():
@@ -174,16 +179,23 @@ class TTLEviction(EvictionStrategy):
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
             raise TypeError(f"ttl_seconds must be a number, got {type(ttl_seconds).__name__}")
         if not ttl_seconds > 0:
-            raise ValueError(f"ttl_seconds must be > 0, got {ttl_seconds}")
-        self.ttl_seconds = float(ttl_seconds)
+            raise ValueError(f"ttl_seconds must be > 0, got {shown(ttl_seconds)}")
+        try:
+            self.ttl_seconds = float(ttl_seconds)
+        except OverflowError:  # an int past the float range: never expires, as float("inf") does
+            self.ttl_seconds = math.inf
 
     def is_expired(self, handle: KVHandle, now: float | None = None) -> bool:
-        """True when the handle has lived at least ``ttl_seconds``."""
-        current = time.time() if now is None else now
+        """True when the handle has lived at least ``ttl_seconds`` (at ``now``, a finite timestamp,
+        default the current time). A non-handle is a ``TypeError``, a bad ``now`` a ``TypeError`` /
+        ``ValueError`` naming it (NaN read every handle as unexpired)."""
+        if not isinstance(handle, KVHandle):
+            raise TypeError(f"handle must be a KVHandle, got {type(handle).__name__}")
+        current = time.time() if now is None else finite_number("now", now)
         return current - handle.created_at >= self.ttl_seconds
 
     def _sort_key(self, handle: KVHandle, now: float, index: int) -> _SortKey:
-        if self.is_expired(handle, now):
+        if now - handle.created_at >= self.ttl_seconds:  # is_expired without its checks (done for the batch)
             return (0.0, handle.created_at, 0.0)
         return (1.0, handle.last_access, handle.created_at)
 
@@ -268,7 +280,7 @@ class EvictionManager:
 
     def select_victims(
         self,
-        handles: Sequence[KVHandle],
+        handles: Iterable[KVHandle],
         num_tokens_needed: int,
         max_victims: int | None = None,
     ) -> list[KVHandle]:

@@ -406,7 +406,17 @@ class KVCacheManager:
     # --- introspection ------------------------------------------------------------------------
 
     def get_stats(self) -> dict:
-        """The pool's seed keys plus blocks, prefix-cache and eviction numbers, flat."""
+        """The pool's seed keys plus blocks, prefix-cache and eviction numbers, flat; and the
+        original's two sections: ``pool`` (the pool's seed keys) and ``prefix`` (``entries``, the
+        prefixes in :attr:`prefix_index`, plus :meth:`get_prefix_metrics`)."""
+        with self._lock:
+            stats = self._flat_stats()
+            stats["pool"] = dict(self._pool.get_stats())
+            stats["prefix"] = {"entries": len(self.prefix_index), **self.get_prefix_metrics()}
+            return stats
+
+    def _flat_stats(self) -> dict[str, Any]:
+        """:meth:`get_stats` without its ``pool`` and ``prefix`` sections."""
         with self._lock:
             self._catch_up()
             stats: dict[str, Any] = dict(self._pool.get_stats())

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
 from sagellm_protocol.kv import SchedulerRequest
 
+from sagellm_kv_cache._numbers import positive_int
 from sagellm_kv_cache.load_metrics import DeviceLoadMetrics, LoadMetricsCollector
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class PlacementStrategy(StrEnum):
 
 
 def _device_list(name: str, devices: object) -> list[str]:
-    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
+    # Any iterable of names, as in the original (a generator, dict.keys()); not a str or a mapping.
+    if isinstance(devices, str | bytes | Mapping) or not isinstance(devices, Iterable):
         raise TypeError(f"{name} must be a list of device names, got {type(devices).__name__}")
     unique: dict[str, None] = {}
     for index, device in enumerate(devices):
@@ -110,10 +112,7 @@ class LoadAwareScheduler:
         chosen and not counted. ``request_id`` is only used in messages.
         """
         candidates = _device_list("candidate_devices", candidate_devices)
-        if isinstance(kv_tokens_required, bool) or not isinstance(kv_tokens_required, int):
-            raise TypeError(f"kv_tokens_required must be an int, got {type(kv_tokens_required).__name__}")
-        if kv_tokens_required < 0:
-            raise ValueError(f"kv_tokens_required must be >= 0, got {kv_tokens_required}")
+        kv_tokens_required = positive_int("kv_tokens_required", kv_tokens_required, allow_zero=True)
 
         if not self._enabled:
             return candidates[0]

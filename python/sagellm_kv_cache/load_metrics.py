@@ -11,29 +11,31 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from sagellm_kv_cache._numbers import finite_number
+from sagellm_kv_cache._numbers import finite_number, positive_int
 
 __all__ = ["DeviceLoadMetrics", "LoadMetricsCollector"]
 
 
 def _count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+    # numpy numbers count (the original took them: engines report usage read from numpy arrays).
+    return positive_int(name, value, allow_zero=True)
 
 
 def _amount(name: str, value: object) -> float:
+    if isinstance(value, np.integer | np.floating):
+        value = value.item()
     return finite_number(name, value, minimum=0)
 
 
 class DeviceLoadMetrics(BaseModel):
     """Load of one device. A capacity of 0 means "unknown": its utilization then reads 0."""
 
-    model_config = ConfigDict(validate_assignment=True)
+    # inf refused as the update methods refuse it: used inf / capacity inf made utilization NaN,
+    # and a NaN utilization never reaches a threshold (an infinitely full device read as healthy).
+    model_config = ConfigDict(validate_assignment=True, allow_inf_nan=False)
 
     device: str
     active_requests: int = Field(default=0, ge=0)

@@ -54,16 +54,18 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sagellm_protocol.kv import EvictionPolicy, SchedulerPlan, SchedulerRequest, SchedulerState
 
+from sagellm_kv_cache._numbers import is_finite_number
 from sagellm_kv_cache.errors import (
     KVBudgetExceededError,
     KVConfigInvalidError,
     KVHandleNotFoundError,
+    KVHandlePinnedError,
     KVPoolFullError,
 )
 from sagellm_kv_cache.eviction import EvictionManager
@@ -112,7 +114,7 @@ def _request_id(value: object) -> str:
 # The fields plan reads while it reserves: a model changed after validation (pydantic does not
 # re-validate assignments) is refused before anything is reserved, not half-way through the batch.
 _SIZE_FIELDS = ("prompt_len", "max_new_tokens", "kv_tokens_required", "prefix_hit_len")
-_OPTIONAL_STR_FIELDS = ("prefix_fingerprint", "session_id")
+_OPTIONAL_STR_FIELDS = ("prefix_fingerprint", "session_id", "device_affinity")
 
 
 def _check_fields(request: SchedulerRequest) -> None:
@@ -125,6 +127,15 @@ def _check_fields(request: SchedulerRequest) -> None:
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{field} of request {request.request_id!r} must be a str or None, "
                             f"got {type(value).__name__}")
+    # The admission order's keys: a str or None was a TypeError about unary '-' or '<' naming
+    # neither the field nor the request, and a NaN put the batch in an arbitrary order.
+    priority = request.priority
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise KVConfigInvalidError("priority", priority, reason=f"request {request.request_id!r}: must be an int")
+    queued_at = request.queued_at
+    if not is_finite_number(queued_at) or queued_at < 0:
+        raise KVConfigInvalidError("queued_at", queued_at,
+                                   reason=f"request {request.request_id!r}: must be a finite number >= 0")
     if SchedulerBridge._tokens_needed(request) < 1:
         raise KVConfigInvalidError("kv_tokens_required", 0,
                                    reason=f"request {request.request_id!r} needs no KV (no prompt and no new tokens)")
@@ -190,16 +201,20 @@ class SchedulerBridge:
 
     # --- planning -------------------------------------------------------------------------------
 
-    def plan(self, requests: Sequence[SchedulerRequest]) -> SchedulerPlan:
+    def plan(self, requests: Iterable[SchedulerRequest]) -> SchedulerPlan:
         """Admits what fits, reserving its KV; returns the plan (the original's shape: every input
         request, ``placement`` for the admitted ones; see the module docstring).
 
-        Bad input (not a list of ``SchedulerRequest``, an empty id, a size field that is not an int
+        ``requests`` is any iterable of requests that is not a mapping. Bad input (an item that is not
+        a ``SchedulerRequest``, an empty id, a size field that is not an int
         >= 0, a fingerprint or session id that is not a str, an id twice in the batch, an id that
         already holds KV) raises before anything is reserved.
         """
-        if isinstance(requests, str | bytes) or not isinstance(requests, Sequence):
+        # One request is refused too: a pydantic model iterates as its (field, value) pairs.
+        if isinstance(requests, str | bytes | Mapping | SchedulerRequest) or not isinstance(requests, Iterable):
             raise TypeError(f"requests must be a sequence of SchedulerRequest, got {type(requests).__name__}")
+        if not isinstance(requests, Sequence):  # dict.values() or a generator (the original took the former)
+            requests = list(requests)
         seen: set[str] = set()
         for index, request in enumerate(requests):
             if not isinstance(request, SchedulerRequest):
@@ -300,15 +315,27 @@ class SchedulerBridge:
         request_id = _request_id(request_id)
         with self._lock:
             self._catch_up()
-            reservation = self._requests.pop(request_id, None)
+            reservation = self._requests.get(request_id)
             if reservation is None:
                 raise KVRequestNotFoundError(request_id)
-            self._manager.unpin(reservation.handle)
-            self._manager.free(reservation.handle)
-            if reservation.prefix is not None:
-                self._manager.unpin(reservation.prefix)
+            live = self._live(reservation.handle)
+            if live is not None and live.pin_count > 1:  # pinned by someone else too: theirs to release
+                raise KVHandlePinnedError(live.handle_id, operation="free", pin_count=live.pin_count - 1,
+                                          context={"request_id": request_id})
+            del self._requests[request_id]
             self._active[reservation.device] -= 1
+            if live is not None:
+                if live.pin_count:
+                    self._manager.unpin(live)
+                self._manager.free(live)
+            prefix = self._live(reservation.prefix) if reservation.prefix is not None else None
+            if prefix is not None and prefix.pin_count:
+                self._manager.unpin(prefix)
             self._sync_load()
+            if live is None:
+                # Freed (or unpinned and evicted) through bridge.manager behind the bridge's back: the
+                # reservation is forgotten, as after a reset of the manager, and the KV was not ours to free.
+                raise KVRequestNotFoundError(request_id)
 
     def get_request_handle(self, request_id: str) -> KVHandle:
         """The handle holding ``request_id``'s own tokens (not a shared prefix)."""
@@ -330,7 +357,7 @@ class SchedulerBridge:
                 "load_metrics": {device: m.to_dict() for device, m in self._collector.get_all_metrics().items()},
                 "num_requests": len(self._requests),
                 "placement": self._scheduler.get_placement_stats(),
-                "pool": self._manager.get_stats(),
+                "pool": self._manager._flat_stats(),  # the original's bridge: the pool's keys, flat
             }
 
     def reset(self) -> None:
@@ -499,6 +526,13 @@ class SchedulerBridge:
         handle.session_id = session_id
         handle.placement = device
         return handle
+
+    def _live(self, handle: KVHandle) -> KVHandle | None:
+        """The manager's live record of ``handle``, or None when the manager no longer holds it."""
+        try:
+            return self._manager.get_handle(handle.handle_id)
+        except KVHandleNotFoundError:
+            return None
 
     def _cached_prefix(self, fingerprint: str) -> KVHandle | None:
         handle = self._prefixes.get(fingerprint)

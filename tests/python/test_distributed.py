@@ -8,6 +8,7 @@ import uuid
 from collections import deque
 from typing import Any
 
+import numpy as np
 import pytest
 from sagellm_kv_cache import KVBudgetExceededError, KVHandle, KVHandleNotFoundError, KVNotImplementedError
 from sagellm_kv_cache.distributed import (
@@ -45,6 +46,15 @@ def test_node_contribution_checks() -> None:
             NodeContribution(0, *args, [])
     with pytest.raises(TypeError, match="contributed_memory_gb must be a number of GiB, got str"):
         NodeContribution(0, 10.0, "1", 0.0, [])  # type: ignore[arg-type]
+    # storage_tiers=None broke get_global_stats later ('NoneType' object is not iterable), "ssd" was
+    # reported as ['s', 's', 'd']; a str rank failed only when the node joined a global pool.
+    for tiers in (None, "ssd", ["gpu", 3]):
+        with pytest.raises(TypeError, match="storage_tiers must be a list of tier names"):
+            NodeContribution(0, 10.0, 1.0, 0.0, tiers)  # type: ignore[arg-type]
+    for rank in ("0", None, True):
+        with pytest.raises(TypeError, match="node_rank must be an int"):
+            NodeContribution(rank, 10.0, 1.0, 0.0, [])  # type: ignore[arg-type]
+    assert NodeContribution(1, 10.0, 1.0, 0.0, ("ssd",)).storage_tiers == ("ssd",)
 
 
 def test_interfaces_are_abstract() -> None:
@@ -144,6 +154,26 @@ def test_remote_get_and_prefetch_over_a_transfer_engine() -> None:
     reader.close()
     owner.close()
     assert uuid.UUID(str(handle.handle_id))
+
+
+def test_accessor_checks_handle_and_rank_before_any_transfer() -> None:
+    # A str rank never equals a node rank, so every handle read as remote and prefetch started a
+    # receive from rank 0 into rank '1' in the background; a non-handle was an AttributeError.
+    frames: deque[Any] = deque()
+    reader = TransferRemoteKVAccessor(KVTransferEngine(PipeBackend(1, frames)), lambda h: torch.zeros(4))
+    handle = KVHandle.create(4, node_rank=0)
+    for call in (reader.is_remote, reader.fetch, reader.prefetch):
+        with pytest.raises(TypeError, match="current_rank must be an int, got str"):
+            call(handle, "1")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="current_rank must be an int, got bool"):
+            call(handle, True)
+        with pytest.raises(TypeError, match="expected a KVHandle, got str"):
+            call("h", 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dst_rank must be an int, got NoneType"):
+        reader.serve(handle, None, torch.zeros(4))  # type: ignore[arg-type]
+    assert reader._pending == {} and not frames
+    assert reader.is_remote(handle, np.int64(1)) and not reader.is_remote(handle, np.int32(0))
+    reader.close()
 
 
 def test_abandoned_prefetches_stay_bounded() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from sagellm_kv_cache.eviction import (
     TTLEviction,
 )
 from sagellm_kv_cache.models.kv_handle import KVHandle
+from sagellm_kv_cache.pool.kv_pool import KVPool
 from sagellm_protocol.kv import EvictionPolicy
 
 
@@ -147,6 +149,20 @@ def test_not_enough_evictable_tokens_raises_with_numbers() -> None:
     assert snapshot(handles) == before
 
 
+def test_freed_handles_are_neither_chosen_nor_counted() -> None:
+    # A handle the caller freed but still lists (state FREE) was the coldest victim: evicting it
+    # freed nothing, and its tokens counted toward the need, hiding that nothing could cover it.
+    pool = KVPool(1000, 16)
+    stale, live = (pool.alloc(100, "fp16", "contiguous", "cpu") for _ in range(2))
+    pool.free(stale)
+    assert EvictionManager().select_victims([stale, live], 50) == [live]
+    with pytest.raises(KVNoVictimError) as info:
+        EvictionManager().select_victims([stale, live], 150)
+    assert info.value.context["evictable_tokens"] == 100
+    with pytest.raises(KVNoVictimError):
+        EvictionManager().select_victims([stale], 1)
+
+
 def test_empty_candidates_with_need_raise_no_victim() -> None:
     with pytest.raises(KVNoVictimError) as info:
         LRUEviction().select_victim([], 1)
@@ -188,15 +204,34 @@ def test_non_int_need_is_type_error(bad: object) -> None:
         LRUEviction().select_victim([make_handle(1)], bad)  # type: ignore[arg-type]
 
 
+def test_numpy_integer_need_and_cap_are_ints() -> None:
+    # The original took numpy integers here (the engine may sum token counts with numpy); they
+    # were a TypeError ("must be an int, got int64").
+    handles = [make_handle(4, created=1.0), make_handle(4, created=2.0), make_handle(4, created=3.0)]
+    manager = EvictionManager(EvictionPolicy.FIFO, default_priority=np.int32(2))
+    assert manager.default_priority == 2 and type(manager.default_priority) is int
+    assert manager.select_victims(handles, np.int64(5)) == handles[:2]
+    assert manager.select_victims(handles, np.uint16(12), max_victims=np.int64(1)) == handles[:1]
+    with pytest.raises(TypeError, match="num_tokens_needed"):
+        manager.select_victims(handles, np.bool_(True))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_tokens_needed"):
+        manager.select_victims(handles, np.int64(-1))
+
+
 def test_non_handle_candidate_is_type_error_naming_type_and_index() -> None:
     handles: list[Any] = [make_handle(1), {"num_tokens": 4}]
     with pytest.raises(TypeError, match=r"candidates\[1\] is a dict"):
         LRUEviction().select_victim(handles, 1)
 
 
-def test_candidates_must_be_a_sequence() -> None:
-    with pytest.raises(TypeError, match="sequence"):
-        LRUEviction().select_victim(iter([make_handle(1)]), 1)  # type: ignore[arg-type]
+def test_candidates_may_be_any_iterable_but_a_mapping_or_one_handle() -> None:
+    # The original took a generator and dict.values(); both were "candidates must be a sequence".
+    handles = {"a": make_handle(4, created=2.0), "b": make_handle(4, created=1.0)}
+    assert EvictionManager(EvictionPolicy.FIFO).select_victims(handles.values(), 4) == [handles["b"]]
+    assert LRUEviction().select_victim((h for h in handles.values()), 8) == [handles["b"], handles["a"]]
+    for bad in (handles, "ab", handles["a"], 3):
+        with pytest.raises(TypeError, match="sequence"):
+            LRUEviction().select_victim(bad, 1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("bad", "error"), [("high", TypeError), (float("nan"), ValueError), (None, TypeError)])
@@ -238,6 +273,29 @@ def test_ttl_must_be_positive() -> None:
         TTLEviction(ttl_seconds=0)
     with pytest.raises(ValueError, match="ttl_seconds"):
         EvictionManager(ttl_seconds=-1.0)
+
+
+def test_ttl_is_expired_checks_its_arguments() -> None:
+    # A None handle was an AttributeError, now="x" a TypeError about '-', and NaN read as unexpired.
+    policy = TTLEviction(ttl_seconds=10.0)
+    handle = make_handle(4, created=100.0)
+    assert policy.is_expired(handle, 110) and not policy.is_expired(handle, 109.5)
+    with pytest.raises(TypeError, match="handle must be a KVHandle, got NoneType"):
+        policy.is_expired(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="now must be a number, got str"):
+        policy.is_expired(handle, "x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="now must be a finite number, got nan"):
+        policy.is_expired(handle, math.nan)
+
+
+def test_ttl_past_the_float_range_never_expires() -> None:
+    # An int TTL past the float range was a bare OverflowError from float(); it reads as float("inf").
+    manager = EvictionManager(EvictionPolicy.TTL, ttl_seconds=10**400)
+    assert manager.ttl_seconds == math.inf
+    old, recent = make_handle(4, created=1.0, last=50.0), make_handle(4, created=2.0, last=10.0)
+    assert manager.select_victims([old, recent], 4) == [recent]  # nothing expired: LRU
+    with pytest.raises(ValueError, match="ttl_seconds must be > 0, got an int of"):
+        TTLEviction(ttl_seconds=-(10**400))
 
 
 def test_base_strategy_is_abstract() -> None:

@@ -50,6 +50,25 @@ def snapshot(manager: KVCacheManager) -> dict[str, Any]:
     }
 
 
+def test_stats_have_the_original_pool_and_prefix_sections() -> None:
+    # The original's get_stats() was {"pool": {...}, "prefix": {"entries", "prefix_hits", ...}}; here
+    # only the flat keys existed, so stats["pool"]["used_tokens"] was a KeyError.
+    manager = KVCacheManager(1000, 16)
+    first = manager.alloc(100)
+    manager.register_prefix(tokens(64), first)
+    manager.register_prefix(tokens(40), first)
+    second = manager.alloc(50)
+    manager.register_prefix(tokens(10, 100), second)
+    assert manager.query_prefix(tokens(80))[1] == 64
+    stats = manager.get_stats()
+    assert stats["pool"] == manager.pool.get_stats() and stats["pool"]["used_tokens"] == 150
+    assert stats["prefix"] == {"entries": 3, "prefix_hit_rate": 1.0, "prefix_reuse_tokens": 64, "prefix_hits": 1,
+                               "prefix_lookups": 1}
+    manager.free(first)
+    stats = manager.get_stats()
+    assert stats["prefix"]["entries"] == 1 and stats["pool"]["num_handles"] == 1 == stats["num_handles"]
+
+
 # --- allocation -------------------------------------------------------------------------------
 
 
@@ -63,6 +82,7 @@ def test_seed_signature_defaults_and_alloc_free() -> None:
     assert handle.device == "cpu" and handle.block_ids.tolist() == [0, 1, 2]
     stats = manager.get_stats()
     assert set(POOL_KEYS) <= set(stats) and set(PREFIX_METRIC_KEYS) <= set(stats)
+    assert sorted(stats["pool"]) == POOL_KEYS and sorted(stats["prefix"]) == sorted(["entries", *PREFIX_METRIC_KEYS])
     assert stats["used_tokens"] == 300 and stats["used_blocks"] == 3 and stats["num_handles"] == 1
     manager.free(handle)
     assert handle.state == KVBlockState.FREE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 from sagellm_kv_cache.load_aware_scheduler import LoadAwareScheduler, PlacementStrategy
@@ -64,11 +65,39 @@ def test_bad_updates_change_nothing(call: Any, error: type[Exception]) -> None:
     assert m.model_dump() == before
 
 
+def test_numpy_numbers_are_accepted() -> None:
+    # The original took numpy numbers (usage read from numpy arrays); an int64 count was a
+    # TypeError ("must be an int, got int64") and a float32 amount one too.
+    c = collector_with(("cuda:0", 100), ("cuda:1", 100))
+    c.register_device("cuda:1", kv_tokens_capacity=np.int64(200), memory_capacity_mb=np.float32(500.0))
+    c.update_kv_usage("cuda:0", np.int64(90))
+    c.update_request_count("cuda:0", np.int32(3), np.uint8(1))
+    c.update_memory_usage("cuda:0", np.float32(12.5))
+    c.update_wait_time("cuda:0", np.float64(1.0), np.int64(2))
+    m = c.get_metrics("cuda:0")
+    assert (m.kv_tokens_used, m.active_requests, m.queue_length, m.memory_used_mb) == (90, 3, 1, 12.5)
+    assert type(m.kv_tokens_used) is int and c.get_metrics("cuda:1").kv_tokens_capacity == 200
+    s = LoadAwareScheduler(c)
+    assert s.select_device(["cuda:0", "cuda:1"], np.int64(20)) == "cuda:1"
+    with pytest.raises(TypeError, match="kv_tokens_used"):
+        c.update_kv_usage("cuda:0", np.bool_(True))
+    with pytest.raises(ValueError, match="kv_tokens_required"):
+        s.select_device(["cuda:0"], np.int64(-1))
+    assert c.get_metrics("cuda:0").kv_tokens_used == 90 and s.get_placement_stats()["total_placements"] == 1
+
+
 def test_field_validation() -> None:
     with pytest.raises(ValidationError):
         DeviceLoadMetrics(device="x", active_requests=-1)
     with pytest.raises(ValueError, match="device"):
         DeviceLoadMetrics.create("")
+    # inf / inf was a NaN utilization, and is_overloaded() False for an infinitely used device.
+    with pytest.raises(ValidationError, match="memory_used_mb"):
+        DeviceLoadMetrics(device="x", memory_used_mb=float("inf"), memory_capacity_mb=float("inf"))
+    m = DeviceLoadMetrics(device="x", memory_capacity_mb=10.0)
+    with pytest.raises(ValidationError, match="avg_wait_time_ms"):
+        m.avg_wait_time_ms = float("inf")
+    assert m.avg_wait_time_ms == 0.0 and m.memory_utilization() == 0.0
 
 
 # --- LoadMetricsCollector ----------------------------------------------------------------------
@@ -319,6 +348,19 @@ def test_bad_selection_input_changes_no_stats(args: tuple[Any, ...], error: type
     with pytest.raises(error, match=match):
         s.select_device(*args)
     assert s.get_placement_stats()["total_placements"] == 0
+
+
+def test_candidates_may_be_any_iterable_of_names() -> None:
+    # The original took a generator and dict.keys(); both were "must be a list of device names".
+    s = LoadAwareScheduler(loaded_cluster(), PlacementStrategy.ROUND_ROBIN)
+    first = s.select_device(d for d in ["cuda:0", "cuda:1"])
+    second = s.select_device({"cuda:0": 1, "cuda:1": 2}.keys())
+    assert {first, second} == {"cuda:0", "cuda:1"}
+    assert s.select_device_for_request(request(), iter(["cuda:1"])) == "cuda:1"
+    for bad in ({"cuda:0": 1}, "cuda:0", 3):
+        with pytest.raises(TypeError, match="list of device names"):
+            s.select_device(bad)  # type: ignore[arg-type]
+    assert s.get_placement_stats()["total_placements"] == 3
 
 
 def test_bad_constructor_arguments() -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 from sagellm_kv_cache import KVHandle
@@ -43,6 +45,21 @@ def test_extractor() -> None:
     assert FeatureExtractor().extract_batch([]) == []
     with pytest.raises(ValueError, match=r"hit_lens length \(2\) must match handles length \(1\)"):
         FeatureExtractor().extract_batch(handles[:1], [1, 2])
+
+
+def test_extractor_takes_iterables_and_names_bad_items() -> None:
+    # The original took a generator; here it was "object of type 'generator' has no len()". A
+    # non-handle item was an AttributeError ("'int' object has no attribute 'handle_id'").
+    handles = [KVHandle.create(8), KVHandle.create(16)]
+    batch = FeatureExtractor().extract_batch(h for h in handles)
+    assert [f.handle_id for f in batch] == [h.handle_id for h in handles] and [f.hit_len for f in batch] == [0, 0]
+    assert [f.hit_len for f in FeatureExtractor().extract_batch(iter(handles), iter([3, 4]))] == [3, 4]
+    with pytest.raises(TypeError, match=r"handles\[1\] must be a KVHandle, got int"):
+        FeatureExtractor().extract_batch([handles[0], 7])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="handles must be an iterable, got NoneType"):
+        FeatureExtractor().extract_batch(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="hit_lens must be an iterable, got int"):
+        FeatureExtractor().extract_batch(handles, 3)  # type: ignore[arg-type]
 
 
 def test_defaults_before_any_history() -> None:
@@ -118,6 +135,29 @@ def test_bad_updates_change_nothing() -> None:
     with pytest.raises(TypeError):
         predictor.update({"session_id": "s"}, 1.0)  # type: ignore[arg-type]
     assert predictor.get_statistics() == before
+
+
+def test_numpy_numbers_are_numbers() -> None:
+    # The original took numpy numbers; a float32 lifetime was "must be a finite number of seconds
+    # >= 0, got np.float32(2.0)" and an int64 window "must be a positive int".
+    predictor = HistoricalPredictor(window_size=np.int64(10), alpha=np.float32(0.5),
+                                    default_reuse_prob=np.float64(0.25), default_lifetime=np.int32(100),
+                                    max_sessions=np.uint8(4))
+    assert predictor.window_size == 10 and predictor.alpha == 0.5 and predictor.max_sessions == 4
+    predictor.update(features(), np.float32(2.0))
+    predictor.update(features(), np.int64(0))
+    assert predictor.get_statistics()["s1"] == {"avg_lifetime": 1.0, "avg_reuse_prob": 0.5, "sample_count": 2}
+    for bad in (np.float32("nan"), np.int64(-1), np.bool_(True)):
+        with pytest.raises(ValueError, match="actual_lifetime"):
+            predictor.update(features(), bad)  # type: ignore[arg-type]
+    assert predictor.global_sample_count == 2
+
+
+def test_a_token_count_past_the_float_range_is_predicted() -> None:
+    # predict_batch raised OverflowError from math.log1p for a (validated) num_tokens of 10**400.
+    huge = features().model_copy(update={"num_tokens": 10**400})
+    small, big = HistoricalPredictor().predict_batch([features(), huge])
+    assert math.isfinite(big.evict_score) and big.evict_score > small.evict_score
 
 
 def test_predict_batch_names_what_is_not_features() -> None:

@@ -6,6 +6,7 @@ import hashlib
 import random
 import time
 
+import numpy as np
 import pytest
 from sagellm_kv_cache.prefix import (
     CIPrefixGrouper,
@@ -52,6 +53,30 @@ def test_index_remove_and_remove_value() -> None:
     assert index._root.children == {}  # removed branches are pruned
 
 
+def test_index_takes_any_iterable_of_token_ids() -> None:
+    # The original took a generator or a range; here they were "must be a list or tuple of ints".
+    index: PrefixIndex[str] = PrefixIndex()
+    index.insert((t for t in [1, 2]), "x")
+    assert index.get(iter([1, 2])) == "x" and index.longest_prefix_match(range(1, 4)) == ("x", 2)
+    assert index.remove(iter([1, 2])) and len(index) == 0
+    for bad in ("ab", b"ab", {1: 2}, {1, 2}, 5):
+        with pytest.raises(TypeError, match="prefix tokens must be a list or tuple of ints"):
+            index.insert(bad, "y")  # type: ignore[arg-type]
+    assert len(index) == 0
+
+
+def test_index_remove_value_that_cannot_be_compared_changes_nothing() -> None:
+    # remove_value cleared the matches it met before a comparison raised, and len() kept counting them.
+    index: PrefixIndex[object] = PrefixIndex()
+    index.insert([1, 2], np.array([1, 2]))
+    index.insert([1, 4], "v")  # met first: the walk visits later children first
+    index.insert([7], "v")
+    with pytest.raises(ValueError, match="truth value"):
+        index.remove_value("v")
+    assert len(index) == 3 and index.get([1, 4]) == "v" and index.get([7]) == "v"
+    assert index.longest_prefix_match([1, 4, 5]) == ("v", 2)
+
+
 def test_index_against_a_dict_model() -> None:
     rng = random.Random(7)
     index: PrefixIndex[int] = PrefixIndex()
@@ -82,6 +107,21 @@ def test_index_bad_input_changes_nothing() -> None:
     with pytest.raises(ValueError, match="prefix_tokens must not be empty"):
         index.insert([], "root")
     for bad in (None, "abc", [1.5], [True]):
+        with pytest.raises(TypeError):
+            index.insert(bad, "y")  # type: ignore[arg-type]
+    assert len(index) == 1
+
+
+def test_index_takes_numpy_token_ids() -> None:
+    # Token ids from a tokenizer are numpy integers; the original took them, here they were a
+    # TypeError ("token 0 must be an int, got int64"). They are the same keys as Python ints.
+    index: PrefixIndex[str] = PrefixIndex()
+    index.insert([np.int64(1), np.int32(2)], "a")
+    index.insert(np.array([1, 2, 3], dtype=np.uint32), "b")
+    assert index.get([1, 2]) == "a" and index.longest_prefix_match(np.array([1, 2, 3, 4])) == ("b", 3)
+    assert index.longest_prefix_match((1, np.int16(2), 9)) == ("a", 2)
+    assert index.remove(np.array([1, 2, 3])) and len(index) == 1
+    for bad in ([np.bool_(True)], [np.float64(1.0)], np.array([1.0, 2.0]), np.array([[1, 2]])):
         with pytest.raises(TypeError):
             index.insert(bad, "y")  # type: ignore[arg-type]
     assert len(index) == 1

@@ -12,6 +12,7 @@ from sagellm_kv_cache import (
     KVConfigInvalidError,
     KVHandle,
     KVHandleNotFoundError,
+    KVHandlePinnedError,
     PlacementStrategy,
     SchedulerBridge,
 )
@@ -185,6 +186,64 @@ def test_plan_refuses_a_request_changed_after_validation_before_reserving(field:
     with pytest.raises(KVConfigInvalidError, match="'nothing' needs no KV"):
         bridge.plan([req("a", 10, 6), nothing])
     assert used(bridge) == 0 and len(bridge) == 0
+
+
+@pytest.mark.parametrize(("field", "value"), [("priority", "high"), ("priority", None), ("priority", 1.5),
+                                              ("queued_at", None), ("queued_at", "x"), ("queued_at", float("nan")),
+                                              ("queued_at", -1.0)])
+def test_plan_refuses_a_changed_ordering_field_naming_it(field: str, value: object) -> None:
+    # The admission order's keys were not checked: a str or None was "bad operand type for unary -"
+    # or "'<' not supported", naming neither field nor request; NaN ordered the batch arbitrarily.
+    bridge = SchedulerBridge(1024)
+    bad = req("bad", 10, 6)
+    setattr(bad, field, value)
+    with pytest.raises(KVConfigInvalidError, match=f"{field}.*'bad'"):
+        bridge.plan([req("a", 10, 6), bad])
+    assert used(bridge) == 0 and len(bridge) == 0 and bridge.last_scheduled == []
+    odd = req("odd", 10, 6)
+    odd.device_affinity = 5  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="device_affinity of request 'odd' must be a str or None, got int"):
+        bridge.plan([odd])
+    assert len(bridge) == 0
+
+
+def test_free_request_after_the_manager_dropped_its_handle_keeps_the_books() -> None:
+    # The reservation was popped before manager.unpin raised, so the device's request count (the
+    # load figures placement reads) stayed 1 for good.
+    bridge = SchedulerBridge(1024, devices=["cuda:0", "cuda:1"])
+    handle = bridge.allocate_request("gone", 100, device="cuda:1")
+    bridge.manager.unpin(handle)
+    bridge.manager.free(handle)
+    with pytest.raises(KVRequestNotFoundError, match="gone"):
+        bridge.free_request("gone")
+    metrics = bridge.get_stats()["load_metrics"]["cuda:1"]
+    assert len(bridge) == 0 and metrics["active_requests"] == 0 and metrics["kv_tokens_used"] == 0
+    bridge.allocate_request("gone", 100, device="cuda:1")  # the id is free again
+    # Pinned once more by someone else: refused with nothing changed; freed once they unpin.
+    again = bridge.get_request_handle("gone")
+    bridge.manager.pin(again)
+    with pytest.raises(KVHandlePinnedError):
+        bridge.free_request("gone")
+    assert len(bridge) == 1 and used(bridge) == 100 and again.pin_count == 2
+    bridge.manager.unpin(again)
+    bridge.free_request("gone")
+    assert len(bridge) == 0 and used(bridge) == 0
+    assert bridge.get_stats()["load_metrics"]["cuda:1"]["active_requests"] == 0
+
+
+def test_plan_takes_any_iterable_of_requests() -> None:
+    # The original planned dict.values() (it has a length); here it was "requests must be a
+    # sequence of SchedulerRequest, got dict_values". A generator is read once.
+    bridge = SchedulerBridge(1000)
+    queue = {"a": req("a", 10, 6), "b": req("b", 10, 6)}
+    plan = bridge.plan(queue.values())
+    assert plan.batch_size == 2 and plan.requests == list(queue.values()) and sorted(plan.placement) == ["a", "b"]
+    plan = bridge.plan(r for r in [req("c", 10, 6)])
+    assert plan.requests[0].request_id == "c" and list(plan.placement) == ["c"] and len(bridge) == 3
+    for bad in (queue, "abc", 5):
+        with pytest.raises(TypeError, match="requests must be a sequence of SchedulerRequest"):
+            bridge.plan(bad)  # type: ignore[arg-type]
+    assert len(bridge) == 3
 
 
 def test_plan_refuses_an_id_that_free_request_refuses() -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-if TYPE_CHECKING:
-    from sagellm_kv_cache.models.kv_handle import KVHandle
+from sagellm_kv_cache.models.kv_handle import KVHandle
 
 __all__ = ["FeatureExtractor", "PredictorFeatures"]
 
@@ -59,9 +58,24 @@ class PredictorFeatures(BaseModel):
 class FeatureExtractor:
     """Builds :class:`PredictorFeatures` for a batch of handles at one instant."""
 
-    def extract_batch(self, handles: list[KVHandle], hit_lens: list[int] | None = None) -> list[PredictorFeatures]:
-        if hit_lens is not None and len(hit_lens) != len(handles):
-            raise ValueError(f"hit_lens length ({len(hit_lens)}) must match handles length ({len(handles)})")
+    def extract_batch(
+        self, handles: Iterable[KVHandle], hit_lens: Iterable[int] | None = None
+    ) -> list[PredictorFeatures]:
+        """Features of every handle, all stamped with the same instant; ``hit_lens[i]`` is handle
+        ``i``'s prefix-cache hit length (0 when not given). Any iterable will do, as in the original;
+        a non-iterable or a non-``KVHandle`` item is a ``TypeError`` naming it."""
+        batch = _items("handles", handles)
+        for i, handle in enumerate(batch):
+            if not isinstance(handle, KVHandle):
+                raise TypeError(f"handles[{i}] must be a KVHandle, got {type(handle).__name__}")
+        lens: Sequence[Any] = [0] * len(batch) if hit_lens is None else _items("hit_lens", hit_lens)
+        if len(lens) != len(batch):
+            raise ValueError(f"hit_lens length ({len(lens)}) must match handles length ({len(batch)})")
         now = time.time()
-        lens: Sequence[int] = hit_lens if hit_lens is not None else [0] * len(handles)
-        return [PredictorFeatures.from_handle(h, n, now) for h, n in zip(handles, lens, strict=True)]
+        return [PredictorFeatures.from_handle(h, n, now) for h, n in zip(batch, lens, strict=True)]
+
+
+def _items(name: str, values: object) -> list[Any]:
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be an iterable, got {type(values).__name__}")
+    return list(values)

@@ -8,7 +8,10 @@ longest prefix with this one". Lookups walk at most ``len(tokens)`` nodes. Threa
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Mapping, Set
 from typing import Any, Generic, TypeVar
+
+import numpy as np
 
 __all__ = ["PrefixIndex"]
 
@@ -25,12 +28,20 @@ class _Node:
 
 
 def _tokens(tokens: Any, *, allow_empty: bool) -> tuple[int, ...]:
-    if not isinstance(tokens, list | tuple):
+    # Token ids straight from a tokenizer are numpy integers (or a 1-D integer array); the original
+    # took those. They are stored as Python ints, so np.int64(5) and 5 are the same key.
+    if isinstance(tokens, np.ndarray) and tokens.ndim == 1 and (tokens.dtype.kind in "iu" or tokens.size == 0):
+        tokens = tokens.tolist()
+    # Any other iterable of ids (a generator, a range) as in the original; not a str, bytes, mapping
+    # or set (no order of tokens).
+    if isinstance(tokens, str | bytes | Mapping | Set) or not isinstance(tokens, Iterable):
         raise TypeError(f"prefix tokens must be a list or tuple of ints, got {type(tokens).__name__}")
     out = tuple(tokens)
-    for i, token in enumerate(out):
-        if isinstance(token, bool) or not isinstance(token, int):
-            raise TypeError(f"token {i} must be an int, got {type(token).__name__}")
+    if not all(type(token) is int for token in out):
+        for i, token in enumerate(out):
+            if isinstance(token, bool | np.bool_) or not isinstance(token, int | np.integer):
+                raise TypeError(f"token {i} must be an int, got {type(token).__name__}")
+        out = tuple(int(token) for token in out)
     if not out and not allow_empty:
         raise ValueError("prefix_tokens must not be empty")
     return out
@@ -127,17 +138,21 @@ class PrefixIndex(Generic[T]):
             del path[depth - 1].children[key[depth - 1]]
 
     def _remove_value(self, root: _Node, value: Any) -> int:
-        removed = 0
+        # Compare everything first, then remove: a comparison that raises (a numpy array's ``==``
+        # has no truth value) must leave the index as it was, its size included.
         stack: list[tuple[_Node, _Node | None, int | None]] = [(root, None, None)]
         order: list[tuple[_Node, _Node | None, int | None]] = []
+        matches: list[_Node] = []
         while stack:
             item = stack.pop()
             order.append(item)
             node = item[0]
             if node is not root and node.value is not _NO_VALUE and node.value == value:
-                node.value = _NO_VALUE
-                removed += 1
+                matches.append(node)
             stack.extend((child, node, token) for token, child in node.children.items())
+        for node in matches:
+            node.value = _NO_VALUE
+        removed = len(matches)
         for node, parent, token in reversed(order):  # children before parents: prune empty branches
             if parent is not None and token is not None and not node.children and node.value is _NO_VALUE:
                 del parent.children[token]
