@@ -45,7 +45,9 @@ Placement: ``devices`` (default ``["cuda:0"]``) share the one budget, as in the 
 each is registered in the collector with capacity ``max_tokens`` and its usage is updated after
 every admission and free, so with ``enable_load_awareness`` the scheduler's strategy
 (``LOWEST_KV`` by default) spreads requests by the KV each device holds. A request's
-``device_affinity`` wins when it is one of the devices. Without load awareness everything goes to
+``device_affinity`` (any spelling :func:`~sagellm_kv_cache.pool.kv_pool.parse_device` takes,
+such as ``"cuda"`` for ``"cuda:0"``; a bad label is refused before anything is reserved) wins when
+it is one of the devices. Without load awareness everything goes to
 the affinity device or the first device.
 """
 
@@ -141,6 +143,20 @@ def _check_fields(request: SchedulerRequest) -> None:
                                    reason=f"request {request.request_id!r} needs no KV (no prompt and no new tokens)")
 
 
+def _affinity(request: SchedulerRequest) -> str | None:
+    """The request's ``device_affinity`` in canonical spelling ("cuda" is "cuda:0", as the bridge's
+    devices are spelled); None or "" is no affinity. A bad label is the error parse_device raises,
+    naming the request."""
+    affinity = request.device_affinity
+    if not affinity:
+        return None
+    try:
+        return parse_device(affinity)
+    except KVConfigInvalidError as exc:
+        raise KVConfigInvalidError("device_affinity", affinity,
+                                   reason=f"request {request.request_id!r}: {exc.reason}") from exc
+
+
 class SchedulerBridge:
     """Plans batches under the KV budget, reuses cached prefixes and places requests on devices.
 
@@ -216,11 +232,13 @@ class SchedulerBridge:
         if not isinstance(requests, Sequence):  # dict.values() or a generator (the original took the former)
             requests = list(requests)
         seen: set[str] = set()
+        affinities: list[str | None] = []  # each request's device_affinity, canonical
         for index, request in enumerate(requests):
             if not isinstance(request, SchedulerRequest):
                 raise TypeError(f"requests[{index}] is a {type(request).__name__}, not a SchedulerRequest")
             _request_id(request.request_id)  # what free_request refuses could never be freed
             _check_fields(request)
+            affinities.append(_affinity(request))
             if request.request_id in seen:
                 raise KVConfigInvalidError("request_id", request.request_id, reason="appears twice in the batch")
             seen.add(request.request_id)
@@ -238,7 +256,7 @@ class SchedulerBridge:
             new_tokens = 0
             for index in order:
                 request = requests[index]
-                reservation = self._admit(request)
+                reservation = self._admit(request, affinities[index])
                 if reservation is None:
                     deferred.append(request.request_id)
                     continue
@@ -429,8 +447,11 @@ class SchedulerBridge:
     def _tokens_needed(request: SchedulerRequest) -> int:
         return request.kv_tokens_required or request.prompt_len + request.max_new_tokens
 
-    def _admit(self, request: SchedulerRequest) -> _Reservation | None:
-        """Reserves the request's KV, or returns None (with nothing reserved) when it does not fit."""
+    def _admit(self, request: SchedulerRequest, affinity: str | None) -> _Reservation | None:
+        """Reserves the request's KV, or returns None (with nothing reserved) when it does not fit.
+        ``affinity`` is the request's ``device_affinity`` as :func:`parse_device` spells it."""
+        if affinity != request.device_affinity:  # the scheduler compares labels as given
+            request = request.model_copy(update={"device_affinity": affinity})
         needed = self._tokens_needed(request)
         if needed > self.max_tokens:
             return None

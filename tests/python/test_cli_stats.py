@@ -224,6 +224,18 @@ def test_visualize_default_output_alias_and_summary(stats_file: Path, tmp_path: 
     png_size(stats_file.with_name("stats_heatmap.png"))
 
 
+def test_visualize_summary_does_not_send_escape_sequences_from_the_file(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    collector = AccessStatsCollector()
+    collector.record_access("\x1b[2J\x1b]0;pwned\x07", is_hit=False)
+    path = tmp_path / "crafted.json"
+    collector.export_stats(path)
+    result = run(["visualize", "-i", str(path), "-o", str(tmp_path / "out.png"), "-s"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "1. \\x1b[2J\\x1b]0;pwned\\x07 " in result.stdout
+
+
 def test_visualize_script_wrapper(stats_file: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     script = REPO / "scripts" / "visualize_access_pattern.py"

@@ -61,6 +61,23 @@ def test_to_dict_and_json_round_trip() -> None:
     assert c.get_counter("alloc_count") == 2
 
 
+@pytest.mark.parametrize(("first", "second"), [("x", "x_at"), ("x_at", "x")])
+def test_events_reported_under_one_key_are_refused(first: str, second: str) -> None:
+    """to_dict merged mark("x") and mark("x_at") into one "x_at" key: one of the two times was lost."""
+    c = collector()
+    c.mark(first)
+    before = c.marks
+    with pytest.raises(ValueError, match=f"event '{second}' would be reported as 'x_at'.*'{first}'"):
+        c.mark(second)
+    assert c.marks == before and list(c.to_dict()["timestamps"]) == ["x_at"]
+    c.mark(first)  # marking the same event again still overwrites it
+    c.mark("y_at")  # a name ending in _at with no twin keeps its name
+    assert set(c.to_dict()["timestamps"]) == {"x_at", "y_at"}
+    c.reset()
+    c.mark(second)
+    assert set(c.to_dict()["timestamps"]) == {"x_at"}
+
+
 def test_reset_keeps_ids() -> None:
     c = collector()
     c.inc("x")

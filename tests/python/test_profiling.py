@@ -250,6 +250,23 @@ def test_format_summary_mentions_the_numbers() -> None:
     assert "1. a" in text
 
 
+def test_format_summary_escapes_control_characters_in_block_ids(tmp_path: Path) -> None:
+    """Block ids from a stats file were printed raw: an escape sequence in a crafted file reached the terminal."""
+    c = AccessStatsCollector()
+    crafted = ["\x1b]0;owned\x07blk", "a\u202eb\nc", "blk_1", "blk_$2 é"]
+    for block in crafted:
+        c.record_access(block, is_hit=False)
+    path = tmp_path / "crafted.json"
+    c.export_stats(path)
+    text = format_summary(load_stats(path))
+    assert all(ch == "\n" or ch.isprintable() for ch in text)
+    lines = text.splitlines()[-4:]
+    assert lines[0].startswith("     1. \\x1b]0;owned\\x07blk ")
+    assert lines[1].startswith("     2. a\\u202eb\\nc ")
+    assert lines[2].startswith("     3. blk_1 ") and lines[3].startswith("     4. blk_$2 é ")  # unchanged
+    assert len({line.index("(") for line in lines}) == 1  # still aligned
+
+
 def skewed_stats(tmp_path: Path) -> dict[str, Any]:
     c = AccessStatsCollector()
     for i in range(600):

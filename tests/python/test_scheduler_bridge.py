@@ -366,6 +366,24 @@ def test_without_load_awareness_first_device_or_affinity() -> None:
     assert plan.placement == {"a": "cuda:0", "b": "cuda:1", "c": "cuda:0"}
 
 
+def test_affinity_is_read_in_the_devices_spelling() -> None:
+    """device_affinity "cuda" was compared as given with the bridge's "cuda:0" and silently ignored."""
+    for aware in (False, True):
+        bridge = SchedulerBridge(4096, devices=["cuda:1", "cuda:0"], enable_load_awareness=aware)
+        plan = bridge.plan([req("a", 10, 6, device_affinity="cuda")])
+        assert plan.placement == {"a": "cuda:0"}
+        assert plan.requests[0].device_affinity == "cuda"  # the caller's request is not changed
+
+
+@pytest.mark.parametrize("label", ["cuda:00", "CUDA:0", "cuda:", "gpu0", " cuda:0"])
+def test_a_bad_affinity_label_is_refused_naming_the_request(label: str) -> None:
+    bridge = SchedulerBridge(4096, devices=["cuda:0", "cuda:1"])
+    with pytest.raises(KVConfigInvalidError, match=r"device_affinity.*request 'bad'") as info:
+        bridge.plan([req("a", 10, 6), req("bad", 10, 6, device_affinity=label)])
+    assert info.value.value == label
+    assert used(bridge) == 0 and len(bridge) == 0 and bridge.last_scheduled == []
+
+
 def test_requests_sharing_a_prefix_follow_it_to_its_device() -> None:
     bridge = SchedulerBridge(4096, devices=["cuda:0", "cuda:1"], enable_load_awareness=True)
     plan = bridge.plan([req(f"r{i}", 100, 28, prefix_fingerprint="sys", prefix_hit_len=64) for i in range(3)]

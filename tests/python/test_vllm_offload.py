@@ -24,7 +24,7 @@ with warnings.catch_warnings():  # vLLM's import chain trips deprecation warning
 
 import numpy as np
 import torch
-from sagellm_kv_cache.errors import KVRefCountUnderflowError
+from sagellm_kv_cache.errors import KVConfigInvalidError, KVRefCountUnderflowError
 from sagellm_kv_cache.integrations.vllm_offload import (
     SageLoadStoreSpec,
     SageOffloadingManager,
@@ -288,6 +288,16 @@ def test_spec_sizes_the_tier_and_refuses_hybrid_models() -> None:
         SageOffloadingSpec(_config(extra={}))
     with pytest.raises(ValueError, match="copies must be"):
         SageOffloadingSpec(_config(extra={"num_chunks": 4, "copies": "cuda"}))
+
+
+def test_spec_refuses_an_unknown_eviction_policy_when_it_reads_its_config() -> None:
+    """The policy was first parsed by get_manager, after the spec had been built in every process."""
+    for bad in ("LRU", "bogus", "", 5):
+        with pytest.raises(KVConfigInvalidError, match=f"unknown eviction policy '{bad}'; expected one of lru"):
+            SageOffloadingSpec(_config(extra={"num_chunks": 4, "eviction_policy": bad}))
+    for policy in ("lru", "fifo", "priority", "ttl"):
+        manager = SageOffloadingSpec(_config(extra={"num_chunks": 4, "eviction_policy": policy})).get_manager()
+        assert isinstance(manager, SageOffloadingManager) and manager.policy == policy
 
 
 def test_spec_reads_sizes_as_vllm_does_and_names_a_bad_one() -> None:

@@ -462,6 +462,9 @@ class SageOffloadingSpec(OffloadingSpec):
             raise ValueError(f"kv_connector_extra_config['num_chunks'] must be in [1, {_MAX_CHUNKS}], got {num_chunks}")
         self.num_chunks = num_chunks
         self.eviction_policy = str(self.extra_config.get("eviction_policy", "lru"))
+        # Refused here, as the copies are, not first by get_manager after the workers are up: a one-slot
+        # index parses the name as the manager's will (KVConfigInvalidError naming it and the policies).
+        _core.OffloadIndex(1, self.eviction_policy)
         self.copies = str(self.extra_config.get("copies", "auto"))
         _check_copies(self.copies)  # here too: the scheduler process refuses it before any worker starts
         self._manager: SageOffloadingManager | None = None

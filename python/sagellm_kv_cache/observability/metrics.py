@@ -30,6 +30,12 @@ def _check_name(kind: str, name: object) -> str:
     return name
 
 
+def _timestamp_key(event: str) -> str:
+    """The event's key in ``to_dict()["timestamps"]`` (the seed's ``<event>_at``; one already ending
+    in ``_at`` keeps its name)."""
+    return event if event.endswith("_at") else f"{event}_at"
+
+
 class MetricsCollector:
     """Thread-safe counters (ints, only grow), gauges (floats) and named timestamps."""
 
@@ -43,10 +49,17 @@ class MetricsCollector:
         self._gauges: dict[str, float] = {}
 
     def mark(self, event: str) -> None:
-        """Records the wall-clock time (``time.time()``) of ``event``; a later mark overwrites it."""
+        """Records the wall-clock time (``time.time()``) of ``event``; a later mark overwrites it.
+
+        ``to_dict`` reports both ``x`` and ``x_at`` as ``x_at``, so marking one of them while the
+        other is marked is a ``ValueError`` naming both (nothing recorded) rather than one time lost."""
         _check_name("event", event)
+        twin = event[:-3] if event.endswith("_at") else f"{event}_at"
         now = time.time()
         with self._lock:
+            if twin in self._timestamps:
+                raise ValueError(f"event {event!r} would be reported as {_timestamp_key(event)!r}, "
+                                 f"as the event {twin!r} already marked is")
             self._timestamps[event] = now
 
     def inc(self, counter: str, value: int = 1) -> None:
@@ -121,7 +134,7 @@ class MetricsCollector:
                 "trace_id": self.trace_id,
                 "request_id": self.request_id,
                 "engine_id": self.engine_id,
-                "timestamps": {(e if e.endswith("_at") else f"{e}_at"): t for e, t in self._timestamps.items()},
+                "timestamps": {_timestamp_key(e): t for e, t in self._timestamps.items()},
                 "kv_metrics": kv,
                 "counters": dict(self._counters),
                 "gauges": dict(self._gauges),

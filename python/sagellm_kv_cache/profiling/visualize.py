@@ -43,6 +43,7 @@ __all__ = [
     "plot_frequency",
     "plot_heatmap",
     "plot_interval",
+    "terminal_text",
     "validate_stats",
     "visualize",
 ]
@@ -208,8 +209,19 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds * scale:.3g} {unit}"
 
 
+def terminal_text(text: str) -> str:
+    """``text`` safe to print to a terminal: each non-printable character (escape and other control
+    characters, bidirectional overrides, line separators) as ``repr`` writes it (``\\x1b``,
+    ``\\u202e``); printable text is unchanged."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def format_summary(stats: Mapping[str, Any], top: int = 10) -> str:
-    """A few aligned lines of the headline numbers, for a terminal."""
+    """A few aligned lines of the headline numbers, for a terminal. Block ids come from a stats file
+    that anyone may have written: they are printed through :func:`terminal_text`, so an escape
+    sequence in one is shown, not sent to the terminal."""
     total = stats["total_accesses"]
     lines = [
         f"  total accesses        {total}",
@@ -218,13 +230,13 @@ def format_summary(stats: Mapping[str, Any], top: int = 10) -> str:
         f"  avg re-access gap     {_format_seconds(stats['average_access_interval'])}",
         f"  recorded over         {_format_seconds(stats['duration_seconds'])}",
     ]
-    ranked = _ranked_blocks(stats)[:top]
+    ranked = [(terminal_text(block_id), detail) for block_id, detail in _ranked_blocks(stats)[:top]]
     if ranked:
         lines.append(f"  hottest blocks (of {len(stats['block_details'])}):")
-        width = max(len(block_id) for block_id, _ in ranked)
-        for rank, (block_id, detail) in enumerate(ranked, start=1):
+        width = max(len(label) for label, _ in ranked)
+        for rank, (label, detail) in enumerate(ranked, start=1):
             share = detail["access_count"] / total if total else 0.0
-            lines.append(f"    {rank:>2}. {block_id:<{width}}  {detail['access_count']:>6}  ({share:.1%})")
+            lines.append(f"    {rank:>2}. {label:<{width}}  {detail['access_count']:>6}  ({share:.1%})")
     return "\n".join(lines)
 
 
