@@ -648,7 +648,7 @@ void bind_prefix(py::module_& m) {
               const Py_ssize_t len = PyList_Check(data.ptr()) ? PyList_GET_SIZE(data.ptr()) : PyTuple_GET_SIZE(data.ptr());
               limit = len - len % static_cast<Py_ssize_t>(chunk_bytes / 4);
             }
-            packed.emplace(big_endian_u32(data, "data", limit));
+            packed.emplace(big_endian_u32(data, "tokens", limit));
           } else {
             copy = bytes_of(data, "data");
           }
