@@ -150,6 +150,7 @@ struct RequestManager::Impl {
   std::vector<BlockHash> new_digests;  // append: digests of the blocks the requests fill
   std::vector<std::size_t> digest_at;  // append: request i's new digests start at digest_at[i]
   std::vector<std::int32_t> joined;    // append: a request's tail, then its new tokens
+  std::vector<RequestId> sorted_ids;   // admit: the batch's ids, sorted to find a repeated one
   std::uint64_t visit = 0;
 
   explicit Impl(RequestManager& s)
@@ -389,7 +390,8 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
     if (s.requests.contains(id)) throw Error(ErrorCode::kInvalidArgument, "admit: " + id_text(id) + " is already running");
   }
   if (n > 1) {
-    std::vector<RequestId> sorted(n);
+    std::vector<RequestId>& sorted = s.sorted_ids;
+    sorted.resize(n);
     for (std::size_t i = 0; i < n; ++i) sorted[i] = requests[i].id;
     std::sort(sorted.begin(), sorted.end());
     if (const auto dup = std::adjacent_find(sorted.begin(), sorted.end()); dup != sorted.end()) {
