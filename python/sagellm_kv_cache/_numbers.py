@@ -1,6 +1,6 @@
-"""One rule for "a finite number", "an integer", "a flag" and "a string" from a caller, shared by the
-modules that check one before a native call (pybind's own refusal names neither the argument nor the
-value: "incompatible function arguments").
+"""One rule for "a finite number", "an integer", "a flag", "a string" and "any iterable of items" from a
+caller, shared by the modules that check one (before a native call, pybind's own refusal names neither
+the argument nor the value: "incompatible function arguments").
 
 A Python int past the float range (``10**400``) is an int, but ``math.isfinite`` and ``float()`` raise
 ``OverflowError`` on it, so a check built on them alone leaks a bare ``OverflowError``; here such an
@@ -11,12 +11,13 @@ by its size.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-__all__ = ["INT32_MAX", "INT64_MAX", "finite_number", "flag", "integer", "is_finite_number", "positive_int", "shown",
-           "text"]
+__all__ = ["INT32_MAX", "INT64_MAX", "finite_number", "flag", "integer", "is_finite_number", "iterable", "plain",
+           "positive_int", "shown", "text"]
 
 INT32_MAX = 2**31 - 1  # the native block and slot counts
 INT64_MAX = 2**63 - 1
@@ -82,4 +83,20 @@ def text(name: str, value: Any) -> str:
     """``value`` as a str; TypeError naming ``name`` and the type otherwise."""
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    return value
+
+
+def plain(value: Any) -> Any:
+    """A numpy integer or float as the Python number it holds (the original package took them);
+    anything else unchanged, for the checks that follow (a numpy bool stays refused)."""
+    return value.item() if isinstance(value, np.integer | np.floating) else value
+
+
+def iterable(name: str, value: Any, expected: str, *, refuse: tuple[type, ...] = ()) -> Iterable[Any]:
+    """``value`` when it is any iterable (a list, a generator, ``dict.values()``: the original package
+    took them) but not a str or bytes (characters are no items) nor an instance of ``refuse`` (a
+    mapping, whose items are keys; one model, which iterates as its fields); else ``TypeError``
+    "``name`` must be ``expected``, got <type>"."""
+    if isinstance(value, (str, bytes, *refuse)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
     return value

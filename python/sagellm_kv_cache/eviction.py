@@ -32,7 +32,7 @@ from typing import ClassVar, cast
 import numpy as np
 from sagellm_protocol.kv import EvictionPolicy, KVBlockState
 
-from sagellm_kv_cache._numbers import finite_number, integer, shown
+from sagellm_kv_cache._numbers import finite_number, integer, iterable, shown
 from sagellm_kv_cache.errors import KVAllPinnedError, KVNoVictimError
 from sagellm_kv_cache.models.kv_handle import KVHandle
 
@@ -81,8 +81,7 @@ class EvictionStrategy:
             raise ValueError(f"max_victims must be >= 1 or None, got {max_victims}")
         # Any iterable of handles, as in the original (dict.values(), a generator); not a mapping, a
         # str, or one handle (a pydantic model iterates as its (field, value) pairs).
-        if isinstance(candidates, str | bytes | Mapping | KVHandle) or not isinstance(candidates, Iterable):
-            raise TypeError(f"candidates must be a sequence of KVHandle, got {type(candidates).__name__}")
+        iterable("candidates", candidates, "a sequence of KVHandle", refuse=(Mapping, KVHandle))
 
         now = time.time()
         keyed: list[tuple[_SortKey, KVHandle]] = []

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from enum import StrEnum
 
 from sagellm_protocol.kv import SchedulerRequest
 
-from sagellm_kv_cache._numbers import positive_int
+from sagellm_kv_cache._numbers import iterable, positive_int
 from sagellm_kv_cache.load_metrics import DeviceLoadMetrics, LoadMetricsCollector
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,8 @@ class PlacementStrategy(StrEnum):
 
 def _device_list(name: str, devices: object) -> list[str]:
     # Any iterable of names, as in the original (a generator, dict.keys()); not a str or a mapping.
-    if isinstance(devices, str | bytes | Mapping) or not isinstance(devices, Iterable):
-        raise TypeError(f"{name} must be a list of device names, got {type(devices).__name__}")
     unique: dict[str, None] = {}
-    for index, device in enumerate(devices):
+    for index, device in enumerate(iterable(name, devices, "a list of device names", refuse=(Mapping,))):
         if not isinstance(device, str) or not device:
             raise TypeError(f"{name}[{index}] must be a non-empty str, got {device!r}")
         unique.setdefault(device, None)

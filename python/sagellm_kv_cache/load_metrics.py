@@ -11,10 +11,9 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from sagellm_kv_cache._numbers import finite_number, positive_int
+from sagellm_kv_cache._numbers import finite_number, plain, positive_int
 
 __all__ = ["DeviceLoadMetrics", "LoadMetricsCollector"]
 
@@ -25,9 +24,7 @@ def _count(name: str, value: object) -> int:
 
 
 def _amount(name: str, value: object) -> float:
-    if isinstance(value, np.integer | np.floating):
-        value = value.item()
-    return finite_number(name, value, minimum=0)
+    return finite_number(name, plain(value), minimum=0)
 
 
 class DeviceLoadMetrics(BaseModel):

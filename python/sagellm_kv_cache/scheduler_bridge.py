@@ -62,7 +62,7 @@ from typing import Any
 
 from sagellm_protocol.kv import EvictionPolicy, SchedulerPlan, SchedulerRequest, SchedulerState
 
-from sagellm_kv_cache._numbers import is_finite_number
+from sagellm_kv_cache._numbers import is_finite_number, iterable
 from sagellm_kv_cache.errors import (
     KVBudgetExceededError,
     KVConfigInvalidError,
@@ -227,8 +227,7 @@ class SchedulerBridge:
         already holds KV) raises before anything is reserved.
         """
         # One request is refused too: a pydantic model iterates as its (field, value) pairs.
-        if isinstance(requests, str | bytes | Mapping | SchedulerRequest) or not isinstance(requests, Iterable):
-            raise TypeError(f"requests must be a sequence of SchedulerRequest, got {type(requests).__name__}")
+        iterable("requests", requests, "a sequence of SchedulerRequest", refuse=(Mapping, SchedulerRequest))
         if not isinstance(requests, Sequence):  # dict.values() or a generator (the original took the former)
             requests = list(requests)
         seen: set[str] = set()

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from sagellm_kv_cache._numbers import iterable
 from sagellm_kv_cache.models.kv_handle import KVHandle
 
 __all__ = ["FeatureExtractor", "PredictorFeatures"]
@@ -76,6 +77,4 @@ class FeatureExtractor:
 
 
 def _items(name: str, values: object) -> list[Any]:
-    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
-        raise TypeError(f"{name} must be an iterable, got {type(values).__name__}")
-    return list(values)
+    return list(iterable(name, values, "an iterable"))

@@ -23,12 +23,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 from sagellm_protocol.kv import LifetimePrediction
 
-from sagellm_kv_cache._numbers import is_finite_number, shown
+from sagellm_kv_cache._numbers import is_finite_number, plain, shown
 from sagellm_kv_cache.predictor.base import LifetimePredictor
 from sagellm_kv_cache.predictor.features import PredictorFeatures
 
@@ -38,12 +36,6 @@ _GLOBAL = "global"
 
 #: Sessions whose averages a predictor keeps by default (see the module docstring).
 DEFAULT_MAX_SESSIONS = 10_000
-
-
-def _plain(value: Any) -> Any:
-    """A numpy number as the Python number it holds (the original took them: lifetimes measured with
-    numpy); anything else unchanged, for the checks that follow (a numpy bool stays refused)."""
-    return value.item() if isinstance(value, np.integer | np.floating) else value
 
 
 @dataclass
@@ -74,8 +66,8 @@ class HistoricalPredictor(LifetimePredictor):
         max_sessions: int | None = DEFAULT_MAX_SESSIONS,
     ) -> None:
         window_size, alpha, default_reuse_prob, default_lifetime, max_sessions = (
-            _plain(window_size), _plain(alpha), _plain(default_reuse_prob), _plain(default_lifetime),
-            _plain(max_sessions))
+            plain(window_size), plain(alpha), plain(default_reuse_prob), plain(default_lifetime),
+            plain(max_sessions))
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"window_size must be a positive int, got {window_size!r}")
         if not is_finite_number(alpha) or not 0 < alpha <= 1:
@@ -103,7 +95,7 @@ class HistoricalPredictor(LifetimePredictor):
         """Learns one outcome: the handle stayed useful for ``actual_lifetime`` seconds (0: not reused)."""
         if not isinstance(features, PredictorFeatures):
             raise TypeError(f"features must be PredictorFeatures, got {type(features).__name__}")
-        actual_lifetime = _plain(actual_lifetime)
+        actual_lifetime = plain(actual_lifetime)
         if not is_finite_number(actual_lifetime) or actual_lifetime < 0:
             raise ValueError(f"actual_lifetime must be a finite number of seconds >= 0, got {shown(actual_lifetime)}")
         reused = 1.0 if actual_lifetime > 0 else 0.0

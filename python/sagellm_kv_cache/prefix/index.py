@@ -8,10 +8,12 @@ longest prefix with this one". Lookups walk at most ``len(tokens)`` nodes. Threa
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Mapping, Set
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+
+from sagellm_kv_cache._numbers import iterable
 
 __all__ = ["PrefixIndex"]
 
@@ -34,9 +36,7 @@ def _tokens(tokens: Any, *, allow_empty: bool) -> tuple[int, ...]:
         tokens = tokens.tolist()
     # Any other iterable of ids (a generator, a range) as in the original; not a str, bytes, mapping
     # or set (no order of tokens).
-    if isinstance(tokens, str | bytes | Mapping | Set) or not isinstance(tokens, Iterable):
-        raise TypeError(f"prefix tokens must be a list or tuple of ints, got {type(tokens).__name__}")
-    out = tuple(tokens)
+    out = tuple(iterable("prefix tokens", tokens, "a list or tuple of ints", refuse=(Mapping, Set)))
     if not all(type(token) is int for token in out):
         for i, token in enumerate(out):
             if isinstance(token, bool | np.bool_) or not isinstance(token, int | np.integer):
