@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pytest
+from ports import free_port
 
 pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -167,12 +167,6 @@ def dynamo_python() -> str | None:
     except ModuleNotFoundError:
         found = False
     return sys.executable if found else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Indexer:

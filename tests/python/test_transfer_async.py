@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ports import free_port
 from sagellm_kv_cache import (
     KVCacheError,
     KVHandle,
@@ -92,15 +93,9 @@ def test_adapter_delegates_and_names_the_link() -> None:
         CommTransferBackendAdapter(inner, interconnect="")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def pair() -> Iterator[tuple[SocketTransferBackend, SocketTransferBackend]]:
-    endpoints = {0: ("127.0.0.1", _free_port()), 1: ("127.0.0.1", _free_port())}
+    endpoints = {0: ("127.0.0.1", free_port()), 1: ("127.0.0.1", free_port())}
     a = SocketTransferBackend(rank=0, world_size=2, endpoints=endpoints, recv_timeout_s=0.5)
     b = SocketTransferBackend(rank=1, world_size=2, endpoints=endpoints, recv_timeout_s=0.5)
     a.start()
@@ -338,7 +333,7 @@ def test_socket_backend_keeps_listening_through_the_descriptor_limit() -> None:
 
     import sagellm_kv_cache
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(sagellm_kv_cache.__file__).resolve().parent.parent)}
     with subprocess.Popen([sys.executable, "-c", _FD_LIMITED_LISTENER, str(port)], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True, env=env) as child:

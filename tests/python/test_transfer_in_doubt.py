@@ -8,7 +8,6 @@ last tests use the same pairs for other one-process cases (bad arguments, a huge
 
 from __future__ import annotations
 
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 from lock_gaps import GapLock
+from ports import free_port
 from sagellm_kv_cache import KVCacheSpec, PagedKVPool
 from sagellm_kv_cache.errors import KVTransferOutcomeUnknownError
 from sagellm_kv_cache.transfer import BlockTransfer, KVTransferEngine, SocketTransferBackend, blocks, wire
@@ -23,12 +23,6 @@ from sagellm_kv_cache.transfer import BlockTransfer, KVTransferEngine, SocketTra
 pytest.importorskip("torch")
 
 SPEC = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8, "dtype": "fp16", "block_size": 16}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -43,7 +37,7 @@ def worlds() -> Iterator[list[list[SocketTransferBackend]]]:
     """Two separate worlds: ranks 0..2, and ranks 0..1."""
     made: list[list[SocketTransferBackend]] = []
     for size in (3, 2):
-        endpoints = {r: ("127.0.0.1", _free_port()) for r in range(size)}
+        endpoints = {r: ("127.0.0.1", free_port()) for r in range(size)}
         made.append([SocketTransferBackend(rank=r, world_size=size, endpoints=endpoints, recv_timeout_s=10.0)
                      for r in range(size)])
     for world in made:

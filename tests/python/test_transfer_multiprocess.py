@@ -14,7 +14,6 @@ import math
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ports import free_port
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sagellm_comm")
@@ -34,12 +34,6 @@ TIMEOUT = 15.0
 
 
 # --- harness ---------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _entry(target: Callable[..., Any], rank: int, world: int, port: int, results: Any) -> None:
@@ -61,7 +55,7 @@ def _entry(target: Callable[..., Any], rank: int, world: int, port: int, results
 def _run(target: Callable[..., Any], world: int, timeout: float = 90.0, expect_missing: int = 0) -> dict[int, Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(target, r, world, port, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()

@@ -22,7 +22,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sagellm_comm")
 
-from test_transfer_multiprocess import SPEC, _fill, _free_port, _outcome, _run, _sha  # noqa: E402
+from ports import free_port  # noqa: E402
+from test_transfer_multiprocess import SPEC, _fill, _outcome, _run, _sha  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 
@@ -163,7 +164,7 @@ def _interrupted_after_last_chunk(engine: Any, pool: Any, ids: Any, digests: Any
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Any]:
     shared = tmp_path_factory.mktemp("outcome")
-    ports = [_free_port() for _ in range(len(OFFSETS) + 3)]
+    ports = [free_port() for _ in range(len(OFFSETS) + 3)]
     return _run(functools.partial(_session, str(shared), ports), world=2, timeout=150.0)
 
 

@@ -17,15 +17,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ports import free_port
 from sagellm_kv_cache.transfer import SocketTransferBackend
 
 MIB = 1 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss_bytes() -> int:
@@ -57,7 +52,7 @@ backend.close()
 
 def test_a_flooding_sender_is_held_back_and_every_message_still_arrives() -> None:
     count, size = 400, 256 << 10  # 100 MiB offered; the receiver holds at most 1 MiB of it
-    endpoints = {0: ("127.0.0.1", _free_port()), 1: ("127.0.0.1", _free_port())}
+    endpoints = {0: ("127.0.0.1", free_port()), 1: ("127.0.0.1", free_port())}
     receiver = SocketTransferBackend(rank=1, world_size=2, endpoints=endpoints, recv_timeout_s=10.0,
                                      max_buffered_bytes=MIB, max_buffered_messages=64)
     receiver.start()
@@ -113,7 +108,7 @@ def _wait_until_stalled(progress: list[int], seconds: float = 0.5, limit: float 
 
 @pytest.fixture
 def trio() -> Iterator[list[SocketTransferBackend]]:
-    endpoints = {r: ("127.0.0.1", _free_port()) for r in range(3)}
+    endpoints = {r: ("127.0.0.1", free_port()) for r in range(3)}
     ranks = [SocketTransferBackend(rank=r, world_size=3, endpoints=endpoints, recv_timeout_s=5.0,
                                    max_buffered_bytes=256 << 10, max_buffered_messages=4) for r in range(3)]
     for backend in ranks:
@@ -203,7 +198,7 @@ def test_bounds_are_checked(option: str, value: object) -> None:
 
 
 def test_a_connection_that_never_says_who_it_is_is_closed() -> None:
-    endpoints = {0: ("127.0.0.1", _free_port()), 1: ("127.0.0.1", _free_port())}
+    endpoints = {0: ("127.0.0.1", free_port()), 1: ("127.0.0.1", free_port())}
     # recv_timeout_s is also how long a new connection has for its first header.
     sender, receiver = (SocketTransferBackend(rank=r, world_size=2, endpoints=endpoints, recv_timeout_s=0.3)
                         for r in range(2))
@@ -260,7 +255,7 @@ def test_a_claimed_length_costs_memory_only_as_the_bytes_arrive(trio: list[Socke
 
 
 def test_close_ends_readers_held_at_the_bound_and_the_blocked_sender_fails() -> None:
-    endpoints = {0: ("127.0.0.1", _free_port()), 1: ("127.0.0.1", _free_port())}
+    endpoints = {0: ("127.0.0.1", free_port()), 1: ("127.0.0.1", free_port())}
     sender, receiver = (SocketTransferBackend(rank=r, world_size=2, endpoints=endpoints, max_buffered_messages=2)
                         for r in range(2))
     receiver.start()
@@ -290,7 +285,7 @@ def test_close_ends_readers_held_at_the_bound_and_the_blocked_sender_fails() -> 
 
 
 def _pair(**options: Any) -> tuple[SocketTransferBackend, SocketTransferBackend]:
-    endpoints = {0: ("127.0.0.1", _free_port()), 1: ("127.0.0.1", _free_port())}
+    endpoints = {0: ("127.0.0.1", free_port()), 1: ("127.0.0.1", free_port())}
     sender = SocketTransferBackend(rank=0, world_size=2, endpoints=endpoints, **options)
     receiver = SocketTransferBackend(rank=1, world_size=2, endpoints=endpoints, **options)
     receiver.start()
