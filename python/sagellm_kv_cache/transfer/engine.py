@@ -30,7 +30,12 @@ header and its payload (its retries spent, an interrupt) is out of step. The rec
 that payload as the next header, so every later tensor transfer with that rank, either way, fails at
 once with ``KVTransferFailedError`` naming why (nothing is read; the tensor stays as it was) until a
 new engine over a new process group is made. The error that broke the link says so in
-``context["link"]``.
+``context["link"]``. Where the engine's block transfers run on the same stream (``transport=
+"backend"``, or ``"auto"`` over a backend other than ``GlooBackend``: the backend's own untagged
+calls), one verdict covers both: a tensor transfer that breaks the stream makes ``send_blocks`` /
+``recv_blocks`` with that rank refuse it too, and a block transfer that breaks it (a timeout, a dead
+peer) makes tensor transfers refuse it. Over gloo the block transfer has tags of its own, another
+stream, and each keeps its own verdict.
 
 Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 4,096, the most
 recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` remembers; settable
@@ -65,6 +70,7 @@ from sagellm_kv_cache.errors import (
     KVTransferOutcomeUnknownError,
 )
 from sagellm_kv_cache.transfer.options import check_block_options
+from sagellm_kv_cache.transfer.transport import BrokenLinks, uses_backend_calls
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -134,7 +140,8 @@ class KVTransferEngine:
         self._in_doubt: set[uuid.UUID] = set()  # block sends with an unknown outcome, not yet settled
         self._retries: dict[uuid.UUID, int] = {}
         self._finished: dict[uuid.UUID, None] = {}  # ids of finished records, oldest first
-        self._broken: dict[int, str] = {}  # peer rank -> why its tensor link is out of step (a payload left on it)
+        # peer rank -> why its stream is out of step; shared with self.blocks when that runs on the same stream
+        self._links = BrokenLinks()
         self._forgotten = 0  # finished records dropped at max_finished_records since clear_completed
         self._lock = threading.Lock()
         self._max_finished = self._DEFAULT_MAX_FINISHED
@@ -198,7 +205,7 @@ class KVTransferEngine:
         except Exception as e:
             with self._lock:  # before the record is finished: it may be dropped at once (max_finished_records)
                 retries = self._retries.get(transfer_id, 0)
-                broken = self._broken.get(dst_rank if sending else src_rank)
+            broken = self._links.reason(dst_rank if sending else src_rank)
             self._failed(transfer_id, handle)
             reason = str(e) or type(e).__name__
             context = {"handle_id": str(handle.handle_id), "direction": "send" if sending else "recv",
@@ -224,17 +231,16 @@ class KVTransferEngine:
         if not sending and not getattr(getattr(tensor, "flags", None), "writeable", True):
             # Refused before anything is read, so the sender's data stays on the wire for a good buffer.
             return "tensor is read-only: the receiver writes the KV data into it"
-        with self._lock:
-            broken = self._broken.get(peer)
+        broken = self._links.reason(peer)
         if broken is not None:
             return (f"the link to rank {peer} is unusable after an earlier failure ({broken}); "
                     "re-create the process group")
         return None
 
     def _mark_broken(self, peer: int, why: str) -> str:
-        """Refuses every later tensor transfer with ``peer`` (the first reason stays); returns ``why``."""
-        with self._lock:
-            self._broken.setdefault(peer, why)
+        """Refuses every later tensor transfer with ``peer``, and block transfer where they share the stream
+        (the first reason stays); returns ``why``."""
+        self._links.mark(peer, why)
         return why
 
     def _failed(self, transfer_id: uuid.UUID, handle: Any) -> None:
@@ -400,6 +406,8 @@ class KVTransferEngine:
                 from sagellm_kv_cache.transfer.blocks import BlockTransfer
 
                 self._blocks = BlockTransfer(self.comm_backend, **dataclasses.asdict(self._block_options))
+                if uses_backend_calls(self.comm_backend, self._block_options.transport):
+                    self._blocks._links = self._links  # one stream: what breaks it for one breaks it for both
             return self._blocks
 
     def send_blocks(
