@@ -5,8 +5,9 @@ Every transfer this engine runs gets a :class:`~sagellm_protocol.kv.KVTransferMe
 (the ecosystem's type) whose status goes PENDING -> IN_PROGRESS -> COMPLETED or FAILED; a failed
 backend call surfaces as ``KVTransferFailedError`` and stays recorded as FAILED. A block send whose
 outcome is unknown (``KVTransferOutcomeUnknownError``: every byte went out, the final reply did
-not come back) is never recorded as FAILED: it stays IN_PROGRESS, :meth:`get_transfer_outcome`
-says "unknown", and both turn into the real outcome once a later transfer to that rank settled it.
+not come back) is never recorded as FAILED: it stays IN_PROGRESS, :meth:`get_transfer_outcome` and
+the ``status`` of :meth:`get_transfer_metrics` say "unknown", and all turn into the real outcome once a
+later transfer to that rank settled it.
 The engine learns that outcome from the process-wide ledger of :mod:`.blocks`, which keeps the
 newest 4,096 doubts per destination and 4,096 settled outcomes; a doubt it no longer holds can never
 be settled, so the engine then forgets that record too, as it forgets old finished ones (below). It
@@ -498,8 +499,12 @@ class KVTransferEngine:
         return self._snapshot(transfer_id)[1]
 
     def get_transfer_metrics(self, transfer_id: uuid.UUID | str) -> dict[str, float | int | str]:
-        """Bytes on the wire, latency, bandwidth, compression ratio, retries, checksum and status."""
-        meta, retries, _ = self._snapshot(transfer_id)
+        """Bytes on the wire, latency, bandwidth, compression ratio, retries, checksum and status.
+
+        ``status`` is the record's status value ("pending", "in_progress", "completed", "failed",
+        "cancelled"), as in the original, or "unknown" for a block send in doubt, as
+        :meth:`get_transfer_outcome` says (its record stays IN_PROGRESS; see the module docstring)."""
+        meta, retries, in_doubt = self._snapshot(transfer_id)
         latency_s = 0.0
         if meta.started_at is not None:
             latency_s = max((meta.completed_at or time.time()) - meta.started_at, 0.0)
@@ -512,7 +517,7 @@ class KVTransferEngine:
             "compression_ratio": raw / meta.total_bytes if meta.total_bytes else 1.0,
             "retries": retries,
             "checksum": meta.checksum or "",
-            "status": meta.status.value,
+            "status": "unknown" if in_doubt else meta.status.value,
         }
 
     def get_pending_count(self) -> int:
