@@ -16,12 +16,13 @@ checks on every query and on every new doubt, so its doubts stay within the ledg
 Tensor transfers take the seed's options: ``max_retries`` re-runs a failed backend call with
 exponential backoff starting at ``retry_backoff_ms`` (a framed transfer's retry, on either side,
 resumes at the message that failed, header or payload, so the receiver sees one well-formed frame; a
-backend's failed send must have delivered nothing, which the plain path's retry needs too). A receive
-writes ``tensor`` only once the whole message is in: gloo writes a message into the receive buffer as
-its bytes arrive, so the plain path receives into a buffer of its own (one more copy of the tensor
-in memory) and the framed path into its payload buffer; a failed receive leaves ``tensor`` as it was.
-(Over gloo, a receive whose sender dies partway through a message fails only at the process group's
-timeout, 30 minutes by default: gloo does not notice the closed connection then.) With
+backend's failed send must have delivered nothing, which the plain path's retry needs too; gloo's
+does, as it closes the connection). The plain path receives straight into ``tensor`` (no copy), and
+gloo writes a message there as its bytes arrive: a receive that fails partway (its sender died) leaves
+part of the sender's data in ``tensor`` under a FAILED record. The framed path writes ``tensor`` only
+once the whole frame is in and verified, so a failed framed receive leaves it as it was. (Over gloo,
+a receive whose sender dies partway through a message fails only at the process group's timeout, 30
+minutes by default: gloo does not notice the closed connection then.) With
 ``enable_compression`` (zlib at ``compression_level``) or ``enable_checksum`` (CRC-32 of the raw
 bytes) the tensor travels framed: a 5 x int64 header (magic, flags, payload bytes, raw bytes,
 CRC-32) and then the payload as uint8, and the receiver checks the size, inflates and verifies the
@@ -176,8 +177,8 @@ class KVTransferEngine:
         Returns the transfer id; the record is COMPLETED when the backend call returned. Raises
         ``ValueError`` for bad ranks (nothing is recorded then), ``KVTransferFailedError`` for a
         missing tensor or when the backend still fails after ``max_retries`` retries (recorded as
-        FAILED; a receiver's ``tensor`` is left as it was, whatever part of the message arrived),
-        and on a framed receive ``KVChecksumMismatchError`` / ``KVMetadataMismatchError`` when the
+        FAILED; a plain receive may have written part of the message into ``tensor``, see the
+        module docstring), and on a framed receive ``KVChecksumMismatchError`` / ``KVMetadataMismatchError`` when the
         payload is corrupt or does not fit ``tensor`` (recorded as FAILED, ``tensor`` left
         unchanged); ``KVTransferFailedError`` at once, recorded as FAILED, once a frame left its
         payload on the link with that rank (see the module docstring).
@@ -269,9 +270,6 @@ class KVTransferEngine:
         """
         framed = self.enable_compression or self.enable_checksum
         frame = _Frame()
-        # A backend may write a message into the receive buffer as its bytes arrive (gloo does): the plain
-        # path receives into a buffer of its own and writes ``tensor`` only once the message is whole.
-        landing = _empty_like(tensor) if not (framed or sending) else None
         attempt = 0
         while True:
             try:
@@ -279,11 +277,7 @@ class KVTransferEngine:
                     if sending:
                         self.comm_backend.send(tensor, dst_rank)
                     else:
-                        self.comm_backend.recv(landing, src_rank)
-                        try:
-                            _copy_into(tensor, landing)
-                        except Exception as e:  # the message is consumed: a retry would read the next one
-                            raise _WriteFailed(f"the received bytes cannot be written into tensor: {e}") from e
+                        self.comm_backend.recv(tensor, src_rank)
                     return {}
                 if sending:
                     return self._send_framed(tensor, dst_rank, frame)
@@ -716,26 +710,6 @@ def _write_bytes(tensor: Any, data: bytes | bytearray) -> None:
         return
     view = np.frombuffer(data, dtype=tensor.dtype).reshape(tensor.shape)
     np.copyto(tensor, view)
-
-
-def _empty_like(tensor: Any) -> Any:
-    """A buffer of ``tensor``'s type, dtype, shape and device."""
-    if hasattr(tensor, "detach"):
-        import torch
-
-        return torch.empty_like(tensor)
-    return np.empty_like(tensor)
-
-
-def _copy_into(tensor: Any, landing: Any) -> None:
-    """Writes a whole received message from its landing buffer into ``tensor``."""
-    if hasattr(tensor, "detach"):
-        import torch
-
-        with torch.no_grad():
-            tensor.copy_(landing)
-        return
-    np.copyto(tensor, landing)
 
 
 def _frame_fields(compressed: bool, payload: int, raw: int, crc: int | None) -> dict[str, Any]:
