@@ -109,7 +109,7 @@ def test_alloc_accepts_strings_and_metadata() -> None:
         ({"num_tokens": True}, TypeError, "num_tokens must be an int"),
         ({"num_tokens": 8, "dtype": "fp64"}, KVConfigInvalidError, "'dtype': 'fp64'"),
         ({"num_tokens": 8, "layout": "ragged"}, KVConfigInvalidError, "'layout': 'ragged'"),
-        ({"num_tokens": 8, "device": "tpu:0"}, KVConfigInvalidError, "tpu:0"),
+        ({"num_tokens": 8, "device": " cuda:0"}, KVConfigInvalidError, "' cuda:0'"),
         ({"num_tokens": 8, "metadata": [1]}, TypeError, "metadata"),
         ({"num_tokens": 5000}, KVBudgetExceededError, "requested 5000 tokens"),
     ],

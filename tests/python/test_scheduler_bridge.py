@@ -92,7 +92,7 @@ def test_request_errors_are_typed_and_change_nothing() -> None:
         ({"max_tokens": 64, "devices": []}, KVConfigInvalidError, "devices"),
         ({"max_tokens": 64, "devices": "cuda:0"}, TypeError, "devices"),
         ({"max_tokens": 64, "devices": ["cuda:0", "cuda"]}, KVConfigInvalidError, "twice"),
-        ({"max_tokens": 64, "devices": ["npu:0"]}, KVConfigInvalidError, "npu"),
+        ({"max_tokens": 64, "devices": ["npu:x"]}, KVConfigInvalidError, "npu:x"),
         ({"max_tokens": 64, "placement_strategy": "random"}, ValueError, "random"),
         ({"max_tokens": 64, "eviction_policy": "mru"}, KVConfigInvalidError, "mru"),
     ],
@@ -364,6 +364,18 @@ def test_affinity_is_read_in_the_devices_spelling() -> None:
         plan = bridge.plan([req("a", 10, 6, device_affinity="cuda")])
         assert plan.placement == {"a": "cuda:0"}
         assert plan.requests[0].device_affinity == "cuda"  # the caller's request is not changed
+
+
+def test_a_bridge_over_npu_devices() -> None:
+    """An Ascend engine's devices ('npu:0', as str(param.device) spells them) were refused as an
+    unknown device type; the original takes any label."""
+    bridge = SchedulerBridge(4096, devices=["npu:0", "npu:1"])
+    assert bridge.allocate_request("r", 10, device="npu:1").device == "npu:1"
+    plan = bridge.plan([req("a", 10, 6), req("b", 10, 6, device_affinity="npu:1"),
+                        req("c", 10, 6, device_affinity="npu")])
+    assert plan.placement == {"a": "npu:0", "b": "npu:1", "c": "npu:0"}
+    with pytest.raises(KVConfigInvalidError, match="not one of this bridge's devices"):
+        bridge.allocate_request("d", 10, device="cuda:0")
 
 
 @pytest.mark.parametrize("label", ["cuda:00", "CUDA:0", "cuda:", "gpu0", " cuda:0"])

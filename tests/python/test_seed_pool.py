@@ -24,7 +24,7 @@ from sagellm_kv_cache import (
     KVRefCountUnderflowError,
 )
 from sagellm_kv_cache.pool import BlockManager, KVPool
-from sagellm_protocol.kv import DType, KVBlockState, KVErrorCode, Layout
+from sagellm_protocol.kv import DType, KVBlockState, KVErrorCode, Layout, MemoryTier
 
 SEED_STATS_KEYS = ["allocated_tokens", "available_tokens", "max_tokens", "num_handles", "pinned_tokens",
                    "unpinned_tokens", "used_tokens"]
@@ -125,7 +125,7 @@ def test_pin_unpin_and_free_rules() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [({"num_tokens": 0}, ValueError, "num_tokens"), ({"num_tokens": -5}, ValueError, "-5"),
-     ({"num_tokens": 8, "device": "tpu"}, KVConfigInvalidError, "tpu"),
+     ({"num_tokens": 8, "device": "cuda:x"}, KVConfigInvalidError, "cuda:x"),
      ({"num_tokens": 8, "dtype": "fp64"}, ValueError, "fp64"),
      # Non-ASCII digits: '\u00b2' was int()'s bare ValueError, '\u0663' (Arabic-Indic 3) taken as cuda:3.
      ({"num_tokens": 8, "device": "cuda:\u00b2"}, KVConfigInvalidError, "cuda:\u00b2.*index"),
@@ -136,6 +136,46 @@ def test_bad_alloc_changes_nothing(kwargs: dict, error: type[Exception], match: 
     with pytest.raises(error, match=match):
         pool.alloc(**kwargs)
     assert pool.get_stats()["num_handles"] == 0 and pool.get_block_stats()["used_blocks"] == 0
+
+
+# (label, canonical label, memory tier as the original package infers it from the label)
+OTHER_BACKENDS = [("npu", "npu:0", MemoryTier.GPU), ("npu:0", "npu:0", MemoryTier.GPU),
+                  ("npu:3", "npu:3", MemoryTier.GPU), ("xpu:1", "xpu:1", MemoryTier.CPU),
+                  ("mps", "mps:0", MemoryTier.CPU), ("hpu:2", "hpu:2", MemoryTier.CPU),
+                  ("gpu:1", "gpu:1", MemoryTier.GPU), ("cxl:0", "cxl:0", MemoryTier.CXL),
+                  ("nvme:1", "nvme:1", MemoryTier.NVME), ("privateuseone:0", "privateuseone:0", MemoryTier.CPU)]
+
+
+@pytest.mark.parametrize(("label", "canonical", "tier"), OTHER_BACKENDS)
+def test_a_label_of_any_backend_is_taken_with_the_originals_tier(label: str, canonical: str,
+                                                                  tier: MemoryTier) -> None:
+    """Labels of backends other than cpu/cuda (SageAttention passes str(param.device), 'npu:0' on
+    Ascend) were KVConfigInvalidError 'unknown device type'; the original stores them."""
+    pool = KVPool(max_tokens=512)
+    for _ in range(2):  # the second allocation takes the native fast path's cached label
+        h = pool.alloc(8, device=label)
+        assert (h.device, h.memory_tier) == (canonical, tier)
+    manager = KVCacheManager(512, 16)
+    h = manager.alloc(8, device=label)
+    assert (h.device, h.memory_tier) == (canonical, tier) and manager.tokens_by_device() == {canonical: 8}
+    assert KVHandle.create(4, device=canonical).memory_tier == tier
+
+
+@pytest.mark.parametrize("label", ["", " cpu", "cpu ", "CPU", "NPU:0", "gpu0", "cuda:x", "npu:", "npu:01",
+                                   "npu:-1", ":0", "cuda:1:2", "a b", "\u00e9pu:0", "cpu:1"])
+def test_a_malformed_label_is_refused_naming_it(label: str) -> None:
+    pool, manager = KVPool(max_tokens=512), KVCacheManager(512, 16)
+    for alloc in (pool.alloc, manager.alloc):
+        with pytest.raises(KVConfigInvalidError) as info:
+            alloc(8, device=label)
+        assert info.value.value == label and repr(label) in str(info.value)
+    assert pool.get_stats()["num_handles"] == 0 and manager.get_stats()["num_handles"] == 0
+
+
+@pytest.mark.parametrize("label", [None, 0, 1, 3.5, True, b"npu:0"])
+def test_a_label_that_is_not_a_str_is_a_type_error(label: object) -> None:
+    with pytest.raises(TypeError, match=f"device must be a string .*got {type(label).__name__}"):
+        KVPool(max_tokens=64).alloc(8, device=label)  # type: ignore[arg-type]
 
 
 def test_bad_constructor_args() -> None:

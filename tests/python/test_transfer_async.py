@@ -17,10 +17,12 @@ import pytest
 from ports import free_port
 from sagellm_kv_cache import (
     KVCacheError,
+    KVCacheSpec,
     KVHandle,
     KVMetadataMismatchError,
     KVTransferFailedError,
     KVTransferTimeoutError,
+    PagedKVPool,
 )
 from sagellm_kv_cache.transfer import (
     CommTransferBackendAdapter,
@@ -231,6 +233,68 @@ def test_a_framed_send_that_fails_after_its_header_makes_the_link_unusable(
         sender.transfer_kv_handle(KVHandle.create(4), 0, 1, torch.ones(16))
     time.sleep(0.05)
     assert len(b._inboxes[0]) == 1  # the first header alone: nothing was sent after it
+
+
+def _wait_for(inbox: Any, count: int) -> None:
+    deadline = time.monotonic() + 5.0
+    while len(inbox) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("transport", ["backend", "auto"])  # auto: the backend's calls, as it is not gloo
+def test_a_damaged_frame_makes_the_stream_unusable_for_block_transfers_too(
+        pair: tuple[SocketTransferBackend, SocketTransferBackend], transport: str) -> None:
+    # The tensor link was refused, but the engine's block transfers run over the same untagged stream
+    # and went on using it: a receive read the frame's stale payload as its header, a send waited out
+    # its deadline for a reply.
+    a, b = pair
+    receiver = KVTransferEngine(b, enable_checksum=True, transport=transport, timeout=2.0)
+    a.send(torch.tensor([_FRAME_MAGIC ^ 1 << 16, _FLAG_CRC32, 64, 64, 0], dtype=torch.int64), 1)
+    a.send(torch.zeros(64, dtype=torch.uint8), 1)  # its payload: the receiver cannot know its size
+    with pytest.raises(KVMetadataMismatchError, match="'frame_magic'"):
+        receiver.transfer_kv_handle(KVHandle.create(4), 0, 1, torch.zeros(16))
+    _wait_for(b._inboxes[0], 1)
+    pool = PagedKVPool(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype="fp16", block_size=16), 4)
+    started = time.monotonic()
+    for call in (lambda: receiver.recv_blocks(pool, 0), lambda: receiver.send_blocks(pool, [0, 1], 0)):
+        with pytest.raises(KVTransferFailedError, match=r"the link to rank 0 is unusable after an earlier failure "
+                                                        r"\(a damaged frame header from rank 0"):
+            call()
+    assert time.monotonic() - started < 1.0 and receiver.blocks.is_broken(0)
+    time.sleep(0.05)
+    assert len(b._inboxes[0]) == 1 and not a._inboxes[1]  # nothing was read off the stream, nor sent on it
+    assert pool.num_free_blocks == 4
+
+
+def test_a_block_transfer_that_breaks_the_stream_makes_tensor_transfers_refuse_it(
+        pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:
+    # The block send's header is on the stream with no reply read for it; a tensor sent after it was
+    # reported COMPLETED, though the peer reads that header first.
+    a, b = pair
+    sender = KVTransferEngine(b, transport="backend")
+    pool = PagedKVPool(KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype="fp16", block_size=16), 4)
+    with pytest.raises(KVTransferTimeoutError):
+        sender.send_blocks(pool, [0, 1], 0, timeout=0.2)  # rank 0 never answers
+    _wait_for(a._inboxes[1], 1)
+    for peer_sends in (False, True):
+        with pytest.raises(KVTransferFailedError, match=r"the link to rank 0 is unusable after an earlier failure "
+                                                        r"\(timeout during header") as refused:
+            sender.transfer_kv_handle(KVHandle.create(4), 0 if peer_sends else 1, 1 if peer_sends else 0,
+                                      torch.ones(16))
+        assert sender.get_transfer_status(refused.value.transfer_id) == TransferStatus.FAILED
+    time.sleep(0.05)
+    assert len(a._inboxes[1]) == 1  # the block header alone
+
+
+def test_block_transfers_on_their_own_tags_keep_their_stream_when_the_tensor_link_breaks(
+        pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:
+    # transport="torch": torch.distributed messages on tags of their own, another stream.
+    a, b = pair
+    receiver = KVTransferEngine(b, enable_checksum=True, transport="torch")
+    a.send(torch.tensor([_FRAME_MAGIC ^ 1, _FLAG_CRC32, 64, 64, 0], dtype=torch.int64), 1)
+    with pytest.raises(KVMetadataMismatchError, match="'frame_magic'"):
+        receiver.transfer_kv_handle(KVHandle.create(4), 0, 1, torch.zeros(16))
+    assert not receiver.blocks.is_broken(0)
 
 
 def test_socket_backend_errors(pair: tuple[SocketTransferBackend, SocketTransferBackend]) -> None:

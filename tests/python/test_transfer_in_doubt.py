@@ -19,6 +19,7 @@ from ports import free_port
 from sagellm_kv_cache import KVCacheSpec, PagedKVPool
 from sagellm_kv_cache.errors import KVTransferOutcomeUnknownError
 from sagellm_kv_cache.transfer import BlockTransfer, KVTransferEngine, SocketTransferBackend, blocks, wire
+from sagellm_protocol.kv import TransferStatus
 
 pytest.importorskip("torch")
 
@@ -146,6 +147,19 @@ def test_a_settle_is_seen_whole_or_not_at_all(gap: int, worlds: list[list[Socket
     assert engine.get_pending_count() == 0
     assert gaps.ran and answers == ["completed"]
     assert engine.get_transfer_outcome(tid) == "completed" and not engine._in_doubt
+
+
+def test_the_metrics_of_a_send_in_doubt_say_unknown_until_it_is_settled(
+        worlds: list[list[SocketTransferBackend]]) -> None:
+    # get_transfer_metrics read the record's status alone: "in_progress" for a send whose call was over,
+    # where get_transfer_outcome says "unknown".
+    (a0, a1, _), _ = worlds
+    engine = KVTransferEngine(a0, transport="backend", timeout=0.3, same_host=False)
+    tid = _send_in_doubt(engine, PagedKVPool(KVCacheSpec(**SPEC), 16), a1)
+    assert engine.get_transfer_metrics(tid)["status"] == "unknown" == engine.get_transfer_outcome(tid)
+    assert engine.get_transfer_status(tid) == TransferStatus.IN_PROGRESS  # the record itself, as before
+    _settled_by_a_later_exchange(tid, 1)
+    assert engine.get_transfer_metrics(tid)["status"] == "completed" == engine.get_transfer_outcome(tid)
 
 
 def test_a_receive_with_a_bad_request_id_is_refused_before_it_takes_blocks(

@@ -14,6 +14,8 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import socket
+import struct
 import time
 import traceback
 from collections.abc import Callable
@@ -36,11 +38,18 @@ TIMEOUT = 15.0
 # --- harness ---------------------------------------------------------------------------------
 
 
-def _entry(target: Callable[..., Any], rank: int, world: int, port: int, results: Any) -> None:
+def _entry(target: Callable[..., Any], rank: int, world: int, port: int, results: Any,
+           pg_timeout: float | None = None) -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         from sagellm_comm import GlooBackend
 
+        if pg_timeout is not None:  # GlooBackend.init takes no timeout: the process group's default it is
+            from datetime import timedelta
+
+            import torch.distributed.distributed_c10d as c10d
+
+            c10d.default_pg_timeout = timedelta(seconds=pg_timeout)
         backend = GlooBackend()
         backend.init(rank, world, "127.0.0.1", port)
         results.put((rank, "ok", target(rank, backend)))
@@ -52,11 +61,13 @@ def _entry(target: Callable[..., Any], rank: int, world: int, port: int, results
         os._exit(0)  # skip process-group teardown: a peer may be gone on purpose
 
 
-def _run(target: Callable[..., Any], world: int, timeout: float = 90.0, expect_missing: int = 0) -> dict[int, Any]:
+def _run(target: Callable[..., Any], world: int, timeout: float = 90.0, expect_missing: int = 0,
+         pg_timeout: float | None = None) -> dict[int, Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(target, r, world, port, results), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(target, r, world, port, results, pg_timeout), daemon=True)
+             for r in range(world)]
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
@@ -366,6 +377,132 @@ def test_peer_killed_mid_transfer_frees_what_was_reserved() -> None:
     assert kind in ("KVTransferFailedError", "KVTransferTimeoutError"), details
     assert seconds < TIMEOUT + 1
     assert dst["free_same"]
+
+
+# --- a tensor send that fails partway, either end dying ----------------------------------------
+
+_BIG = 32 << 20  # float32 elements: 128 MiB, far more than the kernel's socket buffers hold
+
+
+def _bytes_received() -> int:
+    """Bytes this process's TCP sockets have taken in so far (``tcp_info.tcpi_bytes_received``, summed):
+    how far gloo's receive has got, wherever gloo puts the bytes."""
+    total = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(int(fd))) as s:
+                if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        except OSError:  # closed since listdir, or not a socket we can ask
+            continue
+        if len(info) >= 136:
+            total += struct.unpack_from("Q", info, 128)[0]
+    return total
+
+
+def _dying_sender_session(rank: int, backend: Any, framed: bool) -> dict[str, Any]:
+    import signal
+    import threading
+
+    from sagellm_kv_cache import KVHandle, KVTransferEngine
+
+    engine = KVTransferEngine(backend, enable_checksum=framed)
+    pid = torch.tensor([os.getpid()], dtype=torch.int64)
+    if rank == 0:
+        data = torch.ones(_BIG)
+        backend.send(pid, 1)
+        engine.transfer_kv_handle(KVHandle.create(16), 0, 1, data)  # rank 1 kills this process partway
+        time.sleep(60)
+        return {}
+    backend.recv(pid, 0)
+    out = torch.full((_BIG,), 7.0)
+    box: list[Any] = []
+    start = _bytes_received()
+    thread = threading.Thread(target=lambda: box.append(_outcome(
+        lambda: engine.transfer_kv_handle(KVHandle.create(16), 0, 1, out))))
+    thread.start()
+    read = 0
+    while read < _BIG and thread.is_alive():  # until a quarter of the payload has arrived
+        time.sleep(0.0005)
+        read = _bytes_received() - start
+    os.kill(int(pid), signal.SIGKILL)
+    thread.join(timeout=30.0)
+    (record,) = engine._records.values()
+    return {"outcome": box[0] if box else None, "untouched": bool((out == 7.0).all()),
+            "neither": int(((out != 7.0) & (out != 1.0)).sum()),  # neither as it was nor as sent
+            "status": record.status.value, "read": read}
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO") or not os.path.isdir("/proc/self/fd"),
+                    reason="needs Linux's TCP_INFO to see the bytes arrive")
+@pytest.mark.parametrize("framed", [False, True])
+def test_a_tensor_send_that_dies_partway_fails_the_receive(framed: bool) -> None:
+    # A send that fails partway (here its process dies) over real gloo: the receive fails, recorded FAILED.
+    # The framed path writes the caller's tensor only after the whole frame is in; the plain path receives
+    # straight into it, where gloo writes as the bytes arrive (documented), never anything but those.
+    # gloo waits for the rest of a message whose sender died until the process group's timeout (30 min
+    # by default): 10 s here, so that the receive ends.
+    dst = _run(functools.partial(_dying_sender_session, framed=framed), world=2, expect_missing=1, pg_timeout=10.0)[1]
+    assert dst["outcome"] is not None, "the receive did not end"
+    kind, details, seconds = dst["outcome"]
+    assert kind == "KVTransferFailedError" and seconds < 25.0, details
+    assert _BIG <= dst["read"] < 4 * _BIG  # it died partway through the payload
+    assert dst["status"] == "failed" and dst["neither"] <= 1, dst["neither"]  # at most the float it broke inside
+    if framed:
+        assert dst["untouched"]
+
+
+def _dying_receiver_session(rank: int, backend: Any, framed: bool) -> dict[str, Any]:
+    import signal
+    import threading
+
+    from sagellm_kv_cache import KVHandle, KVTransferEngine
+
+    engine = KVTransferEngine(backend, enable_checksum=framed, max_retries=2, retry_backoff_ms=10.0)
+    if rank == 1:
+        out = torch.zeros(_BIG)
+        backend.send(torch.zeros(1), 0)  # ready
+        start = _bytes_received()
+
+        def die_partway() -> None:
+            while _bytes_received() - start < _BIG:  # a quarter of the payload has arrived
+                time.sleep(0.0005)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=die_partway, daemon=True).start()
+        engine.transfer_kv_handle(KVHandle.create(16), 0, 1, out)
+        time.sleep(60)
+        return {}
+    data = torch.ones(_BIG)
+    backend.recv(torch.zeros(1), 1)
+    failed = _outcome(lambda: engine.transfer_kv_handle(KVHandle.create(16), 0, 1, data))
+    (tid,) = engine._records
+    after = _outcome(lambda: engine.transfer_kv_handle(KVHandle.create(16), 0, 1, data))
+    return {"failed": failed, "status": engine.get_transfer_status(tid).value,
+            "retries": engine.get_retry_count(tid), "after": after}
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO") or not os.path.isdir("/proc/self/fd"),
+                    reason="needs Linux's TCP_INFO to see the bytes arrive")
+@pytest.mark.parametrize("framed", [False, True])
+def test_a_tensor_send_whose_receiver_dies_partway_fails_at_once_retries_included(framed: bool) -> None:
+    # The send itself fails and gloo closes the connection, so it delivered nothing a retry could
+    # duplicate: each retry fails at once, the record is FAILED, and a framed send that failed after its
+    # header leaves the link to that rank unusable. gloo notices the dead peer of a message in flight
+    # only at the process group's timeout (30 min by default): 10 s here.
+    src = _run(functools.partial(_dying_receiver_session, framed=framed), world=2, expect_missing=1,
+               pg_timeout=10.0)[0]
+    kind, details, seconds = src["failed"]
+    assert kind == "KVTransferFailedError" and seconds < 25.0, details
+    assert details["context"]["retries"] == src["retries"] == 2 and src["status"] == "failed"
+    kind, details, seconds = src["after"]
+    assert kind == "KVTransferFailedError" and seconds < 1.0, details
+    if framed:
+        assert "is unusable after an earlier failure (a framed send to rank 1 ended between its header and " \
+               "its payload)" in details["message"]
 
 
 # --- three ranks: 0 and 1 send to 2 at the same time -----------------------------------------

@@ -69,7 +69,17 @@ _DTYPE_BYTES = {
 
 
 def _tier_of(device: str) -> MemoryTier:
-    return MemoryTier.CPU if device.split(":", 1)[0] == "cpu" else MemoryTier.GPU
+    """The memory tier a device label implies, by the original package's rule: a label starting with
+    cuda, npu or gpu (any case) is GPU memory, cxl CXL, nvme NVME, anything else (cpu, xpu, mps, ...)
+    CPU."""
+    label = device.lower()
+    if label.startswith(("cuda", "npu", "gpu")):
+        return MemoryTier.GPU
+    if label.startswith("cxl"):
+        return MemoryTier.CXL
+    if label.startswith("nvme"):
+        return MemoryTier.NVME
+    return MemoryTier.CPU
 
 
 _UUID = uuid.UUID

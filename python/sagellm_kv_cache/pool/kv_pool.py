@@ -18,6 +18,7 @@ each; this module keeps the policy: argument checking, the handle template and t
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,22 +44,28 @@ BudgetCallback = Callable[[int, int, int], None]
 
 
 _MAX_DEVICE_INDEX = 2**31 - 1  # the native DeviceId's int
+_DEVICE_TYPE = re.compile(r"[a-z][a-z_]*")  # torch's device type names, privateuse1 renames (npu) included
 
 
 def parse_device(device: Any) -> str:
-    """Canonical device string ("cpu", "cuda:1") for a label; does not require the device to exist.
+    """Canonical device string ("cpu", "cuda:1", "npu:0") for a label; does not require the device to exist.
 
-    The grammar is torch's and the native core's: ``type`` or ``type:N``, ``type`` a known backend in
-    lower case, ``N`` a decimal index without sign, spaces or leading zeros (``cuda:``, ``cuda:01``,
-    ``cuda:-1``, `` cuda:0`` and ``CPU`` are refused). Bad labels raise :class:`KVConfigInvalidError`
-    (a ``ValueError``) naming the string; an unknown type lists the known ones.
+    The grammar is torch's: ``type`` or ``type:N``. ``type`` is any backend name (lower-case ASCII
+    letters and ``_``, starting with a letter), not only the backends this build can
+    allocate on: the labels are metadata, and an Ascend caller passes ``str(param.device)``, which
+    is ``npu:0``. ``N`` is a decimal index without sign, spaces or leading zeros. ``type`` alone
+    means device 0 (``"npu"`` is ``"npu:0"``); the cpu backend has the one device ``"cpu"``.
+    Malformed labels (``""``, ``" cpu"``, ``"CPU"``, ``"gpu0"``, ``"cuda:"``, ``"cuda:x"``,
+    ``"cuda:01"``, ``"cuda:-1"``) raise :class:`KVConfigInvalidError` (a ``ValueError``) naming the string,
+    a label that is not a str a ``TypeError``. (The original package stored any str as given,
+    garbage included, and raised ``AttributeError`` for anything else.)
     """
     if not isinstance(device, str):
         raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
     kind, colon, index = device.partition(":")
-    known = list(_core.registered_backends())
-    if kind not in known:
-        raise KVConfigInvalidError("device", device, reason=f"unknown device type; known: {', '.join(known)}")
+    if not _DEVICE_TYPE.fullmatch(kind):
+        raise KVConfigInvalidError("device", device, reason="the device type must be a lower-case name such as "
+                                                            "'cpu', 'cuda' or 'npu', optionally followed by ':index'")
     if colon and not index:  # "cuda:" is not "cuda:0"
         raise KVConfigInvalidError("device", device, reason="a ':' must be followed by a device index")
     if index and not (index.isascii() and index.isdigit()):  # str.isdigit also takes '\u00b2' and other scripts
@@ -96,7 +103,7 @@ def _metadata(metadata: Any) -> dict[str, Any]:
 def _device_of(device: Any) -> tuple[str, MemoryTier]:
     """``parse_device`` plus the memory tier, remembered for the next allocation on that device."""
     canonical = parse_device(device)
-    entry = (canonical, MemoryTier.CPU if canonical == "cpu" else MemoryTier.GPU)
+    entry = (canonical, _kv_handle._tier_of(canonical))
     if len(_DEVICES) < _MAX_CACHED_DEVICES:
         _DEVICES[device] = entry
     return entry
@@ -296,7 +303,9 @@ class KVPool:
 
         Raises ``KVBudgetExceededError`` (after calling ``on_budget_exceeded(requested, available,
         max_tokens)``) when the token budget is short; block rounding never refuses what the budget
-        admits. Nothing is taken on failure.
+        admits. Nothing is taken on failure. ``device`` is any backend's label in the spelling
+        :func:`parse_device` gives it (``"npu"`` is stored as ``"npu:0"``); the handle's
+        ``memory_tier`` follows from it as in the original (cuda/npu/gpu labels are GPU memory).
         """
         try:
             handle: KVHandle = self._alloc(num_tokens, dtype, layout, device, metadata)

@@ -48,7 +48,9 @@ The destination commits even if its final reply cannot be sent (``ReceivedBlocks
 False then): the source reports "unknown" in that case, never "failed". A refusal (spec mismatch,
 pool full, bad checksum) keeps both sides in step, so the pair stays usable. A timeout or a dead
 peer breaks the pair (gloo closes it on a timeout); later transfers with that peer fail at once
-with ``KVTransferFailedError`` instead of hanging, until a new process group is made.
+with ``KVTransferFailedError`` instead of hanging, until a new process group is made. Over the
+backend's own calls (``transport="backend"``) a ``KVTransferEngine``'s block transfers and tensor
+transfers share that stream, and its break (see :mod:`.engine`).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ from sagellm_kv_cache.paged import PagedKVPool
 from sagellm_kv_cache.transfer import shm, wire
 from sagellm_kv_cache.transfer.options import check_block_options, check_timeout
 from sagellm_kv_cache.transfer.transport import (
+    BrokenLinks,
     Pending,
     TorchDistTransport,
     Transport,
@@ -510,7 +513,8 @@ class BlockTransfer:
         self._staging = _StagingCache(max_bytes=4 * self._depth * (self._chunk_bytes + wire.FOOTER_NBYTES))
         self._lock = threading.Lock()
         self._peer_locks: dict[tuple[int, str], threading.Lock] = {}
-        self._broken: dict[int, str] = {}
+        #: Peers whose stream is unusable; ``KVTransferEngine`` hands in its own when both run on one stream.
+        self._links = BrokenLinks()
         self._same_host = options.same_host and shm.available()
         #: Payload per ring slot on the same-host path (at most ``chunk_bytes``): 4 MiB measured best
         #: here against 2 and 8 MiB; each slot costs one footer and one ack between the processes.
@@ -1252,8 +1256,8 @@ class BlockTransfer:
     def _peer(self, peer: int, direction: str, tid: object, src: int, dst: int) -> Iterator[None]:
         """One transfer per (peer, direction) at a time; none at all once the link broke."""
         with self._lock:
-            broken = self._broken.get(peer)
             lock = self._peer_locks.setdefault((peer, direction), threading.Lock())
+        broken = self._links.reason(peer)
         if broken is not None:
             raise KVTransferFailedError(
                 str(tid), source=f"rank {src}", target=f"rank {dst}",
@@ -1264,13 +1268,12 @@ class BlockTransfer:
             yield
 
     def _mark_broken(self, peer: int, why: str) -> None:
-        with self._lock:
-            self._broken.setdefault(peer, why)
+        self._links.mark(peer, why)
 
     def is_broken(self, peer: int) -> bool:
-        """True once a timeout or a transport error made the link to ``peer`` unusable."""
-        with self._lock:
-            return peer in self._broken
+        """True once a timeout or a transport error made the link to ``peer`` unusable (or, over the
+        backend's own calls, a ``KVTransferEngine`` tensor transfer on the same stream did)."""
+        return self._links.reason(peer) is not None
 
 
 def _shm_chunking(header: wire.TransferHeader, slot_nbytes: int) -> wire.TransferHeader:

@@ -5,8 +5,9 @@ Every transfer this engine runs gets a :class:`~sagellm_protocol.kv.KVTransferMe
 (the ecosystem's type) whose status goes PENDING -> IN_PROGRESS -> COMPLETED or FAILED; a failed
 backend call surfaces as ``KVTransferFailedError`` and stays recorded as FAILED. A block send whose
 outcome is unknown (``KVTransferOutcomeUnknownError``: every byte went out, the final reply did
-not come back) is never recorded as FAILED: it stays IN_PROGRESS, :meth:`get_transfer_outcome`
-says "unknown", and both turn into the real outcome once a later transfer to that rank settled it.
+not come back) is never recorded as FAILED: it stays IN_PROGRESS, :meth:`get_transfer_outcome` and
+the ``status`` of :meth:`get_transfer_metrics` say "unknown", and all turn into the real outcome once a
+later transfer to that rank settled it.
 The engine learns that outcome from the process-wide ledger of :mod:`.blocks`, which keeps the
 newest 4,096 doubts per destination and 4,096 settled outcomes; a doubt it no longer holds can never
 be settled, so the engine then forgets that record too, as it forgets old finished ones (below). It
@@ -15,7 +16,13 @@ checks on every query and on every new doubt, so its doubts stay within the ledg
 Tensor transfers take the seed's options: ``max_retries`` re-runs a failed backend call with
 exponential backoff starting at ``retry_backoff_ms`` (a framed transfer's retry, on either side,
 resumes at the message that failed, header or payload, so the receiver sees one well-formed frame; a
-backend's failed send must have delivered nothing, which the plain path's retry needs too); with
+backend's failed send must have delivered nothing, which the plain path's retry needs too; gloo's
+does, as it closes the connection). The plain path receives straight into ``tensor`` (no copy), and
+gloo writes a message there as its bytes arrive: a receive that fails partway (its sender died) leaves
+part of the sender's data in ``tensor`` under a FAILED record. The framed path writes ``tensor`` only
+once the whole frame is in and verified, so a failed framed receive leaves it as it was. (Over gloo,
+a receive whose sender dies partway through a message fails only at the process group's timeout, 30
+minutes by default: gloo does not notice the closed connection then.) With
 ``enable_compression`` (zlib at ``compression_level``) or ``enable_checksum`` (CRC-32 of the raw
 bytes) the tensor travels framed: a 5 x int64 header (magic, flags, payload bytes, raw bytes,
 CRC-32) and then the payload as uint8, and the receiver checks the size, inflates and verifies the
@@ -30,7 +37,12 @@ header and its payload (its retries spent, an interrupt) is out of step. The rec
 that payload as the next header, so every later tensor transfer with that rank, either way, fails at
 once with ``KVTransferFailedError`` naming why (nothing is read; the tensor stays as it was) until a
 new engine over a new process group is made. The error that broke the link says so in
-``context["link"]``.
+``context["link"]``. Where the engine's block transfers run on the same stream (``transport=
+"backend"``, or ``"auto"`` over a backend other than ``GlooBackend``: the backend's own untagged
+calls), one verdict covers both: a tensor transfer that breaks the stream makes ``send_blocks`` /
+``recv_blocks`` with that rank refuse it too, and a block transfer that breaks it (a timeout, a dead
+peer) makes tensor transfers refuse it. Over gloo the block transfer has tags of its own, another
+stream, and each keeps its own verdict.
 
 Finished records are kept up to ``KVTransferEngine.max_finished_records`` (default 4,096, the most
 recently finished, as many as the process-wide outcome ledger of :mod:`.blocks` remembers; settable
@@ -65,6 +77,7 @@ from sagellm_kv_cache.errors import (
     KVTransferOutcomeUnknownError,
 )
 from sagellm_kv_cache.transfer.options import check_block_options
+from sagellm_kv_cache.transfer.transport import BrokenLinks, uses_backend_calls
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -134,7 +147,8 @@ class KVTransferEngine:
         self._in_doubt: set[uuid.UUID] = set()  # block sends with an unknown outcome, not yet settled
         self._retries: dict[uuid.UUID, int] = {}
         self._finished: dict[uuid.UUID, None] = {}  # ids of finished records, oldest first
-        self._broken: dict[int, str] = {}  # peer rank -> why its tensor link is out of step (a payload left on it)
+        # peer rank -> why its stream is out of step; shared with self.blocks when that runs on the same stream
+        self._links = BrokenLinks()
         self._forgotten = 0  # finished records dropped at max_finished_records since clear_completed
         self._lock = threading.Lock()
         self._max_finished = self._DEFAULT_MAX_FINISHED
@@ -163,9 +177,10 @@ class KVTransferEngine:
         Returns the transfer id; the record is COMPLETED when the backend call returned. Raises
         ``ValueError`` for bad ranks (nothing is recorded then), ``KVTransferFailedError`` for a
         missing tensor or when the backend still fails after ``max_retries`` retries (recorded as
-        FAILED), and on a framed receive ``KVChecksumMismatchError`` / ``KVMetadataMismatchError``
-        when the payload is corrupt or does not fit ``tensor`` (recorded as FAILED, ``tensor``
-        left unchanged); ``KVTransferFailedError`` at once, recorded as FAILED, once a frame left its
+        FAILED; a plain receive may have written part of the message into ``tensor``, see the
+        module docstring), and on a framed receive ``KVChecksumMismatchError`` / ``KVMetadataMismatchError`` when the
+        payload is corrupt or does not fit ``tensor`` (recorded as FAILED, ``tensor`` left
+        unchanged); ``KVTransferFailedError`` at once, recorded as FAILED, once a frame left its
         payload on the link with that rank (see the module docstring).
         """
         if handle is None or not hasattr(handle, "handle_id"):
@@ -198,7 +213,7 @@ class KVTransferEngine:
         except Exception as e:
             with self._lock:  # before the record is finished: it may be dropped at once (max_finished_records)
                 retries = self._retries.get(transfer_id, 0)
-                broken = self._broken.get(dst_rank if sending else src_rank)
+            broken = self._links.reason(dst_rank if sending else src_rank)
             self._failed(transfer_id, handle)
             reason = str(e) or type(e).__name__
             context = {"handle_id": str(handle.handle_id), "direction": "send" if sending else "recv",
@@ -224,17 +239,16 @@ class KVTransferEngine:
         if not sending and not getattr(getattr(tensor, "flags", None), "writeable", True):
             # Refused before anything is read, so the sender's data stays on the wire for a good buffer.
             return "tensor is read-only: the receiver writes the KV data into it"
-        with self._lock:
-            broken = self._broken.get(peer)
+        broken = self._links.reason(peer)
         if broken is not None:
             return (f"the link to rank {peer} is unusable after an earlier failure ({broken}); "
                     "re-create the process group")
         return None
 
     def _mark_broken(self, peer: int, why: str) -> str:
-        """Refuses every later tensor transfer with ``peer`` (the first reason stays); returns ``why``."""
-        with self._lock:
-            self._broken.setdefault(peer, why)
+        """Refuses every later tensor transfer with ``peer``, and block transfer where they share the stream
+        (the first reason stays); returns ``why``."""
+        self._links.mark(peer, why)
         return why
 
     def _failed(self, transfer_id: uuid.UUID, handle: Any) -> None:
@@ -400,6 +414,8 @@ class KVTransferEngine:
                 from sagellm_kv_cache.transfer.blocks import BlockTransfer
 
                 self._blocks = BlockTransfer(self.comm_backend, **dataclasses.asdict(self._block_options))
+                if uses_backend_calls(self.comm_backend, self._block_options.transport):
+                    self._blocks._links = self._links  # one stream: what breaks it for one breaks it for both
             return self._blocks
 
     def send_blocks(
@@ -490,8 +506,12 @@ class KVTransferEngine:
         return self._snapshot(transfer_id)[1]
 
     def get_transfer_metrics(self, transfer_id: uuid.UUID | str) -> dict[str, float | int | str]:
-        """Bytes on the wire, latency, bandwidth, compression ratio, retries, checksum and status."""
-        meta, retries, _ = self._snapshot(transfer_id)
+        """Bytes on the wire, latency, bandwidth, compression ratio, retries, checksum and status.
+
+        ``status`` is the record's status value ("pending", "in_progress", "completed", "failed",
+        "cancelled"), as in the original, or "unknown" for a block send in doubt, as
+        :meth:`get_transfer_outcome` says (its record stays IN_PROGRESS; see the module docstring)."""
+        meta, retries, in_doubt = self._snapshot(transfer_id)
         latency_s = 0.0
         if meta.started_at is not None:
             latency_s = max((meta.completed_at or time.time()) - meta.started_at, 0.0)
@@ -504,7 +524,7 @@ class KVTransferEngine:
             "compression_ratio": raw / meta.total_bytes if meta.total_bytes else 1.0,
             "retries": retries,
             "checksum": meta.checksum or "",
-            "status": meta.status.value,
+            "status": "unknown" if in_doubt else meta.status.value,
         }
 
     def get_pending_count(self) -> int:

@@ -19,6 +19,11 @@ needs, a per-operation deadline and several operations in flight:
 
 Both raise :class:`TransportTimeout` or :class:`TransportError`; the block transfer turns them
 into ``KVTransferTimeoutError`` / ``KVTransferFailedError``.
+
+:class:`BackendThreadTransport` shares the backend's one stream per pair with whatever else calls
+the backend, such as ``KVTransferEngine``'s tensor transfers; :func:`uses_backend_calls` says when
+a block transfer runs on it, and :class:`BrokenLinks` is the verdict on each peer's stream that such
+users share: once one of them leaves the stream out of step, all of them refuse it.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from typing import Any, Protocol
 
 __all__ = [
     "BackendThreadTransport",
+    "BrokenLinks",
     "Pending",
     "TorchDistTransport",
     "Transport",
     "TransportError",
     "TransportTimeout",
     "make_transport",
+    "uses_backend_calls",
 ]
 
 #: torch.distributed tag of block-transfer messages ("SKV" in ASCII).
@@ -190,15 +197,38 @@ class BackendThreadTransport:
         return self._submit(peer, lambda: self._backend.recv(tensor, peer))
 
 
-def make_transport(backend: Any, kind: str = "auto") -> Transport:
-    """``auto``: torch.distributed for ``GlooBackend`` once initialised, the backend's calls otherwise."""
+class BrokenLinks:
+    """Peers whose stream is unusable (out of step, or closed after a timeout), each with the first
+    reason given. Thread-safe; every user of one stream holds the same instance."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._why: dict[int, str] = {}
+
+    def mark(self, peer: int, why: str) -> None:
+        """Makes the stream to ``peer`` unusable for good; an earlier reason stays."""
+        with self._lock:
+            self._why.setdefault(peer, why)
+
+    def reason(self, peer: int) -> str | None:
+        """Why the stream to ``peer`` is unusable, or None while it is usable."""
+        with self._lock:
+            return self._why.get(peer)
+
+
+def uses_backend_calls(backend: Any, kind: str) -> bool:
+    """Whether :func:`make_transport` gives ``kind`` the backend's own blocking calls (the stream every
+    other caller of ``backend`` uses) rather than torch.distributed on tags of its own."""
     if kind not in ("auto", "torch", "backend"):
         raise ValueError(f"transport must be 'auto', 'torch' or 'backend', got {kind!r}")
-    if kind == "backend":
+    return kind == "backend" or (kind == "auto" and not _is_gloo(backend))
+
+
+def make_transport(backend: Any, kind: str = "auto") -> Transport:
+    """``auto``: torch.distributed for ``GlooBackend`` once initialised, the backend's calls otherwise."""
+    if uses_backend_calls(backend, kind):
         return BackendThreadTransport(backend)
-    if kind == "torch" or _is_gloo(backend):
-        return TorchDistTransport()
-    return BackendThreadTransport(backend)
+    return TorchDistTransport()
 
 
 def _is_gloo(backend: Any) -> bool:
