@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import subprocess
 import sys
 import threading
 import uuid
@@ -170,6 +171,21 @@ def test_a_malformed_label_is_refused_naming_it(label: str) -> None:
             alloc(8, device=label)
         assert info.value.value == label and repr(label) in str(info.value)
     assert pool.get_stats()["num_handles"] == 0 and manager.get_stats()["num_handles"] == 0
+
+
+@pytest.mark.parametrize("label", ["cuad:0", "garbage", "tpu", "gpus:1"])
+def test_an_unknown_device_type_is_refused_naming_it(label: str) -> None:
+    with pytest.raises(KVConfigInvalidError, match=f"'{label}'.*unknown device type '{label.split(':')[0]}'; known: "):
+        KVPool(max_tokens=64).alloc(8, device=label)
+
+
+def test_the_privateuse1_name_a_loaded_torch_plugin_registered_is_a_known_device_type() -> None:
+    # torch's rename is once per process and for good: a child process does it.
+    code = ("import torch; torch.utils.rename_privateuse1_backend('sagetest')\n"
+            "from sagellm_kv_cache.pool import KVPool\n"
+            "print(KVPool(max_tokens=64).alloc(8, device='sagetest:1').device)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["sagetest:1"]
 
 
 @pytest.mark.parametrize("label", [None, 0, 1, 3.5, True, b"npu:0"])

@@ -19,6 +19,7 @@ each; this module keeps the policy: argument checking, the handle template and t
 from __future__ import annotations
 
 import re
+import sys
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,16 +45,37 @@ BudgetCallback = Callable[[int, int, int], None]
 
 
 _MAX_DEVICE_INDEX = 2**31 - 1  # the native DeviceId's int
-_DEVICE_TYPE = re.compile(r"[a-z][a-z_]*")  # torch's device type names, privateuse1 renames (npu) included
+_DEVICE_TYPE = re.compile(r"[a-z][a-z_]*")
+# Device types a label may name: torch's own (c10's DeviceType names), the names vendors' torch
+# plug-ins register for the privateuse1 backend (Ascend npu, Cambricon mlu, Moore Threads musa),
+# and the labels the ecosystem's MemoryTier rule reads (gpu, cxl, nvme). Plus this build's backends
+# and, where torch is already imported, the privateuse1 name it has registered.
+_KNOWN_DEVICE_TYPES = frozenset({
+    "cpu", "cuda", "mkldnn", "opengl", "opencl", "ideep", "hip", "ve", "fpga", "maia", "xla", "lazy",
+    "vulkan", "metal", "xpu", "mps", "meta", "hpu", "mtia", "ipu", "privateuseone",
+    "npu", "mlu", "musa",
+    "gpu", "cxl", "nvme",
+})
+
+
+def _known_device_type(kind: str) -> bool:
+    if kind in _KNOWN_DEVICE_TYPES or kind in _core.registered_backends():
+        return True
+    torch = sys.modules.get("torch")  # never imported here: only a plug-in already loaded can name more
+    try:
+        return torch is not None and kind == torch._C._get_privateuse1_backend_name()
+    except Exception:  # a torch without that call
+        return False
 
 
 def parse_device(device: Any) -> str:
     """Canonical device string ("cpu", "cuda:1", "npu:0") for a label; does not require the device to exist.
 
-    The grammar is torch's: ``type`` or ``type:N``. ``type`` is any backend name (lower-case ASCII
-    letters and ``_``, starting with a letter), not only the backends this build can
-    allocate on: the labels are metadata, and an Ascend caller passes ``str(param.device)``, which
-    is ``npu:0``. ``N`` is a decimal index without sign, spaces or leading zeros. ``type`` alone
+    The grammar is torch's: ``type`` or ``type:N``. ``type`` is a device type torch or a vendor's
+    torch plug-in names (``cuda``, ``xpu``, ``mps``, ``npu``, ...; see ``_KNOWN_DEVICE_TYPES``), not
+    only the backends this build can allocate on: the labels are metadata, and an Ascend caller
+    passes ``str(param.device)``, which is ``npu:0``. An unknown type (``"cuad"``) is refused.
+    ``N`` is a decimal index without sign, spaces or leading zeros. ``type`` alone
     means device 0 (``"npu"`` is ``"npu:0"``); the cpu backend has the one device ``"cpu"``.
     Malformed labels (``""``, ``" cpu"``, ``"CPU"``, ``"gpu0"``, ``"cuda:"``, ``"cuda:x"``,
     ``"cuda:01"``, ``"cuda:-1"``) raise :class:`KVConfigInvalidError` (a ``ValueError``) naming the string,
@@ -66,6 +88,9 @@ def parse_device(device: Any) -> str:
     if not _DEVICE_TYPE.fullmatch(kind):
         raise KVConfigInvalidError("device", device, reason="the device type must be a lower-case name such as "
                                                             "'cpu', 'cuda' or 'npu', optionally followed by ':index'")
+    if not _known_device_type(kind):
+        raise KVConfigInvalidError("device", device, reason=f"unknown device type {kind!r}; known: "
+                                                            f"{', '.join(sorted(_KNOWN_DEVICE_TYPES))}")
     if colon and not index:  # "cuda:" is not "cuda:0"
         raise KVConfigInvalidError("device", device, reason="a ':' must be followed by a device index")
     if index and not (index.isascii() and index.isdigit()):  # str.isdigit also takes '\u00b2' and other scripts
