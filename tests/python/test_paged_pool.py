@@ -227,6 +227,48 @@ def test_gather_scatter_round_trip_is_byte_exact(spec: KVCacheSpec) -> None:
     assert bytes(out) == data.tobytes()
 
 
+def test_staging_that_is_a_view_of_the_pool_is_refused() -> None:
+    """A gather into (or scatter from) the pool's own memory read bytes it had already overwritten:
+    the result depended on the copy order. Refused, like order-dependent ids; so are segment sums that
+    share memory with the bytes they sum (they were zeroed first) or with the pool."""
+    pool = PagedKVPool(KVCacheSpec(1, 1, 4, "fp32", 1), num_blocks=8)  # 32-byte blocks; K plane = 4 blocks
+    ids = pool.allocate(8)
+    rng = np.random.default_rng(1)
+    pool.key_cache(0)[...] = rng.random(pool.key_cache(0).shape, dtype=np.float32)
+    pool.value_cache(0)[...] = rng.random(pool.value_cache(0).shape, dtype=np.float32)
+    before = pool.gather(ids)
+    plane = pool.key_cache(0).view(np.uint8).reshape(-1)
+    order = [1, 0, 3, 2]
+    with pytest.raises(KVConfigInvalidError, match="gather: the buffer shares memory with the pool"):
+        pool.gather_into(order, plane)
+    with pytest.raises(KVConfigInvalidError, match="scatter: the buffer shares memory with the pool"):
+        pool.scatter(plane, order)
+    with pytest.raises(KVConfigInvalidError, match="scatter: the buffer shares memory with the pool"):
+        pool.scatter(memoryview(plane[32:96]), [5, 6])  # a part of the plane, through a memoryview
+    big = PagedKVPool(KVCacheSpec(1, 1, 1024, "fp32", 1), num_blocks=4)  # 8 KiB blocks: two segments each
+    big_ids = big.allocate(4)
+    big.key_cache(0)[...] = 1.0
+    big_before = big.gather(big_ids)
+    staging = np.zeros(2 * big.block_nbytes, dtype=np.uint8)
+    sums_in_pool = big.value_cache(0).view(np.uint64).reshape(-1)[:4]
+    with pytest.raises(KVConfigInvalidError, match=r"gather_summed \(sums\): the buffer shares memory with the pool"):
+        big.gather_summed(big_ids[:2], staging, sums_in_pool)
+    with pytest.raises(KVConfigInvalidError, match=r"scatter_summed \(sums\): the buffer shares memory with the pool"):
+        big.scatter_summed(staging, big_ids[2:], sums_in_pool)
+    sums_in_staging = staging.view(np.uint64)[:4]
+    with pytest.raises(KVConfigInvalidError, match="the sums buffer shares memory with the staging buffer"):
+        big.gather_summed(big_ids[:2], staging, sums_in_staging)
+    staging[:] = 7
+    with pytest.raises(KVConfigInvalidError, match="the sums buffer shares memory with the staging buffer"):
+        big.scatter_summed(staging, big_ids[2:], sums_in_staging)
+    with pytest.raises(KVConfigInvalidError, match="segment_sums: the sums buffer shares memory with the data"):
+        _core.segment_sums(staging, sums_in_staging)
+    assert (staging == 7).all()  # not zeroed by the refused calls
+    np.testing.assert_array_equal(pool.gather(ids), before)
+    np.testing.assert_array_equal(big.gather(big_ids), big_before)
+    pool.gather_into(order, np.empty(4 * pool.block_nbytes, dtype=np.uint8))  # own memory: fine
+
+
 def test_copy_blocks(pool: PagedKVPool) -> None:
     a, b = pool.allocate(2)
     pool.key_cache(0)[a] = 3.0
