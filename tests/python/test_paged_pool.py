@@ -8,6 +8,8 @@ import gc
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -403,6 +405,30 @@ def test_bad_specs(kwargs: dict, error: type[Exception], match: str) -> None:
     base = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "fp16", "block_size": 16}
     with pytest.raises(error, match=match):
         KVCacheSpec(**{**base, **kwargs})
+
+
+POOL_TOO_BIG = """
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from sagellm_kv_cache import KVCacheSpec, KVConfigInvalidError, KVMemoryExhaustedError, PagedKVPool
+try:
+    PagedKVPool(KVCacheSpec(1, 1, 1, "fp32", 2**31 - 1), 2**31 - 1)  # 2^31 blocks of 16 GiB
+except KVConfigInvalidError as e:
+    assert "2147483647 blocks does not fit in the address space" in str(e), e
+try:
+    PagedKVPool(KVCacheSpec(1, 1, 1024, "fp32", 256), 2**30)  # 2 PiB
+except KVMemoryExhaustedError as e:
+    assert "cannot allocate 2251799813685248 bytes" in str(e), e
+print("ok")
+"""
+
+
+def test_a_pool_too_big_is_refused_before_its_allocator_metadata_is_built() -> None:
+    """The allocator's metadata (8 bytes a block, written up front) was built before the pool's size
+    was checked or its memory allocated: 2^31 blocks cost 16 GiB and half a minute before the
+    refusal, or a bare MemoryError when that much memory was not there (here: a 3 GiB limit)."""
+    proc = subprocess.run([sys.executable, "-c", POOL_TOO_BIG], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_spec_of_numpy_ints_holds_python_ints() -> None:

@@ -74,26 +74,41 @@ std::size_t KVCacheSpec::block_bytes() const noexcept {
   return layer_block_bytes() * 2 * num_layers;
 }
 
-PagedKVPool::PagedKVPool(const KVCacheSpec& spec, std::uint32_t num_blocks, const PoolOptions& options)
-    : spec_((spec.validate(), spec)),
-      device_(DeviceId::parse(options.device)),
-      on_device_(device_.type != "cpu"),
-      device_allocator_(allocator_for(options.device)),
-      allocator_(num_blocks) {
-  const long double total = static_cast<long double>(spec_.block_bytes()) * num_blocks;
+namespace {
+
+// The arena, allocated before the allocator's metadata (8 bytes a block, written up front): a pool
+// refused for its size or for lack of memory costs nothing first (2^31 blocks were 16 GiB of
+// metadata and half a minute before the refusal).
+Allocation allocate_arena(DeviceAllocator& device, const KVCacheSpec& spec, std::uint32_t num_blocks, bool on_device,
+                          const PoolOptions& options) {
+  if (num_blocks == 0 || num_blocks > BlockAllocator::kMaxBlocks) {
+    throw Error(ErrorCode::kInvalidArgument, "num_blocks must be in [1, " + std::to_string(BlockAllocator::kMaxBlocks) +
+                                                 "], got " + std::to_string(num_blocks));
+  }
+  const long double total = static_cast<long double>(spec.block_bytes()) * num_blocks;
   if (total > static_cast<long double>(std::numeric_limits<std::size_t>::max() / 2)) {
     throw Error(ErrorCode::kInvalidArgument, "pool of " + std::to_string(num_blocks) +
                                                  " blocks does not fit in the address space");
   }
   AllocationRequest request;
-  request.size = spec_.block_bytes() * num_blocks;
+  request.size = spec.block_bytes() * num_blocks;
   request.alignment = 256;
-  request.kind = on_device_ ? MemoryKind::kDevice : MemoryKind::kHost;
+  request.kind = on_device ? MemoryKind::kDevice : MemoryKind::kHost;
   request.zero_fill = options.zero_fill;
   request.huge_pages = options.huge_pages;
   request.lock = options.lock_memory;
-  arena_ = device_allocator_->allocate(request);
+  return device.allocate(request);
 }
+
+}  // namespace
+
+PagedKVPool::PagedKVPool(const KVCacheSpec& spec, std::uint32_t num_blocks, const PoolOptions& options)
+    : spec_((spec.validate(), spec)),
+      device_(DeviceId::parse(options.device)),
+      on_device_(device_.type != "cpu"),
+      device_allocator_(allocator_for(options.device)),
+      arena_(allocate_arena(*device_allocator_, spec_, num_blocks, on_device_, options)),
+      allocator_(num_blocks) {}
 
 std::byte* PagedKVPool::layer_data(std::uint32_t layer, bool value) const {
   if (layer >= spec_.num_layers) {
