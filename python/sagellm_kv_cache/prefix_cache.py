@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache._numbers import finite_number, integer, plain, positive_int, shown, text
+from sagellm_kv_cache._numbers import array_of, finite_number, integer, plain, positive_int, shown, text
 from sagellm_kv_cache.errors import KVPoolFullError
 from sagellm_kv_cache.paged import _INT32_MAX, PagedKVPool, _int64_arg
 
@@ -360,10 +360,7 @@ class PrefixCache:
     # --- hashing ----------------------------------------------------------------------------
 
     def _tokens(self, tokens: Sequence[int]) -> npt.NDArray[np.int64]:
-        try:
-            arr = np.asarray(tokens)
-        except RuntimeError as e:  # torch: a tensor that requires grad, ...
-            raise TypeError(f"tokens must be a flat sequence of ints, got {type(tokens).__name__} ({e})") from e
+        arr = array_of("tokens", tokens)
         if arr.size == 0:
             return np.empty(0, dtype=np.int64)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
