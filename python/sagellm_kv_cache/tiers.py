@@ -157,6 +157,10 @@ class HostTier:
         return bool(self.slab.pinned)
 
     def payload(self, slot: int) -> npt.NDArray[np.uint8]:
+        """Slot ``slot``'s block bytes (a view). Checked here: numpy would read -1 as the last slot."""
+        slot = integer("slot", slot)
+        if not 0 <= slot < self.num_blocks:
+            raise IndexError(f"slot {shown(slot)} out of range [0, {self.num_blocks})")
         return self.view[slot, : self.block_nbytes]
 
     def __len__(self) -> int:

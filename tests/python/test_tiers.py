@@ -327,6 +327,19 @@ def test_host_slab_bindings_check_slots_and_sizes() -> None:
     pool.free(ids)
 
 
+def test_host_tier_payload_checks_its_slot() -> None:
+    """numpy read slot -1 as the last slot (another block's bytes), and 2**64 - 1 as OverflowError."""
+    host = HostTier(4, 64)
+    host.view[3, :64] = 7
+    assert (host.payload(3) == 7).all() and host.payload(0).shape == (64,)
+    with pytest.raises(IndexError, match=r"slot -1 out of range \[0, 4\)"):
+        host.payload(-1)
+    with pytest.raises(IndexError, match=f"slot {2**64 - 1} out of range"):
+        host.payload(2**64 - 1)
+    with pytest.raises(TypeError, match="slot must be an int, got float"):
+        host.payload(1.0)  # type: ignore[arg-type]
+
+
 @pytest.mark.cuda
 def test_host_tier_is_pinned_for_a_cuda_pool(tmp_path: Path) -> None:
     pool = PagedKVPool(SPEC, 8, device="cuda:0")
