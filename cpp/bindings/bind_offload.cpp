@@ -76,18 +76,16 @@ std::string key_hex(PyObject* key) {
   return py::str(py::reinterpret_borrow<py::object>(key).attr("hex")());
 }
 
-// The slot `key` maps to in `dict`, or kNoSlot. Never runs Python code (exact bytes keys, int values).
-BlockId slot_in(PyObject* dict, PyObject* key) {
+// The value `key` maps to in `dict` (borrowed), or nullptr. Never runs Python code (exact bytes keys).
+PyObject* value_in(PyObject* dict, PyObject* key) {
   PyObject* v = PyDict_GetItemWithError(dict, key);
-  if (v == nullptr) {
-    if (PyErr_Occurred()) throw py::error_already_set();
-    return OffloadIndex::kNoSlot;
-  }
-  long long slot = 0;
-  if (small_int(v, slot)) return static_cast<BlockId>(slot);  // values are the index's own ints
-  const long wide = PyLong_AsLong(v);                           // slots from 2**30 up
-  if (wide == -1 && PyErr_Occurred()) throw py::error_already_set();
-  return static_cast<BlockId>(wide);
+  if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
+bool same_bytes(PyObject* a, PyObject* b) noexcept {
+  return a == b || (PyBytes_GET_SIZE(a) == PyBytes_GET_SIZE(b) &&
+                    std::memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), static_cast<std::size_t>(PyBytes_GET_SIZE(a))) == 0);
 }
 
 // lookup(key, req_context=None) over (resident, pending, hit, hit_pending, miss), the tuple `self`:
@@ -171,10 +169,10 @@ class InCall {
 };
 
 // Removes `key`, which `dict` holds. Cannot fail: an exact bytes key hashes and compares without
-// running Python code, and a removal allocates nothing.
+// running Python code, and a removal allocates nothing. (A key already gone, taken out through the
+// dict's referents by a program that went behind the read-only views, is no error here.)
 void drop_key(PyObject* dict, PyObject* key) noexcept {
-  [[maybe_unused]] const int rc = PyDict_DelItem(dict, key);
-  assert(rc == 0);
+  if (PyDict_DelItem(dict, key) != 0) PyErr_Clear();
 }
 
 // prepare_store's pending entries for its new keys (call[i] == kNoSlot), made before the core's
@@ -246,7 +244,7 @@ class BoundOffloadIndex {
     py::array_t<BlockId> slots(static_cast<py::ssize_t>(items.size()));
     BlockId* out = slots.mutable_data();
     for (std::size_t i = 0; i < items.size(); ++i) {
-      out[i] = slot_in(resident_.ptr(), items[i]);
+      out[i] = slot_in(resident_, items[i]);
       if (out[i] == OffloadIndex::kNoSlot) {
         throw py::key_error("prepare_load: key " + key_hex(items[i]) + " is not offloaded and ready");
       }
@@ -275,8 +273,8 @@ class BoundOffloadIndex {
     call_.clear();
     std::size_t fresh = 0;
     for (std::size_t i = 0; i < items.size(); ++i) {
-      BlockId s = slot_in(resident_.ptr(), items[i]);
-      if (s == OffloadIndex::kNoSlot) s = slot_in(pending_.ptr(), items[i]);
+      BlockId s = slot_in(resident_, items[i]);
+      if (s == OffloadIndex::kNoSlot) s = slot_in(pending_, items[i]);
       fresh += s == OffloadIndex::kNoSlot ? 1 : 0;
       call_.push_back(s);
     }
@@ -284,8 +282,8 @@ class BoundOffloadIndex {
     BlockId first_prev = OffloadIndex::kNoSlot;
     if (!prev.is_none()) {
       if (!PyBytes_CheckExact(prev.ptr())) throw py::type_error("prev must be bytes or None");
-      first_prev = slot_in(resident_.ptr(), prev.ptr());
-      if (first_prev == OffloadIndex::kNoSlot) first_prev = slot_in(pending_.ptr(), prev.ptr());
+      first_prev = slot_in(resident_, prev.ptr());
+      if (first_prev == OffloadIndex::kNoSlot) first_prev = slot_in(pending_, prev.ptr());
     }
     // --- prepare: the answer's objects and the new keys' pending entries (placeholders), before the
     // core changes anything, so that what follows its reserve cannot fail (it cannot be undone:
@@ -333,7 +331,7 @@ class BoundOffloadIndex {
     scratch_.clear();
     const InCall in_call(in_call_, scratch_);
     for (std::size_t i = 0; i < items.size(); ++i) {
-      const BlockId s = slot_in(pending_.ptr(), items[i]);
+      const BlockId s = slot_in(pending_, items[i]);
       if (s == OffloadIndex::kNoSlot || in_call_[static_cast<std::size_t>(s)] != 0) continue;
       scratch_.push_back(s);
       in_call_[static_cast<std::size_t>(s)] = 1;
@@ -458,13 +456,39 @@ class BoundOffloadIndex {
     return o;
   }
 
+  // The slot `key` maps to in `map` (resident_ or pending_), or kNoSlot. The maps are this object's,
+  // shown read-only, but a program can still reach them (gc.get_referents of a view, __self__ of the
+  // lookup function) and store anything: an entry is used only when it names a slot in range that
+  // holds this key in the matching state, else Error(kInternal) and nothing changes. Never runs
+  // Python code.
+  BlockId slot_in(const py::dict& map, PyObject* key) const {
+    PyObject* v = value_in(map.ptr(), key);
+    if (v == nullptr) return OffloadIndex::kNoSlot;
+    long long slot = -1;
+    if (!small_int(v, slot) && PyLong_CheckExact(v)) {  // slots from 2**30 up
+      int overflow = 0;
+      slot = PyLong_AsLongLongAndOverflow(v, &overflow);
+      if (overflow != 0) slot = -1;
+    }
+    const SlotState want = &map == &resident_ ? SlotState::kResident : SlotState::kPending;
+    if (slot < 0 || slot >= static_cast<long long>(slot_key_.size()) || !slot_key_[static_cast<std::size_t>(slot)] ||
+        !same_bytes(slot_key_[static_cast<std::size_t>(slot)].ptr(), key) ||
+        index_.state(static_cast<BlockId>(slot)) != want) {
+      throw Error(ErrorCode::kInternal, "offload index: key " + key_hex(key) + " maps to " +
+                                            std::string(py::repr(v)) + " in the " +
+                                            (want == SlotState::kResident ? "resident" : "pending") +
+                                            " map, which is not its slot: the maps were changed outside the index");
+    }
+    return static_cast<BlockId>(slot);
+  }
+
   // Fills scratch_ with the slots of the resident keys; a key that is not resident raises KeyError
   // (`strict`) or is skipped.
   void resident_slots(const py::handle& keys, bool strict, const char* before, const char* after) {
     const KeyItems items(keys);
     scratch_.clear();
     for (std::size_t i = 0; i < items.size(); ++i) {
-      const BlockId s = slot_in(resident_.ptr(), items[i]);
+      const BlockId s = slot_in(resident_, items[i]);
       if (s != OffloadIndex::kNoSlot) {
         scratch_.push_back(s);
       } else if (strict) {

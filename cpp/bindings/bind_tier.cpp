@@ -2,6 +2,7 @@
 // block copies (one crossing per batch, GIL released) and the slot checksum.
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -33,6 +34,22 @@ std::vector<std::uint32_t> checked_slots(const HostSlab& slab, const py::handle&
     out.push_back(static_cast<std::uint32_t>(s));
   }
   return out;
+}
+
+// Each slot written at most once (copy_from_pool): with a slot listed twice, which block it ends up
+// holding depends on the copy order (as for scatter's block ids). ValueError naming both positions.
+void reject_repeated_slots(const std::vector<std::uint32_t>& slots) {
+  std::vector<std::pair<std::uint32_t, std::size_t>> sorted;
+  sorted.reserve(slots.size());
+  for (std::size_t i = 0; i < slots.size(); ++i) sorted.emplace_back(slots[i], i);
+  std::sort(sorted.begin(), sorted.end());
+  for (std::size_t j = 1; j < sorted.size(); ++j) {
+    if (sorted[j].first == sorted[j - 1].first) {
+      throw py::value_error("copy_from_pool: slot " + std::to_string(sorted[j].first) + " appears at positions " +
+                            std::to_string(sorted[j - 1].second) + " and " + std::to_string(sorted[j].second) +
+                            "; each slot may be written once per call");
+    }
+  }
 }
 
 void check_fits(const HostSlab& slab, const PagedKVPool& pool) {
@@ -82,12 +99,13 @@ void bind_tier(py::module_& m) {
              check_fits(*slab, pool);
              BlockIds ids(block_ids, "block_ids");
              const std::vector<std::uint32_t> s = checked_slots(*slab, slots, ids.span().size());
+             reject_repeated_slots(s);
              std::vector<std::byte*> outs(s.size());
              for (std::size_t i = 0; i < s.size(); ++i) outs[i] = slab->slot(s[i]);
              py::gil_scoped_release release;
              pool.gather_each(ids.span(), outs);
            }, py::arg("pool"), py::arg("block_ids"), py::arg("slots"),
-           "Copies pool blocks block_ids[i] into slots[i] (staging layout), GIL released.")
+           "Copies pool blocks block_ids[i] into slots[i] (staging layout; each slot once), GIL released.")
       .def("copy_to_pool", [](const SlabPtr& slab, PagedKVPool& pool, const py::handle& slots,
                               const py::handle& block_ids) {
              check_fits(*slab, pool);

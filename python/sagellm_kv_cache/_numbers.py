@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INT32_MAX", "INT64_MAX", "finite_number", "flag", "integer", "is_finite_number", "iterable", "plain",
-           "positive_int", "shown", "text"]
+__all__ = ["INT32_MAX", "INT64_MAX", "array_of", "finite_number", "flag", "integer", "is_finite_number", "iterable",
+           "plain", "positive_int", "shown", "text"]
 
 INT32_MAX = 2**31 - 1  # the native block and slot counts
 INT64_MAX = 2**63 - 1
@@ -100,3 +100,13 @@ def iterable(name: str, value: Any, expected: str, *, refuse: tuple[type, ...] =
     if isinstance(value, (str, bytes, *refuse)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
     return value
+
+
+def array_of(name: str, value: Any, expected: str = "a flat sequence of ints") -> np.ndarray[Any, Any]:
+    """``np.asarray(value)``; a value that refuses the conversion (a torch tensor that requires grad
+    raises RuntimeError from its ``__array__``, one on a GPU TypeError, a ragged list ValueError) is a
+    TypeError "``name`` must be ``expected``, got <type> (<the refusal>)"."""
+    try:
+        return np.asarray(value)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} ({exc})") from None

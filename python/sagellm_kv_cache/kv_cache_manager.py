@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 from sagellm_protocol.kv import DType, EvictionPolicy, KVBlockState, Layout
 
+from sagellm_kv_cache._numbers import array_of
 from sagellm_kv_cache.errors import (
     KVBudgetExceededError,
     KVConfigInvalidError,
@@ -95,10 +96,7 @@ def _token_array(name: str, tokens: object) -> npt.NDArray[np.int64]:
         raise TypeError(f"{name} must be a sequence of token ids, got {type(tokens).__name__}")
     if isinstance(tokens, Iterator):  # a generator of ids (the original took any iterable): read it once
         tokens = list(tokens)
-    try:
-        arr = np.asarray(tokens)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a flat sequence of token ids ({exc})") from None
+    arr = array_of(name, tokens, "a flat sequence of token ids")
     if arr.ndim == 0:  # a scalar, or a set or dict (no order of tokens)
         raise TypeError(f"{name} must be a sequence of token ids, got {type(tokens).__name__}")
     if arr.ndim != 1:

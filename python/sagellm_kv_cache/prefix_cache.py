@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache._numbers import finite_number, integer, positive_int, shown, text
+from sagellm_kv_cache._numbers import array_of, finite_number, integer, plain, positive_int, shown, text
 from sagellm_kv_cache.errors import KVPoolFullError
 from sagellm_kv_cache.paged import _INT32_MAX, PagedKVPool, _int64_arg
 
@@ -360,7 +360,7 @@ class PrefixCache:
     # --- hashing ----------------------------------------------------------------------------
 
     def _tokens(self, tokens: Sequence[int]) -> npt.NDArray[np.int64]:
-        arr = np.asarray(tokens)
+        arr = array_of("tokens", tokens)
         if arr.size == 0:
             return np.empty(0, dtype=np.int64)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
@@ -371,7 +371,11 @@ class PrefixCache:
 
     def compute_block_hash(self, tokens: Sequence[int], block_size: int | None = None) -> BlockHash:
         """Key of one full block: SHA-256 of its token ids as 4-byte big-endian unsigned integers."""
-        size = self.block_size if block_size is None else block_size
+        size = self.block_size if block_size is None else plain(block_size)
+        # Compared with the token count below (a float equal to it passes, as in the original); an
+        # object whose comparison is no bool (a tensor) would raise from inside that comparison.
+        if isinstance(size, bool) or not isinstance(size, int | float):
+            raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
         if (tokens.__class__ is list or tokens.__class__ is tuple) and tokens:
             # compute_block_hashes' reader, so that both take and refuse the same items (a bool, a
             # numpy scalar: TypeError naming its position).
@@ -417,7 +421,14 @@ class PrefixCache:
 
     def lookup(self, block_hashes: Sequence[BlockHash]) -> tuple[list[dict], int]:
         """Longest cached prefix: (its block dicts, number of tokens they cover)."""
-        if not block_hashes:
+        # Read once, and never tested for truth: an array of keys (a tensor) has no truth value.
+        if block_hashes.__class__ is list or block_hashes.__class__ is tuple:
+            keys: Sequence[BlockHash] = block_hashes
+        elif block_hashes is None:  # the original's `if not block_hashes` took it as nothing to look up
+            keys = ()
+        else:
+            keys = tuple(block_hashes)
+        if not keys:
             with self._lock:  # see _refuse_nested
                 if self._busy:
                     self._refuse_nested()
@@ -427,7 +438,7 @@ class PrefixCache:
                 finally:
                     self._busy = False
             return [], 0
-        digests = self._chain(block_hashes)
+        digests = self._chain(keys)
         with self._lock:  # see _refuse_nested
             if self._busy:
                 self._refuse_nested()

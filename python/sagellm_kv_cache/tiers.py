@@ -77,7 +77,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sagellm_kv_cache import _core
-from sagellm_kv_cache._numbers import INT32_MAX, INT64_MAX, integer, positive_int, shown, text
+from sagellm_kv_cache._numbers import INT32_MAX, INT64_MAX, array_of, integer, positive_int, shown, text
 from sagellm_kv_cache.errors import KVMetadataMismatchError, KVPoolFullError
 from sagellm_kv_cache.paged import PagedKVPool
 from sagellm_kv_cache.prefix_cache import RadixPrefixCache
@@ -157,6 +157,10 @@ class HostTier:
         return bool(self.slab.pinned)
 
     def payload(self, slot: int) -> npt.NDArray[np.uint8]:
+        """Slot ``slot``'s block bytes (a view). Checked here: numpy would read -1 as the last slot."""
+        slot = integer("slot", slot)
+        if not 0 <= slot < self.num_blocks:
+            raise IndexError(f"slot {shown(slot)} out of range [0, {self.num_blocks})")
         return self.view[slot, : self.block_nbytes]
 
     def __len__(self) -> int:
@@ -595,10 +599,7 @@ def _block_tokens(token_ids: Any, num_blocks: int, block_size: int) -> npt.NDArr
                          "each block's tokens")
     if isinstance(token_ids, str | bytes):
         raise TypeError(f"token_ids must be a sequence of ints, got {type(token_ids).__name__}")
-    try:
-        tokens = np.asarray(token_ids)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"token_ids must be a sequence of ints: {exc}") from None
+    tokens = array_of("token_ids", token_ids, "a sequence of ints")
     if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
         raise TypeError(f"token_ids must be a 1-D sequence of ints, got {tokens.dtype} {tokens.shape}")
     if len(tokens) < num_blocks * block_size:

@@ -6,7 +6,10 @@
 #include <cstring>
 #include <memory>
 #include <numeric>
+#include <span>
 #include <vector>
+
+#include "sagellm_kv/segment_sum.hpp"
 
 namespace sagellm::kv {
 namespace {
@@ -114,6 +117,27 @@ TEST(PagedKVPool, BadIdsAreRejectedBeforeAnyCopy) {
   std::vector<std::byte> wrong_size(pool.block_bytes() - 1);
   const std::vector<BlockId> one{ids[0]};
   EXPECT_THROW(pool.gather(one, wrong_size), Error);
+}
+
+TEST(PagedKVPool, StagingInsideTheArenaIsRefused) {
+  PagedKVPool pool(small_spec(), 4);
+  std::vector<BlockId> ids(4);
+  pool.allocate(ids);
+  for (BlockId id : ids) fill_block(pool, id, static_cast<unsigned char>(id + 1));
+  const std::vector<BlockId> two{ids[1], ids[0]};
+  // The first layer's K and V planes (4 blocks each) hold two staged blocks of 2 layers x K|V.
+  const std::span<std::byte> arena(pool.layer_data(0, false), 2 * pool.block_bytes());
+  EXPECT_THROW(pool.gather(two, arena), Error);
+  EXPECT_THROW(pool.scatter(arena, two), Error);
+  std::vector<std::byte*> outs{pool.layer_data(1, true)};
+  EXPECT_THROW(pool.gather_each(std::span<const BlockId>(ids.data(), 1), outs), Error);
+  std::vector<std::byte> staging(2 * pool.block_bytes());
+  std::vector<std::uint64_t> sums(segment_count(staging.size()));
+  const std::span<std::uint64_t> sums_in_staging(reinterpret_cast<std::uint64_t*>(staging.data()), sums.size());
+  EXPECT_THROW(pool.gather_summed(two, staging, sums_in_staging), Error);
+  for (BlockId id : ids) {
+    for (BlockId other : ids) EXPECT_EQ(same_block(pool, id, other), id == other);
+  }
 }
 
 TEST(PagedKVPool, AllocateFreeAndBudget) {

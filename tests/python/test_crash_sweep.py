@@ -19,6 +19,9 @@ regression shows as a failed test with its signal, not as a dead test run.
 * The seed PrefixCache's insert_objects and compute_block_hashes sliced the caller's list (blocks,
   token ids); a finaliser run by the slice's allocation that emptied the list made CPython read its
   freed item array (SIGSEGV).
+* ``_core.PrefixCache.__new__(_core.PrefixCache)`` (any bound class) gave an instance whose C++ value
+  was never constructed; pybind11 ran methods on raw storage: garbage from ``num_layers``, SIGSEGV
+  from ``len()``.
 """
 
 from __future__ import annotations
@@ -144,6 +147,50 @@ print("ok")
 
 def test_object_new_is_refused_for_classes_that_have_their_own() -> None:
     assert run_isolated(OBJECT_NEW).strip().endswith("ok")
+
+
+# Every method and property of every bound class, on an instance made by __new__ alone: the right
+# number of placeholder arguments gets past pybind11's count check, so the instance is what refuses
+# (a method that takes the instance's shared_ptr cannot name the class; the others do).
+BARE_INSTANCES = """
+import inspect
+from sagellm_kv_cache import _core
+classes = [c for c in vars(_core).values() if isinstance(c, type) and type(c).__name__.startswith("pybind11")]
+assert len(classes) >= 7, classes
+for cls in classes:
+    bare = cls.__new__(cls)
+    for name in dir(cls):
+        if name.startswith("__") and name not in ("__len__", "__contains__"):
+            continue
+        if name == "_pybind11_conduit_v1_" or "static" in type(inspect.getattr_static(cls, name)).__name__:
+            continue  # a static property or method needs no instance
+        for nargs in range(8):
+            try:
+                attr = getattr(bare, name)
+                if not callable(attr):
+                    raise AssertionError(f"{cls.__name__}.{name} read {attr!r} from an unconstructed instance")
+                attr(*([0] * nargs))
+            except TypeError as e:
+                if "incompatible function arguments" in str(e):
+                    continue
+                assert "object was made without running __init__" in str(e), (cls.__name__, name, e)
+                break
+            raise AssertionError(f"{cls.__name__}.{name} ran on an unconstructed instance")
+        else:
+            raise AssertionError(f"{cls.__name__}.{name}: no argument count reached the instance")
+try:
+    _core.PrefixCache.__new__(_core.PrefixCache).__len__()
+except TypeError as e:
+    assert str(e).startswith("PrefixCache object was made without running __init__"), e
+late = _core.BlockAllocator.__new__(_core.BlockAllocator)
+late.__init__(4)  # __init__ on a bare instance still builds it
+assert late.num_blocks == 4 and len(late.allocate(2)) == 2
+print("ok")
+"""
+
+
+def test_methods_of_an_instance_whose_init_never_ran_are_refused() -> None:
+    assert run_isolated(BARE_INSTANCES).strip().endswith("ok")
 
 
 def test_seed_pool_refuses_classes_object_new_cannot_make() -> None:

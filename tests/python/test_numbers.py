@@ -7,12 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sagellm_kv_cache._numbers import finite_number, is_finite_number, shown
+from sagellm_kv_cache._numbers import array_of, finite_number, is_finite_number, shown
+from sagellm_kv_cache.kv_cache_manager import KVCacheManager
 from sagellm_kv_cache.load_metrics import DeviceLoadMetrics
 from sagellm_kv_cache.models.kv_handle import KVHandle
 from sagellm_kv_cache.observability import MetricsCollector, MetricsHook
 from sagellm_kv_cache.predictor.features import PredictorFeatures
 from sagellm_kv_cache.predictor.historical import HistoricalPredictor
+from sagellm_kv_cache.prefix.fingerprint import AdaptiveHashComputer, FingerprintConfig
+from sagellm_kv_cache.prefix_cache import PrefixCache
 
 HUGE = 10**400  # an int past the float range: float() and math.isfinite raise OverflowError
 HUGER = 10**5000  # and past the 4300 digits repr() will print
@@ -104,3 +107,23 @@ def test_historical_predictor_update() -> None:
         with pytest.raises(ValueError, match="actual_lifetime must be a finite number of seconds >= 0, got an int"):
             predictor.update(PredictorFeatures.from_handle(KVHandle.create(8, session_id="s")), bad)
     assert predictor.get_statistics() == before
+
+
+@pytest.mark.parametrize("call", [
+    lambda t: KVCacheManager(1024, 16).query_prefix(t),
+    lambda t: KVCacheManager(1024, 16).get_reused_blocks(t),
+    lambda t: PrefixCache(block_size=4).compute_block_hashes(t),
+    lambda t: AdaptiveHashComputer(FingerprintConfig()).compute(t),
+], ids=["query_prefix", "get_reused_blocks", "compute_block_hashes", "fingerprint"])
+def test_token_tensors_numpy_cannot_read_are_type_errors(call: Callable[[Any], Any]) -> None:
+    """A tensor numpy cannot view (one that requires grad) raised torch's RuntimeError out of
+    ``np.asarray`` where token ids are read through numpy; now a TypeError naming the argument."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"tokens must be a flat sequence of (ints|token ids), got Tensor \(Can't call"):
+        call(torch.zeros(8, requires_grad=True))
+
+
+def test_array_of_names_the_refusal() -> None:
+    with pytest.raises(TypeError, match=r"ids must be integers, got list \(.*inhomogeneous"):
+        array_of("ids", [[1, 2], [3]], "integers")
+    assert array_of("ids", (1, 2)).tolist() == [1, 2]

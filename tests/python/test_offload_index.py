@@ -130,6 +130,50 @@ def test_lookup_function_answers_from_the_key_maps() -> None:
         lookup([1], None)  # unhashable, as with `in`
 
 
+TAMPERED_MAPS = """
+import gc, itertools
+from sagellm_kv_cache import _core
+from sagellm_kv_cache.errors import KVCacheError
+
+def reach(idx, which, how):
+    if how == "lookup_function":
+        return idx.lookup_function(1, 2, 3).__self__[which]
+    return gc.get_referents(idx.resident if which == 0 else idx.pending)[0]
+
+values = [0, 1, 3, -1, 2**31, 2**40, True, "x", None, 2.5]
+calls = ["prepare_load", "touch", "complete_load", "complete_store", "prepare_store"]
+for value, which, how, call in itertools.product(values, (0, 1), ("lookup_function", "referents"), calls):
+    idx = _core.OffloadIndex(4)
+    idx.prepare_store([b"a", b"b"])
+    idx.complete_store([b"a"])
+    mapping = reach(idx, which, how)
+    assert isinstance(mapping, dict)
+    mapping[b"k"] = value
+    stats = idx.stats()
+    try:
+        getattr(idx, call)([b"k"])
+    except (KeyError, TypeError, KVCacheError):
+        assert idx.stats() == stats, (value, which, how, call)
+    del mapping[b"k"]
+    idx.check_invariants()
+    assert dict(idx.resident) == {b"a": dict(idx.resident)[b"a"]} and list(idx.pending) == [b"b"]
+print("ok")
+"""
+
+
+def test_key_maps_changed_behind_the_views_are_refused_not_trusted() -> None:
+    """The key maps are shown read-only, but a program can reach the dicts themselves (the lookup
+    function's ``__self__``, ``gc.get_referents`` of a view). An entry naming a slot out of range, an
+    empty slot or another key's slot was used as is: an out-of-range write of the call's slot marks,
+    and a NULL key stored in a dict (SIGSEGV in complete_store). Such an entry is now refused and
+    the call changes nothing."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", TAMPERED_MAPS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
 def test_a_call_re_entered_while_one_is_in_progress_is_refused() -> None:
     """Python code can run inside a call (an iterable's __iter__ as here, or a finalizer / gc callback
     that an allocation's collection runs): calling the index again from it gets RuntimeError, and the

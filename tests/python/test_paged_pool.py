@@ -8,6 +8,8 @@ import gc
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -227,6 +229,48 @@ def test_gather_scatter_round_trip_is_byte_exact(spec: KVCacheSpec) -> None:
     assert bytes(out) == data.tobytes()
 
 
+def test_staging_that_is_a_view_of_the_pool_is_refused() -> None:
+    """A gather into (or scatter from) the pool's own memory read bytes it had already overwritten:
+    the result depended on the copy order. Refused, like order-dependent ids; so are segment sums that
+    share memory with the bytes they sum (they were zeroed first) or with the pool."""
+    pool = PagedKVPool(KVCacheSpec(1, 1, 4, "fp32", 1), num_blocks=8)  # 32-byte blocks; K plane = 4 blocks
+    ids = pool.allocate(8)
+    rng = np.random.default_rng(1)
+    pool.key_cache(0)[...] = rng.random(pool.key_cache(0).shape, dtype=np.float32)
+    pool.value_cache(0)[...] = rng.random(pool.value_cache(0).shape, dtype=np.float32)
+    before = pool.gather(ids)
+    plane = pool.key_cache(0).view(np.uint8).reshape(-1)
+    order = [1, 0, 3, 2]
+    with pytest.raises(KVConfigInvalidError, match="gather: the buffer shares memory with the pool"):
+        pool.gather_into(order, plane)
+    with pytest.raises(KVConfigInvalidError, match="scatter: the buffer shares memory with the pool"):
+        pool.scatter(plane, order)
+    with pytest.raises(KVConfigInvalidError, match="scatter: the buffer shares memory with the pool"):
+        pool.scatter(memoryview(plane[32:96]), [5, 6])  # a part of the plane, through a memoryview
+    big = PagedKVPool(KVCacheSpec(1, 1, 1024, "fp32", 1), num_blocks=4)  # 8 KiB blocks: two segments each
+    big_ids = big.allocate(4)
+    big.key_cache(0)[...] = 1.0
+    big_before = big.gather(big_ids)
+    staging = np.zeros(2 * big.block_nbytes, dtype=np.uint8)
+    sums_in_pool = big.value_cache(0).view(np.uint64).reshape(-1)[:4]
+    with pytest.raises(KVConfigInvalidError, match=r"gather_summed \(sums\): the buffer shares memory with the pool"):
+        big.gather_summed(big_ids[:2], staging, sums_in_pool)
+    with pytest.raises(KVConfigInvalidError, match=r"scatter_summed \(sums\): the buffer shares memory with the pool"):
+        big.scatter_summed(staging, big_ids[2:], sums_in_pool)
+    sums_in_staging = staging.view(np.uint64)[:4]
+    with pytest.raises(KVConfigInvalidError, match="the sums buffer shares memory with the staging buffer"):
+        big.gather_summed(big_ids[:2], staging, sums_in_staging)
+    staging[:] = 7
+    with pytest.raises(KVConfigInvalidError, match="the sums buffer shares memory with the staging buffer"):
+        big.scatter_summed(staging, big_ids[2:], sums_in_staging)
+    with pytest.raises(KVConfigInvalidError, match="segment_sums: the sums buffer shares memory with the data"):
+        _core.segment_sums(staging, sums_in_staging)
+    assert (staging == 7).all()  # not zeroed by the refused calls
+    np.testing.assert_array_equal(pool.gather(ids), before)
+    np.testing.assert_array_equal(big.gather(big_ids), big_before)
+    pool.gather_into(order, np.empty(4 * pool.block_nbytes, dtype=np.uint8))  # own memory: fine
+
+
 def test_copy_blocks(pool: PagedKVPool) -> None:
     a, b = pool.allocate(2)
     pool.key_cache(0)[a] = 3.0
@@ -361,6 +405,30 @@ def test_bad_specs(kwargs: dict, error: type[Exception], match: str) -> None:
     base = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "fp16", "block_size": 16}
     with pytest.raises(error, match=match):
         KVCacheSpec(**{**base, **kwargs})
+
+
+POOL_TOO_BIG = """
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from sagellm_kv_cache import KVCacheSpec, KVConfigInvalidError, KVMemoryExhaustedError, PagedKVPool
+try:
+    PagedKVPool(KVCacheSpec(1, 1, 1, "fp32", 2**31 - 1), 2**31 - 1)  # 2^31 blocks of 16 GiB
+except KVConfigInvalidError as e:
+    assert "2147483647 blocks does not fit in the address space" in str(e), e
+try:
+    PagedKVPool(KVCacheSpec(1, 1, 1024, "fp32", 256), 2**30)  # 2 PiB
+except KVMemoryExhaustedError as e:
+    assert "cannot allocate 2251799813685248 bytes" in str(e), e
+print("ok")
+"""
+
+
+def test_a_pool_too_big_is_refused_before_its_allocator_metadata_is_built() -> None:
+    """The allocator's metadata (8 bytes a block, written up front) was built before the pool's size
+    was checked or its memory allocated: 2^31 blocks cost 16 GiB and half a minute before the
+    refusal, or a bare MemoryError when that much memory was not there (here: a 3 GiB limit)."""
+    proc = subprocess.run([sys.executable, "-c", POOL_TOO_BIG], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_spec_of_numpy_ints_holds_python_ints() -> None:

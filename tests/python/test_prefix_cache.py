@@ -129,6 +129,28 @@ def test_seed_block_keys_are_per_block_and_served_only_under_their_prefix() -> N
         cache.compute_block_hashes([1.5, 2.5, 3.5, 4.5])
 
 
+def test_seed_hashing_and_lookup_refuse_tensors_with_typed_errors() -> None:
+    """A torch tensor where the seed API takes an int or a list of keys raised torch's RuntimeError
+    from inside a comparison or truth test (``len(tokens) != block_size``, ``if not block_hashes``),
+    and a tensor that requires grad raised it from numpy's conversion."""
+    torch = pytest.importorskip("torch")
+    cache = PrefixCache(block_size=4)
+    with pytest.raises(TypeError, match="block_size must be an int, got Tensor"):
+        cache.compute_block_hash([1, 2, 3, 4], block_size=torch.arange(3))
+    with pytest.raises(TypeError, match="tokens must be a flat sequence of ints, got Tensor"):
+        cache.compute_block_hash(torch.zeros(4, requires_grad=True))
+    with pytest.raises(TypeError, match="tokens must be a flat sequence of ints, got Tensor"):
+        cache.compute_block_hashes(torch.zeros(8, requires_grad=True))
+    with pytest.raises(TypeError, match="block hash must be bytes, got Tensor"):
+        cache.lookup(torch.arange(3))
+    stats = cache.get_stats()
+    # what the seed took stays taken: a float block size equal to the count, None as no keys
+    assert cache.compute_block_hash([1, 2, 3, 4], block_size=4.0) == cache.compute_block_hash([1, 2, 3, 4])
+    assert cache.compute_block_hash([1, 2, 3, 4], block_size=np.int64(4)) == cache.compute_block_hash([1, 2, 3, 4])
+    assert cache.lookup(None) == ([], 0)  # type: ignore[arg-type]
+    assert cache.get_stats()["miss_count"] == stats["miss_count"] + 1
+
+
 def test_seed_evict_invalidate_clear() -> None:
     cache = PrefixCache(block_size=4)
     owner_a, owner_b = uuid.uuid4(), uuid.uuid4()

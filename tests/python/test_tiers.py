@@ -313,6 +313,13 @@ def test_host_slab_bindings_check_slots_and_sizes() -> None:
     np.testing.assert_array_equal(view[1, : pool.block_nbytes], data[: pool.block_nbytes])
     with pytest.raises(KVInvalidBlockError):
         slab.copy_from_pool(pool._native, ids, [0, 2])
+    before = view.copy()
+    # one slot twice: which block it would hold depended on the copy order (the last one won)
+    with pytest.raises(ValueError, match="slot 0 appears at positions 0 and 1; each slot may be written once"):
+        slab.copy_from_pool(pool._native, ids, [0, 0])
+    np.testing.assert_array_equal(view, before)
+    slab.copy_to_pool(pool._native, [1, 1], ids)  # reading a slot twice is fine
+    np.testing.assert_array_equal(pool.gather(ids), np.concatenate([data[: pool.block_nbytes]] * 2))
     with pytest.raises(ValueError, match="entries"):
         slab.copy_to_pool(pool._native, [0], ids)
     small = _core.HostSlab(1, 16)
@@ -325,6 +332,19 @@ def test_host_slab_bindings_check_slots_and_sizes() -> None:
     del slab
     assert view.sum() >= 0  # the view keeps the slab alive
     pool.free(ids)
+
+
+def test_host_tier_payload_checks_its_slot() -> None:
+    """numpy read slot -1 as the last slot (another block's bytes), and 2**64 - 1 as OverflowError."""
+    host = HostTier(4, 64)
+    host.view[3, :64] = 7
+    assert (host.payload(3) == 7).all() and host.payload(0).shape == (64,)
+    with pytest.raises(IndexError, match=r"slot -1 out of range \[0, 4\)"):
+        host.payload(-1)
+    with pytest.raises(IndexError, match=f"slot {2**64 - 1} out of range"):
+        host.payload(2**64 - 1)
+    with pytest.raises(TypeError, match="slot must be an int, got float"):
+        host.payload(1.0)  # type: ignore[arg-type]
 
 
 @pytest.mark.cuda

@@ -116,25 +116,29 @@ class PagedKVPool {
   /// Writes the blocks `ids` into `out` in staging layout. `out` must hold
   /// `ids.size() * block_bytes()` bytes of host memory (or device memory when
   /// `out_on_device`). Ids must be in range (allocation is not required: a caller may gather
-  /// before publishing). Throws Error(kInvalidArgument/kInvalidBlock) before touching `out`.
+  /// before publishing). Throws Error(kInvalidArgument/kInvalidBlock) before touching `out`, also
+  /// when `out` shares memory with the pool's blocks (the result would depend on the copy order).
   void gather(std::span<const BlockId> ids, std::span<std::byte> out, bool out_on_device = false) const;
 
   /// Inverse of gather: writes `in` (staging layout) into the blocks `ids`. An id may appear only
   /// once (Error(kInvalidArgument) naming both positions, before anything is written), so the
-  /// result does not depend on the order of the writes.
+  /// result does not depend on the order of the writes; for the same reason `in` may not share
+  /// memory with the pool's blocks.
   void scatter(std::span<const std::byte> in, std::span<const BlockId> ids, bool in_on_device = false);
 
   /// gather into host memory computing, in the same pass over the bytes, the segment sums of `out`
   /// (sagellm_kv/segment_sum.hpp) into `sums`, which must hold exactly segment_count(out.size())
-  /// entries. Same checks as gather, plus that size, all before anything is written. Plain stores:
+  /// entries. Same checks as gather, plus that size and that `sums` shares memory with neither `out`
+  /// nor the pool, all before anything is written. Plain stores:
   /// `out` is meant to be read next (sent, or scattered by a peer) while it is still in cache. A
   /// device pool copies first and sums `out` afterwards (two passes).
   void gather_summed(std::span<const BlockId> ids, std::span<std::byte> out, std::span<std::uint64_t> sums) const;
 
   /// scatter from host memory computing, in the same pass, the segment sums of `in` as it was read:
   /// the sums describe exactly the bytes that went into the blocks, even when another process may
-  /// write `in` meanwhile (a shared staging ring). Same checks as scatter, plus the size of `sums`,
-  /// all before anything is written. A device pool sums `in` first, then copies (two passes).
+  /// write `in` meanwhile (a shared staging ring). Same checks as scatter, plus the size of `sums`
+  /// and that it shares memory with neither `in` nor the pool, all before anything is written. A
+  /// device pool sums `in` first, then copies (two passes).
   void scatter_summed(std::span<const std::byte> in, std::span<const BlockId> ids, std::span<std::uint64_t> sums);
 
   /// Like gather, but block `ids[i]` goes to its own buffer `outs[i]` of block_bytes() (e.g. the
@@ -161,6 +165,9 @@ class PagedKVPool {
                          std::span<std::uint64_t> sums, bool stream) const;
   void check_staging(std::size_t staging_bytes, std::size_t num_ids, const char* what) const;
   static void check_sums(std::size_t staging_bytes, std::size_t num_sums, const char* what);
+  // Error(kInvalidArgument) when `bytes` at `staging` (device memory when `staging_on_device`)
+  // overlap the arena: a copy between the blocks and a view of them depends on its order.
+  void reject_arena_overlap(const void* staging, std::size_t bytes, bool staging_on_device, const char* what) const;
 
   KVCacheSpec spec_;
   DeviceId device_;

@@ -24,8 +24,8 @@ inline constexpr std::size_t kSegmentBytes = 4096;
 [[nodiscard]] constexpr std::size_t segment_count(std::size_t nbytes) noexcept { return nbytes / kSegmentBytes; }
 
 /// Writes the sum of every full segment of `data` into `sums`, which must hold exactly
-/// `segment_count(data.size())` entries (Error(kInvalidArgument) naming both sizes, before
-/// anything is written).
+/// `segment_count(data.size())` entries and share no memory with `data` (Error(kInvalidArgument),
+/// naming both sizes for the first, before anything is written).
 void segment_sums(std::span<const std::byte> data, std::span<std::uint64_t> sums);
 
 }  // namespace sagellm::kv

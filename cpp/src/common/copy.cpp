@@ -323,6 +323,10 @@ void segment_sums(std::span<const std::byte> data, std::span<std::uint64_t> sums
                                                  std::to_string(segment_count(data.size())) + " full segments, got room for " +
                                                  std::to_string(sums.size()) + " sums");
   }
+  if (detail::overlaps(data.data(), data.size(), sums.data(), sums.size_bytes())) {
+    throw Error(ErrorCode::kInvalidArgument, "segment_sums: the sums buffer shares memory with the data; each must "
+                                             "have its own");
+  }
   std::fill(sums.begin(), sums.end(), std::uint64_t{0});
   detail::copy_sum(nullptr, data.data(), data.size(), 0, sums, false);
 }

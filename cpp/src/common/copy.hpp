@@ -36,4 +36,12 @@ void copy_sum(std::byte* dst, const std::byte* src, std::size_t bytes, std::size
 /// Orders preceding non-temporal stores before later stores (sfence on x86; no-op elsewhere).
 void stream_fence() noexcept;
 
+/// True when the byte ranges [a, a + a_bytes) and [b, b + b_bytes) share a byte (compared as
+/// addresses: unrelated pointers have no order in C++, their integers do).
+[[nodiscard]] inline bool overlaps(const void* a, std::size_t a_bytes, const void* b, std::size_t b_bytes) noexcept {
+  const auto x = reinterpret_cast<std::uintptr_t>(a);
+  const auto y = reinterpret_cast<std::uintptr_t>(b);
+  return a_bytes != 0 && b_bytes != 0 && x < y + b_bytes && y < x + a_bytes;
+}
+
 }  // namespace sagellm::kv::detail

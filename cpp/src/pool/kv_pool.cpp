@@ -74,26 +74,41 @@ std::size_t KVCacheSpec::block_bytes() const noexcept {
   return layer_block_bytes() * 2 * num_layers;
 }
 
-PagedKVPool::PagedKVPool(const KVCacheSpec& spec, std::uint32_t num_blocks, const PoolOptions& options)
-    : spec_((spec.validate(), spec)),
-      device_(DeviceId::parse(options.device)),
-      on_device_(device_.type != "cpu"),
-      device_allocator_(allocator_for(options.device)),
-      allocator_(num_blocks) {
-  const long double total = static_cast<long double>(spec_.block_bytes()) * num_blocks;
+namespace {
+
+// The arena, allocated before the allocator's metadata (8 bytes a block, written up front): a pool
+// refused for its size or for lack of memory costs nothing first (2^31 blocks were 16 GiB of
+// metadata and half a minute before the refusal).
+Allocation allocate_arena(DeviceAllocator& device, const KVCacheSpec& spec, std::uint32_t num_blocks, bool on_device,
+                          const PoolOptions& options) {
+  if (num_blocks == 0 || num_blocks > BlockAllocator::kMaxBlocks) {
+    throw Error(ErrorCode::kInvalidArgument, "num_blocks must be in [1, " + std::to_string(BlockAllocator::kMaxBlocks) +
+                                                 "], got " + std::to_string(num_blocks));
+  }
+  const long double total = static_cast<long double>(spec.block_bytes()) * num_blocks;
   if (total > static_cast<long double>(std::numeric_limits<std::size_t>::max() / 2)) {
     throw Error(ErrorCode::kInvalidArgument, "pool of " + std::to_string(num_blocks) +
                                                  " blocks does not fit in the address space");
   }
   AllocationRequest request;
-  request.size = spec_.block_bytes() * num_blocks;
+  request.size = spec.block_bytes() * num_blocks;
   request.alignment = 256;
-  request.kind = on_device_ ? MemoryKind::kDevice : MemoryKind::kHost;
+  request.kind = on_device ? MemoryKind::kDevice : MemoryKind::kHost;
   request.zero_fill = options.zero_fill;
   request.huge_pages = options.huge_pages;
   request.lock = options.lock_memory;
-  arena_ = device_allocator_->allocate(request);
+  return device.allocate(request);
 }
+
+}  // namespace
+
+PagedKVPool::PagedKVPool(const KVCacheSpec& spec, std::uint32_t num_blocks, const PoolOptions& options)
+    : spec_((spec.validate(), spec)),
+      device_(DeviceId::parse(options.device)),
+      on_device_(device_.type != "cpu"),
+      device_allocator_(allocator_for(options.device)),
+      arena_(allocate_arena(*device_allocator_, spec_, num_blocks, on_device_, options)),
+      allocator_(num_blocks) {}
 
 std::byte* PagedKVPool::layer_data(std::uint32_t layer, bool value) const {
   if (layer >= spec_.num_layers) {
@@ -151,7 +166,26 @@ void reject_repeats(const std::vector<BlockId>& ids, const char* what) {
   }
 }
 
+void reject_sums_overlap(std::span<const std::byte> staging, std::span<const std::uint64_t> sums,
+                         const char* what) {
+  if (detail::overlaps(staging.data(), staging.size(), sums.data(), sums.size_bytes())) {
+    throw Error(ErrorCode::kInvalidArgument, std::string(what) +
+                                                 ": the sums buffer shares memory with the staging buffer; each "
+                                                 "must have its own");
+  }
+}
+
 }  // namespace
+
+void PagedKVPool::reject_arena_overlap(const void* staging, std::size_t bytes, bool staging_on_device,
+                                       const char* what) const {
+  // Memory of the other kind (a device pool's host staging) cannot be the arena.
+  if (staging_on_device != on_device_ || !detail::overlaps(staging, bytes, arena_.data(), arena_.size())) return;
+  throw Error(ErrorCode::kInvalidArgument, std::string(what) +
+                                               ": the buffer shares memory with the pool's blocks (a view of "
+                                               "the pool), so the result would depend on the copy order; use "
+                                               "copy_blocks to copy blocks within a pool");
+}
 
 void PagedKVPool::copy_blocks(std::span<const BlockId> src, std::span<const BlockId> dst) {
   if (src.size() != dst.size()) {
@@ -233,6 +267,7 @@ void PagedKVPool::move_block(std::byte* staging, BlockId id, bool to_staging, bo
 void PagedKVPool::gather(std::span<const BlockId> ids_in, std::span<std::byte> out, bool out_on_device) const {
   const std::vector<BlockId> ids = checked_ids(ids_in, false, "gather");
   check_staging(out.size(), ids.size(), "gather");
+  reject_arena_overlap(out.data(), out.size(), out_on_device, "gather");
   for (std::size_t i = 0; i < ids.size(); ++i) {
     move_block(out.data() + i * block_bytes(), ids[i], true, out_on_device, out.size() > kStreamMinTotalBytes);
   }
@@ -243,6 +278,7 @@ void PagedKVPool::scatter(std::span<const std::byte> in, std::span<const BlockId
   const std::vector<BlockId> ids = checked_ids(ids_in, false, "scatter");
   check_staging(in.size(), ids.size(), "scatter");
   reject_repeats(ids, "scatter");
+  reject_arena_overlap(in.data(), in.size(), in_on_device, "scatter");
   for (std::size_t i = 0; i < ids.size(); ++i) {
     // move_block only reads through the pointer in this direction.
     move_block(const_cast<std::byte*>(in.data() + i * block_bytes()), ids[i], false, in_on_device,
@@ -295,6 +331,9 @@ void PagedKVPool::gather_summed(std::span<const BlockId> ids_in, std::span<std::
   const std::vector<BlockId> ids = checked_ids(ids_in, false, "gather_summed");
   check_staging(out.size(), ids.size(), "gather_summed");
   check_sums(out.size(), sums.size(), "gather_summed");
+  reject_arena_overlap(out.data(), out.size(), false, "gather_summed");
+  reject_arena_overlap(sums.data(), sums.size_bytes(), false, "gather_summed (sums)");
+  reject_sums_overlap(out, sums, "gather_summed");
   if (on_device_) {
     for (std::size_t i = 0; i < ids.size(); ++i) move_block(out.data() + i * block_bytes(), ids[i], true, false, false);
     segment_sums(out, sums);
@@ -310,6 +349,9 @@ void PagedKVPool::scatter_summed(std::span<const std::byte> in, std::span<const 
   check_staging(in.size(), ids.size(), "scatter_summed");
   check_sums(in.size(), sums.size(), "scatter_summed");
   reject_repeats(ids, "scatter_summed");
+  reject_arena_overlap(in.data(), in.size(), false, "scatter_summed");
+  reject_arena_overlap(sums.data(), sums.size_bytes(), false, "scatter_summed (sums)");
+  reject_sums_overlap(in, sums, "scatter_summed");
   // move_block* only read through the staging pointer in this direction.
   auto* staging = const_cast<std::byte*>(in.data());
   if (on_device_) {
@@ -343,6 +385,7 @@ void PagedKVPool::gather_each(std::span<const BlockId> ids_in, std::span<std::by
                               bool out_on_device) const {
   const std::vector<BlockId> ids = checked_ids(ids_in, false, "gather_each");
   check_each(ids.size(), outs, "gather_each");
+  for (std::byte* out : outs) reject_arena_overlap(out, block_bytes(), out_on_device, "gather_each");
   const bool stream = ids.size() * block_bytes() > kStreamMinTotalBytes;
   for (std::size_t i = 0; i < ids.size(); ++i) move_block(outs[i], ids[i], true, out_on_device, stream);
   detail::stream_fence();
@@ -353,6 +396,7 @@ void PagedKVPool::scatter_each(std::span<const std::byte* const> ins, std::span<
   const std::vector<BlockId> ids = checked_ids(ids_in, false, "scatter_each");
   check_each(ids.size(), ins, "scatter_each");
   reject_repeats(ids, "scatter_each");
+  for (const std::byte* in : ins) reject_arena_overlap(in, block_bytes(), in_on_device, "scatter_each");
   const bool stream = ids.size() * block_bytes() > kStreamMinTotalBytes;
   for (std::size_t i = 0; i < ids.size(); ++i) {
     // move_block only reads through the pointer in this direction.

@@ -47,6 +47,7 @@ import numpy.typing as npt
 import torch
 
 from sagellm_kv_cache import _core
+from sagellm_kv_cache._numbers import array_of
 
 __all__ = ["ChunkCopier", "FinishedCopy"]
 
@@ -72,7 +73,7 @@ def _indices(values: Any, what: str, limit: int) -> npt.NDArray[np.int64]:
     """``values`` (any integer sequence or array, flattened) as int64, each in ``[0, limit)``: TypeError for
     anything but integers (floats are not truncated, booleans not read as 0 / 1), ValueError naming the
     first value out of range."""
-    arr = np.asarray(values)
+    arr = array_of(f"{what}s", values, "integers")
     if arr.dtype.kind not in "iu" and isinstance(values, list | tuple):
         arr = np.asarray(values, dtype=object)  # item by item, to name the bad one (a float, an int past int64)
     if arr.size == 0:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import numpy as np
+from sagellm_kv_cache._numbers import array_of
 
 __all__ = [
     "AdaptiveHashComputer",
@@ -74,7 +74,7 @@ class FingerprintConfig:
 
 
 def _token_bytes(tokens: Sequence[int]) -> bytes:
-    arr = np.asarray(tokens)
+    arr = array_of("tokens", tokens)
     if arr.size == 0:
         return b""
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
