@@ -706,6 +706,16 @@ struct PrefixCache::Impl {
         const std::size_t bs = block_size;
         ev.token_ids.assign(options.token_ids.begin() + static_cast<std::ptrdiff_t>(plan.k * bs),
                             options.token_ids.end());
+        // insert checked the caller's ids before taking the lock; this copy is what the event
+        // carries, so it is the one that must hold no negative id (the caller may have changed
+        // its array meanwhile).
+        if (const auto bad = std::ranges::find_if(ev.token_ids, [](std::int32_t t) { return t < 0; });
+            bad != ev.token_ids.end()) {
+          throw Error(ErrorCode::kInvalidArgument,
+                      "insert: token id " + std::to_string(*bad) + " at position " +
+                          std::to_string(plan.k * bs + static_cast<std::size_t>(bad - ev.token_ids.begin())) +
+                          " is negative (KV events carry token ids as unsigned 32-bit integers)");
+        }
       }
       ev.block_size = block_size;
       if (options.extra_key) ev.extra_key = std::string(*options.extra_key);
