@@ -367,13 +367,20 @@ struct PrefixCache::Impl {
     --live_count;
   }
 
-  // Returns the cache's references on the blocks of removed nodes. A refusal means someone freed a
-  // reference the cache held, breaking the ownership protocol; the valid ids still go back.
+  // Returns the cache's references on the blocks of removed nodes, each exactly once. In pieces the
+  // allocator copies on its stack, so no lack of memory refuses them. A refusal means someone freed
+  // a reference the cache held, breaking the ownership protocol: when it changed nothing, the valid
+  // ids go back one by one; when it raced that free (`partial`), every other id was applied already,
+  // and freeing them again would drop references that are not the cache's.
   void return_blocks() noexcept {
-    if (allocator != nullptr && !freed_blocks.empty()) {
-      if (!allocator->free(freed_blocks).ok()) {
-        for (BlockId b : freed_blocks) {
-          [[maybe_unused]] const BatchStatus st = allocator->free(std::span<const BlockId>(&b, 1));
+    if (allocator != nullptr) {
+      const std::span<const BlockId> all(freed_blocks);
+      for (std::size_t at = 0; at < all.size(); at += BlockAllocator::kStackBatch) {
+        const auto piece = all.subspan(at, std::min(BlockAllocator::kStackBatch, all.size() - at));
+        const BatchStatus st = allocator->free(piece);
+        if (st.ok()) continue;
+        if (!st.partial) {
+          for (const BlockId b : piece) (void)allocator->free(std::span<const BlockId>(&b, 1));
         }
         assert(!"a block held by the prefix cache was freed outside it");
       }
