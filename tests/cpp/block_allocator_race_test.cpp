@@ -360,7 +360,7 @@ TEST(BlockAllocatorRace, BlockContentsPassBetweenOwnersThroughTheAllocatorAlone)
   constexpr std::uint32_t kBlocks = 2048;
   constexpr int kThreads = 4;
   constexpr std::size_t kLong = 300;  // above kStackBatch and the 256 ids pop_chain walks on its stack
-  const int rounds = kUnderTsan ? 40000 : 400000;
+  const int rounds = kUnderTsan ? 40000 : 200000;
   BlockAllocator a(kBlocks);
   std::vector<std::uint64_t> content(kBlocks, 0);  // plain memory: the blocks' contents
   // mailbox[t][k]: a block shared with thread t (id << 32 | its tag), or 0 when empty.

@@ -376,6 +376,9 @@ void free_victim_on_alarm(int) {
 }
 
 TEST(PrefixCacheRace, AReturnRacingAFreeOfACacheReferenceDropsNoOtherReference) {
+#ifndef NDEBUG
+  GTEST_SKIP() << "breaks the ownership protocol on purpose, which debug builds assert on";
+#endif
   constexpr std::uint32_t kChain = 250;  // within the allocator's stack batch: one batch, no heap
   const int trials = kUnderTsan ? 1000 : 6000;
   BlockAllocator alloc(kChain);
