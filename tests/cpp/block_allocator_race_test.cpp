@@ -33,6 +33,12 @@ constexpr bool kUnderTsan = false;
 #else
 constexpr bool kUnderTsan = false;
 #endif
+// Debug and ASan builds run the bounded TSan rounds too (their stage must stay short).
+#if !defined(NDEBUG) || defined(__SANITIZE_ADDRESS__)
+constexpr bool kSlowBuild = true;
+#else
+constexpr bool kSlowBuild = false;
+#endif
 
 // The scenario, widened: blocks x[0..k) held by A and B (ref 2 each); A frees {x..., d}
 // with d already free (a double free), while B frees each x[i] on its own. A's batch must be
@@ -360,7 +366,7 @@ TEST(BlockAllocatorRace, BlockContentsPassBetweenOwnersThroughTheAllocatorAlone)
   constexpr std::uint32_t kBlocks = 2048;
   constexpr int kThreads = 4;
   constexpr std::size_t kLong = 300;  // above kStackBatch and the 256 ids pop_chain walks on its stack
-  const int rounds = kUnderTsan ? 40000 : 200000;
+  const int rounds = kUnderTsan || kSlowBuild ? 40000 : 200000;
   BlockAllocator a(kBlocks);
   std::vector<std::uint64_t> content(kBlocks, 0);  // plain memory: the blocks' contents
   // mailbox[t][k]: a block shared with thread t (id << 32 | its tag), or 0 when empty.

@@ -34,6 +34,12 @@ constexpr bool kUnderTsan = false;
 #else
 constexpr bool kUnderTsan = false;
 #endif
+// Debug and ASan builds run the bounded TSan rounds too (their stage must stay short).
+#if !defined(NDEBUG) || defined(__SANITIZE_ADDRESS__)
+constexpr bool kSlowBuild = true;
+#else
+constexpr bool kSlowBuild = false;
+#endif
 
 constexpr std::uint32_t kBlocks = 192;
 constexpr int kThreads = 4;
@@ -62,7 +68,7 @@ TEST(PagedKVPoolStress, OwnersWriteSharersReadAndBlocksPassOnlyThroughTheAllocat
   // 2 layers x K/V x 16 tokens x 2 heads x 8 dims x fp16: 2 KiB a block.
   PagedKVPool pool(KVCacheSpec{2, 2, 8, DType::kFloat16, 16}, kBlocks);
   const std::size_t bb = pool.block_bytes();
-  const int rounds = kUnderTsan ? 6000 : 40000;
+  const int rounds = kUnderTsan || kSlowBuild ? 6000 : 40000;
   std::array<std::array<std::atomic<std::uint64_t>, kSlots>, kThreads> mailbox{};  // id << 32 | tag
   std::atomic<std::uint64_t> broken{0}, refused{0}, shared{0}, copies{0};
   std::atomic<int> running{kThreads};
