@@ -837,7 +837,10 @@ class TieredPrefixCache:
     def make_room(self, num_blocks: int) -> None:
         """Demotes cached device blocks until ``num_blocks`` are free in the pool (or none is evictable)."""
         self._check_open()
-        short = positive_int("num_blocks", num_blocks, allow_zero=True) - self.pool.num_free_blocks
+        # What the pool can hand out now, signed: under a budget lowered below the blocks in use it
+        # is short by the excess (num_free_blocks reads 0 then), which demotion makes up first.
+        headroom = self.pool.budget_blocks - self.pool.num_used_blocks
+        short = positive_int("num_blocks", num_blocks, allow_zero=True) - headroom
         if short > 0:
             for fut in self._demote(short):
                 # A demotion that failed (a lower tier's I/O error) still freed its device blocks:

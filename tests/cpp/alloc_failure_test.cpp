@@ -125,6 +125,30 @@ std::vector<BlockHash> chain(std::int32_t start, std::size_t blocks) {
   return out;
 }
 
+// Where the allocator is lock-free: allocate never takes heap memory, nor do free and incref of up
+// to kStackBatch ids; longer batches copy their ids to heap scratch (whose allocator may lock), and
+// when that fails they are refused with kMemoryExhausted, having changed nothing.
+TEST(BlockAllocatorAllocFailure, OnlyBatchesAboveTheStackBatchTakeHeapMemory) {
+  constexpr std::size_t kShort = BlockAllocator::kStackBatch;
+  constexpr std::size_t kLong = kShort + 44;
+  BlockAllocator alloc(512);
+  std::vector<BlockId> ids(kLong);
+  const long before = t_allocations;
+  ASSERT_TRUE(alloc.allocate(ids).ok());  // a long pop: no heap either
+  const std::span<const BlockId> first = std::span<const BlockId>(ids).first(kShort);
+  ASSERT_TRUE(alloc.incref(first).ok());
+  ASSERT_TRUE(alloc.free(first).ok());
+  EXPECT_EQ(t_allocations, before);
+  long injected = 0;
+  EXPECT_EQ(failing_at(0, injected, [&] { return alloc.free(ids); })->code, ErrorCode::kMemoryExhausted);
+  EXPECT_EQ(failing_at(0, injected, [&] { return alloc.incref(ids); })->code, ErrorCode::kMemoryExhausted);
+  EXPECT_EQ(injected, 2);
+  for (BlockId id : ids) ASSERT_EQ(alloc.ref_count(id), 1u) << "block " << id;
+  EXPECT_EQ(alloc.num_allocated(), kLong);
+  ASSERT_TRUE(alloc.free(ids).ok());
+  EXPECT_EQ(alloc.num_available(), 512u);
+}
+
 TEST(PrefixCacheAllocFailure, InsertChangesNothingWhenAnAllocationFails) {
   // 20 new nodes under a cached prefix of 3: the digest index, node table, heaps and event all grow.
   const auto digests = chain(0, 23);

@@ -1,6 +1,8 @@
 // Failing paths of the block allocator racing legitimate calls: refused batches against frees of
-// shared blocks, concurrent limit changes against allocation, and a long mixed stress that counts
-// every block handed out while some holder still had it. Runs under TSan in CI (label stress).
+// shared blocks, concurrent limit changes against allocation, a long mixed stress that counts
+// every block handed out while some holder still had it, and block contents handed from owner to
+// owner with nothing but the allocator's memory orders between them. Runs under TSan in CI (label
+// stress).
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -30,6 +32,12 @@ constexpr bool kUnderTsan = false;
 #endif
 #else
 constexpr bool kUnderTsan = false;
+#endif
+// Debug and ASan builds run the bounded TSan rounds too (their stage must stay short).
+#if !defined(NDEBUG) || defined(__SANITIZE_ADDRESS__)
+constexpr bool kSlowBuild = true;
+#else
+constexpr bool kSlowBuild = false;
 #endif
 
 // The scenario, widened: blocks x[0..k) held by A and B (ref 2 each); A frees {x..., d}
@@ -337,6 +345,168 @@ TEST(BlockAllocatorRace, MixedStressNeverHandsOutAnOwnedBlock) {
   EXPECT_GT(refused.load(), 0u);
   EXPECT_EQ(a.num_available(), kBlocks);
   for (std::uint32_t i = 0; i < kBlocks; ++i) ASSERT_EQ(holders[i].load(), 0u) << "block " << i;
+  std::vector<BlockId> all(kBlocks);
+  ASSERT_TRUE(a.allocate(all).ok());
+  std::sort(all.begin(), all.end());
+  EXPECT_EQ(std::adjacent_find(all.begin(), all.end()), all.end()) << "an id is on the free list twice";
+}
+
+// Block contents pass from one owner to the next through the allocator alone. Each block's
+// "memory" is a plain word: the thread that allocates a block writes its tag there, every holder
+// reads it back before it lets go, and the next owner overwrites it. Holders that share a block
+// meet through a mailbox (that hand-off is theirs to synchronise), but nothing else orders the last
+// holder's reads before the next owner's write: only the reference count's acq_rel decrement, the
+// release push onto the free stack and the acquire pop. Without them TSan reports the write as a
+// race with the reads (the other tests here synchronise their owners through sequentially
+// consistent atomics of their own, which hides a missing order), and a block handed to two owners
+// at once shows as a tag overwritten under its holder, TSan or not. Long batches (over 256 ids: the
+// heap copy, the sorted check and the long pop), refused frees and increfs, and limit changes
+// that refuse allocations run meanwhile.
+TEST(BlockAllocatorRace, BlockContentsPassBetweenOwnersThroughTheAllocatorAlone) {
+  constexpr std::uint32_t kBlocks = 2048;
+  constexpr int kThreads = 4;
+  constexpr std::size_t kLong = 300;  // above kStackBatch and the 256 ids pop_chain walks on its stack
+  const int rounds = kUnderTsan || kSlowBuild ? 40000 : 200000;
+  BlockAllocator a(kBlocks);
+  std::vector<std::uint64_t> content(kBlocks, 0);  // plain memory: the blocks' contents
+  // mailbox[t][k]: a block shared with thread t (id << 32 | its tag), or 0 when empty.
+  constexpr std::size_t kSlots = 8;
+  std::array<std::array<std::atomic<std::uint64_t>, kSlots>, kThreads> mailbox{};
+  std::atomic<std::uint64_t> overwritten{0}, refused{0}, long_batches{0}, shared{0};
+  std::atomic<int> running{kThreads};
+
+  auto worker = [&](int tid) {
+    std::mt19937 rng(static_cast<std::uint32_t>(4242 + tid));
+    struct Held {
+      BlockId id;
+      std::uint64_t tag;
+      bool shared;  // another thread may hold a reference too
+    };
+    // Counts this worker out of `running` once: at the end of its rounds, or when a failed ASSERT
+    // returns early (then the others must not wait for its mail forever).
+    struct Leave {
+      std::atomic<int>& running;
+      bool left = false;
+      void now() {
+        if (!left) running.fetch_sub(1, std::memory_order_acq_rel);
+        left = true;
+      }
+      ~Leave() { now(); }
+    } leave{running};
+    std::vector<Held> mine;  // blocks this thread holds one reference on, with the tag they should hold
+    std::vector<BlockId> batch;
+    // Tags fit 32 bits (a mailbox entry carries one): the thread above bit 28, a counter below. Never 0.
+    std::uint32_t counter = 0;
+    const auto next_tag = [&] {
+      return (std::uint64_t{static_cast<std::uint32_t>(tid) + 1} << 28) | (++counter & 0x0FFFFFFFu);
+    };
+    const auto check = [&](const Held& h) {
+      if (content[static_cast<std::size_t>(h.id)] != h.tag) overwritten.fetch_add(1, std::memory_order_relaxed);
+    };
+    const auto drop = [&](std::size_t from) {  // verifies and frees mine[from, end)
+      batch.clear();
+      for (std::size_t i = from; i < mine.size(); ++i) {
+        check(mine[i]);
+        batch.push_back(mine[i].id);
+      }
+      mine.resize(from);
+      ASSERT_TRUE(a.free(batch).ok());
+    };
+    for (int round = 0; round < rounds; ++round) {
+      // Mail first: shared blocks, read and let go (this may be their last reference).
+      for (auto& slot : mailbox[static_cast<std::size_t>(tid)]) {
+        const std::uint64_t got = slot.exchange(0, std::memory_order_acquire);
+        if (got == 0) continue;
+        const auto id = static_cast<BlockId>(got >> 32);
+        if (content[static_cast<std::size_t>(id)] != (got & 0xFFFFFFFFu)) {
+          overwritten.fetch_add(1, std::memory_order_relaxed);
+        }
+        ASSERT_TRUE(a.free(std::span<const BlockId>(&id, 1)).ok());
+      }
+      const unsigned action = rng() % 16;
+      if (action < 6 || mine.empty()) {
+        const bool long_batch = action == 0 && mine.size() < kBlocks / 4;
+        std::vector<BlockId> ids(long_batch ? kLong + rng() % 64 : 1 + rng() % 16);
+        if (!a.allocate(ids).ok()) {
+          refused.fetch_add(1, std::memory_order_relaxed);
+          continue;
+        }
+        if (long_batch) long_batches.fetch_add(1, std::memory_order_relaxed);
+        for (BlockId id : ids) {
+          const std::uint64_t tag = next_tag();
+          content[static_cast<std::size_t>(id)] = tag;  // this owner's write
+          mine.push_back({id, tag, false});
+        }
+      } else if (action < 10) {
+        // Let go of the newest few, or of everything when holding a long run.
+        drop(mine.size() > kLong ? 0 : mine.size() - std::min<std::size_t>(mine.size(), 1 + rng() % 8));
+      } else if (action == 10 || action == 15) {
+        // Share the newest block with another thread: one more reference, handed over by mailbox.
+        Held& h = mine.back();
+        h.shared = true;
+        const auto to = static_cast<std::size_t>((static_cast<unsigned>(tid) + 1 + rng() % (kThreads - 1)) % kThreads);
+        ASSERT_TRUE(a.incref(std::span<const BlockId>(&h.id, 1)).ok());
+        std::uint64_t empty = 0;
+        const std::uint64_t mail = (static_cast<std::uint64_t>(h.id) << 32) | h.tag;
+        if (mailbox[to][rng() % kSlots].compare_exchange_strong(empty, mail, std::memory_order_release,
+                                                                std::memory_order_relaxed)) {
+          shared.fetch_add(1, std::memory_order_relaxed);
+        } else {
+          ASSERT_TRUE(a.free(std::span<const BlockId>(&h.id, 1)).ok());  // full: take the reference back
+        }
+      } else if (action == 11) {
+        // Refused free: the held blocks (a long batch when there are enough), then one of them again,
+        // one nobody else holds (a second reference would hide the double free: see the header).
+        const auto solo = std::find_if(mine.begin(), mine.end(), [](const Held& h) { return !h.shared; });
+        if (solo == mine.end()) continue;
+        batch.clear();
+        for (const Held& h : mine) batch.push_back(h.id);
+        batch.push_back(solo->id);
+        const BatchStatus st = a.free(batch);
+        ASSERT_EQ(st.code, ErrorCode::kDoubleFree);
+        ASSERT_FALSE(st.partial);
+        refused.fetch_add(1, std::memory_order_relaxed);
+      } else if (action == 12) {
+        // Refused incref: the held blocks, then an id out of range; every reference added is dropped.
+        batch.clear();
+        for (const Held& h : mine) batch.push_back(h.id);
+        batch.push_back(static_cast<BlockId>(kBlocks + rng() % 8));
+        ASSERT_EQ(a.incref(batch).code, ErrorCode::kInvalidBlock);
+        refused.fetch_add(1, std::memory_order_relaxed);
+      } else if (action == 13 && tid == 0) {
+        a.set_limit(kBlocks / 2 + rng() % (kBlocks / 2));  // may be below what is in use: refusals follow
+      } else if (action == 14 && tid == 0) {
+        a.set_limit(kBlocks);
+      }
+    }
+    drop(0);
+    leave.now();
+    // Keep taking mail until every sender stopped, so no reference is left in a mailbox.
+    for (bool senders = true; senders;) {
+      senders = running.load(std::memory_order_acquire) != 0;  // read first: then their mail is in
+      for (auto& slot : mailbox[static_cast<std::size_t>(tid)]) {
+        const std::uint64_t got = slot.exchange(0, std::memory_order_acquire);
+        if (got == 0) continue;
+        const auto id = static_cast<BlockId>(got >> 32);
+        ASSERT_TRUE(a.free(std::span<const BlockId>(&id, 1)).ok());
+      }
+      std::this_thread::yield();
+    }
+  };
+
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) threads.emplace_back(worker, t);
+  for (auto& th : threads) th.join();
+  std::printf("[contents] %llu long batches, %llu blocks shared, %llu refusals: %llu tags overwritten\n",
+              static_cast<unsigned long long>(long_batches.load()), static_cast<unsigned long long>(shared.load()),
+              static_cast<unsigned long long>(refused.load()), static_cast<unsigned long long>(overwritten.load()));
+  EXPECT_EQ(overwritten.load(), 0u) << "a block was handed out while a holder still had it";
+  EXPECT_GT(long_batches.load(), 0u);
+  EXPECT_GT(shared.load(), 0u);
+  EXPECT_GT(refused.load(), 0u);
+  a.set_limit(kBlocks);
+  EXPECT_EQ(a.num_available(), kBlocks);
+  EXPECT_EQ(a.num_allocated(), 0u);
   std::vector<BlockId> all(kBlocks);
   ASSERT_TRUE(a.allocate(all).ok());
   std::sort(all.begin(), all.end());

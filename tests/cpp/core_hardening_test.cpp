@@ -17,6 +17,7 @@
 #include "sagellm_kv/hashing.hpp"
 #include "sagellm_kv/kv_pool.hpp"
 #include "sagellm_kv/prefix_cache.hpp"
+#include "test_support.hpp"
 
 namespace sagellm::kv {
 namespace {
@@ -158,6 +159,42 @@ TEST(InsertArguments, MetadataOnlyFailureLeavesNoPlaceholder) {
   cache.check_invariants();  // the block map holds exactly the live nodes
   EXPECT_EQ(cache.insert(digests(0, 2), blocks).num_inserted, 2u);
   cache.check_invariants();
+}
+
+// The caller's token ids change while insert runs (as another thread could change them: the hook
+// runs inside the call, under the cache's lock, just before the stored event is built). insert
+// checked the ids before taking the lock and then copied them again into the event, so a negative
+// id reached the event stream (which routers read as unsigned 32-bit ids). What goes into the event
+// is what is checked now: the insert is refused and changes nothing.
+std::vector<std::int32_t>* g_changed_tokens = nullptr;
+void change_tokens_hook(const char* site) {
+  if (std::strcmp(site, "event") == 0 && g_changed_tokens != nullptr) (*g_changed_tokens)[1] = -5;
+}
+
+TEST(InsertArguments, TokenIdsChangedDuringTheCallNeverReachAnEvent) {
+  BlockAllocator alloc(8);
+  PrefixCacheOptions o;
+  o.block_size = 1;
+  o.event_queue_capacity = 16;
+  PrefixCache cache(o, &alloc);
+  std::vector<BlockId> blocks(2);
+  ASSERT_TRUE(alloc.allocate(blocks).ok());
+  std::vector<std::int32_t> tokens{7, 8};
+  InsertOptions io;
+  io.token_ids = tokens;
+  g_changed_tokens = &tokens;
+  detail::set_prefix_fault_hook(&change_tokens_hook);
+  const ErrorCode code = testing::code_of([&] { (void)cache.insert(digests(0, 2), blocks, io); });
+  detail::set_prefix_fault_hook(nullptr);
+  g_changed_tokens = nullptr;
+  EXPECT_EQ(code, ErrorCode::kInvalidArgument);
+  EXPECT_EQ(cache.size(), 0u);
+  for (const PrefixCacheEvent& ev : cache.drain_events()) {
+    for (const std::int32_t t : ev.token_ids) EXPECT_GE(t, 0) << "a negative token id reached an event";
+  }
+  for (BlockId b : blocks) EXPECT_EQ(alloc.ref_count(b), 1u);
+  cache.check_invariants();
+  ASSERT_TRUE(alloc.free(blocks).ok());
 }
 
 KVCacheSpec tiny_spec() { return KVCacheSpec{2, 1, 4, DType::kFloat32, 2}; }

@@ -8,10 +8,15 @@
 // back to the allocator, another thread would reallocate and overwrite it: the content check fails,
 // and TSan reports the unsynchronised write.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/time.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <csignal>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -28,6 +33,18 @@
 
 namespace sagellm::kv {
 namespace {
+
+#if defined(__SANITIZE_THREAD__)
+constexpr bool kUnderTsan = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+constexpr bool kUnderTsan = true;
+#else
+constexpr bool kUnderTsan = false;
+#endif
+#else
+constexpr bool kUnderTsan = false;
+#endif
 
 constexpr std::uint32_t kBlockSize = 4;
 constexpr std::uint32_t kPoolBlocks = 2048;
@@ -333,6 +350,78 @@ TEST(PrefixCacheMetadataOnly, RandomIdsAgreeWithAModel) {
     ASSERT_EQ(cache.size(), 0u);
     ASSERT_NO_THROW(cache.check_invariants());
   }
+}
+
+// The cache returning its references (here: clear) while someone else frees one of them, breaking
+// the ownership protocol. The allocator then applies every other id of the cache's batch and says
+// so (kDoubleFree with `partial`); the cache used to answer any refusal by freeing each id of the
+// batch again, one by one, which dropped a second reference on every other block: the test's own
+// here, so blocks it still held went back to the free list. Only the offending id may be lost.
+//
+// The offending free comes from a timer signal on the clearing thread itself (a one-id free is a
+// few atomics: safe in a handler), its delay swept over the trials so that it lands before, inside
+// and after the cache's batch whatever the machine's load.
+struct ReturnRace {
+  BlockAllocator* alloc = nullptr;
+  BlockId victim = -1;
+  volatile std::sig_atomic_t fired = 0;
+};
+ReturnRace* g_return_race = nullptr;
+
+void free_victim_on_alarm(int) {
+  ReturnRace* r = g_return_race;
+  if (r == nullptr || r->fired != 0) return;
+  (void)r->alloc->free(std::span<const BlockId>(&r->victim, 1));  // the cache's reference, not ours
+  r->fired = 1;
+}
+
+TEST(PrefixCacheRace, AReturnRacingAFreeOfACacheReferenceDropsNoOtherReference) {
+#ifndef NDEBUG
+  GTEST_SKIP() << "breaks the ownership protocol on purpose, which debug builds assert on";
+#endif
+  constexpr std::uint32_t kChain = 250;  // within the allocator's stack batch: one batch, no heap
+  const int trials = kUnderTsan ? 1000 : 6000;
+  BlockAllocator alloc(kChain);
+  PrefixCacheOptions o;
+  o.block_size = 1;
+  PrefixCache cache(o, &alloc);
+  std::vector<BlockHash> chain(kChain);
+  std::vector<std::int32_t> tokens(kChain);
+  for (std::uint32_t i = 0; i < kChain; ++i) tokens[i] = static_cast<std::int32_t>(i);
+  ASSERT_EQ(hash_blocks(HashAlgorithm::kSha256, tokens, 1, kRootBlockHash, {}, chain), kChain);
+  std::vector<BlockId> blocks(kChain);
+  ReturnRace race;
+  race.alloc = &alloc;
+  struct sigaction act {};
+  struct sigaction old {};
+  act.sa_handler = free_victim_on_alarm;
+  sigemptyset(&act.sa_mask);
+  ASSERT_EQ(sigaction(SIGALRM, &act, &old), 0);
+  g_return_race = &race;
+  std::uint64_t lost = 0;
+  for (int t = 0; t < trials && lost == 0; ++t) {
+    ASSERT_TRUE(alloc.allocate(blocks).ok());
+    ASSERT_EQ(cache.insert(chain, blocks).num_inserted, kChain);  // the cache's reference on each
+    race.victim = blocks.back();
+    ASSERT_TRUE(alloc.free(std::span<const BlockId>(&race.victim, 1)).ok());  // we keep the others
+    race.fired = 0;
+    itimerval timer{};
+    timer.it_value.tv_usec = 1 + t % 40;
+    ASSERT_EQ(setitimer(ITIMER_REAL, &timer, nullptr), 0);
+    (void)cache.clear();
+    // Wait in a call: TSan delivers a signal at one, not inside a bare spin.
+    while (race.fired == 0) std::this_thread::sleep_for(std::chrono::microseconds(1));
+    for (std::uint32_t i = 0; i + 1 < kChain; ++i) {
+      if (alloc.ref_count(blocks[i]) != 1) ++lost;
+      if (alloc.ref_count(blocks[i]) != 0) {
+        ASSERT_TRUE(alloc.free(std::span<const BlockId>(&blocks[i], 1)).ok());
+      }
+    }
+    ASSERT_EQ(alloc.num_available(), kChain) << "trial " << t;
+  }
+  g_return_race = nullptr;
+  sigaction(SIGALRM, &old, nullptr);
+  EXPECT_EQ(lost, 0u) << "a reference the test held was dropped by the cache";
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Several threads drive one RequestManager (over one allocator and one bounded prefix cache) with
 // their own requests: batched admits of prompts with shared prefixes, batched appends, finish,
-// abort and preempt + resume, in a pool small enough that admits and appends are refused often.
+// abort and preempt + resume, in a pool small enough that admits and appends are refused often,
+// while another thread moves the allocator's limit (often below the blocks in use).
 // Fixed seeds and thread counts; meant to run under TSan.
 //
 // Each block a request owns is marked in a shared array by compare-and-swap from 0 to the
@@ -10,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -204,7 +206,23 @@ TEST(RequestManagerStress, ConcurrentRequestsNeverShareOwnedBlocks) {
   s.manager = std::make_unique<RequestManager>(s.alloc, s.cache.get(), mo);
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) threads.emplace_back(worker, std::ref(s), t);
+  // Meanwhile another user of the allocator moves its budget, often below the blocks in use: the
+  // managers' admits and appends are refused (or evict) against a limit that changes under them.
+  std::atomic<bool> stop{false};
+  std::uint64_t limit_changes = 0;
+  std::thread budget([&] {
+    Rng rng(0x1u);
+    while (!stop.load(std::memory_order_acquire)) {
+      s.alloc.set_limit(kPoolBlocks / 4 + rng() % (kPoolBlocks - kPoolBlocks / 4 + 1));
+      ++limit_changes;
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+    s.alloc.set_limit(kPoolBlocks);
+  });
   for (auto& t : threads) t.join();
+  stop.store(true, std::memory_order_release);
+  budget.join();
+  EXPECT_GT(limit_changes, 0u);
   EXPECT_EQ(s.failures.load(), 0);
   EXPECT_GT(s.refused.load(), 0u);  // the failing paths ran too
   const RequestManagerStats st = s.manager->stats();

@@ -241,6 +241,31 @@ TEST(RequestManager, ARefusalThatEvictingCannotAvertEvictsNothing) {
   EXPECT_EQ(f.cache->stats().cached_blocks, 12u);
 }
 
+// The same under a limit lowered below the blocks in use: the allocator is short by the excess
+// (its num_available() reads 0), so evicting must first make up for that. The manager counted the
+// shortfall as 0 and emptied the cache on the way to a refusal evicting could never avert.
+TEST(RequestManager, UnderALimitBelowWhatIsInUseARefusalEvictsNothing) {
+  Fixture f(12);
+  ASSERT_EQ(f.admit(1, seq(0, 16)), 0);  // 4 blocks, cached unused once finished
+  f.finish(1);
+  ASSERT_EQ(f.admit(2, seq(500, 24)), 0);  // 6 blocks, held: 10 in use
+  f.alloc.set_limit(6);                    // 4 over the limit: evicting all 4 makes room for none
+  EXPECT_EQ(f.alloc.num_available(), 0u);
+  EXPECT_EQ(f.admit(3, seq(900, 4)), -1);  // 1 block
+  EXPECT_EQ(f.append({2}, {seq(3000, 4)}).code, ErrorCode::kPoolFull);
+  EXPECT_EQ(f.cache->stats().cached_blocks, 10u);
+  EXPECT_EQ(f.manager->stats().evicted_for_room, 0u);
+  f.manager->check_invariants();
+  f.cache->check_invariants();
+  // 1 over a limit of 9: evicting the 4 makes room for 3 blocks, and does.
+  f.alloc.set_limit(9);
+  ASSERT_EQ(f.admit(4, seq(900, 12)), 0);
+  EXPECT_EQ(f.manager->stats().evicted_for_room, 4u);
+  EXPECT_EQ(f.alloc.num_available(), 0u);
+  f.manager->check_invariants();
+  f.cache->check_invariants();
+}
+
 TEST(RequestManager, BoundedCachePublishesWhatFitsAndRetriesLater) {
   Fixture f(64, /*capacity=*/2);
   ASSERT_EQ(f.admit(1, seq(0, 12)), 0);

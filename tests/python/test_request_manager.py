@@ -213,6 +213,24 @@ def test_append_refusal_changes_nothing() -> None:
     rm.check_invariants()
 
 
+def test_a_refusal_under_a_budget_below_the_blocks_in_use_evicts_nothing() -> None:
+    # A budget lowered below the blocks in use leaves the pool short by the excess, which evicting
+    # must make up first: a refusal that evicting cannot avert leaves the cache as it was.
+    pool, rm = make(num_blocks=12)
+    rm.admit(1, list(range(64)))  # 4 blocks, cached unused once finished
+    rm.finish([1])
+    rm.admit(2, list(range(1000, 1096)))  # 6 blocks, held: 10 in use
+    pool.set_budget_blocks(6)
+    with pytest.raises(KVPoolFullError):
+        rm.admit(3, list(range(5000, 5016)))
+    assert rm.stats()["cache"]["cached_blocks"] == 10
+    assert rm.stats()["evicted_for_room"] == 0
+    pool.set_budget_blocks(9)  # 1 over: evicting the 4 unused makes room for 3
+    rm.admit(4, list(range(5000, 5048)))
+    assert rm.stats()["evicted_for_room"] == 4
+    rm.check_invariants()
+
+
 def test_preempt_and_resume_matches_back() -> None:
     _, rm = make()
     rm.admit(7, list(range(20)))

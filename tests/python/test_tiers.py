@@ -96,6 +96,22 @@ def test_demote_and_promote_are_byte_exact_and_hits_are_reported_per_tier(tmp_pa
         assert len(tc.device) <= 3
 
 
+def test_make_room_counts_blocks_in_use_above_a_lowered_budget_as_missing() -> None:
+    # Under a budget lowered below the blocks in use the pool is short by the excess (its
+    # num_free_blocks reads 0): make_room must demote that many more before `num_blocks` are free.
+    pool = PagedKVPool(SPEC, 12)
+    with TieredPrefixCache(pool, device_blocks=12, host_blocks=16) as tc:
+        fill(tc, prompt(0, blocks=6))  # 6 cached device blocks nobody uses
+        held = pool.allocate(4)  # 10 in use
+        pool.set_budget_blocks(6)  # 4 over
+        tc.make_room(2)
+        tc.flush()
+        assert pool.num_free_blocks == 2
+        fresh = tc.allocate(2)
+        pool.free(fresh)
+        pool.free(held)
+
+
 def test_a_lower_tier_hit_continues_a_device_prefix(tmp_path: Path) -> None:
     pool = PagedKVPool(SPEC, 12)
     with TieredPrefixCache(pool, device_blocks=4, host_blocks=16) as tc:

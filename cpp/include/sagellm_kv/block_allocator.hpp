@@ -32,8 +32,10 @@
 //     indistinguishable from a legitimate free by counts alone; it drops B's reference.
 //
 // Thread safety: every member function may be called from any number of threads at once.
-// allocate, allocate_one, free and incref are lock-free; set_limit takes a mutex (a cold path)
-// so that concurrent limit changes apply their deltas in order.
+// allocate and allocate_one are lock-free and take no memory; so are free and incref of at most
+// kStackBatch ids, while longer batches first copy their ids to heap scratch (whose allocator may
+// take a lock). set_limit takes a mutex (a cold path) so that concurrent limit changes apply their
+// deltas in order.
 #pragma once
 
 #include <atomic>

@@ -65,10 +65,13 @@ struct PoolOptions {
 ///
 /// Thread safety: allocation, free and ref counting are lock-free and safe from any thread (see
 /// BlockAllocator for the batch contract). Data movement (copy/gather/scatter) is safe
-/// concurrently as long as callers do not write the same blocks at once; the pool does not lock
-/// block contents. Every call that takes a list of ids reads it exactly once, into a private copy,
-/// before checking it: a caller changing its array meanwhile cannot make the pool touch memory
-/// outside the ids it checked.
+/// concurrently as long as no block that one call writes (a scatter's or copy's destination) is
+/// read or written by another call at the same time: any number of calls may read one block at
+/// once. The pool does not lock block contents; a block passes from its last holder's free to its
+/// next owner's allocation ordered by the allocator (tests/cpp/kv_pool_stress_test.cpp). Every
+/// call that takes a list of ids reads it exactly once, into a private copy, before checking it: a
+/// caller changing its array meanwhile cannot make the pool touch memory outside the ids it
+/// checked.
 class PagedKVPool {
  public:
   /// Allocates `num_blocks` blocks of memory on `options.device`. Throws Error(kInvalidArgument)

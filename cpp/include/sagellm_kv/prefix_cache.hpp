@@ -228,17 +228,20 @@ class PrefixCache {
   /// protocol in the file comment). New nodes get `options.owner` and `options.priority`; reused
   /// ones are marked used and keep their owner, their priority becoming the larger of the two.
   /// Evicts first when the capacity requires it. Errors, all checked before any change:
-  /// kInvalidArgument for lengths that differ (block ids, token ids), a digest repeated in the
-  /// list, a digest cached under a different parent, a block id repeated or already cached for
-  /// another digest, or a use that would overflow a node's count of 2^32-1 (options.acquire on a
+  /// kInvalidArgument for lengths that differ (block ids, token ids), a negative token id (events
+  /// carry them as unsigned 32-bit ids), a digest repeated in the list, a digest cached under a
+  /// different parent, a block id repeated or already cached for another digest, or a use that
+  /// would overflow a node's count of 2^32-1 (options.acquire on a
   /// reused node that has that many; match stops short of such a node instead); kCacheMiss when
   /// options.parent is not cached; kInvalidBlock for a block id the allocator does not have
   /// allocated (only positions the cache would take are checked).
   /// Strong exception guarantee: whatever throws (these errors, std::bad_alloc, a throwing
   /// options.clock_ns), the cache and the allocator's counts are as before the call. Everything
   /// that can fail runs before the cache takes its references; what follows cannot fail. The
-  /// arguments are copied once, under the lock, and only the copies are read (except with
-  /// options.trusted_chain, which reads them in place).
+  /// digests and block ids are copied once, under the lock, and only the copies are read (except
+  /// with options.trusted_chain, which reads them in place); the token ids go into the stored
+  /// event as a copy, and that copy is what is checked, so a caller changing them during the call
+  /// cannot put a negative id into an event.
   [[nodiscard]] InsertResult insert(std::span<const BlockHash> digests, std::span<const BlockId> block_ids,
                                     const InsertOptions& options = {});
 

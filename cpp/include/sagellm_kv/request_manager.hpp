@@ -38,8 +38,9 @@
 // tokens) throws Error(kInvalidArgument) naming it, before anything changes. Not enough blocks is
 // an expected outcome: the batch call returns BatchStatus{kPoolFull, index of the request that did
 // not fit} and nothing changed, except match statistics/recency counted (cache content, not request
-// state). A batch that would not fit even once every unused cached block were evicted is refused
-// before any is evicted; one that falls short all the same (other threads took blocks meanwhile, or
+// state). A batch that would not fit even once every unused cached block were evicted (blocks in
+// use above a limit lowered by BlockAllocator::set_limit count as missing) is refused before any is
+// evicted; one that falls short all the same (other threads took blocks meanwhile, or
 // cached blocks are also held elsewhere, so evicting them freed nothing) may have evicted some
 // trying. admit and append make every
 // allocation before they take a block, so a std::bad_alloc from them also changes nothing; only a

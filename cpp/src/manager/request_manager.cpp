@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <limits>
 #include <mutex>
 #include <new>
 #include <string>
@@ -178,24 +179,32 @@ struct RequestManager::Impl {
   // nothing when even all of them would not make room (a refusal leaves the cache's content alone).
   bool allocate(std::span<BlockId> out) {
     if (allocator.allocate(out).ok()) return true;
-    if (cache == nullptr || out.size() > reach()) return false;
+    const auto want = static_cast<std::int64_t>(out.size());
+    if (cache == nullptr || want > reach()) return false;
     for (;;) {
-      const std::uint32_t available = allocator.num_available();
-      const auto want = static_cast<std::uint32_t>(out.size());
-      const std::uint32_t evicted = cache->evict(want > available ? want - available : 1);
+      const std::int64_t short_by = std::clamp<std::int64_t>(want - headroom(), 1, std::numeric_limits<std::uint32_t>::max());
+      const std::uint32_t evicted = cache->evict(static_cast<std::uint32_t>(short_by));
       counters.evicted_for_room += evicted;
       if (allocator.allocate(out).ok()) return true;
       if (evicted == 0) return false;
     }
   }
 
-  // How many blocks the allocator could give once every unused cached block were evicted: an
-  // estimate from above (a cached block that is also held elsewhere frees nothing when evicted).
-  [[nodiscard]] std::uint64_t reach() const {
-    std::uint64_t n = allocator.num_available();
+  // Blocks the allocator can hand out now, signed: under a limit lowered below the blocks in use it
+  // is short by the excess (num_available() reads 0 then), which evicted blocks make up for first.
+  // Two reads, so a snapshot only while no set_limit runs; an estimate for deciding to evict.
+  [[nodiscard]] std::int64_t headroom() const noexcept {
+    return static_cast<std::int64_t>(allocator.limit()) - static_cast<std::int64_t>(allocator.num_allocated());
+  }
+
+  // How many blocks the allocator could give once every unused cached block were evicted (negative
+  // when even that leaves it short): an estimate from above (a cached block that is also held
+  // elsewhere frees nothing when evicted).
+  [[nodiscard]] std::int64_t reach() const {
+    std::int64_t n = headroom();
     if (cache != nullptr) {
       const PrefixCacheStats st = cache->stats();
-      n += st.cached_blocks - st.in_use_blocks;
+      n += std::int64_t{st.cached_blocks} - std::int64_t{st.in_use_blocks};
     }
     return n;
   }
@@ -494,10 +503,10 @@ BatchStatus RequestManager::admit(std::span<const AdmitRequest> requests, std::s
     std::uint64_t wanted = 0;
     for (std::size_t i = 0; i < n; ++i) wanted += own_blocks(i).size();
     if (wanted > allocator_.num_available()) {
-      const std::uint64_t reach = s.reach();
-      std::uint64_t sum = 0;
+      const std::int64_t reach = s.reach();
+      std::int64_t sum = 0;
       for (std::size_t i = 0; i < n; ++i) {
-        sum += own_blocks(i).size();
+        sum += static_cast<std::int64_t>(own_blocks(i).size());
         if (sum > reach) return refuse(i);
       }
     }

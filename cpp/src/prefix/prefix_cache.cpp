@@ -367,13 +367,20 @@ struct PrefixCache::Impl {
     --live_count;
   }
 
-  // Returns the cache's references on the blocks of removed nodes. A refusal means someone freed a
-  // reference the cache held, breaking the ownership protocol; the valid ids still go back.
+  // Returns the cache's references on the blocks of removed nodes, each exactly once. In pieces the
+  // allocator copies on its stack, so no lack of memory refuses them. A refusal means someone freed
+  // a reference the cache held, breaking the ownership protocol: when it changed nothing, the valid
+  // ids go back one by one; when it raced that free (`partial`), every other id was applied already,
+  // and freeing them again would drop references that are not the cache's.
   void return_blocks() noexcept {
-    if (allocator != nullptr && !freed_blocks.empty()) {
-      if (!allocator->free(freed_blocks).ok()) {
-        for (BlockId b : freed_blocks) {
-          [[maybe_unused]] const BatchStatus st = allocator->free(std::span<const BlockId>(&b, 1));
+    if (allocator != nullptr) {
+      const std::span<const BlockId> all(freed_blocks);
+      for (std::size_t at = 0; at < all.size(); at += BlockAllocator::kStackBatch) {
+        const auto piece = all.subspan(at, std::min(BlockAllocator::kStackBatch, all.size() - at));
+        const BatchStatus st = allocator->free(piece);
+        if (st.ok()) continue;
+        if (!st.partial) {
+          for (const BlockId b : piece) (void)allocator->free(std::span<const BlockId>(&b, 1));
         }
         assert(!"a block held by the prefix cache was freed outside it");
       }
@@ -706,6 +713,16 @@ struct PrefixCache::Impl {
         const std::size_t bs = block_size;
         ev.token_ids.assign(options.token_ids.begin() + static_cast<std::ptrdiff_t>(plan.k * bs),
                             options.token_ids.end());
+        // insert checked the caller's ids before taking the lock; this copy is what the event
+        // carries, so it is the one that must hold no negative id (the caller may have changed
+        // its array meanwhile).
+        if (const auto bad = std::ranges::find_if(ev.token_ids, [](std::int32_t t) { return t < 0; });
+            bad != ev.token_ids.end()) {
+          throw Error(ErrorCode::kInvalidArgument,
+                      "insert: token id " + std::to_string(*bad) + " at position " +
+                          std::to_string(plan.k * bs + static_cast<std::size_t>(bad - ev.token_ids.begin())) +
+                          " is negative (KV events carry token ids as unsigned 32-bit integers)");
+        }
       }
       ev.block_size = block_size;
       if (options.extra_key) ev.extra_key = std::string(*options.extra_key);
