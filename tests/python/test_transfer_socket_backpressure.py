@@ -362,3 +362,36 @@ def test_a_send_connecting_while_close_runs_leaves_no_connection_open(monkeypatc
         monkeypatch.undo()
         sender.close()
         receiver.close()
+
+
+def _socket_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("kv-socket-"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd")
+def test_backends_dropped_without_close_let_go_of_their_threads_sockets_and_ports() -> None:
+    # The accept and reader threads held their backend: one dropped without close() (a process
+    # group re-created after a failure) was never collected, and kept its threads, its listening
+    # socket (the port stayed bound) and its connections for the rest of the process.
+    import gc
+
+    before_fds, before_threads = len(os.listdir("/proc/self/fd")), _socket_threads()
+    ports: dict[int, tuple[str, int]] = {}
+    for _ in range(5):
+        a, b = _pair(recv_timeout_s=2.0)
+        a.send(np.arange(4, dtype=np.uint8), 1)
+        got = np.zeros(4, dtype=np.uint8)
+        b.recv(got, 0)
+        assert got.tolist() == [0, 1, 2, 3]
+        ports = dict(a._endpoints)
+        del a, b
+        gc.collect()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and (_socket_threads() > before_threads
+                                           or len(os.listdir("/proc/self/fd")) > before_fds):
+        time.sleep(0.02)
+    assert _socket_threads() == before_threads
+    assert len(os.listdir("/proc/self/fd")) <= before_fds
+    again = SocketTransferBackend(rank=0, world_size=2, endpoints=ports)
+    again.start()  # the last pair's port is free again
+    again.close()
