@@ -256,8 +256,11 @@ def test_a_claimed_length_costs_memory_only_as_the_bytes_arrive(trio: list[Socke
 
 def test_close_ends_readers_held_at_the_bound_and_the_blocked_sender_fails() -> None:
     endpoints = {0: ("127.0.0.1", free_port()), 1: ("127.0.0.1", free_port())}
-    sender, receiver = (SocketTransferBackend(rank=r, world_size=2, endpoints=endpoints, max_buffered_messages=2)
-                        for r in range(2))
+    # A sender that the stall check below caught between two sends (a loaded machine) makes its next
+    # send reconnect to the closed receiver, which gives up after recv_timeout_s: 1 s, well inside
+    # the bound asserted below (the default 5 s failed it ~1 run in 15).
+    sender, receiver = (SocketTransferBackend(rank=r, world_size=2, endpoints=endpoints, max_buffered_messages=2,
+                                              recv_timeout_s=1.0) for r in range(2))
     receiver.start()
     sent, errors = [0], []
 
