@@ -474,6 +474,16 @@ class DiskTier:
         # header and payload checksums catch on the next read or reopen.
         self._io(iov, slot * self.slot_nbytes, write=True, sync=self.fsync)
 
+    def erase(self, slot: int) -> None:
+        """Clears a slot's header, so that a reopen finds it never written. For a slot whose block
+        left the tier with its bytes intact (a promotion): left as it was, the block would come back
+        when the directory is reopened, though the tier had removed (and announced removing) it."""
+        if isinstance(slot, bool) or not isinstance(slot, int | np.integer) or not 0 <= slot < self.num_blocks:
+            raise ValueError(f"slot must be an int in [0, {self.num_blocks}), got {shown(slot)}")
+        hdr = self._header_buffer()
+        hdr[:] = 0
+        self._io([hdr], int(slot) * self.slot_nbytes + self.payload_stride, write=True, sync=self.fsync)
+
     def read(self, slot: int, digest: bytes, out: npt.NDArray[np.uint8]) -> bool:
         """Reads a slot into ``out`` (as for ``write``); False when the slot does not hold ``digest``
         intact (wrong digest, torn header or payload): then ``out`` must not be used."""
@@ -1335,6 +1345,13 @@ class TieredPrefixCache:
                     self._touch(tier, key)
 
     def _free_lower(self, run: list[tuple[bytes, int, int]]) -> None:
+        if self.disk is not None:
+            # Erased while still claimed (no other write can take the slot meanwhile), so that a
+            # reopen does not bring a block back that left the tier. A failed erase costs only that.
+            for _, tier, slot in run:
+                if tier == TIER_DISK:
+                    with contextlib.suppress(OSError):
+                        self.disk.erase(slot)
         events = self._events
         with self._lock:
             for key, tier, slot in run:

@@ -1032,3 +1032,26 @@ def test_a_tier_dropped_without_close_gives_back_its_descriptors_and_its_directo
         DiskTier(tmp_path / f"bare{i}", 4, pool.block_nbytes)
         gc.collect()
     assert _open_fds() <= before
+
+
+def test_blocks_promoted_off_the_disk_do_not_come_back_when_it_is_reopened(tmp_path: Path) -> None:
+    # A promotion freed its disk slots but left their headers valid: reopening the directory brought
+    # the promoted blocks back, so the reopened tier held (and announced) blocks it had removed.
+    pool = PagedKVPool(SPEC, 16)
+    with TieredPrefixCache(pool, device_blocks=4, disk_dir=tmp_path, disk_blocks=8, event_queue_capacity=64) as tc:
+        tokens = np.arange(16)
+        digests = tc.hash_tokens(tokens)
+        ids = tc.allocate(4)
+        tc.insert(digests, ids, token_ids=tokens)
+        pool.free(ids)
+        tc.demote(2)
+        tc.flush()
+        assert [tc.location(d.tobytes()) for d in digests] == ["device", "device", "disk", "disk"]
+        match = tc.match(digests)
+        assert match.tiers.tolist() == [TIER_DEVICE, TIER_DEVICE, TIER_DISK, TIER_DISK]
+        tc.release(digests)
+        tc.drain_events()
+        assert tc.disk is not None and len(tc.disk) == 0 and tc.disk.slots.num_available == 8
+    reopened = DiskTier(tmp_path, 8, pool.block_nbytes)
+    assert len(reopened) == 0 and reopened.dropped_on_open == 0
+    reopened.close()
