@@ -1054,4 +1054,7 @@ def test_blocks_promoted_off_the_disk_do_not_come_back_when_it_is_reopened(tmp_p
         assert tc.disk is not None and len(tc.disk) == 0 and tc.disk.slots.num_available == 8
     reopened = DiskTier(tmp_path, 8, pool.block_nbytes)
     assert len(reopened) == 0 and reopened.dropped_on_open == 0
+    for bad in (8, -1, True, 1.0):
+        with pytest.raises(ValueError, match="slot"):
+            reopened.erase(bad)  # type: ignore[arg-type]
     reopened.close()
