@@ -66,6 +66,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -191,6 +192,30 @@ class _DiskSlot:
     generation: int
 
 
+class _Descriptors:
+    """A disk tier's open descriptors, kept apart from the tier so that a finaliser can close them when
+    the tier is dropped without ``close()``: the buffered one (holding the directory's lock), the
+    O_DIRECT one, and an O_DIRECT one retired after the file system refused its I/O."""
+
+    __slots__ = ("buffered", "direct", "retired")
+
+    def __init__(self) -> None:
+        self.buffered = -1
+        self.direct: int | None = None
+        self.retired: list[int] = []
+
+    def take(self) -> list[int]:
+        """Every open descriptor, forgotten here (the caller closes them)."""
+        fds = [fd for fd in (self.direct, self.buffered, *self.retired) if fd is not None and fd >= 0]
+        self.buffered, self.direct, self.retired = -1, None, []
+        return fds
+
+    def close(self) -> None:
+        for fd in self.take():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class DiskTier:
     """A directory holding one preallocated file of fixed block slots, with a persistent index.
 
@@ -207,7 +232,8 @@ class DiskTier:
     drops its slot; with ``keep_records`` the good ones are kept in ``records`` (digest -> record).
 
     The owner does the locking of the index and the slot allocator; reads and writes of distinct
-    slots may run concurrently (positional I/O, thread-local header buffers).
+    slots may run concurrently (positional I/O, thread-local header buffers). Call :meth:`close`; a
+    tier dropped without it closes its descriptors (and frees the directory's lock) when collected.
     """
 
     def __init__(self, directory: str | os.PathLike[str], num_blocks: int, block_nbytes: int, *,
@@ -226,9 +252,11 @@ class DiskTier:
         # (a descriptor closed under another thread's I/O is a number the next open() reuses).
         self._io_cv = threading.Condition()
         self._io_active = 0
-        self._fd = -1
-        self._direct_fd: int | None = None
-        self._retired_fds: list[int] = []
+        # Closed by close(), or by this finaliser once the tier is collected without it (no I/O can
+        # be in flight then: each holds the tier). An engine rebuilding its cache would otherwise
+        # leak two descriptors per tier, and keep the directory locked for the rest of the process.
+        self._fds = _Descriptors()
+        self._finalizer = weakref.finalize(self, _Descriptors.close, self._fds)
         # Refuses a slot count the native allocator cannot hold before anything is created on disk.
         try:
             self.slots = _core.BlockAllocator(self.num_blocks)
@@ -240,15 +268,15 @@ class DiskTier:
             raise ValueError(f"disk tier directory {str(directory)!r} cannot be created: {exc.strerror}") from None
         path = self.directory / _SLOTS_FILE
         try:
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fds.buffered = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # e.g. a directory in its place, or no permission
             raise ValueError(f"disk tier file {str(path)!r} cannot be opened: {exc.strerror}") from None
         try:
             import fcntl
 
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fds.buffered, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            os.close(self._fd)
+            self._fds.close()
             raise ValueError(f"disk tier directory {str(directory)!r} is in use by another process") from None
         self.direct_io = False
         try:
@@ -263,21 +291,21 @@ class DiskTier:
             raise
 
     def _open_slots(self, path: Path, direct_io: bool, verify_on_open: bool, keep_records: bool) -> None:
-        old_size = os.fstat(self._fd).st_size
+        old_size = os.fstat(self._fds.buffered).st_size
         want = self.num_blocks * self.slot_nbytes
         if old_size < want:
             try:
-                os.ftruncate(self._fd, want)
+                os.ftruncate(self._fds.buffered, want)
             except OSError as exc:
                 raise ValueError(f"disk_blocks {self.num_blocks} ({want} bytes) do not fit a file in "
                                  f"{str(self.directory)!r}: {exc.strerror}") from None
         written_slots = min(self.num_blocks, old_size // self.slot_nbytes)  # beyond: never written
         if direct_io and hasattr(os, "O_DIRECT"):
             try:
-                self._direct_fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+                self._fds.direct = os.open(path, os.O_RDWR | os.O_DIRECT)
                 self.direct_io = True
             except OSError:
-                self._direct_fd = None
+                self._fds.direct = None
         self._local = threading.local()
         self.index: OrderedDict[bytes, _DiskSlot] = OrderedDict()
         self.generation = 0
@@ -450,6 +478,16 @@ class DiskTier:
         # header and payload checksums catch on the next read or reopen.
         self._io(iov, slot * self.slot_nbytes, write=True, sync=self.fsync)
 
+    def erase(self, slot: int) -> None:
+        """Clears a slot's header, so that a reopen finds it never written. For a slot whose block
+        left the tier with its bytes intact (a promotion): left as it was, the block would come back
+        when the directory is reopened, though the tier had removed (and announced removing) it."""
+        if isinstance(slot, bool) or not isinstance(slot, int | np.integer) or not 0 <= slot < self.num_blocks:
+            raise ValueError(f"slot must be an int in [0, {self.num_blocks}), got {shown(slot)}")
+        hdr = self._header_buffer()
+        hdr[:] = 0
+        self._io([hdr], int(slot) * self.slot_nbytes + self.payload_stride, write=True, sync=self.fsync)
+
     def read(self, slot: int, digest: bytes, out: npt.NDArray[np.uint8]) -> bool:
         """Reads a slot into ``out`` (as for ``write``); False when the slot does not hold ``digest``
         intact (wrong digest, torn header or payload): then ``out`` must not be used."""
@@ -465,10 +503,10 @@ class DiskTier:
         """pwritev / preadv of ``bufs`` at ``off``, through O_DIRECT when every buffer is aligned
         (then fdatasync when ``sync``). OSError(EBADF) once the tier is closed."""
         with self._io_cv:
-            if self._fd < 0:
+            if self._fds.buffered < 0:
                 raise OSError(errno.EBADF, "the disk tier is closed")
             self._io_active += 1
-            buffered_fd, direct_fd = self._fd, self._direct_fd
+            buffered_fd, direct_fd = self._fds.buffered, self._fds.direct
         try:
             use_direct = direct_fd is not None and all(self._aligned(b) for b in bufs)
             fd = direct_fd if use_direct and direct_fd is not None else buffered_fd
@@ -498,9 +536,9 @@ class DiskTier:
         # The filesystem opened with O_DIRECT but refuses the I/O: fall back to buffered I/O. The
         # descriptor stays open until close(): another thread may be in an I/O on it.
         with self._io_cv:
-            if self._direct_fd is not None:
-                self._retired_fds.append(self._direct_fd)
-                self._direct_fd = None
+            if self._fds.direct is not None:
+                self._fds.retired.append(self._fds.direct)
+                self._fds.direct = None
             self.direct_io = False
 
     # --- index ---------------------------------------------------------------------------------
@@ -555,10 +593,7 @@ class DiskTier:
         """Closes the slot file once the reads and writes in flight have finished; later ones raise
         OSError(EBADF)."""
         with self._io_cv:
-            fds = [fd for fd in (self._direct_fd, self._fd, *self._retired_fds) if fd is not None and fd >= 0]
-            self._direct_fd = None
-            self._fd = -1
-            self._retired_fds = []
+            fds = self._fds.take()
             while self._io_active:
                 self._io_cv.wait()
         for fd in fds:
@@ -1314,6 +1349,13 @@ class TieredPrefixCache:
                     self._touch(tier, key)
 
     def _free_lower(self, run: list[tuple[bytes, int, int]]) -> None:
+        if self.disk is not None:
+            # Erased while still claimed (no other write can take the slot meanwhile), so that a
+            # reopen does not bring a block back that left the tier. A failed erase costs only that.
+            for _, tier, slot in run:
+                if tier == TIER_DISK:
+                    with contextlib.suppress(OSError):
+                        self.disk.erase(slot)
         events = self._events
         with self._lock:
             for key, tier, slot in run:

@@ -742,3 +742,32 @@ def test_replay_start_beyond_64_bits_is_a_value_error() -> None:
         sub.replay(2**64)  # was: OverflowError from int.to_bytes
     with pytest.raises(TypeError, match="endpoint"):
         KVEventSubscriber(None)  # type: ignore[arg-type]
+
+
+def _threads_named(name: str) -> int:
+    return sum(1 for t in threading.enumerate() if t.name == name)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd")
+def test_a_replaying_publisher_dropped_without_close_lets_go_of_its_thread_sockets_and_ports() -> None:
+    # The replay thread held the publisher: one dropped without close() (an engine that rebuilds
+    # its publisher) was never collected, and kept its thread, its context's descriptors and both
+    # bound ports for the rest of the process.
+    import gc
+
+    before_fds, before_threads = len(os.listdir("/proc/self/fd")), _threads_named("kv-event-replay")
+    for _ in range(10):
+        publisher = KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", linger_ms=0)
+        endpoint, replay_endpoint = publisher.endpoint, publisher.replay_endpoint
+        publisher.publish([{"type": "cleared"}])
+        del publisher
+        gc.collect()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and (_threads_named("kv-event-replay") > before_threads
+                                           or len(os.listdir("/proc/self/fd")) > before_fds):
+        time.sleep(0.02)
+    assert _threads_named("kv-event-replay") == before_threads
+    assert len(os.listdir("/proc/self/fd")) <= before_fds
+    # The last one's ports are free again.
+    with KVEventPublisher(endpoint, replay_endpoint=replay_endpoint, linger_ms=0) as again:
+        assert (again.endpoint, again.replay_endpoint) == (endpoint, replay_endpoint)

@@ -1036,3 +1036,61 @@ def test_disk_slots_keep_token_records_that_fit_their_header_page(tmp_path: Path
     without = DiskTier(tmp_path, 4, pool.block_nbytes)  # records are checked, not kept
     assert without.records == {} and len(without) == 3
     without.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd")
+def test_a_tier_dropped_without_close_gives_back_its_descriptors_and_its_directory(tmp_path: Path) -> None:
+    # An engine that rebuilds its cache (a reconfiguration, an error path that skipped close())
+    # left each dropped tier's two descriptors open and its directory locked for the rest of the
+    # process: reopening the directory failed as "in use by another process".
+    import gc
+
+    pool = PagedKVPool(SPEC, 8)
+    before = _open_fds()
+    for _ in range(20):
+        tc = TieredPrefixCache(pool, device_blocks=2, disk_dir=tmp_path, disk_blocks=4)
+        digests = tc.hash_tokens(np.arange(12))
+        ids = tc.allocate(3)
+        tc.insert(digests, ids)
+        pool.free(ids)
+        tc.flush()  # the oldest block went to disk
+        del tc
+        gc.collect()
+    assert _open_fds() <= before
+    disk = DiskTier(tmp_path, 4, pool.block_nbytes)  # the directory is free, its slot intact
+    assert len(disk) == 1
+    disk.close()
+    for i in range(20):
+        DiskTier(tmp_path / f"bare{i}", 4, pool.block_nbytes)
+        gc.collect()
+    assert _open_fds() <= before
+
+
+def test_blocks_promoted_off_the_disk_do_not_come_back_when_it_is_reopened(tmp_path: Path) -> None:
+    # A promotion freed its disk slots but left their headers valid: reopening the directory brought
+    # the promoted blocks back, so the reopened tier held (and announced) blocks it had removed.
+    pool = PagedKVPool(SPEC, 16)
+    with TieredPrefixCache(pool, device_blocks=4, disk_dir=tmp_path, disk_blocks=8, event_queue_capacity=64) as tc:
+        tokens = np.arange(16)
+        digests = tc.hash_tokens(tokens)
+        ids = tc.allocate(4)
+        tc.insert(digests, ids, token_ids=tokens)
+        pool.free(ids)
+        tc.demote(2)
+        tc.flush()
+        assert [tc.location(d.tobytes()) for d in digests] == ["device", "device", "disk", "disk"]
+        match = tc.match(digests)
+        assert match.tiers.tolist() == [TIER_DEVICE, TIER_DEVICE, TIER_DISK, TIER_DISK]
+        tc.release(digests)
+        tc.drain_events()
+        assert tc.disk is not None and len(tc.disk) == 0 and tc.disk.slots.num_available == 8
+    reopened = DiskTier(tmp_path, 8, pool.block_nbytes)
+    assert len(reopened) == 0 and reopened.dropped_on_open == 0
+    for bad in (8, -1, True, 1.0):
+        with pytest.raises(ValueError, match="slot"):
+            reopened.erase(bad)  # type: ignore[arg-type]
+    reopened.close()

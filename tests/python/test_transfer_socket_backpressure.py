@@ -256,8 +256,11 @@ def test_a_claimed_length_costs_memory_only_as_the_bytes_arrive(trio: list[Socke
 
 def test_close_ends_readers_held_at_the_bound_and_the_blocked_sender_fails() -> None:
     endpoints = {0: ("127.0.0.1", free_port()), 1: ("127.0.0.1", free_port())}
-    sender, receiver = (SocketTransferBackend(rank=r, world_size=2, endpoints=endpoints, max_buffered_messages=2)
-                        for r in range(2))
+    # A sender that the stall check below caught between two sends (a loaded machine) makes its next
+    # send reconnect to the closed receiver, which gives up after recv_timeout_s: 1 s, well inside
+    # the bound asserted below (the default 5 s failed it ~1 run in 15).
+    sender, receiver = (SocketTransferBackend(rank=r, world_size=2, endpoints=endpoints, max_buffered_messages=2,
+                                              recv_timeout_s=1.0) for r in range(2))
     receiver.start()
     sent, errors = [0], []
 
@@ -362,3 +365,36 @@ def test_a_send_connecting_while_close_runs_leaves_no_connection_open(monkeypatc
         monkeypatch.undo()
         sender.close()
         receiver.close()
+
+
+def _socket_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("kv-socket-"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd")
+def test_backends_dropped_without_close_let_go_of_their_threads_sockets_and_ports() -> None:
+    # The accept and reader threads held their backend: one dropped without close() (a process
+    # group re-created after a failure) was never collected, and kept its threads, its listening
+    # socket (the port stayed bound) and its connections for the rest of the process.
+    import gc
+
+    before_fds, before_threads = len(os.listdir("/proc/self/fd")), _socket_threads()
+    ports: dict[int, tuple[str, int]] = {}
+    for _ in range(5):
+        a, b = _pair(recv_timeout_s=2.0)
+        a.send(np.arange(4, dtype=np.uint8), 1)
+        got = np.zeros(4, dtype=np.uint8)
+        b.recv(got, 0)
+        assert got.tolist() == [0, 1, 2, 3]
+        ports = dict(a._endpoints)
+        del a, b
+        gc.collect()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and (_socket_threads() > before_threads
+                                           or len(os.listdir("/proc/self/fd")) > before_fds):
+        time.sleep(0.02)
+    assert _socket_threads() == before_threads
+    assert len(os.listdir("/proc/self/fd")) <= before_fds
+    again = SocketTransferBackend(rank=0, world_size=2, endpoints=ports)
+    again.start()  # the last pair's port is free again
+    again.close()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -198,7 +199,11 @@ class KVEventPublisher:
         self._replays_served = 0
         self._replay_thread: threading.Thread | None = None
         if self._replay is not None:
-            self._replay_thread = threading.Thread(target=self._serve_replays, name="kv-event-replay", daemon=True)
+            # The thread holds the publisher only while it answers a request: one dropped without
+            # close() is collected, and the thread then closes the sockets and the context itself.
+            self._replay_thread = threading.Thread(
+                target=_serve_replays, args=(weakref.ref(self), self._ctx, self._socket, self._replay, linger_ms),
+                name="kv-event-replay", daemon=True)
             self._replay_thread.start()
 
     @property
@@ -254,29 +259,26 @@ class KVEventPublisher:
                 raise
             return len(events)
 
-    def _serve_replays(self) -> None:
-        replay = self._replay
-        assert replay is not None
-        while not self._closed:
-            try:
-                if not replay.poll(_POLL_MS, zmq.POLLIN):
-                    continue
-                frames = replay.recv_multipart()
-            except zmq.ZMQError:
-                return  # the socket was closed under us: we are shutting down
-            # [client identity, empty delimiter, start seq]; anything else is not a replay request.
-            if len(frames) != 3 or frames[1] or len(frames[2]) != 8:
-                continue
-            client, start = frames[0], int.from_bytes(frames[2], "big")
-            with self._lock:
-                answer = [] if self._buffer is None else [item for item in self._buffer if item[0] >= start]
-            try:
-                for seq, payload in answer:
-                    replay.send_multipart([client, b"", self._topic_bytes, _seq_bytes(seq), payload])
-                replay.send_multipart([client, b"", b"", _seq_bytes(END_SEQ), b""])
-            except zmq.ZMQError:
-                return
-            self._replays_served += 1
+    def _answer_replay(self, replay: zmq.Socket[bytes]) -> bool:
+        """Answers one request waiting on the replay socket; False once that socket is closed."""
+        try:
+            frames = replay.recv_multipart()
+        except zmq.ZMQError:
+            return False  # the socket was closed under us: we are shutting down
+        # [client identity, empty delimiter, start seq]; anything else is not a replay request.
+        if len(frames) != 3 or frames[1] or len(frames[2]) != 8:
+            return True
+        client, start = frames[0], int.from_bytes(frames[2], "big")
+        with self._lock:
+            answer = [] if self._buffer is None else [item for item in self._buffer if item[0] >= start]
+        try:
+            for seq, payload in answer:
+                replay.send_multipart([client, b"", self._topic_bytes, _seq_bytes(seq), payload])
+            replay.send_multipart([client, b"", b"", _seq_bytes(END_SEQ), b""])
+        except zmq.ZMQError:
+            return False
+        self._replays_served += 1
+        return True
 
     @property
     def closed(self) -> bool:
@@ -304,6 +306,26 @@ class KVEventPublisher:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _serve_replays(ref: weakref.ReferenceType[KVEventPublisher], ctx: zmq.Context[Any], socket: zmq.Socket[bytes],
+                   replay: zmq.Socket[bytes], linger_ms: int | None) -> None:
+    """The replay thread: answers requests while the publisher is open. Once the publisher was dropped
+    without close() it closes the sockets and the context (nobody else can use them any more)."""
+    while True:
+        try:
+            ready = replay.poll(_POLL_MS, zmq.POLLIN)
+        except zmq.ZMQError:
+            return  # closed under us: close() is shutting down
+        publisher = ref()
+        if publisher is None:
+            replay.close(linger=0)
+            socket.close(linger=linger_ms)
+            ctx.term()
+            return
+        if publisher.closed or (ready and not publisher._answer_replay(replay)):
+            return
+        del publisher  # not held while polling
 
 
 # --- subscriber -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -91,6 +92,69 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
+def _shut_down(listening: list[socket.socket], accepted: list[socket.socket], peers: dict[int, socket.socket]) -> None:
+    """A backend dropped without close(): wakes its threads (each closes its own socket and ends) and
+    closes the connections it made."""
+    for sock in (*listening, *accepted):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    for sock in list(peers.values()):
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+def _accept_loop(ref: weakref.ReferenceType[SocketTransferBackend], server: socket.socket) -> None:
+    try:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                backend = ref()
+                if backend is None or not backend._running:
+                    return
+                del backend  # not held while waiting
+                continue
+            except OSError as e:
+                backend = ref()
+                if backend is None or not backend._running or e.errno not in _TRANSIENT_ACCEPT_ERRORS:
+                    return
+                del backend
+                time.sleep(_ACCEPT_BACKOFF_S)  # e.g. at the descriptor limit until connections end
+                continue
+            backend = ref()
+            if backend is None or not backend._running:
+                conn.close()
+                return
+            backend._adopt(conn)
+            del backend
+    finally:
+        if ref() is None:  # dropped without close(), which would close it
+            server.close()
+
+
+def _read_loop(ref: weakref.ReferenceType[SocketTransferBackend], conn: socket.socket) -> None:
+    try:
+        with contextlib.suppress(OSError):
+            source: int | None = None  # the rank this connection carries, fixed by its first header
+            while True:
+                header = _recv_exactly(conn, _HEADER.size)  # the backend is not held while waiting
+                backend = ref()
+                if header is None or backend is None or not backend._running:
+                    return
+                source = backend._file_message(conn, source, header)
+                del backend
+                if source is None:
+                    return
+    finally:
+        # Every way out closes the connection and forgets it and this thread: a peer that
+        # reconnects, or anything else that connects and goes, must not cost a descriptor.
+        with contextlib.suppress(OSError):
+            conn.close()
+        backend = ref()
+        if backend is not None:
+            backend._reader_done(conn)
+
+
 class SocketTransferBackend:
     """See the module docstring."""
 
@@ -140,6 +204,12 @@ class SocketTransferBackend:
         self._buffered_messages = dict.fromkeys(range(world_size), 0)
         self._cond = threading.Condition()
         self._running = False
+        # The threads hold this backend only weakly (a reader holds it while it files a message): one
+        # dropped without close() is collected, and this finaliser then shuts its sockets down; the
+        # accept thread closes the listening socket, each reader its connection. Otherwise each
+        # dropped backend kept its threads, its bound port and its connections for good.
+        self._listening: list[socket.socket] = []  # the server socket while started (for the finaliser)
+        self._finalizer = weakref.finalize(self, _shut_down, self._listening, self._accepted, self._peers)
 
     def get_rank(self) -> int:
         return self._rank
@@ -157,8 +227,10 @@ class SocketTransferBackend:
             server = socket.create_server(self._endpoints[self._rank], reuse_port=False)
             server.settimeout(0.2)
             self._server = server
+            self._listening.append(server)
             self._running = True
-        thread = threading.Thread(target=self._accept_loop, name=f"kv-socket-accept-{self._rank}", daemon=True)
+        thread = threading.Thread(target=_accept_loop, args=(weakref.ref(self), server),
+                                  name=f"kv-socket-accept-{self._rank}", daemon=True)
         thread.start()
         self._threads.append(thread)
 
@@ -199,73 +271,52 @@ class SocketTransferBackend:
         with self._cond:
             self._threads.clear()
             self._accepted.clear()
+            self._listening.clear()
             for src, inbox in self._inboxes.items():
                 while inbox:
                     self._take(src)
         self._server = None
 
-    def _accept_loop(self) -> None:
-        while self._running and self._server is not None:
-            try:
-                conn, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError as e:
-                if not self._running or e.errno not in _TRANSIENT_ACCEPT_ERRORS:
-                    return
-                time.sleep(_ACCEPT_BACKOFF_S)  # e.g. at the descriptor limit until connections end
-                continue
-            conn.settimeout(self._recv_timeout_s)  # for the first header; a peer sends it on connecting
-            reader = threading.Thread(target=self._read_loop, args=(conn,), daemon=True,
-                                      name=f"kv-socket-read-{self._rank}")
-            with self._cond:
-                self._accepted.append(conn)
-                self._threads.append(reader)
-            reader.start()
+    def _adopt(self, conn: socket.socket) -> None:
+        """Starts a reader for a connection the accept thread took."""
+        conn.settimeout(self._recv_timeout_s)  # for the first header; a peer sends it on connecting
+        reader = threading.Thread(target=_read_loop, args=(weakref.ref(self), conn), daemon=True,
+                                  name=f"kv-socket-read-{self._rank}")
+        with self._cond:
+            self._accepted.append(conn)
+            self._threads.append(reader)
+        reader.start()
 
-    def _read_loop(self, conn: socket.socket) -> None:
+    def _reader_done(self, conn: socket.socket) -> None:
+        with self._cond:
+            with contextlib.suppress(ValueError):  # close() may have cleared the lists already
+                self._accepted.remove(conn)
+            with contextlib.suppress(ValueError):
+                self._threads.remove(threading.current_thread())
+
+    def _file_message(self, conn: socket.socket, source: int | None, header: bytearray) -> int | None:
+        """Checks a header and files its message in its source's inbox: the source rank, or None when
+        the connection is to be dropped (not our protocol, a hostile length, a second source, closing)."""
+        magic, version, _, src, nbytes = _HEADER.unpack(header)
+        if magic != _MAGIC or version != _VERSION or not 0 <= src < self._world_size or \
+                nbytes > self._max_message_bytes or (source is not None and src != source):
+            return None
+        if source is None:
+            conn.settimeout(None)  # a peer's connection may then idle between messages
+        if not self._reserve(src, nbytes):
+            return None  # closing
+        payload = None
         try:
-            with contextlib.suppress(OSError):
-                self._read_messages(conn)
+            payload = _recv_exactly(conn, nbytes)
         finally:
-            # Every way out closes the connection and forgets it and this thread: a peer that
-            # reconnects, or anything else that connects and goes, must not cost a descriptor.
-            with contextlib.suppress(OSError):
-                conn.close()
             with self._cond:
-                with contextlib.suppress(ValueError):  # close() may have cleared the lists already
-                    self._accepted.remove(conn)
-                with contextlib.suppress(ValueError):
-                    self._threads.remove(threading.current_thread())
-
-    def _read_messages(self, conn: socket.socket) -> None:
-        source: int | None = None  # the rank this connection carries, fixed by its first header
-        while self._running:
-            header = _recv_exactly(conn, _HEADER.size)
-            if header is None:
-                return
-            magic, version, _, src, nbytes = _HEADER.unpack(header)
-            if magic != _MAGIC or version != _VERSION or not 0 <= src < self._world_size or \
-                    nbytes > self._max_message_bytes or (source is not None and src != source):
-                return  # not our protocol, a hostile length or a second source: drop the connection
-            if source is None:
-                conn.settimeout(None)  # a peer's connection may then idle between messages
-            source = src
-            if not self._reserve(src, nbytes):
-                return  # closing
-            payload = None
-            try:
-                payload = _recv_exactly(conn, nbytes)
-            finally:
-                with self._cond:
-                    if payload is None:  # the connection ended mid-message: give the room back
-                        self._buffered_bytes[src] -= nbytes
-                        self._buffered_messages[src] -= 1
-                    else:
-                        self._inboxes[src].append(payload)
-                    self._cond.notify_all()
-            if payload is None:
-                return
+                if payload is None:  # the connection ended mid-message: give the room back
+                    self._buffered_bytes[src] -= nbytes
+                    self._buffered_messages[src] -= 1
+                else:
+                    self._inboxes[src].append(payload)
+                self._cond.notify_all()
+        return None if payload is None else src
 
     def _reserve(self, src: int, nbytes: int) -> bool:
         """Waits until ``src``'s buffer has room for ``nbytes`` more, and takes it; False once closing.
