@@ -392,14 +392,14 @@ class KVPool:
         return handle
 
     def get_stats(self) -> dict:
-        with self._lock:
-            native = self._native.stats()
+        with self._lock:  # alloc and free change the native counters under this lock too
+            allocated = self._allocated_tokens
+            available = int(self._native.available_tokens)
             num_handles = len(self._live_handles)
             pinned = self._pinned_tokens
-        allocated = int(native["allocated_tokens"])
         return {
             "allocated_tokens": allocated,
-            "available_tokens": int(native["available_tokens"]),
+            "available_tokens": available,
             "max_tokens": self.max_tokens,
             "num_handles": num_handles,
             "pinned_tokens": pinned,
