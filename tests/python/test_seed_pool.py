@@ -77,7 +77,7 @@ def test_block_ids_stay_below_num_blocks_and_admission_counts_the_blocks() -> No
     # (kv_pool.py's module docstring), so partly filled blocks cannot take ids past it: they are
     # refused as the budget is, and can_admit / get_available_tokens say so beforehand.
     calls: list[tuple[int, int, int]] = []
-    pool = KVPool(max_tokens=48, block_size=16, on_budget_exceeded=lambda *a: calls.append(a))
+    pool = KVPool(max_tokens=48, block_size=16, on_budget_exceeded=lambda *a: calls.append(a), overcommit_blocks=False)
     assert pool.num_blocks == 3
     a = pool.alloc(17)  # 2 blocks for 17 tokens: 31 tokens of budget left, 1 free id
     assert pool.get_available_tokens() == 16 and pool.get_stats()["available_tokens"] == 16
@@ -94,13 +94,30 @@ def test_block_ids_stay_below_num_blocks_and_admission_counts_the_blocks() -> No
     pool.free(a)
     assert pool.can_admit(32) and sorted(pool.alloc(32).block_ids.tolist()) == [0, 1]
     # One-token handles: as many as there are blocks, not as many as there are tokens.
-    small = KVPool(max_tokens=256, block_size=128)
+    small = KVPool(max_tokens=256, block_size=128, overcommit_blocks=False)
     ones = [small.alloc(1) for _ in range(2)]
     assert sorted(int(h.block_ids[0]) for h in ones) == [0, 1] and not small.can_admit(1)
     with pytest.raises(KVBudgetExceededError):
         small.alloc(1)
-    with pytest.raises(TypeError, match="overcommit_blocks must be a bool"):
+    with pytest.raises(TypeError, match="overcommit_blocks must be a bool or None"):
         KVPool(max_tokens=48, block_size=16, overcommit_blocks=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("env", "bounded"), [(None, False), ("0", False), ("1", True)])
+def test_ids_are_bounded_by_default_where_the_engine_indexes_a_kv_tensor_with_them(
+        monkeypatch: pytest.MonkeyPatch, env: str | None, bounded: bool) -> None:
+    # The engine's paged attention (SAGELLM_ENABLE_CUDA_PAGED_ATTENTION=1) indexes num_blocks blocks
+    # with these ids; elsewhere the original's token-only admission is kept (kv_pool.py's docstring).
+    if env is None:
+        monkeypatch.delenv("SAGELLM_ENABLE_CUDA_PAGED_ATTENTION", raising=False)
+    else:
+        monkeypatch.setenv("SAGELLM_ENABLE_CUDA_PAGED_ATTENTION", env)
+    pool = KVPool(max_tokens=48, block_size=16)
+    assert pool.overcommit_blocks is not bounded
+    pool.alloc(17)
+    assert pool.can_admit(17) is not bounded and pool.get_available_tokens() == (16 if bounded else 31)
+    monkeypatch.setenv("SAGELLM_ENABLE_CUDA_PAGED_ATTENTION", "0" if bounded else "1")
+    assert pool.can_admit(17) is not bounded  # read at construction: a pool keeps its mode
 
 
 def test_overcommit_block_rounding_never_refuses_what_the_budget_admits() -> None:
@@ -119,13 +136,14 @@ def test_overcommit_block_rounding_never_refuses_what_the_budget_admits() -> Non
 
 
 def test_seed_admission_example_from_the_engine() -> None:
-    # A 192-token pool holding 7 + 40 + 20 + 60 tokens (10 of its 12 blocks): 65 tokens of budget
+    # A bounded 192-token pool holding 7 + 40 + 20 + 60 tokens (10 of its 12 blocks): 65 tokens of budget
     # are left but 2 blocks, so it admits 32 tokens, not the 53 the original's budget would.
-    bounded = KVPool(max_tokens=192, block_size=16)
+    bounded = KVPool(max_tokens=192, block_size=16, overcommit_blocks=False)
     for n in (7, 40, 20, 60):
         bounded.alloc(n)
     assert bounded.can_admit(32) and not bounded.can_admit(33) and bounded.get_available_tokens() == 32
-    # With overcommit_blocks it admits 53 more (4 blocks): ids 12 and 13, past its 12 blocks.
+    # With overcommit_blocks (the default off the engine's paged path) it admits 53 more (4 blocks):
+    # ids 12 and 13, past its 12 blocks.
     pool = KVPool(max_tokens=192, block_size=16, overcommit_blocks=True)
     for n in (7, 40, 20, 60):
         pool.alloc(n)

@@ -5,24 +5,32 @@ handle also owns ``ceil(num_tokens / block_size)`` real block ids from the nativ
 is what an engine needs to build a block table. The pool is metadata-only (no KV bytes behind it,
 like the seed); use :class:`sagellm_kv_cache.PagedKVPool` for real memory.
 
-Block ids stay below ``num_blocks = ceil(max_tokens / block_size)``: they index a paged KV tensor
-sized for the budget. The sageLLM engine (isagellm-core 0.5.4.26) builds its block tables from
-these ids (``KVCacheManager.allocate_slots``: ``[b.block_id for b in handle._blocks]``) and, on its
-opt-in paged-attention path (``SAGELLM_ENABLE_CUDA_PAGED_ATTENTION=1``), indexes a KV tensor of
-exactly ``KVCacheConfig.num_blocks`` blocks with them (``SageAttention._ensure_paged_kv_cache``),
-the same ``num_blocks`` whose ``block_size * num_blocks`` it passes here as ``max_tokens``. So a
-handle is admitted when its tokens fit the budget and its ``ceil(num_tokens / block_size)`` blocks
-fit the free ids: ``get_available_tokens()`` is min(tokens left, free ids * block_size) and
-``can_admit(n)`` is ``n <= get_available_tokens()``, which the engine's scheduler asks before it
-allocates (a refused request waits, or the engine evicts; an eviction that frees enough tokens
-frees enough blocks too). With full blocks this is the original's token budget; partly filled last
-blocks make it stricter than the original, whose UUID block ids indexed nothing (the engine's
-paged path could not use them at all). Every request the original served alone fits alone here.
+Block ids and admission, two modes (``overcommit_blocks``):
 
-``overcommit_blocks=True`` gives the original's admission by the token budget alone: handles
-whose last block is partly filled can then hold more block ids than ``num_blocks`` (at most one per
-token), so the id space grows on demand in segments of ``num_blocks`` ids and shrinks back when
-they empty; such ids index nothing sized by ``num_blocks``.
+* Token budget alone (``overcommit_blocks=True``), the original package's admission: whatever fits
+  in ``max_tokens`` is admitted, however the handles round up to blocks. Handles whose last block is
+  partly filled can then need more block ids than ``num_blocks = ceil(max_tokens / block_size)`` (at
+  most one per token), so the id space grows on demand in segments of ``num_blocks`` ids and shrinks
+  back when they empty (with full blocks only the first segment is used).
+* Bounded ids (``overcommit_blocks=False``): every id is below ``num_blocks``, and a handle is
+  admitted when its tokens fit the budget and its ``ceil(num_tokens / block_size)`` blocks fit the
+  free ids: ``get_available_tokens()`` is min(tokens left, free ids * block_size) and
+  ``can_admit(n)`` is ``n <= get_available_tokens()``. With full blocks this is the token budget.
+
+The default (``None``) is bounded exactly when ``SAGELLM_ENABLE_CUDA_PAGED_ATTENTION=1``, the sageLLM
+engine's switch for the one path where these ids index memory. The engine (isagellm-core 0.5.4.26)
+builds its block tables from them (``KVCacheManager.allocate_slots``: ``[b.block_id for b in
+handle._blocks]``) and, on that paged-attention path, indexes a KV tensor of exactly
+``KVCacheConfig.num_blocks`` blocks with them (``SageAttention._ensure_paged_kv_cache``), the
+``num_blocks`` whose ``block_size * num_blocks`` it passes here as ``max_tokens``: an id past it is
+an out-of-bounds index (an ``IndexError`` in the backend's torch path, a stray write in a CUDA kernel).
+Everywhere else (its CPU path) the ids index nothing, and token admission is kept because the engine
+cannot wait on a refusal there: its scheduler admits a batch's requests each against the same
+snapshot (``can_alloc``), and one whose allocation then fails and whose eviction cannot free its
+whole size is never scheduled again (a hang; with the original too, on a smaller budget). Bounded
+ids would reach that where the original served (two 20-token requests on 3 blocks of 16). On the
+paged path that refusal is still the better outcome, and the original could not run it at all (its
+UUID block ids make ``ModelRunner._build_block_tables_tensor`` raise ``TypeError``).
 
 The accounting is the C++ ``TokenPool`` (``cpp/include/sagellm_kv/token_pool.hpp``) and the handle
 table lives in its binding (``_core.SeedPool``), so ``alloc`` and ``free`` are one call into C++
@@ -31,6 +39,7 @@ each; this module keeps the policy: argument checking, the handle template and t
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,6 +62,9 @@ from sagellm_kv_cache.pool.block_manager import BlockManager
 __all__ = ["KVPool", "parse_device"]
 
 BudgetCallback = Callable[[int, int, int], None]
+
+#: The sageLLM engine's switch for paged attention, which indexes a ``num_blocks`` tensor with our ids.
+PAGED_ATTENTION_ENV = "SAGELLM_ENABLE_CUDA_PAGED_ATTENTION"
 
 
 _MAX_DEVICE_INDEX = 2**31 - 1  # the native DeviceId's int
@@ -243,7 +255,7 @@ class KVPool:
         on_budget_exceeded: BudgetCallback | None = None,
         node_rank: int | None = None,
         *,
-        overcommit_blocks: bool = False,
+        overcommit_blocks: bool | None = None,
     ) -> None:
         self.max_tokens = positive_int("max_tokens", max_tokens)
         self.block_size = positive_int("block_size", block_size)
@@ -254,8 +266,10 @@ class KVPool:
             raise TypeError("on_budget_exceeded must be callable(requested, available, max_tokens)")
         if node_rank is not None:
             node_rank = positive_int("node_rank", node_rank, allow_zero=True)
-        if not isinstance(overcommit_blocks, bool):
-            raise TypeError(f"overcommit_blocks must be a bool, got {type(overcommit_blocks).__name__}")
+        if overcommit_blocks is None:  # read once, here: a pool keeps its mode
+            overcommit_blocks = os.environ.get(PAGED_ATTENTION_ENV) != "1"
+        elif not isinstance(overcommit_blocks, bool):
+            raise TypeError(f"overcommit_blocks must be a bool or None, got {type(overcommit_blocks).__name__}")
         self.on_budget_exceeded = on_budget_exceeded
         self.num_blocks = -(-self.max_tokens // self.block_size)
         self.overcommit_blocks = overcommit_blocks
