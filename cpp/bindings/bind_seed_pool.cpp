@@ -125,8 +125,8 @@ class Held {
 };
 
 struct SeedPool {
-  SeedPool(std::uint64_t max_tokens, std::uint32_t block_size, py::object rank, HandleSpec s)
-      : core(max_tokens, block_size), node_rank(std::move(rank)), spec(std::move(s)) {}
+  SeedPool(std::uint64_t max_tokens, std::uint32_t block_size, bool overcommit, py::object rank, HandleSpec s)
+      : core(max_tokens, block_size, overcommit), node_rank(std::move(rank)), spec(std::move(s)) {}
   TokenPool core;
   py::dict live;
   py::object node_rank;
@@ -279,7 +279,7 @@ py::object alloc(SeedPool& p, const py::handle& num_tokens, const py::handle& dt
   {
     Held held(p.lock);
     if (blocks == 0) {
-      grant = {ErrorCode::kBudgetExceeded, p.core.max_tokens() - p.core.allocated_tokens()};
+      grant = {ErrorCode::kBudgetExceeded, p.core.available_tokens()};
     } else {
       grant = p.core.allocate(a.tokens, std::span<BlockId>(ids_data(ids), blocks));
     }
@@ -441,6 +441,7 @@ py::dict stats_dict(const TokenPoolStats& s) {
   d["blocks_in_use"] = s.blocks_in_use;
   d["blocks_peak"] = s.blocks_peak;
   d["block_id_capacity"] = s.block_id_capacity;
+  d["available_tokens"] = s.available_tokens;
   return d;
 }
 
@@ -451,7 +452,8 @@ void bind_seed_pool(py::module_& m) {
       .def(py::init([](std::int64_t max_tokens, std::int64_t block_size, py::object node_rank, py::object cls,
                        py::object defaults, py::tuple names, py::object fields_set, py::object fallback,
                        py::object uuid_cls, py::object uuid_safe, py::object free_state, py::dict dtypes,
-                       py::dict layouts, py::dict devices, py::object normalize, py::object refusal) {
+                       py::dict layouts, py::dict devices, py::object normalize, py::object refusal,
+                       bool overcommit_blocks) {
              if (max_tokens <= 0) throw py::value_error("max_tokens must be > 0, got " + std::to_string(max_tokens));
              const std::uint32_t bs = checked_count(block_size, "block_size");
              if (!defaults.is_none() && (!PyDict_Check(defaults.ptr()) || !PyAnySet_Check(fields_set.ptr()))) {
@@ -469,12 +471,13 @@ void bind_seed_pool(py::module_& m) {
                              dtypes, layouts, devices, normalize, refusal,
                              SlotReader(uuid_cls, "int"), SlotReader(cls, "__pydantic_private__"),
                              SlotReader(cls, "__pydantic_fields_set__")};
-             return std::make_unique<SeedPool>(static_cast<std::uint64_t>(max_tokens), bs, node_rank, std::move(spec));
+             return std::make_unique<SeedPool>(static_cast<std::uint64_t>(max_tokens), bs, overcommit_blocks, node_rank,
+                                               std::move(spec));
            }),
            py::arg("max_tokens"), py::arg("block_size"), py::arg("node_rank"), py::kw_only(), py::arg("cls"),
            py::arg("defaults"), py::arg("names"), py::arg("fields_set"), py::arg("fallback"), py::arg("uuid_cls"),
            py::arg("uuid_safe"), py::arg("free_state"), py::arg("dtypes"), py::arg("layouts"), py::arg("devices"),
-           py::arg("normalize"), py::arg("refusal"))
+           py::arg("normalize"), py::arg("refusal"), py::arg("overcommit_blocks") = false)
       .def("alloc", &alloc, py::arg("num_tokens"), py::arg("dtype"), py::arg("layout"), py::arg("device"),
            py::arg("metadata"))
       .def("free", &free_handle, py::arg("handle"))
@@ -487,6 +490,7 @@ void bind_seed_pool(py::module_& m) {
       .def_readwrite("node_rank", &SeedPool::node_rank)
       .def("stats", [](const SeedPool& p) { return stats_dict(p.core.stats()); })
       .def_property_readonly("allocated_tokens", [](const SeedPool& p) { return p.core.allocated_tokens(); })
+      .def_property_readonly("available_tokens", [](const SeedPool& p) { return p.core.available_tokens(); })
       .def_property_readonly("blocks_in_use", [](const SeedPool& p) { return p.core.stats().blocks_in_use; })
       .def_property_readonly("blocks_peak", [](const SeedPool& p) { return p.core.stats().blocks_peak; })
       .def("can_admit", [](const SeedPool& p, std::int64_t n) {

@@ -177,7 +177,9 @@ class LocalGlobalKVPoolManager(GlobalKVPoolManager):
             if capacity <= 0:
                 raise ValueError(f"node {node.node_rank} contributes no usable memory "
                                  f"({node.contributed_memory_gb}GB at {bytes_per_token} bytes per token)")
-            self._pools[node.node_rank] = KVPool(capacity, block_size, bytes_per_token, node_rank=node.node_rank)
+            # Token admission, as in the original (the nodes' pools back no paged tensor).
+            self._pools[node.node_rank] = KVPool(capacity, block_size, bytes_per_token, node_rank=node.node_rank,
+                                                 overcommit_blocks=True)
         self._lock = threading.Lock()
 
     def pool(self, node_rank: int) -> KVPool:

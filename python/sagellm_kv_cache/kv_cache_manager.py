@@ -167,7 +167,9 @@ class KVCacheManager:
         self.logger = logger
         self._hook = metrics_hook if metrics_hook is not None else (MetricsHook() if metrics_collector else None)
         self._eviction = eviction
-        self._pool = KVPool(max_tokens, block_size, bytes_per_token)
+        # Admission by tokens alone, as in the original's manager (nothing here sizes storage by
+        # the budget's blocks; see KVPool for the engine-facing default).
+        self._pool = KVPool(max_tokens, block_size, bytes_per_token, overcommit_blocks=True)
         # Metadata-only trie (no allocator): its nodes name the handles' blocks, which the pool owns.
         # The trie is unbounded on purpose: it can never hold more blocks than the pool has, and the
         # manager evicts whole handles (their nodes go with them), never single trie nodes.

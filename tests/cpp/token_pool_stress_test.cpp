@@ -1,10 +1,12 @@
 // Several threads allocate, release (also with bad and double releases), reset the peak and read
-// stats at once, on a budget small enough that allocations are refused and spread over segments.
-// Afterwards no id was held twice, the counters balance and every id is free. Runs under TSan.
+// stats at once, on a budget small enough that allocations are refused (bounded ids: for want of
+// ids too) and, with overcommit, spread over segments. Afterwards no id was held twice, the
+// counters balance and every id is free. Runs under TSan, in both modes.
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -23,8 +25,11 @@ struct Held {
   std::vector<BlockId> ids;
 };
 
-TEST(TokenPoolStress, BudgetAndIdsStayConsistentUnderContention) {
-  TokenPool pool(kMaxTokens, kBlockSize);
+class TokenPoolStress : public ::testing::TestWithParam<bool> {};
+
+TEST_P(TokenPoolStress, BudgetAndIdsStayConsistentUnderContention) {
+  const bool overcommit = GetParam();
+  TokenPool pool(kMaxTokens, kBlockSize, overcommit);
   std::vector<std::atomic<int>> owner(pool.max_block_ids());
   for (auto& o : owner) o.store(0);
   std::atomic<std::uint64_t> conflicts{0}, refused{0}, bad_accepted{0}, over_budget{0}, spread{0};
@@ -35,7 +40,7 @@ TEST(TokenPoolStress, BudgetAndIdsStayConsistentUnderContention) {
     for (int round = 0; round < kRounds; ++round) {
       const unsigned action = rng() % 8;
       if (action < 4 || held.empty()) {
-        // Mostly short allocations (partly filled blocks push the ids past segment 0).
+        // Mostly short allocations (partly filled blocks: past segment 0, or short of ids).
         const std::uint64_t tokens = action == 0 ? 1 + rng() % 200 : 1 + rng() % 9;
         std::vector<BlockId> ids(pool.blocks_for(tokens));
         const TokenGrant g = pool.allocate(tokens, ids);
@@ -65,8 +70,10 @@ TEST(TokenPoolStress, BudgetAndIdsStayConsistentUnderContention) {
       } else {
         if (rng() % 2 == 0) pool.reset_peak();
         const TokenPoolStats s = pool.stats();
+        const std::uint64_t free_ids = std::uint64_t{pool.max_block_ids()} - s.blocks_in_use;
         if (s.allocated_tokens > kMaxTokens || s.blocks_in_use > s.block_id_capacity ||
-            s.blocks_peak < s.blocks_in_use) {
+            s.blocks_peak < s.blocks_in_use || s.available_tokens > kMaxTokens - s.allocated_tokens ||
+            s.available_tokens > free_ids * kBlockSize) {
           over_budget.fetch_add(1, std::memory_order_relaxed);
         }
         if (s.block_id_capacity > pool.segment_blocks()) spread.fetch_add(1, std::memory_order_relaxed);
@@ -86,7 +93,11 @@ TEST(TokenPoolStress, BudgetAndIdsStayConsistentUnderContention) {
   EXPECT_EQ(bad_accepted.load(), 0u) << "a bad release was accepted or a good one refused";
   EXPECT_EQ(over_budget.load(), 0u) << "a snapshot broke the budget or the id space";
   EXPECT_GT(refused.load(), 0u) << "the budget was never reached: the test lost its contention";
-  EXPECT_GT(spread.load(), 0u) << "no allocation ever spread past segment 0";
+  if (overcommit) {
+    EXPECT_GT(spread.load(), 0u) << "no allocation ever spread past segment 0";
+  } else {
+    EXPECT_EQ(spread.load(), 0u) << "bounded ids grew past segment 0";
+  }
   const TokenPoolStats s = pool.stats();
   EXPECT_EQ(s.allocated_tokens, 0u);
   EXPECT_EQ(s.allocations, 0u);
@@ -95,6 +106,11 @@ TEST(TokenPoolStress, BudgetAndIdsStayConsistentUnderContention) {
   std::vector<BlockId> all(pool.blocks_for(kMaxTokens));
   EXPECT_TRUE(pool.allocate(kMaxTokens, all).ok());  // the whole budget in segment 0 again
 }
+
+INSTANTIATE_TEST_SUITE_P(Modes, TokenPoolStress, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& param) {
+                           return param.param ? std::string("Overcommit") : std::string("Bounded");
+                         });
 
 }  // namespace
 }  // namespace sagellm::kv

@@ -21,10 +21,13 @@ std::vector<BlockId> take(TokenPool& pool, std::uint64_t tokens) {
 }
 
 TEST(TokenPool, GeometryAndConstructorChecks) {
-  TokenPool pool(1000, 128);
+  TokenPool pool(1000, 128, /*overcommit=*/true);
   EXPECT_EQ(pool.segment_blocks(), 8u);  // ceil(1000 / 128)
   EXPECT_EQ(pool.max_segments(), 125u);  // ceil(1000 / 8)
   EXPECT_EQ(pool.max_block_ids(), 1000u);
+  TokenPool bounded(1000, 128);
+  EXPECT_EQ(bounded.max_segments(), 1u);
+  EXPECT_EQ(bounded.max_block_ids(), 8u);
   EXPECT_EQ(pool.blocks_for(1), 1u);
   EXPECT_EQ(pool.blocks_for(128), 1u);
   EXPECT_EQ(pool.blocks_for(129), 2u);
@@ -34,7 +37,7 @@ TEST(TokenPool, GeometryAndConstructorChecks) {
 }
 
 TEST(TokenPool, BudgetRefusalReportsWhatIsLeftAndTakesNothing) {
-  TokenPool pool(256, 16);
+  TokenPool pool(256, 16, /*overcommit=*/true);
   const auto held = take(pool, 200);
   EXPECT_EQ(held, (std::vector<BlockId>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}));
   EXPECT_TRUE(pool.can_admit(56));
@@ -74,8 +77,36 @@ TEST(TokenPool, BadArgumentsAreRefusedWithoutChange) {
   EXPECT_EQ(pool.stats().blocks_in_use, 0u);
 }
 
-TEST(TokenPool, RoundingNeverRefusesWhatTheBudgetAdmits) {
-  TokenPool pool(256, 128);  // 2 full blocks; 256 one-token allocations need 256 ids
+TEST(TokenPool, BoundedIdsAdmitWhatTheFreeIdsHold) {
+  // Ids stay below S = 3 (a paged KV tensor of 3 blocks): 17 tokens take 2 of them, so 31 tokens
+  // of budget are left but one id, and can_admit / available_tokens / allocate agree on 16.
+  TokenPool pool(48, 16);
+  const auto first = take(pool, 17);
+  EXPECT_EQ(first, (std::vector<BlockId>{0, 1}));
+  EXPECT_EQ(pool.available_tokens(), 16u);
+  EXPECT_TRUE(pool.can_admit(16));
+  EXPECT_FALSE(pool.can_admit(17));
+  std::vector<BlockId> two(2, -7);
+  const TokenGrant g = pool.allocate(17, two);
+  EXPECT_EQ(g.code, ErrorCode::kBudgetExceeded);
+  EXPECT_EQ(g.available, 16u);
+  EXPECT_EQ(two, (std::vector<BlockId>{-7, -7}));
+  EXPECT_EQ(pool.stats().allocated_tokens, 17u);
+  EXPECT_EQ(pool.stats().available_tokens, 16u);
+  EXPECT_EQ(take(pool, 16), (std::vector<BlockId>{2}));
+  EXPECT_EQ(pool.available_tokens(), 0u);  // 15 tokens of budget, no id
+  EXPECT_FALSE(pool.can_admit(1));
+  EXPECT_EQ(pool.stats().block_id_capacity, 3u);
+  EXPECT_TRUE(pool.release(17, first).ok());
+  EXPECT_EQ(pool.available_tokens(), 32u);
+  // Full blocks: the token budget alone, as with overcommit.
+  TokenPool full(256, 16);
+  (void)take(full, 192);
+  EXPECT_EQ(full.available_tokens(), 64u);
+}
+
+TEST(TokenPool, OvercommitRoundingNeverRefusesWhatTheBudgetAdmits) {
+  TokenPool pool(256, 128, /*overcommit=*/true);  // 2 full blocks; 256 one-token allocations need 256 ids
   std::vector<std::vector<BlockId>> held;
   std::set<BlockId> seen;
   for (int i = 0; i < 256; ++i) {
@@ -98,7 +129,7 @@ TEST(TokenPool, RoundingNeverRefusesWhatTheBudgetAdmits) {
 }
 
 TEST(TokenPool, AllocationSpreadOverSegmentsIsReleasedAsOne) {
-  TokenPool pool(64, 16);  // S = 4, up to 16 segments
+  TokenPool pool(64, 16, /*overcommit=*/true);  // S = 4, up to 16 segments
   std::vector<std::vector<BlockId>> singles;
   for (int i = 0; i < 3; ++i) singles.push_back(take(pool, 1));
   const auto spread = take(pool, 40);  // 3 ids: one from segment 0, two from segment 1

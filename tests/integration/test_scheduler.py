@@ -93,3 +93,47 @@ def test_use_scheduler_bridge_plans_with_our_bridge(with_pool: bool) -> None:
     assert bridge.get_stats()["pool"]["num_handles"] == 0 and len(bridge) == 0
     if pool is not None:
         assert pool.get_stats()["num_handles"] == 0  # the bridge has its own pool, like the original's
+
+
+def test_engine_block_tables_stay_inside_the_paged_kv_tensor_it_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine's paged-attention path (opt-in, SAGELLM_ENABLE_CUDA_PAGED_ATTENTION=1; its vllm
+    # kernel needs a GPU) indexes a KV tensor of KVCacheConfig.num_blocks blocks
+    # (SageAttention._ensure_paged_kv_cache) with the block tables its KVCacheManager builds from
+    # our handles' block ids. Driven here with the engine's own manager and scheduler; the tensor
+    # and the cache write are the engine backend's (PagedAttentionBackend's torch path). Without
+    # the switch the same requests get {'a': [0, 1], 'b': [2, 3]}: id 3 of a 3-block tensor.
+    monkeypatch.setenv("SAGELLM_ENABLE_CUDA_PAGED_ATTENTION", "1")
+    import torch
+    from sagellm_backend.attention import PagedAttentionBackend, PagedAttentionMetadataBuilder
+    from sagellm_core.engine_core.kv_cache_manager import KVCacheConfig, KVCacheManager
+
+    config = KVCacheConfig(block_size=16, num_blocks=3, dtype="fp32")
+    manager = KVCacheManager(config)
+    scheduler = ContinuousBatchingScheduler(kv_cache_manager=manager, block_size=16)
+    backend = PagedAttentionBackend(block_size=16)
+    key_cache = torch.zeros(backend.get_kv_cache_shape(config.num_blocks, 16, 2, 8))
+    value_cache = torch.zeros_like(key_cache)
+    builder = PagedAttentionMetadataBuilder(block_size=16, device="cpu")
+
+    def write(table: list[Any], mark: float) -> None:  # a prefill filling the table's blocks
+        metadata = builder.build_prefill_metadata(seq_lens=[16 * len(table)], block_tables=torch.tensor([table]))
+        kv = torch.full((16 * len(table), 2, 8), mark)
+        backend._write_to_paged_cache(kv, kv, key_cache, value_cache, metadata)
+        assert bool((key_cache[table] == mark).all())
+
+    # 17 + 17 tokens fit the 48-token budget, but each request needs 2 of the 3 blocks. The policy
+    # admits both (it asks can_alloc before allocating either); allocating b, the engine's manager
+    # finds no room (can_alloc) and evicts a, as it does under token pressure.
+    first = schedule(scheduler, request("a", 17), request("b", 17))
+    assert first["a"] == [] and len(first["b"]) == 2, first
+    assert all(0 <= b < config.num_blocks for b in first["b"])
+    write(first["b"], 1.0)
+    scheduler.free_request("a")  # (the engine finishes an evicted request; its decode step needs a table)
+    # c asks while b holds 2 blocks: can_alloc says no, so it waits, and runs once b is freed.
+    assert schedule(scheduler, request("c", 17)) == {} and scheduler.get_num_waiting() == 1
+    scheduler.free_request("b")
+    second = schedule(scheduler)
+    assert list(second) == ["c"] and all(0 <= b < config.num_blocks for b in second["c"])
+    write(second["c"], 2.0)
+    scheduler.free_request("c")
+    assert manager.kv_pool.get_stats()["num_handles"] == 0

@@ -58,23 +58,71 @@ def test_handle_knows_its_blocks() -> None:
 def test_budget_accounting_and_callback() -> None:
     calls: list[tuple[int, int, int]] = []
     pool = KVPool(max_tokens=256, block_size=16, on_budget_exceeded=lambda *a: calls.append(a))
-    h = pool.alloc(200)
-    # 56 tokens remain in the budget (and only 3 of 16 full blocks): the budget decides, as in the seed
-    assert pool.can_admit(56) and not pool.can_admit(57)
+    h = pool.alloc(192)
+    # 64 tokens (4 full blocks) remain: with full blocks the token budget decides, as in the seed
+    assert pool.can_admit(64) and not pool.can_admit(65)
     with pytest.raises(KVBudgetExceededError) as info:
         pool.alloc(100)
-    assert calls == [(100, 56, 256)]
-    assert info.value.requested == 100 and info.value.available == 56
+    assert calls == [(100, 64, 256)]
+    assert info.value.requested == 100 and info.value.available == 64
     assert pool.get_stats() == {
-        "allocated_tokens": 200, "available_tokens": 56, "max_tokens": 256, "num_handles": 1,
-        "pinned_tokens": 0, "unpinned_tokens": 200, "used_tokens": 200,
+        "allocated_tokens": 192, "available_tokens": 64, "max_tokens": 256, "num_handles": 1,
+        "pinned_tokens": 0, "unpinned_tokens": 192, "used_tokens": 192,
     }
     assert sorted(pool.get_stats()) == SEED_STATS_KEYS
     pool.free(h)
 
 
-def test_block_rounding_never_refuses_what_the_budget_admits() -> None:
-    pool = KVPool(max_tokens=256, block_size=128)  # 2 full blocks
+def test_block_ids_stay_below_num_blocks_and_admission_counts_the_blocks() -> None:
+    # The engine's paged attention indexes a tensor of exactly num_blocks blocks with these ids
+    # (kv_pool.py's module docstring), so partly filled blocks cannot take ids past it: they are
+    # refused as the budget is, and can_admit / get_available_tokens say so beforehand.
+    calls: list[tuple[int, int, int]] = []
+    pool = KVPool(max_tokens=48, block_size=16, on_budget_exceeded=lambda *a: calls.append(a), overcommit_blocks=False)
+    assert pool.num_blocks == 3
+    a = pool.alloc(17)  # 2 blocks for 17 tokens: 31 tokens of budget left, 1 free id
+    assert pool.get_available_tokens() == 16 and pool.get_stats()["available_tokens"] == 16
+    assert pool.can_admit(16) and not pool.can_admit(17)
+    before = (pool.get_stats(), pool.get_block_stats())
+    with pytest.raises(KVBudgetExceededError) as info:
+        pool.alloc(17)
+    assert calls == [(17, 16, 48)] and info.value.available == 16
+    assert (pool.get_stats(), pool.get_block_stats()) == before
+    b = pool.alloc(16)
+    ids = [blk.block_id for h in (a, b) for blk in h._blocks]
+    assert sorted(ids) == [0, 1, 2] and pool.max_block_ids == 3
+    assert pool.get_available_tokens() == 0 and not pool.can_admit(1)
+    pool.free(a)
+    assert pool.can_admit(32) and sorted(pool.alloc(32).block_ids.tolist()) == [0, 1]
+    # One-token handles: as many as there are blocks, not as many as there are tokens.
+    small = KVPool(max_tokens=256, block_size=128, overcommit_blocks=False)
+    ones = [small.alloc(1) for _ in range(2)]
+    assert sorted(int(h.block_ids[0]) for h in ones) == [0, 1] and not small.can_admit(1)
+    with pytest.raises(KVBudgetExceededError):
+        small.alloc(1)
+    with pytest.raises(TypeError, match="overcommit_blocks must be a bool or None"):
+        KVPool(max_tokens=48, block_size=16, overcommit_blocks=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("env", "bounded"), [(None, False), ("0", False), ("1", True)])
+def test_ids_are_bounded_by_default_where_the_engine_indexes_a_kv_tensor_with_them(
+        monkeypatch: pytest.MonkeyPatch, env: str | None, bounded: bool) -> None:
+    # The engine's paged attention (SAGELLM_ENABLE_CUDA_PAGED_ATTENTION=1) indexes num_blocks blocks
+    # with these ids; elsewhere the original's token-only admission is kept (kv_pool.py's docstring).
+    if env is None:
+        monkeypatch.delenv("SAGELLM_ENABLE_CUDA_PAGED_ATTENTION", raising=False)
+    else:
+        monkeypatch.setenv("SAGELLM_ENABLE_CUDA_PAGED_ATTENTION", env)
+    pool = KVPool(max_tokens=48, block_size=16)
+    assert pool.overcommit_blocks is not bounded
+    pool.alloc(17)
+    assert pool.can_admit(17) is not bounded and pool.get_available_tokens() == (16 if bounded else 31)
+    monkeypatch.setenv("SAGELLM_ENABLE_CUDA_PAGED_ATTENTION", "0" if bounded else "1")
+    assert pool.can_admit(17) is not bounded  # read at construction: a pool keeps its mode
+
+
+def test_overcommit_block_rounding_never_refuses_what_the_budget_admits() -> None:
+    pool = KVPool(max_tokens=256, block_size=128, overcommit_blocks=True)  # 2 full blocks
     handles = [pool.alloc(1) for _ in range(256)]  # 256 partly filled blocks
     ids = [int(h.block_ids[0]) for h in handles]
     assert len(set(ids)) == 256 and max(ids) < pool.max_block_ids
@@ -89,9 +137,15 @@ def test_block_rounding_never_refuses_what_the_budget_admits() -> None:
 
 
 def test_seed_admission_example_from_the_engine() -> None:
-    # A 192-token pool holding 7 + 40 + 20 + 60 tokens admits 53 more (4 blocks) although only 2
-    # of its 12 full blocks are free; the original package does the same.
-    pool = KVPool(max_tokens=192, block_size=16)
+    # A bounded 192-token pool holding 7 + 40 + 20 + 60 tokens (10 of its 12 blocks): 65 tokens of budget
+    # are left but 2 blocks, so it admits 32 tokens, not the 53 the original's budget would.
+    bounded = KVPool(max_tokens=192, block_size=16, overcommit_blocks=False)
+    for n in (7, 40, 20, 60):
+        bounded.alloc(n)
+    assert bounded.can_admit(32) and not bounded.can_admit(33) and bounded.get_available_tokens() == 32
+    # With overcommit_blocks (the default off the engine's paged path) it admits 53 more (4 blocks):
+    # ids 12 and 13, past its 12 blocks.
+    pool = KVPool(max_tokens=192, block_size=16, overcommit_blocks=True)
     for n in (7, 40, 20, 60):
         pool.alloc(n)
     assert pool.can_admit(65) and not pool.can_admit(66)
@@ -411,10 +465,10 @@ def test_budget_callback_may_use_the_pool() -> None:
     pool = KVPool(max_tokens=64, block_size=16)
     pool.on_budget_exceeded = lambda req, avail, top: seen.append((req, pool.get_available_tokens(),
                                                                     pool.can_admit(avail)))
-    pool.alloc(60)
+    pool.alloc(48)
     with pytest.raises(KVBudgetExceededError) as info:
-        pool.alloc(5)
-    assert seen == [(5, 4, True)] and info.value.context["max_tokens"] == 64
+        pool.alloc(17)
+    assert seen == [(17, 16, True)] and info.value.context["max_tokens"] == 64
     with pytest.raises(KVBudgetExceededError):
         pool.alloc(2**70)  # beyond any budget: refused, the value named as given
     assert seen[-1][0] == 2**70 and pool.get_stats()["num_handles"] == 1

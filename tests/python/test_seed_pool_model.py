@@ -1,9 +1,11 @@
 """Hypothesis: random alloc/free/pin/unpin sequences on the seed KVPool against a plain-Python model.
 
-Block rounding makes the live handles hold more ids than ceil(max_tokens / block_size) when their
-last blocks are partly filled, so the id space grows into extra segments and shrinks back; the
-model checks that no id is ever held by two handles, that the budget alone decides admission, and
-that every refusal leaves the pool as it was.
+Bounded (the default), every id stays below ceil(max_tokens / block_size) and a handle is admitted
+when its tokens fit the budget and its blocks fit the free ids. With ``overcommit_blocks`` the
+budget alone decides, so the live handles hold more ids than that when their last blocks are partly
+filled and the id space grows into extra segments and shrinks back. In both modes the model checks
+that no id is ever held by two handles, that ``can_admit`` and ``get_available_tokens`` say what
+``alloc`` does, and that every refusal leaves the pool as it was.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ MAX_IDS = SEGMENT * -(-MAX_TOKENS // SEGMENT)  # every handle one token: one id 
 
 
 class SeedPoolModel(RuleBasedStateMachine):
+    overcommit = False
+
     def __init__(self) -> None:
         super().__init__()
-        self.pool = KVPool(MAX_TOKENS, block_size=BLOCK_SIZE)
+        self.pool = KVPool(MAX_TOKENS, block_size=BLOCK_SIZE, overcommit_blocks=self.overcommit)
+        self.id_bound = MAX_IDS if self.overcommit else SEGMENT
         self.live: dict[int, KVHandle] = {}  # allocation number -> handle
         self.allocations = 0
         self.pins: dict[int, int] = {}
@@ -40,13 +45,17 @@ class SeedPoolModel(RuleBasedStateMachine):
     def _tokens(self) -> int:
         return sum(h.num_tokens for h in self.live.values())
 
+    def _available(self) -> int:
+        free_ids = self.id_bound - sum(len(h.block_ids) for h in self.live.values())
+        return min(MAX_TOKENS - self._tokens(), free_ids * BLOCK_SIZE)
+
     def _snapshot(self) -> tuple[int, int, int, dict]:
         return (self.pool.get_allocated_tokens(), len(self.pool.handles), len(self.pool.pinned_handles),
                 self.pool.block_manager.get_stats())
 
     @rule(num_tokens=st.one_of(st.integers(1, 3), st.integers(1, MAX_TOKENS + 3)))
     def alloc(self, num_tokens: int) -> None:
-        fits = num_tokens <= MAX_TOKENS - self._tokens()
+        fits = num_tokens <= self._available()
         assert self.pool.can_admit(num_tokens) == fits
         if not fits:
             before = self._snapshot()
@@ -118,12 +127,14 @@ class SeedPoolModel(RuleBasedStateMachine):
     @invariant()
     def matches_model(self) -> None:
         assert self.pool.get_allocated_tokens() == self._tokens()
-        assert self.pool.get_available_tokens() == MAX_TOKENS - self._tokens()
+        assert self.pool.get_available_tokens() == self._available()
+        if self.overcommit:  # the original's token budget
+            assert self._available() == MAX_TOKENS - self._tokens()
         assert {h.handle_id for h in self.live.values()} == set(self.pool.handles)
         assert {self.live[k].handle_id for k, n in self.pins.items() if n} == self.pool.pinned_handles
         held = np.concatenate([h.block_ids for h in self.live.values()]) if self.live else np.empty(0)
         assert len(np.unique(held)) == len(held), "a block id is held by two handles"
-        assert held.size == 0 or (held.min() >= 0 and held.max() < MAX_IDS)
+        assert held.size == 0 or (held.min() >= 0 and held.max() < self.id_bound)
         stats = self.pool.block_manager.get_stats()
         assert stats["used_blocks"] == len(held)
         assert stats["total_blocks"] == self.peak_blocks
@@ -132,5 +143,11 @@ class SeedPoolModel(RuleBasedStateMachine):
         assert seed["pinned_tokens"] == sum(self.live[k].num_tokens for k, n in self.pins.items() if n)
 
 
+class OvercommitSeedPoolModel(SeedPoolModel):
+    overcommit = True
+
+
 TestSeedPoolModel = SeedPoolModel.TestCase
 TestSeedPoolModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestOvercommitSeedPoolModel = OvercommitSeedPoolModel.TestCase
+TestOvercommitSeedPoolModel.settings = TestSeedPoolModel.settings

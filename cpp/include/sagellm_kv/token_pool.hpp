@@ -1,14 +1,23 @@
 // Token-budgeted pool of block ids: the accounting behind the seed API's `KVPool`.
 //
 // The seed pool admits an allocation of `num_tokens` tokens when it fits the budget `max_tokens`,
-// and gives it ceil(num_tokens / block_size) block ids. Because partly filled last blocks round
-// up, the live allocations can hold more blocks than ceil(max_tokens / block_size) (at most one
-// per token), so the id space is cut into segments of S = ceil(max_tokens / block_size) ids:
-// segment k hands out ids [k * S, (k + 1) * S). Segment 0 always exists; more are added when an
-// allocation does not fit in the free ids, up to ceil(max_tokens / S) segments (which covers the
-// worst case: every allocation one token), and trailing segments that become empty are dropped
-// again. With full blocks only segment 0 is used. Ids come out as from `BlockAllocator`: a fresh
-// segment in ascending order, then last freed first.
+// and gives it ceil(num_tokens / block_size) block ids. Partly filled last blocks round up, so
+// token admission alone could hold more blocks than S = ceil(max_tokens / block_size). Two modes:
+//
+// * bounded (the default): every id is below S, the size of a paged KV tensor sized for the
+//   budget (the sageLLM engine's paged attention allocates exactly `num_blocks` = S blocks and
+//   indexes it with these ids). An allocation is admitted when its tokens fit the budget AND its
+//   blocks fit the free ids: `available_tokens()` = min(tokens left, free ids * block_size), and
+//   `can_admit(n)` is exactly n <= available_tokens(), so a caller that checks first is never
+//   refused. With full blocks this is the token budget alone.
+// * overcommit: admission by the token budget alone (the original package's, whose block ids had
+//   no storage behind them). The id space is then cut into segments of S ids: segment k hands out
+//   ids [k * S, (k + 1) * S). Segment 0 always exists; more are added when an allocation does not
+//   fit in the free ids, up to ceil(max_tokens / S) segments (which covers the worst case: every
+//   allocation one token), and trailing segments that become empty are dropped again. Ids can
+//   reach S * ceil(max_tokens / S) - 1, so they index nothing sized by S.
+//
+// Ids come out as from `BlockAllocator`: a fresh segment in ascending order, then last freed first.
 //
 // Why a mutex, and plain free stacks instead of the lock-free `BlockAllocator`: an allocation
 // changes several words at once (the token count, the blocks in use and their peak, the segment
@@ -56,23 +65,26 @@ struct TokenPoolStats {
   std::uint64_t blocks_in_use = 0;      ///< ids the live allocations hold
   std::uint64_t blocks_peak = 0;        ///< most ids in use at once since construction or reset_peak()
   std::uint64_t block_id_capacity = 0;  ///< ids of the segments that exist now
+  std::uint64_t available_tokens = 0;   ///< what `available_tokens()` returned at that instant
 };
 
 class TokenPool {
  public:
-  /// A pool of `max_tokens` tokens in blocks of `block_size` tokens, every id free. Throws
-  /// Error(kInvalidArgument) naming the value when either is 0, or when the worst-case id space
-  /// (S * ceil(max_tokens / S) ids) exceeds the int32 range of block ids.
-  TokenPool(std::uint64_t max_tokens, std::uint32_t block_size);
+  /// A pool of `max_tokens` tokens in blocks of `block_size` tokens, every id free; bounded ids
+  /// (below S) unless `overcommit` (see above). Throws Error(kInvalidArgument) naming the value
+  /// when either is 0, or when the id space (S ids bounded, S * ceil(max_tokens / S) with
+  /// overcommit) exceeds the int32 range of block ids.
+  TokenPool(std::uint64_t max_tokens, std::uint32_t block_size, bool overcommit = false);
   ~TokenPool();
   TokenPool(const TokenPool&) = delete;
   TokenPool& operator=(const TokenPool&) = delete;
 
   /// Reserves `num_tokens` tokens of the budget and `blocks_for(num_tokens)` ids, written to
   /// `out` (lowest segments first). Refusals take nothing: kInvalidArgument when `num_tokens` is
-  /// 0 or `out.size() != blocks_for(num_tokens)`; kBudgetExceeded (with `available`) when
-  /// `num_tokens` exceeds the budget left; kMemoryExhausted when a new segment cannot be had.
-  /// Block rounding never refuses what the budget admits. Thread-safe.
+  /// 0 or `out.size() != blocks_for(num_tokens)`; kBudgetExceeded (with `available`, i.e.
+  /// `available_tokens()`) when `num_tokens` exceeds `available_tokens()`; kMemoryExhausted when a
+  /// new segment cannot be had. Whatever `can_admit` admitted a moment before (and nothing was
+  /// taken since) is granted. Thread-safe.
   TokenGrant allocate(std::uint64_t num_tokens, std::span<BlockId> out) noexcept;
 
   /// Returns an allocation: `num_tokens` tokens and its ids (as `allocate` handed them out, in
@@ -90,8 +102,12 @@ class TokenPool {
   /// Restarts the peak from the blocks in use now. Thread-safe.
   void reset_peak() noexcept;
 
-  /// Whether `num_tokens` more tokens fit the budget now (a snapshot). Thread-safe.
+  /// Whether an allocation of `num_tokens` tokens would be granted now: num_tokens <=
+  /// available_tokens() (a snapshot). Thread-safe.
   [[nodiscard]] bool can_admit(std::uint64_t num_tokens) const noexcept;
+  /// The largest allocation that would be granted now: the tokens left, and when ids are bounded
+  /// also at most the free ids times block_size (a snapshot). Thread-safe.
+  [[nodiscard]] std::uint64_t available_tokens() const noexcept;
   /// Tokens allocated now (a snapshot). Thread-safe.
   [[nodiscard]] std::uint64_t allocated_tokens() const noexcept;
   /// All counters at one instant. Thread-safe.
@@ -105,7 +121,7 @@ class TokenPool {
   [[nodiscard]] std::uint32_t block_size() const noexcept { return block_size_; }
   /// Ids per segment, S = ceil(max_tokens / block_size).
   [[nodiscard]] std::uint32_t segment_blocks() const noexcept { return segment_blocks_; }
-  /// Most segments the id space can grow to, ceil(max_tokens / S).
+  /// Most segments the id space can grow to: ceil(max_tokens / S) with overcommit, else 1.
   [[nodiscard]] std::uint32_t max_segments() const noexcept { return max_segments_; }
   /// Upper bound (exclusive) of any id the pool can hand out: S * max_segments().
   [[nodiscard]] std::uint32_t max_block_ids() const noexcept { return segment_blocks_ * max_segments_; }
@@ -118,6 +134,8 @@ class TokenPool {
   bool grow() noexcept;
   // Drops trailing segments whose ids are all free (segment 0 stays). Needs mutex_.
   void shrink() noexcept;
+  // available_tokens() without the lock. Needs mutex_.
+  [[nodiscard]] std::uint64_t available_locked() const noexcept;
 
   std::uint64_t max_tokens_;
   std::uint32_t block_size_;

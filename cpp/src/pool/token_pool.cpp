@@ -24,18 +24,20 @@ std::vector<BlockId> fresh_segment(std::uint32_t index, std::uint32_t size) {
 
 }  // namespace
 
-TokenPool::TokenPool(std::uint64_t max_tokens, std::uint32_t block_size)
+TokenPool::TokenPool(std::uint64_t max_tokens, std::uint32_t block_size, bool overcommit)
     : max_tokens_(max_tokens), block_size_(block_size), segment_blocks_(0), max_segments_(0) {
   if (max_tokens == 0) throw Error(ErrorCode::kInvalidArgument, "max_tokens must be > 0, got 0");
   if (block_size == 0) throw Error(ErrorCode::kInvalidArgument, "block_size must be > 0, got 0");
   const std::uint64_t segment = ceil_div(max_tokens, block_size);
-  // S * ceil(max_tokens / S) >= max_tokens, so any max_tokens that passes fits 32 bits too.
-  if (segment > kMaxIds || segment * ceil_div(max_tokens, segment) > kMaxIds) {
+  const std::uint64_t segments = overcommit ? ceil_div(max_tokens, segment) : 1;
+  // With overcommit S * ceil(max_tokens / S) >= max_tokens, so any max_tokens that passes fits 32
+  // bits too.
+  if (segment > kMaxIds || segment * segments > kMaxIds) {
     throw Error(ErrorCode::kInvalidArgument,
                 "max_tokens " + std::to_string(max_tokens) + " needs more block ids than int32 holds");
   }
   segment_blocks_ = static_cast<std::uint32_t>(segment);
-  max_segments_ = static_cast<std::uint32_t>(ceil_div(max_tokens, segment));
+  max_segments_ = static_cast<std::uint32_t>(segments);
   free_.push_back(fresh_segment(0, segment_blocks_));
   state_.assign(segment_blocks_, kFree);
 }
@@ -45,7 +47,7 @@ TokenPool::~TokenPool() = default;
 TokenGrant TokenPool::allocate(std::uint64_t num_tokens, std::span<BlockId> out) noexcept {
   if (num_tokens == 0 || out.size() != blocks_for(num_tokens)) return {ErrorCode::kInvalidArgument, 0};
   std::lock_guard lock(mutex_);
-  const std::uint64_t available = max_tokens_ - allocated_tokens_;
+  const std::uint64_t available = available_locked();
   if (num_tokens > available) return {ErrorCode::kBudgetExceeded, available};
   std::vector<BlockId>& first = free_.front();
   if (first.size() >= out.size()) {  // the common case: segment 0 has them all, top of the stack first
@@ -82,7 +84,8 @@ ErrorCode TokenPool::take_spread(std::span<BlockId> out) noexcept {
   const bool at_limit = free_.size() == max_segments_;
   free_.resize(existing);
   state_.resize(std::size_t{segment_blocks_} * existing);
-  // kPoolFull cannot happen when the budget admitted the tokens (see the header); kept for safety.
+  // kPoolFull cannot happen once available_locked() admitted the tokens (see the header); kept for
+  // safety.
   return at_limit ? ErrorCode::kPoolFull : ErrorCode::kMemoryExhausted;
 }
 
@@ -159,9 +162,23 @@ void TokenPool::reset_peak() noexcept {
   blocks_peak_ = blocks_in_use_;
 }
 
+std::uint64_t TokenPool::available_locked() const noexcept {
+  const std::uint64_t tokens = max_tokens_ - allocated_tokens_;
+  // n <= free_ids * block_size exactly when ceil(n / block_size) <= free_ids. With overcommit the
+  // id space never runs short of what the budget admits (an allocation holds at most one id per
+  // token), so this is the token budget; bounded, it adds the ids. At most 2^31 ids * 2^32 tokens.
+  const std::uint64_t free_ids = std::uint64_t{segment_blocks_} * max_segments_ - blocks_in_use_;
+  return std::min(tokens, free_ids * block_size_);
+}
+
 bool TokenPool::can_admit(std::uint64_t num_tokens) const noexcept {
   std::lock_guard lock(mutex_);
-  return num_tokens <= max_tokens_ - allocated_tokens_;
+  return num_tokens <= available_locked();
+}
+
+std::uint64_t TokenPool::available_tokens() const noexcept {
+  std::lock_guard lock(mutex_);
+  return available_locked();
 }
 
 std::uint64_t TokenPool::allocated_tokens() const noexcept {
@@ -172,7 +189,7 @@ std::uint64_t TokenPool::allocated_tokens() const noexcept {
 TokenPoolStats TokenPool::stats() const noexcept {
   std::lock_guard lock(mutex_);
   return {max_tokens_, allocated_tokens_, allocations_, blocks_in_use_, blocks_peak_,
-          std::uint64_t{segment_blocks_} * free_.size()};
+          std::uint64_t{segment_blocks_} * free_.size(), available_locked()};
 }
 
 }  // namespace sagellm::kv

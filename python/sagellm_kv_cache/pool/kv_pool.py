@@ -5,11 +5,32 @@ handle also owns ``ceil(num_tokens / block_size)`` real block ids from the nativ
 is what an engine needs to build a block table. The pool is metadata-only (no KV bytes behind it,
 like the seed); use :class:`sagellm_kv_cache.PagedKVPool` for real memory.
 
-Admission is by the token budget alone, as in the original package: whatever fits in
-``max_tokens`` is admitted, however the handles round up to blocks. Handles whose last block is
-partly filled can need more block ids than ``ceil(max_tokens / block_size)`` (at most one per
-token), so the id space grows on demand in segments of that size and shrinks back when they empty;
-with full blocks only the first segment is ever used.
+Block ids and admission, two modes (``overcommit_blocks``):
+
+* Token budget alone (``overcommit_blocks=True``), the original package's admission: whatever fits
+  in ``max_tokens`` is admitted, however the handles round up to blocks. Handles whose last block is
+  partly filled can then need more block ids than ``num_blocks = ceil(max_tokens / block_size)`` (at
+  most one per token), so the id space grows on demand in segments of ``num_blocks`` ids and shrinks
+  back when they empty (with full blocks only the first segment is used).
+* Bounded ids (``overcommit_blocks=False``): every id is below ``num_blocks``, and a handle is
+  admitted when its tokens fit the budget and its ``ceil(num_tokens / block_size)`` blocks fit the
+  free ids: ``get_available_tokens()`` is min(tokens left, free ids * block_size) and
+  ``can_admit(n)`` is ``n <= get_available_tokens()``. With full blocks this is the token budget.
+
+The default (``None``) is bounded exactly when ``SAGELLM_ENABLE_CUDA_PAGED_ATTENTION=1``, the sageLLM
+engine's switch for the one path where these ids index memory. The engine (isagellm-core 0.5.4.26)
+builds its block tables from them (``KVCacheManager.allocate_slots``: ``[b.block_id for b in
+handle._blocks]``) and, on that paged-attention path, indexes a KV tensor of exactly
+``KVCacheConfig.num_blocks`` blocks with them (``SageAttention._ensure_paged_kv_cache``), the
+``num_blocks`` whose ``block_size * num_blocks`` it passes here as ``max_tokens``: an id past it is
+an out-of-bounds index (an ``IndexError`` in the backend's torch path, a stray write in a CUDA kernel).
+Everywhere else (its CPU path) the ids index nothing, and token admission is kept because the engine
+cannot wait on a refusal there: its scheduler admits a batch's requests each against the same
+snapshot (``can_alloc``), and one whose allocation then fails and whose eviction cannot free its
+whole size is never scheduled again (a hang; with the original too, on a smaller budget). Bounded
+ids would reach that where the original served (two 20-token requests on 3 blocks of 16). On the
+paged path that refusal is still the better outcome, and the original could not run it at all (its
+UUID block ids make ``ModelRunner._build_block_tables_tensor`` raise ``TypeError``).
 
 The accounting is the C++ ``TokenPool`` (``cpp/include/sagellm_kv/token_pool.hpp``) and the handle
 table lives in its binding (``_core.SeedPool``), so ``alloc`` and ``free`` are one call into C++
@@ -18,6 +39,7 @@ each; this module keeps the policy: argument checking, the handle template and t
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import uuid
@@ -42,6 +64,9 @@ from sagellm_kv_cache.pool.block_manager import BlockManager
 __all__ = ["KVPool", "parse_device"]
 
 BudgetCallback = Callable[[int, int, int], None]
+
+#: The sageLLM engine's switch for paged attention, which indexes a ``num_blocks`` tensor with our ids.
+PAGED_ATTENTION_ENV = "SAGELLM_ENABLE_CUDA_PAGED_ATTENTION"
 
 
 _MAX_DEVICE_INDEX = 2**31 - 1  # the native DeviceId's int
@@ -166,7 +191,7 @@ def _refusal(kind: str, *details: Any) -> Exception:
     return KVHandleNotFoundError(handle_id, context={"reason": "not allocated by this pool"})
 
 
-def _native_pool(max_tokens: int, block_size: int, node_rank: int | None) -> Any:
+def _native_pool(max_tokens: int, block_size: int, node_rank: int | None, overcommit_blocks: bool) -> Any:
     shareable = _kv_handle._TEMPLATE_IS_SHAREABLE
     return _core.SeedPool(
         max_tokens, block_size, node_rank,
@@ -184,6 +209,7 @@ def _native_pool(max_tokens: int, block_size: int, node_rank: int | None) -> Any
         devices=_DEVICES,
         normalize=_normalize,
         refusal=_refusal,
+        overcommit_blocks=overcommit_blocks,
     )
 
 
@@ -260,6 +286,8 @@ class KVPool:
         bytes_per_token: int = 32,
         on_budget_exceeded: BudgetCallback | None = None,
         node_rank: int | None = None,
+        *,
+        overcommit_blocks: bool | None = None,
     ) -> None:
         self.max_tokens = positive_int("max_tokens", max_tokens)
         self.block_size = positive_int("block_size", block_size)
@@ -270,12 +298,17 @@ class KVPool:
             raise TypeError("on_budget_exceeded must be callable(requested, available, max_tokens)")
         if node_rank is not None:
             node_rank = positive_int("node_rank", node_rank, allow_zero=True)
+        if overcommit_blocks is None:  # read once, here: a pool keeps its mode
+            overcommit_blocks = os.environ.get(PAGED_ATTENTION_ENV) != "1"
+        elif not isinstance(overcommit_blocks, bool):
+            raise TypeError(f"overcommit_blocks must be a bool or None, got {type(overcommit_blocks).__name__}")
         self.on_budget_exceeded = on_budget_exceeded
         self.num_blocks = -(-self.max_tokens // self.block_size)
-        segment_blocks = self.num_blocks
-        if segment_blocks * -(-self.max_tokens // segment_blocks) > _INT32_IDS:
+        self.overcommit_blocks = overcommit_blocks
+        segments = -(-self.max_tokens // self.num_blocks) if overcommit_blocks else 1
+        if self.num_blocks * segments > _INT32_IDS:
             raise KVConfigInvalidError("max_tokens", max_tokens, reason="needs more block ids than int32 holds")
-        self._native = _native_pool(self.max_tokens, self.block_size, node_rank)
+        self._native = _native_pool(self.max_tokens, self.block_size, node_rank, overcommit_blocks)
         self._lock = self._native  # `with self._lock:` takes the native pool's table lock
         self._alloc = self._native.alloc
         self._free = self._native.free
@@ -327,10 +360,12 @@ class KVPool:
         """Reserves ``num_tokens`` tokens and their blocks; returns the handle that owns them.
 
         Raises ``KVBudgetExceededError`` (after calling ``on_budget_exceeded(requested, available,
-        max_tokens)``) when the token budget is short; block rounding never refuses what the budget
-        admits. Nothing is taken on failure. ``device`` is any backend's label in the spelling
-        :func:`parse_device` gives it (``"npu"`` is stored as ``"npu:0"``); the handle's
-        ``memory_tier`` follows from it as in the original (cuda/npu/gpu labels are GPU memory).
+        max_tokens)``, ``available`` being :meth:`get_available_tokens`) when ``num_tokens`` exceeds
+        :meth:`get_available_tokens`: the token budget, or the free block ids (see the module).
+        Whatever :meth:`can_admit` just admitted is granted. Nothing is taken on failure. ``device``
+        is a label in the spelling :func:`parse_device` gives it (``"npu"`` is stored as ``"npu:0"``);
+        the handle's ``memory_tier`` follows from it as in the original (cuda/npu/gpu labels are GPU
+        memory).
         """
         try:
             handle: KVHandle = self._alloc(num_tokens, dtype, layout, device, metadata)
@@ -377,7 +412,8 @@ class KVPool:
     # --- budget -----------------------------------------------------------------------------
 
     def can_admit(self, num_tokens: int) -> bool:
-        """Whether ``num_tokens`` more tokens fit in the budget (the only limit, as in the seed)."""
+        """Whether :meth:`alloc` of ``num_tokens`` tokens would be granted now:
+        ``num_tokens <= get_available_tokens()``."""
         if num_tokens.__class__ is not int or num_tokens < 0:  # the engine asks once per request: ints skip the checks
             num_tokens = positive_int("num_tokens", num_tokens, allow_zero=True)
         return num_tokens <= self.max_tokens and self._native.can_admit(num_tokens)
@@ -386,7 +422,9 @@ class KVPool:
         return self._allocated_tokens
 
     def get_available_tokens(self) -> int:
-        return self.max_tokens - self._allocated_tokens
+        """The largest allocation that fits now: the tokens left, at most the free block ids times
+        ``block_size`` (unless ``overcommit_blocks``); see the module."""
+        return int(self._native.available_tokens)
 
     @property
     def handles(self) -> dict[uuid.UUID, KVHandle]:
@@ -403,13 +441,14 @@ class KVPool:
         return handle
 
     def get_stats(self) -> dict:
-        with self._lock:
+        with self._lock:  # alloc and free change the native counters under this lock too
             allocated = self._allocated_tokens
+            available = int(self._native.available_tokens)
             num_handles = len(self._live_handles)
             pinned = self._pinned_tokens
         return {
             "allocated_tokens": allocated,
-            "available_tokens": self.max_tokens - allocated,
+            "available_tokens": available,
             "max_tokens": self.max_tokens,
             "num_handles": num_handles,
             "pinned_tokens": pinned,
@@ -419,7 +458,8 @@ class KVPool:
 
     def get_block_stats(self) -> dict[str, int]:
         """Block-level view (not in the seed): blocks the budget holds when they are full
-        (``total_blocks``), blocks in use (partly filled last blocks count whole, so this can exceed
+        (``total_blocks``, also the bound on block ids unless ``overcommit_blocks``), blocks in use
+        (partly filled last blocks count whole; only with ``overcommit_blocks`` can this exceed
         ``total_blocks``), the budget's blocks still free, the id space now in use, and bytes."""
         stats = self._native.stats()
         used = int(stats["blocks_in_use"])
