@@ -18,27 +18,13 @@
 #include <vector>
 
 #include "sagellm_kv/block_allocator.hpp"
+#include "test_support.hpp"
 
 namespace sagellm::kv {
 namespace {
 
-#if defined(__SANITIZE_THREAD__)
-constexpr bool kUnderTsan = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-constexpr bool kUnderTsan = true;
-#else
-constexpr bool kUnderTsan = false;
-#endif
-#else
-constexpr bool kUnderTsan = false;
-#endif
-// Debug and ASan builds run the bounded TSan rounds too (their stage must stay short).
-#if !defined(NDEBUG) || defined(__SANITIZE_ADDRESS__)
-constexpr bool kSlowBuild = true;
-#else
-constexpr bool kSlowBuild = false;
-#endif
+using testing::kUnderTsan;
+using testing::kSlowBuild;
 
 // The scenario, widened: blocks x[0..k) held by A and B (ref 2 each); A frees {x..., d}
 // with d already free (a double free), while B frees each x[i] on its own. A's batch must be

@@ -19,27 +19,13 @@
 
 #include "sagellm_kv/error.hpp"
 #include "sagellm_kv/kv_pool.hpp"
+#include "test_support.hpp"
 
 namespace sagellm::kv {
 namespace {
 
-#if defined(__SANITIZE_THREAD__)
-constexpr bool kUnderTsan = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-constexpr bool kUnderTsan = true;
-#else
-constexpr bool kUnderTsan = false;
-#endif
-#else
-constexpr bool kUnderTsan = false;
-#endif
-// Debug and ASan builds run the bounded TSan rounds too (their stage must stay short).
-#if !defined(NDEBUG) || defined(__SANITIZE_ADDRESS__)
-constexpr bool kSlowBuild = true;
-#else
-constexpr bool kSlowBuild = false;
-#endif
+using testing::kUnderTsan;
+using testing::kSlowBuild;
 
 constexpr std::uint32_t kBlocks = 192;
 constexpr int kThreads = 4;

@@ -30,21 +30,12 @@
 #include "sagellm_kv/error.hpp"
 #include "sagellm_kv/hashing.hpp"
 #include "sagellm_kv/prefix_cache.hpp"
+#include "test_support.hpp"
 
 namespace sagellm::kv {
 namespace {
 
-#if defined(__SANITIZE_THREAD__)
-constexpr bool kUnderTsan = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-constexpr bool kUnderTsan = true;
-#else
-constexpr bool kUnderTsan = false;
-#endif
-#else
-constexpr bool kUnderTsan = false;
-#endif
+using testing::kUnderTsan;
 
 constexpr std::uint32_t kBlockSize = 4;
 constexpr std::uint32_t kPoolBlocks = 2048;
