@@ -19,6 +19,7 @@ import struct
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -384,6 +385,16 @@ def test_peer_killed_mid_transfer_frees_what_was_reserved() -> None:
 _BIG = 32 << 20  # float32 elements: 128 MiB, far more than the kernel's socket buffers hold
 
 
+def _steady() -> None:
+    """Moves every object alive now (torch's many) out of the collector's reach: a full collection of them
+    stalls the thread that watches the bytes arrive for tens of milliseconds, in which the whole payload
+    can arrive."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def _bytes_received() -> int:
     """Bytes this process's TCP sockets have taken in so far (``tcp_info.tcpi_bytes_received``, summed):
     how far gloo's receive has got, wherever gloo puts the bytes."""
@@ -403,6 +414,20 @@ def _bytes_received() -> int:
     return total
 
 
+def _partway(attempt: Callable[[], dict[str, Any]], attempts: int = 3) -> dict[str, Any]:
+    """The first of up to ``attempts`` runs of a dying-peer session whose kill landed partway through the
+    payload. The killing thread polls the bytes that have arrived; a run in which it got to act only after
+    most of them were in (a stalled thread on a busy machine) did not test a partway failure, so it is run
+    again rather than judged."""
+    missed = []
+    for _ in range(attempts):
+        result = attempt()
+        if "missed" not in result:
+            return result
+        missed.append(result["missed"])
+    pytest.fail(f"no run killed the peer partway through the payload: {missed}")
+
+
 def _dying_sender_session(rank: int, backend: Any, framed: bool) -> dict[str, Any]:
     import signal
     import threading
@@ -411,6 +436,7 @@ def _dying_sender_session(rank: int, backend: Any, framed: bool) -> dict[str, An
 
     engine = KVTransferEngine(backend, enable_checksum=framed)
     pid = torch.tensor([os.getpid()], dtype=torch.int64)
+    _steady()
     if rank == 0:
         data = torch.ones(_BIG)
         backend.send(pid, 1)
@@ -428,8 +454,12 @@ def _dying_sender_session(rank: int, backend: Any, framed: bool) -> dict[str, An
     while read < _BIG and thread.is_alive():  # until a quarter of the payload has arrived
         time.sleep(0.0005)
         read = _bytes_received() - start
+    late = not thread.is_alive()
     os.kill(int(pid), signal.SIGKILL)
     thread.join(timeout=30.0)
+    if late or read >= 2 * _BIG:
+        return {"missed": f"the kill came after {read} of {4 * _BIG} payload bytes had arrived"
+                          + (" and the receive had ended" if late else "")}
     (record,) = engine._records.values()
     return {"outcome": box[0] if box else None, "untouched": bool((out == 7.0).all()),
             "neither": int(((out != 7.0) & (out != 1.0)).sum()),  # neither as it was nor as sent
@@ -445,7 +475,8 @@ def test_a_tensor_send_that_dies_partway_fails_the_receive(framed: bool) -> None
     # straight into it, where gloo writes as the bytes arrive (documented), never anything but those.
     # gloo waits for the rest of a message whose sender died until the process group's timeout (30 min
     # by default): 10 s here, so that the receive ends.
-    dst = _run(functools.partial(_dying_sender_session, framed=framed), world=2, expect_missing=1, pg_timeout=10.0)[1]
+    dst = _partway(lambda: _run(functools.partial(_dying_sender_session, framed=framed), world=2,
+                                expect_missing=1, pg_timeout=10.0)[1])
     assert dst["outcome"] is not None, "the receive did not end"
     kind, details, seconds = dst["outcome"]
     assert kind == "KVTransferFailedError" and seconds < 25.0, details
@@ -455,21 +486,26 @@ def test_a_tensor_send_that_dies_partway_fails_the_receive(framed: bool) -> None
         assert dst["untouched"]
 
 
-def _dying_receiver_session(rank: int, backend: Any, framed: bool) -> dict[str, Any]:
+def _dying_receiver_session(rank: int, backend: Any, framed: bool, report: str) -> dict[str, Any]:
     import signal
     import threading
 
     from sagellm_kv_cache import KVHandle, KVTransferEngine
 
     engine = KVTransferEngine(backend, enable_checksum=framed, max_retries=2, retry_backoff_ms=10.0)
+    _steady()
     if rank == 1:
         out = torch.zeros(_BIG)
         backend.send(torch.zeros(1), 0)  # ready
         start = _bytes_received()
 
         def die_partway() -> None:
-            while _bytes_received() - start < _BIG:  # a quarter of the payload has arrived
+            read = 0
+            while read < _BIG:  # a quarter of the payload has arrived
                 time.sleep(0.0005)
+                read = _bytes_received() - start
+            with open(report, "w") as f:  # how far the payload had got, for the test to see
+                f.write(str(read))
             os.kill(os.getpid(), signal.SIGKILL)
 
         threading.Thread(target=die_partway, daemon=True).start()
@@ -488,13 +524,23 @@ def _dying_receiver_session(rank: int, backend: Any, framed: bool) -> dict[str, 
 @pytest.mark.skipif(not hasattr(socket, "TCP_INFO") or not os.path.isdir("/proc/self/fd"),
                     reason="needs Linux's TCP_INFO to see the bytes arrive")
 @pytest.mark.parametrize("framed", [False, True])
-def test_a_tensor_send_whose_receiver_dies_partway_fails_at_once_retries_included(framed: bool) -> None:
+def test_a_tensor_send_whose_receiver_dies_partway_fails_at_once_retries_included(framed: bool, tmp_path: Path) -> None:
     # The send itself fails and gloo closes the connection, so it delivered nothing a retry could
     # duplicate: each retry fails at once, the record is FAILED, and a framed send that failed after its
     # header leaves the link to that rank unusable. gloo notices the dead peer of a message in flight
     # only at the process group's timeout (30 min by default): 10 s here.
-    src = _run(functools.partial(_dying_receiver_session, framed=framed), world=2, expect_missing=1,
-               pg_timeout=10.0)[0]
+    report = tmp_path / "read"
+
+    def attempt() -> dict[str, Any]:
+        report.unlink(missing_ok=True)
+        src = _run(functools.partial(_dying_receiver_session, framed=framed, report=str(report)), world=2,
+                   expect_missing=1, pg_timeout=10.0)[0]
+        read = int(report.read_text()) if report.exists() else None
+        if read is None or read >= 2 * _BIG:
+            return {"missed": f"the receiver died after {read} of {4 * _BIG} payload bytes had arrived"}
+        return src
+
+    src = _partway(attempt)
     kind, details, seconds = src["failed"]
     assert kind == "KVTransferFailedError" and seconds < 25.0, details
     assert details["context"]["retries"] == src["retries"] == 2 and src["status"] == "failed"
