@@ -239,8 +239,13 @@ def test_scheduler_kv_bridge_pins_through_our_pool() -> None:
     assert repr(bridge) == "SchedulerKVBridge(num_requests=1, allocated=21/64 tokens)"
     metrics = scheduler.get_metrics()
     assert (metrics.kv_allocated_tokens, metrics.kv_available_tokens, metrics.kv_pool_utilization) == (21, 43, 21 / 64)
+    # Freeing a pinned request: the original's pool raised a ValueError; the engine has already
+    # dropped the request from its bridge, and the pool keeps the handle (as with the original).
+    with pytest.raises(ValueError, match="pinned"):
+        scheduler.free_request("a")
+    assert not bridge.has_request("a") and pool.get_stats()["num_handles"] == 1
     pool.unpin(handle)
-    scheduler.free_request("a")
+    pool.free(handle)
     assert pool.get_stats()["num_handles"] == 0
 
 
