@@ -181,6 +181,27 @@ def test_remove_skipped_blocks_reallocates_the_kept_blocks() -> None:
     assert pool_tokens(kv) == (0, 0)
 
 
+def test_allocate_slots_when_the_prefix_cache_covers_the_request() -> None:
+    # Every token cached: the engine allocates one block of ours behind the cached block ids; a call
+    # with no new tokens also gets one block; a second call for a request frees its handle and
+    # allocates the old size plus the new tokens (the table then holds only that handle's blocks).
+    kv = manager(num_blocks=16)
+    ids = list(range(1, 33))
+    kv.allocate_slots(MinimalRequest("a", ids), 33, 0, tokens=ids)
+    kv.cache_blocks(MinimalRequest("a", ids), 32)
+    assert kv.allocate_slots(MinimalRequest("b", ids), 32, 0, tokens=ids) == 48
+    assert kv._request_handles["b"].num_tokens == 16 and kv.get_num_computed_tokens("b") == 32
+    assert kv.get_block_table("b")[:2] == kv.get_block_table("a")[:2]
+    assert kv.allocate_slots(MinimalRequest("c"), 0, 0) == 16 and kv._request_handles["c"].num_tokens == 16
+    assert kv.allocate_slots(MinimalRequest("b", ids), 5, 5) == 32
+    assert kv._request_handles["b"].num_tokens == 21 and kv.get_num_computed_tokens("b") == 37
+    assert kv.get_block_table("b") == [b.block_id for b in kv._request_handles["b"]._blocks]
+    assert pool_tokens(kv) == (70, 3)
+    for rid in "abc":
+        kv.free(rid)
+    assert pool_tokens(kv) == (0, 0)
+
+
 @pytest.mark.parametrize(("dtype", "expected"), [
     ("fp16", DType.FP16), ("float16", DType.FP16), ("bf16", DType.BF16), ("bfloat16", DType.BF16),
     ("fp32", DType.FP32), ("float32", DType.FP32),
