@@ -211,7 +211,11 @@ class KVDoubleFreeError(KVCacheError):
         )
 
 
-class KVHandlePinnedError(KVCacheError):
+class KVHandlePinnedError(KVCacheError, ValueError):
+    """An operation a pin forbids (free, evict). A ``ValueError`` as well: the original pool raised a
+    plain ``ValueError`` when a pinned handle was freed, e.g. by the engine's ``SchedulerKVBridge``
+    after its ``pin_request``."""
+
     _core_code = KVErrorCode.HANDLE_PINNED
 
     def __init__(

@@ -95,6 +95,7 @@ def test_builtin_bases_stay() -> None:
     assert isinstance(E.KVMemoryExhaustedError(1), MemoryError)
     assert isinstance(E.KVConfigInvalidError("k", 1), ValueError)
     assert isinstance(E.KVHandleNotFoundError("h"), KeyError)
+    assert isinstance(E.KVHandlePinnedError("h", operation="free"), ValueError)  # the original's pool: ValueError
     assert str(E.KVHandleNotFoundError("h")) == "[KV_HANDLE_NOT_FOUND] Handle not found: 'h'"  # no KeyError quotes
     assert isinstance(E.KVTransferTimeoutError("t", timeout_seconds=1, elapsed_seconds=2), TimeoutError)
     assert isinstance(E.KVNotImplementedError("f"), NotImplementedError)
