@@ -680,7 +680,9 @@ class PrefixCache:
     def get_stats(self) -> dict:
         """The seed's counters: hits and misses per ``lookup`` call, inserted and evicted blocks.
 
-        Counters survive :meth:`clear`, as in the seed.
+        Counters survive :meth:`clear`, as in the seed. ``query_count`` (lookups, hits plus misses) is
+        ours: the sageLLM engine's ``RuntimeStats`` divides ``hit_count`` by it, and reported a hit rate
+        of 0.0 on the seed, which has no such key.
         """
         s = self._trie.stats()
         hits = int(s["hit_lookups"])
@@ -691,6 +693,7 @@ class PrefixCache:
             "hit_count": hits,
             "miss_count": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "query_count": hits + misses,
             "insert_count": int(s["inserts"]),
             "evict_count": int(s["evictions"]),
             "block_size": self.block_size,

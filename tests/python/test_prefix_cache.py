@@ -35,9 +35,9 @@ from sagellm_kv_cache import (
 from sagellm_kv_cache.prefix_cache import hash_algorithms
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "prefix_cache_example.py"
-# In the seed's order.
-SEED_STATS_KEYS = ["num_entries", "num_blocks", "hit_count", "miss_count", "hit_rate", "insert_count", "evict_count",
-                   "block_size", "max_cached_blocks", "enable_lru"]
+# In the seed's order, plus query_count (ours: the engine reads it).
+SEED_STATS_KEYS = ["num_entries", "num_blocks", "hit_count", "miss_count", "hit_rate", "query_count", "insert_count",
+                   "evict_count", "block_size", "max_cached_blocks", "enable_lru"]
 
 
 def make_pool(num_blocks: int = 64, block_size: int = 4) -> PagedKVPool:
@@ -89,6 +89,7 @@ def test_seed_stats_keys_and_counts() -> None:
     assert stats == {
         "block_size": 4, "enable_lru": True, "evict_count": 0, "hit_count": 1, "hit_rate": 0.5,
         "insert_count": 2, "max_cached_blocks": None, "miss_count": 1, "num_blocks": 2, "num_entries": 2,
+        "query_count": 2,
     }
     assert len(cache) == 2
     assert repr(cache) == "PrefixCache(block_size=4, lru=True, entries=2, blocks=2, hit_rate=50.00%)"
