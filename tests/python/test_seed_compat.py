@@ -1,0 +1,32 @@
+"""Where the seed API met a divergence from the original ``isagellm-kv-cache==0.5.4.15`` that
+``test_seed_diff.py`` found: the original's behaviour, pinned here without needing the original."""
+
+from __future__ import annotations
+
+import pytest
+from sagellm_kv_cache import KVHandle, KVInvalidHandleError, KVPool
+
+
+def test_pool_refusals_are_caught_as_the_originals_errors() -> None:
+    # The original raised KVInvalidHandleError for a freed or foreign handle and ValueError for a
+    # pinned one (or a pin count at 0); ours raises more precise classes that are also those.
+    pool = KVPool(100, 16)
+    h = pool.alloc(10, "fp16", "contiguous", "cpu")
+    pool.pin(h)
+    with pytest.raises(ValueError):
+        pool.free(h)
+    pool.unpin(h)
+    pool.free(h)
+    with pytest.raises(KVInvalidHandleError):
+        pool.free(h)
+    with pytest.raises(KVInvalidHandleError):
+        pool.pin(h)
+    with pytest.raises(KVInvalidHandleError):
+        pool.free(KVHandle.create(num_tokens=4))
+    loose = KVHandle.create(num_tokens=4)
+    with pytest.raises(ValueError):
+        loose.unpin()
+    loose.decr_ref()
+    with pytest.raises(ValueError):
+        loose.decr_ref()
+    assert pool.get_stats()["num_handles"] == 0
