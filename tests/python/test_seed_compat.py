@@ -30,3 +30,11 @@ def test_pool_refusals_are_caught_as_the_originals_errors() -> None:
     with pytest.raises(ValueError):
         loose.decr_ref()
     assert pool.get_stats()["num_handles"] == 0
+
+
+def test_can_admit_zero_is_false_as_alloc_zero_is_refused() -> None:
+    pool = KVPool(100, 16)
+    assert not pool.can_admit(0)
+    with pytest.raises(ValueError):
+        pool.alloc(0, "fp16", "contiguous", "cpu")
+    assert pool.can_admit(1) and pool.can_admit(100) and not pool.can_admit(101)
