@@ -38,3 +38,17 @@ def test_can_admit_zero_is_false_as_alloc_zero_is_refused() -> None:
     with pytest.raises(ValueError):
         pool.alloc(0, "fp16", "contiguous", "cpu")
     assert pool.can_admit(1) and pool.can_admit(100) and not pool.can_admit(101)
+
+
+def test_unpin_of_a_handle_that_is_not_pinned_does_nothing() -> None:
+    # The engine's SchedulerKVBridge.unpin_request calls KVPool.unpin whether or not it pinned.
+    pool = KVPool(100, 16)
+    h = pool.alloc(10, "fp16", "contiguous", "cpu")
+    pool.unpin(h)
+    pool.pin(h)
+    pool.unpin(h)
+    pool.unpin(h)
+    assert h.pin_count == 0 and pool.get_stats()["pinned_tokens"] == 0 and not pool.pinned_handles
+    pool.free(h)
+    with pytest.raises(KVInvalidHandleError):
+        pool.unpin(h)

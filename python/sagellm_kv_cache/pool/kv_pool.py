@@ -400,9 +400,14 @@ class KVPool:
                 handle.pin_count, handle.state = live.pin_count, live.state
 
     def unpin(self, handle: KVHandle) -> None:
+        """Undoes one pin. A live handle that is not pinned is left as it is, as in the original
+        (the sageLLM engine's ``SchedulerKVBridge.unpin_request`` calls this whether or not the
+        request was pinned); a handle the pool does not hold is a ``KVHandleNotFoundError``."""
         with self._lock:
             live = self._live(handle)
-            live.unpin()  # raises KVRefCountUnderflowError when not pinned
+            if live.pin_count == 0:
+                return
+            live.unpin()
             if live.pin_count == 0 and live.handle_id in self.pinned_handles:
                 self._pinned_tokens -= live.num_tokens
                 self.pinned_handles.discard(live.handle_id)
