@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from sagellm_kv_cache import KVHandle, KVInvalidHandleError, KVPool
+from sagellm_kv_cache import KVBlockState, KVHandle, KVInvalidHandleError, KVPool
 
 
 def test_pool_refusals_are_caught_as_the_originals_errors() -> None:
@@ -52,3 +52,22 @@ def test_unpin_of_a_handle_that_is_not_pinned_does_nothing() -> None:
     pool.free(h)
     with pytest.raises(KVInvalidHandleError):
         pool.unpin(h)
+
+
+def test_pin_leaves_the_state_and_freed_handles_are_not_evictable() -> None:
+    # The original's KVHandle.pin/unpin change only pin_count; is_evictable is False for a pinned,
+    # a PINNED-state or a freed handle.
+    pool = KVPool(100, 16)
+    h = pool.alloc(10, "fp16", "contiguous", "cpu")
+    pool.pin(h)
+    assert h.state == KVBlockState.ALLOCATED and h.is_pinned and not h.is_evictable()
+    pool.unpin(h)
+    assert h.state == KVBlockState.ALLOCATED and h.is_evictable()
+    loose = KVHandle.create(num_tokens=4)
+    loose.state = KVBlockState.FREE
+    loose.pin()
+    assert loose.state == KVBlockState.FREE
+    loose.unpin()
+    assert not loose.is_evictable()
+    pool.free(h)
+    assert not h.is_evictable()
