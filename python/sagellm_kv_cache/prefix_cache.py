@@ -424,8 +424,8 @@ class PrefixCache:
         # Read once, and never tested for truth: an array of keys (a tensor) has no truth value.
         if block_hashes.__class__ is list or block_hashes.__class__ is tuple:
             keys: Sequence[BlockHash] = block_hashes
-        elif block_hashes is None:  # the original's `if not block_hashes` took it as nothing to look up
-            keys = ()
+        elif block_hashes is None:  # the original raised TypeError ('NoneType' object is not iterable) too
+            raise TypeError("block_hashes must be a sequence of block hashes, got None")
         else:
             keys = tuple(block_hashes)
         if not keys:

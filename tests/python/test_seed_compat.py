@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from sagellm_kv_cache import KVBlockState, KVHandle, KVInvalidHandleError, KVPool
+from sagellm_kv_cache import KVBlockState, KVHandle, KVInvalidHandleError, KVPool, PrefixCache
 
 
 def test_pool_refusals_are_caught_as_the_originals_errors() -> None:
@@ -71,3 +71,11 @@ def test_pin_leaves_the_state_and_freed_handles_are_not_evictable() -> None:
     assert not loose.is_evictable()
     pool.free(h)
     assert not h.is_evictable()
+
+
+def test_prefix_lookup_of_none_is_a_type_error_that_counts_nothing() -> None:
+    cache = PrefixCache(2)
+    with pytest.raises(TypeError, match="None"):
+        cache.lookup(None)  # type: ignore[arg-type]
+    assert cache.get_stats()["miss_count"] == 0
+    assert cache.lookup([]) == ([], 0) and cache.get_stats()["miss_count"] == 1
