@@ -350,6 +350,7 @@ class PrefixCache:
         self._owners: dict[Any, int] = {}
         self._owner_numbers = itertools.count(1)
         self._empty_lookups = 0  # the seed counts a lookup of no blocks as a miss; the trie never sees it
+        self._invalidated = 0  # blocks invalidate() removed: the seed counts them in evict_count
         self._last_chain: tuple[bytes, bytes] | None = None  # see _chain: (keys, digests), concatenated
         # The last lookup's digests, match length and the trie generation it saw: an insert of the
         # same digests right after it (no change to the trie since) knows its cached prefix without
@@ -652,6 +653,7 @@ class PrefixCache:
                 if owner is None:
                     return 0
                 removed = int(self._trie.invalidate(owner))
+                self._invalidated += removed
                 self._generation += 1
                 self._forget_evicted(dropped)
             finally:
@@ -678,7 +680,8 @@ class PrefixCache:
     # --- stats ------------------------------------------------------------------------------
 
     def get_stats(self) -> dict:
-        """The seed's counters: hits and misses per ``lookup`` call, inserted and evicted blocks.
+        """The seed's counters: hits and misses per ``lookup`` call, inserted and evicted blocks
+        (``evict_count`` includes the blocks :meth:`invalidate` removed, as in the seed).
 
         Counters survive :meth:`clear`, as in the seed.
         """
@@ -692,7 +695,7 @@ class PrefixCache:
             "miss_count": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
             "insert_count": int(s["inserts"]),
-            "evict_count": int(s["evictions"]),
+            "evict_count": int(s["evictions"]) + self._invalidated,
             "block_size": self.block_size,
             "max_cached_blocks": self.max_cached_blocks,
             "enable_lru": self.enable_lru,

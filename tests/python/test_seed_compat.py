@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from sagellm_kv_cache import KVBlockState, KVHandle, KVInvalidHandleError, KVPool, PrefixCache
 
@@ -79,3 +81,12 @@ def test_prefix_lookup_of_none_is_a_type_error_that_counts_nothing() -> None:
         cache.lookup(None)  # type: ignore[arg-type]
     assert cache.get_stats()["miss_count"] == 0
     assert cache.lookup([]) == ([], 0) and cache.get_stats()["miss_count"] == 1
+
+
+def test_prefix_invalidate_counts_its_blocks_as_evicted() -> None:
+    cache = PrefixCache(2)
+    owner = uuid.UUID(int=1)
+    keys = cache.compute_block_hashes([1, 2, 3, 4])
+    cache.insert(keys, [{"block_id": 0, "handle_id": owner}, {"block_id": 1, "handle_id": owner}])
+    assert cache.invalidate(owner) == 2
+    assert cache.get_stats()["evict_count"] == 2 and len(cache) == 0
