@@ -132,8 +132,6 @@ def test_bad_alloc_is_typed_and_changes_nothing(kwargs: dict[str, Any], error: t
         ({"max_tokens": 64, "block_size": 0}, KVConfigInvalidError, "'block_size': 0"),
         ({"max_tokens": 64, "bytes_per_token": -1}, KVConfigInvalidError, "'bytes_per_token': -1"),
         ({"max_tokens": 64, "max_evict_handles_per_round": 0}, KVConfigInvalidError, "max_evict_handles_per_round"),
-        ({"max_tokens": 64, "eviction_policy": EvictionPolicy.LIFETIME_AWARE}, KVConfigInvalidError,
-         "eviction_policy"),
         ({"max_tokens": 64, "eviction_policy": "coldest"}, KVConfigInvalidError, "coldest"),
         ({"max_tokens": 64, "metrics_collector": {}}, TypeError, "metrics_collector"),
         ({"max_tokens": 64, "logger": 3}, TypeError, "logger"),
