@@ -85,6 +85,7 @@ class Rng:
     """One ``random()`` draw per choice, so that the stream never depends on a list's length."""
 
     def __init__(self, seed: int) -> None:
+        self.seed = seed
         self.r = random.Random(seed)
 
     def chance(self, p: float) -> bool:
@@ -260,7 +261,7 @@ class PrefixWorld:
         self.max_blocks = 5
 
     def describe(self) -> list[Any]:
-        return [self.bs, self.cap]
+        return [self.bs, self.cap, self.cache.enable_lru]
 
     def state(self) -> Any:
         return {"stats": self.norm(self.cache.get_stats()), "len": len(self.cache)}
@@ -318,7 +319,10 @@ class PrefixWorld:
 
     def evict(self) -> tuple[str, Any, Any]:
         n = self.rng.int(0, 4)
-        return "evict", n, self.cache.evict_by_count(n)
+        try:
+            return "evict", n, self.cache.evict_by_count(n)
+        except Exception as e:  # enable_lru=False
+            return "evict", n, exc(e)
 
     def invalidate(self) -> tuple[str, Any, Any]:
         owner = self.rng.pick(self.owners)
@@ -361,8 +365,11 @@ class SingleBlockPrefixWorld(PrefixWorld):
 
     def __init__(self, rng: Rng, norm: Norm) -> None:
         super().__init__(rng, norm)
-        self.cap = rng.pick([None, 6, 12])
-        self.cache = kv.PrefixCache(self.bs, self.cap, True)
+        # Without LRU the original ignored the capacity (the cache grew without bound); ours evicts in
+        # insertion order (prefix_cache.py): a capacity only with LRU.
+        # The configuration cycles with the seed, so that any three seeds cover each.
+        self.lru, self.cap = [(True, 6), (True, 12), (False, None)][rng.seed // 1000 % 3]
+        self.cache = kv.PrefixCache(self.bs, self.cap, self.lru)
         self.max_blocks = 1
 
     def ops(self) -> list[tuple[float, Callable[[], tuple[str, Any, Any]]]]:
@@ -396,11 +403,16 @@ class SingleBlockPrefixWorld(PrefixWorld):
 
 
 class EvictionWorld:
+    """``select_victims`` over handles with distinct, fixed times (and priorities in metadata).
+    ``LFU`` is left out: the original ordered it as LRU, ours by access count (eviction.py)."""
+
     name = "eviction"
+    POLICIES = (kv.EvictionPolicy.LRU, kv.EvictionPolicy.FIFO, kv.EvictionPolicy.TTL, kv.EvictionPolicy.PRIORITY,
+                kv.EvictionPolicy.LIFETIME_AWARE)
 
     def __init__(self, rng: Rng, norm: Norm) -> None:
         self.rng, self.norm = rng, norm
-        self.mgr = kv.EvictionManager(rng.pick([kv.EvictionPolicy.LRU, kv.EvictionPolicy.FIFO]))
+        self.mgr = kv.EvictionManager(rng.pick(self.POLICIES))
 
     def describe(self) -> list[Any]:
         return [self.mgr.policy.value]
@@ -417,7 +429,7 @@ class EvictionWorld:
         times = list(range(1, 40))
         r.r.shuffle(times)
         for i in range(r.int(0, 8)):
-            h = kv.KVHandle.create(num_tokens=r.int(1, 40))
+            h = kv.KVHandle.create(num_tokens=r.int(1, 40), metadata=r.pick([{}, {}, {"priority": r.int(-2, 5)}]))
             h.created_at = float(times[2 * i])
             h.last_access = float(times[2 * i + 1])
             h.access_count = r.int(0, 5)
@@ -433,15 +445,15 @@ class EvictionWorld:
         hs = self.handles()
         need = self.rng.int(0, 120)
         maxv = self.rng.pick([None, None, 1, 2])
-        args = [[[*handle_view(self.norm, h)[:5], h.created_at, h.last_access, h.access_count] for h in hs],
-                need, maxv]
+        args = [[[*handle_view(self.norm, h)[:5], h.created_at, h.last_access, h.access_count,
+                  h.metadata.get("priority")] for h in hs], need, maxv]
         try:
             return "select", args, self.norm(self.mgr.select_victims(hs, need, maxv))
         except Exception as e:
             return "select", args, exc(e)
 
     def set_policy(self) -> tuple[str, Any, Any]:
-        p = self.rng.pick([kv.EvictionPolicy.LRU, kv.EvictionPolicy.FIFO])
+        p = self.rng.pick(self.POLICIES)
         self.mgr.set_policy(p)
         return "set_policy", p.value, None
 
