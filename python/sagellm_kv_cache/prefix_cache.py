@@ -301,8 +301,9 @@ class PrefixCache:
     keys of a prompt from its first block on.
 
     Blocks are the caller's dicts (``{"block_id": ..., "handle_id": ...}``) and come back from
-    ``lookup`` as the same objects. Hit and miss counts are per block. With ``enable_lru=False`` a
-    full cache evicts in insertion order and ``evict_by_count`` is refused, as in the seed.
+    ``lookup`` as the same objects. Hit and miss counts are per block. With ``enable_lru=False``
+    ``evict_by_count`` is refused, as in the seed, and a full cache evicts in insertion order (the
+    seed ignored ``max_cached_blocks`` without LRU and grew without bound).
 
     Thread-safe: one lock serialises the calls. The cache lets go of the objects it drops (evicted,
     replaced, cleared) only after releasing that lock, so their finalisers may use the cache. Code
