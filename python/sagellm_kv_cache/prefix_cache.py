@@ -301,7 +301,7 @@ class PrefixCache:
     keys of a prompt from its first block on.
 
     Blocks are the caller's dicts (``{"block_id": ..., "handle_id": ...}``) and come back from
-    ``lookup`` as the same objects. Hit and miss counts are per block. With ``enable_lru=False``
+    ``lookup`` as the same objects. Hits and misses count ``lookup`` calls. With ``enable_lru=False``
     ``evict_by_count`` is refused, as in the seed, and a full cache evicts in insertion order (the
     seed ignored ``max_cached_blocks`` without LRU and grew without bound).
 

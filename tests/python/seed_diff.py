@@ -581,17 +581,18 @@ class ManagerWorld:
     def ops(self) -> list[tuple[float, Callable[[], tuple[str, Any, Any]]]]:
         return [(20, self.alloc), (12, self.free), (8, self.register), (12, self.query), (3, self.bad)]
 
-    def prompt(self, cut: bool = False) -> list[int]:
+    def prompt(self, register: bool = False) -> list[int]:
         """Whole blocks only: ours registers and matches whole blocks (kv_cache_manager.py), the
-        original any token count. Only registrations take a known prompt cut short (``cut``): ours
-        serves a query from any whole-block prefix of a registered prompt, the original only from a
-        whole registered prompt, so a query of a cut prompt hits on ours alone."""
+        original any token count. Ours also serves a query from any whole-block prefix of a
+        registered prompt, the original only from a whole registered prompt; so a query is never
+        shorter than a registered prompt it shares blocks with: registrations take a known prompt
+        or one cut short, queries a known prompt or one extended."""
         r = self.rng
         if self.prompts and r.chance(0.5):
             base = r.pick(self.prompts)
             if r.chance(0.5):
-                return base[: self.bs * r.int(1, len(base) // self.bs)] if cut else base
-            return base + [r.int(0, 1000) for _ in range(self.bs)]
+                return base[: self.bs * r.int(1, len(base) // self.bs)] if register else base
+            return base if register else base + [r.int(0, 1000) for _ in range(self.bs)]
         p = [r.int(0, 1000) for _ in range(self.bs * r.int(1, 4))]
         self.prompts.append(p)
         return p
@@ -630,7 +631,7 @@ class ManagerWorld:
 
     def register(self) -> tuple[str, Any, Any]:
         i = int(self.rng.r.random() * len(self.live)) if self.live else -1
-        p = self.prompt(cut=True)
+        p = self.prompt(register=True)
         h = self.live[i] if i >= 0 else None
         if h is None or len(p) > self.tokens[i]:  # longer than the handle: see bad()
             return "register", None, None
