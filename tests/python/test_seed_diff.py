@@ -4,16 +4,16 @@
 ``KVPool``, ``PrefixCache``, ``EvictionManager``, ``SchedulerBridge`` and ``KVCacheManager`` and
 records what each returned or raised and the state after it. This test runs it under an interpreter
 with the original installed (``SAGELLM_KV_ORIGINAL_PYTHON``; ``scripts/test.sh`` makes one in
-``build/original-venv`` with ``pip install --no-deps isagellm-kv-cache==0.5.4.15
-isagellm-protocol==0.5.4.16 pydantic``: the original imports nothing else, no torch) and here, and
-compares the two traces. Without that interpreter the test skips, unless
+``build/original-venv``: pydantic, then ``isagellm-kv-cache==0.5.4.15 isagellm-protocol==0.5.4.16``
+with ``--no-deps``, since the original imports nothing else, no torch) and here, and compares the
+two traces. Without that interpreter the test skips, unless
 ``SAGELLM_KV_REQUIRE_ORIGINAL=1`` says it must run (CI).
 
 By hand::
 
     python -m venv /tmp/orig && /tmp/orig/bin/pip install --no-deps isagellm-kv-cache==0.5.4.15 \\
         isagellm-protocol==0.5.4.16 && /tmp/orig/bin/pip install pydantic
-    /tmp/orig/bin/python tests/python/seed_diff.py --seed 1 > orig.jsonl
+    /tmp/orig/bin/python tests/python/seed_diff.py --seed 1 > orig.jsonl   # PYTHONPATH unset
     PYTHONPATH=python python3 tests/python/seed_diff.py --seed 1 > ours.jsonl
 
 The only divergences accepted are the deliberate ones, each in :func:`accepted` /
