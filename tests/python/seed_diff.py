@@ -673,8 +673,54 @@ class ManagerWorld:
             return "bad", kind, exc(e)
 
 
+class ConstructorWorld:
+    """Constructors with valid (``ctor``) and invalid (``bad``) arguments; what a new object shows."""
+
+    name = "ctor"
+    _P, _E = kv.EvictionPolicy, "eviction"
+    CASES: tuple[tuple[str, str, tuple[Any, ...]], ...] = (
+        ("ctor", "pool", (100,)), ("ctor", "pool", (100, 16)), ("ctor", "pool", (100, 16, 8)),
+        ("ctor", "pool", (1, 1)), ("bad", "pool", (0,)), ("bad", "pool", (-5,)), ("bad", "pool", (1.5,)),
+        ("bad", "pool", ("10",)), ("bad", "pool", (None,)), ("bad", "pool", (True,)), ("bad", "pool", (100, 0)),
+        ("bad", "pool", (100, -1)), ("bad", "pool", (100, 16, 0)), ("bad", "pool", (100, 16, 32, 5)),
+        ("bad", "pool", (100, 16, 32, None, -1)),
+        ("ctor", "prefix", ()), ("ctor", "prefix", (4,)), ("ctor", "prefix", (4, 8)),
+        ("ctor", "prefix", (4, None, False)), ("bad", "prefix", (0,)), ("bad", "prefix", (-1,)),
+        ("bad", "prefix", (True,)), ("bad", "prefix", (16, 0)), ("bad", "prefix", (16, -1)),
+        ("ctor", "bridge", (64,)), ("ctor", "bridge", (64, 4, False)), ("bad", "bridge", (0,)),
+        ("bad", "bridge", (100, 0)), ("bad", "bridge", (100, 16, False, "x")),
+        ("ctor", _E, ()), ("ctor", _E, (_P.FIFO, 10.0, 2)), ("ctor", _E, (_P.TTL,)), ("ctor", _E, (_P.PRIORITY,)),
+        ("ctor", _E, (_P.LIFETIME_AWARE,)), ("bad", _E, ("nope",)), ("bad", _E, (_P.LRU, -1.0)),
+        ("bad", _E, (_P.LRU, 1.0, "x")),
+        ("ctor", "manager", (64,)), ("ctor", "manager", (64, 8)), ("bad", "manager", (0,)),
+        ("bad", "manager", (64, 0)), ("bad", "manager", (1.5,)),
+    )
+
+    def __init__(self, rng: Rng, norm: Norm) -> None:
+        self.rng, self.norm = rng, norm
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def state(self) -> Any:
+        return None
+
+    def ops(self) -> list[tuple[float, Callable[[], tuple[str, Any, Any]]]]:
+        return [(1, self.construct)]
+
+    def construct(self) -> tuple[str, Any, Any]:
+        op, kind, args = self.rng.pick(self.CASES)
+        make = {"pool": kv.KVPool, "prefix": kv.PrefixCache, "bridge": kv.SchedulerBridge,
+                "eviction": kv.EvictionManager, "manager": kv.KVCacheManager}[kind]
+        try:
+            obj = make(*args)
+        except Exception as e:
+            return op, [kind, self.norm(args)], exc(e)
+        return op, [kind, self.norm(args)], self.norm(obj.policy if kind == "eviction" else obj.get_stats())
+
+
 WORLDS = {w.name: w for w in (PoolWorld, PrefixWorld, SingleBlockPrefixWorld, EvictionWorld, BridgeWorld,
-                                           ManagerWorld)}
+                                           ManagerWorld, ConstructorWorld)}
 
 
 def run(seed: int, ops: int, worlds: list[str] | None = None) -> list[list[Any]]:
