@@ -70,6 +70,24 @@ SAGELLM_KV_DYNAMO_PYTHON="$PWD/$dynamo_venv/bin/python" SAGELLM_KV_REQUIRE_DYNAM
   "$PYTHON" -m pytest tests/python/test_kv_events_routers.py -q -p no:cacheprovider -k dynamo
 # --- end of the Dynamo block ------------------------------------------------------------------------
 
+# --- the seed API against the original isagellm-kv-cache, call by call ---------------------------------
+# The original imports only pydantic and isagellm-protocol (its backend and comm dependencies, and
+# their torch, are never imported), so it gets a small venv of its own with --no-deps: nothing there
+# can replace this build in the test environment. The test runs the same seeded calls under both.
+step "seed API: the same random calls on the original isagellm-kv-cache 0.5.4.15 and on this package"
+original_venv=build/original-venv
+if ! "$original_venv/bin/python" -c 'import importlib.metadata as m
+assert m.version("isagellm-kv-cache") == "0.5.4.15"' 2>/dev/null; then
+  rm -rf "$original_venv"
+  "$PYTHON" -m venv "$original_venv"
+  "$original_venv/bin/pip" install -q --disable-pip-version-check "pydantic>=2"
+  "$original_venv/bin/pip" install -q --disable-pip-version-check --no-deps isagellm-kv-cache==0.5.4.15 \
+    isagellm-protocol==0.5.4.16
+fi
+SAGELLM_KV_ORIGINAL_PYTHON="$PWD/$original_venv/bin/python" SAGELLM_KV_REQUIRE_ORIGINAL=1 \
+  "$PYTHON" -m pytest tests/python/test_seed_diff.py -q -p no:cacheprovider
+# --- end of the original block -----------------------------------------------------------------------
+
 # --- vLLM 0.33.0 OffloadingSpec against vLLM's real scheduler and connector --------------------------
 # vLLM goes into a venv of its own that sees this environment's packages (torch 2.13.0 CPU, this
 # package) and adds vLLM without its CUDA dependencies (--no-deps) plus the pure-Python modules its

@@ -199,12 +199,17 @@ class KVInvalidBlockError(KVInvalidHandleError):
     """A block id that is out of range, or not allocated where it must be (C++ ``kInvalidBlock``)."""
 
 
-class KVDoubleFreeError(KVCacheError):
+class KVDoubleFreeError(KVInvalidHandleError):
+    """A handle (or block) freed again. A :class:`KVInvalidHandleError`: the original package's
+    ``KVPool.free`` raised that for a freed handle, so an ``except`` written for it catches this."""
+
     _core_code = KVErrorCode.DOUBLE_FREE
+    reason = "has already been freed"
 
     def __init__(self, handle_id: UUID | str, *, context: dict[str, Any] | None = None) -> None:
         self.handle_id = str(handle_id)
-        super().__init__(
+        KVCacheError.__init__(
+            self,
             KVErrorCode.DOUBLE_FREE,
             f"Double free detected: handle '{handle_id}' has already been freed",
             _merged({"handle_id": str(handle_id)}, context),
@@ -236,19 +241,26 @@ class KVHandlePinnedError(KVCacheError, ValueError):
         )
 
 
-class KVHandleNotFoundError(KVCacheError, KeyError):
+class KVHandleNotFoundError(KVInvalidHandleError, KeyError):
+    """A handle this pool or manager does not hold. Also a :class:`KVInvalidHandleError`, the
+    original package's error for a foreign or freed handle in ``KVPool.free``/``pin``/``unpin``."""
+
     _core_code = KVErrorCode.HANDLE_NOT_FOUND
+    reason = "not found"
 
     def __init__(self, handle_id: UUID | str, *, context: dict[str, Any] | None = None) -> None:
         self.handle_id = str(handle_id)
-        super().__init__(
+        KVCacheError.__init__(
+            self,
             KVErrorCode.HANDLE_NOT_FOUND,
             f"Handle not found: '{handle_id}'",
             _merged({"handle_id": str(handle_id)}, context),
         )
 
 
-class KVRefCountUnderflowError(KVCacheError):
+class KVRefCountUnderflowError(KVCacheError, ValueError):
+    """Also a ``ValueError``: the original package's ``KVHandle.unpin``/``decr_ref`` at 0 raised one."""
+
     _core_code = KVErrorCode.REF_COUNT_UNDERFLOW
 
     def __init__(self, handle_id: UUID | str, *, current_count: int = 0, context: dict[str, Any] | None = None) -> None:

@@ -250,7 +250,8 @@ class PriorityEviction(EvictionStrategy):
         return f"PriorityEviction(default_priority={self.default_priority})"
 
 
-_SUPPORTED = (EvictionPolicy.LRU, EvictionPolicy.LFU, EvictionPolicy.FIFO, EvictionPolicy.TTL, EvictionPolicy.PRIORITY)
+_SUPPORTED = (EvictionPolicy.LRU, EvictionPolicy.LFU, EvictionPolicy.FIFO, EvictionPolicy.TTL, EvictionPolicy.PRIORITY,
+              EvictionPolicy.LIFETIME_AWARE)
 
 
 class EvictionManager:
@@ -268,10 +269,12 @@ class EvictionManager:
         self.ttl_seconds = self._ttl.ttl_seconds
         self.default_priority = self._priority.default_priority
         self._strategy: EvictionStrategy = self._make(policy)
+        self._policy = EvictionPolicy(policy)
 
     @property
     def policy(self) -> EvictionPolicy:
-        return self._strategy.get_policy_name()
+        """The policy asked for (``LIFETIME_AWARE`` orders as LRU, see :meth:`set_policy`)."""
+        return self._policy
 
     @property
     def strategy(self) -> EvictionStrategy:
@@ -287,8 +290,13 @@ class EvictionManager:
         return self._strategy.select_victim(handles, num_tokens_needed, max_victims)
 
     def set_policy(self, policy: EvictionPolicy) -> None:
-        """Switches strategy; an unknown or unsupported policy is a ``ValueError`` and changes nothing."""
+        """Switches strategy; an unknown policy is a ``ValueError`` and changes nothing.
+
+        ``LIFETIME_AWARE`` is taken and orders as LRU, as in the original package (which also took
+        ``LFU`` as LRU; here LFU is its own strategy): no lifetime predictor feeds eviction.
+        """
         self._strategy = self._make(policy)
+        self._policy = EvictionPolicy(policy)
 
     def _make(self, policy: EvictionPolicy | str) -> EvictionStrategy:
         try:
@@ -297,7 +305,7 @@ class EvictionManager:
             raise ValueError(
                 f"unknown eviction policy {policy!r}; supported: {', '.join(p.value for p in _SUPPORTED)}"
             ) from None
-        if resolved == EvictionPolicy.LRU:
+        if resolved in (EvictionPolicy.LRU, EvictionPolicy.LIFETIME_AWARE):
             return LRUEviction()
         if resolved == EvictionPolicy.LFU:
             return LFUEviction()

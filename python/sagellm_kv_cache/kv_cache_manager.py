@@ -50,6 +50,7 @@ from sagellm_kv_cache.errors import (
     KVHandlePinnedError,
     KVInvalidHandleError,
     KVPrefixTooLongError,
+    KVRefCountUnderflowError,
 )
 from sagellm_kv_cache.eviction import EvictionManager, PriorityEviction
 from sagellm_kv_cache.models.kv_handle import KVHandle
@@ -293,6 +294,8 @@ class KVCacheManager:
         with self._lock:
             self._catch_up()
             live = self._live(handle)
+            if live.pin_count == 0:  # the pool lets that pass, as the original's did; the manager's own API refuses
+                raise KVRefCountUnderflowError(live.handle_id, current_count=0, context={"counter": "pin_count"})
             self._pool.unpin(live)
             if handle is not live:
                 handle.pin_count, handle.state = live.pin_count, live.state

@@ -301,8 +301,9 @@ class PrefixCache:
     keys of a prompt from its first block on.
 
     Blocks are the caller's dicts (``{"block_id": ..., "handle_id": ...}``) and come back from
-    ``lookup`` as the same objects. Hit and miss counts are per block. With ``enable_lru=False`` a
-    full cache evicts in insertion order and ``evict_by_count`` is refused, as in the seed.
+    ``lookup`` as the same objects. Hits and misses count ``lookup`` calls. With ``enable_lru=False``
+    ``evict_by_count`` is refused, as in the seed, and a full cache evicts in insertion order (the
+    seed ignored ``max_cached_blocks`` without LRU and grew without bound).
 
     Thread-safe: one lock serialises the calls. The cache lets go of the objects it drops (evicted,
     replaced, cleared) only after releasing that lock, so their finalisers may use the cache. Code
@@ -350,6 +351,7 @@ class PrefixCache:
         self._owners: dict[Any, int] = {}
         self._owner_numbers = itertools.count(1)
         self._empty_lookups = 0  # the seed counts a lookup of no blocks as a miss; the trie never sees it
+        self._invalidated = 0  # blocks invalidate() removed: the seed counts them in evict_count
         self._last_chain: tuple[bytes, bytes] | None = None  # see _chain: (keys, digests), concatenated
         # The last lookup's digests, match length and the trie generation it saw: an insert of the
         # same digests right after it (no change to the trie since) knows its cached prefix without
@@ -424,8 +426,8 @@ class PrefixCache:
         # Read once, and never tested for truth: an array of keys (a tensor) has no truth value.
         if block_hashes.__class__ is list or block_hashes.__class__ is tuple:
             keys: Sequence[BlockHash] = block_hashes
-        elif block_hashes is None:  # the original's `if not block_hashes` took it as nothing to look up
-            keys = ()
+        elif block_hashes is None:  # the original raised TypeError ('NoneType' object is not iterable) too
+            raise TypeError("block_hashes must be a sequence of block hashes, got None")
         else:
             keys = tuple(block_hashes)
         if not keys:
@@ -652,6 +654,7 @@ class PrefixCache:
                 if owner is None:
                     return 0
                 removed = int(self._trie.invalidate(owner))
+                self._invalidated += removed
                 self._generation += 1
                 self._forget_evicted(dropped)
             finally:
@@ -678,7 +681,8 @@ class PrefixCache:
     # --- stats ------------------------------------------------------------------------------
 
     def get_stats(self) -> dict:
-        """The seed's counters: hits and misses per ``lookup`` call, inserted and evicted blocks.
+        """The seed's counters: hits and misses per ``lookup`` call, inserted and evicted blocks
+        (``evict_count`` includes the blocks :meth:`invalidate` removed, as in the seed).
 
         Counters survive :meth:`clear`, as in the seed. ``query_count`` (lookups, hits plus misses) is
         ours: the sageLLM engine's ``RuntimeStats`` divides ``hit_count`` by it, and reported a hit rate
@@ -695,7 +699,7 @@ class PrefixCache:
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
             "query_count": hits + misses,
             "insert_count": int(s["inserts"]),
-            "evict_count": int(s["evictions"]),
+            "evict_count": int(s["evictions"]) + self._invalidated,
             "block_size": self.block_size,
             "max_cached_blocks": self.max_cached_blocks,
             "enable_lru": self.enable_lru,

@@ -333,9 +333,15 @@ def test_unknown_policy_is_value_error_and_changes_nothing(bad: object) -> None:
     assert manager.policy == EvictionPolicy.FIFO
 
 
-def test_unsupported_protocol_policy_is_value_error() -> None:
-    with pytest.raises(ValueError, match="lifetime_aware"):
-        EvictionManager(policy=EvictionPolicy.LIFETIME_AWARE)
+def test_lifetime_aware_orders_as_lru_as_in_the_original() -> None:
+    # The original took LIFETIME_AWARE (EvictionManager, KVCacheManager, SchedulerBridge) and
+    # ordered as LRU; ours refused it with ValueError.
+    manager = EvictionManager(policy=EvictionPolicy.LIFETIME_AWARE)
+    assert manager.policy == EvictionPolicy.LIFETIME_AWARE and isinstance(manager.strategy, LRUEviction)
+    handles = [make_handle(16, created=float(i), last=float(10 - i)) for i in range(4)]
+    assert manager.select_victims(handles, 16) == [handles[3]]
+    manager.set_policy(EvictionPolicy.FIFO)
+    assert manager.policy == EvictionPolicy.FIFO
 
 
 def test_selection_over_many_handles() -> None:

@@ -226,8 +226,10 @@ class KVHandle(_ProtocolKVHandle):
         self.access_count += 1
 
     def is_evictable(self) -> bool:
-        """Evictable when nothing pins it and no transfer is moving it."""
-        return self.pin_count == 0 and not self.is_transferring and self.state != KVBlockState.PINNED
+        """Evictable when nothing pins it, it is not freed (state ``FREE``) or marked ``PINNED``, as in
+        the original, and (ours alone) no transfer is moving it (``is_transferring``)."""
+        return (self.pin_count == 0 and not self.is_transferring
+                and self.state != KVBlockState.PINNED and self.state != KVBlockState.FREE)
 
     def incr_ref(self) -> int:
         self.ref_count += 1
@@ -240,16 +242,14 @@ class KVHandle(_ProtocolKVHandle):
         return self.ref_count
 
     def pin(self) -> int:
+        """One more pin (``is_pinned``); the ``state`` is left as it is, as in the original."""
         self.pin_count += 1
-        self.state = KVBlockState.PINNED
         return self.pin_count
 
     def unpin(self) -> int:
         if self.pin_count == 0:
             raise KVRefCountUnderflowError(self.handle_id, current_count=0, context={"counter": "pin_count"})
         self.pin_count -= 1
-        if self.pin_count == 0:
-            self.state = KVBlockState.ALLOCATED
         return self.pin_count
 
     @property

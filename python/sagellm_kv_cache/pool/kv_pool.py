@@ -15,7 +15,7 @@ Block ids and admission, two modes (``overcommit_blocks``):
 * Bounded ids (``overcommit_blocks=False``): every id is below ``num_blocks``, and a handle is
   admitted when its tokens fit the budget and its ``ceil(num_tokens / block_size)`` blocks fit the
   free ids: ``get_available_tokens()`` is min(tokens left, free ids * block_size) and
-  ``can_admit(n)`` is ``n <= get_available_tokens()``. With full blocks this is the token budget.
+  ``can_admit(n)`` is ``0 < n <= get_available_tokens()``. With full blocks this is the token budget.
 
 The default (``None``) is bounded exactly when ``SAGELLM_ENABLE_CUDA_PAGED_ATTENTION=1``, the sageLLM
 engine's switch for the one path where these ids index memory. The engine (isagellm-core 0.5.4.26)
@@ -400,9 +400,14 @@ class KVPool:
                 handle.pin_count, handle.state = live.pin_count, live.state
 
     def unpin(self, handle: KVHandle) -> None:
+        """Undoes one pin. A live handle that is not pinned is left as it is, as in the original
+        (the sageLLM engine's ``SchedulerKVBridge.unpin_request`` calls this whether or not the
+        request was pinned); a handle the pool does not hold is a ``KVHandleNotFoundError``."""
         with self._lock:
             live = self._live(handle)
-            live.unpin()  # raises KVRefCountUnderflowError when not pinned
+            if live.pin_count == 0:
+                return
+            live.unpin()
             if live.pin_count == 0 and live.handle_id in self.pinned_handles:
                 self._pinned_tokens -= live.num_tokens
                 self.pinned_handles.discard(live.handle_id)
@@ -413,10 +418,11 @@ class KVPool:
 
     def can_admit(self, num_tokens: int) -> bool:
         """Whether :meth:`alloc` of ``num_tokens`` tokens would be granted now:
-        ``num_tokens <= get_available_tokens()``."""
+        ``0 < num_tokens <= get_available_tokens()``. 0 is False (``alloc(0)`` is refused; the
+        original said False too); a negative or non-int count is an error."""
         if num_tokens.__class__ is not int or num_tokens < 0:  # the engine asks once per request: ints skip the checks
             num_tokens = positive_int("num_tokens", num_tokens, allow_zero=True)
-        return num_tokens <= self.max_tokens and self._native.can_admit(num_tokens)
+        return 0 < num_tokens <= self.max_tokens and self._native.can_admit(num_tokens)
 
     def get_allocated_tokens(self) -> int:
         return self._allocated_tokens
