@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sagellm_kv_cache
 from sagellm_kv_cache.replay import TraceError, load_trace, replay, sample_trace_path
 from sagellm_kv_cache.replay_cli import POLICIES, main
 
@@ -53,6 +57,30 @@ def test_cli_default_sample(tmp_path: Path) -> None:
     assert [r[1] for r in rows] == ["1000", "10000", "inf"]
     assert all(r[0] == "mooncake_synthetic_sample.jsonl" and r[2] == "lru" for r in rows)
     assert all(0.0 <= float(r[6]) <= 1.0 for r in rows)
+
+
+def _bootstrap_has_nothing_to_install() -> bool:
+    """scripts/bootstrap.sh installs nothing here (it would run apt-get or pip otherwise)."""
+    headers = all(Path(h).exists() for h in ("/usr/include/openssl/evp.h", "/usr/include/xxhash.h"))
+    return (headers and shutil.which("g++") is not None and shutil.which("bash") is not None
+            and all(importlib.util.find_spec(m) is not None for m in ("cmake", "ninja")))
+
+
+def test_run_script_takes_relative_paths_from_the_callers_directory(tmp_path: Path) -> None:
+    # scripts/run.sh installs from the repository root, but a user running it from elsewhere names the
+    # trace and the outputs relative to where they are.
+    if not _bootstrap_has_nothing_to_install():
+        pytest.skip("scripts/bootstrap.sh would install packages on this machine")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "run.sh"
+    (tmp_path / "trace.jsonl").write_bytes(sample_trace_path().read_bytes())
+    env = {**os.environ, "PYTHON": sys.executable,
+           "PYTHONPATH": str(Path(sagellm_kv_cache.__file__).resolve().parents[1])}
+    proc = subprocess.run(["bash", str(script), "trace.jsonl", "--capacity-blocks", "1000", "--json", "rows.json"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["trace"], r["capacity_blocks"]) for r in rows] == [("trace.jsonl", 1000)]
+    assert not (script.parents[1] / "rows.json").exists()
 
 
 def test_cli_json_keys_exactly(tmp_path: Path) -> None:
