@@ -5,9 +5,10 @@
 # Usage: bash scripts/run.sh [TRACE ...] [--capacity-blocks 1000,10000,inf] [--json out.json] [--plot out.png]
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
-(
-  cd "$(dirname "$0")/.."
-  SAGELLM_KV_WITH_TORCH=0 bash scripts/bootstrap.sh
-  "$PYTHON" -c "import sagellm_kv_cache._core" 2>/dev/null || "$PYTHON" -m pip install -q --disable-pip-version-check ".[visualization]"
-)
+here=$PWD
+cd "$(dirname "$0")/.."
+SAGELLM_KV_WITH_TORCH=0
+. scripts/bootstrap.sh  # may switch PYTHON to a venv (an externally managed python3)
+"$PYTHON" -c "import sagellm_kv_cache._core" 2>/dev/null || "$PYTHON" -m pip install -q --disable-pip-version-check ".[visualization]"
+cd "$here"
 exec "$PYTHON" -m sagellm_kv_cache.replay_cli replay "$@"
