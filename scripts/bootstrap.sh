@@ -51,7 +51,9 @@ fi
 
 pip_quiet() { "$PYTHON" -m pip install -q --disable-pip-version-check "$@"; }
 "$PYTHON" -c "import cmake, ninja" 2>/dev/null || pip_quiet cmake ninja
-# torch first and pinned, so nothing later can pull a CUDA build through a dependency.
+# torch first and pinned, so nothing later can pull a CUDA build through a dependency. PyPI's Linux
+# torch is the CUDA build (it requires the nvidia-* wheels); the CPU build comes from PyTorch's own index.
+SAGELLM_KV_TORCH_INDEX=${SAGELLM_KV_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 if [ "${SAGELLM_KV_WITH_TORCH:-1}" = 1 ]; then
-  "$PYTHON" -c "import torch" 2>/dev/null || pip_quiet "torch==2.13.0"
+  "$PYTHON" -c "import torch" 2>/dev/null || pip_quiet "torch==2.13.0" --index-url "$SAGELLM_KV_TORCH_INDEX"
 fi

@@ -43,7 +43,8 @@ step "pytest"
 step "engine integration: the sageLLM engine (isagellm-core, pinned) on this package"
 # Our version (0.5.5.x) satisfies the engine's isagellm-kv-cache>=0.5.4.1,<0.6, so pip keeps the
 # build installed above; torch is already the pinned CPU build, so no CUDA wheels are pulled.
-"$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+"$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install -q --disable-pip-version-check "torch==2.13.0" \
+  --index-url "$SAGELLM_KV_TORCH_INDEX"
 "$PYTHON" -m pip install -q --disable-pip-version-check "isagellm-core==0.5.4.26"
 "$PYTHON" - <<'PY'
 from importlib import metadata
