@@ -60,14 +60,20 @@ def _count(text: str) -> int:
     return value
 
 
+def _trace_width(rows: Sequence[dict[str, object]], least: int) -> int:
+    """The trace column's width: ``least``, or the longest trace name so that no row shifts its figures."""
+    return max([least, *(len(str(r["trace"])) for r in rows)])
+
+
 def _print_table(rows: Sequence[dict[str, object]]) -> None:
-    header = (f"{'trace':<32} {'capacity':>9} {'policy':>8} {'requests':>9} {'blocks':>9} {'hits':>9} "
+    width = _trace_width(rows, 32)
+    header = (f"{'trace':<{width}} {'capacity':>9} {'policy':>8} {'requests':>9} {'blocks':>9} {'hits':>9} "
               f"{'hit ratio':>9} {'evictions':>9} {'req/s':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
         cap = "inf" if r["capacity_blocks"] is None else str(r["capacity_blocks"])
-        print(f"{r['trace']!s:<32} {cap:>9} {r['policy']!s:>8} {r['requests']:>9} {r['blocks']:>9} {r['hits']:>9} "
+        print(f"{r['trace']!s:<{width}} {cap:>9} {r['policy']!s:>8} {r['requests']:>9} {r['blocks']:>9} {r['hits']:>9} "
               f"{r['hit_ratio']:>9.3f} {r['evictions']:>9} {r['requests_per_s']:>9.0f}")
 
 
@@ -119,14 +125,15 @@ def _mb(n: object) -> str:
 
 
 def _print_tiered_table(rows: Sequence[dict[str, object]]) -> None:
-    header = (f"{'trace':<28} {'device':>7} {'host':>7} {'disk':>7} {'blocks':>8} {'hit ratio':>9} "
+    width = _trace_width(rows, 28)
+    header = (f"{'trace':<{width}} {'device':>7} {'host':>7} {'disk':>7} {'blocks':>8} {'hit ratio':>9} "
               f"{'dev hit':>7} {'host hit':>8} {'disk hit':>8} {'req/s':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         by = r["hit_ratio_by_tier"]
         assert isinstance(by, dict)
-        print(f"{r['trace']!s:<28} {r['capacity_blocks']!s:>7} {r['host_blocks']!s:>7} {r['disk_blocks']!s:>7} "
+        print(f"{r['trace']!s:<{width}} {r['capacity_blocks']!s:>7} {r['host_blocks']!s:>7} {r['disk_blocks']!s:>7} "
               f"{r['blocks']:>8} {r['hit_ratio']:>9.3f} {by['device']:>7.3f} {by['host']:>8.3f} {by['disk']:>8.3f} "
               f"{r['requests_per_s']:>7.0f}")
     for r in rows:

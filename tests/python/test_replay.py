@@ -151,6 +151,21 @@ def test_cli_tiered_plot_draws_one_bar_per_trace(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tiers", [[], ["--host-blocks", "100"]], ids=["single", "tiered"])
+def test_cli_table_columns_stay_aligned_under_a_long_trace_name(tmp_path: Path, tiers: list[str],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The bundled sample's name (31 characters) overflowed the tiered table's trace column, a longer name
+    the plain table's, pushing that row's figures out from under their headers."""
+    trace = tmp_path / ("a_trace_with_a_rather_long_file_name_" + "x" * 8 + ".jsonl")
+    trace.write_text("\n".join(sample_trace_path().read_text().splitlines()[:100]) + "\n")
+    assert main(["replay", str(trace), "--capacity-blocks", "100", *tiers]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, row = lines[0], lines[2]
+    assert row.startswith(trace.name + " ")
+    # Every column after the name is right-aligned under its header: the row ends where the header does.
+    assert len(row) == len(header) == len(lines[1]), (header, row)
+
+
+@pytest.mark.parametrize("tiers", [[], ["--host-blocks", "100"]], ids=["single", "tiered"])
 def test_cli_plot_of_a_trace_named_with_dollar_signs(tmp_path: Path, tiers: list[str]) -> None:
     """The trace's name went into the legend / tick labels as mathtext: 'x$\\frac{a$.jsonl' was a
     ParseSyntaxException traceback after the whole replay."""
