@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from sagellm_kv_cache.errors import KVCacheError
+from sagellm_kv_cache.errors import KVCacheError, KVMetadataMismatchError
 from sagellm_kv_cache.profiling.visualize import image_format, literal_label
 
 if TYPE_CHECKING:
@@ -245,6 +245,11 @@ def _replay_command(args: argparse.Namespace) -> int:
     except TraceError as exc:
         print(f"sagellm-kv: {exc}", file=sys.stderr)
         return 2
+    except KVMetadataMismatchError as exc:
+        directory = exc.context.get("directory") if isinstance(exc.context, dict) else None
+        where = f"--disk-dir {directory!r} holds a disk tier written with other settings: " if directory else ""
+        print(f"sagellm-kv: {where}{exc}", file=sys.stderr)
+        return 2
     except (KVCacheError, ValueError) as exc:
         print(f"sagellm-kv: {exc}", file=sys.stderr)
         return 2
@@ -276,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="host tier capacity in blocks: enables the tiered replay (--capacity-blocks is then "
                          "the device tier)")
     rp.add_argument("--disk-blocks", type=_count, default=0, help="disk tier capacity in blocks (tiered replay)")
-    rp.add_argument("--disk-dir", metavar="DIR", help="disk tier directory (default: a temporary one, removed)")
+    rp.add_argument("--disk-dir", metavar="DIR",
+                    help="disk tier directory (default: a temporary one, removed); a tier an earlier run left "
+                         "there is reopened, so its blocks are hits from the first request")
     rp.add_argument("--block-bytes", type=_count, default=4096,
                     help="real bytes per block moved between tiers, a multiple of 1024 (default 4096)")
     rp.add_argument("--buffered-io", action="store_true", help="disk tier without O_DIRECT")

@@ -218,6 +218,23 @@ def test_cli_traces_with_the_same_file_name_keep_apart(tmp_path: Path) -> None:
     assert [line.split()[0] for line in proc.stdout.splitlines()[2:]] == [r["trace"] for r in rows]
 
 
+def test_cli_names_a_disk_dir_left_by_a_run_with_other_block_bytes(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(sample_trace_path().read_text().splitlines()[:50]) + "\n")
+    disk = tmp_path / "disk"
+    common = ["replay", str(trace), "--capacity-blocks", "50", "--host-blocks", "100", "--disk-blocks", "500",
+              "--disk-dir", str(disk), "--buffered-io"]
+    assert main([*common, "--block-bytes", "8192"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--block-bytes", "4096"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip()
+    assert "\n" not in err and f"--disk-dir {str(disk)!r} holds a disk tier written with other settings" in err
+    assert "'block_nbytes': expected 4096, got 8192" in err
+
+
 def test_cli_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.jsonl"
     proc = run_cli(str(missing), cwd=tmp_path)
