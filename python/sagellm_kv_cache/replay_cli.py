@@ -270,8 +270,12 @@ def _replay_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sagellm_kv_cache._version import __version__
+
     parser = _OneLineParser(prog="sagellm-kv", description="sagellm-kv-cache tools")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Named in the usage error without a command ("required: command" did not say which there are).
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{replay}")
     rp = sub.add_parser("replay", help="replay Mooncake-format traces through the prefix cache and pool")
     rp.add_argument("traces", nargs="*", metavar="TRACE", help="JSONL trace files (default: the bundled sample)")
     rp.add_argument("--capacity-blocks", type=_capacities, default=_capacities("1000,10000,inf"),

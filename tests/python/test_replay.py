@@ -331,6 +331,16 @@ def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> No
     assert "replay: error: argument --policy: invalid choice: 'mru'" in capsys.readouterr().err
 
 
+def test_cli_without_a_command_names_the_commands_and_has_a_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "sagellm-kv: error: the following arguments are required: {replay}\n"
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out == f"sagellm-kv {sagellm_kv_cache.__version__}\n"
+
+
 def test_cli_rejects_unknown_policy(tmp_path: Path) -> None:
     proc = run_cli("--policy", "mru", cwd=tmp_path)
     assert proc.returncode == 2 and "mru" in proc.stderr and "Traceback" not in proc.stderr
