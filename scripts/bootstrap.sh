@@ -40,7 +40,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 if [ "$use_venv" = 1 ]; then
-  venv=${SAGELLM_KV_VENV:-$PWD/build/venv}
+  venv=$(realpath -m "${SAGELLM_KV_VENV:-build/venv}")  # absolute: run.sh goes back to the caller's directory
   [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
   echo "bootstrap: $PYTHON is externally managed (PEP 668): installing into the venv $venv" \
        "(. $venv/bin/activate puts sagellm-kv and sage-kv-stats on the PATH)"

@@ -5,6 +5,7 @@
 # Usage: bash scripts/run.sh [TRACE ...] [--capacity-blocks 1000,10000,inf] [--json out.json] [--plot out.png]
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
+case $PYTHON in */*) PYTHON=$(realpath -s "$PYTHON") ;; esac  # a path relative to the caller's directory
 here=$PWD
 cd "$(dirname "$0")/.."
 SAGELLM_KV_WITH_TORCH=0

@@ -83,6 +83,21 @@ def test_run_script_takes_relative_paths_from_the_callers_directory(tmp_path: Pa
     assert not (script.parents[1] / "rows.json").exists()
 
 
+def test_run_script_takes_a_relative_python_from_the_callers_directory(tmp_path: Path) -> None:
+    if not _bootstrap_has_nothing_to_install():
+        pytest.skip("scripts/bootstrap.sh would install packages on this machine")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "run.sh"
+    wrapper = tmp_path / "py"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PYTHON": "./py",
+           "PYTHONPATH": str(Path(sagellm_kv_cache.__file__).resolve().parents[1])}
+    proc = subprocess.run(["bash", str(script), "--capacity-blocks", "1000"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[2].split()[:2] == ["mooncake_synthetic_sample.jsonl", "1000"]
+
+
 def test_cli_json_keys_exactly(tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
     proc = run_cli("--capacity-blocks", "50,inf", "--json", str(out), cwd=tmp_path)
