@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import sysconfig
 import zlib
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def test_cli_default_sample(tmp_path: Path) -> None:
 
 def _bootstrap_has_nothing_to_install() -> bool:
     """scripts/bootstrap.sh installs nothing here (it would run apt-get or pip otherwise)."""
-    headers = all(Path(h).exists() for h in ("/usr/include/openssl/evp.h", "/usr/include/xxhash.h"))
+    python_h = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    headers = all(Path(h).exists() for h in ("/usr/include/openssl/evp.h", "/usr/include/xxhash.h", python_h))
     return (headers and shutil.which("g++") is not None and shutil.which("bash") is not None
             and all(importlib.util.find_spec(m) is not None for m in ("cmake", "ninja")))
 
