@@ -43,13 +43,16 @@ def best_of(repeats: int, fn: Callable[[], Any]) -> float:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = (f"{'workload':<34} {'metric':<16} {'ours':>12} {'reference':>12} {'ratio':>8}"
+    """The rows as aligned columns: each text column as wide as its longest entry."""
+    name_width = max([34, *(len(r.workload) for r in rows)])
+    metric_width = max([16, *(len(r.metric) for r in rows)])
+    header = (f"{'workload':<{name_width}} {'metric':<{metric_width}} {'ours':>12} {'reference':>12} {'ratio':>8}"
               "  reference is")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.workload:<34} {r.metric:<16} {r.ours:>12.3f} {r.reference:>12.3f} {r.ratio:>7.2f}x"
-              f"  {r.reference_name}")
+        print(f"{r.workload:<{name_width}} {r.metric:<{metric_width}} {r.ours:>12.3f} {r.reference:>12.3f} "
+              f"{r.ratio:>7.2f}x  {r.reference_name}")
 
 
 def write_json(rows: list[Row], path: str) -> None:

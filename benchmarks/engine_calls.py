@@ -21,9 +21,10 @@ WARNING, as a deployment that does not want a line per request would). The timer
 per call and are counted in the library's share.
 
 ``--compare PYTHON`` runs the same trace under another interpreter too, e.g. a venv holding the
-engine and the original package (``pip install torch==2.13.0`` first, then
-``pip install isagellm-core==0.5.4.26 isagellm-kv-cache==0.5.4.15``); both run in turns, each in a
-fresh process, and the best round of each is compared.
+engine and the original package (``pip install torch==2.13.0 --index-url
+https://download.pytorch.org/whl/cpu`` first, then ``pip install isagellm-core==0.5.4.26
+isagellm-kv-cache==0.5.4.15``); both run in turns, each in a fresh process, and the best round of
+each is compared.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import sagellm_core  # noqa: F401
     except ImportError:
-        print("the sageLLM engine is not installed: pip install torch==2.13.0 (first), then "
+        print("the sageLLM engine is not installed: pip install torch==2.13.0 --index-url "
+              "https://download.pytorch.org/whl/cpu (first), then "
               "pip install isagellm-core==0.5.4.26", file=sys.stderr)
         return 1
     interpreters = [("this package", sys.executable)]

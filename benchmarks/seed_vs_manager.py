@@ -10,6 +10,7 @@ seed path is compute_block_hashes + lookup + insert with a dict per new block, a
 
 from __future__ import annotations
 
+import argparse
 import gc
 import sys
 import time
@@ -56,10 +57,24 @@ def compare(token_lists: list[list[int]], capacity: int | None, pool_blocks: int
     return manager_s / len(token_lists), seed_s / len(token_lists)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str]) -> int:
-    num_requests = int(argv[0]) if argv else 20_000
-    num_prompts = int(argv[1]) if len(argv) > 1 else 1_000
-    requests = make_requests(num_requests, num_prompts)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("num_requests", nargs="?", type=_positive, default=20_000,
+                        help="requests of the W2/W3 trace (default 20000)")
+    parser.add_argument("num_prompts", nargs="?", type=_positive, default=1_000,
+                        help="shared 1,024-token prompts they draw from (default 1000)")
+    args = parser.parse_args(argv)
+    requests = make_requests(args.num_requests, args.num_prompts)
     token_lists = [r.tolist() for r in requests]
     total_blocks = sum(len(r) // 16 for r in requests)
     for name, capacity, pool_blocks in (("W2 unbounded", None, total_blocks), ("W3 8,192 LRU", 8_192, 8_192 + 80)):

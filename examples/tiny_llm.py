@@ -680,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reuse-blocks must be 1, 2 or 3 (A has 3 full blocks)")
     if args.new_tokens < 1 or args.max_new_tokens < 1 or args.block_size < 1:
         parser.error("--new-tokens, --max-new-tokens and --block-size must be positive")
+    if args.threads < 1:
+        parser.error(f"--threads must be positive, got {args.threads}")
     torch.set_num_threads(args.threads)
 
     model = TinyLM()

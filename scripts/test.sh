@@ -12,7 +12,8 @@ export CMAKE_BUILD_PARALLEL_LEVEL=$JOBS
 step() { printf '\n=== %s\n' "$*"; }
 
 step "bootstrap"
-SAGELLM_KV_NEED_GTEST=1 bash scripts/bootstrap.sh
+SAGELLM_KV_NEED_GTEST=1
+. scripts/bootstrap.sh  # may switch PYTHON (and PATH) to a venv (an externally managed python3)
 
 step "install the package with its dev extra"
 "$PYTHON" -m pip install -q --disable-pip-version-check ".[dev]"
@@ -42,7 +43,8 @@ step "pytest"
 step "engine integration: the sageLLM engine (isagellm-core, pinned) on this package"
 # Our version (0.5.5.x) satisfies the engine's isagellm-kv-cache>=0.5.4.1,<0.6, so pip keeps the
 # build installed above; torch is already the pinned CPU build, so no CUDA wheels are pulled.
-"$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+"$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install -q --disable-pip-version-check "torch==2.13.0" \
+  --index-url "$SAGELLM_KV_TORCH_INDEX"
 "$PYTHON" -m pip install -q --disable-pip-version-check "isagellm-core==0.5.4.26"
 "$PYTHON" - <<'PY'
 from importlib import metadata
@@ -97,6 +99,10 @@ vllm_venv=build/vllm-venv
 if ! "$vllm_venv/bin/python" -c 'import importlib.metadata as m; assert m.version("vllm") == "0.33.0"' 2>/dev/null; then
   rm -rf "$vllm_venv"
   "$PYTHON" -m venv --system-site-packages "$vllm_venv"
+  # A venv's --system-site-packages are its base interpreter's; when PYTHON is itself a venv, its
+  # packages (torch, this package) come in through a .pth file, ahead of the base interpreter's.
+  "$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
+    > "$("$vllm_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_sagellm_kv_parent.pth"
   vpip() { "$vllm_venv/bin/pip" install -q --disable-pip-version-check "$@"; }
   vpip --no-deps vllm==0.33.0 xgrammar==0.2.8 apache-tvm-ffi
   vpip msgspec pydantic cachetools cloudpickle blake3 psutil pyzmq regex "transformers>=5.16.1,<5.21" pyyaml \

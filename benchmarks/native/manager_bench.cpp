@@ -129,10 +129,22 @@ void step_workload(HashAlgorithm alg) {
 
 int main(int argc, char** argv) {
   const std::string_view only = argc > 1 ? argv[1] : "";
+  // A misspelt workload ran nothing and exited 0; a bad hash name ended in std::terminate.
+  if (argc > 3 || !(only.empty() || only == "W2" || only == "W3" || only == "STEP" || only == "SETUP")) {
+    std::fprintf(stderr, "usage: manager_bench [W2|W3|STEP|SETUP [sha256|xxh3_128]]\n");
+    return 2;
+  }
   const auto runs = [&](std::string_view name) { return only.empty() || only == name; };
   std::vector<HashAlgorithm> algs{HashAlgorithm::kSha256};
   if (hash_algorithm_available(HashAlgorithm::kXxh3_128)) algs.push_back(HashAlgorithm::kXxh3_128);
-  if (argc > 2) algs.assign(1, parse_hash_algorithm(argv[2]));
+  if (argc > 2) {
+    try {
+      algs.assign(1, parse_hash_algorithm(argv[2]));
+    } catch (const Error& e) {
+      std::fprintf(stderr, "manager_bench: %s\n", e.what());
+      return 2;
+    }
+  }
   if (runs("W2") || runs("W3") || only == "SETUP") {
     const auto requests = make_requests(20000, 1000, 0);
     std::size_t total = 0;

@@ -268,7 +268,10 @@ def visualize_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sagellm_kv_cache._version import __version__
+
     parser = _OneLineParser(prog=PROG, description="Record and plot KV-cache block access patterns.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,visualize}")
 
     demo = commands.add_parser("demo", help="replay a skewed workload through the prefix cache and export stats")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from sagellm_kv_cache.errors import KVCacheError
+from sagellm_kv_cache.errors import KVCacheError, KVMetadataMismatchError
 from sagellm_kv_cache.profiling.visualize import image_format, literal_label
 
 if TYPE_CHECKING:
@@ -60,14 +60,20 @@ def _count(text: str) -> int:
     return value
 
 
+def _trace_width(rows: Sequence[dict[str, object]], least: int) -> int:
+    """The trace column's width: ``least``, or the longest trace name so that no row shifts its figures."""
+    return max([least, *(len(str(r["trace"])) for r in rows)])
+
+
 def _print_table(rows: Sequence[dict[str, object]]) -> None:
-    header = (f"{'trace':<32} {'capacity':>9} {'policy':>8} {'requests':>9} {'blocks':>9} {'hits':>9} "
+    width = _trace_width(rows, 32)
+    header = (f"{'trace':<{width}} {'capacity':>9} {'policy':>8} {'requests':>9} {'blocks':>9} {'hits':>9} "
               f"{'hit ratio':>9} {'evictions':>9} {'req/s':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
         cap = "inf" if r["capacity_blocks"] is None else str(r["capacity_blocks"])
-        print(f"{r['trace']!s:<32} {cap:>9} {r['policy']!s:>8} {r['requests']:>9} {r['blocks']:>9} {r['hits']:>9} "
+        print(f"{r['trace']!s:<{width}} {cap:>9} {r['policy']!s:>8} {r['requests']:>9} {r['blocks']:>9} {r['hits']:>9} "
               f"{r['hit_ratio']:>9.3f} {r['evictions']:>9} {r['requests_per_s']:>9.0f}")
 
 
@@ -119,14 +125,15 @@ def _mb(n: object) -> str:
 
 
 def _print_tiered_table(rows: Sequence[dict[str, object]]) -> None:
-    header = (f"{'trace':<28} {'device':>7} {'host':>7} {'disk':>7} {'blocks':>8} {'hit ratio':>9} "
+    width = _trace_width(rows, 28)
+    header = (f"{'trace':<{width}} {'device':>7} {'host':>7} {'disk':>7} {'blocks':>8} {'hit ratio':>9} "
               f"{'dev hit':>7} {'host hit':>8} {'disk hit':>8} {'req/s':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         by = r["hit_ratio_by_tier"]
         assert isinstance(by, dict)
-        print(f"{r['trace']!s:<28} {r['capacity_blocks']!s:>7} {r['host_blocks']!s:>7} {r['disk_blocks']!s:>7} "
+        print(f"{r['trace']!s:<{width}} {r['capacity_blocks']!s:>7} {r['host_blocks']!s:>7} {r['disk_blocks']!s:>7} "
               f"{r['blocks']:>8} {r['hit_ratio']:>9.3f} {by['device']:>7.3f} {by['host']:>8.3f} {by['disk']:>8.3f} "
               f"{r['requests_per_s']:>7.0f}")
     for r in rows:
@@ -238,6 +245,11 @@ def _replay_command(args: argparse.Namespace) -> int:
     except TraceError as exc:
         print(f"sagellm-kv: {exc}", file=sys.stderr)
         return 2
+    except KVMetadataMismatchError as exc:
+        directory = exc.context.get("directory") if isinstance(exc.context, dict) else None
+        where = f"--disk-dir {directory!r} holds a disk tier written with other settings: " if directory else ""
+        print(f"sagellm-kv: {where}{exc}", file=sys.stderr)
+        return 2
     except (KVCacheError, ValueError) as exc:
         print(f"sagellm-kv: {exc}", file=sys.stderr)
         return 2
@@ -258,8 +270,12 @@ def _replay_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sagellm_kv_cache._version import __version__
+
     parser = _OneLineParser(prog="sagellm-kv", description="sagellm-kv-cache tools")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Named in the usage error without a command ("required: command" did not say which there are).
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{replay}")
     rp = sub.add_parser("replay", help="replay Mooncake-format traces through the prefix cache and pool")
     rp.add_argument("traces", nargs="*", metavar="TRACE", help="JSONL trace files (default: the bundled sample)")
     rp.add_argument("--capacity-blocks", type=_capacities, default=_capacities("1000,10000,inf"),
@@ -269,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="host tier capacity in blocks: enables the tiered replay (--capacity-blocks is then "
                          "the device tier)")
     rp.add_argument("--disk-blocks", type=_count, default=0, help="disk tier capacity in blocks (tiered replay)")
-    rp.add_argument("--disk-dir", metavar="DIR", help="disk tier directory (default: a temporary one, removed)")
+    rp.add_argument("--disk-dir", metavar="DIR",
+                    help="disk tier directory (default: a temporary one, removed); a tier an earlier run left "
+                         "there is reopened, so its blocks are hits from the first request")
     rp.add_argument("--block-bytes", type=_count, default=4096,
                     help="real bytes per block moved between tiers, a multiple of 1024 (default 4096)")
     rp.add_argument("--buffered-io", action="store_true", help="disk tier without O_DIRECT")

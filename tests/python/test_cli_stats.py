@@ -423,6 +423,13 @@ def test_help_exits_zero(capsys: Any) -> None:
     assert "visualize" in capsys.readouterr().out
 
 
+def test_version_exits_zero(capsys: Any) -> None:
+    from sagellm_kv_cache import __version__
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"sage-kv-stats {__version__}\n"
+
+
 def test_visualize_command_rejects_unknown_type_programmatically(stats_file: Path, capsys: Any) -> None:
     args = argparse.Namespace(input=str(stats_file), output=None, type="pie", summary=False)
     assert cli.visualize_command(args) == 2

@@ -243,6 +243,28 @@ def test_a_bounded_collectors_export_loads_and_plots_its_kept_times(tmp_path: Pa
         assert visualize(stats, tmp_path / f"{plot_type}.png", plot_type).stat().st_size > 0
 
 
+def test_heatmap_starts_at_the_first_access_not_at_the_collectors_start() -> None:
+    """The time axis ran from the collector's creation: 50 ms before the first access left the first
+    buckets of a 5 ms recording empty, and the accesses squeezed into the right-hand edge."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    from sagellm_kv_cache.profiling.visualize import _draw_heatmap
+
+    collector = AccessStatsCollector()
+    time.sleep(0.05)
+    for i in range(6):
+        collector.record_access("a" if i % 2 else "b", is_hit=i > 1)
+        time.sleep(0.001)
+    stats = collector.to_dict()
+    fig = Figure()
+    ax = fig.add_subplot()
+    _draw_heatmap(fig, ax, stats, top_n=30, num_buckets=60)
+    counts = ax.images[0].get_array()
+    assert counts[:, 0].max() >= 1 and counts[:, -1].max() >= 1  # the first and the last access
+    assert int(counts.sum()) == 6
+    assert ax.get_xlabel().startswith("time since the first access")
+
+
 def test_format_summary_mentions_the_numbers() -> None:
     text = format_summary(filled().to_dict())
     assert "total accesses        6" in text

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
+import sysconfig
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import sagellm_kv_cache
 from sagellm_kv_cache.replay import TraceError, load_trace, replay, sample_trace_path
 from sagellm_kv_cache.replay_cli import POLICIES, main
 
@@ -53,6 +58,46 @@ def test_cli_default_sample(tmp_path: Path) -> None:
     assert [r[1] for r in rows] == ["1000", "10000", "inf"]
     assert all(r[0] == "mooncake_synthetic_sample.jsonl" and r[2] == "lru" for r in rows)
     assert all(0.0 <= float(r[6]) <= 1.0 for r in rows)
+
+
+def _bootstrap_has_nothing_to_install() -> bool:
+    """scripts/bootstrap.sh installs nothing here (it would run apt-get or pip otherwise)."""
+    python_h = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    headers = all(Path(h).exists() for h in ("/usr/include/openssl/evp.h", "/usr/include/xxhash.h", python_h))
+    return (headers and shutil.which("g++") is not None and shutil.which("bash") is not None
+            and all(importlib.util.find_spec(m) is not None for m in ("cmake", "ninja")))
+
+
+def test_run_script_takes_relative_paths_from_the_callers_directory(tmp_path: Path) -> None:
+    # scripts/run.sh installs from the repository root, but a user running it from elsewhere names the
+    # trace and the outputs relative to where they are.
+    if not _bootstrap_has_nothing_to_install():
+        pytest.skip("scripts/bootstrap.sh would install packages on this machine")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "run.sh"
+    (tmp_path / "trace.jsonl").write_bytes(sample_trace_path().read_bytes())
+    env = {**os.environ, "PYTHON": sys.executable,
+           "PYTHONPATH": str(Path(sagellm_kv_cache.__file__).resolve().parents[1])}
+    proc = subprocess.run(["bash", str(script), "trace.jsonl", "--capacity-blocks", "1000", "--json", "rows.json"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["trace"], r["capacity_blocks"]) for r in rows] == [("trace.jsonl", 1000)]
+    assert not (script.parents[1] / "rows.json").exists()
+
+
+def test_run_script_takes_a_relative_python_from_the_callers_directory(tmp_path: Path) -> None:
+    if not _bootstrap_has_nothing_to_install():
+        pytest.skip("scripts/bootstrap.sh would install packages on this machine")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "run.sh"
+    wrapper = tmp_path / "py"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PYTHON": "./py",
+           "PYTHONPATH": str(Path(sagellm_kv_cache.__file__).resolve().parents[1])}
+    proc = subprocess.run(["bash", str(script), "--capacity-blocks", "1000"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[2].split()[:2] == ["mooncake_synthetic_sample.jsonl", "1000"]
 
 
 def test_cli_json_keys_exactly(tmp_path: Path) -> None:
@@ -123,6 +168,21 @@ def test_cli_tiered_plot_draws_one_bar_per_trace(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tiers", [[], ["--host-blocks", "100"]], ids=["single", "tiered"])
+def test_cli_table_columns_stay_aligned_under_a_long_trace_name(tmp_path: Path, tiers: list[str],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The bundled sample's name (31 characters) overflowed the tiered table's trace column, a longer name
+    the plain table's, pushing that row's figures out from under their headers."""
+    trace = tmp_path / ("a_trace_with_a_rather_long_file_name_" + "x" * 8 + ".jsonl")
+    trace.write_text("\n".join(sample_trace_path().read_text().splitlines()[:100]) + "\n")
+    assert main(["replay", str(trace), "--capacity-blocks", "100", *tiers]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, row = lines[0], lines[2]
+    assert row.startswith(trace.name + " ")
+    # Every column after the name is right-aligned under its header: the row ends where the header does.
+    assert len(row) == len(header) == len(lines[1]), (header, row)
+
+
+@pytest.mark.parametrize("tiers", [[], ["--host-blocks", "100"]], ids=["single", "tiered"])
 def test_cli_plot_of_a_trace_named_with_dollar_signs(tmp_path: Path, tiers: list[str]) -> None:
     """The trace's name went into the legend / tick labels as mathtext: 'x$\\frac{a$.jsonl' was a
     ParseSyntaxException traceback after the whole replay."""
@@ -173,6 +233,23 @@ def test_cli_traces_with_the_same_file_name_keep_apart(tmp_path: Path) -> None:
     assert [r["trace"] for r in rows] == ["a/trace.jsonl"] * 2 + ["b/trace.jsonl"] * 2
     assert rows[1]["hits"] != rows[3]["hits"]  # two traces, told apart
     assert [line.split()[0] for line in proc.stdout.splitlines()[2:]] == [r["trace"] for r in rows]
+
+
+def test_cli_names_a_disk_dir_left_by_a_run_with_other_block_bytes(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(sample_trace_path().read_text().splitlines()[:50]) + "\n")
+    disk = tmp_path / "disk"
+    common = ["replay", str(trace), "--capacity-blocks", "50", "--host-blocks", "100", "--disk-blocks", "500",
+              "--disk-dir", str(disk), "--buffered-io"]
+    assert main([*common, "--block-bytes", "8192"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--block-bytes", "4096"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip()
+    assert "\n" not in err and f"--disk-dir {str(disk)!r} holds a disk tier written with other settings" in err
+    assert "'block_nbytes': expected 4096, got 8192" in err
 
 
 def test_cli_missing_file(tmp_path: Path) -> None:
@@ -269,6 +346,16 @@ def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit) as exc:
         main(["replay", "--policy", "mru"])
     assert "replay: error: argument --policy: invalid choice: 'mru'" in capsys.readouterr().err
+
+
+def test_cli_without_a_command_names_the_commands_and_has_a_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "sagellm-kv: error: the following arguments are required: {replay}\n"
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out == f"sagellm-kv {sagellm_kv_cache.__version__}\n"
 
 
 def test_cli_rejects_unknown_policy(tmp_path: Path) -> None:

@@ -166,6 +166,15 @@ def test_example_runs_from_any_directory(tmp_path: Path) -> None:
     assert "ms/step" in out
 
 
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_example_refuses_a_thread_count_below_one_as_a_usage_error(threads: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        tiny_llm.main(["--threads", threads])
+    assert exit_.value.code == 2
+    assert f"--threads must be positive, got {threads}" in capsys.readouterr().err
+
+
 # --- prefill in one process, decode in another --------------------------------------------------
 
 HANDOVER_JOBS = [("fp32", 16), ("fp16", 32), ("bf16", 16)]

@@ -259,10 +259,14 @@ def _draw_heatmap(fig: Figure, ax: Axes, stats: Mapping[str, Any], top_n: int, n
         _empty(ax, title, "no accesses recorded")
         return
     rows = [_access_times(detail) for _, detail in ranked]
+    # From the first access of any block, not from the collector's start: whatever ran before the first
+    # access (the demo's prompt generation, a server's idle start) drew an empty band, most of the plot
+    # when the machine was busy.
+    t_start = min(float(detail["first_access"]) for detail in stats["block_details"].values())
     t_end = max(max(times) for times in rows)
-    span = t_end if t_end > 0 else 1e-6
+    span = t_end - t_start if t_end > t_start else 1e-6
     unit, scale = _time_unit(span)
-    edges = np.linspace(0.0, span, num_buckets + 1)
+    edges = np.linspace(t_start, t_start + span, num_buckets + 1)
     counts = np.vstack([np.histogram(np.asarray(times), bins=edges)[0] for times in rows])
     import matplotlib
 
@@ -279,7 +283,8 @@ def _draw_heatmap(fig: Figure, ax: Axes, stats: Mapping[str, Any], top_n: int, n
     )
     ax.set_yticks(np.arange(len(rows)) + 0.5)
     ax.set_yticklabels([_short(block_id) for block_id, _ in ranked], fontsize=7 if len(rows) > 20 else 9)
-    ax.set_xlabel(f"time since start ({unit}), {num_buckets} buckets of {_format_seconds(span / num_buckets)}")
+    ax.set_xlabel(f"time since the first access ({unit}), {num_buckets} buckets of "
+                  f"{_format_seconds(span / num_buckets)}")
     ax.set_ylabel("block (hottest on top)")
     ax.set_title(title)
     colorbar = fig.colorbar(image, ax=ax, pad=0.01, extend="min")
