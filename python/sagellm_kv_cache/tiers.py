@@ -659,6 +659,9 @@ class _Stats:
     promoted_from_host: int = 0
     promoted_from_disk: int = 0
     dropped: list[int] = field(default_factory=lambda: [0, 0, 0])  # blocks that fell off each tier
+    # copies a lower tier gave up for a newer copy of the same digest (same bytes): a rewrite in place,
+    # or a second slot of it freed
+    replaced: list[int] = field(default_factory=lambda: [0, 0, 0])
     corrupt_reads: int = 0
     bytes_moved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0))
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0.0))
@@ -1017,6 +1020,7 @@ class TieredPrefixCache:
                 old = host.index.pop(k, None)
                 if old is not None:  # stored again meanwhile (same bytes): keep one copy
                     host.slots.free(np.array([old], np.int32))
+                    self._stats.replaced[TIER_HOST] += 1
                 host.index[k] = slot
                 if self._events:
                     self._touch(TIER_HOST, k)
@@ -1086,6 +1090,7 @@ class TieredPrefixCache:
         for key, slot in reversed(victims):
             if key in host.index:
                 host.slots.free(np.array([slot], np.int32))
+                self._stats.replaced[TIER_HOST] += 1
             else:
                 host.index[key] = slot
                 host.index.move_to_end(key, last=False)
@@ -1102,11 +1107,13 @@ class TieredPrefixCache:
             gone.extend(key for key, _ in victims)
             return
         t0 = time.perf_counter()
-        for key, slot in victims:
-            self._write_disk(key, host.view[slot])
-            gone.append(key)
-        with self._lock:
-            self._account("host_to_disk", len(victims), time.perf_counter() - t0)
+        try:
+            for key, slot in victims:
+                self._write_disk(key, host.view[slot])
+                gone.append(key)
+        finally:  # the blocks that landed before a write failed moved their bytes too
+            with self._lock:
+                self._account("host_to_disk", len(gone), time.perf_counter() - t0)
 
     def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32],
                                     settled: list[bytes]) -> None:
@@ -1114,12 +1121,16 @@ class TieredPrefixCache:
         assert disk is not None
         bounce = disk.bounce_buffer()
         t0 = time.perf_counter()
-        for k, block in zip(keys, ids.tolist(), strict=True):
-            self.pool.gather_into([block], bounce[: self.block_nbytes])
-            self._write_disk(k, bounce)
-            settled.append(k)
-        with self._lock:
-            self._account("device_to_disk", len(keys), time.perf_counter() - t0)
+        landed = 0
+        try:
+            for k, block in zip(keys, ids.tolist(), strict=True):
+                self.pool.gather_into([block], bounce[: self.block_nbytes])
+                self._write_disk(k, bounce)
+                settled.append(k)
+                landed += 1
+        finally:  # the blocks that landed before a write failed moved their bytes too
+            with self._lock:
+                self._account("device_to_disk", landed, time.perf_counter() - t0)
 
     def _write_disk(self, key: bytes, payload: npt.NDArray[np.uint8]) -> None:
         """Writes one block to a disk slot and publishes it; evicts the disk tier's oldest when full.
@@ -1141,7 +1152,7 @@ class TieredPrefixCache:
                     self._keep_displaced(displaced, oldest=displaced[0] != key)
                 else:
                     disk.slots.free(np.array([slot], np.int32))
-                self._settle_displaced(displaced, key, dropped=not intact)
+                self._settle_displaced(displaced, dropped=not intact)  # torn: gone, its own older copy too
                 self._touch(TIER_DISK, key)
             raise
         with self._lock:
@@ -1150,8 +1161,12 @@ class TieredPrefixCache:
             other = disk.index.pop(key, None)
             if other is not None and other.slot != slot:
                 disk.slots.free(np.array([other.slot], np.int32))
+                self._stats.replaced[TIER_DISK] += 1
+            rewritten = displaced is not None and displaced[0] == key
+            if rewritten:  # its own older copy, rewritten in place
+                self._stats.replaced[TIER_DISK] += 1
             disk.index[key] = _DiskSlot(slot, generation)
-            self._settle_displaced(displaced, key, dropped=True)
+            self._settle_displaced(displaced, dropped=not rewritten)
             self._touch(TIER_DISK, key)
             self._stats.demoted_to_disk += 1
 
@@ -1191,16 +1206,17 @@ class TieredPrefixCache:
         key, entry = displaced
         if key in disk.index:
             disk.slots.free(np.array([entry.slot], np.int32))
+            self._stats.replaced[TIER_DISK] += 1
             return
         disk.index[key] = entry
         if oldest:
             disk.index.move_to_end(key, last=False)
 
-    def _settle_displaced(self, displaced: tuple[bytes, _DiskSlot] | None, key: bytes, *, dropped: bool) -> None:
-        """Ends the hold ``_displace_for`` took; a displaced other block that is gone counts as dropped."""
+    def _settle_displaced(self, displaced: tuple[bytes, _DiskSlot] | None, *, dropped: bool) -> None:
+        """Ends the hold ``_displace_for`` took; ``dropped``: the displaced copy is gone (counted so)."""
         if displaced is None:
             return
-        if dropped and displaced[0] != key:
+        if dropped:
             self._stats.dropped[TIER_DISK] += 1
         if self._events:
             self._drop_claim(TIER_DISK, displaced[0])
@@ -1495,6 +1511,12 @@ class TieredPrefixCache:
         return None
 
     def stats(self) -> dict[str, Any]:
+        """Counters since construction and the tiers' sizes. The counters balance: from a fresh directory,
+        ``blocks["host"] == demoted_to_host - promoted_from_host - spilled - dropped["host"] - replaced["host"]``
+        (``spilled``: ``bytes_moved["host_to_disk"] // block_nbytes``) and ``blocks["disk"] == demoted_to_disk -
+        promoted_from_disk - corrupt_reads - dropped["disk"] - replaced["disk"]``; ``demoted_to_disk`` blocks
+        moved ``bytes_moved["host_to_disk"] + bytes_moved["device_to_disk"]``. ``replaced``: copies a tier gave
+        up for a newer copy of the same digest (same bytes), e.g. a block computed again and demoted again."""
         with self._lock:
             s = self._stats
             hits_total = sum(s.hits)
@@ -1512,6 +1534,7 @@ class TieredPrefixCache:
                 "promoted_from_host": s.promoted_from_host,
                 "promoted_from_disk": s.promoted_from_disk,
                 "dropped": dict(zip(TIER_NAMES, s.dropped, strict=True)),
+                "replaced": dict(zip(TIER_NAMES, s.replaced, strict=True)),
                 "corrupt_reads": s.corrupt_reads,
                 "bytes_moved": dict(s.bytes_moved),
                 "copy_seconds": dict(s.seconds),

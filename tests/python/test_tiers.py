@@ -1094,3 +1094,70 @@ def test_blocks_promoted_off_the_disk_do_not_come_back_when_it_is_reopened(tmp_p
         with pytest.raises(ValueError, match="slot"):
             reopened.erase(bad)  # type: ignore[arg-type]
     reopened.close()
+
+
+def _balanced(tc: TieredPrefixCache) -> tuple[int, int, int, int]:
+    """Each lower tier's blocks, and what its counters say it holds (a fresh directory): stored minus gone."""
+    s = tc.stats()
+    spilled, rem = divmod(s["bytes_moved"]["host_to_disk"], tc.block_nbytes)
+    assert rem == 0
+    host = s["demoted_to_host"] - s["promoted_from_host"] - spilled - s["dropped"]["host"] - s["replaced"]["host"]
+    disk = (s["demoted_to_disk"] - s["promoted_from_disk"] - s["corrupt_reads"] - s["dropped"]["disk"]
+            - s["replaced"]["disk"])
+    to_disk = (s["bytes_moved"]["host_to_disk"] + s["bytes_moved"]["device_to_disk"]) // tc.block_nbytes
+    assert to_disk == s["demoted_to_disk"], "bytes moved to disk and blocks written disagree"
+    return s["blocks"]["host"], host, s["blocks"]["disk"], disk
+
+
+def _again(tc: TieredPrefixCache, pool: PagedKVPool, key: bytes) -> None:
+    """``key`` computed again without a lookup: on the device too."""
+    ids = tc.allocate(1)
+    pool.scatter(content(key, pool.block_nbytes), ids)
+    tc.insert([key], ids)
+    pool.free(ids)
+
+
+def test_the_lower_tiers_counters_balance_after_failed_and_repeated_writes(tmp_path: Path) -> None:
+    # Real write errors (EFBIG past RLIMIT_FSIZE, refused whole or torn inside a slot). The blocks that
+    # landed on disk before a spill's failing write moved no bytes in bytes_moved; a digest written again
+    # over its own copy (in place) counted as one more block, and one whose rewrite tore its old copy
+    # was lost uncounted. Now blocks == stored - promoted - spilled - corrupt - dropped - replaced.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, host_blocks=2, disk_dir=tmp_path / "a", disk_blocks=3,
+                           background=False) as tc:
+        assert tc.disk is not None and tc.host is not None
+        first = fill(tc, prompt(0, blocks=2))
+        tc.demote(2)
+        fill(tc, prompt(1, blocks=2))
+        with writes_fail_past(tc.disk.slot_nbytes):  # the spill: the first victim lands, the second fails
+            failed = tc.demote(2)
+        assert [type(f.exception()) for f in failed] == [OSError]
+        assert _balanced(tc) == (2, 2, 1, 1)
+        _again(tc, pool, next(iter(tc.disk.index)))  # on the device and on disk
+        tc.demote(1)[0].result()  # to the host (its oldest spilled to disk): the disk copy is superseded
+        assert _balanced(tc)[0] == _balanced(tc)[1] and _balanced(tc)[2] == _balanced(tc)[3]
+        m = tc.match(first)
+        tc.release(first[: m.num_matched])
+        assert _balanced(tc)[0] == _balanced(tc)[1] and _balanced(tc)[2] == _balanced(tc)[3]
+        assert _slots_accounted(tc.disk) and _slots_accounted(tc.host)
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, disk_dir=tmp_path / "b", disk_blocks=2, background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        key = fill(tc, prompt(0, blocks=1))[0].tobytes()
+        tc.demote(1)
+        _again(tc, pool, key)
+        tc.demote(1)[0].result()  # written again over its own copy: still one block on disk
+        assert _balanced(tc)[2:] == (1, 1)
+        _again(tc, pool, key)
+        with writes_fail_past(0):  # refused whole: the copy there stays
+            refused = tc.demote(1)
+        assert [type(f.exception()) for f in refused] == [OSError]
+        assert _balanced(tc)[2:] == (1, 1)
+        _again(tc, pool, key)
+        # torn inside the header page, past its new generation: the slot holds no copy intact any more
+        with writes_fail_past(disk.index[key].slot * disk.slot_nbytes + disk.payload_stride + 24):
+            torn = tc.demote(1)
+        assert [type(f.exception()) for f in torn] == [OSError]
+        assert key not in disk.index and _slots_accounted(disk)
+        assert _balanced(tc)[2:] == (0, 0)
