@@ -663,6 +663,7 @@ class _Stats:
     # or a second slot of it freed
     replaced: list[int] = field(default_factory=lambda: [0, 0, 0])
     corrupt_reads: int = 0
+    disk_write_errors: int = 0  # disk writes that failed (each raised to its demotion)
     bytes_moved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0))
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0.0))
 
@@ -1148,6 +1149,7 @@ class TieredPrefixCache:
         except BaseException:
             intact = displaced is not None and self._disk_slot_holds(slot, displaced[0])
             with self._lock:
+                self._stats.disk_write_errors += 1
                 if displaced is not None and intact:
                     self._keep_displaced(displaced, oldest=displaced[0] != key)
                 else:
@@ -1515,7 +1517,8 @@ class TieredPrefixCache:
         ``blocks["host"] == demoted_to_host - promoted_from_host - spilled - dropped["host"] - replaced["host"]``
         (``spilled``: ``bytes_moved["host_to_disk"] // block_nbytes``) and ``blocks["disk"] == demoted_to_disk -
         promoted_from_disk - corrupt_reads - dropped["disk"] - replaced["disk"]``; ``demoted_to_disk`` blocks
-        moved ``bytes_moved["host_to_disk"] + bytes_moved["device_to_disk"]``. ``replaced``: copies a tier gave
+        moved ``bytes_moved["host_to_disk"] + bytes_moved["device_to_disk"]``; ``disk_write_errors`` writes
+        failed (written + failed = attempted). ``replaced``: copies a tier gave
         up for a newer copy of the same digest (same bytes), e.g. a block computed again and demoted again."""
         with self._lock:
             s = self._stats
@@ -1536,6 +1539,7 @@ class TieredPrefixCache:
                 "dropped": dict(zip(TIER_NAMES, s.dropped, strict=True)),
                 "replaced": dict(zip(TIER_NAMES, s.replaced, strict=True)),
                 "corrupt_reads": s.corrupt_reads,
+                "disk_write_errors": s.disk_write_errors,
                 "bytes_moved": dict(s.bytes_moved),
                 "copy_seconds": dict(s.seconds),
                 "bandwidth_bytes_per_s": bandwidth,

@@ -1132,7 +1132,8 @@ def test_the_lower_tiers_counters_balance_after_failed_and_repeated_writes(tmp_p
         with writes_fail_past(tc.disk.slot_nbytes):  # the spill: the first victim lands, the second fails
             failed = tc.demote(2)
         assert [type(f.exception()) for f in failed] == [OSError]
-        assert _balanced(tc) == (2, 2, 1, 1)
+        # two writes failed: the spill's second, and the demoted block past the host tier
+        assert _balanced(tc) == (2, 2, 1, 1) and tc.stats()["disk_write_errors"] == 2
         _again(tc, pool, next(iter(tc.disk.index)))  # on the device and on disk
         tc.demote(1)[0].result()  # to the host (its oldest spilled to disk): the disk copy is superseded
         assert _balanced(tc)[0] == _balanced(tc)[1] and _balanced(tc)[2] == _balanced(tc)[3]
@@ -1161,3 +1162,4 @@ def test_the_lower_tiers_counters_balance_after_failed_and_repeated_writes(tmp_p
         assert [type(f.exception()) for f in torn] == [OSError]
         assert key not in disk.index and _slots_accounted(disk)
         assert _balanced(tc)[2:] == (0, 0)
+        assert (tc.stats()["demoted_to_disk"], tc.stats()["disk_write_errors"]) == (2, 2)
