@@ -21,8 +21,9 @@ copies its bytes into a host slot and only then frees the device block and publi
 the host index. A full host tier demotes its least recently stored block to disk the same way
 (written, then published); a spill that fails (a disk write error) leaves the blocks it did not write
 in their host slots, cached, and the demotion it made room for reports the error (its device blocks that
-found no slot are dropped). The disk tier drops its least recently stored block when full (a write into
-its slot that fails keeps it when its bytes read back intact). A lower
+found no slot are dropped, the tails of their chains first: what lands is a prefix a match can reach).
+The disk tier drops its least recently stored block when full (a write into its slot that fails keeps
+it when its bytes read back intact). A lower
 tier hit is *promoted* (copied into a fresh device block and inserted into the trie) before
 :meth:`TieredPrefixCache.match` returns; the lower copy is then released (tiers are exclusive, so the
 capacities add up). A block is visible in a tier only once its bytes landed there; a lookup of a
@@ -982,17 +983,13 @@ class TieredPrefixCache:
             self.pool.free(ids)
 
     def _demote_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
+        """``keys`` come leaf first (a block after its descendants): the newest, the heads of their chains,
+        take the host slots there are (at most a host tier's worth) and the rest go straight to disk. (Put
+        through the host a tier's worth at a time, the tail landed there first and the head, pushing it on
+        towards a failing disk, was the part dropped: a tail no match can reach, kept instead of its head.)"""
         host = self.host
         assert host is not None
-        # Oldest first, at most a host tier's worth at a time: later chunks push earlier ones to disk.
-        step = host.num_blocks
-        for start in range(0, len(keys), step):
-            self._demote_chunk_to_host(keys[start: start + step], ids[start: start + step], settled)
-
-    def _demote_chunk_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
-        host = self.host
-        assert host is not None
-        slots, spill_error = self._host_slots(len(keys))
+        slots, spill_error = self._host_slots(min(len(keys), host.num_blocks))
         past = len(keys) - len(slots)
         # The newest go into the slots there are first: an error past the host tier (a failing disk)
         # then costs only the blocks bound there, not these slots.
@@ -1118,20 +1115,32 @@ class TieredPrefixCache:
 
     def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32],
                                     settled: list[bytes]) -> None:
+        """Writes device blocks (``keys`` leaf first) to disk head first, so that a write that fails
+        drops the tails of their chains, not heads the landed tails would hang from unreachable; the
+        disk index then orders them leaf first as before (a chain's tail is evicted before its head).
+        Past the disk's size only the newest are written (the others would displace each other)."""
         disk = self.disk
         assert disk is not None
+        skip = max(len(keys) - disk.num_blocks, 0)
+        if skip:
+            with self._lock:
+                self._stats.dropped[TIER_DEVICE] += skip
+            settled.extend(keys[:skip])
         bounce = disk.bounce_buffer()
         t0 = time.perf_counter()
-        landed = 0
+        landed: list[bytes] = []
         try:
-            for k, block in zip(keys, ids.tolist(), strict=True):
+            for k, block in zip(reversed(keys[skip:]), reversed(ids[skip:].tolist()), strict=True):
                 self.pool.gather_into([block], bounce[: self.block_nbytes])
                 self._write_disk(k, bounce)
                 settled.append(k)
-                landed += 1
+                landed.append(k)
         finally:  # the blocks that landed before a write failed moved their bytes too
             with self._lock:
-                self._account("device_to_disk", landed, time.perf_counter() - t0)
+                self._account("device_to_disk", len(landed), time.perf_counter() - t0)
+                for k in reversed(landed):
+                    if k in disk.index:
+                        disk.index.move_to_end(k)
 
     def _write_disk(self, key: bytes, payload: npt.NDArray[np.uint8]) -> None:
         """Writes one block to a disk slot and publishes it; evicts the disk tier's oldest when full.

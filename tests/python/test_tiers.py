@@ -1163,3 +1163,50 @@ def test_the_lower_tiers_counters_balance_after_failed_and_repeated_writes(tmp_p
         assert key not in disk.index and _slots_accounted(disk)
         assert _balanced(tc)[2:] == (0, 0)
         assert (tc.stats()["demoted_to_disk"], tc.stats()["disk_write_errors"]) == (2, 2)
+
+
+@pytest.mark.parametrize(("host_blocks", "disk_writes"), [(0, 1), (0, 2), (2, 0), (2, 1), (3, 0)])
+def test_a_failed_demotion_keeps_the_head_of_a_chain_not_its_tail(tmp_path: Path, host_blocks: int,
+                                                                 disk_writes: int, background: bool) -> None:
+    # A chain of 4 blocks demoted at once; the disk takes `disk_writes` slot writes, then fails (a real
+    # EFBIG past RLIMIT_FSIZE). The demotion went leaf first: the tail landed (on disk, or on the host
+    # and then pushed towards the disk by the head) and the head was dropped, so the blocks kept could
+    # never be matched (a match stops at the first block no tier holds) and only took slots. Now the
+    # blocks that land are a prefix of the chain, served by a match.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, host_blocks=host_blocks, disk_dir=tmp_path, disk_blocks=6,
+                           background=background) as tc:
+        assert tc.disk is not None
+        chain = fill(tc, prompt(0, blocks=4))
+        with writes_fail_past(tc.disk.slot_nbytes * disk_writes):
+            demotion = tc.demote(4)
+            failed = [type(f.exception(timeout=10)) for f in demotion]
+        assert failed == [OSError]
+        where = [tc.location(d.tobytes()) for d in chain]
+        kept = min(host_blocks + disk_writes, 4)
+        assert where.count(None) == 4 - kept and None not in where[:kept]
+        assert tc.stats()["dropped"]["device"] == 4 - kept
+        m = tc.match(chain)
+        assert m.num_matched == kept
+        assert_holds(pool, m.block_ids, chain[:kept])
+        tc.release(chain[:kept])
+        assert _slots_accounted(tc.disk) and (tc.host is None or _slots_accounted(tc.host))
+
+
+def test_a_demotion_larger_than_the_disk_writes_only_the_heads_it_keeps(tmp_path: Path) -> None:
+    # Written head first, the tail would displace the head on a disk smaller than the demotion: only the
+    # newest disk-full are written (before, all were, and the tail's writes were displaced again).
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, disk_dir=tmp_path, disk_blocks=2, background=False) as tc:
+        assert tc.disk is not None
+        chain = fill(tc, prompt(0, blocks=4))
+        tc.demote(4)[0].result()
+        assert [tc.location(d.tobytes()) for d in chain] == ["disk", "disk", None, None]
+        assert list(tc.disk.index) == [chain[1].tobytes(), chain[0].tobytes()]  # the tail's end goes first
+        s = tc.stats()
+        assert (s["demoted_to_disk"], s["dropped"]["device"], s["dropped"]["disk"]) == (2, 2, 0)
+        assert _balanced(tc)[2:] == (2, 2)
+        m = tc.match(chain)
+        assert m.num_matched == 2
+        assert_holds(pool, m.block_ids, chain[:2])
+        tc.release(chain[:2])
