@@ -169,12 +169,16 @@ def _read_loop(ref: weakref.ReferenceType[SocketTransferBackend], conn: socket.s
                 del backend
                 if message is None or not _reserve(ref, cond, *message):  # not held while waiting for room
                     return
-                backend = ref()
-                if backend is None:
-                    return
-                source = backend._receive_payload(conn, *message)
-                del backend
-                if source is None:
+                source, nbytes = message
+                payload = None
+                try:
+                    payload = _recv_exactly(conn, nbytes)  # nor while the bytes come (a peer may stall)
+                finally:
+                    backend = ref()
+                    if backend is not None:
+                        backend._file_payload(source, nbytes, payload)
+                    del backend
+                if payload is None:
                     return
     finally:
         # Every way out closes the connection and forgets it and this thread: a peer that
@@ -336,21 +340,16 @@ class SocketTransferBackend:
             conn.settimeout(None)  # a peer's connection may then idle between messages
         return src, nbytes
 
-    def _receive_payload(self, conn: socket.socket, src: int, nbytes: int) -> int | None:
-        """Reads a message whose room ``_reserve`` took into its source's inbox: the source rank, or
-        None when the connection ended mid-message (its room is given back)."""
-        payload = None
-        try:
-            payload = _recv_exactly(conn, nbytes)
-        finally:
-            with self._cond:
-                if payload is None:  # the connection ended mid-message: give the room back
-                    self._buffered_bytes[src] -= nbytes
-                    self._buffered_messages[src] -= 1
-                else:
-                    self._inboxes[src].append(payload)
-                self._cond.notify_all()
-        return None if payload is None else src
+    def _file_payload(self, src: int, nbytes: int, payload: bytearray | None) -> None:
+        """Files a message whose room ``_reserve`` took in its source's inbox; None: the connection
+        ended mid-message, and its room is given back."""
+        with self._cond:
+            if payload is None:
+                self._buffered_bytes[src] -= nbytes
+                self._buffered_messages[src] -= 1
+            else:
+                self._inboxes[src].append(payload)
+            self._cond.notify_all()
 
     def _try_reserve(self, src: int, nbytes: int) -> bool | None:
         """Takes room for ``nbytes`` more in ``src``'s buffer if it has it (True), else False; None once
