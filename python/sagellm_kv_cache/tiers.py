@@ -21,8 +21,9 @@ copies its bytes into a host slot and only then frees the device block and publi
 the host index. A full host tier demotes its least recently stored block to disk the same way
 (written, then published); a spill that fails (a disk write error) leaves the blocks it did not write
 in their host slots, cached, and the demotion it made room for reports the error (its device blocks that
-found no slot are dropped). The disk tier drops its least recently stored block when full (a write into
-its slot that fails keeps it when its bytes read back intact). A lower
+found no slot are dropped, the tails of their chains first: what lands is a prefix a match can reach).
+The disk tier drops its least recently stored block when full (a write into its slot that fails keeps
+it when its bytes read back intact). A lower
 tier hit is *promoted* (copied into a fresh device block and inserted into the trie) before
 :meth:`TieredPrefixCache.match` returns; the lower copy is then released (tiers are exclusive, so the
 capacities add up). A block is visible in a tier only once its bytes landed there; a lookup of a
@@ -659,7 +660,11 @@ class _Stats:
     promoted_from_host: int = 0
     promoted_from_disk: int = 0
     dropped: list[int] = field(default_factory=lambda: [0, 0, 0])  # blocks that fell off each tier
+    # copies a lower tier gave up for a newer copy of the same digest (same bytes): a rewrite in place,
+    # or a second slot of it freed
+    replaced: list[int] = field(default_factory=lambda: [0, 0, 0])
     corrupt_reads: int = 0
+    disk_write_errors: int = 0  # disk writes that failed (each raised to its demotion)
     bytes_moved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0))
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0.0))
 
@@ -978,17 +983,13 @@ class TieredPrefixCache:
             self.pool.free(ids)
 
     def _demote_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
+        """``keys`` come leaf first (a block after its descendants): the newest, the heads of their chains,
+        take the host slots there are (at most a host tier's worth) and the rest go straight to disk. (Put
+        through the host a tier's worth at a time, the tail landed there first and the head, pushing it on
+        towards a failing disk, was the part dropped: a tail no match can reach, kept instead of its head.)"""
         host = self.host
         assert host is not None
-        # Oldest first, at most a host tier's worth at a time: later chunks push earlier ones to disk.
-        step = host.num_blocks
-        for start in range(0, len(keys), step):
-            self._demote_chunk_to_host(keys[start: start + step], ids[start: start + step], settled)
-
-    def _demote_chunk_to_host(self, keys: list[bytes], ids: npt.NDArray[np.int32], settled: list[bytes]) -> None:
-        host = self.host
-        assert host is not None
-        slots, spill_error = self._host_slots(len(keys))
+        slots, spill_error = self._host_slots(min(len(keys), host.num_blocks))
         past = len(keys) - len(slots)
         # The newest go into the slots there are first: an error past the host tier (a failing disk)
         # then costs only the blocks bound there, not these slots.
@@ -1017,6 +1018,7 @@ class TieredPrefixCache:
                 old = host.index.pop(k, None)
                 if old is not None:  # stored again meanwhile (same bytes): keep one copy
                     host.slots.free(np.array([old], np.int32))
+                    self._stats.replaced[TIER_HOST] += 1
                 host.index[k] = slot
                 if self._events:
                     self._touch(TIER_HOST, k)
@@ -1086,6 +1088,7 @@ class TieredPrefixCache:
         for key, slot in reversed(victims):
             if key in host.index:
                 host.slots.free(np.array([slot], np.int32))
+                self._stats.replaced[TIER_HOST] += 1
             else:
                 host.index[key] = slot
                 host.index.move_to_end(key, last=False)
@@ -1102,24 +1105,42 @@ class TieredPrefixCache:
             gone.extend(key for key, _ in victims)
             return
         t0 = time.perf_counter()
-        for key, slot in victims:
-            self._write_disk(key, host.view[slot])
-            gone.append(key)
-        with self._lock:
-            self._account("host_to_disk", len(victims), time.perf_counter() - t0)
+        try:
+            for key, slot in victims:
+                self._write_disk(key, host.view[slot])
+                gone.append(key)
+        finally:  # the blocks that landed before a write failed moved their bytes too
+            with self._lock:
+                self._account("host_to_disk", len(gone), time.perf_counter() - t0)
 
     def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32],
                                     settled: list[bytes]) -> None:
+        """Writes device blocks (``keys`` leaf first) to disk head first, so that a write that fails
+        drops the tails of their chains, not heads the landed tails would hang from unreachable; the
+        disk index then orders them leaf first as before (a chain's tail is evicted before its head).
+        Past the disk's size only the newest are written (the others would displace each other)."""
         disk = self.disk
         assert disk is not None
+        skip = max(len(keys) - disk.num_blocks, 0)
+        if skip:
+            with self._lock:
+                self._stats.dropped[TIER_DEVICE] += skip
+            settled.extend(keys[:skip])
         bounce = disk.bounce_buffer()
         t0 = time.perf_counter()
-        for k, block in zip(keys, ids.tolist(), strict=True):
-            self.pool.gather_into([block], bounce[: self.block_nbytes])
-            self._write_disk(k, bounce)
-            settled.append(k)
-        with self._lock:
-            self._account("device_to_disk", len(keys), time.perf_counter() - t0)
+        landed: list[bytes] = []
+        try:
+            for k, block in zip(reversed(keys[skip:]), reversed(ids[skip:].tolist()), strict=True):
+                self.pool.gather_into([block], bounce[: self.block_nbytes])
+                self._write_disk(k, bounce)
+                settled.append(k)
+                landed.append(k)
+        finally:  # the blocks that landed before a write failed moved their bytes too
+            with self._lock:
+                self._account("device_to_disk", len(landed), time.perf_counter() - t0)
+                for k in reversed(landed):
+                    if k in disk.index:
+                        disk.index.move_to_end(k)
 
     def _write_disk(self, key: bytes, payload: npt.NDArray[np.uint8]) -> None:
         """Writes one block to a disk slot and publishes it; evicts the disk tier's oldest when full.
@@ -1137,11 +1158,12 @@ class TieredPrefixCache:
         except BaseException:
             intact = displaced is not None and self._disk_slot_holds(slot, displaced[0])
             with self._lock:
+                self._stats.disk_write_errors += 1
                 if displaced is not None and intact:
                     self._keep_displaced(displaced, oldest=displaced[0] != key)
                 else:
                     disk.slots.free(np.array([slot], np.int32))
-                self._settle_displaced(displaced, key, dropped=not intact)
+                self._settle_displaced(displaced, dropped=not intact)  # torn: gone, its own older copy too
                 self._touch(TIER_DISK, key)
             raise
         with self._lock:
@@ -1150,8 +1172,12 @@ class TieredPrefixCache:
             other = disk.index.pop(key, None)
             if other is not None and other.slot != slot:
                 disk.slots.free(np.array([other.slot], np.int32))
+                self._stats.replaced[TIER_DISK] += 1
+            rewritten = displaced is not None and displaced[0] == key
+            if rewritten:  # its own older copy, rewritten in place
+                self._stats.replaced[TIER_DISK] += 1
             disk.index[key] = _DiskSlot(slot, generation)
-            self._settle_displaced(displaced, key, dropped=True)
+            self._settle_displaced(displaced, dropped=not rewritten)
             self._touch(TIER_DISK, key)
             self._stats.demoted_to_disk += 1
 
@@ -1191,16 +1217,17 @@ class TieredPrefixCache:
         key, entry = displaced
         if key in disk.index:
             disk.slots.free(np.array([entry.slot], np.int32))
+            self._stats.replaced[TIER_DISK] += 1
             return
         disk.index[key] = entry
         if oldest:
             disk.index.move_to_end(key, last=False)
 
-    def _settle_displaced(self, displaced: tuple[bytes, _DiskSlot] | None, key: bytes, *, dropped: bool) -> None:
-        """Ends the hold ``_displace_for`` took; a displaced other block that is gone counts as dropped."""
+    def _settle_displaced(self, displaced: tuple[bytes, _DiskSlot] | None, *, dropped: bool) -> None:
+        """Ends the hold ``_displace_for`` took; ``dropped``: the displaced copy is gone (counted so)."""
         if displaced is None:
             return
-        if dropped and displaced[0] != key:
+        if dropped:
             self._stats.dropped[TIER_DISK] += 1
         if self._events:
             self._drop_claim(TIER_DISK, displaced[0])
@@ -1495,6 +1522,13 @@ class TieredPrefixCache:
         return None
 
     def stats(self) -> dict[str, Any]:
+        """Counters since construction and the tiers' sizes. The counters balance: from a fresh directory,
+        ``blocks["host"] == demoted_to_host - promoted_from_host - spilled - dropped["host"] - replaced["host"]``
+        (``spilled``: ``bytes_moved["host_to_disk"] // block_nbytes``) and ``blocks["disk"] == demoted_to_disk -
+        promoted_from_disk - corrupt_reads - dropped["disk"] - replaced["disk"]``; ``demoted_to_disk`` blocks
+        moved ``bytes_moved["host_to_disk"] + bytes_moved["device_to_disk"]``; ``disk_write_errors`` writes
+        failed (written + failed = attempted). ``replaced``: copies a tier gave
+        up for a newer copy of the same digest (same bytes), e.g. a block computed again and demoted again."""
         with self._lock:
             s = self._stats
             hits_total = sum(s.hits)
@@ -1512,7 +1546,9 @@ class TieredPrefixCache:
                 "promoted_from_host": s.promoted_from_host,
                 "promoted_from_disk": s.promoted_from_disk,
                 "dropped": dict(zip(TIER_NAMES, s.dropped, strict=True)),
+                "replaced": dict(zip(TIER_NAMES, s.replaced, strict=True)),
                 "corrupt_reads": s.corrupt_reads,
+                "disk_write_errors": s.disk_write_errors,
                 "bytes_moved": dict(s.bytes_moved),
                 "copy_seconds": dict(s.seconds),
                 "bandwidth_bytes_per_s": bandwidth,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -395,6 +396,36 @@ def test_http_scrape_on_loopback() -> None:
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
     exporter.stop()  # idempotent
+
+
+def test_an_exporter_dropped_without_stop_stops_serving_and_frees_its_port() -> None:
+    # The server's registry held the exporter (through the collector that reads its sources): one
+    # dropped while started was never collected, and kept its server thread and its port for good.
+    import gc
+    import socket
+    import weakref
+
+    def serving() -> int:
+        return sum(1 for t in threading.enumerate() if t.is_alive() and "serve_forever" in t.name)
+
+    before = serving()
+    exporter, _ = make_exporter()
+    exporter.start(0)
+    port = exporter.port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+    gone = weakref.ref(exporter)
+    del exporter
+    gc.collect()
+    assert gone() is None
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and serving() > before:
+        time.sleep(0.02)
+    assert serving() == before
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    with socket.create_server(("127.0.0.1", port)):  # the port is free again
+        pass
 
 
 def test_bad_port() -> None:

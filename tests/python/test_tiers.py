@@ -1094,3 +1094,119 @@ def test_blocks_promoted_off_the_disk_do_not_come_back_when_it_is_reopened(tmp_p
         with pytest.raises(ValueError, match="slot"):
             reopened.erase(bad)  # type: ignore[arg-type]
     reopened.close()
+
+
+def _balanced(tc: TieredPrefixCache) -> tuple[int, int, int, int]:
+    """Each lower tier's blocks, and what its counters say it holds (a fresh directory): stored minus gone."""
+    s = tc.stats()
+    spilled, rem = divmod(s["bytes_moved"]["host_to_disk"], tc.block_nbytes)
+    assert rem == 0
+    host = s["demoted_to_host"] - s["promoted_from_host"] - spilled - s["dropped"]["host"] - s["replaced"]["host"]
+    disk = (s["demoted_to_disk"] - s["promoted_from_disk"] - s["corrupt_reads"] - s["dropped"]["disk"]
+            - s["replaced"]["disk"])
+    to_disk = (s["bytes_moved"]["host_to_disk"] + s["bytes_moved"]["device_to_disk"]) // tc.block_nbytes
+    assert to_disk == s["demoted_to_disk"], "bytes moved to disk and blocks written disagree"
+    return s["blocks"]["host"], host, s["blocks"]["disk"], disk
+
+
+def _again(tc: TieredPrefixCache, pool: PagedKVPool, key: bytes) -> None:
+    """``key`` computed again without a lookup: on the device too."""
+    ids = tc.allocate(1)
+    pool.scatter(content(key, pool.block_nbytes), ids)
+    tc.insert([key], ids)
+    pool.free(ids)
+
+
+def test_the_lower_tiers_counters_balance_after_failed_and_repeated_writes(tmp_path: Path) -> None:
+    # Real write errors (EFBIG past RLIMIT_FSIZE, refused whole or torn inside a slot). The blocks that
+    # landed on disk before a spill's failing write moved no bytes in bytes_moved; a digest written again
+    # over its own copy (in place) counted as one more block, and one whose rewrite tore its old copy
+    # was lost uncounted. Now blocks == stored - promoted - spilled - corrupt - dropped - replaced.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, host_blocks=2, disk_dir=tmp_path / "a", disk_blocks=3,
+                           background=False) as tc:
+        assert tc.disk is not None and tc.host is not None
+        first = fill(tc, prompt(0, blocks=2))
+        tc.demote(2)
+        fill(tc, prompt(1, blocks=2))
+        with writes_fail_past(tc.disk.slot_nbytes):  # the spill: the first victim lands, the second fails
+            failed = tc.demote(2)
+        assert [type(f.exception()) for f in failed] == [OSError]
+        # two writes failed: the spill's second, and the demoted block past the host tier
+        assert _balanced(tc) == (2, 2, 1, 1) and tc.stats()["disk_write_errors"] == 2
+        _again(tc, pool, next(iter(tc.disk.index)))  # on the device and on disk
+        tc.demote(1)[0].result()  # to the host (its oldest spilled to disk): the disk copy is superseded
+        assert _balanced(tc)[0] == _balanced(tc)[1] and _balanced(tc)[2] == _balanced(tc)[3]
+        m = tc.match(first)
+        tc.release(first[: m.num_matched])
+        assert _balanced(tc)[0] == _balanced(tc)[1] and _balanced(tc)[2] == _balanced(tc)[3]
+        assert _slots_accounted(tc.disk) and _slots_accounted(tc.host)
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, disk_dir=tmp_path / "b", disk_blocks=2, background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        key = fill(tc, prompt(0, blocks=1))[0].tobytes()
+        tc.demote(1)
+        _again(tc, pool, key)
+        tc.demote(1)[0].result()  # written again over its own copy: still one block on disk
+        assert _balanced(tc)[2:] == (1, 1)
+        _again(tc, pool, key)
+        with writes_fail_past(0):  # refused whole: the copy there stays
+            refused = tc.demote(1)
+        assert [type(f.exception()) for f in refused] == [OSError]
+        assert _balanced(tc)[2:] == (1, 1)
+        _again(tc, pool, key)
+        # torn inside the header page, past its new generation: the slot holds no copy intact any more
+        with writes_fail_past(disk.index[key].slot * disk.slot_nbytes + disk.payload_stride + 24):
+            torn = tc.demote(1)
+        assert [type(f.exception()) for f in torn] == [OSError]
+        assert key not in disk.index and _slots_accounted(disk)
+        assert _balanced(tc)[2:] == (0, 0)
+        assert (tc.stats()["demoted_to_disk"], tc.stats()["disk_write_errors"]) == (2, 2)
+
+
+@pytest.mark.parametrize(("host_blocks", "disk_writes"), [(0, 1), (0, 2), (2, 0), (2, 1), (3, 0)])
+def test_a_failed_demotion_keeps_the_head_of_a_chain_not_its_tail(tmp_path: Path, host_blocks: int,
+                                                                 disk_writes: int, background: bool) -> None:
+    # A chain of 4 blocks demoted at once; the disk takes `disk_writes` slot writes, then fails (a real
+    # EFBIG past RLIMIT_FSIZE). The demotion went leaf first: the tail landed (on disk, or on the host
+    # and then pushed towards the disk by the head) and the head was dropped, so the blocks kept could
+    # never be matched (a match stops at the first block no tier holds) and only took slots. Now the
+    # blocks that land are a prefix of the chain, served by a match.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, host_blocks=host_blocks, disk_dir=tmp_path, disk_blocks=6,
+                           background=background) as tc:
+        assert tc.disk is not None
+        chain = fill(tc, prompt(0, blocks=4))
+        with writes_fail_past(tc.disk.slot_nbytes * disk_writes):
+            demotion = tc.demote(4)
+            failed = [type(f.exception(timeout=10)) for f in demotion]
+        assert failed == [OSError]
+        where = [tc.location(d.tobytes()) for d in chain]
+        kept = min(host_blocks + disk_writes, 4)
+        assert where.count(None) == 4 - kept and None not in where[:kept]
+        assert tc.stats()["dropped"]["device"] == 4 - kept
+        m = tc.match(chain)
+        assert m.num_matched == kept
+        assert_holds(pool, m.block_ids, chain[:kept])
+        tc.release(chain[:kept])
+        assert _slots_accounted(tc.disk) and (tc.host is None or _slots_accounted(tc.host))
+
+
+def test_a_demotion_larger_than_the_disk_writes_only_the_heads_it_keeps(tmp_path: Path) -> None:
+    # Written head first, the tail would displace the head on a disk smaller than the demotion: only the
+    # newest disk-full are written (before, all were, and the tail's writes were displaced again).
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, disk_dir=tmp_path, disk_blocks=2, background=False) as tc:
+        assert tc.disk is not None
+        chain = fill(tc, prompt(0, blocks=4))
+        tc.demote(4)[0].result()
+        assert [tc.location(d.tobytes()) for d in chain] == ["disk", "disk", None, None]
+        assert list(tc.disk.index) == [chain[1].tobytes(), chain[0].tobytes()]  # the tail's end goes first
+        s = tc.stats()
+        assert (s["demoted_to_disk"], s["dropped"]["device"], s["dropped"]["disk"]) == (2, 2, 0)
+        assert _balanced(tc)[2:] == (2, 2)
+        m = tc.match(chain)
+        assert m.num_matched == 2
+        assert_holds(pool, m.block_ids, chain[:2])
+        tc.release(chain[:2])

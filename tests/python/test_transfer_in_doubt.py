@@ -84,7 +84,7 @@ def test_doubts_the_ledger_forgot_are_dropped_with_it(
     assert BlockTransfer.outcome(first) is None
     # The next doubt of this engine prunes the stale one at once, with no query in between.
     last = _send_in_doubt(engine, pool, a2)
-    assert engine._in_doubt == {last} and first not in engine._records
+    assert engine._in_doubt.keys() == {last} and first not in engine._records
     assert engine.get_transfer_outcome(last) == "unknown"
     with pytest.raises(KeyError, match=str(first)):
         engine.get_transfer_outcome(first)
@@ -201,3 +201,24 @@ def test_a_chunk_size_past_the_transfer_sends_one_chunk(worlds: list[list[Socket
     got = BlockTransfer(a1, transport="backend", timeout=10.0, same_host=False).receive(dst_pool, 0)
     thread.join(timeout=10.0)
     assert len(sent) == 1 and got.transfer_id == sent[0] and len(got.block_ids) == 3
+
+
+def test_the_latency_of_a_send_in_doubt_is_fixed_and_stays_when_it_is_settled(
+        worlds: list[list[SocketTransferBackend]]) -> None:
+    # latency_ms of a send in doubt was measured up to the query (the record has no completed_at while
+    # it runs), so it grew with every call until a settle, and then froze at the settle's time.
+    (a0, a1, _), _ = worlds
+    engine = KVTransferEngine(a0, transport="backend", timeout=0.3, same_host=False)
+    tid = _send_in_doubt(engine, PagedKVPool(KVCacheSpec(**SPEC), 16), a1)
+    first = engine.get_transfer_metrics(tid)
+    assert first["status"] == "unknown" and 300.0 <= float(first["latency_ms"]) < 10_000.0
+    threading.Event().wait(0.3)
+    assert engine.get_transfer_metrics(tid)["latency_ms"] == first["latency_ms"]
+    _settled_by_a_later_exchange(tid, 1)
+    threading.Event().wait(0.1)
+    settled = engine.get_transfer_metrics(tid)
+    assert settled["status"] == "completed" == engine.get_transfer_outcome(tid)
+    assert settled["latency_ms"] == first["latency_ms"] and settled["bandwidth_gbps"] == first["bandwidth_gbps"]
+    meta = engine.get_transfer_metadata(tid)
+    assert meta.completed_at is not None and meta.started_at is not None
+    assert (meta.completed_at - meta.started_at) * 1000.0 == pytest.approx(float(first["latency_ms"]))

@@ -398,3 +398,65 @@ def test_backends_dropped_without_close_let_go_of_their_threads_sockets_and_port
     again = SocketTransferBackend(rank=0, world_size=2, endpoints=ports)
     again.start()  # the last pair's port is free again
     again.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd")
+def test_a_backend_dropped_while_a_reader_waits_for_room_lets_go_of_it() -> None:
+    # A reader waiting for buffer room held its backend: dropped without close() with a full buffer
+    # (nobody would ever recv again), it was never collected, and its reader, accept thread, port and
+    # connections stayed for the rest of the process.
+    import gc
+    import weakref
+
+    before_fds, before_threads = len(os.listdir("/proc/self/fd")), _socket_threads()
+    sender, receiver = _pair(recv_timeout_s=2.0, max_buffered_messages=1)
+    sender.send(np.arange(4, dtype=np.uint8), 1)
+    _wait_for_buffered(receiver, 0, (4, 1))
+    sender.send(np.arange(4, dtype=np.uint8), 1)  # read by nobody: its reader waits for room
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and not any(
+            t.name.startswith("kv-socket-read-1") for t in threading.enumerate()):
+        time.sleep(0.01)
+    time.sleep(0.2)  # the second header is in: the reader is waiting for room
+    port = receiver._endpoints[1]
+    gone = weakref.ref(receiver)
+    del receiver
+    gc.collect()
+    assert gone() is None
+    sender.close()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and (_socket_threads() > before_threads
+                                           or len(os.listdir("/proc/self/fd")) > before_fds):
+        time.sleep(0.02)
+    assert _socket_threads() == before_threads
+    assert len(os.listdir("/proc/self/fd")) <= before_fds
+    with socket.create_server(port):  # its port is free again
+        pass
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd")
+def test_a_backend_dropped_while_a_reader_waits_for_the_rest_of_a_message_lets_go_of_it() -> None:
+    # A reader held its backend while it read a payload: a peer that stalls mid-message (alive, its
+    # connection open) kept a backend dropped without close() from being collected, and with it the
+    # reader, the accept thread and the port, until that peer went.
+    import gc
+    import weakref
+
+    from sagellm_kv_cache.transfer.socket_backend import _HEADER, _MAGIC, _VERSION
+
+    before_threads = _socket_threads()
+    _, receiver = _pair(recv_timeout_s=2.0)
+    port = receiver._endpoints[1]
+    with socket.create_connection(port) as stalled:
+        stalled.sendall(_HEADER.pack(_MAGIC, _VERSION, 0, 0, 8) + b"abc")  # 3 of its 8 bytes
+        _wait_for_buffered(receiver, 0, (8, 1))  # room taken: the reader waits for the other 5
+        gone = weakref.ref(receiver)
+        del receiver
+        gc.collect()
+        assert gone() is None
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and _socket_threads() > before_threads:
+            time.sleep(0.02)
+        assert _socket_threads() == before_threads  # while the peer is still connected
+    with socket.create_server(port):  # its port is free again
+        pass

@@ -28,6 +28,7 @@ import logging
 import re
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -81,19 +82,44 @@ def _non_negative_int(data: Mapping[str, Any], key: str) -> int:
     return value
 
 
+def _stop_serving(serving: list[tuple[Any, threading.Thread]]) -> None:
+    """An exporter dropped without stop(): shuts its server down from a thread of its own, since
+    ``shutdown`` waits for the serving loop and the collection may run on that loop's thread."""
+    for server, thread in serving:
+        threading.Thread(target=_shut_server, args=(server, thread), name="kv-prometheus-stop", daemon=True).start()
+    serving.clear()
+
+
+def _shut_server(server: Any, thread: threading.Thread | None) -> None:
+    server.shutdown()
+    server.server_close()
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout=5.0)
+
+
 class _SourceCollector:
-    """Reads the exporter's sources at scrape time; a broken source is skipped and counted."""
+    """Reads the exporter's sources at scrape time; a broken source is skipped and counted.
+
+    Holds the exporter weakly (and strongly only during a scrape): the server reaches this collector
+    through the registry, so a strong link would keep a dropped exporter, and its server, alive."""
 
     def __init__(self, exporter: PrometheusExporter) -> None:
-        self._exporter = exporter
+        self._ref = weakref.ref(exporter)
+        self._namespace = exporter.namespace
 
     def describe(self) -> Iterable[Metric]:
         # Names only (no samples), so registering does not call the sources.
         return list(self._families().values())
 
     def collect(self) -> Iterator[Metric]:
+        exporter = self._ref()
+        if exporter is None:  # a scrape that raced the exporter's collection: nothing to read
+            return
+        yield from self._collect(exporter)
+
+    def _collect(self, exporter: PrometheusExporter) -> Iterator[Metric]:
         families = self._families()
-        pools, caches = self._exporter._snapshot_sources()
+        pools, caches = exporter._snapshot_sources()
         for name, source in pools:
             try:
                 data = source()
@@ -104,7 +130,7 @@ class _SourceCollector:
                 if free > total or used < 0:
                     raise ValueError(f"free_blocks={free} exceeds total_blocks={total}")
             except Exception as err:
-                self._exporter._source_failed("pool", name, source, err)
+                exporter._source_failed("pool", name, source, err)
                 continue
             for key, value in (("total", total), ("free", free), ("used", used)):
                 families[f"pool_{key}_blocks"].add_metric([name], value)
@@ -119,7 +145,7 @@ class _SourceCollector:
                 if hits > queried:
                     raise ValueError(f"hit_tokens={hits} exceeds queried_tokens={queried}")
             except Exception as err:
-                self._exporter._source_failed("prefix", name, source, err)
+                exporter._source_failed("prefix", name, source, err)
                 continue
             families["prefix_cache_queried_tokens"].add_metric([name], queried)
             families["prefix_cache_hit_tokens"].add_metric([name], hits)
@@ -128,12 +154,12 @@ class _SourceCollector:
             if cached is not None:
                 families["prefix_cache_blocks"].add_metric([name], cached)
         # Counted here, after reading the sources, so a scrape reports its own failures.
-        for (kind, name), count in self._exporter._source_error_counts().items():
+        for (kind, name), count in exporter._source_error_counts().items():
             families["exporter_source_errors"].add_metric([kind, name], count)
         yield from families.values()
 
     def _families(self) -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
-        ns = self._exporter.namespace
+        ns = self._namespace
         fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for key in ("total", "free", "used"):
             fams[f"pool_{key}_blocks"] = GaugeMetricFamily(
@@ -166,7 +192,10 @@ class _SourceCollector:
 
 
 class PrometheusExporter:
-    """Serves pool, prefix-cache and transfer metrics from its own registry."""
+    """Serves pool, prefix-cache and transfer metrics from its own registry.
+
+    One dropped while serving, without :meth:`stop`, stops serving when it is collected (its server
+    thread ends and its port is freed), as :meth:`stop` would have done."""
 
     def __init__(
         self,
@@ -185,6 +214,11 @@ class PrometheusExporter:
         self._prefix_sources: dict[str, PrefixSource] = {}
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        # The server and its thread while serving, for the finaliser: one dropped without stop() kept
+        # its thread and its port for the rest of the process.
+        self._serving: list[tuple[Any, threading.Thread]] = []
+        self._finalizer = weakref.finalize(self, _stop_serving, self._serving)
+        self._finalizer.atexit = False  # the daemon thread and its socket end with the process
         self._transfer_bytes = Counter(
             f"{namespace}_transfer_bytes", "Bytes of KV moved by completed transfers", registry=self.registry
         )
@@ -294,6 +328,7 @@ class PrometheusExporter:
             if not isinstance(result, tuple):  # prometheus-client < 0.20 returns None
                 raise RuntimeError("PrometheusExporter.start needs prometheus-client >= 0.20")
             self._server, self._thread = result
+            self._serving.append(result)
             return self._server
 
     @property
@@ -307,6 +342,7 @@ class PrometheusExporter:
         with self._lock:
             server, thread = self._server, self._thread
             self._server, self._thread = None, None
+            self._serving.clear()
         if server is not None:
             server.shutdown()
             server.server_close()

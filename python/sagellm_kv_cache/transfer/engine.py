@@ -7,7 +7,9 @@ backend call surfaces as ``KVTransferFailedError`` and stays recorded as FAILED.
 outcome is unknown (``KVTransferOutcomeUnknownError``: every byte went out, the final reply did
 not come back) is never recorded as FAILED: it stays IN_PROGRESS, :meth:`get_transfer_outcome` and
 the ``status`` of :meth:`get_transfer_metrics` say "unknown", and all turn into the real outcome once a
-later transfer to that rank settled it.
+later transfer to that rank settled it. Its ``latency_ms`` is the time until the send went into doubt
+(its call ended), fixed from then on; the settled record keeps that figure (its ``completed_at`` is
+that moment too, not the later one at which the engine learnt the outcome).
 The engine learns that outcome from the process-wide ledger of :mod:`.blocks`, which keeps the
 newest 4,096 doubts per destination and 4,096 settled outcomes; a doubt it no longer holds can never
 be settled, so the engine then forgets that record too, as it forgets old finished ones (below). It
@@ -144,7 +146,8 @@ class KVTransferEngine:
         self._block_options = checked_block_options
         self._blocks: BlockTransfer | None = None
         self._records: dict[uuid.UUID, KVTransferMetadata] = {}
-        self._in_doubt: set[uuid.UUID] = set()  # block sends with an unknown outcome, not yet settled
+        # block sends with an unknown outcome, not yet settled -> when each went into doubt (its call ended)
+        self._in_doubt: dict[uuid.UUID, float] = {}
         self._retries: dict[uuid.UUID, int] = {}
         self._finished: dict[uuid.UUID, None] = {}  # ids of finished records, oldest first
         # peer rank -> why its stream is out of step; shared with self.blocks when that runs on the same stream
@@ -441,14 +444,14 @@ class KVTransferEngine:
         try:
             blocks.send_planned(plan, transfer_id=transfer_id)
         except KVTransferOutcomeUnknownError:
-            with self._lock:
-                self._in_doubt.add(transfer_id)  # stays IN_PROGRESS: the destination may hold the blocks
+            with self._lock:  # stays IN_PROGRESS: the destination may hold the blocks
+                self._in_doubt[transfer_id] = time.time()
             self._settle_doubts()  # and drops the doubts the ledger no longer holds
             raise
         except BaseException:  # another error, or KeyboardInterrupt / a cancelled task
             if blocks.outcome(transfer_id) == "unknown":  # interrupted after the last chunk went out
                 with self._lock:
-                    self._in_doubt.add(transfer_id)
+                    self._in_doubt[transfer_id] = time.time()
             else:
                 self._set_status(transfer_id, TransferStatus.FAILED, completed_at=time.time())
             raise
@@ -492,8 +495,8 @@ class KVTransferEngine:
 
     def get_transfer_outcome(self, transfer_id: uuid.UUID | str) -> str:
         """The record's status value, or "unknown" for a block send still in doubt (see the module doc)."""
-        meta, _, in_doubt = self._snapshot(transfer_id)
-        return "unknown" if in_doubt else meta.status.value
+        meta, _, doubt_since = self._snapshot(transfer_id)
+        return "unknown" if doubt_since is not None else meta.status.value
 
     def get_transfer_metadata(self, transfer_id: uuid.UUID | str) -> KVTransferMetadata:
         """The record of ``transfer_id`` (a UUID, or its str form as this engine's errors carry it);
@@ -510,11 +513,15 @@ class KVTransferEngine:
 
         ``status`` is the record's status value ("pending", "in_progress", "completed", "failed",
         "cancelled"), as in the original, or "unknown" for a block send in doubt, as
-        :meth:`get_transfer_outcome` says (its record stays IN_PROGRESS; see the module docstring)."""
-        meta, retries, in_doubt = self._snapshot(transfer_id)
+        :meth:`get_transfer_outcome` says (its record stays IN_PROGRESS; see the module docstring).
+        ``latency_ms`` runs from the start to the end of the call, or to now while the transfer runs;
+        a send in doubt stopped at the moment it went into doubt, and keeps that figure once settled."""
+        meta, retries, doubt_since = self._snapshot(transfer_id)
+        in_doubt = doubt_since is not None
         latency_s = 0.0
         if meta.started_at is not None:
-            latency_s = max((meta.completed_at or time.time()) - meta.started_at, 0.0)
+            ended = meta.completed_at if doubt_since is None else doubt_since
+            latency_s = max((ended or time.time()) - meta.started_at, 0.0)
         raw = meta.original_size if meta.is_compressed and meta.original_size else meta.total_bytes
         return {
             "bytes": meta.total_bytes,
@@ -561,8 +568,9 @@ class KVTransferEngine:
             raise ValueError("the comm backend is not initialised (no rank / world size); call init() first")
         return int(rank), int(world)
 
-    def _snapshot(self, transfer_id: uuid.UUID | str) -> tuple[KVTransferMetadata, int, bool]:
-        """The record of ``transfer_id``, its retry count and whether it is in doubt, read in one critical
+    def _snapshot(self, transfer_id: uuid.UUID | str) -> tuple[KVTransferMetadata, int, float | None]:
+        """The record of ``transfer_id``, its retry count and since when it is in doubt (None when it is
+        not), read in one critical
         section (after settling what the ledger settled): a settle, a finishing transfer that drops the
         record (max_finished_records) or ``clear_completed`` on another thread is seen whole or not at
         all. ``KeyError`` naming the id when the engine holds no record of it."""
@@ -572,7 +580,7 @@ class KVTransferEngine:
             meta = self._records.get(tid)
             if meta is None:
                 raise KeyError(f"Transfer ID {tid} not found")
-            return meta, self._retries.get(tid, 0), tid in self._in_doubt
+            return meta, self._retries.get(tid, 0), self._in_doubt.get(tid)
 
     def _settle_doubts(self) -> None:
         """Turns sends whose outcome a later exchange settled into COMPLETED or FAILED records, and
@@ -588,12 +596,12 @@ class KVTransferEngine:
             if outcome in ("completed", "failed"):
                 status = TransferStatus.COMPLETED if outcome == "completed" else TransferStatus.FAILED
                 with self._lock:  # together: no reader sees the doubt gone and the record still running
-                    if tid in self._in_doubt:
-                        self._in_doubt.discard(tid)
-                        self._update(tid, status, completed_at=time.time())
+                    doubt_since = self._in_doubt.pop(tid, None)
+                    if doubt_since is not None:  # completed when its call ended, as its latency says
+                        self._update(tid, status, completed_at=doubt_since)
             elif outcome is None:
                 with self._lock:
-                    self._in_doubt.discard(tid)
+                    self._in_doubt.pop(tid, None)
                     record = self._records.get(tid)
                     if record is not None and record.status not in _TERMINAL:
                         del self._records[tid]

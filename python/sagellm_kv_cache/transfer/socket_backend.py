@@ -92,9 +92,12 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
-def _shut_down(listening: list[socket.socket], accepted: list[socket.socket], peers: dict[int, socket.socket]) -> None:
-    """A backend dropped without close(): wakes its threads (each closes its own socket and ends) and
-    closes the connections it made."""
+def _shut_down(listening: list[socket.socket], accepted: list[socket.socket], peers: dict[int, socket.socket],
+               cond: threading.Condition) -> None:
+    """A backend dropped without close(): wakes its threads (each closes its own socket and ends; a
+    reader waiting for buffer room finds the backend gone) and closes the connections it made."""
+    with cond:
+        cond.notify_all()
     for sock in (*listening, *accepted):
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
@@ -132,6 +135,26 @@ def _accept_loop(ref: weakref.ReferenceType[SocketTransferBackend], server: sock
             server.close()
 
 
+def _reserve(ref: weakref.ReferenceType[SocketTransferBackend], cond: threading.Condition, src: int,
+             nbytes: int) -> bool:
+    """Waits until ``src``'s buffer has room for ``nbytes`` more, and takes it; False once closing, or
+    once the backend is gone. While this waits nobody reads the connection, so TCP holds the sender
+    back; the backend is held only to look, so one dropped meanwhile (whose buffer nobody would ever
+    empty) is collected, and its finaliser wakes this wait."""
+    with cond:
+        while True:
+            backend = ref()
+            if backend is None:
+                return False
+            got = backend._try_reserve(src, nbytes)
+            del backend  # may run the finaliser here, on this thread: looked at again below
+            if got is not False:  # room taken (True), or closing (None)
+                return got is True
+            if ref() is None:
+                return False
+            cond.wait()
+
+
 def _read_loop(ref: weakref.ReferenceType[SocketTransferBackend], conn: socket.socket) -> None:
     try:
         with contextlib.suppress(OSError):
@@ -141,9 +164,21 @@ def _read_loop(ref: weakref.ReferenceType[SocketTransferBackend], conn: socket.s
                 backend = ref()
                 if header is None or backend is None or not backend._running:
                     return
-                source = backend._file_message(conn, source, header)
+                message = backend._check_header(conn, source, header)
+                cond = backend._cond
                 del backend
-                if source is None:
+                if message is None or not _reserve(ref, cond, *message):  # not held while waiting for room
+                    return
+                source, nbytes = message
+                payload = None
+                try:
+                    payload = _recv_exactly(conn, nbytes)  # nor while the bytes come (a peer may stall)
+                finally:
+                    backend = ref()
+                    if backend is not None:
+                        backend._file_payload(source, nbytes, payload)
+                    del backend
+                if payload is None:
                     return
     finally:
         # Every way out closes the connection and forgets it and this thread: a peer that
@@ -209,7 +244,7 @@ class SocketTransferBackend:
         # accept thread closes the listening socket, each reader its connection. Otherwise each
         # dropped backend kept its threads, its bound port and its connections for good.
         self._listening: list[socket.socket] = []  # the server socket while started (for the finaliser)
-        self._finalizer = weakref.finalize(self, _shut_down, self._listening, self._accepted, self._peers)
+        self._finalizer = weakref.finalize(self, _shut_down, self._listening, self._accepted, self._peers, self._cond)
 
     def get_rank(self) -> int:
         return self._rank
@@ -294,46 +329,41 @@ class SocketTransferBackend:
             with contextlib.suppress(ValueError):
                 self._threads.remove(threading.current_thread())
 
-    def _file_message(self, conn: socket.socket, source: int | None, header: bytearray) -> int | None:
-        """Checks a header and files its message in its source's inbox: the source rank, or None when
-        the connection is to be dropped (not our protocol, a hostile length, a second source, closing)."""
+    def _check_header(self, conn: socket.socket, source: int | None, header: bytearray) -> tuple[int, int] | None:
+        """A header's (source rank, payload bytes), or None when the connection is to be dropped (not
+        our protocol, a hostile length, a second source)."""
         magic, version, _, src, nbytes = _HEADER.unpack(header)
         if magic != _MAGIC or version != _VERSION or not 0 <= src < self._world_size or \
                 nbytes > self._max_message_bytes or (source is not None and src != source):
             return None
         if source is None:
             conn.settimeout(None)  # a peer's connection may then idle between messages
-        if not self._reserve(src, nbytes):
-            return None  # closing
-        payload = None
-        try:
-            payload = _recv_exactly(conn, nbytes)
-        finally:
-            with self._cond:
-                if payload is None:  # the connection ended mid-message: give the room back
-                    self._buffered_bytes[src] -= nbytes
-                    self._buffered_messages[src] -= 1
-                else:
-                    self._inboxes[src].append(payload)
-                self._cond.notify_all()
-        return None if payload is None else src
+        return src, nbytes
 
-    def _reserve(self, src: int, nbytes: int) -> bool:
-        """Waits until ``src``'s buffer has room for ``nbytes`` more, and takes it; False once closing.
-
-        While this waits nobody reads the connection, so TCP holds the sender back. A message over
-        ``max_buffered_bytes`` fits when nothing else from ``src`` is buffered.
-        """
+    def _file_payload(self, src: int, nbytes: int, payload: bytearray | None) -> None:
+        """Files a message whose room ``_reserve`` took in its source's inbox; None: the connection
+        ended mid-message, and its room is given back."""
         with self._cond:
-            while self._running:
-                held = self._buffered_messages[src]
-                if held == 0 or (held < self._max_buffered_messages and
-                                 self._buffered_bytes[src] + nbytes <= self._max_buffered_bytes):
-                    self._buffered_messages[src] += 1
-                    self._buffered_bytes[src] += nbytes
-                    return True
-                self._cond.wait()
-            return False
+            if payload is None:
+                self._buffered_bytes[src] -= nbytes
+                self._buffered_messages[src] -= 1
+            else:
+                self._inboxes[src].append(payload)
+            self._cond.notify_all()
+
+    def _try_reserve(self, src: int, nbytes: int) -> bool | None:
+        """Takes room for ``nbytes`` more in ``src``'s buffer if it has it (True), else False; None once
+        closing. A message over ``max_buffered_bytes`` fits when nothing else from ``src`` is buffered.
+        ``_cond`` held."""
+        if not self._running:
+            return None
+        held = self._buffered_messages[src]
+        if held == 0 or (held < self._max_buffered_messages and
+                         self._buffered_bytes[src] + nbytes <= self._max_buffered_bytes):
+            self._buffered_messages[src] += 1
+            self._buffered_bytes[src] += nbytes
+            return True
+        return False
 
     def _take(self, src: int) -> bytearray:
         """Removes the oldest message from ``src``'s inbox and frees its room (``_cond`` held)."""
