@@ -23,7 +23,8 @@ the host index. A full host tier demotes its least recently stored block to disk
 in their host slots, cached, and the demotion it made room for reports the error (its device blocks that
 found no slot are dropped, the tails of their chains first: what lands is a prefix a match can reach).
 The disk tier drops its least recently stored block when full (a write into its slot that fails keeps
-it when its bytes read back intact). A lower
+it when its bytes read back intact); when every disk slot is claimed by promotions in flight, the
+blocks being demoted there are dropped instead (from a device demotion, the tails of their chains). A lower
 tier hit is *promoted* (copied into a fresh device block and inserted into the trie) before
 :meth:`TieredPrefixCache.match` returns; the lower copy is then released (tiers are exclusive, so the
 capacities add up). A block is visible in a tier only once its bytes landed there; a lookup of a
@@ -1105,13 +1106,18 @@ class TieredPrefixCache:
             gone.extend(key for key, _ in victims)
             return
         t0 = time.perf_counter()
+        written = 0
         try:
             for key, slot in victims:
-                self._write_disk(key, host.view[slot])
+                if self._write_disk(key, host.view[slot]):
+                    written += 1
+                else:  # no disk slot to take (all claimed by promotions in flight): dropped, as without a disk
+                    with self._lock:
+                        self._stats.dropped[TIER_HOST] += 1
                 gone.append(key)
         finally:  # the blocks that landed before a write failed moved their bytes too
             with self._lock:
-                self._account("host_to_disk", len(gone), time.perf_counter() - t0)
+                self._account("host_to_disk", written, time.perf_counter() - t0)
 
     def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32],
                                     settled: list[bytes]) -> None:
@@ -1132,7 +1138,14 @@ class TieredPrefixCache:
         try:
             for k, block in zip(reversed(keys[skip:]), reversed(ids[skip:].tolist()), strict=True):
                 self.pool.gather_into([block], bounce[: self.block_nbytes])
-                self._write_disk(k, bounce)
+                if not self._write_disk(k, bounce):
+                    # Every disk slot is claimed by promotions in flight: this block and the rest (the
+                    # tails of their chains) are dropped, as past a full tier; what landed is a prefix.
+                    rest = keys[skip: len(keys) - len(landed)]
+                    with self._lock:
+                        self._stats.dropped[TIER_DEVICE] += len(rest)
+                    settled.extend(rest)
+                    break
                 settled.append(k)
                 landed.append(k)
         finally:  # the blocks that landed before a write failed moved their bytes too
@@ -1142,13 +1155,17 @@ class TieredPrefixCache:
                     if k in disk.index:
                         disk.index.move_to_end(k)
 
-    def _write_disk(self, key: bytes, payload: npt.NDArray[np.uint8]) -> None:
+    def _write_disk(self, key: bytes, payload: npt.NDArray[np.uint8]) -> bool:
         """Writes one block to a disk slot and publishes it; evicts the disk tier's oldest when full.
         When the write fails, the block whose slot it took (the oldest, or an older copy of ``key``)
-        stays cached if its bytes are still intact there (read back and checked)."""
+        stays cached if its bytes are still intact there (read back and checked). False, with nothing
+        written or changed, when the tier has no slot to give: every one is claimed by a promotion in
+        flight (its index is empty); the caller drops the block."""
         disk = self.disk
         assert disk is not None
         with self._lock:
+            if not disk.index and not disk.slots.num_available:
+                return False
             displaced = self._displace_for(key)
             slot = displaced[1].slot if displaced is not None else int(disk.slots.allocate(1)[0])
             generation = disk.next_generation()
@@ -1180,11 +1197,13 @@ class TieredPrefixCache:
             self._settle_displaced(displaced, dropped=not rewritten)
             self._touch(TIER_DISK, key)
             self._stats.demoted_to_disk += 1
+        return True
 
     def _displace_for(self, key: bytes) -> tuple[bytes, _DiskSlot] | None:
         """The index entry whose slot a write of ``key`` takes, out of the index: an older copy of
         ``key`` (same bytes: rewritten in place) or, on a full tier, the oldest block; None when a slot
-        is free (the caller takes it). Held in the DISK view until its bytes are overwritten. Under the lock."""
+        is free (the caller takes it). Held in the DISK view until its bytes are overwritten. Under the lock;
+        the caller has checked that the index holds an entry or a slot is free."""
         disk = self.disk
         assert disk is not None
         old = disk.index.pop(key, None)

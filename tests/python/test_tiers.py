@@ -1210,3 +1210,81 @@ def test_a_demotion_larger_than_the_disk_writes_only_the_heads_it_keeps(tmp_path
         assert m.num_matched == 2
         assert_holds(pool, m.block_ids, chain[:2])
         tc.release(chain[:2])
+
+
+def test_a_demotion_into_a_disk_whose_every_slot_a_promotion_claims_drops_the_host_tiers_oldest(
+        tmp_path: Path, background: bool) -> None:
+    # The disk tier (1 slot) holds x, the host tier (1 slot) y, the device is full. A lookup of x claims
+    # it off the disk (its index is then empty, its only slot held) and makes room on the device: the
+    # demoted block needs the host slot, whose y has to go to disk, where no slot can be had. The spill
+    # raised a bare KeyError (popitem on the empty index), y stayed and the device block was dropped
+    # instead. A full tier drops its oldest: y goes, the demoted block lands on the host.
+    pool = PagedKVPool(SPEC, 2)
+    with TieredPrefixCache(pool, device_blocks=2, host_blocks=1, disk_dir=tmp_path, disk_blocks=1,
+                           background=background) as tc:
+        x = fill(tc, prompt(0, blocks=1))
+        tc.demote(1)[0].result()
+        y = fill(tc, prompt(1, blocks=1))
+        tc.demote(1)[0].result()  # x spilled to disk, y on the host
+        old = fill(tc, prompt(2, blocks=1))
+        fill(tc, prompt(3, blocks=1))  # the device: full, `old` its least recently used
+        assert [tc.location(d.tobytes()) for d in (x[0], y[0])] == ["disk", "host"]
+        m = tc.match(x)
+        assert m.tiers.tolist() == [TIER_DISK]
+        assert_holds(pool, m.block_ids, x)
+        tc.release(x)
+        tc.flush()
+        assert (tc.location(old[0].tobytes()), tc.location(y[0].tobytes())) == ("host", None)
+        s = tc.stats()
+        assert s["dropped"] == {"device": 0, "host": 1, "disk": 0} and s["disk_write_errors"] == 0
+        assert _balanced(tc)[:2] == (1, 1) and _balanced(tc)[2] == _balanced(tc)[3]
+        assert tc.host is not None and tc.disk is not None
+        assert _slots_accounted(tc.host) and _slots_accounted(tc.disk)
+        m = tc.match(old)
+        assert m.tiers.tolist() == [TIER_HOST]
+        assert_holds(pool, m.block_ids, old)
+        tc.release(old)
+
+
+@pytest.mark.parametrize("host_blocks", [0, 2])
+def test_threads_promoting_off_a_tiny_disk_while_others_demote_get_no_untyped_error(
+        tmp_path: Path, host_blocks: int, background: bool) -> None:
+    # Three threads serve requests over a 2-block disk tier (promotions claim its blocks, emptying its
+    # index) while a fourth demotes. A demotion that reached the disk while every slot was claimed failed
+    # with a bare KeyError (popitem on the empty index). Now its blocks are dropped, as past a full tier:
+    # no demotion fails (the disk works), the counters balance and every slot is accounted for.
+    pool = PagedKVPool(SPEC, 16)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with TieredPrefixCache(pool, device_blocks=4, host_blocks=host_blocks, disk_dir=tmp_path, disk_blocks=2,
+                           background=background) as tc:
+        def serve(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            try:
+                for _ in range(600):
+                    fill(tc, prompt(int(rng.integers(0, 6)), blocks=int(rng.integers(1, 3))))
+            except BaseException as exc:  # handed to the main thread
+                errors.append(exc)
+
+        def demote() -> None:
+            while not stop.is_set():
+                try:
+                    errors.extend(e for f in tc.demote(2) if (e := f.exception()) is not None)
+                except BaseException as exc:  # handed to the main thread
+                    errors.append(exc)
+
+        servers = [threading.Thread(target=serve, args=(seed,)) for seed in range(3)]
+        demoter = threading.Thread(target=demote)
+        for t in [*servers, demoter]:
+            t.start()
+        for t in servers:
+            t.join()
+        stop.set()
+        demoter.join()
+        tc.flush()
+        assert not errors, errors[:3]
+        host, host_count, disk, disk_count = _balanced(tc)
+        assert (host, disk) == (host_count, disk_count)
+        assert tc.disk is not None and _slots_accounted(tc.disk)
+        assert tc.host is None or _slots_accounted(tc.host)
+        assert tc.stats()["promoted_from_disk"] > 0
