@@ -1375,7 +1375,7 @@ class TieredPrefixCache:
     def _unclaim(self, run: list[tuple[bytes, int, int]]) -> None:
         # A digest stored into its tier again while claimed (computed and demoted anew) keeps that
         # copy (same bytes); the claimed slot is freed, not written over the new entry (which would
-        # lose the new entry's slot for good).
+        # lose the new entry's slot for good), and the claimed copy counts as replaced.
         events = self._events
         with self._lock:
             for key, tier, slot in run:
@@ -1384,11 +1384,13 @@ class TieredPrefixCache:
                 if tier == TIER_HOST and self.host is not None:
                     if key in self.host.index:
                         self.host.slots.free(np.array([slot], np.int32))
+                        self._stats.replaced[TIER_HOST] += 1
                     else:
                         self.host.index[key] = slot
                 elif tier == TIER_DISK and self.disk is not None:
                     if key in self.disk.index:
                         self.disk.slots.free(np.array([slot], np.int32))
+                        self._stats.replaced[TIER_DISK] += 1
                     else:
                         self.disk.index[key] = _DiskSlot(slot, self.disk.next_generation())
                 if events:

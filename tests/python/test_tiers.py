@@ -671,7 +671,9 @@ def _slots_accounted(tier: HostTier | DiskTier) -> bool:
 def test_a_claim_given_back_after_the_digest_was_stored_again_loses_no_slot(tmp_path: Path, lower: str) -> None:
     # A promotion claims a lower-tier copy, then cannot use it (the device is full) and gives it
     # back; meanwhile another request computed the same digest and it was demoted into that tier
-    # again. The give-back must not overwrite the new entry: that entry's slot would be lost.
+    # again. The give-back must not overwrite the new entry: that entry's slot would be lost. (The
+    # interleaving is forced by calling the claim and the give-back directly.) The copy given up counts
+    # as replaced: freed uncounted, the tier held one block fewer than its counters said.
     pool = PagedKVPool(SPEC, 8)
     tiers = {"host_blocks": 4} if lower == "host" else {"disk_dir": tmp_path, "disk_blocks": 4}
     with TieredPrefixCache(pool, device_blocks=4, background=False, **tiers) as tc:  # type: ignore[arg-type]
@@ -687,6 +689,9 @@ def test_a_claim_given_back_after_the_digest_was_stored_again_loses_no_slot(tmp_
         tc._unclaim([(x, *claim)])
         assert tc.location(x) == lower
         assert _slots_accounted(tier)
+        host, host_count, disk, disk_count = _balanced(tc)
+        assert (host, disk) == (host_count, disk_count) == ((1, 0) if lower == "host" else (0, 1))
+        assert tc.stats()["replaced"][lower] == 1
 
 
 def test_two_demotions_of_one_digest_writing_at_once_lose_no_disk_slot(tmp_path: Path) -> None:
