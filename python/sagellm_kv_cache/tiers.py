@@ -1304,7 +1304,6 @@ class TieredPrefixCache:
                 self.host.slab.copy_to_pool(self.pool._native, [run[i][2] for i in host_pos], ids[host_pos])
                 with self._lock:
                     self._account("host_to_device", len(host_pos), time.perf_counter() - t0)
-                    self._stats.promoted_from_host += len(host_pos)
             disk_pos = [i for i, (_, t, _) in enumerate(run) if t == TIER_DISK]
             if disk_pos and self.disk is not None:
                 bounce = self.disk.bounce_buffer()
@@ -1324,7 +1323,6 @@ class TieredPrefixCache:
                     moved += 1
                 with self._lock:
                     self._account("disk_to_device", moved, time.perf_counter() - t0)
-                    self._stats.promoted_from_disk += moved
                     self._stats.corrupt_reads += len(bad)
         except BaseException:
             self._unclaim(run)  # nothing was promoted: every claim goes back to its tier
@@ -1339,7 +1337,11 @@ class TieredPrefixCache:
                 self._unclaim([r for i, r in enumerate(run) if i not in bad])  # not promoted: they stay
                 raise
             try:
-                # Promoted (and corrupt) lower copies are released; the rest of the run goes back.
+                # Promoted (and corrupt) lower copies are released; the rest of the run goes back (copied
+                # to the device too, past a corrupt read, but not promoted: not counted so).
+                tiers = [t for _, t, _ in run[:good]]
+                self._stats.promoted_from_host += tiers.count(TIER_HOST)
+                self._stats.promoted_from_disk += tiers.count(TIER_DISK)
                 self._free_lower([r for i, r in enumerate(run) if i < good or i in bad])
                 self._unclaim([r for i, r in enumerate(run) if i >= good and i not in bad])
                 if good:

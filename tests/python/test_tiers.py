@@ -1293,3 +1293,36 @@ def test_threads_promoting_off_a_tiny_disk_while_others_demote_get_no_untyped_er
         assert tc.disk is not None and _slots_accounted(tc.disk)
         assert tc.host is None or _slots_accounted(tc.host)
         assert tc.stats()["promoted_from_disk"] > 0
+
+
+@pytest.mark.parametrize("host_blocks", [0, 1])
+def test_blocks_read_past_a_corrupt_slot_go_back_uncounted_as_promoted(tmp_path: Path, host_blocks: int) -> None:
+    # A chain of 3 demoted blocks (the head on the host when it has a slot, the rest on disk); the middle
+    # block's disk slot has one payload byte flipped. A match serves the head only: the middle is a
+    # corrupt read, and the tail (copied to the device too) goes back to its tier. That tail counted as
+    # promoted, so the tier held one block more than its counters said.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, host_blocks=host_blocks, disk_dir=tmp_path, disk_blocks=4,
+                           background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        chain = fill(tc, prompt(0, blocks=3))
+        tc.demote(3)
+        where = [tc.location(d.tobytes()) for d in chain]
+        assert where == ["host" if host_blocks else "disk", "disk", "disk"]
+        victim = disk.index[chain[1].tobytes()].slot
+        with open(tmp_path / "slots.bin", "r+b") as f:  # flip one payload byte of the middle block's slot
+            f.seek(victim * disk.slot_nbytes + 5)
+            b = f.read(1)
+            f.seek(victim * disk.slot_nbytes + 5)
+            f.write(bytes([b[0] ^ 0xFF]))
+        m = tc.match(chain)
+        assert m.num_matched == 1
+        assert_holds(pool, m.block_ids, chain[:1])
+        tc.release(chain[:1])
+        assert [tc.location(d.tobytes()) for d in chain] == ["device", None, "disk"]
+        s = tc.stats()
+        assert (s["corrupt_reads"], s["promoted_from_host"] + s["promoted_from_disk"]) == (1, 1)
+        host, host_count, on_disk, disk_count = _balanced(tc)
+        assert (host, on_disk) == (host_count, disk_count) == (0, 1)
+        assert _slots_accounted(disk)
