@@ -1188,8 +1188,7 @@ class TieredPrefixCache:
             # thread): same bytes, so keep this copy and free that slot rather than lose it.
             other = disk.index.pop(key, None)
             if other is not None and other.slot != slot:
-                disk.slots.free(np.array([other.slot], np.int32))
-                self._stats.replaced[TIER_DISK] += 1
+                self._free_superseded_disk_slot(other.slot)
             rewritten = displaced is not None and displaced[0] == key
             if rewritten:  # its own older copy, rewritten in place
                 self._stats.replaced[TIER_DISK] += 1
@@ -1235,12 +1234,23 @@ class TieredPrefixCache:
         assert disk is not None
         key, entry = displaced
         if key in disk.index:
-            disk.slots.free(np.array([entry.slot], np.int32))
-            self._stats.replaced[TIER_DISK] += 1
+            self._free_superseded_disk_slot(entry.slot)
             return
         disk.index[key] = entry
         if oldest:
             disk.index.move_to_end(key, last=False)
+
+    def _free_superseded_disk_slot(self, slot: int) -> None:
+        """Gives up a disk slot holding a copy of a digest the index holds in another slot (same bytes),
+        its header erased first: left valid, the copy would come back when the directory is reopened
+        once the other had left the tier (promoted), as a block the tier had removed. A failed erase
+        costs only that. Under the lock (the slot is in no index and not free: nobody else writes it)."""
+        disk = self.disk
+        assert disk is not None
+        with contextlib.suppress(OSError):
+            disk.erase(slot)
+        disk.slots.free(np.array([slot], np.int32))
+        self._stats.replaced[TIER_DISK] += 1
 
     def _settle_displaced(self, displaced: tuple[bytes, _DiskSlot] | None, *, dropped: bool) -> None:
         """Ends the hold ``_displace_for`` took; ``dropped``: the displaced copy is gone (counted so)."""
@@ -1391,8 +1401,7 @@ class TieredPrefixCache:
                         self.host.index[key] = slot
                 elif tier == TIER_DISK and self.disk is not None:
                     if key in self.disk.index:
-                        self.disk.slots.free(np.array([slot], np.int32))
-                        self._stats.replaced[TIER_DISK] += 1
+                        self._free_superseded_disk_slot(slot)
                     else:
                         self.disk.index[key] = _DiskSlot(slot, self.disk.next_generation())
                 if events:

@@ -1326,3 +1326,90 @@ def test_blocks_read_past_a_corrupt_slot_go_back_uncounted_as_promoted(tmp_path:
         host, host_count, on_disk, disk_count = _balanced(tc)
         assert (host, on_disk) == (host_count, disk_count) == (0, 1)
         assert _slots_accounted(disk)
+
+
+@pytest.mark.parametrize("how", ["claim_given_back", "two_writers"])
+def test_a_disk_copy_given_up_for_another_does_not_come_back_when_the_disk_is_reopened(tmp_path: Path,
+                                                                                         how: str) -> None:
+    # A digest the disk holds in two slots keeps one (same bytes): the copy a promotion claimed and gave
+    # back after the digest was stored again, or the copy the first of two demotions writing at once
+    # published (both interleavings forced as in the tests above). The slot given up kept a valid header:
+    # once the kept copy was promoted off the disk, a reopen brought the digest back, a block the tier
+    # had removed.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=4, disk_dir=tmp_path, disk_blocks=4, background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        if how == "claim_given_back":
+            key = fill(tc, prompt(0, blocks=1))[0].tobytes()
+            tc.demote(4)
+            claim = tc._claim(key)
+            assert claim is not None
+            fill(tc, prompt(0, blocks=1))
+            tc.demote(4)
+            tc._unclaim([(key, *claim)])
+        else:
+            key = b"\x07" * 32
+            payload = disk.bounce_buffer().copy()
+            both_have_a_slot = threading.Barrier(2, timeout=10)
+            real_write = disk.write
+
+            def write_when_both_hold_a_slot(*args: Any) -> None:
+                both_have_a_slot.wait()
+                real_write(*args)
+
+            disk.write = write_when_both_hold_a_slot  # type: ignore[method-assign]
+            writers = [threading.Thread(target=tc._write_disk, args=(key, payload)) for _ in range(2)]
+            for t in writers:
+                t.start()
+            for t in writers:
+                t.join(timeout=10)
+            disk.write = real_write  # type: ignore[method-assign]
+        assert list(disk.index) == [key] and tc.stats()["replaced"]["disk"] == 1
+        m = tc.match([key])
+        assert m.tiers.tolist() == [TIER_DISK]
+        tc.release([key])
+        assert len(disk) == 0 and _slots_accounted(disk)
+    reopened = DiskTier(tmp_path, 4, pool.block_nbytes)
+    try:
+        assert len(reopened) == 0 and reopened.dropped_on_open == 0
+    finally:
+        reopened.close()
+
+
+def test_a_displaced_copy_kept_after_a_failed_write_but_stored_again_meanwhile_does_not_come_back(
+        tmp_path: Path) -> None:
+    # A write into a full disk takes its oldest block's slot and fails before any byte lands (a real
+    # EFBIG); meanwhile that block was written again into another slot. The intact displaced copy is
+    # given up for the new one, but kept its valid header: once the new copy was promoted off the disk,
+    # a reopen brought the block back. (The interleaving is forced by a hook on the slot write.)
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=4, disk_dir=tmp_path, disk_blocks=2, background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        oldest, other, new = (bytes([i]) * 32 for i in (1, 2, 3))
+        payload = disk.bounce_buffer().copy()
+        tc._write_disk(oldest, payload)
+        tc._write_disk(other, payload)
+        real_write = disk.write
+
+        def stored_again_then_refused(*args: Any) -> None:
+            disk.write = real_write  # type: ignore[method-assign]
+            tc._write_disk(oldest, payload)  # into the slot `other` leaves
+            with writes_fail_past(0):
+                real_write(*args)
+
+        disk.write = stored_again_then_refused  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            tc._write_disk(new, payload)
+        assert list(disk.index) == [oldest] and tc.stats()["replaced"]["disk"] == 1
+        assert _slots_accounted(disk)
+        m = tc.match([oldest])
+        assert m.tiers.tolist() == [TIER_DISK]
+        tc.release([oldest])
+        assert len(disk) == 0
+    reopened = DiskTier(tmp_path, 2, pool.block_nbytes)
+    try:
+        assert len(reopened) == 0 and reopened.dropped_on_open == 0
+    finally:
+        reopened.close()
