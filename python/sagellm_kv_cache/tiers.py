@@ -482,8 +482,9 @@ class DiskTier:
 
     def erase(self, slot: int) -> None:
         """Clears a slot's header, so that a reopen finds it never written. For a slot whose block
-        left the tier with its bytes intact (a promotion): left as it was, the block would come back
-        when the directory is reopened, though the tier had removed (and announced removing) it."""
+        left the tier with its bytes intact (a promotion, or a copy given up for another of its digest):
+        left as it was, the block would come back when the directory is reopened, though the tier had
+        removed (and announced removing) it."""
         if isinstance(slot, bool) or not isinstance(slot, int | np.integer) or not 0 <= slot < self.num_blocks:
             raise ValueError(f"slot must be an int in [0, {self.num_blocks}), got {shown(slot)}")
         hdr = self._header_buffer()
