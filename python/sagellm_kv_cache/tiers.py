@@ -23,7 +23,8 @@ the host index. A full host tier demotes its least recently stored block to disk
 in their host slots, cached, and the demotion it made room for reports the error (its device blocks that
 found no slot are dropped, the tails of their chains first: what lands is a prefix a match can reach).
 The disk tier drops its least recently stored block when full (a write into its slot that fails keeps
-it when its bytes read back intact). A lower
+it when its bytes read back intact); when every disk slot is claimed by promotions in flight, the
+blocks being demoted there are dropped instead (from a device demotion, the tails of their chains). A lower
 tier hit is *promoted* (copied into a fresh device block and inserted into the trie) before
 :meth:`TieredPrefixCache.match` returns; the lower copy is then released (tiers are exclusive, so the
 capacities add up). A block is visible in a tier only once its bytes landed there; a lookup of a
@@ -481,8 +482,9 @@ class DiskTier:
 
     def erase(self, slot: int) -> None:
         """Clears a slot's header, so that a reopen finds it never written. For a slot whose block
-        left the tier with its bytes intact (a promotion): left as it was, the block would come back
-        when the directory is reopened, though the tier had removed (and announced removing) it."""
+        left the tier with its bytes intact (a promotion, or a copy given up for another of its digest):
+        left as it was, the block would come back when the directory is reopened, though the tier had
+        removed (and announced removing) it."""
         if isinstance(slot, bool) or not isinstance(slot, int | np.integer) or not 0 <= slot < self.num_blocks:
             raise ValueError(f"slot must be an int in [0, {self.num_blocks}), got {shown(slot)}")
         hdr = self._header_buffer()
@@ -1105,13 +1107,18 @@ class TieredPrefixCache:
             gone.extend(key for key, _ in victims)
             return
         t0 = time.perf_counter()
+        written = 0
         try:
             for key, slot in victims:
-                self._write_disk(key, host.view[slot])
+                if self._write_disk(key, host.view[slot]):
+                    written += 1
+                else:  # no disk slot to take (all claimed by promotions in flight): dropped, as without a disk
+                    with self._lock:
+                        self._stats.dropped[TIER_HOST] += 1
                 gone.append(key)
         finally:  # the blocks that landed before a write failed moved their bytes too
             with self._lock:
-                self._account("host_to_disk", len(gone), time.perf_counter() - t0)
+                self._account("host_to_disk", written, time.perf_counter() - t0)
 
     def _demote_to_disk_from_device(self, keys: list[bytes], ids: npt.NDArray[np.int32],
                                     settled: list[bytes]) -> None:
@@ -1132,7 +1139,14 @@ class TieredPrefixCache:
         try:
             for k, block in zip(reversed(keys[skip:]), reversed(ids[skip:].tolist()), strict=True):
                 self.pool.gather_into([block], bounce[: self.block_nbytes])
-                self._write_disk(k, bounce)
+                if not self._write_disk(k, bounce):
+                    # Every disk slot is claimed by promotions in flight: this block and the rest (the
+                    # tails of their chains) are dropped, as past a full tier; what landed is a prefix.
+                    rest = keys[skip: len(keys) - len(landed)]
+                    with self._lock:
+                        self._stats.dropped[TIER_DEVICE] += len(rest)
+                    settled.extend(rest)
+                    break
                 settled.append(k)
                 landed.append(k)
         finally:  # the blocks that landed before a write failed moved their bytes too
@@ -1142,13 +1156,17 @@ class TieredPrefixCache:
                     if k in disk.index:
                         disk.index.move_to_end(k)
 
-    def _write_disk(self, key: bytes, payload: npt.NDArray[np.uint8]) -> None:
+    def _write_disk(self, key: bytes, payload: npt.NDArray[np.uint8]) -> bool:
         """Writes one block to a disk slot and publishes it; evicts the disk tier's oldest when full.
         When the write fails, the block whose slot it took (the oldest, or an older copy of ``key``)
-        stays cached if its bytes are still intact there (read back and checked)."""
+        stays cached if its bytes are still intact there (read back and checked). False, with nothing
+        written or changed, when the tier has no slot to give: every one is claimed by a promotion in
+        flight (its index is empty); the caller drops the block."""
         disk = self.disk
         assert disk is not None
         with self._lock:
+            if not disk.index and not disk.slots.num_available:
+                return False
             displaced = self._displace_for(key)
             slot = displaced[1].slot if displaced is not None else int(disk.slots.allocate(1)[0])
             generation = disk.next_generation()
@@ -1171,8 +1189,7 @@ class TieredPrefixCache:
             # thread): same bytes, so keep this copy and free that slot rather than lose it.
             other = disk.index.pop(key, None)
             if other is not None and other.slot != slot:
-                disk.slots.free(np.array([other.slot], np.int32))
-                self._stats.replaced[TIER_DISK] += 1
+                self._free_superseded_disk_slot(other.slot)
             rewritten = displaced is not None and displaced[0] == key
             if rewritten:  # its own older copy, rewritten in place
                 self._stats.replaced[TIER_DISK] += 1
@@ -1180,11 +1197,13 @@ class TieredPrefixCache:
             self._settle_displaced(displaced, dropped=not rewritten)
             self._touch(TIER_DISK, key)
             self._stats.demoted_to_disk += 1
+        return True
 
     def _displace_for(self, key: bytes) -> tuple[bytes, _DiskSlot] | None:
         """The index entry whose slot a write of ``key`` takes, out of the index: an older copy of
         ``key`` (same bytes: rewritten in place) or, on a full tier, the oldest block; None when a slot
-        is free (the caller takes it). Held in the DISK view until its bytes are overwritten. Under the lock."""
+        is free (the caller takes it). Held in the DISK view until its bytes are overwritten. Under the lock;
+        the caller has checked that the index holds an entry or a slot is free."""
         disk = self.disk
         assert disk is not None
         old = disk.index.pop(key, None)
@@ -1216,12 +1235,23 @@ class TieredPrefixCache:
         assert disk is not None
         key, entry = displaced
         if key in disk.index:
-            disk.slots.free(np.array([entry.slot], np.int32))
-            self._stats.replaced[TIER_DISK] += 1
+            self._free_superseded_disk_slot(entry.slot)
             return
         disk.index[key] = entry
         if oldest:
             disk.index.move_to_end(key, last=False)
+
+    def _free_superseded_disk_slot(self, slot: int) -> None:
+        """Gives up a disk slot holding a copy of a digest the index holds in another slot (same bytes),
+        its header erased first: left valid, the copy would come back when the directory is reopened
+        once the other had left the tier (promoted), as a block the tier had removed. A failed erase
+        costs only that. Under the lock (the slot is in no index and not free: nobody else writes it)."""
+        disk = self.disk
+        assert disk is not None
+        with contextlib.suppress(OSError):
+            disk.erase(slot)
+        disk.slots.free(np.array([slot], np.int32))
+        self._stats.replaced[TIER_DISK] += 1
 
     def _settle_displaced(self, displaced: tuple[bytes, _DiskSlot] | None, *, dropped: bool) -> None:
         """Ends the hold ``_displace_for`` took; ``dropped``: the displaced copy is gone (counted so)."""
@@ -1285,7 +1315,6 @@ class TieredPrefixCache:
                 self.host.slab.copy_to_pool(self.pool._native, [run[i][2] for i in host_pos], ids[host_pos])
                 with self._lock:
                     self._account("host_to_device", len(host_pos), time.perf_counter() - t0)
-                    self._stats.promoted_from_host += len(host_pos)
             disk_pos = [i for i, (_, t, _) in enumerate(run) if t == TIER_DISK]
             if disk_pos and self.disk is not None:
                 bounce = self.disk.bounce_buffer()
@@ -1305,7 +1334,6 @@ class TieredPrefixCache:
                     moved += 1
                 with self._lock:
                     self._account("disk_to_device", moved, time.perf_counter() - t0)
-                    self._stats.promoted_from_disk += moved
                     self._stats.corrupt_reads += len(bad)
         except BaseException:
             self._unclaim(run)  # nothing was promoted: every claim goes back to its tier
@@ -1320,7 +1348,11 @@ class TieredPrefixCache:
                 self._unclaim([r for i, r in enumerate(run) if i not in bad])  # not promoted: they stay
                 raise
             try:
-                # Promoted (and corrupt) lower copies are released; the rest of the run goes back.
+                # Promoted (and corrupt) lower copies are released; the rest of the run goes back (copied
+                # to the device too, past a corrupt read, but not promoted: not counted so).
+                tiers = [t for _, t, _ in run[:good]]
+                self._stats.promoted_from_host += tiers.count(TIER_HOST)
+                self._stats.promoted_from_disk += tiers.count(TIER_DISK)
                 self._free_lower([r for i, r in enumerate(run) if i < good or i in bad])
                 self._unclaim([r for i, r in enumerate(run) if i >= good and i not in bad])
                 if good:
@@ -1356,7 +1388,7 @@ class TieredPrefixCache:
     def _unclaim(self, run: list[tuple[bytes, int, int]]) -> None:
         # A digest stored into its tier again while claimed (computed and demoted anew) keeps that
         # copy (same bytes); the claimed slot is freed, not written over the new entry (which would
-        # lose the new entry's slot for good).
+        # lose the new entry's slot for good), and the claimed copy counts as replaced.
         events = self._events
         with self._lock:
             for key, tier, slot in run:
@@ -1365,11 +1397,12 @@ class TieredPrefixCache:
                 if tier == TIER_HOST and self.host is not None:
                     if key in self.host.index:
                         self.host.slots.free(np.array([slot], np.int32))
+                        self._stats.replaced[TIER_HOST] += 1
                     else:
                         self.host.index[key] = slot
                 elif tier == TIER_DISK and self.disk is not None:
                     if key in self.disk.index:
-                        self.disk.slots.free(np.array([slot], np.int32))
+                        self._free_superseded_disk_slot(slot)
                     else:
                         self.disk.index[key] = _DiskSlot(slot, self.disk.next_generation())
                 if events:

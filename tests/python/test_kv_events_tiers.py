@@ -563,3 +563,63 @@ def test_threads_over_a_disk_that_fails_writes_now_and_then_keep_the_view_and_ev
     assert len(lines) == seeds, out.stdout
     for line in lines:
         assert line.endswith("[] True True {'host': 0, 'disk': 0} True"), line
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+def test_demotions_into_a_disk_whose_slots_promotions_claim_keep_the_view_and_the_counters(
+        tmp_path: Path, background: bool) -> None:
+    """Threads serve requests over a 1-block host and a 2-block disk tier (promotions claim the disk's
+    blocks, emptying its index) while another demotes and a third drains. A demotion that reached the
+    disk with every slot claimed failed with a bare KeyError; now its blocks are dropped: no demotion
+    fails, each medium of the view equals its tier, the metadata is that of the blocks held, the
+    counters balance and no slot is lost."""
+    universe: set[bytes] = set()
+    router = Router()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with TieredPrefixCache(PagedKVPool(SPEC, 32), device_blocks=4, host_blocks=1, disk_dir=tmp_path, disk_blocks=2,
+                           background=background, event_queue_capacity=100_000) as tc:
+        def worker(seed: int) -> None:
+            rng, mine = random.Random(seed), set[bytes]()
+            try:
+                for _ in range(250):
+                    mine.update(serve(tc, request_tokens(rng), *rng.choice(KEYS)))
+            except BaseException as exc:  # handed to the main thread
+                errors.append(exc)
+            universe.update(mine)
+
+        def demoter() -> None:
+            while not stop.is_set():
+                try:
+                    errors.extend(e for f in tc.demote(2) if (e := f.exception()) is not None)
+                except BaseException as exc:  # handed to the main thread
+                    errors.append(exc)
+
+        def drainer() -> None:
+            while not stop.is_set():
+                router.drain(tc)
+
+        workers = [threading.Thread(target=worker, args=(s,)) for s in (21, 22)]
+        others = [threading.Thread(target=demoter), threading.Thread(target=drainer)]
+        for t in [*workers, *others]:
+            t.start()
+        for t in workers:
+            t.join()
+        stop.set()
+        for t in others:
+            t.join()
+        assert not errors, errors[:3]
+        tc.flush()
+        router.drain(tc)
+        held = contents(tc, universe)
+        assert router.view() == held
+        assert {wire_block_id(d) for d in tc._meta} == set().union(*held.values())
+        s = tc.stats()
+        assert tc.host is not None and tc.disk is not None
+        assert s["blocks"]["host"] == (s["demoted_to_host"] - s["promoted_from_host"] - s["dropped"]["host"]
+                                       - s["replaced"]["host"] - s["bytes_moved"]["host_to_disk"] // tc.block_nbytes)
+        assert s["blocks"]["disk"] == (s["demoted_to_disk"] - s["promoted_from_disk"] - s["corrupt_reads"]
+                                       - s["dropped"]["disk"] - s["replaced"]["disk"])
+        for tier in (tc.host, tc.disk):
+            assert tier.slots.num_available + len(tier.index) == tier.num_blocks
+        assert s["promoted_from_disk"] > 0

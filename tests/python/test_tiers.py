@@ -671,7 +671,9 @@ def _slots_accounted(tier: HostTier | DiskTier) -> bool:
 def test_a_claim_given_back_after_the_digest_was_stored_again_loses_no_slot(tmp_path: Path, lower: str) -> None:
     # A promotion claims a lower-tier copy, then cannot use it (the device is full) and gives it
     # back; meanwhile another request computed the same digest and it was demoted into that tier
-    # again. The give-back must not overwrite the new entry: that entry's slot would be lost.
+    # again. The give-back must not overwrite the new entry: that entry's slot would be lost. (The
+    # interleaving is forced by calling the claim and the give-back directly.) The copy given up counts
+    # as replaced: freed uncounted, the tier held one block fewer than its counters said.
     pool = PagedKVPool(SPEC, 8)
     tiers = {"host_blocks": 4} if lower == "host" else {"disk_dir": tmp_path, "disk_blocks": 4}
     with TieredPrefixCache(pool, device_blocks=4, background=False, **tiers) as tc:  # type: ignore[arg-type]
@@ -687,6 +689,9 @@ def test_a_claim_given_back_after_the_digest_was_stored_again_loses_no_slot(tmp_
         tc._unclaim([(x, *claim)])
         assert tc.location(x) == lower
         assert _slots_accounted(tier)
+        host, host_count, disk, disk_count = _balanced(tc)
+        assert (host, disk) == (host_count, disk_count) == ((1, 0) if lower == "host" else (0, 1))
+        assert tc.stats()["replaced"][lower] == 1
 
 
 def test_two_demotions_of_one_digest_writing_at_once_lose_no_disk_slot(tmp_path: Path) -> None:
@@ -1210,3 +1215,201 @@ def test_a_demotion_larger_than_the_disk_writes_only_the_heads_it_keeps(tmp_path
         assert m.num_matched == 2
         assert_holds(pool, m.block_ids, chain[:2])
         tc.release(chain[:2])
+
+
+def test_a_demotion_into_a_disk_whose_every_slot_a_promotion_claims_drops_the_host_tiers_oldest(
+        tmp_path: Path, background: bool) -> None:
+    # The disk tier (1 slot) holds x, the host tier (1 slot) y, the device is full. A lookup of x claims
+    # it off the disk (its index is then empty, its only slot held) and makes room on the device: the
+    # demoted block needs the host slot, whose y has to go to disk, where no slot can be had. The spill
+    # raised a bare KeyError (popitem on the empty index), y stayed and the device block was dropped
+    # instead. A full tier drops its oldest: y goes, the demoted block lands on the host.
+    pool = PagedKVPool(SPEC, 2)
+    with TieredPrefixCache(pool, device_blocks=2, host_blocks=1, disk_dir=tmp_path, disk_blocks=1,
+                           background=background) as tc:
+        x = fill(tc, prompt(0, blocks=1))
+        tc.demote(1)[0].result()
+        y = fill(tc, prompt(1, blocks=1))
+        tc.demote(1)[0].result()  # x spilled to disk, y on the host
+        old = fill(tc, prompt(2, blocks=1))
+        fill(tc, prompt(3, blocks=1))  # the device: full, `old` its least recently used
+        assert [tc.location(d.tobytes()) for d in (x[0], y[0])] == ["disk", "host"]
+        m = tc.match(x)
+        assert m.tiers.tolist() == [TIER_DISK]
+        assert_holds(pool, m.block_ids, x)
+        tc.release(x)
+        tc.flush()
+        assert (tc.location(old[0].tobytes()), tc.location(y[0].tobytes())) == ("host", None)
+        s = tc.stats()
+        assert s["dropped"] == {"device": 0, "host": 1, "disk": 0} and s["disk_write_errors"] == 0
+        assert _balanced(tc)[:2] == (1, 1) and _balanced(tc)[2] == _balanced(tc)[3]
+        assert tc.host is not None and tc.disk is not None
+        assert _slots_accounted(tc.host) and _slots_accounted(tc.disk)
+        m = tc.match(old)
+        assert m.tiers.tolist() == [TIER_HOST]
+        assert_holds(pool, m.block_ids, old)
+        tc.release(old)
+
+
+@pytest.mark.parametrize("host_blocks", [0, 2])
+def test_threads_promoting_off_a_tiny_disk_while_others_demote_get_no_untyped_error(
+        tmp_path: Path, host_blocks: int, background: bool) -> None:
+    # Three threads serve requests over a 2-block disk tier (promotions claim its blocks, emptying its
+    # index) while a fourth demotes. A demotion that reached the disk while every slot was claimed failed
+    # with a bare KeyError (popitem on the empty index). Now its blocks are dropped, as past a full tier:
+    # no demotion fails (the disk works), the counters balance and every slot is accounted for.
+    pool = PagedKVPool(SPEC, 16)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with TieredPrefixCache(pool, device_blocks=4, host_blocks=host_blocks, disk_dir=tmp_path, disk_blocks=2,
+                           background=background) as tc:
+        def serve(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            try:
+                for _ in range(600):
+                    fill(tc, prompt(int(rng.integers(0, 6)), blocks=int(rng.integers(1, 3))))
+            except BaseException as exc:  # handed to the main thread
+                errors.append(exc)
+
+        def demote() -> None:
+            while not stop.is_set():
+                try:
+                    errors.extend(e for f in tc.demote(2) if (e := f.exception()) is not None)
+                except BaseException as exc:  # handed to the main thread
+                    errors.append(exc)
+
+        servers = [threading.Thread(target=serve, args=(seed,)) for seed in range(3)]
+        demoter = threading.Thread(target=demote)
+        for t in [*servers, demoter]:
+            t.start()
+        for t in servers:
+            t.join()
+        stop.set()
+        demoter.join()
+        tc.flush()
+        assert not errors, errors[:3]
+        host, host_count, disk, disk_count = _balanced(tc)
+        assert (host, disk) == (host_count, disk_count)
+        assert tc.disk is not None and _slots_accounted(tc.disk)
+        assert tc.host is None or _slots_accounted(tc.host)
+        assert tc.stats()["promoted_from_disk"] > 0
+
+
+@pytest.mark.parametrize("host_blocks", [0, 1])
+def test_blocks_read_past_a_corrupt_slot_go_back_uncounted_as_promoted(tmp_path: Path, host_blocks: int) -> None:
+    # A chain of 3 demoted blocks (the head on the host when it has a slot, the rest on disk); the middle
+    # block's disk slot has one payload byte flipped. A match serves the head only: the middle is a
+    # corrupt read, and the tail (copied to the device too) goes back to its tier. That tail counted as
+    # promoted, so the tier held one block more than its counters said.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=8, host_blocks=host_blocks, disk_dir=tmp_path, disk_blocks=4,
+                           background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        chain = fill(tc, prompt(0, blocks=3))
+        tc.demote(3)
+        where = [tc.location(d.tobytes()) for d in chain]
+        assert where == ["host" if host_blocks else "disk", "disk", "disk"]
+        victim = disk.index[chain[1].tobytes()].slot
+        with open(tmp_path / "slots.bin", "r+b") as f:  # flip one payload byte of the middle block's slot
+            f.seek(victim * disk.slot_nbytes + 5)
+            b = f.read(1)
+            f.seek(victim * disk.slot_nbytes + 5)
+            f.write(bytes([b[0] ^ 0xFF]))
+        m = tc.match(chain)
+        assert m.num_matched == 1
+        assert_holds(pool, m.block_ids, chain[:1])
+        tc.release(chain[:1])
+        assert [tc.location(d.tobytes()) for d in chain] == ["device", None, "disk"]
+        s = tc.stats()
+        assert (s["corrupt_reads"], s["promoted_from_host"] + s["promoted_from_disk"]) == (1, 1)
+        host, host_count, on_disk, disk_count = _balanced(tc)
+        assert (host, on_disk) == (host_count, disk_count) == (0, 1)
+        assert _slots_accounted(disk)
+
+
+@pytest.mark.parametrize("how", ["claim_given_back", "two_writers"])
+def test_a_disk_copy_given_up_for_another_does_not_come_back_when_the_disk_is_reopened(tmp_path: Path,
+                                                                                         how: str) -> None:
+    # A digest the disk holds in two slots keeps one (same bytes): the copy a promotion claimed and gave
+    # back after the digest was stored again, or the copy the first of two demotions writing at once
+    # published (both interleavings forced as in the tests above). The slot given up kept a valid header:
+    # once the kept copy was promoted off the disk, a reopen brought the digest back, a block the tier
+    # had removed.
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=4, disk_dir=tmp_path, disk_blocks=4, background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        if how == "claim_given_back":
+            key = fill(tc, prompt(0, blocks=1))[0].tobytes()
+            tc.demote(4)
+            claim = tc._claim(key)
+            assert claim is not None
+            fill(tc, prompt(0, blocks=1))
+            tc.demote(4)
+            tc._unclaim([(key, *claim)])
+        else:
+            key = b"\x07" * 32
+            payload = disk.bounce_buffer().copy()
+            both_have_a_slot = threading.Barrier(2, timeout=10)
+            real_write = disk.write
+
+            def write_when_both_hold_a_slot(*args: Any) -> None:
+                both_have_a_slot.wait()
+                real_write(*args)
+
+            disk.write = write_when_both_hold_a_slot  # type: ignore[method-assign]
+            writers = [threading.Thread(target=tc._write_disk, args=(key, payload)) for _ in range(2)]
+            for t in writers:
+                t.start()
+            for t in writers:
+                t.join(timeout=10)
+            disk.write = real_write  # type: ignore[method-assign]
+        assert list(disk.index) == [key] and tc.stats()["replaced"]["disk"] == 1
+        m = tc.match([key])
+        assert m.tiers.tolist() == [TIER_DISK]
+        tc.release([key])
+        assert len(disk) == 0 and _slots_accounted(disk)
+    reopened = DiskTier(tmp_path, 4, pool.block_nbytes)
+    try:
+        assert len(reopened) == 0 and reopened.dropped_on_open == 0
+    finally:
+        reopened.close()
+
+
+def test_a_displaced_copy_kept_after_a_failed_write_but_stored_again_meanwhile_does_not_come_back(
+        tmp_path: Path) -> None:
+    # A write into a full disk takes its oldest block's slot and fails before any byte lands (a real
+    # EFBIG); meanwhile that block was written again into another slot. The intact displaced copy is
+    # given up for the new one, but kept its valid header: once the new copy was promoted off the disk,
+    # a reopen brought the block back. (The interleaving is forced by a hook on the slot write.)
+    pool = PagedKVPool(SPEC, 8)
+    with TieredPrefixCache(pool, device_blocks=4, disk_dir=tmp_path, disk_blocks=2, background=False) as tc:
+        disk = tc.disk
+        assert disk is not None
+        oldest, other, new = (bytes([i]) * 32 for i in (1, 2, 3))
+        payload = disk.bounce_buffer().copy()
+        tc._write_disk(oldest, payload)
+        tc._write_disk(other, payload)
+        real_write = disk.write
+
+        def stored_again_then_refused(*args: Any) -> None:
+            disk.write = real_write  # type: ignore[method-assign]
+            tc._write_disk(oldest, payload)  # into the slot `other` leaves
+            with writes_fail_past(0):
+                real_write(*args)
+
+        disk.write = stored_again_then_refused  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            tc._write_disk(new, payload)
+        assert list(disk.index) == [oldest] and tc.stats()["replaced"]["disk"] == 1
+        assert _slots_accounted(disk)
+        m = tc.match([oldest])
+        assert m.tiers.tolist() == [TIER_DISK]
+        tc.release([oldest])
+        assert len(disk) == 0
+    reopened = DiskTier(tmp_path, 2, pool.block_nbytes)
+    try:
+        assert len(reopened) == 0 and reopened.dropped_on_open == 0
+    finally:
+        reopened.close()
