@@ -694,6 +694,26 @@ def test_a_claim_given_back_after_the_digest_was_stored_again_loses_no_slot(tmp_
         assert tc.stats()["replaced"][lower] == 1
 
 
+def _write_twice_at_once(tc: Any, key: bytes) -> None:
+    """Two disk writes of ``key`` from two threads, each held until both have taken a slot."""
+    disk = tc.disk
+    payload = disk.bounce_buffer().copy()
+    both_have_a_slot = threading.Barrier(2, timeout=10)
+    real_write = disk.write
+
+    def write_when_both_hold_a_slot(*args: Any) -> None:
+        both_have_a_slot.wait()
+        real_write(*args)
+
+    disk.write = write_when_both_hold_a_slot
+    writers = [threading.Thread(target=tc._write_disk, args=(key, payload)) for _ in range(2)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(timeout=10)
+    disk.write = real_write
+
+
 def test_two_demotions_of_one_digest_writing_at_once_lose_no_disk_slot(tmp_path: Path) -> None:
     # Inline demotions run in the callers' threads, so one digest evicted twice (computed again
     # between) can be written to two disk slots at once; the second to publish must free the first's
@@ -703,21 +723,7 @@ def test_two_demotions_of_one_digest_writing_at_once_lose_no_disk_slot(tmp_path:
         disk = tc.disk
         assert disk is not None
         key = b"\x07" * 32
-        payload = disk.bounce_buffer().copy()
-        both_have_a_slot = threading.Barrier(2, timeout=10)
-        real_write = disk.write
-
-        def write_when_both_hold_a_slot(*args: Any) -> None:
-            both_have_a_slot.wait()
-            real_write(*args)
-
-        disk.write = write_when_both_hold_a_slot  # type: ignore[method-assign]
-        writers = [threading.Thread(target=tc._write_disk, args=(key, payload)) for _ in range(2)]
-        for t in writers:
-            t.start()
-        for t in writers:
-            t.join(timeout=10)
-        disk.write = real_write  # type: ignore[method-assign]
+        _write_twice_at_once(tc, key)
         assert tc.location(key) == "disk"
         assert _slots_accounted(disk)
 
@@ -1350,21 +1356,7 @@ def test_a_disk_copy_given_up_for_another_does_not_come_back_when_the_disk_is_re
             tc._unclaim([(key, *claim)])
         else:
             key = b"\x07" * 32
-            payload = disk.bounce_buffer().copy()
-            both_have_a_slot = threading.Barrier(2, timeout=10)
-            real_write = disk.write
-
-            def write_when_both_hold_a_slot(*args: Any) -> None:
-                both_have_a_slot.wait()
-                real_write(*args)
-
-            disk.write = write_when_both_hold_a_slot  # type: ignore[method-assign]
-            writers = [threading.Thread(target=tc._write_disk, args=(key, payload)) for _ in range(2)]
-            for t in writers:
-                t.start()
-            for t in writers:
-                t.join(timeout=10)
-            disk.write = real_write  # type: ignore[method-assign]
+            _write_twice_at_once(tc, key)
         assert list(disk.index) == [key] and tc.stats()["replaced"]["disk"] == 1
         m = tc.match([key])
         assert m.tiers.tolist() == [TIER_DISK]
