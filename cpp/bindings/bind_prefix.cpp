@@ -494,11 +494,16 @@ py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std
       ids[j] = given.span()[j];
     }
   }
-  struct GiveBack {  // our references; the cache took its own on what it kept
+  // Our references: the cache adopts those on the blocks it caches (positions [kept_from, kept_to)
+  // once the insert returns); the others go back to the allocator whatever happens.
+  struct GiveBack {
     BlockAllocator* alloc;
     std::span<const BlockId> ids;
+    std::size_t kept_from = 0, kept_to = 0;
     ~GiveBack() {
-      if (alloc != nullptr && !ids.empty()) (void)alloc->free(ids);
+      if (alloc == nullptr) return;
+      if (kept_from != 0) (void)alloc->free(ids.first(kept_from));
+      if (kept_to < ids.size()) (void)alloc->free(ids.subspan(kept_to));
     }
   } give_back{alloc, ids};
   // Room in the table for every id first, while nothing has changed yet: what follows the insert cannot fail.
@@ -507,8 +512,11 @@ py::object insert_objects(BoundPrefixCache& self, const py::handle& digests, std
   if (!ids.empty()) {
     InsertOptions o;
     if (first > 0) o.parent = d.span()[first - 1];
+    o.adopt = alloc != nullptr;  // saves an increment per block now and its decrement in give_back
     py::gil_scoped_release release;
     r = self.cache->insert(d.span().subspan(first, ids.size()), ids, o);
+    give_back.kept_from = r.num_redundant;
+    give_back.kept_to = r.num_cached();
   }
   for (std::uint32_t j = 0; j < r.num_inserted; ++j) {
     const std::size_t at = r.num_redundant + j;
@@ -823,7 +831,9 @@ void bind_prefix(py::module_& m) {
            "Every object from `start` on must be a dict; None (nothing changed) when one of them has a "
            "'handle_id' (an owner: use insert). The objects the table held under the ids now used are appended to "
            "the list `displaced` when one is given (else dropped), so their finalisers run when the caller lets "
-           "go of it. Returns (num_inserted, num_ids_taken).")
+           "go of it. The cache keeps the allocator's reference on each block it caches, so once this returns "
+           "another call may evict such a block and reuse its id: callers sharing a table serialise their calls "
+           "(the seed PrefixCache does). Returns (num_inserted, num_ids_taken).")
       .def("match_tokens", [](BoundPrefixCache& self, const py::handle& tokens, const py::handle& salt_arg,
                               const py::handle& extra_arg) {
              const std::optional<std::string> salt = optional_key(salt_arg, "salt");

@@ -218,6 +218,51 @@ TEST(PrefixCache, InsertRefusesRepeatedDigestsOrBlocksAndChangesNothing) {
   EXPECT_EQ(c.insert(chain(200, 4), blocks).num_inserted, 4u);
 }
 
+// Repeats are looked for by a linear hash pass first; keys piled on one slot (digests that share
+// their first 8 bytes) exhaust its probes, and the sort decides as it does for any repeat it finds.
+TEST(PrefixCache, InsertFindsRepeatsAmongPiledDigestsAndLongBatches) {
+  const auto piled = [](std::int32_t n) {
+    std::vector<BlockHash> v = chain(1000, n);
+    for (BlockHash& h : v) std::fill(h.bytes.begin(), h.bytes.begin() + 8, std::uint8_t{0x5a});
+    return v;
+  };
+  std::vector<BlockId> many(300);
+  for (std::size_t i = 0; i < many.size(); ++i) many[i] = static_cast<BlockId>(7 * i);
+  const auto message = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  {
+    PrefixCache c(opts());
+    auto d = piled(300);
+    d[250] = d[5];
+    EXPECT_NE(message([&] { (void)c.insert(d, many); }).find("appears at positions 5 and 250"), std::string::npos);
+    auto ids_twice = many;
+    ids_twice[290] = ids_twice[7];
+    EXPECT_NE(message([&] { (void)c.insert(chain(5000, 300), ids_twice); })
+                  .find("block id 49 appears at positions 7 and 290"),
+              std::string::npos);
+    EXPECT_EQ(c.stats().cached_blocks, 0u);
+    EXPECT_EQ(c.insert(piled(300), many).num_inserted, 300u);  // distinct past their first 8 bytes
+    EXPECT_EQ(c.peek(piled(300)), 300u);
+  }
+  PrefixCache big(opts());  // past the linear pass's batch limit: the sort alone
+  const std::int32_t n = (1 << 16) + 2;
+  auto d = chain(100000, n);
+  std::vector<BlockId> b(static_cast<std::size_t>(n));
+  for (std::int32_t i = 0; i < n; ++i) b[static_cast<std::size_t>(i)] = i;
+  d[static_cast<std::size_t>(n - 1)] = d[3];
+  EXPECT_NE(message([&] { (void)big.insert(d, b); }).find("appears at positions 3 and " + std::to_string(n - 1)),
+            std::string::npos);
+  d[static_cast<std::size_t>(n - 1)] = D(-1);
+  EXPECT_EQ(big.insert(d, b).num_inserted, static_cast<std::uint32_t>(n));
+}
+
 TEST(PrefixCache, ReleaseIsAllOrNothing) {
   PrefixCache c(opts());
   const auto a = chain(100, 3);

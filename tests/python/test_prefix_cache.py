@@ -963,6 +963,24 @@ def test_insert_objects_checks_everything_before_changing_anything() -> None:
     assert unbounded.probe(digests, other) == (4, blocks)
 
 
+def test_insert_objects_leaves_the_allocator_one_reference_per_cached_block() -> None:
+    # The cache adopts the references insert_objects takes for the blocks it caches; those of blocks
+    # already cached (a start before the cached prefix ends) or past the capacity go back at once.
+    ids = _core.BlockAllocator(8)
+    cache = _core.PrefixCache(block_size=4, capacity_blocks=3, allocator=ids)
+    digests = _core.hash_blocks(list(range(24)), 4)  # 6 blocks
+    table: list[Any] = []
+    blocks: list[Any] = [{"n": i} for i in range(6)]
+    assert cache.insert_objects(digests[:2], 0, blocks[:2], table) == (2, 2)
+    assert ids.num_available == 6
+    assert cache.insert_objects(digests[:3], 0, blocks[:3], table) == (3, 3)  # 2 redundant, 1 new
+    assert ids.num_available == 5 and len(cache) == 3
+    assert cache.evict(3) == 3 and ids.num_available == 8  # one reference each, the cache's
+    assert cache.insert_objects(digests, 0, blocks, table) == (3, 6)  # only 3 fit
+    assert ids.num_available == 5 and cache.probe(digests, table) == (3, blocks[:3])
+    assert cache.evict(3) == 3 and ids.num_available == 8
+
+
 def test_seed_insert_takes_any_sequence_and_refuses_non_dict_blocks_unchanged() -> None:
     for capacity in (None, 8):
         cache = PrefixCache(block_size=4, max_cached_blocks=capacity)

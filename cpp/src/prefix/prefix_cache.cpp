@@ -117,7 +117,8 @@ struct PrefixCache::Impl {
         ttl_ns(static_cast<std::int64_t>(std::llround(options.ttl_seconds * 1e9))),
         event_capacity(options.event_queue_capacity),
         clock_fn(options.clock_ns),
-        index(random_key()) {
+        index(random_key()),
+        repeat_key(random_key()) {
     if (capacity) {
       // A bounded cache knows its size: reserve the records now (untouched pages cost no memory
       // until used) so growth never copies the table or leaves doubling slack behind.
@@ -172,6 +173,8 @@ struct PrefixCache::Impl {
   std::vector<std::uint32_t> path;
   std::vector<BlockHash> input_digests;  // insert's private copy of its arguments
   std::vector<BlockId> input_ids;
+  std::vector<std::uint32_t> scratch_slots;  // repeats_possible's table
+  std::uint64_t repeat_key;                  // keys repeats_possible's hash (random, as the index's)
 
   // --- helpers (all called with `mutex` held) ---------------------------------------------------
 
@@ -562,6 +565,42 @@ struct PrefixCache::Impl {
     }
   }
 
+  // log2 of repeats_possible's table size for `count` items; 0: too many items for that pass (the
+  // sort alone, so that no big table is kept).
+  static std::uint32_t repeat_table_bits(std::size_t count) noexcept {
+    if (count > (std::size_t{1} << 16)) return 0;
+    std::uint32_t bits = 4;
+    while ((std::size_t{1} << bits) < 2 * count) ++bits;
+    return bits;
+  }
+  // The linear first pass of check_new_entries' repeat checks: false when no two of `count` items
+  // are equal (key_of(j): an item's 8-byte key; equal(a, b): items a and b are equal, which implies
+  // equal keys); true when two are, or when the probes run long (keys piled on purpose), and then
+  // the exact sort decides and names the pair. The common case costs O(n), not a sort (whose
+  // mispredicted compares cost ~1 us per 80 random digests).
+  template <class KeyOf, class Equal>
+  bool repeats_possible(std::uint32_t count, const KeyOf& key_of, const Equal& equal) {
+    const std::uint32_t bits = repeat_table_bits(count);
+    if (bits == 0) return true;
+    scratch_slots.assign(std::size_t{1} << bits, 0);  // position + 1; 0: empty
+    const std::uint32_t mask = (std::uint32_t{1} << bits) - 1;
+    std::uint32_t budget = 2 * count + 64;  // probes past the home slots, in all
+    for (std::uint32_t j = 0; j < count; ++j) {
+      std::uint64_t x = key_of(j) ^ repeat_key;  // splitmix64's finaliser, keyed as the index's mix
+      x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+      x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+      x ^= x >> 31;
+      auto i = static_cast<std::uint32_t>(x >> (64 - bits));
+      while (scratch_slots[i] != 0) {
+        if (budget == 0 || equal(scratch_slots[i] - 1, j)) return true;
+        --budget;
+        i = (i + 1) & mask;
+      }
+      scratch_slots[i] = j + 1;
+    }
+    return false;
+  }
+
   // The checks of an insert's new entries (positions k..n-1, after the cached leading ones): no
   // later digest cached elsewhere, no digest or block id twice, every block allocated and caching
   // nothing. Throws naming the first violation; changes nothing.
@@ -587,12 +626,15 @@ struct PrefixCache::Impl {
       }
       std::sort(order.begin(), order.end());
     };
-    if (num_new > 1) {
-      sort_by([&](std::uint32_t pos) {
-        std::uint64_t w = 0;
-        std::memcpy(&w, digests[pos].bytes.data(), sizeof w);
-        return w;
-      });
+    const auto key_at = [&](std::uint32_t pos) {
+      std::uint64_t w = 0;
+      std::memcpy(&w, digests[pos].bytes.data(), sizeof w);
+      return w;
+    };
+    if (num_new > 1 && repeats_possible(
+                           num_new, [&](std::uint32_t j) { return key_at(static_cast<std::uint32_t>(k) + j); },
+                           [&](std::uint32_t a, std::uint32_t b) { return digests[k + a] == digests[k + b]; })) {
+      sort_by(key_at);
       for (std::uint32_t a = 0; a + 1 < num_new; ++a) {
         for (std::uint32_t b = a + 1; b < num_new && order[b].first == order[a].first; ++b) {
           if (digests[order[a].second] == digests[order[b].second]) {
@@ -618,8 +660,13 @@ struct PrefixCache::Impl {
                                                      " already caches digest " + nodes[owner].digest.hex());
       }
     }
-    if (num_new > 1) {
-      sort_by([&](std::uint32_t pos) { return static_cast<std::uint64_t>(static_cast<std::uint32_t>(block_ids[pos])); });
+    const auto id_key = [&](std::size_t pos) {
+      return static_cast<std::uint64_t>(static_cast<std::uint32_t>(block_ids[pos]));
+    };
+    if (num_new > 1 && repeats_possible(
+                           num_new, [&](std::uint32_t j) { return id_key(k + j); },
+                           [&](std::uint32_t a, std::uint32_t b) { return block_ids[k + a] == block_ids[k + b]; })) {
+      sort_by(id_key);
       for (std::uint32_t a = 0; a + 1 < num_new; ++a) {
         if (order[a].first == order[a + 1].first) {
           throw Error(ErrorCode::kInvalidArgument, "insert: block id " + std::to_string(block_ids[order[a].second]) +
@@ -1072,6 +1119,7 @@ void PrefixCache::reserve_insert(std::span<const BlockId> block_ids) {
   s.input_ids.reserve(n);
   s.scratch_nodes.reserve(n);
   s.scratch_pairs.reserve(n);
+  if (const std::uint32_t bits = Impl::repeat_table_bits(n); bits != 0) s.scratch_slots.reserve(std::size_t{1} << bits);
 }
 
 std::uint32_t PrefixCache::evict(std::uint32_t n) {
