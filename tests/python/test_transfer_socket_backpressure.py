@@ -371,6 +371,16 @@ def _socket_threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name.startswith("kv-socket-"))
 
 
+def _assert_let_go(before_threads: int, before_fds: int) -> None:
+    """Within 5 s, the backends' threads and descriptors are back to what there was before."""
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and (_socket_threads() > before_threads
+                                           or len(os.listdir("/proc/self/fd")) > before_fds):
+        time.sleep(0.02)
+    assert _socket_threads() == before_threads
+    assert len(os.listdir("/proc/self/fd")) <= before_fds
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd")
 def test_backends_dropped_without_close_let_go_of_their_threads_sockets_and_ports() -> None:
     # The accept and reader threads held their backend: one dropped without close() (a process
@@ -389,12 +399,7 @@ def test_backends_dropped_without_close_let_go_of_their_threads_sockets_and_port
         ports = dict(a._endpoints)
         del a, b
         gc.collect()
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and (_socket_threads() > before_threads
-                                           or len(os.listdir("/proc/self/fd")) > before_fds):
-        time.sleep(0.02)
-    assert _socket_threads() == before_threads
-    assert len(os.listdir("/proc/self/fd")) <= before_fds
+    _assert_let_go(before_threads, before_fds)
     again = SocketTransferBackend(rank=0, world_size=2, endpoints=ports)
     again.start()  # the last pair's port is free again
     again.close()
@@ -424,12 +429,7 @@ def test_a_backend_dropped_while_a_reader_waits_for_room_lets_go_of_it() -> None
     gc.collect()
     assert gone() is None
     sender.close()
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and (_socket_threads() > before_threads
-                                           or len(os.listdir("/proc/self/fd")) > before_fds):
-        time.sleep(0.02)
-    assert _socket_threads() == before_threads
-    assert len(os.listdir("/proc/self/fd")) <= before_fds
+    _assert_let_go(before_threads, before_fds)
     with socket.create_server(port):  # its port is free again
         pass
 
